@@ -1,0 +1,142 @@
+//! Ledger commands: the opaque, signed, versioned unit that Raft replicates.
+//!
+//! This crate does not know FHIR: a command names resource *types* and *ids* as strings,
+//! carries already-encrypted bodies and already-hashed index keys, and states the
+//! preconditions under which it may apply. The node that received the request decides every
+//! non-deterministic value (ids, versions, timestamps, keys) before proposing.
+
+use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
+use serde::{Deserialize, Serialize};
+
+/// Version of the serialized [`Batch`] layout; a node refuses batches of a version it does not know.
+pub const COMMAND_FORMAT: u16 = 1;
+
+/// A 32-byte keyed digest of one search-index term (computed outside this crate).
+pub type IndexKey = [u8; 32];
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub enum Op {
+    Create,
+    Update,
+    Delete,
+}
+
+impl Op {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Op::Create => "create",
+            Op::Update => "update",
+            Op::Delete => "delete",
+        }
+    }
+}
+
+/// One new version of one resource.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Write {
+    pub rtype: String,
+    pub id: String,
+    /// The version this write creates; must be the current version + 1.
+    pub version: u64,
+    pub op: Op,
+    pub last_updated_ms: i64,
+    /// Whose data key encrypted `body` (e.g. `Patient/123`, or a shared compartment).
+    pub compartment: String,
+    /// Nonce-prefixed ciphertext; empty for deletes.
+    pub body: Vec<u8>,
+    /// Search-index terms of this version (replaces the previous version's terms).
+    pub index: Vec<IndexKey>,
+}
+
+/// What must still hold when the command applies; otherwise it is refused as a whole.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum Precondition {
+    /// The resource's current version (0 = never existed; deleted versions count).
+    Version { rtype: String, id: String, current: u64 },
+    /// The live resources of `rtype` matching every group (a group matches if any of its terms
+    /// does) are exactly `ids` (sorted).
+    Matches { rtype: String, all_of: Vec<Vec<IndexKey>>, ids: Vec<String> },
+    /// No data key is registered for the compartment yet.
+    KeyAbsent { compartment: String },
+}
+
+/// One client request: a single interaction or a whole transaction bundle. All or nothing.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Command {
+    pub actor: String,
+    pub preconditions: Vec<Precondition>,
+    /// Wrapped data keys for compartments first seen by this command.
+    pub new_keys: Vec<(String, Vec<u8>)>,
+    pub writes: Vec<Write>,
+}
+
+/// Commands proposed together as one Raft entry (group commit).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Batch {
+    pub format: u16,
+    pub node_id: u64,
+    pub commands: Vec<Command>,
+}
+
+/// A [`Batch`] serialized and signed by the proposing node's ed25519 key.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SignedBatch {
+    pub node_id: u64,
+    pub payload: Vec<u8>,
+    pub signature: Vec<u8>,
+}
+
+impl std::fmt::Display for SignedBatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SignedBatch(node {}, {} bytes)", self.node_id, self.payload.len())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BatchError {
+    #[error("batch signature does not verify against node {0}'s key")]
+    BadSignature(u64),
+    #[error("batch is not decodable: {0}")]
+    Undecodable(String),
+    #[error("batch format {0} is not supported (expected {COMMAND_FORMAT})")]
+    Format(u16),
+}
+
+impl SignedBatch {
+    pub fn sign(batch: &Batch, key: &SigningKey) -> Result<Self, BatchError> {
+        let payload = bincode::serialize(batch).map_err(|e| BatchError::Undecodable(e.to_string()))?;
+        let signature = key.sign(&payload).to_bytes().to_vec();
+        Ok(Self { node_id: batch.node_id, payload, signature })
+    }
+
+    /// Checks the signature, then decodes. Both are deterministic, so every node agrees.
+    pub fn open(&self, key: &VerifyingKey) -> Result<Batch, BatchError> {
+        let sig = Signature::from_slice(&self.signature).map_err(|_| BatchError::BadSignature(self.node_id))?;
+        key.verify(&self.payload, &sig).map_err(|_| BatchError::BadSignature(self.node_id))?;
+        let batch: Batch = bincode::deserialize(&self.payload).map_err(|e| BatchError::Undecodable(e.to_string()))?;
+        if batch.format != COMMAND_FORMAT {
+            return Err(BatchError::Format(batch.format));
+        }
+        if batch.node_id != self.node_id {
+            return Err(BatchError::BadSignature(self.node_id));
+        }
+        Ok(batch)
+    }
+}
+
+/// The result of applying one [`Command`].
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub enum Outcome {
+    /// Applied; the Merkle leaf index of each write, in order.
+    Applied { leaves: Vec<u64> },
+    /// Precondition number `index` no longer held; nothing was written.
+    Conflict { index: usize },
+    /// The whole batch was refused (bad signature, unknown format or proposer).
+    Refused { reason: String },
+}
+
+/// One [`Outcome`] per command of the batch, in order.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct BatchOutcome {
+    pub outcomes: Vec<Outcome>,
+}

@@ -1,0 +1,49 @@
+//! The storage boundary: everything in this crate reads and writes through [`KvStore`],
+//! so the engine (sled today, see `sled_store`) can be replaced without touching the
+//! log store or the state machine.
+
+use std::io;
+
+/// One atomic group of writes: either all of them reach the store or none do.
+#[derive(Default, Debug)]
+pub struct WriteBatch {
+    pub ops: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+}
+
+impl WriteBatch {
+    pub fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        self.ops.push((key, Some(value)));
+    }
+    pub fn delete(&mut self, key: Vec<u8>) {
+        self.ops.push((key, None));
+    }
+}
+
+/// An ordered key-value tree. Keys compare as bytes, so big-endian integers sort numerically.
+pub trait KvStore: Send + Sync + std::fmt::Debug {
+    fn get(&self, key: &[u8]) -> io::Result<Option<Vec<u8>>>;
+    /// Entries whose key starts with `prefix`, in key order.
+    fn scan_prefix(&self, prefix: &[u8]) -> Box<dyn Iterator<Item = io::Result<(Vec<u8>, Vec<u8>)>> + '_>;
+    /// Entries in `[from, to)`, in key order (`rev` for descending).
+    fn range(
+        &self,
+        from: &[u8],
+        to: &[u8],
+        rev: bool,
+    ) -> Box<dyn Iterator<Item = io::Result<(Vec<u8>, Vec<u8>)>> + '_>;
+    /// The greatest entry whose key starts with `prefix`.
+    fn last_with_prefix(&self, prefix: &[u8]) -> io::Result<Option<(Vec<u8>, Vec<u8>)>>;
+    fn apply(&self, batch: WriteBatch) -> io::Result<()>;
+    /// Makes every write applied so far durable (fsync).
+    fn flush(&self) -> io::Result<()>;
+}
+
+/// A big-endian key fragment, so that byte order is numeric order.
+pub fn be(n: u64) -> [u8; 8] {
+    n.to_be_bytes()
+}
+
+pub fn read_be(bytes: &[u8]) -> Option<u64> {
+    let arr: [u8; 8] = bytes.get(..8)?.try_into().ok()?;
+    Some(u64::from_be_bytes(arr))
+}

@@ -1,0 +1,110 @@
+//! The only module that imports sled. On-disk format version lives under [`FORMAT_KEY`].
+
+use std::io;
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::kv::{KvStore, WriteBatch};
+
+/// Bumped whenever the byte layout of any tree changes; checked at open.
+pub const FORMAT_VERSION: u32 = 1;
+const FORMAT_KEY: &[u8] = b"__format_version";
+
+fn io_err(e: sled::Error) -> io::Error {
+    match e {
+        sled::Error::Io(e) => e,
+        other => io::Error::other(other.to_string()),
+    }
+}
+
+/// A sled database holding the ledger's trees.
+#[derive(Clone, Debug)]
+pub struct SledDb {
+    db: sled::Db,
+}
+
+impl SledDb {
+    /// Opens (or creates) the database and checks its on-disk format version.
+    pub fn open(dir: &Path) -> io::Result<Self> {
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(512 * 1024 * 1024)
+            .mode(sled::Mode::HighThroughput)
+            .open()
+            .map_err(io_err)?;
+        match db.get(FORMAT_KEY).map_err(io_err)? {
+            None => {
+                db.insert(FORMAT_KEY, &FORMAT_VERSION.to_be_bytes()).map_err(io_err)?;
+                db.flush().map_err(io_err)?;
+            }
+            Some(v) if v.as_ref() == FORMAT_VERSION.to_be_bytes() => {}
+            Some(v) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "{}: on-disk format {:?} is not the supported version {FORMAT_VERSION}",
+                        dir.display(),
+                        v.as_ref()
+                    ),
+                ))
+            }
+        }
+        Ok(Self { db })
+    }
+
+    pub fn tree(&self, name: &str) -> io::Result<Arc<dyn KvStore>> {
+        let tree = self.db.open_tree(name).map_err(io_err)?;
+        Ok(Arc::new(SledTree { tree, db: self.db.clone() }))
+    }
+}
+
+#[derive(Debug)]
+struct SledTree {
+    tree: sled::Tree,
+    db: sled::Db,
+}
+
+type KvIter<'a> = Box<dyn Iterator<Item = io::Result<(Vec<u8>, Vec<u8>)>> + 'a>;
+
+fn map_item(r: sled::Result<(sled::IVec, sled::IVec)>) -> io::Result<(Vec<u8>, Vec<u8>)> {
+    r.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(io_err)
+}
+
+impl KvStore for SledTree {
+    fn get(&self, key: &[u8]) -> io::Result<Option<Vec<u8>>> {
+        Ok(self.tree.get(key).map_err(io_err)?.map(|v| v.to_vec()))
+    }
+
+    fn scan_prefix(&self, prefix: &[u8]) -> KvIter<'_> {
+        Box::new(self.tree.scan_prefix(prefix).map(map_item))
+    }
+
+    fn range(&self, from: &[u8], to: &[u8], rev: bool) -> KvIter<'_> {
+        let it = self.tree.range(from.to_vec()..to.to_vec());
+        if rev {
+            Box::new(it.rev().map(map_item))
+        } else {
+            Box::new(it.map(map_item))
+        }
+    }
+
+    fn last_with_prefix(&self, prefix: &[u8]) -> io::Result<Option<(Vec<u8>, Vec<u8>)>> {
+        self.tree.scan_prefix(prefix).next_back().transpose().map(|o| o.map(|(k, v)| (k.to_vec(), v.to_vec()))).map_err(io_err)
+    }
+
+    fn apply(&self, batch: WriteBatch) -> io::Result<()> {
+        let mut b = sled::Batch::default();
+        for (k, v) in batch.ops {
+            match v {
+                Some(v) => b.insert(k, v),
+                None => b.remove(k),
+            }
+        }
+        self.tree.apply_batch(b).map_err(io_err)
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        // sled flushes the whole database: log and state machine share one write-ahead log.
+        self.db.flush().map(|_| ()).map_err(io_err)
+    }
+}

@@ -1,0 +1,540 @@
+//! The replicated state machine: applies signed batches deterministically.
+//!
+//! Invariant: `apply` reads no clock, no randomness and iterates no hash map; its output is
+//! a function of the log alone, so every node computes the same state and Merkle root.
+//! Everything an entry changes (resources, index postings, leaves, last-applied) is written
+//! in one atomic store batch.
+
+use std::collections::BTreeMap;
+use std::io::{self, Cursor};
+use std::sync::Arc;
+
+use ed25519_dalek::VerifyingKey;
+use openraft::storage::{RaftStateMachine, Snapshot};
+use openraft::{
+    Entry, EntryPayload, LogId, OptionalSend, RaftSnapshotBuilder, SnapshotMeta, StorageError, StorageIOError,
+    StoredMembership,
+};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::sync::Mutex;
+
+use crate::command::{Batch, BatchOutcome, Command, Outcome, Precondition, SignedBatch, Write};
+use crate::kv::{be, KvStore, WriteBatch};
+use crate::merkle::{leaf_hash, Frontier, Hash};
+use crate::{Node, NodeId, TypeConfig};
+
+const META_APPLIED: &[u8] = b"m/applied";
+const META_MEMBERSHIP: &[u8] = b"m/membership";
+const META_FRONTIER: &[u8] = b"m/frontier";
+const META_SNAPSHOT: &[u8] = b"m/snapshot";
+
+/// Version of [`LeafHeader`]'s encoding; part of every leaf so that verifiers can evolve.
+pub const LEAF_FORMAT: u16 = 1;
+
+/// What a Merkle leaf commits to: the header of a version and the digest of its ciphertext,
+/// never the plaintext, so shredding a compartment key keeps every proof valid.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LeafHeader {
+    pub format: u16,
+    pub rtype: String,
+    pub id: String,
+    pub version: u64,
+    pub last_updated_ms: i64,
+    pub actor: String,
+    pub op: String,
+    pub compartment: String,
+    pub body_sha256: Hash,
+    /// The Raft log index of the entry that carried this change.
+    pub log_index: u64,
+}
+
+impl LeafHeader {
+    pub fn encode(&self) -> Vec<u8> {
+        bincode::serialize(self).unwrap_or_default()
+    }
+}
+
+/// One stored resource version: the leaf header in the clear, the body encrypted.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VersionRecord {
+    pub header: LeafHeader,
+    pub leaf: u64,
+    pub body: Vec<u8>,
+}
+
+/// The current state of one resource id.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CurrentRecord {
+    pub version: u64,
+    pub deleted: bool,
+    pub last_updated_ms: i64,
+    pub index: Vec<[u8; 32]>,
+}
+
+/// One entry of the global history (the leaf with the same index).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct HistoryRecord {
+    pub rtype: String,
+    pub id: String,
+    pub version: u64,
+    pub last_updated_ms: i64,
+}
+
+fn sep_key(prefix: u8, parts: &[&[u8]]) -> Vec<u8> {
+    let mut k = vec![prefix];
+    for (i, p) in parts.iter().enumerate() {
+        if i > 0 {
+            k.push(0);
+        }
+        k.extend_from_slice(p);
+    }
+    k
+}
+
+pub(crate) fn current_key(rtype: &str, id: &str) -> Vec<u8> {
+    sep_key(b'c', &[rtype.as_bytes(), id.as_bytes()])
+}
+pub(crate) fn version_prefix(rtype: &str, id: &str) -> Vec<u8> {
+    let mut k = sep_key(b'v', &[rtype.as_bytes(), id.as_bytes()]);
+    k.push(0);
+    k
+}
+pub(crate) fn version_key(rtype: &str, id: &str, version: u64) -> Vec<u8> {
+    let mut k = version_prefix(rtype, id);
+    k.extend_from_slice(&be(version));
+    k
+}
+pub(crate) fn posting_prefix(term: &[u8; 32], rtype: &str) -> Vec<u8> {
+    let mut k = vec![b'x'];
+    k.extend_from_slice(term);
+    k.extend_from_slice(rtype.as_bytes());
+    k.push(0);
+    k
+}
+pub(crate) fn history_key(leaf: u64) -> Vec<u8> {
+    let mut k = vec![b'h'];
+    k.extend_from_slice(&be(leaf));
+    k
+}
+pub(crate) fn leaf_key(leaf: u64) -> Vec<u8> {
+    let mut k = vec![b'l'];
+    k.extend_from_slice(&be(leaf));
+    k
+}
+pub(crate) fn data_key_key(compartment: &str) -> Vec<u8> {
+    sep_key(b'k', &[compartment.as_bytes()])
+}
+
+fn decode<T: for<'a> Deserialize<'a>>(bytes: &[u8]) -> io::Result<T> {
+    bincode::deserialize(bytes).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))
+}
+fn encode<T: Serialize>(v: &T) -> io::Result<Vec<u8>> {
+    bincode::serialize(v).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))
+}
+
+/// Reads through the writes staged for the current entry, so later commands of a batch see
+/// earlier ones.
+struct Overlay<'a> {
+    base: &'a dyn KvStore,
+    pending: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+}
+
+impl Overlay<'_> {
+    fn get(&self, key: &[u8]) -> io::Result<Option<Vec<u8>>> {
+        match self.pending.get(key) {
+            Some(v) => Ok(v.clone()),
+            None => self.base.get(key),
+        }
+    }
+    fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        self.pending.insert(key, Some(value));
+    }
+    fn delete(&mut self, key: Vec<u8>) {
+        self.pending.insert(key, None);
+    }
+    /// Keys under `prefix`, merged from the store and the staged writes (sorted, deduplicated).
+    fn keys_with_prefix(&self, prefix: &[u8]) -> io::Result<Vec<Vec<u8>>> {
+        let mut keys: BTreeMap<Vec<u8>, bool> = BTreeMap::new();
+        for kv in self.base.scan_prefix(prefix) {
+            keys.insert(kv?.0, true);
+        }
+        for (k, v) in self.pending.range(prefix.to_vec()..) {
+            if !k.starts_with(prefix) {
+                break;
+            }
+            keys.insert(k.clone(), v.is_some());
+        }
+        Ok(keys.into_iter().filter(|(_, live)| *live).map(|(k, _)| k).collect())
+    }
+}
+
+/// Read-only access to the applied state, shared with the API layer.
+#[derive(Clone, Debug)]
+pub struct StateView {
+    pub(crate) kv: Arc<dyn KvStore>,
+}
+
+impl StateView {
+    pub fn current(&self, rtype: &str, id: &str) -> io::Result<Option<CurrentRecord>> {
+        self.kv.get(&current_key(rtype, id))?.map(|b| decode(&b)).transpose()
+    }
+    pub fn version(&self, rtype: &str, id: &str, version: u64) -> io::Result<Option<VersionRecord>> {
+        self.kv.get(&version_key(rtype, id, version))?.map(|b| decode(&b)).transpose()
+    }
+    /// Every version of one resource, newest first.
+    pub fn versions(&self, rtype: &str, id: &str) -> io::Result<Vec<VersionRecord>> {
+        let mut out = Vec::new();
+        for kv in self.kv.scan_prefix(&version_prefix(rtype, id)) {
+            out.push(decode(&kv?.1)?);
+        }
+        out.reverse();
+        Ok(out)
+    }
+    /// Live ids of `rtype` having index term `term`, in id order.
+    pub fn postings(&self, term: &[u8; 32], rtype: &str) -> io::Result<Vec<String>> {
+        let prefix = posting_prefix(term, rtype);
+        let mut out = Vec::new();
+        for kv in self.kv.scan_prefix(&prefix) {
+            let (k, _) = kv?;
+            out.push(String::from_utf8_lossy(&k[prefix.len()..]).into_owned());
+        }
+        Ok(out)
+    }
+    /// Current records of `rtype` with ids after `after` (exclusive), in id order.
+    pub fn scan_type<'a>(
+        &'a self,
+        rtype: &str,
+        after: Option<&str>,
+    ) -> impl Iterator<Item = io::Result<(String, CurrentRecord)>> + 'a {
+        let mut prefix = current_key(rtype, "");
+        let plen = prefix.len();
+        let from = match after {
+            Some(a) => {
+                let mut k = current_key(rtype, a);
+                k.push(0);
+                k
+            }
+            None => prefix.clone(),
+        };
+        prefix.pop();
+        prefix.push(1); // one past the separator: the end of this type's range
+        self.kv.range(&from, &prefix, false).map(move |kv| {
+            let (k, v) = kv?;
+            Ok((String::from_utf8_lossy(&k[plen..]).into_owned(), decode(&v)?))
+        })
+    }
+    /// Global history, newest first, starting below leaf `before` (exclusive).
+    pub fn history<'a>(&'a self, before: Option<u64>) -> impl Iterator<Item = io::Result<(u64, HistoryRecord)>> + 'a {
+        let to = match before {
+            Some(b) => history_key(b),
+            None => vec![b'h' + 1],
+        };
+        self.kv.range(&[b'h'], &to, true).map(|kv| {
+            let (k, v) = kv?;
+            let leaf = crate::kv::read_be(&k[1..]).unwrap_or_default();
+            Ok((leaf, decode(&v)?))
+        })
+    }
+    pub fn data_key(&self, compartment: &str) -> io::Result<Option<Vec<u8>>> {
+        self.kv.get(&data_key_key(compartment))
+    }
+    pub fn leaf_hash(&self, leaf: u64) -> io::Result<Option<Hash>> {
+        Ok(self.kv.get(&leaf_key(leaf))?.and_then(|v| v.try_into().ok()))
+    }
+    pub fn frontier(&self) -> io::Result<Frontier> {
+        Ok(self.kv.get(META_FRONTIER)?.map(|b| decode(&b)).transpose()?.unwrap_or_default())
+    }
+    pub fn last_applied(&self) -> io::Result<Option<LogId<NodeId>>> {
+        Ok(self.kv.get(META_APPLIED)?.map(|b| decode(&b)).transpose()?.flatten())
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct StoredSnapshot {
+    meta: SnapshotMeta<NodeId, Node>,
+    data: Vec<u8>,
+}
+
+/// The openraft state machine over a [`KvStore`].
+#[derive(Clone, Debug)]
+pub struct StateMachine {
+    view: StateView,
+    /// Serializes apply and snapshot building against each other.
+    lock: Arc<Mutex<()>>,
+}
+
+fn sio(e: io::Error) -> StorageError<NodeId> {
+    StorageIOError::write_state_machine(&e).into()
+}
+
+impl StateMachine {
+    pub fn new(kv: Arc<dyn KvStore>) -> Self {
+        Self { view: StateView { kv }, lock: Arc::new(Mutex::new(())) }
+    }
+
+    pub fn view(&self) -> StateView {
+        self.view.clone()
+    }
+
+    fn membership(&self) -> io::Result<StoredMembership<NodeId, Node>> {
+        Ok(self.view.kv.get(META_MEMBERSHIP)?.map(|b| decode(&b)).transpose()?.unwrap_or_default())
+    }
+
+    fn proposer_key(membership: &StoredMembership<NodeId, Node>, node_id: NodeId) -> Option<VerifyingKey> {
+        let node = membership.membership().get_node(&node_id)?;
+        let bytes: [u8; 32] = hex_decode(&node.public_key)?.try_into().ok()?;
+        VerifyingKey::from_bytes(&bytes).ok()
+    }
+
+    fn apply_batch(
+        ov: &mut Overlay<'_>,
+        frontier: &mut Frontier,
+        batch: &Batch,
+        log_index: u64,
+    ) -> io::Result<BatchOutcome> {
+        let mut outcomes = Vec::with_capacity(batch.commands.len());
+        for cmd in &batch.commands {
+            outcomes.push(Self::apply_command(ov, frontier, cmd, log_index)?);
+        }
+        Ok(BatchOutcome { outcomes })
+    }
+
+    fn check(ov: &Overlay<'_>, cmd: &Command) -> io::Result<Option<usize>> {
+        for (i, pre) in cmd.preconditions.iter().enumerate() {
+            let holds = match pre {
+                Precondition::Version { rtype, id, current } => {
+                    let cur: Option<CurrentRecord> = ov.get(&current_key(rtype, id))?.map(|b| decode(&b)).transpose()?;
+                    cur.map_or(0, |c| c.version) == *current
+                }
+                Precondition::KeyAbsent { compartment } => ov.get(&data_key_key(compartment))?.is_none(),
+                Precondition::Matches { rtype, all_of, ids } => {
+                    let mut result: Option<Vec<String>> = None;
+                    for group in all_of {
+                        let mut hits: Vec<String> = Vec::new();
+                        for term in group {
+                            let prefix = posting_prefix(term, rtype);
+                            for k in ov.keys_with_prefix(&prefix)? {
+                                hits.push(String::from_utf8_lossy(&k[prefix.len()..]).into_owned());
+                            }
+                        }
+                        hits.sort();
+                        hits.dedup();
+                        result = Some(match result {
+                            None => hits,
+                            Some(prev) => prev.into_iter().filter(|id| hits.binary_search(id).is_ok()).collect(),
+                        });
+                    }
+                    result.unwrap_or_default() == *ids
+                }
+            };
+            if !holds {
+                return Ok(Some(i));
+            }
+        }
+        // A write must extend the current version by exactly one.
+        for (i, w) in cmd.writes.iter().enumerate() {
+            let cur: Option<CurrentRecord> = ov.get(&current_key(&w.rtype, &w.id))?.map(|b| decode(&b)).transpose()?;
+            if cur.map_or(0, |c| c.version) + 1 != w.version {
+                return Ok(Some(cmd.preconditions.len() + i));
+            }
+        }
+        Ok(None)
+    }
+
+    fn apply_command(ov: &mut Overlay<'_>, frontier: &mut Frontier, cmd: &Command, log_index: u64) -> io::Result<Outcome> {
+        if let Some(index) = Self::check(ov, cmd)? {
+            return Ok(Outcome::Conflict { index });
+        }
+        for (compartment, wrapped) in &cmd.new_keys {
+            ov.put(data_key_key(compartment), wrapped.clone());
+        }
+        let mut leaves = Vec::with_capacity(cmd.writes.len());
+        for w in &cmd.writes {
+            leaves.push(Self::apply_write(ov, frontier, &cmd.actor, w, log_index)?);
+        }
+        Ok(Outcome::Applied { leaves })
+    }
+
+    fn apply_write(ov: &mut Overlay<'_>, frontier: &mut Frontier, actor: &str, w: &Write, log_index: u64) -> io::Result<u64> {
+        let ckey = current_key(&w.rtype, &w.id);
+        if let Some(old) = ov.get(&ckey)?.map(|b| decode::<CurrentRecord>(&b)).transpose()? {
+            for term in &old.index {
+                let mut k = posting_prefix(term, &w.rtype);
+                k.extend_from_slice(w.id.as_bytes());
+                ov.delete(k);
+            }
+        }
+        let deleted = w.op == crate::command::Op::Delete;
+        let index = if deleted { Vec::new() } else { w.index.clone() };
+        for term in &index {
+            let mut k = posting_prefix(term, &w.rtype);
+            k.extend_from_slice(w.id.as_bytes());
+            ov.put(k, Vec::new());
+        }
+        let header = LeafHeader {
+            format: LEAF_FORMAT,
+            rtype: w.rtype.clone(),
+            id: w.id.clone(),
+            version: w.version,
+            last_updated_ms: w.last_updated_ms,
+            actor: actor.to_string(),
+            op: w.op.as_str().to_string(),
+            compartment: w.compartment.clone(),
+            body_sha256: Sha256::digest(&w.body).into(),
+            log_index,
+        };
+        let leaf = frontier.size;
+        let lh = leaf_hash(&header.encode());
+        frontier.append(lh);
+        ov.put(leaf_key(leaf), lh.to_vec());
+        ov.put(
+            history_key(leaf),
+            encode(&HistoryRecord {
+                rtype: w.rtype.clone(),
+                id: w.id.clone(),
+                version: w.version,
+                last_updated_ms: w.last_updated_ms,
+            })?,
+        );
+        ov.put(version_key(&w.rtype, &w.id, w.version), encode(&VersionRecord { header, leaf, body: w.body.clone() })?);
+        ov.put(ckey, encode(&CurrentRecord { version: w.version, deleted, last_updated_ms: w.last_updated_ms, index })?);
+        Ok(leaf)
+    }
+}
+
+pub(crate) fn hex_decode(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = Self;
+
+    async fn applied_state(
+        &mut self,
+    ) -> Result<(Option<LogId<NodeId>>, StoredMembership<NodeId, Node>), StorageError<NodeId>> {
+        let applied = self.view.last_applied().map_err(sio)?;
+        Ok((applied, self.membership().map_err(sio)?))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<BatchOutcome>, StorageError<NodeId>>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let _guard = self.lock.lock().await;
+        let kv = self.view.kv.clone();
+        let mut ov = Overlay { base: kv.as_ref(), pending: BTreeMap::new() };
+        let mut frontier = self.view.frontier().map_err(sio)?;
+        let mut membership = self.membership().map_err(sio)?;
+        let mut replies = Vec::new();
+        let mut last = None;
+        for entry in entries {
+            last = Some(entry.log_id);
+            match entry.payload {
+                EntryPayload::Blank => replies.push(BatchOutcome::default()),
+                EntryPayload::Membership(m) => {
+                    membership = StoredMembership::new(Some(entry.log_id), m);
+                    ov.put(META_MEMBERSHIP.to_vec(), encode(&membership).map_err(sio)?);
+                    replies.push(BatchOutcome::default());
+                }
+                EntryPayload::Normal(signed) => {
+                    let opened = match Self::proposer_key(&membership, signed.node_id) {
+                        Some(key) => signed.open(&key).map_err(|e| e.to_string()),
+                        None => Err(format!("node {} is not a member with a known key", signed.node_id)),
+                    };
+                    let outcome = match opened {
+                        Ok(batch) => Self::apply_batch(&mut ov, &mut frontier, &batch, entry.log_id.index).map_err(sio)?,
+                        Err(reason) => {
+                            tracing::warn!(%reason, "refusing ledger batch");
+                            let n = bincode::deserialize::<Batch>(&signed.payload).map(|b| b.commands.len()).unwrap_or(1);
+                            BatchOutcome { outcomes: vec![Outcome::Refused { reason }; n] }
+                        }
+                    };
+                    replies.push(outcome);
+                }
+            }
+        }
+        if let Some(last) = last {
+            ov.put(META_APPLIED.to_vec(), encode(&Some(last)).map_err(sio)?);
+            ov.put(META_FRONTIER.to_vec(), encode(&frontier).map_err(sio)?);
+            let mut wb = WriteBatch::default();
+            wb.ops = ov.pending.into_iter().collect();
+            // Not flushed here: the Raft log is durable before commit, and a state machine that
+            // lags after a crash is brought forward by re-applying the log from `m/applied`.
+            kv.apply(wb).map_err(sio)?;
+        }
+        Ok(replies)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError<NodeId>> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, Node>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError<NodeId>> {
+        let _guard = self.lock.lock().await;
+        let pairs: Vec<(Vec<u8>, Vec<u8>)> = decode(snapshot.get_ref()).map_err(sio)?;
+        let kv = &self.view.kv;
+        let mut wb = WriteBatch::default();
+        for kv in kv.scan_prefix(b"") {
+            let (k, _) = kv.map_err(sio)?;
+            wb.delete(k);
+        }
+        for (k, v) in pairs {
+            wb.put(k, v);
+        }
+        wb.put(META_APPLIED.to_vec(), encode(&meta.last_log_id).map_err(sio)?);
+        wb.put(META_MEMBERSHIP.to_vec(), encode(&meta.last_membership).map_err(sio)?);
+        let stored = StoredSnapshot { meta: meta.clone(), data: snapshot.into_inner() };
+        wb.put(META_SNAPSHOT.to_vec(), encode(&stored).map_err(sio)?);
+        kv.apply(wb).map_err(sio)?;
+        kv.flush().map_err(sio)?;
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
+        let Some(bytes) = self.view.kv.get(META_SNAPSHOT).map_err(sio)? else { return Ok(None) };
+        let stored: StoredSnapshot = decode(&bytes).map_err(sio)?;
+        Ok(Some(Snapshot { meta: stored.meta, snapshot: Box::new(Cursor::new(stored.data)) }))
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
+    /// Copies every state key except the meta keys. The multi-node issue replaces this
+    /// in-memory copy with a streamed one; single-node deployments never build snapshots.
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
+        let _guard = self.lock.lock().await;
+        let mut pairs = Vec::new();
+        for kv in self.view.kv.scan_prefix(b"") {
+            let (k, v) = kv.map_err(sio)?;
+            if !k.starts_with(b"m/") {
+                pairs.push((k, v));
+            }
+        }
+        // The frontier is state too (not a snapshot-meta key): keep it.
+        pairs.push((META_FRONTIER.to_vec(), encode(&self.view.frontier().map_err(sio)?).map_err(sio)?));
+        let data = encode(&pairs).map_err(sio)?;
+        let last = self.view.last_applied().map_err(sio)?;
+        let meta = SnapshotMeta {
+            last_log_id: last,
+            last_membership: self.membership().map_err(sio)?,
+            snapshot_id: format!("{}", last.map_or(0, |l| l.index)),
+        };
+        let stored = StoredSnapshot { meta: meta.clone(), data: data.clone() };
+        let mut wb = WriteBatch::default();
+        wb.put(META_SNAPSHOT.to_vec(), encode(&stored).map_err(sio)?);
+        self.view.kv.apply(wb).map_err(sio)?;
+        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
+    }
+}

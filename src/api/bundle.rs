@@ -1,0 +1,394 @@
+//! `POST /` with a `batch` or `transaction` Bundle.
+//!
+//! A transaction is planned as ONE ledger command: every entry's writes, plus the
+//! preconditions of every conditional it evaluated, so it applies all-or-nothing on every
+//! node. Entries are processed in the spec's order (DELETE, POST, PUT, then GET) and
+//! `urn:uuid:` / fullUrl references and conditional references are rewritten to the ids the
+//! plan assigns. A batch runs each entry as its own interaction.
+
+use std::collections::BTreeMap;
+
+use actix_web::{web, HttpRequest, HttpResponse};
+
+use super::interactions::{self, parse_query, Planned};
+use super::resource::{check_type, search_bundle, ANONYMOUS};
+use super::{base_url, json_response, parse_resource, prefer_return, read_body, validate, AppState, Format, Return};
+use crate::error::{information, FhirError};
+use crate::fhir::json::Json;
+use crate::fhir::refs::for_each_reference_mut;
+use crate::fhir::{instant, is_valid_id};
+use crate::repo::{Plan, Repo, Stored};
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Method {
+    Delete,
+    Post,
+    Put,
+    Get,
+}
+
+/// One entry, checked and parsed.
+#[derive(Clone, Debug)]
+struct Entry {
+    index: usize,
+    method: Method,
+    /// `Type`, `Type/id`, `Type?query` or `Type/id/_history/v`.
+    url: String,
+    rtype: String,
+    id: Option<String>,
+    query: Option<String>,
+    full_url: Option<String>,
+    resource: Option<Json>,
+    if_none_exist: Option<String>,
+    if_match: Option<u64>,
+    /// Pre-generated id for creates, stable across re-plans.
+    new_id: String,
+}
+
+fn at(i: usize) -> String {
+    format!("Bundle.entry[{i}]")
+}
+
+fn parse_entry(repo: &Repo, i: usize, e: &Json) -> Result<Entry, FhirError> {
+    let req = e.get("request").ok_or_else(|| FhirError::invalid("entry has no request").at(format!("{}.request", at(i))))?;
+    let method = match req.get("method").and_then(Json::as_str) {
+        Some("GET") | Some("HEAD") => Method::Get,
+        Some("POST") => Method::Post,
+        Some("PUT") => Method::Put,
+        Some("DELETE") => Method::Delete,
+        Some(m) => {
+            return Err(FhirError::new(400, "not-supported", format!("method {m} is not supported in bundles"))
+                .at(format!("{}.request.method", at(i))))
+        }
+        None => return Err(FhirError::invalid("request.method is missing").at(format!("{}.request.method", at(i)))),
+    };
+    let url = req
+        .get("url")
+        .and_then(Json::as_str)
+        .ok_or_else(|| FhirError::invalid("request.url is missing").at(format!("{}.request.url", at(i))))?
+        .trim_start_matches('/')
+        .to_string();
+    let (path, query) = match url.split_once('?') {
+        Some((p, q)) => (p.to_string(), Some(q.to_string())),
+        None => (url.clone(), None),
+    };
+    let mut segs = path.split('/');
+    let rtype = segs.next().unwrap_or_default().to_string();
+    let id = segs.next().map(String::from);
+    check_type(repo, &rtype).map_err(|e| e.at(format!("{}.request.url", at(i))))?;
+    if let Some(id) = &id {
+        if !is_valid_id(id) {
+            return Err(FhirError::invalid(format!("{id:?} is not a valid id")).at(format!("{}.request.url", at(i))));
+        }
+    }
+    let if_match = match req.get("ifMatch").and_then(Json::as_str) {
+        Some(s) => Some(
+            s.trim_start_matches("W/")
+                .trim_matches('"')
+                .parse::<u64>()
+                .map_err(|_| FhirError::invalid(format!("ifMatch {s:?} is not a version")).at(format!("{}.request.ifMatch", at(i))))?,
+        ),
+        None => None,
+    };
+    let resource = e.get("resource").cloned();
+    if matches!(method, Method::Post | Method::Put) {
+        let Some(r) = &resource else {
+            return Err(FhirError::invalid("a POST or PUT entry needs a resource").at(format!("{}.resource", at(i))));
+        };
+        if method == Method::Put && id.is_none() && query.is_none() {
+            return Err(FhirError::invalid("PUT needs Type/id or Type?criteria").at(format!("{}.request.url", at(i))));
+        }
+        if method == Method::Post && (id.is_some() || query.is_some()) {
+            return Err(FhirError::invalid("POST url must be a resource type").at(format!("{}.request.url", at(i))));
+        }
+        validate(repo, &rtype, r, Some(&format!("{}.resource", at(i))))?;
+        if let (Method::Put, Some(id)) = (&method, &id) {
+            if r.get("id").and_then(Json::as_str).is_some_and(|b| b != id) {
+                return Err(FhirError::invalid("the resource id differs from request.url").at(format!("{}.resource.id", at(i))));
+            }
+        }
+    }
+    Ok(Entry {
+        index: i,
+        method,
+        url,
+        rtype,
+        id,
+        query,
+        full_url: e.get("fullUrl").and_then(Json::as_str).map(String::from),
+        resource,
+        if_none_exist: req.get("ifNoneExist").and_then(Json::as_str).map(String::from),
+        if_match,
+        new_id: uuid::Uuid::new_v4().to_string(),
+    })
+}
+
+pub async fn batch_or_transaction(req: HttpRequest, payload: web::Payload, state: web::Data<AppState>) -> HttpResponse {
+    let f = match Format::negotiate(&req) {
+        Ok(f) => f,
+        Err(e) => return super::error_response(&e, &Format::plain()),
+    };
+    match process(&req, payload, &state, &f).await {
+        Ok(r) => r,
+        Err(e) => super::error_response(&e, &f),
+    }
+}
+
+async fn process(req: &HttpRequest, payload: web::Payload, state: &AppState, f: &Format) -> Result<HttpResponse, FhirError> {
+    let body = read_body(req, payload, state.max_body_bytes).await?;
+    let bundle = parse_resource(&body)?;
+    if bundle.get("resourceType").and_then(Json::as_str) != Some("Bundle") {
+        return Err(FhirError::invalid("POST to the base URL takes a batch or transaction Bundle").at("resourceType"));
+    }
+    let kind = bundle.get("type").and_then(Json::as_str).unwrap_or_default().to_string();
+    let raw_entries = bundle.get("entry").and_then(Json::as_array).cloned().unwrap_or_default();
+    let repo = &state.repo;
+    match kind.as_str() {
+        "transaction" => {
+            let mut entries = Vec::with_capacity(raw_entries.len());
+            for (i, e) in raw_entries.iter().enumerate() {
+                entries.push(parse_entry(repo, i, e)?);
+            }
+            transaction(req, repo, entries, f).await
+        }
+        "batch" => batch(req, repo, raw_entries, f).await,
+        other => Err(FhirError::invalid(format!("Bundle.type {other:?}: POST / takes batch or transaction")).at("Bundle.type")),
+    }
+}
+
+/// Resolves `Type?criteria` to exactly one id (recording the match as a precondition).
+fn resolve_conditional(plan: &mut Plan<'_>, rtype: &str, query: &str, what: &str) -> Result<Option<String>, FhirError> {
+    let groups = interactions::conditional_terms(plan, rtype, query)?;
+    let ids = plan.matching(rtype, groups)?;
+    match ids.len() {
+        0 | 1 => Ok(ids.into_iter().next()),
+        n => Err(FhirError::precondition(format!("{what} {rtype}?{query} matched {n} resources"))),
+    }
+}
+
+fn plan_transaction(plan: &mut Plan<'_>, entries: &[Entry]) -> Result<Vec<Planned>, FhirError> {
+    // Phase 1: decide the id each entry targets, so references can be rewritten.
+    let mut targets: Vec<Option<String>> = vec![None; entries.len()];
+    let mut existing: BTreeMap<usize, String> = BTreeMap::new();
+    let mut map: BTreeMap<String, String> = BTreeMap::new();
+    for e in entries {
+        let id = match (&e.method, &e.id, &e.query) {
+            (Method::Post, _, _) => match &e.if_none_exist {
+                Some(q) => match resolve_conditional(plan, &e.rtype, q, "ifNoneExist").map_err(|x| x.at(at(e.index)))? {
+                    Some(found) => {
+                        existing.insert(e.index, found.clone());
+                        found
+                    }
+                    None => e.new_id.clone(),
+                },
+                None => e.new_id.clone(),
+            },
+            (Method::Put, Some(id), _) => id.clone(),
+            (Method::Put, None, Some(q)) => {
+                let body_id = e.resource.as_ref().and_then(|r| r.get("id")).and_then(Json::as_str).map(String::from);
+                match resolve_conditional(plan, &e.rtype, q, "conditional update").map_err(|x| x.at(at(e.index)))? {
+                    Some(found) => found,
+                    None => body_id.unwrap_or_else(|| e.new_id.clone()),
+                }
+            }
+            (Method::Delete, Some(id), _) => id.clone(),
+            (Method::Delete, None, Some(q)) => {
+                match resolve_conditional(plan, &e.rtype, q, "conditional delete").map_err(|x| x.at(at(e.index)))? {
+                    Some(found) => found,
+                    None => continue,
+                }
+            }
+            _ => continue,
+        };
+        if let Some(full) = &e.full_url {
+            map.insert(full.clone(), format!("{}/{id}", e.rtype));
+        }
+        targets[e.index] = Some(id);
+    }
+    // Phase 2 and 3: rewrite references, then write in DELETE, POST, PUT order.
+    let mut order: Vec<&Entry> = entries.iter().filter(|e| e.method != Method::Get).collect();
+    order.sort_by_key(|e| (e.method.clone(), e.index));
+    let mut planned: BTreeMap<usize, Planned> = BTreeMap::new();
+    for e in order {
+        let Some(id) = targets[e.index].clone() else {
+            planned.insert(e.index, Planned { status: 204, write: None, existing: None });
+            continue;
+        };
+        if let Some(found) = existing.get(&e.index) {
+            planned.insert(e.index, Planned { status: 200, write: None, existing: Some((e.rtype.clone(), found.clone())) });
+            continue;
+        }
+        let p = match e.method {
+            Method::Delete => interactions::delete(plan, &e.rtype, &id, e.if_match),
+            Method::Post | Method::Put => {
+                let mut res = e.resource.clone().unwrap_or(Json::Null);
+                rewrite_references(plan, &mut res, &map).map_err(|x| x.at(format!("{}.resource", at(e.index))))?;
+                if e.method == Method::Post {
+                    interactions::create(plan, &e.rtype, &id, res, None)
+                } else {
+                    interactions::update(plan, &e.rtype, &id, res, e.if_match)
+                }
+            }
+            Method::Get => continue,
+        };
+        planned.insert(e.index, p.map_err(|x| x.at(at(e.index)))?);
+    }
+    Ok(entries
+        .iter()
+        .map(|e| planned.remove(&e.index).unwrap_or(Planned { status: 200, write: None, existing: None }))
+        .collect())
+}
+
+fn rewrite_references(plan: &mut Plan<'_>, res: &mut Json, map: &BTreeMap<String, String>) -> Result<(), FhirError> {
+    let mut conditional: Vec<String> = Vec::new();
+    for_each_reference_mut(res, &mut |r| {
+        if let Some(target) = map.get(r.as_str()) {
+            *r = target.clone();
+        } else if r.contains('?') && !r.contains("://") {
+            conditional.push(r.clone());
+        }
+    });
+    if conditional.is_empty() {
+        return Ok(());
+    }
+    let mut resolved = BTreeMap::new();
+    for c in conditional {
+        let (rtype, query) = c.split_once('?').unwrap_or_default();
+        check_type(plan.repo(), rtype)?;
+        match resolve_conditional(plan, rtype, query, "conditional reference")? {
+            Some(id) => resolved.insert(c.clone(), format!("{rtype}/{id}")),
+            None => return Err(FhirError::precondition(format!("conditional reference {c} matched no resource"))),
+        };
+    }
+    for_each_reference_mut(res, &mut |r| {
+        if let Some(t) = resolved.get(r.as_str()) {
+            *r = t.clone();
+        }
+    });
+    Ok(())
+}
+
+fn status_text(status: u16) -> &'static str {
+    match status {
+        200 => "200 OK",
+        201 => "201 Created",
+        204 => "204 No Content",
+        _ => "200 OK",
+    }
+}
+
+fn response_entry(req: &HttpRequest, status: u16, s: Option<&Stored>, ret: Return) -> Json {
+    let base = base_url(req);
+    let mut response = vec![("status".to_string(), Json::String(status_text(status).into()))];
+    let mut members = Vec::new();
+    if let Some(s) = s {
+        if !s.deleted {
+            members.push(("fullUrl".to_string(), Json::String(format!("{base}/{}/{}", s.rtype, s.id))));
+            response.push(("location".into(), Json::String(format!("{}/{}/_history/{}", s.rtype, s.id, s.version))));
+        }
+        response.push(("etag".into(), Json::String(format!("W/\"{}\"", s.version))));
+        response.push(("lastModified".into(), Json::String(instant(s.last_updated_ms))));
+        match (ret, &s.resource) {
+            (Return::Representation, Some(r)) => members.push(("resource".into(), r.clone())),
+            (Return::OperationOutcome, _) => response.push(("outcome".into(), information("ok"))),
+            _ => {}
+        }
+    }
+    members.push(("response".into(), Json::Object(response)));
+    Json::Object(members)
+}
+
+/// Unless the client asks, bundle responses carry locations, not whole resources (as HAPI
+/// does): loading a large transaction should not echo it back.
+fn bundle_return(req: &HttpRequest) -> Return {
+    let explicit = req.headers().get("prefer").and_then(|v| v.to_str().ok()).is_some_and(|p| p.contains("return="));
+    if explicit {
+        prefer_return(req)
+    } else {
+        Return::Minimal
+    }
+}
+
+fn response_bundle(kind: &str, entries: Vec<Json>) -> Json {
+    Json::Object(vec![
+        ("resourceType".into(), Json::String("Bundle".into())),
+        ("id".into(), Json::String(uuid::Uuid::new_v4().to_string())),
+        ("type".into(), Json::String(kind.into())),
+        ("entry".into(), Json::Array(entries)),
+    ])
+}
+
+async fn transaction(req: &HttpRequest, repo: &Repo, entries: Vec<Entry>, f: &Format) -> Result<HttpResponse, FhirError> {
+    let (planned, results) = repo.commit(ANONYMOUS, |plan| plan_transaction(plan, &entries)).await?;
+    let ret = bundle_return(req);
+    let mut out = Vec::with_capacity(entries.len());
+    for (e, p) in entries.iter().zip(planned) {
+        if e.method == Method::Get {
+            out.push(get_entry(req, repo, e).unwrap_or_else(|err| error_entry(&err)));
+            continue;
+        }
+        let stored = match (&p.write, &p.existing) {
+            (Some(i), _) => results.get(*i).cloned(),
+            (None, Some((t, id))) => repo.read(t, id).ok(),
+            _ => None,
+        };
+        out.push(response_entry(req, p.status, stored.as_ref(), ret));
+    }
+    Ok(json_response(200, &response_bundle("transaction-response", out), f))
+}
+
+fn error_entry(e: &FhirError) -> Json {
+    Json::Object(vec![(
+        "response".into(),
+        Json::Object(vec![
+            ("status".into(), Json::String(e.status.to_string())),
+            ("outcome".into(), e.to_outcome()),
+        ]),
+    )])
+}
+
+fn get_entry(req: &HttpRequest, repo: &Repo, e: &Entry) -> Result<Json, FhirError> {
+    if let Some(q) = &e.query {
+        let b = search_bundle(repo, &base_url(req), &e.rtype, &parse_query(q), false)?;
+        return Ok(Json::Object(vec![
+            ("resource".into(), b),
+            ("response".into(), Json::Object(vec![("status".into(), Json::String("200 OK".into()))])),
+        ]));
+    }
+    let id = e.id.as_deref().ok_or_else(|| FhirError::invalid("GET entries need Type/id or Type?criteria"))?;
+    let parts: Vec<&str> = e.url.split('/').collect();
+    let s = match parts.as_slice() {
+        [_, _, "_history", v] => repo.vread(&e.rtype, id, v.parse().map_err(|_| FhirError::not_found(&e.url))?)?,
+        [_, _] => repo.read(&e.rtype, id)?,
+        _ => return Err(FhirError::invalid(format!("unsupported GET url {:?}", e.url))),
+    };
+    Ok(response_entry(req, 200, Some(&s), Return::Representation))
+}
+
+async fn batch(req: &HttpRequest, repo: &Repo, raw: Vec<Json>, _f: &Format) -> Result<HttpResponse, FhirError> {
+    let ret = bundle_return(req);
+    let futures = raw.iter().enumerate().map(|(i, raw)| async move {
+        let e = match parse_entry(repo, i, raw) {
+            Ok(e) => e,
+            Err(err) => return error_entry(&err),
+        };
+        if e.method == Method::Get {
+            return get_entry(req, repo, &e).unwrap_or_else(|err| error_entry(&err));
+        }
+        let one = std::slice::from_ref(&e);
+        match repo.commit(ANONYMOUS, |plan| plan_transaction(plan, one)).await {
+            Ok((planned, results)) => {
+                let p = planned.into_iter().next().unwrap_or(Planned { status: 200, write: None, existing: None });
+                let stored = match (&p.write, &p.existing) {
+                    (Some(i), _) => results.get(*i).cloned(),
+                    (None, Some((t, id))) => repo.read(t, id).ok(),
+                    _ => None,
+                };
+                response_entry(req, p.status, stored.as_ref(), ret)
+            }
+            Err(err) => error_entry(&err),
+        }
+    });
+    let out = futures::future::join_all(futures).await;
+    Ok(json_response(200, &response_bundle("batch-response", out), _f))
+}

@@ -1,0 +1,167 @@
+//! `_history` at instance, type and system level, newest first, paged by cursor.
+
+use actix_web::{web, HttpRequest, HttpResponse};
+
+use super::interactions::parse_query;
+use super::resource::{check_type, enc, link};
+use super::{base_url, json_response, respond, AppState};
+use crate::error::FhirError;
+use crate::fhir::json::Json;
+use crate::fhir::{date_range_ms, http_date, instant};
+use crate::repo::search::{DEFAULT_COUNT, MAX_COUNT};
+use crate::repo::{Repo, Stored};
+
+struct Params {
+    count: usize,
+    since: Option<i64>,
+    cursor: Option<u64>,
+}
+
+fn params(req: &HttpRequest) -> Result<(Params, Vec<(String, String)>), FhirError> {
+    let raw = parse_query(req.query_string());
+    let mut p = Params { count: DEFAULT_COUNT, since: None, cursor: None };
+    for (k, v) in &raw {
+        match k.as_str() {
+            "_count" => {
+                p.count = v.parse::<usize>().map_err(|_| FhirError::invalid(format!("_count {v:?} is not a number")).at("_count"))?.min(MAX_COUNT)
+            }
+            "_since" => {
+                p.since = Some(date_range_ms(v).ok_or_else(|| FhirError::invalid(format!("_since {v:?} is not an instant")).at("_since"))?.0)
+            }
+            "_cursor" => p.cursor = Some(v.parse().map_err(|_| FhirError::invalid("bad _cursor").at("_cursor"))?),
+            "_format" | "_pretty" => {}
+            other => return Err(FhirError::invalid(format!("history does not support parameter {other:?}")).at(other.to_string())),
+        }
+    }
+    Ok((p, raw))
+}
+
+fn entry(base: &str, s: &Stored) -> Json {
+    let url = format!("{}/{}", s.rtype, s.id);
+    let (method, status) = match (s.deleted, s.created) {
+        (true, _) => ("DELETE", "204 No Content"),
+        (false, true) => ("POST", "201 Created"),
+        (false, false) => ("PUT", "200 OK"),
+    };
+    let req_url = if method == "POST" { s.rtype.clone() } else { url.clone() };
+    let mut members = vec![("fullUrl".to_string(), Json::String(format!("{base}/{url}")))];
+    if let Some(r) = &s.resource {
+        members.push(("resource".into(), r.clone()));
+    }
+    members.push((
+        "request".into(),
+        Json::Object(vec![("method".into(), Json::String(method.into())), ("url".into(), Json::String(req_url))]),
+    ));
+    members.push((
+        "response".into(),
+        Json::Object(vec![
+            ("status".into(), Json::String(status.into())),
+            ("etag".into(), Json::String(format!("W/\"{}\"", s.version))),
+            ("lastModified".into(), Json::String(instant(s.last_updated_ms))),
+        ]),
+    ));
+    let _ = http_date;
+    Json::Object(members)
+}
+
+fn bundle(req: &HttpRequest, path: &str, raw: &[(String, String)], entries: Vec<Json>, next: Option<u64>, total: Option<usize>) -> Json {
+    let base = base_url(req);
+    let q: Vec<String> = raw.iter().filter(|(k, _)| k != "_cursor").map(|(k, v)| format!("{}={}", enc(k), enc(v))).collect();
+    let mut links = vec![link("self", &format!("{base}{path}?{}", q.join("&")))];
+    if let Some(c) = next {
+        let mut q = q.clone();
+        q.push(format!("_cursor={c}"));
+        links.push(link("next", &format!("{base}{path}?{}", q.join("&"))));
+    }
+    let mut members = vec![
+        ("resourceType".to_string(), Json::String("Bundle".into())),
+        ("id".to_string(), Json::String(uuid::Uuid::new_v4().to_string())),
+        ("type".to_string(), Json::String("history".into())),
+    ];
+    if let Some(t) = total {
+        members.push(("total".into(), Json::Number(t.to_string())));
+    }
+    members.push(("link".into(), Json::Array(links)));
+    if !entries.is_empty() {
+        members.push(("entry".into(), Json::Array(entries)));
+    }
+    Json::Object(members)
+}
+
+pub async fn instance(req: HttpRequest, path: web::Path<(String, String)>, state: web::Data<AppState>) -> HttpResponse {
+    let (rtype, id) = path.into_inner();
+    if let Err(e) = state.repo.linearize().await {
+        return respond(&req, |_| Err(e));
+    }
+    respond(&req, |f| {
+        check_type(&state.repo, &rtype)?;
+        let (p, raw) = params(&req)?;
+        let versions = state.repo.view().versions(&rtype, &id)?;
+        if versions.is_empty() {
+            return Err(FhirError::not_found(&format!("{rtype}/{id}")));
+        }
+        let base = base_url(&req);
+        let mut entries = Vec::new();
+        let mut next = None;
+        let mut total = 0;
+        for v in versions {
+            if p.since.is_some_and(|s| v.header.last_updated_ms < s) {
+                continue;
+            }
+            total += 1;
+            if p.cursor.is_some_and(|c| v.header.version >= c) {
+                continue;
+            }
+            if entries.len() == p.count {
+                next = next.or(Some(v.header.version + 1));
+                continue;
+            }
+            let s = state.repo.vread(&rtype, &id, v.header.version)?;
+            entries.push(entry(&base, &s));
+        }
+        Ok(json_response(200, &bundle(&req, &format!("/{rtype}/{id}/_history"), &raw, entries, next, Some(total)), f))
+    })
+}
+
+fn walk(repo: &Repo, req: &HttpRequest, rtype: Option<&str>, p: &Params) -> Result<(Vec<Json>, Option<u64>), FhirError> {
+    let base = base_url(req);
+    let mut entries = Vec::new();
+    let mut next = None;
+    for item in repo.view().history(p.cursor) {
+        let (leaf, h) = item?;
+        if rtype.is_some_and(|t| t != h.rtype) || p.since.is_some_and(|s| h.last_updated_ms < s) {
+            continue;
+        }
+        if entries.len() == p.count {
+            next = Some(leaf + 1);
+            break;
+        }
+        let s = repo.vread(&h.rtype, &h.id, h.version)?;
+        entries.push(entry(&base, &s));
+    }
+    Ok((entries, next))
+}
+
+pub async fn type_level(req: HttpRequest, path: web::Path<String>, state: web::Data<AppState>) -> HttpResponse {
+    let rtype = path.into_inner();
+    if let Err(e) = state.repo.linearize().await {
+        return respond(&req, |_| Err(e));
+    }
+    respond(&req, |f| {
+        check_type(&state.repo, &rtype)?;
+        let (p, raw) = params(&req)?;
+        let (entries, next) = walk(&state.repo, &req, Some(&rtype), &p)?;
+        Ok(json_response(200, &bundle(&req, &format!("/{rtype}/_history"), &raw, entries, next, None), f))
+    })
+}
+
+pub async fn system(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
+    if let Err(e) = state.repo.linearize().await {
+        return respond(&req, |_| Err(e));
+    }
+    respond(&req, |f| {
+        let (p, raw) = params(&req)?;
+        let (entries, next) = walk(&state.repo, &req, None, &p)?;
+        Ok(json_response(200, &bundle(&req, "/_history", &raw, entries, next, None), f))
+    })
+}

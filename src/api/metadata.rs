@@ -1,0 +1,90 @@
+//! `GET /metadata`: a CapabilityStatement that claims exactly what this build does.
+
+use actix_web::{web, HttpRequest, HttpResponse};
+
+use super::{base_url, json_response, respond, AppState};
+use crate::fhir::json::Json;
+use crate::fhir::searchparams::ParamType;
+
+fn s(v: &str) -> Json {
+    Json::String(v.into())
+}
+
+fn o(members: Vec<(&str, Json)>) -> Json {
+    Json::Object(members.into_iter().map(|(k, v)| (k.to_string(), v)).collect())
+}
+
+fn param(name: &str, kind: &str, doc: &str) -> Json {
+    o(vec![("name", s(name)), ("type", s(kind)), ("documentation", s(doc))])
+}
+
+pub async fn capability_statement(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
+    respond(&req, |f| {
+        let repo = &state.repo;
+        let interactions: Vec<Json> = ["read", "vread", "update", "patch", "delete", "history-instance", "history-type", "create", "search-type"]
+            .iter()
+            .map(|c| o(vec![("code", s(c))]))
+            .collect();
+        let resources: Vec<Json> = repo
+            .profiles
+            .resource_types()
+            .iter()
+            .map(|t| {
+                let mut params = vec![
+                    param("_id", "token", "logical id"),
+                    param("_lastUpdated", "date", "meta.lastUpdated, with prefixes eq ne gt lt ge le sa eb"),
+                ];
+                for sp in repo.params.for_type(t) {
+                    let kind = match sp.kind {
+                        ParamType::Token => "token",
+                        ParamType::Reference => "reference",
+                        ParamType::Other(_) => continue,
+                    };
+                    params.push(param(&sp.code, kind, "exact match (no modifiers except :Type on references)"));
+                }
+                o(vec![
+                    ("type", s(t)),
+                    ("profile", s(&format!("http://hl7.org/fhir/StructureDefinition/{t}"))),
+                    ("interaction", Json::Array(interactions.clone())),
+                    ("versioning", s("versioned-update")),
+                    ("readHistory", Json::Bool(true)),
+                    ("updateCreate", Json::Bool(true)),
+                    ("conditionalCreate", Json::Bool(true)),
+                    ("conditionalRead", s("not-supported")),
+                    ("conditionalUpdate", Json::Bool(true)),
+                    ("conditionalDelete", s("single")),
+                    ("searchParam", Json::Array(params)),
+                ])
+            })
+            .collect();
+        let cs = o(vec![
+            ("resourceType", s("CapabilityStatement")),
+            ("status", s("active")),
+            ("date", s("2026-11-24")),
+            ("publisher", s("fhir-ledger")),
+            ("kind", s("instance")),
+            ("software", o(vec![("name", s("fhir-ledger")), ("version", s(env!("CARGO_PKG_VERSION")))])),
+            ("implementation", o(vec![("description", s("FHIR R4 server over a signed, encrypted, Raft-replicated ledger")), ("url", s(&base_url(&req)))])),
+            ("fhirVersion", s("4.0.1")),
+            ("format", Json::Array(vec![s("application/fhir+json"), s("json")])),
+            ("patchFormat", Json::Array(vec![s("application/json-patch+json")])),
+            (
+                "rest",
+                Json::Array(vec![o(vec![
+                    ("mode", s("server")),
+                    ("documentation", s("Authorization is off in this build; SMART on FHIR is planned.")),
+                    ("resource", Json::Array(resources)),
+                    (
+                        "interaction",
+                        Json::Array(vec![
+                            o(vec![("code", s("transaction"))]),
+                            o(vec![("code", s("batch"))]),
+                            o(vec![("code", s("history-system"))]),
+                        ]),
+                    ),
+                ])]),
+            ),
+        ]);
+        Ok(json_response(200, &cs, f))
+    })
+}

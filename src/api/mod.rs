@@ -1,0 +1,257 @@
+//! The HTTP layer: routes, content negotiation and the mapping of every outcome to FHIR
+//! responses. `create_app` builds the whole service so tests can drive it in-process.
+
+pub mod bundle;
+pub mod history;
+pub mod interactions;
+pub mod metadata;
+pub mod resource;
+
+use std::sync::Arc;
+
+use actix_web::http::header::{self, HeaderMap};
+use actix_web::http::StatusCode;
+use actix_web::{web, HttpRequest, HttpResponse};
+use futures::StreamExt;
+
+use crate::error::FhirError;
+use crate::fhir::json::{self, Json};
+use crate::repo::Repo;
+
+/// Deepest JSON nesting accepted; real resources stay far below it.
+pub const MAX_DEPTH: usize = 128;
+
+pub struct AppState {
+    pub repo: Arc<Repo>,
+    pub max_body_bytes: usize,
+}
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.route("/metadata", web::get().to(metadata::capability_statement))
+        .route("/health", web::get().to(health))
+        .route("/", web::post().to(bundle::batch_or_transaction))
+        .route("/_history", web::get().to(history::system))
+        .route("/{type}", web::get().to(resource::search))
+        .route("/{type}", web::post().to(resource::create))
+        .route("/{type}", web::put().to(resource::conditional_update))
+        .route("/{type}", web::delete().to(resource::conditional_delete))
+        .route("/{type}/_search", web::post().to(resource::search_post))
+        .route("/{type}/_history", web::get().to(history::type_level))
+        .route("/{type}/{id}", web::get().to(resource::read))
+        .route("/{type}/{id}", web::put().to(resource::update))
+        .route("/{type}/{id}", web::patch().to(resource::patch))
+        .route("/{type}/{id}", web::delete().to(resource::delete))
+        .route("/{type}/{id}/_history", web::get().to(history::instance))
+        .route("/{type}/{id}/_history/{vid}", web::get().to(resource::vread))
+        .default_service(web::to(not_found));
+}
+
+async fn health() -> HttpResponse {
+    HttpResponse::Ok().content_type("application/json").body(r#"{"status":"ok"}"#)
+}
+
+async fn not_found(req: HttpRequest) -> HttpResponse {
+    let f = Format::plain();
+    error_response(&FhirError::new(404, "not-supported", format!("no FHIR interaction at {} {}", req.method(), req.path())), &f)
+}
+
+/// How to write the response body.
+#[derive(Clone, Debug)]
+pub struct Format {
+    pub pretty: bool,
+    pub content_type: &'static str,
+}
+
+pub const FHIR_JSON: &str = "application/fhir+json; charset=utf-8";
+
+impl Format {
+    pub fn plain() -> Self {
+        Self { pretty: false, content_type: FHIR_JSON }
+    }
+
+    /// `_format` wins over `Accept`; JSON in either spelling is served, XML is a 406.
+    pub fn negotiate(req: &HttpRequest) -> Result<Self, FhirError> {
+        let query = interactions::parse_query(req.query_string());
+        let pretty = query.iter().any(|(k, v)| k == "_pretty" && v == "true");
+        let json_type = |t: &str| -> Option<&'static str> {
+            let t = t.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+            match t.as_str() {
+                "json" | "application/fhir+json" | "application/json+fhir" | "*/*" | "application/*" | "" => Some(FHIR_JSON),
+                "application/json" => Some("application/json; charset=utf-8"),
+                _ => None,
+            }
+        };
+        if let Some((_, f)) = query.iter().find(|(k, _)| k == "_format") {
+            return json_type(f)
+                .map(|content_type| Self { pretty, content_type })
+                .ok_or_else(|| not_acceptable(f));
+        }
+        let accept = req.headers().get(header::ACCEPT).and_then(|v| v.to_str().ok()).unwrap_or("");
+        if accept.trim().is_empty() {
+            return Ok(Self { pretty, content_type: FHIR_JSON });
+        }
+        accept
+            .split(',')
+            .find_map(json_type)
+            .map(|content_type| Self { pretty, content_type })
+            .ok_or_else(|| not_acceptable(accept))
+    }
+}
+
+fn not_acceptable(what: &str) -> FhirError {
+    FhirError::new(
+        406,
+        "not-supported",
+        format!("cannot produce {what:?}: this server speaks FHIR JSON (application/fhir+json) only; XML is not supported"),
+    )
+}
+
+pub fn body_response(status: u16, body: &Json, f: &Format) -> actix_web::HttpResponseBuilder {
+    let _ = body;
+    let mut b = HttpResponse::build(StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR));
+    b.content_type(f.content_type);
+    b
+}
+
+pub fn json_response(status: u16, body: &Json, f: &Format) -> HttpResponse {
+    let text = if f.pretty { body.to_pretty() } else { body.to_compact() };
+    body_response(status, body, f).body(text)
+}
+
+pub fn error_response(e: &FhirError, f: &Format) -> HttpResponse {
+    json_response(e.status, &e.to_outcome(), f)
+}
+
+/// Runs a handler body, turning any [`FhirError`] into an OperationOutcome response.
+pub fn respond(req: &HttpRequest, f: impl FnOnce(&Format) -> Result<HttpResponse, FhirError>) -> HttpResponse {
+    match Format::negotiate(req) {
+        Ok(fmt) => f(&fmt).unwrap_or_else(|e| error_response(&e, &fmt)),
+        Err(e) => error_response(&e, &Format::plain()),
+    }
+}
+
+/// Reads the request body within the configured limit and checks its media type.
+pub async fn read_body(req: &HttpRequest, mut payload: web::Payload, limit: usize) -> Result<Vec<u8>, FhirError> {
+    if let Some(ct) = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) {
+        let t = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+        let ok = matches!(
+            t.as_str(),
+            "application/fhir+json" | "application/json" | "application/json+fhir" | "application/json-patch+json" | "application/x-www-form-urlencoded" | "text/plain" | ""
+        );
+        if !ok {
+            return Err(FhirError::new(415, "not-supported", format!("Content-Type {t} is not supported; send application/fhir+json")));
+        }
+    }
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    let too_large = || FhirError::new(413, "too-costly", format!("request body exceeds the limit of {limit} bytes"));
+    if declared.is_some_and(|n| n > limit) {
+        return Err(too_large());
+    }
+    let mut body = Vec::with_capacity(declared.unwrap_or(0));
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|e| FhirError::invalid(format!("could not read the request body: {e}")))?;
+        if body.len() + chunk.len() > limit {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// Parses a request body as a resource; syntax errors name line and column.
+pub fn parse_resource(body: &[u8]) -> Result<Json, FhirError> {
+    if body.is_empty() {
+        return Err(FhirError::new(400, "required", "the request body is empty; a FHIR resource was expected"));
+    }
+    let v = json::parse(body, MAX_DEPTH).map_err(|e| FhirError::new(400, "structure", format!("malformed JSON: {e}")))?;
+    if !matches!(v, Json::Object(_)) {
+        return Err(FhirError::new(400, "structure", "the body must be a JSON object (a FHIR resource)"));
+    }
+    Ok(v)
+}
+
+/// Validates `res` as a resource of `rtype` against the R4 definitions. `prefix` relocates
+/// issue paths (e.g. `Bundle.entry[3].resource`).
+pub fn validate(repo: &Repo, rtype: &str, res: &Json, prefix: Option<&str>) -> Result<(), FhirError> {
+    let actual = res.get("resourceType").and_then(Json::as_str);
+    if actual != Some(rtype) {
+        let mut e = FhirError::invalid(format!(
+            "resourceType {} does not match the expected type {rtype}",
+            actual.map_or("(missing)".to_string(), |a| format!("{a:?}"))
+        ));
+        e = e.at(prefix.map_or("resourceType".to_string(), |p| format!("{p}.resourceType")));
+        return Err(e);
+    }
+    let issues = repo.profiles.validate(res);
+    let errors: Vec<_> = issues
+        .into_iter()
+        .filter(|i| matches!(i.severity, crate::fhir::validate::Severity::Error))
+        .take(50)
+        .map(|i| {
+            let path = match prefix {
+                Some(p) => format!("{p}.{}", i.path.split_once('.').map_or("", |(_, rest)| rest)),
+                None => i.path.clone(),
+            };
+            crate::error::Issue {
+                severity: "error",
+                code: i.code,
+                diagnostics: format!("{}: {}", i.path, i.message),
+                expression: vec![path.trim_end_matches('.').to_string()],
+            }
+        })
+        .collect();
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(FhirError { status: 400, issues: errors })
+    }
+}
+
+/// `W/"3"` or `"3"` → 3.
+pub fn parse_etag(headers: &HeaderMap, name: header::HeaderName) -> Result<Option<u64>, FhirError> {
+    let Some(v) = headers.get(&name) else { return Ok(None) };
+    let s = v.to_str().unwrap_or("").trim();
+    let inner = s.strip_prefix("W/").unwrap_or(s).trim_matches('"');
+    inner
+        .parse::<u64>()
+        .map(Some)
+        .map_err(|_| FhirError::invalid(format!("{name} {s:?} is not a version ETag like W/\"3\"")))
+}
+
+/// The base URL clients used to reach us, for `Location` and `fullUrl`.
+pub fn base_url(req: &HttpRequest) -> String {
+    let info = req.connection_info();
+    format!("{}://{}", info.scheme(), info.host())
+}
+
+/// What `Prefer: return=` asks for.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Return {
+    Minimal,
+    Representation,
+    OperationOutcome,
+}
+
+pub fn prefer_return(req: &HttpRequest) -> Return {
+    let prefer = req.headers().get_all("prefer").filter_map(|v| v.to_str().ok()).collect::<Vec<_>>().join(",");
+    for part in prefer.split([',', ';']) {
+        match part.trim() {
+            "return=minimal" => return Return::Minimal,
+            "return=OperationOutcome" => return Return::OperationOutcome,
+            "return=representation" => return Return::Representation,
+            _ => {}
+        }
+    }
+    Return::Representation
+}
+
+pub fn prefer_lenient(req: &HttpRequest) -> bool {
+    req.headers()
+        .get_all("prefer")
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.split([',', ';']).any(|p| p.trim() == "handling=lenient"))
+}

@@ -1,0 +1,376 @@
+//! Instance- and type-level interactions: create, read, vread, update, patch, delete, their
+//! conditional forms, and search.
+
+use actix_web::http::header;
+use actix_web::{web, HttpRequest, HttpResponse};
+
+use super::interactions::{self, Planned};
+use super::{
+    base_url, json_response, parse_etag, parse_resource, prefer_lenient, prefer_return, read_body, respond, validate,
+    AppState, Format, Return,
+};
+use crate::error::{information, FhirError};
+use crate::fhir::json::Json;
+use crate::fhir::{http_date, is_valid_id};
+use crate::repo::{search, Repo, Stored};
+
+/// The caller recorded in the ledger until SMART authorization supplies real identities.
+pub const ANONYMOUS: &str = "anonymous";
+
+pub fn check_type(repo: &Repo, rtype: &str) -> Result<(), FhirError> {
+    if repo.profiles.is_resource_type(rtype) {
+        Ok(())
+    } else {
+        Err(FhirError::new(404, "not-supported", format!("{rtype:?} is not an R4 resource type")))
+    }
+}
+
+fn check_id(id: &str) -> Result<(), FhirError> {
+    if is_valid_id(id) {
+        Ok(())
+    } else {
+        Err(FhirError::invalid(format!("{id:?} is not a valid FHIR id (1-64 of A-Z a-z 0-9 - .)")))
+    }
+}
+
+fn new_id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+/// Headers every single-version response carries.
+pub fn version_headers(b: &mut actix_web::HttpResponseBuilder, s: &Stored) {
+    b.insert_header((header::ETAG, format!("W/\"{}\"", s.version)));
+    b.insert_header((header::LAST_MODIFIED, http_date(s.last_updated_ms)));
+    if let Some(leaf) = s.leaf {
+        b.insert_header(("X-Ledger-Leaf", leaf.to_string()));
+    }
+}
+
+/// The answer to a write: status, `Location`, ETag, and the body `Prefer` asks for.
+fn write_response(req: &HttpRequest, f: &Format, status: u16, s: &Stored) -> HttpResponse {
+    let mut b = super::body_response(status, &Json::Null, f);
+    version_headers(&mut b, s);
+    if status == 201 || status == 200 {
+        let loc = format!("{}/{}/{}/_history/{}", base_url(req), s.rtype, s.id, s.version);
+        b.insert_header((if status == 201 { header::LOCATION } else { header::CONTENT_LOCATION }, loc));
+    }
+    match (prefer_return(req), &s.resource) {
+        (Return::Minimal, _) | (_, None) => {
+            b.content_type(f.content_type);
+            b.finish()
+        }
+        (Return::OperationOutcome, _) => {
+            let oo = information(format!("{}/{} version {} stored", s.rtype, s.id, s.version));
+            b.body(if f.pretty { oo.to_pretty() } else { oo.to_compact() })
+        }
+        (Return::Representation, Some(r)) => b.body(if f.pretty { r.to_pretty() } else { r.to_compact() }),
+    }
+}
+
+/// Commits a single planned interaction and answers it.
+async fn commit_one(
+    req: &HttpRequest,
+    repo: &Repo,
+    f: &Format,
+    plan: impl FnMut(&mut crate::repo::Plan<'_>) -> Result<Planned, FhirError>,
+) -> Result<HttpResponse, FhirError> {
+    let (planned, results) = repo.commit(ANONYMOUS, plan).await?;
+    if let Some(i) = planned.write {
+        let s = results.get(i).ok_or_else(|| FhirError::internal("missing write result"))?;
+        if s.deleted {
+            let mut b = HttpResponse::NoContent();
+            version_headers(&mut b, s);
+            return Ok(b.finish());
+        }
+        return Ok(write_response(req, f, planned.status, s));
+    }
+    if let Some((t, id)) = planned.existing {
+        let s = repo.read(&t, &id)?;
+        return Ok(write_response(req, f, planned.status, &s));
+    }
+    Ok(HttpResponse::NoContent().finish())
+}
+
+async fn resource_body(req: &HttpRequest, payload: web::Payload, state: &AppState, rtype: &str) -> Result<Json, FhirError> {
+    check_type(&state.repo, rtype)?;
+    let body = read_body(req, payload, state.max_body_bytes).await?;
+    let res = parse_resource(&body)?;
+    validate(&state.repo, rtype, &res, None)?;
+    Ok(res)
+}
+
+pub async fn create(req: HttpRequest, path: web::Path<String>, payload: web::Payload, state: web::Data<AppState>) -> HttpResponse {
+    let rtype = path.into_inner();
+    let result = async {
+        let f = Format::negotiate(&req)?;
+        let res = resource_body(&req, payload, &state, &rtype).await?;
+        let if_none_exist = req.headers().get("if-none-exist").map(|v| v.to_str().unwrap_or("").to_string());
+        let id = new_id();
+        commit_one(&req, &state.repo, &f, |plan| interactions::create(plan, &rtype, &id, res.clone(), if_none_exist.as_deref()))
+            .await
+    }
+    .await;
+    finish(&req, result)
+}
+
+pub async fn update(
+    req: HttpRequest,
+    path: web::Path<(String, String)>,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> HttpResponse {
+    let (rtype, id) = path.into_inner();
+    let result = async {
+        let f = Format::negotiate(&req)?;
+        check_id(&id)?;
+        let res = resource_body(&req, payload, &state, &rtype).await?;
+        match res.get("id").and_then(Json::as_str) {
+            Some(body_id) if body_id == id => {}
+            Some(body_id) => {
+                return Err(FhirError::invalid(format!("the body's id {body_id:?} differs from the URL's id {id:?}"))
+                    .at(format!("{rtype}.id")))
+            }
+            None => return Err(FhirError::invalid(format!("the body has no id; an update must carry id {id:?}")).at(format!("{rtype}.id"))),
+        }
+        let if_match = parse_etag(req.headers(), header::IF_MATCH)?;
+        commit_one(&req, &state.repo, &f, |plan| interactions::update(plan, &rtype, &id, res.clone(), if_match)).await
+    }
+    .await;
+    finish(&req, result)
+}
+
+pub async fn conditional_update(
+    req: HttpRequest,
+    path: web::Path<String>,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> HttpResponse {
+    let rtype = path.into_inner();
+    let result = async {
+        let f = Format::negotiate(&req)?;
+        let res = resource_body(&req, payload, &state, &rtype).await?;
+        let query = req.query_string().to_string();
+        let id = new_id();
+        commit_one(&req, &state.repo, &f, |plan| interactions::conditional_update(plan, &rtype, &query, res.clone(), &id)).await
+    }
+    .await;
+    finish(&req, result)
+}
+
+pub async fn patch(
+    req: HttpRequest,
+    path: web::Path<(String, String)>,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> HttpResponse {
+    let (rtype, id) = path.into_inner();
+    let result = async {
+        let f = Format::negotiate(&req)?;
+        check_type(&state.repo, &rtype)?;
+        check_id(&id)?;
+        let ct = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+        if !ct.starts_with("application/json-patch+json") {
+            return Err(FhirError::new(415, "not-supported", "PATCH takes a JSON Patch document (application/json-patch+json)"));
+        }
+        let body = read_body(&req, payload, state.max_body_bytes).await?;
+        let patch = crate::fhir::json::parse(&body, super::MAX_DEPTH)
+            .map_err(|e| FhirError::new(400, "structure", format!("malformed JSON Patch: {e}")))?;
+        let if_match = parse_etag(req.headers(), header::IF_MATCH)?;
+        let repo = &state.repo;
+        commit_one(&req, repo, &f, |plan| {
+            let current = repo.read(&rtype, &id)?;
+            if if_match.is_some_and(|v| v != current.version) {
+                return Err(FhirError::precondition(format!("If-Match does not match version {}", current.version)));
+            }
+            let mut doc = current.resource.ok_or_else(|| FhirError::gone(&format!("{rtype}/{id}")))?;
+            crate::fhir::patch::apply(&mut doc, &patch).map_err(|e| FhirError::new(422, "processing", format!("JSON Patch failed: {e}")))?;
+            if doc.get("id").and_then(Json::as_str) != Some(id.as_str()) {
+                return Err(FhirError::new(422, "processing", "a patch may not change the resource's id"));
+            }
+            validate(repo, &rtype, &doc, None).map_err(|mut e| {
+                e.status = 422;
+                e
+            })?;
+            interactions::update(plan, &rtype, &id, doc, Some(current.version))
+        })
+        .await
+    }
+    .await;
+    finish(&req, result)
+}
+
+pub async fn delete(req: HttpRequest, path: web::Path<(String, String)>, state: web::Data<AppState>) -> HttpResponse {
+    let (rtype, id) = path.into_inner();
+    let result = async {
+        let f = Format::negotiate(&req)?;
+        check_type(&state.repo, &rtype)?;
+        check_id(&id)?;
+        let if_match = parse_etag(req.headers(), header::IF_MATCH)?;
+        commit_one(&req, &state.repo, &f, |plan| interactions::delete(plan, &rtype, &id, if_match)).await
+    }
+    .await;
+    finish(&req, result)
+}
+
+pub async fn conditional_delete(req: HttpRequest, path: web::Path<String>, state: web::Data<AppState>) -> HttpResponse {
+    let rtype = path.into_inner();
+    let result = async {
+        let f = Format::negotiate(&req)?;
+        check_type(&state.repo, &rtype)?;
+        let query = req.query_string().to_string();
+        commit_one(&req, &state.repo, &f, |plan| interactions::conditional_delete(plan, &rtype, &query)).await
+    }
+    .await;
+    finish(&req, result)
+}
+
+fn finish(req: &HttpRequest, result: Result<HttpResponse, FhirError>) -> HttpResponse {
+    result.unwrap_or_else(|e| {
+        let f = Format::negotiate(req).unwrap_or_else(|_| Format::plain());
+        super::error_response(&e, &f)
+    })
+}
+
+fn read_response(f: &Format, s: &Stored) -> Result<HttpResponse, FhirError> {
+    let res = s.resource.as_ref().ok_or_else(|| FhirError::gone(&format!("{}/{}", s.rtype, s.id)))?;
+    let mut b = super::body_response(200, res, f);
+    version_headers(&mut b, s);
+    Ok(b.body(if f.pretty { res.to_pretty() } else { res.to_compact() }))
+}
+
+pub async fn read(req: HttpRequest, path: web::Path<(String, String)>, state: web::Data<AppState>) -> HttpResponse {
+    let (rtype, id) = path.into_inner();
+    let result = async {
+        let f = Format::negotiate(&req)?;
+        check_type(&state.repo, &rtype)?;
+        check_id(&id).map_err(|_| FhirError::not_found(&format!("{rtype}/{id}")))?;
+        state.repo.linearize().await?;
+        let s = match state.repo.read(&rtype, &id) {
+            Err(e) if e.status == 410 => {
+                // A deleted resource still tells its ETag, as HAPI and Blaze do.
+                let cur = state.repo.view().current(&rtype, &id)?.map(|c| c.version).unwrap_or(0);
+                let mut r = super::error_response(&e, &f);
+                if let Ok(v) = header::HeaderValue::from_str(&format!("W/\"{cur}\"")) {
+                    r.headers_mut().insert(header::ETAG, v);
+                }
+                return Ok(r);
+            }
+            other => other?,
+        };
+        read_response(&f, &s)
+    }
+    .await;
+    finish(&req, result)
+}
+
+pub async fn vread(req: HttpRequest, path: web::Path<(String, String, String)>, state: web::Data<AppState>) -> HttpResponse {
+    let (rtype, id, vid) = path.into_inner();
+    let result = async {
+        let f = Format::negotiate(&req)?;
+        check_type(&state.repo, &rtype)?;
+        let what = format!("{rtype}/{id}/_history/{vid}");
+        let version: u64 = vid.parse().map_err(|_| FhirError::not_found(&what))?;
+        check_id(&id).map_err(|_| FhirError::not_found(&what))?;
+        state.repo.linearize().await?;
+        let s = state.repo.vread(&rtype, &id, version)?;
+        if s.deleted {
+            return Err(FhirError::gone(&what));
+        }
+        read_response(&f, &s)
+    }
+    .await;
+    finish(&req, result)
+}
+
+pub async fn search(req: HttpRequest, path: web::Path<String>, state: web::Data<AppState>) -> HttpResponse {
+    let rtype = path.into_inner();
+    let params = interactions::parse_query(req.query_string());
+    respond_search(&req, &state, &rtype, params).await
+}
+
+pub async fn search_post(
+    req: HttpRequest,
+    path: web::Path<String>,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> HttpResponse {
+    let rtype = path.into_inner();
+    let body = match read_body(&req, payload, state.max_body_bytes).await {
+        Ok(b) => b,
+        Err(e) => return finish(&req, Err(e)),
+    };
+    let mut params = interactions::parse_query(req.query_string());
+    params.extend(interactions::parse_query(&String::from_utf8_lossy(&body)));
+    respond_search(&req, &state, &rtype, params).await
+}
+
+async fn respond_search(req: &HttpRequest, state: &AppState, rtype: &str, params: Vec<(String, String)>) -> HttpResponse {
+    if let Err(e) = check_type(&state.repo, rtype) {
+        return finish(req, Err(e));
+    }
+    if let Err(e) = state.repo.linearize().await {
+        return finish(req, Err(e));
+    }
+    respond(req, |f| {
+        let bundle = search_bundle(&state.repo, &base_url(req), rtype, &params, prefer_lenient(req))?;
+        Ok(json_response(200, &bundle, f))
+    })
+}
+
+/// Runs a search and builds its `searchset` Bundle (shared with GET entries of bundles).
+pub fn search_bundle(repo: &Repo, base: &str, rtype: &str, params: &[(String, String)], lenient: bool) -> Result<Json, FhirError> {
+    let q = search::parse(repo, rtype, params, lenient)?;
+    let page = search::run(repo, rtype, &q)?;
+    let self_query: Vec<String> =
+        params.iter().filter(|(k, _)| k != "_cursor").map(|(k, v)| format!("{}={}", enc(k), enc(v))).collect();
+    let mut links = vec![link("self", &format!("{base}/{rtype}?{}", self_query.join("&")))];
+    if let Some(next) = &page.next {
+        let mut q = self_query.clone();
+        q.push(format!("_cursor={}", enc(next)));
+        links.push(link("next", &format!("{base}/{rtype}?{}", q.join("&"))));
+    }
+    let mut entries = Vec::new();
+    if !q.summary_count {
+        for id in &page.ids {
+            let s = repo.read(rtype, id)?;
+            if let Some(r) = s.resource {
+                entries.push(Json::Object(vec![
+                    ("fullUrl".into(), Json::String(format!("{base}/{rtype}/{id}"))),
+                    ("resource".into(), r),
+                    ("search".into(), Json::Object(vec![("mode".into(), Json::String("match".into()))])),
+                ]));
+            }
+        }
+    }
+    if !q.ignored.is_empty() {
+        let oo = crate::error::outcome(&[crate::error::Issue {
+            severity: "warning",
+            code: "not-supported",
+            diagnostics: format!("ignored unsupported search parameters: {}", q.ignored.join(", ")),
+            expression: q.ignored.clone(),
+        }]);
+        entries.push(Json::Object(vec![
+            ("resource".into(), oo),
+            ("search".into(), Json::Object(vec![("mode".into(), Json::String("outcome".into()))])),
+        ]));
+    }
+    let mut bundle = vec![
+        ("resourceType".to_string(), Json::String("Bundle".into())),
+        ("id".to_string(), Json::String(new_id())),
+        ("type".to_string(), Json::String("searchset".into())),
+        ("total".to_string(), Json::Number(page.total.to_string())),
+        ("link".to_string(), Json::Array(links)),
+    ];
+    if !entries.is_empty() {
+        bundle.push(("entry".into(), Json::Array(entries)));
+    }
+    Ok(Json::Object(bundle))
+}
+
+pub fn link(relation: &str, url: &str) -> Json {
+    Json::Object(vec![("relation".into(), Json::String(relation.into())), ("url".into(), Json::String(url.into()))])
+}
+
+pub fn enc(s: &str) -> String {
+    percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
+}

@@ -1,0 +1,136 @@
+//! Configuration: defaults < TOML file < environment < command line, merged once into a
+//! [`Config`] that the rest of the server trusts.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// `fhir-ledger serve` flags; each also reads an environment variable.
+#[derive(clap::Args, Debug, Default, Clone)]
+pub struct ServeArgs {
+    /// TOML config file (default: config/single.toml when it exists).
+    #[arg(long, env = "FHIR_LEDGER_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address of the FHIR API, e.g. 127.0.0.1:8080 (port 0 picks a free port).
+    #[arg(long, env = "FHIR_LEDGER_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Directory holding keys, the Raft log and the state machine.
+    #[arg(long, env = "FHIR_LEDGER_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Directory with the pinned R4 definitions.
+    #[arg(long, env = "FHIR_LEDGER_PROFILES_DIR")]
+    pub profiles_dir: Option<PathBuf>,
+    /// Largest accepted request body in bytes.
+    #[arg(long, env = "FHIR_LEDGER_MAX_BODY_BYTES")]
+    pub max_body_bytes: Option<usize>,
+    /// This node's Raft id.
+    #[arg(long, env = "FHIR_LEDGER_NODE_ID")]
+    pub node_id: Option<u64>,
+    /// Authorization: `off` (local development). SMART-on-FHIR enforcement is issue 6.
+    #[arg(long, env = "FHIR_LEDGER_AUTH")]
+    pub auth: Option<String>,
+    /// HTTP worker threads (default: number of cores).
+    #[arg(long, env = "FHIR_LEDGER_WORKERS")]
+    pub workers: Option<usize>,
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<SocketAddr>,
+    data_dir: Option<PathBuf>,
+    profiles_dir: Option<PathBuf>,
+    max_body_bytes: Option<usize>,
+    node_id: Option<u64>,
+    auth: Option<String>,
+    workers: Option<usize>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub profiles_dir: PathBuf,
+    pub max_body_bytes: usize,
+    pub node_id: u64,
+    pub workers: usize,
+}
+
+pub const DEFAULT_MAX_BODY: usize = 16 * 1024 * 1024;
+
+impl Config {
+    pub fn resolve(args: &ServeArgs) -> anyhow::Result<Self> {
+        let file = match &args.config {
+            Some(p) => Some(read_file(p)?),
+            None if Path::new("config/single.toml").exists() => Some(read_file(Path::new("config/single.toml"))?),
+            None => None,
+        }
+        .unwrap_or_default();
+        let auth = args.auth.clone().or(file.auth).unwrap_or_else(|| "off".into());
+        if auth != "off" {
+            anyhow::bail!("auth = {auth:?}: only \"off\" is available in this build (SMART on FHIR is not implemented yet)");
+        }
+        let profiles_dir = args.profiles_dir.clone().or(file.profiles_dir).unwrap_or_else(default_profiles_dir);
+        let cfg = Self {
+            listen: args.listen.or(file.listen).unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080))),
+            data_dir: args.data_dir.clone().or(file.data_dir).unwrap_or_else(|| PathBuf::from("./data")),
+            profiles_dir,
+            max_body_bytes: args.max_body_bytes.or(file.max_body_bytes).unwrap_or(DEFAULT_MAX_BODY),
+            node_id: args.node_id.or(file.node_id).unwrap_or(1),
+            workers: args
+                .workers
+                .or(file.workers)
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
+        };
+        if cfg.max_body_bytes == 0 || cfg.workers == 0 || cfg.node_id == 0 {
+            anyhow::bail!("max_body_bytes, workers and node_id must be positive");
+        }
+        Ok(cfg)
+    }
+}
+
+fn read_file(path: &Path) -> anyhow::Result<FileConfig> {
+    let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+}
+
+/// `./fhir-profiles` when run from a checkout, else the one the binary was built from.
+fn default_profiles_dir() -> PathBuf {
+    let local = PathBuf::from("fhir-profiles");
+    if local.join("search-parameters.json").exists() {
+        local
+    } else {
+        PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/fhir-profiles"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_file_in_config_parses() {
+        let dir = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/config"));
+        let mut n = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                let args = ServeArgs { config: Some(path.clone()), ..Default::default() };
+                Config::resolve(&args).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                n += 1;
+            }
+        }
+        assert!(n > 0);
+    }
+
+    #[test]
+    fn cli_overrides_file() {
+        let args = ServeArgs {
+            config: Some(PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/config/single.toml"))),
+            listen: Some("127.0.0.1:9999".parse().unwrap()),
+            ..Default::default()
+        };
+        assert_eq!(Config::resolve(&args).unwrap().listen.port(), 9999);
+    }
+}

@@ -1,0 +1,126 @@
+//! R4 SearchParameter definitions (from `fhir-profiles/search-parameters.json`), reduced to
+//! what the index can evaluate today: simple element paths, optionally restricted to a
+//! reference target type (`X.subject.where(resolve() is Patient)`).
+//!
+//! The search issue grows this into a FHIRPath-subset evaluator; the index format (keyed
+//! digests of `code`, `value`) does not change with it.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ParamType {
+    Token,
+    Reference,
+    Other(String),
+}
+
+/// One path a parameter reads from a resource type.
+#[derive(Clone, Debug)]
+pub struct ParamPath {
+    /// Element names below the resource root, e.g. `["subject"]`.
+    pub elements: Vec<String>,
+    /// For references: only targets of this type count (`resolve() is Patient`).
+    pub target: Option<String>,
+}
+
+#[derive(Clone, Debug)]
+pub struct SearchParam {
+    pub code: String,
+    pub kind: ParamType,
+    pub paths: Vec<ParamPath>,
+    /// Allowed reference target types (the SearchParameter's `target`).
+    pub targets: Vec<String>,
+}
+
+/// The parameters the index maintains; every other R4 parameter is refused with a 400 until
+/// the search issue lands (never silently ignored).
+pub const INDEXED: &[&str] = &["identifier", "patient", "subject"];
+
+#[derive(Debug, Default)]
+pub struct SearchParams {
+    by_type: BTreeMap<String, BTreeMap<String, SearchParam>>,
+}
+
+impl SearchParams {
+    pub fn load(dir: &Path) -> Result<Self, String> {
+        let path = dir.join("search-parameters.json");
+        let text = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let bundle: serde_json::Value = serde_json::from_slice(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        let mut by_type: BTreeMap<String, BTreeMap<String, SearchParam>> = BTreeMap::new();
+        for entry in bundle["entry"].as_array().into_iter().flatten() {
+            let r = &entry["resource"];
+            let Some(code) = r["code"].as_str() else { continue };
+            if !INDEXED.contains(&code) {
+                continue;
+            }
+            let kind = match r["type"].as_str() {
+                Some("token") => ParamType::Token,
+                Some("reference") => ParamType::Reference,
+                Some(other) => ParamType::Other(other.to_string()),
+                None => continue,
+            };
+            let expression = r["expression"].as_str().unwrap_or_default();
+            let targets: Vec<String> =
+                r["target"].as_array().into_iter().flatten().filter_map(|t| t.as_str().map(String::from)).collect();
+            for base in r["base"].as_array().into_iter().flatten().filter_map(|b| b.as_str()) {
+                let paths: Vec<ParamPath> =
+                    expression.split('|').filter_map(|e| parse_path(e.trim(), base)).collect();
+                if paths.is_empty() {
+                    continue;
+                }
+                by_type.entry(base.to_string()).or_default().insert(
+                    code.to_string(),
+                    SearchParam { code: code.to_string(), kind: kind.clone(), paths, targets: targets.clone() },
+                );
+            }
+        }
+        Ok(Self { by_type })
+    }
+
+    pub fn get(&self, rtype: &str, code: &str) -> Option<&SearchParam> {
+        self.by_type.get(rtype)?.get(code)
+    }
+
+    pub fn for_type(&self, rtype: &str) -> impl Iterator<Item = &SearchParam> {
+        self.by_type.get(rtype).into_iter().flat_map(|m| m.values())
+    }
+}
+
+/// `Type.a.b` or `Type.a.where(resolve() is X)` for `base`; anything else is not indexable yet.
+fn parse_path(expr: &str, base: &str) -> Option<ParamPath> {
+    let rest = expr.strip_prefix(base)?.strip_prefix('.')?;
+    let (path, target) = match rest.split_once(".where(resolve() is ") {
+        Some((p, t)) => (p, Some(t.strip_suffix(')')?.to_string())),
+        None => (rest, None),
+    };
+    let elements: Vec<String> = path.split('.').map(String::from).collect();
+    if elements.iter().any(|e| e.is_empty() || !e.chars().all(|c| c.is_ascii_alphanumeric())) {
+        return None;
+    }
+    Some(ParamPath { elements, target })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_simple_and_typed_paths() {
+        let p = parse_path("Observation.subject.where(resolve() is Patient)", "Observation").unwrap();
+        assert_eq!(p.elements, vec!["subject"]);
+        assert_eq!(p.target.as_deref(), Some("Patient"));
+        assert!(parse_path("Observation.value as Quantity", "Observation").is_none());
+        assert!(parse_path("Condition.subject", "Observation").is_none());
+    }
+
+    #[test]
+    fn loads_patient_param_for_observation() {
+        let sp = SearchParams::load(Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/fhir-profiles"))).unwrap();
+        let p = sp.get("Observation", "patient").unwrap();
+        assert_eq!(p.kind, ParamType::Reference);
+        assert_eq!(p.paths[0].elements, vec!["subject"]);
+        assert!(sp.get("Patient", "identifier").is_some());
+        assert!(sp.get("Patient", "subject").is_none());
+    }
+}

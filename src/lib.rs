@@ -1,0 +1,20 @@
+//! fhir-ledger: a FHIR R4 server whose store is a signed, encrypted, Raft-replicated,
+//! tamper-evident ledger. This crate owns HTTP, FHIR JSON and (later) SMART; the `consensus`
+//! crate replicates opaque commands.
+//!
+//! ```no_run
+//! # async fn demo() -> anyhow::Result<()> {
+//! let cfg = fhir_ledger::config::Config::resolve(&Default::default())?;
+//! fhir_ledger::server::run(cfg).await?; // serves until interrupted
+//! # Ok(()) }
+//! ```
+
+pub mod api;
+pub mod bench;
+pub mod config;
+pub mod crypto;
+pub mod error;
+pub mod fhir;
+pub mod identity;
+pub mod repo;
+pub mod server;

@@ -1,0 +1,40 @@
+//! The `fhir-ledger` binary: `serve` (the embedded single node) and `bench`.
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "fhir-ledger", version, about = "FHIR R4 server over a signed, encrypted, Raft-replicated ledger")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Cmd>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Start the server (embedded single node by default).
+    Serve(fhir_ledger::config::ServeArgs),
+    /// Load-test a running server (and a PostgreSQL baseline).
+    Bench(fhir_ledger::bench::BenchArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("FHIR_LEDGER_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    // Raft, sled and the proposer run on a multi-threaded runtime; actix-web starts its own
+    // per-worker runtimes and talks to them through channels.
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    match cli.command.unwrap_or(Cmd::Serve(Default::default())) {
+        Cmd::Serve(args) => {
+            let cfg = fhir_ledger::config::Config::resolve(&args)?;
+            let repo = rt.block_on(fhir_ledger::server::open_repo(&cfg))?;
+            // `rt` stays alive (and its threads keep running Raft) while actix serves.
+            actix_web::rt::System::new().block_on(fhir_ledger::server::serve(cfg, repo))
+        }
+        Cmd::Bench(args) => rt.block_on(fhir_ledger::bench::run(args)),
+    }
+}

@@ -1,0 +1,80 @@
+//! Search-index terms. A term is `HMAC-SHA256(index_key, code 0x00 value)`: the index can
+//! answer equality questions ("which Observations have subject Patient/123?") without holding
+//! the value itself, so no identifier or reference is readable from the index at rest.
+
+use consensus::command::IndexKey;
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+use crate::fhir::json::Json;
+use crate::fhir::refs::{split_reference, values_at};
+use crate::fhir::searchparams::{ParamType, SearchParams};
+
+pub fn term(key: &[u8; 32], code: &str, value: &str) -> IndexKey {
+    // HMAC accepts keys of any length; a 32-byte key cannot fail.
+    let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(key) else { return [0; 32] };
+    mac.update(code.as_bytes());
+    mac.update(&[0]);
+    mac.update(value.as_bytes());
+    mac.finalize().into_bytes().into()
+}
+
+/// The index values a token (Identifier) element contributes, in the forms a query can ask:
+/// `system|value`, `|value` (no system), `*|value` (any system) and `system|*`.
+pub fn identifier_values(v: &Json) -> Vec<String> {
+    let system = v.get("system").and_then(Json::as_str);
+    let value = v.get("value").and_then(Json::as_str);
+    let mut out = Vec::new();
+    if let Some(value) = value {
+        out.push(format!("*|{value}"));
+        match system {
+            Some(s) => out.push(format!("{s}|{value}")),
+            None => out.push(format!("|{value}")),
+        }
+    }
+    if let Some(s) = system {
+        out.push(format!("{s}|*"));
+    }
+    out
+}
+
+/// `Type/id` and `*/id` for a relative reference (absolute URLs keep their last two segments).
+pub fn reference_values(reference: &str, required_type: Option<&str>) -> Vec<String> {
+    let relative = if reference.contains("://") {
+        let mut segs: Vec<&str> = reference.rsplitn(3, '/').collect();
+        segs.truncate(2);
+        segs.reverse();
+        segs.join("/")
+    } else {
+        reference.to_string()
+    };
+    match split_reference(&relative) {
+        Some((t, id)) if required_type.is_none_or(|r| r == t) => vec![format!("{t}/{id}"), format!("*/{id}")],
+        _ => Vec::new(),
+    }
+}
+
+/// Every index term of one resource version (sorted, deduplicated: the state machine stores
+/// them as given, so their order must not depend on anything but the resource).
+pub fn resource_terms(key: &[u8; 32], params: &SearchParams, rtype: &str, id: &str, res: &Json) -> Vec<IndexKey> {
+    let mut terms = vec![term(key, "_id", id)];
+    for sp in params.for_type(rtype) {
+        for path in &sp.paths {
+            for v in values_at(res, &path.elements) {
+                let values = match sp.kind {
+                    ParamType::Token => identifier_values(v),
+                    ParamType::Reference => v
+                        .get("reference")
+                        .and_then(Json::as_str)
+                        .map(|r| reference_values(r, path.target.as_deref()))
+                        .unwrap_or_default(),
+                    ParamType::Other(_) => Vec::new(),
+                };
+                terms.extend(values.iter().map(|val| term(key, &sp.code, val)));
+            }
+        }
+    }
+    terms.sort_unstable();
+    terms.dedup();
+    terms
+}

@@ -1,0 +1,367 @@
+//! The FHIR repository: FHIR interactions expressed as ledger commands, and reads that
+//! decrypt what the state machine holds.
+//!
+//! A write is *planned* against the local applied state: the plan decides ids, versions,
+//! timestamps and keys, encrypts bodies, computes index terms, and records as preconditions
+//! every fact it relied on (current versions, conditional-match results, absent keys). The
+//! state machine re-checks those facts when it applies the command; if another write got
+//! there first, the command is refused whole and the plan is simply made again.
+
+pub mod index;
+pub mod search;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use consensus::command::IndexKey;
+use consensus::{Command, CurrentRecord, Ledger, Op, Outcome, Precondition, StateView, Write};
+
+use crate::crypto::{self, DataKey, Keyring};
+use crate::error::FhirError;
+use crate::fhir::json::{self, Json};
+use crate::fhir::profiles::Profiles;
+use crate::fhir::refs::{split_reference, values_at};
+use crate::fhir::searchparams::SearchParams;
+
+/// Compartment for resources that belong to no patient.
+pub const SHARED_COMPARTMENT: &str = "_shared";
+/// Attempts before a write that keeps losing races gives up with 409.
+const MAX_ATTEMPTS: usize = 64;
+
+pub struct Repo {
+    ledger: Ledger,
+    view: StateView,
+    keys: Keyring,
+    index_key: [u8; 32],
+    pub profiles: Arc<Profiles>,
+    pub params: Arc<SearchParams>,
+}
+
+/// A resource version as read back (or as just written).
+#[derive(Debug, Clone)]
+pub struct Stored {
+    pub rtype: String,
+    pub id: String,
+    pub version: u64,
+    pub last_updated_ms: i64,
+    pub deleted: bool,
+    pub leaf: Option<u64>,
+    /// `None` for a deletion.
+    pub resource: Option<Json>,
+    pub created: bool,
+}
+
+impl Repo {
+    pub fn new(
+        ledger: Ledger,
+        kek: DataKey,
+        index_key: [u8; 32],
+        profiles: Arc<Profiles>,
+        params: Arc<SearchParams>,
+    ) -> Self {
+        let view = ledger.view();
+        Self { ledger, view, keys: Keyring::new(kek), index_key, profiles, params }
+    }
+
+    pub fn view(&self) -> &StateView {
+        &self.view
+    }
+
+    pub fn index_key(&self) -> &[u8; 32] {
+        &self.index_key
+    }
+
+    pub async fn linearize(&self) -> Result<(), FhirError> {
+        self.ledger.linearize().await.map_err(FhirError::unavailable)
+    }
+
+    /// The current version; 404 if never written, 410 if deleted.
+    pub fn read(&self, rtype: &str, id: &str) -> Result<Stored, FhirError> {
+        let what = format!("{rtype}/{id}");
+        let cur = self.view.current(rtype, id)?.ok_or_else(|| FhirError::not_found(&what))?;
+        if cur.deleted {
+            return Err(FhirError::gone(&what));
+        }
+        self.vread(rtype, id, cur.version)
+    }
+
+    pub fn vread(&self, rtype: &str, id: &str, version: u64) -> Result<Stored, FhirError> {
+        let rec = self
+            .view
+            .version(rtype, id, version)?
+            .ok_or_else(|| FhirError::not_found(&format!("{rtype}/{id}/_history/{version}")))?;
+        let deleted = rec.header.op == Op::Delete.as_str();
+        let resource = if deleted { None } else { Some(self.decrypt(&rec)?) };
+        Ok(Stored {
+            rtype: rtype.to_string(),
+            id: id.to_string(),
+            version,
+            last_updated_ms: rec.header.last_updated_ms,
+            deleted,
+            leaf: Some(rec.leaf),
+            resource,
+            created: rec.header.op == Op::Create.as_str(),
+        })
+    }
+
+    fn decrypt(&self, rec: &consensus::VersionRecord) -> Result<Json, FhirError> {
+        let h = &rec.header;
+        let wrapped = self
+            .view
+            .data_key(&h.compartment)?
+            .ok_or_else(|| FhirError::new(410, "deleted", "the data of this resource has been erased"))?;
+        let dek = self.keys.unwrap(&h.compartment, &wrapped).map_err(FhirError::internal)?;
+        let plain = crypto::open(&dek, &rec.body, aad(&h.rtype, &h.id, h.version).as_bytes())
+            .map_err(FhirError::internal)?;
+        json::parse(&plain, 1024).map_err(FhirError::internal)
+    }
+
+    /// Plans with `build` and commits, re-planning when a precondition lost a race.
+    pub async fn commit<T>(
+        &self,
+        actor: &str,
+        mut build: impl FnMut(&mut Plan<'_>) -> Result<T, FhirError>,
+    ) -> Result<(T, Vec<Stored>), FhirError> {
+        for attempt in 0..MAX_ATTEMPTS {
+            let mut plan = Plan::new(self);
+            let value = build(&mut plan)?;
+            if plan.writes.is_empty() {
+                return Ok((value, plan.results));
+            }
+            let (cmd, mut results) = plan.finish(actor);
+            match self.ledger.submit(cmd).await.map_err(FhirError::unavailable)? {
+                Outcome::Applied { leaves } => {
+                    for (r, leaf) in results.iter_mut().zip(leaves) {
+                        r.leaf = Some(leaf);
+                    }
+                    return Ok((value, results));
+                }
+                Outcome::Conflict { .. } => {
+                    if attempt > 4 {
+                        tokio::time::sleep(std::time::Duration::from_millis(attempt as u64)).await;
+                    }
+                }
+                Outcome::Refused { reason } => return Err(FhirError::internal(reason)),
+            }
+        }
+        Err(FhirError::new(409, "conflict", "the resource is being changed by many clients at once; retry"))
+    }
+
+    /// The compartment whose data key encrypts this resource: the patient it belongs to.
+    fn compartment_of(&self, rtype: &str, id: &str, res: &Json) -> String {
+        if rtype == "Patient" {
+            return format!("Patient/{id}");
+        }
+        if let Some(sp) = self.params.get(rtype, "patient") {
+            for path in &sp.paths {
+                for v in values_at(res, &path.elements) {
+                    if let Some((t, pid)) = v.get("reference").and_then(Json::as_str).and_then(split_reference) {
+                        if t == "Patient" {
+                            return format!("Patient/{pid}");
+                        }
+                    }
+                }
+            }
+        }
+        SHARED_COMPARTMENT.to_string()
+    }
+}
+
+fn aad(rtype: &str, id: &str, version: u64) -> String {
+    format!("{rtype}/{id}/{version}")
+}
+
+/// One command under construction. See the module docs.
+pub struct Plan<'a> {
+    repo: &'a Repo,
+    now: i64,
+    preconditions: Vec<Precondition>,
+    new_keys: BTreeMap<String, (DataKey, Vec<u8>)>,
+    writes: Vec<Write>,
+    touched: BTreeSet<(String, String)>,
+    results: Vec<Stored>,
+}
+
+impl<'a> Plan<'a> {
+    fn new(repo: &'a Repo) -> Self {
+        Self {
+            repo,
+            now: crate::fhir::now_ms(),
+            preconditions: Vec::new(),
+            new_keys: BTreeMap::new(),
+            writes: Vec::new(),
+            touched: BTreeSet::new(),
+            results: Vec::new(),
+        }
+    }
+
+    pub fn repo(&self) -> &Repo {
+        self.repo
+    }
+
+    /// How many versions this plan writes so far (the index the next write will get).
+    pub fn results_len(&self) -> usize {
+        self.results.len()
+    }
+
+    pub fn current(&self, rtype: &str, id: &str) -> Result<Option<CurrentRecord>, FhirError> {
+        Ok(self.repo.view.current(rtype, id)?)
+    }
+
+    /// Live ids of `rtype` matching every group of terms; the command will only apply if the
+    /// match is still the same then.
+    pub fn matching(&mut self, rtype: &str, all_of: Vec<Vec<IndexKey>>) -> Result<Vec<String>, FhirError> {
+        let ids = search::match_terms(&self.repo.view, rtype, &all_of)?;
+        self.preconditions.push(Precondition::Matches { rtype: rtype.to_string(), all_of, ids: ids.clone() });
+        Ok(ids)
+    }
+
+    fn touch(&mut self, rtype: &str, id: &str) -> Result<(), FhirError> {
+        if !self.touched.insert((rtype.to_string(), id.to_string())) {
+            return Err(FhirError::invalid(format!("{rtype}/{id} is changed twice in one transaction")));
+        }
+        Ok(())
+    }
+
+    fn data_key(&mut self, compartment: &str) -> Result<DataKey, FhirError> {
+        if let Some((k, _)) = self.new_keys.get(compartment) {
+            return Ok(*k);
+        }
+        if let Some(wrapped) = self.repo.view.data_key(compartment)? {
+            return self.repo.keys.unwrap(compartment, &wrapped).map_err(FhirError::internal);
+        }
+        let (k, wrapped) = self.repo.keys.new_data_key(compartment);
+        self.preconditions.push(Precondition::KeyAbsent { compartment: compartment.to_string() });
+        self.new_keys.insert(compartment.to_string(), (k, wrapped));
+        Ok(k)
+    }
+
+    /// Stores a new version of `rtype/id` (creating it if absent or deleted). `if_match`, when
+    /// given, must equal the current version (412 otherwise).
+    pub fn put(&mut self, rtype: &str, id: &str, mut res: Json, if_match: Option<u64>) -> Result<Stored, FhirError> {
+        self.touch(rtype, id)?;
+        let cur = self.current(rtype, id)?;
+        let current = cur.as_ref().map_or(0, |c| c.version);
+        let live = cur.as_ref().is_some_and(|c| !c.deleted);
+        if let Some(expected) = if_match {
+            if !live || expected != current {
+                return Err(FhirError::precondition(format!(
+                    "If-Match expected version {expected} of {rtype}/{id}, but the current version is {}",
+                    if live { current.to_string() } else { "absent".into() }
+                )));
+            }
+        }
+        let version = current + 1;
+        set_server_fields(&mut res, id, version, self.now);
+        let compartment = self.repo.compartment_of(rtype, id, &res);
+        let dek = self.data_key(&compartment)?;
+        let body = crypto::seal(&dek, res.to_compact().as_bytes(), aad(rtype, id, version).as_bytes());
+        let index = index::resource_terms(&self.repo.index_key, &self.repo.params, rtype, id, &res);
+        self.preconditions.push(Precondition::Version { rtype: rtype.into(), id: id.into(), current });
+        self.writes.push(Write {
+            rtype: rtype.into(),
+            id: id.into(),
+            version,
+            op: if live { Op::Update } else { Op::Create },
+            last_updated_ms: self.now,
+            compartment,
+            body,
+            index,
+        });
+        let stored = Stored {
+            rtype: rtype.into(),
+            id: id.into(),
+            version,
+            last_updated_ms: self.now,
+            deleted: false,
+            leaf: None,
+            resource: Some(res),
+            created: !live,
+        };
+        self.results.push(stored.clone());
+        Ok(stored)
+    }
+
+    /// Logically deletes `rtype/id`; `Ok(None)` if there was nothing live to delete.
+    pub fn delete(&mut self, rtype: &str, id: &str, if_match: Option<u64>) -> Result<Option<Stored>, FhirError> {
+        self.touch(rtype, id)?;
+        let cur = self.current(rtype, id)?;
+        let Some(cur) = cur.filter(|c| !c.deleted) else {
+            if if_match.is_some() {
+                return Err(FhirError::precondition(format!("{rtype}/{id} does not exist")));
+            }
+            return Ok(None);
+        };
+        if if_match.is_some_and(|v| v != cur.version) {
+            return Err(FhirError::precondition(format!(
+                "If-Match does not match the current version {} of {rtype}/{id}",
+                cur.version
+            )));
+        }
+        let version = cur.version + 1;
+        self.preconditions.push(Precondition::Version { rtype: rtype.into(), id: id.into(), current: cur.version });
+        self.writes.push(Write {
+            rtype: rtype.into(),
+            id: id.into(),
+            version,
+            op: Op::Delete,
+            last_updated_ms: self.now,
+            compartment: String::new(),
+            body: Vec::new(),
+            index: Vec::new(),
+        });
+        let stored = Stored {
+            rtype: rtype.into(),
+            id: id.into(),
+            version,
+            last_updated_ms: self.now,
+            deleted: true,
+            leaf: None,
+            resource: None,
+            created: false,
+        };
+        self.results.push(stored.clone());
+        Ok(Some(stored))
+    }
+
+    fn finish(self, actor: &str) -> (Command, Vec<Stored>) {
+        let cmd = Command {
+            actor: actor.to_string(),
+            preconditions: self.preconditions,
+            new_keys: self.new_keys.into_iter().map(|(c, (_, w))| (c, w)).collect(),
+            writes: self.writes,
+        };
+        (cmd, self.results)
+    }
+}
+
+/// Puts `resourceType`, `id` and `meta` first and sets the server-managed fields, keeping
+/// every other element (and other `meta` members such as `profile` or `tag`) as sent.
+pub fn set_server_fields(res: &mut Json, id: &str, version: u64, now_ms: i64) {
+    let Json::Object(members) = res else { return };
+    let old = std::mem::take(members);
+    let mut rtype = None;
+    let mut meta: Vec<(String, Json)> = Vec::new();
+    let mut rest = Vec::with_capacity(old.len());
+    for (k, v) in old {
+        match k.as_str() {
+            "resourceType" => rtype = Some(v),
+            "id" => {}
+            "meta" => {
+                if let Json::Object(m) = v {
+                    meta = m.into_iter().filter(|(k, _)| k != "versionId" && k != "lastUpdated").collect();
+                }
+            }
+            _ => rest.push((k, v)),
+        }
+    }
+    let mut new_meta =
+        vec![("versionId".to_string(), Json::String(version.to_string())), ("lastUpdated".to_string(), Json::String(crate::fhir::instant(now_ms)))];
+    new_meta.extend(meta);
+    if let Some(t) = rtype {
+        members.push(("resourceType".into(), t));
+    }
+    members.push(("id".into(), Json::String(id.to_string())));
+    members.push(("meta".into(), Json::Object(new_meta)));
+    members.extend(rest);
+}
