@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::sync::Mutex;
 
-use crate::command::{Batch, BatchOutcome, Command, Outcome, Precondition, SignedBatch, Write};
+use crate::command::{Batch, BatchOutcome, Command, Outcome, Precondition, Write};
 use crate::kv::{be, KvStore, WriteBatch};
 use crate::merkle::{leaf_hash, Frontier, Hash};
 use crate::{Node, NodeId, TypeConfig};

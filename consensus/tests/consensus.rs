@@ -1,0 +1,162 @@
+//! Integration tests of the consensus crate: openraft's own storage suite against our sled
+//! stores, and the state machine's determinism and precondition semantics.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use consensus::command::{Batch, BatchOutcome, SignedBatch, COMMAND_FORMAT};
+use consensus::kv::KvStore;
+use consensus::log_store::LogStore;
+use consensus::sled_store::SledDb;
+use consensus::state_machine::StateMachine;
+use consensus::{Command, Node, Op, Outcome, Precondition, TypeConfig, Write};
+use ed25519_dalek::SigningKey;
+use openraft::storage::RaftStateMachine;
+use openraft::testing::{StoreBuilder, Suite};
+use openraft::{Entry, EntryPayload, LogId, Membership, StorageError};
+
+struct Builder;
+
+impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Builder {
+    async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachine), StorageError<u64>> {
+        let dir = tempfile::tempdir().map_err(|e| openraft::StorageIOError::write(&e))?;
+        let db = SledDb::open(dir.path()).map_err(|e| openraft::StorageIOError::write(&e))?;
+        let log = LogStore::new(db.tree("raft_log").map_err(|e| openraft::StorageIOError::write(&e))?);
+        let sm = StateMachine::new(db.tree("state").map_err(|e| openraft::StorageIOError::write(&e))?);
+        Ok((dir, log, sm))
+    }
+}
+
+#[test]
+fn openraft_storage_suite() {
+    Suite::test_all(Builder).unwrap();
+}
+
+fn key() -> SigningKey {
+    SigningKey::from_bytes(&[42; 32])
+}
+
+fn membership_entry(index: u64, key: &SigningKey) -> Entry<TypeConfig> {
+    let node = Node { api_addr: "a".into(), raft_addr: "r".into(), public_key: consensus::hex(key.verifying_key().as_bytes()) };
+    let m = Membership::new(vec![std::collections::BTreeSet::from([1u64])], BTreeMap::from([(1u64, node)]));
+    Entry { log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), index), payload: EntryPayload::Membership(m) }
+}
+
+fn batch_entry(index: u64, key: &SigningKey, node_id: u64, commands: Vec<Command>) -> Entry<TypeConfig> {
+    let signed = SignedBatch::sign(&Batch { format: COMMAND_FORMAT, node_id, commands }, key).unwrap();
+    Entry { log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), index), payload: EntryPayload::Normal(signed) }
+}
+
+fn write(id: &str, version: u64, body: &[u8]) -> Write {
+    Write {
+        rtype: "Patient".into(),
+        id: id.into(),
+        version,
+        op: if version == 1 { Op::Create } else { Op::Update },
+        last_updated_ms: 1_700_000_000_000 + version as i64,
+        compartment: format!("Patient/{id}"),
+        body: body.to_vec(),
+        index: vec![[version as u8; 32]],
+    }
+}
+
+fn cmd(pre: Vec<Precondition>, writes: Vec<Write>) -> Command {
+    Command { actor: "test".into(), preconditions: pre, new_keys: vec![], writes }
+}
+
+async fn fresh() -> (tempfile::TempDir, StateMachine, Arc<dyn KvStore>) {
+    let dir = tempfile::tempdir().unwrap();
+    let db = SledDb::open(dir.path()).unwrap();
+    let tree = db.tree("state").unwrap();
+    (dir, StateMachine::new(tree.clone()), tree)
+}
+
+fn scenario(k: &SigningKey) -> Vec<Entry<TypeConfig>> {
+    let v = |id: &str, c: u64| Precondition::Version { rtype: "Patient".into(), id: id.into(), current: c };
+    vec![
+        membership_entry(1, k),
+        batch_entry(
+            2,
+            k,
+            1,
+            vec![
+                cmd(vec![v("a", 0)], vec![write("a", 1, b"a1")]),
+                // Same precondition again in the same batch: the first write won, so this conflicts.
+                cmd(vec![v("a", 0)], vec![write("a", 1, b"a1-again")]),
+                cmd(vec![v("a", 1)], vec![write("a", 2, b"a2")]),
+            ],
+        ),
+        // Signed by a key the membership does not list: refused as a whole.
+        batch_entry(3, &SigningKey::from_bytes(&[1; 32]), 1, vec![cmd(vec![], vec![write("b", 1, b"forged")])]),
+        // A transaction whose second precondition fails leaves nothing behind.
+        batch_entry(4, k, 1, vec![cmd(vec![v("c", 0), v("a", 1)], vec![write("c", 1, b"c1")])]),
+    ]
+}
+
+#[tokio::test]
+async fn apply_checks_preconditions_signatures_and_is_atomic_per_command() {
+    let k = key();
+    let (_d, mut sm, _) = fresh().await;
+    let out: Vec<BatchOutcome> = sm.apply(scenario(&k)).await.unwrap();
+    assert_eq!(out[1].outcomes[0], Outcome::Applied { leaves: vec![0] });
+    assert_eq!(out[1].outcomes[1], Outcome::Conflict { index: 0 });
+    assert_eq!(out[1].outcomes[2], Outcome::Applied { leaves: vec![1] });
+    assert!(matches!(out[2].outcomes[0], Outcome::Refused { .. }));
+    assert_eq!(out[3].outcomes[0], Outcome::Conflict { index: 1 });
+    let view = sm.view();
+    assert_eq!(view.current("Patient", "a").unwrap().unwrap().version, 2);
+    assert!(view.current("Patient", "b").unwrap().is_none(), "forged batch must not apply");
+    assert!(view.current("Patient", "c").unwrap().is_none(), "failed transaction must leave nothing");
+    assert_eq!(view.postings(&[2; 32], "Patient").unwrap(), vec!["a".to_string()]);
+    assert!(view.postings(&[1; 32], "Patient").unwrap().is_empty(), "old version's terms are removed");
+    assert_eq!(view.versions("Patient", "a").unwrap().len(), 2);
+    assert_eq!(view.frontier().unwrap().size, 2);
+}
+
+#[tokio::test]
+async fn two_nodes_applying_the_same_log_reach_the_same_root_and_state() {
+    let k = key();
+    let (_d1, mut a, ta) = fresh().await;
+    let (_d2, mut b, tb) = fresh().await;
+    let entries = scenario(&k);
+    a.apply(entries.clone()).await.unwrap();
+    // The second node applies the same log in smaller pieces.
+    for e in entries {
+        b.apply(vec![e]).await.unwrap();
+    }
+    assert_eq!(a.view().frontier().unwrap(), b.view().frontier().unwrap());
+    let dump = |t: &Arc<dyn KvStore>| t.scan_prefix(b"").map(|kv| kv.unwrap()).collect::<Vec<_>>();
+    assert_eq!(dump(&ta), dump(&tb));
+}
+
+#[tokio::test]
+async fn matches_precondition_guards_conditional_creates() {
+    let k = key();
+    let (_d, mut sm, _) = fresh().await;
+    let term = [1u8; 32];
+    let matches = |ids: Vec<&str>| Precondition::Matches {
+        rtype: "Patient".into(),
+        all_of: vec![vec![term]],
+        ids: ids.into_iter().map(String::from).collect(),
+    };
+    let out = sm
+        .apply(vec![
+            membership_entry(1, &k),
+            batch_entry(
+                2,
+                &k,
+                1,
+                vec![
+                    // Two racing "create if none exists" commands: only the first may apply.
+                    cmd(vec![matches(vec![])], vec![write("x", 1, b"x")]),
+                    cmd(vec![matches(vec![])], vec![write("y", 1, b"y")]),
+                    cmd(vec![matches(vec!["x"])], vec![]),
+                ],
+            ),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(out[1].outcomes[0], Outcome::Applied { leaves: vec![0] });
+    assert_eq!(out[1].outcomes[1], Outcome::Conflict { index: 0 });
+    assert_eq!(out[1].outcomes[2], Outcome::Applied { leaves: vec![] });
+}
