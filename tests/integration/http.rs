@@ -1,0 +1,362 @@
+//! In-process HTTP tests (actix test service over a real ledger on disk): every FHIR
+//! interaction, its headers, and the errors bad input must get.
+
+use actix_web::http::StatusCode;
+use actix_web::test::{self, TestRequest};
+use serde_json::{json, Value};
+
+use crate::support;
+
+struct Resp {
+    status: StatusCode,
+    headers: actix_web::http::header::HeaderMap,
+    text: String,
+}
+
+impl Resp {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.text).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text))
+    }
+    fn header(&self, name: &str) -> String {
+        self.headers.get(name).map(|v| v.to_str().unwrap().to_string()).unwrap_or_default()
+    }
+    /// Asserts a 4xx OperationOutcome and returns its first issue.
+    fn outcome(&self, status: u16) -> Value {
+        assert_eq!(self.status.as_u16(), status, "{}", self.text);
+        let v = self.json();
+        assert_eq!(v["resourceType"], "OperationOutcome", "{}", self.text);
+        v["issue"][0].clone()
+    }
+}
+
+macro_rules! call {
+    ($app:expr, $req:expr) => {{
+        let resp = test::call_service(&$app, $req.to_request()).await;
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let body = test::read_body(resp).await;
+        Resp { status, headers, text: String::from_utf8_lossy(&body).into_owned() }
+    }};
+}
+
+fn post(path: &str, body: &str) -> TestRequest {
+    TestRequest::post().uri(path).insert_header(("content-type", "application/fhir+json")).set_payload(body.to_string())
+}
+fn put(path: &str, body: &str) -> TestRequest {
+    TestRequest::put().uri(path).insert_header(("content-type", "application/fhir+json")).set_payload(body.to_string())
+}
+
+const PATIENT: &str = r#"{"resourceType":"Patient","identifier":[{"system":"urn:mrn","value":"42"}],"name":[{"family":"Chalmers","given":["Peter"]}],"gender":"male","birthDate":"1974-12-25"}"#;
+
+#[actix_web::test]
+async fn crud_lifecycle_with_versions_headers_and_history() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = support::app(support::repo(dir.path()).await).await;
+
+    let created = call!(app, post("/Patient", PATIENT));
+    assert_eq!(created.status, StatusCode::CREATED, "{}", created.text);
+    let loc = created.header("location");
+    assert!(loc.contains("/Patient/") && loc.ends_with("/_history/1"), "{loc}");
+    assert_eq!(created.header("etag"), "W/\"1\"");
+    assert!(!created.header("last-modified").is_empty());
+    assert!(!created.header("x-ledger-leaf").is_empty());
+    let body = created.json();
+    let id = body["id"].as_str().unwrap().to_string();
+    assert_eq!(body["meta"]["versionId"], "1");
+    assert_eq!(body["name"][0]["family"], "Chalmers");
+
+    let read = call!(app, TestRequest::get().uri(&format!("/Patient/{id}")));
+    assert_eq!(read.status, StatusCode::OK);
+    assert_eq!(read.header("content-type"), "application/fhir+json; charset=utf-8");
+    assert_eq!(read.json(), body);
+
+    let mut updated = body.clone();
+    updated["gender"] = json!("female");
+    let up = call!(app, put(&format!("/Patient/{id}"), &updated.to_string()).insert_header(("if-match", "W/\"1\"")));
+    assert_eq!(up.status, StatusCode::OK, "{}", up.text);
+    assert_eq!(up.header("etag"), "W/\"2\"");
+    let stale = call!(app, put(&format!("/Patient/{id}"), &updated.to_string()).insert_header(("if-match", "W/\"1\"")));
+    stale.outcome(412);
+
+    let v1 = call!(app, TestRequest::get().uri(&format!("/Patient/{id}/_history/1")));
+    assert_eq!(v1.json()["gender"], "male");
+    let minimal = call!(app, put(&format!("/Patient/{id}"), &updated.to_string()).insert_header(("prefer", "return=minimal")));
+    assert_eq!(minimal.status, StatusCode::OK);
+    assert!(minimal.text.is_empty());
+
+    let del = call!(app, TestRequest::delete().uri(&format!("/Patient/{id}")));
+    assert_eq!(del.status, StatusCode::NO_CONTENT);
+    let gone = call!(app, TestRequest::get().uri(&format!("/Patient/{id}")));
+    gone.outcome(410);
+    let hist = call!(app, TestRequest::get().uri(&format!("/Patient/{id}/_history")));
+    let h = hist.json();
+    assert_eq!(h["type"], "history");
+    assert_eq!(h["total"], 4);
+    assert_eq!(h["entry"][0]["request"]["method"], "DELETE");
+    assert_eq!(h["entry"][3]["resource"]["meta"]["versionId"], "1");
+    let type_hist = call!(app, TestRequest::get().uri("/Patient/_history?_count=2"));
+    let th = type_hist.json();
+    assert_eq!(th["entry"].as_array().unwrap().len(), 2);
+    let next = th["link"].as_array().unwrap().iter().find(|l| l["relation"] == "next").unwrap()["url"].as_str().unwrap().to_string();
+    let path = next.split_once("://").unwrap().1.split_once('/').unwrap().1;
+    let page2 = call!(app, TestRequest::get().uri(&format!("/{path}")));
+    assert_eq!(page2.json()["entry"].as_array().unwrap().len(), 2);
+    let sys = call!(app, TestRequest::get().uri("/_history"));
+    assert_eq!(sys.json()["entry"].as_array().unwrap().len(), 4);
+
+    // Update-as-create with a client-assigned id.
+    let mut client = serde_json::from_str::<Value>(PATIENT).unwrap();
+    client["id"] = json!("client-1");
+    let uc = call!(app, put("/Patient/client-1", &client.to_string()));
+    assert_eq!(uc.status, StatusCode::CREATED, "{}", uc.text);
+}
+
+#[actix_web::test]
+async fn decimals_and_timestamps_round_trip_byte_for_byte() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = support::app(support::repo(dir.path()).await).await;
+    let obs = r#"{"resourceType":"Observation","status":"final","code":{"text":"height"},"effectiveDateTime":"2020-01-01T10:00:00+00:00","valueQuantity":{"value":170.10,"unit":"cm","system":"http://unitsofmeasure.org","code":"cm"},"component":[{"code":{"text":"x"},"valueQuantity":{"value":1.0e2}}]}"#;
+    let created = call!(app, post("/Observation", obs));
+    assert_eq!(created.status, StatusCode::CREATED, "{}", created.text);
+    let id = created.json()["id"].as_str().unwrap().to_string();
+    let read = call!(app, TestRequest::get().uri(&format!("/Observation/{id}")));
+    assert!(read.text.contains(r#""value":170.10"#), "{}", read.text);
+    assert!(read.text.contains("2020-01-01T10:00:00+00:00"), "{}", read.text);
+    assert!(read.text.contains(r#""value":1.0e2"#), "{}", read.text);
+    // Nothing but id and meta differs from what was sent.
+    let mut back = read.json();
+    back.as_object_mut().unwrap().remove("id");
+    back.as_object_mut().unwrap().remove("meta");
+    assert_eq!(back, serde_json::from_str::<Value>(obs).unwrap());
+}
+
+#[actix_web::test]
+async fn conditional_create_update_delete_and_patch() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = support::app(support::repo(dir.path()).await).await;
+    let first = call!(app, post("/Patient", PATIENT).insert_header(("if-none-exist", "identifier=urn:mrn|42")));
+    assert_eq!(first.status, StatusCode::CREATED);
+    let again = call!(app, post("/Patient", PATIENT).insert_header(("if-none-exist", "identifier=urn:mrn|42")));
+    assert_eq!(again.status, StatusCode::OK);
+    assert_eq!(first.json()["id"], again.json()["id"]);
+    let id = first.json()["id"].as_str().unwrap().to_string();
+
+    let mut changed: Value = serde_json::from_str(PATIENT).unwrap();
+    changed["birthDate"] = json!("1974-12-24");
+    let cu = call!(app, put("/Patient?identifier=urn:mrn|42", &changed.to_string()));
+    assert_eq!(cu.status, StatusCode::OK, "{}", cu.text);
+    assert_eq!(cu.json()["id"], id.as_str());
+    let cu_new = call!(app, put("/Patient?identifier=urn:mrn|43", &changed.to_string()));
+    assert_eq!(cu_new.status, StatusCode::CREATED, "{}", cu_new.text);
+
+    let patch = r#"[{"op":"replace","path":"/gender","value":"other"},{"op":"add","path":"/active","value":true}]"#;
+    let p = call!(
+        app,
+        TestRequest::patch()
+            .uri(&format!("/Patient/{id}"))
+            .insert_header(("content-type", "application/json-patch+json"))
+            .set_payload(patch)
+    );
+    assert_eq!(p.status, StatusCode::OK, "{}", p.text);
+    assert_eq!(p.json()["gender"], "other");
+    assert_eq!(p.json()["meta"]["versionId"], "3");
+    let bad_patch = call!(
+        app,
+        TestRequest::patch()
+            .uri(&format!("/Patient/{id}"))
+            .insert_header(("content-type", "application/json-patch+json"))
+            .set_payload(r#"[{"op":"replace","path":"/gender","value":"robot"}]"#)
+    );
+    bad_patch.outcome(422);
+
+    let cd = call!(app, TestRequest::delete().uri("/Patient?identifier=urn:mrn|42"));
+    assert_eq!(cd.status, StatusCode::NO_CONTENT);
+    call!(app, TestRequest::get().uri(&format!("/Patient/{id}"))).outcome(410);
+}
+
+#[actix_web::test]
+async fn transactions_are_all_or_nothing_and_rewrite_references() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = support::app(support::repo(dir.path()).await).await;
+    let tx = json!({"resourceType":"Bundle","type":"transaction","entry":[
+        {"fullUrl":"urn:uuid:61ebe359-bfdc-4613-8bf2-c5e300945f0a","resource":{"resourceType":"Patient","identifier":[{"system":"urn:t","value":"1"}]},"request":{"method":"POST","url":"Patient"}},
+        {"fullUrl":"urn:uuid:88f151c0-a954-468a-88bd-5ae15c08e059","resource":{"resourceType":"Observation","status":"final","code":{"text":"x"},"subject":{"reference":"urn:uuid:61ebe359-bfdc-4613-8bf2-c5e300945f0a"}},"request":{"method":"POST","url":"Observation"}}
+    ]});
+    let r = call!(app, post("/", &tx.to_string()));
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let b = r.json();
+    assert_eq!(b["type"], "transaction-response");
+    let ploc = b["entry"][0]["response"]["location"].as_str().unwrap().to_string();
+    assert_eq!(b["entry"][0]["response"]["status"], "201 Created");
+    let pid = ploc.split('/').nth(1).unwrap().to_string();
+    let oloc = b["entry"][1]["response"]["location"].as_str().unwrap().to_string();
+    let obs = call!(app, TestRequest::get().uri(&format!("/{}", oloc.split("/_history").next().unwrap())));
+    assert_eq!(obs.json()["subject"]["reference"], format!("Patient/{pid}"));
+    let by_patient = call!(app, TestRequest::get().uri(&format!("/Observation?patient={pid}")));
+    assert_eq!(by_patient.json()["total"], 1);
+
+    // The second entry is invalid: nothing of the transaction may remain.
+    let bad = json!({"resourceType":"Bundle","type":"transaction","entry":[
+        {"resource":{"resourceType":"Patient","identifier":[{"system":"urn:t","value":"2"}]},"request":{"method":"POST","url":"Patient"}},
+        {"resource":{"resourceType":"Patient","gender":"robot"},"request":{"method":"POST","url":"Patient"}}
+    ]});
+    let r = call!(app, post("/", &bad.to_string()));
+    let issue = r.outcome(400);
+    assert!(issue["expression"][0].as_str().unwrap().starts_with("Bundle.entry[1].resource.gender"), "{issue}");
+    let count = call!(app, TestRequest::get().uri("/Patient?identifier=urn:t|2&_summary=count"));
+    assert_eq!(count.json()["total"], 0);
+
+    // A batch: entries succeed or fail on their own.
+    let batch = json!({"resourceType":"Bundle","type":"batch","entry":[
+        {"resource":{"resourceType":"Patient","identifier":[{"system":"urn:t","value":"3"}]},"request":{"method":"POST","url":"Patient"}},
+        {"resource":{"resourceType":"Patient","gender":"robot"},"request":{"method":"POST","url":"Patient"}},
+        {"request":{"method":"GET","url":format!("Patient/{pid}")}}
+    ]});
+    let r = call!(app, post("/", &batch.to_string()));
+    let b = r.json();
+    assert_eq!(b["type"], "batch-response");
+    assert_eq!(b["entry"][0]["response"]["status"], "201 Created");
+    assert_eq!(b["entry"][1]["response"]["status"], "400");
+    assert_eq!(b["entry"][2]["resource"]["id"], pid.as_str());
+}
+
+#[actix_web::test]
+async fn search_filters_pages_and_refuses_unknown_parameters() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = support::app(support::repo(dir.path()).await).await;
+    let p = call!(app, post("/Patient", PATIENT)).json();
+    let pid = p["id"].as_str().unwrap().to_string();
+    for i in 0..5 {
+        let o = json!({"resourceType":"Observation","status":"final","code":{"text":"x"},"identifier":[{"system":"urn:o","value":i.to_string()}],"subject":{"reference":format!("Patient/{pid}")}});
+        assert_eq!(call!(app, post("/Observation", &o.to_string())).status, StatusCode::CREATED);
+    }
+    let q = |uri: String| TestRequest::get().uri(&uri);
+    assert_eq!(call!(app, q(format!("/Observation?subject=Patient/{pid}"))).json()["total"], 5);
+    assert_eq!(call!(app, q(format!("/Observation?subject:Patient={pid}"))).json()["total"], 5);
+    assert_eq!(call!(app, q(format!("/Observation?patient={pid}&identifier=urn:o|1,urn:o|2"))).json()["total"], 2);
+    assert_eq!(call!(app, q("/Observation?identifier=3".into())).json()["total"], 1);
+    assert_eq!(call!(app, q("/Observation?identifier=urn:o|".into())).json()["total"], 5);
+    assert_eq!(call!(app, q(format!("/Patient?_id={pid}"))).json()["total"], 1);
+    assert_eq!(call!(app, q("/Observation?_lastUpdated=gt2020-01-01".into())).json()["total"], 5);
+    assert_eq!(call!(app, q("/Observation?_lastUpdated=lt2020-01-01".into())).json()["total"], 0);
+    let counted = call!(app, q("/Observation?_summary=count".into())).json();
+    assert_eq!(counted["total"], 5);
+    assert!(counted.get("entry").is_none());
+
+    let mut seen = Vec::new();
+    let mut uri = "/Observation?_count=2".to_string();
+    loop {
+        let page = call!(app, q(uri.clone())).json();
+        for e in page["entry"].as_array().into_iter().flatten() {
+            seen.push(e["resource"]["id"].as_str().unwrap().to_string());
+        }
+        match page["link"].as_array().unwrap().iter().find(|l| l["relation"] == "next") {
+            Some(l) => uri = format!("/{}", l["url"].as_str().unwrap().split_once("://").unwrap().1.split_once('/').unwrap().1),
+            None => break,
+        }
+    }
+    let mut sorted = seen.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(sorted.len(), 5, "paging returns every match once: {seen:?}");
+
+    let issue = call!(app, q("/Observation?code=1234".into())).outcome(400);
+    assert!(issue["diagnostics"].as_str().unwrap().contains("code"), "{issue}");
+    assert_eq!(issue["expression"][0], "code");
+    call!(app, q("/Observation?_lastUpdated=2020-13-45".into())).outcome(400);
+    call!(app, q("/Observation?_lastUpdated=xx2020".into())).outcome(400);
+    let lenient = call!(app, q("/Observation?code=1234".into()).insert_header(("prefer", "handling=lenient"))).json();
+    assert_eq!(lenient["total"], 5);
+    let last = lenient["entry"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(last["search"]["mode"], "outcome");
+}
+
+#[actix_web::test]
+async fn bad_input_gets_an_operation_outcome_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = support::app(support::repo(dir.path()).await).await;
+    let cases: Vec<(&str, TestRequest, u16, &str)> = vec![
+        ("malformed JSON", post("/Patient", "{\"resourceType\":"), 400, ""),
+        ("wrong type for URL", post("/Patient", r#"{"resourceType":"Observation"}"#), 400, "resourceType"),
+        ("unknown element", post("/Patient", r#"{"resourceType":"Patient","robot":true}"#), 400, "Patient.robot"),
+        ("invalid code", post("/Patient", r#"{"resourceType":"Patient","gender":"robot"}"#), 400, "Patient.gender"),
+        ("bad date", post("/Patient", r#"{"resourceType":"Patient","birthDate":"1974-13-45"}"#), 400, "Patient.birthDate"),
+        ("wrong JSON type", post("/Patient", r#"{"resourceType":"Patient","active":"yes"}"#), 400, "Patient.active"),
+        ("id mismatch", put("/Patient/a", r#"{"resourceType":"Patient","id":"b"}"#), 400, "Patient.id"),
+        ("bad id", put("/Patient/a_b", r#"{"resourceType":"Patient","id":"a_b"}"#), 400, ""),
+        ("not an object", post("/Patient", "[1,2]"), 400, ""),
+        ("unknown type", post("/Robot", r#"{"resourceType":"Robot"}"#), 404, ""),
+        ("XML body", post("/Patient", "<Patient/>").insert_header(("content-type", "application/fhir+xml")), 415, ""),
+        ("XML wanted", TestRequest::get().uri("/metadata").insert_header(("accept", "application/fhir+xml")), 406, ""),
+        ("XML _format", TestRequest::get().uri("/metadata?_format=xml"), 406, ""),
+    ];
+    for (what, req, status, expr) in cases {
+        let r = call!(app, req);
+        let issue = r.outcome(status);
+        if !expr.is_empty() {
+            let e = issue["expression"][0].as_str().unwrap_or_default();
+            assert!(e.starts_with(expr), "{what}: expression {e:?} in {}", r.text);
+        }
+    }
+    let invalid_utf8 = call!(app, TestRequest::post().uri("/Patient").insert_header(("content-type", "application/fhir+json")).set_payload(b"{\"resourceType\":\"Patient\",\"id\":\"\xff\"}".to_vec()));
+    assert!(invalid_utf8.outcome(400)["diagnostics"].as_str().unwrap().contains("UTF-8"), "{}", invalid_utf8.text);
+    let deep = format!("{{\"resourceType\":\"Patient\",\"x\":{}{}}}", "[".repeat(100_000), "]".repeat(100_000));
+    call!(app, post("/Patient", &deep)).outcome(400);
+    let big = format!("{{\"resourceType\":\"Patient\",\"text\":{{\"div\":\"{}\"}}}}", "a".repeat(2 * 1024 * 1024));
+    call!(app, post("/Patient", &big)).outcome(413);
+    assert_eq!(call!(app, TestRequest::get().uri("/Patient?_summary=count")).json()["total"], 0, "nothing was written");
+    assert_eq!(call!(app, TestRequest::get().uri("/_history")).json().get("entry"), None);
+}
+
+#[actix_web::test]
+async fn capability_statement_lists_what_works() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = support::app(support::repo(dir.path()).await).await;
+    let r = call!(app, TestRequest::get().uri("/metadata?_pretty=true"));
+    assert!(r.text.contains("\n  \"resourceType\""), "pretty printed");
+    let cs = r.json();
+    assert_eq!(cs["fhirVersion"], "4.0.1");
+    let resources = cs["rest"][0]["resource"].as_array().unwrap();
+    assert!(resources.len() >= 145, "every R4 resource type: {}", resources.len());
+    let obs = resources.iter().find(|r| r["type"] == "Observation").unwrap();
+    let params: Vec<&str> = obs["searchParam"].as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
+    assert!(params.contains(&"patient") && params.contains(&"subject") && params.contains(&"identifier"), "{params:?}");
+    assert!(!params.contains(&"code"), "code search is not implemented yet and must not be claimed");
+    let json = call!(app, TestRequest::get().uri("/metadata").insert_header(("accept", "application/json")));
+    assert_eq!(json.header("content-type"), "application/json; charset=utf-8");
+}
+
+#[actix_web::test]
+async fn no_plaintext_phi_at_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = support::app(support::repo(dir.path()).await).await;
+    let marker = "Zyxwvutsrqfamilyname";
+    let p = json!({"resourceType":"Patient","name":[{"family":marker}],"identifier":[{"system":"urn:ssn","value":"999-88-7777"}]});
+    assert_eq!(call!(app, post("/Patient", &p.to_string())).status, StatusCode::CREATED);
+    // Make sure everything reached the files.
+    drop(app);
+    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+    let mut found = Vec::new();
+    for entry in walk(dir.path()) {
+        let bytes = std::fs::read(&entry).unwrap();
+        for needle in [marker.as_bytes(), b"999-88-7777".as_slice()] {
+            if bytes.windows(needle.len()).any(|w| w == needle) {
+                found.push(entry.display().to_string());
+            }
+        }
+    }
+    assert!(found.is_empty(), "plaintext PHI found in {found:?}");
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}

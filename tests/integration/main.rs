@@ -1,0 +1,6 @@
+//! One integration-test binary (faster builds, shared helpers): in-process HTTP tests of
+//! every FHIR interaction, and real-process tests against the `fhir-ledger` binary.
+
+mod http;
+mod process;
+mod support;

@@ -1,0 +1,147 @@
+//! Real-process tests: the `fhir-ledger` binary on 127.0.0.1, real HTTP, `kill -9`.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::support::Server;
+
+#[derive(Default)]
+struct Log {
+    /// Acknowledged creates and updates: (type/id, version, the body sent).
+    acked: Vec<(String, u64, Value)>,
+    /// Every transaction attempted: (identifier value, acknowledged?).
+    transactions: Vec<(String, bool)>,
+}
+
+async fn writer(client: reqwest::Client, base: String, n: usize, stop: Arc<AtomicBool>, log: Arc<Mutex<Log>>) {
+    let mut i = 0;
+    let mut mine: Option<(String, u64, Value)> = None;
+    while !stop.load(Ordering::Relaxed) {
+        i += 1;
+        let tag = format!("w{n}-{i}");
+        match i % 3 {
+            0 => {
+                let tx = json!({"resourceType":"Bundle","type":"transaction","entry":(0..3).map(|k| json!({
+                    "resource":{"resourceType":"Observation","status":"final","code":{"text":format!("{k}")},"identifier":[{"system":"urn:crash","value":tag}],"valueQuantity":{"value":1.10}},
+                    "request":{"method":"POST","url":"Observation"}})).collect::<Vec<_>>()});
+                log.lock().unwrap().transactions.push((tag.clone(), false));
+                let ok = matches!(client.post(format!("{base}/")).header("content-type", "application/fhir+json").body(tx.to_string()).send().await, Ok(r) if r.status().is_success());
+                if ok {
+                    let mut l = log.lock().unwrap();
+                    if let Some(t) = l.transactions.iter_mut().rev().find(|t| t.0 == tag) {
+                        t.1 = true;
+                    }
+                }
+            }
+            1 if mine.is_some() => {
+                let (path, _, body) = mine.clone().unwrap_or_default();
+                let mut body = body;
+                body["name"] = json!([{"family": tag}]);
+                if let Ok(r) = client.put(format!("{base}/{path}")).header("content-type", "application/fhir+json").body(body.to_string()).send().await {
+                    if r.status().is_success() {
+                        let v: Value = r.json().await.unwrap_or_default();
+                        let version = v["meta"]["versionId"].as_str().and_then(|s| s.parse().ok()).unwrap_or(0);
+                        log.lock().unwrap().acked.push((path.clone(), version, body.clone()));
+                        mine = Some((path, version, body));
+                    }
+                }
+            }
+            _ => {
+                let body = json!({"resourceType":"Patient","identifier":[{"system":"urn:crash","value":tag}],"name":[{"family":tag}],"birthDate":"1970-01-01"});
+                if let Ok(r) = client.post(format!("{base}/Patient")).header("content-type", "application/fhir+json").body(body.to_string()).send().await {
+                    if r.status().as_u16() == 201 {
+                        let v: Value = r.json().await.unwrap_or_default();
+                        let id = v["id"].as_str().unwrap_or_default().to_string();
+                        let mut body = body;
+                        body["id"] = json!(id);
+                        log.lock().unwrap().acked.push((format!("Patient/{id}"), 1, body.clone()));
+                        mine = Some((format!("Patient/{id}"), 1, body));
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn strip_meta(mut v: Value) -> Value {
+    if let Some(o) = v.as_object_mut() {
+        o.remove("meta");
+    }
+    v
+}
+
+/// 32 clients write (creates, updates, 3-resource transactions); the server is killed with
+/// SIGKILL mid-stream and restarted on the same data directory. Every acknowledged write must
+/// read back, and every transaction must be wholly present or wholly absent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_under_32_writers_loses_no_acknowledged_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(dir.path());
+    let base = server.base.clone();
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let log = Arc::new(Mutex::new(Log::default()));
+    let tasks: Vec<_> = (0..32)
+        .map(|n| tokio::spawn(writer(client.clone(), base.clone(), n, stop.clone(), log.clone())))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    server.kill9();
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        let _ = t.await;
+    }
+    let log = std::mem::take(&mut *log.lock().unwrap());
+    assert!(log.acked.len() > 100, "the load was real: {} acknowledged writes", log.acked.len());
+
+    let server = Server::start(dir.path());
+    let base = server.base.clone();
+    // The newest acknowledged version of each resource.
+    let mut latest = std::collections::BTreeMap::new();
+    for (path, version, body) in &log.acked {
+        let e = latest.entry(path.clone()).or_insert((0, Value::Null));
+        if *version >= e.0 {
+            *e = (*version, body.clone());
+        }
+    }
+    for (path, (version, body)) in &latest {
+        let r = client.get(format!("{base}/{path}/_history/{version}")).send().await.unwrap();
+        assert_eq!(r.status().as_u16(), 200, "acknowledged {path} v{version} lost");
+        let got: Value = r.json().await.unwrap();
+        assert_eq!(strip_meta(got), strip_meta(body.clone()), "{path} v{version} reads back as sent");
+    }
+    let mut acked_tx = 0;
+    for (tag, acked) in &log.transactions {
+        let r: Value = client
+            .get(format!("{base}/Observation?identifier=urn:crash|{tag}&_summary=count"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let n = r["total"].as_u64().unwrap();
+        assert!(n == 0 || n == 3, "transaction {tag} is half-visible: {n} of 3");
+        if *acked {
+            acked_tx += 1;
+            assert_eq!(n, 3, "acknowledged transaction {tag} lost");
+        }
+    }
+    assert!(acked_tx > 10, "transactions were exercised: {acked_tx}");
+    drop(server);
+}
+
+/// The binary's defaults: a fresh data dir gets 0600 key files, announced on stderr.
+#[test]
+fn first_start_creates_private_keys() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    for f in ["node.key", "kek.key", "index.key"] {
+        let mode = std::fs::metadata(dir.path().join(f)).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{f}");
+    }
+    drop(server);
+}

@@ -1,0 +1,83 @@
+//! Shared helpers: an in-process app over a real ledger in a temp dir, and a real server
+//! process on 127.0.0.1 with a port chosen by the OS.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::dev::{Service, ServiceResponse};
+use actix_web::{test, web, App};
+use fhir_ledger::api::{self, AppState};
+use fhir_ledger::config::{Config, ServeArgs};
+use fhir_ledger::repo::Repo;
+
+pub fn profiles_dir() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fhir-profiles")
+}
+
+pub fn config(dir: &Path) -> Config {
+    let args = ServeArgs {
+        config: Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("config/single.toml")),
+        data_dir: Some(dir.to_path_buf()),
+        profiles_dir: Some(profiles_dir()),
+        max_body_bytes: Some(1024 * 1024),
+        ..Default::default()
+    };
+    Config::resolve(&args).expect("test config")
+}
+
+pub async fn repo(dir: &Path) -> Arc<Repo> {
+    fhir_ledger::server::open_repo(&config(dir)).await.expect("open repo")
+}
+
+pub async fn app(
+    repo: Arc<Repo>,
+) -> impl Service<actix_http::Request, Response = ServiceResponse, Error = actix_web::Error> {
+    let state = web::Data::new(AppState { repo, max_body_bytes: 1024 * 1024 });
+    test::init_service(App::new().app_data(state).configure(api::configure)).await
+}
+
+/// A `fhir-ledger serve` child process.
+pub struct Server {
+    pub child: Child,
+    pub base: String,
+}
+
+impl Server {
+    pub fn start(data_dir: &Path) -> Server {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_fhir-ledger"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--auth", "off"])
+            .arg("--data-dir")
+            .arg(data_dir)
+            .arg("--profiles-dir")
+            .arg(profiles_dir())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn fhir-ledger");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(addr) = line.strip_prefix("fhir-ledger: listening on ") {
+                    let _ = tx.send(addr.to_string());
+                }
+            }
+        });
+        let base = rx.recv_timeout(Duration::from_secs(60)).expect("server did not report its address");
+        Server { child, base }
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill(); // SIGKILL
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
