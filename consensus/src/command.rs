@@ -43,6 +43,7 @@ pub struct Write {
     /// Whose data key encrypted `body` (e.g. `Patient/123`, or a shared compartment).
     pub compartment: String,
     /// Nonce-prefixed ciphertext; empty for deletes.
+    #[serde(with = "serde_bytes")]
     pub body: Vec<u8>,
     /// Search-index terms of this version (replaces the previous version's terms).
     pub index: Vec<IndexKey>,
@@ -82,7 +83,9 @@ pub struct Batch {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct SignedBatch {
     pub node_id: u64,
+    #[serde(with = "serde_bytes")]
     pub payload: Vec<u8>,
+    #[serde(with = "serde_bytes")]
     pub signature: Vec<u8>,
 }
 

@@ -60,6 +60,7 @@ impl LeafHeader {
 pub struct VersionRecord {
     pub header: LeafHeader,
     pub leaf: u64,
+    #[serde(with = "serde_bytes")]
     pub body: Vec<u8>,
 }
 
@@ -112,8 +113,10 @@ pub(crate) fn posting_prefix(term: &[u8; 32], rtype: &str) -> Vec<u8> {
     k.push(0);
     k
 }
-pub(crate) fn history_key(leaf: u64) -> Vec<u8> {
-    let mut k = vec![b'h'];
+/// Version records live under their leaf number: appends go to the right edge of the tree
+/// instead of random places (ids are random), which keeps sled from rewriting large nodes.
+pub(crate) fn record_key(leaf: u64) -> Vec<u8> {
+    let mut k = vec![b'r'];
     k.extend_from_slice(&be(leaf));
     k
 }
@@ -180,13 +183,23 @@ impl StateView {
         self.kv.get(&current_key(rtype, id))?.map(|b| decode(&b)).transpose()
     }
     pub fn version(&self, rtype: &str, id: &str, version: u64) -> io::Result<Option<VersionRecord>> {
-        self.kv.get(&version_key(rtype, id, version))?.map(|b| decode(&b)).transpose()
+        match self.kv.get(&version_key(rtype, id, version))? {
+            Some(leaf) => self.record(crate::kv::read_be(&leaf).unwrap_or(u64::MAX)),
+            None => Ok(None),
+        }
+    }
+    /// The version record committed as Merkle leaf `leaf`.
+    pub fn record(&self, leaf: u64) -> io::Result<Option<VersionRecord>> {
+        self.kv.get(&record_key(leaf))?.map(|b| decode(&b)).transpose()
     }
     /// Every version of one resource, newest first.
     pub fn versions(&self, rtype: &str, id: &str) -> io::Result<Vec<VersionRecord>> {
         let mut out = Vec::new();
         for kv in self.kv.scan_prefix(&version_prefix(rtype, id)) {
-            out.push(decode(&kv?.1)?);
+            let leaf = crate::kv::read_be(&kv?.1).unwrap_or(u64::MAX);
+            if let Some(r) = self.record(leaf)? {
+                out.push(r);
+            }
         }
         out.reverse();
         Ok(out)
@@ -227,13 +240,15 @@ impl StateView {
     /// Global history, newest first, starting below leaf `before` (exclusive).
     pub fn history<'a>(&'a self, before: Option<u64>) -> impl Iterator<Item = io::Result<(u64, HistoryRecord)>> + 'a {
         let to = match before {
-            Some(b) => history_key(b),
-            None => vec![b'h' + 1],
+            Some(b) => record_key(b),
+            None => vec![b'r' + 1],
         };
-        self.kv.range(&[b'h'], &to, true).map(|kv| {
+        self.kv.range(&[b'r'], &to, true).map(|kv| {
             let (k, v) = kv?;
             let leaf = crate::kv::read_be(&k[1..]).unwrap_or_default();
-            Ok((leaf, decode(&v)?))
+            let r: VersionRecord = decode(&v)?;
+            let h = r.header;
+            Ok((leaf, HistoryRecord { rtype: h.rtype, id: h.id, version: h.version, last_updated_ms: h.last_updated_ms }))
         })
     }
     pub fn data_key(&self, compartment: &str) -> io::Result<Option<Vec<u8>>> {
@@ -388,16 +403,8 @@ impl StateMachine {
         let lh = leaf_hash(&header.encode());
         frontier.append(lh);
         ov.put(leaf_key(leaf), lh.to_vec());
-        ov.put(
-            history_key(leaf),
-            encode(&HistoryRecord {
-                rtype: w.rtype.clone(),
-                id: w.id.clone(),
-                version: w.version,
-                last_updated_ms: w.last_updated_ms,
-            })?,
-        );
-        ov.put(version_key(&w.rtype, &w.id, w.version), encode(&VersionRecord { header, leaf, body: w.body.clone() })?);
+        ov.put(version_key(&w.rtype, &w.id, w.version), be(leaf).to_vec());
+        ov.put(record_key(leaf), encode(&VersionRecord { header, leaf, body: w.body.clone() })?);
         ov.put(ckey, encode(&CurrentRecord { version: w.version, deleted, last_updated_ms: w.last_updated_ms, index })?);
         Ok(leaf)
     }
