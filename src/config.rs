@@ -69,7 +69,9 @@ impl Config {
         .unwrap_or_default();
         let auth = args.auth.clone().or(file.auth).unwrap_or_else(|| "off".into());
         if auth != "off" {
-            anyhow::bail!("auth = {auth:?}: only \"off\" is available in this build (SMART on FHIR is not implemented yet)");
+            anyhow::bail!(
+                "auth = {auth:?}: only \"off\" is available in this build (SMART on FHIR is not implemented yet)"
+            );
         }
         let profiles_dir = args.profiles_dir.clone().or(file.profiles_dir).unwrap_or_else(default_profiles_dir);
         let cfg = Self {

@@ -21,7 +21,10 @@ pub struct FhirError {
 
 impl FhirError {
     pub fn new(status: u16, code: &'static str, diagnostics: impl Into<String>) -> Self {
-        Self { status, issues: vec![Issue { severity: "error", code, diagnostics: diagnostics.into(), expression: vec![] }] }
+        Self {
+            status,
+            issues: vec![Issue { severity: "error", code, diagnostics: diagnostics.into(), expression: vec![] }],
+        }
     }
     pub fn at(mut self, expression: impl Into<String>) -> Self {
         if let Some(i) = self.issues.first_mut() {
@@ -85,5 +88,10 @@ pub fn outcome(issues: &[Issue]) -> Json {
 }
 
 pub fn information(diagnostics: impl Into<String>) -> Json {
-    outcome(&[Issue { severity: "information", code: "informational", diagnostics: diagnostics.into(), expression: vec![] }])
+    outcome(&[Issue {
+        severity: "information",
+        code: "informational",
+        diagnostics: diagnostics.into(),
+        expression: vec![],
+    }])
 }

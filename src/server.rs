@@ -16,9 +16,13 @@ pub async fn open_repo(cfg: &Config) -> anyhow::Result<Arc<Repo>> {
     let id = Identity::load_or_create(&cfg.data_dir)?;
     let profiles = Arc::new(Profiles::load(&cfg.profiles_dir).map_err(anyhow::Error::msg)?);
     let params = Arc::new(SearchParams::load(&cfg.profiles_dir).map_err(anyhow::Error::msg)?);
-    let ledger =
-        consensus::Ledger::open_single(&cfg.data_dir.join("ledger"), cfg.node_id, id.signing.clone(), &cfg.listen.to_string())
-            .await?;
+    let ledger = consensus::Ledger::open_single(
+        &cfg.data_dir.join("ledger"),
+        cfg.node_id,
+        id.signing.clone(),
+        &cfg.listen.to_string(),
+    )
+    .await?;
     Ok(Arc::new(Repo::new(ledger, id.kek, id.index_key, profiles, params)))
 }
 

@@ -19,18 +19,16 @@ impl WriteBatch {
     }
 }
 
+/// What ordered scans yield.
+pub type KvIter<'a> = Box<dyn Iterator<Item = io::Result<(Vec<u8>, Vec<u8>)>> + 'a>;
+
 /// An ordered key-value tree. Keys compare as bytes, so big-endian integers sort numerically.
 pub trait KvStore: Send + Sync + std::fmt::Debug {
     fn get(&self, key: &[u8]) -> io::Result<Option<Vec<u8>>>;
     /// Entries whose key starts with `prefix`, in key order.
-    fn scan_prefix(&self, prefix: &[u8]) -> Box<dyn Iterator<Item = io::Result<(Vec<u8>, Vec<u8>)>> + '_>;
+    fn scan_prefix(&self, prefix: &[u8]) -> KvIter<'_>;
     /// Entries in `[from, to)`, in key order (`rev` for descending).
-    fn range(
-        &self,
-        from: &[u8],
-        to: &[u8],
-        rev: bool,
-    ) -> Box<dyn Iterator<Item = io::Result<(Vec<u8>, Vec<u8>)>> + '_>;
+    fn range(&self, from: &[u8], to: &[u8], rev: bool) -> KvIter<'_>;
     /// The greatest entry whose key starts with `prefix`.
     fn last_with_prefix(&self, prefix: &[u8]) -> io::Result<Option<(Vec<u8>, Vec<u8>)>>;
     fn apply(&self, batch: WriteBatch) -> io::Result<()>;

@@ -13,6 +13,9 @@
 //! # Ok(()) }
 //! ```
 
+// openraft's `StorageError` is large by design; boxing it at every call would only add noise.
+#![allow(clippy::result_large_err)]
+
 pub mod command;
 pub mod kv;
 pub mod log_store;
@@ -119,11 +122,7 @@ impl Ledger {
     /// Waits until this node's state reflects every write committed before the call
     /// (openraft read-index), so a read is linearizable.
     pub async fn linearize(&self) -> Result<(), ProposeError> {
-        self.raft
-            .ensure_linearizable()
-            .await
-            .map(|_| ())
-            .map_err(|e| ProposeError::Unavailable(e.to_string()))
+        self.raft.ensure_linearizable().await.map(|_| ()).map_err(|e| ProposeError::Unavailable(e.to_string()))
     }
 
     pub async fn shutdown(&self) {

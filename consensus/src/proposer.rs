@@ -67,9 +67,7 @@ async fn run(raft: Raft, node_id: NodeId, key: Arc<SigningKey>, mut rx: mpsc::Re
                 Ok(resp) => {
                     let mut outcomes = resp.data.outcomes.into_iter();
                     for reply in replies {
-                        let o = outcomes
-                            .next()
-                            .ok_or_else(|| ProposeError::Unavailable("missing outcome".into()));
+                        let o = outcomes.next().ok_or_else(|| ProposeError::Unavailable("missing outcome".into()));
                         let _ = reply.send(o);
                     }
                 }

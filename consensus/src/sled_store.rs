@@ -4,7 +4,7 @@ use std::io;
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::kv::{KvStore, WriteBatch};
+use crate::kv::{KvIter, KvStore, WriteBatch};
 
 /// Bumped whenever the byte layout of any tree changes; checked at open.
 pub const FORMAT_VERSION: u32 = 1;
@@ -64,8 +64,6 @@ struct SledTree {
     db: sled::Db,
 }
 
-type KvIter<'a> = Box<dyn Iterator<Item = io::Result<(Vec<u8>, Vec<u8>)>> + 'a>;
-
 fn map_item(r: sled::Result<(sled::IVec, sled::IVec)>) -> io::Result<(Vec<u8>, Vec<u8>)> {
     r.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(io_err)
 }
@@ -89,7 +87,12 @@ impl KvStore for SledTree {
     }
 
     fn last_with_prefix(&self, prefix: &[u8]) -> io::Result<Option<(Vec<u8>, Vec<u8>)>> {
-        self.tree.scan_prefix(prefix).next_back().transpose().map(|o| o.map(|(k, v)| (k.to_vec(), v.to_vec()))).map_err(io_err)
+        self.tree
+            .scan_prefix(prefix)
+            .next_back()
+            .transpose()
+            .map(|o| o.map(|(k, v)| (k.to_vec(), v.to_vec())))
+            .map_err(io_err)
     }
 
     fn apply(&self, batch: WriteBatch) -> io::Result<()> {

@@ -243,12 +243,15 @@ impl StateView {
             Some(b) => record_key(b),
             None => vec![b'r' + 1],
         };
-        self.kv.range(&[b'r'], &to, true).map(|kv| {
+        self.kv.range(b"r", &to, true).map(|kv| {
             let (k, v) = kv?;
             let leaf = crate::kv::read_be(&k[1..]).unwrap_or_default();
             let r: VersionRecord = decode(&v)?;
             let h = r.header;
-            Ok((leaf, HistoryRecord { rtype: h.rtype, id: h.id, version: h.version, last_updated_ms: h.last_updated_ms }))
+            Ok((
+                leaf,
+                HistoryRecord { rtype: h.rtype, id: h.id, version: h.version, last_updated_ms: h.last_updated_ms },
+            ))
         })
     }
     pub fn data_key(&self, compartment: &str) -> io::Result<Option<Vec<u8>>> {
@@ -319,7 +322,8 @@ impl StateMachine {
         for (i, pre) in cmd.preconditions.iter().enumerate() {
             let holds = match pre {
                 Precondition::Version { rtype, id, current } => {
-                    let cur: Option<CurrentRecord> = ov.get(&current_key(rtype, id))?.map(|b| decode(&b)).transpose()?;
+                    let cur: Option<CurrentRecord> =
+                        ov.get(&current_key(rtype, id))?.map(|b| decode(&b)).transpose()?;
                     cur.map_or(0, |c| c.version) == *current
                 }
                 Precondition::KeyAbsent { compartment } => ov.get(&data_key_key(compartment))?.is_none(),
@@ -357,7 +361,12 @@ impl StateMachine {
         Ok(None)
     }
 
-    fn apply_command(ov: &mut Overlay<'_>, frontier: &mut Frontier, cmd: &Command, log_index: u64) -> io::Result<Outcome> {
+    fn apply_command(
+        ov: &mut Overlay<'_>,
+        frontier: &mut Frontier,
+        cmd: &Command,
+        log_index: u64,
+    ) -> io::Result<Outcome> {
         if let Some(index) = Self::check(ov, cmd)? {
             return Ok(Outcome::Conflict { index });
         }
@@ -371,7 +380,13 @@ impl StateMachine {
         Ok(Outcome::Applied { leaves })
     }
 
-    fn apply_write(ov: &mut Overlay<'_>, frontier: &mut Frontier, actor: &str, w: &Write, log_index: u64) -> io::Result<u64> {
+    fn apply_write(
+        ov: &mut Overlay<'_>,
+        frontier: &mut Frontier,
+        actor: &str,
+        w: &Write,
+        log_index: u64,
+    ) -> io::Result<u64> {
         let ckey = current_key(&w.rtype, &w.id);
         if let Some(old) = ov.get(&ckey)?.map(|b| decode::<CurrentRecord>(&b)).transpose()? {
             for term in &old.index {
@@ -405,13 +420,16 @@ impl StateMachine {
         ov.put(leaf_key(leaf), lh.to_vec());
         ov.put(version_key(&w.rtype, &w.id, w.version), be(leaf).to_vec());
         ov.put(record_key(leaf), encode(&VersionRecord { header, leaf, body: w.body.clone() })?);
-        ov.put(ckey, encode(&CurrentRecord { version: w.version, deleted, last_updated_ms: w.last_updated_ms, index })?);
+        ov.put(
+            ckey,
+            encode(&CurrentRecord { version: w.version, deleted, last_updated_ms: w.last_updated_ms, index })?,
+        );
         Ok(leaf)
     }
 }
 
 pub(crate) fn hex_decode(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
@@ -454,10 +472,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                         None => Err(format!("node {} is not a member with a known key", signed.node_id)),
                     };
                     let outcome = match opened {
-                        Ok(batch) => Self::apply_batch(&mut ov, &mut frontier, &batch, entry.log_id.index).map_err(sio)?,
+                        Ok(batch) => {
+                            Self::apply_batch(&mut ov, &mut frontier, &batch, entry.log_id.index).map_err(sio)?
+                        }
                         Err(reason) => {
                             tracing::warn!(%reason, "refusing ledger batch");
-                            let n = bincode::deserialize::<Batch>(&signed.payload).map(|b| b.commands.len()).unwrap_or(1);
+                            let n =
+                                bincode::deserialize::<Batch>(&signed.payload).map(|b| b.commands.len()).unwrap_or(1);
                             BatchOutcome { outcomes: vec![Outcome::Refused { reason }; n] }
                         }
                     };
@@ -468,8 +489,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         if let Some(last) = last {
             ov.put(META_APPLIED.to_vec(), encode(&Some(last)).map_err(sio)?);
             ov.put(META_FRONTIER.to_vec(), encode(&frontier).map_err(sio)?);
-            let mut wb = WriteBatch::default();
-            wb.ops = ov.pending.into_iter().collect();
+            let wb = WriteBatch { ops: ov.pending.into_iter().collect() };
             // Not flushed here: the Raft log is durable before commit, and a state machine that
             // lags after a crash is brought forward by re-applying the log from `m/applied`.
             kv.apply(wb).map_err(sio)?;

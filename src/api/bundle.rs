@@ -50,7 +50,8 @@ fn at(i: usize) -> String {
 }
 
 fn parse_entry(repo: &Repo, i: usize, e: &Json) -> Result<Entry, FhirError> {
-    let req = e.get("request").ok_or_else(|| FhirError::invalid("entry has no request").at(format!("{}.request", at(i))))?;
+    let req =
+        e.get("request").ok_or_else(|| FhirError::invalid("entry has no request").at(format!("{}.request", at(i))))?;
     let method = match req.get("method").and_then(Json::as_str) {
         Some("GET") | Some("HEAD") => Method::Get,
         Some("POST") => Method::Post,
@@ -82,12 +83,9 @@ fn parse_entry(repo: &Repo, i: usize, e: &Json) -> Result<Entry, FhirError> {
         }
     }
     let if_match = match req.get("ifMatch").and_then(Json::as_str) {
-        Some(s) => Some(
-            s.trim_start_matches("W/")
-                .trim_matches('"')
-                .parse::<u64>()
-                .map_err(|_| FhirError::invalid(format!("ifMatch {s:?} is not a version")).at(format!("{}.request.ifMatch", at(i))))?,
-        ),
+        Some(s) => Some(s.trim_start_matches("W/").trim_matches('"').parse::<u64>().map_err(|_| {
+            FhirError::invalid(format!("ifMatch {s:?} is not a version")).at(format!("{}.request.ifMatch", at(i)))
+        })?),
         None => None,
     };
     let resource = e.get("resource").cloned();
@@ -104,7 +102,9 @@ fn parse_entry(repo: &Repo, i: usize, e: &Json) -> Result<Entry, FhirError> {
         validate(repo, &rtype, r, Some(&format!("{}.resource", at(i))))?;
         if let (Method::Put, Some(id)) = (&method, &id) {
             if r.get("id").and_then(Json::as_str).is_some_and(|b| b != id) {
-                return Err(FhirError::invalid("the resource id differs from request.url").at(format!("{}.resource.id", at(i))));
+                return Err(
+                    FhirError::invalid("the resource id differs from request.url").at(format!("{}.resource.id", at(i)))
+                );
             }
         }
     }
@@ -134,7 +134,12 @@ pub async fn batch_or_transaction(req: HttpRequest, payload: web::Payload, state
     }
 }
 
-async fn process(req: &HttpRequest, payload: web::Payload, state: &AppState, f: &Format) -> Result<HttpResponse, FhirError> {
+async fn process(
+    req: &HttpRequest,
+    payload: web::Payload,
+    state: &AppState,
+    f: &Format,
+) -> Result<HttpResponse, FhirError> {
     let body = read_body(req, payload, state.max_body_bytes).await?;
     let bundle = parse_resource(&body)?;
     if bundle.get("resourceType").and_then(Json::as_str) != Some("Bundle") {
@@ -152,7 +157,10 @@ async fn process(req: &HttpRequest, payload: web::Payload, state: &AppState, f: 
             transaction(req, repo, entries, f).await
         }
         "batch" => batch(req, repo, raw_entries, f).await,
-        other => Err(FhirError::invalid(format!("Bundle.type {other:?}: POST / takes batch or transaction")).at("Bundle.type")),
+        other => {
+            Err(FhirError::invalid(format!("Bundle.type {other:?}: POST / takes batch or transaction"))
+                .at("Bundle.type"))
+        }
     }
 }
 
@@ -174,13 +182,15 @@ fn plan_transaction(plan: &mut Plan<'_>, entries: &[Entry]) -> Result<Vec<Planne
     for e in entries {
         let id = match (&e.method, &e.id, &e.query) {
             (Method::Post, _, _) => match &e.if_none_exist {
-                Some(q) => match resolve_conditional(plan, &e.rtype, q, "ifNoneExist").map_err(|x| x.at(at(e.index)))? {
-                    Some(found) => {
-                        existing.insert(e.index, found.clone());
-                        found
+                Some(q) => {
+                    match resolve_conditional(plan, &e.rtype, q, "ifNoneExist").map_err(|x| x.at(at(e.index)))? {
+                        Some(found) => {
+                            existing.insert(e.index, found.clone());
+                            found
+                        }
+                        None => e.new_id.clone(),
                     }
-                    None => e.new_id.clone(),
-                },
+                }
                 None => e.new_id.clone(),
             },
             (Method::Put, Some(id), _) => id.clone(),
@@ -215,7 +225,10 @@ fn plan_transaction(plan: &mut Plan<'_>, entries: &[Entry]) -> Result<Vec<Planne
             continue;
         };
         if let Some(found) = existing.get(&e.index) {
-            planned.insert(e.index, Planned { status: 200, write: None, existing: Some((e.rtype.clone(), found.clone())) });
+            planned.insert(
+                e.index,
+                Planned { status: 200, write: None, existing: Some((e.rtype.clone(), found.clone())) },
+            );
             continue;
         }
         let p = match e.method {
@@ -318,7 +331,12 @@ fn response_bundle(kind: &str, entries: Vec<Json>) -> Json {
     ])
 }
 
-async fn transaction(req: &HttpRequest, repo: &Repo, entries: Vec<Entry>, f: &Format) -> Result<HttpResponse, FhirError> {
+async fn transaction(
+    req: &HttpRequest,
+    repo: &Repo,
+    entries: Vec<Entry>,
+    f: &Format,
+) -> Result<HttpResponse, FhirError> {
     let (planned, results) = repo.commit(ANONYMOUS, |plan| plan_transaction(plan, &entries)).await?;
     let ret = bundle_return(req);
     let mut out = Vec::with_capacity(entries.len());
@@ -340,10 +358,7 @@ async fn transaction(req: &HttpRequest, repo: &Repo, entries: Vec<Entry>, f: &Fo
 fn error_entry(e: &FhirError) -> Json {
     Json::Object(vec![(
         "response".into(),
-        Json::Object(vec![
-            ("status".into(), Json::String(e.status.to_string())),
-            ("outcome".into(), e.to_outcome()),
-        ]),
+        Json::Object(vec![("status".into(), Json::String(e.status.to_string())), ("outcome".into(), e.to_outcome())]),
     )])
 }
 

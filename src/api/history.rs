@@ -23,14 +23,25 @@ fn params(req: &HttpRequest) -> Result<(Params, Vec<(String, String)>), FhirErro
     for (k, v) in &raw {
         match k.as_str() {
             "_count" => {
-                p.count = v.parse::<usize>().map_err(|_| FhirError::invalid(format!("_count {v:?} is not a number")).at("_count"))?.min(MAX_COUNT)
+                p.count = v
+                    .parse::<usize>()
+                    .map_err(|_| FhirError::invalid(format!("_count {v:?} is not a number")).at("_count"))?
+                    .min(MAX_COUNT)
             }
             "_since" => {
-                p.since = Some(date_range_ms(v).ok_or_else(|| FhirError::invalid(format!("_since {v:?} is not an instant")).at("_since"))?.0)
+                p.since = Some(
+                    date_range_ms(v)
+                        .ok_or_else(|| FhirError::invalid(format!("_since {v:?} is not an instant")).at("_since"))?
+                        .0,
+                )
             }
             "_cursor" => p.cursor = Some(v.parse().map_err(|_| FhirError::invalid("bad _cursor").at("_cursor"))?),
             "_format" | "_pretty" => {}
-            other => return Err(FhirError::invalid(format!("history does not support parameter {other:?}")).at(other.to_string())),
+            other => {
+                return Err(
+                    FhirError::invalid(format!("history does not support parameter {other:?}")).at(other.to_string())
+                )
+            }
         }
     }
     Ok((p, raw))
@@ -64,9 +75,17 @@ fn entry(base: &str, s: &Stored) -> Json {
     Json::Object(members)
 }
 
-fn bundle(req: &HttpRequest, path: &str, raw: &[(String, String)], entries: Vec<Json>, next: Option<u64>, total: Option<usize>) -> Json {
+fn bundle(
+    req: &HttpRequest,
+    path: &str,
+    raw: &[(String, String)],
+    entries: Vec<Json>,
+    next: Option<u64>,
+    total: Option<usize>,
+) -> Json {
     let base = base_url(req);
-    let q: Vec<String> = raw.iter().filter(|(k, _)| k != "_cursor").map(|(k, v)| format!("{}={}", enc(k), enc(v))).collect();
+    let q: Vec<String> =
+        raw.iter().filter(|(k, _)| k != "_cursor").map(|(k, v)| format!("{}={}", enc(k), enc(v))).collect();
     let mut links = vec![link("self", &format!("{base}{path}?{}", q.join("&")))];
     if let Some(c) = next {
         let mut q = q.clone();
@@ -123,7 +142,12 @@ pub async fn instance(req: HttpRequest, path: web::Path<(String, String)>, state
     })
 }
 
-fn walk(repo: &Repo, req: &HttpRequest, rtype: Option<&str>, p: &Params) -> Result<(Vec<Json>, Option<u64>), FhirError> {
+fn walk(
+    repo: &Repo,
+    req: &HttpRequest,
+    rtype: Option<&str>,
+    p: &Params,
+) -> Result<(Vec<Json>, Option<u64>), FhirError> {
     let base = base_url(req);
     let mut entries = Vec::new();
     let mut next = None;

@@ -21,10 +21,11 @@ fn param(name: &str, kind: &str, doc: &str) -> Json {
 pub async fn capability_statement(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
     respond(&req, |f| {
         let repo = &state.repo;
-        let interactions: Vec<Json> = ["read", "vread", "update", "patch", "delete", "history-instance", "history-type", "create", "search-type"]
-            .iter()
-            .map(|c| o(vec![("code", s(c))]))
-            .collect();
+        let interactions: Vec<Json> =
+            ["read", "vread", "update", "patch", "delete", "history-instance", "history-type", "create", "search-type"]
+                .iter()
+                .map(|c| o(vec![("code", s(c))]))
+                .collect();
         let resources: Vec<Json> = repo
             .profiles
             .resource_types()
@@ -64,7 +65,13 @@ pub async fn capability_statement(req: HttpRequest, state: web::Data<AppState>) 
             ("publisher", s("fhir-ledger")),
             ("kind", s("instance")),
             ("software", o(vec![("name", s("fhir-ledger")), ("version", s(env!("CARGO_PKG_VERSION")))])),
-            ("implementation", o(vec![("description", s("FHIR R4 server over a signed, encrypted, Raft-replicated ledger")), ("url", s(&base_url(&req)))])),
+            (
+                "implementation",
+                o(vec![
+                    ("description", s("FHIR R4 server over a signed, encrypted, Raft-replicated ledger")),
+                    ("url", s(&base_url(&req))),
+                ]),
+            ),
             ("fhirVersion", s("4.0.1")),
             ("format", Json::Array(vec![s("application/fhir+json"), s("json")])),
             ("patchFormat", Json::Array(vec![s("application/json-patch+json")])),

@@ -52,7 +52,10 @@ async fn health() -> HttpResponse {
 
 async fn not_found(req: HttpRequest) -> HttpResponse {
     let f = Format::plain();
-    error_response(&FhirError::new(404, "not-supported", format!("no FHIR interaction at {} {}", req.method(), req.path())), &f)
+    error_response(
+        &FhirError::new(404, "not-supported", format!("no FHIR interaction at {} {}", req.method(), req.path())),
+        &f,
+    )
 }
 
 /// How to write the response body.
@@ -76,15 +79,15 @@ impl Format {
         let json_type = |t: &str| -> Option<&'static str> {
             let t = t.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
             match t.as_str() {
-                "json" | "application/fhir+json" | "application/json+fhir" | "*/*" | "application/*" | "" => Some(FHIR_JSON),
+                "json" | "application/fhir+json" | "application/json+fhir" | "*/*" | "application/*" | "" => {
+                    Some(FHIR_JSON)
+                }
                 "application/json" => Some("application/json; charset=utf-8"),
                 _ => None,
             }
         };
         if let Some((_, f)) = query.iter().find(|(k, _)| k == "_format") {
-            return json_type(f)
-                .map(|content_type| Self { pretty, content_type })
-                .ok_or_else(|| not_acceptable(f));
+            return json_type(f).map(|content_type| Self { pretty, content_type }).ok_or_else(|| not_acceptable(f));
         }
         let accept = req.headers().get(header::ACCEPT).and_then(|v| v.to_str().ok()).unwrap_or("");
         if accept.trim().is_empty() {
@@ -102,7 +105,9 @@ fn not_acceptable(what: &str) -> FhirError {
     FhirError::new(
         406,
         "not-supported",
-        format!("cannot produce {what:?}: this server speaks FHIR JSON (application/fhir+json) only; XML is not supported"),
+        format!(
+            "cannot produce {what:?}: this server speaks FHIR JSON (application/fhir+json) only; XML is not supported"
+        ),
     )
 }
 
@@ -136,17 +141,24 @@ pub async fn read_body(req: &HttpRequest, mut payload: web::Payload, limit: usiz
         let t = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
         let ok = matches!(
             t.as_str(),
-            "application/fhir+json" | "application/json" | "application/json+fhir" | "application/json-patch+json" | "application/x-www-form-urlencoded" | "text/plain" | ""
+            "application/fhir+json"
+                | "application/json"
+                | "application/json+fhir"
+                | "application/json-patch+json"
+                | "application/x-www-form-urlencoded"
+                | "text/plain"
+                | ""
         );
         if !ok {
-            return Err(FhirError::new(415, "not-supported", format!("Content-Type {t} is not supported; send application/fhir+json")));
+            return Err(FhirError::new(
+                415,
+                "not-supported",
+                format!("Content-Type {t} is not supported; send application/fhir+json"),
+            ));
         }
     }
-    let declared = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok());
+    let declared =
+        req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok());
     let too_large = || FhirError::new(413, "too-costly", format!("request body exceeds the limit of {limit} bytes"));
     if declared.is_some_and(|n| n > limit) {
         return Err(too_large());
@@ -167,7 +179,8 @@ pub fn parse_resource(body: &[u8]) -> Result<Json, FhirError> {
     if body.is_empty() {
         return Err(FhirError::new(400, "required", "the request body is empty; a FHIR resource was expected"));
     }
-    let v = json::parse(body, MAX_DEPTH).map_err(|e| FhirError::new(400, "structure", format!("malformed JSON: {e}")))?;
+    let v =
+        json::parse(body, MAX_DEPTH).map_err(|e| FhirError::new(400, "structure", format!("malformed JSON: {e}")))?;
     if !matches!(v, Json::Object(_)) {
         return Err(FhirError::new(400, "structure", "the body must be a JSON object (a FHIR resource)"));
     }

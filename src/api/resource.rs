@@ -91,7 +91,12 @@ async fn commit_one(
     Ok(HttpResponse::NoContent().finish())
 }
 
-async fn resource_body(req: &HttpRequest, payload: web::Payload, state: &AppState, rtype: &str) -> Result<Json, FhirError> {
+async fn resource_body(
+    req: &HttpRequest,
+    payload: web::Payload,
+    state: &AppState,
+    rtype: &str,
+) -> Result<Json, FhirError> {
     check_type(&state.repo, rtype)?;
     let body = read_body(req, payload, state.max_body_bytes).await?;
     let res = parse_resource(&body)?;
@@ -99,15 +104,22 @@ async fn resource_body(req: &HttpRequest, payload: web::Payload, state: &AppStat
     Ok(res)
 }
 
-pub async fn create(req: HttpRequest, path: web::Path<String>, payload: web::Payload, state: web::Data<AppState>) -> HttpResponse {
+pub async fn create(
+    req: HttpRequest,
+    path: web::Path<String>,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> HttpResponse {
     let rtype = path.into_inner();
     let result = async {
         let f = Format::negotiate(&req)?;
         let res = resource_body(&req, payload, &state, &rtype).await?;
         let if_none_exist = req.headers().get("if-none-exist").map(|v| v.to_str().unwrap_or("").to_string());
         let id = new_id();
-        commit_one(&req, &state.repo, &f, |plan| interactions::create(plan, &rtype, &id, res.clone(), if_none_exist.as_deref()))
-            .await
+        commit_one(&req, &state.repo, &f, |plan| {
+            interactions::create(plan, &rtype, &id, res.clone(), if_none_exist.as_deref())
+        })
+        .await
     }
     .await;
     finish(&req, result)
@@ -130,7 +142,10 @@ pub async fn update(
                 return Err(FhirError::invalid(format!("the body's id {body_id:?} differs from the URL's id {id:?}"))
                     .at(format!("{rtype}.id")))
             }
-            None => return Err(FhirError::invalid(format!("the body has no id; an update must carry id {id:?}")).at(format!("{rtype}.id"))),
+            None => {
+                return Err(FhirError::invalid(format!("the body has no id; an update must carry id {id:?}"))
+                    .at(format!("{rtype}.id")))
+            }
         }
         let if_match = parse_etag(req.headers(), header::IF_MATCH)?;
         commit_one(&req, &state.repo, &f, |plan| interactions::update(plan, &rtype, &id, res.clone(), if_match)).await
@@ -151,7 +166,10 @@ pub async fn conditional_update(
         let res = resource_body(&req, payload, &state, &rtype).await?;
         let query = req.query_string().to_string();
         let id = new_id();
-        commit_one(&req, &state.repo, &f, |plan| interactions::conditional_update(plan, &rtype, &query, res.clone(), &id)).await
+        commit_one(&req, &state.repo, &f, |plan| {
+            interactions::conditional_update(plan, &rtype, &query, res.clone(), &id)
+        })
+        .await
     }
     .await;
     finish(&req, result)
@@ -170,7 +188,11 @@ pub async fn patch(
         check_id(&id)?;
         let ct = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
         if !ct.starts_with("application/json-patch+json") {
-            return Err(FhirError::new(415, "not-supported", "PATCH takes a JSON Patch document (application/json-patch+json)"));
+            return Err(FhirError::new(
+                415,
+                "not-supported",
+                "PATCH takes a JSON Patch document (application/json-patch+json)",
+            ));
         }
         let body = read_body(&req, payload, state.max_body_bytes).await?;
         let patch = crate::fhir::json::parse(&body, super::MAX_DEPTH)
@@ -183,7 +205,8 @@ pub async fn patch(
                 return Err(FhirError::precondition(format!("If-Match does not match version {}", current.version)));
             }
             let mut doc = current.resource.ok_or_else(|| FhirError::gone(&format!("{rtype}/{id}")))?;
-            crate::fhir::patch::apply(&mut doc, &patch).map_err(|e| FhirError::new(422, "processing", format!("JSON Patch failed: {e}")))?;
+            crate::fhir::patch::apply(&mut doc, &patch)
+                .map_err(|e| FhirError::new(422, "processing", format!("JSON Patch failed: {e}")))?;
             if doc.get("id").and_then(Json::as_str) != Some(id.as_str()) {
                 return Err(FhirError::new(422, "processing", "a patch may not change the resource's id"));
             }
@@ -263,7 +286,11 @@ pub async fn read(req: HttpRequest, path: web::Path<(String, String)>, state: we
     finish(&req, result)
 }
 
-pub async fn vread(req: HttpRequest, path: web::Path<(String, String, String)>, state: web::Data<AppState>) -> HttpResponse {
+pub async fn vread(
+    req: HttpRequest,
+    path: web::Path<(String, String, String)>,
+    state: web::Data<AppState>,
+) -> HttpResponse {
     let (rtype, id, vid) = path.into_inner();
     let result = async {
         let f = Format::negotiate(&req)?;
@@ -304,7 +331,12 @@ pub async fn search_post(
     respond_search(&req, &state, &rtype, params).await
 }
 
-async fn respond_search(req: &HttpRequest, state: &AppState, rtype: &str, params: Vec<(String, String)>) -> HttpResponse {
+async fn respond_search(
+    req: &HttpRequest,
+    state: &AppState,
+    rtype: &str,
+    params: Vec<(String, String)>,
+) -> HttpResponse {
     if let Err(e) = check_type(&state.repo, rtype) {
         return finish(req, Err(e));
     }
@@ -318,7 +350,13 @@ async fn respond_search(req: &HttpRequest, state: &AppState, rtype: &str, params
 }
 
 /// Runs a search and builds its `searchset` Bundle (shared with GET entries of bundles).
-pub fn search_bundle(repo: &Repo, base: &str, rtype: &str, params: &[(String, String)], lenient: bool) -> Result<Json, FhirError> {
+pub fn search_bundle(
+    repo: &Repo,
+    base: &str,
+    rtype: &str,
+    params: &[(String, String)],
+    lenient: bool,
+) -> Result<Json, FhirError> {
     let q = search::parse(repo, rtype, params, lenient)?;
     let page = search::run(repo, rtype, &q)?;
     let self_query: Vec<String> =

@@ -18,8 +18,7 @@ pub fn is_valid_id(id: &str) -> bool {
 
 /// A FHIR `instant` with millisecond precision in UTC, e.g. `2026-11-24T10:00:00.123Z`.
 pub fn instant(ms: i64) -> String {
-    let t = OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
-        .unwrap_or(OffsetDateTime::UNIX_EPOCH);
+    let t = OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000).unwrap_or(OffsetDateTime::UNIX_EPOCH);
     format!(
         "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
         t.year(),
@@ -55,7 +54,13 @@ pub fn date_range_ms(value: &str) -> Option<(i64, i64)> {
         let date = Date::from_calendar_date(y, Month::try_from(m).ok()?, d).ok()?;
         Some(date.midnight().assume_utc().unix_timestamp() * 1000)
     };
-    let num = |s: &str| -> Option<u32> { if s.bytes().all(|b| b.is_ascii_digit()) { s.parse().ok() } else { None } };
+    let num = |s: &str| -> Option<u32> {
+        if s.bytes().all(|b| b.is_ascii_digit()) {
+            s.parse().ok()
+        } else {
+            None
+        }
+    };
     match v.len() {
         4 => {
             let y = num(v)? as i32;
@@ -81,12 +86,11 @@ pub fn date_range_ms(value: &str) -> Option<(i64, i64)> {
             Some((s, s + 86_400_000))
         }
         _ => {
-            let with_zone =
-                if v.ends_with('Z') || v.get(v.len().saturating_sub(6)..)?.starts_with(['+', '-']) {
-                    v.to_string()
-                } else {
-                    format!("{v}Z")
-                };
+            let with_zone = if v.ends_with('Z') || v.get(v.len().saturating_sub(6)..)?.starts_with(['+', '-']) {
+                v.to_string()
+            } else {
+                format!("{v}Z")
+            };
             // Minutes-only precision (`2020-01-01T10:00Z`) is legal in search values.
             let with_seconds = if with_zone.len() >= 16 && with_zone.as_bytes().get(16) != Some(&b':') {
                 format!("{}:00{}", &with_zone[..16], &with_zone[16..])
@@ -118,7 +122,10 @@ mod tests {
         assert_eq!((e - s) / 86_400_000, 366);
         let (s, e) = date_range_ms("2020-02").unwrap();
         assert_eq!((e - s) / 86_400_000, 29);
-        assert_eq!(date_range_ms("2020-01-01T00:00:00Z").unwrap().1 - date_range_ms("2020-01-01T00:00:00Z").unwrap().0, 1000);
+        assert_eq!(
+            date_range_ms("2020-01-01T00:00:00Z").unwrap().1 - date_range_ms("2020-01-01T00:00:00Z").unwrap().0,
+            1000
+        );
         assert!(date_range_ms("2020-13").is_none());
         assert!(date_range_ms("yesterday").is_none());
         assert!(date_range_ms("2020-01-01T10:00:00+02:00").is_some());

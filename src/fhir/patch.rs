@@ -30,7 +30,9 @@ fn get_mut<'a>(root: &'a mut Json, path: &[String]) -> Result<&'a mut Json, Stri
     let mut cur = root;
     for t in path {
         cur = match cur {
-            Json::Object(m) => m.iter_mut().find(|(k, _)| k == t).map(|(_, v)| v).ok_or_else(|| format!("no member {t:?}"))?,
+            Json::Object(m) => {
+                m.iter_mut().find(|(k, _)| k == t).map(|(_, v)| v).ok_or_else(|| format!("no member {t:?}"))?
+            }
             Json::Array(a) => {
                 let len = a.len();
                 a.get_mut(index_of(t, len, false)?).ok_or_else(|| format!("no element {t}"))?
@@ -139,7 +141,11 @@ mod tests {
         check(r#"{"a":[1,2]}"#, r#"[{"op":"remove","path":"/a/0"}]"#, r#"{"a":[2]}"#);
         check(r#"{"a":"x"}"#, r#"[{"op":"replace","path":"/a","value":"y"}]"#, r#"{"a":"y"}"#);
         check(r#"{"a":"x"}"#, r#"[{"op":"move","from":"/a","path":"/b"}]"#, r#"{"b":"x"}"#);
-        check(r#"{"a":"x"}"#, r#"[{"op":"test","path":"/a","value":"x"},{"op":"copy","from":"/a","path":"/b"}]"#, r#"{"a":"x","b":"x"}"#);
+        check(
+            r#"{"a":"x"}"#,
+            r#"[{"op":"test","path":"/a","value":"x"},{"op":"copy","from":"/a","path":"/b"}]"#,
+            r#"{"a":"x","b":"x"}"#,
+        );
     }
 
     #[test]

@@ -69,7 +69,10 @@ mod tests {
     fn rewrites_every_reference() {
         let mut r = parse(br#"{"resourceType":"Observation","subject":{"reference":"urn:uuid:1"},"performer":[{"reference":"urn:uuid:2"},{"display":"x"}]}"#, 64).unwrap();
         for_each_reference_mut(&mut r, &mut |s| *s = s.replace("urn:uuid:", "Patient/"));
-        assert_eq!(r.to_compact(), r#"{"resourceType":"Observation","subject":{"reference":"Patient/1"},"performer":[{"reference":"Patient/2"},{"display":"x"}]}"#);
+        assert_eq!(
+            r.to_compact(),
+            r#"{"resourceType":"Observation","subject":{"reference":"Patient/1"},"performer":[{"reference":"Patient/2"},{"display":"x"}]}"#
+        );
     }
 
     #[test]

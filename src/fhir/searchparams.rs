@@ -46,7 +46,8 @@ impl SearchParams {
     pub fn load(dir: &Path) -> Result<Self, String> {
         let path = dir.join("search-parameters.json");
         let text = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let bundle: serde_json::Value = serde_json::from_slice(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        let bundle: serde_json::Value =
+            serde_json::from_slice(&text).map_err(|e| format!("{}: {e}", path.display()))?;
         let mut by_type: BTreeMap<String, BTreeMap<String, SearchParam>> = BTreeMap::new();
         for entry in bundle["entry"].as_array().into_iter().flatten() {
             let r = &entry["resource"];
@@ -64,8 +65,7 @@ impl SearchParams {
             let targets: Vec<String> =
                 r["target"].as_array().into_iter().flatten().filter_map(|t| t.as_str().map(String::from)).collect();
             for base in r["base"].as_array().into_iter().flatten().filter_map(|b| b.as_str()) {
-                let paths: Vec<ParamPath> =
-                    expression.split('|').filter_map(|e| parse_path(e.trim(), base)).collect();
+                let paths: Vec<ParamPath> = expression.split('|').filter_map(|e| parse_path(e.trim(), base)).collect();
                 if paths.is_empty() {
                     continue;
                 }

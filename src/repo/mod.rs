@@ -111,8 +111,8 @@ impl Repo {
             .data_key(&h.compartment)?
             .ok_or_else(|| FhirError::new(410, "deleted", "the data of this resource has been erased"))?;
         let dek = self.keys.unwrap(&h.compartment, &wrapped).map_err(FhirError::internal)?;
-        let plain = crypto::open(&dek, &rec.body, aad(&h.rtype, &h.id, h.version).as_bytes())
-            .map_err(FhirError::internal)?;
+        let plain =
+            crypto::open(&dek, &rec.body, aad(&h.rtype, &h.id, h.version).as_bytes()).map_err(FhirError::internal)?;
         json::parse(&plain, 1024).map_err(FhirError::internal)
     }
 
@@ -355,8 +355,10 @@ pub fn set_server_fields(res: &mut Json, id: &str, version: u64, now_ms: i64) {
             _ => rest.push((k, v)),
         }
     }
-    let mut new_meta =
-        vec![("versionId".to_string(), Json::String(version.to_string())), ("lastUpdated".to_string(), Json::String(crate::fhir::instant(now_ms)))];
+    let mut new_meta = vec![
+        ("versionId".to_string(), Json::String(version.to_string())),
+        ("lastUpdated".to_string(), Json::String(crate::fhir::instant(now_ms))),
+    ];
     new_meta.extend(meta);
     if let Some(t) = rtype {
         members.push(("resourceType".into(), t));

@@ -89,7 +89,10 @@ pub fn parse(repo: &Repo, rtype: &str, params: &[(String, String)], lenient: boo
         }
         if code == "_lastUpdated" {
             if modifier.is_some() {
-                return Err(bad(format!("modifier :{} is not supported on _lastUpdated", modifier.unwrap_or_default())));
+                return Err(bad(format!(
+                    "modifier :{} is not supported on _lastUpdated",
+                    modifier.unwrap_or_default()
+                )));
             }
             let mut group = Vec::new();
             for v in value.split(',') {

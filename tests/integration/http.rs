@@ -80,7 +80,8 @@ async fn crud_lifecycle_with_versions_headers_and_history() {
 
     let v1 = call!(app, TestRequest::get().uri(&format!("/Patient/{id}/_history/1")));
     assert_eq!(v1.json()["gender"], "male");
-    let minimal = call!(app, put(&format!("/Patient/{id}"), &updated.to_string()).insert_header(("prefer", "return=minimal")));
+    let minimal =
+        call!(app, put(&format!("/Patient/{id}"), &updated.to_string()).insert_header(("prefer", "return=minimal")));
     assert_eq!(minimal.status, StatusCode::OK);
     assert!(minimal.text.is_empty());
 
@@ -97,7 +98,10 @@ async fn crud_lifecycle_with_versions_headers_and_history() {
     let type_hist = call!(app, TestRequest::get().uri("/Patient/_history?_count=2"));
     let th = type_hist.json();
     assert_eq!(th["entry"].as_array().unwrap().len(), 2);
-    let next = th["link"].as_array().unwrap().iter().find(|l| l["relation"] == "next").unwrap()["url"].as_str().unwrap().to_string();
+    let next = th["link"].as_array().unwrap().iter().find(|l| l["relation"] == "next").unwrap()["url"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let path = next.split_once("://").unwrap().1.split_once('/').unwrap().1;
     let page2 = call!(app, TestRequest::get().uri(&format!("/{path}")));
     assert_eq!(page2.json()["entry"].as_array().unwrap().len(), 2);
@@ -251,7 +255,9 @@ async fn search_filters_pages_and_refuses_unknown_parameters() {
             seen.push(e["resource"]["id"].as_str().unwrap().to_string());
         }
         match page["link"].as_array().unwrap().iter().find(|l| l["relation"] == "next") {
-            Some(l) => uri = format!("/{}", l["url"].as_str().unwrap().split_once("://").unwrap().1.split_once('/').unwrap().1),
+            Some(l) => {
+                uri = format!("/{}", l["url"].as_str().unwrap().split_once("://").unwrap().1.split_once('/').unwrap().1)
+            }
             None => break,
         }
     }
@@ -280,7 +286,12 @@ async fn bad_input_gets_an_operation_outcome_and_writes_nothing() {
         ("wrong type for URL", post("/Patient", r#"{"resourceType":"Observation"}"#), 400, "resourceType"),
         ("unknown element", post("/Patient", r#"{"resourceType":"Patient","robot":true}"#), 400, "Patient.robot"),
         ("invalid code", post("/Patient", r#"{"resourceType":"Patient","gender":"robot"}"#), 400, "Patient.gender"),
-        ("bad date", post("/Patient", r#"{"resourceType":"Patient","birthDate":"1974-13-45"}"#), 400, "Patient.birthDate"),
+        (
+            "bad date",
+            post("/Patient", r#"{"resourceType":"Patient","birthDate":"1974-13-45"}"#),
+            400,
+            "Patient.birthDate",
+        ),
         ("wrong JSON type", post("/Patient", r#"{"resourceType":"Patient","active":"yes"}"#), 400, "Patient.active"),
         ("id mismatch", put("/Patient/a", r#"{"resourceType":"Patient","id":"b"}"#), 400, "Patient.id"),
         ("bad id", put("/Patient/a_b", r#"{"resourceType":"Patient","id":"a_b"}"#), 400, ""),
@@ -298,7 +309,13 @@ async fn bad_input_gets_an_operation_outcome_and_writes_nothing() {
             assert!(e.starts_with(expr), "{what}: expression {e:?} in {}", r.text);
         }
     }
-    let invalid_utf8 = call!(app, TestRequest::post().uri("/Patient").insert_header(("content-type", "application/fhir+json")).set_payload(b"{\"resourceType\":\"Patient\",\"id\":\"\xff\"}".to_vec()));
+    let invalid_utf8 = call!(
+        app,
+        TestRequest::post()
+            .uri("/Patient")
+            .insert_header(("content-type", "application/fhir+json"))
+            .set_payload(b"{\"resourceType\":\"Patient\",\"id\":\"\xff\"}".to_vec())
+    );
     assert!(invalid_utf8.outcome(400)["diagnostics"].as_str().unwrap().contains("UTF-8"), "{}", invalid_utf8.text);
     let deep = format!("{{\"resourceType\":\"Patient\",\"x\":{}{}}}", "[".repeat(100_000), "]".repeat(100_000));
     call!(app, post("/Patient", &deep)).outcome(400);
@@ -319,7 +336,8 @@ async fn capability_statement_lists_what_works() {
     let resources = cs["rest"][0]["resource"].as_array().unwrap();
     assert!(resources.len() >= 145, "every R4 resource type: {}", resources.len());
     let obs = resources.iter().find(|r| r["type"] == "Observation").unwrap();
-    let params: Vec<&str> = obs["searchParam"].as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
+    let params: Vec<&str> =
+        obs["searchParam"].as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
     assert!(params.contains(&"patient") && params.contains(&"subject") && params.contains(&"identifier"), "{params:?}");
     assert!(!params.contains(&"code"), "code search is not implemented yet and must not be claimed");
     let json = call!(app, TestRequest::get().uri("/metadata").insert_header(("accept", "application/json")));

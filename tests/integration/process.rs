@@ -40,7 +40,13 @@ async fn writer(client: reqwest::Client, base: String, n: usize, stop: Arc<Atomi
                 let (path, _, body) = mine.clone().unwrap_or_default();
                 let mut body = body;
                 body["name"] = json!([{"family": tag}]);
-                if let Ok(r) = client.put(format!("{base}/{path}")).header("content-type", "application/fhir+json").body(body.to_string()).send().await {
+                if let Ok(r) = client
+                    .put(format!("{base}/{path}"))
+                    .header("content-type", "application/fhir+json")
+                    .body(body.to_string())
+                    .send()
+                    .await
+                {
                     if r.status().is_success() {
                         let v: Value = r.json().await.unwrap_or_default();
                         let version = v["meta"]["versionId"].as_str().and_then(|s| s.parse().ok()).unwrap_or(0);
@@ -51,7 +57,13 @@ async fn writer(client: reqwest::Client, base: String, n: usize, stop: Arc<Atomi
             }
             _ => {
                 let body = json!({"resourceType":"Patient","identifier":[{"system":"urn:crash","value":tag}],"name":[{"family":tag}],"birthDate":"1970-01-01"});
-                if let Ok(r) = client.post(format!("{base}/Patient")).header("content-type", "application/fhir+json").body(body.to_string()).send().await {
+                if let Ok(r) = client
+                    .post(format!("{base}/Patient"))
+                    .header("content-type", "application/fhir+json")
+                    .body(body.to_string())
+                    .send()
+                    .await
+                {
                     if r.status().as_u16() == 201 {
                         let v: Value = r.json().await.unwrap_or_default();
                         let id = v["id"].as_str().unwrap_or_default().to_string();
@@ -84,9 +96,8 @@ async fn kill9_under_32_writers_loses_no_acknowledged_write() {
     let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let log = Arc::new(Mutex::new(Log::default()));
-    let tasks: Vec<_> = (0..32)
-        .map(|n| tokio::spawn(writer(client.clone(), base.clone(), n, stop.clone(), log.clone())))
-        .collect();
+    let tasks: Vec<_> =
+        (0..32).map(|n| tokio::spawn(writer(client.clone(), base.clone(), n, stop.clone(), log.clone()))).collect();
     tokio::time::sleep(Duration::from_millis(3000)).await;
     server.kill9();
     stop.store(true, Ordering::Relaxed);
