@@ -150,7 +150,9 @@ async fn conditional_create_update_delete_and_patch() {
     let cu = call!(app, put("/Patient?identifier=urn:mrn|42", &changed.to_string()));
     assert_eq!(cu.status, StatusCode::OK, "{}", cu.text);
     assert_eq!(cu.json()["id"], id.as_str());
-    let cu_new = call!(app, put("/Patient?identifier=urn:mrn|43", &changed.to_string()));
+    let mut other = changed.clone();
+    other["identifier"][0]["value"] = json!("43");
+    let cu_new = call!(app, put("/Patient?identifier=urn:mrn|43", &other.to_string()));
     assert_eq!(cu_new.status, StatusCode::CREATED, "{}", cu_new.text);
 
     let patch = r#"[{"op":"replace","path":"/gender","value":"other"},{"op":"add","path":"/active","value":true}]"#;

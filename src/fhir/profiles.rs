@@ -1,0 +1,212 @@
+//! The R4 structure model compiled from the pinned StructureDefinitions and ValueSets in
+//! `fhir-profiles/`: for every element path its children, cardinality, types and required
+//! binding. Built once at start-up; `validate.rs` walks resources against it.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::Path;
+
+use serde_json::Value;
+
+/// One element definition, as a child of its parent path.
+#[derive(Debug, Clone)]
+pub struct Element {
+    /// JSON name; choice elements keep their `[x]` suffix stripped (`value`) and set `choice`.
+    pub name: String,
+    pub choice: bool,
+    pub path: String,
+    pub min: u32,
+    pub many: bool,
+    /// Type codes (`string`, `HumanName`, `BackboneElement`, `Resource`, ...).
+    pub types: Vec<String>,
+    /// `#Questionnaire.item` style reuse of another element's children.
+    pub content_ref: Option<String>,
+    /// Codes allowed by a required binding, when the value set could be expanded offline.
+    pub required_codes: Option<usize>,
+}
+
+/// Codes of one expanded value set: `(system, code)` pairs.
+#[derive(Debug, Default)]
+pub struct CodeSet {
+    pub codes: BTreeSet<(String, String)>,
+    pub systems: BTreeSet<String>,
+}
+
+impl CodeSet {
+    pub fn has_code(&self, code: &str) -> bool {
+        self.codes.iter().any(|(_, c)| c == code)
+    }
+    pub fn has(&self, system: &str, code: &str) -> bool {
+        self.codes.contains(&(system.to_string(), code.to_string()))
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Profiles {
+    /// Children of each element path (`Patient`, `Patient.contact`, `HumanName`, ...).
+    children: HashMap<String, Vec<Element>>,
+    resource_types: Vec<String>,
+    primitive_types: BTreeSet<String>,
+    pub(crate) code_sets: Vec<CodeSet>,
+}
+
+fn read_bundle(dir: &Path, file: &str) -> Result<Value, String> {
+    let path = dir.join(file);
+    let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+fn resources(bundle: &Value) -> impl Iterator<Item = &Value> {
+    bundle["entry"].as_array().into_iter().flatten().map(|e| &e["resource"])
+}
+
+impl Profiles {
+    pub fn load(dir: &Path) -> Result<Profiles, String> {
+        let types = read_bundle(dir, "profiles-types.json")?;
+        let res = read_bundle(dir, "profiles-resources.json")?;
+        let valuesets = read_bundle(dir, "valuesets.json")?;
+        let expander = Expander::new(&valuesets);
+        let mut p = Profiles::default();
+        let mut vs_index: BTreeMap<String, Option<usize>> = BTreeMap::new();
+        for sd in resources(&types).chain(resources(&res)) {
+            if sd["resourceType"] != "StructureDefinition" || sd["derivation"] == "constraint" {
+                continue;
+            }
+            let kind = sd["kind"].as_str().unwrap_or_default();
+            let name = sd["id"].as_str().unwrap_or_default().to_string();
+            match kind {
+                "resource" if sd["abstract"] == false => p.resource_types.push(name.clone()),
+                "primitive-type" => {
+                    p.primitive_types.insert(name.clone());
+                    continue;
+                }
+                "resource" | "complex-type" => {}
+                _ => continue,
+            }
+            for el in sd["snapshot"]["element"].as_array().into_iter().flatten() {
+                let path = el["path"].as_str().unwrap_or_default();
+                let Some((parent, last)) = path.rsplit_once('.') else { continue };
+                let choice = last.ends_with("[x]");
+                let types: Vec<String> = el["type"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|t| t["code"].as_str())
+                    .map(|c| {
+                        c.strip_prefix("http://hl7.org/fhirpath/System.").map_or(c.to_string(), |s| s.to_lowercase())
+                    })
+                    .collect();
+                let required_codes = match (el["binding"]["strength"].as_str(), el["binding"]["valueSet"].as_str()) {
+                    (Some("required"), Some(url)) => {
+                        let url = url.split('|').next().unwrap_or(url).to_string();
+                        *vs_index.entry(url.clone()).or_insert_with(|| {
+                            expander.expand(&url).map(|set| {
+                                p.code_sets.push(set);
+                                p.code_sets.len() - 1
+                            })
+                        })
+                    }
+                    _ => None,
+                };
+                p.children.entry(parent.to_string()).or_default().push(Element {
+                    name: last.trim_end_matches("[x]").to_string(),
+                    choice,
+                    path: path.to_string(),
+                    min: el["min"].as_u64().unwrap_or(0) as u32,
+                    many: el["max"].as_str().is_some_and(|m| m != "0" && m != "1"),
+                    types,
+                    content_ref: el["contentReference"].as_str().map(|r| r.trim_start_matches('#').to_string()),
+                    required_codes,
+                });
+            }
+        }
+        p.resource_types.sort();
+        if p.resource_types.is_empty() {
+            return Err(format!("{}: no resource StructureDefinitions found", dir.display()));
+        }
+        Ok(p)
+    }
+
+    /// Every concrete R4 resource type, sorted.
+    pub fn resource_types(&self) -> &[String] {
+        &self.resource_types
+    }
+
+    pub fn is_resource_type(&self, name: &str) -> bool {
+        self.resource_types.binary_search_by(|t| t.as_str().cmp(name)).is_ok()
+    }
+
+    pub fn is_primitive(&self, type_code: &str) -> bool {
+        self.primitive_types.contains(type_code) || matches!(type_code, "string" | "boolean" | "integer" | "decimal")
+    }
+
+    pub fn children(&self, path: &str) -> Option<&[Element]> {
+        self.children.get(path).map(Vec::as_slice)
+    }
+
+    pub fn validate(&self, resource: &super::json::Json) -> Vec<super::validate::Issue> {
+        super::validate::validate(self, resource)
+    }
+}
+
+/// Expands ValueSets from `valuesets.json` where that is possible offline.
+struct Expander<'a> {
+    value_sets: HashMap<&'a str, &'a Value>,
+    code_systems: HashMap<&'a str, &'a Value>,
+}
+
+impl<'a> Expander<'a> {
+    fn new(bundle: &'a Value) -> Self {
+        let mut value_sets = HashMap::new();
+        let mut code_systems = HashMap::new();
+        for r in resources(bundle) {
+            let Some(url) = r["url"].as_str() else { continue };
+            match r["resourceType"].as_str() {
+                Some("ValueSet") => {
+                    value_sets.insert(url, r);
+                }
+                Some("CodeSystem") => {
+                    code_systems.insert(url, r);
+                }
+                _ => {}
+            }
+        }
+        Self { value_sets, code_systems }
+    }
+
+    /// `None` when any part needs a filter, an external code system or another value set.
+    fn expand(&self, url: &str) -> Option<CodeSet> {
+        let vs = self.value_sets.get(url)?;
+        let mut set = CodeSet::default();
+        for inc in vs["compose"]["include"].as_array()? {
+            if inc.get("filter").is_some() || inc.get("valueSet").is_some() {
+                return None;
+            }
+            let system = inc["system"].as_str()?;
+            set.systems.insert(system.to_string());
+            match inc["concept"].as_array() {
+                Some(concepts) => {
+                    for c in concepts {
+                        set.codes.insert((system.to_string(), c["code"].as_str()?.to_string()));
+                    }
+                }
+                None => {
+                    let cs = self.code_systems.get(system)?;
+                    if cs["content"] != "complete" {
+                        return None;
+                    }
+                    collect(system, &cs["concept"], &mut set);
+                }
+            }
+        }
+        Some(set)
+    }
+}
+
+fn collect(system: &str, concepts: &Value, set: &mut CodeSet) {
+    for c in concepts.as_array().into_iter().flatten() {
+        if let Some(code) = c["code"].as_str() {
+            set.codes.insert((system.to_string(), code.to_string()));
+        }
+        collect(system, &c["concept"], set);
+    }
+}
