@@ -349,63 +349,43 @@ fn date_time(s: &str, need_time: bool) -> Result<(), String> {
 }
 
 fn string_format(t: &str, s: &str) -> Result<(), String> {
-    if s.is_empty() {
-        return Err("empty strings are not allowed in FHIR".into());
-    }
+    let is_oid = || {
+        s.strip_prefix("urn:oid:").is_some_and(|r| {
+            r.split('.').count() >= 2 && r.split('.').all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+        })
+    };
+    let is_uuid = || {
+        s.strip_prefix("urn:uuid:").is_some_and(|r| {
+            r.len() == 36
+                && r.char_indices()
+                    .all(|(i, c)| if [8, 13, 18, 23].contains(&i) { c == '-' } else { c.is_ascii_hexdigit() })
+        })
+    };
     match t {
-        "id" => {
-            if !super::is_valid_id(s) {
-                return Err(format!("{s:?} is not an id (1-64 of A-Z a-z 0-9 - .)"));
-            }
+        _ if s.is_empty() => Err("empty strings are not allowed in FHIR".into()),
+        "id" if !super::is_valid_id(s) => Err(format!("{s:?} is not an id (1-64 of A-Z a-z 0-9 - .)")),
+        "code" if s.trim() != s || s.contains("  ") || s.contains(['\t', '\n', '\r']) => {
+            Err(format!("{s:?}: codes have no leading, trailing or repeated whitespace"))
         }
-        "code" => {
-            if s.trim() != s || s.contains("  ") || s.contains(['\t', '\n', '\r']) {
-                return Err(format!("{s:?}: codes have no leading, trailing or repeated whitespace"));
-            }
+        "date" => date(s),
+        "dateTime" => date_time(s, false),
+        "instant" => date_time(s, true),
+        "time" => time(s),
+        "uri" | "url" | "canonical" if s.chars().any(char::is_whitespace) => {
+            Err(format!("{s:?}: a {t} may not contain whitespace"))
         }
-        "date" => date(s)?,
-        "dateTime" => date_time(s, false)?,
-        "instant" => {
-            date_time(s, true)?;
+        "oid" if !is_oid() => Err(format!("{s:?} is not an oid (urn:oid:1.2.3)")),
+        "uuid" if !is_uuid() => Err(format!("{s:?} is not a uuid (urn:uuid:...)")),
+        "base64Binary"
+            if !s
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'=' | b' ' | b'\n' | b'\r')) =>
+        {
+            Err("not base64".into())
         }
-        "time" => time(s)?,
-        "uri" | "url" | "canonical" => {
-            if s.chars().any(char::is_whitespace) {
-                return Err(format!("{s:?}: a {t} may not contain whitespace"));
-            }
-        }
-        "oid" => {
-            let ok = s.strip_prefix("urn:oid:").is_some_and(|r| {
-                r.split('.').count() >= 2
-                    && r.split('.').all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
-            });
-            if !ok {
-                return Err(format!("{s:?} is not an oid (urn:oid:1.2.3)"));
-            }
-        }
-        "uuid" => {
-            let ok = s.strip_prefix("urn:uuid:").is_some_and(|r| {
-                r.len() == 36
-                    && r.char_indices()
-                        .all(|(i, c)| if [8, 13, 18, 23].contains(&i) { c == '-' } else { c.is_ascii_hexdigit() })
-            });
-            if !ok {
-                return Err(format!("{s:?} is not a uuid (urn:uuid:...)"));
-            }
-        }
-        "base64Binary" => {
-            if !s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'=' | b' ' | b'\n' | b'\r')) {
-                return Err("not base64".into());
-            }
-        }
-        "xhtml" => {
-            if !s.trim_start().starts_with("<div") {
-                return Err("narrative must be an XHTML <div>".into());
-            }
-        }
-        _ => {}
+        "xhtml" if !s.trim_start().starts_with("<div") => Err("narrative must be an XHTML <div>".into()),
+        _ => Ok(()),
     }
-    Ok(())
 }
 
 #[cfg(test)]
