@@ -79,7 +79,7 @@ impl Ledger {
     pub async fn open_single(dir: &Path, node_id: NodeId, key: SigningKey, api_addr: &str) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let db = sled_store::SledDb::open(dir)?;
-        let log = log_store::LogStore::new(db.tree("raft_log")?);
+        let log = log_store::LogStore::new(db.tree("raft_log")?, db.tree("raft_meta")?);
         let sm = state_machine::StateMachine::new(db.tree("state")?);
         let view = sm.view();
         let config = openraft::Config {

@@ -34,15 +34,18 @@ fn werr(e: impl std::fmt::Display) -> StorageError<NodeId> {
 #[derive(Clone, Debug)]
 pub struct LogStore {
     kv: Arc<dyn KvStore>,
+    /// Vote, committed and purged ids live apart from the entries: sled rewrites a whole node
+    /// on update, and the node holding the newest (large) entries is the last place for them.
+    meta: Arc<dyn KvStore>,
 }
 
 impl LogStore {
-    pub fn new(kv: Arc<dyn KvStore>) -> Self {
-        Self { kv }
+    pub fn new(kv: Arc<dyn KvStore>, meta: Arc<dyn KvStore>) -> Self {
+        Self { kv, meta }
     }
 
     fn get_meta<T: for<'a> Deserialize<'a>>(&self, key: &[u8]) -> Result<Option<T>, StorageError<NodeId>> {
-        match self.kv.get(key).map_err(rerr)? {
+        match self.meta.get(key).map_err(rerr)? {
             Some(b) => Ok(Some(bincode::deserialize(&b).map_err(rerr)?)),
             None => Ok(None),
         }
@@ -51,7 +54,7 @@ impl LogStore {
     fn put_meta<T: Serialize>(&self, key: &[u8], v: &T) -> Result<(), StorageError<NodeId>> {
         let mut wb = WriteBatch::default();
         wb.put(key.to_vec(), bincode::serialize(v).map_err(werr)?);
-        self.kv.apply(wb).map_err(werr)
+        self.meta.apply(wb).map_err(werr)
     }
 
     async fn flush(&self) -> Result<(), StorageError<NodeId>> {

@@ -21,7 +21,10 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Bui
     async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachine), StorageError<u64>> {
         let dir = tempfile::tempdir().map_err(|e| openraft::StorageIOError::write(&e))?;
         let db = SledDb::open(dir.path()).map_err(|e| openraft::StorageIOError::write(&e))?;
-        let log = LogStore::new(db.tree("raft_log").map_err(|e| openraft::StorageIOError::write(&e))?);
+        let log = LogStore::new(
+            db.tree("raft_log").map_err(|e| openraft::StorageIOError::write(&e))?,
+            db.tree("raft_meta").map_err(|e| openraft::StorageIOError::write(&e))?,
+        );
         let sm = StateMachine::new(db.tree("state").map_err(|e| openraft::StorageIOError::write(&e))?);
         Ok((dir, log, sm))
     }
