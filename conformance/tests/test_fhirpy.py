@@ -1,4 +1,9 @@
-"""fhirpy (PyPI): CRUD, history, conditional create, transactions and paging."""
+"""fhirpy (PyPI): CRUD, history, conditional update, transactions and paging.
+
+fhirpy's `count()` adds `_totalMethod` and its `get_or_create()` POSTs search parameters as a
+query string: both are Aidbox extensions, not FHIR R4 (conditional create is the If-None-Exist
+header), so this server answers them with a 400 naming the parameter, which is asserted below.
+"""
 import uuid
 
 import pytest
@@ -11,7 +16,11 @@ def fhir(base):
     return SyncFHIRClient(base, extra_headers={"Content-Type": "application/fhir+json"})
 
 
-def test_crud_history_and_conditional_create(fhir):
+def total(fhir, rtype, **params):
+    return len(fhir.resources(rtype).search(**params).fetch_all())
+
+
+def test_crud_history_and_conditional_update(fhir):
     tag = str(uuid.uuid4())
     p = fhir.resource("Patient", identifier=[{"system": "urn:fhirpy", "value": tag}], name=[{"family": "Py"}])
     p.save()
@@ -23,16 +32,22 @@ def test_crud_history_and_conditional_create(fhir):
     assert hist["type"] == "history" and hist["total"] == 2
     assert [e["resource"]["meta"]["versionId"] for e in hist["entry"]] == ["2", "1"]
 
-    # Conditional create: the second call finds the first resource instead of creating one.
-    again = fhir.resources("Patient").search(identifier=f"urn:fhirpy|{tag}").get_or_create(
-        fhir.resource("Patient", identifier=[{"system": "urn:fhirpy", "value": tag}])
+    # Conditional update (PUT Patient?identifier=...) updates the one match.
+    updated, created = fhir.resources("Patient").search(identifier=f"urn:fhirpy|{tag}").update(
+        fhir.resource("Patient", identifier=[{"system": "urn:fhirpy", "value": tag}], gender="other")
     )
-    resource = again[0] if isinstance(again, tuple) else again
-    assert resource.id == p.id
-    assert fhir.resources("Patient").search(identifier=f"urn:fhirpy|{tag}").count() == 1
+    assert not created and updated.id == p.id and updated["gender"] == "other"
+    assert total(fhir, "Patient", identifier=f"urn:fhirpy|{tag}") == 1
 
     p.delete()
-    assert fhir.resources("Patient").search(identifier=f"urn:fhirpy|{tag}").count() == 0
+    assert total(fhir, "Patient", identifier=f"urn:fhirpy|{tag}") == 0
+
+
+def test_aidbox_extensions_are_refused_not_ignored(fhir):
+    with pytest.raises(OperationOutcome, match="_totalMethod"):
+        fhir.resources("Patient").search(_id="x").count()
+    with pytest.raises(OperationOutcome, match="If-None-Exist"):
+        fhir.resources("Patient").search(identifier="urn:x|1").get_or_create(fhir.resource("Patient"))
 
 
 def test_transaction_rewrites_urn_uuid_references(fhir):
@@ -51,7 +66,7 @@ def test_transaction_rewrites_urn_uuid_references(fhir):
     pid = resp["entry"][0]["response"]["location"].split("/")[1]
     obs = fhir.resources("Observation").search(identifier=f"urn:tx|{tag}").first()
     assert obs["subject"]["reference"] == f"Patient/{pid}"
-    assert fhir.resources("Observation").search(subject=f"Patient/{pid}").count() == 1
+    assert total(fhir, "Observation", subject=f"Patient/{pid}") == 1
 
 
 def test_failed_transaction_leaves_nothing(fhir):
@@ -64,9 +79,9 @@ def test_failed_transaction_leaves_nothing(fhir):
             {"resource": {"resourceType": "Patient", "identifier": [{"system": "urn:tx", "value": tag}], "gender": "robot"}, "request": {"method": "POST", "url": "Patient"}},
         ],
     }
-    with pytest.raises(OperationOutcome):
+    with pytest.raises(OperationOutcome, match="gender"):
         fhir.execute("", method="post", data=bundle)
-    assert fhir.resources("Patient").search(identifier=f"urn:tx|{tag}").count() == 0
+    assert total(fhir, "Patient", identifier=f"urn:tx|{tag}") == 0
 
 
 def test_search_by_patient_and_paging(fhir):

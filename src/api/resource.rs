@@ -113,6 +113,14 @@ pub async fn create(
     let rtype = path.into_inner();
     let result = async {
         let f = Format::negotiate(&req)?;
+        // Some clients send create criteria as a query string (an Aidbox extension); FHIR R4's
+        // conditional create is the If-None-Exist header, and silently creating would be wrong.
+        if let Some((k, _)) = interactions::parse_query(req.query_string()).into_iter().find(|(k, _)| k != "_format" && k != "_pretty") {
+            return Err(FhirError::invalid(format!(
+                "create takes no search parameters (got {k:?}); for a conditional create send them in the If-None-Exist header"
+            ))
+            .at(k));
+        }
         let res = resource_body(&req, payload, &state, &rtype).await?;
         let if_none_exist = req.headers().get("if-none-exist").map(|v| v.to_str().unwrap_or("").to_string());
         let id = new_id();
