@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The benchmark in one invocation: a fresh fhir-ledger process and a throwaway PostgreSQL
+# (fsync=on, synchronous_commit=on) on loopback, then `fhir-ledger bench` against both.
+# Extra arguments go to `fhir-ledger bench`. Run from the repository root after
+# `cargo build --release`.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/../.." && pwd)"
+bin="${FHIR_LEDGER_BIN:-$root/target/release/fhir-ledger}"
+
+pgbin="$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1 || true)"
+if [ -z "$pgbin" ] || [ ! -x "$pgbin/initdb" ]; then
+  apt-get update -qq && apt-get install -y -qq postgresql >/dev/null
+  pgbin="$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)"
+fi
+
+work="$(mktemp -d)"
+chmod 755 "$work"
+cleanup() {
+  if [ -n "${server:-}" ]; then kill -9 "$server" 2>/dev/null; wait "$server" 2>/dev/null; fi || true
+  runuser -u postgres -- "$pgbin/pg_ctl" -D "$work/pg" -m immediate stop >/dev/null 2>&1 || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+pgport=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+mkdir "$work/pg" && chown postgres "$work/pg"
+runuser -u postgres -- "$pgbin/initdb" -D "$work/pg" -U postgres --auth=trust >/dev/null
+runuser -u postgres -- "$pgbin/pg_ctl" -D "$work/pg" -l "$work/pg/log" -w \
+  -o "-p $pgport -k /tmp -c listen_addresses=127.0.0.1 -c fsync=on -c synchronous_commit=on -c shared_buffers=512MB" start >/dev/null
+
+"$bin" serve --listen 127.0.0.1:0 --data-dir "$work/ledger" --auth off 2>"$work/server.log" &
+server=$!
+for _ in $(seq 1 600); do
+  base="$(sed -n 's/^fhir-ledger: listening on //p' "$work/server.log" | head -1)"
+  [ -n "$base" ] && break
+  sleep 0.1
+done
+[ -n "$base" ] || { cat "$work/server.log"; exit 1; }
+
+echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(free -g | awk '/Mem/ {print $2}') GiB; $(date -u +%Y-%m-%dT%H:%MZ); $(uname -r)"
+echo "postgres: $("$pgbin/postgres" --version) on port $pgport"
+cd "$root"
+"$bin" bench --base "$base" --postgres "host=127.0.0.1 port=$pgport user=postgres dbname=postgres" "$@"
+echo "ledger data dir after the run: $(du -sh "$work/ledger" | cut -f1)"
