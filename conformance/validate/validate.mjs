@@ -23,15 +23,26 @@ for (const f of ['fhir/r4/valuesets.json', 'fhir/r4/profiles-types.json', 'fhir/
 }
 const fhirjs = new Fhir(parser);
 
-// Known disagreements between a validator and the R4 specification, each with the reason.
-// (Empty: any issue from either validator fails the run.)
-const KNOWN_FALSE_POSITIVES = [];
+// Known, explained findings that do not fail the run. Anything else from either validator does.
+const KNOWN = [
+  {
+    // The Synthea data set itself: 340 of its 2,936 ExplanationOfBenefits have
+    // `insurer: {reference: Patient/...}`, but R4 types ExplanationOfBenefit.insurer as
+    // Reference(Organization). fhir-ledger, like HAPI and Blaze by default, does not enforce
+    // reference target types on write (see ARCHITECTURE.md), so it stores them as sent, and
+    // FHIR.js rightly reports them. Only this exact finding is excused.
+    validator: 'fhir.js',
+    location: 'ExplanationOfBenefit.insurer',
+    message: 'Invalid type for reference {"reference":"Patient/',
+  },
+];
 
 function check(resource) {
   const problems = [];
   const js = fhirjs.validate(resource, { errorOnUnexpected: true });
   for (const m of js.messages ?? []) {
-    if (m.severity === 'error' && !KNOWN_FALSE_POSITIVES.some((k) => k.validator === 'fhir.js' && m.message.includes(k.text))) {
+    const known = KNOWN.some((k) => k.validator === 'fhir.js' && m.location === k.location && m.message.startsWith(k.message));
+    if (m.severity === 'error' && !known) {
       problems.push(`FHIR.js: ${m.location}: ${m.message}`);
     }
   }
