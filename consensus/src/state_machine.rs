@@ -71,6 +71,8 @@ pub struct CurrentRecord {
     pub deleted: bool,
     pub last_updated_ms: i64,
     pub index: Vec<[u8; 32]>,
+    /// The Merkle leaf of every version, oldest first (`leaves[v - 1]` holds version `v`).
+    pub leaves: Vec<u64>,
 }
 
 /// One entry of the global history (the leaf with the same index).
@@ -96,16 +98,6 @@ fn sep_key(prefix: u8, parts: &[&[u8]]) -> Vec<u8> {
 pub(crate) fn current_key(rtype: &str, id: &str) -> Vec<u8> {
     sep_key(b'c', &[rtype.as_bytes(), id.as_bytes()])
 }
-pub(crate) fn version_prefix(rtype: &str, id: &str) -> Vec<u8> {
-    let mut k = sep_key(b'v', &[rtype.as_bytes(), id.as_bytes()]);
-    k.push(0);
-    k
-}
-pub(crate) fn version_key(rtype: &str, id: &str, version: u64) -> Vec<u8> {
-    let mut k = version_prefix(rtype, id);
-    k.extend_from_slice(&be(version));
-    k
-}
 pub(crate) fn posting_prefix(term: &[u8; 32], rtype: &str) -> Vec<u8> {
     let mut k = vec![b'x'];
     k.extend_from_slice(term);
@@ -117,11 +109,6 @@ pub(crate) fn posting_prefix(term: &[u8; 32], rtype: &str) -> Vec<u8> {
 /// instead of random places (ids are random), which keeps sled from rewriting large nodes.
 pub(crate) fn record_key(leaf: u64) -> Vec<u8> {
     let mut k = vec![b'r'];
-    k.extend_from_slice(&be(leaf));
-    k
-}
-pub(crate) fn leaf_key(leaf: u64) -> Vec<u8> {
-    let mut k = vec![b'l'];
     k.extend_from_slice(&be(leaf));
     k
 }
@@ -183,8 +170,9 @@ impl StateView {
         self.kv.get(&current_key(rtype, id))?.map(|b| decode(&b)).transpose()
     }
     pub fn version(&self, rtype: &str, id: &str, version: u64) -> io::Result<Option<VersionRecord>> {
-        match self.kv.get(&version_key(rtype, id, version))? {
-            Some(leaf) => self.record(crate::kv::read_be(&leaf).unwrap_or(u64::MAX)),
+        let leaf = self.current(rtype, id)?.and_then(|c| c.leaves.get((version as usize).wrapping_sub(1)).copied());
+        match leaf {
+            Some(leaf) => self.record(leaf),
             None => Ok(None),
         }
     }
@@ -195,13 +183,11 @@ impl StateView {
     /// Every version of one resource, newest first.
     pub fn versions(&self, rtype: &str, id: &str) -> io::Result<Vec<VersionRecord>> {
         let mut out = Vec::new();
-        for kv in self.kv.scan_prefix(&version_prefix(rtype, id)) {
-            let leaf = crate::kv::read_be(&kv?.1).unwrap_or(u64::MAX);
+        for leaf in self.current(rtype, id)?.map(|c| c.leaves).unwrap_or_default().into_iter().rev() {
             if let Some(r) = self.record(leaf)? {
                 out.push(r);
             }
         }
-        out.reverse();
         Ok(out)
     }
     /// Live ids of `rtype` having index term `term`, in id order.
@@ -257,8 +243,10 @@ impl StateView {
     pub fn data_key(&self, compartment: &str) -> io::Result<Option<Vec<u8>>> {
         self.kv.get(&data_key_key(compartment))
     }
+    /// The leaf hash is recomputed from the stored header: storing it too would only be a
+    /// second copy for `verify` to compare.
     pub fn leaf_hash(&self, leaf: u64) -> io::Result<Option<Hash>> {
-        Ok(self.kv.get(&leaf_key(leaf))?.and_then(|v| v.try_into().ok()))
+        Ok(self.record(leaf)?.map(|r| leaf_hash(&r.header.encode())))
     }
     pub fn frontier(&self) -> io::Result<Frontier> {
         Ok(self.kv.get(META_FRONTIER)?.map(|b| decode(&b)).transpose()?.unwrap_or_default())
@@ -388,16 +376,17 @@ impl StateMachine {
         log_index: u64,
     ) -> io::Result<u64> {
         let ckey = current_key(&w.rtype, &w.id);
-        if let Some(old) = ov.get(&ckey)?.map(|b| decode::<CurrentRecord>(&b)).transpose()? {
-            for term in &old.index {
-                let mut k = posting_prefix(term, &w.rtype);
-                k.extend_from_slice(w.id.as_bytes());
-                ov.delete(k);
-            }
-        }
+        let old = ov.get(&ckey)?.map(|b| decode::<CurrentRecord>(&b)).transpose()?;
         let deleted = w.op == crate::command::Op::Delete;
         let index = if deleted { Vec::new() } else { w.index.clone() };
-        for term in &index {
+        // Only postings that change are touched: an update that keeps its terms writes none.
+        let old_index = old.as_ref().map(|o| o.index.clone()).unwrap_or_default();
+        for term in old_index.iter().filter(|t| !index.contains(t)) {
+            let mut k = posting_prefix(term, &w.rtype);
+            k.extend_from_slice(w.id.as_bytes());
+            ov.delete(k);
+        }
+        for term in index.iter().filter(|t| !old_index.contains(t)) {
             let mut k = posting_prefix(term, &w.rtype);
             k.extend_from_slice(w.id.as_bytes());
             ov.put(k, Vec::new());
@@ -415,14 +404,13 @@ impl StateMachine {
             log_index,
         };
         let leaf = frontier.size;
-        let lh = leaf_hash(&header.encode());
-        frontier.append(lh);
-        ov.put(leaf_key(leaf), lh.to_vec());
-        ov.put(version_key(&w.rtype, &w.id, w.version), be(leaf).to_vec());
+        frontier.append(leaf_hash(&header.encode()));
         ov.put(record_key(leaf), encode(&VersionRecord { header, leaf, body: w.body.clone() })?);
+        let mut leaves = old.map(|o| o.leaves).unwrap_or_default();
+        leaves.push(leaf);
         ov.put(
             ckey,
-            encode(&CurrentRecord { version: w.version, deleted, last_updated_ms: w.last_updated_ms, index })?,
+            encode(&CurrentRecord { version: w.version, deleted, last_updated_ms: w.last_updated_ms, index, leaves })?,
         );
         Ok(leaf)
     }

@@ -166,8 +166,8 @@ async fn process(
 
 /// Resolves `Type?criteria` to exactly one id (recording the match as a precondition).
 fn resolve_conditional(plan: &mut Plan<'_>, rtype: &str, query: &str, what: &str) -> Result<Option<String>, FhirError> {
-    let groups = interactions::conditional_terms(plan, rtype, query)?;
-    let ids = plan.matching(rtype, groups)?;
+    let (ids, groups) = interactions::conditional_terms(plan, rtype, query)?;
+    let ids = plan.matching(rtype, ids, groups)?;
     match ids.len() {
         0 | 1 => Ok(ids.into_iter().next()),
         n => Err(FhirError::precondition(format!("{what} {rtype}?{query} matched {n} resources"))),

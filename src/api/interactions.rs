@@ -26,18 +26,20 @@ impl Planned {
 
 /// Parses a conditional query (`identifier=a|b&patient=1`) into index-term groups, refusing
 /// what the state machine cannot re-check deterministically.
-pub fn conditional_terms(plan: &Plan<'_>, rtype: &str, query: &str) -> Result<Vec<Vec<[u8; 32]>>, FhirError> {
+pub type Criteria = (Vec<Vec<String>>, Vec<Vec<[u8; 32]>>);
+
+pub fn conditional_terms(plan: &Plan<'_>, rtype: &str, query: &str) -> Result<Criteria, FhirError> {
     let params = parse_query(query);
     if params.is_empty() {
         return Err(FhirError::invalid("a conditional interaction needs search criteria"));
     }
     let q = search::parse(plan.repo(), rtype, &params, false)?;
-    if !q.last_updated.is_empty() || q.groups.is_empty() {
+    if !q.last_updated.is_empty() || (q.groups.is_empty() && q.ids.is_empty()) {
         return Err(FhirError::invalid(
             "conditional interactions support _id, identifier, patient and subject criteria",
         ));
     }
-    Ok(q.groups)
+    Ok((q.ids, q.groups))
 }
 
 pub fn parse_query(query: &str) -> Vec<(String, String)> {
@@ -64,8 +66,8 @@ pub fn create(
     if_none_exist: Option<&str>,
 ) -> Result<Planned, FhirError> {
     if let Some(query) = if_none_exist {
-        let groups = conditional_terms(plan, rtype, query)?;
-        let ids = plan.matching(rtype, groups)?;
+        let (ids, groups) = conditional_terms(plan, rtype, query)?;
+        let ids = plan.matching(rtype, ids, groups)?;
         match ids.len() {
             0 => {}
             1 => return Ok(Planned { status: 200, write: None, existing: Some((rtype.into(), ids[0].clone())) }),
@@ -98,8 +100,8 @@ pub fn conditional_update(
     res: Json,
     new_id: &str,
 ) -> Result<Planned, FhirError> {
-    let groups = conditional_terms(plan, rtype, query)?;
-    let ids = plan.matching(rtype, groups)?;
+    let (ids, groups) = conditional_terms(plan, rtype, query)?;
+    let ids = plan.matching(rtype, ids, groups)?;
     let body_id = res.get("id").and_then(Json::as_str).map(String::from);
     let id = match (ids.as_slice(), body_id) {
         ([], Some(b)) => b,
@@ -127,8 +129,8 @@ pub fn delete(plan: &mut Plan<'_>, rtype: &str, id: &str, if_match: Option<u64>)
 }
 
 pub fn conditional_delete(plan: &mut Plan<'_>, rtype: &str, query: &str) -> Result<Planned, FhirError> {
-    let groups = conditional_terms(plan, rtype, query)?;
-    let ids = plan.matching(rtype, groups)?;
+    let (ids, groups) = conditional_terms(plan, rtype, query)?;
+    let ids = plan.matching(rtype, ids, groups)?;
     match ids.as_slice() {
         [] => Ok(Planned { status: 204, write: None, existing: None }),
         [one] => delete(plan, rtype, &one.clone(), None),

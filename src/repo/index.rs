@@ -38,7 +38,9 @@ pub fn identifier_values(v: &Json) -> Vec<String> {
     out
 }
 
-/// `Type/id` and `*/id` for a relative reference (absolute URLs keep their last two segments).
+/// `Type/id` for a relative reference (absolute URLs keep their last two segments). A query
+/// without a type asks for each target type the parameter allows, so one term per reference is
+/// enough on the write side.
 pub fn reference_values(reference: &str, required_type: Option<&str>) -> Vec<String> {
     let relative = if reference.contains("://") {
         let mut segs: Vec<&str> = reference.rsplitn(3, '/').collect();
@@ -49,15 +51,16 @@ pub fn reference_values(reference: &str, required_type: Option<&str>) -> Vec<Str
         reference.to_string()
     };
     match split_reference(&relative) {
-        Some((t, id)) if required_type.is_none_or(|r| r == t) => vec![format!("{t}/{id}"), format!("*/{id}")],
+        Some((t, id)) if required_type.is_none_or(|r| r == t) => vec![format!("{t}/{id}")],
         _ => Vec::new(),
     }
 }
 
 /// Every index term of one resource version (sorted, deduplicated: the state machine stores
-/// them as given, so their order must not depend on anything but the resource).
-pub fn resource_terms(key: &[u8; 32], params: &SearchParams, rtype: &str, id: &str, res: &Json) -> Vec<IndexKey> {
-    let mut terms = vec![term(key, "_id", id)];
+/// them as given, so their order must not depend on anything but the resource). `_id` needs no
+/// term: the current record of an id is a direct lookup.
+pub fn resource_terms(key: &[u8; 32], params: &SearchParams, rtype: &str, res: &Json) -> Vec<IndexKey> {
+    let mut terms = Vec::new();
     for sp in params.for_type(rtype) {
         for path in &sp.paths {
             for v in values_at(res, &path.elements) {

@@ -208,12 +208,27 @@ impl<'a> Plan<'a> {
         Ok(self.repo.view.current(rtype, id)?)
     }
 
-    /// Live ids of `rtype` matching every group of terms; the command will only apply if the
-    /// match is still the same then.
-    pub fn matching(&mut self, rtype: &str, all_of: Vec<Vec<IndexKey>>) -> Result<Vec<String>, FhirError> {
-        let ids = search::match_terms(&self.repo.view, rtype, &all_of)?;
-        self.preconditions.push(Precondition::Matches { rtype: rtype.to_string(), all_of, ids: ids.clone() });
-        Ok(ids)
+    /// Live ids of `rtype` matching the criteria; the command will only apply if the match is
+    /// still the same then (`_id` criteria are pinned by the candidates' current versions).
+    pub fn matching(
+        &mut self,
+        rtype: &str,
+        ids: Vec<Vec<String>>,
+        all_of: Vec<Vec<IndexKey>>,
+    ) -> Result<Vec<String>, FhirError> {
+        if ids.is_empty() {
+            let found = search::match_terms(&self.repo.view, rtype, &all_of)?;
+            self.preconditions.push(Precondition::Matches { rtype: rtype.to_string(), all_of, ids: found.clone() });
+            return Ok(found);
+        }
+        let mut named: Vec<&String> = ids.iter().flatten().collect();
+        named.sort();
+        named.dedup();
+        for id in named {
+            let current = self.repo.view.current(rtype, id)?.map_or(0, |c| c.version);
+            self.preconditions.push(Precondition::Version { rtype: rtype.to_string(), id: id.clone(), current });
+        }
+        Ok(search::match_ids(&self.repo.view, rtype, &ids, &all_of)?)
     }
 
     fn touch(&mut self, rtype: &str, id: &str) -> Result<(), FhirError> {
@@ -256,7 +271,7 @@ impl<'a> Plan<'a> {
         let compartment = self.repo.compartment_of(rtype, id, &res);
         let dek = self.data_key(&compartment)?;
         let body = crypto::seal(&dek, res.to_compact().as_bytes(), aad(rtype, id, version).as_bytes());
-        let index = index::resource_terms(&self.repo.index_key, &self.repo.params, rtype, id, &res);
+        let index = index::resource_terms(&self.repo.index_key, &self.repo.params, rtype, &res);
         self.preconditions.push(Precondition::Version { rtype: rtype.into(), id: id.into(), current });
         self.writes.push(Write {
             rtype: rtype.into(),

@@ -45,6 +45,8 @@ impl Prefix {
 pub struct Query {
     /// AND of OR-groups of index terms.
     pub groups: Vec<Vec<IndexKey>>,
+    /// AND of OR-groups of logical ids (`_id`).
+    pub ids: Vec<Vec<String>>,
     /// AND of OR-groups of `_lastUpdated` conditions.
     pub last_updated: Vec<Vec<(Prefix, (i64, i64))>>,
     pub count: usize,
@@ -102,7 +104,7 @@ pub fn parse(repo: &Repo, rtype: &str, params: &[(String, String)], lenient: boo
             continue;
         }
         if code == "_id" && modifier.is_none() {
-            q.groups.push(value.split(',').map(|v| term(key, "_id", v)).collect());
+            q.ids.push(value.split(',').map(String::from).collect());
             continue;
         }
         let Some(sp) = repo.params.get(rtype, code) else {
@@ -131,16 +133,11 @@ pub fn parse(repo: &Repo, rtype: &str, params: &[(String, String)], lenient: boo
                         Some(t) if repo.profiles.is_resource_type(t) => Some(t),
                         Some(other) => return Err(bad(format!("modifier :{other} is not supported on {code}"))),
                     };
-                    let reference = match (typed, v.contains('/')) {
-                        (Some(t), false) => format!("{t}/{v}"),
-                        (None, false) if sp.targets.len() == 1 => format!("{}/{v}", sp.targets[0]),
-                        (None, false) => format!("*/{v}"),
-                        (_, true) => v.to_string(),
-                    };
-                    let forms = if reference.starts_with("*/") {
-                        vec![reference]
-                    } else {
-                        reference_values(&reference, None).into_iter().take(1).collect()
+                    let forms: Vec<String> = match (typed, v.contains('/')) {
+                        (Some(t), false) => vec![format!("{t}/{v}")],
+                        // An id alone means any type the parameter can point at.
+                        (None, false) => sp.targets.iter().map(|t| format!("{t}/{v}")).collect(),
+                        (_, true) => reference_values(v, typed),
                     };
                     if forms.is_empty() {
                         return Err(bad(format!("{v:?} is not a reference (Type/id or id)")));
@@ -195,6 +192,28 @@ pub fn match_terms(view: &StateView, rtype: &str, groups: &[Vec<IndexKey>]) -> s
     Ok(result.unwrap_or_default())
 }
 
+/// Live ids named by every `_id` group whose current terms satisfy every term group (sorted).
+pub fn match_ids(
+    view: &StateView,
+    rtype: &str,
+    ids: &[Vec<String>],
+    groups: &[Vec<IndexKey>],
+) -> std::io::Result<Vec<String>> {
+    let mut candidates: Vec<String> = ids.first().cloned().unwrap_or_default();
+    candidates.sort();
+    candidates.dedup();
+    candidates.retain(|c| ids.iter().all(|g| g.contains(c)));
+    let mut out = Vec::new();
+    for id in candidates {
+        if let Some(rec) = view.current(rtype, &id)? {
+            if !rec.deleted && groups.iter().all(|g| g.iter().any(|t| rec.index.contains(t))) {
+                out.push(id);
+            }
+        }
+    }
+    Ok(out)
+}
+
 pub struct Page {
     pub ids: Vec<String>,
     pub total: usize,
@@ -222,7 +241,14 @@ pub fn run(repo: &Repo, rtype: &str, q: &Query) -> Result<Page, FhirError> {
             }
         }
     };
-    if q.groups.is_empty() {
+    if !q.ids.is_empty() {
+        for id in match_ids(view, rtype, &q.ids, &q.groups)? {
+            match view.current(rtype, &id)? {
+                Some(rec) if !rec.deleted && date_ok(q, &rec) => take(id),
+                _ => {}
+            }
+        }
+    } else if q.groups.is_empty() {
         for item in view.scan_type(rtype, None) {
             let (id, rec) = item?;
             if !rec.deleted && date_ok(q, &rec) {

@@ -144,6 +144,9 @@ async fn conditional_create_update_delete_and_patch() {
     assert_eq!(again.status, StatusCode::OK);
     assert_eq!(first.json()["id"], again.json()["id"]);
     let id = first.json()["id"].as_str().unwrap().to_string();
+    let by_id = call!(app, post("/Patient", PATIENT).insert_header(("if-none-exist", format!("_id={id}"))));
+    assert_eq!(by_id.status, StatusCode::OK, "{}", by_id.text);
+    assert_eq!(by_id.json()["id"], id.as_str());
 
     let mut changed: Value = serde_json::from_str(PATIENT).unwrap();
     changed["birthDate"] = json!("1974-12-24");
@@ -239,6 +242,13 @@ async fn search_filters_pages_and_refuses_unknown_parameters() {
     let q = |uri: String| TestRequest::get().uri(&uri);
     assert_eq!(call!(app, q(format!("/Observation?subject=Patient/{pid}"))).json()["total"], 5);
     assert_eq!(call!(app, q(format!("/Observation?subject:Patient={pid}"))).json()["total"], 5);
+    assert_eq!(
+        call!(app, q(format!("/Observation?subject={pid}"))).json()["total"],
+        5,
+        "an id alone means any target type"
+    );
+    assert_eq!(call!(app, q(format!("/Observation?subject=Group/{pid}"))).json()["total"], 0);
+    assert_eq!(call!(app, q(format!("/Observation?_id=nope,{}&patient={pid}", "x"))).json()["total"], 0);
     assert_eq!(call!(app, q(format!("/Observation?patient={pid}&identifier=urn:o|1,urn:o|2"))).json()["total"], 2);
     assert_eq!(call!(app, q("/Observation?identifier=3".into())).json()["total"], 1);
     assert_eq!(call!(app, q("/Observation?identifier=urn:o|".into())).json()["total"], 5);
