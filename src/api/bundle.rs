@@ -49,7 +49,7 @@ fn at(i: usize) -> String {
     format!("Bundle.entry[{i}]")
 }
 
-fn parse_entry(repo: &Repo, i: usize, e: &Json) -> Result<Entry, FhirError> {
+fn parse_entry(repo: &Repo, i: usize, mut e: Json) -> Result<Entry, FhirError> {
     let req =
         e.get("request").ok_or_else(|| FhirError::invalid("entry has no request").at(format!("{}.request", at(i))))?;
     let method = match req.get("method").and_then(Json::as_str) {
@@ -88,7 +88,9 @@ fn parse_entry(repo: &Repo, i: usize, e: &Json) -> Result<Entry, FhirError> {
         })?),
         None => None,
     };
-    let resource = e.get("resource").cloned();
+    let full_url = e.get("fullUrl").and_then(Json::as_str).map(String::from);
+    let if_none_exist = req.get("ifNoneExist").and_then(Json::as_str).map(String::from);
+    let resource = e.remove("resource");
     if matches!(method, Method::Post | Method::Put) {
         let Some(r) = &resource else {
             return Err(FhirError::invalid("a POST or PUT entry needs a resource").at(format!("{}.resource", at(i))));
@@ -115,9 +117,9 @@ fn parse_entry(repo: &Repo, i: usize, e: &Json) -> Result<Entry, FhirError> {
         rtype,
         id,
         query,
-        full_url: e.get("fullUrl").and_then(Json::as_str).map(String::from),
+        full_url,
         resource,
-        if_none_exist: req.get("ifNoneExist").and_then(Json::as_str).map(String::from),
+        if_none_exist,
         if_match,
         new_id: uuid::Uuid::new_v4().to_string(),
     })
@@ -141,17 +143,20 @@ async fn process(
     f: &Format,
 ) -> Result<HttpResponse, FhirError> {
     let body = read_body(req, payload, state.max_body_bytes).await?;
-    let bundle = parse_resource(&body)?;
+    let mut bundle = parse_resource(&body)?;
     if bundle.get("resourceType").and_then(Json::as_str) != Some("Bundle") {
         return Err(FhirError::invalid("POST to the base URL takes a batch or transaction Bundle").at("resourceType"));
     }
     let kind = bundle.get("type").and_then(Json::as_str).unwrap_or_default().to_string();
-    let raw_entries = bundle.get("entry").and_then(Json::as_array).cloned().unwrap_or_default();
+    let raw_entries = match bundle.remove("entry") {
+        Some(Json::Array(entries)) => entries,
+        _ => Vec::new(),
+    };
     let repo = &state.repo;
     match kind.as_str() {
         "transaction" => {
             let mut entries = Vec::with_capacity(raw_entries.len());
-            for (i, e) in raw_entries.iter().enumerate() {
+            for (i, e) in raw_entries.into_iter().enumerate() {
                 entries.push(parse_entry(repo, i, e)?);
             }
             transaction(req, repo, entries, f).await
@@ -174,7 +179,40 @@ fn resolve_conditional(plan: &mut Plan<'_>, rtype: &str, query: &str, what: &str
     }
 }
 
-fn plan_transaction(plan: &mut Plan<'_>, entries: &[Entry]) -> Result<Vec<Planned>, FhirError> {
+/// Rewrites `urn:uuid:`/fullUrl references in place when every target id is known before
+/// planning (no conditional interaction or reference), so that re-plans need no copies.
+/// Returns whether that was possible.
+fn prerewrite(entries: &mut [Entry]) -> bool {
+    if entries.iter().any(|e| e.if_none_exist.is_some() || e.query.is_some()) {
+        return false;
+    }
+    let mut map: BTreeMap<String, String> = BTreeMap::new();
+    for e in entries.iter() {
+        let id = match (&e.method, &e.id) {
+            (Method::Post, _) => &e.new_id,
+            (Method::Put, Some(id)) => id,
+            _ => continue,
+        };
+        if let Some(full) = &e.full_url {
+            map.insert(full.clone(), format!("{}/{id}", e.rtype));
+        }
+    }
+    let mut conditional = false;
+    for e in entries.iter_mut() {
+        if let Some(res) = e.resource.as_mut() {
+            for_each_reference_mut(res, &mut |r| {
+                if let Some(target) = map.get(r.as_str()) {
+                    *r = target.clone();
+                } else if r.contains('?') && !r.contains("://") {
+                    conditional = true;
+                }
+            });
+        }
+    }
+    !conditional
+}
+
+fn plan_transaction(plan: &mut Plan<'_>, entries: &[Entry], rewritten: bool) -> Result<Vec<Planned>, FhirError> {
     // Phase 1: decide the id each entry targets, so references can be rewritten.
     let mut targets: Vec<Option<String>> = vec![None; entries.len()];
     let mut existing: BTreeMap<usize, String> = BTreeMap::new();
@@ -234,8 +272,17 @@ fn plan_transaction(plan: &mut Plan<'_>, entries: &[Entry]) -> Result<Vec<Planne
         let p = match e.method {
             Method::Delete => interactions::delete(plan, &e.rtype, &id, e.if_match),
             Method::Post | Method::Put => {
-                let mut res = e.resource.clone().unwrap_or(Json::Null);
-                rewrite_references(plan, &mut res, &map).map_err(|x| x.at(format!("{}.resource", at(e.index))))?;
+                let owned;
+                let res = match (&e.resource, rewritten) {
+                    (Some(r), true) => r,
+                    (r, _) => {
+                        let mut copy = r.clone().unwrap_or(Json::Null);
+                        rewrite_references(plan, &mut copy, &map)
+                            .map_err(|x| x.at(format!("{}.resource", at(e.index))))?;
+                        owned = copy;
+                        &owned
+                    }
+                };
                 if e.method == Method::Post {
                     interactions::create(plan, &e.rtype, &id, res, None)
                 } else {
@@ -301,8 +348,8 @@ fn response_entry(req: &HttpRequest, status: u16, s: Option<&Stored>, ret: Retur
         }
         response.push(("etag".into(), Json::String(format!("W/\"{}\"", s.version))));
         response.push(("lastModified".into(), Json::String(instant(s.last_updated_ms))));
-        match (ret, &s.resource) {
-            (Return::Representation, Some(r)) => members.push(("resource".into(), r.clone())),
+        match (ret, s.raw()) {
+            (Return::Representation, Some(r)) => members.push(("resource".into(), r)),
             (Return::OperationOutcome, _) => response.push(("outcome".into(), information("ok"))),
             _ => {}
         }
@@ -334,10 +381,11 @@ fn response_bundle(kind: &str, entries: Vec<Json>) -> Json {
 async fn transaction(
     req: &HttpRequest,
     repo: &Repo,
-    entries: Vec<Entry>,
+    mut entries: Vec<Entry>,
     f: &Format,
 ) -> Result<HttpResponse, FhirError> {
-    let (planned, results) = repo.commit(ANONYMOUS, |plan| plan_transaction(plan, &entries)).await?;
+    let rewritten = prerewrite(&mut entries);
+    let (planned, results) = repo.commit(ANONYMOUS, |plan| plan_transaction(plan, &entries, rewritten)).await?;
     let ret = bundle_return(req);
     let mut out = Vec::with_capacity(entries.len());
     for (e, p) in entries.iter().zip(planned) {
@@ -382,7 +430,7 @@ fn get_entry(req: &HttpRequest, repo: &Repo, e: &Entry) -> Result<Json, FhirErro
 
 async fn batch(req: &HttpRequest, repo: &Repo, raw: Vec<Json>, _f: &Format) -> Result<HttpResponse, FhirError> {
     let ret = bundle_return(req);
-    let futures = raw.iter().enumerate().map(|(i, raw)| async move {
+    let futures = raw.into_iter().enumerate().map(|(i, raw)| async move {
         let e = match parse_entry(repo, i, raw) {
             Ok(e) => e,
             Err(err) => return error_entry(&err),
@@ -391,7 +439,7 @@ async fn batch(req: &HttpRequest, repo: &Repo, raw: Vec<Json>, _f: &Format) -> R
             return get_entry(req, repo, &e).unwrap_or_else(|err| error_entry(&err));
         }
         let one = std::slice::from_ref(&e);
-        match repo.commit(ANONYMOUS, |plan| plan_transaction(plan, one)).await {
+        match repo.commit(ANONYMOUS, |plan| plan_transaction(plan, one, false)).await {
             Ok((planned, results)) => {
                 let p = planned.into_iter().next().unwrap_or(Planned { status: 200, write: None, existing: None });
                 let stored = match (&p.write, &p.existing) {

@@ -56,8 +56,8 @@ fn entry(base: &str, s: &Stored) -> Json {
     };
     let req_url = if method == "POST" { s.rtype.clone() } else { url.clone() };
     let mut members = vec![("fullUrl".to_string(), Json::String(format!("{base}/{url}")))];
-    if let Some(r) = &s.resource {
-        members.push(("resource".into(), r.clone()));
+    if let Some(r) = s.raw() {
+        members.push(("resource".into(), r));
     }
     members.push((
         "request".into(),

@@ -62,7 +62,7 @@ pub fn create(
     plan: &mut Plan<'_>,
     rtype: &str,
     id: &str,
-    res: Json,
+    res: &Json,
     if_none_exist: Option<&str>,
 ) -> Result<Planned, FhirError> {
     if let Some(query) = if_none_exist {
@@ -83,7 +83,7 @@ pub fn update(
     plan: &mut Plan<'_>,
     rtype: &str,
     id: &str,
-    res: Json,
+    res: &Json,
     if_match: Option<u64>,
 ) -> Result<Planned, FhirError> {
     let n = plan.results_len();
@@ -97,7 +97,7 @@ pub fn conditional_update(
     plan: &mut Plan<'_>,
     rtype: &str,
     query: &str,
-    res: Json,
+    res: &Json,
     new_id: &str,
 ) -> Result<Planned, FhirError> {
     let (ids, groups) = conditional_terms(plan, rtype, query)?;

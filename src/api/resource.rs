@@ -54,7 +54,7 @@ fn write_response(req: &HttpRequest, f: &Format, status: u16, s: &Stored) -> Htt
         let loc = format!("{}/{}/{}/_history/{}", base_url(req), s.rtype, s.id, s.version);
         b.insert_header((if status == 201 { header::LOCATION } else { header::CONTENT_LOCATION }, loc));
     }
-    match (prefer_return(req), &s.resource) {
+    match (prefer_return(req), &s.body) {
         (Return::Minimal, _) | (_, None) => {
             b.content_type(f.content_type);
             b.finish()
@@ -63,7 +63,7 @@ fn write_response(req: &HttpRequest, f: &Format, status: u16, s: &Stored) -> Htt
             let oo = information(format!("{}/{} version {} stored", s.rtype, s.id, s.version));
             b.body(if f.pretty { oo.to_pretty() } else { oo.to_compact() })
         }
-        (Return::Representation, Some(r)) => b.body(if f.pretty { r.to_pretty() } else { r.to_compact() }),
+        (Return::Representation, Some(body)) => b.body(render(body, f)),
     }
 }
 
@@ -125,7 +125,7 @@ pub async fn create(
         let if_none_exist = req.headers().get("if-none-exist").map(|v| v.to_str().unwrap_or("").to_string());
         let id = new_id();
         commit_one(&req, &state.repo, &f, |plan| {
-            interactions::create(plan, &rtype, &id, res.clone(), if_none_exist.as_deref())
+            interactions::create(plan, &rtype, &id, &res, if_none_exist.as_deref())
         })
         .await
     }
@@ -156,7 +156,7 @@ pub async fn update(
             }
         }
         let if_match = parse_etag(req.headers(), header::IF_MATCH)?;
-        commit_one(&req, &state.repo, &f, |plan| interactions::update(plan, &rtype, &id, res.clone(), if_match)).await
+        commit_one(&req, &state.repo, &f, |plan| interactions::update(plan, &rtype, &id, &res, if_match)).await
     }
     .await;
     finish(&req, result)
@@ -174,10 +174,8 @@ pub async fn conditional_update(
         let res = resource_body(&req, payload, &state, &rtype).await?;
         let query = req.query_string().to_string();
         let id = new_id();
-        commit_one(&req, &state.repo, &f, |plan| {
-            interactions::conditional_update(plan, &rtype, &query, res.clone(), &id)
-        })
-        .await
+        commit_one(&req, &state.repo, &f, |plan| interactions::conditional_update(plan, &rtype, &query, &res, &id))
+            .await
     }
     .await;
     finish(&req, result)
@@ -212,7 +210,7 @@ pub async fn patch(
             if if_match.is_some_and(|v| v != current.version) {
                 return Err(FhirError::precondition(format!("If-Match does not match version {}", current.version)));
             }
-            let mut doc = current.resource.ok_or_else(|| FhirError::gone(&format!("{rtype}/{id}")))?;
+            let mut doc = current.parsed()?.ok_or_else(|| FhirError::gone(&format!("{rtype}/{id}")))?;
             crate::fhir::patch::apply(&mut doc, &patch)
                 .map_err(|e| FhirError::new(422, "processing", format!("JSON Patch failed: {e}")))?;
             if doc.get("id").and_then(Json::as_str) != Some(id.as_str()) {
@@ -222,7 +220,7 @@ pub async fn patch(
                 e.status = 422;
                 e
             })?;
-            interactions::update(plan, &rtype, &id, doc, Some(current.version))
+            interactions::update(plan, &rtype, &id, &doc, Some(current.version))
         })
         .await
     }
@@ -262,11 +260,20 @@ fn finish(req: &HttpRequest, result: Result<HttpResponse, FhirError>) -> HttpRes
     })
 }
 
+/// The stored compact JSON as it is, or re-indented for `_pretty=true`.
+fn render(body: &str, f: &Format) -> String {
+    if f.pretty {
+        Json::Raw(body.to_string()).to_pretty()
+    } else {
+        body.to_string()
+    }
+}
+
 fn read_response(f: &Format, s: &Stored) -> Result<HttpResponse, FhirError> {
-    let res = s.resource.as_ref().ok_or_else(|| FhirError::gone(&format!("{}/{}", s.rtype, s.id)))?;
-    let mut b = super::body_response(200, res, f);
+    let body = s.body.as_deref().ok_or_else(|| FhirError::gone(&format!("{}/{}", s.rtype, s.id)))?;
+    let mut b = super::body_response(200, &Json::Null, f);
     version_headers(&mut b, s);
-    Ok(b.body(if f.pretty { res.to_pretty() } else { res.to_compact() }))
+    Ok(b.body(render(body, f)))
 }
 
 pub async fn read(req: HttpRequest, path: web::Path<(String, String)>, state: web::Data<AppState>) -> HttpResponse {
@@ -379,7 +386,7 @@ pub fn search_bundle(
     if !q.summary_count {
         for id in &page.ids {
             let s = repo.read(rtype, id)?;
-            if let Some(r) = s.resource {
+            if let Some(r) = s.raw() {
                 entries.push(Json::Object(vec![
                     ("fullUrl".into(), Json::String(format!("{base}/{rtype}/{id}"))),
                     ("resource".into(), r),

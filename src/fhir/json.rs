@@ -15,6 +15,9 @@ pub enum Json {
     Array(Vec<Json>),
     /// Members in document order; keys are unique (duplicates are a parse error).
     Object(Vec<(String, Json)>),
+    /// Already-serialized JSON spliced in verbatim when written: stored resources go into
+    /// response bundles without being parsed and re-serialized.
+    Raw(String),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -304,7 +307,7 @@ impl Json {
         match self {
             Json::Null => out.push_str("null"),
             Json::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
-            Json::Number(n) => out.push_str(n),
+            Json::Number(n) | Json::Raw(n) => out.push_str(n),
             Json::String(s) => write_str(out, s),
             Json::Array(items) => {
                 out.push('[');
@@ -356,6 +359,10 @@ impl Json {
                 pad(out, indent);
                 out.push('}');
             }
+            Json::Raw(text) => match parse(text.as_bytes(), usize::MAX) {
+                Ok(v) => v.write_pretty(out, indent),
+                Err(_) => out.push_str(text),
+            },
             other => other.write_compact(out),
         }
     }

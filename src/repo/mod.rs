@@ -46,9 +46,21 @@ pub struct Stored {
     pub last_updated_ms: i64,
     pub deleted: bool,
     pub leaf: Option<u64>,
-    /// `None` for a deletion.
-    pub resource: Option<Json>,
+    /// The resource as stored (compact JSON with server `id`/`meta`); `None` for a deletion.
+    pub body: Option<String>,
     pub created: bool,
+}
+
+impl Stored {
+    /// The stored JSON, to splice into a response without re-parsing.
+    pub fn raw(&self) -> Option<Json> {
+        self.body.clone().map(Json::Raw)
+    }
+
+    /// The stored resource as a tree (for patching or pretty printing).
+    pub fn parsed(&self) -> Result<Option<Json>, FhirError> {
+        self.body.as_deref().map(|b| json::parse(b.as_bytes(), usize::MAX).map_err(FhirError::internal)).transpose()
+    }
 }
 
 impl Repo {
@@ -91,7 +103,7 @@ impl Repo {
             .version(rtype, id, version)?
             .ok_or_else(|| FhirError::not_found(&format!("{rtype}/{id}/_history/{version}")))?;
         let deleted = rec.header.op == Op::Delete.as_str();
-        let resource = if deleted { None } else { Some(self.decrypt(&rec)?) };
+        let body = if deleted { None } else { Some(self.decrypt(&rec)?) };
         Ok(Stored {
             rtype: rtype.to_string(),
             id: id.to_string(),
@@ -99,12 +111,12 @@ impl Repo {
             last_updated_ms: rec.header.last_updated_ms,
             deleted,
             leaf: Some(rec.leaf),
-            resource,
+            body,
             created: rec.header.op == Op::Create.as_str(),
         })
     }
 
-    fn decrypt(&self, rec: &consensus::VersionRecord) -> Result<Json, FhirError> {
+    fn decrypt(&self, rec: &consensus::VersionRecord) -> Result<String, FhirError> {
         let h = &rec.header;
         let wrapped = self
             .view
@@ -113,7 +125,7 @@ impl Repo {
         let dek = self.keys.unwrap(&h.compartment, &wrapped).map_err(FhirError::internal)?;
         let plain =
             crypto::open(&dek, &rec.body, aad(&h.rtype, &h.id, h.version).as_bytes()).map_err(FhirError::internal)?;
-        json::parse(&plain, 1024).map_err(FhirError::internal)
+        String::from_utf8(plain).map_err(FhirError::internal)
     }
 
     /// Plans with `build` and commits, re-planning when a precondition lost a race.
@@ -253,7 +265,7 @@ impl<'a> Plan<'a> {
 
     /// Stores a new version of `rtype/id` (creating it if absent or deleted). `if_match`, when
     /// given, must equal the current version (412 otherwise).
-    pub fn put(&mut self, rtype: &str, id: &str, mut res: Json, if_match: Option<u64>) -> Result<Stored, FhirError> {
+    pub fn put(&mut self, rtype: &str, id: &str, res: &Json, if_match: Option<u64>) -> Result<Stored, FhirError> {
         self.touch(rtype, id)?;
         let cur = self.current(rtype, id)?;
         let current = cur.as_ref().map_or(0, |c| c.version);
@@ -267,11 +279,11 @@ impl<'a> Plan<'a> {
             }
         }
         let version = current + 1;
-        set_server_fields(&mut res, id, version, self.now);
-        let compartment = self.repo.compartment_of(rtype, id, &res);
+        let text = stored_json(res, id, version, self.now);
+        let compartment = self.repo.compartment_of(rtype, id, res);
         let dek = self.data_key(&compartment)?;
-        let body = crypto::seal(&dek, res.to_compact().as_bytes(), aad(rtype, id, version).as_bytes());
-        let index = index::resource_terms(&self.repo.index_key, &self.repo.params, rtype, &res);
+        let body = crypto::seal(&dek, text.as_bytes(), aad(rtype, id, version).as_bytes());
+        let index = index::resource_terms(&self.repo.index_key, &self.repo.params, rtype, res);
         self.preconditions.push(Precondition::Version { rtype: rtype.into(), id: id.into(), current });
         self.writes.push(Write {
             rtype: rtype.into(),
@@ -290,7 +302,7 @@ impl<'a> Plan<'a> {
             last_updated_ms: self.now,
             deleted: false,
             leaf: None,
-            resource: Some(res),
+            body: Some(text),
             created: !live,
         };
         self.results.push(stored.clone());
@@ -332,7 +344,7 @@ impl<'a> Plan<'a> {
             last_updated_ms: self.now,
             deleted: true,
             leaf: None,
-            resource: None,
+            body: None,
             created: false,
         };
         self.results.push(stored.clone());
@@ -350,35 +362,35 @@ impl<'a> Plan<'a> {
     }
 }
 
-/// Puts `resourceType`, `id` and `meta` first and sets the server-managed fields, keeping
-/// every other element (and other `meta` members such as `profile` or `tag`) as sent.
-pub fn set_server_fields(res: &mut Json, id: &str, version: u64, now_ms: i64) {
-    let Json::Object(members) = res else { return };
-    let old = std::mem::take(members);
-    let mut rtype = None;
-    let mut meta: Vec<(String, Json)> = Vec::new();
-    let mut rest = Vec::with_capacity(old.len());
-    for (k, v) in old {
-        match k.as_str() {
-            "resourceType" => rtype = Some(v),
-            "id" => {}
-            "meta" => {
-                if let Json::Object(m) = v {
-                    meta = m.into_iter().filter(|(k, _)| k != "versionId" && k != "lastUpdated").collect();
-                }
-            }
-            _ => rest.push((k, v)),
-        }
-    }
-    let mut new_meta = vec![
+/// The stored form of `res`: `resourceType`, `id` and `meta` first with the server-managed
+/// fields set, every other element (and other `meta` members such as `profile` or `tag`)
+/// exactly as sent. Written straight from the borrowed tree, without copying it.
+pub fn stored_json(res: &Json, id: &str, version: u64, now_ms: i64) -> String {
+    let members: &[(String, Json)] = res.as_object().map_or(&[], Vec::as_slice);
+    let mut meta: Vec<(String, Json)> = vec![
         ("versionId".to_string(), Json::String(version.to_string())),
         ("lastUpdated".to_string(), Json::String(crate::fhir::instant(now_ms))),
     ];
-    new_meta.extend(meta);
-    if let Some(t) = rtype {
-        members.push(("resourceType".into(), t));
+    if let Some(Json::Object(m)) = res.get("meta") {
+        meta.extend(m.iter().filter(|(k, _)| k != "versionId" && k != "lastUpdated").cloned());
     }
-    members.push(("id".into(), Json::String(id.to_string())));
-    members.push(("meta".into(), Json::Object(new_meta)));
-    members.extend(rest);
+    let mut out = String::with_capacity(256);
+    out.push('{');
+    if let Some(t) = res.get("resourceType") {
+        out.push_str("\"resourceType\":");
+        t.write_compact(&mut out);
+        out.push(',');
+    }
+    out.push_str("\"id\":");
+    Json::String(id.to_string()).write_compact(&mut out);
+    out.push_str(",\"meta\":");
+    Json::Object(meta).write_compact(&mut out);
+    for (k, v) in members.iter().filter(|(k, _)| !matches!(k.as_str(), "resourceType" | "id" | "meta")) {
+        out.push(',');
+        Json::String(k.clone()).write_compact(&mut out);
+        out.push(':');
+        v.write_compact(&mut out);
+    }
+    out.push('}');
+    out
 }
