@@ -306,13 +306,30 @@ impl StateMachine {
         Ok(BatchOutcome { outcomes })
     }
 
-    fn check(ov: &Overlay<'_>, cmd: &Command) -> io::Result<Option<usize>> {
+    /// Current records of the ids a command touches, read once per command.
+    fn current_of<'c>(
+        ov: &Overlay<'_>,
+        cache: &'c mut BTreeMap<(String, String), Option<CurrentRecord>>,
+        rtype: &str,
+        id: &str,
+    ) -> io::Result<&'c Option<CurrentRecord>> {
+        let key = (rtype.to_string(), id.to_string());
+        if !cache.contains_key(&key) {
+            let cur = ov.get(&current_key(rtype, id))?.map(|b| decode(&b)).transpose()?;
+            cache.insert(key.clone(), cur);
+        }
+        Ok(cache.get(&key).unwrap_or(&None))
+    }
+
+    fn check(
+        ov: &Overlay<'_>,
+        cmd: &Command,
+        cache: &mut BTreeMap<(String, String), Option<CurrentRecord>>,
+    ) -> io::Result<Option<usize>> {
         for (i, pre) in cmd.preconditions.iter().enumerate() {
             let holds = match pre {
                 Precondition::Version { rtype, id, current } => {
-                    let cur: Option<CurrentRecord> =
-                        ov.get(&current_key(rtype, id))?.map(|b| decode(&b)).transpose()?;
-                    cur.map_or(0, |c| c.version) == *current
+                    Self::current_of(ov, cache, rtype, id)?.as_ref().map_or(0, |c| c.version) == *current
                 }
                 Precondition::KeyAbsent { compartment } => ov.get(&data_key_key(compartment))?.is_none(),
                 Precondition::Matches { rtype, all_of, ids } => {
@@ -339,10 +356,14 @@ impl StateMachine {
                 return Ok(Some(i));
             }
         }
-        // A write must extend the current version by exactly one.
+        // A write must extend the current version by exactly one, and a command may write an
+        // id only once (otherwise the second write would not see the first).
+        let mut seen = std::collections::BTreeSet::new();
         for (i, w) in cmd.writes.iter().enumerate() {
-            let cur: Option<CurrentRecord> = ov.get(&current_key(&w.rtype, &w.id))?.map(|b| decode(&b)).transpose()?;
-            if cur.map_or(0, |c| c.version) + 1 != w.version {
+            if !seen.insert((w.rtype.as_str(), w.id.as_str())) {
+                return Ok(Some(cmd.preconditions.len() + i));
+            }
+            if Self::current_of(ov, cache, &w.rtype, &w.id)?.as_ref().map_or(0, |c| c.version) + 1 != w.version {
                 return Ok(Some(cmd.preconditions.len() + i));
             }
         }
@@ -355,7 +376,8 @@ impl StateMachine {
         cmd: &Command,
         log_index: u64,
     ) -> io::Result<Outcome> {
-        if let Some(index) = Self::check(ov, cmd)? {
+        let mut cache = BTreeMap::new();
+        if let Some(index) = Self::check(ov, cmd, &mut cache)? {
             return Ok(Outcome::Conflict { index });
         }
         for (compartment, wrapped) in &cmd.new_keys {
@@ -363,7 +385,10 @@ impl StateMachine {
         }
         let mut leaves = Vec::with_capacity(cmd.writes.len());
         for w in &cmd.writes {
-            leaves.push(Self::apply_write(ov, frontier, &cmd.actor, w, log_index)?);
+            // `check` refused commands that write an id twice, so the cached record is the one
+            // before this write.
+            let old = cache.remove(&(w.rtype.clone(), w.id.clone())).flatten();
+            leaves.push(Self::apply_write(ov, frontier, &cmd.actor, w, old, log_index)?);
         }
         Ok(Outcome::Applied { leaves })
     }
@@ -373,10 +398,10 @@ impl StateMachine {
         frontier: &mut Frontier,
         actor: &str,
         w: &Write,
+        old: Option<CurrentRecord>,
         log_index: u64,
     ) -> io::Result<u64> {
         let ckey = current_key(&w.rtype, &w.id);
-        let old = ov.get(&ckey)?.map(|b| decode::<CurrentRecord>(&b)).transpose()?;
         let deleted = w.op == crate::command::Op::Delete;
         let index = if deleted { Vec::new() } else { w.index.clone() };
         // Only postings that change are touched: an update that keeps its terms writes none.

@@ -167,3 +167,18 @@ async fn matches_precondition_guards_conditional_creates() {
     assert_eq!(out[1].outcomes[1], Outcome::Conflict { index: 0 });
     assert_eq!(out[1].outcomes[2], Outcome::Applied { leaves: vec![] });
 }
+
+#[tokio::test]
+async fn a_command_writing_one_id_twice_is_refused() {
+    let k = key();
+    let (_d, mut sm, _) = fresh().await;
+    let out = sm
+        .apply(vec![
+            membership_entry(1, &k),
+            batch_entry(2, &k, 1, vec![cmd(vec![], vec![write("a", 1, b"x"), write("a", 1, b"y")])]),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(out[1].outcomes[0], Outcome::Conflict { index: 1 });
+    assert!(sm.view().current("Patient", "a").unwrap().is_none());
+}

@@ -266,8 +266,25 @@ impl<'a> Plan<'a> {
     /// Stores a new version of `rtype/id` (creating it if absent or deleted). `if_match`, when
     /// given, must equal the current version (412 otherwise).
     pub fn put(&mut self, rtype: &str, id: &str, res: &Json, if_match: Option<u64>) -> Result<Stored, FhirError> {
-        self.touch(rtype, id)?;
         let cur = self.current(rtype, id)?;
+        self.put_over(rtype, id, res, if_match, cur)
+    }
+
+    /// Creates `rtype/id` under an id this server just generated (a random UUID), skipping the
+    /// lookup; the `Version { current: 0 }` precondition still guards it in `apply`.
+    pub fn put_new(&mut self, rtype: &str, id: &str, res: &Json) -> Result<Stored, FhirError> {
+        self.put_over(rtype, id, res, None, None)
+    }
+
+    fn put_over(
+        &mut self,
+        rtype: &str,
+        id: &str,
+        res: &Json,
+        if_match: Option<u64>,
+        cur: Option<CurrentRecord>,
+    ) -> Result<Stored, FhirError> {
+        self.touch(rtype, id)?;
         let current = cur.as_ref().map_or(0, |c| c.version);
         let live = cur.as_ref().is_some_and(|c| !c.deleted);
         if let Some(expected) = if_match {
