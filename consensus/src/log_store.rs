@@ -129,7 +129,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     {
         let mut wb = WriteBatch::default();
         for entry in entries {
-            wb.put(entry_key(entry.log_id.index), bincode::serialize(&entry).map_err(werr)?);
+            let size = bincode::serialized_size(&entry).map_err(werr)?;
+            let mut bytes = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
+            bincode::serialize_into(&mut bytes, &entry).map_err(werr)?;
+            wb.put(entry_key(entry.log_id.index), bytes);
         }
         self.kv.apply(wb).map_err(werr)?;
         // Durability point of the whole system: entries are fsynced before openraft is told

@@ -296,11 +296,11 @@ impl StateMachine {
     fn apply_batch(
         ov: &mut Overlay<'_>,
         frontier: &mut Frontier,
-        batch: &Batch,
+        batch: Batch,
         log_index: u64,
     ) -> io::Result<BatchOutcome> {
         let mut outcomes = Vec::with_capacity(batch.commands.len());
-        for cmd in &batch.commands {
+        for cmd in batch.commands {
             outcomes.push(Self::apply_command(ov, frontier, cmd, log_index)?);
         }
         Ok(BatchOutcome { outcomes })
@@ -373,18 +373,18 @@ impl StateMachine {
     fn apply_command(
         ov: &mut Overlay<'_>,
         frontier: &mut Frontier,
-        cmd: &Command,
+        cmd: Command,
         log_index: u64,
     ) -> io::Result<Outcome> {
         let mut cache = BTreeMap::new();
-        if let Some(index) = Self::check(ov, cmd, &mut cache)? {
+        if let Some(index) = Self::check(ov, &cmd, &mut cache)? {
             return Ok(Outcome::Conflict { index });
         }
-        for (compartment, wrapped) in &cmd.new_keys {
-            ov.put(data_key_key(compartment), wrapped.clone());
+        for (compartment, wrapped) in cmd.new_keys {
+            ov.put(data_key_key(&compartment), wrapped);
         }
         let mut leaves = Vec::with_capacity(cmd.writes.len());
-        for w in &cmd.writes {
+        for w in cmd.writes {
             // `check` refused commands that write an id twice, so the cached record is the one
             // before this write.
             let old = cache.remove(&(w.rtype.clone(), w.id.clone())).flatten();
@@ -397,13 +397,13 @@ impl StateMachine {
         ov: &mut Overlay<'_>,
         frontier: &mut Frontier,
         actor: &str,
-        w: &Write,
+        w: Write,
         old: Option<CurrentRecord>,
         log_index: u64,
     ) -> io::Result<u64> {
         let ckey = current_key(&w.rtype, &w.id);
         let deleted = w.op == crate::command::Op::Delete;
-        let index = if deleted { Vec::new() } else { w.index.clone() };
+        let index = if deleted { Vec::new() } else { w.index };
         // Only postings that change are touched: an update that keeps its terms writes none.
         let old_index = old.as_ref().map(|o| o.index.clone()).unwrap_or_default();
         for term in old_index.iter().filter(|t| !index.contains(t)) {
@@ -430,7 +430,7 @@ impl StateMachine {
         };
         let leaf = frontier.size;
         frontier.append(leaf_hash(&header.encode()));
-        ov.put(record_key(leaf), encode(&VersionRecord { header, leaf, body: w.body.clone() })?);
+        ov.put(record_key(leaf), encode(&VersionRecord { header, leaf, body: w.body })?);
         let mut leaves = old.map(|o| o.leaves).unwrap_or_default();
         leaves.push(leaf);
         ov.put(
@@ -486,7 +486,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     };
                     let outcome = match opened {
                         Ok(batch) => {
-                            Self::apply_batch(&mut ov, &mut frontier, &batch, entry.log_id.index).map_err(sio)?
+                            Self::apply_batch(&mut ov, &mut frontier, batch, entry.log_id.index).map_err(sio)?
                         }
                         Err(reason) => {
                             tracing::warn!(%reason, "refusing ledger batch");
