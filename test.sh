@@ -8,7 +8,7 @@ export CARGO_TERM_COLOR=never
 target="${CARGO_TARGET_DIR:-$PWD/target}"
 
 echo "== build (release, once) =="
-cargo build --release --locked --all-targets
+cargo build --release --locked --workspace --all-targets
 
 echo "== cargo test: unit, in-process HTTP, real processes =="
 cargo test --release --locked --workspace

@@ -7,7 +7,7 @@ use super::resource::{check_type, enc, link};
 use super::{base_url, json_response, respond, AppState};
 use crate::error::FhirError;
 use crate::fhir::json::Json;
-use crate::fhir::{date_range_ms, http_date, instant};
+use crate::fhir::{date_range_ms, instant};
 use crate::repo::search::{DEFAULT_COUNT, MAX_COUNT};
 use crate::repo::{Repo, Stored};
 
@@ -71,7 +71,6 @@ fn entry(base: &str, s: &Stored) -> Json {
             ("lastModified".into(), Json::String(instant(s.last_updated_ms))),
         ]),
     ));
-    let _ = http_date;
     Json::Object(members)
 }
 

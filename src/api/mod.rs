@@ -111,8 +111,8 @@ fn not_acceptable(what: &str) -> FhirError {
     )
 }
 
-pub fn body_response(status: u16, body: &Json, f: &Format) -> actix_web::HttpResponseBuilder {
-    let _ = body;
+/// A response builder with the status and the negotiated content type.
+pub fn body_response(status: u16, f: &Format) -> actix_web::HttpResponseBuilder {
     let mut b = HttpResponse::build(StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR));
     b.content_type(f.content_type);
     b
@@ -120,7 +120,7 @@ pub fn body_response(status: u16, body: &Json, f: &Format) -> actix_web::HttpRes
 
 pub fn json_response(status: u16, body: &Json, f: &Format) -> HttpResponse {
     let text = if f.pretty { body.to_pretty() } else { body.to_compact() };
-    body_response(status, body, f).body(text)
+    body_response(status, f).body(text)
 }
 
 pub fn error_response(e: &FhirError, f: &Format) -> HttpResponse {

@@ -48,7 +48,7 @@ pub fn version_headers(b: &mut actix_web::HttpResponseBuilder, s: &Stored) {
 
 /// The answer to a write: status, `Location`, ETag, and the body `Prefer` asks for.
 fn write_response(req: &HttpRequest, f: &Format, status: u16, s: &Stored) -> HttpResponse {
-    let mut b = super::body_response(status, &Json::Null, f);
+    let mut b = super::body_response(status, f);
     version_headers(&mut b, s);
     if status == 201 || status == 200 {
         let loc = format!("{}/{}/{}/_history/{}", base_url(req), s.rtype, s.id, s.version);
@@ -271,7 +271,7 @@ fn render(body: &str, f: &Format) -> String {
 
 fn read_response(f: &Format, s: &Stored) -> Result<HttpResponse, FhirError> {
     let body = s.body.as_deref().ok_or_else(|| FhirError::gone(&format!("{}/{}", s.rtype, s.id)))?;
-    let mut b = super::body_response(200, &Json::Null, f);
+    let mut b = super::body_response(200, f);
     version_headers(&mut b, s);
     Ok(b.body(render(body, f)))
 }
