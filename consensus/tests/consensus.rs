@@ -182,3 +182,118 @@ async fn a_command_writing_one_id_twice_is_refused() {
     assert_eq!(out[1].outcomes[0], Outcome::Conflict { index: 1 });
     assert!(sm.view().current("Patient", "a").unwrap().is_none());
 }
+
+mod model {
+    //! The state machine against a `BTreeMap` model, with reboots (reopening sled from disk)
+    //! between batches, as sled's own tests do.
+    use super::*;
+    use proptest::prelude::*;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// Write resource `id` with the given index term, expecting version `expect` (or the
+        /// model's current version when `None`).
+        Put {
+            id: u8,
+            term: u8,
+            expect: Option<u8>,
+        },
+        Delete {
+            id: u8,
+        },
+        Reboot,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            6 => (0u8..4, 0u8..3, proptest::option::of(0u8..4)).prop_map(|(id, term, expect)| Op::Put { id, term, expect }),
+            2 => (0u8..4).prop_map(|id| Op::Delete { id }),
+            1 => Just(Op::Reboot),
+        ]
+    }
+
+    #[derive(Default, Clone, Debug)]
+    struct Res {
+        version: u64,
+        deleted: bool,
+        term: u8,
+    }
+
+    fn open(dir: &std::path::Path) -> StateMachine {
+        let db = SledDb::open(dir).unwrap();
+        StateMachine::new(db.tree("state").unwrap())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+        #[test]
+        fn matches_a_btreemap_model_across_reboots(ops in proptest::collection::vec(op(), 1..40)) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                let k = key();
+                let dir = tempfile::tempdir().unwrap();
+                let mut sm = open(dir.path());
+                sm.apply(vec![membership_entry(1, &k)]).await.unwrap();
+                let mut model: BTreeMap<u8, Res> = BTreeMap::new();
+                let mut leaves = 0u64;
+                for (i, op) in ops.into_iter().enumerate() {
+                    let index = i as u64 + 2;
+                    match op {
+                        Op::Reboot => {
+                            drop(sm);
+                            sm = open(dir.path());
+                            continue;
+                        }
+                        Op::Put { id, term, expect } => {
+                            let cur = model.get(&id).map_or(0, |r| r.version);
+                            let expect = expect.map_or(cur, u64::from);
+                            let w = Write {
+                                rtype: "Patient".into(),
+                                id: id.to_string(),
+                                version: expect + 1,
+                                op: consensus::Op::Update,
+                                last_updated_ms: 0,
+                                compartment: "c".into(),
+                                body: vec![id, term],
+                                index: vec![[term; 32]],
+                            };
+                            let pre = vec![Precondition::Version { rtype: "Patient".into(), id: id.to_string(), current: expect }];
+                            let out = sm.apply(vec![batch_entry(index, &k, 1, vec![cmd(pre, vec![w])])]).await.unwrap();
+                            if expect == cur {
+                                prop_assert_eq!(&out[0].outcomes[0], &Outcome::Applied { leaves: vec![leaves] });
+                                leaves += 1;
+                                model.insert(id, Res { version: cur + 1, deleted: false, term });
+                            } else {
+                                let conflict = matches!(out[0].outcomes[0], Outcome::Conflict { .. });
+                                prop_assert!(conflict, "stale version must conflict");
+                            }
+                        }
+                        Op::Delete { id } => {
+                            let Some(r) = model.get(&id).cloned().filter(|r| !r.deleted) else { continue };
+                            let mut w = write(&id.to_string(), r.version + 1, b"");
+                            w.op = consensus::Op::Delete;
+                            let pre = vec![Precondition::Version { rtype: "Patient".into(), id: id.to_string(), current: r.version }];
+                            sm.apply(vec![batch_entry(index, &k, 1, vec![cmd(pre, vec![w])])]).await.unwrap();
+                            leaves += 1;
+                            model.insert(id, Res { version: r.version + 1, deleted: true, term: r.term });
+                        }
+                    }
+                }
+                let view = sm.view();
+                prop_assert_eq!(view.frontier().unwrap().size, leaves);
+                for term in 0u8..3 {
+                    let expected: Vec<String> =
+                        model.iter().filter(|(_, r)| !r.deleted && r.term == term).map(|(id, _)| id.to_string()).collect();
+                    prop_assert_eq!(view.postings(&[term; 32], "Patient").unwrap(), expected);
+                }
+                for (id, r) in &model {
+                    let cur = view.current("Patient", &id.to_string()).unwrap().unwrap();
+                    prop_assert_eq!(cur.version, r.version);
+                    prop_assert_eq!(cur.deleted, r.deleted);
+                    prop_assert_eq!(view.versions("Patient", &id.to_string()).unwrap().len() as u64, r.version);
+                }
+                Ok(())
+            })?;
+        }
+    }
+}
