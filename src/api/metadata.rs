@@ -51,7 +51,7 @@ pub async fn capability_statement(req: HttpRequest, state: web::Data<AppState>) 
                     ("readHistory", Json::Bool(true)),
                     ("updateCreate", Json::Bool(true)),
                     ("conditionalCreate", Json::Bool(true)),
-                    ("conditionalRead", s("not-supported")),
+                    ("conditionalRead", s("full-support")),
                     ("conditionalUpdate", Json::Bool(true)),
                     ("conditionalDelete", s("single")),
                     ("searchParam", Json::Array(params)),

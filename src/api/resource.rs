@@ -295,10 +295,36 @@ pub async fn read(req: HttpRequest, path: web::Path<(String, String)>, state: we
             }
             other => other?,
         };
+        if not_modified(&req, &s) {
+            let mut b = HttpResponse::NotModified();
+            version_headers(&mut b, &s);
+            return Ok(b.finish());
+        }
         read_response(&f, &s)
     }
     .await;
     finish(&req, result)
+}
+
+/// Conditional read: `If-None-Match` naming the current version (or `*`), or
+/// `If-Modified-Since` not older than the last update. `If-None-Match` wins, as RFC 9110 says.
+fn not_modified(req: &HttpRequest, s: &Stored) -> bool {
+    let headers = req.headers();
+    if let Some(v) = headers.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()) {
+        let current = format!("W/\"{}\"", s.version);
+        return v
+            .split(',')
+            .map(str::trim)
+            .any(|tag| tag == "*" || tag == current || tag == format!("\"{}\"", s.version));
+    }
+    let since = headers
+        .get(header::IF_MODIFIED_SINCE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<header::HttpDate>().ok())
+        .map(std::time::SystemTime::from)
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
+    // HTTP dates have whole seconds, so compare at that precision.
+    since.is_some_and(|since| s.last_updated_ms.div_euclid(1000) <= since.as_secs() as i64)
 }
 
 pub async fn vread(

@@ -70,6 +70,26 @@ async fn crud_lifecycle_with_versions_headers_and_history() {
     assert_eq!(read.header("content-type"), "application/fhir+json; charset=utf-8");
     assert_eq!(read.json(), body);
 
+    // Conditional read.
+    let same =
+        call!(app, TestRequest::get().uri(&format!("/Patient/{id}")).insert_header(("if-none-match", "W/\"1\"")));
+    assert_eq!(same.status, StatusCode::NOT_MODIFIED);
+    assert_eq!(same.header("etag"), "W/\"1\"");
+    let other =
+        call!(app, TestRequest::get().uri(&format!("/Patient/{id}")).insert_header(("if-none-match", "W/\"7\"")));
+    assert_eq!(other.status, StatusCode::OK);
+    let lm = created.header("last-modified");
+    let since =
+        call!(app, TestRequest::get().uri(&format!("/Patient/{id}")).insert_header(("if-modified-since", lm.as_str())));
+    assert_eq!(since.status, StatusCode::NOT_MODIFIED);
+    let old = call!(
+        app,
+        TestRequest::get()
+            .uri(&format!("/Patient/{id}"))
+            .insert_header(("if-modified-since", "Mon, 01 Jan 2001 00:00:00 GMT"))
+    );
+    assert_eq!(old.status, StatusCode::OK);
+
     let mut updated = body.clone();
     updated["gender"] = json!("female");
     let up = call!(app, put(&format!("/Patient/{id}"), &updated.to_string()).insert_header(("if-match", "W/\"1\"")));
