@@ -21,6 +21,7 @@ pub mod kv;
 pub mod log_store;
 pub mod merkle;
 mod network;
+pub mod proof;
 mod proposer;
 pub mod sled_store;
 pub mod state_machine;

@@ -1,0 +1,237 @@
+//! RFC 9162 §2.1.3-2.1.4 Merkle audit paths: inclusion and consistency proofs, generated from
+//! any source of subtree hashes and verified without trusting the server.
+//!
+//! Generation asks a [`Nodes`] source for the hash of *perfect* subtrees (aligned ranges of a
+//! power-of-two size), so a store that keeps those hashes answers a proof in O(log² n) lookups;
+//! [`LeafNodes`] computes them from leaf hashes (for tests and offline verifiers).
+
+use crate::merkle::{node_hash, Hash};
+
+/// Hashes of perfect subtrees: `(level, index)` covers leaves `[index·2^level, (index+1)·2^level)`.
+pub trait Nodes {
+    fn node(&self, level: u32, index: u64) -> Option<Hash>;
+}
+
+/// Perfect-subtree hashes computed from a slice of leaf hashes.
+pub struct LeafNodes<'a>(pub &'a [Hash]);
+
+impl Nodes for LeafNodes<'_> {
+    fn node(&self, level: u32, index: u64) -> Option<Hash> {
+        let size = 1usize.checked_shl(level)?;
+        let start = usize::try_from(index).ok()?.checked_mul(size)?;
+        let leaves = self.0.get(start..start.checked_add(size)?)?;
+        Some(crate::merkle::root_of(leaves))
+    }
+}
+
+/// Largest power of two strictly smaller than `n` (n >= 2).
+fn split(n: u64) -> u64 {
+    1 << (63 - (n - 1).leading_zeros())
+}
+
+/// MTH of the `size` leaves starting at `offset` (offset aligned to the largest power of two
+/// in `size`, as every range the RFC recursion visits is).
+fn subtree(nodes: &dyn Nodes, offset: u64, size: u64) -> Option<Hash> {
+    if size.is_power_of_two() {
+        let level = size.trailing_zeros();
+        return nodes.node(level, offset >> level);
+    }
+    let k = split(size);
+    Some(node_hash(&subtree(nodes, offset, k)?, &subtree(nodes, offset + k, size - k)?))
+}
+
+fn path(nodes: &dyn Nodes, m: u64, offset: u64, n: u64, out: &mut Vec<Hash>) -> Option<()> {
+    if n <= 1 {
+        return Some(());
+    }
+    let k = split(n);
+    if m < k {
+        path(nodes, m, offset, k, out)?;
+        out.push(subtree(nodes, offset + k, n - k)?);
+    } else {
+        path(nodes, m - k, offset + k, n - k, out)?;
+        out.push(subtree(nodes, offset, k)?);
+    }
+    Some(())
+}
+
+/// The audit path of leaf `index` in the tree of `size` leaves (RFC 9162 `PATH(m, D[n])`).
+pub fn inclusion_proof(nodes: &dyn Nodes, index: u64, size: u64) -> Option<Vec<Hash>> {
+    if index >= size {
+        return None;
+    }
+    let mut out = Vec::new();
+    path(nodes, index, 0, size, &mut out)?;
+    Some(out)
+}
+
+fn subproof(nodes: &dyn Nodes, m: u64, offset: u64, n: u64, complete: bool, out: &mut Vec<Hash>) -> Option<()> {
+    if m == n {
+        if !complete {
+            out.push(subtree(nodes, offset, n)?);
+        }
+        return Some(());
+    }
+    let k = split(n);
+    if m <= k {
+        subproof(nodes, m, offset, k, complete, out)?;
+        out.push(subtree(nodes, offset + k, n - k)?);
+    } else {
+        subproof(nodes, m - k, offset + k, n - k, false, out)?;
+        out.push(subtree(nodes, offset, k)?);
+    }
+    Some(())
+}
+
+/// The consistency proof between trees of `first` and `second` leaves (RFC 9162 `PROOF`).
+pub fn consistency_proof(nodes: &dyn Nodes, first: u64, second: u64) -> Option<Vec<Hash>> {
+    if first == 0 || first > second {
+        return None;
+    }
+    let mut out = Vec::new();
+    if first < second {
+        subproof(nodes, first, 0, second, true, &mut out)?;
+    }
+    Some(out)
+}
+
+/// RFC 9162 §2.1.3.2: does `proof` show leaf `index` with hash `leaf` in the tree `root` of `size`?
+pub fn verify_inclusion(index: u64, size: u64, leaf: &Hash, proof: &[Hash], root: &Hash) -> bool {
+    if index >= size {
+        return false;
+    }
+    let (mut fnode, mut snode, mut r) = (index, size - 1, *leaf);
+    for p in proof {
+        if snode == 0 {
+            return false;
+        }
+        if fnode & 1 == 1 || fnode == snode {
+            r = node_hash(p, &r);
+            while fnode & 1 == 0 && fnode != 0 {
+                fnode >>= 1;
+                snode >>= 1;
+            }
+        } else {
+            r = node_hash(&r, p);
+        }
+        fnode >>= 1;
+        snode >>= 1;
+    }
+    snode == 0 && r == *root
+}
+
+/// RFC 9162 §2.1.4.2: is the tree (`second`, `second_root`) an append-only extension of
+/// (`first`, `first_root`)?
+pub fn verify_consistency(first: u64, second: u64, first_root: &Hash, second_root: &Hash, proof: &[Hash]) -> bool {
+    if first == 0 || first > second {
+        return false;
+    }
+    if first == second {
+        return proof.is_empty() && first_root == second_root;
+    }
+    let mut path: Vec<Hash> = Vec::with_capacity(proof.len() + 1);
+    if first.is_power_of_two() {
+        path.push(*first_root);
+    }
+    path.extend_from_slice(proof);
+    let Some((start, rest)) = path.split_first() else { return false };
+    let (mut fnode, mut snode) = (first - 1, second - 1);
+    while fnode & 1 == 1 {
+        fnode >>= 1;
+        snode >>= 1;
+    }
+    let (mut fr, mut sr) = (*start, *start);
+    for c in rest {
+        if snode == 0 {
+            return false;
+        }
+        if fnode & 1 == 1 || fnode == snode {
+            fr = node_hash(c, &fr);
+            sr = node_hash(c, &sr);
+            while fnode & 1 == 0 && fnode != 0 {
+                fnode >>= 1;
+                snode >>= 1;
+            }
+        } else {
+            sr = node_hash(&sr, c);
+        }
+        fnode >>= 1;
+        snode >>= 1;
+    }
+    snode == 0 && fr == *first_root && sr == *second_root
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::merkle::{leaf_hash, root_of};
+    use proptest::prelude::*;
+
+    fn leaves(n: u64) -> Vec<Hash> {
+        (0..n).map(|i| leaf_hash(&i.to_be_bytes())).collect()
+    }
+
+    #[test]
+    fn every_inclusion_and_consistency_proof_of_small_trees_verifies() {
+        for n in 1..=33u64 {
+            let l = leaves(n);
+            let nodes = LeafNodes(&l);
+            let root = root_of(&l);
+            for m in 0..n {
+                let p = inclusion_proof(&nodes, m, n).unwrap();
+                assert!(verify_inclusion(m, n, &l[m as usize], &p, &root), "leaf {m} of {n}");
+                assert!(!verify_inclusion(m, n, &leaf_hash(b"other"), &p, &root));
+            }
+            for first in 1..=n {
+                let p = consistency_proof(&nodes, first, n).unwrap();
+                let first_root = root_of(&l[..first as usize]);
+                assert!(verify_consistency(first, n, &first_root, &root, &p), "{first} -> {n}");
+            }
+        }
+    }
+
+    #[test]
+    fn rfc6962_style_proof_lengths() {
+        // In an 8-leaf tree every audit path has 3 nodes; 4 -> 8 needs the right half only,
+        // 7 -> 8 needs leaf 6, leaf 7, the node over 4..6 and the left half.
+        let l = leaves(8);
+        let nodes = LeafNodes(&l);
+        assert_eq!(inclusion_proof(&nodes, 5, 8).unwrap().len(), 3);
+        assert_eq!(consistency_proof(&nodes, 4, 8).unwrap().len(), 1);
+        assert_eq!(consistency_proof(&nodes, 7, 8).unwrap().len(), 4);
+        assert!(inclusion_proof(&nodes, 8, 8).is_none());
+    }
+
+    proptest! {
+        #[test]
+        fn any_flipped_bit_breaks_a_proof(n in 2u64..200, m_seed in any::<u64>(), first_seed in any::<u64>(), bit in 0usize..256, which in any::<u64>()) {
+            let l = leaves(n);
+            let nodes = LeafNodes(&l);
+            let root = root_of(&l);
+            let m = m_seed % n;
+            let mut p = inclusion_proof(&nodes, m, n).unwrap();
+            prop_assert!(verify_inclusion(m, n, &l[m as usize], &p, &root));
+            let flip = |h: &mut Hash| h[bit / 8] ^= 1 << (bit % 8);
+            let mut bad_root = root;
+            flip(&mut bad_root);
+            prop_assert!(!verify_inclusion(m, n, &l[m as usize], &p, &bad_root));
+            let mut bad_leaf = l[m as usize];
+            flip(&mut bad_leaf);
+            prop_assert!(!verify_inclusion(m, n, &bad_leaf, &p, &root));
+            let i = (which % p.len() as u64) as usize;
+            flip(&mut p[i]);
+            prop_assert!(!verify_inclusion(m, n, &l[m as usize], &p, &root));
+
+            let first = 1 + first_seed % (n - 1);
+            let mut c = consistency_proof(&nodes, first, n).unwrap();
+            let first_root = root_of(&l[..first as usize]);
+            prop_assert!(verify_consistency(first, n, &first_root, &root, &c));
+            prop_assert!(!verify_consistency(first, n, &first_root, &bad_root, &c));
+            if !c.is_empty() {
+                let i = (which % c.len() as u64) as usize;
+                flip(&mut c[i]);
+                prop_assert!(!verify_consistency(first, n, &first_root, &root, &c));
+            }
+        }
+    }
+}
