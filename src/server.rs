@@ -23,7 +23,7 @@ pub async fn open_repo(cfg: &Config) -> anyhow::Result<Arc<Repo>> {
         &cfg.listen.to_string(),
     )
     .await?;
-    Ok(Arc::new(Repo::new(ledger, id.kek, id.index_key, profiles, params)))
+    Ok(Arc::new(Repo::new(ledger, id.signing, id.kek, id.index_key, profiles, params)))
 }
 
 /// Opens the node and serves until the process is stopped.

@@ -41,13 +41,24 @@ pub struct Frontier {
 
 impl Frontier {
     pub fn append(&mut self, leaf: Hash) {
+        self.append_nodes(leaf, |_, _, _| {});
+    }
+
+    /// Appends `leaf` and reports every perfect subtree it completes as `(level, index, hash)`,
+    /// the leaf itself first (level 0). Storing these makes any proof O(log² n) lookups.
+    pub fn append_nodes(&mut self, leaf: Hash, mut completed: impl FnMut(u32, u64, Hash)) {
+        let index = self.size;
         let mut node = leaf;
         let mut size = self.size;
+        let mut level = 0;
+        completed(0, index, node);
         // Each trailing one bit of the old size is a subtree of equal height to merge with.
         while size & 1 == 1 {
             let left = self.nodes.pop().unwrap_or_default();
             node = node_hash(&left, &node);
             size >>= 1;
+            level += 1;
+            completed(level, index >> level, node);
         }
         self.nodes.push(node);
         self.size += 1;

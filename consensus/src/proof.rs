@@ -55,6 +55,14 @@ fn path(nodes: &dyn Nodes, m: u64, offset: u64, n: u64, out: &mut Vec<Hash>) -> 
     Some(())
 }
 
+/// The root of the tree as it was at `size` leaves (for consistency checks against old heads).
+pub fn root_at(nodes: &dyn Nodes, size: u64) -> Option<Hash> {
+    if size == 0 {
+        return Some(crate::merkle::empty_root());
+    }
+    subtree(nodes, 0, size)
+}
+
 /// The audit path of leaf `index` in the tree of `size` leaves (RFC 9162 `PATH(m, D[n])`).
 pub fn inclusion_proof(nodes: &dyn Nodes, index: u64, size: u64) -> Option<Vec<Hash>> {
     if index >= size {

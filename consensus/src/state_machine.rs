@@ -112,6 +112,13 @@ pub(crate) fn record_key(leaf: u64) -> Vec<u8> {
     k.extend_from_slice(&be(leaf));
     k
 }
+/// A perfect Merkle subtree: `level` (one byte) and its index at that level.
+pub(crate) fn node_key(level: u32, index: u64) -> Vec<u8> {
+    let mut k = vec![b'n', level as u8];
+    k.extend_from_slice(&be(index));
+    k
+}
+
 pub(crate) fn data_key_key(compartment: &str) -> Vec<u8> {
     sep_key(b'k', &[compartment.as_bytes()])
 }
@@ -243,16 +250,25 @@ impl StateView {
     pub fn data_key(&self, compartment: &str) -> io::Result<Option<Vec<u8>>> {
         self.kv.get(&data_key_key(compartment))
     }
-    /// The leaf hash is recomputed from the stored header: storing it too would only be a
-    /// second copy for `verify` to compare.
     pub fn leaf_hash(&self, leaf: u64) -> io::Result<Option<Hash>> {
-        Ok(self.record(leaf)?.map(|r| leaf_hash(&r.header.encode())))
+        self.node(0, leaf)
+    }
+
+    /// The stored hash of a perfect subtree (`level` 0 = a leaf).
+    pub fn node(&self, level: u32, index: u64) -> io::Result<Option<Hash>> {
+        Ok(self.kv.get(&node_key(level, index))?.and_then(|v| v.try_into().ok()))
     }
     pub fn frontier(&self) -> io::Result<Frontier> {
         Ok(self.kv.get(META_FRONTIER)?.map(|b| decode(&b)).transpose()?.unwrap_or_default())
     }
     pub fn last_applied(&self) -> io::Result<Option<LogId<NodeId>>> {
         Ok(self.kv.get(META_APPLIED)?.map(|b| decode(&b)).transpose()?.flatten())
+    }
+}
+
+impl crate::proof::Nodes for StateView {
+    fn node(&self, level: u32, index: u64) -> Option<Hash> {
+        StateView::node(self, level, index).ok().flatten()
     }
 }
 
@@ -429,7 +445,9 @@ impl StateMachine {
             log_index,
         };
         let leaf = frontier.size;
-        frontier.append(leaf_hash(&header.encode()));
+        frontier.append_nodes(leaf_hash(&header.encode()), |level, index, hash| {
+            ov.put(node_key(level, index), hash.to_vec());
+        });
         ov.put(record_key(leaf), encode(&VersionRecord { header, leaf, body: w.body })?);
         let mut leaves = old.map(|o| o.leaves).unwrap_or_default();
         leaves.push(leaf);

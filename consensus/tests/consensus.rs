@@ -281,6 +281,19 @@ mod model {
                 }
                 let view = sm.view();
                 prop_assert_eq!(view.frontier().unwrap().size, leaves);
+                // Every leaf's inclusion proof, built from the stored subtree hashes, verifies
+                // against the root, and every earlier tree size is consistent with this one.
+                let root = view.frontier().unwrap().root();
+                for leaf in 0..leaves {
+                    let proof = consensus::proof::inclusion_proof(&view, leaf, leaves).unwrap();
+                    let hash = view.leaf_hash(leaf).unwrap().unwrap();
+                    prop_assert!(consensus::proof::verify_inclusion(leaf, leaves, &hash, &proof, &root));
+                }
+                for first in 1..leaves {
+                    let proof = consensus::proof::consistency_proof(&view, first, leaves).unwrap();
+                    let first_root = consensus::proof::root_at(&view, first).unwrap();
+                    prop_assert!(consensus::proof::verify_consistency(first, leaves, &first_root, &root, &proof));
+                }
                 for term in 0u8..3 {
                     let expected: Vec<String> =
                         model.iter().filter(|(_, r)| !r.deleted && r.term == term).map(|(id, _)| id.to_string()).collect();

@@ -4,6 +4,7 @@
 pub mod bundle;
 pub mod history;
 pub mod interactions;
+pub mod ledger;
 pub mod metadata;
 pub mod resource;
 
@@ -31,6 +32,9 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/health", web::get().to(health))
         .route("/", web::post().to(bundle::batch_or_transaction))
         .route("/_history", web::get().to(history::system))
+        .route("/ledger/head", web::get().to(ledger::head))
+        .route("/ledger/proof", web::get().to(ledger::leaf_proof))
+        .route("/ledger/consistency", web::get().to(ledger::consistency))
         .route("/{type}", web::get().to(resource::search))
         .route("/{type}", web::post().to(resource::create))
         .route("/{type}", web::put().to(resource::conditional_update))
@@ -43,6 +47,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/{type}/{id}", web::delete().to(resource::delete))
         .route("/{type}/{id}/_history", web::get().to(history::instance))
         .route("/{type}/{id}/_history/{vid}", web::get().to(resource::vread))
+        .route("/{type}/{id}/_history/{vid}/{op}", web::get().to(ledger::version_proof))
         .default_service(web::to(not_found));
 }
 

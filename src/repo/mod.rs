@@ -30,6 +30,8 @@ const MAX_ATTEMPTS: usize = 64;
 
 pub struct Repo {
     ledger: Ledger,
+    /// This node's identity; signs the tree heads it publishes.
+    signer: ed25519_dalek::SigningKey,
     view: StateView,
     keys: Keyring,
     index_key: [u8; 32],
@@ -66,17 +68,26 @@ impl Stored {
 impl Repo {
     pub fn new(
         ledger: Ledger,
+        signer: ed25519_dalek::SigningKey,
         kek: DataKey,
         index_key: [u8; 32],
         profiles: Arc<Profiles>,
         params: Arc<SearchParams>,
     ) -> Self {
         let view = ledger.view();
-        Self { ledger, view, keys: Keyring::new(kek), index_key, profiles, params }
+        Self { ledger, signer, view, keys: Keyring::new(kek), index_key, profiles, params }
     }
 
     pub fn view(&self) -> &StateView {
         &self.view
+    }
+
+    pub fn node_id(&self) -> u64 {
+        self.ledger.node_id
+    }
+
+    pub fn signer(&self) -> &ed25519_dalek::SigningKey {
+        &self.signer
     }
 
     pub fn index_key(&self) -> &[u8; 32] {

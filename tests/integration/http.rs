@@ -410,3 +410,83 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// Parameters named `name` in a Parameters resource or in a `part` array.
+fn param<'a>(params: &'a Value, name: &str) -> Vec<&'a Value> {
+    let list = params.as_array().or_else(|| params["parameter"].as_array()).unwrap();
+    list.iter().filter(|p| p["name"] == name).collect()
+}
+
+fn b64(v: &Value, kind: &str) -> Vec<u8> {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.decode(v[kind].as_str().unwrap()).unwrap()
+}
+
+fn hash(v: &Value) -> [u8; 32] {
+    b64(v, "valueBase64Binary").try_into().unwrap()
+}
+
+#[actix_web::test]
+async fn merkle_proofs_verify_against_the_signed_tree_head() {
+    use consensus::proof::{verify_consistency, verify_inclusion};
+    use ed25519_dalek::Verifier;
+
+    let dir = tempfile::tempdir().unwrap();
+    let app = support::app(support::repo(dir.path()).await).await;
+    let created = call!(app, post("/Patient", PATIENT));
+    let id = created.json()["id"].as_str().unwrap().to_string();
+    for _ in 0..4 {
+        call!(app, post("/Observation", r#"{"resourceType":"Observation","status":"final","code":{"text":"x"}}"#));
+    }
+    let mut body = created.json();
+    body["gender"] = json!("female");
+    let up = call!(app, put(&format!("/Patient/{id}"), &body.to_string()));
+    let leaf: u64 = up.header("x-ledger-leaf").parse().unwrap();
+
+    let p = call!(app, TestRequest::get().uri(&format!("/Patient/{id}/_history/2/$proof")));
+    assert_eq!(p.status, StatusCode::OK, "{}", p.text);
+    let p = p.json();
+    assert_eq!(p["resourceType"], "Parameters");
+    assert_eq!(param(&p, "leafIndex")[0]["valueString"], leaf.to_string());
+    let head = &param(&p, "treeHead")[0]["part"];
+    let size: u64 = param(head, "treeSize")[0]["valueString"].as_str().unwrap().parse().unwrap();
+    assert_eq!(size, 6);
+    let root = hash(param(head, "rootHash")[0]);
+    let leaf_hash = consensus::merkle::leaf_hash(&b64(param(&p, "leafData")[0], "valueBase64Binary"));
+    let path: Vec<[u8; 32]> = param(&p, "auditPath").into_iter().map(hash).collect();
+    assert!(verify_inclusion(leaf, size, &leaf_hash, &path, &root));
+    let mut forged = path.clone();
+    forged[0][0] ^= 1;
+    assert!(!verify_inclusion(leaf, size, &leaf_hash, &forged, &root));
+
+    // The head is signed by the node key written to the data directory.
+    let sig = &param(head, "signature")[0]["part"];
+    let key_bytes: [u8; 32] =
+        hex::decode(std::fs::read_to_string(dir.path().join("node.pub")).unwrap()).unwrap().try_into().unwrap();
+    assert_eq!(b64(param(sig, "publicKey")[0], "valueBase64Binary"), key_bytes);
+    let key = ed25519_dalek::VerifyingKey::from_bytes(&key_bytes).unwrap();
+    let ts = param(head, "timestamp")[0]["valueInstant"].as_str().unwrap();
+    let ts_ms = fhir_ledger::fhir::date_range_ms(ts).unwrap().0;
+    let msg = fhir_ledger::api::ledger::tree_head_message(size, &root, ts_ms);
+    let signature =
+        ed25519_dalek::Signature::from_slice(&b64(param(sig, "signature")[0], "valueBase64Binary")).unwrap();
+    assert!(key.verify(&msg, &signature).is_ok());
+
+    let c = call!(app, TestRequest::get().uri("/ledger/consistency?first=2"));
+    assert_eq!(c.status, StatusCode::OK, "{}", c.text);
+    let c = c.json();
+    let first_root = hash(param(&c, "firstRootHash")[0]);
+    let second_root = hash(param(&c, "secondRootHash")[0]);
+    assert_eq!(second_root, root);
+    let cpath: Vec<[u8; 32]> = param(&c, "consistencyPath").into_iter().map(hash).collect();
+    assert!(verify_consistency(2, size, &first_root, &second_root, &cpath));
+
+    let by_leaf = call!(app, TestRequest::get().uri("/ledger/proof?leaf=0"));
+    assert_eq!(by_leaf.status, StatusCode::OK);
+    call!(app, TestRequest::get().uri("/ledger/proof?leaf=99")).outcome(404);
+    call!(app, TestRequest::get().uri("/ledger/consistency?first=0")).outcome(400);
+    call!(app, TestRequest::get().uri("/ledger/consistency?first=x")).outcome(400);
+    call!(app, TestRequest::get().uri(&format!("/Patient/{id}/_history/9/$proof"))).outcome(404);
+    let head = call!(app, TestRequest::get().uri("/ledger/head")).json();
+    assert_eq!(param(&head, "treeSize")[0]["valueString"], "6");
+}

@@ -1,0 +1,173 @@
+//! The ledger seen from outside: signed tree heads and Merkle proofs (RFC 9162) that a
+//! verifier checks without trusting this server.
+//!
+//! `GET /ledger/head` — the current tree size and root, signed by this node.
+//! `GET /{type}/{id}/_history/{vid}/$proof` — inclusion proof of one resource version.
+//! `GET /ledger/proof?leaf=N` — inclusion proof of a leaf by index.
+//! `GET /ledger/consistency?first=N&second=M` — consistency proof between two tree sizes.
+//! Proofs are Parameters resources; hashes and leaf data are base64.
+
+use actix_web::{web, HttpRequest, HttpResponse};
+use base64::Engine;
+use consensus::merkle::Hash;
+use consensus::proof;
+use ed25519_dalek::Signer;
+
+use super::interactions::parse_query;
+use super::resource::check_type;
+use super::{json_response, respond, AppState};
+use crate::error::FhirError;
+use crate::fhir::json::Json;
+use crate::repo::Repo;
+
+fn b64(bytes: &[u8]) -> Json {
+    Json::String(base64::engine::general_purpose::STANDARD.encode(bytes))
+}
+
+fn s(v: impl Into<String>) -> Json {
+    Json::String(v.into())
+}
+
+fn param(name: &str, kind: &str, value: Json) -> Json {
+    Json::obj(vec![("name", s(name)), (kind, value)])
+}
+
+/// The bytes a tree head signature covers.
+pub fn tree_head_message(size: u64, root: &Hash, timestamp_ms: i64) -> Vec<u8> {
+    let mut m = b"fhir-ledger tree head v1\0".to_vec();
+    m.extend_from_slice(&size.to_be_bytes());
+    m.extend_from_slice(root);
+    m.extend_from_slice(&timestamp_ms.to_be_bytes());
+    m
+}
+
+/// The current tree head, signed by this node: `(size, root, timestamp, head as JSON parts)`.
+fn signed_head(repo: &Repo) -> Result<(u64, Hash, Vec<Json>), FhirError> {
+    let frontier = repo.view().frontier()?;
+    let (size, root) = (frontier.size, frontier.root());
+    let ts = crate::fhir::now_ms();
+    let sig = repo.signer().sign(&tree_head_message(size, &root, ts));
+    let parts = vec![
+        param("treeSize", "valueString", s(size.to_string())),
+        param("rootHash", "valueBase64Binary", b64(&root)),
+        param("timestamp", "valueInstant", s(crate::fhir::instant(ts))),
+        Json::obj(vec![
+            ("name", s("signature")),
+            (
+                "part",
+                Json::Array(vec![
+                    param("node", "valueString", s(repo.node_id().to_string())),
+                    param("publicKey", "valueBase64Binary", b64(repo.signer().verifying_key().as_bytes())),
+                    param("signature", "valueBase64Binary", b64(&sig.to_bytes())),
+                ]),
+            ),
+        ]),
+    ];
+    Ok((size, root, parts))
+}
+
+fn parameters(parameter: Vec<Json>) -> Json {
+    Json::obj(vec![("resourceType", s("Parameters")), ("parameter", Json::Array(parameter))])
+}
+
+pub async fn head(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
+    if let Err(e) = state.repo.linearize().await {
+        return respond(&req, |_| Err(e));
+    }
+    respond(&req, |f| {
+        let (_, _, parts) = signed_head(&state.repo)?;
+        Ok(json_response(200, &parameters(parts), f))
+    })
+}
+
+fn inclusion(repo: &Repo, leaf: u64, extra: Vec<Json>) -> Result<Json, FhirError> {
+    let (size, _, head) = signed_head(repo)?;
+    let record = repo.view().record(leaf)?.ok_or_else(|| FhirError::not_found(&format!("leaf {leaf}")))?;
+    let path = proof::inclusion_proof(repo.view(), leaf, size)
+        .ok_or_else(|| FhirError::internal(format!("no inclusion proof for leaf {leaf} of {size}")))?;
+    let mut p = extra;
+    p.push(param("leafIndex", "valueString", s(leaf.to_string())));
+    p.push(param("leafData", "valueBase64Binary", b64(&record.header.encode())));
+    for h in &path {
+        p.push(param("auditPath", "valueBase64Binary", b64(h)));
+    }
+    p.push(Json::obj(vec![("name", s("treeHead")), ("part", Json::Array(head))]));
+    Ok(parameters(p))
+}
+
+/// `GET /{type}/{id}/_history/{vid}/$proof`
+pub async fn version_proof(
+    req: HttpRequest,
+    path: web::Path<(String, String, String, String)>,
+    state: web::Data<AppState>,
+) -> HttpResponse {
+    let (rtype, id, vid, op) = path.into_inner();
+    if let Err(e) = state.repo.linearize().await {
+        return respond(&req, |_| Err(e));
+    }
+    respond(&req, |f| {
+        if op != "$proof" {
+            return Err(FhirError::new(404, "not-supported", format!("unknown operation {op:?}")));
+        }
+        check_type(&state.repo, &rtype)?;
+        let what = format!("{rtype}/{id}/_history/{vid}");
+        let version: u64 = vid.parse().map_err(|_| FhirError::not_found(&what))?;
+        let record = state.repo.view().version(&rtype, &id, version)?.ok_or_else(|| FhirError::not_found(&what))?;
+        let body = inclusion(&state.repo, record.leaf, vec![param("resource", "valueString", s(what))])?;
+        Ok(json_response(200, &body, f))
+    })
+}
+
+fn number(params: &[(String, String)], name: &str) -> Result<u64, FhirError> {
+    let v = params
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v)
+        .ok_or_else(|| FhirError::invalid(format!("parameter {name} is required")).at(name.to_string()))?;
+    v.parse().map_err(|_| {
+        FhirError::invalid(format!("{name} must be a non-negative integer, not {v:?}")).at(name.to_string())
+    })
+}
+
+/// `GET /ledger/proof?leaf=N`
+pub async fn leaf_proof(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
+    if let Err(e) = state.repo.linearize().await {
+        return respond(&req, |_| Err(e));
+    }
+    respond(&req, |f| {
+        let leaf = number(&parse_query(req.query_string()), "leaf")?;
+        Ok(json_response(200, &inclusion(&state.repo, leaf, Vec::new())?, f))
+    })
+}
+
+/// `GET /ledger/consistency?first=N&second=M` (`second` defaults to the current size).
+pub async fn consistency(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
+    if let Err(e) = state.repo.linearize().await {
+        return respond(&req, |_| Err(e));
+    }
+    respond(&req, |f| {
+        let q = parse_query(req.query_string());
+        let first = number(&q, "first")?;
+        let (size, _, head) = signed_head(&state.repo)?;
+        let second = if q.iter().any(|(k, _)| k == "second") { number(&q, "second")? } else { size };
+        if first == 0 || first > second || second > size {
+            return Err(FhirError::invalid(format!(
+                "need 0 < first <= second <= {size} (the current tree size); got first={first}, second={second}"
+            )));
+        }
+        let view = state.repo.view();
+        let missing = || FhirError::internal("subtree hashes missing");
+        let path = proof::consistency_proof(view, first, second).ok_or_else(missing)?;
+        let mut p = vec![
+            param("first", "valueString", s(first.to_string())),
+            param("firstRootHash", "valueBase64Binary", b64(&proof::root_at(view, first).ok_or_else(missing)?)),
+            param("second", "valueString", s(second.to_string())),
+            param("secondRootHash", "valueBase64Binary", b64(&proof::root_at(view, second).ok_or_else(missing)?)),
+        ];
+        for h in &path {
+            p.push(param("consistencyPath", "valueBase64Binary", b64(h)));
+        }
+        p.push(Json::obj(vec![("name", s("treeHead")), ("part", Json::Array(head))]));
+        Ok(json_response(200, &parameters(p), f))
+    })
+}
