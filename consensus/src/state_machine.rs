@@ -112,6 +112,10 @@ pub(crate) fn record_key(leaf: u64) -> Vec<u8> {
     k.extend_from_slice(&be(leaf));
     k
 }
+/// Subtrees of 16 leaves and up are stored (about one key per 8 leaves); smaller ones are
+/// recomputed from at most 8 version records. Storing every level cost ~15% of ingest.
+pub const STORED_NODE_LEVEL: u32 = 4;
+
 /// A perfect Merkle subtree: `level` (one byte) and its index at that level.
 pub(crate) fn node_key(level: u32, index: u64) -> Vec<u8> {
     let mut k = vec![b'n', level as u8];
@@ -250,13 +254,24 @@ impl StateView {
     pub fn data_key(&self, compartment: &str) -> io::Result<Option<Vec<u8>>> {
         self.kv.get(&data_key_key(compartment))
     }
+    /// The leaf hash, recomputed from the stored header.
     pub fn leaf_hash(&self, leaf: u64) -> io::Result<Option<Hash>> {
-        self.node(0, leaf)
+        Ok(self.record(leaf)?.map(|r| leaf_hash(&r.header.encode())))
     }
 
-    /// The stored hash of a perfect subtree (`level` 0 = a leaf).
+    /// The hash of a perfect subtree (`level` 0 = a leaf): stored from
+    /// [`STORED_NODE_LEVEL`] up, recomputed below it.
     pub fn node(&self, level: u32, index: u64) -> io::Result<Option<Hash>> {
-        Ok(self.kv.get(&node_key(level, index))?.and_then(|v| v.try_into().ok()))
+        if level >= STORED_NODE_LEVEL {
+            return Ok(self.kv.get(&node_key(level, index))?.and_then(|v| v.try_into().ok()));
+        }
+        if level == 0 {
+            return self.leaf_hash(index);
+        }
+        let (Some(l), Some(r)) = (self.node(level - 1, index * 2)?, self.node(level - 1, index * 2 + 1)?) else {
+            return Ok(None);
+        };
+        Ok(Some(crate::merkle::node_hash(&l, &r)))
     }
     pub fn frontier(&self) -> io::Result<Frontier> {
         Ok(self.kv.get(META_FRONTIER)?.map(|b| decode(&b)).transpose()?.unwrap_or_default())
@@ -446,7 +461,9 @@ impl StateMachine {
         };
         let leaf = frontier.size;
         frontier.append_nodes(leaf_hash(&header.encode()), |level, index, hash| {
-            ov.put(node_key(level, index), hash.to_vec());
+            if level >= STORED_NODE_LEVEL {
+                ov.put(node_key(level, index), hash.to_vec());
+            }
         });
         ov.put(record_key(leaf), encode(&VersionRecord { header, leaf, body: w.body })?);
         let mut leaves = old.map(|o| o.leaves).unwrap_or_default();
