@@ -171,3 +171,45 @@ pub async fn consistency(req: HttpRequest, state: web::Data<AppState>) -> HttpRe
         Ok(json_response(200, &parameters(p), f))
     })
 }
+
+/// `GET /ledger/entries?from=N&_count=M`: leaf headers in order, for auditors. Headers only
+/// (type, id, version, time, actor, operation, ciphertext digest): never resource content.
+pub async fn entries(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
+    if let Err(e) = state.repo.linearize().await {
+        return respond(&req, |_| Err(e));
+    }
+    respond(&req, |f| {
+        let q = parse_query(req.query_string());
+        let from = if q.iter().any(|(k, _)| k == "from") { number(&q, "from")? } else { 0 };
+        let count = if q.iter().any(|(k, _)| k == "_count") { number(&q, "_count")?.min(1000) } else { 100 };
+        let view = state.repo.view();
+        let size = view.frontier()?.size;
+        let end = from.saturating_add(count).min(size);
+        let mut out = Vec::new();
+        for leaf in from..end {
+            let r = view.record(leaf)?.ok_or_else(|| FhirError::internal(format!("leaf {leaf} has no record")))?;
+            let h = &r.header;
+            out.push(Json::obj(vec![
+                ("leaf", Json::Number(leaf.to_string())),
+                ("leafHash", b64(&consensus::merkle::leaf_hash(&h.encode()))),
+                ("resource", s(format!("{}/{}/_history/{}", h.rtype, h.id, h.version))),
+                ("operation", s(h.op.clone())),
+                ("lastUpdated", s(crate::fhir::instant(h.last_updated_ms))),
+                ("actor", s(h.actor.clone())),
+                ("bodySha256", b64(&h.body_sha256)),
+                ("raftLogIndex", Json::Number(h.log_index.to_string())),
+            ]));
+        }
+        let mut body = vec![("treeSize", Json::Number(size.to_string())), ("entries", Json::Array(out))];
+        if end < size {
+            body.push(("next", s(format!("{}/ledger/entries?from={end}&_count={count}", super::base_url(&req)))));
+        }
+        let mut resp = json_response(200, &Json::obj(body), f);
+        // Not a FHIR resource: plain JSON.
+        resp.headers_mut().insert(
+            actix_web::http::header::CONTENT_TYPE,
+            actix_web::http::header::HeaderValue::from_static("application/json"),
+        );
+        Ok(resp)
+    })
+}

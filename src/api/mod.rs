@@ -35,6 +35,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/ledger/head", web::get().to(ledger::head))
         .route("/ledger/proof", web::get().to(ledger::leaf_proof))
         .route("/ledger/consistency", web::get().to(ledger::consistency))
+        .route("/ledger/entries", web::get().to(ledger::entries))
         .route("/{type}", web::get().to(resource::search))
         .route("/{type}", web::post().to(resource::create))
         .route("/{type}", web::put().to(resource::conditional_update))

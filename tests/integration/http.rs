@@ -489,4 +489,31 @@ async fn merkle_proofs_verify_against_the_signed_tree_head() {
     call!(app, TestRequest::get().uri(&format!("/Patient/{id}/_history/9/$proof"))).outcome(404);
     let head = call!(app, TestRequest::get().uri("/ledger/head")).json();
     assert_eq!(param(&head, "treeSize")[0]["valueString"], "6");
+
+    // The audit trail pages through leaf headers, and never carries resource content.
+    let page = call!(app, TestRequest::get().uri("/ledger/entries?from=4&_count=1"));
+    assert_eq!(page.header("content-type"), "application/json");
+    assert!(!page.text.contains("Chalmers"), "no PHI in the audit trail: {}", page.text);
+    let page = page.json();
+    assert_eq!(page["entries"][0]["leaf"], 4);
+    assert!(page["next"].as_str().unwrap().ends_with("/ledger/entries?from=5&_count=1"));
+    let last = call!(app, TestRequest::get().uri("/ledger/entries?from=5")).json();
+    assert_eq!(last["entries"][0]["resource"], format!("Patient/{id}/_history/2"));
+    assert_eq!(last["entries"][0]["operation"], "update");
+    assert!(last.get("next").is_none());
+    let all = call!(app, TestRequest::get().uri("/ledger/entries")).json();
+    let leaf_hashes: Vec<[u8; 32]> = all["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            use base64::Engine;
+            base64::engine::general_purpose::STANDARD
+                .decode(e["leafHash"].as_str().unwrap())
+                .unwrap()
+                .try_into()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(consensus::merkle::root_of(&leaf_hashes), root, "the listed leaves make up the signed root");
 }
