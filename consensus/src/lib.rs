@@ -16,6 +16,7 @@
 // openraft's `StorageError` is large by design; boxing it at every call would only add noise.
 #![allow(clippy::result_large_err)]
 
+pub mod audit;
 pub mod command;
 pub mod kv;
 pub mod log_store;

@@ -314,11 +314,16 @@ impl StateMachine {
         self.view.clone()
     }
 
+    /// The committed membership as last applied (names the keys batches must verify against).
+    pub fn stored_membership(&self) -> io::Result<StoredMembership<NodeId, Node>> {
+        self.membership()
+    }
+
     fn membership(&self) -> io::Result<StoredMembership<NodeId, Node>> {
         Ok(self.view.kv.get(META_MEMBERSHIP)?.map(|b| decode(&b)).transpose()?.unwrap_or_default())
     }
 
-    fn proposer_key(membership: &StoredMembership<NodeId, Node>, node_id: NodeId) -> Option<VerifyingKey> {
+    pub(crate) fn proposer_key(membership: &StoredMembership<NodeId, Node>, node_id: NodeId) -> Option<VerifyingKey> {
         let node = membership.membership().get_node(&node_id)?;
         let bytes: [u8; 32] = hex_decode(&node.public_key)?.try_into().ok()?;
         VerifyingKey::from_bytes(&bytes).ok()
