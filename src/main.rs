@@ -32,11 +32,14 @@ struct VerifyArgs {
 }
 
 fn verify(args: &VerifyArgs) -> std::process::ExitCode {
+    use std::io::IsTerminal;
     let start = std::time::Instant::now();
     let mut shown = u64::MAX;
+    // A progress bar only for people watching; logs and scripts get the summary alone.
+    let tty = std::io::stderr().is_terminal();
     let mut progress = |done: u64, total: u64| {
         let pct = (done * 100).checked_div(total).unwrap_or(100);
-        if pct != shown {
+        if tty && pct != shown {
             shown = pct;
             eprint!("\rverifying leaves: {pct:>3}% ({done}/{total})");
         }
@@ -49,7 +52,9 @@ fn verify(args: &VerifyArgs) -> std::process::ExitCode {
         }
     };
     let secs = start.elapsed().as_secs_f64().max(1e-9);
-    eprintln!();
+    if tty {
+        eprintln!();
+    }
     for f in &report.findings {
         println!("TAMPERED {}: {}", f.location, f.problem);
     }
