@@ -16,7 +16,7 @@ data="$(mktemp -d)"
 log="$data/server.log"
 "$bin" serve --listen 127.0.0.1:0 --data-dir "$data/db" --auth off 2>"$log" &
 pid=$!
-trap 'kill -9 $pid 2>/dev/null || true; rm -rf "$data"' EXIT
+trap 'kill -9 $pid 2>/dev/null || true; wait $pid 2>/dev/null || true; rm -rf "$data"' EXIT
 for _ in $(seq 1 600); do
   base="$(sed -n 's/^fhir-ledger: listening on //p' "$log" | head -1)"
   [ -n "$base" ] && break
