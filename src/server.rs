@@ -38,6 +38,9 @@ pub async fn serve(cfg: Config, repo: Arc<Repo>) -> anyhow::Result<()> {
     let server = HttpServer::new(move || App::new().app_data(state.clone()).configure(api::configure))
         .workers(cfg.workers)
         .backlog(2048)
+        // Clients pool connections; a short keep-alive races their reuse of an idle socket
+        // (the client sends just as the server closes). 75 s is nginx's default.
+        .keep_alive(std::time::Duration::from_secs(75))
         .bind(cfg.listen)?;
     for addr in server.addrs() {
         eprintln!("fhir-ledger: listening on http://{addr}");

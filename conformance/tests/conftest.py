@@ -20,5 +20,9 @@ def base():
 @pytest.fixture(scope="session")
 def http():
     s = requests.Session()
+    # Retry idempotent requests once if a pooled connection was closed under us, as any
+    # production client would; a wrong answer still fails the test.
+    retry = requests.adapters.Retry(total=2, connect=2, read=2, status=0, allowed_methods={"GET", "PUT", "DELETE"})
+    s.mount("http://", requests.adapters.HTTPAdapter(max_retries=retry, pool_maxsize=16))
     s.headers.update({"Accept": "application/fhir+json", "Content-Type": "application/fhir+json"})
     return s
