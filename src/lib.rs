@@ -18,3 +18,5 @@ pub mod fhir;
 pub mod identity;
 pub mod repo;
 pub mod server;
+pub mod treehead;
+pub mod verify;

@@ -26,7 +26,7 @@ use crate::{Node, NodeId, TypeConfig};
 
 const META_APPLIED: &[u8] = b"m/applied";
 const META_MEMBERSHIP: &[u8] = b"m/membership";
-const META_FRONTIER: &[u8] = b"m/frontier";
+pub(crate) const META_FRONTIER: &[u8] = b"m/frontier";
 const META_SNAPSHOT: &[u8] = b"m/snapshot";
 
 /// Version of [`LeafHeader`]'s encoding; part of every leaf so that verifiers can evolve.
@@ -52,6 +52,11 @@ pub struct LeafHeader {
 impl LeafHeader {
     pub fn encode(&self) -> Vec<u8> {
         bincode::serialize(self).unwrap_or_default()
+    }
+
+    /// The header a leaf's data encodes (what an inclusion proof proves), if it is one.
+    pub fn decode(leaf_data: &[u8]) -> Option<Self> {
+        bincode::deserialize(leaf_data).ok()
     }
 }
 
@@ -275,6 +280,16 @@ impl StateView {
     }
     pub fn frontier(&self) -> io::Result<Frontier> {
         Ok(self.kv.get(META_FRONTIER)?.map(|b| decode(&b)).transpose()?.unwrap_or_default())
+    }
+    /// A stored value as it is on disk (for the offline verifier).
+    pub(crate) fn raw(&self, key: &[u8]) -> io::Result<Option<Vec<u8>>> {
+        self.kv.get(key)
+    }
+    /// The last snapshot built or installed, as its meta and the state pairs it holds.
+    pub(crate) fn snapshot(&self) -> io::Result<Option<(SnapshotMeta<NodeId, Node>, Vec<(Vec<u8>, Vec<u8>)>)>> {
+        let Some(bytes) = self.kv.get(META_SNAPSHOT)? else { return Ok(None) };
+        let stored: StoredSnapshot = decode(&bytes)?;
+        Ok(Some((stored.meta, decode(&stored.data)?)))
     }
     pub fn last_applied(&self) -> io::Result<Option<LogId<NodeId>>> {
         Ok(self.kv.get(META_APPLIED)?.map(|b| decode(&b)).transpose()?.flatten())

@@ -9,9 +9,7 @@
 
 use actix_web::{web, HttpRequest, HttpResponse};
 use base64::Engine;
-use consensus::merkle::Hash;
 use consensus::proof;
-use ed25519_dalek::Signer;
 
 use super::interactions::parse_query;
 use super::resource::check_type;
@@ -19,6 +17,7 @@ use super::{json_response, respond, AppState};
 use crate::error::FhirError;
 use crate::fhir::json::Json;
 use crate::repo::Repo;
+use crate::treehead::TreeHead;
 
 fn b64(bytes: &[u8]) -> Json {
     Json::String(base64::engine::general_purpose::STANDARD.encode(bytes))
@@ -32,38 +31,11 @@ fn param(name: &str, kind: &str, value: Json) -> Json {
     Json::obj(vec![("name", s(name)), (kind, value)])
 }
 
-/// The bytes a tree head signature covers.
-pub fn tree_head_message(size: u64, root: &Hash, timestamp_ms: i64) -> Vec<u8> {
-    let mut m = b"fhir-ledger tree head v1\0".to_vec();
-    m.extend_from_slice(&size.to_be_bytes());
-    m.extend_from_slice(root);
-    m.extend_from_slice(&timestamp_ms.to_be_bytes());
-    m
-}
-
-/// The current tree head, signed by this node: `(size, root, timestamp, head as JSON parts)`.
-fn signed_head(repo: &Repo) -> Result<(u64, Hash, Vec<Json>), FhirError> {
+/// The current tree head, signed by this node.
+fn signed_head(repo: &Repo) -> Result<TreeHead, FhirError> {
     let frontier = repo.view().frontier()?;
-    let (size, root) = (frontier.size, frontier.root());
-    let ts = crate::fhir::now_ms();
-    let sig = repo.signer().sign(&tree_head_message(size, &root, ts));
-    let parts = vec![
-        param("treeSize", "valueString", s(size.to_string())),
-        param("rootHash", "valueBase64Binary", b64(&root)),
-        param("timestamp", "valueInstant", s(crate::fhir::instant(ts))),
-        Json::obj(vec![
-            ("name", s("signature")),
-            (
-                "part",
-                Json::Array(vec![
-                    param("node", "valueString", s(repo.node_id().to_string())),
-                    param("publicKey", "valueBase64Binary", b64(repo.signer().verifying_key().as_bytes())),
-                    param("signature", "valueBase64Binary", b64(&sig.to_bytes())),
-                ]),
-            ),
-        ]),
-    ];
-    Ok((size, root, parts))
+    let node = repo.node_id().to_string();
+    Ok(TreeHead::signed(frontier.size, frontier.root(), crate::fhir::now_ms(), &node, repo.signer()))
 }
 
 fn parameters(parameter: Vec<Json>) -> Json {
@@ -74,14 +46,12 @@ pub async fn head(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse 
     if let Err(e) = state.repo.linearize().await {
         return respond(&req, |_| Err(e));
     }
-    respond(&req, |f| {
-        let (_, _, parts) = signed_head(&state.repo)?;
-        Ok(json_response(200, &parameters(parts), f))
-    })
+    respond(&req, |f| Ok(json_response(200, &parameters(signed_head(&state.repo)?.to_parts()), f)))
 }
 
 fn inclusion(repo: &Repo, leaf: u64, extra: Vec<Json>) -> Result<Json, FhirError> {
-    let (size, _, head) = signed_head(repo)?;
+    let head = signed_head(repo)?;
+    let size = head.size;
     let record = repo.view().record(leaf)?.ok_or_else(|| FhirError::not_found(&format!("leaf {leaf}")))?;
     let path = proof::inclusion_proof(repo.view(), leaf, size)
         .ok_or_else(|| FhirError::internal(format!("no inclusion proof for leaf {leaf} of {size}")))?;
@@ -91,7 +61,7 @@ fn inclusion(repo: &Repo, leaf: u64, extra: Vec<Json>) -> Result<Json, FhirError
     for h in &path {
         p.push(param("auditPath", "valueBase64Binary", b64(h)));
     }
-    p.push(Json::obj(vec![("name", s("treeHead")), ("part", Json::Array(head))]));
+    p.push(Json::obj(vec![("name", s("treeHead")), ("part", Json::Array(head.to_parts()))]));
     Ok(parameters(p))
 }
 
@@ -148,7 +118,8 @@ pub async fn consistency(req: HttpRequest, state: web::Data<AppState>) -> HttpRe
     respond(&req, |f| {
         let q = parse_query(req.query_string());
         let first = number(&q, "first")?;
-        let (size, _, head) = signed_head(&state.repo)?;
+        let head = signed_head(&state.repo)?;
+        let size = head.size;
         let second = if q.iter().any(|(k, _)| k == "second") { number(&q, "second")? } else { size };
         if first == 0 || first > second || second > size {
             return Err(FhirError::invalid(format!(
@@ -167,7 +138,7 @@ pub async fn consistency(req: HttpRequest, state: web::Data<AppState>) -> HttpRe
         for h in &path {
             p.push(param("consistencyPath", "valueBase64Binary", b64(h)));
         }
-        p.push(Json::obj(vec![("name", s("treeHead")), ("part", Json::Array(head))]));
+        p.push(Json::obj(vec![("name", s("treeHead")), ("part", Json::Array(head.to_parts()))]));
         Ok(json_response(200, &parameters(p), f))
     })
 }

@@ -467,7 +467,7 @@ async fn merkle_proofs_verify_against_the_signed_tree_head() {
     let key = ed25519_dalek::VerifyingKey::from_bytes(&key_bytes).unwrap();
     let ts = param(head, "timestamp")[0]["valueInstant"].as_str().unwrap();
     let ts_ms = fhir_ledger::fhir::date_range_ms(ts).unwrap().0;
-    let msg = fhir_ledger::api::ledger::tree_head_message(size, &root, ts_ms);
+    let msg = fhir_ledger::treehead::message(size, &root, ts_ms);
     let signature =
         ed25519_dalek::Signature::from_slice(&b64(param(sig, "signature")[0], "valueBase64Binary")).unwrap();
     assert!(key.verify(&msg, &signature).is_ok());
