@@ -33,6 +33,9 @@ pub struct ServeArgs {
     /// HTTP worker threads (default: number of cores).
     #[arg(long, env = "FHIR_LEDGER_WORKERS")]
     pub workers: Option<usize>,
+    /// Snapshot the state and compact the Raft log every N entries (default: never).
+    #[arg(long, env = "FHIR_LEDGER_SNAPSHOT_EVERY")]
+    pub snapshot_every: Option<u64>,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -45,6 +48,7 @@ struct FileConfig {
     node_id: Option<u64>,
     auth: Option<String>,
     workers: Option<usize>,
+    snapshot_every: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -55,6 +59,7 @@ pub struct Config {
     pub max_body_bytes: usize,
     pub node_id: u64,
     pub workers: usize,
+    pub snapshot_every: Option<u64>,
 }
 
 pub const DEFAULT_MAX_BODY: usize = 16 * 1024 * 1024;
@@ -84,6 +89,7 @@ impl Config {
                 .workers
                 .or(file.workers)
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
+            snapshot_every: args.snapshot_every.or(file.snapshot_every).filter(|&n| n > 0),
         };
         if cfg.max_body_bytes == 0 || cfg.workers == 0 || cfg.node_id == 0 {
             anyhow::bail!("max_body_bytes, workers and node_id must be positive");

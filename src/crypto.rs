@@ -61,6 +61,12 @@ impl Keyring {
         (dek, wrapped)
     }
 
+    pub fn forget(&self, compartment: &str) {
+        if let Ok(mut c) = self.cache.write() {
+            c.remove(compartment);
+        }
+    }
+
     /// Unwraps (and caches) the compartment's key from its ledger-stored wrapped form.
     pub fn unwrap(&self, compartment: &str, wrapped: &[u8]) -> Result<DataKey, CryptoError> {
         if let Some(k) = self.cache.read().ok().and_then(|c| c.get(compartment).copied()) {

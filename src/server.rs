@@ -21,6 +21,7 @@ pub async fn open_repo(cfg: &Config) -> anyhow::Result<Arc<Repo>> {
         cfg.node_id,
         id.signing.clone(),
         &cfg.listen.to_string(),
+        cfg.snapshot_every,
     )
     .await?;
     Ok(Arc::new(Repo::new(ledger, id.signing, id.kek, id.index_key, profiles, params)))

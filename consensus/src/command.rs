@@ -20,6 +20,10 @@ pub enum Op {
     Create,
     Update,
     Delete,
+    /// Crypto-shredding: deletes the resource and destroys its compartment's data key, so no
+    /// version of the compartment can be decrypted again; digests and proofs stay valid.
+    /// (Appended last: bincode numbers variants, and older logs must still decode.)
+    Erase,
 }
 
 impl Op {
@@ -28,6 +32,7 @@ impl Op {
             Op::Create => "create",
             Op::Update => "update",
             Op::Delete => "delete",
+            Op::Erase => "erase",
         }
     }
 }
@@ -60,6 +65,9 @@ pub enum Precondition {
     Matches { rtype: String, all_of: Vec<Vec<IndexKey>>, ids: Vec<String> },
     /// No data key is registered for the compartment yet.
     KeyAbsent { compartment: String },
+    /// The compartment's wrapped data key is still the one with this SHA-256 (a body
+    /// encrypted under it must not land after the key was erased or replaced).
+    KeyIs { compartment: String, sha256: [u8; 32] },
 }
 
 /// One client request: a single interaction or a whole transaction bundle. All or nothing.

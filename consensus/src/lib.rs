@@ -8,7 +8,7 @@
 //! ```no_run
 //! # async fn demo() -> anyhow::Result<()> {
 //! let key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
-//! let ledger = consensus::Ledger::open_single(std::path::Path::new("./data/ledger"), 1, key, "127.0.0.1:8080").await?;
+//! let ledger = consensus::Ledger::open_single(std::path::Path::new("./data/ledger"), 1, key, "127.0.0.1:8080", None).await?;
 //! let view = ledger.view(); // read the applied state
 //! # Ok(()) }
 //! ```
@@ -78,7 +78,17 @@ pub struct Ledger {
 impl Ledger {
     /// Opens the node's stores under `dir` and starts a one-member cluster, initializing it on
     /// first start. The embedded single-node default.
-    pub async fn open_single(dir: &Path, node_id: NodeId, key: SigningKey, api_addr: &str) -> anyhow::Result<Self> {
+    ///
+    /// `snapshot_every`: build a snapshot of the state and compact the Raft log every that many
+    /// entries (None: never). Snapshots are copied whole in memory until the cluster issue
+    /// streams them, so this suits small ledgers and the tests that tamper with a snapshot.
+    pub async fn open_single(
+        dir: &Path,
+        node_id: NodeId,
+        key: SigningKey,
+        api_addr: &str,
+        snapshot_every: Option<u64>,
+    ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let db = sled_store::SledDb::open(dir)?;
         let log = log_store::LogStore::new(db.tree("raft_log")?, db.tree("raft_meta")?);
@@ -91,7 +101,10 @@ impl Ledger {
             election_timeout_max: 1000,
             // Entries per append; large to let group commit amortize one fsync over many writes.
             max_payload_entries: 1024,
-            snapshot_policy: openraft::SnapshotPolicy::Never,
+            snapshot_policy: snapshot_every
+                .map_or(openraft::SnapshotPolicy::Never, openraft::SnapshotPolicy::LogsSinceLast),
+            // One node has no follower to catch up from the log: compact everything snapshotted.
+            max_in_snapshot_log_to_keep: 0,
             ..Default::default()
         };
         let config = Arc::new(config.validate()?);

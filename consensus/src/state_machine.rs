@@ -256,6 +256,20 @@ impl StateView {
             ))
         })
     }
+    /// The ids whose newest version was encrypted under `compartment`, in (type, id) order:
+    /// what erasing the compartment must delete. Reads every version record once.
+    pub fn compartment_members(&self, compartment: &str) -> io::Result<Vec<(String, String)>> {
+        let mut newest: BTreeMap<(String, String), bool> = BTreeMap::new();
+        for kv in self.kv.scan_prefix(b"r") {
+            let (_, v) = kv?;
+            let h = decode::<VersionRecord>(&v)?.header;
+            // Deletes carry no compartment; they do not move a resource out of one.
+            if h.op != "delete" {
+                newest.insert((h.rtype, h.id), h.compartment == compartment);
+            }
+        }
+        Ok(newest.into_iter().filter(|(_, inside)| *inside).map(|(k, _)| k).collect())
+    }
     pub fn data_key(&self, compartment: &str) -> io::Result<Option<Vec<u8>>> {
         self.kv.get(&data_key_key(compartment))
     }
@@ -383,6 +397,9 @@ impl StateMachine {
                     Self::current_of(ov, cache, rtype, id)?.as_ref().map_or(0, |c| c.version) == *current
                 }
                 Precondition::KeyAbsent { compartment } => ov.get(&data_key_key(compartment))?.is_none(),
+                Precondition::KeyIs { compartment, sha256 } => ov
+                    .get(&data_key_key(compartment))?
+                    .is_some_and(|wrapped| <[u8; 32]>::from(Sha256::digest(&wrapped)) == *sha256),
                 Precondition::Matches { rtype, all_of, ids } => {
                     let mut result: Option<Vec<String>> = None;
                     for group in all_of {
@@ -453,7 +470,12 @@ impl StateMachine {
         log_index: u64,
     ) -> io::Result<u64> {
         let ckey = current_key(&w.rtype, &w.id);
-        let deleted = w.op == crate::command::Op::Delete;
+        let deleted = matches!(w.op, crate::command::Op::Delete | crate::command::Op::Erase);
+        if w.op == crate::command::Op::Erase {
+            // A tombstone, not a removal: an erased compartment never gets a new key, so no
+            // later write can be mistaken for data that survived the erasure.
+            ov.put(data_key_key(&w.compartment), Vec::new());
+        }
         let index = if deleted { Vec::new() } else { w.index };
         // Only postings that change are touched: an update that keeps its terms writes none.
         let old_index = old.as_ref().map(|o| o.index.clone()).unwrap_or_default();

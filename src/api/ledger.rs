@@ -184,3 +184,45 @@ pub async fn entries(req: HttpRequest, state: web::Data<AppState>) -> HttpRespon
         Ok(resp)
     })
 }
+
+/// `POST /Patient/{id}/$erase`: crypto-shreds the patient's compartment (see `Plan::erase`).
+/// Answers Parameters naming every erased resource's new version and its leaf, so that the
+/// erasure itself can be proven like any other change.
+pub async fn erase(
+    req: HttpRequest,
+    path: web::Path<(String, String, String)>,
+    state: web::Data<AppState>,
+) -> HttpResponse {
+    let (rtype, id, op) = path.into_inner();
+    let result = async {
+        if op != "$erase" {
+            return Err(FhirError::new(404, "not-supported", format!("no operation {op:?} on {rtype}/{{id}}")));
+        }
+        if rtype != "Patient" {
+            return Err(FhirError::invalid(format!(
+                "$erase works on a patient compartment (POST /Patient/{{id}}/$erase), not on {rtype}"
+            )));
+        }
+        if !crate::fhir::is_valid_id(&id) {
+            return Err(FhirError::invalid(format!("{id:?} is not a valid id")));
+        }
+        let (_, erased) = state.repo.commit(super::resource::ANONYMOUS, |plan| plan.erase(&id)).await?;
+        state.repo.forget_key(&format!("Patient/{id}"));
+        let mut p = vec![param("erased", "valueString", s(erased.len().to_string()))];
+        for e in &erased {
+            p.push(Json::obj(vec![
+                ("name", s("version")),
+                (
+                    "part",
+                    Json::Array(vec![
+                        param("resource", "valueString", s(format!("{}/{}/_history/{}", e.rtype, e.id, e.version))),
+                        param("leafIndex", "valueString", s(e.leaf.map_or(String::new(), |l| l.to_string()))),
+                    ]),
+                ),
+            ]));
+        }
+        Ok(parameters(p))
+    }
+    .await;
+    respond(&req, |f| result.map(|body| json_response(200, &body, f)))
+}

@@ -46,6 +46,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/{type}/{id}", web::put().to(resource::update))
         .route("/{type}/{id}", web::patch().to(resource::patch))
         .route("/{type}/{id}", web::delete().to(resource::delete))
+        .route("/{type}/{id}/{op}", web::post().to(ledger::erase))
         .route("/{type}/{id}/_history", web::get().to(history::instance))
         .route("/{type}/{id}/_history/{vid}", web::get().to(resource::vread))
         .route("/{type}/{id}/_history/{vid}/{op}", web::get().to(ledger::version_proof))

@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use consensus::command::IndexKey;
 use consensus::{Command, CurrentRecord, Ledger, Op, Outcome, Precondition, StateView, Write};
+use sha2::{Digest, Sha256};
 
 use crate::crypto::{self, DataKey, Keyring};
 use crate::error::FhirError;
@@ -113,8 +114,13 @@ impl Repo {
             .view
             .version(rtype, id, version)?
             .ok_or_else(|| FhirError::not_found(&format!("{rtype}/{id}/_history/{version}")))?;
-        let deleted = rec.header.op == Op::Delete.as_str();
-        let body = if deleted { None } else { Some(self.decrypt(&rec)?) };
+        // An erased version reads like a deleted one: its ciphertext stays (and its proof
+        // verifies), but no key can open it any more.
+        let body = match rec.header.op.as_str() {
+            "delete" | "erase" => None,
+            _ => self.decrypt(&rec)?,
+        };
+        let deleted = body.is_none();
         Ok(Stored {
             rtype: rtype.to_string(),
             id: id.to_string(),
@@ -127,16 +133,22 @@ impl Repo {
         })
     }
 
-    fn decrypt(&self, rec: &consensus::VersionRecord) -> Result<String, FhirError> {
+    /// The plaintext of a version; `None` once its compartment was erased.
+    fn decrypt(&self, rec: &consensus::VersionRecord) -> Result<Option<String>, FhirError> {
         let h = &rec.header;
-        let wrapped = self
-            .view
-            .data_key(&h.compartment)?
-            .ok_or_else(|| FhirError::new(410, "deleted", "the data of this resource has been erased"))?;
+        let wrapped = self.view.data_key(&h.compartment)?.unwrap_or_default();
+        if wrapped.is_empty() {
+            return Ok(None);
+        }
         let dek = self.keys.unwrap(&h.compartment, &wrapped).map_err(FhirError::internal)?;
         let plain =
             crypto::open(&dek, &rec.body, aad(&h.rtype, &h.id, h.version).as_bytes()).map_err(FhirError::internal)?;
-        String::from_utf8(plain).map_err(FhirError::internal)
+        String::from_utf8(plain).map(Some).map_err(FhirError::internal)
+    }
+
+    /// Drops the cached key of an erased compartment from this process's memory.
+    pub fn forget_key(&self, compartment: &str) {
+        self.keys.forget(compartment);
     }
 
     /// Plans with `build` and commits, re-planning when a precondition lost a race.
@@ -202,6 +214,8 @@ pub struct Plan<'a> {
     new_keys: BTreeMap<String, (DataKey, Vec<u8>)>,
     writes: Vec<Write>,
     touched: BTreeSet<(String, String)>,
+    /// Compartments whose existing key this plan encrypts under (each pinned once).
+    keys_used: BTreeSet<String>,
     results: Vec<Stored>,
 }
 
@@ -214,6 +228,7 @@ impl<'a> Plan<'a> {
             new_keys: BTreeMap::new(),
             writes: Vec::new(),
             touched: BTreeSet::new(),
+            keys_used: BTreeSet::new(),
             results: Vec::new(),
         }
     }
@@ -266,6 +281,17 @@ impl<'a> Plan<'a> {
             return Ok(*k);
         }
         if let Some(wrapped) = self.repo.view.data_key(compartment)? {
+            if wrapped.is_empty() {
+                return Err(FhirError::new(
+                    410,
+                    "deleted",
+                    format!("{compartment} was erased; its compartment accepts no new data"),
+                ));
+            }
+            if self.keys_used.insert(compartment.to_string()) {
+                let sha256 = Sha256::digest(&wrapped).into();
+                self.preconditions.push(Precondition::KeyIs { compartment: compartment.to_string(), sha256 });
+            }
             return self.repo.keys.unwrap(compartment, &wrapped).map_err(FhirError::internal);
         }
         let (k, wrapped) = self.repo.keys.new_data_key(compartment);
@@ -377,6 +403,57 @@ impl<'a> Plan<'a> {
         };
         self.results.push(stored.clone());
         Ok(Some(stored))
+    }
+
+    /// Erases the compartment of `Patient/id` (crypto-shredding): every resource whose newest
+    /// version lies in it is deleted and the compartment's data key destroyed, in one command.
+    /// Every version stays in the ledger as ciphertext that no key opens, with valid proofs.
+    pub fn erase(&mut self, id: &str) -> Result<Vec<Stored>, FhirError> {
+        let compartment = format!("Patient/{id}");
+        match self.repo.view.data_key(&compartment)? {
+            None => return Err(FhirError::not_found(&compartment)),
+            Some(w) if w.is_empty() => return Ok(Vec::new()),
+            Some(_) => {}
+        }
+        let mut members = self.repo.view.compartment_members(&compartment)?;
+        if !members.iter().any(|(t, i)| t == "Patient" && i == id) {
+            // The Patient itself always gets an erase version (deleted, or never written and
+            // only referenced): it records the erasure under the patient's own id.
+            members.push(("Patient".to_string(), id.to_string()));
+        }
+        let mut erased = Vec::new();
+        for (rtype, rid) in members {
+            self.touch(&rtype, &rid)?;
+            let cur = self.current(&rtype, &rid)?;
+            if rtype != "Patient" && cur.as_ref().is_none_or(|c| c.deleted) {
+                continue;
+            }
+            let current = cur.map_or(0, |c| c.version);
+            self.preconditions.push(Precondition::Version { rtype: rtype.clone(), id: rid.clone(), current });
+            self.writes.push(Write {
+                rtype: rtype.clone(),
+                id: rid.clone(),
+                version: current + 1,
+                op: Op::Erase,
+                last_updated_ms: self.now,
+                compartment: compartment.clone(),
+                body: Vec::new(),
+                index: Vec::new(),
+            });
+            let stored = Stored {
+                rtype,
+                id: rid,
+                version: current + 1,
+                last_updated_ms: self.now,
+                deleted: true,
+                leaf: None,
+                body: None,
+                created: false,
+            };
+            self.results.push(stored.clone());
+            erased.push(stored);
+        }
+        Ok(erased)
     }
 
     fn finish(self, actor: &str) -> (Command, Vec<Stored>) {
