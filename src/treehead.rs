@@ -146,7 +146,7 @@ mod tests {
     use super::*;
 
     fn parts(head: &TreeHead) -> Vec<Value> {
-        let json = Json::Array(head.to_parts()).to_string();
+        let json = Json::Array(head.to_parts()).to_compact();
         serde_json::from_str::<Value>(&json).unwrap().as_array().unwrap().clone()
     }
 

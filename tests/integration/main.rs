@@ -4,3 +4,4 @@
 mod http;
 mod process;
 mod support;
+mod tamper;

@@ -47,8 +47,14 @@ pub struct Server {
 
 impl Server {
     pub fn start(data_dir: &Path) -> Server {
+        Self::start_with(data_dir, &[])
+    }
+
+    /// A server with extra `serve` flags.
+    pub fn start_with(data_dir: &Path, extra: &[&str]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_fhir-ledger"))
             .args(["serve", "--listen", "127.0.0.1:0", "--auth", "off"])
+            .args(extra)
             .arg("--data-dir")
             .arg(data_dir)
             .arg("--profiles-dir")
