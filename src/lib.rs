@@ -11,6 +11,7 @@
 
 pub mod api;
 pub mod bench;
+pub mod bench_proofs;
 pub mod config;
 pub mod crypto;
 pub mod error;

@@ -19,6 +19,8 @@ enum Cmd {
     Serve(fhir_ledger::config::ServeArgs),
     /// Load-test a running server (and a PostgreSQL baseline).
     Bench(fhir_ledger::bench::BenchArgs),
+    /// Time inclusion and consistency proof generation on a synthetic ledger of N leaves.
+    BenchProofs(fhir_ledger::bench_proofs::ProofBenchArgs),
     /// Verify a stopped node's data directory, an inclusion proof, or a saved tree head's
     /// consistency, trusting only the node keys given.
     /// Exit code 0: verified; 1: tampering or inconsistency found; 2: could not be checked.
@@ -46,6 +48,10 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
         }
         Cmd::Bench(args) => {
             rt.block_on(fhir_ledger::bench::run(args))?;
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        Cmd::BenchProofs(args) => {
+            rt.block_on(fhir_ledger::bench_proofs::run(args))?;
             Ok(std::process::ExitCode::SUCCESS)
         }
         Cmd::Verify(args) => Ok(fhir_ledger::verify::run(&args)),

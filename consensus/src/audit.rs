@@ -171,7 +171,7 @@ impl LeafWalk<'_> {
                 self.peeked = Some(Some(rec));
                 return Ok(());
             }
-            if leaf % 4096 == 0 {
+            if leaf.is_multiple_of(4096) {
                 progress(leaf, self.size);
             }
             at_entry(leaf, &rec, report);

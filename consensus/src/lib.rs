@@ -17,6 +17,7 @@
 #![allow(clippy::result_large_err)]
 
 pub mod audit;
+pub mod bench;
 pub mod command;
 pub mod kv;
 pub mod log_store;

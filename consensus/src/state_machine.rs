@@ -300,7 +300,7 @@ impl StateView {
         self.kv.get(key)
     }
     /// The last snapshot built or installed, as its meta and the state pairs it holds.
-    pub(crate) fn snapshot(&self) -> io::Result<Option<(SnapshotMeta<NodeId, Node>, Vec<(Vec<u8>, Vec<u8>)>)>> {
+    pub(crate) fn snapshot(&self) -> io::Result<Option<(SnapshotMeta<NodeId, Node>, StatePairs)>> {
         let Some(bytes) = self.kv.get(META_SNAPSHOT)? else { return Ok(None) };
         let stored: StoredSnapshot = decode(&bytes)?;
         Ok(Some((stored.meta, decode(&stored.data)?)))
@@ -315,6 +315,9 @@ impl crate::proof::Nodes for StateView {
         StateView::node(self, level, index).ok().flatten()
     }
 }
+
+/// A snapshot's content: every state key and value but the meta keys.
+pub(crate) type StatePairs = Vec<(Vec<u8>, Vec<u8>)>;
 
 #[derive(Serialize, Deserialize)]
 struct StoredSnapshot {

@@ -66,14 +66,12 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
+/// The entries of a store tree, as a tamperer sees them.
+type Entries = [(Vec<u8>, Vec<u8>)];
+
 /// Rewrites one stored value the way an attacker with write access to the store would (sled's
 /// own checksums stay valid): `pick` chooses the entry of `tree`, `change` alters its value.
-fn tamper(
-    dir: &Path,
-    tree: &str,
-    pick: impl Fn(&[(Vec<u8>, Vec<u8>)]) -> usize,
-    change: impl FnOnce(&mut Vec<u8>),
-) -> Vec<u8> {
+fn tamper(dir: &Path, tree: &str, pick: impl Fn(&Entries) -> usize, change: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
     let db = consensus::sled_store::SledDb::open(&dir.join("ledger")).unwrap();
     let t = db.tree(tree).unwrap();
     let all: Vec<_> = t.scan_prefix(b"").map(|kv| kv.unwrap()).collect();
@@ -87,11 +85,12 @@ fn tamper(
 }
 
 /// The entry with the greatest key starting with `prefix`.
-fn last_with(prefix: &'static [u8]) -> impl Fn(&[(Vec<u8>, Vec<u8>)]) -> usize {
+fn last_with(prefix: &'static [u8]) -> impl Fn(&Entries) -> usize {
     move |all| all.iter().rposition(|(k, _)| k.starts_with(prefix)).expect("an entry with the prefix")
 }
 
 fn flip_last(v: &mut Vec<u8>) {
+    #![allow(clippy::ptr_arg)] // passed where a `FnOnce(&mut Vec<u8>)` is expected
     let last = v.len() - 1;
     v[last] ^= 0x01;
 }
@@ -317,7 +316,8 @@ async fn an_erased_compartment_keeps_valid_proofs() {
 
     // Any change to the proof file is caught: a path hash, the root, the resource it names.
     let original: Value = serde_json::from_str(&std::fs::read_to_string(&proof).unwrap()).unwrap();
-    let edits: [(&str, fn(&mut Value)); 3] = [
+    type Edit = fn(&mut Value);
+    let edits: [(&str, Edit); 3] = [
         ("audit path", |v| flip_b64(find(v, "auditPath"))),
         ("root", |v| flip_b64(&mut find_in(find(v, "treeHead"), "rootHash")["valueBase64Binary"])),
         ("resource", |v| find(v, "resource")["valueString"] = json!("Observation/someone-else/_history/1")),
