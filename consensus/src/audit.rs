@@ -12,16 +12,15 @@
 use std::collections::BTreeMap;
 use std::io;
 use std::path::Path;
+use std::sync::Arc;
 
-use openraft::{Entry, EntryPayload};
 use sha2::{Digest, Sha256};
 
-use crate::command::Write;
+use crate::command::{SignedBatch, Write};
 use crate::kv::{read_be, KvStore};
 use crate::merkle::{leaf_hash, Frontier, Hash};
 use crate::sled_store::SledDb;
 use crate::state_machine::{StateMachine, StateView, VersionRecord, META_FRONTIER, STORED_NODE_LEVEL};
-use crate::TypeConfig;
 
 /// One problem found, located precisely enough to look at.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,8 +52,40 @@ impl Report {
 /// The write a signed log entry carried, by `(type, id, version)`, with its command's actor.
 type LogWrites = BTreeMap<(String, String, u64), (Write, String)>;
 
+/// One Raft log entry as the log thread hands it to the leaf walk: `writes` is `None` when
+/// the entry is not a batch that verifies (that finding is the log thread's to report).
+struct LogItem {
+    index: u64,
+    writes: Option<LogWrites>,
+}
+
+/// A Raft log entry decoded in place: openraft's `Entry` with the batch's bytes borrowed, so
+/// that megabyte payloads are hashed where they lie instead of copied first. Field and variant
+/// order mirror openraft's (bincode numbers variants); a test pins the two together.
+#[derive(serde::Deserialize)]
+struct EntryRef<'a> {
+    #[allow(dead_code)] // decoded to get past it
+    log_id: openraft::LogId<crate::NodeId>,
+    #[serde(borrow)]
+    payload: PayloadRef<'a>,
+}
+
+#[derive(serde::Deserialize)]
+enum PayloadRef<'a> {
+    Blank,
+    Normal(#[serde(borrow)] SignedBatchRef<'a>),
+    Membership(#[allow(dead_code)] openraft::Membership<crate::NodeId, crate::Node>),
+}
+
+#[derive(serde::Deserialize)]
+struct SignedBatchRef<'a> {
+    node_id: u64,
+    payload: &'a [u8],
+    signature: &'a [u8],
+}
+
 /// Opens the ledger under `dir` (the `ledger` directory inside a data directory).
-pub fn open_view(dir: &Path) -> io::Result<(StateMachine, std::sync::Arc<dyn KvStore>)> {
+pub fn open_view(dir: &Path) -> io::Result<(StateMachine, Arc<dyn KvStore>)> {
     if !dir.join("db").exists() && !dir.join("conf").exists() {
         return Err(io::Error::new(io::ErrorKind::NotFound, format!("no ledger in {}", dir.display())));
     }
@@ -63,72 +94,140 @@ pub fn open_view(dir: &Path) -> io::Result<(StateMachine, std::sync::Arc<dyn KvS
 }
 
 /// Verifies the ledger under `dir`. `progress(done, total)` is called as leaves are checked.
+///
+/// Two threads: one walks the Raft log (signatures, decoding) and hands each entry's writes
+/// to the other, which walks the leaves in order (digests, Merkle tree, comparison). Leaves
+/// are in log order, so both advance in lockstep through a short channel.
 pub fn verify_dir(dir: &Path, progress: &mut dyn FnMut(u64, u64)) -> io::Result<Report> {
     let (sm, log) = open_view(dir)?;
     let view = sm.view();
     let stored = view.frontier()?;
-    let mut walk = LeafWalk { view: &view, size: stored.size, next: 0, rebuilt: Frontier::default(), peeked: None };
-    let mut report = Report::default();
     let membership = sm.stored_membership()?;
-    // Entries before the first one still in the log were compacted into a snapshot.
-    let mut first_in_log = None;
-    for kv in log.scan_prefix(b"e") {
-        let (k, v) = kv?;
-        let index = read_be(&k[1..]).unwrap_or(u64::MAX);
-        let first = *first_in_log.get_or_insert(index);
-        report.log_entries += 1;
-        report.bytes += v.len() as u64;
-        let at = format!("raft log entry {index}");
-        let entry: Entry<TypeConfig> = match bincode::deserialize(&v) {
-            Ok(e) => e,
-            Err(e) => {
-                report.find(at, format!("does not decode ({} bytes): {e}", v.len()));
-                continue;
-            }
-        };
-        let mut writes = LogWrites::new();
-        if let EntryPayload::Normal(signed) = &entry.payload {
-            let Some(key) = StateMachine::proposer_key(&membership, signed.node_id) else {
-                report.find(at, format!("proposed by node {}, which has no key in the membership", signed.node_id));
-                continue;
-            };
-            match signed.open(&key) {
-                Ok(batch) => {
-                    report.signatures += 1;
-                    for cmd in batch.commands {
-                        for w in cmd.writes {
-                            writes.insert((w.rtype.clone(), w.id.clone(), w.version), (w, cmd.actor.clone()));
-                        }
-                    }
-                }
-                Err(e) => report.find(at, format!("{e} (payload of {} bytes)", signed.payload.len())),
-            }
-        }
-        walk.check_until(index, &mut report, progress, |leaf, rec, report| {
-            if rec.header.log_index == index {
-                cross_check(leaf, rec, index, &mut writes, report);
-            } else if rec.header.log_index >= first {
-                report.find(
-                    leaf_location(leaf, rec),
-                    format!("its header names raft log entry {}, out of order", rec.header.log_index),
-                );
-            }
-            // Else its entry was compacted into a snapshot: there is no log to compare it
-            // with, but it is still hashed into the tree and checked against the root.
-        })?;
-    }
-    walk.check_until(u64::MAX, &mut report, progress, |leaf, rec, report| {
-        report.find(
-            leaf_location(leaf, rec),
-            format!("its header names raft log entry {}, which the log does not hold in order", rec.header.log_index),
-        );
-    })?;
+    let (tx, rx) = std::sync::mpsc::sync_channel::<LogItem>(4);
+    let (leaves, logged) = std::thread::scope(|scope| {
+        let log_thread = scope.spawn(move || walk_log(log.as_ref(), &membership, tx));
+        let leaves = walk_leaves(&view, stored.size, rx, progress);
+        (leaves, log_thread.join().unwrap_or_else(|_| Err(io::Error::other("the log walk panicked"))))
+    });
+    let ((mut report, rebuilt), logged) = (leaves?, logged?);
+    report.findings.extend(logged.findings);
+    report.log_entries = logged.log_entries;
+    report.signatures = logged.signatures;
+    report.bytes += logged.bytes;
     progress(stored.size, stored.size);
-    if walk.rebuilt.root() != stored.root() {
+    if rebuilt.root() != stored.root() {
         report.find("merkle root", "the leaves do not rebuild the stored root");
     }
     verify_snapshot(&view, &mut report)?;
     Ok(report)
+}
+
+/// Checks every batch's signature and sends each entry's writes on, in log order.
+fn walk_log(
+    log: &dyn KvStore,
+    membership: &openraft::StoredMembership<crate::NodeId, crate::Node>,
+    tx: std::sync::mpsc::SyncSender<LogItem>,
+) -> io::Result<Report> {
+    let mut report = Report::default();
+    for kv in log.scan_prefix(b"e") {
+        let (k, v) = kv?;
+        let index = read_be(&k[1..]).unwrap_or(u64::MAX);
+        report.log_entries += 1;
+        report.bytes += v.len() as u64;
+        let at = format!("raft log entry {index}");
+        let mut writes = None;
+        match bincode::deserialize::<EntryRef<'_>>(&v) {
+            Err(e) => report.find(at, format!("does not decode ({} bytes): {e}", v.len())),
+            Ok(EntryRef { payload: PayloadRef::Normal(signed), .. }) => {
+                match StateMachine::proposer_key(membership, signed.node_id) {
+                    None => report
+                        .find(at, format!("proposed by node {}, which has no key in the membership", signed.node_id)),
+                    Some(key) => {
+                        match SignedBatch::open_parts(signed.node_id, signed.payload, signed.signature, &key) {
+                            Ok(batch) => {
+                                report.signatures += 1;
+                                let mut w = LogWrites::new();
+                                for cmd in batch.commands {
+                                    for write in cmd.writes {
+                                        let key = (write.rtype.clone(), write.id.clone(), write.version);
+                                        w.insert(key, (write, cmd.actor.clone()));
+                                    }
+                                }
+                                writes = Some(w);
+                            }
+                            Err(e) => report.find(at, format!("{e} (payload of {} bytes)", signed.payload.len())),
+                        }
+                    }
+                }
+            }
+            Ok(_) => writes = Some(LogWrites::new()),
+        }
+        if tx.send(LogItem { index, writes }).is_err() {
+            break; // the leaf walk stopped early (it failed); its error is reported
+        }
+    }
+    Ok(report)
+}
+
+/// Walks the leaves in order: each record against its digest, its stored subtree hashes and
+/// the write its signed log entry carried.
+fn walk_leaves(
+    view: &StateView,
+    size: u64,
+    log: std::sync::mpsc::Receiver<LogItem>,
+    progress: &mut dyn FnMut(u64, u64),
+) -> io::Result<(Report, Frontier)> {
+    let mut report = Report::default();
+    let mut rebuilt = Frontier::default();
+    let mut log = log.into_iter().peekable();
+    // Entries before the first one still in the log were compacted into a snapshot.
+    let first_in_log = log.peek().map_or(u64::MAX, |i| i.index);
+    let mut current: Option<LogItem> = None;
+    let mut records = view.scan_records();
+    for leaf in 0..size {
+        if leaf.is_multiple_of(4096) {
+            progress(leaf, size);
+        }
+        let rec = match records.next().transpose()? {
+            Some((at, raw)) if at == leaf => {
+                report.bytes += raw.len() as u64;
+                match bincode::deserialize::<VersionRecord>(&raw) {
+                    Ok(rec) => rec,
+                    Err(e) => {
+                        report.find(format!("leaf {leaf}"), format!("version record does not decode: {e}"));
+                        continue;
+                    }
+                }
+            }
+            _ => {
+                report.find(format!("leaf {leaf}"), "version record is missing; the leaves after it are not checked");
+                break;
+            }
+        };
+        let wanted = rec.header.log_index;
+        while current.as_ref().is_none_or(|c| c.index < wanted) {
+            match log.next_if(|i| i.index <= wanted) {
+                Some(item) => current = Some(item),
+                None => break,
+            }
+        }
+        match current.as_mut() {
+            Some(item) if item.index == wanted => {
+                if let Some(writes) = item.writes.as_mut() {
+                    cross_check(leaf, &rec, wanted, writes, &mut report);
+                }
+            }
+            // Its entry was compacted into a snapshot: no log to compare it with, but it is
+            // still hashed into the tree and checked against the root.
+            _ if wanted < first_in_log => {}
+            _ => report.find(
+                leaf_location(leaf, &rec),
+                format!("its header names raft log entry {wanted}, which the log does not hold in order"),
+            ),
+        }
+        check_leaf(leaf, &rec, view, &mut rebuilt, &mut report);
+    }
+    Ok((report, rebuilt))
 }
 
 fn leaf_location(leaf: u64, rec: &VersionRecord) -> String {
@@ -136,90 +235,38 @@ fn leaf_location(leaf: u64, rec: &VersionRecord) -> String {
     format!("leaf {leaf} ({}/{}/_history/{})", h.rtype, h.id, h.version)
 }
 
-/// The leaves in order, each checked against its digest and hashed into a rebuilt tree whose
-/// subtree hashes are compared with the stored ones.
-struct LeafWalk<'a> {
-    view: &'a StateView,
-    size: u64,
-    next: u64,
-    rebuilt: Frontier,
-    peeked: Option<Option<VersionRecord>>,
-}
-
-impl LeafWalk<'_> {
-    /// Checks the leaves whose header names a log index up to `log_index`, handing each to
-    /// `at_entry` too.
-    fn check_until(
-        &mut self,
-        log_index: u64,
-        report: &mut Report,
-        progress: &mut dyn FnMut(u64, u64),
-        mut at_entry: impl FnMut(u64, &VersionRecord, &mut Report),
-    ) -> io::Result<()> {
-        while self.next < self.size {
-            let leaf = self.next;
-            let rec = match self.peeked.take() {
-                Some(r) => r,
-                None => self.read(leaf, report)?,
-            };
-            let Some(rec) = rec else {
-                report.find(format!("leaf {leaf}"), "version record is missing or does not decode");
-                self.next += 1;
-                continue;
-            };
-            if rec.header.log_index > log_index {
-                self.peeked = Some(Some(rec));
-                return Ok(());
-            }
-            if leaf.is_multiple_of(4096) {
-                progress(leaf, self.size);
-            }
-            at_entry(leaf, &rec, report);
-            self.check(leaf, &rec, report)?;
-            self.next += 1;
-        }
-        Ok(())
+/// A record against the digest its leaf committed to, and its leaf hashed into the rebuilt
+/// tree, whose completed subtrees must match the stored ones.
+fn check_leaf(leaf: u64, rec: &VersionRecord, view: &StateView, rebuilt: &mut Frontier, report: &mut Report) {
+    let at = leaf_location(leaf, rec);
+    let digest: Hash = Sha256::digest(&rec.body).into();
+    if digest != rec.header.body_sha256 {
+        report.find(&at, "stored ciphertext does not match the digest its leaf committed to");
     }
-
-    fn read(&self, leaf: u64, report: &mut Report) -> io::Result<Option<VersionRecord>> {
-        let Some(raw) = self.view.raw(&crate::state_machine::record_key(leaf))? else { return Ok(None) };
-        report.bytes += raw.len() as u64;
-        Ok(bincode::deserialize(&raw).ok())
+    if rec.leaf != leaf {
+        report.find(&at, format!("record claims leaf {}", rec.leaf));
     }
-
-    fn check(&mut self, leaf: u64, rec: &VersionRecord, report: &mut Report) -> io::Result<()> {
-        let at = leaf_location(leaf, rec);
-        let digest: Hash = Sha256::digest(&rec.body).into();
-        if digest != rec.header.body_sha256 {
-            report.find(&at, "stored ciphertext does not match the digest its leaf committed to");
-        }
-        if rec.leaf != leaf {
-            report.find(&at, format!("record claims leaf {}", rec.leaf));
-        }
-        let mut node_mismatch = None;
-        let view = self.view;
-        self.rebuilt.append_nodes(leaf_hash(&rec.header.encode()), |level, index, hash| {
-            if level >= STORED_NODE_LEVEL && node_mismatch.is_none() {
-                match view.node(level, index) {
-                    Ok(Some(stored)) if stored == hash => {}
-                    _ => node_mismatch = Some((level, index)),
-                }
+    let mut node_mismatch = None;
+    rebuilt.append_nodes(leaf_hash(&rec.header.encode()), |level, index, hash| {
+        if level >= STORED_NODE_LEVEL && node_mismatch.is_none() {
+            match view.node(level, index) {
+                Ok(Some(stored)) if stored == hash => {}
+                _ => node_mismatch = Some((level, index)),
             }
-        });
-        if let Some((level, index)) = node_mismatch {
-            let span = 1u64 << level;
-            report.find(
-                &at,
-                format!(
-                    "stored subtree hash over leaves {}..{} differs from the one the records rebuild",
-                    index * span,
-                    (index + 1) * span
-                ),
-            );
         }
-        report.leaves += 1;
-        Ok(())
+    });
+    if let Some((level, index)) = node_mismatch {
+        let span = 1u64 << level;
+        report.find(
+            &at,
+            format!(
+                "stored subtree hash over leaves {}..{} differs from the one the records rebuild",
+                index * span,
+                (index + 1) * span
+            ),
+        );
     }
+    report.leaves += 1;
 }
 
 /// Compares a leaf with the write its signed log entry carried.
@@ -325,4 +372,35 @@ pub fn root_at(dir: &Path, size: u64) -> io::Result<(u64, Option<Hash>)> {
     let view = sm.view();
     let now = view.frontier()?.size;
     Ok((now, if size <= now { crate::proof::root_at(&view, size) } else { None }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::command::{Batch, COMMAND_FORMAT};
+    use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId, Membership};
+
+    /// The in-place decoding must read exactly what openraft wrote.
+    #[test]
+    fn borrowed_entries_decode_openraft_entries() {
+        let key = ed25519_dalek::SigningKey::from_bytes(&[1; 32]);
+        let batch = Batch { format: COMMAND_FORMAT, node_id: 3, commands: vec![] };
+        let signed = SignedBatch::sign(&batch, &key).unwrap();
+        let log_id = LogId::new(CommittedLeaderId::new(2, 3), 9);
+        let normal: Entry<crate::TypeConfig> = Entry { log_id, payload: EntryPayload::Normal(signed.clone()) };
+        let bytes = bincode::serialize(&normal).unwrap();
+        let EntryRef { log_id: got, payload: PayloadRef::Normal(r) } = bincode::deserialize(&bytes).unwrap() else {
+            panic!("not a batch")
+        };
+        assert_eq!((got, r.node_id, r.payload, r.signature), (log_id, 3, &signed.payload[..], &signed.signature[..]));
+        let m = Membership::new(vec![std::collections::BTreeSet::from([1u64])], ());
+        for (payload, blank) in [(EntryPayload::Blank, true), (EntryPayload::Membership(m), false)] {
+            let e: Entry<crate::TypeConfig> = Entry { log_id, payload };
+            match bincode::deserialize::<EntryRef<'_>>(&bincode::serialize(&e).unwrap()).unwrap().payload {
+                PayloadRef::Blank => assert!(blank),
+                PayloadRef::Membership(_) => assert!(!blank),
+                PayloadRef::Normal(_) => panic!("misread"),
+            }
+        }
+    }
 }

@@ -133,14 +133,19 @@ impl SignedBatch {
 
     /// Checks the signature, then decodes. Both are deterministic, so every node agrees.
     pub fn open(&self, key: &VerifyingKey) -> Result<Batch, BatchError> {
-        let sig = Signature::from_slice(&self.signature).map_err(|_| BatchError::BadSignature(self.node_id))?;
-        key.verify(&Self::message(&self.payload), &sig).map_err(|_| BatchError::BadSignature(self.node_id))?;
-        let batch: Batch = bincode::deserialize(&self.payload).map_err(|e| BatchError::Undecodable(e.to_string()))?;
+        Self::open_parts(self.node_id, &self.payload, &self.signature, key)
+    }
+
+    /// [`SignedBatch::open`] over borrowed parts (the offline verifier reads them in place).
+    pub fn open_parts(node_id: u64, payload: &[u8], signature: &[u8], key: &VerifyingKey) -> Result<Batch, BatchError> {
+        let sig = Signature::from_slice(signature).map_err(|_| BatchError::BadSignature(node_id))?;
+        key.verify(&Self::message(payload), &sig).map_err(|_| BatchError::BadSignature(node_id))?;
+        let batch: Batch = bincode::deserialize(payload).map_err(|e| BatchError::Undecodable(e.to_string()))?;
         if batch.format != COMMAND_FORMAT {
             return Err(BatchError::Format(batch.format));
         }
-        if batch.node_id != self.node_id {
-            return Err(BatchError::BadSignature(self.node_id));
+        if batch.node_id != node_id {
+            return Err(BatchError::BadSignature(node_id));
         }
         Ok(batch)
     }

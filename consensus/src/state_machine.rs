@@ -295,9 +295,9 @@ impl StateView {
     pub fn frontier(&self) -> io::Result<Frontier> {
         Ok(self.kv.get(META_FRONTIER)?.map(|b| decode(&b)).transpose()?.unwrap_or_default())
     }
-    /// A stored value as it is on disk (for the offline verifier).
-    pub(crate) fn raw(&self, key: &[u8]) -> io::Result<Option<Vec<u8>>> {
-        self.kv.get(key)
+    /// Every version record as stored, in leaf order (for the offline verifier).
+    pub(crate) fn scan_records(&self) -> impl Iterator<Item = io::Result<(u64, Vec<u8>)>> + '_ {
+        self.kv.scan_prefix(b"r").map(|kv| kv.map(|(k, v)| (crate::kv::read_be(&k[1..]).unwrap_or(u64::MAX), v)))
     }
     /// The last snapshot built or installed, as its meta and the state pairs it holds.
     pub(crate) fn snapshot(&self) -> io::Result<Option<(SnapshotMeta<NodeId, Node>, StatePairs)>> {

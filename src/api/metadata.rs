@@ -18,6 +18,15 @@ fn param(name: &str, kind: &str, doc: &str) -> Json {
     o(vec![("name", s(name)), ("type", s(kind)), ("documentation", s(doc))])
 }
 
+/// Our ledger operations have no HL7 OperationDefinition; the canonical names them uniquely.
+fn operation(name: &str, doc: &str) -> Json {
+    o(vec![
+        ("name", s(name)),
+        ("definition", s(&format!("urn:fhir-ledger:OperationDefinition/{name}"))),
+        ("documentation", s(doc)),
+    ])
+}
+
 pub async fn capability_statement(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
     respond(&req, |f| {
         let repo = &state.repo;
@@ -43,8 +52,19 @@ pub async fn capability_statement(req: HttpRequest, state: web::Data<AppState>) 
                     };
                     params.push(param(&sp.code, kind, "exact match (no modifiers except :Type on references)"));
                 }
+                let mut operations = vec![operation(
+                    "proof",
+                    "GET /{type}/{id}/_history/{vid}/$proof: RFC 9162 inclusion proof of the version, with the signed tree head",
+                )];
+                if t.as_str() == "Patient" {
+                    operations.push(operation(
+                        "erase",
+                        "POST /Patient/{id}/$erase: crypto-shreds the patient's compartment (every version unreadable, every proof still valid)",
+                    ));
+                }
                 o(vec![
                     ("type", s(t)),
+                    ("operation", Json::Array(operations)),
                     ("profile", s(&format!("http://hl7.org/fhir/StructureDefinition/{t}"))),
                     ("interaction", Json::Array(interactions.clone())),
                     ("versioning", s("versioned-update")),

