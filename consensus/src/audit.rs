@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
-use crate::command::{SignedBatch, Write};
+use crate::command::{Op, SignedBatch, COMMAND_FORMAT};
 use crate::kv::{read_be, KvStore};
 use crate::merkle::{leaf_hash, Frontier, Hash};
 use crate::sled_store::SledDb;
@@ -49,19 +49,26 @@ impl Report {
     }
 }
 
-/// The write a signed log entry carried, by `(type, id, version)`, with its command's actor.
-type LogWrites = BTreeMap<(String, String, u64), (Write, String)>;
+/// What the log thread hands the leaf walk for one Raft log entry, in log order.
+enum LogItem {
+    /// An entry whose batch signature verified: its bytes, decoded in place by the leaf walk.
+    Batch { index: u64, entry: Vec<u8> },
+    /// A blank or membership entry (no writes), or one the log thread already reported.
+    Other { index: u64 },
+}
 
-/// One Raft log entry as the log thread hands it to the leaf walk: `writes` is `None` when
-/// the entry is not a batch that verifies (that finding is the log thread's to report).
-struct LogItem {
-    index: u64,
-    writes: Option<LogWrites>,
+impl LogItem {
+    fn index(&self) -> u64 {
+        match self {
+            LogItem::Batch { index, .. } | LogItem::Other { index } => *index,
+        }
+    }
 }
 
 /// A Raft log entry decoded in place: openraft's `Entry` with the batch's bytes borrowed, so
-/// that megabyte payloads are hashed where they lie instead of copied first. Field and variant
-/// order mirror openraft's (bincode numbers variants); a test pins the two together.
+/// that megabyte payloads are hashed and compared where they lie instead of copied. Field and
+/// variant order mirror openraft's and ours (bincode numbers variants and writes fields in
+/// order); tests pin each mirror to the type it reads.
 #[derive(serde::Deserialize)]
 struct EntryRef<'a> {
     #[allow(dead_code)] // decoded to get past it
@@ -84,6 +91,45 @@ struct SignedBatchRef<'a> {
     signature: &'a [u8],
 }
 
+/// [`crate::command::Batch`], borrowed.
+#[derive(serde::Deserialize)]
+struct BatchRef<'a> {
+    format: u16,
+    node_id: u64,
+    #[serde(borrow)]
+    commands: Vec<CommandRef<'a>>,
+}
+
+/// [`crate::command::Command`], borrowed.
+#[derive(serde::Deserialize)]
+struct CommandRef<'a> {
+    actor: &'a str,
+    #[allow(dead_code)]
+    preconditions: Vec<crate::command::Precondition>,
+    #[allow(dead_code)]
+    #[serde(borrow)]
+    new_keys: Vec<(&'a str, &'a [u8])>,
+    #[serde(borrow)]
+    writes: Vec<WriteRef<'a>>,
+}
+
+/// [`crate::command::Write`], borrowed.
+#[derive(serde::Deserialize)]
+struct WriteRef<'a> {
+    rtype: &'a str,
+    id: &'a str,
+    version: u64,
+    op: Op,
+    last_updated_ms: i64,
+    compartment: &'a str,
+    body: &'a [u8],
+    #[allow(dead_code)]
+    index: Vec<[u8; 32]>,
+}
+
+/// The writes a signed log entry carried, by `(type, id, version)`, with their command's actor.
+type LogWrites<'a> = BTreeMap<(&'a str, &'a str, u64), (&'a WriteRef<'a>, &'a str)>;
+
 /// Opens the ledger under `dir` (the `ledger` directory inside a data directory).
 pub fn open_view(dir: &Path) -> io::Result<(StateMachine, Arc<dyn KvStore>)> {
     if !dir.join("db").exists() && !dir.join("conf").exists() {
@@ -95,9 +141,10 @@ pub fn open_view(dir: &Path) -> io::Result<(StateMachine, Arc<dyn KvStore>)> {
 
 /// Verifies the ledger under `dir`. `progress(done, total)` is called as leaves are checked.
 ///
-/// Two threads: one walks the Raft log (signatures, decoding) and hands each entry's writes
-/// to the other, which walks the leaves in order (digests, Merkle tree, comparison). Leaves
-/// are in log order, so both advance in lockstep through a short channel.
+/// Two threads: one reads the Raft log and checks each batch's signature (hashing every
+/// payload), the other walks the leaves in order (hashing every record) and compares each
+/// with the write its entry carried. Leaves are in log order, so both advance in lockstep
+/// through a short channel.
 pub fn verify_dir(dir: &Path, progress: &mut dyn FnMut(u64, u64)) -> io::Result<Report> {
     let (sm, log) = open_view(dir)?;
     let view = sm.view();
@@ -122,7 +169,7 @@ pub fn verify_dir(dir: &Path, progress: &mut dyn FnMut(u64, u64)) -> io::Result<
     Ok(report)
 }
 
-/// Checks every batch's signature and sends each entry's writes on, in log order.
+/// Checks every batch's signature and sends the entries on, in log order.
 fn walk_log(
     log: &dyn KvStore,
     membership: &openraft::StoredMembership<crate::NodeId, crate::Node>,
@@ -135,41 +182,91 @@ fn walk_log(
         report.log_entries += 1;
         report.bytes += v.len() as u64;
         let at = format!("raft log entry {index}");
-        let mut writes = None;
-        match bincode::deserialize::<EntryRef<'_>>(&v) {
-            Err(e) => report.find(at, format!("does not decode ({} bytes): {e}", v.len())),
+        let verified = match bincode::deserialize::<EntryRef<'_>>(&v) {
+            Err(e) => Err(format!("does not decode ({} bytes): {e}", v.len())),
             Ok(EntryRef { payload: PayloadRef::Normal(signed), .. }) => {
                 match StateMachine::proposer_key(membership, signed.node_id) {
-                    None => report
-                        .find(at, format!("proposed by node {}, which has no key in the membership", signed.node_id)),
-                    Some(key) => {
-                        match SignedBatch::open_parts(signed.node_id, signed.payload, signed.signature, &key) {
-                            Ok(batch) => {
-                                report.signatures += 1;
-                                let mut w = LogWrites::new();
-                                for cmd in batch.commands {
-                                    for write in cmd.writes {
-                                        let key = (write.rtype.clone(), write.id.clone(), write.version);
-                                        w.insert(key, (write, cmd.actor.clone()));
-                                    }
-                                }
-                                writes = Some(w);
-                            }
-                            Err(e) => report.find(at, format!("{e} (payload of {} bytes)", signed.payload.len())),
-                        }
-                    }
+                    None => Err(format!("proposed by node {}, which has no key in the membership", signed.node_id)),
+                    Some(key) => SignedBatch::verify_parts(signed.node_id, signed.payload, signed.signature, &key)
+                        .map(|()| true)
+                        .map_err(|e| format!("{e} (payload of {} bytes)", signed.payload.len())),
                 }
             }
-            Ok(_) => writes = Some(LogWrites::new()),
-        }
-        if tx.send(LogItem { index, writes }).is_err() {
+            Ok(_) => Ok(false),
+        };
+        let item = match verified {
+            Ok(true) => {
+                report.signatures += 1;
+                LogItem::Batch { index, entry: v }
+            }
+            Ok(false) => LogItem::Other { index },
+            Err(problem) => {
+                report.find(at, problem);
+                LogItem::Other { index }
+            }
+        };
+        if tx.send(item).is_err() {
             break; // the leaf walk stopped early (it failed); its error is reported
         }
     }
     Ok(report)
 }
 
-/// Walks the leaves in order: each record against its digest, its stored subtree hashes and
+/// The leaves in order, read one ahead.
+struct Leaves<'v, I> {
+    records: I,
+    next: u64,
+    size: u64,
+    ahead: Option<VersionRecord>,
+    view: &'v StateView,
+    rebuilt: Frontier,
+    report: Report,
+}
+
+impl<I: Iterator<Item = io::Result<(u64, Vec<u8>)>>> Leaves<'_, I> {
+    /// The next record, unless it belongs to a log entry after `upto`.
+    fn next_upto(&mut self, upto: u64) -> io::Result<Option<VersionRecord>> {
+        let rec = match self.ahead.take() {
+            Some(rec) => rec,
+            None => loop {
+                if self.next >= self.size {
+                    return Ok(None);
+                }
+                let leaf = self.next;
+                match self.records.next().transpose()? {
+                    Some((at, raw)) if at == leaf => {
+                        self.report.bytes += raw.len() as u64;
+                        match bincode::deserialize::<VersionRecord>(&raw) {
+                            Ok(rec) => break rec,
+                            Err(e) => {
+                                self.report.find(format!("leaf {leaf}"), format!("version record does not decode: {e}"));
+                                self.next += 1;
+                            }
+                        }
+                    }
+                    _ => {
+                        self.report.find(format!("leaf {leaf}"), "version record is missing; later leaves are not checked");
+                        self.next = self.size;
+                        return Ok(None);
+                    }
+                }
+            },
+        };
+        if rec.header.log_index > upto {
+            self.ahead = Some(rec);
+            return Ok(None);
+        }
+        Ok(Some(rec))
+    }
+
+    /// Checks a record against its digest and hashes it into the rebuilt tree.
+    fn check(&mut self, rec: &VersionRecord) {
+        check_leaf(self.next, rec, self.view, &mut self.rebuilt, &mut self.report);
+        self.next += 1;
+    }
+}
+
+/// Walks the leaves in order: each record against its digest, the stored subtree hashes and
 /// the write its signed log entry carried.
 fn walk_leaves(
     view: &StateView,
@@ -177,57 +274,78 @@ fn walk_leaves(
     log: std::sync::mpsc::Receiver<LogItem>,
     progress: &mut dyn FnMut(u64, u64),
 ) -> io::Result<(Report, Frontier)> {
-    let mut report = Report::default();
-    let mut rebuilt = Frontier::default();
-    let mut log = log.into_iter().peekable();
-    // Entries before the first one still in the log were compacted into a snapshot.
-    let first_in_log = log.peek().map_or(u64::MAX, |i| i.index);
-    let mut current: Option<LogItem> = None;
-    let mut records = view.scan_records();
-    for leaf in 0..size {
-        if leaf.is_multiple_of(4096) {
-            progress(leaf, size);
-        }
-        let rec = match records.next().transpose()? {
-            Some((at, raw)) if at == leaf => {
-                report.bytes += raw.len() as u64;
-                match bincode::deserialize::<VersionRecord>(&raw) {
-                    Ok(rec) => rec,
-                    Err(e) => {
-                        report.find(format!("leaf {leaf}"), format!("version record does not decode: {e}"));
-                        continue;
-                    }
+    let mut leaves = Leaves {
+        records: view.scan_records(),
+        next: 0,
+        size,
+        ahead: None,
+        view,
+        rebuilt: Frontier::default(),
+        report: Report::default(),
+    };
+    // Entries before the first one still in the log were compacted into a snapshot: their
+    // leaves have no log to compare with, but are still hashed into the tree.
+    let mut first_in_log = None;
+    for item in log {
+        let index = item.index();
+        let first = *first_in_log.get_or_insert(index);
+        let batch = match &item {
+            LogItem::Batch { entry, .. } => match decode_batch(entry) {
+                Ok(batch) => Some(batch),
+                Err(problem) => {
+                    leaves.report.find(format!("raft log entry {index}"), problem);
+                    None
                 }
-            }
-            _ => {
-                report.find(format!("leaf {leaf}"), "version record is missing; the leaves after it are not checked");
-                break;
-            }
+            },
+            LogItem::Other { .. } => None,
         };
-        let wanted = rec.header.log_index;
-        while current.as_ref().is_none_or(|c| c.index < wanted) {
-            match log.next_if(|i| i.index <= wanted) {
-                Some(item) => current = Some(item),
-                None => break,
+        let mut writes = LogWrites::new();
+        for cmd in batch.iter().flat_map(|b| &b.commands) {
+            for w in &cmd.writes {
+                writes.insert((w.rtype, w.id, w.version), (w, cmd.actor));
             }
         }
-        match current.as_mut() {
-            Some(item) if item.index == wanted => {
-                if let Some(writes) = item.writes.as_mut() {
-                    cross_check(leaf, &rec, wanted, writes, &mut report);
-                }
+        while let Some(rec) = leaves.next_upto(index)? {
+            let wanted = rec.header.log_index;
+            if wanted == index && batch.is_some() {
+                cross_check(leaves.next, &rec, index, &writes, &mut leaves.report);
+            } else if wanted >= first && wanted != index {
+                let at = leaf_location(leaves.next, &rec);
+                leaves.report.find(at, format!("its header names raft log entry {wanted}, out of order"));
             }
-            // Its entry was compacted into a snapshot: no log to compare it with, but it is
-            // still hashed into the tree and checked against the root.
-            _ if wanted < first_in_log => {}
-            _ => report.find(
-                leaf_location(leaf, &rec),
-                format!("its header names raft log entry {wanted}, which the log does not hold in order"),
-            ),
+            leaves.check(&rec);
+            progress_every(leaves.next, size, progress);
         }
-        check_leaf(leaf, &rec, view, &mut rebuilt, &mut report);
     }
-    Ok((report, rebuilt))
+    let first = first_in_log.unwrap_or(u64::MAX);
+    while let Some(rec) = leaves.next_upto(u64::MAX)? {
+        if rec.header.log_index >= first {
+            let at = leaf_location(leaves.next, &rec);
+            let problem = format!("its header names raft log entry {}, which the log does not hold", rec.header.log_index);
+            leaves.report.find(at, problem);
+        }
+        leaves.check(&rec);
+        progress_every(leaves.next, size, progress);
+    }
+    Ok((leaves.report, leaves.rebuilt))
+}
+
+fn progress_every(done: u64, size: u64, progress: &mut dyn FnMut(u64, u64)) {
+    if done.is_multiple_of(4096) {
+        progress(done, size);
+    }
+}
+
+/// The batch of a log entry whose signature the log thread verified.
+fn decode_batch(entry: &[u8]) -> Result<BatchRef<'_>, String> {
+    let Ok(EntryRef { payload: PayloadRef::Normal(signed), .. }) = bincode::deserialize::<EntryRef<'_>>(entry) else {
+        return Err("no longer decodes".into());
+    };
+    let batch: BatchRef<'_> = bincode::deserialize(signed.payload).map_err(|e| format!("batch does not decode: {e}"))?;
+    if batch.format != COMMAND_FORMAT || batch.node_id != signed.node_id {
+        return Err(format!("batch format {} from node {} is not one this verifier knows", batch.format, batch.node_id));
+    }
+    Ok(batch)
 }
 
 fn leaf_location(leaf: u64, rec: &VersionRecord) -> String {
@@ -270,10 +388,10 @@ fn check_leaf(leaf: u64, rec: &VersionRecord, view: &StateView, rebuilt: &mut Fr
 }
 
 /// Compares a leaf with the write its signed log entry carried.
-fn cross_check(leaf: u64, rec: &VersionRecord, log_index: u64, writes: &mut LogWrites, report: &mut Report) {
+fn cross_check(leaf: u64, rec: &VersionRecord, log_index: u64, writes: &LogWrites<'_>, report: &mut Report) {
     let h = &rec.header;
     let at = leaf_location(leaf, rec);
-    let Some((w, actor)) = writes.remove(&(h.rtype.clone(), h.id.clone(), h.version)) else {
+    let Some(&(w, actor)) = writes.get(&(h.rtype.as_str(), h.id.as_str(), h.version)) else {
         report.find(at, format!("the signed raft log entry {log_index} carries no such write"));
         return;
     };
@@ -290,11 +408,10 @@ fn cross_check(leaf: u64, rec: &VersionRecord, log_index: u64, writes: &mut LogW
         }
     }
     if !differs.is_empty() {
-        report
-            .find(&at, format!("header differs from the signed raft log entry {log_index} in {}", differs.join(", ")));
+        report.find(&at, format!("header differs from the signed raft log entry {log_index} in {}", differs.join(", ")));
     }
-    if let Some(first) = rec.body.iter().zip(&w.body).position(|(a, b)| a != b) {
-        let last = rec.body.iter().zip(&w.body).rposition(|(a, b)| a != b).unwrap_or(first);
+    if let Some(first) = rec.body.iter().zip(w.body).position(|(a, b)| a != b) {
+        let last = rec.body.iter().zip(w.body).rposition(|(a, b)| a != b).unwrap_or(first);
         report.find(
             &at,
             format!(
@@ -377,7 +494,7 @@ pub fn root_at(dir: &Path, size: u64) -> io::Result<(u64, Option<Hash>)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::command::{Batch, COMMAND_FORMAT};
+    use crate::command::Batch;
     use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId, Membership};
 
     /// The in-place decoding must read exactly what openraft wrote.
@@ -393,6 +510,31 @@ mod tests {
             panic!("not a batch")
         };
         assert_eq!((got, r.node_id, r.payload, r.signature), (log_id, 3, &signed.payload[..], &signed.signature[..]));
+        // The batch inside, borrowed, reads what `Batch` wrote.
+        let cmd = crate::command::Command {
+            actor: "alice".into(),
+            preconditions: vec![crate::command::Precondition::KeyAbsent { compartment: "Patient/1".into() }],
+            new_keys: vec![("Patient/1".into(), vec![1, 2, 3])],
+            writes: vec![crate::command::Write {
+                rtype: "Patient".into(),
+                id: "1".into(),
+                version: 2,
+                op: Op::Update,
+                last_updated_ms: -5,
+                compartment: "Patient/1".into(),
+                body: vec![9; 40],
+                index: vec![[4; 32]],
+            }],
+        };
+        let full = Batch { format: COMMAND_FORMAT, node_id: 3, commands: vec![cmd.clone(), cmd] };
+        let payload = bincode::serialize(&full).unwrap();
+        let b: BatchRef<'_> = bincode::deserialize(&payload).unwrap();
+        assert_eq!((b.format, b.node_id, b.commands.len()), (COMMAND_FORMAT, 3, 2));
+        let (c, w) = (&b.commands[1], &b.commands[1].writes[0]);
+        assert_eq!((c.actor, c.new_keys[0], c.preconditions.len()), ("alice", ("Patient/1", &[1u8, 2, 3][..]), 1));
+        assert_eq!((w.rtype, w.id, w.version, w.op.clone(), w.last_updated_ms), ("Patient", "1", 2, Op::Update, -5));
+        assert_eq!((w.compartment, w.body, w.index.clone()), ("Patient/1", &[9u8; 40][..], vec![[4; 32]]));
+
         let m = Membership::new(vec![std::collections::BTreeSet::from([1u64])], ());
         for (payload, blank) in [(EntryPayload::Blank, true), (EntryPayload::Membership(m), false)] {
             let e: Entry<crate::TypeConfig> = Entry { log_id, payload };

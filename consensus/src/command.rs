@@ -136,10 +136,15 @@ impl SignedBatch {
         Self::open_parts(self.node_id, &self.payload, &self.signature, key)
     }
 
+    /// Only the signature of a batch's parts: does `key` vouch for `payload`?
+    pub fn verify_parts(node_id: u64, payload: &[u8], signature: &[u8], key: &VerifyingKey) -> Result<(), BatchError> {
+        let sig = Signature::from_slice(signature).map_err(|_| BatchError::BadSignature(node_id))?;
+        key.verify(&Self::message(payload), &sig).map_err(|_| BatchError::BadSignature(node_id))
+    }
+
     /// [`SignedBatch::open`] over borrowed parts (the offline verifier reads them in place).
     pub fn open_parts(node_id: u64, payload: &[u8], signature: &[u8], key: &VerifyingKey) -> Result<Batch, BatchError> {
-        let sig = Signature::from_slice(signature).map_err(|_| BatchError::BadSignature(node_id))?;
-        key.verify(&Self::message(payload), &sig).map_err(|_| BatchError::BadSignature(node_id))?;
+        Self::verify_parts(node_id, payload, signature, key)?;
         let batch: Batch = bincode::deserialize(payload).map_err(|e| BatchError::Undecodable(e.to_string()))?;
         if batch.format != COMMAND_FORMAT {
             return Err(BatchError::Format(batch.format));
