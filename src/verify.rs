@@ -231,8 +231,14 @@ fn consistency(args: &ConsistencyArgs) -> Result<String, Failure> {
     let old = head_of(parameters(&old_doc, &args.old)?, &args.old)?;
     checked_head(&old, &args.trust, "saved head")?;
     if let Some(dir) = &args.data_dir {
-        let (now, root) = consensus::audit::root_at(&dir.join("ledger"), old.size)
-            .map_err(|e| Unchecked(format!("{}: {e}", dir.display())))?;
+        let (now, root) = consensus::audit::root_at(&dir.join("ledger"), old.size).map_err(|e| {
+            let what = format!("{}: {e}", dir.display());
+            if consensus::sled_store::is_corruption(&e) {
+                Invalid(what)
+            } else {
+                Unchecked(what)
+            }
+        })?;
         return match root {
             None => Err(Invalid(format!(
                 "the saved head has {} leaves but the ledger holds only {now}: history was truncated",
@@ -290,6 +296,10 @@ fn data_dir(args: &DirArgs) -> ExitCode {
     };
     let report = match consensus::audit::verify_dir(&args.data_dir.join("ledger"), &mut progress) {
         Ok(r) => r,
+        Err(e) if consensus::sled_store::is_corruption(&e) => {
+            println!("TAMPERED store: {e}");
+            return ExitCode::from(1);
+        }
         Err(e) => {
             eprintln!("\nfhir-ledger verify: cannot check {}: {e}", args.data_dir.display());
             return ExitCode::from(2);
@@ -299,8 +309,13 @@ fn data_dir(args: &DirArgs) -> ExitCode {
     if tty {
         eprintln!();
     }
-    for f in &report.findings {
+    // The first findings locate the damage; thousands of consequences of it would bury them.
+    const SHOWN: usize = 50;
+    for f in report.findings.iter().take(SHOWN) {
         println!("TAMPERED {}: {}", f.location, f.problem);
+    }
+    if report.findings.len() > SHOWN {
+        println!("... and {} more", report.findings.len() - SHOWN);
     }
     let mb = report.bytes as f64 / 1e6;
     println!(

@@ -55,12 +55,16 @@ enum LogItem {
     Batch { index: u64, entry: Vec<u8> },
     /// A blank or membership entry (no writes), or one the log thread already reported.
     Other { index: u64 },
+    /// The log could not be read past this point (reported): later leaves have no log to be
+    /// compared with, which is not a finding of its own.
+    Unreadable,
 }
 
 impl LogItem {
     fn index(&self) -> u64 {
         match self {
             LogItem::Batch { index, .. } | LogItem::Other { index } => *index,
+            LogItem::Unreadable => u64::MAX,
         }
     }
 }
@@ -135,7 +139,7 @@ pub fn open_view(dir: &Path) -> io::Result<(StateMachine, Arc<dyn KvStore>)> {
     if !dir.join("db").exists() && !dir.join("conf").exists() {
         return Err(io::Error::new(io::ErrorKind::NotFound, format!("no ledger in {}", dir.display())));
     }
-    let db = SledDb::open(dir)?;
+    let db = SledDb::open_with_cache(dir, 32 * 1024 * 1024)?;
     Ok((StateMachine::new(db.tree("state")?), db.tree("raft_log")?))
 }
 
@@ -177,7 +181,14 @@ fn walk_log(
 ) -> io::Result<Report> {
     let mut report = Report::default();
     for kv in log.scan_prefix(b"e") {
-        let (k, v) = kv?;
+        let (k, v) = match kv {
+            Err(e) if crate::sled_store::is_corruption(&e) => {
+                report.find("raft log", format!("{e}; the entries after it are not checked"));
+                let _ = tx.send(LogItem::Unreadable);
+                break;
+            }
+            kv => kv?,
+        };
         let index = read_be(&k[1..]).unwrap_or(u64::MAX);
         report.log_entries += 1;
         report.bytes += v.len() as u64;
@@ -233,19 +244,29 @@ impl<I: Iterator<Item = io::Result<(u64, Vec<u8>)>>> Leaves<'_, I> {
                     return Ok(None);
                 }
                 let leaf = self.next;
-                match self.records.next().transpose()? {
+                let next = match self.records.next().transpose() {
+                    Err(e) if crate::sled_store::is_corruption(&e) => {
+                        self.report.find(format!("leaf {leaf}"), format!("{e}; later leaves are not checked"));
+                        self.next = self.size;
+                        return Ok(None);
+                    }
+                    next => next?,
+                };
+                match next {
                     Some((at, raw)) if at == leaf => {
                         self.report.bytes += raw.len() as u64;
                         match bincode::deserialize::<VersionRecord>(&raw) {
                             Ok(rec) => break rec,
                             Err(e) => {
-                                self.report.find(format!("leaf {leaf}"), format!("version record does not decode: {e}"));
+                                self.report
+                                    .find(format!("leaf {leaf}"), format!("version record does not decode: {e}"));
                                 self.next += 1;
                             }
                         }
                     }
                     _ => {
-                        self.report.find(format!("leaf {leaf}"), "version record is missing; later leaves are not checked");
+                        self.report
+                            .find(format!("leaf {leaf}"), "version record is missing; later leaves are not checked");
                         self.next = self.size;
                         return Ok(None);
                     }
@@ -286,7 +307,12 @@ fn walk_leaves(
     // Entries before the first one still in the log were compacted into a snapshot: their
     // leaves have no log to compare with, but are still hashed into the tree.
     let mut first_in_log = None;
+    let mut log_complete = true;
     for item in log {
+        if matches!(item, LogItem::Unreadable) {
+            log_complete = false;
+            break;
+        }
         let index = item.index();
         let first = *first_in_log.get_or_insert(index);
         let batch = match &item {
@@ -297,7 +323,7 @@ fn walk_leaves(
                     None
                 }
             },
-            LogItem::Other { .. } => None,
+            LogItem::Other { .. } | LogItem::Unreadable => None,
         };
         let mut writes = LogWrites::new();
         for cmd in batch.iter().flat_map(|b| &b.commands) {
@@ -319,9 +345,10 @@ fn walk_leaves(
     }
     let first = first_in_log.unwrap_or(u64::MAX);
     while let Some(rec) = leaves.next_upto(u64::MAX)? {
-        if rec.header.log_index >= first {
+        if log_complete && rec.header.log_index >= first {
             let at = leaf_location(leaves.next, &rec);
-            let problem = format!("its header names raft log entry {}, which the log does not hold", rec.header.log_index);
+            let problem =
+                format!("its header names raft log entry {}, which the log does not hold", rec.header.log_index);
             leaves.report.find(at, problem);
         }
         leaves.check(&rec);
@@ -341,9 +368,13 @@ fn decode_batch(entry: &[u8]) -> Result<BatchRef<'_>, String> {
     let Ok(EntryRef { payload: PayloadRef::Normal(signed), .. }) = bincode::deserialize::<EntryRef<'_>>(entry) else {
         return Err("no longer decodes".into());
     };
-    let batch: BatchRef<'_> = bincode::deserialize(signed.payload).map_err(|e| format!("batch does not decode: {e}"))?;
+    let batch: BatchRef<'_> =
+        bincode::deserialize(signed.payload).map_err(|e| format!("batch does not decode: {e}"))?;
     if batch.format != COMMAND_FORMAT || batch.node_id != signed.node_id {
-        return Err(format!("batch format {} from node {} is not one this verifier knows", batch.format, batch.node_id));
+        return Err(format!(
+            "batch format {} from node {} is not one this verifier knows",
+            batch.format, batch.node_id
+        ));
     }
     Ok(batch)
 }
@@ -408,7 +439,8 @@ fn cross_check(leaf: u64, rec: &VersionRecord, log_index: u64, writes: &LogWrite
         }
     }
     if !differs.is_empty() {
-        report.find(&at, format!("header differs from the signed raft log entry {log_index} in {}", differs.join(", ")));
+        report
+            .find(&at, format!("header differs from the signed raft log entry {log_index} in {}", differs.join(", ")));
     }
     if let Some(first) = rec.body.iter().zip(w.body).position(|(a, b)| a != b) {
         let last = rec.body.iter().zip(w.body).rposition(|(a, b)| a != b).unwrap_or(first);

@@ -13,8 +13,33 @@ const FORMAT_KEY: &[u8] = b"__format_version";
 fn io_err(e: sled::Error) -> io::Error {
     match e {
         sled::Error::Io(e) => e,
+        sled::Error::Corruption { at, .. } => {
+            io::Error::new(io::ErrorKind::InvalidData, corruption_at(&format!("{at:?}")))
+        }
         other => io::Error::other(other.to_string()),
     }
+}
+
+/// Where sled found bytes failing its checksum, in file terms. sled does not export its disk
+/// pointer type, only its `Debug` form: `Some(Inline(offset))` or `Some(Blob(offset, n))`.
+fn corruption_at(pointer: &str) -> String {
+    let number = |after: &str| {
+        let rest = pointer.split(after).nth(1).unwrap_or_default();
+        rest.split(|c: char| !c.is_ascii_digit()).find(|s| !s.is_empty()).unwrap_or("?").to_string()
+    };
+    if pointer.contains("Blob(") {
+        format!("blob file blobs/{} fails its checksum", number(", "))
+    } else if pointer.contains("Inline(") {
+        format!("bytes at offset {} of the db file fail their checksum", number("Inline("))
+    } else {
+        "the store fails its own checksum".to_string()
+    }
+}
+
+/// Whether an error from this store means bytes on disk were changed (as opposed to an I/O
+/// failure): for the verifier, tampering or corruption found.
+pub fn is_corruption(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::InvalidData
 }
 
 /// A sled database holding the ledger's trees.
@@ -26,9 +51,16 @@ pub struct SledDb {
 impl SledDb {
     /// Opens (or creates) the database and checks its on-disk format version.
     pub fn open(dir: &Path) -> io::Result<Self> {
+        Self::open_with_cache(dir, 512 * 1024 * 1024)
+    }
+
+    /// [`SledDb::open`] with a page cache of `cache_bytes`. A one-pass reader (the offline
+    /// verifier) wants a small one: a large cache fills with what is never read again, and
+    /// every fresh page of it costs a page fault.
+    pub fn open_with_cache(dir: &Path, cache_bytes: u64) -> io::Result<Self> {
         let db = sled::Config::new()
             .path(dir)
-            .cache_capacity(512 * 1024 * 1024)
+            .cache_capacity(cache_bytes)
             .mode(sled::Mode::HighThroughput)
             .open()
             .map_err(io_err)?;
@@ -109,5 +141,18 @@ impl KvStore for SledTree {
     fn flush(&self) -> io::Result<()> {
         // sled flushes the whole database: log and state machine share one write-ahead log.
         self.db.flush().map(|_| ()).map_err(io_err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn corruption_is_located_in_file_terms() {
+        assert_eq!(super::corruption_at("Some(Blob(0, 1020000457))"), "blob file blobs/1020000457 fails its checksum");
+        assert_eq!(
+            super::corruption_at("Some(Inline(4096))"),
+            "bytes at offset 4096 of the db file fail their checksum"
+        );
+        assert_eq!(super::corruption_at("None"), "the store fails its own checksum");
     }
 }
