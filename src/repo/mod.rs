@@ -379,15 +379,21 @@ impl<'a> Plan<'a> {
                 cur.version
             )));
         }
-        let version = cur.version + 1;
-        self.preconditions.push(Precondition::Version { rtype: rtype.into(), id: id.into(), current: cur.version });
+        Ok(Some(self.remove(rtype, id, cur.version, Op::Delete, String::new())))
+    }
+
+    /// Plans a version that removes `rtype/id` (a delete or an erase) over version `current`.
+    fn remove(&mut self, rtype: &str, id: &str, current: u64, op: Op, compartment: String) -> Stored {
+        let version = current + 1;
+        self.preconditions.push(Precondition::Version { rtype: rtype.into(), id: id.into(), current });
+        let last_updated_ms = self.now;
         self.writes.push(Write {
             rtype: rtype.into(),
             id: id.into(),
             version,
-            op: Op::Delete,
-            last_updated_ms: self.now,
-            compartment: String::new(),
+            op,
+            last_updated_ms,
+            compartment,
             body: Vec::new(),
             index: Vec::new(),
         });
@@ -395,14 +401,14 @@ impl<'a> Plan<'a> {
             rtype: rtype.into(),
             id: id.into(),
             version,
-            last_updated_ms: self.now,
+            last_updated_ms,
             deleted: true,
             leaf: None,
             body: None,
             created: false,
         };
         self.results.push(stored.clone());
-        Ok(Some(stored))
+        stored
     }
 
     /// Erases the compartment of `Patient/id` (crypto-shredding): every resource whose newest
@@ -429,29 +435,7 @@ impl<'a> Plan<'a> {
                 continue;
             }
             let current = cur.map_or(0, |c| c.version);
-            self.preconditions.push(Precondition::Version { rtype: rtype.clone(), id: rid.clone(), current });
-            self.writes.push(Write {
-                rtype: rtype.clone(),
-                id: rid.clone(),
-                version: current + 1,
-                op: Op::Erase,
-                last_updated_ms: self.now,
-                compartment: compartment.clone(),
-                body: Vec::new(),
-                index: Vec::new(),
-            });
-            let stored = Stored {
-                rtype,
-                id: rid,
-                version: current + 1,
-                last_updated_ms: self.now,
-                deleted: true,
-                leaf: None,
-                body: None,
-                created: false,
-            };
-            self.results.push(stored.clone());
-            erased.push(stored);
+            erased.push(self.remove(&rtype, &rid, current, Op::Erase, compartment.clone()));
         }
         Ok(erased)
     }

@@ -5,7 +5,8 @@
 # `cargo build --release`.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
-bin="${FHIR_LEDGER_BIN:-$root/target/release/fhir-ledger}"
+bin="${FHIR_LEDGER_BIN:-${CARGO_TARGET_DIR:-$root/target}/release/fhir-ledger}"
+. "$root/tests/bench/lib.sh"
 
 pgbin="$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1 || true)"
 if [ -z "$pgbin" ] || [ ! -x "$pgbin/initdb" ]; then
@@ -28,16 +29,9 @@ runuser -u postgres -- "$pgbin/initdb" -D "$work/pg" -U postgres --auth=trust >/
 runuser -u postgres -- "$pgbin/pg_ctl" -D "$work/pg" -l "$work/pg/log" -w \
   -o "-p $pgport -k /tmp -c listen_addresses=127.0.0.1 -c fsync=on -c synchronous_commit=on -c shared_buffers=512MB" start >/dev/null
 
-"$bin" serve --listen 127.0.0.1:0 --data-dir "$work/ledger" --auth off 2>"$work/server.log" &
-server=$!
-for _ in $(seq 1 600); do
-  base="$(sed -n 's/^fhir-ledger: listening on //p' "$work/server.log" | head -1)"
-  [ -n "$base" ] && break
-  sleep 0.1
-done
-[ -n "$base" ] || { cat "$work/server.log"; exit 1; }
+start_server "$work/server.log" --data-dir "$work/ledger"
 
-echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(free -g | awk '/Mem/ {print $2}') GiB; $(date -u +%Y-%m-%dT%H:%MZ); $(uname -r)"
+machine
 echo "postgres: $("$pgbin/postgres" --version) on port $pgport"
 cd "$root"
 "$bin" bench --base "$base" --postgres "host=127.0.0.1 port=$pgport user=postgres dbname=postgres" "$@"

@@ -11,6 +11,7 @@ set -euo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
 bin="${FHIR_LEDGER_BIN:-${CARGO_TARGET_DIR:-$root/target}/release/fhir-ledger}"
 cache="${SYNTHEA100:-$HOME/.cache/fhir-ledger/synthea100}"
+. "$root/tests/bench/lib.sh"
 
 if [ "$(ls "$cache/fhir" 2>/dev/null | wc -l)" -lt 100 ]; then
   python3 -m venv "$cache/venv"
@@ -26,27 +27,17 @@ cleanup() {
 }
 trap cleanup EXIT
 
-"$bin" serve --listen 127.0.0.1:0 --data-dir "$work/data" --profiles-dir "$root/fhir-profiles" --auth off --max-body-bytes 134217728 2>"$work/server.log" &
-server=$!
-for _ in $(seq 1 600); do
-  base="$(sed -n 's/^fhir-ledger: listening on //p' "$work/server.log" | head -1)"
-  [ -n "$base" ] && break
-  sleep 0.1
-done
-[ -n "$base" ] || { cat "$work/server.log"; exit 1; }
-
-echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(free -g | awk '/Mem/ {print $2}') GiB; $(date -u +%Y-%m-%dT%H:%MZ); $(uname -r)"
+start_server "$work/server.log" --data-dir "$work/data" --profiles-dir "$root/fhir-profiles" --max-body-bytes 134217728
+machine
 start=$(date +%s.%N)
 ls "$cache"/fhir/*.json | xargs -P4 -I{} sh -c \
   'code=$(curl -s -o /dev/null -w "%{http_code}" -X POST "$0/" -H "Expect:" -H "content-type: application/fhir+json" --data-binary @"$1"); [ "$code" = 200 ] || { echo "$1: HTTP $code" >&2; exit 255; }' "$base" {}
-echo "loaded $(ls "$cache"/fhir/*.json | wc -l) Synthea patients in $(echo "$(date +%s.%N) - $start" | bc) s; tree size $(curl -s "$base/ledger/head" | python3 -c 'import json,sys; print(next(p["valueString"] for p in json.load(sys.stdin)["parameter"] if p["name"]=="treeSize"))')"
+echo "loaded $(ls "$cache"/fhir/*.json | wc -l) Synthea patients in $(python3 -c "print(round($(date +%s.%N) - $start, 1))") s; tree size $(curl -s "$base/ledger/head" | python3 -c 'import json,sys; print(next(p["valueString"] for p in json.load(sys.stdin)["parameter"] if p["name"]=="treeSize"))')"
 kill -9 "$server"; wait "$server" 2>/dev/null || true
 server=""
 # Re-open once so the state machine has applied the whole log (SIGKILL may leave it a few
 # entries behind, which verify would rightly count as not yet applied).
-"$bin" serve --listen 127.0.0.1:0 --data-dir "$work/data" --profiles-dir "$root/fhir-profiles" --auth off 2>"$work/server2.log" &
-server=$!
-for _ in $(seq 1 600); do grep -q "listening on" "$work/server2.log" && break; sleep 0.1; done
+start_server "$work/server2.log" --data-dir "$work/data" --profiles-dir "$root/fhir-profiles"
 sleep 2
 kill -TERM "$server"; wait "$server" 2>/dev/null || true
 server=""

@@ -15,6 +15,21 @@ fn cli<I: AsRef<OsStr>>(args: impl IntoIterator<Item = I>) -> (i32, String) {
     (out.status.code().unwrap_or(-1), text)
 }
 
+/// `verify consistency --old <saved> <--proof FILE | --data-dir DIR> --trusted-key <key>`.
+fn consistency(saved: &Path, against: (&str, &Path), key: &Path) -> (i32, String) {
+    let (flag, path) = against;
+    cli([
+        OsStr::new("verify"),
+        OsStr::new("consistency"),
+        OsStr::new("--old"),
+        saved.as_os_str(),
+        OsStr::new(flag),
+        path.as_os_str(),
+        OsStr::new("--trusted-key"),
+        key.as_os_str(),
+    ])
+}
+
 fn verify_dir(dir: &Path) -> (i32, String) {
     cli([OsStr::new("verify"), OsStr::new("--data-dir"), dir.as_os_str()])
 }
@@ -200,16 +215,7 @@ async fn a_byte_flipped_in_a_store_file_is_found() {
     bytes[mid] ^= 0x01;
     std::fs::write(&largest, bytes).unwrap();
     let key = dir.path().join("node.pub");
-    let (code, out) = cli([
-        OsStr::new("verify"),
-        OsStr::new("consistency"),
-        OsStr::new("--old"),
-        saved.as_os_str(),
-        OsStr::new("--data-dir"),
-        dir.path().as_os_str(),
-        OsStr::new("--trusted-key"),
-        key.as_os_str(),
-    ]);
+    let (code, out) = consistency(&saved, ("--data-dir", dir.path()), &key);
     assert_eq!(code, 1, "{out}");
     let name = largest.file_name().unwrap().to_string_lossy().into_owned();
     assert!(
@@ -238,49 +244,20 @@ async fn a_rewritten_history_fails_the_consistency_check_against_a_saved_head() 
     let forged = Server::start(&rewritten);
     patients(&forged.base, "Forged", 6).await;
     let proof = save(format!("{}/ledger/consistency?first=10", forged.base), tmp.path().join("forged.json")).await;
-    let (code, out) = cli([
-        OsStr::new("verify"),
-        OsStr::new("consistency"),
-        OsStr::new("--old"),
-        saved.as_os_str(),
-        OsStr::new("--proof"),
-        proof.as_os_str(),
-        OsStr::new("--trusted-key"),
-        key.as_os_str(),
-    ]);
+    let (code, out) = consistency(&saved, ("--proof", &proof), &key);
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("INVALID") && out.contains("history was rewritten"), "{out}");
 
     patients(&server.base, "More", 2).await;
     let proof = save(format!("{}/ledger/consistency?first=10", server.base), tmp.path().join("honest.json")).await;
-    let (code, out) = cli([
-        OsStr::new("verify"),
-        OsStr::new("consistency"),
-        OsStr::new("--old"),
-        saved.as_os_str(),
-        OsStr::new("--proof"),
-        proof.as_os_str(),
-        OsStr::new("--trusted-key"),
-        key.as_os_str(),
-    ]);
+    let (code, out) = consistency(&saved, ("--proof", &proof), &key);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("VALID: the ledger of 12 leaves"), "{out}");
 
     // Offline, against the stopped nodes' data directories.
     drop(server);
     drop(forged);
-    let against = |dir: &Path| {
-        cli([
-            OsStr::new("verify"),
-            OsStr::new("consistency"),
-            OsStr::new("--old"),
-            saved.as_os_str(),
-            OsStr::new("--data-dir"),
-            dir.as_os_str(),
-            OsStr::new("--trusted-key"),
-            key.as_os_str(),
-        ])
-    };
+    let against = |dir: &Path| consistency(&saved, ("--data-dir", dir), &key);
     let (code, out) = against(&honest);
     assert_eq!(code, 0, "{out}");
     let (code, out) = against(&rewritten);

@@ -1,0 +1,22 @@
+# Sourced by the benchmark scripts.
+
+# start_server LOG ARGS...: starts `$bin serve` on a free loopback port with ARGS; sets
+# $server (its pid) and $base (its URL) once it listens.
+start_server() {
+  local log="$1"
+  shift
+  "$bin" serve --listen 127.0.0.1:0 --auth off "$@" 2>"$log" &
+  server=$!
+  base=""
+  for _ in $(seq 1 600); do
+    base="$(sed -n 's/^fhir-ledger: listening on //p' "$log" | head -1)"
+    [ -n "$base" ] && return 0
+    sleep 0.1
+  done
+  cat "$log"
+  return 1
+}
+
+machine() {
+  echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(free -g | awk '/Mem/ {print $2}') GiB; $(date -u +%Y-%m-%dT%H:%MZ); $(uname -r)"
+}
