@@ -9,7 +9,6 @@
 //! must rebuild the stored root and subtree hashes, and a stored snapshot must rebuild the same
 //! tree as the live state up to its size.
 
-use std::collections::BTreeMap;
 use std::io;
 use std::path::Path;
 use std::sync::Arc;
@@ -131,9 +130,6 @@ struct WriteRef<'a> {
     index: Vec<[u8; 32]>,
 }
 
-/// The writes a signed log entry carried, by `(type, id, version)`, with their command's actor.
-type LogWrites<'a> = BTreeMap<(&'a str, &'a str, u64), (&'a WriteRef<'a>, &'a str)>;
-
 /// Opens the ledger under `dir` (the `ledger` directory inside a data directory).
 pub fn open_view(dir: &Path) -> io::Result<(StateMachine, Arc<dyn KvStore>)> {
     if !dir.join("db").exists() && !dir.join("conf").exists() {
@@ -223,22 +219,65 @@ fn walk_log(
     Ok(report)
 }
 
-/// The leaves in order, read one ahead.
+/// A version record decoded in place ([`VersionRecord`] borrowed: no allocation per leaf).
+/// The header comes first in the record, so its encoding, which the leaf hashes, is the
+/// record's own prefix (`header_bytes`); a test pins both to the owned types.
+#[derive(serde::Deserialize)]
+struct RecordRef<'a> {
+    #[serde(borrow)]
+    header: HeaderRef<'a>,
+    leaf: u64,
+    body: &'a [u8],
+}
+
+/// [`crate::state_machine::LeafHeader`], borrowed.
+#[derive(serde::Deserialize)]
+struct HeaderRef<'a> {
+    #[allow(dead_code)] // part of what the leaf hashes; read to get past it
+    format: u16,
+    rtype: &'a str,
+    id: &'a str,
+    version: u64,
+    last_updated_ms: i64,
+    actor: &'a str,
+    op: &'a str,
+    compartment: &'a str,
+    body_sha256: Hash,
+    log_index: u64,
+}
+
+impl<'a> RecordRef<'a> {
+    /// The record and the bytes of its header.
+    fn decode(raw: &'a [u8]) -> Result<(Self, &'a [u8]), String> {
+        let rec: Self = bincode::deserialize(raw).map_err(|e| e.to_string())?;
+        // After the header: the leaf number (8 bytes), the body's length (8) and the body.
+        let end = raw.len().checked_sub(16 + rec.body.len()).ok_or("record shorter than its parts")?;
+        Ok((rec, &raw[..end]))
+    }
+
+    fn location(&self, leaf: u64) -> String {
+        let h = &self.header;
+        format!("leaf {leaf} ({}/{}/_history/{})", h.rtype, h.id, h.version)
+    }
+}
+
+/// The leaves in order, read one ahead (as raw records: decoding in place is cheap).
 struct Leaves<'v, I> {
     records: I,
     next: u64,
     size: u64,
-    ahead: Option<VersionRecord>,
+    /// A record read but not yet checked, with the log index its header names.
+    ahead: Option<(u64, Vec<u8>)>,
     view: &'v StateView,
     rebuilt: Frontier,
     report: Report,
 }
 
 impl<I: Iterator<Item = io::Result<(u64, Vec<u8>)>>> Leaves<'_, I> {
-    /// The next record, unless it belongs to a log entry after `upto`.
-    fn next_upto(&mut self, upto: u64) -> io::Result<Option<VersionRecord>> {
-        let rec = match self.ahead.take() {
-            Some(rec) => rec,
+    /// The next decodable record, unless it belongs to a log entry after `upto`.
+    fn next_upto(&mut self, upto: u64) -> io::Result<Option<Vec<u8>>> {
+        let raw = match self.ahead.take() {
+            Some(ahead) => ahead,
             None => loop {
                 if self.next >= self.size {
                     return Ok(None);
@@ -255,8 +294,8 @@ impl<I: Iterator<Item = io::Result<(u64, Vec<u8>)>>> Leaves<'_, I> {
                 match next {
                     Some((at, raw)) if at == leaf => {
                         self.report.bytes += raw.len() as u64;
-                        match bincode::deserialize::<VersionRecord>(&raw) {
-                            Ok(rec) => break rec,
+                        match RecordRef::decode(&raw) {
+                            Ok((rec, _)) => break (rec.header.log_index, raw),
                             Err(e) => {
                                 self.report
                                     .find(format!("leaf {leaf}"), format!("version record does not decode: {e}"));
@@ -273,17 +312,41 @@ impl<I: Iterator<Item = io::Result<(u64, Vec<u8>)>>> Leaves<'_, I> {
                 }
             },
         };
-        if rec.header.log_index > upto {
-            self.ahead = Some(rec);
+        let (log_index, raw) = raw;
+        if log_index > upto {
+            self.ahead = Some((log_index, raw));
             return Ok(None);
         }
-        Ok(Some(rec))
+        Ok(Some(raw))
     }
 
     /// Checks a record against its digest and hashes it into the rebuilt tree.
-    fn check(&mut self, rec: &VersionRecord) {
-        check_leaf(self.next, rec, self.view, &mut self.rebuilt, &mut self.report);
+    fn check(&mut self, rec: &RecordRef<'_>, header_bytes: &[u8]) {
+        check_leaf(self.next, rec, header_bytes, self.view, &mut self.rebuilt, &mut self.report);
         self.next += 1;
+    }
+}
+
+/// The writes of one signed log entry in the order they were applied (so in leaf order), with
+/// their command's actor. Commands refused at apply left no leaves: their writes are skipped.
+struct LogWrites<'a> {
+    writes: Vec<(&'a WriteRef<'a>, &'a str)>,
+    next: usize,
+}
+
+impl<'a> LogWrites<'a> {
+    fn of(batch: &'a BatchRef<'a>) -> Self {
+        let writes = batch.commands.iter().flat_map(|c| c.writes.iter().map(move |w| (w, c.actor))).collect();
+        Self { writes, next: 0 }
+    }
+
+    /// The write of `(rtype, id, version)`, searched from where the last one was found.
+    fn find(&mut self, h: &HeaderRef<'_>) -> Option<(&'a WriteRef<'a>, &'a str)> {
+        let at = self.writes[self.next..]
+            .iter()
+            .position(|(w, _)| w.version == h.version && w.id == h.id && w.rtype == h.rtype)?;
+        self.next += at + 1;
+        Some(self.writes[self.next - 1])
     }
 }
 
@@ -325,33 +388,31 @@ fn walk_leaves(
             },
             LogItem::Other { .. } | LogItem::Unreadable => None,
         };
-        let mut writes = LogWrites::new();
-        for cmd in batch.iter().flat_map(|b| &b.commands) {
-            for w in &cmd.writes {
-                writes.insert((w.rtype, w.id, w.version), (w, cmd.actor));
-            }
-        }
-        while let Some(rec) = leaves.next_upto(index)? {
+        let mut writes = batch.as_ref().map(LogWrites::of);
+        while let Some(raw) = leaves.next_upto(index)? {
+            let Ok((rec, header_bytes)) = RecordRef::decode(&raw) else { continue };
             let wanted = rec.header.log_index;
-            if wanted == index && batch.is_some() {
-                cross_check(leaves.next, &rec, index, &writes, &mut leaves.report);
-            } else if wanted >= first && wanted != index {
-                let at = leaf_location(leaves.next, &rec);
-                leaves.report.find(at, format!("its header names raft log entry {wanted}, out of order"));
+            match writes.as_mut() {
+                Some(writes) if wanted == index => cross_check(leaves.next, &rec, index, writes, &mut leaves.report),
+                _ if wanted >= first && wanted != index => {
+                    let problem = format!("its header names raft log entry {wanted}, out of order");
+                    leaves.report.find(rec.location(leaves.next), problem);
+                }
+                _ => {}
             }
-            leaves.check(&rec);
+            leaves.check(&rec, header_bytes);
             progress_every(leaves.next, size, progress);
         }
     }
     let first = first_in_log.unwrap_or(u64::MAX);
-    while let Some(rec) = leaves.next_upto(u64::MAX)? {
+    while let Some(raw) = leaves.next_upto(u64::MAX)? {
+        let Ok((rec, header_bytes)) = RecordRef::decode(&raw) else { continue };
         if log_complete && rec.header.log_index >= first {
-            let at = leaf_location(leaves.next, &rec);
             let problem =
                 format!("its header names raft log entry {}, which the log does not hold", rec.header.log_index);
-            leaves.report.find(at, problem);
+            leaves.report.find(rec.location(leaves.next), problem);
         }
-        leaves.check(&rec);
+        leaves.check(&rec, header_bytes);
         progress_every(leaves.next, size, progress);
     }
     Ok((leaves.report, leaves.rebuilt))
@@ -386,17 +447,23 @@ fn leaf_location(leaf: u64, rec: &VersionRecord) -> String {
 
 /// A record against the digest its leaf committed to, and its leaf hashed into the rebuilt
 /// tree, whose completed subtrees must match the stored ones.
-fn check_leaf(leaf: u64, rec: &VersionRecord, view: &StateView, rebuilt: &mut Frontier, report: &mut Report) {
-    let at = leaf_location(leaf, rec);
-    let digest: Hash = Sha256::digest(&rec.body).into();
+fn check_leaf(
+    leaf: u64,
+    rec: &RecordRef<'_>,
+    header_bytes: &[u8],
+    view: &StateView,
+    rebuilt: &mut Frontier,
+    report: &mut Report,
+) {
+    let digest: Hash = Sha256::digest(rec.body).into();
     if digest != rec.header.body_sha256 {
-        report.find(&at, "stored ciphertext does not match the digest its leaf committed to");
+        report.find(rec.location(leaf), "stored ciphertext does not match the digest its leaf committed to");
     }
     if rec.leaf != leaf {
-        report.find(&at, format!("record claims leaf {}", rec.leaf));
+        report.find(rec.location(leaf), format!("record claims leaf {}", rec.leaf));
     }
     let mut node_mismatch = None;
-    rebuilt.append_nodes(leaf_hash(&rec.header.encode()), |level, index, hash| {
+    rebuilt.append_nodes(leaf_hash(header_bytes), |level, index, hash| {
         if level >= STORED_NODE_LEVEL && node_mismatch.is_none() {
             match view.node(level, index) {
                 Ok(Some(stored)) if stored == hash => {}
@@ -407,7 +474,7 @@ fn check_leaf(leaf: u64, rec: &VersionRecord, view: &StateView, rebuilt: &mut Fr
     if let Some((level, index)) = node_mismatch {
         let span = 1u64 << level;
         report.find(
-            &at,
+            rec.location(leaf),
             format!(
                 "stored subtree hash over leaves {}..{} differs from the one the records rebuild",
                 index * span,
@@ -419,11 +486,10 @@ fn check_leaf(leaf: u64, rec: &VersionRecord, view: &StateView, rebuilt: &mut Fr
 }
 
 /// Compares a leaf with the write its signed log entry carried.
-fn cross_check(leaf: u64, rec: &VersionRecord, log_index: u64, writes: &LogWrites<'_>, report: &mut Report) {
+fn cross_check(leaf: u64, rec: &RecordRef<'_>, log_index: u64, writes: &mut LogWrites<'_>, report: &mut Report) {
     let h = &rec.header;
-    let at = leaf_location(leaf, rec);
-    let Some(&(w, actor)) = writes.get(&(h.rtype.as_str(), h.id.as_str(), h.version)) else {
-        report.find(at, format!("the signed raft log entry {log_index} carries no such write"));
+    let Some((w, actor)) = writes.find(h) else {
+        report.find(rec.location(leaf), format!("the signed raft log entry {log_index} carries no such write"));
         return;
     };
     report.cross_checked += 1;
@@ -439,29 +505,28 @@ fn cross_check(leaf: u64, rec: &VersionRecord, log_index: u64, writes: &LogWrite
         }
     }
     if !differs.is_empty() {
-        report
-            .find(&at, format!("header differs from the signed raft log entry {log_index} in {}", differs.join(", ")));
+        let problem = format!("header differs from the signed raft log entry {log_index} in {}", differs.join(", "));
+        report.find(rec.location(leaf), problem);
     }
-    if let Some(first) = rec.body.iter().zip(w.body).position(|(a, b)| a != b) {
-        let last = rec.body.iter().zip(w.body).rposition(|(a, b)| a != b).unwrap_or(first);
-        report.find(
-            &at,
+    if rec.body == w.body {
+        return;
+    }
+    let problem = match rec.body.iter().zip(w.body).position(|(a, b)| a != b) {
+        Some(first) => {
+            let last = rec.body.iter().zip(w.body).rposition(|(a, b)| a != b).unwrap_or(first);
             format!(
                 "ciphertext bytes {first}..{} (of {}) differ from the signed raft log entry {log_index}",
                 last + 1,
                 rec.body.len()
-            ),
-        );
-    } else if rec.body.len() != w.body.len() {
-        report.find(
-            &at,
-            format!(
-                "ciphertext is {} bytes, the signed raft log entry {log_index} has {}",
-                rec.body.len(),
-                w.body.len()
-            ),
-        );
-    }
+            )
+        }
+        None => format!(
+            "ciphertext is {} bytes, the signed raft log entry {log_index} has {}",
+            rec.body.len(),
+            w.body.len()
+        ),
+    };
+    report.find(rec.location(leaf), problem);
 }
 
 /// A stored snapshot must rebuild, from its own records, the root its frontier names, and that
@@ -566,6 +631,28 @@ mod tests {
         assert_eq!((c.actor, c.new_keys[0], c.preconditions.len()), ("alice", ("Patient/1", &[1u8, 2, 3][..]), 1));
         assert_eq!((w.rtype, w.id, w.version, w.op.clone(), w.last_updated_ms), ("Patient", "1", 2, Op::Update, -5));
         assert_eq!((w.compartment, w.body, w.index.clone()), ("Patient/1", &[9u8; 40][..], vec![[4; 32]]));
+
+        // A stored version record, borrowed: its fields, and its header's encoding as a prefix.
+        let header = crate::state_machine::LeafHeader {
+            format: 1,
+            rtype: "Patient".into(),
+            id: "1".into(),
+            version: 2,
+            last_updated_ms: 7,
+            actor: "alice".into(),
+            op: "update".into(),
+            compartment: "Patient/1".into(),
+            body_sha256: [8; 32],
+            log_index: 9,
+        };
+        let record = VersionRecord { header: header.clone(), leaf: 4, body: vec![5; 33] };
+        let raw = bincode::serialize(&record).unwrap();
+        let (r, header_bytes) = RecordRef::decode(&raw).unwrap();
+        assert_eq!(header_bytes, header.encode());
+        let h = &r.header;
+        assert_eq!((h.rtype, h.id, h.version, h.last_updated_ms, h.actor), ("Patient", "1", 2, 7, "alice"));
+        assert_eq!((h.op, h.compartment, h.body_sha256, h.log_index), ("update", "Patient/1", [8; 32], 9));
+        assert_eq!((r.leaf, r.body), (4, &[5u8; 33][..]));
 
         let m = Membership::new(vec![std::collections::BTreeSet::from([1u64])], ());
         for (payload, blank) in [(EntryPayload::Blank, true), (EntryPayload::Membership(m), false)] {
