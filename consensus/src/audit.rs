@@ -50,8 +50,10 @@ impl Report {
 
 /// What the log thread hands the leaf walk for one Raft log entry, in log order.
 enum LogItem {
-    /// An entry whose batch signature verified: its bytes, decoded in place by the leaf walk.
-    Batch { index: u64, entry: Vec<u8> },
+    /// An entry whose batch signature verified: its bytes, decoded in place by the leaf walk,
+    /// and the SHA-256 of each write's body in apply order (`None` if the batch does not
+    /// decode, which the leaf walk reports). Hashing the bodies here balances the two threads.
+    Batch { index: u64, entry: Vec<u8>, digests: Option<Vec<Hash>> },
     /// A blank or membership entry (no writes), or one the log thread already reported.
     Other { index: u64 },
     /// The log could not be read past this point (reported): later leaves have no log to be
@@ -151,9 +153,12 @@ pub fn verify_dir(dir: &Path, progress: &mut dyn FnMut(u64, u64)) -> io::Result<
     let stored = view.frontier()?;
     let membership = sm.stored_membership()?;
     let (tx, rx) = std::sync::mpsc::sync_channel::<LogItem>(4);
+    // Entries go back to the log thread to be freed: memory freed where it was allocated is
+    // reused at once, where a cross-thread free left the reader faulting in fresh pages.
+    let (back_tx, back_rx) = std::sync::mpsc::channel::<LogItem>();
     let (leaves, logged) = std::thread::scope(|scope| {
-        let log_thread = scope.spawn(move || walk_log(log.as_ref(), &membership, tx));
-        let leaves = walk_leaves(&view, stored.size, rx, progress);
+        let log_thread = scope.spawn(move || walk_log(log.as_ref(), &membership, tx, back_rx));
+        let leaves = walk_leaves(&view, stored.size, rx, back_tx, progress);
         (leaves, log_thread.join().unwrap_or_else(|_| Err(io::Error::other("the log walk panicked"))))
     });
     let ((mut report, rebuilt), logged) = (leaves?, logged?);
@@ -174,6 +179,7 @@ fn walk_log(
     log: &dyn KvStore,
     membership: &openraft::StoredMembership<crate::NodeId, crate::Node>,
     tx: std::sync::mpsc::SyncSender<LogItem>,
+    back: std::sync::mpsc::Receiver<LogItem>,
 ) -> io::Result<Report> {
     let mut report = Report::default();
     for kv in log.scan_prefix(b"e") {
@@ -204,7 +210,11 @@ fn walk_log(
         let item = match verified {
             Ok(true) => {
                 report.signatures += 1;
-                LogItem::Batch { index, entry: v }
+                let digests = decode_batch(&v).ok().map(|batch| {
+                    let bodies = batch.commands.iter().flat_map(|c| c.writes.iter().map(|w| w.body));
+                    bodies.map(|b| Sha256::digest(b).into()).collect()
+                });
+                LogItem::Batch { index, entry: v, digests }
             }
             Ok(false) => LogItem::Other { index },
             Err(problem) => {
@@ -212,6 +222,7 @@ fn walk_log(
                 LogItem::Other { index }
             }
         };
+        back.try_iter().for_each(drop);
         if tx.send(item).is_err() {
             break; // the leaf walk stopped early (it failed); its error is reported
         }
@@ -321,8 +332,8 @@ impl<I: Iterator<Item = io::Result<(u64, Vec<u8>)>>> Leaves<'_, I> {
     }
 
     /// Checks a record against its digest and hashes it into the rebuilt tree.
-    fn check(&mut self, rec: &RecordRef<'_>, header_bytes: &[u8]) {
-        check_leaf(self.next, rec, header_bytes, self.view, &mut self.rebuilt, &mut self.report);
+    fn check(&mut self, rec: &RecordRef<'_>, header_bytes: &[u8], known: Option<&Hash>) {
+        check_leaf(self.next, rec, header_bytes, known, self.view, &mut self.rebuilt, &mut self.report);
         self.next += 1;
     }
 }
@@ -331,22 +342,26 @@ impl<I: Iterator<Item = io::Result<(u64, Vec<u8>)>>> Leaves<'_, I> {
 /// their command's actor. Commands refused at apply left no leaves: their writes are skipped.
 struct LogWrites<'a> {
     writes: Vec<(&'a WriteRef<'a>, &'a str)>,
+    /// The SHA-256 of each write's body, as the log thread computed it.
+    digests: &'a [Hash],
     next: usize,
 }
 
 impl<'a> LogWrites<'a> {
-    fn of(batch: &'a BatchRef<'a>) -> Self {
-        let writes = batch.commands.iter().flat_map(|c| c.writes.iter().map(move |w| (w, c.actor))).collect();
-        Self { writes, next: 0 }
+    fn of(batch: &'a BatchRef<'a>, digests: &'a [Hash]) -> Option<Self> {
+        let writes: Vec<_> = batch.commands.iter().flat_map(|c| c.writes.iter().map(move |w| (w, c.actor))).collect();
+        (writes.len() == digests.len()).then_some(Self { writes, digests, next: 0 })
     }
 
-    /// The write of `(rtype, id, version)`, searched from where the last one was found.
-    fn find(&mut self, h: &HeaderRef<'_>) -> Option<(&'a WriteRef<'a>, &'a str)> {
+    /// The write of `(rtype, id, version)` and its body's digest, searched from where the last
+    /// one was found.
+    fn find(&mut self, h: &HeaderRef<'_>) -> Option<(&'a WriteRef<'a>, &'a str, &'a Hash)> {
         let at = self.writes[self.next..]
             .iter()
             .position(|(w, _)| w.version == h.version && w.id == h.id && w.rtype == h.rtype)?;
         self.next += at + 1;
-        Some(self.writes[self.next - 1])
+        let (w, actor) = self.writes[self.next - 1];
+        Some((w, actor, &self.digests[self.next - 1]))
     }
 }
 
@@ -356,6 +371,7 @@ fn walk_leaves(
     view: &StateView,
     size: u64,
     log: std::sync::mpsc::Receiver<LogItem>,
+    back: std::sync::mpsc::Sender<LogItem>,
     progress: &mut dyn FnMut(u64, u64),
 ) -> io::Result<(Report, Frontier)> {
     let mut leaves = Leaves {
@@ -378,31 +394,36 @@ fn walk_leaves(
         }
         let index = item.index();
         let first = *first_in_log.get_or_insert(index);
-        let batch = match &item {
-            LogItem::Batch { entry, .. } => match decode_batch(entry) {
-                Ok(batch) => Some(batch),
-                Err(problem) => {
+        let (batch, digests) = match &item {
+            LogItem::Batch { entry, digests, .. } => match (decode_batch(entry), digests) {
+                (Ok(batch), Some(digests)) => (Some(batch), digests.as_slice()),
+                (Err(problem), _) => {
                     leaves.report.find(format!("raft log entry {index}"), problem);
-                    None
+                    (None, &[][..])
                 }
+                (Ok(_), None) => (None, &[][..]), // cannot happen: the same bytes decoded there
             },
-            LogItem::Other { .. } | LogItem::Unreadable => None,
+            LogItem::Other { .. } | LogItem::Unreadable => (None, &[][..]),
         };
-        let mut writes = batch.as_ref().map(LogWrites::of);
+        let mut writes = batch.as_ref().and_then(|b| LogWrites::of(b, digests));
         while let Some(raw) = leaves.next_upto(index)? {
             let Ok((rec, header_bytes)) = RecordRef::decode(&raw) else { continue };
             let wanted = rec.header.log_index;
+            let mut known = None;
             match writes.as_mut() {
-                Some(writes) if wanted == index => cross_check(leaves.next, &rec, index, writes, &mut leaves.report),
+                Some(writes) if wanted == index => {
+                    known = cross_check(leaves.next, &rec, index, writes, &mut leaves.report);
+                }
                 _ if wanted >= first && wanted != index => {
                     let problem = format!("its header names raft log entry {wanted}, out of order");
                     leaves.report.find(rec.location(leaves.next), problem);
                 }
                 _ => {}
             }
-            leaves.check(&rec, header_bytes);
+            leaves.check(&rec, header_bytes, known);
             progress_every(leaves.next, size, progress);
         }
+        let _ = back.send(item); // if the log thread is done, the item is freed here instead
     }
     let first = first_in_log.unwrap_or(u64::MAX);
     while let Some(raw) = leaves.next_upto(u64::MAX)? {
@@ -412,7 +433,7 @@ fn walk_leaves(
                 format!("its header names raft log entry {}, which the log does not hold", rec.header.log_index);
             leaves.report.find(rec.location(leaves.next), problem);
         }
-        leaves.check(&rec, header_bytes);
+        leaves.check(&rec, header_bytes, None);
         progress_every(leaves.next, size, progress);
     }
     Ok((leaves.report, leaves.rebuilt))
@@ -446,16 +467,18 @@ fn leaf_location(leaf: u64, rec: &VersionRecord) -> String {
 }
 
 /// A record against the digest its leaf committed to, and its leaf hashed into the rebuilt
-/// tree, whose completed subtrees must match the stored ones.
+/// tree, whose completed subtrees must match the stored ones. `known`: the SHA-256 of bytes
+/// equal to the record's body (its signed log write's), so they need not be hashed again.
 fn check_leaf(
     leaf: u64,
     rec: &RecordRef<'_>,
     header_bytes: &[u8],
+    known: Option<&Hash>,
     view: &StateView,
     rebuilt: &mut Frontier,
     report: &mut Report,
 ) {
-    let digest: Hash = Sha256::digest(rec.body).into();
+    let digest: Hash = known.copied().unwrap_or_else(|| Sha256::digest(rec.body).into());
     if digest != rec.header.body_sha256 {
         report.find(rec.location(leaf), "stored ciphertext does not match the digest its leaf committed to");
     }
@@ -485,12 +508,19 @@ fn check_leaf(
     report.leaves += 1;
 }
 
-/// Compares a leaf with the write its signed log entry carried.
-fn cross_check(leaf: u64, rec: &RecordRef<'_>, log_index: u64, writes: &mut LogWrites<'_>, report: &mut Report) {
+/// Compares a leaf with the write its signed log entry carried; when the bodies are equal,
+/// the digest of the log's body is the record's too.
+fn cross_check<'a>(
+    leaf: u64,
+    rec: &RecordRef<'_>,
+    log_index: u64,
+    writes: &mut LogWrites<'a>,
+    report: &mut Report,
+) -> Option<&'a Hash> {
     let h = &rec.header;
-    let Some((w, actor)) = writes.find(h) else {
+    let Some((w, actor, digest)) = writes.find(h) else {
         report.find(rec.location(leaf), format!("the signed raft log entry {log_index} carries no such write"));
-        return;
+        return None;
     };
     report.cross_checked += 1;
     let mut differs: Vec<&str> = Vec::new();
@@ -509,7 +539,7 @@ fn cross_check(leaf: u64, rec: &RecordRef<'_>, log_index: u64, writes: &mut LogW
         report.find(rec.location(leaf), problem);
     }
     if rec.body == w.body {
-        return;
+        return Some(digest);
     }
     let problem = match rec.body.iter().zip(w.body).position(|(a, b)| a != b) {
         Some(first) => {
@@ -527,6 +557,7 @@ fn cross_check(leaf: u64, rec: &RecordRef<'_>, log_index: u64, writes: &mut LogW
         ),
     };
     report.find(rec.location(leaf), problem);
+    None
 }
 
 /// A stored snapshot must rebuild, from its own records, the root its frontier names, and that

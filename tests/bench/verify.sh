@@ -42,7 +42,7 @@ sleep 2
 kill -TERM "$server"; wait "$server" 2>/dev/null || true
 server=""
 echo "data dir: $(du -sh "$work/data" | cut -f1)"
-for run in 1 2; do
+for run in 1 2 3 4 5; do
   echo "== verify, run $run =="
   "$bin" verify --data-dir "$work/data" --crypto-bound
 done
