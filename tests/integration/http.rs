@@ -372,8 +372,57 @@ async fn capability_statement_lists_what_works() {
         obs["searchParam"].as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
     assert!(params.contains(&"patient") && params.contains(&"subject") && params.contains(&"identifier"), "{params:?}");
     assert!(!params.contains(&"code"), "code search is not implemented yet and must not be claimed");
+    let ops = |r: &Value| -> Vec<String> {
+        r["operation"].as_array().unwrap().iter().map(|o| o["name"].as_str().unwrap().to_string()).collect()
+    };
+    assert_eq!(ops(obs), ["proof"]);
+    assert_eq!(ops(resources.iter().find(|r| r["type"] == "Patient").unwrap()), ["proof", "erase"]);
     let json = call!(app, TestRequest::get().uri("/metadata").insert_header(("accept", "application/json")));
     assert_eq!(json.header("content-type"), "application/json; charset=utf-8");
+}
+
+/// `$erase` shreds one patient's compartment and nothing else; history and the search index
+/// stay consistent, and every misuse is a 4xx OperationOutcome.
+#[actix_web::test]
+async fn erase_shreds_one_compartment_and_refuses_misuse() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = support::app(support::repo(dir.path()).await).await;
+    let pid = call!(app, post("/Patient", PATIENT)).json()["id"].as_str().unwrap().to_string();
+    let other = call!(app, post("/Patient", PATIENT)).json()["id"].as_str().unwrap().to_string();
+    let obs = |p: &str| {
+        format!(
+            r#"{{"resourceType":"Observation","status":"final","code":{{"text":"x"}},"subject":{{"reference":"Patient/{p}"}}}}"#
+        )
+    };
+    let mine = call!(app, post("/Observation", &obs(&pid))).json()["id"].as_str().unwrap().to_string();
+    call!(app, post("/Observation", &obs(&other)));
+
+    let erased = call!(app, TestRequest::post().uri(&format!("/Patient/{pid}/$erase")));
+    assert_eq!(erased.status, StatusCode::OK, "{}", erased.text);
+    let names: Vec<String> = param(&erased.json(), "version")
+        .iter()
+        .map(|v| v["part"][0]["valueString"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, [format!("Observation/{mine}/_history/2"), format!("Patient/{pid}/_history/2")]);
+    // The erased are gone from reads and searches; the other patient's data is not.
+    call!(app, TestRequest::get().uri(&format!("/Observation/{mine}"))).outcome(410);
+    let found = call!(app, TestRequest::get().uri(&format!("/Observation?subject=Patient/{pid}"))).json();
+    assert_eq!(found["total"], 0);
+    let found = call!(app, TestRequest::get().uri(&format!("/Observation?subject=Patient/{other}"))).json();
+    assert_eq!(found["total"], 1);
+    // History lists the erased versions without content, and still reads.
+    let history = call!(app, TestRequest::get().uri("/_history"));
+    assert_eq!(history.status, StatusCode::OK, "{}", history.text);
+    assert!(!history.text.contains(&format!(r#""subject":{{"reference":"Patient/{pid}"}}"#)), "{}", history.text);
+    // Erasing again is a no-op; misuse is refused.
+    let again = call!(app, TestRequest::post().uri(&format!("/Patient/{pid}/$erase"))).json();
+    assert_eq!(param(&again, "erased")[0]["valueString"], "0");
+    call!(app, TestRequest::post().uri("/Patient/nobody/$erase")).outcome(404);
+    call!(app, TestRequest::post().uri(&format!("/Observation/{mine}/$erase"))).outcome(400);
+    call!(app, TestRequest::post().uri(&format!("/Patient/{other}/$shred"))).outcome(404);
+    call!(app, TestRequest::post().uri("/Patient/bad%20id/$erase")).outcome(400);
+    let kept = call!(app, TestRequest::get().uri(&format!("/Patient/{other}")));
+    assert_eq!(kept.status, StatusCode::OK, "the other patient still reads: {}", kept.text);
 }
 
 #[actix_web::test]
