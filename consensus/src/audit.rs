@@ -53,7 +53,7 @@ enum LogItem {
     /// An entry whose batch signature verified: its bytes, decoded in place by the leaf walk,
     /// and the SHA-256 of each write's body in apply order (`None` if the batch does not
     /// decode, which the leaf walk reports). Hashing the bodies here balances the two threads.
-    Batch { index: u64, entry: Vec<u8>, digests: Option<Vec<Hash>> },
+    Batch { index: u64, entry: crate::kv::SharedValue, digests: Option<Vec<Hash>> },
     /// A blank or membership entry (no writes), or one the log thread already reported.
     Other { index: u64 },
     /// The log could not be read past this point (reported): later leaves have no log to be
@@ -182,7 +182,7 @@ fn walk_log(
     back: std::sync::mpsc::Receiver<LogItem>,
 ) -> io::Result<Report> {
     let mut report = Report::default();
-    for kv in log.scan_prefix(b"e") {
+    for kv in log.scan_prefix_shared(b"e") {
         let (k, v) = match kv {
             Err(e) if crate::sled_store::is_corruption(&e) => {
                 report.find("raft log", format!("{e}; the entries after it are not checked"));
@@ -192,11 +192,12 @@ fn walk_log(
             kv => kv?,
         };
         let index = read_be(&k[1..]).unwrap_or(u64::MAX);
+        let bytes = (*v).as_ref();
         report.log_entries += 1;
-        report.bytes += v.len() as u64;
+        report.bytes += bytes.len() as u64;
         let at = format!("raft log entry {index}");
-        let verified = match bincode::deserialize::<EntryRef<'_>>(&v) {
-            Err(e) => Err(format!("does not decode ({} bytes): {e}", v.len())),
+        let verified = match bincode::deserialize::<EntryRef<'_>>(bytes) {
+            Err(e) => Err(format!("does not decode ({} bytes): {e}", bytes.len())),
             Ok(EntryRef { payload: PayloadRef::Normal(signed), .. }) => {
                 match StateMachine::proposer_key(membership, signed.node_id) {
                     None => Err(format!("proposed by node {}, which has no key in the membership", signed.node_id)),
@@ -210,7 +211,7 @@ fn walk_log(
         let item = match verified {
             Ok(true) => {
                 report.signatures += 1;
-                let digests = decode_batch(&v).ok().map(|batch| {
+                let digests = decode_batch(bytes).ok().map(|batch| {
                     let bodies = batch.commands.iter().flat_map(|c| c.writes.iter().map(|w| w.body));
                     bodies.map(|b| Sha256::digest(b).into()).collect()
                 });
@@ -395,7 +396,7 @@ fn walk_leaves(
         let index = item.index();
         let first = *first_in_log.get_or_insert(index);
         let (batch, digests) = match &item {
-            LogItem::Batch { entry, digests, .. } => match (decode_batch(entry), digests) {
+            LogItem::Batch { entry, digests, .. } => match (decode_batch((**entry).as_ref()), digests) {
                 (Ok(batch), Some(digests)) => (Some(batch), digests.as_slice()),
                 (Err(problem), _) => {
                     leaves.report.find(format!("raft log entry {index}"), problem);

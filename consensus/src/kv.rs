@@ -22,11 +22,22 @@ impl WriteBatch {
 /// What ordered scans yield.
 pub type KvIter<'a> = Box<dyn Iterator<Item = io::Result<(Vec<u8>, Vec<u8>)>> + 'a>;
 
+/// A stored value shared rather than copied (the engine's own buffer), for readers that pass
+/// megabyte values between threads.
+pub type SharedValue = std::sync::Arc<dyn AsRef<[u8]> + Send + Sync>;
+
+/// What [`KvStore::scan_prefix_shared`] yields.
+pub type SharedIter<'a> = Box<dyn Iterator<Item = io::Result<(Vec<u8>, SharedValue)>> + 'a>;
+
 /// An ordered key-value tree. Keys compare as bytes, so big-endian integers sort numerically.
 pub trait KvStore: Send + Sync + std::fmt::Debug {
     fn get(&self, key: &[u8]) -> io::Result<Option<Vec<u8>>>;
     /// Entries whose key starts with `prefix`, in key order.
     fn scan_prefix(&self, prefix: &[u8]) -> KvIter<'_>;
+    /// [`KvStore::scan_prefix`] without copying values out of the engine.
+    fn scan_prefix_shared(&self, prefix: &[u8]) -> SharedIter<'_> {
+        Box::new(self.scan_prefix(prefix).map(|kv| kv.map(|(k, v)| (k, std::sync::Arc::new(v) as SharedValue))))
+    }
     /// Entries in `[from, to)`, in key order (`rev` for descending).
     fn range(&self, from: &[u8], to: &[u8], rev: bool) -> KvIter<'_>;
     /// The greatest entry whose key starts with `prefix`.

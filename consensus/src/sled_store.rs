@@ -4,7 +4,7 @@ use std::io;
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::kv::{KvIter, KvStore, WriteBatch};
+use crate::kv::{KvIter, KvStore, SharedIter, SharedValue, WriteBatch};
 
 /// Bumped whenever the byte layout of any tree changes; checked at open.
 pub const FORMAT_VERSION: u32 = 1;
@@ -107,6 +107,14 @@ impl KvStore for SledTree {
 
     fn scan_prefix(&self, prefix: &[u8]) -> KvIter<'_> {
         Box::new(self.tree.scan_prefix(prefix).map(map_item))
+    }
+
+    fn scan_prefix_shared(&self, prefix: &[u8]) -> SharedIter<'_> {
+        Box::new(
+            self.tree
+                .scan_prefix(prefix)
+                .map(|r| r.map(|(k, v)| (k.to_vec(), std::sync::Arc::new(v) as SharedValue)).map_err(io_err)),
+        )
     }
 
     fn range(&self, from: &[u8], to: &[u8], rev: bool) -> KvIter<'_> {
