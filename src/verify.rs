@@ -3,9 +3,9 @@
 //! - `verify [data-dir] --data-dir D`: a stopped node's data directory (see `consensus::audit`).
 //! - `verify proof FILE --trusted-key K…`: an inclusion proof (what `$proof` and `/ledger/proof`
 //!   serve) against a tree head signed by a quorum of the keys the verifier trusts.
-//! - `verify consistency --old HEAD (--proof FILE | --data-dir D) --trusted-key K…`: that a
-//!   tree head the auditor saved earlier is a prefix of the ledger now, so history was only
-//!   appended to, never rewritten.
+//! - `verify consistency --old HEAD (--proof FILE [--new HEAD] | --data-dir D) --trusted-key K…`:
+//!   that a tree head the auditor saved earlier is a prefix of a later one (or of the ledger in a
+//!   data directory), so history was only appended to, never rewritten.
 //!
 //! Exit codes for scripts: 0 verified, 1 tampering or inconsistency found, 2 could not check
 //! (unreadable or malformed input, a running server holding the data directory).
@@ -76,9 +76,14 @@ struct ConsistencyArgs {
     /// A tree head saved earlier (the response of `GET /ledger/head`, or a proof file).
     #[arg(long)]
     old: PathBuf,
-    /// The response of `GET /ledger/consistency?first=<old size>` (it carries the new head).
+    /// The response of `GET /ledger/consistency?first=<old size>&second=<new size>` (it carries
+    /// the head it was computed against).
     #[arg(long, conflicts_with = "data_dir", required_unless_present = "data_dir")]
     proof: Option<PathBuf>,
+    /// A second saved tree head to check the old one against, instead of the head the proof
+    /// file carries (with --proof).
+    #[arg(long, requires = "proof")]
+    new: Option<PathBuf>,
     /// Check against a stopped node's data directory instead of a proof file.
     #[arg(long)]
     data_dir: Option<PathBuf>,
@@ -258,7 +263,10 @@ fn consistency(args: &ConsistencyArgs) -> Result<String, Failure> {
     let file = args.proof.as_deref().ok_or_else(|| Unchecked("--proof or --data-dir is required".into()))?;
     let doc = read_json(file)?;
     let params = parameters(&doc, file)?;
-    let new = head_of(params, file)?;
+    let new = match &args.new {
+        Some(path) => head_of(parameters(&read_json(path)?, path)?, path)?,
+        None => head_of(params, file)?,
+    };
     let signers = checked_head(&new, &args.trust, "new head")?;
     let (first, second) = (number(params, "first")?, number(params, "second")?);
     if first != old.size || second != new.size {

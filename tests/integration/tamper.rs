@@ -253,6 +253,19 @@ async fn a_rewritten_history_fails_the_consistency_check_against_a_saved_head() 
     let (code, out) = consistency(&saved, ("--proof", &proof), &key);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("VALID: the ledger of 12 leaves"), "{out}");
+    // Between two saved heads: the proof must connect exactly those two.
+    let later = save(format!("{}/ledger/head", server.base), tmp.path().join("head-12.json")).await;
+    let with_new = |new: &Path| {
+        let (old, proof) = (saved.as_os_str(), proof.as_os_str());
+        cli([OsStr::new("verify"), OsStr::new("consistency"), OsStr::new("--old"), old, OsStr::new("--proof"), proof]
+            .into_iter()
+            .chain([OsStr::new("--new"), new.as_os_str(), OsStr::new("--trusted-key"), key.as_os_str()]))
+    };
+    let (code, out) = with_new(&later);
+    assert_eq!(code, 0, "{out}");
+    let forged_head = save(format!("{}/ledger/head", forged.base), tmp.path().join("forged-head.json")).await;
+    let (code, out) = with_new(&forged_head);
+    assert_eq!(code, 1, "the honest proof does not lead to the forged head: {out}");
 
     // Offline, against the stopped nodes' data directories.
     drop(server);
