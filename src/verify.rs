@@ -237,7 +237,7 @@ fn consistency(args: &ConsistencyArgs) -> Result<String, Failure> {
     checked_head(&old, &args.trust, "saved head")?;
     if let Some(dir) = &args.data_dir {
         let (now, root) = consensus::audit::root_at(&dir.join("ledger"), old.size).map_err(|e| {
-            let what = format!("{}: {e}", dir.display());
+            let what = format!("{}: {}", dir.display(), describe(&e));
             if consensus::sled_store::is_corruption(&e) {
                 Invalid(what)
             } else {
@@ -289,6 +289,14 @@ fn consistency(args: &ConsistencyArgs) -> Result<String, Failure> {
     ))
 }
 
+/// An error opening a data directory, with the likely cause when it is a common one.
+fn describe(e: &std::io::Error) -> String {
+    if e.kind() == std::io::ErrorKind::WouldBlock {
+        return format!("{e} (the data directory is in use: stop the server first)");
+    }
+    e.to_string()
+}
+
 fn data_dir(args: &DirArgs) -> ExitCode {
     use std::io::IsTerminal;
     let start = Instant::now();
@@ -309,7 +317,7 @@ fn data_dir(args: &DirArgs) -> ExitCode {
             return ExitCode::from(1);
         }
         Err(e) => {
-            eprintln!("\nfhir-ledger verify: cannot check {}: {e}", args.data_dir.display());
+            eprintln!("\nfhir-ledger verify: cannot check {}: {}", args.data_dir.display(), describe(&e));
             return ExitCode::from(2);
         }
     };
