@@ -291,7 +291,8 @@ fn consistency(args: &ConsistencyArgs) -> Result<String, Failure> {
 
 /// An error opening a data directory, with the likely cause when it is a common one.
 fn describe(e: &std::io::Error) -> String {
-    if e.kind() == std::io::ErrorKind::WouldBlock {
+    // sled reports its lock file taken as an `Other` error with this text.
+    if e.kind() == std::io::ErrorKind::WouldBlock || e.to_string().contains("could not acquire lock") {
         return format!("{e} (the data directory is in use: stop the server first)");
     }
     e.to_string()
