@@ -372,6 +372,11 @@ async fn an_erased_compartment_keeps_valid_proofs() {
     std::fs::write(&proof, "not json").unwrap();
     assert_eq!(check(&[OsStr::new("--trusted-key"), key.as_os_str()]).0, 2);
 
+    // A running node's directory cannot be checked (sled holds its lock), and verify says why.
+    let (code, out) = verify_dir(dir.path());
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("stop the server first"), "{out}");
+
     // The erasure keeps the data directory verifiable, and once the node has applied its whole
     // log, no wrapped key of the compartment remains in the state.
     drop(server);
