@@ -143,10 +143,11 @@ pub fn open_view(dir: &Path) -> io::Result<(StateMachine, Arc<dyn KvStore>)> {
 
 /// Verifies the ledger under `dir`. `progress(done, total)` is called as leaves are checked.
 ///
-/// Two threads: one reads the Raft log and checks each batch's signature (hashing every
-/// payload), the other walks the leaves in order (hashing every record) and compares each
-/// with the write its entry carried. Leaves are in log order, so both advance in lockstep
-/// through a short channel.
+/// Two threads: one reads the Raft log, checks each batch's signature (hashing every payload)
+/// and hashes each write's body; the other walks the leaves in order and compares each record
+/// with the write its entry carried (equal bytes share that digest; records without a log
+/// entry are hashed there). Leaves are in log order, so both advance in lockstep through a
+/// short channel.
 pub fn verify_dir(dir: &Path, progress: &mut dyn FnMut(u64, u64)) -> io::Result<Report> {
     let (sm, log) = open_view(dir)?;
     let view = sm.view();
