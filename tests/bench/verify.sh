@@ -33,6 +33,22 @@ start=$(date +%s.%N)
 ls "$cache"/fhir/*.json | xargs -P4 -I{} sh -c \
   'code=$(curl -s -o /dev/null -w "%{http_code}" -X POST "$0/" -H "Expect:" -H "content-type: application/fhir+json" --data-binary @"$1"); [ "$code" = 200 ] || { echo "$1: HTTP $code" >&2; exit 255; }' "$base" {}
 echo "loaded $(ls "$cache"/fhir/*.json | wc -l) Synthea patients in $(python3 -c "print(round($(date +%s.%N) - $start, 1))") s; tree size $(curl -s "$base/ledger/head" | python3 -c 'import json,sys; print(next(p["valueString"] for p in json.load(sys.stdin)["parameter"] if p["name"]=="treeSize"))')"
+# End-to-end proof latency over HTTP (one keep-alive client; includes JSON and the signed head).
+python3 - "$base" <<'PY'
+import http.client, json, random, sys, time, urllib.parse
+u = urllib.parse.urlparse(sys.argv[1])
+c = http.client.HTTPConnection(u.hostname, u.port)
+def get(path):
+    c.request("GET", path); r = c.getresponse(); body = r.read(); assert r.status == 200, (path, r.status, body[:200]); return body
+size = int(next(p["valueString"] for p in json.loads(get("/ledger/head"))["parameter"] if p["name"] == "treeSize"))
+for name, path in [("GET /ledger/proof?leaf=N", lambda: f"/ledger/proof?leaf={random.randrange(size)}"),
+                   ("GET /ledger/consistency?first=N", lambda: f"/ledger/consistency?first={random.randrange(1, size + 1)}")]:
+    lat = []
+    for _ in range(2000):
+        t = time.perf_counter(); get(path()); lat.append((time.perf_counter() - t) * 1e3)
+    lat.sort()
+    print(f"{name} over HTTP at {size} leaves: n=2000 p50 {lat[1000]:.2f} ms, p99 {lat[1980]:.2f} ms, max {lat[-1]:.2f} ms")
+PY
 kill -9 "$server"; wait "$server" 2>/dev/null || true
 server=""
 # Re-open once so the state machine has applied the whole log (SIGKILL may leave it a few
