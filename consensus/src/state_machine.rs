@@ -264,7 +264,7 @@ impl StateView {
             let (_, v) = kv?;
             let h = decode::<VersionRecord>(&v)?.header;
             // Deletes carry no compartment; they do not move a resource out of one.
-            if h.op != "delete" {
+            if h.op != crate::command::Op::Delete.as_str() {
                 newest.insert((h.rtype, h.id), h.compartment == compartment);
             }
         }

@@ -116,10 +116,8 @@ impl Repo {
             .ok_or_else(|| FhirError::not_found(&format!("{rtype}/{id}/_history/{version}")))?;
         // An erased version reads like a deleted one: its ciphertext stays (and its proof
         // verifies), but no key can open it any more.
-        let body = match rec.header.op.as_str() {
-            "delete" | "erase" => None,
-            _ => self.decrypt(&rec)?,
-        };
+        let op = rec.header.op.as_str();
+        let body = if op == Op::Delete.as_str() || op == Op::Erase.as_str() { None } else { self.decrypt(&rec)? };
         let deleted = body.is_none();
         Ok(Stored {
             rtype: rtype.to_string(),
