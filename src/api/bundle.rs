@@ -337,6 +337,10 @@ fn status_text(status: u16) -> &'static str {
     }
 }
 
+/// Names the Merkle leaf of a bundle entry's version (a string: leaf numbers outgrow FHIR's
+/// 32-bit `unsignedInt`).
+pub const LEAF_EXTENSION: &str = "urn:fhir-ledger:StructureDefinition/ledger-leaf";
+
 fn response_entry(req: &HttpRequest, status: u16, s: Option<&Stored>, ret: Return) -> Json {
     let base = base_url(req);
     let mut response = vec![("status".to_string(), Json::String(status_text(status).into()))];
@@ -348,6 +352,16 @@ fn response_entry(req: &HttpRequest, status: u16, s: Option<&Stored>, ret: Retur
         }
         response.push(("etag".into(), Json::String(format!("W/\"{}\"", s.version))));
         response.push(("lastModified".into(), Json::String(instant(s.last_updated_ms))));
+        if let Some(leaf) = s.leaf {
+            // What `X-Ledger-Leaf` says of a single write, per entry: the version's Merkle leaf.
+            response.push((
+                "extension".into(),
+                Json::Array(vec![Json::obj(vec![
+                    ("url", Json::String(LEAF_EXTENSION.into())),
+                    ("valueString", Json::String(leaf.to_string())),
+                ])]),
+            ));
+        }
         match (ret, s.raw()) {
             (Return::Representation, Some(r)) => members.push(("resource".into(), r)),
             (Return::OperationOutcome, _) => response.push(("outcome".into(), information("ok"))),

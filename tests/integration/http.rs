@@ -218,6 +218,15 @@ async fn transactions_are_all_or_nothing_and_rewrite_references() {
     let ploc = b["entry"][0]["response"]["location"].as_str().unwrap().to_string();
     assert_eq!(b["entry"][0]["response"]["status"], "201 Created");
     let pid = ploc.split('/').nth(1).unwrap().to_string();
+    // Each entry names its version's Merkle leaf, as X-Ledger-Leaf does for a single write.
+    let leaf = |i: usize| {
+        let ext = &b["entry"][i]["response"]["extension"][0];
+        assert_eq!(ext["url"], fhir_ledger::api::bundle::LEAF_EXTENSION);
+        ext["valueString"].as_str().unwrap().parse::<u64>().unwrap()
+    };
+    assert_eq!((leaf(0), leaf(1)), (0, 1));
+    let proof = call!(app, TestRequest::get().uri("/ledger/proof?leaf=1"));
+    assert!(proof.text.contains(r#""valueString":"1""#), "{}", proof.text);
     let oloc = b["entry"][1]["response"]["location"].as_str().unwrap().to_string();
     let obs = call!(app, TestRequest::get().uri(&format!("/{}", oloc.split("/_history").next().unwrap())));
     assert_eq!(obs.json()["subject"]["reference"], format!("Patient/{pid}"));
