@@ -41,7 +41,7 @@ fn percentiles(name: &str, mut d: Vec<Duration>) {
 }
 
 pub async fn run(args: ProofBenchArgs) -> anyhow::Result<()> {
-    let tmp = tempfile_dir(&args)?;
+    let tmp = ledger_dir(&args)?;
     let start = Instant::now();
     let mut shown = 0;
     let view = consensus::bench::synthetic_ledger(&tmp, args.leaves, args.per_entry, args.body_bytes, &mut |done| {
@@ -87,7 +87,7 @@ pub async fn run(args: ProofBenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn tempfile_dir(args: &ProofBenchArgs) -> anyhow::Result<PathBuf> {
+fn ledger_dir(args: &ProofBenchArgs) -> anyhow::Result<PathBuf> {
     let dir = match &args.dir {
         Some(d) => d.clone(),
         None => std::env::temp_dir().join(format!("fhir-ledger-bench-proofs-{}", std::process::id())),

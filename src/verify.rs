@@ -145,7 +145,19 @@ fn head_of(params: &[Value], path: &Path) -> Result<TreeHead, Failure> {
     TreeHead::from_parts(parts).map_err(|e| Unchecked(format!("{}: tree head: {e}", path.display())))
 }
 
-fn trusted_keys(trust: &Trust) -> Result<(Vec<VerifyingKey>, usize), Failure> {
+/// The keys a verifier trusts and how many of them must have signed a head.
+struct Trusted {
+    keys: Vec<VerifyingKey>,
+    quorum: usize,
+}
+
+impl Trusted {
+    fn check(&self, head: &TreeHead, what: &str) -> Result<usize, Failure> {
+        head.check_quorum(&self.keys, self.quorum).map_err(|e| Invalid(format!("{what}: {e}")))
+    }
+}
+
+fn trusted_keys(trust: &Trust) -> Result<Trusted, Failure> {
     let mut keys = Vec::new();
     for k in &trust.keys {
         let text = if Path::new(k).exists() {
@@ -166,12 +178,7 @@ fn trusted_keys(trust: &Trust) -> Result<(Vec<VerifyingKey>, usize), Failure> {
     if quorum == 0 || quorum > keys.len() {
         return Err(Unchecked(format!("--quorum {quorum} must be between 1 and the {} trusted keys", keys.len())));
     }
-    Ok((keys, quorum))
-}
-
-fn checked_head(head: &TreeHead, trust: &Trust, what: &str) -> Result<usize, Failure> {
-    let (keys, quorum) = trusted_keys(trust)?;
-    head.check_quorum(&keys, quorum).map_err(|e| Invalid(format!("{what}: {e}")))
+    Ok(Trusted { keys, quorum })
 }
 
 fn hashes(params: &[Value], name: &str) -> Result<Vec<Hash>, Failure> {
@@ -198,7 +205,7 @@ fn inclusion(args: &ProofArgs) -> Result<String, Failure> {
     let doc = read_json(&args.file)?;
     let params = parameters(&doc, &args.file)?;
     let head = head_of(params, &args.file)?;
-    let signers = checked_head(&head, &args.trust, "tree head")?;
+    let signers = trusted_keys(&args.trust)?.check(&head, "tree head")?;
     let leaf = number(params, "leafIndex")?;
     let data = treehead::part(params, "leafData")
         .ok_or_else(|| Unchecked("leafData is missing".into()))
@@ -234,7 +241,8 @@ fn inclusion(args: &ProofArgs) -> Result<String, Failure> {
 fn consistency(args: &ConsistencyArgs) -> Result<String, Failure> {
     let old_doc = read_json(&args.old)?;
     let old = head_of(parameters(&old_doc, &args.old)?, &args.old)?;
-    checked_head(&old, &args.trust, "saved head")?;
+    let trusted = trusted_keys(&args.trust)?;
+    trusted.check(&old, "saved head")?;
     if let Some(dir) = &args.data_dir {
         let (now, root) = consensus::audit::root_at(&dir.join("ledger"), old.size).map_err(|e| {
             let what = format!("{}: {}", dir.display(), describe(&e));
@@ -267,7 +275,7 @@ fn consistency(args: &ConsistencyArgs) -> Result<String, Failure> {
         Some(path) => head_of(parameters(&read_json(path)?, path)?, path)?,
         None => head_of(params, file)?,
     };
-    let signers = checked_head(&new, &args.trust, "new head")?;
+    let signers = trusted.check(&new, "new head")?;
     let (first, second) = (number(params, "first")?, number(params, "second")?);
     if first != old.size || second != new.size {
         return Err(Unchecked(format!(
@@ -398,4 +406,55 @@ fn crypto_bound(bytes: u64, signatures: u64) -> CryptoBound {
     let ed25519_per_s = verified as f64 / start.elapsed().as_secs_f64();
     let seconds = bytes as f64 / 1e6 / sha256_mb_s + signatures as f64 / ed25519_per_s;
     CryptoBound { sha256_mb_s, ed25519_per_s, seconds }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn trust(keys: &[&str], quorum: Option<usize>) -> Trust {
+        Trust { keys: keys.iter().map(|k| k.to_string()).collect(), quorum }
+    }
+
+    fn key_hex(seed: u8) -> String {
+        hex::encode(ed25519_dalek::SigningKey::from_bytes(&[seed; 32]).verifying_key().as_bytes())
+    }
+
+    #[test]
+    fn trusted_keys_dedupe_default_to_a_majority_and_refuse_bad_input() {
+        let (a, b, c) = (key_hex(1), key_hex(2), key_hex(3));
+        let t = trusted_keys(&trust(&[&a, &b, &c, &a], None)).ok().unwrap();
+        assert_eq!((t.keys.len(), t.quorum), (3, 2), "a key given twice is one key; 2 of 3 is a majority");
+        for bad in [trust(&["not-hex"], None), trust(&["abcd"], None), trust(&[&a], Some(2)), trust(&[&a], Some(0))] {
+            assert!(matches!(trusted_keys(&bad), Err(Unchecked(_))), "{:?}", bad.keys);
+        }
+    }
+
+    /// A proof between other sizes than the two heads' cannot be checked (exit 2), rather than
+    /// passing or failing on the wrong question.
+    #[test]
+    fn a_consistency_proof_between_other_sizes_is_not_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = ed25519_dalek::SigningKey::from_bytes(&[1; 32]);
+        let head = |size| {
+            let h = TreeHead::signed(size, [size as u8; 32], 1_700_000_000_000, "1", &key);
+            crate::fhir::json::Json::obj(vec![
+                ("resourceType", crate::fhir::json::Json::String("Parameters".into())),
+                ("parameter", crate::fhir::json::Json::Array(h.to_parts())),
+            ])
+            .to_compact()
+        };
+        let old = dir.path().join("old.json");
+        std::fs::write(&old, head(2)).unwrap();
+        let mut proof: Value = serde_json::from_str(&head(4)).unwrap();
+        let tree_head = serde_json::json!({"name": "treeHead", "part": proof["parameter"].take()});
+        proof["parameter"] = serde_json::json!([
+            {"name": "first", "valueString": "3"}, {"name": "second", "valueString": "4"}, tree_head
+        ]);
+        let file = dir.path().join("proof.json");
+        std::fs::write(&file, proof.to_string()).unwrap();
+        let args =
+            ConsistencyArgs { old, proof: Some(file), new: None, data_dir: None, trust: trust(&[&key_hex(1)], None) };
+        assert!(matches!(consistency(&args), Err(Unchecked(why)) if why.contains("ask for first=2&second=4")));
+    }
 }

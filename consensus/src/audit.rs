@@ -19,7 +19,7 @@ use crate::command::{Op, SignedBatch, COMMAND_FORMAT};
 use crate::kv::{read_be, KvStore};
 use crate::merkle::{leaf_hash, Frontier, Hash};
 use crate::sled_store::SledDb;
-use crate::state_machine::{StateMachine, StateView, VersionRecord, META_FRONTIER, STORED_NODE_LEVEL};
+use crate::state_machine::{StateMachine, StateView, META_FRONTIER, STORED_NODE_LEVEL};
 
 /// One problem found, located precisely enough to look at.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -232,7 +232,7 @@ fn walk_log(
     Ok(report)
 }
 
-/// A version record decoded in place ([`VersionRecord`] borrowed: no allocation per leaf).
+/// A version record decoded in place ([`crate::state_machine::VersionRecord`] borrowed: no allocation per leaf).
 /// The header comes first in the record, so its encoding, which the leaf hashes, is the
 /// record's own prefix (`header_bytes`); a test pins both to the owned types.
 #[derive(serde::Deserialize)]
@@ -463,11 +463,6 @@ fn decode_batch(entry: &[u8]) -> Result<BatchRef<'_>, String> {
     Ok(batch)
 }
 
-fn leaf_location(leaf: u64, rec: &VersionRecord) -> String {
-    let h = &rec.header;
-    format!("leaf {leaf} ({}/{}/_history/{})", h.rtype, h.id, h.version)
-}
-
 /// A record against the digest its leaf committed to, and its leaf hashed into the rebuilt
 /// tree, whose completed subtrees must match the stored ones. `known`: the SHA-256 of bytes
 /// equal to the record's body (its signed log write's), so they need not be hashed again.
@@ -585,16 +580,16 @@ fn verify_snapshot(view: &StateView, report: &mut Report) -> io::Result<()> {
             continue;
         }
         let leaf = read_be(&k[1..]).unwrap_or(u64::MAX);
-        match bincode::deserialize::<VersionRecord>(v) {
-            Ok(rec) => {
+        match RecordRef::decode(v) {
+            Ok((rec, header_bytes)) => {
                 if rec.leaf != rebuilt.size || leaf != rebuilt.size {
                     report.find(&at, format!("record of leaf {leaf} is out of place"));
                 }
-                let digest: Hash = Sha256::digest(&rec.body).into();
+                let digest: Hash = Sha256::digest(rec.body).into();
                 if digest != rec.header.body_sha256 {
-                    report.find(&at, format!("{}: ciphertext does not match its digest", leaf_location(leaf, &rec)));
+                    report.find(&at, format!("{}: ciphertext does not match its digest", rec.location(leaf)));
                 }
-                rebuilt.append(leaf_hash(&rec.header.encode()));
+                rebuilt.append(leaf_hash(header_bytes));
                 report.snapshot_leaves += 1;
             }
             Err(e) => report.find(&at, format!("record of leaf {leaf} does not decode: {e}")),
@@ -678,7 +673,7 @@ mod tests {
             body_sha256: [8; 32],
             log_index: 9,
         };
-        let record = VersionRecord { header: header.clone(), leaf: 4, body: vec![5; 33] };
+        let record = crate::state_machine::VersionRecord { header: header.clone(), leaf: 4, body: vec![5; 33] };
         let raw = bincode::serialize(&record).unwrap();
         let (r, header_bytes) = RecordRef::decode(&raw).unwrap();
         assert_eq!(header_bytes, header.encode());

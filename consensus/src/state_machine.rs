@@ -262,7 +262,9 @@ impl StateView {
         let mut newest: BTreeMap<(String, String), bool> = BTreeMap::new();
         for kv in self.kv.scan_prefix(b"r") {
             let (_, v) = kv?;
-            let h = decode::<VersionRecord>(&v)?.header;
+            // The header is the record's prefix (bincode allows trailing bytes): decoding it
+            // alone spares copying every body of the ledger.
+            let h = decode::<LeafHeader>(&v)?;
             // Deletes carry no compartment; they do not move a resource out of one.
             if h.op != crate::command::Op::Delete.as_str() {
                 newest.insert((h.rtype, h.id), h.compartment == compartment);
