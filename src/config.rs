@@ -33,9 +33,24 @@ pub struct ServeArgs {
     /// HTTP worker threads (default: number of cores).
     #[arg(long, env = "FHIR_LEDGER_WORKERS")]
     pub workers: Option<usize>,
-    /// Snapshot the state and compact the Raft log every N entries (default: never).
+    /// Snapshot the state and compact the Raft log every N entries (default: never on a
+    /// single node, 10000 in a cluster).
     #[arg(long, env = "FHIR_LEDGER_SNAPSHOT_EVERY")]
     pub snapshot_every: Option<u64>,
+    /// Inter-node (Raft) listener, e.g. 127.0.0.1:9080. Given: this node is a cluster member
+    /// that waits for `fhir-ledger cluster init` or to be added; absent: the embedded single node.
+    #[arg(long, env = "FHIR_LEDGER_RAFT_LISTEN")]
+    pub raft_listen: Option<SocketAddr>,
+    /// Directory with the secrets every node of a cluster shares (kek.key, index.key);
+    /// default: the data directory.
+    #[arg(long, env = "FHIR_LEDGER_SECRETS_DIR")]
+    pub secrets_dir: Option<PathBuf>,
+    /// Bearer token of the admin API (default: generated into <data dir>/admin.token).
+    #[arg(long, env = "FHIR_LEDGER_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// Allow `PUT /admin/faults` to cut this node off from peers (partition tests only).
+    #[arg(long, env = "FHIR_LEDGER_FAULT_INJECTION")]
+    pub fault_injection: bool,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -49,6 +64,10 @@ struct FileConfig {
     auth: Option<String>,
     workers: Option<usize>,
     snapshot_every: Option<u64>,
+    raft_listen: Option<SocketAddr>,
+    secrets_dir: Option<PathBuf>,
+    admin_token: Option<String>,
+    fault_injection: Option<bool>,
 }
 
 #[derive(Debug, Clone)]
@@ -60,6 +79,10 @@ pub struct Config {
     pub node_id: u64,
     pub workers: usize,
     pub snapshot_every: Option<u64>,
+    pub raft_listen: Option<SocketAddr>,
+    pub secrets_dir: PathBuf,
+    pub admin_token: Option<String>,
+    pub fault_injection: bool,
 }
 
 pub const DEFAULT_MAX_BODY: usize = 16 * 1024 * 1024;
@@ -79,9 +102,15 @@ impl Config {
             );
         }
         let profiles_dir = args.profiles_dir.clone().or(file.profiles_dir).unwrap_or_else(default_profiles_dir);
+        let data_dir = args.data_dir.clone().or(file.data_dir).unwrap_or_else(|| PathBuf::from("./data"));
+        let raft_listen = args.raft_listen.or(file.raft_listen);
+        // A cluster needs snapshots: a new or long-gone member catches up from one.
+        let snapshot_every =
+            args.snapshot_every.or(file.snapshot_every).or(raft_listen.map(|_| 10_000)).filter(|&n| n > 0);
         let cfg = Self {
             listen: args.listen.or(file.listen).unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080))),
-            data_dir: args.data_dir.clone().or(file.data_dir).unwrap_or_else(|| PathBuf::from("./data")),
+            secrets_dir: args.secrets_dir.clone().or(file.secrets_dir).unwrap_or_else(|| data_dir.clone()),
+            data_dir,
             profiles_dir,
             max_body_bytes: args.max_body_bytes.or(file.max_body_bytes).unwrap_or(DEFAULT_MAX_BODY),
             node_id: args.node_id.or(file.node_id).unwrap_or(1),
@@ -89,7 +118,10 @@ impl Config {
                 .workers
                 .or(file.workers)
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
-            snapshot_every: args.snapshot_every.or(file.snapshot_every).filter(|&n| n > 0),
+            snapshot_every,
+            raft_listen,
+            admin_token: args.admin_token.clone().or(file.admin_token).filter(|t| !t.is_empty()),
+            fault_injection: args.fault_injection || file.fault_injection.unwrap_or(false),
         };
         if cfg.max_body_bytes == 0 || cfg.workers == 0 || cfg.node_id == 0 {
             anyhow::bail!("max_body_bytes, workers and node_id must be positive");

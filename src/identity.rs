@@ -14,6 +14,8 @@ pub struct Identity {
     pub kek: [u8; 32],
     /// Keys the digests stored in search indexes, so an index holds no readable values.
     pub index_key: [u8; 32],
+    /// Bearer token of the admin API.
+    pub admin_token: String,
 }
 
 fn load_or_create(path: &Path, what: &str) -> anyhow::Result<[u8; 32]> {
@@ -36,15 +38,30 @@ fn load_or_create(path: &Path, what: &str) -> anyhow::Result<[u8; 32]> {
 }
 
 impl Identity {
-    pub fn load_or_create(data_dir: &Path) -> anyhow::Result<Self> {
+    /// A fingerprint of the shared secrets: nodes that may form a cluster show the same one.
+    pub fn secrets_id(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        h.update(b"fhir-ledger secrets id v1\0");
+        h.update(self.kek);
+        h.update(self.index_key);
+        hex::encode(&h.finalize()[..8])
+    }
+
+    /// The node's own keys from `data_dir`; the KEK and index key from `secrets_dir`, which
+    /// every node of a cluster shares (each node must unwrap every compartment key and compute
+    /// the same index digests).
+    pub fn load_or_create(data_dir: &Path, secrets_dir: &Path) -> anyhow::Result<Self> {
         fs::create_dir_all(data_dir)?;
+        fs::create_dir_all(secrets_dir)?;
         let signing = SigningKey::from_bytes(&load_or_create(&data_dir.join("node.key"), "node ed25519 identity")?);
-        let kek = load_or_create(&data_dir.join("kek.key"), "key-encryption key")?;
-        let index_key = load_or_create(&data_dir.join("index.key"), "search-index key")?;
+        let kek = load_or_create(&secrets_dir.join("kek.key"), "key-encryption key")?;
+        let index_key = load_or_create(&secrets_dir.join("index.key"), "search-index key")?;
+        let admin_token = hex::encode(load_or_create(&data_dir.join("admin.token"), "admin API token")?);
         let pk = data_dir.join("node.pub");
         if !pk.exists() {
             fs::write(&pk, hex::encode(signing.verifying_key().as_bytes()))?;
         }
-        Ok(Self { signing, kek, index_key })
+        Ok(Self { signing, kek, index_key, admin_token })
     }
 }

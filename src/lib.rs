@@ -3,15 +3,17 @@
 //! crate replicates opaque commands.
 //!
 //! ```no_run
-//! # async fn demo() -> anyhow::Result<()> {
+//! # fn demo() -> anyhow::Result<()> {
+//! let rt = tokio::runtime::Runtime::new()?;
 //! let cfg = fhir_ledger::config::Config::resolve(&Default::default())?;
-//! fhir_ledger::server::run(cfg).await?; // serves until interrupted
+//! fhir_ledger::server::run(cfg, &rt)?; // serves until interrupted
 //! # Ok(()) }
 //! ```
 
 pub mod api;
 pub mod bench;
 pub mod bench_proofs;
+pub mod cluster_cli;
 pub mod config;
 pub mod crypto;
 pub mod error;

@@ -1,4 +1,4 @@
-//! The `fhir-ledger` binary: `serve` (the embedded single node) and `bench`.
+//! The `fhir-ledger` binary: `serve`, `cluster` (admin), `verify`, and the benchmarks.
 
 use clap::{Parser, Subcommand};
 
@@ -25,6 +25,8 @@ enum Cmd {
     /// consistency, trusting only the node keys given.
     /// Exit code 0: verified; 1: tampering or inconsistency found; 2: could not be checked.
     Verify(fhir_ledger::verify::VerifyArgs),
+    /// Administer a cluster through its nodes' admin API: init, join, promote, remove, status.
+    Cluster(fhir_ledger::cluster_cli::ClusterArgs),
 }
 
 fn main() -> anyhow::Result<std::process::ExitCode> {
@@ -41,9 +43,7 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
     match cli.command.unwrap_or(Cmd::Serve(Default::default())) {
         Cmd::Serve(args) => {
             let cfg = fhir_ledger::config::Config::resolve(&args)?;
-            let repo = rt.block_on(fhir_ledger::server::open_repo(&cfg))?;
-            // `rt` stays alive (and its threads keep running Raft) while actix serves.
-            actix_web::rt::System::new().block_on(fhir_ledger::server::serve(cfg, repo))?;
+            fhir_ledger::server::run(cfg, &rt)?;
             Ok(std::process::ExitCode::SUCCESS)
         }
         Cmd::Bench(args) => {
@@ -55,5 +55,9 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
             Ok(std::process::ExitCode::SUCCESS)
         }
         Cmd::Verify(args) => Ok(fhir_ledger::verify::run(&args)),
+        Cmd::Cluster(args) => {
+            rt.block_on(fhir_ledger::cluster_cli::run(args))?;
+            Ok(std::process::ExitCode::SUCCESS)
+        }
     }
 }

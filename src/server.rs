@@ -1,9 +1,11 @@
 //! Wiring: keys, ledger, repository and the HTTP server.
 
+use std::net::TcpListener;
 use std::sync::Arc;
 
 use actix_web::{web, App, HttpServer};
 
+use crate::api::admin::AdminConfig;
 use crate::api::{self, AppState};
 use crate::config::Config;
 use crate::fhir::profiles::Profiles;
@@ -12,37 +14,60 @@ use crate::identity::Identity;
 use crate::repo::Repo;
 
 /// Everything a running node needs, built once.
+pub struct Node {
+    pub repo: Arc<Repo>,
+    pub admin: AdminConfig,
+}
+
+/// The embedded single node over `cfg` (in-process tests use it).
 pub async fn open_repo(cfg: &Config) -> anyhow::Result<Arc<Repo>> {
-    let id = Identity::load_or_create(&cfg.data_dir)?;
+    Ok(open_node(cfg, &cfg.listen.to_string(), None).await?.repo)
+}
+
+/// Opens the node's keys and ledger; `raft` is the bound inter-node listener of a cluster node.
+pub async fn open_node(cfg: &Config, api_addr: &str, raft: Option<TcpListener>) -> anyhow::Result<Node> {
+    let id = Identity::load_or_create(&cfg.data_dir, &cfg.secrets_dir)?;
     let profiles = Arc::new(Profiles::load(&cfg.profiles_dir).map_err(anyhow::Error::msg)?);
     let params = Arc::new(SearchParams::load(&cfg.profiles_dir).map_err(anyhow::Error::msg)?);
-    let ledger = consensus::Ledger::open_single(
-        &cfg.data_dir.join("ledger"),
-        cfg.node_id,
-        id.signing.clone(),
-        &cfg.listen.to_string(),
-        cfg.snapshot_every,
-    )
+    let ledger = consensus::Ledger::open(consensus::Options {
+        dir: &cfg.data_dir.join("ledger"),
+        node_id: cfg.node_id,
+        key: id.signing.clone(),
+        api_addr: api_addr.to_string(),
+        snapshot_every: cfg.snapshot_every,
+        raft_listener: raft,
+    })
     .await?;
-    Ok(Arc::new(Repo::new(ledger, id.signing, id.kek, id.index_key, profiles, params)))
+    let token = cfg.admin_token.clone().unwrap_or_else(|| id.admin_token.clone());
+    let admin = AdminConfig::new(&token, cfg.fault_injection, id.secrets_id());
+    let repo = Arc::new(Repo::new(ledger, id.signing, id.kek, id.index_key, profiles, params));
+    Ok(Node { repo, admin })
 }
 
-/// Opens the node and serves until the process is stopped.
-pub async fn run(cfg: Config) -> anyhow::Result<()> {
-    let repo = open_repo(&cfg).await?;
-    serve(cfg, repo).await
+/// Binds the API (and, for a cluster node, the Raft) listener, opens the node and serves until
+/// the process is stopped. Binding first lets port 0 work: the membership records real ports.
+pub fn run(cfg: Config, rt: &tokio::runtime::Runtime) -> anyhow::Result<()> {
+    let api = TcpListener::bind(cfg.listen)?;
+    let api_addr = api.local_addr()?;
+    let raft = cfg.raft_listen.map(TcpListener::bind).transpose()?;
+    if let Some(r) = &raft {
+        eprintln!("fhir-ledger: raft listening on {}", r.local_addr()?);
+    }
+    // `rt` runs Raft, sled and the proposer; actix-web runs its own per-worker runtimes.
+    let node = rt.block_on(open_node(&cfg, &api_addr.to_string(), raft))?;
+    actix_web::rt::System::new().block_on(serve(cfg, node, api))
 }
 
-/// Serves the FHIR API over an opened repository.
-pub async fn serve(cfg: Config, repo: Arc<Repo>) -> anyhow::Result<()> {
-    let state = web::Data::new(AppState { repo, max_body_bytes: cfg.max_body_bytes });
+/// Serves the FHIR API over an opened node.
+pub async fn serve(cfg: Config, node: Node, listener: TcpListener) -> anyhow::Result<()> {
+    let state = web::Data::new(AppState { repo: node.repo, max_body_bytes: cfg.max_body_bytes, admin: node.admin });
     let server = HttpServer::new(move || App::new().app_data(state.clone()).configure(api::configure))
         .workers(cfg.workers)
         .backlog(2048)
         // Clients pool connections; a short keep-alive races their reuse of an idle socket
         // (the client sends just as the server closes). 75 s is nginx's default.
         .keep_alive(std::time::Duration::from_secs(75))
-        .bind(cfg.listen)?;
+        .listen(listener)?;
     for addr in server.addrs() {
         eprintln!("fhir-ledger: listening on http://{addr}");
     }

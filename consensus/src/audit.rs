@@ -138,7 +138,7 @@ pub fn open_view(dir: &Path) -> io::Result<(StateMachine, Arc<dyn KvStore>)> {
         return Err(io::Error::new(io::ErrorKind::NotFound, format!("no ledger in {}", dir.display())));
     }
     let db = SledDb::open_with_cache(dir, 32 * 1024 * 1024)?;
-    Ok((StateMachine::new(db.tree("state")?), db.tree("raft_log")?))
+    Ok((StateMachine::new(db.tree("state")?, dir.join("snapshots")), db.tree("raft_log")?))
 }
 
 /// Verifies the ledger under `dir`. `progress(done, total)` is called as leaves are checked.
@@ -560,7 +560,7 @@ fn cross_check<'a>(
 /// A stored snapshot must rebuild, from its own records, the root its frontier names, and that
 /// root must be the live tree's root at the snapshot's size.
 fn verify_snapshot(view: &StateView, report: &mut Report) -> io::Result<()> {
-    let (meta, pairs) = match view.snapshot() {
+    let (meta, path) = match view.snapshot() {
         Ok(Some(s)) => s,
         Ok(None) => return Ok(()),
         Err(e) => {
@@ -568,19 +568,43 @@ fn verify_snapshot(view: &StateView, report: &mut Report) -> io::Result<()> {
             return Ok(());
         }
     };
-    let at =
-        format!("snapshot {} (up to raft log entry {})", meta.snapshot_id, meta.last_log_id.map_or(0, |l| l.index));
+    let at = format!(
+        "snapshot {} ({}, up to raft log entry {})",
+        meta.snapshot_id,
+        path.display(),
+        meta.last_log_id.map_or(0, |l| l.index)
+    );
+    let mut reader = match std::fs::File::open(&path).and_then(crate::snapshot::Reader::new) {
+        Ok((r, file_meta)) => {
+            if file_meta != meta {
+                report.find(&at, "the file's meta is not the snapshot the ledger recorded");
+            }
+            r
+        }
+        Err(e) => {
+            report.find(&at, format!("cannot be read: {e}"));
+            return Ok(());
+        }
+    };
     let mut rebuilt = Frontier::default();
     let mut claimed = None;
-    for (k, v) in &pairs {
+    loop {
+        let (k, v) = match reader.next_record() {
+            Ok(Some(kv)) => kv,
+            Ok(None) => break,
+            Err(e) => {
+                report.find(&at, format!("is damaged: {e}"));
+                break;
+            }
+        };
         if k.as_slice() == META_FRONTIER {
-            claimed = bincode::deserialize::<Frontier>(v).ok();
+            claimed = bincode::deserialize::<Frontier>(&v).ok();
         }
         if k.first() != Some(&b'r') {
             continue;
         }
         let leaf = read_be(&k[1..]).unwrap_or(u64::MAX);
-        match RecordRef::decode(v) {
+        match RecordRef::decode(&v) {
             Ok((rec, header_bytes)) => {
                 if rec.leaf != rebuilt.size || leaf != rebuilt.size {
                     report.find(&at, format!("record of leaf {leaf} is out of place"));

@@ -30,7 +30,7 @@ pub async fn synthetic_ledger(
 ) -> io::Result<StateView> {
     let db = SledDb::open(dir)?;
     let tree = db.tree("state")?;
-    let mut sm = StateMachine::new(tree.clone());
+    let mut sm = StateMachine::new(tree.clone(), dir.join("snapshots"));
     let key = SigningKey::from_bytes(&[11; 32]);
     let node = Node { public_key: crate::hex(key.verifying_key().as_bytes()), ..Default::default() };
     let m = Membership::new(vec![BTreeSet::from([1u64])], BTreeMap::from([(1u64, node)]));

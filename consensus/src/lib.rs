@@ -18,18 +18,19 @@
 
 pub mod audit;
 pub mod bench;
+pub mod cluster;
 pub mod command;
 pub mod kv;
 pub mod log_store;
 pub mod merkle;
-mod network;
 pub mod proof;
 mod proposer;
 pub mod sled_store;
+pub mod snapshot;
 pub mod state_machine;
+pub mod transport;
 
 use std::collections::BTreeMap;
-use std::io::Cursor;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -62,27 +63,42 @@ openraft::declare_raft_types!(
         D = command::SignedBatch,
         R = command::BatchOutcome,
         Node = Node,
-        SnapshotData = Cursor<Vec<u8>>,
+        SnapshotData = tokio::fs::File,
 );
 
 pub type Raft = openraft::Raft<TypeConfig>;
 
-/// A running ledger node: Raft, its stores, and the group-commit proposer.
+/// A running ledger node: Raft, its stores, the group-commit proposer and the transport.
 #[derive(Clone)]
 pub struct Ledger {
     pub raft: Raft,
     pub node_id: NodeId,
     view: StateView,
     proposer: Proposer,
+    pub transport: Arc<transport::Shared>,
+    pool: transport::client::Pool,
+    me: Node,
 }
 
+/// How to open a node.
+pub struct Options<'a> {
+    pub dir: &'a Path,
+    pub node_id: NodeId,
+    pub key: SigningKey,
+    /// The FHIR API address other nodes and clients are sent to.
+    pub api_addr: String,
+    /// Build a snapshot and compact the log every that many entries (None: never).
+    pub snapshot_every: Option<u64>,
+    /// The inter-node listener. None: the embedded single node, initialized on first start.
+    /// Some: a cluster node, which waits for `cluster init` or to be added by a leader.
+    pub raft_listener: Option<std::net::TcpListener>,
+}
+
+/// How long a write may wait for a leader (election, forwarding) before it is refused.
+const LEADER_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 impl Ledger {
-    /// Opens the node's stores under `dir` and starts a one-member cluster, initializing it on
-    /// first start. The embedded single-node default.
-    ///
-    /// `snapshot_every`: build a snapshot of the state and compact the Raft log every that many
-    /// entries (None: never). Snapshots are copied whole in memory until the cluster issue
-    /// streams them, so this suits small ledgers and the tests that tamper with a snapshot.
+    /// The embedded single-node default (see [`Options::raft_listener`]).
     pub async fn open_single(
         dir: &Path,
         node_id: NodeId,
@@ -90,60 +106,146 @@ impl Ledger {
         api_addr: &str,
         snapshot_every: Option<u64>,
     ) -> anyhow::Result<Self> {
+        Self::open(Options { dir, node_id, key, api_addr: api_addr.into(), snapshot_every, raft_listener: None }).await
+    }
+
+    /// Opens the node's stores under `dir` and starts Raft.
+    pub async fn open(opts: Options<'_>) -> anyhow::Result<Self> {
+        let Options { dir, node_id, key, api_addr, snapshot_every, raft_listener } = opts;
         std::fs::create_dir_all(dir)?;
         let db = sled_store::SledDb::open(dir)?;
         let log = log_store::LogStore::new(db.tree("raft_log")?, db.tree("raft_meta")?);
-        let sm = state_machine::StateMachine::new(db.tree("state")?);
+        let sm = state_machine::StateMachine::open(db.tree("state")?, dir.join("snapshots"))?;
         let view = sm.view();
+        let single = raft_listener.is_none();
         let config = openraft::Config {
             cluster_name: "fhir-ledger".into(),
             heartbeat_interval: 250,
-            election_timeout_min: 500,
-            election_timeout_max: 1000,
-            // Entries per append; large to let group commit amortize one fsync over many writes.
-            max_payload_entries: 1024,
+            election_timeout_min: 1000,
+            election_timeout_max: 2000,
+            // Entries per append; large enough for group commit to amortize one fsync over many
+            // writes, small enough to bound a replication frame.
+            max_payload_entries: if single { 1024 } else { 256 },
             snapshot_policy: snapshot_every
                 .map_or(openraft::SnapshotPolicy::Never, openraft::SnapshotPolicy::LogsSinceLast),
             // One node has no follower to catch up from the log: compact everything snapshotted.
-            max_in_snapshot_log_to_keep: 0,
+            // A cluster keeps a tail so that a briefly lagging follower catches up from the log.
+            max_in_snapshot_log_to_keep: if single { 0 } else { 1000 },
+            install_snapshot_timeout: 10_000,
             ..Default::default()
         };
         let config = Arc::new(config.validate()?);
-        let raft = openraft::Raft::new(node_id, config, network::Unconnected, log, sm).await?;
-        if !raft.is_initialized().await? {
-            let me = Node {
-                api_addr: api_addr.to_string(),
-                raft_addr: String::new(),
-                public_key: hex(key.verifying_key().as_bytes()),
-            };
-            raft.initialize(BTreeMap::from([(node_id, me)])).await?;
+        let shared = transport::Shared::new(node_id, key.clone());
+        let network = transport::client::Network { shared: shared.clone() };
+        let raft = openraft::Raft::new(node_id, config, network, log, sm).await?;
+        let me = Node {
+            api_addr: api_addr.clone(),
+            raft_addr: raft_listener
+                .as_ref()
+                .and_then(|l| l.local_addr().ok())
+                .map_or(String::new(), |a| a.to_string()),
+            public_key: hex(key.verifying_key().as_bytes()),
+        };
+        match raft_listener {
+            None => {
+                if !raft.is_initialized().await? {
+                    raft.initialize(BTreeMap::from([(node_id, me.clone())])).await?;
+                }
+                raft.wait(Some(std::time::Duration::from_secs(30)))
+                    .state(openraft::ServerState::Leader, "single node becomes leader")
+                    .await?;
+            }
+            Some(listener) => {
+                listener.set_nonblocking(true)?;
+                transport::server::spawn(tokio::net::TcpListener::from_std(listener)?, shared.clone(), raft.clone());
+            }
         }
-        raft.wait(Some(std::time::Duration::from_secs(30)))
-            .state(openraft::ServerState::Leader, "single node becomes leader")
-            .await?;
-        let proposer = Proposer::start(raft.clone(), node_id, key);
-        Ok(Self { raft, node_id, view, proposer })
+        let pool = transport::client::Pool::new(shared.clone());
+        let proposer = Proposer::start(raft.clone(), node_id, key, pool.clone());
+        Ok(Self { raft, node_id, view, proposer, transport: shared, pool, me })
     }
 
     pub fn view(&self) -> StateView {
         self.view.clone()
     }
 
-    /// Proposes one command (group-committed with concurrent ones) and waits until it is
-    /// applied; the outcome says whether its preconditions held.
+    /// Proposes one command (group-committed with concurrent ones; forwarded to the leader when
+    /// this node is a follower) and waits until this node has applied it; the outcome says
+    /// whether its preconditions held.
     pub async fn submit(&self, cmd: Command) -> Result<Outcome, ProposeError> {
         self.proposer.submit(cmd).await
     }
 
-    /// Waits until this node's state reflects every write committed before the call
-    /// (openraft read-index), so a read is linearizable.
+    /// Waits until this node's state reflects every write committed before the call (the
+    /// leader's read index, asked over the transport on a follower), so a read is linearizable.
     pub async fn linearize(&self) -> Result<(), ProposeError> {
-        self.raft.ensure_linearizable().await.map(|_| ()).map_err(|e| ProposeError::Unavailable(e.to_string()))
+        let deadline = tokio::time::Instant::now() + LEADER_WAIT;
+        loop {
+            let leader = match self.raft.ensure_linearizable().await {
+                Ok(_) => return Ok(()),
+                Err(openraft::error::RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(f))) => {
+                    f.leader_id.zip(f.leader_node)
+                }
+                Err(e) => return Err(ProposeError::Unavailable(e.to_string())),
+            };
+            if let Some((id, node)) = leader {
+                match self.pool.call(id, &node, &transport::Rpc::ReadIndex, LEADER_WAIT).await {
+                    Ok(transport::Reply::ReadIndex(log_id)) => {
+                        return self.wait_applied(log_id.map(|l| l.index)).await;
+                    }
+                    Ok(transport::Reply::NotLeader { .. }) | Err(transport::client::CallError::NotSent(_)) => {}
+                    Ok(other) => return Err(ProposeError::Unavailable(format!("read index: {other:?}"))),
+                    Err(e) => return Err(ProposeError::Unavailable(e.to_string())),
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(ProposeError::Unavailable("no leader is reachable for a linearizable read".into()));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
+    /// A read barrier that accepts state at most `max_stale` old when this node can vouch for
+    /// that (a follower that heard from the leader that recently, or a leader whose quorum
+    /// acknowledged it that recently). Returns the staleness it served at, or None when it
+    /// fell back to a linearizable read.
+    pub async fn read_barrier(
+        &self,
+        max_stale: Option<std::time::Duration>,
+    ) -> Result<Option<std::time::Duration>, ProposeError> {
+        if let (Some(bound), Some(stale)) = (max_stale, self.staleness()) {
+            if stale <= bound {
+                return Ok(Some(stale));
+            }
+        }
+        self.linearize().await.map(|_| None)
+    }
+
+    /// How far behind the cluster this node's state may be: for a leader the time since a
+    /// quorum last acknowledged it, for a follower the time since the leader last reached it.
+    pub fn staleness(&self) -> Option<std::time::Duration> {
+        let m = self.raft.metrics().borrow().clone();
+        if m.state == openraft::ServerState::Leader {
+            return m.millis_since_quorum_ack.map(std::time::Duration::from_millis);
+        }
+        self.transport.since_leader_contact()
+    }
+
+    pub(crate) async fn wait_applied(&self, index: Option<u64>) -> Result<(), ProposeError> {
+        wait_applied(&self.raft, index).await
     }
 
     pub async fn shutdown(&self) {
         let _ = self.raft.shutdown().await;
     }
+}
+
+pub(crate) async fn wait_applied(raft: &Raft, index: Option<u64>) -> Result<(), ProposeError> {
+    raft.wait(Some(LEADER_WAIT))
+        .applied_index_at_least(index, "apply up to the read index")
+        .await
+        .map(|_| ())
+        .map_err(|e| ProposeError::Unavailable(format!("this node is not catching up: {e}")))
 }
 
 pub fn hex(bytes: &[u8]) -> String {

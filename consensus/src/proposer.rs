@@ -6,8 +6,12 @@ use std::sync::Arc;
 use ed25519_dalek::SigningKey;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
-use crate::command::{Batch, Command, Outcome, SignedBatch, COMMAND_FORMAT};
-use crate::{NodeId, Raft};
+use openraft::error::{ClientWriteError, RaftError};
+
+use crate::command::{Batch, BatchOutcome, Command, Outcome, SignedBatch, COMMAND_FORMAT};
+use crate::transport::client::{CallError, Pool};
+use crate::transport::{Reply, Rpc};
+use crate::{NodeId, Raft, LEADER_WAIT};
 
 /// Most commands folded into one entry; bounds entry size and tail latency.
 const MAX_BATCH: usize = 256;
@@ -16,7 +20,7 @@ const IN_FLIGHT: usize = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProposeError {
-    #[error("the ledger is unavailable: {0}")]
+    #[error("{0}")]
     Unavailable(String),
 }
 
@@ -28,9 +32,9 @@ pub struct Proposer {
 }
 
 impl Proposer {
-    pub fn start(raft: Raft, node_id: NodeId, key: SigningKey) -> Self {
+    pub fn start(raft: Raft, node_id: NodeId, key: SigningKey, pool: Pool) -> Self {
         let (tx, rx) = mpsc::channel::<Pending>(8192);
-        tokio::spawn(run(raft, node_id, Arc::new(key), rx));
+        tokio::spawn(run(raft, node_id, Arc::new(key), pool, rx));
         Self { tx }
     }
 
@@ -41,7 +45,7 @@ impl Proposer {
     }
 }
 
-async fn run(raft: Raft, node_id: NodeId, key: Arc<SigningKey>, mut rx: mpsc::Receiver<Pending>) {
+async fn run(raft: Raft, node_id: NodeId, key: Arc<SigningKey>, pool: Pool, mut rx: mpsc::Receiver<Pending>) {
     let slots = Arc::new(Semaphore::new(IN_FLIGHT));
     while let Some(first) = rx.recv().await {
         let Ok(permit) = slots.clone().acquire_owned().await else { return };
@@ -55,17 +59,18 @@ async fn run(raft: Raft, node_id: NodeId, key: Arc<SigningKey>, mut rx: mpsc::Re
         }
         let raft = raft.clone();
         let key = key.clone();
+        let pool = pool.clone();
         tokio::spawn(async move {
             let (commands, replies): (Vec<_>, Vec<_>) = pending.into_iter().unzip();
             let batch = Batch { format: COMMAND_FORMAT, node_id, commands };
             let result = match SignedBatch::sign(&batch, &key) {
-                Ok(signed) => raft.client_write(signed).await.map_err(|e| ProposeError::Unavailable(e.to_string())),
+                Ok(signed) => propose(&raft, &pool, signed).await,
                 Err(e) => Err(ProposeError::Unavailable(e.to_string())),
             };
             drop(permit);
             match result {
-                Ok(resp) => {
-                    let mut outcomes = resp.data.outcomes.into_iter();
+                Ok(outcome) => {
+                    let mut outcomes = outcome.outcomes.into_iter();
                     for reply in replies {
                         let o = outcomes.next().ok_or_else(|| ProposeError::Unavailable("missing outcome".into()));
                         let _ = reply.send(o);
@@ -78,5 +83,39 @@ async fn run(raft: Raft, node_id: NodeId, key: Arc<SigningKey>, mut rx: mpsc::Re
                 }
             }
         });
+    }
+}
+
+/// Appends `signed` through the leader: locally when this node leads, else forwarded over the
+/// transport. Retries only while the batch was certainly not appended (no leader yet, or the
+/// addressee said it is not the leader); after that, waits until this node applied it so that
+/// a read on this node sees the write.
+async fn propose(raft: &Raft, pool: &Pool, signed: SignedBatch) -> Result<BatchOutcome, ProposeError> {
+    let deadline = tokio::time::Instant::now() + LEADER_WAIT;
+    let unknown = |e: String| ProposeError::Unavailable(format!("the write's outcome is unknown: {e}"));
+    loop {
+        let leader = match tokio::time::timeout_at(deadline, raft.client_write(signed.clone())).await {
+            Err(_) => return Err(unknown("not committed in time (no quorum reachable?)".into())),
+            Ok(Ok(resp)) => return Ok(resp.data),
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => f.leader_id.zip(f.leader_node),
+            Ok(Err(e)) => return Err(ProposeError::Unavailable(e.to_string())),
+        };
+        if let Some((id, node)) = leader {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match pool.call(id, &node, &Rpc::Forward(signed.clone()), left).await {
+                Ok(Reply::Written { log_id, outcome }) => {
+                    crate::wait_applied(raft, Some(log_id.index)).await?;
+                    return Ok(outcome);
+                }
+                Ok(Reply::NotLeader { .. }) | Err(CallError::NotSent(_)) => {}
+                Ok(Reply::Failed(e)) => return Err(unknown(e)),
+                Ok(other) => return Err(unknown(format!("unexpected reply {other:?}"))),
+                Err(CallError::Unknown(e)) => return Err(unknown(e)),
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(ProposeError::Unavailable("no leader is reachable; the write was not made".into()));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }

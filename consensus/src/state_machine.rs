@@ -6,7 +6,8 @@
 //! in one atomic store batch.
 
 use std::collections::BTreeMap;
-use std::io::{self, Cursor};
+use std::io;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use ed25519_dalek::VerifyingKey;
@@ -179,6 +180,8 @@ impl Overlay<'_> {
 #[derive(Clone, Debug)]
 pub struct StateView {
     pub(crate) kv: Arc<dyn KvStore>,
+    /// Where snapshot files live (`m/snapshot` names one of them).
+    pub(crate) snap_dir: Arc<PathBuf>,
 }
 
 impl StateView {
@@ -301,11 +304,11 @@ impl StateView {
     pub(crate) fn scan_records(&self) -> impl Iterator<Item = io::Result<(u64, Vec<u8>)>> + '_ {
         self.kv.scan_prefix(b"r").map(|kv| kv.map(|(k, v)| (crate::kv::read_be(&k[1..]).unwrap_or(u64::MAX), v)))
     }
-    /// The last snapshot built or installed, as its meta and the state pairs it holds.
-    pub(crate) fn snapshot(&self) -> io::Result<Option<(SnapshotMeta<NodeId, Node>, StatePairs)>> {
+    /// The last snapshot built or installed: its meta and its file.
+    pub(crate) fn snapshot(&self) -> io::Result<Option<(SnapshotMeta<NodeId, Node>, PathBuf)>> {
         let Some(bytes) = self.kv.get(META_SNAPSHOT)? else { return Ok(None) };
         let stored: StoredSnapshot = decode(&bytes)?;
-        Ok(Some((stored.meta, decode(&stored.data)?)))
+        Ok(Some((stored.meta, self.snap_dir.join(stored.file))))
     }
     pub fn last_applied(&self) -> io::Result<Option<LogId<NodeId>>> {
         Ok(self.kv.get(META_APPLIED)?.map(|b| decode(&b)).transpose()?.flatten())
@@ -318,14 +321,18 @@ impl crate::proof::Nodes for StateView {
     }
 }
 
-/// A snapshot's content: every state key and value but the meta keys.
-pub(crate) type StatePairs = Vec<(Vec<u8>, Vec<u8>)>;
-
+/// The current snapshot: its meta and the name of its file in the snapshot directory.
 #[derive(Serialize, Deserialize)]
 struct StoredSnapshot {
     meta: SnapshotMeta<NodeId, Node>,
-    data: Vec<u8>,
+    file: String,
 }
+
+/// Set while a received snapshot is being loaded: names the file, so that a crash midway is
+/// finished by loading it again at the next open.
+const META_INSTALLING: &[u8] = b"m/installing";
+/// Bytes of state written per batch while loading or clearing (bounds memory).
+const LOAD_BATCH_BYTES: usize = 16 * 1024 * 1024;
 
 /// The openraft state machine over a [`KvStore`].
 #[derive(Clone, Debug)]
@@ -340,8 +347,38 @@ fn sio(e: io::Error) -> StorageError<NodeId> {
 }
 
 impl StateMachine {
-    pub fn new(kv: Arc<dyn KvStore>) -> Self {
-        Self { view: StateView { kv }, lock: Arc::new(Mutex::new(())) }
+    /// A state machine over `kv` with snapshot files in `snap_dir`, as it is on disk (for
+    /// read-only use such as the offline verifier).
+    pub fn new(kv: Arc<dyn KvStore>, snap_dir: PathBuf) -> Self {
+        Self { view: StateView { kv, snap_dir: Arc::new(snap_dir) }, lock: Arc::new(Mutex::new(())) }
+    }
+
+    /// [`StateMachine::new`] for a running node: finishes a snapshot load a crash interrupted
+    /// and removes partial snapshot files.
+    pub fn open(kv: Arc<dyn KvStore>, snap_dir: PathBuf) -> io::Result<Self> {
+        std::fs::create_dir_all(&snap_dir)?;
+        let sm = Self::new(kv, snap_dir);
+        if let Some(bytes) = sm.view.kv.get(META_INSTALLING)? {
+            let file: String = decode(&bytes)?;
+            tracing::warn!(%file, "finishing a snapshot install that a crash interrupted");
+            let path = sm.view.snap_dir.join(&file);
+            let meta = crate::snapshot::check(&path)?;
+            load_snapshot(sm.view.kv.as_ref(), &path, &meta, &file)?;
+        }
+        sm.remove_stale_files()?;
+        Ok(sm)
+    }
+
+    /// Deletes every snapshot file but the current one (older snapshots, partial transfers).
+    fn remove_stale_files(&self) -> io::Result<()> {
+        let current = self.view.snapshot()?.map(|(_, p)| p);
+        for entry in std::fs::read_dir(self.view.snap_dir.as_path())? {
+            let path = entry?.path();
+            if Some(&path) != current.as_ref() {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+        Ok(())
     }
 
     pub fn view(&self) -> StateView {
@@ -596,67 +633,142 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.clone()
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError<NodeId>> {
-        Ok(Box::new(Cursor::new(Vec::new())))
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<tokio::fs::File>, StorageError<NodeId>> {
+        let path = self.view.snap_dir.join(format!("recv-{}.part", uuid_ish()));
+        let file =
+            tokio::fs::OpenOptions::new().read(true).write(true).create_new(true).open(&path).await.map_err(sio)?;
+        Ok(Box::new(file))
     }
 
+    /// Copies the received file to its final name (checking its trailer before anything is
+    /// cleared), then loads it; see [`load_snapshot`] for crash safety.
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta<NodeId, Node>,
-        snapshot: Box<Cursor<Vec<u8>>>,
+        snapshot: Box<tokio::fs::File>,
     ) -> Result<(), StorageError<NodeId>> {
-        let _guard = self.lock.lock().await;
-        let pairs: Vec<(Vec<u8>, Vec<u8>)> = decode(snapshot.get_ref()).map_err(sio)?;
-        let kv = &self.view.kv;
-        let mut wb = WriteBatch::default();
-        for kv in kv.scan_prefix(b"") {
-            let (k, _) = kv.map_err(sio)?;
-            wb.delete(k);
-        }
-        for (k, v) in pairs {
-            wb.put(k, v);
-        }
-        wb.put(META_APPLIED.to_vec(), encode(&meta.last_log_id).map_err(sio)?);
-        wb.put(META_MEMBERSHIP.to_vec(), encode(&meta.last_membership).map_err(sio)?);
-        let stored = StoredSnapshot { meta: meta.clone(), data: snapshot.into_inner() };
-        wb.put(META_SNAPSHOT.to_vec(), encode(&stored).map_err(sio)?);
-        kv.apply(wb).map_err(sio)?;
-        kv.flush().map_err(sio)?;
-        Ok(())
+        let guard = self.lock.clone().lock_owned().await;
+        let mut received = snapshot.into_std().await;
+        let (kv, dir, meta) = (self.view.kv.clone(), self.view.snap_dir.clone(), meta.clone());
+        let sm = self.clone();
+        tokio::task::spawn_blocking(move || -> io::Result<()> {
+            let _guard = guard;
+            use std::io::Seek;
+            received.seek(io::SeekFrom::Start(0))?;
+            let name = crate::snapshot::file_name(&meta);
+            let path = dir.join(&name);
+            let tmp = path.with_extension("tmp");
+            let mut out = std::fs::File::create(&tmp)?;
+            io::copy(&mut received, &mut out)?;
+            out.sync_all()?;
+            crate::snapshot::check(&tmp)?;
+            std::fs::rename(&tmp, &path)?;
+            crate::snapshot::sync_dir(&dir)?;
+            let mut wb = WriteBatch::default();
+            wb.put(META_INSTALLING.to_vec(), encode(&name)?);
+            kv.apply(wb)?;
+            kv.flush()?;
+            load_snapshot(kv.as_ref(), &path, &meta, &name)?;
+            sm.remove_stale_files()
+        })
+        .await
+        .map_err(|e| sio(io::Error::other(e.to_string())))?
+        .map_err(sio)
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
-        let Some(bytes) = self.view.kv.get(META_SNAPSHOT).map_err(sio)? else { return Ok(None) };
-        let stored: StoredSnapshot = decode(&bytes).map_err(sio)?;
-        Ok(Some(Snapshot { meta: stored.meta, snapshot: Box::new(Cursor::new(stored.data)) }))
+        let Some((meta, path)) = self.view.snapshot().map_err(sio)? else { return Ok(None) };
+        let file = tokio::fs::File::open(&path).await.map_err(sio)?;
+        Ok(Some(Snapshot { meta, snapshot: Box::new(file) }))
     }
 }
 
-impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
-    /// Copies every state key except the meta keys. The multi-node issue replaces this
-    /// in-memory copy with a streamed one; single-node deployments never build snapshots.
-    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
-        let _guard = self.lock.lock().await;
-        let mut pairs = Vec::new();
-        for kv in self.view.kv.scan_prefix(b"") {
-            let (k, v) = kv.map_err(sio)?;
-            if !k.starts_with(b"m/") {
-                pairs.push((k, v));
-            }
+/// A name for a partial transfer that no other one shares.
+fn uuid_ish() -> String {
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    format!("{t:x}-{:x}", std::process::id())
+}
+
+/// Replaces the whole state with the snapshot in `path`, in bounded batches. Not atomic as a
+/// whole: `m/installing` (written by the caller, removed by the last batch here) makes a crash
+/// midway redo the load at the next open, so the state ends up exactly the snapshot's.
+fn load_snapshot(
+    kv: &dyn KvStore,
+    path: &std::path::Path,
+    meta: &SnapshotMeta<NodeId, Node>,
+    name: &str,
+) -> io::Result<()> {
+    let mut wb = WriteBatch::default();
+    let mut bytes = 0;
+    for entry in kv.scan_prefix(b"") {
+        let (k, _) = entry?;
+        if k.as_slice() == META_INSTALLING {
+            continue;
         }
-        // The frontier is state too (not a snapshot-meta key): keep it.
-        pairs.push((META_FRONTIER.to_vec(), encode(&self.view.frontier().map_err(sio)?).map_err(sio)?));
-        let data = encode(&pairs).map_err(sio)?;
+        bytes += k.len();
+        wb.delete(k);
+        if bytes >= LOAD_BATCH_BYTES {
+            kv.apply(std::mem::take(&mut wb))?;
+            bytes = 0;
+        }
+    }
+    kv.apply(std::mem::take(&mut wb))?;
+    bytes = 0;
+    let (mut reader, _) = crate::snapshot::Reader::new(std::fs::File::open(path)?)?;
+    while let Some((k, v)) = reader.next_record()? {
+        bytes += k.len() + v.len();
+        wb.put(k, v);
+        if bytes >= LOAD_BATCH_BYTES {
+            kv.apply(std::mem::take(&mut wb))?;
+            bytes = 0;
+        }
+    }
+    wb.put(META_APPLIED.to_vec(), encode(&meta.last_log_id)?);
+    wb.put(META_MEMBERSHIP.to_vec(), encode(&meta.last_membership)?);
+    wb.put(META_SNAPSHOT.to_vec(), encode(&StoredSnapshot { meta: meta.clone(), file: name.to_string() })?);
+    wb.delete(META_INSTALLING.to_vec());
+    kv.apply(wb)?;
+    kv.flush()
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
+    /// Streams every state key except the meta keys into a file. Apply waits meanwhile (sled
+    /// has no point-in-time iterator), which bounds how often snapshots should be taken.
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
+        let guard = self.lock.clone().lock_owned().await;
         let last = self.view.last_applied().map_err(sio)?;
         let meta = SnapshotMeta {
             last_log_id: last,
             last_membership: self.membership().map_err(sio)?,
-            snapshot_id: format!("{}", last.map_or(0, |l| l.index)),
+            snapshot_id: format!("{}-{}", last.map_or(0, |l| l.index), last.map_or(0, |l| l.leader_id.term)),
         };
-        let stored = StoredSnapshot { meta: meta.clone(), data: data.clone() };
-        let mut wb = WriteBatch::default();
-        wb.put(META_SNAPSHOT.to_vec(), encode(&stored).map_err(sio)?);
-        self.view.kv.apply(wb).map_err(sio)?;
-        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
+        let sm = self.clone();
+        let m = meta.clone();
+        let path = tokio::task::spawn_blocking(move || -> io::Result<PathBuf> {
+            let _guard = guard;
+            let kv = sm.view.kv.as_ref();
+            let mut w = crate::snapshot::Writer::create(&sm.view.snap_dir, &m)?;
+            for entry in kv.scan_prefix_shared(b"") {
+                let (k, v) = entry?;
+                if !k.starts_with(b"m/") {
+                    w.record(&k, (*v).as_ref())?;
+                }
+            }
+            // The frontier is state too (not a snapshot-meta key): keep it.
+            w.record(META_FRONTIER, &encode(&sm.view.frontier()?)?)?;
+            let path = w.finish()?;
+            let mut wb = WriteBatch::default();
+            let file = crate::snapshot::file_name(&m);
+            wb.put(META_SNAPSHOT.to_vec(), encode(&StoredSnapshot { meta: m, file })?);
+            kv.apply(wb)?;
+            kv.flush()?;
+            sm.remove_stale_files()?;
+            Ok(path)
+        })
+        .await
+        .map_err(|e| sio(io::Error::other(e.to_string())))?
+        .map_err(sio)?;
+        let file = tokio::fs::File::open(&path).await.map_err(sio)?;
+        Ok(Snapshot { meta, snapshot: Box::new(file) })
     }
 }

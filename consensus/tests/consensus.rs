@@ -25,7 +25,9 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Bui
             db.tree("raft_log").map_err(|e| openraft::StorageIOError::write(&e))?,
             db.tree("raft_meta").map_err(|e| openraft::StorageIOError::write(&e))?,
         );
-        let sm = StateMachine::new(db.tree("state").map_err(|e| openraft::StorageIOError::write(&e))?);
+        let state = db.tree("state").map_err(|e| openraft::StorageIOError::write(&e))?;
+        let sm =
+            StateMachine::open(state, dir.path().join("snapshots")).map_err(|e| openraft::StorageIOError::write(&e))?;
         Ok((dir, log, sm))
     }
 }
@@ -75,7 +77,8 @@ async fn fresh() -> (tempfile::TempDir, StateMachine, Arc<dyn KvStore>) {
     let dir = tempfile::tempdir().unwrap();
     let db = SledDb::open(dir.path()).unwrap();
     let tree = db.tree("state").unwrap();
-    (dir, StateMachine::new(tree.clone()), tree)
+    let sm = StateMachine::open(tree.clone(), dir.path().join("snapshots")).unwrap();
+    (dir, sm, tree)
 }
 
 fn scenario(k: &SigningKey) -> Vec<Entry<TypeConfig>> {
@@ -221,7 +224,7 @@ mod model {
 
     fn open(dir: &std::path::Path) -> StateMachine {
         let db = SledDb::open(dir).unwrap();
-        StateMachine::new(db.tree("state").unwrap())
+        StateMachine::open(db.tree("state").unwrap(), dir.join("snapshots")).unwrap()
     }
 
     proptest! {

@@ -108,7 +108,7 @@ fn bundle(
 
 pub async fn instance(req: HttpRequest, path: web::Path<(String, String)>, state: web::Data<AppState>) -> HttpResponse {
     let (rtype, id) = path.into_inner();
-    if let Err(e) = state.repo.linearize().await {
+    if let Err(e) = super::read_barrier(&req, &state.repo).await {
         return respond(&req, |_| Err(e));
     }
     respond(&req, |f| {
@@ -167,7 +167,7 @@ fn walk(
 
 pub async fn type_level(req: HttpRequest, path: web::Path<String>, state: web::Data<AppState>) -> HttpResponse {
     let rtype = path.into_inner();
-    if let Err(e) = state.repo.linearize().await {
+    if let Err(e) = super::read_barrier(&req, &state.repo).await {
         return respond(&req, |_| Err(e));
     }
     respond(&req, |f| {
@@ -179,7 +179,7 @@ pub async fn type_level(req: HttpRequest, path: web::Path<String>, state: web::D
 }
 
 pub async fn system(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
-    if let Err(e) = state.repo.linearize().await {
+    if let Err(e) = super::read_barrier(&req, &state.repo).await {
         return respond(&req, |_| Err(e));
     }
     respond(&req, |f| {

@@ -43,7 +43,7 @@ fn parameters(parameter: Vec<Json>) -> Json {
 }
 
 pub async fn head(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
-    if let Err(e) = state.repo.linearize().await {
+    if let Err(e) = super::read_barrier(&req, &state.repo).await {
         return respond(&req, |_| Err(e));
     }
     respond(&req, |f| Ok(json_response(200, &parameters(signed_head(&state.repo)?.to_parts()), f)))
@@ -72,7 +72,7 @@ pub async fn version_proof(
     state: web::Data<AppState>,
 ) -> HttpResponse {
     let (rtype, id, vid, op) = path.into_inner();
-    if let Err(e) = state.repo.linearize().await {
+    if let Err(e) = super::read_barrier(&req, &state.repo).await {
         return respond(&req, |_| Err(e));
     }
     respond(&req, |f| {
@@ -101,7 +101,7 @@ fn number(params: &[(String, String)], name: &str) -> Result<u64, FhirError> {
 
 /// `GET /ledger/proof?leaf=N`
 pub async fn leaf_proof(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
-    if let Err(e) = state.repo.linearize().await {
+    if let Err(e) = super::read_barrier(&req, &state.repo).await {
         return respond(&req, |_| Err(e));
     }
     respond(&req, |f| {
@@ -112,7 +112,7 @@ pub async fn leaf_proof(req: HttpRequest, state: web::Data<AppState>) -> HttpRes
 
 /// `GET /ledger/consistency?first=N&second=M` (`second` defaults to the current size).
 pub async fn consistency(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
-    if let Err(e) = state.repo.linearize().await {
+    if let Err(e) = super::read_barrier(&req, &state.repo).await {
         return respond(&req, |_| Err(e));
     }
     respond(&req, |f| {
@@ -146,7 +146,7 @@ pub async fn consistency(req: HttpRequest, state: web::Data<AppState>) -> HttpRe
 /// `GET /ledger/entries?from=N&_count=M`: leaf headers in order, for auditors. Headers only
 /// (type, id, version, time, actor, operation, ciphertext digest): never resource content.
 pub async fn entries(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
-    if let Err(e) = state.repo.linearize().await {
+    if let Err(e) = super::read_barrier(&req, &state.repo).await {
         return respond(&req, |_| Err(e));
     }
     respond(&req, |f| {

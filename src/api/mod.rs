@@ -1,6 +1,7 @@
 //! The HTTP layer: routes, content negotiation and the mapping of every outcome to FHIR
 //! responses. `create_app` builds the whole service so tests can drive it in-process.
 
+pub mod admin;
 pub mod bundle;
 pub mod history;
 pub mod interactions;
@@ -12,7 +13,7 @@ use std::sync::Arc;
 
 use actix_web::http::header::{self, HeaderMap};
 use actix_web::http::StatusCode;
-use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web::{web, HttpMessage, HttpRequest, HttpResponse};
 use futures::StreamExt;
 
 use crate::error::FhirError;
@@ -25,10 +26,39 @@ pub const MAX_DEPTH: usize = 128;
 pub struct AppState {
     pub repo: Arc<Repo>,
     pub max_body_bytes: usize,
+    pub admin: admin::AdminConfig,
 }
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.route("/metadata", web::get().to(metadata::capability_statement))
+    admin::configure(cfg);
+    cfg.service(fhir_routes());
+}
+
+fn fhir_routes() -> actix_web::Scope<
+    impl actix_web::dev::ServiceFactory<
+        actix_web::dev::ServiceRequest,
+        Config = (),
+        Response = actix_web::dev::ServiceResponse,
+        Error = actix_web::Error,
+        InitError = (),
+    >,
+> {
+    use actix_web::dev::Service;
+    web::scope("")
+        .wrap_fn(|req, srv| {
+            let fut = srv.call(req);
+            async move {
+                let mut res = fut.await?;
+                let stale = res.request().extensions().get::<Staleness>().copied();
+                if let Some(Staleness(d)) = stale {
+                    if let Ok(v) = header::HeaderValue::from_str(&d.as_millis().to_string()) {
+                        res.headers_mut().insert(header::HeaderName::from_static(STALENESS_HEADER), v);
+                    }
+                }
+                Ok(res)
+            }
+        })
+        .route("/metadata", web::get().to(metadata::capability_statement))
         .route("/health", web::get().to(health))
         .route("/", web::post().to(bundle::batch_or_transaction))
         .route("/_history", web::get().to(history::system))
@@ -50,7 +80,41 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/{type}/{id}/_history", web::get().to(history::instance))
         .route("/{type}/{id}/_history/{vid}", web::get().to(resource::vread))
         .route("/{type}/{id}/_history/{vid}/{op}", web::get().to(ledger::version_proof))
-        .default_service(web::to(not_found));
+        .default_service(web::to(not_found))
+}
+
+/// The read barrier of a read interaction: linearizable by default; with
+/// `Cache-Control: max-stale=N` (seconds), served from this node's state when it is at most N
+/// seconds behind, and then says how far in `X-Ledger-Staleness-Ms`.
+pub async fn read_barrier(req: &HttpRequest, repo: &Repo) -> Result<(), FhirError> {
+    let max_stale = max_stale(req.headers())?;
+    if let Some(stale) = repo.read_barrier(max_stale).await? {
+        req.extensions_mut().insert(Staleness(stale));
+    }
+    Ok(())
+}
+
+/// How stale the state a response was read from may be (set by [`read_barrier`]).
+#[derive(Clone, Copy)]
+pub struct Staleness(pub std::time::Duration);
+
+pub const STALENESS_HEADER: &str = "x-ledger-staleness-ms";
+
+fn max_stale(headers: &HeaderMap) -> Result<Option<std::time::Duration>, FhirError> {
+    for value in headers.get_all(header::CACHE_CONTROL) {
+        let Ok(text) = value.to_str() else { continue };
+        for directive in text.split(',').map(str::trim) {
+            let Some(v) = directive.strip_prefix("max-stale") else { continue };
+            let v = v.trim_start();
+            // `max-stale` without a value accepts any staleness (RFC 9111 5.2.1.2).
+            let Some(secs) = v.strip_prefix('=') else { return Ok(Some(std::time::Duration::MAX)) };
+            let secs: u64 = secs.trim().trim_matches('"').parse().map_err(|_| {
+                FhirError::invalid(format!("Cache-Control max-stale={secs}: expected a number of seconds"))
+            })?;
+            return Ok(Some(std::time::Duration::from_secs(secs)));
+        }
+    }
+    Ok(None)
 }
 
 async fn health() -> HttpResponse {

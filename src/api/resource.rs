@@ -282,7 +282,7 @@ pub async fn read(req: HttpRequest, path: web::Path<(String, String)>, state: we
         let f = Format::negotiate(&req)?;
         check_type(&state.repo, &rtype)?;
         check_id(&id).map_err(|_| FhirError::not_found(&format!("{rtype}/{id}")))?;
-        state.repo.linearize().await?;
+        super::read_barrier(&req, &state.repo).await?;
         let s = match state.repo.read(&rtype, &id) {
             Err(e) if e.status == 410 => {
                 // A deleted resource still tells its ETag, as HAPI and Blaze do.
@@ -339,7 +339,7 @@ pub async fn vread(
         let what = format!("{rtype}/{id}/_history/{vid}");
         let version: u64 = vid.parse().map_err(|_| FhirError::not_found(&what))?;
         check_id(&id).map_err(|_| FhirError::not_found(&what))?;
-        state.repo.linearize().await?;
+        super::read_barrier(&req, &state.repo).await?;
         let s = state.repo.vread(&rtype, &id, version)?;
         if s.deleted {
             return Err(FhirError::gone(&what));
@@ -381,7 +381,7 @@ async fn respond_search(
     if let Err(e) = check_type(&state.repo, rtype) {
         return finish(req, Err(e));
     }
-    if let Err(e) = state.repo.linearize().await {
+    if let Err(e) = super::read_barrier(req, &state.repo).await {
         return finish(req, Err(e));
     }
     respond(req, |f| {

@@ -99,6 +99,18 @@ impl Repo {
         self.ledger.linearize().await.map_err(FhirError::unavailable)
     }
 
+    /// See [`consensus::Ledger::read_barrier`].
+    pub async fn read_barrier(
+        &self,
+        max_stale: Option<std::time::Duration>,
+    ) -> Result<Option<std::time::Duration>, FhirError> {
+        self.ledger.read_barrier(max_stale).await.map_err(FhirError::unavailable)
+    }
+
+    pub fn ledger(&self) -> &consensus::Ledger {
+        &self.ledger
+    }
+
     /// The current version; 404 if never written, 410 if deleted.
     pub fn read(&self, rtype: &str, id: &str) -> Result<Stored, FhirError> {
         let what = format!("{rtype}/{id}");

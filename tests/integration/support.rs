@@ -35,7 +35,7 @@ pub async fn repo(dir: &Path) -> Arc<Repo> {
 pub async fn app(
     repo: Arc<Repo>,
 ) -> impl Service<actix_http::Request, Response = ServiceResponse, Error = actix_web::Error> {
-    let state = web::Data::new(AppState { repo, max_body_bytes: 1024 * 1024 });
+    let state = web::Data::new(AppState { repo, max_body_bytes: 1024 * 1024, admin: Default::default() });
     test::init_service(App::new().app_data(state).configure(api::configure)).await
 }
 

@@ -1,0 +1,169 @@
+//! Cluster administration over openraft's joint consensus: initialize a cluster, trust a node
+//! about to join, add a learner, promote it, remove a node, and report status.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use openraft::error::{ClientWriteError, InitializeError, RaftError};
+use openraft::ChangeMembers;
+use serde::Serialize;
+
+use crate::{Ledger, Node, NodeId};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("this node is not the leader; ask node {leader:?} at {api_addr:?}")]
+    NotLeader { leader: Option<NodeId>, api_addr: Option<String> },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// One member's replication as the leader sees it.
+#[derive(Serialize, Debug)]
+pub struct Replication {
+    /// Highest log index known to be on that node.
+    pub matched: Option<u64>,
+    /// Entries it is behind the leader's log.
+    pub lag: Option<u64>,
+}
+
+/// What `cluster status` shows for one node.
+#[derive(Serialize, Debug)]
+pub struct Status {
+    pub node_id: NodeId,
+    pub state: String,
+    pub term: u64,
+    pub leader: Option<NodeId>,
+    pub leader_api: Option<String>,
+    pub last_log_index: Option<u64>,
+    pub last_applied: Option<u64>,
+    /// Last log index covered by this node's snapshot (built or installed).
+    pub snapshot: Option<u64>,
+    /// Log entries up to this index were compacted away.
+    pub purged: Option<u64>,
+    pub voters: BTreeSet<NodeId>,
+    pub learners: BTreeSet<NodeId>,
+    /// True while a membership change is between its two configurations.
+    pub joint: bool,
+    pub nodes: BTreeMap<NodeId, Node>,
+    /// Leader only: each member's matched index and lag.
+    pub replication: Option<BTreeMap<NodeId, Replication>>,
+    /// Leader: ms since a quorum acknowledged it; follower: ms since the leader reached it.
+    pub staleness_ms: Option<u64>,
+    /// Inter-node connections and frames refused (bad key, not a member, replay).
+    pub refused_rpcs: u64,
+}
+
+fn write_err(e: RaftError<NodeId, ClientWriteError<NodeId, Node>>) -> AdminError {
+    match e {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
+            AdminError::NotLeader { leader: f.leader_id, api_addr: f.leader_node.map(|n| n.api_addr) }
+        }
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(c)) => AdminError::Invalid(c.to_string()),
+        e => AdminError::Failed(e.to_string()),
+    }
+}
+
+impl Ledger {
+    /// This node as a membership would list it.
+    pub fn this_node(&self) -> Node {
+        self.me.clone()
+    }
+
+    /// Creates the cluster with `members` as its voters (this node must be one of them). Run
+    /// once, on one node; the others must trust this node's key first (see [`Ledger::trust`]).
+    pub async fn initialize(&self, members: BTreeMap<NodeId, Node>) -> Result<(), AdminError> {
+        if !members.contains_key(&self.node_id) {
+            return Err(AdminError::Invalid(format!("the members must include this node ({})", self.node_id)));
+        }
+        for (id, n) in &members {
+            if crate::transport::parse_key(&n.public_key).is_none() || n.raft_addr.is_empty() {
+                return Err(AdminError::Invalid(format!("node {id} needs a raft address and a valid public key")));
+            }
+        }
+        self.raft.initialize(members).await.map_err(|e| match e {
+            RaftError::APIError(InitializeError::NotAllowed(n)) => {
+                AdminError::Invalid(format!("this node already belongs to a cluster: {n}"))
+            }
+            e => AdminError::Failed(e.to_string()),
+        })
+    }
+
+    /// Lets a node that has no membership yet accept RPCs from `id` holding `public_key`
+    /// (the leader that will add it, or the node that will initialize the cluster).
+    pub fn trust(&self, id: NodeId, public_key: &str) -> Result<(), AdminError> {
+        let key = crate::transport::parse_key(public_key)
+            .ok_or_else(|| AdminError::Invalid("public_key must be 64 hex digits of an ed25519 key".into()))?;
+        self.transport.trust(id, key);
+        Ok(())
+    }
+
+    /// Adds `node` as a learner and waits until it has caught up (by log or by snapshot).
+    pub async fn add_learner(&self, id: NodeId, node: Node) -> Result<(), AdminError> {
+        if crate::transport::parse_key(&node.public_key).is_none() || node.raft_addr.is_empty() {
+            return Err(AdminError::Invalid(format!("node {id} needs a raft address and a valid public key")));
+        }
+        self.raft.add_learner(id, node, true).await.map(|_| ()).map_err(write_err)
+    }
+
+    /// Makes learners voters (joint consensus: old and new voter sets both agree on the change).
+    pub async fn promote(&self, ids: BTreeSet<NodeId>) -> Result<(), AdminError> {
+        self.raft.change_membership(ChangeMembers::AddVoterIds(ids), true).await.map(|_| ()).map_err(write_err)
+    }
+
+    /// Removes a node: first from the voters (if it is one), then from the membership.
+    pub async fn remove(&self, id: NodeId) -> Result<(), AdminError> {
+        let voters: BTreeSet<NodeId> =
+            self.raft.metrics().borrow().membership_config.membership().voter_ids().collect();
+        if voters.contains(&id) {
+            if voters.len() == 1 {
+                return Err(AdminError::Invalid("cannot remove the last voter".into()));
+            }
+            self.raft
+                .change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), false)
+                .await
+                .map_err(write_err)?;
+        } else {
+            self.raft
+                .change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])), false)
+                .await
+                .map_err(write_err)?;
+        }
+        Ok(())
+    }
+
+    pub fn status(&self) -> Status {
+        let m = self.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let nodes: BTreeMap<NodeId, Node> = membership.nodes().map(|(id, n)| (*id, n.clone())).collect();
+        let last = m.last_log_index;
+        let replication = m.replication.as_ref().map(|r| {
+            r.iter()
+                .map(|(id, matched)| {
+                    let matched = matched.map(|l| l.index);
+                    let lag = last.map(|l| l.saturating_sub(matched.unwrap_or(0)));
+                    (*id, Replication { matched, lag })
+                })
+                .collect()
+        });
+        Status {
+            node_id: self.node_id,
+            state: format!("{:?}", m.state),
+            term: m.current_term,
+            leader: m.current_leader,
+            leader_api: m.current_leader.and_then(|l| nodes.get(&l)).map(|n| n.api_addr.clone()),
+            last_log_index: last,
+            last_applied: m.last_applied.map(|l| l.index),
+            snapshot: m.snapshot.map(|l| l.index),
+            purged: m.purged.map(|l| l.index),
+            voters: membership.voter_ids().collect(),
+            learners: membership.learner_ids().collect(),
+            joint: membership.get_joint_config().len() > 1,
+            nodes,
+            replication,
+            staleness_ms: self.staleness().map(|d| d.as_millis() as u64),
+            refused_rpcs: self.transport.refused.load(std::sync::atomic::Ordering::Relaxed),
+        }
+    }
+}

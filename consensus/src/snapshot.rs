@@ -1,0 +1,212 @@
+//! Snapshots as files, streamed: built by scanning the state tree into a file, sent to a
+//! follower in chunks by openraft, received into a file and loaded from it in bounded batches.
+//! Nothing holds a whole snapshot in memory.
+//!
+//! Layout (format 1): `FHLSNAP\0`, format u16, meta (u32 length + bincode), then records
+//! `u32 key length, key, u32 value length, value`, a key length of `u32::MAX` to end them, and
+//! the SHA-256 of every preceding byte. The trailer lets a receiver refuse a damaged transfer
+//! before it clears its state.
+
+use std::fs::{self, File};
+use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+
+use openraft::SnapshotMeta;
+use sha2::{Digest, Sha256};
+
+use crate::{Node, NodeId};
+
+const MAGIC: &[u8; 8] = b"FHLSNAP\0";
+pub const FORMAT: u16 = 1;
+const END: u32 = u32::MAX;
+/// Largest key or value a snapshot may hold (a value is one resource version or less).
+const MAX_ITEM: usize = 256 * 1024 * 1024;
+
+pub type Meta = SnapshotMeta<NodeId, Node>;
+
+fn invalid(msg: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg.into())
+}
+
+/// The file a snapshot with this id is kept in.
+pub fn file_name(meta: &Meta) -> String {
+    let safe: String = meta.snapshot_id.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').collect();
+    format!("snap-{safe}.bin")
+}
+
+struct Hashing<W> {
+    inner: W,
+    hasher: Sha256,
+}
+
+impl<W: Write> Write for Hashing<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+pub struct Writer {
+    out: Hashing<BufWriter<File>>,
+    tmp: PathBuf,
+    path: PathBuf,
+}
+
+impl Writer {
+    /// Starts `dir/<file_name(meta)>`, written under a temporary name until [`Writer::finish`].
+    pub fn create(dir: &Path, meta: &Meta) -> io::Result<Self> {
+        fs::create_dir_all(dir)?;
+        let path = dir.join(file_name(meta));
+        let tmp = path.with_extension("tmp");
+        let mut out = Hashing { inner: BufWriter::with_capacity(1 << 20, File::create(&tmp)?), hasher: Sha256::new() };
+        out.write_all(MAGIC)?;
+        out.write_all(&FORMAT.to_be_bytes())?;
+        let meta = bincode::serialize(meta).map_err(|e| invalid(e.to_string()))?;
+        out.write_all(&(meta.len() as u32).to_be_bytes())?;
+        out.write_all(&meta)?;
+        Ok(Self { out, tmp, path })
+    }
+
+    pub fn record(&mut self, key: &[u8], value: &[u8]) -> io::Result<()> {
+        if key.len() > MAX_ITEM || value.len() > MAX_ITEM {
+            return Err(invalid("state entry too large for a snapshot"));
+        }
+        self.out.write_all(&(key.len() as u32).to_be_bytes())?;
+        self.out.write_all(key)?;
+        self.out.write_all(&(value.len() as u32).to_be_bytes())?;
+        self.out.write_all(value)
+    }
+
+    /// Seals the file, makes it durable and gives it its final name.
+    pub fn finish(mut self) -> io::Result<PathBuf> {
+        self.out.write_all(&END.to_be_bytes())?;
+        let digest = self.out.hasher.finalize_reset();
+        let mut file = self.out.inner.into_inner().map_err(|e| e.into_error())?;
+        file.write_all(&digest)?;
+        file.sync_all()?;
+        fs::rename(&self.tmp, &self.path)?;
+        sync_dir(self.path.parent().unwrap_or(Path::new(".")))?;
+        Ok(self.path)
+    }
+}
+
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+struct HashingReader<R> {
+    inner: R,
+    hasher: Sha256,
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+/// Reads a snapshot's records in order; the last call checks the trailer.
+pub struct Reader<R: Read> {
+    input: HashingReader<BufReader<R>>,
+    done: bool,
+}
+
+fn read_u32(r: &mut impl Read) -> io::Result<u32> {
+    let mut b = [0u8; 4];
+    r.read_exact(&mut b)?;
+    Ok(u32::from_be_bytes(b))
+}
+
+fn read_item(r: &mut impl Read, len: u32) -> io::Result<Vec<u8>> {
+    let len = len as usize;
+    if len > MAX_ITEM {
+        return Err(invalid(format!("item of {len} bytes exceeds the snapshot limit")));
+    }
+    let mut v = vec![0u8; len];
+    r.read_exact(&mut v)?;
+    Ok(v)
+}
+
+impl<R: Read> Reader<R> {
+    pub fn new(input: R) -> io::Result<(Self, Meta)> {
+        let mut input = HashingReader { inner: BufReader::with_capacity(1 << 20, input), hasher: Sha256::new() };
+        let mut magic = [0u8; 8];
+        input.read_exact(&mut magic)?;
+        if &magic != MAGIC {
+            return Err(invalid("not a fhir-ledger snapshot"));
+        }
+        let mut format = [0u8; 2];
+        input.read_exact(&mut format)?;
+        if u16::from_be_bytes(format) != FORMAT {
+            return Err(invalid(format!("snapshot format {} is not {FORMAT}", u16::from_be_bytes(format))));
+        }
+        let len = read_u32(&mut input)?;
+        let meta = bincode::deserialize(&read_item(&mut input, len)?).map_err(|e| invalid(e.to_string()))?;
+        Ok((Self { input, done: false }, meta))
+    }
+
+    /// The next (key, value); None after the last one once the trailer checked out.
+    pub fn next_record(&mut self) -> io::Result<Option<(Vec<u8>, Vec<u8>)>> {
+        if self.done {
+            return Ok(None);
+        }
+        let klen = read_u32(&mut self.input)?;
+        if klen == END {
+            let expected = self.input.hasher.clone().finalize();
+            let mut trailer = [0u8; 32];
+            self.input.inner.read_exact(&mut trailer)?;
+            if trailer[..] != expected[..] {
+                return Err(invalid("snapshot checksum does not match its content"));
+            }
+            self.done = true;
+            return Ok(None);
+        }
+        let key = read_item(&mut self.input, klen)?;
+        let vlen = read_u32(&mut self.input)?;
+        Ok(Some((key, read_item(&mut self.input, vlen)?)))
+    }
+}
+
+/// Reads a whole snapshot file only to check it (format and trailer), in bounded memory.
+pub fn check(path: &Path) -> io::Result<Meta> {
+    let (mut r, meta) = Reader::new(File::open(path)?)?;
+    while r.next_record()?.is_some() {}
+    Ok(meta)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(id: &str) -> Meta {
+        SnapshotMeta { last_log_id: None, last_membership: Default::default(), snapshot_id: id.into() }
+    }
+
+    #[test]
+    fn round_trip_and_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = Writer::create(dir.path(), &meta("7-1")).unwrap();
+        w.record(b"a", b"one").unwrap();
+        w.record(b"b", &vec![5u8; 100_000]).unwrap();
+        let path = w.finish().unwrap();
+        assert_eq!(check(&path).unwrap().snapshot_id, "7-1");
+        let (mut r, _) = Reader::new(File::open(&path).unwrap()).unwrap();
+        assert_eq!(r.next_record().unwrap().unwrap(), (b"a".to_vec(), b"one".to_vec()));
+        assert_eq!(r.next_record().unwrap().unwrap().1.len(), 100_000);
+        assert!(r.next_record().unwrap().is_none());
+        let mut bytes = fs::read(&path).unwrap();
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 1;
+        fs::write(&path, &bytes).unwrap();
+        assert!(check(&path).is_err(), "a flipped byte fails the trailer");
+        bytes.truncate(mid);
+        fs::write(&path, &bytes).unwrap();
+        assert!(check(&path).is_err(), "a truncated transfer fails");
+    }
+}

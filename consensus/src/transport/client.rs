@@ -1,0 +1,212 @@
+//! The sending half: openraft's network factory over signed TCP sessions, and a small pool of
+//! sessions for forwarding writes and read-index requests to the leader.
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, Unreachable};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
+    VoteResponse,
+};
+use tokio::io::BufStream;
+use tokio::net::TcpStream;
+
+use super::wire::{self, Session};
+use super::{parse_key, Reply, Rpc, Shared};
+use crate::{Node, NodeId, TypeConfig};
+
+/// One authenticated connection to a peer.
+pub struct Conn {
+    stream: BufStream<TcpStream>,
+    session: Session,
+}
+
+impl Conn {
+    pub async fn connect(shared: &Shared, target: NodeId, node: &Node) -> io::Result<Self> {
+        if shared.is_isolated(target) {
+            return Err(io::Error::new(io::ErrorKind::NotConnected, format!("node {target} is isolated")));
+        }
+        let key = parse_key(&node.public_key).ok_or_else(|| {
+            io::Error::new(io::ErrorKind::InvalidData, format!("node {target} has no valid public key in membership"))
+        })?;
+        let tcp = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(&node.raft_addr))
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("connect to {}", node.raft_addr)))??;
+        tcp.set_nodelay(true)?;
+        let mut stream = BufStream::new(tcp);
+        let session = wire::client_handshake(&mut stream, shared.me, &shared.key, target, &key).await?;
+        Ok(Self { stream, session })
+    }
+
+    /// Sends one request and reads its reply (requests on one connection are sequential).
+    pub async fn call(&mut self, rpc: &Rpc) -> io::Result<Reply> {
+        let body = bincode::serialize(rpc).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+        let frame = self.session.seal(body);
+        self.send_frame(&frame).await?;
+        let reply: wire::Frame = wire::read_msg(&mut self.stream, wire::MAX_FRAME).await?;
+        let body = self.session.open(reply)?;
+        bincode::deserialize(&body).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))
+    }
+
+    /// Sends an already sealed frame as is (tests replay frames through this).
+    pub async fn send_frame(&mut self, frame: &wire::Frame) -> io::Result<()> {
+        wire::write_msg(&mut self.stream, frame).await
+    }
+
+    pub fn session(&mut self) -> &mut Session {
+        &mut self.session
+    }
+
+    /// Reads one reply frame without interpreting it.
+    pub async fn read_reply(&mut self) -> io::Result<Reply> {
+        let reply: wire::Frame = wire::read_msg(&mut self.stream, wire::MAX_FRAME).await?;
+        let body = self.session.open(reply)?;
+        bincode::deserialize(&body).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))
+    }
+}
+
+/// openraft's factory: one [`PeerClient`] per replication stream.
+#[derive(Clone)]
+pub struct Network {
+    pub shared: Arc<Shared>,
+}
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = PeerClient;
+    async fn new_client(&mut self, target: NodeId, node: &Node) -> PeerClient {
+        PeerClient { shared: self.shared.clone(), target, node: node.clone(), conn: None }
+    }
+}
+
+pub struct PeerClient {
+    shared: Arc<Shared>,
+    target: NodeId,
+    node: Node,
+    conn: Option<Conn>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Remote(String);
+
+impl PeerClient {
+    async fn call<E: std::error::Error>(
+        &mut self,
+        rpc: Rpc,
+        ttl: Duration,
+    ) -> Result<Reply, RPCError<NodeId, Node, E>> {
+        let conn = match self.conn.take() {
+            Some(c) if !self.shared.is_isolated(self.target) => c,
+            _ => Conn::connect(&self.shared, self.target, &self.node)
+                .await
+                .map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?,
+        };
+        let mut conn = conn;
+        match tokio::time::timeout(ttl, conn.call(&rpc)).await {
+            Ok(Ok(reply)) => {
+                self.conn = Some(conn);
+                Ok(reply)
+            }
+            // The session's state is unknown after an error or a timeout: drop it.
+            Ok(Err(e)) => Err(RPCError::Network(NetworkError::new(&e))),
+            Err(_) => Err(RPCError::Network(NetworkError::new(&Remote(format!(
+                "no reply from node {} within {ttl:?}",
+                self.target
+            ))))),
+        }
+    }
+}
+
+fn unexpected<E: std::error::Error>(reply: Reply) -> RPCError<NodeId, Node, E> {
+    let msg = match reply {
+        Reply::Failed(m) => m,
+        other => format!("unexpected reply {other:?}"),
+    };
+    RPCError::Network(NetworkError::new(&Remote(msg)))
+}
+
+impl RaftNetwork<TypeConfig> for PeerClient {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, Node, RaftError<NodeId>>> {
+        match self.call(Rpc::AppendEntries(rpc), option.hard_ttl()).await? {
+            Reply::AppendEntries(r) => Ok(r),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<InstallSnapshotResponse<NodeId>, RPCError<NodeId, Node, RaftError<NodeId, InstallSnapshotError>>> {
+        match self.call(Rpc::InstallSnapshot(rpc), option.hard_ttl()).await? {
+            Reply::InstallSnapshot(r) => Ok(r),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, Node, RaftError<NodeId>>> {
+        match self.call(Rpc::Vote(rpc), option.hard_ttl()).await? {
+            Reply::Vote(r) => Ok(r),
+            other => Err(unexpected(other)),
+        }
+    }
+}
+
+/// Idle sessions per peer for requests that are not openraft's (forwarded writes, read index).
+#[derive(Clone)]
+pub struct Pool {
+    shared: Arc<Shared>,
+    idle: Arc<Mutex<HashMap<NodeId, Vec<Conn>>>>,
+}
+
+/// Most idle sessions kept per peer.
+const IDLE_PER_PEER: usize = 16;
+
+impl Pool {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Self { shared, idle: Arc::default() }
+    }
+
+    /// One request to `target`. An error means the outcome is unknown (the request may have been
+    /// delivered), except for a connect error, after which nothing was sent.
+    pub async fn call(&self, target: NodeId, node: &Node, rpc: &Rpc, ttl: Duration) -> Result<Reply, CallError> {
+        let idle = self.idle.lock().ok().and_then(|mut m| m.get_mut(&target).and_then(Vec::pop));
+        let mut conn = match idle {
+            Some(c) if !self.shared.is_isolated(target) => c,
+            _ => Conn::connect(&self.shared, target, node).await.map_err(CallError::NotSent)?,
+        };
+        match tokio::time::timeout(ttl, conn.call(rpc)).await {
+            Ok(Ok(reply)) => {
+                if let Ok(mut m) = self.idle.lock() {
+                    let v = m.entry(target).or_default();
+                    if v.len() < IDLE_PER_PEER {
+                        v.push(conn);
+                    }
+                }
+                Ok(reply)
+            }
+            Ok(Err(e)) => Err(CallError::Unknown(e.to_string())),
+            Err(_) => Err(CallError::Unknown(format!("no reply from node {target} within {ttl:?}"))),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    #[error("could not reach the node: {0}")]
+    NotSent(io::Error),
+    #[error("{0}")]
+    Unknown(String),
+}

@@ -1,0 +1,126 @@
+//! The inter-node transport: openraft's RPCs plus write forwarding and read-index requests,
+//! over TCP on a listener separate from the FHIR API, every frame signed (see [`wire`]).
+
+pub mod client;
+pub mod server;
+pub mod wire;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
+
+use ed25519_dalek::{SigningKey, VerifyingKey};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
+    VoteResponse,
+};
+use openraft::LogId;
+use serde::{Deserialize, Serialize};
+
+use crate::command::{BatchOutcome, SignedBatch};
+use crate::{NodeId, TypeConfig};
+
+/// What one node asks another.
+#[derive(Serialize, Deserialize, Debug)]
+#[allow(clippy::large_enum_variant)]
+pub enum Rpc {
+    AppendEntries(AppendEntriesRequest<TypeConfig>),
+    Vote(VoteRequest<NodeId>),
+    InstallSnapshot(InstallSnapshotRequest<TypeConfig>),
+    /// A follower's signed batch for the leader to propose.
+    Forward(SignedBatch),
+    /// A follower asks the leader for a log id that a linearizable read must wait for.
+    ReadIndex,
+}
+
+#[derive(Serialize, Deserialize, Debug)]
+pub enum Reply {
+    AppendEntries(AppendEntriesResponse<NodeId>),
+    Vote(VoteResponse<NodeId>),
+    InstallSnapshot(InstallSnapshotResponse<NodeId>),
+    Written {
+        log_id: LogId<NodeId>,
+        outcome: BatchOutcome,
+    },
+    ReadIndex(Option<LogId<NodeId>>),
+    /// The receiver is not the leader; it names the one it knows of.
+    NotLeader {
+        leader: Option<NodeId>,
+    },
+    Failed(String),
+}
+
+/// State the client and server halves share.
+pub struct Shared {
+    pub me: NodeId,
+    pub key: SigningKey,
+    /// Keys an uninitialized node trusts until it holds a membership of its own (set by the
+    /// admin `trust` call when a node is about to be added).
+    bootstrap: RwLock<BTreeMap<NodeId, VerifyingKey>>,
+    /// Peers this node neither sends to nor accepts from (fault injection for partition tests;
+    /// only settable when the node was started with fault injection enabled).
+    isolated: RwLock<BTreeSet<NodeId>>,
+    started: Instant,
+    /// Milliseconds after `started` when an AppendEntries from a leader last succeeded.
+    leader_contact_ms: AtomicU64,
+    /// RPCs and handshakes refused (bad signature, unknown node, replay, isolation).
+    pub refused: AtomicU64,
+}
+
+impl Shared {
+    pub fn new(me: NodeId, key: SigningKey) -> Arc<Self> {
+        Arc::new(Self {
+            me,
+            key,
+            bootstrap: RwLock::default(),
+            isolated: RwLock::default(),
+            started: Instant::now(),
+            leader_contact_ms: AtomicU64::new(u64::MAX),
+            refused: AtomicU64::new(0),
+        })
+    }
+
+    pub fn trust(&self, node: NodeId, key: VerifyingKey) {
+        if let Ok(mut b) = self.bootstrap.write() {
+            b.insert(node, key);
+        }
+    }
+
+    pub(crate) fn bootstrap_key(&self, node: NodeId) -> Option<VerifyingKey> {
+        self.bootstrap.read().ok()?.get(&node).copied()
+    }
+
+    pub fn set_isolated(&self, peers: BTreeSet<NodeId>) {
+        if let Ok(mut i) = self.isolated.write() {
+            *i = peers;
+        }
+    }
+
+    pub fn isolated(&self) -> BTreeSet<NodeId> {
+        self.isolated.read().map(|i| i.clone()).unwrap_or_default()
+    }
+
+    pub fn is_isolated(&self, peer: NodeId) -> bool {
+        self.isolated.read().is_ok_and(|i| i.contains(&peer))
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    pub(crate) fn heard_from_leader(&self) {
+        self.leader_contact_ms.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    /// How long ago a leader last replicated to (or heartbeated) this node; None if never.
+    pub fn since_leader_contact(&self) -> Option<std::time::Duration> {
+        let at = self.leader_contact_ms.load(Ordering::Relaxed);
+        (at != u64::MAX).then(|| std::time::Duration::from_millis(self.now_ms().saturating_sub(at)))
+    }
+}
+
+pub(crate) fn parse_key(hex: &str) -> Option<VerifyingKey> {
+    let bytes: [u8; 32] = crate::state_machine::hex_decode(hex)?.try_into().ok()?;
+    VerifyingKey::from_bytes(&bytes).ok()
+}

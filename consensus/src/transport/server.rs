@@ -1,0 +1,119 @@
+//! The receiving half: accepts authenticated sessions from members and hands their RPCs to Raft.
+
+use std::sync::Arc;
+
+use ed25519_dalek::VerifyingKey;
+use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
+use openraft::raft::AppendEntriesResponse;
+use tokio::io::BufStream;
+use tokio::net::{TcpListener, TcpStream};
+
+use super::wire;
+use super::{parse_key, Reply, Rpc, Shared};
+use crate::{NodeId, Raft};
+
+/// Serves inter-node RPCs on `listener` until the process exits.
+pub fn spawn(listener: TcpListener, shared: Arc<Shared>, raft: Raft) {
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, peer)) = listener.accept().await else { continue };
+            let (shared, raft) = (shared.clone(), raft.clone());
+            tokio::spawn(async move {
+                if let Err(e) = serve(tcp, &shared, &raft).await {
+                    tracing::debug!(%peer, error = %e, "raft session ended");
+                }
+            });
+        }
+    });
+}
+
+/// The key a node may connect with: the one the membership lists, or while this node has no
+/// membership yet, the one an operator told it to trust.
+fn trusted_key(shared: &Shared, raft: &Raft, node: NodeId) -> Option<VerifyingKey> {
+    let metrics = raft.metrics();
+    let m = metrics.borrow();
+    let membership = m.membership_config.membership();
+    if membership.nodes().next().is_none() {
+        return shared.bootstrap_key(node);
+    }
+    membership.get_node(&node).and_then(|n| parse_key(&n.public_key))
+}
+
+async fn serve(tcp: TcpStream, shared: &Shared, raft: &Raft) -> std::io::Result<()> {
+    tcp.set_nodelay(true)?;
+    let mut stream = BufStream::new(tcp);
+    let mut session = match wire::server_handshake(&mut stream, shared.me, &shared.key, |n| {
+        if shared.is_isolated(n) {
+            return None;
+        }
+        trusted_key(shared, raft, n)
+    })
+    .await
+    {
+        Ok(s) => s,
+        Err(e) => {
+            shared.refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::warn!(error = %e, "refused a raft connection");
+            return Err(e);
+        }
+    };
+    loop {
+        let frame: wire::Frame = wire::read_msg(&mut stream, wire::MAX_FRAME).await?;
+        if shared.is_isolated(session.peer) {
+            return Ok(());
+        }
+        let body = match session.open(frame) {
+            Ok(b) => b,
+            Err(e) => {
+                shared.refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::warn!(peer = session.peer, error = %e, "refused a raft frame; closing the session");
+                return Err(e);
+            }
+        };
+        let reply = match bincode::deserialize::<Rpc>(&body) {
+            Ok(rpc) => dispatch(rpc, session.peer, shared, raft).await,
+            Err(e) => Reply::Failed(format!("undecodable request: {e}")),
+        };
+        let body = bincode::serialize(&reply).map_err(|e| std::io::Error::other(e.to_string()))?;
+        let frame = session.seal(body);
+        wire::write_msg(&mut stream, &frame).await?;
+    }
+}
+
+async fn dispatch(rpc: Rpc, peer: NodeId, shared: &Shared, raft: &Raft) -> Reply {
+    match rpc {
+        Rpc::AppendEntries(req) => match raft.append_entries(req).await {
+            Ok(resp) => {
+                if matches!(resp, AppendEntriesResponse::Success | AppendEntriesResponse::PartialSuccess(_)) {
+                    shared.heard_from_leader();
+                }
+                Reply::AppendEntries(resp)
+            }
+            Err(e) => Reply::Failed(e.to_string()),
+        },
+        Rpc::Vote(req) => raft.vote(req).await.map_or_else(|e| Reply::Failed(e.to_string()), Reply::Vote),
+        Rpc::InstallSnapshot(req) => {
+            raft.install_snapshot(req).await.map_or_else(|e| Reply::Failed(e.to_string()), Reply::InstallSnapshot)
+        }
+        Rpc::Forward(batch) => {
+            // A member proposes only batches it signed itself; apply checks the signature too.
+            if batch.node_id != peer {
+                return Reply::Failed(format!("node {peer} forwarded a batch of node {}", batch.node_id));
+            }
+            match raft.client_write(batch).await {
+                Ok(resp) => Reply::Written { log_id: resp.log_id, outcome: resp.data },
+                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                    Reply::NotLeader { leader: f.leader_id }
+                }
+                Err(e) => Reply::Failed(e.to_string()),
+            }
+        }
+        Rpc::ReadIndex => match raft.ensure_linearizable().await {
+            Ok(log_id) => Reply::ReadIndex(log_id),
+            Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
+                Reply::NotLeader { leader: f.leader_id }
+            }
+            Err(e) => Reply::Failed(e.to_string()),
+        },
+    }
+}

@@ -1,0 +1,210 @@
+//! The cluster admin API (`/admin/...`), used by `fhir-ledger cluster`. Not FHIR: plain JSON
+//! in, JSON out, errors as OperationOutcome. Every call needs the node's admin bearer token.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use actix_web::http::header;
+use actix_web::{web, HttpRequest, HttpResponse};
+use consensus::cluster::AdminError;
+use consensus::{Node, NodeId};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::{error_response, AppState, Format};
+use crate::error::FhirError;
+
+/// What the admin API needs beyond the repository.
+#[derive(Clone, Debug, Default)]
+pub struct AdminConfig {
+    /// SHA-256 of the bearer token; compared digest to digest so timing reveals nothing.
+    pub token_sha256: [u8; 32],
+    /// Whether `PUT /admin/faults` may isolate peers (partition tests only).
+    pub fault_injection: bool,
+    /// Fingerprint of the cluster secrets (KEK, index key): equal on every node of a cluster.
+    pub secrets_id: String,
+}
+
+impl AdminConfig {
+    pub fn new(token: &str, fault_injection: bool, secrets_id: String) -> Self {
+        Self { token_sha256: Sha256::digest(token.as_bytes()).into(), fault_injection, secrets_id }
+    }
+}
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.service(
+        web::scope("/admin")
+            .route("/node", web::get().to(node))
+            .route("/cluster", web::get().to(status))
+            .route("/cluster/init", web::post().to(init))
+            .route("/cluster/trust", web::post().to(trust))
+            .route("/cluster/learners", web::post().to(add_learner))
+            .route("/cluster/voters", web::post().to(promote))
+            .route("/cluster/nodes/{id}", web::delete().to(remove))
+            .route("/faults", web::put().to(faults))
+            .default_service(web::to(|| async {
+                error_response(&FhirError::new(404, "not-found", "no such admin endpoint"), &Format::plain())
+            })),
+    );
+}
+
+fn authorize(req: &HttpRequest, state: &AppState) -> Result<(), FhirError> {
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or_else(|| FhirError::new(401, "login", "the admin API needs `Authorization: Bearer <admin token>`"))?;
+    let digest: [u8; 32] = Sha256::digest(given.trim().as_bytes()).into();
+    if digest != state.admin.token_sha256 {
+        return Err(FhirError::new(403, "forbidden", "wrong admin token"));
+    }
+    Ok(())
+}
+
+fn admin_error(e: AdminError) -> FhirError {
+    match e {
+        AdminError::NotLeader { .. } => FhirError::new(421, "business-rule", e.to_string()),
+        AdminError::Invalid(m) => FhirError::invalid(m),
+        AdminError::Failed(m) => FhirError::unavailable(m),
+    }
+}
+
+fn json<T: Serialize>(v: &T) -> HttpResponse {
+    HttpResponse::Ok().content_type("application/json").body(serde_json::to_string_pretty(v).unwrap_or_default())
+}
+
+async fn run<F, Fut>(req: HttpRequest, state: web::Data<AppState>, f: F) -> HttpResponse
+where
+    F: FnOnce(web::Data<AppState>) -> Fut,
+    Fut: std::future::Future<Output = Result<HttpResponse, FhirError>>,
+{
+    let result = match authorize(&req, &state) {
+        Ok(()) => f(state).await,
+        Err(e) => Err(e),
+    };
+    result.unwrap_or_else(|e| {
+        let mut r = error_response(&e, &Format::plain());
+        if e.status == 401 {
+            r.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+        }
+        r
+    })
+}
+
+fn body<T: for<'a> Deserialize<'a>>(bytes: &[u8]) -> Result<T, FhirError> {
+    serde_json::from_slice(bytes).map_err(|e| FhirError::invalid(format!("request body: {e}")))
+}
+
+/// This node's identity, as `cluster init` and `cluster join` collect it.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct NodeInfo {
+    pub node_id: NodeId,
+    #[serde(flatten)]
+    pub node: Node,
+    pub secrets_id: String,
+    pub initialized: bool,
+}
+
+async fn node(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
+    run(req, state, |state| async move {
+        let ledger = state.repo.ledger();
+        let initialized = ledger.raft.is_initialized().await.unwrap_or(false);
+        Ok(json(&NodeInfo {
+            node_id: ledger.node_id,
+            node: ledger.this_node(),
+            secrets_id: state.admin.secrets_id.clone(),
+            initialized,
+        }))
+    })
+    .await
+}
+
+async fn status(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
+    run(req, state, |state| async move { Ok(json(&state.repo.ledger().status())) }).await
+}
+
+#[derive(Deserialize)]
+struct InitBody {
+    members: BTreeMap<NodeId, Node>,
+}
+
+async fn init(req: HttpRequest, state: web::Data<AppState>, bytes: web::Bytes) -> HttpResponse {
+    run(req, state, |state| async move {
+        let b: InitBody = body(&bytes)?;
+        state.repo.ledger().initialize(b.members).await.map_err(admin_error)?;
+        Ok(json(&state.repo.ledger().status()))
+    })
+    .await
+}
+
+#[derive(Deserialize)]
+struct TrustBody {
+    node_id: NodeId,
+    public_key: String,
+}
+
+async fn trust(req: HttpRequest, state: web::Data<AppState>, bytes: web::Bytes) -> HttpResponse {
+    run(req, state, |state| async move {
+        let b: TrustBody = body(&bytes)?;
+        state.repo.ledger().trust(b.node_id, &b.public_key).map_err(admin_error)?;
+        Ok(json(&serde_json::json!({ "trusted": b.node_id })))
+    })
+    .await
+}
+
+#[derive(Deserialize)]
+struct LearnerBody {
+    node_id: NodeId,
+    #[serde(flatten)]
+    node: Node,
+}
+
+async fn add_learner(req: HttpRequest, state: web::Data<AppState>, bytes: web::Bytes) -> HttpResponse {
+    run(req, state, |state| async move {
+        let b: LearnerBody = body(&bytes)?;
+        state.repo.ledger().add_learner(b.node_id, b.node).await.map_err(admin_error)?;
+        Ok(json(&state.repo.ledger().status()))
+    })
+    .await
+}
+
+#[derive(Deserialize)]
+struct VotersBody {
+    node_ids: BTreeSet<NodeId>,
+}
+
+async fn promote(req: HttpRequest, state: web::Data<AppState>, bytes: web::Bytes) -> HttpResponse {
+    run(req, state, |state| async move {
+        let b: VotersBody = body(&bytes)?;
+        state.repo.ledger().promote(b.node_ids).await.map_err(admin_error)?;
+        Ok(json(&state.repo.ledger().status()))
+    })
+    .await
+}
+
+async fn remove(req: HttpRequest, state: web::Data<AppState>, path: web::Path<String>) -> HttpResponse {
+    run(req, state, |state| async move {
+        let id: NodeId = path.parse().map_err(|_| FhirError::invalid(format!("node id {path:?} is not a number")))?;
+        state.repo.ledger().remove(id).await.map_err(admin_error)?;
+        Ok(json(&state.repo.ledger().status()))
+    })
+    .await
+}
+
+#[derive(Deserialize)]
+struct FaultsBody {
+    /// Peers this node stops talking to (empty heals).
+    isolate: BTreeSet<NodeId>,
+}
+
+async fn faults(req: HttpRequest, state: web::Data<AppState>, bytes: web::Bytes) -> HttpResponse {
+    run(req, state, |state| async move {
+        if !state.admin.fault_injection {
+            return Err(FhirError::new(403, "forbidden", "fault injection is off (serve --fault-injection)"));
+        }
+        let b: FaultsBody = body(&bytes)?;
+        state.repo.ledger().transport.set_isolated(b.isolate.clone());
+        Ok(json(&serde_json::json!({ "isolated": b.isolate })))
+    })
+    .await
+}
