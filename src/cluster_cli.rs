@@ -195,7 +195,18 @@ pub async fn run(args: ClusterArgs) -> anyhow::Result<()> {
             eprintln!("adding node {} as a learner; waiting until it has caught up…", joiner.node_id);
             let mut body = serde_json::to_value(&joiner.node)?;
             body["node_id"] = json!(joiner.node_id);
-            admin.call(reqwest::Method::POST, &leader, "/admin/cluster/learners", Some(body)).await?;
+            let after = admin.call(reqwest::Method::POST, &leader, "/admin/cluster/learners", Some(body)).await?;
+            // openraft acknowledges the learner once replication to it started; a snapshot may
+            // still be streaming. Wait until the new node applied what the leader had.
+            let target = after["last_log_index"].as_u64().unwrap_or(0);
+            loop {
+                let applied = admin.status(&new).await?["last_applied"].as_u64().unwrap_or(0);
+                if applied >= target {
+                    break;
+                }
+                eprintln!("node {}: applied {applied} of {target}", joiner.node_id);
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
             if voter {
                 let body = json!({ "node_ids": [joiner.node_id] });
                 admin.call(reqwest::Method::POST, &leader, "/admin/cluster/voters", Some(body)).await?;

@@ -49,7 +49,7 @@ pub struct Status {
     pub nodes: BTreeMap<NodeId, Node>,
     /// Leader only: each member's matched index and lag.
     pub replication: Option<BTreeMap<NodeId, Replication>>,
-    /// Leader: ms since a quorum acknowledged it; follower: ms since the leader reached it.
+    /// Follower: ms since a leader last replicated to it (see [`Ledger::staleness`]).
     pub staleness_ms: Option<u64>,
     /// Inter-node connections and frames refused (bad key, not a member, replay).
     pub refused_rpcs: u64,

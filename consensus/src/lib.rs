@@ -43,6 +43,9 @@ pub use state_machine::{CurrentRecord, HistoryRecord, LeafHeader, StateView, Ver
 
 pub type NodeId = u64;
 
+/// For callers that speak the transport directly (the cluster tests do).
+pub use openraft;
+
 /// A cluster member as the committed membership lists it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Node {
@@ -129,8 +132,9 @@ impl Ledger {
             snapshot_policy: snapshot_every
                 .map_or(openraft::SnapshotPolicy::Never, openraft::SnapshotPolicy::LogsSinceLast),
             // One node has no follower to catch up from the log: compact everything snapshotted.
-            // A cluster keeps a tail so that a briefly lagging follower catches up from the log.
-            max_in_snapshot_log_to_keep: if single { 0 } else { 1000 },
+            // A cluster keeps one snapshot interval of log, so that a follower lagging less than
+            // that catches up from the log rather than by a whole snapshot.
+            max_in_snapshot_log_to_keep: if single { 0 } else { snapshot_every.unwrap_or(1000) },
             install_snapshot_timeout: 10_000,
             ..Default::default()
         };
@@ -180,8 +184,10 @@ impl Ledger {
     /// leader's read index, asked over the transport on a follower), so a read is linearizable.
     pub async fn linearize(&self) -> Result<(), ProposeError> {
         let deadline = tokio::time::Instant::now() + LEADER_WAIT;
+        let no_quorum = || ProposeError::Unavailable("no quorum confirmed the leader in time for a linearizable read".into());
         loop {
-            let leader = match self.raft.ensure_linearizable().await {
+            let confirmed = tokio::time::timeout_at(deadline, self.raft.ensure_linearizable()).await.map_err(|_| no_quorum())?;
+            let leader = match confirmed {
                 Ok(_) => return Ok(()),
                 Err(openraft::error::RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(f))) => {
                     f.leader_id.zip(f.leader_node)
@@ -221,12 +227,13 @@ impl Ledger {
         self.linearize().await.map(|_| None)
     }
 
-    /// How far behind the cluster this node's state may be: for a leader the time since a
-    /// quorum last acknowledged it, for a follower the time since the leader last reached it.
+    /// How far behind the cluster a follower's state may be: the time since a leader last
+    /// replicated to it (each append carries the commit index, which the follower then applies).
+    /// None on a leader, which cannot vouch for itself without a quorum round (a deposed leader
+    /// cut off from the others still believes it leads), and on a node never reached.
     pub fn staleness(&self) -> Option<std::time::Duration> {
-        let m = self.raft.metrics().borrow().clone();
-        if m.state == openraft::ServerState::Leader {
-            return m.millis_since_quorum_ack.map(std::time::Duration::from_millis);
+        if self.raft.metrics().borrow().state != openraft::ServerState::Follower {
+            return None;
         }
         self.transport.since_leader_contact()
     }

@@ -1,7 +1,9 @@
 //! One integration-test binary (faster builds, shared helpers): in-process HTTP tests of
 //! every FHIR interaction, and real-process tests against the `fhir-ledger` binary.
 
+mod cluster;
 mod http;
+mod lincheck;
 mod process;
 mod support;
 mod tamper;

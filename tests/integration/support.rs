@@ -43,6 +43,8 @@ pub async fn app(
 pub struct Server {
     pub child: Child,
     pub base: String,
+    /// The inter-node address, for a node started with `--raft-listen`.
+    pub raft: Option<String>,
 }
 
 impl Server {
@@ -52,13 +54,21 @@ impl Server {
 
     /// A server with extra `serve` flags.
     pub fn start_with(data_dir: &Path, extra: &[&str]) -> Server {
+        Self::launch(data_dir, extra, &[])
+    }
+
+    /// A server with extra flags and environment variables; waits until it listens.
+    pub fn launch(data_dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Server {
+        let listen = if extra.contains(&"--listen") { &[][..] } else { &["--listen", "127.0.0.1:0"][..] };
         let mut child = Command::new(env!("CARGO_BIN_EXE_fhir-ledger"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--auth", "off"])
+            .args(["serve", "--auth", "off"])
+            .args(listen)
             .args(extra)
             .arg("--data-dir")
             .arg(data_dir)
             .arg("--profiles-dir")
             .arg(profiles_dir())
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -66,14 +76,19 @@ impl Server {
         let stderr = child.stderr.take().expect("stderr");
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
+            let mut raft = None;
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(addr) = line.strip_prefix("fhir-ledger: listening on ") {
-                    let _ = tx.send(addr.to_string());
+                if let Some(addr) = line.strip_prefix("fhir-ledger: raft listening on ") {
+                    raft = Some(addr.to_string());
+                } else if let Some(addr) = line.strip_prefix("fhir-ledger: listening on ") {
+                    let _ = tx.send((addr.to_string(), raft.clone()));
+                } else if std::env::var_os("FHIR_LEDGER_TEST_LOG").is_some() {
+                    eprintln!("[server] {line}");
                 }
             }
         });
-        let base = rx.recv_timeout(Duration::from_secs(60)).expect("server did not report its address");
-        Server { child, base }
+        let (base, raft) = rx.recv_timeout(Duration::from_secs(60)).expect("server did not report its address");
+        Server { child, base, raft }
     }
 
     pub fn kill9(&mut self) {

@@ -4,6 +4,7 @@
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 
+use sha2::Digest;
 use serde_json::{json, Value};
 
 use crate::support::Server;
@@ -163,20 +164,36 @@ async fn verify_names_each_tampered_place() {
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("TAMPERED raft log entry") && out.contains("signature does not verify"), "{out}");
 
-    // The snapshot: a byte in its middle, where the version records are.
+    // The snapshot file: a byte in its middle, where the version records are. The attacker
+    // also recomputes the file's checksum trailer, so only the records' own digests and the
+    // Merkle root can tell.
+    let snapshot_file = |d: &Path| {
+        let snaps = d.join("ledger/snapshots");
+        let mut files: Vec<_> = std::fs::read_dir(&snaps).unwrap().map(|e| e.unwrap().path()).collect();
+        assert_eq!(files.len(), 1, "one current snapshot in {}", snaps.display());
+        files.remove(0)
+    };
     let d = case("snapshot");
-    tamper(
-        &d,
-        "state",
-        |all| all.iter().position(|(k, _)| k == b"m/snapshot").expect("a snapshot"),
-        |v| {
-            let mid = v.len() / 2;
-            v[mid] ^= 0x01;
-        },
-    );
+    let path = snapshot_file(&d);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let body = bytes.len() - 32;
+    bytes[body / 2] ^= 0x01;
+    let trailer: [u8; 32] = sha2::Sha256::digest(&bytes[..body]).into();
+    bytes[body..].copy_from_slice(&trailer);
+    std::fs::write(&path, &bytes).unwrap();
     let (code, out) = verify_dir(&d);
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("TAMPERED snapshot"), "{out}");
+    // A damaged file (checksum not recomputed) is named as such.
+    let d = case("snapshot-damaged");
+    let path = snapshot_file(&d);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x01;
+    std::fs::write(&path, &bytes).unwrap();
+    let (code, out) = verify_dir(&d);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("TAMPERED snapshot") && out.contains("is damaged"), "{out}");
 
     // Something that is no ledger at all cannot be checked.
     let (code, out) = verify_dir(&dir.path().join("nothing-here"));

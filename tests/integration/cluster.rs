@@ -1,0 +1,515 @@
+//! The cluster under faults: 3-node clusters of real `fhir-ledger serve` processes on
+//! 127.0.0.1, formed and grown with the real `fhir-ledger cluster` CLI. Leaders are killed with
+//! SIGKILL, partitioned through the nodes' fault-injecting transport, impersonated and replayed
+//! to; every history is checked for lost acknowledged writes and for linearizability.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::lincheck::{self, Kind, Op};
+use crate::support::Server;
+
+const TOKEN: &str = "cluster-test-admin-token";
+
+struct Member {
+    id: u64,
+    dir: PathBuf,
+    server: Option<Server>,
+    api: String,
+    raft: String,
+}
+
+struct Cluster {
+    root: tempfile::TempDir,
+    members: Vec<Member>,
+    extra: Vec<String>,
+    http: reqwest::Client,
+}
+
+/// Runs `fhir-ledger cluster <args>` against the cluster: (success, stdout and stderr).
+fn cli(args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_fhir-ledger"))
+        .arg("cluster")
+        .args(args)
+        .env("FHIR_LEDGER_ADMIN_TOKEN", TOKEN)
+        .output()
+        .expect("run fhir-ledger cluster");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+impl Cluster {
+    /// Starts `n` nodes and forms a cluster of them with `fhir-ledger cluster init`.
+    fn start(n: u64, extra: &[&str]) -> Cluster {
+        let root = tempfile::tempdir().unwrap();
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(20)).build().unwrap();
+        let mut c = Cluster { root, members: vec![], extra: extra.iter().map(|s| s.to_string()).collect(), http };
+        for id in 1..=n {
+            c.launch(id);
+        }
+        let mut args = vec!["init", "--node", &c.members[0].api];
+        for m in &c.members[1..] {
+            args.extend(["--member", &m.api]);
+        }
+        let (ok, out) = cli(&args);
+        assert!(ok, "cluster init: {out}");
+        c
+    }
+
+    /// Starts a new, empty node (not yet a member).
+    fn launch(&mut self, id: u64) -> usize {
+        let dir = self.root.path().join(format!("node{id}"));
+        let server = self.spawn(id, &dir, "127.0.0.1:0", "127.0.0.1:0");
+        let api = server.base.clone();
+        let raft = server.raft.clone().expect("a raft address");
+        self.members.push(Member { id, dir, server: Some(server), api, raft });
+        self.members.len() - 1
+    }
+
+    fn spawn(&self, id: u64, dir: &Path, api: &str, raft: &str) -> Server {
+        let secrets = self.root.path().join("secrets");
+        let id = id.to_string();
+        let api = api.trim_start_matches("http://");
+        let mut args = vec!["--node-id", &id, "--listen", api, "--raft-listen", raft, "--fault-injection"];
+        args.extend(["--secrets-dir", secrets.to_str().unwrap()]);
+        args.extend(self.extra.iter().map(String::as_str));
+        Server::launch(dir, &args, &[("FHIR_LEDGER_ADMIN_TOKEN", TOKEN)])
+    }
+
+    fn kill9(&mut self, i: usize) {
+        if let Some(mut s) = self.members[i].server.take() {
+            s.kill9();
+        }
+    }
+
+    /// Restarts a killed node from its data directory on its old addresses.
+    fn restart(&mut self, i: usize) {
+        let m = &self.members[i];
+        let server = self.spawn(m.id, &m.dir, &m.api, &m.raft);
+        self.members[i].server = Some(server);
+    }
+
+    fn live(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..self.members.len()).filter(|&i| self.members[i].server.is_some())
+    }
+
+    async fn admin(&self, i: usize, method: reqwest::Method, path: &str, body: Option<Value>) -> Option<Value> {
+        let mut req = self.http.request(method, format!("{}{path}", self.members[i].api)).bearer_auth(TOKEN);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.timeout(Duration::from_secs(5)).send().await.ok()?;
+        resp.status().is_success().then_some(())?;
+        resp.json().await.ok()
+    }
+
+    async fn status(&self, i: usize) -> Option<Value> {
+        self.admin(i, reqwest::Method::GET, "/admin/cluster", None).await
+    }
+
+    /// The member that a live node reports as leader and that agrees it leads.
+    async fn leader(&self) -> usize {
+        self.leader_except(usize::MAX).await
+    }
+
+    /// [`Cluster::leader`] among all members but `except` (one cut off still thinks it leads).
+    async fn leader_except(&self, except: usize) -> usize {
+        for _ in 0..300 {
+            for i in self.live().filter(|&i| i != except).collect::<Vec<_>>() {
+                let Some(s) = self.status(i).await else { continue };
+                if s["state"] == "Leader" && s["leader"] == json!(self.members[i].id) {
+                    return i;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("no leader within 30 s");
+    }
+
+    /// Cuts member `i` off from every other node, both ways.
+    async fn isolate(&self, i: usize) {
+        let others: Vec<u64> = self.members.iter().filter(|m| m.id != self.members[i].id).map(|m| m.id).collect();
+        self.admin(i, reqwest::Method::PUT, "/admin/faults", Some(json!({ "isolate": others }))).await.unwrap();
+        for j in self.live().filter(|&j| j != i).collect::<Vec<_>>() {
+            let body = json!({ "isolate": [self.members[i].id] });
+            self.admin(j, reqwest::Method::PUT, "/admin/faults", Some(body)).await.unwrap();
+        }
+    }
+
+    async fn heal(&self) {
+        for j in self.live().collect::<Vec<_>>() {
+            self.admin(j, reqwest::Method::PUT, "/admin/faults", Some(json!({ "isolate": [] }))).await.unwrap();
+        }
+    }
+
+    /// Waits until every live node has applied the same log and publishes the same tree head;
+    /// returns (tree size, root).
+    async fn converged(&self) -> (String, String) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let mut heads = vec![];
+            for i in self.live().collect::<Vec<_>>() {
+                let applied = self.status(i).await.map(|s| s["last_applied"].clone());
+                let head: Option<Value> = async {
+                    let r = self.http.get(format!("{}/ledger/head", self.members[i].api)).send().await.ok()?;
+                    r.json().await.ok()
+                }
+                .await;
+                let param = |h: &Value, name: &str| {
+                    h["parameter"].as_array().and_then(|ps| ps.iter().find(|p| p["name"] == name)).cloned()
+                };
+                heads.push(head.map(|h| {
+                    let size = param(&h, "treeSize").map(|p| p["valueString"].to_string()).unwrap_or_default();
+                    let root = param(&h, "rootHash").map(|p| p["valueBase64Binary"].to_string()).unwrap_or_default();
+                    (size, root, applied)
+                }));
+            }
+            if let Some(Some(first)) = heads.first() {
+                if heads.iter().all(|h| h.as_ref() == Some(first)) {
+                    return (first.0.clone(), first.1.clone());
+                }
+            }
+            assert!(Instant::now() < deadline, "nodes did not converge: {heads:?}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for i in 0..self.members.len() {
+            self.kill9(i);
+        }
+    }
+}
+
+/// Recorded operations on per-key registers (Patient resources), and the writes acknowledged.
+struct History {
+    start: Instant,
+    ops: Mutex<Vec<Op>>,
+    /// (id, version, value) of every acknowledged write.
+    acked: Mutex<Vec<(String, u64, u64)>>,
+}
+
+impl History {
+    fn new() -> Arc<Self> {
+        Arc::new(Self { start: Instant::now(), ops: Mutex::default(), acked: Mutex::default() })
+    }
+    fn now(&self) -> u64 {
+        self.start.elapsed().as_nanos() as u64
+    }
+    fn record(&self, op: Op) {
+        self.ops.lock().unwrap().push(op);
+    }
+}
+
+const SYSTEM: &str = "urn:fhir-ledger:test:register";
+
+fn register_value(resource: &Value) -> Option<u64> {
+    resource["identifier"].as_array()?.iter().find(|i| i["system"] == SYSTEM)?["value"].as_str()?.parse().ok()
+}
+
+fn version_of(resp: &reqwest::Response) -> Option<u64> {
+    let etag = resp.headers().get("etag")?.to_str().ok()?;
+    etag.trim_start_matches("W/").trim_matches('"').parse().ok()
+}
+
+/// Writes `value` to register `key` through `base`: PUT creates or updates the Patient.
+async fn write(http: &reqwest::Client, h: &History, client: usize, base: &str, key: &str, value: u64) {
+    let body = json!({ "resourceType": "Patient", "id": key, "identifier": [{ "system": SYSTEM, "value": value.to_string() }] });
+    let call = h.now();
+    let resp = http
+        .put(format!("{base}/Patient/{key}"))
+        .header("content-type", "application/fhir+json")
+        .body(body.to_string())
+        .send()
+        .await;
+    let ret = match resp {
+        Ok(r) if r.status().is_success() => {
+            let version = version_of(&r).expect("an acknowledged write has an ETag");
+            h.acked.lock().unwrap().push((key.to_string(), version, value));
+            Some(h.now())
+        }
+        // 4xx (409 after losing races): certainly not written, nothing to record.
+        Ok(r) if r.status().is_client_error() => return,
+        // 503, a reset connection, a timeout: the write may or may not have happened.
+        _ => None,
+    };
+    h.record(Op { client, key: key.to_string(), kind: Kind::Write(value), call, ret });
+}
+
+async fn read(http: &reqwest::Client, h: &History, client: usize, base: &str, key: &str) {
+    let call = h.now();
+    let Ok(resp) = http.get(format!("{base}/Patient/{key}")).send().await else { return };
+    let observed = match resp.status().as_u16() {
+        200 => {
+            let v: Value = resp.json().await.expect("a Patient");
+            Some(register_value(&v).expect("a register value"))
+        }
+        404 => None,
+        _ => return, // unavailable: the read tells nothing
+    };
+    h.record(Op { client, key: key.to_string(), kind: Kind::Read(observed), call, ret: Some(h.now()) });
+}
+
+/// One client: random reads and writes on `keys` registers through random nodes until stopped.
+async fn client(c: usize, bases: Vec<String>, keys: u64, stop: Arc<AtomicBool>, h: Arc<History>) {
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(20)).build().unwrap();
+    let mut rng = 0x9E37_79B9_7F4A_7C15u64 ^ (c as u64 + 1).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let mut seq = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        let key = format!("reg-{}", next() % keys);
+        let base = &bases[(next() % bases.len() as u64) as usize];
+        if next() % 2 == 0 {
+            seq += 1;
+            write(&http, &h, c, base, &key, ((c as u64) << 32) | seq).await;
+        } else {
+            read(&http, &h, c, base, &key).await;
+        }
+    }
+}
+
+/// After the run: a final read of every register on every node, the linearizability check,
+/// and every acknowledged write read back (by version) from every node.
+async fn check_history(cluster: &Cluster, h: &History, keys: u64) {
+    let http = &cluster.http;
+    for i in cluster.live().collect::<Vec<_>>() {
+        for k in 0..keys {
+            read(http, h, 1000 + i, &cluster.members[i].api, &format!("reg-{k}")).await;
+        }
+    }
+    let ops = h.ops.lock().unwrap().clone();
+    let violations = lincheck::check(&ops);
+    assert!(violations.is_empty(), "not linearizable: {violations:#?}");
+    let acked = h.acked.lock().unwrap().clone();
+    assert!(!acked.is_empty(), "the run acknowledged no write");
+    for i in cluster.live().collect::<Vec<_>>() {
+        for (key, version, value) in &acked {
+            let url = format!("{}/Patient/{key}/_history/{version}", cluster.members[i].api);
+            let resp = http.get(&url).send().await.unwrap();
+            assert_eq!(resp.status(), 200, "acknowledged write {key} v{version} missing on node {}", i + 1);
+            let v: Value = resp.json().await.unwrap();
+            assert_eq!(register_value(&v), Some(*value), "{key} v{version} on node {}", i + 1);
+        }
+    }
+    eprintln!(
+        "history: {} operations ({} acknowledged writes, {} with unknown outcome) linearizable",
+        ops.len(),
+        acked.len(),
+        ops.iter().filter(|o| o.ret.is_none()).count()
+    );
+}
+
+/// 16 clients write and read through all three nodes while the leader is killed with SIGKILL
+/// every few seconds for a minute and restarted; afterwards every node holds every
+/// acknowledged write, the Merkle roots agree and the history is linearizable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_kills_lose_no_acknowledged_write() {
+    let mut cluster = Cluster::start(3, &[]);
+    let h = History::new();
+    let stop = Arc::new(AtomicBool::new(false));
+    let bases: Vec<String> = cluster.members.iter().map(|m| m.api.clone()).collect();
+    let keys = 24;
+    let clients: Vec<_> =
+        (0..16).map(|c| tokio::spawn(client(c, bases.clone(), keys, stop.clone(), h.clone()))).collect();
+    let until = Instant::now() + Duration::from_secs(60);
+    let mut kills = 0;
+    while Instant::now() < until {
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        let leader = cluster.leader().await;
+        cluster.kill9(leader);
+        kills += 1;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        cluster.restart(leader);
+    }
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.await.unwrap();
+    }
+    assert!(kills >= 10, "{kills} kills");
+    cluster.converged().await;
+    check_history(&cluster, &h, keys).await;
+}
+
+/// The leader is cut off from the other two: it stops acknowledging writes, the majority elects
+/// a new leader and goes on, and after healing the old leader's unacknowledged entries are gone
+/// and all roots agree.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitioned_leader_acknowledges_nothing_and_its_entries_are_dropped() {
+    let cluster = Cluster::start(3, &[]);
+    let h = History::new();
+    let http = &cluster.http;
+    for k in 0..4 {
+        write(http, &h, 0, &cluster.members[k % 3].api, &format!("reg-{k}"), k as u64).await;
+    }
+    let old = cluster.leader().await;
+    // A follower serves a bounded-staleness read from its own state and says how stale.
+    let follower = &cluster.members[(old + 1) % 3].api;
+    let r = http.get(format!("{follower}/Patient/reg-0")).header("cache-control", "max-stale=5").send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let stale: u64 = r.headers()["x-ledger-staleness-ms"].to_str().unwrap().parse().unwrap();
+    assert!(stale < 5000, "{stale} ms");
+    cluster.isolate(old).await;
+    let old_api = cluster.members[old].api.clone();
+    // Writes to the isolated leader: none may be acknowledged.
+    let minority: Vec<_> = (0..4)
+        .map(|k| {
+            let (http, h, api) = (http.clone(), h.clone(), old_api.clone());
+            tokio::spawn(async move { write(&http, &h, 10 + k, &api, &format!("lost-{k}"), 100 + k as u64).await })
+        })
+        .collect();
+    // The majority goes on.
+    let new = cluster.leader_except(old).await;
+    let other = (0..3).find(|&i| i != old && i != new).unwrap();
+    for k in 0..4 {
+        let base = &cluster.members[if k % 2 == 0 { new } else { other }].api;
+        write(http, &h, 1, base, &format!("reg-{k}"), 10 + k as u64).await;
+    }
+    // A linearizable read on the minority side cannot be served.
+    let r = http.get(format!("{old_api}/Patient/reg-0")).send().await.unwrap();
+    assert_eq!(r.status(), 503, "a read on the isolated node must not pretend to be current");
+    // Nor a bounded-staleness one: a leader cut off cannot vouch for how stale it is.
+    let r = http.get(format!("{old_api}/Patient/reg-0")).header("cache-control", "max-stale=3600").send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    for m in minority {
+        m.await.unwrap();
+    }
+    let acked = h.acked.lock().unwrap().clone();
+    assert!(acked.iter().all(|(k, _, _)| !k.starts_with("lost-")), "the minority acknowledged a write: {acked:?}");
+    assert_eq!(acked.len(), 8);
+    cluster.heal().await;
+    cluster.converged().await;
+    for i in 0..3 {
+        for k in 0..4 {
+            let r = http.get(format!("{}/Patient/lost-{k}", cluster.members[i].api)).send().await.unwrap();
+            assert_eq!(r.status(), 404, "an unacknowledged write of the old leader survived on node {}", i + 1);
+        }
+    }
+    check_history(&cluster, &h, 4).await;
+}
+
+/// The transport refuses a node that does not hold a member's key, a stranger, and a replayed
+/// append-entries frame (on its own session and on another).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_and_replayed_rpcs_are_refused() {
+    use consensus::transport::client::Conn;
+    use consensus::transport::{Reply, Rpc, Shared};
+    let cluster = Cluster::start(3, &[]);
+    cluster.leader().await;
+    let target = &cluster.members[1];
+    let node = consensus::Node {
+        api_addr: String::new(),
+        raft_addr: target.raft.clone(),
+        public_key: std::fs::read_to_string(target.dir.join("node.pub")).unwrap(),
+    };
+    let refused = |s: Value| s["refused_rpcs"].as_u64().unwrap();
+    let before = refused(cluster.status(1).await.unwrap());
+
+    // Node 1's id with a key that is not node 1's.
+    let forger = Shared::new(1, ed25519_dalek::SigningKey::from_bytes(&[42; 32]));
+    let err = Conn::connect(&forger, 2, &node).await.err().expect("a forged key is refused");
+    assert_eq!(err.kind(), std::io::ErrorKind::PermissionDenied, "{err}");
+    // A node the membership does not list.
+    let stranger = Shared::new(9, ed25519_dalek::SigningKey::from_bytes(&[43; 32]));
+    assert!(Conn::connect(&stranger, 2, &node).await.is_err());
+
+    // Node 1's real key: a frame is accepted once, and its replay is refused.
+    let key_hex = std::fs::read_to_string(cluster.members[0].dir.join("node.key")).unwrap();
+    let key: [u8; 32] = hex::decode(key_hex.trim()).unwrap().try_into().unwrap();
+    let node1 = Shared::new(1, ed25519_dalek::SigningKey::from_bytes(&key));
+    let stale = consensus::openraft::raft::AppendEntriesRequest::<consensus::TypeConfig> {
+        vote: consensus::openraft::Vote::new_committed(0, 1),
+        prev_log_id: None,
+        entries: vec![],
+        leader_commit: None,
+    };
+    let body = bincode::serialize(&Rpc::AppendEntries(stale)).unwrap();
+    let mut conn = Conn::connect(&node1, 2, &node).await.unwrap();
+    let frame = conn.session().seal(body);
+    conn.send_frame(&frame).await.unwrap();
+    let reply = conn.read_reply().await.unwrap();
+    assert!(matches!(reply, Reply::AppendEntries(_)), "{reply:?}");
+    conn.send_frame(&frame).await.unwrap();
+    assert!(conn.read_reply().await.is_err(), "a replayed frame is answered by closing the session");
+    let mut other = Conn::connect(&node1, 2, &node).await.unwrap();
+    other.send_frame(&frame).await.unwrap();
+    assert!(other.read_reply().await.is_err(), "a frame of another session is refused");
+
+    let after = refused(cluster.status(1).await.unwrap());
+    assert!(after >= before + 4, "refusals are counted: {before} -> {after}");
+    // The cluster is unharmed.
+    let (ok, out) = cli(&["status", "--node", &cluster.members[1].api]);
+    assert!(ok && out.contains("Follower"), "{out}");
+}
+
+/// A 4th node added to a cluster that holds Synthea data and has compacted its log catches up
+/// by snapshot install and serves identical reads; a node whose disk was wiped rejoins as a
+/// new member.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_node_catches_up_by_snapshot() {
+    let mut cluster = Cluster::start(3, &["--snapshot-every", "20"]);
+    let http = cluster.http.clone();
+    let synthea = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/synthea");
+    let mut loaded = vec![];
+    for name in ["patient-01.json", "patient-02.json"] {
+        let bundle = std::fs::read_to_string(synthea.join(name)).unwrap();
+        let base = &cluster.members[loaded.len() % 3].api;
+        let r = http
+            .post(format!("{base}/"))
+            .header("content-type", "application/fhir+json")
+            .body(bundle)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let b: Value = r.json().await.unwrap();
+        for e in b["entry"].as_array().unwrap() {
+            loaded.push(e["response"]["location"].as_str().unwrap().split("/_history").next().unwrap().to_string());
+        }
+    }
+    let h = History::new();
+    for k in 0..40 {
+        write(&http, &h, 0, &cluster.members[k % 3].api, &format!("reg-{k}"), k as u64).await;
+    }
+    let leader = cluster.leader().await;
+    let s = cluster.status(leader).await.unwrap();
+    assert!(s["purged"].as_u64().is_some(), "the leader compacted its log: {s}");
+
+    let four = cluster.launch(4);
+    let (ok, out) = cli(&["join", "--node", &cluster.members[0].api, "--new", &cluster.members[four].api, "--voter"]);
+    assert!(ok, "join: {out}");
+    assert!(out.contains("   4  voter"), "{out}");
+    let s4 = cluster.status(four).await.unwrap();
+    assert!(s4["snapshot"].as_u64().is_some(), "node 4 installed a snapshot: {s4}");
+    cluster.converged().await;
+    // Identical reads: every loaded resource, byte for byte, on node 4 and on node 1.
+    for (n, loc) in loaded.iter().enumerate().step_by(7) {
+        let path = loc.rsplitn(3, '/').take(2).collect::<Vec<_>>();
+        let rel = format!("{}/{}", path[1], path[0]);
+        let a = http.get(format!("{}/{rel}", cluster.members[0].api)).send().await.unwrap().text().await.unwrap();
+        let b = http.get(format!("{}/{rel}", cluster.members[four].api)).send().await.unwrap().text().await.unwrap();
+        assert_eq!(a, b, "resource {n} ({rel}) differs on node 4");
+    }
+
+    // Wipe node 4's disk: it is removed, and rejoins as node 5.
+    cluster.kill9(four);
+    let (ok, out) = cli(&["remove", "--node", &cluster.members[0].api, "--id", "4"]);
+    assert!(ok && !out.contains("   4  "), "remove: {out}");
+    std::fs::remove_dir_all(&cluster.members[four].dir).unwrap();
+    let five = cluster.launch(5);
+    let (ok, out) = cli(&["join", "--node", &cluster.members[1].api, "--new", &cluster.members[five].api, "--voter"]);
+    assert!(ok && out.contains("   5  voter"), "rejoin: {out}");
+    cluster.converged().await;
+    write(&http, &h, 0, &cluster.members[five].api, "reg-0", 99).await;
+    check_history(&cluster, &h, 40).await;
+}
