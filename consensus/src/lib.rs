@@ -184,9 +184,11 @@ impl Ledger {
     /// leader's read index, asked over the transport on a follower), so a read is linearizable.
     pub async fn linearize(&self) -> Result<(), ProposeError> {
         let deadline = tokio::time::Instant::now() + LEADER_WAIT;
-        let no_quorum = || ProposeError::Unavailable("no quorum confirmed the leader in time for a linearizable read".into());
+        let no_quorum =
+            || ProposeError::Unavailable("no quorum confirmed the leader in time for a linearizable read".into());
         loop {
-            let confirmed = tokio::time::timeout_at(deadline, self.raft.ensure_linearizable()).await.map_err(|_| no_quorum())?;
+            let confirmed =
+                tokio::time::timeout_at(deadline, self.raft.ensure_linearizable()).await.map_err(|_| no_quorum())?;
             let leader = match confirmed {
                 Ok(_) => return Ok(()),
                 Err(openraft::error::RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(f))) => {

@@ -685,8 +685,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
 /// A name for a partial transfer that no other one shares.
 fn uuid_ish() -> String {
-    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
-    format!("{t:x}-{:x}", std::process::id())
+    format!("{:016x}", rand::random::<u64>())
 }
 
 /// Replaces the whole state with the snapshot in `path`, in bounded batches. Not atomic as a

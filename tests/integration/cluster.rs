@@ -15,6 +15,10 @@ use crate::support::Server;
 
 const TOKEN: &str = "cluster-test-admin-token";
 
+/// One cluster test at a time: each runs 3-5 server processes, and on a 2-core machine two
+/// clusters at once would turn election timeouts into noise.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 struct Member {
     id: u64,
     dir: PathBuf,
@@ -315,6 +319,7 @@ async fn check_history(cluster: &Cluster, h: &History, keys: u64) {
 /// acknowledged write, the Merkle roots agree and the history is linearizable.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leader_kills_lose_no_acknowledged_write() {
+    let _serial = SERIAL.lock().await;
     let mut cluster = Cluster::start(3, &[]);
     let h = History::new();
     let stop = Arc::new(AtomicBool::new(false));
@@ -346,6 +351,7 @@ async fn leader_kills_lose_no_acknowledged_write() {
 /// and all roots agree.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partitioned_leader_acknowledges_nothing_and_its_entries_are_dropped() {
+    let _serial = SERIAL.lock().await;
     let cluster = Cluster::start(3, &[]);
     let h = History::new();
     let http = &cluster.http;
@@ -379,7 +385,8 @@ async fn partitioned_leader_acknowledges_nothing_and_its_entries_are_dropped() {
     let r = http.get(format!("{old_api}/Patient/reg-0")).send().await.unwrap();
     assert_eq!(r.status(), 503, "a read on the isolated node must not pretend to be current");
     // Nor a bounded-staleness one: a leader cut off cannot vouch for how stale it is.
-    let r = http.get(format!("{old_api}/Patient/reg-0")).header("cache-control", "max-stale=3600").send().await.unwrap();
+    let r =
+        http.get(format!("{old_api}/Patient/reg-0")).header("cache-control", "max-stale=3600").send().await.unwrap();
     assert_eq!(r.status(), 503);
     for m in minority {
         m.await.unwrap();
@@ -402,6 +409,7 @@ async fn partitioned_leader_acknowledges_nothing_and_its_entries_are_dropped() {
 /// append-entries frame (on its own session and on another).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_and_replayed_rpcs_are_refused() {
+    let _serial = SERIAL.lock().await;
     use consensus::transport::client::Conn;
     use consensus::transport::{Reply, Rpc, Shared};
     let cluster = Cluster::start(3, &[]);
@@ -457,6 +465,7 @@ async fn forged_and_replayed_rpcs_are_refused() {
 /// new member.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn new_node_catches_up_by_snapshot() {
+    let _serial = SERIAL.lock().await;
     let mut cluster = Cluster::start(3, &["--snapshot-every", "20"]);
     let http = cluster.http.clone();
     let synthea = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/synthea");

@@ -4,8 +4,8 @@
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 
-use sha2::Digest;
 use serde_json::{json, Value};
+use sha2::Digest;
 
 use crate::support::Server;
 

@@ -1,7 +1,7 @@
 //! The sending half: openraft's network factory over signed TCP sessions, and a small pool of
 //! sessions for forwarding writes and read-index requests to the leader.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::io;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -168,7 +168,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
 #[derive(Clone)]
 pub struct Pool {
     shared: Arc<Shared>,
-    idle: Arc<Mutex<HashMap<NodeId, Vec<Conn>>>>,
+    idle: Arc<Mutex<BTreeMap<NodeId, Vec<Conn>>>>,
 }
 
 /// Most idle sessions kept per peer.
