@@ -49,7 +49,7 @@ pub struct BenchArgs {
     pub json_out: Option<PathBuf>,
 }
 
-fn hist() -> Histogram<u64> {
+pub(crate) fn hist() -> Histogram<u64> {
     // 1 µs .. 60 s at 3 significant digits; bounds are constants, so this cannot fail.
     Histogram::new_with_bounds(1, 60_000_000, 3)
         .unwrap_or_else(|_| Histogram::new(3).unwrap_or_else(|_| unreachable!()))
@@ -59,14 +59,14 @@ fn ms(us: u64) -> f64 {
     us as f64 / 1000.0
 }
 
-fn latency_json(h: &Histogram<u64>) -> Value {
+pub(crate) fn latency_json(h: &Histogram<u64>) -> Value {
     serde_json::json!({
         "p50_ms": ms(h.value_at_quantile(0.50)), "p95_ms": ms(h.value_at_quantile(0.95)),
         "p99_ms": ms(h.value_at_quantile(0.99)), "p999_ms": ms(h.value_at_quantile(0.999)), "max_ms": ms(h.max()),
     })
 }
 
-fn print_latency(name: &str, h: &Histogram<u64>) {
+pub(crate) fn print_latency(name: &str, h: &Histogram<u64>) {
     println!(
         "  {name} latency ms: p50 {:.2}  p95 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}",
         ms(h.value_at_quantile(0.50)),
@@ -212,7 +212,7 @@ async fn ingest(
     Ok((v, locations))
 }
 
-async fn merge(
+pub(crate) async fn merge(
     tasks: Vec<tokio::task::JoinHandle<(Histogram<u64>, usize)>>,
 ) -> anyhow::Result<(Histogram<u64>, usize)> {
     let mut h = hist();

@@ -12,6 +12,7 @@
 
 pub mod api;
 pub mod bench;
+pub mod bench_cluster;
 pub mod bench_proofs;
 pub mod cluster_cli;
 pub mod config;

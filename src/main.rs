@@ -19,6 +19,8 @@ enum Cmd {
     Serve(fhir_ledger::config::ServeArgs),
     /// Load-test a running server (and a PostgreSQL baseline).
     Bench(fhir_ledger::bench::BenchArgs),
+    /// Commit throughput and latency of creates on a cluster, beside an etcd cluster.
+    BenchCluster(fhir_ledger::bench_cluster::ClusterBenchArgs),
     /// Time inclusion and consistency proof generation on a synthetic ledger of N leaves.
     BenchProofs(fhir_ledger::bench_proofs::ProofBenchArgs),
     /// Verify a stopped node's data directory, an inclusion proof, or a saved tree head's
@@ -48,6 +50,10 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
         }
         Cmd::Bench(args) => {
             rt.block_on(fhir_ledger::bench::run(args))?;
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        Cmd::BenchCluster(args) => {
+            rt.block_on(fhir_ledger::bench_cluster::run(args))?;
             Ok(std::process::ExitCode::SUCCESS)
         }
         Cmd::BenchProofs(args) => {
