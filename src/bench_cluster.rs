@@ -109,18 +109,24 @@ async fn level(system: System, urls: &[String], clients: usize, args: &ClusterBe
     };
     println!("{name:>11}, {clients:>2} clients: {n} writes in {secs:.1} s = {rate:.0} writes/s");
     print_latency("write", &h);
-    Ok(json!({"system": name, "clients": clients, "writes": n, "seconds": secs, "writes_per_s": rate, "latency": latency_json(&h)}))
+    Ok(
+        json!({"system": name, "clients": clients, "writes": n, "seconds": secs, "writes_per_s": rate, "latency": latency_json(&h)}),
+    )
 }
 
 pub async fn run(args: ClusterBenchArgs) -> anyhow::Result<()> {
-    println!("value: {} bytes (a Patient); {} s per level; clients spread over the nodes", args.value_bytes, args.seconds);
+    println!(
+        "value: {} bytes (a Patient); {} s per level; clients spread over the nodes",
+        args.value_bytes, args.seconds
+    );
     let mut results = vec![];
     for &c in &args.clients {
         let ledger = level(System::Ledger, &args.fhir, c, &args).await?;
         let mut row = json!({"clients": c, "ledger": ledger});
         if !args.etcd.is_empty() {
             let etcd = level(System::Etcd, &args.etcd, c, &args).await?;
-            let ratio = row["ledger"]["writes_per_s"].as_f64().unwrap_or(0.0) / etcd["writes_per_s"].as_f64().unwrap_or(1.0);
+            let ratio =
+                row["ledger"]["writes_per_s"].as_f64().unwrap_or(0.0) / etcd["writes_per_s"].as_f64().unwrap_or(1.0);
             println!("  ratio at {c} clients: {ratio:.2}x etcd's throughput");
             row["etcd"] = etcd;
             row["throughput_ratio"] = json!(ratio);

@@ -161,7 +161,8 @@ impl Ledger {
             }
             Some(listener) => {
                 listener.set_nonblocking(true)?;
-                transport::server::spawn(tokio::net::TcpListener::from_std(listener)?, shared.clone(), raft.clone());
+                let listener = tokio::net::TcpListener::from_std(listener)?;
+                transport::server::spawn(listener, shared.clone(), raft.clone(), view.clone());
             }
         }
         let pool = transport::client::Pool::new(shared.clone());
@@ -238,6 +239,37 @@ impl Ledger {
             return None;
         }
         self.transport.since_leader_contact()
+    }
+
+    /// Asks every other voter to cosign the head `(size, root, timestamp_ms)`; returns the
+    /// cosignatures that came back within a second, as (node, public key, signature). Each
+    /// voter signs only if its own tree has that root at that size.
+    pub async fn cosign_head(&self, size: u64, root: [u8; 32], timestamp_ms: i64) -> Vec<(NodeId, String, Vec<u8>)> {
+        let membership = self.raft.metrics().borrow().membership_config.clone();
+        let voters: Vec<(NodeId, Node)> = membership
+            .membership()
+            .voter_ids()
+            .filter(|id| *id != self.node_id)
+            .filter_map(|id| membership.membership().get_node(&id).map(|n| (id, n.clone())))
+            .collect();
+        let rpc = transport::Rpc::Cosign { size, root, timestamp_ms };
+        let asks = voters.into_iter().map(|(id, node)| {
+            let (pool, rpc) = (self.pool.clone(), &rpc);
+            async move {
+                match pool.call(id, &node, rpc, std::time::Duration::from_secs(1)).await {
+                    Ok(transport::Reply::Cosigned { signature }) => Some((id, node.public_key, signature)),
+                    Ok(other) => {
+                        tracing::debug!(node = id, reply = ?other, "no cosignature");
+                        None
+                    }
+                    Err(e) => {
+                        tracing::debug!(node = id, error = %e, "no cosignature");
+                        None
+                    }
+                }
+            }
+        });
+        futures::future::join_all(asks).await.into_iter().flatten().collect()
     }
 
     pub(crate) async fn wait_applied(&self, index: Option<u64>) -> Result<(), ProposeError> {

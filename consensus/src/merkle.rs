@@ -85,6 +85,16 @@ pub fn root_of(leaves: &[Hash]) -> Hash {
     }
 }
 
+/// The bytes a tree-head signature covers: a domain tag, then size, root and time (ms since the
+/// epoch), big-endian, so no other signed message of ours can be mistaken for one.
+pub fn tree_head_message(size: u64, root: &Hash, timestamp_ms: i64) -> Vec<u8> {
+    let mut m = b"fhir-ledger tree head v1\0".to_vec();
+    m.extend_from_slice(&size.to_be_bytes());
+    m.extend_from_slice(root);
+    m.extend_from_slice(&timestamp_ms.to_be_bytes());
+    m
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,7 +1,8 @@
 //! The ledger seen from outside: signed tree heads and Merkle proofs (RFC 9162) that a
 //! verifier checks without trusting this server.
 //!
-//! `GET /ledger/head` — the current tree size and root, signed by this node.
+//! `GET /ledger/head` — the current tree size and root, signed by this node and cosigned by
+//! the other voters that hold the same tree.
 //! `GET /{type}/{id}/_history/{vid}/$proof` — inclusion proof of one resource version.
 //! `GET /ledger/proof?leaf=N` — inclusion proof of a leaf by index.
 //! `GET /ledger/consistency?first=N&second=M` — consistency proof between two tree sizes.
@@ -31,11 +32,20 @@ fn param(name: &str, kind: &str, value: Json) -> Json {
     Json::obj(vec![("name", s(name)), (kind, value)])
 }
 
-/// The current tree head, signed by this node.
-fn signed_head(repo: &Repo) -> Result<TreeHead, FhirError> {
+/// The current tree head, signed by this node and cosigned by every other voter that holds the
+/// same tree (so an auditor can require a quorum of node keys rather than trust one server).
+async fn signed_head(repo: &Repo) -> Result<TreeHead, FhirError> {
     let frontier = repo.view().frontier()?;
     let node = repo.node_id().to_string();
-    Ok(TreeHead::signed(frontier.size, frontier.root(), crate::fhir::now_ms(), &node, repo.signer()))
+    let mut head = TreeHead::signed(frontier.size, frontier.root(), crate::fhir::now_ms(), &node, repo.signer());
+    for (id, public_key, signature) in repo.ledger().cosign_head(head.size, head.root, head.timestamp_ms).await {
+        let key = hex::decode(&public_key).ok().and_then(|k| k.try_into().ok());
+        let sig = signature.try_into().ok();
+        if let (Some(public_key), Some(signature)) = (key, sig) {
+            head.signatures.push(crate::treehead::HeadSignature { node: id.to_string(), public_key, signature });
+        }
+    }
+    Ok(head)
 }
 
 fn parameters(parameter: Vec<Json>) -> Json {
@@ -46,11 +56,11 @@ pub async fn head(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse 
     if let Err(e) = super::read_barrier(&req, &state.repo).await {
         return respond(&req, |_| Err(e));
     }
-    respond(&req, |f| Ok(json_response(200, &parameters(signed_head(&state.repo)?.to_parts()), f)))
+    let head = signed_head(&state.repo).await;
+    respond(&req, |f| Ok(json_response(200, &parameters(head?.to_parts()), f)))
 }
 
-fn inclusion(repo: &Repo, leaf: u64, extra: Vec<Json>) -> Result<Json, FhirError> {
-    let head = signed_head(repo)?;
+fn inclusion(repo: &Repo, head: TreeHead, leaf: u64, extra: Vec<Json>) -> Result<Json, FhirError> {
     let size = head.size;
     let record = repo.view().record(leaf)?.ok_or_else(|| FhirError::not_found(&format!("leaf {leaf}")))?;
     let path = proof::inclusion_proof(repo.view(), leaf, size)
@@ -75,6 +85,7 @@ pub async fn version_proof(
     if let Err(e) = super::read_barrier(&req, &state.repo).await {
         return respond(&req, |_| Err(e));
     }
+    let head = signed_head(&state.repo).await;
     respond(&req, |f| {
         if op != "$proof" {
             return Err(FhirError::new(404, "not-supported", format!("unknown operation {op:?}")));
@@ -83,7 +94,7 @@ pub async fn version_proof(
         let what = format!("{rtype}/{id}/_history/{vid}");
         let version: u64 = vid.parse().map_err(|_| FhirError::not_found(&what))?;
         let record = state.repo.view().version(&rtype, &id, version)?.ok_or_else(|| FhirError::not_found(&what))?;
-        let body = inclusion(&state.repo, record.leaf, vec![param("resource", "valueString", s(what))])?;
+        let body = inclusion(&state.repo, head?, record.leaf, vec![param("resource", "valueString", s(what))])?;
         Ok(json_response(200, &body, f))
     })
 }
@@ -104,9 +115,10 @@ pub async fn leaf_proof(req: HttpRequest, state: web::Data<AppState>) -> HttpRes
     if let Err(e) = super::read_barrier(&req, &state.repo).await {
         return respond(&req, |_| Err(e));
     }
+    let head = signed_head(&state.repo).await;
     respond(&req, |f| {
         let leaf = number(&parse_query(req.query_string()), "leaf")?;
-        Ok(json_response(200, &inclusion(&state.repo, leaf, Vec::new())?, f))
+        Ok(json_response(200, &inclusion(&state.repo, head?, leaf, Vec::new())?, f))
     })
 }
 
@@ -115,10 +127,11 @@ pub async fn consistency(req: HttpRequest, state: web::Data<AppState>) -> HttpRe
     if let Err(e) = super::read_barrier(&req, &state.repo).await {
         return respond(&req, |_| Err(e));
     }
+    let head = signed_head(&state.repo).await;
     respond(&req, |f| {
         let q = parse_query(req.query_string());
         let first = number(&q, "first")?;
-        let head = signed_head(&state.repo)?;
+        let head = head?;
         let size = head.size;
         let second = if q.iter().any(|(k, _)| k == "second") { number(&q, "second")? } else { size };
         if first == 0 || first > second || second > size {

@@ -455,6 +455,28 @@ async fn forged_and_replayed_rpcs_are_refused() {
 
     let after = refused(cluster.status(1).await.unwrap());
     assert!(after >= before + 4, "refusals are counted: {before} -> {after}");
+
+    // Tree heads are cosigned by every voter holding the same tree: a proof fetched from one
+    // node verifies offline against all three node keys with a quorum of three.
+    let http = &cluster.http;
+    let h = History::new();
+    write(http, &h, 0, &cluster.members[2].api, "cosigned", 1).await;
+    let proof =
+        http.get(format!("{}/Patient/cosigned/_history/1/$proof", cluster.members[2].api)).send().await.unwrap();
+    let path = cluster.root.path().join("proof.json");
+    std::fs::write(&path, proof.bytes().await.unwrap()).unwrap();
+    let keys: Vec<PathBuf> = cluster.members.iter().map(|m| m.dir.join("node.pub")).collect();
+    let verify = |quorum: &str| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_fhir-ledger"));
+        cmd.args(["verify", "proof"]).arg(&path).args(["--quorum", quorum]);
+        for k in &keys {
+            cmd.arg("--trusted-key").arg(k);
+        }
+        let out = cmd.output().unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr))
+    };
+    let (code, out) = verify("3");
+    assert_eq!(code, Some(0), "{out}");
     // The cluster is unharmed.
     let (ok, out) = cli(&["status", "--node", &cluster.members[1].api]);
     assert!(ok && out.contains("Follower"), "{out}");

@@ -32,6 +32,13 @@ pub enum Rpc {
     Forward(SignedBatch),
     /// A follower asks the leader for a log id that a linearizable read must wait for.
     ReadIndex,
+    /// Asks a member to cosign a tree head: it signs only if its own tree has this root at
+    /// this size and the time is near its own clock.
+    Cosign {
+        size: u64,
+        root: [u8; 32],
+        timestamp_ms: i64,
+    },
 }
 
 #[derive(Serialize, Deserialize, Debug)]
@@ -44,6 +51,9 @@ pub enum Reply {
         outcome: BatchOutcome,
     },
     ReadIndex(Option<LogId<NodeId>>),
+    Cosigned {
+        signature: Vec<u8>,
+    },
     /// The receiver is not the leader; it names the one it knows of.
     NotLeader {
         leader: Option<NodeId>,

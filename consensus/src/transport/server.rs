@@ -10,16 +10,22 @@ use tokio::net::{TcpListener, TcpStream};
 
 use super::wire;
 use super::{parse_key, Reply, Rpc, Shared};
+use crate::state_machine::StateView;
 use crate::{NodeId, Raft};
 
+/// How far a tree head's time may be from this node's clock for it to cosign.
+const COSIGN_CLOCK_SKEW_MS: i64 = 60_000;
+/// How long a cosigner waits to apply up to the head's size.
+const COSIGN_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Serves inter-node RPCs on `listener` until the process exits.
-pub fn spawn(listener: TcpListener, shared: Arc<Shared>, raft: Raft) {
+pub fn spawn(listener: TcpListener, shared: Arc<Shared>, raft: Raft, view: StateView) {
     tokio::spawn(async move {
         loop {
             let Ok((tcp, peer)) = listener.accept().await else { continue };
-            let (shared, raft) = (shared.clone(), raft.clone());
+            let (shared, raft, view) = (shared.clone(), raft.clone(), view.clone());
             tokio::spawn(async move {
-                if let Err(e) = serve(tcp, &shared, &raft).await {
+                if let Err(e) = serve(tcp, &shared, &raft, &view).await {
                     tracing::debug!(%peer, error = %e, "raft session ended");
                 }
             });
@@ -39,7 +45,7 @@ fn trusted_key(shared: &Shared, raft: &Raft, node: NodeId) -> Option<VerifyingKe
     membership.get_node(&node).and_then(|n| parse_key(&n.public_key))
 }
 
-async fn serve(tcp: TcpStream, shared: &Shared, raft: &Raft) -> std::io::Result<()> {
+async fn serve(tcp: TcpStream, shared: &Shared, raft: &Raft, view: &StateView) -> std::io::Result<()> {
     tcp.set_nodelay(true)?;
     let mut stream = BufStream::new(tcp);
     let mut session = match wire::server_handshake(&mut stream, shared.me, &shared.key, |n| {
@@ -71,7 +77,7 @@ async fn serve(tcp: TcpStream, shared: &Shared, raft: &Raft) -> std::io::Result<
             }
         };
         let reply = match bincode::deserialize::<Rpc>(&body) {
-            Ok(rpc) => dispatch(rpc, session.peer, shared, raft).await,
+            Ok(rpc) => dispatch(rpc, session.peer, shared, raft, view).await,
             Err(e) => Reply::Failed(format!("undecodable request: {e}")),
         };
         let body = bincode::serialize(&reply).map_err(|e| std::io::Error::other(e.to_string()))?;
@@ -80,7 +86,7 @@ async fn serve(tcp: TcpStream, shared: &Shared, raft: &Raft) -> std::io::Result<
     }
 }
 
-async fn dispatch(rpc: Rpc, peer: NodeId, shared: &Shared, raft: &Raft) -> Reply {
+async fn dispatch(rpc: Rpc, peer: NodeId, shared: &Shared, raft: &Raft, view: &StateView) -> Reply {
     match rpc {
         Rpc::AppendEntries(req) => match raft.append_entries(req).await {
             Ok(resp) => {
@@ -108,6 +114,7 @@ async fn dispatch(rpc: Rpc, peer: NodeId, shared: &Shared, raft: &Raft) -> Reply
                 Err(e) => Reply::Failed(e.to_string()),
             }
         }
+        Rpc::Cosign { size, root, timestamp_ms } => cosign(shared, view, size, root, timestamp_ms).await,
         Rpc::ReadIndex => match raft.ensure_linearizable().await {
             Ok(log_id) => Reply::ReadIndex(log_id),
             Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
@@ -116,4 +123,28 @@ async fn dispatch(rpc: Rpc, peer: NodeId, shared: &Shared, raft: &Raft) -> Reply
             Err(e) => Reply::Failed(e.to_string()),
         },
     }
+}
+
+/// Signs a tree head only if this node's own tree had `root` at `size` (waiting briefly to apply
+/// that far) and the time is near this node's clock, so a cosignature vouches for what this
+/// node holds, not for what the asker claims.
+async fn cosign(shared: &Shared, view: &StateView, size: u64, root: [u8; 32], timestamp_ms: i64) -> Reply {
+    #[allow(clippy::disallowed_methods)] // a wall-clock check of a head's time, not apply()
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+    if (now - timestamp_ms).abs() > COSIGN_CLOCK_SKEW_MS {
+        return Reply::Failed(format!("head time {timestamp_ms} is more than a minute from this node's clock"));
+    }
+    let deadline = tokio::time::Instant::now() + COSIGN_WAIT;
+    while view.frontier().map_or(0, |f| f.size) < size {
+        if tokio::time::Instant::now() >= deadline {
+            return Reply::Failed(format!("this node has not applied {size} leaves yet"));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    if crate::proof::root_at(view, size) != Some(root) {
+        return Reply::Failed(format!("this node's tree has another root at size {size}"));
+    }
+    use ed25519_dalek::Signer;
+    let msg = crate::merkle::tree_head_message(size, &root, timestamp_ms);
+    Reply::Cosigned { signature: shared.key.sign(&msg).to_bytes().to_vec() }
 }
