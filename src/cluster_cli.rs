@@ -200,11 +200,15 @@ pub async fn run(args: ClusterArgs) -> anyhow::Result<()> {
             // still be streaming. Wait until the new node applied what the leader had.
             let target = after["last_log_index"].as_u64().unwrap_or(0);
             loop {
-                let applied = admin.status(&new).await?["last_applied"].as_u64().unwrap_or(0);
+                let s = admin.status(&new).await?;
+                let applied = s["last_applied"].as_u64().unwrap_or(0);
                 if applied >= target {
                     break;
                 }
-                eprintln!("node {}: applied {applied} of {target}", joiner.node_id);
+                match s["receiving_snapshot_bytes"].as_u64() {
+                    Some(b) => eprintln!("node {}: receiving a snapshot, {b} bytes so far", joiner.node_id),
+                    None => eprintln!("node {}: applied {applied} of {target}", joiner.node_id),
+                }
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
             if voter {
@@ -233,7 +237,7 @@ fn opt(v: &Value) -> String {
 
 fn print_status(s: &Value) {
     println!(
-        "node {}: {} in term {}, leader {}; log {}, applied {}, snapshot {}, compacted to {}{}",
+        "node {}: {} in term {}, leader {}; log {}, applied {}, snapshot {}, compacted to {}{}{}",
         s["node_id"],
         s["state"].as_str().unwrap_or("?"),
         s["term"],
@@ -242,7 +246,10 @@ fn print_status(s: &Value) {
         opt(&s["last_applied"]),
         opt(&s["snapshot"]),
         opt(&s["purged"]),
-        if s["joint"].as_bool() == Some(true) { " (membership change in progress)" } else { "" }
+        if s["joint"].as_bool() == Some(true) { " (membership change in progress)" } else { "" },
+        s["receiving_snapshot_bytes"]
+            .as_u64()
+            .map_or(String::new(), |b| format!(", receiving a snapshot ({b} bytes so far)"))
     );
     let voters: Vec<u64> =
         s["voters"].as_array().map(|a| a.iter().filter_map(Value::as_u64).collect()).unwrap_or_default();

@@ -42,6 +42,8 @@ pub struct Status {
     pub snapshot: Option<u64>,
     /// Log entries up to this index were compacted away.
     pub purged: Option<u64>,
+    /// Bytes received so far of a snapshot being streamed to this node (catch-up progress).
+    pub receiving_snapshot_bytes: Option<u64>,
     pub voters: BTreeSet<NodeId>,
     pub learners: BTreeSet<NodeId>,
     /// True while a membership change is between its two configurations.
@@ -157,6 +159,7 @@ impl Ledger {
             last_applied: m.last_applied.map(|l| l.index),
             snapshot: m.snapshot.map(|l| l.index),
             purged: m.purged.map(|l| l.index),
+            receiving_snapshot_bytes: self.view().receiving_snapshot_bytes(),
             voters: membership.voter_ids().collect(),
             learners: membership.learner_ids().collect(),
             joint: membership.get_joint_config().len() > 1,

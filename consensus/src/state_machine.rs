@@ -304,6 +304,18 @@ impl StateView {
     pub(crate) fn scan_records(&self) -> impl Iterator<Item = io::Result<(u64, Vec<u8>)>> + '_ {
         self.kv.scan_prefix(b"r").map(|kv| kv.map(|(k, v)| (crate::kv::read_be(&k[1..]).unwrap_or(u64::MAX), v)))
     }
+    /// Bytes of a snapshot this node is receiving right now (None when it receives none):
+    /// the progress of a catch-up by snapshot.
+    pub fn receiving_snapshot_bytes(&self) -> Option<u64> {
+        let entries = std::fs::read_dir(self.snap_dir.as_path()).ok()?;
+        let sizes: Vec<u64> = entries
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().to_string_lossy().starts_with("recv-"))
+            .filter_map(|e| e.metadata().ok().map(|m| m.len()))
+            .collect();
+        (!sizes.is_empty()).then(|| sizes.iter().sum())
+    }
+
     /// The last snapshot built or installed: its meta and its file.
     pub(crate) fn snapshot(&self) -> io::Result<Option<(SnapshotMeta<NodeId, Node>, PathBuf)>> {
         let Some(bytes) = self.kv.get(META_SNAPSHOT)? else { return Ok(None) };
