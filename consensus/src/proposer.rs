@@ -93,16 +93,33 @@ async fn run(raft: Raft, node_id: NodeId, key: Arc<SigningKey>, pool: Pool, mut 
 async fn propose(raft: &Raft, pool: &Pool, signed: SignedBatch) -> Result<BatchOutcome, ProposeError> {
     let deadline = tokio::time::Instant::now() + LEADER_WAIT;
     let unknown = |e: String| ProposeError::Unavailable(format!("the write's outcome is unknown: {e}"));
+    let rpc = Rpc::Forward(signed);
     loop {
-        let leader = match tokio::time::timeout_at(deadline, raft.client_write(signed.clone())).await {
-            Err(_) => return Err(unknown("not committed in time (no quorum reachable?)".into())),
-            Ok(Ok(resp)) => return Ok(resp.data),
-            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => f.leader_id.zip(f.leader_node),
-            Ok(Err(e)) => return Err(ProposeError::Unavailable(e.to_string())),
+        let (state, leader) = {
+            let m = raft.metrics();
+            let m = m.borrow();
+            let leader =
+                m.current_leader.and_then(|id| m.membership_config.membership().get_node(&id).map(|n| (id, n.clone())));
+            (m.state, leader)
         };
+        if state == openraft::ServerState::Leader {
+            // The batch moves into the log without a copy; if leadership moved in between, it
+            // was not appended and the caller hears so.
+            let Rpc::Forward(signed) = rpc else {
+                return Err(ProposeError::Unavailable("internal: the proposal is not a batch".into()));
+            };
+            return match tokio::time::timeout_at(deadline, raft.client_write(signed)).await {
+                Err(_) => Err(unknown("not committed in time (no quorum reachable?)".into())),
+                Ok(Ok(resp)) => Ok(resp.data),
+                Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => {
+                    Err(ProposeError::Unavailable("leadership moved while proposing; the write was not made".into()))
+                }
+                Ok(Err(e)) => Err(ProposeError::Unavailable(e.to_string())),
+            };
+        }
         if let Some((id, node)) = leader {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            match pool.call(id, &node, &Rpc::Forward(signed.clone()), left).await {
+            match pool.call(id, &node, &rpc, left).await {
                 Ok(Reply::Written { log_id, outcome }) => {
                     crate::wait_applied(raft, Some(log_id.index)).await?;
                     return Ok(outcome);
@@ -116,6 +133,6 @@ async fn propose(raft: &Raft, pool: &Pool, signed: SignedBatch) -> Result<BatchO
         if tokio::time::Instant::now() >= deadline {
             return Err(ProposeError::Unavailable("no leader is reachable; the write was not made".into()));
         }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }

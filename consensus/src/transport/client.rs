@@ -23,6 +23,8 @@ use crate::{Node, NodeId, TypeConfig};
 pub struct Conn {
     stream: BufStream<TcpStream>,
     session: Session,
+    /// Reply bodies land here, reused across calls.
+    buf: Vec<u8>,
 }
 
 impl Conn {
@@ -39,7 +41,7 @@ impl Conn {
         tcp.set_nodelay(true)?;
         let mut stream = BufStream::new(tcp);
         let session = wire::client_handshake(&mut stream, shared.me, &shared.key, target, &key).await?;
-        Ok(Self { stream, session })
+        Ok(Self { stream, session, buf: Vec::new() })
     }
 
     /// Sends one request and reads its reply (requests on one connection are sequential).
@@ -47,14 +49,12 @@ impl Conn {
         let body = bincode::serialize(rpc).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
         let frame = self.session.seal(body);
         self.send_frame(&frame).await?;
-        let reply: wire::Frame = wire::read_msg(&mut self.stream, wire::MAX_FRAME).await?;
-        let body = self.session.open(reply)?;
-        bincode::deserialize(&body).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))
+        self.read_reply().await
     }
 
     /// Sends an already sealed frame as is (tests replay frames through this).
     pub async fn send_frame(&mut self, frame: &wire::Frame) -> io::Result<()> {
-        wire::write_msg(&mut self.stream, frame).await
+        wire::write_frame(&mut self.stream, frame).await
     }
 
     pub fn session(&mut self) -> &mut Session {
@@ -63,9 +63,9 @@ impl Conn {
 
     /// Reads one reply frame without interpreting it.
     pub async fn read_reply(&mut self) -> io::Result<Reply> {
-        let reply: wire::Frame = wire::read_msg(&mut self.stream, wire::MAX_FRAME).await?;
-        let body = self.session.open(reply)?;
-        bincode::deserialize(&body).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))
+        let (seq, mac) = wire::read_frame(&mut self.stream, &mut self.buf).await?;
+        self.session.check(seq, &mac, &self.buf)?;
+        bincode::deserialize(&self.buf).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))
     }
 }
 

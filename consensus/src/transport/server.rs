@@ -63,26 +63,27 @@ async fn serve(tcp: TcpStream, shared: &Shared, raft: &Raft, view: &StateView) -
             return Err(e);
         }
     };
+    let mut buf = Vec::new();
     loop {
-        let frame: wire::Frame = wire::read_msg(&mut stream, wire::MAX_FRAME).await?;
+        let (seq, mac) = wire::read_frame(&mut stream, &mut buf).await?;
         if shared.is_isolated(session.peer) {
             return Ok(());
         }
-        let body = match session.open(frame) {
-            Ok(b) => b,
+        match session.check(seq, &mac, &buf) {
+            Ok(()) => {}
             Err(e) => {
                 shared.refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tracing::warn!(peer = session.peer, error = %e, "refused a raft frame; closing the session");
                 return Err(e);
             }
         };
-        let reply = match bincode::deserialize::<Rpc>(&body) {
+        let reply = match bincode::deserialize::<Rpc>(&buf) {
             Ok(rpc) => dispatch(rpc, session.peer, shared, raft, view).await,
             Err(e) => Reply::Failed(format!("undecodable request: {e}")),
         };
         let body = bincode::serialize(&reply).map_err(|e| std::io::Error::other(e.to_string()))?;
         let frame = session.seal(body);
-        wire::write_msg(&mut stream, &frame).await?;
+        wire::write_frame(&mut stream, &frame).await?;
     }
 }
 

@@ -1,26 +1,33 @@
 //! The authenticated framing of inter-node RPCs.
 //!
-//! A connection starts with a mutual challenge-response: the server sends a fresh nonce, the
-//! client answers with its node id and an ed25519 signature over both nonces and both ids, and
-//! the server answers with its own signature. Every request and reply after that is signed over
-//! the two nonces, a sequence number that must grow by one, and the SHA-256 of the body. So a
-//! frame is accepted only from the member whose key signed it, only on the connection it was
-//! made for, and only once: a replayed or reordered frame fails the sequence check, and one
-//! copied to another connection fails the nonce check.
+//! A connection starts with a mutual challenge-response: the server sends a fresh nonce and an
+//! ephemeral X25519 key, the client answers with its node id, its own nonce and ephemeral key
+//! and an ed25519 signature over all of them and both ids, and the server answers with its own
+//! ed25519 signature over the same. The Diffie-Hellman secret of the two ephemeral keys, bound
+//! to both nonces, keys an HMAC-SHA256 per direction; every request and reply after that
+//! carries a sequence number that must grow by one and the HMAC of it and the body. So a frame
+//! is accepted only from the member whose node key signed the handshake, only on the session
+//! it was made for, and only once: a replayed or reordered frame fails the sequence check, and
+//! one copied to another session fails the MAC. (Signing every frame with ed25519 instead cost
+//! four curve operations per RPC: ~10% of a 3-node cluster's CPU under load.)
 
 use std::io;
 
 use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
+use hmac::{Hmac, Mac};
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
+use sha2::Sha256;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use x25519_dalek::{EphemeralSecret, PublicKey};
+
+type HmacSha256 = Hmac<Sha256>;
 
 use crate::NodeId;
 
 /// Domain tag of every signature; the version changes with the frame layout.
-const DOMAIN: &[u8] = b"fhir-ledger raft rpc v1\0";
-pub const PROTOCOL_VERSION: u16 = 1;
+const DOMAIN: &[u8] = b"fhir-ledger raft rpc v2\0";
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Largest frame accepted: bounds what an unauthenticated peer can make us buffer before the
 /// handshake, and what a member can make us buffer after it.
 pub const MAX_FRAME: usize = 512 * 1024 * 1024;
@@ -33,6 +40,7 @@ pub struct Hello {
     pub version: u16,
     pub node_id: NodeId,
     pub nonce: Nonce,
+    pub ephemeral: [u8; 32],
 }
 
 #[derive(Serialize, Deserialize, Debug)]
@@ -40,6 +48,7 @@ pub struct Auth {
     pub from: NodeId,
     pub to: NodeId,
     pub nonce: Nonce,
+    pub ephemeral: [u8; 32],
     pub signature: Vec<u8>,
 }
 
@@ -49,13 +58,43 @@ pub enum Welcome {
     Refused { reason: String },
 }
 
-/// A signed request or reply after the handshake.
-#[derive(Serialize, Deserialize, Debug, Clone)]
+/// An authenticated request or reply after the handshake. On the wire: u32 length, seq (u64),
+/// the 32-byte MAC, the body.
+#[derive(Debug, Clone)]
 pub struct Frame {
     pub seq: u64,
-    #[serde(with = "serde_bytes")]
     pub body: Vec<u8>,
-    pub signature: Vec<u8>,
+    pub mac: [u8; 32],
+}
+
+const FRAME_HEADER: usize = 8 + 32;
+
+pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, f: &Frame) -> io::Result<()> {
+    let len = u32::try_from(FRAME_HEADER + f.body.len()).map_err(|_| invalid("frame too large"))?;
+    w.write_all(&len.to_be_bytes()).await?;
+    w.write_all(&f.seq.to_be_bytes()).await?;
+    w.write_all(&f.mac).await?;
+    w.write_all(&f.body).await?;
+    w.flush().await
+}
+
+/// Reads one frame; the body lands in `buf` (reused across frames, so large appends do not
+/// fault in fresh pages each time). Returns (seq, mac); the body is `buf`.
+pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R, buf: &mut Vec<u8>) -> io::Result<(u64, [u8; 32])> {
+    let mut len = [0u8; 4];
+    r.read_exact(&mut len).await?;
+    let len = u32::from_be_bytes(len) as usize;
+    if !(FRAME_HEADER..=MAX_FRAME).contains(&len) {
+        return Err(invalid(format!("frame of {len} bytes is outside the limits")));
+    }
+    let mut header = [0u8; FRAME_HEADER];
+    r.read_exact(&mut header).await?;
+    let seq = u64::from_be_bytes(header[..8].try_into().map_err(|_| invalid("frame header"))?);
+    let mac: [u8; 32] = header[8..].try_into().map_err(|_| invalid("frame header"))?;
+    buf.clear();
+    buf.resize(len - FRAME_HEADER, 0);
+    r.read_exact(buf).await?;
+    Ok((seq, mac))
 }
 
 fn fresh_nonce() -> Nonce {
@@ -64,25 +103,48 @@ fn fresh_nonce() -> Nonce {
     n
 }
 
-fn handshake_message(role: &[u8], a: NodeId, b: NodeId, first: &Nonce, second: &Nonce) -> Vec<u8> {
-    let mut m = Vec::with_capacity(DOMAIN.len() + role.len() + 16 + 64);
+/// What each side signs: its role, both ids, both nonces and both ephemeral keys (own first).
+#[allow(clippy::too_many_arguments)]
+fn handshake_message(
+    role: &[u8],
+    a: NodeId,
+    b: NodeId,
+    first: &Nonce,
+    second: &Nonce,
+    first_eph: &[u8; 32],
+    second_eph: &[u8; 32],
+) -> Vec<u8> {
+    let mut m = Vec::with_capacity(DOMAIN.len() + role.len() + 16 + 128);
     m.extend_from_slice(DOMAIN);
     m.extend_from_slice(role);
     m.extend_from_slice(&a.to_be_bytes());
     m.extend_from_slice(&b.to_be_bytes());
     m.extend_from_slice(first);
     m.extend_from_slice(second);
+    m.extend_from_slice(first_eph);
+    m.extend_from_slice(second_eph);
     m
 }
 
-fn frame_message(role: &[u8], session: &[u8; 64], seq: u64, body: &[u8]) -> Vec<u8> {
-    let mut m = Vec::with_capacity(DOMAIN.len() + role.len() + 64 + 8 + 32);
-    m.extend_from_slice(DOMAIN);
-    m.extend_from_slice(role);
-    m.extend_from_slice(session);
-    m.extend_from_slice(&seq.to_be_bytes());
-    m.extend_from_slice(&Sha256::digest(body));
+fn hmac(key: &[u8], parts: &[&[u8]]) -> HmacSha256 {
+    // HMAC takes keys of any length; new_from_slice cannot fail for it.
+    let mut m = <HmacSha256 as Mac>::new_from_slice(key).unwrap_or_else(|_| unreachable!());
+    for p in parts {
+        m.update(p);
+    }
     m
+}
+
+/// The two directions' MAC keys from the DH secret, bound to both nonces.
+fn session_keys(shared: &[u8; 32], server: &Nonce, client: &Nonce) -> ([u8; 32], [u8; 32]) {
+    let prk: [u8; 32] = hmac(shared, &[DOMAIN, b"session", server, client]).finalize().into_bytes().into();
+    let request: [u8; 32] = hmac(&prk, &[b"request"]).finalize().into_bytes().into();
+    let reply: [u8; 32] = hmac(&prk, &[b"reply"]).finalize().into_bytes().into();
+    (request, reply)
+}
+
+fn frame_mac(key: &[u8; 32], seq: u64, body: &[u8]) -> [u8; 32] {
+    hmac(key, &[&seq.to_be_bytes(), body]).finalize().into_bytes().into()
 }
 
 fn invalid(msg: impl Into<String>) -> io::Error {
@@ -113,62 +175,51 @@ fn verify(key: &VerifyingKey, msg: &[u8], sig: &[u8]) -> bool {
     Signature::from_slice(sig).is_ok_and(|s| key.verify(msg, &s).is_ok())
 }
 
-/// One authenticated connection's state: who is on the other end, the session's two nonces
-/// and the next sequence numbers in each direction.
+/// One authenticated connection's state: who is on the other end, the MAC key of each
+/// direction and the next sequence numbers.
 pub struct Session {
     pub peer: NodeId,
-    session: [u8; 64],
-    key: SigningKey,
-    peer_key: VerifyingKey,
-    /// Client side signs requests and checks replies; the server the other way round.
-    is_client: bool,
+    send_key: [u8; 32],
+    recv_key: [u8; 32],
     next_send: u64,
     next_recv: u64,
 }
 
 impl Session {
-    fn roles(&self) -> (&'static [u8], &'static [u8]) {
-        if self.is_client {
-            (b"request", b"reply")
-        } else {
-            (b"reply", b"request")
-        }
+    fn new(peer: NodeId, (request, reply): ([u8; 32], [u8; 32]), is_client: bool) -> Self {
+        let (send_key, recv_key) = if is_client { (request, reply) } else { (reply, request) };
+        Self { peer, send_key, recv_key, next_send: 0, next_recv: 0 }
     }
 
-    /// Signs `body` with the next sequence number.
+    /// Authenticates `body` with the next sequence number.
     pub fn seal(&mut self, body: Vec<u8>) -> Frame {
         let seq = self.next_send;
         self.next_send += 1;
-        Self::seal_at(&self.key, self.roles().0, &self.session, seq, body)
+        self.seal_with_seq(seq, body)
     }
 
-    /// Signs `body` at an explicit sequence number (tests use it to replay and reorder).
+    /// Authenticates `body` at an explicit sequence number (tests use it to replay and reorder).
     pub fn seal_with_seq(&self, seq: u64, body: Vec<u8>) -> Frame {
-        Self::seal_at(&self.key, self.roles().0, &self.session, seq, body)
+        Frame { seq, mac: frame_mac(&self.send_key, seq, &body), body }
     }
 
-    fn seal_at(key: &SigningKey, role: &[u8], session: &[u8; 64], seq: u64, body: Vec<u8>) -> Frame {
-        let signature = key.sign(&frame_message(role, session, seq, &body)).to_bytes().to_vec();
-        Frame { seq, body, signature }
-    }
-
-    /// Accepts a frame only if it is the next in sequence and signed by the peer for this
-    /// session.
-    pub fn open(&mut self, frame: Frame) -> io::Result<Vec<u8>> {
-        if frame.seq != self.next_recv {
-            return Err(invalid(format!(
-                "frame {} out of sequence (expected {}): replayed or reordered",
-                frame.seq, self.next_recv
-            )));
+    /// Accepts a frame only if it is the next in sequence and authenticated by the peer for
+    /// this session.
+    pub fn check(&mut self, seq: u64, mac: &[u8; 32], body: &[u8]) -> io::Result<()> {
+        if seq != self.next_recv {
+            let expected = self.next_recv;
+            return Err(invalid(format!("frame {seq} out of sequence (expected {expected}): replayed or reordered")));
         }
-        if !verify(
-            &self.peer_key,
-            &frame_message(self.roles().1, &self.session, frame.seq, &frame.body),
-            &frame.signature,
-        ) {
-            return Err(invalid(format!("frame {} is not signed by node {}", frame.seq, self.peer)));
+        if hmac(&self.recv_key, &[&seq.to_be_bytes(), body]).verify_slice(mac).is_err() {
+            return Err(invalid(format!("frame {seq} is not authenticated by node {} for this session", self.peer)));
         }
         self.next_recv += 1;
+        Ok(())
+    }
+
+    /// [`Session::check`] for an owned frame.
+    pub fn open(&mut self, frame: Frame) -> io::Result<Vec<u8>> {
+        self.check(frame.seq, &frame.mac, &frame.body)?;
         Ok(frame.body)
     }
 }
@@ -190,32 +241,22 @@ pub async fn client_handshake<S: AsyncRead + AsyncWrite + Unpin>(
         return Err(invalid(format!("expected node {target} at this address, found node {}", hello.node_id)));
     }
     let nonce = fresh_nonce();
-    let signature = key.sign(&handshake_message(b"client", me, target, &hello.nonce, &nonce)).to_bytes().to_vec();
-    write_msg(stream, &Auth { from: me, to: target, nonce, signature }).await?;
+    let secret = EphemeralSecret::random_from_rng(rand::rngs::OsRng);
+    let ephemeral = PublicKey::from(&secret).to_bytes();
+    let msg = handshake_message(b"client", me, target, &hello.nonce, &nonce, &hello.ephemeral, &ephemeral);
+    let signature = key.sign(&msg).to_bytes().to_vec();
+    write_msg(stream, &Auth { from: me, to: target, nonce, ephemeral, signature }).await?;
     match read_msg(stream, MAX_HANDSHAKE_FRAME).await? {
         Welcome::Refused { reason } => Err(io::Error::new(io::ErrorKind::PermissionDenied, reason)),
         Welcome::Accepted { signature } => {
-            if !verify(target_key, &handshake_message(b"server", target, me, &nonce, &hello.nonce), &signature) {
+            let msg = handshake_message(b"server", target, me, &nonce, &hello.nonce, &ephemeral, &hello.ephemeral);
+            if !verify(target_key, &msg, &signature) {
                 return Err(invalid(format!("node {target} did not prove its key")));
             }
-            Ok(Session {
-                peer: target,
-                session: session_id(&hello.nonce, &nonce),
-                key: key.clone(),
-                peer_key: *target_key,
-                is_client: true,
-                next_send: 0,
-                next_recv: 0,
-            })
+            let shared = secret.diffie_hellman(&PublicKey::from(hello.ephemeral));
+            Ok(Session::new(target, session_keys(shared.as_bytes(), &hello.nonce, &nonce), true))
         }
     }
-}
-
-fn session_id(server: &Nonce, client: &Nonce) -> [u8; 64] {
-    let mut s = [0u8; 64];
-    s[..32].copy_from_slice(server);
-    s[32..].copy_from_slice(client);
-    s
 }
 
 /// The server half: `trusted(from)` returns the key the committed membership (or the bootstrap
@@ -227,7 +268,9 @@ pub async fn server_handshake<S: AsyncRead + AsyncWrite + Unpin>(
     trusted: impl Fn(NodeId) -> Option<VerifyingKey>,
 ) -> io::Result<Session> {
     let nonce = fresh_nonce();
-    write_msg(stream, &Hello { version: PROTOCOL_VERSION, node_id: me, nonce }).await?;
+    let secret = EphemeralSecret::random_from_rng(rand::rngs::OsRng);
+    let ephemeral = PublicKey::from(&secret).to_bytes();
+    write_msg(stream, &Hello { version: PROTOCOL_VERSION, node_id: me, nonce, ephemeral }).await?;
     let auth: Auth = read_msg(stream, MAX_HANDSHAKE_FRAME).await?;
     let checked = if auth.to != me {
         Err(format!("this is node {me}, not node {}", auth.to))
@@ -235,33 +278,23 @@ pub async fn server_handshake<S: AsyncRead + AsyncWrite + Unpin>(
         match trusted(auth.from) {
             None => Err(format!("node {} is not a member with a known key", auth.from)),
             Some(key) => {
-                let msg = handshake_message(b"client", auth.from, me, &nonce, &auth.nonce);
+                let msg = handshake_message(b"client", auth.from, me, &nonce, &auth.nonce, &ephemeral, &auth.ephemeral);
                 if verify(&key, &msg, &auth.signature) {
-                    Ok(key)
+                    Ok(())
                 } else {
                     Err(format!("signature does not verify against node {}'s key", auth.from))
                 }
             }
         }
     };
-    let peer_key = match checked {
-        Ok(k) => k,
-        Err(reason) => {
-            let _ = write_msg(stream, &Welcome::Refused { reason: reason.clone() }).await;
-            return Err(io::Error::new(io::ErrorKind::PermissionDenied, reason));
-        }
-    };
-    let signature = key.sign(&handshake_message(b"server", me, auth.from, &auth.nonce, &nonce)).to_bytes().to_vec();
-    write_msg(stream, &Welcome::Accepted { signature }).await?;
-    Ok(Session {
-        peer: auth.from,
-        session: session_id(&nonce, &auth.nonce),
-        key: key.clone(),
-        peer_key,
-        is_client: false,
-        next_send: 0,
-        next_recv: 0,
-    })
+    if let Err(reason) = checked {
+        let _ = write_msg(stream, &Welcome::Refused { reason: reason.clone() }).await;
+        return Err(io::Error::new(io::ErrorKind::PermissionDenied, reason));
+    }
+    let msg = handshake_message(b"server", me, auth.from, &auth.nonce, &nonce, &auth.ephemeral, &ephemeral);
+    write_msg(stream, &Welcome::Accepted { signature: key.sign(&msg).to_bytes().to_vec() }).await?;
+    let shared = secret.diffie_hellman(&PublicKey::from(auth.ephemeral));
+    Ok(Session::new(auth.from, session_keys(shared.as_bytes(), &nonce, &auth.nonce), false))
 }
 
 #[cfg(test)]
