@@ -34,7 +34,7 @@ pub struct ServeArgs {
     #[arg(long, env = "FHIR_LEDGER_WORKERS")]
     pub workers: Option<usize>,
     /// Snapshot the state and compact the Raft log every N entries (default: never on a
-    /// single node, 10000 in a cluster).
+    /// single node, 100000 in a cluster).
     #[arg(long, env = "FHIR_LEDGER_SNAPSHOT_EVERY")]
     pub snapshot_every: Option<u64>,
     /// Inter-node (Raft) listener, e.g. 127.0.0.1:9080. Given: this node is a cluster member
@@ -106,7 +106,7 @@ impl Config {
         let raft_listen = args.raft_listen.or(file.raft_listen);
         // A cluster needs snapshots: a new or long-gone member catches up from one.
         let snapshot_every =
-            args.snapshot_every.or(file.snapshot_every).or(raft_listen.map(|_| 10_000)).filter(|&n| n > 0);
+            args.snapshot_every.or(file.snapshot_every).or(raft_listen.map(|_| 100_000)).filter(|&n| n > 0);
         let cfg = Self {
             listen: args.listen.or(file.listen).unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080))),
             secrets_dir: args.secrets_dir.clone().or(file.secrets_dir).unwrap_or_else(|| data_dir.clone()),
