@@ -202,9 +202,9 @@ impl Ledger {
                     Ok(transport::Reply::ReadIndex(log_id)) => {
                         return self.wait_applied(log_id.map(|l| l.index)).await;
                     }
-                    Ok(transport::Reply::NotLeader { .. }) | Err(transport::client::CallError::NotSent(_)) => {}
+                    // Asking for a read index changes nothing, so any failure is worth a retry.
+                    Ok(transport::Reply::NotLeader { .. }) | Err(_) => {}
                     Ok(other) => return Err(ProposeError::Unavailable(format!("read index: {other:?}"))),
-                    Err(e) => return Err(ProposeError::Unavailable(e.to_string())),
                 }
             }
             if tokio::time::Instant::now() >= deadline {

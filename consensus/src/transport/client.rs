@@ -57,6 +57,13 @@ impl Conn {
         wire::write_frame(&mut self.stream, frame).await
     }
 
+    /// Whether the peer closed this idle connection (a restarted or killed node): reading
+    /// would return end-of-file or an error now rather than block.
+    fn is_closed(&self) -> bool {
+        let mut probe = [0u8; 1];
+        !matches!(self.stream.get_ref().try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+    }
+
     pub fn session(&mut self) -> &mut Session {
         &mut self.session
     }
@@ -182,7 +189,12 @@ impl Pool {
     /// One request to `target`. An error means the outcome is unknown (the request may have been
     /// delivered), except for a connect error, after which nothing was sent.
     pub async fn call(&self, target: NodeId, node: &Node, rpc: &Rpc, ttl: Duration) -> Result<Reply, CallError> {
-        let idle = self.idle.lock().ok().and_then(|mut m| m.get_mut(&target).and_then(Vec::pop));
+        // A pooled session whose peer has since closed it would turn a request that was never
+        // delivered into one of unknown outcome: skip those.
+        let idle = self.idle.lock().ok().and_then(|mut m| {
+            let v = m.get_mut(&target)?;
+            std::iter::from_fn(|| v.pop()).find(|c| !c.is_closed())
+        });
         let mut conn = match idle {
             Some(c) if !self.shared.is_isolated(target) => c,
             _ => Conn::connect(&self.shared, target, node).await.map_err(CallError::NotSent)?,
