@@ -544,3 +544,29 @@ async fn new_node_catches_up_by_snapshot() {
     write(&http, &h, 0, &cluster.members[five].api, "reg-0", 99).await;
     check_history(&cluster, &h, 40).await;
 }
+
+/// A follower that forwarded to a leader before it was killed forwards to the new leader
+/// without turning the first request after the kill into a 503 (its pooled session to the dead
+/// leader must not be used), and the restarted node serves what was written meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follower_writes_through_a_leader_change() {
+    let _serial = SERIAL.lock().await;
+    let mut cluster = Cluster::start(3, &[]);
+    let http = cluster.http.clone();
+    let leader = cluster.leader().await;
+    let follower = (leader + 1) % 3;
+    let api = cluster.members[follower].api.clone();
+    let put = |id: &str| {
+        let body = json!({ "resourceType": "Patient", "id": id });
+        http.put(format!("{api}/Patient/{id}")).header("content-type", "application/fhir+json").body(body.to_string())
+    };
+    assert_eq!(put("before").send().await.unwrap().status(), 201);
+    assert_eq!(http.get(format!("{api}/Patient/before")).send().await.unwrap().status(), 200);
+    cluster.kill9(leader);
+    assert_eq!(put("during").send().await.unwrap().status(), 201, "the write waits for the new leader");
+    assert_eq!(http.get(format!("{api}/Patient/during")).send().await.unwrap().status(), 200);
+    cluster.restart(leader);
+    cluster.converged().await;
+    let old = &cluster.members[leader].api;
+    assert_eq!(http.get(format!("{old}/Patient/during")).send().await.unwrap().status(), 200);
+}
