@@ -233,9 +233,10 @@ impl Ledger {
     /// How far behind the cluster a follower's state may be: the time since a leader last
     /// replicated to it (each append carries the commit index, which the follower then applies).
     /// None on a leader, which cannot vouch for itself without a quorum round (a deposed leader
-    /// cut off from the others still believes it leads), and on a node never reached.
+    /// cut off from the others still believes it leads), on a node never reached, and while a
+    /// snapshot is being loaded (the state is partial until then).
     pub fn staleness(&self) -> Option<std::time::Duration> {
-        if self.raft.metrics().borrow().state != openraft::ServerState::Follower {
+        if self.raft.metrics().borrow().state != openraft::ServerState::Follower || self.view.installing() {
             return None;
         }
         self.transport.since_leader_contact()

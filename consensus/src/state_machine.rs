@@ -304,6 +304,11 @@ impl StateView {
     pub(crate) fn scan_records(&self) -> impl Iterator<Item = io::Result<(u64, Vec<u8>)>> + '_ {
         self.kv.scan_prefix(b"r").map(|kv| kv.map(|(k, v)| (crate::kv::read_be(&k[1..]).unwrap_or(u64::MAX), v)))
     }
+    /// Whether a received snapshot is being loaded (the state is partial until it finishes).
+    pub fn installing(&self) -> bool {
+        self.kv.get(META_INSTALLING).map_or(true, |v| v.is_some())
+    }
+
     /// Bytes of a snapshot this node is receiving right now (None when it receives none):
     /// the progress of a catch-up by snapshot.
     pub fn receiving_snapshot_bytes(&self) -> Option<u64> {
