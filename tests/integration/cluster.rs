@@ -569,4 +569,25 @@ async fn follower_writes_through_a_leader_change() {
     cluster.converged().await;
     let old = &cluster.members[leader].api;
     assert_eq!(http.get(format!("{old}/Patient/during")).send().await.unwrap().status(), 200);
+
+    // Removing the leader itself: the removal commits, the removed node loses its sessions,
+    // the other two elect a leader between them and go on.
+    let current = cluster.leader().await;
+    let id = cluster.members[current].id.to_string();
+    let other = (current + 1) % 3;
+    let (ok, out) = cli(&["remove", "--node", &cluster.members[other].api, "--id", &id]);
+    assert!(ok, "remove the leader: {out}");
+    let next = cluster.leader_except(current).await;
+    let s = cluster.status(next).await.unwrap();
+    assert_eq!(s["voters"].as_array().map(Vec::len), Some(2), "{s}");
+    let follower = (0..3).find(|&i| i != current && i != next).unwrap();
+    let api = &cluster.members[follower].api;
+    let r = http
+        .put(format!("{api}/Patient/after"))
+        .header("content-type", "application/fhir+json")
+        .body(json!({ "resourceType": "Patient", "id": "after" }).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "the two remaining nodes take writes");
 }

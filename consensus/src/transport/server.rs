@@ -69,6 +69,13 @@ async fn serve(tcp: TcpStream, shared: &Shared, raft: &Raft, view: &StateView) -
         if shared.is_isolated(session.peer) {
             return Ok(());
         }
+        // Membership is checked per frame, not only at the handshake: a node removed from the
+        // cluster (even the leader that removed itself) loses its open sessions too.
+        if trusted_key(shared, raft, session.peer).is_none() {
+            shared.refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::warn!(peer = session.peer, "node is no longer a member; closing its session");
+            return Ok(());
+        }
         match session.check(seq, &mac, &buf) {
             Ok(()) => {}
             Err(e) => {
