@@ -45,6 +45,17 @@ fn trusted_key(shared: &Shared, raft: &Raft, node: NodeId) -> Option<VerifyingKe
     membership.get_node(&node).and_then(|n| parse_key(&n.public_key))
 }
 
+/// Whether `node` is still one this node talks to (cheap enough for every frame: no key parse).
+fn still_member(shared: &Shared, raft: &Raft, node: NodeId) -> bool {
+    let metrics = raft.metrics();
+    let m = metrics.borrow();
+    let membership = m.membership_config.membership();
+    if membership.nodes().next().is_none() {
+        return shared.bootstrap_key(node).is_some();
+    }
+    membership.get_node(&node).is_some()
+}
+
 async fn serve(tcp: TcpStream, shared: &Shared, raft: &Raft, view: &StateView) -> std::io::Result<()> {
     tcp.set_nodelay(true)?;
     let mut stream = BufStream::new(tcp);
@@ -71,7 +82,7 @@ async fn serve(tcp: TcpStream, shared: &Shared, raft: &Raft, view: &StateView) -
         }
         // Membership is checked per frame, not only at the handshake: a node removed from the
         // cluster (even the leader that removed itself) loses its open sessions too.
-        if trusted_key(shared, raft, session.peer).is_none() {
+        if !still_member(shared, raft, session.peer) {
             shared.refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tracing::warn!(peer = session.peer, "node is no longer a member; closing its session");
             return Ok(());
