@@ -575,3 +575,55 @@ async fn merkle_proofs_verify_against_the_signed_tree_head() {
         .collect();
     assert_eq!(consensus::merkle::root_of(&leaf_hashes), root, "the listed leaves make up the signed root");
 }
+
+/// The admin API: bearer token required (401 without, 403 wrong), JSON status, and each misuse
+/// a 4xx OperationOutcome that says what is wrong.
+#[actix_web::test]
+async fn admin_api_needs_its_token_and_refuses_misuse() {
+    let dir = tempfile::tempdir().unwrap();
+    let admin = fhir_ledger::api::admin::AdminConfig::new("s3cret", false, "fp".into());
+    let app = support::app_with_admin(support::repo(dir.path()).await, admin).await;
+    let get = |path: &str| TestRequest::get().uri(path);
+    let auth = ("authorization", "Bearer s3cret");
+
+    let r = call!(app, get("/admin/cluster"));
+    r.outcome(401);
+    assert_eq!(r.header("www-authenticate"), "Bearer");
+    call!(app, get("/admin/cluster").insert_header(("authorization", "Bearer nope"))).outcome(403);
+
+    let r = call!(app, get("/admin/cluster").insert_header(auth));
+    assert_eq!(r.status, 200, "{}", r.text);
+    let s = r.json();
+    assert_eq!((s["node_id"].as_u64(), s["state"].as_str(), s["leader"].as_u64()), (Some(1), Some("Leader"), Some(1)));
+    assert_eq!(s["voters"], json!([1]));
+    let node = call!(app, get("/admin/node").insert_header(auth)).json();
+    assert_eq!((node["secrets_id"].as_str(), node["initialized"].as_bool()), (Some("fp"), Some(true)));
+
+    let post_admin = |path: &str, body: &str| {
+        TestRequest::post()
+            .uri(path)
+            .insert_header(auth)
+            .insert_header(("content-type", "application/json"))
+            .set_payload(body.to_string())
+    };
+    let issue = call!(app, post_admin("/admin/cluster/trust", "{")).outcome(400);
+    assert!(issue["diagnostics"].as_str().unwrap().contains("request body"), "{issue}");
+    let issue = call!(app, post_admin("/admin/cluster/trust", r#"{"node_id":2,"public_key":"zz"}"#)).outcome(400);
+    assert!(issue["diagnostics"].as_str().unwrap().contains("64 hex digits"), "{issue}");
+    let me = node["public_key"].as_str().unwrap();
+    let members = json!({"members": {"1": {"api_addr": "x", "raft_addr": "127.0.0.1:1", "public_key": me}}});
+    let issue = call!(app, post_admin("/admin/cluster/init", &members.to_string())).outcome(400);
+    assert!(issue["diagnostics"].as_str().unwrap().contains("already belongs to a cluster"), "{issue}");
+    let learner = json!({"node_id": 2, "api_addr": "x", "raft_addr": "", "public_key": me});
+    let issue = call!(app, post_admin("/admin/cluster/learners", &learner.to_string())).outcome(400);
+    assert!(issue["diagnostics"].as_str().unwrap().contains("raft address"), "{issue}");
+    let del = TestRequest::delete().uri("/admin/cluster/nodes/abc").insert_header(auth);
+    call!(app, del).outcome(400);
+    let del = TestRequest::delete().uri("/admin/cluster/nodes/1").insert_header(auth);
+    let issue = call!(app, del).outcome(400);
+    assert!(issue["diagnostics"].as_str().unwrap().contains("last voter"), "{issue}");
+    let faults = TestRequest::put().uri("/admin/faults").insert_header(auth).set_payload(r#"{"isolate":[2]}"#);
+    let issue = call!(app, faults).outcome(403);
+    assert!(issue["diagnostics"].as_str().unwrap().contains("fault injection is off"), "{issue}");
+    call!(app, get("/admin/nothing").insert_header(auth)).outcome(404);
+}

@@ -35,7 +35,15 @@ pub async fn repo(dir: &Path) -> Arc<Repo> {
 pub async fn app(
     repo: Arc<Repo>,
 ) -> impl Service<actix_http::Request, Response = ServiceResponse, Error = actix_web::Error> {
-    let state = web::Data::new(AppState { repo, max_body_bytes: 1024 * 1024, admin: Default::default() });
+    app_with_admin(repo, Default::default()).await
+}
+
+/// [`app`] with an admin API configuration (token, fault injection).
+pub async fn app_with_admin(
+    repo: Arc<Repo>,
+    admin: fhir_ledger::api::admin::AdminConfig,
+) -> impl Service<actix_http::Request, Response = ServiceResponse, Error = actix_web::Error> {
+    let state = web::Data::new(AppState { repo, max_body_bytes: 1024 * 1024, admin });
     test::init_service(App::new().app_data(state).configure(api::configure)).await
 }
 
