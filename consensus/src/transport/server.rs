@@ -33,27 +33,34 @@ pub fn spawn(listener: TcpListener, shared: Arc<Shared>, raft: Raft, view: State
     });
 }
 
-/// The key a node may connect with: the one the membership lists, or while this node has no
-/// membership yet, the one an operator told it to trust.
-fn trusted_key(shared: &Shared, raft: &Raft, node: NodeId) -> Option<VerifyingKey> {
-    let metrics = raft.metrics();
-    let m = metrics.borrow();
-    let membership = m.membership_config.membership();
-    if membership.nodes().next().is_none() {
-        return shared.bootstrap_key(node);
-    }
-    membership.get_node(&node).and_then(|n| parse_key(&n.public_key))
+/// How this node knows `node`: the membership's entry for it, or, while this node has no
+/// membership yet, the key an operator told it to trust.
+enum Known {
+    Member(String),
+    Trusted(VerifyingKey),
 }
 
-/// Whether `node` is still one this node talks to (cheap enough for every frame: no key parse).
-fn still_member(shared: &Shared, raft: &Raft, node: NodeId) -> bool {
+fn known(shared: &Shared, raft: &Raft, node: NodeId) -> Option<Known> {
     let metrics = raft.metrics();
     let m = metrics.borrow();
     let membership = m.membership_config.membership();
     if membership.nodes().next().is_none() {
-        return shared.bootstrap_key(node).is_some();
+        return shared.bootstrap_key(node).map(Known::Trusted);
     }
-    membership.get_node(&node).is_some()
+    membership.get_node(&node).map(|n| Known::Member(n.public_key.clone()))
+}
+
+/// The key a node may open a session with.
+fn trusted_key(shared: &Shared, raft: &Raft, node: NodeId) -> Option<VerifyingKey> {
+    match known(shared, raft, node)? {
+        Known::Member(hex) => parse_key(&hex),
+        Known::Trusted(key) => Some(key),
+    }
+}
+
+/// Whether `node` is still one this node talks to (checked on every frame, so no key parse).
+fn still_member(shared: &Shared, raft: &Raft, node: NodeId) -> bool {
+    known(shared, raft, node).is_some()
 }
 
 async fn serve(tcp: TcpStream, shared: &Shared, raft: &Raft, view: &StateView) -> std::io::Result<()> {
