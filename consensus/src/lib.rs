@@ -200,7 +200,7 @@ impl Ledger {
             if let Some((id, node)) = leader {
                 match self.pool.call(id, &node, &transport::Rpc::ReadIndex, LEADER_WAIT).await {
                     Ok(transport::Reply::ReadIndex(log_id)) => {
-                        return self.wait_applied(log_id.map(|l| l.index)).await;
+                        return wait_applied(&self.raft, log_id.map(|l| l.index)).await;
                     }
                     // Asking for a read index changes nothing, so any failure is worth a retry.
                     Ok(transport::Reply::NotLeader { .. }) | Err(_) => {}
@@ -271,10 +271,6 @@ impl Ledger {
             }
         });
         futures::future::join_all(asks).await.into_iter().flatten().collect()
-    }
-
-    pub(crate) async fn wait_applied(&self, index: Option<u64>) -> Result<(), ProposeError> {
-        wait_applied(&self.raft, index).await
     }
 
     pub async fn shutdown(&self) {

@@ -627,3 +627,19 @@ async fn admin_api_needs_its_token_and_refuses_misuse() {
     assert!(issue["diagnostics"].as_str().unwrap().contains("fault injection is off"), "{issue}");
     call!(app, get("/admin/nothing").insert_header(auth)).outcome(404);
 }
+
+/// `Cache-Control: max-stale` with a value that is not seconds is a 400 naming it; on the
+/// single node (its own leader) a bounded-staleness read falls back to a linearizable one and
+/// so claims no staleness.
+#[actix_web::test]
+async fn max_stale_is_checked_and_a_leader_serves_current_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = support::app(support::repo(dir.path()).await).await;
+    call!(app, put("/Patient/ms", r#"{"resourceType":"Patient","id":"ms"}"#));
+    let get = || TestRequest::get().uri("/Patient/ms");
+    let issue = call!(app, get().insert_header(("cache-control", "max-stale=soon"))).outcome(400);
+    assert!(issue["diagnostics"].as_str().unwrap().contains("max-stale=soon"), "{issue}");
+    let r = call!(app, get().insert_header(("cache-control", "no-cache, max-stale=5")));
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.header("x-ledger-staleness-ms"), "", "a leader never serves a stale read");
+}

@@ -52,6 +52,13 @@ impl Conn {
         self.read_reply().await
     }
 
+    /// [`Conn::call`] with a deadline; after an error the session's state is unknown, so
+    /// callers drop it.
+    async fn call_within(&mut self, rpc: &Rpc, ttl: Duration, peer: NodeId) -> io::Result<Reply> {
+        let late = || io::Error::new(io::ErrorKind::TimedOut, format!("no reply from node {peer} within {ttl:?}"));
+        tokio::time::timeout(ttl, self.call(rpc)).await.map_err(|_| late())?
+    }
+
     /// Sends an already sealed frame as is (tests replay frames through this).
     pub async fn send_frame(&mut self, frame: &wire::Frame) -> io::Result<()> {
         wire::write_frame(&mut self.stream, frame).await
@@ -113,18 +120,10 @@ impl PeerClient {
                 .map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?,
         };
         let mut conn = conn;
-        match tokio::time::timeout(ttl, conn.call(&rpc)).await {
-            Ok(Ok(reply)) => {
-                self.conn = Some(conn);
-                Ok(reply)
-            }
-            // The session's state is unknown after an error or a timeout: drop it.
-            Ok(Err(e)) => Err(RPCError::Network(NetworkError::new(&e))),
-            Err(_) => Err(RPCError::Network(NetworkError::new(&Remote(format!(
-                "no reply from node {} within {ttl:?}",
-                self.target
-            ))))),
-        }
+        let reply =
+            conn.call_within(&rpc, ttl, self.target).await.map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        self.conn = Some(conn);
+        Ok(reply)
     }
 }
 
@@ -199,19 +198,14 @@ impl Pool {
             Some(c) if !self.shared.is_isolated(target) => c,
             _ => Conn::connect(&self.shared, target, node).await.map_err(CallError::NotSent)?,
         };
-        match tokio::time::timeout(ttl, conn.call(rpc)).await {
-            Ok(Ok(reply)) => {
-                if let Ok(mut m) = self.idle.lock() {
-                    let v = m.entry(target).or_default();
-                    if v.len() < IDLE_PER_PEER {
-                        v.push(conn);
-                    }
-                }
-                Ok(reply)
+        let reply = conn.call_within(rpc, ttl, target).await.map_err(|e| CallError::Unknown(e.to_string()))?;
+        if let Ok(mut m) = self.idle.lock() {
+            let v = m.entry(target).or_default();
+            if v.len() < IDLE_PER_PEER {
+                v.push(conn);
             }
-            Ok(Err(e)) => Err(CallError::Unknown(e.to_string())),
-            Err(_) => Err(CallError::Unknown(format!("no reply from node {target} within {ttl:?}"))),
         }
+        Ok(reply)
     }
 }
 

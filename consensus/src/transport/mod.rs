@@ -109,10 +109,6 @@ impl Shared {
         }
     }
 
-    pub fn isolated(&self) -> BTreeSet<NodeId> {
-        self.isolated.read().map(|i| i.clone()).unwrap_or_default()
-    }
-
     pub fn is_isolated(&self, peer: NodeId) -> bool {
         self.isolated.read().is_ok_and(|i| i.contains(&peer))
     }
