@@ -21,6 +21,7 @@ pub mod error;
 pub mod fhir;
 pub mod identity;
 pub mod repo;
+pub mod search;
 pub mod server;
 pub mod treehead;
 pub mod verify;

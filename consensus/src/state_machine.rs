@@ -300,6 +300,14 @@ impl StateView {
     pub fn frontier(&self) -> io::Result<Frontier> {
         Ok(self.kv.get(META_FRONTIER)?.map(|b| decode(&b)).transpose()?.unwrap_or_default())
     }
+    /// The headers of the leaves from `from` on, in leaf order (decoding no bodies): what a
+    /// derived index folds over to catch up with the state.
+    pub fn headers_from(&self, from: u64) -> impl Iterator<Item = io::Result<(u64, LeafHeader)>> + '_ {
+        self.kv.range(&record_key(from), &[b'r' + 1], false).map(|kv| {
+            let (k, v) = kv?;
+            Ok((crate::kv::read_be(&k[1..]).unwrap_or(u64::MAX), decode::<LeafHeader>(&v)?))
+        })
+    }
     /// Every version record as stored, in leaf order (for the offline verifier).
     pub(crate) fn scan_records(&self) -> impl Iterator<Item = io::Result<(u64, Vec<u8>)>> + '_ {
         self.kv.scan_prefix(b"r").map(|kv| kv.map(|(k, v)| (crate::kv::read_be(&k[1..]).unwrap_or(u64::MAX), v)))

@@ -11,7 +11,8 @@ use std::collections::BTreeMap;
 use actix_web::{web, HttpRequest, HttpResponse};
 
 use super::interactions::{self, parse_query, Planned};
-use super::resource::{check_type, search_bundle, ANONYMOUS};
+use super::resource::{check_type, ANONYMOUS};
+use super::search::search_bundle;
 use super::{base_url, json_response, parse_resource, prefer_return, read_body, validate, AppState, Format, Return};
 use crate::error::{information, FhirError};
 use crate::fhir::json::Json;

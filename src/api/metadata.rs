@@ -4,7 +4,6 @@ use actix_web::{web, HttpRequest, HttpResponse};
 
 use super::{base_url, json_response, respond, AppState};
 use crate::fhir::json::Json;
-use crate::fhir::searchparams::ParamType;
 
 fn s(v: &str) -> Json {
     Json::String(v.into())
@@ -14,8 +13,21 @@ fn o(members: Vec<(&str, Json)>) -> Json {
     Json::Object(members.into_iter().map(|(k, v)| (k.to_string(), v)).collect())
 }
 
-fn param(name: &str, kind: &str, doc: &str) -> Json {
-    o(vec![("name", s(name)), ("type", s(kind)), ("documentation", s(doc))])
+fn param(p: &crate::search::params::Param) -> Json {
+    let mut members = vec![("name", s(&p.code))];
+    if !p.url.is_empty() {
+        members.push(("definition", s(&p.url)));
+    }
+    members.push(("type", s(p.kind.as_str())));
+    let doc = if p.custom {
+        format!("custom SearchParameter stored on this server ({}); applies to resources written before and after it (the index is rebuilt for its types when it is stored)", p.expression)
+    } else {
+        p.expression.clone()
+    };
+    if !doc.is_empty() {
+        members.push(("documentation", s(&doc)));
+    }
+    o(members)
 }
 
 /// Our ledger operations have no HL7 OperationDefinition; the canonical names them uniquely.
@@ -30,6 +42,7 @@ fn operation(name: &str, doc: &str) -> Json {
 pub async fn capability_statement(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
     respond(&req, |f| {
         let repo = &state.repo;
+        let index = repo.search().current(repo)?;
         let interactions: Vec<Json> =
             ["read", "vread", "update", "patch", "delete", "history-instance", "history-type", "create", "search-type"]
                 .iter()
@@ -40,18 +53,15 @@ pub async fn capability_statement(req: HttpRequest, state: web::Data<AppState>) 
             .resource_types()
             .iter()
             .map(|t| {
-                let mut params = vec![
-                    param("_id", "token", "logical id"),
-                    param("_lastUpdated", "date", "meta.lastUpdated, with prefixes eq ne gt lt ge le sa eb"),
-                ];
-                for sp in repo.params.for_type(t) {
-                    let kind = match sp.kind {
-                        ParamType::Token => "token",
-                        ParamType::Reference => "reference",
-                        ParamType::Other(_) => continue,
-                    };
-                    params.push(param(&sp.code, kind, "exact match (no modifiers except :Type on references)"));
-                }
+                let params: Vec<Json> = index.registry.for_type(t).map(|p| param(p)).collect();
+                let mut includes = vec![s("*")];
+                includes.extend(
+                    index
+                        .registry
+                        .for_type(t)
+                        .filter(|p| p.kind == crate::search::params::Kind::Reference)
+                        .map(|p| s(&format!("{t}:{}", p.code))),
+                );
                 let mut operations = vec![operation(
                     "proof",
                     "GET /{type}/{id}/_history/{vid}/$proof: RFC 9162 inclusion proof of the version, with the signed tree head",
@@ -74,6 +84,7 @@ pub async fn capability_statement(req: HttpRequest, state: web::Data<AppState>) 
                     ("conditionalRead", s("full-support")),
                     ("conditionalUpdate", Json::Bool(true)),
                     ("conditionalDelete", s("single")),
+                    ("searchInclude", Json::Array(includes)),
                     ("searchParam", Json::Array(params)),
                 ])
             })
@@ -107,6 +118,7 @@ pub async fn capability_statement(req: HttpRequest, state: web::Data<AppState>) 
                             o(vec![("code", s("transaction"))]),
                             o(vec![("code", s("batch"))]),
                             o(vec![("code", s("history-system"))]),
+                            o(vec![("code", s("search-system"))]),
                         ]),
                     ),
                 ])]),

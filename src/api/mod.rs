@@ -8,6 +8,7 @@ pub mod interactions;
 pub mod ledger;
 pub mod metadata;
 pub mod resource;
+pub mod search;
 
 use std::sync::Arc;
 
@@ -61,16 +62,18 @@ fn fhir_routes() -> actix_web::Scope<
         .route("/metadata", web::get().to(metadata::capability_statement))
         .route("/health", web::get().to(health))
         .route("/", web::post().to(bundle::batch_or_transaction))
+        .route("/", web::get().to(search::system_get))
+        .route("/_search", web::post().to(search::system_post))
         .route("/_history", web::get().to(history::system))
         .route("/ledger/head", web::get().to(ledger::head))
         .route("/ledger/proof", web::get().to(ledger::leaf_proof))
         .route("/ledger/consistency", web::get().to(ledger::consistency))
         .route("/ledger/entries", web::get().to(ledger::entries))
-        .route("/{type}", web::get().to(resource::search))
+        .route("/{type}", web::get().to(search::type_get))
         .route("/{type}", web::post().to(resource::create))
         .route("/{type}", web::put().to(resource::conditional_update))
         .route("/{type}", web::delete().to(resource::conditional_delete))
-        .route("/{type}/_search", web::post().to(resource::search_post))
+        .route("/{type}/_search", web::post().to(search::type_post))
         .route("/{type}/_history", web::get().to(history::type_level))
         .route("/{type}/{id}", web::get().to(resource::read))
         .route("/{type}/{id}", web::put().to(resource::update))
@@ -78,6 +81,7 @@ fn fhir_routes() -> actix_web::Scope<
         .route("/{type}/{id}", web::delete().to(resource::delete))
         .route("/{type}/{id}/{op}", web::post().to(ledger::erase))
         .route("/{type}/{id}/_history", web::get().to(history::instance))
+        .route("/{compartment}/{id}/{type}", web::get().to(search::compartment))
         .route("/{type}/{id}/_history/{vid}", web::get().to(resource::vread))
         .route("/{type}/{id}/_history/{vid}/{op}", web::get().to(ledger::version_proof))
         .default_service(web::to(not_found))
@@ -271,6 +275,17 @@ pub fn validate(repo: &Repo, rtype: &str, res: &Json, prefix: Option<&str>) -> R
         return Err(e);
     }
     let issues = repo.profiles.validate(res);
+    if rtype == "SearchParameter" && issues.is_empty() {
+        let registry = &repo.search().current(repo)?.registry;
+        if let Err(why) = crate::search::params::custom_param(res, registry) {
+            return Err(FhirError::new(
+                400,
+                "not-supported",
+                format!("this server cannot use this SearchParameter: {why}"),
+            )
+            .at(prefix.unwrap_or("SearchParameter").to_string()));
+        }
+    }
     let errors: Vec<_> = issues
         .into_iter()
         .filter(|i| matches!(i.severity, crate::fhir::validate::Severity::Error))

@@ -6,13 +6,13 @@ use actix_web::{web, HttpRequest, HttpResponse};
 
 use super::interactions::{self, Planned};
 use super::{
-    base_url, json_response, parse_etag, parse_resource, prefer_lenient, prefer_return, read_body, respond, validate,
+    base_url, parse_etag, parse_resource, prefer_return, read_body, validate,
     AppState, Format, Return,
 };
 use crate::error::{information, FhirError};
 use crate::fhir::json::Json;
 use crate::fhir::{http_date, is_valid_id};
-use crate::repo::{search, Repo, Stored};
+use crate::repo::{Repo, Stored};
 
 /// The caller recorded in the ledger until SMART authorization supplies real identities.
 pub const ANONYMOUS: &str = "anonymous";
@@ -348,102 +348,6 @@ pub async fn vread(
     }
     .await;
     finish(&req, result)
-}
-
-pub async fn search(req: HttpRequest, path: web::Path<String>, state: web::Data<AppState>) -> HttpResponse {
-    let rtype = path.into_inner();
-    let params = interactions::parse_query(req.query_string());
-    respond_search(&req, &state, &rtype, params).await
-}
-
-pub async fn search_post(
-    req: HttpRequest,
-    path: web::Path<String>,
-    payload: web::Payload,
-    state: web::Data<AppState>,
-) -> HttpResponse {
-    let rtype = path.into_inner();
-    let body = match read_body(&req, payload, state.max_body_bytes).await {
-        Ok(b) => b,
-        Err(e) => return finish(&req, Err(e)),
-    };
-    let mut params = interactions::parse_query(req.query_string());
-    params.extend(interactions::parse_query(&String::from_utf8_lossy(&body)));
-    respond_search(&req, &state, &rtype, params).await
-}
-
-async fn respond_search(
-    req: &HttpRequest,
-    state: &AppState,
-    rtype: &str,
-    params: Vec<(String, String)>,
-) -> HttpResponse {
-    if let Err(e) = check_type(&state.repo, rtype) {
-        return finish(req, Err(e));
-    }
-    if let Err(e) = super::read_barrier(req, &state.repo).await {
-        return finish(req, Err(e));
-    }
-    respond(req, |f| {
-        let bundle = search_bundle(&state.repo, &base_url(req), rtype, &params, prefer_lenient(req))?;
-        Ok(json_response(200, &bundle, f))
-    })
-}
-
-/// Runs a search and builds its `searchset` Bundle (shared with GET entries of bundles).
-pub fn search_bundle(
-    repo: &Repo,
-    base: &str,
-    rtype: &str,
-    params: &[(String, String)],
-    lenient: bool,
-) -> Result<Json, FhirError> {
-    let q = search::parse(repo, rtype, params, lenient)?;
-    let page = search::run(repo, rtype, &q)?;
-    let self_query: Vec<String> =
-        params.iter().filter(|(k, _)| k != "_cursor").map(|(k, v)| format!("{}={}", enc(k), enc(v))).collect();
-    let mut links = vec![link("self", &format!("{base}/{rtype}?{}", self_query.join("&")))];
-    if let Some(next) = &page.next {
-        let mut q = self_query.clone();
-        q.push(format!("_cursor={}", enc(next)));
-        links.push(link("next", &format!("{base}/{rtype}?{}", q.join("&"))));
-    }
-    let mut entries = Vec::new();
-    if !q.summary_count {
-        for id in &page.ids {
-            let s = repo.read(rtype, id)?;
-            if let Some(r) = s.raw() {
-                entries.push(Json::Object(vec![
-                    ("fullUrl".into(), Json::String(format!("{base}/{rtype}/{id}"))),
-                    ("resource".into(), r),
-                    ("search".into(), Json::Object(vec![("mode".into(), Json::String("match".into()))])),
-                ]));
-            }
-        }
-    }
-    if !q.ignored.is_empty() {
-        let oo = crate::error::outcome(&[crate::error::Issue {
-            severity: "warning",
-            code: "not-supported",
-            diagnostics: format!("ignored unsupported search parameters: {}", q.ignored.join(", ")),
-            expression: q.ignored.clone(),
-        }]);
-        entries.push(Json::Object(vec![
-            ("resource".into(), oo),
-            ("search".into(), Json::Object(vec![("mode".into(), Json::String("outcome".into()))])),
-        ]));
-    }
-    let mut bundle = vec![
-        ("resourceType".to_string(), Json::String("Bundle".into())),
-        ("id".to_string(), Json::String(new_id())),
-        ("type".to_string(), Json::String("searchset".into())),
-        ("total".to_string(), Json::Number(page.total.to_string())),
-        ("link".to_string(), Json::Array(links)),
-    ];
-    if !entries.is_empty() {
-        bundle.push(("entry".into(), Json::Array(entries)));
-    }
-    Ok(Json::Object(bundle))
 }
 
 pub fn link(relation: &str, url: &str) -> Json {

@@ -22,6 +22,8 @@ pub struct Element {
     pub content_ref: Option<String>,
     /// Codes allowed by a required binding, when the value set could be expanded offline.
     pub required_codes: Option<usize>,
+    /// Part of the `_summary=true` view.
+    pub summary: bool,
 }
 
 /// Codes of one expanded value set: `(system, code)` pairs.
@@ -47,6 +49,9 @@ pub struct Profiles {
     resource_types: Vec<String>,
     primitive_types: BTreeSet<String>,
     pub(crate) code_sets: Vec<CodeSet>,
+    /// Every value set of `valuesets.json` that expands offline, by canonical url (for the
+    /// `:in` and `:not-in` search modifiers).
+    value_sets: BTreeMap<String, std::sync::Arc<CodeSet>>,
 }
 
 fn read_bundle(dir: &Path, file: &str) -> Result<Value, String> {
@@ -116,10 +121,16 @@ impl Profiles {
                     types,
                     content_ref: el["contentReference"].as_str().map(|r| r.trim_start_matches('#').to_string()),
                     required_codes,
+                    summary: el["isSummary"].as_bool().unwrap_or(false),
                 });
             }
         }
         p.resource_types.sort();
+        for url in expander.value_sets.keys() {
+            if let Some(set) = expander.expand(url) {
+                p.value_sets.insert(url.to_string(), std::sync::Arc::new(set));
+            }
+        }
         if p.resource_types.is_empty() {
             return Err(format!("{}: no resource StructureDefinitions found", dir.display()));
         }
@@ -137,6 +148,11 @@ impl Profiles {
 
     pub fn is_primitive(&self, type_code: &str) -> bool {
         self.primitive_types.contains(type_code) || matches!(type_code, "string" | "boolean" | "integer" | "decimal")
+    }
+
+    /// The expansion of a core value set, if it expands offline.
+    pub fn value_set(&self, url: &str) -> Option<std::sync::Arc<CodeSet>> {
+        self.value_sets.get(url.split('|').next().unwrap_or(url)).cloned()
     }
 
     pub fn children(&self, path: &str) -> Option<&[Element]> {

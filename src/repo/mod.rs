@@ -37,7 +37,10 @@ pub struct Repo {
     keys: Keyring,
     index_key: [u8; 32],
     pub profiles: Arc<Profiles>,
+    /// The equality terms the state machine keeps (conditional interactions, compartments).
     pub params: Arc<SearchParams>,
+    search: crate::search::Engine,
+    compartments: crate::search::Compartments,
 }
 
 /// A resource version as read back (or as just written).
@@ -74,9 +77,20 @@ impl Repo {
         index_key: [u8; 32],
         profiles: Arc<Profiles>,
         params: Arc<SearchParams>,
+        search: crate::search::Engine,
+        compartments: crate::search::Compartments,
     ) -> Self {
         let view = ledger.view();
-        Self { ledger, signer, view, keys: Keyring::new(kek), index_key, profiles, params }
+        Self { ledger, signer, view, keys: Keyring::new(kek), index_key, profiles, params, search, compartments }
+    }
+
+    /// The search index over this node's state.
+    pub fn search(&self) -> &crate::search::Engine {
+        &self.search
+    }
+
+    pub fn compartments(&self) -> &crate::search::Compartments {
+        &self.compartments
     }
 
     pub fn view(&self) -> &StateView {

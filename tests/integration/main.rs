@@ -5,5 +5,6 @@ mod cluster;
 mod http;
 mod lincheck;
 mod process;
+mod search;
 mod support;
 mod tamper;

@@ -1,0 +1,280 @@
+//! Search over HTTP: type-level (`GET /Observation?…`, `POST /Observation/_search`),
+//! compartment (`GET /Patient/123/Observation`), and system-level (`GET /?_type=…`,
+//! `POST /_search`) searches, answered as `searchset` Bundles.
+
+use actix_web::{web, HttpRequest, HttpResponse};
+
+use super::interactions::parse_query;
+use super::resource::{check_type, enc, link};
+use super::{base_url, json_response, prefer_lenient, read_body, read_barrier, respond, AppState};
+use crate::error::FhirError;
+use crate::fhir::json::Json;
+use crate::repo::Repo;
+use crate::search::query::{Filter, Summary, Total};
+use crate::search::{self, summary};
+
+pub async fn type_get(req: HttpRequest, path: web::Path<String>, state: web::Data<AppState>) -> HttpResponse {
+    let rtype = path.into_inner();
+    let params = parse_query(req.query_string());
+    answer(&req, &state, Scope::Type(rtype), params).await
+}
+
+pub async fn type_post(
+    req: HttpRequest,
+    path: web::Path<String>,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> HttpResponse {
+    let rtype = path.into_inner();
+    match form(&req, payload, &state).await {
+        Ok(params) => answer(&req, &state, Scope::Type(rtype), params).await,
+        Err(e) => respond(&req, |_| Err(e)),
+    }
+}
+
+pub async fn system_get(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
+    let params = parse_query(req.query_string());
+    answer(&req, &state, Scope::System, params).await
+}
+
+pub async fn system_post(req: HttpRequest, payload: web::Payload, state: web::Data<AppState>) -> HttpResponse {
+    match form(&req, payload, &state).await {
+        Ok(params) => answer(&req, &state, Scope::System, params).await,
+        Err(e) => respond(&req, |_| Err(e)),
+    }
+}
+
+pub async fn compartment(
+    req: HttpRequest,
+    path: web::Path<(String, String, String)>,
+    state: web::Data<AppState>,
+) -> HttpResponse {
+    let (ctype, id, rtype) = path.into_inner();
+    let params = parse_query(req.query_string());
+    answer(&req, &state, Scope::Compartment { ctype, id, rtype }, params).await
+}
+
+/// The query string and the form body of a `_search` POST.
+async fn form(req: &HttpRequest, payload: web::Payload, state: &AppState) -> Result<Vec<(String, String)>, FhirError> {
+    let body = read_body(req, payload, state.max_body_bytes).await?;
+    let mut params = parse_query(req.query_string());
+    params.extend(parse_query(&String::from_utf8_lossy(&body)));
+    Ok(params)
+}
+
+enum Scope {
+    Type(String),
+    System,
+    Compartment { ctype: String, id: String, rtype: String },
+}
+
+async fn answer(req: &HttpRequest, state: &AppState, scope: Scope, params: Vec<(String, String)>) -> HttpResponse {
+    if let Err(e) = read_barrier(req, &state.repo).await {
+        return respond(req, |_| Err(e));
+    }
+    let repo = state.repo.clone();
+    let base = base_url(req);
+    let lenient = prefer_lenient(req);
+    // Searching is CPU work over the index: keep it off the async workers.
+    let result = web::block(move || bundle_for(&repo, &base, scope, &params, lenient)).await;
+    respond(req, |f| {
+        let bundle = result.map_err(FhirError::internal)??;
+        Ok(json_response(200, &bundle, f))
+    })
+}
+
+fn bundle_for(repo: &Repo, base: &str, scope: Scope, params: &[(String, String)], lenient: bool) -> Result<Json, FhirError> {
+    match scope {
+        Scope::Type(rtype) => {
+            check_type(repo, &rtype)?;
+            searchset(repo, base, &format!("{base}/{rtype}"), &[rtype], params, lenient, None)
+        }
+        Scope::System => {
+            let types: Vec<String> = match params.iter().find(|(k, _)| k == "_type") {
+                Some((_, v)) => {
+                    let mut ts = Vec::new();
+                    for t in v.split(',') {
+                        check_type(repo, t).map_err(|e| FhirError::invalid(e.issues[0].diagnostics.clone()).at("_type"))?;
+                        ts.push(t.to_string());
+                    }
+                    ts
+                }
+                None => repo.profiles.resource_types().to_vec(),
+            };
+            searchset(repo, base, base, &types, params, lenient, None)
+        }
+        Scope::Compartment { ctype, id, rtype } => {
+            if ctype != "Patient" {
+                return Err(FhirError::new(
+                    404,
+                    "not-supported",
+                    format!("compartment {ctype} is not supported (the Patient compartment is)"),
+                ));
+            }
+            let comps = &repo.compartments().patient;
+            let types: Vec<String> = if rtype == "*" {
+                comps.keys().cloned().collect()
+            } else {
+                check_type(repo, &rtype)?;
+                if !comps.contains_key(&rtype) {
+                    return Err(FhirError::invalid(format!("{rtype} is not in the Patient compartment")));
+                }
+                vec![rtype.clone()]
+            };
+            let self_url = format!("{base}/Patient/{id}/{rtype}");
+            // Each type has its own compartment parameters: search each and merge.
+            let mut filter = None;
+            if let [t] = types.as_slice() {
+                filter = Some(Filter::Compartment { codes: comps[t].clone(), target: ("Patient".into(), id.clone()) });
+            }
+            match filter {
+                Some(f) => searchset(repo, base, &self_url, &types, params, lenient, Some(f)),
+                None => {
+                    // `*`: all the compartment's types; the compartment parameters differ by
+                    // type, so the filter is per type.
+                    let mut p = params.to_vec();
+                    p.retain(|(k, _)| k != "_type");
+                    searchset_compartment_all(repo, base, &self_url, &types, &p, lenient, &id)
+                }
+            }
+        }
+    }
+}
+
+fn searchset_compartment_all(
+    repo: &Repo,
+    base: &str,
+    self_url: &str,
+    types: &[String],
+    params: &[(String, String)],
+    lenient: bool,
+    id: &str,
+) -> Result<Json, FhirError> {
+    let comps = &repo.compartments().patient;
+    // One search per type keeps each type's compartment parameters; ids come back in
+    // creation order per type.
+    let mut entries = Vec::new();
+    let mut total = 0;
+    for t in types {
+        let f = Filter::Compartment { codes: comps[t].clone(), target: ("Patient".into(), id.to_string()) };
+        let found = search::run(repo, base, std::slice::from_ref(t), params, lenient, Some(f))?;
+        total += found.total;
+        entries.extend(entries_of(repo, base, &found)?);
+    }
+    Ok(bundle(self_url, params, Some(total), Vec::new(), entries))
+}
+
+/// Runs a search and builds its `searchset` Bundle (shared with GET entries of batches).
+pub fn search_bundle(
+    repo: &Repo,
+    base: &str,
+    rtype: &str,
+    params: &[(String, String)],
+    lenient: bool,
+) -> Result<Json, FhirError> {
+    check_type(repo, rtype)?;
+    searchset(repo, base, &format!("{base}/{rtype}"), &[rtype.to_string()], params, lenient, None)
+}
+
+fn searchset(
+    repo: &Repo,
+    base: &str,
+    self_url: &str,
+    types: &[String],
+    params: &[(String, String)],
+    lenient: bool,
+    extra: Option<Filter>,
+) -> Result<Json, FhirError> {
+    let found = search::run(repo, base, types, params, lenient, extra)?;
+    let mut entries = entries_of(repo, base, &found)?;
+    if !found.search.ignored.is_empty() {
+        let oo = crate::error::outcome(&[crate::error::Issue {
+            severity: "warning",
+            code: "not-supported",
+            diagnostics: format!("ignored unsupported search parameters: {}", found.search.ignored.join(", ")),
+            expression: found.search.ignored.clone(),
+        }]);
+        entries.push(Json::obj(vec![("resource", oo), ("search", Json::obj(vec![("mode", Json::str("outcome"))]))]));
+    }
+    let keep: Vec<(String, String)> =
+        params.iter().filter(|(k, _)| k != "_cursor" && !found.search.ignored.contains(k)).cloned().collect();
+    let mut links = Vec::new();
+    for (rel, cursor) in [("next", &found.next), ("previous", &found.previous)] {
+        if let Some(c) = cursor {
+            let mut q = keep.clone();
+            q.push(("_cursor".into(), c.clone()));
+            links.push((rel, q));
+        }
+    }
+    let total = match (found.search.total, found.search.summary) {
+        (_, Summary::Count) => Some(found.total),
+        (Total::None, _) => None,
+        _ => Some(found.total),
+    };
+    let mut self_params = keep.clone();
+    if let Some((_, c)) = params.iter().find(|(k, _)| k == "_cursor") {
+        self_params.push(("_cursor".into(), c.clone()));
+    }
+    let mut b = bundle(self_url, &self_params, total, Vec::new(), entries);
+    if let Json::Object(members) = &mut b {
+        if let Some((_, Json::Array(ls))) = members.iter_mut().find(|(k, _)| k == "link") {
+            for (rel, q) in links {
+                ls.push(link(rel, &url(self_url, &q)));
+            }
+        }
+    }
+    Ok(b)
+}
+
+fn entries_of(repo: &Repo, base: &str, found: &search::Found) -> Result<Vec<Json>, FhirError> {
+    let s = &found.search;
+    if s.summary == Summary::Count {
+        return Ok(Vec::new());
+    }
+    let mut entries = Vec::with_capacity(found.matches.len() + found.included.len());
+    for (mode, list) in [("match", &found.matches), ("include", &found.included)] {
+        for (t, id) in list {
+            // Deleted between matching and reading: skip rather than fail the page.
+            let Ok(stored) = repo.read(t, id) else { continue };
+            let resource = if s.summary == Summary::False && s.elements.is_none() {
+                stored.raw()
+            } else {
+                stored.parsed()?.map(|r| {
+                    summary::subset(&repo.profiles, t, &r, s.summary, s.elements.as_deref()).unwrap_or(r)
+                })
+            };
+            let Some(resource) = resource else { continue };
+            entries.push(Json::obj(vec![
+                ("fullUrl", Json::str(format!("{base}/{t}/{id}"))),
+                ("resource", resource),
+                ("search", Json::obj(vec![("mode", Json::str(mode))])),
+            ]));
+        }
+    }
+    Ok(entries)
+}
+
+fn bundle(self_url: &str, params: &[(String, String)], total: Option<usize>, mut links: Vec<Json>, entries: Vec<Json>) -> Json {
+    links.insert(0, link("self", &url(self_url, params)));
+    let mut b = vec![
+        ("resourceType".to_string(), Json::str("Bundle")),
+        ("id".to_string(), Json::str(uuid::Uuid::new_v4().to_string())),
+        ("type".to_string(), Json::str("searchset")),
+    ];
+    if let Some(t) = total {
+        b.push(("total".into(), Json::Number(t.to_string())));
+    }
+    b.push(("link".into(), Json::Array(links)));
+    if !entries.is_empty() {
+        b.push(("entry".into(), Json::Array(entries)));
+    }
+    Json::Object(b)
+}
+
+fn url(base: &str, params: &[(String, String)]) -> String {
+    if params.is_empty() {
+        return base.to_string();
+    }
+    let q: Vec<String> = params.iter().map(|(k, v)| format!("{}={}", enc(k), enc(v))).collect();
+    format!("{base}?{}", q.join("&"))
+}

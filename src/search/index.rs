@@ -1,0 +1,269 @@
+//! The search index: a deterministic fold over the Merkle log's leaves, held in memory.
+//!
+//! Every node applies the same leaves in the same order, so every node derives the same index
+//! (and the same document keys: a resource's key is the leaf of its first version). It lives
+//! in memory because range, prefix and sort queries need values in an order-revealing form,
+//! and the state on disk must not hold PHI in clear (ARCHITECTURE.md, "What the search index
+//! holds"). A node rebuilds it from the state at start-up and catches up with new leaves
+//! before each search, so a search sees every write acknowledged before it began.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, RwLock, RwLockReadGuard};
+
+use super::fhirpath::Eval;
+use super::params::{Kind, Registry};
+use super::values::{extract, Value};
+use crate::error::FhirError;
+use crate::fhir::json::{self, Json};
+use crate::fhir::profiles::Profiles;
+use crate::repo::Repo;
+
+/// A document key: the Merkle leaf of the resource's first version. Creation order, the
+/// same on every node.
+pub type DocKey = u64;
+
+#[derive(Debug)]
+pub struct Doc {
+    pub id: String,
+    pub version: u64,
+    pub last_updated_ms: i64,
+    /// Values by parameter code (parameters without values are absent).
+    pub values: BTreeMap<String, Vec<Value>>,
+}
+
+impl Doc {
+    pub fn get(&self, code: &str) -> &[Value] {
+        self.values.get(code).map_or(&[], Vec::as_slice)
+    }
+}
+
+/// The live resources of one type.
+#[derive(Debug, Default)]
+pub struct TypeDocs {
+    pub by_id: HashMap<String, DocKey>,
+    pub docs: BTreeMap<DocKey, Doc>,
+    /// Parameter code → token code or referenced id → documents. A superset of the matches
+    /// (system and type are checked on the documents), used to pick candidates.
+    pub postings: HashMap<String, HashMap<String, BTreeSet<DocKey>>>,
+}
+
+impl TypeDocs {
+    pub fn doc(&self, id: &str) -> Option<(DocKey, &Doc)> {
+        let k = *self.by_id.get(id)?;
+        Some((k, self.docs.get(&k)?))
+    }
+
+    pub fn posting(&self, code: &str, value: &str) -> Option<&BTreeSet<DocKey>> {
+        self.postings.get(code)?.get(value)
+    }
+
+    fn remove(&mut self, id: &str) {
+        let Some(key) = self.by_id.remove(id) else { return };
+        if let Some(doc) = self.docs.remove(&key) {
+            for (code, vals) in &doc.values {
+                for pk in vals.iter().filter_map(posting_key) {
+                    if let Some(m) = self.postings.get_mut(code) {
+                        if let Some(set) = m.get_mut(pk) {
+                            set.remove(&key);
+                            if set.is_empty() {
+                                m.remove(pk);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn insert(&mut self, key: DocKey, doc: Doc) {
+        self.remove(&doc.id);
+        for (code, vals) in &doc.values {
+            for pk in vals.iter().filter_map(posting_key) {
+                self.postings.entry(code.clone()).or_default().entry(pk.to_string()).or_default().insert(key);
+            }
+        }
+        self.by_id.insert(doc.id.clone(), key);
+        self.docs.insert(key, doc);
+    }
+}
+
+fn posting_key(v: &Value) -> Option<&str> {
+    match v {
+        Value::Token { code: Some(c), .. } => Some(c),
+        Value::Ref { id: Some(id), .. } => Some(id),
+        _ => None,
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Index {
+    built: bool,
+    /// The first leaf not folded in yet.
+    next_leaf: u64,
+    pub types: HashMap<String, TypeDocs>,
+    pub registry: Registry,
+}
+
+impl Index {
+    pub fn of(&self, rtype: &str) -> Option<&TypeDocs> {
+        self.types.get(rtype)
+    }
+}
+
+pub struct Engine {
+    index: RwLock<Index>,
+    core: Registry,
+    profiles: Arc<Profiles>,
+}
+
+impl Engine {
+    pub fn new(profiles: Arc<Profiles>, core: Registry) -> Self {
+        Self { index: RwLock::new(Index::default()), core, profiles }
+    }
+
+    pub fn profiles(&self) -> &Profiles {
+        &self.profiles
+    }
+
+    /// The index, caught up with every leaf the state holds now.
+    pub fn current(&self, repo: &Repo) -> Result<RwLockReadGuard<'_, Index>, FhirError> {
+        let size = repo.view().frontier()?.size;
+        {
+            let idx = self.index.read().unwrap_or_else(|p| p.into_inner());
+            if idx.built && idx.next_leaf >= size {
+                return Ok(idx);
+            }
+        }
+        {
+            let mut idx = self.index.write().unwrap_or_else(|p| p.into_inner());
+            if !idx.built {
+                self.build(repo, &mut idx)?;
+            } else {
+                self.fold(repo, &mut idx)?;
+            }
+        }
+        Ok(self.index.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Rebuilds the whole index from the state (the `reindex` admin command).
+    pub fn rebuild(&self, repo: &Repo) -> Result<usize, FhirError> {
+        let mut idx = self.index.write().unwrap_or_else(|p| p.into_inner());
+        self.build(repo, &mut idx)?;
+        Ok(idx.types.values().map(|t| t.docs.len()).sum())
+    }
+
+    fn build(&self, repo: &Repo, idx: &mut Index) -> Result<(), FhirError> {
+        let view = repo.view();
+        let size = view.frontier()?.size;
+        *idx = Index { registry: self.core.clone(), ..Default::default() };
+        // Custom parameters first: a stored SearchParameter indexes every resource.
+        let types = self.profiles.resource_types();
+        for item in view.scan_type("SearchParameter", None) {
+            let (id, rec) = item?;
+            if !rec.deleted {
+                let res = read_json(repo, "SearchParameter", &id)?;
+                idx.registry.set_custom(&id, res.as_ref(), types);
+            }
+        }
+        for t in types {
+            for item in view.scan_type(t, None) {
+                let (id, rec) = item?;
+                if !rec.deleted {
+                    self.reindex(repo, idx, t, &id)?;
+                }
+            }
+        }
+        idx.next_leaf = size;
+        idx.built = true;
+        Ok(())
+    }
+
+    /// Folds the leaves appended since the last call.
+    fn fold(&self, repo: &Repo, idx: &mut Index) -> Result<(), FhirError> {
+        let view = repo.view();
+        let mut touched: BTreeSet<(String, String)> = BTreeSet::new();
+        let mut next = idx.next_leaf;
+        for item in view.headers_from(idx.next_leaf) {
+            let (leaf, h) = item?;
+            touched.insert((h.rtype, h.id));
+            next = leaf + 1;
+        }
+        let mut params_changed = BTreeSet::new();
+        for (t, id) in &touched {
+            self.reindex(repo, idx, t, id)?;
+            if t == "SearchParameter" {
+                let res = idx.of(t).and_then(|d| d.doc(id)).map(|_| read_json(repo, t, id)).transpose()?.flatten();
+                params_changed.extend(idx.registry.set_custom(id, res.as_ref(), self.profiles.resource_types()));
+            }
+        }
+        // A new or changed parameter applies to every resource already stored: re-index the
+        // types it is defined on.
+        for t in params_changed {
+            let ids: Vec<String> = idx.of(&t).map(|d| d.by_id.keys().cloned().collect()).unwrap_or_default();
+            for id in ids {
+                self.reindex(repo, idx, &t, &id)?;
+            }
+        }
+        idx.next_leaf = next;
+        Ok(())
+    }
+
+    /// Re-reads one resource and replaces its document (or drops it if gone).
+    fn reindex(&self, repo: &Repo, idx: &mut Index, rtype: &str, id: &str) -> Result<(), FhirError> {
+        let cur = repo.view().current(rtype, id)?;
+        let docs = idx.types.entry(rtype.to_string()).or_default();
+        let Some(cur) = cur.filter(|c| !c.deleted) else {
+            docs.remove(id);
+            return Ok(());
+        };
+        let Some(res) = read_json(repo, rtype, id)? else {
+            docs.remove(id);
+            return Ok(());
+        };
+        let ev = Eval { profiles: &self.profiles };
+        let mut values = BTreeMap::new();
+        for p in idx.registry.for_type(rtype) {
+            if p.kind == Kind::Special {
+                continue;
+            }
+            let v = extract(&ev, p, rtype, &res);
+            if !v.is_empty() {
+                values.insert(p.code.clone(), v);
+            }
+        }
+        let key = cur.leaves.first().copied().unwrap_or_default();
+        let doc = Doc { id: id.to_string(), version: cur.version, last_updated_ms: cur.last_updated_ms, values };
+        idx.types.entry(rtype.to_string()).or_default().insert(key, doc);
+        Ok(())
+    }
+}
+
+/// Keeps the index of `repo` caught up in the background (building it first), so that a
+/// search rarely folds more than a few leaves itself. Stops when the repository is dropped.
+pub fn keep_current(repo: &Arc<Repo>) {
+    let weak = Arc::downgrade(repo);
+    let spawned = std::thread::Builder::new().name("search-index".into()).spawn(move || loop {
+        let Some(repo) = weak.upgrade() else { return };
+        if let Err(e) = repo.search().current(&repo) {
+            tracing::warn!("search index: {}", e.issues.first().map_or("", |i| i.diagnostics.as_str()));
+        }
+        drop(repo);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    });
+    if let Err(e) = spawned {
+        tracing::warn!("search index: no background thread ({e}); searches catch up themselves");
+    }
+}
+
+/// The current version of a resource as a tree; `None` if deleted or erased.
+fn read_json(repo: &Repo, rtype: &str, id: &str) -> Result<Option<Json>, FhirError> {
+    let stored = match repo.read(rtype, id) {
+        Ok(s) => s,
+        Err(e) if e.status == 404 || e.status == 410 => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    match stored.body {
+        Some(b) => json::parse(b.as_bytes(), usize::MAX).map(Some).map_err(FhirError::internal),
+        None => Ok(None),
+    }
+}

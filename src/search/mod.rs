@@ -1,0 +1,223 @@
+//! FHIR search: every R4 (and US Core) SearchParameter evaluated by a FHIRPath subset over an
+//! in-memory index that every node derives the same way from the ledger.
+//!
+//! `fhirpath` parses and evaluates expressions; `params` is the registry; `values` turns
+//! what an expression yields into comparable values; `index` folds the ledger into
+//! documents; `query` parses a request; `exec` matches, sorts and pages; `summary` shapes
+//! `_summary`/`_elements` output. `run` ties them together for the HTTP layer.
+
+pub mod exec;
+pub mod fhirpath;
+pub mod index;
+pub mod params;
+pub mod query;
+pub mod summary;
+pub mod values;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use base64::Engine as _;
+use sha2::{Digest, Sha256};
+
+use self::exec::{cmp_pos, position, Ctx, Position};
+use self::index::Index;
+use self::params::Kind;
+use self::query::{Filter, Include, Parser, Search};
+use self::values::Value;
+use crate::error::FhirError;
+use crate::repo::Repo;
+
+pub use self::index::Engine;
+
+/// The patient compartment: for each resource type, the parameters that place a resource in
+/// a patient's compartment (`compartmentdefinition-patient.json`).
+#[derive(Debug, Default)]
+pub struct Compartments {
+    pub patient: BTreeMap<String, Vec<String>>,
+}
+
+impl Compartments {
+    pub fn load(dir: &Path) -> Result<Self, String> {
+        let path = dir.join("compartmentdefinition-patient.json");
+        let text = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let def: serde_json::Value = serde_json::from_slice(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        let mut patient = BTreeMap::new();
+        for r in def["resource"].as_array().into_iter().flatten() {
+            let params: Vec<String> =
+                r["param"].as_array().into_iter().flatten().filter_map(|p| p.as_str().map(String::from)).collect();
+            if let (Some(code), false) = (r["code"].as_str(), params.is_empty()) {
+                patient.insert(code.to_string(), params);
+            }
+        }
+        Ok(Self { patient })
+    }
+}
+
+/// What a search found: one page of matches, what they include, and the paging cursors.
+pub struct Found {
+    pub search: Search,
+    pub matches: Vec<(String, String)>,
+    pub included: Vec<(String, String)>,
+    pub total: usize,
+    pub next: Option<String>,
+    pub previous: Option<String>,
+}
+
+/// Runs a search over `types` (one type, or several for a system-level search), with
+/// `extra` filters (a compartment) ANDed to the request's.
+pub fn run(
+    repo: &Repo,
+    base: &str,
+    types: &[String],
+    params: &[(String, String)],
+    lenient: bool,
+    extra: Option<Filter>,
+) -> Result<Found, FhirError> {
+    let engine = repo.search();
+    let idx = engine.current(repo)?;
+    let parser = Parser { idx: &idx, profiles: engine.profiles(), base, lenient };
+    let mut search = parser.parse(types, params)?;
+    if let Some(f) = extra {
+        for (_, filters) in &mut search.types {
+            filters.push(f.clone());
+        }
+    }
+    let ctx = Ctx { idx: &idx, repo, now_ms: crate::fhir::now_ms() };
+    let mut all: Vec<Position> = Vec::new();
+    for (t, filters) in &search.types {
+        let Some(docs) = idx.of(t) else { continue };
+        for key in ctx.matches(t, filters)? {
+            if let Some(doc) = docs.docs.get(&key) {
+                all.push(position(&search.sort, t, key, doc));
+            }
+        }
+    }
+    if !search.sort.is_empty() || search.types.len() > 1 {
+        all.sort_by(|a, b| cmp_pos(&search.sort, a, b));
+    }
+    let total = all.len();
+    let cursor_key = cursor_key(repo);
+    let (start, end) = match &search.cursor {
+        None => (0, search.count.min(total)),
+        Some(c) => {
+            let (after, at) = open_cursor(&cursor_key, c)?;
+            if at.vals.len() != search.sort.len() {
+                return Err(FhirError::invalid("_cursor belongs to a search with another _sort").at("_cursor"));
+            }
+            if after {
+                let s = all.partition_point(|p| cmp_pos(&search.sort, p, &at).is_le());
+                (s, (s + search.count).min(total))
+            } else {
+                let e = all.partition_point(|p| cmp_pos(&search.sort, p, &at).is_lt());
+                (e.saturating_sub(search.count), e)
+            }
+        }
+    };
+    let page = &all[start..end];
+    let next = (end < total && search.count > 0).then(|| page.last().map(|p| seal_cursor(&cursor_key, true, p))).flatten();
+    let previous = (start > 0).then(|| page.first().map(|p| seal_cursor(&cursor_key, false, p))).flatten();
+    let id_of = |p: &Position| idx.of(&p.rtype).and_then(|d| d.docs.get(&p.doc)).map(|d| (p.rtype.clone(), d.id.clone()));
+    let matches: Vec<(String, String)> = page.iter().filter_map(id_of).collect();
+    let included = if search.summary == query::Summary::Count {
+        Vec::new()
+    } else {
+        includes(&idx, &search.include, &search.revinclude, &matches)
+    };
+    drop(idx);
+    Ok(Found { search, matches, included, total, next, previous })
+}
+
+/// Resources the page's matches `_include` and that `_revinclude` them, iterating (up to a
+/// bound) for the `:iterate` ones.
+fn includes(idx: &Index, inc: &[Include], rev: &[Include], matches: &[(String, String)]) -> Vec<(String, String)> {
+    const MAX_ROUNDS: usize = 8;
+    const MAX_INCLUDED: usize = 10_000;
+    let mut seen: BTreeSet<(String, String)> = matches.iter().cloned().collect();
+    let mut out = Vec::new();
+    let mut frontier: Vec<(String, String)> = matches.to_vec();
+    for round in 0..MAX_ROUNDS {
+        let mut found = Vec::new();
+        for (t, id) in &frontier {
+            let Some((_, doc)) = idx.of(t).and_then(|d| d.doc(id)) else { continue };
+            for i in inc.iter().filter(|i| round == 0 || i.iterate) {
+                if i.source != "*" && &i.source != t {
+                    continue;
+                }
+                let codes: Vec<&str> = match &i.code {
+                    Some(c) => vec![c.as_str()],
+                    None => idx.registry.for_type(t).filter(|p| p.kind == Kind::Reference).map(|p| p.code.as_str()).collect(),
+                };
+                for code in codes {
+                    for v in doc.get(code) {
+                        if let Value::Ref { rtype: Some(rt), id: Some(rid), .. } = v {
+                            if i.target.as_ref().is_none_or(|x| x == rt)
+                                && idx.of(rt).and_then(|d| d.doc(rid)).is_some()
+                            {
+                                found.push((rt.clone(), rid.clone()));
+                            }
+                        }
+                    }
+                }
+            }
+            for i in rev.iter().filter(|i| round == 0 || i.iterate) {
+                if i.target.as_ref().is_some_and(|x| x != t) {
+                    continue;
+                }
+                let Some(src) = idx.of(&i.source) else { continue };
+                let codes: Vec<&str> = match &i.code {
+                    Some(c) => vec![c.as_str()],
+                    None => idx
+                        .registry
+                        .for_type(&i.source)
+                        .filter(|p| p.kind == Kind::Reference)
+                        .map(|p| p.code.as_str())
+                        .collect(),
+                };
+                for code in codes {
+                    for key in src.posting(code, id).into_iter().flatten() {
+                        let Some(d) = src.docs.get(key) else { continue };
+                        let points_here = d.get(code).iter().any(|v| {
+                            matches!(v, Value::Ref { rtype: Some(rt), id: Some(rid), .. } if rt == t && rid == id)
+                        });
+                        if points_here {
+                            found.push((i.source.clone(), d.id.clone()));
+                        }
+                    }
+                }
+            }
+        }
+        frontier.clear();
+        for f in found {
+            if seen.insert(f.clone()) {
+                out.push(f.clone());
+                frontier.push(f);
+            }
+        }
+        if frontier.is_empty() || out.len() >= MAX_INCLUDED {
+            break;
+        }
+    }
+    out
+}
+
+fn cursor_key(repo: &Repo) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(b"fhir-ledger search cursor v1\0");
+    h.update(repo.index_key());
+    h.finalize().into()
+}
+
+/// A cursor is the sort position of a page's last (or first) match, sealed so that it can
+/// be neither read nor forged; paging by position survives concurrent writes.
+fn seal_cursor(key: &[u8; 32], after: bool, p: &Position) -> String {
+    let plain = serde_json::to_vec(&(after, p)).unwrap_or_default();
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(crate::crypto::seal(key, &plain, b"cursor"))
+}
+
+fn open_cursor(key: &[u8; 32], c: &str) -> Result<(bool, Position), FhirError> {
+    let bad = || FhirError::invalid("_cursor is not a cursor this server issued").at("_cursor");
+    let sealed = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(c).map_err(|_| bad())?;
+    let plain = crate::crypto::open(key, &sealed, b"cursor").map_err(|_| bad())?;
+    serde_json::from_slice(&plain).map_err(|_| bad())
+}

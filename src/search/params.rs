@@ -1,0 +1,281 @@
+//! The search parameter registry: every SearchParameter of R4 4.0.1 and US Core from
+//! `fhir-profiles/`, compiled once, plus the SearchParameter resources clients store (custom
+//! parameters), keyed by resource type and code.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use super::fhirpath::{self, Expr};
+use crate::fhir::json::Json;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Kind {
+    Number,
+    Date,
+    String,
+    Token,
+    Reference,
+    Composite,
+    Quantity,
+    Uri,
+    Special,
+}
+
+impl Kind {
+    pub fn parse(s: &str) -> Option<Kind> {
+        Some(match s {
+            "number" => Kind::Number,
+            "date" => Kind::Date,
+            "string" => Kind::String,
+            "token" => Kind::Token,
+            "reference" => Kind::Reference,
+            "composite" => Kind::Composite,
+            "quantity" => Kind::Quantity,
+            "uri" => Kind::Uri,
+            "special" => Kind::Special,
+            _ => return None,
+        })
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Number => "number",
+            Kind::Date => "date",
+            Kind::String => "string",
+            Kind::Token => "token",
+            Kind::Reference => "reference",
+            Kind::Composite => "composite",
+            Kind::Quantity => "quantity",
+            Kind::Uri => "uri",
+            Kind::Special => "special",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Component {
+    pub kind: Kind,
+    /// Evaluated on each item the composite's own expression yields.
+    pub expr: Expr,
+}
+
+#[derive(Clone, Debug)]
+pub struct Param {
+    pub code: String,
+    pub url: String,
+    pub kind: Kind,
+    pub expr: Option<Expr>,
+    pub expression: String,
+    /// Allowed reference target types.
+    pub targets: Vec<String>,
+    pub components: Vec<Component>,
+    pub description: String,
+    /// Defined by a SearchParameter resource stored on this server.
+    pub custom: bool,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Registry {
+    by_type: BTreeMap<String, BTreeMap<String, Arc<Param>>>,
+    /// Custom parameters by the id of the SearchParameter resource that defines them, with
+    /// the (type, code) slots they fill.
+    custom: BTreeMap<String, Vec<(String, String)>>,
+    /// Core parameters a custom one replaced, restored when it goes away.
+    shadowed: BTreeMap<(String, String), Arc<Param>>,
+}
+
+/// Types a `DomainResource` parameter does not apply to.
+const NOT_DOMAIN: &[&str] = &["Bundle", "Binary", "Parameters"];
+
+fn strings(v: &serde_json::Value) -> Vec<String> {
+    v.as_array().into_iter().flatten().filter_map(|x| x.as_str().map(String::from)).collect()
+}
+
+impl Registry {
+    pub fn load(dir: &Path, resource_types: &[String]) -> Result<Registry, String> {
+        let mut defs: Vec<serde_json::Value> = Vec::new();
+        for file in ["search-parameters.json", "search-parameters-uscore.json"] {
+            let path = dir.join(file);
+            let text = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            let bundle: serde_json::Value =
+                serde_json::from_slice(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+            defs.extend(bundle["entry"].as_array().into_iter().flatten().map(|e| e["resource"].clone()));
+        }
+        let kinds: BTreeMap<String, Kind> = defs
+            .iter()
+            .filter_map(|d| Some((d["url"].as_str()?.to_string(), Kind::parse(d["type"].as_str()?)?)))
+            .collect();
+        let mut reg = Registry::default();
+        for d in &defs {
+            let Some(code) = d["code"].as_str() else { continue };
+            let param = compile(d, &kinds, false).map_err(|e| format!("SearchParameter {code}: {e}"))?;
+            for base in strings(&d["base"]) {
+                for t in expand_base(&base, resource_types) {
+                    // Core definitions win over US Core ones for the same code.
+                    let slot = reg.by_type.entry(t.clone()).or_default().entry(code.to_string());
+                    slot.or_insert_with(|| Arc::new(param.for_type(&t)));
+                }
+            }
+        }
+        Ok(reg)
+    }
+
+    pub fn get(&self, rtype: &str, code: &str) -> Option<&Arc<Param>> {
+        self.by_type.get(rtype)?.get(code)
+    }
+
+    pub fn for_type(&self, rtype: &str) -> impl Iterator<Item = &Arc<Param>> {
+        self.by_type.get(rtype).into_iter().flat_map(|m| m.values())
+    }
+
+    /// Registers (or replaces) the parameter a stored SearchParameter `id` defines; returns the
+    /// resource types whose index it changes. An unusable definition registers nothing.
+    pub fn set_custom(&mut self, id: &str, res: Option<&Json>, resource_types: &[String]) -> Vec<String> {
+        let mut affected: Vec<String> = Vec::new();
+        for (t, code) in self.custom.remove(id).unwrap_or_default() {
+            if let Some(m) = self.by_type.get_mut(&t) {
+                match self.shadowed.remove(&(t.clone(), code.clone())) {
+                    Some(core) => m.insert(code, core),
+                    None => m.remove(&code),
+                };
+            }
+            affected.push(t);
+        }
+        if let Some((param, bases)) = res.and_then(|r| custom_param(r, self).ok()) {
+            let mut slots = Vec::new();
+            for base in bases {
+                for t in expand_base(&base, resource_types) {
+                    let m = self.by_type.entry(t.clone()).or_default();
+                    if let Some(old) = m.insert(param.code.clone(), Arc::new(param.for_type(&t))) {
+                        if !old.custom {
+                            self.shadowed.insert((t.clone(), param.code.clone()), old);
+                        }
+                    }
+                    slots.push((t.clone(), param.code.clone()));
+                    affected.push(t);
+                }
+            }
+            self.custom.insert(id.to_string(), slots);
+        }
+        affected.sort();
+        affected.dedup();
+        affected
+    }
+}
+
+impl Param {
+    /// This parameter as it applies to `rtype`: its expression without the other types'
+    /// branches.
+    fn for_type(&self, rtype: &str) -> Param {
+        Param { expr: self.expr.as_ref().and_then(|e| fhirpath::specialize(e, rtype)), ..self.clone() }
+    }
+}
+
+fn expand_base(base: &str, resource_types: &[String]) -> Vec<String> {
+    match base {
+        "Resource" => resource_types.to_vec(),
+        "DomainResource" => resource_types.iter().filter(|t| !NOT_DOMAIN.contains(&t.as_str())).cloned().collect(),
+        t => vec![t.to_string()],
+    }
+}
+
+fn compile(d: &serde_json::Value, kinds: &BTreeMap<String, Kind>, custom: bool) -> Result<Param, String> {
+    let code = d["code"].as_str().ok_or("no code")?.to_string();
+    let kind = d["type"].as_str().and_then(Kind::parse).ok_or("no or unknown type")?;
+    let expression = d["expression"].as_str().unwrap_or_default().to_string();
+    let expr = if expression.is_empty() { None } else { Some(fhirpath::parse(&expression)?) };
+    if expr.is_none() && !(kind == Kind::Special || code == "_text" || code == "_content" || code == "_query") {
+        return Err("no expression".into());
+    }
+    let mut components = Vec::new();
+    for c in d["component"].as_array().into_iter().flatten() {
+        let def = c["definition"].as_str().ok_or("component without definition")?;
+        let kind = *kinds.get(def).ok_or_else(|| format!("component {def} is not a known SearchParameter"))?;
+        let ce = c["expression"].as_str().ok_or("component without expression")?;
+        components.push(Component { kind, expr: fhirpath::parse(ce).map_err(|e| format!("component {ce}: {e}"))? });
+    }
+    if kind == Kind::Composite && components.is_empty() {
+        return Err("composite without components".into());
+    }
+    Ok(Param {
+        code,
+        url: d["url"].as_str().unwrap_or_default().to_string(),
+        kind,
+        expr,
+        expression,
+        targets: strings(&d["target"]),
+        components,
+        description: d["description"].as_str().unwrap_or_default().to_string(),
+        custom,
+    })
+}
+
+/// Checks a SearchParameter resource a client stores: it must be usable by this server's
+/// FHIRPath subset, so that it is refused at write time rather than ignored later.
+pub fn custom_param(res: &Json, reg: &Registry) -> Result<(Param, Vec<String>), String> {
+    let d = res.to_serde();
+    if d["status"].as_str() == Some("retired") {
+        return Err("status is retired".into());
+    }
+    let kind = d["type"].as_str().and_then(Kind::parse).ok_or("type must be a search parameter type")?;
+    if kind == Kind::Special {
+        return Err("special parameters cannot be defined by a SearchParameter resource here".into());
+    }
+    if d["expression"].as_str().is_none_or(str::is_empty) {
+        return Err("expression is required".into());
+    }
+    let code = d["code"].as_str().ok_or("code is required")?;
+    if code.is_empty() || !code.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+        return Err(format!("code {code:?} must be letters, digits, '-' or '_'"));
+    }
+    let bases = strings(&d["base"]);
+    if bases.is_empty() {
+        return Err("base is required".into());
+    }
+    // Components may name core or custom parameters.
+    let mut kinds = BTreeMap::new();
+    for def in d["component"].as_array().into_iter().flatten().filter_map(|c| c["definition"].as_str()) {
+        let found = reg.by_type.values().flat_map(|m| m.values()).find(|p| p.url == def);
+        if let Some(p) = found {
+            kinds.insert(def.to_string(), p.kind);
+        }
+    }
+    Ok((compile(&d, &kinds, true)?, bases))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reg() -> Registry {
+        let dir = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/fhir-profiles"));
+        let p = crate::fhir::profiles::Profiles::load(dir).unwrap();
+        Registry::load(dir, p.resource_types()).unwrap()
+    }
+
+    #[test]
+    fn loads_core_us_core_and_base_parameters() {
+        let r = reg();
+        assert_eq!(r.get("Observation", "code").unwrap().kind, Kind::Token);
+        assert_eq!(r.get("Observation", "code-value-quantity").unwrap().components.len(), 2);
+        assert_eq!(r.get("Patient", "race").unwrap().kind, Kind::Token);
+        assert!(r.get("Bundle", "_tag").is_some());
+        assert!(r.get("Bundle", "_text").is_none(), "_text is a DomainResource parameter");
+        assert!(r.get("Patient", "_lastUpdated").is_some());
+    }
+
+    #[test]
+    fn custom_parameters_replace_and_restore() {
+        let mut r = reg();
+        let types = vec!["Patient".to_string()];
+        let sp = crate::fhir::json::parse(
+            br#"{"resourceType":"SearchParameter","status":"active","code":"gender","base":["Patient"],"type":"string","expression":"Patient.gender"}"#,
+            16,
+        )
+        .unwrap();
+        assert_eq!(r.set_custom("x", Some(&sp), &types), types);
+        assert_eq!(r.get("Patient", "gender").unwrap().kind, Kind::String);
+        r.set_custom("x", None, &types);
+        assert_eq!(r.get("Patient", "gender").unwrap().kind, Kind::Token);
+    }
+}

@@ -1,0 +1,564 @@
+#!/usr/bin/env python3
+"""FHIR search latency: fhir-ledger against PostgreSQL indexed the way Medplum/HAPI index it.
+
+Run by tests/bench/search.sh, which loads 100 Synthea patients into a fresh fhir-ledger and
+starts a throwaway PostgreSQL. This script
+  1. reads the loaded resources back from fhir-ledger (GET /{type}?_count=1000, following
+     link rel=next), so that both sides hold the same ids and the same references;
+  2. loads them into PostgreSQL (schema below), then VACUUM ANALYZE;
+  3. draws the queries of each class from the data with a fixed seed, runs warm-up queries,
+     then the measured ones, alternating fhir-ledger and PostgreSQL query by query so that
+     background load falls on both alike;
+  4. checks each answer against the other side (total, page ids, included ids) outside the
+     timed section, and prints a Markdown table for BENCHMARKS.md.
+
+What is timed:
+  fhir-ledger: one keep-alive http.client connection; request sent until the whole response
+    body is read (the JSON is not parsed inside the timed section).
+  PostgreSQL: one connection (psycopg 3, autocommit, no server-side prepared statements, so
+    every execution is planned for its own parameters, as node-postgres does for Medplum);
+    execute + fetchall of the resource contents. jsonb is fetched as text (no client-side
+    JSON parsing). PostgreSQL does not compute a total; fhir-ledger returns `total` in every
+    searchset, so the baseline does strictly less work.
+
+PostgreSQL schema: one table per resource type (as Medplum: a row per resource holding the
+resource and one extracted column per search parameter), loaded for the types the queries
+touch: Patient, Observation, Encounter, Practitioner, DiagnosticReport. Every table has
+`id text COLLATE "C" PRIMARY KEY` (btree; "C" so that ORDER BY id is byte order, the order
+in which fhir-ledger pages) and `content jsonb`. Indexes, and what they mirror:
+  - Reference parameters are text columns holding "Type/id" (Medplum's reference columns),
+    btree when single-valued (Observation.subject, Encounter.subject/patient,
+    DiagnosticReport.subject) and GIN over text[] when repeating (Encounter.practitioner,
+    DiagnosticReport.result): Medplum creates exactly these (btree on scalar columns, GIN on
+    array columns).
+  - Token parameters (Observation.code) are text[] of "system|code" with a GIN index:
+    Medplum's token-array columns (`__code` UUID[] of hashed system|code, GIN), unhashed.
+  - Date parameters (Observation.date = effective[x]) are timestamptz with a btree: Medplum's
+    date columns.
+  - Quantity (Observation.value-quantity) is numeric value + system + code columns with one
+    btree on (code, system, value): HAPI's HFJ_SPIDX_QUANTITY index on (hash of
+    system+units, value). Medplum indexes the value alone and ignores units.
+  - String (Patient.name) is a side table patient_name(resource_id, value) holding every
+    family, given, prefix, suffix and text of every HumanName, normalized (lower case,
+    accents stripped), with a btree on value (COLLATE "C", so `LIKE 'abc%'` is an index
+    range scan): HAPI's HFJ_SPIDX_STRING (SP_VALUE_NORMALIZED, prefix-indexed). Medplum's
+    HumanName side table plays the same role.
+  - Chained search is one statement joining the reference column to patient_name (Medplum
+    also chains with a join). _include and _revinclude are a second statement after the page,
+    with the page's ids or references as parameters, looked up through the primary key or the
+    reference column (Medplum and HAPI also fetch includes with separate queries).
+  No GIN on the whole `content`: no query filters on content (every filter uses an extracted
+  column, as in Medplum, whose content column is not indexed at all); it would only slow
+  the load. PostgreSQL runs with jit=off (JIT only adds compile time on queries this size).
+
+`content` is TEXT by default, as Medplum stores it (HAPI also keeps the resource as text or a
+blob): returning it costs PostgreSQL a copy, whereas jsonb must be re-serialized on every read
+(about 2.8x slower for a page of Observations on this machine). `--pg-content jsonb` stores
+jsonb instead, to measure that variant.
+"""
+
+import argparse
+import datetime as dt
+import http.client
+import json
+import random
+import statistics
+import sys
+import time
+import unicodedata
+import urllib.parse
+from decimal import Decimal
+
+import psycopg
+from psycopg.types.string import TextLoader
+
+TYPES = ["Patient", "Observation", "Encounter", "Practitioner", "DiagnosticReport"]
+COUNT = 50
+
+SCHEMA = """
+DROP TABLE IF EXISTS patient, patient_name, observation, encounter, practitioner, diagnosticreport;
+CREATE TABLE patient (id text COLLATE "C" PRIMARY KEY, content jsonb NOT NULL,
+  birthdate date, gender text);
+CREATE TABLE patient_name (resource_id text COLLATE "C" NOT NULL, value text COLLATE "C" NOT NULL);
+CREATE TABLE observation (id text COLLATE "C" PRIMARY KEY, content jsonb NOT NULL,
+  subject text, code text[], date timestamptz, vq_value numeric, vq_system text, vq_code text);
+CREATE TABLE encounter (id text COLLATE "C" PRIMARY KEY, content jsonb NOT NULL,
+  subject text, patient text, practitioner text[], date timestamptz);
+CREATE TABLE practitioner (id text COLLATE "C" PRIMARY KEY, content jsonb NOT NULL);
+CREATE TABLE diagnosticreport (id text COLLATE "C" PRIMARY KEY, content jsonb NOT NULL,
+  subject text, result text[]);
+"""
+
+INDEXES = """
+CREATE INDEX patient_birthdate_idx ON patient (birthdate);
+CREATE INDEX patient_name_value_idx ON patient_name (value);
+CREATE INDEX patient_name_resource_idx ON patient_name (resource_id);
+CREATE INDEX observation_subject_idx ON observation (subject);
+CREATE INDEX observation_code_idx ON observation USING gin (code);
+CREATE INDEX observation_date_idx ON observation (date);
+CREATE INDEX observation_value_quantity_idx ON observation (vq_code, vq_system, vq_value);
+CREATE INDEX encounter_subject_idx ON encounter (subject);
+CREATE INDEX encounter_patient_idx ON encounter (patient);
+CREATE INDEX encounter_practitioner_idx ON encounter USING gin (practitioner);
+CREATE INDEX encounter_date_idx ON encounter (date);
+CREATE INDEX diagnosticreport_subject_idx ON diagnosticreport (subject);
+CREATE INDEX diagnosticreport_result_idx ON diagnosticreport USING gin (result);
+"""
+
+
+def norm(s):
+    """FHIR string matching: case- and accent-insensitive."""
+    return "".join(c for c in unicodedata.normalize("NFKD", s) if not unicodedata.combining(c)).casefold()
+
+
+def ref(obj):
+    r = (obj or {}).get("reference")
+    return r if r and "/" in r else None
+
+
+def tokens(cc):
+    return [f"{c.get('system', '')}|{c['code']}" for c in (cc or {}).get("coding", []) if "code" in c]
+
+
+def name_parts(p):
+    out = set()
+    for n in p.get("name", []):
+        for part in [n.get("family"), n.get("text"), *n.get("given", []), *n.get("prefix", []), *n.get("suffix", [])]:
+            if part:
+                out.add(norm(part))
+    return sorted(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading back from fhir-ledger and loading PostgreSQL
+
+
+class Ledger:
+    def __init__(self, base, timeout=120):
+        u = urllib.parse.urlparse(base)
+        self.host, self.port, self.timeout = u.hostname, u.port, timeout
+        self.conn = None
+
+    def get(self, path):
+        """(status, body bytes); reconnects once if the keep-alive connection was dropped."""
+        for attempt in (0, 1):
+            if self.conn is None:
+                self.conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+            try:
+                self.conn.request("GET", path, headers={"Accept": "application/fhir+json"})
+                r = self.conn.getresponse()
+                body = r.read()
+                if r.getheader("connection", "").lower() == "close":
+                    self.conn.close()
+                    self.conn = None
+                return r.status, body
+            except (http.client.HTTPException, OSError):
+                self.conn.close()
+                self.conn = None
+                if attempt:
+                    raise
+
+
+def read_back(ledger, rtype):
+    """Yields pages (lists of resources) of every resource of rtype."""
+    path = f"/{rtype}?_count=1000"
+    while path:
+        status, body = ledger.get(path)
+        if status != 200:
+            sys.exit(f"reading back {rtype}: HTTP {status}: {body[:300]!r}")
+        b = json.loads(body)
+        yield [e["resource"] for e in b.get("entry", []) if e.get("search", {}).get("mode", "match") == "match"]
+        nxt = [lk["url"] for lk in b.get("link", []) if lk.get("relation") == "next"]
+        path = None
+        if nxt:
+            u = urllib.parse.urlparse(nxt[0])
+            path = u.path + ("?" + u.query if u.query else "")
+
+
+def load(ledger, pg, content_type):
+    """Copies every resource of TYPES into PostgreSQL; returns the lightweight facts the query
+    generator needs."""
+    facts = {"patients": [], "obs": []}
+    with pg.cursor() as cur:
+        cur.execute(SCHEMA.replace("content jsonb", f"content {content_type}"))
+        for rtype in TYPES:
+            n = 0
+            start = time.perf_counter()
+            for page in read_back(ledger, rtype):
+                n += len(page)
+                rows, extra = [], []
+                for r in page:
+                    content = json.dumps(r, separators=(",", ":"), ensure_ascii=False)
+                    if rtype == "Patient":
+                        rows.append((r["id"], content, r.get("birthDate"), r.get("gender")))
+                        parts = name_parts(r)
+                        extra += [(r["id"], v) for v in parts]
+                        key = next((i["value"] for i in r.get("identifier", []) if "tietai" in i.get("system", "")), r["id"])
+                        facts["patients"].append({"id": r["id"], "key": key, "names": r.get("name", [])})
+                    elif rtype == "Observation":
+                        vq = r.get("valueQuantity") or {}
+                        has_vq = "value" in vq
+                        date = r.get("effectiveDateTime") or r.get("effectiveInstant") or (r.get("effectivePeriod") or {}).get("start")
+                        codes = tokens(r.get("code"))
+                        rows.append((r["id"], content, ref(r.get("subject")), codes, date,
+                                     repr(vq["value"]) if has_vq else None, vq.get("system"), vq.get("code")))
+                        facts["obs"].append((ref(r.get("subject")), codes, date,
+                                             (vq["value"], vq.get("system"), vq.get("code")) if has_vq else None))
+                    elif rtype == "Encounter":
+                        subj = ref(r.get("subject"))
+                        prac = [ref(p.get("individual")) for p in r.get("participant", [])]
+                        prac = [p for p in prac if p and p.startswith("Practitioner/")]
+                        rows.append((r["id"], content, subj, subj if subj and subj.startswith("Patient/") else None,
+                                     prac, (r.get("period") or {}).get("start")))
+                    elif rtype == "Practitioner":
+                        rows.append((r["id"], content))
+                    elif rtype == "DiagnosticReport":
+                        rows.append((r["id"], content, ref(r.get("subject")),
+                                     [x for x in (ref(o) for o in r.get("result", [])) if x]))
+                table = rtype.lower()
+                with cur.copy(f"COPY {table} FROM STDIN") as cp:
+                    for row in rows:
+                        cp.write_row(row)
+                if extra:
+                    with cur.copy("COPY patient_name FROM STDIN") as cp:
+                        for row in extra:
+                            cp.write_row(row)
+            print(f"  {rtype}: {n} resources read back and copied in {time.perf_counter() - start:.1f} s", flush=True)
+        start = time.perf_counter()
+        cur.execute(INDEXES)
+        print(f"  indexes built in {time.perf_counter() - start:.1f} s", flush=True)
+    start = time.perf_counter()
+    pg.execute("VACUUM ANALYZE")
+    print(f"  VACUUM ANALYZE in {time.perf_counter() - start:.1f} s", flush=True)
+    return facts
+
+
+# ---------------------------------------------------------------------------------------------
+# Query classes. Each class draws (fhir path, sql, sql params, count sql, count params) tuples.
+# Every SQL statement returns rows (mode, id, content[, references to include]), mode 'match' or
+# 'include'; a query with "include" runs a second statement built from the page's rows.
+
+PAGE = f"ORDER BY id LIMIT {COUNT}"
+
+
+def q(path_type, params, sql, args, count_sql, count_args):
+    query = "&".join(f"{k}={urllib.parse.quote(v, safe='/:')}" for k, v in params + [("_count", str(COUNT))])
+    return {"path": f"/{path_type}?{query}", "sql": sql, "args": args, "count_sql": count_sql, "count_args": count_args}
+
+
+def simple(where, table="observation"):
+    return (f"SELECT 'match', id, content FROM {table} WHERE {where} {PAGE}",
+            f"SELECT count(*) FROM {table} WHERE {where}")
+
+
+def day(s):
+    return dt.date.fromisoformat(s[:10])
+
+
+def make_classes(facts):
+    patients = sorted(facts["patients"], key=lambda p: p["key"])
+    pkey = {"Patient/" + p["id"]: p["key"] for p in patients}
+    obs = sorted(facts["obs"], key=lambda o: (pkey.get(o[0], ""), o[2] or "", o[1], repr(o[3])))
+    obs_q = [o for o in obs if o[3] and o[3][1] and o[3][2]]
+
+    def patient(rng):
+        return rng.choice(patients)
+
+    def c_token(rng):
+        o = rng.choice(obs)
+        tok = o[1][0]
+        sql, csql = simple("code @> ARRAY[%s::text]")
+        return q("Observation", [("code", tok)], sql, [tok], csql, [tok])
+
+    def c_reference(rng):
+        r = "Patient/" + patient(rng)["id"]
+        sql, csql = simple("subject = %s")
+        return q("Observation", [("subject", r)], sql, [r], csql, [r])
+
+    def c_date(rng):
+        o = rng.choice(obs)
+        lo = day(o[2]) - dt.timedelta(days=3)
+        hi = lo + dt.timedelta(days=7)
+        sql, csql = simple("date >= %s AND date < %s")
+        args = [f"{lo}T00:00:00+00:00", f"{hi}T00:00:00+00:00"]
+        return q("Observation", [("date", f"ge{lo}"), ("date", f"lt{hi}")], sql, args, csql, args)
+
+    def c_string(rng):
+        p = patient(rng)
+        n = rng.choice(p["names"])
+        part = rng.choice([n["family"], *n.get("given", [])])
+        prefix = part[: rng.randint(min(3, len(part)), len(part))]
+        sql, csql = simple("id IN (SELECT resource_id FROM patient_name WHERE value LIKE %s)", "patient")
+        arg = [norm(prefix) + "%"]
+        return q("Patient", [("name", prefix)], sql, arg, csql, arg)
+
+    def c_quantity(rng):
+        o = rng.choice(obs_q)
+        value, system, code = o[3]
+        n = format(Decimal(repr(round(float(value), 1))), "f")
+        sql, csql = simple("vq_code = %s AND vq_system = %s AND vq_value > %s")
+        args = [code, system, Decimal(n)]
+        return q("Observation", [("value-quantity", f"gt{n}|{system}|{code}")], sql, args, csql, args)
+
+    def c_token_ref(rng):
+        o = rng.choice(obs)
+        sql, csql = simple("subject = %s AND code @> ARRAY[%s::text]")
+        args = [o[0], o[1][0]]
+        return q("Observation", [("subject", o[0]), ("code", o[1][0])], sql, args, csql, args)
+
+    def c_sort(rng):
+        r = "Patient/" + patient(rng)["id"]
+        sql = f"SELECT 'match', id, content FROM observation WHERE subject = %s ORDER BY date DESC NULLS LAST, id LIMIT {COUNT}"
+        return q("Observation", [("subject", r), ("_sort", "-date")], sql, [r],
+                 "SELECT count(*) FROM observation WHERE subject = %s", [r])
+
+    def c_chained(rng):
+        p = patient(rng)
+        family = p["names"][0]["family"]
+        sql = ("SELECT 'match', o.id, o.content FROM observation o JOIN (SELECT DISTINCT 'Patient/' || resource_id AS r "
+               f"FROM patient_name WHERE value LIKE %s) p ON o.subject = p.r ORDER BY o.id LIMIT {COUNT}")
+        csql = ("SELECT count(*) FROM observation WHERE subject IN "
+                "(SELECT 'Patient/' || resource_id FROM patient_name WHERE value LIKE %s)")
+        arg = [norm(family) + "%"]
+        return q("Observation", [("subject:Patient.name", family)], sql, arg, csql, arg)
+
+    # _include and _revinclude: the page first, then one more statement for the included
+    # resources, with the page's ids or references as parameters (Medplum and HAPI both
+    # fetch includes with a separate query after the page). Both statements are timed.
+    def c_revinclude(rng):
+        pid = patient(rng)["id"]
+        sql = f"SELECT 'match', id, content FROM patient WHERE id = %s {PAGE}"
+        qu = q("Patient", [("_id", pid), ("_revinclude", "Observation:subject")], sql, [pid],
+               "SELECT count(*) FROM patient WHERE id = %s", [pid])
+        qu["include"] = lambda rows: ("SELECT 'include', id, content FROM observation WHERE subject = ANY (%s)",
+                                      [["Patient/" + r[1] for r in rows]])
+        return qu
+
+    def include_by_id(table):
+        def inc(rows):
+            ids = sorted({x.split("/", 1)[1] for r in rows for x in r[3] or []})
+            return f"SELECT 'include', id, content FROM {table} WHERE id = ANY (%s)", [ids]
+        return inc
+
+    def c_include_prac(rng):
+        r = "Patient/" + patient(rng)["id"]
+        sql = f"SELECT 'match', id, content, practitioner FROM encounter WHERE subject = %s {PAGE}"
+        qu = q("Encounter", [("subject", r), ("_include", "Encounter:practitioner")], sql, [r],
+               "SELECT count(*) FROM encounter WHERE subject = %s", [r])
+        qu["include"] = include_by_id("practitioner")
+        return qu
+
+    def c_include_result(rng):
+        r = "Patient/" + patient(rng)["id"]
+        sql = (f"SELECT 'match', id, content, array(SELECT x FROM unnest(result) x WHERE x LIKE 'Observation/%%') "
+               f"FROM diagnosticreport WHERE subject = %s {PAGE}")
+        qu = q("DiagnosticReport", [("subject", r), ("_include", "DiagnosticReport:result")], sql, [r],
+               "SELECT count(*) FROM diagnosticreport WHERE subject = %s", [r])
+        qu["include"] = include_by_id("observation")
+        return qu
+
+    # (name, example, generator, target p95 ms or None, what the page check compares)
+    return [
+        ("token", "Observation?code=http://loinc.org\\|X", c_token, 20, "ids"),
+        ("reference", "Observation?subject=Patient/X", c_reference, 20, "ids"),
+        ("date range", "Observation?date=geD1&date=ltD2 (7 days)", c_date, 20, "ids"),
+        ("string", "Patient?name=Prefix", c_string, 20, "ids"),
+        ("quantity", "Observation?value-quantity=gtN\\|http://unitsofmeasure.org\\|U", c_quantity, 20, "ids"),
+        ("token + reference", "Observation?subject=Patient/X&code=S\\|C", c_token_ref, None, "ids"),
+        ("_sort", "Observation?subject=Patient/X&_sort=-date", c_sort, None, "dates"),
+        ("chained", "Observation?subject:Patient.name=Family", c_chained, 100, "ids"),
+        ("_revinclude", "Patient?_id=X&_revinclude=Observation:subject", c_revinclude, 100, "ids"),
+        ("_include", "Encounter?subject=Patient/X&_include=Encounter:practitioner", c_include_prac, None, "ids"),
+        ("_include", "DiagnosticReport?subject=Patient/X&_include=DiagnosticReport:result", c_include_result, None, "ids"),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Running and checking
+
+
+def summarize_ledger(body):
+    b = json.loads(body)
+    match, include = [], []
+    for e in b.get("entry", []):
+        mode = e.get("search", {}).get("mode", "match")
+        r = e.get("resource", {})
+        if mode == "match":
+            match.append(r)
+        elif mode == "include":
+            include.append(r)
+    return b.get("total"), match, include
+
+
+def check(kind, ledger_body, pg_rows, pg_total):
+    """Returns (count problem or None, page problem or None)."""
+    total, match, include = summarize_ledger(ledger_body)
+    pg_match = [json.loads(r[2]) for r in pg_rows if r[0] == "match"]
+    pg_include = sorted(r[1] for r in pg_rows if r[0] == "include")
+    counts = []
+    if total is not None and total != pg_total:
+        counts.append(f"total {total} vs {pg_total}")
+    if len(match) != len(pg_match):
+        counts.append(f"page {len(match)} vs {len(pg_match)}")
+    if len(include) != len(pg_include):
+        counts.append(f"included {len(include)} vs {len(pg_include)}")
+    page = None
+    if not counts:
+        if kind == "dates":
+            a = [r.get("effectiveDateTime") for r in match]
+            b = [r.get("effectiveDateTime") for r in pg_match]
+        else:
+            a = [r.get("id") for r in match]
+            b = [r.get("id") for r in pg_match]
+        if a != b:
+            page = "page holds other resources" if sorted(a) != sorted(b) else "page in another order"
+        elif sorted(r.get("id") for r in include) != pg_include:
+            page = "other included resources"
+    return ("; ".join(counts) or None), page
+
+
+def outcome_text(body):
+    try:
+        b = json.loads(body)
+        return "; ".join(i.get("diagnostics", i.get("code", "")) for i in b.get("issue", []))[:200]
+    except ValueError:
+        return body[:200].decode("utf-8", "replace")
+
+
+def pct(xs, p):
+    if not xs:
+        return None
+    xs = sorted(xs)
+    k = (len(xs) - 1) * p / 100
+    f = int(k)
+    c = min(f + 1, len(xs) - 1)
+    return xs[f] + (xs[c] - xs[f]) * (k - f)
+
+
+def fmt(x):
+    if x is None:
+        return "—"
+    return f"{x:.2f}" if x < 10 else f"{x:.1f}" if x < 100 else f"{x:.0f}"
+
+
+def run_class(ledger, pg, cls, n, warmup, seed, verbose):
+    name, example, gen, target, kind = cls
+    rng = random.Random(f"{seed}/{name}/{example}")
+    queries = [gen(rng) for _ in range(warmup + n)]
+    lat_l, lat_p, errors, count_bad, page_bad, bytes_l, bytes_p = [], [], {}, [], [], [], []
+    for i, qu in enumerate(queries):
+        measured = i >= warmup
+        order = (0, 1) if i % 2 == 0 else (1, 0)
+        for side in order:
+            if side == 0:
+                t = time.perf_counter()
+                try:
+                    status, body = ledger.get(qu["path"])
+                except (http.client.HTTPException, OSError) as e:
+                    status, body = None, str(e).encode()
+                el = (time.perf_counter() - t) * 1e3
+            else:
+                t = time.perf_counter()
+                rows = pg.execute(qu["sql"], qu["args"]).fetchall()
+                if "include" in qu:
+                    isql, iargs = qu["include"](rows)
+                    rows += pg.execute(isql, iargs).fetchall()
+                ep = (time.perf_counter() - t) * 1e3
+        if not measured:
+            continue
+        lat_p.append(ep)
+        bytes_p.append(sum(len(r[2]) for r in rows))
+        if status != 200:
+            msg = f"HTTP {status}: {outcome_text(body)}" if status else f"connection: {body.decode()}"
+            errors.setdefault(msg, []).append(qu["path"])
+            continue
+        lat_l.append(el)
+        bytes_l.append(len(body))
+        pg_total = pg.execute(qu["count_sql"], qu["count_args"]).fetchone()[0]
+        cp, pp = check(kind, body, rows, pg_total)
+        if cp:
+            count_bad.append((qu["path"], cp))
+        elif pp:
+            page_bad.append((qu["path"], pp))
+    res = {"name": name, "example": example, "target": target, "n": n, "ledger": lat_l, "pg": lat_p,
+           "errors": errors, "count_bad": count_bad, "page_bad": page_bad,
+           "bytes_l": statistics.mean(bytes_l) if bytes_l else None, "bytes_p": statistics.mean(bytes_p)}
+    lp = f"p50 {fmt(pct(lat_l, 50))} / p95 {fmt(pct(lat_l, 95))} ms" if lat_l else "no answers"
+    print(f"  {name:18} {example}: fhir-ledger {lp} ({len(lat_l)} ok, {sum(map(len, errors.values()))} errors), "
+          f"PostgreSQL p50 {fmt(pct(lat_p, 50))} / p95 {fmt(pct(lat_p, 95))} ms", flush=True)
+    if verbose:
+        for msg, paths in errors.items():
+            print(f"      error x{len(paths)}: {msg}  e.g. {paths[0]}")
+        for path, why in count_bad[:3]:
+            print(f"      count differs: {why}  {path}")
+        for path, why in page_bad[:3]:
+            print(f"      page differs: {why}  {path}")
+    return res
+
+
+def table(results):
+    print("| query class | n | fhir-ledger p50 / p95 / p99 ms | PostgreSQL p50 / p95 / p99 ms | p95 ratio (ledger / PG) "
+          "| target | met | errors | count disagreements | page disagreements |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in results:
+        l, p = r["ledger"], r["pg"]
+        ratio = pct(l, 95) / pct(p, 95) if l else None
+        target = f"p95 < {r['target']} ms, < PG" if r["target"] else "< PG"
+        if not l or r["errors"]:
+            met = "no (errors)" if r["errors"] else "—"
+        else:
+            ok = ratio < 1 and (r["target"] is None or pct(l, 95) < r["target"])
+            met = "yes" if ok else "no"
+        nerr = sum(map(len, r["errors"].values()))
+        print(f"| {r['name']}: `{r['example']}` | {r['n']} "
+              f"| {' / '.join(fmt(pct(l, x)) for x in (50, 95, 99))} "
+              f"| {' / '.join(fmt(pct(p, x)) for x in (50, 95, 99))} "
+              f"| {f'{ratio:.2f}x' if ratio else '—'} | {target} | {met} | {nerr} "
+              f"| {len(r['count_bad']) if l else '—'} | {len(r['page_bad']) if l else '—'} |")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--base", required=True, help="fhir-ledger base URL, with the data already loaded")
+    ap.add_argument("--pg", required=True, help="libpq connection string of an empty PostgreSQL database")
+    ap.add_argument("-n", type=int, default=200, help="measured queries per class (default 200)")
+    ap.add_argument("--warmup", type=int, default=20, help="unmeasured queries per class first (default 20)")
+    ap.add_argument("--seed", default="2001")
+    ap.add_argument("--pg-content", choices=["text", "jsonb"], default="text",
+                    help="PostgreSQL type of the resource column (default text, as Medplum)")
+    ap.add_argument("--only", help="comma-separated class names to run (default: all)")
+    ap.add_argument("--json", help="also write the raw results to this file")
+    ap.add_argument("-q", "--quiet", action="store_true", help="no per-class error and disagreement samples")
+    a = ap.parse_args()
+
+    ledger = Ledger(a.base)
+    pg = psycopg.connect(a.pg, autocommit=True, prepare_threshold=None)
+    pg.adapters.register_loader("jsonb", TextLoader)
+    status, body = ledger.get("/metadata")
+    software = json.loads(body).get("software", {}) if status == 200 else {}
+    print(f"fhir-ledger {software.get('version', '?')} at {a.base}; "
+          f"{pg.execute('SELECT version()').fetchone()[0].split(',')[0]}")
+    print(f"loading PostgreSQL (content {a.pg_content}) from fhir-ledger's resources:", flush=True)
+    facts = load(ledger, pg, a.pg_content)
+    sizes = pg.execute("SELECT pg_size_pretty(pg_database_size(current_database()))").fetchone()[0]
+    print(f"  PostgreSQL database size {sizes}")
+
+    classes = make_classes(facts)
+    if a.only:
+        want = {s.strip() for s in a.only.split(",")}
+        classes = [c for c in classes if c[0] in want]
+    print(f"running {a.warmup} warm-up + {a.n} measured queries per class, _count={COUNT}, seed {a.seed}:", flush=True)
+    results = [run_class(ledger, pg, c, a.n, a.warmup, a.seed, not a.quiet) for c in classes]
+    print()
+    table(results)
+    print()
+    print("Mean response size (fhir-ledger body / PostgreSQL resource text): "
+          + "; ".join(f"{r['name']} {r['bytes_l'] / 1024:.0f} / {r['bytes_p'] / 1024:.0f} KiB" if r["bytes_l"]
+                      else f"{r['name']} — / {r['bytes_p'] / 1024:.0f} KiB" for r in results))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(results, f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main()
