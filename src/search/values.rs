@@ -20,14 +20,33 @@ pub enum Value {
         text: Option<String>,
         /// Identifier.type codings `(system, code)`, for `:of-type`.
         types: Vec<(Option<String>, String)>,
+        /// A primitive (`code`, `boolean`, ...), not a Coding: its system is implied.
+        bare: bool,
     },
     /// `norm` is lower-cased without accents (default and `:contains`); `exact` as written.
-    Str { norm: String, exact: String },
+    Str {
+        norm: String,
+        exact: String,
+    },
     /// The instant range `[lo, hi)` in ms; open ends are `i64::MIN`/`i64::MAX`.
-    Date { lo: i64, hi: i64 },
+    Date {
+        lo: i64,
+        hi: i64,
+    },
     /// A number, or a quantity (`lo == hi`) or range (`lo..=hi`) with its units.
-    Quantity { lo: f64, hi: f64, system: Option<String>, code: Option<String>, unit: Option<String> },
-    Ref { rtype: Option<String>, id: Option<String>, url: Option<String>, ident: Option<(Option<String>, String)> },
+    Quantity {
+        lo: f64,
+        hi: f64,
+        system: Option<String>,
+        code: Option<String>,
+        unit: Option<String>,
+    },
+    Ref {
+        rtype: Option<String>,
+        id: Option<String>,
+        url: Option<String>,
+        ident: Option<(Option<String>, String)>,
+    },
     Uri(String),
     /// One value list per component, all from the same item.
     Composite(Vec<Vec<Value>>),
@@ -66,7 +85,11 @@ pub fn extract(ev: &Eval, p: &Param, rtype: &str, res: &Json) -> Vec<Value> {
                     p.components
                         .iter()
                         .map(|c| {
-                            let sub = ev.eval(&c.expr, std::slice::from_ref(item));
+                            let sub = if c.from_root {
+                                ev.run(&c.expr, rtype, res)
+                            } else {
+                                ev.eval(&c.expr, std::slice::from_ref(item))
+                            };
                             sub.iter().flat_map(|i| of_item(c.kind, i)).collect()
                         })
                         .collect(),
@@ -78,14 +101,18 @@ pub fn extract(ev: &Eval, p: &Param, rtype: &str, res: &Json) -> Vec<Value> {
 }
 
 fn token(system: Option<String>, code: Option<String>, text: Option<String>) -> Value {
-    Value::Token { system, code, text: text.map(|t| normalize(&t)), types: Vec::new() }
+    Value::Token { system, code, text: text.map(|t| normalize(&t)), types: Vec::new(), bare: false }
+}
+
+fn bare(code: String) -> Value {
+    Value::Token { system: None, code: Some(code), text: None, types: Vec::new(), bare: true }
 }
 
 fn of_item(kind: Kind, item: &Item) -> Vec<Value> {
     let (j, ty) = match item {
         Item::Node(j, ty) => (*j, ty.as_deref().unwrap_or("")),
-        Item::Bool(b) if kind == Kind::Token => return vec![token(None, Some(b.to_string()), None)],
-        Item::Str(v) if kind == Kind::Token => return vec![token(None, Some(v.clone()), None)],
+        Item::Bool(b) if kind == Kind::Token => return vec![bare(b.to_string())],
+        Item::Str(v) if kind == Kind::Token => return vec![bare(v.clone())],
         _ => return Vec::new(),
     };
     match kind {
@@ -129,13 +156,14 @@ fn token_values(j: &Json, ty: &str) -> Vec<Value> {
                 code: s(j.get("value")),
                 text: text.map(|t| normalize(&t)),
                 types,
+                bare: false,
             }]
         }
         "ContactPoint" => vec![token(s(j.get("system")), s(j.get("value")), None)],
         // A Reference as a token: its identifier (e.g. `Composition.relatesTo.target as Identifier`).
         "Reference" => j.get("identifier").map(|i| token_values(i, "Identifier")).unwrap_or_default(),
         _ => match j {
-            Json::String(_) | Json::Bool(_) | Json::Number(_) => vec![token(None, s(Some(j)), None)],
+            Json::String(_) | Json::Bool(_) | Json::Number(_) => s(Some(j)).map(bare).into_iter().collect(),
             // Shape-based fallback for elements whose type the definitions did not give.
             Json::Object(_) if j.get("coding").is_some() => token_values(j, "CodeableConcept"),
             Json::Object(_) if j.get("code").is_some() => token_values(j, "Coding"),
@@ -177,8 +205,7 @@ fn date_value(j: &Json, ty: &str) -> Option<Value> {
             (j.get("start").is_some() || j.get("end").is_some()).then_some(Value::Date { lo, hi })
         }
         ("Timing", _) => {
-            let mut ranges: Vec<(i64, i64)> =
-                strs(j.get("event")).iter().filter_map(|e| date_range_ms(e)).collect();
+            let mut ranges: Vec<(i64, i64)> = strs(j.get("event")).iter().filter_map(|e| date_range_ms(e)).collect();
             if let Some(Value::Date { lo, hi }) =
                 j.get("repeat").and_then(|r| r.get("boundsPeriod")).and_then(|p| date_value(p, "Period"))
             {
@@ -225,7 +252,13 @@ fn quantity_value(j: &Json, ty: &str) -> Option<Value> {
         ("SampledData", _) => None,
         (_, Json::Object(_)) => {
             let v = num(j.get("value"))?;
-            Some(Value::Quantity { lo: v, hi: v, system: s(j.get("system")), code: s(j.get("code")), unit: s(j.get("unit")) })
+            Some(Value::Quantity {
+                lo: v,
+                hi: v,
+                system: s(j.get("system")),
+                code: s(j.get("code")),
+                unit: s(j.get("unit")),
+            })
         }
         _ => None,
     }
@@ -256,7 +289,9 @@ fn reference_value(j: &Json) -> Option<Value> {
             if reference.is_none() && ident.is_none() {
                 return None;
             }
-            let (rtype, id) = reference.map(split_ref).unwrap_or_default();
+            // An absolute URL names a resource on some server: it matches by URL only (a
+            // query for `Patient/1` means this server's Patient/1).
+            let (rtype, id) = reference.filter(|r| !r.contains("://")).map(split_ref).unwrap_or_default();
             let url = reference.filter(|r| r.contains(':')).map(String::from);
             Some(Value::Ref { rtype, id, url, ident })
         }

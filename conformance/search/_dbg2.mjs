@@ -1,0 +1,16 @@
+import { readFileSync } from 'node:fs';
+import { Oracle } from './oracle.mjs';
+import { evalFhirPathTyped, toTypedValue } from '@medplum/core';
+const res = JSON.parse(readFileSync('/tmp/helper-data.json'));
+const o = new Oracle(res, { base: 'http://127.0.0.1:38629' });
+const sp = o.param('Observation', 'combo-code-value-quantity');
+console.log(sp.expression, JSON.stringify(sp.component), o.expression('Observation', sp));
+const obs = res.find(r => r.resourceType === 'Observation' && r.valueQuantity && r.code.coding[0].code === '8302-2');
+const items = evalFhirPathTyped(o.expression('Observation', sp), [toTypedValue(obs)]);
+console.log(JSON.stringify(items).slice(0, 400));
+for (const c of sp.component) console.log(c.expression, JSON.stringify(evalFhirPathTyped(c.expression, [items[0]])).slice(0, 300));
+console.log('gp', res.filter(r => r.resourceType === 'Patient' && r.generalPractitioner).length);
+let t = Date.now();
+console.log(o.search({type:'Patient'}, [['_content','Massachusetts']]).matches.size, Date.now()-t); t=Date.now();
+console.log(o.search({type:'Observation'}, [['_text','heart']]).matches.size, Date.now()-t); t=Date.now();
+console.log(o.search({type:'Observation'}, [['code-value-quantity','http://loinc.org|8302-2$gt170']]).matches.size, Date.now()-t); t=Date.now();
