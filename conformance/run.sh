@@ -29,3 +29,4 @@ echo "conformance: server at $FHIR_BASE"
 
 (cd "$here" && "$venv/bin/pytest" -q -p no:cacheprovider tests)
 (cd "$here" && node validate/validate.mjs --base "$FHIR_BASE")
+(cd "$here" && node search/diff.mjs --base "$FHIR_BASE")

@@ -50,6 +50,11 @@ enum ClusterCmd {
         #[arg(long)]
         voter: bool,
     },
+    /// Rebuild a node's search index from its state (run it on each node to rebuild all).
+    Reindex {
+        #[arg(long)]
+        node: String,
+    },
     /// Make a learner a voter.
     Promote {
         #[arg(long)]
@@ -141,6 +146,10 @@ pub async fn run(args: ClusterArgs) -> anyhow::Result<()> {
             } else {
                 print_status(&s);
             }
+        }
+        ClusterCmd::Reindex { node } => {
+            let r = admin.call(reqwest::Method::POST, &node, "/admin/reindex", None).await?;
+            println!("reindexed {} resources in {} ms", r["resources"], r["millis"]);
         }
         ClusterCmd::Init { node, member } => {
             let mut infos = vec![admin.node(&node).await?];

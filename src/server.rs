@@ -32,7 +32,7 @@ pub async fn open_node(cfg: &Config, api_addr: &str, raft: Option<TcpListener>) 
     let registry = crate::search::params::Registry::load(&cfg.profiles_dir, profiles.resource_types())
         .map_err(anyhow::Error::msg)?;
     let compartments = crate::search::Compartments::load(&cfg.profiles_dir).map_err(anyhow::Error::msg)?;
-    let engine = crate::search::Engine::new(profiles.clone(), registry);
+    let engine = crate::search::Engine::new(profiles.clone(), registry, compartments);
     let ledger = consensus::Ledger::open(consensus::Options {
         dir: &cfg.data_dir.join("ledger"),
         node_id: cfg.node_id,
@@ -44,7 +44,7 @@ pub async fn open_node(cfg: &Config, api_addr: &str, raft: Option<TcpListener>) 
     .await?;
     let token = cfg.admin_token.clone().unwrap_or_else(|| id.admin_token.clone());
     let admin = AdminConfig::new(&token, cfg.fault_injection, id.secrets_id());
-    let repo = Arc::new(Repo::new(ledger, id.signing, id.kek, id.index_key, profiles, params, engine, compartments));
+    let repo = Arc::new(Repo::new(ledger, id.signing, id.kek, id.index_key, profiles, params, engine));
     crate::search::index::keep_current(&repo);
     Ok(Node { repo, admin })
 }

@@ -39,6 +39,10 @@ export const DEVIATIONS = {
     medplum: 'treats :text as an exact (case-insensitive) equality with a code, display or text',
     spec: '":text The search parameter is processed as a string that searches text associated with the code/value - either CodeableConcept.text, Coding.display, or Identifier.type.text. In this case, the search functions as a normal string search" (3.1.1.4.10)',
   },
+  'token-display': {
+    medplum: 'indexes Coding.display and CodeableConcept.text as tokens without a system, so |[code] (and [code]) also match a display text equal to the code, case-insensitively',
+    spec: '"[parameter]=|[code]: the value of [code] matches a Coding.code or Identifier.value, and the Coding/Identifier has no system property" (3.1.1.4.10)',
+  },
   'date-eq-overlap': {
     medplum: 'eq/ne test whether the ranges overlap',
     spec: '"eq ... the range of the search value fully contains the range of the target value"; "ne ... the range of the search value does not fully contain the range of the target value" (3.1.1.4.5)',
@@ -232,6 +236,7 @@ function checkOrder(oracle, q, ours) {
     for (let i = 0; i < sort.length; i++) {
       if (a[i] === undefined || b[i] === undefined) return undefined;
       const c = cmpKey(a[i], b[i]);
+      if (c === undefined) return undefined;
       if (c !== 0) return sort[i].desc ? -c : c;
     }
     return 0;

@@ -561,11 +561,17 @@ export class Oracle {
       const s = dateRange(v);
       if (!s) throw new Error(`oracle: bad date ${raw}`);
       if (prefix === 'ap') {
-        // "the recommended value for the approximation is ... for a date, 10% of the gap between
-        // now and the date": must = overlaps the value's own range; may = overlaps it widened by that.
-        const gap = Math.abs(this.now - (s.lo + s.hi) / 2) * 0.1;
-        const w = approx === 'may' ? { lo: s.lo - gap, hi: s.hi + gap } : s;
-        return (t) => t.lo < w.hi && t.hi > w.lo;
+        // "the range of the search value overlaps with the range of the target value" is the
+        // least ap must find (must). "the recommended value for the approximation is ... for a
+        // date, 10% of the gap between now and the date ... Note that the exact value here is at
+        // the discretion of the system": may = overlap after widening by 10% of the largest gap
+        // between now and either date (search value or target), either side.
+        if (approx === 'must') return (t) => t.lo < s.hi && t.hi > s.lo;
+        return (t) => {
+          const gaps = [s.lo, s.hi, t.lo, t.hi].filter(Number.isFinite).map((x) => Math.abs(this.now - x));
+          const w = 0.1 * Math.max(...gaps);
+          return t.lo < s.hi + w && t.hi > s.lo - w;
+        };
       }
       return (t) => Oracle.dateCmp(prefix, t, s);
     });
@@ -578,8 +584,8 @@ export class Oracle {
 
   // --- number / quantity ----------------------------------------------------------------------
   static numberPred(prefix, q, approx = 'must') {
-    // "the implicit precision of the number is ignored" for lt gt le ge; eq/ne use the implicit
-    // range "[parameter]=100 ... values in the range [99.5 ... 100.5)"; sa/eb: outside that range.
+    // "the implicit precision of the number is ignored" for lt gt le ge sa eb; eq/ne use the
+    // implicit range "[parameter]=100 ... values in the range [99.5 ... 100.5)".
     const r = decRange(q);
     const inRange = (t) => cmpDec(t, r.lo) >= 0 && cmpDec(t, r.hi) < 0;
     switch (prefix) {
@@ -595,10 +601,12 @@ export class Oracle {
         return (lo, hi) => cmpDec(hi ?? lo, q) >= 0;
       case 'le':
         return (lo) => cmpDec(lo, q) <= 0;
+      // "When a comparison prefix in the set lgt, lt, ge, le, sa & eb is provided, the implicit
+      // precision of the number is ignored": sa/eb compare with the exact value
       case 'sa':
-        return (lo) => cmpDec(lo, r.hi) >= 0;
+        return (lo) => cmpDec(lo, q) > 0;
       case 'eb':
-        return (lo, hi) => cmpDec(hi ?? lo, r.lo) < 0;
+        return (lo, hi) => cmpDec(hi ?? lo, q) < 0;
       case 'ap': {
         // "the recommended value for the approximation is 10% of the stated value"
         if (approx === 'must') return (lo, hi) => (hi ? cmpDec(lo, r.hi) < 0 && cmpDec(hi, r.lo) >= 0 : inRange(lo));
@@ -933,7 +941,9 @@ export class Oracle {
         keys = tvs.flatMap((tv) => this.tokensOf(tv)).map((t) => t.code).filter((c) => c !== undefined);
         break;
       case 'date':
-        keys = tvs.map((tv) => this.rangeOf(tv)).filter(Boolean).map((r) => (desc ? r.hi : r.lo));
+        // a date is a range: two are ordered only when their ranges do not overlap (the spec
+        // does not say where 1970 sorts against 1970-02); see cmpKey
+        keys = tvs.map((tv) => this.rangeOf(tv)).filter(Boolean).map((r) => ({ lo: r.lo, hi: r.hi }));
         break;
       case 'number':
       case 'quantity':
@@ -949,12 +959,23 @@ export class Oracle {
         throw new Error(`oracle: cannot sort on ${type}.${code}`);
     }
     if (!keys.length) return undefined;
+    if (sp.type === 'date') {
+      // earliest for ascending, latest for descending
+      return keys.reduce((best, k) => (desc ? (k.hi > best.hi ? k : best) : k.lo < best.lo ? k : best));
+    }
     keys.sort(cmpKey);
     return desc ? keys[keys.length - 1] : keys[0];
   }
 }
 
+/** Compares sort keys; undefined when the order is not determined (overlapping date ranges). */
 export function cmpKey(a, b) {
+  if (typeof a === 'object' && typeof b === 'object') {
+    if (a.lo === b.lo && a.hi === b.hi) return 0;
+    if (a.hi <= b.lo) return -1;
+    if (b.hi <= a.lo) return 1;
+    return undefined;
+  }
   if (typeof a === 'number' && typeof b === 'number') return a - b;
   return a < b ? -1 : a > b ? 1 : 0;
 }

@@ -41,6 +41,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .route("/cluster/voters", web::post().to(promote))
             .route("/cluster/nodes/{id}", web::delete().to(remove))
             .route("/faults", web::put().to(faults))
+            .route("/reindex", web::post().to(reindex))
             .default_service(web::to(|| async {
                 error_response(&FhirError::new(404, "not-found", "no such admin endpoint"), &Format::plain())
             })),
@@ -115,6 +116,19 @@ async fn node(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
             secrets_id: state.admin.secrets_id.clone(),
             initialized,
         }))
+    })
+    .await
+}
+
+/// Rebuilds this node's search index from its state (every node derives its own index from
+/// the same ledger, so this changes no results; it recovers from a suspected bug or applies
+/// a changed index format without a restart).
+async fn reindex(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
+    run(req, state, |state| async move {
+        let repo = state.repo.clone();
+        let started = std::time::Instant::now();
+        let n = web::block(move || repo.search().rebuild(&repo)).await.map_err(FhirError::internal)??;
+        Ok(json(&serde_json::json!({ "resources": n, "millis": started.elapsed().as_millis() as u64 })))
     })
     .await
 }

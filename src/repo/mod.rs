@@ -40,7 +40,6 @@ pub struct Repo {
     /// The equality terms the state machine keeps (conditional interactions, compartments).
     pub params: Arc<SearchParams>,
     search: crate::search::Engine,
-    compartments: crate::search::Compartments,
 }
 
 /// A resource version as read back (or as just written).
@@ -78,10 +77,9 @@ impl Repo {
         profiles: Arc<Profiles>,
         params: Arc<SearchParams>,
         search: crate::search::Engine,
-        compartments: crate::search::Compartments,
     ) -> Self {
         let view = ledger.view();
-        Self { ledger, signer, view, keys: Keyring::new(kek), index_key, profiles, params, search, compartments }
+        Self { ledger, signer, view, keys: Keyring::new(kek), index_key, profiles, params, search }
     }
 
     /// The search index over this node's state.
@@ -90,7 +88,7 @@ impl Repo {
     }
 
     pub fn compartments(&self) -> &crate::search::Compartments {
-        &self.compartments
+        self.search.compartments()
     }
 
     pub fn view(&self) -> &StateView {

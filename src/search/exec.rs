@@ -396,7 +396,7 @@ pub fn position(sort: &[SortKey], rtype: &str, key: DocKey, doc: &Doc) -> Positi
             "_lastUpdated" => SortVal::Num(doc.last_updated_ms as f64),
             code => {
                 let vals = doc.get(code).iter().filter_map(sort_val);
-                let best = if k.desc { vals.max_by(|a, b| cmp_val(a, b)) } else { vals.min_by(|a, b| cmp_val(a, b)) };
+                let best = if k.desc { vals.max_by(cmp_val) } else { vals.min_by(cmp_val) };
                 best.unwrap_or(SortVal::Missing)
             }
         })

@@ -114,11 +114,16 @@ pub struct Engine {
     index: RwLock<Index>,
     core: Registry,
     profiles: Arc<Profiles>,
+    compartments: super::Compartments,
 }
 
 impl Engine {
-    pub fn new(profiles: Arc<Profiles>, core: Registry) -> Self {
-        Self { index: RwLock::new(Index::default()), core, profiles }
+    pub fn new(profiles: Arc<Profiles>, core: Registry, compartments: super::Compartments) -> Self {
+        Self { index: RwLock::new(Index::default()), core, profiles, compartments }
+    }
+
+    pub fn compartments(&self) -> &super::Compartments {
+        &self.compartments
     }
 
     pub fn profiles(&self) -> &Profiles {

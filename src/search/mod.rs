@@ -115,9 +115,9 @@ pub fn run(
         }
     };
     let page = &all[start..end];
-    let next =
-        (end < total && search.count > 0).then(|| page.last().map(|p| seal_cursor(&cursor_key, true, p))).flatten();
-    let previous = (start > 0).then(|| page.first().map(|p| seal_cursor(&cursor_key, false, p))).flatten();
+    let paged = search.count > 0 && search.summary != query::Summary::Count;
+    let next = (end < total && paged).then(|| page.last().map(|p| seal_cursor(&cursor_key, true, p))).flatten();
+    let previous = (start > 0 && paged).then(|| page.first().map(|p| seal_cursor(&cursor_key, false, p))).flatten();
     let id_of =
         |p: &Position| idx.of(&p.rtype).and_then(|d| d.docs.get(&p.doc)).map(|d| (p.rtype.clone(), d.id.clone()));
     let matches: Vec<(String, String)> = page.iter().filter_map(id_of).collect();

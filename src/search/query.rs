@@ -379,20 +379,16 @@ impl Parser<'_> {
                     s.revinclude.push(inc);
                 }
             }
-            "_contained" => {
-                if value != "false" {
-                    return Err(FhirError::new(
+            "_contained" if value != "false" => {
+                return Err(FhirError::new(
                         400,
                         "not-supported",
                         format!("_contained={value} is not supported: contained resources are not indexed on their own (only _contained=false)"),
                     )
                     .at(name.to_string()));
-                }
             }
-            "_containedType" => {
-                if value != "container" {
-                    return Err(bad(name, "only container is supported"));
-                }
+            "_containedType" if value != "container" => {
+                return Err(bad(name, "only container is supported"));
             }
             // `_format`, `_pretty`, `_type` are handled by the caller.
             _ => {}
