@@ -929,13 +929,14 @@ export class Oracle {
    * performed on a case-insensitive basis" (we also drop accents and punctuation, so that only
    * differences every reasonable collation agrees on are checked). undefined: no value.
    */
-  sortKey(type, id, { code, desc }) {
+  sortKey(type, id, { code, desc }, raw = false) {
     const sp = this.param(type, code);
     const tvs = this.values(type, code).get(id) ?? [];
     let keys = [];
     switch (sp?.type) {
       case 'string':
         keys = tvs.flatMap((tv) => this.stringsOf(tv)).map((s) => normalize(s).replace(/[^\p{L}\p{N}]/gu, ''));
+        if (raw) keys = tvs.flatMap((tv) => this.stringsOf(tv)).sort((a, b) => cmpKey(normalize(a), normalize(b)));
         break;
       case 'token':
         keys = tvs.flatMap((tv) => this.tokensOf(tv)).map((t) => t.code).filter((c) => c !== undefined);
