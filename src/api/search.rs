@@ -240,9 +240,10 @@ fn entries_of(repo: &Repo, base: &str, found: &search::Found) -> Result<Vec<Json
     }
     let mut entries = Vec::with_capacity(found.matches.len() + found.included.len());
     for (mode, list) in [("match", &found.matches), ("include", &found.included)] {
-        for (t, id) in list {
-            // Deleted between matching and reading: skip rather than fail the page.
-            let Ok(stored) = repo.read(t, id) else { continue };
+        for hit in list {
+            let (t, id) = (&hit.rtype, &hit.id);
+            // The version that matched; erased since: skip rather than fail the page.
+            let Ok(stored) = repo.read_leaf(hit.leaf) else { continue };
             let resource = if s.summary == Summary::False && s.elements.is_none() {
                 stored.raw()
             } else {

@@ -92,14 +92,16 @@ pub fn date_range_ms(value: &str) -> Option<(i64, i64)> {
                 format!("{v}Z")
             };
             // Minutes-only precision (`2020-01-01T10:00Z`) is legal in search values.
-            let with_seconds = if with_zone.len() >= 16 && with_zone.as_bytes().get(16) != Some(&b':') {
-                format!("{}:00{}", &with_zone[..16], &with_zone[16..])
-            } else {
-                with_zone
-            };
+            let minutes_only = with_zone.len() >= 16 && with_zone.as_bytes().get(16) != Some(&b':');
+            let with_seconds =
+                if minutes_only { format!("{}:00{}", &with_zone[..16], &with_zone[16..]) } else { with_zone };
             let t = OffsetDateTime::parse(&with_seconds, &Rfc3339).ok()?;
             let ms = (t.unix_timestamp_nanos() / 1_000_000) as i64;
-            let precision_ms = if with_seconds.contains('.') { 1 } else { 1000 };
+            let precision_ms = match (minutes_only, with_seconds.contains('.')) {
+                (true, _) => 60_000,
+                (false, true) => 1,
+                (false, false) => 1000,
+            };
             Some((ms, ms + precision_ms))
         }
     }
@@ -126,6 +128,8 @@ mod tests {
             date_range_ms("2020-01-01T00:00:00Z").unwrap().1 - date_range_ms("2020-01-01T00:00:00Z").unwrap().0,
             1000
         );
+        let (s, e) = date_range_ms("2007-10-19T12:09Z").unwrap();
+        assert_eq!(e - s, 60_000, "a minute-precision value is the whole minute");
         assert!(date_range_ms("2020-13").is_none());
         assert!(date_range_ms("yesterday").is_none());
         assert!(date_range_ms("2020-01-01T10:00:00+02:00").is_some());

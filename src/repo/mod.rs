@@ -133,6 +133,24 @@ impl Repo {
         self.vread(rtype, id, cur.version)
     }
 
+    /// The version committed as Merkle leaf `leaf` (what a search matched), read without
+    /// looking up the resource's current record.
+    pub fn read_leaf(&self, leaf: u64) -> Result<Stored, FhirError> {
+        let rec = self.view.record(leaf)?.ok_or_else(|| FhirError::not_found(&format!("leaf {leaf}")))?;
+        let h = &rec.header;
+        let body = if h.op == Op::Delete.as_str() || h.op == Op::Erase.as_str() { None } else { self.decrypt(&rec)? };
+        Ok(Stored {
+            rtype: h.rtype.clone(),
+            id: h.id.clone(),
+            version: h.version,
+            last_updated_ms: h.last_updated_ms,
+            deleted: body.is_none(),
+            leaf: Some(leaf),
+            body,
+            created: h.op == Op::Create.as_str(),
+        })
+    }
+
     pub fn vread(&self, rtype: &str, id: &str, version: u64) -> Result<Stored, FhirError> {
         let rec = self
             .view

@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 
 use serde::{Deserialize, Serialize};
 
-use super::index::{Doc, DocKey, Index, TypeDocs};
+use super::index::{ord_f64, ord_i64, Doc, DocKey, Index, TypeDocs, NARROW_MS};
 use super::query::{Filter, Pred, Prefix, SortKey, StrMode, UriMode};
 use super::values::{normalize, Value};
 use crate::error::FhirError;
@@ -52,25 +52,23 @@ impl Ctx<'_> {
         for f in filters {
             conds.push(self.resolve(rtype, f)?);
         }
-        let candidates = candidates(docs, &conds);
+        let known = |s: &str, c: &str| self.profiles.is_known_code(s, c);
         let mut out = Vec::new();
-        let mut check = |key: DocKey, doc: &Doc| -> Result<(), FhirError> {
-            if conds.iter().all(|c| self.holds(c, doc)) && self.text_holds(rtype, &conds, doc)? {
-                out.push(key);
-            }
-            Ok(())
-        };
-        match candidates {
-            Some(keys) => {
+        match candidates(docs, &conds, known) {
+            Some((keys, exact)) => {
+                let rest: Vec<&Cond> = conds.iter().zip(&exact).filter(|(_, e)| !**e).map(|(c, _)| c).collect();
                 for k in keys {
-                    if let Some(d) = docs.docs.get(&k) {
-                        check(k, d)?;
+                    let Some(d) = docs.docs.get(&k) else { continue };
+                    if rest.iter().all(|c| self.holds(c, d)) && self.text_holds(rtype, &conds, d)? {
+                        out.push(k);
                     }
                 }
             }
             None => {
                 for (k, d) in &docs.docs {
-                    check(*k, d)?;
+                    if conds.iter().all(|c| self.holds(c, d)) && self.text_holds(rtype, &conds, d)? {
+                        out.push(*k);
+                    }
                 }
             }
         }
@@ -200,43 +198,149 @@ fn strip_tags(html: &str) -> String {
     out
 }
 
-/// The smallest candidate set postings give, or `None` to scan every document.
-fn candidates(docs: &TypeDocs, conds: &[Cond]) -> Option<BTreeSet<DocKey>> {
-    let mut best: Option<BTreeSet<DocKey>> = None;
-    let mut offer = |set: BTreeSet<DocKey>| {
-        if best.as_ref().is_none_or(|b| set.len() < b.len()) {
-            best = Some(set);
-        }
-    };
-    for c in conds {
-        match c {
-            Cond::IdIn(ids) => offer(ids.iter().filter_map(|id| docs.by_id.get(id).copied()).collect()),
+/// Candidate documents from postings and ordered indexes: the intersection of every
+/// condition that can name its documents, in key order, and which conditions that set decides
+/// exactly (they need no check per document). `None` when no condition can: scan them all.
+fn candidates(
+    docs: &TypeDocs,
+    conds: &[Cond],
+    profiles_known: impl Fn(&str, &str) -> bool,
+) -> Option<(Vec<DocKey>, Vec<bool>)> {
+    let mut sets: Vec<(Vec<DocKey>, usize)> = Vec::new();
+    let mut exact = vec![false; conds.len()];
+    for (i, c) in conds.iter().enumerate() {
+        let found = match c {
+            Cond::IdIn(ids) => Some((ids.iter().filter_map(|id| docs.by_id.get(id).copied()).collect(), true)),
             Cond::RefIn { codes, targets } => {
-                let mut set = BTreeSet::new();
+                let mut keys = Vec::new();
                 for code in codes {
-                    for (_, id) in targets {
-                        set.extend(docs.posting(code, id).into_iter().flatten().copied());
+                    for (t, id) in targets {
+                        keys.extend(posting(docs, code, &format!("{t}/{id}")));
                     }
                 }
-                offer(set);
+                Some((keys, true))
             }
-            Cond::Values { code, negate: false, preds } => {
-                let keys: Option<Vec<&str>> = preds
-                    .iter()
-                    .map(|p| match p {
-                        Pred::Token { code: Some(c), .. } => Some(c.as_str()),
-                        Pred::Ref { id, .. } => Some(id.as_str()),
-                        _ => None,
-                    })
-                    .collect();
-                if let Some(keys) = keys {
-                    offer(keys.iter().flat_map(|k| docs.posting(code, k).into_iter().flatten().copied()).collect());
-                }
-            }
-            _ => {}
+            Cond::Values { code, negate: false, preds } => pred_candidates(docs, code, preds, &profiles_known),
+            _ => None,
+        };
+        if let Some((mut keys, is_exact)) = found {
+            keys.sort_unstable();
+            keys.dedup();
+            exact[i] = is_exact;
+            sets.push((keys, i));
         }
     }
-    best
+    if sets.is_empty() {
+        return None;
+    }
+    sets.sort_by_key(|(k, _)| k.len());
+    let mut iter = sets.into_iter();
+    let (mut result, _) = iter.next()?;
+    for (other, _) in iter {
+        result.retain(|k| other.binary_search(k).is_ok());
+    }
+    Some((result, exact))
+}
+
+fn posting<'d>(docs: &'d TypeDocs, code: &str, key: &str) -> impl Iterator<Item = DocKey> + 'd {
+    docs.posting(code, key).into_iter().flatten().copied()
+}
+
+/// Candidates of one OR of values, and whether they are exact.
+fn pred_candidates(
+    docs: &TypeDocs,
+    code: &str,
+    preds: &[Pred],
+    known: &impl Fn(&str, &str) -> bool,
+) -> Option<(Vec<DocKey>, bool)> {
+    let mut keys = Vec::new();
+    let mut exact = true;
+    for p in preds {
+        match p {
+            Pred::Token { system: None, code: Some(c) } => keys.extend(posting(docs, code, c)),
+            Pred::Token { system: Some(Some(s)), code: Some(c) } => {
+                keys.extend(posting(docs, code, &format!("{s}|{c}")));
+                let before = keys.len();
+                if known(s, c) {
+                    keys.extend(posting(docs, code, &format!("\0|{c}")));
+                }
+                exact &= keys.len() == before;
+            }
+            Pred::Token { system: Some(Some(s)), code: None } => keys.extend(posting(docs, code, &format!("{s}|"))),
+            Pred::Token { system: Some(None), code: Some(c) } => {
+                keys.extend(posting(docs, code, c));
+                exact = false;
+            }
+            Pred::Ref { rtype: Some(t), id } => keys.extend(posting(docs, code, &format!("{t}/{id}"))),
+            Pred::Ref { rtype: None, id } => keys.extend(posting(docs, code, id)),
+            Pred::Date { prefix, lo, hi } if *prefix != Prefix::Ne => {
+                let o = docs.ordered.get(code);
+                let (from, to) = date_window(*prefix, *lo, *hi);
+                if let Some(o) = o {
+                    if let Some(points) = o.points.get("") {
+                        let r = points.range((ord_i64(from), 0)..(ord_i64(to), 0));
+                        keys.extend(r.map(|(_, k)| *k));
+                    }
+                    keys.extend(o.wide.iter().copied());
+                }
+                exact = false;
+            }
+            Pred::Num { prefix, value, lo, hi, code: unit, .. } if *prefix != Prefix::Ne => {
+                let (from, to) = num_window(*prefix, *value, *lo, *hi);
+                if let Some(o) = docs.ordered.get(code) {
+                    let range = |set: &BTreeSet<(u64, DocKey)>| -> Vec<DocKey> {
+                        set.range((ord_f64(from), 0)..=(ord_f64(to), u64::MAX)).map(|(_, k)| *k).collect()
+                    };
+                    match unit {
+                        Some(u) => keys.extend(o.points.get(u).map(range).unwrap_or_default()),
+                        None => o.points.values().for_each(|set| keys.extend(range(set))),
+                    }
+                    if unit.is_some() {
+                        // `5.4||mg` also matches a stored unit; values with a code other than
+                        // their unit are keyed by code, so check every other unit too.
+                        for (u, set) in &o.points {
+                            if Some(u) != unit.as_ref() {
+                                keys.extend(range(set));
+                            }
+                        }
+                    }
+                    keys.extend(o.wide.iter().copied());
+                }
+                exact = false;
+            }
+            _ => return None,
+        }
+    }
+    Some((keys, exact))
+}
+
+/// The window of point start times (`lo`) that can satisfy a date prefix; a point is at most
+/// [`NARROW_MS`] wide, so `hi > x` becomes `lo > x - NARROW_MS`.
+fn date_window(prefix: Prefix, s: i64, e: i64) -> (i64, i64) {
+    let w = NARROW_MS;
+    match prefix {
+        Prefix::Eq => (s, e),
+        Prefix::Gt => (e.saturating_sub(w), i64::MAX),
+        Prefix::Ge => (s.saturating_sub(w), i64::MAX),
+        Prefix::Sa => (e, i64::MAX),
+        Prefix::Lt | Prefix::Eb => (i64::MIN, s),
+        Prefix::Le => (i64::MIN, e),
+        Prefix::Ne | Prefix::Ap => (i64::MIN, i64::MAX),
+    }
+}
+
+/// The window of point values that can satisfy a number prefix.
+fn num_window(prefix: Prefix, v: f64, lo: f64, hi: f64) -> (f64, f64) {
+    match prefix {
+        Prefix::Eq => (lo, hi),
+        Prefix::Gt | Prefix::Sa | Prefix::Ge => (v, f64::MAX),
+        Prefix::Lt | Prefix::Eb | Prefix::Le => (f64::MIN, v),
+        Prefix::Ap => {
+            let d = (v.abs() * 0.1).max(hi - lo);
+            (v - d, v + d)
+        }
+        Prefix::Ne => (f64::MIN, f64::MAX),
+    }
 }
 
 // ---------------------------------------------------------------- value matching
@@ -310,8 +414,11 @@ fn date_matches(prefix: Prefix, (s, e): (i64, i64), (a, b): (i64, i64), now_ms: 
         Prefix::Ne => !contains,
         Prefix::Gt => b > e,
         Prefix::Lt => a < s,
-        Prefix::Ge => b > e || contains,
-        Prefix::Le => a < s || contains,
+        // The range at or above the search value's start (below its end) overlaps the
+        // target: a day born at the searched instant is "le" that instant (as HAPI, Blaze and
+        // Medplum read it; the R4 wording's "or contains" is the same within the value).
+        Prefix::Ge => b > s,
+        Prefix::Le => a < e,
         Prefix::Sa => a >= e,
         Prefix::Eb => b <= s,
         Prefix::Ap => {
@@ -331,8 +438,11 @@ fn num_matches(prefix: Prefix, v: f64, (lo, hi): (f64, f64), (a, b): (f64, f64))
     match prefix {
         Prefix::Eq => within,
         Prefix::Ne => !within,
-        Prefix::Gt | Prefix::Sa => b > v,
-        Prefix::Lt | Prefix::Eb => a < v,
+        Prefix::Gt => b > v,
+        Prefix::Lt => a < v,
+        // Starts after / ends before: the whole target interval lies beyond the value.
+        Prefix::Sa => a > v,
+        Prefix::Eb => b < v,
         Prefix::Ge => b >= v,
         Prefix::Le => a <= v,
         Prefix::Ap => {
@@ -370,6 +480,8 @@ pub struct Position {
     pub vals: Vec<SortVal>,
     /// Resource type (system searches page over several types).
     pub rtype: String,
+    /// Equal sort values are ordered by id.
+    pub id: String,
     pub doc: DocKey,
 }
 
@@ -385,7 +497,10 @@ pub fn cmp_pos(sort: &[SortKey], x: &Position, y: &Position) -> Ordering {
             return o;
         }
     }
-    x.doc.cmp(&y.doc).then_with(|| x.rtype.cmp(&y.rtype))
+    if sort.is_empty() {
+        return x.doc.cmp(&y.doc);
+    }
+    x.id.cmp(&y.id).then_with(|| x.rtype.cmp(&y.rtype)).then_with(|| x.doc.cmp(&y.doc))
 }
 
 pub fn position(sort: &[SortKey], rtype: &str, key: DocKey, doc: &Doc) -> Position {
@@ -401,7 +516,7 @@ pub fn position(sort: &[SortKey], rtype: &str, key: DocKey, doc: &Doc) -> Positi
             }
         })
         .collect();
-    Position { vals, rtype: rtype.to_string(), doc: key }
+    Position { vals, rtype: rtype.to_string(), id: doc.id.clone(), doc: key }
 }
 
 fn sort_val(v: &Value) -> Option<SortVal> {

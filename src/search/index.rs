@@ -26,6 +26,8 @@ pub type DocKey = u64;
 pub struct Doc {
     pub id: String,
     pub version: u64,
+    /// The Merkle leaf of that version (where its body is read from).
+    pub leaf: u64,
     pub last_updated_ms: i64,
     /// Values by parameter code (parameters without values are absent).
     pub values: BTreeMap<String, Vec<Value>>,
@@ -42,9 +44,57 @@ impl Doc {
 pub struct TypeDocs {
     pub by_id: HashMap<String, DocKey>,
     pub docs: BTreeMap<DocKey, Doc>,
-    /// Parameter code → token code or referenced id → documents. A superset of the matches
-    /// (system and type are checked on the documents), used to pick candidates.
+    /// Parameter code → posting key → documents: token `code`, `system|code`, `system|`
+    /// and (for bare codes) `\0|code`; reference `id` and `Type/id`.
     pub postings: HashMap<String, HashMap<String, BTreeSet<DocKey>>>,
+    /// Parameter code → date and number/quantity values in order, for range prefixes.
+    pub ordered: HashMap<String, Ordered>,
+}
+
+/// Ordered values of one parameter: narrow values by (unit, value), wide ones (periods
+/// longer than a day, open periods, ranges) apart, since a range query must check them all.
+#[derive(Debug, Default)]
+pub struct Ordered {
+    pub points: BTreeMap<String, BTreeSet<(u64, DocKey)>>,
+    pub wide: BTreeSet<DocKey>,
+}
+
+/// The widest date value kept among the points: a day (date precision), so a query range
+/// widened by a day finds every point that can overlap it.
+pub const NARROW_MS: i64 = 86_400_000;
+
+/// An order-preserving map of i64 into u64.
+pub fn ord_i64(x: i64) -> u64 {
+    (x as u64) ^ (1 << 63)
+}
+
+/// An order-preserving map of finite f64 into u64.
+pub fn ord_f64(x: f64) -> u64 {
+    let b = x.to_bits();
+    if b >> 63 == 1 {
+        !b
+    } else {
+        b | (1 << 63)
+    }
+}
+
+enum Slot {
+    Point(String, u64),
+    Wide,
+}
+
+fn ordered_slot(v: &Value) -> Option<Slot> {
+    match v {
+        Value::Date { lo, hi } if *lo != i64::MIN && *hi != i64::MAX && hi - lo <= NARROW_MS => {
+            Some(Slot::Point(String::new(), ord_i64(*lo)))
+        }
+        Value::Date { .. } => Some(Slot::Wide),
+        Value::Quantity { lo, hi, code, unit, .. } if lo == hi && lo.is_finite() => {
+            Some(Slot::Point(code.clone().or_else(|| unit.clone()).unwrap_or_default(), ord_f64(*lo)))
+        }
+        Value::Quantity { .. } => Some(Slot::Wide),
+        _ => None,
+    }
 }
 
 impl TypeDocs {
@@ -59,16 +109,30 @@ impl TypeDocs {
 
     fn remove(&mut self, id: &str) {
         let Some(key) = self.by_id.remove(id) else { return };
-        if let Some(doc) = self.docs.remove(&key) {
-            for (code, vals) in &doc.values {
-                for pk in vals.iter().filter_map(posting_key) {
+        let Some(doc) = self.docs.remove(&key) else { return };
+        for (code, vals) in &doc.values {
+            for v in vals {
+                for pk in posting_keys(v) {
                     if let Some(m) = self.postings.get_mut(code) {
-                        if let Some(set) = m.get_mut(pk) {
+                        if let Some(set) = m.get_mut(&pk) {
                             set.remove(&key);
                             if set.is_empty() {
-                                m.remove(pk);
+                                m.remove(&pk);
                             }
                         }
+                    }
+                }
+                if let Some(o) = self.ordered.get_mut(code) {
+                    match ordered_slot(v) {
+                        Some(Slot::Point(unit, x)) => {
+                            if let Some(set) = o.points.get_mut(&unit) {
+                                set.remove(&(x, key));
+                            }
+                        }
+                        Some(Slot::Wide) => {
+                            o.wide.remove(&key);
+                        }
+                        None => {}
                     }
                 }
             }
@@ -78,8 +142,20 @@ impl TypeDocs {
     fn insert(&mut self, key: DocKey, doc: Doc) {
         self.remove(&doc.id);
         for (code, vals) in &doc.values {
-            for pk in vals.iter().filter_map(posting_key) {
-                self.postings.entry(code.clone()).or_default().entry(pk.to_string()).or_default().insert(key);
+            for v in vals {
+                for pk in posting_keys(v) {
+                    self.postings.entry(code.clone()).or_default().entry(pk).or_default().insert(key);
+                }
+                match ordered_slot(v) {
+                    Some(Slot::Point(unit, x)) => {
+                        let o = self.ordered.entry(code.clone()).or_default();
+                        o.points.entry(unit).or_default().insert((x, key));
+                    }
+                    Some(Slot::Wide) => {
+                        self.ordered.entry(code.clone()).or_default().wide.insert(key);
+                    }
+                    None => {}
+                }
             }
         }
         self.by_id.insert(doc.id.clone(), key);
@@ -87,11 +163,33 @@ impl TypeDocs {
     }
 }
 
-fn posting_key(v: &Value) -> Option<&str> {
+/// The posting keys of a value (see [`TypeDocs::postings`]).
+fn posting_keys(v: &Value) -> Vec<String> {
     match v {
-        Value::Token { code: Some(c), .. } => Some(c),
-        Value::Ref { id: Some(id), .. } => Some(id),
-        _ => None,
+        Value::Token { system, code, bare, .. } => {
+            let mut keys = Vec::with_capacity(3);
+            if let Some(c) = code {
+                keys.push(c.clone());
+                if let Some(s) = system {
+                    keys.push(format!("{s}|{c}"));
+                }
+                if *bare {
+                    keys.push(format!("\0|{c}"));
+                }
+            }
+            if let Some(s) = system {
+                keys.push(format!("{s}|"));
+            }
+            keys
+        }
+        Value::Ref { rtype, id: Some(id), .. } => {
+            let mut keys = vec![id.clone()];
+            if let Some(t) = rtype {
+                keys.push(format!("{t}/{id}"));
+            }
+            keys
+        }
+        _ => Vec::new(),
     }
 }
 
@@ -237,7 +335,8 @@ impl Engine {
             }
         }
         let key = cur.leaves.first().copied().unwrap_or_default();
-        let doc = Doc { id: id.to_string(), version: cur.version, last_updated_ms: cur.last_updated_ms, values };
+        let leaf = cur.leaves.last().copied().unwrap_or_default();
+        let doc = Doc { id: id.to_string(), version: cur.version, leaf, last_updated_ms: cur.last_updated_ms, values };
         idx.types.entry(rtype.to_string()).or_default().insert(key, doc);
         Ok(())
     }

@@ -57,11 +57,19 @@ impl Compartments {
 /// What a search found: one page of matches, what they include, and the paging cursors.
 pub struct Found {
     pub search: Search,
-    pub matches: Vec<(String, String)>,
-    pub included: Vec<(String, String)>,
+    pub matches: Vec<Hit>,
+    pub included: Vec<Hit>,
     pub total: usize,
     pub next: Option<String>,
     pub previous: Option<String>,
+}
+
+/// A resource a search returns: the version it matched is the one read.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Hit {
+    pub rtype: String,
+    pub id: String,
+    pub leaf: u64,
 }
 
 /// Runs a search over `types` (one type, or several for a system-level search), with
@@ -85,10 +93,15 @@ pub fn run(
     }
     let ctx = Ctx { idx: &idx, profiles: engine.profiles(), repo, now_ms: crate::fhir::now_ms() };
     let mut all: Vec<Position> = Vec::new();
+    let single = search.types.len() == 1;
     for (t, filters) in &search.types {
         let Some(docs) = idx.of(t) else { continue };
         for key in ctx.matches(t, filters)? {
-            if let Some(doc) = docs.docs.get(&key) {
+            if search.sort.is_empty() {
+                // Creation order needs only the key (and the type, when several are searched).
+                let rtype = if single { String::new() } else { t.clone() };
+                all.push(Position { vals: Vec::new(), rtype, id: String::new(), doc: key });
+            } else if let Some(doc) = docs.docs.get(&key) {
                 all.push(position(&search.sort, t, key, doc));
             }
         }
@@ -118,9 +131,11 @@ pub fn run(
     let paged = search.count > 0 && search.summary != query::Summary::Count;
     let next = (end < total && paged).then(|| page.last().map(|p| seal_cursor(&cursor_key, true, p))).flatten();
     let previous = (start > 0 && paged).then(|| page.first().map(|p| seal_cursor(&cursor_key, false, p))).flatten();
-    let id_of =
-        |p: &Position| idx.of(&p.rtype).and_then(|d| d.docs.get(&p.doc)).map(|d| (p.rtype.clone(), d.id.clone()));
-    let matches: Vec<(String, String)> = page.iter().filter_map(id_of).collect();
+    let hit = |p: &Position| {
+        let t = if p.rtype.is_empty() { &search.types[0].0 } else { &p.rtype };
+        idx.of(t).and_then(|d| d.docs.get(&p.doc)).map(|d| Hit { rtype: t.clone(), id: d.id.clone(), leaf: d.leaf })
+    };
+    let matches: Vec<Hit> = page.iter().filter_map(hit).collect();
     let included = if search.summary == query::Summary::Count {
         Vec::new()
     } else {
@@ -132,12 +147,15 @@ pub fn run(
 
 /// Resources the page's matches `_include` and that `_revinclude` them, iterating (up to a
 /// bound) for the `:iterate` ones.
-fn includes(idx: &Index, inc: &[Include], rev: &[Include], matches: &[(String, String)]) -> Vec<(String, String)> {
+fn includes(idx: &Index, inc: &[Include], rev: &[Include], matches: &[Hit]) -> Vec<Hit> {
     const MAX_ROUNDS: usize = 8;
     const MAX_INCLUDED: usize = 10_000;
-    let mut seen: BTreeSet<(String, String)> = matches.iter().cloned().collect();
+    if inc.is_empty() && rev.is_empty() {
+        return Vec::new();
+    }
+    let mut seen: BTreeSet<(String, String)> = matches.iter().map(|h| (h.rtype.clone(), h.id.clone())).collect();
     let mut out = Vec::new();
-    let mut frontier: Vec<(String, String)> = matches.to_vec();
+    let mut frontier: Vec<(String, String)> = seen.iter().cloned().collect();
     for round in 0..MAX_ROUNDS {
         let mut found = Vec::new();
         for (t, id) in &frontier {
@@ -195,10 +213,12 @@ fn includes(idx: &Index, inc: &[Include], rev: &[Include], matches: &[(String, S
             }
         }
         frontier.clear();
-        for f in found {
-            if seen.insert(f.clone()) {
-                out.push(f.clone());
-                frontier.push(f);
+        for (t, id) in found {
+            if seen.insert((t.clone(), id.clone())) {
+                if let Some((_, d)) = idx.of(&t).and_then(|docs| docs.doc(&id)) {
+                    out.push(Hit { rtype: t.clone(), id: id.clone(), leaf: d.leaf });
+                }
+                frontier.push((t, id));
             }
         }
         if frontier.is_empty() || out.len() >= MAX_INCLUDED {

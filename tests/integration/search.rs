@@ -852,10 +852,10 @@ async fn comma_is_or_and_repetition_is_and() {
     assert_ids!(app, "/Patient?_id=a1,a3&given=jacob", ["a1"]);
 }
 
-/// `_sort`: one key, descending, several keys, `_lastUpdated`, `_id`; ties keep creation
-/// order, as does a search without `_sort`.
+/// `_sort`: one key, descending, several keys, `_lastUpdated`, `_id`; equal keys are ordered
+/// by id (ARCHITECTURE.md, "Search"); a search without `_sort` keeps creation order.
 #[actix_web::test]
-async fn sort_orders_by_keys_with_creation_order_for_ties() {
+async fn sort_orders_by_keys_with_id_order_for_ties() {
     let dir = tempfile::tempdir().unwrap();
     let app = support::app(support::repo(dir.path()).await).await;
     let p = |id: &str, family: &str, birth: &str| {
@@ -873,18 +873,18 @@ async fn sort_orders_by_keys_with_creation_order_for_ties() {
         tokio::time::sleep(std::time::Duration::from_millis(3)).await;
     }
     assert_order!(app, "/Patient", ["c", "e", "a", "d", "b"]);
-    assert_order!(app, "/Patient?_sort=family", ["e", "b", "c", "a", "d"]);
-    assert_order!(app, "/Patient?_sort=-family", ["d", "c", "a", "e", "b"]);
-    assert_order!(app, "/Patient?_sort=family,-birthdate", ["e", "b", "a", "c", "d"]);
-    assert_order!(app, "/Patient?_sort=family,birthdate", ["e", "b", "c", "a", "d"]);
-    assert_order!(app, "/Patient?_sort=birthdate", ["d", "c", "a", "e", "b"]);
-    assert_order!(app, "/Patient?_sort=-birthdate", ["e", "b", "a", "c", "d"]);
-    assert_order!(app, "/Patient?_sort=-birthdate,family", ["e", "b", "a", "c", "d"]);
+    assert_order!(app, "/Patient?_sort=family", ["b", "e", "a", "c", "d"]);
+    assert_order!(app, "/Patient?_sort=-family", ["d", "a", "c", "b", "e"]);
+    assert_order!(app, "/Patient?_sort=family,-birthdate", ["b", "e", "a", "c", "d"]);
+    assert_order!(app, "/Patient?_sort=family,birthdate", ["b", "e", "c", "a", "d"]);
+    assert_order!(app, "/Patient?_sort=birthdate", ["d", "c", "a", "b", "e"]);
+    assert_order!(app, "/Patient?_sort=-birthdate", ["b", "e", "a", "c", "d"]);
+    assert_order!(app, "/Patient?_sort=-birthdate,family", ["b", "e", "a", "c", "d"]);
     assert_order!(app, "/Patient?_sort=_id", ["a", "b", "c", "d", "e"]);
     assert_order!(app, "/Patient?_sort=-_id", ["e", "d", "c", "b", "a"]);
     assert_order!(app, "/Patient?family=brown&_sort=-birthdate", ["a", "c"]);
     assert_order!(app, "/Patient?_sort=_lastUpdated", ["c", "e", "a", "d", "b"]);
-    assert_eq!(all_pages!(app, "/Patient?_sort=family&_count=2"), ["e", "b", "c", "a", "d"], "sorted pages");
+    assert_eq!(all_pages!(app, "/Patient?_sort=family&_count=2"), ["b", "e", "a", "c", "d"], "sorted pages");
 
     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     seed!(app, with(p("a", "Brown", "1985-03-03"), json!({"active": true})));
