@@ -367,8 +367,20 @@ impl Json {
         }
     }
 
+    /// A lower bound of the compact size, dominated by spliced `Raw` documents (a search
+    /// page of a thousand resources is written without reallocating).
+    fn size_hint(&self) -> usize {
+        match self {
+            Json::Raw(r) => r.len(),
+            Json::String(s) => s.len() + 2,
+            Json::Array(items) => items.iter().map(|i| i.size_hint() + 1).sum::<usize>() + 2,
+            Json::Object(m) => m.iter().map(|(k, v)| k.len() + 4 + v.size_hint()).sum::<usize>() + 2,
+            _ => 8,
+        }
+    }
+
     pub fn to_compact(&self) -> String {
-        let mut s = String::new();
+        let mut s = String::with_capacity(self.size_hint());
         self.write_compact(&mut s);
         s
     }

@@ -133,12 +133,58 @@ impl Repo {
         self.vread(rtype, id, cur.version)
     }
 
-    /// The version committed as Merkle leaf `leaf` (what a search matched), read without
-    /// looking up the resource's current record.
-    pub fn read_leaf(&self, leaf: u64) -> Result<Stored, FhirError> {
+    /// The versions committed as Merkle leaves `leaves` (what a search matched), read without
+    /// looking up current records; each compartment's key is fetched once. Large pages are
+    /// read and decrypted on two threads.
+    pub fn read_leaves(&self, leaves: &[u64]) -> Vec<Result<Stored, FhirError>> {
+        const PARALLEL_FROM: usize = 128;
+        let read = |part: &[u64]| -> Vec<Result<Stored, FhirError>> {
+            let mut keys: BTreeMap<String, Option<DataKey>> = BTreeMap::new();
+            part.iter().map(|&leaf| self.read_leaf(leaf, &mut keys)).collect()
+        };
+        if leaves.len() < PARALLEL_FROM {
+            return read(leaves);
+        }
+        let (a, b) = leaves.split_at(leaves.len() / 2);
+        std::thread::scope(|s| {
+            let second = s.spawn(|| read(b));
+            let mut out = read(a);
+            match second.join() {
+                Ok(rest) => out.extend(rest),
+                Err(_) => out.extend(b.iter().map(|_| Err(FhirError::internal("reader thread panicked")))),
+            }
+            out
+        })
+    }
+
+    fn read_leaf(&self, leaf: u64, keys: &mut BTreeMap<String, Option<DataKey>>) -> Result<Stored, FhirError> {
         let rec = self.view.record(leaf)?.ok_or_else(|| FhirError::not_found(&format!("leaf {leaf}")))?;
         let h = &rec.header;
-        let body = if h.op == Op::Delete.as_str() || h.op == Op::Erase.as_str() { None } else { self.decrypt(&rec)? };
+        let body = if h.op == Op::Delete.as_str() || h.op == Op::Erase.as_str() {
+            None
+        } else {
+            let dek = match keys.get(&h.compartment) {
+                Some(k) => *k,
+                None => {
+                    let wrapped = self.view.data_key(&h.compartment)?.unwrap_or_default();
+                    let k = if wrapped.is_empty() {
+                        None
+                    } else {
+                        Some(self.keys.unwrap(&h.compartment, &wrapped).map_err(FhirError::internal)?)
+                    };
+                    keys.insert(h.compartment.clone(), k);
+                    k
+                }
+            };
+            match dek {
+                None => None,
+                Some(dek) => {
+                    let aad = aad(&h.rtype, &h.id, h.version);
+                    let plain = crypto::open(&dek, &rec.body, aad.as_bytes()).map_err(FhirError::internal)?;
+                    Some(String::from_utf8(plain).map_err(FhirError::internal)?)
+                }
+            }
+        };
         Ok(Stored {
             rtype: h.rtype.clone(),
             id: h.id.clone(),

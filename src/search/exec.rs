@@ -3,7 +3,7 @@
 //! condition is then checked on each candidate, and the matches are sorted and paged.
 
 use std::cmp::Ordering;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
@@ -57,6 +57,10 @@ impl Ctx<'_> {
         match candidates(docs, &conds, known) {
             Some((keys, exact)) => {
                 let rest: Vec<&Cond> = conds.iter().zip(&exact).filter(|(_, e)| !**e).map(|(c, _)| c).collect();
+                if rest.is_empty() {
+                    // Postings list live documents only, and they decided every condition.
+                    return Ok(keys);
+                }
                 for k in keys {
                     let Some(d) = docs.docs.get(&k) else { continue };
                     if rest.iter().all(|c| self.holds(c, d)) && self.text_holds(rtype, &conds, d)? {
@@ -208,8 +212,23 @@ fn candidates(
 ) -> Option<(Vec<DocKey>, Vec<bool>)> {
     let mut sets: Vec<(Vec<DocKey>, usize)> = Vec::new();
     let mut exact = vec![false; conds.len()];
+    // Range conditions on one date parameter (`date=ge…&date=lt…`) read one window together.
+    let mut windows: BTreeMap<&str, (i64, i64)> = BTreeMap::new();
+    for c in conds {
+        if let Cond::Values { code, negate: false, preds: [Pred::Date { prefix, lo, hi }] } = c {
+            if *prefix != Prefix::Ne {
+                let (f, t) = date_window(*prefix, *lo, *hi);
+                let w = windows.entry(code).or_insert((i64::MIN, i64::MAX));
+                *w = (w.0.max(f), w.1.min(t));
+            }
+        }
+    }
     for (i, c) in conds.iter().enumerate() {
         let found = match c {
+            Cond::Values { code, negate: false, preds: [Pred::Date { prefix, .. }] } if *prefix != Prefix::Ne => {
+                // The first of them reads the merged window; it decides for the others.
+                windows.remove(code).map(|w| (date_keys(docs, code, w), false))
+            }
             Cond::IdIn(ids) => Some((ids.iter().filter_map(|id| docs.by_id.get(id).copied()).collect(), true)),
             Cond::RefIn { codes, targets } => {
                 let mut keys = Vec::new();
@@ -274,15 +293,7 @@ fn pred_candidates(
             Pred::Ref { rtype: Some(t), id } => keys.extend(posting(docs, code, &format!("{t}/{id}"))),
             Pred::Ref { rtype: None, id } => keys.extend(posting(docs, code, id)),
             Pred::Date { prefix, lo, hi } if *prefix != Prefix::Ne => {
-                let o = docs.ordered.get(code);
-                let (from, to) = date_window(*prefix, *lo, *hi);
-                if let Some(o) = o {
-                    if let Some(points) = o.points.get("") {
-                        let r = points.range((ord_i64(from), 0)..(ord_i64(to), 0));
-                        keys.extend(r.map(|(_, k)| *k));
-                    }
-                    keys.extend(o.wide.iter().copied());
-                }
+                keys.extend(date_keys(docs, code, date_window(*prefix, *lo, *hi)));
                 exact = false;
             }
             Pred::Num { prefix, value, lo, hi, code: unit, .. } if *prefix != Prefix::Ne => {
@@ -291,18 +302,10 @@ fn pred_candidates(
                     let range = |set: &BTreeSet<(u64, DocKey)>| -> Vec<DocKey> {
                         set.range((ord_f64(from), 0)..=(ord_f64(to), u64::MAX)).map(|(_, k)| *k).collect()
                     };
+                    // Quantities are filed under their code and their unit.
                     match unit {
                         Some(u) => keys.extend(o.points.get(u).map(range).unwrap_or_default()),
                         None => o.points.values().for_each(|set| keys.extend(range(set))),
-                    }
-                    if unit.is_some() {
-                        // `5.4||mg` also matches a stored unit; values with a code other than
-                        // their unit are keyed by code, so check every other unit too.
-                        for (u, set) in &o.points {
-                            if Some(u) != unit.as_ref() {
-                                keys.extend(range(set));
-                            }
-                        }
                     }
                     keys.extend(o.wide.iter().copied());
                 }
@@ -312,6 +315,20 @@ fn pred_candidates(
         }
     }
     Some((keys, exact))
+}
+
+/// Documents whose date value may start in `[from, to)` (and every wide one).
+fn date_keys(docs: &TypeDocs, code: &str, (from, to): (i64, i64)) -> Vec<DocKey> {
+    let mut keys = Vec::new();
+    if let Some(o) = docs.ordered.get(code) {
+        if from < to {
+            if let Some(points) = o.points.get("") {
+                keys.extend(points.range((ord_i64(from), 0)..(ord_i64(to), 0)).map(|(_, k)| *k));
+            }
+        }
+        keys.extend(o.wide.iter().copied());
+    }
+    keys
 }
 
 /// The window of point start times (`lo`) that can satisfy a date prefix; a point is at most

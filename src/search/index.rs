@@ -83,17 +83,24 @@ enum Slot {
     Wide,
 }
 
-fn ordered_slot(v: &Value) -> Option<Slot> {
+/// Where a value goes in the ordered index. A quantity is filed under its code and, when
+/// different, its unit too (`5.4||mg` matches either).
+fn ordered_slots(v: &Value) -> Vec<Slot> {
     match v {
         Value::Date { lo, hi } if *lo != i64::MIN && *hi != i64::MAX && hi - lo <= NARROW_MS => {
-            Some(Slot::Point(String::new(), ord_i64(*lo)))
+            vec![Slot::Point(String::new(), ord_i64(*lo))]
         }
-        Value::Date { .. } => Some(Slot::Wide),
+        Value::Date { .. } => vec![Slot::Wide],
         Value::Quantity { lo, hi, code, unit, .. } if lo == hi && lo.is_finite() => {
-            Some(Slot::Point(code.clone().or_else(|| unit.clone()).unwrap_or_default(), ord_f64(*lo)))
+            let mut units: Vec<String> = code.iter().chain(unit.iter()).cloned().collect();
+            units.dedup();
+            if units.is_empty() {
+                units.push(String::new());
+            }
+            units.into_iter().map(|u| Slot::Point(u, ord_f64(*lo))).collect()
         }
-        Value::Quantity { .. } => Some(Slot::Wide),
-        _ => None,
+        Value::Quantity { .. } => vec![Slot::Wide],
+        _ => Vec::new(),
     }
 }
 
@@ -123,16 +130,18 @@ impl TypeDocs {
                     }
                 }
                 if let Some(o) = self.ordered.get_mut(code) {
-                    match ordered_slot(v) {
-                        Some(Slot::Point(unit, x)) => {
-                            if let Some(set) = o.points.get_mut(&unit) {
-                                set.remove(&(x, key));
+                    o.wide.remove(&key);
+                    for slot in ordered_slots(v) {
+                        match slot {
+                            Slot::Point(unit, x) => {
+                                if let Some(set) = o.points.get_mut(&unit) {
+                                    set.remove(&(x, key));
+                                }
+                            }
+                            Slot::Wide => {
+                                o.wide.remove(&key);
                             }
                         }
-                        Some(Slot::Wide) => {
-                            o.wide.remove(&key);
-                        }
-                        None => {}
                     }
                 }
             }
@@ -146,15 +155,23 @@ impl TypeDocs {
                 for pk in posting_keys(v) {
                     self.postings.entry(code.clone()).or_default().entry(pk).or_default().insert(key);
                 }
-                match ordered_slot(v) {
-                    Some(Slot::Point(unit, x)) => {
-                        let o = self.ordered.entry(code.clone()).or_default();
-                        o.points.entry(unit).or_default().insert((x, key));
+                let slots = ordered_slots(v);
+                if vals.len() > 1 && !slots.is_empty() {
+                    // Range conditions on one parameter are answered from one window; a
+                    // document with several values may satisfy each by another value, so it
+                    // is always a candidate.
+                    self.ordered.entry(code.clone()).or_default().wide.insert(key);
+                }
+                for slot in slots {
+                    let o = self.ordered.entry(code.clone()).or_default();
+                    match slot {
+                        Slot::Point(unit, x) => {
+                            o.points.entry(unit).or_default().insert((x, key));
+                        }
+                        Slot::Wide => {
+                            o.wide.insert(key);
+                        }
                     }
-                    Some(Slot::Wide) => {
-                        self.ordered.entry(code.clone()).or_default().wide.insert(key);
-                    }
-                    None => {}
                 }
             }
         }
@@ -205,6 +222,11 @@ pub struct Index {
 impl Index {
     pub fn of(&self, rtype: &str) -> Option<&TypeDocs> {
         self.types.get(rtype)
+    }
+
+    /// The index's own copy of a type name (borrowed for as long as the index).
+    pub fn type_name<'a>(&'a self, rtype: &'a str) -> &'a str {
+        self.types.get_key_value(rtype).map_or(rtype, |(k, _)| k.as_str())
     }
 }
 

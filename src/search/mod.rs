@@ -21,7 +21,7 @@ use base64::Engine as _;
 use sha2::{Digest, Sha256};
 
 use self::exec::{cmp_pos, position, Ctx, Position};
-use self::index::Index;
+use self::index::{DocKey, Index};
 use self::params::Kind;
 use self::query::{Filter, Include, Parser, Search};
 use self::values::Value;
@@ -153,33 +153,33 @@ fn includes(idx: &Index, inc: &[Include], rev: &[Include], matches: &[Hit]) -> V
     if inc.is_empty() && rev.is_empty() {
         return Vec::new();
     }
-    let mut seen: BTreeSet<(String, String)> = matches.iter().map(|h| (h.rtype.clone(), h.id.clone())).collect();
+    let ref_codes = |t: &str| -> Vec<&str> {
+        idx.registry.for_type(t).filter(|p| p.kind == Kind::Reference).map(|p| p.code.as_str()).collect()
+    };
+    // Resources are (type, document key) while iterating; documents hold id and leaf.
+    let mut seen: BTreeSet<(&str, DocKey)> = BTreeSet::new();
+    for h in matches {
+        if let Some((k, _)) = idx.of(&h.rtype).and_then(|d| d.doc(&h.id)) {
+            seen.insert((idx.type_name(&h.rtype), k));
+        }
+    }
+    let mut frontier: Vec<(&str, DocKey)> = seen.iter().copied().collect();
     let mut out = Vec::new();
-    let mut frontier: Vec<(String, String)> = seen.iter().cloned().collect();
     for round in 0..MAX_ROUNDS {
-        let mut found = Vec::new();
-        for (t, id) in &frontier {
-            let Some((_, doc)) = idx.of(t).and_then(|d| d.doc(id)) else { continue };
+        let mut found: Vec<(&str, DocKey)> = Vec::new();
+        for &(t, key) in &frontier {
+            let Some(doc) = idx.of(t).and_then(|d| d.docs.get(&key)) else { continue };
             for i in inc.iter().filter(|i| round == 0 || i.iterate) {
-                if i.source != "*" && &i.source != t {
+                if i.source != "*" && i.source != t {
                     continue;
                 }
-                let codes: Vec<&str> = match &i.code {
-                    Some(c) => vec![c.as_str()],
-                    None => idx
-                        .registry
-                        .for_type(t)
-                        .filter(|p| p.kind == Kind::Reference)
-                        .map(|p| p.code.as_str())
-                        .collect(),
-                };
+                let codes = i.code.as_deref().map_or_else(|| ref_codes(t), |c| vec![c]);
                 for code in codes {
                     for v in doc.get(code) {
-                        if let Value::Ref { rtype: Some(rt), id: Some(rid), .. } = v {
-                            if i.target.as_ref().is_none_or(|x| x == rt)
-                                && idx.of(rt).and_then(|d| d.doc(rid)).is_some()
-                            {
-                                found.push((rt.clone(), rid.clone()));
+                        let Value::Ref { rtype: Some(rt), id: Some(rid), .. } = v else { continue };
+                        if i.target.as_ref().is_none_or(|x| x == rt) {
+                            if let Some((k, _)) = idx.of(rt).and_then(|d| d.doc(rid)) {
+                                found.push((idx.type_name(rt), k));
                             }
                         }
                     }
@@ -190,35 +190,23 @@ fn includes(idx: &Index, inc: &[Include], rev: &[Include], matches: &[Hit]) -> V
                     continue;
                 }
                 let Some(src) = idx.of(&i.source) else { continue };
-                let codes: Vec<&str> = match &i.code {
-                    Some(c) => vec![c.as_str()],
-                    None => idx
-                        .registry
-                        .for_type(&i.source)
-                        .filter(|p| p.kind == Kind::Reference)
-                        .map(|p| p.code.as_str())
-                        .collect(),
-                };
+                let target = format!("{t}/{}", doc.id);
+                let codes = i.code.as_deref().map_or_else(|| ref_codes(&i.source), |c| vec![c]);
                 for code in codes {
-                    for key in src.posting(code, id).into_iter().flatten() {
-                        let Some(d) = src.docs.get(key) else { continue };
-                        let points_here = d.get(code).iter().any(
-                            |v| matches!(v, Value::Ref { rtype: Some(rt), id: Some(rid), .. } if rt == t && rid == id),
-                        );
-                        if points_here {
-                            found.push((i.source.clone(), d.id.clone()));
-                        }
+                    // `Type/id` postings are exact: every document listed points here.
+                    for k in src.posting(code, &target).into_iter().flatten() {
+                        found.push((idx.type_name(&i.source), *k));
                     }
                 }
             }
         }
         frontier.clear();
-        for (t, id) in found {
-            if seen.insert((t.clone(), id.clone())) {
-                if let Some((_, d)) = idx.of(&t).and_then(|docs| docs.doc(&id)) {
-                    out.push(Hit { rtype: t.clone(), id: id.clone(), leaf: d.leaf });
+        for (t, k) in found {
+            if seen.insert((t, k)) {
+                if let Some(d) = idx.of(t).and_then(|docs| docs.docs.get(&k)) {
+                    out.push(Hit { rtype: t.to_string(), id: d.id.clone(), leaf: d.leaf });
                 }
-                frontier.push((t, id));
+                frontier.push((t, k));
             }
         }
         if frontier.is_empty() || out.len() >= MAX_INCLUDED {
