@@ -160,8 +160,11 @@ fn searchset_compartment_all(
     let mut total = 0;
     for t in types {
         let f = Filter::Compartment { codes: comps[t].clone(), target: ("Patient".into(), id.to_string()) };
-        let found = search::run(repo, base, std::slice::from_ref(t), params, lenient, Some(f))?;
-        total += found.total;
+        // Each type's total is summed, so each must be counted.
+        let mut p = params.to_vec();
+        p.push(("_total".into(), "accurate".into()));
+        let found = search::run(repo, base, std::slice::from_ref(t), &p, lenient, Some(f))?;
+        total += found.total.unwrap_or_default();
         entries.extend(entries_of(repo, base, &found)?);
     }
     Ok(bundle(self_url, params, Some(total), Vec::new(), entries))
@@ -209,10 +212,9 @@ fn searchset(
             links.push((rel, q));
         }
     }
-    let total = match (found.search.total, found.search.summary) {
-        (_, Summary::Count) => Some(found.total),
-        (Total::None, _) => None,
-        _ => Some(found.total),
+    let total = match found.search.total {
+        Total::None if found.search.summary != Summary::Count => None,
+        _ => found.total,
     };
     let mut self_params = keep.clone();
     if let Some((_, c)) = params.iter().find(|(k, _)| k == "_cursor") {

@@ -47,7 +47,25 @@ pub struct Ctx<'a> {
 impl Ctx<'_> {
     /// The keys of the live `rtype` resources matching every filter, in key order.
     pub fn matches(&self, rtype: &str, filters: &[Filter]) -> Result<Vec<DocKey>, FhirError> {
-        let Some(docs) = self.idx.of(rtype) else { return Ok(Vec::new()) };
+        Ok(self.matches_from(rtype, filters, None, None)?.0)
+    }
+
+    /// Matches in key order. With `limit`, only those after `after`, stopping at `limit`
+    /// (the flag is then false); when postings decide every condition the whole set comes
+    /// back anyway (flag true), since it costs nothing more.
+    pub fn matches_from(
+        &self,
+        rtype: &str,
+        filters: &[Filter],
+        after: Option<DocKey>,
+        limit: Option<usize>,
+    ) -> Result<(Vec<DocKey>, bool), FhirError> {
+        let Some(docs) = self.idx.of(rtype) else { return Ok((Vec::new(), true)) };
+        let (after, limit) = match limit {
+            Some(l) => (after, l),
+            None => (None, usize::MAX),
+        };
+        let skip = |k: DocKey| after.is_some_and(|a| k <= a);
         let mut conds = Vec::with_capacity(filters.len());
         for f in filters {
             conds.push(self.resolve(rtype, f)?);
@@ -59,24 +77,32 @@ impl Ctx<'_> {
                 let rest: Vec<&Cond> = conds.iter().zip(&exact).filter(|(_, e)| !**e).map(|(c, _)| c).collect();
                 if rest.is_empty() {
                     // Postings list live documents only, and they decided every condition.
-                    return Ok(keys);
+                    return Ok((keys, true));
                 }
-                for k in keys {
+                for k in keys.into_iter().filter(|k| !skip(*k)) {
                     let Some(d) = docs.docs.get(&k) else { continue };
                     if rest.iter().all(|c| self.holds(c, d)) && self.text_holds(rtype, &conds, d)? {
                         out.push(k);
+                        if out.len() >= limit {
+                            return Ok((out, false));
+                        }
                     }
                 }
             }
             None => {
-                for (k, d) in &docs.docs {
+                let from = after.map_or(0, |a| a.saturating_add(1));
+                for (k, d) in docs.docs.range(from..) {
                     if conds.iter().all(|c| self.holds(c, d)) && self.text_holds(rtype, &conds, d)? {
                         out.push(*k);
+                        if out.len() >= limit {
+                            return Ok((out, false));
+                        }
                     }
                 }
             }
         }
-        Ok(out)
+        // Ran to the end: the whole set, unless it started after a cursor.
+        Ok((out, after.is_none()))
     }
 
     fn resolve<'f>(&self, rtype: &str, f: &'f Filter) -> Result<Cond<'f>, FhirError> {

@@ -59,7 +59,8 @@ pub struct Found {
     pub search: Search,
     pub matches: Vec<Hit>,
     pub included: Vec<Hit>,
-    pub total: usize,
+    /// `None` when the search stopped at the page (the total was not asked for).
+    pub total: Option<usize>,
     pub next: Option<String>,
     pub previous: Option<String>,
 }
@@ -92,11 +93,57 @@ pub fn run(
         }
     }
     let ctx = Ctx { idx: &idx, profiles: engine.profiles(), repo, now_ms: crate::fhir::now_ms() };
-    let mut all: Vec<Position> = Vec::new();
+    let cursor_key = cursor_key(repo);
+    let cursor = search.cursor.as_deref().map(|c| open_cursor(&cursor_key, c)).transpose()?;
+    if cursor.as_ref().is_some_and(|(_, at)| at.vals.len() != search.sort.len()) {
+        return Err(FhirError::invalid("_cursor belongs to a search with another _sort").at("_cursor"));
+    }
     let single = search.types.len() == 1;
+    // Without _sort and without an asked-for total, a search stops once its page is full:
+    // matches come in key order, and the cursor is the last key.
+    let lazy = single
+        && search.sort.is_empty()
+        && search.total != query::Total::Accurate
+        && search.summary != query::Summary::Count
+        // `_count=0` asks for the total alone.
+        && search.count > 0
+        && cursor.as_ref().is_none_or(|(after, _)| *after);
+    let mut computed: Option<Vec<DocKey>> = None;
+    if lazy {
+        let (t, filters) = &search.types[0];
+        let after = cursor.as_ref().map(|(_, at)| at.doc);
+        let (keys, full) = ctx.matches_from(t, filters, after, Some(search.count + 1))?;
+        if !full {
+            let more = keys.len() > search.count;
+            let page: Vec<Position> = keys
+                .iter()
+                .take(search.count)
+                .map(|&doc| Position { vals: Vec::new(), rtype: String::new(), id: String::new(), doc })
+                .collect();
+            let next =
+                (more && search.count > 0).then(|| page.last().map(|p| seal_cursor(&cursor_key, true, p))).flatten();
+            let previous = (after.is_some() && search.count > 0)
+                .then(|| page.first().map(|p| seal_cursor(&cursor_key, false, p)))
+                .flatten();
+            let matches: Vec<Hit> = page
+                .iter()
+                .filter_map(|p| idx.of(t).and_then(|d| d.docs.get(&p.doc)))
+                .map(|d| Hit { rtype: t.clone(), id: d.id.clone(), leaf: d.leaf })
+                .collect();
+            let included = includes(&idx, &search.include, &search.revinclude, &matches);
+            drop(idx);
+            return Ok(Found { search, matches, included, total: None, next, previous });
+        }
+        computed = Some(keys);
+    }
+    let mut all: Vec<Position> = Vec::new();
     for (t, filters) in &search.types {
         let Some(docs) = idx.of(t) else { continue };
-        for key in ctx.matches(t, filters)? {
+        let keys = match computed.take() {
+            Some(k) => k,
+            None => ctx.matches(t, filters)?,
+        };
+        for key in keys {
             if search.sort.is_empty() {
                 // Creation order needs only the key (and the type, when several are searched).
                 let rtype = if single { String::new() } else { t.clone() };
@@ -110,14 +157,9 @@ pub fn run(
         all.sort_by(|a, b| cmp_pos(&search.sort, a, b));
     }
     let total = all.len();
-    let cursor_key = cursor_key(repo);
-    let (start, end) = match &search.cursor {
+    let (start, end) = match cursor {
         None => (0, search.count.min(total)),
-        Some(c) => {
-            let (after, at) = open_cursor(&cursor_key, c)?;
-            if at.vals.len() != search.sort.len() {
-                return Err(FhirError::invalid("_cursor belongs to a search with another _sort").at("_cursor"));
-            }
+        Some((after, at)) => {
             if after {
                 let s = all.partition_point(|p| cmp_pos(&search.sort, p, &at).is_le());
                 (s, (s + search.count).min(total))
@@ -142,7 +184,7 @@ pub fn run(
         includes(&idx, &search.include, &search.revinclude, &matches)
     };
     drop(idx);
-    Ok(Found { search, matches, included, total, next, previous })
+    Ok(Found { search, matches, included, total: Some(total), next, previous })
 }
 
 /// Resources the page's matches `_include` and that `_revinclude` them, iterating (up to a

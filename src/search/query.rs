@@ -276,7 +276,9 @@ impl Parser<'_> {
             types: types.iter().map(|t| (t.clone(), Vec::new())).collect(),
             count: DEFAULT_COUNT,
             cursor: None,
-            total: Total::Accurate,
+            // Totals are given whenever the search computed every match anyway; asking for
+            // `accurate` makes it do so (see ARCHITECTURE.md, "Search").
+            total: Total::Estimate,
             summary: Summary::False,
             elements: None,
             sort: Vec::new(),
