@@ -35,7 +35,7 @@ pub const LEAF_FORMAT: u16 = 1;
 
 /// What a Merkle leaf commits to: the header of a version and the digest of its ciphertext,
 /// never the plaintext, so shredding a compartment key keeps every proof valid.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct LeafHeader {
     pub format: u16,
     pub rtype: String,

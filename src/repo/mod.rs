@@ -7,6 +7,7 @@
 //! state machine re-checks those facts when it applies the command; if another write got
 //! there first, the command is refused whole and the plan is simply made again.
 
+pub mod body_cache;
 pub mod index;
 pub mod search;
 
@@ -40,7 +41,11 @@ pub struct Repo {
     /// The equality terms the state machine keeps (conditional interactions, compartments).
     pub params: Arc<SearchParams>,
     search: crate::search::Engine,
+    bodies: body_cache::BodyCache,
 }
+
+/// Bytes of decrypted bodies kept in memory for search pages.
+const BODY_CACHE_BYTES: usize = 256 << 20;
 
 /// A resource version as read back (or as just written).
 #[derive(Debug, Clone)]
@@ -79,7 +84,8 @@ impl Repo {
         search: crate::search::Engine,
     ) -> Self {
         let view = ledger.view();
-        Self { ledger, signer, view, keys: Keyring::new(kek), index_key, profiles, params, search }
+        let bodies = body_cache::BodyCache::new(BODY_CACHE_BYTES);
+        Self { ledger, signer, view, keys: Keyring::new(kek), index_key, profiles, params, search, bodies }
     }
 
     /// The search index over this node's state.
@@ -158,30 +164,34 @@ impl Repo {
     }
 
     fn read_leaf(&self, leaf: u64, keys: &mut BTreeMap<String, Option<DataKey>>) -> Result<Stored, FhirError> {
+        if let Some(hit) = self.bodies.get(leaf) {
+            let (h, body) = (&hit.0, &hit.1);
+            if self.compartment_key(&h.compartment, keys)?.is_some() {
+                return Ok(Stored {
+                    rtype: h.rtype.clone(),
+                    id: h.id.clone(),
+                    version: h.version,
+                    last_updated_ms: h.last_updated_ms,
+                    deleted: false,
+                    leaf: Some(leaf),
+                    body: Some(body.to_string()),
+                    created: h.op == Op::Create.as_str(),
+                });
+            }
+        }
         let rec = self.view.record(leaf)?.ok_or_else(|| FhirError::not_found(&format!("leaf {leaf}")))?;
         let h = &rec.header;
         let body = if h.op == Op::Delete.as_str() || h.op == Op::Erase.as_str() {
             None
         } else {
-            let dek = match keys.get(&h.compartment) {
-                Some(k) => *k,
-                None => {
-                    let wrapped = self.view.data_key(&h.compartment)?.unwrap_or_default();
-                    let k = if wrapped.is_empty() {
-                        None
-                    } else {
-                        Some(self.keys.unwrap(&h.compartment, &wrapped).map_err(FhirError::internal)?)
-                    };
-                    keys.insert(h.compartment.clone(), k);
-                    k
-                }
-            };
-            match dek {
+            match self.compartment_key(&h.compartment, keys)? {
                 None => None,
                 Some(dek) => {
                     let aad = aad(&h.rtype, &h.id, h.version);
                     let plain = crypto::open(&dek, &rec.body, aad.as_bytes()).map_err(FhirError::internal)?;
-                    Some(String::from_utf8(plain).map_err(FhirError::internal)?)
+                    let text = String::from_utf8(plain).map_err(FhirError::internal)?;
+                    self.bodies.put(leaf, Arc::new((h.clone(), Arc::from(text.as_str()))));
+                    Some(text)
                 }
             }
         };
@@ -195,6 +205,25 @@ impl Repo {
             body,
             created: h.op == Op::Create.as_str(),
         })
+    }
+
+    /// The data key of a compartment, `None` once it was erased; looked up once per page.
+    fn compartment_key(
+        &self,
+        compartment: &str,
+        keys: &mut BTreeMap<String, Option<DataKey>>,
+    ) -> Result<Option<DataKey>, FhirError> {
+        if let Some(k) = keys.get(compartment) {
+            return Ok(*k);
+        }
+        let wrapped = self.view.data_key(compartment)?.unwrap_or_default();
+        let k = if wrapped.is_empty() {
+            None
+        } else {
+            Some(self.keys.unwrap(compartment, &wrapped).map_err(FhirError::internal)?)
+        };
+        keys.insert(compartment.to_string(), k);
+        Ok(k)
     }
 
     pub fn vread(&self, rtype: &str, id: &str, version: u64) -> Result<Stored, FhirError> {
@@ -232,9 +261,15 @@ impl Repo {
         String::from_utf8(plain).map(Some).map_err(FhirError::internal)
     }
 
+    /// Drops every decrypted body kept for search pages.
+    pub fn clear_body_cache(&self) {
+        self.bodies.clear();
+    }
+
     /// Drops the cached key of an erased compartment from this process's memory.
     pub fn forget_key(&self, compartment: &str) {
         self.keys.forget(compartment);
+        self.bodies.clear();
     }
 
     /// Plans with `build` and commits, re-planning when a precondition lost a race.

@@ -308,10 +308,16 @@ impl Engine {
         let view = repo.view();
         let mut touched: BTreeSet<(String, String)> = BTreeSet::new();
         let mut next = idx.next_leaf;
+        let mut erased = false;
         for item in view.headers_from(idx.next_leaf) {
             let (leaf, h) = item?;
+            erased |= h.op == consensus::Op::Erase.as_str();
             touched.insert((h.rtype, h.id));
             next = leaf + 1;
+        }
+        if erased {
+            // An erasure reached this node: no decrypted body of it may stay in memory.
+            repo.clear_body_cache();
         }
         let mut params_changed = BTreeSet::new();
         for (t, id) in &touched {

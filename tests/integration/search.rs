@@ -1524,3 +1524,26 @@ async fn reindex_rebuilds_the_index_with_the_same_answers() {
     assert_ids!(app, "/Observation?subject:Patient.name=rebuild", ["o1"]);
     assert_ids!(app, "/Patient?name=other", []);
 }
+
+/// Crypto-shredding reaches search: after `$erase`, nothing of the patient is found or
+/// served, though its bodies were read (and kept in memory for pages) just before.
+#[actix_web::test]
+async fn erased_patients_vanish_from_search() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = support::app(support::repo(dir.path()).await).await;
+    seed!(
+        app,
+        json!({"resourceType": "Patient", "id": "gone", "name": [{"family": "Shredded"}]}),
+        json!({"resourceType": "Observation", "id": "og", "status": "final", "code": {"text": "x"},
+               "subject": {"reference": "Patient/gone"}}),
+        json!({"resourceType": "Patient", "id": "kept", "name": [{"family": "Shredded"}]}),
+    );
+    assert_ids!(app, "/Patient?name=shredded", ["gone", "kept"]);
+    assert_ids!(app, "/Observation?subject=Patient/gone&_include=Observation:subject", ["og"]);
+    let r = call!(app, TestRequest::post().uri("/Patient/gone/$erase"));
+    assert!(r.status.is_success(), "{}", r.text);
+    assert_ids!(app, "/Patient?name=shredded", ["kept"]);
+    assert_ids!(app, "/Observation?subject=Patient/gone", []);
+    let b = search!(app, "/Observation?_content=x&_revinclude=Observation:subject");
+    assert!(!b.to_string().contains("Shredded"), "{b}");
+}
