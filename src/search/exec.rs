@@ -2,6 +2,7 @@
 //! first (sub-searches), candidates come from postings where a parameter has them, every
 //! condition is then checked on each candidate, and the matches are sorted and paged.
 
+use std::borrow::Cow;
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -518,13 +519,14 @@ fn cmp_val(a: &SortVal, b: &SortVal) -> Ordering {
 }
 
 /// The sort position of a match: its key values, then its document key (creation order).
+/// Borrowed from the index while ranking (no copy per match); owned in a cursor.
 #[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Position {
+pub struct Position<'a> {
     pub vals: Vec<SortVal>,
     /// Resource type (system searches page over several types).
-    pub rtype: String,
+    pub rtype: Cow<'a, str>,
     /// Equal sort values are ordered by id.
-    pub id: String,
+    pub id: Cow<'a, str>,
     pub doc: DocKey,
 }
 
@@ -546,7 +548,7 @@ pub fn cmp_pos(sort: &[SortKey], x: &Position, y: &Position) -> Ordering {
     x.id.cmp(&y.id).then_with(|| x.rtype.cmp(&y.rtype)).then_with(|| x.doc.cmp(&y.doc))
 }
 
-pub fn position(sort: &[SortKey], rtype: &str, key: DocKey, doc: &Doc) -> Position {
+pub fn position<'a>(sort: &[SortKey], rtype: &'a str, key: DocKey, doc: &'a Doc) -> Position<'a> {
     let vals = sort
         .iter()
         .map(|k| match k.code.as_str() {
@@ -559,7 +561,7 @@ pub fn position(sort: &[SortKey], rtype: &str, key: DocKey, doc: &Doc) -> Positi
             }
         })
         .collect();
-    Position { vals, rtype: rtype.to_string(), id: doc.id.clone(), doc: key }
+    Position { vals, rtype: Cow::Borrowed(rtype), id: Cow::Borrowed(&doc.id), doc: key }
 }
 
 fn sort_val(v: &Value) -> Option<SortVal> {

@@ -118,7 +118,7 @@ pub fn run(
             let page: Vec<Position> = keys
                 .iter()
                 .take(search.count)
-                .map(|&doc| Position { vals: Vec::new(), rtype: String::new(), id: String::new(), doc })
+                .map(|&doc| Position { vals: Vec::new(), rtype: "".into(), id: "".into(), doc })
                 .collect();
             let next =
                 (more && search.count > 0).then(|| page.last().map(|p| seal_cursor(&cursor_key, true, p))).flatten();
@@ -144,10 +144,11 @@ pub fn run(
             None => ctx.matches(t, filters)?,
         };
         for key in keys {
+            let t = idx.type_name(t);
             if search.sort.is_empty() {
                 // Creation order needs only the key (and the type, when several are searched).
-                let rtype = if single { String::new() } else { t.clone() };
-                all.push(Position { vals: Vec::new(), rtype, id: String::new(), doc: key });
+                let rtype = if single { "" } else { t };
+                all.push(Position { vals: Vec::new(), rtype: rtype.into(), id: "".into(), doc: key });
             } else if let Some(doc) = docs.docs.get(&key) {
                 all.push(position(&search.sort, t, key, doc));
             }
@@ -174,8 +175,8 @@ pub fn run(
     let next = (end < total && paged).then(|| page.last().map(|p| seal_cursor(&cursor_key, true, p))).flatten();
     let previous = (start > 0 && paged).then(|| page.first().map(|p| seal_cursor(&cursor_key, false, p))).flatten();
     let hit = |p: &Position| {
-        let t = if p.rtype.is_empty() { &search.types[0].0 } else { &p.rtype };
-        idx.of(t).and_then(|d| d.docs.get(&p.doc)).map(|d| Hit { rtype: t.clone(), id: d.id.clone(), leaf: d.leaf })
+        let t: &str = if p.rtype.is_empty() { &search.types[0].0 } else { &p.rtype };
+        idx.of(t).and_then(|d| d.docs.get(&p.doc)).map(|d| Hit { rtype: t.to_string(), id: d.id.clone(), leaf: d.leaf })
     };
     let matches: Vec<Hit> = page.iter().filter_map(hit).collect();
     let included = if search.summary == query::Summary::Count {
@@ -272,7 +273,7 @@ fn seal_cursor(key: &[u8; 32], after: bool, p: &Position) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(crate::crypto::seal(key, &plain, b"cursor"))
 }
 
-fn open_cursor(key: &[u8; 32], c: &str) -> Result<(bool, Position), FhirError> {
+fn open_cursor(key: &[u8; 32], c: &str) -> Result<(bool, Position<'static>), FhirError> {
     let bad = || FhirError::invalid("_cursor is not a cursor this server issued").at("_cursor");
     let sealed = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(c).map_err(|_| bad())?;
     let plain = crate::crypto::open(key, &sealed, b"cursor").map_err(|_| bad())?;
