@@ -65,13 +65,15 @@ mod tests {
     #[test]
     fn keeps_within_its_budget_first_in_first_out() {
         let c = BodyCache::new(64 * 10);
-        for leaf in 0..20u64 {
+        // 100 bodies of 10 bytes over a 640-byte budget: the first ones leave.
+        for leaf in 0..100u64 {
             let h = consensus::LeafHeader::default();
             c.put(leaf, Arc::new((h, Arc::from("x".repeat(10).as_str()))));
         }
         assert!(c.get(0).is_none(), "the oldest went first");
-        assert_eq!(c.get(19).map(|e| e.1.to_string()).as_deref(), Some("xxxxxxxxxx"));
+        assert_eq!(c.get(99).map(|e| e.1.to_string()).as_deref(), Some("xxxxxxxxxx"));
+        assert!(c.inner.lock().unwrap().bytes <= 640);
         c.clear();
-        assert!(c.get(19).is_none());
+        assert!(c.get(99).is_none());
     }
 }
