@@ -566,7 +566,9 @@ pub fn position<'a>(sort: &[SortKey], rtype: &'a str, key: DocKey, doc: &'a Doc)
 
 fn sort_val(v: &Value) -> Option<SortVal> {
     Some(match v {
-        Value::Str { norm, .. } => SortVal::Str(norm.clone()),
+        // Letters and digits only, as collations compare at their first level: O'Keefe
+        // sorts between Ogden and Olsen, not before Oakes.
+        Value::Str { norm, .. } => SortVal::Str(norm.chars().filter(|c| c.is_alphanumeric()).collect()),
         Value::Date { lo, .. } => SortVal::Num(*lo as f64),
         Value::Quantity { lo, .. } => SortVal::Num(*lo),
         Value::Token { code: Some(c), .. } => SortVal::Str(c.clone()),
