@@ -1547,3 +1547,23 @@ async fn erased_patients_vanish_from_search() {
     let b = search!(app, "/Observation?_content=x&_revinclude=Observation:subject");
     assert!(!b.to_string().contains("Shredded"), "{b}");
 }
+
+/// `_contained`: the default (`false`: contained resources are not searched on their own) is
+/// accepted; `true` and `both` are refused with a 400 that names the parameter rather than
+/// answered as if they had been honoured.
+#[actix_web::test]
+async fn contained_searches_are_refused_not_ignored() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = support::app(support::repo(dir.path()).await).await;
+    seed!(
+        app,
+        json!({"resourceType": "Observation", "id": "oc1", "status": "final", "code": {"text": "x"},
+               "contained": [{"resourceType": "Patient", "id": "inner", "name": [{"family": "Inside"}]}],
+               "subject": {"reference": "#inner"}}),
+    );
+    assert_ids!(app, "/Observation?_contained=false", ["oc1"]);
+    assert_ids!(app, "/Patient?name=inside", [], "a contained Patient is not a Patient of the server");
+    rejects!(app, "/Patient?name=inside&_contained=true", "_contained");
+    rejects!(app, "/Patient?_contained=both", "_contained");
+    rejects!(app, "/Observation?_containedType=contained", "_containedType");
+}
