@@ -546,7 +546,8 @@ fn fixed_type(name: &str) -> Option<String> {
     }
 }
 
-const CHOICE_TYPES: &[&str] = &[
+/// Primitive types a choice element can take, as they appear in JSON names (`valueString`).
+const PRIMITIVE_CHOICES: &[&str] = &[
     "Base64Binary",
     "Boolean",
     "Canonical",
@@ -566,6 +567,10 @@ const CHOICE_TYPES: &[&str] = &[
     "Uri",
     "Url",
     "Uuid",
+];
+
+/// Complex types a choice element can take.
+const COMPLEX_CHOICES: &[&str] = &[
     "Address",
     "Age",
     "Annotation",
@@ -600,33 +605,12 @@ const CHOICE_TYPES: &[&str] = &[
 ];
 
 fn is_choice_suffix(s: &str) -> bool {
-    CHOICE_TYPES.contains(&s)
+    PRIMITIVE_CHOICES.contains(&s) || COMPLEX_CHOICES.contains(&s)
 }
 
 /// `DateTime` → `dateTime`, `Quantity` → `Quantity`: primitive type names start lower-case.
 fn choice_type(suffix: &str) -> String {
-    const PRIMITIVE: &[&str] = &[
-        "Base64Binary",
-        "Boolean",
-        "Canonical",
-        "Code",
-        "Date",
-        "DateTime",
-        "Decimal",
-        "Id",
-        "Instant",
-        "Integer",
-        "Markdown",
-        "Oid",
-        "PositiveInt",
-        "String",
-        "Time",
-        "UnsignedInt",
-        "Uri",
-        "Url",
-        "Uuid",
-    ];
-    if PRIMITIVE.contains(&suffix) {
+    if PRIMITIVE_CHOICES.contains(&suffix) {
         let mut c = suffix.chars();
         c.next().map(|f| f.to_ascii_lowercase().to_string() + c.as_str()).unwrap_or_default()
     } else {
