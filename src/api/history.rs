@@ -8,8 +8,8 @@ use super::{base_url, json_response, respond, AppState};
 use crate::error::FhirError;
 use crate::fhir::json::Json;
 use crate::fhir::{date_range_ms, instant};
-use crate::repo::search::{DEFAULT_COUNT, MAX_COUNT};
 use crate::repo::{Repo, Stored};
+use crate::search::query::{DEFAULT_COUNT, MAX_COUNT};
 
 struct Params {
     count: usize,

@@ -33,8 +33,8 @@ pub fn conditional_terms(plan: &Plan<'_>, rtype: &str, query: &str) -> Result<Cr
     if params.is_empty() {
         return Err(FhirError::invalid("a conditional interaction needs search criteria"));
     }
-    let q = search::parse(plan.repo(), rtype, &params, false)?;
-    if !q.last_updated.is_empty() || (q.groups.is_empty() && q.ids.is_empty()) {
+    let q = search::parse(plan.repo(), rtype, &params)?;
+    if q.groups.is_empty() && q.ids.is_empty() {
         return Err(FhirError::invalid(
             "conditional interactions support _id, identifier, patient and subject criteria",
         ));
