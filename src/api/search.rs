@@ -241,24 +241,22 @@ fn entries_of(repo: &Repo, base: &str, found: &search::Found) -> Result<Vec<Json
         found.matches.iter().map(|h| ("match", h)).chain(found.included.iter().map(|h| ("include", h))).collect();
     let leaves: Vec<u64> = hits.iter().map(|(_, h)| h.leaf).collect();
     for ((mode, hit), stored) in hits.into_iter().zip(repo.read_leaves(&leaves)) {
-        {
-            let (t, id) = (&hit.rtype, &hit.id);
-            // The version that matched; erased since: skip rather than fail the page.
-            let Ok(stored) = stored else { continue };
-            let resource = if s.summary == Summary::False && s.elements.is_none() {
-                stored.body.map(Json::Raw)
-            } else {
-                stored
-                    .parsed()?
-                    .map(|r| summary::subset(&repo.profiles, t, &r, s.summary, s.elements.as_deref()).unwrap_or(r))
-            };
-            let Some(resource) = resource else { continue };
-            entries.push(Json::obj(vec![
-                ("fullUrl", Json::str(format!("{base}/{t}/{id}"))),
-                ("resource", resource),
-                ("search", Json::obj(vec![("mode", Json::str(mode))])),
-            ]));
-        }
+        let (t, id) = (&hit.rtype, &hit.id);
+        // The version that matched; erased since: skip rather than fail the page.
+        let Ok(stored) = stored else { continue };
+        let resource = if s.summary == Summary::False && s.elements.is_none() {
+            stored.body.map(Json::Raw)
+        } else {
+            stored
+                .parsed()?
+                .map(|r| summary::subset(&repo.profiles, t, &r, s.summary, s.elements.as_deref()).unwrap_or(r))
+        };
+        let Some(resource) = resource else { continue };
+        entries.push(Json::obj(vec![
+            ("fullUrl", Json::str(format!("{base}/{t}/{id}"))),
+            ("resource", resource),
+            ("search", Json::obj(vec![("mode", Json::str(mode))])),
+        ]));
     }
     Ok(entries)
 }
