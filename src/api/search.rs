@@ -87,10 +87,7 @@ fn bundle_for(
     lenient: bool,
 ) -> Result<Json, FhirError> {
     match scope {
-        Scope::Type(rtype) => {
-            check_type(repo, &rtype)?;
-            searchset(repo, base, &format!("{base}/{rtype}"), &[rtype], params, lenient, None)
-        }
+        Scope::Type(rtype) => search_bundle(repo, base, &rtype, params, lenient),
         Scope::System => {
             let types: Vec<String> = match params.iter().find(|(k, _)| k == "_type") {
                 Some((_, v)) => {
@@ -125,21 +122,13 @@ fn bundle_for(
                 vec![rtype.clone()]
             };
             let self_url = format!("{base}/Patient/{id}/{rtype}");
-            // Each type has its own compartment parameters: search each and merge.
-            let mut filter = None;
             if let [t] = types.as_slice() {
-                filter = Some(Filter::Compartment { codes: comps[t].clone(), target: ("Patient".into(), id.clone()) });
+                let f = patient_compartment(repo, t, &id);
+                return searchset(repo, base, &self_url, &types, params, lenient, Some(f));
             }
-            match filter {
-                Some(f) => searchset(repo, base, &self_url, &types, params, lenient, Some(f)),
-                None => {
-                    // `*`: all the compartment's types; the compartment parameters differ by
-                    // type, so the filter is per type.
-                    let mut p = params.to_vec();
-                    p.retain(|(k, _)| k != "_type");
-                    searchset_compartment_all(repo, base, &self_url, &types, &p, lenient, &id)
-                }
-            }
+            // `*`: every type of the compartment, each with its own compartment parameters.
+            let p: Vec<(String, String)> = params.iter().filter(|(k, _)| k != "_type").cloned().collect();
+            searchset_compartment_all(repo, base, &self_url, &types, &p, lenient, &id)
         }
     }
 }
@@ -153,13 +142,12 @@ fn searchset_compartment_all(
     lenient: bool,
     id: &str,
 ) -> Result<Json, FhirError> {
-    let comps = &repo.compartments().patient;
     // One search per type keeps each type's compartment parameters; ids come back in
     // creation order per type.
     let mut entries = Vec::new();
     let mut total = 0;
     for t in types {
-        let f = Filter::Compartment { codes: comps[t].clone(), target: ("Patient".into(), id.to_string()) };
+        let f = patient_compartment(repo, t, id);
         // Each type's total is summed, so each must be counted.
         let mut p = params.to_vec();
         p.push(("_total".into(), "accurate".into()));
@@ -168,6 +156,12 @@ fn searchset_compartment_all(
         entries.extend(entries_of(repo, base, &found)?);
     }
     Ok(bundle(self_url, params, Some(total), Vec::new(), entries))
+}
+
+/// Resources of type `t` in the compartment of `Patient/id` (`t` is one of its types).
+fn patient_compartment(repo: &Repo, t: &str, id: &str) -> Filter {
+    let codes = repo.compartments().patient.get(t).cloned().unwrap_or_default();
+    Filter::Compartment { codes, target: ("Patient".into(), id.to_string()) }
 }
 
 /// Runs a search and builds its `searchset` Bundle (shared with GET entries of batches).

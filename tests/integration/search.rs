@@ -1567,3 +1567,19 @@ async fn contained_searches_are_refused_not_ignored() {
     rejects!(app, "/Patient?_contained=both", "_contained");
     rejects!(app, "/Observation?_containedType=contained", "_containedType");
 }
+
+/// A `_cursor` is only what this server issued for this search: an altered one, or one
+/// reused with another `_sort`, is a 400 naming `_cursor`, never a wrong page.
+#[actix_web::test]
+async fn cursors_that_were_not_issued_for_the_search_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = support::app(support::repo(dir.path()).await).await;
+    seed!(app, patient("c1", "Adams"), patient("c2", "Baker"), patient("c3", "Clark"));
+    let first = search!(app, "/Patient?_sort=family&_count=1");
+    let next = link(&first, "next").expect("a next link");
+    let cursor = next.split("cursor=").nth(1).expect("a cursor").to_string();
+    rejects!(app, format!("/Patient?_sort=family&_count=1&_cursor=x{cursor}"), "_cursor");
+    rejects!(app, "/Patient?_cursor=bm90LWEtY3Vyc29y", "_cursor");
+    rejects!(app, format!("/Patient?_sort=family,given&_count=1&_cursor={cursor}"), "_cursor");
+    assert_ids!(app, next, ["c2"]);
+}
