@@ -27,9 +27,20 @@ pub struct ServeArgs {
     /// This node's Raft id.
     #[arg(long, env = "FHIR_LEDGER_NODE_ID")]
     pub node_id: Option<u64>,
-    /// Authorization: `off` (local development). SMART-on-FHIR enforcement is issue 6.
+    /// Authorization: `smart` (the default: SMART-on-FHIR tokens and patient consent on every
+    /// request) or `off` (local development only: no tokens, no disclosure log).
     #[arg(long, env = "FHIR_LEDGER_AUTH")]
     pub auth: Option<String>,
+    /// The FHIR base URL clients use (token issuer and audience); every node of a cluster
+    /// needs the same one. Default: http://<listen address>.
+    #[arg(long, env = "FHIR_LEDGER_PUBLIC_URL")]
+    pub public_url: Option<String>,
+    /// Where no Consent of the patient speaks: `opt-out` (permit) or `opt-in` (deny).
+    #[arg(long, env = "FHIR_LEDGER_CONSENT_DEFAULT")]
+    pub consent_default: Option<String>,
+    /// Lifetime of access tokens in seconds (default 3600).
+    #[arg(long, env = "FHIR_LEDGER_ACCESS_TOKEN_TTL")]
+    pub access_token_ttl: Option<i64>,
     /// HTTP worker threads (default: number of cores).
     #[arg(long, env = "FHIR_LEDGER_WORKERS")]
     pub workers: Option<usize>,
@@ -62,6 +73,11 @@ struct FileConfig {
     max_body_bytes: Option<usize>,
     node_id: Option<u64>,
     auth: Option<String>,
+    public_url: Option<String>,
+    consent_default: Option<String>,
+    access_token_ttl: Option<i64>,
+    #[serde(default)]
+    external_issuer: Vec<ExternalIssuer>,
     workers: Option<usize>,
     snapshot_every: Option<u64>,
     raft_listen: Option<SocketAddr>,
@@ -70,8 +86,54 @@ struct FileConfig {
     fault_injection: Option<bool>,
 }
 
+/// Where no Consent of a patient speaks to a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConsentDefault {
+    /// Permit (clinicians see a patient's data unless a Consent denies it).
+    OptOut,
+    /// Deny (only what a Consent permits).
+    OptIn,
+}
+
+/// An identity provider whose access tokens this server accepts (`[[external_issuer]]`).
+#[derive(Deserialize, Debug, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct ExternalIssuer {
+    pub issuer: String,
+    pub jwks_url: String,
+    /// Expected `aud` (default: the public URL).
+    pub audience: Option<String>,
+    #[serde(default = "claim_scope")]
+    pub scope_claim: String,
+    #[serde(default = "claim_patient")]
+    pub patient_claim: String,
+    #[serde(default = "claim_fhir_user")]
+    pub fhir_user_claim: String,
+    #[serde(default = "claim_client")]
+    pub client_claim: String,
+}
+
+fn claim_scope() -> String {
+    "scope".into()
+}
+fn claim_patient() -> String {
+    "patient".into()
+}
+fn claim_fhir_user() -> String {
+    "fhirUser".into()
+}
+fn claim_client() -> String {
+    "client_id".into()
+}
+
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// SMART authorization on (the default) or off (local development).
+    pub auth: bool,
+    pub public_url: Option<String>,
+    pub consent_default: ConsentDefault,
+    pub access_token_ttl: i64,
+    pub external_issuers: Vec<ExternalIssuer>,
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
     pub profiles_dir: PathBuf,
@@ -95,11 +157,19 @@ impl Config {
             None => None,
         }
         .unwrap_or_default();
-        let auth = args.auth.clone().or(file.auth).unwrap_or_else(|| "off".into());
-        if auth != "off" {
-            anyhow::bail!(
-                "auth = {auth:?}: only \"off\" is available in this build (SMART on FHIR is not implemented yet)"
-            );
+        let auth = match args.auth.clone().or(file.auth).as_deref().unwrap_or("smart") {
+            "smart" | "on" => true,
+            "off" => false,
+            other => anyhow::bail!("auth = {other:?}: expected \"smart\" (the default) or \"off\""),
+        };
+        let consent_default = match args.consent_default.clone().or(file.consent_default).as_deref().unwrap_or("opt-out") {
+            "opt-out" => ConsentDefault::OptOut,
+            "opt-in" => ConsentDefault::OptIn,
+            other => anyhow::bail!("consent_default = {other:?}: expected \"opt-out\" or \"opt-in\""),
+        };
+        let access_token_ttl = args.access_token_ttl.or(file.access_token_ttl).unwrap_or(3600);
+        if access_token_ttl <= 0 {
+            anyhow::bail!("access_token_ttl must be positive");
         }
         let profiles_dir = args.profiles_dir.clone().or(file.profiles_dir).unwrap_or_else(default_profiles_dir);
         let data_dir = args.data_dir.clone().or(file.data_dir).unwrap_or_else(|| PathBuf::from("./data"));
@@ -108,6 +178,11 @@ impl Config {
         let snapshot_every =
             args.snapshot_every.or(file.snapshot_every).or(raft_listen.map(|_| 100_000)).filter(|&n| n > 0);
         let cfg = Self {
+            auth,
+            public_url: args.public_url.clone().or(file.public_url).map(|u| u.trim_end_matches('/').to_string()),
+            consent_default,
+            access_token_ttl,
+            external_issuers: file.external_issuer,
             listen: args.listen.or(file.listen).unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080))),
             secrets_dir: args.secrets_dir.clone().or(file.secrets_dir).unwrap_or_else(|| data_dir.clone()),
             data_dir,

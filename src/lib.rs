@@ -1,5 +1,5 @@
 //! fhir-ledger: a FHIR R4 server whose store is a signed, encrypted, Raft-replicated,
-//! tamper-evident ledger. This crate owns HTTP, FHIR JSON and (later) SMART; the `consensus`
+//! tamper-evident ledger. This crate owns HTTP, FHIR JSON and SMART; the `consensus`
 //! crate replicates opaque commands.
 //!
 //! ```no_run
@@ -11,12 +11,15 @@
 //! ```
 
 pub mod api;
+pub mod auth;
 pub mod bench;
 pub mod bench_cluster;
 pub mod bench_proofs;
 pub mod cluster_cli;
 pub mod config;
+pub mod consent;
 pub mod crypto;
+pub mod disclosure;
 pub mod error;
 pub mod fhir;
 pub mod identity;

@@ -17,6 +17,7 @@ use crate::repo::Repo;
 pub struct Node {
     pub repo: Arc<Repo>,
     pub admin: AdminConfig,
+    pub auth: Arc<crate::auth::Auth>,
 }
 
 /// The embedded single node over `cfg` (in-process tests use it).
@@ -44,9 +45,22 @@ pub async fn open_node(cfg: &Config, api_addr: &str, raft: Option<TcpListener>) 
     .await?;
     let token = cfg.admin_token.clone().unwrap_or_else(|| id.admin_token.clone());
     let admin = AdminConfig::new(&token, cfg.fault_injection, id.secrets_id());
+    let kek = id.kek;
     let repo = Arc::new(Repo::new(ledger, id.signing, id.kek, id.index_key, profiles, params, engine));
     crate::search::index::keep_current(&repo);
-    Ok(Node { repo, admin })
+    let auth = if cfg.auth {
+        let settings = crate::auth::Settings {
+            enabled: true,
+            public_url: cfg.public_url.clone().unwrap_or_else(|| format!("http://{api_addr}")),
+            consent_default: cfg.consent_default,
+            access_ttl_secs: cfg.access_token_ttl,
+            external: cfg.external_issuers.clone(),
+        };
+        crate::auth::Auth::new(settings, &kek, crate::disclosure::Log::start(repo.clone()))
+    } else {
+        crate::auth::Auth::disabled()
+    };
+    Ok(Node { repo, admin, auth: Arc::new(auth) })
 }
 
 /// Binds the API (and, for a cluster node, the Raft) listener, opens the node and serves until
@@ -65,7 +79,17 @@ pub fn run(cfg: Config, rt: &tokio::runtime::Runtime) -> anyhow::Result<()> {
 
 /// Serves the FHIR API over an opened node.
 pub async fn serve(cfg: Config, node: Node, listener: TcpListener) -> anyhow::Result<()> {
-    let state = web::Data::new(AppState { repo: node.repo, max_body_bytes: cfg.max_body_bytes, admin: node.admin });
+    if node.auth.enabled {
+        eprintln!("fhir-ledger: SMART authorization on, issuer {}", node.auth.public_url);
+    } else {
+        eprintln!("fhir-ledger: authorization OFF (local development): no tokens are checked");
+    }
+    let state = web::Data::new(AppState {
+        repo: node.repo,
+        max_body_bytes: cfg.max_body_bytes,
+        admin: node.admin,
+        auth: node.auth,
+    });
     let server = HttpServer::new(move || App::new().app_data(state.clone()).configure(api::configure))
         .workers(cfg.workers)
         .backlog(2048)

@@ -48,7 +48,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     );
 }
 
-fn authorize(req: &HttpRequest, state: &AppState) -> Result<(), FhirError> {
+pub fn authorize(req: &HttpRequest, state: &AppState) -> Result<(), FhirError> {
     let given = req
         .headers()
         .get(header::AUTHORIZATION)

@@ -11,8 +11,10 @@ use std::collections::BTreeMap;
 use actix_web::{web, HttpRequest, HttpResponse};
 
 use super::interactions::{self, parse_query, Planned};
-use super::resource::{check_type, ANONYMOUS};
-use super::search::search_bundle;
+use super::authz;
+use super::resource::check_type;
+use super::search::{search_bundle, Who};
+use crate::auth::scopes::Perm;
 use super::{base_url, json_response, parse_resource, prefer_return, read_body, validate, AppState, Format, Return};
 use crate::error::{information, FhirError};
 use crate::fhir::json::Json;
@@ -154,15 +156,21 @@ async fn process(
         _ => Vec::new(),
     };
     let repo = &state.repo;
+    let caller = authz::caller(req);
+    let who = Who { state, caller: &caller };
     match kind.as_str() {
         "transaction" => {
             let mut entries = Vec::with_capacity(raw_entries.len());
             for (i, e) in raw_entries.into_iter().enumerate() {
                 entries.push(parse_entry(repo, i, e)?);
             }
-            transaction(req, repo, entries, f).await
+            // All or nothing: one entry the caller may not make refuses the transaction.
+            for e in &entries {
+                check_entry(&who, e).map_err(|err| err.at(at(e.index)))?;
+            }
+            transaction(req, &who, entries, f).await
         }
-        "batch" => batch(req, repo, raw_entries, f).await,
+        "batch" => batch(req, &who, raw_entries, f).await,
         other => {
             Err(FhirError::invalid(format!("Bundle.type {other:?}: POST / takes batch or transaction"))
                 .at("Bundle.type"))
@@ -393,19 +401,48 @@ fn response_bundle(kind: &str, entries: Vec<Json>) -> Json {
     ])
 }
 
+/// The scopes and compartment an entry needs (reads are checked when they are answered).
+fn check_entry(who: &Who<'_>, e: &Entry) -> Result<(), FhirError> {
+    let (state, caller) = (who.state, who.caller);
+    if caller.unrestricted {
+        return Ok(());
+    }
+    let (perm, interaction) = match e.method {
+        Method::Get => return Ok(()),
+        Method::Post => (Perm::C, "create"),
+        Method::Put => (Perm::U, "update"),
+        Method::Delete => (Perm::D, "delete"),
+    };
+    authz::require(state, caller, &e.rtype, perm, interaction)?;
+    if e.query.is_some() || e.if_none_exist.is_some() {
+        authz::require(state, caller, &e.rtype, Perm::S, interaction)?;
+    }
+    if let (Some(id), Method::Put | Method::Delete) = (&e.id, &e.method) {
+        if state.repo.view().current(&e.rtype, id)?.is_some_and(|c| !c.deleted) {
+            authz::check_visible(state, caller, &e.rtype, id, interaction)?;
+        }
+    }
+    if let Some(res) = &e.resource {
+        authz::check_write(state, caller, &e.rtype, e.id.as_deref().unwrap_or(&e.new_id), perm, res)?;
+    }
+    Ok(())
+}
+
 async fn transaction(
     req: &HttpRequest,
-    repo: &Repo,
+    who: &Who<'_>,
     mut entries: Vec<Entry>,
     f: &Format,
 ) -> Result<HttpResponse, FhirError> {
+    let repo = &*who.state.repo;
     let rewritten = prerewrite(&mut entries);
-    let (planned, results) = repo.commit(ANONYMOUS, |plan| plan_transaction(plan, &entries, rewritten)).await?;
+    let actor = who.caller.actor();
+    let (planned, results) = repo.commit(&actor, |plan| plan_transaction(plan, &entries, rewritten)).await?;
     let ret = bundle_return(req);
     let mut out = Vec::with_capacity(entries.len());
     for (e, p) in entries.iter().zip(planned) {
         if e.method == Method::Get {
-            out.push(get_entry(req, repo, e).unwrap_or_else(|err| error_entry(&err)));
+            out.push(get_entry(req, who, e).unwrap_or_else(|err| error_entry(&err)));
             continue;
         }
         let stored = match (&p.write, &p.existing) {
@@ -425,36 +462,46 @@ fn error_entry(e: &FhirError) -> Json {
     )])
 }
 
-fn get_entry(req: &HttpRequest, repo: &Repo, e: &Entry) -> Result<Json, FhirError> {
+fn get_entry(req: &HttpRequest, who: &Who<'_>, e: &Entry) -> Result<Json, FhirError> {
+    let repo = &*who.state.repo;
     if let Some(q) = &e.query {
-        let b = search_bundle(repo, &base_url(req), &e.rtype, &parse_query(q), false)?;
+        let b = search_bundle(who, &base_url(req), &e.rtype, &parse_query(q), false)?;
         return Ok(Json::Object(vec![
             ("resource".into(), b),
             ("response".into(), Json::Object(vec![("status".into(), Json::String("200 OK".into()))])),
         ]));
     }
     let id = e.id.as_deref().ok_or_else(|| FhirError::invalid("GET entries need Type/id or Type?criteria"))?;
+    authz::require(who.state, who.caller, &e.rtype, Perm::R, "read")?;
+    let d = authz::check_visible(who.state, who.caller, &e.rtype, id, "read")?;
     let parts: Vec<&str> = e.url.split('/').collect();
     let s = match parts.as_slice() {
         [_, _, "_history", v] => repo.vread(&e.rtype, id, v.parse().map_err(|_| FhirError::not_found(&e.url))?)?,
         [_, _] => repo.read(&e.rtype, id)?,
         _ => return Err(FhirError::invalid(format!("unsupported GET url {:?}", e.url))),
     };
+    authz::disclosed(who.state, who.caller, "read", &[(s.rtype.clone(), s.id.clone(), s.version)], &d);
     Ok(response_entry(req, 200, Some(&s), Return::Representation))
 }
 
-async fn batch(req: &HttpRequest, repo: &Repo, raw: Vec<Json>, _f: &Format) -> Result<HttpResponse, FhirError> {
+async fn batch(req: &HttpRequest, who: &Who<'_>, raw: Vec<Json>, _f: &Format) -> Result<HttpResponse, FhirError> {
     let ret = bundle_return(req);
+    let repo = &*who.state.repo;
+    let actor = who.caller.actor();
+    let actor = &actor;
     let futures = raw.into_iter().enumerate().map(|(i, raw)| async move {
         let e = match parse_entry(repo, i, raw) {
             Ok(e) => e,
             Err(err) => return error_entry(&err),
         };
         if e.method == Method::Get {
-            return get_entry(req, repo, &e).unwrap_or_else(|err| error_entry(&err));
+            return get_entry(req, who, &e).unwrap_or_else(|err| error_entry(&err));
+        }
+        if let Err(err) = check_entry(who, &e) {
+            return error_entry(&err);
         }
         let one = std::slice::from_ref(&e);
-        match repo.commit(ANONYMOUS, |plan| plan_transaction(plan, one, false)).await {
+        match repo.commit(actor, |plan| plan_transaction(plan, one, false)).await {
             Ok((planned, results)) => {
                 let p = planned.into_iter().next().unwrap_or(Planned { status: 200, write: None, existing: None });
                 let stored = match (&p.write, &p.existing) {

@@ -2,13 +2,16 @@
 
 use actix_web::{web, HttpRequest, HttpResponse};
 
+use super::authz;
 use super::interactions::parse_query;
+use crate::auth::scopes::Perm;
+use crate::auth::Caller;
 use super::resource::{check_type, enc, link};
 use super::{base_url, json_response, respond, AppState};
 use crate::error::FhirError;
 use crate::fhir::json::Json;
 use crate::fhir::{date_range_ms, instant};
-use crate::repo::{Repo, Stored};
+use crate::repo::Stored;
 use crate::search::query::{DEFAULT_COUNT, MAX_COUNT};
 
 struct Params {
@@ -113,7 +116,11 @@ pub async fn instance(req: HttpRequest, path: web::Path<(String, String)>, state
     }
     respond(&req, |f| {
         check_type(&state.repo, &rtype)?;
+        let caller = authz::caller(&req);
+        authz::require(&state, &caller, &rtype, Perm::R, "history-instance")?;
         let (p, raw) = params(&req)?;
+        // A resource the caller may not see has no history either (deleted ones included).
+        let disclosed = authz::check_visible(&state, &caller, &rtype, &id, "history-instance")?;
         let versions = state.repo.view().versions(&rtype, &id)?;
         if versions.is_empty() {
             return Err(FhirError::not_found(&format!("{rtype}/{id}")));
@@ -122,6 +129,7 @@ pub async fn instance(req: HttpRequest, path: web::Path<(String, String)>, state
         let mut entries = Vec::new();
         let mut next = None;
         let mut total = 0;
+        let mut shown = Vec::new();
         for v in versions {
             if p.since.is_some_and(|s| v.header.last_updated_ms < s) {
                 continue;
@@ -135,33 +143,61 @@ pub async fn instance(req: HttpRequest, path: web::Path<(String, String)>, state
                 continue;
             }
             let s = state.repo.vread(&rtype, &id, v.header.version)?;
+            shown.push((s.rtype.clone(), s.id.clone(), s.version));
             entries.push(entry(&base, &s));
         }
+        authz::disclosed(&state, &caller, "history-instance", &shown, &disclosed);
         Ok(json_response(200, &bundle(&req, &format!("/{rtype}/{id}/_history"), &raw, entries, next, Some(total)), f))
     })
 }
 
+/// Walks the ledger's history newest first, leaving out internal records and (under
+/// authorization) whatever the caller may not see, judged by the resource's current state.
 fn walk(
-    repo: &Repo,
+    state: &AppState,
+    caller: &Caller,
     req: &HttpRequest,
     rtype: Option<&str>,
     p: &Params,
+    interaction: &'static str,
 ) -> Result<(Vec<Json>, Option<u64>), FhirError> {
+    let repo = &*state.repo;
     let base = base_url(req);
     let mut entries = Vec::new();
     let mut next = None;
+    let access = state.auth.access(caller);
+    let vis = access.as_ref().map(|a| crate::search::visibility(repo, a)).transpose()?;
+    let mut shown = Vec::new();
+    let mut disclosed = crate::search::Disclosed::default();
     for item in repo.view().history(p.cursor) {
         let (leaf, h) = item?;
-        if rtype.is_some_and(|t| t != h.rtype) || p.since.is_some_and(|s| h.last_updated_ms < s) {
+        if crate::auth::store::is_internal(&h.rtype)
+            || rtype.is_some_and(|t| t != h.rtype)
+            || p.since.is_some_and(|s| h.last_updated_ms < s)
+        {
             continue;
+        }
+        if let Some((idx, guard)) = &vis {
+            if caller.require(&h.rtype, Perm::S).is_err() {
+                continue;
+            }
+            let Some((key, doc)) = idx.of(&h.rtype).and_then(|d| d.doc(&h.id)) else { continue };
+            if !guard.visible(repo.compartments(), &h.rtype, key, doc) {
+                continue;
+            }
+            let patients = crate::auth::access::patients_of(repo.compartments(), &h.rtype, doc);
+            disclosed.patients.insert((h.rtype.clone(), h.id.clone()), patients);
         }
         if entries.len() == p.count {
             next = Some(leaf + 1);
             break;
         }
         let s = repo.vread(&h.rtype, &h.id, h.version)?;
+        shown.push((s.rtype.clone(), s.id.clone(), s.version));
         entries.push(entry(&base, &s));
     }
+    drop(vis);
+    authz::disclosed(state, caller, interaction, &shown, &disclosed);
     Ok((entries, next))
 }
 
@@ -172,8 +208,10 @@ pub async fn type_level(req: HttpRequest, path: web::Path<String>, state: web::D
     }
     respond(&req, |f| {
         check_type(&state.repo, &rtype)?;
+        let caller = authz::caller(&req);
+        authz::require(&state, &caller, &rtype, Perm::S, "history-type")?;
         let (p, raw) = params(&req)?;
-        let (entries, next) = walk(&state.repo, &req, Some(&rtype), &p)?;
+        let (entries, next) = walk(&state, &caller, &req, Some(&rtype), &p, "history-type")?;
         Ok(json_response(200, &bundle(&req, &format!("/{rtype}/_history"), &raw, entries, next, None), f))
     })
 }
@@ -184,7 +222,8 @@ pub async fn system(req: HttpRequest, state: web::Data<AppState>) -> HttpRespons
     }
     respond(&req, |f| {
         let (p, raw) = params(&req)?;
-        let (entries, next) = walk(&state.repo, &req, None, &p)?;
+        let caller = authz::caller(&req);
+        let (entries, next) = walk(&state, &caller, &req, None, &p, "history-system")?;
         Ok(json_response(200, &bundle(&req, "/_history", &raw, entries, next, None), f))
     })
 }

@@ -91,6 +91,9 @@ pub async fn version_proof(
             return Err(FhirError::new(404, "not-supported", format!("unknown operation {op:?}")));
         }
         check_type(&state.repo, &rtype)?;
+        let caller = super::authz::caller(&req);
+        super::authz::require(&state, &caller, &rtype, crate::auth::scopes::Perm::R, "operation")?;
+        super::authz::check_visible(&state, &caller, &rtype, &id, "operation")?;
         let what = format!("{rtype}/{id}/_history/{vid}");
         let version: u64 = vid.parse().map_err(|_| FhirError::not_found(&what))?;
         let record = state.repo.view().version(&rtype, &id, version)?.ok_or_else(|| FhirError::not_found(&what))?;
@@ -219,7 +222,10 @@ pub async fn erase(
         if !crate::fhir::is_valid_id(&id) {
             return Err(FhirError::invalid(format!("{id:?} is not a valid id")));
         }
-        let (_, erased) = state.repo.commit(super::resource::ANONYMOUS, |plan| plan.erase(&id)).await?;
+        let caller = super::authz::caller(&req);
+        super::authz::require(&state, &caller, "Patient", crate::auth::scopes::Perm::D, "operation")?;
+        super::authz::check_visible(&state, &caller, "Patient", &id, "operation")?;
+        let (_, erased) = state.repo.commit(&caller.actor(), |plan| plan.erase(&id)).await?;
         state.repo.forget_key(&format!("Patient/{id}"));
         let mut p = vec![param("erased", "valueString", s(erased.len().to_string()))];
         for e in &erased {

@@ -68,6 +68,10 @@ pub async fn capability_statement(req: HttpRequest, state: web::Data<AppState>) 
                 )];
                 if t.as_str() == "Patient" {
                     operations.push(operation(
+                        "access-report",
+                        "GET /Patient/{id}/$access-report: who accessed the patient's data, what, how many times and when last (Parameters)",
+                    ));
+                    operations.push(operation(
                         "erase",
                         "POST /Patient/{id}/$erase: crypto-shreds the patient's compartment (every version unreadable, every proof still valid)",
                     ));
@@ -89,6 +93,50 @@ pub async fn capability_statement(req: HttpRequest, state: web::Data<AppState>) 
                 ])
             })
             .collect();
+        let auth = &state.auth;
+        let (documentation, security) = if auth.enabled {
+            let uri = |name: &str, path: &str| o(vec![("url", s(name)), ("valueUri", s(&auth.endpoint(path)))]);
+            let security = o(vec![
+                (
+                    "extension",
+                    Json::Array(vec![o(vec![
+                        ("url", s("http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris")),
+                        (
+                            "extension",
+                            Json::Array(vec![
+                                uri("authorize", "/auth/authorize"),
+                                uri("token", "/auth/token"),
+                                uri("revoke", "/auth/revoke"),
+                                uri("introspect", "/auth/introspect"),
+                                uri("manage", "/portal"),
+                            ]),
+                        ),
+                    ])]),
+                ),
+                ("cors", Json::Bool(true)),
+                (
+                    "service",
+                    Json::Array(vec![o(vec![
+                        (
+                            "coding",
+                            Json::Array(vec![o(vec![
+                                ("system", s("http://terminology.hl7.org/CodeSystem/restful-security-service")),
+                                ("code", s("SMART-on-FHIR")),
+                            ])]),
+                        ),
+                        ("text", s("OAuth2 using SMART-on-FHIR profile (see /.well-known/smart-configuration)")),
+                    ])]),
+                ),
+                ("description", s("SMART App Launch 2.x: scopes v1 and v2 on every interaction, the patient's Consents on every read and search, every disclosure an AuditEvent")),
+            ]);
+            ("SMART-on-FHIR authorization: every request needs a bearer token from /auth/token.", Some(security))
+        } else {
+            ("Authorization is OFF on this node (local development): no token is checked.", None)
+        };
+        let mut rest = vec![("mode", s("server")), ("documentation", s(documentation))];
+        if let Some(sec) = security {
+            rest.push(("security", sec));
+        }
         let cs = o(vec![
             ("resourceType", s("CapabilityStatement")),
             ("status", s("active")),
@@ -108,10 +156,9 @@ pub async fn capability_statement(req: HttpRequest, state: web::Data<AppState>) 
             ("patchFormat", Json::Array(vec![s("application/json-patch+json")])),
             (
                 "rest",
-                Json::Array(vec![o(vec![
-                    ("mode", s("server")),
-                    ("documentation", s("Authorization is off in this build; SMART on FHIR is planned.")),
-                    ("resource", Json::Array(resources)),
+                Json::Array(vec![o({
+                    rest.push(("resource", Json::Array(resources)));
+                    rest.extend([
                     (
                         "interaction",
                         Json::Array(vec![
@@ -120,8 +167,9 @@ pub async fn capability_statement(req: HttpRequest, state: web::Data<AppState>) 
                             o(vec![("code", s("history-system"))]),
                             o(vec![("code", s("search-system"))]),
                         ]),
-                    ),
-                ])]),
+                    )]);
+                    rest
+                })]),
             ),
         ]);
         Ok(json_response(200, &cs, f))

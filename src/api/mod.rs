@@ -2,11 +2,13 @@
 //! responses. `create_app` builds the whole service so tests can drive it in-process.
 
 pub mod admin;
+pub mod authz;
 pub mod bundle;
 pub mod history;
 pub mod interactions;
 pub mod ledger;
 pub mod metadata;
+pub mod report;
 pub mod resource;
 pub mod search;
 
@@ -28,10 +30,14 @@ pub struct AppState {
     pub repo: Arc<Repo>,
     pub max_body_bytes: usize,
     pub admin: admin::AdminConfig,
+    pub auth: Arc<crate::auth::Auth>,
 }
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     admin::configure(cfg);
+    crate::auth::admin::configure(cfg);
+    crate::auth::endpoints::configure(cfg);
+    crate::auth::portal::configure(cfg);
     cfg.service(fhir_routes());
 }
 
@@ -46,10 +52,21 @@ fn fhir_routes() -> actix_web::Scope<
 > {
     use actix_web::dev::Service;
     web::scope("")
+        .wrap(actix_web::middleware::from_fn(authz::middleware))
         .wrap_fn(|req, srv| {
             let fut = srv.call(req);
             async move {
                 let mut res = fut.await?;
+                // Browser-based SMART apps call from their own origin; tokens, not cookies,
+                // authorize FHIR calls, so any origin may read what its token permits.
+                res.headers_mut().insert(
+                    header::ACCESS_CONTROL_ALLOW_ORIGIN,
+                    header::HeaderValue::from_static("*"),
+                );
+                res.headers_mut().insert(
+                    header::ACCESS_CONTROL_EXPOSE_HEADERS,
+                    header::HeaderValue::from_static("Location, ETag, Last-Modified, Content-Location, X-Ledger-Leaf"),
+                );
                 let stale = res.request().extensions().get::<Staleness>().copied();
                 if let Some(Staleness(d)) = stale {
                     if let Ok(v) = header::HeaderValue::from_str(&d.as_millis().to_string()) {
@@ -59,6 +76,7 @@ fn fhir_routes() -> actix_web::Scope<
                 Ok(res)
             }
         })
+        .route("/{tail:.*}", web::method(actix_web::http::Method::OPTIONS).to(preflight))
         .route("/metadata", web::get().to(metadata::capability_statement))
         .route("/health", web::get().to(health))
         .route("/", web::post().to(bundle::batch_or_transaction))
@@ -91,6 +109,9 @@ fn fhir_routes() -> actix_web::Scope<
 /// `Cache-Control: max-stale=N` (seconds), served from this node's state when it is at most N
 /// seconds behind, and then says how far in `X-Ledger-Staleness-Ms`.
 pub async fn read_barrier(req: &HttpRequest, repo: &Repo) -> Result<(), FhirError> {
+    if req.extensions().get::<authz::Barriered>().is_some() {
+        return Ok(());
+    }
     let max_stale = max_stale(req.headers())?;
     if let Some(stale) = repo.read_barrier(max_stale).await? {
         req.extensions_mut().insert(Staleness(stale));
@@ -119,6 +140,18 @@ fn max_stale(headers: &HeaderMap) -> Result<Option<std::time::Duration>, FhirErr
         }
     }
     Ok(None)
+}
+
+async fn preflight() -> HttpResponse {
+    HttpResponse::NoContent()
+        .insert_header((header::ACCESS_CONTROL_ALLOW_ORIGIN, "*"))
+        .insert_header((header::ACCESS_CONTROL_ALLOW_METHODS, "GET, POST, PUT, PATCH, DELETE, OPTIONS"))
+        .insert_header((
+            header::ACCESS_CONTROL_ALLOW_HEADERS,
+            "Authorization, Content-Type, Accept, Prefer, If-Match, If-None-Exist, If-None-Match, If-Modified-Since, X-Purpose-Of-Use",
+        ))
+        .insert_header((header::ACCESS_CONTROL_MAX_AGE, "86400"))
+        .finish()
 }
 
 async fn health() -> HttpResponse {
@@ -199,7 +232,22 @@ pub fn json_response(status: u16, body: &Json, f: &Format) -> HttpResponse {
 }
 
 pub fn error_response(e: &FhirError, f: &Format) -> HttpResponse {
-    json_response(e.status, &e.to_outcome(), f)
+    let mut r = json_response(e.status, &e.to_outcome(), f);
+    if e.status == 401 {
+        // RFC 6750 3: no error code when no token was sent; invalid_token when it is bad.
+        let first = e.issues.first();
+        let value = match first {
+            Some(i) if i.code == "security" => format!(
+                "Bearer realm=\"fhir-ledger\", error=\"invalid_token\", error_description=\"{}\"",
+                i.diagnostics.replace(['"', '\\'], "'")
+            ),
+            _ => "Bearer realm=\"fhir-ledger\"".to_string(),
+        };
+        if let Ok(v) = header::HeaderValue::from_str(&value) {
+            r.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+        }
+    }
+    r
 }
 
 /// Runs a handler body, turning any [`FhirError`] into an OperationOutcome response.

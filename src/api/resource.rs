@@ -4,14 +4,16 @@
 use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
 
+use super::authz;
 use super::interactions::{self, Planned};
+use crate::auth::scopes::Perm;
 use super::{base_url, parse_etag, parse_resource, prefer_return, read_body, validate, AppState, Format, Return};
 use crate::error::{information, FhirError};
 use crate::fhir::json::Json;
 use crate::fhir::{http_date, is_valid_id};
 use crate::repo::{Repo, Stored};
 
-/// The caller recorded in the ledger until SMART authorization supplies real identities.
+/// The caller recorded in the ledger when authorization is off.
 pub const ANONYMOUS: &str = "anonymous";
 
 pub fn check_type(repo: &Repo, rtype: &str) -> Result<(), FhirError> {
@@ -71,7 +73,8 @@ async fn commit_one(
     f: &Format,
     plan: impl FnMut(&mut crate::repo::Plan<'_>) -> Result<Planned, FhirError>,
 ) -> Result<HttpResponse, FhirError> {
-    let (planned, results) = repo.commit(ANONYMOUS, plan).await?;
+    let actor = authz::caller(req).actor();
+    let (planned, results) = repo.commit(&actor, plan).await?;
     if let Some(i) = planned.write {
         let s = results.get(i).ok_or_else(|| FhirError::internal("missing write result"))?;
         if s.deleted {
@@ -118,9 +121,15 @@ pub async fn create(
             ))
             .at(k));
         }
+        let caller = authz::caller(&req);
+        authz::require(&state, &caller, &rtype, Perm::C, "create")?;
         let res = resource_body(&req, payload, &state, &rtype).await?;
         let if_none_exist = req.headers().get("if-none-exist").map(|v| v.to_str().unwrap_or("").to_string());
+        if if_none_exist.is_some() {
+            authz::require(&state, &caller, &rtype, Perm::S, "create")?;
+        }
         let id = new_id();
+        authz::check_write(&state, &caller, &rtype, &id, Perm::C, &res)?;
         commit_one(&req, &state.repo, &f, |plan| {
             interactions::create(plan, &rtype, &id, &res, if_none_exist.as_deref())
         })
@@ -140,7 +149,15 @@ pub async fn update(
     let result = async {
         let f = Format::negotiate(&req)?;
         check_id(&id)?;
+        let caller = authz::caller(&req);
+        authz::require(&state, &caller, &rtype, Perm::U, "update")?;
         let res = resource_body(&req, payload, &state, &rtype).await?;
+        if state.repo.view().current(&rtype, &id)?.is_some_and(|c| !c.deleted) {
+            authz::check_visible(&state, &caller, &rtype, &id, "update")?;
+        } else {
+            authz::require(&state, &caller, &rtype, Perm::C, "create")?;
+        }
+        authz::check_write(&state, &caller, &rtype, &id, Perm::U, &res)?;
         match res.get("id").and_then(Json::as_str) {
             Some(body_id) if body_id == id => {}
             Some(body_id) => {
@@ -168,9 +185,13 @@ pub async fn conditional_update(
     let rtype = path.into_inner();
     let result = async {
         let f = Format::negotiate(&req)?;
+        let caller = authz::caller(&req);
+        authz::require(&state, &caller, &rtype, Perm::U, "update")?;
+        authz::require(&state, &caller, &rtype, Perm::S, "update")?;
         let res = resource_body(&req, payload, &state, &rtype).await?;
         let query = req.query_string().to_string();
         let id = new_id();
+        authz::check_write(&state, &caller, &rtype, &id, Perm::U, &res)?;
         commit_one(&req, &state.repo, &f, |plan| interactions::conditional_update(plan, &rtype, &query, &res, &id))
             .await
     }
@@ -189,6 +210,9 @@ pub async fn patch(
         let f = Format::negotiate(&req)?;
         check_type(&state.repo, &rtype)?;
         check_id(&id)?;
+        let caller = authz::caller(&req);
+        authz::require(&state, &caller, &rtype, Perm::U, "patch")?;
+        authz::check_visible(&state, &caller, &rtype, &id, "patch")?;
         let ct = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
         if !ct.starts_with("application/json-patch+json") {
             return Err(FhirError::new(
@@ -217,6 +241,7 @@ pub async fn patch(
                 e.status = 422;
                 e
             })?;
+            authz::check_write(&state, &caller, &rtype, &id, Perm::U, &doc)?;
             interactions::update(plan, &rtype, &id, &doc, Some(current.version))
         })
         .await
@@ -231,6 +256,11 @@ pub async fn delete(req: HttpRequest, path: web::Path<(String, String)>, state: 
         let f = Format::negotiate(&req)?;
         check_type(&state.repo, &rtype)?;
         check_id(&id)?;
+        let caller = authz::caller(&req);
+        authz::require(&state, &caller, &rtype, Perm::D, "delete")?;
+        if state.repo.view().current(&rtype, &id)?.is_some_and(|c| !c.deleted) {
+            authz::check_visible(&state, &caller, &rtype, &id, "delete")?;
+        }
         let if_match = parse_etag(req.headers(), header::IF_MATCH)?;
         commit_one(&req, &state.repo, &f, |plan| interactions::delete(plan, &rtype, &id, if_match)).await
     }
@@ -243,6 +273,12 @@ pub async fn conditional_delete(req: HttpRequest, path: web::Path<String>, state
     let result = async {
         let f = Format::negotiate(&req)?;
         check_type(&state.repo, &rtype)?;
+        let caller = authz::caller(&req);
+        authz::require(&state, &caller, &rtype, Perm::D, "delete")?;
+        authz::require(&state, &caller, &rtype, Perm::S, "delete")?;
+        if caller.confined(&rtype, Perm::D) {
+            return Err(authz::forbidden_logged(&state, &caller, "delete", "conditional delete needs a user/ or system/ scope without a query restriction"));
+        }
         let query = req.query_string().to_string();
         commit_one(&req, &state.repo, &f, |plan| interactions::conditional_delete(plan, &rtype, &query)).await
     }
@@ -279,7 +315,11 @@ pub async fn read(req: HttpRequest, path: web::Path<(String, String)>, state: we
         let f = Format::negotiate(&req)?;
         check_type(&state.repo, &rtype)?;
         check_id(&id).map_err(|_| FhirError::not_found(&format!("{rtype}/{id}")))?;
+        let caller = authz::caller(&req);
+        authz::require(&state, &caller, &rtype, Perm::R, "read")?;
         super::read_barrier(&req, &state.repo).await?;
+        // Hidden and missing look the same: a 404 before anything is read.
+        let disclosed = authz::check_visible(&state, &caller, &rtype, &id, "read")?;
         let s = match state.repo.read(&rtype, &id) {
             Err(e) if e.status == 410 => {
                 // A deleted resource still tells its ETag, as HAPI and Blaze do.
@@ -297,6 +337,7 @@ pub async fn read(req: HttpRequest, path: web::Path<(String, String)>, state: we
             version_headers(&mut b, &s);
             return Ok(b.finish());
         }
+        authz::disclosed(&state, &caller, "read", &[(s.rtype.clone(), s.id.clone(), s.version)], &disclosed);
         read_response(&f, &s)
     }
     .await;
@@ -336,11 +377,15 @@ pub async fn vread(
         let what = format!("{rtype}/{id}/_history/{vid}");
         let version: u64 = vid.parse().map_err(|_| FhirError::not_found(&what))?;
         check_id(&id).map_err(|_| FhirError::not_found(&what))?;
+        let caller = authz::caller(&req);
+        authz::require(&state, &caller, &rtype, Perm::R, "vread")?;
         super::read_barrier(&req, &state.repo).await?;
+        let disclosed = authz::check_visible(&state, &caller, &rtype, &id, "vread")?;
         let s = state.repo.vread(&rtype, &id, version)?;
         if s.deleted {
             return Err(FhirError::gone(&what));
         }
+        authz::disclosed(&state, &caller, "vread", &[(s.rtype.clone(), s.id.clone(), s.version)], &disclosed);
         read_response(&f, &s)
     }
     .await;

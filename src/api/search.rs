@@ -7,6 +7,9 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use super::interactions::parse_query;
 use super::resource::{check_type, enc, link};
 use super::{base_url, json_response, prefer_lenient, read_barrier, read_body, respond, AppState};
+use super::authz;
+use crate::auth::scopes::Perm;
+use crate::auth::Caller;
 use crate::error::FhirError;
 use crate::fhir::json::Json;
 use crate::repo::Repo;
@@ -50,6 +53,9 @@ pub async fn compartment(
     state: web::Data<AppState>,
 ) -> HttpResponse {
     let (ctype, id, rtype) = path.into_inner();
+    if ctype == "Patient" && rtype == "$access-report" {
+        return super::report::access_report(&req, &state, &id).await;
+    }
     let params = parse_query(req.query_string());
     answer(&req, &state, Scope::Compartment { ctype, id, rtype }, params).await
 }
@@ -74,20 +80,35 @@ async fn answer(req: &HttpRequest, state: &AppState, scope: Scope, params: Vec<(
     }
     let base = base_url(req);
     let lenient = prefer_lenient(req);
+    let caller = authz::caller(req);
+    let who = Who { state, caller: &caller };
     // Run on the worker: a search over the in-memory index takes about as long as a hand-off
     // to the blocking pool and back (measured: the context switches dominated the profile).
-    respond(req, |f| Ok(json_response(200, &bundle_for(&state.repo, &base, scope, &params, lenient)?, f)))
+    respond(req, |f| Ok(json_response(200, &bundle_for(&who, &base, scope, &params, lenient)?, f)))
+}
+
+/// Who searches: the state (for logging) and the caller (for scopes and visibility).
+pub struct Who<'a> {
+    pub state: &'a AppState,
+    pub caller: &'a Caller,
+}
+
+impl Who<'_> {
+    fn require(&self, rtype: &str, interaction: &'static str) -> Result<(), FhirError> {
+        authz::require(self.state, self.caller, rtype, Perm::S, interaction)
+    }
 }
 
 fn bundle_for(
-    repo: &Repo,
+    who: &Who<'_>,
     base: &str,
     scope: Scope,
     params: &[(String, String)],
     lenient: bool,
 ) -> Result<Json, FhirError> {
+    let repo = &*who.state.repo;
     match scope {
-        Scope::Type(rtype) => search_bundle(repo, base, &rtype, params, lenient),
+        Scope::Type(rtype) => search_bundle(who, base, &rtype, params, lenient),
         Scope::System => {
             let types: Vec<String> = match params.iter().find(|(k, _)| k == "_type") {
                 Some((_, v)) => {
@@ -95,13 +116,24 @@ fn bundle_for(
                     for t in v.split(',') {
                         check_type(repo, t)
                             .map_err(|e| FhirError::invalid(e.issues[0].diagnostics.clone()).at("_type"))?;
+                        who.require(t, "search-system")?;
                         ts.push(t.to_string());
                     }
                     ts
                 }
-                None => repo.profiles.resource_types().to_vec(),
+                // Without _type: every type the caller may search.
+                None => repo
+                    .profiles
+                    .resource_types()
+                    .iter()
+                    .filter(|t| who.caller.require(t, Perm::S).is_ok())
+                    .cloned()
+                    .collect(),
             };
-            searchset(repo, base, base, &types, params, lenient, None)
+            if types.is_empty() {
+                return Err(who.caller.require("*", Perm::S).unwrap_err());
+            }
+            searchset(who, base, base, &types, params, lenient, None)
         }
         Scope::Compartment { ctype, id, rtype } => {
             if ctype != "Patient" {
@@ -121,20 +153,26 @@ fn bundle_for(
                 }
                 vec![rtype.clone()]
             };
+            let types: Vec<String> = if rtype == "*" {
+                types.into_iter().filter(|t| who.caller.require(t, Perm::S).is_ok()).collect()
+            } else {
+                who.require(&rtype, "search-type")?;
+                types
+            };
             let self_url = format!("{base}/Patient/{id}/{rtype}");
             if let [t] = types.as_slice() {
                 let f = patient_compartment(repo, t, &id);
-                return searchset(repo, base, &self_url, &types, params, lenient, Some(f));
+                return searchset(who, base, &self_url, &types, params, lenient, Some(f));
             }
             // `*`: every type of the compartment, each with its own compartment parameters.
             let p: Vec<(String, String)> = params.iter().filter(|(k, _)| k != "_type").cloned().collect();
-            searchset_compartment_all(repo, base, &self_url, &types, &p, lenient, &id)
+            searchset_compartment_all(who, base, &self_url, &types, &p, lenient, &id)
         }
     }
 }
 
 fn searchset_compartment_all(
-    repo: &Repo,
+    who: &Who<'_>,
     base: &str,
     self_url: &str,
     types: &[String],
@@ -144,6 +182,8 @@ fn searchset_compartment_all(
 ) -> Result<Json, FhirError> {
     // One search per type keeps each type's compartment parameters; ids come back in
     // creation order per type.
+    let repo = &*who.state.repo;
+    let access = who.state.auth.access(who.caller);
     let mut entries = Vec::new();
     let mut total = 0;
     for t in types {
@@ -151,9 +191,10 @@ fn searchset_compartment_all(
         // Each type's total is summed, so each must be counted.
         let mut p = params.to_vec();
         p.push(("_total".into(), "accurate".into()));
-        let found = search::run(repo, base, std::slice::from_ref(t), &p, lenient, Some(f))?;
+        let (found, disclosed) = search::run(repo, base, std::slice::from_ref(t), &p, lenient, Some(f), access.as_ref())?;
         total += found.total.unwrap_or_default();
         entries.extend(entries_of(repo, base, &found)?);
+        log(who, "search-type", &found, &disclosed);
     }
     Ok(bundle(self_url, params, Some(total), Vec::new(), entries))
 }
@@ -166,18 +207,26 @@ fn patient_compartment(repo: &Repo, t: &str, id: &str) -> Filter {
 
 /// Runs a search and builds its `searchset` Bundle (shared with GET entries of batches).
 pub fn search_bundle(
-    repo: &Repo,
+    who: &Who<'_>,
     base: &str,
     rtype: &str,
     params: &[(String, String)],
     lenient: bool,
 ) -> Result<Json, FhirError> {
-    check_type(repo, rtype)?;
-    searchset(repo, base, &format!("{base}/{rtype}"), &[rtype.to_string()], params, lenient, None)
+    check_type(&who.state.repo, rtype)?;
+    who.require(rtype, "search-type")?;
+    searchset(who, base, &format!("{base}/{rtype}"), &[rtype.to_string()], params, lenient, None)
+}
+
+/// Logs the resources a page disclosed (matches and includes).
+fn log(who: &Who<'_>, interaction: &'static str, found: &search::Found, d: &search::Disclosed) {
+    let shown: Vec<(String, String, u64)> =
+        found.matches.iter().chain(&found.included).map(|h| (h.rtype.clone(), h.id.clone(), h.version)).collect();
+    authz::disclosed(who.state, who.caller, interaction, &shown, d);
 }
 
 fn searchset(
-    repo: &Repo,
+    who: &Who<'_>,
     base: &str,
     self_url: &str,
     types: &[String],
@@ -185,8 +234,11 @@ fn searchset(
     lenient: bool,
     extra: Option<Filter>,
 ) -> Result<Json, FhirError> {
-    let found = search::run(repo, base, types, params, lenient, extra)?;
+    let repo = &*who.state.repo;
+    let access = who.state.auth.access(who.caller);
+    let (found, disclosed) = search::run(repo, base, types, params, lenient, extra, access.as_ref())?;
     let mut entries = entries_of(repo, base, &found)?;
+    log(who, if types.len() > 1 { "search-system" } else { "search-type" }, &found, &disclosed);
     if !found.search.ignored.is_empty() {
         let oo = crate::error::outcome(&[crate::error::Issue {
             severity: "warning",

@@ -304,7 +304,7 @@ impl Repo {
     }
 
     /// The compartment whose data key encrypts this resource: the patient it belongs to.
-    fn compartment_of(&self, rtype: &str, id: &str, res: &Json) -> String {
+    pub fn compartment_of(&self, rtype: &str, id: &str, res: &Json) -> String {
         if rtype == "Patient" {
             return format!("Patient/{id}");
         }

@@ -43,6 +43,9 @@ pub struct Ctx<'a> {
     pub profiles: &'a crate::fhir::profiles::Profiles,
     pub repo: &'a Repo,
     pub now_ms: i64,
+    /// What the caller may see: everything else is left out of matches, chains, `_has` and
+    /// `_list` alike, so no condition can reveal a hidden resource.
+    pub guard: Option<&'a crate::auth::access::Guard<'a>>,
 }
 
 impl Ctx<'_> {
@@ -73,16 +76,21 @@ impl Ctx<'_> {
         }
         let known = |s: &str, c: &str| self.profiles.is_known_code(s, c);
         let mut out = Vec::new();
+        let seen = |k: DocKey, d: &Doc| self.visible(rtype, k, d);
         match candidates(docs, &conds, known) {
             Some((keys, exact)) => {
                 let rest: Vec<&Cond> = conds.iter().zip(&exact).filter(|(_, e)| !**e).map(|(c, _)| c).collect();
+                if let (true, Some(_)) = (rest.is_empty(), self.guard) {
+                    let keys = keys.into_iter().filter(|k| docs.docs.get(k).is_some_and(|d| seen(*k, d))).collect();
+                    return Ok((keys, true));
+                }
                 if rest.is_empty() {
                     // Postings list live documents only, and they decided every condition.
                     return Ok((keys, true));
                 }
                 for k in keys.into_iter().filter(|k| !skip(*k)) {
                     let Some(d) = docs.docs.get(&k) else { continue };
-                    if rest.iter().all(|c| self.holds(c, d)) && self.text_holds(rtype, &conds, d)? {
+                    if rest.iter().all(|c| self.holds(c, d)) && seen(k, d) && self.text_holds(rtype, &conds, d)? {
                         out.push(k);
                         if out.len() >= limit {
                             return Ok((out, false));
@@ -93,7 +101,7 @@ impl Ctx<'_> {
             None => {
                 let from = after.map_or(0, |a| a.saturating_add(1));
                 for (k, d) in docs.docs.range(from..) {
-                    if conds.iter().all(|c| self.holds(c, d)) && self.text_holds(rtype, &conds, d)? {
+                    if conds.iter().all(|c| self.holds(c, d)) && seen(*k, d) && self.text_holds(rtype, &conds, d)? {
                         out.push(*k);
                         if out.len() >= limit {
                             return Ok((out, false));
@@ -104,6 +112,11 @@ impl Ctx<'_> {
         }
         // Ran to the end: the whole set, unless it started after a cursor.
         Ok((out, after.is_none()))
+    }
+
+    /// Whether the caller may see this document (always, without a guard).
+    pub fn visible(&self, rtype: &str, key: DocKey, doc: &Doc) -> bool {
+        self.guard.is_none_or(|g| g.visible(self.repo.compartments(), rtype, key, doc))
     }
 
     fn resolve<'f>(&self, rtype: &str, f: &'f Filter) -> Result<Cond<'f>, FhirError> {
@@ -146,7 +159,7 @@ impl Ctx<'_> {
                 let mut ids = BTreeSet::new();
                 if let Some(d) = self.idx.of("List") {
                     for l in lists {
-                        if let Some((_, doc)) = d.doc(l) {
+                        if let Some((_, doc)) = d.doc(l).filter(|(k, doc)| self.visible("List", *k, doc)) {
                             for v in doc.get("item") {
                                 if let Value::Ref { rtype: Some(t), id: Some(id), .. } = v {
                                     if t == rtype {

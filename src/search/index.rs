@@ -49,6 +49,9 @@ pub struct TypeDocs {
     pub postings: HashMap<String, HashMap<String, BTreeSet<DocKey>>>,
     /// Parameter code → date and number/quantity values in order, for range prefixes.
     pub ordered: HashMap<String, Ordered>,
+    /// Counts inserts and removals, so caches derived from these documents know when to
+    /// rebuild (the consent engine's book of Consents).
+    pub changes: u64,
 }
 
 /// Ordered values of one parameter: narrow values by (unit, value), wide ones (periods
@@ -117,6 +120,7 @@ impl TypeDocs {
     fn remove(&mut self, id: &str) {
         let Some(key) = self.by_id.remove(id) else { return };
         let Some(doc) = self.docs.remove(&key) else { return };
+        self.changes += 1;
         for (code, vals) in &doc.values {
             for v in vals {
                 for pk in posting_keys(v) {
@@ -177,6 +181,7 @@ impl TypeDocs {
         }
         self.by_id.insert(doc.id.clone(), key);
         self.docs.insert(key, doc);
+        self.changes += 1;
     }
 }
 

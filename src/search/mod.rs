@@ -71,6 +71,60 @@ pub struct Hit {
     pub rtype: String,
     pub id: String,
     pub leaf: u64,
+    pub version: u64,
+}
+
+/// What a guarded search disclosed and withheld, for the disclosure log.
+#[derive(Default, Debug)]
+pub struct Disclosed {
+    /// The patients each returned resource belongs to, by `(type, id)`.
+    pub patients: std::collections::HashMap<(String, String), Vec<String>>,
+    pub broke_glass: bool,
+    pub consent_hid: bool,
+}
+
+/// A resource as the guard needs to decide on it (for a read or a write outside a search).
+pub fn visible(repo: &Repo, access: &crate::auth::access::Access<'_>, rtype: &str, id: &str) -> Result<(bool, Disclosed), FhirError> {
+    let engine = repo.search();
+    let idx = engine.current(repo)?;
+    let guard = guard_for(repo, &idx, access, false)?;
+    let Some((key, doc)) = idx.of(rtype).and_then(|d| d.doc(id)) else { return Ok((false, Disclosed::default())) };
+    let ok = guard.visible(repo.compartments(), rtype, key, doc);
+    let mut d = Disclosed {
+        broke_glass: guard.broke_glass.load(std::sync::atomic::Ordering::Relaxed),
+        consent_hid: guard.consent_hid.load(std::sync::atomic::Ordering::Relaxed),
+        ..Default::default()
+    };
+    d.patients.insert((rtype.to_string(), id.to_string()), crate::auth::access::patients_of(repo.compartments(), rtype, doc));
+    Ok((ok, d))
+}
+
+/// The index and a guard over it, for checking many resources (history pages): each check is
+/// `guard.visible(compartments, type, key, doc)` on a document of the index.
+pub fn visibility<'r, 'c>(
+    repo: &'r Repo,
+    access: &crate::auth::access::Access<'c>,
+) -> Result<(std::sync::RwLockReadGuard<'r, Index>, crate::auth::access::Guard<'c>), FhirError> {
+    let idx = repo.search().current(repo)?;
+    let guard = guard_for(repo, &idx, access, false)?;
+    Ok((idx, guard))
+}
+
+fn guard_for<'c>(
+    repo: &Repo,
+    idx: &Index,
+    access: &crate::auth::access::Access<'c>,
+    write: bool,
+) -> Result<crate::auth::access::Guard<'c>, FhirError> {
+    let book = access.books.get(repo, idx)?;
+    let engine = repo.search();
+    crate::auth::access::Guard::new(access.caller, idx, book, access.default, write, |t, q| {
+        let parser = Parser { idx, profiles: engine.profiles(), base: "", lenient: false };
+        let search = parser.parse(&[t.to_string()], q)?;
+        let ctx = Ctx { idx, profiles: engine.profiles(), repo, now_ms: crate::fhir::now_ms(), guard: None };
+        let filters = search.types.first().map(|(_, f)| f.as_slice()).unwrap_or(&[]);
+        ctx.matches(t, filters)
+    })
 }
 
 /// Runs a search over `types` (one type, or several for a system-level search), with
@@ -82,9 +136,21 @@ pub fn run(
     params: &[(String, String)],
     lenient: bool,
     extra: Option<Filter>,
-) -> Result<Found, FhirError> {
+    access: Option<&crate::auth::access::Access<'_>>,
+) -> Result<(Found, Disclosed), FhirError> {
     let engine = repo.search();
     let idx = engine.current(repo)?;
+    let guard = access.map(|a| guard_for(repo, &idx, a, false)).transpose()?;
+    let disclosed = |found: &Found, idx: &Index| -> Disclosed {
+        let Some(g) = &guard else { return Disclosed::default() };
+        let hits: Vec<(String, String)> =
+            found.matches.iter().chain(&found.included).map(|h| (h.rtype.clone(), h.id.clone())).collect();
+        Disclosed {
+            patients: crate::auth::access::patients_by_hit(idx, repo.compartments(), &hits),
+            broke_glass: g.broke_glass.load(std::sync::atomic::Ordering::Relaxed),
+            consent_hid: g.consent_hid.load(std::sync::atomic::Ordering::Relaxed),
+        }
+    };
     let parser = Parser { idx: &idx, profiles: engine.profiles(), base, lenient };
     let mut search = parser.parse(types, params)?;
     if let Some(f) = extra {
@@ -92,7 +158,7 @@ pub fn run(
             filters.push(f.clone());
         }
     }
-    let ctx = Ctx { idx: &idx, profiles: engine.profiles(), repo, now_ms: crate::fhir::now_ms() };
+    let ctx = Ctx { idx: &idx, profiles: engine.profiles(), repo, now_ms: crate::fhir::now_ms(), guard: guard.as_ref() };
     let cursor_key = cursor_key(repo);
     let cursor = search.cursor.as_deref().map(|c| open_cursor(&cursor_key, c)).transpose()?;
     if cursor.as_ref().is_some_and(|(_, at)| at.vals.len() != search.sort.len()) {
@@ -128,11 +194,13 @@ pub fn run(
             let matches: Vec<Hit> = page
                 .iter()
                 .filter_map(|p| idx.of(t).and_then(|d| d.docs.get(&p.doc)))
-                .map(|d| Hit { rtype: t.clone(), id: d.id.clone(), leaf: d.leaf })
+                .map(|d| Hit { rtype: t.clone(), id: d.id.clone(), leaf: d.leaf, version: d.version })
                 .collect();
-            let included = includes(&idx, &search.include, &search.revinclude, &matches);
+            let included = includes(&ctx, &search.include, &search.revinclude, &matches);
+            let found = Found { search, matches, included, total: None, next, previous };
+            let d = disclosed(&found, &idx);
             drop(idx);
-            return Ok(Found { search, matches, included, total: None, next, previous });
+            return Ok((found, d));
         }
         computed = Some(keys);
     }
@@ -176,21 +244,26 @@ pub fn run(
     let previous = (start > 0 && paged).then(|| page.first().map(|p| seal_cursor(&cursor_key, false, p))).flatten();
     let hit = |p: &Position| {
         let t: &str = if p.rtype.is_empty() { &search.types[0].0 } else { &p.rtype };
-        idx.of(t).and_then(|d| d.docs.get(&p.doc)).map(|d| Hit { rtype: t.to_string(), id: d.id.clone(), leaf: d.leaf })
+        idx.of(t)
+            .and_then(|d| d.docs.get(&p.doc))
+            .map(|d| Hit { rtype: t.to_string(), id: d.id.clone(), leaf: d.leaf, version: d.version })
     };
     let matches: Vec<Hit> = page.iter().filter_map(hit).collect();
     let included = if search.summary == query::Summary::Count {
         Vec::new()
     } else {
-        includes(&idx, &search.include, &search.revinclude, &matches)
+        includes(&ctx, &search.include, &search.revinclude, &matches)
     };
+    let found = Found { search, matches, included, total: Some(total), next, previous };
+    let d = disclosed(&found, &idx);
     drop(idx);
-    Ok(Found { search, matches, included, total: Some(total), next, previous })
+    Ok((found, d))
 }
 
 /// Resources the page's matches `_include` and that `_revinclude` them, iterating (up to a
 /// bound) for the `:iterate` ones.
-fn includes(idx: &Index, inc: &[Include], rev: &[Include], matches: &[Hit]) -> Vec<Hit> {
+fn includes(ctx: &Ctx, inc: &[Include], rev: &[Include], matches: &[Hit]) -> Vec<Hit> {
+    let idx = ctx.idx;
     const MAX_ROUNDS: usize = 8;
     const MAX_INCLUDED: usize = 10_000;
     if inc.is_empty() && rev.is_empty() {
@@ -246,9 +319,11 @@ fn includes(idx: &Index, inc: &[Include], rev: &[Include], matches: &[Hit]) -> V
         frontier.clear();
         for (t, k) in found {
             if seen.insert((t, k)) {
-                if let Some(d) = idx.of(t).and_then(|docs| docs.docs.get(&k)) {
-                    out.push(Hit { rtype: t.to_string(), id: d.id.clone(), leaf: d.leaf });
-                }
+                // What the caller may not see is neither returned nor followed further.
+                let Some(d) = idx.of(t).and_then(|docs| docs.docs.get(&k)).filter(|d| ctx.visible(t, k, d)) else {
+                    continue;
+                };
+                out.push(Hit { rtype: t.to_string(), id: d.id.clone(), leaf: d.leaf, version: d.version });
                 frontier.push((t, k));
             }
         }

@@ -1,10 +1,12 @@
 //! One integration-test binary (faster builds, shared helpers): in-process HTTP tests of
 //! every FHIR interaction, and real-process tests against the `fhir-ledger` binary.
 
+mod auth;
 mod cluster;
 mod http;
 mod lincheck;
 mod process;
 mod search;
+mod smart;
 mod support;
 mod tamper;

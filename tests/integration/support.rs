@@ -23,6 +23,7 @@ pub fn config(dir: &Path) -> Config {
         data_dir: Some(dir.to_path_buf()),
         profiles_dir: Some(profiles_dir()),
         max_body_bytes: Some(1024 * 1024),
+        auth: Some("off".into()),
         ..Default::default()
     };
     Config::resolve(&args).expect("test config")
@@ -43,7 +44,8 @@ pub async fn app_with_admin(
     repo: Arc<Repo>,
     admin: fhir_ledger::api::admin::AdminConfig,
 ) -> impl Service<actix_http::Request, Response = ServiceResponse, Error = actix_web::Error> {
-    let state = web::Data::new(AppState { repo, max_body_bytes: 1024 * 1024, admin });
+    let auth = std::sync::Arc::new(fhir_ledger::auth::Auth::disabled());
+    let state = web::Data::new(AppState { repo, max_body_bytes: 1024 * 1024, admin, auth });
     test::init_service(App::new().app_data(state).configure(api::configure)).await
 }
 
@@ -67,9 +69,18 @@ impl Server {
 
     /// A server with extra flags and environment variables; waits until it listens.
     pub fn launch(data_dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Server {
+        Self::spawn_with(data_dir, "off", extra, env)
+    }
+
+    /// [`Server::launch`] with SMART-on-FHIR authorization on (`--auth smart`).
+    pub fn launch_auth(data_dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Server {
+        Self::spawn_with(data_dir, "smart", extra, env)
+    }
+
+    fn spawn_with(data_dir: &Path, auth: &str, extra: &[&str], env: &[(&str, &str)]) -> Server {
         let listen = if extra.contains(&"--listen") { &[][..] } else { &["--listen", "127.0.0.1:0"][..] };
         let mut child = Command::new(env!("CARGO_BIN_EXE_fhir-ledger"))
-            .args(["serve", "--auth", "off"])
+            .args(["serve", "--auth", auth])
             .args(listen)
             .args(extra)
             .arg("--data-dir")

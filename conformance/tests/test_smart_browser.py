@@ -1,0 +1,190 @@
+"""The SMART login, consent and patient portal pages in a real browser (headless Chromium).
+
+Selenium drives Debian's chromium through Debian's chromedriver (run.sh installs both);
+SE_OFFLINE keeps Selenium Manager from fetching any driver or browser of its own.
+"""
+import os
+import secrets
+import urllib.parse
+
+import pytest
+
+from smart_support import (
+    artifacts_dir,
+    authorize_url,
+    exchange_code,
+    fhir_get,
+    pkce_pair,
+    png_summary,
+    unique,
+    wait_for_status,
+)
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+WAIT = 20
+
+
+def extension_values(value, url, inside=False):
+    """Every value[x] string of the extensions with this url, wherever they sit in a resource."""
+    out = []
+    if isinstance(value, dict):
+        here = inside or value.get("url") == url
+        for k, v in value.items():
+            if here and k.startswith("value") and isinstance(v, str):
+                out.append(v)
+            else:
+                out += extension_values(v, url, here and k == "extension")
+    elif isinstance(value, list):
+        for v in value:
+            out += extension_values(v, url, inside)
+    return out
+
+
+@pytest.fixture(scope="module")
+def artifacts():
+    return artifacts_dir()
+
+
+@pytest.fixture
+def browser(request, artifacts):
+    os.environ["SE_OFFLINE"] = "true"
+    from selenium import webdriver
+
+    for path in (CHROMIUM, CHROMEDRIVER):
+        if not os.access(path, os.X_OK):
+            pytest.fail(f"{path} is missing: run conformance/run.sh, which installs chromium and chromium-driver")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,1000"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(WAIT)
+    yield driver
+    # What the browser showed last, for whoever reads a failure.
+    try:
+        name = request.node.name
+        driver.save_screenshot(os.path.join(artifacts, f"{name}-last.png"))
+        with open(os.path.join(artifacts, f"{name}-last.html"), "w", encoding="utf-8") as f:
+            f.write(driver.page_source)
+    except Exception:
+        pass
+    driver.quit()
+
+
+def test_consent_in_browser_then_withdraw_in_portal(smart_base, smart_admin, smart_config, smart_backend,
+                                                    callback_server, patient_user, browser, artifacts):
+    from selenium.common.exceptions import (ElementClickInterceptedException, ElementNotInteractableException,
+                                            NoAlertPresentException)
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(browser, WAIT)
+    scopes = ["launch/patient", "openid", "fhirUser", "patient/Patient.rs", "patient/Observation.rs"]
+    scope = " ".join(scopes)
+    app_name = unique("Conformance Browser App")
+    cid = smart_admin.register_client(app_name, "none", [callback_server.url], scope=scope)["client_id"]
+    smart_backend.create({
+        "resourceType": "Observation", "status": "final",
+        "code": {"coding": [{"system": "http://loinc.org", "code": "8302-2"}]},
+        "subject": {"reference": f"Patient/{patient_user.id}"},
+        "valueQuantity": {"value": 170, "unit": "cm", "system": "http://unitsofmeasure.org", "code": "cm"}})
+
+    verifier, challenge = pkce_pair()
+    state = secrets.token_urlsafe(16)
+    browser.get(authorize_url(smart_config, cid, callback_server.url, scope, smart_base, challenge, state))
+
+    # Login page.
+    wait.until(EC.element_to_be_clickable((By.ID, "login-submit")))
+    browser.find_element(By.CSS_SELECTOR, "form#login input[name='username']").send_keys(patient_user.username)
+    browser.find_element(By.CSS_SELECTOR, "form#login input[name='password']").send_keys(patient_user.password)
+    browser.find_element(By.ID, "login-submit").click()
+
+    # Consent page: names the app, one ticked checkbox per requested scope, each with a label.
+    wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "form#consent")))
+    wait.until(EC.element_to_be_clickable((By.ID, "approve")))
+    assert any(c["name"] == "fl_session" for c in browser.get_cookies()), browser.get_cookies()
+    assert app_name.casefold() in browser.find_element(By.TAG_NAME, "body").text.casefold()
+    boxes = browser.find_elements(By.CSS_SELECTOR, "form#consent input[type='checkbox'][name='scope']")
+    assert [b.get_attribute("value") for b in boxes] == scopes
+    for n, box in enumerate(boxes):
+        assert box.get_attribute("id") == f"scope-{n}"
+        assert box.is_selected(), f"scope-{n} is not ticked"
+        labels = browser.find_elements(By.CSS_SELECTOR, f"label[for='scope-{n}']")
+        assert len(labels) == 1 and labels[0].text.strip(), f"no label explains scope-{n}"
+
+    # The patient keeps Observations to themself.
+    n = scopes.index("patient/Observation.rs")
+    box = browser.find_element(By.ID, f"scope-{n}")
+    try:
+        box.click()
+    except (ElementNotInteractableException, ElementClickInterceptedException):
+        browser.find_element(By.CSS_SELECTOR, f"label[for='scope-{n}']").click()  # a styled checkbox
+    assert not browser.find_element(By.ID, f"scope-{n}").is_selected()
+    assert all(browser.find_element(By.ID, f"scope-{i}").is_selected() for i in range(len(scopes)) if i != n)
+
+    shot = os.path.join(artifacts, "smart-consent.png")
+    assert browser.save_screenshot(shot)
+    png = png_summary(shot)
+    assert png["width"] >= 800 and png["height"] >= 600, png
+    assert png["bytes"] > 5_000, png  # a page, not an empty canvas
+    assert png["colours"] >= 16 and png["dominant"] < 0.995, f"the consent page renders (nearly) one colour: {png}"
+
+    browser.find_element(By.ID, "approve").click()
+    q = callback_server.wait(timeout=WAIT)
+    assert q.get("state") == state and q.get("code"), q
+    wait.until(lambda d: d.current_url.startswith(callback_server.url))
+
+    r = exchange_code(smart_config, q["code"], callback_server.url, verifier, cid)
+    assert r.status_code == 200, r.text
+    t = r.json()
+    granted = set(t["scope"].split())
+    assert "patient/Observation.rs" not in granted, t
+    assert "patient/Patient.rs" in granted, t
+    assert t["patient"] == patient_user.id, t
+    token = t["access_token"]
+
+    denied = fhir_get(smart_base, f"Observation?patient={patient_user.id}", token)
+    assert denied.status_code == 403, denied.text
+    assert denied.json()["resourceType"] == "OperationOutcome" and denied.json()["issue"][0]["code"] == "forbidden"
+    me = fhir_get(smart_base, f"Patient/{patient_user.id}", token)
+    assert me.status_code == 200 and me.json()["id"] == patient_user.id, me.text
+
+    # Approving wrote a Consent through the ledger for exactly what was approved.
+    assert t.get("consent", "").startswith("Consent/"), t
+    consent_id = t["consent"].split("/", 1)[1]
+    consent = smart_backend.read(t["consent"])
+    assert consent["status"] == "active", consent
+    assert consent["patient"]["reference"] == f"Patient/{patient_user.id}", consent
+    actors = [a.get("reference", {}).get("identifier", {}) for a in consent["provision"].get("actor", [])]
+    assert {"system": "urn:fhir-ledger:client", "value": cid} in [
+        {"system": i.get("system"), "value": i.get("value")} for i in actors], consent
+    classes = {c.get("code") for c in consent["provision"].get("class", [])}
+    assert "Patient" in classes and "Observation" not in classes, consent
+    recorded = " ".join(extension_values(consent, "urn:fhir-ledger:StructureDefinition/smart-scopes")).split()
+    assert "patient/Patient.rs" in recorded and "patient/Observation.rs" not in recorded, consent
+
+    # The portal, in the same browser (its fl_session cookie): the app, the report, withdraw.
+    browser.get(smart_config["management_endpoint"])
+    wait.until(EC.presence_of_element_located((By.ID, "access-report")))
+    assert browser.find_element(By.ID, "access-report").tag_name.lower() == "table"
+    assert app_name.casefold() in browser.find_element(By.TAG_NAME, "body").text.casefold()
+    withdraw = wait.until(EC.element_to_be_clickable((By.ID, f"withdraw-{consent_id}")))
+    form = withdraw.find_element(By.XPATH, "./ancestor::form")
+    assert (form.get_attribute("method") or "").lower() == "post"
+    action = urllib.parse.urlsplit(form.get_attribute("action")).path
+    assert action == f"/portal/apps/{consent_id}/withdraw", action
+    browser.save_screenshot(os.path.join(artifacts, "smart-portal.png"))
+
+    withdraw.click()
+    try:  # a confirm() dialog, if the page asks
+        browser.switch_to.alert.accept()
+    except NoAlertPresentException:
+        pass
+    wait.until(EC.staleness_of(withdraw))
+
+    r = wait_for_status(lambda: fhir_get(smart_base, f"Patient/{patient_user.id}", token), 401)
+    assert r.status_code == 401, f"after withdrawing, the app's token still gets {r.status_code}"
+    assert 'error="invalid_token"' in r.headers.get("WWW-Authenticate", ""), r.headers
+    assert smart_backend.read(t["consent"])["status"] != "active"

@@ -1,0 +1,34 @@
+//! `GET /Patient/{id}/$access-report`: who accessed the patient's data, what, how many times
+//! and when last, summed from the disclosure log (AuditEvents on the ledger).
+
+use actix_web::{HttpRequest, HttpResponse};
+
+use super::{authz, json_response, respond, AppState};
+use crate::auth::scopes::{Context, Perm};
+use crate::error::FhirError;
+
+pub async fn access_report(req: &HttpRequest, state: &AppState, id: &str) -> HttpResponse {
+    let caller = authz::caller(req);
+    let allowed = (|| {
+        authz::require(state, &caller, "AuditEvent", Perm::S, "operation")?;
+        if !crate::fhir::is_valid_id(id) {
+            return Err(FhirError::not_found(&format!("Patient/{id}")));
+        }
+        // A patient-context caller sees only their own patient's report.
+        let patient_only = caller.covering("AuditEvent", Perm::S).all(|s| s.context == Context::Patient);
+        if !caller.unrestricted && patient_only && caller.patient() != Some(id) {
+            return Err(FhirError::not_found(&format!("Patient/{id}")));
+        }
+        authz::check_visible(state, &caller, "Patient", id, "operation")?;
+        Ok(())
+    })();
+    if let Err(e) = allowed {
+        return respond(req, |_| Err(e));
+    }
+    // Count every disclosure answered before this request.
+    state.auth.disclosures.flush().await;
+    respond(req, |f| {
+        let (total, accessors) = crate::disclosure::access_report(&state.repo, id)?;
+        Ok(json_response(200, &crate::disclosure::report_parameters(id, total, &accessors), f))
+    })
+}

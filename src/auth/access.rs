@@ -1,0 +1,216 @@
+//! What a caller may see, decided per resource over the search index: scopes (type,
+//! `patient/` compartment, v2 query restrictions) and then the patient's Consents. Searches
+//! filter with it before they count, page or include, and reads ask it before they answer, so
+//! a hidden resource is indistinguishable from a missing one.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use super::scopes::{Context, Perm};
+use super::Caller;
+use crate::config::ConsentDefault;
+use crate::consent::{Book, Decision, Request};
+use crate::error::FhirError;
+use crate::search::index::{Doc, DocKey, Index};
+use crate::search::values::Value;
+use crate::search::Compartments;
+
+/// A caller and what its visibility depends on, for one request.
+pub struct Access<'a> {
+    pub caller: &'a Caller,
+    pub books: &'a crate::consent::Books,
+    pub default: ConsentDefault,
+}
+
+/// Break-the-glass: a stated purpose of emergency treatment overrides Consent denials.
+pub const BREAK_THE_GLASS: &str = "ETREAT";
+
+pub struct Guard<'c> {
+    caller: &'c Caller,
+    book: Arc<Book>,
+    default: ConsentDefault,
+    /// Per scope of the caller (same order): the documents its query restriction admits.
+    restricted: Vec<Option<BTreeSet<(String, DocKey)>>>,
+    /// The CareTeams the user belongs to, and the other references they act as.
+    actors: Vec<String>,
+    /// Set when a Consent denial was overridden by break-the-glass.
+    pub broke_glass: AtomicBool,
+    /// Set when a Consent (or the opt-in default) hid something.
+    pub consent_hid: AtomicBool,
+    action: &'static str,
+}
+
+/// The patients a resource belongs to (its patient compartment memberships).
+pub fn patients_of(comps: &Compartments, rtype: &str, doc: &Doc) -> Vec<String> {
+    if rtype == "Patient" {
+        return vec![doc.id.clone()];
+    }
+    let mut out = Vec::new();
+    for code in comps.patient.get(rtype).into_iter().flatten() {
+        for v in doc.get(code) {
+            if let Value::Ref { rtype: Some(t), id: Some(id), .. } = v {
+                if t == "Patient" && !out.contains(id) {
+                    out.push(id.clone());
+                }
+            }
+        }
+    }
+    out
+}
+
+fn labels(doc: &Doc) -> Vec<String> {
+    doc.get("_security")
+        .iter()
+        .filter_map(|v| match v {
+            Value::Token { code: Some(c), .. } => Some(c.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn date_of(doc: &Doc) -> (i64, i64) {
+    doc.get("date")
+        .iter()
+        .find_map(|v| match v {
+            Value::Date { lo, hi } => Some((*lo, *hi)),
+            _ => None,
+        })
+        .unwrap_or((doc.last_updated_ms, doc.last_updated_ms + 1))
+}
+
+impl<'c> Guard<'c> {
+    /// A guard for `caller` over `idx`; `restrict` evaluates a scope's query restriction
+    /// into the documents it admits (a search without the guard).
+    pub fn new(
+        caller: &'c Caller,
+        idx: &Index,
+        book: Arc<Book>,
+        default: ConsentDefault,
+        write: bool,
+        mut restrict: impl FnMut(&str, &[(String, String)]) -> Result<Vec<DocKey>, FhirError>,
+    ) -> Result<Self, FhirError> {
+        let mut restricted = Vec::with_capacity(caller.scopes.len());
+        for s in &caller.scopes {
+            if s.query.is_empty() {
+                restricted.push(None);
+                continue;
+            }
+            let types: Vec<String> =
+                if s.rtype == "*" { idx.types.keys().cloned().collect() } else { vec![s.rtype.clone()] };
+            let mut set = BTreeSet::new();
+            for t in types {
+                // A restriction that does not parse for a type admits nothing of it.
+                if let Ok(keys) = restrict(&t, &s.query) {
+                    set.extend(keys.into_iter().map(|k| (t.clone(), k)));
+                }
+            }
+            restricted.push(Some(set));
+        }
+        let mut actors = Vec::new();
+        if let Some((t, id)) = &caller.user {
+            let me = format!("{t}/{id}");
+            if let Some(teams) = idx.of("CareTeam") {
+                for (_, d) in teams.postings.get("participant").and_then(|p| p.get(&me)).into_iter().flatten().filter_map(|k| teams.docs.get_key_value(k)) {
+                    actors.push(format!("CareTeam/{}", d.id));
+                }
+            }
+            actors.push(me);
+        }
+        if let Some(a) = &caller.client_actor {
+            actors.push(a.clone());
+        }
+        actors.push(format!("client:{}", caller.claims.client_id));
+        Ok(Self {
+            caller,
+            book,
+            default,
+            restricted,
+            actors,
+            broke_glass: AtomicBool::new(false),
+            consent_hid: AtomicBool::new(false),
+            action: if write { "correct" } else { "access" },
+        })
+    }
+
+    /// Whether the caller may see this resource: some scope granting `r` or `s` on its type
+    /// admits it (compartment, query restriction), and the patient's Consents permit it.
+    pub fn visible(&self, comps: &Compartments, rtype: &str, key: DocKey, doc: &Doc) -> bool {
+        if self.caller.unrestricted {
+            return true;
+        }
+        let patients = patients_of(comps, rtype, doc);
+        let in_compartment_types = comps.patient.contains_key(rtype) || rtype == "Patient";
+        let by_scope = self.caller.scopes.iter().enumerate().any(|(i, s)| {
+            s.covers(rtype)
+                && (s.allows(Perm::R) || s.allows(Perm::S))
+                && (s.context != Context::Patient
+                    || !in_compartment_types
+                    || self.caller.patient().is_some_and(|p| patients.iter().any(|x| x == p)))
+                && self.restricted[i].as_ref().is_none_or(|set| set.contains(&(rtype.to_string(), key)))
+        });
+        by_scope && self.consents(rtype, doc, &patients)
+    }
+
+    /// Whether a write of a resource belonging to `patients` stays within the caller's
+    /// `patient/` compartment (when every scope granting `perm` is a patient scope).
+    pub fn may_write(&self, rtype: &str, perm: Perm, patients: &[String]) -> bool {
+        if self.caller.unrestricted {
+            return true;
+        }
+        let in_compartment_types = rtype == "Patient" || !patients.is_empty();
+        self.caller.covering(rtype, perm).any(|s| {
+            s.context != Context::Patient
+                || !in_compartment_types
+                || self.caller.patient().is_some_and(|p| patients.iter().any(|x| x == p))
+        })
+    }
+
+    fn consents(&self, rtype: &str, doc: &Doc, patients: &[String]) -> bool {
+        let labels = labels(doc);
+        let date = date_of(doc);
+        for p in patients {
+            if self.caller.is_patient(p) {
+                continue;
+            }
+            // A patient-launched app acts on the patient's own approval (its grant Consent).
+            if self.caller.claims.consent.is_some() && self.caller.patient() == Some(p.as_str()) {
+                continue;
+            }
+            let req = Request {
+                actors: &self.actors,
+                purpose: self.caller.purpose.as_deref(),
+                action: self.action,
+                rtype,
+                id: &doc.id,
+                labels: &labels,
+                date_ms: Some(date),
+                now_ms: crate::fhir::now_ms(),
+            };
+            let decision = self.book.decide(p, &req).unwrap_or(match self.default {
+                ConsentDefault::OptOut => Decision::Permit,
+                ConsentDefault::OptIn => Decision::Deny,
+            });
+            if decision == Decision::Deny {
+                if self.caller.purpose.as_deref() == Some(BREAK_THE_GLASS) && self.caller.user.is_some() {
+                    self.broke_glass.store(true, Ordering::Relaxed);
+                    continue;
+                }
+                self.consent_hid.store(true, Ordering::Relaxed);
+                return false;
+            }
+        }
+        true
+    }
+}
+
+/// Which patient compartment each `Type/id` of a page belongs to, for the disclosure log.
+pub fn patients_by_hit(idx: &Index, comps: &Compartments, hits: &[(String, String)]) -> HashMap<(String, String), Vec<String>> {
+    let mut out = HashMap::new();
+    for (t, id) in hits {
+        if let Some((_, doc)) = idx.of(t).and_then(|d| d.doc(id)) {
+            out.insert((t.clone(), id.clone()), patients_of(comps, t, doc));
+        }
+    }
+    out
+}

@@ -1,0 +1,286 @@
+//! From a bearer token to a [`Caller`]: signature, issuer, audience and times checked (once
+//! per token, then cached), and on every request the grant, the patient's Consent and the
+//! client still live on the ledger, so a revocation stops the token on the next request.
+
+use std::sync::Arc;
+
+use serde_json::Value;
+
+use super::jose::{self, Alg};
+use super::scopes::{self, Context, Perm, ResourceScope};
+use super::store::{self, Client, Grant};
+use super::Auth;
+use crate::error::FhirError;
+use crate::repo::Repo;
+
+/// What a verified access token says.
+#[derive(Debug, Clone, Default)]
+pub struct Claims {
+    pub sub: String,
+    pub client_id: String,
+    pub scope: String,
+    pub exp: i64,
+    pub patient: Option<String>,
+    pub encounter: Option<String>,
+    pub fhir_user: Option<String>,
+    pub grant: Option<String>,
+    pub consent: Option<String>,
+    /// Set for tokens of an external issuer (their grants live elsewhere).
+    pub external: bool,
+}
+
+/// Who is calling, with what rights. Built for every FHIR request.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub claims: Arc<Claims>,
+    pub scopes: Vec<ResourceScope>,
+    /// `Practitioner/1` etc., parsed from `fhirUser`.
+    pub user: Option<(String, String)>,
+    /// The registered client's actor (`Organization/1`), for consent decisions.
+    pub client_actor: Option<String>,
+    pub client_name: String,
+    /// `X-Purpose-Of-Use` (v3 ActReason code), when the caller states one.
+    pub purpose: Option<String>,
+    /// Authorization off: everything is permitted and nothing is logged.
+    pub unrestricted: bool,
+}
+
+const LEEWAY_S: i64 = 30;
+
+pub fn unauthorized(why: impl Into<String>) -> FhirError {
+    FhirError::new(401, "security", why.into())
+}
+
+pub fn forbidden(why: impl Into<String>) -> FhirError {
+    FhirError::new(403, "forbidden", why.into())
+}
+
+impl Caller {
+    pub fn unrestricted() -> Self {
+        Self {
+            claims: Arc::new(Claims { sub: "anonymous".into(), client_id: "anonymous".into(), ..Default::default() }),
+            scopes: Vec::new(),
+            user: None,
+            client_actor: None,
+            client_name: String::new(),
+            purpose: None,
+            unrestricted: true,
+        }
+    }
+
+    /// The ledger actor of this caller's writes.
+    pub fn actor(&self) -> String {
+        if self.unrestricted {
+            return crate::api::resource::ANONYMOUS.to_string();
+        }
+        match &self.claims.fhir_user {
+            Some(u) => format!("{u} via {}", self.claims.client_id),
+            None => format!("client:{}", self.claims.client_id),
+        }
+    }
+
+    /// The launch patient of `patient/` scopes.
+    pub fn patient(&self) -> Option<&str> {
+        self.claims.patient.as_deref()
+    }
+
+    /// Whether the user is this patient (a patient reading their own record).
+    pub fn is_patient(&self, id: &str) -> bool {
+        self.user.as_ref().is_some_and(|(t, u)| t == "Patient" && u == id)
+    }
+
+    /// The scopes that grant `perm` on `rtype`.
+    pub fn covering<'a>(&'a self, rtype: &'a str, perm: Perm) -> impl Iterator<Item = &'a ResourceScope> + 'a {
+        self.scopes.iter().filter(move |s| s.covers(rtype) && s.allows(perm))
+    }
+
+    /// 403 unless some scope grants `perm` on `rtype`.
+    pub fn require(&self, rtype: &str, perm: Perm) -> Result<(), FhirError> {
+        if self.unrestricted || self.covering(rtype, perm).next().is_some() {
+            return Ok(());
+        }
+        Err(forbidden(format!(
+            "the access token's scopes do not permit '{}' on {rtype} (granted: {})",
+            perm.letter(),
+            if self.claims.scope.is_empty() { "none" } else { &self.claims.scope }
+        )))
+    }
+
+    /// Whether every scope granting `perm` on `rtype` is unrestricted by compartment or query
+    /// (then no per-resource check is needed beyond consent).
+    pub fn confined(&self, rtype: &str, perm: Perm) -> bool {
+        !self.unrestricted && self.covering(rtype, perm).any(|s| s.context == Context::Patient || !s.query.is_empty())
+    }
+}
+
+fn str_claim(c: &serde_json::Map<String, Value>, k: &str) -> Option<String> {
+    c.get(k).and_then(Value::as_str).map(str::to_string)
+}
+
+fn int_claim(c: &serde_json::Map<String, Value>, k: &str) -> Option<i64> {
+    c.get(k).and_then(Value::as_i64)
+}
+
+/// Checks `exp`, `nbf`, `iss` and `aud` of verified claims.
+fn check_times_and_parties(c: &serde_json::Map<String, Value>, iss: &str, aud: &str) -> Result<(), String> {
+    let now = super::now_s();
+    let exp = int_claim(c, "exp").ok_or("the token has no exp")?;
+    if exp + LEEWAY_S < now {
+        return Err("the token has expired".into());
+    }
+    if int_claim(c, "nbf").or(int_claim(c, "iat")).is_some_and(|nbf| nbf - LEEWAY_S > now) {
+        return Err("the token is not valid yet".into());
+    }
+    if str_claim(c, "iss").as_deref() != Some(iss) {
+        return Err(format!("the token's issuer is not {iss}"));
+    }
+    let aud_ok = match c.get("aud") {
+        Some(Value::String(a)) => a.trim_end_matches('/') == aud,
+        Some(Value::Array(a)) => a.iter().any(|x| x.as_str().is_some_and(|x| x.trim_end_matches('/') == aud)),
+        _ => false,
+    };
+    if !aud_ok {
+        return Err(format!("the token's audience is not {aud}"));
+    }
+    Ok(())
+}
+
+impl Auth {
+    /// Verifies an access token (ours or an external issuer's) into claims.
+    pub async fn verify_token(&self, token: &str) -> Result<Arc<Claims>, String> {
+        let (hit, digest) = self.cached(token);
+        if let Some(c) = hit {
+            if c.exp + LEEWAY_S < super::now_s() {
+                return Err("the token has expired".into());
+            }
+            return Ok(c);
+        }
+        let parsed = jose::parse(token)?;
+        let iss = parsed.claims.get("iss").and_then(Value::as_str).unwrap_or("").to_string();
+        let claims = if iss == self.public_url {
+            if parsed.kid().is_some_and(|k| k != self.access_kid) {
+                return Err("the token was signed with a key this server does not have".into());
+            }
+            parsed.verify(&jose::PublicKey::Ed25519(self.access_public()), &[Alg::EdDsa])?;
+            check_times_and_parties(&parsed.claims, &self.public_url, &self.public_url)?;
+            let c = &parsed.claims;
+            Claims {
+                sub: str_claim(c, "sub").unwrap_or_default(),
+                client_id: str_claim(c, "client_id").ok_or("the token has no client_id")?,
+                scope: str_claim(c, "scope").unwrap_or_default(),
+                exp: int_claim(c, "exp").unwrap_or(0),
+                patient: str_claim(c, "patient"),
+                encounter: str_claim(c, "encounter"),
+                fhir_user: str_claim(c, "fhirUser"),
+                grant: str_claim(c, "grant"),
+                consent: str_claim(c, "consent"),
+                external: false,
+            }
+        } else if let Some(ext) = self.external.iter().find(|e| e.issuer == iss) {
+            let jwks = self.external_jwks(ext).await?;
+            let key = jose::key_in_jwks(&jwks, parsed.kid())?;
+            parsed.verify(&key, &[Alg::Rs256, Alg::Rs384, Alg::Es384, Alg::EdDsa])?;
+            check_times_and_parties(&parsed.claims, &ext.issuer, ext.audience.as_deref().unwrap_or(&self.public_url))?;
+            let c = &parsed.claims;
+            Claims {
+                sub: str_claim(c, "sub").unwrap_or_default(),
+                client_id: str_claim(c, &ext.client_claim).unwrap_or_else(|| format!("external:{}", ext.issuer)),
+                scope: str_claim(c, &ext.scope_claim).unwrap_or_default(),
+                exp: int_claim(c, "exp").unwrap_or(0),
+                patient: str_claim(c, &ext.patient_claim),
+                encounter: None,
+                fhir_user: str_claim(c, &ext.fhir_user_claim),
+                grant: None,
+                consent: None,
+                external: true,
+            }
+        } else {
+            return Err(format!("the token's issuer {iss:?} is not trusted here"));
+        };
+        let claims = Arc::new(claims);
+        self.remember(digest, claims.clone());
+        Ok(claims)
+    }
+
+    async fn external_jwks(&self, ext: &crate::config::ExternalIssuer) -> Result<Value, String> {
+        if let Some(k) = self.external_keys.lock().unwrap_or_else(|e| e.into_inner()).get(&ext.issuer) {
+            return Ok(k.clone());
+        }
+        let jwks: Value = reqwest::Client::new()
+            .get(&ext.jwks_url)
+            .timeout(std::time::Duration::from_secs(10))
+            .send()
+            .await
+            .map_err(|e| format!("fetching {}: {e}", ext.jwks_url))?
+            .json()
+            .await
+            .map_err(|e| format!("reading {}: {e}", ext.jwks_url))?;
+        self.external_keys.lock().unwrap_or_else(|e| e.into_inner()).insert(ext.issuer.clone(), jwks.clone());
+        Ok(jwks)
+    }
+
+    /// The caller behind `Authorization: Bearer …`: 401 for a missing, bad or revoked token.
+    pub async fn caller(&self, repo: &Repo, authorization: Option<&str>, purpose: Option<&str>) -> Result<Caller, FhirError> {
+        if !self.enabled {
+            return Ok(Caller::unrestricted());
+        }
+        let token = authorization
+            .and_then(|h| h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")))
+            .map(str::trim)
+            .ok_or_else(|| FhirError::new(401, "login", "this server needs an access token: Authorization: Bearer <token>"))?;
+        let claims = self.verify_token(token).await.map_err(unauthorized)?;
+        let mut client_actor = None;
+        let mut client_name = claims.client_id.clone();
+        if !claims.external {
+            let client: Option<(Client, u64)> = store::get(repo, store::CLIENT, &claims.client_id)?;
+            let (client, _) = client.ok_or_else(|| unauthorized("the token's client is no longer registered"))?;
+            client_actor = client.actor;
+            client_name = client.client_name;
+            if let Some(g) = &claims.grant {
+                let grant: Option<(Grant, u64)> = store::get(repo, store::GRANT, g)?;
+                if grant.is_none_or(|(g, _)| g.revoked) {
+                    return Err(unauthorized("the token's grant has been revoked"));
+                }
+            }
+            if let Some(c) = &claims.consent {
+                let id = c.strip_prefix("Consent/").unwrap_or(c);
+                if !consent_active(repo, id)? {
+                    return Err(unauthorized(format!("the patient's {c} that this token rests on is no longer active")));
+                }
+            }
+        }
+        let user = claims.fhir_user.as_deref().and_then(|u| {
+            let (t, id) = u.rsplit_once('/')?;
+            let t = t.rsplit('/').next()?;
+            Some((t.to_string(), id.to_string()))
+        });
+        Ok(Caller {
+            scopes: scopes::resource_scopes(&claims.scope),
+            claims,
+            user,
+            client_actor,
+            client_name,
+            purpose: purpose.map(|p| p.trim().to_string()).filter(|p| !p.is_empty()),
+            unrestricted: false,
+        })
+    }
+}
+
+/// A grant Consent holds while it is active and within its period.
+fn consent_active(repo: &Repo, id: &str) -> Result<bool, FhirError> {
+    let s = match repo.read("Consent", id) {
+        Ok(s) => s,
+        Err(e) if e.status == 404 || e.status == 410 => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    let Some(body) = s.body.as_deref() else { return Ok(false) };
+    let v: Value = serde_json::from_str(body).map_err(FhirError::internal)?;
+    if v["status"] != "active" {
+        return Ok(false);
+    }
+    let now = crate::fhir::now_ms();
+    let period = &v["provision"]["period"];
+    let before = period["start"].as_str().and_then(crate::fhir::date_range_ms).is_some_and(|(lo, _)| now < lo);
+    let after = period["end"].as_str().and_then(crate::fhir::date_range_ms).is_some_and(|(_, hi)| now >= hi);
+    Ok(!before && !after)
+}

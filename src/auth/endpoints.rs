@@ -1,0 +1,804 @@
+//! The OAuth 2 / SMART endpoints: discovery, authorize (login and consent pages), token
+//! (authorization code with PKCE, refresh with rotation, client credentials with
+//! `private_key_jwt`), revocation (RFC 7009), introspection (RFC 7662) and the key set.
+
+use actix_web::http::header;
+use actix_web::{web, HttpRequest, HttpResponse};
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+use super::jose::{self, Alg};
+use super::scopes::{self, Scope};
+use super::store::{self, Client, Grant, User};
+use super::{pages, seal, Auth};
+use crate::api::AppState;
+use crate::error::FhirError;
+
+pub const SESSION_COOKIE: &str = "fl_session";
+const CODE_TTL_S: i64 = 60;
+const REQUEST_TTL_S: i64 = 1800;
+const SESSION_TTL_S: i64 = 8 * 3600;
+const ASSERTION_MAX_S: i64 = 300;
+const BACKEND_TTL_S: i64 = 300;
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.route("/.well-known/smart-configuration", web::get().to(smart_configuration))
+        .route("/.well-known/smart-configuration", web::method(actix_web::http::Method::OPTIONS).to(preflight))
+        .route("/auth/jwks", web::get().to(jwks))
+        .route("/auth/authorize", web::get().to(authorize_get))
+        .route("/auth/authorize", web::post().to(authorize_post))
+        .route("/auth/login", web::post().to(login))
+        .route("/auth/consent", web::post().to(consent))
+        .route("/auth/token", web::post().to(token))
+        .route("/auth/token", web::method(actix_web::http::Method::OPTIONS).to(preflight))
+        .route("/auth/revoke", web::post().to(revoke))
+        .route("/auth/introspect", web::post().to(introspect));
+}
+
+fn cors(b: &mut actix_web::HttpResponseBuilder) {
+    b.insert_header(("Access-Control-Allow-Origin", "*"));
+    b.insert_header(("Access-Control-Allow-Methods", "GET, POST, OPTIONS"));
+    b.insert_header(("Access-Control-Allow-Headers", "Authorization, Content-Type, Accept"));
+}
+
+async fn preflight() -> HttpResponse {
+    let mut b = HttpResponse::NoContent();
+    cors(&mut b);
+    b.insert_header(("Access-Control-Max-Age", "86400"));
+    b.finish()
+}
+
+fn json_ok(v: &Value) -> HttpResponse {
+    let mut b = HttpResponse::Ok();
+    cors(&mut b);
+    b.insert_header((header::CACHE_CONTROL, "no-store"));
+    b.content_type("application/json").body(v.to_string())
+}
+
+/// An RFC 6749 error answer.
+fn oauth_error(status: u16, error: &str, description: &str) -> HttpResponse {
+    let mut b = HttpResponse::build(actix_web::http::StatusCode::from_u16(status).unwrap_or(actix_web::http::StatusCode::BAD_REQUEST));
+    cors(&mut b);
+    b.insert_header((header::CACHE_CONTROL, "no-store"));
+    if status == 401 {
+        b.insert_header((header::WWW_AUTHENTICATE, "Basic realm=\"fhir-ledger\""));
+    }
+    b.content_type("application/json").body(json!({"error": error, "error_description": description}).to_string())
+}
+
+fn html(status: u16, body: String) -> HttpResponse {
+    HttpResponse::build(actix_web::http::StatusCode::from_u16(status).unwrap_or(actix_web::http::StatusCode::OK))
+        .insert_header((header::CACHE_CONTROL, "no-store"))
+        .insert_header(("X-Frame-Options", "DENY"))
+        .content_type("text/html; charset=utf-8")
+        .body(body)
+}
+
+pub const SCOPES_SUPPORTED: &[&str] = &[
+    "openid", "fhirUser", "profile", "launch", "launch/patient", "launch/encounter", "offline_access", "online_access",
+    "patient/*.read", "patient/*.rs", "patient/*.cruds", "user/*.read", "user/*.rs", "user/*.cruds", "system/*.read",
+    "system/*.rs", "system/*.cruds",
+];
+
+pub fn configuration(auth: &Auth) -> Value {
+    json!({
+        "issuer": auth.public_url,
+        "jwks_uri": auth.endpoint("/auth/jwks"),
+        "authorization_endpoint": auth.endpoint("/auth/authorize"),
+        "token_endpoint": auth.endpoint("/auth/token"),
+        "revocation_endpoint": auth.endpoint("/auth/revoke"),
+        "introspection_endpoint": auth.endpoint("/auth/introspect"),
+        "management_endpoint": auth.endpoint("/portal"),
+        "grant_types_supported": ["authorization_code", "client_credentials", "refresh_token"],
+        "token_endpoint_auth_methods_supported": ["none", "client_secret_basic", "client_secret_post", "private_key_jwt"],
+        "token_endpoint_auth_signing_alg_values_supported": ["RS384", "ES384", "EdDSA"],
+        "id_token_signing_alg_values_supported": ["RS256"],
+        "scopes_supported": SCOPES_SUPPORTED,
+        "response_types_supported": ["code"],
+        "code_challenge_methods_supported": ["S256"],
+        "capabilities": ["launch-ehr", "launch-standalone", "authorize-post", "client-public",
+            "client-confidential-symmetric", "client-confidential-asymmetric", "context-ehr-patient",
+            "context-ehr-encounter", "context-standalone-patient", "permission-offline", "permission-online",
+            "permission-patient", "permission-user", "permission-v1", "permission-v2", "sso-openid-connect"],
+    })
+}
+
+async fn smart_configuration(state: web::Data<AppState>) -> HttpResponse {
+    if !state.auth.enabled {
+        return oauth_error(404, "not_found", "authorization is off on this server (--auth off)");
+    }
+    json_ok(&configuration(&state.auth))
+}
+
+async fn jwks(state: web::Data<AppState>) -> HttpResponse {
+    if !state.auth.enabled {
+        return oauth_error(404, "not_found", "authorization is off on this server");
+    }
+    json_ok(&state.auth.jwks())
+}
+
+/// EHR launch context, sealed into the opaque `launch` value.
+#[derive(Serialize, Deserialize, Clone, Default)]
+pub struct Launch {
+    pub patient: Option<String>,
+    pub encounter: Option<String>,
+}
+
+/// An authorize request in flight between the pages.
+#[derive(Serialize, Deserialize, Clone)]
+struct Pending {
+    client_id: String,
+    redirect_uri: String,
+    scope: Vec<String>,
+    state: Option<String>,
+    code_challenge: String,
+    nonce: Option<String>,
+    launch: Launch,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Session {
+    user_id: String,
+    username: String,
+    fhir_user: String,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Code {
+    id: String,
+    client_id: String,
+    redirect_uri: String,
+    code_challenge: String,
+    scope: String,
+    sub: String,
+    fhir_user: String,
+    patient: Option<String>,
+    encounter: Option<String>,
+    consent: Option<String>,
+    nonce: Option<String>,
+}
+
+fn form_pairs(body: &[u8]) -> Vec<(String, String)> {
+    crate::api::interactions::parse_query(&String::from_utf8_lossy(body))
+}
+
+fn get<'a>(p: &'a [(String, String)], k: &str) -> Option<&'a str> {
+    p.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str()).filter(|v| !v.is_empty())
+}
+
+fn redirect_with(uri: &str, params: &[(&str, &str)]) -> HttpResponse {
+    let q: Vec<String> =
+        params.iter().map(|(k, v)| format!("{k}={}", crate::api::resource::enc(v))).collect();
+    let sep = if uri.contains('?') { '&' } else { '?' };
+    HttpResponse::Found().insert_header((header::LOCATION, format!("{uri}{sep}{}", q.join("&")))).finish()
+}
+
+fn session_of(auth: &Auth, req: &HttpRequest) -> Option<Session> {
+    let c = req.cookie(SESSION_COOKIE)?;
+    seal::open(&auth.seal_key, "session", c.value()).ok()
+}
+
+pub fn session_user(auth: &Auth, req: &HttpRequest) -> Option<(String, String)> {
+    session_of(auth, req).map(|s| (s.username, s.fhir_user))
+}
+
+async fn authorize_get(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
+    let params = crate::api::interactions::parse_query(req.query_string());
+    authorize(&req, &state, &params)
+}
+
+async fn authorize_post(req: HttpRequest, body: web::Bytes, state: web::Data<AppState>) -> HttpResponse {
+    authorize(&req, &state, &form_pairs(&body))
+}
+
+fn authorize(req: &HttpRequest, state: &AppState, p: &[(String, String)]) -> HttpResponse {
+    let auth = &state.auth;
+    if !auth.enabled {
+        return html(404, pages::error("Not available", "authorization is off on this server"));
+    }
+    let Some(client_id) = get(p, "client_id") else {
+        return html(400, pages::error("Bad request", "client_id is missing"));
+    };
+    let client: Option<(Client, u64)> = match store::get(&state.repo, store::CLIENT, client_id) {
+        Ok(c) => c,
+        Err(e) => return html(503, pages::error("Unavailable", &e.issues[0].diagnostics)),
+    };
+    let Some((client, _)) = client else {
+        return html(400, pages::error("Unknown app", &format!("no app is registered as {client_id:?}")));
+    };
+    let redirect_uri = match get(p, "redirect_uri") {
+        Some(r) if client.redirect_uris.iter().any(|x| x == r) => r.to_string(),
+        None if client.redirect_uris.len() == 1 => client.redirect_uris[0].clone(),
+        _ => return html(400, pages::error("Bad request", "redirect_uri is not one this app registered")),
+    };
+    let st = get(p, "state");
+    let fail = |error: &str, why: &str| {
+        let mut q = vec![("error", error), ("error_description", why)];
+        if let Some(s) = st {
+            q.push(("state", s));
+        }
+        redirect_with(&redirect_uri, &q)
+    };
+    if get(p, "response_type") != Some("code") {
+        return fail("unsupported_response_type", "response_type must be code");
+    }
+    let Some(challenge) = get(p, "code_challenge") else {
+        return fail("invalid_request", "PKCE is required: send code_challenge with code_challenge_method=S256");
+    };
+    if get(p, "code_challenge_method") != Some("S256") {
+        return fail("invalid_request", "code_challenge_method must be S256");
+    }
+    if get(p, "aud").map(|a| a.trim_end_matches('/')) != Some(auth.public_url.as_str()) {
+        return fail("invalid_request", &format!("aud must be this FHIR server's base URL, {}", auth.public_url));
+    }
+    let requested = get(p, "scope").unwrap_or("");
+    let parsed = match scopes::parse_all(requested) {
+        Ok(s) => s,
+        Err(why) => return fail("invalid_scope", &why),
+    };
+    let ceiling = client.scope.as_deref().map(scopes::parse_all).transpose().unwrap_or(None);
+    let scope: Vec<String> = requested
+        .split_whitespace()
+        .zip(&parsed)
+        .filter(|(_, s)| ceiling.as_ref().is_none_or(|c| scopes::within(s, c)))
+        .map(|(s, _)| s.to_string())
+        .collect();
+    let launch = match get(p, "launch") {
+        Some(l) => match seal::open::<Launch>(&auth.seal_key, "launch", l) {
+            Ok(l) => l,
+            Err(why) => return fail("invalid_request", &format!("launch: {why}")),
+        },
+        None => Launch::default(),
+    };
+    let pending = Pending {
+        client_id: client_id.to_string(),
+        redirect_uri: redirect_uri.clone(),
+        scope,
+        state: st.map(str::to_string),
+        code_challenge: challenge.to_string(),
+        nonce: get(p, "nonce").map(str::to_string),
+        launch,
+    };
+    let sealed = seal::seal(&auth.seal_key, "authorize", REQUEST_TTL_S, &pending);
+    match session_of(auth, req) {
+        Some(s) => consent_page(&client, &s, &sealed, &pending),
+        None => html(200, pages::login(&client.client_name, &sealed, None, "/auth/login")),
+    }
+}
+
+fn consent_page(client: &Client, s: &Session, sealed: &str, p: &Pending) -> HttpResponse {
+    let ask_patient = p.scope.iter().any(|x| x == "launch/patient")
+        && p.launch.patient.is_none()
+        && !s.fhir_user.starts_with("Patient/");
+    html(200, pages::consent(&client.client_name, &format!("{} ({})", s.username, s.fhir_user), sealed, &p.scope, ask_patient))
+}
+
+fn session_cookie(auth: &Auth, s: &Session) -> actix_web::cookie::Cookie<'static> {
+    actix_web::cookie::Cookie::build(SESSION_COOKIE, seal::seal(&auth.seal_key, "session", SESSION_TTL_S, s))
+        .path("/")
+        .http_only(true)
+        .same_site(actix_web::cookie::SameSite::Lax)
+        .finish()
+}
+
+/// Checks a user's password; `None` for an unknown user or a wrong password alike.
+pub fn check_login(state: &AppState, username: &str, password: &str) -> Result<Option<(String, User)>, FhirError> {
+    let id = store::user_id(username);
+    let user: Option<(User, u64)> = store::get(&state.repo, store::USER, &id)?;
+    Ok(user.filter(|(u, _)| store::check_password(&u.password_hash, password)).map(|(u, _)| (id, u)))
+}
+
+async fn login(req: HttpRequest, body: web::Bytes, state: web::Data<AppState>) -> HttpResponse {
+    let auth = &state.auth;
+    let p = form_pairs(&body);
+    let sealed = get(&p, "request").unwrap_or("");
+    let next = get(&p, "next");
+    let (username, password) = (get(&p, "username").unwrap_or(""), get(&p, "password").unwrap_or(""));
+    let checked = {
+        let state = state.clone();
+        let (u, pw) = (username.to_string(), password.to_string());
+        // Argon2 is deliberately slow: keep it off the HTTP worker.
+        web::block(move || check_login(&state, &u, &pw)).await
+    };
+    let user = match checked {
+        Ok(Ok(u)) => u,
+        Ok(Err(e)) => return html(503, pages::error("Unavailable", &e.issues[0].diagnostics)),
+        Err(e) => return html(503, pages::error("Unavailable", &e.to_string())),
+    };
+    let Some((user_id, user)) = user else {
+        tracing::warn!("failed login for user {username:?}");
+        let action = if next.is_some() { "/portal/login" } else { "/auth/login" };
+        return html(401, pages::login("fhir-ledger", sealed, Some("Wrong user name or password."), action));
+    };
+    let session = Session { user_id, username: user.username.clone(), fhir_user: user.fhir_user.clone() };
+    let cookie = session_cookie(auth, &session);
+    if next.is_some() {
+        return HttpResponse::SeeOther().cookie(cookie).insert_header((header::LOCATION, "/portal")).finish();
+    }
+    let pending: Pending = match seal::open(&auth.seal_key, "authorize", sealed) {
+        Ok(p) => p,
+        Err(why) => return html(400, pages::error("Sign-in expired", &format!("the sign-in request is {why}; start again from the app"))),
+    };
+    let client: Option<(Client, u64)> = store::get(&state.repo, store::CLIENT, &pending.client_id).unwrap_or(None);
+    let Some((client, _)) = client else { return html(400, pages::error("Unknown app", "the app is no longer registered")) };
+    let mut r = consent_page(&client, &session, sealed, &pending);
+    let _ = r.add_cookie(&cookie);
+    let _ = req;
+    r
+}
+
+async fn consent(req: HttpRequest, body: web::Bytes, state: web::Data<AppState>) -> HttpResponse {
+    let auth = &state.auth;
+    let p = form_pairs(&body);
+    let sealed = get(&p, "request").unwrap_or("");
+    let pending: Pending = match seal::open(&auth.seal_key, "authorize", sealed) {
+        Ok(p) => p,
+        Err(why) => return html(400, pages::error("Request expired", &format!("the request is {why}; start again from the app"))),
+    };
+    let Some(session) = session_of(auth, &req) else {
+        return html(401, pages::login("fhir-ledger", sealed, Some("Please sign in first."), "/auth/login"));
+    };
+    let mut q: Vec<(&str, String)> = Vec::new();
+    if get(&p, "decision") != Some("approve") {
+        q.push(("error", "access_denied".into()));
+        q.push(("error_description", "the user denied the request".into()));
+    } else {
+        match approve(&state, &session, &pending, &p).await {
+            Ok(code) => q.push(("code", code)),
+            Err(e) => {
+                q.push(("error", "invalid_request".into()));
+                q.push(("error_description", e.issues[0].diagnostics.clone()));
+            }
+        }
+    }
+    if let Some(s) = &pending.state {
+        q.push(("state", s.clone()));
+    }
+    let q: Vec<(&str, &str)> = q.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    redirect_with(&pending.redirect_uri, &q)
+}
+
+/// The approved scopes, the patient context and (for a patient) the Consent on the ledger;
+/// returns the authorization code.
+async fn approve(state: &AppState, s: &Session, pending: &Pending, form: &[(String, String)]) -> Result<String, FhirError> {
+    let auth = &state.auth;
+    let ticked: Vec<&str> = form.iter().filter(|(k, _)| k == "scope").map(|(_, v)| v.as_str()).collect();
+    let scope: Vec<String> = pending.scope.iter().filter(|s| ticked.contains(&s.as_str())).cloned().collect();
+    let own_patient = s.fhir_user.strip_prefix("Patient/").map(str::to_string);
+    let mut patient = pending.launch.patient.clone();
+    if patient.is_none() && scope.iter().any(|x| x == "launch/patient") {
+        patient = own_patient.clone().or_else(|| get(form, "patient").map(str::to_string));
+        if patient.is_none() {
+            return Err(FhirError::invalid("launch/patient: choose a patient"));
+        }
+    }
+    if patient.is_none() && scope.iter().any(|x| x.starts_with("patient/")) {
+        patient = own_patient.clone();
+    }
+    if let Some(pid) = &patient {
+        if state.repo.read("Patient", pid).is_err() {
+            return Err(FhirError::invalid(format!("Patient/{pid} does not exist")));
+        }
+    }
+    // A patient's approval is a Consent on the ledger; the token rests on it.
+    let consent = match (&own_patient, &patient) {
+        (Some(me), Some(p)) if me == p => {
+            let client: Option<(Client, u64)> = store::get(&state.repo, store::CLIENT, &pending.client_id)?;
+            let name = client.map(|(c, _)| c.client_name).unwrap_or_default();
+            Some(write_grant_consent(state, me, &pending.client_id, &name, &scope).await?)
+        }
+        _ => None,
+    };
+    let code = Code {
+        id: super::random_id(),
+        client_id: pending.client_id.clone(),
+        redirect_uri: pending.redirect_uri.clone(),
+        code_challenge: pending.code_challenge.clone(),
+        scope: scope.join(" "),
+        sub: s.user_id.clone(),
+        fhir_user: s.fhir_user.clone(),
+        patient,
+        encounter: pending.launch.encounter.clone(),
+        consent,
+        nonce: pending.nonce.clone(),
+    };
+    Ok(seal::seal(&auth.seal_key, "code", CODE_TTL_S, &code))
+}
+
+pub const SCOPES_EXTENSION: &str = "urn:fhir-ledger:StructureDefinition/smart-scopes";
+pub const CLIENT_SYSTEM: &str = "urn:fhir-ledger:client";
+
+async fn write_grant_consent(state: &AppState, patient: &str, client_id: &str, app: &str, scope: &[String]) -> Result<String, FhirError> {
+    let mut classes = Vec::new();
+    let mut write = false;
+    for s in scope {
+        if let Ok(Scope::Resource(r)) = scopes::parse(s) {
+            if r.rtype != "*" && !classes.contains(&r.rtype) {
+                classes.push(r.rtype.clone());
+            }
+            write |= r.allows(scopes::Perm::C) || r.allows(scopes::Perm::U) || r.allows(scopes::Perm::D);
+        }
+    }
+    let wildcard = scope.iter().any(|s| matches!(scopes::parse(s), Ok(Scope::Resource(r)) if r.rtype == "*"));
+    let now = crate::fhir::instant(crate::fhir::now_ms());
+    let mut actions = vec![json!({"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentaction", "code": "access"}]})];
+    if write {
+        actions.push(json!({"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentaction", "code": "correct"}]}));
+    }
+    let mut provision = json!({
+        "type": "permit",
+        "period": {"start": now},
+        "actor": [{"role": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType", "code": "IRCP"}]},
+                   "reference": {"identifier": {"system": CLIENT_SYSTEM, "value": client_id}, "display": app}}],
+        "action": actions,
+    });
+    if !wildcard && !classes.is_empty() {
+        provision["class"] = json!(classes.iter().map(|c| json!({"system": "http://hl7.org/fhir/resource-types", "code": c})).collect::<Vec<_>>());
+    }
+    let consent = json!({
+        "resourceType": "Consent",
+        "extension": [{"url": SCOPES_EXTENSION, "valueString": scope.join(" ")}],
+        "status": "active",
+        "scope": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "patient-privacy"}]},
+        "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0", "display": "Patient Consent"}]}],
+        "patient": {"reference": format!("Patient/{patient}")},
+        "dateTime": now,
+        "performer": [{"reference": format!("Patient/{patient}")}],
+        "policyRule": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "OPTIN"}]},
+        "provision": provision,
+    });
+    let res = crate::fhir::json::parse(consent.to_string().as_bytes(), usize::MAX).map_err(FhirError::internal)?;
+    crate::api::validate(&state.repo, "Consent", &res, None)?;
+    let id = uuid::Uuid::new_v4().to_string();
+    let actor = format!("Patient/{patient} via {client_id}");
+    state.repo.commit(&actor, |plan| plan.put_new("Consent", &id, &res).map(|_| ())).await?;
+    Ok(format!("Consent/{id}"))
+}
+
+/// The client a token-endpoint request authenticates as (RFC 6749 2.3, RFC 7523).
+async fn authenticate_client(state: &AppState, req: &HttpRequest, p: &[(String, String)]) -> Result<Client, HttpResponse> {
+    let bad = |why: &str| oauth_error(401, "invalid_client", why);
+    let lookup = |id: &str| -> Result<Client, HttpResponse> {
+        match store::get::<Client>(&state.repo, store::CLIENT, id) {
+            Ok(Some((c, _))) => Ok(c),
+            Ok(None) => Err(bad("unknown client")),
+            Err(e) => Err(oauth_error(503, "temporarily_unavailable", &e.issues[0].diagnostics)),
+        }
+    };
+    if let Some(basic) = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Basic ")) {
+        let decoded = base64::engine::general_purpose::STANDARD.decode(basic.trim()).map_err(|_| bad("malformed Basic credentials"))?;
+        let text = String::from_utf8(decoded).map_err(|_| bad("malformed Basic credentials"))?;
+        let (id, secret) = text.split_once(':').ok_or_else(|| bad("malformed Basic credentials"))?;
+        let id = percent_encoding::percent_decode_str(id).decode_utf8_lossy().to_string();
+        let secret = percent_encoding::percent_decode_str(secret).decode_utf8_lossy().to_string();
+        return check_secret(lookup(&id)?, &secret).ok_or_else(|| bad("wrong client secret"));
+    }
+    if let Some(assertion) = get(p, "client_assertion") {
+        if get(p, "client_assertion_type") != Some("urn:ietf:params:oauth:client-assertion-type:jwt-bearer") {
+            return Err(bad("client_assertion_type must be urn:ietf:params:oauth:client-assertion-type:jwt-bearer"));
+        }
+        let parsed = jose::parse(assertion).map_err(|e| bad(&e))?;
+        let iss = parsed.claims.get("iss").and_then(Value::as_str).unwrap_or("").to_string();
+        if parsed.claims.get("sub").and_then(Value::as_str) != Some(iss.as_str()) {
+            return Err(bad("the assertion's iss and sub must both be the client_id"));
+        }
+        let client = lookup(&iss)?;
+        if client.token_endpoint_auth_method != "private_key_jwt" {
+            return Err(bad("this client is not registered for private_key_jwt"));
+        }
+        let jwks = match (&client.jwks, &client.jwks_uri) {
+            (Some(j), _) => j.clone(),
+            (None, Some(u)) => fetch_jwks(u).await.map_err(|e| bad(&e))?,
+            (None, None) => return Err(bad("the client has no keys registered")),
+        };
+        let key = jose::key_in_jwks(&jwks, parsed.kid()).map_err(|e| bad(&e))?;
+        parsed.verify(&key, &[Alg::Rs384, Alg::Es384, Alg::EdDsa]).map_err(|e| bad(&e))?;
+        let token_url = state.auth.endpoint("/auth/token");
+        let aud_ok = match parsed.claims.get("aud") {
+            Some(Value::String(a)) => *a == token_url,
+            Some(Value::Array(a)) => a.iter().any(|x| x.as_str() == Some(token_url.as_str())),
+            _ => false,
+        };
+        if !aud_ok {
+            return Err(bad(&format!("the assertion's aud must be {token_url}")));
+        }
+        let now = super::now_s();
+        let exp = parsed.claims.get("exp").and_then(Value::as_i64).ok_or_else(|| bad("the assertion has no exp"))?;
+        if exp < now || exp > now + ASSERTION_MAX_S + 60 {
+            return Err(bad("the assertion is expired or lives longer than 5 minutes"));
+        }
+        let jti = parsed.claims.get("jti").and_then(Value::as_str).ok_or_else(|| bad("the assertion has no jti"))?;
+        if !state.auth.first_use(&format!("jti:{iss}:{jti}"), exp) {
+            return Err(bad("this assertion's jti was used before"));
+        }
+        return Ok(client);
+    }
+    let id = get(p, "client_id").ok_or_else(|| bad("no client authentication and no client_id"))?;
+    let client = lookup(id)?;
+    if let Some(secret) = get(p, "client_secret") {
+        return check_secret(client, secret).ok_or_else(|| bad("wrong client secret"));
+    }
+    if client.token_endpoint_auth_method != "none" {
+        return Err(bad("this client must authenticate"));
+    }
+    Ok(client)
+}
+
+fn check_secret(c: Client, secret: &str) -> Option<Client> {
+    let given = hex::encode(Sha256::digest(secret.as_bytes()));
+    (c.secret_sha256.as_deref() == Some(given.as_str())).then_some(c)
+}
+
+async fn fetch_jwks(url: &str) -> Result<Value, String> {
+    reqwest::Client::new()
+        .get(url)
+        .timeout(std::time::Duration::from_secs(10))
+        .send()
+        .await
+        .map_err(|e| format!("fetching the client's jwks_uri: {e}"))?
+        .json()
+        .await
+        .map_err(|e| format!("reading the client's jwks_uri: {e}"))
+}
+
+async fn token(req: HttpRequest, body: web::Bytes, state: web::Data<AppState>) -> HttpResponse {
+    if !state.auth.enabled {
+        return oauth_error(404, "not_found", "authorization is off on this server");
+    }
+    let p = form_pairs(&body);
+    let client = match authenticate_client(&state, &req, &p).await {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    match get(&p, "grant_type") {
+        Some("authorization_code") => code_grant(&state, &client, &p).await,
+        Some("refresh_token") => refresh_grant(&state, &client, &p).await,
+        Some("client_credentials") => client_credentials(&state, &client, &p).await,
+        other => Ok(oauth_error(400, "unsupported_grant_type", &format!("grant_type {other:?} is not supported"))),
+    }
+    .unwrap_or_else(|e| oauth_error(503, "temporarily_unavailable", &e.issues[0].diagnostics))
+}
+
+fn invalid_grant(why: &str) -> Result<HttpResponse, FhirError> {
+    tracing::warn!("token endpoint: invalid_grant: {why}");
+    Ok(oauth_error(400, "invalid_grant", why))
+}
+
+async fn code_grant(state: &AppState, client: &Client, p: &[(String, String)]) -> Result<HttpResponse, FhirError> {
+    let auth = &state.auth;
+    let code: Code = match get(p, "code").map(|c| seal::open(&auth.seal_key, "code", c)) {
+        Some(Ok(c)) => c,
+        Some(Err(why)) => return invalid_grant(&format!("the code is {why}")),
+        None => return invalid_grant("code is missing"),
+    };
+    if code.client_id != client.client_id {
+        return invalid_grant("the code was issued to another client");
+    }
+    if get(p, "redirect_uri").is_some_and(|r| r != code.redirect_uri) {
+        return invalid_grant("redirect_uri differs from the authorization request's");
+    }
+    let verifier = get(p, "code_verifier").unwrap_or("");
+    let computed = jose::b64(&Sha256::digest(verifier.as_bytes()));
+    if verifier.is_empty() || computed != code.code_challenge {
+        return invalid_grant("code_verifier does not match the code_challenge (PKCE)");
+    }
+    let refresh = code.scope.split_whitespace().any(|s| s == "offline_access" || s == "online_access");
+    let refresh_token = refresh.then(|| format!("{}.{}", code.id, super::random_id()));
+    let grant = Grant {
+        client_id: client.client_id.clone(),
+        sub: code.sub.clone(),
+        fhir_user: Some(code.fhir_user.clone()),
+        patient: code.patient.clone(),
+        encounter: code.encounter.clone(),
+        scope: code.scope.clone(),
+        consent: code.consent.clone(),
+        refresh_sha256: refresh_token.as_deref().map(super::sha256_hex),
+        rotated: 0,
+        revoked: false,
+        created_s: super::now_s(),
+    };
+    // The grant's id is the code's: creating it twice fails, so a code is redeemed once
+    // cluster-wide.
+    match store::put(&state.repo, store::GRANT, &code.id, &grant, Some(0)).await {
+        Ok(()) => {}
+        Err(e) if e.status == 409 => return invalid_grant("the code was already used"),
+        Err(e) => return Err(e),
+    }
+    let mut body = issue(auth, &code.id, &grant);
+    if let Some(r) = refresh_token {
+        body["refresh_token"] = json!(r);
+    }
+    let scopes: Vec<&str> = code.scope.split_whitespace().collect();
+    if scopes.contains(&"openid") && (scopes.contains(&"fhirUser") || scopes.contains(&"profile")) {
+        body["id_token"] = json!(id_token(auth, &grant, code.nonce.as_deref()));
+    }
+    Ok(json_ok(&body))
+}
+
+/// The access token (and context) of a grant.
+fn issue(auth: &Auth, grant_id: &str, g: &Grant) -> Value {
+    let now = super::now_s();
+    let mut claims = json!({
+        "iss": auth.public_url, "aud": auth.public_url, "sub": g.sub, "client_id": g.client_id,
+        "scope": g.scope, "iat": now, "nbf": now, "exp": now + auth.access_ttl_secs,
+        "jti": super::random_id(), "grant": grant_id,
+    });
+    let mut body = json!({"token_type": "Bearer", "expires_in": auth.access_ttl_secs, "scope": g.scope,
+                          "need_patient_banner": g.fhir_user.as_deref().is_some_and(|u| !u.starts_with("Patient/")),
+                          "smart_style_url": auth.endpoint("/auth/style.json")});
+    for (k, v) in [("patient", &g.patient), ("encounter", &g.encounter), ("fhirUser", &g.fhir_user), ("consent", &g.consent)] {
+        if let Some(v) = v {
+            claims[k] = json!(v);
+            if k != "fhirUser" {
+                body[k] = json!(v);
+            }
+        }
+    }
+    body["access_token"] = json!(auth.sign_access(&claims));
+    body
+}
+
+fn id_token(auth: &Auth, g: &Grant, nonce: Option<&str>) -> String {
+    let now = super::now_s();
+    let (key, kid) = auth.id_key();
+    let mut claims = json!({"iss": auth.public_url, "sub": g.sub, "aud": g.client_id, "iat": now,
+                            "exp": now + auth.access_ttl_secs,
+                            "fhirUser": format!("{}/{}", auth.public_url, g.fhir_user.as_deref().unwrap_or(""))});
+    if let Some(n) = nonce {
+        claims["nonce"] = json!(n);
+    }
+    jose::sign_rs256(key, kid, &claims)
+}
+
+async fn refresh_grant(state: &AppState, client: &Client, p: &[(String, String)]) -> Result<HttpResponse, FhirError> {
+    let Some(presented) = get(p, "refresh_token") else { return invalid_grant("refresh_token is missing") };
+    let Some((grant_id, _)) = presented.split_once('.') else { return invalid_grant("not a refresh token of this server") };
+    let Some((mut grant, version)) = store::get::<Grant>(&state.repo, store::GRANT, grant_id)? else {
+        return invalid_grant("unknown refresh token");
+    };
+    if grant.client_id != client.client_id {
+        return invalid_grant("the refresh token was issued to another client");
+    }
+    if grant.revoked {
+        return invalid_grant("the grant has been revoked");
+    }
+    if grant.refresh_sha256.as_deref() != Some(super::sha256_hex(presented).as_str()) {
+        // A rotated-out refresh token came back: someone holds a copy. Revoke the whole grant
+        // (OAuth 2.0 Security BCP, 4.14.2).
+        grant.revoked = true;
+        store::put(&state.repo, store::GRANT, grant_id, &grant, Some(version)).await?;
+        tracing::warn!("refresh token reuse on grant {grant_id}: grant revoked");
+        return invalid_grant("this refresh token was already used; the grant is revoked");
+    }
+    if let Some(c) = &grant.consent {
+        let id = c.strip_prefix("Consent/").unwrap_or(c);
+        let active = state.repo.read("Consent", id).ok().and_then(|s| s.body).is_some_and(|b| {
+            serde_json::from_str::<Value>(&b).is_ok_and(|v| v["status"] == "active")
+        });
+        if !active {
+            return invalid_grant("the patient withdrew the consent this grant rests on");
+        }
+    }
+    let next = format!("{grant_id}.{}", super::random_id());
+    grant.refresh_sha256 = Some(super::sha256_hex(&next));
+    grant.rotated += 1;
+    match store::put(&state.repo, store::GRANT, grant_id, &grant, Some(version)).await {
+        Ok(()) => {}
+        Err(e) if e.status == 412 => return invalid_grant("the refresh token was used concurrently"),
+        Err(e) => return Err(e),
+    }
+    let mut body = issue(&state.auth, grant_id, &grant);
+    body["refresh_token"] = json!(next);
+    Ok(json_ok(&body))
+}
+
+async fn client_credentials(state: &AppState, client: &Client, p: &[(String, String)]) -> Result<HttpResponse, FhirError> {
+    if client.token_endpoint_auth_method != "private_key_jwt" && client.token_endpoint_auth_method != "client_secret_basic" {
+        return Ok(oauth_error(400, "unauthorized_client", "client_credentials needs a confidential client"));
+    }
+    let requested = get(p, "scope").unwrap_or("");
+    let parsed = match scopes::parse_all(requested) {
+        Ok(s) => s,
+        Err(why) => return Ok(oauth_error(400, "invalid_scope", &why)),
+    };
+    let ceiling = client.scope.as_deref().map(scopes::parse_all).transpose().unwrap_or(None);
+    let granted: Vec<&str> = requested
+        .split_whitespace()
+        .zip(&parsed)
+        .filter(|(_, s)| matches!(s, Scope::Resource(r) if r.context == scopes::Context::System))
+        .filter(|(_, s)| ceiling.as_ref().is_none_or(|c| scopes::within(s, c)))
+        .map(|(s, _)| s)
+        .collect();
+    if granted.is_empty() {
+        return Ok(oauth_error(400, "invalid_scope", "client_credentials grants system/ scopes only, within the client's registration"));
+    }
+    let grant = Grant {
+        client_id: client.client_id.clone(),
+        sub: client.client_id.clone(),
+        scope: granted.join(" "),
+        created_s: super::now_s(),
+        ..Default::default()
+    };
+    let id = super::random_id();
+    store::put(&state.repo, store::GRANT, &id, &grant, Some(0)).await?;
+    let now = super::now_s();
+    let claims = json!({"iss": state.auth.public_url, "aud": state.auth.public_url, "sub": client.client_id,
+        "client_id": client.client_id, "scope": grant.scope, "iat": now, "nbf": now, "exp": now + BACKEND_TTL_S,
+        "jti": super::random_id(), "grant": id});
+    Ok(json_ok(&json!({"access_token": state.auth.sign_access(&claims), "token_type": "Bearer",
+                       "expires_in": BACKEND_TTL_S, "scope": grant.scope})))
+}
+
+/// The grant a presented token (access or refresh) belongs to, if it is one of ours.
+fn grant_of(auth: &Auth, token: &str) -> Option<String> {
+    if let Ok(parsed) = jose::parse(token) {
+        parsed.verify(&jose::PublicKey::Ed25519(auth.access_public()), &[Alg::EdDsa]).ok()?;
+        return parsed.claims.get("grant").and_then(Value::as_str).map(str::to_string);
+    }
+    token.split_once('.').map(|(g, _)| g.to_string())
+}
+
+async fn revoke(req: HttpRequest, body: web::Bytes, state: web::Data<AppState>) -> HttpResponse {
+    let p = form_pairs(&body);
+    let client = match authenticate_client(&state, &req, &p).await {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    let Some(token) = get(&p, "token") else { return oauth_error(400, "invalid_request", "token is missing") };
+    if let Some(gid) = grant_of(&state.auth, token) {
+        if let Ok(Some((mut g, v))) = store::get::<Grant>(&state.repo, store::GRANT, &gid) {
+            // RFC 7009 2.1: a client may revoke only its own tokens; others are ignored.
+            if g.client_id == client.client_id && !g.revoked {
+                g.revoked = true;
+                if let Err(e) = store::put(&state.repo, store::GRANT, &gid, &g, Some(v)).await {
+                    return oauth_error(503, "temporarily_unavailable", &e.issues[0].diagnostics);
+                }
+            }
+        }
+    }
+    let mut b = HttpResponse::Ok();
+    cors(&mut b);
+    b.finish()
+}
+
+async fn introspect(req: HttpRequest, body: web::Bytes, state: web::Data<AppState>) -> HttpResponse {
+    let p = form_pairs(&body);
+    // RFC 7662 2.1: the caller must be authorized; a client, or a system-scoped bearer.
+    let bearer = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).filter(|v| v.starts_with("Bearer "));
+    if let Some(b) = bearer {
+        match state.auth.caller(&state.repo, Some(b), None).await {
+            Ok(c) if c.scopes.iter().any(|s| s.context == scopes::Context::System) => {}
+            _ => return oauth_error(401, "invalid_client", "introspection needs client authentication or a system-scoped token"),
+        }
+    } else if let Err(r) = authenticate_client(&state, &req, &p).await {
+        return r;
+    }
+    let Some(token) = get(&p, "token") else { return oauth_error(400, "invalid_request", "token is missing") };
+    let inactive = || json_ok(&json!({"active": false}));
+    if jose::parse(token).is_ok() {
+        let Ok(c) = state.auth.caller(&state.repo, Some(&format!("Bearer {token}")), None).await else { return inactive() };
+        let cl = &c.claims;
+        let mut v = json!({"active": true, "scope": cl.scope, "client_id": cl.client_id, "sub": cl.sub, "exp": cl.exp,
+                           "iss": state.auth.public_url, "aud": state.auth.public_url, "token_type": "Bearer"});
+        for (k, x) in [("patient", &cl.patient), ("fhirUser", &cl.fhir_user), ("encounter", &cl.encounter)] {
+            if let Some(x) = x {
+                v[k] = json!(x);
+            }
+        }
+        return json_ok(&v);
+    }
+    let Some((gid, _)) = token.split_once('.') else { return inactive() };
+    match store::get::<Grant>(&state.repo, store::GRANT, gid) {
+        Ok(Some((g, _))) if !g.revoked && g.refresh_sha256.as_deref() == Some(super::sha256_hex(token).as_str()) => {
+            json_ok(&json!({"active": true, "scope": g.scope, "client_id": g.client_id, "sub": g.sub, "token_type": "refresh_token"}))
+        }
+        _ => inactive(),
+    }
+}
+
+/// A portal session for a user who signed in at `/portal`.
+pub fn portal_cookie(auth: &Auth, user_id: String, user: User) -> actix_web::cookie::Cookie<'static> {
+    session_cookie(auth, &Session { user_id, username: user.username, fhir_user: user.fhir_user })
+}

@@ -1,0 +1,197 @@
+//! SMART App Launch 2.x: the embedded authorization server and the checks every FHIR request
+//! passes. The HTTP contract is in `CONTRACT.md` beside this file.
+//!
+//! `jose` signs and verifies JWTs; `scopes` parses SMART scopes; `store` keeps clients, users
+//! and grants as records on the ledger (so every node of a cluster sees them); `caller` turns
+//! a bearer token into a [`Caller`]; `access` decides what a caller may see; `endpoints` and
+//! `pages` serve the OAuth endpoints and the HTML the patient sees; `admin` registers clients
+//! and users.
+
+pub mod access;
+pub mod admin;
+pub mod caller;
+pub mod endpoints;
+pub mod jose;
+pub mod pages;
+pub mod portal;
+pub mod scopes;
+pub mod seal;
+pub mod store;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use hmac::{Hmac, Mac};
+use sha2::{Digest, Sha256};
+
+pub use self::caller::Caller;
+use crate::config::{ConsentDefault, ExternalIssuer};
+
+/// What a node needs to issue and check tokens; one per process, shared by the workers.
+pub struct Auth {
+    pub enabled: bool,
+    /// The FHIR base URL clients use: the token `iss` and `aud`.
+    pub public_url: String,
+    pub consent_default: ConsentDefault,
+    pub access_ttl_secs: i64,
+    access_key: ed25519_dalek::SigningKey,
+    pub access_kid: String,
+    /// Derives the RS256 id_token key the first time one is needed (generation takes a while).
+    id_seed: [u8; 32],
+    id_key: OnceLock<(rsa::RsaPrivateKey, String)>,
+    /// Seals authorization codes, sessions, launch contexts and pending requests.
+    pub seal_key: [u8; 32],
+    pub external: Vec<ExternalIssuer>,
+    /// Verified tokens by SHA-256, so a token's signature is checked once, not per request.
+    verified: Mutex<HashMap<[u8; 32], Arc<caller::Claims>>>,
+    /// Single-use values (client assertion `jti`s, codes) seen, with their expiry.
+    used: Mutex<HashMap<String, i64>>,
+    /// External issuers' key sets, fetched on first use.
+    external_keys: Mutex<HashMap<String, serde_json::Value>>,
+    pub disclosures: crate::disclosure::Log,
+    pub books: crate::consent::Books,
+}
+
+fn derive(kek: &[u8; 32], label: &str) -> [u8; 32] {
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(kek).unwrap_or_else(|_| unreachable!("HMAC takes any key"));
+    mac.update(label.as_bytes());
+    mac.finalize().into_bytes().into()
+}
+
+/// The settings [`Auth::new`] takes.
+pub struct Settings {
+    pub enabled: bool,
+    pub public_url: String,
+    pub consent_default: ConsentDefault,
+    pub access_ttl_secs: i64,
+    pub external: Vec<ExternalIssuer>,
+}
+
+impl Auth {
+    /// Keys derive from the cluster-wide KEK, so every node issues and accepts the same tokens
+    /// without another secret to distribute.
+    pub fn new(s: Settings, kek: &[u8; 32], disclosures: crate::disclosure::Log) -> Self {
+        let access_key = ed25519_dalek::SigningKey::from_bytes(&derive(kek, "fhir-ledger auth access-token signing v1"));
+        let access_kid = jose::kid(access_key.verifying_key().as_bytes());
+        Self {
+            enabled: s.enabled,
+            public_url: s.public_url.trim_end_matches('/').to_string(),
+            consent_default: s.consent_default,
+            access_ttl_secs: s.access_ttl_secs,
+            access_key,
+            access_kid,
+            id_seed: derive(kek, "fhir-ledger auth id-token rsa v1"),
+            id_key: OnceLock::new(),
+            seal_key: derive(kek, "fhir-ledger auth sealing v1"),
+            external: s.external,
+            verified: Mutex::new(HashMap::new()),
+            used: Mutex::new(HashMap::new()),
+            external_keys: Mutex::new(HashMap::new()),
+            disclosures,
+            books: crate::consent::Books::default(),
+        }
+    }
+
+    /// Authorization off: every request is an unrestricted caller and nothing is logged.
+    pub fn disabled() -> Self {
+        let s = Settings {
+            enabled: false,
+            public_url: String::new(),
+            consent_default: ConsentDefault::OptOut,
+            access_ttl_secs: 3600,
+            external: Vec::new(),
+        };
+        Self::new(s, &[0; 32], crate::disclosure::Log::disabled())
+    }
+
+    pub fn access_public(&self) -> ed25519_dalek::VerifyingKey {
+        self.access_key.verifying_key()
+    }
+
+    pub fn sign_access(&self, claims: &serde_json::Value) -> String {
+        jose::sign_eddsa(&self.access_key, &self.access_kid, "at+jwt", claims)
+    }
+
+    /// The RS256 key for id_tokens: RSA-2048 generated from a seed derived from the KEK, so every
+    /// node derives the same key.
+    pub fn id_key(&self) -> &(rsa::RsaPrivateKey, String) {
+        self.id_key.get_or_init(|| {
+            use rand::SeedableRng;
+            let mut rng = rand_chacha::ChaCha20Rng::from_seed(self.id_seed);
+            let key = match rsa::RsaPrivateKey::new(&mut rng, 2048) {
+                Ok(k) => k,
+                Err(e) => unreachable!("RSA key generation from a seeded RNG cannot fail: {e}"),
+            };
+            use rsa::traits::PublicKeyParts;
+            let kid = jose::kid(&key.n().to_bytes_be());
+            (key, kid)
+        })
+    }
+
+    pub fn jwks(&self) -> serde_json::Value {
+        let (rsa_key, rsa_kid) = self.id_key();
+        serde_json::json!({"keys": [
+            jose::ed25519_jwk(&self.access_public(), &self.access_kid),
+            jose::rsa_jwk(&rsa_key.to_public_key(), rsa_kid),
+        ]})
+    }
+
+    /// The visibility context of one caller's request, or `None` when nothing is restricted.
+    pub fn access<'a>(&'a self, caller: &'a Caller) -> Option<access::Access<'a>> {
+        (!caller.unrestricted).then_some(access::Access { caller, books: &self.books, default: self.consent_default })
+    }
+
+    pub fn endpoint(&self, path: &str) -> String {
+        format!("{}{path}", self.public_url)
+    }
+
+    /// Records a single-use value until `exp_s`; false if it was seen before.
+    pub fn first_use(&self, key: &str, exp_s: i64) -> bool {
+        let now = now_s();
+        let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        if used.len() > 100_000 {
+            used.retain(|_, exp| *exp >= now);
+        }
+        match used.get(key) {
+            Some(exp) if *exp >= now => false,
+            _ => {
+                used.insert(key.to_string(), exp_s.max(now + 1));
+                true
+            }
+        }
+    }
+
+    fn cached(&self, token: &str) -> (Option<Arc<caller::Claims>>, [u8; 32]) {
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let hit = self.verified.lock().unwrap_or_else(|e| e.into_inner()).get(&digest).cloned();
+        (hit, digest)
+    }
+
+    fn remember(&self, digest: [u8; 32], claims: Arc<caller::Claims>) {
+        let mut v = self.verified.lock().unwrap_or_else(|e| e.into_inner());
+        if v.len() > 50_000 {
+            let now = now_s();
+            v.retain(|_, c| c.exp > now);
+            if v.len() > 50_000 {
+                v.clear();
+            }
+        }
+        v.insert(digest, claims);
+    }
+}
+
+pub fn now_s() -> i64 {
+    crate::fhir::now_ms().div_euclid(1000)
+}
+
+/// A fresh random identifier (128 bits, hex).
+pub fn random_id() -> String {
+    use rand::RngCore;
+    let mut b = [0u8; 16];
+    rand::rngs::OsRng.fill_bytes(&mut b);
+    hex::encode(b)
+}
+
+pub fn sha256_hex(s: &str) -> String {
+    hex::encode(Sha256::digest(s.as_bytes()))
+}

@@ -1,0 +1,170 @@
+//! The patient portal: after signing in, a patient sees the apps they connected (each a
+//! grant Consent on the ledger) and withdraws any of them, and reads who accessed their data
+//! (the access report over the disclosure log).
+
+use actix_web::http::header;
+use actix_web::{web, HttpRequest, HttpResponse};
+use serde_json::Value;
+
+use super::endpoints::{check_login, session_user, CLIENT_SYSTEM, SESSION_COOKIE};
+use super::pages::{self, esc};
+use crate::api::AppState;
+use crate::error::FhirError;
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.route("/portal", web::get().to(home))
+        .route("/portal/login", web::post().to(login))
+        .route("/portal/apps/{id}/withdraw", web::post().to(withdraw));
+}
+
+fn html(status: u16, body: String) -> HttpResponse {
+    HttpResponse::build(actix_web::http::StatusCode::from_u16(status).unwrap_or(actix_web::http::StatusCode::OK))
+        .insert_header((header::CACHE_CONTROL, "no-store"))
+        .insert_header(("X-Frame-Options", "DENY"))
+        .content_type("text/html; charset=utf-8")
+        .body(body)
+}
+
+fn patient_of(state: &AppState, req: &HttpRequest) -> Option<(String, String)> {
+    let (username, fhir_user) = session_user(&state.auth, req)?;
+    fhir_user.strip_prefix("Patient/").map(|p| (username, p.to_string()))
+}
+
+async fn home(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
+    if !state.auth.enabled {
+        return html(404, pages::error("Not available", "authorization is off on this server"));
+    }
+    let Some((username, patient)) = patient_of(&state, &req) else {
+        return html(200, pages::login("your patient portal", "", None, "/portal/login"));
+    };
+    match render(&state, &username, &patient).await {
+        Ok(body) => html(200, body),
+        Err(e) => html(503, pages::error("Unavailable", &e.issues[0].diagnostics)),
+    }
+}
+
+/// The patient's active app grants: (Consent id, app name, scopes, since).
+fn connected_apps(state: &AppState, patient: &str) -> Result<Vec<(String, String, String, String)>, FhirError> {
+    let repo = &state.repo;
+    let idx = repo.search().current(repo)?;
+    let ids: Vec<String> = idx
+        .of("Consent")
+        .map(|d| {
+            d.posting("patient", &format!("Patient/{patient}"))
+                .into_iter()
+                .flatten()
+                .filter_map(|k| d.docs.get(k))
+                .map(|doc| doc.id.clone())
+                .collect()
+        })
+        .unwrap_or_default();
+    drop(idx);
+    let mut out = Vec::new();
+    for id in ids {
+        let Ok(s) = repo.read("Consent", &id) else { continue };
+        let Some(body) = s.body else { continue };
+        let v: Value = serde_json::from_str(&body).map_err(FhirError::internal)?;
+        if v["status"] != "active" {
+            continue;
+        }
+        let Some(actor) = v["provision"]["actor"].as_array().and_then(|a| {
+            a.iter().find(|x| x["reference"]["identifier"]["system"] == CLIENT_SYSTEM).map(|x| x["reference"].clone())
+        }) else {
+            continue;
+        };
+        let name = actor["display"].as_str().or(actor["identifier"]["value"].as_str()).unwrap_or("").to_string();
+        let scopes = v["extension"]
+            .as_array()
+            .and_then(|e| e.iter().find(|x| x["url"] == super::endpoints::SCOPES_EXTENSION))
+            .and_then(|x| x["valueString"].as_str())
+            .unwrap_or("")
+            .to_string();
+        out.push((id, name, scopes, v["dateTime"].as_str().unwrap_or("").to_string()));
+    }
+    Ok(out)
+}
+
+async fn render(state: &AppState, username: &str, patient: &str) -> Result<String, FhirError> {
+    let apps = connected_apps(state, patient)?;
+    let mut body = format!("<p>Signed in as <strong>{}</strong> (Patient/{}).</p><h2>Connected apps</h2>", esc(username), esc(patient));
+    if apps.is_empty() {
+        body.push_str("<p id=\"no-apps\">No app has access.</p>");
+    }
+    for (id, name, scopes, since) in &apps {
+        body.push_str(&format!(
+            "<form method=\"post\" action=\"/portal/apps/{id}/withdraw\" class=\"app\"><strong>{name}</strong> since {since}\
+<br><span class=\"scope\">{scopes}</span><br><button type=\"submit\" id=\"withdraw-{id}\">Withdraw access</button></form>",
+            id = esc(id),
+            name = esc(name),
+            since = esc(since),
+            scopes = esc(scopes),
+        ));
+    }
+    state.auth.disclosures.flush().await;
+    let (total, accessors) = crate::disclosure::access_report(&state.repo, patient)?;
+    body.push_str(&format!(
+        "<h2>Who accessed your records</h2><p>{total} recorded accesses.</p><table id=\"access-report\"><tr><th>Who</th>\
+<th>App</th><th>Requests</th><th>Records shown</th><th>Refused</th><th>Emergency access</th><th>Last</th></tr>"
+    ));
+    for (who, a) in &accessors {
+        body.push_str(&format!(
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            esc(who),
+            esc(if a.client_name.is_empty() { &a.client } else { &a.client_name }),
+            a.count,
+            a.resources,
+            a.denied,
+            a.broke_glass,
+            esc(&a.last)
+        ));
+    }
+    body.push_str("</table>");
+    Ok(pages::page("Your health data", &body))
+}
+
+async fn login(body: web::Bytes, state: web::Data<AppState>) -> HttpResponse {
+    let p = crate::api::interactions::parse_query(&String::from_utf8_lossy(&body));
+    let get = |k: &str| p.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()).unwrap_or_default();
+    let (username, password) = (get("username"), get("password"));
+    let st = state.clone();
+    let checked = web::block(move || check_login(&st, &username, &password)).await;
+    match checked {
+        Ok(Ok(Some((id, user)))) => {
+            let cookie = super::endpoints::portal_cookie(&state.auth, id, user);
+            HttpResponse::SeeOther().cookie(cookie).insert_header((header::LOCATION, "/portal")).finish()
+        }
+        Ok(Ok(None)) => html(401, pages::login("your patient portal", "", Some("Wrong user name or password."), "/portal/login")),
+        Ok(Err(e)) => html(503, pages::error("Unavailable", &e.issues[0].diagnostics)),
+        Err(e) => html(503, pages::error("Unavailable", &e.to_string())),
+    }
+}
+
+async fn withdraw(req: HttpRequest, path: web::Path<String>, state: web::Data<AppState>) -> HttpResponse {
+    let id = path.into_inner();
+    let Some((_, patient)) = patient_of(&state, &req) else {
+        return html(401, pages::login("your patient portal", "", Some("Please sign in first."), "/portal/login"));
+    };
+    let result = async {
+        let repo = &state.repo;
+        let actor = format!("Patient/{patient} via portal");
+        repo.commit(&actor, |plan| {
+            let s = repo.read("Consent", &id).map_err(|_| FhirError::not_found(&format!("Consent/{id}")))?;
+            let mut doc = s.parsed()?.ok_or_else(|| FhirError::not_found(&format!("Consent/{id}")))?;
+            let belongs = doc.get("patient").and_then(|p| p.get("reference")).and_then(crate::fhir::json::Json::as_str)
+                == Some(format!("Patient/{patient}").as_str());
+            if !belongs {
+                return Err(FhirError::not_found(&format!("Consent/{id}")));
+            }
+            doc.set("status", crate::fhir::json::Json::str("inactive"));
+            plan.put("Consent", &id, &doc, Some(s.version)).map(|_| ())
+        })
+        .await
+    }
+    .await;
+    match result {
+        Ok(_) => HttpResponse::SeeOther().insert_header((header::LOCATION, "/portal")).finish(),
+        Err(e) => html(e.status, pages::error("Could not withdraw", &e.issues[0].diagnostics)),
+    }
+}
+
+pub const COOKIE: &str = SESSION_COOKIE;

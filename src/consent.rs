@@ -1,0 +1,259 @@
+//! The consent engine: a patient's active `Consent` resources, read from the ledger, decide
+//! whether a caller may see a resource of that patient.
+//!
+//! A Consent's root provision and its nested provisions each apply when all their conditions
+//! hold (actor, purpose, class, security label, data period, data, action, period). The
+//! deepest applying provision decides (nested provisions are exceptions to their parent);
+//! across a patient's Consents, deny wins over permit; where none applies, the configured
+//! default (opt-out: permit, opt-in: deny).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use serde_json::Value;
+
+use crate::error::FhirError;
+use crate::repo::Repo;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    Permit,
+    Deny,
+}
+
+#[derive(Debug, Default)]
+struct Provision {
+    kind: Option<Decision>,
+    period: Option<(i64, i64)>,
+    actors: Vec<String>,
+    purposes: Vec<String>,
+    classes: Vec<String>,
+    labels: Vec<String>,
+    data_period: Option<(i64, i64)>,
+    data: Vec<String>,
+    actions: Vec<String>,
+    children: Vec<Provision>,
+}
+
+/// One active Consent of a patient.
+#[derive(Debug)]
+pub struct Rule {
+    pub id: String,
+    root: Provision,
+}
+
+/// What a decision is about.
+pub struct Request<'a> {
+    /// Every reference the caller acts as: `Practitioner/1`, `Organization/2`,
+    /// `client:<client_id>`, and the CareTeams the user belongs to (`CareTeam/3`).
+    pub actors: &'a [String],
+    pub purpose: Option<&'a str>,
+    /// `access` for reads and searches, `correct` for writes.
+    pub action: &'a str,
+    pub rtype: &'a str,
+    pub id: &'a str,
+    /// Security label codes of the resource.
+    pub labels: &'a [String],
+    /// The clinically relevant time of the resource (its `date`, else last update).
+    pub date_ms: Option<(i64, i64)>,
+    pub now_ms: i64,
+}
+
+fn period(v: &Value) -> Option<(i64, i64)> {
+    if v.is_null() {
+        return None;
+    }
+    let lo = v["start"].as_str().and_then(crate::fhir::date_range_ms).map_or(i64::MIN, |r| r.0);
+    let hi = v["end"].as_str().and_then(crate::fhir::date_range_ms).map_or(i64::MAX, |r| r.1);
+    Some((lo, hi))
+}
+
+fn codes(v: &Value) -> Vec<String> {
+    let mut out = Vec::new();
+    for item in v.as_array().into_iter().flatten() {
+        if let Some(c) = item["code"].as_str() {
+            out.push(c.to_string());
+        }
+        for c in item["coding"].as_array().into_iter().flatten() {
+            if let Some(c) = c["code"].as_str() {
+                out.push(c.to_string());
+            }
+        }
+    }
+    out
+}
+
+fn reference_key(r: &Value) -> Option<String> {
+    if let Some(s) = r["reference"].as_str() {
+        let s = s.rsplit('/').take(2).collect::<Vec<_>>();
+        if let [id, t] = s.as_slice() {
+            return Some(format!("{t}/{id}"));
+        }
+    }
+    let ident = &r["identifier"];
+    if ident["system"] == "urn:fhir-ledger:client" {
+        return ident["value"].as_str().map(|v| format!("client:{v}"));
+    }
+    None
+}
+
+fn provision(v: &Value) -> Provision {
+    Provision {
+        kind: match v["type"].as_str() {
+            Some("permit") => Some(Decision::Permit),
+            Some("deny") => Some(Decision::Deny),
+            _ => None,
+        },
+        period: period(&v["period"]),
+        actors: v["actor"].as_array().into_iter().flatten().filter_map(|a| reference_key(&a["reference"])).collect(),
+        purposes: codes(&Value::Array(v["purpose"].as_array().cloned().unwrap_or_default())),
+        classes: codes(&Value::Array(v["class"].as_array().cloned().unwrap_or_default())),
+        labels: codes(&Value::Array(v["securityLabel"].as_array().cloned().unwrap_or_default())),
+        data_period: period(&v["dataPeriod"]),
+        data: v["data"].as_array().into_iter().flatten().filter_map(|d| reference_key(&d["reference"])).collect(),
+        actions: codes(&v["action"]),
+        children: v["provision"].as_array().into_iter().flatten().map(provision).collect(),
+    }
+}
+
+fn overlaps(a: (i64, i64), b: (i64, i64)) -> bool {
+    a.0 < b.1 && b.0 < a.1
+}
+
+impl Provision {
+    fn applies(&self, r: &Request) -> bool {
+        (self.period.is_none_or(|p| p.0 <= r.now_ms && r.now_ms < p.1))
+            && (self.actors.is_empty() || self.actors.iter().any(|a| r.actors.contains(a)))
+            && (self.purposes.is_empty() || r.purpose.is_some_and(|p| self.purposes.iter().any(|x| x == p)))
+            && (self.classes.is_empty() || self.classes.iter().any(|c| c == r.rtype))
+            && (self.labels.is_empty() || self.labels.iter().any(|l| r.labels.contains(l)))
+            && (self.data_period.is_none_or(|p| r.date_ms.is_some_and(|d| overlaps(p, d))))
+            && (self.data.is_empty() || self.data.iter().any(|d| *d == format!("{}/{}", r.rtype, r.id)))
+            && (self.actions.is_empty() || self.actions.iter().any(|a| a == r.action || (r.action == "access" && a == "use")))
+    }
+
+    /// The decision of the deepest applying provision under this one (`inherited` when only
+    /// this one applies and it states no type).
+    fn decide(&self, r: &Request, inherited: Option<Decision>) -> Option<Decision> {
+        if !self.applies(r) {
+            return None;
+        }
+        let here = self.kind.or(inherited);
+        let mut child: Option<Decision> = None;
+        for c in &self.children {
+            match c.decide(r, here) {
+                Some(Decision::Deny) => return Some(Decision::Deny),
+                Some(Decision::Permit) => child = Some(Decision::Permit),
+                None => {}
+            }
+        }
+        child.or(here)
+    }
+}
+
+/// The active Consents of every patient, rebuilt when a Consent changes.
+#[derive(Default)]
+pub struct Book {
+    by_patient: HashMap<String, Vec<Rule>>,
+}
+
+impl Book {
+    /// `None` when no Consent of the patient speaks to this request.
+    pub fn decide(&self, patient: &str, r: &Request) -> Option<Decision> {
+        let mut out = None;
+        for rule in self.by_patient.get(patient).into_iter().flatten() {
+            match rule.root.decide(r, None) {
+                Some(Decision::Deny) => return Some(Decision::Deny),
+                Some(Decision::Permit) => out = Some(Decision::Permit),
+                None => {}
+            }
+        }
+        out
+    }
+
+    pub fn rules(&self, patient: &str) -> &[Rule] {
+        self.by_patient.get(patient).map_or(&[], Vec::as_slice)
+    }
+}
+
+/// Keeps the current [`Book`], keyed by the Consent documents' change count in the index.
+#[derive(Default)]
+pub struct Books {
+    current: Mutex<Option<(u64, Arc<Book>)>>,
+}
+
+impl Books {
+    pub fn get(&self, repo: &Repo, idx: &crate::search::index::Index) -> Result<Arc<Book>, FhirError> {
+        let Some(docs) = idx.of("Consent") else { return Ok(Arc::new(Book::default())) };
+        let stamp = docs.changes;
+        if let Some((s, b)) = self.current.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            if *s == stamp {
+                return Ok(b.clone());
+            }
+        }
+        let mut book = Book::default();
+        for d in docs.docs.values() {
+            let s = repo.vread("Consent", &d.id, d.version)?;
+            let Some(body) = s.body.as_deref() else { continue };
+            let v: Value = serde_json::from_str(body).map_err(FhirError::internal)?;
+            if v["status"] != "active" {
+                continue;
+            }
+            let Some(patient) = v["patient"]["reference"].as_str().and_then(|r| r.strip_prefix("Patient/")) else {
+                continue;
+            };
+            let rule = Rule { id: d.id.clone(), root: provision(&v["provision"]) };
+            book.by_patient.entry(patient.to_string()).or_default().push(rule);
+        }
+        let book = Arc::new(book);
+        *self.current.lock().unwrap_or_else(|e| e.into_inner()) = Some((stamp, book.clone()));
+        Ok(book)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn req<'a>(actors: &'a [String], rtype: &'a str, labels: &'a [String], purpose: Option<&'a str>) -> Request<'a> {
+        Request { actors, purpose, action: "access", rtype, id: "1", labels, date_ms: None, now_ms: 1_000 }
+    }
+
+    fn book(consents: &[Value]) -> Book {
+        let mut b = Book::default();
+        for (i, c) in consents.iter().enumerate() {
+            b.by_patient.entry("p".into()).or_default().push(Rule { id: i.to_string(), root: provision(&c["provision"]) });
+        }
+        b
+    }
+
+    #[test]
+    fn deny_for_one_practitioner_inside_a_permit() {
+        let b = book(&[json!({"provision": {"type": "permit", "provision": [
+            {"type": "deny", "actor": [{"reference": {"reference": "Practitioner/1"}}]}]}})]);
+        let p1 = vec!["Practitioner/1".to_string()];
+        let p2 = vec!["Practitioner/2".to_string()];
+        assert_eq!(b.decide("p", &req(&p1, "Observation", &[], None)), Some(Decision::Deny));
+        assert_eq!(b.decide("p", &req(&p2, "Observation", &[], None)), Some(Decision::Permit));
+        assert_eq!(b.decide("q", &req(&p1, "Observation", &[], None)), None);
+    }
+
+    #[test]
+    fn class_label_and_purpose_conditions() {
+        let b = book(&[json!({"provision": {"type": "deny", "class": [{"system": "http://hl7.org/fhir/resource-types", "code": "Condition"}]}}),
+            json!({"provision": {"type": "deny", "securityLabel": [{"code": "R"}]}}),
+            json!({"provision": {"type": "permit", "purpose": [{"code": "HRESCH"}]}})]);
+        let a = vec!["Practitioner/9".to_string()];
+        assert_eq!(b.decide("p", &req(&a, "Condition", &[], None)), Some(Decision::Deny));
+        assert_eq!(b.decide("p", &req(&a, "Observation", &["R".into()], None)), Some(Decision::Deny));
+        assert_eq!(b.decide("p", &req(&a, "Observation", &[], None)), None);
+        assert_eq!(b.decide("p", &req(&a, "Observation", &[], Some("HRESCH"))), Some(Decision::Permit));
+    }
+
+    #[test]
+    fn expired_provision_period_does_not_apply() {
+        let b = book(&[json!({"provision": {"type": "deny", "period": {"end": "1969-01-01"}}})]);
+        assert_eq!(b.decide("p", &req(&[], "Observation", &[], None)), None);
+    }
+}

@@ -1,0 +1,317 @@
+//! The disclosure log: every read, search, write and denial under authorization becomes an
+//! AuditEvent on the ledger (one per request and patient), so a patient can see who read
+//! what, how often and when. Events are queued by the request and committed by one writer
+//! in batches (up to [`BATCH`] events or [`WINDOW`]), never one Raft round trip per read.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::error::FhirError;
+use crate::fhir::json::{self, Json};
+use crate::repo::Repo;
+
+pub const BATCH: usize = 256;
+pub const WINDOW: Duration = Duration::from_millis(200);
+/// The ledger actor of the log's own writes.
+pub const ACTOR: &str = "fhir-ledger/disclosure-log";
+
+/// One request's disclosure (or denial) concerning one patient (or none).
+#[derive(Debug, Clone)]
+pub struct Event {
+    pub recorded_ms: i64,
+    /// The RESTful interaction (`read`, `search-type`, `create`, ...).
+    pub interaction: &'static str,
+    pub success: bool,
+    pub detail: Option<String>,
+    pub purpose: Option<String>,
+    pub broke_glass: bool,
+    pub client_id: String,
+    pub client_name: String,
+    /// `Practitioner/1`, when a user acts.
+    pub user: Option<String>,
+    pub patient: Option<String>,
+    /// `Type/id/_history/v` of each resource disclosed.
+    pub entities: Vec<String>,
+}
+
+enum Msg {
+    Event(Box<Event>),
+    Flush(oneshot::Sender<()>),
+}
+
+/// The queue into the writer. Cloning shares it.
+#[derive(Clone)]
+pub struct Log {
+    tx: Option<mpsc::UnboundedSender<Msg>>,
+}
+
+impl Log {
+    pub fn disabled() -> Self {
+        Self { tx: None }
+    }
+
+    /// Starts the writer on the current tokio runtime.
+    pub fn start(repo: Arc<Repo>) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(writer(repo, rx));
+        Self { tx: Some(tx) }
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.tx.is_some()
+    }
+
+    pub fn record(&self, e: Event) {
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(Msg::Event(Box::new(e)));
+        }
+    }
+
+    /// Waits until every event queued before the call is on the ledger.
+    pub async fn flush(&self) {
+        if let Some(tx) = &self.tx {
+            let (done, wait) = oneshot::channel();
+            if tx.send(Msg::Flush(done)).is_ok() {
+                let _ = wait.await;
+            }
+        }
+    }
+}
+
+async fn writer(repo: Arc<Repo>, mut rx: mpsc::UnboundedReceiver<Msg>) {
+    let mut batch: Vec<Event> = Vec::new();
+    let mut waiters: Vec<oneshot::Sender<()>> = Vec::new();
+    loop {
+        let first = if batch.is_empty() && waiters.is_empty() {
+            match rx.recv().await {
+                Some(m) => Some(m),
+                None => return,
+            }
+        } else {
+            tokio::time::timeout(WINDOW, rx.recv()).await.unwrap_or(None)
+        };
+        let mut flush_now = first.is_none();
+        if let Some(m) = first {
+            match m {
+                Msg::Event(e) => batch.push(*e),
+                Msg::Flush(w) => {
+                    waiters.push(w);
+                    flush_now = true;
+                }
+            }
+        }
+        // Take whatever else is already queued, without waiting.
+        while batch.len() < BATCH {
+            match rx.try_recv() {
+                Ok(Msg::Event(e)) => batch.push(*e),
+                Ok(Msg::Flush(w)) => {
+                    waiters.push(w);
+                    flush_now = true;
+                }
+                Err(_) => break,
+            }
+        }
+        if flush_now || batch.len() >= BATCH {
+            commit(&repo, &repo.node_id().to_string(), std::mem::take(&mut batch)).await;
+            for w in waiters.drain(..) {
+                let _ = w.send(());
+            }
+        }
+    }
+}
+
+async fn commit(repo: &Repo, node: &str, batch: Vec<Event>) {
+    if batch.is_empty() {
+        return;
+    }
+    let mut docs = Vec::with_capacity(batch.len());
+    for e in &batch {
+        match json::parse(audit_event(e, node).to_string().as_bytes(), usize::MAX) {
+            Ok(j) => docs.push((uuid::Uuid::new_v4().to_string(), j)),
+            Err(err) => tracing::error!("disclosure log: {err}"),
+        }
+    }
+    let result = repo
+        .commit(ACTOR, |plan| {
+            for (id, doc) in &docs {
+                plan.put_new("AuditEvent", id, doc)?;
+            }
+            Ok(())
+        })
+        .await;
+    if let Err(e) = result {
+        // Dropping the batch would lose disclosures: keep trying, as the ledger comes back.
+        tracing::error!("disclosure log: could not append {} events: {:?}; retrying", batch.len(), e.issues);
+        for attempt in 1..=20u64 {
+            tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
+            let again = repo
+                .commit(ACTOR, |plan| {
+                    for (id, doc) in &docs {
+                        plan.put_new("AuditEvent", id, doc)?;
+                    }
+                    Ok(())
+                })
+                .await;
+            if again.is_ok() {
+                return;
+            }
+        }
+        tracing::error!("disclosure log: gave up on {} events", batch.len());
+    }
+}
+
+const CLIENT_SYSTEM: &str = "urn:fhir-ledger:client";
+
+/// The AuditEvent (R4) of one event.
+pub fn audit_event(e: &Event, node: &str) -> Value {
+    let action = match e.interaction {
+        "create" => "C",
+        "update" | "patch" => "U",
+        "delete" => "D",
+        "search-type" | "search-system" | "history-type" | "history-system" | "operation" => "E",
+        _ => "R",
+    };
+    let mut agents = Vec::new();
+    if let Some(u) = &e.user {
+        agents.push(json!({"who": {"reference": u}, "requestor": true}));
+    }
+    agents.push(json!({
+        "who": {"identifier": {"system": CLIENT_SYSTEM, "value": e.client_id}, "display": e.client_name},
+        "requestor": e.user.is_none()
+    }));
+    let mut entities = Vec::new();
+    if let Some(p) = &e.patient {
+        entities.push(json!({
+            "what": {"reference": format!("Patient/{p}")},
+            "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "1"},
+            "role": {"system": "http://terminology.hl7.org/CodeSystem/object-role", "code": "1"}
+        }));
+    }
+    for r in &e.entities {
+        entities.push(json!({
+            "what": {"reference": r},
+            "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "2"},
+            "role": {"system": "http://terminology.hl7.org/CodeSystem/object-role", "code": "4"}
+        }));
+    }
+    let mut ev = json!({
+        "resourceType": "AuditEvent",
+        "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-event-type", "code": "rest", "display": "RESTful Operation"},
+        "subtype": [{"system": "http://hl7.org/fhir/restful-interaction", "code": e.interaction}],
+        "action": action,
+        "recorded": crate::fhir::instant(e.recorded_ms),
+        "outcome": if e.success { "0" } else { "4" },
+        "agent": agents,
+        "source": {"site": "fhir-ledger", "observer": {"display": format!("fhir-ledger node {node}")},
+                   "type": [{"system": "http://terminology.hl7.org/CodeSystem/security-source-type", "code": "4"}]},
+    });
+    if let Some(d) = &e.detail {
+        ev["outcomeDesc"] = json!(d);
+    }
+    if let Some(p) = &e.purpose {
+        ev["purposeOfEvent"] =
+            json!([{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActReason", "code": p}]}]);
+    }
+    if e.broke_glass {
+        ev["meta"] = json!({"security": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "BTG",
+                                           "display": "break the glass"}]});
+    }
+    if !entities.is_empty() {
+        ev["entity"] = json!(entities);
+    }
+    ev
+}
+
+/// Who accessed one accessor's view of a patient's data.
+#[derive(Default, Debug)]
+pub struct Accessor {
+    pub client: String,
+    pub client_name: String,
+    pub count: u64,
+    pub resources: u64,
+    pub denied: u64,
+    pub broke_glass: u64,
+    pub last: String,
+}
+
+/// Every AuditEvent of the patient, summed per accessor (a user, or a client without one).
+pub fn access_report(repo: &Repo, patient: &str) -> Result<(u64, BTreeMap<String, Accessor>), FhirError> {
+    let idx = repo.search().current(repo)?;
+    let Some(docs) = idx.of("AuditEvent") else { return Ok((0, BTreeMap::new())) };
+    let target = format!("Patient/{patient}");
+    let keys: Vec<(String, u64)> = docs
+        .posting("patient", &target)
+        .into_iter()
+        .flatten()
+        .filter_map(|k| docs.docs.get(k))
+        .map(|d| (d.id.clone(), d.version))
+        .collect();
+    drop(idx);
+    let mut total = 0;
+    let mut out: BTreeMap<String, Accessor> = BTreeMap::new();
+    for (id, version) in keys {
+        let s = repo.vread("AuditEvent", &id, version)?;
+        let Some(body) = s.body.as_deref() else { continue };
+        let v: Value = serde_json::from_str(body).map_err(FhirError::internal)?;
+        total += 1;
+        let mut client = String::new();
+        let mut client_name = String::new();
+        let mut user = None;
+        for a in v["agent"].as_array().into_iter().flatten() {
+            if a["who"]["identifier"]["system"] == CLIENT_SYSTEM {
+                client = a["who"]["identifier"]["value"].as_str().unwrap_or("").to_string();
+                client_name = a["who"]["display"].as_str().unwrap_or("").to_string();
+            } else if let Some(r) = a["who"]["reference"].as_str() {
+                user = Some(r.to_string());
+            }
+        }
+        let who = user.unwrap_or_else(|| format!("client:{client}"));
+        let acc = out.entry(who).or_default();
+        acc.client = client;
+        acc.client_name = client_name;
+        let recorded = v["recorded"].as_str().unwrap_or("").to_string();
+        if recorded > acc.last {
+            acc.last = recorded;
+        }
+        if v["outcome"] == "0" {
+            acc.count += 1;
+            let n = v["entity"].as_array().map_or(0, |e| e.iter().filter(|e| e["role"]["code"] == "4").count());
+            acc.resources += n as u64;
+        } else {
+            acc.denied += 1;
+        }
+        if v["meta"]["security"].as_array().is_some_and(|s| s.iter().any(|c| c["code"] == "BTG")) {
+            acc.broke_glass += 1;
+        }
+    }
+    Ok((total, out))
+}
+
+/// The report as a FHIR Parameters resource.
+pub fn report_parameters(patient: &str, total: u64, accessors: &BTreeMap<String, Accessor>) -> Json {
+    let mut params = vec![
+        json!({"name": "patient", "valueReference": {"reference": format!("Patient/{patient}")}}),
+        json!({"name": "total", "valueInteger": total}),
+    ];
+    for (who, a) in accessors {
+        let mut part = vec![
+            json!({"name": "who", "valueString": who}),
+            json!({"name": "client", "valueString": a.client}),
+            json!({"name": "clientName", "valueString": a.client_name}),
+            json!({"name": "count", "valueInteger": a.count}),
+            json!({"name": "resources", "valueInteger": a.resources}),
+            json!({"name": "denied", "valueInteger": a.denied}),
+            json!({"name": "breakTheGlass", "valueInteger": a.broke_glass}),
+        ];
+        if !a.last.is_empty() {
+            part.push(json!({"name": "last", "valueInstant": a.last}));
+        }
+        params.push(json!({"name": "accessor", "part": part}));
+    }
+    let v = json!({"resourceType": "Parameters", "parameter": params});
+    json::parse(v.to_string().as_bytes(), usize::MAX).unwrap_or(Json::Null)
+}
