@@ -34,8 +34,9 @@ pub struct AppState {
 }
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    admin::configure(cfg);
+    // Before `/admin`, whose default service would answer `/admin/auth/...` with a 404.
     crate::auth::admin::configure(cfg);
+    admin::configure(cfg);
     crate::auth::endpoints::configure(cfg);
     crate::auth::portal::configure(cfg);
     cfg.service(fhir_routes());

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::lincheck::{self, Kind, Op};
+use crate::smart;
 use crate::support::Server;
 
 const TOKEN: &str = "cluster-test-admin-token";
@@ -32,6 +33,15 @@ struct Cluster {
     members: Vec<Member>,
     extra: Vec<String>,
     http: reqwest::Client,
+    /// Nodes run with `--auth smart` (else `--auth off`).
+    auth: bool,
+}
+
+/// `n` distinct free ports on 127.0.0.1 (`127.0.0.1:port`): all bound at once, then released.
+fn free_addrs(n: usize) -> Vec<String> {
+    let listeners: Vec<std::net::TcpListener> =
+        (0..n).map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port")).collect();
+    listeners.iter().map(|l| l.local_addr().expect("local address").to_string()).collect()
 }
 
 /// Runs `fhir-ledger cluster <args>` against the cluster: (success, stdout and stderr).
@@ -49,11 +59,26 @@ fn cli(args: &[&str]) -> (bool, String) {
 impl Cluster {
     /// Starts `n` nodes and forms a cluster of them with `fhir-ledger cluster init`.
     fn start(n: u64, extra: &[&str]) -> Cluster {
+        let apis = vec!["127.0.0.1:0".to_string(); n as usize];
+        Self::form(extra.iter().map(|s| s.to_string()).collect(), false, &apis)
+    }
+
+    /// [`Cluster::start`] with SMART authorization on. The API ports are picked before the
+    /// start so that every node is given node 1's URL as `--public-url`.
+    fn start_auth(n: u64, extra: &[&str]) -> Cluster {
+        let apis = free_addrs(n as usize);
+        let mut extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        extra.extend(["--public-url".to_string(), format!("http://{}", apis[0])]);
+        Self::form(extra, true, &apis)
+    }
+
+    /// Starts a node on each of `apis` and forms a cluster of them.
+    fn form(extra: Vec<String>, auth: bool, apis: &[String]) -> Cluster {
         let root = tempfile::tempdir().unwrap();
         let http = reqwest::Client::builder().timeout(Duration::from_secs(20)).build().unwrap();
-        let mut c = Cluster { root, members: vec![], extra: extra.iter().map(|s| s.to_string()).collect(), http };
-        for id in 1..=n {
-            c.launch(id);
+        let mut c = Cluster { root, members: vec![], extra, http, auth };
+        for (id, api) in (1..).zip(apis) {
+            c.launch_at(id, api);
         }
         let mut args = vec!["init", "--node", &c.members[0].api];
         for m in &c.members[1..] {
@@ -66,8 +91,13 @@ impl Cluster {
 
     /// Starts a new, empty node (not yet a member).
     fn launch(&mut self, id: u64) -> usize {
+        self.launch_at(id, "127.0.0.1:0")
+    }
+
+    /// [`Cluster::launch`] with its API on `api`.
+    fn launch_at(&mut self, id: u64, api: &str) -> usize {
         let dir = self.root.path().join(format!("node{id}"));
-        let server = self.spawn(id, &dir, "127.0.0.1:0", "127.0.0.1:0");
+        let server = self.spawn(id, &dir, api, "127.0.0.1:0");
         let api = server.base.clone();
         let raft = server.raft.clone().expect("a raft address");
         self.members.push(Member { id, dir, server: Some(server), api, raft });
@@ -81,7 +111,12 @@ impl Cluster {
         let mut args = vec!["--node-id", &id, "--listen", api, "--raft-listen", raft, "--fault-injection"];
         args.extend(["--secrets-dir", secrets.to_str().unwrap()]);
         args.extend(self.extra.iter().map(String::as_str));
-        Server::launch(dir, &args, &[("FHIR_LEDGER_ADMIN_TOKEN", TOKEN)])
+        let env = [("FHIR_LEDGER_ADMIN_TOKEN", TOKEN)];
+        if self.auth {
+            Server::launch_auth(dir, &args, &env)
+        } else {
+            Server::launch(dir, &args, &env)
+        }
     }
 
     fn kill9(&mut self, i: usize) {
@@ -624,4 +659,54 @@ async fn follower_writes_through_a_leader_change() {
         .await
         .unwrap();
     assert_eq!(r.status(), 201, "the two remaining nodes take writes");
+}
+
+/// SMART on a cluster: every node has node 1's URL as `--public-url`; a token issued by node 1
+/// through the browser flow works on nodes 2 and 3, and when the patient withdraws the app in
+/// node 1's portal (the app's Consent becomes inactive), the very next request with that token
+/// on node 2 and on node 3 is a 401.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consent_revocation_stops_a_token_on_every_node() {
+    let _serial = SERIAL.lock().await;
+    let cluster = Cluster::start_auth(3, &[]);
+    cluster.leader().await;
+    let api: Vec<String> = cluster.members.iter().map(|m| m.api.clone()).collect();
+    let http = smart::http_client();
+    let admin = smart::Admin::new(&http, &api[0], TOKEN);
+    let backend = smart::Backend::register(&admin, smart::ClientKey::ed25519(), "system/*.cruds").await;
+    let sys = backend.token(&http, "system/*.cruds").await;
+    smart::put_resource(&http, &api[0], &sys, &smart::patient("pat-a")).await;
+    let client_id = admin.public_client("Cluster App", None).await;
+    admin.user("alice", "Patient/pat-a").await;
+
+    let scopes = ["launch/patient", "patient/*.rs"];
+    let flow = smart::browser_flow(&http, &api[0], &client_id, &scopes, &smart::Login::new("alice")).await;
+    let r = smart::exchange(&http, &api[0], &client_id, &flow.code, &flow.verifier).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let token = r.json();
+    let access = token["access_token"].as_str().expect("access_token").to_string();
+    let consent = token["consent"].as_str().expect("the approval's Consent").trim_start_matches("Consent/").to_string();
+    for i in [1, 2] {
+        let r = smart::get(&http, &format!("{}/Patient/pat-a", api[i]), &access).await;
+        assert_eq!(r.status, 200, "node {}: {}", i + 1, r.text);
+    }
+
+    // The patient withdraws the app in the portal of node 1.
+    let cookie = reqwest::header::COOKIE;
+    let portal = smart::send(http.get(format!("{}/portal", api[0])).header(cookie, &flow.session)).await;
+    assert_eq!(portal.status, 200, "{}", portal.text);
+    assert!(portal.text.contains(&format!(r#"id="withdraw-{consent}""#)), "{}", portal.text);
+    let action = format!("/portal/apps/{consent}/withdraw");
+    let fields =
+        smart::form_fields(&portal.text, &action).unwrap_or_else(|| panic!("no form {action}: {}", portal.text));
+    let r = smart::send(http.post(format!("{}{action}", api[0])).header(cookie, &flow.session).form(&fields)).await;
+    assert!((200..400).contains(&r.status), "withdraw: {} {}", r.status, r.text);
+
+    for i in [1, 2] {
+        let r = smart::get(&http, &format!("{}/Patient/pat-a", api[i]), &access).await;
+        smart::assert_invalid_token(&r, &format!("the next request on node {} after the withdrawal", i + 1));
+    }
+    let r = smart::get(&http, &format!("{}/Consent/{consent}", api[2]), &sys).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.json()["status"], "inactive", "{}", r.text);
 }

@@ -36,8 +36,8 @@ pub fn http_client() -> reqwest::Client {
 
 /// A `fhir-ledger serve --auth smart` process in its own temp dir, with the admin API.
 pub struct SmartServer {
-    // Declared before `dir`: the process is killed before its data dir is removed.
-    pub server: Server,
+    /// The process, killed on drop (declared before `dir`: before its data dir is removed).
+    _server: Server,
     pub dir: tempfile::TempDir,
     /// The base URL, also the public URL (`--public-url` defaults to the bound address).
     pub base: String,
@@ -52,7 +52,7 @@ impl SmartServer {
         let base = server.base.clone();
         let http = http_client();
         let admin = Admin::new(&http, &base, ADMIN_TOKEN);
-        SmartServer { server, dir, base, http, admin }
+        SmartServer { _server: server, dir, base, http, admin }
     }
 
     /// `<base>/<path>`.
@@ -85,7 +85,8 @@ pub struct Resp {
 
 impl Resp {
     pub fn json(&self) -> Value {
-        serde_json::from_str(&self.text).unwrap_or_else(|e| panic!("not JSON ({e}), status {}: {}", self.status, self.text))
+        serde_json::from_str(&self.text)
+            .unwrap_or_else(|e| panic!("not JSON ({e}), status {}: {}", self.status, self.text))
     }
 
     /// A header's value ("" when absent).
@@ -103,7 +104,13 @@ pub async fn send(req: reqwest::RequestBuilder) -> Resp {
 }
 
 /// A FHIR request with an optional bearer token and an optional JSON body.
-pub async fn fhir(http: &reqwest::Client, method: Method, url: &str, token: Option<&str>, body: Option<&Value>) -> Resp {
+pub async fn fhir(
+    http: &reqwest::Client,
+    method: Method,
+    url: &str,
+    token: Option<&str>,
+    body: Option<&Value>,
+) -> Resp {
     let mut req = http.request(method, url);
     if let Some(t) = token {
         req = req.bearer_auth(t);
