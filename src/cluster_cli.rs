@@ -71,12 +71,12 @@ enum ClusterCmd {
     },
 }
 
-struct Admin {
-    http: reqwest::Client,
-    token: String,
+pub(crate) struct Admin {
+    pub(crate) http: reqwest::Client,
+    pub(crate) token: String,
 }
 
-fn url(base: &str) -> String {
+pub(crate) fn url(base: &str) -> String {
     let base = base.trim_end_matches('/');
     if base.starts_with("http://") || base.starts_with("https://") {
         base.to_string()
@@ -86,7 +86,7 @@ fn url(base: &str) -> String {
 }
 
 impl Admin {
-    async fn call(
+    pub(crate) async fn call(
         &self,
         method: reqwest::Method,
         base: &str,

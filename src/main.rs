@@ -29,6 +29,8 @@ enum Cmd {
     Verify(fhir_ledger::verify::VerifyArgs),
     /// Administer a cluster through its nodes' admin API: init, join, promote, remove, status.
     Cluster(fhir_ledger::cluster_cli::ClusterArgs),
+    /// SMART authorization admin: register apps and user accounts, mint EHR launch contexts.
+    Auth(fhir_ledger::auth::cli::AuthArgs),
 }
 
 fn main() -> anyhow::Result<std::process::ExitCode> {
@@ -63,6 +65,10 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
         Cmd::Verify(args) => Ok(fhir_ledger::verify::run(&args)),
         Cmd::Cluster(args) => {
             rt.block_on(fhir_ledger::cluster_cli::run(args))?;
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        Cmd::Auth(args) => {
+            rt.block_on(fhir_ledger::auth::cli::run(args))?;
             Ok(std::process::ExitCode::SUCCESS)
         }
     }

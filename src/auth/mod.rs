@@ -10,6 +10,7 @@
 pub mod access;
 pub mod admin;
 pub mod caller;
+pub mod cli;
 pub mod endpoints;
 pub mod jose;
 pub mod pages;

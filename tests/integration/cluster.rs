@@ -692,14 +692,14 @@ async fn consent_revocation_stops_a_token_on_every_node() {
     }
 
     // The patient withdraws the app in the portal of node 1.
-    let cookie = reqwest::header::COOKIE;
-    let portal = smart::send(http.get(format!("{}/portal", api[0])).header(cookie, &flow.session)).await;
+    use reqwest::header::COOKIE;
+    let portal = smart::send(http.get(format!("{}/portal", api[0])).header(COOKIE, &flow.session)).await;
     assert_eq!(portal.status, 200, "{}", portal.text);
     assert!(portal.text.contains(&format!(r#"id="withdraw-{consent}""#)), "{}", portal.text);
     let action = format!("/portal/apps/{consent}/withdraw");
     let fields =
         smart::form_fields(&portal.text, &action).unwrap_or_else(|| panic!("no form {action}: {}", portal.text));
-    let r = smart::send(http.post(format!("{}{action}", api[0])).header(cookie, &flow.session).form(&fields)).await;
+    let r = smart::send(http.post(format!("{}{action}", api[0])).header(COOKIE, &flow.session).form(&fields)).await;
     assert!((200..400).contains(&r.status), "withdraw: {} {}", r.status, r.text);
 
     for i in [1, 2] {

@@ -25,11 +25,13 @@ pub const REDIRECT: &str = "http://127.0.0.1:9/callback";
 pub const PASSWORD: &str = "correct horse battery staple";
 pub const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 
-/// A client that follows no redirect (the 302s of the flow are the answers under test).
+/// A client that follows no redirect (the 302s of the flow are the answers under test). The
+/// timeout is generous: the first id_token makes the server derive an RSA key, slow in a debug
+/// build.
 pub fn http_client() -> reqwest::Client {
     reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
-        .timeout(Duration::from_secs(30))
+        .timeout(Duration::from_secs(120))
         .build()
         .expect("http client")
 }
