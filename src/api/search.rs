@@ -220,6 +220,9 @@ pub fn search_bundle(
 
 /// Logs the resources a page disclosed (matches and includes).
 fn log(who: &Who<'_>, interaction: &'static str, found: &search::Found, d: &search::Disclosed) {
+    if found.search.summary == Summary::Count {
+        return; // nothing but a count left the server
+    }
     let shown: Vec<(String, String, u64)> =
         found.matches.iter().chain(&found.included).map(|h| (h.rtype.clone(), h.id.clone(), h.version)).collect();
     authz::disclosed(who.state, who.caller, interaction, &shown, d);

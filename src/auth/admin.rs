@@ -67,7 +67,7 @@ async fn add_client(req: HttpRequest, body: web::Bytes, state: web::Data<AppStat
                 return Err(FhirError::invalid(format!("redirect_uri {u:?} must be an absolute http(s) URL without a fragment")).at("redirect_uris"));
             }
         }
-        if method != "private_key_jwt" && n.redirect_uris.is_empty() {
+        if method == "none" && n.redirect_uris.is_empty() {
             return Err(FhirError::invalid("an app that signs users in needs redirect_uris").at("redirect_uris"));
         }
         if let Some(s) = &n.scope {
