@@ -162,11 +162,12 @@ impl Config {
             "off" => false,
             other => anyhow::bail!("auth = {other:?}: expected \"smart\" (the default) or \"off\""),
         };
-        let consent_default = match args.consent_default.clone().or(file.consent_default).as_deref().unwrap_or("opt-out") {
-            "opt-out" => ConsentDefault::OptOut,
-            "opt-in" => ConsentDefault::OptIn,
-            other => anyhow::bail!("consent_default = {other:?}: expected \"opt-out\" or \"opt-in\""),
-        };
+        let consent_default =
+            match args.consent_default.clone().or(file.consent_default).as_deref().unwrap_or("opt-out") {
+                "opt-out" => ConsentDefault::OptOut,
+                "opt-in" => ConsentDefault::OptIn,
+                other => anyhow::bail!("consent_default = {other:?}: expected \"opt-out\" or \"opt-in\""),
+            };
         let access_token_ttl = args.access_token_ttl.or(file.access_token_ttl).unwrap_or(3600);
         if access_token_ttl <= 0 {
             anyhow::bail!("access_token_ttl must be positive");

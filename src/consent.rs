@@ -129,7 +129,8 @@ impl Provision {
             && (self.labels.is_empty() || self.labels.iter().any(|l| r.labels.contains(l)))
             && (self.data_period.is_none_or(|p| r.date_ms.is_some_and(|d| overlaps(p, d))))
             && (self.data.is_empty() || self.data.iter().any(|d| *d == format!("{}/{}", r.rtype, r.id)))
-            && (self.actions.is_empty() || self.actions.iter().any(|a| a == r.action || (r.action == "access" && a == "use")))
+            && (self.actions.is_empty()
+                || self.actions.iter().any(|a| a == r.action || (r.action == "access" && a == "use")))
     }
 
     /// The decision of the deepest applying provision under this one (`inherited` when only
@@ -223,7 +224,10 @@ mod tests {
     fn book(consents: &[Value]) -> Book {
         let mut b = Book::default();
         for (i, c) in consents.iter().enumerate() {
-            b.by_patient.entry("p".into()).or_default().push(Rule { id: i.to_string(), root: provision(&c["provision"]) });
+            b.by_patient
+                .entry("p".into())
+                .or_default()
+                .push(Rule { id: i.to_string(), root: provision(&c["provision"]) });
         }
         b
     }
@@ -241,9 +245,11 @@ mod tests {
 
     #[test]
     fn class_label_and_purpose_conditions() {
-        let b = book(&[json!({"provision": {"type": "deny", "class": [{"system": "http://hl7.org/fhir/resource-types", "code": "Condition"}]}}),
+        let b = book(&[
+            json!({"provision": {"type": "deny", "class": [{"system": "http://hl7.org/fhir/resource-types", "code": "Condition"}]}}),
             json!({"provision": {"type": "deny", "securityLabel": [{"code": "R"}]}}),
-            json!({"provision": {"type": "permit", "purpose": [{"code": "HRESCH"}]}})]);
+            json!({"provision": {"type": "permit", "purpose": [{"code": "HRESCH"}]}}),
+        ]);
         let a = vec!["Practitioner/9".to_string()];
         assert_eq!(b.decide("p", &req(&a, "Condition", &[], None)), Some(Decision::Deny));
         assert_eq!(b.decide("p", &req(&a, "Observation", &["R".into()], None)), Some(Decision::Deny));

@@ -30,7 +30,10 @@ fn public(path: &str) -> bool {
     matches!(path, "/metadata" | "/health") || path.starts_with("/ledger/")
 }
 
-pub async fn middleware(req: ServiceRequest, next: Next<BoxBody>) -> Result<ServiceResponse<BoxBody>, actix_web::Error> {
+pub async fn middleware(
+    req: ServiceRequest,
+    next: Next<BoxBody>,
+) -> Result<ServiceResponse<BoxBody>, actix_web::Error> {
     let Some(state) = req.app_data::<web::Data<AppState>>().cloned() else { return next.call(req).await };
     if !state.auth.enabled || public(req.path()) || req.method() == actix_web::http::Method::OPTIONS {
         req.extensions_mut().insert(Arc::new(Caller::unrestricted()));
@@ -89,7 +92,15 @@ pub fn denied(state: &AppState, caller: &Caller, interaction: &'static str, pati
     if caller.unrestricted {
         return;
     }
-    state.auth.disclosures.record(event(caller, interaction, false, Some(e.issues[0].diagnostics.clone()), patient, Vec::new(), false));
+    state.auth.disclosures.record(event(
+        caller,
+        interaction,
+        false,
+        Some(e.issues[0].diagnostics.clone()),
+        patient,
+        Vec::new(),
+        false,
+    ));
 }
 
 fn event(
@@ -150,8 +161,16 @@ pub fn disclosed(
 }
 
 /// 403 unless the caller's scopes grant `perm` on `rtype`; the refusal is logged.
-pub fn require(state: &AppState, caller: &Caller, rtype: &str, perm: Perm, interaction: &'static str) -> Result<(), FhirError> {
-    caller.require(rtype, perm).inspect_err(|e| denied(state, caller, interaction, caller.patient().map(str::to_string), e))
+pub fn require(
+    state: &AppState,
+    caller: &Caller,
+    rtype: &str,
+    perm: Perm,
+    interaction: &'static str,
+) -> Result<(), FhirError> {
+    caller
+        .require(rtype, perm)
+        .inspect_err(|e| denied(state, caller, interaction, caller.patient().map(str::to_string), e))
 }
 
 /// For a read of `rtype/id`: `Ok` with what to log when the caller may see it; a 404 exactly
@@ -172,7 +191,13 @@ pub fn check_visible(
     if d.consent_hid {
         let patients = d.patients.values().flatten().cloned().collect::<Vec<_>>();
         for p in patients {
-            denied(state, caller, interaction, Some(p), &FhirError::new(403, "forbidden", format!("{rtype}/{id} withheld by the patient's consent")));
+            denied(
+                state,
+                caller,
+                interaction,
+                Some(p),
+                &FhirError::new(403, "forbidden", format!("{rtype}/{id} withheld by the patient's consent")),
+            );
         }
     }
     Err(e)
@@ -180,7 +205,14 @@ pub fn check_visible(
 
 /// For a write: the resource as it will be stored must stay within a `patient/` caller's
 /// compartment (403 otherwise).
-pub fn check_write(state: &AppState, caller: &Caller, rtype: &str, id: &str, perm: Perm, res: &Json) -> Result<(), FhirError> {
+pub fn check_write(
+    state: &AppState,
+    caller: &Caller,
+    rtype: &str,
+    id: &str,
+    perm: Perm,
+    res: &Json,
+) -> Result<(), FhirError> {
     if caller.unrestricted {
         return Ok(());
     }
@@ -194,7 +226,11 @@ pub fn check_write(state: &AppState, caller: &Caller, rtype: &str, id: &str, per
     if within {
         Ok(())
     } else {
-        let e = FhirError::new(403, "forbidden", format!("a patient-scoped token may only write {rtype} resources in its patient's compartment"));
+        let e = FhirError::new(
+            403,
+            "forbidden",
+            format!("a patient-scoped token may only write {rtype} resources in its patient's compartment"),
+        );
         denied(state, caller, "update", caller.patient().map(str::to_string), &e);
         Err(e)
     }

@@ -10,12 +10,12 @@ use std::collections::BTreeMap;
 
 use actix_web::{web, HttpRequest, HttpResponse};
 
-use super::interactions::{self, parse_query, Planned};
 use super::authz;
+use super::interactions::{self, parse_query, Planned};
 use super::resource::check_type;
 use super::search::{search_bundle, Who};
-use crate::auth::scopes::Perm;
 use super::{base_url, json_response, parse_resource, prefer_return, read_body, validate, AppState, Format, Return};
+use crate::auth::scopes::Perm;
 use crate::error::{information, FhirError};
 use crate::fhir::json::Json;
 use crate::fhir::refs::for_each_reference_mut;

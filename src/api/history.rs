@@ -4,10 +4,10 @@ use actix_web::{web, HttpRequest, HttpResponse};
 
 use super::authz;
 use super::interactions::parse_query;
-use crate::auth::scopes::Perm;
-use crate::auth::Caller;
 use super::resource::{check_type, enc, link};
 use super::{base_url, json_response, respond, AppState};
+use crate::auth::scopes::Perm;
+use crate::auth::Caller;
 use crate::error::FhirError;
 use crate::fhir::json::Json;
 use crate::fhir::{date_range_ms, instant};

@@ -158,8 +158,7 @@ pub async fn capability_statement(req: HttpRequest, state: web::Data<AppState>) 
                 "rest",
                 Json::Array(vec![o({
                     rest.push(("resource", Json::Array(resources)));
-                    rest.extend([
-                    (
+                    rest.extend([(
                         "interaction",
                         Json::Array(vec![
                             o(vec![("code", s("transaction"))]),

@@ -60,10 +60,7 @@ fn fhir_routes() -> actix_web::Scope<
                 let mut res = fut.await?;
                 // Browser-based SMART apps call from their own origin; tokens, not cookies,
                 // authorize FHIR calls, so any origin may read what its token permits.
-                res.headers_mut().insert(
-                    header::ACCESS_CONTROL_ALLOW_ORIGIN,
-                    header::HeaderValue::from_static("*"),
-                );
+                res.headers_mut().insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, header::HeaderValue::from_static("*"));
                 res.headers_mut().insert(
                     header::ACCESS_CONTROL_EXPOSE_HEADERS,
                     header::HeaderValue::from_static("Location, ETag, Last-Modified, Content-Location, X-Ledger-Leaf"),

@@ -17,7 +17,11 @@ pub async fn access_report(req: &HttpRequest, state: &AppState, id: &str) -> Htt
         // A patient-context caller sees only their own patient's report.
         let patient_only = caller.covering("AuditEvent", Perm::S).all(|s| s.context == Context::Patient);
         if !caller.unrestricted && patient_only {
-            return if caller.patient() == Some(id) { Ok(()) } else { Err(FhirError::not_found(&format!("Patient/{id}"))) };
+            return if caller.patient() == Some(id) {
+                Ok(())
+            } else {
+                Err(FhirError::not_found(&format!("Patient/{id}")))
+            };
         }
         authz::check_visible(state, &caller, "Patient", id, "operation")?;
         Ok(())

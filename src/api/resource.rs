@@ -6,8 +6,8 @@ use actix_web::{web, HttpRequest, HttpResponse};
 
 use super::authz;
 use super::interactions::{self, Planned};
-use crate::auth::scopes::Perm;
 use super::{base_url, parse_etag, parse_resource, prefer_return, read_body, validate, AppState, Format, Return};
+use crate::auth::scopes::Perm;
 use crate::error::{information, FhirError};
 use crate::fhir::json::Json;
 use crate::fhir::{http_date, is_valid_id};
@@ -277,7 +277,12 @@ pub async fn conditional_delete(req: HttpRequest, path: web::Path<String>, state
         authz::require(&state, &caller, &rtype, Perm::D, "delete")?;
         authz::require(&state, &caller, &rtype, Perm::S, "delete")?;
         if caller.confined(&rtype, Perm::D) {
-            return Err(authz::forbidden_logged(&state, &caller, "delete", "conditional delete needs a user/ or system/ scope without a query restriction"));
+            return Err(authz::forbidden_logged(
+                &state,
+                &caller,
+                "delete",
+                "conditional delete needs a user/ or system/ scope without a query restriction",
+            ));
         }
         let query = req.query_string().to_string();
         commit_one(&req, &state.repo, &f, |plan| interactions::conditional_delete(plan, &rtype, &query)).await

@@ -4,10 +4,10 @@
 
 use actix_web::{web, HttpRequest, HttpResponse};
 
+use super::authz;
 use super::interactions::parse_query;
 use super::resource::{check_type, enc, link};
 use super::{base_url, json_response, prefer_lenient, read_barrier, read_body, respond, AppState};
-use super::authz;
 use crate::auth::scopes::Perm;
 use crate::auth::Caller;
 use crate::error::FhirError;
@@ -191,7 +191,8 @@ fn searchset_compartment_all(
         // Each type's total is summed, so each must be counted.
         let mut p = params.to_vec();
         p.push(("_total".into(), "accurate".into()));
-        let (found, disclosed) = search::run(repo, base, std::slice::from_ref(t), &p, lenient, Some(f), access.as_ref())?;
+        let (found, disclosed) =
+            search::run(repo, base, std::slice::from_ref(t), &p, lenient, Some(f), access.as_ref())?;
         total += found.total.unwrap_or_default();
         entries.extend(entries_of(repo, base, &found)?);
         log(who, "search-type", &found, &disclosed);

@@ -111,7 +111,14 @@ impl<'c> Guard<'c> {
         if let Some((t, id)) = &caller.user {
             let me = format!("{t}/{id}");
             if let Some(teams) = idx.of("CareTeam") {
-                for (_, d) in teams.postings.get("participant").and_then(|p| p.get(&me)).into_iter().flatten().filter_map(|k| teams.docs.get_key_value(k)) {
+                for (_, d) in teams
+                    .postings
+                    .get("participant")
+                    .and_then(|p| p.get(&me))
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|k| teams.docs.get_key_value(k))
+                {
                     actors.push(format!("CareTeam/{}", d.id));
                 }
             }
@@ -205,7 +212,11 @@ impl<'c> Guard<'c> {
 }
 
 /// Which patient compartment each `Type/id` of a page belongs to, for the disclosure log.
-pub fn patients_by_hit(idx: &Index, comps: &Compartments, hits: &[(String, String)]) -> HashMap<(String, String), Vec<String>> {
+pub fn patients_by_hit(
+    idx: &Index,
+    comps: &Compartments,
+    hits: &[(String, String)],
+) -> HashMap<(String, String), Vec<String>> {
     let mut out = HashMap::new();
     for (t, id) in hits {
         if let Some((_, doc)) = idx.of(t).and_then(|d| d.doc(id)) {

@@ -220,14 +220,21 @@ impl Auth {
     }
 
     /// The caller behind `Authorization: Bearer …`: 401 for a missing, bad or revoked token.
-    pub async fn caller(&self, repo: &Repo, authorization: Option<&str>, purpose: Option<&str>) -> Result<Caller, FhirError> {
+    pub async fn caller(
+        &self,
+        repo: &Repo,
+        authorization: Option<&str>,
+        purpose: Option<&str>,
+    ) -> Result<Caller, FhirError> {
         if !self.enabled {
             return Ok(Caller::unrestricted());
         }
         let token = authorization
             .and_then(|h| h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")))
             .map(str::trim)
-            .ok_or_else(|| FhirError::new(401, "login", "this server needs an access token: Authorization: Bearer <token>"))?;
+            .ok_or_else(|| {
+                FhirError::new(401, "login", "this server needs an access token: Authorization: Bearer <token>")
+            })?;
         let claims = self.verify_token(token).await.map_err(unauthorized)?;
         let mut client_actor = None;
         let mut client_name = claims.client_id.clone();
@@ -245,7 +252,9 @@ impl Auth {
             if let Some(c) = &claims.consent {
                 let id = c.strip_prefix("Consent/").unwrap_or(c);
                 if !consent_active(repo, id)? {
-                    return Err(unauthorized(format!("the patient's {c} that this token rests on is no longer active")));
+                    return Err(unauthorized(format!(
+                        "the patient's {c} that this token rests on is no longer active"
+                    )));
                 }
             }
         }

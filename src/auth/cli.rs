@@ -77,7 +77,8 @@ pub async fn run(args: AuthArgs) -> anyhow::Result<()> {
     let post = reqwest::Method::POST;
     let out: Value = match args.command {
         AuthCmd::AddClient { name, redirect_uri, auth_method, scope, jwks_file, jwks_url, actor } => {
-            let mut body = json!({"client_name": name, "redirect_uris": redirect_uri, "token_endpoint_auth_method": auth_method});
+            let mut body =
+                json!({"client_name": name, "redirect_uris": redirect_uri, "token_endpoint_auth_method": auth_method});
             if let Some(s) = scope {
                 body["scope"] = json!(s);
             }
@@ -103,7 +104,9 @@ pub async fn run(args: AuthArgs) -> anyhow::Result<()> {
             admin.call(post, node, "/admin/auth/users", Some(body)).await?
         }
         AuthCmd::Launch { patient, encounter } => {
-            admin.call(post, node, "/admin/auth/launch", Some(json!({"patient": patient, "encounter": encounter}))).await?
+            admin
+                .call(post, node, "/admin/auth/launch", Some(json!({"patient": patient, "encounter": encounter})))
+                .await?
         }
     };
     println!("{}", serde_json::to_string_pretty(&out)?);

@@ -59,7 +59,9 @@ fn json_ok(v: &Value) -> HttpResponse {
 
 /// An RFC 6749 error answer.
 fn oauth_error(status: u16, error: &str, description: &str) -> HttpResponse {
-    let mut b = HttpResponse::build(actix_web::http::StatusCode::from_u16(status).unwrap_or(actix_web::http::StatusCode::BAD_REQUEST));
+    let mut b = HttpResponse::build(
+        actix_web::http::StatusCode::from_u16(status).unwrap_or(actix_web::http::StatusCode::BAD_REQUEST),
+    );
     cors(&mut b);
     b.insert_header((header::CACHE_CONTROL, "no-store"));
     if status == 401 {
@@ -77,9 +79,23 @@ fn html(status: u16, body: String) -> HttpResponse {
 }
 
 pub const SCOPES_SUPPORTED: &[&str] = &[
-    "openid", "fhirUser", "profile", "launch", "launch/patient", "launch/encounter", "offline_access", "online_access",
-    "patient/*.read", "patient/*.rs", "patient/*.cruds", "user/*.read", "user/*.rs", "user/*.cruds", "system/*.read",
-    "system/*.rs", "system/*.cruds",
+    "openid",
+    "fhirUser",
+    "profile",
+    "launch",
+    "launch/patient",
+    "launch/encounter",
+    "offline_access",
+    "online_access",
+    "patient/*.read",
+    "patient/*.rs",
+    "patient/*.cruds",
+    "user/*.read",
+    "user/*.rs",
+    "user/*.cruds",
+    "system/*.read",
+    "system/*.rs",
+    "system/*.cruds",
 ];
 
 pub fn configuration(auth: &Auth) -> Value {
@@ -169,8 +185,7 @@ fn get<'a>(p: &'a [(String, String)], k: &str) -> Option<&'a str> {
 }
 
 fn redirect_with(uri: &str, params: &[(&str, &str)]) -> HttpResponse {
-    let q: Vec<String> =
-        params.iter().map(|(k, v)| format!("{k}={}", crate::api::resource::enc(v))).collect();
+    let q: Vec<String> = params.iter().map(|(k, v)| format!("{k}={}", crate::api::resource::enc(v))).collect();
     let sep = if uri.contains('?') { '&' } else { '?' };
     HttpResponse::Found().insert_header((header::LOCATION, format!("{uri}{sep}{}", q.join("&")))).finish()
 }
@@ -272,7 +287,16 @@ fn consent_page(client: &Client, s: &Session, sealed: &str, p: &Pending) -> Http
     let ask_patient = p.scope.iter().any(|x| x == "launch/patient")
         && p.launch.patient.is_none()
         && !s.fhir_user.starts_with("Patient/");
-    html(200, pages::consent(&client.client_name, &format!("{} ({})", s.username, s.fhir_user), sealed, &p.scope, ask_patient))
+    html(
+        200,
+        pages::consent(
+            &client.client_name,
+            &format!("{} ({})", s.username, s.fhir_user),
+            sealed,
+            &p.scope,
+            ask_patient,
+        ),
+    )
 }
 
 fn session_cookie(auth: &Auth, s: &Session) -> actix_web::cookie::Cookie<'static> {
@@ -319,10 +343,17 @@ async fn login(req: HttpRequest, body: web::Bytes, state: web::Data<AppState>) -
     }
     let pending: Pending = match seal::open(&auth.seal_key, "authorize", sealed) {
         Ok(p) => p,
-        Err(why) => return html(400, pages::error("Sign-in expired", &format!("the sign-in request is {why}; start again from the app"))),
+        Err(why) => {
+            return html(
+                400,
+                pages::error("Sign-in expired", &format!("the sign-in request is {why}; start again from the app")),
+            )
+        }
     };
     let client: Option<(Client, u64)> = store::get(&state.repo, store::CLIENT, &pending.client_id).unwrap_or(None);
-    let Some((client, _)) = client else { return html(400, pages::error("Unknown app", "the app is no longer registered")) };
+    let Some((client, _)) = client else {
+        return html(400, pages::error("Unknown app", "the app is no longer registered"));
+    };
     let mut r = consent_page(&client, &session, sealed, &pending);
     let _ = r.add_cookie(&cookie);
     let _ = req;
@@ -335,7 +366,12 @@ async fn consent(req: HttpRequest, body: web::Bytes, state: web::Data<AppState>)
     let sealed = get(&p, "request").unwrap_or("");
     let pending: Pending = match seal::open(&auth.seal_key, "authorize", sealed) {
         Ok(p) => p,
-        Err(why) => return html(400, pages::error("Request expired", &format!("the request is {why}; start again from the app"))),
+        Err(why) => {
+            return html(
+                400,
+                pages::error("Request expired", &format!("the request is {why}; start again from the app")),
+            )
+        }
     };
     let Some(session) = session_of(auth, &req) else {
         return html(401, pages::login("fhir-ledger", sealed, Some("Please sign in first."), "/auth/login"));
@@ -362,7 +398,12 @@ async fn consent(req: HttpRequest, body: web::Bytes, state: web::Data<AppState>)
 
 /// The approved scopes, the patient context and (for a patient) the Consent on the ledger;
 /// returns the authorization code.
-async fn approve(state: &AppState, s: &Session, pending: &Pending, form: &[(String, String)]) -> Result<String, FhirError> {
+async fn approve(
+    state: &AppState,
+    s: &Session,
+    pending: &Pending,
+    form: &[(String, String)],
+) -> Result<String, FhirError> {
     let auth = &state.auth;
     let ticked: Vec<&str> = form.iter().filter(|(k, _)| k == "scope").map(|(_, v)| v.as_str()).collect();
     let scope: Vec<String> = pending.scope.iter().filter(|s| ticked.contains(&s.as_str())).cloned().collect();
@@ -410,7 +451,13 @@ async fn approve(state: &AppState, s: &Session, pending: &Pending, form: &[(Stri
 pub const SCOPES_EXTENSION: &str = "urn:fhir-ledger:StructureDefinition/smart-scopes";
 pub const CLIENT_SYSTEM: &str = "urn:fhir-ledger:client";
 
-async fn write_grant_consent(state: &AppState, patient: &str, client_id: &str, app: &str, scope: &[String]) -> Result<String, FhirError> {
+async fn write_grant_consent(
+    state: &AppState,
+    patient: &str,
+    client_id: &str,
+    app: &str,
+    scope: &[String],
+) -> Result<String, FhirError> {
     let mut classes = Vec::new();
     let mut write = false;
     for s in scope {
@@ -423,9 +470,12 @@ async fn write_grant_consent(state: &AppState, patient: &str, client_id: &str, a
     }
     let wildcard = scope.iter().any(|s| matches!(scopes::parse(s), Ok(Scope::Resource(r)) if r.rtype == "*"));
     let now = crate::fhir::instant(crate::fhir::now_ms());
-    let mut actions = vec![json!({"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentaction", "code": "access"}]})];
+    let mut actions =
+        vec![json!({"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentaction", "code": "access"}]})];
     if write {
-        actions.push(json!({"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentaction", "code": "correct"}]}));
+        actions.push(
+            json!({"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentaction", "code": "correct"}]}),
+        );
     }
     let mut provision = json!({
         "type": "permit",
@@ -435,7 +485,10 @@ async fn write_grant_consent(state: &AppState, patient: &str, client_id: &str, a
         "action": actions,
     });
     if !wildcard && !classes.is_empty() {
-        provision["class"] = json!(classes.iter().map(|c| json!({"system": "http://hl7.org/fhir/resource-types", "code": c})).collect::<Vec<_>>());
+        provision["class"] = json!(classes
+            .iter()
+            .map(|c| json!({"system": "http://hl7.org/fhir/resource-types", "code": c}))
+            .collect::<Vec<_>>());
     }
     let consent = json!({
         "resourceType": "Consent",
@@ -457,18 +510,41 @@ async fn write_grant_consent(state: &AppState, patient: &str, client_id: &str, a
     Ok(format!("Consent/{id}"))
 }
 
+/// An RFC 6749 error, turned into a response where it is answered.
+struct OAuthError {
+    status: u16,
+    error: &'static str,
+    why: String,
+}
+
+impl OAuthError {
+    fn response(&self) -> HttpResponse {
+        oauth_error(self.status, self.error, &self.why)
+    }
+}
+
 /// The client a token-endpoint request authenticates as (RFC 6749 2.3, RFC 7523).
-async fn authenticate_client(state: &AppState, req: &HttpRequest, p: &[(String, String)]) -> Result<Client, HttpResponse> {
-    let bad = |why: &str| oauth_error(401, "invalid_client", why);
-    let lookup = |id: &str| -> Result<Client, HttpResponse> {
+async fn authenticate_client(
+    state: &AppState,
+    req: &HttpRequest,
+    p: &[(String, String)],
+) -> Result<Client, OAuthError> {
+    let bad = |why: &str| OAuthError { status: 401, error: "invalid_client", why: why.to_string() };
+    let lookup = |id: &str| -> Result<Client, OAuthError> {
         match store::get::<Client>(&state.repo, store::CLIENT, id) {
             Ok(Some((c, _))) => Ok(c),
             Ok(None) => Err(bad("unknown client")),
-            Err(e) => Err(oauth_error(503, "temporarily_unavailable", &e.issues[0].diagnostics)),
+            Err(e) => {
+                Err(OAuthError { status: 503, error: "temporarily_unavailable", why: e.issues[0].diagnostics.clone() })
+            }
         }
     };
-    if let Some(basic) = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Basic ")) {
-        let decoded = base64::engine::general_purpose::STANDARD.decode(basic.trim()).map_err(|_| bad("malformed Basic credentials"))?;
+    if let Some(basic) =
+        req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Basic "))
+    {
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(basic.trim())
+            .map_err(|_| bad("malformed Basic credentials"))?;
         let text = String::from_utf8(decoded).map_err(|_| bad("malformed Basic credentials"))?;
         let (id, secret) = text.split_once(':').ok_or_else(|| bad("malformed Basic credentials"))?;
         let id = percent_encoding::percent_decode_str(id).decode_utf8_lossy().to_string();
@@ -550,7 +626,7 @@ async fn token(req: HttpRequest, body: web::Bytes, state: web::Data<AppState>) -
     let p = form_pairs(&body);
     let client = match authenticate_client(&state, &req, &p).await {
         Ok(c) => c,
-        Err(r) => return r,
+        Err(e) => return e.response(),
     };
     match get(&p, "grant_type") {
         Some("authorization_code") => code_grant(&state, &client, &p).await,
@@ -628,7 +704,9 @@ fn issue(auth: &Auth, grant_id: &str, g: &Grant) -> Value {
     let mut body = json!({"token_type": "Bearer", "expires_in": auth.access_ttl_secs, "scope": g.scope,
                           "need_patient_banner": g.fhir_user.as_deref().is_some_and(|u| !u.starts_with("Patient/")),
                           "smart_style_url": auth.endpoint("/auth/style.json")});
-    for (k, v) in [("patient", &g.patient), ("encounter", &g.encounter), ("fhirUser", &g.fhir_user), ("consent", &g.consent)] {
+    for (k, v) in
+        [("patient", &g.patient), ("encounter", &g.encounter), ("fhirUser", &g.fhir_user), ("consent", &g.consent)]
+    {
         if let Some(v) = v {
             claims[k] = json!(v);
             if k != "fhirUser" {
@@ -654,7 +732,9 @@ fn id_token(auth: &Auth, g: &Grant, nonce: Option<&str>) -> String {
 
 async fn refresh_grant(state: &AppState, client: &Client, p: &[(String, String)]) -> Result<HttpResponse, FhirError> {
     let Some(presented) = get(p, "refresh_token") else { return invalid_grant("refresh_token is missing") };
-    let Some((grant_id, _)) = presented.split_once('.') else { return invalid_grant("not a refresh token of this server") };
+    let Some((grant_id, _)) = presented.split_once('.') else {
+        return invalid_grant("not a refresh token of this server");
+    };
     let Some((mut grant, version)) = store::get::<Grant>(&state.repo, store::GRANT, grant_id)? else {
         return invalid_grant("unknown refresh token");
     };
@@ -674,9 +754,12 @@ async fn refresh_grant(state: &AppState, client: &Client, p: &[(String, String)]
     }
     if let Some(c) = &grant.consent {
         let id = c.strip_prefix("Consent/").unwrap_or(c);
-        let active = state.repo.read("Consent", id).ok().and_then(|s| s.body).is_some_and(|b| {
-            serde_json::from_str::<Value>(&b).is_ok_and(|v| v["status"] == "active")
-        });
+        let active = state
+            .repo
+            .read("Consent", id)
+            .ok()
+            .and_then(|s| s.body)
+            .is_some_and(|b| serde_json::from_str::<Value>(&b).is_ok_and(|v| v["status"] == "active"));
         if !active {
             return invalid_grant("the patient withdrew the consent this grant rests on");
         }
@@ -694,8 +777,14 @@ async fn refresh_grant(state: &AppState, client: &Client, p: &[(String, String)]
     Ok(json_ok(&body))
 }
 
-async fn client_credentials(state: &AppState, client: &Client, p: &[(String, String)]) -> Result<HttpResponse, FhirError> {
-    if client.token_endpoint_auth_method != "private_key_jwt" && client.token_endpoint_auth_method != "client_secret_basic" {
+async fn client_credentials(
+    state: &AppState,
+    client: &Client,
+    p: &[(String, String)],
+) -> Result<HttpResponse, FhirError> {
+    if client.token_endpoint_auth_method != "private_key_jwt"
+        && client.token_endpoint_auth_method != "client_secret_basic"
+    {
         return Ok(oauth_error(400, "unauthorized_client", "client_credentials needs a confidential client"));
     }
     let requested = get(p, "scope").unwrap_or("");
@@ -712,7 +801,11 @@ async fn client_credentials(state: &AppState, client: &Client, p: &[(String, Str
         .map(|(s, _)| s)
         .collect();
     if granted.is_empty() {
-        return Ok(oauth_error(400, "invalid_scope", "client_credentials grants system/ scopes only, within the client's registration"));
+        return Ok(oauth_error(
+            400,
+            "invalid_scope",
+            "client_credentials grants system/ scopes only, within the client's registration",
+        ));
     }
     let grant = Grant {
         client_id: client.client_id.clone(),
@@ -744,7 +837,7 @@ async fn revoke(req: HttpRequest, body: web::Bytes, state: web::Data<AppState>) 
     let p = form_pairs(&body);
     let client = match authenticate_client(&state, &req, &p).await {
         Ok(c) => c,
-        Err(r) => return r,
+        Err(e) => return e.response(),
     };
     let Some(token) = get(&p, "token") else { return oauth_error(400, "invalid_request", "token is missing") };
     if let Some(gid) = grant_of(&state.auth, token) {
@@ -766,19 +859,28 @@ async fn revoke(req: HttpRequest, body: web::Bytes, state: web::Data<AppState>) 
 async fn introspect(req: HttpRequest, body: web::Bytes, state: web::Data<AppState>) -> HttpResponse {
     let p = form_pairs(&body);
     // RFC 7662 2.1: the caller must be authorized; a client, or a system-scoped bearer.
-    let bearer = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).filter(|v| v.starts_with("Bearer "));
+    let bearer =
+        req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).filter(|v| v.starts_with("Bearer "));
     if let Some(b) = bearer {
         match state.auth.caller(&state.repo, Some(b), None).await {
             Ok(c) if c.scopes.iter().any(|s| s.context == scopes::Context::System) => {}
-            _ => return oauth_error(401, "invalid_client", "introspection needs client authentication or a system-scoped token"),
+            _ => {
+                return oauth_error(
+                    401,
+                    "invalid_client",
+                    "introspection needs client authentication or a system-scoped token",
+                )
+            }
         }
-    } else if let Err(r) = authenticate_client(&state, &req, &p).await {
-        return r;
+    } else if let Err(e) = authenticate_client(&state, &req, &p).await {
+        return e.response();
     }
     let Some(token) = get(&p, "token") else { return oauth_error(400, "invalid_request", "token is missing") };
     let inactive = || json_ok(&json!({"active": false}));
     if jose::parse(token).is_ok() {
-        let Ok(c) = state.auth.caller(&state.repo, Some(&format!("Bearer {token}")), None).await else { return inactive() };
+        let Ok(c) = state.auth.caller(&state.repo, Some(&format!("Bearer {token}")), None).await else {
+            return inactive();
+        };
         let cl = &c.claims;
         let mut v = json!({"active": true, "scope": cl.scope, "client_id": cl.client_id, "sub": cl.sub, "exp": cl.exp,
                            "iss": state.auth.public_url, "aud": state.auth.public_url, "token_type": "Bearer"});
@@ -792,7 +894,9 @@ async fn introspect(req: HttpRequest, body: web::Bytes, state: web::Data<AppStat
     let Some((gid, _)) = token.split_once('.') else { return inactive() };
     match store::get::<Grant>(&state.repo, store::GRANT, gid) {
         Ok(Some((g, _))) if !g.revoked && g.refresh_sha256.as_deref() == Some(super::sha256_hex(token).as_str()) => {
-            json_ok(&json!({"active": true, "scope": g.scope, "client_id": g.client_id, "sub": g.sub, "token_type": "refresh_token"}))
+            json_ok(
+                &json!({"active": true, "scope": g.scope, "client_id": g.client_id, "sub": g.sub, "token_type": "refresh_token"}),
+            )
         }
         _ => inactive(),
     }

@@ -74,7 +74,8 @@ impl Parsed<'_> {
     /// the key's type.
     pub fn verify(&self, key: &PublicKey, accepted: &[Alg]) -> Result<(), String> {
         let name = self.alg().ok_or("the token header has no alg")?;
-        let alg = Alg::parse(name).filter(|a| accepted.contains(a)).ok_or_else(|| format!("alg {name} is not accepted"))?;
+        let alg =
+            Alg::parse(name).filter(|a| accepted.contains(a)).ok_or_else(|| format!("alg {name} is not accepted"))?;
         let msg = self.signing_input.as_bytes();
         let ok = match (alg, key) {
             (Alg::EdDsa, PublicKey::Ed25519(k)) => ed25519_dalek::Signature::from_slice(&self.signature)

@@ -72,7 +72,8 @@ impl Auth {
     /// Keys derive from the cluster-wide KEK, so every node issues and accepts the same tokens
     /// without another secret to distribute.
     pub fn new(s: Settings, kek: &[u8; 32], disclosures: crate::disclosure::Log) -> Self {
-        let access_key = ed25519_dalek::SigningKey::from_bytes(&derive(kek, "fhir-ledger auth access-token signing v1"));
+        let access_key =
+            ed25519_dalek::SigningKey::from_bytes(&derive(kek, "fhir-ledger auth access-token signing v1"));
         let access_kid = jose::kid(access_key.verifying_key().as_bytes());
         Self {
             enabled: s.enabled,

@@ -49,9 +49,12 @@ pub fn login(app: &str, request: &str, error: Option<&str>, action: &str) -> Str
 pub fn explain(scope: &str) -> String {
     match scopes::parse(scope) {
         Ok(Scope::Resource(r)) => {
-            let what = if r.rtype == "*" { "all your health records".to_string() } else { format!("{} records", r.rtype) };
+            let what =
+                if r.rtype == "*" { "all your health records".to_string() } else { format!("{} records", r.rtype) };
             let mut verbs = Vec::new();
-            for (p, v) in [(Perm::R, "read"), (Perm::S, "search"), (Perm::C, "create"), (Perm::U, "change"), (Perm::D, "delete")] {
+            for (p, v) in
+                [(Perm::R, "read"), (Perm::S, "search"), (Perm::C, "create"), (Perm::U, "change"), (Perm::D, "delete")]
+            {
                 if r.allows(p) {
                     verbs.push(v);
                 }
@@ -64,7 +67,10 @@ pub fn explain(scope: &str) -> String {
             let only = if r.query.is_empty() {
                 String::new()
             } else {
-                format!(" (only where {})", r.query.iter().map(|(k, v)| format!("{k} = {v}")).collect::<Vec<_>>().join(", "))
+                format!(
+                    " (only where {})",
+                    r.query.iter().map(|(k, v)| format!("{k} = {v}")).collect::<Vec<_>>().join(", ")
+                )
             };
             format!("{} {what} {whose}{only}", capitalize(&verbs.join(", ")))
         }
@@ -96,7 +102,8 @@ pub fn consent(app: &str, user: &str, request: &str, scopes: &[String], ask_pati
         ));
     }
     let patient = if ask_patient {
-        "<label for=\"patient\">Patient id</label><input type=\"text\" id=\"patient\" name=\"patient\" required>".to_string()
+        "<label for=\"patient\">Patient id</label><input type=\"text\" id=\"patient\" name=\"patient\" required>"
+            .to_string()
     } else {
         String::new()
     };

@@ -86,7 +86,11 @@ fn connected_apps(state: &AppState, patient: &str) -> Result<Vec<(String, String
 
 async fn render(state: &AppState, username: &str, patient: &str) -> Result<String, FhirError> {
     let apps = connected_apps(state, patient)?;
-    let mut body = format!("<p>Signed in as <strong>{}</strong> (Patient/{}).</p><h2>Connected apps</h2>", esc(username), esc(patient));
+    let mut body = format!(
+        "<p>Signed in as <strong>{}</strong> (Patient/{}).</p><h2>Connected apps</h2>",
+        esc(username),
+        esc(patient)
+    );
     if apps.is_empty() {
         body.push_str("<p id=\"no-apps\">No app has access.</p>");
     }
@@ -133,7 +137,9 @@ async fn login(body: web::Bytes, state: web::Data<AppState>) -> HttpResponse {
             let cookie = super::endpoints::portal_cookie(&state.auth, id, user);
             HttpResponse::SeeOther().cookie(cookie).insert_header((header::LOCATION, "/portal")).finish()
         }
-        Ok(Ok(None)) => html(401, pages::login("your patient portal", "", Some("Wrong user name or password."), "/portal/login")),
+        Ok(Ok(None)) => {
+            html(401, pages::login("your patient portal", "", Some("Wrong user name or password."), "/portal/login"))
+        }
         Ok(Err(e)) => html(503, pages::error("Unavailable", &e.issues[0].diagnostics)),
         Err(e) => html(503, pages::error("Unavailable", &e.to_string())),
     }

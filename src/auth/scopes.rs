@@ -194,7 +194,9 @@ mod tests {
 
     #[test]
     fn query_restriction() {
-        let r = res("patient/Observation.rs?category=http://terminology.hl7.org/CodeSystem/observation-category|laboratory");
+        let r = res(
+            "patient/Observation.rs?category=http://terminology.hl7.org/CodeSystem/observation-category|laboratory",
+        );
         assert_eq!(
             r.query,
             vec![("category".into(), "http://terminology.hl7.org/CodeSystem/observation-category|laboratory".into())]
@@ -203,9 +205,15 @@ mod tests {
 
     #[test]
     fn refusals() {
-        for bad in ["patient/Observation", "nurse/Observation.read", "patient/Observation.rc", "patient/Obs-x.r",
-            "patient/Observation.x", "patient/Observation.read?code=1", "banana"]
-        {
+        for bad in [
+            "patient/Observation",
+            "nurse/Observation.read",
+            "patient/Observation.rc",
+            "patient/Obs-x.r",
+            "patient/Observation.x",
+            "patient/Observation.read?code=1",
+            "banana",
+        ] {
             assert!(parse(bad).is_err(), "{bad}");
         }
         assert!(parse("openid").is_ok());

@@ -84,7 +84,12 @@ pub struct Disclosed {
 }
 
 /// A resource as the guard needs to decide on it (for a read or a write outside a search).
-pub fn visible(repo: &Repo, access: &crate::auth::access::Access<'_>, rtype: &str, id: &str) -> Result<(bool, Disclosed), FhirError> {
+pub fn visible(
+    repo: &Repo,
+    access: &crate::auth::access::Access<'_>,
+    rtype: &str,
+    id: &str,
+) -> Result<(bool, Disclosed), FhirError> {
     let engine = repo.search();
     let idx = engine.current(repo)?;
     let guard = guard_for(repo, &idx, access, false)?;
@@ -95,7 +100,8 @@ pub fn visible(repo: &Repo, access: &crate::auth::access::Access<'_>, rtype: &st
         consent_hid: guard.consent_hid.load(std::sync::atomic::Ordering::Relaxed),
         ..Default::default()
     };
-    d.patients.insert((rtype.to_string(), id.to_string()), crate::auth::access::patients_of(repo.compartments(), rtype, doc));
+    d.patients
+        .insert((rtype.to_string(), id.to_string()), crate::auth::access::patients_of(repo.compartments(), rtype, doc));
     Ok((ok, d))
 }
 
@@ -158,7 +164,8 @@ pub fn run(
             filters.push(f.clone());
         }
     }
-    let ctx = Ctx { idx: &idx, profiles: engine.profiles(), repo, now_ms: crate::fhir::now_ms(), guard: guard.as_ref() };
+    let ctx =
+        Ctx { idx: &idx, profiles: engine.profiles(), repo, now_ms: crate::fhir::now_ms(), guard: guard.as_ref() };
     let cursor_key = cursor_key(repo);
     let cursor = search.cursor.as_deref().map(|c| open_cursor(&cursor_key, c)).transpose()?;
     if cursor.as_ref().is_some_and(|(_, at)| at.vals.len() != search.sort.len()) {
@@ -244,9 +251,12 @@ pub fn run(
     let previous = (start > 0 && paged).then(|| page.first().map(|p| seal_cursor(&cursor_key, false, p))).flatten();
     let hit = |p: &Position| {
         let t: &str = if p.rtype.is_empty() { &search.types[0].0 } else { &p.rtype };
-        idx.of(t)
-            .and_then(|d| d.docs.get(&p.doc))
-            .map(|d| Hit { rtype: t.to_string(), id: d.id.clone(), leaf: d.leaf, version: d.version })
+        idx.of(t).and_then(|d| d.docs.get(&p.doc)).map(|d| Hit {
+            rtype: t.to_string(),
+            id: d.id.clone(),
+            leaf: d.leaf,
+            version: d.version,
+        })
     };
     let matches: Vec<Hit> = page.iter().filter_map(hit).collect();
     let included = if search.summary == query::Summary::Count {

@@ -391,7 +391,9 @@ async fn backend_services_rs384_and_es384() {
 
     let new_patient = json!({ "resourceType": "Patient", "name": [{ "family": "New" }] });
     let obs = observation(Some("obs-a-lab"), "pat-a", LAB);
-    let checks: Vec<(&str, &str, Method, &str, Option<&Value>, u16)> = vec![
+    // (key algorithm, token, method, path, body, expected status)
+    type Check<'a> = (&'a str, &'a str, Method, &'a str, Option<&'a Value>, u16);
+    let checks: Vec<Check> = vec![
         ("RS384", rs_token.as_str(), Method::GET, "Patient/pat-a", None, 200),
         ("RS384", rs_token.as_str(), Method::GET, "Patient?_id=pat-a", None, 200),
         ("RS384", rs_token.as_str(), Method::GET, "Patient/pat-a/_history", None, 200),
