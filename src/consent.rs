@@ -53,7 +53,7 @@ pub struct Request<'a> {
     pub rtype: &'a str,
     pub id: &'a str,
     /// Security label codes of the resource.
-    pub labels: &'a [String],
+    pub labels: &'a [&'a str],
     /// The clinically relevant time of the resource (its `date`, else last update).
     pub date_ms: Option<(i64, i64)>,
     pub now_ms: i64,
@@ -126,7 +126,7 @@ impl Provision {
             && (self.actors.is_empty() || self.actors.iter().any(|a| r.actors.contains(a)))
             && (self.purposes.is_empty() || r.purpose.is_some_and(|p| self.purposes.iter().any(|x| x == p)))
             && (self.classes.is_empty() || self.classes.iter().any(|c| c == r.rtype))
-            && (self.labels.is_empty() || self.labels.iter().any(|l| r.labels.contains(l)))
+            && (self.labels.is_empty() || self.labels.iter().any(|l| r.labels.contains(&l.as_str())))
             && (self.data_period.is_none_or(|p| r.date_ms.is_some_and(|d| overlaps(p, d))))
             && (self.data.is_empty() || self.data.iter().any(|d| *d == format!("{}/{}", r.rtype, r.id)))
             && (self.actions.is_empty()
@@ -217,7 +217,7 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn req<'a>(actors: &'a [String], rtype: &'a str, labels: &'a [String], purpose: Option<&'a str>) -> Request<'a> {
+    fn req<'a>(actors: &'a [String], rtype: &'a str, labels: &'a [&'a str], purpose: Option<&'a str>) -> Request<'a> {
         Request { actors, purpose, action: "access", rtype, id: "1", labels, date_ms: None, now_ms: 1_000 }
     }
 
@@ -252,7 +252,7 @@ mod tests {
         ]);
         let a = vec!["Practitioner/9".to_string()];
         assert_eq!(b.decide("p", &req(&a, "Condition", &[], None)), Some(Decision::Deny));
-        assert_eq!(b.decide("p", &req(&a, "Observation", &["R".into()], None)), Some(Decision::Deny));
+        assert_eq!(b.decide("p", &req(&a, "Observation", &["R"], None)), Some(Decision::Deny));
         assert_eq!(b.decide("p", &req(&a, "Observation", &[], None)), None);
         assert_eq!(b.decide("p", &req(&a, "Observation", &[], Some("HRESCH"))), Some(Decision::Permit));
     }

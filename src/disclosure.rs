@@ -1,7 +1,9 @@
-//! The disclosure log: every read, search, write and denial under authorization becomes an
-//! AuditEvent on the ledger (one per request and patient), so a patient can see who read
-//! what, how often and when. Events are queued by the request and committed by one writer
-//! in batches (up to [`BATCH`] events or [`WINDOW`]), never one Raft round trip per read.
+//! The disclosure log: every read, search and refusal under authorization is recorded in an
+//! AuditEvent on the ledger, so a patient can see who read what, how often and when. Events
+//! are queued by the request and committed by one writer in batches (up to [`BATCH`] events,
+//! at most [`WINDOW`] after the first), never one Raft round trip per read. Within a batch,
+//! successful disclosures by one accessor of one patient share an AuditEvent (see
+//! [`Disclosure`]); each refusal has its own.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -14,7 +16,7 @@ use crate::error::FhirError;
 use crate::fhir::json::{self, Json};
 use crate::repo::Repo;
 
-pub const BATCH: usize = 256;
+pub const BATCH: usize = 4096;
 pub const WINDOW: Duration = Duration::from_millis(200);
 /// The ledger actor of the log's own writes.
 pub const ACTOR: &str = "fhir-ledger/disclosure-log";
@@ -85,38 +87,40 @@ impl Log {
 async fn writer(repo: Arc<Repo>, mut rx: mpsc::UnboundedReceiver<Msg>) {
     let mut batch: Vec<Event> = Vec::new();
     let mut waiters: Vec<oneshot::Sender<()>> = Vec::new();
+    // A batch is written at most WINDOW after its first event, or when it is full.
+    let mut deadline: Option<tokio::time::Instant> = None;
     loop {
-        let first = if batch.is_empty() && waiters.is_empty() {
-            match rx.recv().await {
+        let msg = match deadline {
+            None => match rx.recv().await {
                 Some(m) => Some(m),
                 None => return,
-            }
-        } else {
-            tokio::time::timeout(WINDOW, rx.recv()).await.unwrap_or(None)
+            },
+            Some(d) => tokio::time::timeout_at(d, rx.recv()).await.unwrap_or(None),
         };
-        let mut flush_now = first.is_none();
-        if let Some(m) = first {
-            match m {
-                Msg::Event(e) => batch.push(*e),
-                Msg::Flush(w) => {
-                    waiters.push(w);
-                    flush_now = true;
-                }
+        let mut flush_now = msg.is_none();
+        let mut take = |m: Msg, batch: &mut Vec<Event>| match m {
+            Msg::Event(e) => batch.push(*e),
+            Msg::Flush(w) => {
+                waiters.push(w);
+                flush_now = true;
             }
+        };
+        if let Some(m) = msg {
+            take(m, &mut batch);
         }
         // Take whatever else is already queued, without waiting.
         while batch.len() < BATCH {
             match rx.try_recv() {
-                Ok(Msg::Event(e)) => batch.push(*e),
-                Ok(Msg::Flush(w)) => {
-                    waiters.push(w);
-                    flush_now = true;
-                }
+                Ok(m) => take(m, &mut batch),
                 Err(_) => break,
             }
         }
-        if flush_now || batch.len() >= BATCH {
-            commit(&repo, &repo.node_id().to_string(), std::mem::take(&mut batch)).await;
+        if deadline.is_none() && !batch.is_empty() {
+            deadline = Some(tokio::time::Instant::now() + WINDOW);
+        }
+        if flush_now || batch.len() >= BATCH || deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+            commit(&repo, &repo.node_id().to_string(), aggregate(std::mem::take(&mut batch))).await;
+            deadline = None;
             for w in waiters.drain(..) {
                 let _ = w.send(());
             }
@@ -124,39 +128,79 @@ async fn writer(repo: Arc<Repo>, mut rx: mpsc::UnboundedReceiver<Msg>) {
     }
 }
 
-async fn commit(repo: &Repo, node: &str, batch: Vec<Event>) {
+/// The disclosures of one batch, merged: successful ones by the same accessor (client and
+/// user) of the same patient, for the same interaction and purpose, become one AuditEvent
+/// whose `period` spans them, whose count extension says how many requests it records and
+/// whose entities say how often each resource was shown. Refusals stay one event each.
+#[derive(Debug)]
+pub struct Disclosure {
+    pub first: Event,
+    pub requests: u64,
+    pub last_ms: i64,
+    /// `Type/id/_history/v` and how many of the requests showed it, in first-seen order.
+    pub entities: Vec<(String, u64)>,
+}
+
+fn aggregate(batch: Vec<Event>) -> Vec<Disclosure> {
+    type Key = (String, Option<String>, Option<String>, &'static str, Option<String>, bool);
+    let mut out: Vec<Disclosure> = Vec::new();
+    let mut by_key: std::collections::HashMap<Key, usize> = std::collections::HashMap::new();
+    for e in batch {
+        let key = (e.client_id.clone(), e.user.clone(), e.patient.clone(), e.interaction, e.purpose.clone(), e.broke_glass);
+        let slot = if e.success { by_key.get(&key).copied() } else { None };
+        match slot {
+            Some(i) => {
+                let d = &mut out[i];
+                d.requests += 1;
+                d.last_ms = d.last_ms.max(e.recorded_ms);
+                for r in e.entities {
+                    match d.entities.iter_mut().find(|(x, _)| *x == r) {
+                        Some((_, n)) => *n += 1,
+                        None => d.entities.push((r, 1)),
+                    }
+                }
+            }
+            None => {
+                if e.success {
+                    by_key.insert(key, out.len());
+                }
+                let mut entities: Vec<(String, u64)> = Vec::new();
+                for r in &e.entities {
+                    match entities.iter_mut().find(|(x, _)| x == r) {
+                        Some((_, n)) => *n += 1,
+                        None => entities.push((r.clone(), 1)),
+                    }
+                }
+                out.push(Disclosure { last_ms: e.recorded_ms, requests: 1, entities, first: e });
+            }
+        }
+    }
+    out
+}
+
+async fn commit(repo: &Repo, node: &str, batch: Vec<Disclosure>) {
     if batch.is_empty() {
         return;
     }
     let mut docs = Vec::with_capacity(batch.len());
-    for e in &batch {
-        match json::parse(audit_event(e, node).to_string().as_bytes(), usize::MAX) {
+    for d in &batch {
+        match json::parse(audit_event(d, node).to_string().as_bytes(), usize::MAX) {
             Ok(j) => docs.push((uuid::Uuid::new_v4().to_string(), j)),
             Err(err) => tracing::error!("disclosure log: {err}"),
         }
     }
-    let result = repo
-        .commit(ACTOR, |plan| {
-            for (id, doc) in &docs {
-                plan.put_new("AuditEvent", id, doc)?;
-            }
-            Ok(())
-        })
-        .await;
-    if let Err(e) = result {
+    let append = |plan: &mut crate::repo::Plan<'_>| {
+        for (id, doc) in &docs {
+            plan.put_new("AuditEvent", id, doc)?;
+        }
+        Ok(())
+    };
+    if let Err(e) = repo.commit(ACTOR, append).await {
         // Dropping the batch would lose disclosures: keep trying, as the ledger comes back.
         tracing::error!("disclosure log: could not append {} events: {:?}; retrying", batch.len(), e.issues);
         for attempt in 1..=20u64 {
             tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
-            let again = repo
-                .commit(ACTOR, |plan| {
-                    for (id, doc) in &docs {
-                        plan.put_new("AuditEvent", id, doc)?;
-                    }
-                    Ok(())
-                })
-                .await;
-            if again.is_ok() {
+            if repo.commit(ACTOR, append).await.is_ok() {
                 return;
             }
         }
@@ -164,10 +208,14 @@ async fn commit(repo: &Repo, node: &str, batch: Vec<Event>) {
     }
 }
 
+/// Extension on an AuditEvent: how many requests it records.
+pub const REQUESTS_EXTENSION: &str = "urn:fhir-ledger:StructureDefinition/disclosure-requests";
+
 const CLIENT_SYSTEM: &str = "urn:fhir-ledger:client";
 
 /// The AuditEvent (R4) of one event.
-pub fn audit_event(e: &Event, node: &str) -> Value {
+pub fn audit_event(d: &Disclosure, node: &str) -> Value {
+    let e = &d.first;
     let action = match e.interaction {
         "create" => "C",
         "update" | "patch" => "U",
@@ -191,19 +239,25 @@ pub fn audit_event(e: &Event, node: &str) -> Value {
             "role": {"system": "http://terminology.hl7.org/CodeSystem/object-role", "code": "1"}
         }));
     }
-    for r in &e.entities {
-        entities.push(json!({
+    for (r, n) in &d.entities {
+        let mut ent = json!({
             "what": {"reference": r},
             "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "2"},
             "role": {"system": "http://terminology.hl7.org/CodeSystem/object-role", "code": "4"}
-        }));
+        });
+        if *n > 1 {
+            ent["detail"] = json!([{"type": "disclosures", "valueString": n.to_string()}]);
+        }
+        entities.push(ent);
     }
     let mut ev = json!({
         "resourceType": "AuditEvent",
         "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-event-type", "code": "rest", "display": "RESTful Operation"},
         "subtype": [{"system": "http://hl7.org/fhir/restful-interaction", "code": e.interaction}],
         "action": action,
-        "recorded": crate::fhir::instant(e.recorded_ms),
+        "extension": [{"url": REQUESTS_EXTENSION, "valueInteger": d.requests}],
+        "period": {"start": crate::fhir::instant(e.recorded_ms), "end": crate::fhir::instant(d.last_ms)},
+        "recorded": crate::fhir::instant(d.last_ms),
         "outcome": if e.success { "0" } else { "4" },
         "agent": agents,
         "source": {"site": "fhir-ledger", "observer": {"display": format!("fhir-ledger node {node}")},
@@ -257,7 +311,11 @@ pub fn access_report(repo: &Repo, patient: &str) -> Result<(u64, BTreeMap<String
         let s = repo.vread("AuditEvent", &id, version)?;
         let Some(body) = s.body.as_deref() else { continue };
         let v: Value = serde_json::from_str(body).map_err(FhirError::internal)?;
-        total += 1;
+        total += v["extension"]
+            .as_array()
+            .and_then(|x| x.iter().find(|x| x["url"] == REQUESTS_EXTENSION))
+            .and_then(|x| x["valueInteger"].as_u64())
+            .unwrap_or(1);
         let mut client = String::new();
         let mut client_name = String::new();
         let mut user = None;
@@ -277,15 +335,27 @@ pub fn access_report(repo: &Repo, patient: &str) -> Result<(u64, BTreeMap<String
         if recorded > acc.last {
             acc.last = recorded;
         }
+        let requests = v["extension"]
+            .as_array()
+            .and_then(|x| x.iter().find(|x| x["url"] == REQUESTS_EXTENSION))
+            .and_then(|x| x["valueInteger"].as_u64())
+            .unwrap_or(1);
         if v["outcome"] == "0" {
-            acc.count += 1;
-            let n = v["entity"].as_array().map_or(0, |e| e.iter().filter(|e| e["role"]["code"] == "4").count());
-            acc.resources += n as u64;
+            acc.count += requests;
+            for ent in v["entity"].as_array().into_iter().flatten().filter(|e| e["role"]["code"] == "4") {
+                let shown = ent["detail"]
+                    .as_array()
+                    .and_then(|d| d.iter().find(|d| d["type"] == "disclosures"))
+                    .and_then(|d| d["valueString"].as_str())
+                    .and_then(|n| n.parse::<u64>().ok())
+                    .unwrap_or(1);
+                acc.resources += shown;
+            }
         } else {
-            acc.denied += 1;
+            acc.denied += requests;
         }
         if v["meta"]["security"].as_array().is_some_and(|s| s.iter().any(|c| c["code"] == "BTG")) {
-            acc.broke_glass += 1;
+            acc.broke_glass += requests;
         }
     }
     Ok((total, out))

@@ -21,6 +21,8 @@ enum Cmd {
     Bench(fhir_ledger::bench::BenchArgs),
     /// Commit throughput and latency of creates on a cluster, beside an etcd cluster.
     BenchCluster(fhir_ledger::bench_cluster::ClusterBenchArgs),
+    /// What SMART authorization costs: reads and searches on an auth-off and an auth-on server.
+    BenchAuth(fhir_ledger::bench_auth::AuthBenchArgs),
     /// Time inclusion and consistency proof generation on a synthetic ledger of N leaves.
     BenchProofs(fhir_ledger::bench_proofs::ProofBenchArgs),
     /// Verify a stopped node's data directory, an inclusion proof, or a saved tree head's
@@ -56,6 +58,10 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
         }
         Cmd::BenchCluster(args) => {
             rt.block_on(fhir_ledger::bench_cluster::run(args))?;
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        Cmd::BenchAuth(args) => {
+            rt.block_on(fhir_ledger::bench_auth::run(args))?;
             Ok(std::process::ExitCode::SUCCESS)
         }
         Cmd::BenchProofs(args) => {

@@ -39,19 +39,24 @@ pub struct Guard<'c> {
     /// Set when a Consent (or the opt-in default) hid something.
     pub consent_hid: AtomicBool,
     action: &'static str,
+    now_ms: i64,
 }
 
 /// The patients a resource belongs to (its patient compartment memberships).
 pub fn patients_of(comps: &Compartments, rtype: &str, doc: &Doc) -> Vec<String> {
+    patient_ids(comps, rtype, doc).into_iter().map(str::to_string).collect()
+}
+
+fn patient_ids<'d>(comps: &Compartments, rtype: &str, doc: &'d Doc) -> Vec<&'d str> {
     if rtype == "Patient" {
-        return vec![doc.id.clone()];
+        return vec![doc.id.as_str()];
     }
-    let mut out = Vec::new();
+    let mut out: Vec<&str> = Vec::new();
     for code in comps.patient.get(rtype).into_iter().flatten() {
         for v in doc.get(code) {
             if let Value::Ref { rtype: Some(t), id: Some(id), .. } = v {
-                if t == "Patient" && !out.contains(id) {
-                    out.push(id.clone());
+                if t == "Patient" && !out.contains(&id.as_str()) {
+                    out.push(id);
                 }
             }
         }
@@ -59,11 +64,11 @@ pub fn patients_of(comps: &Compartments, rtype: &str, doc: &Doc) -> Vec<String> 
     out
 }
 
-fn labels(doc: &Doc) -> Vec<String> {
+fn labels(doc: &Doc) -> Vec<&str> {
     doc.get("_security")
         .iter()
         .filter_map(|v| match v {
-            Value::Token { code: Some(c), .. } => Some(c.clone()),
+            Value::Token { code: Some(c), .. } => Some(c.as_str()),
             _ => None,
         })
         .collect()
@@ -137,6 +142,7 @@ impl<'c> Guard<'c> {
             broke_glass: AtomicBool::new(false),
             consent_hid: AtomicBool::new(false),
             action: if write { "correct" } else { "access" },
+            now_ms: crate::fhir::now_ms(),
         })
     }
 
@@ -146,14 +152,14 @@ impl<'c> Guard<'c> {
         if self.caller.unrestricted {
             return true;
         }
-        let patients = patients_of(comps, rtype, doc);
+        let patients = patient_ids(comps, rtype, doc);
         let in_compartment_types = comps.patient.contains_key(rtype) || rtype == "Patient";
         let by_scope = self.caller.scopes.iter().enumerate().any(|(i, s)| {
             s.covers(rtype)
                 && (s.allows(Perm::R) || s.allows(Perm::S))
                 && (s.context != Context::Patient
                     || !in_compartment_types
-                    || self.caller.patient().is_some_and(|p| patients.iter().any(|x| x == p)))
+                    || self.caller.patient().is_some_and(|p| patients.contains(&p)))
                 && self.restricted[i].as_ref().is_none_or(|set| set.contains(&(rtype.to_string(), key)))
         });
         by_scope && self.consents(rtype, doc, &patients)
@@ -173,31 +179,35 @@ impl<'c> Guard<'c> {
         })
     }
 
-    fn consents(&self, rtype: &str, doc: &Doc, patients: &[String]) -> bool {
-        let labels = labels(doc);
-        let date = date_of(doc);
-        for p in patients {
+    fn consents(&self, rtype: &str, doc: &Doc, patients: &[&str]) -> bool {
+        let default = match self.default {
+            ConsentDefault::OptOut => Decision::Permit,
+            ConsentDefault::OptIn => Decision::Deny,
+        };
+        for &p in patients {
             if self.caller.is_patient(p) {
                 continue;
             }
             // A patient-launched app acts on the patient's own approval (its grant Consent).
-            if self.caller.claims.consent.is_some() && self.caller.patient() == Some(p.as_str()) {
+            if self.caller.claims.consent.is_some() && self.caller.patient() == Some(p) {
                 continue;
             }
-            let req = Request {
-                actors: &self.actors,
-                purpose: self.caller.purpose.as_deref(),
-                action: self.action,
-                rtype,
-                id: &doc.id,
-                labels: &labels,
-                date_ms: Some(date),
-                now_ms: crate::fhir::now_ms(),
+            let decision = if self.book.rules(p).is_empty() {
+                default
+            } else {
+                let labels = labels(doc);
+                let req = Request {
+                    actors: &self.actors,
+                    purpose: self.caller.purpose.as_deref(),
+                    action: self.action,
+                    rtype,
+                    id: &doc.id,
+                    labels: &labels,
+                    date_ms: Some(date_of(doc)),
+                    now_ms: self.now_ms,
+                };
+                self.book.decide(p, &req).unwrap_or(default)
             };
-            let decision = self.book.decide(p, &req).unwrap_or(match self.default {
-                ConsentDefault::OptOut => Decision::Permit,
-                ConsentDefault::OptIn => Decision::Deny,
-            });
             if decision == Decision::Deny {
                 if self.caller.purpose.as_deref() == Some(BREAK_THE_GLASS) && self.caller.user.is_some() {
                     self.broke_glass.store(true, Ordering::Relaxed);

@@ -81,8 +81,17 @@ impl Ctx<'_> {
             Some((keys, exact)) => {
                 let rest: Vec<&Cond> = conds.iter().zip(&exact).filter(|(_, e)| !**e).map(|(c, _)| c).collect();
                 if let (true, Some(_)) = (rest.is_empty(), self.guard) {
-                    let keys = keys.into_iter().filter(|k| docs.docs.get(k).is_some_and(|d| seen(*k, d))).collect();
-                    return Ok((keys, true));
+                    // Postings decided the conditions; the guard still looks at each document,
+                    // so stop at the limit as a scan would.
+                    for k in keys.into_iter().filter(|k| !skip(*k)) {
+                        if docs.docs.get(&k).is_some_and(|d| seen(k, d)) {
+                            out.push(k);
+                            if out.len() >= limit {
+                                return Ok((out, false));
+                            }
+                        }
+                    }
+                    return Ok((out, after.is_none()));
                 }
                 if rest.is_empty() {
                     // Postings list live documents only, and they decided every condition.

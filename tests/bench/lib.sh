@@ -1,11 +1,11 @@
 # Sourced by the benchmark scripts.
 
-# start_server LOG ARGS...: starts `$bin serve` on a free loopback port with ARGS; sets
+# start_server LOG ARGS...: starts `$bin serve` (auth off unless AUTH=smart) on a free loopback port with ARGS; sets
 # $server (its pid) and $base (its URL) once it listens.
 start_server() {
   local log="$1"
   shift
-  "$bin" serve --listen 127.0.0.1:0 --auth off "$@" 2>"$log" &
+  "$bin" serve --listen 127.0.0.1:0 --auth "${AUTH:-off}" "$@" 2>"$log" &
   server=$!
   base=""
   for _ in $(seq 1 600); do
