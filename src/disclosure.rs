@@ -195,7 +195,15 @@ async fn commit(repo: &Repo, node: &str, batch: Vec<Disclosure>) {
         }
         Ok(())
     };
-    if let Err(e) = repo.commit(ACTOR, append).await {
+    let result = repo.commit(ACTOR, append).await;
+    if let Ok((_, stored)) = &result {
+        // One command's leaves are consecutive: searches need not wait for them.
+        let leaves = stored.iter().filter_map(|s| s.leaf);
+        if let (Some(lo), Some(hi)) = (leaves.clone().min(), leaves.max()) {
+            repo.search().note_log_leaves(lo, hi + 1);
+        }
+    }
+    if let Err(e) = result {
         // Dropping the batch would lose disclosures: keep trying, as the ledger comes back.
         tracing::error!("disclosure log: could not append {} events: {:?}; retrying", batch.len(), e.issues);
         for attempt in 1..=20u64 {
@@ -294,7 +302,7 @@ pub struct Accessor {
 
 /// Every AuditEvent of the patient, summed per accessor (a user, or a client without one).
 pub fn access_report(repo: &Repo, patient: &str) -> Result<(u64, BTreeMap<String, Accessor>), FhirError> {
-    let idx = repo.search().current(repo)?;
+    let idx = repo.search().current_all(repo)?;
     let Some(docs) = idx.of("AuditEvent") else { return Ok((0, BTreeMap::new())) };
     let target = format!("Patient/{patient}");
     let keys: Vec<(String, u64)> = docs

@@ -239,22 +239,25 @@ impl Auth {
         let mut client_actor = None;
         let mut client_name = claims.client_id.clone();
         if !claims.external {
-            let client: Option<(Client, u64)> = store::get(repo, store::CLIENT, &claims.client_id)?;
-            let (client, _) = client.ok_or_else(|| unauthorized("the token's client is no longer registered"))?;
-            client_actor = client.actor;
-            client_name = client.client_name;
+            // The index is folded up to everything applied (the middleware passed the read
+            // barrier), so a revocation anywhere in the cluster is seen here.
+            let idx = repo.search().current(repo)?;
+            let client: Arc<Client> = self
+                .records
+                .get(repo, &idx, store::CLIENT, &claims.client_id)?
+                .ok_or_else(|| unauthorized("the token's client is no longer registered"))?;
+            client_actor = client.actor.clone();
+            client_name = client.client_name.clone();
             if let Some(g) = &claims.grant {
-                let grant: Option<(Grant, u64)> = store::get(repo, store::GRANT, g)?;
-                if grant.is_none_or(|(g, _)| g.revoked) {
+                let grant: Option<Arc<Grant>> = self.grants.get(repo, &idx, store::GRANT, g)?;
+                if grant.is_none_or(|g| g.revoked) {
                     return Err(unauthorized("the token's grant has been revoked"));
                 }
             }
             if let Some(c) = &claims.consent {
                 let id = c.strip_prefix("Consent/").unwrap_or(c);
-                if !consent_active(repo, id)? {
-                    return Err(unauthorized(format!(
-                        "the patient's {c} that this token rests on is no longer active"
-                    )));
+                if !consent_active(&idx, id) {
+                    return Err(unauthorized(format!("the patient's {c} that this token rests on is no longer active")));
                 }
             }
         }
@@ -275,21 +278,53 @@ impl Auth {
     }
 }
 
-/// A grant Consent holds while it is active and within its period.
-fn consent_active(repo: &Repo, id: &str) -> Result<bool, FhirError> {
-    let s = match repo.read("Consent", id) {
-        Ok(s) => s,
-        Err(e) if e.status == 404 || e.status == 410 => return Ok(false),
-        Err(e) => return Err(e),
-    };
-    let Some(body) = s.body.as_deref() else { return Ok(false) };
-    let v: Value = serde_json::from_str(body).map_err(FhirError::internal)?;
-    if v["status"] != "active" {
-        return Ok(false);
-    }
+/// A grant Consent holds while it is active and within its period (read from its search
+/// index document: `status` and `period`, the provision's period).
+fn consent_active(idx: &crate::search::index::Index, id: &str) -> bool {
+    use crate::search::values::Value as V;
+    let Some((_, doc)) = idx.of("Consent").and_then(|d| d.doc(id)) else { return false };
+    let active = doc.get("status").iter().any(|v| matches!(v, V::Token { code: Some(c), .. } if c == "active"));
     let now = crate::fhir::now_ms();
-    let period = &v["provision"]["period"];
-    let before = period["start"].as_str().and_then(crate::fhir::date_range_ms).is_some_and(|(lo, _)| now < lo);
-    let after = period["end"].as_str().and_then(crate::fhir::date_range_ms).is_some_and(|(_, hi)| now >= hi);
-    Ok(!before && !after)
+    let in_period = doc.get("period").iter().all(|v| match v {
+        V::Date { lo, hi } => *lo <= now && now < *hi,
+        _ => true,
+    });
+    active && in_period
+}
+
+/// Ledger records by id, parsed once per version: the index says which version is current.
+pub struct Records<T> {
+    cache: std::sync::Mutex<std::collections::HashMap<String, (u64, Arc<T>)>>,
+}
+
+impl<T> Default for Records<T> {
+    fn default() -> Self {
+        Self { cache: std::sync::Mutex::new(std::collections::HashMap::new()) }
+    }
+}
+
+impl<T: serde::de::DeserializeOwned> Records<T> {
+    pub fn get(
+        &self,
+        repo: &Repo,
+        idx: &crate::search::index::Index,
+        rtype: &str,
+        id: &str,
+    ) -> Result<Option<Arc<T>>, FhirError> {
+        let Some((_, doc)) = idx.of(rtype).and_then(|d| d.doc(id)) else { return Ok(None) };
+        if let Some((v, t)) = self.cache.lock().unwrap_or_else(|e| e.into_inner()).get(id) {
+            if *v == doc.version {
+                return Ok(Some(t.clone()));
+            }
+        }
+        let s = repo.vread(rtype, id, doc.version)?;
+        let Some(body) = s.body.as_deref() else { return Ok(None) };
+        let t: Arc<T> = Arc::new(serde_json::from_str(body).map_err(FhirError::internal)?);
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.len() > 100_000 {
+            cache.clear();
+        }
+        cache.insert(id.to_string(), (doc.version, t.clone()));
+        Ok(Some(t))
+    }
 }

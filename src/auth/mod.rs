@@ -51,6 +51,8 @@ pub struct Auth {
     external_keys: Mutex<HashMap<String, serde_json::Value>>,
     pub disclosures: crate::disclosure::Log,
     pub books: crate::consent::Books,
+    records: caller::Records<store::Client>,
+    grants: caller::Records<store::Grant>,
 }
 
 fn derive(kek: &[u8; 32], label: &str) -> [u8; 32] {
@@ -91,6 +93,8 @@ impl Auth {
             external_keys: Mutex::new(HashMap::new()),
             disclosures,
             books: crate::consent::Books::default(),
+            records: caller::Records::default(),
+            grants: caller::Records::default(),
         }
     }
 

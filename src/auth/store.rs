@@ -13,6 +13,8 @@ use crate::repo::Repo;
 pub const CLIENT: &str = "_auth.Client";
 pub const USER: &str = "_auth.User";
 pub const GRANT: &str = "_auth.Grant";
+/// Every internal record type (the search index folds them too: lookups go through it).
+pub const INTERNAL_TYPES: &[&str] = &[CLIENT, USER, GRANT];
 /// The actor the ledger records for the authorization server's own writes.
 pub const ACTOR: &str = "fhir-ledger/auth";
 

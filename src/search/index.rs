@@ -240,11 +240,46 @@ pub struct Engine {
     core: Registry,
     profiles: Arc<Profiles>,
     compartments: super::Compartments,
+    /// Leaf ranges `[start, end)` that hold only the disclosure log's own AuditEvents. No
+    /// client waits for those, so a search does not stop to fold them (the background thread
+    /// does, and [`Engine::current_all`] for the access report).
+    log_ranges: std::sync::Mutex<BTreeMap<u64, u64>>,
+    folding: std::sync::Mutex<()>,
+}
+
+/// Documents computed outside the write lock, applied under it.
+struct Prepared {
+    from: u64,
+    next: u64,
+    erased: bool,
+    docs: Vec<(String, String, Option<(DocKey, Doc)>)>,
 }
 
 impl Engine {
     pub fn new(profiles: Arc<Profiles>, core: Registry, compartments: super::Compartments) -> Self {
-        Self { index: RwLock::new(Index::default()), core, profiles, compartments }
+        Self { index: RwLock::new(Index::default()), core, profiles, compartments, log_ranges: Default::default(), folding: Default::default() }
+    }
+
+    /// Records that leaves `[start, end)` hold only disclosure-log entries.
+    pub fn note_log_leaves(&self, start: u64, end: u64) {
+        self.log_ranges.lock().unwrap_or_else(|p| p.into_inner()).insert(start, end);
+    }
+
+    fn log_only(&self, from: u64, to: u64) -> bool {
+        let ranges = self.log_ranges.lock().unwrap_or_else(|p| p.into_inner());
+        let mut at = from;
+        while at < to {
+            match ranges.get(&at) {
+                Some(&end) => at = end,
+                None => return false,
+            }
+        }
+        true
+    }
+
+    /// [`Engine::current`], also folding the disclosure log's latest entries.
+    pub fn current_all(&self, repo: &Repo) -> Result<RwLockReadGuard<'_, Index>, FhirError> {
+        self.caught_up(repo, true)
     }
 
     pub fn compartments(&self) -> &super::Compartments {
@@ -255,22 +290,42 @@ impl Engine {
         &self.profiles
     }
 
-    /// The index, caught up with every leaf the state holds now.
+    /// The index, caught up with every leaf the state holds now (except the disclosure log's
+    /// own entries not folded yet: nothing a client wrote waits behind them).
     pub fn current(&self, repo: &Repo) -> Result<RwLockReadGuard<'_, Index>, FhirError> {
+        self.caught_up(repo, false)
+    }
+
+    fn caught_up(&self, repo: &Repo, all: bool) -> Result<RwLockReadGuard<'_, Index>, FhirError> {
         let size = repo.view().frontier()?.size;
         {
             let idx = self.index.read().unwrap_or_else(|p| p.into_inner());
-            if idx.built && idx.next_leaf >= size {
+            if idx.built && (idx.next_leaf >= size || (!all && self.log_only(idx.next_leaf, size))) {
                 return Ok(idx);
             }
         }
         {
+            // One folder at a time; the others wait here, then find little or nothing to do.
+            let _folding = self.folding.lock().unwrap_or_else(|p| p.into_inner());
+            let prepared = {
+                let idx = self.index.read().unwrap_or_else(|p| p.into_inner());
+                if idx.built && idx.next_leaf >= size {
+                    None
+                } else if idx.built {
+                    // Decrypting and extracting is the slow part: do it while searches go on.
+                    self.prepare(repo, &idx)?
+                } else {
+                    None
+                }
+            };
             let mut idx = self.index.write().unwrap_or_else(|p| p.into_inner());
-            if !idx.built {
-                self.build(repo, &mut idx)?;
-            } else {
-                self.fold(repo, &mut idx)?;
+            match prepared {
+                Some(p) => self.apply_prepared(repo, &mut idx, p),
+                None if !idx.built => self.build(repo, &mut idx)?,
+                None => self.fold(repo, &mut idx)?,
             }
+            let folded = idx.next_leaf;
+            self.log_ranges.lock().unwrap_or_else(|p| p.into_inner()).retain(|_, end| *end > folded);
         }
         Ok(self.index.read().unwrap_or_else(|p| p.into_inner()))
     }
@@ -295,7 +350,7 @@ impl Engine {
                 idx.registry.set_custom(&id, res.as_ref(), types);
             }
         }
-        for t in types {
+        for t in types.iter().map(String::as_str).chain(crate::auth::store::INTERNAL_TYPES.iter().copied()) {
             for item in view.scan_type(t, None) {
                 let (id, rec) = item?;
                 if !rec.deleted {
@@ -306,6 +361,47 @@ impl Engine {
         idx.next_leaf = size;
         idx.built = true;
         Ok(())
+    }
+
+    /// The documents of the resources the leaves since the last fold touched, computed under
+    /// a read lock; `None` when a SearchParameter changed (that needs the whole fold).
+    fn prepare(&self, repo: &Repo, idx: &Index) -> Result<Option<Prepared>, FhirError> {
+        let mut touched: BTreeSet<(String, String)> = BTreeSet::new();
+        let mut next = idx.next_leaf;
+        let mut erased = false;
+        for item in repo.view().headers_from(idx.next_leaf) {
+            let (leaf, h) = item?;
+            if h.rtype == "SearchParameter" {
+                return Ok(None);
+            }
+            erased |= h.op == consensus::Op::Erase.as_str();
+            touched.insert((h.rtype, h.id));
+            next = leaf + 1;
+        }
+        let mut docs = Vec::with_capacity(touched.len());
+        for (t, id) in touched {
+            let doc = self.document(repo, &idx.registry, &t, &id)?;
+            docs.push((t, id, doc));
+        }
+        Ok(Some(Prepared { from: idx.next_leaf, next, erased, docs }))
+    }
+
+    fn apply_prepared(&self, repo: &Repo, idx: &mut Index, p: Prepared) {
+        if idx.next_leaf != p.from {
+            return; // someone else folded meanwhile (a rebuild): the next call folds again
+        }
+        if p.erased {
+            // An erasure reached this node: no decrypted body of it may stay in memory.
+            repo.clear_body_cache();
+        }
+        for (t, id, doc) in p.docs {
+            let docs = idx.types.entry(t).or_default();
+            match doc {
+                Some((key, doc)) => docs.insert(key, doc),
+                None => docs.remove(&id),
+            }
+        }
+        idx.next_leaf = p.next;
     }
 
     /// Folds the leaves appended since the last call.
@@ -344,21 +440,13 @@ impl Engine {
         Ok(())
     }
 
-    /// Re-reads one resource and replaces its document (or drops it if gone).
-    fn reindex(&self, repo: &Repo, idx: &mut Index, rtype: &str, id: &str) -> Result<(), FhirError> {
-        let cur = repo.view().current(rtype, id)?;
-        let docs = idx.types.entry(rtype.to_string()).or_default();
-        let Some(cur) = cur.filter(|c| !c.deleted) else {
-            docs.remove(id);
-            return Ok(());
-        };
-        let Some(res) = read_json(repo, rtype, id)? else {
-            docs.remove(id);
-            return Ok(());
-        };
+    /// One resource's document as the state holds it now; `None` if it is gone.
+    fn document(&self, repo: &Repo, registry: &Registry, rtype: &str, id: &str) -> Result<Option<(DocKey, Doc)>, FhirError> {
+        let Some(cur) = repo.view().current(rtype, id)?.filter(|c| !c.deleted) else { return Ok(None) };
+        let Some(res) = read_json(repo, rtype, id)? else { return Ok(None) };
         let ev = Eval { profiles: &self.profiles };
         let mut values = BTreeMap::new();
-        for p in idx.registry.for_type(rtype) {
+        for p in registry.for_type(rtype) {
             if p.kind == Kind::Special {
                 continue;
             }
@@ -369,8 +457,17 @@ impl Engine {
         }
         let key = cur.leaves.first().copied().unwrap_or_default();
         let leaf = cur.leaves.last().copied().unwrap_or_default();
-        let doc = Doc { id: id.to_string(), version: cur.version, leaf, last_updated_ms: cur.last_updated_ms, values };
-        idx.types.entry(rtype.to_string()).or_default().insert(key, doc);
+        Ok(Some((key, Doc { id: id.to_string(), version: cur.version, leaf, last_updated_ms: cur.last_updated_ms, values })))
+    }
+
+    /// Re-reads one resource and replaces its document (or drops it if gone).
+    fn reindex(&self, repo: &Repo, idx: &mut Index, rtype: &str, id: &str) -> Result<(), FhirError> {
+        let doc = self.document(repo, &idx.registry, rtype, id)?;
+        let docs = idx.types.entry(rtype.to_string()).or_default();
+        match doc {
+            Some((key, doc)) => docs.insert(key, doc),
+            None => docs.remove(id),
+        }
         Ok(())
     }
 }
@@ -381,7 +478,7 @@ pub fn keep_current(repo: &Arc<Repo>) {
     let weak = Arc::downgrade(repo);
     let spawned = std::thread::Builder::new().name("search-index".into()).spawn(move || loop {
         let Some(repo) = weak.upgrade() else { return };
-        if let Err(e) = repo.search().current(&repo) {
+        if let Err(e) = repo.search().current_all(&repo) {
             tracing::warn!("search index: {}", e.issues.first().map_or("", |i| i.diagnostics.as_str()));
         }
         drop(repo);
