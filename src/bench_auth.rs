@@ -161,11 +161,16 @@ pub async fn run(args: AuthBenchArgs) -> anyhow::Result<()> {
         closed_loop(&client, &smart, args.clients, 2).await?;
         let (mut hp, mut hs) = (hist(), hist());
         let (mut tp, mut ts) = (Vec::new(), Vec::new());
-        for _ in 0..args.rounds {
-            hp.add(open_loop(&client, &plain, args.requests, rate).await?)?;
-            hs.add(open_loop(&client, &smart, args.requests, rate).await?)?;
-            tp.push(closed_loop(&client, &plain, args.clients, args.seconds).await?);
-            ts.push(closed_loop(&client, &smart, args.clients, args.seconds).await?);
+        for round in 0..args.rounds {
+            // Alternate which side goes first, so drift (caches, page cache, CPU clock) is shared.
+            for smart_side in if round % 2 == 0 { [false, true] } else { [true, false] } {
+                let (t, h) = if smart_side { (&smart, &mut hs) } else { (&plain, &mut hp) };
+                h.add(open_loop(&client, t, args.requests, rate).await?)?;
+            }
+            for smart_side in if round % 2 == 0 { [false, true] } else { [true, false] } {
+                let (t, v) = if smart_side { (&smart, &mut ts) } else { (&plain, &mut tp) };
+                v.push(closed_loop(&client, t, args.clients, args.seconds).await?);
+            }
         }
         let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
         let (tp, ts) = (mean(&tp), mean(&ts));

@@ -1,7 +1,8 @@
 //! The disclosure log: every read, search and refusal under authorization is recorded in an
 //! AuditEvent on the ledger, so a patient can see who read what, how often and when. Events
-//! are queued by the request and committed by one writer in batches (up to [`BATCH`] events,
-//! at most [`WINDOW`] after the first), never one Raft round trip per read. Within a batch,
+//! are queued by the request and committed by one writer in batches (everything queued within
+//! [`WINDOW`] of the first event, in commands of up to [`BATCH`]), never one Raft round trip
+//! per read. Within a batch,
 //! successful disclosures by one accessor of one patient share an AuditEvent (see
 //! [`Disclosure`]); each refusal has its own.
 
@@ -85,45 +86,28 @@ impl Log {
 }
 
 async fn writer(repo: Arc<Repo>, mut rx: mpsc::UnboundedReceiver<Msg>) {
-    let mut batch: Vec<Event> = Vec::new();
-    let mut waiters: Vec<oneshot::Sender<()>> = Vec::new();
-    // A batch is written at most WINDOW after its first event, or when it is full.
-    let mut deadline: Option<tokio::time::Instant> = None;
+    let node = repo.node_id().to_string();
     loop {
-        let msg = match deadline {
-            None => match rx.recv().await {
-                Some(m) => Some(m),
-                None => return,
-            },
-            Some(d) => tokio::time::timeout_at(d, rx.recv()).await.unwrap_or(None),
-        };
-        let mut flush_now = msg.is_none();
-        let mut take = |m: Msg, batch: &mut Vec<Event>| match m {
-            Msg::Event(e) => batch.push(*e),
-            Msg::Flush(w) => {
-                waiters.push(w);
-                flush_now = true;
+        // Wake once per window, not once per event: the first message opens a window, and
+        // everything queued by its end is one batch (flush requests wait at most a window).
+        let Some(first) = rx.recv().await else { return };
+        tokio::time::sleep(WINDOW).await;
+        let mut batch: Vec<Event> = Vec::new();
+        let mut waiters: Vec<oneshot::Sender<()>> = Vec::new();
+        let mut next = Some(first);
+        while let Some(m) = next.take() {
+            match m {
+                Msg::Event(e) => batch.push(*e),
+                Msg::Flush(w) => waiters.push(w),
             }
-        };
-        if let Some(m) = msg {
-            take(m, &mut batch);
-        }
-        // Take whatever else is already queued, without waiting.
-        while batch.len() < BATCH {
-            match rx.try_recv() {
-                Ok(m) => take(m, &mut batch),
-                Err(_) => break,
+            if batch.len() >= BATCH {
+                commit(&repo, &node, aggregate(std::mem::take(&mut batch))).await;
             }
+            next = rx.try_recv().ok();
         }
-        if deadline.is_none() && !batch.is_empty() {
-            deadline = Some(tokio::time::Instant::now() + WINDOW);
-        }
-        if flush_now || batch.len() >= BATCH || deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
-            commit(&repo, &repo.node_id().to_string(), aggregate(std::mem::take(&mut batch))).await;
-            deadline = None;
-            for w in waiters.drain(..) {
-                let _ = w.send(());
-            }
+        commit(&repo, &node, aggregate(batch)).await;
+        for w in waiters {
+            let _ = w.send(());
         }
     }
 }
@@ -146,7 +130,8 @@ fn aggregate(batch: Vec<Event>) -> Vec<Disclosure> {
     let mut out: Vec<Disclosure> = Vec::new();
     let mut by_key: std::collections::HashMap<Key, usize> = std::collections::HashMap::new();
     for e in batch {
-        let key = (e.client_id.clone(), e.user.clone(), e.patient.clone(), e.interaction, e.purpose.clone(), e.broke_glass);
+        let key =
+            (e.client_id.clone(), e.user.clone(), e.patient.clone(), e.interaction, e.purpose.clone(), e.broke_glass);
         let slot = if e.success { by_key.get(&key).copied() } else { None };
         match slot {
             Some(i) => {

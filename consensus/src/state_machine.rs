@@ -300,6 +300,17 @@ impl StateView {
     pub fn frontier(&self) -> io::Result<Frontier> {
         Ok(self.kv.get(META_FRONTIER)?.map(|b| decode(&b)).transpose()?.unwrap_or_default())
     }
+    /// The number of leaves: the last leaf record's index plus one. Cheaper than
+    /// [`StateView::frontier`] (no subtree hashes to decode), for callers that poll it.
+    pub fn leaf_count(&self) -> io::Result<u64> {
+        match self.kv.range(&record_key(0), &[b'r' + 1], true).next() {
+            Some(kv) => {
+                let (k, _) = kv?;
+                Ok(crate::kv::read_be(&k[1..]).map_or(0, |n| n + 1))
+            }
+            None => Ok(0),
+        }
+    }
     /// The headers of the leaves from `from` on, in leaf order (decoding no bodies): what a
     /// derived index folds over to catch up with the state.
     pub fn headers_from(&self, from: u64) -> impl Iterator<Item = io::Result<(u64, LeafHeader)>> + '_ {

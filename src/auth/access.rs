@@ -96,7 +96,7 @@ impl<'c> Guard<'c> {
         mut restrict: impl FnMut(&str, &[(String, String)]) -> Result<Vec<DocKey>, FhirError>,
     ) -> Result<Self, FhirError> {
         let mut restricted = Vec::with_capacity(caller.scopes.len());
-        for s in &caller.scopes {
+        for s in caller.scopes.iter() {
             if s.query.is_empty() {
                 restricted.push(None);
                 continue;

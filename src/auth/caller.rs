@@ -27,13 +27,15 @@ pub struct Claims {
     pub consent: Option<String>,
     /// Set for tokens of an external issuer (their grants live elsewhere).
     pub external: bool,
+    pub scopes: Arc<Vec<ResourceScope>>,
 }
 
 /// Who is calling, with what rights. Built for every FHIR request.
 #[derive(Debug, Clone)]
 pub struct Caller {
     pub claims: Arc<Claims>,
-    pub scopes: Vec<ResourceScope>,
+    /// The token's resource scopes, parsed once per token.
+    pub scopes: Arc<Vec<ResourceScope>>,
     /// `Practitioner/1` etc., parsed from `fhirUser`.
     pub user: Option<(String, String)>,
     /// The registered client's actor (`Organization/1`), for consent decisions.
@@ -59,7 +61,7 @@ impl Caller {
     pub fn unrestricted() -> Self {
         Self {
             claims: Arc::new(Claims { sub: "anonymous".into(), client_id: "anonymous".into(), ..Default::default() }),
-            scopes: Vec::new(),
+            scopes: Arc::new(Vec::new()),
             user: None,
             client_actor: None,
             client_name: String::new(),
@@ -175,6 +177,7 @@ impl Auth {
                 grant: str_claim(c, "grant"),
                 consent: str_claim(c, "consent"),
                 external: false,
+                scopes: Arc::default(),
             }
         } else if let Some(ext) = self.external.iter().find(|e| e.issuer == iss) {
             let jwks = self.external_jwks(ext).await?;
@@ -193,11 +196,12 @@ impl Auth {
                 grant: None,
                 consent: None,
                 external: true,
+                scopes: Arc::default(),
             }
         } else {
             return Err(format!("the token's issuer {iss:?} is not trusted here"));
         };
-        let claims = Arc::new(claims);
+        let claims = Arc::new(Claims { scopes: Arc::new(scopes::resource_scopes(&claims.scope)), ..claims });
         self.remember(digest, claims.clone());
         Ok(claims)
     }
@@ -257,7 +261,9 @@ impl Auth {
             if let Some(c) = &claims.consent {
                 let id = c.strip_prefix("Consent/").unwrap_or(c);
                 if !consent_active(&idx, id) {
-                    return Err(unauthorized(format!("the patient's {c} that this token rests on is no longer active")));
+                    return Err(unauthorized(format!(
+                        "the patient's {c} that this token rests on is no longer active"
+                    )));
                 }
             }
         }
@@ -267,7 +273,7 @@ impl Auth {
             Some((t.to_string(), id.to_string()))
         });
         Ok(Caller {
-            scopes: scopes::resource_scopes(&claims.scope),
+            scopes: claims.scopes.clone(),
             claims,
             user,
             client_actor,

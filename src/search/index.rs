@@ -252,12 +252,22 @@ struct Prepared {
     from: u64,
     next: u64,
     erased: bool,
-    docs: Vec<(String, String, Option<(DocKey, Doc)>)>,
+    docs: Vec<(String, String, Option<Keyed>)>,
 }
+
+/// A document with its key.
+type Keyed = (DocKey, Doc);
 
 impl Engine {
     pub fn new(profiles: Arc<Profiles>, core: Registry, compartments: super::Compartments) -> Self {
-        Self { index: RwLock::new(Index::default()), core, profiles, compartments, log_ranges: Default::default(), folding: Default::default() }
+        Self {
+            index: RwLock::new(Index::default()),
+            core,
+            profiles,
+            compartments,
+            log_ranges: Default::default(),
+            folding: Default::default(),
+        }
     }
 
     /// Records that leaves `[start, end)` hold only disclosure-log entries.
@@ -297,7 +307,7 @@ impl Engine {
     }
 
     fn caught_up(&self, repo: &Repo, all: bool) -> Result<RwLockReadGuard<'_, Index>, FhirError> {
-        let size = repo.view().frontier()?.size;
+        let size = repo.view().leaf_count()?;
         {
             let idx = self.index.read().unwrap_or_else(|p| p.into_inner());
             if idx.built && (idx.next_leaf >= size || (!all && self.log_only(idx.next_leaf, size))) {
@@ -441,7 +451,13 @@ impl Engine {
     }
 
     /// One resource's document as the state holds it now; `None` if it is gone.
-    fn document(&self, repo: &Repo, registry: &Registry, rtype: &str, id: &str) -> Result<Option<(DocKey, Doc)>, FhirError> {
+    fn document(
+        &self,
+        repo: &Repo,
+        registry: &Registry,
+        rtype: &str,
+        id: &str,
+    ) -> Result<Option<(DocKey, Doc)>, FhirError> {
         let Some(cur) = repo.view().current(rtype, id)?.filter(|c| !c.deleted) else { return Ok(None) };
         let Some(res) = read_json(repo, rtype, id)? else { return Ok(None) };
         let ev = Eval { profiles: &self.profiles };
@@ -457,7 +473,10 @@ impl Engine {
         }
         let key = cur.leaves.first().copied().unwrap_or_default();
         let leaf = cur.leaves.last().copied().unwrap_or_default();
-        Ok(Some((key, Doc { id: id.to_string(), version: cur.version, leaf, last_updated_ms: cur.last_updated_ms, values })))
+        Ok(Some((
+            key,
+            Doc { id: id.to_string(), version: cur.version, leaf, last_updated_ms: cur.last_updated_ms, values },
+        )))
     }
 
     /// Re-reads one resource and replaces its document (or drops it if gone).
