@@ -386,7 +386,7 @@ async fn capability_statement_lists_what_works() {
         r["operation"].as_array().unwrap().iter().map(|o| o["name"].as_str().unwrap().to_string()).collect()
     };
     assert_eq!(ops(obs), ["proof"]);
-    assert_eq!(ops(resources.iter().find(|r| r["type"] == "Patient").unwrap()), ["proof", "erase"]);
+    assert_eq!(ops(resources.iter().find(|r| r["type"] == "Patient").unwrap()), ["proof", "access-report", "erase"]);
     let json = call!(app, TestRequest::get().uri("/metadata").insert_header(("accept", "application/json")));
     assert_eq!(json.header("content-type"), "application/json; charset=utf-8");
 }
