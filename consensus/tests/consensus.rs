@@ -223,7 +223,20 @@ mod model {
     }
 
     fn open(dir: &std::path::Path) -> StateMachine {
-        let db = SledDb::open(dir).unwrap();
+        // sled releases its file lock when its background flusher lets go of the old handle,
+        // a moment after the last one is dropped: a reboot waits for that, as a restarted
+        // process would find the lock free.
+        let mut attempts = 0;
+        let db = loop {
+            match SledDb::open(dir) {
+                Ok(db) => break db,
+                Err(e) if e.to_string().contains("could not acquire lock") && attempts < 500 => {
+                    attempts += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(20))
+                }
+                Err(e) => panic!("reopening the store: {e}"),
+            }
+        };
         StateMachine::open(db.tree("state").unwrap(), dir.join("snapshots")).unwrap()
     }
 

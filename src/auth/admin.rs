@@ -94,6 +94,7 @@ async fn add_client(req: HttpRequest, body: web::Bytes, state: web::Data<AppStat
                     (None, None) => return Err(FhirError::invalid("private_key_jwt needs jwks or jwks_uri").at("jwks")),
                 }
             }
+            // RFC 7591 clients send grant_types; the auth method decides which grants work.
             let _ = n.grant_types;
             let client_id = uuid::Uuid::new_v4().to_string();
             let secret = (method == "client_secret_basic" || method == "client_secret_post").then(super::random_id);

@@ -70,7 +70,7 @@ fn oauth_error(status: u16, error: &str, description: &str) -> HttpResponse {
     b.content_type("application/json").body(json!({"error": error, "error_description": description}).to_string())
 }
 
-fn html(status: u16, body: String) -> HttpResponse {
+pub(crate) fn html(status: u16, body: String) -> HttpResponse {
     HttpResponse::build(actix_web::http::StatusCode::from_u16(status).unwrap_or(actix_web::http::StatusCode::OK))
         .insert_header((header::CACHE_CONTROL, "no-store"))
         .insert_header(("X-Frame-Options", "DENY"))
@@ -78,15 +78,8 @@ fn html(status: u16, body: String) -> HttpResponse {
         .body(body)
 }
 
-pub const SCOPES_SUPPORTED: &[&str] = &[
-    "openid",
-    "fhirUser",
-    "profile",
-    "launch",
-    "launch/patient",
-    "launch/encounter",
-    "offline_access",
-    "online_access",
+/// The wildcard resource scopes advertised beside the identity and launch scopes.
+const RESOURCE_SCOPES_SUPPORTED: &[&str] = &[
     "patient/*.read",
     "patient/*.rs",
     "patient/*.cruds",
@@ -111,7 +104,7 @@ pub fn configuration(auth: &Auth) -> Value {
         "token_endpoint_auth_methods_supported": ["none", "client_secret_basic", "client_secret_post", "private_key_jwt"],
         "token_endpoint_auth_signing_alg_values_supported": ["RS384", "ES384", "EdDSA"],
         "id_token_signing_alg_values_supported": ["RS256"],
-        "scopes_supported": SCOPES_SUPPORTED,
+        "scopes_supported": scopes::IDENTITY_AND_LAUNCH.iter().chain(RESOURCE_SCOPES_SUPPORTED).collect::<Vec<_>>(),
         "response_types_supported": ["code"],
         "code_challenge_methods_supported": ["S256"],
         "capabilities": ["launch-ehr", "launch-standalone", "authorize-post", "client-public",
@@ -314,7 +307,7 @@ pub fn check_login(state: &AppState, username: &str, password: &str) -> Result<O
     Ok(user.filter(|(u, _)| store::check_password(&u.password_hash, password)).map(|(u, _)| (id, u)))
 }
 
-async fn login(req: HttpRequest, body: web::Bytes, state: web::Data<AppState>) -> HttpResponse {
+async fn login(body: web::Bytes, state: web::Data<AppState>) -> HttpResponse {
     let auth = &state.auth;
     let p = form_pairs(&body);
     let sealed = get(&p, "request").unwrap_or("");
@@ -356,7 +349,6 @@ async fn login(req: HttpRequest, body: web::Bytes, state: web::Data<AppState>) -
     };
     let mut r = consent_page(&client, &session, sealed, &pending);
     let _ = r.add_cookie(&cookie);
-    let _ = req;
     r
 }
 

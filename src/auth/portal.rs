@@ -6,7 +6,7 @@ use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde_json::Value;
 
-use super::endpoints::{check_login, session_user, CLIENT_SYSTEM, SESSION_COOKIE};
+use super::endpoints::{check_login, html, session_user, CLIENT_SYSTEM};
 use super::pages::{self, esc};
 use crate::api::AppState;
 use crate::error::FhirError;
@@ -15,14 +15,6 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route("/portal", web::get().to(home))
         .route("/portal/login", web::post().to(login))
         .route("/portal/apps/{id}/withdraw", web::post().to(withdraw));
-}
-
-fn html(status: u16, body: String) -> HttpResponse {
-    HttpResponse::build(actix_web::http::StatusCode::from_u16(status).unwrap_or(actix_web::http::StatusCode::OK))
-        .insert_header((header::CACHE_CONTROL, "no-store"))
-        .insert_header(("X-Frame-Options", "DENY"))
-        .content_type("text/html; charset=utf-8")
-        .body(body)
 }
 
 fn patient_of(state: &AppState, req: &HttpRequest) -> Option<(String, String)> {
@@ -172,5 +164,3 @@ async fn withdraw(req: HttpRequest, path: web::Path<String>, state: web::Data<Ap
         Err(e) => html(e.status, pages::error("Could not withdraw", &e.issues[0].diagnostics)),
     }
 }
-
-pub const COOKIE: &str = SESSION_COOKIE;

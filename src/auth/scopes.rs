@@ -69,7 +69,8 @@ pub enum Scope {
     Other(String),
 }
 
-const OTHER: &[&str] = &[
+/// The scopes that are not about resources: identity, launch context, refresh.
+pub const IDENTITY_AND_LAUNCH: &[&str] = &[
     "openid",
     "fhirUser",
     "profile",
@@ -82,7 +83,7 @@ const OTHER: &[&str] = &[
 
 /// Parses one scope; `Err` says why it is not one this server knows.
 pub fn parse(s: &str) -> Result<Scope, String> {
-    if OTHER.contains(&s) {
+    if IDENTITY_AND_LAUNCH.contains(&s) {
         return Ok(Scope::Other(s.to_string()));
     }
     let (ctx, rest) = s.split_once('/').ok_or_else(|| format!("scope {s:?} is not a SMART scope"))?;

@@ -1110,3 +1110,66 @@ async fn consent_deny_for_one_practitioner() {
     let r = get(http, &s.url("Patient/pat-b/$access-report"), &alice).await;
     assert!(r.status == 403 || r.status == 404, "A asks for B's report: {} {}", r.status, r.text);
 }
+
+/// A site's own identity provider: its tokens (ES384 here, keys from its JWKS URL, scopes and
+/// client in mapped claims) are accepted beside ours and enforced the same way; a token it did
+/// not sign, or one for another audience, is a 401.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn external_issuer_tokens_are_accepted() {
+    use std::io::{Read, Write};
+    let idp = ClientKey::es384();
+    let body = json!({ "keys": [idp.jwk("idp-1")] }).to_string();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the IdP's JWKS server");
+    let jwks_url = format!("http://{}/jwks", listener.local_addr().expect("address"));
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { continue };
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf);
+            let resp = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = s.write_all(resp.as_bytes());
+        }
+    });
+    let cfg_dir = tempfile::tempdir().expect("temp dir");
+    let cfg = cfg_dir.path().join("idp.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[[external_issuer]]\nissuer = \"https://idp.example\"\njwks_url = \"{jwks_url}\"\nscope_claim = \"scp\"\nclient_claim = \"azp\"\n"
+        ),
+    )
+    .expect("write the config");
+    let s = SmartServer::start(&["--config", cfg.to_str().expect("utf-8 path")]);
+    let http = &s.http;
+    let system = s.system_token("system/*.cruds").await;
+    let created = send(
+        http.post(s.url("Patient"))
+            .bearer_auth(&system)
+            .header("content-type", "application/fhir+json")
+            .body(json!({ "resourceType": "Patient", "name": [{ "family": "External" }] }).to_string()),
+    )
+    .await;
+    assert_eq!(created.status, 201, "{}", created.text);
+    let pid = created.json()["id"].as_str().expect("id").to_string();
+
+    let now = smart::now();
+    let claims = |aud: &str| {
+        json!({ "iss": "https://idp.example", "aud": aud, "sub": "svc-1", "azp": "site-app",
+                "scp": "system/Patient.rs", "iat": now, "exp": now + 300 })
+    };
+    let mint = |key: &ClientKey, claims: &Value| {
+        smart::jws(&json!({ "alg": key.alg(), "kid": "idp-1", "typ": "JWT" }), claims, |m| key.sign(m))
+    };
+    let token = mint(&idp, &claims(&s.base));
+    let r = get(http, &s.url(&format!("Patient/{pid}")), &token).await;
+    assert_eq!(r.status, 200, "the IdP's token reads what its scope grants: {}", r.text);
+    let r = get(http, &s.url("Observation"), &token).await;
+    assert_eq!(r.status, 403, "and nothing else: {}", r.text);
+    let forged = mint(&ClientKey::es384(), &claims(&s.base));
+    assert_invalid_token(&get(http, &s.url(&format!("Patient/{pid}")), &forged).await, "a key the IdP does not hold");
+    let elsewhere = mint(&idp, &claims("https://other.example/fhir"));
+    assert_invalid_token(&get(http, &s.url(&format!("Patient/{pid}")), &elsewhere).await, "another audience");
+}
