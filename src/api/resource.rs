@@ -325,7 +325,10 @@ pub async fn read(req: HttpRequest, path: web::Path<(String, String)>, state: we
         super::read_barrier(&req, &state.repo).await?;
         // Hidden and missing look the same: a 404 before anything is read.
         let disclosed = authz::check_visible(&state, &caller, &rtype, &id, "read")?;
-        let s = match state.repo.read(&rtype, &id) {
+        // The guard found the current version in the index: read it by leaf, from the body
+        // cache when it is there.
+        let by_leaf = disclosed.leaf.and_then(|leaf| state.repo.read_leaves(&[leaf]).pop());
+        let s = match by_leaf.unwrap_or_else(|| state.repo.read(&rtype, &id)) {
             Err(e) if e.status == 410 => {
                 // A deleted resource still tells its ETag, as HAPI and Blaze do.
                 let cur = state.repo.view().current(&rtype, &id)?.map(|c| c.version).unwrap_or(0);

@@ -81,6 +81,8 @@ pub struct Disclosed {
     pub patients: std::collections::HashMap<(String, String), Vec<String>>,
     pub broke_glass: bool,
     pub consent_hid: bool,
+    /// For a single resource: the leaf of the current version the index holds.
+    pub leaf: Option<u64>,
 }
 
 /// A resource as the guard needs to decide on it (for a read or a write outside a search).
@@ -98,6 +100,7 @@ pub fn visible(
     let mut d = Disclosed {
         broke_glass: guard.broke_glass.load(std::sync::atomic::Ordering::Relaxed),
         consent_hid: guard.consent_hid.load(std::sync::atomic::Ordering::Relaxed),
+        leaf: Some(doc.leaf),
         ..Default::default()
     };
     d.patients
@@ -155,6 +158,7 @@ pub fn run(
             patients: crate::auth::access::patients_by_hit(idx, repo.compartments(), &hits),
             broke_glass: g.broke_glass.load(std::sync::atomic::Ordering::Relaxed),
             consent_hid: g.consent_hid.load(std::sync::atomic::Ordering::Relaxed),
+            leaf: None,
         }
     };
     let parser = Parser { idx: &idx, profiles: engine.profiles(), base, lenient };
