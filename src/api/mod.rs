@@ -237,7 +237,12 @@ pub fn error_response(e: &FhirError, f: &Format) -> HttpResponse {
         let value = match first {
             Some(i) if i.code == "security" => format!(
                 "Bearer realm=\"fhir-ledger\", error=\"invalid_token\", error_description=\"{}\"",
-                i.diagnostics.replace(['"', '\\'], "'")
+                // A header value is visible ASCII: anything a token smuggled in is dropped.
+                i.diagnostics
+                    .chars()
+                    .map(|c| if c == '"' || c == '\\' { '\'' } else { c })
+                    .filter(|c| c.is_ascii_graphic() || *c == ' ')
+                    .collect::<String>()
             ),
             _ => "Bearer realm=\"fhir-ledger\"".to_string(),
         };
