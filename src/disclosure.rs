@@ -304,11 +304,12 @@ pub fn access_report(repo: &Repo, patient: &str) -> Result<(u64, BTreeMap<String
         let s = repo.vread("AuditEvent", &id, version)?;
         let Some(body) = s.body.as_deref() else { continue };
         let v: Value = serde_json::from_str(body).map_err(FhirError::internal)?;
-        total += v["extension"]
+        let requests = v["extension"]
             .as_array()
             .and_then(|x| x.iter().find(|x| x["url"] == REQUESTS_EXTENSION))
             .and_then(|x| x["valueInteger"].as_u64())
             .unwrap_or(1);
+        total += requests;
         let mut client = String::new();
         let mut client_name = String::new();
         let mut user = None;
@@ -328,11 +329,6 @@ pub fn access_report(repo: &Repo, patient: &str) -> Result<(u64, BTreeMap<String
         if recorded > acc.last {
             acc.last = recorded;
         }
-        let requests = v["extension"]
-            .as_array()
-            .and_then(|x| x.iter().find(|x| x["url"] == REQUESTS_EXTENSION))
-            .and_then(|x| x["valueInteger"].as_u64())
-            .unwrap_or(1);
         if v["outcome"] == "0" {
             acc.count += requests;
             for ent in v["entity"].as_array().into_iter().flatten().filter(|e| e["role"]["code"] == "4") {

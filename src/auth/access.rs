@@ -165,20 +165,6 @@ impl<'c> Guard<'c> {
         by_scope && self.consents(rtype, doc, &patients)
     }
 
-    /// Whether a write of a resource belonging to `patients` stays within the caller's
-    /// `patient/` compartment (when every scope granting `perm` is a patient scope).
-    pub fn may_write(&self, rtype: &str, perm: Perm, patients: &[String]) -> bool {
-        if self.caller.unrestricted {
-            return true;
-        }
-        let in_compartment_types = rtype == "Patient" || !patients.is_empty();
-        self.caller.covering(rtype, perm).any(|s| {
-            s.context != Context::Patient
-                || !in_compartment_types
-                || self.caller.patient().is_some_and(|p| patients.iter().any(|x| x == p))
-        })
-    }
-
     fn consents(&self, rtype: &str, doc: &Doc, patients: &[&str]) -> bool {
         let default = match self.default {
             ConsentDefault::OptOut => Decision::Permit,

@@ -286,7 +286,7 @@ impl Auth {
 
 /// A grant Consent holds while it is active and within its period (read from its search
 /// index document: `status` and `period`, the provision's period).
-fn consent_active(idx: &crate::search::index::Index, id: &str) -> bool {
+pub(crate) fn consent_active(idx: &crate::search::index::Index, id: &str) -> bool {
     use crate::search::values::Value as V;
     let Some((_, doc)) = idx.of("Consent").and_then(|d| d.doc(id)) else { return false };
     let active = doc.get("status").iter().any(|v| matches!(v, V::Token { code: Some(c), .. } if c == "active"));

@@ -746,12 +746,10 @@ async fn refresh_grant(state: &AppState, client: &Client, p: &[(String, String)]
     }
     if let Some(c) = &grant.consent {
         let id = c.strip_prefix("Consent/").unwrap_or(c);
-        let active = state
-            .repo
-            .read("Consent", id)
-            .ok()
-            .and_then(|s| s.body)
-            .is_some_and(|b| serde_json::from_str::<Value>(&b).is_ok_and(|v| v["status"] == "active"));
+        // The same rule as every request's token check: active and within its period.
+        let idx = state.repo.search().current(&state.repo)?;
+        let active = super::caller::consent_active(&idx, id);
+        drop(idx);
         if !active {
             return invalid_grant("the patient withdrew the consent this grant rests on");
         }
