@@ -39,6 +39,8 @@ pub struct Event {
     pub patient: Option<String>,
     /// `Type/id/_history/v` of each resource disclosed.
     pub entities: Vec<String>,
+    /// How many requests this event stands for (more than one for aggregated refusals).
+    pub requests: u64,
 }
 
 enum Msg {
@@ -47,21 +49,111 @@ enum Msg {
 }
 
 /// The queue into the writer. Cloning shares it.
+///
+/// Authenticated callers' events are queued as they come (each stands for a request a known
+/// client made). Refusals of unauthenticated requests, which anyone can send, go through
+/// [`Refusals`] first: at most one event per source and window, so no client can grow the
+/// ledger or the queue without limit.
 #[derive(Clone)]
 pub struct Log {
     tx: Option<mpsc::UnboundedSender<Msg>>,
+    refusals: Arc<std::sync::Mutex<Refusals>>,
+}
+
+/// Window over which one source's unauthenticated refusals make one event.
+pub const REFUSAL_WINDOW_MS: i64 = 60_000;
+/// Sources tracked at once; beyond them, refusals are counted under one shared source.
+const MAX_SOURCES: usize = 4096;
+/// Characters of a refused request's method, path and reason kept in the log.
+pub const MAX_DETAIL: usize = 256;
+
+/// Per source: the window's start, how many refusals since the recorded one, and that event.
+#[derive(Default)]
+pub struct Refusals {
+    by_source: std::collections::HashMap<String, (i64, u64, Event)>,
+    swept_ms: i64,
+}
+
+impl Refusals {
+    /// The events to record for a refusal from `source` now: the first of a window, and the
+    /// counts of windows that ended.
+    fn admit(&mut self, source: &str, e: Event) -> Vec<Event> {
+        let now = e.recorded_ms;
+        let mut out = Vec::new();
+        if now - self.swept_ms >= 1000 {
+            self.swept_ms = now;
+            let ended: Vec<String> = self
+                .by_source
+                .iter()
+                .filter(|(_, (start, _, _))| now - start >= REFUSAL_WINDOW_MS)
+                .map(|(k, _)| k.clone())
+                .collect();
+            for k in ended {
+                if let Some((_, n, first)) = self.by_source.remove(&k) {
+                    out.extend(further(n, first));
+                }
+            }
+        }
+        let key = if self.by_source.len() >= MAX_SOURCES && !self.by_source.contains_key(source) {
+            "(other sources)"
+        } else {
+            source
+        };
+        match self.by_source.get_mut(key) {
+            Some((start, n, _)) if now - *start < REFUSAL_WINDOW_MS => *n += 1,
+            _ => {
+                if let Some((_, n, first)) = self.by_source.remove(key) {
+                    out.extend(further(n, first));
+                }
+                self.by_source.insert(key.to_string(), (now, 0, e.clone()));
+                out.push(e);
+            }
+        }
+        out
+    }
+}
+
+/// The event that counts a window's refusals after its first one (none if there were none).
+fn further(n: u64, mut first: Event) -> Option<Event> {
+    (n > 0).then(|| {
+        first.detail = Some(format!("{} more like: {}", n, first.detail.unwrap_or_default()));
+        first.requests = n;
+        first.recorded_ms = crate::fhir::now_ms();
+        first
+    })
+}
+
+/// `s` cut to at most `max` characters, marked when cut.
+pub fn truncate(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_string(),
+    }
 }
 
 impl Log {
     pub fn disabled() -> Self {
-        Self { tx: None }
+        Self { tx: None, refusals: Arc::default() }
     }
 
     /// Starts the writer on the current tokio runtime.
     pub fn start(repo: Arc<Repo>) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(writer(repo, rx));
-        Self { tx: Some(tx) }
+        Self { tx: Some(tx), refusals: Arc::default() }
+    }
+
+    /// Records the refusal of an unauthenticated request from `source` (its address),
+    /// aggregated per source and window, its detail truncated.
+    pub fn refused(&self, source: &str, mut e: Event) {
+        if self.tx.is_none() {
+            return;
+        }
+        e.detail = e.detail.map(|d| truncate(&d, MAX_DETAIL));
+        let events = self.refusals.lock().unwrap_or_else(|p| p.into_inner()).admit(source, e);
+        for e in events {
+            self.record(e);
+        }
     }
 
     pub fn enabled(&self) -> bool {
@@ -136,7 +228,7 @@ fn aggregate(batch: Vec<Event>) -> Vec<Disclosure> {
         match slot {
             Some(i) => {
                 let d = &mut out[i];
-                d.requests += 1;
+                d.requests += e.requests;
                 d.last_ms = d.last_ms.max(e.recorded_ms);
                 for r in e.entities {
                     match d.entities.iter_mut().find(|(x, _)| *x == r) {
@@ -156,7 +248,7 @@ fn aggregate(batch: Vec<Event>) -> Vec<Disclosure> {
                         None => entities.push((r.clone(), 1)),
                     }
                 }
-                out.push(Disclosure { last_ms: e.recorded_ms, requests: 1, entities, first: e });
+                out.push(Disclosure { last_ms: e.recorded_ms, requests: e.requests, entities, first: e });
             }
         }
     }
@@ -180,7 +272,7 @@ async fn commit(repo: &Repo, node: &str, batch: Vec<Disclosure>) {
         }
         Ok(())
     };
-    let result = repo.commit(ACTOR, append).await;
+    let result = repo.commit(&crate::repo::System::new(ACTOR), append).await;
     if let Ok((_, stored)) = &result {
         // One command's leaves are consecutive: searches need not wait for them.
         let leaves = stored.iter().filter_map(|s| s.leaf);
@@ -193,7 +285,7 @@ async fn commit(repo: &Repo, node: &str, batch: Vec<Disclosure>) {
         tracing::error!("disclosure log: could not append {} events: {:?}; retrying", batch.len(), e.issues);
         for attempt in 1..=20u64 {
             tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
-            if repo.commit(ACTOR, append).await.is_ok() {
+            if repo.commit(&crate::repo::System::new(ACTOR), append).await.is_ok() {
                 return;
             }
         }
@@ -301,6 +393,11 @@ pub fn access_report(repo: &Repo, patient: &str) -> Result<(u64, BTreeMap<String
     let mut total = 0;
     let mut out: BTreeMap<String, Accessor> = BTreeMap::new();
     for (id, version) in keys {
+        // Only what this log wrote counts: its versions carry the log's actor in the leaf.
+        let authored = repo.view().version("AuditEvent", &id, version)?.is_some_and(|r| r.header.actor == ACTOR);
+        if !authored {
+            continue;
+        }
         let s = repo.vread("AuditEvent", &id, version)?;
         let Some(body) = s.body.as_deref() else { continue };
         let v: Value = serde_json::from_str(body).map_err(FhirError::internal)?;

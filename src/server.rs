@@ -32,7 +32,9 @@ pub async fn open_node(cfg: &Config, api_addr: &str, raft: Option<TcpListener>) 
     let params = Arc::new(SearchParams::load(&cfg.profiles_dir).map_err(anyhow::Error::msg)?);
     let registry = crate::search::params::Registry::load(&cfg.profiles_dir, profiles.resource_types())
         .map_err(anyhow::Error::msg)?;
-    let compartments = crate::search::Compartments::load(&cfg.profiles_dir).map_err(anyhow::Error::msg)?;
+    let compartments = crate::search::Compartments::load(&cfg.profiles_dir)
+        .map_err(anyhow::Error::msg)?
+        .with_references(&registry, profiles.resource_types());
     let engine = crate::search::Engine::new(profiles.clone(), registry, compartments);
     let ledger = consensus::Ledger::open(consensus::Options {
         dir: &cfg.data_dir.join("ledger"),

@@ -12,22 +12,41 @@ use actix_web::http::header;
 use actix_web::middleware::Next;
 use actix_web::{web, HttpMessage, HttpRequest};
 
+use consensus::CurrentRecord;
+
 use super::{error_response, AppState, Format};
+use crate::auth::access::Restriction;
 use crate::auth::scopes::Perm;
 use crate::auth::Caller;
 use crate::disclosure::Event;
 use crate::error::FhirError;
 use crate::fhir::json::Json;
+use crate::repo::{Policy, Stored};
+use crate::search::Subject;
 
 /// Marks a request whose read barrier the middleware already passed (before checking the
 /// token against the grant and Consent, so a revocation anywhere in the cluster is seen).
 #[derive(Clone, Copy)]
 pub struct Barriered;
 
-/// Paths anyone may call: discovery, liveness and the auditors' ledger endpoints (headers
-/// and proofs only, no PHI).
+/// Paths anyone may call: discovery, liveness, and the ledger's signed tree heads and
+/// consistency proofs (sizes, roots and signatures: nothing names a patient, user or actor).
 fn public(path: &str) -> bool {
-    matches!(path, "/metadata" | "/health") || path.starts_with("/ledger/")
+    matches!(path, "/metadata" | "/health" | "/ledger/head" | "/ledger/consistency")
+}
+
+/// Paths where the node's admin token stands for an administrator: the ledger's entries and
+/// proofs (auditors) and `$erase` (which ARCHITECTURE.md reserves to the patient and them).
+fn admin_path(path: &str) -> bool {
+    path.starts_with("/ledger/") || path.ends_with("/$erase")
+}
+
+fn is_admin_token(state: &AppState, authorization: Option<&str>) -> bool {
+    use sha2::Digest;
+    let Some(token) = authorization.and_then(|h| h.strip_prefix("Bearer ")) else { return false };
+    // Digest against digest, so the comparison's timing says nothing about the token.
+    let digest: [u8; 32] = sha2::Sha256::digest(token.trim().as_bytes()).into();
+    digest == state.admin.token_sha256
 }
 
 pub async fn middleware(
@@ -46,25 +65,36 @@ pub async fn middleware(
     req.extensions_mut().insert(Barriered);
     let authorization = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::to_string);
     let purpose = req.headers().get("x-purpose-of-use").and_then(|v| v.to_str().ok()).map(str::to_string);
+    if admin_path(req.path()) && is_admin_token(&state, authorization.as_deref()) {
+        req.extensions_mut().insert(Arc::new(Caller::administrator()));
+        return next.call(req).await;
+    }
     match state.auth.caller(&state.repo, authorization.as_deref(), purpose.as_deref()).await {
         Ok(c) => {
             req.extensions_mut().insert(Arc::new(c));
             next.call(req).await
         }
         Err(e) => {
-            state.auth.disclosures.record(Event {
-                recorded_ms: crate::fhir::now_ms(),
-                interaction: interaction_of(req.method()),
-                success: false,
-                detail: Some(format!("401 {} {}: {}", req.method(), req.path(), e.issues[0].diagnostics)),
-                purpose,
-                broke_glass: false,
-                client_id: "unauthenticated".into(),
-                client_name: String::new(),
-                user: None,
-                patient: None,
-                entities: Vec::new(),
-            });
+            let source = req.connection_info().realip_remote_addr().unwrap_or("unknown").to_string();
+            let path = crate::disclosure::truncate(req.path(), 128);
+            let why = e.issues.first().map_or("", |i| i.diagnostics.as_str());
+            state.auth.disclosures.refused(
+                &source,
+                Event {
+                    recorded_ms: crate::fhir::now_ms(),
+                    interaction: interaction_of(req.method()),
+                    success: false,
+                    detail: Some(format!("401 {} {path} from {source}: {why}", req.method())),
+                    purpose: purpose.map(|p| crate::disclosure::truncate(&p, 32)),
+                    broke_glass: false,
+                    client_id: "unauthenticated".into(),
+                    client_name: String::new(),
+                    user: None,
+                    patient: None,
+                    entities: Vec::new(),
+                    requests: 1,
+                },
+            );
             let f = Format::negotiate(req.request()).unwrap_or_else(|_| Format::plain());
             Ok(req.into_response(error_response(&e, &f)))
         }
@@ -81,10 +111,10 @@ fn interaction_of(m: &actix_web::http::Method) -> &'static str {
     }
 }
 
-/// The request's caller (unrestricted where the middleware did not run: in-process tests
-/// that mount single handlers).
+/// The request's caller, as the middleware established it. A route the middleware did not
+/// wrap gets a caller with no rights at all, so a handler mounted outside it fails closed.
 pub fn caller(req: &HttpRequest) -> Arc<Caller> {
-    req.extensions().get::<Arc<Caller>>().cloned().unwrap_or_else(|| Arc::new(Caller::unrestricted()))
+    req.extensions().get::<Arc<Caller>>().cloned().unwrap_or_else(|| Arc::new(Caller::nobody()))
 }
 
 /// Records a refusal (403, or a resource hidden by policy) in the disclosure log.
@@ -124,6 +154,7 @@ fn event(
         user: caller.user.as_ref().map(|(t, id)| format!("{t}/{id}")),
         patient,
         entities,
+        requests: 1,
     }
 }
 
@@ -203,37 +234,143 @@ pub fn check_visible(
     Err(e)
 }
 
-/// For a write: the resource as it will be stored must stay within a `patient/` caller's
-/// compartment (403 otherwise).
-pub fn check_write(
+/// The request's caller as the repository's write policy: every plan made for a request
+/// goes through it (see `repo::Policy`).
+pub struct CallerPolicy<'a> {
+    state: &'a AppState,
+    caller: &'a Caller,
+}
+
+pub fn policy<'a>(state: &'a AppState, caller: &'a Caller) -> CallerPolicy<'a> {
+    CallerPolicy { state, caller }
+}
+
+/// Only the server writes AuditEvents: they are the disclosure log patients rely on.
+pub const AUDIT_EVENT: &str = "AuditEvent";
+
+impl Policy for CallerPolicy<'_> {
+    fn actor(&self) -> String {
+        self.caller.actor()
+    }
+
+    fn sees(&self, rtype: &str, id: &str) -> Result<bool, FhirError> {
+        let Some(access) = self.state.auth.access(self.caller) else { return Ok(true) };
+        Ok(crate::search::visible(&self.state.repo, &access, rtype, id)?.0)
+    }
+
+    fn may_write(
+        &self,
+        rtype: &str,
+        id: &str,
+        current: Option<&CurrentRecord>,
+        new: Option<&Json>,
+    ) -> Result<(), FhirError> {
+        let (state, caller) = (self.state, self.caller);
+        if caller.unrestricted {
+            return Ok(());
+        }
+        let (perm, interaction) = match (current, new) {
+            (None, _) => (Perm::C, "create"),
+            (Some(_), Some(_)) => (Perm::U, "update"),
+            (Some(_), None) => (Perm::D, "delete"),
+        };
+        if rtype == AUDIT_EVENT {
+            return Err(forbidden_logged(
+                state,
+                caller,
+                interaction,
+                "AuditEvents are the server's disclosure log: clients cannot create, change or delete them",
+            ));
+        }
+        require(state, caller, rtype, perm, interaction)?;
+        let Some(access) = state.auth.access(caller) else { return Ok(()) };
+        let repo = &state.repo;
+        if current.is_some() {
+            // What is there: hidden answers as missing; visible but not the caller's to change
+            // (another patient's, or a Consent's "correct" denial) is a 403.
+            if !crate::search::visible(repo, &access, rtype, id)?.0 {
+                return Err(FhirError::not_found(&format!("{rtype}/{id}")));
+            }
+            if !crate::search::admits(repo, &access, rtype, Subject::Current(id), Some(perm))?.0 {
+                return Err(forbidden_logged(
+                    state,
+                    caller,
+                    interaction,
+                    &format!("the access token may not {interaction} {rtype}/{id} as it is stored"),
+                ));
+            }
+        }
+        if let Some(body) = new {
+            // What it leaves there: a resource moves between compartments only if the caller
+            // may write both.
+            let subject = Subject::Body { id, version: 0, body, restriction: Restriction::Unchecked };
+            if !crate::search::admits(repo, &access, rtype, subject, Some(perm))?.0 {
+                return Err(forbidden_logged(
+                    state,
+                    caller,
+                    interaction,
+                    &format!(
+                        "the access token may not write this {rtype}: a patient-scoped token writes only resources \
+                         of its own patient, and the patient's consent must permit the change"
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn may_erase(&self, patient: &str) -> Result<(), FhirError> {
+        let caller = self.caller;
+        let own = caller.is_patient(patient) && caller.covering("Patient", Perm::D).next().is_some();
+        if caller.unrestricted || own {
+            return Ok(());
+        }
+        Err(forbidden_logged(
+            self.state,
+            caller,
+            "operation",
+            "$erase is reserved to the patient themself and the administrators (admin token)",
+        ))
+    }
+}
+
+/// For one stored version read outside a search (vread, history, a bundle's `_history/v`
+/// entry, `$proof`): what to log when the caller may see it, judged by that version's own
+/// content (its patients and their Consents) and a deletion by the last version before it;
+/// `None` when hidden. `current` says whether it is the resource's current version.
+pub fn version_visible(
     state: &AppState,
     caller: &Caller,
-    rtype: &str,
-    id: &str,
-    perm: Perm,
-    res: &Json,
-) -> Result<(), FhirError> {
-    if caller.unrestricted {
-        return Ok(());
+    s: &Stored,
+    current: bool,
+) -> Result<Option<crate::search::Disclosed>, FhirError> {
+    let Some(access) = state.auth.access(caller) else { return Ok(Some(Default::default())) };
+    let repo = &state.repo;
+    if current && !s.deleted {
+        let (ok, d) = crate::search::visible(repo, &access, &s.rtype, &s.id)?;
+        return Ok(ok.then_some(d));
     }
-    let compartment = state.repo.compartment_of(rtype, id, res);
-    let patients: Vec<String> = compartment.strip_prefix("Patient/").map(|p| vec![p.to_string()]).unwrap_or_default();
-    let within = caller.covering(rtype, perm).any(|s| {
-        s.context != crate::auth::scopes::Context::Patient
-            || (rtype != "Patient" && patients.is_empty() && !state.repo.compartments().patient.contains_key(rtype))
-            || caller.patient().is_some_and(|p| patients.iter().any(|x| x == p))
-    });
-    if within {
-        Ok(())
-    } else {
-        let e = FhirError::new(
-            403,
-            "forbidden",
-            format!("a patient-scoped token may only write {rtype} resources in its patient's compartment"),
-        );
-        denied(state, caller, "update", caller.patient().map(str::to_string), &e);
-        Err(e)
+    let (mut body, mut version) = (s.body.clone(), s.version);
+    while body.is_none() && version > 1 {
+        version -= 1;
+        body = repo.vread(&s.rtype, &s.id, version)?.body;
     }
+    let Some(text) = body else { return Ok(None) };
+    let json = crate::fhir::json::parse(text.as_bytes(), usize::MAX).map_err(FhirError::internal)?;
+    let subject = Subject::Body { id: &s.id, version, body: &json, restriction: Restriction::Unknown };
+    let (ok, d) = crate::search::admits(repo, &access, &s.rtype, subject, None)?;
+    Ok(ok.then_some(d))
+}
+
+/// Whether every scope that lets the caller read `rtype` is a `patient/` one: then a version
+/// encrypted under another patient's compartment can be skipped without decrypting it.
+pub fn patient_confined(caller: &Caller, rtype: &str) -> bool {
+    !caller.unrestricted
+        && caller
+            .scopes
+            .iter()
+            .filter(|s| s.covers(rtype) && (s.allows(Perm::R) || s.allows(Perm::S)))
+            .all(|s| s.context == crate::auth::scopes::Context::Patient)
 }
 
 /// A 403 for a refusal that is not about scopes (logged like one).

@@ -401,7 +401,9 @@ fn response_bundle(kind: &str, entries: Vec<Json>) -> Json {
     ])
 }
 
-/// The scopes and compartment an entry needs (reads are checked when they are answered).
+/// The scopes an entry needs before anything is planned (reads are checked when they are
+/// answered; what each write finds and leaves is checked by the caller's policy as it is
+/// planned, conditional matches included).
 fn check_entry(who: &Who<'_>, e: &Entry) -> Result<(), FhirError> {
     let (state, caller) = (who.state, who.caller);
     if caller.unrestricted {
@@ -413,17 +415,12 @@ fn check_entry(who: &Who<'_>, e: &Entry) -> Result<(), FhirError> {
         Method::Put => (Perm::U, "update"),
         Method::Delete => (Perm::D, "delete"),
     };
-    authz::require(state, caller, &e.rtype, perm, interaction)?;
+    // A PUT may create: its scope is checked per resource by the policy when planned.
+    if e.method != Method::Put {
+        authz::require(state, caller, &e.rtype, perm, interaction)?;
+    }
     if e.query.is_some() || e.if_none_exist.is_some() {
         authz::require(state, caller, &e.rtype, Perm::S, interaction)?;
-    }
-    if let (Some(id), Method::Put | Method::Delete) = (&e.id, &e.method) {
-        if state.repo.view().current(&e.rtype, id)?.is_some_and(|c| !c.deleted) {
-            authz::check_visible(state, caller, &e.rtype, id, interaction)?;
-        }
-    }
-    if let Some(res) = &e.resource {
-        authz::check_write(state, caller, &e.rtype, e.id.as_deref().unwrap_or(&e.new_id), perm, res)?;
     }
     Ok(())
 }
@@ -436,8 +433,8 @@ async fn transaction(
 ) -> Result<HttpResponse, FhirError> {
     let repo = &*who.state.repo;
     let rewritten = prerewrite(&mut entries);
-    let actor = who.caller.actor();
-    let (planned, results) = repo.commit(&actor, |plan| plan_transaction(plan, &entries, rewritten)).await?;
+    let policy = authz::policy(who.state, who.caller);
+    let (planned, results) = repo.commit(&policy, |plan| plan_transaction(plan, &entries, rewritten)).await?;
     let ret = bundle_return(req);
     let mut out = Vec::with_capacity(entries.len());
     for (e, p) in entries.iter().zip(planned) {
@@ -445,14 +442,27 @@ async fn transaction(
             out.push(get_entry(req, who, e).unwrap_or_else(|err| error_entry(&err)));
             continue;
         }
-        let stored = match (&p.write, &p.existing) {
-            (Some(i), _) => results.get(*i).cloned(),
-            (None, Some((t, id))) => repo.read(t, id).ok(),
-            _ => None,
-        };
+        let stored = stored_of(who, &p, &results, ret);
         out.push(response_entry(req, p.status, stored.as_ref(), ret));
     }
     Ok(json_response(200, &response_bundle("transaction-response", out), f))
+}
+
+/// The version an entry's response names: what it wrote, or the resource a conditional
+/// create found (a disclosure when the response shows it).
+fn stored_of(who: &Who<'_>, p: &Planned, results: &[Stored], ret: Return) -> Option<Stored> {
+    match (&p.write, &p.existing) {
+        (Some(i), _) => results.get(*i).cloned(),
+        (None, Some((t, id))) => {
+            let s = who.state.repo.read(t, id).ok()?;
+            if ret == Return::Representation {
+                let d = authz::version_visible(who.state, who.caller, &s, true).ok().flatten()?;
+                authz::disclosed(who.state, who.caller, "create", &[(s.rtype.clone(), s.id.clone(), s.version)], &d);
+            }
+            Some(s)
+        }
+        _ => None,
+    }
 }
 
 fn error_entry(e: &FhirError) -> Json {
@@ -473,11 +483,22 @@ fn get_entry(req: &HttpRequest, who: &Who<'_>, e: &Entry) -> Result<Json, FhirEr
     }
     let id = e.id.as_deref().ok_or_else(|| FhirError::invalid("GET entries need Type/id or Type?criteria"))?;
     authz::require(who.state, who.caller, &e.rtype, Perm::R, "read")?;
-    let d = authz::check_visible(who.state, who.caller, &e.rtype, id, "read")?;
     let parts: Vec<&str> = e.url.split('/').collect();
-    let s = match parts.as_slice() {
-        [_, _, "_history", v] => repo.vread(&e.rtype, id, v.parse().map_err(|_| FhirError::not_found(&e.url))?)?,
-        [_, _] => repo.read(&e.rtype, id)?,
+    let (s, d) = match parts.as_slice() {
+        [_, _, "_history", v] => {
+            let s = repo.vread(&e.rtype, id, v.parse().map_err(|_| FhirError::not_found(&e.url))?)?;
+            let current = repo.view().current(&e.rtype, id)?.is_some_and(|c| c.version == s.version);
+            let d = authz::version_visible(who.state, who.caller, &s, current)?
+                .ok_or_else(|| FhirError::not_found(&e.url))?;
+            if s.deleted {
+                return Err(FhirError::gone(&e.url));
+            }
+            (s, d)
+        }
+        [_, _] => {
+            let d = authz::check_visible(who.state, who.caller, &e.rtype, id, "read")?;
+            (repo.read(&e.rtype, id)?, d)
+        }
         _ => return Err(FhirError::invalid(format!("unsupported GET url {:?}", e.url))),
     };
     authz::disclosed(who.state, who.caller, "read", &[(s.rtype.clone(), s.id.clone(), s.version)], &d);
@@ -487,8 +508,8 @@ fn get_entry(req: &HttpRequest, who: &Who<'_>, e: &Entry) -> Result<Json, FhirEr
 async fn batch(req: &HttpRequest, who: &Who<'_>, raw: Vec<Json>, _f: &Format) -> Result<HttpResponse, FhirError> {
     let ret = bundle_return(req);
     let repo = &*who.state.repo;
-    let actor = who.caller.actor();
-    let actor = &actor;
+    let policy = authz::policy(who.state, who.caller);
+    let policy = &policy;
     let futures = raw.into_iter().enumerate().map(|(i, raw)| async move {
         let e = match parse_entry(repo, i, raw) {
             Ok(e) => e,
@@ -501,14 +522,10 @@ async fn batch(req: &HttpRequest, who: &Who<'_>, raw: Vec<Json>, _f: &Format) ->
             return error_entry(&err);
         }
         let one = std::slice::from_ref(&e);
-        match repo.commit(actor, |plan| plan_transaction(plan, one, false)).await {
+        match repo.commit(policy, |plan| plan_transaction(plan, one, false)).await {
             Ok((planned, results)) => {
                 let p = planned.into_iter().next().unwrap_or(Planned { status: 200, write: None, existing: None });
-                let stored = match (&p.write, &p.existing) {
-                    (Some(i), _) => results.get(*i).cloned(),
-                    (None, Some((t, id))) => repo.read(t, id).ok(),
-                    _ => None,
-                };
+                let stored = stored_of(who, &p, &results, ret);
                 response_entry(req, p.status, stored.as_ref(), ret)
             }
             Err(err) => error_entry(&err),

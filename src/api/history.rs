@@ -119,18 +119,23 @@ pub async fn instance(req: HttpRequest, path: web::Path<(String, String)>, state
         let caller = authz::caller(&req);
         authz::require(&state, &caller, &rtype, Perm::R, "history-instance")?;
         let (p, raw) = params(&req)?;
-        // A resource the caller may not see has no history either (deleted ones included).
-        let disclosed = authz::check_visible(&state, &caller, &rtype, &id, "history-instance")?;
         let versions = state.repo.view().versions(&rtype, &id)?;
-        if versions.is_empty() {
-            return Err(FhirError::not_found(&format!("{rtype}/{id}")));
-        }
+        let newest = versions.first().map(|v| v.header.version);
         let base = base_url(&req);
         let mut entries = Vec::new();
         let mut next = None;
         let mut total = 0;
         let mut shown = Vec::new();
+        let mut disclosed = crate::search::Disclosed::default();
+        let mut any_visible = false;
         for v in versions {
+            // Each version by its own content: versions of another patient (before a move,
+            // or before the id was reused) are left out, and a resource the caller may see in
+            // no version has no history, exactly like a missing one.
+            let s = state.repo.vread(&rtype, &id, v.header.version)?;
+            let current = Some(v.header.version) == newest;
+            let Some(d) = authz::version_visible(&state, &caller, &s, current)? else { continue };
+            any_visible = true;
             if p.since.is_some_and(|s| v.header.last_updated_ms < s) {
                 continue;
             }
@@ -142,9 +147,13 @@ pub async fn instance(req: HttpRequest, path: web::Path<(String, String)>, state
                 next = next.or(Some(v.header.version + 1));
                 continue;
             }
-            let s = state.repo.vread(&rtype, &id, v.header.version)?;
+            disclosed.patients.extend(d.patients);
+            disclosed.broke_glass |= d.broke_glass;
             shown.push((s.rtype.clone(), s.id.clone(), s.version));
             entries.push(entry(&base, &s));
+        }
+        if !any_visible {
+            return Err(FhirError::not_found(&format!("{rtype}/{id}")));
         }
         authz::disclosed(&state, &caller, "history-instance", &shown, &disclosed);
         Ok(json_response(200, &bundle(&req, &format!("/{rtype}/{id}/_history"), &raw, entries, next, Some(total)), f))
@@ -152,7 +161,7 @@ pub async fn instance(req: HttpRequest, path: web::Path<(String, String)>, state
 }
 
 /// Walks the ledger's history newest first, leaving out internal records and (under
-/// authorization) whatever the caller may not see, judged by the resource's current state.
+/// authorization) every version the caller may not see, judged by that version's own content.
 fn walk(
     state: &AppState,
     caller: &Caller,
@@ -165,8 +174,7 @@ fn walk(
     let base = base_url(req);
     let mut entries = Vec::new();
     let mut next = None;
-    let access = state.auth.access(caller);
-    let vis = access.as_ref().map(|a| crate::search::visibility(repo, a)).transpose()?;
+    let restricted = !caller.unrestricted;
     let mut shown = Vec::new();
     let mut disclosed = crate::search::Disclosed::default();
     for item in repo.view().history(p.cursor) {
@@ -177,26 +185,32 @@ fn walk(
         {
             continue;
         }
-        if let Some((idx, guard)) = &vis {
+        if restricted {
             if caller.require(&h.rtype, Perm::S).is_err() {
                 continue;
             }
-            let Some((key, doc)) = idx.of(&h.rtype).and_then(|d| d.doc(&h.id)) else { continue };
-            if !guard.visible(repo.compartments(), &h.rtype, key, doc) {
-                continue;
+            // Another patient's ciphertext need not be opened to be left out.
+            if authz::patient_confined(caller, &h.rtype) {
+                let compartment = repo.view().record(leaf)?.map(|r| r.header.compartment).unwrap_or_default();
+                if compartment.strip_prefix("Patient/").is_some_and(|p| caller.patient() != Some(p)) {
+                    continue;
+                }
             }
-            let patients = crate::auth::access::patients_of(repo.compartments(), &h.rtype, doc);
-            disclosed.patients.insert((h.rtype.clone(), h.id.clone()), patients);
+        }
+        let s = repo.vread(&h.rtype, &h.id, h.version)?;
+        if restricted {
+            let current = repo.view().current(&h.rtype, &h.id)?.is_some_and(|c| c.version == h.version);
+            let Some(d) = authz::version_visible(state, caller, &s, current)? else { continue };
+            disclosed.patients.extend(d.patients);
+            disclosed.broke_glass |= d.broke_glass;
         }
         if entries.len() == p.count {
             next = Some(leaf + 1);
             break;
         }
-        let s = repo.vread(&h.rtype, &h.id, h.version)?;
         shown.push((s.rtype.clone(), s.id.clone(), s.version));
         entries.push(entry(&base, &s));
     }
-    drop(vis);
     authz::disclosed(state, caller, interaction, &shown, &disclosed);
     Ok((entries, next))
 }

@@ -93,13 +93,33 @@ pub async fn version_proof(
         check_type(&state.repo, &rtype)?;
         let caller = super::authz::caller(&req);
         super::authz::require(&state, &caller, &rtype, crate::auth::scopes::Perm::R, "operation")?;
-        super::authz::check_visible(&state, &caller, &rtype, &id, "operation")?;
         let what = format!("{rtype}/{id}/_history/{vid}");
         let version: u64 = vid.parse().map_err(|_| FhirError::not_found(&what))?;
         let record = state.repo.view().version(&rtype, &id, version)?.ok_or_else(|| FhirError::not_found(&what))?;
+        // A proof names the version's header (its compartment and actor): only for a caller
+        // who may see that version.
+        let stored = state.repo.vread(&rtype, &id, version)?;
+        let current = state.repo.view().current(&rtype, &id)?.is_some_and(|c| c.version == version);
+        super::authz::version_visible(&state, &caller, &stored, current)?.ok_or_else(|| FhirError::not_found(&what))?;
         let body = inclusion(&state.repo, head?, record.leaf, vec![param("resource", "valueString", s(what))])?;
         Ok(json_response(200, &body, f))
     })
+}
+
+/// Leaf headers name resources, compartments and actors: `/ledger/entries` and
+/// `/ledger/proof` are for auditors (the admin token, or a backend service that may read
+/// everything anyway), never for a caller who may not read every patient.
+fn auditor(req: &HttpRequest) -> Result<(), FhirError> {
+    let caller = super::authz::caller(req);
+    if caller.may_audit() {
+        Ok(())
+    } else {
+        Err(FhirError::new(
+            403,
+            "forbidden",
+            "the ledger's entries and leaf proofs are for auditors: the admin token, or a system/*.rs token",
+        ))
+    }
 }
 
 fn number(params: &[(String, String)], name: &str) -> Result<u64, FhirError> {
@@ -120,6 +140,7 @@ pub async fn leaf_proof(req: HttpRequest, state: web::Data<AppState>) -> HttpRes
     }
     let head = signed_head(&state.repo).await;
     respond(&req, |f| {
+        auditor(&req)?;
         let leaf = number(&parse_query(req.query_string()), "leaf")?;
         Ok(json_response(200, &inclusion(&state.repo, head?, leaf, Vec::new())?, f))
     })
@@ -166,6 +187,7 @@ pub async fn entries(req: HttpRequest, state: web::Data<AppState>) -> HttpRespon
         return respond(&req, |_| Err(e));
     }
     respond(&req, |f| {
+        auditor(&req)?;
         let q = parse_query(req.query_string());
         let from = if q.iter().any(|(k, _)| k == "from") { number(&q, "from")? } else { 0 };
         let count = if q.iter().any(|(k, _)| k == "_count") { number(&q, "_count")?.min(1000) } else { 100 };
@@ -223,9 +245,8 @@ pub async fn erase(
             return Err(FhirError::invalid(format!("{id:?} is not a valid id")));
         }
         let caller = super::authz::caller(&req);
-        super::authz::require(&state, &caller, "Patient", crate::auth::scopes::Perm::D, "operation")?;
-        super::authz::check_visible(&state, &caller, "Patient", &id, "operation")?;
-        let (_, erased) = state.repo.commit(&caller.actor(), |plan| plan.erase(&id)).await?;
+        let policy = super::authz::policy(&state, &caller);
+        let (_, erased) = state.repo.commit(&policy, |plan| plan.erase(&id)).await?;
         state.repo.forget_key(&format!("Patient/{id}"));
         let mut p = vec![param("erased", "valueString", s(erased.len().to_string()))];
         for e in &erased {

@@ -66,15 +66,16 @@ fn write_response(req: &HttpRequest, f: &Format, status: u16, s: &Stored) -> Htt
     }
 }
 
-/// Commits a single planned interaction and answers it.
+/// Commits a single planned interaction, under the caller's policy, and answers it.
 async fn commit_one(
     req: &HttpRequest,
-    repo: &Repo,
+    state: &AppState,
     f: &Format,
     plan: impl FnMut(&mut crate::repo::Plan<'_>) -> Result<Planned, FhirError>,
 ) -> Result<HttpResponse, FhirError> {
-    let actor = authz::caller(req).actor();
-    let (planned, results) = repo.commit(&actor, plan).await?;
+    let caller = authz::caller(req);
+    let repo = &state.repo;
+    let (planned, results) = repo.commit(&authz::policy(state, &caller), plan).await?;
     if let Some(i) = planned.write {
         let s = results.get(i).ok_or_else(|| FhirError::internal("missing write result"))?;
         if s.deleted {
@@ -85,7 +86,11 @@ async fn commit_one(
         return Ok(write_response(req, f, planned.status, s));
     }
     if let Some((t, id)) = planned.existing {
+        // A conditional create that found the caller's resource shows it: a disclosure.
         let s = repo.read(&t, &id)?;
+        let d = authz::version_visible(state, &caller, &s, true)?
+            .ok_or_else(|| FhirError::not_found(&format!("{t}/{id}")))?;
+        authz::disclosed(state, &caller, "create", &[(s.rtype.clone(), s.id.clone(), s.version)], &d);
         return Ok(write_response(req, f, planned.status, &s));
     }
     Ok(HttpResponse::NoContent().finish())
@@ -129,8 +134,7 @@ pub async fn create(
             authz::require(&state, &caller, &rtype, Perm::S, "create")?;
         }
         let id = new_id();
-        authz::check_write(&state, &caller, &rtype, &id, Perm::C, &res)?;
-        commit_one(&req, &state.repo, &f, |plan| {
+        commit_one(&req, &state, &f, |plan| {
             interactions::create(plan, &rtype, &id, &res, if_none_exist.as_deref())
         })
         .await
@@ -149,15 +153,7 @@ pub async fn update(
     let result = async {
         let f = Format::negotiate(&req)?;
         check_id(&id)?;
-        let caller = authz::caller(&req);
-        authz::require(&state, &caller, &rtype, Perm::U, "update")?;
         let res = resource_body(&req, payload, &state, &rtype).await?;
-        if state.repo.view().current(&rtype, &id)?.is_some_and(|c| !c.deleted) {
-            authz::check_visible(&state, &caller, &rtype, &id, "update")?;
-        } else {
-            authz::require(&state, &caller, &rtype, Perm::C, "create")?;
-        }
-        authz::check_write(&state, &caller, &rtype, &id, Perm::U, &res)?;
         match res.get("id").and_then(Json::as_str) {
             Some(body_id) if body_id == id => {}
             Some(body_id) => {
@@ -170,7 +166,7 @@ pub async fn update(
             }
         }
         let if_match = parse_etag(req.headers(), header::IF_MATCH)?;
-        commit_one(&req, &state.repo, &f, |plan| interactions::update(plan, &rtype, &id, &res, if_match)).await
+        commit_one(&req, &state, &f, |plan| interactions::update(plan, &rtype, &id, &res, if_match)).await
     }
     .await;
     finish(&req, result)
@@ -191,9 +187,7 @@ pub async fn conditional_update(
         let res = resource_body(&req, payload, &state, &rtype).await?;
         let query = req.query_string().to_string();
         let id = new_id();
-        authz::check_write(&state, &caller, &rtype, &id, Perm::U, &res)?;
-        commit_one(&req, &state.repo, &f, |plan| interactions::conditional_update(plan, &rtype, &query, &res, &id))
-            .await
+        commit_one(&req, &state, &f, |plan| interactions::conditional_update(plan, &rtype, &query, &res, &id)).await
     }
     .await;
     finish(&req, result)
@@ -226,7 +220,7 @@ pub async fn patch(
             .map_err(|e| FhirError::new(400, "structure", format!("malformed JSON Patch: {e}")))?;
         let if_match = parse_etag(req.headers(), header::IF_MATCH)?;
         let repo = &state.repo;
-        commit_one(&req, repo, &f, |plan| {
+        commit_one(&req, &state, &f, |plan| {
             let current = repo.read(&rtype, &id)?;
             if if_match.is_some_and(|v| v != current.version) {
                 return Err(FhirError::precondition(format!("If-Match does not match version {}", current.version)));
@@ -241,7 +235,6 @@ pub async fn patch(
                 e.status = 422;
                 e
             })?;
-            authz::check_write(&state, &caller, &rtype, &id, Perm::U, &doc)?;
             interactions::update(plan, &rtype, &id, &doc, Some(current.version))
         })
         .await
@@ -258,11 +251,8 @@ pub async fn delete(req: HttpRequest, path: web::Path<(String, String)>, state: 
         check_id(&id)?;
         let caller = authz::caller(&req);
         authz::require(&state, &caller, &rtype, Perm::D, "delete")?;
-        if state.repo.view().current(&rtype, &id)?.is_some_and(|c| !c.deleted) {
-            authz::check_visible(&state, &caller, &rtype, &id, "delete")?;
-        }
         let if_match = parse_etag(req.headers(), header::IF_MATCH)?;
-        commit_one(&req, &state.repo, &f, |plan| interactions::delete(plan, &rtype, &id, if_match)).await
+        commit_one(&req, &state, &f, |plan| interactions::delete(plan, &rtype, &id, if_match)).await
     }
     .await;
     finish(&req, result)
@@ -276,16 +266,8 @@ pub async fn conditional_delete(req: HttpRequest, path: web::Path<String>, state
         let caller = authz::caller(&req);
         authz::require(&state, &caller, &rtype, Perm::D, "delete")?;
         authz::require(&state, &caller, &rtype, Perm::S, "delete")?;
-        if caller.confined(&rtype, Perm::D) {
-            return Err(authz::forbidden_logged(
-                &state,
-                &caller,
-                "delete",
-                "conditional delete needs a user/ or system/ scope without a query restriction",
-            ));
-        }
         let query = req.query_string().to_string();
-        commit_one(&req, &state.repo, &f, |plan| interactions::conditional_delete(plan, &rtype, &query)).await
+        commit_one(&req, &state, &f, |plan| interactions::conditional_delete(plan, &rtype, &query)).await
     }
     .await;
     finish(&req, result)
@@ -388,8 +370,12 @@ pub async fn vread(
         let caller = authz::caller(&req);
         authz::require(&state, &caller, &rtype, Perm::R, "vread")?;
         super::read_barrier(&req, &state.repo).await?;
-        let disclosed = authz::check_visible(&state, &caller, &rtype, &id, "vread")?;
         let s = state.repo.vread(&rtype, &id, version)?;
+        let current = state.repo.view().current(&rtype, &id)?.is_some_and(|c| c.version == version);
+        // Each version is judged by its own content: one that belonged to another patient
+        // before the resource moved (or before its id was reused) is hidden like a missing one.
+        let disclosed =
+            authz::version_visible(&state, &caller, &s, current)?.ok_or_else(|| FhirError::not_found(&what))?;
         if s.deleted {
             return Err(FhirError::gone(&what));
         }

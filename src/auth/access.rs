@@ -26,6 +26,17 @@ pub struct Access<'a> {
 /// Break-the-glass: a stated purpose of emergency treatment overrides Consent denials.
 pub const BREAK_THE_GLASS: &str = "ETREAT";
 
+/// How a v2 query restriction (`patient/Observation.rs?category=...`) is checked for a
+/// document: by its key in the set the restriction matched (the current version), not at
+/// all (a body about to be written: the restriction speaks of what is stored), or as not
+/// satisfied (an older version, which the restriction's search never saw).
+#[derive(Clone, Copy, Debug)]
+pub enum Restriction {
+    Key(DocKey),
+    Unchecked,
+    Unknown,
+}
+
 pub struct Guard<'c> {
     caller: &'c Caller,
     book: Arc<Book>,
@@ -52,7 +63,7 @@ fn patient_ids<'d>(comps: &Compartments, rtype: &str, doc: &'d Doc) -> Vec<&'d s
         return vec![doc.id.as_str()];
     }
     let mut out: Vec<&str> = Vec::new();
-    for code in comps.patient.get(rtype).into_iter().flatten() {
+    for code in comps.patient_params(rtype) {
         for v in doc.get(code) {
             if let Value::Ref { rtype: Some(t), id: Some(id), .. } = v {
                 if t == "Patient" && !out.contains(&id.as_str()) {
@@ -149,18 +160,46 @@ impl<'c> Guard<'c> {
     /// Whether the caller may see this resource: some scope granting `r` or `s` on its type
     /// admits it (compartment, query restriction), and the patient's Consents permit it.
     pub fn visible(&self, comps: &Compartments, rtype: &str, key: DocKey, doc: &Doc) -> bool {
+        self.admits(comps, rtype, Restriction::Key(key), doc, None)
+    }
+
+    /// Whether some scope granting `perm` (`None`: reading, `r` or `s`) admits `doc` and the
+    /// patients' Consents permit it. Reading follows the R4 compartment: a resource of a
+    /// patient type is the caller's when it references the caller's patient. Writing with a
+    /// `patient/` scope is stricter: every patient the resource belongs to must be the
+    /// caller's, and a resource of no patient cannot be written.
+    pub fn admits(
+        &self,
+        comps: &Compartments,
+        rtype: &str,
+        restriction: Restriction,
+        doc: &Doc,
+        perm: Option<Perm>,
+    ) -> bool {
         if self.caller.unrestricted {
             return true;
         }
         let patients = patient_ids(comps, rtype, doc);
-        let in_compartment_types = comps.patient.contains_key(rtype) || rtype == "Patient";
+        // A resource of no patient is shared (Practitioner, Medication, a Device assigned to
+        // nobody) unless its type is in the Patient compartment, where it belongs to nobody.
+        let shared = patients.is_empty() && rtype != "Patient" && !comps.patient.contains_key(rtype);
+        let mine = |p: &str| self.caller.patient() == Some(p);
         let by_scope = self.caller.scopes.iter().enumerate().any(|(i, s)| {
-            s.covers(rtype)
-                && (s.allows(Perm::R) || s.allows(Perm::S))
-                && (s.context != Context::Patient
-                    || !in_compartment_types
-                    || self.caller.patient().is_some_and(|p| patients.contains(&p)))
-                && self.restricted[i].as_ref().is_none_or(|set| set.contains(&(rtype.to_string(), key)))
+            let granted = match perm {
+                None => s.allows(Perm::R) || s.allows(Perm::S),
+                Some(p) => s.allows(p),
+            };
+            let in_context = match (s.context, perm) {
+                (Context::Patient, None) => shared || patients.iter().any(|p| mine(p)),
+                (Context::Patient, Some(_)) => !patients.is_empty() && patients.iter().all(|p| mine(p)),
+                _ => true,
+            };
+            let restricted = match (&self.restricted[i], restriction) {
+                (None, _) | (Some(_), Restriction::Unchecked) => true,
+                (Some(set), Restriction::Key(k)) => set.contains(&(rtype.to_string(), k)),
+                (Some(_), Restriction::Unknown) => false,
+            };
+            s.covers(rtype) && granted && in_context && restricted
         });
         by_scope && self.consents(rtype, doc, &patients)
     }
@@ -195,7 +234,10 @@ impl<'c> Guard<'c> {
                 self.book.decide(p, &req).unwrap_or(default)
             };
             if decision == Decision::Deny {
-                if self.caller.purpose.as_deref() == Some(BREAK_THE_GLASS) && self.caller.user.is_some() {
+                // Break-the-glass is a clinician's act: patients and their proxies cannot.
+                let clinician =
+                    self.caller.user.as_ref().is_some_and(|(t, _)| t == "Practitioner" || t == "PractitionerRole");
+                if self.caller.purpose.as_deref() == Some(BREAK_THE_GLASS) && clinician {
                     self.broke_glass.store(true, Ordering::Relaxed);
                     continue;
                 }

@@ -49,6 +49,9 @@ pub struct Caller {
 
 const LEEWAY_S: i64 = 30;
 
+/// The ledger actor of writes made with the node's admin token.
+pub const ADMINISTRATOR: &str = "administrator";
+
 pub fn unauthorized(why: impl Into<String>) -> FhirError {
     FhirError::new(401, "security", why.into())
 }
@@ -70,9 +73,34 @@ impl Caller {
         }
     }
 
+    /// The holder of the node's admin token, on the paths where it counts (ledger audit,
+    /// `$erase`).
+    pub fn administrator() -> Self {
+        Self {
+            claims: Arc::new(Claims {
+                sub: ADMINISTRATOR.into(),
+                client_id: ADMINISTRATOR.into(),
+                ..Default::default()
+            }),
+            ..Self::unrestricted()
+        }
+    }
+
+    /// A caller with no rights: what a handler sees where no authentication ran.
+    pub fn nobody() -> Self {
+        Self {
+            claims: Arc::new(Claims { sub: "nobody".into(), client_id: "nobody".into(), ..Default::default() }),
+            unrestricted: false,
+            ..Self::unrestricted()
+        }
+    }
+
     /// The ledger actor of this caller's writes.
     pub fn actor(&self) -> String {
         if self.unrestricted {
+            if self.claims.client_id == ADMINISTRATOR {
+                return ADMINISTRATOR.to_string();
+            }
             return crate::api::resource::ANONYMOUS.to_string();
         }
         match &self.claims.fhir_user {
@@ -108,10 +136,15 @@ impl Caller {
         )))
     }
 
-    /// Whether every scope granting `perm` on `rtype` is unrestricted by compartment or query
-    /// (then no per-resource check is needed beyond consent).
-    pub fn confined(&self, rtype: &str, perm: Perm) -> bool {
-        !self.unrestricted && self.covering(rtype, perm).any(|s| s.context == Context::Patient || !s.query.is_empty())
+    /// Whether the caller may read the ledger's leaf headers (which name every resource,
+    /// compartment and actor): an administrator, or a backend service whose scopes read every
+    /// type without restriction.
+    pub fn may_audit(&self) -> bool {
+        self.unrestricted
+            || self
+                .scopes
+                .iter()
+                .any(|s| s.context == Context::System && s.rtype == "*" && s.query.is_empty() && s.allows(Perm::R))
     }
 }
 

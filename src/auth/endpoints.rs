@@ -498,7 +498,7 @@ async fn write_grant_consent(
     crate::api::validate(&state.repo, "Consent", &res, None)?;
     let id = uuid::Uuid::new_v4().to_string();
     let actor = format!("Patient/{patient} via {client_id}");
-    state.repo.commit(&actor, |plan| plan.put_new("Consent", &id, &res).map(|_| ())).await?;
+    state.repo.commit(&crate::repo::System::new(actor), |plan| plan.put_new("Consent", &id, &res).map(|_| ())).await?;
     Ok(format!("Consent/{id}"))
 }
 

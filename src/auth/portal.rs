@@ -145,7 +145,7 @@ async fn withdraw(req: HttpRequest, path: web::Path<String>, state: web::Data<Ap
     let result = async {
         let repo = &state.repo;
         let actor = format!("Patient/{patient} via portal");
-        repo.commit(&actor, |plan| {
+        repo.commit(&crate::repo::System::new(actor), |plan| {
             let s = repo.read("Consent", &id).map_err(|_| FhirError::not_found(&format!("Consent/{id}")))?;
             let mut doc = s.parsed()?.ok_or_else(|| FhirError::not_found(&format!("Consent/{id}")))?;
             let belongs = doc.get("patient").and_then(|p| p.get("reference")).and_then(crate::fhir::json::Json::as_str)

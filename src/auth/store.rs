@@ -115,7 +115,7 @@ pub async fn put<T: Serialize>(
     if_match: Option<u64>,
 ) -> Result<(), FhirError> {
     let body = to_json(value)?;
-    repo.commit(ACTOR, |plan| {
+    repo.commit(&crate::repo::System::new(ACTOR), |plan| {
         if if_match == Some(0) {
             if plan.current(rtype, id)?.is_some_and(|c| !c.deleted) {
                 return Err(FhirError::new(409, "duplicate", format!("{id} exists already")));
@@ -131,7 +131,8 @@ pub async fn put<T: Serialize>(
 }
 
 pub async fn delete(repo: &Repo, rtype: &str, id: &str) -> Result<bool, FhirError> {
-    let (deleted, _) = repo.commit(ACTOR, |plan| Ok(plan.delete(rtype, id, None)?.is_some())).await?;
+    let (deleted, _) =
+        repo.commit(&crate::repo::System::new(ACTOR), |plan| Ok(plan.delete(rtype, id, None)?.is_some())).await?;
     Ok(deleted)
 }
 

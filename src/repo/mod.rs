@@ -30,6 +30,56 @@ pub const SHARED_COMPARTMENT: &str = "_shared";
 /// Attempts before a write that keeps losing races gives up with 409.
 const MAX_ATTEMPTS: usize = 64;
 
+/// The authorization a plan is made under. Every version a plan writes or removes and every
+/// conditional match passes through it, whatever the route (single request, conditional,
+/// batch or transaction entry, PATCH, `$erase`), so no handler can write around it:
+/// [`Repo::commit`] takes one. Implemented for a request's caller by `api::authz` and by
+/// [`System`] for the server's own records.
+pub trait Policy: Sync {
+    /// The ledger actor of the writes.
+    fn actor(&self) -> String;
+    /// Whether the caller may see the live `rtype/id`: conditional criteria match only what
+    /// the caller sees, so hidden resources are neither found nor counted.
+    fn sees(&self, rtype: &str, id: &str) -> Result<bool, FhirError>;
+    /// Checks a write of `new` (`None`: a delete) over `current` (`None`: nothing live), i.e.
+    /// may the caller change what is there, and may it leave `new` there. A 404 means the
+    /// current version is hidden from the caller (it answers as if missing).
+    fn may_write(
+        &self,
+        rtype: &str,
+        id: &str,
+        current: Option<&CurrentRecord>,
+        new: Option<&Json>,
+    ) -> Result<(), FhirError>;
+    /// Checks crypto-shredding the compartment of `Patient/{patient}`.
+    fn may_erase(&self, patient: &str) -> Result<(), FhirError>;
+}
+
+/// The server writing its own records (the authorization server's clients, users and grants,
+/// the disclosure log): permitted everything, recorded under its own actor name.
+pub struct System(pub String);
+
+impl System {
+    pub fn new(actor: impl Into<String>) -> Self {
+        Self(actor.into())
+    }
+}
+
+impl Policy for System {
+    fn actor(&self) -> String {
+        self.0.clone()
+    }
+    fn sees(&self, _: &str, _: &str) -> Result<bool, FhirError> {
+        Ok(true)
+    }
+    fn may_write(&self, _: &str, _: &str, _: Option<&CurrentRecord>, _: Option<&Json>) -> Result<(), FhirError> {
+        Ok(())
+    }
+    fn may_erase(&self, _: &str) -> Result<(), FhirError> {
+        Ok(())
+    }
+}
+
 pub struct Repo {
     ledger: Ledger,
     /// This node's identity; signs the tree heads it publishes.
@@ -275,16 +325,17 @@ impl Repo {
     /// Plans with `build` and commits, re-planning when a precondition lost a race.
     pub async fn commit<T>(
         &self,
-        actor: &str,
+        policy: &dyn Policy,
         mut build: impl FnMut(&mut Plan<'_>) -> Result<T, FhirError>,
     ) -> Result<(T, Vec<Stored>), FhirError> {
+        let actor = policy.actor();
         for attempt in 0..MAX_ATTEMPTS {
-            let mut plan = Plan::new(self);
+            let mut plan = Plan::new(self, policy);
             let value = build(&mut plan)?;
             if plan.writes.is_empty() {
                 return Ok((value, plan.results));
             }
-            let (cmd, mut results) = plan.finish(actor);
+            let (cmd, mut results) = plan.finish(&actor);
             match self.ledger.submit(cmd).await.map_err(FhirError::unavailable)? {
                 Outcome::Applied { leaves } => {
                     for (r, leaf) in results.iter_mut().zip(leaves) {
@@ -330,6 +381,7 @@ fn aad(rtype: &str, id: &str, version: u64) -> String {
 /// One command under construction. See the module docs.
 pub struct Plan<'a> {
     repo: &'a Repo,
+    policy: &'a dyn Policy,
     now: i64,
     preconditions: Vec<Precondition>,
     new_keys: BTreeMap<String, (DataKey, Vec<u8>)>,
@@ -341,9 +393,10 @@ pub struct Plan<'a> {
 }
 
 impl<'a> Plan<'a> {
-    fn new(repo: &'a Repo) -> Self {
+    fn new(repo: &'a Repo, policy: &'a dyn Policy) -> Self {
         Self {
             repo,
+            policy,
             now: crate::fhir::now_ms(),
             preconditions: Vec::new(),
             new_keys: BTreeMap::new(),
@@ -375,10 +428,12 @@ impl<'a> Plan<'a> {
         ids: Vec<Vec<String>>,
         all_of: Vec<Vec<IndexKey>>,
     ) -> Result<Vec<String>, FhirError> {
+        // The preconditions pin every match, hidden ones included (so `apply` re-checks the
+        // same fact on every node); the caller is answered with what it may see.
         if ids.is_empty() {
             let found = search::match_terms(&self.repo.view, rtype, &all_of)?;
             self.preconditions.push(Precondition::Matches { rtype: rtype.to_string(), all_of, ids: found.clone() });
-            return Ok(found);
+            return self.seen(rtype, found);
         }
         let mut named: Vec<&String> = ids.iter().flatten().collect();
         named.sort();
@@ -387,7 +442,18 @@ impl<'a> Plan<'a> {
             let current = self.repo.view.current(rtype, id)?.map_or(0, |c| c.version);
             self.preconditions.push(Precondition::Version { rtype: rtype.to_string(), id: id.clone(), current });
         }
-        Ok(search::match_ids(&self.repo.view, rtype, &ids, &all_of)?)
+        let found = search::match_ids(&self.repo.view, rtype, &ids, &all_of)?;
+        self.seen(rtype, found)
+    }
+
+    fn seen(&self, rtype: &str, ids: Vec<String>) -> Result<Vec<String>, FhirError> {
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            if self.policy.sees(rtype, &id)? {
+                out.push(id);
+            }
+        }
+        Ok(out)
     }
 
     fn touch(&mut self, rtype: &str, id: &str) -> Result<(), FhirError> {
@@ -445,6 +511,7 @@ impl<'a> Plan<'a> {
         self.touch(rtype, id)?;
         let current = cur.as_ref().map_or(0, |c| c.version);
         let live = cur.as_ref().is_some_and(|c| !c.deleted);
+        self.policy.may_write(rtype, id, cur.as_ref().filter(|c| !c.deleted), Some(res))?;
         if let Some(expected) = if_match {
             if !live || expected != current {
                 return Err(FhirError::precondition(format!(
@@ -488,7 +555,16 @@ impl<'a> Plan<'a> {
     pub fn delete(&mut self, rtype: &str, id: &str, if_match: Option<u64>) -> Result<Option<Stored>, FhirError> {
         self.touch(rtype, id)?;
         let cur = self.current(rtype, id)?;
-        let Some(cur) = cur.filter(|c| !c.deleted) else {
+        // A resource hidden from the caller is deleted exactly like a missing one: not at all.
+        let hidden = |c: &CurrentRecord| match self.policy.may_write(rtype, id, Some(c), None) {
+            Err(e) if e.status == 404 => Ok(true),
+            other => other.map(|()| false),
+        };
+        let cur = match cur.filter(|c| !c.deleted) {
+            Some(c) if !hidden(&c)? => Some(c),
+            _ => None,
+        };
+        let Some(cur) = cur else {
             if if_match.is_some() {
                 return Err(FhirError::precondition(format!("{rtype}/{id} does not exist")));
             }
@@ -536,6 +612,7 @@ impl<'a> Plan<'a> {
     /// version lies in it is deleted and the compartment's data key destroyed, in one command.
     /// Every version stays in the ledger as ciphertext that no key opens, with valid proofs.
     pub fn erase(&mut self, id: &str) -> Result<Vec<Stored>, FhirError> {
+        self.policy.may_erase(id)?;
         let compartment = format!("Patient/{id}");
         match self.repo.view.data_key(&compartment)? {
             None => return Err(FhirError::not_found(&compartment)),

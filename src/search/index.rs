@@ -460,23 +460,40 @@ impl Engine {
     ) -> Result<Option<(DocKey, Doc)>, FhirError> {
         let Some(cur) = repo.view().current(rtype, id)?.filter(|c| !c.deleted) else { return Ok(None) };
         let Some(res) = read_json(repo, rtype, id)? else { return Ok(None) };
-        let ev = Eval { profiles: &self.profiles };
-        let mut values = BTreeMap::new();
-        for p in registry.for_type(rtype) {
-            if p.kind == Kind::Special {
-                continue;
-            }
-            let v = extract(&ev, p, rtype, &res);
-            if !v.is_empty() {
-                values.insert(p.code.clone(), v);
-            }
-        }
+        let values = self.values_of(registry, rtype, &res);
         let key = cur.leaves.first().copied().unwrap_or_default();
         let leaf = cur.leaves.last().copied().unwrap_or_default();
         Ok(Some((
             key,
             Doc { id: id.to_string(), version: cur.version, leaf, last_updated_ms: cur.last_updated_ms, values },
         )))
+    }
+
+    fn values_of(&self, registry: &Registry, rtype: &str, res: &Json) -> BTreeMap<String, Vec<Value>> {
+        let ev = Eval { profiles: &self.profiles };
+        let mut values = BTreeMap::new();
+        for p in registry.for_type(rtype) {
+            if p.kind == Kind::Special {
+                continue;
+            }
+            let v = extract(&ev, p, rtype, res);
+            if !v.is_empty() {
+                values.insert(p.code.clone(), v);
+            }
+        }
+        values
+    }
+
+    /// The document `res` would have as `rtype/id` (a version that is not the current one, or
+    /// a body about to be written), for the access rules; key and leaf are unknown (0).
+    pub fn doc_of(&self, registry: &Registry, rtype: &str, id: &str, version: u64, res: &Json) -> Doc {
+        let last_updated_ms = res
+            .get("meta")
+            .and_then(|m| m.get("lastUpdated"))
+            .and_then(Json::as_str)
+            .and_then(crate::fhir::date_range_ms)
+            .map_or_else(crate::fhir::now_ms, |(lo, _)| lo);
+        Doc { id: id.to_string(), version, leaf: 0, last_updated_ms, values: self.values_of(registry, rtype, res) }
     }
 
     /// Re-reads one resource and replaces its document (or drops it if gone).

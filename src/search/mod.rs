@@ -35,6 +35,10 @@ pub use self::index::Engine;
 #[derive(Debug, Default)]
 pub struct Compartments {
     pub patient: BTreeMap<String, Vec<String>>,
+    /// Types outside that definition with reference parameters that can point at a Patient
+    /// (Device.patient, Contract.subject, GuidanceResponse.subject, ...): for access, such a
+    /// resource belongs to every patient it references (see ARCHITECTURE.md, "Security model").
+    pub by_reference: BTreeMap<String, Vec<String>>,
 }
 
 impl Compartments {
@@ -50,7 +54,37 @@ impl Compartments {
                 patient.insert(code.to_string(), params);
             }
         }
-        Ok(Self { patient })
+        Ok(Self { patient, by_reference: BTreeMap::new() })
+    }
+
+    /// Adds, for every type of `types` outside the Patient compartment, the reference
+    /// parameters of `registry` whose targets include Patient.
+    pub fn with_references(mut self, registry: &params::Registry, types: &[String]) -> Self {
+        for t in types {
+            if t == "Patient" || self.patient.contains_key(t) {
+                continue;
+            }
+            let codes: Vec<String> = registry
+                .for_type(t)
+                .filter(|p| p.kind == Kind::Reference && !p.custom && p.targets.iter().any(|x| x == "Patient"))
+                .map(|p| p.code.clone())
+                .collect();
+            if !codes.is_empty() {
+                self.by_reference.insert(t.clone(), codes);
+            }
+        }
+        self
+    }
+
+    /// The parameters that tie a resource of `rtype` to patients, for access.
+    pub fn patient_params(&self, rtype: &str) -> &[String] {
+        self.patient.get(rtype).or_else(|| self.by_reference.get(rtype)).map_or(&[], Vec::as_slice)
+    }
+
+    /// Whether resources of `rtype` can belong to a patient (by the compartment definition or
+    /// by reference).
+    pub fn patient_type(&self, rtype: &str) -> bool {
+        rtype == "Patient" || self.patient.contains_key(rtype) || self.by_reference.contains_key(rtype)
     }
 }
 
@@ -85,38 +119,58 @@ pub struct Disclosed {
     pub leaf: Option<u64>,
 }
 
-/// A resource as the guard needs to decide on it (for a read or a write outside a search).
+/// A resource as the guard needs to decide on it (for a read outside a search).
 pub fn visible(
     repo: &Repo,
     access: &crate::auth::access::Access<'_>,
     rtype: &str,
     id: &str,
 ) -> Result<(bool, Disclosed), FhirError> {
+    admits(repo, access, rtype, Subject::Current(id), None)
+}
+
+/// What an access decision is about: the live resource as the index holds it, or a body (a
+/// stored version that is not the current one, or what a write would leave).
+pub enum Subject<'a> {
+    Current(&'a str),
+    Body { id: &'a str, version: u64, body: &'a crate::fhir::json::Json, restriction: crate::auth::access::Restriction },
+}
+
+/// Whether the caller's scopes and the patients' Consents admit `subject` for `perm`
+/// (`None`: reading). A live resource missing from the index is not admitted.
+pub fn admits(
+    repo: &Repo,
+    access: &crate::auth::access::Access<'_>,
+    rtype: &str,
+    subject: Subject<'_>,
+    perm: Option<crate::auth::scopes::Perm>,
+) -> Result<(bool, Disclosed), FhirError> {
     let engine = repo.search();
     let idx = engine.current(repo)?;
-    let guard = guard_for(repo, &idx, access, false)?;
-    let Some((key, doc)) = idx.of(rtype).and_then(|d| d.doc(id)) else { return Ok((false, Disclosed::default())) };
-    let ok = guard.visible(repo.compartments(), rtype, key, doc);
+    let guard = guard_for(repo, &idx, access, perm.is_some())?;
+    let built;
+    let (id, restriction, doc, leaf) = match subject {
+        Subject::Current(id) => {
+            let Some((key, doc)) = idx.of(rtype).and_then(|d| d.doc(id)) else {
+                return Ok((false, Disclosed::default()));
+            };
+            (id, crate::auth::access::Restriction::Key(key), doc, Some(doc.leaf))
+        }
+        Subject::Body { id, version, body, restriction } => {
+            built = engine.doc_of(&idx.registry, rtype, id, version, body);
+            (id, restriction, &built, None)
+        }
+    };
+    let ok = guard.admits(repo.compartments(), rtype, restriction, doc, perm);
     let mut d = Disclosed {
         broke_glass: guard.broke_glass.load(std::sync::atomic::Ordering::Relaxed),
         consent_hid: guard.consent_hid.load(std::sync::atomic::Ordering::Relaxed),
-        leaf: Some(doc.leaf),
+        leaf,
         ..Default::default()
     };
     d.patients
         .insert((rtype.to_string(), id.to_string()), crate::auth::access::patients_of(repo.compartments(), rtype, doc));
     Ok((ok, d))
-}
-
-/// The index and a guard over it, for checking many resources (history pages): each check is
-/// `guard.visible(compartments, type, key, doc)` on a document of the index.
-pub fn visibility<'r, 'c>(
-    repo: &'r Repo,
-    access: &crate::auth::access::Access<'c>,
-) -> Result<(std::sync::RwLockReadGuard<'r, Index>, crate::auth::access::Guard<'c>), FhirError> {
-    let idx = repo.search().current(repo)?;
-    let guard = guard_for(repo, &idx, access, false)?;
-    Ok((idx, guard))
 }
 
 fn guard_for<'c>(
