@@ -61,7 +61,7 @@ pub struct Log {
 }
 
 /// Window over which one source's unauthenticated refusals make one event.
-pub const REFUSAL_WINDOW_MS: i64 = 60_000;
+pub const REFUSAL_WINDOW_MS: i64 = 5_000;
 /// Sources tracked at once; beyond them, refusals are counted under one shared source.
 const MAX_SOURCES: usize = 4096;
 /// Characters of a refused request's method, path and reason kept in the log.
@@ -71,29 +71,29 @@ pub const MAX_DETAIL: usize = 256;
 #[derive(Default)]
 pub struct Refusals {
     by_source: std::collections::HashMap<String, (i64, u64, Event)>,
-    swept_ms: i64,
 }
 
 impl Refusals {
-    /// The events to record for a refusal from `source` now: the first of a window, and the
-    /// counts of windows that ended.
+    /// The counts of the windows that ended by `now` (a timer calls this every second).
+    fn sweep(&mut self, now: i64) -> Vec<Event> {
+        let ended: Vec<String> = self
+            .by_source
+            .iter()
+            .filter(|(_, (start, _, _))| now - start >= REFUSAL_WINDOW_MS)
+            .map(|(k, _)| k.clone())
+            .collect();
+        ended
+            .into_iter()
+            .filter_map(|k| self.by_source.remove(&k))
+            .filter_map(|(_, n, first)| further(n, first))
+            .collect()
+    }
+
+    /// The events to record for a refusal from `source` now: the first of a window is
+    /// recorded at once, the others are counted until the window ends.
     fn admit(&mut self, source: &str, e: Event) -> Vec<Event> {
         let now = e.recorded_ms;
         let mut out = Vec::new();
-        if now - self.swept_ms >= 1000 {
-            self.swept_ms = now;
-            let ended: Vec<String> = self
-                .by_source
-                .iter()
-                .filter(|(_, (start, _, _))| now - start >= REFUSAL_WINDOW_MS)
-                .map(|(k, _)| k.clone())
-                .collect();
-            for k in ended {
-                if let Some((_, n, first)) = self.by_source.remove(&k) {
-                    out.extend(further(n, first));
-                }
-            }
-        }
         let key = if self.by_source.len() >= MAX_SOURCES && !self.by_source.contains_key(source) {
             "(other sources)"
         } else {
@@ -139,8 +139,10 @@ impl Log {
     /// Starts the writer on the current tokio runtime.
     pub fn start(repo: Arc<Repo>) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
+        let refusals: Arc<std::sync::Mutex<Refusals>> = Arc::default();
+        tokio::spawn(sweeper(Arc::downgrade(&refusals), tx.clone()));
         tokio::spawn(writer(repo, rx));
-        Self { tx: Some(tx), refusals: Arc::default() }
+        Self { tx: Some(tx), refusals }
     }
 
     /// Records the refusal of an unauthenticated request from `source` (its address),
@@ -172,6 +174,20 @@ impl Log {
             let (done, wait) = oneshot::channel();
             if tx.send(Msg::Flush(done)).is_ok() {
                 let _ = wait.await;
+            }
+        }
+    }
+}
+
+/// Records the counts of ended refusal windows, once a second, until the log is dropped.
+async fn sweeper(refusals: std::sync::Weak<std::sync::Mutex<Refusals>>, tx: mpsc::UnboundedSender<Msg>) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let Some(r) = refusals.upgrade() else { return };
+        let ended = r.lock().unwrap_or_else(|p| p.into_inner()).sweep(crate::fhir::now_ms());
+        for e in ended {
+            if tx.send(Msg::Event(Box::new(e))).is_err() {
+                return;
             }
         }
     }

@@ -25,8 +25,33 @@ pub async fn open_repo(cfg: &Config) -> anyhow::Result<Arc<Repo>> {
     Ok(open_node(cfg, &cfg.listen.to_string(), None).await?.repo)
 }
 
+/// Makes what this process creates from now on readable by its owner only (files 0600,
+/// directories 0700: sled, snapshots, keys) and tightens what `dir` already holds.
+fn owner_only(dir: &std::path::Path) -> anyhow::Result<()> {
+    use nix::sys::stat::{umask, Mode};
+    use std::os::unix::fs::PermissionsExt;
+    umask(Mode::from_bits_truncate(0o077));
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700))?;
+        for e in entries {
+            let e = e?;
+            let t = e.file_type()?;
+            if t.is_dir() {
+                stack.push(e.path());
+            } else if t.is_file() {
+                std::fs::set_permissions(e.path(), std::fs::Permissions::from_mode(0o600))?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Opens the node's keys and ledger; `raft` is the bound inter-node listener of a cluster node.
 pub async fn open_node(cfg: &Config, api_addr: &str, raft: Option<TcpListener>) -> anyhow::Result<Node> {
+    owner_only(&cfg.data_dir)?;
+    owner_only(&cfg.secrets_dir)?;
     let id = Identity::load_or_create(&cfg.data_dir, &cfg.secrets_dir)?;
     let profiles = Arc::new(Profiles::load(&cfg.profiles_dir).map_err(anyhow::Error::msg)?);
     let params = Arc::new(SearchParams::load(&cfg.profiles_dir).map_err(anyhow::Error::msg)?);
@@ -79,12 +104,22 @@ pub fn run(cfg: Config, rt: &tokio::runtime::Runtime) -> anyhow::Result<()> {
     actix_web::rt::System::new().block_on(serve(cfg, node, api))
 }
 
+const AUTH_OFF_WARNING: &str = "fhir-ledger: WARNING: AUTHORIZATION IS OFF (--auth off, local development only): \
+     no token is checked, every caller may read, change and erase every patient's data, and nothing is logged";
+
 /// Serves the FHIR API over an opened node.
 pub async fn serve(cfg: Config, node: Node, listener: TcpListener) -> anyhow::Result<()> {
     if node.auth.enabled {
         eprintln!("fhir-ledger: SMART authorization on, issuer {}", node.auth.public_url);
     } else {
-        eprintln!("fhir-ledger: authorization OFF (local development): no tokens are checked");
+        eprintln!("{AUTH_OFF_WARNING}");
+        // Repeated, so that a node left running like this keeps saying so in its log.
+        actix_web::rt::spawn(async {
+            loop {
+                tokio::time::sleep(std::time::Duration::from_secs(60)).await;
+                eprintln!("{AUTH_OFF_WARNING}");
+            }
+        });
     }
     let state = web::Data::new(AppState {
         repo: node.repo,

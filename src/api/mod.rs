@@ -61,6 +61,10 @@ fn fhir_routes() -> actix_web::Scope<
                 // Browser-based SMART apps call from their own origin; tokens, not cookies,
                 // authorize FHIR calls, so any origin may read what its token permits.
                 res.headers_mut().insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, header::HeaderValue::from_static("*"));
+                // Responses carry health data: no shared or browser cache may keep them.
+                if !res.headers().contains_key(header::CACHE_CONTROL) {
+                    res.headers_mut().insert(header::CACHE_CONTROL, header::HeaderValue::from_static("no-store"));
+                }
                 res.headers_mut().insert(
                     header::ACCESS_CONTROL_EXPOSE_HEADERS,
                     header::HeaderValue::from_static("Location, ETag, Last-Modified, Content-Location, X-Ledger-Leaf"),

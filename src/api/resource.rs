@@ -252,7 +252,16 @@ pub async fn delete(req: HttpRequest, path: web::Path<(String, String)>, state: 
         let caller = authz::caller(&req);
         authz::require(&state, &caller, &rtype, Perm::D, "delete")?;
         let if_match = parse_etag(req.headers(), header::IF_MATCH)?;
-        commit_one(&req, &state, &f, |plan| interactions::delete(plan, &rtype, &id, if_match)).await
+        commit_one(&req, &state, &f, |plan| {
+            let p = interactions::delete(plan, &rtype, &id, if_match)?;
+            // To a token, a resource it may not see and one that is not there are both a 404
+            // (without authorization, deleting an absent resource stays an idempotent 204).
+            if p.write.is_none() && !caller.unrestricted {
+                return Err(FhirError::not_found(&format!("{rtype}/{id}")));
+            }
+            Ok(p)
+        })
+        .await
     }
     .await;
     finish(&req, result)

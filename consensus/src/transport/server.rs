@@ -18,6 +18,9 @@ const COSIGN_CLOCK_SKEW_MS: i64 = 60_000;
 /// How long a cosigner waits to apply up to the head's size.
 const COSIGN_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// How long a connecting peer has to complete the mutual challenge-response.
+pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Serves inter-node RPCs on `listener` until the process exits.
 pub fn spawn(listener: TcpListener, shared: Arc<Shared>, raft: Raft, view: StateView) {
     tokio::spawn(async move {
@@ -66,14 +69,18 @@ fn still_member(shared: &Shared, raft: &Raft, node: NodeId) -> bool {
 async fn serve(tcp: TcpStream, shared: &Shared, raft: &Raft, view: &StateView) -> std::io::Result<()> {
     tcp.set_nodelay(true)?;
     let mut stream = BufStream::new(tcp);
-    let mut session = match wire::server_handshake(&mut stream, shared.me, &shared.key, |n| {
+    let handshake = wire::server_handshake(&mut stream, shared.me, &shared.key, |n| {
         if shared.is_isolated(n) {
             return None;
         }
         trusted_key(shared, raft, n)
-    })
-    .await
-    {
+    });
+    // A peer that connects and says nothing must not hold a task and a socket for ever.
+    let handshake = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+        Ok(r) => r,
+        Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "no handshake within the timeout")),
+    };
+    let mut session = match handshake {
         Ok(s) => s,
         Err(e) => {
             shared.refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
