@@ -14,7 +14,9 @@
 //!   Ed25519 verifier indexes the key bytes without a length check (a short `x` would panic).
 //!   Keys from clients and external issuers are untrusted input, so this checks them first:
 //!   OKP Ed25519 (32 bytes, not a weak point), RSA of at least 2048 bits, EC P-384 on the
-//!   curve; nothing else;
+//!   curve; nothing else. (The crate verifies Ed25519 with dalek's `verify`, not
+//!   `verify_strict`: refusing small-order keys here closes the gap that matters, and our own
+//!   key is derived, never weak);
 //! - `crit` headers are refused (RFC 7515 4.1.11: we understand no extension; the crate parses
 //!   `crit` but does not act on it);
 //! - [`kid`], the key id format that CONTRACT.md documents (clients derive it);
@@ -180,12 +182,16 @@ pub fn rsa_jwk(key: &rsa::RsaPublicKey, kid: &str) -> Value {
 /// A verifying key from one JWK (OKP Ed25519, RSA of 2048 bits or more, or EC P-384), checked
 /// as the module comment says before the crate sees it.
 pub fn from_jwk(jwk: &Value) -> Result<PublicKey, String> {
-    let parsed: Jwk = serde_json::from_value(jwk.clone()).map_err(|_| {
+    let unsupported = || {
         format!(
             "unsupported JWK key type {:?} (use OKP Ed25519, RSA or EC P-384)",
             jwk.get("kty").and_then(Value::as_str)
         )
-    })?;
+    };
+    if !matches!(jwk.get("kty").and_then(Value::as_str), Some("OKP" | "RSA" | "EC")) {
+        return Err(unsupported());
+    }
+    let parsed: Jwk = serde_json::from_value(jwk.clone()).map_err(|e| format!("malformed JWK: {e}"))?;
     let key = match &parsed.algorithm {
         AlgorithmParameters::OctetKeyPair(p) if p.curve == EllipticCurve::Ed25519 => {
             let x: [u8; 32] = unb64(&p.x)?.try_into().map_err(|_| "an Ed25519 x must be 32 bytes")?;
@@ -217,12 +223,7 @@ pub fn from_jwk(jwk: &Value) -> Result<PublicKey, String> {
             p384::ecdsa::VerifyingKey::from_sec1_bytes(&sec1).map_err(|e| format!("bad P-384 key: {e}"))?;
             DecodingKey::from_ec_der(&sec1)
         }
-        _ => {
-            return Err(format!(
-                "unsupported JWK key type {:?} (use OKP Ed25519, RSA or EC P-384)",
-                jwk.get("kty").and_then(Value::as_str)
-            ))
-        }
+        _ => return Err(unsupported()),
     };
     Ok(PublicKey(key))
 }
