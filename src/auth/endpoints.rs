@@ -547,9 +547,11 @@ async fn authenticate_client(
         if get(p, "client_assertion_type") != Some("urn:ietf:params:oauth:client-assertion-type:jwt-bearer") {
             return Err(bad("client_assertion_type must be urn:ietf:params:oauth:client-assertion-type:jwt-bearer"));
         }
-        let parsed = jose::parse(assertion).map_err(|e| bad(&e))?;
-        let iss = parsed.claims.get("iss").and_then(Value::as_str).unwrap_or("").to_string();
-        if parsed.claims.get("sub").and_then(Value::as_str) != Some(iss.as_str()) {
+        // The unverified iss only names the client whose keys to use; the checks below read the
+        // verified claims.
+        let peeked = jose::peek(assertion).map_err(|e| bad(&e))?;
+        let iss = peeked.str_claim("iss").unwrap_or("").to_string();
+        if peeked.str_claim("sub") != Some(iss.as_str()) {
             return Err(bad("the assertion's iss and sub must both be the client_id"));
         }
         let client = lookup(&iss)?;
@@ -561,10 +563,15 @@ async fn authenticate_client(
             (None, Some(u)) => fetch_jwks(u).await.map_err(|e| bad(&e))?,
             (None, None) => return Err(bad("the client has no keys registered")),
         };
-        let key = jose::key_in_jwks(&jwks, parsed.kid()).map_err(|e| bad(&e))?;
-        parsed.verify(&key, &[Alg::Rs384, Alg::Es384, Alg::EdDsa]).map_err(|e| bad(&e))?;
+        let key = jose::key_in_jwks(&jwks, peeked.kid()).map_err(|e| bad(&e))?;
+        let claims = jose::verify(assertion, &key, &[Alg::RS384, Alg::ES384, Alg::EdDSA]).map_err(|e| bad(&e))?;
+        if claims.get("iss").and_then(Value::as_str) != Some(iss.as_str())
+            || claims.get("sub").and_then(Value::as_str) != Some(iss.as_str())
+        {
+            return Err(bad("the assertion's iss and sub must both be the client_id"));
+        }
         let token_url = state.auth.endpoint("/auth/token");
-        let aud_ok = match parsed.claims.get("aud") {
+        let aud_ok = match claims.get("aud") {
             Some(Value::String(a)) => *a == token_url,
             Some(Value::Array(a)) => a.iter().any(|x| x.as_str() == Some(token_url.as_str())),
             _ => false,
@@ -573,11 +580,11 @@ async fn authenticate_client(
             return Err(bad(&format!("the assertion's aud must be {token_url}")));
         }
         let now = super::now_s();
-        let exp = parsed.claims.get("exp").and_then(Value::as_i64).ok_or_else(|| bad("the assertion has no exp"))?;
+        let exp = claims.get("exp").and_then(Value::as_i64).ok_or_else(|| bad("the assertion has no exp"))?;
         if exp < now || exp > now + ASSERTION_MAX_S + 60 {
             return Err(bad("the assertion is expired or lives longer than 5 minutes"));
         }
-        let jti = parsed.claims.get("jti").and_then(Value::as_str).ok_or_else(|| bad("the assertion has no jti"))?;
+        let jti = claims.get("jti").and_then(Value::as_str).ok_or_else(|| bad("the assertion has no jti"))?;
         if !state.auth.first_use(&format!("jti:{iss}:{jti}"), exp) {
             return Err(bad("this assertion's jti was used before"));
         }
@@ -648,7 +655,7 @@ async fn code_grant(state: &AppState, client: &Client, p: &[(String, String)]) -
         return invalid_grant("redirect_uri differs from the authorization request's");
     }
     let verifier = get(p, "code_verifier").unwrap_or("");
-    let computed = jose::b64(&Sha256::digest(verifier.as_bytes()));
+    let computed = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(Sha256::digest(verifier.as_bytes()));
     if verifier.is_empty() || computed != code.code_challenge {
         return invalid_grant("code_verifier does not match the code_challenge (PKCE)");
     }
@@ -712,14 +719,14 @@ fn issue(auth: &Auth, grant_id: &str, g: &Grant) -> Value {
 
 fn id_token(auth: &Auth, g: &Grant, nonce: Option<&str>) -> String {
     let now = super::now_s();
-    let (key, kid) = auth.id_key();
+    let key = auth.id_key();
     let mut claims = json!({"iss": auth.public_url, "sub": g.sub, "aud": g.client_id, "iat": now,
                             "exp": now + auth.access_ttl_secs,
                             "fhirUser": format!("{}/{}", auth.public_url, g.fhir_user.as_deref().unwrap_or(""))});
     if let Some(n) = nonce {
         claims["nonce"] = json!(n);
     }
-    jose::sign_rs256(key, kid, &claims)
+    jose::sign(Alg::RS256, &key.signing, &key.kid, "JWT", &claims)
 }
 
 async fn refresh_grant(state: &AppState, client: &Client, p: &[(String, String)]) -> Result<HttpResponse, FhirError> {
@@ -816,9 +823,9 @@ async fn client_credentials(
 
 /// The grant a presented token (access or refresh) belongs to, if it is one of ours.
 fn grant_of(auth: &Auth, token: &str) -> Option<String> {
-    if let Ok(parsed) = jose::parse(token) {
-        parsed.verify(&jose::PublicKey::Ed25519(auth.access_public()), &[Alg::EdDsa]).ok()?;
-        return parsed.claims.get("grant").and_then(Value::as_str).map(str::to_string);
+    if jose::peek(token).is_ok() {
+        let claims = jose::verify(token, &jose::PublicKey::ed25519(&auth.access_public()), &[Alg::EdDSA]).ok()?;
+        return claims.get("grant").and_then(Value::as_str).map(str::to_string);
     }
     token.split_once('.').map(|(g, _)| g.to_string())
 }
@@ -867,7 +874,7 @@ async fn introspect(req: HttpRequest, body: web::Bytes, state: web::Data<AppStat
     }
     let Some(token) = get(&p, "token") else { return oauth_error(400, "invalid_request", "token is missing") };
     let inactive = || json_ok(&json!({"active": false}));
-    if jose::parse(token).is_ok() {
+    if jose::peek(token).is_ok() {
         let Ok(c) = state.auth.caller(&state.repo, Some(&format!("Bearer {token}")), None).await else {
             return inactive();
         };

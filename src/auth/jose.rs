@@ -1,144 +1,151 @@
-//! JSON Web Signatures, compact form, for exactly the algorithms this server uses: EdDSA
-//! (access tokens, client assertions), RS256 (id_tokens, as SMART requires), RS384 and ES384
-//! (client assertions). Anything else, `none` and every HMAC algorithm included, is refused
-//! before a key is even looked at: the caller names the algorithms it accepts.
+//! The thin adapter between this server and the `jsonwebtoken` crate, which parses, signs and
+//! verifies every JWS here: EdDSA access tokens, RS256 id_tokens, RS384/ES384/EdDSA client
+//! assertions and the tokens of external issuers.
+//!
+//! The crate does the cryptography (RustCrypto backend: the same `ed25519-dalek`, `rsa` and
+//! `p384` this server already builds), the compact-form parsing and the algorithm rules:
+//! `alg: none` does not even parse, and a key of one family never verifies an algorithm of
+//! another (so an RSA or Ed25519 public key can never be used as an HMAC secret).
+//!
+//! What stays here, each a few lines and each on purpose:
+//! - the list of algorithms accepted per use (`accepted` in [`verify`]), checked before any key
+//!   is touched, so a message says which `alg` was refused;
+//! - [`from_jwk`]: the crate turns any JWK into a key, `oct` (HMAC) ones included, and its
+//!   Ed25519 verifier indexes the key bytes without a length check (a short `x` would panic).
+//!   Keys from clients and external issuers are untrusted input, so this checks them first:
+//!   OKP Ed25519 (32 bytes, not a weak point), RSA of at least 2048 bits, EC P-384 on the
+//!   curve; nothing else. (The crate verifies Ed25519 with dalek's `verify`, not
+//!   `verify_strict`: refusing small-order keys here closes the gap that matters, and our own
+//!   key is derived, never weak);
+//! - `crit` headers are refused (RFC 7515 4.1.11: we understand no extension; the crate parses
+//!   `crit` but does not act on it);
+//! - [`kid`], the key id format that CONTRACT.md documents (clients derive it);
+//! - the claims checks (times, issuer, audience) live with their callers
+//!   (`caller::check_times_and_parties`, the client-assertion rules in `endpoints`): the
+//!   crate's `Validation` has no trailing-'/' tolerance on `aud`, no `iat` fallback for `nbf`,
+//!   and only generic error names, so it is used here for the signature alone.
 
-use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
-use base64::Engine as _;
-use serde_json::{json, Map, Value};
+use jsonwebtoken::jwk::{
+    AlgorithmParameters, CommonParameters, EllipticCurve, Jwk, KeyAlgorithm, OctetKeyPairParameters, OctetKeyPairType,
+    PublicKeyUse, RSAKeyParameters, RSAKeyType,
+};
+use jsonwebtoken::{DecodingKey, EncodingKey, Header, Validation};
+use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Alg {
-    EdDsa,
-    Rs256,
-    Rs384,
-    Es384,
+pub use jsonwebtoken::Algorithm as Alg;
+
+fn b64(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }
 
-impl Alg {
-    pub fn parse(s: &str) -> Option<Self> {
-        Some(match s {
-            "EdDSA" => Self::EdDsa,
-            "RS256" => Self::Rs256,
-            "RS384" => Self::Rs384,
-            "ES384" => Self::Es384,
-            _ => return None,
-        })
-    }
+fn unb64(s: &str) -> Result<Vec<u8>, String> {
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(s.trim_end_matches('='))
+        .map_err(|e| format!("bad base64url: {e}"))
+}
 
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::EdDsa => "EdDSA",
-            Self::Rs256 => "RS256",
-            Self::Rs384 => "RS384",
-            Self::Es384 => "ES384",
-        }
+/// A verifying key from a JWK that [`from_jwk`] accepted.
+#[derive(Clone)]
+pub struct PublicKey(DecodingKey);
+
+impl PublicKey {
+    pub fn ed25519(key: &ed25519_dalek::VerifyingKey) -> Self {
+        Self(DecodingKey::from_ed_der(key.as_bytes()))
     }
 }
 
-/// A public key from a JWK.
-#[derive(Clone, Debug)]
-pub enum PublicKey {
-    Ed25519(ed25519_dalek::VerifyingKey),
-    Rsa(rsa::RsaPublicKey),
-    P384(p384::ecdsa::VerifyingKey),
-}
-
-pub fn b64(bytes: &[u8]) -> String {
-    B64.encode(bytes)
-}
-
-pub fn unb64(s: &str) -> Result<Vec<u8>, String> {
-    B64.decode(s.trim_end_matches('=')).map_err(|e| format!("bad base64url: {e}"))
-}
-
-/// A token split and decoded, signature not yet checked.
-pub struct Parsed<'a> {
-    pub header: Map<String, Value>,
+/// A token's header and claims before its signature is checked: only for choosing the key
+/// (`iss`, `kid`). Never act on these claims; [`verify`] returns the ones to use.
+pub struct Unverified {
+    pub header: Header,
     pub claims: Map<String, Value>,
-    signing_input: &'a str,
-    signature: Vec<u8>,
 }
 
-impl Parsed<'_> {
-    pub fn alg(&self) -> Option<&str> {
-        self.header.get("alg").and_then(Value::as_str)
-    }
-
+impl Unverified {
     pub fn kid(&self) -> Option<&str> {
-        self.header.get("kid").and_then(Value::as_str)
+        self.header.kid.as_deref()
     }
 
-    /// Checks the signature with `key`; the header's `alg` must be one of `accepted` and fit
-    /// the key's type.
-    pub fn verify(&self, key: &PublicKey, accepted: &[Alg]) -> Result<(), String> {
-        let name = self.alg().ok_or("the token header has no alg")?;
-        let alg =
-            Alg::parse(name).filter(|a| accepted.contains(a)).ok_or_else(|| format!("alg {name} is not accepted"))?;
-        let msg = self.signing_input.as_bytes();
-        let ok = match (alg, key) {
-            (Alg::EdDsa, PublicKey::Ed25519(k)) => ed25519_dalek::Signature::from_slice(&self.signature)
-                .map(|s| k.verify_strict(msg, &s).is_ok())
-                .unwrap_or(false),
-            (Alg::Rs256, PublicKey::Rsa(k)) => {
-                use rsa::signature::Verifier;
-                let vk = rsa::pkcs1v15::VerifyingKey::<Sha256>::new(k.clone());
-                rsa::pkcs1v15::Signature::try_from(self.signature.as_slice()).is_ok_and(|s| vk.verify(msg, &s).is_ok())
-            }
-            (Alg::Rs384, PublicKey::Rsa(k)) => {
-                use rsa::signature::Verifier;
-                let vk = rsa::pkcs1v15::VerifyingKey::<sha2::Sha384>::new(k.clone());
-                rsa::pkcs1v15::Signature::try_from(self.signature.as_slice()).is_ok_and(|s| vk.verify(msg, &s).is_ok())
-            }
-            (Alg::Es384, PublicKey::P384(k)) => {
-                use p384::ecdsa::signature::Verifier;
-                p384::ecdsa::Signature::from_slice(&self.signature).is_ok_and(|s| k.verify(msg, &s).is_ok())
-            }
-            _ => return Err(format!("alg {name} does not fit the key")),
-        };
-        if ok {
-            Ok(())
-        } else {
-            Err("the signature does not verify".into())
-        }
+    pub fn str_claim(&self, k: &str) -> Option<&str> {
+        self.claims.get(k).and_then(Value::as_str)
     }
 }
 
-/// Splits a compact JWS. Nothing is trusted until [`Parsed::verify`] says so.
-pub fn parse(token: &str) -> Result<Parsed<'_>, String> {
-    let mut parts = token.split('.');
-    let (Some(h), Some(c), Some(s), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
-        return Err("not a compact JWS (three dot-separated parts)".into());
-    };
-    let obj = |part: &str, what: &str| -> Result<Map<String, Value>, String> {
-        match serde_json::from_slice(&unb64(part)?) {
-            Ok(Value::Object(m)) => Ok(m),
-            _ => Err(format!("the token {what} is not a JSON object")),
+fn describe(e: &jsonwebtoken::errors::Error) -> String {
+    use jsonwebtoken::errors::ErrorKind as K;
+    match e.kind() {
+        K::InvalidToken => "not a compact JWS (three dot-separated parts)".into(),
+        K::InvalidSignature => "the signature does not verify".into(),
+        K::InvalidAlgorithm | K::InvalidKeyFormat | K::InvalidEddsaKey | K::InvalidEcdsaKey | K::InvalidRsaKey(_) => {
+            "the token's alg does not fit the key".into()
         }
-    };
-    let header = obj(h, "header")?;
-    let claims = obj(c, "payload")?;
-    let signing_input = &token[..h.len() + 1 + c.len()];
-    Ok(Parsed { header, claims, signing_input, signature: unb64(s)? })
+        K::Base64(_) | K::Json(_) | K::Utf8(_) => format!("the token is malformed: {e}"),
+        _ => format!("the token does not verify: {e}"),
+    }
 }
 
-fn signing_input(header: &Value, claims: &Value) -> String {
-    format!("{}.{}", b64(header.to_string().as_bytes()), b64(claims.to_string().as_bytes()))
+/// Splits a compact JWS and decodes its header and claims. Nothing is trusted until [`verify`]
+/// says so; `alg: none` and unknown algorithms fail here already.
+pub fn peek(token: &str) -> Result<Unverified, String> {
+    let data = jsonwebtoken::dangerous::insecure_decode::<Map<String, Value>>(token).map_err(|e| match e.kind() {
+        jsonwebtoken::errors::ErrorKind::Json(_) => format!("the token's header or payload is not a JWT: {e}"),
+        _ => describe(&e),
+    })?;
+    Ok(Unverified { header: data.header, claims: data.claims })
 }
 
-pub fn sign_eddsa(key: &ed25519_dalek::SigningKey, kid: &str, typ: &str, claims: &Value) -> String {
-    use ed25519_dalek::Signer;
-    let input = signing_input(&json!({"alg": "EdDSA", "typ": typ, "kid": kid}), claims);
-    let sig = key.sign(input.as_bytes());
-    format!("{input}.{}", b64(&sig.to_bytes()))
+/// Checks the signature of `token` with `key`: its `alg` must be one of `accepted` and of the
+/// key's family. Returns the verified claims; times, issuer and audience are the caller's.
+pub fn verify(token: &str, key: &PublicKey, accepted: &[Alg]) -> Result<Map<String, Value>, String> {
+    let header = jsonwebtoken::decode_header(token).map_err(|e| describe(&e))?;
+    if !accepted.contains(&header.alg) {
+        return Err(format!("alg {:?} is not accepted", header.alg));
+    }
+    if header.alg.family() != key.0.family() {
+        return Err(format!("alg {:?} does not fit the key", header.alg));
+    }
+    if header.crit.is_some() {
+        return Err("the token header has crit extensions, which this server does not understand".into());
+    }
+    let mut v = Validation::new(header.alg);
+    // Signature only: see the module comment for where the claims are checked.
+    v.required_spec_claims.clear();
+    v.validate_exp = false;
+    v.validate_nbf = false;
+    v.validate_aud = false;
+    jsonwebtoken::decode::<Map<String, Value>>(token, &key.0, &v).map(|d| d.claims).map_err(|e| describe(&e))
 }
 
-pub fn sign_rs256(key: &rsa::RsaPrivateKey, kid: &str, claims: &Value) -> String {
-    use rsa::signature::{SignatureEncoding, Signer};
-    let input = signing_input(&json!({"alg": "RS256", "typ": "JWT", "kid": kid}), claims);
-    let sk = rsa::pkcs1v15::SigningKey::<Sha256>::new(key.clone());
-    format!("{input}.{}", b64(&sk.sign(input.as_bytes()).to_bytes()))
+/// An EdDSA signing key for [`sign`].
+pub fn ed25519_signing(key: &ed25519_dalek::SigningKey) -> EncodingKey {
+    use ed25519_dalek::pkcs8::EncodePrivateKey;
+    match key.to_pkcs8_der() {
+        Ok(der) => EncodingKey::from_ed_der(der.as_bytes()),
+        Err(e) => unreachable!("an Ed25519 key always encodes as PKCS#8: {e}"),
+    }
+}
+
+/// An RS256 signing key for [`sign`].
+pub fn rsa_signing(key: &rsa::RsaPrivateKey) -> EncodingKey {
+    use rsa::pkcs1::EncodeRsaPrivateKey;
+    match key.to_pkcs1_der() {
+        Ok(der) => EncodingKey::from_rsa_der(der.as_bytes()),
+        Err(e) => unreachable!("an RSA key always encodes as PKCS#1: {e}"),
+    }
+}
+
+/// Signs `claims` with one of this server's own keys.
+pub fn sign(alg: Alg, key: &EncodingKey, kid: &str, typ: &str, claims: &Value) -> String {
+    let header = Header { typ: Some(typ.to_string()), kid: Some(kid.to_string()), ..Header::new(alg) };
+    // Our keys are built by this process for their algorithm and a JSON value always
+    // serializes, so signing cannot fail.
+    match jsonwebtoken::encode(&header, claims, key) {
+        Ok(t) => t,
+        Err(e) => unreachable!("signing with the server's own {alg:?} key failed: {e}"),
+    }
 }
 
 /// A key id: the first 16 hex digits of the SHA-256 of the key's public bytes.
@@ -146,48 +153,79 @@ pub fn kid(public: &[u8]) -> String {
     hex::encode(&Sha256::digest(public)[..8])
 }
 
+fn published(kid: &str, alg: KeyAlgorithm, algorithm: AlgorithmParameters) -> Value {
+    let common = CommonParameters {
+        public_key_use: Some(PublicKeyUse::Signature),
+        key_algorithm: Some(alg),
+        key_id: Some(kid.to_string()),
+        ..Default::default()
+    };
+    serde_json::to_value(Jwk { common, algorithm }).unwrap_or_else(|e| unreachable!("a JWK serializes: {e}"))
+}
+
 pub fn ed25519_jwk(key: &ed25519_dalek::VerifyingKey, kid: &str) -> Value {
-    json!({"kty": "OKP", "crv": "Ed25519", "x": b64(key.as_bytes()), "kid": kid, "alg": "EdDSA", "use": "sig"})
+    let okp = OctetKeyPairParameters {
+        key_type: OctetKeyPairType::OctetKeyPair,
+        curve: EllipticCurve::Ed25519,
+        x: b64(key.as_bytes()),
+    };
+    published(kid, KeyAlgorithm::EdDSA, AlgorithmParameters::OctetKeyPair(okp))
 }
 
 pub fn rsa_jwk(key: &rsa::RsaPublicKey, kid: &str) -> Value {
     use rsa::traits::PublicKeyParts;
-    json!({"kty": "RSA", "n": b64(&key.n().to_bytes_be()), "e": b64(&key.e().to_bytes_be()),
-           "kid": kid, "alg": "RS256", "use": "sig"})
+    let params =
+        RSAKeyParameters { key_type: RSAKeyType::RSA, n: b64(&key.n().to_bytes_be()), e: b64(&key.e().to_bytes_be()) };
+    published(kid, KeyAlgorithm::RS256, AlgorithmParameters::RSA(params))
 }
 
-/// A verifying key from one JWK (OKP Ed25519, RSA, or EC P-384).
+/// A verifying key from one JWK (OKP Ed25519, RSA of 2048 bits or more, or EC P-384), checked
+/// as the module comment says before the crate sees it.
 pub fn from_jwk(jwk: &Value) -> Result<PublicKey, String> {
-    let field = |k: &str| -> Result<Vec<u8>, String> {
-        unb64(jwk.get(k).and_then(Value::as_str).ok_or_else(|| format!("the JWK has no {k}"))?)
+    let unsupported = || {
+        format!(
+            "unsupported JWK key type {:?} (use OKP Ed25519, RSA or EC P-384)",
+            jwk.get("kty").and_then(Value::as_str)
+        )
     };
-    match jwk.get("kty").and_then(Value::as_str) {
-        Some("OKP") if jwk.get("crv").and_then(Value::as_str) == Some("Ed25519") => {
-            let x: [u8; 32] = field("x")?.try_into().map_err(|_| "an Ed25519 x must be 32 bytes")?;
-            ed25519_dalek::VerifyingKey::from_bytes(&x).map(PublicKey::Ed25519).map_err(|e| e.to_string())
+    if !matches!(jwk.get("kty").and_then(Value::as_str), Some("OKP" | "RSA" | "EC")) {
+        return Err(unsupported());
+    }
+    let parsed: Jwk = serde_json::from_value(jwk.clone()).map_err(|e| format!("malformed JWK: {e}"))?;
+    let key = match &parsed.algorithm {
+        AlgorithmParameters::OctetKeyPair(p) if p.curve == EllipticCurve::Ed25519 => {
+            let x: [u8; 32] = unb64(&p.x)?.try_into().map_err(|_| "an Ed25519 x must be 32 bytes")?;
+            let k = ed25519_dalek::VerifyingKey::from_bytes(&x).map_err(|e| format!("bad Ed25519 key: {e}"))?;
+            if k.is_weak() {
+                return Err("bad Ed25519 key: a point of small order".into());
+            }
+            DecodingKey::from_ed_der(&x)
         }
-        Some("RSA") => {
-            let n = rsa::BigUint::from_bytes_be(&field("n")?);
-            let e = rsa::BigUint::from_bytes_be(&field("e")?);
+        AlgorithmParameters::RSA(p) => {
+            let n = rsa::BigUint::from_bytes_be(&unb64(&p.n)?);
+            let e = rsa::BigUint::from_bytes_be(&unb64(&p.e)?);
             let key = rsa::RsaPublicKey::new(n, e).map_err(|e| format!("bad RSA key: {e}"))?;
             use rsa::traits::PublicKeyParts;
             if key.size() < 256 {
                 return Err("RSA keys must have at least 2048 bits".into());
             }
-            Ok(PublicKey::Rsa(key))
+            DecodingKey::from_rsa_raw_components(&key.n().to_bytes_be(), &key.e().to_bytes_be())
         }
-        Some("EC") if jwk.get("crv").and_then(Value::as_str) == Some("P-384") => {
-            let (x, y) = (field("x")?, field("y")?);
+        AlgorithmParameters::EllipticCurve(p) if p.curve == EllipticCurve::P384 => {
+            let (x, y) = (unb64(&p.x)?, unb64(&p.y)?);
             if x.len() != 48 || y.len() != 48 {
                 return Err("P-384 coordinates must be 48 bytes".into());
             }
-            let mut sec1 = vec![4u8];
+            let mut sec1 = Vec::with_capacity(97);
+            sec1.push(4u8);
             sec1.extend(x);
             sec1.extend(y);
-            p384::ecdsa::VerifyingKey::from_sec1_bytes(&sec1).map(PublicKey::P384).map_err(|e| e.to_string())
+            p384::ecdsa::VerifyingKey::from_sec1_bytes(&sec1).map_err(|e| format!("bad P-384 key: {e}"))?;
+            DecodingKey::from_ec_der(&sec1)
         }
-        other => Err(format!("unsupported JWK key type {other:?} (use OKP Ed25519, RSA or EC P-384)")),
-    }
+        _ => return Err(unsupported()),
+    };
+    Ok(PublicKey(key))
 }
 
 /// The key `kid` names in a JWKS (`{"keys": [...]}`), or its only key when `kid` is absent.
@@ -198,50 +236,174 @@ pub fn key_in_jwks(jwks: &Value, kid: Option<&str>) -> Result<PublicKey, String>
         None if keys.len() == 1 => keys.first(),
         None => None,
     };
-    from_jwk(found.ok_or_else(|| format!("no key with kid {kid:?} in the client's JWKS"))?)
+    from_jwk(found.ok_or_else(|| format!("no key with kid {kid:?} in the JWKS"))?)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn ed_key() -> ed25519_dalek::SigningKey {
         ed25519_dalek::SigningKey::from_bytes(&[7; 32])
     }
 
+    fn claims() -> Value {
+        json!({"iss": "https://as.example", "sub": "a", "exp": 4_000_000_000i64})
+    }
+
+    fn all() -> [Alg; 4] {
+        [Alg::EdDSA, Alg::RS256, Alg::RS384, Alg::ES384]
+    }
+
+    /// A token with `header` and `claims`, signed by `sign` over the signing input.
+    fn forge(header: &Value, claims: &Value, sign: impl Fn(&[u8]) -> Vec<u8>) -> String {
+        let input = format!("{}.{}", b64(header.to_string().as_bytes()), b64(claims.to_string().as_bytes()));
+        let sig = sign(input.as_bytes());
+        format!("{input}.{}", b64(&sig))
+    }
+
+    fn tampered(token: &str) -> String {
+        let mut parts: Vec<&str> = token.split('.').collect();
+        let forged = b64(br#"{"iss":"https://as.example","sub":"b","exp":4000000000}"#);
+        parts[1] = &forged;
+        parts.join(".")
+    }
+
+    fn rsa_key() -> rsa::RsaPrivateKey {
+        use rand::SeedableRng;
+        let mut rng = rand_chacha::ChaCha20Rng::from_seed([3; 32]);
+        rsa::RsaPrivateKey::new(&mut rng, 2048).expect("RSA key")
+    }
+
     #[test]
     fn eddsa_round_trip_and_tamper() {
         let k = ed_key();
-        let t = sign_eddsa(&k, "k1", "at+jwt", &json!({"sub": "a"}));
-        let pk = PublicKey::Ed25519(k.verifying_key());
-        let p = parse(&t).unwrap();
-        assert!(p.verify(&pk, &[Alg::EdDsa]).is_ok());
-        assert!(p.verify(&pk, &[Alg::Rs256]).is_err(), "alg not accepted");
-        let mut parts: Vec<&str> = t.split('.').collect();
-        let forged = b64(br#"{"sub":"b"}"#);
-        parts[1] = &forged;
-        let forged = parts.join(".");
-        assert!(parse(&forged).unwrap().verify(&pk, &[Alg::EdDsa]).is_err());
+        let t = sign(Alg::EdDSA, &ed25519_signing(&k), "k1", "at+jwt", &claims());
+        let pk = from_jwk(&ed25519_jwk(&k.verifying_key(), "k1")).expect("our JWK");
+        let peeked = peek(&t).expect("peek");
+        assert_eq!((peeked.kid(), peeked.header.typ.as_deref()), (Some("k1"), Some("at+jwt")));
+        assert_eq!(verify(&t, &pk, &[Alg::EdDSA]).expect("verifies")["sub"], "a");
+        assert_eq!(verify(&t, &PublicKey::ed25519(&k.verifying_key()), &[Alg::EdDSA]).expect("verifies")["sub"], "a");
+        assert!(verify(&t, &pk, &[Alg::RS256]).is_err(), "alg not accepted");
+        assert!(verify(&tampered(&t), &pk, &[Alg::EdDSA]).is_err(), "tampered claims");
+        let other = PublicKey::ed25519(&ed25519_dalek::SigningKey::from_bytes(&[8; 32]).verifying_key());
+        assert!(verify(&t, &other, &[Alg::EdDSA]).is_err(), "another key");
+    }
+
+    #[test]
+    fn rs256_round_trip_and_jwk() {
+        let k = rsa_key();
+        let t = sign(Alg::RS256, &rsa_signing(&k), "r1", "JWT", &claims());
+        let jwk = rsa_jwk(&k.to_public_key(), "r1");
+        assert_eq!(
+            (jwk["kty"].as_str(), jwk["alg"].as_str(), jwk["use"].as_str()),
+            (Some("RSA"), Some("RS256"), Some("sig"))
+        );
+        let pk = from_jwk(&jwk).expect("our JWK");
+        assert_eq!(verify(&t, &pk, &[Alg::RS256]).expect("verifies")["sub"], "a");
+        assert!(verify(&t, &pk, &[Alg::RS384]).is_err(), "only the accepted algorithms");
+        assert!(verify(&tampered(&t), &pk, &[Alg::RS256]).is_err());
+    }
+
+    #[test]
+    fn rs384_round_trip() {
+        use rsa::signature::{SignatureEncoding, Signer};
+        let k = rsa_key();
+        let sk = rsa::pkcs1v15::SigningKey::<sha2::Sha384>::new(k.clone());
+        let t = forge(&json!({"alg": "RS384", "kid": "c1"}), &claims(), |m| sk.sign(m).to_vec());
+        let pk = key_in_jwks(&json!({"keys": [rsa_jwk(&k.to_public_key(), "c1")]}), Some("c1")).expect("key");
+        assert_eq!(verify(&t, &pk, &[Alg::RS384, Alg::ES384, Alg::EdDSA]).expect("verifies")["sub"], "a");
+        assert!(verify(&tampered(&t), &pk, &[Alg::RS384]).is_err());
+        // The same key with the header changed to RS256: the signature no longer matches.
+        let relabelled = forge(&json!({"alg": "RS256", "kid": "c1"}), &claims(), |m| sk.sign(m).to_vec());
+        assert!(verify(&relabelled, &pk, &all()).is_err());
+    }
+
+    #[test]
+    fn es384_round_trip() {
+        use p384::ecdsa::signature::Signer;
+        let sk = p384::ecdsa::SigningKey::from_slice(&[5; 48]).expect("P-384 key");
+        let point = sk.verifying_key().to_encoded_point(false);
+        let (x, y) = (point.x().expect("x"), point.y().expect("y"));
+        let jwk = json!({"kty": "EC", "crv": "P-384", "x": b64(x), "y": b64(y), "kid": "e1"});
+        let pk = from_jwk(&jwk).expect("P-384 JWK");
+        let sign = |m: &[u8]| {
+            let s: p384::ecdsa::Signature = sk.sign(m);
+            s.to_bytes().to_vec()
+        };
+        let t = forge(&json!({"alg": "ES384", "kid": "e1"}), &claims(), sign);
+        assert_eq!(verify(&t, &pk, &[Alg::RS384, Alg::ES384, Alg::EdDSA]).expect("verifies")["sub"], "a");
+        assert!(verify(&tampered(&t), &pk, &[Alg::ES384]).is_err());
+        assert!(verify(&t, &pk, &[Alg::RS384, Alg::EdDSA]).is_err(), "ES384 not accepted");
+        let p256 = json!({"kty": "EC", "crv": "P-256", "x": b64(&[1; 32]), "y": b64(&[2; 32])});
+        assert!(from_jwk(&p256).is_err(), "only P-384");
     }
 
     #[test]
     fn none_and_hmac_are_refused() {
-        let pk = PublicKey::Ed25519(ed_key().verifying_key());
-        for alg in ["none", "HS256", "HS384"] {
-            let t = format!("{}.{}.", b64(format!(r#"{{"alg":"{alg}"}}"#).as_bytes()), b64(b"{}"));
-            let p = parse(&t).unwrap();
-            assert!(p.verify(&pk, &[Alg::EdDsa, Alg::Rs256, Alg::Rs384, Alg::Es384]).is_err(), "{alg}");
+        let k = ed_key();
+        let public = k.verifying_key().to_bytes();
+        let keys =
+            [PublicKey::ed25519(&k.verifying_key()), from_jwk(&rsa_jwk(&rsa_key().to_public_key(), "r")).expect("RSA")];
+        fn hmac(secret: &[u8]) -> impl Fn(&[u8]) -> Vec<u8> + '_ {
+            move |m: &[u8]| {
+                use hmac::Mac;
+                let mut mac = <hmac::Hmac<Sha256> as Mac>::new_from_slice(secret).expect("HMAC key");
+                mac.update(m);
+                mac.finalize().into_bytes().to_vec()
+            }
         }
-        assert!(parse("a.b").is_err());
+        let mut tokens = Vec::new();
+        for alg in ["none", "HS256", "HS384", "HS512", "None", "NONE"] {
+            tokens.push((alg, format!("{}.{}.", b64(format!(r#"{{"alg":"{alg}"}}"#).as_bytes()), b64(b"{}"))));
+        }
+        // Algorithm confusion: HMAC keyed with the public key's bytes or its JWK `x`.
+        tokens.push(("HS256 keyed with the public key", forge(&json!({"alg": "HS256"}), &claims(), hmac(&public))));
+        let x = b64(&public);
+        tokens.push(("HS256 keyed with the JWK x", forge(&json!({"alg": "HS256"}), &claims(), hmac(x.as_bytes()))));
+        for (what, t) in &tokens {
+            for pk in &keys {
+                assert!(verify(t, pk, &all()).is_err(), "{what}");
+            }
+        }
+        let hs = verify(&tokens[1].1, &keys[0], &all()).expect_err("HS256");
+        assert!(hs.contains("HS256 is not accepted"), "{hs}");
+        assert!(peek("a.b").is_err());
+        assert!(peek("not-a-token").is_err());
+        assert!(from_jwk(&json!({"kty": "oct", "k": b64(b"secret")})).is_err(), "no HMAC keys from a JWKS");
+        // An Ed25519-signed token relabelled RS256 is refused for the Ed25519 key.
+        let t = sign(Alg::EdDSA, &ed25519_signing(&k), "k", "JWT", &claims());
+        let parts: Vec<&str> = t.split('.').collect();
+        let relabelled = format!("{}.{}.{}", b64(br#"{"alg":"RS256"}"#), parts[1], parts[2]);
+        assert!(verify(&relabelled, &keys[0], &all()).is_err());
+        let crit = forge(&json!({"alg": "EdDSA", "crit": ["exp"]}), &claims(), |m| {
+            use ed25519_dalek::Signer;
+            k.sign(m).to_bytes().to_vec()
+        });
+        assert!(verify(&crit, &keys[0], &all()).is_err(), "crit extensions");
     }
 
     #[test]
-    fn jwk_round_trip() {
+    fn jwk_checks() {
         let k = ed_key();
         let jwk = ed25519_jwk(&k.verifying_key(), "x");
-        assert!(matches!(from_jwk(&jwk), Ok(PublicKey::Ed25519(_))));
+        assert_eq!(
+            jwk,
+            json!({"kty": "OKP", "crv": "Ed25519", "x": b64(k.verifying_key().as_bytes()), "kid": "x", "alg": "EdDSA", "use": "sig"})
+        );
+        assert!(from_jwk(&jwk).is_ok());
         let jwks = json!({"keys": [jwk]});
         assert!(key_in_jwks(&jwks, Some("x")).is_ok());
+        assert!(key_in_jwks(&jwks, None).is_ok(), "the only key");
         assert!(key_in_jwks(&jwks, Some("y")).is_err());
+        let short = json!({"kty": "OKP", "crv": "Ed25519", "x": b64(&[1; 16])});
+        assert!(from_jwk(&short).is_err(), "a short Ed25519 x is refused (the crate would panic on it)");
+        let small = rsa::RsaPrivateKey::new(&mut rand::thread_rng(), 1024).expect("RSA key");
+        assert!(from_jwk(&rsa_jwk(&small.to_public_key(), "s")).is_err(), "RSA-1024");
+        assert!(
+            from_jwk(&json!({"kty": "EC", "crv": "P-384", "x": b64(&[1; 48]), "y": b64(&[2; 48])})).is_err(),
+            "off the curve"
+        );
     }
 }

@@ -1,7 +1,7 @@
 //! SMART App Launch 2.x: the embedded authorization server and the checks every FHIR request
 //! passes. The HTTP contract is in `CONTRACT.md` beside this file.
 //!
-//! `jose` signs and verifies JWTs; `scopes` parses SMART scopes; `store` keeps clients, users
+//! `jose` adapts the `jsonwebtoken` crate, which signs and verifies JWTs; `scopes` parses SMART scopes; `store` keeps clients, users
 //! and grants as records on the ledger (so every node of a cluster sees them); `caller` turns
 //! a bearer token into a [`Caller`]; `access` decides what a caller may see; `endpoints` and
 //! `pages` serve the OAuth endpoints and the HTML the patient sees; `admin` registers clients
@@ -36,10 +36,12 @@ pub struct Auth {
     pub consent_default: ConsentDefault,
     pub access_ttl_secs: i64,
     access_key: ed25519_dalek::SigningKey,
+    /// The same key, in the form `jsonwebtoken` signs with.
+    access_signing: jsonwebtoken::EncodingKey,
     pub access_kid: String,
     /// Derives the RS256 id_token key the first time one is needed (generation takes a while).
     id_seed: [u8; 32],
-    id_key: OnceLock<(rsa::RsaPrivateKey, String)>,
+    id_key: OnceLock<IdKey>,
     /// Seals authorization codes, sessions, launch contexts and pending requests.
     pub seal_key: [u8; 32],
     pub external: Vec<ExternalIssuer>,
@@ -53,6 +55,13 @@ pub struct Auth {
     pub books: crate::consent::Books,
     records: caller::Records<store::Client>,
     grants: caller::Records<store::Grant>,
+}
+
+/// The RS256 id_token key: its signing form, key id and public JWK.
+pub struct IdKey {
+    pub signing: jsonwebtoken::EncodingKey,
+    pub kid: String,
+    pub jwk: serde_json::Value,
 }
 
 fn derive(kek: &[u8; 32], label: &str) -> [u8; 32] {
@@ -82,6 +91,7 @@ impl Auth {
             public_url: s.public_url.trim_end_matches('/').to_string(),
             consent_default: s.consent_default,
             access_ttl_secs: s.access_ttl_secs,
+            access_signing: jose::ed25519_signing(&access_key),
             access_key,
             access_kid,
             id_seed: derive(kek, "fhir-ledger auth id-token rsa v1"),
@@ -115,12 +125,12 @@ impl Auth {
     }
 
     pub fn sign_access(&self, claims: &serde_json::Value) -> String {
-        jose::sign_eddsa(&self.access_key, &self.access_kid, "at+jwt", claims)
+        jose::sign(jose::Alg::EdDSA, &self.access_signing, &self.access_kid, "at+jwt", claims)
     }
 
     /// The RS256 key for id_tokens: RSA-2048 generated from a seed derived from the KEK, so every
     /// node derives the same key.
-    pub fn id_key(&self) -> &(rsa::RsaPrivateKey, String) {
+    pub fn id_key(&self) -> &IdKey {
         self.id_key.get_or_init(|| {
             use rand::SeedableRng;
             let mut rng = rand_chacha::ChaCha20Rng::from_seed(self.id_seed);
@@ -130,15 +140,14 @@ impl Auth {
             };
             use rsa::traits::PublicKeyParts;
             let kid = jose::kid(&key.n().to_bytes_be());
-            (key, kid)
+            IdKey { signing: jose::rsa_signing(&key), jwk: jose::rsa_jwk(&key.to_public_key(), &kid), kid }
         })
     }
 
     pub fn jwks(&self) -> serde_json::Value {
-        let (rsa_key, rsa_kid) = self.id_key();
         serde_json::json!({"keys": [
             jose::ed25519_jwk(&self.access_public(), &self.access_kid),
-            jose::rsa_jwk(&rsa_key.to_public_key(), rsa_kid),
+            self.id_key().jwk,
         ]})
     }
 

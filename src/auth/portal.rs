@@ -4,10 +4,11 @@
 
 use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
+use maud::html;
 use serde_json::Value;
 
 use super::endpoints::{check_login, html, session_user, CLIENT_SYSTEM};
-use super::pages::{self, esc};
+use super::pages;
 use crate::api::AppState;
 use crate::error::FhirError;
 
@@ -78,44 +79,44 @@ fn connected_apps(state: &AppState, patient: &str) -> Result<Vec<(String, String
 
 async fn render(state: &AppState, username: &str, patient: &str) -> Result<String, FhirError> {
     let apps = connected_apps(state, patient)?;
-    let mut body = format!(
-        "<p>Signed in as <strong>{}</strong> (Patient/{}).</p><h2>Connected apps</h2>",
-        esc(username),
-        esc(patient)
-    );
-    if apps.is_empty() {
-        body.push_str("<p id=\"no-apps\">No app has access.</p>");
-    }
-    for (id, name, scopes, since) in &apps {
-        body.push_str(&format!(
-            "<form method=\"post\" action=\"/portal/apps/{id}/withdraw\" class=\"app\"><strong>{name}</strong> since {since}\
-<br><span class=\"scope\">{scopes}</span><br><button type=\"submit\" id=\"withdraw-{id}\">Withdraw access</button></form>",
-            id = esc(id),
-            name = esc(name),
-            since = esc(since),
-            scopes = esc(scopes),
-        ));
-    }
     state.auth.disclosures.flush().await;
     let (total, accessors) = crate::disclosure::access_report(&state.repo, patient)?;
-    body.push_str(&format!(
-        "<h2>Who accessed your records</h2><p>{total} recorded accesses.</p><table id=\"access-report\"><tr><th>Who</th>\
-<th>App</th><th>Requests</th><th>Records shown</th><th>Refused</th><th>Emergency access</th><th>Last</th></tr>"
-    ));
-    for (who, a) in &accessors {
-        body.push_str(&format!(
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-            esc(who),
-            esc(if a.client_name.is_empty() { &a.client } else { &a.client_name }),
-            a.count,
-            a.resources,
-            a.denied,
-            a.broke_glass,
-            esc(&a.last)
-        ));
-    }
-    body.push_str("</table>");
-    Ok(pages::page("Your health data", &body))
+    let body = html! {
+        p { "Signed in as " strong { (username) } " (Patient/" (patient) ")." }
+        h2 { "Connected apps" }
+        @if apps.is_empty() {
+            p id="no-apps" { "No app has access." }
+        }
+        @for (id, name, scopes, since) in &apps {
+            form method="post" action={ "/portal/apps/" (id) "/withdraw" } class="app" {
+                strong { (name) } " since " (since)
+                br;
+                span class="scope" { (scopes) }
+                br;
+                button type="submit" id={ "withdraw-" (id) } { "Withdraw access" }
+            }
+        }
+        h2 { "Who accessed your records" }
+        p { (total) " recorded accesses." }
+        table id="access-report" {
+            tr {
+                th { "Who" } th { "App" } th { "Requests" } th { "Records shown" } th { "Refused" }
+                th { "Emergency access" } th { "Last" }
+            }
+            @for (who, a) in &accessors {
+                tr {
+                    td { (who) }
+                    td { (if a.client_name.is_empty() { &a.client } else { &a.client_name }) }
+                    td { (a.count) }
+                    td { (a.resources) }
+                    td { (a.denied) }
+                    td { (a.broke_glass) }
+                    td { (a.last) }
+                }
+            }
+        }
+    };
+    Ok(pages::page("Your health data", body))
 }
 
 async fn login(body: web::Bytes, state: web::Data<AppState>) -> HttpResponse {
