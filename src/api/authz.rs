@@ -50,7 +50,7 @@ fn is_admin_token(state: &AppState, authorization: Option<&str>) -> bool {
 }
 
 pub async fn middleware(
-    req: ServiceRequest,
+    mut req: ServiceRequest,
     next: Next<BoxBody>,
 ) -> Result<ServiceResponse<BoxBody>, actix_web::Error> {
     let Some(state) = req.app_data::<web::Data<AppState>>().cloned() else { return next.call(req).await };
@@ -95,8 +95,24 @@ pub async fn middleware(
                     requests: 1,
                 },
             );
+            drain(&mut req).await;
             let f = Format::negotiate(req.request()).unwrap_or_else(|_| Format::plain());
             Ok(req.into_response(error_response(&e, &f)))
+        }
+    }
+}
+
+/// Reads (and drops) a refused request's body, up to a bound: closing a socket with unread
+/// data resets it, and the client would see a broken connection instead of the 401.
+async fn drain(req: &mut ServiceRequest) {
+    use futures::StreamExt;
+    const DRAIN_LIMIT: usize = 1 << 20;
+    let mut payload = req.take_payload();
+    let mut seen = 0;
+    while let Some(Ok(chunk)) = payload.next().await {
+        seen += chunk.len();
+        if seen > DRAIN_LIMIT {
+            break;
         }
     }
 }

@@ -223,7 +223,9 @@ fn prerewrite(entries: &mut [Entry]) -> bool {
 
 fn plan_transaction(plan: &mut Plan<'_>, entries: &[Entry], rewritten: bool) -> Result<Vec<Planned>, FhirError> {
     // Phase 1: decide the id each entry targets, so references can be rewritten.
-    let mut targets: Vec<Option<String>> = vec![None; entries.len()];
+    // Keyed by entry index: a batch plans one entry at a time, whose index is its place in
+    // the whole Bundle.
+    let mut targets: BTreeMap<usize, String> = BTreeMap::new();
     let mut existing: BTreeMap<usize, String> = BTreeMap::new();
     let mut map: BTreeMap<String, String> = BTreeMap::new();
     for e in entries {
@@ -260,14 +262,14 @@ fn plan_transaction(plan: &mut Plan<'_>, entries: &[Entry], rewritten: bool) -> 
         if let Some(full) = &e.full_url {
             map.insert(full.clone(), format!("{}/{id}", e.rtype));
         }
-        targets[e.index] = Some(id);
+        targets.insert(e.index, id);
     }
     // Phase 2 and 3: rewrite references, then write in DELETE, POST, PUT order.
     let mut order: Vec<&Entry> = entries.iter().filter(|e| e.method != Method::Get).collect();
     order.sort_by_key(|e| (e.method.clone(), e.index));
     let mut planned: BTreeMap<usize, Planned> = BTreeMap::new();
     for e in order {
-        let Some(id) = targets[e.index].clone() else {
+        let Some(id) = targets.get(&e.index).cloned() else {
             planned.insert(e.index, Planned { status: 204, write: None, existing: None });
             continue;
         };

@@ -3,6 +3,7 @@
 
 mod auth;
 mod cluster;
+mod door;
 mod http;
 mod lincheck;
 mod process;

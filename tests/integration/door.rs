@@ -1,0 +1,148 @@
+//! One door: every route of the FHIR API (read from the route table in `src/api/mod.rs`, so a
+//! new route fails this test until it is listed here) is called without a token and with a
+//! valid token whose scopes grant nothing on the data behind it. Only the public routes may
+//! answer 2xx; every other answer is a 401, 403 or 404, or a search with nothing in it; and
+//! afterwards the data is exactly as it was.
+
+use reqwest::Method;
+use serde_json::{json, Value};
+
+use crate::smart::{self, fhir, get, put_resource, SmartServer, ADMIN_TOKEN};
+
+/// Routes anyone may call (they name no patient).
+const PUBLIC: &[&str] = &["/metadata", "/health", "/ledger/head", "/ledger/consistency"];
+
+/// One call per route of the table: (route pattern, method, concrete path, body).
+fn calls() -> Vec<(&'static str, Method, &'static str, Option<Value>)> {
+    let obs = json!({"resourceType": "Observation", "status": "final", "code": {"text": "x"},
+                     "subject": {"reference": "Patient/pat-b"}});
+    let obs_b = json!({"resourceType": "Observation", "id": "obs-b", "status": "final", "code": {"text": "changed"},
+                       "subject": {"reference": "Patient/pat-b"}});
+    let bundle = |kind: &str| {
+        json!({"resourceType": "Bundle", "type": kind, "entry": [
+            {"request": {"method": "DELETE", "url": "Observation?_id=obs-b"}},
+            {"request": {"method": "PUT", "url": "Observation/obs-b"}, "resource": obs_b.clone()},
+            {"request": {"method": "GET", "url": "Observation/obs-b"}}
+        ]})
+    };
+    vec![
+        ("/metadata", Method::GET, "/metadata", None),
+        ("/health", Method::GET, "/health", None),
+        ("/", Method::POST, "/", Some(bundle("transaction"))),
+        ("/", Method::POST, "/", Some(bundle("batch"))),
+        ("/", Method::GET, "/?_type=Observation,Patient", None),
+        ("/_search", Method::POST, "/_search?_type=Observation", None),
+        ("/_history", Method::GET, "/_history", None),
+        ("/ledger/head", Method::GET, "/ledger/head", None),
+        ("/ledger/proof", Method::GET, "/ledger/proof?leaf=1", None),
+        ("/ledger/consistency", Method::GET, "/ledger/consistency?first=1", None),
+        ("/ledger/entries", Method::GET, "/ledger/entries", None),
+        ("/{type}", Method::GET, "/Observation?subject=Patient/pat-b", None),
+        ("/{type}", Method::POST, "/Observation", Some(obs.clone())),
+        ("/{type}", Method::PUT, "/Observation?_id=obs-b", Some(obs.clone())),
+        ("/{type}", Method::DELETE, "/Observation?patient=pat-b", None),
+        ("/{type}/_search", Method::POST, "/Observation/_search", None),
+        ("/{type}/_history", Method::GET, "/Observation/_history", None),
+        ("/{type}/{id}", Method::GET, "/Observation/obs-b", None),
+        ("/{type}/{id}", Method::PUT, "/Observation/obs-b", Some(obs_b.clone())),
+        ("/{type}/{id}", Method::PATCH, "/Observation/obs-b", None),
+        ("/{type}/{id}", Method::DELETE, "/Observation/obs-b", None),
+        ("/{type}/{id}/{op}", Method::POST, "/Patient/pat-b/$erase", None),
+        ("/{type}/{id}/_history", Method::GET, "/Observation/obs-b/_history", None),
+        ("/{compartment}/{id}/{type}", Method::GET, "/Patient/pat-b/Observation", None),
+        ("/{compartment}/{id}/{type}", Method::GET, "/Patient/pat-b/*", None),
+        ("/{compartment}/{id}/{type}", Method::GET, "/Patient/pat-b/$access-report", None),
+        ("/{type}/{id}/_history/{vid}", Method::GET, "/Observation/obs-b/_history/1", None),
+        ("/{type}/{id}/_history/{vid}/{op}", Method::GET, "/Observation/obs-b/_history/1/$proof", None),
+    ]
+}
+
+/// Every `.route("pattern", web::method())` of the FHIR route table.
+fn route_table() -> Vec<(String, String)> {
+    let src = include_str!("../../src/api/mod.rs");
+    let mut out = Vec::new();
+    for line in src.lines().map(str::trim).filter(|l| l.starts_with(".route(\"")) {
+        let pattern = line.trim_start_matches(".route(\"").split('"').next().unwrap_or_default().to_string();
+        let method = line.split("web::").nth(1).and_then(|m| m.split('(').next()).unwrap_or_default();
+        if pattern == "/{tail:.*}" {
+            continue; // CORS preflight: answers headers only
+        }
+        out.push((pattern, method.to_ascii_uppercase()));
+    }
+    out
+}
+
+/// Whether a 2xx answer disclosed nothing: a search or history Bundle without entries.
+fn empty_bundle(body: &Value) -> bool {
+    body["resourceType"] == "Bundle"
+        && matches!(body["type"].as_str(), Some("searchset" | "history"))
+        && body["entry"].as_array().is_none_or(|e| e.iter().all(|x| x["search"]["mode"] == "outcome"))
+        && body["total"].as_u64().unwrap_or(0) == 0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_route_refuses_a_caller_without_the_needed_scope() {
+    let table = route_table();
+    assert!(table.len() >= 20, "the route table was not found: {table:?}");
+    let listed: Vec<(String, String)> = calls().iter().map(|(p, m, _, _)| (p.to_string(), m.to_string())).collect();
+    for route in &table {
+        assert!(listed.contains(route), "route {route:?} is not exercised by this test: add it to calls()");
+    }
+
+    let s = SmartServer::start(&[]);
+    let (http, base) = (&s.http, s.base.as_str());
+    let sys = s.system_token("system/*.cruds").await;
+    let obs_b = json!({"resourceType": "Observation", "id": "obs-b", "status": "final", "code": {"text": "original"},
+                       "subject": {"reference": "Patient/pat-b"}});
+    for r in [smart::patient("pat-a"), smart::patient("pat-b"), obs_b] {
+        put_resource(http, base, &sys, &r).await;
+    }
+    // Valid tokens that grant nothing on Observation, Patient or AuditEvent data.
+    let unrelated = s.system_token("system/Practitioner.rs").await;
+    let client_id = s.admin.public_client("Door App", None).await;
+    s.admin.user("alice", "Patient/pat-a").await;
+    let tok = smart::user_token(
+        http,
+        base,
+        &client_id,
+        &["launch/patient", "patient/Practitioner.rs"],
+        &smart::Login::new("alice"),
+    )
+    .await;
+    let alice = tok["access_token"].as_str().unwrap_or_default().to_string();
+
+    for (token_name, token) in [
+        ("no token", None),
+        ("system/Practitioner.rs", Some(unrelated.as_str())),
+        ("alice patient/Practitioner.rs", Some(alice.as_str())),
+    ] {
+        for (pattern, method, path, body) in calls() {
+            let r = fhir(http, method.clone(), &format!("{base}{path}"), token, body.as_ref()).await;
+            let what = format!("{token_name}: {method} {path} (route {pattern})");
+            if PUBLIC.contains(&pattern) {
+                assert!(r.status < 300, "{what}: a public route answers: {} {}", r.status, r.text);
+                continue;
+            }
+            if token.is_none() {
+                assert_eq!(r.status, 401, "{what}: {}", r.text);
+                continue;
+            }
+            let refused = matches!(r.status, 403 | 404);
+            let empty = r.status == 200 && empty_bundle(&r.json());
+            assert!(refused || empty, "{what}: {} {}", r.status, r.text);
+            assert!(!r.text.contains("original"), "{what}: leaked the resource: {}", r.text);
+        }
+    }
+
+    // Nothing changed: pat-b's Observation is still version 1 with its original content.
+    let r = get(http, &format!("{base}/Observation/obs-b"), &sys).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.json()["meta"]["versionId"], "1", "{}", r.text);
+    assert_eq!(r.json()["code"]["text"], "original", "{}", r.text);
+    let r = get(http, &format!("{base}/Patient/pat-b"), &sys).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.json()["meta"]["versionId"], "1", "{}", r.text);
+    // The auditors' routes do answer the administrator.
+    let r = get(http, &format!("{base}/ledger/entries"), ADMIN_TOKEN).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+}
