@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use super::jose::{self, Alg};
-use super::scopes::{self, Scope};
+use super::scopes::{self, Holder, Scope, UserKind};
 use super::store::{self, Client, Grant, User};
 use super::{pages, seal, Auth};
 use crate::api::AppState;
@@ -242,17 +242,12 @@ fn authorize(req: &HttpRequest, state: &AppState, p: &[(String, String)]) -> Htt
         return fail("invalid_request", &format!("aud must be this FHIR server's base URL, {}", auth.public_url));
     }
     let requested = get(p, "scope").unwrap_or("");
-    let parsed = match scopes::parse_all(requested) {
-        Ok(s) => s,
-        Err(why) => return fail("invalid_scope", &why),
-    };
-    let ceiling = client.scope.as_deref().map(scopes::parse_all).transpose().unwrap_or(None);
-    let scope: Vec<String> = requested
-        .split_whitespace()
-        .zip(&parsed)
-        .filter(|(_, s)| ceiling.as_ref().is_none_or(|c| scopes::within(s, c)))
-        .map(|(s, _)| s.to_string())
-        .collect();
+    if let Err(why) = scopes::parse_all(requested) {
+        return fail("invalid_scope", &why);
+    }
+    // Within the client's ceiling, and never `system/` through a user's authorization; the
+    // consent page and the approval narrow further to what the signed-in user may hold.
+    let scope = scopes::grantable(requested.split_whitespace(), client.scope.as_deref(), Holder::AnyUser);
     let launch = match get(p, "launch") {
         Some(l) => match seal::open::<Launch>(&auth.seal_key, "launch", l) {
             Ok(l) => l,
@@ -276,17 +271,26 @@ fn authorize(req: &HttpRequest, state: &AppState, p: &[(String, String)]) -> Htt
     }
 }
 
+/// The scopes of a pending request the signed-in user may hold (the consent page offers
+/// these and the approval grants no others).
+fn offered(s: &Session, p: &Pending) -> Vec<String> {
+    scopes::grantable(p.scope.iter().map(String::as_str), None, Holder::User(UserKind::of(&s.fhir_user)))
+}
+
 fn consent_page(client: &Client, s: &Session, sealed: &str, p: &Pending) -> HttpResponse {
-    let ask_patient = p.scope.iter().any(|x| x == "launch/patient")
+    let offered = offered(s, p);
+    // Only a clinician picks a patient; a patient is their own, a related person's is the
+    // patient their RelatedPerson links to.
+    let ask_patient = offered.iter().any(|x| x == "launch/patient")
         && p.launch.patient.is_none()
-        && !s.fhir_user.starts_with("Patient/");
+        && UserKind::of(&s.fhir_user) == UserKind::Practitioner;
     html(
         200,
         pages::consent(
             &client.client_name,
             &format!("{} ({})", s.username, s.fhir_user),
             sealed,
-            &p.scope,
+            &offered,
             ask_patient,
         ),
     )
@@ -376,7 +380,12 @@ async fn consent(req: HttpRequest, body: web::Bytes, state: web::Data<AppState>)
         match approve(&state, &session, &pending, &p).await {
             Ok(code) => q.push(("code", code)),
             Err(e) => {
-                q.push(("error", "invalid_request".into()));
+                let error = match e.status {
+                    403 => "access_denied",
+                    s if s >= 500 => "temporarily_unavailable",
+                    _ => "invalid_request",
+                };
+                q.push(("error", error.into()));
                 q.push(("error_description", e.issues[0].diagnostics.clone()));
             }
         }
@@ -389,7 +398,10 @@ async fn consent(req: HttpRequest, body: web::Bytes, state: web::Data<AppState>)
 }
 
 /// The approved scopes, the patient context and (for a patient) the Consent on the ledger;
-/// returns the authorization code.
+/// returns the authorization code. Only scopes the user may hold are granted, and the patient
+/// context is checked here, whatever the form says: a patient is only themself, a related
+/// person only the patient their RelatedPerson links to (and whose Consents permit them), a
+/// clinician any patient.
 async fn approve(
     state: &AppState,
     s: &Session,
@@ -397,18 +409,59 @@ async fn approve(
     form: &[(String, String)],
 ) -> Result<String, FhirError> {
     let auth = &state.auth;
+    let kind = UserKind::of(&s.fhir_user);
     let ticked: Vec<&str> = form.iter().filter(|(k, _)| k == "scope").map(|(_, v)| v.as_str()).collect();
-    let scope: Vec<String> = pending.scope.iter().filter(|s| ticked.contains(&s.as_str())).cloned().collect();
+    let mut scope: Vec<String> = offered(s, pending).into_iter().filter(|x| ticked.contains(&x.as_str())).collect();
+    let wants_patient = |scope: &[String]| scope.iter().any(|x| x == "launch/patient" || x.starts_with("patient/"));
+    let chosen = get(form, "patient").map(str::to_string);
     let own_patient = s.fhir_user.strip_prefix("Patient/").map(str::to_string);
-    let mut patient = pending.launch.patient.clone();
-    if patient.is_none() && scope.iter().any(|x| x == "launch/patient") {
-        patient = own_patient.clone().or_else(|| get(form, "patient").map(str::to_string));
-        if patient.is_none() {
-            return Err(FhirError::invalid("launch/patient: choose a patient"));
+    let patient = match kind {
+        UserKind::Patient => {
+            for other in [&pending.launch.patient, &chosen].into_iter().flatten() {
+                if Some(other) != own_patient.as_ref() {
+                    return Err(FhirError::new(
+                        403,
+                        "forbidden",
+                        format!("a patient may act only for themself, not Patient/{other}"),
+                    ));
+                }
+            }
+            own_patient.clone().filter(|_| pending.launch.patient.is_some() || wants_patient(&scope))
         }
-    }
-    if patient.is_none() && scope.iter().any(|x| x.starts_with("patient/")) {
-        patient = own_patient.clone();
+        UserKind::RelatedPerson => {
+            let rp = s.fhir_user.strip_prefix("RelatedPerson/").unwrap_or_default();
+            let linked = linked_patient(state, rp)?;
+            let asked = pending.launch.patient.clone().or(chosen);
+            if let Some(p) = &asked {
+                if linked.as_ref() != Some(p) {
+                    return Err(FhirError::new(
+                        403,
+                        "forbidden",
+                        format!("{} is not linked to Patient/{p}", s.fhir_user),
+                    ));
+                }
+            }
+            let patient = asked.or(linked.filter(|_| wants_patient(&scope)));
+            match &patient {
+                Some(p) => {
+                    if !related_person_permitted(state, &s.fhir_user, &pending.client_id, p)? {
+                        return Err(FhirError::new(
+                            403,
+                            "forbidden",
+                            format!("Patient/{p}'s Consents do not permit {} to access their record", s.fhir_user),
+                        ));
+                    }
+                }
+                // No linked patient: patient/ scopes would reach no one.
+                None => scope.retain(|x| !x.starts_with("patient/")),
+            }
+            patient
+        }
+        UserKind::Practitioner => pending.launch.patient.clone().or(chosen.filter(|_| wants_patient(&scope))),
+        UserKind::Other => None,
+    };
+    if patient.is_none() && scope.iter().any(|x| x == "launch/patient") {
+        return Err(FhirError::invalid("launch/patient: choose a patient"));
     }
     if let Some(pid) = &patient {
         if state.repo.read("Patient", pid).is_err() {
@@ -420,7 +473,7 @@ async fn approve(
         (Some(me), Some(p)) if me == p => {
             let client: Option<(Client, u64)> = store::get(&state.repo, store::CLIENT, &pending.client_id)?;
             let name = client.map(|(c, _)| c.client_name).unwrap_or_default();
-            Some(write_grant_consent(state, me, &pending.client_id, &name, &scope).await?)
+            Some(write_grant_consent(state, me, &s.fhir_user, &pending.client_id, &name, &scope).await?)
         }
         _ => None,
     };
@@ -440,12 +493,71 @@ async fn approve(
     Ok(seal::seal(&auth.seal_key, "code", CODE_TTL_S, &code))
 }
 
+/// The patient a RelatedPerson is linked to (`RelatedPerson.patient`), if it exists and is
+/// not marked inactive.
+fn linked_patient(state: &AppState, related_person: &str) -> Result<Option<String>, FhirError> {
+    if !crate::fhir::is_valid_id(related_person) {
+        return Ok(None);
+    }
+    let body = match state.repo.read("RelatedPerson", related_person) {
+        Ok(s) => s.body,
+        Err(e) if e.status == 404 || e.status == 410 => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let Some(body) = body else { return Ok(None) };
+    let v: Value = serde_json::from_str(&body).map_err(FhirError::internal)?;
+    if v["active"] == false {
+        return Ok(None);
+    }
+    Ok(v["patient"]["reference"]
+        .as_str()
+        .and_then(|r| r.strip_prefix("Patient/"))
+        .filter(|id| crate::fhir::is_valid_id(id))
+        .map(str::to_string))
+}
+
+/// Whether the patient's Consents let a related person (through this app) at their record:
+/// the consent engine's decision for the whole record (the Patient resource, action
+/// `access`), or the configured default where no Consent speaks (`opt-out`: permitted unless
+/// an active Consent denies them; `opt-in`: only where one permits them). Each request is
+/// still decided per resource by the same engine.
+fn related_person_permitted(state: &AppState, user: &str, client_id: &str, patient: &str) -> Result<bool, FhirError> {
+    use crate::consent::{Decision, Request};
+    let repo = &state.repo;
+    let idx = repo.search().current(repo)?;
+    let book = state.auth.books.get(repo, &idx)?;
+    drop(idx);
+    let mut actors = vec![user.to_string(), format!("client:{client_id}")];
+    if let Some((c, _)) = store::get::<Client>(repo, store::CLIENT, client_id)? {
+        actors.extend(c.actor);
+    }
+    let req = Request {
+        actors: &actors,
+        purpose: None,
+        action: "access",
+        rtype: "Patient",
+        id: patient,
+        labels: &[],
+        date_ms: None,
+        now_ms: crate::fhir::now_ms(),
+    };
+    let default = match state.auth.consent_default {
+        crate::config::ConsentDefault::OptOut => Decision::Permit,
+        crate::config::ConsentDefault::OptIn => Decision::Deny,
+    };
+    Ok(book.decide(patient, &req).unwrap_or(default) == Decision::Permit)
+}
+
 pub const SCOPES_EXTENSION: &str = "urn:fhir-ledger:StructureDefinition/smart-scopes";
 pub const CLIENT_SYSTEM: &str = "urn:fhir-ledger:client";
 
+/// The Consent a patient's approval writes: a permit for the app *and* the approving user
+/// together (the consent engine requires every actor of a grant Consent, marked by the
+/// scopes extension, so it permits no other user of the same app).
 async fn write_grant_consent(
     state: &AppState,
     patient: &str,
+    user: &str,
     client_id: &str,
     app: &str,
     scope: &[String],
@@ -473,7 +585,9 @@ async fn write_grant_consent(
         "type": "permit",
         "period": {"start": now},
         "actor": [{"role": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType", "code": "IRCP"}]},
-                   "reference": {"identifier": {"system": CLIENT_SYSTEM, "value": client_id}, "display": app}}],
+                   "reference": {"identifier": {"system": CLIENT_SYSTEM, "value": client_id}, "display": app}},
+                  {"role": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType", "code": "IRCP"}]},
+                   "reference": {"reference": user}}],
         "action": actions,
     });
     if !wildcard && !classes.is_empty() {
@@ -754,6 +868,19 @@ async fn refresh_grant(state: &AppState, client: &Client, p: &[(String, String)]
             return invalid_grant("the patient withdrew the consent this grant rests on");
         }
     }
+    // What the grant may still carry: the client's ceiling and the user's kind may have
+    // narrowed since, and a related person must still be linked to and permitted by the patient.
+    let holder = grant.fhir_user.as_deref().map_or(Holder::Backend, |u| Holder::User(UserKind::of(u)));
+    grant.scope = scopes::grantable(grant.scope.split_whitespace(), client.scope.as_deref(), holder).join(" ");
+    if let (Some(user), Some(p)) = (grant.fhir_user.clone(), grant.patient.clone()) {
+        if let Some(rp) = user.strip_prefix("RelatedPerson/") {
+            if linked_patient(state, rp)?.as_deref() != Some(p.as_str())
+                || !related_person_permitted(state, &user, &client.client_id, &p)?
+            {
+                return invalid_grant("the related person is no longer linked to or permitted by the patient");
+            }
+        }
+    }
     let next = format!("{grant_id}.{}", super::random_id());
     grant.refresh_sha256 = Some(super::sha256_hex(&next));
     grant.rotated += 1;
@@ -778,18 +905,10 @@ async fn client_credentials(
         return Ok(oauth_error(400, "unauthorized_client", "client_credentials needs a confidential client"));
     }
     let requested = get(p, "scope").unwrap_or("");
-    let parsed = match scopes::parse_all(requested) {
-        Ok(s) => s,
-        Err(why) => return Ok(oauth_error(400, "invalid_scope", &why)),
-    };
-    let ceiling = client.scope.as_deref().map(scopes::parse_all).transpose().unwrap_or(None);
-    let granted: Vec<&str> = requested
-        .split_whitespace()
-        .zip(&parsed)
-        .filter(|(_, s)| matches!(s, Scope::Resource(r) if r.context == scopes::Context::System))
-        .filter(|(_, s)| ceiling.as_ref().is_none_or(|c| scopes::within(s, c)))
-        .map(|(s, _)| s)
-        .collect();
+    if let Err(why) = scopes::parse_all(requested) {
+        return Ok(oauth_error(400, "invalid_scope", &why));
+    }
+    let granted = scopes::grantable(requested.split_whitespace(), client.scope.as_deref(), Holder::Backend);
     if granted.is_empty() {
         return Ok(oauth_error(
             400,

@@ -1,0 +1,242 @@
+//! The authorization server played by an attacker (issue 15), against real
+//! `fhir-ledger serve --auth smart` processes: who may hold which scopes, which patient a
+//! related person may act for, a patient's approval that must not extend to other users of
+//! the app (opt-in), revocation and introspection without credentials, CSRF and Origin on the
+//! consent and portal forms, login throttling, a client assertion replayed after a restart, and
+//! a code exchanged without its `redirect_uri`. Each test failed on the code before the fix.
+
+use reqwest::header::COOKIE;
+use reqwest::Method;
+use serde_json::{json, Value};
+
+use crate::smart::{
+    self, attr, cookie, exchange, fhir, get, input_value, put_resource, send, tags, user_token, Login, Resp,
+    SmartServer, PASSWORD,
+};
+
+fn observation(id: &str, patient: &str) -> Value {
+    json!({
+        "resourceType": "Observation", "id": id, "status": "final",
+        "code": { "coding": [{ "system": "http://loinc.org", "code": "8867-4" }] },
+        "subject": { "reference": format!("Patient/{patient}") },
+    })
+}
+
+fn practitioner(id: &str) -> Value {
+    json!({ "resourceType": "Practitioner", "id": id, "name": [{ "family": format!("Doctor-{id}") }] })
+}
+
+fn related_person(id: &str, patient: &str) -> Value {
+    json!({ "resourceType": "RelatedPerson", "id": id, "patient": { "reference": format!("Patient/{patient}") } })
+}
+
+/// A consent page reached by signing in (or with `session`): the page, the session cookie
+/// and the PKCE verifier of its authorize request.
+struct ConsentPage {
+    text: String,
+    session: String,
+    verifier: String,
+}
+
+impl ConsentPage {
+    async fn open(s: &SmartServer, client_id: &str, scopes: &[&str], user: &str, launch: Option<&str>) -> ConsentPage {
+        let (verifier, challenge) = smart::pkce();
+        let url = smart::authorize_url(&s.base, client_id, scopes, &challenge, "st", launch);
+        let r = send(s.http.get(&url)).await;
+        assert_eq!(r.status, 200, "authorize: {}", r.text);
+        let request = input_value(&r.text, "request").expect("the login form's request");
+        let form = [("username", user), ("password", PASSWORD), ("request", request.as_str())];
+        let r = send(s.http.post(s.url("/auth/login")).form(&form)).await;
+        assert_eq!(r.status, 200, "login as {user}: {}", r.text);
+        let session = cookie(&r.headers, "fl_session").expect("fl_session");
+        assert!(r.text.contains(r#"id="consent""#), "the consent page: {}", r.text);
+        ConsentPage { text: r.text, session, verifier }
+    }
+
+    /// The scopes the page offers (its checkboxes), in order.
+    fn offered(&self) -> Vec<String> {
+        tags(&self.text, "input")
+            .iter()
+            .filter(|t| attr(t, "type") == Some("checkbox") && attr(t, "name") == Some("scope"))
+            .map(|t| attr(t, "value").unwrap_or_default().to_string())
+            .collect()
+    }
+
+    /// The hidden fields of the consent form (`request`, and the CSRF token where there is one).
+    fn hidden(&self) -> Vec<(String, String)> {
+        tags(&self.text, "input")
+            .iter()
+            .filter(|t| attr(t, "type") == Some("hidden"))
+            .filter_map(|t| Some((attr(t, "name")?.to_string(), attr(t, "value").unwrap_or_default().to_string())))
+            .collect()
+    }
+
+    /// POSTs the consent form: its hidden fields, `scopes` ticked, `extra` fields, approve.
+    async fn approve(&self, s: &SmartServer, scopes: &[&str], extra: &[(&str, &str)]) -> Resp {
+        let mut form: Vec<(String, String)> = self.hidden();
+        form.extend(scopes.iter().map(|sc| ("scope".to_string(), sc.to_string())));
+        form.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        form.push(("decision".into(), "approve".into()));
+        send(s.http.post(s.url("/auth/consent")).header(COOKIE, &self.session).form(&form)).await
+    }
+}
+
+/// The query parameters of a 302's Location.
+fn redirect_params(r: &Resp) -> Vec<(String, String)> {
+    assert_eq!(r.status, 302, "{}", r.text);
+    let to = reqwest::Url::parse(&r.header("location")).expect("Location");
+    to.query_pairs().map(|(k, v)| (k.into_owned(), v.into_owned())).collect()
+}
+
+fn param<'a>(q: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    q.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+}
+
+/// The code of an approval's redirect, exchanged for a token response (asserted 200).
+async fn redeem(s: &SmartServer, client_id: &str, page: &ConsentPage, r: &Resp) -> Value {
+    let q = redirect_params(r);
+    let code = param(&q, "code").unwrap_or_else(|| panic!("no code: {q:?}"));
+    let t = exchange(&s.http, &s.base, client_id, code, &page.verifier).await;
+    assert_eq!(t.status, 200, "{}", t.text);
+    t.json()
+}
+
+/// Item 4: a Patient user authorizing an app registered without a scope ceiling is offered
+/// and granted only `patient/` scopes for themself (plus identity and launch scopes), never
+/// `user/` or `system/`, even when the form ticks them; a practitioner gets `user/` but never
+/// `system/`. Before the fix alice got `system/*.cruds` and read and deleted bob's Patient.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_patient_user_gets_no_user_or_system_scopes() {
+    let s = SmartServer::start(&[]);
+    let http = &s.http;
+    let sys = s.system_token("system/*.cruds").await;
+    for r in [smart::patient("pat-a"), smart::patient("pat-b"), practitioner("prac-1")] {
+        put_resource(http, &s.base, &sys, &r).await;
+    }
+    let client_id = s.admin.public_client("No Ceiling App", None).await;
+    s.admin.user("alice", "Patient/pat-a").await;
+    s.admin.user("drsmith", "Practitioner/prac-1").await;
+
+    let asked = ["launch/patient", "openid", "fhirUser", "patient/*.rs", "user/*.cruds", "system/*.cruds"];
+    let page = ConsentPage::open(&s, &client_id, &asked, "alice", None).await;
+    assert_eq!(page.offered(), ["launch/patient", "openid", "fhirUser", "patient/*.rs"], "what alice is offered");
+    // The attacker ticks what the page did not offer, and names another patient.
+    let r = page.approve(&s, &asked, &[]).await;
+    let t = redeem(&s, &client_id, &page, &r).await;
+    let granted: Vec<&str> = t["scope"].as_str().unwrap_or_default().split(' ').collect();
+    assert_eq!(granted, ["launch/patient", "openid", "fhirUser", "patient/*.rs"], "{t}");
+    assert_eq!(t["patient"], "pat-a", "{t}");
+    let at = t["access_token"].as_str().expect("access_token");
+    assert_eq!(get(http, &s.url("Patient/pat-b"), at).await.status, 404, "bob is hidden");
+    let r = fhir(http, Method::DELETE, &s.url("Patient/pat-b"), Some(at), None).await;
+    assert!(r.status == 403 || r.status == 404, "alice deletes bob: {} {}", r.status, r.text);
+    assert_eq!(get(http, &s.url("Patient/pat-b"), &sys).await.status, 200, "bob is still there");
+    let page = ConsentPage::open(&s, &client_id, &["launch/patient", "patient/*.rs"], "alice", None).await;
+    let r = page.approve(&s, &["launch/patient", "patient/*.rs"], &[("patient", "pat-b")]).await;
+    assert_eq!(param(&redirect_params(&r), "error"), Some("access_denied"), "alice picks bob");
+
+    // A clinician: user/ scopes, never system/.
+    let page = ConsentPage::open(&s, &client_id, &["user/*.rs", "system/*.cruds"], "drsmith", None).await;
+    assert_eq!(page.offered(), ["user/*.rs"]);
+    let r = page.approve(&s, &["user/*.rs", "system/*.cruds"], &[]).await;
+    let t = redeem(&s, &client_id, &page, &r).await;
+    assert_eq!(t["scope"], "user/*.rs", "{t}");
+    let at = t["access_token"].as_str().expect("access_token");
+    let r = fhir(http, Method::DELETE, &s.url("Patient/pat-b"), Some(at), None).await;
+    assert_eq!(r.status, 403, "user/*.rs deletes nothing: {}", r.text);
+}
+
+/// Item 10 and item 4: a RelatedPerson user acts only for the patient their RelatedPerson
+/// links to: the patient context defaults to that patient, picking another one (in the form
+/// or through an EHR launch) is refused, and so is the linked patient once their Consent
+/// denies the related person. Before the fix any patient id typed in the form was granted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_related_person_acts_only_for_a_linked_patient() {
+    let s = SmartServer::start(&[]);
+    let http = &s.http;
+    let sys = s.system_token("system/*.cruds").await;
+    for r in [
+        smart::patient("pat-a"),
+        smart::patient("pat-b"),
+        related_person("rp-1", "pat-a"),
+        observation("obs-a", "pat-a"),
+        observation("obs-b", "pat-b"),
+    ] {
+        put_resource(http, &s.base, &sys, &r).await;
+    }
+    let client_id = s.admin.public_client("Family App", None).await;
+    s.admin.user("rita", "RelatedPerson/rp-1").await;
+    s.admin.user("alice", "Patient/pat-a").await;
+    let scopes = ["launch/patient", "patient/Observation.rs", "user/*.rs"];
+
+    let page = ConsentPage::open(&s, &client_id, &scopes, "rita", None).await;
+    assert_eq!(page.offered(), ["launch/patient", "patient/Observation.rs"], "no user/ scope for a related person");
+    let r = page.approve(&s, &scopes, &[("patient", "pat-b")]).await;
+    let q = redirect_params(&r);
+    assert_eq!(param(&q, "error"), Some("access_denied"), "rita picks bob: {q:?}");
+    assert!(param(&q, "code").is_none(), "{q:?}");
+    let launch_b = s.admin.launch("pat-b", None).await;
+    let page = ConsentPage::open(&s, &client_id, &["launch", "patient/Observation.rs"], "rita", Some(&launch_b)).await;
+    let r = page.approve(&s, &["launch", "patient/Observation.rs"], &[]).await;
+    assert_eq!(param(&redirect_params(&r), "error"), Some("access_denied"), "an EHR launch for bob");
+
+    // The linked patient: granted, and confined to alice.
+    let page = ConsentPage::open(&s, &client_id, &scopes, "rita", None).await;
+    let r = page.approve(&s, &scopes, &[]).await;
+    let t = redeem(&s, &client_id, &page, &r).await;
+    assert_eq!(t["patient"], "pat-a", "{t}");
+    assert_eq!(t["scope"], "launch/patient patient/Observation.rs", "{t}");
+    let at = t["access_token"].as_str().expect("access_token");
+    assert_eq!(get(http, &s.url("Observation/obs-a"), at).await.status, 200);
+    assert_eq!(get(http, &s.url("Observation/obs-b"), at).await.status, 404);
+
+    // Alice's Consent denies rita: no new authorization for alice's record.
+    let alice =
+        user_token(http, &s.base, &client_id, &["launch/patient", "patient/Consent.cruds"], &Login::new("alice")).await;
+    let deny = json!({
+        "resourceType": "Consent", "status": "active",
+        "scope": { "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "patient-privacy" }] },
+        "category": [{ "coding": [{ "system": "http://loinc.org", "code": "59284-0" }] }],
+        "patient": { "reference": "Patient/pat-a" },
+        "policyRule": { "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "OPTIN" }] },
+        "provision": { "type": "deny", "actor": [{
+            "role": { "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType", "code": "IRCP" }] },
+            "reference": { "reference": "RelatedPerson/rp-1" } }] },
+    });
+    let at_alice = alice["access_token"].as_str().expect("access_token");
+    let r = fhir(http, Method::POST, &s.url("Consent"), Some(at_alice), Some(&deny)).await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    let page = ConsentPage::open(&s, &client_id, &scopes, "rita", None).await;
+    let r = page.approve(&s, &scopes, &[]).await;
+    assert_eq!(param(&redirect_params(&r), "error"), Some("access_denied"), "after alice's denial");
+}
+
+/// Item 11: under `opt-in`, alice's approval of an app is a grant Consent naming the app and
+/// alice; it does not permit a practitioner using the same app to see alice's data (before
+/// the fix it did: the Consent's only actor was the client).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_opt_in_approval_is_for_the_approving_user_only() {
+    let s = SmartServer::start(&["--consent-default", "opt-in"]);
+    let http = &s.http;
+    let sys = s.system_token("system/*.cruds").await;
+    for r in [smart::patient("pat-a"), practitioner("prac-1"), observation("obs-a", "pat-a")] {
+        put_resource(http, &s.base, &sys, &r).await;
+    }
+    let client_id = s.admin.public_client("Shared App", None).await;
+    s.admin.user("alice", "Patient/pat-a").await;
+    s.admin.user("drsmith", "Practitioner/prac-1").await;
+
+    let t = user_token(http, &s.base, &client_id, &["launch/patient", "patient/*.rs"], &Login::new("alice")).await;
+    let consent = t["consent"].as_str().expect("a grant Consent").to_string();
+    let alice = t["access_token"].as_str().expect("access_token").to_string();
+    assert_eq!(get(http, &s.url("Observation/obs-a"), &alice).await.status, 200, "alice through the app");
+    let c = get(http, &s.url(&consent), &alice).await.json();
+    let actors = c["provision"]["actor"].to_string();
+    assert!(actors.contains("Patient/pat-a") && actors.contains(&client_id), "the app and alice: {c}");
+
+    let doc = user_token(http, &s.base, &client_id, &["user/*.rs"], &Login::new("drsmith")).await;
+    let doc = doc["access_token"].as_str().expect("access_token");
+    assert_eq!(get(http, &s.url("Observation/obs-a"), doc).await.status, 404, "another user of the same app");
+    let r = get(http, &s.url("Observation?subject=Patient/pat-a&_total=accurate"), doc).await;
+    assert_eq!(r.json()["total"], 0, "{}", r.text);
+}
