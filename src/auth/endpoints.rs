@@ -140,6 +140,9 @@ pub struct Launch {
 struct Pending {
     client_id: String,
     redirect_uri: String,
+    /// The authorize request named its redirect_uri: the token request must too (RFC 6749 4.1.3).
+    #[serde(default)]
+    redirect_given: bool,
     scope: Vec<String>,
     state: Option<String>,
     code_challenge: String,
@@ -159,6 +162,8 @@ struct Code {
     id: String,
     client_id: String,
     redirect_uri: String,
+    #[serde(default)]
+    redirect_given: bool,
     code_challenge: String,
     scope: String,
     sub: String,
@@ -258,6 +263,7 @@ fn authorize(req: &HttpRequest, state: &AppState, p: &[(String, String)]) -> Htt
     let pending = Pending {
         client_id: client_id.to_string(),
         redirect_uri: redirect_uri.clone(),
+        redirect_given: get(p, "redirect_uri").is_some(),
         scope,
         state: st.map(str::to_string),
         code_challenge: challenge.to_string(),
@@ -481,6 +487,7 @@ async fn approve(
         id: super::random_id(),
         client_id: pending.client_id.clone(),
         redirect_uri: pending.redirect_uri.clone(),
+        redirect_given: pending.redirect_given,
         code_challenge: pending.code_challenge.clone(),
         scope: scope.join(" "),
         sub: s.user_id.clone(),
@@ -758,8 +765,14 @@ async fn code_grant(state: &AppState, client: &Client, p: &[(String, String)]) -
     if code.client_id != client.client_id {
         return invalid_grant("the code was issued to another client");
     }
-    if get(p, "redirect_uri").is_some_and(|r| r != code.redirect_uri) {
-        return invalid_grant("redirect_uri differs from the authorization request's");
+    match get(p, "redirect_uri") {
+        Some(r) if r != code.redirect_uri => {
+            return invalid_grant("redirect_uri differs from the authorization request's")
+        }
+        None if code.redirect_given => {
+            return invalid_grant("redirect_uri is required: the authorization request had one (RFC 6749 4.1.3)")
+        }
+        _ => {}
     }
     let verifier = get(p, "code_verifier").unwrap_or("");
     let computed = jose::b64(&Sha256::digest(verifier.as_bytes()));
@@ -933,33 +946,45 @@ async fn client_credentials(
                        "expires_in": BACKEND_TTL_S, "scope": grant.scope})))
 }
 
-/// The grant a presented token (access or refresh) belongs to, if it is one of ours.
-fn grant_of(auth: &Auth, token: &str) -> Option<String> {
+/// The grant of a presented token, only if the token is a live one of ours: an access token
+/// whose signature verifies (issued by this server), or the grant's current refresh token
+/// (its hash matches the one the grant keeps). Anything else names no grant.
+fn grant_of(state: &AppState, token: &str) -> Option<(String, Grant, u64)> {
+    let auth = &state.auth;
     if let Ok(parsed) = jose::parse(token) {
         parsed.verify(&jose::PublicKey::Ed25519(auth.access_public()), &[Alg::EdDsa]).ok()?;
-        return parsed.claims.get("grant").and_then(Value::as_str).map(str::to_string);
+        if parsed.claims.get("iss").and_then(Value::as_str) != Some(auth.public_url.as_str()) {
+            return None;
+        }
+        let gid = parsed.claims.get("grant").and_then(Value::as_str)?.to_string();
+        let (g, v) = store::get::<Grant>(&state.repo, store::GRANT, &gid).ok()??;
+        let client = parsed.claims.get("client_id").and_then(Value::as_str);
+        return (client == Some(g.client_id.as_str())).then_some((gid, g, v));
     }
-    token.split_once('.').map(|(g, _)| g.to_string())
+    let (gid, _) = token.split_once('.')?;
+    let (g, v) = store::get::<Grant>(&state.repo, store::GRANT, gid).ok()??;
+    (g.refresh_sha256.as_deref() == Some(super::sha256_hex(token).as_str())).then(|| (gid.to_string(), g, v))
 }
 
 async fn revoke(req: HttpRequest, body: web::Bytes, state: web::Data<AppState>) -> HttpResponse {
     let p = form_pairs(&body);
+    // Confidential clients authenticate; a public client names itself and may revoke only a
+    // token issued to it, which it must present whole.
     let client = match authenticate_client(&state, &req, &p).await {
         Ok(c) => c,
         Err(e) => return e.response(),
     };
     let Some(token) = get(&p, "token") else { return oauth_error(400, "invalid_request", "token is missing") };
-    if let Some(gid) = grant_of(&state.auth, token) {
-        if let Ok(Some((mut g, v))) = store::get::<Grant>(&state.repo, store::GRANT, &gid) {
-            // RFC 7009 2.1: a client may revoke only its own tokens; others are ignored.
-            if g.client_id == client.client_id && !g.revoked {
-                g.revoked = true;
-                if let Err(e) = store::put(&state.repo, store::GRANT, &gid, &g, Some(v)).await {
-                    return oauth_error(503, "temporarily_unavailable", &e.issues[0].diagnostics);
-                }
+    if let Some((gid, mut g, v)) = grant_of(&state, token) {
+        // RFC 7009 2.1: a client may revoke only its own tokens; others are ignored.
+        if g.client_id == client.client_id && !g.revoked {
+            g.revoked = true;
+            if let Err(e) = store::put(&state.repo, store::GRANT, &gid, &g, Some(v)).await {
+                return oauth_error(503, "temporarily_unavailable", &e.issues[0].diagnostics);
             }
         }
     }
+    // RFC 7009 2.2: an invalid token is answered 200 as well; it changes nothing.
     let mut b = HttpResponse::Ok();
     cors(&mut b);
     b.finish()
@@ -981,8 +1006,20 @@ async fn introspect(req: HttpRequest, body: web::Bytes, state: web::Data<AppStat
                 )
             }
         }
-    } else if let Err(e) = authenticate_client(&state, &req, &p).await {
-        return e.response();
+    } else {
+        match authenticate_client(&state, &req, &p).await {
+            Err(e) => return e.response(),
+            // A public client's bare client_id proves nothing.
+            Ok(c) if c.token_endpoint_auth_method == "none" => {
+                return oauth_error(
+                    401,
+                    "invalid_client",
+                    "introspection needs client authentication (a client secret or a private_key_jwt assertion) \
+                     or a system-scoped bearer token",
+                )
+            }
+            Ok(_) => {}
+        }
     }
     let Some(token) = get(&p, "token") else { return oauth_error(400, "invalid_request", "token is missing") };
     let inactive = || json_ok(&json!({"active": false}));

@@ -240,3 +240,95 @@ async fn an_opt_in_approval_is_for_the_approving_user_only() {
     let r = get(http, &s.url("Observation?subject=Patient/pat-a&_total=accurate"), doc).await;
     assert_eq!(r.json()["total"], 0, "{}", r.text);
 }
+
+/// Item 6: `POST /auth/revoke` revokes only a token that verifies: `<grant id>.anything` and an
+/// access token signed by a stranger (both naming alice's grant, with her app's public
+/// client_id) change nothing (before the fix the first revoked her grant), another app cannot
+/// revoke her token, and her own app revoking her refresh token does. Introspection refuses a
+/// bare public client_id (401 `invalid_client`) and answers a confidential client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocation_and_introspection_need_real_credentials() {
+    let s = SmartServer::start(&[]);
+    let http = &s.http;
+    let sys = s.system_token("system/*.cruds").await;
+    put_resource(http, &s.base, &sys, &smart::patient("pat-a")).await;
+    let client_id = s.admin.public_client("Alice's App", None).await;
+    let other_app = s.admin.public_client("Other App", None).await;
+    s.admin.user("alice", "Patient/pat-a").await;
+    let scopes = ["launch/patient", "offline_access", "patient/*.rs"];
+    let t = user_token(http, &s.base, &client_id, &scopes, &Login::new("alice")).await;
+    let at = t["access_token"].as_str().expect("access_token").to_string();
+    let rt = t["refresh_token"].as_str().expect("refresh_token").to_string();
+    let jwt = smart::parse_jwt(&at);
+    let grant = jwt.claims["grant"].as_str().expect("a grant claim").to_string();
+    let url = s.url("Patient/pat-a");
+
+    let stranger = ed25519_dalek::SigningKey::generate(&mut rand::rngs::OsRng);
+    let forged = smart::jws(&jwt.header, &jwt.claims, |m| {
+        use ed25519_dalek::Signer;
+        let signature: ed25519_dalek::Signature = stranger.sign(m);
+        signature.to_bytes().to_vec()
+    });
+    let attempts = [
+        ("the grant id and anything", format!("{grant}.anything"), client_id.as_str()),
+        ("the grant id and two dots", format!("{grant}.x.y"), client_id.as_str()),
+        ("an access token signed by a stranger", forged, client_id.as_str()),
+        ("alice's real access token, by another app", at.clone(), other_app.as_str()),
+        ("alice's real refresh token, by another app", rt.clone(), other_app.as_str()),
+    ];
+    for (what, token, cid) in &attempts {
+        let r = send(http.post(s.url("/auth/revoke")).form(&[("token", token.as_str()), ("client_id", cid)])).await;
+        assert_eq!(r.status, 200, "{what}: RFC 7009 answers 200: {}", r.text);
+        assert_eq!(get(http, &url, &at).await.status, 200, "{what} revoked nothing");
+    }
+
+    // Introspection: a bare public client_id is no client authentication.
+    let r = send(http.post(s.url("/auth/introspect")).form(&[("token", at.as_str()), ("client_id", &client_id)])).await;
+    assert_eq!(r.status, 401, "{}", r.text);
+    assert_eq!(r.json()["error"], "invalid_client", "{}", r.text);
+    let r = send(http.post(s.url("/auth/introspect")).form(&[("token", at.as_str())])).await;
+    assert_eq!(r.status, 401, "no credentials at all: {}", r.text);
+    let conf = s
+        .admin
+        .register_client(json!({ "client_name": "Resource Server", "redirect_uris": [smart::REDIRECT],
+                                 "token_endpoint_auth_method": "client_secret_basic" }))
+        .await;
+    let (cid, secret) = (conf["client_id"].as_str().expect("id"), conf["client_secret"].as_str().expect("secret"));
+    let r =
+        send(http.post(s.url("/auth/introspect")).basic_auth(cid, Some(secret)).form(&[("token", at.as_str())])).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.json()["active"], true, "{}", r.text);
+    let r =
+        send(http.post(s.url("/auth/introspect")).basic_auth(cid, Some("wrong")).form(&[("token", at.as_str())])).await;
+    assert_eq!(r.status, 401, "a wrong secret: {}", r.text);
+
+    // Alice's app revokes with her refresh token: the grant is gone.
+    let r = send(http.post(s.url("/auth/revoke")).form(&[("token", rt.as_str()), ("client_id", &client_id)])).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    smart::assert_invalid_token(&get(http, &url, &at).await, "after the app revoked its refresh token");
+}
+
+/// Item 14: the authorize request named its redirect_uri, so a code exchange without one is
+/// 400 `invalid_grant` (before the fix it was accepted); the same code with it then works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_code_exchange_without_redirect_uri_is_refused() {
+    let s = SmartServer::start(&[]);
+    let http = &s.http;
+    let sys = s.system_token("system/*.cruds").await;
+    put_resource(http, &s.base, &sys, &smart::patient("pat-a")).await;
+    let client_id = s.admin.public_client("App", None).await;
+    s.admin.user("alice", "Patient/pat-a").await;
+    let flow =
+        smart::browser_flow(http, &s.base, &client_id, &["launch/patient", "patient/*.rs"], &Login::new("alice")).await;
+    let form = [
+        ("grant_type", "authorization_code"),
+        ("code", flow.code.as_str()),
+        ("code_verifier", flow.verifier.as_str()),
+        ("client_id", client_id.as_str()),
+    ];
+    let r = send(http.post(s.url("/auth/token")).form(&form)).await;
+    assert_eq!(r.status, 400, "{}", r.text);
+    assert_eq!(r.json()["error"], "invalid_grant", "{}", r.text);
+    let r = exchange(http, &s.base, &client_id, &flow.code, &flow.verifier).await;
+    assert_eq!(r.status, 200, "with redirect_uri: {}", r.text);
+}
