@@ -155,6 +155,55 @@ struct Session {
     user_id: String,
     username: String,
     fhir_user: String,
+    /// Random per sign-in: the CSRF token of the session's forms derives from it.
+    #[serde(default)]
+    nonce: String,
+}
+
+impl Session {
+    fn new(user_id: String, user: &User) -> Self {
+        Session {
+            user_id,
+            username: user.username.clone(),
+            fhir_user: user.fhir_user.clone(),
+            nonce: super::random_id(),
+        }
+    }
+
+    fn csrf(&self, auth: &Auth) -> String {
+        auth.csrf_token(&self.nonce, &self.user_id)
+    }
+}
+
+/// Refuses a state-changing form post from another origin (`Origin` present and not the
+/// public URL's) or, when `session` is given, without that session's CSRF token.
+pub(crate) fn forged_post(
+    auth: &Auth,
+    req: &HttpRequest,
+    form: &[(String, String)],
+    session: Option<&str>,
+) -> Option<HttpResponse> {
+    let origin = req.headers().get(header::ORIGIN).map(|o| o.to_str().unwrap_or("null"));
+    if !auth.origin_ok(origin) {
+        tracing::warn!("refused a form post from origin {origin:?}");
+        return Some(html(403, pages::error("Refused", "this form was not sent from this server's pages")));
+    }
+    if let Some(expected) = session {
+        let given = get(form, "csrf").unwrap_or("");
+        if !super::constant_time_eq(given.as_bytes(), expected.as_bytes()) {
+            tracing::warn!("refused a form post without its session's CSRF token");
+            return Some(html(
+                403,
+                pages::error("Refused", "this form is not from your current session; reload the page and try again"),
+            ));
+        }
+    }
+    None
+}
+
+/// The CSRF token of the browser's session, if it has one.
+pub fn session_csrf(auth: &Auth, req: &HttpRequest) -> Option<String> {
+    session_of(auth, req).map(|s| s.csrf(auth))
 }
 
 #[derive(Serialize, Deserialize)]
@@ -272,7 +321,7 @@ fn authorize(req: &HttpRequest, state: &AppState, p: &[(String, String)]) -> Htt
     };
     let sealed = seal::seal(&auth.seal_key, "authorize", REQUEST_TTL_S, &pending);
     match session_of(auth, req) {
-        Some(s) => consent_page(&client, &s, &sealed, &pending),
+        Some(s) => consent_page(auth, &client, &s, &sealed, &pending),
         None => html(200, pages::login(&client.client_name, &sealed, None, "/auth/login")),
     }
 }
@@ -283,7 +332,7 @@ fn offered(s: &Session, p: &Pending) -> Vec<String> {
     scopes::grantable(p.scope.iter().map(String::as_str), None, Holder::User(UserKind::of(&s.fhir_user)))
 }
 
-fn consent_page(client: &Client, s: &Session, sealed: &str, p: &Pending) -> HttpResponse {
+fn consent_page(auth: &Auth, client: &Client, s: &Session, sealed: &str, p: &Pending) -> HttpResponse {
     let offered = offered(s, p);
     // Only a clinician picks a patient; a patient is their own, a related person's is the
     // patient their RelatedPerson links to.
@@ -298,6 +347,7 @@ fn consent_page(client: &Client, s: &Session, sealed: &str, p: &Pending) -> Http
             sealed,
             &offered,
             ask_patient,
+            &s.csrf(auth),
         ),
     )
 }
@@ -307,6 +357,7 @@ fn session_cookie(auth: &Auth, s: &Session) -> actix_web::cookie::Cookie<'static
         .path("/")
         .http_only(true)
         .same_site(actix_web::cookie::SameSite::Lax)
+        .secure(auth.public_url.starts_with("https://"))
         .finish()
 }
 
@@ -317,9 +368,12 @@ pub fn check_login(state: &AppState, username: &str, password: &str) -> Result<O
     Ok(user.filter(|(u, _)| store::check_password(&u.password_hash, password)).map(|(u, _)| (id, u)))
 }
 
-async fn login(body: web::Bytes, state: web::Data<AppState>) -> HttpResponse {
+async fn login(req: HttpRequest, body: web::Bytes, state: web::Data<AppState>) -> HttpResponse {
     let auth = &state.auth;
     let p = form_pairs(&body);
+    if let Some(refused) = forged_post(auth, &req, &p, None) {
+        return refused;
+    }
     let sealed = get(&p, "request").unwrap_or("");
     let next = get(&p, "next");
     let (username, password) = (get(&p, "username").unwrap_or(""), get(&p, "password").unwrap_or(""));
@@ -339,7 +393,7 @@ async fn login(body: web::Bytes, state: web::Data<AppState>) -> HttpResponse {
         let action = if next.is_some() { "/portal/login" } else { "/auth/login" };
         return html(401, pages::login("fhir-ledger", sealed, Some("Wrong user name or password."), action));
     };
-    let session = Session { user_id, username: user.username.clone(), fhir_user: user.fhir_user.clone() };
+    let session = Session::new(user_id, &user);
     let cookie = session_cookie(auth, &session);
     if next.is_some() {
         return HttpResponse::SeeOther().cookie(cookie).insert_header((header::LOCATION, "/portal")).finish();
@@ -357,7 +411,7 @@ async fn login(body: web::Bytes, state: web::Data<AppState>) -> HttpResponse {
     let Some((client, _)) = client else {
         return html(400, pages::error("Unknown app", "the app is no longer registered"));
     };
-    let mut r = consent_page(&client, &session, sealed, &pending);
+    let mut r = consent_page(auth, &client, &session, sealed, &pending);
     let _ = r.add_cookie(&cookie);
     r
 }
@@ -375,9 +429,15 @@ async fn consent(req: HttpRequest, body: web::Bytes, state: web::Data<AppState>)
             )
         }
     };
+    if let Some(refused) = forged_post(auth, &req, &p, None) {
+        return refused;
+    }
     let Some(session) = session_of(auth, &req) else {
         return html(401, pages::login("fhir-ledger", sealed, Some("Please sign in first."), "/auth/login"));
     };
+    if let Some(refused) = forged_post(auth, &req, &p, Some(&session.csrf(auth))) {
+        return refused;
+    }
     let mut q: Vec<(&str, String)> = Vec::new();
     if get(&p, "decision") != Some("approve") {
         q.push(("error", "access_denied".into()));
@@ -1050,5 +1110,5 @@ async fn introspect(req: HttpRequest, body: web::Bytes, state: web::Data<AppStat
 
 /// A portal session for a user who signed in at `/portal`.
 pub fn portal_cookie(auth: &Auth, user_id: String, user: User) -> actix_web::cookie::Cookie<'static> {
-    session_cookie(auth, &Session { user_id, username: user.username, fhir_user: user.fhir_user })
+    session_cookie(auth, &Session::new(user_id, &user))
 }

@@ -42,6 +42,8 @@ pub struct Auth {
     id_key: OnceLock<(rsa::RsaPrivateKey, String)>,
     /// Seals authorization codes, sessions, launch contexts and pending requests.
     pub seal_key: [u8; 32],
+    /// Keys the CSRF tokens of login sessions.
+    csrf_key: [u8; 32],
     pub external: Vec<ExternalIssuer>,
     /// Verified tokens by SHA-256, so a token's signature is checked once, not per request.
     verified: Mutex<HashMap<[u8; 32], Arc<caller::Claims>>>,
@@ -87,6 +89,7 @@ impl Auth {
             id_seed: derive(kek, "fhir-ledger auth id-token rsa v1"),
             id_key: OnceLock::new(),
             seal_key: derive(kek, "fhir-ledger auth sealing v1"),
+            csrf_key: derive(kek, "fhir-ledger auth csrf v1"),
             external: s.external,
             verified: Mutex::new(HashMap::new()),
             used: Mutex::new(HashMap::new()),
@@ -147,6 +150,23 @@ impl Auth {
         (!caller.unrestricted).then_some(access::Access { caller, books: &self.books, default: self.consent_default })
     }
 
+    /// The CSRF token of a login session (its random nonce and user): the forms a session may
+    /// post carry it, and a post without the session's own token is refused.
+    pub fn csrf_token(&self, session_nonce: &str, user_id: &str) -> String {
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.csrf_key)
+            .unwrap_or_else(|_| unreachable!("HMAC takes any key"));
+        mac.update(session_nonce.as_bytes());
+        mac.update(b"\0");
+        mac.update(user_id.as_bytes());
+        hex::encode(mac.finalize().into_bytes())
+    }
+
+    /// Whether a state-changing form post may come from where it says: no `Origin` header (a
+    /// non-browser client), or exactly the public URL's origin.
+    pub fn origin_ok(&self, origin: Option<&str>) -> bool {
+        origin.is_none_or(|o| origin_of(o).is_some_and(|o| Some(o) == origin_of(&self.public_url)))
+    }
+
     pub fn endpoint(&self, path: &str) -> String {
         format!("{}{path}", self.public_url)
     }
@@ -186,6 +206,25 @@ impl Auth {
     }
 }
 
+/// `scheme://host[:port]` of a URL, lower-cased, without a default port; `None` for anything
+/// else (`null`, a path).
+pub fn origin_of(url: &str) -> Option<String> {
+    let (scheme, rest) = url.trim().split_once("://")?;
+    let scheme = scheme.to_ascii_lowercase();
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default().to_ascii_lowercase();
+    if authority.is_empty() || authority.contains('@') || !matches!(scheme.as_str(), "http" | "https") {
+        return None;
+    }
+    let default_port = if scheme == "https" { ":443" } else { ":80" };
+    let authority = authority.strip_suffix(default_port).unwrap_or(&authority);
+    Some(format!("{scheme}://{authority}"))
+}
+
+/// Equality of secrets in time independent of where they differ.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 pub fn now_s() -> i64 {
     crate::fhir::now_ms().div_euclid(1000)
 }
@@ -200,4 +239,36 @@ pub fn random_id() -> String {
 
 pub fn sha256_hex(s: &str) -> String {
     hex::encode(Sha256::digest(s.as_bytes()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn origins() {
+        assert_eq!(origin_of("https://Fhir.Example:443/r4/").as_deref(), Some("https://fhir.example"));
+        assert_eq!(origin_of("http://127.0.0.1:8080").as_deref(), Some("http://127.0.0.1:8080"));
+        assert_eq!(origin_of("null"), None);
+        assert_eq!(origin_of("ftp://x"), None);
+        let auth = Auth::new(
+            Settings {
+                enabled: true,
+                public_url: "http://127.0.0.1:8080/fhir".into(),
+                consent_default: ConsentDefault::OptOut,
+                access_ttl_secs: 60,
+                external: vec![],
+            },
+            &[7; 32],
+            crate::disclosure::Log::disabled(),
+        );
+        assert!(auth.origin_ok(None));
+        assert!(auth.origin_ok(Some("http://127.0.0.1:8080")));
+        assert!(!auth.origin_ok(Some("http://127.0.0.1:8081")));
+        assert!(!auth.origin_ok(Some("https://127.0.0.1:8080")));
+        assert!(!auth.origin_ok(Some("null")));
+        assert!(
+            constant_time_eq(b"abc", b"abc") && !constant_time_eq(b"abc", b"abd") && !constant_time_eq(b"ab", b"abc")
+        );
+    }
 }

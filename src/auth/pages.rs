@@ -91,7 +91,7 @@ fn capitalize(s: &str) -> String {
     c.next().map(|f| f.to_uppercase().collect::<String>() + c.as_str()).unwrap_or_default()
 }
 
-pub fn consent(app: &str, user: &str, request: &str, scopes: &[String], ask_patient: bool) -> String {
+pub fn consent(app: &str, user: &str, request: &str, scopes: &[String], ask_patient: bool, csrf: &str) -> String {
     let mut items = String::new();
     for (i, s) in scopes.iter().enumerate() {
         items.push_str(&format!(
@@ -112,6 +112,7 @@ pub fn consent(app: &str, user: &str, request: &str, scopes: &[String], ask_pati
         &format!(
             "<p>Signed in as <strong>{user}</strong>.</p><p><strong id=\"app-name\">{app}</strong> asks for:</p>\
 <form id=\"consent\" method=\"post\" action=\"/auth/consent\"><input type=\"hidden\" name=\"request\" value=\"{req}\">\
+<input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
 {items}{patient}<p>Untick anything you do not want to share. You can withdraw this at any time under \
 <a href=\"/portal\">your connected apps</a>.</p>\
 <button type=\"submit\" name=\"decision\" value=\"approve\" id=\"approve\">Allow</button>\
@@ -119,6 +120,7 @@ pub fn consent(app: &str, user: &str, request: &str, scopes: &[String], ask_pati
             user = esc(user),
             app = esc(app),
             req = esc(request),
+            csrf = esc(csrf),
         ),
     )
 }

@@ -332,3 +332,90 @@ async fn a_code_exchange_without_redirect_uri_is_refused() {
     let r = exchange(http, &s.base, &client_id, &flow.code, &flow.verifier).await;
     assert_eq!(r.status, 200, "with redirect_uri: {}", r.text);
 }
+
+/// Item 14: the consent form and the portal's withdraw form carry a CSRF token bound to the
+/// sign-in session; a post without it, with a wrong one, with another session's, or from
+/// another `Origin` is a 403 and changes nothing (before the fix each was accepted). The
+/// session cookie is `Secure` when the public URL is https.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forms_need_their_sessions_csrf_token_and_origin() {
+    let s = SmartServer::start(&[]);
+    let http = &s.http;
+    let sys = s.system_token("system/*.cruds").await;
+    for id in ["pat-a", "pat-b"] {
+        put_resource(http, &s.base, &sys, &smart::patient(id)).await;
+    }
+    let client_id = s.admin.public_client("App", None).await;
+    s.admin.user("alice", "Patient/pat-a").await;
+    s.admin.user("bob", "Patient/pat-b").await;
+    let scopes = ["launch/patient", "patient/*.rs"];
+    let page = ConsentPage::open(&s, &client_id, &scopes, "alice", None).await;
+    let bobs = ConsentPage::open(&s, &client_id, &scopes, "bob", None).await;
+    let csrf = page.hidden().into_iter().find(|(k, _)| k == "csrf").expect("a CSRF token").1;
+    let bobs_csrf = bobs.hidden().into_iter().find(|(k, _)| k == "csrf").expect("a CSRF token").1;
+    assert_ne!(csrf, bobs_csrf);
+    let request = input_value(&page.text, "request").expect("request");
+    let post = |fields: Vec<(&'static str, String)>, origin: Option<&'static str>| {
+        let mut form = vec![("request", request.clone()), ("decision", "approve".to_string())];
+        form.extend(scopes.iter().map(|sc| ("scope", sc.to_string())));
+        form.extend(fields);
+        let mut r = http.post(s.url("/auth/consent")).header(COOKIE, &page.session).form(&form);
+        if let Some(o) = origin {
+            r = r.header("origin", o);
+        }
+        send(r)
+    };
+    for (what, fields, origin) in [
+        ("no CSRF token", vec![], None),
+        ("a wrong CSRF token", vec![("csrf", "0".repeat(64))], None),
+        ("another session's CSRF token", vec![("csrf", bobs_csrf.clone())], None),
+        ("another origin", vec![("csrf", csrf.clone())], Some("http://evil.example")),
+        ("an opaque origin", vec![("csrf", csrf.clone())], Some("null")),
+    ] {
+        let r = post(fields, origin).await;
+        assert_eq!(r.status, 403, "{what}: {}", r.text);
+        assert!(r.header("location").is_empty(), "{what}: no redirect with a code");
+    }
+    let same_origin: &'static str = Box::leak(s.base.clone().into_boxed_str());
+    let r = post(vec![("csrf", csrf.clone())], Some(same_origin)).await;
+    let t = redeem(&s, &client_id, &page, &r).await;
+    let consent = t["consent"].as_str().expect("a grant Consent").trim_start_matches("Consent/").to_string();
+    let at = t["access_token"].as_str().expect("access_token").to_string();
+
+    // The portal's withdraw form.
+    let portal = send(http.get(s.url("/portal")).header(COOKIE, &page.session)).await;
+    assert_eq!(portal.status, 200, "{}", portal.text);
+    let action = format!("/portal/apps/{consent}/withdraw");
+    let fields = smart::form_fields(&portal.text, &action).unwrap_or_else(|| panic!("no form {action}"));
+    assert!(fields.iter().any(|(k, v)| k == "csrf" && !v.is_empty()), "the withdraw form's CSRF token: {fields:?}");
+    let withdraw = |form: Vec<(String, String)>, origin: Option<&'static str>| {
+        let mut r = http.post(s.url(&action)).header(COOKIE, &page.session).form(&form);
+        if let Some(o) = origin {
+            r = r.header("origin", o);
+        }
+        send(r)
+    };
+    let r = withdraw(vec![], None).await;
+    assert_eq!(r.status, 403, "withdraw without the CSRF token: {}", r.text);
+    let r = withdraw(fields.clone(), Some("http://evil.example")).await;
+    assert_eq!(r.status, 403, "withdraw from another origin: {}", r.text);
+    assert_eq!(get(http, &s.url("Patient/pat-a"), &at).await.status, 200, "the app still has access");
+    let r = withdraw(fields, Some(same_origin)).await;
+    assert!((200..400).contains(&r.status), "withdraw: {} {}", r.status, r.text);
+    smart::assert_invalid_token(&get(http, &s.url("Patient/pat-a"), &at).await, "after the withdrawal");
+
+    // Sign-in from another origin is refused too; the cookie has no Secure flag over http.
+    let form = [("username", "alice"), ("password", PASSWORD)];
+    let r = send(http.post(s.url("/portal/login")).header("origin", "http://evil.example").form(&form)).await;
+    assert_eq!(r.status, 403, "{}", r.text);
+    let r = send(http.post(s.url("/portal/login")).form(&form)).await;
+    let set = r.header("set-cookie");
+    assert!(set.starts_with("fl_session=") && !set.to_ascii_lowercase().contains("secure"), "{set}");
+
+    // Behind an https public URL the session cookie is Secure.
+    let tls = SmartServer::start(&["--public-url", "https://fhir.example"]);
+    tls.admin.user("carol", "Practitioner/prac-1").await;
+    let r = send(tls.http.post(tls.url("/portal/login")).form(&[("username", "carol"), ("password", PASSWORD)])).await;
+    let set = r.header("set-cookie");
+    assert!(set.starts_with("fl_session=") && set.to_ascii_lowercase().contains("; secure"), "{set}");
+}
