@@ -361,11 +361,72 @@ fn session_cookie(auth: &Auth, s: &Session) -> actix_web::cookie::Cookie<'static
         .finish()
 }
 
-/// Checks a user's password; `None` for an unknown user or a wrong password alike.
+/// Checks a user's password; `None` for an unknown user or a wrong password alike, in the same
+/// time: an unknown user's attempt is checked against a dummy hash, so timing does not tell
+/// which user names exist.
 pub fn check_login(state: &AppState, username: &str, password: &str) -> Result<Option<(String, User)>, FhirError> {
+    static DUMMY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     let id = store::user_id(username);
     let user: Option<(User, u64)> = store::get(&state.repo, store::USER, &id)?;
-    Ok(user.filter(|(u, _)| store::check_password(&u.password_hash, password)).map(|(u, _)| (id, u)))
+    match user {
+        Some((u, _)) => Ok(store::check_password(&u.password_hash, password).then_some((id, u))),
+        None => {
+            let dummy = DUMMY.get_or_init(|| store::hash_password("fhir-ledger: no such user").unwrap_or_default());
+            let _ = store::check_password(dummy, password);
+            Ok(None)
+        }
+    }
+}
+
+/// The outcome of a sign-in attempt.
+pub enum SignIn {
+    User(String, User),
+    Wrong,
+    /// Too many failures for the account or from the source: retry after this many seconds.
+    Throttled(i64),
+}
+
+/// A sign-in, throttled per account and per source address (see `throttle.rs`): refused
+/// without a password check while either is over the limit.
+pub async fn sign_in(
+    state: &web::Data<AppState>,
+    req: &HttpRequest,
+    username: &str,
+    password: &str,
+) -> Result<SignIn, String> {
+    let auth = &state.auth;
+    let keys = super::throttle::keys(username, req.peer_addr().map(|a| a.ip()));
+    if let Some(wait) = auth.logins.blocked(&keys, super::now_s()) {
+        tracing::warn!("sign-in for user {username:?} throttled ({wait} s left)");
+        return Ok(SignIn::Throttled(wait));
+    }
+    let checked = {
+        let state = state.clone();
+        let (u, pw) = (username.to_string(), password.to_string());
+        // Argon2 is deliberately slow: keep it off the HTTP worker.
+        web::block(move || check_login(&state, &u, &pw)).await
+    };
+    match checked {
+        Ok(Ok(Some((id, user)))) => {
+            auth.logins.succeeded(username);
+            Ok(SignIn::User(id, user))
+        }
+        Ok(Ok(None)) => {
+            tracing::warn!("failed login for user {username:?}");
+            auth.logins.failed(&keys, super::now_s());
+            Ok(SignIn::Wrong)
+        }
+        Ok(Err(e)) => Err(e.issues[0].diagnostics.clone()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// 429 with `Retry-After` and the sign-in form again.
+pub fn throttled(wait: i64, request: &str, action: &str) -> HttpResponse {
+    let mut r =
+        html(429, pages::login("fhir-ledger", request, Some("Too many failed sign-ins. Try again later."), action));
+    r.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from(wait.max(1)));
+    r
 }
 
 async fn login(req: HttpRequest, body: web::Bytes, state: web::Data<AppState>) -> HttpResponse {
@@ -377,21 +438,14 @@ async fn login(req: HttpRequest, body: web::Bytes, state: web::Data<AppState>) -
     let sealed = get(&p, "request").unwrap_or("");
     let next = get(&p, "next");
     let (username, password) = (get(&p, "username").unwrap_or(""), get(&p, "password").unwrap_or(""));
-    let checked = {
-        let state = state.clone();
-        let (u, pw) = (username.to_string(), password.to_string());
-        // Argon2 is deliberately slow: keep it off the HTTP worker.
-        web::block(move || check_login(&state, &u, &pw)).await
-    };
-    let user = match checked {
-        Ok(Ok(u)) => u,
-        Ok(Err(e)) => return html(503, pages::error("Unavailable", &e.issues[0].diagnostics)),
-        Err(e) => return html(503, pages::error("Unavailable", &e.to_string())),
-    };
-    let Some((user_id, user)) = user else {
-        tracing::warn!("failed login for user {username:?}");
-        let action = if next.is_some() { "/portal/login" } else { "/auth/login" };
-        return html(401, pages::login("fhir-ledger", sealed, Some("Wrong user name or password."), action));
+    let action = if next.is_some() { "/portal/login" } else { "/auth/login" };
+    let (user_id, user) = match sign_in(&state, &req, username, password).await {
+        Ok(SignIn::User(id, u)) => (id, u),
+        Ok(SignIn::Wrong) => {
+            return html(401, pages::login("fhir-ledger", sealed, Some("Wrong user name or password."), action))
+        }
+        Ok(SignIn::Throttled(wait)) => return throttled(wait, sealed, action),
+        Err(why) => return html(503, pages::error("Unavailable", &why)),
     };
     let session = Session::new(user_id, &user);
     let cookie = session_cookie(auth, &session);

@@ -18,6 +18,7 @@ pub mod portal;
 pub mod scopes;
 pub mod seal;
 pub mod store;
+pub mod throttle;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -53,6 +54,8 @@ pub struct Auth {
     external_keys: Mutex<HashMap<String, serde_json::Value>>,
     pub disclosures: crate::disclosure::Log,
     pub books: crate::consent::Books,
+    /// Failed sign-ins per account and source.
+    pub logins: throttle::Throttle,
     records: caller::Records<store::Client>,
     grants: caller::Records<store::Grant>,
 }
@@ -96,6 +99,7 @@ impl Auth {
             external_keys: Mutex::new(HashMap::new()),
             disclosures,
             books: crate::consent::Books::default(),
+            logins: throttle::Throttle::default(),
             records: caller::Records::default(),
             grants: caller::Records::default(),
         }

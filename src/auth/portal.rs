@@ -6,7 +6,7 @@ use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde_json::Value;
 
-use super::endpoints::{check_login, forged_post, html, session_csrf, session_user, CLIENT_SYSTEM};
+use super::endpoints::{forged_post, html, session_csrf, session_user, sign_in, throttled, SignIn, CLIENT_SYSTEM};
 use super::pages::{self, esc};
 use crate::api::AppState;
 use crate::error::FhirError;
@@ -128,18 +128,16 @@ async fn login(req: HttpRequest, body: web::Bytes, state: web::Data<AppState>) -
     }
     let get = |k: &str| p.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()).unwrap_or_default();
     let (username, password) = (get("username"), get("password"));
-    let st = state.clone();
-    let checked = web::block(move || check_login(&st, &username, &password)).await;
-    match checked {
-        Ok(Ok(Some((id, user)))) => {
+    match sign_in(&state, &req, &username, &password).await {
+        Ok(SignIn::User(id, user)) => {
             let cookie = super::endpoints::portal_cookie(&state.auth, id, user);
             HttpResponse::SeeOther().cookie(cookie).insert_header((header::LOCATION, "/portal")).finish()
         }
-        Ok(Ok(None)) => {
+        Ok(SignIn::Wrong) => {
             html(401, pages::login("your patient portal", "", Some("Wrong user name or password."), "/portal/login"))
         }
-        Ok(Err(e)) => html(503, pages::error("Unavailable", &e.issues[0].diagnostics)),
-        Err(e) => html(503, pages::error("Unavailable", &e.to_string())),
+        Ok(SignIn::Throttled(wait)) => throttled(wait, "", "/portal/login"),
+        Err(why) => html(503, pages::error("Unavailable", &why)),
     }
 }
 

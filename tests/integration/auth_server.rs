@@ -419,3 +419,52 @@ async fn forms_need_their_sessions_csrf_token_and_origin() {
     let set = r.header("set-cookie");
     assert!(set.starts_with("fl_session=") && set.to_ascii_lowercase().contains("; secure"), "{set}");
 }
+
+/// Item 14: ten failed sign-ins for an account lock that account from every source, and ten
+/// from one source lock that source for every account: 429 with `Retry-After`, before any
+/// password is checked (the right password too), on the portal's and the authorize flow's
+/// sign-in alike; other accounts and sources are unaffected. (Sources are distinct loopback
+/// addresses.) Before the fix nothing was throttled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sign_in_is_throttled_per_account_and_per_source() {
+    let s = SmartServer::start(&[]);
+    s.admin.user("alice", "Patient/pat-a").await;
+    s.admin.user("bob", "Patient/pat-b").await;
+    let from = |last: u8| {
+        reqwest::Client::builder()
+            .local_address(std::net::IpAddr::from([127, 0, 0, last]))
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(std::time::Duration::from_secs(120))
+            .build()
+            .expect("http client")
+    };
+    let login = |http: reqwest::Client, user: String, password: &'static str| {
+        let url = s.url("/portal/login");
+        async move { send(http.post(url).form(&[("username", user.as_str()), ("password", password)])).await }
+    };
+    let assert_throttled = |r: &Resp, what: &str| {
+        assert_eq!(r.status, 429, "{what}: {}", r.text);
+        let wait: i64 = r.header("retry-after").parse().unwrap_or_else(|_| panic!("{what}: Retry-After"));
+        assert!((1..=900).contains(&wait), "{what}: Retry-After {wait}");
+    };
+    let limit = 10;
+
+    let a = from(2);
+    for i in 0..limit {
+        let r = login(a.clone(), "alice".into(), "wrong").await;
+        assert_eq!(r.status, 401, "failure {i}: {}", r.text);
+    }
+    assert_throttled(&login(a.clone(), "alice".into(), PASSWORD).await, "alice, the right password, same source");
+    assert_throttled(&login(from(3), "alice".into(), PASSWORD).await, "alice from another source");
+    assert_eq!(login(from(3), "bob".into(), PASSWORD).await.status, 303, "bob from another source");
+
+    let c = from(4);
+    for i in 0..limit {
+        let r = login(c.clone(), format!("nobody-{i}"), "x").await;
+        assert_eq!(r.status, 401, "unknown user {i}: {}", r.text);
+    }
+    assert_throttled(&login(c.clone(), "bob".into(), PASSWORD).await, "bob from a throttled source");
+    let form = [("username", "bob"), ("password", PASSWORD), ("request", "")];
+    assert_throttled(&send(c.post(s.url("/auth/login")).form(&form)).await, "the authorize flow's sign-in");
+    assert_eq!(login(from(5), "bob".into(), PASSWORD).await.status, 303, "bob from a fresh source");
+}
