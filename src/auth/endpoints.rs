@@ -366,7 +366,7 @@ fn session_cookie(auth: &Auth, s: &Session) -> actix_web::cookie::Cookie<'static
 /// which user names exist.
 pub fn check_login(state: &AppState, username: &str, password: &str) -> Result<Option<(String, User)>, FhirError> {
     static DUMMY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    let id = store::user_id(username);
+    let id = state.auth.user_id(username);
     let user: Option<(User, u64)> = store::get(&state.repo, store::USER, &id)?;
     match user {
         Some((u, _)) => Ok(store::check_password(&u.password_hash, password).then_some((id, u))),
@@ -813,8 +813,19 @@ async fn authenticate_client(
             return Err(bad("the assertion is expired or lives longer than 5 minutes"));
         }
         let jti = parsed.claims.get("jti").and_then(Value::as_str).ok_or_else(|| bad("the assertion has no jti"))?;
-        if !state.auth.first_use(&format!("jti:{iss}:{jti}"), exp) {
-            return Err(bad("this assertion's jti was used before"));
+        // Remembered on the ledger, create-only: a replay fails on any node, even after a
+        // restart.
+        let record = store::Jti { client_id: iss.clone(), exp_s: exp };
+        match store::put(&state.repo, store::JTI, &store::jti_id(&iss, jti), &record, Some(0)).await {
+            Ok(()) => {}
+            Err(e) if e.status == 409 => return Err(bad("this assertion's jti was used before")),
+            Err(e) => {
+                return Err(OAuthError {
+                    status: 503,
+                    error: "temporarily_unavailable",
+                    why: e.issues[0].diagnostics.clone(),
+                })
+            }
         }
         return Ok(client);
     }

@@ -45,11 +45,11 @@ pub struct Auth {
     pub seal_key: [u8; 32],
     /// Keys the CSRF tokens of login sessions.
     csrf_key: [u8; 32],
+    /// Keys user record ids (an HMAC of the user name).
+    user_id_key: [u8; 32],
     pub external: Vec<ExternalIssuer>,
     /// Verified tokens by SHA-256, so a token's signature is checked once, not per request.
     verified: Mutex<HashMap<[u8; 32], Arc<caller::Claims>>>,
-    /// Single-use values (client assertion `jti`s, codes) seen, with their expiry.
-    used: Mutex<HashMap<String, i64>>,
     /// External issuers' key sets, fetched on first use.
     external_keys: Mutex<HashMap<String, serde_json::Value>>,
     pub disclosures: crate::disclosure::Log,
@@ -93,9 +93,9 @@ impl Auth {
             id_key: OnceLock::new(),
             seal_key: derive(kek, "fhir-ledger auth sealing v1"),
             csrf_key: derive(kek, "fhir-ledger auth csrf v1"),
+            user_id_key: derive(kek, "fhir-ledger auth user id v1"),
             external: s.external,
             verified: Mutex::new(HashMap::new()),
-            used: Mutex::new(HashMap::new()),
             external_keys: Mutex::new(HashMap::new()),
             disclosures,
             books: crate::consent::Books::default(),
@@ -154,6 +154,17 @@ impl Auth {
         (!caller.unrestricted).then_some(access::Access { caller, books: &self.books, default: self.consent_default })
     }
 
+    /// The id of a user's record: HMAC-SHA256 of the user name under a KEK-derived key (40 hex
+    /// digits). Every node computes the same id, so a sign-in is one lookup, but the ids the
+    /// ledger's headers carry reveal no user name to anyone without the KEK (an unsalted hash
+    /// could be reversed by hashing guessed names).
+    pub fn user_id(&self, username: &str) -> String {
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.user_id_key)
+            .unwrap_or_else(|_| unreachable!("HMAC takes any key"));
+        mac.update(username.as_bytes());
+        hex::encode(mac.finalize().into_bytes())[..40].to_string()
+    }
+
     /// The CSRF token of a login session (its random nonce and user): the forms a session may
     /// post carry it, and a post without the session's own token is refused.
     pub fn csrf_token(&self, session_nonce: &str, user_id: &str) -> String {
@@ -173,22 +184,6 @@ impl Auth {
 
     pub fn endpoint(&self, path: &str) -> String {
         format!("{}{path}", self.public_url)
-    }
-
-    /// Records a single-use value until `exp_s`; false if it was seen before.
-    pub fn first_use(&self, key: &str, exp_s: i64) -> bool {
-        let now = now_s();
-        let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
-        if used.len() > 100_000 {
-            used.retain(|_, exp| *exp >= now);
-        }
-        match used.get(key) {
-            Some(exp) if *exp >= now => false,
-            _ => {
-                used.insert(key.to_string(), exp_s.max(now + 1));
-                true
-            }
-        }
     }
 
     fn cached(&self, token: &str) -> (Option<Arc<caller::Claims>>, [u8; 32]) {

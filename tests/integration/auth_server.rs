@@ -468,3 +468,83 @@ async fn sign_in_is_throttled_per_account_and_per_source() {
     assert_throttled(&send(c.post(s.url("/auth/login")).form(&form)).await, "the authorize flow's sign-in");
     assert_eq!(login(from(5), "bob".into(), PASSWORD).await.status, 303, "bob from a fresh source");
 }
+
+/// Item 14: a client assertion's `jti` is remembered on the ledger, not in one process's
+/// memory: replayed after the server restarts (same data, same public URL), it is still 401
+/// `invalid_client` (before the fix the restarted server accepted it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_assertion_replayed_after_a_restart_is_refused() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let public = "http://fhir-ledger.test";
+    let start = || {
+        crate::support::Server::launch_auth(
+            dir.path(),
+            &["--public-url", public],
+            &[("FHIR_LEDGER_ADMIN_TOKEN", smart::ADMIN_TOKEN)],
+        )
+    };
+    let http = smart::http_client();
+    let request = |base: String, assertion: String| {
+        let http = http.clone();
+        async move {
+            let form = [
+                ("grant_type", "client_credentials"),
+                ("scope", "system/Patient.rs"),
+                ("client_assertion_type", smart::JWT_BEARER),
+                ("client_assertion", assertion.as_str()),
+            ];
+            send(http.post(format!("{base}/auth/token")).form(&form)).await
+        }
+    };
+    let aud = format!("{public}/auth/token");
+    let server = start();
+    let admin = smart::Admin::new(&http, &server.base, smart::ADMIN_TOKEN);
+    let b = smart::Backend::register(&admin, smart::ClientKey::ed25519(), "system/Patient.rs").await;
+    let assertion = b.assertion_with(&b.kid, &aud, &smart::random_hex(16), 240);
+    let r = request(server.base.clone(), assertion.clone()).await;
+    assert_eq!(r.status, 200, "first use: {}", r.text);
+    let r = request(server.base.clone(), assertion.clone()).await;
+    assert_eq!(r.status, 401, "a replay: {}", r.text);
+    drop(server);
+
+    let server = start();
+    let r = request(server.base.clone(), assertion).await;
+    assert_eq!(r.status, 401, "a replay after the restart: {}", r.text);
+    assert_eq!(r.json()["error"], "invalid_client", "{}", r.text);
+    let fresh = b.assertion_with(&b.kid, &aud, &smart::random_hex(16), 240);
+    let r = request(server.base.clone(), fresh).await;
+    assert_eq!(r.status, 200, "a fresh assertion after the restart: {}", r.text);
+}
+
+/// Item 14: a user's id (the token's `sub`, the id of the user record the ledger's public
+/// headers carry) is an HMAC of the user name under a key derived from the KEK, not the
+/// unsalted hash anyone could compute from a guessed name (as before the fix).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_ids_do_not_reveal_user_names() {
+    use sha2::{Digest, Sha256};
+    let s = SmartServer::start(&[]);
+    let sys = s.system_token("system/*.cruds").await;
+    put_resource(&s.http, &s.base, &sys, &smart::patient("pat-a")).await;
+    let client_id = s.admin.public_client("App", None).await;
+    s.admin.user("alice", "Patient/pat-a").await;
+    let t = user_token(&s.http, &s.base, &client_id, &["launch/patient", "patient/*.rs"], &Login::new("alice")).await;
+    let sub = smart::parse_jwt(t["access_token"].as_str().expect("access_token")).claims["sub"].clone();
+    let sub = sub.as_str().expect("sub").to_string();
+    let unsalted = hex::encode(Sha256::digest(b"fhir-ledger user alice"))[..40].to_string();
+    assert_ne!(sub, unsalted, "the old, guessable id");
+    let kek = hex::decode(std::fs::read_to_string(s.dir.path().join("kek.key")).expect("kek").trim()).expect("hex");
+    let key = smart::hmac_sha256(&kek, b"fhir-ledger auth user id v1");
+    assert_eq!(sub, hex::encode(smart::hmac_sha256(&key, b"alice"))[..40], "HMAC under the KEK-derived key");
+    // Where the ledger's headers are readable, the user record is there under that id only.
+    let r = send(s.http.get(s.url("/ledger/entries?_count=1000")).bearer_auth(&sys)).await;
+    if r.status == 200 {
+        let users: Vec<String> = r.json()["entries"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e["resource"].as_str().filter(|x| x.starts_with("_auth.User/")).map(str::to_string))
+            .collect();
+        assert_eq!(users, [format!("_auth.User/{sub}/_history/1")], "{}", r.text);
+        assert!(!r.text.contains("alice") && !r.text.contains(&unsalted), "{}", r.text);
+    }
+}
