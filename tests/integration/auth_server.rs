@@ -170,11 +170,11 @@ async fn a_related_person_acts_only_for_a_linked_patient() {
     let scopes = ["launch/patient", "patient/Observation.rs", "user/*.rs"];
 
     let page = ConsentPage::open(&s, &client_id, &scopes, "rita", None).await;
-    assert_eq!(page.offered(), ["launch/patient", "patient/Observation.rs"], "no user/ scope for a related person");
     let r = page.approve(&s, &scopes, &[("patient", "pat-b")]).await;
     let q = redirect_params(&r);
     assert_eq!(param(&q, "error"), Some("access_denied"), "rita picks bob: {q:?}");
     assert!(param(&q, "code").is_none(), "{q:?}");
+    assert_eq!(page.offered(), ["launch/patient", "patient/Observation.rs"], "no user/ scope for a related person");
     let launch_b = s.admin.launch("pat-b", None).await;
     let page = ConsentPage::open(&s, &client_id, &["launch", "patient/Observation.rs"], "rita", Some(&launch_b)).await;
     let r = page.approve(&s, &["launch", "patient/Observation.rs"], &[]).await;
@@ -230,15 +230,15 @@ async fn an_opt_in_approval_is_for_the_approving_user_only() {
     let consent = t["consent"].as_str().expect("a grant Consent").to_string();
     let alice = t["access_token"].as_str().expect("access_token").to_string();
     assert_eq!(get(http, &s.url("Observation/obs-a"), &alice).await.status, 200, "alice through the app");
-    let c = get(http, &s.url(&consent), &alice).await.json();
-    let actors = c["provision"]["actor"].to_string();
-    assert!(actors.contains("Patient/pat-a") && actors.contains(&client_id), "the app and alice: {c}");
-
     let doc = user_token(http, &s.base, &client_id, &["user/*.rs"], &Login::new("drsmith")).await;
     let doc = doc["access_token"].as_str().expect("access_token");
     assert_eq!(get(http, &s.url("Observation/obs-a"), doc).await.status, 404, "another user of the same app");
     let r = get(http, &s.url("Observation?subject=Patient/pat-a&_total=accurate"), doc).await;
     assert_eq!(r.json()["total"], 0, "{}", r.text);
+
+    let c = get(http, &s.url(&consent), &alice).await.json();
+    let actors = c["provision"]["actor"].to_string();
+    assert!(actors.contains("Patient/pat-a") && actors.contains(&client_id), "the app and alice: {c}");
 }
 
 /// Item 6: `POST /auth/revoke` revokes only a token that verifies: `<grant id>.anything` and an
