@@ -33,6 +33,9 @@ struct Provision {
     data: Vec<String>,
     actions: Vec<String>,
     children: Vec<Provision>,
+    /// Every actor must be among the caller's (a grant Consent: the app *and* the user who
+    /// approved it), not any one of them.
+    all_actors: bool,
 }
 
 /// One active Consent of a patient.
@@ -113,7 +116,26 @@ fn provision(v: &Value) -> Provision {
         data: v["data"].as_array().into_iter().flatten().filter_map(|d| reference_key(&d["reference"])).collect(),
         actions: codes(&v["action"]),
         children: v["provision"].as_array().into_iter().flatten().map(provision).collect(),
+        all_actors: false,
     }
+}
+
+/// A Consent's root provision. The grant Consents the authorization server writes when a
+/// patient approves an app (marked by the scopes extension) name the app and the approving
+/// user; they apply only to that user through that app, never to every user of the app.
+fn root_provision(consent: &Value) -> Provision {
+    fn require_all(p: &mut Provision) {
+        p.all_actors = true;
+        p.children.iter_mut().for_each(require_all);
+    }
+    let mut root = provision(&consent["provision"]);
+    let grant = consent["extension"]
+        .as_array()
+        .is_some_and(|e| e.iter().any(|x| x["url"] == crate::auth::endpoints::SCOPES_EXTENSION));
+    if grant {
+        require_all(&mut root);
+    }
+    root
 }
 
 fn overlaps(a: (i64, i64), b: (i64, i64)) -> bool {
@@ -123,7 +145,12 @@ fn overlaps(a: (i64, i64), b: (i64, i64)) -> bool {
 impl Provision {
     fn applies(&self, r: &Request) -> bool {
         (self.period.is_none_or(|p| p.0 <= r.now_ms && r.now_ms < p.1))
-            && (self.actors.is_empty() || self.actors.iter().any(|a| r.actors.contains(a)))
+            && (self.actors.is_empty()
+                || if self.all_actors {
+                    self.actors.iter().all(|a| r.actors.contains(a))
+                } else {
+                    self.actors.iter().any(|a| r.actors.contains(a))
+                })
             && (self.purposes.is_empty() || r.purpose.is_some_and(|p| self.purposes.iter().any(|x| x == p)))
             && (self.classes.is_empty() || self.classes.iter().any(|c| c == r.rtype))
             && (self.labels.is_empty() || self.labels.iter().any(|l| r.labels.contains(&l.as_str())))
@@ -203,7 +230,7 @@ impl Books {
             let Some(patient) = v["patient"]["reference"].as_str().and_then(|r| r.strip_prefix("Patient/")) else {
                 continue;
             };
-            let rule = Rule { id: d.id.clone(), root: provision(&v["provision"]) };
+            let rule = Rule { id: d.id.clone(), root: root_provision(&v) };
             book.by_patient.entry(patient.to_string()).or_default().push(rule);
         }
         let book = Arc::new(book);
@@ -224,10 +251,7 @@ mod tests {
     fn book(consents: &[Value]) -> Book {
         let mut b = Book::default();
         for (i, c) in consents.iter().enumerate() {
-            b.by_patient
-                .entry("p".into())
-                .or_default()
-                .push(Rule { id: i.to_string(), root: provision(&c["provision"]) });
+            b.by_patient.entry("p".into()).or_default().push(Rule { id: i.to_string(), root: root_provision(c) });
         }
         b
     }
@@ -255,6 +279,21 @@ mod tests {
         assert_eq!(b.decide("p", &req(&a, "Observation", &["R"], None)), Some(Decision::Deny));
         assert_eq!(b.decide("p", &req(&a, "Observation", &[], None)), None);
         assert_eq!(b.decide("p", &req(&a, "Observation", &[], Some("HRESCH"))), Some(Decision::Permit));
+    }
+
+    #[test]
+    fn a_grant_consent_permits_only_its_user_through_its_app() {
+        let b = book(&[json!({
+            "extension": [{"url": crate::auth::endpoints::SCOPES_EXTENSION, "valueString": "patient/*.rs"}],
+            "provision": {"type": "permit", "actor": [
+                {"reference": {"identifier": {"system": "urn:fhir-ledger:client", "value": "app"}}},
+                {"reference": {"reference": "Patient/p"}}]}})]);
+        let approver = vec!["Patient/p".to_string(), "client:app".to_string()];
+        let other_user = vec!["Practitioner/9".to_string(), "client:app".to_string()];
+        let other_app = vec!["Patient/p".to_string(), "client:other".to_string()];
+        assert_eq!(b.decide("p", &req(&approver, "Observation", &[], None)), Some(Decision::Permit));
+        assert_eq!(b.decide("p", &req(&other_user, "Observation", &[], None)), None);
+        assert_eq!(b.decide("p", &req(&other_app, "Observation", &[], None)), None);
     }
 
     #[test]

@@ -351,7 +351,9 @@ def login_and_consent(url, username, password, decision="approve"):
     decisions = {b.get("id"): (b.get("name"), b.get("value")) for b in consent["buttons"]}
     assert decisions.get("approve") == ("decision", "approve") and decisions.get("deny") == ("decision", "deny"), decisions
     offered = [b["value"] for b in boxes]
-    data = [("request", Page.hidden(consent, "request"))] + [("scope", s) for s in offered] + [("decision", decision)]
+    # The form's hidden fields: the pending request and the session's CSRF token.
+    data = [("request", Page.hidden(consent, "request")), ("csrf", Page.hidden(consent, "csrf"))]
+    data += [("scope", s) for s in offered] + [("decision", decision)]
     r = ua.post(urllib.parse.urljoin(r.url, consent["action"]), data=data, allow_redirects=False)
     assert r.status_code in (302, 303), f"consent: {r.status_code} {r.text[:500]}"
     return page, urllib.parse.urljoin(r.url, r.headers["Location"]), offered

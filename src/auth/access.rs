@@ -213,8 +213,9 @@ impl<'c> Guard<'c> {
             if self.caller.is_patient(p) {
                 continue;
             }
-            // A patient-launched app acts on the patient's own approval (its grant Consent).
-            if self.caller.claims.consent.is_some() && self.caller.patient() == Some(p) {
+            // A patient-launched app acts on the patient's own approval (its grant Consent),
+            // for the user who approved it only.
+            if self.caller.claims.consent.is_some() && self.caller.patient() == Some(p) && self.caller.is_patient(p) {
                 continue;
             }
             let decision = if self.book.rules(p).is_empty() {

@@ -192,13 +192,15 @@ async fn add_user(req: HttpRequest, body: web::Bytes, state: web::Data<AppState>
             let password = n.password.clone();
             let hash = web::block(move || store::hash_password(&password)).await.map_err(FhirError::internal)??;
             let user = User { username: n.username.clone(), password_hash: hash, fhir_user: n.fhir_user.clone() };
-            store::put(&state.repo, store::USER, &store::user_id(&n.username), &user, Some(0)).await.map_err(|e| {
-                if e.status == 409 {
-                    FhirError::new(409, "duplicate", format!("user {:?} exists already", n.username))
-                } else {
-                    e
-                }
-            })?;
+            store::put(&state.repo, store::USER, &state.auth.user_id(&n.username), &user, Some(0)).await.map_err(
+                |e| {
+                    if e.status == 409 {
+                        FhirError::new(409, "duplicate", format!("user {:?} exists already", n.username))
+                    } else {
+                        e
+                    }
+                },
+            )?;
             Ok(HttpResponse::Created()
                 .content_type("application/json")
                 .body(json!({"username": n.username, "fhirUser": n.fhir_user}).to_string()))

@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use super::jose::{self, Alg};
-use super::scopes::{self, Scope};
+use super::scopes::{self, Holder, Scope, UserKind};
 use super::store::{self, Client, Grant, User};
 use super::{pages, seal, Auth};
 use crate::api::AppState;
@@ -140,6 +140,9 @@ pub struct Launch {
 struct Pending {
     client_id: String,
     redirect_uri: String,
+    /// The authorize request named its redirect_uri: the token request must too (RFC 6749 4.1.3).
+    #[serde(default)]
+    redirect_given: bool,
     scope: Vec<String>,
     state: Option<String>,
     code_challenge: String,
@@ -152,6 +155,55 @@ struct Session {
     user_id: String,
     username: String,
     fhir_user: String,
+    /// Random per sign-in: the CSRF token of the session's forms derives from it.
+    #[serde(default)]
+    nonce: String,
+}
+
+impl Session {
+    fn new(user_id: String, user: &User) -> Self {
+        Session {
+            user_id,
+            username: user.username.clone(),
+            fhir_user: user.fhir_user.clone(),
+            nonce: super::random_id(),
+        }
+    }
+
+    fn csrf(&self, auth: &Auth) -> String {
+        auth.csrf_token(&self.nonce, &self.user_id)
+    }
+}
+
+/// Refuses a state-changing form post from another origin (`Origin` present and not the
+/// public URL's) or, when `session` is given, without that session's CSRF token.
+pub(crate) fn forged_post(
+    auth: &Auth,
+    req: &HttpRequest,
+    form: &[(String, String)],
+    session: Option<&str>,
+) -> Option<HttpResponse> {
+    let origin = req.headers().get(header::ORIGIN).map(|o| o.to_str().unwrap_or("null"));
+    if !auth.origin_ok(origin) {
+        tracing::warn!("refused a form post from origin {origin:?}");
+        return Some(html(403, pages::error("Refused", "this form was not sent from this server's pages")));
+    }
+    if let Some(expected) = session {
+        let given = get(form, "csrf").unwrap_or("");
+        if !super::constant_time_eq(given.as_bytes(), expected.as_bytes()) {
+            tracing::warn!("refused a form post without its session's CSRF token");
+            return Some(html(
+                403,
+                pages::error("Refused", "this form is not from your current session; reload the page and try again"),
+            ));
+        }
+    }
+    None
+}
+
+/// The CSRF token of the browser's session, if it has one.
+pub fn session_csrf(auth: &Auth, req: &HttpRequest) -> Option<String> {
+    session_of(auth, req).map(|s| s.csrf(auth))
 }
 
 #[derive(Serialize, Deserialize)]
@@ -159,6 +211,8 @@ struct Code {
     id: String,
     client_id: String,
     redirect_uri: String,
+    #[serde(default)]
+    redirect_given: bool,
     code_challenge: String,
     scope: String,
     sub: String,
@@ -242,17 +296,12 @@ fn authorize(req: &HttpRequest, state: &AppState, p: &[(String, String)]) -> Htt
         return fail("invalid_request", &format!("aud must be this FHIR server's base URL, {}", auth.public_url));
     }
     let requested = get(p, "scope").unwrap_or("");
-    let parsed = match scopes::parse_all(requested) {
-        Ok(s) => s,
-        Err(why) => return fail("invalid_scope", &why),
-    };
-    let ceiling = client.scope.as_deref().map(scopes::parse_all).transpose().unwrap_or(None);
-    let scope: Vec<String> = requested
-        .split_whitespace()
-        .zip(&parsed)
-        .filter(|(_, s)| ceiling.as_ref().is_none_or(|c| scopes::within(s, c)))
-        .map(|(s, _)| s.to_string())
-        .collect();
+    if let Err(why) = scopes::parse_all(requested) {
+        return fail("invalid_scope", &why);
+    }
+    // Within the client's ceiling, and never `system/` through a user's authorization; the
+    // consent page and the approval narrow further to what the signed-in user may hold.
+    let scope = scopes::grantable(requested.split_whitespace(), client.scope.as_deref(), Holder::AnyUser);
     let launch = match get(p, "launch") {
         Some(l) => match seal::open::<Launch>(&auth.seal_key, "launch", l) {
             Ok(l) => l,
@@ -263,6 +312,7 @@ fn authorize(req: &HttpRequest, state: &AppState, p: &[(String, String)]) -> Htt
     let pending = Pending {
         client_id: client_id.to_string(),
         redirect_uri: redirect_uri.clone(),
+        redirect_given: get(p, "redirect_uri").is_some(),
         scope,
         state: st.map(str::to_string),
         code_challenge: challenge.to_string(),
@@ -271,23 +321,33 @@ fn authorize(req: &HttpRequest, state: &AppState, p: &[(String, String)]) -> Htt
     };
     let sealed = seal::seal(&auth.seal_key, "authorize", REQUEST_TTL_S, &pending);
     match session_of(auth, req) {
-        Some(s) => consent_page(&client, &s, &sealed, &pending),
+        Some(s) => consent_page(auth, &client, &s, &sealed, &pending),
         None => html(200, pages::login(&client.client_name, &sealed, None, "/auth/login")),
     }
 }
 
-fn consent_page(client: &Client, s: &Session, sealed: &str, p: &Pending) -> HttpResponse {
-    let ask_patient = p.scope.iter().any(|x| x == "launch/patient")
+/// The scopes of a pending request the signed-in user may hold (the consent page offers
+/// these and the approval grants no others).
+fn offered(s: &Session, p: &Pending) -> Vec<String> {
+    scopes::grantable(p.scope.iter().map(String::as_str), None, Holder::User(UserKind::of(&s.fhir_user)))
+}
+
+fn consent_page(auth: &Auth, client: &Client, s: &Session, sealed: &str, p: &Pending) -> HttpResponse {
+    let offered = offered(s, p);
+    // Only a clinician picks a patient; a patient is their own, a related person's is the
+    // patient their RelatedPerson links to.
+    let ask_patient = offered.iter().any(|x| x == "launch/patient")
         && p.launch.patient.is_none()
-        && !s.fhir_user.starts_with("Patient/");
+        && UserKind::of(&s.fhir_user) == UserKind::Practitioner;
     html(
         200,
         pages::consent(
             &client.client_name,
             &format!("{} ({})", s.username, s.fhir_user),
             sealed,
-            &p.scope,
+            &offered,
             ask_patient,
+            &s.csrf(auth),
         ),
     )
 }
@@ -297,39 +357,97 @@ fn session_cookie(auth: &Auth, s: &Session) -> actix_web::cookie::Cookie<'static
         .path("/")
         .http_only(true)
         .same_site(actix_web::cookie::SameSite::Lax)
+        .secure(auth.public_url.starts_with("https://"))
         .finish()
 }
 
-/// Checks a user's password; `None` for an unknown user or a wrong password alike.
+/// Checks a user's password; `None` for an unknown user or a wrong password alike, in the same
+/// time: an unknown user's attempt is checked against a dummy hash, so timing does not tell
+/// which user names exist.
 pub fn check_login(state: &AppState, username: &str, password: &str) -> Result<Option<(String, User)>, FhirError> {
-    let id = store::user_id(username);
+    static DUMMY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let id = state.auth.user_id(username);
     let user: Option<(User, u64)> = store::get(&state.repo, store::USER, &id)?;
-    Ok(user.filter(|(u, _)| store::check_password(&u.password_hash, password)).map(|(u, _)| (id, u)))
+    match user {
+        Some((u, _)) => Ok(store::check_password(&u.password_hash, password).then_some((id, u))),
+        None => {
+            let dummy = DUMMY.get_or_init(|| store::hash_password("fhir-ledger: no such user").unwrap_or_default());
+            let _ = store::check_password(dummy, password);
+            Ok(None)
+        }
+    }
 }
 
-async fn login(body: web::Bytes, state: web::Data<AppState>) -> HttpResponse {
+/// The outcome of a sign-in attempt.
+pub enum SignIn {
+    User(String, User),
+    Wrong,
+    /// Too many failures for the account or from the source: retry after this many seconds.
+    Throttled(i64),
+}
+
+/// A sign-in, throttled per account and per source address (see `throttle.rs`): refused
+/// without a password check while either is over the limit.
+pub async fn sign_in(
+    state: &web::Data<AppState>,
+    req: &HttpRequest,
+    username: &str,
+    password: &str,
+) -> Result<SignIn, String> {
     let auth = &state.auth;
-    let p = form_pairs(&body);
-    let sealed = get(&p, "request").unwrap_or("");
-    let next = get(&p, "next");
-    let (username, password) = (get(&p, "username").unwrap_or(""), get(&p, "password").unwrap_or(""));
+    let keys = super::throttle::keys(username, req.peer_addr().map(|a| a.ip()));
+    if let Some(wait) = auth.logins.blocked(&keys, super::now_s()) {
+        tracing::warn!("sign-in for user {username:?} throttled ({wait} s left)");
+        return Ok(SignIn::Throttled(wait));
+    }
     let checked = {
         let state = state.clone();
         let (u, pw) = (username.to_string(), password.to_string());
         // Argon2 is deliberately slow: keep it off the HTTP worker.
         web::block(move || check_login(&state, &u, &pw)).await
     };
-    let user = match checked {
-        Ok(Ok(u)) => u,
-        Ok(Err(e)) => return html(503, pages::error("Unavailable", &e.issues[0].diagnostics)),
-        Err(e) => return html(503, pages::error("Unavailable", &e.to_string())),
+    match checked {
+        Ok(Ok(Some((id, user)))) => {
+            auth.logins.succeeded(username);
+            Ok(SignIn::User(id, user))
+        }
+        Ok(Ok(None)) => {
+            tracing::warn!("failed login for user {username:?}");
+            auth.logins.failed(&keys, super::now_s());
+            Ok(SignIn::Wrong)
+        }
+        Ok(Err(e)) => Err(e.issues[0].diagnostics.clone()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// 429 with `Retry-After` and the sign-in form again.
+pub fn throttled(wait: i64, request: &str, action: &str) -> HttpResponse {
+    let mut r =
+        html(429, pages::login("fhir-ledger", request, Some("Too many failed sign-ins. Try again later."), action));
+    r.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from(wait.max(1)));
+    r
+}
+
+async fn login(req: HttpRequest, body: web::Bytes, state: web::Data<AppState>) -> HttpResponse {
+    let auth = &state.auth;
+    let p = form_pairs(&body);
+    if let Some(refused) = forged_post(auth, &req, &p, None) {
+        return refused;
+    }
+    let sealed = get(&p, "request").unwrap_or("");
+    let next = get(&p, "next");
+    let (username, password) = (get(&p, "username").unwrap_or(""), get(&p, "password").unwrap_or(""));
+    let action = if next.is_some() { "/portal/login" } else { "/auth/login" };
+    let (user_id, user) = match sign_in(&state, &req, username, password).await {
+        Ok(SignIn::User(id, u)) => (id, u),
+        Ok(SignIn::Wrong) => {
+            return html(401, pages::login("fhir-ledger", sealed, Some("Wrong user name or password."), action))
+        }
+        Ok(SignIn::Throttled(wait)) => return throttled(wait, sealed, action),
+        Err(why) => return html(503, pages::error("Unavailable", &why)),
     };
-    let Some((user_id, user)) = user else {
-        tracing::warn!("failed login for user {username:?}");
-        let action = if next.is_some() { "/portal/login" } else { "/auth/login" };
-        return html(401, pages::login("fhir-ledger", sealed, Some("Wrong user name or password."), action));
-    };
-    let session = Session { user_id, username: user.username.clone(), fhir_user: user.fhir_user.clone() };
+    let session = Session::new(user_id, &user);
     let cookie = session_cookie(auth, &session);
     if next.is_some() {
         return HttpResponse::SeeOther().cookie(cookie).insert_header((header::LOCATION, "/portal")).finish();
@@ -347,7 +465,7 @@ async fn login(body: web::Bytes, state: web::Data<AppState>) -> HttpResponse {
     let Some((client, _)) = client else {
         return html(400, pages::error("Unknown app", "the app is no longer registered"));
     };
-    let mut r = consent_page(&client, &session, sealed, &pending);
+    let mut r = consent_page(auth, &client, &session, sealed, &pending);
     let _ = r.add_cookie(&cookie);
     r
 }
@@ -365,9 +483,15 @@ async fn consent(req: HttpRequest, body: web::Bytes, state: web::Data<AppState>)
             )
         }
     };
+    if let Some(refused) = forged_post(auth, &req, &p, None) {
+        return refused;
+    }
     let Some(session) = session_of(auth, &req) else {
         return html(401, pages::login("fhir-ledger", sealed, Some("Please sign in first."), "/auth/login"));
     };
+    if let Some(refused) = forged_post(auth, &req, &p, Some(&session.csrf(auth))) {
+        return refused;
+    }
     let mut q: Vec<(&str, String)> = Vec::new();
     if get(&p, "decision") != Some("approve") {
         q.push(("error", "access_denied".into()));
@@ -376,7 +500,12 @@ async fn consent(req: HttpRequest, body: web::Bytes, state: web::Data<AppState>)
         match approve(&state, &session, &pending, &p).await {
             Ok(code) => q.push(("code", code)),
             Err(e) => {
-                q.push(("error", "invalid_request".into()));
+                let error = match e.status {
+                    403 => "access_denied",
+                    s if s >= 500 => "temporarily_unavailable",
+                    _ => "invalid_request",
+                };
+                q.push(("error", error.into()));
                 q.push(("error_description", e.issues[0].diagnostics.clone()));
             }
         }
@@ -389,7 +518,10 @@ async fn consent(req: HttpRequest, body: web::Bytes, state: web::Data<AppState>)
 }
 
 /// The approved scopes, the patient context and (for a patient) the Consent on the ledger;
-/// returns the authorization code.
+/// returns the authorization code. Only scopes the user may hold are granted, and the patient
+/// context is checked here, whatever the form says: a patient is only themself, a related
+/// person only the patient their RelatedPerson links to (and whose Consents permit them), a
+/// clinician any patient.
 async fn approve(
     state: &AppState,
     s: &Session,
@@ -397,18 +529,59 @@ async fn approve(
     form: &[(String, String)],
 ) -> Result<String, FhirError> {
     let auth = &state.auth;
+    let kind = UserKind::of(&s.fhir_user);
     let ticked: Vec<&str> = form.iter().filter(|(k, _)| k == "scope").map(|(_, v)| v.as_str()).collect();
-    let scope: Vec<String> = pending.scope.iter().filter(|s| ticked.contains(&s.as_str())).cloned().collect();
+    let mut scope: Vec<String> = offered(s, pending).into_iter().filter(|x| ticked.contains(&x.as_str())).collect();
+    let wants_patient = |scope: &[String]| scope.iter().any(|x| x == "launch/patient" || x.starts_with("patient/"));
+    let chosen = get(form, "patient").map(str::to_string);
     let own_patient = s.fhir_user.strip_prefix("Patient/").map(str::to_string);
-    let mut patient = pending.launch.patient.clone();
-    if patient.is_none() && scope.iter().any(|x| x == "launch/patient") {
-        patient = own_patient.clone().or_else(|| get(form, "patient").map(str::to_string));
-        if patient.is_none() {
-            return Err(FhirError::invalid("launch/patient: choose a patient"));
+    let patient = match kind {
+        UserKind::Patient => {
+            for other in [&pending.launch.patient, &chosen].into_iter().flatten() {
+                if Some(other) != own_patient.as_ref() {
+                    return Err(FhirError::new(
+                        403,
+                        "forbidden",
+                        format!("a patient may act only for themself, not Patient/{other}"),
+                    ));
+                }
+            }
+            own_patient.clone().filter(|_| pending.launch.patient.is_some() || wants_patient(&scope))
         }
-    }
-    if patient.is_none() && scope.iter().any(|x| x.starts_with("patient/")) {
-        patient = own_patient.clone();
+        UserKind::RelatedPerson => {
+            let rp = s.fhir_user.strip_prefix("RelatedPerson/").unwrap_or_default();
+            let linked = linked_patient(state, rp)?;
+            let asked = pending.launch.patient.clone().or(chosen);
+            if let Some(p) = &asked {
+                if linked.as_ref() != Some(p) {
+                    return Err(FhirError::new(
+                        403,
+                        "forbidden",
+                        format!("{} is not linked to Patient/{p}", s.fhir_user),
+                    ));
+                }
+            }
+            let patient = asked.or(linked.filter(|_| wants_patient(&scope)));
+            match &patient {
+                Some(p) => {
+                    if !related_person_permitted(state, &s.fhir_user, &pending.client_id, p)? {
+                        return Err(FhirError::new(
+                            403,
+                            "forbidden",
+                            format!("Patient/{p}'s Consents do not permit {} to access their record", s.fhir_user),
+                        ));
+                    }
+                }
+                // No linked patient: patient/ scopes would reach no one.
+                None => scope.retain(|x| !x.starts_with("patient/")),
+            }
+            patient
+        }
+        UserKind::Practitioner => pending.launch.patient.clone().or(chosen.filter(|_| wants_patient(&scope))),
+        UserKind::Other => None,
+    };
+    if patient.is_none() && scope.iter().any(|x| x == "launch/patient") {
+        return Err(FhirError::invalid("launch/patient: choose a patient"));
     }
     if let Some(pid) = &patient {
         if state.repo.read("Patient", pid).is_err() {
@@ -420,7 +593,7 @@ async fn approve(
         (Some(me), Some(p)) if me == p => {
             let client: Option<(Client, u64)> = store::get(&state.repo, store::CLIENT, &pending.client_id)?;
             let name = client.map(|(c, _)| c.client_name).unwrap_or_default();
-            Some(write_grant_consent(state, me, &pending.client_id, &name, &scope).await?)
+            Some(write_grant_consent(state, me, &s.fhir_user, &pending.client_id, &name, &scope).await?)
         }
         _ => None,
     };
@@ -428,6 +601,7 @@ async fn approve(
         id: super::random_id(),
         client_id: pending.client_id.clone(),
         redirect_uri: pending.redirect_uri.clone(),
+        redirect_given: pending.redirect_given,
         code_challenge: pending.code_challenge.clone(),
         scope: scope.join(" "),
         sub: s.user_id.clone(),
@@ -440,12 +614,71 @@ async fn approve(
     Ok(seal::seal(&auth.seal_key, "code", CODE_TTL_S, &code))
 }
 
+/// The patient a RelatedPerson is linked to (`RelatedPerson.patient`), if it exists and is
+/// not marked inactive.
+fn linked_patient(state: &AppState, related_person: &str) -> Result<Option<String>, FhirError> {
+    if !crate::fhir::is_valid_id(related_person) {
+        return Ok(None);
+    }
+    let body = match state.repo.read("RelatedPerson", related_person) {
+        Ok(s) => s.body,
+        Err(e) if e.status == 404 || e.status == 410 => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let Some(body) = body else { return Ok(None) };
+    let v: Value = serde_json::from_str(&body).map_err(FhirError::internal)?;
+    if v["active"] == false {
+        return Ok(None);
+    }
+    Ok(v["patient"]["reference"]
+        .as_str()
+        .and_then(|r| r.strip_prefix("Patient/"))
+        .filter(|id| crate::fhir::is_valid_id(id))
+        .map(str::to_string))
+}
+
+/// Whether the patient's Consents let a related person (through this app) at their record:
+/// the consent engine's decision for the whole record (the Patient resource, action
+/// `access`), or the configured default where no Consent speaks (`opt-out`: permitted unless
+/// an active Consent denies them; `opt-in`: only where one permits them). Each request is
+/// still decided per resource by the same engine.
+fn related_person_permitted(state: &AppState, user: &str, client_id: &str, patient: &str) -> Result<bool, FhirError> {
+    use crate::consent::{Decision, Request};
+    let repo = &state.repo;
+    let idx = repo.search().current(repo)?;
+    let book = state.auth.books.get(repo, &idx)?;
+    drop(idx);
+    let mut actors = vec![user.to_string(), format!("client:{client_id}")];
+    if let Some((c, _)) = store::get::<Client>(repo, store::CLIENT, client_id)? {
+        actors.extend(c.actor);
+    }
+    let req = Request {
+        actors: &actors,
+        purpose: None,
+        action: "access",
+        rtype: "Patient",
+        id: patient,
+        labels: &[],
+        date_ms: None,
+        now_ms: crate::fhir::now_ms(),
+    };
+    let default = match state.auth.consent_default {
+        crate::config::ConsentDefault::OptOut => Decision::Permit,
+        crate::config::ConsentDefault::OptIn => Decision::Deny,
+    };
+    Ok(book.decide(patient, &req).unwrap_or(default) == Decision::Permit)
+}
+
 pub const SCOPES_EXTENSION: &str = "urn:fhir-ledger:StructureDefinition/smart-scopes";
 pub const CLIENT_SYSTEM: &str = "urn:fhir-ledger:client";
 
+/// The Consent a patient's approval writes: a permit for the app *and* the approving user
+/// together (the consent engine requires every actor of a grant Consent, marked by the
+/// scopes extension, so it permits no other user of the same app).
 async fn write_grant_consent(
     state: &AppState,
     patient: &str,
+    user: &str,
     client_id: &str,
     app: &str,
     scope: &[String],
@@ -473,7 +706,9 @@ async fn write_grant_consent(
         "type": "permit",
         "period": {"start": now},
         "actor": [{"role": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType", "code": "IRCP"}]},
-                   "reference": {"identifier": {"system": CLIENT_SYSTEM, "value": client_id}, "display": app}}],
+                   "reference": {"identifier": {"system": CLIENT_SYSTEM, "value": client_id}, "display": app}},
+                  {"role": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType", "code": "IRCP"}]},
+                   "reference": {"reference": user}}],
         "action": actions,
     });
     if !wildcard && !classes.is_empty() {
@@ -585,8 +820,19 @@ async fn authenticate_client(
             return Err(bad("the assertion is expired or lives longer than 5 minutes"));
         }
         let jti = claims.get("jti").and_then(Value::as_str).ok_or_else(|| bad("the assertion has no jti"))?;
-        if !state.auth.first_use(&format!("jti:{iss}:{jti}"), exp) {
-            return Err(bad("this assertion's jti was used before"));
+        // Remembered on the ledger, create-only: a replay fails on any node, even after a
+        // restart.
+        let record = store::Jti { client_id: iss.clone(), exp_s: exp };
+        match store::put(&state.repo, store::JTI, &store::jti_id(&iss, jti), &record, Some(0)).await {
+            Ok(()) => {}
+            Err(e) if e.status == 409 => return Err(bad("this assertion's jti was used before")),
+            Err(e) => {
+                return Err(OAuthError {
+                    status: 503,
+                    error: "temporarily_unavailable",
+                    why: e.issues[0].diagnostics.clone(),
+                })
+            }
         }
         return Ok(client);
     }
@@ -651,8 +897,14 @@ async fn code_grant(state: &AppState, client: &Client, p: &[(String, String)]) -
     if code.client_id != client.client_id {
         return invalid_grant("the code was issued to another client");
     }
-    if get(p, "redirect_uri").is_some_and(|r| r != code.redirect_uri) {
-        return invalid_grant("redirect_uri differs from the authorization request's");
+    match get(p, "redirect_uri") {
+        Some(r) if r != code.redirect_uri => {
+            return invalid_grant("redirect_uri differs from the authorization request's")
+        }
+        None if code.redirect_given => {
+            return invalid_grant("redirect_uri is required: the authorization request had one (RFC 6749 4.1.3)")
+        }
+        _ => {}
     }
     let verifier = get(p, "code_verifier").unwrap_or("");
     let computed = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(Sha256::digest(verifier.as_bytes()));
@@ -761,6 +1013,19 @@ async fn refresh_grant(state: &AppState, client: &Client, p: &[(String, String)]
             return invalid_grant("the patient withdrew the consent this grant rests on");
         }
     }
+    // What the grant may still carry: the client's ceiling and the user's kind may have
+    // narrowed since, and a related person must still be linked to and permitted by the patient.
+    let holder = grant.fhir_user.as_deref().map_or(Holder::Backend, |u| Holder::User(UserKind::of(u)));
+    grant.scope = scopes::grantable(grant.scope.split_whitespace(), client.scope.as_deref(), holder).join(" ");
+    if let (Some(user), Some(p)) = (grant.fhir_user.clone(), grant.patient.clone()) {
+        if let Some(rp) = user.strip_prefix("RelatedPerson/") {
+            if linked_patient(state, rp)?.as_deref() != Some(p.as_str())
+                || !related_person_permitted(state, &user, &client.client_id, &p)?
+            {
+                return invalid_grant("the related person is no longer linked to or permitted by the patient");
+            }
+        }
+    }
     let next = format!("{grant_id}.{}", super::random_id());
     grant.refresh_sha256 = Some(super::sha256_hex(&next));
     grant.rotated += 1;
@@ -785,18 +1050,10 @@ async fn client_credentials(
         return Ok(oauth_error(400, "unauthorized_client", "client_credentials needs a confidential client"));
     }
     let requested = get(p, "scope").unwrap_or("");
-    let parsed = match scopes::parse_all(requested) {
-        Ok(s) => s,
-        Err(why) => return Ok(oauth_error(400, "invalid_scope", &why)),
-    };
-    let ceiling = client.scope.as_deref().map(scopes::parse_all).transpose().unwrap_or(None);
-    let granted: Vec<&str> = requested
-        .split_whitespace()
-        .zip(&parsed)
-        .filter(|(_, s)| matches!(s, Scope::Resource(r) if r.context == scopes::Context::System))
-        .filter(|(_, s)| ceiling.as_ref().is_none_or(|c| scopes::within(s, c)))
-        .map(|(s, _)| s)
-        .collect();
+    if let Err(why) = scopes::parse_all(requested) {
+        return Ok(oauth_error(400, "invalid_scope", &why));
+    }
+    let granted = scopes::grantable(requested.split_whitespace(), client.scope.as_deref(), Holder::Backend);
     if granted.is_empty() {
         return Ok(oauth_error(
             400,
@@ -821,33 +1078,45 @@ async fn client_credentials(
                        "expires_in": BACKEND_TTL_S, "scope": grant.scope})))
 }
 
-/// The grant a presented token (access or refresh) belongs to, if it is one of ours.
-fn grant_of(auth: &Auth, token: &str) -> Option<String> {
+/// The grant of a presented token, only if the token is a live one of ours: an access token
+/// whose signature verifies (issued by this server), or the grant's current refresh token
+/// (its hash matches the one the grant keeps). Anything else names no grant.
+fn grant_of(state: &AppState, token: &str) -> Option<(String, Grant, u64)> {
+    let auth = &state.auth;
     if jose::peek(token).is_ok() {
         let claims = jose::verify(token, &jose::PublicKey::ed25519(&auth.access_public()), &[Alg::EdDSA]).ok()?;
-        return claims.get("grant").and_then(Value::as_str).map(str::to_string);
+        if claims.get("iss").and_then(Value::as_str) != Some(auth.public_url.as_str()) {
+            return None;
+        }
+        let gid = claims.get("grant").and_then(Value::as_str)?.to_string();
+        let (g, v) = store::get::<Grant>(&state.repo, store::GRANT, &gid).ok()??;
+        let client = claims.get("client_id").and_then(Value::as_str);
+        return (client == Some(g.client_id.as_str())).then_some((gid, g, v));
     }
-    token.split_once('.').map(|(g, _)| g.to_string())
+    let (gid, _) = token.split_once('.')?;
+    let (g, v) = store::get::<Grant>(&state.repo, store::GRANT, gid).ok()??;
+    (g.refresh_sha256.as_deref() == Some(super::sha256_hex(token).as_str())).then(|| (gid.to_string(), g, v))
 }
 
 async fn revoke(req: HttpRequest, body: web::Bytes, state: web::Data<AppState>) -> HttpResponse {
     let p = form_pairs(&body);
+    // Confidential clients authenticate; a public client names itself and may revoke only a
+    // token issued to it, which it must present whole.
     let client = match authenticate_client(&state, &req, &p).await {
         Ok(c) => c,
         Err(e) => return e.response(),
     };
     let Some(token) = get(&p, "token") else { return oauth_error(400, "invalid_request", "token is missing") };
-    if let Some(gid) = grant_of(&state.auth, token) {
-        if let Ok(Some((mut g, v))) = store::get::<Grant>(&state.repo, store::GRANT, &gid) {
-            // RFC 7009 2.1: a client may revoke only its own tokens; others are ignored.
-            if g.client_id == client.client_id && !g.revoked {
-                g.revoked = true;
-                if let Err(e) = store::put(&state.repo, store::GRANT, &gid, &g, Some(v)).await {
-                    return oauth_error(503, "temporarily_unavailable", &e.issues[0].diagnostics);
-                }
+    if let Some((gid, mut g, v)) = grant_of(&state, token) {
+        // RFC 7009 2.1: a client may revoke only its own tokens; others are ignored.
+        if g.client_id == client.client_id && !g.revoked {
+            g.revoked = true;
+            if let Err(e) = store::put(&state.repo, store::GRANT, &gid, &g, Some(v)).await {
+                return oauth_error(503, "temporarily_unavailable", &e.issues[0].diagnostics);
             }
         }
     }
+    // RFC 7009 2.2: an invalid token is answered 200 as well; it changes nothing.
     let mut b = HttpResponse::Ok();
     cors(&mut b);
     b.finish()
@@ -869,8 +1138,20 @@ async fn introspect(req: HttpRequest, body: web::Bytes, state: web::Data<AppStat
                 )
             }
         }
-    } else if let Err(e) = authenticate_client(&state, &req, &p).await {
-        return e.response();
+    } else {
+        match authenticate_client(&state, &req, &p).await {
+            Err(e) => return e.response(),
+            // A public client's bare client_id proves nothing.
+            Ok(c) if c.token_endpoint_auth_method == "none" => {
+                return oauth_error(
+                    401,
+                    "invalid_client",
+                    "introspection needs client authentication (a client secret or a private_key_jwt assertion) \
+                     or a system-scoped bearer token",
+                )
+            }
+            Ok(_) => {}
+        }
     }
     let Some(token) = get(&p, "token") else { return oauth_error(400, "invalid_request", "token is missing") };
     let inactive = || json_ok(&json!({"active": false}));
@@ -901,5 +1182,5 @@ async fn introspect(req: HttpRequest, body: web::Bytes, state: web::Data<AppStat
 
 /// A portal session for a user who signed in at `/portal`.
 pub fn portal_cookie(auth: &Auth, user_id: String, user: User) -> actix_web::cookie::Cookie<'static> {
-    session_cookie(auth, &Session { user_id, username: user.username, fhir_user: user.fhir_user })
+    session_cookie(auth, &Session::new(user_id, &user))
 }

@@ -18,6 +18,7 @@ pub mod portal;
 pub mod scopes;
 pub mod seal;
 pub mod store;
+pub mod throttle;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -44,15 +45,19 @@ pub struct Auth {
     id_key: OnceLock<IdKey>,
     /// Seals authorization codes, sessions, launch contexts and pending requests.
     pub seal_key: [u8; 32],
+    /// Keys the CSRF tokens of login sessions.
+    csrf_key: [u8; 32],
+    /// Keys user record ids (an HMAC of the user name).
+    user_id_key: [u8; 32],
     pub external: Vec<ExternalIssuer>,
     /// Verified tokens by SHA-256, so a token's signature is checked once, not per request.
     verified: Mutex<HashMap<[u8; 32], Arc<caller::Claims>>>,
-    /// Single-use values (client assertion `jti`s, codes) seen, with their expiry.
-    used: Mutex<HashMap<String, i64>>,
     /// External issuers' key sets, fetched on first use.
     external_keys: Mutex<HashMap<String, serde_json::Value>>,
     pub disclosures: crate::disclosure::Log,
     pub books: crate::consent::Books,
+    /// Failed sign-ins per account and source.
+    pub logins: throttle::Throttle,
     records: caller::Records<store::Client>,
     grants: caller::Records<store::Grant>,
 }
@@ -97,12 +102,14 @@ impl Auth {
             id_seed: derive(kek, "fhir-ledger auth id-token rsa v1"),
             id_key: OnceLock::new(),
             seal_key: derive(kek, "fhir-ledger auth sealing v1"),
+            csrf_key: derive(kek, "fhir-ledger auth csrf v1"),
+            user_id_key: derive(kek, "fhir-ledger auth user id v1"),
             external: s.external,
             verified: Mutex::new(HashMap::new()),
-            used: Mutex::new(HashMap::new()),
             external_keys: Mutex::new(HashMap::new()),
             disclosures,
             books: crate::consent::Books::default(),
+            logins: throttle::Throttle::default(),
             records: caller::Records::default(),
             grants: caller::Records::default(),
         }
@@ -156,24 +163,36 @@ impl Auth {
         (!caller.unrestricted).then_some(access::Access { caller, books: &self.books, default: self.consent_default })
     }
 
-    pub fn endpoint(&self, path: &str) -> String {
-        format!("{}{path}", self.public_url)
+    /// The id of a user's record: HMAC-SHA256 of the user name under a KEK-derived key (40 hex
+    /// digits). Every node computes the same id, so a sign-in is one lookup, but the ids the
+    /// ledger's headers carry reveal no user name to anyone without the KEK (an unsalted hash
+    /// could be reversed by hashing guessed names).
+    pub fn user_id(&self, username: &str) -> String {
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.user_id_key)
+            .unwrap_or_else(|_| unreachable!("HMAC takes any key"));
+        mac.update(username.as_bytes());
+        hex::encode(mac.finalize().into_bytes())[..40].to_string()
     }
 
-    /// Records a single-use value until `exp_s`; false if it was seen before.
-    pub fn first_use(&self, key: &str, exp_s: i64) -> bool {
-        let now = now_s();
-        let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
-        if used.len() > 100_000 {
-            used.retain(|_, exp| *exp >= now);
-        }
-        match used.get(key) {
-            Some(exp) if *exp >= now => false,
-            _ => {
-                used.insert(key.to_string(), exp_s.max(now + 1));
-                true
-            }
-        }
+    /// The CSRF token of a login session (its random nonce and user): the forms a session may
+    /// post carry it, and a post without the session's own token is refused.
+    pub fn csrf_token(&self, session_nonce: &str, user_id: &str) -> String {
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.csrf_key)
+            .unwrap_or_else(|_| unreachable!("HMAC takes any key"));
+        mac.update(session_nonce.as_bytes());
+        mac.update(b"\0");
+        mac.update(user_id.as_bytes());
+        hex::encode(mac.finalize().into_bytes())
+    }
+
+    /// Whether a state-changing form post may come from where it says: no `Origin` header (a
+    /// non-browser client), or exactly the public URL's origin.
+    pub fn origin_ok(&self, origin: Option<&str>) -> bool {
+        origin.is_none_or(|o| origin_of(o).is_some_and(|o| Some(o) == origin_of(&self.public_url)))
+    }
+
+    pub fn endpoint(&self, path: &str) -> String {
+        format!("{}{path}", self.public_url)
     }
 
     fn cached(&self, token: &str) -> (Option<Arc<caller::Claims>>, [u8; 32]) {
@@ -195,6 +214,25 @@ impl Auth {
     }
 }
 
+/// `scheme://host[:port]` of a URL, lower-cased, without a default port; `None` for anything
+/// else (`null`, a path).
+pub fn origin_of(url: &str) -> Option<String> {
+    let (scheme, rest) = url.trim().split_once("://")?;
+    let scheme = scheme.to_ascii_lowercase();
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default().to_ascii_lowercase();
+    if authority.is_empty() || authority.contains('@') || !matches!(scheme.as_str(), "http" | "https") {
+        return None;
+    }
+    let default_port = if scheme == "https" { ":443" } else { ":80" };
+    let authority = authority.strip_suffix(default_port).unwrap_or(&authority);
+    Some(format!("{scheme}://{authority}"))
+}
+
+/// Equality of secrets in time independent of where they differ.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 pub fn now_s() -> i64 {
     crate::fhir::now_ms().div_euclid(1000)
 }
@@ -209,4 +247,36 @@ pub fn random_id() -> String {
 
 pub fn sha256_hex(s: &str) -> String {
     hex::encode(Sha256::digest(s.as_bytes()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn origins() {
+        assert_eq!(origin_of("https://Fhir.Example:443/r4/").as_deref(), Some("https://fhir.example"));
+        assert_eq!(origin_of("http://127.0.0.1:8080").as_deref(), Some("http://127.0.0.1:8080"));
+        assert_eq!(origin_of("null"), None);
+        assert_eq!(origin_of("ftp://x"), None);
+        let auth = Auth::new(
+            Settings {
+                enabled: true,
+                public_url: "http://127.0.0.1:8080/fhir".into(),
+                consent_default: ConsentDefault::OptOut,
+                access_ttl_secs: 60,
+                external: vec![],
+            },
+            &[7; 32],
+            crate::disclosure::Log::disabled(),
+        );
+        assert!(auth.origin_ok(None));
+        assert!(auth.origin_ok(Some("http://127.0.0.1:8080")));
+        assert!(!auth.origin_ok(Some("http://127.0.0.1:8081")));
+        assert!(!auth.origin_ok(Some("https://127.0.0.1:8080")));
+        assert!(!auth.origin_ok(Some("null")));
+        assert!(
+            constant_time_eq(b"abc", b"abc") && !constant_time_eq(b"abc", b"abd") && !constant_time_eq(b"ab", b"abc")
+        );
+    }
 }

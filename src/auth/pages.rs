@@ -102,12 +102,13 @@ fn capitalize(s: &str) -> String {
     c.next().map(|f| f.to_uppercase().collect::<String>() + c.as_str()).unwrap_or_default()
 }
 
-pub fn consent(app: &str, user: &str, request: &str, scopes: &[String], ask_patient: bool) -> String {
+pub fn consent(app: &str, user: &str, request: &str, scopes: &[String], ask_patient: bool, csrf: &str) -> String {
     let body = html! {
         p { "Signed in as " strong { (user) } "." }
         p { strong id="app-name" { (app) } " asks for:" }
         form id="consent" method="post" action="/auth/consent" {
             input type="hidden" name="request" value=(request);
+            input type="hidden" name="csrf" value=(csrf);
             @for (i, s) in scopes.iter().enumerate() {
                 label for={ "scope-" (i) } {
                     input type="checkbox" name="scope" value=(s) id={ "scope-" (i) } checked;
@@ -139,7 +140,7 @@ mod tests {
     fn values_are_escaped() {
         let evil = r#""><script>alert(1)</script>"#;
         let login = login(evil, evil, Some(evil), evil);
-        let consent = consent(evil, evil, evil, &[evil.to_string()], true);
+        let consent = consent(evil, evil, evil, &[evil.to_string()], true, evil);
         for p in [&login, &consent, &error(evil, evil)] {
             assert!(!p.contains("<script>"), "{p}");
             assert!(p.contains("&quot;&gt;&lt;script&gt;"), "{p}");
@@ -159,19 +160,27 @@ mod tests {
         ] {
             assert!(l.contains(needle), "{needle} in {l}");
         }
-        let c = consent("App", "alice (Patient/a)", "sealed", &["launch/patient".into(), "patient/*.rs".into()], true);
+        let c = consent(
+            "App",
+            "alice (Patient/a)",
+            "sealed",
+            &["launch/patient".into(), "patient/*.rs".into()],
+            true,
+            "tok",
+        );
         for needle in [
             r#"<form id="consent" method="post" action="/auth/consent">"#,
             r#"<label for="scope-0"><input type="checkbox" name="scope" value="launch/patient" id="scope-0" checked> "#,
             r#"<label for="scope-1"><input type="checkbox" name="scope" value="patient/*.rs" id="scope-1" checked> "#,
             r#"<span class="scope">patient/*.rs</span></label>"#,
             r#"<input type="text" id="patient" name="patient" required>"#,
+            r#"<input type="hidden" name="csrf" value="tok">"#,
             r#"<strong id="app-name">App</strong>"#,
             r#"<button type="submit" name="decision" value="approve" id="approve">Allow</button>"#,
             r#"<button type="submit" name="decision" value="deny" id="deny" class="secondary">Deny</button>"#,
         ] {
             assert!(c.contains(needle), "{needle} in {c}");
         }
-        assert!(!consent("App", "u", "r", &[], false).contains(r#"name="patient""#));
+        assert!(!consent("App", "u", "r", &[], false, "t").contains(r#"name="patient""#));
     }
 }

@@ -7,7 +7,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use maud::html;
 use serde_json::Value;
 
-use super::endpoints::{check_login, html, session_user, CLIENT_SYSTEM};
+use super::endpoints::{forged_post, html, session_csrf, session_user, sign_in, throttled, SignIn, CLIENT_SYSTEM};
 use super::pages;
 use crate::api::AppState;
 use crate::error::FhirError;
@@ -30,7 +30,8 @@ async fn home(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
     let Some((username, patient)) = patient_of(&state, &req) else {
         return html(200, pages::login("your patient portal", "", None, "/portal/login"));
     };
-    match render(&state, &username, &patient).await {
+    let csrf = session_csrf(&state.auth, &req).unwrap_or_default();
+    match render(&state, &username, &patient, &csrf).await {
         Ok(body) => html(200, body),
         Err(e) => html(503, pages::error("Unavailable", &e.issues[0].diagnostics)),
     }
@@ -77,7 +78,7 @@ fn connected_apps(state: &AppState, patient: &str) -> Result<Vec<(String, String
     Ok(out)
 }
 
-async fn render(state: &AppState, username: &str, patient: &str) -> Result<String, FhirError> {
+async fn render(state: &AppState, username: &str, patient: &str, csrf: &str) -> Result<String, FhirError> {
     let apps = connected_apps(state, patient)?;
     state.auth.disclosures.flush().await;
     let (total, accessors) = crate::disclosure::access_report(&state.repo, patient)?;
@@ -89,6 +90,7 @@ async fn render(state: &AppState, username: &str, patient: &str) -> Result<Strin
         }
         @for (id, name, scopes, since) in &apps {
             form method="post" action={ "/portal/apps/" (id) "/withdraw" } class="app" {
+                input type="hidden" name="csrf" value=(csrf);
                 strong { (name) } " since " (since)
                 br;
                 span class="scope" { (scopes) }
@@ -119,30 +121,44 @@ async fn render(state: &AppState, username: &str, patient: &str) -> Result<Strin
     Ok(pages::page("Your health data", body))
 }
 
-async fn login(body: web::Bytes, state: web::Data<AppState>) -> HttpResponse {
+async fn login(req: HttpRequest, body: web::Bytes, state: web::Data<AppState>) -> HttpResponse {
     let p = crate::api::interactions::parse_query(&String::from_utf8_lossy(&body));
+    if let Some(refused) = forged_post(&state.auth, &req, &p, None) {
+        return refused;
+    }
     let get = |k: &str| p.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()).unwrap_or_default();
     let (username, password) = (get("username"), get("password"));
-    let st = state.clone();
-    let checked = web::block(move || check_login(&st, &username, &password)).await;
-    match checked {
-        Ok(Ok(Some((id, user)))) => {
+    match sign_in(&state, &req, &username, &password).await {
+        Ok(SignIn::User(id, user)) => {
             let cookie = super::endpoints::portal_cookie(&state.auth, id, user);
             HttpResponse::SeeOther().cookie(cookie).insert_header((header::LOCATION, "/portal")).finish()
         }
-        Ok(Ok(None)) => {
+        Ok(SignIn::Wrong) => {
             html(401, pages::login("your patient portal", "", Some("Wrong user name or password."), "/portal/login"))
         }
-        Ok(Err(e)) => html(503, pages::error("Unavailable", &e.issues[0].diagnostics)),
-        Err(e) => html(503, pages::error("Unavailable", &e.to_string())),
+        Ok(SignIn::Throttled(wait)) => throttled(wait, "", "/portal/login"),
+        Err(why) => html(503, pages::error("Unavailable", &why)),
     }
 }
 
-async fn withdraw(req: HttpRequest, path: web::Path<String>, state: web::Data<AppState>) -> HttpResponse {
+async fn withdraw(
+    req: HttpRequest,
+    path: web::Path<String>,
+    body: web::Bytes,
+    state: web::Data<AppState>,
+) -> HttpResponse {
     let id = path.into_inner();
+    let form = crate::api::interactions::parse_query(&String::from_utf8_lossy(&body));
+    if let Some(refused) = forged_post(&state.auth, &req, &form, None) {
+        return refused;
+    }
     let Some((_, patient)) = patient_of(&state, &req) else {
         return html(401, pages::login("your patient portal", "", Some("Please sign in first."), "/portal/login"));
     };
+    let csrf = session_csrf(&state.auth, &req).unwrap_or_default();
+    if let Some(refused) = forged_post(&state.auth, &req, &form, Some(&csrf)) {
+        return refused;
+    }
     let result = async {
         let repo = &state.repo;
         let actor = format!("Patient/{patient} via portal");

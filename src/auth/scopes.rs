@@ -167,6 +167,83 @@ pub fn within(requested: &Scope, ceiling: &[Scope]) -> bool {
     }
 }
 
+/// What kind of user a signed-in person is (from their `fhirUser`), for the scopes they may hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UserKind {
+    Patient,
+    RelatedPerson,
+    /// A Practitioner or PractitionerRole: a clinician.
+    Practitioner,
+    /// Any other fhirUser (none can be registered today): identity scopes only.
+    Other,
+}
+
+impl UserKind {
+    pub fn of(fhir_user: &str) -> Self {
+        match fhir_user.split_once('/').map(|(t, _)| t) {
+            Some("Patient") => UserKind::Patient,
+            Some("RelatedPerson") => UserKind::RelatedPerson,
+            Some("Practitioner" | "PractitionerRole") => UserKind::Practitioner,
+            _ => UserKind::Other,
+        }
+    }
+}
+
+/// Who a grant is for, when deciding which scopes it may carry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Holder {
+    /// A signed-in user of this kind (the authorization-code flow).
+    User(UserKind),
+    /// Some user not yet known (the authorize request, before sign-in): anything but `system/`.
+    AnyUser,
+    /// A backend client (client_credentials): `system/` scopes only.
+    Backend,
+}
+
+/// The identity, launch and refresh scopes a patient or related person may hold.
+const PATIENT_SIDE: &[&str] =
+    &["openid", "fhirUser", "profile", "launch", "launch/patient", "offline_access", "online_access"];
+
+/// Whether `holder` may be granted `scope`: `patient/` scopes to every user (for a patient
+/// context the flow checks: themself, a linked patient, or any patient for a clinician),
+/// `user/` scopes to practitioners only, `system/` scopes to backend clients only.
+pub fn may_hold(holder: Holder, scope: &Scope) -> bool {
+    match (holder, scope) {
+        (Holder::Backend, Scope::Resource(r)) => r.context == Context::System,
+        (Holder::Backend, Scope::Other(_)) => false,
+        (Holder::AnyUser, Scope::Resource(r)) => r.context != Context::System,
+        (Holder::AnyUser, Scope::Other(_)) => true,
+        (Holder::User(kind), Scope::Resource(r)) => match r.context {
+            Context::Patient => kind != UserKind::Other,
+            Context::User => kind == UserKind::Practitioner,
+            Context::System => false,
+        },
+        (Holder::User(kind), Scope::Other(s)) => match kind {
+            UserKind::Practitioner => true,
+            UserKind::Patient | UserKind::RelatedPerson => PATIENT_SIDE.contains(&s.as_str()),
+            UserKind::Other => matches!(s.as_str(), "openid" | "fhirUser" | "profile"),
+        },
+    }
+}
+
+/// The scopes of `requested` (in its order) that may be granted: known to this server,
+/// within the client's registered ceiling (`None`: any scope; a ceiling scope that does not
+/// parse admits nothing) and held by `holder` ([`may_hold`]). Others are simply not granted
+/// (RFC 6749 3.3 lets the server narrow; the token response's `scope` says what was).
+pub fn grantable<'a>(
+    requested: impl IntoIterator<Item = &'a str>,
+    ceiling: Option<&str>,
+    holder: Holder,
+) -> Vec<String> {
+    let ceiling: Option<Vec<Scope>> = ceiling.map(|c| c.split_whitespace().filter_map(|s| parse(s).ok()).collect());
+    requested
+        .into_iter()
+        .filter_map(|s| parse(s).ok().map(|p| (s, p)))
+        .filter(|(_, p)| ceiling.as_deref().is_none_or(|c| within(p, c)) && may_hold(holder, p))
+        .map(|(s, _)| s.to_string())
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -228,5 +305,31 @@ mod tests {
         assert!(!within(&parse("user/Observation.r").unwrap(), &ceiling));
         assert!(within(&parse("launch/patient").unwrap(), &ceiling));
         assert!(!within(&parse("openid").unwrap(), &ceiling));
+    }
+    #[test]
+    fn who_may_hold_which_scopes() {
+        use UserKind::*;
+        let all = "launch/patient launch openid fhirUser offline_access online_access launch/encounter \
+                   patient/*.rs user/*.cruds system/*.cruds";
+        let ws = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let patient_side =
+            ws(&["launch/patient", "launch", "openid", "fhirUser", "offline_access", "online_access", "patient/*.rs"]);
+        assert_eq!(grantable(all.split_whitespace(), None, Holder::User(Patient)), patient_side);
+        assert_eq!(grantable(all.split_whitespace(), None, Holder::User(RelatedPerson)), patient_side);
+        let clinician = grantable(all.split_whitespace(), None, Holder::User(Practitioner));
+        assert!(clinician.contains(&"user/*.cruds".to_string()) && clinician.contains(&"patient/*.rs".to_string()));
+        assert!(!clinician.iter().any(|s| s.starts_with("system/")), "{clinician:?}");
+        assert_eq!(UserKind::of("PractitionerRole/7"), Practitioner);
+        assert_eq!(grantable(all.split_whitespace(), None, Holder::User(Other)), ws(&["openid", "fhirUser"]));
+        assert_eq!(grantable(all.split_whitespace(), None, Holder::Backend), ws(&["system/*.cruds"]));
+        let any = grantable(all.split_whitespace(), None, Holder::AnyUser);
+        assert!(!any.iter().any(|s| s.starts_with("system/")) && any.len() == 9, "{any:?}");
+        // The client's ceiling narrows further; an unparseable ceiling admits nothing of itself.
+        let c = grantable(all.split_whitespace(), Some("patient/Observation.rs openid"), Holder::User(Patient));
+        assert_eq!(c, ws(&["openid"]));
+        let c = grantable(["patient/Observation.r"], Some("patient/*.rs"), Holder::User(Patient));
+        assert_eq!(c, ws(&["patient/Observation.r"]));
+        assert!(grantable(["patient/*.rs"], Some("nonsense"), Holder::User(Patient)).is_empty());
+        assert!(grantable(["banana"], None, Holder::User(Practitioner)).is_empty());
     }
 }

@@ -13,6 +13,8 @@ use crate::repo::Repo;
 pub const CLIENT: &str = "_auth.Client";
 pub const USER: &str = "_auth.User";
 pub const GRANT: &str = "_auth.Grant";
+/// Client-assertion `jti`s seen (not in [`INTERNAL_TYPES`]: looked up by id only, never listed).
+pub const JTI: &str = "_auth.Jti";
 /// Every internal record type (the search index folds them too: lookups go through it).
 pub const INTERNAL_TYPES: &[&str] = &[CLIENT, USER, GRANT];
 /// The actor the ledger records for the authorization server's own writes.
@@ -78,10 +80,19 @@ pub struct Grant {
     pub created_s: i64,
 }
 
-/// The id of a user record: usernames are not valid FHIR ids, and the ledger's headers (which
-/// auditors read) should not carry them.
-pub fn user_id(username: &str) -> String {
-    super::sha256_hex(&format!("fhir-ledger user {username}"))[..40].to_string()
+/// A client assertion's `jti`, remembered on the ledger: the record's id is a digest of the
+/// client and the `jti`, created with a create-only precondition, so a replay fails on every
+/// node and after a restart. (User record ids: [`super::Auth::user_id`].)
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct Jti {
+    pub client_id: String,
+    /// When the assertion expired (after which its `exp` refuses it anyway).
+    pub exp_s: i64,
+}
+
+/// The id of the [`Jti`] record of `jti` of `client_id`.
+pub fn jti_id(client_id: &str, jti: &str) -> String {
+    super::sha256_hex(&format!("fhir-ledger jti\0{client_id}\0{jti}"))
 }
 
 fn to_json<T: Serialize>(v: &T) -> Result<Json, FhirError> {

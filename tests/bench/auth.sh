@@ -89,8 +89,9 @@ verifier=$(openssl rand -hex 32)
 challenge=$(printf %s "$verifier" | openssl dgst -sha256 -binary | openssl base64 | tr '+/' '-_' | tr -d '=')
 req=$(curl -s "$smart/auth/authorize?response_type=code&client_id=$app&redirect_uri=http://127.0.0.1:9/cb&scope=user/*.rs&state=s&aud=$smart&code_challenge=$challenge&code_challenge_method=S256" |
   sed -n 's/.*name="request" value="\([^"]*\)".*/\1/p')
-curl -s -c "$work/jar" -d username=doc -d password=bench-password --data-urlencode "request=$req" "$smart/auth/login" >/dev/null
-code=$(curl -s -b "$work/jar" -o /dev/null -w '%{redirect_url}' --data-urlencode "request=$req" -d decision=approve \
+csrf=$(curl -s -c "$work/jar" -d username=doc -d password=bench-password --data-urlencode "request=$req" "$smart/auth/login" |
+  sed -n 's/.*name="csrf" value="\([^"]*\)".*/\1/p')
+code=$(curl -s -b "$work/jar" -o /dev/null -w '%{redirect_url}' --data-urlencode "request=$req" -d "csrf=$csrf" -d decision=approve \
   --data-urlencode 'scope=user/*.rs' "$smart/auth/consent" | sed 's/.*code=\([^&]*\).*/\1/')
 token=$(curl -s -d grant_type=authorization_code -d "code=$code" -d client_id="$app" -d code_verifier="$verifier" \
   -d redirect_uri=http://127.0.0.1:9/cb "$smart/auth/token" | python3 -c 'import json,sys; print(json.load(sys.stdin)["access_token"])')

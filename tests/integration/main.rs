@@ -2,6 +2,7 @@
 //! every FHIR interaction, and real-process tests against the `fhir-ledger` binary.
 
 mod auth;
+mod auth_server;
 mod cluster;
 mod door;
 mod http;

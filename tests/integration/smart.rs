@@ -702,7 +702,8 @@ pub async fn approve(http: &reqwest::Client, base: &str, authorize_url: &str, lo
         assert!(page.contains(&format!(r#"for="scope-{n}""#)), "a label for scope-{n}: {page}");
     }
     let request = input_value(&page, "request").expect("the consent form's hidden request");
-    let mut form: Vec<(&str, &str)> = vec![("request", request.as_str())];
+    let csrf = input_value(&page, "csrf").expect("the consent form's CSRF token");
+    let mut form: Vec<(&str, &str)> = vec![("request", request.as_str()), ("csrf", csrf.as_str())];
     form.extend(offered.iter().filter(|s| !login.untick.contains(&s.as_str())).map(|s| ("scope", s.as_str())));
     form.push(("decision", "approve"));
     if let Some(p) = login.patient {
