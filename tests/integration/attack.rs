@@ -54,8 +54,9 @@ const BOB_OBS: &[&str] = &[
 /// The resources of bob's outside the R4 Patient compartment (issue item 5).
 const BOB_OUTSIDE: &[&str] = &["Device/dev-bob", "Contract/con-bob", "GuidanceResponse/gr-bob"];
 /// Patient users, practitioners and RelatedPersons ask for these; only backend clients may
-/// hold `system/`, only practitioners `user/`.
-const ESCALATE: &[&str] = &["openid", "fhirUser", "system/*.cruds", "user/*.cruds", "patient/*.cruds"];
+/// hold `system/`, only practitioners `user/`. (Without `openid`: an id_token makes a debug
+/// build derive its RSA key, tens of seconds, and has nothing to do with the scopes.)
+const ESCALATE: &[&str] = &["fhirUser", "system/*.cruds", "user/*.cruds", "patient/*.cruds"];
 const EVIL: &str = "https://evil.example";
 
 // ---------------------------------------------------------------------------------------------
@@ -239,10 +240,10 @@ struct World {
     sys: String,
     /// The app without a scope ceiling (the default registration).
     app: String,
-    /// alice's `launch/patient openid fhirUser patient/*.cruds`.
+    /// alice's `launch/patient patient/*.cruds`.
     alice: String,
     alice_session: String,
-    /// drsmith's `openid fhirUser user/*.cruds`.
+    /// drsmith's `user/*.cruds`.
     prac: String,
     prac_session: String,
 }
@@ -253,20 +254,32 @@ impl World {
         let node = Node::start(extra, fixed_port);
         let backend = Backend::register(&node.admin, ClientKey::ed25519(), "system/*.cruds").await;
         let sys = backend.token(&node.http, "system/*.cruds").await;
-        for r in seed() {
-            smart::put_resource(&node.http, &node.base, &sys, &r).await;
-        }
+        // One transaction: one ledger commit for the whole seed.
+        let entries = seed()
+            .into_iter()
+            .map(|r| {
+                let url = format!(
+                    "{}/{}",
+                    r["resourceType"].as_str().unwrap_or_default(),
+                    r["id"].as_str().unwrap_or_default()
+                );
+                entry("PUT", &url, Some(r))
+            })
+            .collect();
+        let r = fhir(&node.http, Method::POST, &node.url("/"), Some(&sys), Some(&bundle("transaction", entries))).await;
+        assert_eq!(r.status, 200, "the seed: {}", r.text);
         let app = node.admin.public_client("Attack App", None).await;
         node.admin.user("alice", &format!("Patient/{ALICE}")).await;
         node.admin.user("drsmith", &format!("Practitioner/{PRAC}")).await;
         node.admin.user("relly", &format!("RelatedPerson/{RP}")).await;
-        let scopes = ["launch/patient", "openid", "fhirUser", "patient/*.cruds"];
+        // No openid here: the first id_token makes a debug-build server derive its RSA key
+        // (tens of seconds); only the escalation attack asks for it.
+        let scopes = ["launch/patient", "patient/*.cruds"];
         let (t, alice_session) = token(&node, &app, &scopes, "alice", None, None).await;
         let t = t.unwrap_or_else(|e| panic!("alice's token: {e}"));
         assert_eq!(t["patient"], ALICE, "{t}");
         let alice = access_token(&t);
-        let (t, prac_session) =
-            token(&node, &app, &["openid", "fhirUser", "user/*.cruds"], "drsmith", None, None).await;
+        let (t, prac_session) = token(&node, &app, &["user/*.cruds"], "drsmith", None, None).await;
         let prac = access_token(&t.unwrap_or_else(|e| panic!("drsmith's token: {e}")));
         eprintln!("server, seed and two logins: {:.1} s", started.elapsed().as_secs_f64());
         World { node, sys, app, alice, alice_session, prac, prac_session }
@@ -738,6 +751,32 @@ async fn attack_conditional_and_bundle_paths() {
                 format!("3: {kind} DELETE {url} deleted bob's Observation: {} {}", r.status, clip(&r.text)),
             );
         }
+    }
+
+    // A hidden resource answers exactly like a missing one (status and body, ids aside).
+    for (hidden, missing) in [
+        ("Observation/obs-bob-1", "Observation/obs-nobody"),
+        ("Observation/obs-bob-1/_history/1", "Observation/obs-nobody/_history/1"),
+        ("Observation/obs-bob-1/_history", "Observation/obs-nobody/_history"),
+        ("Patient/pat-bob", "Patient/pat-nobody"),
+        ("Device/dev-bob", "Device/dev-nobody"),
+        ("Contract/con-bob", "Contract/con-nobody"),
+        ("GuidanceResponse/gr-bob", "GuidanceResponse/gr-nobody"),
+    ] {
+        let a = w.get(hidden, &alice).await;
+        let b = w.get(missing, &alice).await;
+        let id = |p: &str| p.split('/').nth(1).unwrap_or_default().to_string();
+        let (ha, hb) = (a.text.replace(&id(hidden), "ID"), b.text.replace(&id(missing), "ID"));
+        holes.check(
+            a.status == b.status && ha == hb,
+            format!(
+                "5/hidden: GET {hidden} answers {} {}, unlike a missing one: {} {}",
+                a.status,
+                clip(&ha),
+                b.status,
+                clip(&hb)
+            ),
+        );
     }
 
     // 5. Bob's Device, Contract and GuidanceResponse: as missing to alice.
