@@ -1444,8 +1444,9 @@ fn open_modes(dir: &Path, out: &mut Vec<String>) {
 /// `Cache-Control: no-store` on PHI, CSRF token and Origin check on the consent page and the
 /// portal's withdraw, `redirect_uri` required at the token endpoint, user ids that are not a
 /// hash of the username, `Secure` cookies behind https, a client assertion's `jti` remembered
-/// across a restart, data files 0600 and directories 0700, example configs with auth on, and
-/// login throttling. Holes on the code before issue 15: item 14.
+/// across a restart, a handshake timeout on the Raft listener, data files 0600 and directories
+/// 0700, example configs with auth on, and login throttling. Holes on the code before issue
+/// 15: item 14.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn attack_lesser_holes() {
     let mut w = World::start(&[], true).await;
@@ -1583,6 +1584,25 @@ async fn attack_lesser_holes() {
         r.status == 401 && js(&r)["error"] == "invalid_client",
         format!("14: a client assertion replayed after a restart answers {} {}", r.status, clip(&r.text)),
     );
+
+    // The Raft listener drops a connection that never completes its handshake (one that
+    // stays silent here), rather than holding it open for ever.
+    let raft_dir = tempfile::tempdir().expect("temp dir");
+    let raft_node = Server::launch_auth(raft_dir.path(), &["--raft-listen", "127.0.0.1:0"], &[]);
+    let raft = raft_node.raft.clone().expect("the Raft listener's address");
+    let mut idle = tokio::net::TcpStream::connect(&raft).await.expect("connect to the Raft listener");
+    let deadline = Instant::now() + Duration::from_secs(12);
+    let dropped = loop {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 1024];
+        match tokio::time::timeout_at(deadline.into(), idle.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break true,
+            Ok(Ok(_)) => continue,
+            Err(_) => break false,
+        }
+    };
+    holes.check(dropped, "14: the Raft listener holds a connection without a handshake open for 12 s");
+    drop(raft_node);
 
     // Data files 0600, directories 0700.
     let mut open = Vec::new();
