@@ -49,6 +49,14 @@ pub async fn app_with_admin(
     test::init_service(App::new().app_data(state).configure(api::configure)).await
 }
 
+/// The `fhir-ledger` binary the process tests run: `FHIR_LEDGER_BIN` when set (a binary
+/// built elsewhere, e.g. the code before a change, or when several worktrees share one
+/// `CARGO_TARGET_DIR` and the uplifted `target/debug/fhir-ledger` may be another worktree's),
+/// else this build's.
+pub fn binary() -> std::ffi::OsString {
+    std::env::var_os("FHIR_LEDGER_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_fhir-ledger").into())
+}
+
 /// A `fhir-ledger serve` child process.
 pub struct Server {
     pub child: Child,
@@ -79,7 +87,7 @@ impl Server {
 
     fn spawn_with(data_dir: &Path, auth: &str, extra: &[&str], env: &[(&str, &str)]) -> Server {
         let listen = if extra.contains(&"--listen") { &[][..] } else { &["--listen", "127.0.0.1:0"][..] };
-        let mut child = Command::new(env!("CARGO_BIN_EXE_fhir-ledger"))
+        let mut child = Command::new(binary())
             .args(["serve", "--auth", auth])
             .args(listen)
             .args(extra)
