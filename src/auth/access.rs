@@ -205,9 +205,11 @@ impl<'c> Guard<'c> {
     }
 
     fn consents(&self, rtype: &str, doc: &Doc, patients: &[&str]) -> bool {
-        let default = match self.default {
-            ConsentDefault::OptOut => Decision::Permit,
-            ConsentDefault::OptIn => Decision::Deny,
+        // The opt-in default withholds disclosure; it does not stop a writer the scopes allow
+        // (an EHR recording care): only a Consent's explicit `correct` provision does.
+        let default = match (self.default, self.action) {
+            (ConsentDefault::OptIn, "access") => Decision::Deny,
+            _ => Decision::Permit,
         };
         for &p in patients {
             if self.caller.is_patient(p) {

@@ -72,12 +72,21 @@ fn route_table() -> Vec<(String, String)> {
     out
 }
 
-/// Whether a 2xx answer disclosed nothing: a search or history Bundle without entries.
+/// Whether a 2xx answer disclosed and did nothing: a search or history Bundle without
+/// entries, or a batch response whose every entry was refused.
 fn empty_bundle(body: &Value) -> bool {
+    let entries = body["entry"].as_array();
     body["resourceType"] == "Bundle"
-        && matches!(body["type"].as_str(), Some("searchset" | "history"))
-        && body["entry"].as_array().is_none_or(|e| e.iter().all(|x| x["search"]["mode"] == "outcome"))
-        && body["total"].as_u64().unwrap_or(0) == 0
+        && match body["type"].as_str() {
+            Some("searchset" | "history") => {
+                entries.is_none_or(|e| e.iter().all(|x| x["search"]["mode"] == "outcome"))
+                    && body["total"].as_u64().unwrap_or(0) == 0
+            }
+            Some("batch-response") => entries.is_some_and(|e| {
+                e.iter().all(|x| x["response"]["status"].as_str().is_some_and(|s| s.starts_with('4')))
+            }),
+            _ => false,
+        }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
