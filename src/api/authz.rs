@@ -353,15 +353,15 @@ impl Policy for CallerPolicy<'_> {
 /// For one stored version read outside a search (vread, history, a bundle's `_history/v`
 /// entry, `$proof`): what to log when the caller may see it, judged by that version's own
 /// content (its patients and their Consents) and a deletion by the last version before it;
-/// `None` when hidden. `current` says whether it is the resource's current version.
+/// `None` when hidden.
 pub fn version_visible(
     state: &AppState,
     caller: &Caller,
     s: &Stored,
-    current: bool,
 ) -> Result<Option<crate::search::Disclosed>, FhirError> {
     let Some(access) = state.auth.access(caller) else { return Ok(Some(Default::default())) };
     let repo = &state.repo;
+    let current = repo.view().current(&s.rtype, &s.id)?.is_some_and(|c| c.version == s.version);
     if current && !s.deleted {
         let (ok, d) = crate::search::visible(repo, &access, &s.rtype, &s.id)?;
         return Ok(ok.then_some(d));

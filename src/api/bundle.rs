@@ -458,7 +458,7 @@ fn stored_of(who: &Who<'_>, p: &Planned, results: &[Stored], ret: Return) -> Opt
         (None, Some((t, id))) => {
             let s = who.state.repo.read(t, id).ok()?;
             if ret == Return::Representation {
-                let d = authz::version_visible(who.state, who.caller, &s, true).ok().flatten()?;
+                let d = authz::version_visible(who.state, who.caller, &s).ok().flatten()?;
                 authz::disclosed(who.state, who.caller, "create", &[(s.rtype.clone(), s.id.clone(), s.version)], &d);
             }
             Some(s)
@@ -489,9 +489,7 @@ fn get_entry(req: &HttpRequest, who: &Who<'_>, e: &Entry) -> Result<Json, FhirEr
     let (s, d) = match parts.as_slice() {
         [_, _, "_history", v] => {
             let s = repo.vread(&e.rtype, id, v.parse().map_err(|_| FhirError::not_found(&e.url))?)?;
-            let current = repo.view().current(&e.rtype, id)?.is_some_and(|c| c.version == s.version);
-            let d = authz::version_visible(who.state, who.caller, &s, current)?
-                .ok_or_else(|| FhirError::not_found(&e.url))?;
+            let d = authz::version_visible(who.state, who.caller, &s)?.ok_or_else(|| FhirError::not_found(&e.url))?;
             if s.deleted {
                 return Err(FhirError::gone(&e.url));
             }

@@ -88,8 +88,8 @@ async fn commit_one(
     if let Some((t, id)) = planned.existing {
         // A conditional create that found the caller's resource shows it: a disclosure.
         let s = repo.read(&t, &id)?;
-        let d = authz::version_visible(state, &caller, &s, true)?
-            .ok_or_else(|| FhirError::not_found(&format!("{t}/{id}")))?;
+        let d =
+            authz::version_visible(state, &caller, &s)?.ok_or_else(|| FhirError::not_found(&format!("{t}/{id}")))?;
         authz::disclosed(state, &caller, "create", &[(s.rtype.clone(), s.id.clone(), s.version)], &d);
         return Ok(write_response(req, f, planned.status, &s));
     }
@@ -380,11 +380,9 @@ pub async fn vread(
         authz::require(&state, &caller, &rtype, Perm::R, "vread")?;
         super::read_barrier(&req, &state.repo).await?;
         let s = state.repo.vread(&rtype, &id, version)?;
-        let current = state.repo.view().current(&rtype, &id)?.is_some_and(|c| c.version == version);
         // Each version is judged by its own content: one that belonged to another patient
         // before the resource moved (or before its id was reused) is hidden like a missing one.
-        let disclosed =
-            authz::version_visible(&state, &caller, &s, current)?.ok_or_else(|| FhirError::not_found(&what))?;
+        let disclosed = authz::version_visible(&state, &caller, &s)?.ok_or_else(|| FhirError::not_found(&what))?;
         if s.deleted {
             return Err(FhirError::gone(&what));
         }
