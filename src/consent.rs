@@ -15,6 +15,9 @@ use serde_json::Value;
 use crate::error::FhirError;
 use crate::repo::Repo;
 
+/// The extension on a grant Consent that records the scopes the patient approved.
+pub const SCOPES_EXTENSION: &str = "urn:fhir-ledger:StructureDefinition/smart-scopes";
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Decision {
     Permit,
@@ -129,9 +132,7 @@ fn root_provision(consent: &Value) -> Provision {
         p.children.iter_mut().for_each(require_all);
     }
     let mut root = provision(&consent["provision"]);
-    let grant = consent["extension"]
-        .as_array()
-        .is_some_and(|e| e.iter().any(|x| x["url"] == crate::auth::endpoints::SCOPES_EXTENSION));
+    let grant = consent["extension"].as_array().is_some_and(|e| e.iter().any(|x| x["url"] == SCOPES_EXTENSION));
     if grant {
         require_all(&mut root);
     }
@@ -284,7 +285,7 @@ mod tests {
     #[test]
     fn a_grant_consent_permits_only_its_user_through_its_app() {
         let b = book(&[json!({
-            "extension": [{"url": crate::auth::endpoints::SCOPES_EXTENSION, "valueString": "patient/*.rs"}],
+            "extension": [{"url": SCOPES_EXTENSION, "valueString": "patient/*.rs"}],
             "provision": {"type": "permit", "actor": [
                 {"reference": {"identifier": {"system": "urn:fhir-ledger:client", "value": "app"}}},
                 {"reference": {"reference": "Patient/p"}}]}})]);

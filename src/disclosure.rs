@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::error::FhirError;
 use crate::fhir::json::{self, Json};
-use crate::repo::Repo;
+use crate::search::Engine;
 
 pub const BATCH: usize = 4096;
 pub const WINDOW: Duration = Duration::from_millis(200);
@@ -137,11 +137,11 @@ impl Log {
     }
 
     /// Starts the writer on the current tokio runtime.
-    pub fn start(repo: Arc<Repo>) -> Self {
+    pub fn start(search: Arc<Engine>) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         let refusals: Arc<std::sync::Mutex<Refusals>> = Arc::default();
         tokio::spawn(sweeper(Arc::downgrade(&refusals), tx.clone()));
-        tokio::spawn(writer(repo, rx));
+        tokio::spawn(writer(search, rx));
         Self { tx: Some(tx), refusals }
     }
 
@@ -193,8 +193,8 @@ async fn sweeper(refusals: std::sync::Weak<std::sync::Mutex<Refusals>>, tx: mpsc
     }
 }
 
-async fn writer(repo: Arc<Repo>, mut rx: mpsc::UnboundedReceiver<Msg>) {
-    let node = repo.node_id().to_string();
+async fn writer(search: Arc<Engine>, mut rx: mpsc::UnboundedReceiver<Msg>) {
+    let node = search.repo().node_id().to_string();
     loop {
         // Wake once per window, not once per event: the first message opens a window, and
         // everything queued by its end is one batch (flush requests wait at most a window).
@@ -209,11 +209,11 @@ async fn writer(repo: Arc<Repo>, mut rx: mpsc::UnboundedReceiver<Msg>) {
                 Msg::Flush(w) => waiters.push(w),
             }
             if batch.len() >= BATCH {
-                commit(&repo, &node, aggregate(std::mem::take(&mut batch))).await;
+                commit(&search, &node, aggregate(std::mem::take(&mut batch))).await;
             }
             next = rx.try_recv().ok();
         }
-        commit(&repo, &node, aggregate(batch)).await;
+        commit(&search, &node, aggregate(batch)).await;
         for w in waiters {
             let _ = w.send(());
         }
@@ -271,7 +271,8 @@ fn aggregate(batch: Vec<Event>) -> Vec<Disclosure> {
     out
 }
 
-async fn commit(repo: &Repo, node: &str, batch: Vec<Disclosure>) {
+async fn commit(search: &Engine, node: &str, batch: Vec<Disclosure>) {
+    let repo = search.repo();
     if batch.is_empty() {
         return;
     }
@@ -293,7 +294,7 @@ async fn commit(repo: &Repo, node: &str, batch: Vec<Disclosure>) {
         // One command's leaves are consecutive: searches need not wait for them.
         let leaves = stored.iter().filter_map(|s| s.leaf);
         if let (Some(lo), Some(hi)) = (leaves.clone().min(), leaves.max()) {
-            repo.search().note_log_leaves(lo, hi + 1);
+            search.note_log_leaves(lo, hi + 1);
         }
     }
     if let Err(e) = result {
@@ -394,8 +395,9 @@ pub struct Accessor {
 }
 
 /// Every AuditEvent of the patient, summed per accessor (a user, or a client without one).
-pub fn access_report(repo: &Repo, patient: &str) -> Result<(u64, BTreeMap<String, Accessor>), FhirError> {
-    let idx = repo.search().current_all(repo)?;
+pub fn access_report(search: &Engine, patient: &str) -> Result<(u64, BTreeMap<String, Accessor>), FhirError> {
+    let repo = search.repo();
+    let idx = search.current_all()?;
     let Some(docs) = idx.of("AuditEvent") else { return Ok((0, BTreeMap::new())) };
     let target = format!("Patient/{patient}");
     let keys: Vec<(String, u64)> = docs

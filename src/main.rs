@@ -30,9 +30,9 @@ enum Cmd {
     /// Exit code 0: verified; 1: tampering or inconsistency found; 2: could not be checked.
     Verify(fhir_ledger::verify::VerifyArgs),
     /// Administer a cluster through its nodes' admin API: init, join, promote, remove, status.
-    Cluster(fhir_ledger::cluster_cli::ClusterArgs),
+    Cluster(fhir_ledger::cli::cluster::ClusterArgs),
     /// SMART authorization admin: register apps and user accounts, mint EHR launch contexts.
-    Auth(fhir_ledger::auth::cli::AuthArgs),
+    Auth(fhir_ledger::cli::auth::AuthArgs),
 }
 
 fn main() -> anyhow::Result<std::process::ExitCode> {
@@ -70,11 +70,11 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
         }
         Cmd::Verify(args) => Ok(fhir_ledger::verify::run(&args)),
         Cmd::Cluster(args) => {
-            rt.block_on(fhir_ledger::cluster_cli::run(args))?;
+            rt.block_on(fhir_ledger::cli::cluster::run(args))?;
             Ok(std::process::ExitCode::SUCCESS)
         }
         Cmd::Auth(args) => {
-            rt.block_on(fhir_ledger::auth::cli::run(args))?;
+            rt.block_on(fhir_ledger::cli::auth::run(args))?;
             Ok(std::process::ExitCode::SUCCESS)
         }
     }

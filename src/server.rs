@@ -12,10 +12,13 @@ use crate::fhir::profiles::Profiles;
 use crate::fhir::searchparams::SearchParams;
 use crate::identity::Identity;
 use crate::repo::Repo;
+use crate::search::Engine;
 
 /// Everything a running node needs, built once.
 pub struct Node {
     pub repo: Arc<Repo>,
+    /// The search index over `repo`, kept current in the background.
+    pub search: Arc<Engine>,
     pub admin: AdminConfig,
     pub auth: Arc<crate::auth::Auth>,
 }
@@ -48,6 +51,20 @@ fn owner_only(dir: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The search index over `repo` (R4 and US Core parameters, the Patient compartment),
+/// kept current by a background thread.
+pub fn search_engine(profiles_dir: &std::path::Path, repo: Arc<Repo>) -> anyhow::Result<Arc<Engine>> {
+    let profiles = repo.profiles.clone();
+    let registry =
+        crate::search::params::Registry::load(profiles_dir, profiles.resource_types()).map_err(anyhow::Error::msg)?;
+    let compartments = crate::search::Compartments::load(profiles_dir)
+        .map_err(anyhow::Error::msg)?
+        .with_references(&registry, profiles.resource_types());
+    let search = Arc::new(Engine::new(repo, profiles, registry, compartments, crate::auth::store::INTERNAL_TYPES));
+    crate::search::index::keep_current(&search);
+    Ok(search)
+}
+
 /// Opens the node's keys and ledger; `raft` is the bound inter-node listener of a cluster node.
 pub async fn open_node(cfg: &Config, api_addr: &str, raft: Option<TcpListener>) -> anyhow::Result<Node> {
     owner_only(&cfg.data_dir)?;
@@ -55,12 +72,6 @@ pub async fn open_node(cfg: &Config, api_addr: &str, raft: Option<TcpListener>) 
     let id = Identity::load_or_create(&cfg.data_dir, &cfg.secrets_dir)?;
     let profiles = Arc::new(Profiles::load(&cfg.profiles_dir).map_err(anyhow::Error::msg)?);
     let params = Arc::new(SearchParams::load(&cfg.profiles_dir).map_err(anyhow::Error::msg)?);
-    let registry = crate::search::params::Registry::load(&cfg.profiles_dir, profiles.resource_types())
-        .map_err(anyhow::Error::msg)?;
-    let compartments = crate::search::Compartments::load(&cfg.profiles_dir)
-        .map_err(anyhow::Error::msg)?
-        .with_references(&registry, profiles.resource_types());
-    let engine = crate::search::Engine::new(profiles.clone(), registry, compartments);
     let ledger = consensus::Ledger::open(consensus::Options {
         dir: &cfg.data_dir.join("ledger"),
         node_id: cfg.node_id,
@@ -73,8 +84,8 @@ pub async fn open_node(cfg: &Config, api_addr: &str, raft: Option<TcpListener>) 
     let token = cfg.admin_token.clone().unwrap_or_else(|| id.admin_token.clone());
     let admin = AdminConfig::new(&token, cfg.fault_injection, id.secrets_id());
     let kek = id.kek;
-    let repo = Arc::new(Repo::new(ledger, id.signing, id.kek, id.index_key, profiles, params, engine));
-    crate::search::index::keep_current(&repo);
+    let repo = Arc::new(Repo::new(ledger, id.signing, id.kek, id.index_key, profiles, params));
+    let search = search_engine(&cfg.profiles_dir, repo.clone())?;
     let auth = if cfg.auth {
         let settings = crate::auth::Settings {
             enabled: true,
@@ -83,11 +94,11 @@ pub async fn open_node(cfg: &Config, api_addr: &str, raft: Option<TcpListener>) 
             access_ttl_secs: cfg.access_token_ttl,
             external: cfg.external_issuers.clone(),
         };
-        crate::auth::Auth::new(settings, &kek, crate::disclosure::Log::start(repo.clone()))
+        crate::auth::Auth::new(settings, &kek, crate::disclosure::Log::start(search.clone()))
     } else {
         crate::auth::Auth::disabled()
     };
-    Ok(Node { repo, admin, auth: Arc::new(auth) })
+    Ok(Node { repo, search, admin, auth: Arc::new(auth) })
 }
 
 /// Binds the API (and, for a cluster node, the Raft) listener, opens the node and serves until
@@ -123,6 +134,7 @@ pub async fn serve(cfg: Config, node: Node, listener: TcpListener) -> anyhow::Re
     }
     let state = web::Data::new(AppState {
         repo: node.repo,
+        search: node.search,
         max_body_bytes: cfg.max_body_bytes,
         admin: node.admin,
         auth: node.auth,

@@ -15,14 +15,13 @@ use actix_web::{web, HttpMessage, HttpRequest};
 use consensus::CurrentRecord;
 
 use super::{error_response, AppState, Format};
-use crate::auth::access::Restriction;
+use crate::auth::access::{Disclosed, Restriction, Subject};
 use crate::auth::scopes::Perm;
 use crate::auth::Caller;
 use crate::disclosure::Event;
 use crate::error::FhirError;
 use crate::fhir::json::Json;
 use crate::repo::{Policy, Stored};
-use crate::search::Subject;
 
 /// Marks a request whose read barrier the middleware already passed (before checking the
 /// token against the grant and Consent, so a revocation anywhere in the cluster is seen).
@@ -69,7 +68,7 @@ pub async fn middleware(
         req.extensions_mut().insert(Arc::new(Caller::administrator()));
         return next.call(req).await;
     }
-    match state.auth.caller(&state.repo, authorization.as_deref(), purpose.as_deref()).await {
+    match state.auth.caller(&state.search, authorization.as_deref(), purpose.as_deref()).await {
         Ok(c) => {
             req.extensions_mut().insert(Arc::new(c));
             next.call(req).await
@@ -181,7 +180,7 @@ pub fn disclosed(
     caller: &Caller,
     interaction: &'static str,
     shown: &[(String, String, u64)],
-    d: &crate::search::Disclosed,
+    d: &Disclosed,
 ) {
     if caller.unrestricted || !state.auth.disclosures.enabled() {
         return;
@@ -228,9 +227,9 @@ pub fn check_visible(
     rtype: &str,
     id: &str,
     interaction: &'static str,
-) -> Result<crate::search::Disclosed, FhirError> {
+) -> Result<Disclosed, FhirError> {
     let Some(access) = state.auth.access(caller) else { return Ok(Default::default()) };
-    let (ok, d) = crate::search::visible(&state.repo, &access, rtype, id)?;
+    let (ok, d) = crate::auth::access::visible(&state.search, &access, rtype, id)?;
     if ok {
         return Ok(d);
     }
@@ -271,7 +270,7 @@ impl Policy for CallerPolicy<'_> {
 
     fn sees(&self, rtype: &str, id: &str) -> Result<bool, FhirError> {
         let Some(access) = self.state.auth.access(self.caller) else { return Ok(true) };
-        Ok(crate::search::visible(&self.state.repo, &access, rtype, id)?.0)
+        Ok(crate::auth::access::visible(&self.state.search, &access, rtype, id)?.0)
     }
 
     fn may_write(
@@ -300,14 +299,13 @@ impl Policy for CallerPolicy<'_> {
         }
         require(state, caller, rtype, perm, interaction)?;
         let Some(access) = state.auth.access(caller) else { return Ok(()) };
-        let repo = &state.repo;
         if current.is_some() {
             // What is there: hidden answers as missing; visible but not the caller's to change
             // (another patient's, or a Consent's "correct" denial) is a 403.
-            if !crate::search::visible(repo, &access, rtype, id)?.0 {
+            if !crate::auth::access::visible(&state.search, &access, rtype, id)?.0 {
                 return Err(FhirError::not_found(&format!("{rtype}/{id}")));
             }
-            if !crate::search::admits(repo, &access, rtype, Subject::Current(id), Some(perm))?.0 {
+            if !crate::auth::access::admits(&state.search, &access, rtype, Subject::Current(id), Some(perm))?.0 {
                 return Err(forbidden_logged(
                     state,
                     caller,
@@ -320,7 +318,7 @@ impl Policy for CallerPolicy<'_> {
             // What it leaves there: a resource moves between compartments only if the caller
             // may write both.
             let subject = Subject::Body { id, version: 0, body, restriction: Restriction::Unchecked };
-            if !crate::search::admits(repo, &access, rtype, subject, Some(perm))?.0 {
+            if !crate::auth::access::admits(&state.search, &access, rtype, subject, Some(perm))?.0 {
                 return Err(forbidden_logged(
                     state,
                     caller,
@@ -354,16 +352,12 @@ impl Policy for CallerPolicy<'_> {
 /// entry, `$proof`): what to log when the caller may see it, judged by that version's own
 /// content (its patients and their Consents) and a deletion by the last version before it;
 /// `None` when hidden.
-pub fn version_visible(
-    state: &AppState,
-    caller: &Caller,
-    s: &Stored,
-) -> Result<Option<crate::search::Disclosed>, FhirError> {
+pub fn version_visible(state: &AppState, caller: &Caller, s: &Stored) -> Result<Option<Disclosed>, FhirError> {
     let Some(access) = state.auth.access(caller) else { return Ok(Some(Default::default())) };
     let repo = &state.repo;
     let current = repo.view().current(&s.rtype, &s.id)?.is_some_and(|c| c.version == s.version);
     if current && !s.deleted {
-        let (ok, d) = crate::search::visible(repo, &access, &s.rtype, &s.id)?;
+        let (ok, d) = crate::auth::access::visible(&state.search, &access, &s.rtype, &s.id)?;
         return Ok(ok.then_some(d));
     }
     let (mut body, mut version) = (s.body.clone(), s.version);
@@ -374,7 +368,7 @@ pub fn version_visible(
     let Some(text) = body else { return Ok(None) };
     let json = crate::fhir::json::parse(text.as_bytes(), usize::MAX).map_err(FhirError::internal)?;
     let subject = Subject::Body { id: &s.id, version, body: &json, restriction: Restriction::Unknown };
-    let (ok, d) = crate::search::admits(repo, &access, &s.rtype, subject, None)?;
+    let (ok, d) = crate::auth::access::admits(&state.search, &access, &s.rtype, subject, None)?;
     Ok(ok.then_some(d))
 }
 

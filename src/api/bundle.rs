@@ -11,16 +11,17 @@ use std::collections::BTreeMap;
 use actix_web::{web, HttpRequest, HttpResponse};
 
 use super::authz;
-use super::interactions::{self, parse_query, Planned};
 use super::resource::check_type;
 use super::search::{search_bundle, Who};
-use super::{base_url, json_response, parse_resource, prefer_return, read_body, validate, AppState, Format, Return};
+use super::{base_url, json_response, parse_resource, prefer_return, read_body, AppState, Format, Return};
 use crate::auth::scopes::Perm;
+use crate::codec::parse_query;
 use crate::error::{information, FhirError};
 use crate::fhir::json::Json;
 use crate::fhir::refs::for_each_reference_mut;
 use crate::fhir::{instant, is_valid_id};
-use crate::repo::{Plan, Repo, Stored};
+use crate::repo::interactions::{self, Planned};
+use crate::repo::{Plan, Stored};
 
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Method {
@@ -52,7 +53,7 @@ fn at(i: usize) -> String {
     format!("Bundle.entry[{i}]")
 }
 
-fn parse_entry(repo: &Repo, i: usize, mut e: Json) -> Result<Entry, FhirError> {
+fn parse_entry(search: &crate::search::Engine, i: usize, mut e: Json) -> Result<Entry, FhirError> {
     let req =
         e.get("request").ok_or_else(|| FhirError::invalid("entry has no request").at(format!("{}.request", at(i))))?;
     let method = match req.get("method").and_then(Json::as_str) {
@@ -79,7 +80,7 @@ fn parse_entry(repo: &Repo, i: usize, mut e: Json) -> Result<Entry, FhirError> {
     let mut segs = path.split('/');
     let rtype = segs.next().unwrap_or_default().to_string();
     let id = segs.next().map(String::from);
-    check_type(repo, &rtype).map_err(|e| e.at(format!("{}.request.url", at(i))))?;
+    check_type(search.repo(), &rtype).map_err(|e| e.at(format!("{}.request.url", at(i))))?;
     if let Some(id) = &id {
         if !is_valid_id(id) {
             return Err(FhirError::invalid(format!("{id:?} is not a valid id")).at(format!("{}.request.url", at(i))));
@@ -104,7 +105,7 @@ fn parse_entry(repo: &Repo, i: usize, mut e: Json) -> Result<Entry, FhirError> {
         if method == Method::Post && (id.is_some() || query.is_some()) {
             return Err(FhirError::invalid("POST url must be a resource type").at(format!("{}.request.url", at(i))));
         }
-        validate(repo, &rtype, r, Some(&format!("{}.resource", at(i))))?;
+        crate::search::validate::validate(search, &rtype, r, Some(&format!("{}.resource", at(i))))?;
         if let (Method::Put, Some(id)) = (&method, &id) {
             if r.get("id").and_then(Json::as_str).is_some_and(|b| b != id) {
                 return Err(
@@ -155,14 +156,13 @@ async fn process(
         Some(Json::Array(entries)) => entries,
         _ => Vec::new(),
     };
-    let repo = &state.repo;
     let caller = authz::caller(req);
     let who = Who { state, caller: &caller };
     match kind.as_str() {
         "transaction" => {
             let mut entries = Vec::with_capacity(raw_entries.len());
             for (i, e) in raw_entries.into_iter().enumerate() {
-                entries.push(parse_entry(repo, i, e)?);
+                entries.push(parse_entry(&state.search, i, e)?);
             }
             // All or nothing: one entry the caller may not make refuses the transaction.
             for e in &entries {
@@ -511,7 +511,7 @@ async fn batch(req: &HttpRequest, who: &Who<'_>, raw: Vec<Json>, _f: &Format) ->
     let policy = authz::policy(who.state, who.caller);
     let policy = &policy;
     let futures = raw.into_iter().enumerate().map(|(i, raw)| async move {
-        let e = match parse_entry(repo, i, raw) {
+        let e = match parse_entry(&who.state.search, i, raw) {
             Ok(e) => e,
             Err(err) => return error_entry(&err),
         };

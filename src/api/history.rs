@@ -3,11 +3,11 @@
 use actix_web::{web, HttpRequest, HttpResponse};
 
 use super::authz;
-use super::interactions::parse_query;
 use super::resource::{check_type, enc, link};
 use super::{base_url, json_response, respond, AppState};
 use crate::auth::scopes::Perm;
 use crate::auth::Caller;
+use crate::codec::parse_query;
 use crate::error::FhirError;
 use crate::fhir::json::Json;
 use crate::fhir::{date_range_ms, instant};
@@ -125,7 +125,7 @@ pub async fn instance(req: HttpRequest, path: web::Path<(String, String)>, state
         let mut next = None;
         let mut total = 0;
         let mut shown = Vec::new();
-        let mut disclosed = crate::search::Disclosed::default();
+        let mut disclosed = crate::auth::access::Disclosed::default();
         let mut any_visible = false;
         for v in versions {
             // Each version by its own content: versions of another patient (before a move,
@@ -174,7 +174,7 @@ fn walk(
     let mut next = None;
     let restricted = !caller.unrestricted;
     let mut shown = Vec::new();
-    let mut disclosed = crate::search::Disclosed::default();
+    let mut disclosed = crate::auth::access::Disclosed::default();
     for item in repo.view().history(p.cursor) {
         let (leaf, h) = item?;
         if crate::auth::store::is_internal(&h.rtype)

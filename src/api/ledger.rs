@@ -12,9 +12,9 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use base64::Engine;
 use consensus::proof;
 
-use super::interactions::parse_query;
 use super::resource::check_type;
 use super::{json_response, respond, AppState};
+use crate::codec::parse_query;
 use crate::error::FhirError;
 use crate::fhir::json::Json;
 use crate::repo::Repo;

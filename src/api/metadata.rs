@@ -41,14 +41,14 @@ fn operation(name: &str, doc: &str) -> Json {
 
 pub async fn capability_statement(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
     respond(&req, |f| {
-        let repo = &state.repo;
-        let index = repo.search().current(repo)?;
+        let index = state.search.current()?;
         let interactions: Vec<Json> =
             ["read", "vread", "update", "patch", "delete", "history-instance", "history-type", "create", "search-type"]
                 .iter()
                 .map(|c| o(vec![("code", s(c))]))
                 .collect();
-        let resources: Vec<Json> = repo
+        let resources: Vec<Json> = state
+            .repo
             .profiles
             .resource_types()
             .iter()

@@ -5,12 +5,14 @@ pub mod admin;
 pub mod authz;
 pub mod bundle;
 pub mod history;
-pub mod interactions;
+
 pub mod ledger;
 pub mod metadata;
+pub mod portal;
 pub mod report;
 pub mod resource;
 pub mod search;
+pub mod smart;
 
 use std::sync::Arc;
 
@@ -28,6 +30,8 @@ pub const MAX_DEPTH: usize = 128;
 
 pub struct AppState {
     pub repo: Arc<Repo>,
+    /// The search index over `repo`.
+    pub search: Arc<crate::search::Engine>,
     pub max_body_bytes: usize,
     pub admin: admin::AdminConfig,
     pub auth: Arc<crate::auth::Auth>,
@@ -35,10 +39,10 @@ pub struct AppState {
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     // Before `/admin`, whose default service would answer `/admin/auth/...` with a 404.
-    crate::auth::admin::configure(cfg);
+    admin::users::configure(cfg);
     admin::configure(cfg);
-    crate::auth::endpoints::configure(cfg);
-    crate::auth::portal::configure(cfg);
+    smart::configure(cfg);
+    portal::configure(cfg);
     cfg.service(fhir_routes());
 }
 
@@ -184,7 +188,7 @@ impl Format {
 
     /// `_format` wins over `Accept`; JSON in either spelling is served, XML is a 406.
     pub fn negotiate(req: &HttpRequest) -> Result<Self, FhirError> {
-        let query = interactions::parse_query(req.query_string());
+        let query = crate::codec::parse_query(req.query_string());
         let pretty = query.iter().any(|(k, v)| k == "_pretty" && v == "true");
         let json_type = |t: &str| -> Option<&'static str> {
             let t = t.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
@@ -315,54 +319,6 @@ pub fn parse_resource(body: &[u8]) -> Result<Json, FhirError> {
         return Err(FhirError::new(400, "structure", "the body must be a JSON object (a FHIR resource)"));
     }
     Ok(v)
-}
-
-/// Validates `res` as a resource of `rtype` against the R4 definitions. `prefix` relocates
-/// issue paths (e.g. `Bundle.entry[3].resource`).
-pub fn validate(repo: &Repo, rtype: &str, res: &Json, prefix: Option<&str>) -> Result<(), FhirError> {
-    let actual = res.get("resourceType").and_then(Json::as_str);
-    if actual != Some(rtype) {
-        let mut e = FhirError::invalid(format!(
-            "resourceType {} does not match the expected type {rtype}",
-            actual.map_or("(missing)".to_string(), |a| format!("{a:?}"))
-        ));
-        e = e.at(prefix.map_or("resourceType".to_string(), |p| format!("{p}.resourceType")));
-        return Err(e);
-    }
-    let issues = repo.profiles.validate(res);
-    if rtype == "SearchParameter" && issues.is_empty() {
-        let registry = &repo.search().current(repo)?.registry;
-        if let Err(why) = crate::search::params::custom_param(res, registry) {
-            return Err(FhirError::new(
-                400,
-                "not-supported",
-                format!("this server cannot use this SearchParameter: {why}"),
-            )
-            .at(prefix.unwrap_or("SearchParameter").to_string()));
-        }
-    }
-    let errors: Vec<_> = issues
-        .into_iter()
-        .filter(|i| matches!(i.severity, crate::fhir::validate::Severity::Error))
-        .take(50)
-        .map(|i| {
-            let path = match prefix {
-                Some(p) => format!("{p}.{}", i.path.split_once('.').map_or("", |(_, rest)| rest)),
-                None => i.path.clone(),
-            };
-            crate::error::Issue {
-                severity: "error",
-                code: i.code,
-                diagnostics: format!("{}: {}", i.path, i.message),
-                expression: vec![path.trim_end_matches('.').to_string()],
-            }
-        })
-        .collect();
-    if errors.is_empty() {
-        Ok(())
-    } else {
-        Err(FhirError { status: 400, issues: errors })
-    }
 }
 
 /// `W/"3"` or `"3"` → 3.

@@ -32,7 +32,7 @@ pub async fn access_report(req: &HttpRequest, state: &AppState, id: &str) -> Htt
     // Count every disclosure answered before this request.
     state.auth.disclosures.flush().await;
     respond(req, |f| {
-        let (total, accessors) = crate::disclosure::access_report(&state.repo, id)?;
+        let (total, accessors) = crate::disclosure::access_report(&state.search, id)?;
         Ok(json_response(200, &crate::disclosure::report_parameters(id, total, &accessors), f))
     })
 }

@@ -5,16 +5,13 @@ use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
 
 use super::authz;
-use super::interactions::{self, Planned};
-use super::{base_url, parse_etag, parse_resource, prefer_return, read_body, validate, AppState, Format, Return};
+use super::{base_url, parse_etag, parse_resource, prefer_return, read_body, AppState, Format, Return};
 use crate::auth::scopes::Perm;
 use crate::error::{information, FhirError};
 use crate::fhir::json::Json;
 use crate::fhir::{http_date, is_valid_id};
+use crate::repo::interactions::{self, Planned};
 use crate::repo::{Repo, Stored};
-
-/// The caller recorded in the ledger when authorization is off.
-pub const ANONYMOUS: &str = "anonymous";
 
 pub fn check_type(repo: &Repo, rtype: &str) -> Result<(), FhirError> {
     if repo.profiles.is_resource_type(rtype) {
@@ -105,7 +102,7 @@ async fn resource_body(
     check_type(&state.repo, rtype)?;
     let body = read_body(req, payload, state.max_body_bytes).await?;
     let res = parse_resource(&body)?;
-    validate(&state.repo, rtype, &res, None)?;
+    crate::search::validate::validate(&state.search, rtype, &res, None)?;
     Ok(res)
 }
 
@@ -120,7 +117,7 @@ pub async fn create(
         let f = Format::negotiate(&req)?;
         // Some clients send create criteria as a query string (an Aidbox extension); FHIR R4's
         // conditional create is the If-None-Exist header, and silently creating would be wrong.
-        if let Some((k, _)) = interactions::parse_query(req.query_string()).into_iter().find(|(k, _)| k != "_format" && k != "_pretty") {
+        if let Some((k, _)) = crate::codec::parse_query(req.query_string()).into_iter().find(|(k, _)| k != "_format" && k != "_pretty") {
             return Err(FhirError::invalid(format!(
                 "create takes no search parameters (got {k:?}); for a conditional create send them in the If-None-Exist header"
             ))
@@ -231,7 +228,7 @@ pub async fn patch(
             if doc.get("id").and_then(Json::as_str) != Some(id.as_str()) {
                 return Err(FhirError::new(422, "processing", "a patch may not change the resource's id"));
             }
-            validate(repo, &rtype, &doc, None).map_err(|mut e| {
+            crate::search::validate::validate(&state.search, &rtype, &doc, None).map_err(|mut e| {
                 e.status = 422;
                 e
             })?;

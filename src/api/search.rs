@@ -5,11 +5,11 @@
 use actix_web::{web, HttpRequest, HttpResponse};
 
 use super::authz;
-use super::interactions::parse_query;
 use super::resource::{check_type, enc, link};
 use super::{base_url, json_response, prefer_lenient, read_barrier, read_body, respond, AppState};
 use crate::auth::scopes::Perm;
 use crate::auth::Caller;
+use crate::codec::parse_query;
 use crate::error::FhirError;
 use crate::fhir::json::Json;
 use crate::repo::Repo;
@@ -143,7 +143,7 @@ fn bundle_for(
                     format!("compartment {ctype} is not supported (the Patient compartment is)"),
                 ));
             }
-            let comps = &repo.compartments().patient;
+            let comps = &who.state.search.compartments().patient;
             let types: Vec<String> = if rtype == "*" {
                 comps.keys().cloned().collect()
             } else {
@@ -161,7 +161,7 @@ fn bundle_for(
             };
             let self_url = format!("{base}/Patient/{id}/{rtype}");
             if let [t] = types.as_slice() {
-                let f = patient_compartment(repo, t, &id);
+                let f = patient_compartment(&who.state.search, t, &id);
                 return searchset(who, base, &self_url, &types, params, lenient, Some(f));
             }
             // `*`: every type of the compartment, each with its own compartment parameters.
@@ -187,12 +187,19 @@ fn searchset_compartment_all(
     let mut entries = Vec::new();
     let mut total = 0;
     for t in types {
-        let f = patient_compartment(repo, t, id);
+        let f = patient_compartment(&who.state.search, t, id);
         // Each type's total is summed, so each must be counted.
         let mut p = params.to_vec();
         p.push(("_total".into(), "accurate".into()));
-        let (found, disclosed) =
-            search::run(repo, base, std::slice::from_ref(t), &p, lenient, Some(f), access.as_ref())?;
+        let (found, disclosed) = crate::auth::access::search(
+            &who.state.search,
+            base,
+            std::slice::from_ref(t),
+            &p,
+            lenient,
+            Some(f),
+            access.as_ref(),
+        )?;
         total += found.total.unwrap_or_default();
         entries.extend(entries_of(repo, base, &found)?);
         log(who, "search-type", &found, &disclosed);
@@ -201,8 +208,8 @@ fn searchset_compartment_all(
 }
 
 /// Resources of type `t` in the compartment of `Patient/id` (`t` is one of its types).
-fn patient_compartment(repo: &Repo, t: &str, id: &str) -> Filter {
-    let codes = repo.compartments().patient.get(t).cloned().unwrap_or_default();
+fn patient_compartment(search: &crate::search::Engine, t: &str, id: &str) -> Filter {
+    let codes = search.compartments().patient.get(t).cloned().unwrap_or_default();
     Filter::Compartment { codes, target: ("Patient".into(), id.to_string()) }
 }
 
@@ -220,7 +227,7 @@ pub fn search_bundle(
 }
 
 /// Logs the resources a page disclosed (matches and includes).
-fn log(who: &Who<'_>, interaction: &'static str, found: &search::Found, d: &search::Disclosed) {
+fn log(who: &Who<'_>, interaction: &'static str, found: &search::Found, d: &crate::auth::access::Disclosed) {
     if found.search.summary == Summary::Count {
         return; // nothing but a count left the server
     }
@@ -240,7 +247,8 @@ fn searchset(
 ) -> Result<Json, FhirError> {
     let repo = &*who.state.repo;
     let access = who.state.auth.access(who.caller);
-    let (found, disclosed) = search::run(repo, base, types, params, lenient, extra, access.as_ref())?;
+    let (found, disclosed) =
+        crate::auth::access::search(&who.state.search, base, types, params, lenient, extra, access.as_ref())?;
     let mut entries = entries_of(repo, base, &found)?;
     log(who, if types.len() > 1 { "search-system" } else { "search-type" }, &found, &disclosed);
     if !found.search.ignored.is_empty() {

@@ -4,7 +4,8 @@
 //! a hidden resource is indistinguishable from a missing one.
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 use super::scopes::{Context, Perm};
@@ -12,9 +13,11 @@ use super::Caller;
 use crate::config::ConsentDefault;
 use crate::consent::{Book, Decision, Request};
 use crate::error::FhirError;
-use crate::search::index::{Doc, DocKey, Index};
+use crate::fhir::json::Json;
+use crate::search::index::{Doc, DocKey, Engine, Index};
+use crate::search::query::Filter;
 use crate::search::values::Value;
-use crate::search::Compartments;
+use crate::search::{Compartments, Found, Visibility};
 
 /// A caller and what its visibility depends on, for one request.
 pub struct Access<'a> {
@@ -39,6 +42,7 @@ pub enum Restriction {
 
 pub struct Guard<'c> {
     caller: &'c Caller,
+    comps: &'c Compartments,
     book: Arc<Book>,
     default: ConsentDefault,
     /// Per scope of the caller (same order): the documents its query restriction admits.
@@ -51,28 +55,6 @@ pub struct Guard<'c> {
     pub consent_hid: AtomicBool,
     action: &'static str,
     now_ms: i64,
-}
-
-/// The patients a resource belongs to (its patient compartment memberships).
-pub fn patients_of(comps: &Compartments, rtype: &str, doc: &Doc) -> Vec<String> {
-    patient_ids(comps, rtype, doc).into_iter().map(str::to_string).collect()
-}
-
-fn patient_ids<'d>(comps: &Compartments, rtype: &str, doc: &'d Doc) -> Vec<&'d str> {
-    if rtype == "Patient" {
-        return vec![doc.id.as_str()];
-    }
-    let mut out: Vec<&str> = Vec::new();
-    for code in comps.patient_params(rtype) {
-        for v in doc.get(code) {
-            if let Value::Ref { rtype: Some(t), id: Some(id), .. } = v {
-                if t == "Patient" && !out.contains(&id.as_str()) {
-                    out.push(id);
-                }
-            }
-        }
-    }
-    out
 }
 
 fn labels(doc: &Doc) -> Vec<&str> {
@@ -95,11 +77,20 @@ fn date_of(doc: &Doc) -> (i64, i64) {
         .unwrap_or((doc.last_updated_ms, doc.last_updated_ms + 1))
 }
 
+impl Visibility for Guard<'_> {
+    /// Some scope granting `r` or `s` on the type admits the resource (compartment, query
+    /// restriction), and the patient's Consents permit it.
+    fn visible(&self, rtype: &str, key: DocKey, doc: &Doc) -> bool {
+        self.admits(rtype, Restriction::Key(key), doc, None)
+    }
+}
+
 impl<'c> Guard<'c> {
     /// A guard for `caller` over `idx`; `restrict` evaluates a scope's query restriction
     /// into the documents it admits (a search without the guard).
     pub fn new(
         caller: &'c Caller,
+        comps: &'c Compartments,
         idx: &Index,
         book: Arc<Book>,
         default: ConsentDefault,
@@ -146,6 +137,7 @@ impl<'c> Guard<'c> {
         actors.push(format!("client:{}", caller.claims.client_id));
         Ok(Self {
             caller,
+            comps,
             book,
             default,
             restricted,
@@ -157,32 +149,19 @@ impl<'c> Guard<'c> {
         })
     }
 
-    /// Whether the caller may see this resource: some scope granting `r` or `s` on its type
-    /// admits it (compartment, query restriction), and the patient's Consents permit it.
-    pub fn visible(&self, comps: &Compartments, rtype: &str, key: DocKey, doc: &Doc) -> bool {
-        self.admits(comps, rtype, Restriction::Key(key), doc, None)
-    }
-
     /// Whether some scope granting `perm` (`None`: reading, `r` or `s`) admits `doc` and the
     /// patients' Consents permit it. Reading follows the R4 compartment: a resource of a
     /// patient type is the caller's when it references the caller's patient. Writing with a
     /// `patient/` scope is stricter: every patient the resource belongs to must be the
     /// caller's, and a resource of no patient cannot be written.
-    pub fn admits(
-        &self,
-        comps: &Compartments,
-        rtype: &str,
-        restriction: Restriction,
-        doc: &Doc,
-        perm: Option<Perm>,
-    ) -> bool {
+    pub fn admits(&self, rtype: &str, restriction: Restriction, doc: &Doc, perm: Option<Perm>) -> bool {
         if self.caller.unrestricted {
             return true;
         }
-        let patients = patient_ids(comps, rtype, doc);
+        let patients = self.comps.patient_ids(rtype, doc);
         // A resource of no patient is shared (Practitioner, Medication, a Device assigned to
         // nobody) unless its type is in the Patient compartment, where it belongs to nobody.
-        let shared = patients.is_empty() && rtype != "Patient" && !comps.patient.contains_key(rtype);
+        let shared = patients.is_empty() && rtype != "Patient" && !self.comps.patient.contains_key(rtype);
         let mine = |p: &str| self.caller.patient() == Some(p);
         let by_scope = self.caller.scopes.iter().enumerate().any(|(i, s)| {
             let granted = match perm {
@@ -241,10 +220,10 @@ impl<'c> Guard<'c> {
                 let clinician =
                     self.caller.user.as_ref().is_some_and(|(t, _)| t == "Practitioner" || t == "PractitionerRole");
                 if self.caller.purpose.as_deref() == Some(BREAK_THE_GLASS) && clinician {
-                    self.broke_glass.store(true, Ordering::Relaxed);
+                    self.broke_glass.store(true, Relaxed);
                     continue;
                 }
-                self.consent_hid.store(true, Ordering::Relaxed);
+                self.consent_hid.store(true, Relaxed);
                 return false;
             }
         }
@@ -252,17 +231,95 @@ impl<'c> Guard<'c> {
     }
 }
 
-/// Which patient compartment each `Type/id` of a page belongs to, for the disclosure log.
-pub fn patients_by_hit(
-    idx: &Index,
-    comps: &Compartments,
-    hits: &[(String, String)],
-) -> HashMap<(String, String), Vec<String>> {
-    let mut out = HashMap::new();
-    for (t, id) in hits {
-        if let Some((_, doc)) = idx.of(t).and_then(|d| d.doc(id)) {
-            out.insert((t.clone(), id.clone()), patients_of(comps, t, doc));
+/// What a guarded read or search disclosed and withheld, for the disclosure log.
+#[derive(Default, Debug)]
+pub struct Disclosed {
+    /// The patients each returned resource belongs to, by `(type, id)`.
+    pub patients: HashMap<(String, String), Vec<String>>,
+    pub broke_glass: bool,
+    pub consent_hid: bool,
+    /// For a single resource: the leaf of the current version the index holds.
+    pub leaf: Option<u64>,
+}
+
+/// What an access decision is about: the live resource as the index holds it, or a body (a
+/// stored version that is not the current one, or what a write would leave).
+pub enum Subject<'a> {
+    Current(&'a str),
+    Body { id: &'a str, version: u64, body: &'a Json, restriction: Restriction },
+}
+
+/// Whether the caller may read the live `rtype/id` (for a read outside a search).
+pub fn visible(engine: &Engine, access: &Access<'_>, rtype: &str, id: &str) -> Result<(bool, Disclosed), FhirError> {
+    admits(engine, access, rtype, Subject::Current(id), None)
+}
+
+/// Whether the caller's scopes and the patients' Consents admit `subject` for `perm`
+/// (`None`: reading). A live resource missing from the index is not admitted.
+pub fn admits(
+    engine: &Engine,
+    access: &Access<'_>,
+    rtype: &str,
+    subject: Subject<'_>,
+    perm: Option<Perm>,
+) -> Result<(bool, Disclosed), FhirError> {
+    let idx = engine.current()?;
+    let guard = guard_for(engine, &idx, access, perm.is_some())?;
+    let built;
+    let (id, restriction, doc, leaf) = match subject {
+        Subject::Current(id) => {
+            let Some((key, doc)) = idx.of(rtype).and_then(|d| d.doc(id)) else {
+                return Ok((false, Disclosed::default()));
+            };
+            (id, Restriction::Key(key), doc, Some(doc.leaf))
         }
-    }
-    out
+        Subject::Body { id, version, body, restriction } => {
+            built = engine.doc_of(&idx.registry, rtype, id, version, body);
+            (id, restriction, &built, None)
+        }
+    };
+    let ok = guard.admits(rtype, restriction, doc, perm);
+    let mut d = Disclosed {
+        broke_glass: guard.broke_glass.load(Relaxed),
+        consent_hid: guard.consent_hid.load(Relaxed),
+        leaf,
+        ..Default::default()
+    };
+    d.patients.insert((rtype.to_string(), id.to_string()), engine.compartments().patients_of(rtype, doc));
+    Ok((ok, d))
+}
+
+fn guard_for<'c>(engine: &'c Engine, idx: &Index, access: &Access<'c>, write: bool) -> Result<Guard<'c>, FhirError> {
+    let book = access.books.get(engine.repo(), idx)?;
+    Guard::new(access.caller, engine.compartments(), idx, book, access.default, write, |t, q| {
+        crate::search::matching(engine, idx, t, q)
+    })
+}
+
+/// Runs a search (see [`crate::search::run`]) as `access`'s caller, when given: what the
+/// caller may not see is neither matched, counted nor included.
+#[allow(clippy::too_many_arguments)]
+pub fn search(
+    engine: &Engine,
+    base: &str,
+    types: &[String],
+    params: &[(String, String)],
+    lenient: bool,
+    extra: Option<Filter>,
+    access: Option<&Access<'_>>,
+) -> Result<(Found, Disclosed), FhirError> {
+    let idx = engine.current()?;
+    let Some(access) = access else {
+        let found = crate::search::run(engine, &idx, base, types, params, lenient, extra, None)?;
+        return Ok((found, Disclosed::default()));
+    };
+    let guard = guard_for(engine, &idx, access, false)?;
+    let mut found = crate::search::run(engine, &idx, base, types, params, lenient, extra, Some(&guard))?;
+    let d = Disclosed {
+        patients: std::mem::take(&mut found.patients),
+        broke_glass: guard.broke_glass.load(Relaxed),
+        consent_hid: guard.consent_hid.load(Relaxed),
+        leaf: None,
+    };
+    Ok((found, d))
 }

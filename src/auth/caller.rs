@@ -13,6 +13,9 @@ use super::Auth;
 use crate::error::FhirError;
 use crate::repo::Repo;
 
+/// The caller recorded in the ledger when authorization is off.
+pub const ANONYMOUS: &str = "anonymous";
+
 /// What a verified access token says.
 #[derive(Debug, Clone, Default)]
 pub struct Claims {
@@ -101,7 +104,7 @@ impl Caller {
             if self.claims.client_id == ADMINISTRATOR {
                 return ADMINISTRATOR.to_string();
             }
-            return crate::api::resource::ANONYMOUS.to_string();
+            return ANONYMOUS.to_string();
         }
         match &self.claims.fhir_user {
             Some(u) => format!("{u} via {}", self.claims.client_id),
@@ -258,7 +261,7 @@ impl Auth {
     /// The caller behind `Authorization: Bearer …`: 401 for a missing, bad or revoked token.
     pub async fn caller(
         &self,
-        repo: &Repo,
+        search: &crate::search::Engine,
         authorization: Option<&str>,
         purpose: Option<&str>,
     ) -> Result<Caller, FhirError> {
@@ -277,7 +280,8 @@ impl Auth {
         if !claims.external {
             // The index is folded up to everything applied (the middleware passed the read
             // barrier), so a revocation anywhere in the cluster is seen here.
-            let idx = repo.search().current(repo)?;
+            let repo = search.repo();
+            let idx = search.current()?;
             let client: Arc<Client> = self
                 .records
                 .get(repo, &idx, store::CLIENT, &claims.client_id)?

@@ -8,13 +8,8 @@
 //! and users.
 
 pub mod access;
-pub mod admin;
 pub mod caller;
-pub mod cli;
-pub mod endpoints;
 pub mod jose;
-pub mod pages;
-pub mod portal;
 pub mod scopes;
 pub mod seal;
 pub mod store;

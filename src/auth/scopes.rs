@@ -130,7 +130,7 @@ pub fn parse(s: &str) -> Result<Scope, String> {
     if query.is_some() && matches!(action, "read" | "write" | "*") {
         return Err(format!("scope {s:?}: query restrictions need v2 permissions"));
     }
-    let query = query.map(crate::api::interactions::parse_query).unwrap_or_default();
+    let query = query.map(crate::codec::parse_query).unwrap_or_default();
     Ok(Scope::Resource(ResourceScope { context, rtype: rtype.to_string(), perms, query }))
 }
 

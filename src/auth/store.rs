@@ -148,8 +148,12 @@ pub async fn delete(repo: &Repo, rtype: &str, id: &str) -> Result<bool, FhirErro
 }
 
 /// Every live record of an internal type (admin listings; there are few).
-pub fn all<T: for<'de> Deserialize<'de>>(repo: &Repo, rtype: &str) -> Result<Vec<(String, T)>, FhirError> {
-    let idx = repo.search().current(repo)?;
+pub fn all<T: for<'de> Deserialize<'de>>(
+    search: &crate::search::Engine,
+    rtype: &str,
+) -> Result<Vec<(String, T)>, FhirError> {
+    let repo = search.repo();
+    let idx = search.current()?;
     let ids: Vec<String> = idx.of(rtype).map(|d| d.by_id.keys().cloned().collect()).unwrap_or_default();
     drop(idx);
     let mut out = Vec::new();

@@ -168,10 +168,6 @@ impl Profiles {
     pub fn children(&self, path: &str) -> Option<&[Element]> {
         self.children.get(path).map(Vec::as_slice)
     }
-
-    pub fn validate(&self, resource: &super::json::Json) -> Vec<super::validate::Issue> {
-        super::validate::validate(self, resource)
-    }
 }
 
 /// Expands ValueSets from `valuesets.json` where that is possible offline.

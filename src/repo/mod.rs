@@ -8,8 +8,9 @@
 //! there first, the command is refused whole and the plan is simply made again.
 
 pub mod body_cache;
+pub mod criteria;
 pub mod index;
-pub mod search;
+pub mod interactions;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -90,7 +91,6 @@ pub struct Repo {
     pub profiles: Arc<Profiles>,
     /// The equality terms the state machine keeps (conditional interactions, compartments).
     pub params: Arc<SearchParams>,
-    search: crate::search::Engine,
     bodies: body_cache::BodyCache,
 }
 
@@ -131,20 +131,10 @@ impl Repo {
         index_key: [u8; 32],
         profiles: Arc<Profiles>,
         params: Arc<SearchParams>,
-        search: crate::search::Engine,
     ) -> Self {
         let view = ledger.view();
         let bodies = body_cache::BodyCache::new(BODY_CACHE_BYTES);
-        Self { ledger, signer, view, keys: Keyring::new(kek), index_key, profiles, params, search, bodies }
-    }
-
-    /// The search index over this node's state.
-    pub fn search(&self) -> &crate::search::Engine {
-        &self.search
-    }
-
-    pub fn compartments(&self) -> &crate::search::Compartments {
-        self.search.compartments()
+        Self { ledger, signer, view, keys: Keyring::new(kek), index_key, profiles, params, bodies }
     }
 
     pub fn view(&self) -> &StateView {
@@ -431,7 +421,7 @@ impl<'a> Plan<'a> {
         // The preconditions pin every match, hidden ones included (so `apply` re-checks the
         // same fact on every node); the caller is answered with what it may see.
         if ids.is_empty() {
-            let found = search::match_terms(&self.repo.view, rtype, &all_of)?;
+            let found = criteria::match_terms(&self.repo.view, rtype, &all_of)?;
             self.preconditions.push(Precondition::Matches { rtype: rtype.to_string(), all_of, ids: found.clone() });
             return self.seen(rtype, found);
         }
@@ -442,7 +432,7 @@ impl<'a> Plan<'a> {
             let current = self.repo.view.current(rtype, id)?.map_or(0, |c| c.version);
             self.preconditions.push(Precondition::Version { rtype: rtype.to_string(), id: id.clone(), current });
         }
-        let found = search::match_ids(&self.repo.view, rtype, &ids, &all_of)?;
+        let found = criteria::match_ids(&self.repo.view, rtype, &ids, &all_of)?;
         self.seen(rtype, found)
     }
 

@@ -45,7 +45,7 @@ pub struct Ctx<'a> {
     pub now_ms: i64,
     /// What the caller may see: everything else is left out of matches, chains, `_has` and
     /// `_list` alike, so no condition can reveal a hidden resource.
-    pub guard: Option<&'a crate::auth::access::Guard<'a>>,
+    pub guard: Option<&'a dyn super::Visibility>,
 }
 
 impl Ctx<'_> {
@@ -125,7 +125,7 @@ impl Ctx<'_> {
 
     /// Whether the caller may see this document (always, without a guard).
     pub fn visible(&self, rtype: &str, key: DocKey, doc: &Doc) -> bool {
-        self.guard.is_none_or(|g| g.visible(self.repo.compartments(), rtype, key, doc))
+        self.guard.is_none_or(|g| g.visible(rtype, key, doc))
     }
 
     fn resolve<'f>(&self, rtype: &str, f: &'f Filter) -> Result<Cond<'f>, FhirError> {

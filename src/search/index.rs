@@ -10,10 +10,10 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 
-use super::fhirpath::Eval;
 use super::params::{Kind, Registry};
 use super::values::{extract, Value};
 use crate::error::FhirError;
+use crate::fhir::fhirpath::Eval;
 use crate::fhir::json::{self, Json};
 use crate::fhir::profiles::Profiles;
 use crate::repo::Repo;
@@ -236,6 +236,10 @@ impl Index {
 }
 
 pub struct Engine {
+    /// The repository the index is folded from.
+    repo: Arc<Repo>,
+    /// Record types outside R4 that are indexed too (the authorization server's records).
+    internal: &'static [&'static str],
     index: RwLock<Index>,
     core: Registry,
     profiles: Arc<Profiles>,
@@ -259,8 +263,16 @@ struct Prepared {
 type Keyed = (DocKey, Doc);
 
 impl Engine {
-    pub fn new(profiles: Arc<Profiles>, core: Registry, compartments: super::Compartments) -> Self {
+    pub fn new(
+        repo: Arc<Repo>,
+        profiles: Arc<Profiles>,
+        core: Registry,
+        compartments: super::Compartments,
+        internal: &'static [&'static str],
+    ) -> Self {
         Self {
+            repo,
+            internal,
             index: RwLock::new(Index::default()),
             core,
             profiles,
@@ -288,8 +300,13 @@ impl Engine {
     }
 
     /// [`Engine::current`], also folding the disclosure log's latest entries.
-    pub fn current_all(&self, repo: &Repo) -> Result<RwLockReadGuard<'_, Index>, FhirError> {
-        self.caught_up(repo, true)
+    pub fn current_all(&self) -> Result<RwLockReadGuard<'_, Index>, FhirError> {
+        self.caught_up(true)
+    }
+
+    /// The repository this index folds.
+    pub fn repo(&self) -> &Arc<Repo> {
+        &self.repo
     }
 
     pub fn compartments(&self) -> &super::Compartments {
@@ -302,12 +319,12 @@ impl Engine {
 
     /// The index, caught up with every leaf the state holds now (except the disclosure log's
     /// own entries not folded yet: nothing a client wrote waits behind them).
-    pub fn current(&self, repo: &Repo) -> Result<RwLockReadGuard<'_, Index>, FhirError> {
-        self.caught_up(repo, false)
+    pub fn current(&self) -> Result<RwLockReadGuard<'_, Index>, FhirError> {
+        self.caught_up(false)
     }
 
-    fn caught_up(&self, repo: &Repo, all: bool) -> Result<RwLockReadGuard<'_, Index>, FhirError> {
-        let size = repo.view().leaf_count()?;
+    fn caught_up(&self, all: bool) -> Result<RwLockReadGuard<'_, Index>, FhirError> {
+        let size = self.repo.view().leaf_count()?;
         {
             let idx = self.index.read().unwrap_or_else(|p| p.into_inner());
             if idx.built && (idx.next_leaf >= size || (!all && self.log_only(idx.next_leaf, size))) {
@@ -323,16 +340,16 @@ impl Engine {
                     None
                 } else if idx.built {
                     // Decrypting and extracting is the slow part: do it while searches go on.
-                    self.prepare(repo, &idx)?
+                    self.prepare(&idx)?
                 } else {
                     None
                 }
             };
             let mut idx = self.index.write().unwrap_or_else(|p| p.into_inner());
             match prepared {
-                Some(p) => self.apply_prepared(repo, &mut idx, p),
-                None if !idx.built => self.build(repo, &mut idx)?,
-                None => self.fold(repo, &mut idx)?,
+                Some(p) => self.apply_prepared(&mut idx, p),
+                None if !idx.built => self.build(&mut idx)?,
+                None => self.fold(&mut idx)?,
             }
             let folded = idx.next_leaf;
             self.log_ranges.lock().unwrap_or_else(|p| p.into_inner()).retain(|_, end| *end > folded);
@@ -341,14 +358,14 @@ impl Engine {
     }
 
     /// Rebuilds the whole index from the state (the `reindex` admin command).
-    pub fn rebuild(&self, repo: &Repo) -> Result<usize, FhirError> {
+    pub fn rebuild(&self) -> Result<usize, FhirError> {
         let mut idx = self.index.write().unwrap_or_else(|p| p.into_inner());
-        self.build(repo, &mut idx)?;
+        self.build(&mut idx)?;
         Ok(idx.types.values().map(|t| t.docs.len()).sum())
     }
 
-    fn build(&self, repo: &Repo, idx: &mut Index) -> Result<(), FhirError> {
-        let view = repo.view();
+    fn build(&self, idx: &mut Index) -> Result<(), FhirError> {
+        let view = self.repo.view();
         let size = view.frontier()?.size;
         *idx = Index { registry: self.core.clone(), ..Default::default() };
         // Custom parameters first: a stored SearchParameter indexes every resource.
@@ -356,15 +373,15 @@ impl Engine {
         for item in view.scan_type("SearchParameter", None) {
             let (id, rec) = item?;
             if !rec.deleted {
-                let res = read_json(repo, "SearchParameter", &id)?;
+                let res = read_json(&self.repo, "SearchParameter", &id)?;
                 idx.registry.set_custom(&id, res.as_ref(), types);
             }
         }
-        for t in types.iter().map(String::as_str).chain(crate::auth::store::INTERNAL_TYPES.iter().copied()) {
+        for t in types.iter().map(String::as_str).chain(self.internal.iter().copied()) {
             for item in view.scan_type(t, None) {
                 let (id, rec) = item?;
                 if !rec.deleted {
-                    self.reindex(repo, idx, t, &id)?;
+                    self.reindex(idx, t, &id)?;
                 }
             }
         }
@@ -375,11 +392,11 @@ impl Engine {
 
     /// The documents of the resources the leaves since the last fold touched, computed under
     /// a read lock; `None` when a SearchParameter changed (that needs the whole fold).
-    fn prepare(&self, repo: &Repo, idx: &Index) -> Result<Option<Prepared>, FhirError> {
+    fn prepare(&self, idx: &Index) -> Result<Option<Prepared>, FhirError> {
         let mut touched: BTreeSet<(String, String)> = BTreeSet::new();
         let mut next = idx.next_leaf;
         let mut erased = false;
-        for item in repo.view().headers_from(idx.next_leaf) {
+        for item in self.repo.view().headers_from(idx.next_leaf) {
             let (leaf, h) = item?;
             if h.rtype == "SearchParameter" {
                 return Ok(None);
@@ -390,19 +407,19 @@ impl Engine {
         }
         let mut docs = Vec::with_capacity(touched.len());
         for (t, id) in touched {
-            let doc = self.document(repo, &idx.registry, &t, &id)?;
+            let doc = self.document(&idx.registry, &t, &id)?;
             docs.push((t, id, doc));
         }
         Ok(Some(Prepared { from: idx.next_leaf, next, erased, docs }))
     }
 
-    fn apply_prepared(&self, repo: &Repo, idx: &mut Index, p: Prepared) {
+    fn apply_prepared(&self, idx: &mut Index, p: Prepared) {
         if idx.next_leaf != p.from {
             return; // someone else folded meanwhile (a rebuild): the next call folds again
         }
         if p.erased {
             // An erasure reached this node: no decrypted body of it may stay in memory.
-            repo.clear_body_cache();
+            self.repo.clear_body_cache();
         }
         for (t, id, doc) in p.docs {
             let docs = idx.types.entry(t).or_default();
@@ -415,8 +432,8 @@ impl Engine {
     }
 
     /// Folds the leaves appended since the last call.
-    fn fold(&self, repo: &Repo, idx: &mut Index) -> Result<(), FhirError> {
-        let view = repo.view();
+    fn fold(&self, idx: &mut Index) -> Result<(), FhirError> {
+        let view = self.repo.view();
         let mut touched: BTreeSet<(String, String)> = BTreeSet::new();
         let mut next = idx.next_leaf;
         let mut erased = false;
@@ -428,13 +445,14 @@ impl Engine {
         }
         if erased {
             // An erasure reached this node: no decrypted body of it may stay in memory.
-            repo.clear_body_cache();
+            self.repo.clear_body_cache();
         }
         let mut params_changed = BTreeSet::new();
         for (t, id) in &touched {
-            self.reindex(repo, idx, t, id)?;
+            self.reindex(idx, t, id)?;
             if t == "SearchParameter" {
-                let res = idx.of(t).and_then(|d| d.doc(id)).map(|_| read_json(repo, t, id)).transpose()?.flatten();
+                let res =
+                    idx.of(t).and_then(|d| d.doc(id)).map(|_| read_json(&self.repo, t, id)).transpose()?.flatten();
                 params_changed.extend(idx.registry.set_custom(id, res.as_ref(), self.profiles.resource_types()));
             }
         }
@@ -443,7 +461,7 @@ impl Engine {
         for t in params_changed {
             let ids: Vec<String> = idx.of(&t).map(|d| d.by_id.keys().cloned().collect()).unwrap_or_default();
             for id in ids {
-                self.reindex(repo, idx, &t, &id)?;
+                self.reindex(idx, &t, &id)?;
             }
         }
         idx.next_leaf = next;
@@ -451,15 +469,9 @@ impl Engine {
     }
 
     /// One resource's document as the state holds it now; `None` if it is gone.
-    fn document(
-        &self,
-        repo: &Repo,
-        registry: &Registry,
-        rtype: &str,
-        id: &str,
-    ) -> Result<Option<(DocKey, Doc)>, FhirError> {
-        let Some(cur) = repo.view().current(rtype, id)?.filter(|c| !c.deleted) else { return Ok(None) };
-        let Some(res) = read_json(repo, rtype, id)? else { return Ok(None) };
+    fn document(&self, registry: &Registry, rtype: &str, id: &str) -> Result<Option<(DocKey, Doc)>, FhirError> {
+        let Some(cur) = self.repo.view().current(rtype, id)?.filter(|c| !c.deleted) else { return Ok(None) };
+        let Some(res) = read_json(&self.repo, rtype, id)? else { return Ok(None) };
         let values = self.values_of(registry, rtype, &res);
         let key = cur.leaves.first().copied().unwrap_or_default();
         let leaf = cur.leaves.last().copied().unwrap_or_default();
@@ -497,8 +509,8 @@ impl Engine {
     }
 
     /// Re-reads one resource and replaces its document (or drops it if gone).
-    fn reindex(&self, repo: &Repo, idx: &mut Index, rtype: &str, id: &str) -> Result<(), FhirError> {
-        let doc = self.document(repo, &idx.registry, rtype, id)?;
+    fn reindex(&self, idx: &mut Index, rtype: &str, id: &str) -> Result<(), FhirError> {
+        let doc = self.document(&idx.registry, rtype, id)?;
         let docs = idx.types.entry(rtype.to_string()).or_default();
         match doc {
             Some((key, doc)) => docs.insert(key, doc),
@@ -508,16 +520,16 @@ impl Engine {
     }
 }
 
-/// Keeps the index of `repo` caught up in the background (building it first), so that a
-/// search rarely folds more than a few leaves itself. Stops when the repository is dropped.
-pub fn keep_current(repo: &Arc<Repo>) {
-    let weak = Arc::downgrade(repo);
+/// Keeps the index caught up in the background (building it first), so that a
+/// search rarely folds more than a few leaves itself. Stops when the engine is dropped.
+pub fn keep_current(engine: &Arc<Engine>) {
+    let weak = Arc::downgrade(engine);
     let spawned = std::thread::Builder::new().name("search-index".into()).spawn(move || loop {
-        let Some(repo) = weak.upgrade() else { return };
-        if let Err(e) = repo.search().current_all(&repo) {
+        let Some(engine) = weak.upgrade() else { return };
+        if let Err(e) = engine.current_all() {
             tracing::warn!("search index: {}", e.issues.first().map_or("", |i| i.diagnostics.as_str()));
         }
-        drop(repo);
+        drop(engine);
         std::thread::sleep(std::time::Duration::from_millis(50));
     });
     if let Err(e) = spawned {

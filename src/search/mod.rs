@@ -7,26 +7,25 @@
 //! `_summary`/`_elements` output. `run` ties them together for the HTTP layer.
 
 pub mod exec;
-pub mod fhirpath;
 pub mod index;
 pub mod params;
 pub mod query;
 pub mod summary;
+pub mod validate;
 pub mod values;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 
 use base64::Engine as _;
 use sha2::{Digest, Sha256};
 
 use self::exec::{cmp_pos, position, Ctx, Position};
-use self::index::{DocKey, Index};
+use self::index::{Doc, DocKey, Index};
 use self::params::Kind;
 use self::query::{Filter, Include, Parser, Search};
 use self::values::Value;
 use crate::error::FhirError;
-use crate::repo::Repo;
 
 pub use self::index::Engine;
 
@@ -81,6 +80,44 @@ impl Compartments {
         self.patient.get(rtype).or_else(|| self.by_reference.get(rtype)).map_or(&[], Vec::as_slice)
     }
 
+    /// The patients a resource belongs to (its patient compartment memberships).
+    pub fn patients_of(&self, rtype: &str, doc: &Doc) -> Vec<String> {
+        self.patient_ids(rtype, doc).into_iter().map(str::to_string).collect()
+    }
+
+    /// [`Compartments::patients_of`], borrowing the ids from the document.
+    pub fn patient_ids<'d>(&self, rtype: &str, doc: &'d Doc) -> Vec<&'d str> {
+        if rtype == "Patient" {
+            return vec![doc.id.as_str()];
+        }
+        let mut out: Vec<&str> = Vec::new();
+        for code in self.patient_params(rtype) {
+            for v in doc.get(code) {
+                if let Value::Ref { rtype: Some(t), id: Some(id), .. } = v {
+                    if t == "Patient" && !out.contains(&id.as_str()) {
+                        out.push(id);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Which patient compartments each `Type/id` of a page belongs to.
+    pub fn patients_by_hit<'h>(
+        &self,
+        idx: &Index,
+        hits: impl Iterator<Item = (&'h str, &'h str)>,
+    ) -> HashMap<(String, String), Vec<String>> {
+        let mut out = HashMap::new();
+        for (t, id) in hits {
+            if let Some((_, doc)) = idx.of(t).and_then(|d| d.doc(id)) {
+                out.insert((t.to_string(), id.to_string()), self.patients_of(t, doc));
+            }
+        }
+        out
+    }
+
     /// Whether resources of `rtype` can belong to a patient (by the compartment definition or
     /// by reference).
     pub fn patient_type(&self, rtype: &str) -> bool {
@@ -97,6 +134,8 @@ pub struct Found {
     pub total: Option<usize>,
     pub next: Option<String>,
     pub previous: Option<String>,
+    /// With a guard: the patients each returned resource belongs to, by `(type, id)`.
+    pub patients: HashMap<(String, String), Vec<String>>,
 }
 
 /// A resource a search returns: the version it matched is the one read.
@@ -108,122 +147,60 @@ pub struct Hit {
     pub version: u64,
 }
 
-/// What a guarded search disclosed and withheld, for the disclosure log.
-#[derive(Default, Debug)]
-pub struct Disclosed {
-    /// The patients each returned resource belongs to, by `(type, id)`.
-    pub patients: std::collections::HashMap<(String, String), Vec<String>>,
-    pub broke_glass: bool,
-    pub consent_hid: bool,
-    /// For a single resource: the leaf of the current version the index holds.
-    pub leaf: Option<u64>,
+/// What decides whether a caller may see a document. The authorization layer implements
+/// it; a search given one leaves everything it hides out of matches, counts, chains, `_has`,
+/// `_list` and includes alike, so no condition can reveal a hidden resource.
+pub trait Visibility: Sync {
+    fn visible(&self, rtype: &str, key: DocKey, doc: &Doc) -> bool;
 }
 
-/// A resource as the guard needs to decide on it (for a read outside a search).
-pub fn visible(
-    repo: &Repo,
-    access: &crate::auth::access::Access<'_>,
-    rtype: &str,
-    id: &str,
-) -> Result<(bool, Disclosed), FhirError> {
-    admits(repo, access, rtype, Subject::Current(id), None)
-}
-
-/// What an access decision is about: the live resource as the index holds it, or a body (a
-/// stored version that is not the current one, or what a write would leave).
-pub enum Subject<'a> {
-    Current(&'a str),
-    Body { id: &'a str, version: u64, body: &'a crate::fhir::json::Json, restriction: crate::auth::access::Restriction },
-}
-
-/// Whether the caller's scopes and the patients' Consents admit `subject` for `perm`
-/// (`None`: reading). A live resource missing from the index is not admitted.
-pub fn admits(
-    repo: &Repo,
-    access: &crate::auth::access::Access<'_>,
-    rtype: &str,
-    subject: Subject<'_>,
-    perm: Option<crate::auth::scopes::Perm>,
-) -> Result<(bool, Disclosed), FhirError> {
-    let engine = repo.search();
-    let idx = engine.current(repo)?;
-    let guard = guard_for(repo, &idx, access, perm.is_some())?;
-    let built;
-    let (id, restriction, doc, leaf) = match subject {
-        Subject::Current(id) => {
-            let Some((key, doc)) = idx.of(rtype).and_then(|d| d.doc(id)) else {
-                return Ok((false, Disclosed::default()));
-            };
-            (id, crate::auth::access::Restriction::Key(key), doc, Some(doc.leaf))
-        }
-        Subject::Body { id, version, body, restriction } => {
-            built = engine.doc_of(&idx.registry, rtype, id, version, body);
-            (id, restriction, &built, None)
-        }
-    };
-    let ok = guard.admits(repo.compartments(), rtype, restriction, doc, perm);
-    let mut d = Disclosed {
-        broke_glass: guard.broke_glass.load(std::sync::atomic::Ordering::Relaxed),
-        consent_hid: guard.consent_hid.load(std::sync::atomic::Ordering::Relaxed),
-        leaf,
-        ..Default::default()
-    };
-    d.patients
-        .insert((rtype.to_string(), id.to_string()), crate::auth::access::patients_of(repo.compartments(), rtype, doc));
-    Ok((ok, d))
-}
-
-fn guard_for<'c>(
-    repo: &Repo,
+/// The keys of the live `rtype` resources matching `query`, unguarded (what a scope's query
+/// restriction admits).
+pub fn matching(
+    engine: &Engine,
     idx: &Index,
-    access: &crate::auth::access::Access<'c>,
-    write: bool,
-) -> Result<crate::auth::access::Guard<'c>, FhirError> {
-    let book = access.books.get(repo, idx)?;
-    let engine = repo.search();
-    crate::auth::access::Guard::new(access.caller, idx, book, access.default, write, |t, q| {
-        let parser = Parser { idx, profiles: engine.profiles(), base: "", lenient: false };
-        let search = parser.parse(&[t.to_string()], q)?;
-        let ctx = Ctx { idx, profiles: engine.profiles(), repo, now_ms: crate::fhir::now_ms(), guard: None };
-        let filters = search.types.first().map(|(_, f)| f.as_slice()).unwrap_or(&[]);
-        ctx.matches(t, filters)
-    })
+    rtype: &str,
+    query: &[(String, String)],
+) -> Result<Vec<DocKey>, FhirError> {
+    let parser = Parser { idx, profiles: engine.profiles(), base: "", lenient: false };
+    let search = parser.parse(&[rtype.to_string()], query)?;
+    let ctx = Ctx { idx, profiles: engine.profiles(), repo: engine.repo(), now_ms: crate::fhir::now_ms(), guard: None };
+    let filters = search.types.first().map(|(_, f)| f.as_slice()).unwrap_or(&[]);
+    ctx.matches(rtype, filters)
 }
 
 /// Runs a search over `types` (one type, or several for a system-level search), with
 /// `extra` filters (a compartment) ANDed to the request's.
+/// `guard`, when given, is built over `idx` (the index this search must run on) and decides
+/// what the caller sees; the patients of what it returns are then reported in
+/// [`Found::patients`] for the disclosure log.
+#[allow(clippy::too_many_arguments)]
 pub fn run(
-    repo: &Repo,
+    engine: &Engine,
+    idx: &Index,
     base: &str,
     types: &[String],
     params: &[(String, String)],
     lenient: bool,
     extra: Option<Filter>,
-    access: Option<&crate::auth::access::Access<'_>>,
-) -> Result<(Found, Disclosed), FhirError> {
-    let engine = repo.search();
-    let idx = engine.current(repo)?;
-    let guard = access.map(|a| guard_for(repo, &idx, a, false)).transpose()?;
-    let disclosed = |found: &Found, idx: &Index| -> Disclosed {
-        let Some(g) = &guard else { return Disclosed::default() };
-        let hits: Vec<(String, String)> =
-            found.matches.iter().chain(&found.included).map(|h| (h.rtype.clone(), h.id.clone())).collect();
-        Disclosed {
-            patients: crate::auth::access::patients_by_hit(idx, repo.compartments(), &hits),
-            broke_glass: g.broke_glass.load(std::sync::atomic::Ordering::Relaxed),
-            consent_hid: g.consent_hid.load(std::sync::atomic::Ordering::Relaxed),
-            leaf: None,
+    guard: Option<&dyn Visibility>,
+) -> Result<Found, FhirError> {
+    let repo = engine.repo();
+    let with_patients = |mut found: Found, idx: &Index| -> Found {
+        if guard.is_some() {
+            let hits = found.matches.iter().chain(&found.included).map(|h| (h.rtype.as_str(), h.id.as_str()));
+            found.patients = engine.compartments().patients_by_hit(idx, hits);
         }
+        found
     };
-    let parser = Parser { idx: &idx, profiles: engine.profiles(), base, lenient };
+    let parser = Parser { idx, profiles: engine.profiles(), base, lenient };
     let mut search = parser.parse(types, params)?;
     if let Some(f) = extra {
         for (_, filters) in &mut search.types {
             filters.push(f.clone());
         }
     }
-    let ctx =
-        Ctx { idx: &idx, profiles: engine.profiles(), repo, now_ms: crate::fhir::now_ms(), guard: guard.as_ref() };
+    let ctx = Ctx { idx, profiles: engine.profiles(), repo, now_ms: crate::fhir::now_ms(), guard };
     let cursor_key = cursor_key(repo);
     let cursor = search.cursor.as_deref().map(|c| open_cursor(&cursor_key, c)).transpose()?;
     if cursor.as_ref().is_some_and(|(_, at)| at.vals.len() != search.sort.len()) {
@@ -262,10 +239,8 @@ pub fn run(
                 .map(|d| Hit { rtype: t.clone(), id: d.id.clone(), leaf: d.leaf, version: d.version })
                 .collect();
             let included = includes(&ctx, &search.include, &search.revinclude, &matches);
-            let found = Found { search, matches, included, total: None, next, previous };
-            let d = disclosed(&found, &idx);
-            drop(idx);
-            return Ok((found, d));
+            let found = Found { search, matches, included, total: None, next, previous, patients: HashMap::new() };
+            return Ok(with_patients(found, idx));
         }
         computed = Some(keys);
     }
@@ -322,10 +297,8 @@ pub fn run(
     } else {
         includes(&ctx, &search.include, &search.revinclude, &matches)
     };
-    let found = Found { search, matches, included, total: Some(total), next, previous };
-    let d = disclosed(&found, &idx);
-    drop(idx);
-    Ok((found, d))
+    let found = Found { search, matches, included, total: Some(total), next, previous, patients: HashMap::new() };
+    Ok(with_patients(found, idx))
 }
 
 /// Resources the page's matches `_include` and that `_revinclude` them, iterating (up to a
@@ -402,7 +375,7 @@ fn includes(ctx: &Ctx, inc: &[Include], rev: &[Include], matches: &[Hit]) -> Vec
     out
 }
 
-fn cursor_key(repo: &Repo) -> [u8; 32] {
+fn cursor_key(repo: &crate::repo::Repo) -> [u8; 32] {
     let mut h = Sha256::new();
     h.update(b"fhir-ledger search cursor v1\0");
     h.update(repo.index_key());

@@ -622,9 +622,9 @@ impl Parser<'_> {
 
     /// Whether a token parameter reads a boolean element (so only true/false make sense).
     fn is_boolean(&self, p: &Param) -> bool {
-        let ev = super::fhirpath::Eval { profiles: self.profiles };
+        let ev = crate::fhir::fhirpath::Eval { profiles: self.profiles };
         let Some(e) = &p.expr else { return false };
-        let Some(rtype) = super::fhirpath::root_type(e) else { return false };
+        let Some(rtype) = crate::fhir::fhirpath::root_type(e) else { return false };
         ev.static_types(e, rtype).is_some_and(|ts| !ts.is_empty() && ts.iter().all(|t| t == "boolean"))
     }
 

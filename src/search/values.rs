@@ -5,9 +5,9 @@
 use unicode_normalization::char::is_combining_mark;
 use unicode_normalization::UnicodeNormalization;
 
-use super::fhirpath::{reference_type, Eval, Item};
 use super::params::{Kind, Param};
 use crate::fhir::date_range_ms;
+use crate::fhir::fhirpath::{reference_type, Eval, Item};
 use crate::fhir::json::Json;
 
 #[derive(Clone, Debug, PartialEq)]

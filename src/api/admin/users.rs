@@ -5,11 +5,11 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::endpoints::Launch;
-use super::store::{self, Client, User};
-use super::{scopes, seal};
 use crate::api::admin::authorize as admin_authorize;
+use crate::api::smart::Launch;
 use crate::api::{error_response, AppState, Format};
+use crate::auth::store::{self, Client, User};
+use crate::auth::{scopes, seal};
 use crate::error::FhirError;
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
@@ -86,7 +86,7 @@ async fn add_client(req: HttpRequest, body: web::Bytes, state: web::Data<AppStat
                             .and_then(Value::as_array)
                             .ok_or_else(|| FhirError::invalid("jwks has no keys array").at("jwks"))?;
                         for k in keys {
-                            super::jose::from_jwk(k)
+                            crate::auth::jose::from_jwk(k)
                                 .map_err(|e| FhirError::invalid(format!("jwks: {e}")).at("jwks"))?;
                         }
                     }
@@ -97,7 +97,8 @@ async fn add_client(req: HttpRequest, body: web::Bytes, state: web::Data<AppStat
             // RFC 7591 clients send grant_types; the auth method decides which grants work.
             let _ = n.grant_types;
             let client_id = uuid::Uuid::new_v4().to_string();
-            let secret = (method == "client_secret_basic" || method == "client_secret_post").then(super::random_id);
+            let secret =
+                (method == "client_secret_basic" || method == "client_secret_post").then(crate::auth::random_id);
             let client = Client {
                 client_id: client_id.clone(),
                 client_name: n.client_name,
@@ -107,7 +108,7 @@ async fn add_client(req: HttpRequest, body: web::Bytes, state: web::Data<AppStat
                 } else {
                     method.into()
                 },
-                secret_sha256: secret.as_deref().map(super::sha256_hex),
+                secret_sha256: secret.as_deref().map(crate::auth::sha256_hex),
                 jwks: n.jwks,
                 jwks_uri: n.jwks_uri,
                 scope: n.scope,
@@ -130,7 +131,7 @@ async fn add_client(req: HttpRequest, body: web::Bytes, state: web::Data<AppStat
 async fn list_clients(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
     answer((|| {
         admin_authorize(&req, &state)?;
-        let clients: Vec<(String, Client)> = store::all(&state.repo, store::CLIENT)?;
+        let clients: Vec<(String, Client)> = store::all(&state.search, store::CLIENT)?;
         let out: Vec<Value> = clients
             .into_iter()
             .map(|(_, c)| {

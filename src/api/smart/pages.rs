@@ -5,7 +5,7 @@
 
 use maud::{html, Markup, PreEscaped, DOCTYPE};
 
-use super::scopes::{self, Context, Perm, Scope};
+use crate::auth::scopes::{self, Context, Perm, Scope};
 
 const STYLE: &str = "body{font-family:system-ui,sans-serif;max-width:40rem;margin:2rem auto;padding:0 1rem;color:#1b1b1b;background:#f7f9fb}\
 h1{font-size:1.4rem}form{background:#fff;border:1px solid #d0d7de;border-radius:8px;padding:1.2rem}\

@@ -7,8 +7,8 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use maud::html;
 use serde_json::Value;
 
-use super::endpoints::{forged_post, html, session_csrf, session_user, sign_in, throttled, SignIn, CLIENT_SYSTEM};
-use super::pages;
+use super::smart::pages;
+use super::smart::{forged_post, html, session_csrf, session_user, sign_in, throttled, SignIn, CLIENT_SYSTEM};
 use crate::api::AppState;
 use crate::error::FhirError;
 
@@ -40,7 +40,7 @@ async fn home(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
 /// The patient's active app grants: (Consent id, app name, scopes, since).
 fn connected_apps(state: &AppState, patient: &str) -> Result<Vec<(String, String, String, String)>, FhirError> {
     let repo = &state.repo;
-    let idx = repo.search().current(repo)?;
+    let idx = state.search.current()?;
     let ids: Vec<String> = idx
         .of("Consent")
         .map(|d| {
@@ -69,7 +69,7 @@ fn connected_apps(state: &AppState, patient: &str) -> Result<Vec<(String, String
         let name = actor["display"].as_str().or(actor["identifier"]["value"].as_str()).unwrap_or("").to_string();
         let scopes = v["extension"]
             .as_array()
-            .and_then(|e| e.iter().find(|x| x["url"] == super::endpoints::SCOPES_EXTENSION))
+            .and_then(|e| e.iter().find(|x| x["url"] == crate::consent::SCOPES_EXTENSION))
             .and_then(|x| x["valueString"].as_str())
             .unwrap_or("")
             .to_string();
@@ -81,7 +81,7 @@ fn connected_apps(state: &AppState, patient: &str) -> Result<Vec<(String, String
 async fn render(state: &AppState, username: &str, patient: &str, csrf: &str) -> Result<String, FhirError> {
     let apps = connected_apps(state, patient)?;
     state.auth.disclosures.flush().await;
-    let (total, accessors) = crate::disclosure::access_report(&state.repo, patient)?;
+    let (total, accessors) = crate::disclosure::access_report(&state.search, patient)?;
     let body = html! {
         p { "Signed in as " strong { (username) } " (Patient/" (patient) ")." }
         h2 { "Connected apps" }
@@ -122,7 +122,7 @@ async fn render(state: &AppState, username: &str, patient: &str, csrf: &str) -> 
 }
 
 async fn login(req: HttpRequest, body: web::Bytes, state: web::Data<AppState>) -> HttpResponse {
-    let p = crate::api::interactions::parse_query(&String::from_utf8_lossy(&body));
+    let p = crate::codec::parse_query(&String::from_utf8_lossy(&body));
     if let Some(refused) = forged_post(&state.auth, &req, &p, None) {
         return refused;
     }
@@ -130,7 +130,7 @@ async fn login(req: HttpRequest, body: web::Bytes, state: web::Data<AppState>) -
     let (username, password) = (get("username"), get("password"));
     match sign_in(&state, &req, &username, &password).await {
         Ok(SignIn::User(id, user)) => {
-            let cookie = super::endpoints::portal_cookie(&state.auth, id, user);
+            let cookie = super::smart::portal_cookie(&state.auth, id, user);
             HttpResponse::SeeOther().cookie(cookie).insert_header((header::LOCATION, "/portal")).finish()
         }
         Ok(SignIn::Wrong) => {
@@ -148,7 +148,7 @@ async fn withdraw(
     state: web::Data<AppState>,
 ) -> HttpResponse {
     let id = path.into_inner();
-    let form = crate::api::interactions::parse_query(&String::from_utf8_lossy(&body));
+    let form = crate::codec::parse_query(&String::from_utf8_lossy(&body));
     if let Some(refused) = forged_post(&state.auth, &req, &form, None) {
         return refused;
     }

@@ -2,6 +2,8 @@
 //! (authorization code with PKCE, refresh with rotation, client credentials with
 //! `private_key_jwt`), revocation (RFC 7009), introspection (RFC 7662) and the key set.
 
+pub mod pages;
+
 use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
 use base64::Engine as _;
@@ -9,11 +11,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-use super::jose::{self, Alg};
-use super::scopes::{self, Holder, Scope, UserKind};
-use super::store::{self, Client, Grant, User};
-use super::{pages, seal, Auth};
 use crate::api::AppState;
+use crate::auth::jose::{self, Alg};
+use crate::auth::scopes::{self, Holder, Scope, UserKind};
+use crate::auth::store::{self, Client, Grant, User};
+use crate::auth::{seal, Auth};
 use crate::error::FhirError;
 
 pub const SESSION_COOKIE: &str = "fl_session";
@@ -166,7 +168,7 @@ impl Session {
             user_id,
             username: user.username.clone(),
             fhir_user: user.fhir_user.clone(),
-            nonce: super::random_id(),
+            nonce: crate::auth::random_id(),
         }
     }
 
@@ -190,7 +192,7 @@ pub(crate) fn forged_post(
     }
     if let Some(expected) = session {
         let given = get(form, "csrf").unwrap_or("");
-        if !super::constant_time_eq(given.as_bytes(), expected.as_bytes()) {
+        if !crate::auth::constant_time_eq(given.as_bytes(), expected.as_bytes()) {
             tracing::warn!("refused a form post without its session's CSRF token");
             return Some(html(
                 403,
@@ -224,7 +226,7 @@ struct Code {
 }
 
 fn form_pairs(body: &[u8]) -> Vec<(String, String)> {
-    crate::api::interactions::parse_query(&String::from_utf8_lossy(body))
+    crate::codec::parse_query(&String::from_utf8_lossy(body))
 }
 
 fn get<'a>(p: &'a [(String, String)], k: &str) -> Option<&'a str> {
@@ -247,7 +249,7 @@ pub fn session_user(auth: &Auth, req: &HttpRequest) -> Option<(String, String)> 
 }
 
 async fn authorize_get(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
-    let params = crate::api::interactions::parse_query(req.query_string());
+    let params = crate::codec::parse_query(req.query_string());
     authorize(&req, &state, &params)
 }
 
@@ -395,8 +397,8 @@ pub async fn sign_in(
     password: &str,
 ) -> Result<SignIn, String> {
     let auth = &state.auth;
-    let keys = super::throttle::keys(username, req.peer_addr().map(|a| a.ip()));
-    if let Some(wait) = auth.logins.blocked(&keys, super::now_s()) {
+    let keys = crate::auth::throttle::keys(username, req.peer_addr().map(|a| a.ip()));
+    if let Some(wait) = auth.logins.blocked(&keys, crate::auth::now_s()) {
         tracing::warn!("sign-in for user {username:?} throttled ({wait} s left)");
         return Ok(SignIn::Throttled(wait));
     }
@@ -413,7 +415,7 @@ pub async fn sign_in(
         }
         Ok(Ok(None)) => {
             tracing::warn!("failed login for user {username:?}");
-            auth.logins.failed(&keys, super::now_s());
+            auth.logins.failed(&keys, crate::auth::now_s());
             Ok(SignIn::Wrong)
         }
         Ok(Err(e)) => Err(e.issues[0].diagnostics.clone()),
@@ -598,7 +600,7 @@ async fn approve(
         _ => None,
     };
     let code = Code {
-        id: super::random_id(),
+        id: crate::auth::random_id(),
         client_id: pending.client_id.clone(),
         redirect_uri: pending.redirect_uri.clone(),
         redirect_given: pending.redirect_given,
@@ -645,7 +647,7 @@ fn linked_patient(state: &AppState, related_person: &str) -> Result<Option<Strin
 fn related_person_permitted(state: &AppState, user: &str, client_id: &str, patient: &str) -> Result<bool, FhirError> {
     use crate::consent::{Decision, Request};
     let repo = &state.repo;
-    let idx = repo.search().current(repo)?;
+    let idx = state.search.current()?;
     let book = state.auth.books.get(repo, &idx)?;
     drop(idx);
     let mut actors = vec![user.to_string(), format!("client:{client_id}")];
@@ -669,7 +671,6 @@ fn related_person_permitted(state: &AppState, user: &str, client_id: &str, patie
     Ok(book.decide(patient, &req).unwrap_or(default) == Decision::Permit)
 }
 
-pub const SCOPES_EXTENSION: &str = "urn:fhir-ledger:StructureDefinition/smart-scopes";
 pub const CLIENT_SYSTEM: &str = "urn:fhir-ledger:client";
 
 /// The Consent a patient's approval writes: a permit for the app *and* the approving user
@@ -719,7 +720,7 @@ async fn write_grant_consent(
     }
     let consent = json!({
         "resourceType": "Consent",
-        "extension": [{"url": SCOPES_EXTENSION, "valueString": scope.join(" ")}],
+        "extension": [{"url": crate::consent::SCOPES_EXTENSION, "valueString": scope.join(" ")}],
         "status": "active",
         "scope": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "patient-privacy"}]},
         "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0", "display": "Patient Consent"}]}],
@@ -730,7 +731,7 @@ async fn write_grant_consent(
         "provision": provision,
     });
     let res = crate::fhir::json::parse(consent.to_string().as_bytes(), usize::MAX).map_err(FhirError::internal)?;
-    crate::api::validate(&state.repo, "Consent", &res, None)?;
+    crate::search::validate::validate(&state.search, "Consent", &res, None)?;
     let id = uuid::Uuid::new_v4().to_string();
     let actor = format!("Patient/{patient} via {client_id}");
     state.repo.commit(&crate::repo::System::new(actor), |plan| plan.put_new("Consent", &id, &res).map(|_| ())).await?;
@@ -814,7 +815,7 @@ async fn authenticate_client(
         if !aud_ok {
             return Err(bad(&format!("the assertion's aud must be {token_url}")));
         }
-        let now = super::now_s();
+        let now = crate::auth::now_s();
         let exp = claims.get("exp").and_then(Value::as_i64).ok_or_else(|| bad("the assertion has no exp"))?;
         if exp < now || exp > now + ASSERTION_MAX_S + 60 {
             return Err(bad("the assertion is expired or lives longer than 5 minutes"));
@@ -912,7 +913,7 @@ async fn code_grant(state: &AppState, client: &Client, p: &[(String, String)]) -
         return invalid_grant("code_verifier does not match the code_challenge (PKCE)");
     }
     let refresh = code.scope.split_whitespace().any(|s| s == "offline_access" || s == "online_access");
-    let refresh_token = refresh.then(|| format!("{}.{}", code.id, super::random_id()));
+    let refresh_token = refresh.then(|| format!("{}.{}", code.id, crate::auth::random_id()));
     let grant = Grant {
         client_id: client.client_id.clone(),
         sub: code.sub.clone(),
@@ -921,10 +922,10 @@ async fn code_grant(state: &AppState, client: &Client, p: &[(String, String)]) -
         encounter: code.encounter.clone(),
         scope: code.scope.clone(),
         consent: code.consent.clone(),
-        refresh_sha256: refresh_token.as_deref().map(super::sha256_hex),
+        refresh_sha256: refresh_token.as_deref().map(crate::auth::sha256_hex),
         rotated: 0,
         revoked: false,
-        created_s: super::now_s(),
+        created_s: crate::auth::now_s(),
     };
     // The grant's id is the code's: creating it twice fails, so a code is redeemed once
     // cluster-wide.
@@ -946,11 +947,11 @@ async fn code_grant(state: &AppState, client: &Client, p: &[(String, String)]) -
 
 /// The access token (and context) of a grant.
 fn issue(auth: &Auth, grant_id: &str, g: &Grant) -> Value {
-    let now = super::now_s();
+    let now = crate::auth::now_s();
     let mut claims = json!({
         "iss": auth.public_url, "aud": auth.public_url, "sub": g.sub, "client_id": g.client_id,
         "scope": g.scope, "iat": now, "nbf": now, "exp": now + auth.access_ttl_secs,
-        "jti": super::random_id(), "grant": grant_id,
+        "jti": crate::auth::random_id(), "grant": grant_id,
     });
     let mut body = json!({"token_type": "Bearer", "expires_in": auth.access_ttl_secs, "scope": g.scope,
                           "need_patient_banner": g.fhir_user.as_deref().is_some_and(|u| !u.starts_with("Patient/")),
@@ -970,7 +971,7 @@ fn issue(auth: &Auth, grant_id: &str, g: &Grant) -> Value {
 }
 
 fn id_token(auth: &Auth, g: &Grant, nonce: Option<&str>) -> String {
-    let now = super::now_s();
+    let now = crate::auth::now_s();
     let key = auth.id_key();
     let mut claims = json!({"iss": auth.public_url, "sub": g.sub, "aud": g.client_id, "iat": now,
                             "exp": now + auth.access_ttl_secs,
@@ -995,7 +996,7 @@ async fn refresh_grant(state: &AppState, client: &Client, p: &[(String, String)]
     if grant.revoked {
         return invalid_grant("the grant has been revoked");
     }
-    if grant.refresh_sha256.as_deref() != Some(super::sha256_hex(presented).as_str()) {
+    if grant.refresh_sha256.as_deref() != Some(crate::auth::sha256_hex(presented).as_str()) {
         // A rotated-out refresh token came back: someone holds a copy. Revoke the whole grant
         // (OAuth 2.0 Security BCP, 4.14.2).
         grant.revoked = true;
@@ -1006,8 +1007,8 @@ async fn refresh_grant(state: &AppState, client: &Client, p: &[(String, String)]
     if let Some(c) = &grant.consent {
         let id = c.strip_prefix("Consent/").unwrap_or(c);
         // The same rule as every request's token check: active and within its period.
-        let idx = state.repo.search().current(&state.repo)?;
-        let active = super::caller::consent_active(&idx, id);
+        let idx = state.search.current()?;
+        let active = crate::auth::caller::consent_active(&idx, id);
         drop(idx);
         if !active {
             return invalid_grant("the patient withdrew the consent this grant rests on");
@@ -1026,8 +1027,8 @@ async fn refresh_grant(state: &AppState, client: &Client, p: &[(String, String)]
             }
         }
     }
-    let next = format!("{grant_id}.{}", super::random_id());
-    grant.refresh_sha256 = Some(super::sha256_hex(&next));
+    let next = format!("{grant_id}.{}", crate::auth::random_id());
+    grant.refresh_sha256 = Some(crate::auth::sha256_hex(&next));
     grant.rotated += 1;
     match store::put(&state.repo, store::GRANT, grant_id, &grant, Some(version)).await {
         Ok(()) => {}
@@ -1065,15 +1066,15 @@ async fn client_credentials(
         client_id: client.client_id.clone(),
         sub: client.client_id.clone(),
         scope: granted.join(" "),
-        created_s: super::now_s(),
+        created_s: crate::auth::now_s(),
         ..Default::default()
     };
-    let id = super::random_id();
+    let id = crate::auth::random_id();
     store::put(&state.repo, store::GRANT, &id, &grant, Some(0)).await?;
-    let now = super::now_s();
+    let now = crate::auth::now_s();
     let claims = json!({"iss": state.auth.public_url, "aud": state.auth.public_url, "sub": client.client_id,
         "client_id": client.client_id, "scope": grant.scope, "iat": now, "nbf": now, "exp": now + BACKEND_TTL_S,
-        "jti": super::random_id(), "grant": id});
+        "jti": crate::auth::random_id(), "grant": id});
     Ok(json_ok(&json!({"access_token": state.auth.sign_access(&claims), "token_type": "Bearer",
                        "expires_in": BACKEND_TTL_S, "scope": grant.scope})))
 }
@@ -1095,7 +1096,7 @@ fn grant_of(state: &AppState, token: &str) -> Option<(String, Grant, u64)> {
     }
     let (gid, _) = token.split_once('.')?;
     let (g, v) = store::get::<Grant>(&state.repo, store::GRANT, gid).ok()??;
-    (g.refresh_sha256.as_deref() == Some(super::sha256_hex(token).as_str())).then(|| (gid.to_string(), g, v))
+    (g.refresh_sha256.as_deref() == Some(crate::auth::sha256_hex(token).as_str())).then(|| (gid.to_string(), g, v))
 }
 
 async fn revoke(req: HttpRequest, body: web::Bytes, state: web::Data<AppState>) -> HttpResponse {
@@ -1128,7 +1129,7 @@ async fn introspect(req: HttpRequest, body: web::Bytes, state: web::Data<AppStat
     let bearer =
         req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).filter(|v| v.starts_with("Bearer "));
     if let Some(b) = bearer {
-        match state.auth.caller(&state.repo, Some(b), None).await {
+        match state.auth.caller(&state.search, Some(b), None).await {
             Ok(c) if c.scopes.iter().any(|s| s.context == scopes::Context::System) => {}
             _ => {
                 return oauth_error(
@@ -1156,7 +1157,7 @@ async fn introspect(req: HttpRequest, body: web::Bytes, state: web::Data<AppStat
     let Some(token) = get(&p, "token") else { return oauth_error(400, "invalid_request", "token is missing") };
     let inactive = || json_ok(&json!({"active": false}));
     if jose::peek(token).is_ok() {
-        let Ok(c) = state.auth.caller(&state.repo, Some(&format!("Bearer {token}")), None).await else {
+        let Ok(c) = state.auth.caller(&state.search, Some(&format!("Bearer {token}")), None).await else {
             return inactive();
         };
         let cl = &c.claims;
@@ -1171,7 +1172,9 @@ async fn introspect(req: HttpRequest, body: web::Bytes, state: web::Data<AppStat
     }
     let Some((gid, _)) = token.split_once('.') else { return inactive() };
     match store::get::<Grant>(&state.repo, store::GRANT, gid) {
-        Ok(Some((g, _))) if !g.revoked && g.refresh_sha256.as_deref() == Some(super::sha256_hex(token).as_str()) => {
+        Ok(Some((g, _)))
+            if !g.revoked && g.refresh_sha256.as_deref() == Some(crate::auth::sha256_hex(token).as_str()) =>
+        {
             json_ok(
                 &json!({"active": true, "scope": g.scope, "client_id": g.client_id, "sub": g.sub, "token_type": "refresh_token"}),
             )

@@ -4,7 +4,7 @@
 use anyhow::Context;
 use serde_json::{json, Value};
 
-use crate::cluster_cli::Admin;
+use super::cluster::Admin;
 
 #[derive(clap::Args, Debug)]
 pub struct AuthArgs {

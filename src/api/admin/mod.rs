@@ -1,6 +1,8 @@
 //! The cluster admin API (`/admin/...`), used by `fhir-ledger cluster`. Not FHIR: plain JSON
 //! in, JSON out, errors as OperationOutcome. Every call needs the node's admin bearer token.
 
+pub mod users;
+
 use std::collections::{BTreeMap, BTreeSet};
 
 use actix_web::http::header;
@@ -10,7 +12,7 @@ use consensus::{Node, NodeId};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::{error_response, AppState, Format};
+use crate::api::{error_response, AppState, Format};
 use crate::error::FhirError;
 
 /// What the admin API needs beyond the repository.
@@ -125,9 +127,9 @@ async fn node(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
 /// a changed index format without a restart).
 async fn reindex(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
     run(req, state, |state| async move {
-        let repo = state.repo.clone();
+        let search = state.search.clone();
         let started = std::time::Instant::now();
-        let n = web::block(move || repo.search().rebuild(&repo)).await.map_err(FhirError::internal)??;
+        let n = web::block(move || search.rebuild()).await.map_err(FhirError::internal)??;
         Ok(json(&serde_json::json!({ "resources": n, "millis": started.elapsed().as_millis() as u64 })))
     })
     .await

@@ -1,0 +1,5 @@
+//! Command-line clients of a running node's HTTP API: cluster administration and SMART
+//! registration (apps, users, launch contexts).
+
+pub mod auth;
+pub mod cluster;
