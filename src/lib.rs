@@ -12,10 +12,6 @@
 
 pub mod api;
 pub mod auth;
-pub mod bench;
-pub mod bench_auth;
-pub mod bench_cluster;
-pub mod bench_proofs;
 pub mod cluster_cli;
 pub mod config;
 pub mod consent;

@@ -13,7 +13,7 @@ use anyhow::{bail, Context};
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 
-use crate::bench::{hist, latency_json, merge, print_latency};
+use crate::load::{hist, latency_json, merge, print_latency};
 
 #[derive(clap::Args, Debug)]
 pub struct AuthBenchArgs {

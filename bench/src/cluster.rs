@@ -10,7 +10,7 @@ use anyhow::bail;
 use base64::Engine;
 use serde_json::{json, Value};
 
-use crate::bench::{hist, latency_json, merge, print_latency};
+use crate::load::{hist, latency_json, merge, print_latency};
 
 #[derive(clap::Args, Debug)]
 pub struct ClusterBenchArgs {
