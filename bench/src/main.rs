@@ -23,13 +23,13 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Load-test a running server (and a PostgreSQL baseline).
-    Load(load::BenchArgs),
+    Load(load::LoadArgs),
     /// Commit throughput and latency of creates on a cluster, beside an etcd cluster.
-    Cluster(cluster::ClusterBenchArgs),
+    Cluster(cluster::ClusterArgs),
     /// What SMART authorization costs: reads and searches on an auth-off and an auth-on server.
-    Auth(auth::AuthBenchArgs),
+    Auth(auth::AuthArgs),
     /// Time inclusion and consistency proof generation on a synthetic ledger of N leaves.
-    Proofs(proofs::ProofBenchArgs),
+    Proofs(proofs::ProofsArgs),
 }
 
 fn main() -> anyhow::Result<()> {
