@@ -12,10 +12,6 @@
 
 pub mod api;
 pub mod auth;
-pub mod bench;
-pub mod bench_auth;
-pub mod bench_cluster;
-pub mod bench_proofs;
 pub mod cli;
 pub mod codec;
 pub mod config;

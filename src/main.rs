@@ -1,4 +1,5 @@
-//! The `fhir-ledger` binary: `serve`, `cluster` (admin), `verify`, and the benchmarks.
+//! The `fhir-ledger` binary: `serve`, `cluster` (admin), `auth` (admin), `verify`. The
+//! benchmarks are the `fhir-ledger-bench` binary of the `bench/` crate.
 
 use clap::{Parser, Subcommand};
 
@@ -17,14 +18,6 @@ struct Cli {
 enum Cmd {
     /// Start the server (embedded single node by default).
     Serve(fhir_ledger::config::ServeArgs),
-    /// Load-test a running server (and a PostgreSQL baseline).
-    Bench(fhir_ledger::bench::BenchArgs),
-    /// Commit throughput and latency of creates on a cluster, beside an etcd cluster.
-    BenchCluster(fhir_ledger::bench_cluster::ClusterBenchArgs),
-    /// What SMART authorization costs: reads and searches on an auth-off and an auth-on server.
-    BenchAuth(fhir_ledger::bench_auth::AuthBenchArgs),
-    /// Time inclusion and consistency proof generation on a synthetic ledger of N leaves.
-    BenchProofs(fhir_ledger::bench_proofs::ProofBenchArgs),
     /// Verify a stopped node's data directory, an inclusion proof, or a saved tree head's
     /// consistency, trusting only the node keys given.
     /// Exit code 0: verified; 1: tampering or inconsistency found; 2: could not be checked.
@@ -50,22 +43,6 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
         Cmd::Serve(args) => {
             let cfg = fhir_ledger::config::Config::resolve(&args)?;
             fhir_ledger::server::run(cfg, &rt)?;
-            Ok(std::process::ExitCode::SUCCESS)
-        }
-        Cmd::Bench(args) => {
-            rt.block_on(fhir_ledger::bench::run(args))?;
-            Ok(std::process::ExitCode::SUCCESS)
-        }
-        Cmd::BenchCluster(args) => {
-            rt.block_on(fhir_ledger::bench_cluster::run(args))?;
-            Ok(std::process::ExitCode::SUCCESS)
-        }
-        Cmd::BenchAuth(args) => {
-            rt.block_on(fhir_ledger::bench_auth::run(args))?;
-            Ok(std::process::ExitCode::SUCCESS)
-        }
-        Cmd::BenchProofs(args) => {
-            rt.block_on(fhir_ledger::bench_proofs::run(args))?;
             Ok(std::process::ExitCode::SUCCESS)
         }
         Cmd::Verify(args) => Ok(fhir_ledger::verify::run(&args)),

@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # What authorization costs, in one invocation: two fresh servers on loopback with the same
-# 25 Synthea patients, one with `--auth off` and one with SMART on, then `fhir-ledger
-# bench-auth` alternating between them. The SMART side reads as a clinician (user/*.rs
+# 25 Synthea patients, one with `--auth off` and one with SMART on, then `fhir-ledger-bench
+# auth` alternating between them. The SMART side reads as a clinician (user/*.rs
 # token through the real login and consent pages), every patient has a Consent the engine
 # must evaluate (permit, with a nested deny for another practitioner), and every read and
 # search appends to the disclosure log. Run from the repository root after
-# `cargo build --release`; extra arguments go to `fhir-ledger bench-auth`.
+# `cargo build --release`; extra arguments go to `fhir-ledger-bench auth`.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
 bin="${FHIR_LEDGER_BIN:-${CARGO_TARGET_DIR:-$root/target}/release/fhir-ledger}"
+bench_bin="${FHIR_LEDGER_BENCH_BIN:-${CARGO_TARGET_DIR:-$root/target}/release/fhir-ledger-bench}"
 . "$root/tests/bench/lib.sh"
+built "$bin" "$bench_bin"
 data="$root/../shared/data/synthea"
 
 work="$(mktemp -d)"
@@ -98,7 +100,7 @@ token=$(curl -s -d grant_type=authorization_code -d "code=$code" -d client_id="$
 
 machine
 cd "$root"
-BENCH_TOKEN="$token" "$bin" bench-auth --plain "$plain" --smart "$smart" \
+BENCH_TOKEN="$token" "$bench_bin" auth --plain "$plain" --smart "$smart" \
   --plain-reads "$work/plain-reads" --smart-reads "$work/smart-reads" \
   --plain-searches "$work/plain-searches" --smart-searches "$work/smart-searches" "$@"
 echo "disclosure log: $(curl -s -H "authorization: Bearer $(sys_token)" "$smart/AuditEvent?_summary=count" | python3 -c 'import json,sys; print(json.load(sys.stdin)["total"])') AuditEvents"

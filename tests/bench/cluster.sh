@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The cluster benchmark in one invocation: a 3-node fhir-ledger cluster and a 3-member etcd
 # cluster (Debian `etcd-server`, default fsync durability), all on loopback, then
-# `fhir-ledger bench-cluster` against both at 1, 16 and 64 clients. Extra arguments go to
-# `fhir-ledger bench-cluster`. Run from the repository root after `cargo build --release`.
+# `fhir-ledger-bench cluster` against both at 1, 16 and 64 clients. Extra arguments go to
+# `fhir-ledger-bench cluster`. Run from the repository root after `cargo build --release`.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
 bin="${FHIR_LEDGER_BIN:-${CARGO_TARGET_DIR:-$root/target}/release/fhir-ledger}"
+bench_bin="${FHIR_LEDGER_BENCH_BIN:-${CARGO_TARGET_DIR:-$root/target}/release/fhir-ledger-bench}"
 . "$root/tests/bench/lib.sh"
+built "$bin" "$bench_bin"
 
 if ! command -v etcd >/dev/null; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server >/dev/null
@@ -55,4 +57,4 @@ done
 machine
 echo "fhir-ledger: 3 nodes ($("$bin" --version)); etcd: 3 members ($(etcd --version | head -1))"
 cd "$root"
-"$bin" bench-cluster --fhir "$(IFS=,; echo "${fhir[*]}")" --etcd "$(IFS=,; echo "${etcd[*]}")" "$@"
+"$bench_bin" cluster --fhir "$(IFS=,; echo "${fhir[*]}")" --etcd "$(IFS=,; echo "${etcd[*]}")" "$@"

@@ -1,5 +1,14 @@
 # Sourced by the benchmark scripts.
 
+# built BIN...: stops before any setup when a binary is missing (`cargo build --release` at the
+# repository root builds the server and fhir-ledger-bench both).
+built() {
+  local b
+  for b in "$@"; do
+    command -v "$b" >/dev/null || { echo "$b: not found; run cargo build --release first" >&2; exit 1; }
+  done
+}
+
 # start_server LOG ARGS...: starts `$bin serve` (auth off unless AUTH=smart) on a free loopback port with ARGS; sets
 # $server (its pid) and $base (its URL) once it listens.
 start_server() {

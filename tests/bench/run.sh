@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The benchmark in one invocation: a fresh fhir-ledger process and a throwaway PostgreSQL
-# (fsync=on, synchronous_commit=on) on loopback, then `fhir-ledger bench` against both.
-# Extra arguments go to `fhir-ledger bench`. Run from the repository root after
+# (fsync=on, synchronous_commit=on) on loopback, then `fhir-ledger-bench load` against
+# both. Extra arguments go to `fhir-ledger-bench load`. Run from the repository root after
 # `cargo build --release`.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
 bin="${FHIR_LEDGER_BIN:-${CARGO_TARGET_DIR:-$root/target}/release/fhir-ledger}"
+bench_bin="${FHIR_LEDGER_BENCH_BIN:-${CARGO_TARGET_DIR:-$root/target}/release/fhir-ledger-bench}"
 . "$root/tests/bench/lib.sh"
+built "$bin" "$bench_bin"
 
 pgbin="$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1 || true)"
 if [ -z "$pgbin" ] || [ ! -x "$pgbin/initdb" ]; then
@@ -34,5 +36,5 @@ start_server "$work/server.log" --data-dir "$work/ledger"
 machine
 echo "postgres: $("$pgbin/postgres" --version) on port $pgport"
 cd "$root"
-"$bin" bench --base "$base" --postgres "host=127.0.0.1 port=$pgport user=postgres dbname=postgres" "$@"
+"$bench_bin" load --base "$base" --postgres "host=127.0.0.1 port=$pgport user=postgres dbname=postgres" "$@"
 echo "ledger data dir after the run: $(du -sh "$work/ledger" | cut -f1)"

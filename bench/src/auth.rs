@@ -1,4 +1,4 @@
-//! `fhir-ledger bench-auth`: what authorization costs. The same reads and searches against a
+//! `fhir-ledger-bench auth`: what authorization costs. The same reads and searches against a
 //! server with `--auth off` and one with SMART on (a clinician's token: scopes, the consent
 //! engine and the disclosure log on every request), alternating in one invocation: an open
 //! loop at a fixed rate (latency, as the read benchmark measures it) and a closed loop (how
@@ -13,10 +13,10 @@ use anyhow::{bail, Context};
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 
-use crate::bench::{hist, latency_json, merge, print_latency};
+use crate::load::{hist, latency_json, merge, print_latency};
 
 #[derive(clap::Args, Debug)]
-pub struct AuthBenchArgs {
+pub struct AuthArgs {
     /// Base URL of the server with `--auth off`.
     #[arg(long)]
     pub plain: String,
@@ -147,7 +147,7 @@ async fn closed_loop(client: &reqwest::Client, t: &Target, clients: usize, secs:
     Ok(done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64())
 }
 
-pub async fn run(args: AuthBenchArgs) -> anyhow::Result<()> {
+pub async fn run(args: AuthArgs) -> anyhow::Result<()> {
     let client = reqwest::Client::builder().pool_max_idle_per_host(256).build()?;
     let mut report = serde_json::Map::new();
     for (kind, plain_paths, smart_paths, rate) in [

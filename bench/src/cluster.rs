@@ -1,4 +1,4 @@
-//! `fhir-ledger bench-cluster`: commit throughput and latency of single-resource creates on a
+//! `fhir-ledger-bench cluster`: commit throughput and latency of single-resource creates on a
 //! 3-node cluster, beside the same workload (same value bytes, same concurrency, clients spread
 //! over the same number of nodes) against an etcd cluster through its v3 JSON gateway.
 
@@ -10,10 +10,10 @@ use anyhow::bail;
 use base64::Engine;
 use serde_json::{json, Value};
 
-use crate::bench::{hist, latency_json, merge, print_latency};
+use crate::load::{hist, latency_json, merge, print_latency};
 
 #[derive(clap::Args, Debug)]
-pub struct ClusterBenchArgs {
+pub struct ClusterArgs {
     /// FHIR base URLs of the cluster's nodes (clients are spread over them round-robin).
     #[arg(long, value_delimiter = ',', required = true)]
     pub fhir: Vec<String>,
@@ -51,7 +51,7 @@ enum System {
     Etcd,
 }
 
-async fn level(system: System, urls: &[String], clients: usize, args: &ClusterBenchArgs) -> anyhow::Result<Value> {
+async fn level(system: System, urls: &[String], clients: usize, args: &ClusterArgs) -> anyhow::Result<Value> {
     let http = reqwest::Client::builder().pool_max_idle_per_host(clients).timeout(Duration::from_secs(30)).build()?;
     let body = patient_body(args.value_bytes);
     let value_b64 = base64::engine::general_purpose::STANDARD.encode(&body);
@@ -114,7 +114,7 @@ async fn level(system: System, urls: &[String], clients: usize, args: &ClusterBe
     )
 }
 
-pub async fn run(args: ClusterBenchArgs) -> anyhow::Result<()> {
+pub async fn run(args: ClusterArgs) -> anyhow::Result<()> {
     println!(
         "value: {} bytes (a Patient); {} s per level; clients spread over the nodes",
         args.value_bytes, args.seconds

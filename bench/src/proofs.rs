@@ -1,4 +1,4 @@
-//! `fhir-ledger bench-proofs`: proof generation latency at a given ledger size (the issue's
+//! `fhir-ledger-bench proofs`: proof generation latency at a given ledger size (the issue's
 //! target: p99 < 1 ms at 10^6 leaves), on a synthetic ledger built by the real state machine
 //! on real sled. Every generated proof is also verified, so a fast wrong proof cannot pass.
 
@@ -9,7 +9,7 @@ use consensus::proof;
 use rand::Rng;
 
 #[derive(clap::Args, Debug)]
-pub struct ProofBenchArgs {
+pub struct ProofsArgs {
     /// Leaves in the synthetic ledger.
     #[arg(long, default_value_t = 1_000_000)]
     leaves: u64,
@@ -40,7 +40,7 @@ fn percentiles(name: &str, mut d: Vec<Duration>) {
     );
 }
 
-pub async fn run(args: ProofBenchArgs) -> anyhow::Result<()> {
+pub async fn run(args: ProofsArgs) -> anyhow::Result<()> {
     let tmp = ledger_dir(&args)?;
     let start = Instant::now();
     let mut shown = 0;
@@ -87,7 +87,7 @@ pub async fn run(args: ProofBenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn ledger_dir(args: &ProofBenchArgs) -> anyhow::Result<PathBuf> {
+fn ledger_dir(args: &ProofsArgs) -> anyhow::Result<PathBuf> {
     let dir = match &args.dir {
         Some(d) => d.clone(),
         None => std::env::temp_dir().join(format!("fhir-ledger-bench-proofs-{}", std::process::id())),
