@@ -7,8 +7,9 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use maud::html;
 use serde_json::Value;
 
+use super::smart::authorize::CLIENT_SYSTEM;
 use super::smart::pages;
-use super::smart::{forged_post, html, session_csrf, session_user, sign_in, throttled, SignIn, CLIENT_SYSTEM};
+use super::smart::session::{forged_post, html, portal_cookie, session_csrf, session_user, sign_in, throttled, SignIn};
 use crate::api::AppState;
 use crate::error::FhirError;
 
@@ -130,7 +131,7 @@ async fn login(req: HttpRequest, body: web::Bytes, state: web::Data<AppState>) -
     let (username, password) = (get("username"), get("password"));
     match sign_in(&state, &req, &username, &password).await {
         Ok(SignIn::User(id, user)) => {
-            let cookie = super::smart::portal_cookie(&state.auth, id, user);
+            let cookie = portal_cookie(&state.auth, id, user);
             HttpResponse::SeeOther().cookie(cookie).insert_header((header::LOCATION, "/portal")).finish()
         }
         Ok(SignIn::Wrong) => {

@@ -6,7 +6,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::api::admin::authorize as admin_authorize;
-use crate::api::smart::Launch;
+use crate::api::smart::authorize::Launch;
 use crate::api::{error_response, AppState, Format};
 use crate::auth::store::{self, Client, User};
 use crate::auth::{scopes, seal};
