@@ -80,7 +80,7 @@ impl Ledger {
             return Err(AdminError::Invalid(format!("the members must include this node ({})", self.node_id)));
         }
         for (id, n) in &members {
-            if crate::transport::parse_key(&n.public_key).is_none() || n.raft_addr.is_empty() {
+            if n.verifying_key().is_none() || n.raft_addr.is_empty() {
                 return Err(AdminError::Invalid(format!("node {id} needs a raft address and a valid public key")));
             }
         }
@@ -95,7 +95,7 @@ impl Ledger {
     /// Lets a node that has no membership yet accept RPCs from `id` holding `public_key`
     /// (the leader that will add it, or the node that will initialize the cluster).
     pub fn trust(&self, id: NodeId, public_key: &str) -> Result<(), AdminError> {
-        let key = crate::transport::parse_key(public_key)
+        let key = crate::parse_key(public_key)
             .ok_or_else(|| AdminError::Invalid("public_key must be 64 hex digits of an ed25519 key".into()))?;
         self.transport.trust(id, key);
         Ok(())
@@ -103,7 +103,7 @@ impl Ledger {
 
     /// Adds `node` as a learner and waits until it has caught up (by log or by snapshot).
     pub async fn add_learner(&self, id: NodeId, node: Node) -> Result<(), AdminError> {
-        if crate::transport::parse_key(&node.public_key).is_none() || node.raft_addr.is_empty() {
+        if node.verifying_key().is_none() || node.raft_addr.is_empty() {
             return Err(AdminError::Invalid(format!("node {id} needs a raft address and a valid public key")));
         }
         self.raft.add_learner(id, node, true).await.map(|_| ()).map_err(write_err)

@@ -34,7 +34,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use ed25519_dalek::SigningKey;
+use ed25519_dalek::{SigningKey, VerifyingKey};
 use serde::{Deserialize, Serialize};
 
 pub use command::{Command, Op, Outcome, Precondition, Write};
@@ -53,6 +53,13 @@ pub struct Node {
     pub raft_addr: String,
     /// Hex ed25519 public key; batches this node proposes must verify against it.
     pub public_key: String,
+}
+
+impl Node {
+    /// This node's batch-signing and transport key, if `public_key` is a valid one.
+    pub(crate) fn verifying_key(&self) -> Option<VerifyingKey> {
+        parse_key(&self.public_key)
+    }
 }
 
 impl std::fmt::Display for Node {
@@ -148,7 +155,7 @@ impl Ledger {
                 .as_ref()
                 .and_then(|l| l.local_addr().ok())
                 .map_or(String::new(), |a| a.to_string()),
-            public_key: hex(key.verifying_key().as_bytes()),
+            public_key: hex::encode(key.verifying_key().as_bytes()),
         };
         match raft_listener {
             None => {
@@ -286,6 +293,13 @@ pub(crate) async fn wait_applied(raft: &Raft, index: Option<u64>) -> Result<(), 
         .map_err(|e| ProposeError::Unavailable(format!("this node is not catching up: {e}")))
 }
 
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+/// An ed25519 public key from the 64 hex digits a [`Node`] (or an admin call) carries.
+pub(crate) fn parse_key(hex: &str) -> Option<VerifyingKey> {
+    let bytes: [u8; 32] = hex::decode(hex).ok()?.try_into().ok()?;
+    VerifyingKey::from_bytes(&bytes).ok()
+}
+
+/// The `invalid data` I/O error every decoder here returns for malformed input.
+pub(crate) fn invalid_data(msg: impl Into<String>) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidData, msg.into())
 }

@@ -103,8 +103,8 @@ mod tests {
     #[test]
     fn rfc6962_empty_and_single_leaf_vectors() {
         // From RFC 6962 test vectors (certificate-transparency-go merkletree tests).
-        assert_eq!(hex(&empty_root()), "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
-        assert_eq!(hex(&leaf_hash(b"")), "6e340b9cffb37a989ca544e6bb780a2c78901d3fb33738768511a30617afa01d");
+        assert_eq!(hex::encode(empty_root()), "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
+        assert_eq!(hex::encode(leaf_hash(b"")), "6e340b9cffb37a989ca544e6bb780a2c78901d3fb33738768511a30617afa01d");
     }
 
     #[test]
@@ -132,12 +132,8 @@ mod tests {
         let mut f = Frontier::default();
         for (i, d) in data.iter().enumerate() {
             f.append(leaf_hash(d));
-            assert_eq!(hex(&f.root()), expected[i], "root of {} leaves", i + 1);
+            assert_eq!(hex::encode(f.root()), expected[i], "root of {} leaves", i + 1);
         }
-    }
-
-    fn hex(h: &Hash) -> String {
-        h.iter().map(|b| format!("{b:02x}")).collect()
     }
 
     proptest! {

@@ -23,7 +23,7 @@ use tokio::sync::Mutex;
 use crate::command::{Batch, BatchOutcome, Command, Outcome, Precondition, Write};
 use crate::kv::{be, KvStore, WriteBatch};
 use crate::merkle::{leaf_hash, Frontier, Hash};
-use crate::{Node, NodeId, TypeConfig};
+use crate::{invalid_data, Node, NodeId, TypeConfig};
 
 const META_APPLIED: &[u8] = b"m/applied";
 const META_MEMBERSHIP: &[u8] = b"m/membership";
@@ -134,10 +134,10 @@ pub(crate) fn data_key_key(compartment: &str) -> Vec<u8> {
 }
 
 fn decode<T: for<'a> Deserialize<'a>>(bytes: &[u8]) -> io::Result<T> {
-    bincode::deserialize(bytes).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))
+    bincode::deserialize(bytes).map_err(|e| invalid_data(e.to_string()))
 }
 fn encode<T: Serialize>(v: &T) -> io::Result<Vec<u8>> {
-    bincode::serialize(v).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))
+    bincode::serialize(v).map_err(|e| invalid_data(e.to_string()))
 }
 
 /// Reads through the writes staged for the current entry, so later commands of a batch see
@@ -431,9 +431,7 @@ impl StateMachine {
     }
 
     pub(crate) fn proposer_key(membership: &StoredMembership<NodeId, Node>, node_id: NodeId) -> Option<VerifyingKey> {
-        let node = membership.membership().get_node(&node_id)?;
-        let bytes: [u8; 32] = hex_decode(&node.public_key)?.try_into().ok()?;
-        VerifyingKey::from_bytes(&bytes).ok()
+        membership.membership().get_node(&node_id)?.verifying_key()
     }
 
     fn apply_batch(
@@ -594,13 +592,6 @@ impl StateMachine {
         );
         Ok(leaf)
     }
-}
-
-pub(crate) fn hex_decode(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
 }
 
 impl RaftStateMachine<TypeConfig> for StateMachine {

@@ -42,11 +42,8 @@ fn key() -> SigningKey {
 }
 
 fn membership_entry(index: u64, key: &SigningKey) -> Entry<TypeConfig> {
-    let node = Node {
-        api_addr: "a".into(),
-        raft_addr: "r".into(),
-        public_key: consensus::hex(key.verifying_key().as_bytes()),
-    };
+    let node =
+        Node { api_addr: "a".into(), raft_addr: "r".into(), public_key: hex::encode(key.verifying_key().as_bytes()) };
     let m = Membership::new(vec![std::collections::BTreeSet::from([1u64])], BTreeMap::from([(1u64, node)]));
     Entry { log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), index), payload: EntryPayload::Membership(m) }
 }

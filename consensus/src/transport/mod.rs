@@ -127,8 +127,3 @@ impl Shared {
         (at != u64::MAX).then(|| std::time::Duration::from_millis(self.now_ms().saturating_sub(at)))
     }
 }
-
-pub(crate) fn parse_key(hex: &str) -> Option<VerifyingKey> {
-    let bytes: [u8; 32] = crate::state_machine::hex_decode(hex)?.try_into().ok()?;
-    VerifyingKey::from_bytes(&bytes).ok()
-}
