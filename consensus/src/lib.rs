@@ -30,6 +30,9 @@ pub mod snapshot;
 pub mod state_machine;
 pub mod transport;
 
+#[cfg(test)]
+mod tests;
+
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
