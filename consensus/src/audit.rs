@@ -21,6 +21,8 @@ use crate::merkle::{leaf_hash, Frontier, Hash};
 use crate::sled_store::SledDb;
 use crate::state_machine::{StateMachine, StateView, META_FRONTIER, STORED_NODE_LEVEL};
 
+pub use crate::sled_store::is_corruption;
+
 /// One problem found, located precisely enough to look at.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Finding {
@@ -133,7 +135,7 @@ struct WriteRef<'a> {
 }
 
 /// Opens the ledger under `dir` (the `ledger` directory inside a data directory).
-pub fn open_view(dir: &Path) -> io::Result<(StateMachine, Arc<dyn KvStore>)> {
+pub(crate) fn open_view(dir: &Path) -> io::Result<(StateMachine, Arc<dyn KvStore>)> {
     if !dir.join("db").exists() && !dir.join("conf").exists() {
         return Err(io::Error::new(io::ErrorKind::NotFound, format!("no ledger in {}", dir.display())));
     }

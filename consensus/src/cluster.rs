@@ -135,6 +135,21 @@ impl Ledger {
         Ok(())
     }
 
+    /// Whether this node belongs to a cluster yet (it has a membership: it initialized one,
+    /// or a leader added it).
+    pub async fn is_initialized(&self) -> Result<bool, AdminError> {
+        self.raft.is_initialized().await.map_err(|e| AdminError::Failed(e.to_string()))
+    }
+
+    /// Fault injection for partition tests: this node stops sending to and accepting from
+    /// `peers` (an empty set heals). Whether it may be called is the caller's policy (the
+    /// server allows it only when started with `--fault-injection`).
+    pub fn set_isolated(&self, peers: BTreeSet<NodeId>) {
+        self.transport.set_isolated(peers);
+    }
+
+    /// Membership, leader, term, log and snapshot positions, and replication lag as this node
+    /// sees them.
     pub fn status(&self) -> Status {
         let m = self.raft.metrics().borrow().clone();
         let membership = m.membership_config.membership();

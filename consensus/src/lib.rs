@@ -17,18 +17,22 @@
 #![allow(clippy::result_large_err)]
 
 pub mod audit;
+#[cfg(feature = "bench")]
 pub mod bench;
-pub mod cluster;
-pub mod command;
-pub mod kv;
-pub mod log_store;
+mod cluster;
+mod command;
+mod kv;
+mod log_store;
 pub mod merkle;
 pub mod proof;
 mod proposer;
-pub mod sled_store;
-pub mod snapshot;
-pub mod state_machine;
-pub mod transport;
+mod sled_store;
+mod snapshot;
+mod state_machine;
+#[cfg(feature = "test-hooks")]
+#[doc(hidden)]
+pub mod test_hooks;
+mod transport;
 
 #[cfg(test)]
 mod tests;
@@ -40,14 +44,14 @@ use std::sync::Arc;
 use ed25519_dalek::{SigningKey, VerifyingKey};
 use serde::{Deserialize, Serialize};
 
-pub use command::{Command, Op, Outcome, Precondition, Write};
-pub use proposer::{ProposeError, Proposer};
+pub use cluster::{AdminError, Replication, Status};
+pub use command::{Command, IndexKey, Op, Outcome, Precondition, Write};
+pub use proposer::ProposeError;
+use proposer::Proposer;
 pub use state_machine::{CurrentRecord, HistoryRecord, LeafHeader, StateView, VersionRecord};
 
+/// A node's id in the cluster (openraft's `NodeId`).
 pub type NodeId = u64;
-
-/// For callers that speak the transport directly (the cluster tests do).
-pub use openraft;
 
 /// A cluster member as the committed membership lists it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -71,24 +75,29 @@ impl std::fmt::Display for Node {
     }
 }
 
-openraft::declare_raft_types!(
-    pub TypeConfig:
-        D = command::SignedBatch,
-        R = command::BatchOutcome,
-        Node = Node,
-        SnapshotData = tokio::fs::File,
-);
+mod raft_types {
+    openraft::declare_raft_types!(
+        /// openraft's type configuration: what an entry carries and what applying it returns.
+        /// Crate-internal (re-exported only by `test_hooks`).
+        pub TypeConfig:
+            D = crate::command::SignedBatch,
+            R = crate::command::BatchOutcome,
+            Node = crate::Node,
+            SnapshotData = tokio::fs::File,
+    );
+}
+pub(crate) use raft_types::TypeConfig;
 
-pub type Raft = openraft::Raft<TypeConfig>;
+pub(crate) type Raft = openraft::Raft<TypeConfig>;
 
 /// A running ledger node: Raft, its stores, the group-commit proposer and the transport.
 #[derive(Clone)]
 pub struct Ledger {
-    pub raft: Raft,
-    pub node_id: NodeId,
+    raft: Raft,
+    node_id: NodeId,
     view: StateView,
     proposer: Proposer,
-    pub transport: Arc<transport::Shared>,
+    transport: Arc<transport::Shared>,
     pool: transport::client::Pool,
     me: Node,
 }
@@ -180,6 +189,12 @@ impl Ledger {
         Ok(Self { raft, node_id, view, proposer, transport: shared, pool, me })
     }
 
+    /// This node's id.
+    pub fn node_id(&self) -> NodeId {
+        self.node_id
+    }
+
+    /// A read-only handle on this node's applied state.
     pub fn view(&self) -> StateView {
         self.view.clone()
     }

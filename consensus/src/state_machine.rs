@@ -285,7 +285,7 @@ impl StateView {
 
     /// The hash of a perfect subtree (`level` 0 = a leaf): stored from
     /// [`STORED_NODE_LEVEL`] up, recomputed below it.
-    pub fn node(&self, level: u32, index: u64) -> io::Result<Option<Hash>> {
+    pub(crate) fn node(&self, level: u32, index: u64) -> io::Result<Option<Hash>> {
         if level >= STORED_NODE_LEVEL {
             return Ok(self.kv.get(&node_key(level, index))?.and_then(|v| v.try_into().ok()));
         }
@@ -324,13 +324,13 @@ impl StateView {
         self.kv.scan_prefix(b"r").map(|kv| kv.map(|(k, v)| (crate::kv::read_be(&k[1..]).unwrap_or(u64::MAX), v)))
     }
     /// Whether a received snapshot is being loaded (the state is partial until it finishes).
-    pub fn installing(&self) -> bool {
+    pub(crate) fn installing(&self) -> bool {
         self.kv.get(META_INSTALLING).map_or(true, |v| v.is_some())
     }
 
     /// Bytes of a snapshot this node is receiving right now (None when it receives none):
     /// the progress of a catch-up by snapshot.
-    pub fn receiving_snapshot_bytes(&self) -> Option<u64> {
+    pub(crate) fn receiving_snapshot_bytes(&self) -> Option<u64> {
         let entries = std::fs::read_dir(self.snap_dir.as_path()).ok()?;
         let sizes: Vec<u64> = entries
             .filter_map(Result::ok)
@@ -346,7 +346,7 @@ impl StateView {
         let stored: StoredSnapshot = decode(&bytes)?;
         Ok(Some((stored.meta, self.snap_dir.join(stored.file))))
     }
-    pub fn last_applied(&self) -> io::Result<Option<LogId<NodeId>>> {
+    pub(crate) fn last_applied(&self) -> io::Result<Option<LogId<NodeId>>> {
         Ok(self.kv.get(META_APPLIED)?.map(|b| decode(&b)).transpose()?.flatten())
     }
 }

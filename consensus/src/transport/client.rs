@@ -71,6 +71,8 @@ impl Conn {
         !matches!(self.stream.get_ref().try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
     }
 
+    /// This connection's session, to seal a frame by hand (the replay tests).
+    #[cfg(feature = "test-hooks")]
     pub fn session(&mut self) -> &mut Session {
         &mut self.session
     }
