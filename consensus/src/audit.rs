@@ -28,19 +28,26 @@ pub use crate::sled_store::is_corruption;
 pub struct Finding {
     /// Where: `leaf 12 (Patient/x/_history/2)`, `raft log entry 7`, `merkle root`, `snapshot …`.
     pub location: String,
+    /// What is wrong there.
     pub problem: String,
 }
 
+/// What [`verify_dir`] checked and found.
 #[derive(Debug, Default)]
 pub struct Report {
+    /// Leaves (resource versions) checked.
     pub leaves: u64,
     /// Bytes of version records and log entries read (and hashed).
     pub bytes: u64,
+    /// Raft log entries read.
     pub log_entries: u64,
+    /// Batch signatures verified.
     pub signatures: u64,
     /// Leaves compared with the write their signed log entry carried.
     pub cross_checked: u64,
+    /// Leaves of the stored snapshot rebuilt and compared with the live tree.
     pub snapshot_leaves: u64,
+    /// Every problem found; empty means the ledger is intact.
     pub findings: Vec<Finding>,
 }
 

@@ -9,12 +9,21 @@ use serde::Serialize;
 
 use crate::{Ledger, Node, NodeId};
 
+/// Why an admin call did not happen.
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
+    /// Membership changes go through the leader; this names it when known.
     #[error("this node is not the leader; ask node {leader:?} at {api_addr:?}")]
-    NotLeader { leader: Option<NodeId>, api_addr: Option<String> },
+    NotLeader {
+        /// The leader's id, when this node knows one.
+        leader: Option<NodeId>,
+        /// The leader's FHIR API address, to send the call to.
+        api_addr: Option<String>,
+    },
+    /// The request itself is wrong (bad key, missing member, last voter, already a member).
     #[error("{0}")]
     Invalid(String),
+    /// Raft could not carry it out (stopped, timed out, storage failure).
     #[error("{0}")]
     Failed(String),
 }
@@ -31,12 +40,19 @@ pub struct Replication {
 /// What `cluster status` shows for one node.
 #[derive(Serialize, Debug)]
 pub struct Status {
+    /// This node.
     pub node_id: NodeId,
+    /// Its Raft role: `Leader`, `Follower`, `Candidate` or `Learner`.
     pub state: String,
+    /// Its current term.
     pub term: u64,
+    /// The leader it knows of.
     pub leader: Option<NodeId>,
+    /// That leader's FHIR API address.
     pub leader_api: Option<String>,
+    /// Index of the last entry in its log.
     pub last_log_index: Option<u64>,
+    /// Index of the last entry it applied.
     pub last_applied: Option<u64>,
     /// Last log index covered by this node's snapshot (built or installed).
     pub snapshot: Option<u64>,
@@ -44,10 +60,13 @@ pub struct Status {
     pub purged: Option<u64>,
     /// Bytes received so far of a snapshot being streamed to this node (catch-up progress).
     pub receiving_snapshot_bytes: Option<u64>,
+    /// Voters of the effective membership.
     pub voters: BTreeSet<NodeId>,
+    /// Learners of the effective membership (replicated to, not voting).
     pub learners: BTreeSet<NodeId>,
     /// True while a membership change is between its two configurations.
     pub joint: bool,
+    /// Every member's addresses and key.
     pub nodes: BTreeMap<NodeId, Node>,
     /// Leader only: each member's matched index and lag.
     pub replication: Option<BTreeMap<NodeId, Replication>>,

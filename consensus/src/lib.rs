@@ -15,6 +15,7 @@
 
 // openraft's `StorageError` is large by design; boxing it at every call would only add noise.
 #![allow(clippy::result_large_err)]
+#![deny(missing_docs)]
 
 pub mod audit;
 #[cfg(feature = "bench")]
@@ -56,7 +57,9 @@ pub type NodeId = u64;
 /// A cluster member as the committed membership lists it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Node {
+    /// Where its FHIR API listens (clients and forwarded requests are sent there).
     pub api_addr: String,
+    /// Where its inter-node transport listens (empty for the embedded single node).
     pub raft_addr: String,
     /// Hex ed25519 public key; batches this node proposes must verify against it.
     pub public_key: String,
@@ -104,8 +107,11 @@ pub struct Ledger {
 
 /// How to open a node.
 pub struct Options<'a> {
+    /// The ledger directory (sled stores and `snapshots/`); created if missing.
     pub dir: &'a Path,
+    /// This node's id in the cluster.
     pub node_id: NodeId,
+    /// This node's ed25519 key: signs its batches and authenticates its transport sessions.
     pub key: SigningKey,
     /// The FHIR API address other nodes and clients are sent to.
     pub api_addr: String,
@@ -298,6 +304,7 @@ impl Ledger {
         futures::future::join_all(asks).await.into_iter().flatten().collect()
     }
 
+    /// Stops Raft (replication, elections, apply); the stores stay as they are on disk.
     pub async fn shutdown(&self) {
         let _ = self.raft.shutdown().await;
     }

@@ -8,6 +8,7 @@
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+/// A SHA-256 digest: a leaf, node or root hash.
 pub type Hash = [u8; 32];
 
 /// `MTH({d0}) = SHA-256(0x00 || d0)`.
@@ -32,14 +33,17 @@ pub fn empty_root() -> Hash {
     Sha256::digest([]).into()
 }
 
+/// The right edge of the tree: enough to append a leaf and compute the root.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Frontier {
+    /// Leaves in the tree.
     pub size: u64,
     /// Roots of perfect subtrees, largest (leftmost) first; their sizes are the set bits of `size`.
     pub nodes: Vec<Hash>,
 }
 
 impl Frontier {
+    /// Appends one leaf hash.
     pub fn append(&mut self, leaf: Hash) {
         self.append_nodes(leaf, |_, _, _| {});
     }

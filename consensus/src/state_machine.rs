@@ -37,20 +37,30 @@ pub const LEAF_FORMAT: u16 = 1;
 /// never the plaintext, so shredding a compartment key keeps every proof valid.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct LeafHeader {
+    /// Layout version of this header (`LEAF_FORMAT`).
     pub format: u16,
+    /// The resource type.
     pub rtype: String,
+    /// The resource id.
     pub id: String,
+    /// The version this leaf records.
     pub version: u64,
+    /// Its `meta.lastUpdated`, ms since the epoch.
     pub last_updated_ms: i64,
+    /// Who wrote it ([`crate::Command::actor`]).
     pub actor: String,
+    /// [`crate::Op::as_str`] of the write.
     pub op: String,
+    /// Whose data key encrypted the body.
     pub compartment: String,
+    /// SHA-256 of the stored ciphertext.
     pub body_sha256: Hash,
     /// The Raft log index of the entry that carried this change.
     pub log_index: u64,
 }
 
 impl LeafHeader {
+    /// The leaf data the Merkle tree hashes (bincode).
     pub fn encode(&self) -> Vec<u8> {
         bincode::serialize(self).unwrap_or_default()
     }
@@ -64,8 +74,11 @@ impl LeafHeader {
 /// One stored resource version: the leaf header in the clear, the body encrypted.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct VersionRecord {
+    /// What the leaf commits to.
     pub header: LeafHeader,
+    /// Its Merkle leaf index.
     pub leaf: u64,
+    /// Nonce-prefixed ciphertext under the compartment's data key (empty for a delete).
     #[serde(with = "serde_bytes")]
     pub body: Vec<u8>,
 }
@@ -73,9 +86,13 @@ pub struct VersionRecord {
 /// The current state of one resource id.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct CurrentRecord {
+    /// The newest version.
     pub version: u64,
+    /// Whether the newest version is a delete (or erase).
     pub deleted: bool,
+    /// The newest version's `meta.lastUpdated`, ms since the epoch.
     pub last_updated_ms: i64,
+    /// The newest version's index terms (its postings).
     pub index: Vec<[u8; 32]>,
     /// The Merkle leaf of every version, oldest first (`leaves[v - 1]` holds version `v`).
     pub leaves: Vec<u64>,
@@ -84,9 +101,13 @@ pub struct CurrentRecord {
 /// One entry of the global history (the leaf with the same index).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct HistoryRecord {
+    /// The resource type.
     pub rtype: String,
+    /// The resource id.
     pub id: String,
+    /// The version.
     pub version: u64,
+    /// Its `meta.lastUpdated`, ms since the epoch.
     pub last_updated_ms: i64,
 }
 
@@ -185,9 +206,11 @@ pub struct StateView {
 }
 
 impl StateView {
+    /// The current record of one resource id (None: never written).
     pub fn current(&self, rtype: &str, id: &str) -> io::Result<Option<CurrentRecord>> {
         self.kv.get(&current_key(rtype, id))?.map(|b| decode(&b)).transpose()
     }
+    /// One version of one resource (None: no such version).
     pub fn version(&self, rtype: &str, id: &str, version: u64) -> io::Result<Option<VersionRecord>> {
         let leaf = self.current(rtype, id)?.and_then(|c| c.leaves.get((version as usize).wrapping_sub(1)).copied());
         match leaf {
@@ -275,6 +298,8 @@ impl StateView {
         }
         Ok(newest.into_iter().filter(|(_, inside)| *inside).map(|(k, _)| k).collect())
     }
+    /// The compartment's data key as wrapped by the KEK (None: never registered; empty:
+    /// erased).
     pub fn data_key(&self, compartment: &str) -> io::Result<Option<Vec<u8>>> {
         self.kv.get(&data_key_key(compartment))
     }
@@ -297,6 +322,7 @@ impl StateView {
         };
         Ok(Some(crate::merkle::node_hash(&l, &r)))
     }
+    /// The tree's size and right edge (its root is the ledger's root).
     pub fn frontier(&self) -> io::Result<Frontier> {
         Ok(self.kv.get(META_FRONTIER)?.map(|b| decode(&b)).transpose()?.unwrap_or_default())
     }

@@ -28,6 +28,8 @@ pub struct Conn {
 }
 
 impl Conn {
+    /// Connects to `target` at `node.raft_addr` and runs the handshake as `shared.me`,
+    /// checking that the peer holds `node.public_key`.
     pub async fn connect(shared: &Shared, target: NodeId, node: &Node) -> io::Result<Self> {
         if shared.is_isolated(target) {
             return Err(io::Error::new(io::ErrorKind::NotConnected, format!("node {target} is isolated")));
