@@ -246,7 +246,7 @@ fn consistency(args: &ConsistencyArgs) -> Result<String, Failure> {
     if let Some(dir) = &args.data_dir {
         let (now, root) = consensus::audit::root_at(&dir.join("ledger"), old.size).map_err(|e| {
             let what = format!("{}: {}", dir.display(), describe(&e));
-            if consensus::sled_store::is_corruption(&e) {
+            if consensus::audit::is_corruption(&e) {
                 Invalid(what)
             } else {
                 Unchecked(what)
@@ -321,7 +321,7 @@ fn data_dir(args: &DirArgs) -> ExitCode {
     };
     let report = match consensus::audit::verify_dir(&args.data_dir.join("ledger"), &mut progress) {
         Ok(r) => r,
-        Err(e) if consensus::sled_store::is_corruption(&e) => {
+        Err(e) if consensus::audit::is_corruption(&e) => {
             println!("TAMPERED store: {e}");
             return ExitCode::from(1);
         }

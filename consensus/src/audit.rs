@@ -21,24 +21,33 @@ use crate::merkle::{leaf_hash, Frontier, Hash};
 use crate::sled_store::SledDb;
 use crate::state_machine::{StateMachine, StateView, META_FRONTIER, STORED_NODE_LEVEL};
 
+pub use crate::sled_store::is_corruption;
+
 /// One problem found, located precisely enough to look at.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Finding {
     /// Where: `leaf 12 (Patient/x/_history/2)`, `raft log entry 7`, `merkle root`, `snapshot …`.
     pub location: String,
+    /// What is wrong there.
     pub problem: String,
 }
 
+/// What [`verify_dir`] checked and found.
 #[derive(Debug, Default)]
 pub struct Report {
+    /// Leaves (resource versions) checked.
     pub leaves: u64,
     /// Bytes of version records and log entries read (and hashed).
     pub bytes: u64,
+    /// Raft log entries read.
     pub log_entries: u64,
+    /// Batch signatures verified.
     pub signatures: u64,
     /// Leaves compared with the write their signed log entry carried.
     pub cross_checked: u64,
+    /// Leaves of the stored snapshot rebuilt and compared with the live tree.
     pub snapshot_leaves: u64,
+    /// Every problem found; empty means the ledger is intact.
     pub findings: Vec<Finding>,
 }
 
@@ -133,7 +142,7 @@ struct WriteRef<'a> {
 }
 
 /// Opens the ledger under `dir` (the `ledger` directory inside a data directory).
-pub fn open_view(dir: &Path) -> io::Result<(StateMachine, Arc<dyn KvStore>)> {
+pub(crate) fn open_view(dir: &Path) -> io::Result<(StateMachine, Arc<dyn KvStore>)> {
     if !dir.join("db").exists() && !dir.join("conf").exists() {
         return Err(io::Error::new(io::ErrorKind::NotFound, format!("no ledger in {}", dir.display())));
     }

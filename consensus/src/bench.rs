@@ -1,4 +1,4 @@
-//! A synthetic ledger for the proof benchmark (`fhir-ledger bench-proofs`): real sled, real
+//! A synthetic ledger for the proof benchmark (`fhir-ledger-bench proofs`): real sled, real
 //! signed batches applied by the real state machine, without the Raft round trips that proofs
 //! do not depend on. Deterministic, like everything in this crate.
 
@@ -32,7 +32,7 @@ pub async fn synthetic_ledger(
     let tree = db.tree("state")?;
     let mut sm = StateMachine::new(tree.clone(), dir.join("snapshots"));
     let key = SigningKey::from_bytes(&[11; 32]);
-    let node = Node { public_key: crate::hex(key.verifying_key().as_bytes()), ..Default::default() };
+    let node = Node { public_key: hex::encode(key.verifying_key().as_bytes()), ..Default::default() };
     let m = Membership::new(vec![BTreeSet::from([1u64])], BTreeMap::from([(1u64, node)]));
     let io_err = |e: openraft::StorageError<u64>| io::Error::other(e.to_string());
     sm.apply(vec![Entry { log_id: log_id(1), payload: EntryPayload::Membership(m) }]).await.map_err(io_err)?;

@@ -9,12 +9,21 @@ use serde::Serialize;
 
 use crate::{Ledger, Node, NodeId};
 
+/// Why an admin call did not happen.
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
+    /// Membership changes go through the leader; this names it when known.
     #[error("this node is not the leader; ask node {leader:?} at {api_addr:?}")]
-    NotLeader { leader: Option<NodeId>, api_addr: Option<String> },
+    NotLeader {
+        /// The leader's id, when this node knows one.
+        leader: Option<NodeId>,
+        /// The leader's FHIR API address, to send the call to.
+        api_addr: Option<String>,
+    },
+    /// The request itself is wrong (bad key, missing member, last voter, already a member).
     #[error("{0}")]
     Invalid(String),
+    /// Raft could not carry it out (stopped, timed out, storage failure).
     #[error("{0}")]
     Failed(String),
 }
@@ -31,12 +40,19 @@ pub struct Replication {
 /// What `cluster status` shows for one node.
 #[derive(Serialize, Debug)]
 pub struct Status {
+    /// This node.
     pub node_id: NodeId,
+    /// Its Raft role: `Leader`, `Follower`, `Candidate` or `Learner`.
     pub state: String,
+    /// Its current term.
     pub term: u64,
+    /// The leader it knows of.
     pub leader: Option<NodeId>,
+    /// That leader's FHIR API address.
     pub leader_api: Option<String>,
+    /// Index of the last entry in its log.
     pub last_log_index: Option<u64>,
+    /// Index of the last entry it applied.
     pub last_applied: Option<u64>,
     /// Last log index covered by this node's snapshot (built or installed).
     pub snapshot: Option<u64>,
@@ -44,10 +60,13 @@ pub struct Status {
     pub purged: Option<u64>,
     /// Bytes received so far of a snapshot being streamed to this node (catch-up progress).
     pub receiving_snapshot_bytes: Option<u64>,
+    /// Voters of the effective membership.
     pub voters: BTreeSet<NodeId>,
+    /// Learners of the effective membership (replicated to, not voting).
     pub learners: BTreeSet<NodeId>,
     /// True while a membership change is between its two configurations.
     pub joint: bool,
+    /// Every member's addresses and key.
     pub nodes: BTreeMap<NodeId, Node>,
     /// Leader only: each member's matched index and lag.
     pub replication: Option<BTreeMap<NodeId, Replication>>,
@@ -80,7 +99,7 @@ impl Ledger {
             return Err(AdminError::Invalid(format!("the members must include this node ({})", self.node_id)));
         }
         for (id, n) in &members {
-            if crate::transport::parse_key(&n.public_key).is_none() || n.raft_addr.is_empty() {
+            if n.verifying_key().is_none() || n.raft_addr.is_empty() {
                 return Err(AdminError::Invalid(format!("node {id} needs a raft address and a valid public key")));
             }
         }
@@ -95,7 +114,7 @@ impl Ledger {
     /// Lets a node that has no membership yet accept RPCs from `id` holding `public_key`
     /// (the leader that will add it, or the node that will initialize the cluster).
     pub fn trust(&self, id: NodeId, public_key: &str) -> Result<(), AdminError> {
-        let key = crate::transport::parse_key(public_key)
+        let key = crate::parse_key(public_key)
             .ok_or_else(|| AdminError::Invalid("public_key must be 64 hex digits of an ed25519 key".into()))?;
         self.transport.trust(id, key);
         Ok(())
@@ -103,7 +122,7 @@ impl Ledger {
 
     /// Adds `node` as a learner and waits until it has caught up (by log or by snapshot).
     pub async fn add_learner(&self, id: NodeId, node: Node) -> Result<(), AdminError> {
-        if crate::transport::parse_key(&node.public_key).is_none() || node.raft_addr.is_empty() {
+        if node.verifying_key().is_none() || node.raft_addr.is_empty() {
             return Err(AdminError::Invalid(format!("node {id} needs a raft address and a valid public key")));
         }
         self.raft.add_learner(id, node, true).await.map(|_| ()).map_err(write_err)
@@ -135,6 +154,21 @@ impl Ledger {
         Ok(())
     }
 
+    /// Whether this node belongs to a cluster yet (it has a membership: it initialized one,
+    /// or a leader added it).
+    pub async fn is_initialized(&self) -> Result<bool, AdminError> {
+        self.raft.is_initialized().await.map_err(|e| AdminError::Failed(e.to_string()))
+    }
+
+    /// Fault injection for partition tests: this node stops sending to and accepting from
+    /// `peers` (an empty set heals). Whether it may be called is the caller's policy (the
+    /// server allows it only when started with `--fault-injection`).
+    pub fn set_isolated(&self, peers: BTreeSet<NodeId>) {
+        self.transport.set_isolated(peers);
+    }
+
+    /// Membership, leader, term, log and snapshot positions, and replication lag as this node
+    /// sees them.
     pub fn status(&self) -> Status {
         let m = self.raft.metrics().borrow().clone();
         let membership = m.membership_config.membership();

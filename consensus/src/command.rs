@@ -15,10 +15,14 @@ pub const COMMAND_FORMAT: u16 = 1;
 /// A 32-byte keyed digest of one search-index term (computed outside this crate).
 pub type IndexKey = [u8; 32];
 
+/// What a [`Write`] does to its resource (recorded in the leaf header as [`Op::as_str`]).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub enum Op {
+    /// The first version of a resource.
     Create,
+    /// A later version.
     Update,
+    /// A deletion marker: a new version with an empty body; history stays.
     Delete,
     /// Crypto-shredding: deletes the resource and destroys its compartment's data key, so no
     /// version of the compartment can be decrypted again; digests and proofs stay valid.
@@ -27,6 +31,7 @@ pub enum Op {
 }
 
 impl Op {
+    /// The name leaf headers and history carry: `create`, `update`, `delete`, `erase`.
     pub fn as_str(&self) -> &'static str {
         match self {
             Op::Create => "create",
@@ -40,11 +45,15 @@ impl Op {
 /// One new version of one resource.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Write {
+    /// The resource type.
     pub rtype: String,
+    /// The resource id.
     pub id: String,
     /// The version this write creates; must be the current version + 1.
     pub version: u64,
+    /// What the version does.
     pub op: Op,
+    /// The version's `meta.lastUpdated` in ms since the epoch, decided by the proposing node.
     pub last_updated_ms: i64,
     /// Whose data key encrypted `body` (e.g. `Patient/123`, or a shared compartment).
     pub compartment: String,
@@ -59,24 +68,49 @@ pub struct Write {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum Precondition {
     /// The resource's current version (0 = never existed; deleted versions count).
-    Version { rtype: String, id: String, current: u64 },
+    Version {
+        /// The resource type.
+        rtype: String,
+        /// The resource id.
+        id: String,
+        /// The version it must be at.
+        current: u64,
+    },
     /// The live resources of `rtype` matching every group (a group matches if any of its terms
     /// does) are exactly `ids` (sorted).
-    Matches { rtype: String, all_of: Vec<Vec<IndexKey>>, ids: Vec<String> },
+    Matches {
+        /// The resource type searched.
+        rtype: String,
+        /// Groups of index terms, all of which must match (any term of a group).
+        all_of: Vec<Vec<IndexKey>>,
+        /// The ids the search found when the command was planned, sorted.
+        ids: Vec<String>,
+    },
     /// No data key is registered for the compartment yet.
-    KeyAbsent { compartment: String },
+    KeyAbsent {
+        /// The compartment (e.g. `Patient/123`).
+        compartment: String,
+    },
     /// The compartment's wrapped data key is still the one with this SHA-256 (a body
     /// encrypted under it must not land after the key was erased or replaced).
-    KeyIs { compartment: String, sha256: [u8; 32] },
+    KeyIs {
+        /// The compartment (e.g. `Patient/123`).
+        compartment: String,
+        /// SHA-256 of the wrapped data key the bodies were encrypted under.
+        sha256: [u8; 32],
+    },
 }
 
 /// One client request: a single interaction or a whole transaction bundle. All or nothing.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Command {
+    /// Who asked (recorded in every leaf header the command writes).
     pub actor: String,
+    /// Checked in order before anything is written; the first to fail is reported.
     pub preconditions: Vec<Precondition>,
     /// Wrapped data keys for compartments first seen by this command.
     pub new_keys: Vec<(String, Vec<u8>)>,
+    /// The new versions, appended as Merkle leaves in this order.
     pub writes: Vec<Write>,
 }
 
@@ -160,11 +194,21 @@ impl SignedBatch {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub enum Outcome {
     /// Applied; the Merkle leaf index of each write, in order.
-    Applied { leaves: Vec<u64> },
+    Applied {
+        /// Leaf index per write.
+        leaves: Vec<u64>,
+    },
     /// Precondition number `index` no longer held; nothing was written.
-    Conflict { index: usize },
+    Conflict {
+        /// The failed precondition; `preconditions.len() + i` means write `i` did not extend
+        /// its resource's current version by one, or wrote an id a previous write wrote.
+        index: usize,
+    },
     /// The whole batch was refused (bad signature, unknown format or proposer).
-    Refused { reason: String },
+    Refused {
+        /// Why, for the log and the client.
+        reason: String,
+    },
 }
 
 /// One [`Outcome`] per command of the batch, in order.

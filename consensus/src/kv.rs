@@ -7,13 +7,16 @@ use std::io;
 /// One atomic group of writes: either all of them reach the store or none do.
 #[derive(Default, Debug)]
 pub struct WriteBatch {
+    /// Puts (`Some` value) and deletes (`None`), applied in order.
     pub ops: Vec<(Vec<u8>, Option<Vec<u8>>)>,
 }
 
 impl WriteBatch {
+    /// Sets `key` to `value`.
     pub fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
         self.ops.push((key, Some(value)));
     }
+    /// Removes `key`.
     pub fn delete(&mut self, key: Vec<u8>) {
         self.ops.push((key, None));
     }
@@ -31,6 +34,7 @@ pub type SharedIter<'a> = Box<dyn Iterator<Item = io::Result<(Vec<u8>, SharedVal
 
 /// An ordered key-value tree. Keys compare as bytes, so big-endian integers sort numerically.
 pub trait KvStore: Send + Sync + std::fmt::Debug {
+    /// The value under `key`.
     fn get(&self, key: &[u8]) -> io::Result<Option<Vec<u8>>>;
     /// Entries whose key starts with `prefix`, in key order.
     fn scan_prefix(&self, prefix: &[u8]) -> KvIter<'_>;
@@ -42,6 +46,7 @@ pub trait KvStore: Send + Sync + std::fmt::Debug {
     fn range(&self, from: &[u8], to: &[u8], rev: bool) -> KvIter<'_>;
     /// The greatest entry whose key starts with `prefix`.
     fn last_with_prefix(&self, prefix: &[u8]) -> io::Result<Option<(Vec<u8>, Vec<u8>)>>;
+    /// Applies `batch` atomically.
     fn apply(&self, batch: WriteBatch) -> io::Result<()>;
     /// Makes every write applied so far durable (fsync).
     fn flush(&self) -> io::Result<()>;

@@ -15,44 +15,61 @@
 
 // openraft's `StorageError` is large by design; boxing it at every call would only add noise.
 #![allow(clippy::result_large_err)]
+#![deny(missing_docs)]
 
 pub mod audit;
+#[cfg(feature = "bench")]
 pub mod bench;
-pub mod cluster;
-pub mod command;
-pub mod kv;
-pub mod log_store;
+mod cluster;
+mod command;
+mod kv;
+mod log_store;
 pub mod merkle;
 pub mod proof;
 mod proposer;
-pub mod sled_store;
-pub mod snapshot;
-pub mod state_machine;
-pub mod transport;
+mod sled_store;
+mod snapshot;
+mod state_machine;
+#[cfg(feature = "test-hooks")]
+#[doc(hidden)]
+pub mod test_hooks;
+mod transport;
+
+#[cfg(test)]
+mod tests;
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use ed25519_dalek::SigningKey;
+use ed25519_dalek::{SigningKey, VerifyingKey};
 use serde::{Deserialize, Serialize};
 
-pub use command::{Command, Op, Outcome, Precondition, Write};
-pub use proposer::{ProposeError, Proposer};
+pub use cluster::{AdminError, Replication, Status};
+pub use command::{Command, IndexKey, Op, Outcome, Precondition, Write};
+pub use proposer::ProposeError;
+use proposer::Proposer;
 pub use state_machine::{CurrentRecord, HistoryRecord, LeafHeader, StateView, VersionRecord};
 
+/// A node's id in the cluster (openraft's `NodeId`).
 pub type NodeId = u64;
-
-/// For callers that speak the transport directly (the cluster tests do).
-pub use openraft;
 
 /// A cluster member as the committed membership lists it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Node {
+    /// Where its FHIR API listens (clients and forwarded requests are sent there).
     pub api_addr: String,
+    /// Where its inter-node transport listens (empty for the embedded single node).
     pub raft_addr: String,
     /// Hex ed25519 public key; batches this node proposes must verify against it.
     pub public_key: String,
+}
+
+impl Node {
+    /// This node's batch-signing and transport key, if `public_key` is a valid one.
+    pub(crate) fn verifying_key(&self) -> Option<VerifyingKey> {
+        parse_key(&self.public_key)
+    }
 }
 
 impl std::fmt::Display for Node {
@@ -61,32 +78,40 @@ impl std::fmt::Display for Node {
     }
 }
 
-openraft::declare_raft_types!(
-    pub TypeConfig:
-        D = command::SignedBatch,
-        R = command::BatchOutcome,
-        Node = Node,
-        SnapshotData = tokio::fs::File,
-);
+mod raft_types {
+    openraft::declare_raft_types!(
+        /// openraft's type configuration: what an entry carries and what applying it returns.
+        /// Crate-internal (re-exported only by `test_hooks`).
+        pub TypeConfig:
+            D = crate::command::SignedBatch,
+            R = crate::command::BatchOutcome,
+            Node = crate::Node,
+            SnapshotData = tokio::fs::File,
+    );
+}
+pub(crate) use raft_types::TypeConfig;
 
-pub type Raft = openraft::Raft<TypeConfig>;
+pub(crate) type Raft = openraft::Raft<TypeConfig>;
 
 /// A running ledger node: Raft, its stores, the group-commit proposer and the transport.
 #[derive(Clone)]
 pub struct Ledger {
-    pub raft: Raft,
-    pub node_id: NodeId,
+    raft: Raft,
+    node_id: NodeId,
     view: StateView,
     proposer: Proposer,
-    pub transport: Arc<transport::Shared>,
+    transport: Arc<transport::Shared>,
     pool: transport::client::Pool,
     me: Node,
 }
 
 /// How to open a node.
 pub struct Options<'a> {
+    /// The ledger directory (sled stores and `snapshots/`); created if missing.
     pub dir: &'a Path,
+    /// This node's id in the cluster.
     pub node_id: NodeId,
+    /// This node's ed25519 key: signs its batches and authenticates its transport sessions.
     pub key: SigningKey,
     /// The FHIR API address other nodes and clients are sent to.
     pub api_addr: String,
@@ -148,7 +173,7 @@ impl Ledger {
                 .as_ref()
                 .and_then(|l| l.local_addr().ok())
                 .map_or(String::new(), |a| a.to_string()),
-            public_key: hex(key.verifying_key().as_bytes()),
+            public_key: hex::encode(key.verifying_key().as_bytes()),
         };
         match raft_listener {
             None => {
@@ -170,6 +195,12 @@ impl Ledger {
         Ok(Self { raft, node_id, view, proposer, transport: shared, pool, me })
     }
 
+    /// This node's id.
+    pub fn node_id(&self) -> NodeId {
+        self.node_id
+    }
+
+    /// A read-only handle on this node's applied state.
     pub fn view(&self) -> StateView {
         self.view.clone()
     }
@@ -273,6 +304,7 @@ impl Ledger {
         futures::future::join_all(asks).await.into_iter().flatten().collect()
     }
 
+    /// Stops Raft (replication, elections, apply); the stores stay as they are on disk.
     pub async fn shutdown(&self) {
         let _ = self.raft.shutdown().await;
     }
@@ -286,6 +318,13 @@ pub(crate) async fn wait_applied(raft: &Raft, index: Option<u64>) -> Result<(), 
         .map_err(|e| ProposeError::Unavailable(format!("this node is not catching up: {e}")))
 }
 
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+/// An ed25519 public key from the 64 hex digits a [`Node`] (or an admin call) carries.
+pub(crate) fn parse_key(hex: &str) -> Option<VerifyingKey> {
+    let bytes: [u8; 32] = hex::decode(hex).ok()?.try_into().ok()?;
+    VerifyingKey::from_bytes(&bytes).ok()
+}
+
+/// The `invalid data` I/O error every decoder here returns for malformed input.
+pub(crate) fn invalid_data(msg: impl Into<String>) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidData, msg.into())
 }

@@ -10,7 +10,7 @@ use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{Entry, LogId, OptionalSend, RaftLogReader, StorageError, StorageIOError, Vote};
 use serde::{Deserialize, Serialize};
 
-use crate::kv::{be, read_be, KvStore, WriteBatch};
+use crate::kv::{be, KvStore, WriteBatch};
 use crate::{NodeId, TypeConfig};
 
 const VOTE: &[u8] = b"m/vote";
@@ -159,9 +159,4 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         }
         self.kv.apply(wb).map_err(werr)
     }
-}
-
-/// The index stored in an entry key (for diagnostics and `verify`).
-pub fn entry_index(key: &[u8]) -> Option<u64> {
-    read_be(key.get(1..)?)
 }

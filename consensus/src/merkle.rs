@@ -8,6 +8,7 @@
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+/// A SHA-256 digest: a leaf, node or root hash.
 pub type Hash = [u8; 32];
 
 /// `MTH({d0}) = SHA-256(0x00 || d0)`.
@@ -32,14 +33,17 @@ pub fn empty_root() -> Hash {
     Sha256::digest([]).into()
 }
 
+/// The right edge of the tree: enough to append a leaf and compute the root.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Frontier {
+    /// Leaves in the tree.
     pub size: u64,
     /// Roots of perfect subtrees, largest (leftmost) first; their sizes are the set bits of `size`.
     pub nodes: Vec<Hash>,
 }
 
 impl Frontier {
+    /// Appends one leaf hash.
     pub fn append(&mut self, leaf: Hash) {
         self.append_nodes(leaf, |_, _, _| {});
     }
@@ -103,8 +107,8 @@ mod tests {
     #[test]
     fn rfc6962_empty_and_single_leaf_vectors() {
         // From RFC 6962 test vectors (certificate-transparency-go merkletree tests).
-        assert_eq!(hex(&empty_root()), "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
-        assert_eq!(hex(&leaf_hash(b"")), "6e340b9cffb37a989ca544e6bb780a2c78901d3fb33738768511a30617afa01d");
+        assert_eq!(hex::encode(empty_root()), "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
+        assert_eq!(hex::encode(leaf_hash(b"")), "6e340b9cffb37a989ca544e6bb780a2c78901d3fb33738768511a30617afa01d");
     }
 
     #[test]
@@ -132,12 +136,8 @@ mod tests {
         let mut f = Frontier::default();
         for (i, d) in data.iter().enumerate() {
             f.append(leaf_hash(d));
-            assert_eq!(hex(&f.root()), expected[i], "root of {} leaves", i + 1);
+            assert_eq!(hex::encode(f.root()), expected[i], "root of {} leaves", i + 1);
         }
-    }
-
-    fn hex(h: &Hash) -> String {
-        h.iter().map(|b| format!("{b:02x}")).collect()
     }
 
     proptest! {

@@ -9,6 +9,7 @@ use crate::merkle::{node_hash, Hash};
 
 /// Hashes of perfect subtrees: `(level, index)` covers leaves `[index·2^level, (index+1)·2^level)`.
 pub trait Nodes {
+    /// The hash at `(level, index)`, or None if it is not available (tree too small).
     fn node(&self, level: u32, index: u64) -> Option<Hash>;
 }
 

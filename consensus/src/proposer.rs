@@ -18,8 +18,11 @@ const MAX_BATCH: usize = 256;
 /// Batches in flight at once, so the next batch forms while the previous one is fsynced.
 const IN_FLIGHT: usize = 4;
 
+/// Why a write or a read barrier could not be served. The outcome of a write is unknown: it may
+/// still apply.
 #[derive(Debug, thiserror::Error)]
 pub enum ProposeError {
+    /// No leader or quorum in time, or this node is not catching up (a 503 for the client).
     #[error("{0}")]
     Unavailable(String),
 }

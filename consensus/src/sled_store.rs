@@ -84,6 +84,7 @@ impl SledDb {
         Ok(Self { db })
     }
 
+    /// The named tree (created if missing) behind [`KvStore`].
     pub fn tree(&self, name: &str) -> io::Result<Arc<dyn KvStore>> {
         let tree = self.db.open_tree(name).map_err(io_err)?;
         Ok(Arc::new(SledTree { tree, db: self.db.clone() }))

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use openraft::SnapshotMeta;
 use sha2::{Digest, Sha256};
 
-use crate::{Node, NodeId};
+use crate::{invalid_data, Node, NodeId};
 
 const MAGIC: &[u8; 8] = b"FHLSNAP\0";
 pub const FORMAT: u16 = 1;
@@ -23,10 +23,6 @@ const END: u32 = u32::MAX;
 const MAX_ITEM: usize = 256 * 1024 * 1024;
 
 pub type Meta = SnapshotMeta<NodeId, Node>;
-
-fn invalid(msg: impl Into<String>) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, msg.into())
-}
 
 /// The file a snapshot with this id is kept in.
 pub fn file_name(meta: &Meta) -> String {
@@ -65,7 +61,7 @@ impl Writer {
         let mut out = Hashing { inner: BufWriter::with_capacity(1 << 20, File::create(&tmp)?), hasher: Sha256::new() };
         out.write_all(MAGIC)?;
         out.write_all(&FORMAT.to_be_bytes())?;
-        let meta = bincode::serialize(meta).map_err(|e| invalid(e.to_string()))?;
+        let meta = bincode::serialize(meta).map_err(|e| invalid_data(e.to_string()))?;
         out.write_all(&(meta.len() as u32).to_be_bytes())?;
         out.write_all(&meta)?;
         Ok(Self { out, tmp, path })
@@ -73,7 +69,7 @@ impl Writer {
 
     pub fn record(&mut self, key: &[u8], value: &[u8]) -> io::Result<()> {
         if key.len() > MAX_ITEM || value.len() > MAX_ITEM {
-            return Err(invalid("state entry too large for a snapshot"));
+            return Err(invalid_data("state entry too large for a snapshot"));
         }
         self.out.write_all(&(key.len() as u32).to_be_bytes())?;
         self.out.write_all(key)?;
@@ -126,7 +122,7 @@ fn read_u32(r: &mut impl Read) -> io::Result<u32> {
 fn read_item(r: &mut impl Read, len: u32) -> io::Result<Vec<u8>> {
     let len = len as usize;
     if len > MAX_ITEM {
-        return Err(invalid(format!("item of {len} bytes exceeds the snapshot limit")));
+        return Err(invalid_data(format!("item of {len} bytes exceeds the snapshot limit")));
     }
     let mut v = vec![0u8; len];
     r.read_exact(&mut v)?;
@@ -139,15 +135,15 @@ impl<R: Read> Reader<R> {
         let mut magic = [0u8; 8];
         input.read_exact(&mut magic)?;
         if &magic != MAGIC {
-            return Err(invalid("not a fhir-ledger snapshot"));
+            return Err(invalid_data("not a fhir-ledger snapshot"));
         }
         let mut format = [0u8; 2];
         input.read_exact(&mut format)?;
         if u16::from_be_bytes(format) != FORMAT {
-            return Err(invalid(format!("snapshot format {} is not {FORMAT}", u16::from_be_bytes(format))));
+            return Err(invalid_data(format!("snapshot format {} is not {FORMAT}", u16::from_be_bytes(format))));
         }
         let len = read_u32(&mut input)?;
-        let meta = bincode::deserialize(&read_item(&mut input, len)?).map_err(|e| invalid(e.to_string()))?;
+        let meta = bincode::deserialize(&read_item(&mut input, len)?).map_err(|e| invalid_data(e.to_string()))?;
         Ok((Self { input, done: false }, meta))
     }
 
@@ -162,7 +158,7 @@ impl<R: Read> Reader<R> {
             let mut trailer = [0u8; 32];
             self.input.inner.read_exact(&mut trailer)?;
             if trailer[..] != expected[..] {
-                return Err(invalid("snapshot checksum does not match its content"));
+                return Err(invalid_data("snapshot checksum does not match its content"));
             }
             self.done = true;
             return Ok(None);

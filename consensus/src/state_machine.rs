@@ -23,7 +23,7 @@ use tokio::sync::Mutex;
 use crate::command::{Batch, BatchOutcome, Command, Outcome, Precondition, Write};
 use crate::kv::{be, KvStore, WriteBatch};
 use crate::merkle::{leaf_hash, Frontier, Hash};
-use crate::{Node, NodeId, TypeConfig};
+use crate::{invalid_data, Node, NodeId, TypeConfig};
 
 const META_APPLIED: &[u8] = b"m/applied";
 const META_MEMBERSHIP: &[u8] = b"m/membership";
@@ -37,20 +37,30 @@ pub const LEAF_FORMAT: u16 = 1;
 /// never the plaintext, so shredding a compartment key keeps every proof valid.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct LeafHeader {
+    /// Layout version of this header (`LEAF_FORMAT`).
     pub format: u16,
+    /// The resource type.
     pub rtype: String,
+    /// The resource id.
     pub id: String,
+    /// The version this leaf records.
     pub version: u64,
+    /// Its `meta.lastUpdated`, ms since the epoch.
     pub last_updated_ms: i64,
+    /// Who wrote it ([`crate::Command::actor`]).
     pub actor: String,
+    /// [`crate::Op::as_str`] of the write.
     pub op: String,
+    /// Whose data key encrypted the body.
     pub compartment: String,
+    /// SHA-256 of the stored ciphertext.
     pub body_sha256: Hash,
     /// The Raft log index of the entry that carried this change.
     pub log_index: u64,
 }
 
 impl LeafHeader {
+    /// The leaf data the Merkle tree hashes (bincode).
     pub fn encode(&self) -> Vec<u8> {
         bincode::serialize(self).unwrap_or_default()
     }
@@ -64,8 +74,11 @@ impl LeafHeader {
 /// One stored resource version: the leaf header in the clear, the body encrypted.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct VersionRecord {
+    /// What the leaf commits to.
     pub header: LeafHeader,
+    /// Its Merkle leaf index.
     pub leaf: u64,
+    /// Nonce-prefixed ciphertext under the compartment's data key (empty for a delete).
     #[serde(with = "serde_bytes")]
     pub body: Vec<u8>,
 }
@@ -73,9 +86,13 @@ pub struct VersionRecord {
 /// The current state of one resource id.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct CurrentRecord {
+    /// The newest version.
     pub version: u64,
+    /// Whether the newest version is a delete (or erase).
     pub deleted: bool,
+    /// The newest version's `meta.lastUpdated`, ms since the epoch.
     pub last_updated_ms: i64,
+    /// The newest version's index terms (its postings).
     pub index: Vec<[u8; 32]>,
     /// The Merkle leaf of every version, oldest first (`leaves[v - 1]` holds version `v`).
     pub leaves: Vec<u64>,
@@ -84,9 +101,13 @@ pub struct CurrentRecord {
 /// One entry of the global history (the leaf with the same index).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct HistoryRecord {
+    /// The resource type.
     pub rtype: String,
+    /// The resource id.
     pub id: String,
+    /// The version.
     pub version: u64,
+    /// Its `meta.lastUpdated`, ms since the epoch.
     pub last_updated_ms: i64,
 }
 
@@ -134,10 +155,10 @@ pub(crate) fn data_key_key(compartment: &str) -> Vec<u8> {
 }
 
 fn decode<T: for<'a> Deserialize<'a>>(bytes: &[u8]) -> io::Result<T> {
-    bincode::deserialize(bytes).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))
+    bincode::deserialize(bytes).map_err(|e| invalid_data(e.to_string()))
 }
 fn encode<T: Serialize>(v: &T) -> io::Result<Vec<u8>> {
-    bincode::serialize(v).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))
+    bincode::serialize(v).map_err(|e| invalid_data(e.to_string()))
 }
 
 /// Reads through the writes staged for the current entry, so later commands of a batch see
@@ -185,9 +206,11 @@ pub struct StateView {
 }
 
 impl StateView {
+    /// The current record of one resource id (None: never written).
     pub fn current(&self, rtype: &str, id: &str) -> io::Result<Option<CurrentRecord>> {
         self.kv.get(&current_key(rtype, id))?.map(|b| decode(&b)).transpose()
     }
+    /// One version of one resource (None: no such version).
     pub fn version(&self, rtype: &str, id: &str, version: u64) -> io::Result<Option<VersionRecord>> {
         let leaf = self.current(rtype, id)?.and_then(|c| c.leaves.get((version as usize).wrapping_sub(1)).copied());
         match leaf {
@@ -275,6 +298,8 @@ impl StateView {
         }
         Ok(newest.into_iter().filter(|(_, inside)| *inside).map(|(k, _)| k).collect())
     }
+    /// The compartment's data key as wrapped by the KEK (None: never registered; empty:
+    /// erased).
     pub fn data_key(&self, compartment: &str) -> io::Result<Option<Vec<u8>>> {
         self.kv.get(&data_key_key(compartment))
     }
@@ -285,7 +310,7 @@ impl StateView {
 
     /// The hash of a perfect subtree (`level` 0 = a leaf): stored from
     /// [`STORED_NODE_LEVEL`] up, recomputed below it.
-    pub fn node(&self, level: u32, index: u64) -> io::Result<Option<Hash>> {
+    pub(crate) fn node(&self, level: u32, index: u64) -> io::Result<Option<Hash>> {
         if level >= STORED_NODE_LEVEL {
             return Ok(self.kv.get(&node_key(level, index))?.and_then(|v| v.try_into().ok()));
         }
@@ -297,6 +322,7 @@ impl StateView {
         };
         Ok(Some(crate::merkle::node_hash(&l, &r)))
     }
+    /// The tree's size and right edge (its root is the ledger's root).
     pub fn frontier(&self) -> io::Result<Frontier> {
         Ok(self.kv.get(META_FRONTIER)?.map(|b| decode(&b)).transpose()?.unwrap_or_default())
     }
@@ -324,13 +350,13 @@ impl StateView {
         self.kv.scan_prefix(b"r").map(|kv| kv.map(|(k, v)| (crate::kv::read_be(&k[1..]).unwrap_or(u64::MAX), v)))
     }
     /// Whether a received snapshot is being loaded (the state is partial until it finishes).
-    pub fn installing(&self) -> bool {
+    pub(crate) fn installing(&self) -> bool {
         self.kv.get(META_INSTALLING).map_or(true, |v| v.is_some())
     }
 
     /// Bytes of a snapshot this node is receiving right now (None when it receives none):
     /// the progress of a catch-up by snapshot.
-    pub fn receiving_snapshot_bytes(&self) -> Option<u64> {
+    pub(crate) fn receiving_snapshot_bytes(&self) -> Option<u64> {
         let entries = std::fs::read_dir(self.snap_dir.as_path()).ok()?;
         let sizes: Vec<u64> = entries
             .filter_map(Result::ok)
@@ -346,7 +372,7 @@ impl StateView {
         let stored: StoredSnapshot = decode(&bytes)?;
         Ok(Some((stored.meta, self.snap_dir.join(stored.file))))
     }
-    pub fn last_applied(&self) -> io::Result<Option<LogId<NodeId>>> {
+    pub(crate) fn last_applied(&self) -> io::Result<Option<LogId<NodeId>>> {
         Ok(self.kv.get(META_APPLIED)?.map(|b| decode(&b)).transpose()?.flatten())
     }
 }
@@ -431,9 +457,7 @@ impl StateMachine {
     }
 
     pub(crate) fn proposer_key(membership: &StoredMembership<NodeId, Node>, node_id: NodeId) -> Option<VerifyingKey> {
-        let node = membership.membership().get_node(&node_id)?;
-        let bytes: [u8; 32] = hex_decode(&node.public_key)?.try_into().ok()?;
-        VerifyingKey::from_bytes(&bytes).ok()
+        membership.membership().get_node(&node_id)?.verifying_key()
     }
 
     fn apply_batch(
@@ -594,13 +618,6 @@ impl StateMachine {
         );
         Ok(leaf)
     }
-}
-
-pub(crate) fn hex_decode(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
 }
 
 impl RaftStateMachine<TypeConfig> for StateMachine {

@@ -2,8 +2,7 @@
 //! equality terms the state machine keeps, so that `apply` can re-check them on every node.
 //! Searching itself is `crate::search`.
 
-use consensus::command::IndexKey;
-use consensus::StateView;
+use consensus::{IndexKey, StateView};
 
 use super::index::{reference_values, term};
 use super::Repo;

@@ -2,7 +2,7 @@
 //! answer equality questions ("which Observations have subject Patient/123?") without holding
 //! the value itself, so no identifier or reference is readable from the index at rest.
 
-use consensus::command::IndexKey;
+use consensus::IndexKey;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 

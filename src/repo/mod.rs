@@ -15,8 +15,7 @@ pub mod interactions;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use consensus::command::IndexKey;
-use consensus::{Command, CurrentRecord, Ledger, Op, Outcome, Precondition, StateView, Write};
+use consensus::{Command, CurrentRecord, IndexKey, Ledger, Op, Outcome, Precondition, StateView, Write};
 use sha2::{Digest, Sha256};
 
 use crate::crypto::{self, DataKey, Keyring};
@@ -142,7 +141,7 @@ impl Repo {
     }
 
     pub fn node_id(&self) -> u64 {
-        self.ledger.node_id
+        self.ledger.node_id()
     }
 
     pub fn signer(&self) -> &ed25519_dalek::SigningKey {

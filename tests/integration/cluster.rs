@@ -445,8 +445,7 @@ async fn partitioned_leader_acknowledges_nothing_and_its_entries_are_dropped() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_and_replayed_rpcs_are_refused() {
     let _serial = SERIAL.lock().await;
-    use consensus::transport::client::Conn;
-    use consensus::transport::{Reply, Rpc, Shared};
+    use consensus::test_hooks::{openraft, Conn, Reply, Rpc, Shared, TypeConfig};
     let cluster = Cluster::start(3, &[]);
     cluster.leader().await;
     let target = &cluster.members[1];
@@ -470,8 +469,8 @@ async fn forged_and_replayed_rpcs_are_refused() {
     let key_hex = std::fs::read_to_string(cluster.members[0].dir.join("node.key")).unwrap();
     let key: [u8; 32] = hex::decode(key_hex.trim()).unwrap().try_into().unwrap();
     let node1 = Shared::new(1, ed25519_dalek::SigningKey::from_bytes(&key));
-    let stale = consensus::openraft::raft::AppendEntriesRequest::<consensus::TypeConfig> {
-        vote: consensus::openraft::Vote::new_committed(0, 1),
+    let stale = openraft::raft::AppendEntriesRequest::<TypeConfig> {
+        vote: openraft::Vote::new_committed(0, 1),
         prev_log_id: None,
         entries: vec![],
         leader_commit: None,

@@ -88,12 +88,12 @@ type Entries = [(Vec<u8>, Vec<u8>)];
 /// Rewrites one stored value the way an attacker with write access to the store would (sled's
 /// own checksums stay valid): `pick` chooses the entry of `tree`, `change` alters its value.
 fn tamper(dir: &Path, tree: &str, pick: impl Fn(&Entries) -> usize, change: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
-    let db = consensus::sled_store::SledDb::open(&dir.join("ledger")).unwrap();
+    let db = consensus::test_hooks::SledDb::open(&dir.join("ledger")).unwrap();
     let t = db.tree(tree).unwrap();
     let all: Vec<_> = t.scan_prefix(b"").map(|kv| kv.unwrap()).collect();
     let (k, mut v) = all[pick(&all)].clone();
     change(&mut v);
-    let mut wb = consensus::kv::WriteBatch::default();
+    let mut wb = consensus::test_hooks::WriteBatch::default();
     wb.put(k.clone(), v);
     t.apply(wb).unwrap();
     t.flush().unwrap();

@@ -16,7 +16,7 @@ use tokio::io::BufStream;
 use tokio::net::TcpStream;
 
 use super::wire::{self, Session};
-use super::{parse_key, Reply, Rpc, Shared};
+use super::{Reply, Rpc, Shared};
 use crate::{Node, NodeId, TypeConfig};
 
 /// One authenticated connection to a peer.
@@ -28,13 +28,15 @@ pub struct Conn {
 }
 
 impl Conn {
+    /// Connects to `target` at `node.raft_addr` and runs the handshake as `shared.me`,
+    /// checking that the peer holds `node.public_key`.
     pub async fn connect(shared: &Shared, target: NodeId, node: &Node) -> io::Result<Self> {
         if shared.is_isolated(target) {
             return Err(io::Error::new(io::ErrorKind::NotConnected, format!("node {target} is isolated")));
         }
-        let key = parse_key(&node.public_key).ok_or_else(|| {
-            io::Error::new(io::ErrorKind::InvalidData, format!("node {target} has no valid public key in membership"))
-        })?;
+        let key = node
+            .verifying_key()
+            .ok_or_else(|| crate::invalid_data(format!("node {target} has no valid public key in membership")))?;
         let tcp = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(&node.raft_addr))
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("connect to {}", node.raft_addr)))??;
@@ -46,7 +48,7 @@ impl Conn {
 
     /// Sends one request and reads its reply (requests on one connection are sequential).
     pub async fn call(&mut self, rpc: &Rpc) -> io::Result<Reply> {
-        let body = bincode::serialize(rpc).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+        let body = bincode::serialize(rpc).map_err(|e| crate::invalid_data(e.to_string()))?;
         let frame = self.session.seal(body);
         self.send_frame(&frame).await?;
         self.read_reply().await
@@ -71,6 +73,8 @@ impl Conn {
         !matches!(self.stream.get_ref().try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
     }
 
+    /// This connection's session, to seal a frame by hand (the replay tests).
+    #[cfg(feature = "test-hooks")]
     pub fn session(&mut self) -> &mut Session {
         &mut self.session
     }
@@ -79,7 +83,7 @@ impl Conn {
     pub async fn read_reply(&mut self) -> io::Result<Reply> {
         let (seq, mac) = wire::read_frame(&mut self.stream, &mut self.buf).await?;
         self.session.check(seq, &mac, &self.buf)?;
-        bincode::deserialize(&self.buf).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))
+        bincode::deserialize(&self.buf).map_err(|e| crate::invalid_data(e.to_string()))
     }
 }
 

@@ -25,8 +25,11 @@ use crate::{NodeId, TypeConfig};
 #[derive(Serialize, Deserialize, Debug)]
 #[allow(clippy::large_enum_variant)]
 pub enum Rpc {
+    /// openraft: replicate entries (or heartbeat).
     AppendEntries(AppendEntriesRequest<TypeConfig>),
+    /// openraft: a candidate asks for a vote.
     Vote(VoteRequest<NodeId>),
+    /// openraft: one chunk of a snapshot.
     InstallSnapshot(InstallSnapshotRequest<TypeConfig>),
     /// A follower's signed batch for the leader to propose.
     Forward(SignedBatch),
@@ -35,35 +38,52 @@ pub enum Rpc {
     /// Asks a member to cosign a tree head: it signs only if its own tree has this root at
     /// this size and the time is near its own clock.
     Cosign {
+        /// Tree size of the head.
         size: u64,
+        /// Root at that size.
         root: [u8; 32],
+        /// The head's time, ms since the epoch.
         timestamp_ms: i64,
     },
 }
 
+/// The answer to an [`Rpc`].
 #[derive(Serialize, Deserialize, Debug)]
 pub enum Reply {
+    /// openraft's answer to [`Rpc::AppendEntries`].
     AppendEntries(AppendEntriesResponse<NodeId>),
+    /// openraft's answer to [`Rpc::Vote`].
     Vote(VoteResponse<NodeId>),
+    /// openraft's answer to [`Rpc::InstallSnapshot`].
     InstallSnapshot(InstallSnapshotResponse<NodeId>),
+    /// A forwarded batch was committed and applied on the leader.
     Written {
+        /// The entry that carried it (the follower waits until it applied this far).
         log_id: LogId<NodeId>,
+        /// One outcome per command.
         outcome: BatchOutcome,
     },
+    /// The leader's read index (confirmed by a quorum).
     ReadIndex(Option<LogId<NodeId>>),
+    /// The member's ed25519 signature of the tree head.
     Cosigned {
+        /// Signature over [`crate::merkle::tree_head_message`].
         signature: Vec<u8>,
     },
     /// The receiver is not the leader; it names the one it knows of.
     NotLeader {
+        /// The leader the receiver knows of.
         leader: Option<NodeId>,
     },
+    /// The request failed on the receiver (the message says why).
     Failed(String),
 }
 
 /// State the client and server halves share.
 pub struct Shared {
+    /// This node's id.
     pub me: NodeId,
+    /// This node's key: signs handshakes.
     pub key: SigningKey,
     /// Keys an uninitialized node trusts until it holds a membership of its own (set by the
     /// admin `trust` call when a node is about to be added).
@@ -79,6 +99,7 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// The state of node `me` holding `key`, trusting no one yet and isolated from no one.
     // Liveness bookkeeping (how stale a follower is), never part of apply().
     #[allow(clippy::disallowed_methods)]
     pub fn new(me: NodeId, key: SigningKey) -> Arc<Self> {
@@ -93,6 +114,7 @@ impl Shared {
         })
     }
 
+    /// Accept `node` holding `key` before this node has a membership of its own.
     pub fn trust(&self, node: NodeId, key: VerifyingKey) {
         if let Ok(mut b) = self.bootstrap.write() {
             b.insert(node, key);
@@ -103,12 +125,14 @@ impl Shared {
         self.bootstrap.read().ok()?.get(&node).copied()
     }
 
+    /// Fault injection: stop talking to `peers` (empty heals); see [`crate::Ledger::set_isolated`].
     pub fn set_isolated(&self, peers: BTreeSet<NodeId>) {
         if let Ok(mut i) = self.isolated.write() {
             *i = peers;
         }
     }
 
+    /// Whether fault injection cut this node off from `peer`.
     pub fn is_isolated(&self, peer: NodeId) -> bool {
         self.isolated.read().is_ok_and(|i| i.contains(&peer))
     }
@@ -126,9 +150,4 @@ impl Shared {
         let at = self.leader_contact_ms.load(Ordering::Relaxed);
         (at != u64::MAX).then(|| std::time::Duration::from_millis(self.now_ms().saturating_sub(at)))
     }
-}
-
-pub(crate) fn parse_key(hex: &str) -> Option<VerifyingKey> {
-    let bytes: [u8; 32] = crate::state_machine::hex_decode(hex)?.try_into().ok()?;
-    VerifyingKey::from_bytes(&bytes).ok()
 }

@@ -9,7 +9,8 @@ use tokio::io::BufStream;
 use tokio::net::{TcpListener, TcpStream};
 
 use super::wire;
-use super::{parse_key, Reply, Rpc, Shared};
+use super::{Reply, Rpc, Shared};
+use crate::parse_key;
 use crate::state_machine::StateView;
 use crate::{NodeId, Raft};
 

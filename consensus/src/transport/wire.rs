@@ -23,7 +23,7 @@ use x25519_dalek::{EphemeralSecret, PublicKey};
 
 type HmacSha256 = Hmac<Sha256>;
 
-use crate::NodeId;
+use crate::{invalid_data, NodeId};
 
 /// Domain tag of every signature; the version changes with the frame layout.
 const DOMAIN: &[u8] = b"fhir-ledger raft rpc v2\0";
@@ -70,7 +70,7 @@ pub struct Frame {
 const FRAME_HEADER: usize = 8 + 32;
 
 pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, f: &Frame) -> io::Result<()> {
-    let len = u32::try_from(FRAME_HEADER + f.body.len()).map_err(|_| invalid("frame too large"))?;
+    let len = u32::try_from(FRAME_HEADER + f.body.len()).map_err(|_| invalid_data("frame too large"))?;
     w.write_all(&len.to_be_bytes()).await?;
     w.write_all(&f.seq.to_be_bytes()).await?;
     w.write_all(&f.mac).await?;
@@ -85,12 +85,12 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R, buf: &mut Vec<u8>) -> i
     r.read_exact(&mut len).await?;
     let len = u32::from_be_bytes(len) as usize;
     if !(FRAME_HEADER..=MAX_FRAME).contains(&len) {
-        return Err(invalid(format!("frame of {len} bytes is outside the limits")));
+        return Err(invalid_data(format!("frame of {len} bytes is outside the limits")));
     }
     let mut header = [0u8; FRAME_HEADER];
     r.read_exact(&mut header).await?;
-    let seq = u64::from_be_bytes(header[..8].try_into().map_err(|_| invalid("frame header"))?);
-    let mac: [u8; 32] = header[8..].try_into().map_err(|_| invalid("frame header"))?;
+    let seq = u64::from_be_bytes(header[..8].try_into().map_err(|_| invalid_data("frame header"))?);
+    let mac: [u8; 32] = header[8..].try_into().map_err(|_| invalid_data("frame header"))?;
     buf.clear();
     buf.resize(len - FRAME_HEADER, 0);
     r.read_exact(buf).await?;
@@ -147,13 +147,9 @@ fn frame_mac(key: &[u8; 32], seq: u64, body: &[u8]) -> [u8; 32] {
     hmac(key, &[&seq.to_be_bytes(), body]).finalize().into_bytes().into()
 }
 
-fn invalid(msg: impl Into<String>) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, msg.into())
-}
-
 pub async fn write_msg<W: AsyncWrite + Unpin, T: Serialize>(w: &mut W, msg: &T) -> io::Result<()> {
-    let bytes = bincode::serialize(msg).map_err(|e| invalid(e.to_string()))?;
-    let len = u32::try_from(bytes.len()).map_err(|_| invalid("frame too large"))?;
+    let bytes = bincode::serialize(msg).map_err(|e| invalid_data(e.to_string()))?;
+    let len = u32::try_from(bytes.len()).map_err(|_| invalid_data("frame too large"))?;
     w.write_all(&len.to_be_bytes()).await?;
     w.write_all(&bytes).await?;
     w.flush().await
@@ -164,11 +160,11 @@ pub async fn read_msg<R: AsyncRead + Unpin, T: for<'a> Deserialize<'a>>(r: &mut 
     r.read_exact(&mut len).await?;
     let len = u32::from_be_bytes(len) as usize;
     if len > max {
-        return Err(invalid(format!("frame of {len} bytes exceeds the limit of {max}")));
+        return Err(invalid_data(format!("frame of {len} bytes exceeds the limit of {max}")));
     }
     let mut buf = vec![0u8; len];
     r.read_exact(&mut buf).await?;
-    bincode::deserialize(&buf).map_err(|e| invalid(e.to_string()))
+    bincode::deserialize(&buf).map_err(|e| invalid_data(e.to_string()))
 }
 
 fn verify(key: &VerifyingKey, msg: &[u8], sig: &[u8]) -> bool {
@@ -203,16 +199,22 @@ impl Session {
     pub fn check(&mut self, seq: u64, mac: &[u8; 32], body: &[u8]) -> io::Result<()> {
         if seq != self.next_recv {
             let expected = self.next_recv;
-            return Err(invalid(format!("frame {seq} out of sequence (expected {expected}): replayed or reordered")));
+            return Err(invalid_data(format!(
+                "frame {seq} out of sequence (expected {expected}): replayed or reordered"
+            )));
         }
         if hmac(&self.recv_key, &[&seq.to_be_bytes(), body]).verify_slice(mac).is_err() {
-            return Err(invalid(format!("frame {seq} is not authenticated by node {} for this session", self.peer)));
+            return Err(invalid_data(format!(
+                "frame {seq} is not authenticated by node {} for this session",
+                self.peer
+            )));
         }
         self.next_recv += 1;
         Ok(())
     }
 
     /// [`Session::check`] for an owned frame.
+    #[cfg(test)]
     pub fn open(&mut self, frame: Frame) -> io::Result<Vec<u8>> {
         self.check(frame.seq, &frame.mac, &frame.body)?;
         Ok(frame.body)
@@ -230,10 +232,10 @@ pub async fn client_handshake<S: AsyncRead + AsyncWrite + Unpin>(
 ) -> io::Result<Session> {
     let hello: Hello = read_msg(stream, MAX_HANDSHAKE_FRAME).await?;
     if hello.version != PROTOCOL_VERSION {
-        return Err(invalid(format!("peer speaks protocol {}, we speak {PROTOCOL_VERSION}", hello.version)));
+        return Err(invalid_data(format!("peer speaks protocol {}, we speak {PROTOCOL_VERSION}", hello.version)));
     }
     if hello.node_id != target {
-        return Err(invalid(format!("expected node {target} at this address, found node {}", hello.node_id)));
+        return Err(invalid_data(format!("expected node {target} at this address, found node {}", hello.node_id)));
     }
     let nonce = fresh_nonce();
     let secret = EphemeralSecret::random_from_rng(rand::rngs::OsRng);
@@ -246,7 +248,7 @@ pub async fn client_handshake<S: AsyncRead + AsyncWrite + Unpin>(
         Welcome::Accepted { signature } => {
             let msg = handshake_message(b"server", target, me, &nonce, &hello.nonce, &ephemeral, &hello.ephemeral);
             if !verify(target_key, &msg, &signature) {
-                return Err(invalid(format!("node {target} did not prove its key")));
+                return Err(invalid_data(format!("node {target} did not prove its key")));
             }
             let shared = secret.diffie_hellman(&PublicKey::from(hello.ephemeral));
             Ok(Session::new(target, session_keys(shared.as_bytes(), &hello.nonce, &nonce), true))

@@ -7,8 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
-use consensus::cluster::AdminError;
-use consensus::{Node, NodeId};
+use consensus::{AdminError, Node, NodeId};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -111,9 +110,9 @@ pub struct NodeInfo {
 async fn node(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
     run(req, state, |state| async move {
         let ledger = state.repo.ledger();
-        let initialized = ledger.raft.is_initialized().await.unwrap_or(false);
+        let initialized = ledger.is_initialized().await.unwrap_or(false);
         Ok(json(&NodeInfo {
-            node_id: ledger.node_id,
+            node_id: ledger.node_id(),
             node: ledger.this_node(),
             secrets_id: state.admin.secrets_id.clone(),
             initialized,
@@ -219,7 +218,7 @@ async fn faults(req: HttpRequest, state: web::Data<AppState>, bytes: web::Bytes)
             return Err(FhirError::new(403, "forbidden", "fault injection is off (serve --fault-injection)"));
         }
         let b: FaultsBody = body(&bytes)?;
-        state.repo.ledger().transport.set_isolated(b.isolate.clone());
+        state.repo.ledger().set_isolated(b.isolate.clone());
         Ok(json(&serde_json::json!({ "isolated": b.isolate })))
     })
     .await

@@ -1,15 +1,17 @@
-//! Integration tests of the consensus crate: openraft's own storage suite against our sled
-//! stores, and the state machine's determinism and precondition semantics.
+//! Tests of the storage layer through its internal API: openraft's own storage suite against
+//! our sled stores, and the state machine's determinism and precondition semantics. (Unit
+//! tests rather than `tests/`: the stores and the state machine are not part of the crate's
+//! public API.)
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use consensus::command::{Batch, BatchOutcome, SignedBatch, COMMAND_FORMAT};
-use consensus::kv::KvStore;
-use consensus::log_store::LogStore;
-use consensus::sled_store::SledDb;
-use consensus::state_machine::StateMachine;
-use consensus::{Command, Node, Op, Outcome, Precondition, TypeConfig, Write};
+use crate::command::{Batch, BatchOutcome, SignedBatch, COMMAND_FORMAT};
+use crate::kv::KvStore;
+use crate::log_store::LogStore;
+use crate::sled_store::SledDb;
+use crate::state_machine::StateMachine;
+use crate::{Command, Node, Op, Outcome, Precondition, TypeConfig, Write};
 use ed25519_dalek::SigningKey;
 use openraft::storage::RaftStateMachine;
 use openraft::testing::{StoreBuilder, Suite};
@@ -42,11 +44,8 @@ fn key() -> SigningKey {
 }
 
 fn membership_entry(index: u64, key: &SigningKey) -> Entry<TypeConfig> {
-    let node = Node {
-        api_addr: "a".into(),
-        raft_addr: "r".into(),
-        public_key: consensus::hex(key.verifying_key().as_bytes()),
-    };
+    let node =
+        Node { api_addr: "a".into(), raft_addr: "r".into(), public_key: hex::encode(key.verifying_key().as_bytes()) };
     let m = Membership::new(vec![std::collections::BTreeSet::from([1u64])], BTreeMap::from([(1u64, node)]));
     Entry { log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), index), payload: EntryPayload::Membership(m) }
 }
@@ -267,7 +266,7 @@ mod model {
                                 rtype: "Patient".into(),
                                 id: id.to_string(),
                                 version: expect + 1,
-                                op: consensus::Op::Update,
+                                op: crate::Op::Update,
                                 last_updated_ms: 0,
                                 compartment: "c".into(),
                                 body: vec![id, term],
@@ -287,7 +286,7 @@ mod model {
                         Op::Delete { id } => {
                             let Some(r) = model.get(&id).cloned().filter(|r| !r.deleted) else { continue };
                             let mut w = write(&id.to_string(), r.version + 1, b"");
-                            w.op = consensus::Op::Delete;
+                            w.op = crate::Op::Delete;
                             let pre = vec![Precondition::Version { rtype: "Patient".into(), id: id.to_string(), current: r.version }];
                             sm.apply(vec![batch_entry(index, &k, 1, vec![cmd(pre, vec![w])])]).await.unwrap();
                             leaves += 1;
@@ -301,14 +300,14 @@ mod model {
                 // against the root, and every earlier tree size is consistent with this one.
                 let root = view.frontier().unwrap().root();
                 for leaf in 0..leaves {
-                    let proof = consensus::proof::inclusion_proof(&view, leaf, leaves).unwrap();
+                    let proof = crate::proof::inclusion_proof(&view, leaf, leaves).unwrap();
                     let hash = view.leaf_hash(leaf).unwrap().unwrap();
-                    prop_assert!(consensus::proof::verify_inclusion(leaf, leaves, &hash, &proof, &root));
+                    prop_assert!(crate::proof::verify_inclusion(leaf, leaves, &hash, &proof, &root));
                 }
                 for first in 1..leaves {
-                    let proof = consensus::proof::consistency_proof(&view, first, leaves).unwrap();
-                    let first_root = consensus::proof::root_at(&view, first).unwrap();
-                    prop_assert!(consensus::proof::verify_consistency(first, leaves, &first_root, &root, &proof));
+                    let proof = crate::proof::consistency_proof(&view, first, leaves).unwrap();
+                    let first_root = crate::proof::root_at(&view, first).unwrap();
+                    prop_assert!(crate::proof::verify_consistency(first, leaves, &first_root, &root, &proof));
                 }
                 for term in 0u8..3 {
                     let expected: Vec<String> =
