@@ -178,6 +178,6 @@ async fn withdraw(
     .await;
     match result {
         Ok(_) => HttpResponse::SeeOther().insert_header((header::LOCATION, "/portal")).finish(),
-        Err(e) => html(e.status, pages::error("Could not withdraw", &e.issues[0].diagnostics)),
+        Err(e) => html(e.status(), pages::error("Could not withdraw", &e.issues[0].diagnostics)),
     }
 }

@@ -502,7 +502,7 @@ async fn consent(req: HttpRequest, body: web::Bytes, state: web::Data<AppState>)
         match approve(&state, &session, &pending, &p).await {
             Ok(code) => q.push(("code", code)),
             Err(e) => {
-                let error = match e.status {
+                let error = match e.status() {
                     403 => "access_denied",
                     s if s >= 500 => "temporarily_unavailable",
                     _ => "invalid_request",
@@ -541,11 +541,9 @@ async fn approve(
         UserKind::Patient => {
             for other in [&pending.launch.patient, &chosen].into_iter().flatten() {
                 if Some(other) != own_patient.as_ref() {
-                    return Err(FhirError::new(
-                        403,
-                        "forbidden",
-                        format!("a patient may act only for themself, not Patient/{other}"),
-                    ));
+                    return Err(FhirError::forbidden(format!(
+                        "a patient may act only for themself, not Patient/{other}"
+                    )));
                 }
             }
             own_patient.clone().filter(|_| pending.launch.patient.is_some() || wants_patient(&scope))
@@ -556,22 +554,17 @@ async fn approve(
             let asked = pending.launch.patient.clone().or(chosen);
             if let Some(p) = &asked {
                 if linked.as_ref() != Some(p) {
-                    return Err(FhirError::new(
-                        403,
-                        "forbidden",
-                        format!("{} is not linked to Patient/{p}", s.fhir_user),
-                    ));
+                    return Err(FhirError::forbidden(format!("{} is not linked to Patient/{p}", s.fhir_user)));
                 }
             }
             let patient = asked.or(linked.filter(|_| wants_patient(&scope)));
             match &patient {
                 Some(p) => {
                     if !related_person_permitted(state, &s.fhir_user, &pending.client_id, p)? {
-                        return Err(FhirError::new(
-                            403,
-                            "forbidden",
-                            format!("Patient/{p}'s Consents do not permit {} to access their record", s.fhir_user),
-                        ));
+                        return Err(FhirError::forbidden(format!(
+                            "Patient/{p}'s Consents do not permit {} to access their record",
+                            s.fhir_user
+                        )));
                     }
                 }
                 // No linked patient: patient/ scopes would reach no one.
@@ -624,7 +617,7 @@ fn linked_patient(state: &AppState, related_person: &str) -> Result<Option<Strin
     }
     let body = match state.repo.read("RelatedPerson", related_person) {
         Ok(s) => s.body,
-        Err(e) if e.status == 404 || e.status == 410 => return Ok(None),
+        Err(e) if e.is_absent() => return Ok(None),
         Err(e) => return Err(e),
     };
     let Some(body) = body else { return Ok(None) };
@@ -826,7 +819,7 @@ async fn authenticate_client(
         let record = store::Jti { client_id: iss.clone(), exp_s: exp };
         match store::put(&state.repo, store::JTI, &store::jti_id(&iss, jti), &record, Some(0)).await {
             Ok(()) => {}
-            Err(e) if e.status == 409 => return Err(bad("this assertion's jti was used before")),
+            Err(e) if e.status() == 409 => return Err(bad("this assertion's jti was used before")),
             Err(e) => {
                 return Err(OAuthError {
                     status: 503,
@@ -931,7 +924,7 @@ async fn code_grant(state: &AppState, client: &Client, p: &[(String, String)]) -
     // cluster-wide.
     match store::put(&state.repo, store::GRANT, &code.id, &grant, Some(0)).await {
         Ok(()) => {}
-        Err(e) if e.status == 409 => return invalid_grant("the code was already used"),
+        Err(e) if e.status() == 409 => return invalid_grant("the code was already used"),
         Err(e) => return Err(e),
     }
     let mut body = issue(auth, &code.id, &grant);
@@ -1032,7 +1025,7 @@ async fn refresh_grant(state: &AppState, client: &Client, p: &[(String, String)]
     grant.rotated += 1;
     match store::put(&state.repo, store::GRANT, grant_id, &grant, Some(version)).await {
         Ok(()) => {}
-        Err(e) if e.status == 412 => return invalid_grant("the refresh token was used concurrently"),
+        Err(e) if e.status() == 412 => return invalid_grant("the refresh token was used concurrently"),
         Err(e) => return Err(e),
     }
     let mut body = issue(&state.auth, grant_id, &grant);
