@@ -9,7 +9,6 @@
 //! Proofs are Parameters resources; hashes and leaf data are base64.
 
 use actix_web::{web, HttpRequest, HttpResponse};
-use base64::Engine;
 use consensus::proof;
 
 use super::resource::check_type;
@@ -19,10 +18,6 @@ use crate::error::{ErrorCode, FhirError};
 use crate::fhir::json::Json;
 use crate::repo::Repo;
 use crate::treehead::TreeHead;
-
-fn b64(bytes: &[u8]) -> Json {
-    Json::String(base64::engine::general_purpose::STANDARD.encode(bytes))
-}
 
 fn s(v: impl Into<String>) -> Json {
     Json::String(v.into())
@@ -66,9 +61,9 @@ fn inclusion(repo: &Repo, head: TreeHead, leaf: u64, extra: Vec<Json>) -> Result
         .ok_or_else(|| FhirError::internal(format!("no inclusion proof for leaf {leaf} of {size}")))?;
     let mut p = extra;
     p.push(param("leafIndex", "valueString", s(leaf.to_string())));
-    p.push(param("leafData", "valueBase64Binary", b64(&record.header.encode())));
+    p.push(param("leafData", "valueBase64Binary", Json::base64(&record.header.encode())));
     for h in &path {
-        p.push(param("auditPath", "valueBase64Binary", b64(h)));
+        p.push(param("auditPath", "valueBase64Binary", Json::base64(h)));
     }
     p.push(Json::obj(vec![("name", s("treeHead")), ("part", Json::Array(head.to_parts()))]));
     Ok(parameters(p))
@@ -156,12 +151,12 @@ pub async fn consistency(req: HttpRequest, state: web::Data<AppState>) -> Result
     let path = proof::consistency_proof(view, first, second).ok_or_else(missing)?;
     let mut p = vec![
         param("first", "valueString", s(first.to_string())),
-        param("firstRootHash", "valueBase64Binary", b64(&proof::root_at(view, first).ok_or_else(missing)?)),
+        param("firstRootHash", "valueBase64Binary", Json::base64(&proof::root_at(view, first).ok_or_else(missing)?)),
         param("second", "valueString", s(second.to_string())),
-        param("secondRootHash", "valueBase64Binary", b64(&proof::root_at(view, second).ok_or_else(missing)?)),
+        param("secondRootHash", "valueBase64Binary", Json::base64(&proof::root_at(view, second).ok_or_else(missing)?)),
     ];
     for h in &path {
-        p.push(param("consistencyPath", "valueBase64Binary", b64(h)));
+        p.push(param("consistencyPath", "valueBase64Binary", Json::base64(h)));
     }
     p.push(Json::obj(vec![("name", s("treeHead")), ("part", Json::Array(head.to_parts()))]));
     Ok(json_response(200, &parameters(p), f))
@@ -185,12 +180,12 @@ pub async fn entries(req: HttpRequest, state: web::Data<AppState>) -> Result<Htt
         let h = &r.header;
         out.push(Json::obj(vec![
             ("leaf", Json::Number(leaf.to_string())),
-            ("leafHash", b64(&consensus::merkle::leaf_hash(&h.encode()))),
+            ("leafHash", Json::base64(&consensus::merkle::leaf_hash(&h.encode()))),
             ("resource", s(format!("{}/{}/_history/{}", h.rtype, h.id, h.version))),
             ("operation", s(h.op.clone())),
             ("lastUpdated", s(crate::fhir::instant(h.last_updated_ms))),
             ("actor", s(h.actor.clone())),
-            ("bodySha256", b64(&h.body_sha256)),
+            ("bodySha256", Json::base64(&h.body_sha256)),
             ("raftLogIndex", Json::Number(h.log_index.to_string())),
         ]));
     }
