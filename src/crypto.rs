@@ -81,6 +81,17 @@ impl Keyring {
     }
 }
 
+/// [`seal`] as URL-safe text, for values handed to clients (cursors, codes, cookies).
+pub fn seal_text(key: &[u8; 32], plain: &[u8], aad: &[u8]) -> String {
+    crate::codec::b64url(&seal(key, plain, aad))
+}
+
+/// Opens what [`seal_text`] made; `None` if it is not ours, was changed, or is for another
+/// purpose.
+pub fn open_text(key: &[u8; 32], text: &str, aad: &[u8]) -> Option<Vec<u8>> {
+    open(key, &crate::codec::unb64url(text.trim()).ok()?, aad).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -99,15 +110,4 @@ mod tests {
         assert!(open(&dek, &bad, b"Patient/1/1").is_err());
         assert!(Keyring::new([8; 32]).unwrap("Patient/1", &wrapped).is_err(), "another KEK cannot unwrap");
     }
-}
-
-/// [`seal`] as URL-safe text, for values handed to clients (cursors, codes, cookies).
-pub fn seal_text(key: &[u8; 32], plain: &[u8], aad: &[u8]) -> String {
-    crate::codec::b64url(&seal(key, plain, aad))
-}
-
-/// Opens what [`seal_text`] made; `None` if it is not ours, was changed, or is for another
-/// purpose.
-pub fn open_text(key: &[u8; 32], text: &str, aad: &[u8]) -> Option<Vec<u8>> {
-    open(key, &crate::codec::unb64url(text.trim()).ok()?, aad).ok()
 }
