@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use serde_json::Value;
+use crate::fhir::json::{self, Json};
 
 use crate::error::FhirError;
 use crate::repo::Repo;
@@ -65,60 +65,52 @@ pub struct Request<'a> {
     pub now_ms: i64,
 }
 
-fn period(v: &Value) -> Option<(i64, i64)> {
-    if v.is_null() {
-        return None;
-    }
-    let lo = v["start"].as_str().and_then(crate::fhir::date_range_ms).map_or(i64::MIN, |r| r.0);
-    let hi = v["end"].as_str().and_then(crate::fhir::date_range_ms).map_or(i64::MAX, |r| r.1);
+fn period(v: Option<&Json>) -> Option<(i64, i64)> {
+    let v = v?;
+    let lo = v.str_at(&["start"]).and_then(crate::fhir::date_range_ms).map_or(i64::MIN, |r| r.0);
+    let hi = v.str_at(&["end"]).and_then(crate::fhir::date_range_ms).map_or(i64::MAX, |r| r.1);
     Some((lo, hi))
 }
 
-fn codes(v: &Value) -> Vec<String> {
+/// The codes of a list of Codings or CodeableConcepts.
+fn codes<'a>(list: impl Iterator<Item = &'a Json>) -> Vec<String> {
     let mut out = Vec::new();
-    for item in v.as_array().into_iter().flatten() {
-        if let Some(c) = item["code"].as_str() {
-            out.push(c.to_string());
-        }
-        for c in item["coding"].as_array().into_iter().flatten() {
-            if let Some(c) = c["code"].as_str() {
-                out.push(c.to_string());
-            }
-        }
+    for item in list {
+        out.extend(item.str_at(&["code"]).map(String::from));
+        out.extend(item.items(&["coding"]).filter_map(|c| c.str_at(&["code"])).map(String::from));
     }
     out
 }
 
-fn reference_key(r: &Value) -> Option<String> {
-    if let Some(s) = r["reference"].as_str() {
+fn reference_key(r: &Json) -> Option<String> {
+    if let Some(s) = r.str_at(&["reference"]) {
         let s = s.rsplit('/').take(2).collect::<Vec<_>>();
         if let [id, t] = s.as_slice() {
             return Some(format!("{t}/{id}"));
         }
     }
-    let ident = &r["identifier"];
-    if ident["system"] == "urn:fhir-ledger:client" {
-        return ident["value"].as_str().map(|v| format!("client:{v}"));
+    if r.str_at(&["identifier", "system"]) == Some("urn:fhir-ledger:client") {
+        return r.str_at(&["identifier", "value"]).map(|v| format!("client:{v}"));
     }
     None
 }
 
-fn provision(v: &Value) -> Provision {
+fn provision(v: &Json) -> Provision {
     Provision {
-        kind: match v["type"].as_str() {
+        kind: match v.str_at(&["type"]) {
             Some("permit") => Some(Decision::Permit),
             Some("deny") => Some(Decision::Deny),
             _ => None,
         },
-        period: period(&v["period"]),
-        actors: v["actor"].as_array().into_iter().flatten().filter_map(|a| reference_key(&a["reference"])).collect(),
-        purposes: codes(&Value::Array(v["purpose"].as_array().cloned().unwrap_or_default())),
-        classes: codes(&Value::Array(v["class"].as_array().cloned().unwrap_or_default())),
-        labels: codes(&Value::Array(v["securityLabel"].as_array().cloned().unwrap_or_default())),
-        data_period: period(&v["dataPeriod"]),
-        data: v["data"].as_array().into_iter().flatten().filter_map(|d| reference_key(&d["reference"])).collect(),
-        actions: codes(&v["action"]),
-        children: v["provision"].as_array().into_iter().flatten().map(provision).collect(),
+        period: period(v.get("period")),
+        actors: v.items(&["actor"]).filter_map(|a| a.get("reference").and_then(reference_key)).collect(),
+        purposes: codes(v.items(&["purpose"])),
+        classes: codes(v.items(&["class"])),
+        labels: codes(v.items(&["securityLabel"])),
+        data_period: period(v.get("dataPeriod")),
+        data: v.items(&["data"]).filter_map(|d| d.get("reference").and_then(reference_key)).collect(),
+        actions: codes(v.items(&["action"])),
+        children: v.items(&["provision"]).map(provision).collect(),
         all_actors: false,
     }
 }
@@ -126,13 +118,13 @@ fn provision(v: &Value) -> Provision {
 /// A Consent's root provision. The grant Consents the authorization server writes when a
 /// patient approves an app (marked by the scopes extension) name the app and the approving
 /// user; they apply only to that user through that app, never to every user of the app.
-fn root_provision(consent: &Value) -> Provision {
+fn root_provision(consent: &Json) -> Provision {
     fn require_all(p: &mut Provision) {
         p.all_actors = true;
         p.children.iter_mut().for_each(require_all);
     }
-    let mut root = provision(&consent["provision"]);
-    let grant = consent["extension"].as_array().is_some_and(|e| e.iter().any(|x| x["url"] == SCOPES_EXTENSION));
+    let mut root = provision(consent.get("provision").unwrap_or(&Json::Null));
+    let grant = consent.items(&["extension"]).any(|x| x.str_at(&["url"]) == Some(SCOPES_EXTENSION));
     if grant {
         require_all(&mut root);
     }
@@ -224,11 +216,11 @@ impl Books {
         for d in docs.docs.values() {
             let s = repo.vread("Consent", &d.id, d.version)?;
             let Some(body) = s.body.as_deref() else { continue };
-            let v: Value = serde_json::from_str(body).map_err(FhirError::internal)?;
-            if v["status"] != "active" {
+            let v = json::parse(body.as_bytes(), usize::MAX).map_err(FhirError::internal)?;
+            if v.str_at(&["status"]) != Some("active") {
                 continue;
             }
-            let Some(patient) = v["patient"]["reference"].as_str().and_then(|r| r.strip_prefix("Patient/")) else {
+            let Some(patient) = v.str_at(&["patient", "reference"]).and_then(|r| r.strip_prefix("Patient/")) else {
                 continue;
             };
             let rule = Rule { id: d.id.clone(), root: root_provision(&v) };
@@ -243,7 +235,7 @@ impl Books {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use serde_json::{json, Value};
 
     fn req<'a>(actors: &'a [String], rtype: &'a str, labels: &'a [&'a str], purpose: Option<&'a str>) -> Request<'a> {
         Request { actors, purpose, action: "access", rtype, id: "1", labels, date_ms: None, now_ms: 1_000 }
@@ -252,7 +244,10 @@ mod tests {
     fn book(consents: &[Value]) -> Book {
         let mut b = Book::default();
         for (i, c) in consents.iter().enumerate() {
-            b.by_patient.entry("p".into()).or_default().push(Rule { id: i.to_string(), root: root_provision(c) });
+            b.by_patient
+                .entry("p".into())
+                .or_default()
+                .push(Rule { id: i.to_string(), root: root_provision(&Json::from(c.clone())) });
         }
         b
     }

@@ -81,6 +81,17 @@ impl Keyring {
     }
 }
 
+/// [`seal`] as URL-safe text, for values handed to clients (cursors, codes, cookies).
+pub fn seal_text(key: &[u8; 32], plain: &[u8], aad: &[u8]) -> String {
+    crate::codec::b64url(&seal(key, plain, aad))
+}
+
+/// Opens what [`seal_text`] made; `None` if it is not ours, was changed, or is for another
+/// purpose.
+pub fn open_text(key: &[u8; 32], text: &str, aad: &[u8]) -> Option<Vec<u8>> {
+    open(key, &crate::codec::unb64url(text.trim()).ok()?, aad).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

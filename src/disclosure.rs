@@ -418,21 +418,21 @@ pub fn access_report(search: &Engine, patient: &str) -> Result<(u64, BTreeMap<St
         }
         let s = repo.vread("AuditEvent", &id, version)?;
         let Some(body) = s.body.as_deref() else { continue };
-        let v: Value = serde_json::from_str(body).map_err(FhirError::internal)?;
-        let requests = v["extension"]
-            .as_array()
-            .and_then(|x| x.iter().find(|x| x["url"] == REQUESTS_EXTENSION))
-            .and_then(|x| x["valueInteger"].as_u64())
+        let v = json::parse(body.as_bytes(), usize::MAX).map_err(FhirError::internal)?;
+        let requests = v
+            .items(&["extension"])
+            .find(|x| x.str_at(&["url"]) == Some(REQUESTS_EXTENSION))
+            .and_then(|x| x.u64_at(&["valueInteger"]))
             .unwrap_or(1);
         total += requests;
         let mut client = String::new();
         let mut client_name = String::new();
         let mut user = None;
-        for a in v["agent"].as_array().into_iter().flatten() {
-            if a["who"]["identifier"]["system"] == CLIENT_SYSTEM {
-                client = a["who"]["identifier"]["value"].as_str().unwrap_or("").to_string();
-                client_name = a["who"]["display"].as_str().unwrap_or("").to_string();
-            } else if let Some(r) = a["who"]["reference"].as_str() {
+        for a in v.items(&["agent"]) {
+            if a.str_at(&["who", "identifier", "system"]) == Some(CLIENT_SYSTEM) {
+                client = a.str_at(&["who", "identifier", "value"]).unwrap_or("").to_string();
+                client_name = a.str_at(&["who", "display"]).unwrap_or("").to_string();
+            } else if let Some(r) = a.str_at(&["who", "reference"]) {
                 user = Some(r.to_string());
             }
         }
@@ -440,17 +440,17 @@ pub fn access_report(search: &Engine, patient: &str) -> Result<(u64, BTreeMap<St
         let acc = out.entry(who).or_default();
         acc.client = client;
         acc.client_name = client_name;
-        let recorded = v["recorded"].as_str().unwrap_or("").to_string();
+        let recorded = v.str_at(&["recorded"]).unwrap_or("").to_string();
         if recorded > acc.last {
             acc.last = recorded;
         }
-        if v["outcome"] == "0" {
+        if v.str_at(&["outcome"]) == Some("0") {
             acc.count += requests;
-            for ent in v["entity"].as_array().into_iter().flatten().filter(|e| e["role"]["code"] == "4") {
-                let shown = ent["detail"]
-                    .as_array()
-                    .and_then(|d| d.iter().find(|d| d["type"] == "disclosures"))
-                    .and_then(|d| d["valueString"].as_str())
+            for ent in v.items(&["entity"]).filter(|e| e.str_at(&["role", "code"]) == Some("4")) {
+                let shown = ent
+                    .items(&["detail"])
+                    .find(|d| d.str_at(&["type"]) == Some("disclosures"))
+                    .and_then(|d| d.str_at(&["valueString"]))
                     .and_then(|n| n.parse::<u64>().ok())
                     .unwrap_or(1);
                 acc.resources += shown;
@@ -458,7 +458,7 @@ pub fn access_report(search: &Engine, patient: &str) -> Result<(u64, BTreeMap<St
         } else {
             acc.denied += requests;
         }
-        if v["meta"]["security"].as_array().is_some_and(|s| s.iter().any(|c| c["code"] == "BTG")) {
+        if v.items(&["meta", "security"]).any(|c| c.str_at(&["code"]) == Some("BTG")) {
             acc.broke_glass += requests;
         }
     }

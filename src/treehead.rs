@@ -2,7 +2,6 @@
 //! that `GET /ledger/head` serves and that proofs embed, and the quorum check a verifier runs
 //! against the node keys it trusts (never against the keys the head itself names).
 
-use base64::Engine;
 use consensus::merkle::Hash;
 use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
 use serde_json::Value;
@@ -27,10 +26,6 @@ pub struct TreeHead {
     pub signatures: Vec<HeadSignature>,
 }
 
-fn b64(bytes: &[u8]) -> Json {
-    Json::String(base64::engine::general_purpose::STANDARD.encode(bytes))
-}
-
 fn param(name: &str, kind: &str, value: Json) -> Json {
     Json::obj(vec![("name", Json::String(name.into())), (kind, value)])
 }
@@ -47,7 +42,7 @@ impl TreeHead {
     pub fn to_parts(&self) -> Vec<Json> {
         let mut parts = vec![
             param("treeSize", "valueString", Json::String(self.size.to_string())),
-            param("rootHash", "valueBase64Binary", b64(&self.root)),
+            param("rootHash", "valueBase64Binary", Json::base64(&self.root)),
             param("timestamp", "valueInstant", Json::String(crate::fhir::instant(self.timestamp_ms))),
         ];
         for s in &self.signatures {
@@ -57,8 +52,8 @@ impl TreeHead {
                     "part",
                     Json::Array(vec![
                         param("node", "valueString", Json::String(s.node.clone())),
-                        param("publicKey", "valueBase64Binary", b64(&s.public_key)),
-                        param("signature", "valueBase64Binary", b64(&s.signature)),
+                        param("publicKey", "valueBase64Binary", Json::base64(&s.public_key)),
+                        param("signature", "valueBase64Binary", Json::base64(&s.signature)),
                     ]),
                 ),
             ]));
@@ -125,7 +120,7 @@ pub fn string(parts: &[Value], name: &str, kind: &str) -> Result<String, String>
 
 pub fn base64_of(value: &Value, name: &str) -> Result<Vec<u8>, String> {
     let s = value["valueBase64Binary"].as_str().ok_or_else(|| format!("{name} is not base64Binary"))?;
-    base64::engine::general_purpose::STANDARD.decode(s).map_err(|e| format!("{name}: {e}"))
+    crate::codec::unb64(s).map_err(|e| format!("{name}: {e}"))
 }
 
 pub fn bytes<const N: usize>(parts: &[Value], name: &str) -> Result<[u8; N], String> {

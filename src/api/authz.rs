@@ -14,7 +14,7 @@ use actix_web::{web, HttpMessage, HttpRequest};
 
 use consensus::CurrentRecord;
 
-use super::{error_response, AppState, Format};
+use super::{AppState, Format};
 use crate::auth::access::{Disclosed, Restriction, Subject};
 use crate::auth::scopes::Perm;
 use crate::auth::Caller;
@@ -59,7 +59,7 @@ pub async fn middleware(
     }
     if let Err(e) = super::read_barrier(req.request(), &state.repo).await {
         let f = Format::negotiate(req.request()).unwrap_or_else(|_| Format::plain());
-        return Ok(req.into_response(error_response(&e, &f)));
+        return Ok(req.into_response(e.render(f.content_type, f.pretty)));
     }
     req.extensions_mut().insert(Barriered);
     let authorization = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::to_string);
@@ -96,7 +96,7 @@ pub async fn middleware(
             );
             drain(&mut req).await;
             let f = Format::negotiate(req.request()).unwrap_or_else(|_| Format::plain());
-            Ok(req.into_response(error_response(&e, &f)))
+            Ok(req.into_response(e.render(f.content_type, f.pretty)))
         }
     }
 }
@@ -242,7 +242,7 @@ pub fn check_visible(
                 caller,
                 interaction,
                 Some(p),
-                &FhirError::new(403, "forbidden", format!("{rtype}/{id} withheld by the patient's consent")),
+                &FhirError::forbidden(format!("{rtype}/{id} withheld by the patient's consent")),
             );
         }
     }
@@ -385,7 +385,7 @@ pub fn patient_confined(caller: &Caller, rtype: &str) -> bool {
 
 /// A 403 for a refusal that is not about scopes (logged like one).
 pub fn forbidden_logged(state: &AppState, caller: &Caller, interaction: &'static str, why: &str) -> FhirError {
-    let e = FhirError::new(403, "forbidden", why);
+    let e = FhirError::forbidden(why);
     denied(state, caller, interaction, caller.patient().map(str::to_string), &e);
     e
 }

@@ -62,7 +62,7 @@ fn parse_entry(search: &crate::search::Engine, i: usize, mut e: Json) -> Result<
         Some("PUT") => Method::Put,
         Some("DELETE") => Method::Delete,
         Some(m) => {
-            return Err(FhirError::new(400, "not-supported", format!("method {m} is not supported in bundles"))
+            return Err(FhirError::not_supported(format!("method {m} is not supported in bundles"))
                 .at(format!("{}.request.method", at(i))))
         }
         None => return Err(FhirError::invalid("request.method is missing").at(format!("{}.request.method", at(i)))),
@@ -129,15 +129,13 @@ fn parse_entry(search: &crate::search::Engine, i: usize, mut e: Json) -> Result<
     })
 }
 
-pub async fn batch_or_transaction(req: HttpRequest, payload: web::Payload, state: web::Data<AppState>) -> HttpResponse {
-    let f = match Format::negotiate(&req) {
-        Ok(f) => f,
-        Err(e) => return super::error_response(&e, &Format::plain()),
-    };
-    match process(&req, payload, &state, &f).await {
-        Ok(r) => r,
-        Err(e) => super::error_response(&e, &f),
-    }
+pub async fn batch_or_transaction(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, FhirError> {
+    let f = Format::negotiate(&req)?;
+    process(&req, payload, &state, &f).await
 }
 
 async fn process(
@@ -470,7 +468,7 @@ fn stored_of(who: &Who<'_>, p: &Planned, results: &[Stored], ret: Return) -> Opt
 fn error_entry(e: &FhirError) -> Json {
     Json::Object(vec![(
         "response".into(),
-        Json::Object(vec![("status".into(), Json::String(e.status.to_string())), ("outcome".into(), e.to_outcome())]),
+        Json::Object(vec![("status".into(), Json::String(e.status().to_string())), ("outcome".into(), e.to_outcome())]),
     )])
 }
 

@@ -4,7 +4,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 
 use super::authz;
 use super::resource::{check_type, enc, link};
-use super::{base_url, json_response, respond, AppState};
+use super::{base_url, json_response, AppState, Format};
 use crate::auth::scopes::Perm;
 use crate::auth::Caller;
 use crate::codec::parse_query;
@@ -109,53 +109,54 @@ fn bundle(
     Json::Object(members)
 }
 
-pub async fn instance(req: HttpRequest, path: web::Path<(String, String)>, state: web::Data<AppState>) -> HttpResponse {
+pub async fn instance(
+    req: HttpRequest,
+    path: web::Path<(String, String)>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, FhirError> {
     let (rtype, id) = path.into_inner();
-    if let Err(e) = super::read_barrier(&req, &state.repo).await {
-        return respond(&req, |_| Err(e));
+    super::read_barrier(&req, &state.repo).await?;
+    let f = &Format::negotiate(&req)?;
+    check_type(&state.repo, &rtype)?;
+    let caller = authz::caller(&req);
+    authz::require(&state, &caller, &rtype, Perm::R, "history-instance")?;
+    let (p, raw) = params(&req)?;
+    let versions = state.repo.view().versions(&rtype, &id)?;
+    let base = base_url(&req);
+    let mut entries = Vec::new();
+    let mut next = None;
+    let mut total = 0;
+    let mut shown = Vec::new();
+    let mut disclosed = crate::auth::access::Disclosed::default();
+    let mut any_visible = false;
+    for v in versions {
+        // Each version by its own content: versions of another patient (before a move,
+        // or before the id was reused) are left out, and a resource the caller may see in
+        // no version has no history, exactly like a missing one.
+        let s = state.repo.vread(&rtype, &id, v.header.version)?;
+        let Some(d) = authz::version_visible(&state, &caller, &s)? else { continue };
+        any_visible = true;
+        if p.since.is_some_and(|s| v.header.last_updated_ms < s) {
+            continue;
+        }
+        total += 1;
+        if p.cursor.is_some_and(|c| v.header.version >= c) {
+            continue;
+        }
+        if entries.len() == p.count {
+            next = next.or(Some(v.header.version + 1));
+            continue;
+        }
+        disclosed.patients.extend(d.patients);
+        disclosed.broke_glass |= d.broke_glass;
+        shown.push((s.rtype.clone(), s.id.clone(), s.version));
+        entries.push(entry(&base, &s));
     }
-    respond(&req, |f| {
-        check_type(&state.repo, &rtype)?;
-        let caller = authz::caller(&req);
-        authz::require(&state, &caller, &rtype, Perm::R, "history-instance")?;
-        let (p, raw) = params(&req)?;
-        let versions = state.repo.view().versions(&rtype, &id)?;
-        let base = base_url(&req);
-        let mut entries = Vec::new();
-        let mut next = None;
-        let mut total = 0;
-        let mut shown = Vec::new();
-        let mut disclosed = crate::auth::access::Disclosed::default();
-        let mut any_visible = false;
-        for v in versions {
-            // Each version by its own content: versions of another patient (before a move,
-            // or before the id was reused) are left out, and a resource the caller may see in
-            // no version has no history, exactly like a missing one.
-            let s = state.repo.vread(&rtype, &id, v.header.version)?;
-            let Some(d) = authz::version_visible(&state, &caller, &s)? else { continue };
-            any_visible = true;
-            if p.since.is_some_and(|s| v.header.last_updated_ms < s) {
-                continue;
-            }
-            total += 1;
-            if p.cursor.is_some_and(|c| v.header.version >= c) {
-                continue;
-            }
-            if entries.len() == p.count {
-                next = next.or(Some(v.header.version + 1));
-                continue;
-            }
-            disclosed.patients.extend(d.patients);
-            disclosed.broke_glass |= d.broke_glass;
-            shown.push((s.rtype.clone(), s.id.clone(), s.version));
-            entries.push(entry(&base, &s));
-        }
-        if !any_visible {
-            return Err(FhirError::not_found(&format!("{rtype}/{id}")));
-        }
-        authz::disclosed(&state, &caller, "history-instance", &shown, &disclosed);
-        Ok(json_response(200, &bundle(&req, &format!("/{rtype}/{id}/_history"), &raw, entries, next, Some(total)), f))
-    })
+    if !any_visible {
+        return Err(FhirError::not_found(&format!("{rtype}/{id}")));
+    }
+    authz::disclosed(&state, &caller, "history-instance", &shown, &disclosed);
+    Ok(json_response(200, &bundle(&req, &format!("/{rtype}/{id}/_history"), &raw, entries, next, Some(total)), f))
 }
 
 /// Walks the ledger's history newest first, leaving out internal records and (under
@@ -212,29 +213,27 @@ fn walk(
     Ok((entries, next))
 }
 
-pub async fn type_level(req: HttpRequest, path: web::Path<String>, state: web::Data<AppState>) -> HttpResponse {
+pub async fn type_level(
+    req: HttpRequest,
+    path: web::Path<String>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, FhirError> {
     let rtype = path.into_inner();
-    if let Err(e) = super::read_barrier(&req, &state.repo).await {
-        return respond(&req, |_| Err(e));
-    }
-    respond(&req, |f| {
-        check_type(&state.repo, &rtype)?;
-        let caller = authz::caller(&req);
-        authz::require(&state, &caller, &rtype, Perm::S, "history-type")?;
-        let (p, raw) = params(&req)?;
-        let (entries, next) = walk(&state, &caller, &req, Some(&rtype), &p, "history-type")?;
-        Ok(json_response(200, &bundle(&req, &format!("/{rtype}/_history"), &raw, entries, next, None), f))
-    })
+    super::read_barrier(&req, &state.repo).await?;
+    let f = &Format::negotiate(&req)?;
+    check_type(&state.repo, &rtype)?;
+    let caller = authz::caller(&req);
+    authz::require(&state, &caller, &rtype, Perm::S, "history-type")?;
+    let (p, raw) = params(&req)?;
+    let (entries, next) = walk(&state, &caller, &req, Some(&rtype), &p, "history-type")?;
+    Ok(json_response(200, &bundle(&req, &format!("/{rtype}/_history"), &raw, entries, next, None), f))
 }
 
-pub async fn system(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
-    if let Err(e) = super::read_barrier(&req, &state.repo).await {
-        return respond(&req, |_| Err(e));
-    }
-    respond(&req, |f| {
-        let (p, raw) = params(&req)?;
-        let caller = authz::caller(&req);
-        let (entries, next) = walk(&state, &caller, &req, None, &p, "history-system")?;
-        Ok(json_response(200, &bundle(&req, "/_history", &raw, entries, next, None), f))
-    })
+pub async fn system(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, FhirError> {
+    super::read_barrier(&req, &state.repo).await?;
+    let f = &Format::negotiate(&req)?;
+    let (p, raw) = params(&req)?;
+    let caller = authz::caller(&req);
+    let (entries, next) = walk(&state, &caller, &req, None, &p, "history-system")?;
+    Ok(json_response(200, &bundle(&req, "/_history", &raw, entries, next, None), f))
 }

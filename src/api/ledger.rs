@@ -9,20 +9,15 @@
 //! Proofs are Parameters resources; hashes and leaf data are base64.
 
 use actix_web::{web, HttpRequest, HttpResponse};
-use base64::Engine;
 use consensus::proof;
 
 use super::resource::check_type;
-use super::{json_response, respond, AppState};
+use super::{json_response, AppState, Format};
 use crate::codec::parse_query;
-use crate::error::FhirError;
+use crate::error::{ErrorCode, FhirError};
 use crate::fhir::json::Json;
 use crate::repo::Repo;
 use crate::treehead::TreeHead;
-
-fn b64(bytes: &[u8]) -> Json {
-    Json::String(base64::engine::general_purpose::STANDARD.encode(bytes))
-}
 
 fn s(v: impl Into<String>) -> Json {
     Json::String(v.into())
@@ -52,12 +47,11 @@ fn parameters(parameter: Vec<Json>) -> Json {
     Json::obj(vec![("resourceType", s("Parameters")), ("parameter", Json::Array(parameter))])
 }
 
-pub async fn head(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
-    if let Err(e) = super::read_barrier(&req, &state.repo).await {
-        return respond(&req, |_| Err(e));
-    }
+pub async fn head(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, FhirError> {
+    super::read_barrier(&req, &state.repo).await?;
     let head = signed_head(&state.repo).await;
-    respond(&req, |f| Ok(json_response(200, &parameters(head?.to_parts()), f)))
+    let f = &Format::negotiate(&req)?;
+    Ok(json_response(200, &parameters(head?.to_parts()), f))
 }
 
 fn inclusion(repo: &Repo, head: TreeHead, leaf: u64, extra: Vec<Json>) -> Result<Json, FhirError> {
@@ -67,9 +61,9 @@ fn inclusion(repo: &Repo, head: TreeHead, leaf: u64, extra: Vec<Json>) -> Result
         .ok_or_else(|| FhirError::internal(format!("no inclusion proof for leaf {leaf} of {size}")))?;
     let mut p = extra;
     p.push(param("leafIndex", "valueString", s(leaf.to_string())));
-    p.push(param("leafData", "valueBase64Binary", b64(&record.header.encode())));
+    p.push(param("leafData", "valueBase64Binary", Json::base64(&record.header.encode())));
     for h in &path {
-        p.push(param("auditPath", "valueBase64Binary", b64(h)));
+        p.push(param("auditPath", "valueBase64Binary", Json::base64(h)));
     }
     p.push(Json::obj(vec![("name", s("treeHead")), ("part", Json::Array(head.to_parts()))]));
     Ok(parameters(p))
@@ -80,29 +74,26 @@ pub async fn version_proof(
     req: HttpRequest,
     path: web::Path<(String, String, String, String)>,
     state: web::Data<AppState>,
-) -> HttpResponse {
+) -> Result<HttpResponse, FhirError> {
     let (rtype, id, vid, op) = path.into_inner();
-    if let Err(e) = super::read_barrier(&req, &state.repo).await {
-        return respond(&req, |_| Err(e));
-    }
+    super::read_barrier(&req, &state.repo).await?;
     let head = signed_head(&state.repo).await;
-    respond(&req, |f| {
-        if op != "$proof" {
-            return Err(FhirError::new(404, "not-supported", format!("unknown operation {op:?}")));
-        }
-        check_type(&state.repo, &rtype)?;
-        let caller = super::authz::caller(&req);
-        super::authz::require(&state, &caller, &rtype, crate::auth::scopes::Perm::R, "operation")?;
-        let what = format!("{rtype}/{id}/_history/{vid}");
-        let version: u64 = vid.parse().map_err(|_| FhirError::not_found(&what))?;
-        let record = state.repo.view().version(&rtype, &id, version)?.ok_or_else(|| FhirError::not_found(&what))?;
-        // A proof names the version's header (its compartment and actor): only for a caller
-        // who may see that version.
-        let stored = state.repo.vread(&rtype, &id, version)?;
-        super::authz::version_visible(&state, &caller, &stored)?.ok_or_else(|| FhirError::not_found(&what))?;
-        let body = inclusion(&state.repo, head?, record.leaf, vec![param("resource", "valueString", s(what))])?;
-        Ok(json_response(200, &body, f))
-    })
+    let f = &Format::negotiate(&req)?;
+    if op != "$proof" {
+        return Err(FhirError::new(ErrorCode::UnknownRoute, format!("unknown operation {op:?}")));
+    }
+    check_type(&state.repo, &rtype)?;
+    let caller = super::authz::caller(&req);
+    super::authz::require(&state, &caller, &rtype, crate::auth::scopes::Perm::R, "operation")?;
+    let what = format!("{rtype}/{id}/_history/{vid}");
+    let version: u64 = vid.parse().map_err(|_| FhirError::not_found(&what))?;
+    let record = state.repo.view().version(&rtype, &id, version)?.ok_or_else(|| FhirError::not_found(&what))?;
+    // A proof names the version's header (its compartment and actor): only for a caller
+    // who may see that version.
+    let stored = state.repo.vread(&rtype, &id, version)?;
+    super::authz::version_visible(&state, &caller, &stored)?.ok_or_else(|| FhirError::not_found(&what))?;
+    let body = inclusion(&state.repo, head?, record.leaf, vec![param("resource", "valueString", s(what))])?;
+    Ok(json_response(200, &body, f))
 }
 
 /// Leaf headers name resources, compartments and actors: `/ledger/entries` and
@@ -113,9 +104,7 @@ fn auditor(req: &HttpRequest) -> Result<(), FhirError> {
     if caller.may_audit() {
         Ok(())
     } else {
-        Err(FhirError::new(
-            403,
-            "forbidden",
+        Err(FhirError::forbidden(
             "the ledger's entries and leaf proofs are for auditors: the admin token, or a system/*.rs token",
         ))
     }
@@ -133,93 +122,84 @@ fn number(params: &[(String, String)], name: &str) -> Result<u64, FhirError> {
 }
 
 /// `GET /ledger/proof?leaf=N`
-pub async fn leaf_proof(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
-    if let Err(e) = super::read_barrier(&req, &state.repo).await {
-        return respond(&req, |_| Err(e));
-    }
+pub async fn leaf_proof(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, FhirError> {
+    super::read_barrier(&req, &state.repo).await?;
     let head = signed_head(&state.repo).await;
-    respond(&req, |f| {
-        auditor(&req)?;
-        let leaf = number(&parse_query(req.query_string()), "leaf")?;
-        Ok(json_response(200, &inclusion(&state.repo, head?, leaf, Vec::new())?, f))
-    })
+    let f = &Format::negotiate(&req)?;
+    auditor(&req)?;
+    let leaf = number(&parse_query(req.query_string()), "leaf")?;
+    Ok(json_response(200, &inclusion(&state.repo, head?, leaf, Vec::new())?, f))
 }
 
 /// `GET /ledger/consistency?first=N&second=M` (`second` defaults to the current size).
-pub async fn consistency(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
-    if let Err(e) = super::read_barrier(&req, &state.repo).await {
-        return respond(&req, |_| Err(e));
-    }
+pub async fn consistency(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, FhirError> {
+    super::read_barrier(&req, &state.repo).await?;
     let head = signed_head(&state.repo).await;
-    respond(&req, |f| {
-        let q = parse_query(req.query_string());
-        let first = number(&q, "first")?;
-        let head = head?;
-        let size = head.size;
-        let second = if q.iter().any(|(k, _)| k == "second") { number(&q, "second")? } else { size };
-        if first == 0 || first > second || second > size {
-            return Err(FhirError::invalid(format!(
-                "need 0 < first <= second <= {size} (the current tree size); got first={first}, second={second}"
-            )));
-        }
-        let view = state.repo.view();
-        let missing = || FhirError::internal("subtree hashes missing");
-        let path = proof::consistency_proof(view, first, second).ok_or_else(missing)?;
-        let mut p = vec![
-            param("first", "valueString", s(first.to_string())),
-            param("firstRootHash", "valueBase64Binary", b64(&proof::root_at(view, first).ok_or_else(missing)?)),
-            param("second", "valueString", s(second.to_string())),
-            param("secondRootHash", "valueBase64Binary", b64(&proof::root_at(view, second).ok_or_else(missing)?)),
-        ];
-        for h in &path {
-            p.push(param("consistencyPath", "valueBase64Binary", b64(h)));
-        }
-        p.push(Json::obj(vec![("name", s("treeHead")), ("part", Json::Array(head.to_parts()))]));
-        Ok(json_response(200, &parameters(p), f))
-    })
+    let f = &Format::negotiate(&req)?;
+    let q = parse_query(req.query_string());
+    let first = number(&q, "first")?;
+    let head = head?;
+    let size = head.size;
+    let second = if q.iter().any(|(k, _)| k == "second") { number(&q, "second")? } else { size };
+    if first == 0 || first > second || second > size {
+        return Err(FhirError::invalid(format!(
+            "need 0 < first <= second <= {size} (the current tree size); got first={first}, second={second}"
+        )));
+    }
+    let view = state.repo.view();
+    let missing = || FhirError::internal("subtree hashes missing");
+    let path = proof::consistency_proof(view, first, second).ok_or_else(missing)?;
+    let mut p = vec![
+        param("first", "valueString", s(first.to_string())),
+        param("firstRootHash", "valueBase64Binary", Json::base64(&proof::root_at(view, first).ok_or_else(missing)?)),
+        param("second", "valueString", s(second.to_string())),
+        param("secondRootHash", "valueBase64Binary", Json::base64(&proof::root_at(view, second).ok_or_else(missing)?)),
+    ];
+    for h in &path {
+        p.push(param("consistencyPath", "valueBase64Binary", Json::base64(h)));
+    }
+    p.push(Json::obj(vec![("name", s("treeHead")), ("part", Json::Array(head.to_parts()))]));
+    Ok(json_response(200, &parameters(p), f))
 }
 
 /// `GET /ledger/entries?from=N&_count=M`: leaf headers in order, for auditors. Headers only
 /// (type, id, version, time, actor, operation, ciphertext digest): never resource content.
-pub async fn entries(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
-    if let Err(e) = super::read_barrier(&req, &state.repo).await {
-        return respond(&req, |_| Err(e));
+pub async fn entries(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, FhirError> {
+    super::read_barrier(&req, &state.repo).await?;
+    let f = &Format::negotiate(&req)?;
+    auditor(&req)?;
+    let q = parse_query(req.query_string());
+    let from = if q.iter().any(|(k, _)| k == "from") { number(&q, "from")? } else { 0 };
+    let count = if q.iter().any(|(k, _)| k == "_count") { number(&q, "_count")?.min(1000) } else { 100 };
+    let view = state.repo.view();
+    let size = view.frontier()?.size;
+    let end = from.saturating_add(count).min(size);
+    let mut out = Vec::new();
+    for leaf in from..end {
+        let r = view.record(leaf)?.ok_or_else(|| FhirError::internal(format!("leaf {leaf} has no record")))?;
+        let h = &r.header;
+        out.push(Json::obj(vec![
+            ("leaf", Json::Number(leaf.to_string())),
+            ("leafHash", Json::base64(&consensus::merkle::leaf_hash(&h.encode()))),
+            ("resource", s(format!("{}/{}/_history/{}", h.rtype, h.id, h.version))),
+            ("operation", s(h.op.clone())),
+            ("lastUpdated", s(crate::fhir::instant(h.last_updated_ms))),
+            ("actor", s(h.actor.clone())),
+            ("bodySha256", Json::base64(&h.body_sha256)),
+            ("raftLogIndex", Json::Number(h.log_index.to_string())),
+        ]));
     }
-    respond(&req, |f| {
-        auditor(&req)?;
-        let q = parse_query(req.query_string());
-        let from = if q.iter().any(|(k, _)| k == "from") { number(&q, "from")? } else { 0 };
-        let count = if q.iter().any(|(k, _)| k == "_count") { number(&q, "_count")?.min(1000) } else { 100 };
-        let view = state.repo.view();
-        let size = view.frontier()?.size;
-        let end = from.saturating_add(count).min(size);
-        let mut out = Vec::new();
-        for leaf in from..end {
-            let r = view.record(leaf)?.ok_or_else(|| FhirError::internal(format!("leaf {leaf} has no record")))?;
-            let h = &r.header;
-            out.push(Json::obj(vec![
-                ("leaf", Json::Number(leaf.to_string())),
-                ("leafHash", b64(&consensus::merkle::leaf_hash(&h.encode()))),
-                ("resource", s(format!("{}/{}/_history/{}", h.rtype, h.id, h.version))),
-                ("operation", s(h.op.clone())),
-                ("lastUpdated", s(crate::fhir::instant(h.last_updated_ms))),
-                ("actor", s(h.actor.clone())),
-                ("bodySha256", b64(&h.body_sha256)),
-                ("raftLogIndex", Json::Number(h.log_index.to_string())),
-            ]));
-        }
-        let mut body = vec![("treeSize", Json::Number(size.to_string())), ("entries", Json::Array(out))];
-        if end < size {
-            body.push(("next", s(format!("{}/ledger/entries?from={end}&_count={count}", super::base_url(&req)))));
-        }
-        let mut resp = json_response(200, &Json::obj(body), f);
-        // Not a FHIR resource: plain JSON.
-        resp.headers_mut().insert(
-            actix_web::http::header::CONTENT_TYPE,
-            actix_web::http::header::HeaderValue::from_static("application/json"),
-        );
-        Ok(resp)
-    })
+    let mut body = vec![("treeSize", Json::Number(size.to_string())), ("entries", Json::Array(out))];
+    if end < size {
+        body.push(("next", s(format!("{}/ledger/entries?from={end}&_count={count}", super::base_url(&req)))));
+    }
+    let mut resp = json_response(200, &Json::obj(body), f);
+    // Not a FHIR resource: plain JSON.
+    resp.headers_mut().insert(
+        actix_web::http::header::CONTENT_TYPE,
+        actix_web::http::header::HeaderValue::from_static("application/json"),
+    );
+    Ok(resp)
 }
 
 /// `POST /Patient/{id}/$erase`: crypto-shreds the patient's compartment (see `Plan::erase`).
@@ -229,39 +209,36 @@ pub async fn erase(
     req: HttpRequest,
     path: web::Path<(String, String, String)>,
     state: web::Data<AppState>,
-) -> HttpResponse {
+) -> Result<HttpResponse, FhirError> {
     let (rtype, id, op) = path.into_inner();
-    let result = async {
-        if op != "$erase" {
-            return Err(FhirError::new(404, "not-supported", format!("no operation {op:?} on {rtype}/{{id}}")));
-        }
-        if rtype != "Patient" {
-            return Err(FhirError::invalid(format!(
-                "$erase works on a patient compartment (POST /Patient/{{id}}/$erase), not on {rtype}"
-            )));
-        }
-        if !crate::fhir::is_valid_id(&id) {
-            return Err(FhirError::invalid(format!("{id:?} is not a valid id")));
-        }
-        let caller = super::authz::caller(&req);
-        let policy = super::authz::policy(&state, &caller);
-        let (_, erased) = state.repo.commit(&policy, |plan| plan.erase(&id)).await?;
-        state.repo.forget_key(&format!("Patient/{id}"));
-        let mut p = vec![param("erased", "valueString", s(erased.len().to_string()))];
-        for e in &erased {
-            p.push(Json::obj(vec![
-                ("name", s("version")),
-                (
-                    "part",
-                    Json::Array(vec![
-                        param("resource", "valueString", s(format!("{}/{}/_history/{}", e.rtype, e.id, e.version))),
-                        param("leafIndex", "valueString", s(e.leaf.map_or(String::new(), |l| l.to_string()))),
-                    ]),
-                ),
-            ]));
-        }
-        Ok(parameters(p))
+    if op != "$erase" {
+        return Err(FhirError::new(ErrorCode::UnknownRoute, format!("no operation {op:?} on {rtype}/{{id}}")));
     }
-    .await;
-    respond(&req, |f| result.map(|body| json_response(200, &body, f)))
+    if rtype != "Patient" {
+        return Err(FhirError::invalid(format!(
+            "$erase works on a patient compartment (POST /Patient/{{id}}/$erase), not on {rtype}"
+        )));
+    }
+    if !crate::fhir::is_valid_id(&id) {
+        return Err(FhirError::invalid(format!("{id:?} is not a valid id")));
+    }
+    let caller = super::authz::caller(&req);
+    let policy = super::authz::policy(&state, &caller);
+    let (_, erased) = state.repo.commit(&policy, |plan| plan.erase(&id)).await?;
+    state.repo.forget_key(&format!("Patient/{id}"));
+    let mut p = vec![param("erased", "valueString", s(erased.len().to_string()))];
+    for e in &erased {
+        p.push(Json::obj(vec![
+            ("name", s("version")),
+            (
+                "part",
+                Json::Array(vec![
+                    param("resource", "valueString", s(format!("{}/{}/_history/{}", e.rtype, e.id, e.version))),
+                    param("leafIndex", "valueString", s(e.leaf.map_or(String::new(), |l| l.to_string()))),
+                ]),
+            ),
+        ]));
+    }
+    let f = &Format::negotiate(&req)?;
+    Ok(json_response(200, &parameters(p), f))
 }

@@ -2,7 +2,8 @@
 
 use actix_web::{web, HttpRequest, HttpResponse};
 
-use super::{base_url, json_response, respond, AppState};
+use super::{base_url, json_response, AppState, Format};
+use crate::error::FhirError;
 use crate::fhir::json::Json;
 
 fn s(v: &str) -> Json {
@@ -39,138 +40,137 @@ fn operation(name: &str, doc: &str) -> Json {
     ])
 }
 
-pub async fn capability_statement(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
-    respond(&req, |f| {
-        let index = state.search.current()?;
-        let interactions: Vec<Json> =
-            ["read", "vread", "update", "patch", "delete", "history-instance", "history-type", "create", "search-type"]
-                .iter()
-                .map(|c| o(vec![("code", s(c))]))
-                .collect();
-        let resources: Vec<Json> = state
-            .repo
-            .profiles
-            .resource_types()
+pub async fn capability_statement(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, FhirError> {
+    let f = &Format::negotiate(&req)?;
+    let index = state.search.current()?;
+    let interactions: Vec<Json> =
+        ["read", "vread", "update", "patch", "delete", "history-instance", "history-type", "create", "search-type"]
             .iter()
-            .map(|t| {
-                let params: Vec<Json> = index.registry.for_type(t).map(|p| param(p)).collect();
-                let mut includes = vec![s("*")];
-                includes.extend(
-                    index
-                        .registry
-                        .for_type(t)
-                        .filter(|p| p.kind == crate::search::params::Kind::Reference)
-                        .map(|p| s(&format!("{t}:{}", p.code))),
-                );
-                let mut operations = vec![operation(
-                    "proof",
-                    "GET /{type}/{id}/_history/{vid}/$proof: RFC 9162 inclusion proof of the version, with the signed tree head",
-                )];
-                if t.as_str() == "Patient" {
-                    operations.push(operation(
-                        "access-report",
-                        "GET /Patient/{id}/$access-report: who accessed the patient's data, what, how many times and when last (Parameters)",
-                    ));
-                    operations.push(operation(
-                        "erase",
-                        "POST /Patient/{id}/$erase: crypto-shreds the patient's compartment (every version unreadable, every proof still valid)",
-                    ));
-                }
-                o(vec![
-                    ("type", s(t)),
-                    ("operation", Json::Array(operations)),
-                    ("profile", s(&format!("http://hl7.org/fhir/StructureDefinition/{t}"))),
-                    ("interaction", Json::Array(interactions.clone())),
-                    ("versioning", s("versioned-update")),
-                    ("readHistory", Json::Bool(true)),
-                    ("updateCreate", Json::Bool(true)),
-                    ("conditionalCreate", Json::Bool(true)),
-                    ("conditionalRead", s("full-support")),
-                    ("conditionalUpdate", Json::Bool(true)),
-                    ("conditionalDelete", s("single")),
-                    ("searchInclude", Json::Array(includes)),
-                    ("searchParam", Json::Array(params)),
-                ])
-            })
+            .map(|c| o(vec![("code", s(c))]))
             .collect();
-        let auth = &state.auth;
-        let (documentation, security) = if auth.enabled {
-            let uri = |name: &str, path: &str| o(vec![("url", s(name)), ("valueUri", s(&auth.endpoint(path)))]);
-            let security = o(vec![
-                (
-                    "extension",
-                    Json::Array(vec![o(vec![
-                        ("url", s("http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris")),
-                        (
-                            "extension",
-                            Json::Array(vec![
-                                uri("authorize", "/auth/authorize"),
-                                uri("token", "/auth/token"),
-                                uri("revoke", "/auth/revoke"),
-                                uri("introspect", "/auth/introspect"),
-                                uri("manage", "/portal"),
-                            ]),
-                        ),
-                    ])]),
-                ),
-                ("cors", Json::Bool(true)),
-                (
-                    "service",
-                    Json::Array(vec![o(vec![
-                        (
-                            "coding",
-                            Json::Array(vec![o(vec![
-                                ("system", s("http://terminology.hl7.org/CodeSystem/restful-security-service")),
-                                ("code", s("SMART-on-FHIR")),
-                            ])]),
-                        ),
-                        ("text", s("OAuth2 using SMART-on-FHIR profile (see /.well-known/smart-configuration)")),
-                    ])]),
-                ),
-                ("description", s("SMART App Launch 2.x: scopes v1 and v2 on every interaction, the patient's Consents on every read and search, every disclosure an AuditEvent")),
-            ]);
-            ("SMART-on-FHIR authorization: every request needs a bearer token from /auth/token.", Some(security))
-        } else {
-            ("Authorization is OFF on this node (local development): no token is checked.", None)
-        };
-        let mut rest = vec![("mode", s("server")), ("documentation", s(documentation))];
-        if let Some(sec) = security {
-            rest.push(("security", sec));
-        }
-        let cs = o(vec![
-            ("resourceType", s("CapabilityStatement")),
-            ("status", s("active")),
-            ("date", s("2026-11-24")),
-            ("publisher", s("fhir-ledger")),
-            ("kind", s("instance")),
-            ("software", o(vec![("name", s("fhir-ledger")), ("version", s(env!("CARGO_PKG_VERSION")))])),
+    let resources: Vec<Json> = state
+        .repo
+        .profiles
+        .resource_types()
+        .iter()
+        .map(|t| {
+            let params: Vec<Json> = index.registry.for_type(t).map(|p| param(p)).collect();
+            let mut includes = vec![s("*")];
+            includes.extend(
+                index
+                    .registry
+                    .for_type(t)
+                    .filter(|p| p.kind == crate::search::params::Kind::Reference)
+                    .map(|p| s(&format!("{t}:{}", p.code))),
+            );
+            let mut operations = vec![operation(
+                "proof",
+                "GET /{type}/{id}/_history/{vid}/$proof: RFC 9162 inclusion proof of the version, with the signed tree head",
+            )];
+            if t.as_str() == "Patient" {
+                operations.push(operation(
+                    "access-report",
+                    "GET /Patient/{id}/$access-report: who accessed the patient's data, what, how many times and when last (Parameters)",
+                ));
+                operations.push(operation(
+                    "erase",
+                    "POST /Patient/{id}/$erase: crypto-shreds the patient's compartment (every version unreadable, every proof still valid)",
+                ));
+            }
+            o(vec![
+                ("type", s(t)),
+                ("operation", Json::Array(operations)),
+                ("profile", s(&format!("http://hl7.org/fhir/StructureDefinition/{t}"))),
+                ("interaction", Json::Array(interactions.clone())),
+                ("versioning", s("versioned-update")),
+                ("readHistory", Json::Bool(true)),
+                ("updateCreate", Json::Bool(true)),
+                ("conditionalCreate", Json::Bool(true)),
+                ("conditionalRead", s("full-support")),
+                ("conditionalUpdate", Json::Bool(true)),
+                ("conditionalDelete", s("single")),
+                ("searchInclude", Json::Array(includes)),
+                ("searchParam", Json::Array(params)),
+            ])
+        })
+        .collect();
+    let auth = &state.auth;
+    let (documentation, security) = if auth.enabled {
+        let uri = |name: &str, path: &str| o(vec![("url", s(name)), ("valueUri", s(&auth.endpoint(path)))]);
+        let security = o(vec![
             (
-                "implementation",
-                o(vec![
-                    ("description", s("FHIR R4 server over a signed, encrypted, Raft-replicated ledger")),
-                    ("url", s(&base_url(&req))),
-                ]),
-            ),
-            ("fhirVersion", s("4.0.1")),
-            ("format", Json::Array(vec![s("application/fhir+json"), s("json")])),
-            ("patchFormat", Json::Array(vec![s("application/json-patch+json")])),
-            (
-                "rest",
-                Json::Array(vec![o({
-                    rest.push(("resource", Json::Array(resources)));
-                    rest.extend([(
-                        "interaction",
+                "extension",
+                Json::Array(vec![o(vec![
+                    ("url", s("http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris")),
+                    (
+                        "extension",
                         Json::Array(vec![
-                            o(vec![("code", s("transaction"))]),
-                            o(vec![("code", s("batch"))]),
-                            o(vec![("code", s("history-system"))]),
-                            o(vec![("code", s("search-system"))]),
+                            uri("authorize", "/auth/authorize"),
+                            uri("token", "/auth/token"),
+                            uri("revoke", "/auth/revoke"),
+                            uri("introspect", "/auth/introspect"),
+                            uri("manage", "/portal"),
                         ]),
-                    )]);
-                    rest
-                })]),
+                    ),
+                ])]),
             ),
+            ("cors", Json::Bool(true)),
+            (
+                "service",
+                Json::Array(vec![o(vec![
+                    (
+                        "coding",
+                        Json::Array(vec![o(vec![
+                            ("system", s("http://terminology.hl7.org/CodeSystem/restful-security-service")),
+                            ("code", s("SMART-on-FHIR")),
+                        ])]),
+                    ),
+                    ("text", s("OAuth2 using SMART-on-FHIR profile (see /.well-known/smart-configuration)")),
+                ])]),
+            ),
+            ("description", s("SMART App Launch 2.x: scopes v1 and v2 on every interaction, the patient's Consents on every read and search, every disclosure an AuditEvent")),
         ]);
-        Ok(json_response(200, &cs, f))
-    })
+        ("SMART-on-FHIR authorization: every request needs a bearer token from /auth/token.", Some(security))
+    } else {
+        ("Authorization is OFF on this node (local development): no token is checked.", None)
+    };
+    let mut rest = vec![("mode", s("server")), ("documentation", s(documentation))];
+    if let Some(sec) = security {
+        rest.push(("security", sec));
+    }
+    let cs = o(vec![
+        ("resourceType", s("CapabilityStatement")),
+        ("status", s("active")),
+        ("date", s("2026-11-24")),
+        ("publisher", s("fhir-ledger")),
+        ("kind", s("instance")),
+        ("software", o(vec![("name", s("fhir-ledger")), ("version", s(env!("CARGO_PKG_VERSION")))])),
+        (
+            "implementation",
+            o(vec![
+                ("description", s("FHIR R4 server over a signed, encrypted, Raft-replicated ledger")),
+                ("url", s(&base_url(&req))),
+            ]),
+        ),
+        ("fhirVersion", s("4.0.1")),
+        ("format", Json::Array(vec![s("application/fhir+json"), s("json")])),
+        ("patchFormat", Json::Array(vec![s("application/json-patch+json")])),
+        (
+            "rest",
+            Json::Array(vec![o({
+                rest.push(("resource", Json::Array(resources)));
+                rest.extend([(
+                    "interaction",
+                    Json::Array(vec![
+                        o(vec![("code", s("transaction"))]),
+                        o(vec![("code", s("batch"))]),
+                        o(vec![("code", s("history-system"))]),
+                        o(vec![("code", s("search-system"))]),
+                    ]),
+                )]);
+                rest
+            })]),
+        ),
+    ]);
+    Ok(json_response(200, &cs, f))
 }

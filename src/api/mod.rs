@@ -18,10 +18,10 @@ use std::sync::Arc;
 
 use actix_web::http::header::{self, HeaderMap};
 use actix_web::http::StatusCode;
-use actix_web::{web, HttpMessage, HttpRequest, HttpResponse};
+use actix_web::{web, HttpMessage, HttpRequest, HttpResponse, ResponseError};
 use futures::StreamExt;
 
-use crate::error::FhirError;
+use crate::error::{ErrorCode, FhirError};
 use crate::fhir::json::{self, Json};
 use crate::repo::Repo;
 
@@ -62,6 +62,11 @@ fn fhir_routes() -> actix_web::Scope<
             let fut = srv.call(req);
             async move {
                 let mut res = fut.await?;
+                // A handler's error was rendered as FHIR JSON: answer in the negotiated format.
+                if let Some(e) = res.response().error().and_then(|e| e.as_error::<FhirError>()).cloned() {
+                    let f = Format::negotiate(res.request()).unwrap_or_else(|_| Format::plain());
+                    res = res.into_response(e.render(f.content_type, f.pretty));
+                }
                 // Browser-based SMART apps call from their own origin; tokens, not cookies,
                 // authorize FHIR calls, so any origin may read what its token permits.
                 res.headers_mut().insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, header::HeaderValue::from_static("*"));
@@ -165,11 +170,8 @@ async fn health() -> HttpResponse {
 }
 
 async fn not_found(req: HttpRequest) -> HttpResponse {
-    let f = Format::plain();
-    error_response(
-        &FhirError::new(404, "not-supported", format!("no FHIR interaction at {} {}", req.method(), req.path())),
-        &f,
-    )
+    FhirError::new(ErrorCode::UnknownRoute, format!("no FHIR interaction at {} {}", req.method(), req.path()))
+        .error_response()
 }
 
 /// How to write the response body.
@@ -217,8 +219,7 @@ impl Format {
 
 fn not_acceptable(what: &str) -> FhirError {
     FhirError::new(
-        406,
-        "not-supported",
+        ErrorCode::NotAcceptable,
         format!(
             "cannot produce {what:?}: this server speaks FHIR JSON (application/fhir+json) only; XML is not supported"
         ),
@@ -237,38 +238,6 @@ pub fn json_response(status: u16, body: &Json, f: &Format) -> HttpResponse {
     body_response(status, f).body(text)
 }
 
-pub fn error_response(e: &FhirError, f: &Format) -> HttpResponse {
-    let mut r = json_response(e.status, &e.to_outcome(), f);
-    if e.status == 401 {
-        // RFC 6750 3: no error code when no token was sent; invalid_token when it is bad.
-        let first = e.issues.first();
-        let value = match first {
-            Some(i) if i.code == "security" => format!(
-                "Bearer realm=\"fhir-ledger\", error=\"invalid_token\", error_description=\"{}\"",
-                // A header value is visible ASCII: anything a token smuggled in is dropped.
-                i.diagnostics
-                    .chars()
-                    .map(|c| if c == '"' || c == '\\' { '\'' } else { c })
-                    .filter(|c| c.is_ascii_graphic() || *c == ' ')
-                    .collect::<String>()
-            ),
-            _ => "Bearer realm=\"fhir-ledger\"".to_string(),
-        };
-        if let Ok(v) = header::HeaderValue::from_str(&value) {
-            r.headers_mut().insert(header::WWW_AUTHENTICATE, v);
-        }
-    }
-    r
-}
-
-/// Runs a handler body, turning any [`FhirError`] into an OperationOutcome response.
-pub fn respond(req: &HttpRequest, f: impl FnOnce(&Format) -> Result<HttpResponse, FhirError>) -> HttpResponse {
-    match Format::negotiate(req) {
-        Ok(fmt) => f(&fmt).unwrap_or_else(|e| error_response(&e, &fmt)),
-        Err(e) => error_response(&e, &Format::plain()),
-    }
-}
-
 /// Reads the request body within the configured limit and checks its media type.
 pub async fn read_body(req: &HttpRequest, mut payload: web::Payload, limit: usize) -> Result<Vec<u8>, FhirError> {
     if let Some(ct) = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) {
@@ -285,15 +254,14 @@ pub async fn read_body(req: &HttpRequest, mut payload: web::Payload, limit: usiz
         );
         if !ok {
             return Err(FhirError::new(
-                415,
-                "not-supported",
+                ErrorCode::UnsupportedMediaType,
                 format!("Content-Type {t} is not supported; send application/fhir+json"),
             ));
         }
     }
     let declared =
         req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok());
-    let too_large = || FhirError::new(413, "too-costly", format!("request body exceeds the limit of {limit} bytes"));
+    let too_large = || FhirError::new(ErrorCode::TooLarge, format!("request body exceeds the limit of {limit} bytes"));
     if declared.is_some_and(|n| n > limit) {
         return Err(too_large());
     }
@@ -311,12 +279,12 @@ pub async fn read_body(req: &HttpRequest, mut payload: web::Payload, limit: usiz
 /// Parses a request body as a resource; syntax errors name line and column.
 pub fn parse_resource(body: &[u8]) -> Result<Json, FhirError> {
     if body.is_empty() {
-        return Err(FhirError::new(400, "required", "the request body is empty; a FHIR resource was expected"));
+        return Err(FhirError::new(ErrorCode::Required, "the request body is empty; a FHIR resource was expected"));
     }
-    let v =
-        json::parse(body, MAX_DEPTH).map_err(|e| FhirError::new(400, "structure", format!("malformed JSON: {e}")))?;
+    let v = json::parse(body, MAX_DEPTH)
+        .map_err(|e| FhirError::new(ErrorCode::Structure, format!("malformed JSON: {e}")))?;
     if !matches!(v, Json::Object(_)) {
-        return Err(FhirError::new(400, "structure", "the body must be a JSON object (a FHIR resource)"));
+        return Err(FhirError::new(ErrorCode::Structure, "the body must be a JSON object (a FHIR resource)"));
     }
     Ok(v)
 }

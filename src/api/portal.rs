@@ -5,7 +5,6 @@
 use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
 use maud::html;
-use serde_json::Value;
 
 use super::smart::authorize::CLIENT_SYSTEM;
 use super::smart::pages;
@@ -58,23 +57,25 @@ fn connected_apps(state: &AppState, patient: &str) -> Result<Vec<(String, String
     for id in ids {
         let Ok(s) = repo.read("Consent", &id) else { continue };
         let Some(body) = s.body else { continue };
-        let v: Value = serde_json::from_str(&body).map_err(FhirError::internal)?;
-        if v["status"] != "active" {
+        let v = crate::fhir::json::parse(body.as_bytes(), usize::MAX).map_err(FhirError::internal)?;
+        if v.str_at(&["status"]) != Some("active") {
             continue;
         }
-        let Some(actor) = v["provision"]["actor"].as_array().and_then(|a| {
-            a.iter().find(|x| x["reference"]["identifier"]["system"] == CLIENT_SYSTEM).map(|x| x["reference"].clone())
-        }) else {
+        let Some(actor) = v
+            .items(&["provision", "actor"])
+            .find(|x| x.str_at(&["reference", "identifier", "system"]) == Some(CLIENT_SYSTEM))
+            .and_then(|x| x.get("reference"))
+        else {
             continue;
         };
-        let name = actor["display"].as_str().or(actor["identifier"]["value"].as_str()).unwrap_or("").to_string();
-        let scopes = v["extension"]
-            .as_array()
-            .and_then(|e| e.iter().find(|x| x["url"] == crate::consent::SCOPES_EXTENSION))
-            .and_then(|x| x["valueString"].as_str())
+        let name = actor.str_at(&["display"]).or(actor.str_at(&["identifier", "value"])).unwrap_or("").to_string();
+        let scopes = v
+            .items(&["extension"])
+            .find(|x| x.str_at(&["url"]) == Some(crate::consent::SCOPES_EXTENSION))
+            .and_then(|x| x.str_at(&["valueString"]))
             .unwrap_or("")
             .to_string();
-        out.push((id, name, scopes, v["dateTime"].as_str().unwrap_or("").to_string()));
+        out.push((id, name, scopes, v.str_at(&["dateTime"]).unwrap_or("").to_string()));
     }
     Ok(out)
 }
@@ -179,6 +180,6 @@ async fn withdraw(
     .await;
     match result {
         Ok(_) => HttpResponse::SeeOther().insert_header((header::LOCATION, "/portal")).finish(),
-        Err(e) => html(e.status, pages::error("Could not withdraw", &e.issues[0].diagnostics)),
+        Err(e) => html(e.status(), pages::error("Could not withdraw", &e.issues[0].diagnostics)),
     }
 }

@@ -3,11 +3,11 @@
 
 use actix_web::{HttpRequest, HttpResponse};
 
-use super::{authz, json_response, respond, AppState};
+use super::{authz, json_response, AppState, Format};
 use crate::auth::scopes::{Context, Perm};
 use crate::error::FhirError;
 
-pub async fn access_report(req: &HttpRequest, state: &AppState, id: &str) -> HttpResponse {
+pub async fn access_report(req: &HttpRequest, state: &AppState, id: &str) -> Result<HttpResponse, FhirError> {
     let caller = authz::caller(req);
     let allowed = (|| {
         authz::require(state, &caller, "AuditEvent", Perm::S, "operation")?;
@@ -26,13 +26,10 @@ pub async fn access_report(req: &HttpRequest, state: &AppState, id: &str) -> Htt
         authz::check_visible(state, &caller, "Patient", id, "operation")?;
         Ok(())
     })();
-    if let Err(e) = allowed {
-        return respond(req, |_| Err(e));
-    }
+    allowed?;
     // Count every disclosure answered before this request.
     state.auth.disclosures.flush().await;
-    respond(req, |f| {
-        let (total, accessors) = crate::disclosure::access_report(&state.search, id)?;
-        Ok(json_response(200, &crate::disclosure::report_parameters(id, total, &accessors), f))
-    })
+    let f = &Format::negotiate(req)?;
+    let (total, accessors) = crate::disclosure::access_report(&state.search, id)?;
+    Ok(json_response(200, &crate::disclosure::report_parameters(id, total, &accessors), f))
 }

@@ -7,7 +7,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use super::authz;
 use super::{base_url, parse_etag, parse_resource, prefer_return, read_body, AppState, Format, Return};
 use crate::auth::scopes::Perm;
-use crate::error::{information, FhirError};
+use crate::error::{information, ErrorCode, FhirError};
 use crate::fhir::json::Json;
 use crate::fhir::{http_date, is_valid_id};
 use crate::repo::interactions::{self, Planned};
@@ -17,7 +17,7 @@ pub fn check_type(repo: &Repo, rtype: &str) -> Result<(), FhirError> {
     if repo.profiles.is_resource_type(rtype) {
         Ok(())
     } else {
-        Err(FhirError::new(404, "not-supported", format!("{rtype:?} is not an R4 resource type")))
+        Err(FhirError::new(ErrorCode::UnknownRoute, format!("{rtype:?} is not an R4 resource type")))
     }
 }
 
@@ -111,33 +111,28 @@ pub async fn create(
     path: web::Path<String>,
     payload: web::Payload,
     state: web::Data<AppState>,
-) -> HttpResponse {
+) -> Result<HttpResponse, FhirError> {
     let rtype = path.into_inner();
-    let result = async {
-        let f = Format::negotiate(&req)?;
-        // Some clients send create criteria as a query string (an Aidbox extension); FHIR R4's
-        // conditional create is the If-None-Exist header, and silently creating would be wrong.
-        if let Some((k, _)) = crate::codec::parse_query(req.query_string()).into_iter().find(|(k, _)| k != "_format" && k != "_pretty") {
-            return Err(FhirError::invalid(format!(
-                "create takes no search parameters (got {k:?}); for a conditional create send them in the If-None-Exist header"
-            ))
-            .at(k));
-        }
-        let caller = authz::caller(&req);
-        authz::require(&state, &caller, &rtype, Perm::C, "create")?;
-        let res = resource_body(&req, payload, &state, &rtype).await?;
-        let if_none_exist = req.headers().get("if-none-exist").map(|v| v.to_str().unwrap_or("").to_string());
-        if if_none_exist.is_some() {
-            authz::require(&state, &caller, &rtype, Perm::S, "create")?;
-        }
-        let id = new_id();
-        commit_one(&req, &state, &f, |plan| {
-            interactions::create(plan, &rtype, &id, &res, if_none_exist.as_deref())
-        })
-        .await
+    let f = Format::negotiate(&req)?;
+    // Some clients send create criteria as a query string (an Aidbox extension); FHIR R4's
+    // conditional create is the If-None-Exist header, and silently creating would be wrong.
+    if let Some((k, _)) =
+        crate::codec::parse_query(req.query_string()).into_iter().find(|(k, _)| k != "_format" && k != "_pretty")
+    {
+        return Err(FhirError::invalid(format!(
+            "create takes no search parameters (got {k:?}); for a conditional create send them in the If-None-Exist header"
+        ))
+        .at(k));
     }
-    .await;
-    finish(&req, result)
+    let caller = authz::caller(&req);
+    authz::require(&state, &caller, &rtype, Perm::C, "create")?;
+    let res = resource_body(&req, payload, &state, &rtype).await?;
+    let if_none_exist = req.headers().get("if-none-exist").map(|v| v.to_str().unwrap_or("").to_string());
+    if if_none_exist.is_some() {
+        authz::require(&state, &caller, &rtype, Perm::S, "create")?;
+    }
+    let id = new_id();
+    commit_one(&req, &state, &f, |plan| interactions::create(plan, &rtype, &id, &res, if_none_exist.as_deref())).await
 }
 
 pub async fn update(
@@ -145,28 +140,24 @@ pub async fn update(
     path: web::Path<(String, String)>,
     payload: web::Payload,
     state: web::Data<AppState>,
-) -> HttpResponse {
+) -> Result<HttpResponse, FhirError> {
     let (rtype, id) = path.into_inner();
-    let result = async {
-        let f = Format::negotiate(&req)?;
-        check_id(&id)?;
-        let res = resource_body(&req, payload, &state, &rtype).await?;
-        match res.get("id").and_then(Json::as_str) {
-            Some(body_id) if body_id == id => {}
-            Some(body_id) => {
-                return Err(FhirError::invalid(format!("the body's id {body_id:?} differs from the URL's id {id:?}"))
-                    .at(format!("{rtype}.id")))
-            }
-            None => {
-                return Err(FhirError::invalid(format!("the body has no id; an update must carry id {id:?}"))
-                    .at(format!("{rtype}.id")))
-            }
+    let f = Format::negotiate(&req)?;
+    check_id(&id)?;
+    let res = resource_body(&req, payload, &state, &rtype).await?;
+    match res.get("id").and_then(Json::as_str) {
+        Some(body_id) if body_id == id => {}
+        Some(body_id) => {
+            return Err(FhirError::invalid(format!("the body's id {body_id:?} differs from the URL's id {id:?}"))
+                .at(format!("{rtype}.id")))
         }
-        let if_match = parse_etag(req.headers(), header::IF_MATCH)?;
-        commit_one(&req, &state, &f, |plan| interactions::update(plan, &rtype, &id, &res, if_match)).await
+        None => {
+            return Err(FhirError::invalid(format!("the body has no id; an update must carry id {id:?}"))
+                .at(format!("{rtype}.id")))
+        }
     }
-    .await;
-    finish(&req, result)
+    let if_match = parse_etag(req.headers(), header::IF_MATCH)?;
+    commit_one(&req, &state, &f, |plan| interactions::update(plan, &rtype, &id, &res, if_match)).await
 }
 
 pub async fn conditional_update(
@@ -174,20 +165,16 @@ pub async fn conditional_update(
     path: web::Path<String>,
     payload: web::Payload,
     state: web::Data<AppState>,
-) -> HttpResponse {
+) -> Result<HttpResponse, FhirError> {
     let rtype = path.into_inner();
-    let result = async {
-        let f = Format::negotiate(&req)?;
-        let caller = authz::caller(&req);
-        authz::require(&state, &caller, &rtype, Perm::U, "update")?;
-        authz::require(&state, &caller, &rtype, Perm::S, "update")?;
-        let res = resource_body(&req, payload, &state, &rtype).await?;
-        let query = req.query_string().to_string();
-        let id = new_id();
-        commit_one(&req, &state, &f, |plan| interactions::conditional_update(plan, &rtype, &query, &res, &id)).await
-    }
-    .await;
-    finish(&req, result)
+    let f = Format::negotiate(&req)?;
+    let caller = authz::caller(&req);
+    authz::require(&state, &caller, &rtype, Perm::U, "update")?;
+    authz::require(&state, &caller, &rtype, Perm::S, "update")?;
+    let res = resource_body(&req, payload, &state, &rtype).await?;
+    let query = req.query_string().to_string();
+    let id = new_id();
+    commit_one(&req, &state, &f, |plan| interactions::conditional_update(plan, &rtype, &query, &res, &id)).await
 }
 
 pub async fn patch(
@@ -195,95 +182,81 @@ pub async fn patch(
     path: web::Path<(String, String)>,
     payload: web::Payload,
     state: web::Data<AppState>,
-) -> HttpResponse {
+) -> Result<HttpResponse, FhirError> {
     let (rtype, id) = path.into_inner();
-    let result = async {
-        let f = Format::negotiate(&req)?;
-        check_type(&state.repo, &rtype)?;
-        check_id(&id)?;
-        let caller = authz::caller(&req);
-        authz::require(&state, &caller, &rtype, Perm::U, "patch")?;
-        authz::check_visible(&state, &caller, &rtype, &id, "patch")?;
-        let ct = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
-        if !ct.starts_with("application/json-patch+json") {
-            return Err(FhirError::new(
-                415,
-                "not-supported",
-                "PATCH takes a JSON Patch document (application/json-patch+json)",
-            ));
+    let f = Format::negotiate(&req)?;
+    check_type(&state.repo, &rtype)?;
+    check_id(&id)?;
+    let caller = authz::caller(&req);
+    authz::require(&state, &caller, &rtype, Perm::U, "patch")?;
+    authz::check_visible(&state, &caller, &rtype, &id, "patch")?;
+    let ct = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    if !ct.starts_with("application/json-patch+json") {
+        return Err(FhirError::new(
+            ErrorCode::UnsupportedMediaType,
+            "PATCH takes a JSON Patch document (application/json-patch+json)",
+        ));
+    }
+    let body = read_body(&req, payload, state.max_body_bytes).await?;
+    let patch = crate::fhir::json::parse(&body, super::MAX_DEPTH)
+        .map_err(|e| FhirError::new(ErrorCode::Structure, format!("malformed JSON Patch: {e}")))?;
+    let if_match = parse_etag(req.headers(), header::IF_MATCH)?;
+    let repo = &state.repo;
+    commit_one(&req, &state, &f, |plan| {
+        let current = repo.read(&rtype, &id)?;
+        if if_match.is_some_and(|v| v != current.version) {
+            return Err(FhirError::precondition(format!("If-Match does not match version {}", current.version)));
         }
-        let body = read_body(&req, payload, state.max_body_bytes).await?;
-        let patch = crate::fhir::json::parse(&body, super::MAX_DEPTH)
-            .map_err(|e| FhirError::new(400, "structure", format!("malformed JSON Patch: {e}")))?;
-        let if_match = parse_etag(req.headers(), header::IF_MATCH)?;
-        let repo = &state.repo;
-        commit_one(&req, &state, &f, |plan| {
-            let current = repo.read(&rtype, &id)?;
-            if if_match.is_some_and(|v| v != current.version) {
-                return Err(FhirError::precondition(format!("If-Match does not match version {}", current.version)));
-            }
-            let mut doc = current.parsed()?.ok_or_else(|| FhirError::gone(&format!("{rtype}/{id}")))?;
-            crate::fhir::patch::apply(&mut doc, &patch)
-                .map_err(|e| FhirError::new(422, "processing", format!("JSON Patch failed: {e}")))?;
-            if doc.get("id").and_then(Json::as_str) != Some(id.as_str()) {
-                return Err(FhirError::new(422, "processing", "a patch may not change the resource's id"));
-            }
-            crate::search::validate::validate(&state.search, &rtype, &doc, None).map_err(|mut e| {
-                e.status = 422;
-                e
-            })?;
-            interactions::update(plan, &rtype, &id, &doc, Some(current.version))
-        })
-        .await
-    }
-    .await;
-    finish(&req, result)
-}
-
-pub async fn delete(req: HttpRequest, path: web::Path<(String, String)>, state: web::Data<AppState>) -> HttpResponse {
-    let (rtype, id) = path.into_inner();
-    let result = async {
-        let f = Format::negotiate(&req)?;
-        check_type(&state.repo, &rtype)?;
-        check_id(&id)?;
-        let caller = authz::caller(&req);
-        authz::require(&state, &caller, &rtype, Perm::D, "delete")?;
-        let if_match = parse_etag(req.headers(), header::IF_MATCH)?;
-        commit_one(&req, &state, &f, |plan| {
-            let p = interactions::delete(plan, &rtype, &id, if_match)?;
-            // To a token, a resource it may not see and one that is not there are both a 404
-            // (without authorization, deleting an absent resource stays an idempotent 204).
-            if p.write.is_none() && !caller.unrestricted {
-                return Err(FhirError::not_found(&format!("{rtype}/{id}")));
-            }
-            Ok(p)
-        })
-        .await
-    }
-    .await;
-    finish(&req, result)
-}
-
-pub async fn conditional_delete(req: HttpRequest, path: web::Path<String>, state: web::Data<AppState>) -> HttpResponse {
-    let rtype = path.into_inner();
-    let result = async {
-        let f = Format::negotiate(&req)?;
-        check_type(&state.repo, &rtype)?;
-        let caller = authz::caller(&req);
-        authz::require(&state, &caller, &rtype, Perm::D, "delete")?;
-        authz::require(&state, &caller, &rtype, Perm::S, "delete")?;
-        let query = req.query_string().to_string();
-        commit_one(&req, &state, &f, |plan| interactions::conditional_delete(plan, &rtype, &query)).await
-    }
-    .await;
-    finish(&req, result)
-}
-
-fn finish(req: &HttpRequest, result: Result<HttpResponse, FhirError>) -> HttpResponse {
-    result.unwrap_or_else(|e| {
-        let f = Format::negotiate(req).unwrap_or_else(|_| Format::plain());
-        super::error_response(&e, &f)
+        let mut doc = current.parsed()?.ok_or_else(|| FhirError::gone(&format!("{rtype}/{id}")))?;
+        crate::fhir::patch::apply(&mut doc, &patch)
+            .map_err(|e| FhirError::new(ErrorCode::Unprocessable, format!("JSON Patch failed: {e}")))?;
+        if doc.get("id").and_then(Json::as_str) != Some(id.as_str()) {
+            return Err(FhirError::new(ErrorCode::Unprocessable, "a patch may not change the resource's id"));
+        }
+        crate::search::validate::validate(&state.search, &rtype, &doc, None)
+            .map_err(|e| e.recode(ErrorCode::Unprocessable))?;
+        interactions::update(plan, &rtype, &id, &doc, Some(current.version))
     })
+    .await
+}
+
+pub async fn delete(
+    req: HttpRequest,
+    path: web::Path<(String, String)>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, FhirError> {
+    let (rtype, id) = path.into_inner();
+    let f = Format::negotiate(&req)?;
+    check_type(&state.repo, &rtype)?;
+    check_id(&id)?;
+    let caller = authz::caller(&req);
+    authz::require(&state, &caller, &rtype, Perm::D, "delete")?;
+    let if_match = parse_etag(req.headers(), header::IF_MATCH)?;
+    commit_one(&req, &state, &f, |plan| {
+        let p = interactions::delete(plan, &rtype, &id, if_match)?;
+        // To a token, a resource it may not see and one that is not there are both a 404
+        // (without authorization, deleting an absent resource stays an idempotent 204).
+        if p.write.is_none() && !caller.unrestricted {
+            return Err(FhirError::not_found(&format!("{rtype}/{id}")));
+        }
+        Ok(p)
+    })
+    .await
+}
+
+pub async fn conditional_delete(
+    req: HttpRequest,
+    path: web::Path<String>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, FhirError> {
+    let rtype = path.into_inner();
+    let f = Format::negotiate(&req)?;
+    check_type(&state.repo, &rtype)?;
+    let caller = authz::caller(&req);
+    authz::require(&state, &caller, &rtype, Perm::D, "delete")?;
+    authz::require(&state, &caller, &rtype, Perm::S, "delete")?;
+    let query = req.query_string().to_string();
+    commit_one(&req, &state, &f, |plan| interactions::conditional_delete(plan, &rtype, &query)).await
 }
 
 /// The stored compact JSON as it is, or re-indented for `_pretty=true`.
@@ -302,42 +275,42 @@ fn read_response(f: &Format, s: &Stored) -> Result<HttpResponse, FhirError> {
     Ok(b.body(render(body, f)))
 }
 
-pub async fn read(req: HttpRequest, path: web::Path<(String, String)>, state: web::Data<AppState>) -> HttpResponse {
+pub async fn read(
+    req: HttpRequest,
+    path: web::Path<(String, String)>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, FhirError> {
     let (rtype, id) = path.into_inner();
-    let result = async {
-        let f = Format::negotiate(&req)?;
-        check_type(&state.repo, &rtype)?;
-        check_id(&id).map_err(|_| FhirError::not_found(&format!("{rtype}/{id}")))?;
-        let caller = authz::caller(&req);
-        authz::require(&state, &caller, &rtype, Perm::R, "read")?;
-        super::read_barrier(&req, &state.repo).await?;
-        // Hidden and missing look the same: a 404 before anything is read.
-        let disclosed = authz::check_visible(&state, &caller, &rtype, &id, "read")?;
-        // The guard found the current version in the index: read it by leaf, from the body
-        // cache when it is there.
-        let by_leaf = disclosed.leaf.and_then(|leaf| state.repo.read_leaves(&[leaf]).pop());
-        let s = match by_leaf.unwrap_or_else(|| state.repo.read(&rtype, &id)) {
-            Err(e) if e.status == 410 => {
-                // A deleted resource still tells its ETag, as HAPI and Blaze do.
-                let cur = state.repo.view().current(&rtype, &id)?.map(|c| c.version).unwrap_or(0);
-                let mut r = super::error_response(&e, &f);
-                if let Ok(v) = header::HeaderValue::from_str(&format!("W/\"{cur}\"")) {
-                    r.headers_mut().insert(header::ETAG, v);
-                }
-                return Ok(r);
+    let f = Format::negotiate(&req)?;
+    check_type(&state.repo, &rtype)?;
+    check_id(&id).map_err(|_| FhirError::not_found(&format!("{rtype}/{id}")))?;
+    let caller = authz::caller(&req);
+    authz::require(&state, &caller, &rtype, Perm::R, "read")?;
+    super::read_barrier(&req, &state.repo).await?;
+    // Hidden and missing look the same: a 404 before anything is read.
+    let disclosed = authz::check_visible(&state, &caller, &rtype, &id, "read")?;
+    // The guard found the current version in the index: read it by leaf, from the body
+    // cache when it is there.
+    let by_leaf = disclosed.leaf.and_then(|leaf| state.repo.read_leaves(&[leaf]).pop());
+    let s = match by_leaf.unwrap_or_else(|| state.repo.read(&rtype, &id)) {
+        Err(e) if e.status() == 410 => {
+            // A deleted resource still tells its ETag, as HAPI and Blaze do.
+            let cur = state.repo.view().current(&rtype, &id)?.map(|c| c.version).unwrap_or(0);
+            let mut r = e.render(f.content_type, f.pretty);
+            if let Ok(v) = header::HeaderValue::from_str(&format!("W/\"{cur}\"")) {
+                r.headers_mut().insert(header::ETAG, v);
             }
-            other => other?,
-        };
-        if not_modified(&req, &s) {
-            let mut b = HttpResponse::NotModified();
-            version_headers(&mut b, &s);
-            return Ok(b.finish());
+            return Ok(r);
         }
-        authz::disclosed(&state, &caller, "read", &[(s.rtype.clone(), s.id.clone(), s.version)], &disclosed);
-        read_response(&f, &s)
+        other => other?,
+    };
+    if not_modified(&req, &s) {
+        let mut b = HttpResponse::NotModified();
+        version_headers(&mut b, &s);
+        return Ok(b.finish());
     }
-    .await;
-    finish(&req, result)
+    authz::disclosed(&state, &caller, "read", &[(s.rtype.clone(), s.id.clone(), s.version)], &disclosed);
+    read_response(&f, &s)
 }
 
 /// Conditional read: `If-None-Match` naming the current version (or `*`), or
@@ -365,29 +338,25 @@ pub async fn vread(
     req: HttpRequest,
     path: web::Path<(String, String, String)>,
     state: web::Data<AppState>,
-) -> HttpResponse {
+) -> Result<HttpResponse, FhirError> {
     let (rtype, id, vid) = path.into_inner();
-    let result = async {
-        let f = Format::negotiate(&req)?;
-        check_type(&state.repo, &rtype)?;
-        let what = format!("{rtype}/{id}/_history/{vid}");
-        let version: u64 = vid.parse().map_err(|_| FhirError::not_found(&what))?;
-        check_id(&id).map_err(|_| FhirError::not_found(&what))?;
-        let caller = authz::caller(&req);
-        authz::require(&state, &caller, &rtype, Perm::R, "vread")?;
-        super::read_barrier(&req, &state.repo).await?;
-        let s = state.repo.vread(&rtype, &id, version)?;
-        // Each version is judged by its own content: one that belonged to another patient
-        // before the resource moved (or before its id was reused) is hidden like a missing one.
-        let disclosed = authz::version_visible(&state, &caller, &s)?.ok_or_else(|| FhirError::not_found(&what))?;
-        if s.deleted {
-            return Err(FhirError::gone(&what));
-        }
-        authz::disclosed(&state, &caller, "vread", &[(s.rtype.clone(), s.id.clone(), s.version)], &disclosed);
-        read_response(&f, &s)
+    let f = Format::negotiate(&req)?;
+    check_type(&state.repo, &rtype)?;
+    let what = format!("{rtype}/{id}/_history/{vid}");
+    let version: u64 = vid.parse().map_err(|_| FhirError::not_found(&what))?;
+    check_id(&id).map_err(|_| FhirError::not_found(&what))?;
+    let caller = authz::caller(&req);
+    authz::require(&state, &caller, &rtype, Perm::R, "vread")?;
+    super::read_barrier(&req, &state.repo).await?;
+    let s = state.repo.vread(&rtype, &id, version)?;
+    // Each version is judged by its own content: one that belonged to another patient
+    // before the resource moved (or before its id was reused) is hidden like a missing one.
+    let disclosed = authz::version_visible(&state, &caller, &s)?.ok_or_else(|| FhirError::not_found(&what))?;
+    if s.deleted {
+        return Err(FhirError::gone(&what));
     }
-    .await;
-    finish(&req, result)
+    authz::disclosed(&state, &caller, "vread", &[(s.rtype.clone(), s.id.clone(), s.version)], &disclosed);
+    read_response(&f, &s)
 }
 
 pub fn link(relation: &str, url: &str) -> Json {

@@ -6,17 +6,21 @@ use actix_web::{web, HttpRequest, HttpResponse};
 
 use super::authz;
 use super::resource::{check_type, enc, link};
-use super::{base_url, json_response, prefer_lenient, read_barrier, read_body, respond, AppState};
+use super::{base_url, json_response, prefer_lenient, read_barrier, read_body, AppState, Format};
 use crate::auth::scopes::Perm;
 use crate::auth::Caller;
 use crate::codec::parse_query;
-use crate::error::FhirError;
+use crate::error::{ErrorCode, FhirError};
 use crate::fhir::json::Json;
 use crate::repo::Repo;
 use crate::search::query::{Filter, Summary, Total};
 use crate::search::{self, summary};
 
-pub async fn type_get(req: HttpRequest, path: web::Path<String>, state: web::Data<AppState>) -> HttpResponse {
+pub async fn type_get(
+    req: HttpRequest,
+    path: web::Path<String>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, FhirError> {
     let rtype = path.into_inner();
     let params = parse_query(req.query_string());
     answer(&req, &state, Scope::Type(rtype), params).await
@@ -27,23 +31,27 @@ pub async fn type_post(
     path: web::Path<String>,
     payload: web::Payload,
     state: web::Data<AppState>,
-) -> HttpResponse {
+) -> Result<HttpResponse, FhirError> {
     let rtype = path.into_inner();
     match form(&req, payload, &state).await {
         Ok(params) => answer(&req, &state, Scope::Type(rtype), params).await,
-        Err(e) => respond(&req, |_| Err(e)),
+        Err(e) => Err(e),
     }
 }
 
-pub async fn system_get(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
+pub async fn system_get(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, FhirError> {
     let params = parse_query(req.query_string());
     answer(&req, &state, Scope::System, params).await
 }
 
-pub async fn system_post(req: HttpRequest, payload: web::Payload, state: web::Data<AppState>) -> HttpResponse {
+pub async fn system_post(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, FhirError> {
     match form(&req, payload, &state).await {
         Ok(params) => answer(&req, &state, Scope::System, params).await,
-        Err(e) => respond(&req, |_| Err(e)),
+        Err(e) => Err(e),
     }
 }
 
@@ -51,7 +59,7 @@ pub async fn compartment(
     req: HttpRequest,
     path: web::Path<(String, String, String)>,
     state: web::Data<AppState>,
-) -> HttpResponse {
+) -> Result<HttpResponse, FhirError> {
     let (ctype, id, rtype) = path.into_inner();
     if ctype == "Patient" && rtype == "$access-report" {
         return super::report::access_report(&req, &state, &id).await;
@@ -74,17 +82,21 @@ enum Scope {
     Compartment { ctype: String, id: String, rtype: String },
 }
 
-async fn answer(req: &HttpRequest, state: &AppState, scope: Scope, params: Vec<(String, String)>) -> HttpResponse {
-    if let Err(e) = read_barrier(req, &state.repo).await {
-        return respond(req, |_| Err(e));
-    }
+async fn answer(
+    req: &HttpRequest,
+    state: &AppState,
+    scope: Scope,
+    params: Vec<(String, String)>,
+) -> Result<HttpResponse, FhirError> {
+    read_barrier(req, &state.repo).await?;
     let base = base_url(req);
     let lenient = prefer_lenient(req);
     let caller = authz::caller(req);
     let who = Who { state, caller: &caller };
     // Run on the worker: a search over the in-memory index takes about as long as a hand-off
     // to the blocking pool and back (measured: the context switches dominated the profile).
-    respond(req, |f| Ok(json_response(200, &bundle_for(&who, &base, scope, &params, lenient)?, f)))
+    let f = &Format::negotiate(req)?;
+    Ok(json_response(200, &bundle_for(&who, &base, scope, &params, lenient)?, f))
 }
 
 /// Who searches: the state (for logging) and the caller (for scopes and visibility).
@@ -138,8 +150,7 @@ fn bundle_for(
         Scope::Compartment { ctype, id, rtype } => {
             if ctype != "Patient" {
                 return Err(FhirError::new(
-                    404,
-                    "not-supported",
+                    ErrorCode::UnknownRoute,
                     format!("compartment {ctype} is not supported (the Patient compartment is)"),
                 ));
             }

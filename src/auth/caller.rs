@@ -10,7 +10,7 @@ use super::jose::{self, Alg};
 use super::scopes::{self, Context, Perm, ResourceScope};
 use super::store::{self, Client, Grant};
 use super::Auth;
-use crate::error::FhirError;
+use crate::error::{ErrorCode, FhirError};
 use crate::repo::Repo;
 
 /// The caller recorded in the ledger when authorization is off.
@@ -56,11 +56,11 @@ const LEEWAY_S: i64 = 30;
 pub const ADMINISTRATOR: &str = "administrator";
 
 pub fn unauthorized(why: impl Into<String>) -> FhirError {
-    FhirError::new(401, "security", why.into())
+    FhirError::new(ErrorCode::InvalidToken, why.into())
 }
 
 pub fn forbidden(why: impl Into<String>) -> FhirError {
-    FhirError::new(403, "forbidden", why.into())
+    FhirError::forbidden(why.into())
 }
 
 impl Caller {
@@ -272,7 +272,10 @@ impl Auth {
             .and_then(|h| h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")))
             .map(str::trim)
             .ok_or_else(|| {
-                FhirError::new(401, "login", "this server needs an access token: Authorization: Bearer <token>")
+                FhirError::new(
+                    ErrorCode::Unauthenticated,
+                    "this server needs an access token: Authorization: Bearer <token>",
+                )
             })?;
         let claims = self.verify_token(token).await.map_err(unauthorized)?;
         let mut client_actor = None;

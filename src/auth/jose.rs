@@ -35,17 +35,7 @@ use sha2::{Digest, Sha256};
 
 pub use jsonwebtoken::Algorithm as Alg;
 
-fn b64(bytes: &[u8]) -> String {
-    use base64::Engine as _;
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
-}
-
-fn unb64(s: &str) -> Result<Vec<u8>, String> {
-    use base64::Engine as _;
-    base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(s.trim_end_matches('='))
-        .map_err(|e| format!("bad base64url: {e}"))
-}
+use crate::codec::{b64url, unb64url};
 
 /// A verifying key from a JWK that [`from_jwk`] accepted.
 #[derive(Clone)]
@@ -167,15 +157,18 @@ pub fn ed25519_jwk(key: &ed25519_dalek::VerifyingKey, kid: &str) -> Value {
     let okp = OctetKeyPairParameters {
         key_type: OctetKeyPairType::OctetKeyPair,
         curve: EllipticCurve::Ed25519,
-        x: b64(key.as_bytes()),
+        x: b64url(key.as_bytes()),
     };
     published(kid, KeyAlgorithm::EdDSA, AlgorithmParameters::OctetKeyPair(okp))
 }
 
 pub fn rsa_jwk(key: &rsa::RsaPublicKey, kid: &str) -> Value {
     use rsa::traits::PublicKeyParts;
-    let params =
-        RSAKeyParameters { key_type: RSAKeyType::RSA, n: b64(&key.n().to_bytes_be()), e: b64(&key.e().to_bytes_be()) };
+    let params = RSAKeyParameters {
+        key_type: RSAKeyType::RSA,
+        n: b64url(&key.n().to_bytes_be()),
+        e: b64url(&key.e().to_bytes_be()),
+    };
     published(kid, KeyAlgorithm::RS256, AlgorithmParameters::RSA(params))
 }
 
@@ -194,7 +187,7 @@ pub fn from_jwk(jwk: &Value) -> Result<PublicKey, String> {
     let parsed: Jwk = serde_json::from_value(jwk.clone()).map_err(|e| format!("malformed JWK: {e}"))?;
     let key = match &parsed.algorithm {
         AlgorithmParameters::OctetKeyPair(p) if p.curve == EllipticCurve::Ed25519 => {
-            let x: [u8; 32] = unb64(&p.x)?.try_into().map_err(|_| "an Ed25519 x must be 32 bytes")?;
+            let x: [u8; 32] = unb64url(&p.x)?.try_into().map_err(|_| "an Ed25519 x must be 32 bytes")?;
             let k = ed25519_dalek::VerifyingKey::from_bytes(&x).map_err(|e| format!("bad Ed25519 key: {e}"))?;
             if k.is_weak() {
                 return Err("bad Ed25519 key: a point of small order".into());
@@ -202,8 +195,8 @@ pub fn from_jwk(jwk: &Value) -> Result<PublicKey, String> {
             DecodingKey::from_ed_der(&x)
         }
         AlgorithmParameters::RSA(p) => {
-            let n = rsa::BigUint::from_bytes_be(&unb64(&p.n)?);
-            let e = rsa::BigUint::from_bytes_be(&unb64(&p.e)?);
+            let n = rsa::BigUint::from_bytes_be(&unb64url(&p.n)?);
+            let e = rsa::BigUint::from_bytes_be(&unb64url(&p.e)?);
             let key = rsa::RsaPublicKey::new(n, e).map_err(|e| format!("bad RSA key: {e}"))?;
             use rsa::traits::PublicKeyParts;
             if key.size() < 256 {
@@ -212,7 +205,7 @@ pub fn from_jwk(jwk: &Value) -> Result<PublicKey, String> {
             DecodingKey::from_rsa_raw_components(&key.n().to_bytes_be(), &key.e().to_bytes_be())
         }
         AlgorithmParameters::EllipticCurve(p) if p.curve == EllipticCurve::P384 => {
-            let (x, y) = (unb64(&p.x)?, unb64(&p.y)?);
+            let (x, y) = (unb64url(&p.x)?, unb64url(&p.y)?);
             if x.len() != 48 || y.len() != 48 {
                 return Err("P-384 coordinates must be 48 bytes".into());
             }
@@ -258,14 +251,14 @@ mod tests {
 
     /// A token with `header` and `claims`, signed by `sign` over the signing input.
     fn forge(header: &Value, claims: &Value, sign: impl Fn(&[u8]) -> Vec<u8>) -> String {
-        let input = format!("{}.{}", b64(header.to_string().as_bytes()), b64(claims.to_string().as_bytes()));
+        let input = format!("{}.{}", b64url(header.to_string().as_bytes()), b64url(claims.to_string().as_bytes()));
         let sig = sign(input.as_bytes());
-        format!("{input}.{}", b64(&sig))
+        format!("{input}.{}", b64url(&sig))
     }
 
     fn tampered(token: &str) -> String {
         let mut parts: Vec<&str> = token.split('.').collect();
-        let forged = b64(br#"{"iss":"https://as.example","sub":"b","exp":4000000000}"#);
+        let forged = b64url(br#"{"iss":"https://as.example","sub":"b","exp":4000000000}"#);
         parts[1] = &forged;
         parts.join(".")
     }
@@ -326,7 +319,7 @@ mod tests {
         let sk = p384::ecdsa::SigningKey::from_slice(&[5; 48]).expect("P-384 key");
         let point = sk.verifying_key().to_encoded_point(false);
         let (x, y) = (point.x().expect("x"), point.y().expect("y"));
-        let jwk = json!({"kty": "EC", "crv": "P-384", "x": b64(x), "y": b64(y), "kid": "e1"});
+        let jwk = json!({"kty": "EC", "crv": "P-384", "x": b64url(x), "y": b64url(y), "kid": "e1"});
         let pk = from_jwk(&jwk).expect("P-384 JWK");
         let sign = |m: &[u8]| {
             let s: p384::ecdsa::Signature = sk.sign(m);
@@ -336,7 +329,7 @@ mod tests {
         assert_eq!(verify(&t, &pk, &[Alg::RS384, Alg::ES384, Alg::EdDSA]).expect("verifies")["sub"], "a");
         assert!(verify(&tampered(&t), &pk, &[Alg::ES384]).is_err());
         assert!(verify(&t, &pk, &[Alg::RS384, Alg::EdDSA]).is_err(), "ES384 not accepted");
-        let p256 = json!({"kty": "EC", "crv": "P-256", "x": b64(&[1; 32]), "y": b64(&[2; 32])});
+        let p256 = json!({"kty": "EC", "crv": "P-256", "x": b64url(&[1; 32]), "y": b64url(&[2; 32])});
         assert!(from_jwk(&p256).is_err(), "only P-384");
     }
 
@@ -356,11 +349,11 @@ mod tests {
         }
         let mut tokens = Vec::new();
         for alg in ["none", "HS256", "HS384", "HS512", "None", "NONE"] {
-            tokens.push((alg, format!("{}.{}.", b64(format!(r#"{{"alg":"{alg}"}}"#).as_bytes()), b64(b"{}"))));
+            tokens.push((alg, format!("{}.{}.", b64url(format!(r#"{{"alg":"{alg}"}}"#).as_bytes()), b64url(b"{}"))));
         }
         // Algorithm confusion: HMAC keyed with the public key's bytes or its JWK `x`.
         tokens.push(("HS256 keyed with the public key", forge(&json!({"alg": "HS256"}), &claims(), hmac(&public))));
-        let x = b64(&public);
+        let x = b64url(&public);
         tokens.push(("HS256 keyed with the JWK x", forge(&json!({"alg": "HS256"}), &claims(), hmac(x.as_bytes()))));
         for (what, t) in &tokens {
             for pk in &keys {
@@ -371,11 +364,11 @@ mod tests {
         assert!(hs.contains("HS256 is not accepted"), "{hs}");
         assert!(peek("a.b").is_err());
         assert!(peek("not-a-token").is_err());
-        assert!(from_jwk(&json!({"kty": "oct", "k": b64(b"secret")})).is_err(), "no HMAC keys from a JWKS");
+        assert!(from_jwk(&json!({"kty": "oct", "k": b64url(b"secret")})).is_err(), "no HMAC keys from a JWKS");
         // An Ed25519-signed token relabelled RS256 is refused for the Ed25519 key.
         let t = sign(Alg::EdDSA, &ed25519_signing(&k), "k", "JWT", &claims());
         let parts: Vec<&str> = t.split('.').collect();
-        let relabelled = format!("{}.{}.{}", b64(br#"{"alg":"RS256"}"#), parts[1], parts[2]);
+        let relabelled = format!("{}.{}.{}", b64url(br#"{"alg":"RS256"}"#), parts[1], parts[2]);
         assert!(verify(&relabelled, &keys[0], &all()).is_err());
         let crit = forge(&json!({"alg": "EdDSA", "crit": ["exp"]}), &claims(), |m| {
             use ed25519_dalek::Signer;
@@ -390,19 +383,19 @@ mod tests {
         let jwk = ed25519_jwk(&k.verifying_key(), "x");
         assert_eq!(
             jwk,
-            json!({"kty": "OKP", "crv": "Ed25519", "x": b64(k.verifying_key().as_bytes()), "kid": "x", "alg": "EdDSA", "use": "sig"})
+            json!({"kty": "OKP", "crv": "Ed25519", "x": b64url(k.verifying_key().as_bytes()), "kid": "x", "alg": "EdDSA", "use": "sig"})
         );
         assert!(from_jwk(&jwk).is_ok());
         let jwks = json!({"keys": [jwk]});
         assert!(key_in_jwks(&jwks, Some("x")).is_ok());
         assert!(key_in_jwks(&jwks, None).is_ok(), "the only key");
         assert!(key_in_jwks(&jwks, Some("y")).is_err());
-        let short = json!({"kty": "OKP", "crv": "Ed25519", "x": b64(&[1; 16])});
+        let short = json!({"kty": "OKP", "crv": "Ed25519", "x": b64url(&[1; 16])});
         assert!(from_jwk(&short).is_err(), "a short Ed25519 x is refused (the crate would panic on it)");
         let small = rsa::RsaPrivateKey::new(&mut rand::thread_rng(), 1024).expect("RSA key");
         assert!(from_jwk(&rsa_jwk(&small.to_public_key(), "s")).is_err(), "RSA-1024");
         assert!(
-            from_jwk(&json!({"kty": "EC", "crv": "P-384", "x": b64(&[1; 48]), "y": b64(&[2; 48])})).is_err(),
+            from_jwk(&json!({"kty": "EC", "crv": "P-384", "x": b64url(&[1; 48]), "y": b64url(&[2; 48])})).is_err(),
             "off the curve"
         );
     }

@@ -3,8 +3,6 @@
 //! derived from the KEK (XChaCha20-Poly1305), so any node can open what another sealed, and
 //! a client can neither read nor forge them. Each carries its purpose (the AAD) and expiry.
 
-use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
-use base64::Engine as _;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -17,13 +15,12 @@ struct Envelope<T> {
 pub fn seal<T: Serialize>(key: &[u8; 32], purpose: &str, ttl_s: i64, value: &T) -> String {
     let env = Envelope { exp: super::now_s() + ttl_s, v: value };
     let plain = serde_json::to_vec(&env).unwrap_or_default();
-    B64.encode(crate::crypto::seal(key, &plain, purpose.as_bytes()))
+    crate::crypto::seal_text(key, &plain, purpose.as_bytes())
 }
 
 /// Opens a sealed value; `Err` says whether it was expired or not ours.
 pub fn open<T: DeserializeOwned>(key: &[u8; 32], purpose: &str, sealed: &str) -> Result<T, &'static str> {
-    let bytes = B64.decode(sealed.trim()).map_err(|_| "not a value this server issued")?;
-    let plain = crate::crypto::open(key, &bytes, purpose.as_bytes()).map_err(|_| "not a value this server issued")?;
+    let plain = crate::crypto::open_text(key, sealed, purpose.as_bytes()).ok_or("not a value this server issued")?;
     let env: Envelope<T> = serde_json::from_slice(&plain).map_err(|_| "not a value this server issued")?;
     if env.exp < super::now_s() {
         return Err("expired");

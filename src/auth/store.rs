@@ -6,7 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::FhirError;
+use crate::error::{ErrorCode, FhirError};
 use crate::fhir::json::{self, Json};
 use crate::repo::Repo;
 
@@ -111,7 +111,7 @@ pub fn get<T: for<'de> Deserialize<'de>>(repo: &Repo, rtype: &str, id: &str) -> 
             let v = serde_json::from_str(body).map_err(FhirError::internal)?;
             Ok(Some((v, s.version)))
         }
-        Err(e) if e.status == 404 || e.status == 410 => Ok(None),
+        Err(e) if e.is_absent() => Ok(None),
         Err(e) => Err(e),
     }
 }
@@ -129,7 +129,7 @@ pub async fn put<T: Serialize>(
     repo.commit(&crate::repo::System::new(ACTOR), |plan| {
         if if_match == Some(0) {
             if plan.current(rtype, id)?.is_some_and(|c| !c.deleted) {
-                return Err(FhirError::new(409, "duplicate", format!("{id} exists already")));
+                return Err(FhirError::new(ErrorCode::Duplicate, format!("{id} exists already")));
             }
             plan.put(rtype, id, &body, None)?;
         } else {

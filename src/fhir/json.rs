@@ -398,6 +398,29 @@ impl Json {
         }
     }
 
+    /// The value at `path` (object keys), if every step is there.
+    pub fn at(&self, path: &[&str]) -> Option<&Json> {
+        path.iter().try_fold(self, |v, k| v.get(k))
+    }
+
+    /// The string at `path`.
+    pub fn str_at(&self, path: &[&str]) -> Option<&str> {
+        self.at(path).and_then(Json::as_str)
+    }
+
+    /// The items of the array at `path` (none when absent or not an array).
+    pub fn items(&self, path: &[&str]) -> std::slice::Iter<'_, Json> {
+        self.at(path).and_then(Json::as_array).map_or([].iter(), |a| a.iter())
+    }
+
+    /// The number at `path` as an unsigned integer.
+    pub fn u64_at(&self, path: &[&str]) -> Option<u64> {
+        match self.at(path)? {
+            Json::Number(n) => n.parse().ok(),
+            _ => None,
+        }
+    }
+
     pub fn get_mut(&mut self, key: &str) -> Option<&mut Json> {
         match self {
             Json::Object(m) => m.iter_mut().find(|(k, _)| k == key).map(|(_, v)| v),
@@ -452,6 +475,11 @@ impl Json {
 
     pub fn str(s: impl Into<String>) -> Json {
         Json::String(s.into())
+    }
+
+    /// A `base64Binary` value.
+    pub fn base64(bytes: &[u8]) -> Json {
+        Json::String(crate::codec::b64(bytes))
     }
 
     /// A lossy serde view (numbers become f64/i64) for code that only inspects structure.

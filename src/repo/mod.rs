@@ -19,7 +19,7 @@ use consensus::{Command, CurrentRecord, IndexKey, Ledger, Op, Outcome, Precondit
 use sha2::{Digest, Sha256};
 
 use crate::crypto::{self, DataKey, Keyring};
-use crate::error::FhirError;
+use crate::error::{ErrorCode, FhirError};
 use crate::fhir::json::{self, Json};
 use crate::fhir::profiles::Profiles;
 use crate::fhir::refs::{split_reference, values_at};
@@ -340,7 +340,7 @@ impl Repo {
                 Outcome::Refused { reason } => return Err(FhirError::internal(reason)),
             }
         }
-        Err(FhirError::new(409, "conflict", "the resource is being changed by many clients at once; retry"))
+        Err(FhirError::new(ErrorCode::Conflict, "the resource is being changed by many clients at once; retry"))
     }
 
     /// The compartment whose data key encrypts this resource: the patient it belongs to.
@@ -459,8 +459,7 @@ impl<'a> Plan<'a> {
         if let Some(wrapped) = self.repo.view.data_key(compartment)? {
             if wrapped.is_empty() {
                 return Err(FhirError::new(
-                    410,
-                    "deleted",
+                    ErrorCode::Gone,
                     format!("{compartment} was erased; its compartment accepts no new data"),
                 ));
             }
@@ -546,7 +545,7 @@ impl<'a> Plan<'a> {
         let cur = self.current(rtype, id)?;
         // A resource hidden from the caller is deleted exactly like a missing one: not at all.
         let hidden = |c: &CurrentRecord| match self.policy.may_write(rtype, id, Some(c), None) {
-            Err(e) if e.status == 404 => Ok(true),
+            Err(e) if e.status() == 404 => Ok(true),
             other => other.map(|()| false),
         };
         let cur = match cur.filter(|c| !c.deleted) {

@@ -541,7 +541,7 @@ pub fn keep_current(engine: &Arc<Engine>) {
 fn read_json(repo: &Repo, rtype: &str, id: &str) -> Result<Option<Json>, FhirError> {
     let stored = match repo.read(rtype, id) {
         Ok(s) => s,
-        Err(e) if e.status == 404 || e.status == 410 => return Ok(None),
+        Err(e) if e.is_absent() => return Ok(None),
         Err(e) => return Err(e),
     };
     match stored.body {

@@ -17,7 +17,6 @@ pub mod values;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 
-use base64::Engine as _;
 use sha2::{Digest, Sha256};
 
 use self::exec::{cmp_pos, position, Ctx, Position};
@@ -386,12 +385,11 @@ fn cursor_key(repo: &crate::repo::Repo) -> [u8; 32] {
 /// be neither read nor forged; paging by position survives concurrent writes.
 fn seal_cursor(key: &[u8; 32], after: bool, p: &Position) -> String {
     let plain = serde_json::to_vec(&(after, p)).unwrap_or_default();
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(crate::crypto::seal(key, &plain, b"cursor"))
+    crate::crypto::seal_text(key, &plain, b"cursor")
 }
 
 fn open_cursor(key: &[u8; 32], c: &str) -> Result<(bool, Position<'static>), FhirError> {
     let bad = || FhirError::invalid("_cursor is not a cursor this server issued").at("_cursor");
-    let sealed = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(c).map_err(|_| bad())?;
-    let plain = crate::crypto::open(key, &sealed, b"cursor").map_err(|_| bad())?;
+    let plain = crate::crypto::open_text(key, c, b"cursor").ok_or_else(bad)?;
     serde_json::from_slice(&plain).map_err(|_| bad())
 }

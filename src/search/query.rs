@@ -382,10 +382,7 @@ impl Parser<'_> {
                 }
             }
             "_contained" if value != "false" => {
-                return Err(FhirError::new(
-                        400,
-                        "not-supported",
-                        format!("_contained={value} is not supported: contained resources are not indexed on their own (only _contained=false)"),
+                return Err(FhirError::not_supported(format!("_contained={value} is not supported: contained resources are not indexed on their own (only _contained=false)"),
                     )
                     .at(name.to_string()));
             }
@@ -431,13 +428,9 @@ impl Parser<'_> {
 
     fn param(&self, rtype: &str, code: &str, name: &str) -> Result<Arc<Param>, FhirError> {
         self.idx.registry.get(rtype, code).cloned().ok_or_else(|| {
-            FhirError::new(
-                400,
-                "not-supported",
-                format!(
-                    "unknown search parameter {code:?} for {rtype} (in {name}); GET /metadata lists the supported ones"
-                ),
-            )
+            FhirError::not_supported(format!(
+                "unknown search parameter {code:?} for {rtype} (in {name}); GET /metadata lists the supported ones"
+            ))
             .at(name.to_string())
         })
     }
@@ -479,11 +472,9 @@ impl Parser<'_> {
                 }
             }
             if targets.is_empty() {
-                return Err(FhirError::new(
-                    400,
-                    "not-supported",
-                    format!("no target type of {rtype}.{code} has a search parameter {chained:?} (in {name})"),
-                )
+                return Err(FhirError::not_supported(format!(
+                    "no target type of {rtype}.{code} has a search parameter {chained:?} (in {name})"
+                ))
                 .at(name.to_string()));
             }
             return Ok(Filter::Chain { code: code.to_string(), targets });
@@ -512,8 +503,9 @@ impl Parser<'_> {
             return Ok(Filter::Missing { code: code.to_string(), missing });
         }
         if p.kind == Kind::Special {
-            return Err(FhirError::new(400, "not-supported", format!("special parameter {code} is not supported"))
-                .at(name.to_string()));
+            return Err(
+                FhirError::not_supported(format!("special parameter {code} is not supported")).at(name.to_string())
+            );
         }
         let mut negate = false;
         let mut preds = Vec::new();

@@ -3,7 +3,7 @@
 //! every resource, so one it cannot use is refused rather than silently ignored).
 
 use super::Engine;
-use crate::error::FhirError;
+use crate::error::{ErrorCode, FhirError};
 use crate::fhir::json::Json;
 
 /// Validates `res` as a resource of `rtype` against the R4 definitions. `prefix` relocates
@@ -22,12 +22,8 @@ pub fn validate(engine: &Engine, rtype: &str, res: &Json, prefix: Option<&str>) 
     if rtype == "SearchParameter" && issues.is_empty() {
         let idx = engine.current()?;
         if let Err(why) = super::params::custom_param(res, &idx.registry) {
-            return Err(FhirError::new(
-                400,
-                "not-supported",
-                format!("this server cannot use this SearchParameter: {why}"),
-            )
-            .at(prefix.unwrap_or("SearchParameter").to_string()));
+            return Err(FhirError::not_supported(format!("this server cannot use this SearchParameter: {why}"))
+                .at(prefix.unwrap_or("SearchParameter").to_string()));
         }
     }
     let errors: Vec<_> = issues
@@ -50,6 +46,6 @@ pub fn validate(engine: &Engine, rtype: &str, res: &Json, prefix: Option<&str>) 
     if errors.is_empty() {
         Ok(())
     } else {
-        Err(FhirError { status: 400, issues: errors })
+        Err(FhirError::with_issues(ErrorCode::Invalid, errors))
     }
 }

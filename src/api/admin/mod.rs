@@ -11,8 +11,9 @@ use consensus::{AdminError, Node, NodeId};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::api::{error_response, AppState, Format};
-use crate::error::FhirError;
+use crate::api::AppState;
+use crate::error::{ErrorCode, FhirError};
+use actix_web::ResponseError;
 
 /// What the admin API needs beyond the repository.
 #[derive(Clone, Debug, Default)]
@@ -44,7 +45,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .route("/faults", web::put().to(faults))
             .route("/reindex", web::post().to(reindex))
             .default_service(web::to(|| async {
-                error_response(&FhirError::new(404, "not-found", "no such admin endpoint"), &Format::plain())
+                FhirError::new(ErrorCode::NotFound, "no such admin endpoint").error_response()
             })),
     );
 }
@@ -55,17 +56,19 @@ pub fn authorize(req: &HttpRequest, state: &AppState) -> Result<(), FhirError> {
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .ok_or_else(|| FhirError::new(401, "login", "the admin API needs `Authorization: Bearer <admin token>`"))?;
+        .ok_or_else(|| {
+            FhirError::new(ErrorCode::Unauthenticated, "the admin API needs `Authorization: Bearer <admin token>`")
+        })?;
     let digest: [u8; 32] = Sha256::digest(given.trim().as_bytes()).into();
     if digest != state.admin.token_sha256 {
-        return Err(FhirError::new(403, "forbidden", "wrong admin token"));
+        return Err(FhirError::forbidden("wrong admin token"));
     }
     Ok(())
 }
 
 fn admin_error(e: AdminError) -> FhirError {
     match e {
-        AdminError::NotLeader { .. } => FhirError::new(421, "business-rule", e.to_string()),
+        AdminError::NotLeader { .. } => FhirError::new(ErrorCode::NotLeader, e.to_string()),
         AdminError::Invalid(m) => FhirError::invalid(m),
         AdminError::Failed(m) => FhirError::unavailable(m),
     }
@@ -85,8 +88,8 @@ where
         Err(e) => Err(e),
     };
     result.unwrap_or_else(|e| {
-        let mut r = error_response(&e, &Format::plain());
-        if e.status == 401 {
+        let mut r = e.error_response();
+        if e.status() == 401 {
             r.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
         }
         r
@@ -215,7 +218,7 @@ struct FaultsBody {
 async fn faults(req: HttpRequest, state: web::Data<AppState>, bytes: web::Bytes) -> HttpResponse {
     run(req, state, |state| async move {
         if !state.admin.fault_injection {
-            return Err(FhirError::new(403, "forbidden", "fault injection is off (serve --fault-injection)"));
+            return Err(FhirError::forbidden("fault injection is off (serve --fault-injection)"));
         }
         let b: FaultsBody = body(&bytes)?;
         state.repo.ledger().set_isolated(b.isolate.clone());

@@ -7,10 +7,11 @@ use serde_json::{json, Value};
 
 use crate::api::admin::authorize as admin_authorize;
 use crate::api::smart::authorize::Launch;
-use crate::api::{error_response, AppState, Format};
+use crate::api::AppState;
 use crate::auth::store::{self, Client, User};
 use crate::auth::{scopes, seal};
-use crate::error::FhirError;
+use crate::error::{ErrorCode, FhirError};
+use actix_web::ResponseError;
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(
@@ -24,7 +25,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 }
 
 fn answer(r: Result<HttpResponse, FhirError>) -> HttpResponse {
-    r.unwrap_or_else(|e| error_response(&e, &Format::plain()))
+    r.unwrap_or_else(|e| e.error_response())
 }
 
 fn parse<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, FhirError> {
@@ -195,8 +196,8 @@ async fn add_user(req: HttpRequest, body: web::Bytes, state: web::Data<AppState>
             let user = User { username: n.username.clone(), password_hash: hash, fhir_user: n.fhir_user.clone() };
             store::put(&state.repo, store::USER, &state.auth.user_id(&n.username), &user, Some(0)).await.map_err(
                 |e| {
-                    if e.status == 409 {
-                        FhirError::new(409, "duplicate", format!("user {:?} exists already", n.username))
+                    if e.status() == 409 {
+                        FhirError::new(ErrorCode::Duplicate, format!("user {:?} exists already", n.username))
                     } else {
                         e
                     }

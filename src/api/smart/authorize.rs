@@ -6,7 +6,7 @@
 use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde_json::json;
 
 use super::pages;
 use super::session::{forged_post, html, session_cookie, session_of, sign_in, throttled, Session, SignIn};
@@ -236,7 +236,7 @@ pub(super) async fn consent(req: HttpRequest, body: web::Bytes, state: web::Data
         match approve(&state, &session, &pending, &p).await {
             Ok(code) => q.push(("code", code)),
             Err(e) => {
-                let error = match e.status {
+                let error = match e.status() {
                     403 => "access_denied",
                     s if s >= 500 => "temporarily_unavailable",
                     _ => "invalid_request",
@@ -275,11 +275,9 @@ async fn approve(
         UserKind::Patient => {
             for other in [&pending.launch.patient, &chosen].into_iter().flatten() {
                 if Some(other) != own_patient.as_ref() {
-                    return Err(FhirError::new(
-                        403,
-                        "forbidden",
-                        format!("a patient may act only for themself, not Patient/{other}"),
-                    ));
+                    return Err(FhirError::forbidden(format!(
+                        "a patient may act only for themself, not Patient/{other}"
+                    )));
                 }
             }
             own_patient.clone().filter(|_| pending.launch.patient.is_some() || wants_patient(&scope))
@@ -290,22 +288,17 @@ async fn approve(
             let asked = pending.launch.patient.clone().or(chosen);
             if let Some(p) = &asked {
                 if linked.as_ref() != Some(p) {
-                    return Err(FhirError::new(
-                        403,
-                        "forbidden",
-                        format!("{} is not linked to Patient/{p}", s.fhir_user),
-                    ));
+                    return Err(FhirError::forbidden(format!("{} is not linked to Patient/{p}", s.fhir_user)));
                 }
             }
             let patient = asked.or(linked.filter(|_| wants_patient(&scope)));
             match &patient {
                 Some(p) => {
                     if !related_person_permitted(state, &s.fhir_user, &pending.client_id, p)? {
-                        return Err(FhirError::new(
-                            403,
-                            "forbidden",
-                            format!("Patient/{p}'s Consents do not permit {} to access their record", s.fhir_user),
-                        ));
+                        return Err(FhirError::forbidden(format!(
+                            "Patient/{p}'s Consents do not permit {} to access their record",
+                            s.fhir_user
+                        )));
                     }
                 }
                 // No linked patient: patient/ scopes would reach no one.
@@ -358,16 +351,15 @@ pub(super) fn linked_patient(state: &AppState, related_person: &str) -> Result<O
     }
     let body = match state.repo.read("RelatedPerson", related_person) {
         Ok(s) => s.body,
-        Err(e) if e.status == 404 || e.status == 410 => return Ok(None),
+        Err(e) if e.is_absent() => return Ok(None),
         Err(e) => return Err(e),
     };
     let Some(body) = body else { return Ok(None) };
-    let v: Value = serde_json::from_str(&body).map_err(FhirError::internal)?;
-    if v["active"] == false {
+    let v = crate::fhir::json::parse(body.as_bytes(), usize::MAX).map_err(FhirError::internal)?;
+    if v.get("active") == Some(&crate::fhir::json::Json::Bool(false)) {
         return Ok(None);
     }
-    Ok(v["patient"]["reference"]
-        .as_str()
+    Ok(v.str_at(&["patient", "reference"])
         .and_then(|r| r.strip_prefix("Patient/"))
         .filter(|id| crate::fhir::is_valid_id(id))
         .map(str::to_string))

@@ -5,7 +5,6 @@
 
 use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
-use base64::Engine as _;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
@@ -53,9 +52,7 @@ pub(super) async fn authenticate_client(
     if let Some(basic) =
         req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Basic "))
     {
-        let decoded = base64::engine::general_purpose::STANDARD
-            .decode(basic.trim())
-            .map_err(|_| bad("malformed Basic credentials"))?;
+        let decoded = crate::codec::unb64(basic.trim()).map_err(|_| bad("malformed Basic credentials"))?;
         let text = String::from_utf8(decoded).map_err(|_| bad("malformed Basic credentials"))?;
         let (id, secret) = text.split_once(':').ok_or_else(|| bad("malformed Basic credentials"))?;
         let id = percent_encoding::percent_decode_str(id).decode_utf8_lossy().to_string();
@@ -109,7 +106,7 @@ pub(super) async fn authenticate_client(
         let record = store::Jti { client_id: iss.clone(), exp_s: exp };
         match store::put(&state.repo, store::JTI, &store::jti_id(&iss, jti), &record, Some(0)).await {
             Ok(()) => {}
-            Err(e) if e.status == 409 => return Err(bad("this assertion's jti was used before")),
+            Err(e) if e.status() == 409 => return Err(bad("this assertion's jti was used before")),
             Err(e) => {
                 return Err(OAuthError {
                     status: 503,
@@ -191,7 +188,7 @@ async fn code_grant(state: &AppState, client: &Client, p: &[(String, String)]) -
         _ => {}
     }
     let verifier = get(p, "code_verifier").unwrap_or("");
-    let computed = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(Sha256::digest(verifier.as_bytes()));
+    let computed = crate::codec::b64url(&Sha256::digest(verifier.as_bytes()));
     if verifier.is_empty() || computed != code.code_challenge {
         return invalid_grant("code_verifier does not match the code_challenge (PKCE)");
     }
@@ -214,7 +211,7 @@ async fn code_grant(state: &AppState, client: &Client, p: &[(String, String)]) -
     // cluster-wide.
     match store::put(&state.repo, store::GRANT, &code.id, &grant, Some(0)).await {
         Ok(()) => {}
-        Err(e) if e.status == 409 => return invalid_grant("the code was already used"),
+        Err(e) if e.status() == 409 => return invalid_grant("the code was already used"),
         Err(e) => return Err(e),
     }
     let mut body = issue(auth, &code.id, &grant);
@@ -315,7 +312,7 @@ async fn refresh_grant(state: &AppState, client: &Client, p: &[(String, String)]
     grant.rotated += 1;
     match store::put(&state.repo, store::GRANT, grant_id, &grant, Some(version)).await {
         Ok(()) => {}
-        Err(e) if e.status == 412 => return invalid_grant("the refresh token was used concurrently"),
+        Err(e) if e.status() == 412 => return invalid_grant("the refresh token was used concurrently"),
         Err(e) => return Err(e),
     }
     let mut body = issue(&state.auth, grant_id, &grant);
