@@ -395,7 +395,7 @@ fn crypto_bound(bytes: u64, signatures: u64) -> CryptoBound {
     let messages: Vec<[u8; 32]> = (0..256u32).map(|i| Sha256::digest(i.to_be_bytes()).into()).collect();
     let sigs: Vec<_> = messages.iter().map(|m| key.sign(m)).collect();
     let keys = vec![key.verifying_key(); messages.len()];
-    let refs: Vec<&[u8]> = messages.iter().map(|m| m.as_slice()).collect();
+    let refs: Vec<&[u8]> = messages.iter().map(<[u8; 32]>::as_slice).collect();
     let start = Instant::now();
     let mut verified = 0u64;
     while start.elapsed().as_secs_f64() < 0.5 {
@@ -413,7 +413,7 @@ mod tests {
     use super::*;
 
     fn trust(keys: &[&str], quorum: Option<usize>) -> Trust {
-        Trust { keys: keys.iter().map(|k| k.to_string()).collect(), quorum }
+        Trust { keys: keys.iter().map(ToString::to_string).collect(), quorum }
     }
 
     fn key_hex(seed: u8) -> String {

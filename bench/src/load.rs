@@ -105,7 +105,7 @@ fn load_bundles(dir: &PathBuf) -> anyhow::Result<Vec<Bundle>> {
 
 pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
     let base = args.base.trim_end_matches('/').to_string();
-    let client = reqwest::Client::builder().pool_max_idle_per_host(256).timeout(Duration::from_secs(120)).build()?;
+    let client = reqwest::Client::builder().pool_max_idle_per_host(256).timeout(Duration::from_mins(2)).build()?;
     let bundles = Arc::new(load_bundles(&args.synthea)?);
     let total_entries: usize = bundles.iter().map(|b| b.entries).sum::<usize>() * args.ingest_repeat;
     println!(
@@ -264,7 +264,7 @@ async fn creates(
     if bodies.is_empty() {
         bail!("no Observations in the Synthea data");
     }
-    let avg = bodies.iter().map(|b| b.len()).sum::<usize>() / bodies.len();
+    let avg = bodies.iter().map(bytes::Bytes::len).sum::<usize>() / bodies.len();
     let next = Arc::new(AtomicUsize::new(0));
     let start = Instant::now();
     let mut tasks = Vec::new();

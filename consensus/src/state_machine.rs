@@ -266,7 +266,7 @@ impl StateView {
         })
     }
     /// Global history, newest first, starting below leaf `before` (exclusive).
-    pub fn history<'a>(&'a self, before: Option<u64>) -> impl Iterator<Item = io::Result<(u64, HistoryRecord)>> + 'a {
+    pub fn history(&self, before: Option<u64>) -> impl Iterator<Item = io::Result<(u64, HistoryRecord)>> + '_ {
         let to = match before {
             Some(b) => record_key(b),
             None => vec![b'r' + 1],
@@ -662,8 +662,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                         }
                         Err(reason) => {
                             tracing::warn!(%reason, "refusing ledger batch");
-                            let n =
-                                bincode::deserialize::<Batch>(&signed.payload).map(|b| b.commands.len()).unwrap_or(1);
+                            let n = bincode::deserialize::<Batch>(&signed.payload).map_or(1, |b| b.commands.len());
                             BatchOutcome { outcomes: vec![Outcome::Refused { reason }; n] }
                         }
                     };

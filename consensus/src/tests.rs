@@ -231,7 +231,7 @@ mod model {
                 Ok(db) => break db,
                 Err(e) if e.to_string().contains("could not acquire lock") && attempts < 500 => {
                     attempts += 1;
-                    std::thread::sleep(std::time::Duration::from_millis(20))
+                    std::thread::sleep(std::time::Duration::from_millis(20));
                 }
                 Err(e) => panic!("reopening the store: {e}"),
             }

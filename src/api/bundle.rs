@@ -57,7 +57,7 @@ fn parse_entry(search: &crate::search::Engine, i: usize, mut e: Json) -> Result<
     let req =
         e.get("request").ok_or_else(|| FhirError::invalid("entry has no request").at(format!("{}.request", at(i))))?;
     let method = match req.get("method").and_then(Json::as_str) {
-        Some("GET") | Some("HEAD") => Method::Get,
+        Some("GET" | "HEAD") => Method::Get,
         Some("POST") => Method::Post,
         Some("PUT") => Method::Put,
         Some("DELETE") => Method::Delete,

@@ -295,7 +295,7 @@ pub async fn read(
     let s = match by_leaf.unwrap_or_else(|| state.repo.read(&rtype, &id)) {
         Err(e) if e.status() == 410 => {
             // A deleted resource still tells its ETag, as HAPI and Blaze do.
-            let cur = state.repo.view().current(&rtype, &id)?.map(|c| c.version).unwrap_or(0);
+            let cur = state.repo.view().current(&rtype, &id)?.map_or(0, |c| c.version);
             let mut r = e.render(f.content_type, f.pretty);
             if let Ok(v) = header::HeaderValue::from_str(&format!("W/\"{cur}\"")) {
                 r.headers_mut().insert(header::ETAG, v);

@@ -16,7 +16,7 @@ pub mod store;
 pub mod throttle;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
@@ -192,12 +192,12 @@ impl Auth {
 
     fn cached(&self, token: &str) -> (Option<Arc<caller::Claims>>, [u8; 32]) {
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        let hit = self.verified.lock().unwrap_or_else(|e| e.into_inner()).get(&digest).cloned();
+        let hit = self.verified.lock().unwrap_or_else(PoisonError::into_inner).get(&digest).cloned();
         (hit, digest)
     }
 
     fn remember(&self, digest: [u8; 32], claims: Arc<caller::Claims>) {
-        let mut v = self.verified.lock().unwrap_or_else(|e| e.into_inner());
+        let mut v = self.verified.lock().unwrap_or_else(PoisonError::into_inner);
         if v.len() > 50_000 {
             let now = now_s();
             v.retain(|_, c| c.exp > now);

@@ -52,7 +52,7 @@ pub enum Item<'a> {
     Str(String),
 }
 
-impl<'a> Item<'a> {
+impl Item<'_> {
     pub fn ty(&self) -> Option<&str> {
         match self {
             Item::Node(_, t) => t.as_deref(),
@@ -381,7 +381,7 @@ pub struct Eval<'p> {
     pub profiles: &'p Profiles,
 }
 
-impl<'p> Eval<'p> {
+impl Eval<'_> {
     /// Evaluates `e` on the resource `res` of type `rtype`.
     pub fn run<'a>(&self, e: &Expr, rtype: &str, res: &'a Json) -> Vec<Item<'a>> {
         self.eval(e, &[Item::Node(res, Some(rtype.to_string()))])

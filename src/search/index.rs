@@ -8,7 +8,7 @@
 //! before each search, so a search sees every write acknowledged before it began.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard};
 
 use super::params::{Kind, Registry};
 use super::values::{extract, Value};
@@ -284,11 +284,11 @@ impl Engine {
 
     /// Records that leaves `[start, end)` hold only disclosure-log entries.
     pub fn note_log_leaves(&self, start: u64, end: u64) {
-        self.log_ranges.lock().unwrap_or_else(|p| p.into_inner()).insert(start, end);
+        self.log_ranges.lock().unwrap_or_else(PoisonError::into_inner).insert(start, end);
     }
 
     fn log_only(&self, from: u64, to: u64) -> bool {
-        let ranges = self.log_ranges.lock().unwrap_or_else(|p| p.into_inner());
+        let ranges = self.log_ranges.lock().unwrap_or_else(PoisonError::into_inner);
         let mut at = from;
         while at < to {
             match ranges.get(&at) {
@@ -326,16 +326,16 @@ impl Engine {
     fn caught_up(&self, all: bool) -> Result<RwLockReadGuard<'_, Index>, FhirError> {
         let size = self.repo.view().leaf_count()?;
         {
-            let idx = self.index.read().unwrap_or_else(|p| p.into_inner());
+            let idx = self.index.read().unwrap_or_else(PoisonError::into_inner);
             if idx.built && (idx.next_leaf >= size || (!all && self.log_only(idx.next_leaf, size))) {
                 return Ok(idx);
             }
         }
         {
             // One folder at a time; the others wait here, then find little or nothing to do.
-            let _folding = self.folding.lock().unwrap_or_else(|p| p.into_inner());
+            let _folding = self.folding.lock().unwrap_or_else(PoisonError::into_inner);
             let prepared = {
-                let idx = self.index.read().unwrap_or_else(|p| p.into_inner());
+                let idx = self.index.read().unwrap_or_else(PoisonError::into_inner);
                 if idx.built && idx.next_leaf >= size {
                     None
                 } else if idx.built {
@@ -345,21 +345,21 @@ impl Engine {
                     None
                 }
             };
-            let mut idx = self.index.write().unwrap_or_else(|p| p.into_inner());
+            let mut idx = self.index.write().unwrap_or_else(PoisonError::into_inner);
             match prepared {
                 Some(p) => self.apply_prepared(&mut idx, p),
                 None if !idx.built => self.build(&mut idx)?,
                 None => self.fold(&mut idx)?,
             }
             let folded = idx.next_leaf;
-            self.log_ranges.lock().unwrap_or_else(|p| p.into_inner()).retain(|_, end| *end > folded);
+            self.log_ranges.lock().unwrap_or_else(PoisonError::into_inner).retain(|_, end| *end > folded);
         }
-        Ok(self.index.read().unwrap_or_else(|p| p.into_inner()))
+        Ok(self.index.read().unwrap_or_else(PoisonError::into_inner))
     }
 
     /// Rebuilds the whole index from the state (the `reindex` admin command).
     pub fn rebuild(&self) -> Result<usize, FhirError> {
-        let mut idx = self.index.write().unwrap_or_else(|p| p.into_inner());
+        let mut idx = self.index.write().unwrap_or_else(PoisonError::into_inner);
         self.build(&mut idx)?;
         Ok(idx.types.values().map(|t| t.docs.len()).sum())
     }

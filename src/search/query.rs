@@ -327,7 +327,7 @@ impl Parser<'_> {
                 s.count = value
                     .parse::<usize>()
                     .map_err(|_| bad(name, format!("must be a non-negative integer, not {value:?}")))?
-                    .min(MAX_COUNT)
+                    .min(MAX_COUNT);
             }
             "_cursor" => s.cursor = Some(value.to_string()),
             "_total" => {
@@ -673,36 +673,33 @@ fn token(v: &str) -> Pred {
 /// A date, number or quantity value with its prefix.
 fn ordered(kind: Kind, v: &str, name: &str) -> Result<Pred, FhirError> {
     let (prefix, rest) = prefix_of(v);
-    if prefix.is_none() && v.len() >= 2 && v.as_bytes()[..2].iter().all(|b| b.is_ascii_lowercase()) {
+    if prefix.is_none() && v.len() >= 2 && v.as_bytes()[..2].iter().all(u8::is_ascii_lowercase) {
         return Err(bad(name, format!("unknown prefix {:?} in {v:?} (eq ne gt lt ge le sa eb ap)", &v[..2])));
     }
     let prefix = prefix.unwrap_or(Prefix::Eq);
-    match kind {
-        Kind::Date => {
-            let (lo, hi) = date_range_ms(rest)
-                .ok_or_else(|| bad(name, format!("{rest:?} is not a FHIR date, dateTime or instant")))?;
-            Ok(Pred::Date { prefix, lo, hi })
-        }
-        _ => {
-            let parts = split_escaped(rest, '|');
-            let (number, system, code) = match parts.as_slice() {
-                [n] => (n.as_str(), None, None),
-                [n, s, c] if kind == Kind::Quantity => {
-                    (n.as_str(), (!s.is_empty()).then(|| unescape(s)), (!c.is_empty()).then(|| unescape(c)))
-                }
-                _ => {
-                    return Err(bad(
-                        name,
-                        format!(
-                            "{v:?} is not [prefix]number{}",
-                            if kind == Kind::Quantity { "[|system|code]" } else { "" }
-                        ),
-                    ))
-                }
-            };
-            let (value, half) = decimal(number).ok_or_else(|| bad(name, format!("{number:?} is not a number")))?;
-            Ok(Pred::Num { prefix, value, lo: value - half, hi: value + half, system, code })
-        }
+    if kind == Kind::Date {
+        let (lo, hi) = date_range_ms(rest)
+            .ok_or_else(|| bad(name, format!("{rest:?} is not a FHIR date, dateTime or instant")))?;
+        Ok(Pred::Date { prefix, lo, hi })
+    } else {
+        let parts = split_escaped(rest, '|');
+        let (number, system, code) = match parts.as_slice() {
+            [n] => (n.as_str(), None, None),
+            [n, s, c] if kind == Kind::Quantity => {
+                (n.as_str(), (!s.is_empty()).then(|| unescape(s)), (!c.is_empty()).then(|| unescape(c)))
+            }
+            _ => {
+                return Err(bad(
+                    name,
+                    format!(
+                        "{v:?} is not [prefix]number{}",
+                        if kind == Kind::Quantity { "[|system|code]" } else { "" }
+                    ),
+                ))
+            }
+        };
+        let (value, half) = decimal(number).ok_or_else(|| bad(name, format!("{number:?} is not a number")))?;
+        Ok(Pred::Num { prefix, value, lo: value - half, hi: value + half, system, code })
     }
 }
 

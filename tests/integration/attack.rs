@@ -134,7 +134,7 @@ impl Node {
     /// with it the `aud` of client assertions).
     fn start(extra: &[&str], fixed_port: bool) -> Node {
         let dir = tempfile::tempdir().expect("temp dir");
-        let mut args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let mut args: Vec<String> = extra.iter().map(ToString::to_string).collect();
         if fixed_port {
             let port =
                 std::net::TcpListener::bind("127.0.0.1:0").expect("a free port").local_addr().expect("addr").port();
@@ -521,8 +521,8 @@ fn consent_form(html: &str, pick: Option<&str>) -> Vec<(String, String)> {
     let mut form = Vec::new();
     for (kind, name, value) in form_inputs(html, "/auth/consent") {
         match (kind.as_str(), name.as_str()) {
-            (_, "patient") | (_, "decision") => {}
-            ("checkbox", _) | ("hidden", _) => form.push((name, value)),
+            (_, "patient" | "decision") => {}
+            ("checkbox" | "hidden", _) => form.push((name, value)),
             _ => {}
         }
     }
@@ -1596,7 +1596,7 @@ async fn attack_lesser_holes() {
         use tokio::io::AsyncReadExt;
         let mut buf = [0u8; 1024];
         match tokio::time::timeout_at(deadline.into(), idle.read(&mut buf)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => break true,
+            Ok(Ok(0) | Err(_)) => break true,
             Ok(Ok(_)) => continue,
             Err(_) => break false,
         }

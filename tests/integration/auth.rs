@@ -92,7 +92,7 @@ fn entries(bundle: &Value, mode: &str) -> Vec<String> {
 }
 
 fn sorted(items: &[&str]) -> Vec<String> {
-    let mut v: Vec<String> = items.iter().map(|s| s.to_string()).collect();
+    let mut v: Vec<String> = items.iter().map(ToString::to_string).collect();
     v.sort();
     v
 }
@@ -148,7 +148,7 @@ fn assert_invalid_grant<T: std::fmt::Debug, E: std::error::Error + 'static>(
 ) {
     match result {
         Err(RequestTokenError::ServerResponse(e)) => {
-            assert_eq!(e.error(), &BasicErrorResponseType::InvalidGrant, "{what}: {e}")
+            assert_eq!(e.error(), &BasicErrorResponseType::InvalidGrant, "{what}: {e}");
         }
         other => panic!("{what}: expected invalid_grant, got {other:?}"),
     }

@@ -60,14 +60,14 @@ impl Cluster {
     /// Starts `n` nodes and forms a cluster of them with `fhir-ledger cluster init`.
     fn start(n: u64, extra: &[&str]) -> Cluster {
         let apis = vec!["127.0.0.1:0".to_string(); n as usize];
-        Self::form(extra.iter().map(|s| s.to_string()).collect(), false, &apis)
+        Self::form(extra.iter().map(ToString::to_string).collect(), false, &apis)
     }
 
     /// [`Cluster::start`] with SMART authorization on. The API ports are picked before the
     /// start so that every node is given node 1's URL as `--public-url`.
     fn start_auth(n: u64, extra: &[&str]) -> Cluster {
         let apis = free_addrs(n as usize);
-        let mut extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let mut extra: Vec<String> = extra.iter().map(ToString::to_string).collect();
         extra.extend(["--public-url".to_string(), format!("http://{}", apis[0])]);
         Self::form(extra, true, &apis)
     }
@@ -188,7 +188,7 @@ impl Cluster {
     /// Waits until every live node has applied the same log and publishes the same tree head;
     /// returns (tree size, root).
     async fn converged(&self) -> (String, String) {
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let deadline = Instant::now() + Duration::from_mins(1);
         loop {
             let mut heads = vec![];
             for i in self.live().collect::<Vec<_>>() {
@@ -362,7 +362,7 @@ async fn leader_kills_lose_no_acknowledged_write() {
     let keys = 24;
     let clients: Vec<_> =
         (0..16).map(|c| tokio::spawn(client(c, bases.clone(), keys, stop.clone(), h.clone()))).collect();
-    let until = Instant::now() + Duration::from_secs(60);
+    let until = Instant::now() + Duration::from_mins(1);
     let mut kills = 0;
     while Instant::now() < until {
         tokio::time::sleep(Duration::from_secs(4)).await;

@@ -986,7 +986,7 @@ async fn total_summary_and_elements_shape_the_result() {
     assert_eq!(b["total"], 3, "the total counts every match, not the page");
     let b = search!(app, "/Patient?_summary=count");
     assert_eq!(b["total"], 3);
-    assert!(b["entry"].as_array().is_none_or(|e| e.is_empty()), "_summary=count has no entries: {b}");
+    assert!(b["entry"].as_array().is_none_or(Vec::is_empty), "_summary=count has no entries: {b}");
 
     let b = search!(app, "/Patient?_id=sm1&_summary=true");
     let p = resource(&b, "sm1");

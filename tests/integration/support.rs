@@ -115,7 +115,7 @@ impl Server {
                 }
             }
         });
-        let (base, raft) = rx.recv_timeout(Duration::from_secs(60)).expect("server did not report its address");
+        let (base, raft) = rx.recv_timeout(Duration::from_mins(1)).expect("server did not report its address");
         Server { child, base, raft }
     }
 

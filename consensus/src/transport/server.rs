@@ -109,7 +109,7 @@ async fn serve(tcp: TcpStream, shared: &Shared, raft: &Raft, view: &StateView) -
                 tracing::warn!(peer = session.peer, error = %e, "refused a raft frame; closing the session");
                 return Err(e);
             }
-        };
+        }
         let reply = match bincode::deserialize::<Rpc>(&buf) {
             Ok(rpc) => dispatch(rpc, session.peer, shared, raft, view).await,
             Err(e) => Reply::Failed(format!("undecodable request: {e}")),

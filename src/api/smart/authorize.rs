@@ -229,10 +229,7 @@ pub(super) async fn consent(req: HttpRequest, body: web::Bytes, state: web::Data
         return refused;
     }
     let mut q: Vec<(&str, String)> = Vec::new();
-    if get(&p, "decision") != Some("approve") {
-        q.push(("error", "access_denied".into()));
-        q.push(("error_description", "the user denied the request".into()));
-    } else {
+    if get(&p, "decision") == Some("approve") {
         match approve(&state, &session, &pending, &p).await {
             Ok(code) => q.push(("code", code)),
             Err(e) => {
@@ -245,6 +242,9 @@ pub(super) async fn consent(req: HttpRequest, body: web::Bytes, state: web::Data
                 q.push(("error_description", e.issues[0].diagnostics.clone()));
             }
         }
+    } else {
+        q.push(("error", "access_denied".into()));
+        q.push(("error_description", "the user denied the request".into()));
     }
     if let Some(s) = &pending.state {
         q.push(("state", s.clone()));

@@ -104,13 +104,12 @@ fn check_login(state: &AppState, username: &str, password: &str) -> Result<Optio
     static DUMMY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     let id = state.auth.user_id(username);
     let user: Option<(User, u64)> = store::get(&state.repo, store::USER, &id)?;
-    match user {
-        Some((u, _)) => Ok(store::check_password(&u.password_hash, password).then_some((id, u))),
-        None => {
-            let dummy = DUMMY.get_or_init(|| store::hash_password("fhir-ledger: no such user").unwrap_or_default());
-            let _ = store::check_password(dummy, password);
-            Ok(None)
-        }
+    if let Some((u, _)) = user {
+        Ok(store::check_password(&u.password_hash, password).then_some((id, u)))
+    } else {
+        let dummy = DUMMY.get_or_init(|| store::hash_password("fhir-ledger: no such user").unwrap_or_default());
+        let _ = store::check_password(dummy, password);
+        Ok(None)
     }
 }
 
