@@ -307,6 +307,8 @@ fn describe(e: &std::io::Error) -> String {
 }
 
 fn data_dir(args: &DirArgs) -> ExitCode {
+    // The first findings locate the damage; thousands of consequences of it would bury them.
+    const SHOWN: usize = 50;
     use std::io::IsTerminal;
     let start = Instant::now();
     let mut shown = u64::MAX;
@@ -334,8 +336,6 @@ fn data_dir(args: &DirArgs) -> ExitCode {
     if tty {
         eprintln!();
     }
-    // The first findings locate the damage; thousands of consequences of it would bury them.
-    const SHOWN: usize = 50;
     for f in report.findings.iter().take(SHOWN) {
         println!("TAMPERED {}: {}", f.location, f.problem);
     }

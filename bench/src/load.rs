@@ -6,6 +6,7 @@
 //! time, so a slow server cannot hide behind fewer requests), (d) the same Synthea resources
 //! bulk-inserted into PostgreSQL as JSONB, one transaction per bundle, `synchronous_commit=on`.
 
+use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -413,7 +414,7 @@ async fn postgres_baseline(conn: &str, bundles: &Arc<Vec<Bundle>>, args: &LoadAr
     let secs = start.elapsed().as_secs_f64();
     let resources = jobs.iter().map(|&b| bundles[b].entries).sum::<usize>();
     let stored: i64 = setup.query_one("SELECT count(*) FROM resources", &[]).await?.get(0);
-    if stored as usize != resources {
+    if usize::try_from(stored).ok() != Some(resources) {
         bail!("PostgreSQL holds {stored} rows, expected {resources}");
     }
     let rps = resources as f64 / secs;
@@ -447,7 +448,7 @@ async fn insert_bundle(c: &mut tokio_postgres::Client, bundle: &Value) -> anyhow
             if i > 0 {
                 sql.push(',');
             }
-            sql.push_str(&format!("(${}, ${}, 1, now(), ${})", i * 3 + 1, i * 3 + 2, i * 3 + 3));
+            let _ = write!(sql, "(${}, ${}, 1, now(), ${})", i * 3 + 1, i * 3 + 2, i * 3 + 3); // cannot fail on a String
             params.push(id);
             params.push(rtype);
             params.push(content);

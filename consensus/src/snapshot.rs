@@ -181,7 +181,11 @@ mod tests {
     use super::*;
 
     fn meta(id: &str) -> Meta {
-        SnapshotMeta { last_log_id: None, last_membership: Default::default(), snapshot_id: id.into() }
+        SnapshotMeta {
+            last_log_id: None,
+            last_membership: openraft::StoredMembership::default(),
+            snapshot_id: id.into(),
+        }
     }
 
     #[test]

@@ -404,6 +404,8 @@ pub struct StateMachine {
     lock: Arc<Mutex<()>>,
 }
 
+// By value so that it reads `.map_err(sio)`; openraft only borrows the error.
+#[allow(clippy::needless_pass_by_value)]
 fn sio(e: io::Error) -> StorageError<NodeId> {
     StorageIOError::write_state_machine(&e).into()
 }
@@ -704,8 +706,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let (kv, dir, meta) = (self.view.kv.clone(), self.view.snap_dir.clone(), meta.clone());
         let sm = self.clone();
         tokio::task::spawn_blocking(move || -> io::Result<()> {
-            let _guard = guard;
             use std::io::Seek;
+            let _guard = guard;
             received.seek(io::SeekFrom::Start(0))?;
             let name = crate::snapshot::file_name(&meta);
             let path = dir.join(&name);

@@ -289,8 +289,8 @@ impl Auth {
                 .records
                 .get(repo, &idx, store::CLIENT, &claims.client_id)?
                 .ok_or_else(|| unauthorized("the token's client is no longer registered"))?;
-            client_actor = client.actor.clone();
-            client_name = client.client_name.clone();
+            client_actor.clone_from(&client.actor);
+            client_name.clone_from(&client.client_name);
             if let Some(g) = &claims.grant {
                 let grant: Option<Arc<Grant>> = self.grants.get(repo, &idx, store::GRANT, g)?;
                 if grant.is_none_or(|g| g.revoked) {

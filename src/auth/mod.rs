@@ -135,12 +135,12 @@ impl Auth {
     pub fn id_key(&self) -> &IdKey {
         self.id_key.get_or_init(|| {
             use rand::SeedableRng;
+            use rsa::traits::PublicKeyParts;
             let mut rng = rand_chacha::ChaCha20Rng::from_seed(self.id_seed);
             let key = match rsa::RsaPrivateKey::new(&mut rng, 2048) {
                 Ok(k) => k,
                 Err(e) => unreachable!("RSA key generation from a seeded RNG cannot fail: {e}"),
             };
-            use rsa::traits::PublicKeyParts;
             let kid = jose::kid(&key.n().to_bytes_be());
             IdKey { signing: jose::rsa_signing(&key), jwk: jose::rsa_jwk(&key.to_public_key(), &kid), kid }
         })

@@ -247,9 +247,8 @@ fn check_codings(cx: &mut Ctx<'_>, set: usize, t: &str, v: &Json, loc: &str, pat
 
 fn primitive(cx: &mut Ctx<'_>, t: &str, v: &Json, loc: &str) {
     let result: Result<(), String> = match (t, v) {
-        ("boolean", Json::Bool(_)) => Ok(()),
+        ("boolean", Json::Bool(_)) | ("decimal", Json::Number(_)) => Ok(()),
         ("boolean", _) => Err("must be a JSON boolean (true or false)".into()),
-        ("decimal", Json::Number(_)) => Ok(()),
         ("integer" | "positiveInt" | "unsignedInt", Json::Number(n)) => integer(t, n),
         ("decimal" | "integer" | "positiveInt" | "unsignedInt", _) => Err(format!("a {t} must be a JSON number")),
         (_, Json::String(s)) => string_format(t, s),

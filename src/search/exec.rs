@@ -528,12 +528,16 @@ fn cmp_val(a: &SortVal, b: &SortVal) -> Ordering {
     match (a, b) {
         (SortVal::Num(x), SortVal::Num(y)) => x.total_cmp(y),
         (SortVal::Str(x), SortVal::Str(y)) => x.cmp(y),
-        // Missing values last whatever the direction.
-        (SortVal::Missing, SortVal::Missing) => Ordering::Equal,
-        (SortVal::Missing, _) => Ordering::Greater,
-        (_, SortVal::Missing) => Ordering::Less,
-        (SortVal::Num(_), SortVal::Str(_)) => Ordering::Less,
-        (SortVal::Str(_), SortVal::Num(_)) => Ordering::Greater,
+        // Numbers before strings, and missing values last whatever the direction.
+        _ => rank(a).cmp(&rank(b)),
+    }
+}
+
+fn rank(v: &SortVal) -> u8 {
+    match v {
+        SortVal::Num(_) => 0,
+        SortVal::Str(_) => 1,
+        SortVal::Missing => 2,
     }
 }
 
@@ -592,8 +596,7 @@ fn sort_val(v: &Value) -> Option<SortVal> {
         Value::Quantity { lo, .. } => SortVal::Num(*lo),
         Value::Token { code: Some(c), .. } => SortVal::Str(c.clone()),
         Value::Ref { rtype: Some(t), id: Some(id), .. } => SortVal::Str(format!("{t}/{id}")),
-        Value::Ref { url: Some(u), .. } => SortVal::Str(u.clone()),
-        Value::Uri(u) => SortVal::Str(u.clone()),
+        Value::Ref { url: Some(u), .. } | Value::Uri(u) => SortVal::Str(u.clone()),
         _ => return None,
     })
 }

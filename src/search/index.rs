@@ -68,7 +68,7 @@ pub const NARROW_MS: i64 = 86_400_000;
 
 /// An order-preserving map of i64 into u64.
 pub fn ord_i64(x: i64) -> u64 {
-    (x as u64) ^ (1 << 63)
+    x.cast_unsigned() ^ (1 << 63)
 }
 
 /// An order-preserving map of finite f64 into u64.
@@ -88,12 +88,13 @@ enum Slot {
 
 /// Where a value goes in the ordered index. A quantity is filed under its code and, when
 /// different, its unit too (`5.4||mg` matches either).
+// Exact float equality on purpose: a point quantity's bounds are the same parsed value.
+#[allow(clippy::float_cmp)]
 fn ordered_slots(v: &Value) -> Vec<Slot> {
     match v {
         Value::Date { lo, hi } if *lo != i64::MIN && *hi != i64::MAX && hi - lo <= NARROW_MS => {
             vec![Slot::Point(String::new(), ord_i64(*lo))]
         }
-        Value::Date { .. } => vec![Slot::Wide],
         Value::Quantity { lo, hi, code, unit, .. } if lo == hi && lo.is_finite() => {
             let mut units: Vec<String> = code.iter().chain(unit.iter()).cloned().collect();
             units.dedup();
@@ -102,7 +103,7 @@ fn ordered_slots(v: &Value) -> Vec<Slot> {
             }
             units.into_iter().map(|u| Slot::Point(u, ord_f64(*lo))).collect()
         }
-        Value::Quantity { .. } => vec![Slot::Wide],
+        Value::Date { .. } | Value::Quantity { .. } => vec![Slot::Wide],
         _ => Vec::new(),
     }
 }
@@ -277,8 +278,8 @@ impl Engine {
             core,
             profiles,
             compartments,
-            log_ranges: Default::default(),
-            folding: Default::default(),
+            log_ranges: std::sync::Mutex::default(),
+            folding: std::sync::Mutex::default(),
         }
     }
 

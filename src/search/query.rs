@@ -265,7 +265,7 @@ fn decimal(v: &str) -> Option<(f64, f64)> {
         Some((m, e)) => (m, e.parse::<i32>().ok()?),
         None => (v, 0),
     };
-    let decimals = mantissa.split_once('.').map_or(0, |(_, f)| f.len()) as i32;
+    let decimals = i32::try_from(mantissa.split_once('.').map_or(0, |(_, f)| f.len())).unwrap_or(i32::MAX);
     Some((x, 0.5 * 10f64.powi(exp - decimals)))
 }
 

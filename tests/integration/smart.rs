@@ -195,7 +195,7 @@ pub fn unb64(s: &str) -> Vec<u8> {
 }
 
 pub fn now() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).expect("clock after 1970").as_secs() as i64
+    SystemTime::now().duration_since(UNIX_EPOCH).expect("clock after 1970").as_secs().cast_signed()
 }
 
 pub fn random_hex(bytes: usize) -> String {

@@ -49,6 +49,8 @@ pub(super) struct Code {
     pub(super) redirect_uri: String,
     #[serde(default)]
     pub(super) redirect_given: bool,
+    // PKCE's own name (RFC 7636), and the stored form's key: the lint's rename would change both.
+    #[allow(clippy::struct_field_names)]
     pub(super) code_challenge: String,
     pub(super) scope: String,
     pub(super) sub: String,

@@ -165,6 +165,6 @@ pub(crate) fn throttled(wait: i64, request: &str, action: &str) -> HttpResponse 
 }
 
 /// A portal session for a user who signed in at `/portal`.
-pub(crate) fn portal_cookie(auth: &Auth, user_id: String, user: User) -> actix_web::cookie::Cookie<'static> {
-    session_cookie(auth, &Session::new(user_id, &user))
+pub(crate) fn portal_cookie(auth: &Auth, user_id: String, user: &User) -> actix_web::cookie::Cookie<'static> {
+    session_cookie(auth, &Session::new(user_id, user))
 }
