@@ -206,21 +206,22 @@ fn bad(name: &str, why: impl Into<String>) -> FhirError {
 
 /// Splits on `sep` not escaped by a backslash; keeps escapes (unescape each part later).
 fn split_escaped(s: &str, sep: char) -> Vec<String> {
-    let mut out = vec![String::new()];
+    let mut out = Vec::new();
+    let mut last = String::new();
     let mut chars = s.chars();
     while let Some(c) = chars.next() {
         if c == '\\' {
-            let last = out.last_mut().expect("never empty");
             last.push(c);
             if let Some(n) = chars.next() {
                 last.push(n);
             }
         } else if c == sep {
-            out.push(String::new());
+            out.push(std::mem::take(&mut last));
         } else {
-            out.last_mut().expect("never empty").push(c);
+            last.push(c);
         }
     }
+    out.push(last);
     out
 }
 
