@@ -193,7 +193,7 @@ impl Config {
             workers: args
                 .workers
                 .or(file.workers)
-                .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get)),
             snapshot_every,
             raft_listen,
             admin_token: args.admin_token.clone().or(file.admin_token).filter(|t| !t.is_empty()),

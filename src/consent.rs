@@ -8,7 +8,7 @@
 //! default (opt-out: permit, opt-in: deny).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::fhir::json::{self, Json};
 
@@ -207,7 +207,7 @@ impl Books {
     pub fn get(&self, repo: &Repo, idx: &crate::search::index::Index) -> Result<Arc<Book>, FhirError> {
         let Some(docs) = idx.of("Consent") else { return Ok(Arc::new(Book::default())) };
         let stamp = docs.changes;
-        if let Some((s, b)) = self.current.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+        if let Some((s, b)) = self.current.lock().unwrap_or_else(PoisonError::into_inner).as_ref() {
             if *s == stamp {
                 return Ok(b.clone());
             }
@@ -227,7 +227,7 @@ impl Books {
             book.by_patient.entry(patient.to_string()).or_default().push(rule);
         }
         let book = Arc::new(book);
-        *self.current.lock().unwrap_or_else(|e| e.into_inner()) = Some((stamp, book.clone()));
+        *self.current.lock().unwrap_or_else(PoisonError::into_inner) = Some((stamp, book.clone()));
         Ok(book)
     }
 }

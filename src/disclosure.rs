@@ -7,7 +7,7 @@
 //! [`Disclosure`]); each refusal has its own.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -152,7 +152,7 @@ impl Log {
             return;
         }
         e.detail = e.detail.map(|d| truncate(&d, MAX_DETAIL));
-        let events = self.refusals.lock().unwrap_or_else(|p| p.into_inner()).admit(source, e);
+        let events = self.refusals.lock().unwrap_or_else(PoisonError::into_inner).admit(source, e);
         for e in events {
             self.record(e);
         }
@@ -184,7 +184,7 @@ async fn sweeper(refusals: std::sync::Weak<std::sync::Mutex<Refusals>>, tx: mpsc
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let Some(r) = refusals.upgrade() else { return };
-        let ended = r.lock().unwrap_or_else(|p| p.into_inner()).sweep(crate::fhir::now_ms());
+        let ended = r.lock().unwrap_or_else(PoisonError::into_inner).sweep(crate::fhir::now_ms());
         for e in ended {
             if tx.send(Msg::Event(Box::new(e))).is_err() {
                 return;
@@ -241,31 +241,28 @@ fn aggregate(batch: Vec<Event>) -> Vec<Disclosure> {
         let key =
             (e.client_id.clone(), e.user.clone(), e.patient.clone(), e.interaction, e.purpose.clone(), e.broke_glass);
         let slot = if e.success { by_key.get(&key).copied() } else { None };
-        match slot {
-            Some(i) => {
-                let d = &mut out[i];
-                d.requests += e.requests;
-                d.last_ms = d.last_ms.max(e.recorded_ms);
-                for r in e.entities {
-                    match d.entities.iter_mut().find(|(x, _)| *x == r) {
-                        Some((_, n)) => *n += 1,
-                        None => d.entities.push((r, 1)),
-                    }
+        if let Some(i) = slot {
+            let d = &mut out[i];
+            d.requests += e.requests;
+            d.last_ms = d.last_ms.max(e.recorded_ms);
+            for r in e.entities {
+                match d.entities.iter_mut().find(|(x, _)| *x == r) {
+                    Some((_, n)) => *n += 1,
+                    None => d.entities.push((r, 1)),
                 }
             }
-            None => {
-                if e.success {
-                    by_key.insert(key, out.len());
-                }
-                let mut entities: Vec<(String, u64)> = Vec::new();
-                for r in &e.entities {
-                    match entities.iter_mut().find(|(x, _)| x == r) {
-                        Some((_, n)) => *n += 1,
-                        None => entities.push((r.clone(), 1)),
-                    }
-                }
-                out.push(Disclosure { last_ms: e.recorded_ms, requests: e.requests, entities, first: e });
+        } else {
+            if e.success {
+                by_key.insert(key, out.len());
             }
+            let mut entities: Vec<(String, u64)> = Vec::new();
+            for r in &e.entities {
+                match entities.iter_mut().find(|(x, _)| x == r) {
+                    Some((_, n)) => *n += 1,
+                    None => entities.push((r.clone(), 1)),
+                }
+            }
+            out.push(Disclosure { last_ms: e.recorded_ms, requests: e.requests, entities, first: e });
         }
     }
     out
@@ -290,7 +287,7 @@ async fn commit(search: &Engine, node: &str, batch: Vec<Disclosure>) {
         Ok(())
     };
     let result = repo.commit(&crate::repo::System::new(ACTOR), append).await;
-    if let Ok((_, stored)) = &result {
+    if let Ok(((), stored)) = &result {
         // One command's leaves are consecutive: searches need not wait for them.
         let leaves = stored.iter().filter_map(|s| s.leaf);
         if let (Some(lo), Some(hi)) = (leaves.clone().min(), leaves.max()) {

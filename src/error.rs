@@ -122,11 +122,13 @@ impl FhirError {
     }
 
     /// The same error as another kind (its issues keep their codes and paths).
+    #[must_use]
     pub fn recode(mut self, code: ErrorCode) -> Self {
         self.code = code;
         self
     }
 
+    #[must_use]
     pub fn at(mut self, expression: impl Into<String>) -> Self {
         if let Some(i) = self.issues.first_mut() {
             i.expression.push(expression.into());

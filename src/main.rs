@@ -39,7 +39,7 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
     // Raft, sled and the proposer run on a multi-threaded runtime; actix-web starts its own
     // per-worker runtimes and talks to them through channels.
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    match cli.command.unwrap_or(Cmd::Serve(Default::default())) {
+    match cli.command.unwrap_or(Cmd::Serve(fhir_ledger::config::ServeArgs::default())) {
         Cmd::Serve(args) => {
             let cfg = fhir_ledger::config::Config::resolve(&args)?;
             fhir_ledger::server::run(cfg, &rt)?;

@@ -127,7 +127,7 @@ pub async fn serve(cfg: Config, node: Node, listener: TcpListener) -> anyhow::Re
         // Repeated, so that a node left running like this keeps saying so in its log.
         actix_web::rt::spawn(async {
             loop {
-                tokio::time::sleep(std::time::Duration::from_secs(60)).await;
+                tokio::time::sleep(std::time::Duration::from_mins(1)).await;
                 eprintln!("{AUTH_OFF_WARNING}");
             }
         });

@@ -307,6 +307,8 @@ fn describe(e: &std::io::Error) -> String {
 }
 
 fn data_dir(args: &DirArgs) -> ExitCode {
+    // The first findings locate the damage; thousands of consequences of it would bury them.
+    const SHOWN: usize = 50;
     use std::io::IsTerminal;
     let start = Instant::now();
     let mut shown = u64::MAX;
@@ -334,8 +336,6 @@ fn data_dir(args: &DirArgs) -> ExitCode {
     if tty {
         eprintln!();
     }
-    // The first findings locate the damage; thousands of consequences of it would bury them.
-    const SHOWN: usize = 50;
     for f in report.findings.iter().take(SHOWN) {
         println!("TAMPERED {}: {}", f.location, f.problem);
     }
@@ -395,7 +395,7 @@ fn crypto_bound(bytes: u64, signatures: u64) -> CryptoBound {
     let messages: Vec<[u8; 32]> = (0..256u32).map(|i| Sha256::digest(i.to_be_bytes()).into()).collect();
     let sigs: Vec<_> = messages.iter().map(|m| key.sign(m)).collect();
     let keys = vec![key.verifying_key(); messages.len()];
-    let refs: Vec<&[u8]> = messages.iter().map(|m| m.as_slice()).collect();
+    let refs: Vec<&[u8]> = messages.iter().map(<[u8; 32]>::as_slice).collect();
     let start = Instant::now();
     let mut verified = 0u64;
     while start.elapsed().as_secs_f64() < 0.5 {
@@ -413,7 +413,7 @@ mod tests {
     use super::*;
 
     fn trust(keys: &[&str], quorum: Option<usize>) -> Trust {
-        Trust { keys: keys.iter().map(|k| k.to_string()).collect(), quorum }
+        Trust { keys: keys.iter().map(ToString::to_string).collect(), quorum }
     }
 
     fn key_hex(seed: u8) -> String {

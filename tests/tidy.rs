@@ -3,6 +3,10 @@
 //! table lists them, and no two sibling modules use each other, directly or around a circle.
 //! Only code counts: comments, strings and `#[cfg(test)]` modules are skipped.
 
+// Tests fail loudly on purpose: an unwrap or expect is the assertion. (clippy.toml's
+// allow-*-in-tests covers only #[test] functions, not the helpers integration tests share.)
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
@@ -54,7 +58,7 @@ fn code_of(src: &str) -> String {
                     }
                 }
             }
-            b'r' if matches!(b.get(i + 1), Some(b'#') | Some(b'"')) && !ident_byte(b, i) => {
+            b'r' if matches!(b.get(i + 1), Some(b'#' | b'"')) && !ident_byte(b, i) => {
                 // A raw string: r"..." or r#"..."#.
                 let mut j = i + 1;
                 let mut hashes = 0;

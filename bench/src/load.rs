@@ -6,6 +6,7 @@
 //! time, so a slow server cannot hide behind fewer requests), (d) the same Synthea resources
 //! bulk-inserted into PostgreSQL as JSONB, one transaction per bundle, `synchronous_commit=on`.
 
+use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -105,7 +106,7 @@ fn load_bundles(dir: &PathBuf) -> anyhow::Result<Vec<Bundle>> {
 
 pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
     let base = args.base.trim_end_matches('/').to_string();
-    let client = reqwest::Client::builder().pool_max_idle_per_host(256).timeout(Duration::from_secs(120)).build()?;
+    let client = reqwest::Client::builder().pool_max_idle_per_host(256).timeout(Duration::from_mins(2)).build()?;
     let bundles = Arc::new(load_bundles(&args.synthea)?);
     let total_entries: usize = bundles.iter().map(|b| b.entries).sum::<usize>() * args.ingest_repeat;
     println!(
@@ -264,7 +265,7 @@ async fn creates(
     if bodies.is_empty() {
         bail!("no Observations in the Synthea data");
     }
-    let avg = bodies.iter().map(|b| b.len()).sum::<usize>() / bodies.len();
+    let avg = bodies.iter().map(bytes::Bytes::len).sum::<usize>() / bodies.len();
     let next = Arc::new(AtomicUsize::new(0));
     let start = Instant::now();
     let mut tasks = Vec::new();
@@ -413,7 +414,7 @@ async fn postgres_baseline(conn: &str, bundles: &Arc<Vec<Bundle>>, args: &LoadAr
     let secs = start.elapsed().as_secs_f64();
     let resources = jobs.iter().map(|&b| bundles[b].entries).sum::<usize>();
     let stored: i64 = setup.query_one("SELECT count(*) FROM resources", &[]).await?.get(0);
-    if stored as usize != resources {
+    if usize::try_from(stored).ok() != Some(resources) {
         bail!("PostgreSQL holds {stored} rows, expected {resources}");
     }
     let rps = resources as f64 / secs;
@@ -447,7 +448,7 @@ async fn insert_bundle(c: &mut tokio_postgres::Client, bundle: &Value) -> anyhow
             if i > 0 {
                 sql.push(',');
             }
-            sql.push_str(&format!("(${}, ${}, 1, now(), ${})", i * 3 + 1, i * 3 + 2, i * 3 + 3));
+            let _ = write!(sql, "(${}, ${}, 1, now(), ${})", i * 3 + 1, i * 3 + 2, i * 3 + 3); // cannot fail on a String
             params.push(id);
             params.push(rtype);
             params.push(content);

@@ -29,14 +29,14 @@ pub struct ProofsArgs {
 
 fn percentiles(name: &str, mut d: Vec<Duration>) {
     d.sort();
-    let at = |q: f64| d[((d.len() as f64 * q) as usize).min(d.len() - 1)].as_secs_f64() * 1e3;
+    let at = |percent: usize| d[(d.len() * percent / 100).min(d.len() - 1)].as_secs_f64() * 1e3;
     println!(
         "{name}: n={} p50 {:.3} ms, p95 {:.3} ms, p99 {:.3} ms, max {:.3} ms",
         d.len(),
-        at(0.50),
-        at(0.95),
-        at(0.99),
-        at(1.0)
+        at(50),
+        at(95),
+        at(99),
+        at(100)
     );
 }
 

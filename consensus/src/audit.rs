@@ -167,8 +167,8 @@ pub fn verify_dir(dir: &Path, progress: &mut dyn FnMut(u64, u64)) -> io::Result<
     // reused at once, where a cross-thread free left the reader faulting in fresh pages.
     let (back_tx, back_rx) = std::sync::mpsc::channel::<LogItem>();
     let (leaves, logged) = std::thread::scope(|scope| {
-        let log_thread = scope.spawn(move || walk_log(log.as_ref(), &membership, tx, back_rx));
-        let leaves = walk_leaves(&view, stored.size, rx, back_tx, progress);
+        let log_thread = scope.spawn(move || walk_log(log.as_ref(), &membership, &tx, &back_rx));
+        let leaves = walk_leaves(&view, stored.size, rx, &back_tx, progress);
         (leaves, log_thread.join().unwrap_or_else(|_| Err(io::Error::other("the log walk panicked"))))
     });
     let ((mut report, rebuilt), logged) = (leaves?, logged?);
@@ -180,7 +180,7 @@ pub fn verify_dir(dir: &Path, progress: &mut dyn FnMut(u64, u64)) -> io::Result<
     if rebuilt.root() != stored.root() {
         report.find("merkle root", "the leaves do not rebuild the stored root");
     }
-    verify_snapshot(&view, &mut report)?;
+    verify_snapshot(&view, &mut report);
     Ok(report)
 }
 
@@ -188,8 +188,8 @@ pub fn verify_dir(dir: &Path, progress: &mut dyn FnMut(u64, u64)) -> io::Result<
 fn walk_log(
     log: &dyn KvStore,
     membership: &openraft::StoredMembership<crate::NodeId, crate::Node>,
-    tx: std::sync::mpsc::SyncSender<LogItem>,
-    back: std::sync::mpsc::Receiver<LogItem>,
+    tx: &std::sync::mpsc::SyncSender<LogItem>,
+    back: &std::sync::mpsc::Receiver<LogItem>,
 ) -> io::Result<Report> {
     let mut report = Report::default();
     for kv in log.scan_prefix_shared(b"e") {
@@ -382,7 +382,7 @@ fn walk_leaves(
     view: &StateView,
     size: u64,
     log: std::sync::mpsc::Receiver<LogItem>,
-    back: std::sync::mpsc::Sender<LogItem>,
+    back: &std::sync::mpsc::Sender<LogItem>,
     progress: &mut dyn FnMut(u64, u64),
 ) -> io::Result<(Report, Frontier)> {
     let mut leaves = Leaves {
@@ -568,13 +568,13 @@ fn cross_check<'a>(
 
 /// A stored snapshot must rebuild, from its own records, the root its frontier names, and that
 /// root must be the live tree's root at the snapshot's size.
-fn verify_snapshot(view: &StateView, report: &mut Report) -> io::Result<()> {
+fn verify_snapshot(view: &StateView, report: &mut Report) {
     let (meta, path) = match view.snapshot() {
         Ok(Some(s)) => s,
-        Ok(None) => return Ok(()),
+        Ok(None) => return,
         Err(e) => {
             report.find("snapshot", format!("does not decode: {e}"));
-            return Ok(());
+            return;
         }
     };
     let at = format!(
@@ -592,7 +592,7 @@ fn verify_snapshot(view: &StateView, report: &mut Report) -> io::Result<()> {
         }
         Err(e) => {
             report.find(&at, format!("cannot be read: {e}"));
-            return Ok(());
+            return;
         }
     };
     let mut rebuilt = Frontier::default();
@@ -630,14 +630,13 @@ fn verify_snapshot(view: &StateView, report: &mut Report) -> io::Result<()> {
     }
     let Some(claimed) = claimed else {
         report.find(&at, "holds no Merkle frontier");
-        return Ok(());
+        return;
     };
     if claimed.size != rebuilt.size || claimed.root() != rebuilt.root() {
         report.find(&at, "its records do not rebuild the root its frontier names");
     } else if crate::proof::root_at(view, claimed.size) != Some(claimed.root()) {
         report.find(&at, format!("its tree of {} leaves is not the live tree's first {0} leaves", claimed.size));
     }
-    Ok(())
 }
 
 /// The size of the tree under `dir` and its root as it was at `size` leaves (None if the tree

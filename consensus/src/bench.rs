@@ -56,7 +56,7 @@ pub async fn synthetic_ledger(
                     id: format!("{:016x}", done + i),
                     version: 1,
                     op: Op::Create,
-                    last_updated_ms: 1_700_000_000_000 + (done + i) as i64,
+                    last_updated_ms: 1_700_000_000_000 + (done + i).cast_signed(),
                     compartment: "_shared".into(),
                     body,
                     index: Vec::new(),

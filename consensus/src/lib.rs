@@ -258,7 +258,7 @@ impl Ledger {
                 return Ok(Some(stale));
             }
         }
-        self.linearize().await.map(|_| None)
+        self.linearize().await.map(|()| None)
     }
 
     /// How far behind the cluster a follower's state may be: the time since a leader last

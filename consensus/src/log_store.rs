@@ -138,7 +138,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // Durability point of the whole system: entries are fsynced before openraft is told
         // they are persisted, so nothing is acknowledged that a crash could lose.
         let res = self.flush().await;
-        callback.log_io_completed(res.as_ref().map(|_| ()).map_err(|e| io::Error::other(e.to_string())));
+        callback.log_io_completed(res.as_ref().copied().map_err(|e| io::Error::other(e.to_string())));
         res
     }
 

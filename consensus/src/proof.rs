@@ -27,7 +27,7 @@ impl Nodes for LeafNodes<'_> {
 
 /// Largest power of two strictly smaller than `n` (n >= 2).
 fn split(n: u64) -> u64 {
-    1 << (63 - (n - 1).leading_zeros())
+    1 << (n - 1).ilog2()
 }
 
 /// MTH of the `size` leaves starting at `offset` (offset aligned to the largest power of two

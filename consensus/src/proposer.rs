@@ -128,9 +128,8 @@ async fn propose(raft: &Raft, pool: &Pool, signed: SignedBatch) -> Result<BatchO
                     return Ok(outcome);
                 }
                 Ok(Reply::NotLeader { .. }) | Err(CallError::NotSent(_)) => {}
-                Ok(Reply::Failed(e)) => return Err(unknown(e)),
+                Ok(Reply::Failed(e)) | Err(CallError::Unknown(e)) => return Err(unknown(e)),
                 Ok(other) => return Err(unknown(format!("unexpected reply {other:?}"))),
-                Err(CallError::Unknown(e)) => return Err(unknown(e)),
             }
         }
         if tokio::time::Instant::now() >= deadline {

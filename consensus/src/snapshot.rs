@@ -81,7 +81,7 @@ impl Writer {
     pub fn finish(mut self) -> io::Result<PathBuf> {
         self.out.write_all(&END.to_be_bytes())?;
         let digest = self.out.hasher.finalize_reset();
-        let mut file = self.out.inner.into_inner().map_err(|e| e.into_error())?;
+        let mut file = self.out.inner.into_inner().map_err(std::io::IntoInnerError::into_error)?;
         file.write_all(&digest)?;
         file.sync_all()?;
         fs::rename(&self.tmp, &self.path)?;
@@ -181,7 +181,11 @@ mod tests {
     use super::*;
 
     fn meta(id: &str) -> Meta {
-        SnapshotMeta { last_log_id: None, last_membership: Default::default(), snapshot_id: id.into() }
+        SnapshotMeta {
+            last_log_id: None,
+            last_membership: openraft::StoredMembership::default(),
+            snapshot_id: id.into(),
+        }
     }
 
     #[test]

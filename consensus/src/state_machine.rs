@@ -266,7 +266,7 @@ impl StateView {
         })
     }
     /// Global history, newest first, starting below leaf `before` (exclusive).
-    pub fn history<'a>(&'a self, before: Option<u64>) -> impl Iterator<Item = io::Result<(u64, HistoryRecord)>> + 'a {
+    pub fn history(&self, before: Option<u64>) -> impl Iterator<Item = io::Result<(u64, HistoryRecord)>> + '_ {
         let to = match before {
             Some(b) => record_key(b),
             None => vec![b'r' + 1],
@@ -404,6 +404,8 @@ pub struct StateMachine {
     lock: Arc<Mutex<()>>,
 }
 
+// By value so that it reads `.map_err(sio)`; openraft only borrows the error.
+#[allow(clippy::needless_pass_by_value)]
 fn sio(e: io::Error) -> StorageError<NodeId> {
     StorageIOError::write_state_machine(&e).into()
 }
@@ -662,8 +664,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                         }
                         Err(reason) => {
                             tracing::warn!(%reason, "refusing ledger batch");
-                            let n =
-                                bincode::deserialize::<Batch>(&signed.payload).map(|b| b.commands.len()).unwrap_or(1);
+                            let n = bincode::deserialize::<Batch>(&signed.payload).map_or(1, |b| b.commands.len());
                             BatchOutcome { outcomes: vec![Outcome::Refused { reason }; n] }
                         }
                     };
@@ -705,8 +706,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let (kv, dir, meta) = (self.view.kv.clone(), self.view.snap_dir.clone(), meta.clone());
         let sm = self.clone();
         tokio::task::spawn_blocking(move || -> io::Result<()> {
-            let _guard = guard;
             use std::io::Seek;
+            let _guard = guard;
             received.seek(io::SeekFrom::Start(0))?;
             let name = crate::snapshot::file_name(&meta);
             let path = dir.join(&name);

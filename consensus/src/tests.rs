@@ -61,7 +61,7 @@ fn write(id: &str, version: u64, body: &[u8]) -> Write {
         id: id.into(),
         version,
         op: if version == 1 { Op::Create } else { Op::Update },
-        last_updated_ms: 1_700_000_000_000 + version as i64,
+        last_updated_ms: 1_700_000_000_000 + version.cast_signed(),
         compartment: format!("Patient/{id}"),
         body: body.to_vec(),
         index: vec![[version as u8; 32]],
@@ -72,7 +72,7 @@ fn cmd(pre: Vec<Precondition>, writes: Vec<Write>) -> Command {
     Command { actor: "test".into(), preconditions: pre, new_keys: vec![], writes }
 }
 
-async fn fresh() -> (tempfile::TempDir, StateMachine, Arc<dyn KvStore>) {
+fn fresh() -> (tempfile::TempDir, StateMachine, Arc<dyn KvStore>) {
     let dir = tempfile::tempdir().unwrap();
     let db = SledDb::open(dir.path()).unwrap();
     let tree = db.tree("state").unwrap();
@@ -105,7 +105,7 @@ fn scenario(k: &SigningKey) -> Vec<Entry<TypeConfig>> {
 #[tokio::test]
 async fn apply_checks_preconditions_signatures_and_is_atomic_per_command() {
     let k = key();
-    let (_d, mut sm, _) = fresh().await;
+    let (_d, mut sm, _) = fresh();
     let out: Vec<BatchOutcome> = sm.apply(scenario(&k)).await.unwrap();
     assert_eq!(out[1].outcomes[0], Outcome::Applied { leaves: vec![0] });
     assert_eq!(out[1].outcomes[1], Outcome::Conflict { index: 0 });
@@ -125,8 +125,8 @@ async fn apply_checks_preconditions_signatures_and_is_atomic_per_command() {
 #[tokio::test]
 async fn two_nodes_applying_the_same_log_reach_the_same_root_and_state() {
     let k = key();
-    let (_d1, mut a, ta) = fresh().await;
-    let (_d2, mut b, tb) = fresh().await;
+    let (_d1, mut a, ta) = fresh();
+    let (_d2, mut b, tb) = fresh();
     let entries = scenario(&k);
     a.apply(entries.clone()).await.unwrap();
     // The second node applies the same log in smaller pieces.
@@ -141,7 +141,7 @@ async fn two_nodes_applying_the_same_log_reach_the_same_root_and_state() {
 #[tokio::test]
 async fn matches_precondition_guards_conditional_creates() {
     let k = key();
-    let (_d, mut sm, _) = fresh().await;
+    let (_d, mut sm, _) = fresh();
     let term = [1u8; 32];
     let matches = |ids: Vec<&str>| Precondition::Matches {
         rtype: "Patient".into(),
@@ -173,7 +173,7 @@ async fn matches_precondition_guards_conditional_creates() {
 #[tokio::test]
 async fn a_command_writing_one_id_twice_is_refused() {
     let k = key();
-    let (_d, mut sm, _) = fresh().await;
+    let (_d, mut sm, _) = fresh();
     let out = sm
         .apply(vec![
             membership_entry(1, &k),
@@ -231,7 +231,7 @@ mod model {
                 Ok(db) => break db,
                 Err(e) if e.to_string().contains("could not acquire lock") && attempts < 500 => {
                     attempts += 1;
-                    std::thread::sleep(std::time::Duration::from_millis(20))
+                    std::thread::sleep(std::time::Duration::from_millis(20));
                 }
                 Err(e) => panic!("reopening the store: {e}"),
             }
@@ -257,7 +257,6 @@ mod model {
                         Op::Reboot => {
                             drop(sm);
                             sm = open(dir.path());
-                            continue;
                         }
                         Op::Put { id, term, expect } => {
                             let cur = model.get(&id).map_or(0, |r| r.version);

@@ -228,7 +228,7 @@ pub fn check_visible(
     id: &str,
     interaction: &'static str,
 ) -> Result<Disclosed, FhirError> {
-    let Some(access) = state.auth.access(caller) else { return Ok(Default::default()) };
+    let Some(access) = state.auth.access(caller) else { return Ok(Disclosed::default()) };
     let (ok, d) = crate::auth::access::visible(&state.search, &access, rtype, id)?;
     if ok {
         return Ok(d);
@@ -353,7 +353,7 @@ impl Policy for CallerPolicy<'_> {
 /// content (its patients and their Consents) and a deletion by the last version before it;
 /// `None` when hidden.
 pub fn version_visible(state: &AppState, caller: &Caller, s: &Stored) -> Result<Option<Disclosed>, FhirError> {
-    let Some(access) = state.auth.access(caller) else { return Ok(Some(Default::default())) };
+    let Some(access) = state.auth.access(caller) else { return Ok(Some(Disclosed::default())) };
     let repo = &state.repo;
     let current = repo.view().current(&s.rtype, &s.id)?.is_some_and(|c| c.version == s.version);
     if current && !s.deleted {

@@ -57,7 +57,7 @@ fn parse_entry(search: &crate::search::Engine, i: usize, mut e: Json) -> Result<
     let req =
         e.get("request").ok_or_else(|| FhirError::invalid("entry has no request").at(format!("{}.request", at(i))))?;
     let method = match req.get("method").and_then(Json::as_str) {
-        Some("GET") | Some("HEAD") => Method::Get,
+        Some("GET" | "HEAD") => Method::Get,
         Some("POST") => Method::Post,
         Some("PUT") => Method::Put,
         Some("DELETE") => Method::Delete,
@@ -179,7 +179,7 @@ async fn process(
 /// Resolves `Type?criteria` to exactly one id (recording the match as a precondition).
 fn resolve_conditional(plan: &mut Plan<'_>, rtype: &str, query: &str, what: &str) -> Result<Option<String>, FhirError> {
     let (ids, groups) = interactions::conditional_terms(plan, rtype, query)?;
-    let ids = plan.matching(rtype, ids, groups)?;
+    let ids = plan.matching(rtype, &ids, groups)?;
     match ids.len() {
         0 | 1 => Ok(ids.into_iter().next()),
         n => Err(FhirError::precondition(format!("{what} {rtype}?{query} matched {n} resources"))),
@@ -240,7 +240,7 @@ fn plan_transaction(plan: &mut Plan<'_>, entries: &[Entry], rewritten: bool) -> 
                 }
                 None => e.new_id.clone(),
             },
-            (Method::Put, Some(id), _) => id.clone(),
+            (Method::Put | Method::Delete, Some(id), _) => id.clone(),
             (Method::Put, None, Some(q)) => {
                 let body_id = e.resource.as_ref().and_then(|r| r.get("id")).and_then(Json::as_str).map(String::from);
                 match resolve_conditional(plan, &e.rtype, q, "conditional update").map_err(|x| x.at(at(e.index)))? {
@@ -248,7 +248,6 @@ fn plan_transaction(plan: &mut Plan<'_>, entries: &[Entry], rewritten: bool) -> 
                     None => body_id.unwrap_or_else(|| e.new_id.clone()),
                 }
             }
-            (Method::Delete, Some(id), _) => id.clone(),
             (Method::Delete, None, Some(q)) => {
                 match resolve_conditional(plan, &e.rtype, q, "conditional delete").map_err(|x| x.at(at(e.index)))? {
                     Some(found) => found,
@@ -339,9 +338,9 @@ fn rewrite_references(plan: &mut Plan<'_>, res: &mut Json, map: &BTreeMap<String
 
 fn status_text(status: u16) -> &'static str {
     match status {
-        200 => "200 OK",
         201 => "201 Created",
         204 => "204 No Content",
+        // 200, and any other success.
         _ => "200 OK",
     }
 }
@@ -503,7 +502,7 @@ fn get_entry(req: &HttpRequest, who: &Who<'_>, e: &Entry) -> Result<Json, FhirEr
     Ok(response_entry(req, 200, Some(&s), Return::Representation))
 }
 
-async fn batch(req: &HttpRequest, who: &Who<'_>, raw: Vec<Json>, _f: &Format) -> Result<HttpResponse, FhirError> {
+async fn batch(req: &HttpRequest, who: &Who<'_>, raw: Vec<Json>, f: &Format) -> Result<HttpResponse, FhirError> {
     let ret = bundle_return(req);
     let repo = &*who.state.repo;
     let policy = authz::policy(who.state, who.caller);
@@ -530,5 +529,5 @@ async fn batch(req: &HttpRequest, who: &Who<'_>, raw: Vec<Json>, _f: &Format) ->
         }
     });
     let out = futures::future::join_all(futures).await;
-    Ok(json_response(200, &response_bundle("batch-response", out), _f))
+    Ok(json_response(200, &response_bundle("batch-response", out), f))
 }

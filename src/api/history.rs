@@ -29,14 +29,14 @@ fn params(req: &HttpRequest) -> Result<(Params, Vec<(String, String)>), FhirErro
                 p.count = v
                     .parse::<usize>()
                     .map_err(|_| FhirError::invalid(format!("_count {v:?} is not a number")).at("_count"))?
-                    .min(MAX_COUNT)
+                    .min(MAX_COUNT);
             }
             "_since" => {
                 p.since = Some(
                     date_range_ms(v)
                         .ok_or_else(|| FhirError::invalid(format!("_since {v:?} is not an instant")).at("_since"))?
                         .0,
-                )
+                );
             }
             "_cursor" => p.cursor = Some(v.parse().map_err(|_| FhirError::invalid("bad _cursor").at("_cursor"))?),
             "_format" | "_pretty" => {}

@@ -54,7 +54,7 @@ pub async fn head(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpRe
     Ok(json_response(200, &parameters(head?.to_parts()), f))
 }
 
-fn inclusion(repo: &Repo, head: TreeHead, leaf: u64, extra: Vec<Json>) -> Result<Json, FhirError> {
+fn inclusion(repo: &Repo, head: &TreeHead, leaf: u64, extra: Vec<Json>) -> Result<Json, FhirError> {
     let size = head.size;
     let record = repo.view().record(leaf)?.ok_or_else(|| FhirError::not_found(&format!("leaf {leaf}")))?;
     let path = proof::inclusion_proof(repo.view(), leaf, size)
@@ -92,7 +92,7 @@ pub async fn version_proof(
     // who may see that version.
     let stored = state.repo.vread(&rtype, &id, version)?;
     super::authz::version_visible(&state, &caller, &stored)?.ok_or_else(|| FhirError::not_found(&what))?;
-    let body = inclusion(&state.repo, head?, record.leaf, vec![param("resource", "valueString", s(what))])?;
+    let body = inclusion(&state.repo, &head?, record.leaf, vec![param("resource", "valueString", s(what))])?;
     Ok(json_response(200, &body, f))
 }
 
@@ -128,7 +128,7 @@ pub async fn leaf_proof(req: HttpRequest, state: web::Data<AppState>) -> Result<
     let f = &Format::negotiate(&req)?;
     auditor(&req)?;
     let leaf = number(&parse_query(req.query_string()), "leaf")?;
-    Ok(json_response(200, &inclusion(&state.repo, head?, leaf, Vec::new())?, f))
+    Ok(json_response(200, &inclusion(&state.repo, &head?, leaf, Vec::new())?, f))
 }
 
 /// `GET /ledger/consistency?first=N&second=M` (`second` defaults to the current size).

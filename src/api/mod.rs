@@ -290,8 +290,8 @@ pub fn parse_resource(body: &[u8]) -> Result<Json, FhirError> {
 }
 
 /// `W/"3"` or `"3"` → 3.
-pub fn parse_etag(headers: &HeaderMap, name: header::HeaderName) -> Result<Option<u64>, FhirError> {
-    let Some(v) = headers.get(&name) else { return Ok(None) };
+pub fn parse_etag(headers: &HeaderMap, name: &header::HeaderName) -> Result<Option<u64>, FhirError> {
+    let Some(v) = headers.get(name) else { return Ok(None) };
     let s = v.to_str().unwrap_or("").trim();
     let inner = s.strip_prefix("W/").unwrap_or(s).trim_matches('"');
     inner

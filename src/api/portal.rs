@@ -120,7 +120,7 @@ async fn render(state: &AppState, username: &str, patient: &str, csrf: &str) -> 
             }
         }
     };
-    Ok(pages::page("Your health data", body))
+    Ok(pages::page("Your health data", &body))
 }
 
 async fn login(req: HttpRequest, body: web::Bytes, state: web::Data<AppState>) -> HttpResponse {
@@ -132,7 +132,7 @@ async fn login(req: HttpRequest, body: web::Bytes, state: web::Data<AppState>) -
     let (username, password) = (get("username"), get("password"));
     match sign_in(&state, &req, &username, &password).await {
         Ok(SignIn::User(id, user)) => {
-            let cookie = portal_cookie(&state.auth, id, user);
+            let cookie = portal_cookie(&state.auth, id, &user);
             HttpResponse::SeeOther().cookie(cookie).insert_header((header::LOCATION, "/portal")).finish()
         }
         Ok(SignIn::Wrong) => {

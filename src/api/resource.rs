@@ -156,7 +156,7 @@ pub async fn update(
                 .at(format!("{rtype}.id")))
         }
     }
-    let if_match = parse_etag(req.headers(), header::IF_MATCH)?;
+    let if_match = parse_etag(req.headers(), &header::IF_MATCH)?;
     commit_one(&req, &state, &f, |plan| interactions::update(plan, &rtype, &id, &res, if_match)).await
 }
 
@@ -198,9 +198,9 @@ pub async fn patch(
         ));
     }
     let body = read_body(&req, payload, state.max_body_bytes).await?;
-    let patch = crate::fhir::json::parse(&body, super::MAX_DEPTH)
+    let operations = crate::fhir::json::parse(&body, super::MAX_DEPTH)
         .map_err(|e| FhirError::new(ErrorCode::Structure, format!("malformed JSON Patch: {e}")))?;
-    let if_match = parse_etag(req.headers(), header::IF_MATCH)?;
+    let if_match = parse_etag(req.headers(), &header::IF_MATCH)?;
     let repo = &state.repo;
     commit_one(&req, &state, &f, |plan| {
         let current = repo.read(&rtype, &id)?;
@@ -208,7 +208,7 @@ pub async fn patch(
             return Err(FhirError::precondition(format!("If-Match does not match version {}", current.version)));
         }
         let mut doc = current.parsed()?.ok_or_else(|| FhirError::gone(&format!("{rtype}/{id}")))?;
-        crate::fhir::patch::apply(&mut doc, &patch)
+        crate::fhir::patch::apply(&mut doc, &operations)
             .map_err(|e| FhirError::new(ErrorCode::Unprocessable, format!("JSON Patch failed: {e}")))?;
         if doc.get("id").and_then(Json::as_str) != Some(id.as_str()) {
             return Err(FhirError::new(ErrorCode::Unprocessable, "a patch may not change the resource's id"));
@@ -231,7 +231,7 @@ pub async fn delete(
     check_id(&id)?;
     let caller = authz::caller(&req);
     authz::require(&state, &caller, &rtype, Perm::D, "delete")?;
-    let if_match = parse_etag(req.headers(), header::IF_MATCH)?;
+    let if_match = parse_etag(req.headers(), &header::IF_MATCH)?;
     commit_one(&req, &state, &f, |plan| {
         let p = interactions::delete(plan, &rtype, &id, if_match)?;
         // To a token, a resource it may not see and one that is not there are both a 404
@@ -295,7 +295,7 @@ pub async fn read(
     let s = match by_leaf.unwrap_or_else(|| state.repo.read(&rtype, &id)) {
         Err(e) if e.status() == 410 => {
             // A deleted resource still tells its ETag, as HAPI and Blaze do.
-            let cur = state.repo.view().current(&rtype, &id)?.map(|c| c.version).unwrap_or(0);
+            let cur = state.repo.view().current(&rtype, &id)?.map_or(0, |c| c.version);
             let mut r = e.render(f.content_type, f.pretty);
             if let Ok(v) = header::HeaderValue::from_str(&format!("W/\"{cur}\"")) {
                 r.headers_mut().insert(header::ETAG, v);
@@ -331,7 +331,7 @@ fn not_modified(req: &HttpRequest, s: &Stored) -> bool {
         .map(std::time::SystemTime::from)
         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
     // HTTP dates have whole seconds, so compare at that precision.
-    since.is_some_and(|since| s.last_updated_ms.div_euclid(1000) <= since.as_secs() as i64)
+    since.is_some_and(|since| s.last_updated_ms.div_euclid(1000) <= i64::try_from(since.as_secs()).unwrap_or(i64::MAX))
 }
 
 pub async fn vread(

@@ -244,6 +244,7 @@ pub struct Disclosed {
 
 /// What an access decision is about: the live resource as the index holds it, or a body (a
 /// stored version that is not the current one, or what a write would leave).
+#[derive(Clone, Copy)]
 pub enum Subject<'a> {
     Current(&'a str),
     Body { id: &'a str, version: u64, body: &'a Json, restriction: Restriction },

@@ -2,7 +2,7 @@
 //! per token, then cached), and on every request the grant, the patient's Consent and the
 //! client still live on the ledger, so a revocation stops the token on the next request.
 
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 
 use serde_json::Value;
 
@@ -242,7 +242,7 @@ impl Auth {
     }
 
     async fn external_jwks(&self, ext: &crate::config::ExternalIssuer) -> Result<Value, String> {
-        if let Some(k) = self.external_keys.lock().unwrap_or_else(|e| e.into_inner()).get(&ext.issuer) {
+        if let Some(k) = self.external_keys.lock().unwrap_or_else(PoisonError::into_inner).get(&ext.issuer) {
             return Ok(k.clone());
         }
         let jwks: Value = reqwest::Client::new()
@@ -254,7 +254,7 @@ impl Auth {
             .json()
             .await
             .map_err(|e| format!("reading {}: {e}", ext.jwks_url))?;
-        self.external_keys.lock().unwrap_or_else(|e| e.into_inner()).insert(ext.issuer.clone(), jwks.clone());
+        self.external_keys.lock().unwrap_or_else(PoisonError::into_inner).insert(ext.issuer.clone(), jwks.clone());
         Ok(jwks)
     }
 
@@ -289,8 +289,8 @@ impl Auth {
                 .records
                 .get(repo, &idx, store::CLIENT, &claims.client_id)?
                 .ok_or_else(|| unauthorized("the token's client is no longer registered"))?;
-            client_actor = client.actor.clone();
-            client_name = client.client_name.clone();
+            client_actor.clone_from(&client.actor);
+            client_name.clone_from(&client.client_name);
             if let Some(g) = &claims.grant {
                 let grant: Option<Arc<Grant>> = self.grants.get(repo, &idx, store::GRANT, g)?;
                 if grant.is_none_or(|g| g.revoked) {
@@ -357,7 +357,7 @@ impl<T: serde::de::DeserializeOwned> Records<T> {
         id: &str,
     ) -> Result<Option<Arc<T>>, FhirError> {
         let Some((_, doc)) = idx.of(rtype).and_then(|d| d.doc(id)) else { return Ok(None) };
-        if let Some((v, t)) = self.cache.lock().unwrap_or_else(|e| e.into_inner()).get(id) {
+        if let Some((v, t)) = self.cache.lock().unwrap_or_else(PoisonError::into_inner).get(id) {
             if *v == doc.version {
                 return Ok(Some(t.clone()));
             }
@@ -365,7 +365,7 @@ impl<T: serde::de::DeserializeOwned> Records<T> {
         let s = repo.vread(rtype, id, doc.version)?;
         let Some(body) = s.body.as_deref() else { return Ok(None) };
         let t: Arc<T> = Arc::new(serde_json::from_str(body).map_err(FhirError::internal)?);
-        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
         if cache.len() > 100_000 {
             cache.clear();
         }

@@ -175,6 +175,7 @@ pub fn rsa_jwk(key: &rsa::RsaPublicKey, kid: &str) -> Value {
 /// A verifying key from one JWK (OKP Ed25519, RSA of 2048 bits or more, or EC P-384), checked
 /// as the module comment says before the crate sees it.
 pub fn from_jwk(jwk: &Value) -> Result<PublicKey, String> {
+    use rsa::traits::PublicKeyParts;
     let unsupported = || {
         format!(
             "unsupported JWK key type {:?} (use OKP Ed25519, RSA or EC P-384)",
@@ -198,7 +199,6 @@ pub fn from_jwk(jwk: &Value) -> Result<PublicKey, String> {
             let n = rsa::BigUint::from_bytes_be(&unb64url(&p.n)?);
             let e = rsa::BigUint::from_bytes_be(&unb64url(&p.e)?);
             let key = rsa::RsaPublicKey::new(n, e).map_err(|e| format!("bad RSA key: {e}"))?;
-            use rsa::traits::PublicKeyParts;
             if key.size() < 256 {
                 return Err("RSA keys must have at least 2048 bits".into());
             }
@@ -335,10 +335,6 @@ mod tests {
 
     #[test]
     fn none_and_hmac_are_refused() {
-        let k = ed_key();
-        let public = k.verifying_key().to_bytes();
-        let keys =
-            [PublicKey::ed25519(&k.verifying_key()), from_jwk(&rsa_jwk(&rsa_key().to_public_key(), "r")).expect("RSA")];
         fn hmac(secret: &[u8]) -> impl Fn(&[u8]) -> Vec<u8> + '_ {
             move |m: &[u8]| {
                 use hmac::Mac;
@@ -347,6 +343,10 @@ mod tests {
                 mac.finalize().into_bytes().to_vec()
             }
         }
+        let k = ed_key();
+        let public = k.verifying_key().to_bytes();
+        let keys =
+            [PublicKey::ed25519(&k.verifying_key()), from_jwk(&rsa_jwk(&rsa_key().to_public_key(), "r")).expect("RSA")];
         let mut tokens = Vec::new();
         for alg in ["none", "HS256", "HS384", "HS512", "None", "NONE"] {
             tokens.push((alg, format!("{}.{}.", b64url(format!(r#"{{"alg":"{alg}"}}"#).as_bytes()), b64url(b"{}"))));

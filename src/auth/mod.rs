@@ -16,7 +16,7 @@ pub mod store;
 pub mod throttle;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
@@ -135,12 +135,12 @@ impl Auth {
     pub fn id_key(&self) -> &IdKey {
         self.id_key.get_or_init(|| {
             use rand::SeedableRng;
+            use rsa::traits::PublicKeyParts;
             let mut rng = rand_chacha::ChaCha20Rng::from_seed(self.id_seed);
             let key = match rsa::RsaPrivateKey::new(&mut rng, 2048) {
                 Ok(k) => k,
                 Err(e) => unreachable!("RSA key generation from a seeded RNG cannot fail: {e}"),
             };
-            use rsa::traits::PublicKeyParts;
             let kid = jose::kid(&key.n().to_bytes_be());
             IdKey { signing: jose::rsa_signing(&key), jwk: jose::rsa_jwk(&key.to_public_key(), &kid), kid }
         })
@@ -192,12 +192,12 @@ impl Auth {
 
     fn cached(&self, token: &str) -> (Option<Arc<caller::Claims>>, [u8; 32]) {
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        let hit = self.verified.lock().unwrap_or_else(|e| e.into_inner()).get(&digest).cloned();
+        let hit = self.verified.lock().unwrap_or_else(PoisonError::into_inner).get(&digest).cloned();
         (hit, digest)
     }
 
     fn remember(&self, digest: [u8; 32], claims: Arc<caller::Claims>) {
-        let mut v = self.verified.lock().unwrap_or_else(|e| e.into_inner());
+        let mut v = self.verified.lock().unwrap_or_else(PoisonError::into_inner);
         if v.len() > 50_000 {
             let now = now_s();
             v.retain(|_, c| c.exp > now);

@@ -311,7 +311,7 @@ mod tests {
         use UserKind::*;
         let all = "launch/patient launch openid fhirUser offline_access online_access launch/encounter \
                    patient/*.rs user/*.cruds system/*.cruds";
-        let ws = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let ws = |v: &[&str]| v.iter().map(ToString::to_string).collect::<Vec<_>>();
         let patient_side =
             ws(&["launch/patient", "launch", "openid", "fhirUser", "offline_access", "online_access", "patient/*.rs"]);
         assert_eq!(grantable(all.split_whitespace(), None, Holder::User(Patient)), patient_side);

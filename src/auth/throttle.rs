@@ -4,7 +4,7 @@
 //! memory (a cluster of n nodes gives an attacker n times the budget; a restart resets them).
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Mutex, PoisonError};
 
 /// Failures allowed per account and per source within [`WINDOW_S`].
 pub const MAX_FAILURES: u32 = 10;
@@ -31,7 +31,7 @@ pub fn keys(username: &str, source: Option<std::net::IpAddr>) -> Vec<String> {
 impl Throttle {
     /// Seconds until the attempt may be made, when some key is over the limit.
     pub fn blocked(&self, keys: &[String], now: i64) -> Option<i64> {
-        let f = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        let f = self.failures.lock().unwrap_or_else(PoisonError::into_inner);
         keys.iter()
             .filter_map(|k| f.get(k))
             .filter(|(n, start)| *n >= MAX_FAILURES && now < start + WINDOW_S)
@@ -40,7 +40,7 @@ impl Throttle {
     }
 
     pub fn failed(&self, keys: &[String], now: i64) {
-        let mut f = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        let mut f = self.failures.lock().unwrap_or_else(PoisonError::into_inner);
         if f.len() >= MAX_KEYS {
             f.retain(|_, (_, start)| now < *start + WINDOW_S);
         }
@@ -59,7 +59,7 @@ impl Throttle {
 
     /// A successful sign-in clears its account's failures (not its source's).
     pub fn succeeded(&self, username: &str) {
-        self.failures.lock().unwrap_or_else(|e| e.into_inner()).remove(&format!("account:{username}"));
+        self.failures.lock().unwrap_or_else(PoisonError::into_inner).remove(&format!("account:{username}"));
     }
 }
 

@@ -71,7 +71,7 @@ enum AuthCmd {
 
 pub async fn run(args: AuthArgs) -> anyhow::Result<()> {
     let token = args.token.context("the admin token is needed: --token or FHIR_LEDGER_ADMIN_TOKEN")?;
-    let http = reqwest::Client::builder().timeout(std::time::Duration::from_secs(60)).build()?;
+    let http = reqwest::Client::builder().timeout(std::time::Duration::from_mins(1)).build()?;
     let admin = Admin { http, token };
     let node = args.node.as_str();
     let post = reqwest::Method::POST;

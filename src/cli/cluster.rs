@@ -136,7 +136,7 @@ impl Admin {
 pub async fn run(args: ClusterArgs) -> anyhow::Result<()> {
     let token = args.token.context("the admin token is needed: --token or FHIR_LEDGER_ADMIN_TOKEN")?;
     // Joining waits until the new node caught up, which a large snapshot makes long.
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(3600)).build()?;
+    let http = reqwest::Client::builder().timeout(Duration::from_hours(1)).build()?;
     let admin = Admin { http, token };
     match args.command {
         ClusterCmd::Status { node, json } => {

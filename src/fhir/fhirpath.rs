@@ -52,7 +52,7 @@ pub enum Item<'a> {
     Str(String),
 }
 
-impl<'a> Item<'a> {
+impl Item<'_> {
     pub fn ty(&self) -> Option<&str> {
         match self {
             Item::Node(_, t) => t.as_deref(),
@@ -381,7 +381,7 @@ pub struct Eval<'p> {
     pub profiles: &'p Profiles,
 }
 
-impl<'p> Eval<'p> {
+impl Eval<'_> {
     /// Evaluates `e` on the resource `res` of type `rtype`.
     pub fn run<'a>(&self, e: &Expr, rtype: &str, res: &'a Json) -> Vec<Item<'a>> {
         self.eval(e, &[Item::Node(res, Some(rtype.to_string()))])
@@ -646,13 +646,13 @@ fn truthy_opt(v: &[Item]) -> Option<bool> {
 
 fn same(a: &Item, b: &Item) -> bool {
     match (a, b) {
-        (Item::Bool(x), Item::Bool(y)) => x == y,
-        (Item::Node(Json::Bool(x), _), Item::Bool(y)) | (Item::Bool(y), Item::Node(Json::Bool(x), _)) => x == y,
-        (Item::Str(x), Item::Str(y)) => x == y,
-        (Item::Node(Json::String(x), _), Item::Str(y)) | (Item::Str(y), Item::Node(Json::String(x), _)) => x == y,
+        (Item::Bool(x) | Item::Node(Json::Bool(x), _), Item::Bool(y))
+        | (Item::Bool(y), Item::Node(Json::Bool(x), _)) => x == y,
+        (Item::Str(x) | Item::Node(Json::String(x), _), Item::Str(y))
+        | (Item::Str(y), Item::Node(Json::String(x), _)) => x == y,
         (Item::Node(x, _), Item::Node(y, _)) => match (x, y) {
-            (Json::String(s), Json::String(t)) => s == t,
-            (Json::Number(s), Json::Number(t)) => s == t,
+            // Numbers compare as written (Json keeps their text).
+            (Json::String(s), Json::String(t)) | (Json::Number(s), Json::Number(t)) => s == t,
             (Json::Bool(s), Json::Bool(t)) => s == t,
             _ => false,
         },

@@ -3,7 +3,7 @@
 //! cannot be the stored form: it normalizes numbers and (without `preserve_order`) reorders
 //! keys.
 
-use std::fmt;
+use std::fmt::{self, Write as _};
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Json {
@@ -61,7 +61,8 @@ struct Parser<'a> {
 impl Parser<'_> {
     fn err(&mut self, message: String) -> JsonError {
         let upto = &self.s[..self.i.min(self.s.len())];
-        let line = upto.iter().filter(|&&b| b == b'\n').count() + 1;
+        // One more line than newlines: the pieces between them.
+        let line = upto.split(|&b| b == b'\n').count();
         let column = upto.iter().rev().take_while(|&&b| b != b'\n').count() + 1;
         JsonError { offset: self.i, line, column, message }
     }
@@ -295,7 +296,9 @@ fn write_str(out: &mut String, s: &str) {
             '\n' => out.push_str("\\n"),
             '\r' => out.push_str("\\r"),
             '\t' => out.push_str("\\t"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", c as u32); // cannot fail on a String
+            }
             c => out.push(c),
         }
     }

@@ -64,11 +64,11 @@ pub fn date_range_ms(value: &str) -> Option<(i64, i64)> {
     };
     match v.len() {
         4 => {
-            let y = num(v)? as i32;
+            let y = i32::try_from(num(v)?).ok()?;
             Some((ymd(y, 1, 1)?, ymd(y + 1, 1, 1)?))
         }
         7 => {
-            let y = num(v.get(..4)?)? as i32;
+            let y = i32::try_from(num(v.get(..4)?)?).ok()?;
             let m = num(v.get(5..7)?)? as u8;
             if v.as_bytes()[4] != b'-' {
                 return None;
@@ -77,7 +77,7 @@ pub fn date_range_ms(value: &str) -> Option<(i64, i64)> {
             Some((ymd(y, m, 1)?, ymd(ny, nm, 1)?))
         }
         10 => {
-            let y = num(v.get(..4)?)? as i32;
+            let y = i32::try_from(num(v.get(..4)?)?).ok()?;
             let m = num(v.get(5..7)?)? as u8;
             let d = num(v.get(8..10)?)? as u8;
             if v.as_bytes()[4] != b'-' || v.as_bytes()[7] != b'-' {

@@ -85,12 +85,12 @@ pub fn apply(doc: &mut Json, patch: &Json) -> Result<(), String> {
     let ops = patch.as_array().ok_or("a JSON Patch document must be an array")?;
     for (i, op) in ops.iter().enumerate() {
         let field = |name: &str| op.get(name).and_then(Json::as_str).ok_or(format!("operation {i}: missing {name:?}"));
-        let path = tokens(field("path")?).map_err(|e| format!("operation {i}: {e}"))?;
+        let pointer = tokens(field("path")?).map_err(|e| format!("operation {i}: {e}"))?;
         let value = || op.get("value").cloned().ok_or(format!("operation {i}: missing \"value\""));
         let res = match field("op")? {
-            "add" => add(doc, &path, value()?),
-            "remove" => remove(doc, &path).map(|_| ()),
-            "replace" => get_mut(doc, &path).map(|t| *t = value().unwrap_or(Json::Null)).and_then(|()| {
+            "add" => add(doc, &pointer, value()?),
+            "remove" => remove(doc, &pointer).map(|_| ()),
+            "replace" => get_mut(doc, &pointer).map(|t| *t = value().unwrap_or(Json::Null)).and_then(|()| {
                 if op.get("value").is_none() {
                     Err("missing \"value\"".into())
                 } else {
@@ -100,16 +100,16 @@ pub fn apply(doc: &mut Json, patch: &Json) -> Result<(), String> {
             "move" => {
                 let from = tokens(field("from")?)?;
                 let v = remove(doc, &from)?;
-                add(doc, &path, v)
+                add(doc, &pointer, v)
             }
             "copy" => {
                 let from = tokens(field("from")?)?;
                 let v = get_mut(doc, &from)?.clone();
-                add(doc, &path, v)
+                add(doc, &pointer, v)
             }
             "test" => {
                 let expected = value()?;
-                let actual = get_mut(doc, &path)?;
+                let actual = get_mut(doc, &pointer)?;
                 if actual.to_compact() == expected.to_compact() {
                     Ok(())
                 } else {

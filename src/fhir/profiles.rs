@@ -99,9 +99,7 @@ impl Profiles {
                     .into_iter()
                     .flatten()
                     .filter_map(|t| t["code"].as_str())
-                    .map(|c| {
-                        c.strip_prefix("http://hl7.org/fhirpath/System.").map_or(c.to_string(), |s| s.to_lowercase())
-                    })
+                    .map(|c| c.strip_prefix("http://hl7.org/fhirpath/System.").map_or(c.to_string(), str::to_lowercase))
                     .collect();
                 let required_codes = match (el["binding"]["strength"].as_str(), el["binding"]["valueSet"].as_str()) {
                     (Some("required"), Some(url)) => {
@@ -205,19 +203,16 @@ impl<'a> Expander<'a> {
             }
             let system = inc["system"].as_str()?;
             set.systems.insert(system.to_string());
-            match inc["concept"].as_array() {
-                Some(concepts) => {
-                    for c in concepts {
-                        set.codes.insert((system.to_string(), c["code"].as_str()?.to_string()));
-                    }
+            if let Some(concepts) = inc["concept"].as_array() {
+                for c in concepts {
+                    set.codes.insert((system.to_string(), c["code"].as_str()?.to_string()));
                 }
-                None => {
-                    let cs = self.code_systems.get(system)?;
-                    if cs["content"] != "complete" {
-                        return None;
-                    }
-                    collect(system, &cs["concept"], &mut set);
+            } else {
+                let cs = self.code_systems.get(system)?;
+                if cs["content"] != "complete" {
+                    return None;
                 }
+                collect(system, &cs["concept"], &mut set);
             }
         }
         Some(set)

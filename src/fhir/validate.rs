@@ -105,10 +105,10 @@ fn object(cx: &mut Ctx<'_>, v: &Json, path: &str, loc: &str, is_resource: bool, 
                         .map_or_else(|| e.types.iter().all(|t| cx.p.is_primitive(t)), |t| cx.p.is_primitive(t))
                         && !e.types.is_empty() =>
                 {
-                    companion(cx, value, e.many, &here, depth)
+                    companion(cx, value, e.many, &here, depth);
                 }
                 _ => {
-                    cx.err("structure", &here, format!("unknown element {key:?} (no primitive element {base:?} here)"))
+                    cx.err("structure", &here, format!("unknown element {key:?} (no primitive element {base:?} here)"));
                 }
             }
             continue;
@@ -138,10 +138,10 @@ fn object(cx: &mut Ctx<'_>, v: &Json, path: &str, loc: &str, is_resource: bool, 
             }
             (true, _) => cx.err("structure", &here, format!("{key} repeats: it must be a JSON array")),
             (false, Json::Array(_)) => {
-                cx.err("structure", &here, format!("{key} does not repeat: it must not be an array"))
+                cx.err("structure", &here, format!("{key} does not repeat: it must not be an array"));
             }
             (false, item) => {
-                typed(cx, e, choice_type.as_deref(), item, &here, is_resource && path_is_root(path), depth)
+                typed(cx, e, choice_type.as_deref(), item, &here, is_resource && path_is_root(path), depth);
             }
         }
     }
@@ -247,9 +247,8 @@ fn check_codings(cx: &mut Ctx<'_>, set: usize, t: &str, v: &Json, loc: &str, pat
 
 fn primitive(cx: &mut Ctx<'_>, t: &str, v: &Json, loc: &str) {
     let result: Result<(), String> = match (t, v) {
-        ("boolean", Json::Bool(_)) => Ok(()),
+        ("boolean", Json::Bool(_)) | ("decimal", Json::Number(_)) => Ok(()),
         ("boolean", _) => Err("must be a JSON boolean (true or false)".into()),
-        ("decimal", Json::Number(_)) => Ok(()),
         ("integer" | "positiveInt" | "unsignedInt", Json::Number(n)) => integer(t, n),
         ("decimal" | "integer" | "positiveInt" | "unsignedInt", _) => Err(format!("a {t} must be a JSON number")),
         (_, Json::String(s)) => string_format(t, s),

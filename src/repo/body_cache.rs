@@ -6,7 +6,7 @@
 //! page's cost.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 
 /// The leaf's header (type, id, version, compartment) and its decrypted body.
 pub type Entry = Arc<(consensus::LeafHeader, Arc<str>)>;
@@ -29,14 +29,14 @@ impl BodyCache {
     }
 
     pub fn get(&self, leaf: u64) -> Option<Entry> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner()).bodies.get(&leaf).cloned()
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner).bodies.get(&leaf).cloned()
     }
 
     pub fn put(&self, leaf: u64, body: Entry) {
         if body.1.len() > self.budget / 64 {
             return;
         }
-        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut g = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         if g.bodies.contains_key(&leaf) {
             return;
         }
@@ -53,7 +53,7 @@ impl BodyCache {
 
     /// Drops every entry (after an erasure, so that no plaintext of it lingers in memory).
     pub fn clear(&self) {
-        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut g = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         *g = Inner::default();
     }
 }

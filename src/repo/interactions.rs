@@ -53,7 +53,7 @@ pub fn create(
 ) -> Result<Planned, FhirError> {
     if let Some(query) = if_none_exist {
         let (ids, groups) = conditional_terms(plan, rtype, query)?;
-        let ids = plan.matching(rtype, ids, groups)?;
+        let ids = plan.matching(rtype, &ids, groups)?;
         match ids.len() {
             0 => {}
             1 => return Ok(Planned { status: 200, write: None, existing: Some((rtype.into(), ids[0].clone())) }),
@@ -87,7 +87,7 @@ pub fn conditional_update(
     new_id: &str,
 ) -> Result<Planned, FhirError> {
     let (ids, groups) = conditional_terms(plan, rtype, query)?;
-    let ids = plan.matching(rtype, ids, groups)?;
+    let ids = plan.matching(rtype, &ids, groups)?;
     let body_id = res.get("id").and_then(Json::as_str).map(String::from);
     let id = match (ids.as_slice(), body_id) {
         ([], Some(b)) => b,
@@ -116,7 +116,7 @@ pub fn delete(plan: &mut Plan<'_>, rtype: &str, id: &str, if_match: Option<u64>)
 
 pub fn conditional_delete(plan: &mut Plan<'_>, rtype: &str, query: &str) -> Result<Planned, FhirError> {
     let (ids, groups) = conditional_terms(plan, rtype, query)?;
-    let ids = plan.matching(rtype, ids, groups)?;
+    let ids = plan.matching(rtype, &ids, groups)?;
     match ids.as_slice() {
         [] => Ok(Planned { status: 204, write: None, existing: None }),
         [one] => delete(plan, rtype, &one.clone(), None),

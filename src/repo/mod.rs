@@ -414,7 +414,7 @@ impl<'a> Plan<'a> {
     pub fn matching(
         &mut self,
         rtype: &str,
-        ids: Vec<Vec<String>>,
+        ids: &[Vec<String>],
         all_of: Vec<Vec<IndexKey>>,
     ) -> Result<Vec<String>, FhirError> {
         // The preconditions pin every match, hidden ones included (so `apply` re-checks the
@@ -431,7 +431,7 @@ impl<'a> Plan<'a> {
             let current = self.repo.view.current(rtype, id)?.map_or(0, |c| c.version);
             self.preconditions.push(Precondition::Version { rtype: rtype.to_string(), id: id.clone(), current });
         }
-        let found = criteria::match_ids(&self.repo.view, rtype, &ids, &all_of)?;
+        let found = criteria::match_ids(&self.repo.view, rtype, ids, &all_of)?;
         self.seen(rtype, found)
     }
 
@@ -479,7 +479,7 @@ impl<'a> Plan<'a> {
     /// given, must equal the current version (412 otherwise).
     pub fn put(&mut self, rtype: &str, id: &str, res: &Json, if_match: Option<u64>) -> Result<Stored, FhirError> {
         let cur = self.current(rtype, id)?;
-        self.put_over(rtype, id, res, if_match, cur)
+        self.put_over(rtype, id, res, if_match, cur.as_ref())
     }
 
     /// Creates `rtype/id` under an id this server just generated (a random UUID), skipping the
@@ -494,12 +494,12 @@ impl<'a> Plan<'a> {
         id: &str,
         res: &Json,
         if_match: Option<u64>,
-        cur: Option<CurrentRecord>,
+        cur: Option<&CurrentRecord>,
     ) -> Result<Stored, FhirError> {
         self.touch(rtype, id)?;
-        let current = cur.as_ref().map_or(0, |c| c.version);
-        let live = cur.as_ref().is_some_and(|c| !c.deleted);
-        self.policy.may_write(rtype, id, cur.as_ref().filter(|c| !c.deleted), Some(res))?;
+        let current = cur.map_or(0, |c| c.version);
+        let live = cur.is_some_and(|c| !c.deleted);
+        self.policy.may_write(rtype, id, cur.filter(|c| !c.deleted), Some(res))?;
         if let Some(expected) = if_match {
             if !live || expected != current {
                 return Err(FhirError::precondition(format!(

@@ -77,44 +77,41 @@ impl Ctx<'_> {
         let known = |s: &str, c: &str| self.profiles.is_known_code(s, c);
         let mut out = Vec::new();
         let seen = |k: DocKey, d: &Doc| self.visible(rtype, k, d);
-        match candidates(docs, &conds, known) {
-            Some((keys, exact)) => {
-                let rest: Vec<&Cond> = conds.iter().zip(&exact).filter(|(_, e)| !**e).map(|(c, _)| c).collect();
-                if let (true, Some(_)) = (rest.is_empty(), self.guard) {
-                    // Postings decided the conditions; the guard still looks at each document,
-                    // so stop at the limit as a scan would.
-                    for k in keys.into_iter().filter(|k| !skip(*k)) {
-                        if docs.docs.get(&k).is_some_and(|d| seen(k, d)) {
-                            out.push(k);
-                            if out.len() >= limit {
-                                return Ok((out, false));
-                            }
-                        }
-                    }
-                    return Ok((out, after.is_none()));
-                }
-                if rest.is_empty() {
-                    // Postings list live documents only, and they decided every condition.
-                    return Ok((keys, true));
-                }
+        if let Some((keys, exact)) = candidates(docs, &conds, known) {
+            let rest: Vec<&Cond> = conds.iter().zip(&exact).filter(|(_, e)| !**e).map(|(c, _)| c).collect();
+            if let (true, Some(_)) = (rest.is_empty(), self.guard) {
+                // Postings decided the conditions; the guard still looks at each document,
+                // so stop at the limit as a scan would.
                 for k in keys.into_iter().filter(|k| !skip(*k)) {
-                    let Some(d) = docs.docs.get(&k) else { continue };
-                    if rest.iter().all(|c| self.holds(c, d)) && seen(k, d) && self.text_holds(rtype, &conds, d)? {
+                    if docs.docs.get(&k).is_some_and(|d| seen(k, d)) {
                         out.push(k);
                         if out.len() >= limit {
                             return Ok((out, false));
                         }
                     }
                 }
+                return Ok((out, after.is_none()));
             }
-            None => {
-                let from = after.map_or(0, |a| a.saturating_add(1));
-                for (k, d) in docs.docs.range(from..) {
-                    if conds.iter().all(|c| self.holds(c, d)) && seen(*k, d) && self.text_holds(rtype, &conds, d)? {
-                        out.push(*k);
-                        if out.len() >= limit {
-                            return Ok((out, false));
-                        }
+            if rest.is_empty() {
+                // Postings list live documents only, and they decided every condition.
+                return Ok((keys, true));
+            }
+            for k in keys.into_iter().filter(|k| !skip(*k)) {
+                let Some(d) = docs.docs.get(&k) else { continue };
+                if rest.iter().all(|c| self.holds(c, d)) && seen(k, d) && self.text_holds(rtype, &conds, d)? {
+                    out.push(k);
+                    if out.len() >= limit {
+                        return Ok((out, false));
+                    }
+                }
+            }
+        } else {
+            let from = after.map_or(0, |a| a.saturating_add(1));
+            for (k, d) in docs.docs.range(from..) {
+                if conds.iter().all(|c| self.holds(c, d)) && seen(*k, d) && self.text_holds(rtype, &conds, d)? {
+                    out.push(*k);
+                    if out.len() >= limit {
+                        return Ok((out, false));
                     }
                 }
             }
@@ -489,7 +486,7 @@ fn date_matches(prefix: Prefix, (s, e): (i64, i64), (a, b): (i64, i64), now_ms: 
         Prefix::Eb => b <= s,
         Prefix::Ap => {
             // "approximately": within 10% of the distance between now and the value.
-            let gap = ((now_ms as i128 - s as i128).abs() / 10) as i64;
+            let gap = ((i128::from(now_ms) - i128::from(s)).abs() / 10) as i64;
             a < e.saturating_add(gap) && b > s.saturating_sub(gap)
         }
     }
@@ -531,12 +528,16 @@ fn cmp_val(a: &SortVal, b: &SortVal) -> Ordering {
     match (a, b) {
         (SortVal::Num(x), SortVal::Num(y)) => x.total_cmp(y),
         (SortVal::Str(x), SortVal::Str(y)) => x.cmp(y),
-        // Missing values last whatever the direction.
-        (SortVal::Missing, SortVal::Missing) => Ordering::Equal,
-        (SortVal::Missing, _) => Ordering::Greater,
-        (_, SortVal::Missing) => Ordering::Less,
-        (SortVal::Num(_), SortVal::Str(_)) => Ordering::Less,
-        (SortVal::Str(_), SortVal::Num(_)) => Ordering::Greater,
+        // Numbers before strings, and missing values last whatever the direction.
+        _ => rank(a).cmp(&rank(b)),
+    }
+}
+
+fn rank(v: &SortVal) -> u8 {
+    match v {
+        SortVal::Num(_) => 0,
+        SortVal::Str(_) => 1,
+        SortVal::Missing => 2,
     }
 }
 
@@ -595,8 +596,7 @@ fn sort_val(v: &Value) -> Option<SortVal> {
         Value::Quantity { lo, .. } => SortVal::Num(*lo),
         Value::Token { code: Some(c), .. } => SortVal::Str(c.clone()),
         Value::Ref { rtype: Some(t), id: Some(id), .. } => SortVal::Str(format!("{t}/{id}")),
-        Value::Ref { url: Some(u), .. } => SortVal::Str(u.clone()),
-        Value::Uri(u) => SortVal::Str(u.clone()),
+        Value::Ref { url: Some(u), .. } | Value::Uri(u) => SortVal::Str(u.clone()),
         _ => return None,
     })
 }

@@ -8,7 +8,7 @@
 //! before each search, so a search sees every write acknowledged before it began.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard};
 
 use super::params::{Kind, Registry};
 use super::values::{extract, Value};
@@ -68,7 +68,7 @@ pub const NARROW_MS: i64 = 86_400_000;
 
 /// An order-preserving map of i64 into u64.
 pub fn ord_i64(x: i64) -> u64 {
-    (x as u64) ^ (1 << 63)
+    x.cast_unsigned() ^ (1 << 63)
 }
 
 /// An order-preserving map of finite f64 into u64.
@@ -88,12 +88,13 @@ enum Slot {
 
 /// Where a value goes in the ordered index. A quantity is filed under its code and, when
 /// different, its unit too (`5.4||mg` matches either).
+// Exact float equality on purpose: a point quantity's bounds are the same parsed value.
+#[allow(clippy::float_cmp)]
 fn ordered_slots(v: &Value) -> Vec<Slot> {
     match v {
         Value::Date { lo, hi } if *lo != i64::MIN && *hi != i64::MAX && hi - lo <= NARROW_MS => {
             vec![Slot::Point(String::new(), ord_i64(*lo))]
         }
-        Value::Date { .. } => vec![Slot::Wide],
         Value::Quantity { lo, hi, code, unit, .. } if lo == hi && lo.is_finite() => {
             let mut units: Vec<String> = code.iter().chain(unit.iter()).cloned().collect();
             units.dedup();
@@ -102,7 +103,7 @@ fn ordered_slots(v: &Value) -> Vec<Slot> {
             }
             units.into_iter().map(|u| Slot::Point(u, ord_f64(*lo))).collect()
         }
-        Value::Quantity { .. } => vec![Slot::Wide],
+        Value::Date { .. } | Value::Quantity { .. } => vec![Slot::Wide],
         _ => Vec::new(),
     }
 }
@@ -277,18 +278,18 @@ impl Engine {
             core,
             profiles,
             compartments,
-            log_ranges: Default::default(),
-            folding: Default::default(),
+            log_ranges: std::sync::Mutex::default(),
+            folding: std::sync::Mutex::default(),
         }
     }
 
     /// Records that leaves `[start, end)` hold only disclosure-log entries.
     pub fn note_log_leaves(&self, start: u64, end: u64) {
-        self.log_ranges.lock().unwrap_or_else(|p| p.into_inner()).insert(start, end);
+        self.log_ranges.lock().unwrap_or_else(PoisonError::into_inner).insert(start, end);
     }
 
     fn log_only(&self, from: u64, to: u64) -> bool {
-        let ranges = self.log_ranges.lock().unwrap_or_else(|p| p.into_inner());
+        let ranges = self.log_ranges.lock().unwrap_or_else(PoisonError::into_inner);
         let mut at = from;
         while at < to {
             match ranges.get(&at) {
@@ -326,16 +327,16 @@ impl Engine {
     fn caught_up(&self, all: bool) -> Result<RwLockReadGuard<'_, Index>, FhirError> {
         let size = self.repo.view().leaf_count()?;
         {
-            let idx = self.index.read().unwrap_or_else(|p| p.into_inner());
+            let idx = self.index.read().unwrap_or_else(PoisonError::into_inner);
             if idx.built && (idx.next_leaf >= size || (!all && self.log_only(idx.next_leaf, size))) {
                 return Ok(idx);
             }
         }
         {
             // One folder at a time; the others wait here, then find little or nothing to do.
-            let _folding = self.folding.lock().unwrap_or_else(|p| p.into_inner());
+            let _folding = self.folding.lock().unwrap_or_else(PoisonError::into_inner);
             let prepared = {
-                let idx = self.index.read().unwrap_or_else(|p| p.into_inner());
+                let idx = self.index.read().unwrap_or_else(PoisonError::into_inner);
                 if idx.built && idx.next_leaf >= size {
                     None
                 } else if idx.built {
@@ -345,21 +346,21 @@ impl Engine {
                     None
                 }
             };
-            let mut idx = self.index.write().unwrap_or_else(|p| p.into_inner());
+            let mut idx = self.index.write().unwrap_or_else(PoisonError::into_inner);
             match prepared {
                 Some(p) => self.apply_prepared(&mut idx, p),
                 None if !idx.built => self.build(&mut idx)?,
                 None => self.fold(&mut idx)?,
             }
             let folded = idx.next_leaf;
-            self.log_ranges.lock().unwrap_or_else(|p| p.into_inner()).retain(|_, end| *end > folded);
+            self.log_ranges.lock().unwrap_or_else(PoisonError::into_inner).retain(|_, end| *end > folded);
         }
-        Ok(self.index.read().unwrap_or_else(|p| p.into_inner()))
+        Ok(self.index.read().unwrap_or_else(PoisonError::into_inner))
     }
 
     /// Rebuilds the whole index from the state (the `reindex` admin command).
     pub fn rebuild(&self) -> Result<usize, FhirError> {
-        let mut idx = self.index.write().unwrap_or_else(|p| p.into_inner());
+        let mut idx = self.index.write().unwrap_or_else(PoisonError::into_inner);
         self.build(&mut idx)?;
         Ok(idx.types.values().map(|t| t.docs.len()).sum())
     }

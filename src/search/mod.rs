@@ -57,6 +57,7 @@ impl Compartments {
 
     /// Adds, for every type of `types` outside the Patient compartment, the reference
     /// parameters of `registry` whose targets include Patient.
+    #[must_use]
     pub fn with_references(mut self, registry: &params::Registry, types: &[String]) -> Self {
         for t in types {
             if t == "Patient" || self.patient.contains_key(t) {
@@ -164,7 +165,7 @@ pub fn matching(
     let parser = Parser { idx, profiles: engine.profiles(), base: "", lenient: false };
     let search = parser.parse(&[rtype.to_string()], query)?;
     let ctx = Ctx { idx, profiles: engine.profiles(), repo: engine.repo(), now_ms: crate::fhir::now_ms(), guard: None };
-    let filters = search.types.first().map(|(_, f)| f.as_slice()).unwrap_or(&[]);
+    let filters = search.types.first().map_or(&[][..], |(_, f)| f.as_slice());
     ctx.matches(rtype, filters)
 }
 
@@ -303,9 +304,9 @@ pub fn run(
 /// Resources the page's matches `_include` and that `_revinclude` them, iterating (up to a
 /// bound) for the `:iterate` ones.
 fn includes(ctx: &Ctx, inc: &[Include], rev: &[Include], matches: &[Hit]) -> Vec<Hit> {
-    let idx = ctx.idx;
     const MAX_ROUNDS: usize = 8;
     const MAX_INCLUDED: usize = 10_000;
+    let idx = ctx.idx;
     if inc.is_empty() && rev.is_empty() {
         return Vec::new();
     }

@@ -206,21 +206,22 @@ fn bad(name: &str, why: impl Into<String>) -> FhirError {
 
 /// Splits on `sep` not escaped by a backslash; keeps escapes (unescape each part later).
 fn split_escaped(s: &str, sep: char) -> Vec<String> {
-    let mut out = vec![String::new()];
+    let mut out = Vec::new();
+    let mut last = String::new();
     let mut chars = s.chars();
     while let Some(c) = chars.next() {
         if c == '\\' {
-            let last = out.last_mut().expect("never empty");
             last.push(c);
             if let Some(n) = chars.next() {
                 last.push(n);
             }
         } else if c == sep {
-            out.push(String::new());
+            out.push(std::mem::take(&mut last));
         } else {
-            out.last_mut().expect("never empty").push(c);
+            last.push(c);
         }
     }
+    out.push(last);
     out
 }
 
@@ -265,7 +266,7 @@ fn decimal(v: &str) -> Option<(f64, f64)> {
         Some((m, e)) => (m, e.parse::<i32>().ok()?),
         None => (v, 0),
     };
-    let decimals = mantissa.split_once('.').map_or(0, |(_, f)| f.len()) as i32;
+    let decimals = i32::try_from(mantissa.split_once('.').map_or(0, |(_, f)| f.len())).unwrap_or(i32::MAX);
     Some((x, 0.5 * 10f64.powi(exp - decimals)))
 }
 
@@ -327,7 +328,7 @@ impl Parser<'_> {
                 s.count = value
                     .parse::<usize>()
                     .map_err(|_| bad(name, format!("must be a non-negative integer, not {value:?}")))?
-                    .min(MAX_COUNT)
+                    .min(MAX_COUNT);
             }
             "_cursor" => s.cursor = Some(value.to_string()),
             "_total" => {
@@ -673,36 +674,33 @@ fn token(v: &str) -> Pred {
 /// A date, number or quantity value with its prefix.
 fn ordered(kind: Kind, v: &str, name: &str) -> Result<Pred, FhirError> {
     let (prefix, rest) = prefix_of(v);
-    if prefix.is_none() && v.len() >= 2 && v.as_bytes()[..2].iter().all(|b| b.is_ascii_lowercase()) {
+    if prefix.is_none() && v.len() >= 2 && v.as_bytes()[..2].iter().all(u8::is_ascii_lowercase) {
         return Err(bad(name, format!("unknown prefix {:?} in {v:?} (eq ne gt lt ge le sa eb ap)", &v[..2])));
     }
     let prefix = prefix.unwrap_or(Prefix::Eq);
-    match kind {
-        Kind::Date => {
-            let (lo, hi) = date_range_ms(rest)
-                .ok_or_else(|| bad(name, format!("{rest:?} is not a FHIR date, dateTime or instant")))?;
-            Ok(Pred::Date { prefix, lo, hi })
-        }
-        _ => {
-            let parts = split_escaped(rest, '|');
-            let (number, system, code) = match parts.as_slice() {
-                [n] => (n.as_str(), None, None),
-                [n, s, c] if kind == Kind::Quantity => {
-                    (n.as_str(), (!s.is_empty()).then(|| unescape(s)), (!c.is_empty()).then(|| unescape(c)))
-                }
-                _ => {
-                    return Err(bad(
-                        name,
-                        format!(
-                            "{v:?} is not [prefix]number{}",
-                            if kind == Kind::Quantity { "[|system|code]" } else { "" }
-                        ),
-                    ))
-                }
-            };
-            let (value, half) = decimal(number).ok_or_else(|| bad(name, format!("{number:?} is not a number")))?;
-            Ok(Pred::Num { prefix, value, lo: value - half, hi: value + half, system, code })
-        }
+    if kind == Kind::Date {
+        let (lo, hi) = date_range_ms(rest)
+            .ok_or_else(|| bad(name, format!("{rest:?} is not a FHIR date, dateTime or instant")))?;
+        Ok(Pred::Date { prefix, lo, hi })
+    } else {
+        let parts = split_escaped(rest, '|');
+        let (number, system, code) = match parts.as_slice() {
+            [n] => (n.as_str(), None, None),
+            [n, s, c] if kind == Kind::Quantity => {
+                (n.as_str(), (!s.is_empty()).then(|| unescape(s)), (!c.is_empty()).then(|| unescape(c)))
+            }
+            _ => {
+                return Err(bad(
+                    name,
+                    format!(
+                        "{v:?} is not [prefix]number{}",
+                        if kind == Kind::Quantity { "[|system|code]" } else { "" }
+                    ),
+                ))
+            }
+        };
+        let (value, half) = decimal(number).ok_or_else(|| bad(name, format!("{number:?} is not a number")))?;
+        Ok(Pred::Num { prefix, value, lo: value - half, hi: value + half, system, code })
     }
 }
 

@@ -134,7 +134,7 @@ impl Node {
     /// with it the `aud` of client assertions).
     fn start(extra: &[&str], fixed_port: bool) -> Node {
         let dir = tempfile::tempdir().expect("temp dir");
-        let mut args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let mut args: Vec<String> = extra.iter().map(ToString::to_string).collect();
         if fixed_port {
             let port =
                 std::net::TcpListener::bind("127.0.0.1:0").expect("a free port").local_addr().expect("addr").port();
@@ -375,7 +375,9 @@ fn access_token(token_response: &Value) -> String {
 }
 
 fn bundle(kind: &str, entries: Vec<Value>) -> Value {
-    json!({ "resourceType": "Bundle", "type": kind, "entry": entries })
+    let mut b = json!({ "resourceType": "Bundle", "type": kind });
+    b["entry"] = Value::Array(entries);
+    b
 }
 
 fn entry(method: &str, url: &str, resource: Option<Value>) -> Value {
@@ -387,7 +389,9 @@ fn entry(method: &str, url: &str, resource: Option<Value>) -> Value {
 }
 
 fn entry_if_none_exist(url: &str, resource: Value, criteria: &str) -> Value {
-    json!({ "resource": resource, "request": { "method": "POST", "url": url, "ifNoneExist": criteria } })
+    let mut e = json!({ "request": { "method": "POST", "url": url, "ifNoneExist": criteria } });
+    e["resource"] = resource;
+    e
 }
 
 /// `response.status` of each entry of a batch or transaction response.
@@ -521,8 +525,8 @@ fn consent_form(html: &str, pick: Option<&str>) -> Vec<(String, String)> {
     let mut form = Vec::new();
     for (kind, name, value) in form_inputs(html, "/auth/consent") {
         match (kind.as_str(), name.as_str()) {
-            (_, "patient") | (_, "decision") => {}
-            ("checkbox", _) | ("hidden", _) => form.push((name, value)),
+            (_, "patient" | "decision") => {}
+            ("checkbox" | "hidden", _) => form.push((name, value)),
             _ => {}
         }
     }
@@ -1084,13 +1088,13 @@ async fn attack_scopes_and_consent_page() {
             format!("route: {method} {path} with patient/Patient.rs only answers {}", r.status),
         );
     }
-    let patch = json!([{ "op": "replace", "path": "/status", "value": "amended" }]);
+    let operations = json!([{ "op": "replace", "path": "/status", "value": "amended" }]);
     let r = send(
         w.http()
             .patch(w.url(target))
             .bearer_auth(&narrow)
             .header(CONTENT_TYPE, "application/json-patch+json")
-            .body(patch.to_string()),
+            .body(operations.to_string()),
     )
     .await;
     holes.check(r.status == 403, format!("route: PATCH {target} with patient/Patient.rs only answers {}", r.status));
@@ -1596,8 +1600,8 @@ async fn attack_lesser_holes() {
         use tokio::io::AsyncReadExt;
         let mut buf = [0u8; 1024];
         match tokio::time::timeout_at(deadline.into(), idle.read(&mut buf)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => break true,
-            Ok(Ok(_)) => continue,
+            Ok(Ok(0) | Err(_)) => break true,
+            Ok(Ok(_)) => {}
             Err(_) => break false,
         }
     };
@@ -1616,7 +1620,7 @@ async fn attack_lesser_holes() {
     let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
     for e in std::fs::read_dir(&config).expect("config/").flatten() {
         let name = e.file_name().to_string_lossy().to_string();
-        if !(name.starts_with("cluster-node") && name.ends_with(".toml")) {
+        if !(name.starts_with("cluster-node") && Path::new(&name).extension().is_some_and(|x| x == "toml")) {
             continue;
         }
         let text = std::fs::read_to_string(e.path()).expect("read a config");

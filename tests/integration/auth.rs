@@ -92,7 +92,7 @@ fn entries(bundle: &Value, mode: &str) -> Vec<String> {
 }
 
 fn sorted(items: &[&str]) -> Vec<String> {
-    let mut v: Vec<String> = items.iter().map(|s| s.to_string()).collect();
+    let mut v: Vec<String> = items.iter().map(ToString::to_string).collect();
     v.sort();
     v
 }
@@ -148,7 +148,7 @@ fn assert_invalid_grant<T: std::fmt::Debug, E: std::error::Error + 'static>(
 ) {
     match result {
         Err(RequestTokenError::ServerResponse(e)) => {
-            assert_eq!(e.error(), &BasicErrorResponseType::InvalidGrant, "{what}: {e}")
+            assert_eq!(e.error(), &BasicErrorResponseType::InvalidGrant, "{what}: {e}");
         }
         other => panic!("{what}: expected invalid_grant, got {other:?}"),
     }
@@ -375,6 +375,8 @@ async fn backend_token(http: &reqwest::Client, b: &Backend, scope: &str) -> Stri
 /// tells a live token from garbage; deleting a client kills its tokens.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backend_services_rs384_and_es384() {
+    // (key algorithm, token, method, path, body, expected status)
+    type Check<'a> = (&'a str, &'a str, Method, &'a str, Option<&'a Value>, u16);
     // RSA key generation is slow in a debug build: overlap it with the server's start.
     let rsa_key = tokio::task::spawn_blocking(ClientKey::rs384);
     let s = SmartServer::start(&[]);
@@ -391,8 +393,6 @@ async fn backend_services_rs384_and_es384() {
 
     let new_patient = json!({ "resourceType": "Patient", "name": [{ "family": "New" }] });
     let obs = observation(Some("obs-a-lab"), "pat-a", LAB);
-    // (key algorithm, token, method, path, body, expected status)
-    type Check<'a> = (&'a str, &'a str, Method, &'a str, Option<&'a Value>, u16);
     let checks: Vec<Check> = vec![
         ("RS384", rs_token.as_str(), Method::GET, "Patient/pat-a", None, 200),
         ("RS384", rs_token.as_str(), Method::GET, "Patient?_id=pat-a", None, 200),
@@ -757,6 +757,8 @@ const NOT_B: &[&str] = &["pat-b", "obs-b", "enc-b"];
 /// compartment as missing: 404, left out of searches, totals, includes and histories.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scope_matrix() {
+    use Expect::{Forbidden, Found, Hidden, OutOfCompartment, Refused, Status};
+    use Op::{Delete, Get, Post, Put};
     let s = SmartServer::start(&[]);
     let (http, base) = (&s.http, s.base.as_str());
     let sys = s.system_token("system/*.cruds").await;
@@ -873,8 +875,6 @@ async fn scope_matrix() {
     }
     tokens.insert("system-patient-r", (s.system_token("system/Patient.r").await, NONE));
 
-    use Expect::{Forbidden, Found, Hidden, OutOfCompartment, Refused, Status};
-    use Op::{Delete, Get, Post, Put};
     let new_obs = |patient: &str, category: &str| observation(None, patient, category);
     let obs = |id: &str, patient: &str, category: &str| observation(Some(id), patient, category);
     let cases: Vec<(&str, Op, Expect)> = vec![

@@ -434,7 +434,7 @@ async fn sign_in_is_throttled_per_account_and_per_source() {
         reqwest::Client::builder()
             .local_address(std::net::IpAddr::from([127, 0, 0, last]))
             .redirect(reqwest::redirect::Policy::none())
-            .timeout(std::time::Duration::from_secs(120))
+            .timeout(std::time::Duration::from_mins(2))
             .build()
             .expect("http client")
     };

@@ -60,14 +60,14 @@ impl Cluster {
     /// Starts `n` nodes and forms a cluster of them with `fhir-ledger cluster init`.
     fn start(n: u64, extra: &[&str]) -> Cluster {
         let apis = vec!["127.0.0.1:0".to_string(); n as usize];
-        Self::form(extra.iter().map(|s| s.to_string()).collect(), false, &apis)
+        Self::form(extra.iter().map(ToString::to_string).collect(), false, &apis)
     }
 
     /// [`Cluster::start`] with SMART authorization on. The API ports are picked before the
     /// start so that every node is given node 1's URL as `--public-url`.
     fn start_auth(n: u64, extra: &[&str]) -> Cluster {
         let apis = free_addrs(n as usize);
-        let mut extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let mut extra: Vec<String> = extra.iter().map(ToString::to_string).collect();
         extra.extend(["--public-url".to_string(), format!("http://{}", apis[0])]);
         Self::form(extra, true, &apis)
     }
@@ -188,7 +188,7 @@ impl Cluster {
     /// Waits until every live node has applied the same log and publishes the same tree head;
     /// returns (tree size, root).
     async fn converged(&self) -> (String, String) {
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let deadline = Instant::now() + Duration::from_mins(1);
         loop {
             let mut heads = vec![];
             for i in self.live().collect::<Vec<_>>() {
@@ -362,7 +362,7 @@ async fn leader_kills_lose_no_acknowledged_write() {
     let keys = 24;
     let clients: Vec<_> =
         (0..16).map(|c| tokio::spawn(client(c, bases.clone(), keys, stop.clone(), h.clone()))).collect();
-    let until = Instant::now() + Duration::from_secs(60);
+    let until = Instant::now() + Duration::from_mins(1);
     let mut kills = 0;
     while Instant::now() < until {
         tokio::time::sleep(Duration::from_secs(4)).await;
@@ -412,9 +412,9 @@ async fn partitioned_leader_acknowledges_nothing_and_its_entries_are_dropped() {
     // The majority goes on.
     let new = cluster.leader_except(old).await;
     let other = (0..3).find(|&i| i != old && i != new).unwrap();
-    for k in 0..4 {
+    for k in 0..4u64 {
         let base = &cluster.members[if k % 2 == 0 { new } else { other }].api;
-        write(http, &h, 1, base, &format!("reg-{k}"), 10 + k as u64).await;
+        write(http, &h, 1, base, &format!("reg-{k}"), 10 + k).await;
     }
     // A linearizable read on the minority side cannot be served.
     let r = http.get(format!("{old_api}/Patient/reg-0")).send().await.unwrap();
@@ -444,8 +444,8 @@ async fn partitioned_leader_acknowledges_nothing_and_its_entries_are_dropped() {
 /// append-entries frame (on its own session and on another).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_and_replayed_rpcs_are_refused() {
-    let _serial = SERIAL.lock().await;
     use consensus::test_hooks::{openraft, Conn, Reply, Rpc, Shared, TypeConfig};
+    let _serial = SERIAL.lock().await;
     let cluster = Cluster::start(3, &[]);
     cluster.leader().await;
     let target = &cluster.members[1];
@@ -666,6 +666,7 @@ async fn follower_writes_through_a_leader_change() {
 /// on node 2 and on node 3 is a 401.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consent_revocation_stops_a_token_on_every_node() {
+    use reqwest::header::COOKIE;
     let _serial = SERIAL.lock().await;
     let cluster = Cluster::start_auth(3, &[]);
     cluster.leader().await;
@@ -691,7 +692,6 @@ async fn consent_revocation_stops_a_token_on_every_node() {
     }
 
     // The patient withdraws the app in the portal of node 1.
-    use reqwest::header::COOKIE;
     let portal = smart::send(http.get(format!("{}/portal", api[0])).header(COOKIE, &flow.session)).await;
     assert_eq!(portal.status, 200, "{}", portal.text);
     assert!(portal.text.contains(&format!(r#"id="withdraw-{consent}""#)), "{}", portal.text);

@@ -297,7 +297,8 @@ async fn search_filters_pages_and_refuses_unknown_parameters() {
         }
         match page["link"].as_array().unwrap().iter().find(|l| l["relation"] == "next") {
             Some(l) => {
-                uri = format!("/{}", l["url"].as_str().unwrap().split_once("://").unwrap().1.split_once('/').unwrap().1)
+                uri =
+                    format!("/{}", l["url"].as_str().unwrap().split_once("://").unwrap().1.split_once('/').unwrap().1);
             }
             None => break,
         }

@@ -475,7 +475,7 @@ mod tests {
         for i in order {
             match &mut ops[i] {
                 Op { key, kind: Kind::Write(v), .. } => drop(reg.insert(key.clone(), *v)),
-                Op { key, kind: Kind::Read(seen), .. } => *seen = reg.get(key).copied(),
+                Op { key, kind: Kind::Read(got), .. } => *got = reg.get(key).copied(),
             }
         }
         ops

@@ -98,7 +98,7 @@ async fn kill9_under_32_writers_loses_no_acknowledged_write() {
     let log = Arc::new(Mutex::new(Log::default()));
     let tasks: Vec<_> =
         (0..32).map(|n| tokio::spawn(writer(client.clone(), base.clone(), n, stop.clone(), log.clone()))).collect();
-    tokio::time::sleep(Duration::from_millis(3000)).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
     server.kill9();
     stop.store(true, Ordering::Relaxed);
     for t in tasks {

@@ -5,6 +5,8 @@
 //! search gets. Each test seeds a small hand-made data set under client-chosen ids (PUT
 //! update-as-create) and checks the exact set, or the exact order, of the matches.
 
+use std::fmt::Write as _;
+
 use actix_web::http::StatusCode;
 use actix_web::test::{self, TestRequest};
 use serde_json::{json, Value};
@@ -135,7 +137,7 @@ fn enc(s: &str) -> String {
         if b.is_ascii_alphanumeric() || b"-._~|:/,$*!'()=;@?".contains(&b) {
             out.push(b as char);
         } else {
-            out.push_str(&format!("%{b:02X}"));
+            let _ = write!(out, "%{b:02X}"); // cannot fail on a String
         }
     }
     out
@@ -210,7 +212,8 @@ fn res(rtype: &str, id: &str, body: Value) -> Value {
 
 /// `base` with the members of `more` added (or replaced).
 fn with(mut base: Value, more: Value) -> Value {
-    for (k, v) in more.as_object().expect("an object").clone() {
+    let Value::Object(more) = more else { panic!("an object") };
+    for (k, v) in more {
         base[k] = v;
     }
     base
@@ -218,7 +221,9 @@ fn with(mut base: Value, more: Value) -> Value {
 
 /// A final Observation with `code` and the members of `extra`.
 fn obs(id: &str, code: Value, extra: Value) -> Value {
-    with(res("Observation", id, json!({"status": "final", "code": code})), extra)
+    let mut body = json!({"status": "final"});
+    body["code"] = code;
+    with(res("Observation", id, body), extra)
 }
 
 fn loinc(code: &str, display: &str) -> Value {
@@ -986,7 +991,7 @@ async fn total_summary_and_elements_shape_the_result() {
     assert_eq!(b["total"], 3, "the total counts every match, not the page");
     let b = search!(app, "/Patient?_summary=count");
     assert_eq!(b["total"], 3);
-    assert!(b["entry"].as_array().is_none_or(|e| e.is_empty()), "_summary=count has no entries: {b}");
+    assert!(b["entry"].as_array().is_none_or(Vec::is_empty), "_summary=count has no entries: {b}");
 
     let b = search!(app, "/Patient?_id=sm1&_summary=true");
     let p = resource(&b, "sm1");

@@ -31,7 +31,7 @@ pub const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-be
 pub fn http_client() -> reqwest::Client {
     reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
-        .timeout(Duration::from_secs(120))
+        .timeout(Duration::from_mins(2))
         .build()
         .expect("http client")
 }
@@ -195,7 +195,7 @@ pub fn unb64(s: &str) -> Vec<u8> {
 }
 
 pub fn now() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).expect("clock after 1970").as_secs() as i64
+    SystemTime::now().duration_since(UNIX_EPOCH).expect("clock after 1970").as_secs().cast_signed()
 }
 
 pub fn random_hex(bytes: usize) -> String {
@@ -502,15 +502,12 @@ pub fn html_unescape(s: &str) -> String {
             };
             c.map(|c| (c, end))
         });
-        match decoded {
-            Some((c, end)) => {
-                out.push(c);
-                rest = &rest[end + 1..];
-            }
-            None => {
-                out.push('&');
-                rest = &rest[1..];
-            }
+        if let Some((c, end)) = decoded {
+            out.push(c);
+            rest = &rest[end + 1..];
+        } else {
+            out.push('&');
+            rest = &rest[1..];
         }
     }
     out.push_str(rest);
@@ -679,17 +676,16 @@ pub async fn approve(http: &reqwest::Client, base: &str, authorize_url: &str, lo
     }
     let r = send(req).await;
     assert_eq!(r.status, 200, "GET {authorize_url}: {}", r.text);
-    let (page, session) = match login.session {
-        Some(s) => (r.text, cookie(&r.headers, "fl_session").unwrap_or_else(|| s.to_string())),
-        None => {
-            assert!(r.text.contains(r#"id="login""#), "the login page: {}", r.text);
-            let request = input_value(&r.text, "request").expect("the login form's hidden request");
-            let form = [("username", login.username), ("password", login.password), ("request", request.as_str())];
-            let r = send(http.post(format!("{base}/auth/login")).form(&form)).await;
-            assert_eq!(r.status, 200, "POST /auth/login as {}: {}", login.username, r.text);
-            let session = cookie(&r.headers, "fl_session").expect("a successful login sets fl_session");
-            (r.text, session)
-        }
+    let (page, session) = if let Some(s) = login.session {
+        (r.text, cookie(&r.headers, "fl_session").unwrap_or_else(|| s.to_string()))
+    } else {
+        assert!(r.text.contains(r#"id="login""#), "the login page: {}", r.text);
+        let request = input_value(&r.text, "request").expect("the login form's hidden request");
+        let form = [("username", login.username), ("password", login.password), ("request", request.as_str())];
+        let r = send(http.post(format!("{base}/auth/login")).form(&form)).await;
+        assert_eq!(r.status, 200, "POST /auth/login as {}: {}", login.username, r.text);
+        let session = cookie(&r.headers, "fl_session").expect("a successful login sets fl_session");
+        (r.text, session)
     };
     assert!(page.contains(r#"id="consent""#), "the consent page: {page}");
     let offered: Vec<String> = tags(&page, "input")

@@ -36,7 +36,7 @@ pub async fn repo(dir: &Path) -> Arc<Repo> {
 pub async fn app(
     repo: Arc<Repo>,
 ) -> impl Service<actix_http::Request, Response = ServiceResponse, Error = actix_web::Error> {
-    app_with_admin(repo, Default::default()).await
+    app_with_admin(repo, fhir_ledger::api::admin::AdminConfig::default()).await
 }
 
 /// [`app`] with an admin API configuration (token, fault injection).
@@ -115,7 +115,7 @@ impl Server {
                 }
             }
         });
-        let (base, raft) = rx.recv_timeout(Duration::from_secs(60)).expect("server did not report its address");
+        let (base, raft) = rx.recv_timeout(Duration::from_mins(1)).expect("server did not report its address");
         Server { child, base, raft }
     }
 

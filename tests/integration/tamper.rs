@@ -303,6 +303,7 @@ async fn a_rewritten_history_fails_the_consistency_check_against_a_saved_head() 
 /// checker trusts only the keys it is given and notices any change to a proof file.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_erased_compartment_keeps_valid_proofs() {
+    type Edit = fn(&mut Value);
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("node.pub");
     let server = Server::start(dir.path());
@@ -373,7 +374,6 @@ async fn an_erased_compartment_keeps_valid_proofs() {
 
     // Any change to the proof file is caught: a path hash, the root, the resource it names.
     let original: Value = serde_json::from_str(&std::fs::read_to_string(&proof).unwrap()).unwrap();
-    type Edit = fn(&mut Value);
     let edits: [(&str, Edit); 3] = [
         ("audit path", |v| flip_b64(find(v, "auditPath"))),
         ("root", |v| flip_b64(&mut find_in(find(v, "treeHead"), "rootHash")["valueBase64Binary"])),

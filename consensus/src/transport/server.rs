@@ -109,7 +109,7 @@ async fn serve(tcp: TcpStream, shared: &Shared, raft: &Raft, view: &StateView) -
                 tracing::warn!(peer = session.peer, error = %e, "refused a raft frame; closing the session");
                 return Err(e);
             }
-        };
+        }
         let reply = match bincode::deserialize::<Rpc>(&buf) {
             Ok(rpc) => dispatch(rpc, session.peer, shared, raft, view).await,
             Err(e) => Reply::Failed(format!("undecodable request: {e}")),
@@ -163,6 +163,7 @@ async fn dispatch(rpc: Rpc, peer: NodeId, shared: &Shared, raft: &Raft, view: &S
 /// that far) and the time is near this node's clock, so a cosignature vouches for what this
 /// node holds, not for what the asker claims.
 async fn cosign(shared: &Shared, view: &StateView, size: u64, root: [u8; 32], timestamp_ms: i64) -> Reply {
+    use ed25519_dalek::Signer;
     #[allow(clippy::disallowed_methods)] // a wall-clock check of a head's time, not apply()
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
     if (now - timestamp_ms).abs() > COSIGN_CLOCK_SKEW_MS {
@@ -178,7 +179,6 @@ async fn cosign(shared: &Shared, view: &StateView, size: u64, root: [u8; 32], ti
     if crate::proof::root_at(view, size) != Some(root) {
         return Reply::Failed(format!("this node's tree has another root at size {size}"));
     }
-    use ed25519_dalek::Signer;
     let msg = crate::merkle::tree_head_message(size, &root, timestamp_ms);
     Reply::Cosigned { signature: shared.key.sign(&msg).to_bytes().to_vec() }
 }

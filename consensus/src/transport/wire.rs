@@ -269,9 +269,7 @@ pub async fn server_handshake<S: AsyncRead + AsyncWrite + Unpin>(
     let ephemeral = PublicKey::from(&secret).to_bytes();
     write_msg(stream, &Hello { version: PROTOCOL_VERSION, node_id: me, nonce, ephemeral }).await?;
     let auth: Auth = read_msg(stream, MAX_HANDSHAKE_FRAME).await?;
-    let checked = if auth.to != me {
-        Err(format!("this is node {me}, not node {}", auth.to))
-    } else {
+    let checked = if auth.to == me {
         match trusted(auth.from) {
             None => Err(format!("node {} is not a member with a known key", auth.from)),
             Some(key) => {
@@ -283,6 +281,8 @@ pub async fn server_handshake<S: AsyncRead + AsyncWrite + Unpin>(
                 }
             }
         }
+    } else {
+        Err(format!("this is node {me}, not node {}", auth.to))
     };
     if let Err(reason) = checked {
         let _ = write_msg(stream, &Welcome::Refused { reason: reason.clone() }).await;

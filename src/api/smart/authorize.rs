@@ -49,6 +49,8 @@ pub(super) struct Code {
     pub(super) redirect_uri: String,
     #[serde(default)]
     pub(super) redirect_given: bool,
+    // PKCE's own name (RFC 7636), and the stored form's key: the lint's rename would change both.
+    #[allow(clippy::struct_field_names)]
     pub(super) code_challenge: String,
     pub(super) scope: String,
     pub(super) sub: String,
@@ -229,10 +231,7 @@ pub(super) async fn consent(req: HttpRequest, body: web::Bytes, state: web::Data
         return refused;
     }
     let mut q: Vec<(&str, String)> = Vec::new();
-    if get(&p, "decision") != Some("approve") {
-        q.push(("error", "access_denied".into()));
-        q.push(("error_description", "the user denied the request".into()));
-    } else {
+    if get(&p, "decision") == Some("approve") {
         match approve(&state, &session, &pending, &p).await {
             Ok(code) => q.push(("code", code)),
             Err(e) => {
@@ -245,6 +244,9 @@ pub(super) async fn consent(req: HttpRequest, body: web::Bytes, state: web::Data
                 q.push(("error_description", e.issues[0].diagnostics.clone()));
             }
         }
+    } else {
+        q.push(("error", "access_denied".into()));
+        q.push(("error_description", "the user denied the request".into()));
     }
     if let Some(s) = &pending.state {
         q.push(("state", s.clone()));

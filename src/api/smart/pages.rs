@@ -15,7 +15,7 @@ button.secondary{background:#fff;color:#1f6feb}.error{color:#b42318;font-weight:
 td,th{border:1px solid #d0d7de;padding:.4rem;text-align:left}.scope{font-family:monospace;color:#555}";
 
 /// A whole page: `title` as the heading, `body` under it.
-pub fn page(title: &str, body: Markup) -> String {
+pub fn page(title: &str, body: &Markup) -> String {
     html! {
         (DOCTYPE)
         html lang="en" {
@@ -35,7 +35,7 @@ pub fn page(title: &str, body: Markup) -> String {
 }
 
 pub fn error(title: &str, message: &str) -> String {
-    page(title, html! { p class="error" { (message) } })
+    page(title, &html! { p class="error" { (message) } })
 }
 
 pub fn login(app: &str, request: &str, error: Option<&str>, action: &str) -> String {
@@ -53,7 +53,7 @@ pub fn login(app: &str, request: &str, error: Option<&str>, action: &str) -> Str
             button type="submit" id="login-submit" { "Sign in" }
         }
     };
-    page("Sign in", body)
+    page("Sign in", &body)
 }
 
 /// What a scope means, in words a patient understands.
@@ -129,7 +129,7 @@ pub fn consent(app: &str, user: &str, request: &str, scopes: &[String], ask_pati
             button type="submit" name="decision" value="deny" id="deny" class="secondary" { "Deny" }
         }
     };
-    page("Allow access?", body)
+    page("Allow access?", &body)
 }
 
 #[cfg(test)]

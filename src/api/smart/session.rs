@@ -104,13 +104,12 @@ fn check_login(state: &AppState, username: &str, password: &str) -> Result<Optio
     static DUMMY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     let id = state.auth.user_id(username);
     let user: Option<(User, u64)> = store::get(&state.repo, store::USER, &id)?;
-    match user {
-        Some((u, _)) => Ok(store::check_password(&u.password_hash, password).then_some((id, u))),
-        None => {
-            let dummy = DUMMY.get_or_init(|| store::hash_password("fhir-ledger: no such user").unwrap_or_default());
-            let _ = store::check_password(dummy, password);
-            Ok(None)
-        }
+    if let Some((u, _)) = user {
+        Ok(store::check_password(&u.password_hash, password).then_some((id, u)))
+    } else {
+        let dummy = DUMMY.get_or_init(|| store::hash_password("fhir-ledger: no such user").unwrap_or_default());
+        let _ = store::check_password(dummy, password);
+        Ok(None)
     }
 }
 
@@ -166,6 +165,6 @@ pub(crate) fn throttled(wait: i64, request: &str, action: &str) -> HttpResponse 
 }
 
 /// A portal session for a user who signed in at `/portal`.
-pub(crate) fn portal_cookie(auth: &Auth, user_id: String, user: User) -> actix_web::cookie::Cookie<'static> {
-    session_cookie(auth, &Session::new(user_id, &user))
+pub(crate) fn portal_cookie(auth: &Auth, user_id: String, user: &User) -> actix_web::cookie::Cookie<'static> {
+    session_cookie(auth, &Session::new(user_id, user))
 }

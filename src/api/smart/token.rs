@@ -163,34 +163,34 @@ pub(super) async fn token(req: HttpRequest, body: web::Bytes, state: web::Data<A
     .unwrap_or_else(|e| oauth_error(503, "temporarily_unavailable", &e.issues[0].diagnostics))
 }
 
-fn invalid_grant(why: &str) -> Result<HttpResponse, FhirError> {
+fn invalid_grant(why: &str) -> HttpResponse {
     tracing::warn!("token endpoint: invalid_grant: {why}");
-    Ok(oauth_error(400, "invalid_grant", why))
+    oauth_error(400, "invalid_grant", why)
 }
 
 async fn code_grant(state: &AppState, client: &Client, p: &[(String, String)]) -> Result<HttpResponse, FhirError> {
     let auth = &state.auth;
     let code: Code = match get(p, "code").map(|c| seal::open(&auth.seal_key, "code", c)) {
         Some(Ok(c)) => c,
-        Some(Err(why)) => return invalid_grant(&format!("the code is {why}")),
-        None => return invalid_grant("code is missing"),
+        Some(Err(why)) => return Ok(invalid_grant(&format!("the code is {why}"))),
+        None => return Ok(invalid_grant("code is missing")),
     };
     if code.client_id != client.client_id {
-        return invalid_grant("the code was issued to another client");
+        return Ok(invalid_grant("the code was issued to another client"));
     }
     match get(p, "redirect_uri") {
         Some(r) if r != code.redirect_uri => {
-            return invalid_grant("redirect_uri differs from the authorization request's")
+            return Ok(invalid_grant("redirect_uri differs from the authorization request's"))
         }
         None if code.redirect_given => {
-            return invalid_grant("redirect_uri is required: the authorization request had one (RFC 6749 4.1.3)")
+            return Ok(invalid_grant("redirect_uri is required: the authorization request had one (RFC 6749 4.1.3)"))
         }
         _ => {}
     }
     let verifier = get(p, "code_verifier").unwrap_or("");
     let computed = crate::codec::b64url(&Sha256::digest(verifier.as_bytes()));
     if verifier.is_empty() || computed != code.code_challenge {
-        return invalid_grant("code_verifier does not match the code_challenge (PKCE)");
+        return Ok(invalid_grant("code_verifier does not match the code_challenge (PKCE)"));
     }
     let refresh = code.scope.split_whitespace().any(|s| s == "offline_access" || s == "online_access");
     let refresh_token = refresh.then(|| format!("{}.{}", code.id, crate::auth::random_id()));
@@ -211,7 +211,7 @@ async fn code_grant(state: &AppState, client: &Client, p: &[(String, String)]) -
     // cluster-wide.
     match store::put(&state.repo, store::GRANT, &code.id, &grant, Some(0)).await {
         Ok(()) => {}
-        Err(e) if e.status() == 409 => return invalid_grant("the code was already used"),
+        Err(e) if e.status() == 409 => return Ok(invalid_grant("the code was already used")),
         Err(e) => return Err(e),
     }
     let mut body = issue(auth, &code.id, &grant);
@@ -263,18 +263,18 @@ fn id_token(auth: &Auth, g: &Grant, nonce: Option<&str>) -> String {
 }
 
 async fn refresh_grant(state: &AppState, client: &Client, p: &[(String, String)]) -> Result<HttpResponse, FhirError> {
-    let Some(presented) = get(p, "refresh_token") else { return invalid_grant("refresh_token is missing") };
+    let Some(presented) = get(p, "refresh_token") else { return Ok(invalid_grant("refresh_token is missing")) };
     let Some((grant_id, _)) = presented.split_once('.') else {
-        return invalid_grant("not a refresh token of this server");
+        return Ok(invalid_grant("not a refresh token of this server"));
     };
     let Some((mut grant, version)) = store::get::<Grant>(&state.repo, store::GRANT, grant_id)? else {
-        return invalid_grant("unknown refresh token");
+        return Ok(invalid_grant("unknown refresh token"));
     };
     if grant.client_id != client.client_id {
-        return invalid_grant("the refresh token was issued to another client");
+        return Ok(invalid_grant("the refresh token was issued to another client"));
     }
     if grant.revoked {
-        return invalid_grant("the grant has been revoked");
+        return Ok(invalid_grant("the grant has been revoked"));
     }
     if grant.refresh_sha256.as_deref() != Some(crate::auth::sha256_hex(presented).as_str()) {
         // A rotated-out refresh token came back: someone holds a copy. Revoke the whole grant
@@ -282,7 +282,7 @@ async fn refresh_grant(state: &AppState, client: &Client, p: &[(String, String)]
         grant.revoked = true;
         store::put(&state.repo, store::GRANT, grant_id, &grant, Some(version)).await?;
         tracing::warn!("refresh token reuse on grant {grant_id}: grant revoked");
-        return invalid_grant("this refresh token was already used; the grant is revoked");
+        return Ok(invalid_grant("this refresh token was already used; the grant is revoked"));
     }
     if let Some(c) = &grant.consent {
         let id = c.strip_prefix("Consent/").unwrap_or(c);
@@ -291,7 +291,7 @@ async fn refresh_grant(state: &AppState, client: &Client, p: &[(String, String)]
         let active = crate::auth::caller::consent_active(&idx, id);
         drop(idx);
         if !active {
-            return invalid_grant("the patient withdrew the consent this grant rests on");
+            return Ok(invalid_grant("the patient withdrew the consent this grant rests on"));
         }
     }
     // What the grant may still carry: the client's ceiling and the user's kind may have
@@ -303,7 +303,7 @@ async fn refresh_grant(state: &AppState, client: &Client, p: &[(String, String)]
             if linked_patient(state, rp)?.as_deref() != Some(p.as_str())
                 || !related_person_permitted(state, &user, &client.client_id, &p)?
             {
-                return invalid_grant("the related person is no longer linked to or permitted by the patient");
+                return Ok(invalid_grant("the related person is no longer linked to or permitted by the patient"));
             }
         }
     }
@@ -312,7 +312,7 @@ async fn refresh_grant(state: &AppState, client: &Client, p: &[(String, String)]
     grant.rotated += 1;
     match store::put(&state.repo, store::GRANT, grant_id, &grant, Some(version)).await {
         Ok(()) => {}
-        Err(e) if e.status() == 412 => return invalid_grant("the refresh token was used concurrently"),
+        Err(e) if e.status() == 412 => return Ok(invalid_grant("the refresh token was used concurrently")),
         Err(e) => return Err(e),
     }
     let mut body = issue(&state.auth, grant_id, &grant);
