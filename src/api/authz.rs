@@ -35,7 +35,7 @@ fn public(path: &str) -> bool {
 }
 
 /// Paths where the node's admin token stands for an administrator: the ledger's entries and
-/// proofs (auditors) and `$erase` (which ARCHITECTURE.md reserves to the patient and them).
+/// proofs (auditors) and `$erase` (which docs/authorization.md reserves to the patient and them).
 fn admin_path(path: &str) -> bool {
     path.starts_with("/ledger/") || path.ends_with("/$erase")
 }

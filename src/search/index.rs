@@ -3,7 +3,7 @@
 //! Every node applies the same leaves in the same order, so every node derives the same index
 //! (and the same document keys: a resource's key is the leaf of its first version). It lives
 //! in memory because range, prefix and sort queries need values in an order-revealing form,
-//! and the state on disk must not hold PHI in clear (ARCHITECTURE.md, "What the search index
+//! and the state on disk must not hold PHI in clear (docs/search.md, "What the index
 //! holds"). A node rebuilds it from the state at start-up and catches up with new leaves
 //! before each search, so a search sees every write acknowledged before it began.
 

@@ -35,7 +35,7 @@ pub struct Compartments {
     pub patient: BTreeMap<String, Vec<String>>,
     /// Types outside that definition with reference parameters that can point at a Patient
     /// (Device.patient, Contract.subject, GuidanceResponse.subject, ...): for access, such a
-    /// resource belongs to every patient it references (see ARCHITECTURE.md, "Security model").
+    /// resource belongs to every patient it references (see docs/authorization.md, "Security model").
     pub by_reference: BTreeMap<String, Vec<String>>,
 }
 

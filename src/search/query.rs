@@ -278,7 +278,7 @@ impl Parser<'_> {
             count: DEFAULT_COUNT,
             cursor: None,
             // Totals are given whenever the search computed every match anyway; asking for
-            // `accurate` makes it do so (see ARCHITECTURE.md, "Search").
+            // `accurate` makes it do so (see docs/search.md).
             total: Total::Estimate,
             summary: Summary::False,
             elements: None,

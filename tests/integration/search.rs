@@ -858,7 +858,7 @@ async fn comma_is_or_and_repetition_is_and() {
 }
 
 /// `_sort`: one key, descending, several keys, `_lastUpdated`, `_id`; equal keys are ordered
-/// by id (ARCHITECTURE.md, "Search"); a search without `_sort` keeps creation order.
+/// by id (docs/search.md); a search without `_sort` keeps creation order.
 #[actix_web::test]
 async fn sort_orders_by_keys_with_id_order_for_ties() {
     let dir = tempfile::tempdir().unwrap();

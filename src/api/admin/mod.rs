@@ -6,14 +6,13 @@ pub mod users;
 use std::collections::{BTreeMap, BTreeSet};
 
 use actix_web::http::header;
-use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web::{web, FromRequest, HttpRequest, HttpResponse, ResponseError};
 use consensus::{AdminError, Node, NodeId};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::api::AppState;
 use crate::error::{ErrorCode, FhirError};
-use actix_web::ResponseError;
 
 /// What the admin API needs beyond the repository.
 #[derive(Clone, Debug, Default)]
@@ -50,7 +49,49 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     );
 }
 
-pub fn authorize(req: &HttpRequest, state: &AppState) -> Result<(), FhirError> {
+/// A request that carried the node's admin token. Admin handlers take it as their first
+/// argument, so none of them can run without the token (401 without one, 403 for a wrong one).
+pub struct Administrator;
+
+impl FromRequest for Administrator {
+    type Error = AdminRefused;
+    type Future = std::future::Ready<Result<Self, Self::Error>>;
+
+    fn from_request(req: &HttpRequest, _: &mut actix_web::dev::Payload) -> Self::Future {
+        let checked = match req.app_data::<web::Data<AppState>>() {
+            Some(state) => authorize(req, state),
+            None => Err(FhirError::internal("the admin API runs without application state")),
+        };
+        std::future::ready(checked.map(|()| Administrator).map_err(AdminRefused))
+    }
+}
+
+/// A refused admin token: the OperationOutcome, with a bare `Bearer` challenge (the admin
+/// token is not a SMART token, so no realm or `invalid_token` is named).
+#[derive(Debug)]
+pub struct AdminRefused(FhirError);
+
+impl std::fmt::Display for AdminRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl ResponseError for AdminRefused {
+    fn status_code(&self) -> actix_web::http::StatusCode {
+        self.0.status_code()
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let mut r = self.0.error_response();
+        if self.0.status() == 401 {
+            r.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+        }
+        r
+    }
+}
+
+fn authorize(req: &HttpRequest, state: &AppState) -> Result<(), FhirError> {
     let given = req
         .headers()
         .get(header::AUTHORIZATION)
@@ -78,24 +119,6 @@ fn json<T: Serialize>(v: &T) -> HttpResponse {
     HttpResponse::Ok().content_type("application/json").body(serde_json::to_string_pretty(v).unwrap_or_default())
 }
 
-async fn run<F, Fut>(req: HttpRequest, state: web::Data<AppState>, f: F) -> HttpResponse
-where
-    F: FnOnce(web::Data<AppState>) -> Fut,
-    Fut: std::future::Future<Output = Result<HttpResponse, FhirError>>,
-{
-    let result = match authorize(&req, &state) {
-        Ok(()) => f(state).await,
-        Err(e) => Err(e),
-    };
-    result.unwrap_or_else(|e| {
-        let mut r = e.error_response();
-        if e.status() == 401 {
-            r.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
-        }
-        r
-    })
-}
-
 fn body<T: for<'a> Deserialize<'a>>(bytes: &[u8]) -> Result<T, FhirError> {
     serde_json::from_slice(bytes).map_err(|e| FhirError::invalid(format!("request body: {e}")))
 }
@@ -110,35 +133,29 @@ pub struct NodeInfo {
     pub initialized: bool,
 }
 
-async fn node(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
-    run(req, state, |state| async move {
-        let ledger = state.repo.ledger();
-        let initialized = ledger.is_initialized().await.unwrap_or(false);
-        Ok(json(&NodeInfo {
-            node_id: ledger.node_id(),
-            node: ledger.this_node(),
-            secrets_id: state.admin.secrets_id.clone(),
-            initialized,
-        }))
-    })
-    .await
+async fn node(_: Administrator, state: web::Data<AppState>) -> Result<HttpResponse, FhirError> {
+    let ledger = state.repo.ledger();
+    let initialized = ledger.is_initialized().await.unwrap_or(false);
+    Ok(json(&NodeInfo {
+        node_id: ledger.node_id(),
+        node: ledger.this_node(),
+        secrets_id: state.admin.secrets_id.clone(),
+        initialized,
+    }))
 }
 
 /// Rebuilds this node's search index from its state (every node derives its own index from
 /// the same ledger, so this changes no results; it recovers from a suspected bug or applies
 /// a changed index format without a restart).
-async fn reindex(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
-    run(req, state, |state| async move {
-        let search = state.search.clone();
-        let started = std::time::Instant::now();
-        let n = web::block(move || search.rebuild()).await.map_err(FhirError::internal)??;
-        Ok(json(&serde_json::json!({ "resources": n, "millis": started.elapsed().as_millis() as u64 })))
-    })
-    .await
+async fn reindex(_: Administrator, state: web::Data<AppState>) -> Result<HttpResponse, FhirError> {
+    let search = state.search.clone();
+    let started = std::time::Instant::now();
+    let n = web::block(move || search.rebuild()).await.map_err(FhirError::internal)??;
+    Ok(json(&serde_json::json!({ "resources": n, "millis": started.elapsed().as_millis() as u64 })))
 }
 
-async fn status(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
-    run(req, state, |state| async move { Ok(json(&state.repo.ledger().status())) }).await
+async fn status(_: Administrator, state: web::Data<AppState>) -> Result<HttpResponse, FhirError> {
+    Ok(json(&state.repo.ledger().status()))
 }
 
 #[derive(Deserialize)]
@@ -146,13 +163,10 @@ struct InitBody {
     members: BTreeMap<NodeId, Node>,
 }
 
-async fn init(req: HttpRequest, state: web::Data<AppState>, bytes: web::Bytes) -> HttpResponse {
-    run(req, state, |state| async move {
-        let b: InitBody = body(&bytes)?;
-        state.repo.ledger().initialize(b.members).await.map_err(admin_error)?;
-        Ok(json(&state.repo.ledger().status()))
-    })
-    .await
+async fn init(_: Administrator, state: web::Data<AppState>, bytes: web::Bytes) -> Result<HttpResponse, FhirError> {
+    let b: InitBody = body(&bytes)?;
+    state.repo.ledger().initialize(b.members).await.map_err(admin_error)?;
+    Ok(json(&state.repo.ledger().status()))
 }
 
 #[derive(Deserialize)]
@@ -161,13 +175,10 @@ struct TrustBody {
     public_key: String,
 }
 
-async fn trust(req: HttpRequest, state: web::Data<AppState>, bytes: web::Bytes) -> HttpResponse {
-    run(req, state, |state| async move {
-        let b: TrustBody = body(&bytes)?;
-        state.repo.ledger().trust(b.node_id, &b.public_key).map_err(admin_error)?;
-        Ok(json(&serde_json::json!({ "trusted": b.node_id })))
-    })
-    .await
+async fn trust(_: Administrator, state: web::Data<AppState>, bytes: web::Bytes) -> Result<HttpResponse, FhirError> {
+    let b: TrustBody = body(&bytes)?;
+    state.repo.ledger().trust(b.node_id, &b.public_key).map_err(admin_error)?;
+    Ok(json(&serde_json::json!({ "trusted": b.node_id })))
 }
 
 #[derive(Deserialize)]
@@ -177,13 +188,14 @@ struct LearnerBody {
     node: Node,
 }
 
-async fn add_learner(req: HttpRequest, state: web::Data<AppState>, bytes: web::Bytes) -> HttpResponse {
-    run(req, state, |state| async move {
-        let b: LearnerBody = body(&bytes)?;
-        state.repo.ledger().add_learner(b.node_id, b.node).await.map_err(admin_error)?;
-        Ok(json(&state.repo.ledger().status()))
-    })
-    .await
+async fn add_learner(
+    _: Administrator,
+    state: web::Data<AppState>,
+    bytes: web::Bytes,
+) -> Result<HttpResponse, FhirError> {
+    let b: LearnerBody = body(&bytes)?;
+    state.repo.ledger().add_learner(b.node_id, b.node).await.map_err(admin_error)?;
+    Ok(json(&state.repo.ledger().status()))
 }
 
 #[derive(Deserialize)]
@@ -191,22 +203,20 @@ struct VotersBody {
     node_ids: BTreeSet<NodeId>,
 }
 
-async fn promote(req: HttpRequest, state: web::Data<AppState>, bytes: web::Bytes) -> HttpResponse {
-    run(req, state, |state| async move {
-        let b: VotersBody = body(&bytes)?;
-        state.repo.ledger().promote(b.node_ids).await.map_err(admin_error)?;
-        Ok(json(&state.repo.ledger().status()))
-    })
-    .await
+async fn promote(_: Administrator, state: web::Data<AppState>, bytes: web::Bytes) -> Result<HttpResponse, FhirError> {
+    let b: VotersBody = body(&bytes)?;
+    state.repo.ledger().promote(b.node_ids).await.map_err(admin_error)?;
+    Ok(json(&state.repo.ledger().status()))
 }
 
-async fn remove(req: HttpRequest, state: web::Data<AppState>, path: web::Path<String>) -> HttpResponse {
-    run(req, state, |state| async move {
-        let id: NodeId = path.parse().map_err(|_| FhirError::invalid(format!("node id {path:?} is not a number")))?;
-        state.repo.ledger().remove(id).await.map_err(admin_error)?;
-        Ok(json(&state.repo.ledger().status()))
-    })
-    .await
+async fn remove(
+    _: Administrator,
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, FhirError> {
+    let id: NodeId = path.parse().map_err(|_| FhirError::invalid(format!("node id {path:?} is not a number")))?;
+    state.repo.ledger().remove(id).await.map_err(admin_error)?;
+    Ok(json(&state.repo.ledger().status()))
 }
 
 #[derive(Deserialize)]
@@ -215,14 +225,11 @@ struct FaultsBody {
     isolate: BTreeSet<NodeId>,
 }
 
-async fn faults(req: HttpRequest, state: web::Data<AppState>, bytes: web::Bytes) -> HttpResponse {
-    run(req, state, |state| async move {
-        if !state.admin.fault_injection {
-            return Err(FhirError::forbidden("fault injection is off (serve --fault-injection)"));
-        }
-        let b: FaultsBody = body(&bytes)?;
-        state.repo.ledger().set_isolated(b.isolate.clone());
-        Ok(json(&serde_json::json!({ "isolated": b.isolate })))
-    })
-    .await
+async fn faults(_: Administrator, state: web::Data<AppState>, bytes: web::Bytes) -> Result<HttpResponse, FhirError> {
+    if !state.admin.fault_injection {
+        return Err(FhirError::forbidden("fault injection is off (serve --fault-injection)"));
+    }
+    let b: FaultsBody = body(&bytes)?;
+    state.repo.ledger().set_isolated(b.isolate.clone());
+    Ok(json(&serde_json::json!({ "isolated": b.isolate })))
 }
