@@ -1,0 +1,499 @@
+//! An append-only log of numbered records in segment files of our own, for the Raft log
+//! (issue 17: the log leaves sled, which takes any record failing its checksum in the tail it
+//! re-scans for a torn write and silently drops it and everything after).
+//!
+//! A segment `seg-<first index, 20 digits>.log` holds records back to back:
+//!
+//! ```text
+//! magic "FLR1" | payload length u32 | index u64 | header crc32 u32 | payload crc32 u32 | payload
+//! ```
+//!
+//! (little-endian; the header CRC covers magic, length and index, the payload CRC index and
+//! payload). Indexes are consecutive across
+//! segments. Appends go to the last segment, which rotates past `segment_bytes`; `sync` makes
+//! everything appended durable (one fdatasync for any number of records: group commit).
+//!
+//! At open every record is checked. The only damage repaired is a **torn final write**: the
+//! last segment ends inside its last record, either before a whole header or after a header
+//! whose own CRC holds (the process died mid-append, so that record was never acknowledged),
+//! and the partial record is cut off, with a warning. The header CRC is what keeps a damaged
+//! length from passing for a torn write: a length flipped to run past the end fails it.
+//! Anything else (a bad magic or CRC on a whole header or record, a gap in the indexes, a
+//! short record in an earlier segment) is **corruption**: open fails naming the segment and
+//! the byte offset, and nothing is cut.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+const MAGIC: [u8; 4] = *b"FLR1";
+const HEADER: usize = 4 + 4 + 8 + 4 + 4;
+/// Larger payloads are refused on append and taken as corruption at open.
+pub const MAX_PAYLOAD: usize = 1 << 30;
+
+/// Where a record is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Place {
+    segment: usize,
+    offset: u64,
+    len: u32,
+}
+
+struct Segment {
+    first: u64,
+    path: PathBuf,
+    file: File,
+    size: u64,
+}
+
+/// Damage found at open (never a torn final write, which is repaired).
+#[derive(Debug, thiserror::Error)]
+#[error("{path} at byte {offset}: {what}")]
+pub struct Corruption {
+    pub path: PathBuf,
+    pub offset: u64,
+    pub what: String,
+}
+
+/// Errors of the segment log.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Io(#[from] io::Error),
+    #[error("corrupt log: {0}")]
+    Corrupt(#[from] Corruption),
+    #[error("{0}")]
+    Usage(String),
+}
+
+/// The log: its segments and where each live record is.
+pub struct SegmentLog {
+    dir: PathBuf,
+    segment_bytes: u64,
+    segments: Vec<Segment>,
+    /// The index of `places[0]`.
+    first: u64,
+    places: Vec<Place>,
+    /// Bytes appended since the last `sync`, per segment index (the active one, and one that
+    /// rotated before the sync).
+    dirty: Vec<usize>,
+}
+
+fn segment_name(first: u64) -> String {
+    format!("seg-{first:020}.log")
+}
+
+fn checksum(index: u64, payload: &[u8]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(&index.to_le_bytes());
+    h.update(payload);
+    h.finalize()
+}
+
+fn encode(index: u64, payload: &[u8], out: &mut Vec<u8>) {
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&u32::try_from(payload.len()).unwrap_or(u32::MAX).to_le_bytes());
+    out.extend_from_slice(&index.to_le_bytes());
+    out.extend_from_slice(&crc32fast::hash(&out[out.len() - 16..]).to_le_bytes());
+    out.extend_from_slice(&checksum(index, payload).to_le_bytes());
+    out.extend_from_slice(payload);
+}
+
+/// A record header: payload length, index, payload CRC.
+struct Header {
+    len: u32,
+    index: u64,
+    crc: u32,
+}
+
+fn field<const N: usize>(b: &[u8], at: usize) -> [u8; N] {
+    let mut out = [0u8; N];
+    out.copy_from_slice(&b[at..at + N]);
+    out
+}
+
+/// Decodes a whole header; `Err` says what is wrong with it.
+fn header(b: &[u8]) -> Result<Header, &'static str> {
+    if b[0..4] != MAGIC {
+        return Err("no record starts here (bad magic)");
+    }
+    if crc32fast::hash(&b[0..16]) != u32::from_le_bytes(field(b, 16)) {
+        return Err("the record header fails its checksum");
+    }
+    Ok(Header {
+        len: u32::from_le_bytes(field(b, 4)),
+        index: u64::from_le_bytes(field(b, 8)),
+        crc: u32::from_le_bytes(field(b, 20)),
+    })
+}
+
+/// How a scan of one segment ended.
+enum Tail {
+    Clean,
+    /// The file ends inside the record starting at this offset.
+    Short(u64),
+}
+
+impl SegmentLog {
+    /// Opens (or creates) the log in `dir`, checking every record.
+    pub fn open(dir: &Path, segment_bytes: u64) -> Result<Self, Error> {
+        fs::create_dir_all(dir)?;
+        let mut firsts: Vec<u64> = Vec::new();
+        for e in fs::read_dir(dir)? {
+            let name = e?.file_name();
+            let name = name.to_string_lossy();
+            if let Some(n) = name.strip_prefix("seg-").and_then(|n| n.strip_suffix(".log")) {
+                let first = n.parse::<u64>().map_err(|_| Corruption {
+                    path: dir.join(name.as_ref()),
+                    offset: 0,
+                    what: "a segment name that is not a number".into(),
+                })?;
+                firsts.push(first);
+            }
+        }
+        firsts.sort_unstable();
+        let mut log = Self {
+            dir: dir.to_path_buf(),
+            segment_bytes: segment_bytes.max(HEADER as u64 + 1),
+            segments: Vec::new(),
+            first: firsts.first().copied().unwrap_or(0),
+            places: Vec::new(),
+            dirty: Vec::new(),
+        };
+        let count = firsts.len();
+        for (i, first) in firsts.into_iter().enumerate() {
+            let path = dir.join(segment_name(first));
+            let file = OpenOptions::new().read(true).write(true).open(&path)?;
+            let expected = log.next_index();
+            if !log.places.is_empty() && first != expected {
+                return Err(Corruption {
+                    path,
+                    offset: 0,
+                    what: format!("the segment starts at index {first}, but the log continues at {expected}"),
+                }
+                .into());
+            }
+            let segment = log.segments.len();
+            let (size, tail) = log.scan(&path, &file, first, segment)?;
+            match tail {
+                Tail::Clean => {}
+                Tail::Short(at) if i + 1 == count => {
+                    tracing::warn!(
+                        "raft log {}: a torn final write at byte {at} (the process stopped mid-append); cut off",
+                        path.display()
+                    );
+                    file.set_len(at)?;
+                    file.sync_data()?;
+                }
+                Tail::Short(at) => {
+                    return Err(Corruption {
+                        path,
+                        offset: at,
+                        what: "a record cut short before the last segment".into(),
+                    }
+                    .into())
+                }
+            }
+            let size = match tail {
+                Tail::Short(at) => at,
+                Tail::Clean => size,
+            };
+            log.segments.push(Segment { first, path, file, size });
+        }
+        Ok(log)
+    }
+
+    /// Checks every record of one segment, recording where each is.
+    fn scan(&mut self, path: &Path, file: &File, first: u64, segment: usize) -> Result<(u64, Tail), Error> {
+        let mut bytes = Vec::new();
+        (&*file).seek(SeekFrom::Start(0))?;
+        (&*file).read_to_end(&mut bytes)?;
+        let corrupt =
+            |offset: usize, what: String| Corruption { path: path.to_path_buf(), offset: offset as u64, what };
+        let mut at = 0usize;
+        let mut index = first;
+        while at < bytes.len() {
+            let Some(head) = bytes.get(at..at + HEADER) else {
+                // Less than a header left: a torn write only if what is there could be its start.
+                if bytes[at..].iter().zip(MAGIC.iter()).any(|(a, b)| a != b) {
+                    return Err(corrupt(at, "no record starts here (bad magic)".into()).into());
+                }
+                return Ok((bytes.len() as u64, Tail::Short(at as u64)));
+            };
+            let Header { len, index: stored_index, crc } = header(head).map_err(|what| corrupt(at, what.into()))?;
+            if len as usize > MAX_PAYLOAD {
+                return Err(corrupt(at, format!("a record length of {len} bytes")).into());
+            }
+            let end = at + HEADER + len as usize;
+            let Some(payload) = bytes.get(at + HEADER..end) else {
+                return Ok((bytes.len() as u64, Tail::Short(at as u64)));
+            };
+            if checksum(stored_index, payload) != crc {
+                return Err(corrupt(at, format!("record {stored_index} fails its checksum")).into());
+            }
+            if stored_index != index {
+                return Err(corrupt(at, format!("record {stored_index} where {index} was expected")).into());
+            }
+            self.places.push(Place { segment, offset: at as u64, len });
+            index += 1;
+            at = end;
+        }
+        Ok((bytes.len() as u64, Tail::Clean))
+    }
+
+    /// The index of the first record kept.
+    pub fn first_index(&self) -> u64 {
+        self.first
+    }
+
+    /// The index the next append must have.
+    pub fn next_index(&self) -> u64 {
+        self.first + self.places.len() as u64
+    }
+
+    /// The index of the last record, if any.
+    pub fn last_index(&self) -> Option<u64> {
+        (!self.places.is_empty()).then(|| self.next_index() - 1)
+    }
+
+    /// Appends `payload` as record `index` (which must be `next_index`, or any index when the
+    /// log is empty). Not durable until [`SegmentLog::sync`].
+    pub fn append(&mut self, index: u64, payload: &[u8]) -> Result<(), Error> {
+        if payload.len() > MAX_PAYLOAD {
+            return Err(Error::Usage(format!("a record of {} bytes exceeds the limit", payload.len())));
+        }
+        if self.places.is_empty() {
+            self.first = index;
+        } else if index != self.next_index() {
+            return Err(Error::Usage(format!("append of {index}, but the log continues at {}", self.next_index())));
+        }
+        let rotate = self.segments.last().is_none_or(|s| s.size >= self.segment_bytes);
+        if rotate {
+            let path = self.dir.join(segment_name(index));
+            let file = OpenOptions::new().read(true).write(true).create_new(true).open(&path)?;
+            self.segments.push(Segment { first: index, path, file, size: 0 });
+            // The new file's directory entry must be durable with the first sync.
+            self.dirty.push(usize::MAX);
+        }
+        let segment = self.segments.len() - 1;
+        let mut buf = Vec::with_capacity(HEADER + payload.len());
+        encode(index, payload, &mut buf);
+        let s = &mut self.segments[segment];
+        s.file.write_all_at(&buf, s.size)?;
+        self.places.push(Place { segment, offset: s.size, len: u32::try_from(payload.len()).unwrap_or(u32::MAX) });
+        s.size += buf.len() as u64;
+        if !self.dirty.contains(&segment) {
+            self.dirty.push(segment);
+        }
+        Ok(())
+    }
+
+    /// Makes every append so far durable.
+    pub fn sync(&mut self) -> Result<(), Error> {
+        for d in std::mem::take(&mut self.dirty) {
+            if d == usize::MAX {
+                File::open(&self.dir)?.sync_all()?;
+            } else if let Some(s) = self.segments.get(d) {
+                s.file.sync_data()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The payload of record `index`, if the log holds it.
+    pub fn get(&self, index: u64) -> Result<Option<Vec<u8>>, Error> {
+        let Some(p) = index.checked_sub(self.first).and_then(|i| self.places.get(usize::try_from(i).ok()?)) else {
+            return Ok(None);
+        };
+        let s = &self.segments[p.segment];
+        let mut buf = vec![0u8; p.len as usize];
+        s.file.read_exact_at(&mut buf, p.offset + HEADER as u64)?;
+        Ok(Some(buf))
+    }
+
+    /// Removes the records from `index` on (a follower's log conflicting with its leader's).
+    pub fn truncate(&mut self, index: u64) -> Result<(), Error> {
+        if index >= self.next_index() {
+            return Ok(());
+        }
+        let keep = usize::try_from(index.saturating_sub(self.first)).unwrap_or(usize::MAX).min(self.places.len());
+        let Some(cut) = self.places.get(keep).copied() else { return Ok(()) };
+        for s in self.segments.drain(cut.segment + 1..) {
+            fs::remove_file(&s.path)?;
+        }
+        let s = &mut self.segments[cut.segment];
+        s.file.set_len(cut.offset)?;
+        s.file.sync_data()?;
+        s.size = cut.offset;
+        self.places.truncate(keep);
+        self.dirty.retain(|&d| d == usize::MAX || d <= cut.segment);
+        if self.places.is_empty() {
+            self.first = index;
+        }
+        Ok(())
+    }
+
+    /// Drops whole segments whose records all lie at or below `index` (compacted into a
+    /// snapshot). A segment holding later records stays, so the log may keep a few more.
+    pub fn purge(&mut self, index: u64) -> Result<(), Error> {
+        while self.segments.len() > 1 {
+            let next_first = self.segments[1].first;
+            if next_first > index + 1 {
+                break;
+            }
+            let s = self.segments.remove(0);
+            fs::remove_file(&s.path)?;
+            let dropped = usize::try_from(next_first - self.first).unwrap_or(usize::MAX).min(self.places.len());
+            self.places.drain(..dropped);
+            self.first = next_first;
+            for p in &mut self.places {
+                p.segment -= 1;
+            }
+            self.dirty =
+                self.dirty.iter().filter(|&&d| d != 0).map(|&d| if d == usize::MAX { d } else { d - 1 }).collect();
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn payload(i: u64) -> Vec<u8> {
+        format!("entry {i} ").repeat((i % 7 + 1) as usize).into_bytes()
+    }
+
+    fn filled(dir: &Path, n: u64, segment_bytes: u64) -> SegmentLog {
+        let mut log = SegmentLog::open(dir, segment_bytes).unwrap();
+        for i in 1..=n {
+            log.append(i, &payload(i)).unwrap();
+        }
+        log.sync().unwrap();
+        log
+    }
+
+    fn segments(dir: &Path) -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn appends_read_back_across_segments_and_reopen() {
+        let tmp = tempfile::tempdir().unwrap();
+        drop(filled(tmp.path(), 100, 512));
+        assert!(segments(tmp.path()).len() > 3, "rotated");
+        let log = SegmentLog::open(tmp.path(), 512).unwrap();
+        assert_eq!((log.first_index(), log.last_index()), (1, Some(100)));
+        for i in 1..=100 {
+            assert_eq!(log.get(i).unwrap(), Some(payload(i)));
+        }
+        assert_eq!(log.get(0).unwrap(), None);
+        assert_eq!(log.get(101).unwrap(), None);
+    }
+
+    #[test]
+    fn a_torn_final_write_is_cut_off_and_appending_goes_on() {
+        let tmp = tempfile::tempdir().unwrap();
+        drop(filled(tmp.path(), 20, 1 << 20));
+        let seg = segments(tmp.path()).pop().unwrap();
+        let len = fs::metadata(&seg).unwrap().len();
+        // Every cut inside the last record is a torn write of that record only.
+        let last_len = (HEADER + payload(20).len()) as u64;
+        for cut in [1, 5, HEADER as u64, last_len - 1] {
+            let copy = tempfile::tempdir().unwrap();
+            fs::copy(&seg, copy.path().join(seg.file_name().unwrap())).unwrap();
+            let f = OpenOptions::new().write(true).open(copy.path().join(seg.file_name().unwrap())).unwrap();
+            f.set_len(len - last_len + cut).unwrap();
+            let mut log = SegmentLog::open(copy.path(), 1 << 20).unwrap();
+            assert_eq!(log.last_index(), Some(19), "cut {cut}");
+            log.append(20, b"again").unwrap();
+            log.sync().unwrap();
+            drop(log);
+            let log = SegmentLog::open(copy.path(), 1 << 20).unwrap();
+            assert_eq!(log.get(20).unwrap().as_deref(), Some(&b"again"[..]));
+        }
+    }
+
+    #[test]
+    fn a_flipped_byte_anywhere_else_refuses_to_open_naming_the_place() {
+        let tmp = tempfile::tempdir().unwrap();
+        drop(filled(tmp.path(), 30, 400));
+        let all = segments(tmp.path());
+        for seg in &all {
+            let len = fs::metadata(seg).unwrap().len();
+            for at in [0, 3, 4, 9, 13, 17, 21, HEADER as u64, len / 2, len - 1] {
+                let copy = tempfile::tempdir().unwrap();
+                for s in &all {
+                    fs::copy(s, copy.path().join(s.file_name().unwrap())).unwrap();
+                }
+                let target = copy.path().join(seg.file_name().unwrap());
+                let mut bytes = fs::read(&target).unwrap();
+                bytes[at as usize] ^= 0x40;
+                fs::write(&target, &bytes).unwrap();
+                match SegmentLog::open(copy.path(), 400) {
+                    Err(Error::Corrupt(c)) => {
+                        assert_eq!(c.path, target, "byte {at} of {}", seg.display());
+                        assert!(c.offset <= at, "named offset {} for a flip at {at}", c.offset);
+                    }
+                    Err(e) => panic!("byte {at} of {}: {e}", seg.display()),
+                    Ok(log) => panic!("byte {at} of {}: opened with last {:?}", seg.display(), log.last_index()),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_final_record_whose_length_was_damaged_is_not_taken_for_a_torn_write() {
+        // sled's failure: a damaged length makes the record run past the end of the file,
+        // which looks like a torn write, and the record and everything after it vanish.
+        let tmp = tempfile::tempdir().unwrap();
+        drop(filled(tmp.path(), 20, 1 << 20));
+        let seg = segments(tmp.path()).pop().unwrap();
+        let mut bytes = fs::read(&seg).unwrap();
+        let last = bytes.len() - (HEADER + payload(20).len());
+        bytes[last + 5] ^= 0x01; // the length's second byte: now 256 bytes longer
+        fs::write(&seg, &bytes).unwrap();
+        match SegmentLog::open(tmp.path(), 1 << 20) {
+            Err(Error::Corrupt(c)) => assert_eq!(c.offset, last as u64),
+            other => panic!("expected corruption, got {:?}", other.map(|l| l.last_index())),
+        }
+    }
+
+    #[test]
+    fn a_short_record_before_the_last_segment_is_corruption() {
+        let tmp = tempfile::tempdir().unwrap();
+        drop(filled(tmp.path(), 30, 400));
+        let first = segments(tmp.path()).remove(0);
+        let f = OpenOptions::new().write(true).open(&first).unwrap();
+        f.set_len(fs::metadata(&first).unwrap().len() - 3).unwrap();
+        assert!(matches!(SegmentLog::open(tmp.path(), 400), Err(Error::Corrupt(_))));
+    }
+
+    #[test]
+    fn truncate_and_purge_keep_the_rest_readable() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut log = filled(tmp.path(), 60, 300);
+        log.truncate(45).unwrap();
+        assert_eq!(log.last_index(), Some(44));
+        for i in 45..=50 {
+            log.append(i, format!("new {i}").as_bytes()).unwrap();
+        }
+        log.sync().unwrap();
+        log.purge(20).unwrap();
+        assert!(log.first_index() <= 21 && log.first_index() > 1, "first {}", log.first_index());
+        let first = log.first_index();
+        drop(log);
+        let mut log = SegmentLog::open(tmp.path(), 300).unwrap();
+        assert_eq!((log.first_index(), log.last_index()), (first, Some(50)));
+        for i in first..45 {
+            assert_eq!(log.get(i).unwrap(), Some(payload(i)));
+        }
+        for i in 45..=50 {
+            assert_eq!(log.get(i).unwrap(), Some(format!("new {i}").into_bytes()));
+        }
+        assert!(log.append(52, b"gap").is_err());
+    }
+}
