@@ -38,6 +38,11 @@ pub fn parse_query(query: &str) -> Vec<(String, String)> {
         .collect()
 }
 
+/// The pairs of an `application/x-www-form-urlencoded` body.
+pub fn parse_form(body: &[u8]) -> Vec<(String, String)> {
+    parse_query(&String::from_utf8_lossy(body))
+}
+
 fn decode(s: &str) -> String {
     percent_encoding::percent_decode_str(&s.replace('+', " ")).decode_utf8_lossy().into_owned()
 }

@@ -218,8 +218,8 @@ impl ResponseError for FhirError {
     }
 }
 
-/// The FHIR JSON media type.
-pub const FHIR_JSON: &str = "application/fhir+json";
+/// The FHIR JSON media type, as every response names it.
+pub const FHIR_JSON: &str = "application/fhir+json; charset=utf-8";
 
 impl From<std::io::Error> for FhirError {
     fn from(e: std::io::Error) -> Self {

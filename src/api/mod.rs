@@ -181,7 +181,7 @@ pub struct Format {
     pub content_type: &'static str,
 }
 
-pub const FHIR_JSON: &str = "application/fhir+json; charset=utf-8";
+pub use crate::error::FHIR_JSON;
 
 impl Format {
     pub fn plain() -> Self {

@@ -72,7 +72,7 @@ pub async fn compartment(
 async fn form(req: &HttpRequest, payload: web::Payload, state: &AppState) -> Result<Vec<(String, String)>, FhirError> {
     let body = read_body(req, payload, state.max_body_bytes).await?;
     let mut params = parse_query(req.query_string());
-    params.extend(parse_query(&String::from_utf8_lossy(&body)));
+    params.extend(crate::codec::parse_form(&body));
     Ok(params)
 }
 
@@ -144,7 +144,10 @@ fn bundle_for(
             };
             if types.is_empty() {
                 // No type passed `require`, so "*" does not either: its 403 says what is granted.
-                who.caller.require("*", Perm::S)?;
+                let refused = who.caller.require("*", Perm::S).err();
+                return Err(
+                    refused.unwrap_or_else(|| FhirError::forbidden("the access token grants search on no type"))
+                );
             }
             searchset(who, base, base, &types, params, lenient, None)
         }

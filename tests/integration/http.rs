@@ -645,3 +645,24 @@ async fn max_stale_is_checked_and_a_leader_serves_current_reads() {
     assert_eq!(r.status, 200, "{}", r.text);
     assert_eq!(r.header("x-ledger-staleness-ms"), "", "a leader never serves a stale read");
 }
+
+/// Errors answer in the format the request negotiated, like any other answer (one place renders
+/// them), and without negotiation in FHIR JSON; the admin API's errors are FHIR JSON too.
+#[actix_web::test]
+async fn errors_answer_in_the_negotiated_format() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = support::app(support::repo(dir.path()).await).await;
+    let r = call!(
+        app,
+        TestRequest::get().uri("/Patient/nobody?_pretty=true").insert_header(("accept", "application/json"))
+    );
+    assert_eq!(r.status.as_u16(), 404);
+    assert_eq!(r.header("content-type"), "application/json; charset=utf-8");
+    assert!(r.text.contains("\n  \"resourceType\": \"OperationOutcome\""), "pretty printed: {}", r.text);
+    let r = call!(app, TestRequest::get().uri("/Patient/nobody"));
+    assert_eq!(r.header("content-type"), "application/fhir+json; charset=utf-8");
+    assert!(r.text.starts_with("{\"resourceType\":\"OperationOutcome\""), "{}", r.text);
+    let r = call!(app, TestRequest::get().uri("/admin/node"));
+    assert_eq!(r.status.as_u16(), 401);
+    assert_eq!(r.header("content-type"), "application/fhir+json; charset=utf-8");
+}

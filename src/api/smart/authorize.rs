@@ -10,7 +10,7 @@ use serde_json::json;
 
 use super::pages;
 use super::session::{forged_post, html, session_cookie, session_of, sign_in, throttled, Session, SignIn};
-use super::{form_pairs, get, redirect_with};
+use super::{get, redirect_with};
 use crate::api::AppState;
 use crate::auth::scopes::{self, Holder, Scope, UserKind};
 use crate::auth::store::{self, Client};
@@ -67,7 +67,7 @@ pub(super) async fn authorize_get(req: HttpRequest, state: web::Data<AppState>) 
 }
 
 pub(super) async fn authorize_post(req: HttpRequest, body: web::Bytes, state: web::Data<AppState>) -> HttpResponse {
-    authorize(&req, &state, &form_pairs(&body))
+    authorize(&req, &state, &crate::codec::parse_form(&body))
 }
 
 fn authorize(req: &HttpRequest, state: &AppState, p: &[(String, String)]) -> HttpResponse {
@@ -169,7 +169,7 @@ fn consent_page(auth: &Auth, client: &Client, s: &Session, sealed: &str, p: &Pen
 
 pub(super) async fn login(req: HttpRequest, body: web::Bytes, state: web::Data<AppState>) -> HttpResponse {
     let auth = &state.auth;
-    let p = form_pairs(&body);
+    let p = crate::codec::parse_form(&body);
     if let Some(refused) = forged_post(auth, &req, &p, None) {
         return refused;
     }
@@ -210,7 +210,7 @@ pub(super) async fn login(req: HttpRequest, body: web::Bytes, state: web::Data<A
 
 pub(super) async fn consent(req: HttpRequest, body: web::Bytes, state: web::Data<AppState>) -> HttpResponse {
     let auth = &state.auth;
-    let p = form_pairs(&body);
+    let p = crate::codec::parse_form(&body);
     let sealed = get(&p, "request").unwrap_or("");
     let pending: Pending = match seal::open(&auth.seal_key, "authorize", sealed) {
         Ok(p) => p,

@@ -61,10 +61,6 @@ fn oauth_error(status: u16, error: &str, description: &str) -> HttpResponse {
     b.content_type("application/json").body(json!({"error": error, "error_description": description}).to_string())
 }
 
-fn form_pairs(body: &[u8]) -> Vec<(String, String)> {
-    crate::codec::parse_query(&String::from_utf8_lossy(body))
-}
-
 fn get<'a>(p: &'a [(String, String)], k: &str) -> Option<&'a str> {
     p.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str()).filter(|v| !v.is_empty())
 }

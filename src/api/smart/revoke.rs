@@ -7,7 +7,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use serde_json::{json, Value};
 
 use super::token::authenticate_client;
-use super::{cors, form_pairs, get, json_ok, oauth_error};
+use super::{cors, get, json_ok, oauth_error};
 use crate::api::AppState;
 use crate::auth::jose::{self, Alg};
 use crate::auth::scopes;
@@ -34,7 +34,7 @@ fn grant_of(state: &AppState, token: &str) -> Option<(String, Grant, u64)> {
 }
 
 pub(super) async fn revoke(req: HttpRequest, body: web::Bytes, state: web::Data<AppState>) -> HttpResponse {
-    let p = form_pairs(&body);
+    let p = crate::codec::parse_form(&body);
     // Confidential clients authenticate; a public client names itself and may revoke only a
     // token issued to it, which it must present whole.
     let client = match authenticate_client(&state, &req, &p).await {
@@ -58,7 +58,7 @@ pub(super) async fn revoke(req: HttpRequest, body: web::Bytes, state: web::Data<
 }
 
 pub(super) async fn introspect(req: HttpRequest, body: web::Bytes, state: web::Data<AppState>) -> HttpResponse {
-    let p = form_pairs(&body);
+    let p = crate::codec::parse_form(&body);
     // RFC 7662 2.1: the caller must be authorized; a client, or a system-scoped bearer.
     let bearer =
         req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).filter(|v| v.starts_with("Bearer "));

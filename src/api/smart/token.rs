@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use super::authorize::{linked_patient, related_person_permitted, Code};
-use super::{form_pairs, get, json_ok, oauth_error};
+use super::{get, json_ok, oauth_error};
 use crate::api::AppState;
 use crate::auth::jose::{self, Alg};
 use crate::auth::scopes::{self, Holder, UserKind};
@@ -149,7 +149,7 @@ pub(super) async fn token(req: HttpRequest, body: web::Bytes, state: web::Data<A
     if !state.auth.enabled {
         return oauth_error(404, "not_found", "authorization is off on this server");
     }
-    let p = form_pairs(&body);
+    let p = crate::codec::parse_form(&body);
     let client = match authenticate_client(&state, &req, &p).await {
         Ok(c) => c,
         Err(e) => return e.response(),
