@@ -27,7 +27,6 @@ mod log_store;
 pub mod merkle;
 pub mod proof;
 mod proposer;
-#[allow(dead_code)] // wired into the log store next (issue 17); tested on its own meanwhile
 mod segment_log;
 mod sled_store;
 mod snapshot;
@@ -144,7 +143,7 @@ impl Ledger {
         let Options { dir, node_id, key, api_addr, snapshot_every, raft_listener } = opts;
         std::fs::create_dir_all(dir)?;
         let db = sled_store::SledDb::open(dir)?;
-        let log = log_store::LogStore::new(db.tree("raft_log")?, db.tree("raft_meta")?);
+        let log = log_store::LogStore::open(&dir.join("raft-log"), db.tree("raft_meta")?)?;
         let sm = state_machine::StateMachine::open(db.tree("state")?, dir.join("snapshots"))?;
         let view = sm.view();
         let single = raft_listener.is_none();

@@ -1,28 +1,27 @@
-//! The Raft log over a [`KvStore`]: entries under big-endian indexes, plus vote, committed
-//! and last-purged ids. `append` reports completion only after an fsync.
+//! The Raft log: entries in segment files of our own ([`SegmentLog`]: checksummed records,
+//! group fsync, a torn final write cut off and any other damage refused at open), and vote,
+//! committed and last-purged ids in a small [`KvStore`]. `append` reports completion only
+//! after an fsync.
 
 use std::fmt::Debug;
 use std::io;
 use std::ops::{Bound, RangeBounds};
-use std::sync::Arc;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{Entry, LogId, OptionalSend, RaftLogReader, StorageError, StorageIOError, Vote};
 use serde::{Deserialize, Serialize};
 
-use crate::kv::{be, KvStore, WriteBatch};
+use crate::kv::{KvStore, WriteBatch};
+use crate::segment_log::SegmentLog;
 use crate::{NodeId, TypeConfig};
 
 const VOTE: &[u8] = b"m/vote";
 const COMMITTED: &[u8] = b"m/committed";
 const PURGED: &[u8] = b"m/purged";
-const ENTRY: u8 = b'e';
-
-fn entry_key(index: u64) -> Vec<u8> {
-    let mut k = vec![ENTRY];
-    k.extend_from_slice(&be(index));
-    k
-}
+/// Segments rotate past this size, so purging after a snapshot frees whole files.
+const SEGMENT_BYTES: u64 = 64 << 20;
 
 fn rerr(e: impl std::fmt::Display) -> StorageError<NodeId> {
     StorageIOError::read_logs(&io::Error::other(e.to_string())).into()
@@ -31,17 +30,33 @@ fn werr(e: impl std::fmt::Display) -> StorageError<NodeId> {
     StorageIOError::write_logs(&io::Error::other(e.to_string())).into()
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct LogStore {
-    kv: Arc<dyn KvStore>,
-    /// Vote, committed and purged ids live apart from the entries: sled rewrites a whole node
-    /// on update, and the node holding the newest (large) entries is the last place for them.
+    entries: Arc<Mutex<SegmentLog>>,
     meta: Arc<dyn KvStore>,
+    /// The first index not purged: purging keeps whole segments, so entries below it may
+    /// still be in a file, but they are no longer part of the log.
+    readable_from: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Debug for LogStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogStore").finish_non_exhaustive()
+    }
 }
 
 impl LogStore {
-    pub fn new(kv: Arc<dyn KvStore>, meta: Arc<dyn KvStore>) -> Self {
-        Self { kv, meta }
+    /// Opens the entries in `dir` (refusing a damaged log) and the ids in `meta`.
+    pub fn open(dir: &Path, meta: Arc<dyn KvStore>) -> anyhow::Result<Self> {
+        let entries = SegmentLog::open(dir, SEGMENT_BYTES)?;
+        let mut store = Self { entries: Arc::new(Mutex::new(entries)), meta, readable_from: Arc::default() };
+        let purged = store.get_meta::<Option<LogId<NodeId>>>(PURGED)?.flatten();
+        store.readable_from = Arc::new(std::sync::atomic::AtomicU64::new(purged.map_or(0, |p| p.index + 1)));
+        Ok(store)
+    }
+
+    fn log(&self) -> std::sync::MutexGuard<'_, SegmentLog> {
+        self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn get_meta<T: for<'a> Deserialize<'a>>(&self, key: &[u8]) -> Result<Option<T>, StorageError<NodeId>> {
@@ -57,9 +72,16 @@ impl LogStore {
         self.meta.apply(wb).map_err(werr)
     }
 
-    async fn flush(&self) -> Result<(), StorageError<NodeId>> {
-        let kv = self.kv.clone();
+    async fn flush_meta(&self) -> Result<(), StorageError<NodeId>> {
+        let kv = self.meta.clone();
         tokio::task::spawn_blocking(move || kv.flush()).await.map_err(werr)?.map_err(werr)
+    }
+
+    fn entry(&self, log: &SegmentLog, index: u64) -> Result<Option<Entry<TypeConfig>>, StorageError<NodeId>> {
+        match log.get(index).map_err(rerr)? {
+            Some(b) => Ok(Some(bincode::deserialize(&b).map_err(rerr)?)),
+            None => Ok(None),
+        }
     }
 }
 
@@ -68,20 +90,25 @@ impl RaftLogReader<TypeConfig> for LogStore {
         &mut self,
         range: RB,
     ) -> Result<Vec<Entry<TypeConfig>>, StorageError<NodeId>> {
+        let log = self.log();
         let start = match range.start_bound() {
             Bound::Included(x) => *x,
             Bound::Excluded(x) => x.saturating_add(1),
             Bound::Unbounded => 0,
-        };
+        }
+        .max(log.first_index())
+        .max(self.readable_from.load(std::sync::atomic::Ordering::Acquire));
         let end = match range.end_bound() {
-            Bound::Included(x) => entry_key(x.saturating_add(1)),
-            Bound::Excluded(x) => entry_key(*x),
-            Bound::Unbounded => vec![ENTRY + 1],
-        };
+            Bound::Included(x) => x.saturating_add(1),
+            Bound::Excluded(x) => *x,
+            Bound::Unbounded => log.next_index(),
+        }
+        .min(log.next_index());
         let mut out = Vec::new();
-        for kv in self.kv.range(&entry_key(start), &end, false) {
-            let (_, v) = kv.map_err(rerr)?;
-            out.push(bincode::deserialize(&v).map_err(rerr)?);
+        for i in start..end {
+            if let Some(e) = self.entry(&log, i)? {
+                out.push(e);
+            }
         }
         Ok(out)
     }
@@ -92,9 +119,18 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError<NodeId>> {
         let last_purged_log_id = self.get_meta::<Option<LogId<NodeId>>>(PURGED)?.flatten();
-        let last = match self.kv.last_with_prefix(&[ENTRY]).map_err(rerr)? {
-            Some((_, v)) => Some(bincode::deserialize::<Entry<TypeConfig>>(&v).map_err(rerr)?.log_id),
-            None => last_purged_log_id,
+        let last = {
+            let log = self.log();
+            match log.last_index() {
+                Some(i) => self.entry(&log, i)?.map(|e| e.log_id),
+                None => None,
+            }
+        };
+        // Purging keeps whole segments, so entries at or below the purged id may remain.
+        let last = match (last, last_purged_log_id) {
+            (Some(l), Some(p)) if l.index <= p.index => Some(p),
+            (None, p) => p,
+            (l, _) => l,
         };
         Ok(LogState { last_purged_log_id, last_log_id: last })
     }
@@ -106,7 +142,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError<NodeId>> {
         self.put_meta(VOTE, vote)?;
         // A vote must be durable before it is acted on, or a node could vote twice in a term.
-        self.flush().await
+        self.flush_meta().await
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError<NodeId>> {
@@ -127,36 +163,38 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut wb = WriteBatch::default();
+        let mut batch = Vec::new();
         for entry in entries {
             let size = bincode::serialized_size(&entry).map_err(werr)?;
             let mut bytes = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
             bincode::serialize_into(&mut bytes, &entry).map_err(werr)?;
-            wb.put(entry_key(entry.log_id.index), bytes);
+            batch.push((entry.log_id.index, bytes));
         }
-        self.kv.apply(wb).map_err(werr)?;
+        let entries = self.entries.clone();
         // Durability point of the whole system: entries are fsynced before openraft is told
         // they are persisted, so nothing is acknowledged that a crash could lose.
-        let res = self.flush().await;
-        callback.log_io_completed(res.as_ref().copied().map_err(|e| io::Error::other(e.to_string())));
+        let res = tokio::task::spawn_blocking(move || {
+            let mut log = entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            for (index, bytes) in &batch {
+                log.append(*index, bytes)?;
+            }
+            log.sync()
+        })
+        .await
+        .map_err(werr)
+        .and_then(|r| r.map_err(werr));
+        callback.log_io_completed(res.as_ref().map(|()| ()).map_err(|e| io::Error::other(e.to_string())));
         res
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
-        let mut wb = WriteBatch::default();
-        for kv in self.kv.range(&entry_key(log_id.index), &[ENTRY + 1], false) {
-            wb.delete(kv.map_err(rerr)?.0);
-        }
-        self.kv.apply(wb).map_err(werr)?;
-        self.flush().await
+        self.log().truncate(log_id.index).map_err(werr)
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
         self.put_meta(PURGED, &Some(log_id))?;
-        let mut wb = WriteBatch::default();
-        for kv in self.kv.range(&entry_key(0), &entry_key(log_id.index.saturating_add(1)), false) {
-            wb.delete(kv.map_err(rerr)?.0);
-        }
-        self.kv.apply(wb).map_err(werr)
+        self.flush_meta().await?;
+        self.readable_from.fetch_max(log_id.index + 1, std::sync::atomic::Ordering::AcqRel);
+        self.log().purge(log_id.index).map_err(werr)
     }
 }

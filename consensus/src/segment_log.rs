@@ -257,11 +257,15 @@ impl SegmentLog {
         (!self.places.is_empty()).then(|| self.next_index() - 1)
     }
 
-    /// Appends `payload` as record `index` (which must be `next_index`, or any index when the
-    /// log is empty). Not durable until [`SegmentLog::sync`].
+    /// Appends `payload` as record `index`: `next_index`, or any index when the log is empty.
+    /// An index past `next_index` (after a snapshot was installed, the log restarts past it)
+    /// drops every record kept so far. Not durable until [`SegmentLog::sync`].
     pub fn append(&mut self, index: u64, payload: &[u8]) -> Result<(), Error> {
         if payload.len() > MAX_PAYLOAD {
             return Err(Error::Usage(format!("a record of {} bytes exceeds the limit", payload.len())));
+        }
+        if index > self.next_index() && !self.places.is_empty() {
+            self.restart_at(index)?;
         }
         if self.places.is_empty() {
             self.first = index;
@@ -286,6 +290,18 @@ impl SegmentLog {
         if !self.dirty.contains(&segment) {
             self.dirty.push(segment);
         }
+        Ok(())
+    }
+
+    /// Drops every record; the log continues at `index`.
+    fn restart_at(&mut self, index: u64) -> Result<(), Error> {
+        for s in self.segments.drain(..) {
+            fs::remove_file(&s.path)?;
+        }
+        File::open(&self.dir)?.sync_all()?;
+        self.places.clear();
+        self.dirty.clear();
+        self.first = index;
         Ok(())
     }
 
@@ -494,6 +510,12 @@ mod tests {
         for i in 45..=50 {
             assert_eq!(log.get(i).unwrap(), Some(format!("new {i}").into_bytes()));
         }
-        assert!(log.append(52, b"gap").is_err());
+        assert!(log.append(50, b"again").is_err(), "an index already held");
+        // Past the end (a snapshot was installed meanwhile): the log restarts there.
+        log.append(60, b"after a snapshot").unwrap();
+        log.sync().unwrap();
+        drop(log);
+        let log = SegmentLog::open(tmp.path(), 300).unwrap();
+        assert_eq!((log.first_index(), log.last_index()), (60, Some(60)));
     }
 }
