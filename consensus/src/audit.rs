@@ -16,7 +16,7 @@ use std::sync::Arc;
 use sha2::{Digest, Sha256};
 
 use crate::command::{Op, SignedBatch, COMMAND_FORMAT};
-use crate::kv::{read_be, KvStore};
+use crate::kv::read_be;
 use crate::merkle::{leaf_hash, Frontier, Hash};
 use crate::sled_store::SledDb;
 use crate::state_machine::{StateMachine, StateView, META_FRONTIER, STORED_NODE_LEVEL};
@@ -142,13 +142,22 @@ struct WriteRef<'a> {
 }
 
 /// Opens the ledger under `dir` (the `ledger` directory inside a data directory).
-pub(crate) fn open_view(dir: &Path) -> io::Result<(StateMachine, Arc<dyn KvStore>)> {
+pub(crate) fn open_view(dir: &Path) -> io::Result<(StateMachine, RaftLog)> {
     if !dir.join("db").exists() && !dir.join("conf").exists() {
         return Err(io::Error::new(io::ErrorKind::NotFound, format!("no ledger in {}", dir.display())));
     }
     let db = SledDb::open_with_cache(dir, 32 * 1024 * 1024)?;
-    Ok((StateMachine::new(db.tree("state")?, dir.join("snapshots")), db.tree("raft_log")?))
+    let log_dir = dir.join(crate::log_store::DIR);
+    let log = if log_dir.exists() {
+        crate::segment_log::SegmentLog::inspect(&log_dir).map_err(io::Error::other)?
+    } else {
+        return Err(io::Error::new(io::ErrorKind::NotFound, format!("no raft log in {}", log_dir.display())));
+    };
+    Ok((StateMachine::new(db.tree("state")?, dir.join("snapshots")), log))
 }
+
+/// The Raft log as the verifier reads it: the records before any damage, and the damage.
+pub(crate) type RaftLog = (crate::segment_log::SegmentLog, Option<crate::segment_log::Corruption>);
 
 /// Verifies the ledger under `dir`. `progress(done, total)` is called as leaves are checked.
 ///
@@ -167,7 +176,7 @@ pub fn verify_dir(dir: &Path, progress: &mut dyn FnMut(u64, u64)) -> io::Result<
     // reused at once, where a cross-thread free left the reader faulting in fresh pages.
     let (back_tx, back_rx) = std::sync::mpsc::channel::<LogItem>();
     let (leaves, logged) = std::thread::scope(|scope| {
-        let log_thread = scope.spawn(move || walk_log(log.as_ref(), &membership, &tx, &back_rx));
+        let log_thread = scope.spawn(move || walk_log(&log, &membership, &tx, &back_rx));
         let leaves = walk_leaves(&view, stored.size, rx, &back_tx, progress);
         (leaves, log_thread.join().unwrap_or_else(|_| Err(io::Error::other("the log walk panicked"))))
     });
@@ -186,22 +195,15 @@ pub fn verify_dir(dir: &Path, progress: &mut dyn FnMut(u64, u64)) -> io::Result<
 
 /// Checks every batch's signature and sends the entries on, in log order.
 fn walk_log(
-    log: &dyn KvStore,
+    (log, damage): &RaftLog,
     membership: &openraft::StoredMembership<crate::NodeId, crate::Node>,
     tx: &std::sync::mpsc::SyncSender<LogItem>,
     back: &std::sync::mpsc::Receiver<LogItem>,
 ) -> io::Result<Report> {
     let mut report = Report::default();
-    for kv in log.scan_prefix_shared(b"e") {
-        let (k, v) = match kv {
-            Err(e) if crate::sled_store::is_corruption(&e) => {
-                report.find("raft log", format!("{e}; the entries after it are not checked"));
-                let _ = tx.send(LogItem::Unreadable);
-                break;
-            }
-            kv => kv?,
-        };
-        let index = read_be(&k[1..]).unwrap_or(u64::MAX);
+    for record in log.records() {
+        let (index, v) = record.map_err(io::Error::other)?;
+        let v: crate::kv::SharedValue = Arc::new(v);
         let bytes = (*v).as_ref();
         report.log_entries += 1;
         report.bytes += bytes.len() as u64;
@@ -235,8 +237,12 @@ fn walk_log(
         };
         back.try_iter().for_each(drop);
         if tx.send(item).is_err() {
-            break; // the leaf walk stopped early (it failed); its error is reported
+            return Ok(report); // the leaf walk stopped early (it failed); its error is reported
         }
+    }
+    if let Some(c) = damage {
+        report.find("raft log", format!("{c}; the entries after it are not checked"));
+        let _ = tx.send(LogItem::Unreadable);
     }
     Ok(report)
 }

@@ -44,8 +44,6 @@ pub trait KvStore: Send + Sync + std::fmt::Debug {
     }
     /// Entries in `[from, to)`, in key order (`rev` for descending).
     fn range(&self, from: &[u8], to: &[u8], rev: bool) -> KvIter<'_>;
-    /// The greatest entry whose key starts with `prefix`.
-    fn last_with_prefix(&self, prefix: &[u8]) -> io::Result<Option<(Vec<u8>, Vec<u8>)>>;
     /// Applies `batch` atomically.
     fn apply(&self, batch: WriteBatch) -> io::Result<()>;
     /// Makes every write applied so far durable (fsync).

@@ -143,7 +143,7 @@ impl Ledger {
         let Options { dir, node_id, key, api_addr, snapshot_every, raft_listener } = opts;
         std::fs::create_dir_all(dir)?;
         let db = sled_store::SledDb::open(dir)?;
-        let log = log_store::LogStore::open(&dir.join("raft-log"), db.tree("raft_meta")?)?;
+        let log = log_store::LogStore::open(&dir.join(log_store::DIR), db.tree("raft_meta")?)?;
         let sm = state_machine::StateMachine::open(db.tree("state")?, dir.join("snapshots"))?;
         let view = sm.view();
         let single = raft_listener.is_none();

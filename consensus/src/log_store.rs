@@ -20,6 +20,8 @@ use crate::{NodeId, TypeConfig};
 const VOTE: &[u8] = b"m/vote";
 const COMMITTED: &[u8] = b"m/committed";
 const PURGED: &[u8] = b"m/purged";
+/// The log's directory inside the ledger directory.
+pub(crate) const DIR: &str = "raft-log";
 /// Segments rotate past this size, so purging after a snapshot frees whole files.
 const SEGMENT_BYTES: u64 = 64 << 20;
 

@@ -136,72 +136,93 @@ enum Tail {
 }
 
 impl SegmentLog {
-    /// Opens (or creates) the log in `dir`, checking every record.
+    /// Opens (or creates) the log in `dir`, checking every record: a torn final write is cut
+    /// off, any other damage is an error.
     pub fn open(dir: &Path, segment_bytes: u64) -> Result<Self, Error> {
         fs::create_dir_all(dir)?;
-        let mut firsts: Vec<u64> = Vec::new();
+        let (log, damage) = Self::open_with(dir, segment_bytes, true)?;
+        match damage {
+            Some(c) => Err(c.into()),
+            None => Ok(log),
+        }
+    }
+
+    /// Opens the log for reading only (the offline verifier): nothing is repaired or written.
+    /// The log holds the records before the first damage, which is returned beside it; a torn
+    /// final write is not damage (it was never acknowledged) and is left out silently.
+    pub fn inspect(dir: &Path) -> Result<(Self, Option<Corruption>), Error> {
+        Self::open_with(dir, u64::MAX, false)
+    }
+
+    fn open_with(dir: &Path, segment_bytes: u64, repair: bool) -> Result<(Self, Option<Corruption>), Error> {
+        let mut firsts: Vec<(u64, PathBuf)> = Vec::new();
         for e in fs::read_dir(dir)? {
             let name = e?.file_name();
             let name = name.to_string_lossy();
             if let Some(n) = name.strip_prefix("seg-").and_then(|n| n.strip_suffix(".log")) {
-                let first = n.parse::<u64>().map_err(|_| Corruption {
-                    path: dir.join(name.as_ref()),
-                    offset: 0,
-                    what: "a segment name that is not a number".into(),
-                })?;
-                firsts.push(first);
+                let path = dir.join(name.as_ref());
+                let Ok(first) = n.parse::<u64>() else {
+                    return Ok((
+                        Self::empty(dir, segment_bytes),
+                        Some(Corruption { path, offset: 0, what: "a segment name that is not a number".into() }),
+                    ));
+                };
+                firsts.push((first, path));
             }
         }
         firsts.sort_unstable();
-        let mut log = Self {
-            dir: dir.to_path_buf(),
-            segment_bytes: segment_bytes.max(HEADER as u64 + 1),
-            segments: Vec::new(),
-            first: firsts.first().copied().unwrap_or(0),
-            places: Vec::new(),
-            dirty: Vec::new(),
-        };
+        let mut log = Self::empty(dir, segment_bytes);
+        log.first = firsts.first().map_or(0, |f| f.0);
         let count = firsts.len();
-        for (i, first) in firsts.into_iter().enumerate() {
-            let path = dir.join(segment_name(first));
-            let file = OpenOptions::new().read(true).write(true).open(&path)?;
+        for (i, (first, path)) in firsts.into_iter().enumerate() {
+            let file = OpenOptions::new().read(true).write(repair).open(&path)?;
             let expected = log.next_index();
             if !log.places.is_empty() && first != expected {
-                return Err(Corruption {
-                    path,
-                    offset: 0,
-                    what: format!("the segment starts at index {first}, but the log continues at {expected}"),
-                }
-                .into());
+                let what = format!("the segment starts at index {first}, but the log continues at {expected}");
+                return Ok((log, Some(Corruption { path, offset: 0, what })));
             }
             let segment = log.segments.len();
-            let (size, tail) = log.scan(&path, &file, first, segment)?;
-            match tail {
-                Tail::Clean => {}
+            let (size, tail) = match log.scan(&path, &file, first, segment) {
+                Ok(scanned) => scanned,
+                Err(Error::Corrupt(c)) => {
+                    // The records before the damage stay readable (for the verifier).
+                    log.segments.push(Segment { first, path, file, size: c.offset });
+                    return Ok((log, Some(c)));
+                }
+                Err(e) => return Err(e),
+            };
+            let size = match tail {
+                Tail::Clean => size,
                 Tail::Short(at) if i + 1 == count => {
-                    tracing::warn!(
-                        "raft log {}: a torn final write at byte {at} (the process stopped mid-append); cut off",
-                        path.display()
-                    );
-                    file.set_len(at)?;
-                    file.sync_data()?;
+                    if repair {
+                        tracing::warn!(
+                            "raft log {}: a torn final write at byte {at} (the process stopped mid-append); cut off",
+                            path.display()
+                        );
+                        file.set_len(at)?;
+                        file.sync_data()?;
+                    }
+                    at
                 }
                 Tail::Short(at) => {
-                    return Err(Corruption {
-                        path,
-                        offset: at,
-                        what: "a record cut short before the last segment".into(),
-                    }
-                    .into())
+                    let what = "a record cut short before the last segment".into();
+                    return Ok((log, Some(Corruption { path, offset: at, what })));
                 }
-            }
-            let size = match tail {
-                Tail::Short(at) => at,
-                Tail::Clean => size,
             };
             log.segments.push(Segment { first, path, file, size });
         }
-        Ok(log)
+        Ok((log, None))
+    }
+
+    fn empty(dir: &Path, segment_bytes: u64) -> Self {
+        Self {
+            dir: dir.to_path_buf(),
+            segment_bytes: segment_bytes.max(HEADER as u64 + 1),
+            segments: Vec::new(),
+            first: 0,
+            places: Vec::new(),
+            dirty: Vec::new(),
+        }
     }
 
     /// Checks every record of one segment, recording where each is.
@@ -317,6 +338,11 @@ impl SegmentLog {
         Ok(())
     }
 
+    /// Every record in order, read from the files.
+    pub fn records(&self) -> impl Iterator<Item = Result<(u64, Vec<u8>), Error>> + '_ {
+        (self.first..self.next_index()).filter_map(|i| self.get(i).transpose().map(|r| r.map(|b| (i, b))))
+    }
+
     /// The payload of record `index`, if the log holds it.
     pub fn get(&self, index: u64) -> Result<Option<Vec<u8>>, Error> {
         let Some(p) = index.checked_sub(self.first).and_then(|i| self.places.get(usize::try_from(i).ok()?)) else {
@@ -371,6 +397,29 @@ impl SegmentLog {
         }
         Ok(())
     }
+}
+
+/// Rewrites the last record of the log in `dir` (a tamper test's attacker): its payload is
+/// changed and its checksums recomputed. Returns its index.
+#[cfg(any(test, feature = "test-hooks"))]
+pub(crate) fn rewrite_last(dir: &Path, change: impl FnOnce(&mut Vec<u8>)) -> io::Result<u64> {
+    let (log, damage) = SegmentLog::inspect(dir).map_err(io::Error::other)?;
+    if let Some(c) = damage {
+        return Err(io::Error::other(c.to_string()));
+    }
+    let index = log.last_index().ok_or_else(|| io::Error::other("an empty log"))?;
+    let place = log.places[log.places.len() - 1];
+    let path = log.segments[place.segment].path.clone();
+    let mut payload = log.get(index).map_err(io::Error::other)?.unwrap_or_default();
+    drop(log);
+    change(&mut payload);
+    let mut record = Vec::new();
+    encode(index, &payload, &mut record);
+    let file = OpenOptions::new().write(true).open(&path)?;
+    file.set_len(place.offset)?;
+    file.write_all_at(&record, place.offset)?;
+    file.sync_data()?;
+    Ok(index)
 }
 
 #[cfg(test)]

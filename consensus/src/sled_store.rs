@@ -127,15 +127,6 @@ impl KvStore for SledTree {
         }
     }
 
-    fn last_with_prefix(&self, prefix: &[u8]) -> io::Result<Option<(Vec<u8>, Vec<u8>)>> {
-        self.tree
-            .scan_prefix(prefix)
-            .next_back()
-            .transpose()
-            .map(|o| o.map(|(k, v)| (k.to_vec(), v.to_vec())))
-            .map_err(io_err)
-    }
-
     fn apply(&self, batch: WriteBatch) -> io::Result<()> {
         let mut b = sled::Batch::default();
         for (k, v) in batch.ops {

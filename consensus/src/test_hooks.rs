@@ -11,3 +11,10 @@ pub use crate::transport::client::Conn;
 pub use crate::transport::{Reply, Rpc, Shared};
 /// The openraft the transport's messages are made of (to build one by hand).
 pub use openraft;
+
+/// Rewrites the payload of the last record of the Raft log under `ledger` (a ledger directory)
+/// with `change`, recomputing the record's checksums as an attacker who knows the format
+/// would: only the batch signature can tell. Returns the record's index.
+pub fn rewrite_last_log_record(ledger: &std::path::Path, change: impl FnOnce(&mut Vec<u8>)) -> std::io::Result<u64> {
+    crate::segment_log::rewrite_last(&ledger.join(crate::log_store::DIR), change)
+}

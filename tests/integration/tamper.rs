@@ -157,12 +157,28 @@ async fn verify_names_each_tampered_place() {
     assert!(out.contains("TAMPERED leaf ") && out.contains("header differs from the signed raft log entry"), "{out}");
     assert!(out.contains("in actor") && out.contains("TAMPERED merkle root"), "{out}");
 
-    // The Raft log: the last byte of a batch.
+    // The Raft log: the last byte of a batch, the record's checksums recomputed.
     let d = case("log");
-    tamper(&d, "raft_log", last_with(b"e"), flip_last);
+    consensus::test_hooks::rewrite_last_log_record(&d.join("ledger"), flip_last).unwrap();
     let (code, out) = verify_dir(&d);
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("TAMPERED raft log entry") && out.contains("signature does not verify"), "{out}");
+
+    // The Raft log damaged on disk (checksums not recomputed): a flipped byte in the middle
+    // of a segment is named by file and offset, never taken for a shorter log.
+    let d = case("log-damaged");
+    let seg_dir = d.join("ledger/raft-log");
+    let mut segs: Vec<_> = std::fs::read_dir(&seg_dir).unwrap().map(|e| e.unwrap().path()).collect();
+    segs.sort();
+    let seg = segs.pop().expect("a log segment");
+    let mut bytes = std::fs::read(&seg).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x01;
+    std::fs::write(&seg, &bytes).unwrap();
+    let (code, out) = verify_dir(&d);
+    assert_eq!(code, 1, "{out}");
+    let name = seg.file_name().unwrap().to_string_lossy().to_string();
+    assert!(out.contains("TAMPERED raft log") && out.contains(&name) && out.contains("at byte"), "{out}");
 
     // The snapshot file: a byte in its middle, where the version records are. The attacker
     // also recomputes the file's checksum trailer, so only the records' own digests and the
