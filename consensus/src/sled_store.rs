@@ -6,8 +6,9 @@ use std::sync::Arc;
 
 use crate::kv::{KvIter, KvStore, SharedIter, SharedValue, WriteBatch};
 
-/// Bumped whenever the byte layout of any tree changes; checked at open.
-pub const FORMAT_VERSION: u32 = 1;
+/// Bumped whenever the byte layout of any tree changes; checked at open. 2: the Raft log
+/// moved out of sled into segment files (`raft-log/`).
+pub const FORMAT_VERSION: u32 = 2;
 const FORMAT_KEY: &[u8] = b"__format_version";
 
 fn io_err(e: sled::Error) -> io::Error {
@@ -70,6 +71,17 @@ impl SledDb {
                 db.flush().map_err(io_err)?;
             }
             Some(v) if v.as_ref() == FORMAT_VERSION.to_be_bytes() => {}
+            Some(v) if v.as_ref() == 1u32.to_be_bytes() => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "{}: on-disk format 1 keeps the Raft log inside sled; this version keeps it in \
+                         segment files (format {FORMAT_VERSION}). Start a new data directory and load the \
+                         resources again (README, \"Upgrading\")",
+                        dir.display()
+                    ),
+                ))
+            }
             Some(v) => {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
