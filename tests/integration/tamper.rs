@@ -216,13 +216,12 @@ async fn verify_names_each_tampered_place() {
     assert_eq!(code, 2, "{out}");
 }
 
-/// A byte flipped in the files themselves (not through the store): a large Raft log entry (a
-/// Synthea transaction) lives in its own blob file. Read, it fails its checksum; but when it
-/// sits in the tail that sled re-scans at open, sled takes it for a torn write and drops it and
-/// everything after it, leaving a shorter ledger that is consistent in itself. Only a tree head
-/// saved before can tell then, which is why auditors keep them: the check against it fails.
+/// A byte flipped in the files themselves (not through the store): the Raft log's segment
+/// files checksum every record, so a damaged record is never taken for a torn final write
+/// (sled did that, and silently dropped it and everything after). The node refuses to start,
+/// naming the file and offset; `verify` names them too and exits 1.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_byte_flipped_in_a_store_file_is_found() {
+async fn a_byte_flipped_in_a_log_segment_refuses_the_node_and_fails_verify() {
     let dir = tempfile::tempdir().unwrap();
     let mut server = Server::start(dir.path());
     let bundle = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/synthea/patient-01.json"))
@@ -235,26 +234,34 @@ async fn a_byte_flipped_in_a_store_file_is_found() {
         .await
         .unwrap();
     assert_eq!(r.status().as_u16(), 200);
-    let saved = save(format!("{}/ledger/head", server.base), dir.path().join("head.json")).await;
+    patients(&server.base, "After", 2).await;
     server.kill9();
-    let blobs = dir.path().join("ledger/blobs");
-    let largest = std::fs::read_dir(&blobs)
+    let segments = dir.path().join("ledger/raft-log");
+    let largest = std::fs::read_dir(&segments)
         .unwrap()
         .map(|e| e.unwrap().path())
         .max_by_key(|p| std::fs::metadata(p).unwrap().len())
-        .expect("the transaction's log entry is a blob");
+        .expect("a log segment");
     let mut bytes = std::fs::read(&largest).unwrap();
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0x01;
     std::fs::write(&largest, bytes).unwrap();
-    let key = dir.path().join("node.pub");
-    let (code, out) = consistency(&saved, ("--data-dir", dir.path()), &key);
-    assert_eq!(code, 1, "{out}");
     let name = largest.file_name().unwrap().to_string_lossy().into_owned();
-    assert!(
-        out.contains(&format!("blob file blobs/{name} fails its checksum")) || out.contains("history was truncated"),
-        "{out}"
-    );
+
+    let (code, out) = verify_dir(dir.path());
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("TAMPERED raft log") && out.contains(&name) && out.contains("at byte"), "{out}");
+
+    let out = std::process::Command::new(crate::support::binary())
+        .args(["serve", "--auth", "off", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .arg("--profiles-dir")
+        .arg(crate::support::profiles_dir())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the node started on a damaged log: {stderr}");
+    assert!(stderr.contains(&name) && stderr.contains("at byte"), "{stderr}");
 }
 
 /// An operator restores a backup and appends different entries (a history rewrite). The data
