@@ -48,6 +48,10 @@ pub struct ServeArgs {
     /// single node, 100000 in a cluster).
     #[arg(long, env = "FHIR_LEDGER_SNAPSHOT_EVERY")]
     pub snapshot_every: Option<u64>,
+    /// Memory for caches in MiB: the storage engine's pages, decoded search-index documents
+    /// and decrypted bodies share it (default: a sixteenth of RAM, at most 512).
+    #[arg(long, env = "FHIR_LEDGER_CACHE_MB")]
+    pub cache_mb: Option<u64>,
     /// Inter-node (Raft) listener, e.g. 127.0.0.1:9080. Given: this node is a cluster member
     /// that waits for `fhir-ledger cluster init` or to be added; absent: the embedded single node.
     #[arg(long, env = "FHIR_LEDGER_RAFT_LISTEN")]
@@ -80,6 +84,7 @@ struct FileConfig {
     external_issuer: Vec<ExternalIssuer>,
     workers: Option<usize>,
     snapshot_every: Option<u64>,
+    cache_mb: Option<u64>,
     raft_listen: Option<SocketAddr>,
     secrets_dir: Option<PathBuf>,
     admin_token: Option<String>,
@@ -141,6 +146,8 @@ pub struct Config {
     pub node_id: u64,
     pub workers: usize,
     pub snapshot_every: Option<u64>,
+    /// Cache memory in bytes (see [`ServeArgs::cache_mb`]).
+    pub cache_bytes: u64,
     pub raft_listen: Option<SocketAddr>,
     pub secrets_dir: PathBuf,
     pub admin_token: Option<String>,
@@ -195,15 +202,25 @@ impl Config {
                 .or(file.workers)
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get)),
             snapshot_every,
+            cache_bytes: args.cache_mb.or(file.cache_mb).unwrap_or_else(default_cache_mb) << 20,
             raft_listen,
             admin_token: args.admin_token.clone().or(file.admin_token).filter(|t| !t.is_empty()),
             fault_injection: args.fault_injection || file.fault_injection.unwrap_or(false),
         };
-        if cfg.max_body_bytes == 0 || cfg.workers == 0 || cfg.node_id == 0 {
-            anyhow::bail!("max_body_bytes, workers and node_id must be positive");
+        if cfg.max_body_bytes == 0 || cfg.workers == 0 || cfg.node_id == 0 || cfg.cache_bytes == 0 {
+            anyhow::bail!("max_body_bytes, workers, node_id and cache_mb must be positive");
         }
         Ok(cfg)
     }
+}
+
+/// A sixteenth of the machine's memory, between 64 and 512 MiB: enough for the hot part of
+/// the index and bodies, and small beside what a hospital server has.
+fn default_cache_mb() -> u64 {
+    let total_kb = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        m.lines().find_map(|l| l.strip_prefix("MemTotal:")?.trim().strip_suffix("kB")?.trim().parse::<u64>().ok())
+    });
+    total_kb.map_or(512, |kb| (kb / 1024 / 16).clamp(64, 512))
 }
 
 fn read_file(path: &Path) -> anyhow::Result<FileConfig> {

@@ -205,15 +205,16 @@ pub struct Books {
 
 impl Books {
     pub fn get(&self, repo: &Repo, idx: &crate::search::index::Index) -> Result<Arc<Book>, FhirError> {
-        let Some(docs) = idx.of("Consent") else { return Ok(Arc::new(Book::default())) };
-        let stamp = docs.changes;
+        let docs = idx.of("Consent");
+        let stamp = docs.changes();
         if let Some((s, b)) = self.current.lock().unwrap_or_else(PoisonError::into_inner).as_ref() {
             if *s == stamp {
                 return Ok(b.clone());
             }
         }
         let mut book = Book::default();
-        for d in docs.docs.values() {
+        for item in docs.scan(0) {
+            let (_, d) = item?;
             let s = repo.vread("Consent", &d.id, d.version)?;
             let Some(body) = s.body.as_deref() else { continue };
             let v = json::parse(body.as_bytes(), usize::MAX).map_err(FhirError::internal)?;

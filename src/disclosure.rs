@@ -395,15 +395,11 @@ pub struct Accessor {
 pub fn access_report(search: &Engine, patient: &str) -> Result<(u64, BTreeMap<String, Accessor>), FhirError> {
     let repo = search.repo();
     let idx = search.current_all()?;
-    let Some(docs) = idx.of("AuditEvent") else { return Ok((0, BTreeMap::new())) };
-    let target = format!("Patient/{patient}");
-    let keys: Vec<(String, u64)> = docs
-        .posting("patient", &target)
-        .into_iter()
-        .flatten()
-        .filter_map(|k| docs.docs.get(k))
-        .map(|d| (d.id.clone(), d.version))
-        .collect();
+    let docs = idx.of("AuditEvent");
+    let mut keys: Vec<(String, u64)> = Vec::new();
+    for k in docs.posting("patient", &format!("Patient/{patient}"))? {
+        keys.extend(docs.get(k)?.map(|d| (d.id.clone(), d.version)));
+    }
     drop(idx);
     let mut total = 0;
     let mut out: BTreeMap<String, Accessor> = BTreeMap::new();

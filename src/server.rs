@@ -25,7 +25,7 @@ pub struct Node {
 
 /// The embedded single node over `cfg` (in-process tests use it).
 pub async fn open_repo(cfg: &Config) -> anyhow::Result<Arc<Repo>> {
-    Ok(open_node(cfg, &cfg.listen.to_string(), None).await?.repo)
+    Ok(open_keys_and_repo(cfg, &cfg.listen.to_string(), None).await?.1)
 }
 
 /// Makes what this process creates from now on readable by its owner only (files 0600,
@@ -60,13 +60,20 @@ pub fn search_engine(profiles_dir: &std::path::Path, repo: Arc<Repo>) -> anyhow:
     let compartments = crate::search::Compartments::load(profiles_dir)
         .map_err(anyhow::Error::msg)?
         .with_references(&registry, profiles.resource_types());
-    let search = Arc::new(Engine::new(repo, profiles, registry, compartments, crate::auth::store::INTERNAL_TYPES));
+    let search = Engine::new(repo, profiles, registry, compartments, crate::auth::store::INTERNAL_TYPES)
+        .map_err(|e| anyhow::anyhow!("search index: {}", e.issues.first().map_or("", |i| i.diagnostics.as_str())))?;
+    let search = Arc::new(search);
     crate::search::index::keep_current(&search);
     Ok(search)
 }
 
-/// Opens the node's keys and ledger; `raft` is the bound inter-node listener of a cluster node.
-pub async fn open_node(cfg: &Config, api_addr: &str, raft: Option<TcpListener>) -> anyhow::Result<Node> {
+/// Opens the node's keys, ledger and repository; `raft` is the bound inter-node listener of a
+/// cluster node.
+async fn open_keys_and_repo(
+    cfg: &Config,
+    api_addr: &str,
+    raft: Option<TcpListener>,
+) -> anyhow::Result<(Identity, Arc<Repo>)> {
     owner_only(&cfg.data_dir)?;
     owner_only(&cfg.secrets_dir)?;
     let id = Identity::load_or_create(&cfg.data_dir, &cfg.secrets_dir)?;
@@ -79,12 +86,21 @@ pub async fn open_node(cfg: &Config, api_addr: &str, raft: Option<TcpListener>) 
         api_addr: api_addr.to_string(),
         snapshot_every: cfg.snapshot_every,
         raft_listener: raft,
+        // Half for the storage engine's pages; the rest goes to the index and body caches.
+        cache_bytes: cfg.cache_bytes / 2,
     })
     .await?;
+    let caches = usize::try_from(cfg.cache_bytes / 4).unwrap_or(usize::MAX);
+    let repo = Repo::new(ledger, id.signing.clone(), id.kek, id.index_key, profiles, params, caches);
+    Ok((id, Arc::new(repo)))
+}
+
+/// Opens the node: keys, ledger, repository, search index and authorization.
+pub async fn open_node(cfg: &Config, api_addr: &str, raft: Option<TcpListener>) -> anyhow::Result<Node> {
+    let (id, repo) = open_keys_and_repo(cfg, api_addr, raft).await?;
     let token = cfg.admin_token.clone().unwrap_or_else(|| id.admin_token.clone());
     let admin = AdminConfig::new(&token, cfg.fault_injection, id.secrets_id());
     let kek = id.kek;
-    let repo = Arc::new(Repo::new(ledger, id.signing, id.kek, id.index_key, profiles, params));
     let search = search_engine(&cfg.profiles_dir, repo.clone())?;
     let auth = if cfg.auth {
         let settings = crate::auth::Settings {

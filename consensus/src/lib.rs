@@ -48,6 +48,7 @@ use serde::{Deserialize, Serialize};
 
 pub use cluster::{AdminError, Replication, Status};
 pub use command::{Command, IndexKey, Op, Outcome, Precondition, Write};
+pub use kv::{KvStore, WriteBatch};
 pub use proposer::ProposeError;
 use proposer::Proposer;
 pub use state_machine::{CurrentRecord, HistoryRecord, LeafHeader, StateView, VersionRecord};
@@ -104,6 +105,7 @@ pub struct Ledger {
     transport: Arc<transport::Shared>,
     pool: transport::client::Pool,
     me: Node,
+    db: sled_store::SledDb,
 }
 
 /// How to open a node.
@@ -121,6 +123,8 @@ pub struct Options<'a> {
     /// The inter-node listener. None: the embedded single node, initialized on first start.
     /// Some: a cluster node, which waits for `cluster init` or to be added by a leader.
     pub raft_listener: Option<std::net::TcpListener>,
+    /// The storage engine's page cache, shared by every tree including [`Ledger::local_tree`]s.
+    pub cache_bytes: u64,
 }
 
 /// How long a write may wait for a leader (election, forwarding) before it is refused.
@@ -135,14 +139,16 @@ impl Ledger {
         api_addr: &str,
         snapshot_every: Option<u64>,
     ) -> anyhow::Result<Self> {
-        Self::open(Options { dir, node_id, key, api_addr: api_addr.into(), snapshot_every, raft_listener: None }).await
+        let api_addr = api_addr.into();
+        Self::open(Options { dir, node_id, key, api_addr, snapshot_every, raft_listener: None, cache_bytes: 64 << 20 })
+            .await
     }
 
     /// Opens the node's stores under `dir` and starts Raft.
     pub async fn open(opts: Options<'_>) -> anyhow::Result<Self> {
-        let Options { dir, node_id, key, api_addr, snapshot_every, raft_listener } = opts;
+        let Options { dir, node_id, key, api_addr, snapshot_every, raft_listener, cache_bytes } = opts;
         std::fs::create_dir_all(dir)?;
-        let db = sled_store::SledDb::open(dir)?;
+        let db = sled_store::SledDb::open_with_cache(dir, cache_bytes)?;
         let log = log_store::LogStore::open(&dir.join(log_store::DIR), db.tree("raft_meta")?)?;
         let sm = state_machine::StateMachine::open(db.tree("state")?, dir.join("snapshots"))?;
         let view = sm.view();
@@ -193,7 +199,15 @@ impl Ledger {
         }
         let pool = transport::client::Pool::new(shared.clone());
         let proposer = Proposer::start(raft.clone(), node_id, key, pool.clone());
-        Ok(Self { raft, node_id, view, proposer, transport: shared, pool, me })
+        Ok(Self { raft, node_id, view, proposer, transport: shared, pool, me, db })
+    }
+
+    /// A tree of this node's own in the ledger's database: neither replicated nor part of
+    /// snapshots, for data a node derives from its state (the search index). It shares the
+    /// page cache, and its writes are ordered with the state's in the same log, so after a
+    /// crash it never holds more than the state it was derived from.
+    pub fn local_tree(&self, name: &str) -> std::io::Result<Arc<dyn KvStore>> {
+        self.db.tree(&format!("local/{name}"))
     }
 
     /// This node's id.

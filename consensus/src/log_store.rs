@@ -79,7 +79,7 @@ impl LogStore {
         tokio::task::spawn_blocking(move || kv.flush()).await.map_err(werr)?.map_err(werr)
     }
 
-    fn entry(&self, log: &SegmentLog, index: u64) -> Result<Option<Entry<TypeConfig>>, StorageError<NodeId>> {
+    fn entry(log: &SegmentLog, index: u64) -> Result<Option<Entry<TypeConfig>>, StorageError<NodeId>> {
         match log.get(index).map_err(rerr)? {
             Some(b) => Ok(Some(bincode::deserialize(&b).map_err(rerr)?)),
             None => Ok(None),
@@ -108,7 +108,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
         .min(log.next_index());
         let mut out = Vec::new();
         for i in start..end {
-            if let Some(e) = self.entry(&log, i)? {
+            if let Some(e) = Self::entry(&log, i)? {
                 out.push(e);
             }
         }
@@ -124,7 +124,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let last = {
             let log = self.log();
             match log.last_index() {
-                Some(i) => self.entry(&log, i)?.map(|e| e.log_id),
+                Some(i) => Self::entry(&log, i)?.map(|e| e.log_id),
                 None => None,
             }
         };
@@ -185,7 +185,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         .await
         .map_err(werr)
         .and_then(|r| r.map_err(werr));
-        callback.log_io_completed(res.as_ref().map(|()| ()).map_err(|e| io::Error::other(e.to_string())));
+        callback.log_io_completed(res.as_ref().copied().map_err(|e| io::Error::other(e.to_string())));
         res
     }
 

@@ -41,17 +41,11 @@ async fn home(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
 fn connected_apps(state: &AppState, patient: &str) -> Result<Vec<(String, String, String, String)>, FhirError> {
     let repo = &state.repo;
     let idx = state.search.current()?;
-    let ids: Vec<String> = idx
-        .of("Consent")
-        .map(|d| {
-            d.posting("patient", &format!("Patient/{patient}"))
-                .into_iter()
-                .flatten()
-                .filter_map(|k| d.docs.get(k))
-                .map(|doc| doc.id.clone())
-                .collect()
-        })
-        .unwrap_or_default();
+    let consents = idx.of("Consent");
+    let mut ids = Vec::new();
+    for k in consents.posting("patient", &format!("Patient/{patient}"))? {
+        ids.extend(consents.get(k)?.map(|doc| doc.id.clone()));
+    }
     drop(idx);
     let mut out = Vec::new();
     for id in ids {

@@ -104,7 +104,7 @@ impl<'c> Guard<'c> {
                 continue;
             }
             let types: Vec<String> =
-                if s.rtype == "*" { idx.types.keys().cloned().collect() } else { vec![s.rtype.clone()] };
+                if s.rtype == "*" { idx.type_names().map(str::to_string).collect() } else { vec![s.rtype.clone()] };
             let mut set = BTreeSet::new();
             for t in types {
                 // A restriction that does not parse for a type admits nothing of it.
@@ -117,15 +117,9 @@ impl<'c> Guard<'c> {
         let mut actors = Vec::new();
         if let Some((t, id)) = &caller.user {
             let me = format!("{t}/{id}");
-            if let Some(teams) = idx.of("CareTeam") {
-                for (_, d) in teams
-                    .postings
-                    .get("participant")
-                    .and_then(|p| p.get(&me))
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|k| teams.docs.get_key_value(k))
-                {
+            let teams = idx.of("CareTeam");
+            for k in teams.posting("participant", &me)? {
+                if let Some(d) = teams.get(k)? {
                     actors.push(format!("CareTeam/{}", d.id));
                 }
             }
@@ -266,27 +260,26 @@ pub fn admits(
 ) -> Result<(bool, Disclosed), FhirError> {
     let idx = engine.current()?;
     let guard = guard_for(engine, &idx, access, perm.is_some())?;
-    let built;
     let (id, restriction, doc, leaf) = match subject {
         Subject::Current(id) => {
-            let Some((key, doc)) = idx.of(rtype).and_then(|d| d.doc(id)) else {
+            let Some((key, doc)) = idx.of(rtype).doc(id)? else {
                 return Ok((false, Disclosed::default()));
             };
-            (id, Restriction::Key(key), doc, Some(doc.leaf))
+            let leaf = doc.leaf;
+            (id, Restriction::Key(key), doc, Some(leaf))
         }
         Subject::Body { id, version, body, restriction } => {
-            built = engine.doc_of(&idx.registry, rtype, id, version, body);
-            (id, restriction, &built, None)
+            (id, restriction, Arc::new(engine.doc_of(&idx.registry, rtype, id, version, body)), None)
         }
     };
-    let ok = guard.admits(rtype, restriction, doc, perm);
+    let ok = guard.admits(rtype, restriction, &doc, perm);
     let mut d = Disclosed {
         broke_glass: guard.broke_glass.load(Relaxed),
         consent_hid: guard.consent_hid.load(Relaxed),
         leaf,
         ..Default::default()
     };
-    d.patients.insert((rtype.to_string(), id.to_string()), engine.compartments().patients_of(rtype, doc));
+    d.patients.insert((rtype.to_string(), id.to_string()), engine.compartments().patients_of(rtype, &doc));
     Ok((ok, d))
 }
 

@@ -327,11 +327,12 @@ impl Auth {
 /// index document: `status` and `period`, the provision's period).
 pub(crate) fn consent_active(idx: &crate::search::index::Index, id: &str) -> bool {
     use crate::search::values::Value as V;
-    let Some((_, doc)) = idx.of("Consent").and_then(|d| d.doc(id)) else { return false };
+    // A lookup that fails denies, as an inactive grant does.
+    let Ok(Some((_, doc))) = idx.of("Consent").doc(id) else { return false };
     let active = doc.get("status").iter().any(|v| matches!(v, V::Token { code: Some(c), .. } if c == "active"));
     let now = crate::fhir::now_ms();
     let in_period = doc.get("period").iter().all(|v| match v {
-        V::Date { lo, hi } => *lo <= now && now < *hi,
+        V::Date { lo, hi } => lo <= &now && &now < hi,
         _ => true,
     });
     active && in_period
@@ -356,7 +357,7 @@ impl<T: serde::de::DeserializeOwned> Records<T> {
         rtype: &str,
         id: &str,
     ) -> Result<Option<Arc<T>>, FhirError> {
-        let Some((_, doc)) = idx.of(rtype).and_then(|d| d.doc(id)) else { return Ok(None) };
+        let Some((_, doc)) = idx.of(rtype).doc(id)? else { return Ok(None) };
         if let Some((v, t)) = self.cache.lock().unwrap_or_else(PoisonError::into_inner).get(id) {
             if *v == doc.version {
                 return Ok(Some(t.clone()));

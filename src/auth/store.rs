@@ -154,7 +154,7 @@ pub fn all<T: for<'de> Deserialize<'de>>(
 ) -> Result<Vec<(String, T)>, FhirError> {
     let repo = search.repo();
     let idx = search.current()?;
-    let ids: Vec<String> = idx.of(rtype).map(|d| d.by_id.keys().cloned().collect()).unwrap_or_default();
+    let ids = idx.of(rtype).ids()?;
     drop(idx);
     let mut out = Vec::new();
     for id in ids {

@@ -91,10 +91,9 @@ pub struct Repo {
     /// The equality terms the state machine keeps (conditional interactions, compartments).
     pub params: Arc<SearchParams>,
     bodies: body_cache::BodyCache,
+    /// Bytes the decrypted-body cache may hold; the search index's document cache gets as much.
+    cache_bytes: usize,
 }
-
-/// Bytes of decrypted bodies kept in memory for search pages.
-const BODY_CACHE_BYTES: usize = 256 << 20;
 
 /// A resource version as read back (or as just written).
 #[derive(Debug, Clone)]
@@ -130,10 +129,37 @@ impl Repo {
         index_key: [u8; 32],
         profiles: Arc<Profiles>,
         params: Arc<SearchParams>,
+        cache_bytes: usize,
     ) -> Self {
         let view = ledger.view();
-        let bodies = body_cache::BodyCache::new(BODY_CACHE_BYTES);
-        Self { ledger, signer, view, keys: Keyring::new(kek), index_key, profiles, params, bodies }
+        let bodies = body_cache::BodyCache::new(cache_bytes);
+        Self { ledger, signer, view, keys: Keyring::new(kek), index_key, profiles, params, bodies, cache_bytes }
+    }
+
+    /// The memory a cache beside the body cache may use (see `--cache-mb`).
+    pub fn cache_bytes(&self) -> usize {
+        self.cache_bytes
+    }
+
+    /// The data key of `compartment`; `None` once it was erased (or never had one).
+    pub fn data_key(&self, compartment: &str) -> Result<Option<DataKey>, FhirError> {
+        self.compartment_key(compartment, &mut BTreeMap::new())
+    }
+
+    /// The current version of a resource as the state holds it: its record and plaintext;
+    /// `None` when deleted, erased or absent.
+    pub fn current_version(
+        &self,
+        rtype: &str,
+        id: &str,
+    ) -> Result<Option<(CurrentRecord, consensus::VersionRecord, String)>, FhirError> {
+        let Some(cur) = self.view.current(rtype, id)?.filter(|c| !c.deleted) else { return Ok(None) };
+        let Some(rec) = self.view.version(rtype, id, cur.version)? else { return Ok(None) };
+        let op = rec.header.op.as_str();
+        if op == Op::Delete.as_str() || op == Op::Erase.as_str() {
+            return Ok(None);
+        }
+        Ok(self.decrypt(&rec)?.map(|body| (cur, rec, body)))
     }
 
     pub fn view(&self) -> &StateView {

@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use super::index::{ord_f64, ord_i64, Doc, DocKey, Index, TypeDocs, NARROW_MS};
+use super::index::{Doc, DocKey, Index, TypeDocs, NARROW_MS};
 use super::query::{Filter, Pred, Prefix, SortKey, StrMode, UriMode};
 use super::values::{normalize, Value};
 use crate::error::FhirError;
@@ -64,7 +64,7 @@ impl Ctx<'_> {
         after: Option<DocKey>,
         limit: Option<usize>,
     ) -> Result<(Vec<DocKey>, bool), FhirError> {
-        let Some(docs) = self.idx.of(rtype) else { return Ok((Vec::new(), true)) };
+        let docs = self.idx.of(rtype);
         let (after, limit) = match limit {
             Some(l) => (after, l),
             None => (None, usize::MAX),
@@ -77,13 +77,13 @@ impl Ctx<'_> {
         let known = |s: &str, c: &str| self.profiles.is_known_code(s, c);
         let mut out = Vec::new();
         let seen = |k: DocKey, d: &Doc| self.visible(rtype, k, d);
-        if let Some((keys, exact)) = candidates(docs, &conds, known) {
+        if let Some((keys, exact)) = candidates(&docs, &conds, known)? {
             let rest: Vec<&Cond> = conds.iter().zip(&exact).filter(|(_, e)| !**e).map(|(c, _)| c).collect();
             if let (true, Some(_)) = (rest.is_empty(), self.guard) {
                 // Postings decided the conditions; the guard still looks at each document,
                 // so stop at the limit as a scan would.
                 for k in keys.into_iter().filter(|k| !skip(*k)) {
-                    if docs.docs.get(&k).is_some_and(|d| seen(k, d)) {
+                    if docs.get(k)?.is_some_and(|d| seen(k, &d)) {
                         out.push(k);
                         if out.len() >= limit {
                             return Ok((out, false));
@@ -97,8 +97,8 @@ impl Ctx<'_> {
                 return Ok((keys, true));
             }
             for k in keys.into_iter().filter(|k| !skip(*k)) {
-                let Some(d) = docs.docs.get(&k) else { continue };
-                if rest.iter().all(|c| self.holds(c, d)) && seen(k, d) && self.text_holds(rtype, &conds, d)? {
+                let Some(d) = docs.get(k)? else { continue };
+                if rest.iter().all(|c| self.holds(c, &d)) && seen(k, &d) && self.text_holds(rtype, &conds, &d)? {
                     out.push(k);
                     if out.len() >= limit {
                         return Ok((out, false));
@@ -107,9 +107,10 @@ impl Ctx<'_> {
             }
         } else {
             let from = after.map_or(0, |a| a.saturating_add(1));
-            for (k, d) in docs.docs.range(from..) {
-                if conds.iter().all(|c| self.holds(c, d)) && seen(*k, d) && self.text_holds(rtype, &conds, d)? {
-                    out.push(*k);
+            for item in docs.scan(from) {
+                let (k, d) = item?;
+                if conds.iter().all(|c| self.holds(c, &d)) && seen(k, &d) && self.text_holds(rtype, &conds, &d)? {
+                    out.push(k);
                     if out.len() >= limit {
                         return Ok((out, false));
                     }
@@ -139,8 +140,11 @@ impl Ctx<'_> {
                 let mut found = BTreeSet::new();
                 for (t, inner) in targets {
                     let keys = self.matches(t, std::slice::from_ref(inner))?;
-                    if let Some(d) = self.idx.of(t) {
-                        found.extend(keys.iter().filter_map(|k| d.docs.get(k)).map(|doc| (t.clone(), doc.id.clone())));
+                    let d = self.idx.of(t);
+                    for k in keys {
+                        if let Some(doc) = d.get(k)? {
+                            found.insert((t.clone(), doc.id.clone()));
+                        }
                     }
                 }
                 Cond::RefIn { codes: vec![code], targets: found }
@@ -148,13 +152,13 @@ impl Ctx<'_> {
             Filter::Has { rtype: source, code, inner } => {
                 let keys = self.matches(source, std::slice::from_ref(inner))?;
                 let mut ids = BTreeSet::new();
-                if let Some(d) = self.idx.of(source) {
-                    for doc in keys.iter().filter_map(|k| d.docs.get(k)) {
-                        for v in doc.get(code) {
-                            if let Value::Ref { rtype: Some(t), id: Some(id), .. } = v {
-                                if t == rtype {
-                                    ids.insert(id.clone());
-                                }
+                let d = self.idx.of(source);
+                for k in keys {
+                    let Some(doc) = d.get(k)? else { continue };
+                    for v in doc.get(code) {
+                        if let Value::Ref { rtype: Some(t), id: Some(id), .. } = v {
+                            if t == rtype {
+                                ids.insert(id.clone());
                             }
                         }
                     }
@@ -163,15 +167,13 @@ impl Ctx<'_> {
             }
             Filter::List(lists) => {
                 let mut ids = BTreeSet::new();
-                if let Some(d) = self.idx.of("List") {
-                    for l in lists {
-                        if let Some((_, doc)) = d.doc(l).filter(|(k, doc)| self.visible("List", *k, doc)) {
-                            for v in doc.get("item") {
-                                if let Value::Ref { rtype: Some(t), id: Some(id), .. } = v {
-                                    if t == rtype {
-                                        ids.insert(id.clone());
-                                    }
-                                }
+                let d = self.idx.of("List");
+                for l in lists {
+                    let Some((_, doc)) = d.doc(l)?.filter(|(k, doc)| self.visible("List", *k, doc)) else { continue };
+                    for v in doc.get("item") {
+                        if let Value::Ref { rtype: Some(t), id: Some(id), .. } = v {
+                            if t == rtype {
+                                ids.insert(id.clone());
                             }
                         }
                     }
@@ -248,6 +250,9 @@ fn strip_tags(html: &str) -> String {
     out
 }
 
+/// Candidate keys, and which conditions they decide exactly.
+type Candidates = (Vec<DocKey>, Vec<bool>);
+
 /// Candidate documents from postings and ordered indexes: the intersection of every
 /// condition that can name its documents, in key order, and which conditions that set decides
 /// exactly (they need no check per document). `None` when no condition can: scan them all.
@@ -255,7 +260,7 @@ fn candidates(
     docs: &TypeDocs,
     conds: &[Cond],
     profiles_known: impl Fn(&str, &str) -> bool,
-) -> Option<(Vec<DocKey>, Vec<bool>)> {
+) -> Result<Option<Candidates>, FhirError> {
     let mut sets: Vec<(Vec<DocKey>, usize)> = Vec::new();
     let mut exact = vec![false; conds.len()];
     // Range conditions on one date parameter (`date=ge…&date=lt…`) read one window together.
@@ -273,19 +278,25 @@ fn candidates(
         let found = match c {
             Cond::Values { code, negate: false, preds: [Pred::Date { prefix, .. }] } if *prefix != Prefix::Ne => {
                 // The first of them reads the merged window; it decides for the others.
-                windows.remove(code).map(|w| (date_keys(docs, code, w), false))
+                windows.remove(code).map(|w| docs.date_keys(code, w).map(|k| (k, false))).transpose()?
             }
-            Cond::IdIn(ids) => Some((ids.iter().filter_map(|id| docs.by_id.get(id).copied()).collect(), true)),
+            Cond::IdIn(ids) => {
+                let mut keys = Vec::with_capacity(ids.len());
+                for id in ids {
+                    keys.extend(docs.key_of(id)?);
+                }
+                Some((keys, true))
+            }
             Cond::RefIn { codes, targets } => {
                 let mut keys = Vec::new();
                 for code in codes {
                     for (t, id) in targets {
-                        keys.extend(posting(docs, code, &format!("{t}/{id}")));
+                        keys.extend(docs.posting(code, &format!("{t}/{id}"))?);
                     }
                 }
                 Some((keys, true))
             }
-            Cond::Values { code, negate: false, preds } => pred_candidates(docs, code, preds, &profiles_known),
+            Cond::Values { code, negate: false, preds } => pred_candidates(docs, code, preds, &profiles_known)?,
             _ => None,
         };
         if let Some((mut keys, is_exact)) = found {
@@ -296,19 +307,15 @@ fn candidates(
         }
     }
     if sets.is_empty() {
-        return None;
+        return Ok(None);
     }
     sets.sort_by_key(|(k, _)| k.len());
     let mut iter = sets.into_iter();
-    let (mut result, _) = iter.next()?;
+    let Some((mut result, _)) = iter.next() else { return Ok(None) };
     for (other, _) in iter {
         result.retain(|k| other.binary_search(k).is_ok());
     }
-    Some((result, exact))
-}
-
-fn posting<'d>(docs: &'d TypeDocs, code: &str, key: &str) -> impl Iterator<Item = DocKey> + 'd {
-    docs.posting(code, key).into_iter().flatten().copied()
+    Ok(Some((result, exact)))
 }
 
 /// Candidates of one OR of values, and whether they are exact.
@@ -317,64 +324,40 @@ fn pred_candidates(
     code: &str,
     preds: &[Pred],
     known: &impl Fn(&str, &str) -> bool,
-) -> Option<(Vec<DocKey>, bool)> {
+) -> Result<Option<(Vec<DocKey>, bool)>, FhirError> {
     let mut keys = Vec::new();
     let mut exact = true;
     for p in preds {
         match p {
-            Pred::Token { system: None, code: Some(c) } => keys.extend(posting(docs, code, c)),
+            Pred::Token { system: None, code: Some(c) } => keys.extend(docs.posting(code, c)?),
             Pred::Token { system: Some(Some(s)), code: Some(c) } => {
-                keys.extend(posting(docs, code, &format!("{s}|{c}")));
+                keys.extend(docs.posting(code, &format!("{s}|{c}"))?);
                 let before = keys.len();
                 if known(s, c) {
-                    keys.extend(posting(docs, code, &format!("\0|{c}")));
+                    keys.extend(docs.posting(code, &format!("\0|{c}"))?);
                 }
                 exact &= keys.len() == before;
             }
-            Pred::Token { system: Some(Some(s)), code: None } => keys.extend(posting(docs, code, &format!("{s}|"))),
+            Pred::Token { system: Some(Some(s)), code: None } => keys.extend(docs.posting(code, &format!("{s}|"))?),
             Pred::Token { system: Some(None), code: Some(c) } => {
-                keys.extend(posting(docs, code, c));
+                keys.extend(docs.posting(code, c)?);
                 exact = false;
             }
-            Pred::Ref { rtype: Some(t), id } => keys.extend(posting(docs, code, &format!("{t}/{id}"))),
-            Pred::Ref { rtype: None, id } => keys.extend(posting(docs, code, id)),
+            Pred::Ref { rtype: Some(t), id } => keys.extend(docs.posting(code, &format!("{t}/{id}"))?),
+            Pred::Ref { rtype: None, id } => keys.extend(docs.posting(code, id)?),
             Pred::Date { prefix, lo, hi } if *prefix != Prefix::Ne => {
-                keys.extend(date_keys(docs, code, date_window(*prefix, *lo, *hi)));
+                keys.extend(docs.date_keys(code, date_window(*prefix, *lo, *hi))?);
                 exact = false;
             }
             Pred::Num { prefix, value, lo, hi, code: unit, .. } if *prefix != Prefix::Ne => {
-                let (from, to) = num_window(*prefix, *value, *lo, *hi);
-                if let Some(o) = docs.ordered.get(code) {
-                    let range = |set: &BTreeSet<(u64, DocKey)>| -> Vec<DocKey> {
-                        set.range((ord_f64(from), 0)..=(ord_f64(to), u64::MAX)).map(|(_, k)| *k).collect()
-                    };
-                    // Quantities are filed under their code and their unit.
-                    match unit {
-                        Some(u) => keys.extend(o.points.get(u).map(range).unwrap_or_default()),
-                        None => o.points.values().for_each(|set| keys.extend(range(set))),
-                    }
-                    keys.extend(o.wide.iter().copied());
-                }
+                // Quantities are filed under their code and their unit.
+                keys.extend(docs.num_keys(code, unit.as_deref(), num_window(*prefix, *value, *lo, *hi))?);
                 exact = false;
             }
-            _ => return None,
+            _ => return Ok(None),
         }
     }
-    Some((keys, exact))
-}
-
-/// Documents whose date value may start in `[from, to)` (and every wide one).
-fn date_keys(docs: &TypeDocs, code: &str, (from, to): (i64, i64)) -> Vec<DocKey> {
-    let mut keys = Vec::new();
-    if let Some(o) = docs.ordered.get(code) {
-        if from < to {
-            if let Some(points) = o.points.get("") {
-                keys.extend(points.range((ord_i64(from), 0)..(ord_i64(to), 0)).map(|(_, k)| *k));
-            }
-        }
-        keys.extend(o.wide.iter().copied());
-    }
-    keys
+    Ok(Some((keys, exact)))
 }
 
 /// The window of point start times (`lo`) that can satisfy a date prefix; a point is at most
@@ -571,7 +554,7 @@ pub fn cmp_pos(sort: &[SortKey], x: &Position, y: &Position) -> Ordering {
     x.id.cmp(&y.id).then_with(|| x.rtype.cmp(&y.rtype)).then_with(|| x.doc.cmp(&y.doc))
 }
 
-pub fn position<'a>(sort: &[SortKey], rtype: &'a str, key: DocKey, doc: &'a Doc) -> Position<'a> {
+pub fn position<'a>(sort: &[SortKey], rtype: &'a str, key: DocKey, doc: &Doc) -> Position<'a> {
     let vals = sort
         .iter()
         .map(|k| match k.code.as_str() {
@@ -584,7 +567,7 @@ pub fn position<'a>(sort: &[SortKey], rtype: &'a str, key: DocKey, doc: &'a Doc)
             }
         })
         .collect();
-    Position { vals, rtype: Cow::Borrowed(rtype), id: Cow::Borrowed(&doc.id), doc: key }
+    Position { vals, rtype: Cow::Borrowed(rtype), id: Cow::Owned(doc.id.clone()), doc: key }
 }
 
 fn sort_val(v: &Value) -> Option<SortVal> {

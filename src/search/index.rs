@@ -1,16 +1,18 @@
-//! The search index: a deterministic fold over the Merkle log's leaves, held in memory.
+//! The search index: a deterministic fold over the Merkle log's leaves, kept on disk.
 //!
 //! Every node applies the same leaves in the same order, so every node derives the same index
-//! (and the same document keys: a resource's key is the leaf of its first version). It lives
-//! in memory because range, prefix and sort queries need values in an order-revealing form,
-//! and the state on disk must not hold PHI in clear (docs/search.md, "What the index
-//! holds"). A node rebuilds it from the state at start-up and catches up with new leaves
-//! before each search, so a search sees every write acknowledged before it began.
+//! (and the same document keys: a resource's key is the leaf of its first version). It is
+//! stored in a node-local tree (`store.rs`: terms and buckets HMAC'd, values sealed with the
+//! compartment keys), so a restart opens it and folds only the leaves appended since; memory
+//! holds a bounded cache of decoded documents. Each search first catches up with new leaves,
+//! so it sees every write acknowledged before it began.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard};
 
 use super::params::{Kind, Registry};
+pub use super::store::{Doc, DocKey, NARROW_MS};
+use super::store::{Pending, Store};
 use super::values::{extract, Value};
 use crate::error::FhirError;
 use crate::fhir::fhirpath::Eval;
@@ -18,229 +20,93 @@ use crate::fhir::json::{self, Json};
 use crate::fhir::profiles::Profiles;
 use crate::repo::Repo;
 
-/// A document key: the Merkle leaf of the resource's first version. Creation order, the
-/// same on every node.
-pub type DocKey = u64;
-
-#[derive(Debug)]
-pub struct Doc {
-    pub id: String,
-    pub version: u64,
-    /// The Merkle leaf of that version (where its body is read from).
-    pub leaf: u64,
-    pub last_updated_ms: i64,
-    /// Values by parameter code (parameters without values are absent).
-    pub values: BTreeMap<String, Vec<Value>>,
+/// The live resources of one type, read from the store.
+pub struct TypeDocs<'i> {
+    idx: &'i Index,
+    rtype: &'i str,
 }
 
-impl Doc {
-    pub fn get(&self, code: &str) -> &[Value] {
-        self.values.get(code).map_or(&[], Vec::as_slice)
+impl TypeDocs<'_> {
+    pub fn doc(&self, id: &str) -> Result<Option<(DocKey, Arc<Doc>)>, FhirError> {
+        let Some(k) = self.idx.store.key_of(self.rtype, id)? else { return Ok(None) };
+        Ok(self.get(k)?.map(|d| (k, d)))
+    }
+
+    pub fn get(&self, key: DocKey) -> Result<Option<Arc<Doc>>, FhirError> {
+        self.idx.store.doc(self.rtype, key)
+    }
+
+    pub fn key_of(&self, id: &str) -> Result<Option<DocKey>, FhirError> {
+        self.idx.store.key_of(self.rtype, id)
+    }
+
+    /// The ids of every live resource of the type.
+    pub fn ids(&self) -> Result<Vec<String>, FhirError> {
+        self.idx.store.ids(self.rtype)
+    }
+
+    /// Documents from key `from` on, in key order.
+    pub fn scan(&self, from: DocKey) -> impl Iterator<Item = Result<(DocKey, Arc<Doc>), FhirError>> + '_ {
+        self.idx.store.scan(self.rtype, from)
+    }
+
+    /// Documents holding `value` under `code`, in key order: token `code`, `system|code`,
+    /// `system|` and (for bare codes) `\0|code`; reference `id` and `Type/id`.
+    pub fn posting(&self, code: &str, value: &str) -> Result<Vec<DocKey>, FhirError> {
+        self.idx.store.posting(self.rtype, code, value)
+    }
+
+    /// Documents whose date value may start in `[from, to)` (and every wide one).
+    pub fn date_keys(&self, code: &str, window: (i64, i64)) -> Result<Vec<DocKey>, FhirError> {
+        self.idx.store.date_keys(self.rtype, code, window)
+    }
+
+    /// Documents whose quantity may lie in `[from, to]` in `unit` (any unit: `None`).
+    pub fn num_keys(&self, code: &str, unit: Option<&str>, window: (f64, f64)) -> Result<Vec<DocKey>, FhirError> {
+        self.idx.store.num_keys(self.rtype, code, unit, window)
+    }
+
+    /// Counts inserts and removals since this process started, so caches derived from
+    /// these documents know when to rebuild (the consent engine's book of Consents).
+    pub fn changes(&self) -> u64 {
+        self.idx.changes.get(self.rtype).copied().unwrap_or(0)
     }
 }
 
-/// The live resources of one type.
-#[derive(Debug, Default)]
-pub struct TypeDocs {
-    pub by_id: HashMap<String, DocKey>,
-    pub docs: BTreeMap<DocKey, Doc>,
-    /// Parameter code → posting key → documents: token `code`, `system|code`, `system|`
-    /// and (for bare codes) `\0|code`; reference `id` and `Type/id`.
-    pub postings: HashMap<String, HashMap<String, BTreeSet<DocKey>>>,
-    /// Parameter code → date and number/quantity values in order, for range prefixes.
-    pub ordered: HashMap<String, Ordered>,
-    /// Counts inserts and removals, so caches derived from these documents know when to
-    /// rebuild (the consent engine's book of Consents).
-    pub changes: u64,
-}
-
-/// Ordered values of one parameter: narrow values by (unit, value), wide ones (periods
-/// longer than a day, open periods, ranges) apart, since a range query must check them all.
-#[derive(Debug, Default)]
-pub struct Ordered {
-    pub points: BTreeMap<String, BTreeSet<(u64, DocKey)>>,
-    pub wide: BTreeSet<DocKey>,
-}
-
-/// The widest date value kept among the points: a day (date precision), so a query range
-/// widened by a day finds every point that can overlap it.
-pub const NARROW_MS: i64 = 86_400_000;
-
-/// An order-preserving map of i64 into u64.
-pub fn ord_i64(x: i64) -> u64 {
-    x.cast_unsigned() ^ (1 << 63)
-}
-
-/// An order-preserving map of finite f64 into u64.
-pub fn ord_f64(x: f64) -> u64 {
-    let b = x.to_bits();
-    if b >> 63 == 1 {
-        !b
-    } else {
-        b | (1 << 63)
-    }
-}
-
-enum Slot {
-    Point(String, u64),
-    Wide,
-}
-
-/// Where a value goes in the ordered index. A quantity is filed under its code and, when
-/// different, its unit too (`5.4||mg` matches either).
-// Exact float equality on purpose: a point quantity's bounds are the same parsed value.
-#[allow(clippy::float_cmp)]
-fn ordered_slots(v: &Value) -> Vec<Slot> {
-    match v {
-        Value::Date { lo, hi } if *lo != i64::MIN && *hi != i64::MAX && hi - lo <= NARROW_MS => {
-            vec![Slot::Point(String::new(), ord_i64(*lo))]
-        }
-        Value::Quantity { lo, hi, code, unit, .. } if lo == hi && lo.is_finite() => {
-            let mut units: Vec<String> = code.iter().chain(unit.iter()).cloned().collect();
-            units.dedup();
-            if units.is_empty() {
-                units.push(String::new());
-            }
-            units.into_iter().map(|u| Slot::Point(u, ord_f64(*lo))).collect()
-        }
-        Value::Date { .. } | Value::Quantity { .. } => vec![Slot::Wide],
-        _ => Vec::new(),
-    }
-}
-
-impl TypeDocs {
-    pub fn doc(&self, id: &str) -> Option<(DocKey, &Doc)> {
-        let k = *self.by_id.get(id)?;
-        Some((k, self.docs.get(&k)?))
-    }
-
-    pub fn posting(&self, code: &str, value: &str) -> Option<&BTreeSet<DocKey>> {
-        self.postings.get(code)?.get(value)
-    }
-
-    fn remove(&mut self, id: &str) {
-        let Some(key) = self.by_id.remove(id) else { return };
-        let Some(doc) = self.docs.remove(&key) else { return };
-        self.changes += 1;
-        for (code, vals) in &doc.values {
-            for v in vals {
-                for pk in posting_keys(v) {
-                    if let Some(m) = self.postings.get_mut(code) {
-                        if let Some(set) = m.get_mut(&pk) {
-                            set.remove(&key);
-                            if set.is_empty() {
-                                m.remove(&pk);
-                            }
-                        }
-                    }
-                }
-                if let Some(o) = self.ordered.get_mut(code) {
-                    o.wide.remove(&key);
-                    for slot in ordered_slots(v) {
-                        match slot {
-                            Slot::Point(unit, x) => {
-                                if let Some(set) = o.points.get_mut(&unit) {
-                                    set.remove(&(x, key));
-                                }
-                            }
-                            Slot::Wide => {
-                                o.wide.remove(&key);
-                            }
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    fn insert(&mut self, key: DocKey, doc: Doc) {
-        self.remove(&doc.id);
-        for (code, vals) in &doc.values {
-            for v in vals {
-                for pk in posting_keys(v) {
-                    self.postings.entry(code.clone()).or_default().entry(pk).or_default().insert(key);
-                }
-                let slots = ordered_slots(v);
-                if vals.len() > 1 && !slots.is_empty() {
-                    // Range conditions on one parameter are answered from one window; a
-                    // document with several values may satisfy each by another value, so it
-                    // is always a candidate.
-                    self.ordered.entry(code.clone()).or_default().wide.insert(key);
-                }
-                for slot in slots {
-                    let o = self.ordered.entry(code.clone()).or_default();
-                    match slot {
-                        Slot::Point(unit, x) => {
-                            o.points.entry(unit).or_default().insert((x, key));
-                        }
-                        Slot::Wide => {
-                            o.wide.insert(key);
-                        }
-                    }
-                }
-            }
-        }
-        self.by_id.insert(doc.id.clone(), key);
-        self.docs.insert(key, doc);
-        self.changes += 1;
-    }
-}
-
-/// The posting keys of a value (see [`TypeDocs::postings`]).
-fn posting_keys(v: &Value) -> Vec<String> {
-    match v {
-        Value::Token { system, code, bare, .. } => {
-            let mut keys = Vec::with_capacity(3);
-            if let Some(c) = code {
-                keys.push(c.clone());
-                if let Some(s) = system {
-                    keys.push(format!("{s}|{c}"));
-                }
-                if *bare {
-                    keys.push(format!("\0|{c}"));
-                }
-            }
-            if let Some(s) = system {
-                keys.push(format!("{s}|"));
-            }
-            keys
-        }
-        Value::Ref { rtype, id: Some(id), .. } => {
-            let mut keys = vec![id.clone()];
-            if let Some(t) = rtype {
-                keys.push(format!("{t}/{id}"));
-            }
-            keys
-        }
-        _ => Vec::new(),
-    }
-}
-
-#[derive(Debug, Default)]
 pub struct Index {
-    built: bool,
     /// The first leaf not folded in yet.
     next_leaf: u64,
-    pub types: HashMap<String, TypeDocs>,
+    store: Store,
+    /// Every type that can be indexed (R4 and the internal ones), for borrowing names.
+    types: BTreeSet<String>,
+    changes: HashMap<String, u64>,
     pub registry: Registry,
 }
 
 impl Index {
-    pub fn of(&self, rtype: &str) -> Option<&TypeDocs> {
-        self.types.get(rtype)
+    pub fn of<'i>(&'i self, rtype: &'i str) -> TypeDocs<'i> {
+        TypeDocs { idx: self, rtype: self.type_name(rtype) }
     }
 
     /// The index's own copy of a type name (borrowed for as long as the index).
     pub fn type_name<'a>(&'a self, rtype: &'a str) -> &'a str {
-        self.types.get_key_value(rtype).map_or(rtype, |(k, _)| k.as_str())
+        self.types.get(rtype).map_or(rtype, String::as_str)
+    }
+
+    /// The index's own copy of a type name, if it is a type the index holds.
+    pub fn known_type(&self, rtype: &str) -> Option<&str> {
+        self.types.get(rtype).map(String::as_str)
+    }
+
+    /// Every type the index can hold.
+    pub fn type_names(&self) -> impl Iterator<Item = &str> {
+        self.types.iter().map(String::as_str)
     }
 }
 
 pub struct Engine {
     /// The repository the index is folded from.
     repo: Arc<Repo>,
-    /// Record types outside R4 that are indexed too (the authorization server's records).
-    internal: &'static [&'static str],
     index: RwLock<Index>,
     core: Registry,
     profiles: Arc<Profiles>,
@@ -252,35 +118,74 @@ pub struct Engine {
     folding: std::sync::Mutex<()>,
 }
 
-/// Documents computed outside the write lock, applied under it.
+/// Leaves folded per write batch: bounds the batch, and lets searches in between.
+const FOLD_CHUNK: u64 = 4096;
+
+/// The index writes of a range of leaves, computed outside the write lock.
 struct Prepared {
     from: u64,
     next: u64,
+    pending: Pending,
+    changed: Vec<String>,
     erased: bool,
-    docs: Vec<(String, String, Option<Keyed>)>,
 }
 
-/// A document with its key.
-type Keyed = (DocKey, Doc);
+/// What a range of leaves touched.
+struct Touched {
+    /// The first leaf after the range.
+    next: u64,
+    resources: BTreeSet<(String, String)>,
+    /// A SearchParameter is among them.
+    params: bool,
+    /// An erasure is among them.
+    erased: bool,
+}
 
 impl Engine {
+    /// Opens the index of `repo` (the node-local tree `search`), registering the stored
+    /// SearchParameters; the leaves not folded yet are folded by the first search.
     pub fn new(
         repo: Arc<Repo>,
         profiles: Arc<Profiles>,
         core: Registry,
         compartments: super::Compartments,
+        // Record types outside R4 that are indexed too (the authorization server's records).
         internal: &'static [&'static str],
-    ) -> Self {
-        Self {
+    ) -> Result<Self, FhirError> {
+        let tree = repo.ledger().local_tree("search").map_err(FhirError::internal)?;
+        let store = Store::open(tree, repo.clone(), repo.cache_bytes())?;
+        let types =
+            profiles.resource_types().iter().cloned().chain(internal.iter().map(|t| (*t).to_string())).collect();
+        let index =
+            Index { next_leaf: store.next_leaf()?, store, types, changes: HashMap::new(), registry: core.clone() };
+        let engine = Self {
             repo,
-            internal,
-            index: RwLock::new(Index::default()),
+            index: RwLock::new(index),
             core,
             profiles,
             compartments,
             log_ranges: std::sync::Mutex::default(),
             folding: std::sync::Mutex::default(),
+        };
+        {
+            let mut idx = engine.index.write().unwrap_or_else(PoisonError::into_inner);
+            engine.register_custom(&mut idx)?;
         }
+        Ok(engine)
+    }
+
+    /// Registers every stored SearchParameter (at open, and before a rebuild).
+    fn register_custom(&self, idx: &mut Index) -> Result<(), FhirError> {
+        idx.registry = self.core.clone();
+        let types = self.profiles.resource_types();
+        for item in self.repo.view().scan_type("SearchParameter", None) {
+            let (id, rec) = item?;
+            if !rec.deleted {
+                let res = read_json(&self.repo, "SearchParameter", &id)?;
+                idx.registry.set_custom(&id, res.as_ref(), types);
+            }
+        }
+        Ok(())
     }
 
     /// Records that leaves `[start, end)` hold only disclosure-log entries.
@@ -326,33 +231,32 @@ impl Engine {
 
     fn caught_up(&self, all: bool) -> Result<RwLockReadGuard<'_, Index>, FhirError> {
         let size = self.repo.view().leaf_count()?;
+        let done = |idx: &Index| idx.next_leaf >= size || (!all && self.log_only(idx.next_leaf, size));
         {
             let idx = self.index.read().unwrap_or_else(PoisonError::into_inner);
-            if idx.built && (idx.next_leaf >= size || (!all && self.log_only(idx.next_leaf, size))) {
+            if done(&idx) {
                 return Ok(idx);
             }
         }
         {
             // One folder at a time; the others wait here, then find little or nothing to do.
             let _folding = self.folding.lock().unwrap_or_else(PoisonError::into_inner);
-            let prepared = {
-                let idx = self.index.read().unwrap_or_else(PoisonError::into_inner);
-                if idx.built && idx.next_leaf >= size {
-                    None
-                } else if idx.built {
+            loop {
+                let prepared = {
+                    let idx = self.index.read().unwrap_or_else(PoisonError::into_inner);
+                    if idx.next_leaf >= size {
+                        break;
+                    }
                     // Decrypting and extracting is the slow part: do it while searches go on.
-                    self.prepare(&idx)?
-                } else {
-                    None
+                    self.prepare(&idx, size)?
+                };
+                let mut idx = self.index.write().unwrap_or_else(PoisonError::into_inner);
+                match prepared {
+                    Some(p) => Self::apply_prepared(&mut idx, p)?,
+                    None => self.fold(&mut idx, size)?,
                 }
-            };
-            let mut idx = self.index.write().unwrap_or_else(PoisonError::into_inner);
-            match prepared {
-                Some(p) => self.apply_prepared(&mut idx, p),
-                None if !idx.built => self.build(&mut idx)?,
-                None => self.fold(&mut idx)?,
             }
-            let folded = idx.next_leaf;
+            let folded = self.index.read().unwrap_or_else(PoisonError::into_inner).next_leaf;
             self.log_ranges.lock().unwrap_or_else(PoisonError::into_inner).retain(|_, end| *end > folded);
         }
         Ok(self.index.read().unwrap_or_else(PoisonError::into_inner))
@@ -360,126 +264,136 @@ impl Engine {
 
     /// Rebuilds the whole index from the state (the `reindex` admin command).
     pub fn rebuild(&self) -> Result<usize, FhirError> {
+        let _folding = self.folding.lock().unwrap_or_else(PoisonError::into_inner);
         let mut idx = self.index.write().unwrap_or_else(PoisonError::into_inner);
-        self.build(&mut idx)?;
-        Ok(idx.types.values().map(|t| t.docs.len()).sum())
+        idx.store.clear()?;
+        idx.next_leaf = 0;
+        self.register_custom(&mut idx)?;
+        let size = self.repo.view().leaf_count()?;
+        while idx.next_leaf < size {
+            match self.prepare(&idx, size)? {
+                Some(p) => Self::apply_prepared(&mut idx, p)?,
+                None => self.fold(&mut idx, size)?,
+            }
+        }
+        let mut n = 0;
+        for t in idx.types.iter().map(String::as_str) {
+            n += idx.store.ids(t)?.len();
+        }
+        Ok(n)
     }
 
-    fn build(&self, idx: &mut Index) -> Result<(), FhirError> {
-        let view = self.repo.view();
-        let size = view.frontier()?.size;
-        *idx = Index { registry: self.core.clone(), ..Default::default() };
-        // Custom parameters first: a stored SearchParameter indexes every resource.
-        let types = self.profiles.resource_types();
-        for item in view.scan_type("SearchParameter", None) {
-            let (id, rec) = item?;
-            if !rec.deleted {
-                let res = read_json(&self.repo, "SearchParameter", &id)?;
-                idx.registry.set_custom(&id, res.as_ref(), types);
+    /// The leaves from the last fold on (at most [`FOLD_CHUNK`]) and the resources they touched;
+    /// whether a SearchParameter is among them; whether one is an erasure.
+    fn touched(&self, from: u64, size: u64) -> Result<Touched, FhirError> {
+        let mut touched = BTreeSet::new();
+        let mut next = from;
+        let mut params = false;
+        let mut erased = false;
+        let end = size.min(from.saturating_add(FOLD_CHUNK));
+        for item in self.repo.view().headers_from(from) {
+            let (leaf, h) = item?;
+            if leaf >= end {
+                break;
             }
-        }
-        for t in types.iter().map(String::as_str).chain(self.internal.iter().copied()) {
-            for item in view.scan_type(t, None) {
-                let (id, rec) = item?;
-                if !rec.deleted {
-                    self.reindex(idx, t, &id)?;
-                }
+            if h.op == consensus::Op::Erase.as_str() {
+                // An erasure reached this node: no decrypted body or value of it may stay in
+                // memory.
+                self.repo.forget_key(&h.compartment);
+                erased = true;
             }
+            params |= h.rtype == "SearchParameter";
+            touched.insert((h.rtype, h.id));
+            next = leaf + 1;
         }
-        idx.next_leaf = size;
-        idx.built = true;
+        Ok(Touched { next, resources: touched, params, erased })
+    }
+
+    /// The index writes for the next leaves, computed under a read lock; `None` when a
+    /// SearchParameter changed (that needs the registry, under the write lock).
+    fn prepare(&self, idx: &Index, size: u64) -> Result<Option<Prepared>, FhirError> {
+        let Touched { next, resources: touched, params, erased } = self.touched(idx.next_leaf, size)?;
+        if params {
+            return Ok(None);
+        }
+        let mut pending = Pending::default();
+        let mut changed = Vec::new();
+        for (t, id) in touched {
+            self.reindex_into(idx, &mut pending, &t, &id)?;
+            changed.push(t);
+        }
+        Ok(Some(Prepared { from: idx.next_leaf, next, pending, changed, erased }))
+    }
+
+    fn apply_prepared(idx: &mut Index, p: Prepared) -> Result<(), FhirError> {
+        if idx.next_leaf != p.from {
+            return Ok(()); // a rebuild came between: the next round folds again
+        }
+        if p.changed.is_empty() && p.next == idx.next_leaf {
+            return Ok(());
+        }
+        idx.store.commit(p.pending, p.next)?;
+        if p.erased {
+            idx.store.clear_cache();
+        }
+        for t in p.changed {
+            *idx.changes.entry(t).or_default() += 1;
+        }
+        idx.next_leaf = p.next;
         Ok(())
     }
 
-    /// The documents of the resources the leaves since the last fold touched, computed under
-    /// a read lock; `None` when a SearchParameter changed (that needs the whole fold).
-    fn prepare(&self, idx: &Index) -> Result<Option<Prepared>, FhirError> {
-        let mut touched: BTreeSet<(String, String)> = BTreeSet::new();
-        let mut next = idx.next_leaf;
-        let mut erased = false;
-        for item in self.repo.view().headers_from(idx.next_leaf) {
-            let (leaf, h) = item?;
-            if h.rtype == "SearchParameter" {
-                return Ok(None);
-            }
-            erased |= h.op == consensus::Op::Erase.as_str();
-            touched.insert((h.rtype, h.id));
-            next = leaf + 1;
-        }
-        let mut docs = Vec::with_capacity(touched.len());
-        for (t, id) in touched {
-            let doc = self.document(&idx.registry, &t, &id)?;
-            docs.push((t, id, doc));
-        }
-        Ok(Some(Prepared { from: idx.next_leaf, next, erased, docs }))
-    }
-
-    fn apply_prepared(&self, idx: &mut Index, p: Prepared) {
-        if idx.next_leaf != p.from {
-            return; // someone else folded meanwhile (a rebuild): the next call folds again
-        }
-        if p.erased {
-            // An erasure reached this node: no decrypted body of it may stay in memory.
-            self.repo.clear_body_cache();
-        }
-        for (t, id, doc) in p.docs {
-            let docs = idx.types.entry(t).or_default();
-            match doc {
-                Some((key, doc)) => docs.insert(key, doc),
-                None => docs.remove(&id),
-            }
-        }
-        idx.next_leaf = p.next;
-    }
-
-    /// Folds the leaves appended since the last call.
-    fn fold(&self, idx: &mut Index) -> Result<(), FhirError> {
-        let view = self.repo.view();
-        let mut touched: BTreeSet<(String, String)> = BTreeSet::new();
-        let mut next = idx.next_leaf;
-        let mut erased = false;
-        for item in view.headers_from(idx.next_leaf) {
-            let (leaf, h) = item?;
-            erased |= h.op == consensus::Op::Erase.as_str();
-            touched.insert((h.rtype, h.id));
-            next = leaf + 1;
-        }
-        if erased {
-            // An erasure reached this node: no decrypted body of it may stay in memory.
-            self.repo.clear_body_cache();
-        }
+    /// Folds the next leaves under the write lock, registering the SearchParameters among
+    /// them first and re-indexing the types a changed parameter is defined on.
+    fn fold(&self, idx: &mut Index, size: u64) -> Result<(), FhirError> {
+        let Touched { next, resources: touched, erased, .. } = self.touched(idx.next_leaf, size)?;
         let mut params_changed = BTreeSet::new();
+        for (t, id) in touched.iter().filter(|(t, _)| t == "SearchParameter") {
+            let res = read_json(&self.repo, t, id)?;
+            params_changed.extend(idx.registry.set_custom(id, res.as_ref(), self.profiles.resource_types()));
+        }
+        let mut pending = Pending::default();
+        let mut done = BTreeSet::new();
         for (t, id) in &touched {
-            self.reindex(idx, t, id)?;
-            if t == "SearchParameter" {
-                let res =
-                    idx.of(t).and_then(|d| d.doc(id)).map(|_| read_json(&self.repo, t, id)).transpose()?.flatten();
-                params_changed.extend(idx.registry.set_custom(id, res.as_ref(), self.profiles.resource_types()));
+            self.reindex_into(idx, &mut pending, t, id)?;
+            done.insert((t.clone(), id.clone()));
+        }
+        // A new or changed parameter applies to every resource already stored.
+        for t in &params_changed {
+            for id in idx.store.ids(t)? {
+                if done.insert((t.clone(), id.clone())) {
+                    self.reindex_into(idx, &mut pending, t, &id)?;
+                }
             }
         }
-        // A new or changed parameter applies to every resource already stored: re-index the
-        // types it is defined on.
+        idx.store.commit(pending, next)?;
+        if erased {
+            idx.store.clear_cache();
+        }
+        for (t, _) in touched {
+            *idx.changes.entry(t).or_default() += 1;
+        }
         for t in params_changed {
-            let ids: Vec<String> = idx.of(&t).map(|d| d.by_id.keys().cloned().collect()).unwrap_or_default();
-            for id in ids {
-                self.reindex(idx, &t, &id)?;
-            }
+            *idx.changes.entry(t).or_default() += 1;
         }
         idx.next_leaf = next;
         Ok(())
     }
 
-    /// One resource's document as the state holds it now; `None` if it is gone.
-    fn document(&self, registry: &Registry, rtype: &str, id: &str) -> Result<Option<(DocKey, Doc)>, FhirError> {
-        let Some(cur) = self.repo.view().current(rtype, id)?.filter(|c| !c.deleted) else { return Ok(None) };
-        let Some(res) = read_json(&self.repo, rtype, id)? else { return Ok(None) };
-        let values = self.values_of(registry, rtype, &res);
+    /// Replaces one resource's document by what the state holds now (or drops it if gone).
+    fn reindex_into(&self, idx: &Index, p: &mut Pending, rtype: &str, id: &str) -> Result<(), FhirError> {
+        if let Some(key) = idx.store.key_of(rtype, id)? {
+            if let Some(old) = idx.store.doc(rtype, key)? {
+                idx.store.remove(p, rtype, key, &old)?;
+            }
+        }
+        let Some((cur, rec, body)) = self.repo.current_version(rtype, id)? else { return Ok(()) };
+        let res = json::parse(body.as_bytes(), usize::MAX).map_err(FhirError::internal)?;
+        let values = self.values_of(&idx.registry, rtype, &res);
         let key = cur.leaves.first().copied().unwrap_or_default();
         let leaf = cur.leaves.last().copied().unwrap_or_default();
-        Ok(Some((
-            key,
-            Doc { id: id.to_string(), version: cur.version, leaf, last_updated_ms: cur.last_updated_ms, values },
-        )))
+        let doc = Doc { id: id.to_string(), version: cur.version, leaf, last_updated_ms: cur.last_updated_ms, values };
+        idx.store.insert(p, rtype, key, &doc, &rec.header.compartment)
     }
 
     fn values_of(&self, registry: &Registry, rtype: &str, res: &Json) -> BTreeMap<String, Vec<Value>> {
@@ -507,17 +421,6 @@ impl Engine {
             .and_then(crate::fhir::date_range_ms)
             .map_or_else(crate::fhir::now_ms, |(lo, _)| lo);
         Doc { id: id.to_string(), version, leaf: 0, last_updated_ms, values: self.values_of(registry, rtype, res) }
-    }
-
-    /// Re-reads one resource and replaces its document (or drops it if gone).
-    fn reindex(&self, idx: &mut Index, rtype: &str, id: &str) -> Result<(), FhirError> {
-        let doc = self.document(&idx.registry, rtype, id)?;
-        let docs = idx.types.entry(rtype.to_string()).or_default();
-        match doc {
-            Some((key, doc)) => docs.insert(key, doc),
-            None => docs.remove(id),
-        }
-        Ok(())
     }
 }
 

@@ -10,6 +10,7 @@ pub mod exec;
 pub mod index;
 pub mod params;
 pub mod query;
+mod store;
 pub mod summary;
 pub mod validate;
 pub mod values;
@@ -108,14 +109,14 @@ impl Compartments {
         &self,
         idx: &Index,
         hits: impl Iterator<Item = (&'h str, &'h str)>,
-    ) -> HashMap<(String, String), Vec<String>> {
+    ) -> Result<HashMap<(String, String), Vec<String>>, FhirError> {
         let mut out = HashMap::new();
         for (t, id) in hits {
-            if let Some((_, doc)) = idx.of(t).and_then(|d| d.doc(id)) {
-                out.insert((t.to_string(), id.to_string()), self.patients_of(t, doc));
+            if let Some((_, doc)) = idx.of(t).doc(id)? {
+                out.insert((t.to_string(), id.to_string()), self.patients_of(t, &doc));
             }
         }
-        out
+        Ok(out)
     }
 
     /// Whether resources of `rtype` can belong to a patient (by the compartment definition or
@@ -186,12 +187,12 @@ pub fn run(
     guard: Option<&dyn Visibility>,
 ) -> Result<Found, FhirError> {
     let repo = engine.repo();
-    let with_patients = |mut found: Found, idx: &Index| -> Found {
+    let with_patients = |mut found: Found, idx: &Index| -> Result<Found, FhirError> {
         if guard.is_some() {
             let hits = found.matches.iter().chain(&found.included).map(|h| (h.rtype.as_str(), h.id.as_str()));
-            found.patients = engine.compartments().patients_by_hit(idx, hits);
+            found.patients = engine.compartments().patients_by_hit(idx, hits)?;
         }
-        found
+        Ok(found)
     };
     let parser = Parser { idx, profiles: engine.profiles(), base, lenient };
     let mut search = parser.parse(types, params)?;
@@ -233,20 +234,21 @@ pub fn run(
             let previous = (after.is_some() && search.count > 0)
                 .then(|| page.first().map(|p| seal_cursor(&cursor_key, false, p)))
                 .flatten();
-            let matches: Vec<Hit> = page
-                .iter()
-                .filter_map(|p| idx.of(t).and_then(|d| d.docs.get(&p.doc)))
-                .map(|d| Hit { rtype: t.clone(), id: d.id.clone(), leaf: d.leaf, version: d.version })
-                .collect();
-            let included = includes(&ctx, &search.include, &search.revinclude, &matches);
+            let mut matches: Vec<Hit> = Vec::with_capacity(page.len());
+            for p in &page {
+                if let Some(d) = idx.of(t).get(p.doc)? {
+                    matches.push(Hit { rtype: t.clone(), id: d.id.clone(), leaf: d.leaf, version: d.version });
+                }
+            }
+            let included = includes(&ctx, &search.include, &search.revinclude, &matches)?;
             let found = Found { search, matches, included, total: None, next, previous, patients: HashMap::new() };
-            return Ok(with_patients(found, idx));
+            return with_patients(found, idx);
         }
         computed = Some(keys);
     }
     let mut all: Vec<Position> = Vec::new();
     for (t, filters) in &search.types {
-        let Some(docs) = idx.of(t) else { continue };
+        let docs = idx.of(t);
         let keys = match computed.take() {
             Some(k) => k,
             None => ctx.matches(t, filters)?,
@@ -257,8 +259,8 @@ pub fn run(
                 // Creation order needs only the key (and the type, when several are searched).
                 let rtype = if single { "" } else { t };
                 all.push(Position { vals: Vec::new(), rtype: rtype.into(), id: "".into(), doc: key });
-            } else if let Some(doc) = docs.docs.get(&key) {
-                all.push(position(&search.sort, t, key, doc));
+            } else if let Some(doc) = docs.get(key)? {
+                all.push(position(&search.sort, t, key, &doc));
             }
         }
     }
@@ -282,33 +284,30 @@ pub fn run(
     let paged = search.count > 0 && search.summary != query::Summary::Count;
     let next = (end < total && paged).then(|| page.last().map(|p| seal_cursor(&cursor_key, true, p))).flatten();
     let previous = (start > 0 && paged).then(|| page.first().map(|p| seal_cursor(&cursor_key, false, p))).flatten();
-    let hit = |p: &Position| {
+    let mut matches: Vec<Hit> = Vec::with_capacity(page.len());
+    for p in page {
         let t: &str = if p.rtype.is_empty() { &search.types[0].0 } else { &p.rtype };
-        idx.of(t).and_then(|d| d.docs.get(&p.doc)).map(|d| Hit {
-            rtype: t.to_string(),
-            id: d.id.clone(),
-            leaf: d.leaf,
-            version: d.version,
-        })
-    };
-    let matches: Vec<Hit> = page.iter().filter_map(hit).collect();
+        if let Some(d) = idx.of(t).get(p.doc)? {
+            matches.push(Hit { rtype: t.to_string(), id: d.id.clone(), leaf: d.leaf, version: d.version });
+        }
+    }
     let included = if search.summary == query::Summary::Count {
         Vec::new()
     } else {
-        includes(&ctx, &search.include, &search.revinclude, &matches)
+        includes(&ctx, &search.include, &search.revinclude, &matches)?
     };
     let found = Found { search, matches, included, total: Some(total), next, previous, patients: HashMap::new() };
-    Ok(with_patients(found, idx))
+    with_patients(found, idx)
 }
 
 /// Resources the page's matches `_include` and that `_revinclude` them, iterating (up to a
 /// bound) for the `:iterate` ones.
-fn includes(ctx: &Ctx, inc: &[Include], rev: &[Include], matches: &[Hit]) -> Vec<Hit> {
+fn includes(ctx: &Ctx, inc: &[Include], rev: &[Include], matches: &[Hit]) -> Result<Vec<Hit>, FhirError> {
     const MAX_ROUNDS: usize = 8;
     const MAX_INCLUDED: usize = 10_000;
     let idx = ctx.idx;
     if inc.is_empty() && rev.is_empty() {
-        return Vec::new();
+        return Ok(Vec::new());
     }
     let ref_codes = |t: &str| -> Vec<&str> {
         idx.registry.for_type(t).filter(|p| p.kind == Kind::Reference).map(|p| p.code.as_str()).collect()
@@ -316,7 +315,7 @@ fn includes(ctx: &Ctx, inc: &[Include], rev: &[Include], matches: &[Hit]) -> Vec
     // Resources are (type, document key) while iterating; documents hold id and leaf.
     let mut seen: BTreeSet<(&str, DocKey)> = BTreeSet::new();
     for h in matches {
-        if let Some((k, _)) = idx.of(&h.rtype).and_then(|d| d.doc(&h.id)) {
+        if let Some(k) = idx.of(&h.rtype).key_of(&h.id)? {
             seen.insert((idx.type_name(&h.rtype), k));
         }
     }
@@ -325,7 +324,7 @@ fn includes(ctx: &Ctx, inc: &[Include], rev: &[Include], matches: &[Hit]) -> Vec
     for round in 0..MAX_ROUNDS {
         let mut found: Vec<(&str, DocKey)> = Vec::new();
         for &(t, key) in &frontier {
-            let Some(doc) = idx.of(t).and_then(|d| d.docs.get(&key)) else { continue };
+            let Some(doc) = idx.of(t).get(key)? else { continue };
             for i in inc.iter().filter(|i| round == 0 || i.iterate) {
                 if i.source != "*" && i.source != t {
                     continue;
@@ -335,8 +334,9 @@ fn includes(ctx: &Ctx, inc: &[Include], rev: &[Include], matches: &[Hit]) -> Vec
                     for v in doc.get(code) {
                         let Value::Ref { rtype: Some(rt), id: Some(rid), .. } = v else { continue };
                         if i.target.as_ref().is_none_or(|x| x == rt) {
-                            if let Some((k, _)) = idx.of(rt).and_then(|d| d.doc(rid)) {
-                                found.push((idx.type_name(rt), k));
+                            let Some(rt) = idx.known_type(rt) else { continue };
+                            if let Some(k) = idx.of(rt).key_of(rid)? {
+                                found.push((rt, k));
                             }
                         }
                     }
@@ -346,13 +346,13 @@ fn includes(ctx: &Ctx, inc: &[Include], rev: &[Include], matches: &[Hit]) -> Vec
                 if i.target.as_ref().is_some_and(|x| x != t) {
                     continue;
                 }
-                let Some(src) = idx.of(&i.source) else { continue };
+                let src = idx.of(&i.source);
                 let target = format!("{t}/{}", doc.id);
                 let codes = i.code.as_deref().map_or_else(|| ref_codes(&i.source), |c| vec![c]);
                 for code in codes {
                     // `Type/id` postings are exact: every document listed points here.
-                    for k in src.posting(code, &target).into_iter().flatten() {
-                        found.push((idx.type_name(&i.source), *k));
+                    for k in src.posting(code, &target)? {
+                        found.push((idx.type_name(&i.source), k));
                     }
                 }
             }
@@ -361,7 +361,7 @@ fn includes(ctx: &Ctx, inc: &[Include], rev: &[Include], matches: &[Hit]) -> Vec
         for (t, k) in found {
             if seen.insert((t, k)) {
                 // What the caller may not see is neither returned nor followed further.
-                let Some(d) = idx.of(t).and_then(|docs| docs.docs.get(&k)).filter(|d| ctx.visible(t, k, d)) else {
+                let Some(d) = idx.of(t).get(k)?.filter(|d| ctx.visible(t, k, d)) else {
                     continue;
                 };
                 out.push(Hit { rtype: t.to_string(), id: d.id.clone(), leaf: d.leaf, version: d.version });
@@ -372,7 +372,7 @@ fn includes(ctx: &Ctx, inc: &[Include], rev: &[Include], matches: &[Hit]) -> Vec
             break;
         }
     }
-    out
+    Ok(out)
 }
 
 fn cursor_key(repo: &crate::repo::Repo) -> [u8; 32] {

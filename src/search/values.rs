@@ -10,7 +10,7 @@ use crate::fhir::date_range_ms;
 use crate::fhir::fhirpath::{reference_type, Eval, Item};
 use crate::fhir::json::Json;
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum Value {
     /// Coding, CodeableConcept, Identifier, ContactPoint, code, boolean, ...
     Token {

@@ -1,0 +1,588 @@
+//! The search index on disk: a node-local tree beside the state (`Ledger::local_tree`), so a
+//! restart opens it instead of rebuilding, and memory holds only a bounded cache.
+//!
+//! No PHI is readable from it at rest (docs/search.md, "What the index holds"):
+//!
+//! | key | value |
+//! | --- | --- |
+//! | `i` type 0 id | document key |
+//! | `d` type 0 key | [`Record`]: id, version, leaf, lastUpdated, compartment in clear; the values sealed with the compartment's data key |
+//! | `p` type 0 term key | posting: a token or reference value (`term` = HMAC of code and value) |
+//! | `o` type 0 term key | a date or quantity value in a bucket (HMAC of code, unit and bucket) |
+//! | `w` type 0 term key | a wide date or quantity value (HMAC of code): a candidate of every range |
+//! | `b` type 0 term | the buckets in use per unit of a parameter, sealed with the index key |
+//! | `m/…` | the first leaf not folded in yet, the format |
+//!
+//! Buckets are days for dates and sixteenths of a binary order of magnitude for quantities:
+//! a range reads the buckets it overlaps from the (decrypted, cached) bucket list and checks
+//! the documents found there, so order is kept without an order-revealing key on disk. The
+//! values of a document are sealed with its compartment's key, so `$erase` shreds the index's
+//! copy as it shreds the bodies.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::io;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use consensus::{KvStore, WriteBatch};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::values::Value;
+use crate::crypto::{self, DataKey};
+use crate::error::FhirError;
+use crate::repo::Repo;
+
+/// The layout above; a tree of another format is cleared and folded again at open.
+const FORMAT: u64 = 1;
+const FORMAT_KEY: &[u8] = b"m/format";
+const NEXT_KEY: &[u8] = b"m/next";
+
+/// A date bucket: one day, the widest value kept among the points.
+const DAY_MS: i64 = NARROW_MS;
+
+/// A document key: the Merkle leaf of the resource's first version. Creation order, the
+/// same on every node.
+pub type DocKey = u64;
+
+#[derive(Debug)]
+pub struct Doc {
+    pub id: String,
+    pub version: u64,
+    /// The Merkle leaf of that version (where its body is read from).
+    pub leaf: u64,
+    pub last_updated_ms: i64,
+    /// Values by parameter code (parameters without values are absent).
+    pub values: BTreeMap<String, Vec<Value>>,
+}
+
+impl Doc {
+    pub fn get(&self, code: &str) -> &[Value] {
+        self.values.get(code).map_or(&[], Vec::as_slice)
+    }
+}
+
+/// The widest date value kept among the points: a day (date precision), so a query range
+/// widened by a day finds every point that can overlap it.
+pub const NARROW_MS: i64 = 86_400_000;
+
+/// An order-preserving map of finite f64 into u64.
+pub fn ord_f64(x: f64) -> u64 {
+    let b = x.to_bits();
+    if b >> 63 == 1 {
+        !b
+    } else {
+        b | (1 << 63)
+    }
+}
+
+/// Values by parameter code, as sealed in a [`Record`].
+pub type Values = BTreeMap<String, Vec<Value>>;
+
+/// A document as stored under its `d` key.
+#[derive(Serialize, Deserialize)]
+struct Record {
+    id: String,
+    version: u64,
+    leaf: u64,
+    last_updated_ms: i64,
+    compartment: String,
+    /// [`Values`] sealed with the compartment's data key, bound to the `d` key.
+    sealed: Vec<u8>,
+}
+
+/// Units of one parameter → the buckets that ever held a value. Only grows: an emptied
+/// bucket costs one empty scan.
+type Buckets = BTreeMap<String, BTreeSet<i64>>;
+
+pub struct Store {
+    tree: Arc<dyn KvStore>,
+    repo: Arc<Repo>,
+    mac: [u8; 32],
+    dir_key: DataKey,
+    docs: DocCache,
+    buckets: Mutex<HashMap<(String, String), Arc<Buckets>>>,
+}
+
+/// Writes computed outside the index's write lock, committed under it.
+#[derive(Default)]
+pub struct Pending {
+    batch: WriteBatch,
+    evict: Vec<Vec<u8>>,
+    buckets: HashMap<(String, String), Buckets>,
+}
+
+fn io_err(e: &io::Error) -> FhirError {
+    FhirError::internal(format!("search index: {e}"))
+}
+
+fn typed(tag: u8, rtype: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(rtype.len() + 48);
+    k.push(tag);
+    k.extend_from_slice(rtype.as_bytes());
+    k.push(0);
+    k
+}
+
+fn with(mut prefix: Vec<u8>, tail: &[u8]) -> Vec<u8> {
+    prefix.extend_from_slice(tail);
+    prefix
+}
+
+fn read_be(b: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(b.get(..8)?.try_into().ok()?))
+}
+
+/// The document key that ends a posting key.
+fn key_at(k: &[u8]) -> Option<DocKey> {
+    read_be(k.get(k.len().checked_sub(8)?..)?)
+}
+
+impl Store {
+    /// Opens the tree; a tree of another format (or none) starts empty at leaf 0.
+    pub fn open(tree: Arc<dyn KvStore>, repo: Arc<Repo>, cache_bytes: usize) -> Result<Self, FhirError> {
+        let derive = |what: &[u8]| -> [u8; 32] {
+            let mut h = Sha256::new();
+            h.update(what);
+            h.update(repo.index_key());
+            h.finalize().into()
+        };
+        let store = Self {
+            mac: derive(b"fhir-ledger search terms v1\0"),
+            dir_key: derive(b"fhir-ledger search buckets v1\0"),
+            tree,
+            repo,
+            docs: DocCache::new(cache_bytes),
+            buckets: Mutex::default(),
+        };
+        let format = store.tree.get(FORMAT_KEY).map_err(|e| io_err(&e))?;
+        if format.as_deref().and_then(read_be) != Some(FORMAT) {
+            store.clear()?;
+        }
+        Ok(store)
+    }
+
+    /// The first leaf not folded in yet.
+    pub fn next_leaf(&self) -> Result<u64, FhirError> {
+        Ok(self.tree.get(NEXT_KEY).map_err(|e| io_err(&e))?.as_deref().and_then(read_be).unwrap_or(0))
+    }
+
+    /// Empties the tree (a rebuild, or a tree of another format).
+    pub fn clear(&self) -> Result<(), FhirError> {
+        loop {
+            let mut batch = WriteBatch::default();
+            for kv in self.tree.scan_prefix(b"").take(10_000) {
+                let (k, _) = kv.map_err(|e| io_err(&e))?;
+                batch.delete(k);
+            }
+            if batch.ops.is_empty() {
+                break;
+            }
+            self.tree.apply(batch).map_err(|e| io_err(&e))?;
+        }
+        let mut batch = WriteBatch::default();
+        batch.put(FORMAT_KEY.to_vec(), FORMAT.to_be_bytes().to_vec());
+        batch.put(NEXT_KEY.to_vec(), 0u64.to_be_bytes().to_vec());
+        self.tree.apply(batch).map_err(|e| io_err(&e))?;
+        self.docs.clear();
+        self.buckets.lock().unwrap_or_else(PoisonError::into_inner).clear();
+        Ok(())
+    }
+
+    /// Forgets every decoded document (an erasure reached this node).
+    pub fn clear_cache(&self) {
+        self.docs.clear();
+    }
+
+    fn term(&self, code: &str, value: &str) -> [u8; 16] {
+        let t = crate::repo::index::term(&self.mac, code, value);
+        let mut out = [0; 16];
+        out.copy_from_slice(&t[..16]);
+        out
+    }
+
+    fn keys(&self, prefix: &[u8]) -> Result<Vec<DocKey>, FhirError> {
+        let mut out = Vec::new();
+        for kv in self.tree.scan_prefix(prefix) {
+            let (k, _) = kv.map_err(|e| io_err(&e))?;
+            out.extend(key_at(&k));
+        }
+        Ok(out)
+    }
+
+    // ------------------------------------------------------------------ reading
+
+    pub fn key_of(&self, rtype: &str, id: &str) -> Result<Option<DocKey>, FhirError> {
+        let v = self.tree.get(&with(typed(b'i', rtype), id.as_bytes())).map_err(|e| io_err(&e))?;
+        Ok(v.as_deref().and_then(read_be))
+    }
+
+    /// The ids of every live `rtype` resource, in id order.
+    pub fn ids(&self, rtype: &str) -> Result<Vec<String>, FhirError> {
+        let prefix = typed(b'i', rtype);
+        let mut out = Vec::new();
+        for kv in self.tree.scan_prefix(&prefix) {
+            let (k, _) = kv.map_err(|e| io_err(&e))?;
+            out.push(String::from_utf8_lossy(&k[prefix.len()..]).into_owned());
+        }
+        Ok(out)
+    }
+
+    pub fn doc(&self, rtype: &str, key: DocKey) -> Result<Option<Arc<Doc>>, FhirError> {
+        let dkey = with(typed(b'd', rtype), &key.to_be_bytes());
+        if let Some(d) = self.docs.get(&dkey) {
+            return Ok(Some(d));
+        }
+        let Some(raw) = self.tree.get(&dkey).map_err(|e| io_err(&e))? else { return Ok(None) };
+        self.decode(dkey, &raw)
+    }
+
+    fn decode(&self, dkey: Vec<u8>, raw: &[u8]) -> Result<Option<Arc<Doc>>, FhirError> {
+        let rec: Record = bincode::deserialize(raw).map_err(FhirError::internal)?;
+        // An erased compartment's documents leave with the fold of its erasure.
+        let Some(dek) = self.repo.data_key(&rec.compartment)? else { return Ok(None) };
+        let plain = crypto::open(&dek, &rec.sealed, &dkey).map_err(FhirError::internal)?;
+        let values: Values = bincode::deserialize(&plain).map_err(FhirError::internal)?;
+        let doc = Arc::new(Doc {
+            id: rec.id,
+            version: rec.version,
+            leaf: rec.leaf,
+            last_updated_ms: rec.last_updated_ms,
+            values,
+        });
+        self.docs.put(dkey, doc.clone(), raw.len());
+        Ok(Some(doc))
+    }
+
+    /// Live documents of `rtype` from key `from` on, in key order.
+    pub fn scan<'s>(
+        &'s self,
+        rtype: &str,
+        from: DocKey,
+    ) -> impl Iterator<Item = Result<(DocKey, Arc<Doc>), FhirError>> + 's {
+        let prefix = typed(b'd', rtype);
+        let start = with(prefix.clone(), &from.to_be_bytes());
+        let mut end = prefix;
+        end.extend_from_slice(&[0xff; 9]);
+        self.tree.range(&start, &end, false).filter_map(move |kv| {
+            let (k, v) = match kv {
+                Ok(kv) => kv,
+                Err(e) => return Some(Err(io_err(&e))),
+            };
+            let key = key_at(&k)?;
+            if let Some(d) = self.docs.get(&k) {
+                return Some(Ok((key, d)));
+            }
+            self.decode(k, &v).transpose().map(|d| d.map(|d| (key, d)))
+        })
+    }
+
+    /// Documents holding `value` under `code` (see [`posting_keys`]), in key order.
+    pub fn posting(&self, rtype: &str, code: &str, value: &str) -> Result<Vec<DocKey>, FhirError> {
+        self.keys(&with(typed(b'p', rtype), &self.term(code, value)))
+    }
+
+    /// Documents with a point value of `code` in `unit` (every unit when `None`) whose bucket
+    /// lies in the buckets of `[lo, hi]` (`date` picks day buckets), and every wide one.
+    fn ranged(
+        &self,
+        rtype: &str,
+        code: &str,
+        unit: Option<&str>,
+        (lo, hi): (i64, i64),
+    ) -> Result<Vec<DocKey>, FhirError> {
+        let mut out = self.keys(&with(typed(b'w', rtype), &self.term(code, "")))?;
+        if lo > hi {
+            return Ok(out);
+        }
+        let buckets = self.buckets_of(rtype, code)?;
+        for (u, set) in buckets.iter().filter(|(u, _)| unit.is_none_or(|w| w == u.as_str())) {
+            for b in set.range(lo..=hi) {
+                out.extend(self.keys(&with(typed(b'o', rtype), &self.term(code, &bucket_value(u, *b))))?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Documents whose date value may start in `[from, to)` (and every wide one).
+    pub fn date_keys(&self, rtype: &str, code: &str, (from, to): (i64, i64)) -> Result<Vec<DocKey>, FhirError> {
+        let hi = if from < to { to.saturating_sub(1).div_euclid(DAY_MS) } else { i64::MIN };
+        self.ranged(rtype, code, None, (from.div_euclid(DAY_MS), hi))
+    }
+
+    /// Documents whose number or quantity may lie in `[from, to]` (and every wide one).
+    pub fn num_keys(
+        &self,
+        rtype: &str,
+        code: &str,
+        unit: Option<&str>,
+        (from, to): (f64, f64),
+    ) -> Result<Vec<DocKey>, FhirError> {
+        self.ranged(rtype, code, unit, (num_bucket(from), num_bucket(to)))
+    }
+
+    fn buckets_key(&self, rtype: &str, code: &str) -> Vec<u8> {
+        with(typed(b'b', rtype), &self.term(code, ""))
+    }
+
+    fn buckets_of(&self, rtype: &str, code: &str) -> Result<Arc<Buckets>, FhirError> {
+        let id = (rtype.to_string(), code.to_string());
+        if let Some(b) = self.buckets.lock().unwrap_or_else(PoisonError::into_inner).get(&id) {
+            return Ok(b.clone());
+        }
+        let key = self.buckets_key(rtype, code);
+        let b: Buckets = match self.tree.get(&key).map_err(|e| io_err(&e))? {
+            None => Buckets::new(),
+            Some(sealed) => {
+                let plain = crypto::open(&self.dir_key, &sealed, &key).map_err(FhirError::internal)?;
+                bincode::deserialize(&plain).map_err(FhirError::internal)?
+            }
+        };
+        let b = Arc::new(b);
+        self.buckets.lock().unwrap_or_else(PoisonError::into_inner).insert(id, b.clone());
+        Ok(b)
+    }
+
+    // ------------------------------------------------------------------ writing
+
+    /// Removes `old` (the stored document at `key`) from the index.
+    pub fn remove(&self, p: &mut Pending, rtype: &str, key: DocKey, old: &Doc) -> Result<(), FhirError> {
+        p.batch.delete(with(typed(b'i', rtype), old.id.as_bytes()));
+        let dkey = with(typed(b'd', rtype), &key.to_be_bytes());
+        p.batch.delete(dkey.clone());
+        p.evict.push(dkey);
+        for k in self.value_keys(p, rtype, key, &old.values, false)? {
+            p.batch.delete(k);
+        }
+        Ok(())
+    }
+
+    /// Adds `doc` at `key` (after [`Store::remove`] of what was there).
+    pub fn insert(
+        &self,
+        p: &mut Pending,
+        rtype: &str,
+        key: DocKey,
+        doc: &Doc,
+        compartment: &str,
+    ) -> Result<(), FhirError> {
+        let Some(dek) = self.repo.data_key(compartment)? else { return Ok(()) };
+        let dkey = with(typed(b'd', rtype), &key.to_be_bytes());
+        let plain = bincode::serialize(&doc.values).map_err(FhirError::internal)?;
+        let rec = Record {
+            id: doc.id.clone(),
+            version: doc.version,
+            leaf: doc.leaf,
+            last_updated_ms: doc.last_updated_ms,
+            compartment: compartment.to_string(),
+            sealed: crypto::seal(&dek, &plain, &dkey),
+        };
+        p.batch.put(dkey.clone(), bincode::serialize(&rec).map_err(FhirError::internal)?);
+        p.evict.push(dkey);
+        p.batch.put(with(typed(b'i', rtype), doc.id.as_bytes()), key.to_be_bytes().to_vec());
+        for k in self.value_keys(p, rtype, key, &doc.values, true)? {
+            p.batch.put(k, Vec::new());
+        }
+        Ok(())
+    }
+
+    /// The posting, bucket and wide keys of `values`; when `adding`, new buckets are noted.
+    fn value_keys(
+        &self,
+        p: &mut Pending,
+        rtype: &str,
+        key: DocKey,
+        values: &Values,
+        adding: bool,
+    ) -> Result<Vec<Vec<u8>>, FhirError> {
+        let doc_key = key.to_be_bytes();
+        let mut out = Vec::new();
+        for (code, vals) in values {
+            for v in vals {
+                for pk in posting_keys(v) {
+                    out.push(with(with(typed(b'p', rtype), &self.term(code, &pk)), &doc_key));
+                }
+                let slots = ordered_slots(v);
+                // Range conditions on one parameter are answered from one window; a document
+                // with several values may satisfy each by another value, so it is wide.
+                let wide = vals.len() > 1 && !slots.is_empty();
+                for slot in slots {
+                    match slot {
+                        Slot::Point(unit, bucket) if !wide => {
+                            out.push(with(
+                                with(typed(b'o', rtype), &self.term(code, &bucket_value(&unit, bucket))),
+                                &doc_key,
+                            ));
+                            if adding {
+                                self.note_bucket(p, rtype, code, unit, bucket)?;
+                            }
+                        }
+                        _ => out.push(with(with(typed(b'w', rtype), &self.term(code, "")), &doc_key)),
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn note_bucket(
+        &self,
+        p: &mut Pending,
+        rtype: &str,
+        code: &str,
+        unit: String,
+        bucket: i64,
+    ) -> Result<(), FhirError> {
+        let id = (rtype.to_string(), code.to_string());
+        if !p.buckets.contains_key(&id) {
+            let known = self.buckets_of(rtype, code)?;
+            if known.get(&unit).is_some_and(|s| s.contains(&bucket)) {
+                return Ok(());
+            }
+            p.buckets.insert(id.clone(), (*known).clone());
+        }
+        if let Some(b) = p.buckets.get_mut(&id) {
+            b.entry(unit).or_default().insert(bucket);
+        }
+        Ok(())
+    }
+
+    /// Writes `p` with `next` as the first leaf not folded in, atomically.
+    pub fn commit(&self, mut p: Pending, next: u64) -> Result<(), FhirError> {
+        let buckets = std::mem::take(&mut p.buckets);
+        for ((rtype, code), b) in &buckets {
+            let key = self.buckets_key(rtype, code);
+            let plain = bincode::serialize(b).map_err(FhirError::internal)?;
+            p.batch.put(key.clone(), crypto::seal(&self.dir_key, &plain, &key));
+        }
+        p.batch.put(NEXT_KEY.to_vec(), next.to_be_bytes().to_vec());
+        self.tree.apply(p.batch).map_err(|e| io_err(&e))?;
+        for k in &p.evict {
+            self.docs.remove(k);
+        }
+        let mut cached = self.buckets.lock().unwrap_or_else(PoisonError::into_inner);
+        for (id, b) in buckets {
+            cached.insert(id, Arc::new(b));
+        }
+        Ok(())
+    }
+}
+
+fn bucket_value(unit: &str, bucket: i64) -> String {
+    format!("{unit}\0{bucket}")
+}
+
+/// A quantity's bucket: sign, exponent and the top four bits of the mantissa of its
+/// order-preserving form, so buckets follow numeric order.
+fn num_bucket(x: f64) -> i64 {
+    i64::try_from(ord_f64(x) >> 48).unwrap_or(i64::MAX)
+}
+
+enum Slot {
+    Point(String, i64),
+    Wide,
+}
+
+/// Where a value goes among the ordered values. A quantity is filed under its code and, when
+/// different, its unit too (`5.4||mg` matches either).
+// Exact float equality on purpose: a point quantity's bounds are the same parsed value.
+#[allow(clippy::float_cmp)]
+fn ordered_slots(v: &Value) -> Vec<Slot> {
+    match v {
+        Value::Date { lo, hi } if *lo != i64::MIN && *hi != i64::MAX && hi - lo <= NARROW_MS => {
+            vec![Slot::Point(String::new(), lo.div_euclid(DAY_MS))]
+        }
+        Value::Quantity { lo, hi, code, unit, .. } if lo == hi && lo.is_finite() => {
+            let mut units: Vec<String> = code.iter().chain(unit.iter()).cloned().collect();
+            units.dedup();
+            if units.is_empty() {
+                units.push(String::new());
+            }
+            units.into_iter().map(|u| Slot::Point(u, num_bucket(*lo))).collect()
+        }
+        Value::Date { .. } | Value::Quantity { .. } => vec![Slot::Wide],
+        _ => Vec::new(),
+    }
+}
+
+/// The posting keys of a value: token `code`, `system|code`, `system|` and (for bare codes)
+/// `\0|code`; reference `id` and `Type/id`.
+fn posting_keys(v: &Value) -> Vec<String> {
+    match v {
+        Value::Token { system, code, bare, .. } => {
+            let mut keys = Vec::with_capacity(3);
+            if let Some(c) = code {
+                keys.push(c.clone());
+                if let Some(s) = system {
+                    keys.push(format!("{s}|{c}"));
+                }
+                if *bare {
+                    keys.push(format!("\0|{c}"));
+                }
+            }
+            if let Some(s) = system {
+                keys.push(format!("{s}|"));
+            }
+            keys
+        }
+        Value::Ref { rtype, id: Some(id), .. } => {
+            let mut keys = vec![id.clone()];
+            if let Some(t) = rtype {
+                keys.push(format!("{t}/{id}"));
+            }
+            keys
+        }
+        _ => Vec::new(),
+    }
+}
+
+/// Decoded documents by `d` key, first in first out within a byte budget.
+struct DocCache {
+    inner: Mutex<CacheInner>,
+    budget: usize,
+}
+
+#[derive(Default)]
+struct CacheInner {
+    docs: HashMap<Vec<u8>, (Arc<Doc>, usize)>,
+    order: VecDeque<Vec<u8>>,
+    bytes: usize,
+}
+
+impl DocCache {
+    fn new(budget: usize) -> Self {
+        Self { inner: Mutex::default(), budget }
+    }
+
+    fn get(&self, key: &[u8]) -> Option<Arc<Doc>> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner).docs.get(key).map(|(d, _)| d.clone())
+    }
+
+    fn put(&self, key: Vec<u8>, doc: Arc<Doc>, stored_len: usize) {
+        // Decoded values take about three times their encoded size.
+        let size = stored_len * 3 + key.len() + 64;
+        let mut g = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        if g.docs.contains_key(&key) {
+            return;
+        }
+        g.bytes += size;
+        g.order.push_back(key.clone());
+        g.docs.insert(key, (doc, size));
+        while g.bytes > self.budget {
+            let Some(old) = g.order.pop_front() else { break };
+            if let Some((_, s)) = g.docs.remove(&old) {
+                g.bytes -= s;
+            }
+        }
+    }
+
+    fn remove(&self, key: &[u8]) {
+        let mut g = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((_, s)) = g.docs.remove(key) {
+            g.bytes -= s;
+        }
+    }
+
+    fn clear(&self) {
+        *self.inner.lock().unwrap_or_else(PoisonError::into_inner) = CacheInner::default();
+    }
+}
