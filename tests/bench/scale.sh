@@ -46,7 +46,7 @@ synthea_venv="${SYNTHEA_VENV:-$HOME/.cache/fhir-ledger/venv-synthea}"
 . "$root/tests/bench/lib.sh"
 
 unit=225000 steps=1,5,10 cache_mb="" server_args="" keep="" patients=120 seed=1717 search_n=200 quiet_s=5
-usage() { sed -n '/^# Usage:/,/^# Run from/p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '/^# Usage:/,/^# Run from/p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
 while [ $# -gt 0 ]; do
   case "$1" in
     --unit) unit="$2"; shift 2 ;;
@@ -58,8 +58,8 @@ while [ $# -gt 0 ]; do
     --seed) seed="$2"; shift 2 ;;
     --search-n) search_n="$2"; shift 2 ;;
     --quiet-s) quiet_s="$2"; shift 2 ;;
-    -h|--help) usage ;;
-    *) echo "unknown argument: $1" >&2; usage ;;
+    -h|--help) usage 0 ;;
+    *) echo "unknown argument: $1" >&2; usage >&2 ;;
   esac
 done
 IFS=, read -ra step_list <<<"$steps"
