@@ -14,6 +14,7 @@ built() {
 start_server() {
   local log="$1"
   shift
+  : >"$log" # exists before the first sed below (under pipefail a missing log would end the script)
   "$bin" serve --listen 127.0.0.1:0 --auth "${AUTH:-off}" "$@" 2>"$log" &
   server=$!
   base=""

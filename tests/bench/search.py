@@ -56,6 +56,11 @@ touch: Patient, Observation, Encounter, Practitioner, DiagnosticReport. Every ta
   column, as in Medplum, whose content column is not indexed at all); it would only slow
   the load. PostgreSQL runs with jit=off (JIT only adds compile time on queries this size).
 
+Without --pg, fhir-ledger is timed alone (tests/bench/scale.sh runs it so at each size): the
+queries are drawn from every Patient and from the Observations of --obs-patients of them, read
+back from fhir-ledger; there is nothing to check the answers against, so only errors count.
+The classes (make_classes) are the same; the JSON (--json) has the same shape, "pg" empty.
+
 Pages are in id order on PostgreSQL (ORDER BY id LIMIT 50, like the cursor paging fhir-ledger
 offers); `--pg-order none` drops the ORDER BY when there is no _sort (Medplum's default, which
 pages with OFFSET), which frees the planner from walking the primary key.
@@ -78,8 +83,6 @@ import unicodedata
 import urllib.parse
 from decimal import Decimal
 
-import psycopg
-from psycopg.types.string import TextLoader
 
 TYPES = ["Patient", "Observation", "Encounter", "Practitioner", "DiagnosticReport"]
 COUNT = 50
@@ -168,9 +171,9 @@ class Ledger:
                     raise
 
 
-def read_back(ledger, rtype):
-    """Yields pages (lists of resources) of every resource of rtype."""
-    path = f"/{rtype}?_count=1000"
+def read_back(ledger, rtype, query=""):
+    """Yields pages (lists of resources) of every resource of rtype (matching query, "k=v&")."""
+    path = f"/{rtype}?{query}_count=1000"
     while path:
         status, body = ledger.get(path)
         if status != 200:
@@ -182,6 +185,57 @@ def read_back(ledger, rtype):
         if nxt:
             u = urllib.parse.urlparse(nxt[0])
             path = u.path + ("?" + u.query if u.query else "")
+
+
+def obs_date(r):
+    return r.get("effectiveDateTime") or r.get("effectiveInstant") or (r.get("effectivePeriod") or {}).get("start")
+
+
+def add_fact(facts, r):
+    """Records what the query generator needs of one Patient or Observation."""
+    if r.get("resourceType") == "Patient":
+        key = next((i["value"] for i in r.get("identifier", []) if "tietai" in i.get("system", "")), r["id"])
+        facts["patients"].append({"id": r["id"], "key": key, "names": r.get("name", [])})
+    elif r.get("resourceType") == "Observation":
+        vq = r.get("valueQuantity") or {}
+        facts["obs"].append((ref(r.get("subject")), tokens(r.get("code")), obs_date(r),
+                             (vq["value"], vq.get("system"), vq.get("code")) if "value" in vq else None))
+
+
+def collect_facts(ledger, obs_patients, seed, keys_file=None):
+    """Without PostgreSQL: the facts of every Patient, and of the Observations of obs_patients
+    Patients drawn with the seed (reading every Observation back would dominate the run on a
+    large server; the classes draw their Observations from this sample). With keys_file: only
+    the Patients whose key (Synthea identifier) it lists when it exists; else it is written with
+    the keys of every Patient (so that later runs on a grown server query the same people)."""
+    facts = {"patients": [], "obs": []}
+    start = time.perf_counter()
+    for page in read_back(ledger, "Patient"):
+        for r in page:
+            add_fact(facts, r)
+    if keys_file:
+        try:
+            with open(keys_file) as f:
+                keys = {line.strip() for line in f if line.strip()}
+            n = len(facts["patients"])
+            facts["patients"] = [p for p in facts["patients"] if p["key"] in keys]
+            print(f"  {len(facts['patients'])} of {n} Patients are copies of the {len(keys)} in {keys_file}")
+            if not facts["patients"]:
+                sys.exit(f"no Patient has a key listed in {keys_file}")
+        except FileNotFoundError:
+            with open(keys_file, "w") as f:
+                f.writelines(k + "\n" for k in sorted({p["key"] for p in facts["patients"]}))
+    ids = sorted(p["id"] for p in facts["patients"])
+    sample = random.Random(f"{seed}/obs-patients").sample(ids, min(obs_patients, len(ids)))
+    for pid in sample:
+        for page in read_back(ledger, "Observation", f"subject=Patient/{pid}&"):
+            for r in page:
+                add_fact(facts, r)
+    print(f"  {len(facts['patients'])} Patients and the {len(facts['obs'])} Observations of {len(sample)} of them "
+          f"read back in {time.perf_counter() - start:.1f} s", flush=True)
+    if not facts["obs"]:
+        sys.exit("no Observations to draw queries from")
+    return facts
 
 
 def load(ledger, pg, content_type):
@@ -198,21 +252,17 @@ def load(ledger, pg, content_type):
                 rows, extra = [], []
                 for r in page:
                     content = json.dumps(r, separators=(",", ":"), ensure_ascii=False)
+                    add_fact(facts, r)
                     if rtype == "Patient":
                         rows.append((r["id"], content, r.get("birthDate"), r.get("gender")))
                         parts = name_parts(r)
                         extra += [(r["id"], v) for v in parts]
-                        key = next((i["value"] for i in r.get("identifier", []) if "tietai" in i.get("system", "")), r["id"])
-                        facts["patients"].append({"id": r["id"], "key": key, "names": r.get("name", [])})
                     elif rtype == "Observation":
                         vq = r.get("valueQuantity") or {}
                         has_vq = "value" in vq
-                        date = r.get("effectiveDateTime") or r.get("effectiveInstant") or (r.get("effectivePeriod") or {}).get("start")
-                        codes = tokens(r.get("code"))
-                        rows.append((r["id"], content, ref(r.get("subject")), codes, date,
+                        date = obs_date(r)
+                        rows.append((r["id"], content, ref(r.get("subject")), tokens(r.get("code")), date,
                                      repr(vq["value"]) if has_vq else None, vq.get("system"), vq.get("code")))
-                        facts["obs"].append((ref(r.get("subject")), codes, date,
-                                             (vq["value"], vq.get("system"), vq.get("code")) if has_vq else None))
                     elif rtype == "Encounter":
                         subj = ref(r.get("subject"))
                         prac = [ref(p.get("individual")) for p in r.get("participant", [])]
@@ -476,7 +526,7 @@ def run_class(ledger, pg, cls, n, warmup, seed, verbose):
     for i, qu in enumerate(queries):
         measured = i >= warmup
         order = (0, 1) if i % 2 == 0 else (1, 0)
-        for side in order:
+        for side in order if pg is not None else (0,):
             if side == 0:
                 t = time.perf_counter()
                 try:
@@ -493,14 +543,17 @@ def run_class(ledger, pg, cls, n, warmup, seed, verbose):
                 ep = (time.perf_counter() - t) * 1e3
         if not measured:
             continue
-        lat_p.append(ep)
-        bytes_p.append(sum(len(r[2]) for r in rows))
+        if pg is not None:
+            lat_p.append(ep)
+            bytes_p.append(sum(len(r[2]) for r in rows))
         if status != 200:
             msg = f"HTTP {status}: {outcome_text(body)}" if status else f"connection: {body.decode()}"
             errors.setdefault(msg, []).append(qu["path"])
             continue
         lat_l.append(el)
         bytes_l.append(len(body))
+        if pg is None:
+            continue
         cp, pp, other_order = check(pg, qu, kind, body, rows)
         if cp:
             count_bad.append((qu["path"], cp))
@@ -509,10 +562,12 @@ def run_class(ledger, pg, cls, n, warmup, seed, verbose):
         reordered += other_order
     res = {"name": name, "example": example, "target": target, "n": n, "ledger": lat_l, "pg": lat_p,
            "errors": errors, "count_bad": count_bad, "page_bad": page_bad, "reordered": reordered,
-           "bytes_l": statistics.mean(bytes_l) if bytes_l else None, "bytes_p": statistics.mean(bytes_p)}
+           "bytes_l": statistics.mean(bytes_l) if bytes_l else None,
+           "bytes_p": statistics.mean(bytes_p) if bytes_p else None}
     lp = f"p50 {fmt(pct(lat_l, 50))} / p95 {fmt(pct(lat_l, 95))} ms" if lat_l else "no answers"
-    print(f"  {name:18} {example}: fhir-ledger {lp} ({len(lat_l)} ok, {sum(map(len, errors.values()))} errors), "
-          f"PostgreSQL p50 {fmt(pct(lat_p, 50))} / p95 {fmt(pct(lat_p, 95))} ms", flush=True)
+    pp = f", PostgreSQL p50 {fmt(pct(lat_p, 50))} / p95 {fmt(pct(lat_p, 95))} ms" if pg is not None else ""
+    print(f"  {name:18} {example}: fhir-ledger {lp} ({len(lat_l)} ok, {sum(map(len, errors.values()))} errors){pp}",
+          flush=True)
     if verbose:
         for msg, paths in errors.items():
             print(f"      error x{len(paths)}: {msg}  e.g. {paths[0]}")
@@ -523,6 +578,15 @@ def run_class(ledger, pg, cls, n, warmup, seed, verbose):
         if reordered:
             print(f"      {reordered} right pages in another order than PostgreSQL's (no _sort: FHIR leaves it open)")
     return res
+
+
+def ledger_table(results):
+    print("| query class | n | fhir-ledger p50 / p95 / p99 ms | errors | mean response KiB |")
+    print("| --- | --- | --- | --- | --- |")
+    for r in results:
+        l = r["ledger"]
+        print(f"| {r['name']}: `{r['example']}` | {r['n']} | {' / '.join(fmt(pct(l, x)) for x in (50, 95, 99))} "
+              f"| {sum(map(len, r['errors'].values()))} | {r['bytes_l'] / 1024 if r['bytes_l'] else 0:.0f} |")
 
 
 def table(results):
@@ -549,7 +613,13 @@ def table(results):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--base", required=True, help="fhir-ledger base URL, with the data already loaded")
-    ap.add_argument("--pg", required=True, help="libpq connection string of an empty PostgreSQL database")
+    ap.add_argument("--pg", help="libpq connection string of an empty PostgreSQL database; without it, time "
+                    "fhir-ledger alone (no PostgreSQL, no answer checks; tests/bench/scale.sh)")
+    ap.add_argument("--obs-patients", type=int, default=50,
+                    help="without --pg: draw Observations from those of this many Patients (default 50)")
+    ap.add_argument("--patient-keys", metavar="FILE",
+                    help="without --pg: draw only from the Patients whose Synthea identifier FILE lists; "
+                         "when FILE does not exist, write the identifiers of every Patient to it")
     ap.add_argument("-n", type=int, default=200, help="measured queries per class (default 200)")
     ap.add_argument("--warmup", type=int, default=20, help="unmeasured queries per class first (default 20)")
     ap.add_argument("--seed", default="2001")
@@ -563,30 +633,42 @@ def main():
     a = ap.parse_args()
 
     ledger = Ledger(a.base)
-    pg = psycopg.connect(a.pg, autocommit=True, prepare_threshold=None)
-    pg.adapters.register_loader("jsonb", TextLoader)
     status, body = ledger.get("/metadata")
     software = json.loads(body).get("software", {}) if status == 200 else {}
-    print(f"fhir-ledger {software.get('version', '?')} at {a.base}; "
-          f"{pg.execute('SELECT version()').fetchone()[0].split(',')[0]}")
-    print(f"loading PostgreSQL (content {a.pg_content}) from fhir-ledger's resources:", flush=True)
-    facts = load(ledger, pg, a.pg_content)
-    sizes = pg.execute("SELECT pg_size_pretty(pg_database_size(current_database()))").fetchone()[0]
-    print(f"  PostgreSQL database size {sizes}")
+    if a.pg:
+        import psycopg
+        from psycopg.types.string import TextLoader
+
+        pg = psycopg.connect(a.pg, autocommit=True, prepare_threshold=None)
+        pg.adapters.register_loader("jsonb", TextLoader)
+        print(f"fhir-ledger {software.get('version', '?')} at {a.base}; "
+              f"{pg.execute('SELECT version()').fetchone()[0].split(',')[0]}")
+        print(f"loading PostgreSQL (content {a.pg_content}) from fhir-ledger's resources:", flush=True)
+        facts = load(ledger, pg, a.pg_content)
+        sizes = pg.execute("SELECT pg_size_pretty(pg_database_size(current_database()))").fetchone()[0]
+        print(f"  PostgreSQL database size {sizes}")
+    else:
+        pg = None
+        print(f"fhir-ledger {software.get('version', '?')} at {a.base}, alone (no PostgreSQL):", flush=True)
+        facts = collect_facts(ledger, a.obs_patients, a.seed, a.patient_keys)
 
     classes = make_classes(facts, a.pg_order)
     if a.only:
         want = {s.strip() for s in a.only.split(",")}
         classes = [c for c in classes if c[0] in want]
-    print(f"running {a.warmup} warm-up + {a.n} measured queries per class, _count={COUNT}, seed {a.seed}, "
-          f"PostgreSQL pages {'in id order' if a.pg_order == 'id' else 'unordered'} without _sort:", flush=True)
+    print(f"running {a.warmup} warm-up + {a.n} measured queries per class, _count={COUNT}, seed {a.seed}"
+          + (f", PostgreSQL pages {'in id order' if a.pg_order == 'id' else 'unordered'} without _sort:" if pg else ":"),
+          flush=True)
     results = [run_class(ledger, pg, c, a.n, a.warmup, a.seed, not a.quiet) for c in classes]
     print()
-    table(results)
-    print()
-    print("Mean response size (fhir-ledger body / PostgreSQL resource text): "
-          + "; ".join(f"{r['name']} {r['bytes_l'] / 1024:.0f} / {r['bytes_p'] / 1024:.0f} KiB" if r["bytes_l"]
-                      else f"{r['name']} — / {r['bytes_p'] / 1024:.0f} KiB" for r in results))
+    if pg is None:
+        ledger_table(results)
+    else:
+        table(results)
+        print()
+        print("Mean response size (fhir-ledger body / PostgreSQL resource text): "
+              + "; ".join(f"{r['name']} {r['bytes_l'] / 1024:.0f} / {r['bytes_p'] / 1024:.0f} KiB" if r["bytes_l"]
+                          else f"{r['name']} — / {r['bytes_p'] / 1024:.0f} KiB" for r in results))
     if a.json:
         with open(a.json, "w") as f:
             json.dump(results, f, indent=1, default=str)
