@@ -63,8 +63,16 @@ pub fn search_engine(profiles_dir: &std::path::Path, repo: Arc<Repo>) -> anyhow:
     let search = Engine::new(repo, profiles, registry, compartments, crate::auth::store::INTERNAL_TYPES)
         .map_err(|e| anyhow::anyhow!("search index: {}", e.issues.first().map_or("", |i| i.diagnostics.as_str())))?;
     let search = Arc::new(search);
+    let leaves = repo_leaves(&search);
+    if search.folded() < leaves {
+        eprintln!("fhir-ledger: search index at leaf {} of {leaves}; folding the rest", search.folded());
+    }
     crate::search::index::keep_current(&search);
     Ok(search)
+}
+
+fn repo_leaves(search: &Engine) -> u64 {
+    search.repo().view().leaf_count().unwrap_or(0)
 }
 
 /// Opens the node's keys, ledger and repository; `raft` is the bound inter-node listener of a

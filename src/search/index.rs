@@ -174,6 +174,11 @@ impl Engine {
         Ok(engine)
     }
 
+    /// The first leaf the index has not folded in yet.
+    pub fn folded(&self) -> u64 {
+        self.index.read().unwrap_or_else(PoisonError::into_inner).next_leaf
+    }
+
     /// Registers every stored SearchParameter (at open, and before a rebuild).
     fn register_custom(&self, idx: &mut Index) -> Result<(), FhirError> {
         idx.registry = self.core.clone();

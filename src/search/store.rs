@@ -586,3 +586,31 @@ impl DocCache {
         *self.inner.lock().unwrap_or_else(PoisonError::into_inner) = CacheInner::default();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_follow_the_order_of_values() {
+        let nums = [-1e9, -5.5, -1.0, -0.0, 0.0, 1e-9, 0.5, 1.0, 1.06, 7.0, 64.0, 1e12];
+        for w in nums.windows(2) {
+            assert!(num_bucket(w[0]) <= num_bucket(w[1]), "{} before {}", w[0], w[1]);
+        }
+        assert!(num_bucket(1.0) < num_bucket(2.0), "an octave spans several buckets");
+        // Days before 1970 round down, so a window's first bucket holds its start.
+        assert_eq!((-1i64).div_euclid(DAY_MS), -1);
+        assert_eq!((DAY_MS - 1).div_euclid(DAY_MS), 0);
+    }
+
+    #[test]
+    fn a_value_is_a_point_only_when_narrow_and_closed() {
+        let day = Value::Date { lo: 0, hi: DAY_MS };
+        assert!(matches!(ordered_slots(&day)[..], [Slot::Point(_, 0)]));
+        let open = Value::Date { lo: 0, hi: i64::MAX };
+        assert!(matches!(ordered_slots(&open)[..], [Slot::Wide]));
+        let q =
+            Value::Quantity { lo: 5.0, hi: 5.0, system: None, code: Some("mg".into()), unit: Some("milligram".into()) };
+        assert_eq!(ordered_slots(&q).len(), 2, "filed under its code and its unit");
+    }
+}
