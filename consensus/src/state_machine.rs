@@ -5,7 +5,7 @@
 //! Everything an entry changes (resources, index postings, leaves, last-applied) is written
 //! in one atomic store batch.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -400,8 +400,33 @@ const LOAD_BATCH_BYTES: usize = 16 * 1024 * 1024;
 #[derive(Clone, Debug)]
 pub struct StateMachine {
     view: StateView,
-    /// Serializes apply and snapshot building against each other.
+    /// Serializes apply against the start of a snapshot build and against installs.
     lock: Arc<Mutex<()>>,
+    /// While a snapshot is being built: the value every key apply changed had at the
+    /// snapshot's point (`None`: absent then), kept before apply's first write to it.
+    undo: Undo,
+}
+
+type Undo = Arc<std::sync::Mutex<Option<BTreeMap<Vec<u8>, Option<Vec<u8>>>>>>;
+
+/// Keys that only ever appear, never change: version records and stored subtree hashes. A
+/// snapshot tells those of its point by their leaf, so apply keeps no undo for them.
+fn append_only(key: &[u8]) -> bool {
+    matches!(key.first(), Some(b'r' | b'n'))
+}
+
+/// Whether an append-only key belongs to a state of `leaves` leaves: a record of a leaf below
+/// it, or a subtree that ends at or below it.
+fn within(key: &[u8], leaves: u64) -> bool {
+    match key.first() {
+        Some(b'r') => key.get(1..).and_then(crate::kv::read_be).is_some_and(|leaf| leaf < leaves),
+        Some(b'n') => {
+            let level = key.get(1).copied().map_or(64, u32::from);
+            let index = key.get(2..).and_then(crate::kv::read_be);
+            index.and_then(|i| i.checked_add(1)).and_then(|i| i.checked_shl(level)).is_some_and(|end| end <= leaves)
+        }
+        _ => true,
+    }
 }
 
 // By value so that it reads `.map_err(sio)`; openraft only borrows the error.
@@ -414,7 +439,11 @@ impl StateMachine {
     /// A state machine over `kv` with snapshot files in `snap_dir`, as it is on disk (for
     /// read-only use such as the offline verifier).
     pub fn new(kv: Arc<dyn KvStore>, snap_dir: PathBuf) -> Self {
-        Self { view: StateView { kv, snap_dir: Arc::new(snap_dir) }, lock: Arc::new(Mutex::new(())) }
+        Self {
+            view: StateView { kv, snap_dir: Arc::new(snap_dir) },
+            lock: Arc::new(Mutex::new(())),
+            undo: Arc::default(),
+        }
     }
 
     /// [`StateMachine::new`] for a running node: finishes a snapshot load a crash interrupted
@@ -460,6 +489,19 @@ impl StateMachine {
 
     pub(crate) fn proposer_key(membership: &StoredMembership<NodeId, Node>, node_id: NodeId) -> Option<VerifyingKey> {
         membership.membership().get_node(&node_id)?.verifying_key()
+    }
+
+    /// While a snapshot is being built, keeps what each key `wb` changes held at the
+    /// snapshot's point, before the first write to it (see [`RaftSnapshotBuilder`] below).
+    fn keep_undo(&self, kv: &dyn KvStore, wb: &WriteBatch) -> io::Result<()> {
+        let mut undo = self.undo.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some(undo) = undo.as_mut() else { return Ok(()) };
+        for (k, _) in &wb.ops {
+            if !append_only(k) && !k.starts_with(b"m/") && !undo.contains_key(k) {
+                undo.insert(k.clone(), kv.get(k)?);
+            }
+        }
+        Ok(())
     }
 
     fn apply_batch(
@@ -676,6 +718,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             ov.put(META_APPLIED.to_vec(), encode(&Some(last)).map_err(sio)?);
             ov.put(META_FRONTIER.to_vec(), encode(&frontier).map_err(sio)?);
             let wb = WriteBatch { ops: ov.pending.into_iter().collect() };
+            self.keep_undo(kv.as_ref(), &wb).map_err(sio)?;
             // Not flushed here: the Raft log is durable before commit, and a state machine that
             // lags after a crash is brought forward by re-applying the log from `m/applied`.
             kv.apply(wb).map_err(sio)?;
@@ -745,7 +788,7 @@ fn uuid_ish() -> String {
 /// Replaces the whole state with the snapshot in `path`, in bounded batches. Not atomic as a
 /// whole: `m/installing` (written by the caller, removed by the last batch here) makes a crash
 /// midway redo the load at the next open, so the state ends up exactly the snapshot's.
-fn load_snapshot(
+pub(crate) fn load_snapshot(
     kv: &dyn KvStore,
     path: &std::path::Path,
     meta: &SnapshotMeta<NodeId, Node>,
@@ -785,43 +828,80 @@ fn load_snapshot(
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
-    /// Streams every state key except the meta keys into a file. Apply waits meanwhile (sled
-    /// has no point-in-time iterator), which bounds how often snapshots should be taken.
+    /// Streams the state as it was at the last applied entry into a file while apply goes on
+    /// (sled has no point-in-time iterator, so the build makes one): apply stops only while
+    /// the point is taken. Version records and subtree hashes are only ever added, so those
+    /// of later leaves are left out; every other key apply changes meanwhile has its value at
+    /// the point kept first (`undo`), and the stream takes that value instead.
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
-        let guard = self.lock.clone().lock_owned().await;
-        let last = self.view.last_applied().map_err(sio)?;
-        let meta = SnapshotMeta {
-            last_log_id: last,
-            last_membership: self.membership().map_err(sio)?,
-            snapshot_id: format!("{}-{}", last.map_or(0, |l| l.index), last.map_or(0, |l| l.leader_id.term)),
-        };
+        let (meta, frontier) = self.snapshot_point().await.map_err(sio)?;
         let sm = self.clone();
         let m = meta.clone();
-        let path = tokio::task::spawn_blocking(move || -> io::Result<PathBuf> {
-            let _guard = guard;
-            let kv = sm.view.kv.as_ref();
-            let mut w = crate::snapshot::Writer::create(&sm.view.snap_dir, &m)?;
-            for entry in kv.scan_prefix_shared(b"") {
-                let (k, v) = entry?;
-                if !k.starts_with(b"m/") {
-                    w.record(&k, (*v).as_ref())?;
-                }
-            }
-            // The frontier is state too (not a snapshot-meta key): keep it.
-            w.record(META_FRONTIER, &encode(&sm.view.frontier()?)?)?;
-            let path = w.finish()?;
-            let mut wb = WriteBatch::default();
-            let file = crate::snapshot::file_name(&m);
-            wb.put(META_SNAPSHOT.to_vec(), encode(&StoredSnapshot { meta: m, file })?);
-            kv.apply(wb)?;
-            kv.flush()?;
-            sm.remove_stale_files()?;
-            Ok(path)
-        })
-        .await
-        .map_err(|e| sio(io::Error::other(e.to_string())))?
-        .map_err(sio)?;
+        let built = tokio::task::spawn_blocking(move || sm.write_snapshot(&m, &frontier)).await;
+        *self.undo.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+        let path = built.map_err(|e| sio(io::Error::other(e.to_string())))?.map_err(sio)?;
         let file = tokio::fs::File::open(&path).await.map_err(sio)?;
         Ok(Snapshot { meta, snapshot: Box::new(file) })
+    }
+}
+
+impl StateMachine {
+    /// Takes a snapshot's point between two applies, and has apply keep undo from then on.
+    pub(crate) async fn snapshot_point(&self) -> io::Result<(SnapshotMeta<NodeId, Node>, Frontier)> {
+        let _guard = self.lock.lock().await;
+        let last = self.view.last_applied()?;
+        let meta = SnapshotMeta {
+            last_log_id: last,
+            last_membership: self.membership()?,
+            snapshot_id: format!("{}-{}", last.map_or(0, |l| l.index), last.map_or(0, |l| l.leader_id.term)),
+        };
+        *self.undo.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(BTreeMap::new());
+        Ok((meta, self.view.frontier()?))
+    }
+
+    /// The state at `m`'s point into a snapshot file, recorded as the current snapshot.
+    pub(crate) fn write_snapshot(&self, m: &SnapshotMeta<NodeId, Node>, frontier: &Frontier) -> io::Result<PathBuf> {
+        let kv = self.view.kv.as_ref();
+        let undo = || self.undo.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut w = crate::snapshot::Writer::create(&self.view.snap_dir, m)?;
+        let mut taken = BTreeSet::new();
+        for entry in kv.scan_prefix_shared(b"") {
+            let (k, v) = entry?;
+            if k.starts_with(b"m/") || (append_only(&k) && !within(&k, frontier.size)) {
+                continue;
+            }
+            // Read after the value: apply keeps the undo before it writes, so a value read
+            // after a change always finds that change's undo here.
+            let before = if append_only(&k) { None } else { undo().as_ref().and_then(|u| u.get(&k).cloned()) };
+            match before {
+                None => w.record(&k, (*v).as_ref())?,
+                Some(Some(old)) => {
+                    w.record(&k, &old)?;
+                    taken.insert(k);
+                }
+                Some(None) => {} // created after the point
+            }
+        }
+        // Keys deleted after the point before the scan reached them. A key changed only after
+        // the scan passed it comes again with the same value, which loads the same.
+        let missed: Vec<(Vec<u8>, Vec<u8>)> = undo()
+            .iter()
+            .flatten()
+            .filter(|(k, _)| !taken.contains(*k))
+            .filter_map(|(k, old)| old.clone().map(|o| (k.clone(), o)))
+            .collect();
+        for (k, old) in missed {
+            w.record(&k, &old)?;
+        }
+        // The frontier is state too (not a snapshot-meta key): keep it.
+        w.record(META_FRONTIER, &encode(frontier)?)?;
+        let path = w.finish()?;
+        let mut wb = WriteBatch::default();
+        let file = crate::snapshot::file_name(m);
+        wb.put(META_SNAPSHOT.to_vec(), encode(&StoredSnapshot { meta: m.clone(), file })?);
+        kv.apply(wb)?;
+        kv.flush()?;
+        self.remove_stale_files()?;
+        Ok(path)
     }
 }

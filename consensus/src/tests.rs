@@ -139,6 +139,47 @@ async fn two_nodes_applying_the_same_log_reach_the_same_root_and_state() {
     assert_eq!(dump(&ta), dump(&tb));
 }
 
+/// A snapshot is the state at its point even while apply changes, deletes and adds keys
+/// during the build: what it loads equals a node that applied only up to the point.
+#[tokio::test]
+async fn a_snapshot_is_its_point_in_time_while_apply_goes_on() {
+    let k = key();
+    let (_d, mut sm, _) = fresh();
+    let (_r, mut reference, rtree) = fresh();
+    let create = |n: u64, id: String| batch_entry(n, &k, 1, vec![cmd(vec![], vec![write(&id, 1, b"v1")])]);
+    // Up to the point: 40 patients, so subtree hashes are stored too.
+    let mut entries = vec![membership_entry(1, &k)];
+    entries.extend((0..40).map(|i| create(2 + i, format!("p{i}"))));
+    sm.apply(entries.clone()).await.unwrap();
+    reference.apply(entries).await.unwrap();
+    let (meta, frontier) = sm.snapshot_point().await.unwrap();
+    // After it, before the stream reads anything: updates (current records change, postings
+    // move), an erasure (a key tombstone appears), and new patients (records, subtrees).
+    let mut later = Vec::new();
+    for i in 0..10u64 {
+        later.push(batch_entry(42 + i, &k, 1, vec![cmd(vec![], vec![write(&format!("p{i}"), 2, b"v2")])]));
+    }
+    let mut erase = write("p20", 2, b"");
+    erase.op = Op::Erase;
+    later.push(batch_entry(52, &k, 1, vec![cmd(vec![], vec![erase])]));
+    later.extend((0..30).map(|i| create(53 + i, format!("q{i}"))));
+    sm.apply(later).await.unwrap();
+    let path = sm.write_snapshot(&meta, &frontier).unwrap();
+
+    let (_l, _, loaded) = fresh();
+    crate::state_machine::load_snapshot(loaded.as_ref(), &path, &meta, "test").unwrap();
+    let dump = |t: &Arc<dyn KvStore>| {
+        t.scan_prefix(b"")
+            .map(|kv| kv.unwrap())
+            .filter(|(k, _)| !k.starts_with(b"m/") || k == b"m/frontier")
+            .collect::<Vec<_>>()
+    };
+    let (want, got) = (dump(&rtree), dump(&loaded));
+    assert!(want.len() > 100, "a real state: {} keys", want.len());
+    assert_eq!(got.len(), want.len(), "same keys");
+    assert!(got == want, "the snapshot holds the state at its point, not a mix");
+}
+
 #[tokio::test]
 async fn matches_precondition_guards_conditional_creates() {
     let k = key();
