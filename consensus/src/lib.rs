@@ -168,10 +168,15 @@ impl Ledger {
         let Options { dir, node_id, key, api_addr, snapshot_every, raft_listener, cache_bytes } = opts;
         std::fs::create_dir_all(dir)?;
         let db = sled_store::SledDb::open_with_cache(dir, cache_bytes)?;
-        let log = log_store::LogStore::open(&dir.join(log_store::DIR), db.tree("raft_meta")?)?;
+        let single = raft_listener.is_none();
+        let mut log = log_store::LogStore::open(&dir.join(log_store::DIR), db.tree("raft_meta")?)?;
+        // One node alone commits nothing it has not fsynced itself, and recommits its whole log
+        // the moment it resumes leading; in a cluster, a restarted leader must be elected anew.
+        if !single {
+            log = log.no_resumed_leadership();
+        }
         let sm = state_machine::StateMachine::open(db.tree("state")?, dir.join("snapshots"))?;
         let view = sm.view();
-        let single = raft_listener.is_none();
         let config = openraft::Config {
             cluster_name: "fhir-ledger".into(),
             heartbeat_interval: 250,

@@ -3,8 +3,8 @@
 //! SIGKILL, partitioned through the nodes' fault-injecting transport, impersonated and replayed
 //! to; every history is checked for lost acknowledged writes and for linearizability.
 
-use std::path::{Path, PathBuf};
 use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -282,7 +282,10 @@ async fn write(http: &reqwest::Client, h: &History, client: usize, base: &str, k
         Ok(r) if r.status().is_success() => {
             let version = version_of(&r).expect("an acknowledged write has an ETag");
             h.acked.lock().unwrap().push((key.to_string(), version, value));
-            (Some(h.now()), format!("via {base}: {} v{version} leaf {}", r.status().as_u16(), header(&r, "x-ledger-leaf")))
+            (
+                Some(h.now()),
+                format!("via {base}: {} v{version} leaf {}", r.status().as_u16(), header(&r, "x-ledger-leaf")),
+            )
         }
         // 4xx (409 after losing races): certainly not written, nothing to record.
         Ok(r) if r.status().is_client_error() => return,
@@ -428,6 +431,12 @@ async fn leader_kills_lose_no_acknowledged_write() {
     }
     assert!(kills >= 10, "{kills} kills");
     cluster.converged().await;
+    // Every kill forced an election: a killed leader restarted within the election timeout
+    // must not resume its old term (its commit index on disk may be behind what it had
+    // committed, so it would grant stale read indexes: issue 17).
+    let term = cluster.status(cluster.leader().await).await.and_then(|s| s["term"].as_u64()).unwrap_or(0);
+    assert!(term > kills, "term {term} after {kills} leader kills");
+    eprintln!("{kills} leader kills, final term {term}");
     check_history(&cluster, &h, keys).await;
 }
 
