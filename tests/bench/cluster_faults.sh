@@ -41,7 +41,9 @@ for i in $(seq 1 "$runs"); do
       verdict="FAILED (history: $out/history-$i.txt, cluster kept in $(dirname "$history"))"
     fi
   fi
+  kills=$(grep -m1 -o '[0-9]* leader kills, final term [0-9]*' "$log")
   summary=$(grep -m1 -o 'history: [0-9]* operations.*' "$log" || grep -m1 -A1 'panicked at' "$log" | tail -n 1)
+  summary="${kills:+$kills; }$summary"
   printf 'run %2d/%d: %s in %ss  %s\n' "$i" "$runs" "$verdict" "$(( $(date +%s) - start ))" "$summary"
 done
 
