@@ -108,6 +108,25 @@ pub struct Ledger {
     db: sled_store::SledDb,
 }
 
+/// Where a read barrier left a read: which node serves it, at which term, and what it waited
+/// for. Reported with every read so that a history that is not linearizable names them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReadPoint {
+    /// The serving node.
+    pub node: NodeId,
+    /// Its Raft term when the barrier passed.
+    pub term: u64,
+    /// The leader that confirmed the read index with a quorum (this node when it leads); None
+    /// for a bounded-staleness read.
+    pub leader: Option<NodeId>,
+    /// The log index the state had to reach (None: empty log, or a bounded-staleness read).
+    pub read_index: Option<u64>,
+    /// The serving node's applied index when the barrier passed (at least `read_index`).
+    pub applied: Option<u64>,
+    /// Bounded-staleness reads: how long ago a leader last replicated to this node.
+    pub staleness: Option<std::time::Duration>,
+}
+
 /// How to open a node.
 pub struct Options<'a> {
     /// The ledger directory (sled stores and `snapshots/`); created if missing.
@@ -149,10 +168,15 @@ impl Ledger {
         let Options { dir, node_id, key, api_addr, snapshot_every, raft_listener, cache_bytes } = opts;
         std::fs::create_dir_all(dir)?;
         let db = sled_store::SledDb::open_with_cache(dir, cache_bytes)?;
-        let log = log_store::LogStore::open(&dir.join(log_store::DIR), db.tree("raft_meta")?)?;
+        let single = raft_listener.is_none();
+        let mut log = log_store::LogStore::open(&dir.join(log_store::DIR), db.tree("raft_meta")?)?;
+        // One node alone commits nothing it has not fsynced itself, and recommits its whole log
+        // the moment it resumes leading; in a cluster, a restarted leader must be elected anew.
+        if !single {
+            log = log.no_resumed_leadership();
+        }
         let sm = state_machine::StateMachine::open(db.tree("state")?, dir.join("snapshots"))?;
         let view = sm.view();
-        let single = raft_listener.is_none();
         let config = openraft::Config {
             cluster_name: "fhir-ledger".into(),
             heartbeat_interval: 250,
@@ -229,7 +253,8 @@ impl Ledger {
 
     /// Waits until this node's state reflects every write committed before the call (the
     /// leader's read index, asked over the transport on a follower), so a read is linearizable.
-    pub async fn linearize(&self) -> Result<(), ProposeError> {
+    /// Says which leader granted which read index, for the response headers and histories.
+    pub async fn linearize(&self) -> Result<ReadPoint, ProposeError> {
         let deadline = tokio::time::Instant::now() + LEADER_WAIT;
         let no_quorum =
             || ProposeError::Unavailable("no quorum confirmed the leader in time for a linearizable read".into());
@@ -237,7 +262,7 @@ impl Ledger {
             let confirmed =
                 tokio::time::timeout_at(deadline, self.raft.ensure_linearizable()).await.map_err(|_| no_quorum())?;
             let leader = match confirmed {
-                Ok(_) => return Ok(()),
+                Ok(log_id) => return Ok(self.read_point(Some(self.node_id), log_id.map(|l| l.index), None)),
                 Err(openraft::error::RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(f))) => {
                     f.leader_id.zip(f.leader_node)
                 }
@@ -246,7 +271,9 @@ impl Ledger {
             if let Some((id, node)) = leader {
                 match self.pool.call(id, &node, &transport::Rpc::ReadIndex, LEADER_WAIT).await {
                     Ok(transport::Reply::ReadIndex(log_id)) => {
-                        return wait_applied(&self.raft, log_id.map(|l| l.index)).await;
+                        let index = log_id.map(|l| l.index);
+                        wait_applied(&self.raft, index).await?;
+                        return Ok(self.read_point(Some(id), index, None));
                     }
                     // Asking for a read index changes nothing, so any failure is worth a retry.
                     Ok(transport::Reply::NotLeader { .. }) | Err(_) => {}
@@ -261,19 +288,33 @@ impl Ledger {
     }
 
     /// A read barrier that accepts state at most `max_stale` old when this node can vouch for
-    /// that (a follower that heard from the leader that recently, or a leader whose quorum
-    /// acknowledged it that recently). Returns the staleness it served at, or None when it
-    /// fell back to a linearizable read.
-    pub async fn read_barrier(
-        &self,
-        max_stale: Option<std::time::Duration>,
-    ) -> Result<Option<std::time::Duration>, ProposeError> {
+    /// that (a follower that heard from the leader that recently); otherwise a linearizable
+    /// read. The [`ReadPoint`] says which it was.
+    pub async fn read_barrier(&self, max_stale: Option<std::time::Duration>) -> Result<ReadPoint, ProposeError> {
         if let (Some(bound), Some(stale)) = (max_stale, self.staleness()) {
             if stale <= bound {
-                return Ok(Some(stale));
+                return Ok(self.read_point(None, None, Some(stale)));
             }
         }
-        self.linearize().await.map(|()| None)
+        self.linearize().await
+    }
+
+    fn read_point(
+        &self,
+        leader: Option<NodeId>,
+        read_index: Option<u64>,
+        staleness: Option<std::time::Duration>,
+    ) -> ReadPoint {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        ReadPoint {
+            node: self.node_id,
+            term: m.current_term,
+            leader,
+            read_index,
+            applied: m.last_applied.map(|l| l.index),
+            staleness,
+        }
     }
 
     /// How far behind the cluster a follower's state may be: the time since a leader last

@@ -39,6 +39,8 @@ pub struct LogStore {
     /// The first index not purged: purging keeps whole segments, so entries below it may
     /// still be in a file, but they are no longer part of the log.
     readable_from: Arc<std::sync::atomic::AtomicU64>,
+    /// Whether a stored leadership may be resumed at start-up (see [`LogStore::no_resumed_leadership`]).
+    resume_leadership: bool,
 }
 
 impl Debug for LogStore {
@@ -51,10 +53,32 @@ impl LogStore {
     /// Opens the entries in `dir` (refusing a damaged log) and the ids in `meta`.
     pub fn open(dir: &Path, meta: Arc<dyn KvStore>) -> anyhow::Result<Self> {
         let entries = SegmentLog::open(dir, SEGMENT_BYTES)?;
-        let mut store = Self { entries: Arc::new(Mutex::new(entries)), meta, readable_from: Arc::default() };
+        let mut store = Self {
+            entries: Arc::new(Mutex::new(entries)),
+            meta,
+            readable_from: Arc::default(),
+            resume_leadership: true,
+        };
         let purged = store.get_meta::<Option<LogId<NodeId>>>(PURGED)?.flatten();
         store.readable_from = Arc::new(std::sync::atomic::AtomicU64::new(purged.map_or(0, |p| p.index + 1)));
         Ok(store)
+    }
+
+    /// A node restarted from this store must win an election before it leads again.
+    ///
+    /// openraft 0.9 restores a node whose stored vote is its own committed leadership as leader
+    /// of that term at once, and a leader's read index is max(its first entry of the term, its
+    /// commit index). After a crash both can be behind what it committed before: the commit
+    /// index is not flushed (`save_committed`), nor is the applied state, only the log is. The
+    /// restored leader then confirms its leadership with a quorum (the followers still hold
+    /// its term) and grants read indexes below entries that followers have already served
+    /// (issue 17, the stale read after failover). Forgetting that the vote was granted keeps
+    /// the term and whom this node voted for, so it still votes for no one else in the term;
+    /// only the claim to lead is dropped. A new leadership appends a blank entry of its own
+    /// term and commits it before it serves a read, which covers everything committed before.
+    pub fn no_resumed_leadership(mut self) -> Self {
+        self.resume_leadership = false;
+        self
     }
 
     fn log(&self) -> std::sync::MutexGuard<'_, SegmentLog> {
@@ -148,7 +172,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError<NodeId>> {
-        self.get_meta(VOTE)
+        // openraft reads the vote only at start-up.
+        let vote: Option<Vote<NodeId>> = self.get_meta(VOTE)?;
+        Ok(vote.map(|mut v| {
+            v.committed &= self.resume_leadership;
+            v
+        }))
     }
 
     async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> Result<(), StorageError<NodeId>> {

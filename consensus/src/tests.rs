@@ -366,3 +366,212 @@ mod model {
         }
     }
 }
+
+/// The stale read after failover (issue 17): a leader commits V, a follower serves V, and the
+/// leader crashes before its commit index and applied state reach disk (sled flushes them
+/// lazily; only the log is fsynced). It restarts within the election timeout. openraft 0.9
+/// restores a node whose stored vote is its own committed leadership as leader of that term at
+/// once, and a leader's read index is max(its first entry of the term, its commit index): both
+/// older than V here, so the restored leader confirmed its leadership with a quorum and then
+/// granted a read index that V is not under, and served (and handed followers) the value
+/// before V. Each node runs on its own runtime and thread, so that a crash drops every task of
+/// it, listener included; the crash image is the node's sled files from before V plus its
+/// log from after.
+mod failover {
+    use std::collections::BTreeMap;
+    use std::future::Future;
+    use std::path::{Path, PathBuf};
+    use std::time::Duration;
+
+    use ed25519_dalek::SigningKey;
+
+    use crate::{Command, Ledger, Options, Outcome, Precondition};
+
+    /// One node's "process": a single-threaded runtime on a thread of its own.
+    struct Proc {
+        handle: tokio::runtime::Handle,
+        stop: Option<tokio::sync::oneshot::Sender<()>>,
+        thread: Option<std::thread::JoinHandle<()>>,
+    }
+
+    impl Proc {
+        fn start() -> Self {
+            let (handle_tx, handle_rx) = std::sync::mpsc::channel();
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let thread = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                handle_tx.send(rt.handle().clone()).unwrap();
+                let _ = rt.block_on(stopped);
+                // Dropping the runtime drops every task of this node: the crash.
+            });
+            Proc { handle: handle_rx.recv().unwrap(), stop: Some(stop), thread: Some(thread) }
+        }
+
+        fn run<T: Send + 'static>(&self, f: impl Future<Output = T> + Send + 'static) -> T {
+            futures::executor::block_on(self.handle.spawn(f)).unwrap()
+        }
+
+        fn crash(mut self) {
+            drop(self.stop.take());
+            if let Some(t) = self.thread.take() {
+                t.join().unwrap();
+            }
+        }
+    }
+
+    fn node_key(id: u64) -> SigningKey {
+        SigningKey::from_bytes(&[id as u8 + 100; 32])
+    }
+
+    /// Opens node `id` on `proc`, retrying while sled still holds the lock of a crashed
+    /// instance (its flusher thread lets go a moment after the runtime is gone).
+    fn open(proc: &Proc, id: u64, dir: &Path, raft_addr: &str) -> Ledger {
+        let (dir, raft_addr) = (dir.to_path_buf(), raft_addr.to_string());
+        proc.run(async move {
+            for _ in 0..500 {
+                let listener = std::net::TcpListener::bind(&raft_addr).unwrap();
+                let opts = Options {
+                    dir: &dir,
+                    node_id: id,
+                    key: node_key(id),
+                    api_addr: format!("node{id}"),
+                    snapshot_every: None,
+                    raft_listener: Some(listener),
+                    cache_bytes: 16 << 20,
+                };
+                match Ledger::open(opts).await {
+                    Ok(l) => return l,
+                    Err(e) if e.to_string().contains("could not acquire lock") => {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    Err(e) => panic!("opening node {id}: {e}"),
+                }
+            }
+            panic!("node {id}: sled kept its lock");
+        })
+    }
+
+    fn copy_dir(from: &Path, to: &Path, skip: &[&str]) {
+        std::fs::create_dir_all(to).unwrap();
+        for e in std::fs::read_dir(from).unwrap() {
+            let e = e.unwrap();
+            let name = e.file_name();
+            if skip.iter().any(|s| name == *s) {
+                continue;
+            }
+            if e.file_type().unwrap().is_dir() {
+                copy_dir(&e.path(), &to.join(&name), &[]);
+            } else {
+                std::fs::copy(e.path(), to.join(&name)).unwrap();
+            }
+        }
+    }
+
+    fn put(version: u64, body: &[u8]) -> Command {
+        let pre = Precondition::Version { rtype: "Patient".into(), id: "reg".into(), current: version - 1 };
+        super::cmd(vec![pre], vec![super::write("reg", version, body)])
+    }
+
+    fn current_version(l: &Ledger) -> Option<u64> {
+        l.view().current("Patient", "reg").unwrap().map(|c| c.version)
+    }
+
+    fn proc(procs: &[Option<Proc>], i: usize) -> &Proc {
+        procs[i].as_ref().unwrap()
+    }
+
+    fn is_leader(l: &Ledger) -> bool {
+        l.raft.metrics().borrow().state == openraft::ServerState::Leader
+    }
+
+    #[test]
+    fn a_restarted_leader_grants_no_read_index_below_what_it_committed() {
+        let root = tempfile::tempdir().unwrap();
+        let addrs: Vec<String> = {
+            let ls: Vec<_> = (0..3).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+            ls.iter().map(|l| l.local_addr().unwrap().to_string()).collect()
+        };
+        let dirs: Vec<PathBuf> = (1..=3).map(|id| root.path().join(format!("node{id}"))).collect();
+        let mut procs: Vec<Option<Proc>> = (0..3).map(|_| Some(Proc::start())).collect();
+        let mut nodes: Vec<Option<Ledger>> =
+            (0..3).map(|i| Some(open(proc(&procs, i), i as u64 + 1, &dirs[i], &addrs[i]))).collect();
+        let node = |nodes: &[Option<Ledger>], i: usize| -> Ledger { nodes[i].clone().unwrap() };
+
+        // Form the cluster from node 1.
+        let members: BTreeMap<u64, crate::Node> = (0..3).map(|i| (i as u64 + 1, node(&nodes, i).this_node())).collect();
+        for i in 1..3 {
+            node(&nodes, i).trust(1, &members[&1].public_key).unwrap();
+        }
+        let n1 = node(&nodes, 0);
+        proc(&procs, 0).run(async move { n1.initialize(members).await.unwrap() });
+        let mut waited = 0;
+        let leader = loop {
+            if let Some(i) = (0..3).find(|&i| is_leader(&node(&nodes, i))) {
+                break i;
+            }
+            waited += 1;
+            assert!(waited < 1000, "no leader within 20 s");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let (f1, f2) = ((leader + 1) % 3, (leader + 2) % 3);
+
+        // A is committed and applied everywhere.
+        let l = node(&nodes, leader);
+        let out = proc(&procs, leader).run(async move { l.submit(put(1, b"A")).await.unwrap() });
+        assert!(matches!(out, Outcome::Applied { .. }), "{out:?}");
+        // Quiescent (sled flushes every 500 ms): the leader's sled files as a crash would leave
+        // them if nothing reached them after this point.
+        std::thread::sleep(Duration::from_millis(1500));
+        let image = root.path().join("crash-image");
+        copy_dir(&dirs[leader], &image, &[crate::log_store::DIR]);
+
+        // No follower may campaign while the leader is down: the restart happens within the
+        // election timeout, and this makes it so on a slow machine too.
+        for f in [f1, f2] {
+            node(&nodes, f).raft.runtime_config().elect(false);
+        }
+        // V, written through a follower, is committed and applied on the leader and the follower,
+        // and a linearizable read on the follower returns it.
+        let follower = node(&nodes, f1);
+        let out = proc(&procs, f1).run(async move {
+            let out = follower.submit(put(2, b"V")).await.unwrap();
+            follower.linearize().await.unwrap();
+            out
+        });
+        assert!(matches!(out, Outcome::Applied { .. }), "{out:?}");
+        assert_eq!(current_version(&node(&nodes, f1)), Some(2), "the follower serves V");
+        let v_index = node(&nodes, f1).raft.metrics().borrow().last_applied.map(|l| l.index).unwrap();
+        let term = node(&nodes, leader).raft.metrics().borrow().current_term;
+
+        // The leader crashes: its log (fsynced) has V; its sled files are from before V.
+        nodes[leader] = None;
+        procs[leader].take().unwrap().crash();
+        copy_dir(&dirs[leader].join(crate::log_store::DIR), &image.join(crate::log_store::DIR), &[]);
+
+        // It restarts and is asked for a linearizable read at once.
+        procs[leader] = Some(Proc::start());
+        let restarted = open(proc(&procs, leader), leader as u64 + 1, &image, &addrs[leader]);
+        let r = restarted.clone();
+        let point = proc(&procs, leader).handle.spawn(async move { r.linearize().await });
+        // Elections may go on now (the fixed node must win one before it serves reads).
+        for f in [f1, f2] {
+            node(&nodes, f).raft.runtime_config().elect(true);
+        }
+        let point = futures::executor::block_on(point).unwrap().expect("a linearizable read after the restart");
+        assert!(
+            point.read_index >= Some(v_index),
+            "node {} (term {}, {}leader of term {term} before the crash) granted read index {:?} below V's \
+             entry {v_index}, which a follower had already served",
+            point.node,
+            point.term,
+            if point.term == term { "still " } else { "" },
+            point.read_index,
+        );
+        assert_eq!(current_version(&restarted), Some(2), "the read after the restart sees V");
+
+        drop((restarted, nodes));
+        for p in procs.into_iter().flatten() {
+            p.crash();
+        }
+    }
+}

@@ -76,13 +76,14 @@ fn fhir_routes() -> actix_web::Scope<
                 }
                 res.headers_mut().insert(
                     header::ACCESS_CONTROL_EXPOSE_HEADERS,
-                    header::HeaderValue::from_static("Location, ETag, Last-Modified, Content-Location, X-Ledger-Leaf"),
+                    header::HeaderValue::from_static(
+                        "Location, ETag, Last-Modified, Content-Location, X-Ledger-Leaf, X-Ledger-Staleness-Ms, \
+                         X-Ledger-Node, X-Ledger-Term, X-Ledger-Read-Leader, X-Ledger-Read-Index, X-Ledger-Applied",
+                    ),
                 );
-                let stale = res.request().extensions().get::<Staleness>().copied();
-                if let Some(Staleness(d)) = stale {
-                    if let Ok(v) = header::HeaderValue::from_str(&d.as_millis().to_string()) {
-                        res.headers_mut().insert(header::HeaderName::from_static(STALENESS_HEADER), v);
-                    }
+                let point = res.request().extensions().get::<consensus::ReadPoint>().copied();
+                if let Some(p) = point {
+                    read_point_headers(res.headers_mut(), &p);
                 }
                 Ok(res)
             }
@@ -118,23 +119,37 @@ fn fhir_routes() -> actix_web::Scope<
 
 /// The read barrier of a read interaction: linearizable by default; with
 /// `Cache-Control: max-stale=N` (seconds), served from this node's state when it is at most N
-/// seconds behind, and then says how far in `X-Ledger-Staleness-Ms`.
+/// seconds behind, and then says how far in `X-Ledger-Staleness-Ms`. Where the read was served
+/// (node, term, read index) goes into the response headers ([`read_point_headers`]).
 pub async fn read_barrier(req: &HttpRequest, repo: &Repo) -> Result<(), FhirError> {
     if req.extensions().get::<authz::Barriered>().is_some() {
         return Ok(());
     }
     let max_stale = max_stale(req.headers())?;
-    if let Some(stale) = repo.read_barrier(max_stale).await? {
-        req.extensions_mut().insert(Staleness(stale));
-    }
+    let point = repo.read_barrier(max_stale).await?;
+    req.extensions_mut().insert(point);
     Ok(())
 }
 
-/// How stale the state a response was read from may be (set by [`read_barrier`]).
-#[derive(Clone, Copy)]
-pub struct Staleness(pub std::time::Duration);
-
 pub const STALENESS_HEADER: &str = "x-ledger-staleness-ms";
+
+/// Says where a read was served, so that a client history that is not linearizable can name
+/// the node, its term and the read index of each read (ARCHITECTURE.md, "Reads").
+fn read_point_headers(headers: &mut HeaderMap, p: &consensus::ReadPoint) {
+    let fields = [
+        (STALENESS_HEADER, p.staleness.map(|d| d.as_millis().to_string())),
+        ("x-ledger-node", Some(p.node.to_string())),
+        ("x-ledger-term", Some(p.term.to_string())),
+        ("x-ledger-read-leader", p.leader.map(|l| l.to_string())),
+        ("x-ledger-read-index", p.read_index.map(|i| i.to_string())),
+        ("x-ledger-applied", p.applied.map(|i| i.to_string())),
+    ];
+    for (name, value) in fields {
+        if let Some(v) = value.and_then(|v| header::HeaderValue::from_str(&v).ok()) {
+            headers.insert(header::HeaderName::from_static(name), v);
+        }
+    }
+}
 
 fn max_stale(headers: &HeaderMap) -> Result<Option<std::time::Duration>, FhirError> {
     for value in headers.get_all(header::CACHE_CONTROL) {

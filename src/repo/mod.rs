@@ -178,7 +178,7 @@ impl Repo {
         &self.index_key
     }
 
-    pub async fn linearize(&self) -> Result<(), FhirError> {
+    pub async fn linearize(&self) -> Result<consensus::ReadPoint, FhirError> {
         self.ledger.linearize().await.map_err(FhirError::unavailable)
     }
 
@@ -186,7 +186,7 @@ impl Repo {
     pub async fn read_barrier(
         &self,
         max_stale: Option<std::time::Duration>,
-    ) -> Result<Option<std::time::Duration>, FhirError> {
+    ) -> Result<consensus::ReadPoint, FhirError> {
         self.ledger.read_barrier(max_stale).await.map_err(FhirError::unavailable)
     }
 

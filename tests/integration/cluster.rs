@@ -3,6 +3,7 @@
 //! SIGKILL, partitioned through the nodes' fault-injecting transport, impersonated and replayed
 //! to; every history is checked for lost acknowledged writes and for linearizability.
 
+use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -35,6 +36,8 @@ struct Cluster {
     http: reqwest::Client,
     /// Nodes run with `--auth smart` (else `--auth off`).
     auth: bool,
+    /// Keep `root` (data directories, the history of a failing run) when the test ends.
+    keep: AtomicBool,
 }
 
 /// `n` distinct free ports on 127.0.0.1 (`127.0.0.1:port`): all bound at once, then released.
@@ -76,7 +79,7 @@ impl Cluster {
     fn form(extra: Vec<String>, auth: bool, apis: &[String]) -> Cluster {
         let root = tempfile::tempdir().unwrap();
         let http = reqwest::Client::builder().timeout(Duration::from_secs(20)).build().unwrap();
-        let mut c = Cluster { root, members: vec![], extra, http, auth };
+        let mut c = Cluster { root, members: vec![], extra, http, auth, keep: AtomicBool::new(false) };
         for (id, api) in (1..).zip(apis) {
             c.launch_at(id, api);
         }
@@ -223,6 +226,9 @@ impl Drop for Cluster {
         for i in 0..self.members.len() {
             self.kill9(i);
         }
+        if self.keep.load(Ordering::Relaxed) {
+            self.root.disable_cleanup(true);
+        }
     }
 }
 
@@ -252,6 +258,11 @@ fn register_value(resource: &Value) -> Option<u64> {
     resource["identifier"].as_array()?.iter().find(|i| i["system"] == SYSTEM)?["value"].as_str()?.parse().ok()
 }
 
+/// A response header as text, `-` when absent.
+fn header(resp: &reqwest::Response, name: &str) -> String {
+    resp.headers().get(name).and_then(|v| v.to_str().ok()).unwrap_or("-").to_string()
+}
+
 fn version_of(resp: &reqwest::Response) -> Option<u64> {
     let etag = resp.headers().get("etag")?.to_str().ok()?;
     etag.trim_start_matches("W/").trim_matches('"').parse().ok()
@@ -267,23 +278,36 @@ async fn write(http: &reqwest::Client, h: &History, client: usize, base: &str, k
         .body(body.to_string())
         .send()
         .await;
-    let ret = match resp {
+    let (ret, note) = match resp {
         Ok(r) if r.status().is_success() => {
             let version = version_of(&r).expect("an acknowledged write has an ETag");
             h.acked.lock().unwrap().push((key.to_string(), version, value));
-            Some(h.now())
+            (
+                Some(h.now()),
+                format!("via {base}: {} v{version} leaf {}", r.status().as_u16(), header(&r, "x-ledger-leaf")),
+            )
         }
         // 4xx (409 after losing races): certainly not written, nothing to record.
         Ok(r) if r.status().is_client_error() => return,
         // 503, a reset connection, a timeout: the write may or may not have happened.
-        _ => None,
+        Ok(r) => (None, format!("via {base}: {}", r.status().as_u16())),
+        Err(e) => (None, format!("via {base}: {e}")),
     };
-    h.record(Op { client, key: key.to_string(), kind: Kind::Write(value), call, ret });
+    h.record(Op { client, key: key.to_string(), kind: Kind::Write(value), call, ret, note });
 }
 
 async fn read(http: &reqwest::Client, h: &History, client: usize, base: &str, key: &str) {
     let call = h.now();
     let Ok(resp) = http.get(format!("{base}/Patient/{key}")).send().await else { return };
+    // Where the read was served, so that a history that is not linearizable names them.
+    let note = format!(
+        "via {base}: node {} term {} read index {} (from leader {}) applied {}",
+        header(&resp, "x-ledger-node"),
+        header(&resp, "x-ledger-term"),
+        header(&resp, "x-ledger-read-index"),
+        header(&resp, "x-ledger-read-leader"),
+        header(&resp, "x-ledger-applied"),
+    );
     let observed = match resp.status().as_u16() {
         200 => {
             let v: Value = resp.json().await.expect("a Patient");
@@ -292,7 +316,7 @@ async fn read(http: &reqwest::Client, h: &History, client: usize, base: &str, ke
         404 => None,
         _ => return, // unavailable: the read tells nothing
     };
-    h.record(Op { client, key: key.to_string(), kind: Kind::Read(observed), call, ret: Some(h.now()) });
+    h.record(Op { client, key: key.to_string(), kind: Kind::Read(observed), call, ret: Some(h.now()), note });
 }
 
 /// One client: random reads and writes on `keys` registers through random nodes until stopped.
@@ -329,7 +353,10 @@ async fn check_history(cluster: &Cluster, h: &History, keys: u64) {
     }
     let ops = h.ops.lock().unwrap().clone();
     let violations = lincheck::check(&ops);
-    assert!(violations.is_empty(), "not linearizable: {violations:#?}");
+    if !violations.is_empty() {
+        let path = keep_history(cluster, &ops, &violations);
+        panic!("not linearizable (whole history in {}): {violations:#?}", path.display());
+    }
     let acked = h.acked.lock().unwrap().clone();
     assert!(!acked.is_empty(), "the run acknowledged no write");
     for i in cluster.live().collect::<Vec<_>>() {
@@ -347,6 +374,32 @@ async fn check_history(cluster: &Cluster, h: &History, keys: u64) {
         acked.len(),
         ops.iter().filter(|o| o.ret.is_none()).count()
     );
+}
+
+/// Writes the whole history of a failing run (every op with where it was served, by key and
+/// call time) and its violations to `history.txt` in the cluster's directory, which is then
+/// kept, data directories included; prints and returns the file's path.
+fn keep_history(cluster: &Cluster, ops: &[Op], violations: &[lincheck::Violation]) -> PathBuf {
+    let mut out = String::from("nodes:\n");
+    for m in &cluster.members {
+        let _ = writeln!(out, "  node {}: api {} raft {} data {}", m.id, m.api, m.raft, m.dir.display());
+    }
+    let _ = writeln!(out, "\nviolations:");
+    for v in violations {
+        let _ = writeln!(out, "key {}:\n{}", v.key, v.explanation);
+    }
+    let _ = writeln!(out, "\nhistory (ns since the start; ret ? = unknown outcome):");
+    let mut sorted: Vec<&Op> = ops.iter().collect();
+    sorted.sort_by(|a, b| (&a.key, a.call).cmp(&(&b.key, b.call)));
+    for op in sorted {
+        let ret = op.ret.map_or_else(|| "?".to_string(), |r| r.to_string());
+        let _ = writeln!(out, "{} client {} {:?} call={} ret={ret} {}", op.key, op.client, op.kind, op.call, op.note);
+    }
+    let path = cluster.root.path().join("history.txt");
+    std::fs::write(&path, out).expect("write the history");
+    cluster.keep.store(true, Ordering::Relaxed);
+    eprintln!("history of the failing run: {}", path.display());
+    path
 }
 
 /// 16 clients write and read through all three nodes while the leader is killed with SIGKILL
@@ -378,6 +431,12 @@ async fn leader_kills_lose_no_acknowledged_write() {
     }
     assert!(kills >= 10, "{kills} kills");
     cluster.converged().await;
+    // Every kill forced an election: a killed leader restarted within the election timeout
+    // must not resume its old term (its commit index on disk may be behind what it had
+    // committed, so it would grant stale read indexes: issue 17).
+    let term = cluster.status(cluster.leader().await).await.and_then(|s| s["term"].as_u64()).unwrap_or(0);
+    assert!(term > kills, "term {term} after {kills} leader kills");
+    eprintln!("{kills} leader kills, final term {term}");
     check_history(&cluster, &h, keys).await;
 }
 
@@ -400,6 +459,12 @@ async fn partitioned_leader_acknowledges_nothing_and_its_entries_are_dropped() {
     assert_eq!(r.status(), 200);
     let stale: u64 = r.headers()["x-ledger-staleness-ms"].to_str().unwrap().parse().unwrap();
     assert!(stale < 5000, "{stale} ms");
+    assert!(r.headers().get("x-ledger-read-index").is_none(), "a bounded-staleness read waits for no read index");
+    // A linearizable read on a follower names the leader that granted its read index.
+    let r = http.get(format!("{follower}/Patient/reg-0")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-ledger-read-leader"), cluster.members[old].id.to_string());
+    assert_eq!(header(&r, "x-ledger-node"), cluster.members[(old + 1) % 3].id.to_string());
     cluster.isolate(old).await;
     let old_api = cluster.members[old].api.clone();
     // Writes to the isolated leader: none may be acknowledged.

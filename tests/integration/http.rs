@@ -644,6 +644,13 @@ async fn max_stale_is_checked_and_a_leader_serves_current_reads() {
     let r = call!(app, get().insert_header(("cache-control", "no-cache, max-stale=5")));
     assert_eq!(r.status, 200, "{}", r.text);
     assert_eq!(r.header("x-ledger-staleness-ms"), "", "a leader never serves a stale read");
+    // Where the read was served: this node, its term, itself as the leader that confirmed the
+    // read index, and an applied index at least that far.
+    let node = r.header("x-ledger-node");
+    assert!(!node.is_empty() && r.header("x-ledger-term").parse::<u64>().unwrap() >= 1, "{:?}", r.text);
+    assert_eq!(r.header("x-ledger-read-leader"), node);
+    let index: u64 = r.header("x-ledger-read-index").parse().unwrap();
+    assert!(r.header("x-ledger-applied").parse::<u64>().unwrap() >= index);
 }
 
 /// Errors answer in the format the request negotiated, like any other answer (one place renders

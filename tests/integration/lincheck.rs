@@ -27,6 +27,9 @@ pub struct Op {
     pub call: u64,
     /// Response time; None when the outcome is unknown (timeout, connection killed mid-request).
     pub ret: Option<u64>,
+    /// Free text shown with the op in a violation (e.g. which node served it, at which term and
+    /// read index); the check ignores it.
+    pub note: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -100,7 +103,8 @@ fn check_key(ops: &[&Op]) -> Option<String> {
 
 fn fmt_op(out: &mut String, op: &Op) {
     let ret = op.ret.map_or_else(|| "?".to_string(), |r| r.to_string());
-    let _ = writeln!(out, "  client {} {:?} call={} ret={ret}", op.client, op.kind, op.call);
+    let _ = write!(out, "  client {} {:?} call={} ret={ret}", op.client, op.kind, op.call);
+    let _ = writeln!(out, "{}{}", if op.note.is_empty() { "" } else { " " }, op.note);
 }
 
 /// Effective return times. Unknown-outcome writes multiply the search (each may land anywhere later, or
@@ -363,11 +367,11 @@ mod tests {
     use std::time::Instant;
 
     fn w(client: usize, key: &str, v: u64, call: u64, ret: Option<u64>) -> Op {
-        Op { client, key: key.into(), kind: Kind::Write(v), call, ret }
+        Op { client, key: key.into(), kind: Kind::Write(v), call, ret, note: String::new() }
     }
 
     fn r(client: usize, key: &str, v: Option<u64>, call: u64, ret: u64) -> Op {
-        Op { client, key: key.into(), kind: Kind::Read(v), call, ret: Some(ret) }
+        Op { client, key: key.into(), kind: Kind::Read(v), call, ret: Some(ret), note: String::new() }
     }
 
     fn ok(h: &[Op]) -> bool {
