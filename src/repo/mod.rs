@@ -146,20 +146,22 @@ impl Repo {
         self.compartment_key(compartment, &mut BTreeMap::new())
     }
 
-    /// The current version of a resource as the state holds it: its record and plaintext;
-    /// `None` when deleted, erased or absent.
+    /// The version `cur` names as current: its record and plaintext; `None` when deleted or
+    /// erased.
     pub fn current_version(
         &self,
-        rtype: &str,
-        id: &str,
-    ) -> Result<Option<(CurrentRecord, consensus::VersionRecord, String)>, FhirError> {
-        let Some(cur) = self.view.current(rtype, id)?.filter(|c| !c.deleted) else { return Ok(None) };
-        let Some(rec) = self.view.version(rtype, id, cur.version)? else { return Ok(None) };
+        cur: &CurrentRecord,
+    ) -> Result<Option<(consensus::VersionRecord, String)>, FhirError> {
+        if cur.deleted {
+            return Ok(None);
+        }
+        let Some(&leaf) = cur.leaves.last() else { return Ok(None) };
+        let Some(rec) = self.view.record(leaf)? else { return Ok(None) };
         let op = rec.header.op.as_str();
         if op == Op::Delete.as_str() || op == Op::Erase.as_str() {
             return Ok(None);
         }
-        Ok(self.decrypt(&rec)?.map(|body| (cur, rec, body)))
+        Ok(self.decrypt(&rec)?.map(|body| (rec, body)))
     }
 
     pub fn view(&self) -> &StateView {

@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard};
 
 use super::params::{Kind, Registry};
-pub use super::store::{Doc, DocKey, NARROW_MS};
+pub use super::store::{Doc, DocKey, Head, NARROW_MS};
 use super::store::{Pending, Store};
 use super::values::{extract, Value};
 use crate::error::FhirError;
@@ -34,6 +34,11 @@ impl TypeDocs<'_> {
 
     pub fn get(&self, key: DocKey) -> Result<Option<Arc<Doc>>, FhirError> {
         self.idx.store.doc(self.rtype, key)
+    }
+
+    /// Id, version and leaf without the values (what a result needs when no guard looks).
+    pub fn head(&self, key: DocKey) -> Result<Option<Head>, FhirError> {
+        self.idx.store.head(self.rtype, key)
     }
 
     pub fn key_of(&self, id: &str) -> Result<Option<DocKey>, FhirError> {
@@ -387,15 +392,18 @@ impl Engine {
 
     /// Replaces one resource's document by what the state holds now (or drops it if gone).
     fn reindex_into(&self, idx: &Index, p: &mut Pending, rtype: &str, id: &str) -> Result<(), FhirError> {
-        if let Some(key) = idx.store.key_of(rtype, id)? {
+        let Some(cur) = self.repo.view().current(rtype, id)? else { return Ok(()) };
+        // The document key is the first leaf; one written in the leaves being folded has no
+        // document yet (most are creates: this saves a lookup each).
+        let Some(&key) = cur.leaves.first() else { return Ok(()) };
+        if key < idx.next_leaf {
             if let Some(old) = idx.store.doc(rtype, key)? {
                 idx.store.remove(p, rtype, key, &old)?;
             }
         }
-        let Some((cur, rec, body)) = self.repo.current_version(rtype, id)? else { return Ok(()) };
+        let Some((rec, body)) = self.repo.current_version(&cur)? else { return Ok(()) };
         let res = json::parse(body.as_bytes(), usize::MAX).map_err(FhirError::internal)?;
         let values = self.values_of(&idx.registry, rtype, &res);
-        let key = cur.leaves.first().copied().unwrap_or_default();
         let leaf = cur.leaves.last().copied().unwrap_or_default();
         let doc = Doc { id: id.to_string(), version: cur.version, leaf, last_updated_ms: cur.last_updated_ms, values };
         idx.store.insert(p, rtype, key, &doc, &rec.header.compartment)

@@ -236,8 +236,8 @@ pub fn run(
                 .flatten();
             let mut matches: Vec<Hit> = Vec::with_capacity(page.len());
             for p in &page {
-                if let Some(d) = idx.of(t).get(p.doc)? {
-                    matches.push(Hit { rtype: t.clone(), id: d.id.clone(), leaf: d.leaf, version: d.version });
+                if let Some(h) = idx.of(t).head(p.doc)? {
+                    matches.push(Hit { rtype: t.clone(), id: h.id, leaf: h.leaf, version: h.version });
                 }
             }
             let included = includes(&ctx, &search.include, &search.revinclude, &matches)?;
@@ -287,8 +287,8 @@ pub fn run(
     let mut matches: Vec<Hit> = Vec::with_capacity(page.len());
     for p in page {
         let t: &str = if p.rtype.is_empty() { &search.types[0].0 } else { &p.rtype };
-        if let Some(d) = idx.of(t).get(p.doc)? {
-            matches.push(Hit { rtype: t.to_string(), id: d.id.clone(), leaf: d.leaf, version: d.version });
+        if let Some(h) = idx.of(t).head(p.doc)? {
+            matches.push(Hit { rtype: t.to_string(), id: h.id, leaf: h.leaf, version: h.version });
         }
     }
     let included = if search.summary == query::Summary::Count {
@@ -322,6 +322,9 @@ fn includes(ctx: &Ctx, inc: &[Include], rev: &[Include], matches: &[Hit]) -> Res
     let mut frontier: Vec<(&str, DocKey)> = seen.iter().copied().collect();
     let mut out = Vec::new();
     for round in 0..MAX_ROUNDS {
+        if round > 0 && !inc.iter().chain(rev).any(|i| i.iterate) {
+            break; // nothing to follow from what round 0 found
+        }
         let mut found: Vec<(&str, DocKey)> = Vec::new();
         for &(t, key) in &frontier {
             let Some(doc) = idx.of(t).get(key)? else { continue };
@@ -361,10 +364,14 @@ fn includes(ctx: &Ctx, inc: &[Include], rev: &[Include], matches: &[Hit]) -> Res
         for (t, k) in found {
             if seen.insert((t, k)) {
                 // What the caller may not see is neither returned nor followed further.
-                let Some(d) = idx.of(t).get(k)?.filter(|d| ctx.visible(t, k, d)) else {
-                    continue;
+                // Without a guard the values need not be opened.
+                let head = if ctx.guard.is_some() {
+                    idx.of(t).get(k)?.filter(|d| ctx.visible(t, k, d)).map(|d| (d.id.clone(), d.leaf, d.version))
+                } else {
+                    idx.of(t).head(k)?.map(|h| (h.id, h.leaf, h.version))
                 };
-                out.push(Hit { rtype: t.to_string(), id: d.id.clone(), leaf: d.leaf, version: d.version });
+                let Some((id, leaf, version)) = head else { continue };
+                out.push(Hit { rtype: t.to_string(), id, leaf, version });
                 frontier.push((t, k));
             }
         }

@@ -101,6 +101,15 @@ pub struct Store {
     dir_key: DataKey,
     docs: DocCache,
     buckets: Mutex<HashMap<(String, String), Arc<Buckets>>>,
+    /// Compartment data keys by compartment (`None`: erased), emptied with the document cache.
+    keys: Mutex<HashMap<String, Option<DataKey>>>,
+}
+
+/// What a search result needs of a document without its values: id, version, leaf.
+pub struct Head {
+    pub id: String,
+    pub version: u64,
+    pub leaf: u64,
 }
 
 /// Writes computed outside the index's write lock, committed under it.
@@ -153,6 +162,7 @@ impl Store {
             repo,
             docs: DocCache::new(cache_bytes),
             buckets: Mutex::default(),
+            keys: Mutex::default(),
         };
         let format = store.tree.get(FORMAT_KEY).map_err(|e| io_err(&e))?;
         if format.as_deref().and_then(read_be) != Some(FORMAT) {
@@ -188,9 +198,19 @@ impl Store {
         Ok(())
     }
 
-    /// Forgets every decoded document (an erasure reached this node).
+    /// Forgets every decoded document and data key (an erasure reached this node).
     pub fn clear_cache(&self) {
         self.docs.clear();
+        self.keys.lock().unwrap_or_else(PoisonError::into_inner).clear();
+    }
+
+    fn data_key(&self, compartment: &str) -> Result<Option<DataKey>, FhirError> {
+        if let Some(k) = self.keys.lock().unwrap_or_else(PoisonError::into_inner).get(compartment) {
+            return Ok(*k);
+        }
+        let k = self.repo.data_key(compartment)?;
+        self.keys.lock().unwrap_or_else(PoisonError::into_inner).insert(compartment.to_string(), k);
+        Ok(k)
     }
 
     fn term(&self, code: &str, value: &str) -> [u8; 16] {
@@ -236,10 +256,21 @@ impl Store {
         self.decode(dkey, &raw)
     }
 
+    /// A document's id, version and leaf, read without opening its values.
+    pub fn head(&self, rtype: &str, key: DocKey) -> Result<Option<Head>, FhirError> {
+        let dkey = with(typed(b'd', rtype), &key.to_be_bytes());
+        if let Some(d) = self.docs.get(&dkey) {
+            return Ok(Some(Head { id: d.id.clone(), version: d.version, leaf: d.leaf }));
+        }
+        let Some(raw) = self.tree.get(&dkey).map_err(|e| io_err(&e))? else { return Ok(None) };
+        let rec: Record = bincode::deserialize(&raw).map_err(FhirError::internal)?;
+        Ok(Some(Head { id: rec.id, version: rec.version, leaf: rec.leaf }))
+    }
+
     fn decode(&self, dkey: Vec<u8>, raw: &[u8]) -> Result<Option<Arc<Doc>>, FhirError> {
         let rec: Record = bincode::deserialize(raw).map_err(FhirError::internal)?;
         // An erased compartment's documents leave with the fold of its erasure.
-        let Some(dek) = self.repo.data_key(&rec.compartment)? else { return Ok(None) };
+        let Some(dek) = self.data_key(&rec.compartment)? else { return Ok(None) };
         let plain = crypto::open(&dek, &rec.sealed, &dkey).map_err(FhirError::internal)?;
         let values: Values = bincode::deserialize(&plain).map_err(FhirError::internal)?;
         let doc = Arc::new(Doc {
