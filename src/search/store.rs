@@ -598,6 +598,13 @@ impl DocCache {
         g.bytes += size;
         g.order.push_back(key.clone());
         g.docs.insert(key, (doc, size));
+        // Documents removed by a fold leave their key in the queue; drop those before the
+        // queue outgrows the map (a hot resource read and updated again and again).
+        if g.order.len() > 2 * g.docs.len() + 1024 {
+            let CacheInner { docs, order, .. } = &mut *g;
+            let mut seen = std::collections::HashSet::with_capacity(docs.len());
+            order.retain(|k| docs.contains_key(k) && seen.insert(k.clone()));
+        }
         while g.bytes > self.budget {
             let Some(old) = g.order.pop_front() else { break };
             if let Some((_, s)) = g.docs.remove(&old) {
@@ -632,6 +639,27 @@ mod tests {
         // Days before 1970 round down, so a window's first bucket holds its start.
         assert_eq!((-1i64).div_euclid(DAY_MS), -1);
         assert_eq!((DAY_MS - 1).div_euclid(DAY_MS), 0);
+    }
+
+    #[test]
+    fn the_document_cache_keeps_its_budget_and_a_short_queue() {
+        let doc = || Arc::new(Doc { id: "x".into(), version: 1, leaf: 0, last_updated_ms: 0, values: Values::new() });
+        let c = DocCache::new(1 << 20);
+        // A hot document cached, then removed by a fold, again and again.
+        for _ in 0..10_000 {
+            c.put(b"hot".to_vec(), doc(), 100);
+            c.remove(b"hot");
+        }
+        let g = c.inner.lock().unwrap();
+        assert!(g.order.len() <= 2 * g.docs.len() + 1025, "queue of {}", g.order.len());
+        drop(g);
+        let small = DocCache::new(4_000);
+        for i in 0..100u64 {
+            small.put(i.to_be_bytes().to_vec(), doc(), 100);
+        }
+        assert!(small.get(&0u64.to_be_bytes()).is_none(), "the oldest went first");
+        assert!(small.get(&99u64.to_be_bytes()).is_some());
+        assert!(small.inner.lock().unwrap().bytes <= 4_000);
     }
 
     #[test]
