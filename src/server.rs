@@ -94,8 +94,9 @@ async fn open_keys_and_repo(
         api_addr: api_addr.to_string(),
         snapshot_every: cfg.snapshot_every,
         raft_listener: raft,
-        // Half for the storage engine's pages; the rest goes to the index and body caches.
-        cache_bytes: cfg.cache_bytes / 2,
+        // A quarter each: the state's pages, the index's blocks, decoded index documents and
+        // decrypted bodies.
+        cache_bytes: cfg.cache_bytes / 4,
     })
     .await?;
     let caches = usize::try_from(cfg.cache_bytes / 4).unwrap_or(usize::MAX);

@@ -105,7 +105,7 @@ pub struct Ledger {
     transport: Arc<transport::Shared>,
     pool: transport::client::Pool,
     me: Node,
-    db: sled_store::SledDb,
+    dir: std::path::PathBuf,
 }
 
 /// Where a read barrier left a read: which node serves it, at which term, and what it waited
@@ -142,7 +142,7 @@ pub struct Options<'a> {
     /// The inter-node listener. None: the embedded single node, initialized on first start.
     /// Some: a cluster node, which waits for `cluster init` or to be added by a leader.
     pub raft_listener: Option<std::net::TcpListener>,
-    /// The storage engine's page cache, shared by every tree including [`Ledger::local_tree`]s.
+    /// The storage engine's page cache (the state's trees).
     pub cache_bytes: u64,
 }
 
@@ -168,6 +168,8 @@ impl Ledger {
         let Options { dir, node_id, key, api_addr, snapshot_every, raft_listener, cache_bytes } = opts;
         std::fs::create_dir_all(dir)?;
         let db = sled_store::SledDb::open_with_cache(dir, cache_bytes)?;
+        // Before the index had a store of its own it lived in this tree.
+        db.drop_tree("local/search")?;
         let single = raft_listener.is_none();
         let mut log = log_store::LogStore::open(&dir.join(log_store::DIR), db.tree("raft_meta")?)?;
         // One node alone commits nothing it has not fsynced itself, and recommits its whole log
@@ -223,15 +225,14 @@ impl Ledger {
         }
         let pool = transport::client::Pool::new(shared.clone());
         let proposer = Proposer::start(raft.clone(), node_id, key, pool.clone());
-        Ok(Self { raft, node_id, view, proposer, transport: shared, pool, me, db })
+        Ok(Self { raft, node_id, view, proposer, transport: shared, pool, me, dir: dir.to_path_buf() })
     }
 
-    /// A tree of this node's own in the ledger's database: neither replicated nor part of
-    /// snapshots, for data a node derives from its state (the search index). It shares the
-    /// page cache, and its writes are ordered with the state's in the same log, so after a
-    /// crash it never holds more than the state it was derived from.
-    pub fn local_tree(&self, name: &str) -> std::io::Result<Arc<dyn KvStore>> {
-        self.db.tree(&format!("local/{name}"))
+    /// A directory of this node's own beside its stores (`local/<name>`), for data the node
+    /// derives from its state and keeps in a store of its own (the search index): neither
+    /// replicated nor part of snapshots nor read by `verify`.
+    pub fn local_dir(&self, name: &str) -> std::path::PathBuf {
+        self.dir.join("local").join(name)
     }
 
     /// This node's id.

@@ -96,6 +96,11 @@ impl SledDb {
         Ok(Self { db })
     }
 
+    /// Removes the named tree if it exists.
+    pub fn drop_tree(&self, name: &str) -> io::Result<()> {
+        self.db.drop_tree(name).map(|_| ()).map_err(io_err)
+    }
+
     /// The named tree (created if missing) behind [`KvStore`].
     pub fn tree(&self, name: &str) -> io::Result<Arc<dyn KvStore>> {
         let tree = self.db.open_tree(name).map_err(io_err)?;

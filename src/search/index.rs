@@ -147,7 +147,7 @@ struct Touched {
 }
 
 impl Engine {
-    /// Opens the index of `repo` (the node-local tree `search`), registering the stored
+    /// Opens the index of `repo` (in the node-local directory `search`), registering the stored
     /// SearchParameters; the leaves not folded yet are folded by the first search.
     pub fn new(
         repo: Arc<Repo>,
@@ -157,7 +157,8 @@ impl Engine {
         // Record types outside R4 that are indexed too (the authorization server's records).
         internal: &'static [&'static str],
     ) -> Result<Self, FhirError> {
-        let tree = repo.ledger().local_tree("search").map_err(FhirError::internal)?;
+        let dir = repo.ledger().local_dir("search");
+        let tree = super::lsm::Tree::open(&dir, repo.cache_bytes() as u64).map_err(FhirError::internal)?;
         let store = Store::open(tree, repo.clone(), repo.cache_bytes())?;
         let types =
             profiles.resource_types().iter().cloned().chain(internal.iter().map(|t| (*t).to_string())).collect();

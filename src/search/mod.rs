@@ -8,6 +8,7 @@
 
 pub mod exec;
 pub mod index;
+mod lsm;
 pub mod params;
 pub mod query;
 mod store;

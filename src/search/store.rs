@@ -1,4 +1,4 @@
-//! The search index on disk: a node-local tree beside the state (`Ledger::local_tree`), so a
+//! The search index on disk: a node-local store beside the state ([`super::lsm`]), so a
 //! restart opens it instead of rebuilding, and memory holds only a bounded cache.
 //!
 //! No PHI is readable from it at rest (docs/search.md, "What the index holds"):
@@ -23,16 +23,17 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::io;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use consensus::{KvStore, WriteBatch};
+use consensus::WriteBatch;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use super::lsm::Tree;
 use super::values::Value;
 use crate::crypto::{self, DataKey};
 use crate::error::FhirError;
 use crate::repo::Repo;
 
-/// The layout above; a tree of another format is cleared and folded again at open.
+/// The layout above; a store of another format is cleared and folded again at open.
 const FORMAT: u64 = 1;
 const FORMAT_KEY: &[u8] = b"m/format";
 const NEXT_KEY: &[u8] = b"m/next";
@@ -95,7 +96,7 @@ struct Record {
 type Buckets = BTreeMap<String, BTreeSet<i64>>;
 
 pub struct Store {
-    tree: Arc<dyn KvStore>,
+    tree: Tree,
     repo: Arc<Repo>,
     mac: [u8; 32],
     dir_key: DataKey,
@@ -148,7 +149,7 @@ fn key_at(k: &[u8]) -> Option<DocKey> {
 
 impl Store {
     /// Opens the tree; a tree of another format (or none) starts empty at leaf 0.
-    pub fn open(tree: Arc<dyn KvStore>, repo: Arc<Repo>, cache_bytes: usize) -> Result<Self, FhirError> {
+    pub fn open(tree: Tree, repo: Arc<Repo>, cache_bytes: usize) -> Result<Self, FhirError> {
         let derive = |what: &[u8]| -> [u8; 32] {
             let mut h = Sha256::new();
             h.update(what);
@@ -178,17 +179,7 @@ impl Store {
 
     /// Empties the tree (a rebuild, or a tree of another format).
     pub fn clear(&self) -> Result<(), FhirError> {
-        loop {
-            let mut batch = WriteBatch::default();
-            for kv in self.tree.scan_prefix(b"").take(10_000) {
-                let (k, _) = kv.map_err(|e| io_err(&e))?;
-                batch.delete(k);
-            }
-            if batch.ops.is_empty() {
-                break;
-            }
-            self.tree.apply(batch).map_err(|e| io_err(&e))?;
-        }
+        self.tree.clear().map_err(|e| io_err(&e))?;
         let mut batch = WriteBatch::default();
         batch.put(FORMAT_KEY.to_vec(), FORMAT.to_be_bytes().to_vec());
         batch.put(NEXT_KEY.to_vec(), 0u64.to_be_bytes().to_vec());
@@ -294,7 +285,7 @@ impl Store {
         let start = with(prefix.clone(), &from.to_be_bytes());
         let mut end = prefix;
         end.extend_from_slice(&[0xff; 9]);
-        self.tree.range(&start, &end, false).filter_map(move |kv| {
+        self.tree.range(&start, &end).filter_map(move |kv| {
             let (k, v) = match kv {
                 Ok(kv) => kv,
                 Err(e) => return Some(Err(io_err(&e))),
