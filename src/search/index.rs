@@ -406,7 +406,7 @@ impl Engine {
         let res = json::parse(body.as_bytes(), usize::MAX).map_err(FhirError::internal)?;
         let values = self.values_of(&idx.registry, rtype, &res);
         let leaf = cur.leaves.last().copied().unwrap_or_default();
-        let doc = Doc { id: id.to_string(), version: cur.version, leaf, last_updated_ms: cur.last_updated_ms, values };
+        let doc = Doc::new(id.to_string(), cur.version, leaf, cur.last_updated_ms, values);
         idx.store.insert(p, rtype, key, &doc, &rec.header.compartment)
     }
 
@@ -434,7 +434,7 @@ impl Engine {
             .and_then(Json::as_str)
             .and_then(crate::fhir::date_range_ms)
             .map_or_else(crate::fhir::now_ms, |(lo, _)| lo);
-        Doc { id: id.to_string(), version, leaf: 0, last_updated_ms, values: self.values_of(registry, rtype, res) }
+        Doc::new(id.to_string(), version, 0, last_updated_ms, self.values_of(registry, rtype, res))
     }
 }
 

@@ -27,6 +27,7 @@ use consensus::WriteBatch;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+pub use super::doc::Doc;
 use super::lsm::Tree;
 use super::values::Value;
 use crate::crypto::{self, DataKey};
@@ -34,7 +35,8 @@ use crate::error::FhirError;
 use crate::repo::Repo;
 
 /// The layout above; a store of another format is cleared and folded again at open.
-const FORMAT: u64 = 1;
+/// 2: values encoded per parameter ([`Doc::encoded`]), sealed values as bytes.
+const FORMAT: u64 = 2;
 const FORMAT_KEY: &[u8] = b"m/format";
 const NEXT_KEY: &[u8] = b"m/next";
 
@@ -44,23 +46,6 @@ const DAY_MS: i64 = NARROW_MS;
 /// A document key: the Merkle leaf of the resource's first version. Creation order, the
 /// same on every node.
 pub type DocKey = u64;
-
-#[derive(Debug)]
-pub struct Doc {
-    pub id: String,
-    pub version: u64,
-    /// The Merkle leaf of that version (where its body is read from).
-    pub leaf: u64,
-    pub last_updated_ms: i64,
-    /// Values by parameter code (parameters without values are absent).
-    pub values: BTreeMap<String, Vec<Value>>,
-}
-
-impl Doc {
-    pub fn get(&self, code: &str) -> &[Value] {
-        self.values.get(code).map_or(&[], Vec::as_slice)
-    }
-}
 
 /// The widest date value kept among the points: a day (date precision), so a query range
 /// widened by a day finds every point that can overlap it.
@@ -76,9 +61,6 @@ pub fn ord_f64(x: f64) -> u64 {
     }
 }
 
-/// Values by parameter code, as sealed in a [`Record`].
-pub type Values = BTreeMap<String, Vec<Value>>;
-
 /// A document as stored under its `d` key.
 #[derive(Serialize, Deserialize)]
 struct Record {
@@ -87,7 +69,9 @@ struct Record {
     leaf: u64,
     last_updated_ms: i64,
     compartment: String,
-    /// [`Values`] sealed with the compartment's data key, bound to the `d` key.
+    /// The values ([`Doc::encoded`]) sealed with the compartment's data key, bound to the `d` key.
+    /// As bytes: bincode reads a plain `Vec<u8>` one element at a time.
+    #[serde(with = "serde_bytes")]
     sealed: Vec<u8>,
 }
 
@@ -263,14 +247,9 @@ impl Store {
         // An erased compartment's documents leave with the fold of its erasure.
         let Some(dek) = self.data_key(&rec.compartment)? else { return Ok(None) };
         let plain = crypto::open(&dek, &rec.sealed, &dkey).map_err(FhirError::internal)?;
-        let values: Values = bincode::deserialize(&plain).map_err(FhirError::internal)?;
-        let doc = Arc::new(Doc {
-            id: rec.id,
-            version: rec.version,
-            leaf: rec.leaf,
-            last_updated_ms: rec.last_updated_ms,
-            values,
-        });
+        let doc = Doc::decode(rec.id, rec.version, rec.leaf, rec.last_updated_ms, plain)
+            .ok_or_else(|| FhirError::internal("search index: a document's values are malformed"))?;
+        let doc = Arc::new(doc);
         self.docs.put(dkey, doc.clone(), raw.len());
         Ok(Some(doc))
     }
@@ -372,7 +351,7 @@ impl Store {
         let dkey = with(typed(b'd', rtype), &key.to_be_bytes());
         p.batch.delete(dkey.clone());
         p.evict.push(dkey);
-        for k in self.value_keys(p, rtype, key, &old.values, false)? {
+        for k in self.value_keys(p, rtype, key, old, false)? {
             p.batch.delete(k);
         }
         Ok(())
@@ -389,19 +368,18 @@ impl Store {
     ) -> Result<(), FhirError> {
         let Some(dek) = self.repo.data_key(compartment)? else { return Ok(()) };
         let dkey = with(typed(b'd', rtype), &key.to_be_bytes());
-        let plain = bincode::serialize(&doc.values).map_err(FhirError::internal)?;
         let rec = Record {
             id: doc.id.clone(),
             version: doc.version,
             leaf: doc.leaf,
             last_updated_ms: doc.last_updated_ms,
             compartment: compartment.to_string(),
-            sealed: crypto::seal(&dek, &plain, &dkey),
+            sealed: crypto::seal(&dek, doc.encoded(), &dkey),
         };
         p.batch.put(dkey.clone(), bincode::serialize(&rec).map_err(FhirError::internal)?);
         p.evict.push(dkey);
         p.batch.put(with(typed(b'i', rtype), doc.id.as_bytes()), key.to_be_bytes().to_vec());
-        for k in self.value_keys(p, rtype, key, &doc.values, true)? {
+        for k in self.value_keys(p, rtype, key, doc, true)? {
             p.batch.put(k, Vec::new());
         }
         Ok(())
@@ -413,12 +391,12 @@ impl Store {
         p: &mut Pending,
         rtype: &str,
         key: DocKey,
-        values: &Values,
+        doc: &Doc,
         adding: bool,
     ) -> Result<Vec<Vec<u8>>, FhirError> {
         let doc_key = key.to_be_bytes();
         let mut out = Vec::new();
-        for (code, vals) in values {
+        for (code, vals) in doc.params() {
             for v in vals {
                 for pk in posting_keys(v) {
                     out.push(with(with(typed(b'p', rtype), &self.term(code, &pk)), &doc_key));
@@ -619,6 +597,7 @@ impl DocCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::search::doc::Values;
 
     #[test]
     fn buckets_follow_the_order_of_values() {
@@ -634,7 +613,7 @@ mod tests {
 
     #[test]
     fn the_document_cache_keeps_its_budget_and_a_short_queue() {
-        let doc = || Arc::new(Doc { id: "x".into(), version: 1, leaf: 0, last_updated_ms: 0, values: Values::new() });
+        let doc = || Arc::new(Doc::new("x".into(), 1, 0, 0, Values::new()));
         let c = DocCache::new(1 << 20);
         // A hot document cached, then removed by a fold, again and again.
         for _ in 0..10_000 {
