@@ -8,12 +8,17 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use super::index::{Doc, DocKey, Index, TypeDocs, NARROW_MS};
+use super::index::{Doc, DocKey, Index, Source, TypeDocs, NARROW_MS};
 use super::query::{Filter, Pred, Prefix, SortKey, StrMode, UriMode};
+use super::stream::Meet;
 use super::values::{normalize, Value};
 use crate::error::FhirError;
 use crate::fhir::json::Json;
 use crate::repo::Repo;
+
+/// Matches decided by postings alone come back whole (with a total) up to this many; a larger
+/// set is read only as far as the page.
+const WHOLE_UP_TO: usize = 1_000;
 
 /// A filter with its sub-searches done.
 enum Cond<'f> {
@@ -69,7 +74,6 @@ impl Ctx<'_> {
             Some(l) => (after, l),
             None => (None, usize::MAX),
         };
-        let skip = |k: DocKey| after.is_some_and(|a| k <= a);
         let mut conds = Vec::with_capacity(filters.len());
         for f in filters {
             conds.push(self.resolve(rtype, f)?);
@@ -77,26 +81,38 @@ impl Ctx<'_> {
         let known = |s: &str, c: &str| self.profiles.is_known_code(s, c);
         let mut out = Vec::new();
         let seen = |k: DocKey, d: &Doc| self.visible(rtype, k, d);
-        if let Some((keys, exact)) = candidates(&docs, &conds, known)? {
+        if let Some((mut stream, exact)) = candidates(&docs, &conds, known)? {
             let rest: Vec<&Cond> = conds.iter().zip(&exact).filter(|(_, e)| !**e).map(|(c, _)| c).collect();
-            if let (true, Some(_)) = (rest.is_empty(), self.guard) {
-                // Postings decided the conditions; the guard still looks at each document,
-                // so stop at the limit as a scan would.
-                for k in keys.into_iter().filter(|k| !skip(*k)) {
-                    if docs.get(k)?.is_some_and(|d| seen(k, &d)) {
-                        out.push(k);
-                        if out.len() >= limit {
-                            return Ok((out, false));
-                        }
+            let from = after.map_or(0, |a| a.saturating_add(1));
+            if rest.is_empty() && self.guard.is_none() {
+                // Postings list live documents only, and they decided every condition. A set
+                // small enough comes back whole (the caller then knows the total); a larger one
+                // only up to the limit.
+                let whole = limit.max(WHOLE_UP_TO).saturating_add(1);
+                let mut all = Vec::new();
+                for k in stream.from(0) {
+                    all.push(k?);
+                    if all.len() >= whole {
+                        break;
                     }
                 }
-                return Ok((out, after.is_none()));
+                if all.len() < whole {
+                    return Ok((all, true));
+                }
+                if after.is_none() {
+                    all.truncate(limit);
+                    return Ok((all, false));
+                }
+                for k in stream.from(from) {
+                    out.push(k?);
+                    if out.len() >= limit {
+                        break;
+                    }
+                }
+                return Ok((out, false));
             }
-            if rest.is_empty() {
-                // Postings list live documents only, and they decided every condition.
-                return Ok((keys, true));
-            }
-            for k in keys.into_iter().filter(|k| !skip(*k)) {
+            for k in stream.from(from) {
+                let k = k?;
                 let Some(d) = docs.get(k)? else { continue };
                 if rest.iter().all(|c| self.holds(c, &d)) && seen(k, &d) && self.text_holds(rtype, &conds, &d)? {
                     out.push(k);
@@ -250,18 +266,18 @@ fn strip_tags(html: &str) -> String {
     out
 }
 
-/// Candidate keys, and which conditions they decide exactly.
-type Candidates = (Vec<DocKey>, Vec<bool>);
+/// Candidate keys as a stream, and which conditions they decide exactly.
+type Candidates<'s> = (Meet<'s>, Vec<bool>);
 
 /// Candidate documents from postings and ordered indexes: the intersection of every
 /// condition that can name its documents, in key order, and which conditions that set decides
 /// exactly (they need no check per document). `None` when no condition can: scan them all.
-fn candidates(
-    docs: &TypeDocs,
+fn candidates<'s>(
+    docs: &'s TypeDocs<'s>,
     conds: &[Cond],
     profiles_known: impl Fn(&str, &str) -> bool,
-) -> Result<Option<Candidates>, FhirError> {
-    let mut sets: Vec<(Vec<DocKey>, usize)> = Vec::new();
+) -> Result<Option<Candidates<'s>>, FhirError> {
+    let mut parts = Vec::new();
     let mut exact = vec![false; conds.len()];
     // Range conditions on one date parameter (`date=ge…&date=lt…`) read one window together.
     let mut windows: BTreeMap<&str, (i64, i64)> = BTreeMap::new();
@@ -278,44 +294,36 @@ fn candidates(
         let found = match c {
             Cond::Values { code, negate: false, preds: [Pred::Date { prefix, .. }] } if *prefix != Prefix::Ne => {
                 // The first of them reads the merged window; it decides for the others.
-                windows.remove(code).map(|w| docs.date_keys(code, w).map(|k| (k, false))).transpose()?
+                windows.remove(code).map(|w| docs.date_source(code, w).map(|k| (k, false))).transpose()?
             }
             Cond::IdIn(ids) => {
                 let mut keys = Vec::with_capacity(ids.len());
                 for id in ids {
                     keys.extend(docs.key_of(id)?);
                 }
-                Some((keys, true))
+                Some((Source::keys(keys), true))
             }
             Cond::RefIn { codes, targets } => {
-                let mut keys = Vec::new();
+                let mut source = Source::default();
                 for code in codes {
                     for (t, id) in targets {
-                        keys.extend(docs.posting(code, &format!("{t}/{id}"))?);
+                        source.add(docs.posting_source(code, &format!("{t}/{id}")));
                     }
                 }
-                Some((keys, true))
+                Some((source, true))
             }
             Cond::Values { code, negate: false, preds } => pred_candidates(docs, code, preds, &profiles_known)?,
             _ => None,
         };
-        if let Some((mut keys, is_exact)) = found {
-            keys.sort_unstable();
-            keys.dedup();
+        if let Some((source, is_exact)) = found {
             exact[i] = is_exact;
-            sets.push((keys, i));
+            parts.push(docs.stream(source)?);
         }
     }
-    if sets.is_empty() {
+    if parts.is_empty() {
         return Ok(None);
     }
-    sets.sort_by_key(|(k, _)| k.len());
-    let mut iter = sets.into_iter();
-    let Some((mut result, _)) = iter.next() else { return Ok(None) };
-    for (other, _) in iter {
-        result.retain(|k| other.binary_search(k).is_ok());
-    }
-    Ok(Some((result, exact)))
+    Ok(Some((Meet::new(parts), exact)))
 }
 
 /// Candidates of one OR of values, and whether they are exact.
@@ -324,40 +332,43 @@ fn pred_candidates(
     code: &str,
     preds: &[Pred],
     known: &impl Fn(&str, &str) -> bool,
-) -> Result<Option<(Vec<DocKey>, bool)>, FhirError> {
-    let mut keys = Vec::new();
+) -> Result<Option<(Source, bool)>, FhirError> {
+    let mut source = Source::default();
     let mut exact = true;
     for p in preds {
         match p {
-            Pred::Token { system: None, code: Some(c) } => keys.extend(docs.posting(code, c)?),
+            Pred::Token { system: None, code: Some(c) } => source.add(docs.posting_source(code, c)),
             Pred::Token { system: Some(Some(s)), code: Some(c) } => {
-                keys.extend(docs.posting(code, &format!("{s}|{c}"))?);
-                let before = keys.len();
-                if known(s, c) {
-                    keys.extend(docs.posting(code, &format!("\0|{c}"))?);
+                source.add(docs.posting_source(code, &format!("{s}|{c}")));
+                // A bare code of a known system may be this one: check those documents.
+                let bare = format!("\0|{c}");
+                if known(s, c) && docs.stream(docs.posting_source(code, &bare))?.seek(0)?.is_some() {
+                    source.add(docs.posting_source(code, &bare));
+                    exact = false;
                 }
-                exact &= keys.len() == before;
             }
-            Pred::Token { system: Some(Some(s)), code: None } => keys.extend(docs.posting(code, &format!("{s}|"))?),
+            Pred::Token { system: Some(Some(s)), code: None } => {
+                source.add(docs.posting_source(code, &format!("{s}|")));
+            }
             Pred::Token { system: Some(None), code: Some(c) } => {
-                keys.extend(docs.posting(code, c)?);
+                source.add(docs.posting_source(code, c));
                 exact = false;
             }
-            Pred::Ref { rtype: Some(t), id } => keys.extend(docs.posting(code, &format!("{t}/{id}"))?),
-            Pred::Ref { rtype: None, id } => keys.extend(docs.posting(code, id)?),
+            Pred::Ref { rtype: Some(t), id } => source.add(docs.posting_source(code, &format!("{t}/{id}"))),
+            Pred::Ref { rtype: None, id } => source.add(docs.posting_source(code, id)),
             Pred::Date { prefix, lo, hi } if *prefix != Prefix::Ne => {
-                keys.extend(docs.date_keys(code, date_window(*prefix, *lo, *hi))?);
+                source.add(docs.date_source(code, date_window(*prefix, *lo, *hi))?);
                 exact = false;
             }
             Pred::Num { prefix, value, lo, hi, code: unit, .. } if *prefix != Prefix::Ne => {
                 // Quantities are filed under their code and their unit.
-                keys.extend(docs.num_keys(code, unit.as_deref(), num_window(*prefix, *value, *lo, *hi))?);
+                source.add(docs.num_source(code, unit.as_deref(), num_window(*prefix, *value, *lo, *hi))?);
                 exact = false;
             }
             _ => return Ok(None),
         }
     }
-    Ok(Some((keys, exact)))
+    Ok(Some((source, exact)))
 }
 
 /// The window of point start times (`lo`) that can satisfy a date prefix; a point is at most

@@ -13,6 +13,7 @@ use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard};
 use super::params::{Kind, Registry};
 pub use super::store::{Doc, DocKey, Head, NARROW_MS};
 use super::store::{Pending, Store};
+pub use super::stream::Source;
 use super::values::{extract, Value};
 use crate::error::FhirError;
 use crate::fhir::fhirpath::Eval;
@@ -61,14 +62,24 @@ impl TypeDocs<'_> {
         self.idx.store.posting(self.rtype, code, value)
     }
 
+    /// [`TypeDocs::posting`] as a stream.
+    pub fn posting_source(&self, code: &str, value: &str) -> Source {
+        Source::of(vec![self.idx.store.posting_prefix(self.rtype, code, value)])
+    }
+
     /// Documents whose date value may start in `[from, to)` (and every wide one).
-    pub fn date_keys(&self, code: &str, window: (i64, i64)) -> Result<Vec<DocKey>, FhirError> {
-        self.idx.store.date_keys(self.rtype, code, window)
+    pub fn date_source(&self, code: &str, window: (i64, i64)) -> Result<Source, FhirError> {
+        Ok(Source::of(self.idx.store.date_prefixes(self.rtype, code, window)?))
     }
 
     /// Documents whose quantity may lie in `[from, to]` in `unit` (any unit: `None`).
-    pub fn num_keys(&self, code: &str, unit: Option<&str>, window: (f64, f64)) -> Result<Vec<DocKey>, FhirError> {
-        self.idx.store.num_keys(self.rtype, code, unit, window)
+    pub fn num_source(&self, code: &str, unit: Option<&str>, window: (f64, f64)) -> Result<Source, FhirError> {
+        Ok(Source::of(self.idx.store.num_prefixes(self.rtype, code, unit, window)?))
+    }
+
+    /// The keys of `source` as a stream in key order.
+    pub fn stream(&self, source: Source) -> Result<super::stream::Union<'_>, FhirError> {
+        super::stream::Union::new(&self.idx.store, source)
     }
 
     /// Counts inserts and removals since this process started, so caches derived from

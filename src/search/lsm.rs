@@ -30,7 +30,7 @@ pub struct Tree {
 
 pub type Kv = (Vec<u8>, Vec<u8>);
 
-fn err(e: fjall::Error) -> std::io::Error {
+fn err(e: &fjall::Error) -> std::io::Error {
     std::io::Error::other(format!("search index store: {e}"))
 }
 
@@ -38,13 +38,19 @@ impl Tree {
     /// Opens (or creates) the store in `dir` with a block cache of `cache_bytes`.
     pub fn open(dir: &Path, cache_bytes: u64) -> std::io::Result<Self> {
         std::fs::create_dir_all(dir)?;
-        let db = Database::builder(dir).cache_size(cache_bytes).max_journaling_size(MAX_JOURNAL).open().map_err(err)?;
-        let ks = db.keyspace("index", || KeyspaceCreateOptions::default().max_memtable_size(MEMTABLE)).map_err(err)?;
+        let db = Database::builder(dir)
+            .cache_size(cache_bytes)
+            .max_journaling_size(MAX_JOURNAL)
+            .open()
+            .map_err(|e| err(&e))?;
+        let ks = db
+            .keyspace("index", || KeyspaceCreateOptions::default().max_memtable_size(MEMTABLE))
+            .map_err(|e| err(&e))?;
         Ok(Self { db, ks })
     }
 
     pub fn get(&self, key: &[u8]) -> std::io::Result<Option<Vec<u8>>> {
-        Ok(self.ks.get(key).map_err(err)?.map(|v| v.to_vec()))
+        Ok(self.ks.get(key).map_err(|e| err(&e))?.map(|v| v.to_vec()))
     }
 
     /// Entries whose key starts with `prefix`, in key order.
@@ -66,16 +72,16 @@ impl Tree {
                 None => b.remove(&self.ks, k),
             }
         }
-        b.commit().map_err(err)
+        b.commit().map_err(|e| err(&e))
     }
 
     /// Removes every entry.
     pub fn clear(&self) -> std::io::Result<()> {
-        self.ks.clear().map_err(err)
+        self.ks.clear().map_err(|e| err(&e))
     }
 }
 
 fn pair(g: fjall::Guard) -> std::io::Result<Kv> {
-    let (k, v) = g.into_inner().map_err(err)?;
+    let (k, v) = g.into_inner().map_err(|e| err(&e))?;
     Ok((k.to_vec(), v.to_vec()))
 }

@@ -13,6 +13,7 @@ mod lsm;
 pub mod params;
 pub mod query;
 mod store;
+mod stream;
 pub mod summary;
 pub mod validate;
 pub mod values;

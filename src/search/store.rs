@@ -196,12 +196,22 @@ impl Store {
     }
 
     fn keys(&self, prefix: &[u8]) -> Result<Vec<DocKey>, FhirError> {
-        let mut out = Vec::new();
-        for kv in self.tree.scan_prefix(prefix) {
-            let (k, _) = kv.map_err(|e| io_err(&e))?;
-            out.extend(key_at(&k));
-        }
-        Ok(out)
+        self.keys_from(prefix, 0).collect()
+    }
+
+    /// The document keys under `prefix` (a posting, bucket or wide list) from `from` on, in
+    /// key order.
+    pub fn keys_from<'s>(
+        &'s self,
+        prefix: &[u8],
+        from: DocKey,
+    ) -> impl Iterator<Item = Result<DocKey, FhirError>> + 's {
+        let start = with(prefix.to_vec(), &from.to_be_bytes());
+        let end = with(prefix.to_vec(), &[0xff; 9]);
+        self.tree.range(&start, &end).filter_map(|kv| match kv {
+            Ok((k, _)) => key_at(&k).map(Ok),
+            Err(e) => Some(Err(io_err(&e))),
+        })
     }
 
     // ------------------------------------------------------------------ reading
@@ -279,45 +289,51 @@ impl Store {
 
     /// Documents holding `value` under `code` (see [`posting_keys`]), in key order.
     pub fn posting(&self, rtype: &str, code: &str, value: &str) -> Result<Vec<DocKey>, FhirError> {
-        self.keys(&with(typed(b'p', rtype), &self.term(code, value)))
+        self.keys(&self.posting_prefix(rtype, code, value))
     }
 
-    /// Documents with a point value of `code` in `unit` (every unit when `None`) whose bucket
-    /// lies in the buckets of `[lo, hi]` (`date` picks day buckets), and every wide one.
+    /// Where the keys of [`Store::posting`] lie.
+    pub fn posting_prefix(&self, rtype: &str, code: &str, value: &str) -> Vec<u8> {
+        with(typed(b'p', rtype), &self.term(code, value))
+    }
+
+    /// Where the documents with a point value of `code` in `unit` (every unit when `None`)
+    /// whose bucket lies in the buckets of `[lo, hi]` lie, and every wide one.
     fn ranged(
         &self,
         rtype: &str,
         code: &str,
         unit: Option<&str>,
         (lo, hi): (i64, i64),
-    ) -> Result<Vec<DocKey>, FhirError> {
-        let mut out = self.keys(&with(typed(b'w', rtype), &self.term(code, "")))?;
+    ) -> Result<Vec<Vec<u8>>, FhirError> {
+        let mut out = vec![with(typed(b'w', rtype), &self.term(code, ""))];
         if lo > hi {
             return Ok(out);
         }
         let buckets = self.buckets_of(rtype, code)?;
         for (u, set) in buckets.iter().filter(|(u, _)| unit.is_none_or(|w| w == u.as_str())) {
             for b in set.range(lo..=hi) {
-                out.extend(self.keys(&with(typed(b'o', rtype), &self.term(code, &bucket_value(u, *b))))?);
+                out.push(with(typed(b'o', rtype), &self.term(code, &bucket_value(u, *b))));
             }
         }
         Ok(out)
     }
 
-    /// Documents whose date value may start in `[from, to)` (and every wide one).
-    pub fn date_keys(&self, rtype: &str, code: &str, (from, to): (i64, i64)) -> Result<Vec<DocKey>, FhirError> {
+    /// Where the documents whose date value may start in `[from, to)` lie (and every wide one).
+    pub fn date_prefixes(&self, rtype: &str, code: &str, (from, to): (i64, i64)) -> Result<Vec<Vec<u8>>, FhirError> {
         let hi = if from < to { to.saturating_sub(1).div_euclid(DAY_MS) } else { i64::MIN };
         self.ranged(rtype, code, None, (from.div_euclid(DAY_MS), hi))
     }
 
-    /// Documents whose number or quantity may lie in `[from, to]` (and every wide one).
-    pub fn num_keys(
+    /// Where the documents whose number or quantity may lie in `[from, to]` lie (and every
+    /// wide one).
+    pub fn num_prefixes(
         &self,
         rtype: &str,
         code: &str,
         unit: Option<&str>,
         (from, to): (f64, f64),
-    ) -> Result<Vec<DocKey>, FhirError> {
+    ) -> Result<Vec<Vec<u8>>, FhirError> {
         self.ranged(rtype, code, unit, (num_bucket(from), num_bucket(to)))
     }
 

@@ -1127,6 +1127,80 @@ async fn consent_deny_for_one_practitioner() {
     assert!(r.status == 403 || r.status == 404, "A asks for B's report: {} {}", r.status, r.text);
 }
 
+/// A Consent that denies a CareTeam denies its members: a practitioner acts for every
+/// CareTeam that lists them as a participant, so A's deny of the team hides A's data from P1
+/// (a member) and not from P2; once the team no longer lists P1, P1 sees A's data again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consent_deny_for_a_care_team_reaches_its_members() {
+    let s = SmartServer::start(&[]);
+    let (http, base) = (&s.http, s.base.as_str());
+    let sys = s.system_token("system/*.cruds").await;
+    let team = |members: &[&str]| {
+        let participants: Vec<Value> =
+            members.iter().map(|m| json!({ "member": { "reference": format!("Practitioner/{m}") } })).collect();
+        json!({ "resourceType": "CareTeam", "id": "team-1", "status": "active", "participant": participants })
+    };
+    let seed = [
+        smart::patient("pat-a"),
+        smart::patient("pat-b"),
+        practitioner("prac-1"),
+        practitioner("prac-2"),
+        team(&["prac-1"]),
+        observation(Some("obs-a-lab"), "pat-a", LAB),
+        observation(Some("obs-b-lab"), "pat-b", LAB),
+    ];
+    for r in &seed {
+        put_resource(http, base, &sys, r).await;
+    }
+    let client_id = s.admin.public_client("Team App", None).await;
+    for (user, who) in [("alice", "Patient/pat-a"), ("p1", "Practitioner/prac-1"), ("p2", "Practitioner/prac-2")] {
+        s.admin.user(user, who).await;
+    }
+    let alice_scopes = ["launch/patient", "patient/Consent.cruds"];
+    let alice = access_token(&user_token(http, base, &client_id, &alice_scopes, &Login::new("alice")).await);
+    let p1 = access_token(&user_token(http, base, &client_id, &["user/*.rs"], &Login::new("p1")).await);
+    let p2 = access_token(&user_token(http, base, &client_id, &["user/*.rs"], &Login::new("p2")).await);
+    let consent = json!({
+        "resourceType": "Consent",
+        "status": "active",
+        "scope": { "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "patient-privacy" }] },
+        "category": [{ "coding": [{ "system": "http://loinc.org", "code": "59284-0" }] }],
+        "patient": { "reference": "Patient/pat-a" },
+        "policyRule": { "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "OPTIN" }] },
+        "provision": {
+            "type": "permit",
+            "provision": [{
+                "type": "deny",
+                "actor": [{
+                    "role": { "coding": [{
+                        "system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType", "code": "IRCP",
+                    }] },
+                    "reference": { "reference": "CareTeam/team-1" },
+                }],
+            }],
+        },
+    });
+    let r = fhir(http, Method::POST, &s.url("Consent"), Some(alice.as_str()), Some(&consent)).await;
+    assert_eq!(r.status, 201, "A writes a Consent in A's compartment: {}", r.text);
+
+    let visible = |b: &Value| entries(b, "match");
+    let r = get(http, &s.url("Observation/obs-a-lab"), &p1).await;
+    assert_eq!(r.status, 404, "P1, a member of the denied team: {}", r.text);
+    let r = get(http, &s.url("Observation?_total=accurate"), &p1).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(visible(&r.json()), ["Observation/obs-b-lab"], "P1's search leaves A out");
+    assert_eq!(r.json()["total"], 1, "and so does its total");
+    let r = get(http, &s.url("Observation/obs-a-lab"), &p2).await;
+    assert_eq!(r.status, 200, "P2 is in no denied team: {}", r.text);
+
+    // The team no longer lists P1: the deny no longer reaches P1, on the next request.
+    put_resource(http, base, &sys, &team(&["prac-2"])).await;
+    let r = get(http, &s.url("Observation/obs-a-lab"), &p1).await;
+    assert_eq!(r.status, 200, "P1 left the team: {}", r.text);
+    let r = get(http, &s.url("Observation/obs-a-lab"), &p2).await;
+    assert_eq!(r.status, 404, "P2 joined the denied team: {}", r.text);
+}
+
 /// A site's own identity provider: its tokens (ES384 here, keys from its JWKS URL, scopes and
 /// client in mapped claims) are accepted beside ours and enforced the same way; a token it did
 /// not sign, or one for another audience, is a 401.

@@ -1,0 +1,195 @@
+//! Candidate documents as streams of keys in key order, read from the store only as far as a
+//! search needs: a page of fifty matches among a million reads some fifty keys of each posting
+//! (skipping ahead where an intersection allows) instead of every key of every posting.
+
+use super::store::{DocKey, Store};
+use crate::error::FhirError;
+
+/// What one condition names: the union of some postings (key prefixes) and of some keys known
+/// already (ids looked up).
+#[derive(Default)]
+pub struct Source {
+    prefixes: Vec<Vec<u8>>,
+    keys: Vec<DocKey>,
+}
+
+impl Source {
+    pub fn of(prefixes: Vec<Vec<u8>>) -> Self {
+        Self { prefixes, keys: Vec::new() }
+    }
+
+    pub fn keys(mut keys: Vec<DocKey>) -> Self {
+        keys.sort_unstable();
+        keys.dedup();
+        Self { prefixes: Vec::new(), keys }
+    }
+
+    /// The union of both.
+    pub fn add(&mut self, other: Source) {
+        self.prefixes.extend(other.prefixes);
+        self.keys.extend(other.keys);
+        self.keys.sort_unstable();
+        self.keys.dedup();
+    }
+}
+
+type Keys<'s> = Box<dyn Iterator<Item = Result<DocKey, FhirError>> + 's>;
+
+/// One posting's keys; reopened further on when a seek skips far, or back when one goes back.
+struct Run<'s> {
+    prefix: Vec<u8>,
+    /// The last key sought: every key between it and `head` is known absent.
+    sought: DocKey,
+    iter: Option<Keys<'s>>,
+    head: Option<DocKey>,
+    done: bool,
+}
+
+/// The most postings a [`Union`] reads as streams.
+const MAX_RUNS: usize = 16;
+
+/// Steps a run takes forward before a seek reopens it at the target instead.
+const WALK: usize = 8;
+
+impl<'s> Run<'s> {
+    fn seek(&mut self, store: &'s Store, k: DocKey) -> Result<Option<DocKey>, FhirError> {
+        if k < self.sought {
+            (self.iter, self.head, self.done) = (None, None, false);
+        }
+        self.sought = k;
+        if let Some(h) = self.head.filter(|h| *h >= k) {
+            return Ok(Some(h));
+        }
+        if self.done {
+            return Ok(None);
+        }
+        if let Some(it) = self.iter.as_mut().filter(|_| self.head.is_some()) {
+            for _ in 0..WALK {
+                self.head = it.next().transpose()?;
+                match self.head {
+                    None => {
+                        self.done = true;
+                        return Ok(None);
+                    }
+                    Some(h) if h >= k => return Ok(Some(h)),
+                    Some(_) => {}
+                }
+            }
+        }
+        let mut it: Keys<'s> = Box::new(store.keys_from(&self.prefix, k));
+        self.head = it.next().transpose()?;
+        self.done = self.head.is_none();
+        self.iter = Some(it);
+        Ok(self.head)
+    }
+}
+
+/// The keys of a [`Source`], in key order; a seek may go forward or back.
+pub struct Union<'s> {
+    store: &'s Store,
+    runs: Vec<Run<'s>>,
+    keys: Vec<DocKey>,
+}
+
+impl<'s> Union<'s> {
+    /// A union of more than [`MAX_RUNS`] postings (many references, a wide date range) is read
+    /// into memory at once: a seek would visit every run.
+    pub fn new(store: &'s Store, source: Source) -> Result<Self, FhirError> {
+        let Source { prefixes, mut keys } = source;
+        if prefixes.len() > MAX_RUNS {
+            for p in &prefixes {
+                for k in store.keys_from(p, 0) {
+                    keys.push(k?);
+                }
+            }
+            keys.sort_unstable();
+            keys.dedup();
+            return Ok(Self { store, runs: Vec::new(), keys });
+        }
+        let runs = prefixes.into_iter().map(|prefix| Run { prefix, sought: 0, iter: None, head: None, done: false });
+        Ok(Self { store, runs: runs.collect(), keys })
+    }
+
+    /// The first key at or after `k`, if any.
+    pub fn seek(&mut self, k: DocKey) -> Result<Option<DocKey>, FhirError> {
+        let mut first = None;
+        for r in &mut self.runs {
+            if let Some(h) = r.seek(self.store, k)? {
+                first = Some(first.map_or(h, |f: DocKey| f.min(h)));
+            }
+        }
+        if let Some(&h) = self.keys.get(self.keys.partition_point(|x| *x < k)) {
+            first = Some(first.map_or(h, |f: DocKey| f.min(h)));
+        }
+        Ok(first)
+    }
+
+    /// Every key.
+    pub fn collect(mut self) -> Result<Vec<DocKey>, FhirError> {
+        let mut out = Vec::new();
+        let mut k = 0;
+        while let Some(h) = self.seek(k)? {
+            out.push(h);
+            let Some(n) = h.checked_add(1) else { break };
+            k = n;
+        }
+        Ok(out)
+    }
+}
+
+/// The keys every part holds, in key order (a leapfrog join: each part skips to where the
+/// others are).
+pub struct Meet<'s> {
+    parts: Vec<Union<'s>>,
+}
+
+impl<'s> Meet<'s> {
+    pub fn new(parts: Vec<Union<'s>>) -> Self {
+        Self { parts }
+    }
+
+    /// The first key at or after `k` that every part holds.
+    pub fn seek(&mut self, mut k: DocKey) -> Result<Option<DocKey>, FhirError> {
+        if self.parts.is_empty() {
+            return Ok(None);
+        }
+        loop {
+            let mut agreed = true;
+            for p in &mut self.parts {
+                match p.seek(k)? {
+                    None => return Ok(None),
+                    Some(h) if h > k => {
+                        k = h;
+                        agreed = false;
+                    }
+                    Some(_) => {}
+                }
+            }
+            if agreed {
+                return Ok(Some(k));
+            }
+        }
+    }
+
+    /// The keys from `k` on, one at a time.
+    pub fn from(&mut self, k: DocKey) -> impl Iterator<Item = Result<DocKey, FhirError>> + use<'_, 's> {
+        let mut next = Some(k);
+        std::iter::from_fn(move || {
+            let at = next?;
+            match self.seek(at) {
+                Ok(Some(h)) => {
+                    next = h.checked_add(1);
+                    Some(Ok(h))
+                }
+                Ok(None) => {
+                    next = None;
+                    None
+                }
+                Err(e) => {
+                    next = None;
+                    Some(Err(e))
+                }
+            }
+        })
+    }
+}
