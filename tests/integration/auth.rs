@@ -985,6 +985,31 @@ fn part<'a>(p: &'a Value, name: &str) -> &'a Value {
     p["part"].as_array().and_then(|ps| ps.iter().find(|x| x["name"] == name)).unwrap_or(&Value::Null)
 }
 
+/// A Consent of `patient` permitting all but what `actor` (a reference) would see: the deny is
+/// nested in a permit, as patients write them on the consent page.
+fn deny_consent(patient: &str, actor: &str) -> Value {
+    json!({
+        "resourceType": "Consent",
+        "status": "active",
+        "scope": { "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "patient-privacy" }] },
+        "category": [{ "coding": [{ "system": "http://loinc.org", "code": "59284-0" }] }],
+        "patient": { "reference": patient },
+        "policyRule": { "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "OPTIN" }] },
+        "provision": {
+            "type": "permit",
+            "provision": [{
+                "type": "deny",
+                "actor": [{
+                    "role": { "coding": [{
+                        "system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType", "code": "IRCP",
+                    }] },
+                    "reference": { "reference": actor },
+                }],
+            }],
+        },
+    })
+}
+
 /// Patient A's Consent denies practitioner P1 (nested in a permit): P1's reads of A's data are
 /// 404 and its searches leave A out (total too) while P2 sees everything; P1 breaking the
 /// glass (`X-Purpose-Of-Use: ETREAT`) reads, and that AuditEvent is flagged; A's access
@@ -1021,26 +1046,7 @@ async fn consent_deny_for_one_practitioner() {
     assert_eq!(r.status, 200, "P1 before the Consent: {}", r.text);
 
     // A denies P1, by a Consent written with A's own token.
-    let consent = json!({
-        "resourceType": "Consent",
-        "status": "active",
-        "scope": { "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "patient-privacy" }] },
-        "category": [{ "coding": [{ "system": "http://loinc.org", "code": "59284-0" }] }],
-        "patient": { "reference": "Patient/pat-a" },
-        "policyRule": { "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "OPTIN" }] },
-        "provision": {
-            "type": "permit",
-            "provision": [{
-                "type": "deny",
-                "actor": [{
-                    "role": { "coding": [{
-                        "system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType", "code": "IRCP",
-                    }] },
-                    "reference": { "reference": "Practitioner/prac-1" },
-                }],
-            }],
-        },
-    });
+    let consent = deny_consent("Patient/pat-a", "Practitioner/prac-1");
     let r = fhir(http, Method::POST, &s.url("Consent"), Some(alice.as_str()), Some(&consent)).await;
     assert_eq!(r.status, 201, "A writes a Consent in A's compartment: {}", r.text);
 
@@ -1160,26 +1166,7 @@ async fn consent_deny_for_a_care_team_reaches_its_members() {
     let alice = access_token(&user_token(http, base, &client_id, &alice_scopes, &Login::new("alice")).await);
     let p1 = access_token(&user_token(http, base, &client_id, &["user/*.rs"], &Login::new("p1")).await);
     let p2 = access_token(&user_token(http, base, &client_id, &["user/*.rs"], &Login::new("p2")).await);
-    let consent = json!({
-        "resourceType": "Consent",
-        "status": "active",
-        "scope": { "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "patient-privacy" }] },
-        "category": [{ "coding": [{ "system": "http://loinc.org", "code": "59284-0" }] }],
-        "patient": { "reference": "Patient/pat-a" },
-        "policyRule": { "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "OPTIN" }] },
-        "provision": {
-            "type": "permit",
-            "provision": [{
-                "type": "deny",
-                "actor": [{
-                    "role": { "coding": [{
-                        "system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType", "code": "IRCP",
-                    }] },
-                    "reference": { "reference": "CareTeam/team-1" },
-                }],
-            }],
-        },
-    });
+    let consent = deny_consent("Patient/pat-a", "CareTeam/team-1");
     let r = fhir(http, Method::POST, &s.url("Consent"), Some(alice.as_str()), Some(&consent)).await;
     assert_eq!(r.status, 201, "A writes a Consent in A's compartment: {}", r.text);
 
