@@ -123,18 +123,6 @@ impl<'s> Union<'s> {
         }
         Ok(first)
     }
-
-    /// Every key.
-    pub fn collect(mut self) -> Result<Vec<DocKey>, FhirError> {
-        let mut out = Vec::new();
-        let mut k = 0;
-        while let Some(h) = self.seek(k)? {
-            out.push(h);
-            let Some(n) = h.checked_add(1) else { break };
-            k = n;
-        }
-        Ok(out)
-    }
 }
 
 /// The keys every part holds, in key order (a leapfrog join: each part skips to where the

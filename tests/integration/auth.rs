@@ -1188,6 +1188,59 @@ async fn consent_deny_for_a_care_team_reaches_its_members() {
     assert_eq!(r.status, 404, "P2 joined the denied team: {}", r.text);
 }
 
+/// A patient searches a code that over a thousand of another patient's resources share: the
+/// candidates are streamed past the size counted whole, and the guard still leaves every one of
+/// the other patient's resources out of the pages, the total and `_summary=count`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_patient_counts_only_their_own_among_thousands_of_matches() {
+    let s = SmartServer::start(&[]);
+    let (http, base) = (&s.http, s.base.as_str());
+    let sys = s.system_token("system/*.cruds").await;
+    for p in [smart::patient("pat-a"), smart::patient("pat-b")] {
+        put_resource(http, base, &sys, &p).await;
+    }
+    let mut own = Vec::new();
+    let puts: Vec<Value> = (0..1_100)
+        .map(|i| {
+            let (patient, id) =
+                if i % 400 == 0 { ("pat-a", format!("obs-a-{i}")) } else { ("pat-b", format!("obs-b-{i}")) };
+            if patient == "pat-a" {
+                own.push(format!("Observation/{id}"));
+            }
+            let body = observation(Some(&id), patient, LAB);
+            json!({ "resource": body, "request": { "method": "PUT", "url": format!("Observation/{id}") } })
+        })
+        .collect();
+    let bundle = json!({ "resourceType": "Bundle", "type": "transaction", "entry": puts });
+    let r = fhir(http, Method::POST, &s.url("/"), Some(sys.as_str()), Some(&bundle)).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let client_id = s.admin.public_client("Many App", None).await;
+    s.admin.user("alice", "Patient/pat-a").await;
+    let scopes = ["launch/patient", "patient/Observation.rs"];
+    let alice = access_token(&user_token(http, base, &client_id, &scopes, &Login::new("alice")).await);
+
+    let code = "Observation?code=http://loinc.org|2345-7";
+    let mut url = s.url(&format!("{code}&_count=2"));
+    let mut seen = Vec::new();
+    for _ in 0..10 {
+        let r = get(http, &url, &alice).await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        let page = r.json();
+        seen.extend(entries(&page, "match"));
+        let next = page["link"].as_array().into_iter().flatten().find(|l| l["relation"] == "next");
+        match next.and_then(|l| l["url"].as_str()) {
+            Some(n) => url = n.to_string(),
+            None => break,
+        }
+    }
+    assert_eq!(seen, own, "A's pages hold A's observations only");
+    for q in ["_total=accurate", "_summary=count"] {
+        let r = get(http, &s.url(&format!("{code}&{q}")), &alice).await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        assert_eq!(r.json()["total"], own.len(), "{q} counts A's observations only");
+    }
+}
+
 /// A site's own identity provider: its tokens (ES384 here, keys from its JWKS URL, scopes and
 /// client in mapped claims) are accepted beside ours and enforced the same way; a token it did
 /// not sign, or one for another audience, is a 401.
