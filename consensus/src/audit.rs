@@ -15,8 +15,10 @@ use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
-use crate::command::{Op, SignedBatch, COMMAND_FORMAT};
+use crate::command::{SignedBatch, COMMAND_FORMAT};
+use crate::entry_ref::{BatchRef, EntryRef, PayloadRef, WriteRef};
 use crate::kv::read_be;
+use crate::log_store::Bodies;
 use crate::merkle::{leaf_hash, Frontier, Hash};
 use crate::sled_store::SledDb;
 use crate::state_machine::{StateMachine, StateView, META_FRONTIER, STORED_NODE_LEVEL};
@@ -79,68 +81,6 @@ impl LogItem {
     }
 }
 
-/// A Raft log entry decoded in place: openraft's `Entry` with the batch's bytes borrowed, so
-/// that megabyte payloads are hashed and compared where they lie instead of copied. Field and
-/// variant order mirror openraft's and ours (bincode numbers variants and writes fields in
-/// order); tests pin each mirror to the type it reads.
-#[derive(serde::Deserialize)]
-struct EntryRef<'a> {
-    #[allow(dead_code)] // decoded to get past it
-    log_id: openraft::LogId<crate::NodeId>,
-    #[serde(borrow)]
-    payload: PayloadRef<'a>,
-}
-
-#[derive(serde::Deserialize)]
-enum PayloadRef<'a> {
-    Blank,
-    Normal(#[serde(borrow)] SignedBatchRef<'a>),
-    Membership(#[allow(dead_code)] openraft::Membership<crate::NodeId, crate::Node>),
-}
-
-#[derive(serde::Deserialize)]
-struct SignedBatchRef<'a> {
-    node_id: u64,
-    payload: &'a [u8],
-    signature: &'a [u8],
-}
-
-/// [`crate::command::Batch`], borrowed.
-#[derive(serde::Deserialize)]
-struct BatchRef<'a> {
-    format: u16,
-    node_id: u64,
-    #[serde(borrow)]
-    commands: Vec<CommandRef<'a>>,
-}
-
-/// [`crate::command::Command`], borrowed.
-#[derive(serde::Deserialize)]
-struct CommandRef<'a> {
-    actor: &'a str,
-    #[allow(dead_code)]
-    preconditions: Vec<crate::command::Precondition>,
-    #[allow(dead_code)]
-    #[serde(borrow)]
-    new_keys: Vec<(&'a str, &'a [u8])>,
-    #[serde(borrow)]
-    writes: Vec<WriteRef<'a>>,
-}
-
-/// [`crate::command::Write`], borrowed.
-#[derive(serde::Deserialize)]
-struct WriteRef<'a> {
-    rtype: &'a str,
-    id: &'a str,
-    version: u64,
-    op: Op,
-    last_updated_ms: i64,
-    compartment: &'a str,
-    body: &'a [u8],
-    #[allow(dead_code)]
-    index: Vec<[u8; 32]>,
-}
-
 /// Opens the ledger under `dir` (the `ledger` directory inside a data directory).
 pub(crate) fn open_view(dir: &Path) -> io::Result<(StateMachine, RaftLog)> {
     if !dir.join("db").exists() && !dir.join("conf").exists() {
@@ -148,16 +88,17 @@ pub(crate) fn open_view(dir: &Path) -> io::Result<(StateMachine, RaftLog)> {
     }
     let db = SledDb::open_with_cache(dir, 32 * 1024 * 1024)?;
     let log_dir = dir.join(crate::log_store::DIR);
-    let log = if log_dir.exists() {
+    let (log, damage) = if log_dir.exists() {
         crate::segment_log::SegmentLog::inspect(&log_dir).map_err(io::Error::other)?
     } else {
         return Err(io::Error::new(io::ErrorKind::NotFound, format!("no raft log in {}", log_dir.display())));
     };
-    Ok((StateMachine::new(db.tree("state")?, dir.join("snapshots")), log))
+    let bodies = Bodies::of(log);
+    Ok((StateMachine::new(db.tree("state")?, dir.join("snapshots"), bodies.clone())?, (bodies, damage)))
 }
 
 /// The Raft log as the verifier reads it: the records before any damage, and the damage.
-pub(crate) type RaftLog = (crate::segment_log::SegmentLog, Option<crate::segment_log::Corruption>);
+pub(crate) type RaftLog = (Bodies, Option<crate::segment_log::Corruption>);
 
 /// Verifies the ledger under `dir`. `progress(done, total)` is called as leaves are checked.
 ///
@@ -201,8 +142,8 @@ fn walk_log(
     back: &std::sync::mpsc::Receiver<LogItem>,
 ) -> io::Result<Report> {
     let mut report = Report::default();
-    for record in log.records() {
-        let (index, v) = record.map_err(io::Error::other)?;
+    for index in log.indexes() {
+        let Some(v) = log.entry(index)? else { continue };
         let v: crate::kv::SharedValue = Arc::new(v);
         let bytes = (*v).as_ref();
         report.log_entries += 1;
@@ -247,15 +188,42 @@ fn walk_log(
     Ok(report)
 }
 
-/// A version record decoded in place ([`crate::state_machine::VersionRecord`] borrowed: no allocation per leaf).
-/// The header comes first in the record, so its encoding, which the leaf hashes, is the
-/// record's own prefix (`header_bytes`); a test pins both to the owned types.
+/// A version record decoded in place ([`crate::state_machine::StoredRecord`] borrowed: no
+/// allocation per leaf). The header comes first in the record, so its encoding, which the
+/// leaf hashes, is the record's own prefix (`header_bytes`); a test pins both to the owned
+/// types.
 #[derive(serde::Deserialize)]
 struct RecordRef<'a> {
     #[serde(borrow)]
     header: HeaderRef<'a>,
     leaf: u64,
-    body: &'a [u8],
+    #[serde(borrow)]
+    body: BodyRef<'a>,
+}
+
+/// [`crate::state_machine::BodyAt`], borrowed.
+#[derive(serde::Deserialize, Clone, Copy, PartialEq, Eq, Debug)]
+enum BodyRef<'a> {
+    Inline(&'a [u8]),
+    Log { index: u64, offset: u32, len: u32 },
+}
+
+impl BodyRef<'_> {
+    /// Its encoding's length: the variant (4 bytes) and its fields.
+    fn encoded_len(&self) -> usize {
+        match self {
+            BodyRef::Inline(b) => 4 + 8 + b.len(),
+            BodyRef::Log { .. } => 4 + 8 + 4 + 4,
+        }
+    }
+
+    /// The ciphertext's SHA-256, read from the log where the record references it.
+    fn digest(&self, view: &StateView) -> io::Result<Hash> {
+        Ok(match *self {
+            BodyRef::Inline(b) => Sha256::digest(b).into(),
+            BodyRef::Log { index, offset, len } => Sha256::digest(view.bodies.read(index, offset, len)?).into(),
+        })
+    }
 }
 
 /// [`crate::state_machine::LeafHeader`], borrowed.
@@ -278,8 +246,8 @@ impl<'a> RecordRef<'a> {
     /// The record and the bytes of its header.
     fn decode(raw: &'a [u8]) -> Result<(Self, &'a [u8]), String> {
         let rec: Self = bincode::deserialize(raw).map_err(|e| e.to_string())?;
-        // After the header: the leaf number (8 bytes), the body's length (8) and the body.
-        let end = raw.len().checked_sub(16 + rec.body.len()).ok_or("record shorter than its parts")?;
+        // After the header: the leaf number (8 bytes) and the body or where it is.
+        let end = raw.len().checked_sub(8 + rec.body.encoded_len()).ok_or("record shorter than its parts")?;
         Ok((rec, &raw[..end]))
     }
 
@@ -299,6 +267,8 @@ struct Leaves<'v, I> {
     view: &'v StateView,
     rebuilt: Frontier,
     report: Report,
+    /// Where the log's readable entries end, when damage cut it short.
+    log_ends: Option<u64>,
 }
 
 impl<I: Iterator<Item = io::Result<(u64, Vec<u8>)>>> Leaves<'_, I> {
@@ -350,7 +320,14 @@ impl<I: Iterator<Item = io::Result<(u64, Vec<u8>)>>> Leaves<'_, I> {
 
     /// Checks a record against its digest and hashes it into the rebuilt tree.
     fn check(&mut self, rec: &RecordRef<'_>, header_bytes: &[u8], known: Option<&Hash>) {
-        check_leaf(self.next, rec, header_bytes, known, self.view, &mut self.rebuilt, &mut self.report);
+        // A body in the log past its damage cannot be read; the damage is the finding.
+        let lost = matches!((rec.body, self.log_ends), (BodyRef::Log { index, .. }, Some(end)) if index >= end);
+        let digest = match known {
+            Some(d) => BodyDigest::Known(d),
+            None if lost => BodyDigest::Lost,
+            None => BodyDigest::Read,
+        };
+        check_leaf(self.next, rec, header_bytes, digest, self.view, &mut self.rebuilt, &mut self.report);
         self.next += 1;
     }
 }
@@ -359,15 +336,23 @@ impl<I: Iterator<Item = io::Result<(u64, Vec<u8>)>>> Leaves<'_, I> {
 /// their command's actor. Commands refused at apply left no leaves: their writes are skipped.
 struct LogWrites<'a> {
     writes: Vec<(&'a WriteRef<'a>, &'a str)>,
+    /// The entry's encoding, which the bodies lie in.
+    entry: &'a [u8],
     /// The SHA-256 of each write's body, as the log thread computed it.
     digests: &'a [Hash],
     next: usize,
 }
 
 impl<'a> LogWrites<'a> {
-    fn of(batch: &'a BatchRef<'a>, digests: &'a [Hash]) -> Option<Self> {
+    fn of(batch: &'a BatchRef<'a>, digests: &'a [Hash], entry: &'a [u8]) -> Option<Self> {
         let writes: Vec<_> = batch.commands.iter().flat_map(|c| c.writes.iter().map(move |w| (w, c.actor))).collect();
-        (writes.len() == digests.len()).then_some(Self { writes, digests, next: 0 })
+        (writes.len() == digests.len()).then_some(Self { writes, entry, digests, next: 0 })
+    }
+
+    /// Where a write's body lies in the entry's encoding.
+    fn place(&self, w: &WriteRef<'_>) -> (u64, u64) {
+        let start = (w.body.as_ptr() as usize).saturating_sub(self.entry.as_ptr() as usize) as u64;
+        (start, start + w.body.len() as u64)
     }
 
     /// The write of `(rtype, id, version)` and its body's digest, searched from where the last
@@ -380,6 +365,17 @@ impl<'a> LogWrites<'a> {
         let (w, actor) = self.writes[self.next - 1];
         Some((w, actor, &self.digests[self.next - 1]))
     }
+}
+
+/// A leaf's body digest for [`check_leaf`].
+#[derive(Clone, Copy)]
+enum BodyDigest<'a> {
+    /// Of bytes equal to the body (its signed log write's), so not hashed again.
+    Known(&'a Hash),
+    /// To be read and hashed.
+    Read,
+    /// In the log past damage already reported: not checked.
+    Lost,
 }
 
 /// Walks the leaves in order: each record against its digest, the stored subtree hashes and
@@ -399,6 +395,7 @@ fn walk_leaves(
         view,
         rebuilt: Frontier::default(),
         report: Report::default(),
+        log_ends: None,
     };
     // Entries before the first one still in the log were compacted into a snapshot: their
     // leaves have no log to compare with, but are still hashed into the tree.
@@ -407,6 +404,7 @@ fn walk_leaves(
     for item in log {
         if matches!(item, LogItem::Unreadable) {
             log_complete = false;
+            leaves.log_ends = Some(view.bodies.indexes().end);
             break;
         }
         let index = item.index();
@@ -422,7 +420,11 @@ fn walk_leaves(
             },
             LogItem::Other { .. } | LogItem::Unreadable => (None, &[][..]),
         };
-        let mut writes = batch.as_ref().and_then(|b| LogWrites::of(b, digests));
+        let entry_bytes: &[u8] = match &item {
+            LogItem::Batch { entry, .. } => (**entry).as_ref(),
+            _ => &[],
+        };
+        let mut writes = batch.as_ref().and_then(|b| LogWrites::of(b, digests, entry_bytes));
         while let Some(raw) = leaves.next_upto(index)? {
             let Ok((rec, header_bytes)) = RecordRef::decode(&raw) else { continue };
             let wanted = rec.header.log_index;
@@ -479,20 +481,26 @@ fn decode_batch(entry: &[u8]) -> Result<BatchRef<'_>, String> {
 }
 
 /// A record against the digest its leaf committed to, and its leaf hashed into the rebuilt
-/// tree, whose completed subtrees must match the stored ones. `known`: the SHA-256 of bytes
-/// equal to the record's body (its signed log write's), so they need not be hashed again.
+/// tree, whose completed subtrees must match the stored ones. `digest`: how to learn the
+/// body's SHA-256.
 fn check_leaf(
     leaf: u64,
     rec: &RecordRef<'_>,
     header_bytes: &[u8],
-    known: Option<&Hash>,
+    digest: BodyDigest<'_>,
     view: &StateView,
     rebuilt: &mut Frontier,
     report: &mut Report,
 ) {
-    let digest: Hash = known.copied().unwrap_or_else(|| Sha256::digest(rec.body).into());
-    if digest != rec.header.body_sha256 {
-        report.find(rec.location(leaf), "stored ciphertext does not match the digest its leaf committed to");
+    let digest = match digest {
+        BodyDigest::Known(d) => Ok(*d),
+        BodyDigest::Read => rec.body.digest(view),
+        BodyDigest::Lost => Ok(rec.header.body_sha256),
+    };
+    match digest {
+        Ok(digest) if digest == rec.header.body_sha256 => {}
+        Ok(_) => report.find(rec.location(leaf), "stored ciphertext does not match the digest its leaf committed to"),
+        Err(e) => report.find(rec.location(leaf), format!("its ciphertext cannot be read: {e}")),
     }
     if rec.leaf != leaf {
         report.find(rec.location(leaf), format!("record claims leaf {}", rec.leaf));
@@ -550,23 +558,34 @@ fn cross_check<'a>(
         let problem = format!("header differs from the signed raft log entry {log_index} in {}", differs.join(", "));
         report.find(rec.location(leaf), problem);
     }
-    if rec.body == w.body {
-        return Some(digest);
-    }
-    let problem = match rec.body.iter().zip(w.body).position(|(a, b)| a != b) {
-        Some(first) => {
-            let last = rec.body.iter().zip(w.body).rposition(|(a, b)| a != b).unwrap_or(first);
+    let problem = match rec.body {
+        BodyRef::Log { index, offset, len } => {
+            let (start, end) = writes.place(w);
+            if (index, u64::from(offset), u64::from(offset) + u64::from(len)) == (log_index, start, end) {
+                return Some(digest);
+            }
             format!(
-                "ciphertext bytes {first}..{} (of {}) differ from the signed raft log entry {log_index}",
-                last + 1,
-                rec.body.len()
+                "its ciphertext reference (raft log entry {index}, bytes {offset}..{}) is not where the signed raft \
+                 log entry {log_index} carries it (bytes {start}..{end})",
+                u64::from(offset) + u64::from(len)
             )
         }
-        None => format!(
-            "ciphertext is {} bytes, the signed raft log entry {log_index} has {}",
-            rec.body.len(),
-            w.body.len()
-        ),
+        BodyRef::Inline(body) if body == w.body => return Some(digest),
+        BodyRef::Inline(body) => match body.iter().zip(w.body).position(|(a, b)| a != b) {
+            Some(first) => {
+                let last = body.iter().zip(w.body).rposition(|(a, b)| a != b).unwrap_or(first);
+                format!(
+                    "ciphertext bytes {first}..{} (of {}) differ from the signed raft log entry {log_index}",
+                    last + 1,
+                    body.len()
+                )
+            }
+            None => format!(
+                "ciphertext is {} bytes, the signed raft log entry {log_index} has {}",
+                body.len(),
+                w.body.len()
+            ),
+        },
     };
     report.find(rec.location(leaf), problem);
     None
@@ -624,9 +643,15 @@ fn verify_snapshot(view: &StateView, report: &mut Report) {
                 if rec.leaf != rebuilt.size || leaf != rebuilt.size {
                     report.find(&at, format!("record of leaf {leaf} is out of place"));
                 }
-                let digest: Hash = Sha256::digest(rec.body).into();
-                if digest != rec.header.body_sha256 {
-                    report.find(&at, format!("{}: ciphertext does not match its digest", rec.location(leaf)));
+                // A snapshot carries its bodies: the node installing it has not their log.
+                match rec.body {
+                    BodyRef::Inline(body) if Sha256::digest(body)[..] == rec.header.body_sha256[..] => {}
+                    BodyRef::Inline(_) => {
+                        report.find(&at, format!("{}: ciphertext does not match its digest", rec.location(leaf)));
+                    }
+                    BodyRef::Log { .. } => {
+                        report.find(&at, format!("{}: holds no ciphertext, only a log position", rec.location(leaf)));
+                    }
                 }
                 rebuilt.append(leaf_hash(header_bytes));
                 report.snapshot_leaves += 1;
@@ -657,7 +682,8 @@ pub fn root_at(dir: &Path, size: u64) -> io::Result<(u64, Option<Hash>)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::command::Batch;
+    use crate::command::{Batch, Op};
+    use crate::state_machine::{BodyAt, StoredRecord};
     use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId, Membership};
 
     /// The in-place decoding must read exactly what openraft wrote.
@@ -711,14 +737,19 @@ mod tests {
             body_sha256: [8; 32],
             log_index: 9,
         };
-        let record = crate::state_machine::VersionRecord { header: header.clone(), leaf: 4, body: vec![5; 33] };
-        let raw = bincode::serialize(&record).unwrap();
-        let (r, header_bytes) = RecordRef::decode(&raw).unwrap();
-        assert_eq!(header_bytes, header.encode());
-        let h = &r.header;
-        assert_eq!((h.rtype, h.id, h.version, h.last_updated_ms, h.actor), ("Patient", "1", 2, 7, "alice"));
-        assert_eq!((h.op, h.compartment, h.body_sha256, h.log_index), ("update", "Patient/1", [8; 32], 9));
-        assert_eq!((r.leaf, r.body), (4, &[5u8; 33][..]));
+        for (body, borrowed) in [
+            (BodyAt::Inline(vec![5; 33]), BodyRef::Inline(&[5; 33])),
+            (BodyAt::Log { index: 9, offset: 77, len: 33 }, BodyRef::Log { index: 9, offset: 77, len: 33 }),
+        ] {
+            let record = StoredRecord { header: header.clone(), leaf: 4, body };
+            let raw = bincode::serialize(&record).unwrap();
+            let (r, header_bytes) = RecordRef::decode(&raw).unwrap();
+            assert_eq!(header_bytes, header.encode());
+            let h = &r.header;
+            assert_eq!((h.rtype, h.id, h.version, h.last_updated_ms, h.actor), ("Patient", "1", 2, 7, "alice"));
+            assert_eq!((h.op, h.compartment, h.body_sha256, h.log_index), ("update", "Patient/1", [8; 32], 9));
+            assert_eq!((r.leaf, r.body), (4, borrowed));
+        }
 
         let m = Membership::new(vec![std::collections::BTreeSet::from([1u64])], ());
         for (payload, blank) in [(EntryPayload::Blank, true), (EntryPayload::Membership(m), false)] {

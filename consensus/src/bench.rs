@@ -30,12 +30,17 @@ pub async fn synthetic_ledger(
 ) -> io::Result<StateView> {
     let db = SledDb::open(dir)?;
     let tree = db.tree("state")?;
-    let mut sm = StateMachine::new(tree.clone(), dir.join("snapshots"));
+    let log =
+        crate::segment_log::SegmentLog::open(&dir.join(crate::log_store::DIR), 64 << 20).map_err(io::Error::other)?;
+    let bodies = crate::log_store::Bodies::of(log);
+    let mut sm = StateMachine::new(tree.clone(), dir.join("snapshots"), bodies.clone())?;
     let key = SigningKey::from_bytes(&[11; 32]);
     let node = Node { public_key: hex::encode(key.verifying_key().as_bytes()), ..Default::default() };
     let m = Membership::new(vec![BTreeSet::from([1u64])], BTreeMap::from([(1u64, node)]));
     let io_err = |e: openraft::StorageError<u64>| io::Error::other(e.to_string());
-    sm.apply(vec![Entry { log_id: log_id(1), payload: EntryPayload::Membership(m) }]).await.map_err(io_err)?;
+    let membership = Entry { log_id: log_id(1), payload: EntryPayload::Membership(m) };
+    bodies.append(&membership)?;
+    sm.apply(vec![membership]).await.map_err(io_err)?;
     // Incompressible filler standing in for ciphertext (xorshift; no randomness needed).
     let mut state = 0x9e37_79b9_7f4a_7c15u64;
     let (mut done, mut index) = (0, 1);
@@ -67,10 +72,13 @@ pub async fn synthetic_ledger(
         let batch = Batch { format: COMMAND_FORMAT, node_id: 1, commands: vec![cmd] };
         let signed = SignedBatch::sign(&batch, &key).map_err(io::Error::other)?;
         index += 1;
-        sm.apply(vec![Entry { log_id: log_id(index), payload: EntryPayload::Normal(signed) }]).await.map_err(io_err)?;
+        let entry = Entry { log_id: log_id(index), payload: EntryPayload::Normal(signed) };
+        bodies.append(&entry)?;
+        sm.apply(vec![entry]).await.map_err(io_err)?;
         done += n;
         progress(done);
     }
+    bodies.sync()?;
     tree.flush()?;
     Ok(sm.view())
 }

@@ -22,6 +22,7 @@ pub mod audit;
 pub mod bench;
 mod cluster;
 mod command;
+mod entry_ref;
 mod kv;
 mod log_store;
 pub mod merkle;
@@ -177,7 +178,7 @@ impl Ledger {
         if !single {
             log = log.no_resumed_leadership();
         }
-        let sm = state_machine::StateMachine::open(db.tree("state")?, dir.join("snapshots"))?;
+        let sm = state_machine::StateMachine::open(db.tree("state")?, dir.join("snapshots"), log.bodies())?;
         let view = sm.view();
         let config = openraft::Config {
             cluster_name: "fhir-ledger".into(),

@@ -7,6 +7,7 @@ use std::fmt::Debug;
 use std::io;
 use std::ops::{Bound, RangeBounds};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
@@ -32,13 +33,97 @@ fn werr(e: impl std::fmt::Display) -> StorageError<NodeId> {
     StorageIOError::write_logs(&io::Error::other(e.to_string())).into()
 }
 
+/// Reads version bodies where the state references them: in the Raft log entry that wrote
+/// them (bodies are written once, issue 17). Shared by the log, which keeps every segment
+/// holding such a body, and the state machine, which says from which entry on it references
+/// the log (`from`: entries before it came with an installed snapshot, inline).
+#[derive(Clone, Default)]
+pub(crate) struct Bodies {
+    log: Option<Arc<Mutex<SegmentLog>>>,
+    from: Arc<AtomicU64>,
+}
+
+impl Debug for Bodies {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bodies").field("from", &self.from.load(Ordering::Relaxed)).finish_non_exhaustive()
+    }
+}
+
+impl Bodies {
+    /// Over a log opened for reading only (the offline verifier).
+    pub(crate) fn of(log: SegmentLog) -> Self {
+        Self { log: Some(Arc::new(Mutex::new(log))), from: Arc::default() }
+    }
+
+    /// `len` bytes from `offset` of entry `index`'s encoding. The log's lock is held only to
+    /// find the file; the read is outside it.
+    pub(crate) fn read(&self, index: u64, offset: u32, len: u32) -> io::Result<Vec<u8>> {
+        let log = self.log.as_ref().ok_or_else(|| io::Error::other("no raft log to read bodies from"))?;
+        let at = log.lock().unwrap_or_else(std::sync::PoisonError::into_inner).locate(index);
+        let at = at.ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("raft log entry {index}, which holds a body, is missing"),
+            )
+        })?;
+        at.read(offset, len)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("raft log entry {index}: {e}")))
+    }
+
+    /// Appends an entry's encoding as openraft would have before applying it (tests and
+    /// benchmarks of the state machine, which apply without a Raft).
+    #[cfg(any(test, feature = "bench"))]
+    pub(crate) fn append(&self, entry: &Entry<TypeConfig>) -> io::Result<()> {
+        let log = self.log.as_ref().ok_or_else(|| io::Error::other("no log"))?;
+        let mut log = log.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if log.last_index().is_none_or(|last| entry.log_id.index > last) {
+            let bytes = bincode::serialize(entry).map_err(io::Error::other)?;
+            log.append(entry.log_id.index, &bytes).map_err(io::Error::other)?;
+        }
+        Ok(())
+    }
+
+    /// Makes the appends durable.
+    #[cfg(feature = "bench")]
+    pub(crate) fn sync(&self) -> io::Result<()> {
+        let Some(log) = self.log.as_ref() else { return Ok(()) };
+        let pending = log.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pending_sync();
+        pending.run().map_err(io::Error::other)
+    }
+
+    /// The indexes of the entries the log holds (compacted ones included).
+    pub(crate) fn indexes(&self) -> std::ops::Range<u64> {
+        let Some(log) = self.log.as_ref() else { return 0..0 };
+        let log = log.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        log.first_index()..log.next_index()
+    }
+
+    /// Entry `index`'s encoding, if the log holds it.
+    pub(crate) fn entry(&self, index: u64) -> io::Result<Option<Vec<u8>>> {
+        let Some(log) = self.log.as_ref() else { return Ok(None) };
+        let at = log.lock().unwrap_or_else(std::sync::PoisonError::into_inner).locate(index);
+        at.map(|at| at.read(0, at.size())).transpose().map_err(io::Error::other)
+    }
+
+    /// The first entry whose bodies the state references in place.
+    pub(crate) fn referenced_from(&self) -> u64 {
+        self.from.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn set_referenced_from(&self, index: u64) {
+        self.from.store(index, Ordering::Release);
+    }
+}
+
 #[derive(Clone)]
 pub struct LogStore {
     entries: Arc<Mutex<SegmentLog>>,
+    /// Shares `entries`; says which segments purging must keep.
+    bodies: Bodies,
     meta: Arc<dyn KvStore>,
     /// The first index not purged: purging keeps whole segments, so entries below it may
     /// still be in a file, but they are no longer part of the log.
-    readable_from: Arc<std::sync::atomic::AtomicU64>,
+    readable_from: Arc<AtomicU64>,
     /// Whether a stored leadership may be resumed at start-up (see [`LogStore::no_resumed_leadership`]).
     resume_leadership: bool,
 }
@@ -52,15 +137,16 @@ impl Debug for LogStore {
 impl LogStore {
     /// Opens the entries in `dir` (refusing a damaged log) and the ids in `meta`.
     pub fn open(dir: &Path, meta: Arc<dyn KvStore>) -> anyhow::Result<Self> {
-        let entries = SegmentLog::open(dir, SEGMENT_BYTES)?;
+        let entries = Arc::new(Mutex::new(SegmentLog::open(dir, SEGMENT_BYTES)?));
         let mut store = Self {
-            entries: Arc::new(Mutex::new(entries)),
+            bodies: Bodies { log: Some(entries.clone()), from: Arc::default() },
+            entries,
             meta,
             readable_from: Arc::default(),
             resume_leadership: true,
         };
         let purged = store.get_meta::<Option<LogId<NodeId>>>(PURGED)?.flatten();
-        store.readable_from = Arc::new(std::sync::atomic::AtomicU64::new(purged.map_or(0, |p| p.index + 1)));
+        store.readable_from = Arc::new(AtomicU64::new(purged.map_or(0, |p| p.index + 1)));
         Ok(store)
     }
 
@@ -103,11 +189,15 @@ impl LogStore {
         tokio::task::spawn_blocking(move || kv.flush()).await.map_err(werr)?.map_err(werr)
     }
 
-    fn entry(log: &SegmentLog, index: u64) -> Result<Option<Entry<TypeConfig>>, StorageError<NodeId>> {
-        match log.get(index).map_err(rerr)? {
-            Some(b) => Ok(Some(bincode::deserialize(&b).map_err(rerr)?)),
-            None => Ok(None),
-        }
+    fn entry(&self, index: u64) -> Result<Option<Entry<TypeConfig>>, StorageError<NodeId>> {
+        let Some(at) = self.log().locate(index) else { return Ok(None) };
+        let bytes = at.read(0, at.size()).map_err(rerr)?;
+        Ok(Some(bincode::deserialize(&bytes).map_err(rerr)?))
+    }
+
+    /// Reads bodies where the state references them in this log.
+    pub(crate) fn bodies(&self) -> Bodies {
+        self.bodies.clone()
     }
 }
 
@@ -116,23 +206,26 @@ impl RaftLogReader<TypeConfig> for LogStore {
         &mut self,
         range: RB,
     ) -> Result<Vec<Entry<TypeConfig>>, StorageError<NodeId>> {
-        let log = self.log();
+        let (first, next) = {
+            let log = self.log();
+            (log.first_index(), log.next_index())
+        };
         let start = match range.start_bound() {
             Bound::Included(x) => *x,
             Bound::Excluded(x) => x.saturating_add(1),
             Bound::Unbounded => 0,
         }
-        .max(log.first_index())
-        .max(self.readable_from.load(std::sync::atomic::Ordering::Acquire));
+        .max(first)
+        .max(self.readable_from.load(Ordering::Acquire));
         let end = match range.end_bound() {
             Bound::Included(x) => x.saturating_add(1),
             Bound::Excluded(x) => *x,
-            Bound::Unbounded => log.next_index(),
+            Bound::Unbounded => next,
         }
-        .min(log.next_index());
+        .min(next);
         let mut out = Vec::new();
         for i in start..end {
-            if let Some(e) = Self::entry(&log, i)? {
+            if let Some(e) = self.entry(i)? {
                 out.push(e);
             }
         }
@@ -145,12 +238,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError<NodeId>> {
         let last_purged_log_id = self.get_meta::<Option<LogId<NodeId>>>(PURGED)?.flatten();
-        let last = {
-            let log = self.log();
-            match log.last_index() {
-                Some(i) => Self::entry(&log, i)?.map(|e| e.log_id),
-                None => None,
-            }
+        let last_index = self.log().last_index();
+        let last = match last_index {
+            Some(i) => self.entry(i)?.map(|e| e.log_id),
+            None => None,
         };
         // Purging keeps whole segments, so entries at or below the purged id may remain.
         let last = match (last, last_purged_log_id) {
@@ -205,11 +296,15 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // Durability point of the whole system: entries are fsynced before openraft is told
         // they are persisted, so nothing is acknowledged that a crash could lose.
         let res = tokio::task::spawn_blocking(move || {
-            let mut log = entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            for (index, bytes) in &batch {
-                log.append(*index, bytes)?;
-            }
-            log.sync()
+            let pending = {
+                let mut log = entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                for (index, bytes) in &batch {
+                    log.append(*index, bytes)?;
+                }
+                log.pending_sync()
+            };
+            // Outside the lock: reads of bodies and of entries to replicate go on meanwhile.
+            pending.run()
         })
         .await
         .map_err(werr)
@@ -225,7 +320,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
         self.put_meta(PURGED, &Some(log_id))?;
         self.flush_meta().await?;
-        self.readable_from.fetch_max(log_id.index + 1, std::sync::atomic::Ordering::AcqRel);
-        self.log().purge(log_id.index).map_err(werr)
+        self.readable_from.fetch_max(log_id.index + 1, Ordering::AcqRel);
+        // Compacted entries leave the log, not the disk, while the state references bodies in
+        // them: only segments before the first referenced entry (those an installed snapshot
+        // replaced) are deleted.
+        match self.bodies.referenced_from().checked_sub(1) {
+            Some(before) => self.log().purge(log_id.index.min(before)).map_err(werr),
+            None => Ok(()),
+        }
     }
 }

@@ -26,6 +26,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 const MAGIC: [u8; 4] = *b"FLR1";
 const HEADER: usize = 4 + 4 + 8 + 4 + 4;
@@ -43,7 +44,8 @@ struct Place {
 struct Segment {
     first: u64,
     path: PathBuf,
-    file: File,
+    /// Shared with readers that read outside the log's lock ([`SegmentLog::locate`]).
+    file: Arc<File>,
     size: u64,
 }
 
@@ -135,6 +137,51 @@ enum Tail {
     Short(u64),
 }
 
+/// Segment files (and the directory, after a rotation) that hold appends not yet synced.
+#[must_use = "nothing is durable until `run`"]
+pub struct PendingSync {
+    files: Vec<Arc<File>>,
+    dir: Option<PathBuf>,
+}
+
+impl PendingSync {
+    /// One fdatasync per file written (group commit), and the directory's if a segment was
+    /// created.
+    pub fn run(self) -> Result<(), Error> {
+        if let Some(dir) = self.dir {
+            File::open(dir)?.sync_all()?;
+        }
+        for f in self.files {
+            f.sync_data()?;
+        }
+        Ok(())
+    }
+}
+
+/// A record's payload in its segment file.
+pub struct Located {
+    file: Arc<File>,
+    offset: u64,
+    len: u32,
+}
+
+impl Located {
+    /// The payload's length.
+    pub fn size(&self) -> u32 {
+        self.len
+    }
+
+    /// `len` bytes of the payload from `from` on (an error past its end).
+    pub fn read(&self, from: u32, len: u32) -> Result<Vec<u8>, Error> {
+        if u64::from(from) + u64::from(len) > u64::from(self.len) {
+            return Err(Error::Usage(format!("bytes {from}+{len} of a record of {}", self.len)));
+        }
+        let mut buf = vec![0u8; len as usize];
+        self.file.read_exact_at(&mut buf, self.offset + u64::from(from))?;
+        Ok(buf)
+    }
+}
+
 impl SegmentLog {
     /// Opens (or creates) the log in `dir`, checking every record: a torn final write is cut
     /// off, any other damage is an error.
@@ -175,7 +222,7 @@ impl SegmentLog {
         log.first = firsts.first().map_or(0, |f| f.0);
         let count = firsts.len();
         for (i, (first, path)) in firsts.into_iter().enumerate() {
-            let file = OpenOptions::new().read(true).write(repair).open(&path)?;
+            let file = Arc::new(OpenOptions::new().read(true).write(repair).open(&path)?);
             let expected = log.next_index();
             if !log.places.is_empty() && first != expected {
                 let what = format!("the segment starts at index {first}, but the log continues at {expected}");
@@ -296,7 +343,7 @@ impl SegmentLog {
         let rotate = self.segments.last().is_none_or(|s| s.size >= self.segment_bytes);
         if rotate {
             let path = self.dir.join(segment_name(index));
-            let file = OpenOptions::new().read(true).write(true).create_new(true).open(&path)?;
+            let file = Arc::new(OpenOptions::new().read(true).write(true).create_new(true).open(&path)?);
             self.segments.push(Segment { first: index, path, file, size: 0 });
             // The new file's directory entry must be durable with the first sync.
             self.dirty.push(usize::MAX);
@@ -327,31 +374,40 @@ impl SegmentLog {
     }
 
     /// Makes every append so far durable.
+    #[cfg(test)]
     pub fn sync(&mut self) -> Result<(), Error> {
-        for d in std::mem::take(&mut self.dirty) {
-            if d == usize::MAX {
-                File::open(&self.dir)?.sync_all()?;
-            } else if let Some(s) = self.segments.get(d) {
-                s.file.sync_data()?;
-            }
-        }
-        Ok(())
+        self.pending_sync().run()
     }
 
-    /// Every record in order, read from the files.
-    pub fn records(&self) -> impl Iterator<Item = Result<(u64, Vec<u8>), Error>> + '_ {
-        (self.first..self.next_index()).filter_map(|i| self.get(i).transpose().map(|r| r.map(|b| (i, b))))
+    /// What [`SegmentLog::sync`] would sync, to be synced without holding the log: readers
+    /// of other records need not wait for the disk.
+    pub fn pending_sync(&mut self) -> PendingSync {
+        let mut files = Vec::new();
+        let mut dir = None;
+        for d in std::mem::take(&mut self.dirty) {
+            if d == usize::MAX {
+                dir = Some(self.dir.clone());
+            } else if let Some(s) = self.segments.get(d) {
+                files.push(s.file.clone());
+            }
+        }
+        PendingSync { files, dir }
     }
 
     /// The payload of record `index`, if the log holds it.
+    #[cfg(any(test, feature = "test-hooks"))]
     pub fn get(&self, index: u64) -> Result<Option<Vec<u8>>, Error> {
-        let Some(p) = index.checked_sub(self.first).and_then(|i| self.places.get(usize::try_from(i).ok()?)) else {
-            return Ok(None);
-        };
+        match self.locate(index) {
+            Some(at) => Ok(Some(at.read(0, at.len)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Where record `index`'s payload lies, to be read without holding the log.
+    pub fn locate(&self, index: u64) -> Option<Located> {
+        let p = index.checked_sub(self.first).and_then(|i| self.places.get(usize::try_from(i).ok()?))?;
         let s = &self.segments[p.segment];
-        let mut buf = vec![0u8; p.len as usize];
-        s.file.read_exact_at(&mut buf, p.offset + HEADER as u64)?;
-        Ok(Some(buf))
+        Some(Located { file: s.file.clone(), offset: p.offset + HEADER as u64, len: p.len })
     }
 
     /// Removes the records from `index` on (a follower's log conflicting with its leader's).

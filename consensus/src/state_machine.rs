@@ -22,6 +22,7 @@ use tokio::sync::Mutex;
 
 use crate::command::{Batch, BatchOutcome, Command, Outcome, Precondition, Write};
 use crate::kv::{be, KvStore, WriteBatch};
+use crate::log_store::Bodies;
 use crate::merkle::{leaf_hash, Frontier, Hash};
 use crate::{invalid_data, Node, NodeId, TypeConfig};
 
@@ -29,6 +30,9 @@ const META_APPLIED: &[u8] = b"m/applied";
 const META_MEMBERSHIP: &[u8] = b"m/membership";
 pub(crate) const META_FRONTIER: &[u8] = b"m/frontier";
 const META_SNAPSHOT: &[u8] = b"m/snapshot";
+/// The first Raft log entry whose bodies the records reference in place (those before it
+/// came with an installed snapshot); absent: 0.
+const META_BODIES_FROM: &[u8] = b"m/bodies-from";
 
 /// Version of [`LeafHeader`]'s encoding; part of every leaf so that verifiers can evolve.
 pub const LEAF_FORMAT: u16 = 1;
@@ -71,7 +75,7 @@ impl LeafHeader {
     }
 }
 
-/// One stored resource version: the leaf header in the clear, the body encrypted.
+/// One resource version as read: the leaf header in the clear, the body encrypted.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct VersionRecord {
     /// What the leaf commits to.
@@ -81,6 +85,36 @@ pub struct VersionRecord {
     /// Nonce-prefixed ciphertext under the compartment's data key (empty for a delete).
     #[serde(with = "serde_bytes")]
     pub body: Vec<u8>,
+}
+
+/// Where a stored version's ciphertext is.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BodyAt {
+    /// In the record: deletes (empty), and versions that came with an installed snapshot
+    /// (whose log entries this node never had).
+    Inline(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// In the Raft log entry that wrote it, which the log keeps: `len` bytes from `offset` of
+    /// entry `index`'s encoding. Bodies are written once (issue 17).
+    Log {
+        /// The entry (the header's `log_index`).
+        index: u64,
+        /// Where the body starts in the entry's encoding.
+        offset: u32,
+        /// Its length.
+        len: u32,
+    },
+}
+
+/// One resource version as the state stores it (key `r` + leaf): the header first, so that
+/// its encoding, which the leaf hashes, is the record's prefix.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StoredRecord {
+    /// What the leaf commits to.
+    pub header: LeafHeader,
+    /// Its Merkle leaf index.
+    pub leaf: u64,
+    /// Where its ciphertext is.
+    pub body: BodyAt,
 }
 
 /// The current state of one resource id.
@@ -201,6 +235,8 @@ impl Overlay<'_> {
 #[derive(Clone, Debug)]
 pub struct StateView {
     pub(crate) kv: Arc<dyn KvStore>,
+    /// Where bodies the records reference are read.
+    pub(crate) bodies: Bodies,
     /// Where snapshot files live (`m/snapshot` names one of them).
     pub(crate) snap_dir: Arc<PathBuf>,
 }
@@ -220,7 +256,16 @@ impl StateView {
     }
     /// The version record committed as Merkle leaf `leaf`.
     pub fn record(&self, leaf: u64) -> io::Result<Option<VersionRecord>> {
-        self.kv.get(&record_key(leaf))?.map(|b| decode(&b)).transpose()
+        let Some(bytes) = self.kv.get(&record_key(leaf))? else { return Ok(None) };
+        let StoredRecord { header, leaf, body } = decode(&bytes)?;
+        Ok(Some(VersionRecord { header, leaf, body: self.body(body)? }))
+    }
+    /// A stored body's bytes, read from the log when it is there.
+    pub(crate) fn body(&self, at: BodyAt) -> io::Result<Vec<u8>> {
+        match at {
+            BodyAt::Inline(body) => Ok(body),
+            BodyAt::Log { index, offset, len } => self.bodies.read(index, offset, len),
+        }
     }
     /// Every version of one resource, newest first.
     pub fn versions(&self, rtype: &str, id: &str) -> io::Result<Vec<VersionRecord>> {
@@ -274,8 +319,8 @@ impl StateView {
         self.kv.range(b"r", &to, true).map(|kv| {
             let (k, v) = kv?;
             let leaf = crate::kv::read_be(&k[1..]).unwrap_or_default();
-            let r: VersionRecord = decode(&v)?;
-            let h = r.header;
+            // The header alone: the record's prefix.
+            let h = decode::<LeafHeader>(&v)?;
             Ok((
                 leaf,
                 HistoryRecord { rtype: h.rtype, id: h.id, version: h.version, last_updated_ms: h.last_updated_ms },
@@ -305,7 +350,9 @@ impl StateView {
     }
     /// The leaf hash, recomputed from the stored header.
     pub fn leaf_hash(&self, leaf: u64) -> io::Result<Option<Hash>> {
-        Ok(self.record(leaf)?.map(|r| leaf_hash(&r.header.encode())))
+        // The header alone (the record's prefix): a proof reads no bodies.
+        let Some(bytes) = self.kv.get(&record_key(leaf))? else { return Ok(None) };
+        Ok(Some(leaf_hash(&decode::<LeafHeader>(&bytes)?.encode())))
     }
 
     /// The hash of a perfect subtree (`level` 0 = a leaf): stored from
@@ -436,27 +483,31 @@ fn sio(e: io::Error) -> StorageError<NodeId> {
 }
 
 impl StateMachine {
-    /// A state machine over `kv` with snapshot files in `snap_dir`, as it is on disk (for
-    /// read-only use such as the offline verifier).
-    pub fn new(kv: Arc<dyn KvStore>, snap_dir: PathBuf) -> Self {
-        Self {
-            view: StateView { kv, snap_dir: Arc::new(snap_dir) },
+    /// A state machine over `kv` with snapshot files in `snap_dir` and the bodies it
+    /// references in `bodies`, as it is on disk (for read-only use such as the offline
+    /// verifier).
+    pub(crate) fn new(kv: Arc<dyn KvStore>, snap_dir: PathBuf, bodies: Bodies) -> io::Result<Self> {
+        let from = kv.get(META_BODIES_FROM)?.map(|b| decode::<u64>(&b)).transpose()?.unwrap_or(0);
+        bodies.set_referenced_from(from);
+        Ok(Self {
+            view: StateView { kv, snap_dir: Arc::new(snap_dir), bodies },
             lock: Arc::new(Mutex::new(())),
             undo: Arc::default(),
-        }
+        })
     }
 
     /// [`StateMachine::new`] for a running node: finishes a snapshot load a crash interrupted
     /// and removes partial snapshot files.
-    pub fn open(kv: Arc<dyn KvStore>, snap_dir: PathBuf) -> io::Result<Self> {
+    pub(crate) fn open(kv: Arc<dyn KvStore>, snap_dir: PathBuf, bodies: Bodies) -> io::Result<Self> {
         std::fs::create_dir_all(&snap_dir)?;
-        let sm = Self::new(kv, snap_dir);
+        let sm = Self::new(kv, snap_dir, bodies)?;
         if let Some(bytes) = sm.view.kv.get(META_INSTALLING)? {
             let file: String = decode(&bytes)?;
             tracing::warn!(%file, "finishing a snapshot install that a crash interrupted");
             let path = sm.view.snap_dir.join(&file);
             let meta = crate::snapshot::check(&path)?;
             load_snapshot(sm.view.kv.as_ref(), &path, &meta, &file)?;
+            sm.view.bodies.set_referenced_from(bodies_from(&meta));
         }
         sm.remove_stale_files()?;
         Ok(sm)
@@ -509,10 +560,14 @@ impl StateMachine {
         frontier: &mut Frontier,
         batch: Batch,
         log_index: u64,
+        body_offsets: Option<Vec<u32>>,
     ) -> io::Result<BatchOutcome> {
         let mut outcomes = Vec::with_capacity(batch.commands.len());
+        // Without offsets (which cannot happen for a batch that decoded) bodies stay inline.
+        let mut at = body_offsets.unwrap_or_default().into_iter().fuse();
         for cmd in batch.commands {
-            outcomes.push(Self::apply_command(ov, frontier, cmd, log_index)?);
+            let bodies: Vec<Option<u32>> = cmd.writes.iter().map(|_| at.next()).collect();
+            outcomes.push(Self::apply_command(ov, frontier, cmd, log_index, bodies)?);
         }
         Ok(BatchOutcome { outcomes })
     }
@@ -589,6 +644,7 @@ impl StateMachine {
         frontier: &mut Frontier,
         cmd: Command,
         log_index: u64,
+        bodies: Vec<Option<u32>>,
     ) -> io::Result<Outcome> {
         let mut cache = BTreeMap::new();
         if let Some(index) = Self::check(ov, &cmd, &mut cache)? {
@@ -598,11 +654,11 @@ impl StateMachine {
             ov.put(data_key_key(&compartment), wrapped);
         }
         let mut leaves = Vec::with_capacity(cmd.writes.len());
-        for w in cmd.writes {
+        for (w, body_at) in cmd.writes.into_iter().zip(bodies) {
             // `check` refused commands that write an id twice, so the cached record is the one
             // before this write.
             let old = cache.remove(&(w.rtype.clone(), w.id.clone())).flatten();
-            leaves.push(Self::apply_write(ov, frontier, &cmd.actor, w, old, log_index)?);
+            leaves.push(Self::apply_write(ov, frontier, &cmd.actor, w, old, (log_index, body_at))?);
         }
         Ok(Outcome::Applied { leaves })
     }
@@ -613,7 +669,7 @@ impl StateMachine {
         actor: &str,
         w: Write,
         old: Option<CurrentRecord>,
-        log_index: u64,
+        (log_index, body_at): (u64, Option<u32>),
     ) -> io::Result<u64> {
         let ckey = current_key(&w.rtype, &w.id);
         let deleted = matches!(w.op, crate::command::Op::Delete | crate::command::Op::Erase);
@@ -653,7 +709,12 @@ impl StateMachine {
                 ov.put(node_key(level, index), hash.to_vec());
             }
         });
-        ov.put(record_key(leaf), encode(&VersionRecord { header, leaf, body: w.body })?);
+        // The body stays where the log entry holds it; the record says where.
+        let body = match (body_at, u32::try_from(w.body.len())) {
+            (Some(offset), Ok(len)) if len > 0 => BodyAt::Log { index: log_index, offset, len },
+            _ => BodyAt::Inline(w.body),
+        };
+        ov.put(record_key(leaf), encode(&StoredRecord { header, leaf, body })?);
         let mut leaves = old.map(|o| o.leaves).unwrap_or_default();
         leaves.push(leaf);
         ov.put(
@@ -688,6 +749,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let mut last = None;
         for entry in entries {
             last = Some(entry.log_id);
+            // What the log holds for this entry: its bincode encoding, where bodies are found.
+            let entry_len = bincode::serialized_size(&entry).unwrap_or(0);
             match entry.payload {
                 EntryPayload::Blank => replies.push(BatchOutcome::default()),
                 EntryPayload::Membership(m) => {
@@ -702,7 +765,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     };
                     let outcome = match opened {
                         Ok(batch) => {
-                            Self::apply_batch(&mut ov, &mut frontier, batch, entry.log_id.index).map_err(sio)?
+                            let at = crate::entry_ref::body_offsets(entry_len, &signed);
+                            Self::apply_batch(&mut ov, &mut frontier, batch, entry.log_id.index, at).map_err(sio)?
                         }
                         Err(reason) => {
                             tracing::warn!(%reason, "refusing ledger batch");
@@ -766,6 +830,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             kv.apply(wb)?;
             kv.flush()?;
             load_snapshot(kv.as_ref(), &path, &meta, &name)?;
+            // Flushed: the log may now drop the segments before the snapshot.
+            sm.view.bodies.set_referenced_from(bodies_from(&meta));
             sm.remove_stale_files()
         })
         .await
@@ -783,6 +849,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 /// A name for a partial transfer that no other one shares.
 fn uuid_ish() -> String {
     format!("{:016x}", rand::random::<u64>())
+}
+
+/// After installing the snapshot `meta`: bodies before its end are inline.
+fn bodies_from(meta: &SnapshotMeta<NodeId, Node>) -> u64 {
+    meta.last_log_id.map_or(0, |l| l.index + 1)
 }
 
 /// Replaces the whole state with the snapshot in `path`, in bounded batches. Not atomic as a
@@ -822,6 +893,7 @@ pub(crate) fn load_snapshot(
     wb.put(META_APPLIED.to_vec(), encode(&meta.last_log_id)?);
     wb.put(META_MEMBERSHIP.to_vec(), encode(&meta.last_membership)?);
     wb.put(META_SNAPSHOT.to_vec(), encode(&StoredSnapshot { meta: meta.clone(), file: name.to_string() })?);
+    wb.put(META_BODIES_FROM.to_vec(), encode(&bodies_from(meta))?);
     wb.delete(META_INSTALLING.to_vec());
     kv.apply(wb)?;
     kv.flush()
@@ -859,6 +931,15 @@ impl StateMachine {
         Ok((meta, self.view.frontier()?))
     }
 
+    /// A stored record with its body inline.
+    pub(crate) fn inlined(&self, stored: &[u8]) -> io::Result<Vec<u8>> {
+        let mut rec: StoredRecord = decode(stored)?;
+        if let BodyAt::Log { .. } = rec.body {
+            rec.body = BodyAt::Inline(self.view.body(rec.body)?);
+        }
+        encode(&rec)
+    }
+
     /// The state at `m`'s point into a snapshot file, recorded as the current snapshot.
     pub(crate) fn write_snapshot(&self, m: &SnapshotMeta<NodeId, Node>, frontier: &Frontier) -> io::Result<PathBuf> {
         let kv = self.view.kv.as_ref();
@@ -874,6 +955,9 @@ impl StateMachine {
             // after a change always finds that change's undo here.
             let before = if append_only(&k) { None } else { undo().as_ref().and_then(|u| u.get(&k).cloned()) };
             match before {
+                // A snapshot is self-contained: a follower installing it has none of the
+                // log entries holding the bodies.
+                None if k.first() == Some(&b'r') => w.record(&k, &self.inlined((*v).as_ref())?)?,
                 None => w.record(&k, (*v).as_ref())?,
                 Some(Some(old)) => {
                     w.record(&k, &old)?;

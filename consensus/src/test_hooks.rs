@@ -7,6 +7,7 @@
 pub use crate::kv::{KvStore, WriteBatch};
 pub use crate::raft_types::TypeConfig;
 pub use crate::sled_store::SledDb;
+pub use crate::state_machine::{BodyAt, StoredRecord};
 pub use crate::transport::client::Conn;
 pub use crate::transport::{Reply, Rpc, Shared};
 /// The openraft the transport's messages are made of (to build one by hand).

@@ -8,7 +8,8 @@ use std::sync::Arc;
 
 use crate::command::{Batch, BatchOutcome, SignedBatch, COMMAND_FORMAT};
 use crate::kv::KvStore;
-use crate::log_store::LogStore;
+use crate::log_store::{Bodies, LogStore};
+use crate::segment_log::SegmentLog;
 use crate::sled_store::SledDb;
 use crate::state_machine::StateMachine;
 use crate::{Command, Node, Op, Outcome, Precondition, TypeConfig, Write};
@@ -29,8 +30,8 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Bui
         )
         .map_err(|e| openraft::StorageIOError::write(&std::io::Error::other(e.to_string())))?;
         let state = db.tree("state").map_err(|e| openraft::StorageIOError::write(&e))?;
-        let sm =
-            StateMachine::open(state, dir.path().join("snapshots")).map_err(|e| openraft::StorageIOError::write(&e))?;
+        let sm = StateMachine::open(state, dir.path().join("snapshots"), log.bodies())
+            .map_err(|e| openraft::StorageIOError::write(&e))?;
         Ok((dir, log, sm))
     }
 }
@@ -73,11 +74,40 @@ fn cmd(pre: Vec<Precondition>, writes: Vec<Write>) -> Command {
     Command { actor: "test".into(), preconditions: pre, new_keys: vec![], writes }
 }
 
-fn fresh() -> (tempfile::TempDir, StateMachine, Arc<dyn KvStore>) {
+/// A state machine with the Raft log it reads bodies from: `apply` appends the entries to
+/// the log first, as openraft does before it applies them.
+struct Logged {
+    sm: StateMachine,
+    bodies: Bodies,
+}
+
+impl Logged {
+    fn open(dir: &std::path::Path, state: Arc<dyn KvStore>) -> Self {
+        let log = SegmentLog::open(&dir.join("raft-log"), 1 << 20).unwrap();
+        let bodies = Bodies::of(log);
+        Self { sm: StateMachine::open(state, dir.join("snapshots"), bodies.clone()).unwrap(), bodies }
+    }
+
+    async fn apply(&mut self, entries: Vec<Entry<TypeConfig>>) -> Result<Vec<BatchOutcome>, StorageError<u64>> {
+        for e in &entries {
+            self.bodies.append(e).unwrap();
+        }
+        self.sm.apply(entries).await
+    }
+}
+
+impl std::ops::Deref for Logged {
+    type Target = StateMachine;
+    fn deref(&self) -> &StateMachine {
+        &self.sm
+    }
+}
+
+fn fresh() -> (tempfile::TempDir, Logged, Arc<dyn KvStore>) {
     let dir = tempfile::tempdir().unwrap();
     let db = SledDb::open(dir.path()).unwrap();
     let tree = db.tree("state").unwrap();
-    let sm = StateMachine::open(tree.clone(), dir.path().join("snapshots")).unwrap();
+    let sm = Logged::open(dir.path(), tree.clone());
     (dir, sm, tree)
 }
 
@@ -168,13 +198,16 @@ async fn a_snapshot_is_its_point_in_time_while_apply_goes_on() {
 
     let (_l, _, loaded) = fresh();
     crate::state_machine::load_snapshot(loaded.as_ref(), &path, &meta, "test").unwrap();
-    let dump = |t: &Arc<dyn KvStore>| {
+    // A snapshot carries the bodies (a follower installing it has not the log entries that
+    // hold them), so records compare with their bodies read.
+    let dump = |t: &Arc<dyn KvStore>, sm: &StateMachine| {
         t.scan_prefix(b"")
             .map(|kv| kv.unwrap())
             .filter(|(k, _)| !k.starts_with(b"m/") || k == b"m/frontier")
+            .map(|(k, v)| if k.first() == Some(&b'r') { (k, sm.inlined(&v).unwrap()) } else { (k, v) })
             .collect::<Vec<_>>()
     };
-    let (want, got) = (dump(&rtree), dump(&loaded));
+    let (want, got) = (dump(&rtree, &reference), dump(&loaded, &reference));
     assert!(want.len() > 100, "a real state: {} keys", want.len());
     assert_eq!(got.len(), want.len(), "same keys");
     assert!(got == want, "the snapshot holds the state at its point, not a mix");
@@ -263,7 +296,7 @@ mod model {
         term: u8,
     }
 
-    fn open(dir: &std::path::Path) -> StateMachine {
+    fn open(dir: &std::path::Path) -> Logged {
         // sled releases its file lock when its background flusher lets go of the old handle,
         // a moment after the last one is dropped: a reboot waits for that, as a restarted
         // process would find the lock free.
@@ -278,7 +311,7 @@ mod model {
                 Err(e) => panic!("reopening the store: {e}"),
             }
         };
-        StateMachine::open(db.tree("state").unwrap(), dir.join("snapshots")).unwrap()
+        Logged::open(dir, db.tree("state").unwrap())
     }
 
     proptest! {
@@ -293,8 +326,9 @@ mod model {
                 sm.apply(vec![membership_entry(1, &k)]).await.unwrap();
                 let mut model: BTreeMap<u8, Res> = BTreeMap::new();
                 let mut leaves = 0u64;
-                for (i, op) in ops.into_iter().enumerate() {
-                    let index = i as u64 + 2;
+                // Raft log indexes are consecutive: a reboot or a skipped delete takes none.
+                let mut index = 1;
+                for op in ops {
                     match op {
                         Op::Reboot => {
                             drop(sm);
@@ -314,6 +348,7 @@ mod model {
                                 index: vec![[term; 32]],
                             };
                             let pre = vec![Precondition::Version { rtype: "Patient".into(), id: id.to_string(), current: expect }];
+                            index += 1;
                             let out = sm.apply(vec![batch_entry(index, &k, 1, vec![cmd(pre, vec![w])])]).await.unwrap();
                             if expect == cur {
                                 prop_assert_eq!(&out[0].outcomes[0], &Outcome::Applied { leaves: vec![leaves] });
@@ -329,6 +364,7 @@ mod model {
                             let mut w = write(&id.to_string(), r.version + 1, b"");
                             w.op = crate::Op::Delete;
                             let pre = vec![Precondition::Version { rtype: "Patient".into(), id: id.to_string(), current: r.version }];
+                            index += 1;
                             sm.apply(vec![batch_entry(index, &k, 1, vec![cmd(pre, vec![w])])]).await.unwrap();
                             leaves += 1;
                             model.insert(id, Res { version: r.version + 1, deleted: true, term: r.term });
@@ -574,4 +610,30 @@ mod failover {
             p.crash();
         }
     }
+}
+
+/// Bodies are written once: the record says where in its log entry the body lies, reads
+/// find it there, and a snapshot carries it inline for a node that has not the log.
+#[tokio::test]
+async fn records_reference_their_bodies_in_the_log_and_snapshots_carry_them() {
+    use crate::state_machine::{BodyAt, StoredRecord};
+    let k = key();
+    let (_d, mut sm, tree) = fresh();
+    sm.apply(scenario(&k)).await.unwrap();
+    let stored: StoredRecord =
+        bincode::deserialize(&tree.get(&[b"r".as_slice(), &0u64.to_be_bytes()].concat()).unwrap().unwrap()).unwrap();
+    assert!(matches!(stored.body, BodyAt::Log { index: 2, len: 2, .. }), "{:?}", stored.body);
+    let view = sm.view();
+    assert_eq!(view.version("Patient", "a", 1).unwrap().unwrap().body, b"a1");
+    assert_eq!(view.version("Patient", "a", 2).unwrap().unwrap().body, b"a2");
+
+    let (meta, frontier) = sm.snapshot_point().await.unwrap();
+    let path = sm.write_snapshot(&meta, &frontier).unwrap();
+    // Another node with an empty log loads the snapshot and reads the same bodies.
+    let (_o, other, otree) = fresh();
+    crate::state_machine::load_snapshot(otree.as_ref(), &path, &meta, "test").unwrap();
+    let stored: StoredRecord =
+        bincode::deserialize(&otree.get(&[b"r".as_slice(), &1u64.to_be_bytes()].concat()).unwrap().unwrap()).unwrap();
+    assert_eq!(stored.body, BodyAt::Inline(b"a2".to_vec()));
+    assert_eq!(other.view().version("Patient", "a", 2).unwrap().unwrap().body, b"a2");
 }

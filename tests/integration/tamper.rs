@@ -133,22 +133,29 @@ async fn verify_names_each_tampered_place() {
         d
     };
 
-    // A stored resource version: the last byte of the newest leaf's ciphertext.
+    // A stored resource version. Its ciphertext is kept once, in the signed log entry that
+    // wrote it (the log cases below change it there); the version record says where. Moved
+    // by a byte, the record points at other bytes of the entry.
     let d = case("resource");
-    tamper(&d, "state", last_with(b"r"), flip_last);
+    tamper(&d, "state", last_with(b"r"), |v| {
+        let mut rec: consensus::test_hooks::StoredRecord = bincode::deserialize(v).unwrap();
+        let consensus::test_hooks::BodyAt::Log { offset, .. } = &mut rec.body else { panic!("a body in the log") };
+        *offset += 1;
+        *v = bincode::serialize(&rec).unwrap();
+    });
     let (code, out) = verify_dir(&d);
     assert_eq!(code, 1, "{out}");
     // (After SIGKILL the state may trail the durable log by the last entries; which leaf is
     // newest varies, so the test names none.)
     assert!(out.contains("TAMPERED leaf ") && out.contains("(Patient/"), "{out}");
     assert!(out.contains("does not match the digest its leaf committed to"), "{out}");
-    // Compared with the signed log, the changed byte range is named exactly.
-    assert!(out.contains("ciphertext bytes") && out.contains("differ from the signed raft log entry"), "{out}");
+    // Compared with the signed log, the moved reference is named exactly.
+    assert!(out.contains("ciphertext reference") && out.contains("is not where the signed raft log entry"), "{out}");
 
     // A ledger record: the actor in a leaf's header, with the body digest left intact.
     let d = case("header");
     tamper(&d, "state", last_with(b"r"), |v| {
-        let mut rec: consensus::VersionRecord = bincode::deserialize(v).unwrap();
+        let mut rec: consensus::test_hooks::StoredRecord = bincode::deserialize(v).unwrap();
         rec.header.actor = "mallory".into();
         *v = bincode::serialize(&rec).unwrap();
     });

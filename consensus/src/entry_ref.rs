@@ -1,0 +1,133 @@
+//! Raft log entries decoded in place: openraft's `Entry` and our batch with every byte
+//! string borrowed from the entry's encoding. The offline verifier reads megabyte entries
+//! this way without copying them, and apply learns from it where in its entry each body lies
+//! (the state references bodies there instead of storing them again).
+
+use crate::command::{Op, SignedBatch};
+
+/// A Raft log entry decoded in place: openraft's `Entry` with the batch's bytes borrowed, so
+/// that megabyte payloads are hashed and compared where they lie instead of copied. Field and
+/// variant order mirror openraft's and ours (bincode numbers variants and writes fields in
+/// order); tests pin each mirror to the type it reads.
+#[derive(serde::Deserialize)]
+pub(crate) struct EntryRef<'a> {
+    #[allow(dead_code)] // decoded to get past it
+    pub(crate) log_id: openraft::LogId<crate::NodeId>,
+    #[serde(borrow)]
+    pub(crate) payload: PayloadRef<'a>,
+}
+
+#[derive(serde::Deserialize)]
+pub(crate) enum PayloadRef<'a> {
+    Blank,
+    Normal(#[serde(borrow)] SignedBatchRef<'a>),
+    Membership(#[allow(dead_code)] openraft::Membership<crate::NodeId, crate::Node>),
+}
+
+#[derive(serde::Deserialize)]
+pub(crate) struct SignedBatchRef<'a> {
+    pub(crate) node_id: u64,
+    pub(crate) payload: &'a [u8],
+    pub(crate) signature: &'a [u8],
+}
+
+/// [`crate::command::Batch`], borrowed.
+#[derive(serde::Deserialize)]
+pub(crate) struct BatchRef<'a> {
+    pub(crate) format: u16,
+    pub(crate) node_id: u64,
+    #[serde(borrow)]
+    pub(crate) commands: Vec<CommandRef<'a>>,
+}
+
+/// [`crate::command::Command`], borrowed.
+#[derive(serde::Deserialize)]
+pub(crate) struct CommandRef<'a> {
+    pub(crate) actor: &'a str,
+    #[allow(dead_code)]
+    pub(crate) preconditions: Vec<crate::command::Precondition>,
+    #[allow(dead_code)]
+    #[serde(borrow)]
+    pub(crate) new_keys: Vec<(&'a str, &'a [u8])>,
+    #[serde(borrow)]
+    pub(crate) writes: Vec<WriteRef<'a>>,
+}
+
+/// [`crate::command::Write`], borrowed.
+#[derive(serde::Deserialize)]
+pub(crate) struct WriteRef<'a> {
+    pub(crate) rtype: &'a str,
+    pub(crate) id: &'a str,
+    pub(crate) version: u64,
+    pub(crate) op: Op,
+    pub(crate) last_updated_ms: i64,
+    pub(crate) compartment: &'a str,
+    pub(crate) body: &'a [u8],
+    #[allow(dead_code)]
+    pub(crate) index: Vec<[u8; 32]>,
+}
+
+/// Where each write's body lies in the encoding of the Raft entry that carries `signed`
+/// (whose encoding is `entry_len` bytes): offsets from the entry's first byte, in apply
+/// order. The batch's bytes end the entry but for the signature (bincode writes fields in
+/// order, a byte string as its u64 length and its bytes); a test pins this to the encoding.
+/// None if the batch does not decode or an offset would not fit a u32.
+pub(crate) fn body_offsets(entry_len: u64, signed: &SignedBatch) -> Option<Vec<u32>> {
+    let tail = 8 + signed.signature.len() as u64 + signed.payload.len() as u64;
+    let payload_at = entry_len.checked_sub(tail)?;
+    let batch: BatchRef<'_> = bincode::deserialize(&signed.payload).ok()?;
+    let base = signed.payload.as_ptr() as usize;
+    let mut out = Vec::new();
+    for w in batch.commands.iter().flat_map(|c| &c.writes) {
+        let within = (w.body.as_ptr() as usize).checked_sub(base)? as u64;
+        out.push(u32::try_from(payload_at + within).ok()?);
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::command::{Batch, Command, Write, COMMAND_FORMAT};
+    use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId};
+
+    fn write(id: &str, body: Vec<u8>) -> Write {
+        Write {
+            rtype: "Observation".into(),
+            id: id.into(),
+            version: 1,
+            op: Op::Create,
+            last_updated_ms: 1,
+            compartment: "Patient/p".into(),
+            body,
+            index: vec![[3; 32]; 5],
+        }
+    }
+
+    /// The offsets apply stores must be where the log's bytes hold each body.
+    #[test]
+    fn body_offsets_point_into_the_entry_encoding() {
+        let key = ed25519_dalek::SigningKey::from_bytes(&[1; 32]);
+        let cmd = |ids: &[&str]| Command {
+            actor: "a".into(),
+            preconditions: vec![],
+            new_keys: vec![("Patient/p".into(), vec![7; 48])],
+            writes: ids.iter().map(|id| write(id, id.repeat(50).into_bytes())).collect(),
+        };
+        let batch =
+            Batch { format: COMMAND_FORMAT, node_id: 1, commands: vec![cmd(&["x", "yy"]), cmd(&[]), cmd(&["zzz"])] };
+        let signed = SignedBatch::sign(&batch, &key).unwrap();
+        let entry: Entry<crate::TypeConfig> = Entry {
+            log_id: LogId::new(CommittedLeaderId::new(3, 1), 77),
+            payload: EntryPayload::Normal(signed.clone()),
+        };
+        let bytes = bincode::serialize(&entry).unwrap();
+        let offsets = body_offsets(bytes.len() as u64, &signed).unwrap();
+        let bodies: Vec<Vec<u8>> =
+            batch.commands.iter().flat_map(|c| c.writes.iter().map(|w| w.body.clone())).collect();
+        assert_eq!(offsets.len(), 3);
+        for (at, body) in offsets.iter().zip(&bodies) {
+            assert_eq!(&bytes[*at as usize..*at as usize + body.len()], &body[..]);
+        }
+    }
+}
