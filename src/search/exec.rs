@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use super::index::{Doc, DocKey, Index, Source, TypeDocs, NARROW_MS};
+use super::index::{Doc, DocKey, Index, SortHead, Source, TypeDocs, NARROW_MS};
 use super::query::{Filter, Pred, Prefix, SortKey, StrMode, UriMode};
 use super::stream::Meet;
 use super::values::{normalize, Value};
@@ -581,13 +581,43 @@ pub fn position<'a>(sort: &[SortKey], rtype: &'a str, key: DocKey, doc: &Doc) ->
     Position { vals, rtype: Cow::Borrowed(rtype), id: Cow::Owned(doc.id.clone()), doc: key }
 }
 
+/// The sort position of a match from its sort record alone (see [`sorts_by_record`]): the same
+/// as [`position`] would compute from the whole document.
+pub fn position_of_head<'a>(sort: &[SortKey], rtype: &'a str, key: DocKey, head: SortHead) -> Position<'a> {
+    let vals = sort
+        .iter()
+        .map(|k| match k.code.as_str() {
+            "_id" => SortVal::Str(head.id.clone()),
+            "_lastUpdated" => SortVal::Num(head.last_updated_ms as f64),
+            code => head
+                .nums
+                .iter()
+                .find(|(c, _, _)| c == code)
+                .map_or(SortVal::Missing, |&(_, lo, hi)| SortVal::Num(if k.desc { hi } else { lo })),
+        })
+        .collect();
+    Position { vals, rtype: Cow::Borrowed(rtype), id: Cow::Owned(head.id), doc: key }
+}
+
+/// Whether every sort key is one a sort record holds: `_id`, `_lastUpdated`, or a date,
+/// number or quantity parameter of `rtype` (whose values all sort as numbers).
+pub fn sorts_by_record(idx: &Index, rtype: &str, sort: &[SortKey]) -> bool {
+    sort.iter().all(|k| match k.code.as_str() {
+        "_id" | "_lastUpdated" => true,
+        code => idx.registry.get(rtype, code).is_some_and(|p| {
+            matches!(p.kind, super::params::Kind::Date | super::params::Kind::Number | super::params::Kind::Quantity)
+        }),
+    })
+}
+
 fn sort_val(v: &Value) -> Option<SortVal> {
+    if let Some(n) = super::values::sort_num(v) {
+        return Some(SortVal::Num(n));
+    }
     Some(match v {
         // Letters and digits only, as collations compare at their first level: O'Keefe
         // sorts between Ogden and Olsen, not before Oakes.
         Value::Str { norm, .. } => SortVal::Str(norm.chars().filter(|c| c.is_alphanumeric()).collect()),
-        Value::Date { lo, .. } => SortVal::Num(*lo as f64),
-        Value::Quantity { lo, .. } => SortVal::Num(*lo),
         Value::Token { code: Some(c), .. } => SortVal::Str(c.clone()),
         Value::Ref { rtype: Some(t), id: Some(id), .. } => SortVal::Str(format!("{t}/{id}")),
         Value::Ref { url: Some(u), .. } | Value::Uri(u) => SortVal::Str(u.clone()),

@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard};
 
 use super::params::{Kind, Registry};
-pub use super::store::{Doc, DocKey, Head, NARROW_MS};
+pub use super::store::{Doc, DocKey, Head, SortHead, NARROW_MS};
 use super::store::{Pending, Store};
 pub use super::stream::Source;
 use super::values::{extract, Value};
@@ -35,6 +35,11 @@ impl TypeDocs<'_> {
 
     pub fn get(&self, key: DocKey) -> Result<Option<Arc<Doc>>, FhirError> {
         self.idx.store.doc(self.rtype, key)
+    }
+
+    /// What `_sort` needs of each of `keys` (ascending), without opening their documents.
+    pub fn sort_heads(&self, keys: &[DocKey]) -> Result<Vec<(DocKey, SortHead)>, FhirError> {
+        self.idx.store.sort_heads(self.rtype, keys)
     }
 
     /// Id, version and leaf without the values (what a result needs when no guard looks).

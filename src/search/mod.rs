@@ -256,14 +256,29 @@ pub fn run(
             Some(k) => k,
             None => ctx.matches(t, filters)?,
         };
-        for key in keys {
-            let t = idx.type_name(t);
-            if search.sort.is_empty() {
-                // Creation order needs only the key (and the type, when several are searched).
-                let rtype = if single { "" } else { t };
-                all.push(Position { vals: Vec::new(), rtype: rtype.into(), id: "".into(), doc: key });
-            } else if let Some(doc) = docs.get(key)? {
-                all.push(position(&search.sort, t, key, &doc));
+        let t = idx.type_name(t);
+        if search.sort.is_empty() {
+            // Creation order needs only the key (and the type, when several are searched).
+            let rtype = if single { "" } else { t };
+            all.extend(keys.into_iter().map(|key| Position {
+                vals: Vec::new(),
+                rtype: rtype.into(),
+                id: "".into(),
+                doc: key,
+            }));
+        } else if exec::sorts_by_record(idx, t, &search.sort) {
+            // Sort records: a few adjacent blocks for one patient's matches, where opening
+            // each document was most of a `_sort` (issue 17).
+            all.extend(
+                docs.sort_heads(&keys)?
+                    .into_iter()
+                    .map(|(key, head)| exec::position_of_head(&search.sort, t, key, head)),
+            );
+        } else {
+            for key in keys {
+                if let Some(doc) = docs.get(key)? {
+                    all.push(position(&search.sort, t, key, &doc));
+                }
             }
         }
     }

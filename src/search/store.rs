@@ -11,6 +11,7 @@
 //! | `o` type 0 term key | a date or quantity value in a bucket (HMAC of code, unit and bucket) |
 //! | `w` type 0 term key | a wide date or quantity value (HMAC of code): a candidate of every range |
 //! | `b` type 0 term | the buckets in use per unit of a parameter, sealed with the index key |
+//! | `s` type 0 key | [`SortRecord`]: id, lastUpdated, compartment in clear; the least and greatest value of each date, number and quantity parameter, sealed |
 //! | `m/…` | the first leaf not folded in yet, the format |
 //!
 //! Buckets are days for dates and sixteenths of a binary order of magnitude for quantities:
@@ -35,8 +36,10 @@ use crate::error::FhirError;
 use crate::repo::Repo;
 
 /// The layout above; a store of another format is cleared and folded again at open.
-/// 2: values encoded per parameter ([`Doc::encoded`]), sealed values as bytes.
-const FORMAT: u64 = 2;
+/// 2: values encoded per parameter ([`Doc::encoded`]), sealed values as bytes. 3: sort records.
+const FORMAT: u64 = 3;
+/// Keys a sort-record walk steps over before it seeks instead.
+const WALK: usize = 16;
 const FORMAT_KEY: &[u8] = b"m/format";
 const NEXT_KEY: &[u8] = b"m/next";
 
@@ -73,6 +76,43 @@ struct Record {
     /// As bytes: bincode reads a plain `Vec<u8>` one element at a time.
     #[serde(with = "serde_bytes")]
     sealed: Vec<u8>,
+}
+
+/// What `_sort` reads of a document under its `s` key: small and stored in document-key order,
+/// so the matches of one patient (created together) are a few adjacent blocks rather than as
+/// many documents opened.
+#[derive(Serialize, Deserialize)]
+struct SortRecord {
+    id: String,
+    last_updated_ms: i64,
+    compartment: String,
+    /// [`SortNums`] sealed with the compartment's data key, bound to the `s` key.
+    #[serde(with = "serde_bytes")]
+    sealed: Vec<u8>,
+}
+
+/// Per date, number or quantity parameter with a value: the least and greatest sort value.
+pub type SortNums = Vec<(String, f64, f64)>;
+
+/// A document as `_sort` sees it ([`SortRecord`] opened).
+pub struct SortHead {
+    pub id: String,
+    pub last_updated_ms: i64,
+    pub nums: SortNums,
+}
+
+/// The sort numbers of a document's values (see [`super::values::sort_num`]).
+fn sort_nums(doc: &Doc) -> SortNums {
+    let mut out = Vec::new();
+    for (code, vals) in doc.params() {
+        let mut nums = vals.iter().filter_map(super::values::sort_num);
+        let Some(first) = nums.next() else { continue };
+        let (lo, hi) = nums.fold((first, first), |(lo, hi), x| {
+            (if x.total_cmp(&lo).is_lt() { x } else { lo }, if x.total_cmp(&hi).is_gt() { x } else { hi })
+        });
+        out.push((code.to_string(), lo, hi));
+    }
+    out
 }
 
 /// Units of one parameter → the buckets that ever held a value. Only grows: an emptied
@@ -264,6 +304,55 @@ impl Store {
         Ok(Some(doc))
     }
 
+    /// The sort records of `keys` (ascending), in that order; a key without one (erased, or
+    /// gone) is left out. Read by walking forward from key to key, seeking past a gap wider
+    /// than [`WALK`] records.
+    pub fn sort_heads(&self, rtype: &str, keys: &[DocKey]) -> Result<Vec<(DocKey, SortHead)>, FhirError> {
+        type Walk<'w> = std::iter::Peekable<Box<dyn Iterator<Item = io::Result<super::lsm::Kv>> + 'w>>;
+        let prefix = typed(b's', rtype);
+        let end = with(prefix.clone(), &[0xff; 9]);
+        let mut walk: Option<Walk<'_>> = None;
+        let mut out = Vec::with_capacity(keys.len());
+        let mut keys = keys.to_vec();
+        keys.sort_unstable();
+        keys.dedup();
+        for key in keys {
+            let want = with(prefix.clone(), &key.to_be_bytes());
+            let mut steps = 0;
+            let raw = loop {
+                if walk.is_none() || steps == WALK {
+                    let range: Box<dyn Iterator<Item = io::Result<super::lsm::Kv>>> =
+                        Box::new(self.tree.range(&want, &end));
+                    walk = Some(range.peekable());
+                    steps = WALK + 1; // opened at `want`: the next record decides
+                }
+                let Some(it) = walk.as_mut() else { break None };
+                let ahead = match it.peek() {
+                    None => None,
+                    Some(Ok((k, _))) => Some(k.as_slice().cmp(&want)),
+                    Some(Err(_)) => Some(std::cmp::Ordering::Equal),
+                };
+                match ahead {
+                    Some(std::cmp::Ordering::Less) => {
+                        it.next();
+                        steps += 1;
+                    }
+                    Some(std::cmp::Ordering::Equal) => break it.next(),
+                    // Past it, or the end: this key has no record.
+                    _ => break None,
+                }
+            };
+            let Some(raw) = raw else { continue };
+            let (k, v) = raw.map_err(|e| io_err(&e))?;
+            let rec: SortRecord = bincode::deserialize(&v).map_err(FhirError::internal)?;
+            let Some(dek) = self.data_key(&rec.compartment)? else { continue };
+            let plain = crypto::open(&dek, &rec.sealed, &k).map_err(FhirError::internal)?;
+            let nums: SortNums = bincode::deserialize(&plain).map_err(FhirError::internal)?;
+            out.push((key, SortHead { id: rec.id, last_updated_ms: rec.last_updated_ms, nums }));
+        }
+        Ok(out)
+    }
+
     /// Live documents of `rtype` from key `from` on, in key order.
     pub fn scan<'s>(
         &'s self,
@@ -367,6 +456,7 @@ impl Store {
         let dkey = with(typed(b'd', rtype), &key.to_be_bytes());
         p.batch.delete(dkey.clone());
         p.evict.push(dkey);
+        p.batch.delete(with(typed(b's', rtype), &key.to_be_bytes()));
         for k in self.value_keys(p, rtype, key, old, false)? {
             p.batch.delete(k);
         }
@@ -394,6 +484,15 @@ impl Store {
         };
         p.batch.put(dkey.clone(), bincode::serialize(&rec).map_err(FhirError::internal)?);
         p.evict.push(dkey);
+        let skey = with(typed(b's', rtype), &key.to_be_bytes());
+        let nums = bincode::serialize(&sort_nums(doc)).map_err(FhirError::internal)?;
+        let sort = SortRecord {
+            id: doc.id.clone(),
+            last_updated_ms: doc.last_updated_ms,
+            compartment: compartment.to_string(),
+            sealed: crypto::seal(&dek, &nums, &skey),
+        };
+        p.batch.put(skey, bincode::serialize(&sort).map_err(FhirError::internal)?);
         p.batch.put(with(typed(b'i', rtype), doc.id.as_bytes()), key.to_be_bytes().to_vec());
         for k in self.value_keys(p, rtype, key, doc, true)? {
             p.batch.put(k, Vec::new());

@@ -299,6 +299,17 @@ fn reference_value(j: &Json) -> Option<Value> {
     }
 }
 
+/// How a date, number or quantity value sorts: by its lower bound. Dates, numbers and
+/// quantities have only such values, so a sort record of these numbers orders them exactly
+/// as their documents would.
+pub fn sort_num(v: &Value) -> Option<f64> {
+    match v {
+        Value::Date { lo, .. } => Some(*lo as f64),
+        Value::Quantity { lo, .. } => Some(*lo),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -117,7 +117,7 @@ def step(a):
         "ingest_rps": round(a.ingest_resources / a.ingest_s, 1),
         "rss_kb": a.rss_kb, "rss_peak_kb": a.rss_peak_kb, "data_dir_bytes": a.data_dir_bytes,
         "shutdown_s": a.shutdown_s, "restart_s": a.restart_s, "rss_after_restart_kb": a.rss_after_restart_kb,
-        "step_s": a.step_s,
+        "step_s": a.step_s, "settle_s": a.settle_s,
         "search_n": {}, "search_p50_ms": {}, "search_p95_ms": {}, "search_errors": {},
     }
     for label, r in zip(class_labels(results), results):
@@ -178,7 +178,10 @@ def report(a):
         ("ingest of the step, resources/s (4 clients)",
          [f"{s['ingest_rps']:,.0f} ({s['ingest_resources']:,} in {s['ingest_s']:.1f} s)" for s in steps]),
     ]
-    rows.append(("wall time of the step (load, quiet, searches, restart), s", [f"{s['step_s']:.0f}" for s in steps]))
+    rows.append(("settle after the load (index folded and compacted), s",
+                 [f"{s['settle_s']:.0f}" if "settle_s" in s else "—" for s in steps]))
+    rows.append(("wall time of the step (load, quiet, settle, searches, restart), s",
+                 [f"{s['step_s']:.0f}" for s in steps]))
     for label in labels:
         rows.append((f"search p95 ms: {label}", [
             ("—" if s["search_p95_ms"].get(label) is None else f"{s['search_p95_ms'][label]:.2f}")
@@ -217,7 +220,7 @@ def main():
     for name, typ in [("step", int), ("unit", int), ("resources", int), ("ingest-resources", int),
                       ("ingest-s", float), ("rss-kb", int), ("rss-peak-kb", int), ("data-dir-bytes", int),
                       ("shutdown-s", float), ("restart-s", float), ("rss-after-restart-kb", int),
-                      ("step-s", float)]:
+                      ("step-s", float), ("settle-s", float)]:
         sp.add_argument(f"--{name}", type=typ, required=True)
     rp = sub.add_parser("report", help="table and targets of every step")
     rp.add_argument("file", help="the JSON-lines file of the steps")

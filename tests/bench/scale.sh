@@ -4,6 +4,10 @@
 # 2.25M resources). At each step it reports
 #   - ingest rate of the step (resources/s, 4 clients posting Synthea transaction bundles),
 #   - server RSS (VmRSS after a quiet moment, and the peak VmHWM) and the data dir size,
+#   - settle: how long after the load the server kept working (folding the search index,
+#     compacting its LSM store) until it used under 5% of a core over 2 s (at most 15 min);
+#     the searches start after it, so they measure the index at its size, not the
+#     compaction still running (searches during ingest are another measurement),
 #   - p95 of every search class of tests/bench/search.sh (search.py run against fhir-ledger
 #     alone, the same query classes and generator, 200 measured queries per class; every step
 #     queries copies of the patients loaded by the first step, so that only the size changes),
@@ -134,6 +138,21 @@ first_answer() {
   echo "no answer from the server in 30 minutes" >&2
   exit 1
 }
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$server/stat"; }
+# settle: waits until the server used under 5% of a core over 2 s (10 clock ticks at 100/s),
+# at most 15 minutes; prints the seconds waited.
+settle() {
+  local t0 prev cur
+  t0=$(now)
+  prev=$(cpu_ticks)
+  for _ in $(seq 1 450); do
+    sleep 2
+    cur=$(cpu_ticks)
+    [ $((cur - prev)) -lt 10 ] && break
+    prev=$cur
+  done
+  secs "$t0" "$(now)"
+}
 status_kb() { awk -v k="$1:" '$1 == k {print $2}' "/proc/$server/status"; }
 now() { date +%s.%N; }
 secs() { python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.3f}')" "$1" "$2"; }
@@ -160,6 +179,8 @@ for s in "${step_list[@]}"; do
   rss=$(status_kb VmRSS) peak=$(status_kb VmHWM)
   size=$(du -sb "$data" | cut -f1)
   echo "  RSS $((rss * 1024 / 1000000)) MB (peak $((peak * 1024 / 1000000)) MB), data dir $((size / 1000000)) MB"
+  settle_s=$(settle)
+  echo "  settled (under 5% of a core) $settle_s s after the quiet moment"
 
   echo "  searches (tests/bench/search.py, fhir-ledger alone):"
   python3 "$root/tests/bench/search.py" --base "$base" -n "$search_n" --warmup 20 -q \
@@ -186,7 +207,8 @@ for s in "${step_list[@]}"; do
   python3 "$root/tests/bench/scale.py" step --out "$steps_file" --search-json "$work/search-$s.json" \
     --step "$s" --unit "$unit" --resources "$loaded" --ingest-resources "$sent" --ingest-s "$ingest_s" \
     --rss-kb "$rss" --rss-peak-kb "$peak" --data-dir-bytes "$size" \
-    --shutdown-s "$shutdown_s" --restart-s "$restart_s" --rss-after-restart-kb "$rss_restart" --step-s "$step_s"
+    --shutdown-s "$shutdown_s" --restart-s "$restart_s" --rss-after-restart-kb "$rss_restart" --step-s "$step_s" \
+    --settle-s "$settle_s"
 done
 
 echo

@@ -898,6 +898,52 @@ async fn sort_orders_by_keys_with_id_order_for_ties() {
     assert_order!(app, "/Patient", ["c", "e", "a", "d", "b"], "an update keeps the creation order");
 }
 
+/// `_sort` on a date, number or quantity parameter reads each match's sort record, not its
+/// document: with several values a resource sorts by its least one ascending and its greatest
+/// one descending, and one without a value comes last either way; a changed resource sorts by
+/// what it holds now; a quantity sorts by value.
+#[actix_web::test]
+async fn sort_by_a_date_with_several_values_uses_the_least_or_the_greatest() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = support::app(support::repo(dir.path()).await).await;
+    let goal = |id: &str, dues: &[&str]| {
+        let target: Vec<Value> = dues.iter().map(|d| json!({"dueDate": d})).collect();
+        let mut g =
+            json!({"lifecycleStatus": "active", "description": {"text": id}, "subject": {"reference": "Patient/p"}});
+        if !target.is_empty() {
+            g["target"] = Value::Array(target);
+        }
+        res("Goal", id, g)
+    };
+    for g in [
+        goal("wide", &["2020-01-01", "2024-01-01"]),
+        goal("mid", &["2022-01-01"]),
+        goal("none", &[]),
+        goal("late", &["2023-06-01"]),
+    ] {
+        seed!(app, g);
+    }
+    assert_order!(app, "/Goal?_sort=target-date", ["wide", "mid", "late", "none"]);
+    assert_order!(app, "/Goal?_sort=-target-date", ["wide", "late", "mid", "none"]);
+    assert_order!(app, "/Goal?subject=Patient/p&_sort=-target-date&_count=2", ["wide", "late"]);
+    // A changed value moves the resource.
+    seed!(app, goal("mid", &["2025-01-01"]));
+    assert_order!(app, "/Goal?_sort=-target-date", ["mid", "wide", "late", "none"]);
+
+    let obs = |id: &str, v: f64| {
+        res(
+            "Observation",
+            id,
+            json!({"status": "final", "code": {"text": "w"}, "valueQuantity": {"value": v, "unit": "kg"}}),
+        )
+    };
+    for o in [obs("o1", 70.5), obs("o2", 8.0), obs("o3", 100.0)] {
+        seed!(app, o);
+    }
+    assert_order!(app, "/Observation?_sort=value-quantity", ["o2", "o1", "o3"]);
+    assert_order!(app, "/Observation?_sort=-value-quantity", ["o3", "o1", "o2"]);
+}
+
 /// Paging: `_count` pages, `next` links that cover every match exactly once even when
 /// resources are created between pages, `previous` and `self` links, `_count=0`.
 #[actix_web::test]
