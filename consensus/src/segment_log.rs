@@ -130,6 +130,96 @@ fn header(b: &[u8]) -> Result<Header, &'static str> {
     })
 }
 
+/// Checks every segment, on as many threads as there are cores (each with one read buffer it
+/// reuses: a fresh buffer per segment had the kernel zero 64 MiB of new pages each time), and
+/// returns their scans in order. Opening reads the whole log, so this is most of a restart at
+/// millions of resources.
+fn scan_all(files: &[(u64, PathBuf, Arc<File>)]) -> Vec<Result<Scanned, Error>> {
+    let threads = std::thread::available_parallelism().map_or(1, std::num::NonZero::get).min(files.len()).max(1);
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let done: Vec<std::sync::Mutex<Option<Result<Scanned, Error>>>> =
+        files.iter().map(|_| std::sync::Mutex::new(None)).collect();
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            scope.spawn(|| {
+                let mut buf = Vec::new();
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some((first, path, file)) = files.get(i) else { break };
+                    let scanned = scan(path, file, *first, &mut buf);
+                    *done[i].lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(scanned);
+                }
+            });
+        }
+    });
+    done.into_iter()
+        .map(|m| {
+            m.into_inner()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .unwrap_or_else(|| Err(Error::Usage("a segment scan did not finish".into())))
+        })
+        .collect()
+}
+
+/// What a scan of one segment found: where each record is (offset, payload length) up to the
+/// end or the first damage.
+struct Scanned {
+    places: Vec<(u64, u32)>,
+    size: u64,
+    tail: Tail,
+    damage: Option<Corruption>,
+}
+
+/// Checks every record of one segment whose first record is `first`.
+fn scan(path: &Path, file: &File, first: u64, bytes: &mut Vec<u8>) -> Result<Scanned, Error> {
+    bytes.clear();
+    (&*file).seek(SeekFrom::Start(0))?;
+    (&*file).read_to_end(bytes)?;
+    let mut out = Scanned { places: Vec::new(), size: bytes.len() as u64, tail: Tail::Clean, damage: None };
+    let corrupt = |offset: usize, what: String| Corruption { path: path.to_path_buf(), offset: offset as u64, what };
+    let mut at = 0usize;
+    let mut index = first;
+    while at < bytes.len() {
+        let Some(head) = bytes.get(at..at + HEADER) else {
+            // Less than a header left: a torn write only if what is there could be its start.
+            if bytes[at..].iter().zip(MAGIC.iter()).any(|(a, b)| a != b) {
+                out.damage = Some(corrupt(at, "no record starts here (bad magic)".into()));
+            } else {
+                out.tail = Tail::Short(at as u64);
+            }
+            return Ok(out);
+        };
+        let Header { len, index: stored_index, crc } = match header(head) {
+            Ok(h) => h,
+            Err(what) => {
+                out.damage = Some(corrupt(at, what.into()));
+                return Ok(out);
+            }
+        };
+        if len as usize > MAX_PAYLOAD {
+            out.damage = Some(corrupt(at, format!("a record length of {len} bytes")));
+            return Ok(out);
+        }
+        let end = at + HEADER + len as usize;
+        let Some(payload) = bytes.get(at + HEADER..end) else {
+            out.tail = Tail::Short(at as u64);
+            return Ok(out);
+        };
+        if checksum(stored_index, payload) != crc {
+            out.damage = Some(corrupt(at, format!("record {stored_index} fails its checksum")));
+            return Ok(out);
+        }
+        if stored_index != index {
+            out.damage = Some(corrupt(at, format!("record {stored_index} where {index} was expected")));
+            return Ok(out);
+        }
+        out.places.push((at as u64, len));
+        index += 1;
+        at = end;
+    }
+    Ok(out)
+}
+
 /// How a scan of one segment ended.
 enum Tail {
     Clean,
@@ -221,26 +311,26 @@ impl SegmentLog {
         let mut log = Self::empty(dir, segment_bytes);
         log.first = firsts.first().map_or(0, |f| f.0);
         let count = firsts.len();
-        // One buffer for every segment: a fresh one each time had the kernel zero 64 MiB of
-        // new pages per segment, a quarter of a restart at millions of resources.
-        let mut buf = Vec::new();
-        for (i, (first, path)) in firsts.into_iter().enumerate() {
+        let mut files = Vec::with_capacity(count);
+        for (first, path) in firsts {
             let file = Arc::new(OpenOptions::new().read(true).write(repair).open(&path)?);
+            files.push((first, path, file));
+        }
+        let scans = scan_all(&files);
+        for (i, ((first, path, file), scanned)) in files.into_iter().zip(scans).enumerate() {
             let expected = log.next_index();
             if !log.places.is_empty() && first != expected {
                 let what = format!("the segment starts at index {first}, but the log continues at {expected}");
                 return Ok((log, Some(Corruption { path, offset: 0, what })));
             }
+            let Scanned { places, size, tail, damage } = scanned?;
             let segment = log.segments.len();
-            let (size, tail) = match log.scan(&path, &file, first, segment, &mut buf) {
-                Ok(scanned) => scanned,
-                Err(Error::Corrupt(c)) => {
-                    // The records before the damage stay readable (for the verifier).
-                    log.segments.push(Segment { first, path, file, size: c.offset });
-                    return Ok((log, Some(c)));
-                }
-                Err(e) => return Err(e),
-            };
+            log.places.extend(places.into_iter().map(|(offset, len)| Place { segment, offset, len }));
+            if let Some(c) = damage {
+                // The records before the damage stay readable (for the verifier).
+                log.segments.push(Segment { first, path, file, size: c.offset });
+                return Ok((log, Some(c)));
+            }
             let size = match tail {
                 Tail::Clean => size,
                 Tail::Short(at) if i + 1 == count => {
@@ -273,51 +363,6 @@ impl SegmentLog {
             places: Vec::new(),
             dirty: Vec::new(),
         }
-    }
-
-    /// Checks every record of one segment, recording where each is.
-    fn scan(
-        &mut self,
-        path: &Path,
-        file: &File,
-        first: u64,
-        segment: usize,
-        bytes: &mut Vec<u8>,
-    ) -> Result<(u64, Tail), Error> {
-        bytes.clear();
-        (&*file).seek(SeekFrom::Start(0))?;
-        (&*file).read_to_end(bytes)?;
-        let corrupt =
-            |offset: usize, what: String| Corruption { path: path.to_path_buf(), offset: offset as u64, what };
-        let mut at = 0usize;
-        let mut index = first;
-        while at < bytes.len() {
-            let Some(head) = bytes.get(at..at + HEADER) else {
-                // Less than a header left: a torn write only if what is there could be its start.
-                if bytes[at..].iter().zip(MAGIC.iter()).any(|(a, b)| a != b) {
-                    return Err(corrupt(at, "no record starts here (bad magic)".into()).into());
-                }
-                return Ok((bytes.len() as u64, Tail::Short(at as u64)));
-            };
-            let Header { len, index: stored_index, crc } = header(head).map_err(|what| corrupt(at, what.into()))?;
-            if len as usize > MAX_PAYLOAD {
-                return Err(corrupt(at, format!("a record length of {len} bytes")).into());
-            }
-            let end = at + HEADER + len as usize;
-            let Some(payload) = bytes.get(at + HEADER..end) else {
-                return Ok((bytes.len() as u64, Tail::Short(at as u64)));
-            };
-            if checksum(stored_index, payload) != crc {
-                return Err(corrupt(at, format!("record {stored_index} fails its checksum")).into());
-            }
-            if stored_index != index {
-                return Err(corrupt(at, format!("record {stored_index} where {index} was expected")).into());
-            }
-            self.places.push(Place { segment, offset: at as u64, len });
-            index += 1;
-            at = end;
-        }
-        Ok((bytes.len() as u64, Tail::Clean))
     }
 
     /// The index of the first record kept.
