@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use super::index::{Doc, DocKey, Index, SortHead, Source, TypeDocs, NARROW_MS};
+use super::index::{str_prefix_key, Doc, DocKey, Index, SortHead, Source, TypeDocs, NARROW_MS, STR_PREFIX};
 use super::query::{Filter, Pred, Prefix, SortKey, StrMode, UriMode};
 use super::stream::Meet;
 use super::values::{normalize, Value};
@@ -353,6 +353,18 @@ fn pred_candidates(
             Pred::Token { system: Some(None), code: Some(c) } => {
                 source.add(docs.posting_source(code, c));
                 exact = false;
+            }
+            Pred::Str { needle, mode: mode @ (StrMode::Starts | StrMode::Exact) } => {
+                // Values are posted under their first prefixes: a short enough prefix query is
+                // answered exactly; a longer one or `:exact` (the same characters, normalized)
+                // is checked on the documents of its first prefix.
+                let norm = if *mode == StrMode::Exact { normalize(needle) } else { needle.clone() };
+                if norm.is_empty() {
+                    return Ok(None);
+                }
+                let cut = norm.char_indices().nth(STR_PREFIX).map_or(norm.len(), |(i, _)| i);
+                source.add(docs.posting_source(code, &str_prefix_key(&norm[..cut])));
+                exact &= *mode == StrMode::Starts && cut == norm.len();
             }
             Pred::Ref { rtype: Some(t), id } => source.add(docs.posting_source(code, &format!("{t}/{id}"))),
             Pred::Ref { rtype: None, id } => source.add(docs.posting_source(code, id)),

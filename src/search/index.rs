@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard};
 
 use super::params::{Kind, Registry};
-pub use super::store::{Doc, DocKey, Head, SortHead, NARROW_MS};
+pub use super::store::{str_prefix_key, Doc, DocKey, Head, SortHead, NARROW_MS, STR_PREFIX};
 use super::store::{Pending, Store};
 pub use super::stream::Source;
 use super::values::{extract, Value};

@@ -37,7 +37,10 @@ use crate::repo::Repo;
 
 /// The layout above; a store of another format is cleared and folded again at open.
 /// 2: values encoded per parameter ([`Doc::encoded`]), sealed values as bytes. 3: sort records.
-const FORMAT: u64 = 3;
+/// 4: string prefix postings.
+const FORMAT: u64 = 4;
+/// String values are posted under each of their first this many prefixes (in characters).
+pub const STR_PREFIX: usize = 6;
 /// Keys a sort-record walk steps over before it seeks instead.
 const WALK: usize = 16;
 const FORMAT_KEY: &[u8] = b"m/format";
@@ -620,9 +623,20 @@ fn ordered_slots(v: &Value) -> Vec<Slot> {
 }
 
 /// The posting keys of a value: token `code`, `system|code`, `system|` and (for bare codes)
-/// `\0|code`; reference `id` and `Type/id`.
+/// `\0|code`; reference `id` and `Type/id`; string each prefix of its normalized form up to
+/// [`STR_PREFIX`] characters ([`str_prefix_key`]).
 fn posting_keys(v: &Value) -> Vec<String> {
     match v {
+        // The end of each of the first prefixes: after the first character, the second, ...
+        Value::Str { norm, .. } => norm
+            .char_indices()
+            .skip(1)
+            .map(|(i, _)| i)
+            .chain([norm.len()])
+            .take(STR_PREFIX)
+            .filter(|&end| end > 0)
+            .map(|end| str_prefix_key(&norm[..end]))
+            .collect(),
         Value::Token { system, code, bare, .. } => {
             let mut keys = Vec::with_capacity(3);
             if let Some(c) = code {
@@ -648,6 +662,12 @@ fn posting_keys(v: &Value) -> Vec<String> {
         }
         _ => Vec::new(),
     }
+}
+
+/// The posting key of a normalized string prefix (tagged, so that no token or reference value
+/// of the same parameter could share it).
+pub fn str_prefix_key(prefix: &str) -> String {
+    format!("\u{1}{prefix}")
 }
 
 /// Decoded documents by `d` key, first in first out within a byte budget.

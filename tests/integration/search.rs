@@ -411,7 +411,8 @@ async fn date_search_compares_ranges_with_every_prefix() {
 }
 
 /// `string`: by default a case- and accent-insensitive match of the start of any part;
-/// `:exact` the whole string, case and accents included; `:contains` anywhere.
+/// `:exact` the whole string, case and accents included; `:contains` anywhere. Prefixes up to
+/// six characters are answered by postings, longer ones checked on the documents they find.
 #[actix_web::test]
 async fn string_search_prefix_exact_contains_case_and_accents() {
     let dir = tempfile::tempdir().unwrap();
@@ -467,6 +468,16 @@ async fn string_search_prefix_exact_contains_case_and_accents() {
     assert_ids!(app, "/Patient?address-city:exact=springfield", []);
     assert_ids!(app, "/Patient?address-city:contains=field", ["n1"]);
     assert_ids!(app, "/Patient?name=nobody", []);
+    // Values are posted under their first six characters: longer prefixes are checked on
+    // those documents, and a changed name leaves its old prefixes.
+    assert_ids!(app, "/Patient?name=smithso", ["n2"]);
+    assert_ids!(app, "/Patient?name=smithsonian", []);
+    assert_ids!(app, "/Patient?family:exact=Smithson", ["n2"]);
+    assert_ids!(app, "/Patient?name=blacksm", ["n4"]);
+    seed!(app, res("Patient", "n4", json!({"name": [{"family": "Smithers", "given": ["Eve"]}]})));
+    assert_ids!(app, "/Patient?name=black", []);
+    assert_ids!(app, "/Patient?name=smithe", ["n4"]);
+    assert_ids!(app, "/Patient?name=smi", ["n1", "n2", "n4", "n5"]);
 
     seed!(
         app,
