@@ -7,7 +7,7 @@
 //! | --- | --- |
 //! | `i` type 0 id | document key |
 //! | `d` type 0 key | [`Record`]: id, version, leaf, lastUpdated, compartment in clear; the values sealed with the compartment's data key |
-//! | `p` type 0 term key | posting: a token or reference value (`term` = HMAC of code and value) |
+//! | `p` type 0 term key | posting: a token or reference value, or one of a string's first prefixes (`term` = HMAC of code and value) |
 //! | `o` type 0 term key | a date or quantity value in a bucket (HMAC of code, unit and bucket) |
 //! | `w` type 0 term key | a wide date or quantity value (HMAC of code): a candidate of every range |
 //! | `b` type 0 term | the buckets in use per unit of a parameter, sealed with the index key |
