@@ -611,9 +611,17 @@ async fn new_node_catches_up_by_snapshot() {
     for k in 0..40 {
         write(&http, &h, 0, &cluster.members[k % 3].api, &format!("reg-{k}"), k as u64).await;
     }
-    let leader = cluster.leader().await;
-    let s = cluster.status(leader).await.unwrap();
-    assert!(s["purged"].as_u64().is_some(), "the leader compacted its log: {s}");
+    // Snapshots are built and the log compacted in the background after apply: wait for it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let s = loop {
+        let leader = cluster.leader().await;
+        let s = cluster.status(leader).await.unwrap();
+        if s["purged"].as_u64().is_some() || Instant::now() > deadline {
+            break s;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(s["purged"].as_u64().is_some(), "the leader compacted its log within 30 s: {s}");
 
     let four = cluster.launch(4);
     let (ok, out) = cli(&["join", "--node", &cluster.members[0].api, "--new", &cluster.members[four].api, "--voter"]);
