@@ -37,9 +37,9 @@ fn werr(e: impl std::fmt::Display) -> StorageError<NodeId> {
 /// them (bodies are written once, issue 17). Shared by the log, which keeps every segment
 /// holding such a body, and the state machine, which says from which entry on it references
 /// the log (`from`: entries before it came with an installed snapshot, inline).
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub(crate) struct Bodies {
-    log: Option<Arc<Mutex<SegmentLog>>>,
+    log: Arc<Mutex<SegmentLog>>,
     from: Arc<AtomicU64>,
 }
 
@@ -52,14 +52,17 @@ impl Debug for Bodies {
 impl Bodies {
     /// Over a log opened for reading only (the offline verifier).
     pub(crate) fn of(log: SegmentLog) -> Self {
-        Self { log: Some(Arc::new(Mutex::new(log))), from: Arc::default() }
+        Self { log: Arc::new(Mutex::new(log)), from: Arc::default() }
+    }
+
+    fn log(&self) -> std::sync::MutexGuard<'_, SegmentLog> {
+        self.log.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// `len` bytes from `offset` of entry `index`'s encoding. The log's lock is held only to
     /// find the file; the read is outside it.
     pub(crate) fn read(&self, index: u64, offset: u32, len: u32) -> io::Result<Vec<u8>> {
-        let log = self.log.as_ref().ok_or_else(|| io::Error::other("no raft log to read bodies from"))?;
-        let at = log.lock().unwrap_or_else(std::sync::PoisonError::into_inner).locate(index);
+        let at = self.log().locate(index);
         let at = at.ok_or_else(|| {
             io::Error::new(
                 io::ErrorKind::InvalidData,
@@ -74,8 +77,7 @@ impl Bodies {
     /// benchmarks of the state machine, which apply without a Raft).
     #[cfg(any(test, feature = "bench"))]
     pub(crate) fn append(&self, entry: &Entry<TypeConfig>) -> io::Result<()> {
-        let log = self.log.as_ref().ok_or_else(|| io::Error::other("no log"))?;
-        let mut log = log.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut log = self.log();
         if log.last_index().is_none_or(|last| entry.log_id.index > last) {
             let bytes = bincode::serialize(entry).map_err(io::Error::other)?;
             log.append(entry.log_id.index, &bytes).map_err(io::Error::other)?;
@@ -86,22 +88,19 @@ impl Bodies {
     /// Makes the appends durable.
     #[cfg(feature = "bench")]
     pub(crate) fn sync(&self) -> io::Result<()> {
-        let Some(log) = self.log.as_ref() else { return Ok(()) };
-        let pending = log.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pending_sync();
+        let pending = self.log().pending_sync();
         pending.run().map_err(io::Error::other)
     }
 
     /// The indexes of the entries the log holds (compacted ones included).
     pub(crate) fn indexes(&self) -> std::ops::Range<u64> {
-        let Some(log) = self.log.as_ref() else { return 0..0 };
-        let log = log.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let log = self.log();
         log.first_index()..log.next_index()
     }
 
-    /// Entry `index`'s encoding, if the log holds it.
+    /// Entry `index`'s encoding, if the log holds it (read outside the lock, like a body).
     pub(crate) fn entry(&self, index: u64) -> io::Result<Option<Vec<u8>>> {
-        let Some(log) = self.log.as_ref() else { return Ok(None) };
-        let at = log.lock().unwrap_or_else(std::sync::PoisonError::into_inner).locate(index);
+        let at = self.log().locate(index);
         at.map(|at| at.read(0, at.size())).transpose().map_err(io::Error::other)
     }
 
@@ -117,8 +116,8 @@ impl Bodies {
 
 #[derive(Clone)]
 pub struct LogStore {
-    entries: Arc<Mutex<SegmentLog>>,
-    /// Shares `entries`; says which segments purging must keep.
+    /// The entries, shared with the state machine's body reads; also says which segments
+    /// purging must keep.
     bodies: Bodies,
     meta: Arc<dyn KvStore>,
     /// The first index not purged: purging keeps whole segments, so entries below it may
@@ -137,10 +136,8 @@ impl Debug for LogStore {
 impl LogStore {
     /// Opens the entries in `dir` (refusing a damaged log) and the ids in `meta`.
     pub fn open(dir: &Path, meta: Arc<dyn KvStore>) -> anyhow::Result<Self> {
-        let entries = Arc::new(Mutex::new(SegmentLog::open(dir, SEGMENT_BYTES)?));
         let mut store = Self {
-            bodies: Bodies { log: Some(entries.clone()), from: Arc::default() },
-            entries,
+            bodies: Bodies::of(SegmentLog::open(dir, SEGMENT_BYTES)?),
             meta,
             readable_from: Arc::default(),
             resume_leadership: true,
@@ -168,7 +165,7 @@ impl LogStore {
     }
 
     fn log(&self) -> std::sync::MutexGuard<'_, SegmentLog> {
-        self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.bodies.log()
     }
 
     fn get_meta<T: for<'a> Deserialize<'a>>(&self, key: &[u8]) -> Result<Option<T>, StorageError<NodeId>> {
@@ -190,9 +187,10 @@ impl LogStore {
     }
 
     fn entry(&self, index: u64) -> Result<Option<Entry<TypeConfig>>, StorageError<NodeId>> {
-        let Some(at) = self.log().locate(index) else { return Ok(None) };
-        let bytes = at.read(0, at.size()).map_err(rerr)?;
-        Ok(Some(bincode::deserialize(&bytes).map_err(rerr)?))
+        match self.bodies.entry(index).map_err(rerr)? {
+            Some(bytes) => Ok(Some(bincode::deserialize(&bytes).map_err(rerr)?)),
+            None => Ok(None),
+        }
     }
 
     /// Reads bodies where the state references them in this log.
@@ -292,7 +290,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             bincode::serialize_into(&mut bytes, &entry).map_err(werr)?;
             batch.push((entry.log_id.index, bytes));
         }
-        let entries = self.entries.clone();
+        let entries = self.bodies.log.clone();
         // Durability point of the whole system: entries are fsynced before openraft is told
         // they are persisted, so nothing is acknowledged that a crash could lose.
         let res = tokio::task::spawn_blocking(move || {
