@@ -458,13 +458,16 @@ impl Engine {
 /// search rarely folds more than a few leaves itself. Stops when the engine is dropped.
 pub fn keep_current(engine: &Arc<Engine>) {
     let weak = Arc::downgrade(engine);
-    let spawned = std::thread::Builder::new().name("search-index".into()).spawn(move || loop {
-        let Some(engine) = weak.upgrade() else { return };
-        if let Err(e) = engine.current_all() {
-            tracing::warn!("search index: {}", e.issues.first().map_or("", |i| i.diagnostics.as_str()));
+    let spawned = std::thread::Builder::new().name("search-index".into()).spawn(move || {
+        super::background::lower_this_thread();
+        loop {
+            let Some(engine) = weak.upgrade() else { return };
+            if let Err(e) = engine.current_all() {
+                tracing::warn!("search index: {}", e.issues.first().map_or("", |i| i.diagnostics.as_str()));
+            }
+            drop(engine);
+            std::thread::sleep(std::time::Duration::from_millis(50));
         }
-        drop(engine);
-        std::thread::sleep(std::time::Duration::from_millis(50));
     });
     if let Err(e) = spawned {
         tracing::warn!("search index: no background thread ({e}); searches catch up themselves");

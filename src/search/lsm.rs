@@ -41,8 +41,12 @@ impl Tree {
         let db = Database::builder(dir)
             .cache_size(cache_bytes)
             .max_journaling_size(MAX_JOURNAL)
+            // One worker: with two, fjall 3.1's first worker hands every compaction request
+            // back to the queue and takes it again, spinning a core while the other compacts.
+            .worker_threads(1)
             .open()
             .map_err(|e| err(&e))?;
+        super::background::lower_threads_named("fjall:worker");
         let ks = db
             .keyspace("index", || KeyspaceCreateOptions::default().max_memtable_size(MEMTABLE))
             .map_err(|e| err(&e))?;
