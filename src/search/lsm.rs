@@ -46,7 +46,6 @@ impl Tree {
             .worker_threads(1)
             .open()
             .map_err(|e| err(&e))?;
-        super::background::lower_threads_named("fjall:worker");
         let ks = db
             .keyspace("index", || KeyspaceCreateOptions::default().max_memtable_size(MEMTABLE))
             .map_err(|e| err(&e))?;
