@@ -23,7 +23,7 @@
 //! the byte offset, and nothing is cut.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Seek, SeekFrom};
+use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -131,7 +131,7 @@ fn header(b: &[u8]) -> Result<Header, &'static str> {
 }
 
 /// Checks every segment, on as many threads as there are cores (each with one read buffer it
-/// reuses: a fresh buffer per segment had the kernel zero 64 MiB of new pages each time), and
+/// reuses: a fresh buffer per segment had the kernel zero new pages each time), and
 /// returns their scans in order. Opening reads the whole log, so this is most of a restart at
 /// millions of resources.
 fn scan_all(files: &[(u64, PathBuf, Arc<File>)]) -> Vec<Result<Scanned, Error>> {
@@ -170,22 +170,56 @@ struct Scanned {
     damage: Option<Corruption>,
 }
 
+/// What a scan reads at a time: a whole segment at once held 64 MiB per scanning thread, and
+/// the allocator kept it after the scan.
+const SCAN_CHUNK: usize = 4 << 20;
+
+/// A segment read front to back through one reused buffer.
+struct Window<'a> {
+    file: &'a File,
+    size: u64,
+    buf: &'a mut Vec<u8>,
+    /// The file offset of `buf[0]`, and how much of `buf` holds the file.
+    start: u64,
+    len: usize,
+}
+
+impl Window<'_> {
+    /// Bytes `[at, at + n)` of the file, or `None` if it ends before.
+    fn get(&mut self, at: u64, n: usize) -> io::Result<Option<&[u8]>> {
+        let end = at + n as u64;
+        if end > self.size {
+            return Ok(None);
+        }
+        if at < self.start || end > self.start + self.len as u64 {
+            if self.buf.len() < n.max(SCAN_CHUNK) {
+                self.buf.resize(n.max(SCAN_CHUNK), 0);
+            }
+            let len = usize::try_from((self.size - at).min(self.buf.len() as u64)).unwrap_or(n);
+            self.file.read_exact_at(&mut self.buf[..len], at)?;
+            (self.start, self.len) = (at, len);
+        }
+        let from = usize::try_from(at - self.start).unwrap_or(0);
+        Ok(Some(&self.buf[from..from + n]))
+    }
+}
+
 /// Checks every record of one segment whose first record is `first`.
-fn scan(path: &Path, file: &File, first: u64, bytes: &mut Vec<u8>) -> Result<Scanned, Error> {
-    bytes.clear();
-    (&*file).seek(SeekFrom::Start(0))?;
-    (&*file).read_to_end(bytes)?;
-    let mut out = Scanned { places: Vec::new(), size: bytes.len() as u64, tail: Tail::Clean, damage: None };
-    let corrupt = |offset: usize, what: String| Corruption { path: path.to_path_buf(), offset: offset as u64, what };
-    let mut at = 0usize;
+fn scan(path: &Path, file: &File, first: u64, buf: &mut Vec<u8>) -> Result<Scanned, Error> {
+    let size = file.metadata()?.len();
+    let mut bytes = Window { file, size, buf, start: 0, len: 0 };
+    let mut out = Scanned { places: Vec::new(), size, tail: Tail::Clean, damage: None };
+    let corrupt = |offset: u64, what: String| Corruption { path: path.to_path_buf(), offset, what };
+    let mut at = 0u64;
     let mut index = first;
-    while at < bytes.len() {
-        let Some(head) = bytes.get(at..at + HEADER) else {
+    while at < size {
+        let Some(head) = bytes.get(at, HEADER)? else {
             // Less than a header left: a torn write only if what is there could be its start.
-            if bytes[at..].iter().zip(MAGIC.iter()).any(|(a, b)| a != b) {
+            let rest = bytes.get(at, usize::try_from(size - at).unwrap_or(0))?.unwrap_or_default();
+            if rest.iter().zip(MAGIC.iter()).any(|(a, b)| a != b) {
                 out.damage = Some(corrupt(at, "no record starts here (bad magic)".into()));
             } else {
-                out.tail = Tail::Short(at as u64);
+                out.tail = Tail::Short(at);
             }
             return Ok(out);
         };
@@ -200,9 +234,8 @@ fn scan(path: &Path, file: &File, first: u64, bytes: &mut Vec<u8>) -> Result<Sca
             out.damage = Some(corrupt(at, format!("a record length of {len} bytes")));
             return Ok(out);
         }
-        let end = at + HEADER + len as usize;
-        let Some(payload) = bytes.get(at + HEADER..end) else {
-            out.tail = Tail::Short(at as u64);
+        let Some(payload) = bytes.get(at + HEADER as u64, len as usize)? else {
+            out.tail = Tail::Short(at);
             return Ok(out);
         };
         if checksum(stored_index, payload) != crc {
@@ -213,9 +246,9 @@ fn scan(path: &Path, file: &File, first: u64, bytes: &mut Vec<u8>) -> Result<Sca
             out.damage = Some(corrupt(at, format!("record {stored_index} where {index} was expected")));
             return Ok(out);
         }
-        out.places.push((at as u64, len));
+        out.places.push((at, len));
         index += 1;
-        at = end;
+        at += (HEADER + len as usize) as u64;
     }
     Ok(out)
 }
