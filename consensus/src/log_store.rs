@@ -133,15 +133,16 @@ impl Debug for LogStore {
     }
 }
 
+/// Opens the entries in `dir`, refusing a damaged log.
+pub fn open_segments(dir: &Path) -> Result<SegmentLog, crate::segment_log::Error> {
+    SegmentLog::open(dir, SEGMENT_BYTES)
+}
+
 impl LogStore {
-    /// Opens the entries in `dir` (refusing a damaged log) and the ids in `meta`.
-    pub fn open(dir: &Path, meta: Arc<dyn KvStore>) -> anyhow::Result<Self> {
-        let mut store = Self {
-            bodies: Bodies::of(SegmentLog::open(dir, SEGMENT_BYTES)?),
-            meta,
-            readable_from: Arc::default(),
-            resume_leadership: true,
-        };
+    /// The store over `segments` (see [`open_segments`]) and the ids in `meta`.
+    pub fn open(segments: SegmentLog, meta: Arc<dyn KvStore>) -> anyhow::Result<Self> {
+        let mut store =
+            Self { bodies: Bodies::of(segments), meta, readable_from: Arc::default(), resume_leadership: true };
         let purged = store.get_meta::<Option<LogId<NodeId>>>(PURGED)?.flatten();
         store.readable_from = Arc::new(AtomicU64::new(purged.map_or(0, |p| p.index + 1)));
         Ok(store)

@@ -24,11 +24,10 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Bui
     async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachine), StorageError<u64>> {
         let dir = tempfile::tempdir().map_err(|e| openraft::StorageIOError::write(&e))?;
         let db = SledDb::open(dir.path()).map_err(|e| openraft::StorageIOError::write(&e))?;
-        let log = LogStore::open(
-            &dir.path().join("raft-log"),
-            db.tree("raft_meta").map_err(|e| openraft::StorageIOError::write(&e))?,
-        )
-        .map_err(|e| openraft::StorageIOError::write(&std::io::Error::other(e.to_string())))?;
+        let segments = crate::log_store::open_segments(&dir.path().join("raft-log"))
+            .map_err(|e| openraft::StorageIOError::write(&std::io::Error::other(e.to_string())))?;
+        let log = LogStore::open(segments, db.tree("raft_meta").map_err(|e| openraft::StorageIOError::write(&e))?)
+            .map_err(|e| openraft::StorageIOError::write(&std::io::Error::other(e.to_string())))?;
         let state = db.tree("state").map_err(|e| openraft::StorageIOError::write(&e))?;
         let sm = StateMachine::open(state, dir.path().join("snapshots"), log.bodies())
             .map_err(|e| openraft::StorageIOError::write(&e))?;
