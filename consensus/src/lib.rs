@@ -170,16 +170,12 @@ impl Ledger {
         std::fs::create_dir_all(dir)?;
         // Checking the Raft log reads every segment, and sled's recovery its own file: neither
         // needs the other, so they overlap (most of a restart at millions of resources).
-        let started = std::time::Instant::now();
         let log_dir = dir.join(log_store::DIR);
-        let check = std::thread::Builder::new().name("raft-log-check".into()).spawn(move || {
-            let segments = log_store::open_segments(&log_dir);
-            (segments, started.elapsed())
-        })?;
+        let check = std::thread::Builder::new()
+            .name("raft-log-check".into())
+            .spawn(move || log_store::open_segments(&log_dir))?;
         let db = sled_store::SledDb::open_with_cache(dir, cache_bytes)?;
-        let sled_took = started.elapsed();
-        let (segments, log_took) = check.join().map_err(|_| anyhow::anyhow!("the Raft log check panicked"))?;
-        tracing::info!("opened the Raft log in {log_took:?} and the state's store in {sled_took:?}");
+        let segments = check.join().map_err(|_| anyhow::anyhow!("the Raft log check panicked"))?;
         // Before the index had a store of its own it lived in this tree.
         db.drop_tree("local/search")?;
         let single = raft_listener.is_none();

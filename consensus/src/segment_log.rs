@@ -655,6 +655,35 @@ mod tests {
     }
 
     #[test]
+    fn records_across_and_larger_than_the_scan_window_are_checked_and_read_back() {
+        let tmp = tempfile::tempdir().unwrap();
+        // Records of 1.5 MiB cross each 4 MiB window's end; one of 9 MiB is larger than it.
+        let big = |i: u64| vec![u8::try_from(i).unwrap(); if i == 4 { 9 << 20 } else { 3 << 19 }];
+        let mut log = SegmentLog::open(tmp.path(), 1 << 30).unwrap();
+        for i in 1..=8 {
+            log.append(i, &big(i)).unwrap();
+        }
+        log.sync().unwrap();
+        drop(log);
+        let log = SegmentLog::open(tmp.path(), 1 << 30).unwrap();
+        assert_eq!(log.last_index(), Some(8));
+        for i in 1..=8 {
+            assert_eq!(log.get(i).unwrap(), Some(big(i)), "record {i}");
+        }
+        drop(log);
+        // A flipped byte in a record the first window does not reach is still found.
+        let seg = segments(tmp.path()).pop().unwrap();
+        let mut bytes = fs::read(&seg).unwrap();
+        let seventh = 6 * HEADER + 5 * (3 << 19) + (9 << 20);
+        bytes[seventh + HEADER + 100] ^= 0x01;
+        fs::write(&seg, &bytes).unwrap();
+        match SegmentLog::open(tmp.path(), 1 << 30) {
+            Err(Error::Corrupt(c)) => assert_eq!(c.offset, seventh as u64),
+            other => panic!("expected corruption, got {:?}", other.map(|l| l.last_index())),
+        }
+    }
+
+    #[test]
     fn a_final_record_whose_length_was_damaged_is_not_taken_for_a_torn_write() {
         // sled's failure: a damaged length makes the record run past the end of the file,
         // which looks like a torn write, and the record and everything after it vanish.

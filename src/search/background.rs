@@ -12,7 +12,7 @@
 //! under load and the tables waiting for it held memory (RSS after a 225,000-resource load
 //! 1,231 MB against 662 MB).
 
-/// The niceness of background threads: about a tenth of a normal thread's weight under
+/// The folding thread's niceness: about a tenth of a normal thread's weight under
 /// contention (Linux's CFS weights, 1024 at 0 and 110 at 10).
 const NICE: i32 = 10;
 
