@@ -317,7 +317,7 @@ fn candidates<'s>(
         };
         if let Some((source, is_exact)) = found {
             exact[i] = is_exact;
-            parts.push(docs.stream(source)?);
+            parts.push(docs.stream(source));
         }
     }
     if parts.is_empty() {
@@ -342,7 +342,7 @@ fn pred_candidates(
                 source.add(docs.posting_source(code, &format!("{s}|{c}")));
                 // A bare code of a known system may be this one: check those documents.
                 let bare = format!("\0|{c}");
-                if known(s, c) && docs.stream(docs.posting_source(code, &bare))?.seek(0)?.is_some() {
+                if known(s, c) && docs.stream(docs.posting_source(code, &bare)).seek(0)?.is_some() {
                     source.add(docs.posting_source(code, &bare));
                     exact = false;
                 }

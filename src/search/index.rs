@@ -83,7 +83,7 @@ impl TypeDocs<'_> {
     }
 
     /// The keys of `source` as a stream in key order.
-    pub fn stream(&self, source: Source) -> Result<super::stream::Union<'_>, FhirError> {
+    pub fn stream(&self, source: Source) -> super::stream::Union<'_> {
         super::stream::Union::new(&self.idx.store, source)
     }
 

@@ -101,10 +101,10 @@ pub struct Union<'s> {
 }
 
 impl<'s> Union<'s> {
-    pub fn new(store: &'s Store, source: Source) -> Result<Self, FhirError> {
+    pub fn new(store: &'s Store, source: Source) -> Self {
         let Source { prefixes, keys } = source;
         let runs = prefixes.into_iter().map(|prefix| Run { prefix, sought: 0, iter: None, head: None, done: false });
-        Ok(Self { store, runs: runs.collect(), heads: BinaryHeap::new(), at: None, keys })
+        Self { store, runs: runs.collect(), heads: BinaryHeap::new(), at: None, keys }
     }
 
     /// The first key at or after `k`, if any.
