@@ -95,7 +95,7 @@ pub struct Union<'s> {
     runs: Vec<Run<'s>>,
     /// The runs' heads at or after `at`, least first; runs not in it are exhausted.
     heads: BinaryHeap<Reverse<(DocKey, usize)>>,
-    /// The key the last seek asked for (`None` before the first seek).
+    /// The key the last seek asked for (`None` before the first seek and after a failed one).
     at: Option<DocKey>,
     keys: Vec<DocKey>,
 }
@@ -109,7 +109,8 @@ impl<'s> Union<'s> {
 
     /// The first key at or after `k`, if any.
     pub fn seek(&mut self, k: DocKey) -> Result<Option<DocKey>, FhirError> {
-        if self.at.is_none_or(|at| k < at) {
+        // Taken until the seek succeeds: after an error the next seek starts over.
+        if self.at.take().is_none_or(|at| k < at) {
             // The first seek, or one going back: every run starts over from `k`.
             self.heads.clear();
             for (i, r) in self.runs.iter_mut().enumerate() {
