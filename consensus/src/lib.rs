@@ -169,7 +169,8 @@ impl Ledger {
         let Options { dir, node_id, key, api_addr, snapshot_every, raft_listener, cache_bytes } = opts;
         std::fs::create_dir_all(dir)?;
         // Checking the Raft log reads every segment, and sled's recovery its own file: neither
-        // needs the other, so they overlap (most of a restart at millions of resources).
+        // needs the other, so they overlap (together, most of a restart at millions of
+        // resources).
         let log_dir = dir.join(log_store::DIR);
         let check = std::thread::Builder::new()
             .name("raft-log-check".into())

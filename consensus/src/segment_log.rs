@@ -195,7 +195,7 @@ impl Window<'_> {
             if self.buf.len() < n.max(SCAN_CHUNK) {
                 self.buf.resize(n.max(SCAN_CHUNK), 0);
             }
-            let len = usize::try_from((self.size - at).min(self.buf.len() as u64)).unwrap_or(n);
+            let len = self.buf.len().min(usize::try_from(self.size - at).unwrap_or(usize::MAX));
             self.file.read_exact_at(&mut self.buf[..len], at)?;
             (self.start, self.len) = (at, len);
         }

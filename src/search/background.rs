@@ -16,13 +16,10 @@
 /// contention (Linux's CFS weights, 1024 at 0 and 110 at 10).
 const NICE: i32 = 10;
 
-/// Lowers the calling thread's priority.
+/// Lowers the calling thread's priority (on Linux, setpriority(2) given a thread id sets that
+/// one thread's niceness).
 pub fn lower_this_thread() {
-    renice(rustix::thread::gettid());
-}
-
-/// On Linux, setpriority(2) given a thread id sets that one thread's niceness.
-fn renice(tid: rustix::process::Pid) {
+    let tid = rustix::thread::gettid();
     if let Err(e) = rustix::process::setpriority_process(Some(tid), NICE) {
         tracing::debug!("search index: could not lower thread {}'s priority: {e}", tid.as_raw_nonzero());
     }

@@ -715,6 +715,54 @@ async fn composite_search_matches_within_one_component() {
     rejects!(app, q("component-code-value-quantity", "http://loinc.org|8480-6"), "component-code-value-quantity");
 }
 
+/// A range over many buckets (more postings than a union once read as streams) pages through
+/// every match exactly once, alone and intersected with a second such range.
+#[actix_web::test]
+async fn a_range_over_many_buckets_pages_through_every_match_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = support::app(support::repo(dir.path()).await).await;
+    let code = loinc("2339-0", "Glucose");
+    // Half an octave apart: each value in a bucket of its own, three resources in each. Created
+    // out of value order and round by round, so every bucket's keys are spread among the others'
+    // and one page's scan moves each posting on more than once.
+    let value = |i: i32| 2f64.powf(f64::from(i) / 2.0);
+    for round in 0..3 {
+        for i in (0..40).map(|n| (n * 17) % 40) {
+            let id = format!("v{i:02}-{round}");
+            seed!(app, obs(&id, code.clone(), json!({"valueQuantity": ucum(value(i), "mg")})));
+        }
+    }
+    let expect = |keep: &dyn Fn(f64) -> bool| {
+        let mut v: Vec<String> = (0..40)
+            .filter(|&i| keep(value(i)))
+            .flat_map(|i| (0..3).map(move |round| format!("v{i:02}-{round}")))
+            .collect();
+        v.sort();
+        v
+    };
+    let sorted = |mut v: Vec<String>| {
+        let n = v.len();
+        v.sort();
+        v.dedup();
+        assert_eq!(v.len(), n, "no match twice");
+        v
+    };
+    let unit = "http://unitsofmeasure.org|mg";
+    let above =
+        sorted(all_pages!(app, format!("/Observation?value-quantity={}&_count=50", enc(&format!("gt1|{unit}")))));
+    assert_eq!(above, expect(&|x| x > 1.0));
+    let between = sorted(all_pages!(
+        app,
+        format!(
+            "/Observation?value-quantity={}&value-quantity={}&_count=20",
+            enc(&format!("ge4|{unit}")),
+            enc(&format!("lt1000|{unit}"))
+        )
+    ));
+    assert_eq!(between, expect(&|x| (4.0..1000.0).contains(&x)));
+    assert_eq!(between.len(), 48);
+}
+
 /// `quantity`: `value`, `value|system|code`, `value||code` (code or unit), prefixes, and
 /// the implied precision of the number.
 #[actix_web::test]
