@@ -4,7 +4,7 @@
 
 use consensus::{IndexKey, StateView};
 
-use super::index::{reference_values, term};
+use super::index::{reference_values, term, CONDITIONAL_PARAMS};
 use super::Repo;
 use crate::error::FhirError;
 use crate::fhir::searchparams::ParamType;
@@ -21,8 +21,11 @@ pub struct Query {
 /// Result-control parameters that shape output rather than select resources.
 const CONTROL: &[&str] = &["_format", "_pretty", "_count", "_summary", "_total"];
 
-/// Criteria beyond these cannot be re-checked by `apply`, so they are refused.
-const UNSUPPORTED: &str = "conditional interactions support _id, identifier, patient and subject criteria";
+/// Criteria beyond `_id` and [`CONDITIONAL_PARAMS`] cannot be re-checked by `apply`, so they
+/// are refused.
+pub fn unsupported() -> String {
+    format!("conditional interactions support _id, {} criteria", CONDITIONAL_PARAMS.join(", "))
+}
 
 pub fn parse(repo: &Repo, rtype: &str, params: &[(String, String)]) -> Result<Query, FhirError> {
     let mut q = Query::default();
@@ -40,8 +43,9 @@ pub fn parse(repo: &Repo, rtype: &str, params: &[(String, String)]) -> Result<Qu
             q.ids.push(value.split(',').map(String::from).collect());
             continue;
         }
-        let Some(sp) = repo.params.get(rtype, code) else {
-            return Err(bad(format!("{UNSUPPORTED}; {name:?} is not one of them for {rtype}")));
+        let sp = repo.params.get(rtype, code).filter(|_| CONDITIONAL_PARAMS.contains(&code));
+        let Some(sp) = sp else {
+            return Err(bad(format!("{}; {name:?} is not one of them for {rtype}", unsupported())));
         };
         let mut group = Vec::new();
         for v in value.split(',') {

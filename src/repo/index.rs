@@ -1,6 +1,7 @@
-//! Search-index terms. A term is `HMAC-SHA256(index_key, code 0x00 value)`: the index can
-//! answer equality questions ("which Observations have subject Patient/123?") without holding
-//! the value itself, so no identifier or reference is readable from the index at rest.
+//! Equality terms, for the state machine's postings (conditional interactions) and the search
+//! index's token and reference postings. A term is `HMAC-SHA256(index_key, code 0x00 value)`:
+//! it answers equality questions ("which Observations have subject Patient/123?") without
+//! holding the value itself, so no identifier or reference is readable from either at rest.
 
 use consensus::IndexKey;
 use hmac::{Hmac, Mac};
@@ -56,12 +57,19 @@ pub fn reference_values(reference: &str, required_type: Option<&str>) -> Vec<Str
     }
 }
 
-/// Every index term of one resource version (sorted, deduplicated: the state machine stores
-/// them as given, so their order must not depend on anything but the resource). `_id` needs no
-/// term: the current record of an id is a direct lookup.
+/// The search parameters whose terms the state machine keeps, and so the only criteria a
+/// conditional interaction accepts besides `_id`: `apply` re-checks them on every node from
+/// the replicated state. Each term is a posting per resource in that state (sled), which is
+/// what restart, memory and ingest pay for as the data grows; every other search is the
+/// search index's (`crate::search`).
+pub const CONDITIONAL_PARAMS: &[&str] = &["identifier", "patient", "subject"];
+
+/// The conditional-interaction terms of one resource version (sorted, deduplicated: the state
+/// machine stores them as given, so their order must not depend on anything but the resource).
+/// `_id` needs no term: the current record of an id is a direct lookup.
 pub fn resource_terms(key: &[u8; 32], params: &SearchParams, rtype: &str, res: &Json) -> Vec<IndexKey> {
     let mut terms = Vec::new();
-    for sp in params.for_type(rtype) {
+    for sp in params.for_type(rtype).filter(|sp| CONDITIONAL_PARAMS.contains(&sp.code.as_str())) {
         for path in &sp.paths {
             for v in values_at(res, &path.elements) {
                 let values = match sp.kind {

@@ -36,9 +36,7 @@ pub fn conditional_terms(plan: &Plan<'_>, rtype: &str, query: &str) -> Result<Cr
     }
     let q = criteria::parse(plan.repo(), rtype, &params)?;
     if q.groups.is_empty() && q.ids.is_empty() {
-        return Err(FhirError::invalid(
-            "conditional interactions support _id, identifier, patient and subject criteria",
-        ));
+        return Err(FhirError::invalid(criteria::unsupported()));
     }
     Ok((q.ids, q.groups))
 }

@@ -168,6 +168,26 @@ async fn conditional_create_update_delete_and_patch() {
     assert_eq!(by_id.status, StatusCode::OK, "{}", by_id.text);
     assert_eq!(by_id.json()["id"], id.as_str());
 
+    // References are conditional criteria too: a second Observation of this subject finds the first.
+    let obs = json!({"resourceType":"Observation","status":"final","code":{"text":"x"},
+        "subject":{"reference":format!("Patient/{id}")}})
+    .to_string();
+    let criteria = format!("subject=Patient/{id}");
+    let o1 = call!(app, post("/Observation", &obs).insert_header(("if-none-exist", criteria.as_str())));
+    assert_eq!(o1.status, StatusCode::CREATED, "{}", o1.text);
+    let o2 = call!(app, post("/Observation", &obs).insert_header(("if-none-exist", criteria.as_str())));
+    assert_eq!((o2.status, o2.json()["id"].clone()), (StatusCode::OK, o1.json()["id"].clone()), "{}", o2.text);
+    // Criteria `apply` cannot re-check are refused, naming the parameter and what is accepted,
+    // and nothing is written.
+    let count = |text: String| serde_json::from_str::<Value>(&text).unwrap()["total"].clone();
+    let before = count(call!(app, TestRequest::get().uri("/Patient?_summary=count")).text);
+    let refused = call!(app, post("/Patient", PATIENT).insert_header(("if-none-exist", "gender=male")));
+    let issue = refused.outcome(400).to_string();
+    assert!(issue.contains("gender") && issue.contains("_id, identifier, patient, subject"), "{issue}");
+    let refused = call!(app, put("/Observation?code=x", &obs));
+    assert!(refused.outcome(400).to_string().contains("code"), "{}", refused.text);
+    assert_eq!(count(call!(app, TestRequest::get().uri("/Patient?_summary=count")).text), before);
+
     let mut changed: Value = serde_json::from_str(PATIENT).unwrap();
     changed["birthDate"] = json!("1974-12-24");
     let cu = call!(app, put("/Patient?identifier=urn:mrn|42", &changed.to_string()));
