@@ -31,8 +31,8 @@ pub mod proof;
 mod proposer;
 mod segment_log;
 mod sled_store;
-mod split_store;
 mod snapshot;
+mod split_store;
 mod state_machine;
 #[cfg(feature = "test-hooks")]
 #[doc(hidden)]

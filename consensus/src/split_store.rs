@@ -45,11 +45,9 @@ fn merge<'a>(a: KvIter<'a>, b: KvIter<'a>, rev: bool) -> KvIter<'a> {
     Box::new(std::iter::from_fn(move || {
         let take_a = match (a.peek(), b.peek()) {
             (None, None) => return None,
-            (Some(_), None) => true,
-            (None, Some(_)) => false,
             // An error is passed on first, whichever side it is on.
-            (Some(Err(_)), _) => true,
-            (_, Some(Err(_))) => false,
+            (Some(_), None) | (Some(Err(_)), _) => true,
+            (None, Some(_)) | (_, Some(Err(_))) => false,
             (Some(Ok((ka, _))), Some(Ok((kb, _)))) => (ka < kb) != rev,
         };
         if take_a {
@@ -73,9 +71,20 @@ impl KvStore for SplitStore {
     }
 
     fn range(&self, from: &[u8], to: &[u8], rev: bool) -> KvIter<'_> {
-        match (from.first(), to.first()) {
-            (Some(f), Some(t)) if f == t => self.store(from).range(from, to, rev),
-            _ => merge(self.ledger.range(from, to, rev), self.lookup.range(from, to, rev), rev),
+        // The first bytes keys in [from, to) can have: one store holds them all, or both are read.
+        let lo = from.first().copied().unwrap_or(0);
+        let hi = match to {
+            [] => u8::MAX,
+            [only] => only.saturating_sub(1),
+            [first, ..] => *first,
+        };
+        let lookup = (lo..=hi).filter(|b| in_lookup(&[*b])).count();
+        if lookup == 0 {
+            self.ledger.range(from, to, rev)
+        } else if lookup == usize::from(hi.saturating_sub(lo)) + 1 {
+            self.lookup.range(from, to, rev)
+        } else {
+            merge(self.ledger.range(from, to, rev), self.lookup.range(from, to, rev), rev)
         }
     }
 
@@ -93,5 +102,37 @@ impl KvStore for SplitStore {
     fn flush(&self) -> io::Result<()> {
         self.ledger.flush()?;
         self.lookup.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lsm_store::Tree;
+
+    /// Keys of both stores come back as one ordered key space, whichever way it is walked.
+    #[test]
+    fn scans_and_ranges_merge_both_stores_in_key_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = crate::sled_store::SledDb::open(dir.path()).unwrap().tree("state").unwrap();
+        let lookup: Arc<dyn KvStore> = Arc::new(Tree::open(&dir.path().join("lookup"), "lookup", 1 << 20).unwrap());
+        let split = SplitStore::new(ledger.clone(), lookup.clone());
+        let keys: Vec<&[u8]> = vec![b"c1", b"k1", b"m/a", b"n1", b"r1", b"r2", b"t1", b"u", b"x1"];
+        let mut wb = WriteBatch::default();
+        for k in &keys {
+            wb.put(k.to_vec(), k.to_vec());
+        }
+        split.apply(wb).unwrap();
+        assert_eq!(lookup.scan_prefix(b"").count(), 4, "c, t, u and x keys are the lookup's");
+        let got = |it: KvIter<'_>| it.map(|kv| kv.unwrap().0).collect::<Vec<_>>();
+        let all: Vec<Vec<u8>> = keys.iter().map(|k| k.to_vec()).collect();
+        assert_eq!(got(split.scan_prefix(b"")), all);
+        let mut rev = all.clone();
+        rev.reverse();
+        assert_eq!(got(split.range(b"", &[u8::MAX], true)), rev);
+        assert_eq!(got(split.range(b"k", b"t2", false)), all[1..7].to_vec());
+        assert_eq!(got(split.range(b"r", b"s", true)), vec![b"r2".to_vec(), b"r1".to_vec()]);
+        assert_eq!(got(split.range(b"t", b"v", false)), vec![b"t1".to_vec(), b"u".to_vec()]);
+        assert_eq!(split.get(b"x1").unwrap(), Some(b"x1".to_vec()));
     }
 }

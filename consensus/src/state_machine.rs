@@ -338,7 +338,9 @@ pub(crate) fn reconcile_lookup(kv: &dyn KvStore) -> io::Result<u64> {
                 None => None,
                 Some(&last) => {
                     let bytes = kv.get(&record_key(last))?.ok_or_else(|| {
-                        invalid_data(format!("{rtype}/{id}: leaf {last} is in its current record but not in the ledger"))
+                        invalid_data(format!(
+                            "{rtype}/{id}: leaf {last} is in its current record but not in the ledger"
+                        ))
                     })?;
                     let rec: StoredRecord = decode(&bytes)?;
                     let h = rec.header;

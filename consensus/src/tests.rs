@@ -639,7 +639,10 @@ async fn records_reference_their_bodies_in_the_log_and_snapshots_carry_them() {
 
 /// The lookup tables (current records, postings, touched leaves, their leaf count) as stored.
 fn lookup_tables(kv: &dyn KvStore) -> Vec<(Vec<u8>, Vec<u8>)> {
-    [&b"c"[..], b"t", b"u", b"x"].iter().flat_map(|p| kv.scan_prefix(p).map(Result::unwrap).collect::<Vec<_>>()).collect()
+    [&b"c"[..], b"t", b"u", b"x"]
+        .iter()
+        .flat_map(|p| kv.scan_prefix(p).map(Result::unwrap).collect::<Vec<_>>())
+        .collect()
 }
 
 /// A crash can leave the lookup tables behind the ledger (their last batches lost) or ahead

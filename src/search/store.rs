@@ -29,11 +29,11 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 pub use super::doc::Doc;
-use consensus::lsm_store::Tree;
 use super::values::Value;
 use crate::crypto::{self, DataKey};
 use crate::error::FhirError;
 use crate::repo::Repo;
+use consensus::lsm_store::Tree;
 
 /// The layout above; a store of another format is cleared and folded again at open.
 /// 2: values encoded per parameter ([`Doc::encoded`]), sealed values as bytes. 3: sort records.
