@@ -641,7 +641,10 @@ impl StateMachine {
         }
         let moved = reconcile_lookup(sm.view.kv.as_ref())?;
         if moved > 0 {
-            tracing::warn!(leaves = moved, "lookup tables reconciled with the ledger after an unclean stop");
+            tracing::warn!(
+                leaves = moved,
+                "lookup tables brought to the ledger's leaf count (an unclean stop, or tables rebuilt)"
+            );
         }
         sm.remove_stale_files()?;
         Ok(sm)

@@ -671,19 +671,18 @@ async fn lookup_tables_catch_up_or_step_back_to_the_ledger_at_open() {
     )];
     // One node that applied both batches, one that applied the first only: real sled for the
     // ledger, a real LSM tree for the lookup, as a node has them.
-    let node = |name: &str| {
+    let node = || {
         let dir = tempfile::tempdir().unwrap();
         let ledger = SledDb::open(dir.path()).unwrap().tree("state").unwrap();
         let lookup: Arc<dyn KvStore> = Arc::new(Tree::open(&dir.path().join("lookup"), "lookup", 8 << 20).unwrap());
         let split: Arc<dyn KvStore> = Arc::new(SplitStore::new(ledger.clone(), lookup.clone()));
-        assert!(!name.is_empty());
         (dir, split, ledger, lookup)
     };
-    let (both_dir, both, both_ledger, both_lookup) = node("both");
+    let (both_dir, both, both_ledger, both_lookup) = node();
     let mut sm = Logged::open(both_dir.path(), both.clone());
     sm.apply(first.clone()).await.unwrap();
     sm.apply(second).await.unwrap();
-    let (first_dir, first_only, first_ledger, first_lookup) = node("first");
+    let (first_dir, first_only, first_ledger, first_lookup) = node();
     let mut sm1 = Logged::open(first_dir.path(), first_only.clone());
     sm1.apply(first).await.unwrap();
     let after_both = lookup_tables(both.as_ref());

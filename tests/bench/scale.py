@@ -13,6 +13,7 @@
 """
 
 import argparse
+import hashlib
 import http.client
 import json
 import os
@@ -30,9 +31,13 @@ from search import pct  # noqa: E402  (the same percentile search.py reports)
 
 
 def bundle_entries(directory):
-    """[(path, entries)] in name order; the counts are cached in DIR/entries.tsv."""
+    """[(path, entries)] in name order; the counts are cached outside DIR (which may be shared
+    data another tool reads), in ~/.cache/fhir-ledger/entries/<hash of DIR's path>.tsv."""
     names = sorted(n for n in os.listdir(directory) if n.endswith(".json"))
-    cache = os.path.join(directory, "entries.tsv")
+    cache_dir = os.path.join(os.path.expanduser("~"), ".cache", "fhir-ledger", "entries")
+    os.makedirs(cache_dir, exist_ok=True)
+    key = hashlib.sha256(os.path.abspath(directory).encode()).hexdigest()[:16]
+    cache = os.path.join(cache_dir, key + ".tsv")
     counts = {}
     if os.path.exists(cache):
         with open(cache) as f:
