@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
-use crate::command::{SignedBatch, COMMAND_FORMAT};
+use crate::command::{Op, SignedBatch, COMMAND_FORMAT};
 use crate::entry_ref::{BatchRef, EntryRef, PayloadRef, WriteRef};
 use crate::kv::read_be;
 use crate::log_store::Bodies;
@@ -199,6 +199,8 @@ struct RecordRef<'a> {
     leaf: u64,
     #[serde(borrow)]
     body: BodyRef<'a>,
+    /// The version's conditional terms, checked against the write's.
+    terms: Vec<Hash>,
 }
 
 /// [`crate::state_machine::BodyAt`], borrowed.
@@ -246,8 +248,10 @@ impl<'a> RecordRef<'a> {
     /// The record and the bytes of its header.
     fn decode(raw: &'a [u8]) -> Result<(Self, &'a [u8]), String> {
         let rec: Self = bincode::deserialize(raw).map_err(|e| e.to_string())?;
-        // After the header: the leaf number (8 bytes) and the body or where it is.
-        let end = raw.len().checked_sub(8 + rec.body.encoded_len()).ok_or("record shorter than its parts")?;
+        // After the header: the leaf number (8 bytes), the body or where it is, and the terms
+        // (their count, 8 bytes, and 32 bytes each).
+        let tail = 8 + rec.body.encoded_len() + 8 + 32 * rec.terms.len();
+        let end = raw.len().checked_sub(tail).ok_or("record shorter than its parts")?;
         Ok((rec, &raw[..end]))
     }
 
@@ -549,6 +553,8 @@ fn cross_check<'a>(
         ("lastUpdated", w.last_updated_ms == h.last_updated_ms),
         ("actor", actor == h.actor),
         ("compartment", w.compartment == h.compartment),
+        // A delete keeps none: it ends the resource's postings.
+        ("conditional terms", rec.terms == w.index || rec.terms.is_empty() && matches!(w.op, Op::Delete | Op::Erase)),
     ] {
         if !same {
             differs.push(field);
@@ -741,14 +747,14 @@ mod tests {
             (BodyAt::Inline(vec![5; 33]), BodyRef::Inline(&[5; 33])),
             (BodyAt::Log { index: 9, offset: 77, len: 33 }, BodyRef::Log { index: 9, offset: 77, len: 33 }),
         ] {
-            let record = StoredRecord { header: header.clone(), leaf: 4, body };
+            let record = StoredRecord { header: header.clone(), leaf: 4, body, terms: vec![[3; 32], [4; 32]] };
             let raw = bincode::serialize(&record).unwrap();
             let (r, header_bytes) = RecordRef::decode(&raw).unwrap();
             assert_eq!(header_bytes, header.encode());
             let h = &r.header;
             assert_eq!((h.rtype, h.id, h.version, h.last_updated_ms, h.actor), ("Patient", "1", 2, 7, "alice"));
             assert_eq!((h.op, h.compartment, h.body_sha256, h.log_index), ("update", "Patient/1", [8; 32], 9));
-            assert_eq!((r.leaf, r.body), (4, borrowed));
+            assert_eq!((r.leaf, r.body, r.terms), (4, borrowed, vec![[3; 32], [4; 32]]));
         }
 
         let m = Membership::new(vec![std::collections::BTreeSet::from([1u64])], ());

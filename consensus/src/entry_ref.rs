@@ -63,7 +63,6 @@ pub(crate) struct WriteRef<'a> {
     pub(crate) last_updated_ms: i64,
     pub(crate) compartment: &'a str,
     pub(crate) body: &'a [u8],
-    #[allow(dead_code)]
     pub(crate) index: Vec<[u8; 32]>,
 }
 

@@ -25,12 +25,14 @@ mod command;
 mod entry_ref;
 mod kv;
 mod log_store;
+pub mod lsm_store;
 pub mod merkle;
 pub mod proof;
 mod proposer;
 mod segment_log;
 mod sled_store;
 mod snapshot;
+mod split_store;
 mod state_machine;
 #[cfg(feature = "test-hooks")]
 #[doc(hidden)]
@@ -147,6 +149,9 @@ pub struct Options<'a> {
     pub cache_bytes: u64,
 }
 
+/// The state's lookup tables (current records, conditional postings) under the ledger dir.
+pub const LOOKUP_DIR: &str = "lookup";
+
 /// How long a write may wait for a leader (election, forwarding) before it is refused.
 const LEADER_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -175,7 +180,7 @@ impl Ledger {
         let check = std::thread::Builder::new()
             .name("raft-log-check".into())
             .spawn(move || log_store::open_segments(&log_dir))?;
-        let db = sled_store::SledDb::open_with_cache(dir, cache_bytes)?;
+        let db = sled_store::SledDb::open_with_cache(dir, cache_bytes / 2)?;
         let segments = check.join().map_err(|_| anyhow::anyhow!("the Raft log check panicked"))?;
         // Before the index had a store of its own it lived in this tree.
         db.drop_tree("local/search")?;
@@ -186,7 +191,11 @@ impl Ledger {
         if !single {
             log = log.no_resumed_leadership();
         }
-        let sm = state_machine::StateMachine::open(db.tree("state")?, dir.join("snapshots"), log.bodies())?;
+        // The ledger's keys in sled, the lookup tables derived from them in an LSM tree
+        // (`split_store`), sharing the cache between them.
+        let lookup = lsm_store::Tree::open(&dir.join(LOOKUP_DIR), "lookup", cache_bytes / 2)?;
+        let state = split_store::SplitStore::new(db.tree("state")?, Arc::new(lookup));
+        let sm = state_machine::StateMachine::open(Arc::new(state), dir.join("snapshots"), log.bodies())?;
         let view = sm.view();
         let config = openraft::Config {
             cluster_name: "fhir-ledger".into(),

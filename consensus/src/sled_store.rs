@@ -8,8 +8,9 @@ use crate::kv::{KvIter, KvStore, SharedIter, SharedValue, WriteBatch};
 
 /// Bumped whenever the byte layout of any tree changes; checked at open. 2: the Raft log
 /// moved out of sled into segment files (`raft-log/`). 3: version records reference their
-/// bodies in the Raft log instead of holding a copy.
-pub const FORMAT_VERSION: u32 = 3;
+/// bodies in the Raft log instead of holding a copy. 4: current records and postings moved to
+/// the lookup store (`split_store`); version records carry their conditional terms.
+pub const FORMAT_VERSION: u32 = 4;
 const FORMAT_KEY: &[u8] = b"__format_version";
 
 fn io_err(e: sled::Error) -> io::Error {
@@ -72,17 +73,17 @@ impl SledDb {
                 db.flush().map_err(io_err)?;
             }
             Some(v) if v.as_ref() == FORMAT_VERSION.to_be_bytes() => {}
-            Some(v) if v.as_ref() == 1u32.to_be_bytes() || v.as_ref() == 2u32.to_be_bytes() => {
-                let was = if v.as_ref() == 1u32.to_be_bytes() {
-                    "1 keeps the Raft log inside sled"
-                } else {
-                    "2 keeps a second copy of every body in the state"
+            Some(v) if [1u32, 2, 3].iter().any(|old| v.as_ref() == old.to_be_bytes()) => {
+                let was = match v.as_ref() {
+                    [0, 0, 0, 1] => "1 keeps the Raft log inside sled",
+                    [0, 0, 0, 2] => "2 keeps a second copy of every body in the state",
+                    _ => "3 keeps current records and postings in sled",
                 };
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
                     format!(
                         "{}: on-disk format {was}; this version keeps bodies once, in the Raft log's \
-                         segment files (format {FORMAT_VERSION}). Start a new data directory and load the \
+                         segment files, and its lookup tables beside sled (format {FORMAT_VERSION}). Start a new data directory and load the \
                          resources again (README, \"Upgrading\")",
                         dir.display()
                     ),

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::sync::Mutex;
 
-use crate::command::{Batch, BatchOutcome, Command, Outcome, Precondition, Write};
+use crate::command::{Batch, BatchOutcome, Command, IndexKey, Outcome, Precondition, Write};
 use crate::kv::{be, KvStore, WriteBatch};
 use crate::log_store::Bodies;
 use crate::merkle::{leaf_hash, Frontier, Hash};
@@ -115,6 +115,9 @@ pub struct StoredRecord {
     pub leaf: u64,
     /// Where its ciphertext is.
     pub body: BodyAt,
+    /// The version's conditional-interaction terms ([`crate::Write::index`]; none for a
+    /// delete): what the lookup tables' postings are rebuilt from.
+    pub terms: Vec<IndexKey>,
 }
 
 /// The current state of one resource id.
@@ -173,6 +176,15 @@ pub(crate) fn record_key(leaf: u64) -> Vec<u8> {
     k.extend_from_slice(&be(leaf));
     k
 }
+/// Which resource leaf `leaf` wrote (lookup store): what stepping the lookup tables back to an
+/// earlier leaf must restore.
+pub(crate) fn touched_key(leaf: u64) -> Vec<u8> {
+    let mut k = vec![b't'];
+    k.extend_from_slice(&be(leaf));
+    k
+}
+/// The number of leaves the lookup tables reflect, written with them (lookup store).
+const LOOKUP_LEAVES: &[u8] = b"u";
 /// Subtrees of 16 leaves and up are stored (about one key per 8 leaves); smaller ones are
 /// recomputed from at most 8 version records. Storing every level cost ~15% of ingest.
 pub const STORED_NODE_LEVEL: u32 = 4;
@@ -231,6 +243,124 @@ impl Overlay<'_> {
     }
 }
 
+/// Whether a version with this operation ends its resource (a delete or an erasure).
+fn ends(op: &str) -> bool {
+    op == crate::command::Op::Delete.as_str() || op == crate::command::Op::Erase.as_str()
+}
+
+/// What one version record changes in the lookup tables: its id's current record, the
+/// postings that change, and which id its leaf touched. `old`: the id's current record before.
+fn fold_record(ov: &mut Overlay<'_>, rec: &StoredRecord, old: Option<CurrentRecord>) -> io::Result<()> {
+    let h = &rec.header;
+    let (old_terms, mut leaves) = old.map(|o| (o.index, o.leaves)).unwrap_or_default();
+    leaves.push(rec.leaf);
+    let new = CurrentRecord {
+        version: h.version,
+        deleted: ends(&h.op),
+        last_updated_ms: h.last_updated_ms,
+        index: rec.terms.clone(),
+        leaves,
+    };
+    set_current(ov, &h.rtype, &h.id, &old_terms, Some(&new))?;
+    ov.put(touched_key(rec.leaf), encode(&(h.rtype.as_str(), h.id.as_str()))?);
+    Ok(())
+}
+
+/// Writes `new` as the current record of `rtype`/`id` (None: removes it), touching only the
+/// postings that differ from `old_terms`: an update that keeps its terms writes none.
+fn set_current(
+    ov: &mut Overlay<'_>,
+    rtype: &str,
+    id: &str,
+    old_terms: &[IndexKey],
+    new: Option<&CurrentRecord>,
+) -> io::Result<()> {
+    let new_terms = new.map_or(&[][..], |n| n.index.as_slice());
+    let posting = |term: &IndexKey| {
+        let mut k = posting_prefix(term, rtype);
+        k.extend_from_slice(id.as_bytes());
+        k
+    };
+    for term in old_terms.iter().filter(|t| !new_terms.contains(t)) {
+        ov.delete(posting(term));
+    }
+    for term in new_terms.iter().filter(|t| !old_terms.contains(t)) {
+        ov.put(posting(term), Vec::new());
+    }
+    match new {
+        Some(n) => ov.put(current_key(rtype, id), encode(n)?),
+        None => ov.delete(current_key(rtype, id)),
+    }
+    Ok(())
+}
+
+/// Leaves folded per write while reconciling (bounds memory).
+const RECONCILE_CHUNK: u64 = 4096;
+
+/// Brings the lookup tables to the ledger's leaf count. The two are written one after the
+/// other (`split_store`), so after a crash the tables may lag (their last batches lost: the
+/// missing records are folded in again) or lead (the ledger's last batches lost, to be
+/// re-applied from the Raft log: every id those leaves touched steps back to its newest
+/// version the ledger holds). Tables that are missing altogether are rebuilt from every
+/// record. Returns how many leaves it folded or stepped back.
+pub(crate) fn reconcile_lookup(kv: &dyn KvStore) -> io::Result<u64> {
+    let leaves: u64 = kv.get(META_FRONTIER)?.map(|b| decode::<Frontier>(&b)).transpose()?.map_or(0, |f| f.size);
+    let upto = kv.get(LOOKUP_LEAVES)?.and_then(|v| crate::kv::read_be(&v)).unwrap_or(0);
+    if upto < leaves {
+        let mut from = upto;
+        while from < leaves {
+            let to = leaves.min(from + RECONCILE_CHUNK);
+            let mut ov = Overlay { base: kv, pending: BTreeMap::new() };
+            for item in kv.range(&record_key(from), &record_key(to), false) {
+                let (_, bytes) = item?;
+                let rec: StoredRecord = decode(&bytes)?;
+                let old = ov.get(&current_key(&rec.header.rtype, &rec.header.id))?.map(|b| decode(&b)).transpose()?;
+                fold_record(&mut ov, &rec, old)?;
+            }
+            ov.put(LOOKUP_LEAVES.to_vec(), be(to).to_vec());
+            kv.apply(WriteBatch { ops: ov.pending.into_iter().collect() })?;
+            from = to;
+        }
+    } else if upto > leaves {
+        let mut ov = Overlay { base: kv, pending: BTreeMap::new() };
+        let mut ids = BTreeSet::new();
+        for item in kv.range(&touched_key(leaves), &touched_key(upto), false) {
+            let (k, v) = item?;
+            ids.insert(decode::<(String, String)>(&v)?);
+            ov.delete(k);
+        }
+        for (rtype, id) in ids {
+            let Some(cur) = ov.get(&current_key(&rtype, &id))?.map(|b| decode::<CurrentRecord>(&b)).transpose()? else {
+                continue;
+            };
+            let kept: Vec<u64> = cur.leaves.iter().copied().filter(|l| *l < leaves).collect();
+            let restored = match kept.last() {
+                None => None,
+                Some(&last) => {
+                    let bytes = kv.get(&record_key(last))?.ok_or_else(|| {
+                        invalid_data(format!(
+                            "{rtype}/{id}: leaf {last} is in its current record but not in the ledger"
+                        ))
+                    })?;
+                    let rec: StoredRecord = decode(&bytes)?;
+                    let h = rec.header;
+                    Some(CurrentRecord {
+                        version: h.version,
+                        deleted: ends(&h.op),
+                        last_updated_ms: h.last_updated_ms,
+                        index: rec.terms,
+                        leaves: kept,
+                    })
+                }
+            };
+            set_current(&mut ov, &rtype, &id, &cur.index, restored.as_ref())?;
+        }
+        ov.put(LOOKUP_LEAVES.to_vec(), be(leaves).to_vec());
+        kv.apply(WriteBatch { ops: ov.pending.into_iter().collect() })?;
+    }
+    Ok(upto.abs_diff(leaves))
+}
+
 /// Read-only access to the applied state, shared with the API layer.
 #[derive(Clone, Debug)]
 pub struct StateView {
@@ -257,7 +387,7 @@ impl StateView {
     /// The version record committed as Merkle leaf `leaf`.
     pub fn record(&self, leaf: u64) -> io::Result<Option<VersionRecord>> {
         let Some(bytes) = self.kv.get(&record_key(leaf))? else { return Ok(None) };
-        let StoredRecord { header, leaf, body } = decode(&bytes)?;
+        let StoredRecord { header, leaf, body, .. } = decode(&bytes)?;
         Ok(Some(VersionRecord { header, leaf, body: self.body(body)? }))
     }
     /// A stored body's bytes, read from the log when it is there.
@@ -459,14 +589,14 @@ type Undo = Arc<std::sync::Mutex<Option<BTreeMap<Vec<u8>, Option<Vec<u8>>>>>>;
 /// Keys that only ever appear, never change: version records and stored subtree hashes. A
 /// snapshot tells those of its point by their leaf, so apply keeps no undo for them.
 fn append_only(key: &[u8]) -> bool {
-    matches!(key.first(), Some(b'r' | b'n'))
+    matches!(key.first(), Some(b'r' | b'n' | b't'))
 }
 
 /// Whether an append-only key belongs to a state of `leaves` leaves: a record of a leaf below
 /// it, or a subtree that ends at or below it.
 fn within(key: &[u8], leaves: u64) -> bool {
     match key.first() {
-        Some(b'r') => key.get(1..).and_then(crate::kv::read_be).is_some_and(|leaf| leaf < leaves),
+        Some(b'r' | b't') => key.get(1..).and_then(crate::kv::read_be).is_some_and(|leaf| leaf < leaves),
         Some(b'n') => {
             let level = key.get(1).copied().map_or(64, u32::from);
             let index = key.get(2..).and_then(crate::kv::read_be);
@@ -508,6 +638,13 @@ impl StateMachine {
             let meta = crate::snapshot::check(&path)?;
             load_snapshot(sm.view.kv.as_ref(), &path, &meta, &file)?;
             sm.view.bodies.set_referenced_from(bodies_from(&meta));
+        }
+        let moved = reconcile_lookup(sm.view.kv.as_ref())?;
+        if moved > 0 {
+            tracing::warn!(
+                leaves = moved,
+                "lookup tables brought to the ledger's leaf count (an unclean stop, or tables rebuilt)"
+            );
         }
         sm.remove_stale_files()?;
         Ok(sm)
@@ -671,26 +808,13 @@ impl StateMachine {
         old: Option<CurrentRecord>,
         (log_index, body_at): (u64, Option<u32>),
     ) -> io::Result<u64> {
-        let ckey = current_key(&w.rtype, &w.id);
         let deleted = matches!(w.op, crate::command::Op::Delete | crate::command::Op::Erase);
         if w.op == crate::command::Op::Erase {
             // A tombstone, not a removal: an erased compartment never gets a new key, so no
             // later write can be mistaken for data that survived the erasure.
             ov.put(data_key_key(&w.compartment), Vec::new());
         }
-        let index = if deleted { Vec::new() } else { w.index };
-        // Only postings that change are touched: an update that keeps its terms writes none.
-        let old_index = old.as_ref().map(|o| o.index.clone()).unwrap_or_default();
-        for term in old_index.iter().filter(|t| !index.contains(t)) {
-            let mut k = posting_prefix(term, &w.rtype);
-            k.extend_from_slice(w.id.as_bytes());
-            ov.delete(k);
-        }
-        for term in index.iter().filter(|t| !old_index.contains(t)) {
-            let mut k = posting_prefix(term, &w.rtype);
-            k.extend_from_slice(w.id.as_bytes());
-            ov.put(k, Vec::new());
-        }
+        let terms = if deleted { Vec::new() } else { w.index };
         let header = LeafHeader {
             format: LEAF_FORMAT,
             rtype: w.rtype.clone(),
@@ -714,13 +838,9 @@ impl StateMachine {
             (Some(offset), Ok(len)) if len > 0 => BodyAt::Log { index: log_index, offset, len },
             _ => BodyAt::Inline(w.body),
         };
-        ov.put(record_key(leaf), encode(&StoredRecord { header, leaf, body })?);
-        let mut leaves = old.map(|o| o.leaves).unwrap_or_default();
-        leaves.push(leaf);
-        ov.put(
-            ckey,
-            encode(&CurrentRecord { version: w.version, deleted, last_updated_ms: w.last_updated_ms, index, leaves })?,
-        );
+        let record = StoredRecord { header, leaf, body, terms };
+        ov.put(record_key(leaf), encode(&record)?);
+        fold_record(ov, &record, old)?;
         Ok(leaf)
     }
 }
@@ -781,6 +901,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         if let Some(last) = last {
             ov.put(META_APPLIED.to_vec(), encode(&Some(last)).map_err(sio)?);
             ov.put(META_FRONTIER.to_vec(), encode(&frontier).map_err(sio)?);
+            ov.put(LOOKUP_LEAVES.to_vec(), be(frontier.size).to_vec());
             let wb = WriteBatch { ops: ov.pending.into_iter().collect() };
             self.keep_undo(kv.as_ref(), &wb).map_err(sio)?;
             // Not flushed here: the Raft log is durable before commit, and a state machine that

@@ -636,3 +636,71 @@ async fn records_reference_their_bodies_in_the_log_and_snapshots_carry_them() {
     assert_eq!(stored.body, BodyAt::Inline(b"a2".to_vec()));
     assert_eq!(other.view().version("Patient", "a", 2).unwrap().unwrap().body, b"a2");
 }
+
+/// The lookup tables (current records, postings, touched leaves, their leaf count) as stored.
+fn lookup_tables(kv: &dyn KvStore) -> Vec<(Vec<u8>, Vec<u8>)> {
+    [&b"c"[..], b"t", b"u", b"x"]
+        .iter()
+        .flat_map(|p| kv.scan_prefix(p).map(Result::unwrap).collect::<Vec<_>>())
+        .collect()
+}
+
+/// A crash can leave the lookup tables behind the ledger (their last batches lost) or ahead
+/// of it (the ledger's last batches lost, to be re-applied from the Raft log); or they may be
+/// gone. Opening the state brings them to exactly what applying the ledger's leaves gives.
+#[tokio::test]
+async fn lookup_tables_catch_up_or_step_back_to_the_ledger_at_open() {
+    use crate::lsm_store::Tree;
+    use crate::split_store::SplitStore;
+    let k = key();
+    let v = |id: &str, c: u64| Precondition::Version { rtype: "Patient".into(), id: id.into(), current: c };
+    let first = vec![
+        membership_entry(1, &k),
+        batch_entry(2, &k, 1, vec![cmd(vec![v("a", 0)], vec![write("a", 1, b"a1"), write("b", 1, b"b1")])]),
+    ];
+    let mut delete_b = write("b", 2, b"");
+    (delete_b.op, delete_b.index) = (Op::Delete, vec![]);
+    let second = vec![batch_entry(
+        3,
+        &k,
+        1,
+        vec![
+            cmd(vec![v("a", 1)], vec![write("a", 2, b"a2"), delete_b, write("c", 1, b"c1")]),
+            cmd(vec![v("a", 2)], vec![write("a", 3, b"a3")]),
+        ],
+    )];
+    // One node that applied both batches, one that applied the first only: real sled for the
+    // ledger, a real LSM tree for the lookup, as a node has them.
+    let node = || {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = SledDb::open(dir.path()).unwrap().tree("state").unwrap();
+        let lookup: Arc<dyn KvStore> = Arc::new(Tree::open(&dir.path().join("lookup"), "lookup", 8 << 20).unwrap());
+        let split: Arc<dyn KvStore> = Arc::new(SplitStore::new(ledger.clone(), lookup.clone()));
+        (dir, split, ledger, lookup)
+    };
+    let (both_dir, both, both_ledger, both_lookup) = node();
+    let mut sm = Logged::open(both_dir.path(), both.clone());
+    sm.apply(first.clone()).await.unwrap();
+    sm.apply(second).await.unwrap();
+    let (first_dir, first_only, first_ledger, first_lookup) = node();
+    let mut sm1 = Logged::open(first_dir.path(), first_only.clone());
+    sm1.apply(first).await.unwrap();
+    let after_both = lookup_tables(both.as_ref());
+    let after_first = lookup_tables(first_only.as_ref());
+    assert_ne!(after_both, after_first);
+    let reopen = |dir: &std::path::Path, ledger: &Arc<dyn KvStore>, lookup: &Arc<dyn KvStore>| {
+        let split: Arc<dyn KvStore> = Arc::new(SplitStore::new(ledger.clone(), lookup.clone()));
+        let bodies = Bodies::of(SegmentLog::open(&dir.join("raft-log"), 1 << 20).unwrap());
+        StateMachine::open(split.clone(), dir.join("snapshots"), bodies).unwrap();
+        lookup_tables(split.as_ref())
+    };
+    drop((sm, sm1));
+
+    // Ahead: the first node's ledger with the tables that saw both batches steps back.
+    assert_eq!(reopen(first_dir.path(), &first_ledger, &both_lookup), after_first);
+    // Behind: the second batch's ledger with tables of the first folds the rest in.
+    assert_eq!(reopen(both_dir.path(), &both_ledger, &first_lookup), after_both);
+    // Gone: rebuilt from every version record.
+    let empty: Arc<dyn KvStore> = Arc::new(Tree::open(&both_dir.path().join("fresh"), "lookup", 8 << 20).unwrap());
+    assert_eq!(reopen(both_dir.path(), &both_ledger, &empty), after_both);
+}

@@ -174,7 +174,8 @@ impl Engine {
         internal: &'static [&'static str],
     ) -> Result<Self, FhirError> {
         let dir = repo.ledger().local_dir("search");
-        let tree = super::lsm::Tree::open(&dir, repo.cache_bytes() as u64).map_err(FhirError::internal)?;
+        let tree =
+            consensus::lsm_store::Tree::open(&dir, "index", repo.cache_bytes() as u64).map_err(FhirError::internal)?;
         let store = Store::open(tree, repo.clone(), repo.cache_bytes())?;
         let types =
             profiles.resource_types().iter().cloned().chain(internal.iter().map(|t| (*t).to_string())).collect();

@@ -10,7 +10,6 @@ mod background;
 mod doc;
 pub mod exec;
 pub mod index;
-mod lsm;
 pub mod params;
 pub mod query;
 mod store;

@@ -29,11 +29,11 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 pub use super::doc::Doc;
-use super::lsm::Tree;
 use super::values::Value;
 use crate::crypto::{self, DataKey};
 use crate::error::FhirError;
 use crate::repo::Repo;
+use consensus::lsm_store::Tree;
 
 /// The layout above; a store of another format is cleared and folded again at open.
 /// 2: values encoded per parameter ([`Doc::encoded`]), sealed values as bytes. 3: sort records.
@@ -311,7 +311,7 @@ impl Store {
     /// gone) is left out. Read by walking forward from key to key, seeking past a gap wider
     /// than [`WALK`] records.
     pub fn sort_heads(&self, rtype: &str, keys: &[DocKey]) -> Result<Vec<(DocKey, SortHead)>, FhirError> {
-        type Walk<'w> = std::iter::Peekable<Box<dyn Iterator<Item = io::Result<super::lsm::Kv>> + 'w>>;
+        type Walk<'w> = std::iter::Peekable<Box<dyn Iterator<Item = io::Result<consensus::lsm_store::Kv>> + 'w>>;
         let prefix = typed(b's', rtype);
         let end = with(prefix.clone(), &[0xff; 9]);
         let mut walk: Option<Walk<'_>> = None;
@@ -324,7 +324,7 @@ impl Store {
             let mut steps = 0;
             let raw = loop {
                 if walk.is_none() || steps == WALK {
-                    let range: Box<dyn Iterator<Item = io::Result<super::lsm::Kv>>> =
+                    let range: Box<dyn Iterator<Item = io::Result<consensus::lsm_store::Kv>>> =
                         Box::new(self.tree.range(&want, &end));
                     walk = Some(range.peekable());
                     steps = WALK + 1; // opened at `want`: the next record decides

@@ -1,0 +1,123 @@
+//! The only module that imports fjall: an LSM tree (journal, memtables, sorted tables merged
+//! in the background) behind [`KvStore`], for data written at random places that can be derived
+//! again from the ledger. Two stores use it: the state's lookup tables (current records and
+//! conditional postings, `state_machine`) and the search index (`local/search`, the server's).
+//!
+//! Why not sled: a resource adds small keys at random places (its id, its postings), and sled
+//! answered each with a copy of the node it lands in, writing and later recovering several
+//! times the live data. An LSM tree appends them to a journal and sorts them in the background.
+//!
+//! Crash safety: each batch reaches the operating system's cache before `apply` returns (a
+//! killed process loses nothing); a power loss loses a suffix of batches, never part of one.
+//! Each user writes its own watermark in the same batch as what it changed, and catches up
+//! from the ledger (or steps back) at open.
+
+use std::path::Path;
+
+use crate::kv::{KvIter, KvStore, WriteBatch};
+use fjall::{Database, Keyspace, KeyspaceCreateOptions};
+
+/// Journals kept before memtables are flushed: bounds what a restart replays.
+const MAX_JOURNAL: u64 = 64 << 20;
+/// One memtable's size before it is written out as a sorted table.
+const MEMTABLE: u64 = 16 << 20;
+
+/// One keyspace of a fjall database, with its own journal and block cache.
+pub struct Tree {
+    db: Database,
+    ks: Keyspace,
+    /// Names the store in errors.
+    name: &'static str,
+}
+
+impl std::fmt::Debug for Tree {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "lsm_store::Tree({})", self.name)
+    }
+}
+
+/// A key and its value.
+pub type Kv = (Vec<u8>, Vec<u8>);
+
+fn err(name: &str, e: &fjall::Error) -> std::io::Error {
+    std::io::Error::other(format!("store {name:?}: {e}"))
+}
+
+impl Tree {
+    /// Opens (or creates) the store in `dir`, its keyspace `name`, with a block cache of
+    /// `cache_bytes`.
+    pub fn open(dir: &Path, name: &'static str, cache_bytes: u64) -> std::io::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let db = Database::builder(dir)
+            .cache_size(cache_bytes)
+            .max_journaling_size(MAX_JOURNAL)
+            // One worker: with two, fjall 3.1's first worker hands every compaction request
+            // back to the queue and takes it again, spinning a core while the other compacts.
+            .worker_threads(1)
+            .open()
+            .map_err(|e| err(name, &e))?;
+        let ks = db
+            .keyspace(name, || KeyspaceCreateOptions::default().max_memtable_size(MEMTABLE))
+            .map_err(|e| err(name, &e))?;
+        Ok(Self { db, ks, name })
+    }
+
+    /// The value under `key`.
+    pub fn get(&self, key: &[u8]) -> std::io::Result<Option<Vec<u8>>> {
+        Ok(self.ks.get(key).map_err(|e| err(self.name, &e))?.map(|v| v.to_vec()))
+    }
+
+    /// Entries whose key starts with `prefix`, in key order.
+    pub fn scan_prefix<'a>(&'a self, prefix: &[u8]) -> impl Iterator<Item = std::io::Result<Kv>> + 'a {
+        self.ks.prefix(prefix).map(|g| pair(self.name, g))
+    }
+
+    /// Entries in `[from, to)`, in key order.
+    pub fn range<'a>(&'a self, from: &[u8], to: &[u8]) -> impl Iterator<Item = std::io::Result<Kv>> + 'a {
+        self.ks.range(from.to_vec()..to.to_vec()).map(|g| pair(self.name, g))
+    }
+
+    /// Applies `batch` atomically.
+    pub fn apply(&self, batch: WriteBatch) -> std::io::Result<()> {
+        let mut b = self.db.batch();
+        for (k, v) in batch.ops {
+            match v {
+                Some(v) => b.insert(&self.ks, k, v),
+                None => b.remove(&self.ks, k),
+            }
+        }
+        b.commit().map_err(|e| err(self.name, &e))
+    }
+
+    /// Removes every entry.
+    pub fn clear(&self) -> std::io::Result<()> {
+        self.ks.clear().map_err(|e| err(self.name, &e))
+    }
+}
+
+fn pair(name: &str, g: fjall::Guard) -> std::io::Result<Kv> {
+    let (k, v) = g.into_inner().map_err(|e| err(name, &e))?;
+    Ok((k.to_vec(), v.to_vec()))
+}
+
+impl KvStore for Tree {
+    fn get(&self, key: &[u8]) -> std::io::Result<Option<Vec<u8>>> {
+        Tree::get(self, key)
+    }
+    fn scan_prefix(&self, prefix: &[u8]) -> KvIter<'_> {
+        Box::new(Tree::scan_prefix(self, prefix))
+    }
+    fn range(&self, from: &[u8], to: &[u8], rev: bool) -> KvIter<'_> {
+        if rev {
+            Box::new(self.ks.range(from.to_vec()..to.to_vec()).rev().map(|g| pair(self.name, g)))
+        } else {
+            Box::new(Tree::range(self, from, to))
+        }
+    }
+    fn apply(&self, batch: WriteBatch) -> std::io::Result<()> {
+        Tree::apply(self, batch)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.db.persist(fjall::PersistMode::SyncAll).map_err(|e| err(self.name, &e))
+    }
+}
