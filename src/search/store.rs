@@ -1,4 +1,4 @@
-//! The search index on disk: a node-local store beside the state ([`super::lsm`]), so a
+//! The search index on disk: a node-local store beside the state ([`consensus::lsm_store`]), so a
 //! restart opens it instead of rebuilding, and memory holds only a bounded cache.
 //!
 //! No PHI is readable from it at rest (docs/search.md, "What the index holds"):
