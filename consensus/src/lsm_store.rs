@@ -19,7 +19,7 @@ use fjall::{Database, Keyspace, KeyspaceCreateOptions};
 
 /// Journals kept before memtables are flushed: bounds what a restart replays.
 const MAX_JOURNAL: u64 = 64 << 20;
-/// One memtable's size before it is written out as a sorted table.
+/// The bytes written into one memtable before it is sealed and written out as a sorted table.
 const MEMTABLE: u64 = 16 << 20;
 
 /// One keyspace of a fjall database, with its own journal and block cache.
@@ -28,6 +28,8 @@ pub struct Tree {
     ks: Keyspace,
     /// Names the store in errors.
     name: &'static str,
+    /// Bytes written since the memtable was last sealed here (see [`Tree::apply`]).
+    unsealed: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Tree {
@@ -59,7 +61,7 @@ impl Tree {
         let ks = db
             .keyspace(name, || KeyspaceCreateOptions::default().max_memtable_size(MEMTABLE))
             .map_err(|e| err(name, &e))?;
-        Ok(Self { db, ks, name })
+        Ok(Self { db, ks, name, unsealed: std::sync::atomic::AtomicU64::new(0) })
     }
 
     /// The value under `key`.
@@ -78,15 +80,29 @@ impl Tree {
     }
 
     /// Applies `batch` atomically.
+    ///
+    /// The memtable is sealed here, in the writer's thread, once [`MEMTABLE`] bytes went into
+    /// it. fjall asks its one worker to do that, and the request waits behind a running
+    /// compaction (seconds on a large store) while the memtable grows without bound (600 MB
+    /// of index writes were seen waiting). Sealed here, four memtables waiting for their flush
+    /// make fjall hold the writer instead, so memory stays bounded whatever the store's size.
     pub fn apply(&self, batch: WriteBatch) -> std::io::Result<()> {
+        use std::sync::atomic::Ordering::Relaxed;
         let mut b = self.db.batch();
+        let mut bytes = 0;
         for (k, v) in batch.ops {
+            bytes += (k.len() + v.as_ref().map_or(0, Vec::len)) as u64;
             match v {
                 Some(v) => b.insert(&self.ks, k, v),
                 None => b.remove(&self.ks, k),
             }
         }
-        b.commit().map_err(|e| err(self.name, &e))
+        b.commit().map_err(|e| err(self.name, &e))?;
+        if self.unsealed.fetch_add(bytes, Relaxed) + bytes >= MEMTABLE {
+            self.unsealed.store(0, Relaxed);
+            self.ks.rotate_memtable().map_err(|e| err(self.name, &e))?;
+        }
+        Ok(())
     }
 
     /// Removes every entry.
