@@ -200,6 +200,7 @@ struct RecordRef<'a> {
     #[serde(borrow)]
     body: BodyRef<'a>,
     /// The version's conditional terms, checked against the write's.
+    #[serde(deserialize_with = "crate::entry_ref::hashes")]
     terms: Vec<Hash>,
 }
 
@@ -240,6 +241,7 @@ struct HeaderRef<'a> {
     actor: &'a str,
     op: &'a str,
     compartment: &'a str,
+    #[serde(deserialize_with = "crate::entry_ref::hash")]
     body_sha256: Hash,
     log_index: u64,
 }
