@@ -47,6 +47,8 @@ pub enum ErrorCode {
     NotLeader,
     /// Well-formed, but cannot be applied (a failing patch; 422 `processing`).
     Unprocessable,
+    /// Asked again too soon (a Bulk status polled faster than `Retry-After`; 429 `throttled`).
+    TooManyRequests,
     /// A fault of the server; details go to its log, not to the client (500 `exception`).
     Internal,
     /// The ledger has no quorum or is catching up (503 `transient`).
@@ -75,6 +77,7 @@ impl ErrorCode {
             Self::UnsupportedMediaType => (415, "not-supported"),
             Self::NotLeader => (421, "business-rule"),
             Self::Unprocessable => (422, "processing"),
+            Self::TooManyRequests => (429, "throttled"),
             Self::Internal => (500, "exception"),
             Self::Unavailable => (503, "transient"),
         }

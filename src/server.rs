@@ -163,6 +163,7 @@ pub async fn serve(cfg: Config, node: Node, listener: TcpListener) -> anyhow::Re
         max_body_bytes: cfg.max_body_bytes,
         admin: node.admin,
         auth: node.auth,
+        exports: Arc::default(),
     });
     let server = HttpServer::new(move || App::new().app_data(state.clone()).configure(api::configure))
         .workers(cfg.workers)

@@ -29,7 +29,7 @@ fn param(name: &str, kind: &str, value: Json) -> Json {
 
 /// The current tree head, signed by this node and cosigned by every other voter that holds the
 /// same tree (so an auditor can require a quorum of node keys rather than trust one server).
-async fn signed_head(repo: &Repo) -> Result<TreeHead, FhirError> {
+pub async fn signed_head(repo: &Repo) -> Result<TreeHead, FhirError> {
     let frontier = repo.view().frontier()?;
     let node = repo.node_id().to_string();
     let mut head = TreeHead::signed(frontier.size, frontier.root(), crate::fhir::now_ms(), &node, repo.signer());

@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod authz;
+pub mod bulk;
 pub mod bundle;
 pub mod history;
 
@@ -35,6 +36,8 @@ pub struct AppState {
     pub max_body_bytes: usize,
     pub admin: admin::AdminConfig,
     pub auth: Arc<crate::auth::Auth>,
+    /// The Bulk exports this node runs.
+    pub exports: Arc<crate::bulk::Exports>,
 }
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
@@ -99,6 +102,15 @@ fn fhir_routes() -> actix_web::Scope<
         .route("/ledger/proof", web::get().to(ledger::leaf_proof))
         .route("/ledger/consistency", web::get().to(ledger::consistency))
         .route("/ledger/entries", web::get().to(ledger::entries))
+        .route("/$export", web::get().to(bulk::system_get))
+        .route("/$export", web::post().to(bulk::system_post))
+        .route("/Patient/$export", web::get().to(bulk::patient_get))
+        .route("/Patient/$export", web::post().to(bulk::patient_post))
+        .route("/Group/{id}/$export", web::get().to(bulk::group_get))
+        .route("/Group/{id}/$export", web::post().to(bulk::group_post))
+        .route("/bulk/{job}", web::get().to(bulk::status))
+        .route("/bulk/{job}", web::delete().to(bulk::cancel))
+        .route("/bulk/{job}/{file}", web::get().to(bulk::file))
         .route("/{type}", web::get().to(search::type_get))
         .route("/{type}", web::post().to(resource::create))
         .route("/{type}", web::put().to(resource::conditional_update))

@@ -143,6 +143,12 @@ impl<'c> Guard<'c> {
         })
     }
 
+    /// Whether some scope of the caller carries a query restriction, so that [`Guard::admits`]
+    /// needs the document's key in the current index.
+    pub fn restricts(&self) -> bool {
+        self.restricted.iter().any(Option::is_some)
+    }
+
     /// Whether some scope granting `perm` (`None`: reading, `r` or `s`) admits `doc` and the
     /// patients' Consents permit it. Reading follows the R4 compartment: a resource of a
     /// patient type is the caller's when it references the caller's patient. Writing with a
@@ -283,7 +289,15 @@ pub fn admits(
     Ok((ok, d))
 }
 
-fn guard_for<'c>(engine: &'c Engine, idx: &Index, access: &Access<'c>, write: bool) -> Result<Guard<'c>, FhirError> {
+/// The guard of `access`'s caller over `idx`, for reading (`write` false) or writing; it
+/// borrows nothing of `idx`, so a long reader (a Bulk export) may let the index go between
+/// batches and keep one guard, with the Consents as they were when it began.
+pub fn guard_for<'c>(
+    engine: &'c Engine,
+    idx: &Index,
+    access: &Access<'c>,
+    write: bool,
+) -> Result<Guard<'c>, FhirError> {
     let book = access.books.get(engine.repo(), idx)?;
     Guard::new(access.caller, engine.compartments(), idx, book, access.default, write, |t, q| {
         crate::search::matching(engine, idx, t, q)

@@ -137,6 +137,14 @@ impl Ctx<'_> {
         Ok((out, after.is_none()))
     }
 
+    /// Which of `docs` (versions of `rtype`, not necessarily the current ones: a Bulk export
+    /// reads the ledger at one tree size) satisfy every filter. Chains, `_has` and `_list`
+    /// are resolved against the index once for all of them.
+    pub fn admits_each(&self, rtype: &str, filters: &[Filter], docs: &[&Doc]) -> Result<Vec<bool>, FhirError> {
+        let conds = filters.iter().map(|f| self.resolve(rtype, f)).collect::<Result<Vec<_>, _>>()?;
+        docs.iter().map(|d| Ok(conds.iter().all(|c| self.holds(c, d)) && self.text_holds(rtype, &conds, d)?)).collect()
+    }
+
     /// Whether the caller may see this document (always, without a guard).
     pub fn visible(&self, rtype: &str, key: DocKey, doc: &Doc) -> bool {
         self.guard.is_none_or(|g| g.visible(rtype, key, doc))

@@ -173,6 +173,40 @@ pub fn matching(
     ctx.matches(rtype, filters)
 }
 
+/// The filters of a `_typeFilter` (`Observation?category=laboratory`): search parameters
+/// only; a result parameter (`_sort`, `_include`, `_count`...) is refused, since an export has
+/// no pages to shape.
+pub fn type_filter(engine: &Engine, idx: &Index, rtype: &str, query: &str) -> Result<Vec<Filter>, FhirError> {
+    let pairs = crate::codec::parse_query(query);
+    if let Some((name, _)) = pairs.iter().find(|(n, _)| query::RESULT.contains(&n.split(':').next().unwrap_or(n))) {
+        return Err(FhirError::invalid(format!("_typeFilter {rtype}?{query}: {name} is not a search parameter"))
+            .at("_typeFilter"));
+    }
+    let parser = Parser { idx, profiles: engine.profiles(), base: "", lenient: false };
+    let search = parser.parse(&[rtype.to_string()], &pairs)?;
+    Ok(search.types.into_iter().next().map(|(_, f)| f).unwrap_or_default())
+}
+
+/// Which of `docs` (versions of `rtype`) satisfy at least one of `alternatives` (each a list
+/// of ANDed filters, as [`type_filter`] made them); chains see only what `guard` admits.
+pub fn admits_any(
+    engine: &Engine,
+    idx: &Index,
+    rtype: &str,
+    alternatives: &[Vec<Filter>],
+    docs: &[&Doc],
+    guard: Option<&dyn Visibility>,
+) -> Result<Vec<bool>, FhirError> {
+    let ctx = Ctx { idx, profiles: engine.profiles(), repo: engine.repo(), now_ms: crate::fhir::now_ms(), guard };
+    let mut out = vec![false; docs.len()];
+    for filters in alternatives {
+        for (o, ok) in out.iter_mut().zip(ctx.admits_each(rtype, filters, docs)?) {
+            *o |= ok;
+        }
+    }
+    Ok(out)
+}
+
 /// Runs a search over `types` (one type, or several for a system-level search), with
 /// `extra` filters (a compartment) ANDed to the request's.
 /// `guard`, when given, is built over `idx` (the index this search must run on) and decides

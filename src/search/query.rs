@@ -176,7 +176,7 @@ pub struct Search {
 }
 
 /// Parameters that shape the result rather than select resources.
-const RESULT: &[&str] = &[
+pub const RESULT: &[&str] = &[
     "_count",
     "_sort",
     "_total",

@@ -25,6 +25,9 @@ fn calls() -> Vec<(&'static str, Method, &'static str, Option<Value>)> {
             {"request": {"method": "GET", "url": "Observation/obs-b"}}
         ]})
     };
+    let export_params = json!({"resourceType": "Parameters", "parameter": [
+        {"name": "_type", "valueString": "Observation"},
+        {"name": "patient", "valueReference": {"reference": "Patient/pat-b"}}]});
     vec![
         ("/metadata", Method::GET, "/metadata", None),
         ("/health", Method::GET, "/health", None),
@@ -37,6 +40,21 @@ fn calls() -> Vec<(&'static str, Method, &'static str, Option<Value>)> {
         ("/ledger/proof", Method::GET, "/ledger/proof?leaf=1", None),
         ("/ledger/consistency", Method::GET, "/ledger/consistency?first=1", None),
         ("/ledger/entries", Method::GET, "/ledger/entries", None),
+        ("/$export", Method::GET, "/$export?_type=Observation,Patient", None),
+        (
+            "/$export",
+            Method::POST,
+            "/$export",
+            Some(json!({"resourceType": "Parameters", "parameter": [
+            {"name": "_type", "valueString": "Observation"}]})),
+        ),
+        ("/Patient/$export", Method::GET, "/Patient/$export?_type=Observation", None),
+        ("/Patient/$export", Method::POST, "/Patient/$export", Some(export_params.clone())),
+        ("/Group/{id}/$export", Method::GET, "/Group/grp-b/$export", None),
+        ("/Group/{id}/$export", Method::POST, "/Group/grp-b/$export", Some(export_params)),
+        ("/bulk/{job}", Method::GET, "/bulk/4f1c0d6e-0000-4000-8000-000000000000", None),
+        ("/bulk/{job}", Method::DELETE, "/bulk/4f1c0d6e-0000-4000-8000-000000000000", None),
+        ("/bulk/{job}/{file}", Method::GET, "/bulk/4f1c0d6e-0000-4000-8000-000000000000/Observation-1.ndjson", None),
         ("/{type}", Method::GET, "/Observation?subject=Patient/pat-b", None),
         ("/{type}", Method::POST, "/Observation", Some(obs.clone())),
         ("/{type}", Method::PUT, "/Observation?_id=obs-b", Some(obs.clone())),

@@ -46,7 +46,14 @@ pub async fn app_with_admin(
 ) -> impl Service<actix_http::Request, Response = ServiceResponse, Error = actix_web::Error> {
     let auth = std::sync::Arc::new(fhir_ledger::auth::Auth::disabled());
     let search = fhir_ledger::server::search_engine(&profiles_dir(), repo.clone()).expect("search index");
-    let state = web::Data::new(AppState { repo, search, max_body_bytes: 1024 * 1024, admin, auth });
+    let state = web::Data::new(AppState {
+        repo,
+        search,
+        max_body_bytes: 1024 * 1024,
+        admin,
+        auth,
+        exports: std::sync::Arc::default(),
+    });
     test::init_service(App::new().app_data(state).configure(api::configure)).await
 }
 

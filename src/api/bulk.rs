@@ -1,0 +1,318 @@
+//! Bulk Data Access `$export` over HTTP (IG 2.0.0): the kick-off at system, Patient and
+//! Group level (GET, or POST with Parameters), status polling, cancel and file download. Jobs
+//! and their files are `crate::bulk`'s; this module is the door: every kick-off passes the
+//! caller's scopes here and the guard in the runner, and only the kick-off's client (and
+//! subject) may poll, download or cancel.
+
+use std::collections::BTreeSet;
+
+use actix_web::http::header;
+use actix_web::{web, HttpRequest, HttpResponse};
+
+use super::authz;
+use super::{base_url, read_barrier, AppState};
+use crate::auth::scopes::Perm;
+use crate::bulk::params::{self, Level};
+use crate::bulk::{self, label, render, FileInfo, Job, Kind, State};
+use crate::codec::parse_query;
+use crate::error::{ErrorCode, FhirError};
+use crate::fhir::json::Json;
+
+/// What a client should wait between polls; polling at under half of it is answered 429.
+const RETRY_AFTER_S: i64 = 2;
+
+pub async fn system_get(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, FhirError> {
+    kickoff(req, state, Level::System, None).await
+}
+
+pub async fn system_post(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    body: web::Payload,
+) -> Result<HttpResponse, FhirError> {
+    kickoff(req, state, Level::System, Some(body)).await
+}
+
+pub async fn patient_get(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, FhirError> {
+    kickoff(req, state, Level::Patient, None).await
+}
+
+pub async fn patient_post(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    body: web::Payload,
+) -> Result<HttpResponse, FhirError> {
+    kickoff(req, state, Level::Patient, Some(body)).await
+}
+
+pub async fn group_get(
+    req: HttpRequest,
+    path: web::Path<String>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, FhirError> {
+    kickoff(req, state, Level::Group(path.into_inner()), None).await
+}
+
+pub async fn group_post(
+    req: HttpRequest,
+    path: web::Path<String>,
+    state: web::Data<AppState>,
+    body: web::Payload,
+) -> Result<HttpResponse, FhirError> {
+    kickoff(req, state, Level::Group(path.into_inner()), Some(body)).await
+}
+
+fn respond_async(req: &HttpRequest) -> bool {
+    req.headers()
+        .get_all("prefer")
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.split([',', ';']).any(|p| p.trim() == "respond-async"))
+}
+
+async fn kickoff(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    level: Level,
+    body: Option<web::Payload>,
+) -> Result<HttpResponse, FhirError> {
+    read_barrier(&req, &state.repo).await?;
+    let caller = authz::caller(&req);
+    let post = body.is_some();
+    let pairs = match body {
+        Some(payload) => {
+            let bytes = super::read_body(&req, payload, state.max_body_bytes).await?;
+            bulk::params::from_parameters(&super::parse_resource(&bytes)?)?
+        }
+        None => parse_query(req.query_string()),
+    };
+    let lenient = super::prefer_lenient(&req);
+    let (params, types) = {
+        let idx = state.search.current()?;
+        let known = |t: &str| idx.known_type(t).is_some() && !crate::auth::store::is_internal(t);
+        let params = params::parse(&pairs, &level, post, lenient, known)?;
+        for (t, q) in &params.type_filters {
+            crate::search::type_filter(&state.search, &idx, t, q)?;
+        }
+        let comps = state.search.compartments();
+        let types: Vec<String> = match &params.types {
+            Some(t) => t.clone(),
+            None => idx
+                .type_names()
+                .filter(|t| !crate::auth::store::is_internal(t))
+                .filter(|t| level == Level::System || comps.patient_type(t))
+                .map(str::to_string)
+                .collect(),
+        };
+        (params, types)
+    };
+    // Scopes: every type named must be readable; without `_type`, at least one of the level's.
+    let readable: Vec<&String> = types.iter().filter(|t| caller.require(t, Perm::R).is_ok()).collect();
+    if params.types.is_some() && readable.len() < types.len() || readable.is_empty() {
+        let t = types.iter().find(|t| caller.require(t, Perm::R).is_err()).map_or("any type", String::as_str);
+        let e = FhirError::forbidden(format!("$export: the token's scopes do not grant reading {t}"));
+        authz::denied(&state, &caller, "operation", caller.patient().map(str::to_string), &e);
+        return Err(e);
+    }
+    if !respond_async(&req) {
+        return Err(FhirError::invalid("$export runs asynchronously: send Prefer: respond-async").at("Prefer"));
+    }
+    let mut patients: Option<BTreeSet<String>> =
+        (!params.patients.is_empty()).then(|| params.patients.iter().cloned().collect());
+    if let Level::Group(gid) = &level {
+        authz::require(&state, &caller, "Group", Perm::R, "operation")?;
+        authz::check_visible(&state, &caller, "Group", gid, "operation")?;
+        let group = state.repo.read("Group", gid)?.parsed()?.unwrap_or(Json::Null);
+        let members: BTreeSet<String> = group
+            .items(&["member"])
+            .filter_map(|m| m.str_at(&["entity", "reference"]))
+            .filter_map(|r| r.strip_prefix("Patient/"))
+            .map(str::to_string)
+            .collect();
+        patients = Some(match patients {
+            Some(asked) => asked.intersection(&members).cloned().collect(),
+            None => members,
+        });
+    }
+    let head = super::ledger::signed_head(&state.repo).await?;
+    let now = crate::fhir::now_ms();
+    let request = format!("{}{}", base_url(&req), req.uri());
+    let job = Job {
+        owner: bulk::owner_of(&caller),
+        request,
+        level,
+        params,
+        patients,
+        head: Json::Array(head.to_parts()).to_serde(),
+        size: head.size,
+        transaction_time_ms: head.timestamp_ms,
+        requires_token: state.auth.enabled,
+        created_ms: now,
+        heartbeat_ms: now,
+        state: State::Accepted,
+        error: None,
+        files: Vec::new(),
+        completed_ms: None,
+        signatures: Vec::new(),
+    };
+    let id = uuid::Uuid::new_v4().to_string();
+    bulk::create(&state.search, &id, &job).await?;
+    start(&state, &caller, &id);
+    Ok(HttpResponse::Accepted()
+        .insert_header((header::CONTENT_LOCATION, format!("{}/bulk/{id}", base_url(&req))))
+        .finish())
+}
+
+/// Starts (or restarts) the runner of job `id` on this node, as `caller`.
+fn start(state: &web::Data<AppState>, caller: &std::sync::Arc<crate::auth::Caller>, id: &str) {
+    let log = state.clone();
+    let on_shown: bulk::OnShown =
+        std::sync::Arc::new(move |c, shown, d| authz::disclosed(&log, c, "operation", shown, &d));
+    bulk::spawn(
+        state.search.clone(),
+        state.auth.clone(),
+        state.exports.clone(),
+        caller.clone(),
+        id.to_string(),
+        on_shown,
+    );
+}
+
+/// The job, if it exists, has not expired and belongs to the caller (anyone else gets the
+/// 404 of a job that does not exist).
+fn owned_job(state: &AppState, req: &HttpRequest, id: &str) -> Result<Job, FhirError> {
+    let caller = authz::caller(req);
+    let missing = || FhirError::not_found(&format!("export {id}"));
+    let (job, _) = bulk::get_job(&state.search, id)?.ok_or_else(missing)?;
+    if job.owner != bulk::owner_of(&caller) || job.expired(crate::fhir::now_ms()) {
+        return Err(missing());
+    }
+    Ok(job)
+}
+
+/// `GET /bulk/{id}`: 202 with `X-Progress` while it runs, 200 with the manifest when done.
+pub async fn status(
+    req: HttpRequest,
+    path: web::Path<String>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, FhirError> {
+    read_barrier(&req, &state.repo).await?;
+    let id = path.into_inner();
+    let job = owned_job(&state, &req, &id)?;
+    let now = crate::fhir::now_ms();
+    match job.state {
+        State::Accepted => {
+            if !state.exports.poll_ok(&id, now, RETRY_AFTER_S * 500) {
+                use actix_web::ResponseError;
+                let mut r = FhirError::new(ErrorCode::TooManyRequests, format!("poll every {RETRY_AFTER_S} s"))
+                    .error_response();
+                r.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from(RETRY_AFTER_S));
+                return Ok(r);
+            }
+            let progress = if let Some(p) = state.exports.progress(&id) {
+                use std::sync::atomic::Ordering::Relaxed;
+                format!("{} of {} resources checked", p.done.load(Relaxed), p.total.load(Relaxed))
+            } else {
+                // Its runner is gone (a restart, a node lost): this node takes it over.
+                if now - job.heartbeat_ms > bulk::TAKEOVER_MS {
+                    start(&state, &authz::caller(&req), &id);
+                }
+                "in progress".to_string()
+            };
+            Ok(HttpResponse::Accepted()
+                .insert_header(("x-progress", progress))
+                .insert_header((header::RETRY_AFTER, RETRY_AFTER_S.to_string()))
+                .finish())
+        }
+        State::Failed => {
+            Err(FhirError::internal(format!("export {id} failed: {}", job.error.as_deref().unwrap_or("unknown error"))))
+        }
+        State::Complete => {
+            let expires = job.completed_ms.unwrap_or(now) + bulk::EXPIRES_MS;
+            let manifest = manifest(&job, &id, &base_url(&req));
+            Ok(HttpResponse::Ok()
+                .insert_header((header::EXPIRES, crate::fhir::http_date(expires)))
+                .content_type("application/json")
+                .body(manifest.to_string()))
+        }
+    }
+}
+
+/// The completion manifest, with the trust label in its `extension`.
+fn manifest(job: &Job, id: &str, base: &str) -> serde_json::Value {
+    use serde_json::json;
+    let url = |name: &str| format!("{base}/bulk/{id}/{name}");
+    let items = |kind: Kind| -> Vec<serde_json::Value> {
+        job.files
+            .iter()
+            .filter(|f| f.kind == kind)
+            .map(|f| {
+                json!({"type": f.rtype, "url": url(&f.name), "count": f.count,
+                       "extension": {"urn:fhir-ledger:bulk:sha256": f.sha256, "urn:fhir-ledger:bulk:bytes": f.bytes}})
+            })
+            .collect()
+    };
+    let mut trust = label::document(job, id);
+    trust["url"] = json!(url(label::FILE));
+    json!({
+        "transactionTime": crate::fhir::instant(job.transaction_time_ms),
+        "request": job.request,
+        "requiresAccessToken": job.requires_token,
+        "output": items(Kind::Output),
+        "deleted": items(Kind::Deleted),
+        "error": items(Kind::Error),
+        "extension": {label::EXTENSION: trust},
+    })
+}
+
+/// `DELETE /bulk/{id}`: cancels a running export or removes a finished one.
+pub async fn cancel(
+    req: HttpRequest,
+    path: web::Path<String>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, FhirError> {
+    read_barrier(&req, &state.repo).await?;
+    let id = path.into_inner();
+    let job = owned_job(&state, &req, &id)?;
+    state.exports.cancel(&id);
+    bulk::delete(&state.search, &id, &job).await?;
+    Ok(HttpResponse::Accepted().finish())
+}
+
+/// `GET /bulk/{id}/{file}`: one output, deletion or error file (made again from the ledger
+/// and streamed), or the trust label.
+pub async fn file(
+    req: HttpRequest,
+    path: web::Path<(String, String)>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, FhirError> {
+    read_barrier(&req, &state.repo).await?;
+    let (id, name) = path.into_inner();
+    let job = owned_job(&state, &req, &id)?;
+    if job.state != State::Complete {
+        return Err(FhirError::not_found(&format!("export {id} file {name}")));
+    }
+    if name == label::FILE {
+        return Ok(HttpResponse::Ok().content_type("application/json").body(label::document(&job, &id).to_string()));
+    }
+    let info: FileInfo = job
+        .files
+        .iter()
+        .find(|f| f.name == name)
+        .cloned()
+        .ok_or_else(|| FhirError::not_found(&format!("export {id} file {name}")))?;
+    let part = bulk::get_part(&state.search, &info.part)?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<web::Bytes, std::io::Error>>(4);
+    let engine = state.search.clone();
+    tokio::task::spawn_blocking(move || {
+        let err = tx.clone();
+        let r = render::write(&engine, &job, &info, &part, &mut |b| {
+            tx.blocking_send(Ok(web::Bytes::copy_from_slice(b))).map_err(|_| FhirError::internal("the client left"))
+        });
+        if let Err(e) = r {
+            tracing::warn!("export {id} file {}: {:?}", info.name, e.issues.first().map(|i| &i.diagnostics));
+            let _ = err.blocking_send(Err(std::io::Error::other("export file failed")));
+        }
+    });
+    let body = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|x| (x, rx)) });
+    Ok(HttpResponse::Ok().content_type("application/fhir+ndjson").streaming(body))
+}

@@ -1,0 +1,377 @@
+//! Bulk Data Access `$export` (IG 2.0.0): asynchronous jobs pinned to a ledger tree head.
+//!
+//! A job is a ledger record (`_bulk.Job`), so it survives a restart and any node of a cluster
+//! answers its status. An export is the ledger at one tree size: the kick-off fixes the signed
+//! head, the runner selects each resource's version as of that size ([`select`]), and what it
+//! keeps per output file is the list of leaves (`_bulk.Part` records), never the plaintext. A
+//! file is produced again from those leaves, byte for byte, whenever it is downloaded
+//! ([`render`]), so no decrypted PHI is written to disk and the digests in the trust label
+//! ([`label`]) hold for every download.
+
+pub mod label;
+pub mod params;
+pub mod render;
+pub mod select;
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+
+use self::params::{Level, Params};
+use crate::auth::access::Disclosed;
+use crate::auth::{Auth, Caller};
+use crate::error::FhirError;
+use crate::fhir::json::{self, Json};
+use crate::repo::System;
+use crate::search::Engine;
+
+/// Internal record types: jobs and the leaf lists of their files.
+pub const JOB: &str = "_bulk.Job";
+pub const PART: &str = "_bulk.Part";
+/// The ledger actor of the export runner's own records.
+pub const ACTOR: &str = "fhir-ledger/bulk";
+/// Lines per output file; a type with more is split.
+pub const LINES_PER_FILE: usize = 50_000;
+/// How long a finished export may be downloaded.
+pub const EXPIRES_MS: i64 = 24 * 3_600_000;
+/// A runner refreshes its job's heartbeat this often; a job whose heartbeat is older than
+/// [`TAKEOVER_MS`] has lost its runner (a restart, a node gone) and the next poll restarts it.
+pub const HEARTBEAT_MS: i64 = 20_000;
+pub const TAKEOVER_MS: i64 = 60_000;
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum State {
+    Accepted,
+    Complete,
+    Failed,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Output,
+    Deleted,
+    Error,
+}
+
+/// One file of a finished export.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct FileInfo {
+    /// The file's name: the last segment of its URL.
+    pub name: String,
+    /// The resource type of its lines.
+    pub rtype: String,
+    pub kind: Kind,
+    pub count: u64,
+    pub bytes: u64,
+    /// SHA-256 of the file, hex.
+    pub sha256: String,
+    /// The `_bulk.Part` record with its leaves or lines.
+    pub part: String,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct Job {
+    /// Who may poll, download and cancel: the kick-off's client and subject.
+    pub owner: String,
+    /// The kick-off request URL (the manifest's `request`).
+    pub request: String,
+    pub level: Level,
+    pub params: Params,
+    /// Patient and Group level: the patients whose compartments the export holds.
+    pub patients: Option<BTreeSet<String>>,
+    /// The signed tree head the export is pinned to (`GET /ledger/head`'s parts).
+    pub head: serde_json::Value,
+    /// Its tree size: the export holds leaves below it.
+    pub size: u64,
+    /// Its timestamp: the manifest's `transactionTime`.
+    pub transaction_time_ms: i64,
+    pub requires_token: bool,
+    pub created_ms: i64,
+    pub heartbeat_ms: i64,
+    pub state: State,
+    pub error: Option<String>,
+    pub files: Vec<FileInfo>,
+    pub completed_ms: Option<i64>,
+    /// The trust label's detached JWS signatures (compact `header..signature`).
+    #[serde(default)]
+    pub signatures: Vec<String>,
+}
+
+impl Job {
+    pub fn expired(&self, now_ms: i64) -> bool {
+        self.completed_ms.is_some_and(|c| now_ms > c + EXPIRES_MS)
+    }
+}
+
+/// A file's content as leaves (outputs, deletions) or lines (errors).
+#[derive(Serialize, Deserialize, Clone, Debug, Default)]
+pub struct Part {
+    /// Leaves, ascending, as base64 of LEB128 deltas.
+    #[serde(default)]
+    pub leaves: String,
+    #[serde(default)]
+    pub lines: Vec<String>,
+}
+
+/// The owner string of a caller.
+pub fn owner_of(caller: &Caller) -> String {
+    format!("{} {}", caller.claims.client_id, caller.claims.sub)
+}
+
+/// How far a running export got, and whether it was cancelled.
+#[derive(Default, Debug)]
+pub struct Progress {
+    pub done: AtomicU64,
+    pub total: AtomicU64,
+    pub cancelled: AtomicBool,
+}
+
+/// The exports this node runs, and when each job was last polled (for 429).
+#[derive(Default)]
+pub struct Exports {
+    running: Mutex<HashMap<String, Arc<Progress>>>,
+    polled: Mutex<HashMap<String, i64>>,
+}
+
+impl Exports {
+    pub fn progress(&self, id: &str) -> Option<Arc<Progress>> {
+        self.running.lock().ok()?.get(id).cloned()
+    }
+
+    /// Registers a runner for `id`; `None` when one runs here already.
+    fn begin(&self, id: &str) -> Option<Arc<Progress>> {
+        let mut running = self.running.lock().ok()?;
+        if running.contains_key(id) {
+            return None;
+        }
+        let p = Arc::new(Progress::default());
+        running.insert(id.to_string(), p.clone());
+        Some(p)
+    }
+
+    fn end(&self, id: &str) {
+        if let Ok(mut r) = self.running.lock() {
+            r.remove(id);
+        }
+    }
+
+    pub fn cancel(&self, id: &str) {
+        if let Some(p) = self.progress(id) {
+            p.cancelled.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// Records a poll at `now_ms`; false when the previous one was less than `min_gap_ms` ago.
+    pub fn poll_ok(&self, id: &str, now_ms: i64, min_gap_ms: i64) -> bool {
+        let Ok(mut polled) = self.polled.lock() else { return true };
+        polled.retain(|_, t| now_ms - *t < 3_600_000);
+        let ok = polled.get(id).is_none_or(|t| now_ms - *t >= min_gap_ms);
+        if ok {
+            polled.insert(id.to_string(), now_ms);
+        }
+        ok
+    }
+}
+
+fn to_json<T: Serialize>(v: &T) -> Result<Json, FhirError> {
+    let text = serde_json::to_vec(v).map_err(FhirError::internal)?;
+    json::parse(&text, usize::MAX).map_err(FhirError::internal)
+}
+
+pub fn get_job(engine: &Engine, id: &str) -> Result<Option<(Job, u64)>, FhirError> {
+    crate::auth::store::get(engine.repo(), JOB, id)
+}
+
+pub fn get_part(engine: &Engine, id: &str) -> Result<Part, FhirError> {
+    Ok(crate::auth::store::get(engine.repo(), PART, id)?.map(|(p, _)| p).unwrap_or_default())
+}
+
+/// Writes a new job.
+pub async fn create(engine: &Engine, id: &str, job: &Job) -> Result<(), FhirError> {
+    let body = to_json(job)?;
+    engine.repo().commit(&System::new(ACTOR), |plan| plan.put_new(JOB, id, &body).map(|_| ())).await?;
+    Ok(())
+}
+
+/// Replaces version `version` of job `id`; false when it changed meanwhile (or was cancelled).
+async fn replace(
+    engine: &Engine,
+    id: &str,
+    job: &Job,
+    version: u64,
+    parts: &[(String, Part)],
+) -> Result<bool, FhirError> {
+    let body = to_json(job)?;
+    let parts = parts.iter().map(|(pid, p)| Ok((pid.clone(), to_json(p)?))).collect::<Result<Vec<_>, FhirError>>()?;
+    let r = engine
+        .repo()
+        .commit(&System::new(ACTOR), |plan| {
+            for (pid, p) in &parts {
+                plan.put(PART, pid, p, None)?;
+            }
+            plan.put(JOB, id, &body, Some(version)).map(|_| ())
+        })
+        .await;
+    match r {
+        Ok(_) => Ok(true),
+        Err(e) if matches!(e.status(), 404 | 409 | 410 | 412) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Cancels job `id`: its record and parts are deleted (a poll then answers 404).
+pub async fn delete(engine: &Engine, id: &str, job: &Job) -> Result<(), FhirError> {
+    let parts: Vec<String> = job.files.iter().map(|f| f.part.clone()).collect();
+    engine
+        .repo()
+        .commit(&System::new(ACTOR), |plan| {
+            for p in &parts {
+                plan.delete(PART, p, None)?;
+            }
+            plan.delete(JOB, id, None).map(|_| ())
+        })
+        .await?;
+    Ok(())
+}
+
+/// Reports what an export disclosed to the disclosure log (the HTTP layer's writer).
+pub type OnShown = Arc<dyn Fn(&Caller, &[(String, String, u64)], Disclosed) + Send + Sync>;
+
+/// Runs job `id` on this node for `caller` (its owner) unless it runs here already: selects,
+/// digests each file, signs the trust label and records the result. Returns at once.
+pub fn spawn(
+    engine: Arc<Engine>,
+    auth: Arc<Auth>,
+    exports: Arc<Exports>,
+    caller: Arc<Caller>,
+    id: String,
+    on_shown: OnShown,
+) {
+    let Some(progress) = exports.begin(&id) else { return };
+    tokio::spawn(async move {
+        if let Err(e) = run(&engine, &auth, &caller, &id, &progress, on_shown).await {
+            tracing::warn!("export {id}: {:?}", e.issues.first().map(|i| &i.diagnostics));
+            fail(&engine, &id, &e).await;
+        }
+        exports.end(&id);
+    });
+}
+
+async fn fail(engine: &Engine, id: &str, e: &FhirError) {
+    if let Ok(Some((mut job, version))) = get_job(engine, id) {
+        if job.state == State::Accepted {
+            job.state = State::Failed;
+            job.error = Some(e.issues.first().map(|i| i.diagnostics.clone()).unwrap_or_default());
+            job.completed_ms = Some(crate::fhir::now_ms());
+            let _ = replace(engine, id, &job, version, &[]).await;
+        }
+    }
+}
+
+async fn run(
+    engine: &Arc<Engine>,
+    auth: &Arc<Auth>,
+    caller: &Arc<Caller>,
+    id: &str,
+    progress: &Arc<Progress>,
+    on_shown: OnShown,
+) -> Result<(), FhirError> {
+    let Some((job, _)) = get_job(engine, id)? else { return Ok(()) };
+    if job.state != State::Accepted {
+        return Ok(());
+    }
+    let work = {
+        let (engine, auth, caller, progress, job) =
+            (engine.clone(), auth.clone(), caller.clone(), progress.clone(), job.clone());
+        let id = id.to_string();
+        tokio::task::spawn_blocking(move || produce(&engine, &auth, &caller, &id, &job, &progress, &on_shown))
+    };
+    tokio::pin!(work);
+    let mut beat = tokio::time::interval(std::time::Duration::from_millis(HEARTBEAT_MS as u64));
+    beat.tick().await;
+    let (files, parts) = loop {
+        tokio::select! {
+            done = &mut work => break done.map_err(FhirError::internal)??,
+            _ = beat.tick() => {
+                // Keeps other nodes from taking the job over while it runs here.
+                let Some((mut j, v)) = get_job(engine, id)? else { progress.cancelled.store(true, std::sync::atomic::Ordering::Relaxed); continue };
+                j.heartbeat_ms = crate::fhir::now_ms();
+                replace(engine, id, &j, v, &[]).await?;
+            }
+        }
+    };
+    let Some((mut job, version)) = get_job(engine, id)? else { return Ok(()) };
+    if job.state != State::Accepted {
+        return Ok(());
+    }
+    job.files = files;
+    job.state = State::Complete;
+    job.completed_ms = Some(crate::fhir::now_ms());
+    job.signatures = vec![label::sign(&job, id, engine.repo().signer(), &engine.repo().node_id().to_string())?];
+    replace(engine, id, &job, version, &parts).await?;
+    Ok(())
+}
+
+/// A run's files and the parts they are made from (by part id).
+type Produced = (Vec<FileInfo>, Vec<(String, Part)>);
+
+/// The blocking part of a run: selection and the digest of every file.
+fn produce(
+    engine: &Engine,
+    auth: &Auth,
+    caller: &Caller,
+    id: &str,
+    job: &Job,
+    progress: &Progress,
+    on_shown: &OnShown,
+) -> Result<Produced, FhirError> {
+    let access = auth.access(caller);
+    let guard = match &access {
+        Some(a) => {
+            let idx = engine.current()?;
+            Some(crate::auth::access::guard_for(engine, &idx, a, false)?)
+        }
+        None => None,
+    };
+    let scope =
+        select::Scope { level: &job.level, params: &job.params, patients: job.patients.as_ref(), size: job.size };
+    let selected =
+        select::select(engine, guard.as_ref(), &scope, progress, &mut |shown, d| on_shown(caller, shown, d))?;
+    let mut files = Vec::new();
+    let mut parts = Vec::new();
+    let mut add = |rtype: &str, kind: Kind, n: usize, part: Part| -> Result<(), FhirError> {
+        let name = match kind {
+            Kind::Output => format!("{rtype}-{n}.ndjson"),
+            Kind::Deleted => format!("deleted-{n}.ndjson"),
+            Kind::Error => format!("error-{n}.ndjson"),
+        };
+        let part_id = format!("{id}-{}", parts.len() + 1);
+        let info = FileInfo {
+            name,
+            rtype: rtype.to_string(),
+            kind,
+            count: 0,
+            bytes: 0,
+            sha256: String::new(),
+            part: part_id.clone(),
+        };
+        let digest = render::digest(engine, job, &info, &part)?;
+        files.push(FileInfo { count: digest.count, bytes: digest.bytes, sha256: digest.sha256, ..info });
+        parts.push((part_id, part));
+        Ok(())
+    };
+    for (rtype, leaves) in &selected.outputs {
+        for (n, chunk) in leaves.chunks(LINES_PER_FILE).enumerate() {
+            add(rtype, Kind::Output, n + 1, Part { leaves: render::encode_leaves(chunk), lines: Vec::new() })?;
+        }
+    }
+    for (n, chunk) in selected.deleted.chunks(LINES_PER_FILE).enumerate() {
+        add("Bundle", Kind::Deleted, n + 1, Part { leaves: render::encode_leaves(chunk), lines: Vec::new() })?;
+    }
+    if !selected.errors.is_empty() {
+        add("OperationOutcome", Kind::Error, 1, Part { leaves: String::new(), lines: selected.errors.clone() })?;
+    }
+    Ok((files, parts))
+}

@@ -1,0 +1,161 @@
+//! An export file's bytes, made from its part: output lines are the stored versions at the
+//! part's leaves (reduced by `_elements`), deletion lines DELETE transaction Bundles, error
+//! lines OperationOutcomes. The same part always gives the same bytes, which is what lets a
+//! file be made again on every download and still match its digest in the trust label.
+
+use sha2::{Digest as _, Sha256};
+
+use super::{FileInfo, Job, Kind, Part};
+use crate::codec;
+use crate::error::FhirError;
+use crate::fhir::json::{self, Json};
+use crate::search::query::Summary;
+use crate::search::Engine;
+
+/// Leaves read and written per step.
+const STEP: usize = 1_024;
+
+pub struct Digest {
+    pub count: u64,
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+/// Leaves (ascending) as base64 of LEB128 deltas: about two bytes a leaf.
+pub fn encode_leaves(leaves: &[u64]) -> String {
+    let mut out = Vec::with_capacity(leaves.len() * 3);
+    let mut prev = 0u64;
+    for &l in leaves {
+        let mut d = l.wrapping_sub(prev);
+        prev = l;
+        loop {
+            let b = (d & 0x7f) as u8;
+            d >>= 7;
+            if d == 0 {
+                out.push(b);
+                break;
+            }
+            out.push(b | 0x80);
+        }
+    }
+    codec::b64(&out)
+}
+
+pub fn decode_leaves(s: &str) -> Result<Vec<u64>, FhirError> {
+    let bytes = codec::unb64(s).map_err(|_| FhirError::internal("an export part's leaves are not base64"))?;
+    let mut out = Vec::new();
+    let (mut prev, mut d, mut shift) = (0u64, 0u64, 0u32);
+    for b in bytes {
+        if shift > 63 {
+            return Err(FhirError::internal("an export part's leaves are malformed"));
+        }
+        d |= u64::from(b & 0x7f) << shift;
+        shift += 7;
+        if b & 0x80 == 0 {
+            prev = prev.wrapping_add(d);
+            out.push(prev);
+            (d, shift) = (0, 0);
+        }
+    }
+    Ok(out)
+}
+
+/// Writes the file `info` of `job` to `sink`, a step of lines at a time.
+pub fn write(
+    engine: &Engine,
+    job: &Job,
+    info: &FileInfo,
+    part: &Part,
+    sink: &mut dyn FnMut(&[u8]) -> Result<(), FhirError>,
+) -> Result<(), FhirError> {
+    let mut buf = String::new();
+    match info.kind {
+        Kind::Error => {
+            for line in &part.lines {
+                let oo = Json::obj(vec![
+                    ("resourceType", Json::str("OperationOutcome")),
+                    (
+                        "issue",
+                        Json::Array(vec![Json::obj(vec![
+                            ("severity", Json::str("warning")),
+                            ("code", Json::str("processing")),
+                            ("diagnostics", Json::str(line.clone())),
+                        ])]),
+                    ),
+                ]);
+                oo.write_compact(&mut buf);
+                buf.push('\n');
+            }
+            sink(buf.as_bytes())
+        }
+        Kind::Deleted => {
+            let view = engine.repo().view();
+            for chunk in decode_leaves(&part.leaves)?.chunks(STEP) {
+                buf.clear();
+                for &leaf in chunk {
+                    let Some(rec) = view.record(leaf)? else { continue };
+                    let url = format!("{}/{}", rec.header.rtype, rec.header.id);
+                    let request = Json::obj(vec![("method", Json::str("DELETE")), ("url", Json::str(url))]);
+                    Json::obj(vec![
+                        ("resourceType", Json::str("Bundle")),
+                        ("type", Json::str("transaction")),
+                        ("entry", Json::Array(vec![Json::obj(vec![("request", request)])])),
+                    ])
+                    .write_compact(&mut buf);
+                    buf.push('\n');
+                }
+                sink(buf.as_bytes())?;
+            }
+            Ok(())
+        }
+        Kind::Output => {
+            let profiles = engine.profiles();
+            let elements = job.params.elements_of(&info.rtype);
+            for chunk in decode_leaves(&part.leaves)?.chunks(STEP) {
+                buf.clear();
+                for stored in engine.repo().read_leaves(chunk) {
+                    // A version erased since the export ran has no plaintext any more.
+                    let Some(body) = stored?.body else { continue };
+                    match &elements {
+                        Some(els) => {
+                            let res = json::parse(body.as_bytes(), usize::MAX).map_err(FhirError::internal)?;
+                            let reduced =
+                                crate::search::summary::subset(profiles, &info.rtype, &res, Summary::False, Some(els));
+                            reduced.as_ref().unwrap_or(&res).write_compact(&mut buf);
+                        }
+                        None => buf.push_str(&body),
+                    }
+                    buf.push('\n');
+                }
+                sink(buf.as_bytes())?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// The line count, size and SHA-256 of a file.
+pub fn digest(engine: &Engine, job: &Job, info: &FileInfo, part: &Part) -> Result<Digest, FhirError> {
+    let mut h = Sha256::new();
+    let (mut count, mut bytes) = (0u64, 0u64);
+    write(engine, job, info, part, &mut |b| {
+        h.update(b);
+        bytes += b.len() as u64;
+        count += b.split(|&c| c == b'\n').count() as u64 - 1;
+        Ok(())
+    })?;
+    Ok(Digest { count, bytes, sha256: hex::encode(h.finalize()) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn leaves_round_trip_through_their_encoding() {
+        for leaves in [vec![], vec![0], vec![0, 1, 2, 300, 301, 70_000, 1 << 40, u64::MAX]] {
+            assert_eq!(decode_leaves(&encode_leaves(&leaves)).expect("decodes"), leaves);
+        }
+        assert!(encode_leaves(&[10, 11, 12, 13]).len() <= 8, "small deltas take a byte each");
+    }
+}

@@ -1,0 +1,295 @@
+//! What an export holds: the ledger read at one tree size, each resource's version as of that
+//! size (or of `_until`), filtered by level, type, `_since`, `_typeFilter` and the caller's
+//! guard, in leaf order. Deletions since `_since` are listed apart. The result is a list of
+//! leaves per file, so that a file can be produced again, byte for byte, from the ledger.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::atomic::Ordering::Relaxed;
+
+use consensus::Op;
+
+use super::params::{Level, Params, LATEST_PROVENANCE, RELEVANT_PROVENANCE};
+use super::Progress;
+use crate::auth::access::{Disclosed, Guard, Restriction};
+use crate::error::FhirError;
+use crate::fhir::json::{self, Json};
+use crate::search::index::{Doc, Engine};
+use crate::search::query::Filter;
+use crate::search::Visibility;
+
+/// Resources read, checked and decrypted together (one index lock, one key lookup each).
+const BATCH: usize = 2_048;
+
+/// What an export is of, as the kick-off fixed it.
+pub struct Scope<'a> {
+    pub level: &'a Level,
+    pub params: &'a Params,
+    /// Patient and Group level: only these patients' compartments (`None`: all).
+    pub patients: Option<&'a BTreeSet<String>>,
+    /// The tree size the export is pinned to: leaves below it.
+    pub size: u64,
+}
+
+/// The selection: leaves per resource type (types in name order, leaves ascending), the
+/// delete leaves since `_since`, and lines for the `error` file.
+#[derive(Default, Debug)]
+pub struct Selected {
+    pub outputs: BTreeMap<String, Vec<u64>>,
+    pub deleted: Vec<u64>,
+    pub errors: Vec<String>,
+}
+
+/// A resource's state at the pinned size.
+struct Latest {
+    leaf: u64,
+    last_updated_ms: i64,
+    deleted: bool,
+    /// The newest version that was not a deletion (what access is decided on for a delete).
+    live: Option<u64>,
+}
+
+/// Called with each batch of what the export disclosed, for the disclosure log.
+pub type Shown<'a> = dyn FnMut(&[(String, String, u64)], Disclosed) + 'a;
+
+pub fn select(
+    engine: &Engine,
+    guard: Option<&Guard<'_>>,
+    scope: &Scope<'_>,
+    progress: &Progress,
+    shown: &mut Shown<'_>,
+) -> Result<Selected, FhirError> {
+    let params = scope.params;
+    let latest = latest_at(engine, scope)?;
+    let mut live: Vec<u64> = Vec::new();
+    let mut deleted: Vec<(u64, u64)> = Vec::new();
+    for ((rtype, _), l) in &latest {
+        if !params.wants(rtype) || params.since_ms.is_some_and(|s| l.last_updated_ms <= s) {
+            continue;
+        }
+        if !l.deleted {
+            live.push(l.leaf);
+        } else if let (Some(before), true) = (l.live, params.since_ms.is_some()) {
+            // Only an export `_since` something reports deletions (the IG's `deleted`).
+            deleted.push((l.leaf, before));
+        }
+    }
+    live.sort_unstable();
+    deleted.sort_unstable();
+    progress.total.store((live.len() + deleted.len()) as u64, Relaxed);
+    let filters = type_filters(engine, params)?;
+    let mut out = Selected::default();
+    let checker = Checker { engine, guard, scope, filters: &filters };
+    for chunk in live.chunks(BATCH) {
+        if progress.cancelled.load(Relaxed) {
+            return Err(FhirError::invalid("the export was cancelled"));
+        }
+        for (leaf, t, ..) in checker.admitted(chunk, shown)? {
+            out.outputs.entry(t).or_default().push(leaf);
+        }
+        progress.done.fetch_add(chunk.len() as u64, Relaxed);
+    }
+    if !params.associated.is_empty() {
+        provenance(engine, &checker, &latest, &mut out, shown)?;
+    }
+    for chunk in deleted.chunks(BATCH) {
+        // Access to a deletion is decided on the version it deleted: who could not see the
+        // resource does not learn that it is gone.
+        let before: Vec<u64> = chunk.iter().map(|(_, b)| *b).collect();
+        let ok: HashSet<u64> = checker.admitted(&before, &mut |_, _| {})?.into_iter().map(|(l, ..)| l).collect();
+        out.deleted.extend(chunk.iter().filter(|(_, b)| ok.contains(b)).map(|(d, _)| *d));
+        progress.done.fetch_add(chunk.len() as u64, Relaxed);
+    }
+    for leaves in out.outputs.values_mut() {
+        leaves.sort_unstable();
+        leaves.dedup();
+    }
+    if let Some(patients) = scope.patients.filter(|_| params.wants("Patient")) {
+        let exported: HashSet<String> = match out.outputs.get("Patient") {
+            Some(leaves) => {
+                engine.repo().read_leaves(leaves).into_iter().filter_map(|s| s.ok().map(|s| s.id)).collect()
+            }
+            None => HashSet::new(),
+        };
+        for p in patients.iter().filter(|p| !exported.contains(*p)) {
+            out.errors.push(format!("Patient/{p} was not found or is not accessible"));
+        }
+    }
+    out.errors.extend(params.ignored.iter().cloned());
+    Ok(out)
+}
+
+/// Each resource's newest version below the pinned size (and not after `_until`), from the
+/// leaf headers alone.
+fn latest_at(engine: &Engine, scope: &Scope<'_>) -> Result<HashMap<(String, String), Latest>, FhirError> {
+    let mut latest: HashMap<(String, String), Latest> = HashMap::new();
+    for item in engine.repo().view().headers_from(0) {
+        let (leaf, h) = item?;
+        if leaf >= scope.size {
+            break;
+        }
+        if crate::auth::store::is_internal(&h.rtype) || scope.params.until_ms.is_some_and(|u| h.last_updated_ms > u) {
+            continue;
+        }
+        let gone = h.op == Op::Delete.as_str() || h.op == Op::Erase.as_str();
+        let e =
+            latest.entry((h.rtype, h.id)).or_insert(Latest { leaf, last_updated_ms: 0, deleted: false, live: None });
+        e.leaf = leaf;
+        e.last_updated_ms = h.last_updated_ms;
+        e.deleted = gone;
+        if !gone {
+            e.live = Some(leaf);
+        }
+    }
+    Ok(latest)
+}
+
+/// `_typeFilter`s by type, parsed against the index as it is now.
+fn type_filters(engine: &Engine, params: &Params) -> Result<HashMap<String, Vec<Vec<Filter>>>, FhirError> {
+    let mut out: HashMap<String, Vec<Vec<Filter>>> = HashMap::new();
+    if params.type_filters.is_empty() {
+        return Ok(out);
+    }
+    let idx = engine.current()?;
+    for (t, q) in &params.type_filters {
+        out.entry(t.clone()).or_default().push(crate::search::type_filter(engine, &idx, t, q)?);
+    }
+    Ok(out)
+}
+
+struct Checker<'a> {
+    engine: &'a Engine,
+    guard: Option<&'a Guard<'a>>,
+    scope: &'a Scope<'a>,
+    filters: &'a HashMap<String, Vec<Vec<Filter>>>,
+}
+
+impl Checker<'_> {
+    /// Of `leaves` (versions), those the export may hold: `(leaf, type, id, version)`, in the
+    /// order given. What was shown is reported to `shown`.
+    fn admitted(&self, leaves: &[u64], shown: &mut Shown<'_>) -> Result<Vec<(u64, String, String, u64)>, FhirError> {
+        let engine = self.engine;
+        let comps = engine.compartments();
+        let mut docs: Vec<(u64, String, Doc)> = Vec::with_capacity(leaves.len());
+        {
+            let idx = engine.current()?;
+            for stored in engine.repo().read_leaves(leaves) {
+                let s = stored?;
+                // Erased compartments read as deleted: nothing to export.
+                let (Some(body), Some(leaf)) = (s.body.as_deref(), s.leaf) else { continue };
+                let res = json::parse(body.as_bytes(), usize::MAX).map_err(FhirError::internal)?;
+                let doc = engine.doc_of(&idx.registry, &s.rtype, &s.id, s.version, &res);
+                docs.push((leaf, s.rtype, doc));
+            }
+        }
+        let mut keep = vec![true; docs.len()];
+        for (k, (_, t, doc)) in keep.iter_mut().zip(&docs) {
+            *k = match self.scope.level {
+                Level::System => true,
+                Level::Patient | Level::Group(_) => {
+                    let ps = comps.patient_ids(t, doc);
+                    !ps.is_empty() && self.scope.patients.is_none_or(|want| ps.iter().any(|p| want.contains(*p)))
+                }
+            };
+        }
+        let idx = self.engine.current()?;
+        if let Some(g) = self.guard {
+            for (k, (_, t, doc)) in keep.iter_mut().zip(&docs) {
+                if !*k {
+                    continue;
+                }
+                let restriction = if g.restricts() {
+                    match idx.of(t).doc(&doc.id)? {
+                        Some((key, cur)) if cur.version == doc.version => Restriction::Key(key),
+                        _ => Restriction::Unknown,
+                    }
+                } else {
+                    Restriction::Unchecked
+                };
+                *k = g.admits(t, restriction, doc, None);
+            }
+        }
+        // `_typeFilter`, by type: a type with filters keeps what one of them admits.
+        let mut by_type: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+        for (i, (_, t, _)) in docs.iter().enumerate() {
+            if keep[i] && self.filters.contains_key(t) {
+                by_type.entry(t).or_default().push(i);
+            }
+        }
+        let visibility = self.guard.map(|g| g as &dyn Visibility);
+        for (t, positions) in by_type {
+            let alternatives = &self.filters[t];
+            let subset: Vec<&Doc> = positions.iter().map(|&i| &docs[i].2).collect();
+            let ok = crate::search::admits_any(engine, &idx, t, alternatives, &subset, visibility)?;
+            for (&i, ok) in positions.iter().zip(ok) {
+                keep[i] = ok;
+            }
+        }
+        drop(idx);
+        let mut out = Vec::new();
+        let mut disclosed = Disclosed::default();
+        for ((leaf, t, doc), k) in docs.into_iter().zip(keep) {
+            if k {
+                disclosed.patients.insert((t.clone(), doc.id.clone()), comps.patients_of(&t, &doc));
+                out.push((leaf, t, doc.id.clone(), doc.version));
+            }
+        }
+        if let Some(g) = self.guard {
+            disclosed.broke_glass = g.broke_glass.load(Relaxed);
+            disclosed.consent_hid = g.consent_hid.load(Relaxed);
+        }
+        let list: Vec<(String, String, u64)> = out.iter().map(|(_, t, id, v)| (t.clone(), id.clone(), *v)).collect();
+        if !list.is_empty() {
+            shown(&list, disclosed);
+        }
+        Ok(out)
+    }
+}
+
+/// `includeAssociatedData`: the Provenance resources whose `target` is an exported resource
+/// (every one, or the newest per target), if the caller may see them.
+fn provenance(
+    engine: &Engine,
+    checker: &Checker<'_>,
+    latest: &HashMap<(String, String), Latest>,
+    out: &mut Selected,
+    shown: &mut Shown<'_>,
+) -> Result<(), FhirError> {
+    let params = checker.scope.params;
+    let relevant = params.associated.iter().any(|a| a == RELEVANT_PROVENANCE);
+    let newest_only = params.associated.iter().any(|a| a == LATEST_PROVENANCE) && !relevant;
+    let mut exported: HashSet<String> = HashSet::new();
+    for leaves in out.outputs.values() {
+        for s in engine.repo().read_leaves(leaves).into_iter().flatten() {
+            exported.insert(format!("{}/{}", s.rtype, s.id));
+        }
+    }
+    let mut candidates: Vec<u64> =
+        latest.iter().filter(|((t, _), l)| t == "Provenance" && !l.deleted).map(|(_, l)| l.leaf).collect();
+    candidates.sort_unstable();
+    let mut chosen: BTreeSet<u64> = BTreeSet::new();
+    let mut newest: HashMap<String, u64> = HashMap::new();
+    for s in engine.repo().read_leaves(&candidates).into_iter().flatten() {
+        let (Some(body), Some(leaf)) = (s.body.as_deref(), s.leaf) else { continue };
+        let Ok(res) = json::parse(body.as_bytes(), usize::MAX) else { continue };
+        for target in res.items(&["target"]).filter_map(|t| t.get("reference").and_then(Json::as_str)) {
+            if !exported.contains(target) {
+                continue;
+            }
+            if newest_only {
+                let e = newest.entry(target.to_string()).or_insert(leaf);
+                *e = (*e).max(leaf);
+            } else {
+                chosen.insert(leaf);
+            }
+        }
+    }
+    chosen.extend(newest.into_values());
+    let chosen: Vec<u64> = chosen.into_iter().collect();
+    let any_level = Checker { scope: &Scope { level: &Level::System, ..*checker.scope }, ..*checker };
+    for chunk in chosen.chunks(BATCH) {
+        for (leaf, t, ..) in any_level.admitted(chunk, shown)? {
+            out.outputs.entry(t).or_default().push(leaf);
+        }
+    }
+    Ok(())
+}

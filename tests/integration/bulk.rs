@@ -1,0 +1,306 @@
+//! Bulk Data `$export` against a real server process with SMART on: kick-off at every level,
+//! polling, files, the trust label, `_since`/`deleted`, `_typeFilter`, `_elements`, cancel,
+//! errors, and the one door: a patient's token, another client and a token without scopes
+//! never reach another patient's data through an export.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use reqwest::Method;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+use crate::smart::{self, fhir, get, put_resource, Resp, SmartServer};
+
+/// A finished export: its manifest and every file it links, by name.
+pub struct Export {
+    pub manifest: Value,
+    pub files: BTreeMap<String, String>,
+}
+
+impl Export {
+    /// Every resource of the outputs.
+    pub fn resources(&self) -> Vec<Value> {
+        self.manifest["output"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|o| self.lines(o["url"].as_str().unwrap_or_default()))
+            .collect()
+    }
+
+    pub fn lines(&self, url: &str) -> Vec<Value> {
+        let name = url.rsplit('/').next().unwrap_or_default();
+        self.files[name].lines().map(|l| serde_json::from_str(l).expect("an NDJSON line")).collect()
+    }
+
+    pub fn ids(&self, rtype: &str) -> Vec<String> {
+        let mut ids: Vec<String> = self
+            .resources()
+            .iter()
+            .filter(|r| r["resourceType"] == rtype)
+            .map(|r| r["id"].as_str().unwrap_or_default().to_string())
+            .collect();
+        ids.sort();
+        ids
+    }
+}
+
+pub async fn kickoff(s: &SmartServer, method: Method, path: &str, token: &str, body: Option<&Value>) -> Resp {
+    let mut req = s.http.request(method, s.url(path)).bearer_auth(token).header("prefer", "respond-async");
+    if let Some(b) = body {
+        req = req.header("content-type", "application/fhir+json").body(b.to_string());
+    }
+    smart::send(req).await
+}
+
+/// Polls `status_url` as the IG's clients do (waiting `Retry-After`) until it answers 200;
+/// downloads every file of the manifest and checks each against its count and digest.
+pub async fn finish(s: &SmartServer, status_url: &str, token: &str) -> Export {
+    let mut manifest = Value::Null;
+    for _ in 0..120 {
+        let r = get(&s.http, status_url, token).await;
+        match r.status {
+            200 => {
+                manifest = r.json();
+                assert!(!r.header("expires").is_empty(), "a manifest says when it expires");
+                break;
+            }
+            202 => {
+                assert!(!r.header("x-progress").is_empty(), "a 202 says how far the export got");
+                let wait: u64 = r.header("retry-after").parse().expect("Retry-After in seconds");
+                tokio::time::sleep(Duration::from_secs(wait)).await;
+            }
+            other => panic!("polling {status_url}: {other} {}", r.text),
+        }
+    }
+    assert!(manifest.is_object(), "the export finished within two minutes");
+    let mut files = BTreeMap::new();
+    for kind in ["output", "deleted", "error"] {
+        for item in manifest[kind].as_array().expect("an array per kind") {
+            let url = item["url"].as_str().expect("url");
+            let r = get(&s.http, url, token).await;
+            assert_eq!(r.status, 200, "{url}: {}", r.text);
+            assert_eq!(r.header("content-type"), "application/fhir+ndjson", "{url}");
+            assert_eq!(r.text.lines().count() as u64, item["count"].as_u64().expect("count"), "{url}");
+            let digest = hex::encode(Sha256::digest(r.text.as_bytes()));
+            assert_eq!(item["extension"]["urn:fhir-ledger:bulk:sha256"], json!(digest), "{url}");
+            files.insert(url.rsplit('/').next().unwrap_or_default().to_string(), r.text);
+        }
+    }
+    Export { manifest, files }
+}
+
+async fn export(s: &SmartServer, path: &str, token: &str) -> Export {
+    let r = kickoff(s, Method::GET, path, token, None).await;
+    assert_eq!(r.status, 202, "kick-off {path}: {}", r.text);
+    finish(s, &r.header("content-location"), token).await
+}
+
+fn observation(id: &str, patient: &str, code: &str) -> Value {
+    json!({"resourceType": "Observation", "id": id, "status": "final",
+           "code": {"coding": [{"system": "http://loinc.org", "code": code}], "text": format!("obs {id}")},
+           "subject": {"reference": format!("Patient/{patient}")}, "valueString": format!("secret of {patient}")})
+}
+
+/// Two patients with Observations, a Practitioner, a Group of one, a Provenance.
+async fn seed(s: &SmartServer, sys: &str) {
+    let mut all = vec![smart::patient("pat-a"), smart::patient("pat-b")];
+    for (id, p, code) in [("obs-a1", "pat-a", "1-1"), ("obs-a2", "pat-a", "2-2"), ("obs-b1", "pat-b", "1-1")] {
+        all.push(observation(id, p, code));
+    }
+    all.push(json!({"resourceType": "Practitioner", "id": "doc-1", "name": [{"family": "Who"}]}));
+    all.push(json!({"resourceType": "Group", "id": "grp-b", "type": "person", "actual": true,
+                    "member": [{"entity": {"reference": "Patient/pat-b"}}]}));
+    all.push(json!({"resourceType": "Provenance", "id": "prov-a1", "recorded": "2024-01-01T00:00:00Z",
+                    "target": [{"reference": "Observation/obs-a1"}],
+                    "agent": [{"who": {"reference": "Practitioner/doc-1"}}]}));
+    for r in &all {
+        put_resource(&s.http, &s.base, sys, r).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exports_follow_the_bulk_data_ig_and_stay_inside_the_callers_rights() {
+    let s = SmartServer::start(&[]);
+    let sys = s.system_token("system/*.cruds").await;
+    seed(&s, &sys).await;
+
+    // System level: everything, one file per type, each checked against its digest.
+    let all = export(&s, "/$export", &sys).await;
+    assert_eq!(all.ids("Patient"), ["pat-a", "pat-b"]);
+    assert_eq!(all.ids("Observation"), ["obs-a1", "obs-a2", "obs-b1"]);
+    assert_eq!(all.ids("Practitioner"), ["doc-1"]);
+    assert_eq!(all.manifest["requiresAccessToken"], true);
+    assert!(all.manifest["request"].as_str().is_some_and(|r| r.ends_with("/$export")), "{}", all.manifest);
+    let head = &all.manifest["extension"]["urn:fhir-ledger:bulk:trust-label"]["label"]["treeHead"];
+    assert!(head.as_array().is_some_and(|p| p.iter().any(|x| x["name"] == "treeSize")), "{head}");
+
+    // Patient level with _type, _typeFilter and _elements.
+    let r = kickoff(
+        &s,
+        Method::GET,
+        "/Patient/$export?_type=Observation&_typeFilter=Observation%3Fcode%3D1-1&_elements=Observation.code",
+        &sys,
+        None,
+    )
+    .await;
+    assert_eq!(r.status, 202, "{}", r.text);
+    let lab = finish(&s, &r.header("content-location"), &sys).await;
+    assert_eq!(lab.ids("Observation"), ["obs-a1", "obs-b1"], "only code 1-1");
+    for o in lab.resources() {
+        assert!(o.get("valueString").is_none() && o.get("code").is_some(), "_elements kept code only: {o}");
+        assert!(o["meta"]["tag"].to_string().contains("SUBSETTED"), "{o}");
+    }
+
+    // Group level: the group's member only; Provenance of exported resources when asked.
+    let grp = export(&s, "/Group/grp-b/$export", &sys).await;
+    assert_eq!(grp.ids("Patient"), ["pat-b"]);
+    assert_eq!(grp.ids("Observation"), ["obs-b1"]);
+    let prov =
+        export(&s, "/Patient/$export?_type=Observation&includeAssociatedData=LatestProvenanceResources", &sys).await;
+    assert_eq!(prov.ids("Provenance"), ["prov-a1"]);
+
+    // _since: the changed resource, and the deletion in `deleted`.
+    // The newest write so far: the seed's last resource.
+    let last = get(&s.http, &s.url("/Provenance/prov-a1"), &sys).await.json();
+    let since = last["meta"]["lastUpdated"].as_str().expect("lastUpdated").replace('+', "%2B");
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    put_resource(&s.http, &s.base, &sys, &observation("obs-a2", "pat-a", "3-3")).await;
+    let r = fhir(&s.http, Method::DELETE, &s.url("/Observation/obs-b1"), Some(&sys), None).await;
+    assert!(r.status < 300, "{}", r.text);
+    let delta = export(&s, &format!("/$export?_since={since}"), &sys).await;
+    assert_eq!(delta.ids("Observation"), ["obs-a2"]);
+    assert_eq!(delta.ids("Patient"), Vec::<String>::new());
+    let deleted: Vec<Value> = delta.manifest["deleted"]
+        .as_array()
+        .expect("deleted")
+        .iter()
+        .flat_map(|d| delta.lines(d["url"].as_str().unwrap_or_default()))
+        .collect();
+    assert_eq!(deleted.len(), 1, "{deleted:?}");
+    assert_eq!(deleted[0]["entry"][0]["request"], json!({"method": "DELETE", "url": "Observation/obs-b1"}));
+
+    // Errors: without respond-async, an unknown parameter or a result parameter in a type
+    // filter is a 400 naming it; lenient handling reports it in the error file instead.
+    let r = get(&s.http, &s.url("/$export"), &sys).await;
+    assert_eq!(r.status, 400, "{}", r.text);
+    assert!(r.text.contains("respond-async"), "{}", r.text);
+    for (path, names) in [
+        ("/$export?_outputFormat=text/csv", "_outputFormat"),
+        ("/$export?_typeFilter=Observation%3F_sort%3Ddate", "_sort"),
+        ("/$export?_type=Nothing", "Nothing"),
+        ("/$export?foo=1", "foo"),
+    ] {
+        let r = kickoff(&s, Method::GET, path, &sys, None).await;
+        assert_eq!(r.status, 400, "{path}: {}", r.text);
+        assert!(r.text.contains(names) && r.json()["resourceType"] == "OperationOutcome", "{path}: {}", r.text);
+    }
+    let r = s
+        .http
+        .get(s.url("/$export?_type=Practitioner&foo=1"))
+        .bearer_auth(&sys)
+        .header("prefer", "respond-async, handling=lenient")
+        .send()
+        .await
+        .expect("kick-off");
+    assert_eq!(r.status(), 202);
+    let url = r.headers()["content-location"].to_str().expect("url").to_string();
+    let lenient = finish(&s, &url, &sys).await;
+    let errors: Vec<Value> = lenient.manifest["error"]
+        .as_array()
+        .expect("error")
+        .iter()
+        .flat_map(|e| lenient.lines(e["url"].as_str().unwrap_or_default()))
+        .collect();
+    assert!(errors.iter().any(|e| e.to_string().contains("foo")), "{errors:?}");
+
+    // POST kick-off with Parameters.
+    let params = json!({"resourceType": "Parameters", "parameter": [
+        {"name": "_type", "valueString": "Patient,Observation"},
+        {"name": "patient", "valueReference": {"reference": "Patient/pat-a"}}]});
+    let r = kickoff(&s, Method::POST, "/Patient/$export", &sys, Some(&params)).await;
+    assert_eq!(r.status, 202, "{}", r.text);
+    let one = finish(&s, &r.header("content-location"), &sys).await;
+    assert_eq!(one.ids("Patient"), ["pat-a"]);
+    assert_eq!(one.ids("Observation"), ["obs-a1", "obs-a2"]);
+
+    // Cancel: 202, then the job is gone.
+    let r = kickoff(&s, Method::GET, "/$export", &sys, None).await;
+    let job = r.header("content-location");
+    let r = fhir(&s.http, Method::DELETE, &job, Some(&sys), None).await;
+    assert_eq!(r.status, 202, "{}", r.text);
+    let r = get(&s.http, &job, &sys).await;
+    assert_eq!(r.status, 404, "{}", r.text);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_export_never_reaches_another_patients_data() {
+    let s = SmartServer::start(&[]);
+    let sys = s.system_token("system/*.cruds").await;
+    seed(&s, &sys).await;
+    let client_id = s.admin.public_client("Bulk App", None).await;
+    s.admin.user("alice", "Patient/pat-a").await;
+    let tok = smart::user_token(
+        &s.http,
+        &s.base,
+        &client_id,
+        &["launch/patient", "patient/*.rs"],
+        &smart::Login::new("alice"),
+    )
+    .await;
+    let alice = tok["access_token"].as_str().expect("token").to_string();
+
+    // Alice's own exports hold her data and shared resources, never pat-b's.
+    for path in ["/$export", "/Patient/$export", "/Patient/$export?includeAssociatedData=RelevantProvenanceResources"] {
+        let e = export(&s, path, &alice).await;
+        assert_eq!(e.ids("Patient"), ["pat-a"], "{path}");
+        assert_eq!(e.ids("Observation"), ["obs-a1", "obs-a2"], "{path}");
+        for f in e.files.values() {
+            assert!(!f.contains("pat-b") && !f.contains("obs-b1"), "{path}: {f}");
+        }
+    }
+    // Naming pat-b changes nothing: an error line that names no data, no pat-b resource.
+    let params = json!({"resourceType": "Parameters", "parameter": [
+        {"name": "patient", "valueReference": {"reference": "Patient/pat-b"}}]});
+    let r = kickoff(&s, Method::POST, "/Patient/$export", &alice, Some(&params)).await;
+    assert_eq!(r.status, 202, "{}", r.text);
+    let e = finish(&s, &r.header("content-location"), &alice).await;
+    assert!(e.resources().is_empty(), "{:?}", e.resources());
+    assert!(e.files.values().all(|f| !f.contains("Family-pat-b") && !f.contains("secret of pat-b")));
+    // Group grp-b (pat-b's group) is hidden from alice: 404 like a missing group.
+    let r = kickoff(&s, Method::GET, "/Group/grp-b/$export", &alice, None).await;
+    assert_eq!(r.status, 404, "{}", r.text);
+
+    // A token with no read scope on what is asked is refused at kick-off.
+    let none = s.system_token("system/Practitioner.rs").await;
+    let r = kickoff(&s, Method::GET, "/$export?_type=Observation", &none, None).await;
+    assert_eq!(r.status, 403, "{}", r.text);
+
+    // Another client can neither poll, download nor cancel the system client's export.
+    let r = kickoff(&s, Method::GET, "/$export", &sys, None).await;
+    let job = r.header("content-location");
+    let full = finish(&s, &job, &sys).await;
+    let file = full.manifest["output"][0]["url"].as_str().expect("url").to_string();
+    for token in [&alice, &none] {
+        assert_eq!(get(&s.http, &job, token).await.status, 404);
+        assert_eq!(get(&s.http, &file, token).await.status, 404);
+        assert_eq!(fhir(&s.http, Method::DELETE, &job, Some(token), None).await.status, 404);
+    }
+    assert_eq!(get(&s.http, &file, &sys).await.status, 200, "the owner still can");
+    // Without a token: 401.
+    let r = s.http.get(&file).send().await.expect("GET");
+    assert_eq!(r.status(), 401);
+
+    // The disclosure log records what alice's exports showed her, under her patient.
+    let mut logged = false;
+    for _ in 0..100 {
+        let log = smart::search_all(&s.http, &s.base, &sys, "AuditEvent?patient=Patient/pat-a&_count=1000").await;
+        logged = log.iter().any(|a| a.to_string().contains("Observation/obs-a1/_history"));
+        if logged {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(logged, "the export's disclosures reach the log");
+}
