@@ -42,6 +42,18 @@ pub fn open(key: &DataKey, sealed: &[u8], aad: &[u8]) -> Result<Vec<u8>, CryptoE
         .map_err(|_| CryptoError::Authentication)
 }
 
+/// The salt of a version's content commitment (`consensus::content_commitment`): an HMAC
+/// of the version's AAD (`Type/id/version`) under its compartment's data key, so that only a
+/// key holder can hand it out, and nobody can once the key is shredded.
+pub fn content_salt(key: &DataKey, aad: &[u8]) -> [u8; 32] {
+    use hmac::Mac;
+    let mut mac = <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(key)
+        .unwrap_or_else(|e| unreachable!("HMAC takes a key of any length: {e}"));
+    mac.update(b"fhir-ledger content salt v1\0");
+    mac.update(aad);
+    mac.finalize().into_bytes().into()
+}
+
 /// The node's KEK and a cache of unwrapped compartment keys.
 pub struct Keyring {
     kek: DataKey,

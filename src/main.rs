@@ -26,6 +26,8 @@ enum Cmd {
     Cluster(fhir_ledger::cli::cluster::ClusterArgs),
     /// SMART authorization admin: register apps and user accounts, mint EHR launch contexts.
     Auth(fhir_ledger::cli::auth::AuthArgs),
+    /// Bulk Data exports: download one (manifest, files, trust label, proofs) into a directory.
+    Export(fhir_ledger::cli::export::ExportArgs),
 }
 
 fn main() -> anyhow::Result<std::process::ExitCode> {
@@ -52,6 +54,10 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
         }
         Cmd::Auth(args) => {
             rt.block_on(fhir_ledger::cli::auth::run(args))?;
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        Cmd::Export(args) => {
+            rt.block_on(fhir_ledger::cli::export::run(args))?;
             Ok(std::process::ExitCode::SUCCESS)
         }
     }

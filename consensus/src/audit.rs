@@ -244,6 +244,9 @@ struct HeaderRef<'a> {
     #[serde(deserialize_with = "crate::entry_ref::hash")]
     body_sha256: Hash,
     log_index: u64,
+    #[serde(deserialize_with = "crate::entry_ref::hash")]
+    #[allow(dead_code)] // part of what the leaf hashes; read to get past it
+    content_sha256: Hash,
 }
 
 impl<'a> RecordRef<'a> {
@@ -720,6 +723,7 @@ mod tests {
                 last_updated_ms: -5,
                 compartment: "Patient/1".into(),
                 body: vec![9; 40],
+                content_sha256: [7; 32],
                 index: vec![[4; 32]],
             }],
         };
@@ -744,6 +748,7 @@ mod tests {
             compartment: "Patient/1".into(),
             body_sha256: [8; 32],
             log_index: 9,
+            content_sha256: [6; 32],
         };
         for (body, borrowed) in [
             (BodyAt::Inline(vec![5; 33]), BodyRef::Inline(&[5; 33])),

@@ -64,6 +64,7 @@ pub async fn synthetic_ledger(
                     last_updated_ms: 1_700_000_000_000 + (done + i).cast_signed(),
                     compartment: "_shared".into(),
                     body,
+                    content_sha256: [0; 32],
                     index: Vec::new(),
                 }
             })

@@ -60,6 +60,9 @@ pub struct Write {
     /// Nonce-prefixed ciphertext; empty for deletes.
     #[serde(with = "serde_bytes")]
     pub body: Vec<u8>,
+    /// The writer's commitment to the plaintext (a salted SHA-256, see
+    /// [`crate::state_machine::LeafHeader::content_sha256`]); zero for deletes.
+    pub content_sha256: [u8; 32],
     /// Search-index terms of this version (replaces the previous version's terms).
     pub index: Vec<IndexKey>,
 }

@@ -63,6 +63,9 @@ pub(crate) struct WriteRef<'a> {
     pub(crate) last_updated_ms: i64,
     pub(crate) compartment: &'a str,
     pub(crate) body: &'a [u8],
+    #[serde(deserialize_with = "hash")]
+    #[allow(dead_code)] // part of the entry's layout; read to get past it
+    pub(crate) content_sha256: [u8; 32],
     #[serde(deserialize_with = "hashes")]
     pub(crate) index: Vec<[u8; 32]>,
 }
@@ -131,6 +134,7 @@ mod tests {
             last_updated_ms: 1,
             compartment: "Patient/p".into(),
             body,
+            content_sha256: [0; 32],
             index: vec![[3; 32]; 5],
         }
     }

@@ -54,7 +54,7 @@ pub use command::{Command, IndexKey, Op, Outcome, Precondition, Write};
 pub use kv::{KvStore, WriteBatch};
 pub use proposer::ProposeError;
 use proposer::Proposer;
-pub use state_machine::{CurrentRecord, HistoryRecord, LeafHeader, StateView, VersionRecord};
+pub use state_machine::{content_commitment, CurrentRecord, HistoryRecord, LeafHeader, StateView, VersionRecord};
 
 /// A node's id in the cluster (openraft's `NodeId`).
 pub type NodeId = u64;

@@ -10,7 +10,7 @@ use crate::kv::{KvIter, KvStore, SharedIter, SharedValue, WriteBatch};
 /// moved out of sled into segment files (`raft-log/`). 3: version records reference their
 /// bodies in the Raft log instead of holding a copy. 4: current records and postings moved to
 /// the lookup store (`split_store`); version records carry their conditional terms.
-pub const FORMAT_VERSION: u32 = 4;
+pub const FORMAT_VERSION: u32 = 5;
 const FORMAT_KEY: &[u8] = b"__format_version";
 
 fn io_err(e: sled::Error) -> io::Error {
@@ -73,17 +73,18 @@ impl SledDb {
                 db.flush().map_err(io_err)?;
             }
             Some(v) if v.as_ref() == FORMAT_VERSION.to_be_bytes() => {}
-            Some(v) if [1u32, 2, 3].iter().any(|old| v.as_ref() == old.to_be_bytes()) => {
+            Some(v) if [1u32, 2, 3, 4].iter().any(|old| v.as_ref() == old.to_be_bytes()) => {
                 let was = match v.as_ref() {
                     [0, 0, 0, 1] => "1 keeps the Raft log inside sled",
                     [0, 0, 0, 2] => "2 keeps a second copy of every body in the state",
-                    _ => "3 keeps current records and postings in sled",
+                    [0, 0, 0, 3] => "3 keeps current records and postings in sled",
+                    _ => "4 has leaves without a commitment to the plaintext (leaf format 1)",
                 };
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
                     format!(
                         "{}: on-disk format {was}; this version keeps bodies once, in the Raft log's \
-                         segment files, and its lookup tables beside sled (format {FORMAT_VERSION}). Start a new data directory and load the \
+                         segment files, and its lookup tables beside sled, and its leaves commit to the plaintext (format {FORMAT_VERSION}). Start a new data directory and load the \
                          resources again (README, \"Upgrading\")",
                         dir.display()
                     ),

@@ -35,7 +35,7 @@ const META_SNAPSHOT: &[u8] = b"m/snapshot";
 const META_BODIES_FROM: &[u8] = b"m/bodies-from";
 
 /// Version of [`LeafHeader`]'s encoding; part of every leaf so that verifiers can evolve.
-pub const LEAF_FORMAT: u16 = 1;
+pub const LEAF_FORMAT: u16 = 2;
 
 /// What a Merkle leaf commits to: the header of a version and the digest of its ciphertext,
 /// never the plaintext, so shredding a compartment key keeps every proof valid.
@@ -61,6 +61,22 @@ pub struct LeafHeader {
     pub body_sha256: Hash,
     /// The Raft log index of the entry that carried this change.
     pub log_index: u64,
+    /// The writer's commitment to the exact plaintext stored (leaf format 2):
+    /// SHA-256(`"fhir-ledger content v1\0"` || salt || plaintext), the salt an HMAC of the
+    /// version under the compartment's data key. A Bulk export hands out the salt, so a
+    /// receiver binds the bytes it got to this leaf, while to anyone without the salt the
+    /// commitment reveals nothing (and after an erasure no salt can be made). Zero for
+    /// deletes.
+    pub content_sha256: Hash,
+}
+
+/// The content commitment of leaf format 2 (see [`LeafHeader::content_sha256`]).
+pub fn content_commitment(salt: &[u8], plaintext: &[u8]) -> Hash {
+    let mut h = Sha256::new();
+    h.update(b"fhir-ledger content v1\0");
+    h.update(salt);
+    h.update(plaintext);
+    h.finalize().into()
 }
 
 impl LeafHeader {
@@ -826,6 +842,7 @@ impl StateMachine {
             compartment: w.compartment.clone(),
             body_sha256: Sha256::digest(&w.body).into(),
             log_index,
+            content_sha256: w.content_sha256,
         };
         let leaf = frontier.size;
         frontier.append_nodes(leaf_hash(&header.encode()), |level, index, hash| {

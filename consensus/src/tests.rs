@@ -65,6 +65,7 @@ fn write(id: &str, version: u64, body: &[u8]) -> Write {
         last_updated_ms: 1_700_000_000_000 + version.cast_signed(),
         compartment: format!("Patient/{id}"),
         body: body.to_vec(),
+        content_sha256: [0; 32],
         index: vec![[version as u8; 32]],
     }
 }
@@ -344,6 +345,7 @@ mod model {
                                 last_updated_ms: 0,
                                 compartment: "c".into(),
                                 body: vec![id, term],
+                                content_sha256: [0; 32],
                                 index: vec![[term; 32]],
                             };
                             let pre = vec![Precondition::Version { rtype: "Patient".into(), id: id.to_string(), current: expect }];

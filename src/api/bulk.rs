@@ -13,7 +13,7 @@ use super::authz;
 use super::{base_url, read_barrier, AppState};
 use crate::auth::scopes::Perm;
 use crate::bulk::params::{self, Level};
-use crate::bulk::{self, label, render, FileInfo, Job, Kind, State};
+use crate::bulk::{self, label, render, Job, Kind, State};
 use crate::codec::parse_query;
 use crate::error::{ErrorCode, FhirError};
 use crate::fhir::json::Json;
@@ -253,6 +253,14 @@ fn manifest(job: &Job, id: &str, base: &str) -> serde_json::Value {
     };
     let mut trust = label::document(job, id);
     trust["url"] = json!(url(label::FILE));
+    // Line for line beside each output and deletion file: leaf, salt and inclusion proof.
+    let proofs: Vec<serde_json::Value> = job
+        .files
+        .iter()
+        .filter(|f| f.kind != Kind::Error)
+        .map(|f| json!({"for": f.name, "url": url(&render::proofs_name(&f.name))}))
+        .collect();
+    trust["proofs"] = json!(proofs);
     json!({
         "transactionTime": crate::fhir::instant(job.transaction_time_ms),
         "request": job.request,
@@ -294,22 +302,33 @@ pub async fn file(
     if name == label::FILE {
         return Ok(HttpResponse::Ok().content_type("application/json").body(label::document(&job, &id).to_string()));
     }
-    let info: FileInfo = job
-        .files
-        .iter()
-        .find(|f| f.name == name)
-        .cloned()
-        .ok_or_else(|| FhirError::not_found(&format!("export {id} file {name}")))?;
+    let proofs = job.files.iter().find(|f| f.kind != Kind::Error && render::proofs_name(&f.name) == name);
+    let (info, is_proofs) = match proofs {
+        Some(f) => (f.clone(), true),
+        None => (
+            job.files
+                .iter()
+                .find(|f| f.name == name)
+                .cloned()
+                .ok_or_else(|| FhirError::not_found(&format!("export {id} file {name}")))?,
+            false,
+        ),
+    };
     let part = bulk::get_part(&state.search, &info.part)?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<web::Bytes, std::io::Error>>(4);
     let engine = state.search.clone();
     tokio::task::spawn_blocking(move || {
         let err = tx.clone();
-        let r = render::write(&engine, &job, &info, &part, &mut |b| {
+        let mut sink = |b: &[u8]| {
             tx.blocking_send(Ok(web::Bytes::copy_from_slice(b))).map_err(|_| FhirError::internal("the client left"))
-        });
+        };
+        let r = if is_proofs {
+            render::write_proofs(&engine, &job, &part, &mut sink)
+        } else {
+            render::write(&engine, &job, &info, &part, &mut sink)
+        };
         if let Err(e) = r {
-            tracing::warn!("export {id} file {}: {:?}", info.name, e.issues.first().map(|i| &i.diagnostics));
+            tracing::warn!("export {id} file {name}: {:?}", e.issues.first().map(|i| &i.diagnostics));
             let _ = err.blocking_send(Err(std::io::Error::other("export file failed")));
         }
     });

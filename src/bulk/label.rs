@@ -44,6 +44,8 @@ pub fn content(job: &Job, id: &str) -> Value {
         "transactionTime": crate::fhir::instant(job.transaction_time_ms),
         "treeHead": job.head,
         "files": files,
+        // `_elements` exports hold parts of resources, which no leaf commits to.
+        "subsetted": job.params.elements.is_some(),
     })
 }
 

@@ -134,6 +134,54 @@ pub fn write(
     }
 }
 
+/// The proof file of an output or deletion file: line for line, the version's leaf, its leaf
+/// data (the header the Merkle leaf hashes), the salt of its content commitment (outputs) and
+/// its inclusion proof to the export's tree head. Lines whose plaintext is gone (erased since)
+/// are left out of both files alike.
+pub fn write_proofs(
+    engine: &Engine,
+    job: &Job,
+    part: &Part,
+    sink: &mut dyn FnMut(&[u8]) -> Result<(), FhirError>,
+) -> Result<(), FhirError> {
+    let repo = engine.repo();
+    let view = repo.view();
+    let mut buf = String::new();
+    for chunk in decode_leaves(&part.leaves)?.chunks(STEP) {
+        buf.clear();
+        for &leaf in chunk {
+            let Some(rec) = view.record(leaf)? else { continue };
+            let h = &rec.header;
+            let deletion = h.op == consensus::Op::Delete.as_str();
+            let salt = if deletion {
+                None
+            } else {
+                match repo.content_salt(h)? {
+                    Some(s) => Some(s),
+                    None => continue,
+                }
+            };
+            let path = consensus::proof::inclusion_proof(view, leaf, job.size)
+                .ok_or_else(|| FhirError::internal(format!("no inclusion proof of leaf {leaf} at {}", job.size)))?;
+            let mut members = vec![("leaf", Json::Number(leaf.to_string())), ("leafData", Json::base64(&h.encode()))];
+            if let Some(s) = salt {
+                members.push(("salt", Json::base64(&s)));
+            }
+            members.push(("path", Json::Array(path.iter().map(|p| Json::base64(p)).collect())));
+            Json::obj(members).write_compact(&mut buf);
+            buf.push('\n');
+        }
+        sink(buf.as_bytes())?;
+    }
+    Ok(())
+}
+
+/// The name of the proof file of data file `name` (`Observation-1.ndjson` →
+/// `Observation-1.proofs.ndjson`).
+pub fn proofs_name(name: &str) -> String {
+    format!("{}.proofs.ndjson", name.trim_end_matches(".ndjson"))
+}
+
 /// The line count, size and SHA-256 of a file.
 pub fn digest(engine: &Engine, job: &Job, info: &FileInfo, part: &Part) -> Result<Digest, FhirError> {
     let mut h = Sha256::new();

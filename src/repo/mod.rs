@@ -328,6 +328,13 @@ impl Repo {
         String::from_utf8(plain).map(Some).map_err(FhirError::internal)
     }
 
+    /// The salt of a version's content commitment (what binds its plaintext to its leaf);
+    /// `None` once its compartment was erased.
+    pub fn content_salt(&self, h: &consensus::LeafHeader) -> Result<Option<[u8; 32]>, FhirError> {
+        let Some(dek) = self.data_key(&h.compartment)? else { return Ok(None) };
+        Ok(Some(crypto::content_salt(&dek, aad(&h.rtype, &h.id, h.version).as_bytes())))
+    }
+
     /// Drops every decrypted body kept for search pages.
     pub fn clear_body_cache(&self) {
         self.bodies.clear();
@@ -540,7 +547,10 @@ impl<'a> Plan<'a> {
         let text = stored_json(res, id, version, self.now);
         let compartment = self.repo.compartment_of(rtype, id, res);
         let dek = self.data_key(&compartment)?;
-        let body = crypto::seal(&dek, text.as_bytes(), aad(rtype, id, version).as_bytes());
+        let aad = aad(rtype, id, version);
+        let body = crypto::seal(&dek, text.as_bytes(), aad.as_bytes());
+        let content_sha256 =
+            consensus::content_commitment(&crypto::content_salt(&dek, aad.as_bytes()), text.as_bytes());
         let index = index::resource_terms(&self.repo.index_key, &self.repo.params, rtype, res);
         self.preconditions.push(Precondition::Version { rtype: rtype.into(), id: id.into(), current });
         self.writes.push(Write {
@@ -551,6 +561,7 @@ impl<'a> Plan<'a> {
             last_updated_ms: self.now,
             compartment,
             body,
+            content_sha256,
             index,
         });
         let stored = Stored {
@@ -608,6 +619,7 @@ impl<'a> Plan<'a> {
             last_updated_ms,
             compartment,
             body: Vec::new(),
+            content_sha256: [0; 32],
             index: Vec::new(),
         });
         let stored = Stored {

@@ -304,3 +304,183 @@ async fn an_export_never_reaches_another_patients_data() {
     }
     assert!(logged, "the export's disclosures reach the log");
 }
+
+type Tamper = Box<dyn Fn(&std::path::Path)>;
+
+/// Runs the `fhir-ledger` binary; returns its exit code and stdout + stderr.
+pub fn ledger_cli(args: &[&str]) -> (i32, String) {
+    let out = std::process::Command::new(crate::support::binary()).args(args).output().expect("run fhir-ledger");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.code().unwrap_or(-1), text)
+}
+
+fn copy_dir(from: &std::path::Path) -> tempfile::TempDir {
+    let to = tempfile::tempdir().expect("temp dir");
+    for e in std::fs::read_dir(from).expect("read dir") {
+        let e = e.expect("entry");
+        std::fs::copy(e.path(), to.path().join(e.file_name())).expect("copy");
+    }
+    to
+}
+
+fn edit(dir: &std::path::Path, name: &str, f: impl FnOnce(Vec<String>) -> Vec<String>) {
+    let path = dir.join(name);
+    let lines: Vec<String> = std::fs::read_to_string(&path).expect("file").lines().map(str::to_string).collect();
+    let mut text = f(lines).join("\n");
+    text.push('\n');
+    std::fs::write(path, text).expect("write");
+}
+
+/// Re-signs `dir`'s trust label with `key` after `name` changed, as a node whose key leaked
+/// could: its digest and count put right, a valid signature by a trusted key.
+fn resign(dir: &std::path::Path, name: &str, key: &ed25519_dalek::SigningKey) {
+    use ed25519_dalek::Signer;
+    use fhir_ledger::bulk::label;
+    let bytes = std::fs::read(dir.join(name)).expect("file");
+    let path = dir.join(label::FILE);
+    let mut doc: Value = serde_json::from_slice(&std::fs::read(&path).expect("label")).expect("json");
+    for f in doc["label"]["files"].as_array_mut().expect("files") {
+        if f["name"] == name {
+            f["sha256"] = json!(hex::encode(Sha256::digest(&bytes)));
+            f["count"] = json!(String::from_utf8_lossy(&bytes).lines().count());
+        }
+    }
+    let b64 = |b: &[u8]| base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, b);
+    let header =
+        json!({"alg": "EdDSA", "kid": label::thumbprint(&key.verifying_key()), "typ": label::TYP, "node": "1"});
+    let h = b64(header.to_string().as_bytes());
+    let input = format!("{h}.{}", b64(&label::payload(&doc["label"])));
+    doc["signatures"] = json!([format!("{h}..{}", b64(&key.sign(input.as_bytes()).to_bytes()))]);
+    std::fs::write(path, doc.to_string()).expect("write label");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_downloaded_export_verifies_offline_and_tampering_is_named() {
+    let s = SmartServer::start(&[]);
+    let sys = s.system_token("system/*.cruds").await;
+    seed(&s, &sys).await;
+    let r = fhir(&s.http, Method::DELETE, &s.url("/Observation/obs-a2"), Some(&sys), None).await;
+    assert!(r.status < 300, "{}", r.text);
+    let kick = |path: &'static str| {
+        let (s, sys) = (&s, &sys);
+        async move {
+            let r = kickoff(s, Method::GET, path, sys, None).await;
+            assert_eq!(r.status, 202, "{}", r.text);
+            r.header("content-location")
+        }
+    };
+    let url = kick("/$export?_since=2000-01-01T00:00:00Z").await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let d = dir.path().to_str().expect("path").to_string();
+    let (code, out) = ledger_cli(&["export", "download", &url, &d, "--token", &sys]);
+    assert_eq!(code, 0, "{out}");
+    for name in
+        ["manifest.json", "trust-label.json", "Observation-1.ndjson", "Observation-1.proofs.ndjson", "deleted-1.ndjson"]
+    {
+        assert!(dir.path().join(name).exists(), "{name}: {out}");
+    }
+    let node_pub = s.dir.path().join("node.pub");
+    let trust = node_pub.to_str().expect("path").to_string();
+    let verify = |d: &std::path::Path, key: &str| {
+        ledger_cli(&["verify", "export", d.to_str().expect("path"), "--trusted-key", key])
+    };
+    let (code, out) = verify(dir.path(), &trust);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("VALID"), "{out}");
+
+    // Another export, for a line to splice in.
+    put_resource(&s.http, &s.base, &sys, &observation("obs-new", "pat-a", "9-9")).await;
+    let other = tempfile::tempdir().expect("temp dir");
+    let url2 = kick("/$export?_type=Observation").await;
+    let (code, out) = ledger_cli(&["export", "download", &url2, other.path().to_str().expect("path"), "--token", &sys]);
+    assert_eq!(code, 0, "{out}");
+    let foreign = std::fs::read_to_string(other.path().join("Observation-1.ndjson")).expect("file");
+    let foreign_line = foreign.lines().find(|l| l.contains("obs-new")).expect("obs-new").to_string();
+
+    let key_hex = std::fs::read_to_string(s.dir.path().join("node.key")).expect("node.key");
+    let key_bytes: [u8; 32] = hex::decode(key_hex.trim()).expect("hex").try_into().expect("32 bytes");
+    let node_key = ed25519_dalek::SigningKey::from_bytes(&key_bytes);
+    let cases: Vec<(&str, Tamper, &str)> = vec![
+        (
+            "a flipped byte",
+            Box::new(|d| {
+                edit(d, "Observation-1.ndjson", |mut l| {
+                    l[0] = l[0].replacen("secret", "secreT", 1);
+                    l
+                });
+            }),
+            "Observation-1.ndjson",
+        ),
+        (
+            "a dropped line",
+            Box::new(|d| {
+                edit(d, "Observation-1.ndjson", |mut l| {
+                    l.pop();
+                    l
+                });
+            }),
+            "Observation-1.ndjson",
+        ),
+        (
+            "lines swapped between files",
+            Box::new(|d| {
+                let p = std::fs::read_to_string(d.join("Patient-1.ndjson")).expect("patients");
+                let first_patient = p.lines().next().expect("a patient").to_string();
+                let o = std::fs::read_to_string(d.join("Observation-1.ndjson")).expect("obs");
+                let first_obs = o.lines().next().expect("an observation").to_string();
+                edit(d, "Patient-1.ndjson", |mut l| {
+                    l[0] = first_obs.clone();
+                    l
+                });
+                edit(d, "Observation-1.ndjson", |mut l| {
+                    l[0] = first_patient.clone();
+                    l
+                });
+            }),
+            "-1.ndjson",
+        ),
+        (
+            "a resource from another export spliced in",
+            Box::new(move |d| {
+                edit(d, "Observation-1.ndjson", |mut l| {
+                    l.push(foreign_line.clone());
+                    l
+                });
+            }),
+            "Observation-1.ndjson",
+        ),
+        (
+            "a changed line under a label re-signed with a leaked node key",
+            Box::new(move |d| {
+                edit(d, "Observation-1.ndjson", |mut l| {
+                    l[0] = l[0].replacen("secret", "SECRET", 1);
+                    l
+                });
+                resign(d, "Observation-1.ndjson", &node_key);
+            }),
+            "Observation-1.ndjson line 1",
+        ),
+        (
+            "a deletion that never happened",
+            Box::new(|d| {
+                edit(d, "deleted-1.ndjson", |mut l| {
+                    l[0] = l[0].replace("obs-a2", "obs-a1");
+                    l
+                });
+            }),
+            "deleted-1.ndjson",
+        ),
+    ];
+    for (what, tamper, names) in cases {
+        let copy = copy_dir(dir.path());
+        tamper(copy.path());
+        let (code, out) = verify(copy.path(), &trust);
+        assert_eq!(code, 1, "{what}: {out}");
+        assert!(out.contains("INVALID") && out.contains(names), "{what}: names {names}: {out}");
+    }
+    // Signed by a key the receiver does not trust.
+    let stranger = hex::encode(ed25519_dalek::SigningKey::from_bytes(&[7; 32]).verifying_key().to_bytes());
+    let (code, out) = verify(dir.path(), &stranger);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("not signed by a trusted key") || out.contains("tree head"), "{out}");
+}

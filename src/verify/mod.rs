@@ -7,6 +7,9 @@
 //!   that a tree head the auditor saved earlier is a prefix of a later one (or of the ledger in a
 //!   data directory), so history was only appended to, never rewritten.
 //!
+//! - `verify export DIR --trusted-key K…`: a downloaded Bulk export against its trust label
+//!   (`export.rs`).
+//!
 //! Exit codes for scripts: 0 verified, 1 tampering or inconsistency found, 2 could not check
 //! (unreadable or malformed input, a running server holding the data directory).
 
@@ -20,6 +23,8 @@ use ed25519_dalek::VerifyingKey;
 use serde_json::Value;
 
 use crate::treehead::{self, TreeHead};
+
+mod export;
 
 #[derive(clap::Args)]
 #[command(args_conflicts_with_subcommands = true)]
@@ -39,6 +44,9 @@ enum What {
     Proof(ProofArgs),
     /// A saved tree head against a consistency proof file or a data directory.
     Consistency(ConsistencyArgs),
+    /// A downloaded Bulk export (manifest.json and every file it links) against its trust
+    /// label: signatures, tree head, file digests, and each line's leaf and inclusion proof.
+    Export(export::ExportArgs),
 }
 
 #[derive(clap::Args)]
@@ -105,6 +113,7 @@ pub fn run(args: &VerifyArgs) -> ExitCode {
         Some(What::DataDir(d)) => return data_dir(d),
         Some(What::Proof(p)) => inclusion(p),
         Some(What::Consistency(c)) => consistency(c),
+        Some(What::Export(e)) => export::export(e),
     };
     match result {
         Ok(message) => {
