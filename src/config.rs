@@ -71,6 +71,9 @@ pub struct ServeArgs {
 #[derive(Deserialize, Debug, Default)]
 #[serde(deny_unknown_fields)]
 struct FileConfig {
+    /// Other servers whose exports this one imports (`fhir-ledger transfer pull`).
+    #[serde(default)]
+    trusted_peer: Vec<TrustedPeer>,
     listen: Option<SocketAddr>,
     data_dir: Option<PathBuf>,
     profiles_dir: Option<PathBuf>,
@@ -221,6 +224,30 @@ fn default_cache_mb() -> u64 {
         m.lines().find_map(|l| l.strip_prefix("MemTotal:")?.trim().strip_suffix("kB")?.trim().parse::<u64>().ok())
     });
     total_kb.map_or(512, |kb| (kb / 1024 / 16).clamp(64, 512))
+}
+
+/// A server this one takes transfers from (a payer's old payer): where it is, the node keys
+/// whose quorum its exports must carry, and the backend-services client this server is
+/// registered as there (`private_key_jwt` with an ed25519 key).
+#[derive(Deserialize, Debug, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct TrustedPeer {
+    pub name: String,
+    pub base_url: String,
+    /// Hex ed25519 public keys of its nodes (`node.pub`).
+    pub node_keys: Vec<String>,
+    /// How many of them must sign a tree head (default: a majority).
+    pub quorum: Option<usize>,
+    pub client_id: String,
+    /// A file with the hex seed of the client's ed25519 key.
+    pub client_key: PathBuf,
+    /// The scopes to ask for (default `system/*.rs`).
+    pub scope: Option<String>,
+}
+
+/// The `[[trusted_peer]]` entries of a config file.
+pub fn trusted_peers(path: &Path) -> anyhow::Result<Vec<TrustedPeer>> {
+    Ok(read_file(path)?.trusted_peer)
 }
 
 fn read_file(path: &Path) -> anyhow::Result<FileConfig> {

@@ -22,6 +22,7 @@ pub mod disclosure;
 pub mod error;
 pub mod fhir;
 pub mod identity;
+pub mod payer;
 pub mod repo;
 pub mod search;
 pub mod server;

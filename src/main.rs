@@ -28,6 +28,8 @@ enum Cmd {
     Auth(fhir_ledger::cli::auth::AuthArgs),
     /// Bulk Data exports: download one (manifest, files, trust label, proofs) into a directory.
     Export(fhir_ledger::cli::export::ExportArgs),
+    /// Payer-to-payer transfers: pull a member's records from a trusted peer, verify, import.
+    Transfer(fhir_ledger::cli::transfer::TransferArgs),
 }
 
 fn main() -> anyhow::Result<std::process::ExitCode> {
@@ -58,6 +60,10 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
         }
         Cmd::Export(args) => {
             rt.block_on(fhir_ledger::cli::export::run(args))?;
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        Cmd::Transfer(args) => {
+            rt.block_on(fhir_ledger::cli::transfer::run(args))?;
             Ok(std::process::ExitCode::SUCCESS)
         }
     }

@@ -9,6 +9,7 @@ pub mod history;
 
 pub mod ledger;
 pub mod metadata;
+pub mod pdex;
 pub mod portal;
 pub mod report;
 pub mod resource;
@@ -106,6 +107,7 @@ fn fhir_routes() -> actix_web::Scope<
         .route("/$export", web::post().to(bulk::system_post))
         .route("/Patient/$export", web::get().to(bulk::patient_get))
         .route("/Patient/$export", web::post().to(bulk::patient_post))
+        .route("/Patient/$member-match", web::post().to(pdex::member_match))
         .route("/Group/{id}/$export", web::get().to(bulk::group_get))
         .route("/Group/{id}/$export", web::post().to(bulk::group_post))
         .route("/bulk/{job}", web::get().to(bulk::status))

@@ -199,6 +199,8 @@ impl<'c> Guard<'c> {
             if self.caller.claims.consent.is_some() && self.caller.patient() == Some(p) && self.caller.is_patient(p) {
                 continue;
             }
+            // A client confined to consented patients gets nothing by default.
+            let default = if self.caller.consent_required { Decision::Deny } else { default };
             let decision = if self.book.rules(p).is_empty() {
                 default
             } else {

@@ -43,6 +43,8 @@ pub struct Caller {
     pub user: Option<(String, String)>,
     /// The registered client's actor (`Organization/1`), for consent decisions.
     pub client_actor: Option<String>,
+    /// The client reads a patient's data only where a Consent of the patient permits it.
+    pub consent_required: bool,
     pub client_name: String,
     /// `X-Purpose-Of-Use` (v3 ActReason code), when the caller states one.
     pub purpose: Option<String>,
@@ -70,6 +72,7 @@ impl Caller {
             scopes: Arc::new(Vec::new()),
             user: None,
             client_actor: None,
+            consent_required: false,
             client_name: String::new(),
             purpose: None,
             unrestricted: true,
@@ -279,6 +282,7 @@ impl Auth {
             })?;
         let claims = self.verify_token(token).await.map_err(unauthorized)?;
         let mut client_actor = None;
+        let mut consent_required = false;
         let mut client_name = claims.client_id.clone();
         if !claims.external {
             // The index is folded up to everything applied (the middleware passed the read
@@ -290,6 +294,7 @@ impl Auth {
                 .get(repo, &idx, store::CLIENT, &claims.client_id)?
                 .ok_or_else(|| unauthorized("the token's client is no longer registered"))?;
             client_actor.clone_from(&client.actor);
+            consent_required = client.consent_required;
             client_name.clone_from(&client.client_name);
             if let Some(g) = &claims.grant {
                 let grant: Option<Arc<Grant>> = self.grants.get(repo, &idx, store::GRANT, g)?;
@@ -316,6 +321,7 @@ impl Auth {
             claims,
             user,
             client_actor,
+            consent_required,
             client_name,
             purpose: purpose.map(|p| p.trim().to_string()).filter(|p| !p.is_empty()),
             unrestricted: false,

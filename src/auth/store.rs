@@ -44,6 +44,11 @@ pub struct Client {
     /// Who the client acts for in consent decisions (`Organization/1`), if anyone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub actor: Option<String>,
+    /// A client that sees a patient's data only where one of the patient's Consents permits
+    /// its actor, never by the server's default (another payer in a payer-to-payer transfer:
+    /// confined to the members whose `$member-match` Consent names it).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub consent_required: bool,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug)]

@@ -8,6 +8,7 @@
 //! ([`render`]), so no decrypted PHI is written to disk and the digests in the trust label
 //! ([`label`]) hold for every download.
 
+pub mod check;
 pub mod label;
 pub mod params;
 pub mod render;

@@ -4,3 +4,4 @@
 pub mod auth;
 pub mod cluster;
 pub mod export;
+pub mod transfer;

@@ -91,7 +91,7 @@ pub async fn finish(s: &SmartServer, status_url: &str, token: &str) -> Export {
     Export { manifest, files }
 }
 
-async fn export(s: &SmartServer, path: &str, token: &str) -> Export {
+pub async fn export(s: &SmartServer, path: &str, token: &str) -> Export {
     let r = kickoff(s, Method::GET, path, token, None).await;
     assert_eq!(r.status, 202, "kick-off {path}: {}", r.text);
     finish(s, &r.header("content-location"), token).await

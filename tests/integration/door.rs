@@ -50,6 +50,13 @@ fn calls() -> Vec<(&'static str, Method, &'static str, Option<Value>)> {
         ),
         ("/Patient/$export", Method::GET, "/Patient/$export?_type=Observation", None),
         ("/Patient/$export", Method::POST, "/Patient/$export", Some(export_params.clone())),
+        (
+            "/Patient/$member-match",
+            Method::POST,
+            "/Patient/$member-match",
+            Some(json!({"resourceType": "Parameters", "parameter": [
+            {"name": "MemberPatient", "resource": {"resourceType": "Patient", "name": [{"family": "Family-pat-b"}], "birthDate": "2000-01-01"}}]})),
+        ),
         ("/Group/{id}/$export", Method::GET, "/Group/grp-b/$export", None),
         ("/Group/{id}/$export", Method::POST, "/Group/grp-b/$export", Some(export_params)),
         ("/bulk/{job}", Method::GET, "/bulk/4f1c0d6e-0000-4000-8000-000000000000", None),

@@ -18,3 +18,4 @@ mod search;
 mod smart;
 mod support;
 mod tamper;
+mod transfer;

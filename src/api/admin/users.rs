@@ -40,6 +40,8 @@ struct NewClient {
     jwks_uri: Option<String>,
     actor: Option<String>,
     #[serde(default)]
+    consent_required: bool,
+    #[serde(default)]
     grant_types: Vec<String>,
 }
 
@@ -104,6 +106,7 @@ async fn add_client(_: Administrator, body: web::Bytes, state: web::Data<AppStat
         jwks_uri: n.jwks_uri,
         scope: n.scope,
         actor: n.actor,
+        consent_required: n.consent_required,
     };
     store::put(&state.repo, store::CLIENT, &client_id, &client, Some(0)).await?;
     let mut v = serde_json::to_value(&client).map_err(FhirError::internal)?;

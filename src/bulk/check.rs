@@ -1,0 +1,184 @@
+//! A Bulk export as a client saved it (`manifest.json` and every file it links, under the
+//! last segment of its URL) checked against its trust label, trusting only the node keys
+//! given: the label's signature, the tree head's quorum, each file's SHA-256 and line count,
+//! and every line's leaf, content commitment and inclusion proof. Names the file and line of
+//! the first thing that fails. `fhir-ledger verify export` and `transfer pull` run it.
+
+use std::collections::HashSet;
+use std::path::Path;
+
+use consensus::merkle::{leaf_hash, Hash};
+use consensus::LeafHeader;
+use ed25519_dalek::VerifyingKey;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use super::label;
+use super::render::proofs_name;
+use crate::codec::unb64;
+use crate::treehead::TreeHead;
+
+/// Why an export did not verify: the evidence failed (tampering), or it could not be read.
+#[derive(Debug)]
+pub enum Failure {
+    Invalid(String),
+    Unchecked(String),
+}
+
+use Failure::{Invalid, Unchecked};
+
+/// What a verified export holds: the head it is pinned to, and each data file's leaves,
+/// line for line.
+pub struct Verified {
+    pub head: TreeHead,
+    pub cosigners: usize,
+    pub signers: usize,
+    pub lines: u64,
+    /// `(file name, kind, leaf of each line)` of the output and deletion files.
+    pub files: Vec<(String, String, Vec<u64>)>,
+    /// The export was reduced by `_elements`: its lines are not bound to their leaves.
+    pub subsetted: bool,
+}
+
+fn read_json(path: &Path) -> Result<Value, Failure> {
+    let text = std::fs::read_to_string(path).map_err(|e| Unchecked(format!("{}: {e}", path.display())))?;
+    serde_json::from_str(&text).map_err(|e| Unchecked(format!("{}: not JSON: {e}", path.display())))
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, Failure> {
+    std::fs::read(path).map_err(|e| match e.kind() {
+        // A file the label names but the download lacks: something dropped it.
+        std::io::ErrorKind::NotFound => Invalid(format!("{}: missing", path.display())),
+        _ => Unchecked(format!("{}: {e}", path.display())),
+    })
+}
+
+/// Checks the export in `dir` against `trusted` node keys, `quorum` of which must have
+/// signed its tree head.
+pub fn check_dir(dir: &Path, trusted: &[VerifyingKey], quorum: usize) -> Result<Verified, Failure> {
+    let doc = read_json(&dir.join(label::FILE))?;
+    let content = &doc["label"];
+    if content["format"] != label::FORMAT {
+        return Err(Unchecked(format!("{}: not a trust label of format {}", label::FILE, label::FORMAT)));
+    }
+    let payload = label::payload(content);
+    let mut signers = 0;
+    let mut why = String::from("no signatures");
+    for jws in doc["signatures"].as_array().into_iter().flatten().filter_map(Value::as_str) {
+        match label::check(jws, &payload, trusted) {
+            Ok(_) => signers += 1,
+            Err(e) => why = e,
+        }
+    }
+    if signers == 0 {
+        return Err(Invalid(format!("{}: not signed by a trusted key ({why})", label::FILE)));
+    }
+    let parts = content["treeHead"].as_array().ok_or_else(|| Unchecked("the trust label has no treeHead".into()))?;
+    let head = TreeHead::from_parts(parts).map_err(|e| Unchecked(format!("the trust label's tree head: {e}")))?;
+    let cosigners = head.check_quorum(trusted, quorum).map_err(|e| Invalid(format!("the export's tree head: {e}")))?;
+    let files = content["files"].as_array().ok_or_else(|| Unchecked("the trust label has no files".into()))?;
+    check_manifest(dir, files)?;
+    let subsetted = content["subsetted"] == true;
+    let mut seen: HashSet<u64> = HashSet::new();
+    let mut lines = 0u64;
+    let mut bound = Vec::new();
+    for f in files {
+        let name = f["name"].as_str().unwrap_or_default();
+        if name.is_empty() || name.contains(['/', '\\']) || name.starts_with('.') {
+            return Err(Invalid(format!("the trust label names a file {name:?}")));
+        }
+        let bytes = read(&dir.join(name))?;
+        if hex::encode(Sha256::digest(&bytes)) != f["sha256"].as_str().unwrap_or_default() {
+            return Err(Invalid(format!("{name}: its SHA-256 is not the one the trust label signs")));
+        }
+        let text = std::str::from_utf8(&bytes).map_err(|_| Invalid(format!("{name}: not UTF-8")))?;
+        let data: Vec<&str> = text.lines().collect();
+        if data.len() as u64 != f["count"].as_u64().unwrap_or(u64::MAX) {
+            return Err(Invalid(format!("{name}: {} lines, the trust label says {}", data.len(), f["count"])));
+        }
+        if f["kind"] == "error" {
+            continue;
+        }
+        let proofs_file = proofs_name(name);
+        let proofs_bytes = read(&dir.join(&proofs_file))?;
+        let proofs: Vec<&str> = std::str::from_utf8(&proofs_bytes)
+            .map_err(|_| Invalid(format!("{proofs_file}: not UTF-8")))?
+            .lines()
+            .collect();
+        if proofs.len() != data.len() {
+            return Err(Invalid(format!("{proofs_file}: {} proofs for {} lines of {name}", proofs.len(), data.len())));
+        }
+        let deletion = f["kind"] == "deleted";
+        let mut leaves = Vec::with_capacity(data.len());
+        for (i, (line, proof)) in data.iter().zip(&proofs).enumerate() {
+            let at = format!("{name} line {}", i + 1);
+            let leaf =
+                check_line(line, proof, &head, deletion, subsetted).map_err(|e| Invalid(format!("{at}: {e}")))?;
+            if !seen.insert(leaf) {
+                return Err(Invalid(format!("{at}: leaf {leaf} appears a second time in the export")));
+            }
+            leaves.push(leaf);
+            lines += 1;
+        }
+        bound.push((name.to_string(), f["kind"].as_str().unwrap_or_default().to_string(), leaves));
+    }
+    Ok(Verified { head, cosigners, signers, lines, files: bound, subsetted })
+}
+
+/// Every file the manifest lists must be one the label signs, with the same count.
+fn check_manifest(dir: &Path, files: &[Value]) -> Result<(), Failure> {
+    let manifest = read_json(&dir.join("manifest.json"))?;
+    for kind in ["output", "deleted", "error"] {
+        for item in manifest[kind].as_array().into_iter().flatten() {
+            let name = item["url"].as_str().and_then(|u| u.rsplit('/').next()).unwrap_or_default();
+            let signed = files.iter().find(|f| f["name"] == name);
+            if signed.is_none_or(|f| f["count"] != item["count"]) {
+                return Err(Invalid(format!(
+                    "manifest.json lists {name}, which the trust label does not sign as such"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn b64(v: &Value, what: &str) -> Result<Vec<u8>, String> {
+    v.as_str().and_then(|s| unb64(s).ok()).ok_or_else(|| format!("{what} is not base64"))
+}
+
+/// One line against its proof: the leaf's header names this resource version (or this
+/// deletion), its content commitment matches the line's bytes, and the leaf is in the tree.
+fn check_line(line: &str, proof: &str, head: &TreeHead, deletion: bool, subsetted: bool) -> Result<u64, String> {
+    let p: Value = serde_json::from_str(proof).map_err(|_| "its proof is not JSON".to_string())?;
+    let leaf = p["leaf"].as_u64().ok_or("its proof has no leaf")?;
+    let data = b64(&p["leafData"], "leafData")?;
+    let h = LeafHeader::decode(&data).ok_or("its leafData is not a leaf header")?;
+    let r: Value = serde_json::from_str(line).map_err(|_| "not JSON".to_string())?;
+    if deletion {
+        let url = format!("{}/{}", h.rtype, h.id);
+        if h.op != consensus::Op::Delete.as_str() || r["entry"][0]["request"]["url"] != url.as_str() {
+            return Err(format!("the deletion does not match leaf {leaf} ({} of {url})", h.op));
+        }
+    } else {
+        let version = r["meta"]["versionId"].as_str().and_then(|v| v.parse::<u64>().ok());
+        if r["resourceType"] != h.rtype.as_str() || r["id"] != h.id.as_str() || version != Some(h.version) {
+            return Err(format!("the resource is not {}/{} version {} of leaf {leaf}", h.rtype, h.id, h.version));
+        }
+        if !subsetted {
+            let salt = b64(&p["salt"], "salt")?;
+            if consensus::content_commitment(&salt, line.as_bytes()) != h.content_sha256 {
+                return Err(format!("its bytes are not the content leaf {leaf} commits to"));
+            }
+        }
+    }
+    let path: Vec<Hash> = p["path"]
+        .as_array()
+        .ok_or("its proof has no path")?
+        .iter()
+        .map(|x| b64(x, "path").and_then(|b| b.try_into().map_err(|_| "a path hash is not 32 bytes".to_string())))
+        .collect::<Result<_, _>>()?;
+    if leaf >= head.size || !consensus::proof::verify_inclusion(leaf, head.size, &leaf_hash(&data), &path, &head.root) {
+        return Err(format!("leaf {leaf} is not in the tree head of size {}", head.size));
+    }
+    Ok(leaf)
+}

@@ -1,0 +1,295 @@
+//! Payer-to-payer with two real servers: the old payer holds a Synthea member (Claims,
+//! ExplanationOfBenefits, Coverage, clinical data); the new payer runs `fhir-ledger transfer
+//! pull`: `$member-match` with the member's HRex Consent, a Bulk export pinned to a signed
+//! head, offline verification, one atomic import with a Provenance that verifies against the
+//! old payer's head. Then what must be refused: no consent, a withdrawn consent, an untrusted
+//! key, a head that does not extend one seen before, and a peer reading a member it never
+//! matched.
+
+use std::path::Path;
+
+use reqwest::Method;
+use serde_json::{json, Value};
+
+use crate::bulk::{finish, kickoff, ledger_cli};
+use crate::smart::{self, fhir, get, put_resource, SmartServer};
+
+fn synthea(n: u32) -> Value {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../shared/data/synthea/patient-{n:02}.json"));
+    serde_json::from_slice(&std::fs::read(&path).expect("Synthea bundle")).expect("JSON")
+}
+
+/// Everything of `Patient/{id}`'s compartment on a server (plus the Patient), by `Type/id`.
+async fn compartment(s: &SmartServer, token: &str, id: &str) -> Vec<Value> {
+    let mut all = smart::search_all(&s.http, &s.base, token, &format!("Patient/{id}/*?_count=500")).await;
+    all.push(get(&s.http, &s.url(&format!("/Patient/{id}")), token).await.json());
+    all
+}
+
+/// Removes every `reference` in `v`.
+fn strip(v: &mut Value) {
+    match v {
+        Value::Object(m) => {
+            m.remove("reference");
+            for x in m.values_mut() {
+                strip(x);
+            }
+        }
+        Value::Array(a) => a.iter_mut().for_each(strip),
+        _ => {}
+    }
+}
+
+/// A resource without what a transfer may change: ids, meta, and every reference.
+fn normalized(r: &Value) -> Value {
+    let mut r = r.clone();
+    if let Some(o) = r.as_object_mut() {
+        o.remove("id");
+        o.remove("meta");
+    }
+    strip(&mut r);
+    r
+}
+
+fn hrex_consent(recipient: &str, policy: &str) -> Value {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs();
+    let year = 1970 + now / 31_557_600;
+    json!({
+        "resourceType": "Consent", "status": "active",
+        "scope": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "patient-privacy"}]},
+        "category": [{"coding": [{"system": "http://loinc.org", "code": "64292-6"}]}],
+        "policy": [{"uri": format!("http://hl7.org/fhir/us/davinci-hrex/StructureDefinition-hrex-consent.html#{policy}")}],
+        "provision": {"type": "permit",
+            "period": {"start": format!("{}-01-01", year - 1), "end": format!("{}-12-31", year + 1)},
+            "actor": [
+                {"role": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType", "code": "IRCP"}]},
+                 "reference": {"reference": recipient}},
+                {"role": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/provenance-participant-type", "code": "performer"}]},
+                 "reference": {"reference": "Organization/old-payer"}}]}
+    })
+}
+
+struct Peer {
+    client_id: String,
+    key: ed25519_dalek::SigningKey,
+}
+
+impl Peer {
+    /// Registers the new payer at the old one: private_key_jwt, acting for
+    /// Organization/new-payer, confined to the members whose Consent names it.
+    async fn register(old: &SmartServer) -> Peer {
+        let key = ed25519_dalek::SigningKey::from_bytes(&rand_seed());
+        let kid = fhir_ledger::bulk::label::thumbprint(&key.verifying_key());
+        let b64 = |b: &[u8]| base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, b);
+        let jwk = json!({"kty": "OKP", "crv": "Ed25519", "x": b64(key.verifying_key().as_bytes()), "kid": kid, "alg": "EdDSA"});
+        let v = old
+            .admin
+            .register_client(json!({
+                "client_name": "New Payer", "token_endpoint_auth_method": "private_key_jwt",
+                "scope": "system/*.rs", "jwks": {"keys": [jwk]},
+                "actor": "Organization/new-payer", "consent_required": true}))
+            .await;
+        Peer { client_id: v["client_id"].as_str().expect("client_id").to_string(), key }
+    }
+
+    async fn token(&self, old: &SmartServer) -> String {
+        use ed25519_dalek::Signer;
+        let aud = old.url("/auth/token");
+        let now = smart::now();
+        let header = json!({"alg": "EdDSA", "typ": "JWT", "kid": fhir_ledger::bulk::label::thumbprint(&self.key.verifying_key())});
+        let claims = json!({"iss": self.client_id, "sub": self.client_id, "aud": aud, "exp": now + 240, "iat": now,
+                            "jti": smart::random_hex(16)});
+        let assertion = smart::jws(&header, &claims, |m| self.key.sign(m).to_bytes().to_vec());
+        let form = [
+            ("grant_type", "client_credentials"),
+            ("scope", "system/*.rs"),
+            ("client_assertion_type", smart::JWT_BEARER),
+            ("client_assertion", assertion.as_str()),
+        ];
+        let r = smart::send(old.http.post(&aud).form(&form)).await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        r.json()["access_token"].as_str().expect("token").to_string()
+    }
+}
+
+fn rand_seed() -> [u8; 32] {
+    let hexed = smart::random_hex(32);
+    hex::decode(hexed).expect("hex").try_into().expect("32 bytes")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_moves_to_a_new_payer_with_verified_data_and_nothing_else_moves() {
+    let old = SmartServer::start(&[]);
+    let new = SmartServer::start(&[]);
+    let old_sys = old.system_token("system/*.cruds").await;
+    let new_sys = new.system_token("system/*.cruds").await;
+    for n in [1, 2] {
+        let r = fhir(&old.http, Method::POST, &old.base, Some(&old_sys), Some(&synthea(n))).await;
+        assert_eq!(r.status, 200, "{}", r.text);
+    }
+    put_resource(
+        &old.http,
+        &old.base,
+        &old_sys,
+        &json!({"resourceType": "Organization", "id": "new-payer", "name": "New Payer"}),
+    )
+    .await;
+    put_resource(
+        &old.http,
+        &old.base,
+        &old_sys,
+        &json!({"resourceType": "Organization", "id": "old-payer", "name": "Old Payer"}),
+    )
+    .await;
+    // The member, and a subscriber id on their coverage.
+    let amy = smart::search_all(&old.http, &old.base, &old_sys, "Patient?family=Nader").await;
+    let amy_id = amy[0]["id"].as_str().expect("id").to_string();
+    let mut cov = smart::search_all(&old.http, &old.base, &old_sys, &format!("Coverage?beneficiary=Patient/{amy_id}"))
+        .await
+        .remove(0);
+    cov["subscriberId"] = json!("M-0001");
+    put_resource(&old.http, &old.base, &old_sys, &cov).await;
+    let other = smart::search_all(&old.http, &old.base, &old_sys, "Patient?_count=10").await;
+    let other_id = other
+        .iter()
+        .map(|p| p["id"].as_str().unwrap_or_default())
+        .find(|i| *i != amy_id)
+        .expect("a second patient")
+        .to_string();
+
+    // The new payer's configuration and the member's documents.
+    let peer = Peer::register(&old).await;
+    let work = tempfile::tempdir().expect("temp dir");
+    let w = |name: &str| work.path().join(name);
+    std::fs::write(w("client.key"), hex::encode(peer.key.to_bytes())).expect("key");
+    let node_pub = std::fs::read_to_string(old.dir.path().join("node.pub")).expect("node.pub");
+    let config = |keys: &str| {
+        format!(
+            "[[trusted_peer]]\nname = \"old\"\nbase_url = \"{}\"\nnode_keys = [\"{}\"]\nclient_id = \"{}\"\nclient_key = \"{}\"\n",
+            old.base, keys.trim(), peer.client_id, w("client.key").display())
+    };
+    std::fs::write(w("peer.toml"), config(&node_pub)).expect("config");
+    let stranger = hex::encode(ed25519_dalek::SigningKey::from_bytes(&[9; 32]).verifying_key().to_bytes());
+    std::fs::write(w("untrusted.toml"), config(&stranger)).expect("config");
+    let member = json!({"resourceType": "Patient", "name": [{"family": "Nader", "given": ["Amy"]}], "birthDate": "2017-07-11", "gender": "female"});
+    std::fs::write(w("member.json"), member.to_string()).expect("member");
+    std::fs::write(
+        w("coverage.json"),
+        json!({"resourceType": "Coverage", "status": "active", "subscriberId": "M-0001",
+        "beneficiary": {"reference": "Patient/x"}, "payor": [{"reference": "Organization/old-payer"}]})
+        .to_string(),
+    )
+    .expect("coverage");
+    std::fs::write(w("consent.json"), hrex_consent("Organization/new-payer", "sensitive").to_string())
+        .expect("consent");
+    std::fs::write(w("bad-consent.json"), hrex_consent("Organization/someone-else", "sensitive").to_string())
+        .expect("consent");
+    let s = |p: std::path::PathBuf| p.to_str().expect("path").to_string();
+    let pull = |cfg: &str, consent: &str, extra: &[&str]| {
+        let mut args = vec!["transfer", "pull", "--config", cfg, "--from", "old"];
+        let (m, c, k) = (s(w("member.json")), s(w("coverage.json")), s(w(consent)));
+        let owned: Vec<String> = vec![
+            "--member".into(),
+            m,
+            "--coverage".into(),
+            c,
+            "--consent".into(),
+            k,
+            "--into".into(),
+            new.base.clone(),
+            "--token".into(),
+            new_sys.clone(),
+        ];
+        let mut all: Vec<String> = args.drain(..).map(str::to_string).collect();
+        all.extend(owned);
+        all.extend(extra.iter().map(ToString::to_string));
+        let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+        ledger_cli(&refs)
+    };
+
+    // Refused, with nothing imported: a consent that does not name this payer; an untrusted
+    // node key.
+    let (code, out) = pull(&s(w("peer.toml")), "bad-consent.json", &[]);
+    assert_ne!(code, 0, "{out}");
+    assert!(out.contains("422") && out.contains("recipient"), "{out}");
+    let (code, out) = pull(&s(w("untrusted.toml")), "consent.json", &[]);
+    assert_ne!(code, 0, "{out}");
+    assert!(out.contains("refused") && out.contains("not signed by a trusted key"), "{out}");
+    let transfers = smart::search_all(&new.http, &new.base, &new_sys, "Provenance?agent-type=transmitter").await;
+    assert!(transfers.is_empty(), "nothing was imported");
+    let everything = smart::search_all(&new.http, &new.base, &new_sys, "?_type=Patient,Observation,Claim").await;
+    assert!(everything.is_empty(), "nothing was imported: {}", everything.len());
+
+    // The transfer.
+    let head = get(&old.http, &old.url("/ledger/head"), &old_sys).await;
+    std::fs::write(w("head.json"), &head.text).expect("head");
+    let (code, out) = pull(&s(w("peer.toml")), "consent.json", &["--known-head", &s(w("head.json"))]);
+    assert_eq!(code, 0, "{out}");
+    let provs = smart::search_all(&new.http, &new.base, &new_sys, "Provenance?agent-type=transmitter").await;
+    assert!(!provs.is_empty(), "{out}");
+    let prov = provs.last().expect("the transfer's Provenance").clone();
+    let old_key = ed25519_dalek::VerifyingKey::from_bytes(
+        &hex::decode(node_pub.trim()).expect("hex").try_into().expect("32 bytes"),
+    )
+    .expect("key");
+    let n = fhir_ledger::cli::transfer::verify_provenance(&prov, &[old_key], 1).expect("the Provenance verifies");
+    // Every imported resource equals its source apart from ids and references.
+    let source = compartment(&old, &old_sys, &amy_id).await;
+    // The old payer's disclosure log about the member stays with the old payer.
+    let mut wanted: Vec<Value> = source.iter().filter(|r| r["resourceType"] != "AuditEvent").map(normalized).collect();
+    let mut got = Vec::new();
+    for t in prov["target"].as_array().expect("targets") {
+        let r = get(&new.http, &new.url(t["reference"].as_str().expect("ref")), &new_sys).await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        got.push(normalized(&r.json()));
+    }
+    assert_eq!(n, got.len());
+    let key = |v: &Value| v.to_string();
+    wanted.sort_by_key(key);
+    got.sort_by_key(key);
+    // Synthea's own Provenance targets both patients' data: it is the other patient's too,
+    // and a consent-confined export leaves out what is not wholly this member's.
+    wanted.retain(|r| got.contains(r) || r["resourceType"] != "Provenance");
+    assert_eq!(got.len(), wanted.len(), "every resource of the member moved");
+    assert_eq!(got, wanted);
+    for r in &got {
+        assert!(!r.to_string().contains(&other_id), "the other patient's data never moves");
+    }
+
+    // The peer's token reaches the matched member only.
+    let tok = peer.token(&old).await;
+    let params = json!({"resourceType": "Parameters", "parameter": [{"name": "patient", "valueReference": {"reference": format!("Patient/{other_id}")}}]});
+    let r = kickoff(&old, Method::POST, "/Patient/$export", &tok, Some(&params)).await;
+    assert_eq!(r.status, 202, "{}", r.text);
+    let e = finish(&old, &r.header("content-location"), &tok).await;
+    assert!(e.resources().is_empty(), "an unmatched member's data: {:?}", e.resources().len());
+    let r = get(&old.http, &old.url(&format!("/Patient/{other_id}")), &tok).await;
+    assert_eq!(r.status, 404, "{}", r.text);
+
+    // A consent withdrawn after the match: the next export holds nothing of the member.
+    let consents =
+        smart::search_all(&old.http, &old.base, &old_sys, &format!("Consent?patient=Patient/{amy_id}")).await;
+    for mut c in consents {
+        c["status"] = json!("inactive");
+        put_resource(&old.http, &old.base, &old_sys, &c).await;
+    }
+    let params = json!({"resourceType": "Parameters", "parameter": [{"name": "patient", "valueReference": {"reference": format!("Patient/{amy_id}")}}]});
+    let r = kickoff(&old, Method::POST, "/Patient/$export", &tok, Some(&params)).await;
+    assert_eq!(r.status, 202, "{}", r.text);
+    let e = finish(&old, &r.header("content-location"), &tok).await;
+    assert!(e.resources().is_empty(), "a withdrawn consent: {:?}", e.resources().len());
+    let errors: Vec<Value> = e.manifest["error"]
+        .as_array()
+        .expect("error")
+        .iter()
+        .flat_map(|x| e.lines(x["url"].as_str().unwrap_or_default()))
+        .collect();
+    assert!(errors.iter().any(|x| x["resourceType"] == "OperationOutcome"), "an OperationOutcome says why: {errors:?}");
+
+    // A member-match without a consent is a 400 and stores nothing.
+    let no_consent = json!({"resourceType": "Parameters", "parameter": [
+        {"name": "MemberPatient", "resource": member}, {"name": "CoverageToMatch", "resource": {"resourceType": "Coverage", "status": "active", "subscriberId": "M-0001", "beneficiary": {"reference": "Patient/x"}, "payor": [{"reference": "Organization/old-payer"}]}}]});
+    let r = fhir(&old.http, Method::POST, &old.url("/Patient/$member-match"), Some(&tok), Some(&no_consent)).await;
+    assert_eq!(r.status, 400, "{}", r.text);
+    assert!(r.text.contains("Consent"), "{}", r.text);
+}
