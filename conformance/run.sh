@@ -71,3 +71,4 @@ echo "conformance: server at $FHIR_BASE, SMART server at $SMART_BASE"
 (cd "$here" && "$venv/bin/pytest" -q -p no:cacheprovider tests)
 (cd "$here" && node validate/validate.mjs --base "$FHIR_BASE")
 (cd "$here" && node search/diff.mjs --base "$FHIR_BASE")
+(cd "$here" && node bulk/medplum-export.mjs --base "$FHIR_BASE")

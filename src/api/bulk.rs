@@ -18,7 +18,7 @@ use crate::codec::parse_query;
 use crate::error::{ErrorCode, FhirError};
 use crate::fhir::json::Json;
 
-/// What a client should wait between polls; polling at under half of it is answered 429.
+/// What a client should wait between polls; polling at under a quarter of it is answered 429.
 const RETRY_AFTER_S: i64 = 2;
 
 pub async fn system_get(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, FhirError> {
@@ -78,13 +78,15 @@ async fn kickoff(
     read_barrier(&req, &state.repo).await?;
     let caller = authz::caller(&req);
     let post = body.is_some();
-    let pairs = match body {
-        Some(payload) => {
-            let bytes = super::read_body(&req, payload, state.max_body_bytes).await?;
-            bulk::params::from_parameters(&super::parse_resource(&bytes)?)?
+    // A POST may carry its parameters in a Parameters body, in the query string (as
+    // Medplum's client sends them, with no body), or both.
+    let mut pairs = parse_query(req.query_string());
+    if let Some(payload) = body {
+        let bytes = super::read_body(&req, payload, state.max_body_bytes).await?;
+        if !bytes.iter().all(u8::is_ascii_whitespace) {
+            pairs.extend(bulk::params::from_parameters(&super::parse_resource(&bytes)?)?);
         }
-        None => parse_query(req.query_string()),
-    };
+    }
     let lenient = super::prefer_lenient(&req);
     let (params, types) = {
         let idx = state.search.current()?;
@@ -201,7 +203,7 @@ pub async fn status(
     let now = crate::fhir::now_ms();
     match job.state {
         State::Accepted => {
-            if !state.exports.poll_ok(&id, now, RETRY_AFTER_S * 500) {
+            if !state.exports.poll_ok(&id, now, RETRY_AFTER_S * 250) {
                 use actix_web::ResponseError;
                 let mut r = FhirError::new(ErrorCode::TooManyRequests, format!("poll every {RETRY_AFTER_S} s"))
                     .error_response();

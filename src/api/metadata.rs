@@ -40,6 +40,13 @@ fn operation(name: &str, doc: &str) -> Json {
     ])
 }
 
+/// An operation an HL7 implementation guide defines.
+fn standard_operation(name: &str, definition: &str, doc: &str) -> Json {
+    o(vec![("name", s(name)), ("definition", s(definition)), ("documentation", s(doc))])
+}
+
+const BULK_EXPORT: &str = "http://hl7.org/fhir/uv/bulkdata/OperationDefinition";
+
 pub async fn capability_statement(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, FhirError> {
     let f = &Format::negotiate(&req)?;
     let index = state.search.current()?;
@@ -72,9 +79,26 @@ pub async fn capability_statement(req: HttpRequest, state: web::Data<AppState>) 
                     "access-report",
                     "GET /Patient/{id}/$access-report: who accessed the patient's data, what, how many times and when last (Parameters)",
                 ));
+                operations.push(standard_operation(
+                    "export",
+                    &format!("{BULK_EXPORT}/patient-export"),
+                    "GET or POST /Patient/$export (Bulk Data 2.0.0 with _until): asynchronous, pinned to a signed tree head, every file with a trust label and proofs",
+                ));
+                operations.push(standard_operation(
+                    "member-match",
+                    "http://hl7.org/fhir/us/davinci-hrex/OperationDefinition/member-match",
+                    "POST /Patient/$member-match (HRex 1.1.0): one member by demographics and coverage, with an HRex Consent naming the requesting payer",
+                ));
                 operations.push(operation(
                     "erase",
                     "POST /Patient/{id}/$erase: crypto-shreds the patient's compartment (every version unreadable, every proof still valid)",
+                ));
+            }
+            if t.as_str() == "Group" {
+                operations.push(standard_operation(
+                    "export",
+                    &format!("{BULK_EXPORT}/group-export"),
+                    "GET or POST /Group/{id}/$export: the Bulk export of the group's patient members",
                 ));
             }
             o(vec![
@@ -144,6 +168,7 @@ pub async fn capability_statement(req: HttpRequest, state: web::Data<AppState>) 
         ("date", s("2026-11-24")),
         ("publisher", s("fhir-ledger")),
         ("kind", s("instance")),
+        ("instantiates", Json::Array(vec![s("http://hl7.org/fhir/uv/bulkdata/CapabilityStatement/bulk-data")])),
         ("software", o(vec![("name", s("fhir-ledger")), ("version", s(env!("CARGO_PKG_VERSION")))])),
         (
             "implementation",
@@ -159,6 +184,14 @@ pub async fn capability_statement(req: HttpRequest, state: web::Data<AppState>) 
             "rest",
             Json::Array(vec![o({
                 rest.push(("resource", Json::Array(resources)));
+                rest.push((
+                    "operation",
+                    Json::Array(vec![standard_operation(
+                        "export",
+                        &format!("{BULK_EXPORT}/export"),
+                        "GET or POST /$export: the system-level Bulk export of what the token may read",
+                    )]),
+                ));
                 rest.extend([(
                     "interaction",
                     Json::Array(vec![

@@ -38,6 +38,9 @@ pub struct Verified {
     pub files: Vec<(String, String, Vec<u64>)>,
     /// The export was reduced by `_elements`: its lines are not bound to their leaves.
     pub subsetted: bool,
+    /// What the check hashed and how many signatures it verified (its cryptographic floor).
+    pub bytes_hashed: u64,
+    pub signatures: u64,
 }
 
 fn read_json(path: &Path) -> Result<Value, Failure> {
@@ -82,12 +85,15 @@ pub fn check_dir(dir: &Path, trusted: &[VerifyingKey], quorum: usize) -> Result<
     let mut seen: HashSet<u64> = HashSet::new();
     let mut lines = 0u64;
     let mut bound = Vec::new();
+    let mut bytes_hashed = payload.len() as u64;
+    let signatures = (signers + head.signatures.len()) as u64;
     for f in files {
         let name = f["name"].as_str().unwrap_or_default();
         if name.is_empty() || name.contains(['/', '\\']) || name.starts_with('.') {
             return Err(Invalid(format!("the trust label names a file {name:?}")));
         }
         let bytes = read(&dir.join(name))?;
+        bytes_hashed += bytes.len() as u64;
         if hex::encode(Sha256::digest(&bytes)) != f["sha256"].as_str().unwrap_or_default() {
             return Err(Invalid(format!("{name}: its SHA-256 is not the one the trust label signs")));
         }
@@ -112,8 +118,9 @@ pub fn check_dir(dir: &Path, trusted: &[VerifyingKey], quorum: usize) -> Result<
         let mut leaves = Vec::with_capacity(data.len());
         for (i, (line, proof)) in data.iter().zip(&proofs).enumerate() {
             let at = format!("{name} line {}", i + 1);
-            let leaf =
+            let (leaf, hashed) =
                 check_line(line, proof, &head, deletion, subsetted).map_err(|e| Invalid(format!("{at}: {e}")))?;
+            bytes_hashed += hashed;
             if !seen.insert(leaf) {
                 return Err(Invalid(format!("{at}: leaf {leaf} appears a second time in the export")));
             }
@@ -122,7 +129,7 @@ pub fn check_dir(dir: &Path, trusted: &[VerifyingKey], quorum: usize) -> Result<
         }
         bound.push((name.to_string(), f["kind"].as_str().unwrap_or_default().to_string(), leaves));
     }
-    Ok(Verified { head, cosigners, signers, lines, files: bound, subsetted })
+    Ok(Verified { head, cosigners, signers, lines, files: bound, subsetted, bytes_hashed, signatures })
 }
 
 /// Every file the manifest lists must be one the label signs, with the same count.
@@ -148,7 +155,8 @@ fn b64(v: &Value, what: &str) -> Result<Vec<u8>, String> {
 
 /// One line against its proof: the leaf's header names this resource version (or this
 /// deletion), its content commitment matches the line's bytes, and the leaf is in the tree.
-fn check_line(line: &str, proof: &str, head: &TreeHead, deletion: bool, subsetted: bool) -> Result<u64, String> {
+/// Returns the leaf and the bytes hashed to check it.
+fn check_line(line: &str, proof: &str, head: &TreeHead, deletion: bool, subsetted: bool) -> Result<(u64, u64), String> {
     let p: Value = serde_json::from_str(proof).map_err(|_| "its proof is not JSON".to_string())?;
     let leaf = p["leaf"].as_u64().ok_or("its proof has no leaf")?;
     let data = b64(&p["leafData"], "leafData")?;
@@ -180,5 +188,7 @@ fn check_line(line: &str, proof: &str, head: &TreeHead, deletion: bool, subsette
     if leaf >= head.size || !consensus::proof::verify_inclusion(leaf, head.size, &leaf_hash(&data), &path, &head.root) {
         return Err(format!("leaf {leaf} is not in the tree head of size {}", head.size));
     }
-    Ok(leaf)
+    // The content commitment (prefix, salt, line), the leaf hash, one node hash per step.
+    let hashed = if deletion { 0 } else { 55 + line.len() as u64 } + 1 + data.len() as u64 + 65 * path.len() as u64;
+    Ok((leaf, hashed))
 }

@@ -42,6 +42,10 @@ enum AuthCmd {
         /// Who the app acts for in consent decisions, e.g. Organization/1.
         #[arg(long)]
         actor: Option<String>,
+        /// The app sees a patient's data only where a Consent of the patient permits its actor
+        /// (another payer: the members whose `$member-match` Consent names it).
+        #[arg(long)]
+        consent_required: bool,
     },
     /// List registered apps.
     Clients,
@@ -76,7 +80,7 @@ pub async fn run(args: AuthArgs) -> anyhow::Result<()> {
     let node = args.node.as_str();
     let post = reqwest::Method::POST;
     let out: Value = match args.command {
-        AuthCmd::AddClient { name, redirect_uri, auth_method, scope, jwks_file, jwks_url, actor } => {
+        AuthCmd::AddClient { name, redirect_uri, auth_method, scope, jwks_file, jwks_url, actor, consent_required } => {
             let mut body =
                 json!({"client_name": name, "redirect_uris": redirect_uri, "token_endpoint_auth_method": auth_method});
             if let Some(s) = scope {
@@ -91,6 +95,9 @@ pub async fn run(args: AuthArgs) -> anyhow::Result<()> {
             }
             if let Some(a) = actor {
                 body["actor"] = json!(a);
+            }
+            if consent_required {
+                body["consent_required"] = json!(true);
             }
             admin.call(post, node, "/admin/auth/clients", Some(body)).await?
         }

