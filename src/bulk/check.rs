@@ -82,54 +82,93 @@ pub fn check_dir(dir: &Path, trusted: &[VerifyingKey], quorum: usize) -> Result<
     let files = content["files"].as_array().ok_or_else(|| Unchecked("the trust label has no files".into()))?;
     check_manifest(dir, files)?;
     let subsetted = content["subsetted"] == true;
+    let signatures = (signers + head.signatures.len()) as u64;
+    // Files are checked on every core; the first failure in the label's order is reported.
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let threads = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get).min(files.len().max(1));
+    let mut results: Vec<Option<Result<Checked, Failure>>> = (0..files.len()).map(|_| None).collect();
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut done = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(f) = files.get(i) else { break };
+                        done.push((i, check_file(dir, f, &head, subsetted)));
+                    }
+                    done
+                })
+            })
+            .collect();
+        for w in workers {
+            for (i, r) in w.join().unwrap_or_default() {
+                results[i] = Some(r);
+            }
+        }
+    });
     let mut seen: HashSet<u64> = HashSet::new();
     let mut lines = 0u64;
     let mut bound = Vec::new();
     let mut bytes_hashed = payload.len() as u64;
-    let signatures = (signers + head.signatures.len()) as u64;
-    for f in files {
-        let name = f["name"].as_str().unwrap_or_default();
-        if name.is_empty() || name.contains(['/', '\\']) || name.starts_with('.') {
-            return Err(Invalid(format!("the trust label names a file {name:?}")));
-        }
-        let bytes = read(&dir.join(name))?;
-        bytes_hashed += bytes.len() as u64;
-        if hex::encode(Sha256::digest(&bytes)) != f["sha256"].as_str().unwrap_or_default() {
-            return Err(Invalid(format!("{name}: its SHA-256 is not the one the trust label signs")));
-        }
-        let text = std::str::from_utf8(&bytes).map_err(|_| Invalid(format!("{name}: not UTF-8")))?;
-        let data: Vec<&str> = text.lines().collect();
-        if data.len() as u64 != f["count"].as_u64().unwrap_or(u64::MAX) {
-            return Err(Invalid(format!("{name}: {} lines, the trust label says {}", data.len(), f["count"])));
-        }
-        if f["kind"] == "error" {
-            continue;
-        }
-        let proofs_file = proofs_name(name);
-        let proofs_bytes = read(&dir.join(&proofs_file))?;
-        let proofs: Vec<&str> = std::str::from_utf8(&proofs_bytes)
-            .map_err(|_| Invalid(format!("{proofs_file}: not UTF-8")))?
-            .lines()
-            .collect();
-        if proofs.len() != data.len() {
-            return Err(Invalid(format!("{proofs_file}: {} proofs for {} lines of {name}", proofs.len(), data.len())));
-        }
-        let deletion = f["kind"] == "deleted";
-        let mut leaves = Vec::with_capacity(data.len());
-        for (i, (line, proof)) in data.iter().zip(&proofs).enumerate() {
-            let at = format!("{name} line {}", i + 1);
-            let (leaf, hashed) =
-                check_line(line, proof, &head, deletion, subsetted).map_err(|e| Invalid(format!("{at}: {e}")))?;
-            bytes_hashed += hashed;
+    for r in results {
+        let c = r.ok_or_else(|| Unchecked("a checking thread failed".into()))??;
+        bytes_hashed += c.hashed;
+        let Some((name, kind, leaves)) = c.file else { continue };
+        for (i, &leaf) in leaves.iter().enumerate() {
             if !seen.insert(leaf) {
-                return Err(Invalid(format!("{at}: leaf {leaf} appears a second time in the export")));
+                return Err(Invalid(format!("{name} line {}: leaf {leaf} appears a second time in the export", i + 1)));
             }
-            leaves.push(leaf);
-            lines += 1;
         }
-        bound.push((name.to_string(), f["kind"].as_str().unwrap_or_default().to_string(), leaves));
+        lines += leaves.len() as u64;
+        bound.push((name, kind, leaves));
     }
     Ok(Verified { head, cosigners, signers, lines, files: bound, subsetted, bytes_hashed, signatures })
+}
+
+/// One file checked: the bytes hashed, and for data files their name, kind and leaves.
+struct Checked {
+    hashed: u64,
+    file: Option<(String, String, Vec<u64>)>,
+}
+
+/// Checks one file the label names (digest, count) and, for data files, every line against
+/// its proof.
+fn check_file(dir: &Path, f: &Value, head: &TreeHead, subsetted: bool) -> Result<Checked, Failure> {
+    let name = f["name"].as_str().unwrap_or_default();
+    if name.is_empty() || name.contains(['/', '\\']) || name.starts_with('.') {
+        return Err(Invalid(format!("the trust label names a file {name:?}")));
+    }
+    let bytes = read(&dir.join(name))?;
+    let mut hashed = bytes.len() as u64;
+    if hex::encode(Sha256::digest(&bytes)) != f["sha256"].as_str().unwrap_or_default() {
+        return Err(Invalid(format!("{name}: its SHA-256 is not the one the trust label signs")));
+    }
+    let text = std::str::from_utf8(&bytes).map_err(|_| Invalid(format!("{name}: not UTF-8")))?;
+    let data: Vec<&str> = text.lines().collect();
+    if data.len() as u64 != f["count"].as_u64().unwrap_or(u64::MAX) {
+        return Err(Invalid(format!("{name}: {} lines, the trust label says {}", data.len(), f["count"])));
+    }
+    if f["kind"] == "error" {
+        return Ok(Checked { hashed, file: None });
+    }
+    let proofs_file = proofs_name(name);
+    let proofs_bytes = read(&dir.join(&proofs_file))?;
+    let proofs: Vec<&str> =
+        std::str::from_utf8(&proofs_bytes).map_err(|_| Invalid(format!("{proofs_file}: not UTF-8")))?.lines().collect();
+    if proofs.len() != data.len() {
+        return Err(Invalid(format!("{proofs_file}: {} proofs for {} lines of {name}", proofs.len(), data.len())));
+    }
+    let deletion = f["kind"] == "deleted";
+    let mut leaves = Vec::with_capacity(data.len());
+    for (i, (line, proof)) in data.iter().zip(&proofs).enumerate() {
+        let (leaf, h) = check_line(line, proof, head, deletion, subsetted)
+            .map_err(|e| Invalid(format!("{name} line {}: {e}", i + 1)))?;
+        hashed += h;
+        leaves.push(leaf);
+    }
+    let kind = f["kind"].as_str().unwrap_or_default().to_string();
+    Ok(Checked { hashed, file: Some((name.to_string(), kind, leaves)) })
 }
 
 /// Every file the manifest lists must be one the label signs, with the same count.

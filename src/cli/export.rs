@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use futures::StreamExt;
 use serde_json::Value;
 
 #[derive(clap::Args)]
@@ -43,6 +44,23 @@ fn get(http: &reqwest::Client, url: &str, token: Option<&str>) -> reqwest::Reque
         Some(t) => req.bearer_auth(t),
         None => req,
     }
+}
+
+/// Files downloaded at once.
+const PARALLEL: usize = 4;
+
+/// Streams `url` to the file named by its last segment in `dir`; returns that name.
+async fn fetch_to(http: &reqwest::Client, url: &str, dir: &Path, token: Option<&str>) -> anyhow::Result<String> {
+    let name = url.rsplit('/').next().unwrap_or_default().to_string();
+    let mut r = get(http, url, token).send().await.with_context(|| format!("GET {url}"))?;
+    if !r.status().is_success() {
+        bail!("GET {url}: {}", r.status());
+    }
+    let mut out = std::fs::File::create(dir.join(&name))?;
+    while let Some(chunk) = r.chunk().await.with_context(|| format!("reading {url}"))? {
+        out.write_all(&chunk)?;
+    }
+    Ok(name)
 }
 
 /// Polls `url` until the manifest comes, then downloads everything; returns the manifest.
@@ -82,20 +100,20 @@ pub async fn download(url: &str, dir: &Path, token: Option<&str>) -> anyhow::Res
             trust["proofs"].as_array().into_iter().flatten().filter_map(|p| p["url"].as_str().map(str::to_string)),
         );
     }
-    for (n, file_url) in urls.iter().enumerate() {
-        let name = file_url.rsplit('/').next().unwrap_or_default();
+    for url in &urls {
+        let name = url.rsplit('/').next().unwrap_or_default();
         if name.is_empty() || name.starts_with('.') {
-            bail!("the manifest links {file_url}, which has no file name");
+            bail!("the manifest links {url}, which has no file name");
         }
-        let mut r = get(&http, file_url, token).send().await.with_context(|| format!("GET {file_url}"))?;
-        if !r.status().is_success() {
-            bail!("GET {file_url}: {}", r.status());
-        }
-        let mut out = std::fs::File::create(dir.join(name))?;
-        while let Some(chunk) = r.chunk().await.with_context(|| format!("reading {file_url}"))? {
-            out.write_all(&chunk)?;
-        }
-        eprintln!("export: {}/{} {name}", n + 1, urls.len());
+    }
+    // A few files at a time: the server makes each one on a single core.
+    let total = urls.len();
+    let mut fetches =
+        futures::stream::iter(urls.iter().map(|u| fetch_to(&http, u, dir, token))).buffer_unordered(PARALLEL);
+    let mut done = 0;
+    while let Some(name) = fetches.next().await {
+        done += 1;
+        eprintln!("export: {done}/{total} {}", name?);
     }
     Ok(manifest)
 }
