@@ -115,8 +115,11 @@ pub async fn run(args: TransferArgs) -> anyhow::Result<()> {
             let verified = verify_dir(&i.dir, &keys, quorum)?;
             let n = import(&http, &i.dir, &verified, &peer, &i.into, i.token.as_deref()).await?;
             println!(
-                "import from {}: {} resources verified against tree head {} and imported ({n} entries with the Provenance)",
-                peer.name, verified.lines, verified.head.size
+                "import from {}: {} resources verified against tree head {}; {} imported with a transmitter Provenance",
+                peer.name,
+                verified.lines,
+                verified.head.size,
+                n.saturating_sub(1)
             );
             Ok(())
         }
@@ -322,8 +325,12 @@ async fn pull(a: &PullArgs) -> anyhow::Result<String> {
         let _ = std::fs::remove_dir_all(&temp);
     }
     Ok(format!(
-        "transfer from {}: {} resources of {member} verified against tree head {} and imported ({n} entries with the Provenance)",
-        peer.name, verified.lines, verified.head.size
+        "transfer from {}: {} resources of {member} verified against tree head {}; {} imported with a transmitter Provenance \
+         (the old payer's AuditEvents of the member stay there)",
+        peer.name,
+        verified.lines,
+        verified.head.size,
+        n.saturating_sub(1)
     ))
 }
 

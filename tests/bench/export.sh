@@ -133,6 +133,6 @@ import_base=$base; servers="$servers $server"
 t0=$(now)
 out=$("$bin" transfer import --config "$work/peer.toml" --from source "$work/member-export" --into "$import_base")
 t1=$(now)
-n_import=$(echo "$out" | sed -n 's/.*: \([0-9]*\) resources verified.*/\1/p')
+n_import=$(echo "$out" | sed -n 's/.*; \([0-9]*\) imported.*/\1/p')
 echo "$out"
 echo "verified import of $import_n patients (check + one transaction): $n_import resources in $(python3 -c "print(round($t1 - $t0, 2))") s: $(rate $n_import $t0 $t1) resources/s = $(python3 -c "print(round($n_import / ($t1 - $t0) / $plain_rate, 2))")x plain ingest"
