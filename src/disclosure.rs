@@ -237,32 +237,37 @@ fn aggregate(batch: Vec<Event>) -> Vec<Disclosure> {
     type Key = (String, Option<String>, Option<String>, &'static str, Option<String>, bool);
     let mut out: Vec<Disclosure> = Vec::new();
     let mut by_key: std::collections::HashMap<Key, usize> = std::collections::HashMap::new();
-    for e in batch {
+    // Where each entity is in its disclosure's list: a Bulk export discloses thousands of
+    // resources of one patient at once, and a linear search per entity was quadratic.
+    let mut positions: Vec<std::collections::HashMap<String, usize>> = Vec::new();
+    let count = |d: &mut Disclosure, at: &mut std::collections::HashMap<String, usize>, r: String| {
+        if let Some(&i) = at.get(&r) {
+            d.entities[i].1 += 1;
+        } else {
+            at.insert(r.clone(), d.entities.len());
+            d.entities.push((r, 1));
+        }
+    };
+    for mut e in batch {
         let key =
             (e.client_id.clone(), e.user.clone(), e.patient.clone(), e.interaction, e.purpose.clone(), e.broke_glass);
         let slot = if e.success { by_key.get(&key).copied() } else { None };
-        if let Some(i) = slot {
+        let entities = std::mem::take(&mut e.entities);
+        let i = if let Some(i) = slot {
             let d = &mut out[i];
             d.requests += e.requests;
             d.last_ms = d.last_ms.max(e.recorded_ms);
-            for r in e.entities {
-                match d.entities.iter_mut().find(|(x, _)| *x == r) {
-                    Some((_, n)) => *n += 1,
-                    None => d.entities.push((r, 1)),
-                }
-            }
+            i
         } else {
             if e.success {
                 by_key.insert(key, out.len());
             }
-            let mut entities: Vec<(String, u64)> = Vec::new();
-            for r in &e.entities {
-                match entities.iter_mut().find(|(x, _)| x == r) {
-                    Some((_, n)) => *n += 1,
-                    None => entities.push((r.clone(), 1)),
-                }
-            }
-            out.push(Disclosure { last_ms: e.recorded_ms, requests: e.requests, entities, first: e });
+            out.push(Disclosure { last_ms: e.recorded_ms, requests: e.requests, entities: Vec::new(), first: e });
+            positions.push(std::collections::HashMap::new());
+            out.len() - 1
+        };
+        for r in entities {
+            count(&mut out[i], &mut positions[i], r);
         }
     }
     out
@@ -481,4 +486,51 @@ pub fn report_parameters(patient: &str, total: u64, accessors: &BTreeMap<String,
     }
     let v = json!({"resourceType": "Parameters", "parameter": params});
     json::parse(v.to_string().as_bytes(), usize::MAX).unwrap_or(Json::Null)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(patient: &str, success: bool, entities: &[&str]) -> Event {
+        Event {
+            recorded_ms: 1,
+            interaction: "read",
+            success,
+            detail: None,
+            purpose: None,
+            broke_glass: false,
+            client_id: "app".into(),
+            client_name: "App".into(),
+            user: None,
+            patient: Some(patient.into()),
+            entities: entities.iter().map(ToString::to_string).collect(),
+            requests: 1,
+        }
+    }
+
+    #[test]
+    fn disclosures_merge_per_accessor_and_patient_and_count_each_resource() {
+        let batch = vec![
+            event("a", true, &["Observation/1/_history/1", "Observation/2/_history/1", "Observation/1/_history/1"]),
+            event("a", true, &["Observation/2/_history/1", "Observation/3/_history/1"]),
+            event("b", true, &["Observation/9/_history/1"]),
+            event("a", false, &[]),
+            event("a", false, &[]),
+        ];
+        let out = aggregate(batch);
+        assert_eq!(out.len(), 4, "one merged event for a, one for b, each refusal apart");
+        let a = &out[0];
+        assert_eq!(a.requests, 2);
+        assert_eq!(
+            a.entities,
+            [
+                ("Observation/1/_history/1".to_string(), 2),
+                ("Observation/2/_history/1".to_string(), 2),
+                ("Observation/3/_history/1".to_string(), 1)
+            ]
+        );
+        assert_eq!(out[1].entities, [("Observation/9/_history/1".to_string(), 1)]);
+        assert!(!out[2].first.success && !out[3].first.success);
+    }
 }

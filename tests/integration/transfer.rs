@@ -256,6 +256,22 @@ async fn a_member_moves_to_a_new_payer_with_verified_data_and_nothing_else_moves
         assert!(!r.to_string().contains(&other_id), "the other patient's data never moves");
     }
 
+    // A head the old payer showed before that this ledger does not extend (a fork: signed by
+    // its own key, with another root): the transfer is refused, nothing more is imported.
+    let node_key = std::fs::read_to_string(old.dir.path().join("node.key")).expect("node.key");
+    let node_key: [u8; 32] = hex::decode(node_key.trim()).expect("hex").try_into().expect("32 bytes");
+    let node_key = ed25519_dalek::SigningKey::from_bytes(&node_key);
+    let fork = fhir_ledger::treehead::TreeHead::signed(n as u64 / 2, [0x42; 32], smart::now() * 1000, "1", &node_key);
+    let parts: Vec<Value> = fork.to_parts().iter().map(fhir_ledger::fhir::json::Json::to_serde).collect();
+    std::fs::write(w("fork.json"), json!({"resourceType": "Parameters", "parameter": parts}).to_string())
+        .expect("fork");
+    let before = smart::search_all(&new.http, &new.base, &new_sys, "Provenance?agent-type=transmitter").await.len();
+    let (code, out) = pull(&s(w("peer.toml")), "consent.json", &["--known-head", &s(w("fork.json"))]);
+    assert_ne!(code, 0, "{out}");
+    assert!(out.contains("not consistent"), "{out}");
+    let after = smart::search_all(&new.http, &new.base, &new_sys, "Provenance?agent-type=transmitter").await.len();
+    assert_eq!(before, after, "nothing more was imported");
+
     // The peer's token reaches the matched member only.
     let tok = peer.token(&old).await;
     let params = json!({"resourceType": "Parameters", "parameter": [{"name": "patient", "valueReference": {"reference": format!("Patient/{other_id}")}}]});
