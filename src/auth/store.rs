@@ -100,7 +100,8 @@ pub fn jti_id(client_id: &str, jti: &str) -> String {
     super::sha256_hex(&format!("fhir-ledger jti\0{client_id}\0{jti}"))
 }
 
-fn to_json<T: Serialize>(v: &T) -> Result<Json, FhirError> {
+/// A record as the JSON tree the repository stores.
+pub fn to_json<T: Serialize>(v: &T) -> Result<Json, FhirError> {
     let text = serde_json::to_vec(v).map_err(FhirError::internal)?;
     json::parse(&text, usize::MAX).map_err(FhirError::internal)
 }

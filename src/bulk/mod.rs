@@ -22,9 +22,9 @@ use serde::{Deserialize, Serialize};
 
 use self::params::{Level, Params};
 use crate::auth::access::Disclosed;
+use crate::auth::store::to_json;
 use crate::auth::{Auth, Caller};
 use crate::error::FhirError;
-use crate::fhir::json::{self, Json};
 use crate::repo::System;
 use crate::search::Engine;
 
@@ -174,11 +174,6 @@ impl Exports {
         }
         ok
     }
-}
-
-fn to_json<T: Serialize>(v: &T) -> Result<Json, FhirError> {
-    let text = serde_json::to_vec(v).map_err(FhirError::internal)?;
-    json::parse(&text, usize::MAX).map_err(FhirError::internal)
 }
 
 pub fn get_job(engine: &Engine, id: &str) -> Result<Option<(Job, u64)>, FhirError> {

