@@ -21,45 +21,29 @@ use crate::fhir::json::Json;
 /// What a client should wait between polls; polling at under a quarter of it is answered 429.
 const RETRY_AFTER_S: i64 = 2;
 
-pub async fn system_get(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, FhirError> {
-    kickoff(req, state, Level::System, None).await
-}
-
-pub async fn system_post(
+pub async fn system(
     req: HttpRequest,
     state: web::Data<AppState>,
     body: web::Payload,
 ) -> Result<HttpResponse, FhirError> {
-    kickoff(req, state, Level::System, Some(body)).await
+    kickoff(req, state, Level::System, body).await
 }
 
-pub async fn patient_get(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, FhirError> {
-    kickoff(req, state, Level::Patient, None).await
-}
-
-pub async fn patient_post(
+pub async fn patient(
     req: HttpRequest,
     state: web::Data<AppState>,
     body: web::Payload,
 ) -> Result<HttpResponse, FhirError> {
-    kickoff(req, state, Level::Patient, Some(body)).await
+    kickoff(req, state, Level::Patient, body).await
 }
 
-pub async fn group_get(
-    req: HttpRequest,
-    path: web::Path<String>,
-    state: web::Data<AppState>,
-) -> Result<HttpResponse, FhirError> {
-    kickoff(req, state, Level::Group(path.into_inner()), None).await
-}
-
-pub async fn group_post(
+pub async fn group(
     req: HttpRequest,
     path: web::Path<String>,
     state: web::Data<AppState>,
     body: web::Payload,
 ) -> Result<HttpResponse, FhirError> {
-    kickoff(req, state, Level::Group(path.into_inner()), Some(body)).await
+    kickoff(req, state, Level::Group(path.into_inner()), body).await
 }
 
 fn respond_async(req: &HttpRequest) -> bool {
@@ -73,8 +57,10 @@ async fn kickoff(
     req: HttpRequest,
     state: web::Data<AppState>,
     level: Level,
-    body: Option<web::Payload>,
+    body: web::Payload,
 ) -> Result<HttpResponse, FhirError> {
+    // A GET kicks off with its query string alone; a POST may add a Parameters body.
+    let body = (req.method() == actix_web::http::Method::POST).then_some(body);
     read_barrier(&req, &state.repo).await?;
     let caller = authz::caller(&req);
     let post = body.is_some();

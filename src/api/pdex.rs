@@ -63,7 +63,7 @@ pub async fn member_match(
     };
     let now = crate::fhir::now_ms();
     let regular = if caller.unrestricted {
-        payer::check_consent(consent, &any_recipient(consent), &identifiers, now)?
+        payer::check_consent(consent, &payer::recipient(consent).unwrap_or_default(), &identifiers, now)?
     } else {
         payer::check_consent(consent, &requester, &identifiers, now)?
     };
@@ -108,14 +108,4 @@ pub async fn member_match(
         ),
     ]);
     Ok(json_response(200, &out, &f))
-}
-
-/// The first recipient (`IRCP`) reference of a Consent, as `Type/id`.
-fn any_recipient(consent: &Json) -> String {
-    consent
-        .items(&["provision", "actor"])
-        .filter(|a| a.items(&["role", "coding"]).any(|c| c.str_at(&["code"]) == Some("IRCP")))
-        .find_map(|a| a.str_at(&["reference", "reference"]))
-        .map(|r| r.rsplit('/').take(2).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("/"))
-        .unwrap_or_default()
 }

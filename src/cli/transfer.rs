@@ -318,7 +318,7 @@ async fn pull(a: &PullArgs) -> anyhow::Result<String> {
     }
     let n = import(&http, &dir, &verified, peer, &a.into, a.token.as_deref()).await?;
     if let Some(known) = &a.known_head {
-        let head = json!({"resourceType": "Parameters", "parameter": verified.head.to_parts().iter().map(crate::fhir::json::Json::to_serde).collect::<Vec<_>>()});
+        let head = head_parameters(&verified.head);
         std::fs::write(known, head.to_string())?;
     }
     if a.dir.is_none() {
@@ -439,7 +439,7 @@ pub fn import_bundle(dir: &Path, v: &check::Verified, peer_base: &str, peer_name
             {"url": LEAF_EXTENSION, "valueString": json!({"leaf": leaf, "leafData": p["leafData"], "path": p["path"]}).to_string()}]}));
         entries.push(json!({"fullUrl": full_url, "resource": r, "request": {"method": "POST", "url": rtype}}));
     }
-    let head = json!({"resourceType": "Parameters", "parameter": v.head.to_parts().iter().map(crate::fhir::json::Json::to_serde).collect::<Vec<_>>()});
+    let head = head_parameters(&v.head);
     let provenance = json!({
         "resourceType": "Provenance",
         "target": targets,
@@ -454,6 +454,12 @@ pub fn import_bundle(dir: &Path, v: &check::Verified, peer_base: &str, peer_name
     entries.push(json!({"fullUrl": format!("urn:uuid:{}", uuid::Uuid::new_v4()), "resource": provenance,
                         "request": {"method": "POST", "url": "Provenance"}}));
     Ok(json!({"resourceType": "Bundle", "type": "transaction", "entry": entries}))
+}
+
+/// A tree head as `GET /ledger/head` serves it (a Parameters resource).
+fn head_parameters(head: &crate::treehead::TreeHead) -> Value {
+    let parts: Vec<Value> = head.to_parts().iter().map(crate::fhir::json::Json::to_serde).collect();
+    json!({"resourceType": "Parameters", "parameter": parts})
 }
 
 /// Points every `reference` at the import's own entries, or absolutely at the peer.

@@ -42,6 +42,14 @@ fn reference_key(r: &str) -> Option<String> {
     Some(format!("{t}/{id}"))
 }
 
+/// `Type/id` of the first recipient (`IRCP`) a Consent names by reference.
+pub fn recipient(consent: &Json) -> Option<String> {
+    consent
+        .items(&["provision", "actor"])
+        .filter(|a| has_role(a, "IRCP"))
+        .find_map(|a| a.str_at(&["reference", "reference"]).and_then(reference_key))
+}
+
 fn has_role(actor: &Json, code: &str) -> bool {
     actor.items(&["role", "coding"]).any(|c| c.str_at(&["code"]) == Some(code))
 }
