@@ -89,6 +89,11 @@ pub async fn capability_statement(req: HttpRequest, state: web::Data<AppState>) 
                     "http://hl7.org/fhir/us/davinci-hrex/OperationDefinition/member-match",
                     "POST /Patient/$member-match (HRex 1.1.0): one member by demographics and coverage, with an HRex Consent naming the requesting payer",
                 ));
+                operations.push(standard_operation(
+                    "everything",
+                    "http://hl7.org/fhir/OperationDefinition/Patient-everything",
+                    "GET /Patient/{id}/$everything (_since, _type, _count): the patient, its compartment and what that references, paged across types",
+                ));
                 operations.push(operation(
                     "erase",
                     "POST /Patient/{id}/$erase: crypto-shreds the patient's compartment (every version unreadable, every proof still valid)",

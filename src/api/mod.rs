@@ -5,6 +5,7 @@ pub mod admin;
 pub mod authz;
 pub mod bulk;
 pub mod bundle;
+pub mod everything;
 pub mod history;
 
 pub mod ledger;

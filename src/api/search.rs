@@ -64,6 +64,9 @@ pub async fn compartment(
     if ctype == "Patient" && rtype == "$access-report" {
         return super::report::access_report(&req, &state, &id).await;
     }
+    if ctype == "Patient" && rtype == "$everything" {
+        return super::everything::everything(&req, &state, &id).await;
+    }
     let params = parse_query(req.query_string());
     answer(&req, &state, Scope::Compartment { ctype, id, rtype }, params).await
 }
@@ -223,7 +226,7 @@ fn searchset_compartment_all(
 }
 
 /// Resources of type `t` in the compartment of `Patient/id` (`t` is one of its types).
-fn patient_compartment(search: &crate::search::Engine, t: &str, id: &str) -> Filter {
+pub(super) fn patient_compartment(search: &crate::search::Engine, t: &str, id: &str) -> Filter {
     let codes = search.compartments().patient.get(t).cloned().unwrap_or_default();
     Filter::Compartment { codes, target: ("Patient".into(), id.to_string()) }
 }
@@ -242,7 +245,7 @@ pub fn search_bundle(
 }
 
 /// Logs the resources a page disclosed (matches and includes).
-fn log(who: &Who<'_>, interaction: &'static str, found: &search::Found, d: &crate::auth::access::Disclosed) {
+pub(super) fn log(who: &Who<'_>, interaction: &'static str, found: &search::Found, d: &crate::auth::access::Disclosed) {
     if found.search.summary == Summary::Count {
         return; // nothing but a count left the server
     }
@@ -267,13 +270,7 @@ fn searchset(
     let mut entries = entries_of(repo, base, &found)?;
     log(who, if types.len() > 1 { "search-system" } else { "search-type" }, &found, &disclosed);
     if !found.search.ignored.is_empty() {
-        let oo = crate::error::outcome(&[crate::error::Issue {
-            severity: "warning",
-            code: "not-supported",
-            diagnostics: format!("ignored unsupported search parameters: {}", found.search.ignored.join(", ")),
-            expression: found.search.ignored.clone(),
-        }]);
-        entries.push(Json::obj(vec![("resource", oo), ("search", Json::obj(vec![("mode", Json::str("outcome"))]))]));
+        entries.push(warning_entry(&found.search.ignored));
     }
     let keep: Vec<(String, String)> =
         params.iter().filter(|(k, _)| k != "_cursor" && !found.search.ignored.contains(k)).cloned().collect();
@@ -304,14 +301,35 @@ fn searchset(
     Ok(b)
 }
 
+/// The `search.mode=outcome` entry that names the parameters a lenient search left out.
+pub(super) fn warning_entry(ignored: &[String]) -> Json {
+    let oo = crate::error::outcome(&[crate::error::Issue {
+        severity: "warning",
+        code: "not-supported",
+        diagnostics: format!("ignored unsupported search parameters: {}", ignored.join(", ")),
+        expression: ignored.to_vec(),
+    }]);
+    Json::obj(vec![("resource", oo), ("search", Json::obj(vec![("mode", Json::str("outcome"))]))])
+}
+
 fn entries_of(repo: &Repo, base: &str, found: &search::Found) -> Result<Vec<Json>, FhirError> {
-    let s = &found.search;
+    entries(repo, base, &found.search, &found.matches, &found.included)
+}
+
+/// The entries of a page: its matches, then what they include, as the search `s` shapes them.
+pub(super) fn entries(
+    repo: &Repo,
+    base: &str,
+    s: &crate::search::query::Search,
+    matches: &[search::Hit],
+    included: &[search::Hit],
+) -> Result<Vec<Json>, FhirError> {
     if s.summary == Summary::Count {
         return Ok(Vec::new());
     }
-    let mut entries = Vec::with_capacity(found.matches.len() + found.included.len());
+    let mut entries = Vec::with_capacity(matches.len() + included.len());
     let hits: Vec<(&str, &search::Hit)> =
-        found.matches.iter().map(|h| ("match", h)).chain(found.included.iter().map(|h| ("include", h))).collect();
+        matches.iter().map(|h| ("match", h)).chain(included.iter().map(|h| ("include", h))).collect();
     let leaves: Vec<u64> = hits.iter().map(|(_, h)| h.leaf).collect();
     for ((mode, hit), stored) in hits.into_iter().zip(repo.read_leaves(&leaves)) {
         let (t, id) = (&hit.rtype, &hit.id);
@@ -334,7 +352,7 @@ fn entries_of(repo: &Repo, base: &str, found: &search::Found) -> Result<Vec<Json
     Ok(entries)
 }
 
-fn bundle(
+pub(super) fn bundle(
     self_url: &str,
     params: &[(String, String)],
     total: Option<usize>,
@@ -357,7 +375,7 @@ fn bundle(
     Json::Object(b)
 }
 
-fn url(base: &str, params: &[(String, String)]) -> String {
+pub(super) fn url(base: &str, params: &[(String, String)]) -> String {
     if params.is_empty() {
         return base.to_string();
     }

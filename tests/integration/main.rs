@@ -11,6 +11,7 @@ mod auth_server;
 mod bulk;
 mod cluster;
 mod door;
+mod everything;
 mod http;
 mod lincheck;
 mod process;
