@@ -46,7 +46,24 @@ pub async fn group(
     kickoff(req, state, Level::Group(path.into_inner()), body).await
 }
 
-fn respond_async(req: &HttpRequest) -> bool {
+/// `GET|POST /Group/{id}/$davinci-data-export` (PDex 2.1.0): the Group-level export of a
+/// `$bulk-member-match` result, for the payer that asked for it, with
+/// `exportType=hl7.fhir.us.davinci-pdex#payertopayer` and `_since` no earlier than five
+/// years back. Each member's consent is evaluated again by the guard when the export runs.
+pub async fn davinci_data_export(
+    req: HttpRequest,
+    path: web::Path<String>,
+    state: web::Data<AppState>,
+    body: web::Payload,
+) -> Result<HttpResponse, FhirError> {
+    kickoff(req, state, Level::Group(path.into_inner()), body).await
+}
+
+/// What PDex's payer-to-payer export allows of a member's history.
+const PAYER_TO_PAYER_YEARS_MS: i64 = 5 * 31_557_600_000;
+const PAYER_TO_PAYER: &str = "hl7.fhir.us.davinci-pdex#payertopayer";
+
+pub(super) fn respond_async(req: &HttpRequest) -> bool {
     req.headers()
         .get_all("prefer")
         .filter_map(|v| v.to_str().ok())
@@ -73,8 +90,20 @@ async fn kickoff(
             pairs.extend(bulk::params::from_parameters(&super::parse_resource(&bytes)?)?);
         }
     }
+    let davinci = req.path().ends_with("/$davinci-data-export");
+    if davinci {
+        for (_, v) in pairs.iter().filter(|(k, _)| k == "exportType") {
+            if v != PAYER_TO_PAYER {
+                return Err(FhirError::invalid(format!(
+                    "$davinci-data-export exportType {v:?} is not supported (only {PAYER_TO_PAYER})"
+                ))
+                .at("exportType"));
+            }
+        }
+        pairs.retain(|(k, _)| k != "exportType");
+    }
     let lenient = super::prefer_lenient(&req);
-    let (params, types) = {
+    let (mut params, types) = {
         let idx = state.search.current()?;
         let known = |t: &str| idx.known_type(t).is_some() && !crate::auth::store::is_internal(t);
         let params = params::parse(&pairs, &level, post, lenient, known)?;
@@ -106,10 +135,18 @@ async fn kickoff(
     }
     let mut patients: Option<BTreeSet<String>> =
         (!params.patients.is_empty()).then(|| params.patients.iter().cloned().collect());
+    if davinci {
+        let earliest = crate::fhir::now_ms() - PAYER_TO_PAYER_YEARS_MS;
+        params.since_ms = Some(params.since_ms.map_or(earliest, |s| s.max(earliest)));
+    }
     if let Level::Group(gid) = &level {
         authz::require(&state, &caller, "Group", Perm::R, "operation")?;
-        authz::check_visible(&state, &caller, "Group", gid, "operation")?;
-        let group = state.repo.read("Group", gid)?.parsed()?.unwrap_or(Json::Null);
+        let group = if davinci {
+            requesters_group(&state, &caller, gid)?
+        } else {
+            authz::check_visible(&state, &caller, "Group", gid, "operation")?;
+            state.repo.read("Group", gid)?.parsed()?.unwrap_or(Json::Null)
+        };
         let members: BTreeSet<String> = group
             .items(&["member"])
             .filter_map(|m| m.str_at(&["entity", "reference"]))
@@ -141,6 +178,7 @@ async fn kickoff(
         files: Vec::new(),
         completed_ms: None,
         signatures: Vec::new(),
+        result: None,
     };
     let id = uuid::Uuid::new_v4().to_string();
     bulk::create(&state.search, &id, &job).await?;
@@ -148,6 +186,56 @@ async fn kickoff(
     Ok(HttpResponse::Accepted()
         .insert_header((header::CONTENT_LOCATION, format!("{}/bulk/{id}", base_url(&req))))
         .finish())
+}
+
+/// A `$bulk-member-match` result Group, readable by the payer that asked for it (its
+/// `managingEntity`) whatever its members' consents say now: the runner's guard decides
+/// member by member. Any other Group is the 404 of one that does not exist.
+fn requesters_group(state: &AppState, caller: &crate::auth::Caller, gid: &str) -> Result<Json, FhirError> {
+    let missing = || FhirError::not_found(&format!("Group/{gid}"));
+    let group = state.repo.read("Group", gid).map_err(|_| missing())?.parsed()?.ok_or_else(missing)?;
+    let is_match = group
+        .items(&["code", "coding"])
+        .any(|c| c.str_at(&["system"]) == Some(crate::payer::MATCH_RESULT) && c.str_at(&["code"]) == Some("match"));
+    let manager = group.str_at(&["managingEntity", "reference"]);
+    if !is_match || !(caller.unrestricted || manager.is_some() && manager == caller.client_actor.as_deref()) {
+        return Err(missing());
+    }
+    Ok(group)
+}
+
+/// Records an operation answered at once as a finished async job (its status URL then
+/// answers `result`), owned by `caller`; returns the job id.
+pub(super) async fn finished_job(
+    req: &HttpRequest,
+    state: &AppState,
+    caller: &crate::auth::Caller,
+    result: serde_json::Value,
+) -> Result<String, FhirError> {
+    let head = super::ledger::signed_head(&state.repo).await?;
+    let now = crate::fhir::now_ms();
+    let job = Job {
+        owner: bulk::owner_of(caller),
+        request: format!("{}{}", base_url(req), req.uri()),
+        level: Level::System,
+        params: params::Params::default(),
+        patients: None,
+        head: Json::Array(head.to_parts()).to_serde(),
+        size: head.size,
+        transaction_time_ms: head.timestamp_ms,
+        requires_token: state.auth.enabled,
+        created_ms: now,
+        heartbeat_ms: now,
+        state: State::Complete,
+        error: None,
+        files: Vec::new(),
+        completed_ms: Some(now),
+        signatures: Vec::new(),
+        result: Some(result),
+    };
+    let id = uuid::Uuid::new_v4().to_string();
+    bulk::create(&state.search, &id, &job).await?;
+    Ok(id)
 }
 
 /// Starts (or restarts) the runner of job `id` on this node, as `caller`.
@@ -216,6 +304,12 @@ pub async fn status(
         }
         State::Complete => {
             let expires = job.completed_ms.unwrap_or(now) + bulk::EXPIRES_MS;
+            if let Some(result) = &job.result {
+                return Ok(HttpResponse::Ok()
+                    .insert_header((header::EXPIRES, crate::fhir::http_date(expires)))
+                    .content_type(crate::error::FHIR_JSON)
+                    .body(result.to_string()));
+            }
             let manifest = manifest(&job, &id, &base_url(&req));
             Ok(HttpResponse::Ok()
                 .insert_header((header::EXPIRES, crate::fhir::http_date(expires)))

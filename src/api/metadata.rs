@@ -105,6 +105,16 @@ pub async fn capability_statement(req: HttpRequest, state: web::Data<AppState>) 
                     &format!("{BULK_EXPORT}/group-export"),
                     "GET or POST /Group/{id}/$export: the Bulk export of the group's patient members",
                 ));
+                operations.push(standard_operation(
+                    "bulk-member-match",
+                    "http://hl7.org/fhir/us/davinci-pdex/OperationDefinition/BulkMemberMatch",
+                    "POST /Group/$bulk-member-match (PDex 2.1.0, async): MatchedMembers, NonMatchedMembers and ConsentConstrainedMembers Groups; the matched one is stored for the requesting payer",
+                ));
+                operations.push(standard_operation(
+                    "davinci-data-export",
+                    "http://hl7.org/fhir/us/davinci-pdex/OperationDefinition/BulkMemberMatchDataExport",
+                    "GET or POST /Group/{id}/$davinci-data-export (exportType hl7.fhir.us.davinci-pdex#payertopayer): the requesting payer's export of its matched members, at most five years back, each member's consent checked when it runs",
+                ));
             }
             o(vec![
                 ("type", s(t)),

@@ -98,6 +98,10 @@ pub struct Job {
     /// The trust label's detached JWS signatures (compact `header..signature`).
     #[serde(default)]
     pub signatures: Vec<String>,
+    /// An operation answered asynchronously but not an export (`$bulk-member-match`): its
+    /// answer, which the status URL returns once complete.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<serde_json::Value>,
 }
 
 impl Job {

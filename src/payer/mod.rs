@@ -14,24 +14,8 @@ pub const HREX_CONSENT: &str = "http://hl7.org/fhir/us/davinci-hrex/StructureDef
 /// ActCode sensitivity codes).
 pub const SENSITIVE: &[&str] = &["R", "V", "PSY", "PSYTHPN", "HIV", "SUD", "ETH", "ETHUD", "SDV", "SEX", "STD", "BH"];
 
-/// The request's parts, as `$member-match` takes them.
-pub struct Request<'a> {
-    pub member: &'a Json,
-    pub coverage: &'a Json,
-    pub consent: &'a Json,
-}
-
 fn unprocessable(why: impl Into<String>) -> FhirError {
     FhirError::new(ErrorCode::Unprocessable, why.into())
-}
-
-/// The `resource` of the parameter `name` of a Parameters resource.
-pub fn part<'a>(params: &'a Json, name: &str) -> Result<&'a Json, FhirError> {
-    params
-        .items(&["parameter"])
-        .find(|p| p.str_at(&["name"]) == Some(name))
-        .and_then(|p| p.get("resource"))
-        .ok_or_else(|| FhirError::invalid(format!("$member-match: parameter {name} (a resource) is required")).at(name))
 }
 
 /// `Type/id` of a reference (absolute or relative).
@@ -174,4 +158,76 @@ pub fn consent_to_store(consent: &Json, patient: &str, regular: bool) -> Json {
         }
     }
     c
+}
+
+/// The codes of PDex's multi-member match result groups (`match`, `nomatch`, `consentconstraint`).
+pub const MATCH_RESULT: &str = "http://hl7.org/fhir/us/davinci-pdex/CodeSystem/PdexMultiMemberMatchResultCS";
+
+fn result_code(code: &str) -> Json {
+    Json::obj(vec![(
+        "coding",
+        Json::Array(vec![Json::obj(vec![("system", Json::str(MATCH_RESULT)), ("code", Json::str(code))])]),
+    )])
+}
+
+/// The `MatchedMembers` Group of a `$bulk-member-match` (PDex Member Match Group): the
+/// matched patients, managed by the requesting payer `org`, which alone may export it.
+pub fn matched_group(org: &str, patients: &[String], now_ms: i64) -> Json {
+    let members: Vec<Json> = patients
+        .iter()
+        .map(|p| Json::obj(vec![("entity", Json::obj(vec![("reference", Json::str(format!("Patient/{p}")))]))]))
+        .collect();
+    let mut g = vec![
+        ("resourceType", Json::str("Group")),
+        ("type", Json::str("person")),
+        ("actual", Json::Bool(true)),
+        ("code", result_code("match")),
+        ("name", Json::str("Members matched by $bulk-member-match")),
+    ];
+    if !org.is_empty() {
+        let by = Json::obj(vec![("reference", Json::str(org))]);
+        g.push(("managingEntity", by.clone()));
+        g.push((
+            "characteristic",
+            Json::Array(vec![Json::obj(vec![
+                ("code", result_code("match")),
+                ("valueReference", by),
+                ("exclude", Json::Bool(false)),
+                ("period", Json::obj(vec![("start", Json::str(crate::fhir::instant(now_ms)))])),
+            ])]),
+        ));
+    }
+    g.push(("quantity", Json::Number(patients.len().to_string())));
+    if !members.is_empty() {
+        g.push(("member", Json::Array(members)));
+    }
+    Json::obj(g)
+}
+
+/// A `NonMatchedMembers` or `ConsentConstrainedMembers` Group (PDex Member No Match Group):
+/// the submitted demographics as contained Patients. It names no patient of this server, and
+/// is not stored beyond the job's answer.
+pub fn unmatched_group(code: &str, submitted: &[Json]) -> Json {
+    let mut contained = Vec::new();
+    let mut members = Vec::new();
+    for (n, p) in submitted.iter().enumerate() {
+        let mut p = p.clone();
+        p.set("id", Json::str(format!("m{}", n + 1)));
+        contained.push(p);
+        members.push(Json::obj(vec![("entity", Json::obj(vec![("reference", Json::str(format!("#m{}", n + 1)))]))]));
+    }
+    let mut g = vec![("resourceType", Json::str("Group"))];
+    if !contained.is_empty() {
+        g.push(("contained", Json::Array(contained)));
+    }
+    g.extend([
+        ("type", Json::str("person")),
+        ("actual", Json::Bool(true)),
+        ("code", result_code(code)),
+        ("quantity", Json::Number(submitted.len().to_string())),
+    ]);
+    if !members.is_empty() {
+        g.push(("member", Json::Array(members)));
+    }
+    Json::obj(g)
 }

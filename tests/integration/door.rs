@@ -57,6 +57,15 @@ fn calls() -> Vec<(&'static str, Method, &'static str, Option<Value>)> {
             Some(json!({"resourceType": "Parameters", "parameter": [
             {"name": "MemberPatient", "resource": {"resourceType": "Patient", "name": [{"family": "Family-pat-b"}], "birthDate": "2000-01-01"}}]})),
         ),
+        (
+            "/Group/$bulk-member-match",
+            Method::POST,
+            "/Group/$bulk-member-match",
+            Some(json!({"resourceType": "Parameters", "parameter": [{"name": "MemberBundle", "part": [
+            {"name": "MemberPatient", "resource": {"resourceType": "Patient", "name": [{"family": "Family-pat-b"}]}}]}]})),
+        ),
+        ("/Group/{id}/$davinci-data-export", Method::GET, "/Group/grp-b/$davinci-data-export", None),
+        ("/Group/{id}/$davinci-data-export", Method::POST, "/Group/grp-b/$davinci-data-export", None),
         ("/Group/{id}/$export", Method::GET, "/Group/grp-b/$export", None),
         ("/Group/{id}/$export", Method::POST, "/Group/grp-b/$export", Some(export_params)),
         ("/bulk/{job}", Method::GET, "/bulk/4f1c0d6e-0000-4000-8000-000000000000", None),

@@ -1,6 +1,7 @@
 //! `GET /Patient/{id}/$everything` over HTTP: the patient first, its whole compartment paged
 //! across types without repeats, what it references as includes, `_since` and `_type`, and a
-//! patient token that can neither reach another patient nor see them as an include.
+//! patient token that can neither reach another patient nor see them as an include (nor
+//! through the payer operations beside it).
 
 use std::collections::BTreeSet;
 
@@ -143,6 +144,31 @@ async fn everything_pages_the_compartment_and_confines_patients() {
         let r = fhir(http, Method::GET, &format!("{base}/Patient/pat-b/$everything{q}"), Some(&alice), None).await;
         assert_eq!(r.status, 404, "{q}: {}", r.text);
         assert!(!r.text.contains("secret-of-b") && !r.text.contains("Family-pat-b"), "{}", r.text);
+    }
+    // Nor through the payer operations: a match names no one to her, and a Group holding pat-b
+    // exports nothing of pat-b.
+    put_resource(
+        http,
+        base,
+        &sys,
+        &json!({"resourceType": "Group", "id": "grp-b", "type": "person", "actual": true,
+        "member": [{"entity": {"reference": "Patient/pat-b"}}]}),
+    )
+    .await;
+    let match_b = json!({"resourceType": "Parameters", "parameter": [{"name": "MemberBundle", "part": [
+        {"name": "MemberPatient", "resource": {"resourceType": "Patient", "name": [{"family": "Family-pat-b"}]}}]}]});
+    for (method, path, body) in [
+        (Method::POST, "/Group/$bulk-member-match", Some(&match_b)),
+        (Method::GET, "/Group/grp-b/$davinci-data-export", None),
+        (Method::GET, "/Group/grp-b/$export", None),
+    ] {
+        let req = http.request(method, format!("{base}{path}")).bearer_auth(&alice).header("prefer", "respond-async");
+        let req = match body {
+            Some(b) => req.header("content-type", "application/fhir+json").body(b.to_string()),
+            None => req,
+        };
+        let r = smart::send(req).await;
+        assert!(matches!(r.status, 403 | 404), "{path}: {} {}", r.status, r.text);
     }
     // And the server logged what alice was shown.
     let r = get(http, &format!("{base}/Patient/pat-a/$access-report"), &sys).await;

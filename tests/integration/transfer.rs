@@ -78,6 +78,10 @@ impl Peer {
     /// Registers the new payer at the old one: private_key_jwt, acting for
     /// Organization/new-payer, confined to the members whose Consent names it.
     async fn register(old: &SmartServer) -> Peer {
+        Self::register_as(old, "Organization/new-payer").await
+    }
+
+    async fn register_as(old: &SmartServer, actor: &str) -> Peer {
         let key = ed25519_dalek::SigningKey::from_bytes(&rand_seed());
         let kid = fhir_ledger::bulk::label::thumbprint(&key.verifying_key());
         let b64 = |b: &[u8]| base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, b);
@@ -87,7 +91,7 @@ impl Peer {
             .register_client(json!({
                 "client_name": "New Payer", "token_endpoint_auth_method": "private_key_jwt",
                 "scope": "system/*.rs", "jwks": {"keys": [jwk]},
-                "actor": "Organization/new-payer", "consent_required": true}))
+                "actor": actor, "consent_required": true}))
             .await;
         Peer { client_id: v["client_id"].as_str().expect("client_id").to_string(), key }
     }
@@ -308,4 +312,126 @@ async fn a_member_moves_to_a_new_payer_with_verified_data_and_nothing_else_moves
     let r = fhir(&old.http, Method::POST, &old.url("/Patient/$member-match"), Some(&tok), Some(&no_consent)).await;
     assert_eq!(r.status, 400, "{}", r.text);
     assert!(r.text.contains("Consent"), "{}", r.text);
+}
+
+/// One `$bulk-member-match` part: the member, their coverage, their HRex Consent.
+fn member_bundle(member: &Value, subscriber: &str, consent: &Value) -> Value {
+    let coverage = json!({"resourceType": "Coverage", "status": "active", "subscriberId": subscriber,
+        "beneficiary": {"reference": "Patient/x"}, "payor": [{"reference": "Organization/old-payer"}]});
+    json!({"name": "MemberBundle", "part": [
+        {"name": "MemberPatient", "resource": member},
+        {"name": "CoverageToMatch", "resource": coverage},
+        {"name": "Consent", "resource": consent}]})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_member_match_groups_members_and_the_group_export_follows_each_consent() {
+    let old = SmartServer::start(&[]);
+    let old_sys = old.system_token("system/*.cruds").await;
+    for n in [1, 2, 4] {
+        let r = fhir(&old.http, Method::POST, &old.base, Some(&old_sys), Some(&synthea(n))).await;
+        assert_eq!(r.status, 200, "{}", r.text);
+    }
+    for org in ["new-payer", "old-payer", "third-payer"] {
+        put_resource(&old.http, &old.base, &old_sys, &json!({"resourceType": "Organization", "id": org})).await;
+    }
+    // Three members with subscriber ids on their coverage.
+    let mut ids = Vec::new();
+    for (family, sub) in [("Nader", "M-0001"), ("O'Connell", "M-0002"), ("Waelchi", "M-0004")] {
+        let p = smart::search_all(&old.http, &old.base, &old_sys, &format!("Patient?family={family}")).await;
+        let id = p[0]["id"].as_str().expect("id").to_string();
+        for mut cov in
+            smart::search_all(&old.http, &old.base, &old_sys, &format!("Coverage?beneficiary=Patient/{id}")).await
+        {
+            cov["subscriberId"] = json!(sub);
+            put_resource(&old.http, &old.base, &old_sys, &cov).await;
+        }
+        ids.push(id);
+    }
+    let (amy, antoine, colby) = (&ids[0], &ids[1], &ids[2]);
+    let peer = Peer::register(&old).await;
+    let tok = peer.token(&old).await;
+    let person = |family: &str, given: &str, birth: &str, gender: &str| json!({"resourceType": "Patient", "name": [{"family": family, "given": [given]}], "birthDate": birth, "gender": gender});
+    let ours = hrex_consent("Organization/new-payer", "sensitive");
+    let request = json!({"resourceType": "Parameters", "parameter": [
+        member_bundle(&person("Nader", "Amy", "2017-07-11", "female"), "M-0001", &ours),
+        member_bundle(&person("O'Connell", "Antoine", "2009-05-30", "male"), "M-0002", &ours),
+        member_bundle(&person("Waelchi", "Colby", "1967-11-09", "male"), "M-0004",
+                      &hrex_consent("Organization/someone-else", "sensitive")),
+        member_bundle(&person("Nobody", "Nemo", "1990-01-01", "male"), "M-9999", &ours)]});
+
+    // Asynchronous only; then 202, and the status URL answers the three Groups.
+    let url = old.url("/Group/$bulk-member-match");
+    let r = fhir(&old.http, Method::POST, &url, Some(&tok), Some(&request)).await;
+    assert_eq!(r.status, 400, "{}", r.text);
+    let r = kickoff(&old, Method::POST, "/Group/$bulk-member-match", &tok, Some(&request)).await;
+    assert_eq!(r.status, 202, "{}", r.text);
+    let r = get(&old.http, &r.header("content-location"), &tok).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let out = r.json();
+    let group = |name: &str| -> Value {
+        out["parameter"].as_array().expect("parameter").iter().find(|p| p["name"] == name).expect(name)["resource"]
+            .clone()
+    };
+    let members = |g: &Value| -> Vec<String> {
+        g["member"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|m| m["entity"]["reference"].as_str().expect("ref").to_string())
+            .collect()
+    };
+    let matched = group("MatchedMembers");
+    assert_eq!(members(&matched), [format!("Patient/{amy}"), format!("Patient/{antoine}")]);
+    assert_eq!(matched["code"]["coding"][0]["code"], "match");
+    assert_eq!(matched["managingEntity"]["reference"], "Organization/new-payer");
+    let unmatched = group("NonMatchedMembers");
+    assert_eq!(unmatched["contained"][0]["name"][0]["family"], "Nobody", "{unmatched}");
+    let constrained = group("ConsentConstrainedMembers");
+    assert_eq!(constrained["contained"][0]["name"][0]["family"], "Waelchi", "{constrained}");
+    assert!(!r.text.contains(colby.as_str()), "a member whose consent cannot be honoured is not identified");
+    let gid = matched["id"].as_str().expect("group id");
+    // Another payer's client cannot export this group, nor can a request without consent.
+    let export = format!("/Group/{gid}/$davinci-data-export?exportType=hl7.fhir.us.davinci-pdex%23payertopayer");
+    let third = Peer::register_as(&old, "Organization/third-payer").await.token(&old).await;
+    for path in [export.clone(), format!("/Group/{gid}/$export")] {
+        let r = kickoff(&old, Method::GET, &path, &third, None).await;
+        assert_eq!(r.status, 404, "{path}: {}", r.text);
+    }
+    let r =
+        kickoff(&old, Method::GET, &format!("/Group/{gid}/$davinci-data-export?exportType=provider-delta"), &tok, None)
+            .await;
+    assert_eq!(r.status, 400, "{}", r.text);
+
+    // The group's export holds the two matched members, as far back as five years.
+    let r = kickoff(&old, Method::GET, &format!("{export}&_since=1990-01-01T00:00:00Z"), &tok, None).await;
+    assert_eq!(r.status, 202, "{}", r.text);
+    let e = finish(&old, &r.header("content-location"), &tok).await;
+    let exported: std::collections::BTreeSet<String> = e.ids("Patient").into_iter().collect();
+    assert_eq!(exported, [amy.clone(), antoine.clone()].into_iter().collect());
+    let eobs = e.ids("ExplanationOfBenefit").len();
+    assert!(eobs > 0, "claims data moves");
+    assert!(!e.resources().iter().any(|r| r.to_string().contains(colby.as_str())), "an unmatched member's data");
+
+    // Antoine withdraws: the next export of the same group leaves him out and says so.
+    for mut c in smart::search_all(&old.http, &old.base, &old_sys, &format!("Consent?patient=Patient/{antoine}")).await
+    {
+        c["status"] = json!("inactive");
+        put_resource(&old.http, &old.base, &old_sys, &c).await;
+    }
+    let r = kickoff(&old, Method::POST, &export, &tok, None).await;
+    assert_eq!(r.status, 202, "{}", r.text);
+    let e = finish(&old, &r.header("content-location"), &tok).await;
+    assert_eq!(e.ids("Patient"), std::slice::from_ref(amy));
+    assert!(!e.resources().iter().any(|r| r.to_string().contains(antoine.as_str())), "a withdrawn member's data");
+    let errors: Vec<Value> = e.manifest["error"]
+        .as_array()
+        .expect("error")
+        .iter()
+        .flat_map(|o| e.lines(o["url"].as_str().unwrap_or_default()))
+        .collect();
+    assert!(
+        errors.iter().any(|oo| oo.to_string().contains(antoine.as_str())),
+        "the left-out member is named: {errors:?}"
+    );
 }
