@@ -7,7 +7,7 @@
 
 use std::collections::HashSet;
 
-use actix_web::{HttpRequest, HttpResponse};
+use actix_web::{web, HttpRequest, HttpResponse};
 
 use super::search::{bundle, entries, log, patient_compartment, url, warning_entry, Who};
 use super::{authz, json_response, prefer_lenient, read_barrier, AppState, Format};
@@ -28,7 +28,12 @@ struct Ask {
     ignored: Vec<String>,
 }
 
-pub async fn everything(req: &HttpRequest, state: &AppState, id: &str) -> Result<HttpResponse, FhirError> {
+pub async fn everything(
+    req: HttpRequest,
+    path: web::Path<String>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, FhirError> {
+    let (req, state, id) = (&req, &**state, path.as_str());
     read_barrier(req, &state.repo).await?;
     let caller = authz::caller(req);
     let f = &Format::negotiate(req)?;

@@ -109,6 +109,7 @@ fn fhir_routes() -> actix_web::Scope<
         .route("/Patient/$export", web::get().to(bulk::patient))
         .route("/Patient/$export", web::post().to(bulk::patient))
         .route("/Patient/$member-match", web::post().to(pdex::member_match))
+        .route("/Patient/{id}/$everything", web::get().to(everything::everything))
         .route("/Group/$bulk-member-match", web::post().to(pdex::bulk_member_match))
         .route("/Group/{id}/$davinci-data-export", web::get().to(bulk::davinci_data_export))
         .route("/Group/{id}/$davinci-data-export", web::post().to(bulk::davinci_data_export))

@@ -64,9 +64,6 @@ pub async fn compartment(
     if ctype == "Patient" && rtype == "$access-report" {
         return super::report::access_report(&req, &state, &id).await;
     }
-    if ctype == "Patient" && rtype == "$everything" {
-        return super::everything::everything(&req, &state, &id).await;
-    }
     let params = parse_query(req.query_string());
     answer(&req, &state, Scope::Compartment { ctype, id, rtype }, params).await
 }

@@ -86,7 +86,7 @@ fn calls() -> Vec<(&'static str, Method, &'static str, Option<Value>)> {
         ("/{compartment}/{id}/{type}", Method::GET, "/Patient/pat-b/Observation", None),
         ("/{compartment}/{id}/{type}", Method::GET, "/Patient/pat-b/*", None),
         ("/{compartment}/{id}/{type}", Method::GET, "/Patient/pat-b/$access-report", None),
-        ("/{compartment}/{id}/{type}", Method::GET, "/Patient/pat-b/$everything", None),
+        ("/Patient/{id}/$everything", Method::GET, "/Patient/pat-b/$everything", None),
         ("/{type}/{id}/_history/{vid}", Method::GET, "/Observation/obs-b/_history/1", None),
         ("/{type}/{id}/_history/{vid}/{op}", Method::GET, "/Observation/obs-b/_history/1/$proof", None),
     ]
