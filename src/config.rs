@@ -155,6 +155,8 @@ pub struct Config {
     pub secrets_dir: PathBuf,
     pub admin_token: Option<String>,
     pub fault_injection: bool,
+    /// The servers whose exports `$import` pulls (`[[trusted_peer]]`).
+    pub trusted_peers: Vec<TrustedPeer>,
 }
 
 pub const DEFAULT_MAX_BODY: usize = 16 * 1024 * 1024;
@@ -209,6 +211,7 @@ impl Config {
             raft_listen,
             admin_token: args.admin_token.clone().or(file.admin_token).filter(|t| !t.is_empty()),
             fault_injection: args.fault_injection || file.fault_injection.unwrap_or(false),
+            trusted_peers: file.trusted_peer,
         };
         if cfg.max_body_bytes == 0 || cfg.workers == 0 || cfg.node_id == 0 || cfg.cache_bytes == 0 {
             anyhow::bail!("max_body_bytes, workers, node_id and cache_mb must be positive");

@@ -26,5 +26,6 @@ pub mod payer;
 pub mod repo;
 pub mod search;
 pub mod server;
+pub mod transfer;
 pub mod treehead;
 pub mod verify;

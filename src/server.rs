@@ -164,6 +164,7 @@ pub async fn serve(cfg: Config, node: Node, listener: TcpListener) -> anyhow::Re
         admin: node.admin,
         auth: node.auth,
         exports: Arc::default(),
+        trusted_peers: cfg.trusted_peers.clone(),
     });
     let server = HttpServer::new(move || App::new().app_data(state.clone()).configure(api::configure))
         .workers(cfg.workers)

@@ -178,6 +178,7 @@ async fn kickoff(
         files: Vec::new(),
         completed_ms: None,
         signatures: Vec::new(),
+        operation: None,
         result: None,
     };
     let id = uuid::Uuid::new_v4().to_string();
@@ -204,13 +205,15 @@ fn requesters_group(state: &AppState, caller: &crate::auth::Caller, gid: &str) -
     Ok(group)
 }
 
-/// Records an operation answered at once as a finished async job (its status URL then
-/// answers `result`), owned by `caller`; returns the job id.
-pub(super) async fn finished_job(
+/// Records an asynchronous operation `operation` as a job owned by `caller`: finished with
+/// `result` when given (its status URL then answers it), else accepted for a runner
+/// ([`bulk::spawn_operation`]); returns the job id.
+pub(super) async fn operation_job(
     req: &HttpRequest,
     state: &AppState,
     caller: &crate::auth::Caller,
-    result: serde_json::Value,
+    operation: &str,
+    result: Option<serde_json::Value>,
 ) -> Result<String, FhirError> {
     let head = super::ledger::signed_head(&state.repo).await?;
     let now = crate::fhir::now_ms();
@@ -226,12 +229,13 @@ pub(super) async fn finished_job(
         requires_token: state.auth.enabled,
         created_ms: now,
         heartbeat_ms: now,
-        state: State::Complete,
+        state: if result.is_some() { State::Complete } else { State::Accepted },
         error: None,
         files: Vec::new(),
-        completed_ms: Some(now),
+        completed_ms: result.is_some().then_some(now),
         signatures: Vec::new(),
-        result: Some(result),
+        operation: Some(operation.to_string()),
+        result,
     };
     let id = uuid::Uuid::new_v4().to_string();
     bulk::create(&state.search, &id, &job).await?;
@@ -286,10 +290,20 @@ pub async fn status(
             }
             let progress = if let Some(p) = state.exports.progress(&id) {
                 use std::sync::atomic::Ordering::Relaxed;
-                format!("{} of {} resources checked", p.done.load(Relaxed), p.total.load(Relaxed))
+                if let Some(op) = &job.operation {
+                    format!("{op} running")
+                } else {
+                    format!("{} of {} resources checked", p.done.load(Relaxed), p.total.load(Relaxed))
+                }
+            } else if let Some(op) = job.operation.as_deref().filter(|_| now - job.heartbeat_ms > bulk::TAKEOVER_MS) {
+                // An operation is not run twice: its runner is gone, and it says so.
+                return Err(FhirError::new(
+                    ErrorCode::Unprocessable,
+                    format!("{op} {id} was interrupted (its node stopped) before it recorded an outcome; an import is one transaction, applied whole or not at all: look for its Provenance before kicking it off again"),
+                ));
             } else {
-                // Its runner is gone (a restart, a node lost): this node takes it over.
-                if now - job.heartbeat_ms > bulk::TAKEOVER_MS {
+                // An export's runner is gone (a restart, a node lost): this node takes it over.
+                if job.operation.is_none() && now - job.heartbeat_ms > bulk::TAKEOVER_MS {
                     start(&state, &authz::caller(&req), &id);
                 }
                 "in progress".to_string()
@@ -300,7 +314,12 @@ pub async fn status(
                 .finish())
         }
         State::Failed => {
-            Err(FhirError::internal(format!("export {id} failed: {}", job.error.as_deref().unwrap_or("unknown error"))))
+            let why = job.error.as_deref().unwrap_or("unknown error");
+            Err(match &job.operation {
+                // An operation's failure is a refusal of what it was asked to do.
+                Some(op) => FhirError::new(ErrorCode::Unprocessable, format!("{op} {id} was refused: {why}")),
+                None => FhirError::internal(format!("export {id} failed: {why}")),
+            })
         }
         State::Complete => {
             let expires = job.completed_ms.unwrap_or(now) + bulk::EXPIRES_MS;

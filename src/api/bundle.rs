@@ -447,6 +447,25 @@ async fn transaction(
     Ok(json_response(200, &response_bundle("transaction-response", out), f))
 }
 
+/// Runs a transaction Bundle for `who` outside a request (an import): parsed, scope-checked
+/// and planned under the caller's policy exactly as `POST /` does; returns what it wrote.
+pub(super) async fn run_transaction(who: &Who<'_>, mut bundle: Json) -> Result<Vec<Stored>, FhirError> {
+    let raw = match bundle.remove("entry") {
+        Some(Json::Array(entries)) => entries,
+        _ => Vec::new(),
+    };
+    let mut entries = Vec::with_capacity(raw.len());
+    for (i, e) in raw.into_iter().enumerate() {
+        let e = parse_entry(&who.state.search, i, e)?;
+        check_entry(who, &e).map_err(|err| err.at(at(e.index)))?;
+        entries.push(e);
+    }
+    let rewritten = prerewrite(&mut entries);
+    let policy = authz::policy(who.state, who.caller);
+    let (_, results) = who.state.repo.commit(&policy, |plan| plan_transaction(plan, &entries, rewritten)).await?;
+    Ok(results)
+}
+
 /// The version an entry's response names: what it wrote, or the resource a conditional
 /// create found (a disclosure when the response shows it).
 fn stored_of(who: &Who<'_>, p: &Planned, results: &[Stored], ret: Return) -> Option<Stored> {

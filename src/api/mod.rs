@@ -7,6 +7,7 @@ pub mod bulk;
 pub mod bundle;
 pub mod everything;
 pub mod history;
+pub mod import;
 
 pub mod ledger;
 pub mod metadata;
@@ -40,6 +41,8 @@ pub struct AppState {
     pub auth: Arc<crate::auth::Auth>,
     /// The Bulk exports this node runs.
     pub exports: Arc<crate::bulk::Exports>,
+    /// The servers whose exports `$import` pulls.
+    pub trusted_peers: Vec<crate::config::TrustedPeer>,
 }
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
@@ -104,6 +107,7 @@ fn fhir_routes() -> actix_web::Scope<
         .route("/ledger/proof", web::get().to(ledger::leaf_proof))
         .route("/ledger/consistency", web::get().to(ledger::consistency))
         .route("/ledger/entries", web::get().to(ledger::entries))
+        .route("/$import", web::post().to(import::kickoff))
         .route("/$export", web::get().to(bulk::system))
         .route("/$export", web::post().to(bulk::system))
         .route("/Patient/$export", web::get().to(bulk::patient))

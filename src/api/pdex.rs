@@ -240,7 +240,7 @@ pub async fn bulk_member_match(
             ]),
         ),
     ]);
-    let job = super::bulk::finished_job(&req, &state, &caller, out.to_serde()).await?;
+    let job = super::bulk::operation_job(&req, &state, &caller, "$bulk-member-match", Some(out.to_serde())).await?;
     Ok(HttpResponse::Accepted()
         .insert_header((header::CONTENT_LOCATION, format!("{}/bulk/{job}", super::base_url(&req))))
         .finish())

@@ -2,9 +2,10 @@
 //! last segment of its URL) checked against its trust label, trusting only the node keys
 //! given: the label's signature, the tree head's quorum, each file's SHA-256 and line count,
 //! and every line's leaf, content commitment and inclusion proof. Names the file and line of
-//! the first thing that fails. `fhir-ledger verify export` and `transfer pull` run it.
+//! the first thing that fails. `fhir-ledger verify export`, `transfer pull` and `$import`
+//! run it, on a directory or on files held in memory ([`Files`]).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
 use consensus::merkle::{leaf_hash, Hash};
@@ -43,23 +44,47 @@ pub struct Verified {
     pub signatures: u64,
 }
 
-fn read_json(path: &Path) -> Result<Value, Failure> {
-    let text = std::fs::read_to_string(path).map_err(|e| Unchecked(format!("{}: {e}", path.display())))?;
-    serde_json::from_str(&text).map_err(|e| Unchecked(format!("{}: not JSON: {e}", path.display())))
+/// A downloaded export's files by name. A file the label names but the download lacks is
+/// `Invalid` (something dropped it).
+pub trait Files: Sync {
+    fn read(&self, name: &str) -> Result<Vec<u8>, Failure>;
 }
 
-fn read(path: &Path) -> Result<Vec<u8>, Failure> {
-    std::fs::read(path).map_err(|e| match e.kind() {
-        // A file the label names but the download lacks: something dropped it.
-        std::io::ErrorKind::NotFound => Invalid(format!("{}: missing", path.display())),
-        _ => Unchecked(format!("{}: {e}", path.display())),
-    })
+/// The files of a directory.
+pub struct Dir<'a>(pub &'a Path);
+
+impl Files for Dir<'_> {
+    fn read(&self, name: &str) -> Result<Vec<u8>, Failure> {
+        let path = self.0.join(name);
+        std::fs::read(&path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => Invalid(format!("{}: missing", path.display())),
+            _ => Unchecked(format!("{}: {e}", path.display())),
+        })
+    }
+}
+
+/// Files held in memory (a server's `$import` keeps no plaintext on disk).
+impl<S: std::hash::BuildHasher + Sync> Files for HashMap<String, Vec<u8>, S> {
+    fn read(&self, name: &str) -> Result<Vec<u8>, Failure> {
+        self.get(name).cloned().ok_or_else(|| Invalid(format!("{name}: missing")))
+    }
+}
+
+/// The label and the manifest: without them nothing can be checked (not a sign of tampering).
+fn read_json(files: &dyn Files, name: &str) -> Result<Value, Failure> {
+    let bytes = files.read(name).map_err(|(Invalid(e) | Unchecked(e))| Unchecked(e))?;
+    serde_json::from_slice(&bytes).map_err(|e| Unchecked(format!("{name}: not JSON: {e}")))
 }
 
 /// Checks the export in `dir` against `trusted` node keys, `quorum` of which must have
 /// signed its tree head.
 pub fn check_dir(dir: &Path, trusted: &[VerifyingKey], quorum: usize) -> Result<Verified, Failure> {
-    let doc = read_json(&dir.join(label::FILE))?;
+    check(&Dir(dir), trusted, quorum)
+}
+
+/// [`check_dir`] over any [`Files`].
+pub fn check(dir: &dyn Files, trusted: &[VerifyingKey], quorum: usize) -> Result<Verified, Failure> {
+    let doc = read_json(dir, label::FILE)?;
     let content = &doc["label"];
     if content["format"] != label::FORMAT {
         return Err(Unchecked(format!("{}: not a trust label of format {}", label::FILE, label::FORMAT)));
@@ -134,12 +159,12 @@ struct Checked {
 
 /// Checks one file the label names (digest, count) and, for data files, every line against
 /// its proof.
-fn check_file(dir: &Path, f: &Value, head: &TreeHead, subsetted: bool) -> Result<Checked, Failure> {
+fn check_file(dir: &dyn Files, f: &Value, head: &TreeHead, subsetted: bool) -> Result<Checked, Failure> {
     let name = f["name"].as_str().unwrap_or_default();
     if name.is_empty() || name.contains(['/', '\\']) || name.starts_with('.') {
         return Err(Invalid(format!("the trust label names a file {name:?}")));
     }
-    let bytes = read(&dir.join(name))?;
+    let bytes = dir.read(name)?;
     let mut hashed = bytes.len() as u64;
     if hex::encode(Sha256::digest(&bytes)) != f["sha256"].as_str().unwrap_or_default() {
         return Err(Invalid(format!("{name}: its SHA-256 is not the one the trust label signs")));
@@ -153,7 +178,7 @@ fn check_file(dir: &Path, f: &Value, head: &TreeHead, subsetted: bool) -> Result
         return Ok(Checked { hashed, file: None });
     }
     let proofs_file = proofs_name(name);
-    let proofs_bytes = read(&dir.join(&proofs_file))?;
+    let proofs_bytes = dir.read(&proofs_file)?;
     let proofs: Vec<&str> =
         std::str::from_utf8(&proofs_bytes).map_err(|_| Invalid(format!("{proofs_file}: not UTF-8")))?.lines().collect();
     if proofs.len() != data.len() {
@@ -172,8 +197,8 @@ fn check_file(dir: &Path, f: &Value, head: &TreeHead, subsetted: bool) -> Result
 }
 
 /// Every file the manifest lists must be one the label signs, with the same count.
-fn check_manifest(dir: &Path, files: &[Value]) -> Result<(), Failure> {
-    let manifest = read_json(&dir.join("manifest.json"))?;
+fn check_manifest(dir: &dyn Files, files: &[Value]) -> Result<(), Failure> {
+    let manifest = read_json(dir, "manifest.json")?;
     for kind in ["output", "deleted", "error"] {
         for item in manifest[kind].as_array().into_iter().flatten() {
             let name = item["url"].as_str().and_then(|u| u.rsplit('/').next()).unwrap_or_default();

@@ -98,8 +98,11 @@ pub struct Job {
     /// The trust label's detached JWS signatures (compact `header..signature`).
     #[serde(default)]
     pub signatures: Vec<String>,
-    /// An operation answered asynchronously but not an export (`$bulk-member-match`): its
-    /// answer, which the status URL returns once complete.
+    /// An operation run asynchronously that is not an export (`bulk-member-match`, `import`):
+    /// no export runner ever takes it over.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operation: Option<String>,
+    /// Such an operation's answer, which the status URL returns once complete.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub result: Option<serde_json::Value>,
 }
@@ -234,6 +237,50 @@ pub async fn delete(engine: &Engine, id: &str, job: &Job) -> Result<(), FhirErro
         })
         .await?;
     Ok(())
+}
+
+/// Runs `work`, an operation job's body, on this node: keeps job `id`'s heartbeat fresh while
+/// it runs, then records its answer (`Complete`) or its refusal (`Failed`). Returns at once.
+pub fn spawn_operation(
+    engine: Arc<Engine>,
+    exports: Arc<Exports>,
+    id: String,
+    work: impl std::future::Future<Output = Result<serde_json::Value, FhirError>> + Send + 'static,
+) {
+    let Some(_progress) = exports.begin(&id) else { return };
+    tokio::spawn(async move {
+        tokio::pin!(work);
+        let mut beat = tokio::time::interval(std::time::Duration::from_millis(HEARTBEAT_MS as u64));
+        beat.tick().await;
+        let outcome = loop {
+            tokio::select! {
+                done = &mut work => break done,
+                _ = beat.tick() => {
+                    if let Ok(Some((mut j, v))) = get_job(&engine, &id) {
+                        j.heartbeat_ms = crate::fhir::now_ms();
+                        let _ = replace(&engine, &id, &j, v, &[]).await;
+                    }
+                }
+            }
+        };
+        if let Ok(Some((mut job, version))) = get_job(&engine, &id) {
+            job.completed_ms = Some(crate::fhir::now_ms());
+            match outcome {
+                Ok(result) => {
+                    job.state = State::Complete;
+                    job.result = Some(result);
+                }
+                Err(e) => {
+                    job.state = State::Failed;
+                    job.error = Some(e.issues.iter().map(|i| i.diagnostics.as_str()).collect::<Vec<_>>().join("; "));
+                }
+            }
+            if let Err(e) = replace(&engine, &id, &job, version, &[]).await {
+                tracing::warn!("operation {id}: its outcome was not recorded: {:?}", e.issues.first());
+            }
+        }
+        exports.end(&id);
+    });
 }
 
 /// Reports what an export disclosed to the disclosure log (the HTTP layer's writer).

@@ -8,27 +8,19 @@
 //! transmitter Provenance that carries the signed head and each resource's source leaf with
 //! its inclusion proof. Any failed check refuses the whole transfer; nothing is half-imported.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use ed25519_dalek::SigningKey;
-use oauth2::{AuthType, ClientId, Scope, TokenResponse, TokenUrl};
 use serde_json::{json, Value};
 
 use crate::bulk::check;
 use crate::config::TrustedPeer;
+use crate::transfer::{consistent, head_parameters, import_bundle, peer_keys, peer_token, verify, FIVE_YEARS_MS};
 
-const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
-/// PDex's Provenance agent type of the payer that sent the data.
-const PDEX_AGENT_TYPE: &str = "http://hl7.org/fhir/us/davinci-pdex/CodeSystem/ProvenanceAgentType";
-/// Extensions on each Provenance target, and on the Provenance.
-pub const SOURCE_EXTENSION: &str = "urn:fhir-ledger:transfer:source";
-pub const LEAF_EXTENSION: &str = "urn:fhir-ledger:transfer:source-leaf";
-pub const HEAD_EXTENSION: &str = "urn:fhir-ledger:transfer:source-head";
-/// Five years, the history CMS-0057-F asks payers to exchange.
-const FIVE_YEARS_MS: i64 = 5 * 365 * 86_400_000 + 86_400_000;
+/// `verify_provenance` stays reachable where it was first published.
+pub use crate::transfer::verify_provenance;
 
 #[derive(clap::Args)]
 pub struct TransferArgs {
@@ -112,7 +104,7 @@ pub async fn run(args: TransferArgs) -> anyhow::Result<()> {
             let peer = peer_named(&i.config, &i.from)?;
             let (keys, quorum) = peer_keys(&peer)?;
             let http = reqwest::Client::builder().timeout(Duration::from_hours(1)).build()?;
-            let verified = verify_dir(&i.dir, &keys, quorum)?;
+            let verified = verify(&check::Dir(&i.dir), &keys, quorum)?;
             let n = import(&http, &i.dir, &verified, &peer, &i.into, i.token.as_deref()).await?;
             println!(
                 "import from {}: {} resources verified against tree head {}; {} imported with a transmitter Provenance",
@@ -148,76 +140,11 @@ fn read_json(path: &Path) -> anyhow::Result<Value> {
     serde_json::from_str(&text).with_context(|| format!("{}: not JSON", path.display()))
 }
 
-fn peer_keys(peer: &TrustedPeer) -> anyhow::Result<(Vec<ed25519_dalek::VerifyingKey>, usize)> {
-    let mut keys = Vec::new();
-    for k in &peer.node_keys {
-        let bytes: [u8; 32] = hex::decode(k.trim())
-            .ok()
-            .and_then(|b| b.try_into().ok())
-            .with_context(|| format!("peer {}: node key {k} is not 64 hex digits", peer.name))?;
-        keys.push(ed25519_dalek::VerifyingKey::from_bytes(&bytes)?);
-    }
-    let quorum = peer.quorum.unwrap_or(keys.len() / 2 + 1);
-    if quorum == 0 || quorum > keys.len() {
-        bail!("peer {}: quorum {quorum} of {} keys", peer.name, keys.len());
-    }
-    Ok((keys, quorum))
-}
-
-/// An access token from the peer: client credentials with a `private_key_jwt` assertion.
-async fn peer_token(http: &reqwest::Client, peer: &TrustedPeer) -> anyhow::Result<String> {
-    let seed =
-        std::fs::read_to_string(&peer.client_key).with_context(|| format!("reading {}", peer.client_key.display()))?;
-    let seed: [u8; 32] = hex::decode(seed.trim())
-        .ok()
-        .and_then(|b| b.try_into().ok())
-        .with_context(|| format!("{}: not the hex of a 32-byte ed25519 seed", peer.client_key.display()))?;
-    let key = SigningKey::from_bytes(&seed);
-    let base = peer.base_url.trim_end_matches('/');
-    let token_url = format!("{base}/auth/token");
-    let now = crate::auth::now_s();
-    let claims = json!({"iss": peer.client_id, "sub": peer.client_id, "aud": token_url, "exp": now + 240,
-                        "iat": now, "jti": crate::auth::random_id()});
-    let kid = crate::bulk::label::thumbprint(&key.verifying_key());
-    let assertion = crate::auth::jose::sign(
-        jsonwebtoken::Algorithm::EdDSA,
-        &crate::auth::jose::ed25519_signing(&key),
-        &kid,
-        "JWT",
-        &claims,
-    );
-    let client = oauth2::basic::BasicClient::new(ClientId::new(peer.client_id.clone()))
-        .set_auth_type(AuthType::RequestBody)
-        .set_token_uri(TokenUrl::new(token_url)?);
-    let scope = peer.scope.clone().unwrap_or_else(|| "system/*.rs".into());
-    let token = client
-        .exchange_client_credentials()
-        .add_scopes(scope.split_whitespace().map(|s| Scope::new(s.to_string())))
-        .add_extra_param("client_assertion_type", JWT_BEARER)
-        .add_extra_param("client_assertion", assertion)
-        .request_async(http)
-        .await
-        .map_err(|e| anyhow::anyhow!("token from {}: {e:?}", peer.name))?;
-    Ok(token.access_token().secret().clone())
-}
-
 fn peer_named(config: &Path, name: &str) -> anyhow::Result<TrustedPeer> {
     crate::config::trusted_peers(config)?
         .into_iter()
         .find(|p| p.name == name)
         .with_context(|| format!("no [[trusted_peer]] named {name:?} in {}", config.display()))
-}
-
-/// The offline check of a downloaded export, as a refusal when anything fails.
-fn verify_dir(dir: &Path, keys: &[ed25519_dalek::VerifyingKey], quorum: usize) -> anyhow::Result<check::Verified> {
-    let verified = check::check_dir(dir, keys, quorum).map_err(|e| match e {
-        check::Failure::Invalid(why) => anyhow::anyhow!("the transfer is refused: {why}"),
-        check::Failure::Unchecked(why) => anyhow::anyhow!("the transfer could not be checked: {why}"),
-    })?;
-    if verified.subsetted {
-        bail!("the transfer is refused: the export was reduced by _elements");
-    }
-    Ok(verified)
 }
 
 /// Imports a verified export into `into` as one transaction; returns its entry count.
@@ -230,7 +157,7 @@ async fn import(
     token: Option<&str>,
 ) -> anyhow::Result<usize> {
     let base = peer.base_url.trim_end_matches('/');
-    let bundle = import_bundle(dir, verified, base, &peer.name)?;
+    let bundle = import_bundle(&check::Dir(dir), verified, base, &peer.name)?;
     let n = bundle["entry"].as_array().map_or(0, Vec::len);
     let mut req = http
         .post(format!("{}/", into.trim_end_matches('/')))
@@ -309,12 +236,12 @@ async fn pull(a: &PullArgs) -> anyhow::Result<String> {
         .to_string();
     let temp = tempfile_dir()?;
     let dir = a.dir.clone().unwrap_or_else(|| temp.clone());
-    super::export::download(&status_url, &dir, Some(&token)).await?;
+    crate::transfer::fetch::download(&status_url, &dir, Some(&token)).await?;
 
     // Verified before anything is stored.
-    let verified = verify_dir(&dir, &keys, quorum)?;
-    if let Some(known) = &a.known_head {
-        consistent(&http, &base, known, &verified.head, &keys, quorum).await?;
+    let verified = verify(&check::Dir(&dir), &keys, quorum)?;
+    if let Some(known) = a.known_head.as_deref().filter(|k| k.exists()) {
+        consistent(&http, &base, &read_json(known)?, &verified.head, &keys, quorum).await?;
     }
     let n = import(&http, &dir, &verified, peer, &a.into, a.token.as_deref()).await?;
     if let Some(known) = &a.known_head {
@@ -346,196 +273,4 @@ fn diagnostics(v: &Value) -> String {
         .map(|is| is.iter().filter_map(|i| i["diagnostics"].as_str()).collect::<Vec<_>>().join("; "))
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| v.to_string())
-}
-
-/// The export's head must extend a head of the same peer seen before.
-async fn consistent(
-    http: &reqwest::Client,
-    base: &str,
-    known: &Path,
-    head: &crate::treehead::TreeHead,
-    keys: &[ed25519_dalek::VerifyingKey],
-    quorum: usize,
-) -> anyhow::Result<()> {
-    let old = read_json(known)?;
-    let parts = old["parameter"].as_array().context("the known head is not a Parameters resource")?;
-    let old = crate::treehead::TreeHead::from_parts(parts).map_err(|e| anyhow::anyhow!("the known head: {e}"))?;
-    old.check_quorum(keys, quorum).map_err(|e| anyhow::anyhow!("the known head: {e}"))?;
-    if old.size > head.size {
-        bail!(
-            "the transfer is refused: the export's tree head ({}) is older than one seen before ({})",
-            head.size,
-            old.size
-        );
-    }
-    let url = format!("{base}/ledger/consistency?first={}&second={}", old.size, head.size);
-    let proof: Value = http.get(&url).send().await?.json().await.context("the consistency proof is not JSON")?;
-    let hashes: Vec<[u8; 32]> = proof["parameter"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|p| p["name"] == "consistencyPath")
-        .filter_map(|p| p["valueBase64Binary"].as_str())
-        .filter_map(|s| crate::codec::unb64(s).ok()?.try_into().ok())
-        .collect();
-    if !consensus::proof::verify_consistency(old.size, head.size, &old.root, &head.root, &hashes) {
-        bail!(
-            "the transfer is refused: the export's tree head ({}) is not consistent with the head of size {} seen before",
-            head.size,
-            old.size
-        );
-    }
-    Ok(())
-}
-
-/// The transaction that imports a verified export: each resource POSTed under a fresh
-/// `urn:uuid:` (so this server assigns ids and rewrites the references between them),
-/// references to what the export does not hold made absolute at the peer, and a PDex
-/// transmitter Provenance naming every source version, its leaf and inclusion proof.
-pub fn import_bundle(dir: &Path, v: &check::Verified, peer_base: &str, peer_name: &str) -> anyhow::Result<Value> {
-    let mut resources: Vec<(Value, u64, String)> = Vec::new();
-    for (name, kind, leaves) in &v.files {
-        if kind != "output" {
-            continue;
-        }
-        let text = std::fs::read_to_string(dir.join(name))?;
-        let proofs = std::fs::read_to_string(dir.join(crate::bulk::render::proofs_name(name)))?;
-        for ((line, leaf), proof) in text.lines().zip(leaves).zip(proofs.lines()) {
-            let r: Value = serde_json::from_str(line)?;
-            // The old payer's disclosure log about the member is its own record, not the
-            // member's data: it stays there (and this server would refuse it anyway).
-            if r["resourceType"] == "AuditEvent" {
-                continue;
-            }
-            resources.push((r, *leaf, proof.to_string()));
-        }
-    }
-    let mut new_ids: HashMap<String, String> = HashMap::new();
-    for (r, _, _) in &resources {
-        let key =
-            format!("{}/{}", r["resourceType"].as_str().unwrap_or_default(), r["id"].as_str().unwrap_or_default());
-        new_ids.insert(key, format!("urn:uuid:{}", uuid::Uuid::new_v4()));
-    }
-    let mut entries = Vec::new();
-    let mut targets = Vec::new();
-    for (mut r, leaf, proof) in resources {
-        let rtype = r["resourceType"].as_str().unwrap_or_default().to_string();
-        let source = format!("{rtype}/{}", r["id"].as_str().unwrap_or_default());
-        let full_url = new_ids[&source].clone();
-        rewrite(&mut r, &new_ids, peer_base);
-        if let Some(obj) = r.as_object_mut() {
-            obj.remove("id");
-            if let Some(meta) = obj.get_mut("meta").and_then(Value::as_object_mut) {
-                meta.remove("versionId");
-                meta.remove("lastUpdated");
-                if meta.is_empty() {
-                    obj.remove("meta");
-                }
-            }
-        }
-        let p: Value = serde_json::from_str(&proof)?;
-        targets.push(json!({"reference": full_url, "extension": [
-            {"url": SOURCE_EXTENSION, "valueUri": format!("{peer_base}/{source}")},
-            {"url": LEAF_EXTENSION, "valueString": json!({"leaf": leaf, "leafData": p["leafData"], "path": p["path"]}).to_string()}]}));
-        entries.push(json!({"fullUrl": full_url, "resource": r, "request": {"method": "POST", "url": rtype}}));
-    }
-    let head = head_parameters(&v.head);
-    let provenance = json!({
-        "resourceType": "Provenance",
-        "target": targets,
-        "recorded": crate::fhir::instant(crate::fhir::now_ms()),
-        "extension": [{"url": HEAD_EXTENSION, "valueString": head.to_string()}],
-        "agent": [{
-            "type": {"coding": [{"system": PDEX_AGENT_TYPE, "code": "transmitter"}]},
-            "who": {"identifier": {"system": "urn:ietf:rfc:3986", "value": peer_base}, "display": peer_name}
-        }],
-        "entity": [{"role": "source", "what": {"identifier": {"system": "urn:ietf:rfc:3986", "value": peer_base}, "display": format!("{peer_name}'s ledger at tree size {}", v.head.size)}}]
-    });
-    entries.push(json!({"fullUrl": format!("urn:uuid:{}", uuid::Uuid::new_v4()), "resource": provenance,
-                        "request": {"method": "POST", "url": "Provenance"}}));
-    Ok(json!({"resourceType": "Bundle", "type": "transaction", "entry": entries}))
-}
-
-/// A tree head as `GET /ledger/head` serves it (a Parameters resource).
-fn head_parameters(head: &crate::treehead::TreeHead) -> Value {
-    let parts: Vec<Value> = head.to_parts().iter().map(crate::fhir::json::Json::to_serde).collect();
-    json!({"resourceType": "Parameters", "parameter": parts})
-}
-
-/// Points every `reference` at the import's own entries, or absolutely at the peer.
-fn rewrite(v: &mut Value, new_ids: &HashMap<String, String>, peer_base: &str) {
-    match v {
-        Value::Object(m) => {
-            for (k, x) in m.iter_mut() {
-                if k == "reference" {
-                    if let Some(s) = x.as_str() {
-                        let local = s.strip_prefix(peer_base).map_or(s, |r| r.trim_start_matches('/'));
-                        let relative = !local.contains(':') && !local.starts_with('#') && local.split('/').count() == 2;
-                        if let Some(n) = new_ids.get(local) {
-                            *x = json!(n);
-                        } else if relative {
-                            *x = json!(format!("{peer_base}/{local}"));
-                        }
-                    }
-                } else {
-                    rewrite(x, new_ids, peer_base);
-                }
-            }
-        }
-        Value::Array(items) => items.iter_mut().for_each(|i| rewrite(i, new_ids, peer_base)),
-        _ => {}
-    }
-}
-
-/// Checks a transfer Provenance (as imported here) against the peer's node keys: its head
-/// is signed by a quorum, and every target's source leaf is in that head.
-pub fn verify_provenance(
-    provenance: &Value,
-    keys: &[ed25519_dalek::VerifyingKey],
-    quorum: usize,
-) -> Result<usize, String> {
-    let head = provenance["extension"]
-        .as_array()
-        .and_then(|e| e.iter().find(|x| x["url"] == HEAD_EXTENSION))
-        .and_then(|x| x["valueString"].as_str())
-        .and_then(|s| serde_json::from_str::<Value>(s).ok())
-        .ok_or("the Provenance carries no source head")?;
-    let parts = head["parameter"].as_array().ok_or("the source head is not a Parameters resource")?;
-    let head = crate::treehead::TreeHead::from_parts(parts)?;
-    head.check_quorum(keys, quorum)?;
-    let mut n = 0;
-    for t in provenance["target"].as_array().into_iter().flatten() {
-        let ext = t["extension"].as_array().ok_or("a target has no source")?;
-        let leaf: Value = ext
-            .iter()
-            .find(|x| x["url"] == LEAF_EXTENSION)
-            .and_then(|x| x["valueString"].as_str())
-            .and_then(|s| serde_json::from_str(s).ok())
-            .ok_or("a target has no source leaf")?;
-        let source =
-            ext.iter().find(|x| x["url"] == SOURCE_EXTENSION).and_then(|x| x["valueUri"].as_str()).unwrap_or_default();
-        let data = leaf["leafData"].as_str().and_then(|s| crate::codec::unb64(s).ok()).ok_or("bad leafData")?;
-        let header = consensus::LeafHeader::decode(&data).ok_or("bad leafData")?;
-        if !source.ends_with(&format!("/{}/{}", header.rtype, header.id)) {
-            return Err(format!("target {source} names leaf {} of {}/{}", leaf["leaf"], header.rtype, header.id));
-        }
-        let path: Vec<[u8; 32]> = leaf["path"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|p| p.as_str().and_then(|s| crate::codec::unb64(s).ok()?.try_into().ok()))
-            .collect();
-        let index = leaf["leaf"].as_u64().ok_or("bad leaf")?;
-        if !consensus::proof::verify_inclusion(
-            index,
-            head.size,
-            &consensus::merkle::leaf_hash(&data),
-            &path,
-            &head.root,
-        ) {
-            return Err(format!("{source}: leaf {index} is not in the source head"));
-        }
-        n += 1;
-    }
-    Ok(n)
 }

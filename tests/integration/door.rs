@@ -40,6 +40,13 @@ fn calls() -> Vec<(&'static str, Method, &'static str, Option<Value>)> {
         ("/ledger/proof", Method::GET, "/ledger/proof?leaf=1", None),
         ("/ledger/consistency", Method::GET, "/ledger/consistency?first=1", None),
         ("/ledger/entries", Method::GET, "/ledger/entries", None),
+        (
+            "/$import",
+            Method::POST,
+            "/$import",
+            Some(json!({"resourceType": "Parameters", "parameter": [
+            {"name": "manifestUrl", "valueUrl": "http://127.0.0.1:9/bulk/x"}]})),
+        ),
         ("/$export", Method::GET, "/$export?_type=Observation,Patient", None),
         (
             "/$export",

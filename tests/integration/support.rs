@@ -53,6 +53,7 @@ pub async fn app_with_admin(
         admin,
         auth,
         exports: std::sync::Arc::default(),
+        trusted_peers: Vec::new(),
     });
     test::init_service(App::new().app_data(state).configure(api::configure)).await
 }

@@ -435,3 +435,129 @@ async fn bulk_member_match_groups_members_and_the_group_export_follows_each_cons
         "the left-out member is named: {errors:?}"
     );
 }
+
+/// Polls an operation's status URL until it answers something other than 202.
+async fn settle(s: &SmartServer, url: &str, token: &str) -> smart::Resp {
+    for _ in 0..120 {
+        let r = get(&s.http, url, token).await;
+        if r.status != 202 {
+            return r;
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
+    panic!("{url} never finished");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn import_pulls_a_trusted_peers_export_verifies_it_and_imports_it_whole() {
+    let old = SmartServer::start(&[]);
+    let old_sys = old.system_token("system/*.cruds").await;
+    let r = fhir(&old.http, Method::POST, &old.base, Some(&old_sys), Some(&synthea(1))).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    for org in ["new-payer", "old-payer"] {
+        put_resource(&old.http, &old.base, &old_sys, &json!({"resourceType": "Organization", "id": org})).await;
+    }
+    let amy = smart::search_all(&old.http, &old.base, &old_sys, "Patient?family=Nader").await;
+    let amy_id = amy[0]["id"].as_str().expect("id").to_string();
+    let mut cov = smart::search_all(&old.http, &old.base, &old_sys, &format!("Coverage?beneficiary=Patient/{amy_id}"))
+        .await
+        .remove(0);
+    cov["subscriberId"] = json!("M-0001");
+    put_resource(&old.http, &old.base, &old_sys, &cov).await;
+
+    // The new payer matches the member at the old one and has the export made there.
+    let peer = Peer::register(&old).await;
+    let tok = peer.token(&old).await;
+    let matched = json!({"resourceType": "Parameters", "parameter": [
+        {"name": "MemberPatient", "resource": {"resourceType": "Patient", "name": [{"family": "Nader", "given": ["Amy"]}], "birthDate": "2017-07-11"}},
+        {"name": "CoverageToMatch", "resource": {"resourceType": "Coverage", "status": "active", "subscriberId": "M-0001",
+            "beneficiary": {"reference": "Patient/x"}, "payor": [{"reference": "Organization/old-payer"}]}},
+        {"name": "Consent", "resource": hrex_consent("Organization/new-payer", "sensitive")}]});
+    let r = fhir(&old.http, Method::POST, &old.url("/Patient/$member-match"), Some(&tok), Some(&matched)).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let export = |tok: String| {
+        let old = &old;
+        let amy_id = amy_id.clone();
+        async move {
+            let body = json!({"resourceType": "Parameters", "parameter": [
+                {"name": "patient", "valueReference": {"reference": format!("Patient/{amy_id}")}}]});
+            let r = kickoff(old, Method::POST, "/Patient/$export", &tok, Some(&body)).await;
+            assert_eq!(r.status, 202, "{}", r.text);
+            let status = r.header("content-location");
+            finish(old, &status, &tok).await;
+            status
+        }
+    };
+    let status_url = export(tok.clone()).await;
+
+    // The new payer's server trusts the old one and is its client there.
+    let work = tempfile::tempdir().expect("temp dir");
+    let key_file = work.path().join("client.key");
+    std::fs::write(&key_file, hex::encode(peer.key.to_bytes())).expect("key");
+    let node_pub = std::fs::read_to_string(old.dir.path().join("node.pub")).expect("node.pub");
+    let cfg = work.path().join("new.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[[trusted_peer]]\nname = \"old\"\nbase_url = \"{}\"\nnode_keys = [\"{}\"]\nclient_id = \"{}\"\nclient_key = \"{}\"\n",
+            old.base, node_pub.trim(), peer.client_id, key_file.display()),
+    )
+    .expect("config");
+    let new = SmartServer::start(&["--config", cfg.to_str().expect("path")]);
+    let new_sys = new.system_token("system/*.cruds").await;
+    let ask =
+        |url: &str| json!({"resourceType": "Parameters", "parameter": [{"name": "manifestUrl", "valueUrl": url}]});
+
+    // Only a trusted peer's exports are pulled; only asynchronously.
+    let r = kickoff(&new, Method::POST, "/$import", &new_sys, Some(&ask("http://127.0.0.1:9/bulk/x"))).await;
+    assert_eq!(r.status, 422, "{}", r.text);
+    let r = fhir(&new.http, Method::POST, &new.url("/$import"), Some(&new_sys), Some(&ask(&status_url))).await;
+    assert_eq!(r.status, 400, "{}", r.text);
+    // A caller without create scopes is refused before anything is pulled.
+    let reader = new.system_token("system/*.rs").await;
+    let r = kickoff(&new, Method::POST, "/$import", &reader, Some(&ask(&status_url))).await;
+    assert_eq!(r.status, 403, "{}", r.text);
+
+    // The import: verified, then one transaction with a Provenance that verifies.
+    let r = kickoff(&new, Method::POST, "/$import", &new_sys, Some(&ask(&status_url))).await;
+    assert_eq!(r.status, 202, "{}", r.text);
+    let done = settle(&new, &r.header("content-location"), &new_sys).await;
+    assert_eq!(done.status, 200, "{}", done.text);
+    let result = done.json();
+    let provenance = result["extension"]["urn:fhir-ledger:import:provenance"].as_str().expect("provenance").to_string();
+    let prov = get(&new.http, &new.url(&provenance), &new_sys).await.json();
+    let old_key = ed25519_dalek::VerifyingKey::from_bytes(
+        &hex::decode(node_pub.trim()).expect("hex").try_into().expect("32 bytes"),
+    )
+    .expect("key");
+    let n = fhir_ledger::transfer::verify_provenance(&prov, &[old_key], 1).expect("the Provenance verifies");
+    assert_eq!(Some(n as u64), result["extension"]["urn:fhir-ledger:import:resources"].as_u64(), "{result}");
+    let source = compartment(&old, &old_sys, &amy_id).await;
+    assert!(n > 100 && n <= source.len(), "{n} of {} resources imported", source.len());
+    let patients = smart::search_all(&new.http, &new.base, &new_sys, "Patient?family=Nader").await;
+    assert_eq!(patients.len(), 1);
+
+    // Another export later: its head extends the one imported before, and it imports too.
+    let mut obs = json!({"resourceType": "Observation", "status": "final", "code": {"text": "later"},
+        "subject": {"reference": format!("Patient/{amy_id}")}});
+    obs["id"] = json!("later-obs");
+    put_resource(&old.http, &old.base, &old_sys, &obs).await;
+    let status_url = export(tok).await;
+    let r = kickoff(&new, Method::POST, "/$import", &new_sys, Some(&ask(&status_url))).await;
+    assert_eq!(r.status, 202, "{}", r.text);
+    let done = settle(&new, &r.header("content-location"), &new_sys).await;
+    assert_eq!(done.status, 200, "{}", done.text);
+    let provs = smart::search_all(&new.http, &new.base, &new_sys, "Provenance?agent-type=transmitter").await;
+    assert_eq!(provs.len(), 2);
+
+    // A peer's export that is no longer there is refused at its status URL, nothing imported.
+    let r = fhir(&old.http, Method::DELETE, &status_url, Some(&peer.token(&old).await), None).await;
+    assert_eq!(r.status, 202, "{}", r.text);
+    let r = kickoff(&new, Method::POST, "/$import", &new_sys, Some(&ask(&status_url))).await;
+    assert_eq!(r.status, 202, "{}", r.text);
+    let done = settle(&new, &r.header("content-location"), &new_sys).await;
+    assert_eq!(done.status, 422, "{}", done.text);
+    assert!(done.text.contains("refused"), "{}", done.text);
+    let provs = smart::search_all(&new.http, &new.base, &new_sys, "Provenance?agent-type=transmitter").await;
+    assert_eq!(provs.len(), 2, "nothing more was imported");
+}
