@@ -201,11 +201,17 @@ pub async fn capability_statement(req: HttpRequest, state: web::Data<AppState>) 
                 rest.push(("resource", Json::Array(resources)));
                 rest.push((
                     "operation",
-                    Json::Array(vec![standard_operation(
-                        "export",
-                        &format!("{BULK_EXPORT}/export"),
-                        "GET or POST /$export: the system-level Bulk export of what the token may read",
-                    )]),
+                    Json::Array(vec![
+                        standard_operation(
+                            "export",
+                            &format!("{BULK_EXPORT}/export"),
+                            "GET or POST /$export: the system-level Bulk export of what the token may read",
+                        ),
+                        operation(
+                            "import",
+                            "POST /$import (ping-and-pull, async; Parameters manifestUrl and peer): pulls a [[trusted_peer]]'s export, verifies its trust label and head, imports it as one transaction with a PDex transmitter Provenance",
+                        ),
+                    ]),
                 ));
                 rest.extend([(
                     "interaction",
