@@ -782,3 +782,71 @@ async fn consent_revocation_stops_a_token_on_every_node() {
     assert_eq!(r.status, 200, "{}", r.text);
     assert_eq!(r.json()["status"], "inactive", "{}", r.text);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_export_is_polled_and_downloaded_on_any_node_and_outlives_the_node_that_ran_it() {
+    let _serial = SERIAL.lock().await;
+    let mut cluster = Cluster::start_auth(3, &[]);
+    cluster.leader().await;
+    let api: Vec<String> = cluster.members.iter().map(|m| m.api.clone()).collect();
+    let http = smart::http_client();
+    let admin = smart::Admin::new(&http, &api[0], TOKEN);
+    let backend = smart::Backend::register(&admin, smart::ClientKey::ed25519(), "system/*.cruds").await;
+    let sys = backend.token(&http, "system/*.cruds").await;
+    let bundle: Value = serde_json::from_slice(
+        &std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/synthea/patient-01.json")).unwrap(),
+    )
+    .unwrap();
+    let r = smart::fhir(&http, reqwest::Method::POST, &api[0], Some(&sys), Some(&bundle)).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let expected = bundle["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| matches!(e["resource"]["resourceType"].as_str(), Some("Patient" | "Observation")))
+        .count() as u64;
+
+    // Kicked off on node 1; its status and files answered by nodes 2 and 3.
+    let r = smart::send(
+        http.get(format!("{}/$export?_type=Patient,Observation", api[0]))
+            .bearer_auth(&sys)
+            .header("prefer", "respond-async"),
+    )
+    .await;
+    assert_eq!(r.status, 202, "{}", r.text);
+    let status = r.header("content-location");
+    let job = status.rsplit('/').next().unwrap().to_string();
+    let keys: Vec<ed25519_dalek::VerifyingKey> = cluster
+        .members
+        .iter()
+        .map(|m| {
+            let hex_key = std::fs::read_to_string(m.dir.join("node.pub")).unwrap();
+            ed25519_dalek::VerifyingKey::from_bytes(&hex::decode(hex_key.trim()).unwrap().try_into().unwrap()).unwrap()
+        })
+        .collect();
+    let keys = &keys;
+    let download = |node: usize| {
+        let (url, sys) = (format!("{}/bulk/{job}", api[node]), sys.clone());
+        async move {
+            let dir = tempfile::tempdir().unwrap();
+            let manifest = fhir_ledger::transfer::fetch::download(&url, dir.path(), Some(&sys)).await.unwrap();
+            // Trusting the three node keys, two of which must have signed the export's head.
+            let v = fhir_ledger::bulk::check::check_dir(dir.path(), keys, 2)
+                .unwrap_or_else(|e| panic!("node {}'s download does not verify: {e:?}", node + 1));
+            (manifest, v.lines, v.head.size)
+        }
+    };
+    let (manifest, lines, size) = download(1).await;
+    assert_eq!(lines, expected, "{manifest}");
+    assert!(manifest["output"][0]["url"].as_str().unwrap().starts_with(&api[1]), "{manifest}");
+
+    // The node that ran it goes away: the job, its files and their digests stay.
+    cluster.kill9(0);
+    cluster.leader().await;
+    let (again, lines_again, size_again) = download(2).await;
+    assert_eq!((lines_again, size_again), (lines, size), "the same export, pinned to the same head");
+    let digests = |m: &Value| -> Vec<Value> {
+        m["output"].as_array().unwrap().iter().map(|o| o["extension"]["urn:fhir-ledger:bulk:sha256"].clone()).collect()
+    };
+    assert_eq!(digests(&again), digests(&manifest), "every download of a file is the same bytes");
+}
