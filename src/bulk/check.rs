@@ -228,7 +228,11 @@ fn check_line(line: &str, proof: &str, head: &TreeHead, deletion: bool, subsette
     let r: Value = serde_json::from_str(line).map_err(|_| "not JSON".to_string())?;
     if deletion {
         let url = format!("{}/{}", h.rtype, h.id);
-        if h.op != consensus::Op::Delete.as_str() || r["entry"][0]["request"]["url"] != url.as_str() {
+        let when = crate::fhir::instant(h.last_updated_ms);
+        if h.op != consensus::Op::Delete.as_str()
+            || r["entry"][0]["request"]["url"] != url.as_str()
+            || r["meta"]["lastUpdated"] != when.as_str()
+        {
             return Err(format!("the deletion does not match leaf {leaf} ({} of {url})", h.op));
         }
     } else {

@@ -91,6 +91,23 @@ pub fn from_parameters(body: &Json) -> Result<Vec<(String, String)>, FhirError> 
     Ok(out)
 }
 
+/// The queries of a `_typeFilter` value, a comma-separated list of `[type]?[query]` (the IG's
+/// own example joins two). A comma also separates the OR-values inside one query
+/// (`status=active,completed`), so a new query starts only where a known type and `?` follow.
+fn type_filter_queries<'a>(value: &'a str, known_type: &impl Fn(&str) -> bool) -> Vec<&'a str> {
+    let starts_query = |rest: &str| rest.split_once('?').is_some_and(|(t, _)| known_type(t));
+    let mut out: Vec<&str> = Vec::new();
+    let mut start = 0;
+    for (i, _) in value.match_indices(',') {
+        if starts_query(&value[i + 1..]) {
+            out.push(&value[start..i]);
+            start = i + 1;
+        }
+    }
+    out.push(&value[start..]);
+    out
+}
+
 /// Checks and collects the kick-off parameters. `known_type` says whether a name is a
 /// resource type of this server; `post` whether they came in a `Parameters` body (where
 /// `patient` is allowed).
@@ -160,10 +177,14 @@ pub fn parse(
                     }
                 }
             }
-            "_typeFilter" => match value.split_once('?') {
-                Some((t, q)) if known_type(t) => p.type_filters.push((t.to_string(), q.to_string())),
-                _ => refuse(&mut p, name, format!("{value:?} is not of the form [type]?[search parameters]"))?,
-            },
+            "_typeFilter" => {
+                for query in type_filter_queries(value, &known_type) {
+                    match query.split_once('?') {
+                        Some((t, q)) if known_type(t) => p.type_filters.push((t.to_string(), q.to_string())),
+                        _ => refuse(&mut p, name, format!("{query:?} is not of the form [type]?[search parameters]"))?,
+                    }
+                }
+            }
             // Formatting of the kick-off's own response.
             "_format" | "_pretty" => {}
             other => refuse(&mut p, other, "is not a parameter of $export".into())?,
@@ -194,6 +215,17 @@ mod tests {
 
     fn known(t: &str) -> bool {
         matches!(t, "Patient" | "Observation" | "Condition")
+    }
+
+    #[test]
+    fn a_type_filter_value_is_a_comma_separated_list_of_queries() {
+        let v = "Observation?status=final,amended&code=1,Condition?clinical-status=active,Observation?code=2";
+        assert_eq!(
+            type_filter_queries(v, &known),
+            ["Observation?status=final,amended&code=1", "Condition?clinical-status=active", "Observation?code=2"]
+        );
+        let p = parse(&pairs(&[("_typeFilter", v)]), &Level::System, false, false, known).expect("parsed");
+        assert_eq!(p.type_filters.len(), 3);
     }
 
     #[test]

@@ -96,8 +96,13 @@ pub fn write(
                     let Some(rec) = view.record(leaf)? else { continue };
                     let url = format!("{}/{}", rec.header.rtype, rec.header.id);
                     let request = Json::obj(vec![("method", Json::str("DELETE")), ("url", Json::str(url))]);
+                    // As the IG's example line: an id (the leaf, so every rendering is the
+                    // same bytes) and when the deletion happened.
+                    let when = crate::fhir::instant(rec.header.last_updated_ms);
                     Json::obj(vec![
                         ("resourceType", Json::str("Bundle")),
+                        ("id", Json::str(format!("deletion-{leaf}"))),
+                        ("meta", Json::obj(vec![("lastUpdated", Json::str(when))])),
                         ("type", Json::str("transaction")),
                         ("entry", Json::Array(vec![Json::obj(vec![("request", request)])])),
                     ])

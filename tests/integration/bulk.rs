@@ -484,3 +484,109 @@ async fn a_downloaded_export_verifies_offline_and_tampering_is_named() {
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("not signed by a trusted key") || out.contains("tree head"), "{out}");
 }
+
+fn ig_example(name: &str) -> String {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/bulk-data-ig").join(name);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// Asserts that `ours` has every member of the IG's `example`, of the same JSON type, and
+/// every array item the shape of the example's first item. The example's `extension` is the
+/// IG's illustration of a free-form object: ours need only be an object.
+fn assert_shape(example: &Value, ours: &Value, at: &str) {
+    match (example, ours) {
+        (Value::Object(e), Value::Object(o)) => {
+            for (k, v) in e {
+                let here = format!("{at}.{k}");
+                let mine = o.get(k).unwrap_or_else(|| panic!("{here} is missing: {ours}"));
+                if k == "extension" {
+                    assert!(mine.is_object(), "{here} is not an object");
+                } else {
+                    assert_shape(v, mine, &here);
+                }
+            }
+        }
+        (Value::Array(e), Value::Array(o)) => {
+            if let Some(first) = e.first() {
+                for (i, item) in o.iter().enumerate() {
+                    assert_shape(first, item, &format!("{at}[{i}]"));
+                }
+            }
+        }
+        (Value::String(_), Value::String(_))
+        | (Value::Bool(_), Value::Bool(_))
+        | (Value::Number(_), Value::Number(_)) => {}
+        _ => panic!("{at}: the IG has {example}, we answer {ours}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bulk_data_igs_examples_are_honoured() {
+    let s = SmartServer::start(&[]);
+    let sys = s.system_token("system/*.cruds").await;
+    let mut all = vec![smart::patient("123"), smart::patient("456"), smart::patient("789")];
+    all.push(json!({"resourceType": "Group", "id": "g", "type": "person", "actual": true,
+        "member": [{"entity": {"reference": "Patient/123"}}, {"entity": {"reference": "Patient/456"}},
+                   {"entity": {"reference": "Patient/789"}}]}));
+    // R4's MedicationRequest `date` is the dosage's timing (the IG's example predates R4).
+    let med = |id: &str, patient: &str, status: &str, when: &str| {
+        json!({"resourceType": "MedicationRequest", "id": id, "status": status, "intent": "order",
+               "medicationCodeableConcept": {"text": "x"}, "subject": {"reference": format!("Patient/{patient}")},
+               "dosageInstruction": [{"timing": {"event": [when]}}]})
+    };
+    all.extend([
+        med("active", "123", "active", "2017-01-01"),
+        med("completed-2019", "123", "completed", "2019-03-01"),
+        med("completed-2017", "123", "completed", "2017-03-01"),
+        med("stopped", "456", "stopped", "2020-01-01"),
+    ]);
+    for (id, p) in [("c-123", "123"), ("c-456", "456"), ("c-789", "789")] {
+        all.push(json!({"resourceType": "Condition", "id": id, "subject": {"reference": format!("Patient/{p}")}}));
+    }
+    for r in &all {
+        put_resource(&s.http, &s.base, &sys, r).await;
+    }
+
+    // The _typeFilter example request: active MedicationRequests, completed ones after
+    // 2018-07-01, and every Condition.
+    let e = export(&s, &format!("/{}", ig_example("typefilter-request.txt").trim()), &sys).await;
+    assert_eq!(e.ids("MedicationRequest"), ["active", "completed-2019"]);
+    assert_eq!(e.ids("Condition"), ["c-123", "c-456", "c-789"]);
+    assert!(e.ids("Patient").is_empty(), "only the types asked for");
+
+    // The Group membership pattern's POST: only the listed members' compartments.
+    let body: Value = serde_json::from_str(&ig_example("group-patients-parameters.json")).expect("JSON");
+    let r = kickoff(&s, Method::POST, "/Group/g/$export?_type=Patient,Condition", &sys, Some(&body)).await;
+    assert_eq!(r.status, 202, "{}", r.text);
+    let e = finish(&s, &r.header("content-location"), &sys).await;
+    assert_eq!(e.ids("Patient"), ["123", "456"]);
+    assert_eq!(e.ids("Condition"), ["c-123", "c-456"]);
+
+    // The complete-status manifest and a deleted line have the IG's shape.
+    let since = crate::smart::now() * 1000;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let r = fhir(&s.http, Method::DELETE, &s.url("/Condition/c-789"), Some(&sys), None).await;
+    assert!(r.status < 300, "{}", r.text);
+    let since = fhir_ledger::fhir::instant(since);
+    let e = export(
+        &s,
+        &format!(
+            "/Patient/$export?_type=Patient,Condition&_since={}&_typeFilter=Patient%3F_id%3Dnobody",
+            since.replace('+', "%2B")
+        ),
+        &sys,
+    )
+    .await;
+    let example: Value = serde_json::from_str(&ig_example("complete-status-manifest.json")).expect("JSON");
+    assert_shape(&example, &e.manifest, "manifest");
+    let deleted: Vec<Value> = e.manifest["deleted"]
+        .as_array()
+        .expect("deleted")
+        .iter()
+        .flat_map(|d| e.lines(d["url"].as_str().unwrap_or_default()))
+        .collect();
+    assert_eq!(deleted.len(), 1, "{deleted:?}");
+    let example: Value = serde_json::from_str(&ig_example("deleted-bundle.json")).expect("JSON");
+    assert_shape(&example, &deleted[0], "deleted line");
+    assert_eq!(deleted[0]["entry"][0]["request"], json!({"method": "DELETE", "url": "Condition/c-789"}));
+}
