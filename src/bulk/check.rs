@@ -5,6 +5,7 @@
 //! the first thing that fails. `fhir-ledger verify export`, `transfer pull` and `$import`
 //! run it, on a directory or on files held in memory ([`Files`]).
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
@@ -213,20 +214,32 @@ fn check_manifest(dir: &dyn Files, files: &[Value]) -> Result<(), Failure> {
     Ok(())
 }
 
-fn b64(v: &Value, what: &str) -> Result<Vec<u8>, String> {
-    v.as_str().and_then(|s| unb64(s).ok()).ok_or_else(|| format!("{what} is not base64"))
+fn b64(s: Option<&str>, what: &str) -> Result<Vec<u8>, String> {
+    s.and_then(|s| unb64(s).ok()).ok_or_else(|| format!("{what} is not base64"))
+}
+
+/// A line of a proof file (`render::write_proofs`), read without building a JSON tree.
+#[derive(serde::Deserialize)]
+struct ProofLine<'a> {
+    leaf: u64,
+    #[serde(rename = "leafData", borrow)]
+    leaf_data: Cow<'a, str>,
+    #[serde(borrow, default)]
+    salt: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    path: Vec<Cow<'a, str>>,
 }
 
 /// One line against its proof: the leaf's header names this resource version (or this
 /// deletion), its content commitment matches the line's bytes, and the leaf is in the tree.
 /// Returns the leaf and the bytes hashed to check it.
 fn check_line(line: &str, proof: &str, head: &TreeHead, deletion: bool, subsetted: bool) -> Result<(u64, u64), String> {
-    let p: Value = serde_json::from_str(proof).map_err(|_| "its proof is not JSON".to_string())?;
-    let leaf = p["leaf"].as_u64().ok_or("its proof has no leaf")?;
-    let data = b64(&p["leafData"], "leafData")?;
+    let p: ProofLine<'_> = serde_json::from_str(proof).map_err(|_| "its proof is not a proof line".to_string())?;
+    let leaf = p.leaf;
+    let data = b64(Some(&p.leaf_data), "leafData")?;
     let h = LeafHeader::decode(&data).ok_or("its leafData is not a leaf header")?;
-    let r: Value = serde_json::from_str(line).map_err(|_| "not JSON".to_string())?;
     if deletion {
+        let r: Value = serde_json::from_str(line).map_err(|_| "not JSON".to_string())?;
         let url = format!("{}/{}", h.rtype, h.id);
         let when = crate::fhir::instant(h.last_updated_ms);
         if h.op != consensus::Op::Delete.as_str()
@@ -235,23 +248,28 @@ fn check_line(line: &str, proof: &str, head: &TreeHead, deletion: bool, subsette
         {
             return Err(format!("the deletion does not match leaf {leaf} ({} of {url})", h.op));
         }
-    } else {
+    } else if subsetted {
+        // `_elements` lines are not what the leaf commits to: only who they claim to be.
+        let r: Value = serde_json::from_str(line).map_err(|_| "not JSON".to_string())?;
         let version = r["meta"]["versionId"].as_str().and_then(|v| v.parse::<u64>().ok());
         if r["resourceType"] != h.rtype.as_str() || r["id"] != h.id.as_str() || version != Some(h.version) {
             return Err(format!("the resource is not {}/{} version {} of leaf {leaf}", h.rtype, h.id, h.version));
         }
-        if !subsetted {
-            let salt = b64(&p["salt"], "salt")?;
-            if consensus::content_commitment(&salt, line.as_bytes()) != h.content_sha256 {
-                return Err(format!("its bytes are not the content leaf {leaf} commits to"));
-            }
+    } else {
+        // The commitment binds these exact bytes to the leaf, and the leaf names the type, id
+        // and version: nothing in the line needs reading.
+        let salt = b64(p.salt.as_deref(), "salt")?;
+        if consensus::content_commitment(&salt, line.as_bytes()) != h.content_sha256 {
+            return Err(format!("its bytes are not the content leaf {leaf} commits to"));
         }
     }
-    let path: Vec<Hash> = p["path"]
-        .as_array()
-        .ok_or("its proof has no path")?
+    let path: Vec<Hash> = p
+        .path
         .iter()
-        .map(|x| b64(x, "path").and_then(|b| b.try_into().map_err(|_| "a path hash is not 32 bytes".to_string())))
+        .map(|x| {
+            b64(Some(x.as_ref()), "path")
+                .and_then(|b| b.try_into().map_err(|_| "a path hash is not 32 bytes".to_string()))
+        })
         .collect::<Result<_, _>>()?;
     if leaf >= head.size || !consensus::proof::verify_inclusion(leaf, head.size, &leaf_hash(&data), &path, &head.root) {
         return Err(format!("leaf {leaf} is not in the tree head of size {}", head.size));

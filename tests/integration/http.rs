@@ -409,11 +409,14 @@ async fn capability_statement_lists_what_works() {
     assert_eq!(ops(obs), ["proof"]);
     assert_eq!(
         ops(resources.iter().find(|r| r["type"] == "Patient").unwrap()),
-        ["proof", "access-report", "export", "member-match", "erase"]
+        ["proof", "access-report", "export", "member-match", "everything", "erase"]
     );
-    assert_eq!(ops(resources.iter().find(|r| r["type"] == "Group").unwrap()), ["proof", "export"]);
-    // The system-level Bulk export, and the IG's capability statement it instantiates.
-    assert_eq!(ops(&cs["rest"][0]), ["export"]);
+    assert_eq!(
+        ops(resources.iter().find(|r| r["type"] == "Group").unwrap()),
+        ["proof", "export", "bulk-member-match", "davinci-data-export"]
+    );
+    // The system-level Bulk export and import, and the IG's capability statement they instantiate.
+    assert_eq!(ops(&cs["rest"][0]), ["export", "import"]);
     assert_eq!(cs["instantiates"][0], "http://hl7.org/fhir/uv/bulkdata/CapabilityStatement/bulk-data");
     let json = call!(app, TestRequest::get().uri("/metadata").insert_header(("accept", "application/json")));
     assert_eq!(json.header("content-type"), "application/json; charset=utf-8");
