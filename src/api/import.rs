@@ -132,7 +132,7 @@ async fn pull(
     }
     let bundle =
         transfer::import_bundle(&files, &verified, &base, &peer.name).map_err(|e| refused(format!("{e:#}")))?;
-    let bundle = crate::fhir::json::parse(bundle.to_string().as_bytes(), usize::MAX).map_err(FhirError::internal)?;
+    let bundle = crate::fhir::json::parse(bundle.as_bytes(), usize::MAX).map_err(FhirError::internal)?;
     let who = Who { state, caller };
     let written = super::bundle::run_transaction(&who, bundle).await?;
     let head = transfer::head_parameters(&verified.head);

@@ -158,11 +158,10 @@ async fn import(
 ) -> anyhow::Result<usize> {
     let base = peer.base_url.trim_end_matches('/');
     let bundle = import_bundle(&check::Dir(dir), verified, base, &peer.name)?;
-    let n = bundle["entry"].as_array().map_or(0, Vec::len);
     let mut req = http
         .post(format!("{}/", into.trim_end_matches('/')))
         .header("content-type", "application/fhir+json")
-        .body(bundle.to_string());
+        .body(bundle);
     if let Some(t) = token {
         req = req.bearer_auth(t);
     }
@@ -172,7 +171,7 @@ async fn import(
     if !status.is_success() {
         bail!("the import was refused by {into}: {status}: {}", diagnostics(&body));
     }
-    Ok(n)
+    Ok(body["entry"].as_array().map_or(0, Vec::len))
 }
 
 async fn pull(a: &PullArgs) -> anyhow::Result<String> {

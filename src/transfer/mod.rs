@@ -138,77 +138,150 @@ fn read(files: &dyn check::Files, name: &str) -> anyhow::Result<Vec<u8>> {
     files.read(name).map_err(|(check::Failure::Invalid(e) | check::Failure::Unchecked(e))| anyhow::anyhow!(e))
 }
 
-/// The transaction that imports a verified export: each resource POSTed under a fresh
-/// `urn:uuid:` (so this server assigns ids and rewrites the references between them),
-/// references to what the export does not hold made absolute at the peer, and a PDex
-/// transmitter Provenance naming every source version, its leaf and inclusion proof.
+/// The transaction that imports a verified export, as the text of a Bundle: each resource
+/// POSTed under a fresh `urn:uuid:` (so this server assigns ids and rewrites the references
+/// between them), references to what the export does not hold made absolute at the peer, and
+/// a PDex transmitter Provenance naming every source version, its leaf and inclusion proof.
+///
+/// Written one resource at a time through the lossless `fhir::json` (decimals stay as sent):
+/// the ids come from the proofs' leaf headers first, so no resource is held longer than it
+/// takes to rewrite and write it.
 pub fn import_bundle(
     dir: &dyn check::Files,
     v: &check::Verified,
     peer_base: &str,
     peer_name: &str,
-) -> anyhow::Result<Value> {
-    let mut resources: Vec<(Value, u64, String)> = Vec::new();
-    for (name, kind, leaves) in &v.files {
-        if kind != "output" {
-            continue;
+) -> anyhow::Result<String> {
+    use crate::fhir::json::{self, Json};
+    let mut files = Vec::new();
+    for (name, kind, _) in &v.files {
+        if kind == "output" {
+            let proofs = read(dir, &crate::bulk::render::proofs_name(name))?;
+            files.push((name, String::from_utf8(proofs)?));
         }
-        let text = String::from_utf8(read(dir, name)?)?;
-        let proofs = String::from_utf8(read(dir, &crate::bulk::render::proofs_name(name))?)?;
-        for ((line, leaf), proof) in text.lines().zip(leaves).zip(proofs.lines()) {
-            let r: Value = serde_json::from_str(line)?;
+    }
+    // Every imported resource's new id, from the leaf each proof line names.
+    let mut new_ids: HashMap<String, String> = HashMap::new();
+    let mut sources = Vec::with_capacity(files.len());
+    for (_, proofs) in &files {
+        let mut of_file = Vec::new();
+        for proof in proofs.lines() {
+            let (rtype, id) = proof_source(proof)?;
             // The old payer's disclosure log about the member is its own record, not the
             // member's data: it stays there (and this server would refuse it anyway).
-            if r["resourceType"] == "AuditEvent" {
-                continue;
+            if rtype != "AuditEvent" {
+                new_ids.insert(format!("{rtype}/{id}"), format!("urn:uuid:{}", uuid::Uuid::new_v4()));
             }
-            resources.push((r, *leaf, proof.to_string()));
+            of_file.push((rtype, id));
         }
+        sources.push(of_file);
     }
-    let mut new_ids: HashMap<String, String> = HashMap::new();
-    for (r, _, _) in &resources {
-        let key =
-            format!("{}/{}", r["resourceType"].as_str().unwrap_or_default(), r["id"].as_str().unwrap_or_default());
-        new_ids.insert(key, format!("urn:uuid:{}", uuid::Uuid::new_v4()));
-    }
-    let mut entries = Vec::new();
+    let mut out = String::from(r#"{"resourceType":"Bundle","type":"transaction","entry":["#);
     let mut targets = Vec::new();
-    for (mut r, leaf, proof) in resources {
-        let rtype = r["resourceType"].as_str().unwrap_or_default().to_string();
-        let source = format!("{rtype}/{}", r["id"].as_str().unwrap_or_default());
-        let full_url = new_ids[&source].clone();
-        rewrite(&mut r, &new_ids, peer_base);
-        if let Some(obj) = r.as_object_mut() {
-            obj.remove("id");
-            if let Some(meta) = obj.get_mut("meta").and_then(Value::as_object_mut) {
+    for ((name, proofs), of_file) in files.iter().zip(&sources) {
+        let text = String::from_utf8(read(dir, name)?)?;
+        for ((line, proof), (rtype, id)) in text.lines().zip(proofs.lines()).zip(of_file) {
+            let Some(full_url) = new_ids.get(&format!("{rtype}/{id}")) else { continue };
+            let mut r = json::parse(line.as_bytes(), usize::MAX).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
+            crate::fhir::refs::for_each_reference_mut(&mut r, &mut |s| rewrite(s, &new_ids, peer_base));
+            r.remove("id");
+            let meta_left = r.get_mut("meta").map(|meta| {
                 meta.remove("versionId");
                 meta.remove("lastUpdated");
-                if meta.is_empty() {
-                    obj.remove("meta");
-                }
+                meta.as_object().is_some_and(|m| !m.is_empty())
+            });
+            if meta_left == Some(false) {
+                r.remove("meta");
             }
+            if !out.ends_with('[') {
+                out.push(',');
+            }
+            out.push_str(r#"{"fullUrl":"#);
+            Json::str(full_url.as_str()).write_compact(&mut out);
+            out.push_str(r#","resource":"#);
+            r.write_compact(&mut out);
+            out.push_str(r#","request":{"method":"POST","url":"#);
+            Json::str(rtype.as_str()).write_compact(&mut out);
+            out.push_str("}}");
+            // The proof line as the export served it: leaf, leaf data, salt and path.
+            let leaf = proof.to_string();
+            targets.push(Json::obj(vec![
+                ("reference", Json::str(full_url.as_str())),
+                (
+                    "extension",
+                    Json::Array(vec![
+                        Json::obj(vec![
+                            ("url", Json::str(SOURCE_EXTENSION)),
+                            ("valueUri", Json::str(format!("{peer_base}/{rtype}/{id}"))),
+                        ]),
+                        Json::obj(vec![("url", Json::str(LEAF_EXTENSION)), ("valueString", Json::str(leaf))]),
+                    ]),
+                ),
+            ]));
         }
-        let p: Value = serde_json::from_str(&proof)?;
-        targets.push(json!({"reference": full_url, "extension": [
-            {"url": SOURCE_EXTENSION, "valueUri": format!("{peer_base}/{source}")},
-            {"url": LEAF_EXTENSION, "valueString": json!({"leaf": leaf, "leafData": p["leafData"], "path": p["path"]}).to_string()}]}));
-        entries.push(json!({"fullUrl": full_url, "resource": r, "request": {"method": "POST", "url": rtype}}));
     }
-    let head = head_parameters(&v.head);
-    let provenance = json!({
-        "resourceType": "Provenance",
-        "target": targets,
-        "recorded": crate::fhir::instant(crate::fhir::now_ms()),
-        "extension": [{"url": HEAD_EXTENSION, "valueString": head.to_string()}],
-        "agent": [{
-            "type": {"coding": [{"system": PDEX_AGENT_TYPE, "code": "transmitter"}]},
-            "who": {"identifier": {"system": "urn:ietf:rfc:3986", "value": peer_base}, "display": peer_name}
-        }],
-        "entity": [{"role": "source", "what": {"identifier": {"system": "urn:ietf:rfc:3986", "value": peer_base}, "display": format!("{peer_name}'s ledger at tree size {}", v.head.size)}}]
-    });
-    entries.push(json!({"fullUrl": format!("urn:uuid:{}", uuid::Uuid::new_v4()), "resource": provenance,
-                        "request": {"method": "POST", "url": "Provenance"}}));
-    Ok(json!({"resourceType": "Bundle", "type": "transaction", "entry": entries}))
+    let source = || {
+        Json::obj(vec![
+            (
+                "identifier",
+                Json::obj(vec![("system", Json::str("urn:ietf:rfc:3986")), ("value", Json::str(peer_base))]),
+            ),
+            ("display", Json::str(peer_name)),
+        ])
+    };
+    let mut what = source();
+    what.set("display", Json::str(format!("{peer_name}'s ledger at tree size {}", v.head.size)));
+    let provenance = Json::obj(vec![
+        ("resourceType", Json::str("Provenance")),
+        (
+            "extension",
+            Json::Array(vec![Json::obj(vec![
+                ("url", Json::str(HEAD_EXTENSION)),
+                ("valueString", Json::str(head_parameters(&v.head).to_string())),
+            ])]),
+        ),
+        ("target", Json::Array(targets)),
+        ("recorded", Json::str(crate::fhir::instant(crate::fhir::now_ms()))),
+        (
+            "agent",
+            Json::Array(vec![Json::obj(vec![
+                (
+                    "type",
+                    Json::obj(vec![(
+                        "coding",
+                        Json::Array(vec![Json::obj(vec![
+                            ("system", Json::str(PDEX_AGENT_TYPE)),
+                            ("code", Json::str("transmitter")),
+                        ])]),
+                    )]),
+                ),
+                ("who", source()),
+            ])]),
+        ),
+        ("entity", Json::Array(vec![Json::obj(vec![("role", Json::str("source")), ("what", what)])])),
+    ]);
+    if !out.ends_with('[') {
+        out.push(',');
+    }
+    out.push_str(r#"{"fullUrl":"#);
+    Json::str(format!("urn:uuid:{}", uuid::Uuid::new_v4())).write_compact(&mut out);
+    out.push_str(r#","resource":"#);
+    provenance.write_compact(&mut out);
+    out.push_str(r#","request":{"method":"POST","url":"Provenance"}}]}"#);
+    Ok(out)
+}
+
+/// The `Type` and `id` of the leaf a proof line names.
+fn proof_source(proof: &str) -> anyhow::Result<(String, String)> {
+    #[derive(serde::Deserialize)]
+    struct Leaf<'a> {
+        #[serde(rename = "leafData", borrow)]
+        leaf_data: std::borrow::Cow<'a, str>,
+    }
+    let p: Leaf<'_> = serde_json::from_str(proof)?;
+    let data = crate::codec::unb64(&p.leaf_data).map_err(|_| anyhow::anyhow!("a proof's leafData is not base64"))?;
+    let h = consensus::LeafHeader::decode(&data).context("a proof's leafData is not a leaf header")?;
+    Ok((h.rtype, h.id))
 }
 
 /// A tree head as `GET /ledger/head` serves it (a Parameters resource).
@@ -217,28 +290,14 @@ pub fn head_parameters(head: &crate::treehead::TreeHead) -> Value {
     json!({"resourceType": "Parameters", "parameter": parts})
 }
 
-/// Points every `reference` at the import's own entries, or absolutely at the peer.
-fn rewrite(v: &mut Value, new_ids: &HashMap<String, String>, peer_base: &str) {
-    match v {
-        Value::Object(m) => {
-            for (k, x) in m.iter_mut() {
-                if k == "reference" {
-                    if let Some(s) = x.as_str() {
-                        let local = s.strip_prefix(peer_base).map_or(s, |r| r.trim_start_matches('/'));
-                        let relative = !local.contains(':') && !local.starts_with('#') && local.split('/').count() == 2;
-                        if let Some(n) = new_ids.get(local) {
-                            *x = json!(n);
-                        } else if relative {
-                            *x = json!(format!("{peer_base}/{local}"));
-                        }
-                    }
-                } else {
-                    rewrite(x, new_ids, peer_base);
-                }
-            }
-        }
-        Value::Array(items) => items.iter_mut().for_each(|i| rewrite(i, new_ids, peer_base)),
-        _ => {}
+/// Points a `reference` at the import's own entries, or absolutely at the peer.
+fn rewrite(s: &mut String, new_ids: &HashMap<String, String>, peer_base: &str) {
+    let local = s.strip_prefix(peer_base).map_or(s.as_str(), |r| r.trim_start_matches('/'));
+    let relative = !local.contains(':') && !local.starts_with('#') && local.split('/').count() == 2;
+    if let Some(n) = new_ids.get(local) {
+        *s = n.clone();
+    } else if relative {
+        *s = format!("{peer_base}/{local}");
     }
 }
 

@@ -538,10 +538,19 @@ async fn import_pulls_a_trusted_peers_export_verifies_it_and_imports_it_whole() 
     assert_eq!(patients.len(), 1);
 
     // Another export later: its head extends the one imported before, and it imports too.
-    let mut obs = json!({"resourceType": "Observation", "status": "final", "code": {"text": "later"},
-        "subject": {"reference": format!("Patient/{amy_id}")}});
-    obs["id"] = json!("later-obs");
-    put_resource(&old.http, &old.base, &old_sys, &obs).await;
+    // (Its text carries a decimal with a trailing zero: an import moves the exact bytes.)
+    let obs = format!(
+        r#"{{"resourceType":"Observation","id":"later-obs","status":"final","code":{{"text":"later"}},"subject":{{"reference":"Patient/{amy_id}"}},"valueQuantity":{{"value":98.60,"unit":"F"}}}}"#
+    );
+    let r = smart::send(
+        old.http
+            .put(old.url("/Observation/later-obs"))
+            .bearer_auth(&old_sys)
+            .header("content-type", "application/fhir+json")
+            .body(obs),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.text);
     let status_url = export(tok).await;
     let r = kickoff(&new, Method::POST, "/$import", &new_sys, Some(&ask(&status_url))).await;
     assert_eq!(r.status, 202, "{}", r.text);
@@ -549,6 +558,8 @@ async fn import_pulls_a_trusted_peers_export_verifies_it_and_imports_it_whole() 
     assert_eq!(done.status, 200, "{}", done.text);
     let provs = smart::search_all(&new.http, &new.base, &new_sys, "Provenance?agent-type=transmitter").await;
     assert_eq!(provs.len(), 2);
+    let later = get(&new.http, &new.url("/Observation?code:text=later"), &new_sys).await;
+    assert!(later.text.contains(r#""value":98.60"#), "the decimal as sent: {}", later.text);
 
     // A peer's export that is no longer there is refused at its status URL, nothing imported.
     let r = fhir(&old.http, Method::DELETE, &status_url, Some(&peer.token(&old).await), None).await;
