@@ -33,6 +33,10 @@ enum Cmd {
 }
 
 fn main() -> anyhow::Result<std::process::ExitCode> {
+    // No transparent huge pages: mimalloc asks for them, and each first touch of a fresh
+    // 2 MiB page zeroes all of it. A large transaction or import then spent a third of its
+    // time in the kernel clearing pages (BENCHMARKS.md, "verified import"). Best effort.
+    let _ = nix::sys::prctl::set_thp_disable(true);
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("FHIR_LEDGER_LOG").unwrap_or_else(|_| "warn".into()),
