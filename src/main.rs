@@ -35,8 +35,11 @@ enum Cmd {
 fn main() -> anyhow::Result<std::process::ExitCode> {
     // No transparent huge pages: mimalloc asks for them, and each first touch of a fresh
     // 2 MiB page zeroes all of it. A large transaction or import then spent a third of its
-    // time in the kernel clearing pages (BENCHMARKS.md, "verified import"). Best effort.
-    let _ = nix::sys::prctl::set_thp_disable(true);
+    // time in the kernel clearing pages (ARCHITECTURE.md, "No transparent huge pages").
+    // Best effort; FHIR_LEDGER_THP=1 keeps them (for comparisons).
+    if std::env::var_os("FHIR_LEDGER_THP").is_none_or(|v| v != "1") {
+        let _ = nix::sys::prctl::set_thp_disable(true);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("FHIR_LEDGER_LOG").unwrap_or_else(|_| "warn".into()),
