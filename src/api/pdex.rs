@@ -119,6 +119,12 @@ fn reference(r: impl Into<String>) -> Json {
     Json::obj(vec![("reference", Json::str(r))])
 }
 
+/// A Parameters resource of `(name, value[x] member, value)` parts.
+fn parameters(parts: Vec<(&str, &str, Json)>) -> Json {
+    let parts = parts.into_iter().map(|(name, key, v)| Json::obj(vec![("name", Json::str(name)), (key, v)])).collect();
+    Json::obj(vec![("resourceType", Json::str("Parameters")), ("parameter", Json::Array(parts))])
+}
+
 pub async fn member_match(
     req: HttpRequest,
     state: web::Data<AppState>,
@@ -152,22 +158,10 @@ pub async fn member_match(
         ("system", Json::str(format!("{}/Patient", super::base_url(&req)))),
         ("value", Json::str(patient.clone())),
     ]);
-    let out = Json::obj(vec![
-        ("resourceType", Json::str("Parameters")),
-        (
-            "parameter",
-            Json::Array(vec![
-                Json::obj(vec![("name", Json::str("MemberIdentifier")), ("valueIdentifier", identifier)]),
-                Json::obj(vec![
-                    ("name", Json::str("MemberId")),
-                    ("valueReference", reference(format!("Patient/{patient}"))),
-                ]),
-                Json::obj(vec![
-                    ("name", Json::str("Consent")),
-                    ("valueReference", reference(format!("Consent/{consent_id}"))),
-                ]),
-            ]),
-        ),
+    let out = parameters(vec![
+        ("MemberIdentifier", "valueIdentifier", identifier),
+        ("MemberId", "valueReference", reference(format!("Patient/{patient}"))),
+        ("Consent", "valueReference", reference(format!("Consent/{consent_id}"))),
     ]);
     Ok(json_response(200, &out, &f))
 }
@@ -223,22 +217,10 @@ pub async fn bulk_member_match(
     log_matches(&state, &caller, &patients);
     let mut stored = group;
     stored.set("id", Json::str(group_id));
-    let out = Json::obj(vec![
-        ("resourceType", Json::str("Parameters")),
-        (
-            "parameter",
-            Json::Array(vec![
-                Json::obj(vec![("name", Json::str("MatchedMembers")), ("resource", stored)]),
-                Json::obj(vec![
-                    ("name", Json::str("NonMatchedMembers")),
-                    ("resource", payer::unmatched_group("nomatch", &unmatched)),
-                ]),
-                Json::obj(vec![
-                    ("name", Json::str("ConsentConstrainedMembers")),
-                    ("resource", payer::unmatched_group("consentconstraint", &constrained)),
-                ]),
-            ]),
-        ),
+    let out = parameters(vec![
+        ("MatchedMembers", "resource", stored),
+        ("NonMatchedMembers", "resource", payer::unmatched_group("nomatch", &unmatched)),
+        ("ConsentConstrainedMembers", "resource", payer::unmatched_group("consentconstraint", &constrained)),
     ]);
     let job = super::bulk::operation_job(&req, &state, &caller, "$bulk-member-match", Some(out.to_serde())).await?;
     Ok(HttpResponse::Accepted()

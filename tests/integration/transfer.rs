@@ -116,6 +116,17 @@ impl Peer {
     }
 }
 
+/// The id of the one Patient of family `family`, after giving their Coverages subscriber id `sub`.
+async fn member(old: &SmartServer, token: &str, family: &str, sub: &str) -> String {
+    let p = smart::search_all(&old.http, &old.base, token, &format!("Patient?family={family}")).await;
+    let id = p[0]["id"].as_str().expect("id").to_string();
+    for mut cov in smart::search_all(&old.http, &old.base, token, &format!("Coverage?beneficiary=Patient/{id}")).await {
+        cov["subscriberId"] = json!(sub);
+        put_resource(&old.http, &old.base, token, &cov).await;
+    }
+    id
+}
+
 fn rand_seed() -> [u8; 32] {
     let hexed = smart::random_hex(32);
     hex::decode(hexed).expect("hex").try_into().expect("32 bytes")
@@ -146,13 +157,7 @@ async fn a_member_moves_to_a_new_payer_with_verified_data_and_nothing_else_moves
     )
     .await;
     // The member, and a subscriber id on their coverage.
-    let amy = smart::search_all(&old.http, &old.base, &old_sys, "Patient?family=Nader").await;
-    let amy_id = amy[0]["id"].as_str().expect("id").to_string();
-    let mut cov = smart::search_all(&old.http, &old.base, &old_sys, &format!("Coverage?beneficiary=Patient/{amy_id}"))
-        .await
-        .remove(0);
-    cov["subscriberId"] = json!("M-0001");
-    put_resource(&old.http, &old.base, &old_sys, &cov).await;
+    let amy_id = member(&old, &old_sys, "Nader", "M-0001").await;
     let other = smart::search_all(&old.http, &old.base, &old_sys, "Patient?_count=10").await;
     let other_id = other
         .iter()
@@ -338,15 +343,7 @@ async fn bulk_member_match_groups_members_and_the_group_export_follows_each_cons
     // Three members with subscriber ids on their coverage.
     let mut ids = Vec::new();
     for (family, sub) in [("Nader", "M-0001"), ("O'Connell", "M-0002"), ("Waelchi", "M-0004")] {
-        let p = smart::search_all(&old.http, &old.base, &old_sys, &format!("Patient?family={family}")).await;
-        let id = p[0]["id"].as_str().expect("id").to_string();
-        for mut cov in
-            smart::search_all(&old.http, &old.base, &old_sys, &format!("Coverage?beneficiary=Patient/{id}")).await
-        {
-            cov["subscriberId"] = json!(sub);
-            put_resource(&old.http, &old.base, &old_sys, &cov).await;
-        }
-        ids.push(id);
+        ids.push(member(&old, &old_sys, family, sub).await);
     }
     let (amy, antoine, colby) = (&ids[0], &ids[1], &ids[2]);
     let peer = Peer::register(&old).await;
@@ -457,13 +454,7 @@ async fn import_pulls_a_trusted_peers_export_verifies_it_and_imports_it_whole() 
     for org in ["new-payer", "old-payer"] {
         put_resource(&old.http, &old.base, &old_sys, &json!({"resourceType": "Organization", "id": org})).await;
     }
-    let amy = smart::search_all(&old.http, &old.base, &old_sys, "Patient?family=Nader").await;
-    let amy_id = amy[0]["id"].as_str().expect("id").to_string();
-    let mut cov = smart::search_all(&old.http, &old.base, &old_sys, &format!("Coverage?beneficiary=Patient/{amy_id}"))
-        .await
-        .remove(0);
-    cov["subscriberId"] = json!("M-0001");
-    put_resource(&old.http, &old.base, &old_sys, &cov).await;
+    let amy_id = member(&old, &old_sys, "Nader", "M-0001").await;
 
     // The new payer matches the member at the old one and has the export made there.
     let peer = Peer::register(&old).await;
