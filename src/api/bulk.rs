@@ -26,7 +26,7 @@ pub async fn system(
     state: web::Data<AppState>,
     body: web::Payload,
 ) -> Result<HttpResponse, FhirError> {
-    kickoff(req, state, Level::System, body).await
+    kickoff(req, state, Level::System, body, false).await
 }
 
 pub async fn patient(
@@ -34,7 +34,7 @@ pub async fn patient(
     state: web::Data<AppState>,
     body: web::Payload,
 ) -> Result<HttpResponse, FhirError> {
-    kickoff(req, state, Level::Patient, body).await
+    kickoff(req, state, Level::Patient, body, false).await
 }
 
 pub async fn group(
@@ -43,7 +43,7 @@ pub async fn group(
     state: web::Data<AppState>,
     body: web::Payload,
 ) -> Result<HttpResponse, FhirError> {
-    kickoff(req, state, Level::Group(path.into_inner()), body).await
+    kickoff(req, state, Level::Group(path.into_inner()), body, false).await
 }
 
 /// `GET|POST /Group/{id}/$davinci-data-export` (PDex 2.1.0): the Group-level export of a
@@ -56,7 +56,7 @@ pub async fn davinci_data_export(
     state: web::Data<AppState>,
     body: web::Payload,
 ) -> Result<HttpResponse, FhirError> {
-    kickoff(req, state, Level::Group(path.into_inner()), body).await
+    kickoff(req, state, Level::Group(path.into_inner()), body, true).await
 }
 
 /// What PDex's payer-to-payer export allows of a member's history.
@@ -70,11 +70,14 @@ pub(super) fn respond_async(req: &HttpRequest) -> bool {
         .any(|v| v.split([',', ';']).any(|p| p.trim() == "respond-async"))
 }
 
+/// A kick-off at `level`; `davinci` for PDex's `$davinci-data-export` (a payer-to-payer
+/// export of the caller's own `$bulk-member-match` Group).
 async fn kickoff(
     req: HttpRequest,
     state: web::Data<AppState>,
     level: Level,
     body: web::Payload,
+    davinci: bool,
 ) -> Result<HttpResponse, FhirError> {
     // A GET kicks off with its query string alone; a POST may add a Parameters body.
     let body = (req.method() == actix_web::http::Method::POST).then_some(body);
@@ -90,7 +93,6 @@ async fn kickoff(
             pairs.extend(bulk::params::from_parameters(&super::parse_resource(&bytes)?)?);
         }
     }
-    let davinci = req.path().ends_with("/$davinci-data-export");
     if davinci {
         for (_, v) in pairs.iter().filter(|(k, _)| k == "exportType") {
             if v != PAYER_TO_PAYER {
