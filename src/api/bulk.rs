@@ -161,28 +161,9 @@ async fn kickoff(
         });
     }
     let head = super::ledger::signed_head(&state.repo).await?;
-    let now = crate::fhir::now_ms();
     let request = format!("{}{}", base_url(&req), req.uri());
-    let job = Job {
-        owner: bulk::owner_of(&caller),
-        request,
-        level,
-        params,
-        patients,
-        head: Json::Array(head.to_parts()).to_serde(),
-        size: head.size,
-        transaction_time_ms: head.timestamp_ms,
-        requires_token: state.auth.enabled,
-        created_ms: now,
-        heartbeat_ms: now,
-        state: State::Accepted,
-        error: None,
-        files: Vec::new(),
-        completed_ms: None,
-        signatures: Vec::new(),
-        operation: None,
-        result: None,
-    };
+    let job =
+        Job { params, patients, ..Job::accepted(bulk::owner_of(&caller), request, level, &head, state.auth.enabled) };
     let id = uuid::Uuid::new_v4().to_string();
     bulk::create(&state.search, &id, &job).await?;
     start(&state, &caller, &id);
@@ -218,27 +199,14 @@ pub(super) async fn operation_job(
     result: Option<serde_json::Value>,
 ) -> Result<String, FhirError> {
     let head = super::ledger::signed_head(&state.repo).await?;
-    let now = crate::fhir::now_ms();
-    let job = Job {
-        owner: bulk::owner_of(caller),
-        request: format!("{}{}", base_url(req), req.uri()),
-        level: Level::System,
-        params: params::Params::default(),
-        patients: None,
-        head: Json::Array(head.to_parts()).to_serde(),
-        size: head.size,
-        transaction_time_ms: head.timestamp_ms,
-        requires_token: state.auth.enabled,
-        created_ms: now,
-        heartbeat_ms: now,
-        state: if result.is_some() { State::Complete } else { State::Accepted },
-        error: None,
-        files: Vec::new(),
-        completed_ms: result.is_some().then_some(now),
-        signatures: Vec::new(),
-        operation: Some(operation.to_string()),
-        result,
-    };
+    let request = format!("{}{}", base_url(req), req.uri());
+    let mut job = Job::accepted(bulk::owner_of(caller), request, Level::System, &head, state.auth.enabled);
+    job.operation = Some(operation.to_string());
+    if result.is_some() {
+        job.state = State::Complete;
+        job.completed_ms = Some(job.created_ms);
+        job.result = result;
+    }
     let id = uuid::Uuid::new_v4().to_string();
     bulk::create(&state.search, &id, &job).await?;
     Ok(id)

@@ -108,6 +108,38 @@ pub struct Job {
 }
 
 impl Job {
+    /// A job just kicked off by `owner` with request URL `request`, pinned to `head`, at
+    /// `level` with everything else empty: an export's runner, or an operation, fills it in.
+    pub fn accepted(
+        owner: String,
+        request: String,
+        level: Level,
+        head: &crate::treehead::TreeHead,
+        requires_token: bool,
+    ) -> Job {
+        let now = crate::fhir::now_ms();
+        Job {
+            owner,
+            request,
+            level,
+            params: Params::default(),
+            patients: None,
+            head: crate::fhir::json::Json::Array(head.to_parts()).to_serde(),
+            size: head.size,
+            transaction_time_ms: head.timestamp_ms,
+            requires_token,
+            created_ms: now,
+            heartbeat_ms: now,
+            state: State::Accepted,
+            error: None,
+            files: Vec::new(),
+            completed_ms: None,
+            signatures: Vec::new(),
+            operation: None,
+            result: None,
+        }
+    }
+
     pub fn expired(&self, now_ms: i64) -> bool {
         self.completed_ms.is_some_and(|c| now_ms > c + EXPIRES_MS)
     }
