@@ -135,6 +135,16 @@ impl Cluster {
         self.members[i].server = Some(server);
     }
 
+    /// An HTTP client, node 1's admin API, and a `system/*.cruds` token of a backend client
+    /// registered there (valid on every node).
+    async fn system_access(&self) -> (reqwest::Client, smart::Admin, String) {
+        let http = smart::http_client();
+        let admin = smart::Admin::new(&http, &self.members[0].api, TOKEN);
+        let backend = smart::Backend::register(&admin, smart::ClientKey::ed25519(), "system/*.cruds").await;
+        let sys = backend.token(&http, "system/*.cruds").await;
+        (http, admin, sys)
+    }
+
     fn live(&self) -> impl Iterator<Item = usize> + '_ {
         (0..self.members.len()).filter(|&i| self.members[i].server.is_some())
     }
@@ -744,10 +754,7 @@ async fn consent_revocation_stops_a_token_on_every_node() {
     let cluster = Cluster::start_auth(3, &[]);
     cluster.leader().await;
     let api: Vec<String> = cluster.members.iter().map(|m| m.api.clone()).collect();
-    let http = smart::http_client();
-    let admin = smart::Admin::new(&http, &api[0], TOKEN);
-    let backend = smart::Backend::register(&admin, smart::ClientKey::ed25519(), "system/*.cruds").await;
-    let sys = backend.token(&http, "system/*.cruds").await;
+    let (http, admin, sys) = cluster.system_access().await;
     smart::put_resource(&http, &api[0], &sys, &smart::patient("pat-a")).await;
     let client_id = admin.public_client("Cluster App", None).await;
     admin.user("alice", "Patient/pat-a").await;
@@ -789,10 +796,7 @@ async fn an_export_is_polled_and_downloaded_on_any_node_and_outlives_the_node_th
     let mut cluster = Cluster::start_auth(3, &[]);
     cluster.leader().await;
     let api: Vec<String> = cluster.members.iter().map(|m| m.api.clone()).collect();
-    let http = smart::http_client();
-    let admin = smart::Admin::new(&http, &api[0], TOKEN);
-    let backend = smart::Backend::register(&admin, smart::ClientKey::ed25519(), "system/*.cruds").await;
-    let sys = backend.token(&http, "system/*.cruds").await;
+    let (http, _, sys) = cluster.system_access().await;
     let bundle: Value = serde_json::from_slice(
         &std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/synthea/patient-01.json")).unwrap(),
     )
