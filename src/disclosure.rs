@@ -31,6 +31,8 @@ pub struct Event {
     pub success: bool,
     pub detail: Option<String>,
     pub purpose: Option<String>,
+    /// The study a research read was for (`ResearchStudy` id).
+    pub study: Option<String>,
     pub broke_glass: bool,
     pub client_id: String,
     pub client_name: String,
@@ -234,7 +236,7 @@ pub struct Disclosure {
 }
 
 fn aggregate(batch: Vec<Event>) -> Vec<Disclosure> {
-    type Key = (String, Option<String>, Option<String>, &'static str, Option<String>, bool);
+    type Key = (String, Option<String>, Option<String>, &'static str, Option<String>, Option<String>, bool);
     let mut out: Vec<Disclosure> = Vec::new();
     let mut by_key: std::collections::HashMap<Key, usize> = std::collections::HashMap::new();
     // Where each entity is in its disclosure's list: a Bulk export discloses thousands of
@@ -249,8 +251,15 @@ fn aggregate(batch: Vec<Event>) -> Vec<Disclosure> {
         }
     };
     for mut e in batch {
-        let key =
-            (e.client_id.clone(), e.user.clone(), e.patient.clone(), e.interaction, e.purpose.clone(), e.broke_glass);
+        let key = (
+            e.client_id.clone(),
+            e.user.clone(),
+            e.patient.clone(),
+            e.interaction,
+            e.purpose.clone(),
+            e.study.clone(),
+            e.broke_glass,
+        );
         let slot = if e.success { by_key.get(&key).copied() } else { None };
         let entities = std::mem::take(&mut e.entities);
         let i = if let Some(i) = slot {
@@ -341,6 +350,13 @@ pub fn audit_event(d: &Disclosure, node: &str) -> Value {
             "what": {"reference": format!("Patient/{p}")},
             "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "1"},
             "role": {"system": "http://terminology.hl7.org/CodeSystem/object-role", "code": "1"}
+        }));
+    }
+    if let Some(s) = &e.study {
+        entities.push(json!({
+            "what": {"reference": format!("ResearchStudy/{s}")},
+            "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "2"},
+            "description": "the research study this disclosure was for"
         }));
     }
     for (r, n) in &d.entities {
@@ -499,6 +515,7 @@ mod tests {
             success,
             detail: None,
             purpose: None,
+            study: None,
             broke_glass: false,
             client_id: "app".into(),
             client_name: "App".into(),

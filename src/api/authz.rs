@@ -64,11 +64,12 @@ pub async fn middleware(
     req.extensions_mut().insert(Barriered);
     let authorization = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::to_string);
     let purpose = req.headers().get("x-purpose-of-use").and_then(|v| v.to_str().ok()).map(str::to_string);
+    let study = req.headers().get("x-research-study").and_then(|v| v.to_str().ok()).map(str::to_string);
     if admin_path(req.path()) && is_admin_token(&state, authorization.as_deref()) {
         req.extensions_mut().insert(Arc::new(Caller::administrator()));
         return next.call(req).await;
     }
-    match state.auth.caller(&state.search, authorization.as_deref(), purpose.as_deref()).await {
+    match state.auth.caller(&state.search, authorization.as_deref(), purpose.as_deref(), study.as_deref()).await {
         Ok(c) => {
             req.extensions_mut().insert(Arc::new(c));
             next.call(req).await
@@ -85,6 +86,7 @@ pub async fn middleware(
                     success: false,
                     detail: Some(format!("401 {} {path} from {source}: {why}", req.method())),
                     purpose: purpose.map(|p| crate::disclosure::truncate(&p, 32)),
+                    study: None,
                     broke_glass: false,
                     client_id: "unauthenticated".into(),
                     client_name: String::new(),
@@ -163,6 +165,10 @@ fn event(
         success,
         detail,
         purpose: caller.purpose.clone(),
+        study: match &caller.research {
+            crate::consent::research::Standing::Study(s) => Some(s.clone()),
+            _ => None,
+        },
         broke_glass,
         client_id: caller.claims.client_id.clone(),
         client_name: caller.client_name.clone(),

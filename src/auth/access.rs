@@ -11,6 +11,7 @@ use std::sync::Arc;
 use super::scopes::{Context, Perm};
 use super::Caller;
 use crate::config::ConsentDefault;
+use crate::consent::research::Standing;
 use crate::consent::{Book, Decision, Request};
 use crate::error::FhirError;
 use crate::fhir::json::Json;
@@ -201,27 +202,34 @@ impl<'c> Guard<'c> {
             }
             // A client confined to consented patients gets nothing by default.
             let default = if self.caller.consent_required { Decision::Deny } else { default };
-            let decision = if self.book.rules(p).is_empty() {
-                default
-            } else {
-                let labels = labels(doc);
-                let req = Request {
-                    actors: &self.actors,
-                    purpose: self.caller.purpose.as_deref(),
-                    action: self.action,
-                    rtype,
-                    id: &doc.id,
-                    labels: &labels,
-                    date_ms: Some(date_of(doc)),
-                    now_ms: self.now_ms,
-                };
-                self.book.decide(p, &req).unwrap_or(default)
+            let labels = labels(doc);
+            let req = Request {
+                actors: &self.actors,
+                purpose: self.caller.purpose.as_deref(),
+                action: self.action,
+                rtype,
+                id: &doc.id,
+                labels: &labels,
+                date_ms: Some(date_of(doc)),
+                now_ms: self.now_ms,
+            };
+            let decision = match &self.caller.research {
+                Standing::Clinical if self.book.rules(p).is_empty() => default,
+                Standing::Clinical => self.book.decide(p, &req).unwrap_or(default),
+                Standing::Barred => Decision::Deny,
+                // Research reads only, permitted by the study's Consent and denied by none.
+                Standing::Study(_) if self.action != "access" => Decision::Deny,
+                Standing::Study(study) => match self.book.decide(p, &req) {
+                    Some(Decision::Deny) => Decision::Deny,
+                    _ => self.book.research.decide(study, p, &req),
+                },
             };
             if decision == Decision::Deny {
-                // Break-the-glass is a clinician's act: patients and their proxies cannot.
+                // Break-the-glass is a clinician's act: patients, their proxies and research cannot.
                 let clinician =
                     self.caller.user.as_ref().is_some_and(|(t, _)| t == "Practitioner" || t == "PractitionerRole");
-                if self.caller.purpose.as_deref() == Some(BREAK_THE_GLASS) && clinician {
+                let clinical = self.caller.research == Standing::Clinical;
+                if self.caller.purpose.as_deref() == Some(BREAK_THE_GLASS) && clinician && clinical {
                     self.broke_glass.store(true, Relaxed);
                     continue;
                 }

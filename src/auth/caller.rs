@@ -10,6 +10,7 @@ use super::jose::{self, Alg};
 use super::scopes::{self, Context, Perm, ResourceScope};
 use super::store::{self, Client, Grant};
 use super::Auth;
+use crate::consent::research::Standing;
 use crate::error::{ErrorCode, FhirError};
 use crate::repo::Repo;
 
@@ -48,6 +49,8 @@ pub struct Caller {
     pub client_name: String,
     /// `X-Purpose-Of-Use` (v3 ActReason code), when the caller states one.
     pub purpose: Option<String>,
+    /// Whether the caller reads for a study (see `consent::research`).
+    pub research: Standing,
     /// Authorization off: everything is permitted and nothing is logged.
     pub unrestricted: bool,
 }
@@ -75,6 +78,7 @@ impl Caller {
             consent_required: false,
             client_name: String::new(),
             purpose: None,
+            research: Standing::Clinical,
             unrestricted: true,
         }
     }
@@ -267,6 +271,7 @@ impl Auth {
         search: &crate::search::Engine,
         authorization: Option<&str>,
         purpose: Option<&str>,
+        study: Option<&str>,
     ) -> Result<Caller, FhirError> {
         if !self.enabled {
             return Ok(Caller::unrestricted());
@@ -316,6 +321,18 @@ impl Auth {
             let t = t.rsplit('/').next()?;
             Some((t.to_string(), id.to_string()))
         });
+        let purpose = purpose.map(|p| p.trim().to_string()).filter(|p| !p.is_empty());
+        let mut actors: Vec<String> = user.iter().map(|(t, id)| format!("{t}/{id}")).collect();
+        actors.extend(client_actor.iter().cloned());
+        actors.push(format!("client:{}", claims.client_id));
+        let book = {
+            let idx = search.current()?;
+            self.books.get(search.repo(), &idx)?
+        };
+        let research = book
+            .research
+            .standing(&actors, purpose.as_deref(), study.map(str::trim))
+            .map_err(|why| FhirError::new(ErrorCode::Invalid, why))?;
         Ok(Caller {
             scopes: claims.scopes.clone(),
             claims,
@@ -323,7 +340,8 @@ impl Auth {
             client_actor,
             consent_required,
             client_name,
-            purpose: purpose.map(|p| p.trim().to_string()).filter(|p| !p.is_empty()),
+            purpose,
+            research,
             unrestricted: false,
         })
     }

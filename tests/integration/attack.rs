@@ -24,7 +24,9 @@ use reqwest::header::{CONTENT_TYPE, COOKIE};
 use reqwest::Method;
 use serde_json::{json, Value};
 
-use crate::smart::{self, attr, cookie, fhir, get, send, tags, Admin, Backend, ClientKey, Resp, ADMIN_TOKEN, REDIRECT};
+use crate::smart::{
+    self, access_token, attr, cookie, fhir, get, send, tags, Admin, Backend, ClientKey, Resp, ADMIN_TOKEN, REDIRECT,
+};
 use crate::support::Server;
 
 const ALICE: &str = "pat-alice";
@@ -368,10 +370,6 @@ impl World {
         assert_eq!(r.status, 200, "access report of {patient}: {}", r.text);
         Report::parse(&js(&r))
     }
-}
-
-fn access_token(token_response: &Value) -> String {
-    token_response["access_token"].as_str().unwrap_or_else(|| panic!("no access_token: {token_response}")).to_string()
 }
 
 fn bundle(kind: &str, entries: Vec<Value>) -> Value {

@@ -21,8 +21,8 @@ use reqwest::Method;
 use serde_json::{json, Value};
 
 use crate::smart::{
-    self, approve, assert_invalid_token, fhir, get, parse_jwt, put_resource, send, user_token, Backend, ClientKey,
-    Login, Resp, SmartServer, REDIRECT,
+    self, access_token, approve, assert_invalid_token, fhir, get, parse_jwt, put_resource, send, user_token, Backend,
+    ClientKey, Login, Resp, SmartServer, REDIRECT,
 };
 
 const CATEGORY: &str = "http://terminology.hl7.org/CodeSystem/observation-category";
@@ -61,10 +61,6 @@ fn encounter(id: &str, patient: &str) -> Value {
         "class": { "system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB" },
         "subject": { "reference": format!("Patient/{patient}") },
     })
-}
-
-fn access_token(token_response: &Value) -> String {
-    token_response["access_token"].as_str().unwrap_or_else(|| panic!("no access_token: {token_response}")).to_string()
 }
 
 /// Asserts a 403 OperationOutcome with an issue of code `forbidden`.

@@ -15,6 +15,7 @@ mod everything;
 mod http;
 mod lincheck;
 mod process;
+mod research;
 mod search;
 mod smart;
 mod support;

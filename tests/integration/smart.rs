@@ -758,6 +758,11 @@ pub async fn exchange(http: &reqwest::Client, base: &str, client_id: &str, code:
 
 /// [`browser_flow`] and [`exchange`]: the token response (asserted 200), with the session
 /// cookie added as `fl_session`.
+/// The access token of a token response.
+pub fn access_token(token_response: &Value) -> String {
+    token_response["access_token"].as_str().unwrap_or_else(|| panic!("no access_token: {token_response}")).to_string()
+}
+
 pub async fn user_token(
     http: &reqwest::Client,
     base: &str,

@@ -63,7 +63,7 @@ pub(super) async fn introspect(req: HttpRequest, body: web::Bytes, state: web::D
     let bearer =
         req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).filter(|v| v.starts_with("Bearer "));
     if let Some(b) = bearer {
-        match state.auth.caller(&state.search, Some(b), None).await {
+        match state.auth.caller(&state.search, Some(b), None, None).await {
             Ok(c) if c.scopes.iter().any(|s| s.context == scopes::Context::System) => {}
             _ => {
                 return oauth_error(
@@ -91,7 +91,7 @@ pub(super) async fn introspect(req: HttpRequest, body: web::Bytes, state: web::D
     let Some(token) = get(&p, "token") else { return oauth_error(400, "invalid_request", "token is missing") };
     let inactive = || json_ok(&json!({"active": false}));
     if jose::peek(token).is_ok() {
-        let Ok(c) = state.auth.caller(&state.search, Some(&format!("Bearer {token}")), None).await else {
+        let Ok(c) = state.auth.caller(&state.search, Some(&format!("Bearer {token}")), None, None).await else {
             return inactive();
         };
         let cl = &c.claims;

@@ -7,6 +7,8 @@
 //! across a patient's Consents, deny wins over permit; where none applies, the configured
 //! default (opt-out: permit, opt-in: deny).
 
+pub mod research;
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -25,7 +27,7 @@ pub enum Decision {
 }
 
 #[derive(Debug, Default)]
-struct Provision {
+pub(crate) struct Provision {
     kind: Option<Decision>,
     period: Option<(i64, i64)>,
     actors: Vec<String>,
@@ -45,7 +47,7 @@ struct Provision {
 #[derive(Debug)]
 pub struct Rule {
     pub id: String,
-    root: Provision,
+    pub(crate) root: Provision,
 }
 
 /// What a decision is about.
@@ -82,7 +84,7 @@ fn codes<'a>(list: impl Iterator<Item = &'a Json>) -> Vec<String> {
     out
 }
 
-fn reference_key(r: &Json) -> Option<String> {
+pub(crate) fn reference_key(r: &Json) -> Option<String> {
     if let Some(s) = r.str_at(&["reference"]) {
         let s = s.rsplit('/').take(2).collect::<Vec<_>>();
         if let [id, t] = s.as_slice() {
@@ -118,7 +120,7 @@ fn provision(v: &Json) -> Provision {
 /// A Consent's root provision. The grant Consents the authorization server writes when a
 /// patient approves an app (marked by the scopes extension) name the app and the approving
 /// user; they apply only to that user through that app, never to every user of the app.
-fn root_provision(consent: &Json) -> Provision {
+pub(crate) fn root_provision(consent: &Json) -> Provision {
     fn require_all(p: &mut Provision) {
         p.all_actors = true;
         p.children.iter_mut().for_each(require_all);
@@ -155,7 +157,7 @@ impl Provision {
 
     /// The decision of the deepest applying provision under this one (`inherited` when only
     /// this one applies and it states no type).
-    fn decide(&self, r: &Request, inherited: Option<Decision>) -> Option<Decision> {
+    pub(crate) fn decide(&self, r: &Request, inherited: Option<Decision>) -> Option<Decision> {
         if !self.applies(r) {
             return None;
         }
@@ -176,6 +178,8 @@ impl Provision {
 #[derive(Default)]
 pub struct Book {
     by_patient: HashMap<String, Vec<Rule>>,
+    /// Studies, enrolments and research Consents (which are not in `by_patient`).
+    pub research: research::Research,
 }
 
 impl Book {
@@ -206,31 +210,51 @@ pub struct Books {
 impl Books {
     pub fn get(&self, repo: &Repo, idx: &crate::search::index::Index) -> Result<Arc<Book>, FhirError> {
         let docs = idx.of("Consent");
-        let stamp = docs.changes();
+        // Research access also turns on studies and enrolments.
+        let stamp = docs.changes() + idx.of("ResearchStudy").changes() + idx.of("ResearchSubject").changes();
         if let Some((s, b)) = self.current.lock().unwrap_or_else(PoisonError::into_inner).as_ref() {
             if *s == stamp {
                 return Ok(b.clone());
             }
         }
         let mut book = Book::default();
-        for item in docs.scan(0) {
-            let (_, d) = item?;
-            let s = repo.vread("Consent", &d.id, d.version)?;
-            let Some(body) = s.body.as_deref() else { continue };
-            let v = json::parse(body.as_bytes(), usize::MAX).map_err(FhirError::internal)?;
+        for_each_current(repo, idx, "Consent", |id, v| {
             if v.str_at(&["status"]) != Some("active") {
-                continue;
+                return;
             }
             let Some(patient) = v.str_at(&["patient", "reference"]).and_then(|r| r.strip_prefix("Patient/")) else {
-                continue;
+                return;
             };
-            let rule = Rule { id: d.id.clone(), root: root_provision(&v) };
+            if research::is_research(v) {
+                book.research.add_consent(id, patient, v);
+                return;
+            }
+            let rule = Rule { id: id.to_string(), root: root_provision(v) };
             book.by_patient.entry(patient.to_string()).or_default().push(rule);
-        }
+        })?;
+        for_each_current(repo, idx, "ResearchStudy", |id, v| book.research.add_study(id, v))?;
+        for_each_current(repo, idx, "ResearchSubject", |_, v| book.research.add_subject(v))?;
         let book = Arc::new(book);
         *self.current.lock().unwrap_or_else(PoisonError::into_inner) = Some((stamp, book.clone()));
         Ok(book)
     }
+}
+
+/// Calls `f` with the id and current body of every live resource of `rtype`.
+fn for_each_current(
+    repo: &Repo,
+    idx: &crate::search::index::Index,
+    rtype: &str,
+    mut f: impl FnMut(&str, &Json),
+) -> Result<(), FhirError> {
+    for item in idx.of(rtype).scan(0) {
+        let (_, d) = item?;
+        let s = repo.vread(rtype, &d.id, d.version)?;
+        let Some(body) = s.body.as_deref() else { continue };
+        let v = json::parse(body.as_bytes(), usize::MAX).map_err(FhirError::internal)?;
+        f(&d.id, &v);
+    }
+    Ok(())
 }
 
 #[cfg(test)]
