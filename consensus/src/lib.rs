@@ -348,6 +348,12 @@ impl Ledger {
         self.transport.since_leader_contact()
     }
 
+    /// The public keys of every node of the committed membership.
+    pub fn member_keys(&self) -> Vec<VerifyingKey> {
+        let membership = self.raft.metrics().borrow().membership_config.clone();
+        membership.membership().nodes().filter_map(|(_, n)| n.verifying_key()).collect()
+    }
+
     /// Asks every other voter to cosign the head `(size, root, timestamp_ms)`; returns the
     /// cosignatures that came back within a second, as (node, public key, signature). Each
     /// voter signs only if its own tree has that root at that size.

@@ -286,6 +286,29 @@ impl Policy for CallerPolicy<'_> {
         current: Option<&CurrentRecord>,
         new: Option<&Json>,
     ) -> Result<(), FhirError> {
+        self.authorized(rtype, id, current, new)?;
+        // A data lock holds for every writer, after the caller's rights (so a hidden resource
+        // still answers as missing).
+        if current.is_some() {
+            crate::research::may_change(&self.state.search, rtype, id, new)?;
+        }
+        Ok(())
+    }
+
+    fn may_erase(&self, patient: &str) -> Result<(), FhirError> {
+        self.erasable(patient)
+    }
+}
+
+impl CallerPolicy<'_> {
+    /// [`Policy::may_write`] as far as the caller's scopes and the patients' Consents go.
+    fn authorized(
+        &self,
+        rtype: &str,
+        id: &str,
+        current: Option<&CurrentRecord>,
+        new: Option<&Json>,
+    ) -> Result<(), FhirError> {
         let (state, caller) = (self.state, self.caller);
         if caller.unrestricted {
             return Ok(());
@@ -339,7 +362,7 @@ impl Policy for CallerPolicy<'_> {
         Ok(())
     }
 
-    fn may_erase(&self, patient: &str) -> Result<(), FhirError> {
+    fn erasable(&self, patient: &str) -> Result<(), FhirError> {
         let caller = self.caller;
         let own = caller.is_patient(patient) && caller.covering("Patient", Perm::D).next().is_some();
         if caller.unrestricted || own {

@@ -14,6 +14,7 @@ pub mod metadata;
 pub mod pdex;
 pub mod portal;
 pub mod report;
+pub mod research;
 pub mod resource;
 pub mod search;
 pub mod smart;
@@ -114,6 +115,9 @@ fn fhir_routes() -> actix_web::Scope<
         .route("/Patient/$export", web::post().to(bulk::patient))
         .route("/Patient/$member-match", web::post().to(pdex::member_match))
         .route("/Patient/{id}/$everything", web::get().to(everything::everything))
+        .route("/ResearchStudy/{id}/$lock", web::post().to(research::lock))
+        .route("/ResearchStudy/{id}/$verify-lock", web::get().to(research::verify_lock))
+        .route("/ResearchStudy/{id}/$verify-lock", web::post().to(research::verify_lock))
         .route("/Group/$bulk-member-match", web::post().to(pdex::bulk_member_match))
         .route("/Group/{id}/$davinci-data-export", web::get().to(bulk::davinci_data_export))
         .route("/Group/{id}/$davinci-data-export", web::post().to(bulk::davinci_data_export))

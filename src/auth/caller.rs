@@ -96,6 +96,19 @@ impl Caller {
         }
     }
 
+    /// A study's team reading for it (`HRESCH`, `user/*.rs`): what the server acts as when it
+    /// works for a study with authorization off (a data lock holds what the study may see).
+    pub fn for_study(study: &str) -> Self {
+        Self {
+            claims: Arc::new(Claims { sub: "study".into(), client_id: format!("study:{study}"), ..Default::default() }),
+            scopes: Arc::new(scopes::resource_scopes("user/*.rs")),
+            purpose: Some(crate::consent::research::RESEARCH.to_string()),
+            research: Standing::Study(study.to_string()),
+            unrestricted: false,
+            ..Self::unrestricted()
+        }
+    }
+
     /// A caller with no rights: what a handler sees where no authentication ran.
     pub fn nobody() -> Self {
         Self {

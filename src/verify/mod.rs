@@ -9,6 +9,7 @@
 //!
 //! - `verify export DIR --trusted-key K…`: a downloaded Bulk export against its trust label
 //!   (`export.rs`).
+//! - `verify lock FILE --trusted-key K…`: a trial data lock (`lock.rs`).
 //!
 //! Exit codes for scripts: 0 verified, 1 tampering or inconsistency found, 2 could not check
 //! (unreadable or malformed input, a running server holding the data directory).
@@ -25,6 +26,7 @@ use serde_json::Value;
 use crate::treehead::{self, TreeHead};
 
 mod export;
+mod lock;
 
 #[derive(clap::Args)]
 #[command(args_conflicts_with_subcommands = true)]
@@ -47,6 +49,9 @@ enum What {
     /// A downloaded Bulk export (manifest.json and every file it links) against its trust
     /// label: signatures, tree head, file digests, and each line's leaf and inclusion proof.
     Export(export::ExportArgs),
+    /// A trial data lock file (what `$lock` answered) or a `$verify-lock` answer: the lock's
+    /// signature and head, every locked version in that tree, and that the ledger only grew.
+    Lock(lock::LockArgs),
 }
 
 #[derive(clap::Args)]
@@ -114,6 +119,7 @@ pub fn run(args: &VerifyArgs) -> ExitCode {
         Some(What::Proof(p)) => inclusion(p),
         Some(What::Consistency(c)) => consistency(c),
         Some(What::Export(e)) => export::export(e),
+        Some(What::Lock(l)) => lock::lock(l),
     };
     match result {
         Ok(message) => {
