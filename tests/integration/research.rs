@@ -258,3 +258,193 @@ async fn a_study_reads_only_what_its_enrolled_subjects_consented_to() {
     .await;
     assert!([403, 404].contains(&r.status), "a researcher's write: {} {}", r.status, r.text);
 }
+
+/// A research Consent permitting the study everything of the patient (for `HRESCH`).
+fn consent_to_everything(patient: &str, study: &str, id: &str) -> Value {
+    let mut c = research_consent(patient, study, &[], ("1900-01-01", "2100-01-01"));
+    c["id"] = json!(id);
+    c["provision"] = json!({"type": "permit", "purpose": [
+        {"system": "http://terminology.hl7.org/CodeSystem/v3-ActReason", "code": "HRESCH"}]});
+    c
+}
+
+fn observation(id: &str, patient: &str, value: f64) -> Value {
+    json!({"resourceType": "Observation", "id": id, "status": "final", "code": {"text": "trial endpoint"},
+           "subject": {"reference": format!("Patient/{patient}")}, "effectiveDateTime": "2024-06-01",
+           "valueQuantity": {"value": value, "unit": "mg/dL"}})
+}
+
+fn put_entry(r: &Value) -> Value {
+    let url = format!("{}/{}", r["resourceType"].as_str().unwrap(), r["id"].as_str().unwrap());
+    json!({"resource": r, "request": {"method": "PUT", "url": url}})
+}
+
+async fn transaction(s: &SmartServer, token: &str, entries: Vec<Value>) {
+    let bundle = json!({"resourceType": "Bundle", "type": "transaction", "entry": entries});
+    let r = fhir(&s.http, Method::POST, &s.base, Some(token), Some(&bundle)).await;
+    assert_eq!(r.status, 200, "transaction: {}", r.text);
+}
+
+/// `cp -a from/. to` (the data directory holds subdirectories).
+fn copy_all(from: &Path, to: &Path) {
+    let status =
+        std::process::Command::new("cp").arg("-a").arg(format!("{}/.", from.display())).arg(to).status().expect("cp");
+    assert!(status.success(), "cp -a {} {}", from.display(), to.display());
+}
+
+fn parts<'a>(p: &'a Value, name: &str) -> Vec<&'a Value> {
+    p["parameter"].as_array().into_iter().flatten().filter(|x| x["name"] == name).collect()
+}
+
+fn verdict(report: &Value) -> (bool, String) {
+    let ok = parts(report, "result").first().and_then(|r| r["valueBoolean"].as_bool()).expect("result");
+    let outcome = parts(report, "outcome").first().map(|o| o["resource"]["issue"].to_string()).unwrap_or_default();
+    (ok, outcome)
+}
+
+async fn verify_lock(s: &SmartServer, token: &str, file: Option<&Value>) -> Value {
+    let url = s.url("ResearchStudy/trial/$verify-lock");
+    let req = match file {
+        Some(f) => s.http.post(url).header("Content-Type", "application/fhir+json").body(f.to_string()),
+        None => s.http.get(url),
+    };
+    let r = send(req.bearer_auth(token).header("X-Purpose-Of-Use", "HRESCH")).await;
+    assert_eq!(r.status, 200, "$verify-lock: {}", r.text);
+    r.json()
+}
+
+/// Runs `fhir-ledger verify lock` on `doc` saved to a file, trusting the node's key.
+fn offline(s: &SmartServer, doc: &Value) -> (i32, String) {
+    let file = s.dir.path().join(format!("lock-{}.json", rand_suffix()));
+    std::fs::write(&file, doc.to_string()).expect("write the lock file");
+    let key = s.dir.path().join("node.pub");
+    crate::bulk::ledger_cli(&["verify", "lock", file.to_str().unwrap(), "--trusted-key", key.to_str().unwrap()])
+}
+
+fn rand_suffix() -> String {
+    smart::random_hex(6)
+}
+
+/// A lock over the 25 Synthea patients verifies on the server and offline; an update without
+/// a reason is refused, an amendment is listed with who, when and why (and the lock still
+/// verifies), a tampered lock file and a history rewritten from a backup are each named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_lock_over_25_patients_verifies_and_names_every_change() {
+    let mut s = SmartServer::start(&[]);
+    let sys = s.system_token("system/*.cruds").await;
+    let mut patients = Vec::new();
+    for n in 1..=25 {
+        patients.push(load(&s, &sys, n).await);
+    }
+    let mut setup =
+        vec![put_entry(&json!({"resourceType": "Practitioner", "id": "pi"})), put_entry(&study("trial", "pi"))];
+    for (i, p) in patients.iter().enumerate() {
+        setup.push(put_entry(&consent_to_everything(p, "trial", &format!("rc-{i}"))));
+        setup.push(put_entry(&subject(&format!("rs-{i}"), "trial", p, &format!("rc-{i}"), "on-study")));
+    }
+    setup.push(put_entry(&smart::patient("outsider")));
+    setup.push(put_entry(&observation("outsider-obs", "outsider", 1.0)));
+    transaction(&s, &sys, setup).await;
+    let client_id = s.admin.public_client("Trial App", None).await;
+    s.admin.user("pi", "Practitioner/pi").await;
+
+    // A backup of the ledger as it is now, then more data for patient 1 after it.
+    s.stop();
+    let backup = tempfile::tempdir().expect("temp dir");
+    copy_all(s.dir.path(), backup.path());
+    s.restart();
+    let sys = s.system_token("system/*.cruds").await;
+    let p1 = patients[0].clone();
+    transaction(&s, &sys, (0..30).map(|i| put_entry(&observation(&format!("late-{i}"), &p1, f64::from(i)))).collect())
+        .await;
+    let pi = access_token(&user_token(&s.http, &s.base, &client_id, &["user/*.rs"], &Login::new("pi")).await);
+
+    // The lock: every resource of the 25 subjects, nothing of the outsider.
+    let r = send(s.http.post(s.url("ResearchStudy/trial/$lock")).bearer_auth(&pi)).await;
+    assert_eq!(r.status, 403, "a lock without HRESCH: {}", r.text);
+    let r = send(s.http.post(s.url("ResearchStudy/trial/$lock")).bearer_auth(&pi).header("X-Purpose-Of-Use", "HRESCH"))
+        .await;
+    assert_eq!(r.status, 200, "$lock: {}", r.text);
+    let file = r.json();
+    let list = &parts(&file, "lock")[0]["resource"];
+    let locked: BTreeSet<String> = list["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["item"]["reference"].as_str().unwrap().split("/_history/").next().unwrap().to_string())
+        .collect();
+    let system = Reader { s: &s, token: sys.clone(), purpose: None, study: None };
+    for p in &patients {
+        assert!(locked.contains(&format!("Patient/{p}")), "Patient/{p} is locked");
+    }
+    let p1_obs = system.search(&format!("Observation?subject=Patient/{p1}")).await;
+    assert!(p1_obs.len() > 30 && p1_obs.is_subset(&locked), "every Observation of patient 1 is locked");
+    assert!(!locked.contains("Observation/outsider-obs") && !locked.contains("Patient/outsider"));
+    assert!(locked.len() > 10_000, "the 25 patients' data: {} versions", locked.len());
+    let (code, out) = offline(&s, &file);
+    assert_eq!(code, 0, "verify lock of the lock file: {out}");
+    let report = verify_lock(&s, &pi, None).await;
+    assert_eq!(verdict(&report).0, true, "{}", verdict(&report).1);
+    assert_eq!(parts(&report, "amendments")[0]["valueInteger"], 0);
+
+    // An update of locked data without a reason is refused, and so is a delete.
+    let mut obs = system.get("Observation/late-0").await.json();
+    obs["valueQuantity"]["value"] = json!(99.0);
+    let r = fhir(&s.http, Method::PUT, &s.url("Observation/late-0"), Some(&sys), Some(&obs)).await;
+    assert_eq!(r.status, 422, "an unexplained change of locked data: {}", r.text);
+    assert!(r.text.contains("data lock") && r.text.contains("reason"), "{}", r.text);
+    let r = fhir(&s.http, Method::DELETE, &s.url("Observation/late-0"), Some(&sys), None).await;
+    assert_eq!(r.status, 422, "a delete of locked data: {}", r.text);
+    // An amendment states why: a new version; the locked one stays, and the lock lists it.
+    let why = "transcription error corrected against the source document";
+    obs["meta"] =
+        json!({"extension": [{"url": "urn:fhir-ledger:StructureDefinition/amendment-reason", "valueString": why}]});
+    let r = fhir(&s.http, Method::PUT, &s.url("Observation/late-0"), Some(&sys), Some(&obs)).await;
+    assert_eq!(r.status, 200, "an amendment: {}", r.text);
+    let report = verify_lock(&s, &pi, None).await;
+    assert_eq!(verdict(&report).0, true, "amended, the lock still verifies: {}", verdict(&report).1);
+    let amendments = parts(&report, "amendment");
+    assert_eq!(amendments.len(), 1, "{report}");
+    let a = amendments[0]["part"].to_string();
+    assert!(a.contains("Observation/late-0/_history/2") && a.contains(why), "who, when and why: {a}");
+    let (code, out) = offline(&s, &report);
+    assert_eq!(code, 0, "verify lock of the $verify-lock answer: {out}");
+    assert!(out.contains("amended 1 time(s)") && out.contains(why), "{out}");
+
+    // A tampered lock file: one locked version swapped for another.
+    let mut bad = file.clone();
+    let entry = bad["parameter"]
+        .as_array_mut()
+        .unwrap()
+        .iter_mut()
+        .find(|p| p["name"] == "lock")
+        .map(|p| &mut p["resource"]["entry"][0]["item"]["reference"])
+        .unwrap();
+    *entry = json!(entry.as_str().unwrap().replace("/_history/1", "/_history/2"));
+    let report = verify_lock(&s, &pi, Some(&bad)).await;
+    let (ok, why_not) = verdict(&report);
+    assert!(!ok && why_not.contains("altered"), "a tampered lock file: {why_not}");
+    let (code, out) = offline(&s, &bad);
+    assert!(code == 1 && out.contains("altered"), "offline, a tampered lock file: {code} {out}");
+
+    // History rewritten from the backup: the kept lock file no longer fits the ledger.
+    s.stop();
+    for e in std::fs::read_dir(s.dir.path()).unwrap() {
+        let path = e.unwrap().path();
+        if path.is_dir() {
+            std::fs::remove_dir_all(&path).unwrap();
+        } else {
+            std::fs::remove_file(&path).unwrap();
+        }
+    }
+    copy_all(backup.path(), s.dir.path());
+    s.restart();
+    let sys = s.system_token("system/*.cruds").await;
+    transaction(&s, &sys, (0..60).map(|i| put_entry(&observation(&format!("other-{i}"), &p1, 7.0))).collect()).await;
+    let pi = access_token(&user_token(&s.http, &s.base, &client_id, &["user/*.rs"], &Login::new("pi")).await);
+    let report = verify_lock(&s, &pi, Some(&file)).await;
+    let (ok, why_not) = verdict(&report);
+    assert!(!ok && why_not.contains("consistency fails"), "a rewritten history: {why_not}");
+    let (code, out) = offline(&s, &report);
+    assert!(code == 1 && out.contains("consistency fails"), "offline, a rewritten history: {code} {out}");
+}

@@ -39,7 +39,8 @@ pub fn http_client() -> reqwest::Client {
 /// A `fhir-ledger serve --auth smart` process in its own temp dir, with the admin API.
 pub struct SmartServer {
     /// The process, killed on drop (declared before `dir`: before its data dir is removed).
-    _server: Server,
+    server: Server,
+    extra: Vec<String>,
     pub dir: tempfile::TempDir,
     /// The base URL, also the public URL (`--public-url` defaults to the bound address).
     pub base: String,
@@ -54,7 +55,23 @@ impl SmartServer {
         let base = server.base.clone();
         let http = http_client();
         let admin = Admin::new(&http, &base, ADMIN_TOKEN);
-        SmartServer { _server: server, dir, base, http, admin }
+        let extra = extra.iter().map(|s| s.to_string()).collect();
+        SmartServer { server, extra, dir, base, http, admin }
+    }
+
+    /// Kills the process (SIGKILL: what it acknowledged must survive).
+    pub fn stop(&mut self) {
+        self.server.kill9();
+    }
+
+    /// Starts the process again on the same data directory. It listens on a new port, so
+    /// tokens must be taken again (their audience is the old base URL).
+    pub fn restart(&mut self) {
+        self.server.kill9();
+        let extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
+        self.server = Server::launch_auth(self.dir.path(), &extra, &[("FHIR_LEDGER_ADMIN_TOKEN", ADMIN_TOKEN)]);
+        self.base = self.server.base.clone();
+        self.admin = Admin::new(&self.http, &self.base, ADMIN_TOKEN);
     }
 
     /// `<base>/<path>`.
