@@ -2,6 +2,7 @@
 //! file `$lock` answered, or what `$verify-lock` answered (the lock file, a later head, the
 //! consistency proof and each amendment's leaf with its inclusion proof).
 
+use std::fmt::Write as _;
 use std::path::PathBuf;
 
 use consensus::merkle::leaf_hash;
@@ -58,7 +59,7 @@ pub fn lock(args: &LockArgs) -> Result<String, Failure> {
     trusted.check(&now, "the current tree head")?;
     let path = hashes(top, "consistencyPath")?;
     lock::check_extends(&locked, &now, &path).map_err(Invalid)?;
-    message.push_str(&format!("; the ledger of {} leaves extends it", now.size));
+    let _ = write!(message, "; the ledger of {} leaves extends it", now.size);
     let mut amended = Vec::new();
     for a in top.iter().filter(|p| p["name"] == "amendment") {
         let parts = a["part"].as_array().map_or(&[][..], Vec::as_slice);
@@ -92,7 +93,7 @@ pub fn lock(args: &LockArgs) -> Result<String, Failure> {
     if amended.is_empty() {
         message.push_str("; no amendments");
     } else {
-        message.push_str(&format!("; amended {} time(s): {}", amended.len(), amended.join("; ")));
+        let _ = write!(message, "; amended {} time(s): {}", amended.len(), amended.join("; "));
     }
     Ok(message)
 }

@@ -55,7 +55,7 @@ impl SmartServer {
         let base = server.base.clone();
         let http = http_client();
         let admin = Admin::new(&http, &base, ADMIN_TOKEN);
-        let extra = extra.iter().map(|s| s.to_string()).collect();
+        let extra = extra.iter().map(ToString::to_string).collect();
         SmartServer { server, extra, dir, base, http, admin }
     }
 
