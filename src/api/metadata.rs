@@ -99,6 +99,16 @@ pub async fn capability_statement(req: HttpRequest, state: web::Data<AppState>) 
                     "POST /Patient/{id}/$erase: crypto-shreds the patient's compartment (every version unreadable, every proof still valid)",
                 ));
             }
+            if t.as_str() == "ResearchStudy" {
+                operations.push(operation(
+                    "lock",
+                    "POST /ResearchStudy/{id}/$lock (the study's team, X-Purpose-Of-Use: HRESCH): freezes every version the study may see of its enrolled subjects at a signed tree head; answers the lock file (List, signature, multiproof)",
+                ));
+                operations.push(operation(
+                    "verify-lock",
+                    "GET /ResearchStudy/{id}/$verify-lock (the latest lock on the ledger) or POST with a kept lock file: every locked version still in the ledger unchanged, the ledger only grown since, and every amendment with who, when and why",
+                ));
+            }
             if t.as_str() == "Group" {
                 operations.push(standard_operation(
                     "export",

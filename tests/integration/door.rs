@@ -94,6 +94,14 @@ fn calls() -> Vec<(&'static str, Method, &'static str, Option<Value>)> {
         ("/{compartment}/{id}/{type}", Method::GET, "/Patient/pat-b/*", None),
         ("/{compartment}/{id}/{type}", Method::GET, "/Patient/pat-b/$access-report", None),
         ("/Patient/{id}/$everything", Method::GET, "/Patient/pat-b/$everything", None),
+        ("/ResearchStudy/{id}/$lock", Method::POST, "/ResearchStudy/study-b/$lock", None),
+        ("/ResearchStudy/{id}/$verify-lock", Method::GET, "/ResearchStudy/study-b/$verify-lock", None),
+        (
+            "/ResearchStudy/{id}/$verify-lock",
+            Method::POST,
+            "/ResearchStudy/study-b/$verify-lock",
+            Some(json!({"resourceType": "Parameters", "parameter": []})),
+        ),
         ("/{type}/{id}/_history/{vid}", Method::GET, "/Observation/obs-b/_history/1", None),
         ("/{type}/{id}/_history/{vid}/{op}", Method::GET, "/Observation/obs-b/_history/1/$proof", None),
     ]
@@ -145,7 +153,13 @@ async fn every_route_refuses_a_caller_without_the_needed_scope() {
     let sys = s.system_token("system/*.cruds").await;
     let obs_b = json!({"resourceType": "Observation", "id": "obs-b", "status": "final", "code": {"text": "original"},
                        "subject": {"reference": "Patient/pat-b"}});
-    for r in [smart::patient("pat-a"), smart::patient("pat-b"), obs_b] {
+    // pat-b is enrolled in study-b with a research Consent: what the study routes would reach.
+    let study = json!({"resourceType": "ResearchStudy", "id": "study-b", "status": "active"});
+    let consent = crate::research::research_consent("pat-b", "study-b", &["Observation"], ("2000-01-01", "2100-01-01"));
+    let mut consent = consent;
+    consent["id"] = json!("rc-b");
+    let subject = crate::research::subject("rs-b", "study-b", "pat-b", "rc-b", "on-study");
+    for r in [smart::patient("pat-a"), smart::patient("pat-b"), obs_b, study, consent, subject] {
         put_resource(http, base, &sys, &r).await;
     }
     // Valid tokens that grant nothing on Observation, Patient or AuditEvent data.

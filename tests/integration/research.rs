@@ -362,6 +362,19 @@ async fn a_data_lock_over_25_patients_verifies_and_names_every_change() {
     // The lock: every resource of the 25 subjects, nothing of the outsider.
     let r = send(s.http.post(s.url("ResearchStudy/trial/$lock")).bearer_auth(&pi)).await;
     assert_eq!(r.status, 403, "a lock without HRESCH: {}", r.text);
+    // A patient of the study, with every patient scope, cannot lock or verify it.
+    s.admin.user("subject-25", &format!("Patient/{}", patients[24])).await;
+    let scopes = ["launch/patient", "patient/*.cruds"];
+    let subject_token =
+        access_token(&user_token(&s.http, &s.base, &client_id, &scopes, &Login::new("subject-25")).await);
+    for (method, op) in [(Method::POST, "$lock"), (Method::GET, "$verify-lock"), (Method::POST, "$verify-lock")] {
+        let url = s.url(&format!("ResearchStudy/trial/{op}"));
+        let r =
+            send(s.http.request(method.clone(), url).bearer_auth(&subject_token).header("X-Purpose-Of-Use", "HRESCH"))
+                .await;
+        assert!([403, 404].contains(&r.status), "a patient's {method} {op}: {} {}", r.status, r.text);
+        assert!(!r.text.contains(&p1), "{}", r.text);
+    }
     let r = send(s.http.post(s.url("ResearchStudy/trial/$lock")).bearer_auth(&pi).header("X-Purpose-Of-Use", "HRESCH"))
         .await;
     assert_eq!(r.status, 200, "$lock: {}", r.text);
