@@ -33,6 +33,8 @@ pub struct Event {
     pub purpose: Option<String>,
     /// The study a research read was for (`ResearchStudy` id).
     pub study: Option<String>,
+    /// The de-identification algorithm what was disclosed passed through, if any.
+    pub deidentified: Option<String>,
     pub broke_glass: bool,
     pub client_id: String,
     pub client_name: String,
@@ -236,7 +238,7 @@ pub struct Disclosure {
 }
 
 fn aggregate(batch: Vec<Event>) -> Vec<Disclosure> {
-    type Key = (String, Option<String>, Option<String>, &'static str, Option<String>, Option<String>, bool);
+    type Key = (String, Option<String>, Option<String>, &'static str, Option<String>, Option<String>, bool, bool);
     let mut out: Vec<Disclosure> = Vec::new();
     let mut by_key: std::collections::HashMap<Key, usize> = std::collections::HashMap::new();
     // Where each entity is in its disclosure's list: a Bulk export discloses thousands of
@@ -258,6 +260,7 @@ fn aggregate(batch: Vec<Event>) -> Vec<Disclosure> {
             e.interaction,
             e.purpose.clone(),
             e.study.clone(),
+            e.deidentified.is_some(),
             e.broke_glass,
         );
         let slot = if e.success { by_key.get(&key).copied() } else { None };
@@ -352,6 +355,14 @@ pub fn audit_event(d: &Disclosure, node: &str) -> Value {
             "role": {"system": "http://terminology.hl7.org/CodeSystem/object-role", "code": "1"}
         }));
     }
+    if let Some(algorithm) = &e.deidentified {
+        // IHE's de-identification audit: the ISO 21089 lifecycle event and the algorithm.
+        entities.push(json!({
+            "what": {"display": algorithm},
+            "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "2"},
+            "description": "de-identification algorithm"
+        }));
+    }
     if let Some(s) = &e.study {
         entities.push(json!({
             "what": {"reference": format!("ResearchStudy/{s}")},
@@ -389,6 +400,13 @@ pub fn audit_event(d: &Disclosure, node: &str) -> Value {
     if let Some(p) = &e.purpose {
         ev["purposeOfEvent"] =
             json!([{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActReason", "code": p}]}]);
+    }
+    if e.deidentified.is_some() {
+        if let Some(subtypes) = ev["subtype"].as_array_mut() {
+            subtypes.push(
+                json!({"system": "http://terminology.hl7.org/CodeSystem/iso-21089-lifecycle", "code": "deidentify"}),
+            );
+        }
     }
     if e.broke_glass {
         ev["meta"] = json!({"security": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "BTG",
@@ -516,6 +534,7 @@ mod tests {
             detail: None,
             purpose: None,
             study: None,
+            deidentified: None,
             broke_glass: false,
             client_id: "app".into(),
             client_name: "App".into(),

@@ -18,6 +18,7 @@ use super::{AppState, Format};
 use crate::auth::access::{Disclosed, Restriction, Subject};
 use crate::auth::scopes::Perm;
 use crate::auth::Caller;
+use crate::consent::research::Standing;
 use crate::disclosure::Event;
 use crate::error::FhirError;
 use crate::fhir::json::Json;
@@ -87,6 +88,7 @@ pub async fn middleware(
                     detail: Some(format!("401 {} {path} from {source}: {why}", req.method())),
                     purpose: purpose.map(|p| crate::disclosure::truncate(&p, 32)),
                     study: None,
+                    deidentified: None,
                     broke_glass: false,
                     client_id: "unauthenticated".into(),
                     client_name: String::new(),
@@ -166,9 +168,10 @@ fn event(
         detail,
         purpose: caller.purpose.clone(),
         study: match &caller.research {
-            crate::consent::research::Standing::Study(s) => Some(s.clone()),
+            Standing::Study(s) => Some(s.clone()),
             _ => None,
         },
+        deidentified: caller.deidentify.as_ref().map(|r| r.name.clone()),
         broke_glass,
         client_id: caller.claims.client_id.clone(),
         client_name: caller.client_name.clone(),
@@ -417,4 +420,53 @@ pub fn forbidden_logged(state: &AppState, caller: &Caller, interaction: &'static
     let e = FhirError::forbidden(why);
     denied(state, caller, interaction, caller.patient().map(str::to_string), &e);
     e
+}
+
+/// What a de-identified study's caller receives instead of `resource`; anyone else gets it
+/// unchanged. A body that does not parse is withheld, never passed through.
+pub fn present(state: &AppState, caller: &Caller, resource: Json) -> Json {
+    let (Some(rules), Standing::Study(study)) = (&caller.deidentify, &caller.research) else { return resource };
+    let mut v = match resource {
+        Json::Raw(text) => match crate::fhir::json::parse(text.as_bytes(), usize::MAX) {
+            Ok(v) => v,
+            Err(_) => return Json::Null,
+        },
+        other => other,
+    };
+    let key = state.auth.study_key(study);
+    let patient = crate::fhir::deid::patient_of(&v).map(str::to_string);
+    let keys = crate::fhir::deid::Keys { study: &key, patient: patient.as_deref(), now_ms: crate::fhir::now_ms() };
+    crate::fhir::deid::apply(&state.repo.profiles, rules, &keys, &mut v);
+    v
+}
+
+/// [`present`] over the entries of a Bundle: each resource, and the id in each `fullUrl`.
+pub fn present_entries(state: &AppState, caller: &Caller, entries: &mut [Json]) {
+    let Standing::Study(study) = &caller.research else { return };
+    if caller.deidentify.is_none() {
+        return;
+    }
+    let key = state.auth.study_key(study);
+    for e in entries.iter_mut() {
+        if let Some(r) = e.remove("resource") {
+            e.set("resource", present(state, caller, r));
+        }
+        if let Some(url) = e.str_at(&["fullUrl"]).map(str::to_string) {
+            if let Some((head, id)) = url.rsplit_once('/') {
+                e.set("fullUrl", Json::str(format!("{head}/{}", crate::fhir::deid::pseudonym(&key, id))));
+            }
+        }
+    }
+}
+
+/// 403 for an interaction a de-identified study is not offered (history, proofs and batch
+/// reads name the original ids and versions, which the de-identification replaces).
+pub fn refuse_deidentified(caller: &Caller, interaction: &str) -> Result<(), FhirError> {
+    match &caller.deidentify {
+        Some(_) => Err(FhirError::forbidden(format!(
+            "{interaction} is not offered to a study that receives de-identified data: read, search, $everything and \
+             Bulk export are"
+        ))),
+        None => Ok(()),
+    }
 }

@@ -162,8 +162,18 @@ async fn kickoff(
     }
     let head = super::ledger::signed_head(&state.repo).await?;
     let request = format!("{}{}", base_url(&req), req.uri());
-    let job =
-        Job { params, patients, ..Job::accepted(bulk::owner_of(&caller), request, level, &head, state.auth.enabled) };
+    let deidentify = match (&caller.deidentify, &caller.research) {
+        (Some(rules), crate::consent::research::Standing::Study(study)) => {
+            Some(bulk::Deidentify { study: study.clone(), name: rules.name.clone(), rules: rules.lines.clone() })
+        }
+        _ => None,
+    };
+    let job = Job {
+        params,
+        patients,
+        deidentify,
+        ..Job::accepted(bulk::owner_of(&caller), request, level, &head, state.auth.enabled)
+    };
     let id = uuid::Uuid::new_v4().to_string();
     bulk::create(&state.search, &id, &job).await?;
     start(&state, &caller, &id);
@@ -332,15 +342,19 @@ fn manifest(job: &Job, id: &str, base: &str) -> serde_json::Value {
         .map(|f| json!({"for": f.name, "url": url(&render::proofs_name(&f.name))}))
         .collect();
     trust["proofs"] = json!(proofs);
-    json!({
+    let mut m = json!({
         "transactionTime": crate::fhir::instant(job.transaction_time_ms),
         "request": job.request,
         "requiresAccessToken": job.requires_token,
         "output": items(Kind::Output),
         "deleted": items(Kind::Deleted),
         "error": items(Kind::Error),
-        "extension": {label::EXTENSION: trust},
-    })
+    });
+    // A de-identified export's bytes trace to no leaf: it carries no trust label.
+    if job.deidentify.is_none() {
+        m["extension"] = json!({label::EXTENSION: trust});
+    }
+    m
 }
 
 /// `DELETE /bulk/{id}`: cancels a running export or removes a finished one.
@@ -388,6 +402,10 @@ pub async fn file(
     let part = bulk::get_part(&state.search, &info.part)?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<web::Bytes, std::io::Error>>(4);
     let engine = state.search.clone();
+    let deid = bulk::Deid::of(&job, &state.auth);
+    if deid.is_some() && is_proofs {
+        return Err(FhirError::not_found(&format!("export {id} file {name}")));
+    }
     tokio::task::spawn_blocking(move || {
         let err = tx.clone();
         let mut sink = |b: &[u8]| {
@@ -396,7 +414,7 @@ pub async fn file(
         let r = if is_proofs {
             render::write_proofs(&engine, &job, &part, &mut sink)
         } else {
-            render::write(&engine, &job, &info, &part, &mut sink)
+            render::write(&engine, &job, &info, &part, deid.as_ref(), &mut sink)
         };
         if let Err(e) = r {
             tracing::warn!("export {id} file {name}: {:?}", e.issues.first().map(|i| &i.diagnostics));

@@ -501,6 +501,7 @@ fn get_entry(req: &HttpRequest, who: &Who<'_>, e: &Entry) -> Result<Json, FhirEr
     }
     let id = e.id.as_deref().ok_or_else(|| FhirError::invalid("GET entries need Type/id or Type?criteria"))?;
     authz::require(who.state, who.caller, &e.rtype, Perm::R, "read")?;
+    authz::refuse_deidentified(who.caller, "a read inside a batch")?;
     let parts: Vec<&str> = e.url.split('/').collect();
     let (s, d) = match parts.as_slice() {
         [_, _, "_history", v] => {

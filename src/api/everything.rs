@@ -97,7 +97,11 @@ pub async fn everything(
     }
     keep.push(("_count".into(), ask.count.to_string()));
     let mut page = match &settings {
-        Some(s) => entries(&state.repo, &base, s, &matches, &included)?,
+        Some(s) => {
+            let mut page = entries(&state.repo, &base, s, &matches, &included)?;
+            authz::present_entries(state, &caller, &mut page);
+            page
+        }
         None => Vec::new(),
     };
     if !ask.ignored.is_empty() {

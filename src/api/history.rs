@@ -120,6 +120,7 @@ pub async fn instance(
     check_type(&state.repo, &rtype)?;
     let caller = authz::caller(&req);
     authz::require(&state, &caller, &rtype, Perm::R, "history-instance")?;
+    authz::refuse_deidentified(&caller, "history")?;
     let (p, raw) = params(&req)?;
     let versions = state.repo.view().versions(&rtype, &id)?;
     let base = base_url(&req);
@@ -169,6 +170,7 @@ fn walk(
     p: &Params,
     interaction: &'static str,
 ) -> Result<(Vec<Json>, Option<u64>), FhirError> {
+    authz::refuse_deidentified(caller, "history")?;
     let repo = &*state.repo;
     let base = base_url(req);
     let mut entries = Vec::new();

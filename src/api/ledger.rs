@@ -85,6 +85,7 @@ pub async fn version_proof(
     check_type(&state.repo, &rtype)?;
     let caller = super::authz::caller(&req);
     super::authz::require(&state, &caller, &rtype, crate::auth::scopes::Perm::R, "operation")?;
+    super::authz::refuse_deidentified(&caller, "$proof")?;
     let what = format!("{rtype}/{id}/_history/{vid}");
     let version: u64 = vid.parse().map_err(|_| FhirError::not_found(&what))?;
     let record = state.repo.view().version(&rtype, &id, version)?.ok_or_else(|| FhirError::not_found(&what))?;

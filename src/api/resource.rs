@@ -268,10 +268,19 @@ fn render(body: &str, f: &Format) -> String {
     }
 }
 
-fn read_response(f: &Format, s: &Stored) -> Result<HttpResponse, FhirError> {
+fn read_response(
+    state: &AppState,
+    caller: &crate::auth::Caller,
+    f: &Format,
+    s: &Stored,
+) -> Result<HttpResponse, FhirError> {
     let body = s.body.as_deref().ok_or_else(|| FhirError::gone(&format!("{}/{}", s.rtype, s.id)))?;
     let mut b = super::body_response(200, f);
     version_headers(&mut b, s);
+    if caller.deidentify.is_some() {
+        let shown = authz::present(state, caller, Json::Raw(body.to_string()));
+        return Ok(b.body(if f.pretty { shown.to_pretty() } else { shown.to_compact() }));
+    }
     Ok(b.body(render(body, f)))
 }
 
@@ -310,7 +319,7 @@ pub async fn read(
         return Ok(b.finish());
     }
     authz::disclosed(&state, &caller, "read", &[(s.rtype.clone(), s.id.clone(), s.version)], &disclosed);
-    read_response(&f, &s)
+    read_response(&state, &caller, &f, &s)
 }
 
 /// Conditional read: `If-None-Match` naming the current version (or `*`), or
@@ -356,7 +365,7 @@ pub async fn vread(
         return Err(FhirError::gone(&what));
     }
     authz::disclosed(&state, &caller, "vread", &[(s.rtype.clone(), s.id.clone(), s.version)], &disclosed);
-    read_response(&f, &s)
+    read_response(&state, &caller, &f, &s)
 }
 
 pub fn link(relation: &str, url: &str) -> Json {

@@ -216,7 +216,9 @@ fn searchset_compartment_all(
             access.as_ref(),
         )?;
         total += found.total.unwrap_or_default();
-        entries.extend(entries_of(repo, base, &found)?);
+        let mut page = entries_of(repo, base, &found)?;
+        authz::present_entries(who.state, who.caller, &mut page);
+        entries.extend(page);
         log(who, "search-type", &found, &disclosed);
     }
     Ok(bundle(self_url, params, Some(total), Vec::new(), entries))
@@ -265,6 +267,7 @@ fn searchset(
     let (found, disclosed) =
         crate::auth::access::search(&who.state.search, base, types, params, lenient, extra, access.as_ref())?;
     let mut entries = entries_of(repo, base, &found)?;
+    authz::present_entries(who.state, who.caller, &mut entries);
     log(who, if types.len() > 1 { "search-system" } else { "search-type" }, &found, &disclosed);
     if !found.search.ignored.is_empty() {
         entries.push(warning_entry(&found.search.ignored));

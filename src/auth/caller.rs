@@ -51,6 +51,8 @@ pub struct Caller {
     pub purpose: Option<String>,
     /// Whether the caller reads for a study (see `consent::research`).
     pub research: Standing,
+    /// The study's de-identification, when it receives de-identified data only.
+    pub deidentify: Option<Arc<crate::fhir::deid::Rules>>,
     /// Authorization off: everything is permitted and nothing is logged.
     pub unrestricted: bool,
 }
@@ -79,6 +81,7 @@ impl Caller {
             client_name: String::new(),
             purpose: None,
             research: Standing::Clinical,
+            deidentify: None,
             unrestricted: true,
         }
     }
@@ -346,6 +349,10 @@ impl Auth {
             .research
             .standing(&actors, purpose.as_deref(), study.map(str::trim))
             .map_err(|why| FhirError::new(ErrorCode::Invalid, why))?;
+        let deidentify = match &research {
+            Standing::Study(s) => book.research.deidentify(s),
+            _ => None,
+        };
         Ok(Caller {
             scopes: claims.scopes.clone(),
             claims,
@@ -355,6 +362,7 @@ impl Auth {
             client_name,
             purpose,
             research,
+            deidentify,
             unrestricted: false,
         })
     }

@@ -44,6 +44,8 @@ pub struct Auth {
     csrf_key: [u8; 32],
     /// Keys user record ids (an HMAC of the user name).
     user_id_key: [u8; 32],
+    /// Derives each de-identified study's key (its pseudonyms and date shifts).
+    deid_key: [u8; 32],
     pub external: Vec<ExternalIssuer>,
     /// Verified tokens by SHA-256, so a token's signature is checked once, not per request.
     verified: Mutex<HashMap<[u8; 32], Arc<caller::Claims>>>,
@@ -99,6 +101,7 @@ impl Auth {
             seal_key: derive(kek, "fhir-ledger auth sealing v1"),
             csrf_key: derive(kek, "fhir-ledger auth csrf v1"),
             user_id_key: derive(kek, "fhir-ledger auth user id v1"),
+            deid_key: derive(kek, "fhir-ledger research de-identification v1"),
             external: s.external,
             verified: Mutex::new(HashMap::new()),
             external_keys: Mutex::new(HashMap::new()),
@@ -156,6 +159,12 @@ impl Auth {
     /// The visibility context of one caller's request, or `None` when nothing is restricted.
     pub fn access<'a>(&'a self, caller: &'a Caller) -> Option<access::Access<'a>> {
         (!caller.unrestricted).then_some(access::Access { caller, books: &self.books, default: self.consent_default })
+    }
+
+    /// A study's de-identification key: the same on every node, different for every study, so
+    /// pseudonyms link inside a study and not across studies.
+    pub fn study_key(&self, study: &str) -> [u8; 32] {
+        derive(&self.deid_key, study)
     }
 
     /// The id of a user's record: HMAC-SHA256 of the user name under a KEK-derived key (40 hex

@@ -105,6 +105,35 @@ pub struct Job {
     /// Such an operation's answer, which the status URL returns once complete.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub result: Option<serde_json::Value>,
+    /// The export of a study that receives de-identified data: every line passes through its
+    /// rules. Such an export has no trust label: its bytes no longer trace to leaves, and
+    /// proofs would name the original ids.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deidentify: Option<Deidentify>,
+}
+
+/// A de-identified export's study and rules (the study key is derived when files are made).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Deidentify {
+    pub study: String,
+    pub name: String,
+    pub rules: Vec<String>,
+}
+
+/// What a de-identified export's lines pass through: the rules and the study's key.
+pub struct Deid {
+    pub rules: crate::fhir::deid::Rules,
+    pub key: [u8; 32],
+}
+
+impl Deid {
+    /// The de-identification of `job`'s lines, if it has one.
+    pub fn of(job: &Job, auth: &Auth) -> Option<Self> {
+        let d = job.deidentify.as_ref()?;
+        let rules = crate::fhir::deid::Rules::parse(&d.name, &d.rules)
+            .unwrap_or_else(|_| crate::fhir::deid::Rules::safe_harbor());
+        Some(Self { rules, key: auth.study_key(&d.study) })
+    }
 }
 
 impl Job {
@@ -137,6 +166,7 @@ impl Job {
             signatures: Vec::new(),
             operation: None,
             result: None,
+            deidentify: None,
         }
     }
 
@@ -388,7 +418,9 @@ async fn run(
     job.files = files;
     job.state = State::Complete;
     job.completed_ms = Some(crate::fhir::now_ms());
-    job.signatures = vec![label::sign(&job, id, engine.repo().signer(), &engine.repo().node_id().to_string())?];
+    if job.deidentify.is_none() {
+        job.signatures = vec![label::sign(&job, id, engine.repo().signer(), &engine.repo().node_id().to_string())?];
+    }
     replace(engine, id, &job, version, &parts).await?;
     Ok(())
 }
@@ -414,6 +446,7 @@ fn produce(
         }
         None => None,
     };
+    let deid = Deid::of(job, auth);
     let scope =
         select::Scope { level: &job.level, params: &job.params, patients: job.patients.as_ref(), size: job.size };
     let selected =
@@ -436,7 +469,7 @@ fn produce(
             sha256: String::new(),
             part: part_id.clone(),
         };
-        let digest = render::digest(engine, job, &info, &part)?;
+        let digest = render::digest(engine, job, &info, &part, deid.as_ref())?;
         files.push(FileInfo { count: digest.count, bytes: digest.bytes, sha256: digest.sha256, ..info });
         parts.push((part_id, part));
         Ok(())
@@ -453,4 +486,14 @@ fn produce(
         add("OperationOutcome", Kind::Error, 1, Part { leaves: String::new(), lines: selected.errors.clone() })?;
     }
     Ok((files, parts))
+}
+
+impl Deid {
+    /// De-identifies one resource; its dates shift by its patient's offset.
+    pub fn deidentify(&self, profiles: &crate::fhir::profiles::Profiles, res: &mut crate::fhir::json::Json) {
+        let patient = crate::fhir::deid::patient_of(res).map(str::to_string);
+        let keys =
+            crate::fhir::deid::Keys { study: &self.key, patient: patient.as_deref(), now_ms: crate::fhir::now_ms() };
+        crate::fhir::deid::apply(profiles, &self.rules, &keys, res);
+    }
 }

@@ -66,6 +66,7 @@ pub fn write(
     job: &Job,
     info: &FileInfo,
     part: &Part,
+    deid: Option<&super::Deid>,
     sink: &mut dyn FnMut(&[u8]) -> Result<(), FhirError>,
 ) -> Result<(), FhirError> {
     let mut buf = String::new();
@@ -94,7 +95,11 @@ pub fn write(
                 buf.clear();
                 for &leaf in chunk {
                     let Some(rec) = view.record(leaf)? else { continue };
-                    let url = format!("{}/{}", rec.header.rtype, rec.header.id);
+                    let id = match deid {
+                        Some(d) => crate::fhir::deid::pseudonym(&d.key, &rec.header.id),
+                        None => rec.header.id.clone(),
+                    };
+                    let url = format!("{}/{id}", rec.header.rtype);
                     let request = Json::obj(vec![("method", Json::str("DELETE")), ("url", Json::str(url))]);
                     // As the IG's example line: an id (the leaf, so every rendering is the
                     // same bytes) and when the deletion happened.
@@ -121,14 +126,29 @@ pub fn write(
                 for stored in engine.repo().read_leaves(chunk) {
                     // A version erased since the export ran has no plaintext any more.
                     let Some(body) = stored?.body else { continue };
-                    match &elements {
-                        Some(els) => {
+                    match (&elements, deid) {
+                        (_, Some(d)) => {
+                            let mut res = json::parse(body.as_bytes(), usize::MAX).map_err(FhirError::internal)?;
+                            if let Some(els) = &elements {
+                                res = crate::search::summary::subset(
+                                    profiles,
+                                    &info.rtype,
+                                    &res,
+                                    Summary::False,
+                                    Some(els),
+                                )
+                                .unwrap_or(res);
+                            }
+                            d.deidentify(profiles, &mut res);
+                            res.write_compact(&mut buf);
+                        }
+                        (Some(els), None) => {
                             let res = json::parse(body.as_bytes(), usize::MAX).map_err(FhirError::internal)?;
                             let reduced =
                                 crate::search::summary::subset(profiles, &info.rtype, &res, Summary::False, Some(els));
                             reduced.as_ref().unwrap_or(&res).write_compact(&mut buf);
                         }
-                        None => buf.push_str(&body),
+                        (None, None) => buf.push_str(&body),
                     }
                     buf.push('\n');
                 }
@@ -188,10 +208,16 @@ pub fn proofs_name(name: &str) -> String {
 }
 
 /// The line count, size and SHA-256 of a file.
-pub fn digest(engine: &Engine, job: &Job, info: &FileInfo, part: &Part) -> Result<Digest, FhirError> {
+pub fn digest(
+    engine: &Engine,
+    job: &Job,
+    info: &FileInfo,
+    part: &Part,
+    deid: Option<&super::Deid>,
+) -> Result<Digest, FhirError> {
     let mut h = Sha256::new();
     let (mut count, mut bytes) = (0u64, 0u64);
-    write(engine, job, info, part, &mut |b| {
+    write(engine, job, info, part, deid, &mut |b| {
         h.update(b);
         bytes += b.len() as u64;
         count += b.split(|&c| c == b'\n').count() as u64 - 1;

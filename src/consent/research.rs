@@ -10,8 +10,10 @@
 //! of the patient's Consents still wins.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use super::{reference_key, root_provision, Decision, Request, Rule};
+use crate::fhir::deid::Rules;
 use crate::fhir::json::Json;
 
 /// Purpose of use for research (v3-ActReason).
@@ -21,6 +23,10 @@ pub const RESEARCH: &str = "HRESCH";
 pub const TEAM_EXTENSION: &str = "urn:fhir-ledger:StructureDefinition/research-team";
 /// On a research Consent: the study it was given for (R4 has no element for it).
 pub const STUDY_EXTENSION: &str = "urn:fhir-ledger:StructureDefinition/research-study";
+/// On a ResearchStudy: the study receives de-identified data only. `valueString` `safe-harbor`
+/// for the built-in HIPAA Safe Harbor rules, or sub-extensions `rule` (`valueString`, one
+/// `PATH METHOD` each, see `fhir::deid`) and an optional `name`.
+pub const DEIDENTIFY_EXTENSION: &str = "urn:fhir-ledger:StructureDefinition/deidentify";
 /// The consentscope code of a research Consent.
 pub const SCOPE: &str = "research";
 
@@ -34,6 +40,8 @@ const CLOSED: [&str; 3] = ["in-review", "disapproved", "withdrawn"];
 pub struct Study {
     pub team: Vec<String>,
     open: bool,
+    /// The de-identification every read for the study passes through, if it is marked so.
+    pub deidentify: Option<Arc<Rules>>,
     /// The enrolled subjects' patients, each with the research Consents its subject records name.
     subjects: HashMap<String, Vec<String>>,
 }
@@ -75,6 +83,26 @@ fn id_of<'a>(reference: Option<&'a str>, rtype: &str) -> Option<&'a str> {
     reference?.rsplit_once('/').filter(|(t, _)| t.rsplit('/').next() == Some(rtype)).map(|(_, id)| id)
 }
 
+/// A study's de-identification rules. Rules that do not parse leave the study with the
+/// built-in Safe Harbor set, never with none.
+fn deidentify(study: &Json) -> Option<Rules> {
+    let x = study.items(&["extension"]).find(|x| x.str_at(&["url"]) == Some(DEIDENTIFY_EXTENSION))?;
+    let rules: Vec<&str> = x
+        .items(&["extension"])
+        .filter(|r| r.str_at(&["url"]) == Some("rule"))
+        .filter_map(|r| r.str_at(&["valueString"]))
+        .collect();
+    if rules.is_empty() {
+        return Some(Rules::safe_harbor());
+    }
+    let name = x
+        .items(&["extension"])
+        .find(|r| r.str_at(&["url"]) == Some("name"))
+        .and_then(|r| r.str_at(&["valueString"]))
+        .unwrap_or("study-specific de-identification rules");
+    Some(Rules::parse(name, &rules).unwrap_or_else(|_| Rules::safe_harbor()))
+}
+
 impl Research {
     pub fn add_study(&mut self, id: &str, v: &Json) {
         let mut team: Vec<String> = v.get("principalInvestigator").and_then(reference_key).into_iter().collect();
@@ -85,6 +113,7 @@ impl Research {
         let study = self.studies.entry(id.to_string()).or_default();
         study.team = team;
         study.open = open;
+        study.deidentify = deidentify(v).map(Arc::new);
     }
 
     pub fn add_subject(&mut self, v: &Json) {
@@ -152,6 +181,11 @@ impl Research {
             }
         }
         out
+    }
+
+    /// The de-identification of `study`'s reads, if it receives de-identified data only.
+    pub fn deidentify(&self, study: &str) -> Option<Arc<Rules>> {
+        self.studies.get(study).and_then(|s| s.deidentify.clone())
     }
 
     /// The patients enrolled in `study` now (whatever their Consents say).

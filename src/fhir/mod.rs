@@ -1,6 +1,7 @@
 //! FHIR R4 JSON: the lossless JSON tree, structure validation, search-parameter definitions
 //! and the small helpers (ids, instants, references) the API and repository share.
 
+pub mod deid;
 pub mod fhirpath;
 pub mod json;
 pub mod patch;

@@ -59,7 +59,7 @@ fn resource_at(cx: &mut Ctx<'_>, v: &Json, loc: &str, depth: usize) {
 }
 
 /// The element named by JSON key `key` among `children`, and the type a choice key selects.
-fn find<'e>(children: &'e [Element], key: &str) -> Option<(&'e Element, Option<String>)> {
+pub(crate) fn find<'e>(children: &'e [Element], key: &str) -> Option<(&'e Element, Option<String>)> {
     if let Some(e) = children.iter().find(|e| !e.choice && e.name == key) {
         return Some((e, None));
     }

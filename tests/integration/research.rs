@@ -461,3 +461,186 @@ async fn a_data_lock_over_25_patients_verifies_and_names_every_change() {
     let (code, out) = offline(&s, &report);
     assert!(code == 1 && out.contains("consistency fails"), "offline, a rewritten history: {code} {out}");
 }
+
+/// Every string of a Synthea patient that Safe Harbor counts as an identifier: names (with
+/// the mother's maiden name), phone numbers, street lines, cities, full ZIP codes,
+/// identifier values (SSN, MRN, licences, passports) and attachment URLs.
+fn identifiers(bundle: &Value) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    let mut urls = Vec::new();
+    let mut add = |v: &Value| {
+        if let Some(s) = v.as_str().filter(|s| s.len() > 3) {
+            out.insert(s.to_string());
+        }
+    };
+    for e in bundle["entry"].as_array().unwrap() {
+        let r = &e["resource"];
+        if r["resourceType"] == "Patient" {
+            for n in r["name"].as_array().into_iter().flatten() {
+                add(&n["family"]);
+                n["given"].as_array().into_iter().flatten().for_each(&mut add);
+            }
+            r["telecom"].as_array().into_iter().flatten().for_each(|t| add(&t["value"]));
+            for a in r["address"].as_array().into_iter().flatten() {
+                a["line"].as_array().into_iter().flatten().for_each(&mut add);
+                add(&a["city"]);
+                add(&a["postalCode"]);
+            }
+            r["identifier"].as_array().into_iter().flatten().for_each(|i| add(&i["value"]));
+            for x in r["extension"].as_array().into_iter().flatten() {
+                add(&x["valueString"]);
+                add(&x["valueAddress"]["city"]);
+            }
+        }
+        walk_strings(r, &mut |k, v| {
+            if k == "url" && v.starts_with("http") && !v.contains("hl7.org") && !v.contains("synthetichealth") {
+                urls.push(v.to_string());
+            }
+        });
+    }
+    out.extend(urls);
+    out
+}
+
+fn walk_strings(v: &Value, f: &mut dyn FnMut(&str, &str)) {
+    match v {
+        Value::Object(m) => {
+            for (k, x) in m {
+                if let Value::String(s) = x {
+                    f(k, s);
+                }
+                walk_strings(x, f);
+            }
+        }
+        Value::Array(a) => a.iter().for_each(|x| walk_strings(x, f)),
+        _ => {}
+    }
+}
+
+/// A FHIR date, dateTime or instant that says more than the year.
+fn finer_than_year(s: &str) -> bool {
+    let b = s.as_bytes();
+    let dated = b.len() >= 7 && b[..4].iter().all(u8::is_ascii_digit) && b[4] == b'-' && b[5].is_ascii_digit();
+    dated && !(s.len() == 20 && s.ends_with("-01-01T00:00:00Z"))
+}
+
+/// A de-identified study over the 25 Synthea patients: its search, read and Bulk export carry
+/// no Safe Harbor identifier of any of them and no date finer than the year, its exported
+/// cohort's references resolve inside the cohort, and every such disclosure is logged as a
+/// de-identification.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deidentified_study_receives_no_safe_harbor_identifier() {
+    let s = SmartServer::start(&[]);
+    let sys = s.system_token("system/*.cruds").await;
+    let mut patients = Vec::new();
+    let mut secrets = BTreeSet::new();
+    for n in 1..=25 {
+        let bundle = synthea(n);
+        secrets.extend(identifiers(&bundle));
+        let r = fhir(&s.http, Method::POST, &s.base, Some(&sys), Some(&bundle)).await;
+        assert_eq!(r.status, 200, "Synthea patient {n}: {}", r.text);
+        for e in r.json()["entry"].as_array().unwrap() {
+            let location = e["response"]["location"].as_str().unwrap();
+            let id = location.split('/').nth(1).unwrap().to_string();
+            if location.starts_with("Patient/") {
+                patients.push(id.clone());
+            }
+            secrets.insert(id); // every server id is a record number
+        }
+    }
+    assert!(secrets.len() > 10_000, "{} identifiers", secrets.len());
+    let mut cohort = study("cohort", "analyst");
+    cohort["extension"] =
+        json!([{"url": "urn:fhir-ledger:StructureDefinition/deidentify", "valueString": "safe-harbor"}]);
+    let mut setup = vec![put_entry(&json!({"resourceType": "Practitioner", "id": "analyst"})), put_entry(&cohort)];
+    for (i, p) in patients.iter().enumerate() {
+        setup.push(put_entry(&consent_to_everything(p, "cohort", &format!("rc-{i}"))));
+        setup.push(put_entry(&subject(&format!("rs-{i}"), "cohort", p, &format!("rc-{i}"), "on-study")));
+    }
+    transaction(&s, &sys, setup).await;
+    let client_id = s.admin.public_client("Cohort App", None).await;
+    s.admin.user("analyst", "Practitioner/analyst").await;
+    let analyst = access_token(&user_token(&s.http, &s.base, &client_id, &["user/*.rs"], &Login::new("analyst")).await);
+    let reader = Reader { s: &s, token: analyst.clone(), purpose: Some("HRESCH"), study: None };
+
+    // What the study receives: a search, a read and the Bulk export of its cohort.
+    let mut texts =
+        vec![reader.get("Patient?_count=100").await.text, reader.get(&format!("Patient/{}", patients[0])).await.text];
+    let r = send(
+        s.http
+            .get(s.url("Patient/$export"))
+            .bearer_auth(&analyst)
+            .header("X-Purpose-Of-Use", "HRESCH")
+            .header("Prefer", "respond-async"),
+    )
+    .await;
+    assert_eq!(r.status, 202, "the study's export: {}", r.text);
+    let export = crate::bulk::finish(&s, &r.header("content-location"), &analyst).await;
+    assert!(export.manifest.get("extension").is_none_or(|x| x.get("urn:fhir-ledger:bulk:trust-label").is_none()));
+    let resources = export.resources();
+    assert!(resources.len() > 10_000, "the cohort: {} resources", resources.len());
+    texts.extend(export.files.values().cloned());
+
+    // No identifier survives, anywhere: no string value is one, nor holds one as a word.
+    let mut checked = 0;
+    for text in &texts {
+        let docs: Vec<Value> = text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+        assert!(!docs.is_empty(), "JSON out: {}", &text[..text.len().min(300)]);
+        for doc in &docs {
+            walk_strings(doc, &mut |k, v| {
+                checked += 1;
+                assert!(!finer_than_year(v), "{k}: {v:?} says more than the year");
+                let words = v.split(|c: char| !(c.is_alphanumeric() || c == '-' || c == '.'));
+                for w in std::iter::once(v).chain(words) {
+                    assert!(!secrets.contains(w), "{k}: {w:?} of {v:?} survived de-identification");
+                }
+            });
+        }
+    }
+    assert!(checked > 100_000, "{checked} strings checked");
+    // Inside the cohort, references resolve: every reference to an exported type names an
+    // exported resource.
+    let mut ids: BTreeSet<String> = BTreeSet::new();
+    for r in &resources {
+        ids.insert(format!("{}/{}", r["resourceType"].as_str().unwrap(), r["id"].as_str().unwrap()));
+    }
+    let types: BTreeSet<&str> = resources.iter().filter_map(|r| r["resourceType"].as_str()).collect();
+    let (mut resolved, mut dangling) = (0, Vec::new());
+    for r in &resources {
+        walk_strings(r, &mut |k, v| {
+            if k == "reference" && types.contains(v.split('/').next().unwrap_or_default()) {
+                if ids.contains(v) {
+                    resolved += 1;
+                } else {
+                    dangling.push(v.to_string());
+                }
+            }
+        });
+    }
+    assert!(
+        resolved > 10_000 && dangling.is_empty(),
+        "{resolved} resolved, dangling: {:?}",
+        &dangling[..dangling.len().min(5)]
+    );
+
+    // Each de-identified disclosure is a de-identification AuditEvent.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let events =
+            smart::search_all(&s.http, &s.base, &sys, "AuditEvent?entity=ResearchStudy/cohort&_count=500").await;
+        let logged = events.iter().any(|e| {
+            e["subtype"].as_array().into_iter().flatten().any(|t| t["code"] == "deidentify")
+                && e["purposeOfEvent"][0]["coding"][0]["code"] == "HRESCH"
+                && e["entity"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|x| x["description"] == "de-identification algorithm")
+        });
+        if logged {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no de-identification AuditEvent after 15 s");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
