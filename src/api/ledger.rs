@@ -93,7 +93,13 @@ pub async fn version_proof(
     // who may see that version.
     let stored = state.repo.vread(&rtype, &id, version)?;
     super::authz::version_visible(&state, &caller, &stored)?.ok_or_else(|| FhirError::not_found(&what))?;
-    let body = inclusion(&state.repo, &head?, record.leaf, vec![param("resource", "valueString", s(what))])?;
+    // The salt of the version's content commitment: with it, whoever holds the version's
+    // exact bytes proves they are what the leaf recorded (a protocol's proof of existence).
+    let mut extra = vec![param("resource", "valueString", s(what))];
+    if let Some(salt) = state.repo.content_salt(&record.header)? {
+        extra.push(param("contentSalt", "valueBase64Binary", Json::base64(&salt)));
+    }
+    let body = inclusion(&state.repo, &head?, record.leaf, extra)?;
     Ok(json_response(200, &body, f))
 }
 

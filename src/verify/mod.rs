@@ -80,6 +80,11 @@ struct Trust {
 struct ProofArgs {
     /// The saved response of `GET /{type}/{id}/_history/{vid}/$proof` or `/ledger/proof?leaf=N`.
     file: PathBuf,
+    /// The version's exact bytes as the server serves them (`GET …/_history/{vid}`): checked
+    /// against the leaf's content commitment with the proof's `contentSalt`, so the proof
+    /// shows that this content existed at that time.
+    #[arg(long)]
+    resource: Option<PathBuf>,
     #[command(flatten)]
     trust: Trust,
 }
@@ -241,8 +246,24 @@ fn inclusion(args: &ProofArgs) -> Result<String, Failure> {
             return Err(Invalid(format!("the proof names {claimed}, but its leaf is {version}")));
         }
     }
+    let content = match &args.resource {
+        None => String::new(),
+        Some(path) => {
+            let bytes = std::fs::read(path).map_err(|e| Unchecked(format!("{}: {e}", path.display())))?;
+            let salt = treehead::part(params, "contentSalt")
+                .ok_or_else(|| Unchecked("the proof carries no contentSalt to check content with".into()))
+                .and_then(|p| treehead::base64_of(p, "contentSalt").map_err(Unchecked))?;
+            if consensus::content_commitment(&salt, &bytes) != h.content_sha256 {
+                return Err(Invalid(format!(
+                    "{} is not the content {version} recorded: it was changed, or is another version",
+                    path.display()
+                )));
+            }
+            format!("; {} is exactly its content", path.display())
+        }
+    };
     Ok(format!(
-        "{version} ({} by {} at {}, ciphertext SHA-256 {}) is leaf {leaf} of the ledger of {} leaves, root {}, signed at {} by {signers} trusted key(s)",
+        "{version} ({} by {} at {}, ciphertext SHA-256 {}) is leaf {leaf} of the ledger of {} leaves, root {}, signed at {} by {signers} trusted key(s){content}",
         h.op,
         h.actor,
         crate::fhir::instant(h.last_updated_ms),

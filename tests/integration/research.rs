@@ -644,3 +644,69 @@ async fn a_deidentified_study_receives_no_safe_harbor_identifier() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// Registering a study, attaching its protocol and statistical analysis plan and amending it
+/// record each on the ledger: `$proof` of each version, with the version's exact bytes, is a
+/// proof of existence at that time that `fhir-ledger verify proof --resource` checks offline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_protocol_and_its_amendments_are_proven_to_exist_offline() {
+    let s = SmartServer::start(&[]);
+    let sys = s.system_token("system/*.cruds").await;
+    let sap = crate::smart::b64("Statistical analysis plan v1: primary endpoint HbA1c at 26 weeks, ANCOVA.");
+    let resources = [
+        json!({"resourceType": "PlanDefinition", "id": "protocol-7", "status": "active", "title": "Protocol 7",
+               "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/plan-definition-type", "code": "protocol"}]}}),
+        json!({"resourceType": "DocumentReference", "id": "sap-7", "status": "current",
+               "type": {"text": "statistical analysis plan"},
+               "content": [{"attachment": {"contentType": "text/plain", "data": sap}}]}),
+        json!({"resourceType": "ResearchStudy", "id": "trial", "status": "active", "title": "Trial 7",
+               "protocol": [{"reference": "PlanDefinition/protocol-7"}]}),
+        // The amendment: a new version, the registered one stays.
+        json!({"resourceType": "ResearchStudy", "id": "trial", "status": "active", "title": "Trial 7 (amendment 1)",
+               "protocol": [{"reference": "PlanDefinition/protocol-7"}],
+               "relatedArtifact": [{"type": "documentation", "display": "statistical analysis plan", "url": "DocumentReference/sap-7"}]}),
+    ];
+    for r in &resources {
+        smart::put_resource(&s.http, &s.base, &sys, r).await;
+    }
+    let key = s.dir.path().join("node.pub");
+    for version in [
+        "PlanDefinition/protocol-7/_history/1",
+        "DocumentReference/sap-7/_history/1",
+        "ResearchStudy/trial/_history/1",
+        "ResearchStudy/trial/_history/2",
+    ] {
+        let body = smart::get(&s.http, &s.url(version), &sys).await;
+        assert_eq!(body.status, 200, "{version}: {}", body.text);
+        let proof = smart::get(&s.http, &s.url(&format!("{version}/$proof")), &sys).await;
+        assert_eq!(proof.status, 200, "{version}/$proof: {}", proof.text);
+        let name = version.replace('/', "-");
+        let (proof_file, body_file) =
+            (s.dir.path().join(format!("{name}.proof.json")), s.dir.path().join(format!("{name}.json")));
+        std::fs::write(&proof_file, &proof.text).unwrap();
+        std::fs::write(&body_file, &body.text).unwrap();
+        let args = |b: &Path| {
+            vec![
+                "verify".to_string(),
+                "proof".into(),
+                proof_file.display().to_string(),
+                "--resource".into(),
+                b.display().to_string(),
+                "--trusted-key".into(),
+                key.display().to_string(),
+            ]
+        };
+        let run = |a: Vec<String>| crate::bulk::ledger_cli(&a.iter().map(String::as_str).collect::<Vec<_>>());
+        let (code, out) = run(args(&body_file));
+        assert!(
+            code == 0 && out.contains("is exactly its content") && out.contains(version),
+            "{version}: {code} {out}"
+        );
+        // The same version with one word changed is not what was recorded.
+        let forged = s.dir.path().join(format!("{name}.forged.json"));
+        std::fs::write(&forged, body.text.replacen("active", "retired", 1).replacen("current", "superseded", 1))
+            .unwrap();
+        let (code, out) = run(args(&forged));
+        assert!(code == 1 && out.contains("is not the content"), "{version} forged: {code} {out}");
+    }
+}
