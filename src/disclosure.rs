@@ -432,11 +432,21 @@ pub struct Accessor {
 
 /// Every AuditEvent of the patient, summed per accessor (a user, or a client without one).
 pub fn access_report(search: &Engine, patient: &str) -> Result<(u64, BTreeMap<String, Accessor>), FhirError> {
+    accesses(search, "patient", &format!("Patient/{patient}"))
+}
+
+/// Every AuditEvent for a study (its disclosures name it), summed per accessor.
+pub fn study_report(search: &Engine, study: &str) -> Result<(u64, BTreeMap<String, Accessor>), FhirError> {
+    accesses(search, "entity", &format!("ResearchStudy/{study}"))
+}
+
+/// Every AuditEvent of the log holding `value` under search parameter `code`, per accessor.
+fn accesses(search: &Engine, code: &str, value: &str) -> Result<(u64, BTreeMap<String, Accessor>), FhirError> {
     let repo = search.repo();
     let idx = search.current_all()?;
     let docs = idx.of("AuditEvent");
     let mut keys: Vec<(String, u64)> = Vec::new();
-    for k in docs.posting("patient", &format!("Patient/{patient}"))? {
+    for k in docs.posting(code, value)? {
         keys.extend(docs.get(k)?.map(|d| (d.id.clone(), d.version)));
     }
     drop(idx);
@@ -499,8 +509,19 @@ pub fn access_report(search: &Engine, patient: &str) -> Result<(u64, BTreeMap<St
 
 /// The report as a FHIR Parameters resource.
 pub fn report_parameters(patient: &str, total: u64, accessors: &BTreeMap<String, Accessor>) -> Json {
+    report_of("patient", &format!("Patient/{patient}"), total, accessors, Vec::new())
+}
+
+/// A report on `subject` (named by part `name`), its accessors, and `more` parts after them.
+pub fn report_of(
+    name: &str,
+    subject: &str,
+    total: u64,
+    accessors: &BTreeMap<String, Accessor>,
+    more: Vec<serde_json::Value>,
+) -> Json {
     let mut params = vec![
-        json!({"name": "patient", "valueReference": {"reference": format!("Patient/{patient}")}}),
+        json!({"name": name, "valueReference": {"reference": subject}}),
         json!({"name": "total", "valueInteger": total}),
     ];
     for (who, a) in accessors {
@@ -518,6 +539,7 @@ pub fn report_parameters(patient: &str, total: u64, accessors: &BTreeMap<String,
         }
         params.push(json!({"name": "accessor", "part": part}));
     }
+    params.extend(more);
     let v = json!({"resourceType": "Parameters", "parameter": params});
     json::parse(v.to_string().as_bytes(), usize::MAX).unwrap_or(Json::Null)
 }

@@ -105,6 +105,10 @@ pub async fn capability_statement(req: HttpRequest, state: web::Data<AppState>) 
                     "POST /ResearchStudy/{id}/$lock (the study's team, X-Purpose-Of-Use: HRESCH): freezes every version the study may see of its enrolled subjects at a signed tree head; answers the lock file (List, signature, multiproof)",
                 ));
                 operations.push(operation(
+                    "access-report",
+                    "GET /ResearchStudy/{id}/$access-report (the study's team with HRESCH, or an auditor): who accessed what for the study and how often, and every change to a subject's enrolment or research Consent after enrolment",
+                ));
+                operations.push(operation(
                     "verify-lock",
                     "GET /ResearchStudy/{id}/$verify-lock (the latest lock on the ledger) or POST with a kept lock file: every locked version still in the ledger unchanged, the ledger only grown since, and every amendment with who, when and why",
                 ));

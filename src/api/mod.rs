@@ -116,6 +116,7 @@ fn fhir_routes() -> actix_web::Scope<
         .route("/Patient/$member-match", web::post().to(pdex::member_match))
         .route("/Patient/{id}/$everything", web::get().to(everything::everything))
         .route("/ResearchStudy/{id}/$lock", web::post().to(research::lock))
+        .route("/ResearchStudy/{id}/$access-report", web::get().to(research::access_report))
         .route("/ResearchStudy/{id}/$verify-lock", web::get().to(research::verify_lock))
         .route("/ResearchStudy/{id}/$verify-lock", web::post().to(research::verify_lock))
         .route("/Group/$bulk-member-match", web::post().to(pdex::bulk_member_match))

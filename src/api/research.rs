@@ -290,3 +290,80 @@ fn amendments(state: &AppState, caller: &Caller, entries: &[lock::Entry], size: 
     }
     Ok(out)
 }
+
+/// `GET /ResearchStudy/{id}/$access-report`: for the study's monitor, who accessed what for
+/// the study and how often (its AuditEvents), and every change to a subject's enrolment or
+/// research Consent after the subject was enrolled.
+pub async fn access_report(
+    req: HttpRequest,
+    path: web::Path<String>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, FhirError> {
+    let (req, state, study) = (&req, &**state, path.as_str());
+    read_barrier(req, &state.repo).await?;
+    let caller = authz::caller(req);
+    let f = &Format::negotiate(req)?;
+    study_visible(state, &caller, study)?;
+    if !caller.may_audit() {
+        locker(&caller, study)?;
+    }
+    state.auth.disclosures.flush().await;
+    let (total, accessors) = crate::disclosure::study_report(&state.search, study)?;
+    let changes = consent_changes(state, study)?;
+    let report = crate::disclosure::report_of("study", &format!("ResearchStudy/{study}"), total, &accessors, changes);
+    Ok(json_response(200, &report, f))
+}
+
+/// Each version of a subject's ResearchSubject or research Consent written after the
+/// subject's enrolment (its first version).
+fn consent_changes(state: &AppState, study: &str) -> Result<Vec<Value>, FhirError> {
+    let subjects: Vec<String> = {
+        let idx = state.search.current()?;
+        let docs = idx.of("ResearchSubject");
+        let mut out = Vec::new();
+        for k in docs.posting("study", &format!("ResearchStudy/{study}"))? {
+            out.extend(docs.get(k)?.map(|d| d.id.clone()));
+        }
+        out
+    };
+    let view = state.repo.view();
+    let mut out = Vec::new();
+    for sid in subjects {
+        let Some(cur) = view.current("ResearchSubject", &sid)? else { continue };
+        let Some(&first) = cur.leaves.first() else { continue };
+        let enrolled_ms = view.record(first)?.map_or(0, |r| r.header.last_updated_ms);
+        let body = state.repo.read("ResearchSubject", &sid).ok().and_then(|s| s.parsed().ok().flatten());
+        let patient = body.as_ref().and_then(|b| b.str_at(&["individual", "reference"]).map(str::to_string));
+        let consent = body.as_ref().and_then(|b| b.str_at(&["consent", "reference"]).map(str::to_string));
+        let mut watched = vec![("ResearchSubject".to_string(), sid.clone())];
+        if let Some((t, id)) = consent.as_deref().and_then(|c| c.rsplit_once('/')) {
+            watched.push((t.rsplit('/').next().unwrap_or(t).to_string(), id.to_string()));
+        }
+        for (rtype, id) in watched {
+            let Some(c) = view.current(&rtype, &id)? else { continue };
+            for (i, &leaf) in c.leaves.iter().enumerate() {
+                let Some(r) = view.record(leaf)? else { continue };
+                if r.header.last_updated_ms <= enrolled_ms {
+                    continue;
+                }
+                let version = i as u64 + 1;
+                let status = state
+                    .repo
+                    .vread(&rtype, &id, version)
+                    .ok()
+                    .and_then(|s| s.parsed().ok().flatten())
+                    .and_then(|b| b.str_at(&["status"]).map(str::to_string))
+                    .unwrap_or_else(|| r.header.op.clone());
+                out.push(json!({"name": "change", "part": [
+                    part("subject", "valueReference", json!({"reference": format!("ResearchSubject/{sid}")})),
+                    part("patient", "valueString", json!(patient.clone().unwrap_or_default())),
+                    part("resource", "valueString", json!(format!("{rtype}/{id}/_history/{version}"))),
+                    part("status", "valueString", json!(status)),
+                    part("actor", "valueString", json!(r.header.actor)),
+                    part("recorded", "valueInstant", json!(crate::fhir::instant(r.header.last_updated_ms))),
+                ]}));
+            }
+        }
+    }
+    Ok(out)
+}

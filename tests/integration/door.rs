@@ -95,6 +95,7 @@ fn calls() -> Vec<(&'static str, Method, &'static str, Option<Value>)> {
         ("/{compartment}/{id}/{type}", Method::GET, "/Patient/pat-b/$access-report", None),
         ("/Patient/{id}/$everything", Method::GET, "/Patient/pat-b/$everything", None),
         ("/ResearchStudy/{id}/$lock", Method::POST, "/ResearchStudy/study-b/$lock", None),
+        ("/ResearchStudy/{id}/$access-report", Method::GET, "/ResearchStudy/study-b/$access-report", None),
         ("/ResearchStudy/{id}/$verify-lock", Method::GET, "/ResearchStudy/study-b/$verify-lock", None),
         (
             "/ResearchStudy/{id}/$verify-lock",

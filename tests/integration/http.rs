@@ -415,7 +415,10 @@ async fn capability_statement_lists_what_works() {
         ops(resources.iter().find(|r| r["type"] == "Group").unwrap()),
         ["proof", "export", "bulk-member-match", "davinci-data-export"]
     );
-    assert_eq!(ops(resources.iter().find(|r| r["type"] == "ResearchStudy").unwrap()), ["proof", "lock", "verify-lock"]);
+    assert_eq!(
+        ops(resources.iter().find(|r| r["type"] == "ResearchStudy").unwrap()),
+        ["proof", "lock", "access-report", "verify-lock"]
+    );
     // The system-level Bulk export and import, and the IG's capability statement they instantiate.
     assert_eq!(ops(&cs["rest"][0]), ["export", "import"]);
     assert_eq!(cs["instantiates"][0], "http://hl7.org/fhir/uv/bulkdata/CapabilityStatement/bulk-data");

@@ -242,6 +242,29 @@ async fn a_study_reads_only_what_its_enrolled_subjects_consented_to() {
     assert_eq!(researcher.get(&inside).await.status, 200, "the Consent active again");
     smart::put_resource(&s.http, &s.base, &sys, &subject("rs-1", "s1", &p1, "rc-1", "withdrawn")).await;
     assert_eq!(researcher.get(&inside).await.status, 404, "after the subject withdraws from the study");
+    // The monitor's view: who read for the study and how often, and the consent changes
+    // after enrolment (the withdrawal, the Consent active again, the subject leaving).
+    let r = researcher.get("ResearchStudy/s1/$access-report").await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let report = r.json();
+    let accessor = parts(&report, "accessor");
+    let pi_row = accessor.iter().find(|a| a["part"][0]["valueString"] == "Practitioner/pi").expect("the PI's row");
+    let count =
+        pi_row["part"].as_array().unwrap().iter().find(|p| p["name"] == "count").unwrap()["valueInteger"].as_u64();
+    assert!(count.is_some_and(|c| c >= 3), "{pi_row}");
+    let changes: Vec<String> = parts(&report, "change")
+        .iter()
+        .map(|c| {
+            c["part"].as_array().unwrap().iter().find(|p| p["name"] == "resource").unwrap()["valueString"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    for expected in ["Consent/rc-1/_history/2", "Consent/rc-1/_history/3", "ResearchSubject/rs-1/_history/2"] {
+        assert!(changes.iter().any(|c| c == expected), "{expected} in {changes:?}");
+    }
+    assert_eq!(as_(&rival, Some("HRESCH"), Some("s1")).get("ResearchStudy/s1/$access-report").await.status, 403);
     // Research standing reads; it never writes, whatever the token's scopes.
     smart::put_resource(&s.http, &s.base, &sys, &subject("rs-1", "s1", &p1, "rc-1", "on-study")).await;
     let writer = access_token(&user_token(&s.http, &s.base, &client_id, &["user/*.cruds"], &Login::new("pi")).await);
