@@ -156,6 +156,10 @@ pub struct Locked {
     pub head: TreeHead,
     pub entries: Vec<Entry>,
     pub cosigners: usize,
+    /// What the check hashed (Merkle nodes, the signed payload) and how many signatures it
+    /// verified: the work the machine's crypto bound is measured against.
+    pub bytes_hashed: u64,
+    pub signatures: u64,
 }
 
 fn part<'a>(params: &'a Value, name: &str) -> impl Iterator<Item = &'a Value> + 'a {
@@ -207,8 +211,12 @@ pub fn check(file: &Value, trusted: &[VerifyingKey], quorum: usize) -> Result<Lo
         .map_err(|e| format!("the lock's tree head: {e}"))?;
     let cosigners = head.check_quorum(trusted, quorum).map_err(|e| format!("the lock's tree head: {e}"))?;
     let jws = part(file, "signature").next().and_then(|p| p["valueString"].as_str()).ok_or("the lock is not signed")?;
-    crate::jws::check(jws, TYP, &payload(&list, &head_parts), trusted, "the lock")
+    let signed = payload(&list, &head_parts);
+    crate::jws::check(jws, TYP, &signed, trusted, "the lock")
         .map_err(|e| format!("{e}: the lock file was altered after it was signed"))?;
+    // ed25519 hashes the base64url signing input; each Merkle node is a 65-byte SHA-256 input.
+    let mut bytes_hashed = signed.len() as u64 * 4 / 3;
+    let signatures = 1 + head.signatures.len() as u64;
     let study = list["identifier"]
         .as_array()
         .into_iter()
@@ -226,6 +234,7 @@ pub fn check(file: &Value, trusted: &[VerifyingKey], quorum: usize) -> Result<Lo
             let h = p["valueBase64Binary"].as_str().and_then(|s| unb64(s).ok()).and_then(|h| h.try_into().ok());
             path.push(h.ok_or("a multiproof hash is not 32 bytes of base64")?);
         }
+        bytes_hashed += 65 * (leaves.len() + path.len()).saturating_sub(1) as u64;
         if proof::multi_root(&leaves, head.size, &path) != Some(head.root) {
             return Err(format!(
                 "the {} locked versions are not all in the tree of {} leaves the lock's head signs",
@@ -234,7 +243,7 @@ pub fn check(file: &Value, trusted: &[VerifyingKey], quorum: usize) -> Result<Lo
             ));
         }
     }
-    Ok(Locked { study, list, head, entries, cosigners })
+    Ok(Locked { study, list, head, entries, cosigners, bytes_hashed, signatures })
 }
 
 /// Checks that the tree `now` (already checked against trusted keys) extends the lock's tree.
