@@ -25,6 +25,8 @@ use crate::research::lock;
 
 /// On a lock's Provenance: the signed tree head (compact JSON of its Parameters parts).
 pub const HEAD_EXTENSION: &str = "urn:fhir-ledger:StructureDefinition/lock-tree-head";
+/// On a lock's Provenance: the leaf table (each entry's leaf and leaf hash).
+pub const LEAVES_EXTENSION: &str = "urn:fhir-ledger:StructureDefinition/lock-leaves";
 
 /// The caller a lock is taken as: the study's team member reading for it, or (authorization
 /// off) the study itself.
@@ -68,8 +70,9 @@ pub async fn lock(
     let mut list = lock::list(study, &entries, who.as_deref(), now);
     list["id"] = json!(list_id);
     let node = state.repo.node_id().to_string();
-    let jws = lock::sign(&list, &head_parts, state.repo.signer(), &node);
-    let provenance = provenance(&list_id, who.as_deref(), &node, &head_parts, &jws, now);
+    let (list_bytes, table) = (lock::list_bytes(&list), lock::leaf_table(&entries));
+    let jws = lock::sign(&lock::statement(study, &list_bytes, &table, &head_parts), state.repo.signer(), &node);
+    let provenance = provenance(&list_id, who.as_deref(), &node, &head_parts, &table, &jws, now);
     let (list_json, provenance) = (Json::from(list.clone()), Json::from(provenance));
     crate::search::validate::validate(&state.search, "List", &list_json, None)?;
     crate::search::validate::validate(&state.search, "Provenance", &provenance, None)?;
@@ -82,11 +85,11 @@ pub async fn lock(
         })
         .await?;
     let multiproof = lock::multiproof(&state.search, &entries, head.size)?;
-    let file = lock::file(&list, &head_parts, &jws, &multiproof);
+    let file = lock::file(study, &list_bytes, &table, &head_parts, &jws, &multiproof);
     Ok(json_response(200, &Json::from(file), f))
 }
 
-fn provenance(list_id: &str, who: Option<&str>, node: &str, head: &Value, jws: &str, now: i64) -> Value {
+fn provenance(list_id: &str, who: Option<&str>, node: &str, head: &Value, table: &[u8], jws: &str, now: i64) -> Value {
     let mut agents = vec![
         json!({"type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/provenance-participant-type", "code": "verifier"}]},
                                  "who": {"display": format!("fhir-ledger node {node}")}}),
@@ -102,7 +105,8 @@ fn provenance(list_id: &str, who: Option<&str>, node: &str, head: &Value, jws: &
         "reason": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActReason", "code": "HRESCH"}]}],
         "activity": {"coding": [{"system": lock::CODE_SYSTEM, "code": lock::DATA_LOCK, "display": "trial data lock"}]},
         "agent": agents,
-        "extension": [{"url": HEAD_EXTENSION, "valueString": head.to_string()}],
+        "extension": [{"url": HEAD_EXTENSION, "valueString": head.to_string()},
+                      {"url": LEAVES_EXTENSION, "valueBase64Binary": b64(table)}],
         "signature": [{
             "type": [{"system": "urn:iso-astm:E1762-95:2013", "code": "1.2.840.10065.1.12.1.5", "display": "Verification Signature"}],
             "when": crate::fhir::instant(now),
@@ -140,27 +144,32 @@ fn stored_lock(state: &AppState, study: &str) -> Result<Value, FhirError> {
     };
     let list = body("List", &list_id)?;
     let prov = body("Provenance", &prov_key)?;
-    let head: Value = prov["extension"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|x| x["url"] == HEAD_EXTENSION)
-        .and_then(|x| x["valueString"].as_str())
+    let ext = |url: &str, kind: &str| {
+        prov["extension"].as_array().into_iter().flatten().find(|x| x["url"] == url).and_then(|x| x[kind].as_str())
+    };
+    let head: Value = ext(HEAD_EXTENSION, "valueString")
         .and_then(|s| serde_json::from_str(s).ok())
         .ok_or_else(|| FhirError::internal("a lock Provenance without its tree head"))?;
+    let table = ext(LEAVES_EXTENSION, "valueBase64Binary")
+        .and_then(|s| unb64(s).ok())
+        .ok_or_else(|| FhirError::internal("a lock Provenance without its leaf table"))?;
     let jws = prov["signature"][0]["data"]
         .as_str()
         .and_then(|d| unb64(d).ok())
         .and_then(|d| String::from_utf8(d).ok())
         .ok_or_else(|| FhirError::internal("a lock Provenance without its signature"))?;
-    let entries = lock::entries_of(&list).map_err(FhirError::internal)?;
     let size = crate::treehead::TreeHead::from_parts(head.as_array().map_or(&[][..], Vec::as_slice))
         .map_err(FhirError::internal)?
         .size;
-    let mut sorted = entries;
-    sorted.sort_by_key(|e| e.leaf);
-    let multiproof = lock::multiproof(&state.search, &sorted, size)?;
-    Ok(lock::file(&list, &head, &jws, &multiproof))
+    let leaves: Vec<u64> =
+        table.chunks_exact(40).map(|c| u64::from_be_bytes(c[..8].try_into().unwrap_or_default())).collect();
+    let multiproof = if leaves.is_empty() {
+        Vec::new()
+    } else {
+        consensus::proof::multi_proof(state.repo.view(), &leaves, size)
+            .ok_or_else(|| FhirError::internal("no multiproof of the locked leaves"))?
+    };
+    Ok(lock::file(study, &lock::list_bytes(&list), &table, &head, &jws, &multiproof))
 }
 
 #[allow(clippy::needless_pass_by_value)] // json! takes it by reference; callers build it in place
@@ -205,6 +214,7 @@ pub async fn verify_lock(
             problems.push(format!("the lock file locks ResearchStudy/{}, not ResearchStudy/{study}", locked.study));
         }
         Ok(locked) => {
+            let entries = locked.entries().map_err(FhirError::internal)?;
             let now = super::ledger::signed_head(&state.repo).await?;
             out.push(json!({"name": "currentHead", "part": Json::Array(now.to_parts()).to_serde()}));
             let view = state.repo.view();
@@ -215,10 +225,10 @@ pub async fn verify_lock(
             out.extend(path.iter().map(|h| part("consistencyPath", "valueBase64Binary", json!(b64(h)))));
             if let Err(e) = lock::check_extends(&locked, &now, &path) {
                 problems.push(e);
-                problems.extend(changed(state, &locked.entries)?);
+                problems.extend(changed(state, &entries)?);
             } else {
-                let amendments = amendments(state, &caller, &locked.entries, now.size)?;
-                out.push(part("entries", "valueInteger", json!(locked.entries.len())));
+                let amendments = amendments(state, &caller, &entries, now.size)?;
+                out.push(part("entries", "valueInteger", json!(entries.len())));
                 out.push(part("amendments", "valueInteger", json!(amendments.len())));
                 out.extend(amendments);
             }

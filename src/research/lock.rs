@@ -86,13 +86,7 @@ pub fn select(engine: &Engine, access: &Access<'_>, study: &str) -> Result<Vec<E
 
 /// The lock List (no id or meta yet) of `entries` for `study`, locked by `who` at `now_ms`.
 pub fn list(study: &str, entries: &[Entry], who: Option<&str>, now_ms: i64) -> Value {
-    let entries: Vec<Value> = entries
-        .iter()
-        .map(|e| {
-            json!({"item": {"reference": e.reference()},
-                   "extension": [{"url": LEAF_EXTENSION, "valueString": format!("{}:{}", e.leaf, b64(&e.hash))}]})
-        })
-        .collect();
+    let entries: Vec<Value> = entries.iter().map(|e| json!({"item": {"reference": e.reference()}})).collect();
     let mut l = json!({
         "resourceType": "List",
         "status": "current",
@@ -112,30 +106,62 @@ pub fn list(study: &str, entries: &[Entry], who: Option<&str>, now_ms: i64) -> V
     l
 }
 
-/// The bytes a lock signature covers: the list without `meta`, and the head's parts.
-pub fn payload(list: &Value, head: &Value) -> Vec<u8> {
-    let mut list = list.clone();
-    if let Some(o) = list.as_object_mut() {
-        o.remove("meta");
+/// The List's canonical bytes: compact, keys sorted, without `meta` (what the server adds
+/// when it stores it), so the List as stored gives the bytes that were signed.
+pub fn list_bytes(list: &Value) -> Vec<u8> {
+    match list.as_object() {
+        Some(o) if o.contains_key("meta") => {
+            let mut l = list.clone();
+            if let Some(o) = l.as_object_mut() {
+                o.remove("meta");
+            }
+            serde_json::to_vec(&l).unwrap_or_default()
+        }
+        _ => serde_json::to_vec(list).unwrap_or_default(),
     }
-    serde_json::to_vec(&json!({"format": FORMAT, "list": list, "treeHead": head})).unwrap_or_default()
 }
 
-pub fn sign(list: &Value, head: &Value, key: &SigningKey, node: &str) -> String {
-    crate::jws::sign(TYP, &payload(list, head), key, node)
+/// The leaf table: per List entry, in order, its leaf (8 bytes, big-endian) and leaf hash.
+pub fn leaf_table(entries: &[Entry]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(entries.len() * 40);
+    for e in entries {
+        out.extend_from_slice(&e.leaf.to_be_bytes());
+        out.extend_from_slice(&e.hash);
+    }
+    out
 }
 
-/// The lock file: the List as stored, the head, the signature, and the multiproof of every
-/// listed leaf at that head.
-pub fn file(list: &Value, head: &Value, signature: &str, multiproof: &[Hash]) -> Value {
-    let mut parameter = vec![
-        json!({"name": "format", "valueString": FORMAT}),
-        json!({"name": "lock", "resource": list}),
-        json!({"name": "treeHead", "part": head}),
-        json!({"name": "signature", "valueString": signature}),
-    ];
-    parameter.extend(multiproof.iter().map(|h| json!({"name": "multiproof", "valueBase64Binary": b64(h)})));
-    json!({"resourceType": "Parameters", "parameter": parameter})
+/// What a lock signature covers: a small statement of the study, the digests of the List's
+/// canonical bytes and of the leaf table, and the tree head.
+pub fn statement(study: &str, list: &[u8], table: &[u8], head: &Value) -> Vec<u8> {
+    use sha2::{Digest, Sha256};
+    let statement = json!({
+        "format": FORMAT,
+        "study": study,
+        "listSha256": b64(&Sha256::digest(list)),
+        "leavesSha256": b64(&Sha256::digest(table)),
+        "treeHead": head,
+    });
+    serde_json::to_vec(&statement).unwrap_or_default()
+}
+
+pub fn sign(statement: &[u8], key: &SigningKey, node: &str) -> String {
+    crate::jws::sign(TYP, statement, key, node)
+}
+
+/// The lock file: the study, the List's canonical bytes (as text: hashed as they are, never
+/// re-serialized), the leaf table and the multiproof of its leaves at the head, the head and
+/// the signature.
+pub fn file(study: &str, list: &[u8], table: &[u8], head: &Value, signature: &str, multiproof: &[Hash]) -> Value {
+    json!({"resourceType": "Parameters", "parameter": [
+        {"name": "format", "valueString": FORMAT},
+        {"name": "study", "valueString": study},
+        {"name": "lock", "valueString": String::from_utf8_lossy(list)},
+        {"name": "leaves", "valueBase64Binary": b64(table)},
+        {"name": "treeHead", "part": head},
+        {"name": "signature", "valueString": signature},
+        {"name": "multiproof", "valueBase64Binary": b64(&multiproof.concat())},
+    ]})
 }
 
 /// The multiproof of `entries` (in leaf order) at a tree of `size` leaves.
@@ -150,100 +176,111 @@ pub fn multiproof(engine: &Engine, entries: &[Entry], size: u64) -> Result<Vec<H
 
 /// A lock file whose signature, head and multiproof hold.
 #[derive(Debug)]
-pub struct Locked {
-    pub study: String,
-    pub list: Value,
+pub struct Locked<'f> {
+    pub study: &'f str,
+    /// The List's canonical bytes, as signed (borrowed from the file: tens of MB).
+    pub list: &'f str,
     pub head: TreeHead,
-    pub entries: Vec<Entry>,
+    /// The leaf table: `(leaf, leaf hash)` per List entry, in leaf order, 40 bytes each.
+    pub table: Vec<u8>,
     pub cosigners: usize,
-    /// What the check hashed (Merkle nodes, the signed payload) and how many signatures it
-    /// verified: the work the machine's crypto bound is measured against.
+    /// What the check hashed (List, leaf table, Merkle nodes, the signed statement) and how
+    /// many signatures it verified: the work the machine's crypto bound is measured against.
     pub bytes_hashed: u64,
     pub signatures: u64,
 }
 
-fn part<'a>(params: &'a Value, name: &str) -> impl Iterator<Item = &'a Value> + 'a {
-    let name = name.to_string();
-    params["parameter"].as_array().into_iter().flatten().filter(move |p| p["name"] == name.as_str())
+/// Entry `i` of a leaf table.
+fn leaf_at(table: &[u8], i: usize) -> (u64, Hash) {
+    let row = &table[i * 40..i * 40 + 40];
+    let (leaf, hash) = row.split_at(8);
+    (u64::from_be_bytes(leaf.try_into().unwrap_or_default()), hash.try_into().unwrap_or_default())
 }
 
-/// The entries a lock List names, in its order.
-pub fn entries_of(list: &Value) -> Result<Vec<Entry>, String> {
-    let mut out = Vec::new();
-    for (i, e) in list["entry"].as_array().into_iter().flatten().enumerate() {
-        let at = || format!("List.entry[{i}]");
-        let r = e["item"]["reference"].as_str().ok_or_else(|| format!("{} has no reference", at()))?;
-        let (what, version) = r.rsplit_once("/_history/").ok_or_else(|| format!("{} {r} names no version", at()))?;
-        let (rtype, id) = what.split_once('/').ok_or_else(|| format!("{} {r} is not Type/id", at()))?;
-        let leaf = e["extension"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|x| x["url"] == LEAF_EXTENSION)
-            .and_then(|x| x["valueString"].as_str())
-            .ok_or_else(|| format!("{} has no leaf", at()))?;
-        let (index, hash) = leaf.split_once(':').ok_or_else(|| format!("{} leaf {leaf:?} is not index:hash", at()))?;
-        let hash: Hash = unb64(hash)
-            .ok()
-            .and_then(|h| h.try_into().ok())
-            .ok_or_else(|| format!("{} leaf hash is not 32 bytes", at()))?;
-        out.push(Entry {
-            rtype: rtype.to_string(),
-            id: id.to_string(),
-            version: version.parse().map_err(|_| format!("{} version {version:?}", at()))?,
-            leaf: index.parse().map_err(|_| format!("{} leaf index {index:?}", at()))?,
-            hash,
-        });
+impl Locked<'_> {
+    /// How many versions the lock holds.
+    pub fn len(&self) -> usize {
+        self.table.len() / 40
     }
-    Ok(out)
+
+    pub fn is_empty(&self) -> bool {
+        self.table.is_empty()
+    }
+
+    /// The locked versions: the List's references beside the leaf table.
+    pub fn entries(&self) -> Result<Vec<Entry>, String> {
+        let list: Value = serde_json::from_str(self.list).map_err(|e| format!("the lock List is not JSON: {e}"))?;
+        let items = list["entry"].as_array().map_or(&[][..], Vec::as_slice);
+        if items.len() != self.len() {
+            return Err(format!("the lock List has {} entries and its leaf table {}", items.len(), self.len()));
+        }
+        let mut out = Vec::with_capacity(items.len());
+        for (i, e) in items.iter().enumerate() {
+            let (leaf, hash) = leaf_at(&self.table, i);
+            let r = e["item"]["reference"].as_str().ok_or_else(|| format!("List.entry[{i}] has no reference"))?;
+            let (what, version) =
+                r.rsplit_once("/_history/").ok_or_else(|| format!("List.entry[{i}] {r} names no version"))?;
+            let (rtype, id) = what.split_once('/').ok_or_else(|| format!("List.entry[{i}] {r} is not Type/id"))?;
+            let version = version.parse().map_err(|_| format!("List.entry[{i}] version {version:?}"))?;
+            out.push(Entry { rtype: rtype.to_string(), id: id.to_string(), version, leaf, hash });
+        }
+        Ok(out)
+    }
+}
+
+fn part<'a>(params: &'a Value, name: &str) -> Option<&'a Value> {
+    params["parameter"].as_array().into_iter().flatten().find(|p| p["name"] == name)
+}
+
+fn string<'a>(params: &'a Value, name: &str, kind: &str) -> Result<&'a str, String> {
+    part(params, name).and_then(|p| p[kind].as_str()).ok_or_else(|| format!("the lock file has no {name}"))
 }
 
 /// Checks a lock file against the node keys one trusts: the head's quorum, the signature over
-/// list and head, and that every listed leaf is in the tree the head signs.
-pub fn check(file: &Value, trusted: &[VerifyingKey], quorum: usize) -> Result<Locked, String> {
-    if part(file, "format").next().and_then(|p| p["valueString"].as_str()) != Some(FORMAT) {
+/// the statement, the List and the leaf table against their digests in it, and that every
+/// listed leaf is in the tree the head signs. The List is hashed, not parsed.
+pub fn check<'f>(file: &'f Value, trusted: &[VerifyingKey], quorum: usize) -> Result<Locked<'f>, String> {
+    if part(file, "format").and_then(|p| p["valueString"].as_str()) != Some(FORMAT) {
         return Err(format!("not a data lock file (format {FORMAT} expected)"));
     }
-    let list = part(file, "lock").next().map(|p| p["resource"].clone()).ok_or("the lock file holds no lock List")?;
-    let head_parts =
-        part(file, "treeHead").next().map(|p| p["part"].clone()).ok_or("the lock file holds no tree head")?;
+    let study = string(file, "study", "valueString")?;
+    let list = string(file, "lock", "valueString")?;
+    let head_parts = part(file, "treeHead").map(|p| p["part"].clone()).ok_or("the lock file holds no tree head")?;
     let head = TreeHead::from_parts(head_parts.as_array().map_or(&[][..], Vec::as_slice))
         .map_err(|e| format!("the lock's tree head: {e}"))?;
     let cosigners = head.check_quorum(trusted, quorum).map_err(|e| format!("the lock's tree head: {e}"))?;
-    let jws = part(file, "signature").next().and_then(|p| p["valueString"].as_str()).ok_or("the lock is not signed")?;
-    let signed = payload(&list, &head_parts);
+    let table = unb64(string(file, "leaves", "valueBase64Binary")?).map_err(|e| format!("the leaf table: {e}"))?;
+    let signed = statement(study, list.as_bytes(), &table, &head_parts);
+    let jws = string(file, "signature", "valueString")?;
     crate::jws::check(jws, TYP, &signed, trusted, "the lock")
         .map_err(|e| format!("{e}: the lock file was altered after it was signed"))?;
-    // ed25519 hashes the base64url signing input; each Merkle node is a 65-byte SHA-256 input.
-    let mut bytes_hashed = signed.len() as u64 * 4 / 3;
-    let signatures = 1 + head.signatures.len() as u64;
-    let study = list["identifier"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|i| i["system"] == STUDY_SYSTEM)
-        .and_then(|i| i["value"].as_str())
-        .ok_or("the lock List names no study")?
-        .to_string();
-    let entries = entries_of(&list)?;
-    if !entries.is_empty() {
-        let mut leaves: Vec<(u64, Hash)> = entries.iter().map(|e| (e.leaf, e.hash)).collect();
-        leaves.sort_by_key(|l| l.0);
-        let mut path = Vec::new();
-        for p in part(file, "multiproof") {
-            let h = p["valueBase64Binary"].as_str().and_then(|s| unb64(s).ok()).and_then(|h| h.try_into().ok());
-            path.push(h.ok_or("a multiproof hash is not 32 bytes of base64")?);
-        }
-        bytes_hashed += 65 * (leaves.len() + path.len()).saturating_sub(1) as u64;
-        if proof::multi_root(&leaves, head.size, &path) != Some(head.root) {
-            return Err(format!(
-                "the {} locked versions are not all in the tree of {} leaves the lock's head signs",
-                entries.len(),
-                head.size
-            ));
-        }
+    if table.len() % 40 != 0 {
+        return Err("the leaf table is not whole (leaf, hash) pairs".into());
     }
-    Ok(Locked { study, list, head, entries, cosigners, bytes_hashed, signatures })
+    let n = table.len() / 40;
+    let path: Vec<Hash> = {
+        let blob =
+            unb64(string(file, "multiproof", "valueBase64Binary")?).map_err(|e| format!("the multiproof: {e}"))?;
+        if blob.len() % 32 != 0 {
+            return Err("the multiproof is not whole hashes".into());
+        }
+        blob.chunks_exact(32).map(|c| c.try_into().unwrap_or_default()).collect()
+    };
+    // ed25519 hashes the base64url signing input; the digests cover List and table; each
+    // Merkle node is a 65-byte SHA-256 input.
+    let bytes_hashed = signed.len() as u64 * 4 / 3
+        + list.len() as u64
+        + table.len() as u64
+        + 65 * (n + path.len()).saturating_sub(1) as u64;
+    let signatures = 1 + head.signatures.len() as u64;
+    let leaves: Vec<(u64, Hash)> = (0..n).map(|i| leaf_at(&table, i)).collect();
+    if n > 0 && proof::multi_root(&leaves, head.size, &path) != Some(head.root) {
+        return Err(format!(
+            "the {n} locked versions are not all in the tree of {} leaves the lock's head signs",
+            head.size
+        ));
+    }
+    Ok(Locked { study, list, head, table, cosigners, bytes_hashed, signatures })
 }
 
 /// Checks that the tree `now` (already checked against trusted keys) extends the lock's tree.

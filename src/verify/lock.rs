@@ -48,7 +48,7 @@ pub fn lock(args: &LockArgs) -> Result<String, Failure> {
         println!(
             "checked {} locked versions ({:.1} MB hashed, {} signatures) in {secs:.3} s; crypto bound on this machine: \
              SHA-256 {:.0} MB/s, ed25519 {:.0} signatures/s: {:.3} s; the check ran at {:.0}% of it",
-            locked.entries.len(),
+            locked.len(),
             locked.bytes_hashed as f64 / 1e6,
             locked.signatures,
             bound.sha256_mb_s,
@@ -60,7 +60,7 @@ pub fn lock(args: &LockArgs) -> Result<String, Failure> {
     let mut message = format!(
         "the data lock of ResearchStudy/{} holds {} version(s), all in the tree of {} leaves signed at {} by {} trusted key(s)",
         locked.study,
-        locked.entries.len(),
+        locked.len(),
         locked.head.size,
         crate::fhir::instant(locked.head.timestamp_ms),
         locked.cosigners
@@ -80,6 +80,7 @@ pub fn lock(args: &LockArgs) -> Result<String, Failure> {
     let path = hashes(top, "consistencyPath")?;
     lock::check_extends(&locked, &now, &path).map_err(Invalid)?;
     let _ = write!(message, "; the ledger of {} leaves extends it", now.size);
+    let entries = locked.entries().map_err(Invalid)?;
     let mut amended = Vec::new();
     for a in top.iter().filter(|p| p["name"] == "amendment") {
         let parts = a["part"].as_array().map_or(&[][..], Vec::as_slice);
@@ -92,7 +93,7 @@ pub fn lock(args: &LockArgs) -> Result<String, Failure> {
         }
         let h = consensus::LeafHeader::decode(&data)
             .ok_or_else(|| Invalid(format!("the amendment at leaf {leaf} is not a ledger header")))?;
-        let locked_version = locked.entries.iter().find(|e| e.rtype == h.rtype && e.id == h.id);
+        let locked_version = entries.iter().find(|e| e.rtype == h.rtype && e.id == h.id);
         if locked_version.is_none_or(|e| e.version >= h.version) {
             return Err(Invalid(format!(
                 "leaf {leaf} ({}/{}/_history/{}) is listed as an amendment but is no later version of a locked resource",

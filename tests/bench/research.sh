@@ -133,13 +133,14 @@ print(f"search p95 over {len(lat['research'])} requests each: research-scoped {r
 t = time.perf_counter(); s, b, _ = research.call("POST", "/ResearchStudy/bench/$lock"); lock_s = time.perf_counter() - t
 assert s == 200, b[:500]
 lock = json.loads(b)
-n = len([p for p in lock["parameter"] if p["name"] == "lock"][0]["resource"]["entry"])
+n = len(json.loads([p for p in lock["parameter"] if p["name"] == "lock"][0]["valueString"])["entry"])
 open(f"{work}/lock.json", "wb").write(b)
 print(f"$lock of {len(patients)} patients: {n} versions in {lock_s:.2f} s ({len(b) / 1e6:.1f} MB lock file)")
-out = subprocess.run([binary, "verify", "lock", f"{work}/lock.json", "--trusted-key", f"{work}/data/node.pub", "--crypto-bound"],
-                     capture_output=True, text=True)
-print("verify lock: " + out.stdout.strip().replace("\n", "\n  "))
-assert out.returncode == 0, out.stderr
+for run in range(3):  # three runs of the offline check, each printed
+    out = subprocess.run([binary, "verify", "lock", f"{work}/lock.json", "--trusted-key", f"{work}/data/node.pub", "--crypto-bound"],
+                         capture_output=True, text=True)
+    print(f"verify lock, run {run + 1}: " + out.stdout.strip().replace("\n", "\n  "))
+    assert out.returncode == 0, out.stderr
 t = time.perf_counter(); s, b, _ = research.call("GET", "/ResearchStudy/bench/$verify-lock"); v_s = time.perf_counter() - t
 assert s == 200 and json.loads(b)["parameter"][0]["valueBoolean"] is True, b[:500]
 print(f"GET $verify-lock (server side, with amendments scan and proofs): {v_s:.2f} s")

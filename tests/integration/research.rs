@@ -402,7 +402,9 @@ async fn a_data_lock_over_25_patients_verifies_and_names_every_change() {
         .await;
     assert_eq!(r.status, 200, "$lock: {}", r.text);
     let file = r.json();
-    let list = &parts(&file, "lock")[0]["resource"];
+    // The lock file carries the List's exact bytes (as signed) as text.
+    let list: Value = serde_json::from_str(parts(&file, "lock")[0]["valueString"].as_str().unwrap()).unwrap();
+    assert_eq!(list["resourceType"], "List");
     let locked: BTreeSet<String> = list["entry"]
         .as_array()
         .unwrap()
@@ -449,14 +451,15 @@ async fn a_data_lock_over_25_patients_verifies_and_names_every_change() {
 
     // A tampered lock file: one locked version swapped for another.
     let mut bad = file.clone();
-    let entry = bad["parameter"]
+    let text = bad["parameter"]
         .as_array_mut()
         .unwrap()
         .iter_mut()
         .find(|p| p["name"] == "lock")
-        .map(|p| &mut p["resource"]["entry"][0]["item"]["reference"])
+        .map(|p| &mut p["valueString"])
         .unwrap();
-    *entry = json!(entry.as_str().unwrap().replace("/_history/1", "/_history/2"));
+    *text = json!(text.as_str().unwrap().replacen("/_history/1\"", "/_history/2\"", 1));
+    assert_ne!(bad, file, "the tampered file differs");
     let report = verify_lock(&s, &pi, Some(&bad)).await;
     let (ok, why_not) = verdict(&report);
     assert!(!ok && why_not.contains("altered"), "a tampered lock file: {why_not}");
