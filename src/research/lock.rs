@@ -184,9 +184,11 @@ pub struct Locked<'f> {
     /// The leaf table: `(leaf, leaf hash)` per List entry, in leaf order, 40 bytes each.
     pub table: Vec<u8>,
     pub cosigners: usize,
-    /// What the check hashed (List, leaf table, Merkle nodes, the signed statement) and how
-    /// many signatures it verified: the work the machine's crypto bound is measured against.
+    /// What the check hashed in bulk (List, leaf table, the signed statement), how many
+    /// Merkle nodes (65-byte SHA-256 messages) and how many signatures it verified: the work
+    /// the machine's crypto bound is measured against.
     pub bytes_hashed: u64,
+    pub nodes: u64,
     pub signatures: u64,
 }
 
@@ -267,11 +269,9 @@ pub fn check<'f>(file: &'f Value, trusted: &[VerifyingKey], quorum: usize) -> Re
         blob.chunks_exact(32).map(|c| c.try_into().unwrap_or_default()).collect()
     };
     // ed25519 hashes the base64url signing input; the digests cover List and table; each
-    // Merkle node is a 65-byte SHA-256 input.
-    let bytes_hashed = signed.len() as u64 * 4 / 3
-        + list.len() as u64
-        + table.len() as u64
-        + 65 * (n + path.len()).saturating_sub(1) as u64;
+    // Merkle node is one 65-byte SHA-256 message.
+    let bytes_hashed = signed.len() as u64 * 4 / 3 + list.len() as u64 + table.len() as u64;
+    let nodes = (n + path.len()).saturating_sub(1) as u64;
     let signatures = 1 + head.signatures.len() as u64;
     let leaves: Vec<(u64, Hash)> = (0..n).map(|i| leaf_at(&table, i)).collect();
     if n > 0 && proof::multi_root(&leaves, head.size, &path) != Some(head.root) {
@@ -280,7 +280,7 @@ pub fn check<'f>(file: &'f Value, trusted: &[VerifyingKey], quorum: usize) -> Re
             head.size
         ));
     }
-    Ok(Locked { study, list, head, table, cosigners, bytes_hashed, signatures })
+    Ok(Locked { study, list, head, table, cosigners, bytes_hashed, nodes, signatures })
 }
 
 /// Checks that the tree `now` (already checked against trusted keys) extends the lock's tree.

@@ -44,14 +44,17 @@ pub fn lock(args: &LockArgs) -> Result<String, Failure> {
     let locked = lock::check(&file, &trusted.keys, trusted.quorum).map_err(Invalid)?;
     if args.crypto_bound {
         let secs = start.elapsed().as_secs_f64();
-        let bound = super::crypto_bound(locked.bytes_hashed, locked.signatures);
+        let bound = super::crypto_bound_with_nodes(locked.bytes_hashed, locked.nodes, locked.signatures);
         println!(
-            "checked {} locked versions ({:.1} MB hashed, {} signatures) in {secs:.3} s; crypto bound on this machine: \
-             SHA-256 {:.0} MB/s, ed25519 {:.0} signatures/s: {:.3} s; the check ran at {:.0}% of it",
+            "checked {} locked versions ({:.1} MB hashed, {} Merkle nodes, {} signatures) in {secs:.3} s; crypto bound \
+             on this machine: SHA-256 {:.0} MB/s, {:.2} M node hashes/s, ed25519 {:.0} signatures/s: {:.3} s; the \
+             check ran at {:.0}% of it",
             locked.len(),
             locked.bytes_hashed as f64 / 1e6,
+            locked.nodes,
             locked.signatures,
             bound.sha256_mb_s,
+            bound.nodes_per_s / 1e6,
             bound.ed25519_per_s,
             bound.seconds,
             100.0 * bound.seconds / secs
