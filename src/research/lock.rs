@@ -1,13 +1,14 @@
 //! A trial data lock: the versions a study may see of its enrolled subjects, frozen at a
 //! signed tree head.
 //!
-//! The lock is a `List` (mode `snapshot`) of version-specific references, each with the
-//! Merkle leaf that wrote it and that leaf's hash, and a detached JWS by the locking node over
-//! the list and the tree head; the lock file carries both with the head's signatures and one
-//! multiproof of every listed leaf at that head. Whoever holds the node keys checks, offline:
-//! the head (a quorum of keys), the signature (the file was not altered), the multiproof (every
-//! listed version is in the tree the head signs) and, given a later head and a consistency
-//! proof, that the ledger only grew since (no version was rewritten). Later versions of locked
+//! The lock is a `List` (mode `snapshot`) of version-specific references and, beside it, a
+//! leaf table (each entry's Merkle leaf and leaf hash); the locking node signs a small
+//! statement (study, the List's digest, the table's digest, the tree head) as a detached JWS.
+//! The lock file carries the List's exact bytes, the table, the head with its signatures, the
+//! signature and one multiproof of every listed leaf at that head. Whoever holds the node keys
+//! checks, offline: the head (a quorum of keys), the signature (the file was not altered), the
+//! multiproof (every listed version is in the tree the head signs) and, given a later head
+//! and a consistency proof, that the ledger only grew since (no version was rewritten). Later versions of locked
 //! resources are amendments: refused without a reason, listed with who, when and why.
 
 use std::collections::HashSet;
