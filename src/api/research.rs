@@ -25,6 +25,10 @@ use crate::research::lock;
 
 /// On a lock's Provenance: the signed tree head (compact JSON of its Parameters parts).
 pub const HEAD_EXTENSION: &str = "urn:fhir-ledger:StructureDefinition/lock-tree-head";
+/// What `$verify-lock` says of a locked version whose subject was erased since.
+const ERASED: &str = "erased (crypto-shredded) at the subject's request: the locked version stays in the ledger as a \
+                      proof without content";
+
 /// On a lock's Provenance: the leaf table (each entry's leaf and leaf hash).
 pub const LEAVES_EXTENSION: &str = "urn:fhir-ledger:StructureDefinition/lock-leaves";
 
@@ -229,6 +233,20 @@ pub async fn verify_lock(
             } else {
                 let amendments = amendments(state, &caller, &entries, now.size)?;
                 out.push(part("entries", "valueInteger", json!(entries.len())));
+                // Subjects whose data is locked and who have left the study since: what was
+                // locked stays locked, and the answer says so.
+                let book = {
+                    let idx = state.search.current()?;
+                    state.auth.books.get(&state.repo, &idx)?
+                };
+                let enrolled: std::collections::HashSet<&str> = book.research.enrolled(study).collect();
+                for e in entries.iter().filter(|e| e.rtype == "Patient" && !enrolled.contains(e.id.as_str())) {
+                    out.push(part(
+                        "withdrawn",
+                        "valueString",
+                        json!(format!("Patient/{}: no longer enrolled; the versions locked before stay locked", e.id)),
+                    ));
+                }
                 out.push(part("amendments", "valueInteger", json!(amendments.len())));
                 out.extend(amendments);
             }
@@ -272,16 +290,20 @@ fn amendments(state: &AppState, caller: &Caller, entries: &[lock::Entry], size: 
                 continue;
             }
             let Some(r) = view.record(leaf)? else { continue };
-            let stored = state.repo.vread(&e.rtype, &e.id, v)?;
-            // The reason is part of the version: shown to whoever may read that version.
-            let reason = match authz::version_visible(state, caller, &stored)? {
-                Some(_) => stored
-                    .body
-                    .as_deref()
-                    .and_then(|b| crate::fhir::json::parse(b.as_bytes(), usize::MAX).ok())
-                    .and_then(|j| crate::research::amendment_reason(&j).map(str::to_string))
-                    .unwrap_or_else(|| "(none stated)".into()),
-                None => "(withheld: the version is not visible to the caller)".into(),
+            let reason = if r.header.op == consensus::Op::Erase.as_str() {
+                ERASED.to_string()
+            } else {
+                // The reason is part of the version: shown to whoever may read that version.
+                let stored = state.repo.vread(&e.rtype, &e.id, v)?;
+                match authz::version_visible(state, caller, &stored) {
+                    Ok(Some(_)) => stored
+                        .body
+                        .as_deref()
+                        .and_then(|b| crate::fhir::json::parse(b.as_bytes(), usize::MAX).ok())
+                        .and_then(|j| crate::research::amendment_reason(&j).map(str::to_string))
+                        .unwrap_or_else(|| "(none stated)".into()),
+                    Ok(None) | Err(_) => "(withheld: the version is not visible to the caller)".into(),
+                }
             };
             let path = consensus::proof::inclusion_proof(view, leaf, size).unwrap_or_default();
             let mut parts = vec![

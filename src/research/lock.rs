@@ -54,8 +54,13 @@ impl Entry {
     }
 }
 
+/// Records of the patient's choices and of who saw what, never trial data: a lock must not
+/// stand between a patient and withdrawing (a Consent or an enrolment changes without a
+/// reason), and the disclosure log is the server's own. The monitor's report follows them.
+const NOT_LOCKED: [&str; 3] = ["AuditEvent", "Consent", "ResearchSubject"];
+
 /// Every current resource of the study's enrolled subjects that `access`'s caller (reading
-/// for the study) may see, in leaf order, with its leaf hash.
+/// for the study) may see, in leaf order, with its leaf hash (but no [`NOT_LOCKED`] type).
 pub fn select(engine: &Engine, access: &Access<'_>, study: &str) -> Result<Vec<Entry>, FhirError> {
     let mut picked = Vec::new();
     {
@@ -64,7 +69,7 @@ pub fn select(engine: &Engine, access: &Access<'_>, study: &str) -> Result<Vec<E
         let enrolled: HashSet<&str> = book.research.enrolled(study).collect();
         let guard = guard_for(engine, &idx, access, false)?;
         let comps = engine.compartments();
-        for rtype in idx.type_names() {
+        for rtype in idx.type_names().filter(|t| !NOT_LOCKED.contains(t)) {
             for item in idx.of(rtype).scan(0) {
                 let (key, doc) = item?;
                 let theirs = comps.patient_ids(rtype, &doc).iter().any(|p| enrolled.contains(p));

@@ -418,6 +418,8 @@ async fn a_data_lock_over_25_patients_verifies_and_names_every_change() {
     let p1_obs = system.search(&format!("Observation?subject=Patient/{p1}")).await;
     assert!(p1_obs.len() > 30 && p1_obs.is_subset(&locked), "every Observation of patient 1 is locked");
     assert!(!locked.contains("Observation/outsider-obs") && !locked.contains("Patient/outsider"));
+    // The patients' choices stay theirs to change: Consents and enrolments are not locked.
+    assert!(!locked.iter().any(|r| r.starts_with("Consent/") || r.starts_with("ResearchSubject/")));
     assert!(locked.len() > 10_000, "the 25 patients' data: {} versions", locked.len());
     let (code, out) = offline(&s, &file);
     assert_eq!(code, 0, "verify lock of the lock file: {out}");
@@ -465,6 +467,23 @@ async fn a_data_lock_over_25_patients_verifies_and_names_every_change() {
     assert!(!ok && why_not.contains("altered"), "a tampered lock file: {why_not}");
     let (code, out) = offline(&s, &bad);
     assert!(code == 1 && out.contains("altered"), "offline, a tampered lock file: {code} {out}");
+
+    // A subject withdraws and has their data erased: the lock survives as a proof without
+    // content, and says so.
+    let p25 = patients[24].clone();
+    smart::put_resource(&s.http, &s.base, &sys, &subject("rs-24", "trial", &p25, "rc-24", "withdrawn")).await;
+    let r = send(s.http.post(s.url(&format!("Patient/{p25}/$erase"))).bearer_auth(smart::ADMIN_TOKEN)).await;
+    assert_eq!(r.status, 200, "$erase: {}", r.text);
+    let report = verify_lock(&s, &pi, None).await;
+    let (ok, why_not) = verdict(&report);
+    assert!(ok, "the lock verifies after an erasure: {why_not}");
+    let withdrawn: Vec<&str> = parts(&report, "withdrawn").iter().filter_map(|w| w["valueString"].as_str()).collect();
+    assert!(withdrawn.iter().any(|w| w.contains(&p25) && w.contains("stay locked")), "{withdrawn:?}");
+    let erased =
+        parts(&report, "amendment").iter().filter(|a| a["part"].to_string().contains("crypto-shredded")).count();
+    assert!(erased > 100, "each erased locked resource is listed: {erased}");
+    let (code, out) = offline(&s, &report);
+    assert_eq!(code, 0, "offline, after the erasure: {out}");
 
     // History rewritten from the backup: the kept lock file no longer fits the ledger.
     s.stop();
