@@ -53,16 +53,24 @@ fn study_visible(state: &AppState, caller: &Caller, study: &str) -> Result<(), F
     authz::check_visible(state, caller, "ResearchStudy", study, "operation").map(|_| ())
 }
 
+/// What every study operation starts with: the read barrier, the caller, the format, and a
+/// study the caller may see (else the 404 of one that does not exist).
+async fn study_request(req: &HttpRequest, state: &AppState, study: &str) -> Result<(Arc<Caller>, Format), FhirError> {
+    read_barrier(req, &state.repo).await?;
+    let caller = authz::caller(req);
+    let f = Format::negotiate(req)?;
+    study_visible(state, &caller, study)?;
+    Ok((caller, f))
+}
+
 pub async fn lock(
     req: HttpRequest,
     path: web::Path<String>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, FhirError> {
     let (req, state, study) = (&req, &**state, path.as_str());
-    read_barrier(req, &state.repo).await?;
-    let caller = authz::caller(req);
-    let f = &Format::negotiate(req)?;
-    study_visible(state, &caller, study)?;
+    let (caller, f) = study_request(req, state, study).await?;
+    let f = &f;
     let as_study = locker(&caller, study)?;
     let access = state.auth.access(&as_study).ok_or_else(|| FhirError::internal("a study caller is restricted"))?;
     let entries = lock::select(&state.search, &access, study)?;
@@ -188,10 +196,8 @@ pub async fn verify_lock(
     payload: web::Payload,
 ) -> Result<HttpResponse, FhirError> {
     let (req, state, study) = (&req, &**state, path.as_str());
-    read_barrier(req, &state.repo).await?;
-    let caller = authz::caller(req);
-    let f = &Format::negotiate(req)?;
-    study_visible(state, &caller, study)?;
+    let (caller, f) = study_request(req, state, study).await?;
+    let f = &f;
     locker(&caller, study)?;
     let file = if req.method() == actix_web::http::Method::POST {
         let body = super::read_body(req, payload, state.max_body_bytes).await?;
@@ -332,10 +338,8 @@ pub async fn access_report(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, FhirError> {
     let (req, state, study) = (&req, &**state, path.as_str());
-    read_barrier(req, &state.repo).await?;
-    let caller = authz::caller(req);
-    let f = &Format::negotiate(req)?;
-    study_visible(state, &caller, study)?;
+    let (caller, f) = study_request(req, state, study).await?;
+    let f = &f;
     if !caller.may_audit() {
         locker(&caller, study)?;
     }
