@@ -385,12 +385,18 @@ async fn a_data_lock_over_25_patients_verifies_and_names_every_change() {
     // The lock: every resource of the 25 subjects, nothing of the outsider.
     let r = send(s.http.post(s.url("ResearchStudy/trial/$lock")).bearer_auth(&pi)).await;
     assert_eq!(r.status, 403, "a lock without HRESCH: {}", r.text);
-    // A patient of the study, with every patient scope, cannot lock or verify it.
+    // A patient of the study, with every patient scope, cannot lock, verify or monitor it.
     s.admin.user("subject-25", &format!("Patient/{}", patients[24])).await;
     let scopes = ["launch/patient", "patient/*.cruds"];
     let subject_token =
         access_token(&user_token(&s.http, &s.base, &client_id, &scopes, &Login::new("subject-25")).await);
-    for (method, op) in [(Method::POST, "$lock"), (Method::GET, "$verify-lock"), (Method::POST, "$verify-lock")] {
+    let ops = [
+        (Method::POST, "$lock"),
+        (Method::GET, "$verify-lock"),
+        (Method::POST, "$verify-lock"),
+        (Method::GET, "$access-report"),
+    ];
+    for (method, op) in ops {
         let url = s.url(&format!("ResearchStudy/trial/{op}"));
         let r =
             send(s.http.request(method.clone(), url).bearer_auth(&subject_token).header("X-Purpose-Of-Use", "HRESCH"))
