@@ -147,6 +147,13 @@ impl FhirError {
     pub fn forbidden(diagnostics: impl Into<String>) -> Self {
         Self::new(ErrorCode::Forbidden, diagnostics)
     }
+    /// `$op` on `on` (a type, an instance or the system) names no operation this server has.
+    pub fn unknown_operation(on: &str, op: &str) -> Self {
+        Self::new(
+            ErrorCode::UnknownRoute,
+            format!("operation {op} is not supported on {on} (GET /metadata lists the operations)"),
+        )
+    }
     pub fn not_found(what: &str) -> Self {
         Self::new(ErrorCode::NotFound, format!("{what} is not known"))
     }

@@ -31,6 +31,26 @@ pub fn check(
     trusted: &[VerifyingKey],
     what: &str,
 ) -> Result<VerifyingKey, String> {
+    let signed = parse(jws, typ, payload, trusted, what)?;
+    signed
+        .key
+        .verify(&signed.input, &signed.signature)
+        .map_err(|_| format!("{what} signature by {} does not verify", signed.kid))?;
+    Ok(signed.key)
+}
+
+/// A detached JWS whose header and key [`check`] accepted, its signature not yet verified:
+/// many of them verify together in one batch (`ed25519_dalek::verify_batch`), about twice as
+/// fast as one by one.
+pub struct Signed {
+    pub input: Vec<u8>,
+    pub signature: Signature,
+    pub key: VerifyingKey,
+    pub kid: String,
+}
+
+/// [`check`] up to the signature itself.
+pub fn parse(jws: &str, typ: &str, payload: &[u8], trusted: &[VerifyingKey], what: &str) -> Result<Signed, String> {
     let mut it = jws.split('.');
     let (Some(h), Some(""), Some(sig), None) = (it.next(), it.next(), it.next(), it.next()) else {
         return Err(format!("{what} signature is not a detached compact JWS"));
@@ -51,8 +71,6 @@ pub fn check(
         .ok()
         .and_then(|s| s.try_into().ok())
         .ok_or_else(|| format!("{what} signature is not 64 bytes"))?;
-    let input = format!("{h}.{}", b64url(payload));
-    key.verify(input.as_bytes(), &Signature::from_bytes(&sig))
-        .map_err(|_| format!("{what} signature by {kid} does not verify"))?;
-    Ok(*key)
+    let input = format!("{h}.{}", b64url(payload)).into_bytes();
+    Ok(Signed { input, signature: Signature::from_bytes(&sig), key: *key, kid: kid.to_string() })
 }

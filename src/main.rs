@@ -30,6 +30,8 @@ enum Cmd {
     Export(fhir_ledger::cli::export::ExportArgs),
     /// Payer-to-payer transfers: pull a member's records from a trusted peer, verify, import.
     Transfer(fhir_ledger::cli::transfer::TransferArgs),
+    /// Supply-chain partners, offline: a key and Organization, signed EPCIS documents, certificates.
+    Epcis(fhir_ledger::cli::epcis::EpcisArgs),
 }
 
 fn main() -> anyhow::Result<std::process::ExitCode> {
@@ -71,6 +73,10 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
         }
         Cmd::Transfer(args) => {
             rt.block_on(fhir_ledger::cli::transfer::run(args))?;
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        Cmd::Epcis(args) => {
+            fhir_ledger::cli::epcis::run(args)?;
             Ok(std::process::ExitCode::SUCCESS)
         }
     }

@@ -165,6 +165,7 @@ pub async fn serve(cfg: Config, node: Node, listener: TcpListener) -> anyhow::Re
         auth: node.auth,
         exports: Arc::default(),
         trusted_peers: cfg.trusted_peers.clone(),
+        supply: std::sync::Arc::new(crate::supply::capture::Supply::new().map_err(anyhow::Error::msg)?),
     });
     let server = HttpServer::new(move || App::new().app_data(state.clone()).configure(api::configure))
         .workers(cfg.workers)

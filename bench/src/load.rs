@@ -27,7 +27,7 @@ pub struct LoadArgs {
     /// Concurrent clients posting transaction bundles.
     #[arg(long, default_value_t = 4)]
     pub ingest_clients: usize,
-    /// How many times each bundle is posted (references are rewritten, so repeats are new data).
+    /// How many times each bundle is posted (its entries are POSTs, so each repeat stores new resources).
     #[arg(long, default_value_t = 1)]
     pub ingest_repeat: usize,
     /// Concurrent clients for single-resource creates.

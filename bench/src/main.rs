@@ -6,6 +6,7 @@ mod auth;
 mod cluster;
 mod load;
 mod proofs;
+mod supply;
 
 use clap::{Parser, Subcommand};
 
@@ -30,6 +31,8 @@ enum Cmd {
     Auth(auth::AuthArgs),
     /// Time inclusion and consistency proof generation on a synthetic ledger of N leaves.
     Proofs(proofs::ProofsArgs),
+    /// EPCIS capture throughput, `$verify-product` and `$trace` latency, beside PostgreSQL JSONB.
+    Supply(supply::SupplyArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -46,5 +49,6 @@ fn main() -> anyhow::Result<()> {
         Cmd::Cluster(args) => rt.block_on(cluster::run(args)),
         Cmd::Auth(args) => rt.block_on(auth::run(args)),
         Cmd::Proofs(args) => rt.block_on(proofs::run(args)),
+        Cmd::Supply(args) => rt.block_on(supply::run(args)),
     }
 }

@@ -488,7 +488,9 @@ export function buildCorpus(o) {
     if (org) add('reference', 'Encounter', [['service-provider', org]]);
     const dr = byPatient('DiagnosticReport', 'subject', mid).find((d) => d.result?.length);
     if (dr) add('reference', 'DiagnosticReport', [['result', dr.result[0].reference]]);
-    const prov = all('Provenance')[0];
+    // A Provenance whose target is another resource (an EPCIS event's targets may be
+    // identifiers only, or its own contained record, which no search reaches).
+    const prov = all('Provenance').find((p) => p.target?.[0]?.reference && !p.target[0].reference.startsWith('#'));
     if (prov) add('reference', 'Provenance', [['target', prov.target[0].reference]]);
     const gp = mid.generalPractitioner?.[0]?.reference;
     if (gp) add('reference', 'Patient', [['general-practitioner', gp]]);

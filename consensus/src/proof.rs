@@ -13,6 +13,31 @@ pub trait Nodes {
     fn node(&self, level: u32, index: u64) -> Option<Hash>;
 }
 
+/// Remembers the nodes another [`Nodes`] gave: the proofs of many leaves at one tree size
+/// share their upper levels, and each node is read once.
+pub struct Memo<'a> {
+    inner: &'a dyn Nodes,
+    seen: std::cell::RefCell<std::collections::BTreeMap<(u32, u64), Option<Hash>>>,
+}
+
+impl<'a> Memo<'a> {
+    /// Reads through `inner`, remembering every answer.
+    pub fn new(inner: &'a dyn Nodes) -> Self {
+        Self { inner, seen: std::cell::RefCell::default() }
+    }
+}
+
+impl Nodes for Memo<'_> {
+    fn node(&self, level: u32, index: u64) -> Option<Hash> {
+        if let Some(h) = self.seen.borrow().get(&(level, index)) {
+            return *h;
+        }
+        let h = self.inner.node(level, index);
+        self.seen.borrow_mut().insert((level, index), h);
+        h
+    }
+}
+
 /// Perfect-subtree hashes computed from a slice of leaf hashes.
 pub struct LeafNodes<'a>(pub &'a [Hash]);
 

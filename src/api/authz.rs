@@ -263,10 +263,17 @@ pub fn check_visible(
 pub struct CallerPolicy<'a> {
     state: &'a AppState,
     caller: &'a Caller,
+    /// Writing what `/epcis/capture` checked: the only way EPCIS records are written.
+    capture: bool,
 }
 
 pub fn policy<'a>(state: &'a AppState, caller: &'a Caller) -> CallerPolicy<'a> {
-    CallerPolicy { state, caller }
+    CallerPolicy { state, caller, capture: false }
+}
+
+/// The policy of an EPCIS capture: the caller's, and the records of the events it checked.
+pub fn capture_policy<'a>(state: &'a AppState, caller: &'a Caller) -> CallerPolicy<'a> {
+    CallerPolicy { state, caller, capture: true }
 }
 
 /// Only the server writes AuditEvents: they are the disclosure log patients rely on.
@@ -290,6 +297,13 @@ impl Policy for CallerPolicy<'_> {
         new: Option<&Json>,
     ) -> Result<(), FhirError> {
         self.authorized(rtype, id, current, new)?;
+        if !self.capture && crate::supply::RECORD_TYPES.contains(&rtype) {
+            let stored = match current {
+                Some(_) => self.state.repo.read(rtype, id)?.parsed()?,
+                None => None,
+            };
+            crate::supply::refuse_edit(rtype, id, stored.as_ref(), new)?;
+        }
         // A data lock holds for every writer, after the caller's rights (so a hidden resource
         // still answers as missing).
         if current.is_some() {
@@ -331,6 +345,24 @@ impl CallerPolicy<'_> {
         }
         require(state, caller, rtype, perm, interaction)?;
         let Some(access) = state.auth.access(caller) else { return Ok(()) };
+        if let Some(body) = new {
+            // What it leaves there, judged first: a resource moves between compartments only if
+            // the caller may write both, and judging the body before the stored version means a
+            // write of another patient's resource answers as one at an id nobody holds would
+            // (no existence oracle).
+            let subject = Subject::Body { id, version: 0, body, restriction: Restriction::Unchecked };
+            if !crate::auth::access::admits(&state.search, &access, rtype, subject, Some(perm))?.0 {
+                return Err(forbidden_logged(
+                    state,
+                    caller,
+                    interaction,
+                    &format!(
+                        "the access token may not write this {rtype}: a patient-scoped token writes only resources \
+                         of its own patient, and the patient's consent must permit the change"
+                    ),
+                ));
+            }
+        }
         if current.is_some() {
             // What is there: hidden answers as missing; visible but not the caller's to change
             // (another patient's, or a Consent's "correct" denial) is a 403.
@@ -343,22 +375,6 @@ impl CallerPolicy<'_> {
                     caller,
                     interaction,
                     &format!("the access token may not {interaction} {rtype}/{id} as it is stored"),
-                ));
-            }
-        }
-        if let Some(body) = new {
-            // What it leaves there: a resource moves between compartments only if the caller
-            // may write both.
-            let subject = Subject::Body { id, version: 0, body, restriction: Restriction::Unchecked };
-            if !crate::auth::access::admits(&state.search, &access, rtype, subject, Some(perm))?.0 {
-                return Err(forbidden_logged(
-                    state,
-                    caller,
-                    interaction,
-                    &format!(
-                        "the access token may not write this {rtype}: a patient-scoped token writes only resources \
-                         of its own patient, and the patient's consent must permit the change"
-                    ),
                 ));
             }
         }

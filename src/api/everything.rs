@@ -78,7 +78,15 @@ pub async fn everything(
         let (found, disclosed) =
             crate::auth::access::search(&state.search, &base, one, &params, false, Some(filter), access.as_ref())?;
         log(&who, "operation", &found, &disclosed);
-        matches.extend(found.matches.iter().cloned());
+        for hit in &found.matches {
+            // A resource an earlier type's page included is this type's match: one entry, as
+            // the match (a Bundle names each fullUrl once, bdl-7).
+            let key = (hit.rtype.clone(), hit.id.clone());
+            if !seen.insert(key) {
+                included.retain(|h| h.rtype != hit.rtype || h.id != hit.id);
+            }
+            matches.push(hit.clone());
+        }
         included.extend(found.included.iter().filter(|h| seen.insert((h.rtype.clone(), h.id.clone()))).cloned());
         let more = found.next.clone();
         settings = Some(found.search);
@@ -126,10 +134,11 @@ fn ask(query: &[(String, String)], lenient: bool) -> Result<Ask, FhirError> {
     for (name, value) in query {
         match name.as_str() {
             "_since" => {
-                if crate::fhir::date_range_ms(value).is_none() {
+                let value = crate::fhir::query_date(value);
+                if crate::fhir::date_range_ms(&value).is_none() {
                     return Err(bad(name, format!("{value:?} is not an instant")));
                 }
-                a.since = Some(value.clone());
+                a.since = Some(value.into_owned());
             }
             "_type" => a
                 .types

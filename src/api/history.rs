@@ -33,7 +33,7 @@ fn params(req: &HttpRequest) -> Result<(Params, Vec<(String, String)>), FhirErro
             }
             "_since" => {
                 p.since = Some(
-                    date_range_ms(v)
+                    date_range_ms(&crate::fhir::query_date(v))
                         .ok_or_else(|| FhirError::invalid(format!("_since {v:?} is not an instant")).at("_since"))?
                         .0,
                 );

@@ -54,17 +54,36 @@ pub async fn head(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpRe
     Ok(json_response(200, &parameters(head?.to_parts()), f))
 }
 
-fn inclusion(repo: &Repo, head: &TreeHead, leaf: u64, extra: Vec<Json>) -> Result<Json, FhirError> {
+/// Leaf `leaf`'s index, data and audit path at `head`: what `fhir-ledger verify proof` checks.
+pub fn inclusion_parts(repo: &Repo, head: &TreeHead, leaf: u64) -> Result<Vec<Json>, FhirError> {
+    inclusion_parts_from(repo, repo.view(), head, leaf)
+}
+
+/// [`inclusion_parts`] with the tree's nodes read through `nodes` (a [`proof::Memo`] when
+/// many proofs at one head are made).
+pub fn inclusion_parts_from(
+    repo: &Repo,
+    nodes: &dyn proof::Nodes,
+    head: &TreeHead,
+    leaf: u64,
+) -> Result<Vec<Json>, FhirError> {
     let size = head.size;
     let record = repo.view().record(leaf)?.ok_or_else(|| FhirError::not_found(&format!("leaf {leaf}")))?;
-    let path = proof::inclusion_proof(repo.view(), leaf, size)
+    let path = proof::inclusion_proof(nodes, leaf, size)
         .ok_or_else(|| FhirError::internal(format!("no inclusion proof for leaf {leaf} of {size}")))?;
-    let mut p = extra;
-    p.push(param("leafIndex", "valueString", s(leaf.to_string())));
-    p.push(param("leafData", "valueBase64Binary", Json::base64(&record.header.encode())));
+    let mut p = vec![
+        param("leafIndex", "valueString", s(leaf.to_string())),
+        param("leafData", "valueBase64Binary", Json::base64(&record.header.encode())),
+    ];
     for h in &path {
         p.push(param("auditPath", "valueBase64Binary", Json::base64(h)));
     }
+    Ok(p)
+}
+
+fn inclusion(repo: &Repo, head: &TreeHead, leaf: u64, extra: Vec<Json>) -> Result<Json, FhirError> {
+    let mut p = extra;
+    p.extend(inclusion_parts(repo, head, leaf)?);
     p.push(Json::obj(vec![("name", s("treeHead")), ("part", Json::Array(head.to_parts()))]));
     Ok(parameters(p))
 }

@@ -1,10 +1,13 @@
 //! `GET /metadata`: a CapabilityStatement that claims exactly what this build does.
 
+use std::collections::BTreeMap;
+
 use actix_web::{web, HttpRequest, HttpResponse};
 
 use super::{base_url, json_response, AppState, Format};
 use crate::error::FhirError;
 use crate::fhir::json::Json;
+use crate::search::params::{Kind, Registry};
 
 fn s(v: &str) -> Json {
     Json::String(v.into())
@@ -45,6 +48,21 @@ fn standard_operation(name: &str, definition: &str, doc: &str) -> Json {
     o(vec![("name", s(name)), ("definition", s(definition)), ("documentation", s(doc))])
 }
 
+/// For each type, the `Source:parameter` pairs whose reference parameter may point at it: what
+/// `_revinclude` on a search of that type can bring in.
+fn revincludes<'a>(registry: &Registry, types: &'a [String]) -> BTreeMap<&'a str, Vec<Json>> {
+    let mut by_target: BTreeMap<&str, Vec<Json>> = BTreeMap::new();
+    for source in types {
+        for p in registry.for_type(source).filter(|p| p.kind == Kind::Reference) {
+            let pair = s(&format!("{source}:{}", p.code));
+            for t in types.iter().filter(|t| p.targets.is_empty() || p.targets.contains(t)) {
+                by_target.entry(t.as_str()).or_default().push(pair.clone());
+            }
+        }
+    }
+    by_target
+}
+
 const BULK_EXPORT: &str = "http://hl7.org/fhir/uv/bulkdata/OperationDefinition";
 
 pub async fn capability_statement(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, FhirError> {
@@ -55,19 +73,20 @@ pub async fn capability_statement(req: HttpRequest, state: web::Data<AppState>) 
             .iter()
             .map(|c| o(vec![("code", s(c))]))
             .collect();
-    let resources: Vec<Json> = state
-        .repo
-        .profiles
-        .resource_types()
+    let types = state.repo.profiles.resource_types();
+    let revincludes = revincludes(&index.registry, types);
+    let resources: Vec<Json> = types
         .iter()
         .map(|t| {
-            let params: Vec<Json> = index.registry.for_type(t).map(|p| param(p)).collect();
+            // Special parameters (Location.near) are defined but not executed: not claimed.
+            let params: Vec<Json> =
+                index.registry.for_type(t).filter(|p| p.kind != Kind::Special).map(|p| param(p)).collect();
             let mut includes = vec![s("*")];
             includes.extend(
                 index
                     .registry
                     .for_type(t)
-                    .filter(|p| p.kind == crate::search::params::Kind::Reference)
+                    .filter(|p| p.kind == Kind::Reference)
                     .map(|p| s(&format!("{t}:{}", p.code))),
             );
             let mut operations = vec![operation(
@@ -113,6 +132,12 @@ pub async fn capability_statement(req: HttpRequest, state: web::Data<AppState>) 
                     "GET /ResearchStudy/{id}/$verify-lock (the latest lock on the ledger) or POST with a kept lock file: every locked version still in the ledger unchanged, the ledger only grown since, and every amendment with who, when and why",
                 ));
             }
+            if matches!(t.as_str(), "Device" | "Medication") {
+                operations.push(operation(
+                    "trace",
+                    "GET /Device/{id}/$trace (the instance its UDI names) or /Medication/{id}/$trace (the lot its batch names): the custody chain from the EPCIS events on the ledger, as for GET /$trace",
+                ));
+            }
             if t.as_str() == "Group" {
                 operations.push(standard_operation(
                     "export",
@@ -143,6 +168,7 @@ pub async fn capability_statement(req: HttpRequest, state: web::Data<AppState>) 
                 ("conditionalUpdate", Json::Bool(true)),
                 ("conditionalDelete", s("single")),
                 ("searchInclude", Json::Array(includes)),
+                ("searchRevInclude", Json::Array(revincludes.get(t.as_str()).cloned().unwrap_or_default())),
                 ("searchParam", Json::Array(params)),
             ])
         })
@@ -187,7 +213,12 @@ pub async fn capability_statement(req: HttpRequest, state: web::Data<AppState>) 
     } else {
         ("Authorization is OFF on this node (local development): no token is checked.", None)
     };
-    let mut rest = vec![("mode", s("server")), ("documentation", s(documentation))];
+    let documentation = format!(
+        "{documentation} Supply chain: the GS1 EPCIS 2.0 REST binding at /epcis (POST /epcis/capture, GET \
+         /epcis/capture/{{id}}, /epcis/events, /epcis/events/{{eventID}}, /epcis/epcs/{{epc}}/events); each event is a \
+         Provenance (and a SupplyDelivery for shipping and receiving) signed by its trading partner."
+    );
+    let mut rest = vec![("mode", s("server")), ("documentation", s(&documentation))];
     if let Some(sec) = security {
         rest.push(("security", sec));
     }
@@ -220,6 +251,14 @@ pub async fn capability_statement(req: HttpRequest, state: web::Data<AppState>) 
                             "export",
                             &format!("{BULK_EXPORT}/export"),
                             "GET or POST /$export: the system-level Bulk export of what the token may read",
+                        ),
+                        operation(
+                            "trace",
+                            "GET /$trace?gtin=&serial= (an instance), ?gtin=&lot= (a lot, with its recall reach: the patients who received it that the caller may see) or ?epc=: every EPCIS custody step with partner, time, place, signature, licence and inclusion proof at one signed tree head, and what is wrong with the chain (never commissioned, cloned serial, custody gap, recalled, dispensed, altered or badly signed event, unlicensed partner)",
+                        ),
+                        operation(
+                            "verify-product",
+                            "GET /$verify-product?gtin=&serial=&lot=&expiry= or GET /01/{gtin}/21/{serial}?10=&17=&linkType=verificationService (GS1 Digital Link): a GS1 Lightweight Verification Messaging answer (verified, verificationFailureReason, additionalInfo) computed from the ledger, with the trace's findings and the events it rests on with their proofs",
                         ),
                         operation(
                             "import",

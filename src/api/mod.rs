@@ -18,6 +18,7 @@ pub mod research;
 pub mod resource;
 pub mod search;
 pub mod smart;
+pub mod supply;
 
 use std::sync::Arc;
 
@@ -44,6 +45,8 @@ pub struct AppState {
     pub exports: Arc<crate::bulk::Exports>,
     /// The servers whose exports `$import` pulls.
     pub trusted_peers: Vec<crate::config::TrustedPeer>,
+    /// The EPCIS schema and this node's capture jobs.
+    pub supply: Arc<crate::supply::capture::Supply>,
 }
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
@@ -119,6 +122,15 @@ fn fhir_routes() -> actix_web::Scope<
         .route("/ResearchStudy/{id}/$access-report", web::get().to(research::access_report))
         .route("/ResearchStudy/{id}/$verify-lock", web::get().to(research::verify_lock))
         .route("/ResearchStudy/{id}/$verify-lock", web::post().to(research::verify_lock))
+        .route("/epcis/capture", web::post().to(supply::capture))
+        .route("/epcis/capture/{id}", web::get().to(supply::capture_job))
+        .route("/epcis/events", web::get().to(supply::query))
+        .route("/epcis/events/{tail:.+}", web::get().to(supply::event))
+        .route("/epcis/epcs/{tail:.+}", web::get().to(supply::epc_events))
+        .route("/$verify-product", web::get().to(supply::verify_product))
+        .route("/$trace", web::get().to(supply::trace_product))
+        .route("/01/{gtin}/21/{serial}", web::get().to(supply::digital_link))
+        .route("/{type:Device|Medication}/{id}/$trace", web::get().to(supply::trace_resource))
         .route("/Group/$bulk-member-match", web::post().to(pdex::bulk_member_match))
         .route("/Group/{id}/$davinci-data-export", web::get().to(bulk::davinci_data_export))
         .route("/Group/{id}/$davinci-data-export", web::post().to(bulk::davinci_data_export))
@@ -281,24 +293,35 @@ pub fn json_response(status: u16, body: &Json, f: &Format) -> HttpResponse {
     body_response(status, f).body(text)
 }
 
+/// The media types FHIR interactions read.
+const FHIR_BODIES: &[&str] = &[
+    "application/fhir+json",
+    "application/json",
+    "application/json+fhir",
+    "application/json-patch+json",
+    "application/x-www-form-urlencoded",
+    "text/plain",
+    "",
+];
+
 /// Reads the request body within the configured limit and checks its media type.
-pub async fn read_body(req: &HttpRequest, mut payload: web::Payload, limit: usize) -> Result<Vec<u8>, FhirError> {
+pub async fn read_body(req: &HttpRequest, payload: web::Payload, limit: usize) -> Result<Vec<u8>, FhirError> {
+    read_body_of(req, payload, limit, FHIR_BODIES).await
+}
+
+/// [`read_body`] for a body of one of `accepted` media types (the first one is named in the error).
+pub async fn read_body_of(
+    req: &HttpRequest,
+    mut payload: web::Payload,
+    limit: usize,
+    accepted: &[&str],
+) -> Result<Vec<u8>, FhirError> {
     if let Some(ct) = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) {
         let t = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
-        let ok = matches!(
-            t.as_str(),
-            "application/fhir+json"
-                | "application/json"
-                | "application/json+fhir"
-                | "application/json-patch+json"
-                | "application/x-www-form-urlencoded"
-                | "text/plain"
-                | ""
-        );
-        if !ok {
+        if !accepted.contains(&t.as_str()) {
             return Err(FhirError::new(
                 ErrorCode::UnsupportedMediaType,
-                format!("Content-Type {t} is not supported; send application/fhir+json"),
+                format!("Content-Type {t} is not supported; send {}", accepted.first().unwrap_or(&"JSON")),
             ));
         }
     }

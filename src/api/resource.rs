@@ -16,6 +16,8 @@ use crate::repo::{Repo, Stored};
 pub fn check_type(repo: &Repo, rtype: &str) -> Result<(), FhirError> {
     if repo.profiles.is_resource_type(rtype) {
         Ok(())
+    } else if rtype.starts_with('$') {
+        Err(FhirError::unknown_operation("the system", rtype))
     } else {
         Err(FhirError::new(ErrorCode::UnknownRoute, format!("{rtype:?} is not an R4 resource type")))
     }
@@ -292,6 +294,9 @@ pub async fn read(
     let (rtype, id) = path.into_inner();
     let f = Format::negotiate(&req)?;
     check_type(&state.repo, &rtype)?;
+    if id.starts_with('$') {
+        return Err(FhirError::unknown_operation(&rtype, &id));
+    }
     check_id(&id).map_err(|_| FhirError::not_found(&format!("{rtype}/{id}")))?;
     let caller = authz::caller(&req);
     authz::require(&state, &caller, &rtype, Perm::R, "read")?;

@@ -64,6 +64,9 @@ pub async fn compartment(
     if ctype == "Patient" && rtype == "$access-report" {
         return super::report::access_report(&req, &state, &id).await;
     }
+    if rtype.starts_with('$') {
+        return Err(FhirError::unknown_operation(&format!("{ctype}/{id}"), &rtype));
+    }
     let params = parse_query(req.query_string());
     answer(&req, &state, Scope::Compartment { ctype, id, rtype }, params).await
 }

@@ -128,7 +128,7 @@ pub fn parse(
         }
     };
     let instant = |name: &str, v: &str| -> Result<i64, FhirError> {
-        crate::fhir::date_range_ms(v)
+        crate::fhir::date_range_ms(&crate::fhir::query_date(v))
             .map(|(lo, _)| lo)
             .ok_or_else(|| FhirError::invalid(format!("$export {name}: {v:?} is not an instant")).at(name.to_string()))
     };

@@ -671,7 +671,7 @@ mod tests {
 
     #[test]
     fn parses_every_r4_and_us_core_expression() {
-        for file in ["search-parameters.json", "search-parameters-uscore.json"] {
+        for file in crate::search::params::FILES {
             let path = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/fhir-profiles")).join(file);
             let bundle: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
             for e in bundle["entry"].as_array().unwrap() {

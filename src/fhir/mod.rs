@@ -49,6 +49,20 @@ pub fn now_ms() -> i64 {
 /// A FHIR date/dateTime/instant search value as the [start, end) of the instant range it
 /// denotes, in milliseconds since the epoch. `2020` is the whole year; a value without a
 /// zone is taken as UTC.
+/// A date, dateTime or instant as a query string carried it. HAPI's client (and others) leave
+/// the `+` of a zone offset unescaped, so it arrives decoded as a space; as HAPI's server does,
+/// a space in the offset's place is read as `+`. Anything else is returned as it is.
+pub fn query_date(value: &str) -> std::borrow::Cow<'_, str> {
+    if let Some((head, offset)) = value.trim_end().rsplit_once(' ') {
+        let b = offset.as_bytes();
+        let is_offset = b.len() == 5 && b[2] == b':' && b.iter().enumerate().all(|(i, c)| i == 2 || c.is_ascii_digit());
+        if head.contains('T') && !head.contains(' ') && is_offset {
+            return format!("{head}+{offset}").into();
+        }
+    }
+    value.into()
+}
+
 pub fn date_range_ms(value: &str) -> Option<(i64, i64)> {
     use time::{Date, Month};
     let v = value.trim();
@@ -135,6 +149,16 @@ mod tests {
         assert!(date_range_ms("2020-13").is_none());
         assert!(date_range_ms("yesterday").is_none());
         assert!(date_range_ms("2020-01-01T10:00:00+02:00").is_some());
+    }
+
+    #[test]
+    fn an_unescaped_offset_plus_is_read_back() {
+        assert_eq!(query_date("2026-12-05T02:54:04.527 00:00"), "2026-12-05T02:54:04.527+00:00");
+        assert_eq!(query_date("2026-12-05T02:54:04 05:30"), "2026-12-05T02:54:04+05:30");
+        for unchanged in ["2026-12-05T02:54:04Z", "2026-12-05T02:54:04-03:00", "2026 00:00", "x T 12:00", "2026-12-05"]
+        {
+            assert_eq!(query_date(unchanged), unchanged);
+        }
     }
 
     #[test]

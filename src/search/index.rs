@@ -136,6 +136,9 @@ pub struct Engine {
     /// client waits for those, so a search does not stop to fold them (the background thread
     /// does, and [`Engine::current_all`] for the access report).
     log_ranges: std::sync::Mutex<BTreeMap<u64, u64>>,
+    /// For [`Engine::current_for`]: up to which leaf the unfolded headers were found clean of
+    /// each list of types, so each header is read once.
+    clean_until: std::sync::Mutex<BTreeMap<String, u64>>,
     folding: std::sync::Mutex<()>,
 }
 
@@ -188,6 +191,7 @@ impl Engine {
             profiles,
             compartments,
             log_ranges: std::sync::Mutex::default(),
+            clean_until: std::sync::Mutex::default(),
             folding: std::sync::Mutex::default(),
         };
         {
@@ -231,6 +235,38 @@ impl Engine {
             }
         }
         true
+    }
+
+    /// The index for lookups of `types` only: as it stands when no leaf since its last fold
+    /// wrote one of them (or a SearchParameter, or an erasure), so it answers for them exactly
+    /// as a caught-up one would without waiting for the fold; else [`Engine::current`].
+    pub fn current_for(&self, types: &[&str]) -> Result<RwLockReadGuard<'_, Index>, FhirError> {
+        let size = self.repo.view().leaf_count()?;
+        let key = types.join(",");
+        {
+            let idx = self.index.read().unwrap_or_else(PoisonError::into_inner);
+            let known = self.clean_until.lock().unwrap_or_else(PoisonError::into_inner).get(&key).copied();
+            let from = known.unwrap_or(0).max(idx.next_leaf);
+            let mut clean = true;
+            for item in self.repo.view().headers_from(from) {
+                let (leaf, h) = item?;
+                if leaf >= size {
+                    break;
+                }
+                if types.contains(&h.rtype.as_str())
+                    || h.rtype == "SearchParameter"
+                    || h.op == consensus::Op::Erase.as_str()
+                {
+                    clean = false;
+                    break;
+                }
+            }
+            if clean {
+                self.clean_until.lock().unwrap_or_else(PoisonError::into_inner).insert(key, size);
+                return Ok(idx);
+            }
+        }
+        self.caught_up(false)
     }
 
     /// [`Engine::current`], also folding the disclosure log's latest entries.

@@ -86,6 +86,11 @@ pub struct Registry {
     shadowed: BTreeMap<(String, String), Arc<Param>>,
 }
 
+/// The definitions the registry loads from `fhir-profiles/`: R4, US Core, and this server's own
+/// (the EPCIS mapping's, `supply`), in that order of precedence.
+pub const FILES: [&str; 3] =
+    ["search-parameters.json", "search-parameters-uscore.json", "search-parameters-supply.json"];
+
 /// Types a `DomainResource` parameter does not apply to.
 const NOT_DOMAIN: &[&str] = &["Bundle", "Binary", "Parameters"];
 
@@ -96,7 +101,7 @@ fn strings(v: &serde_json::Value) -> Vec<String> {
 impl Registry {
     pub fn load(dir: &Path, resource_types: &[String]) -> Result<Registry, String> {
         let mut defs: Vec<serde_json::Value> = Vec::new();
-        for file in ["search-parameters.json", "search-parameters-uscore.json"] {
+        for file in crate::search::params::FILES {
             let path = dir.join(file);
             let text = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
             let bundle: serde_json::Value =

@@ -679,7 +679,7 @@ fn ordered(kind: Kind, v: &str, name: &str) -> Result<Pred, FhirError> {
     }
     let prefix = prefix.unwrap_or(Prefix::Eq);
     if kind == Kind::Date {
-        let (lo, hi) = date_range_ms(rest)
+        let (lo, hi) = date_range_ms(&crate::fhir::query_date(rest))
             .ok_or_else(|| bad(name, format!("{rest:?} is not a FHIR date, dateTime or instant")))?;
         Ok(Pred::Date { prefix, lo, hi })
     } else {

@@ -43,12 +43,18 @@ pub fn subset(
         return None;
     }
     let mut out: Vec<(String, Json)> = members.iter().filter(|(k, _)| keep(k)).cloned().collect();
+    // A subset without more than its narrative no longer conforms to the profiles the resource
+    // claims (a vital sign without its value), so it stops claiming them.
+    let lost_data = members.iter().any(|(k, _)| !keep(k) && !matches!(k.as_str(), "text" | "_text"));
     let tag = Json::obj(vec![("system", Json::str(V3_OBSERVATION_VALUE)), ("code", Json::str(SUBSETTED))]);
     match out.iter_mut().find(|(k, _)| k == "meta") {
         Some((_, meta)) => {
             let mut tags = meta.get("tag").and_then(Json::as_array).cloned().unwrap_or_default();
             tags.push(tag);
             meta.set("tag", Json::Array(tags));
+            if lost_data {
+                meta.remove("profile");
+            }
         }
         None => out.push(("meta".into(), Json::obj(vec![("tag", Json::Array(vec![tag]))]))),
     }

@@ -29,7 +29,7 @@ chmod 755 "$work"
 servers=""
 cleanup() {
   for p in $servers; do kill -9 "$p" 2>/dev/null; wait "$p" 2>/dev/null || true; done
-  runuser -u postgres -- "$pgbin/pg_ctl" -D "$work/pg" -m immediate stop >/dev/null 2>&1 || true
+  stop_postgres "$work/pg"
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -50,11 +50,7 @@ t1=$(now)
 echo "ingest: $total resources in $(python3 -c "print(round($t1 - $t0, 1))") s: $(rate $total $t0 $t1) resources/s (4 clients)"
 
 # 2. PostgreSQL: the same resources as JSONB, then COPY out
-pgport=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-mkdir "$work/pg" && chown postgres "$work/pg"
-runuser -u postgres -- "$pgbin/initdb" -D "$work/pg" -U postgres --auth=trust >/dev/null
-runuser -u postgres -- "$pgbin/pg_ctl" -D "$work/pg" -l "$work/pg/log" -w \
-  -o "-p $pgport -k /tmp -c listen_addresses=127.0.0.1 -c fsync=on -c synchronous_commit=on -c shared_buffers=512MB" start >/dev/null
+start_postgres "$work/pg"
 psql() { "$pgbin/psql" -h 127.0.0.1 -p "$pgport" -U postgres -d postgres -qAt "$@"; }
 python3 - "$work/rows.tsv" "${bundles[@]}" <<'PY'
 import json, sys, uuid

@@ -52,3 +52,26 @@ postgres_bin() {
     pgbin="$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)"
   fi
 }
+
+# start_postgres DIR: a throwaway PostgreSQL cluster in DIR (owned by postgres) on a free
+# loopback port, fsync and synchronous commits on; sets $pgport. Needs $pgbin (postgres_bin).
+start_postgres() {
+  pgport=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+  mkdir "$1" && chown postgres "$1"
+  runuser -u postgres -- "$pgbin/initdb" -D "$1" -U postgres --auth=trust >/dev/null
+  runuser -u postgres -- "$pgbin/pg_ctl" -D "$1" -l "$1/log" -w \
+    -o "-p $pgport -k /tmp -c listen_addresses=127.0.0.1 -c fsync=on -c synchronous_commit=on -c shared_buffers=512MB" start >/dev/null
+}
+
+# stop_postgres DIR: stops the cluster start_postgres started there, if any.
+stop_postgres() {
+  runuser -u postgres -- "$pgbin/pg_ctl" -D "$1" -m immediate stop >/dev/null 2>&1 || true
+}
+
+# bench_venv DIR: a Python venv with psycopg 3 (search.py's PostgreSQL baseline), made once.
+bench_venv() {
+  if ! "$1/bin/python" -c 'import psycopg' 2>/dev/null; then
+    python3 -m venv "$1"
+    "$1/bin/pip" install -q 'psycopg[binary]==3.2.3'
+  fi
+}

@@ -65,6 +65,21 @@ Pages are in id order on PostgreSQL (ORDER BY id LIMIT 50, like the cursor pagin
 offers); `--pg-order none` drops the ORDER BY when there is no _sort (Medplum's default, which
 pages with OFFSET), which frees the planner from walking the primary key.
 
+With --peer NAME=URL (tests/bench/peer.sh, NAME "HAPI JPA"), a second FHIR server that holds
+the same resources under the same ids (peer.sh loads both from the same PUT transactions) is
+timed on the same queries, the same way as fhir-ledger (one keep-alive connection, the whole
+body read), in the same rotation: fhir-ledger, PostgreSQL and the peer take turns going first,
+query by query. Its answers are checked like fhir-ledger's against PostgreSQL (check), and
+against fhir-ledger's (compare_servers): `total` when both give one, the page size and the
+number of included resources always; the sequence of sort values with _sort; the ids of the
+page and of its included resources when the page holds the whole result (fewer than _count
+matches), since without _sort each server may page a different subset of a larger result.
+What is fair to compare and what is not, with HAPI: HAPI leaves `total` out of a searchset
+whose count it has not finished (many pages here; counted and shown as "answers without
+`total`", not as disagreements), and includes at most 1000 resources per page by default
+(JpaStorageSettings.maximumIncludesToLoadPerPage), so a _revinclude of a patient with more than
+1000 Observations is a count disagreement in which HAPI returns less than fhir-ledger.
+
 `content` is TEXT by default, as Medplum stores it (HAPI also keeps the resource as text or a
 blob): returning it costs PostgreSQL a copy, whereas jsonb must be re-serialized on every read
 (about 2.8x slower for a page of Observations on this machine). `--pg-content jsonb` stores
@@ -146,18 +161,29 @@ def name_parts(p):
 
 
 class Ledger:
+    """A keep-alive HTTP client of one FHIR server: fhir-ledger, or the --peer (whose base URL
+    may have a path, as HAPI's /fhir)."""
+
     def __init__(self, base, timeout=120):
         u = urllib.parse.urlparse(base)
         self.host, self.port, self.timeout = u.hostname, u.port, timeout
+        self.prefix = u.path.rstrip("/")
         self.conn = None
 
+    def relative(self, url):
+        """The path (from the base, "/...") of a URL the server returned, e.g. a next link."""
+        u = urllib.parse.urlparse(url)
+        path = u.path[len(self.prefix):] if self.prefix and u.path.startswith(self.prefix) else u.path
+        return (path or "/") + ("?" + u.query if u.query else "")
+
     def get(self, path):
-        """(status, body bytes); reconnects once if the keep-alive connection was dropped."""
+        """(status, body bytes) of GET base + path; reconnects once if the keep-alive connection
+        was dropped."""
         for attempt in (0, 1):
             if self.conn is None:
                 self.conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
             try:
-                self.conn.request("GET", path, headers={"Accept": "application/fhir+json"})
+                self.conn.request("GET", self.prefix + path, headers={"Accept": "application/fhir+json"})
                 r = self.conn.getresponse()
                 body = r.read()
                 if r.getheader("connection", "").lower() == "close":
@@ -181,10 +207,7 @@ def read_back(ledger, rtype, query=""):
         b = json.loads(body)
         yield [e["resource"] for e in b.get("entry", []) if e.get("search", {}).get("mode", "match") == "match"]
         nxt = [lk["url"] for lk in b.get("link", []) if lk.get("relation") == "next"]
-        path = None
-        if nxt:
-            u = urllib.parse.urlparse(nxt[0])
-            path = u.path + ("?" + u.query if u.query else "")
+        path = ledger.relative(nxt[0]) if nxt else None
 
 
 def obs_date(r):
@@ -518,22 +541,65 @@ def fmt(x):
     return f"{x:.2f}" if x < 10 else f"{x:.1f}" if x < 100 else f"{x:.0f}"
 
 
-def run_class(ledger, pg, cls, n, warmup, seed, verbose):
+def timed_get(client, path):
+    """(status or None, body, ms): request sent until the whole body is read."""
+    t = time.perf_counter()
+    try:
+        status, body = client.get(path)
+    except (http.client.HTTPException, OSError) as e:
+        status, body = None, str(e).encode()
+    return status, body, (time.perf_counter() - t) * 1e3
+
+
+def compare_servers(kind, a_body, b_body):
+    """fhir-ledger's answer against the peer's, on what FHIR fixes: `total` (when both give
+    one), the page size, the number of included resources; with _sort, the sequence of sort
+    values; when the page holds the whole result (fewer than _count matches), the same ids,
+    and then the same included ids. Without _sort and with more matches than _count, each
+    server may page a different subset (FHIR leaves the order open): not compared. Returns
+    a problem or None."""
+    ta, ma, ia = summarize_ledger(a_body)
+    tb, mb, ib = summarize_ledger(b_body)
+    probs = []
+    if ta is not None and tb is not None and ta != tb:
+        probs.append(f"total {ta} vs {tb}")
+    if len(ma) != len(mb):
+        probs.append(f"page {len(ma)} vs {len(mb)}")
+    if len(ia) != len(ib):
+        probs.append(f"included {len(ia)} vs {len(ib)}")
+    if probs:
+        return "; ".join(probs)
+    if kind == "dates":
+        if [r.get("effectiveDateTime") for r in ma] != [r.get("effectiveDateTime") for r in mb]:
+            return "other _sort order"
+    elif len(ma) < COUNT:
+        if sorted(r.get("id") for r in ma) != sorted(r.get("id") for r in mb):
+            return "other resources on the page"
+        if sorted(r.get("id") for r in ia) != sorted(r.get("id") for r in ib):
+            return "other included resources"
+    return None
+
+
+def run_class(ledger, pg, cls, n, warmup, seed, verbose, peer=None, peer_name="peer"):
+    """Times one class. Sides: fhir-ledger, PostgreSQL (with --pg), the peer FHIR server (with
+    --peer); the order of the sides rotates query by query so that background load falls on
+    every side alike. fhir-ledger's and the peer's answers are each checked against
+    PostgreSQL's (check) and against each other (compare_servers), outside the timed section."""
     name, example, gen, target, kind = cls
     rng = random.Random(f"{seed}/{name}/{example}")
     queries = [gen(rng) for _ in range(warmup + n)]
     lat_l, lat_p, errors, count_bad, page_bad, bytes_l, bytes_p, reordered = [], [], {}, [], [], [], [], 0
+    x = {"lat": [], "errors": {}, "count_bad": [], "page_bad": [], "reordered": 0, "bytes": [], "no_total": 0,
+         "vs_ledger": []}
+    sides = ["ledger"] + (["pg"] if pg is not None else []) + (["peer"] if peer is not None else [])
     for i, qu in enumerate(queries):
         measured = i >= warmup
-        order = (0, 1) if i % 2 == 0 else (1, 0)
-        for side in order if pg is not None else (0,):
-            if side == 0:
-                t = time.perf_counter()
-                try:
-                    status, body = ledger.get(qu["path"])
-                except (http.client.HTTPException, OSError) as e:
-                    status, body = None, str(e).encode()
-                el = (time.perf_counter() - t) * 1e3
+        k = i % len(sides)
+        for side in sides[k:] + sides[:k]:
+            if side == "ledger":
+                status, body, el = timed_get(ledger, qu["path"])
+            elif side == "peer":
+                xstatus, xbody, ex = timed_get(peer, qu["path"])
             else:
                 t = time.perf_counter()
                 rows = pg.execute(qu["sql"], qu["args"]).fetchall()
@@ -546,6 +612,26 @@ def run_class(ledger, pg, cls, n, warmup, seed, verbose):
         if pg is not None:
             lat_p.append(ep)
             bytes_p.append(sum(len(r[2]) for r in rows))
+        if peer is not None:
+            if xstatus != 200:
+                msg = f"HTTP {xstatus}: {outcome_text(xbody)}" if xstatus else f"connection: {xbody.decode()}"
+                x["errors"].setdefault(msg, []).append(qu["path"])
+            else:
+                x["lat"].append(ex)
+                x["bytes"].append(len(xbody))
+                if summarize_ledger(xbody)[0] is None:
+                    x["no_total"] += 1
+                if pg is not None:
+                    cp, pp, other_order = check(pg, qu, kind, xbody, rows)
+                    if cp:
+                        x["count_bad"].append((qu["path"], cp))
+                    elif pp:
+                        x["page_bad"].append((qu["path"], pp))
+                    x["reordered"] += other_order
+                if status == 200:
+                    problem = compare_servers(kind, body, xbody)
+                    if problem:
+                        x["vs_ledger"].append((qu["path"], problem))
         if status != 200:
             msg = f"HTTP {status}: {outcome_text(body)}" if status else f"connection: {body.decode()}"
             errors.setdefault(msg, []).append(qu["path"])
@@ -564,19 +650,38 @@ def run_class(ledger, pg, cls, n, warmup, seed, verbose):
            "errors": errors, "count_bad": count_bad, "page_bad": page_bad, "reordered": reordered,
            "bytes_l": statistics.mean(bytes_l) if bytes_l else None,
            "bytes_p": statistics.mean(bytes_p) if bytes_p else None}
+    if peer is not None:
+        res.update({"peer_name": peer_name, "peer": x["lat"], "peer_errors": x["errors"],
+                    "peer_count_bad": x["count_bad"], "peer_page_bad": x["page_bad"],
+                    "peer_reordered": x["reordered"], "peer_no_total": x["no_total"],
+                    "peer_vs_ledger": x["vs_ledger"],
+                    "bytes_x": statistics.mean(x["bytes"]) if x["bytes"] else None})
     lp = f"p50 {fmt(pct(lat_l, 50))} / p95 {fmt(pct(lat_l, 95))} ms" if lat_l else "no answers"
     pp = f", PostgreSQL p50 {fmt(pct(lat_p, 50))} / p95 {fmt(pct(lat_p, 95))} ms" if pg is not None else ""
-    print(f"  {name:18} {example}: fhir-ledger {lp} ({len(lat_l)} ok, {sum(map(len, errors.values()))} errors){pp}",
+    xp = ""
+    if peer is not None:
+        xl = x["lat"]
+        xp = (f", {peer_name} " + (f"p50 {fmt(pct(xl, 50))} / p95 {fmt(pct(xl, 95))} ms" if xl else "no answers")
+              + f" ({len(xl)} ok, {sum(map(len, x['errors'].values()))} errors)")
+    print(f"  {name:18} {example}: fhir-ledger {lp} ({len(lat_l)} ok, {sum(map(len, errors.values()))} errors){pp}{xp}",
           flush=True)
     if verbose:
-        for msg, paths in errors.items():
-            print(f"      error x{len(paths)}: {msg}  e.g. {paths[0]}")
-        for path, why in count_bad[:3]:
-            print(f"      count differs: {why}  {path}")
-        for path, why in page_bad[:3]:
-            print(f"      page differs: {why}  {path}")
-        if reordered:
-            print(f"      {reordered} right pages in another order than PostgreSQL's (no _sort: FHIR leaves it open)")
+        for who, errs, cb, pb, ro in [("fhir-ledger", errors, count_bad, page_bad, reordered)] + (
+                [(peer_name, x["errors"], x["count_bad"], x["page_bad"], x["reordered"])] if peer is not None else []):
+            tag = f"{who}: " if peer is not None else ""
+            for msg, paths in errs.items():
+                print(f"      {tag}error x{len(paths)}: {msg}  e.g. {paths[0]}")
+            for path, why in cb[:3]:
+                print(f"      {tag}count differs from PostgreSQL: {why}  {path}")
+            for path, why in pb[:3]:
+                print(f"      {tag}page differs from PostgreSQL: {why}  {path}")
+            if ro:
+                print(f"      {tag}{ro} right pages in another order than PostgreSQL's (no _sort: FHIR leaves it open)")
+        if peer is not None:
+            if x["no_total"]:
+                print(f"      {peer_name}: {x['no_total']} answers without `total`")
+            for path, why in x["vs_ledger"][:3]:
+                print(f"      fhir-ledger vs {peer_name}: {why}  {path}")
     return res
 
 
@@ -610,6 +715,28 @@ def table(results):
               f"| {len(r['count_bad']) if l else '—'} | {len(r['page_bad']) if l else '—'} |")
 
 
+def peer_table(results, peer_name):
+    """fhir-ledger beside the peer FHIR server, class by class."""
+    has_pg = any(r["pg"] for r in results)
+    print(f"| query class | n | fhir-ledger p50 / p95 / p99 ms | {peer_name} p50 / p95 / p99 ms "
+          f"| p95 {peer_name} / fhir-ledger | fhir-ledger faster at p95 | errors (fhir-ledger / {peer_name}) "
+          + (f"| disagreements with PostgreSQL, count + page (fhir-ledger / {peer_name}) " if has_pg else "")
+          + f"| fhir-ledger vs {peer_name} disagreements |")
+    print("| --- " * (8 + has_pg) + "|")
+    for r in results:
+        l, x = r["ledger"], r["peer"]
+        ratio = pct(x, 95) / pct(l, 95) if l and x else None
+        nerr = (sum(map(len, r["errors"].values())), sum(map(len, r["peer_errors"].values())))
+        faster = "—" if ratio is None else ("yes" if ratio > 1 and not any(nerr) else "no (errors)" if any(nerr) else "no")
+        dis = (f"| {len(r['count_bad']) + len(r['page_bad'])} / {len(r['peer_count_bad']) + len(r['peer_page_bad'])} "
+               if has_pg else "")
+        print(f"| {r['name']}: `{r['example']}` | {r['n']} "
+              f"| {' / '.join(fmt(pct(l, q)) for q in (50, 95, 99))} "
+              f"| {' / '.join(fmt(pct(x, q)) for q in (50, 95, 99))} "
+              f"| {f'{ratio:.2f}x' if ratio else '—'} | {faster} | {nerr[0]} / {nerr[1]} {dis}"
+              f"| {len(r['peer_vs_ledger'])} |")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--base", required=True, help="fhir-ledger base URL, with the data already loaded")
@@ -630,11 +757,26 @@ def main():
     ap.add_argument("--only", help="comma-separated class names to run (default: all)")
     ap.add_argument("--json", help="also write the raw results to this file")
     ap.add_argument("-q", "--quiet", action="store_true", help="no per-class error and disagreement samples")
+    ap.add_argument("--peer", metavar="NAME=URL",
+                    help="also time the same FHIR searches against a second FHIR server at URL (holding the same "
+                         "resources under the same ids; tests/bench/peer.sh), named NAME in the output; its answers "
+                         "are checked against PostgreSQL's (with --pg) and against fhir-ledger's")
     a = ap.parse_args()
 
     ledger = Ledger(a.base)
     status, body = ledger.get("/metadata")
     software = json.loads(body).get("software", {}) if status == 200 else {}
+    peer, peer_name = None, None
+    if a.peer:
+        peer_name, _, url = a.peer.partition("=")
+        if not url:
+            sys.exit("--peer takes NAME=URL")
+        peer = Ledger(url)
+        status, body = peer.get("/metadata")
+        if status != 200:
+            sys.exit(f"{peer_name} at {url}: GET /metadata: HTTP {status}")
+        sw = json.loads(body).get("software", {})
+        print(f"peer {peer_name} at {url}: {sw.get('name', '?')} {sw.get('version', '?')}")
     if a.pg:
         import psycopg
         from psycopg.types.string import TextLoader
@@ -659,8 +801,15 @@ def main():
     print(f"running {a.warmup} warm-up + {a.n} measured queries per class, _count={COUNT}, seed {a.seed}"
           + (f", PostgreSQL pages {'in id order' if a.pg_order == 'id' else 'unordered'} without _sort:" if pg else ":"),
           flush=True)
-    results = [run_class(ledger, pg, c, a.n, a.warmup, a.seed, not a.quiet) for c in classes]
+    results = [run_class(ledger, pg, c, a.n, a.warmup, a.seed, not a.quiet, peer, peer_name) for c in classes]
     print()
+    if peer is not None:
+        peer_table(results, peer_name)
+        print()
+        print(f"Mean response size (fhir-ledger / {peer_name}): "
+              + "; ".join(f"{r['name']} {(r['bytes_l'] or 0) / 1024:.0f} / {(r['bytes_x'] or 0) / 1024:.0f} KiB"
+                          for r in results))
+        print()
     if pg is None:
         ledger_table(results)
     else:

@@ -20,10 +20,7 @@ venv="${BENCH_VENV:-$HOME/.cache/fhir-ledger/bench-venv}"
 . "$root/tests/bench/lib.sh"
 
 synthea100 "$cache"
-if ! "$venv/bin/python" -c 'import psycopg' 2>/dev/null; then
-  python3 -m venv "$venv"
-  "$venv/bin/pip" install -q 'psycopg[binary]==3.2.3'
-fi
+bench_venv "$venv"
 postgres_bin
 
 work="$(mktemp -d)"

@@ -810,6 +810,15 @@ async fn attack_conditional_and_bundle_paths() {
         holes.no_secret(&r, &format!("5: PUT {path}"));
         holes.check(r.status == 404 || r.status == 403, format!("5: alice PUTs bob's {path}: {}", r.status));
         holes.check(w.stored(path).await == before, format!("5: alice's PUT changed bob's {path}"));
+        // No existence oracle: the same body PUT at an id nobody holds answers alike.
+        let (rtype, bob_id) = path.split_once('/').unwrap_or_default();
+        let unused = format!("{rtype}/never-used-{bob_id}");
+        body["id"] = json!(unused.rsplit('/').next().unwrap_or_default());
+        let fresh = w.req(Method::PUT, &unused, &alice, Some(&body)).await;
+        holes.check(
+            fresh.status == r.status,
+            format!("5: alice's PUT of bob's {path} answers {}, at an unused id {}", r.status, fresh.status),
+        );
         let r = w.req(Method::DELETE, path, &alice, None).await;
         holes.check(r.status == 404 || r.status == 403, format!("5: alice DELETEs bob's {path}: {}", r.status));
         holes.check(w.get(path, &w.sys).await.status == 200, format!("5: alice deleted bob's {path}"));

@@ -18,7 +18,13 @@ async fn walk(http: &reqwest::Client, url: &str, token: &str) -> (Vec<Value>, us
         assert_eq!(r.status, 200, "GET {url}: {}", r.text);
         let b = r.json();
         pages += 1;
-        entries.extend(b["entry"].as_array().cloned().unwrap_or_default());
+        let page = b["entry"].as_array().cloned().unwrap_or_default();
+        let mut on_page = BTreeSet::new();
+        for e in &page {
+            let key = format!("{}/{}", e["resource"]["resourceType"], e["resource"]["id"]);
+            assert!(on_page.insert(key.clone()), "{key} twice on one page (bdl-7): {url}");
+        }
+        entries.extend(page);
         let next = b["link"].as_array().and_then(|ls| ls.iter().find(|l| l["relation"] == "next").cloned());
         match next.and_then(|l| l["url"].as_str().map(str::to_string)) {
             Some(n) => url = n,
@@ -70,8 +76,10 @@ async fn everything_pages_the_compartment_and_confines_patients() {
             http,
             base,
             &sys,
+            // Each cites the first Observation, which the first page also has as a match.
             &json!({"resourceType": "Condition", "id": id,
-            "subject": {"reference": "Patient/pat-a"}}),
+            "subject": {"reference": "Patient/pat-a"},
+            "evidence": [{"detail": [{"reference": "Observation/obs-a0"}]}]}),
         )
         .await;
         expected.insert(format!("Condition/{id}"));

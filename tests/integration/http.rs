@@ -419,8 +419,13 @@ async fn capability_statement_lists_what_works() {
         ops(resources.iter().find(|r| r["type"] == "ResearchStudy").unwrap()),
         ["proof", "lock", "access-report", "verify-lock"]
     );
-    // The system-level Bulk export and import, and the IG's capability statement they instantiate.
-    assert_eq!(ops(&cs["rest"][0]), ["export", "import"]);
+    for t in ["Device", "Medication"] {
+        assert_eq!(ops(resources.iter().find(|r| r["type"] == t).unwrap()), ["proof", "trace"]);
+    }
+    // The system-level Bulk export, the supply chain's trace and verification, and import; the
+    // IG's capability statement they instantiate.
+    assert_eq!(ops(&cs["rest"][0]), ["export", "trace", "verify-product", "import"]);
+    assert!(cs["rest"][0]["documentation"].as_str().unwrap().contains("POST /epcis/capture"));
     assert_eq!(cs["instantiates"][0], "http://hl7.org/fhir/uv/bulkdata/CapabilityStatement/bulk-data");
     let json = call!(app, TestRequest::get().uri("/metadata").insert_header(("accept", "application/json")));
     assert_eq!(json.header("content-type"), "application/json; charset=utf-8");

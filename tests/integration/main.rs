@@ -18,6 +18,7 @@ mod process;
 mod research;
 mod search;
 mod smart;
+mod supply;
 mod support;
 mod tamper;
 mod transfer;

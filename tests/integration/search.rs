@@ -1060,6 +1060,33 @@ async fn paging_is_complete_stable_and_navigable() {
     assert_eq!(seen, ["pf", "pa", "pb", "pc", "pd", "pe"], "sorted paging across concurrent creations");
 }
 
+/// A subset that lost more than its narrative stops claiming the resource's profiles (it no
+/// longer conforms to them); one that lost only the narrative keeps them.
+#[actix_web::test]
+async fn a_subset_claims_a_profile_only_while_it_still_conforms() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = support::app(support::repo(dir.path()).await).await;
+    let profile = "http://hl7.org/fhir/us/core/StructureDefinition/us-core-patient";
+    seed!(
+        app,
+        res(
+            "Patient",
+            "pp1",
+            json!({"meta": {"profile": [profile]}, "text": {"status": "generated", "div": div("Peter")},
+                   "name": [{"family": "Chalmers"}], "gender": "male"}),
+        ),
+    );
+    let b = search!(app, "/Patient?_id=pp1&_summary=data");
+    assert_eq!(resource(&b, "pp1")["meta"]["profile"][0], profile, "{b}");
+    for q in ["/Patient?_id=pp1&_elements=name", "/Patient?_id=pp1&_summary=text"] {
+        let b = search!(app, q);
+        let p = resource(&b, "pp1");
+        assert!(subsetted(p) && p["meta"].get("profile").is_none(), "{q}: {p}");
+    }
+    let p = call!(app, TestRequest::get().uri("/Patient/pp1")).json();
+    assert_eq!(p["meta"]["profile"][0], profile, "the stored resource keeps its claim: {p}");
+}
+
 /// `_total`, `_summary` (count, true, text, data, false) and `_elements`; subsets are tagged
 /// SUBSETTED and the stored resource is untouched.
 #[actix_web::test]

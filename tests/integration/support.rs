@@ -54,6 +54,7 @@ pub async fn app_with_admin(
         auth,
         exports: std::sync::Arc::default(),
         trusted_peers: Vec::new(),
+        supply: std::sync::Arc::new(fhir_ledger::supply::capture::Supply::new().expect("EPCIS schema")),
     });
     test::init_service(App::new().app_data(state).configure(api::configure)).await
 }
