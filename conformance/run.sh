@@ -106,5 +106,7 @@ echo "conformance: server at $FHIR_BASE, SMART server at $SMART_BASE (each throu
 (cd "$here" && node bulk/medplum-export.mjs --base "$FHIR_BASE")
 bash "$here/hapi-client/run.sh"
 bash "$here/fhir-sdk-client/run.sh"
+# CONFORMANCE_CAPTURE_OUT=FILE keeps a copy of the capture, to re-run the validator on it alone.
+if [ -n "${CONFORMANCE_CAPTURE_OUT:-}" ]; then cp "$capture" "$CONFORMANCE_CAPTURE_OUT"; fi
 # Last: everything any client received, through the official HL7 validator (0 errors, or fail).
 bash "$here/hl7-validator/run.sh" "$capture"

@@ -92,8 +92,9 @@ UNENUMERATED = {
 
 
 # Types whose minimal instance must say more than the base definition requires: a
-# SearchParameter this server can index (it refuses one it cannot use), and a Bundle type
-# without the document or message invariants (bdl-9, bdl-11, ...).
+# SearchParameter this server can index (it refuses one it cannot use), a Bundle type without
+# the document or message invariants (bdl-9, bdl-11, ...), and the resources whose own
+# invariants ask for an element their cardinalities leave optional (named beside each).
 OVERRIDES = {
     "SearchParameter": {
         "code": "capability-test",
@@ -103,6 +104,40 @@ OVERRIDES = {
         "description": "x",
     },
     "Bundle": {"type": "collection"},
+    # ait-1: clinicalStatus unless the verification status is entered-in-error.
+    "AllergyIntolerance": {
+        "clinicalStatus": {
+            "coding": [{"system": "http://terminology.hl7.org/CodeSystem/allergyintolerance-clinical", "code": "active"}]
+        }
+    },
+    # app-1 / apr-1: a participant has a type or an actor.
+    "Appointment": {"participant": [{"type": [{"text": "x"}], "status": "accepted"}]},
+    "AppointmentResponse": {"participantType": [{"text": "x"}]},
+    # cpb-1, cpb-2, cpb-14 (tcp-2, tcp-3 alike): a statement of requirements, which needs no
+    # implementation or software, says something and has a REST part.
+    "CapabilityStatement": {"kind": "requirements", "description": "x", "rest": [{"mode": "server"}]},
+    "TerminologyCapabilities": {"kind": "requirements", "description": "x"},
+    # imr-1: a recommendation names a vaccine or a disease.
+    "ImmunizationRecommendation": {
+        "recommendation": [{"vaccineCode": [{"text": "x"}], "forecastStatus": {"text": "x"}}]
+    },
+    # ipn-1, org-1: a name or an identifier.
+    "InsurancePlan": {"name": "x"},
+    "Organization": {"name": "x"},
+    # lnk-1: at least two items are linked.
+    "Linkage": {"item": [{"type": "source", "resource": {"display": "x"}}, {"type": "alternate", "resource": {"display": "y"}}]},
+    # ppc-1: a policy or a policy rule.
+    "Consent": {"policyRule": {"text": "x"}},
+    # A logical model: the minimal StructureDefinition (no type to constrain, no elements) makes
+    # the validator itself fail with a NullPointerException.
+    "StructureDefinition": {
+        "kind": "logical",
+        "abstract": False,
+        "type": "http://example.org/StructureDefinition/x",
+        "baseDefinition": "http://hl7.org/fhir/StructureDefinition/Element",
+        "derivation": "specialization",
+        "differential": {"element": [{"id": "x", "path": "x", "min": 0, "max": "1"}]},
+    },
 }
 
 

@@ -180,14 +180,14 @@ pub async fn capability_statement(req: HttpRequest, state: web::Data<AppState>) 
             (
                 "extension",
                 Json::Array(vec![o(vec![
+                    // Only the four URIs R4's definition of this extension names; revocation and
+                    // introspection are in .well-known/smart-configuration.
                     ("url", s("http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris")),
                     (
                         "extension",
                         Json::Array(vec![
                             uri("authorize", "/auth/authorize"),
                             uri("token", "/auth/token"),
-                            uri("revoke", "/auth/revoke"),
-                            uri("introspect", "/auth/introspect"),
                             uri("manage", "/portal"),
                         ]),
                     ),

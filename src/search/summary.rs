@@ -28,9 +28,12 @@ pub fn subset(
         }
         if let Some(els) = elements {
             let k = k.strip_prefix('_').unwrap_or(k);
-            return els
-                .iter()
-                .any(|e| e.split('.').next() == Some(k) || def(k).is_some_and(|d| d.choice && e == &d.name));
+            // "Servers SHOULD always return mandatory elements whether they are requested or
+            // not" (R4 search, _elements): an Observation keeps its status.
+            return def(k).is_some_and(|d| d.min > 0)
+                || els
+                    .iter()
+                    .any(|e| e.split('.').next() == Some(k) || def(k).is_some_and(|d| d.choice && e == &d.name));
         }
         match summary {
             Summary::True => def(k).is_some_and(|d| d.summary),

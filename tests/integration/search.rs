@@ -1169,6 +1169,10 @@ async fn total_summary_and_elements_shape_the_result() {
     let p = resource(&b, "sm1");
     assert_eq!(keys(p), ["gender", "id", "meta", "name", "resourceType"]);
     assert!(subsetted(p), "{p}");
+    // Mandatory elements come back unasked (R4 search, _elements): an Observation without its
+    // status (1..1) would not be an Observation any validator accepts.
+    let b = search!(app, "/Observation?_id=so1&_elements=subject");
+    assert_eq!(keys(resource(&b, "so1")), ["code", "id", "meta", "resourceType", "status", "subject"]);
 
     let read = call!(app, TestRequest::get().uri("/Patient/sm1"));
     let stored = read.json();

@@ -108,24 +108,33 @@ final class Report {
   private enum Kind { ERROR, DATA, WARNING, INFORMATION, PROFILE, EXTENSION, TERMINOLOGY }
 
   /** An error the test data carries as sent (known-data-errors.json), matched narrowly. */
-  record Known(String messageId, Pattern message, Pattern location, String why) {
+  record Known(Set<String> messageIds, Pattern message, Pattern location, Pattern resource, String why) {
     boolean matches(Finding f) {
-      return messageId.equals(f.messageId())
+      return messageIds.contains(f.messageId())
           && (message == null || message.matcher(f.message() == null ? "" : f.message()).find())
-          && (location == null || location.matcher(f.location() == null ? "" : f.location()).find());
+          && (location == null || location.matcher(f.location() == null ? "" : f.location()).find())
+          && (resource == null || resource.matcher(f.resource()).find());
     }
   }
 
   private final List<Known> known = new ArrayList<>();
   private final Map<Known, Group> dataErrors = new LinkedHashMap<>();
 
-  /** Loads the known data errors (a JSON file: {"known": [{messageId, message?, location?, why}]}). */
+  /**
+   * Loads the known data errors (a JSON file: {"known": [{messageId, message?, location?,
+   * resource?, why}]}); messageId is one id or a list of them; the others are regular
+   * expressions, `resource` over "Type/id" (or "Bundle/id > Type/id" for an entry).
+   */
   void knownDataErrors(java.nio.file.Path file) throws java.io.IOException {
     JsonNode root = new ObjectMapper().readTree(file.toFile());
     for (JsonNode k : root.path("known")) {
-      known.add(new Known(k.path("messageId").asText(),
+      Set<String> ids = new HashSet<>();
+      if (k.path("messageId").isArray()) k.path("messageId").forEach(id -> ids.add(id.asText()));
+      else ids.add(k.path("messageId").asText());
+      known.add(new Known(ids,
           k.has("message") ? Pattern.compile(k.get("message").asText()) : null,
           k.has("location") ? Pattern.compile(k.get("location").asText()) : null,
+          k.has("resource") ? Pattern.compile(k.get("resource").asText()) : null,
           k.path("why").asText()));
     }
   }
