@@ -78,7 +78,10 @@ start_proxy() {
 start_proxy plain
 base="$proxy_url" base_proxy_pid=$proxy_pid
 log="$data/server.log"
-env -u FHIR_LEDGER_PUBLIC_URL "$bin" serve --listen 127.0.0.1:0 --data-dir "$data/db" --auth off 2>"$log" &
+# Both log a JSON line per request (FHIR_LEDGER_LOG=info): logs/no_phi.py checks at the end
+# that no patient's name or id reached them.
+env -u FHIR_LEDGER_PUBLIC_URL FHIR_LEDGER_LOG=info \
+  "$bin" serve --listen 127.0.0.1:0 --data-dir "$data/db" --auth off --log-format json 2>"$log" &
 pid=$!
 # ... and one with SMART authorization (test_smart*.py), its own data and admin token; its
 # public URL is its proxy's (tokens name it as issuer and audience).
@@ -86,8 +89,8 @@ start_proxy smart
 smart_base="$proxy_url" smart_proxy_pid=$proxy_pid
 smart_log="$data/smart-server.log"
 smart_admin_token="$(python3 -c 'import secrets; print(secrets.token_hex(32))')"
-FHIR_LEDGER_ADMIN_TOKEN="$smart_admin_token" FHIR_LEDGER_PUBLIC_URL="$smart_base" \
-  "$bin" serve --listen 127.0.0.1:0 --data-dir "$data/smart-db" --auth smart 2>"$smart_log" &
+FHIR_LEDGER_ADMIN_TOKEN="$smart_admin_token" FHIR_LEDGER_PUBLIC_URL="$smart_base" FHIR_LEDGER_LOG=info \
+  "$bin" serve --listen 127.0.0.1:0 --data-dir "$data/smart-db" --auth smart --log-format json 2>"$smart_log" &
 smart_pid=$!
 
 listening_base "$log" $pid >"$data/plain.upstream"
@@ -106,6 +109,7 @@ echo "conformance: server at $FHIR_BASE, SMART server at $SMART_BASE (each throu
 (cd "$here" && node bulk/medplum-export.mjs --base "$FHIR_BASE")
 bash "$here/hapi-client/run.sh"
 bash "$here/fhir-sdk-client/run.sh"
+python3 "$here/logs/no_phi.py" --base "$(cat "$data/plain.upstream")" "$log" "$smart_log"
 # CONFORMANCE_CAPTURE_OUT=FILE keeps a copy of the capture, to re-run the validator on it alone.
 if [ -n "${CONFORMANCE_CAPTURE_OUT:-}" ]; then cp "$capture" "$CONFORMANCE_CAPTURE_OUT"; fi
 # Last: everything any client received, through the official HL7 validator (0 errors, or fail).

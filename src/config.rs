@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::definitions::Definitions;
+
 /// `fhir-ledger serve` flags; each also reads an environment variable.
 #[derive(clap::Args, Debug, Default, Clone)]
 pub struct ServeArgs {
@@ -18,7 +20,8 @@ pub struct ServeArgs {
     /// Directory holding keys, the Raft log and the state machine.
     #[arg(long, env = "FHIR_LEDGER_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
-    /// Directory with the pinned R4 definitions.
+    /// Read the R4 definitions from this directory (the files of the checkout's
+    /// `fhir-profiles/`) instead of the copy compiled into the binary.
     #[arg(long, env = "FHIR_LEDGER_PROFILES_DIR")]
     pub profiles_dir: Option<PathBuf>,
     /// Largest accepted request body in bytes.
@@ -144,7 +147,8 @@ pub struct Config {
     pub external_issuers: Vec<ExternalIssuer>,
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
-    pub profiles_dir: PathBuf,
+    /// The R4 definitions: compiled in, or `--profiles-dir`.
+    pub definitions: Definitions,
     pub max_body_bytes: usize,
     pub node_id: u64,
     pub workers: usize,
@@ -184,7 +188,7 @@ impl Config {
         if access_token_ttl <= 0 {
             anyhow::bail!("access_token_ttl must be positive");
         }
-        let profiles_dir = args.profiles_dir.clone().or(file.profiles_dir).unwrap_or_else(default_profiles_dir);
+        let definitions = args.profiles_dir.clone().or(file.profiles_dir).map(Definitions::Dir).unwrap_or_default();
         let data_dir = args.data_dir.clone().or(file.data_dir).unwrap_or_else(|| PathBuf::from("./data"));
         let raft_listen = args.raft_listen.or(file.raft_listen);
         // A cluster needs snapshots: a new or long-gone member catches up from one.
@@ -199,7 +203,7 @@ impl Config {
             listen: args.listen.or(file.listen).unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080))),
             secrets_dir: args.secrets_dir.clone().or(file.secrets_dir).unwrap_or_else(|| data_dir.clone()),
             data_dir,
-            profiles_dir,
+            definitions,
             max_body_bytes: args.max_body_bytes.or(file.max_body_bytes).unwrap_or(DEFAULT_MAX_BODY),
             node_id: args.node_id.or(file.node_id).unwrap_or(1),
             workers: args
@@ -256,16 +260,6 @@ pub fn trusted_peers(path: &Path) -> anyhow::Result<Vec<TrustedPeer>> {
 fn read_file(path: &Path) -> anyhow::Result<FileConfig> {
     let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
-}
-
-/// `./fhir-profiles` when run from a checkout, else the one the binary was built from.
-fn default_profiles_dir() -> PathBuf {
-    let local = PathBuf::from("fhir-profiles");
-    if local.join("search-parameters.json").exists() {
-        local
-    } else {
-        PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/fhir-profiles"))
-    }
 }
 
 #[cfg(test)]

@@ -168,7 +168,7 @@ impl Log {
 
     pub fn record(&self, e: Event) {
         if let Some(tx) = &self.tx {
-            let _ = tx.send(Msg::Event(Box::new(e)));
+            queue(tx, e);
         }
     }
 
@@ -190,7 +190,7 @@ async fn sweeper(refusals: std::sync::Weak<std::sync::Mutex<Refusals>>, tx: mpsc
         let Some(r) = refusals.upgrade() else { return };
         let ended = r.lock().unwrap_or_else(PoisonError::into_inner).sweep(crate::fhir::now_ms());
         for e in ended {
-            if tx.send(Msg::Event(Box::new(e))).is_err() {
+            if !queue(&tx, e) {
                 return;
             }
         }
@@ -213,15 +213,31 @@ async fn writer(search: Arc<Engine>, mut rx: mpsc::UnboundedReceiver<Msg>) {
                 Msg::Flush(w) => waiters.push(w),
             }
             if batch.len() >= BATCH {
-                commit(&search, &node, aggregate(std::mem::take(&mut batch))).await;
+                commit_counted(&search, &node, std::mem::take(&mut batch)).await;
             }
             next = rx.try_recv().ok();
         }
-        commit(&search, &node, aggregate(batch)).await;
+        commit_counted(&search, &node, batch).await;
         for w in waiters {
             let _ = w.send(());
         }
     }
+}
+
+/// Commits a batch and takes its events off the backlog gauge (queued in [`queue`]).
+async fn commit_counted(search: &Arc<Engine>, node: &str, batch: Vec<Event>) {
+    let n = batch.len();
+    commit(search, node, aggregate(batch)).await;
+    metrics::gauge!(crate::telemetry::DISCLOSURE_BACKLOG).decrement(n as f64);
+}
+
+/// Sends an event to the writer, counting it on the backlog gauge until it is committed.
+fn queue(tx: &mpsc::UnboundedSender<Msg>, e: Event) -> bool {
+    let sent = tx.send(Msg::Event(Box::new(e))).is_ok();
+    if sent {
+        metrics::gauge!(crate::telemetry::DISCLOSURE_BACKLOG).increment(1.0);
+    }
+    sent
 }
 
 /// The disclosures of one batch, merged: successful ones by the same accessor (client and

@@ -10,6 +10,9 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[derive(Parser)]
 #[command(name = "fhir-ledger", version, about = "FHIR R4 server over a signed, encrypted, Raft-replicated ledger")]
 struct Cli {
+    /// Log lines as text or as JSON objects (with the request id of each request's lines).
+    #[arg(long, global = true, value_enum, env = "FHIR_LEDGER_LOG_FORMAT", default_value = "text")]
+    log_format: fhir_ledger::telemetry::LogFormat,
     #[command(subcommand)]
     command: Option<Cmd>,
 }
@@ -32,6 +35,8 @@ enum Cmd {
     Transfer(fhir_ledger::cli::transfer::TransferArgs),
     /// Supply-chain partners, offline: a key and Organization, signed EPCIS documents, certificates.
     Epcis(fhir_ledger::cli::epcis::EpcisArgs),
+    /// Load transaction bundles and NDJSON files into a running node, with progress.
+    Load(fhir_ledger::cli::load::LoadArgs),
 }
 
 fn main() -> anyhow::Result<std::process::ExitCode> {
@@ -42,13 +47,8 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
     if std::env::var_os("FHIR_LEDGER_THP").is_none_or(|v| v != "1") {
         let _ = nix::sys::prctl::set_thp_disable(true);
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("FHIR_LEDGER_LOG").unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    fhir_ledger::telemetry::init_logs(cli.log_format);
     // Raft, sled and the proposer run on a multi-threaded runtime; actix-web starts its own
     // per-worker runtimes and talks to them through channels.
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
@@ -79,5 +79,6 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
             fhir_ledger::cli::epcis::run(args)?;
             Ok(std::process::ExitCode::SUCCESS)
         }
+        Cmd::Load(args) => rt.block_on(fhir_ledger::cli::load::run(args)),
     }
 }

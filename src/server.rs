@@ -8,6 +8,7 @@ use actix_web::{web, App, HttpServer};
 use crate::api::admin::AdminConfig;
 use crate::api::{self, AppState};
 use crate::config::Config;
+use crate::definitions::Definitions;
 use crate::fhir::profiles::Profiles;
 use crate::fhir::searchparams::SearchParams;
 use crate::identity::Identity;
@@ -53,11 +54,11 @@ fn owner_only(dir: &std::path::Path) -> anyhow::Result<()> {
 
 /// The search index over `repo` (R4 and US Core parameters, the Patient compartment),
 /// kept current by a background thread.
-pub fn search_engine(profiles_dir: &std::path::Path, repo: Arc<Repo>) -> anyhow::Result<Arc<Engine>> {
+pub fn search_engine(defs: &Definitions, repo: Arc<Repo>) -> anyhow::Result<Arc<Engine>> {
     let profiles = repo.profiles.clone();
     let registry =
-        crate::search::params::Registry::load(profiles_dir, profiles.resource_types()).map_err(anyhow::Error::msg)?;
-    let compartments = crate::search::Compartments::load(profiles_dir)
+        crate::search::params::Registry::load(defs, profiles.resource_types()).map_err(anyhow::Error::msg)?;
+    let compartments = crate::search::Compartments::load(defs)
         .map_err(anyhow::Error::msg)?
         .with_references(&registry, profiles.resource_types());
     let search = Engine::new(repo, profiles, registry, compartments, crate::auth::store::INTERNAL_TYPES)
@@ -85,8 +86,8 @@ async fn open_keys_and_repo(
     owner_only(&cfg.data_dir)?;
     owner_only(&cfg.secrets_dir)?;
     let id = Identity::load_or_create(&cfg.data_dir, &cfg.secrets_dir)?;
-    let profiles = Arc::new(Profiles::load(&cfg.profiles_dir).map_err(anyhow::Error::msg)?);
-    let params = Arc::new(SearchParams::load(&cfg.profiles_dir).map_err(anyhow::Error::msg)?);
+    let profiles = Arc::new(Profiles::load(&cfg.definitions).map_err(anyhow::Error::msg)?);
+    let params = Arc::new(SearchParams::load(&cfg.definitions).map_err(anyhow::Error::msg)?);
     let ledger = consensus::Ledger::open(consensus::Options {
         dir: &cfg.data_dir.join("ledger"),
         node_id: cfg.node_id,
@@ -110,7 +111,7 @@ pub async fn open_node(cfg: &Config, api_addr: &str, raft: Option<TcpListener>) 
     let token = cfg.admin_token.clone().unwrap_or_else(|| id.admin_token.clone());
     let admin = AdminConfig::new(&token, cfg.fault_injection, id.secrets_id());
     let kek = id.kek;
-    let search = search_engine(&cfg.profiles_dir, repo.clone())?;
+    let search = search_engine(&cfg.definitions, repo.clone())?;
     let auth = if cfg.auth {
         let settings = crate::auth::Settings {
             enabled: true,
@@ -167,13 +168,19 @@ pub async fn serve(cfg: Config, node: Node, listener: TcpListener) -> anyhow::Re
         trusted_peers: cfg.trusted_peers.clone(),
         supply: std::sync::Arc::new(crate::supply::capture::Supply::new().map_err(anyhow::Error::msg)?),
     });
-    let server = HttpServer::new(move || App::new().app_data(state.clone()).configure(api::configure))
-        .workers(cfg.workers)
-        .backlog(2048)
-        // Clients pool connections; a short keep-alive races their reuse of an idle socket
-        // (the client sends just as the server closes). 75 s is nginx's default.
-        .keep_alive(std::time::Duration::from_secs(75))
-        .listen(listener)?;
+    crate::telemetry::prometheus();
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(state.clone())
+            .wrap(actix_web::middleware::from_fn(api::monitor::middleware))
+            .configure(api::configure)
+    })
+    .workers(cfg.workers)
+    .backlog(2048)
+    // Clients pool connections; a short keep-alive races their reuse of an idle socket
+    // (the client sends just as the server closes). 75 s is nginx's default.
+    .keep_alive(std::time::Duration::from_secs(75))
+    .listen(listener)?;
     for addr in server.addrs() {
         eprintln!("fhir-ledger: listening on http://{addr}");
     }

@@ -48,6 +48,9 @@ pub struct LoadArgs {
     /// Also write the figures as JSON here.
     #[arg(long)]
     pub json_out: Option<PathBuf>,
+    /// Seconds a request may take (a slow peer's largest ingest bundle can need minutes).
+    #[arg(long, default_value_t = 120)]
+    pub timeout_secs: u64,
 }
 
 pub(crate) fn hist() -> Histogram<u64> {
@@ -106,7 +109,10 @@ fn load_bundles(dir: &PathBuf) -> anyhow::Result<Vec<Bundle>> {
 
 pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
     let base = args.base.trim_end_matches('/').to_string();
-    let client = reqwest::Client::builder().pool_max_idle_per_host(256).timeout(Duration::from_mins(2)).build()?;
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(256)
+        .timeout(Duration::from_secs(args.timeout_secs))
+        .build()?;
     let bundles = Arc::new(load_bundles(&args.synthea)?);
     let total_entries: usize = bundles.iter().map(|b| b.entries).sum::<usize>() * args.ingest_repeat;
     println!(

@@ -98,6 +98,9 @@ pub(crate) use raft_types::TypeConfig;
 
 pub(crate) type Raft = openraft::Raft<TypeConfig>;
 
+/// Seconds a snapshot took to build or install (`kind`), for the server's `/metrics`.
+pub const SNAPSHOT_DURATION: &str = "fhir_ledger_raft_snapshot_duration_seconds";
+
 /// A running ledger node: Raft, its stores, the group-commit proposer and the transport.
 #[derive(Clone)]
 pub struct Ledger {
@@ -251,6 +254,11 @@ impl Ledger {
     /// replicated nor part of snapshots nor read by `verify`.
     pub fn local_dir(&self, name: &str) -> std::path::PathBuf {
         self.dir.join("local").join(name)
+    }
+
+    /// The directory of this node's ledger (stores, log segments, snapshots).
+    pub fn dir(&self) -> &std::path::Path {
+        &self.dir
     }
 
     /// This node's id.

@@ -946,6 +946,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         meta: &SnapshotMeta<NodeId, Node>,
         snapshot: Box<tokio::fs::File>,
     ) -> Result<(), StorageError<NodeId>> {
+        let started = tokio::time::Instant::now(); // timing only: the state never sees it
         let guard = self.lock.clone().lock_owned().await;
         let mut received = snapshot.into_std().await;
         let (kv, dir, meta) = (self.view.kv.clone(), self.view.snap_dir.clone(), meta.clone());
@@ -974,7 +975,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         })
         .await
         .map_err(|e| sio(io::Error::other(e.to_string())))?
-        .map_err(sio)
+        .map_err(sio)?;
+        metrics::histogram!(crate::SNAPSHOT_DURATION, "kind" => "install").record(started.elapsed());
+        Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
@@ -1044,6 +1047,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     /// of later leaves are left out; every other key apply changes meanwhile has its value at
     /// the point kept first (`undo`), and the stream takes that value instead.
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
+        let started = tokio::time::Instant::now(); // timing only: the state never sees it
         let (meta, frontier) = self.snapshot_point().await.map_err(sio)?;
         let sm = self.clone();
         let m = meta.clone();
@@ -1051,6 +1055,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
         *self.undo.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
         let path = built.map_err(|e| sio(io::Error::other(e.to_string())))?.map_err(sio)?;
         let file = tokio::fs::File::open(&path).await.map_err(sio)?;
+        metrics::histogram!(crate::SNAPSHOT_DURATION, "kind" => "build").record(started.elapsed());
         Ok(Snapshot { meta, snapshot: Box::new(file) })
     }
 }

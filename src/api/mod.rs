@@ -11,6 +11,7 @@ pub mod import;
 
 pub mod ledger;
 pub mod metadata;
+pub mod monitor;
 pub mod pdex;
 pub mod portal;
 pub mod report;
@@ -55,6 +56,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     admin::configure(cfg);
     smart::configure(cfg);
     portal::configure(cfg);
+    monitor::configure(cfg);
     cfg.service(fhir_routes());
 }
 

@@ -6,4 +6,5 @@ pub mod auth;
 pub mod cluster;
 pub mod epcis;
 pub mod export;
+pub mod load;
 pub mod transfer;

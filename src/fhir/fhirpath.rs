@@ -666,14 +666,13 @@ mod tests {
     use crate::fhir::json::parse as json;
 
     fn profiles() -> Profiles {
-        Profiles::load(std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/fhir-profiles"))).unwrap()
+        Profiles::load(&crate::definitions::Definitions::Embedded).unwrap()
     }
 
     #[test]
     fn parses_every_r4_and_us_core_expression() {
         for file in crate::search::params::FILES {
-            let path = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/fhir-profiles")).join(file);
-            let bundle: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+            let bundle = crate::definitions::Definitions::Embedded.json(file).unwrap();
             for e in bundle["entry"].as_array().unwrap() {
                 if let Some(x) = e["resource"]["expression"].as_str() {
                     parse(x).unwrap_or_else(|err| panic!("{x}: {err}"));

@@ -3,9 +3,10 @@
 //! binding. Built once at start-up; `validate.rs` walks resources against it.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::path::Path;
 
 use serde_json::Value;
+
+use crate::definitions::Definitions;
 
 /// One element definition, as a child of its parent path.
 #[derive(Debug, Clone)]
@@ -57,21 +58,15 @@ pub struct Profiles {
     known_codes: BTreeSet<(String, String)>,
 }
 
-fn read_bundle(dir: &Path, file: &str) -> Result<Value, String> {
-    let path = dir.join(file);
-    let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-    serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", path.display()))
-}
-
 fn resources(bundle: &Value) -> impl Iterator<Item = &Value> {
     bundle["entry"].as_array().into_iter().flatten().map(|e| &e["resource"])
 }
 
 impl Profiles {
-    pub fn load(dir: &Path) -> Result<Profiles, String> {
-        let types = read_bundle(dir, "profiles-types.json")?;
-        let res = read_bundle(dir, "profiles-resources.json")?;
-        let valuesets = read_bundle(dir, "valuesets.json")?;
+    pub fn load(defs: &Definitions) -> Result<Profiles, String> {
+        let types = defs.json("profiles-types.json")?;
+        let res = defs.json("profiles-resources.json")?;
+        let valuesets = defs.json("valuesets.json")?;
         let expander = Expander::new(&valuesets);
         let mut p = Profiles::default();
         let mut vs_index: BTreeMap<String, Option<usize>> = BTreeMap::new();
@@ -134,7 +129,7 @@ impl Profiles {
             }
         }
         if p.resource_types.is_empty() {
-            return Err(format!("{}: no resource StructureDefinitions found", dir.display()));
+            return Err(format!("{}: no resource StructureDefinitions found", defs.name("profiles-resources.json")));
         }
         Ok(p)
     }

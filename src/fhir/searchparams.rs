@@ -6,7 +6,8 @@
 //! digests of `code`, `value`) does not change with it.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+
+use crate::definitions::Definitions;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ParamType {
@@ -43,11 +44,8 @@ pub struct SearchParams {
 }
 
 impl SearchParams {
-    pub fn load(dir: &Path) -> Result<Self, String> {
-        let path = dir.join("search-parameters.json");
-        let text = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let bundle: serde_json::Value =
-            serde_json::from_slice(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    pub fn load(defs: &Definitions) -> Result<Self, String> {
+        let bundle = defs.json("search-parameters.json")?;
         let mut by_type: BTreeMap<String, BTreeMap<String, SearchParam>> = BTreeMap::new();
         for entry in bundle["entry"].as_array().into_iter().flatten() {
             let r = &entry["resource"];
@@ -116,7 +114,7 @@ mod tests {
 
     #[test]
     fn loads_patient_param_for_observation() {
-        let sp = SearchParams::load(Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/fhir-profiles"))).unwrap();
+        let sp = SearchParams::load(&Definitions::Embedded).unwrap();
         let p = sp.get("Observation", "patient").unwrap();
         assert_eq!(p.kind, ParamType::Reference);
         assert_eq!(p.paths[0].elements, vec!["subject"]);

@@ -396,7 +396,7 @@ mod tests {
 
     fn profiles() -> &'static Profiles {
         static P: OnceLock<Profiles> = OnceLock::new();
-        P.get_or_init(|| Profiles::load(Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/fhir-profiles"))).unwrap())
+        P.get_or_init(|| Profiles::load(&crate::definitions::Definitions::Embedded).unwrap())
     }
 
     /// Validates `json` and returns `(path, code)` of every error.
@@ -515,7 +515,7 @@ mod examples {
 
     #[test]
     fn official_examples_validate_except_the_known_invalid_ones() {
-        let p = Profiles::load(Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/fhir-profiles"))).unwrap();
+        let p = Profiles::load(&crate::definitions::Definitions::Embedded).unwrap();
         let dir = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/data/hl7-r4-examples"));
         let mut failing = Vec::new();
         for f in std::fs::read_dir(dir).unwrap() {

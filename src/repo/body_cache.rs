@@ -14,6 +14,7 @@ pub type Entry = Arc<(consensus::LeafHeader, Arc<str>)>;
 pub struct BodyCache {
     inner: Mutex<Inner>,
     budget: usize,
+    pub lookups: crate::telemetry::HitRate,
 }
 
 #[derive(Default)]
@@ -25,11 +26,13 @@ struct Inner {
 
 impl BodyCache {
     pub fn new(budget: usize) -> Self {
-        Self { inner: Mutex::new(Inner::default()), budget }
+        Self { inner: Mutex::new(Inner::default()), budget, lookups: crate::telemetry::HitRate::default() }
     }
 
     pub fn get(&self, leaf: u64) -> Option<Entry> {
-        self.inner.lock().unwrap_or_else(PoisonError::into_inner).bodies.get(&leaf).cloned()
+        let found = self.inner.lock().unwrap_or_else(PoisonError::into_inner).bodies.get(&leaf).cloned();
+        self.lookups.record(found.is_some());
+        found
     }
 
     pub fn put(&self, leaf: u64, body: Entry) {

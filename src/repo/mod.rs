@@ -335,6 +335,11 @@ impl Repo {
         Ok(Some(crypto::content_salt(&dek, aad(&h.rtype, &h.id, h.version).as_bytes())))
     }
 
+    /// Lookups of the decrypted-body cache, for `/metrics`.
+    pub fn body_cache_lookups(&self) -> &crate::telemetry::HitRate {
+        &self.bodies.lookups
+    }
+
     /// Drops every decrypted body kept for search pages.
     pub fn clear_body_cache(&self) {
         self.bodies.clear();

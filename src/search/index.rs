@@ -201,6 +201,11 @@ impl Engine {
         Ok(engine)
     }
 
+    /// Lookups of the index's decoded-document cache, for `/metrics`.
+    pub fn doc_cache_lookups(&self) -> Arc<crate::telemetry::HitRate> {
+        self.index.read().unwrap_or_else(PoisonError::into_inner).store.doc_cache_lookups()
+    }
+
     /// The first leaf the index has not folded in yet.
     pub fn folded(&self) -> u64 {
         self.index.read().unwrap_or_else(PoisonError::into_inner).next_leaf

@@ -19,7 +19,6 @@ pub mod validate;
 pub mod values;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::path::Path;
 
 use sha2::{Digest, Sha256};
 
@@ -28,6 +27,7 @@ use self::index::{Doc, DocKey, Index};
 use self::params::Kind;
 use self::query::{Filter, Include, Parser, Search};
 use self::values::Value;
+use crate::definitions::Definitions;
 use crate::error::FhirError;
 
 pub use self::index::Engine;
@@ -44,10 +44,8 @@ pub struct Compartments {
 }
 
 impl Compartments {
-    pub fn load(dir: &Path) -> Result<Self, String> {
-        let path = dir.join("compartmentdefinition-patient.json");
-        let text = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let def: serde_json::Value = serde_json::from_slice(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    pub fn load(defs: &Definitions) -> Result<Self, String> {
+        let def = defs.json("compartmentdefinition-patient.json")?;
         let mut patient = BTreeMap::new();
         for r in def["resource"].as_array().into_iter().flatten() {
             let params: Vec<String> =

@@ -3,9 +3,9 @@
 //! parameters), keyed by resource type and code.
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::sync::Arc;
 
+use crate::definitions::Definitions;
 use crate::fhir::fhirpath::{self, Expr};
 use crate::fhir::json::Json;
 
@@ -99,13 +99,10 @@ fn strings(v: &serde_json::Value) -> Vec<String> {
 }
 
 impl Registry {
-    pub fn load(dir: &Path, resource_types: &[String]) -> Result<Registry, String> {
+    pub fn load(source: &Definitions, resource_types: &[String]) -> Result<Registry, String> {
         let mut defs: Vec<serde_json::Value> = Vec::new();
         for file in crate::search::params::FILES {
-            let path = dir.join(file);
-            let text = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-            let bundle: serde_json::Value =
-                serde_json::from_slice(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+            let bundle = source.json(file)?;
             defs.extend(bundle["entry"].as_array().into_iter().flatten().map(|e| e["resource"].clone()));
         }
         let kinds: BTreeMap<String, Kind> = defs
@@ -256,9 +253,8 @@ mod tests {
     use super::*;
 
     fn reg() -> Registry {
-        let dir = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/fhir-profiles"));
-        let p = crate::fhir::profiles::Profiles::load(dir).unwrap();
-        Registry::load(dir, p.resource_types()).unwrap()
+        let p = crate::fhir::profiles::Profiles::load(&Definitions::Embedded).unwrap();
+        Registry::load(&Definitions::Embedded, p.resource_types()).unwrap()
     }
 
     #[test]

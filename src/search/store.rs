@@ -200,6 +200,11 @@ impl Store {
     }
 
     /// The first leaf not folded in yet.
+    /// Lookups of the decoded-document cache, for `/metrics`.
+    pub fn doc_cache_lookups(&self) -> Arc<crate::telemetry::HitRate> {
+        self.docs.lookups.clone()
+    }
+
     pub fn next_leaf(&self) -> Result<u64, FhirError> {
         Ok(self.tree.get(NEXT_KEY).map_err(|e| io_err(&e))?.as_deref().and_then(read_be).unwrap_or(0))
     }
@@ -674,6 +679,7 @@ pub fn str_prefix_key(prefix: &str) -> String {
 struct DocCache {
     inner: Mutex<CacheInner>,
     budget: usize,
+    lookups: Arc<crate::telemetry::HitRate>,
 }
 
 #[derive(Default)]
@@ -685,11 +691,13 @@ struct CacheInner {
 
 impl DocCache {
     fn new(budget: usize) -> Self {
-        Self { inner: Mutex::default(), budget }
+        Self { inner: Mutex::default(), budget, lookups: Arc::default() }
     }
 
     fn get(&self, key: &[u8]) -> Option<Arc<Doc>> {
-        self.inner.lock().unwrap_or_else(PoisonError::into_inner).docs.get(key).map(|(d, _)| d.clone())
+        let found = self.inner.lock().unwrap_or_else(PoisonError::into_inner).docs.get(key).map(|(d, _)| d.clone());
+        self.lookups.record(found.is_some());
+        found
     }
 
     fn put(&self, key: Vec<u8>, doc: Arc<Doc>, stored_len: usize) {

@@ -256,7 +256,7 @@ mod tests {
     #[test]
     fn the_standards_examples_map_to_valid_resources() {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-        let profiles = crate::fhir::profiles::Profiles::load(&root.join("fhir-profiles")).unwrap();
+        let profiles = crate::fhir::profiles::Profiles::load(&crate::definitions::Definitions::Embedded).unwrap();
         let partner = Partner { id: "p".into(), name: "p".into(), keys: Vec::new(), glns: Vec::new() };
         let mut dirs = vec![root.join("tests/fixtures/epcis-examples")];
         let mut mapped = 0;

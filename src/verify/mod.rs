@@ -345,17 +345,12 @@ fn describe(e: &std::io::Error) -> String {
 fn data_dir(args: &DirArgs) -> ExitCode {
     // The first findings locate the damage; thousands of consequences of it would bury them.
     const SHOWN: usize = 50;
-    use std::io::IsTerminal;
     let start = Instant::now();
-    let mut shown = u64::MAX;
     // A progress bar only for people watching; logs and scripts get the summary alone.
-    let tty = std::io::stderr().is_terminal();
+    let bar = crate::telemetry::progress_bar(0, "leaves");
     let mut progress = |done: u64, total: u64| {
-        let pct = (done * 100).checked_div(total).unwrap_or(100);
-        if tty && pct != shown {
-            shown = pct;
-            eprint!("\rverifying leaves: {pct:>3}% ({done}/{total})");
-        }
+        bar.set_length(total);
+        bar.set_position(done);
     };
     let report = match consensus::audit::verify_dir(&args.data_dir.join("ledger"), &mut progress) {
         Ok(r) => r,
@@ -369,9 +364,7 @@ fn data_dir(args: &DirArgs) -> ExitCode {
         }
     };
     let secs = start.elapsed().as_secs_f64().max(1e-9);
-    if tty {
-        eprintln!();
-    }
+    bar.finish_and_clear();
     for f in report.findings.iter().take(SHOWN) {
         println!("TAMPERED {}: {}", f.location, f.problem);
     }

@@ -175,7 +175,7 @@ wc_=$(( CREATES * WARMUP_PCT / 100 )); wr=$(( READS * WARMUP_PCT / 100 ))
 [ "$wr" -ge 1 ] || wr=1
 load() { # load BASE DIR CREATES READS [JSON]
   local cmd=("$bench_bin" load --base "$1" --synthea "$2" --ingest-clients "$INGEST_CLIENTS" --ingest-repeat "$INGEST_REPEAT"
-    --clients "$CLIENTS" --creates "$3" --reads "$4" --read-rate "$READ_RATE")
+    --clients "$CLIENTS" --creates "$3" --reads "$4" --read-rate "$READ_RATE" --timeout-secs 1800)
   if [ -n "${5:-}" ]; then cmd+=(--json-out "$5"); fi
   "${cmd[@]}"
 }

@@ -14,6 +14,7 @@ mod door;
 mod everything;
 mod http;
 mod lincheck;
+mod operators;
 mod process;
 mod research;
 mod search;

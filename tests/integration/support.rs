@@ -45,7 +45,8 @@ pub async fn app_with_admin(
     admin: fhir_ledger::api::admin::AdminConfig,
 ) -> impl Service<actix_http::Request, Response = ServiceResponse, Error = actix_web::Error> {
     let auth = std::sync::Arc::new(fhir_ledger::auth::Auth::disabled());
-    let search = fhir_ledger::server::search_engine(&profiles_dir(), repo.clone()).expect("search index");
+    let defs = fhir_ledger::definitions::Definitions::Dir(profiles_dir());
+    let search = fhir_ledger::server::search_engine(&defs, repo.clone()).expect("search index");
     let state = web::Data::new(AppState {
         repo,
         search,
@@ -56,7 +57,14 @@ pub async fn app_with_admin(
         trusted_peers: Vec::new(),
         supply: std::sync::Arc::new(fhir_ledger::supply::capture::Supply::new().expect("EPCIS schema")),
     });
-    test::init_service(App::new().app_data(state).configure(api::configure)).await
+    fhir_ledger::telemetry::prometheus();
+    test::init_service(
+        App::new()
+            .app_data(state)
+            .wrap(actix_web::middleware::from_fn(api::monitor::middleware))
+            .configure(api::configure),
+    )
+    .await
 }
 
 /// The `fhir-ledger` binary the process tests run: `FHIR_LEDGER_BIN` when set (a binary
@@ -103,8 +111,9 @@ impl Server {
             .args(extra)
             .arg("--data-dir")
             .arg(data_dir)
-            .arg("--profiles-dir")
-            .arg(profiles_dir())
+            // Outside the checkout, with the definitions compiled into the binary: as an
+            // installed binary runs.
+            .current_dir(std::env::temp_dir())
             .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

@@ -49,7 +49,8 @@ fn json_ok(v: &Value) -> HttpResponse {
 }
 
 /// An RFC 6749 error answer.
-fn oauth_error(status: u16, error: &str, description: &str) -> HttpResponse {
+fn oauth_error(status: u16, error: &'static str, description: &str) -> HttpResponse {
+    metrics::counter!(crate::telemetry::AUTH_REFUSALS, "reason" => error).increment(1);
     let mut b = HttpResponse::build(
         actix_web::http::StatusCode::from_u16(status).unwrap_or(actix_web::http::StatusCode::BAD_REQUEST),
     );

@@ -154,13 +154,18 @@ pub(super) async fn token(req: HttpRequest, body: web::Bytes, state: web::Data<A
         Ok(c) => c,
         Err(e) => return e.response(),
     };
-    match get(&p, "grant_type") {
+    let grant = get(&p, "grant_type");
+    let res = match grant {
         Some("authorization_code") => code_grant(&state, &client, &p).await,
         Some("refresh_token") => refresh_grant(&state, &client, &p).await,
         Some("client_credentials") => client_credentials(&state, &client, &p).await,
         other => Ok(oauth_error(400, "unsupported_grant_type", &format!("grant_type {other:?} is not supported"))),
     }
-    .unwrap_or_else(|e| oauth_error(503, "temporarily_unavailable", &e.issues[0].diagnostics))
+    .unwrap_or_else(|e| oauth_error(503, "temporarily_unavailable", &e.issues[0].diagnostics));
+    if let (true, Some(g)) = (res.status().is_success(), grant) {
+        metrics::counter!(crate::telemetry::TOKENS_ISSUED, "grant" => g.to_string()).increment(1);
+    }
+    res
 }
 
 fn invalid_grant(why: &str) -> HttpResponse {
