@@ -54,7 +54,9 @@ def main():
     if len(patients) < 25:
         sys.exit(f"no-phi: expected the 25 Synthea patients on {a.base}, found {len(patients)}")
     words = needles(patients) | needles(bundle_patients())
-    pattern = re.compile("|".join(re.escape(w) for w in sorted(words, key=len, reverse=True)))
+    # Whole tokens only: an identifier like 12345 must not match inside a timestamp's digits.
+    alternatives = "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True))
+    pattern = re.compile(f"(?<![A-Za-z0-9])(?:{alternatives})(?![A-Za-z0-9])")
     hits, lines = [], 0
     for log in a.logs:
         for no, line in enumerate(pathlib.Path(log).read_text(errors="replace").splitlines(), 1):

@@ -78,7 +78,7 @@ pub async fn middleware(
             method = %method,
             route = res.request().match_pattern().as_deref().unwrap_or("(none)"),
             status,
-            ms = elapsed.as_secs_f64() * 1e3,
+            ms = (elapsed.as_secs_f64() * 1e6).round() / 1e3,
             "answered"
         );
     });
