@@ -32,7 +32,7 @@
 #   HAPI_SEARCH_CACHE_MS=60000  HAPI's search-result reuse window (its default; 0 turns it off)
 #   HAPI_JAVA=java     the JVM that runs HAPI (Java 17+)
 # A smoke run (about 8 min): PATIENTS=10 SEARCH_PATIENTS=10 CREATES=2000 READS=2000 SEARCH_N=40 SEARCH_WARMUP=10 tests/bench/peer.sh
-# The full run takes 30-45 min, most of it HAPI loading the 214,049 search resources.
+# The full run took 11 min on a quiet 2-core machine (BENCHMARKS.md), most of it HAPI loading the search data.
 # Extra arguments go to search.py (e.g. --only token,string).
 # Run from the repository root after `cargo build --release`; needs java and mvn (Maven Central).
 set -euo pipefail
