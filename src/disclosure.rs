@@ -444,6 +444,18 @@ pub struct Accessor {
     pub denied: u64,
     pub broke_glass: u64,
     pub last: String,
+    /// Each AuditEvent of this accessor, in the order read (for the portal's timeline).
+    pub marks: Vec<Mark>,
+}
+
+/// One AuditEvent of an accessor: when, how many requests it records, whether they were
+/// refused, and whether they broke the glass.
+#[derive(Default, Debug, Clone)]
+pub struct Mark {
+    pub recorded: String,
+    pub requests: u64,
+    pub refused: bool,
+    pub broke_glass: bool,
 }
 
 /// Every AuditEvent of the patient, summed per accessor (a user, or a client without one).
@@ -499,10 +511,15 @@ fn accesses(search: &Engine, code: &str, value: &str) -> Result<(u64, BTreeMap<S
         acc.client = client;
         acc.client_name = client_name;
         let recorded = v.str_at(&["recorded"]).unwrap_or("").to_string();
+        let refused = v.str_at(&["outcome"]) != Some("0");
+        let broke_glass = v.items(&["meta", "security"]).any(|c| c.str_at(&["code"]) == Some("BTG"));
+        acc.marks.push(Mark { recorded: recorded.clone(), requests, refused, broke_glass });
         if recorded > acc.last {
             acc.last = recorded;
         }
-        if v.str_at(&["outcome"]) == Some("0") {
+        if refused {
+            acc.denied += requests;
+        } else {
             acc.count += requests;
             for ent in v.items(&["entity"]).filter(|e| e.str_at(&["role", "code"]) == Some("4")) {
                 let shown = ent
@@ -513,10 +530,8 @@ fn accesses(search: &Engine, code: &str, value: &str) -> Result<(u64, BTreeMap<S
                     .unwrap_or(1);
                 acc.resources += shown;
             }
-        } else {
-            acc.denied += requests;
         }
-        if v.items(&["meta", "security"]).any(|c| c.str_at(&["code"]) == Some("BTG")) {
+        if broke_glass {
             acc.broke_glass += requests;
         }
     }

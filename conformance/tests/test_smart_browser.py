@@ -4,6 +4,7 @@ Selenium drives Debian's chromium through Debian's chromedriver (run.sh installs
 SE_OFFLINE keeps Selenium Manager from fetching any driver or browser of its own.
 """
 import os
+import re
 import secrets
 import urllib.parse
 
@@ -169,6 +170,14 @@ def test_consent_in_browser_then_withdraw_in_portal(smart_base, smart_admin, sma
     browser.get(smart_config["management_endpoint"])
     wait.until(EC.presence_of_element_located((By.ID, "access-report")))
     assert browser.find_element(By.ID, "access-report").tag_name.lower() == "table"
+    # The timeline above it: the app's reads drawn (a real size in the browser), each mark
+    # titled with when, how many requests and whether they were shown or refused.
+    chart = browser.find_element(By.ID, "access-timeline")
+    assert chart.size["width"] > 0 and chart.size["height"] > 0, chart.size
+    marks = chart.find_elements(By.CSS_SELECTOR, "g.mark")
+    assert any("shown" in (m.get_attribute("class") or "") for m in marks), [m.get_attribute("class") for m in marks]
+    titles = [m.find_element(By.TAG_NAME, "title").get_attribute("textContent") for m in marks]
+    assert all(re.search(r"\d+ request\(s\) (shown|refused)", t) for t in titles), titles
     assert app_name.casefold() in browser.find_element(By.TAG_NAME, "body").text.casefold()
     withdraw = wait.until(EC.element_to_be_clickable((By.ID, f"withdraw-{consent_id}")))
     form = withdraw.find_element(By.XPATH, "./ancestor::form")

@@ -20,6 +20,7 @@ pub mod resource;
 pub mod search;
 pub mod smart;
 pub mod supply;
+pub mod timeline;
 
 use std::sync::Arc;
 

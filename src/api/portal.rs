@@ -96,6 +96,7 @@ async fn render(state: &AppState, username: &str, patient: &str, csrf: &str) -> 
         }
         h2 { "Who accessed your records" }
         p { (total) " recorded accesses." }
+        (super::timeline::timeline(&accessors))
         table id="access-report" {
             tr {
                 th { "Who" } th { "App" } th { "Requests" } th { "Records shown" } th { "Refused" }
