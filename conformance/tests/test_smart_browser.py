@@ -176,6 +176,9 @@ def test_consent_in_browser_then_withdraw_in_portal(smart_base, smart_admin, sma
     assert chart.size["width"] > 0 and chart.size["height"] > 0, chart.size
     marks = chart.find_elements(By.CSS_SELECTOR, "g.mark")
     assert any("shown" in (m.get_attribute("class") or "") for m in marks), [m.get_attribute("class") for m in marks]
+    # Drawn, not just present: each row's label and each mark is displayed.
+    labels = chart.find_elements(By.CSS_SELECTOR, "text.accessor")
+    assert labels and all(e.is_displayed() for e in labels + marks), [e.is_displayed() for e in labels + marks]
     titles = [m.find_element(By.TAG_NAME, "title").get_attribute("textContent") for m in marks]
     assert all(re.search(r"\d+ request\(s\) (shown|refused)", t) for t in titles), titles
     assert app_name.casefold() in browser.find_element(By.TAG_NAME, "body").text.casefold()

@@ -1,7 +1,9 @@
 //! The patient portal's access timeline: one row per accessor, one mark per disclosure-log
 //! entry at the time it was recorded (its size grows with the requests it sums), refusals as
 //! red squares, emergency (break-the-glass) access ringed. Server-rendered SVG through `maud`,
-//! so every name and time is escaped; each mark's `<title>` says what it stands for.
+//! so every name and time is escaped; each mark's `<title>` says what it stands for. Every
+//! element is closed (`{}`): inline SVG is foreign content to the HTML parser, where an
+//! unclosed `<line>` would swallow everything after it.
 
 use std::collections::BTreeMap;
 
@@ -49,12 +51,17 @@ pub fn timeline(accessors: &BTreeMap<String, Accessor>) -> Markup {
             aria-label="When each app or person accessed your records" {
             text x=(LABEL + 10.0) y="16" font-size="12" { (minute(from)) }
             text x=(WIDTH - 20.0) y="16" font-size="12" text-anchor="end" { (minute(from + span as i128)) }
-            line x1=(LABEL + 10.0) y1="22" x2=(LABEL + 10.0 + PLOT) y2="22" stroke="#888";
+            line x1=(LABEL + 10.0) y1="22" x2=(LABEL + 10.0 + PLOT) y2="22" stroke="#888" {}
             @for (row, (who, acc)) in accessors.iter().enumerate() {
                 @let row_y = TOP + ROW * row as f64 + ROW / 2.0;
                 @let app = if acc.client_name.is_empty() { acc.client.as_str() } else { acc.client_name.as_str() };
-                text class="accessor" x="4" y=(row_y + 4.0) font-size="12" { (who) " (" (app) ")" }
-                line x1=(LABEL + 10.0) y1=(row_y) x2=(LABEL + 10.0 + PLOT) y2=(row_y) stroke="#ddd";
+                @let label = format!("{who} ({app})");
+                // Cut to the label column; the whole name is the label's title.
+                text class="accessor" x="4" y=(row_y + 4.0) font-size="12" {
+                    title { (label) }
+                    (crate::disclosure::truncate(&label, 30))
+                }
+                line x1=(LABEL + 10.0) y1=(row_y) x2=(LABEL + 10.0 + PLOT) y2=(row_y) stroke="#ddd" {}
                 @for mark in &acc.marks {
                     @if let Some(at) = ms(&mark.recorded) {
                         @let radius = 4.0 + (mark.requests.max(1) as f64).log2().min(6.0);
@@ -65,22 +72,22 @@ pub fn timeline(accessors: &BTreeMap<String, Accessor>) -> Markup {
                         g class=(class) {
                             title { (tip) }
                             @if mark.refused {
-                                rect x=(x_of(at) - radius) y=(row_y - radius) width=(2.0 * radius) height=(2.0 * radius) fill="#c33";
+                                rect x=(x_of(at) - radius) y=(row_y - radius) width=(2.0 * radius) height=(2.0 * radius) fill="#c33" {}
                             } @else {
-                                circle cx=(x_of(at)) cy=(row_y) r=(radius) fill="#2a7" fill-opacity="0.8";
+                                circle cx=(x_of(at)) cy=(row_y) r=(radius) fill="#2a7" fill-opacity="0.8" {}
                             }
                             @if mark.broke_glass {
-                                circle cx=(x_of(at)) cy=(row_y) r=(radius + 4.0) fill="none" stroke="#e80" stroke-width="2";
+                                circle cx=(x_of(at)) cy=(row_y) r=(radius + 4.0) fill="none" stroke="#e80" stroke-width="2" {}
                             }
                         }
                     }
                 }
             }
-            circle cx=(LABEL + 16.0) cy=(legend_y - 4.0) r="5" fill="#2a7";
+            circle cx=(LABEL + 16.0) cy=(legend_y - 4.0) r="5" fill="#2a7" {}
             text x=(LABEL + 26.0) y=(legend_y) font-size="12" { "shown" }
-            rect x=(LABEL + 86.0) y=(legend_y - 9.0) width="10" height="10" fill="#c33";
+            rect x=(LABEL + 86.0) y=(legend_y - 9.0) width="10" height="10" fill="#c33" {}
             text x=(LABEL + 102.0) y=(legend_y) font-size="12" { "refused" }
-            circle cx=(LABEL + 172.0) cy=(legend_y - 4.0) r="7" fill="none" stroke="#e80" stroke-width="2";
+            circle cx=(LABEL + 172.0) cy=(legend_y - 4.0) r="7" fill="none" stroke="#e80" stroke-width="2" {}
             text x=(LABEL + 184.0) y=(legend_y) font-size="12" { "emergency access (break the glass)" }
         }
     }
@@ -127,6 +134,10 @@ mod tests {
         assert!(svg.contains("Growth Chart"), "{svg}");
         assert!(!svg.contains("<script>") && svg.contains("&lt;script&gt;"), "names are escaped: {svg}");
         assert!(svg.contains("2026-12-01 10:00 UTC") && svg.contains("2026-12-03 10:00 UTC"), "{svg}");
+        for shape in ["line", "rect", "circle"] {
+            let open = svg.matches(&format!("<{shape} ")).count();
+            assert!(open > 0 && open == svg.matches(&format!("</{shape}>")).count(), "every <{shape}> closed: {svg}");
+        }
     }
 
     #[test]
