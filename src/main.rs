@@ -37,6 +37,10 @@ enum Cmd {
     Epcis(fhir_ledger::cli::epcis::EpcisArgs),
     /// Load transaction bundles and NDJSON files into a running node, with progress.
     Load(fhir_ledger::cli::load::LoadArgs),
+    /// Take an online backup of a running node, pinned to a signed tree head.
+    Backup(fhir_ledger::cli::backup::BackupArgs),
+    /// Rebuild a node's data directory from a backup (offline; checks it against its head).
+    Restore(fhir_ledger::cli::backup::RestoreArgs),
 }
 
 fn main() -> anyhow::Result<std::process::ExitCode> {
@@ -80,5 +84,13 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
             Ok(std::process::ExitCode::SUCCESS)
         }
         Cmd::Load(args) => rt.block_on(fhir_ledger::cli::load::run(args)),
+        Cmd::Backup(args) => {
+            rt.block_on(fhir_ledger::cli::backup::backup(args))?;
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        Cmd::Restore(args) => {
+            fhir_ledger::cli::backup::restore(&args)?;
+            Ok(std::process::ExitCode::SUCCESS)
+        }
     }
 }

@@ -99,16 +99,36 @@ pub fn init_logs(format: LogFormat) {
 }
 
 /// A progress bar of `total` units named `unit` (`resources`, `leaves`) for long command-line
-/// work (`load`, `verify --data-dir`): done/total, rate and time left, drawn on stderr only
-/// when stderr is a terminal; logs and scripts get the summary line alone.
+/// work (`load`, `verify --data-dir`, `cluster reindex`): done/total, rate and time left, drawn
+/// on stderr only when stderr is a terminal; logs and scripts get the summary line alone.
 pub fn progress_bar(total: u64, unit: &str) -> ProgressBar {
-    let target = if std::io::stderr().is_terminal() {
+    bar(total, &format!("{{human_pos}}/{{human_len}} {unit} {{per_sec}}"))
+}
+
+/// [`progress_bar`] counting bytes (backup, restore); without a total (a stream whose length
+/// is known only at its end), bytes and rate alone.
+pub fn progress_bytes(total: Option<u64>) -> ProgressBar {
+    match total {
+        Some(total) => bar(total, "{bytes}/{total_bytes} {binary_bytes_per_sec}"),
+        None => {
+            let style = ProgressStyle::with_template("{elapsed_precise} {spinner} {bytes} {binary_bytes_per_sec}")
+                .unwrap_or_else(|_| ProgressStyle::default_spinner());
+            ProgressBar::with_draw_target(None, target()).with_style(style)
+        }
+    }
+}
+
+/// stderr when it is a terminal; nowhere otherwise.
+fn target() -> ProgressDrawTarget {
+    if std::io::stderr().is_terminal() {
         ProgressDrawTarget::stderr_with_hz(4)
     } else {
         ProgressDrawTarget::hidden()
-    };
-    let template =
-        format!("{{elapsed_precise}} [{{bar:30}}] {{human_pos}}/{{human_len}} {unit} {{per_sec}} ETA {{eta}}");
+    }
+}
+
+fn bar(total: u64, counts: &str) -> ProgressBar {
+    let template = format!("{{elapsed_precise}} [{{bar:30}}] {counts} ETA {{eta}}");
     let style = ProgressStyle::with_template(&template).unwrap_or_else(|_| ProgressStyle::default_bar());
-    ProgressBar::with_draw_target(Some(total), target).with_style(style.progress_chars("=> "))
+    ProgressBar::with_draw_target(Some(total), target()).with_style(style.progress_chars("=> "))
 }

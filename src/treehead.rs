@@ -109,6 +109,23 @@ impl TreeHead {
     }
 }
 
+/// A node public key given on a command line: a file holding its hex (a node's `node.pub`) or
+/// the 64 hex digits themselves.
+pub fn read_key(given: &str) -> Result<VerifyingKey, String> {
+    let text = if std::path::Path::new(given).exists() {
+        std::fs::read_to_string(given).map_err(|e| format!("{given}: {e}"))?
+    } else {
+        given.to_string()
+    };
+    parse_key(&text).ok_or_else(|| format!("{given}: not a file or 64 hex digits of an ed25519 public key"))
+}
+
+/// An ed25519 public key from its hex.
+pub fn parse_key(hex_text: &str) -> Option<VerifyingKey> {
+    let bytes: [u8; 32] = hex::decode(hex_text.trim()).ok()?.try_into().ok()?;
+    VerifyingKey::from_bytes(&bytes).ok()
+}
+
 /// The value of the first part named `name`.
 pub fn part<'a>(parts: &'a [Value], name: &str) -> Option<&'a Value> {
     parts.iter().find(|p| p["name"] == name)

@@ -18,6 +18,7 @@
 #![deny(missing_docs)]
 
 pub mod audit;
+pub mod backup;
 #[cfg(feature = "bench")]
 pub mod bench;
 mod cluster;
@@ -112,6 +113,8 @@ pub struct Ledger {
     pool: transport::client::Pool,
     me: Node,
     dir: std::path::PathBuf,
+    /// A handle on the state machine Raft drives, for backups.
+    sm: state_machine::StateMachine,
 }
 
 /// Where a read barrier left a read: which node serves it, at which term, and what it waited
@@ -200,6 +203,7 @@ impl Ledger {
         let state = split_store::SplitStore::new(db.tree("state")?, Arc::new(lookup));
         let sm = state_machine::StateMachine::open(Arc::new(state), dir.join("snapshots"), log.bodies())?;
         let view = sm.view();
+        let sm_handle = sm.clone();
         let config = openraft::Config {
             cluster_name: "fhir-ledger".into(),
             heartbeat_interval: 250,
@@ -246,7 +250,7 @@ impl Ledger {
         }
         let pool = transport::client::Pool::new(shared.clone());
         let proposer = Proposer::start(raft.clone(), node_id, key, pool.clone());
-        Ok(Self { raft, node_id, view, proposer, transport: shared, pool, me, dir: dir.to_path_buf() })
+        Ok(Self { raft, node_id, view, proposer, transport: shared, pool, me, dir: dir.to_path_buf(), sm: sm_handle })
     }
 
     /// A directory of this node's own beside its stores (`local/<name>`), for data the node

@@ -50,6 +50,9 @@ pub struct Writer {
     out: Hashing<BufWriter<File>>,
     tmp: PathBuf,
     path: PathBuf,
+    /// fsync at the end: a snapshot the node keeps must survive a crash; a backup a client
+    /// streams off the node and then deletes need not.
+    durable: bool,
 }
 
 impl Writer {
@@ -58,13 +61,22 @@ impl Writer {
         fs::create_dir_all(dir)?;
         let path = dir.join(file_name(meta));
         let tmp = path.with_extension("tmp");
+        Self::start(tmp, path, meta, true)
+    }
+
+    /// Writes `path` in place, not made durable: a backup, which a client reads as it grows.
+    pub fn create_at(path: &Path, meta: &Meta) -> io::Result<Self> {
+        Self::start(path.to_path_buf(), path.to_path_buf(), meta, false)
+    }
+
+    fn start(tmp: PathBuf, path: PathBuf, meta: &Meta, durable: bool) -> io::Result<Self> {
         let mut out = Hashing { inner: BufWriter::with_capacity(1 << 20, File::create(&tmp)?), hasher: Sha256::new() };
         out.write_all(MAGIC)?;
         out.write_all(&FORMAT.to_be_bytes())?;
         let meta = bincode::serialize(meta).map_err(|e| invalid_data(e.to_string()))?;
         out.write_all(&(meta.len() as u32).to_be_bytes())?;
         out.write_all(&meta)?;
-        Ok(Self { out, tmp, path })
+        Ok(Self { out, tmp, path, durable })
     }
 
     pub fn record(&mut self, key: &[u8], value: &[u8]) -> io::Result<()> {
@@ -83,9 +95,11 @@ impl Writer {
         let digest = self.out.hasher.finalize_reset();
         let mut file = self.out.inner.into_inner().map_err(std::io::IntoInnerError::into_error)?;
         file.write_all(&digest)?;
-        file.sync_all()?;
-        fs::rename(&self.tmp, &self.path)?;
-        sync_dir(self.path.parent().unwrap_or(Path::new(".")))?;
+        if self.durable {
+            file.sync_all()?;
+            fs::rename(&self.tmp, &self.path)?;
+            sync_dir(self.path.parent().unwrap_or(Path::new(".")))?;
+        }
         Ok(self.path)
     }
 }

@@ -585,7 +585,7 @@ struct StoredSnapshot {
 
 /// Set while a received snapshot is being loaded: names the file, so that a crash midway is
 /// finished by loading it again at the next open.
-const META_INSTALLING: &[u8] = b"m/installing";
+pub(crate) const META_INSTALLING: &[u8] = b"m/installing";
 /// Bytes of state written per batch while loading or clearing (bounds memory).
 const LOAD_BATCH_BYTES: usize = 16 * 1024 * 1024;
 
@@ -598,6 +598,8 @@ pub struct StateMachine {
     /// While a snapshot is being built: the value every key apply changed had at the
     /// snapshot's point (`None`: absent then), kept before apply's first write to it.
     undo: Undo,
+    /// One build at a time (openraft's snapshots and backups): each has its point and its undo.
+    build: Arc<Mutex<()>>,
 }
 
 type Undo = Arc<std::sync::Mutex<Option<BTreeMap<Vec<u8>, Option<Vec<u8>>>>>>;
@@ -639,6 +641,7 @@ impl StateMachine {
             view: StateView { kv, snap_dir: Arc::new(snap_dir), bodies },
             lock: Arc::new(Mutex::new(())),
             undo: Arc::default(),
+            build: Arc::new(Mutex::new(())),
         })
     }
 
@@ -652,7 +655,7 @@ impl StateMachine {
             tracing::warn!(%file, "finishing a snapshot install that a crash interrupted");
             let path = sm.view.snap_dir.join(&file);
             let meta = crate::snapshot::check(&path)?;
-            load_snapshot(sm.view.kv.as_ref(), &path, &meta, &file)?;
+            load_snapshot(sm.view.kv.as_ref(), &path, &meta, &file, &mut |_| {})?;
             sm.view.bodies.set_referenced_from(bodies_from(&meta));
         }
         let moved = reconcile_lookup(sm.view.kv.as_ref())?;
@@ -968,7 +971,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             wb.put(META_INSTALLING.to_vec(), encode(&name)?);
             kv.apply(wb)?;
             kv.flush()?;
-            load_snapshot(kv.as_ref(), &path, &meta, &name)?;
+            load_snapshot(kv.as_ref(), &path, &meta, &name, &mut |_| {})?;
             // Flushed: the log may now drop the segments before the snapshot.
             sm.view.bodies.set_referenced_from(bodies_from(&meta));
             sm.remove_stale_files()
@@ -1005,6 +1008,7 @@ pub(crate) fn load_snapshot(
     path: &std::path::Path,
     meta: &SnapshotMeta<NodeId, Node>,
     name: &str,
+    progress: &mut dyn FnMut(u64),
 ) -> io::Result<()> {
     let mut wb = WriteBatch::default();
     let mut bytes = 0;
@@ -1023,11 +1027,14 @@ pub(crate) fn load_snapshot(
     kv.apply(std::mem::take(&mut wb))?;
     bytes = 0;
     let (mut reader, _) = crate::snapshot::Reader::new(std::fs::File::open(path)?)?;
+    let mut loaded = 0u64;
     while let Some((k, v)) = reader.next_record()? {
         bytes += k.len() + v.len();
         wb.put(k, v);
         if bytes >= LOAD_BATCH_BYTES {
             kv.apply(std::mem::take(&mut wb))?;
+            loaded += bytes as u64;
+            progress(loaded);
             bytes = 0;
         }
     }
@@ -1048,12 +1055,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     /// the point kept first (`undo`), and the stream takes that value instead.
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
         let started = tokio::time::Instant::now(); // timing only: the state never sees it
-        let (meta, frontier) = self.snapshot_point().await.map_err(sio)?;
-        let sm = self.clone();
-        let m = meta.clone();
-        let built = tokio::task::spawn_blocking(move || sm.write_snapshot(&m, &frontier)).await;
-        *self.undo.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
-        let path = built.map_err(|e| sio(io::Error::other(e.to_string())))?.map_err(sio)?;
+        let (meta, _, path) = self.build_into(None, |_, _| {}).await.map_err(sio)?;
         let file = tokio::fs::File::open(&path).await.map_err(sio)?;
         metrics::histogram!(crate::SNAPSHOT_DURATION, "kind" => "build").record(started.elapsed());
         Ok(Snapshot { meta, snapshot: Box::new(file) })
@@ -1061,6 +1063,28 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
 }
 
 impl StateMachine {
+    /// Builds a snapshot of the last applied state while apply goes on: into the snapshot
+    /// directory as the node's current snapshot (`backup` None), or into the file `backup`,
+    /// leaving the node's snapshots as they are. `point` hears of the point once it is taken.
+    pub(crate) async fn build_into(
+        &self,
+        backup: Option<PathBuf>,
+        point: impl FnOnce(&SnapshotMeta<NodeId, Node>, &Frontier),
+    ) -> io::Result<(SnapshotMeta<NodeId, Node>, Frontier, PathBuf)> {
+        let _one = self.build.clone().lock_owned().await;
+        let (meta, frontier) = self.snapshot_point().await?;
+        point(&meta, &frontier);
+        let (sm, m, f) = (self.clone(), meta.clone(), frontier.clone());
+        let built = tokio::task::spawn_blocking(move || match backup {
+            None => sm.write_snapshot(&m, &f),
+            Some(path) => sm.stream_snapshot(crate::snapshot::Writer::create_at(&path, &m)?, &f),
+        })
+        .await;
+        *self.undo.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+        let path = built.map_err(|e| io::Error::other(e.to_string()))??;
+        Ok((meta, frontier, path))
+    }
+
     /// Takes a snapshot's point between two applies, and has apply keep undo from then on.
     pub(crate) async fn snapshot_point(&self) -> io::Result<(SnapshotMeta<NodeId, Node>, Frontier)> {
         let _guard = self.lock.lock().await;
@@ -1085,9 +1109,21 @@ impl StateMachine {
 
     /// The state at `m`'s point into a snapshot file, recorded as the current snapshot.
     pub(crate) fn write_snapshot(&self, m: &SnapshotMeta<NodeId, Node>, frontier: &Frontier) -> io::Result<PathBuf> {
+        let path = self.stream_snapshot(crate::snapshot::Writer::create(&self.view.snap_dir, m)?, frontier)?;
+        let mut wb = WriteBatch::default();
+        let file = crate::snapshot::file_name(m);
+        wb.put(META_SNAPSHOT.to_vec(), encode(&StoredSnapshot { meta: m.clone(), file })?);
+        let kv = self.view.kv.as_ref();
+        kv.apply(wb)?;
+        kv.flush()?;
+        self.remove_stale_files()?;
+        Ok(path)
+    }
+
+    /// The state at the point `frontier` belongs to into `w`.
+    fn stream_snapshot(&self, mut w: crate::snapshot::Writer, frontier: &Frontier) -> io::Result<PathBuf> {
         let kv = self.view.kv.as_ref();
         let undo = || self.undo.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let mut w = crate::snapshot::Writer::create(&self.view.snap_dir, m)?;
         let mut taken = BTreeSet::new();
         for entry in kv.scan_prefix_shared(b"") {
             let (k, v) = entry?;
@@ -1122,13 +1158,6 @@ impl StateMachine {
         }
         // The frontier is state too (not a snapshot-meta key): keep it.
         w.record(META_FRONTIER, &encode(frontier)?)?;
-        let path = w.finish()?;
-        let mut wb = WriteBatch::default();
-        let file = crate::snapshot::file_name(m);
-        wb.put(META_SNAPSHOT.to_vec(), encode(&StoredSnapshot { meta: m.clone(), file })?);
-        kv.apply(wb)?;
-        kv.flush()?;
-        self.remove_stale_files()?;
-        Ok(path)
+        w.finish()
     }
 }

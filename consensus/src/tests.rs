@@ -197,7 +197,7 @@ async fn a_snapshot_is_its_point_in_time_while_apply_goes_on() {
     let path = sm.write_snapshot(&meta, &frontier).unwrap();
 
     let (_l, _, loaded) = fresh();
-    crate::state_machine::load_snapshot(loaded.as_ref(), &path, &meta, "test").unwrap();
+    crate::state_machine::load_snapshot(loaded.as_ref(), &path, &meta, "test", &mut |_| {}).unwrap();
     // A snapshot carries the bodies (a follower installing it has not the log entries that
     // hold them), so records compare with their bodies read.
     let dump = |t: &Arc<dyn KvStore>, sm: &StateMachine| {
@@ -632,7 +632,7 @@ async fn records_reference_their_bodies_in_the_log_and_snapshots_carry_them() {
     let path = sm.write_snapshot(&meta, &frontier).unwrap();
     // Another node with an empty log loads the snapshot and reads the same bodies.
     let (_o, other, otree) = fresh();
-    crate::state_machine::load_snapshot(otree.as_ref(), &path, &meta, "test").unwrap();
+    crate::state_machine::load_snapshot(otree.as_ref(), &path, &meta, "test", &mut |_| {}).unwrap();
     let stored: StoredRecord =
         bincode::deserialize(&otree.get(&[b"r".as_slice(), &1u64.to_be_bytes()].concat()).unwrap().unwrap()).unwrap();
     assert_eq!(stored.body, BodyAt::Inline(b"a2".to_vec()));

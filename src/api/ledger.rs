@@ -31,8 +31,14 @@ fn param(name: &str, kind: &str, value: Json) -> Json {
 /// same tree (so an auditor can require a quorum of node keys rather than trust one server).
 pub async fn signed_head(repo: &Repo) -> Result<TreeHead, FhirError> {
     let frontier = repo.view().frontier()?;
+    Ok(signed_head_at(repo, frontier.size, frontier.root()).await)
+}
+
+/// A head of the tree at `size` with `root` (a tree this node holds or held: a backup's),
+/// signed by this node and cosigned by every other voter whose tree has that root at `size`.
+pub async fn signed_head_at(repo: &Repo, size: u64, root: consensus::merkle::Hash) -> TreeHead {
     let node = repo.node_id().to_string();
-    let mut head = TreeHead::signed(frontier.size, frontier.root(), crate::fhir::now_ms(), &node, repo.signer());
+    let mut head = TreeHead::signed(size, root, crate::fhir::now_ms(), &node, repo.signer());
     for (id, public_key, signature) in repo.ledger().cosign_head(head.size, head.root, head.timestamp_ms).await {
         let key = hex::decode(&public_key).ok().and_then(|k| k.try_into().ok());
         let sig = signature.try_into().ok();
@@ -40,10 +46,10 @@ pub async fn signed_head(repo: &Repo) -> Result<TreeHead, FhirError> {
             head.signatures.push(crate::treehead::HeadSignature { node: id.to_string(), public_key, signature });
         }
     }
-    Ok(head)
+    head
 }
 
-fn parameters(parameter: Vec<Json>) -> Json {
+pub fn parameters(parameter: Vec<Json>) -> Json {
     Json::obj(vec![("resourceType", s("Parameters")), ("parameter", Json::Array(parameter))])
 }
 

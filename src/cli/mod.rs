@@ -3,6 +3,7 @@
 //! a supply-chain partner (`epcis`).
 
 pub mod auth;
+pub mod backup;
 pub mod cluster;
 pub mod epcis;
 pub mod export;

@@ -180,16 +180,7 @@ impl Trusted {
 fn trusted_keys(trust: &Trust) -> Result<Trusted, Failure> {
     let mut keys = Vec::new();
     for k in &trust.keys {
-        let text = if Path::new(k).exists() {
-            std::fs::read_to_string(k).map_err(|e| Unchecked(format!("{k}: {e}")))?
-        } else {
-            k.clone()
-        };
-        let bytes: [u8; 32] = hex::decode(text.trim())
-            .ok()
-            .and_then(|b| b.try_into().ok())
-            .ok_or_else(|| Unchecked(format!("{k}: not a file or 64 hex digits of an ed25519 public key")))?;
-        let key = VerifyingKey::from_bytes(&bytes).map_err(|e| Unchecked(format!("{k}: {e}")))?;
+        let key = treehead::read_key(k).map_err(Unchecked)?;
         if !keys.contains(&key) {
             keys.push(key);
         }

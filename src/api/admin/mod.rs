@@ -1,6 +1,7 @@
 //! The cluster admin API (`/admin/...`), used by `fhir-ledger cluster`. Not FHIR: plain JSON
 //! in, JSON out, errors as OperationOutcome. Every call needs the node's admin bearer token.
 
+pub mod backup;
 pub mod users;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -23,11 +24,18 @@ pub struct AdminConfig {
     pub fault_injection: bool,
     /// Fingerprint of the cluster secrets (KEK, index key): equal on every node of a cluster.
     pub secrets_id: String,
+    /// The backups this process took.
+    pub backups: std::sync::Arc<backup::Backups>,
 }
 
 impl AdminConfig {
     pub fn new(token: &str, fault_injection: bool, secrets_id: String) -> Self {
-        Self { token_sha256: Sha256::digest(token.as_bytes()).into(), fault_injection, secrets_id }
+        Self {
+            token_sha256: Sha256::digest(token.as_bytes()).into(),
+            fault_injection,
+            secrets_id,
+            backups: std::sync::Arc::default(),
+        }
     }
 }
 
@@ -43,6 +51,11 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .route("/cluster/nodes/{id}", web::delete().to(remove))
             .route("/faults", web::put().to(faults))
             .route("/reindex", web::post().to(reindex))
+            .route("/backups", web::post().to(backup::create))
+            .route("/backups", web::get().to(backup::list))
+            .route("/backups/{id}/snapshot", web::get().to(backup::download))
+            .route("/backups/{id}", web::get().to(backup::one))
+            .route("/backups/{id}", web::delete().to(backup::delete))
             .default_service(web::to(|| async {
                 FhirError::new(ErrorCode::NotFound, "no such admin endpoint").error_response()
             })),
