@@ -617,6 +617,10 @@ async fn new_node_catches_up_by_snapshot() {
             loaded.push(e["response"]["location"].as_str().unwrap().split("/_history").next().unwrap().to_string());
         }
     }
+    // An online backup of a follower, before the log is compacted past it.
+    let saved = cluster.root.path().join("backup-of-2");
+    let (ok, out) = backup_cli(&["backup", "--node", &cluster.members[1].api, "--to", saved.to_str().unwrap()]);
+    assert!(ok && out.contains("head signed by 3 of 3 voters"), "backup: {out}");
     let h = History::new();
     for k in 0..40 {
         write(&http, &h, 0, &cluster.members[k % 3].api, &format!("reg-{k}"), k as u64).await;
@@ -693,7 +697,50 @@ async fn new_node_catches_up_by_snapshot() {
     assert!(ok && out.contains("   5  voter"), "rejoin: {out}");
     cluster.converged().await;
     write(&http, &h, 0, &cluster.members[five].api, "reg-0", 99).await;
+
+    // A node restored from the backup (the cluster's secrets, a key of its own) joins as a new
+    // member: the leader compacted past the backup's last entry, so it catches up by snapshot.
+    let six = cluster.root.path().join("node6");
+    let secrets = cluster.root.path().join("secrets");
+    let (ok, out) = backup_cli(&[
+        "restore",
+        "--from",
+        saved.to_str().unwrap(),
+        "--data-dir",
+        six.to_str().unwrap(),
+        "--keys-from",
+        secrets.to_str().unwrap(),
+    ]);
+    assert!(ok && out.contains("cluster join"), "restore: {out}");
+    let backed_up: Value = serde_json::from_slice(&std::fs::read(saved.join("backup.json")).unwrap()).unwrap();
+    let backed_up = backed_up["snapshot"]["lastLogIndex"].as_u64().unwrap();
+    let six = cluster.launch(6);
+    let s6 = cluster.status(six).await.unwrap();
+    assert_eq!(s6["snapshot"].as_u64(), Some(backed_up), "node 6 starts from the backup: {s6}");
+    let (ok, out) = cli(&["join", "--node", &cluster.members[0].api, "--new", &cluster.members[six].api]);
+    assert!(ok && out.contains("   6  learner"), "join of the restored node: {out}");
+    let s6 = cluster.status(six).await.unwrap();
+    assert!(s6["snapshot"].as_u64() > Some(backed_up), "node 6 caught up by a snapshot: {s6}");
+    cluster.converged().await;
+    let (a, b) = (&cluster.members[0].api, &cluster.members[six].api);
+    for loc in loaded.iter().step_by(11) {
+        let rel = loc.rsplitn(3, '/').take(2).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("/");
+        let x = http.get(format!("{a}/{rel}")).send().await.unwrap().text().await.unwrap();
+        let y = http.get(format!("{b}/{rel}")).send().await.unwrap().text().await.unwrap();
+        assert_eq!(x, y, "{rel} on the restored node");
+    }
     check_history(&cluster, &h, 40).await;
+}
+
+/// `fhir-ledger backup|restore …` with the cluster's admin token: (success, stdout and stderr).
+fn backup_cli(args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_fhir-ledger"))
+        .args(args)
+        .env("FHIR_LEDGER_ADMIN_TOKEN", TOKEN)
+        .output()
+        .expect("run fhir-ledger");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
 }
 
 /// A follower that forwarded to a leader before it was killed forwards to the new leader

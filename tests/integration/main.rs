@@ -8,6 +8,7 @@
 mod attack;
 mod auth;
 mod auth_server;
+mod backup;
 mod bulk;
 mod cluster;
 mod door;

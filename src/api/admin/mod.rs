@@ -148,7 +148,10 @@ pub struct NodeInfo {
 
 async fn node(_: Administrator, state: web::Data<AppState>) -> Result<HttpResponse, FhirError> {
     let ledger = state.repo.ledger();
-    let initialized = ledger.is_initialized().await.unwrap_or(false);
+    // A member of a cluster. A node restored from another member's backup holds that
+    // cluster's state but is not in its membership: it may join as a new member.
+    let initialized =
+        ledger.is_initialized().await.unwrap_or(false) && ledger.status().nodes.contains_key(&ledger.node_id());
     Ok(json(&NodeInfo {
         node_id: ledger.node_id(),
         node: ledger.this_node(),
