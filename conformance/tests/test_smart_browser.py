@@ -200,3 +200,61 @@ def test_consent_in_browser_then_withdraw_in_portal(smart_base, smart_admin, sma
     assert r.status_code == 401, f"after withdrawing, the app's token still gets {r.status_code}"
     assert 'error="invalid_token"' in r.headers.get("WWW-Authenticate", ""), r.headers
     assert smart_backend.read(t["consent"])["status"] != "active"
+
+
+def test_operator_console_in_browser(smart_base, smart_admin, patient_user, browser, artifacts):
+    """The operator console: a sign-in with the admin token (a wrong one is refused), then the
+    cluster's members, the signed tree head with its valid signature, metrics tiles, the newest
+    leaves (no patient's id or name among them) and the backup just taken, each displayed."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(browser, WAIT)
+    token = os.environ["SMART_ADMIN_TOKEN"]
+    # A backup to list (started, streamed, then deleted by the client: "saved by the client").
+    started = smart_admin.http.post(smart_base + "/admin/backups")
+    assert started.status_code == 202, started.text
+    backup = started.json()
+    streamed = smart_admin.http.get(smart_base + backup["snapshot"])
+    assert streamed.status_code == 200 and streamed.content.startswith(b"FHLSNAP\0"), streamed.status_code
+    assert smart_admin.http.delete(smart_base + f"/admin/backups/{backup['id']}").status_code == 204
+
+    browser.get(smart_base + "/console")
+    wait.until(EC.element_to_be_clickable((By.ID, "console-submit")))
+    browser.find_element(By.ID, "token").send_keys("not-the-token")
+    browser.find_element(By.ID, "console-submit").click()
+    wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "p.error")))
+    assert not browser.find_elements(By.ID, "members"), "a wrong token opens nothing"
+    browser.find_element(By.ID, "token").send_keys(token)
+    browser.find_element(By.ID, "console-submit").click()
+    wait.until(EC.presence_of_element_located((By.ID, "members")))
+
+    summary = browser.find_element(By.ID, "summary").text
+    assert re.search(r"Node \d+ is leader in term \d+", summary), summary
+    members = browser.find_elements(By.CSS_SELECTOR, "#members tr.member")
+    assert members and all(m.is_displayed() for m in members), len(members)
+    assert "leader" in members[0].text and "(this node)" in members[0].text, members[0].text
+    head = browser.find_element(By.ID, "tree-head").text
+    assert re.search(r"Size \d+, root [0-9a-f]{64}", head), head
+    sigs = browser.find_elements(By.CSS_SELECTOR, "#tree-head tr.cosignature")
+    assert sigs and all("valid, a member's key" in s.text for s in sigs), [s.text for s in sigs]
+    tiles = {t.text.split("\n", 1)[1]: t.text.split("\n", 1)[0]
+             for t in browser.find_elements(By.CSS_SELECTOR, "#metrics .tile") if "\n" in t.text}
+    assert int(tiles["requests"]) > 0 and int(tiles["ledger leaves"]) > 0, tiles
+    leaves = browser.find_elements(By.CSS_SELECTOR, "#recent-leaves tr.leaf")
+    assert len(leaves) == 15 and all(l.is_displayed() for l in leaves), len(leaves)
+    page = browser.find_element(By.TAG_NAME, "body").text
+    assert patient_user.id not in page and patient_user.family not in page, "the page names a patient"
+    backups = browser.find_elements(By.CSS_SELECTOR, "#backups tr.backup")
+    assert any(backup["id"][:12] in b.text and "saved by the client" in b.text for b in backups), \
+        [b.text for b in backups]
+    # The JSON the page links to opens with the console's session, and only to read.
+    browser.get(smart_base + "/admin/backups")
+    assert backup["id"] in browser.find_element(By.TAG_NAME, "body").text
+    browser.get(smart_base + "/console")
+    wait.until(EC.presence_of_element_located((By.ID, "recent-leaves")))
+    shot = os.path.join(artifacts, "operator-console.png")
+    assert browser.save_screenshot(shot)
+    png = png_summary(shot)
+    assert png["width"] >= 800 and png["colours"] >= 16 and png["dominant"] < 0.995, png

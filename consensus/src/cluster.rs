@@ -72,6 +72,8 @@ pub struct Status {
     pub replication: Option<BTreeMap<NodeId, Replication>>,
     /// Follower: ms since a leader last replicated to it (see [`Ledger::staleness`]).
     pub staleness_ms: Option<u64>,
+    /// Ms since each peer last answered a Raft RPC of this node's (on a leader: its followers).
+    pub last_contact_ms: BTreeMap<NodeId, u64>,
     /// Inter-node connections and frames refused (bad key, not a member, replay).
     pub refused_rpcs: u64,
 }
@@ -200,6 +202,12 @@ impl Ledger {
             nodes,
             replication,
             staleness_ms: self.staleness().map(|d| d.as_millis() as u64),
+            last_contact_ms: self
+                .transport
+                .since_peer_contact()
+                .into_iter()
+                .map(|(p, d)| (p, d.as_millis() as u64))
+                .collect(),
             refused_rpcs: self.transport.refused.load(std::sync::atomic::Ordering::Relaxed),
         }
     }

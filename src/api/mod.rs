@@ -5,6 +5,7 @@ pub mod admin;
 pub mod authz;
 pub mod bulk;
 pub mod bundle;
+pub mod console;
 pub mod everything;
 pub mod history;
 pub mod import;
@@ -57,6 +58,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     admin::configure(cfg);
     smart::configure(cfg);
     portal::configure(cfg);
+    console::configure(cfg);
     monitor::configure(cfg);
     cfg.service(fhir_routes());
 }

@@ -239,3 +239,47 @@ async fn load_puts_bundles_and_ndjson_into_a_node() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("1 request(s) failed"));
 }
+
+/// The operator console: a sign-in page for anyone without the admin token (a wrong token is
+/// a 401); the token (form or bearer) opens the page with every section; its cookie is
+/// HttpOnly and SameSite=Strict, opens the admin API's reads (`GET /admin/backups`) but never
+/// a change (`POST` stays 401).
+#[tokio::test]
+async fn operator_console_behind_the_admin_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("node");
+    let p = Proc::start(dir.path(), &["--auth", "off", "--data-dir", data.to_str().unwrap()], &[]);
+    let http = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+    let (status, body) = get(&format!("{}/console", p.base), None).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("console-login") && !body.contains("id=\"members\""), "a sign-in page only: {body}");
+    let wrong = http.post(format!("{}/console/login", p.base)).form(&[("token", "nope")]).send().await.unwrap();
+    assert_eq!(wrong.status(), 401);
+    assert!(wrong.headers().get("set-cookie").is_none());
+    let ok = http.post(format!("{}/console/login", p.base)).form(&[("token", ADMIN)]).send().await.unwrap();
+    assert_eq!(ok.status(), 303);
+    let cookie = ok.headers()["set-cookie"].to_str().unwrap().to_string();
+    assert!(cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"), "{cookie}");
+    let session = cookie.split(';').next().unwrap().to_string();
+    let page = http.get(format!("{}/console", p.base)).header("cookie", &session).send().await.unwrap();
+    assert_eq!(page.status(), 200);
+    let page = page.text().await.unwrap();
+    for section in ["summary", "members", "tree-head", "metrics", "recent-leaves", "backups"] {
+        assert!(page.contains(&format!("id=\"{section}\"")), "section {section} missing: {page}");
+    }
+    let (status, body) = get(&format!("{}/console", p.base), Some(ADMIN)).await;
+    assert!(status == 200 && body.contains("id=\"tree-head\""), "the bearer token opens it too");
+    let (status, _) = get(&format!("{}/console", p.base), Some("wrong")).await;
+    assert_eq!(status, 200, "a wrong bearer token gets the sign-in page");
+    let read = http.get(format!("{}/admin/backups", p.base)).header("cookie", &session).send().await.unwrap();
+    assert_eq!(read.status(), 200, "the session reads the admin API");
+    let change = http.post(format!("{}/admin/backups", p.base)).header("cookie", &session).send().await.unwrap();
+    assert_eq!(change.status(), 401, "the session changes nothing");
+    let forged = http
+        .get(format!("{}/admin/backups", p.base))
+        .header("cookie", "fl_console=99999999999999.00")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forged.status(), 401, "a forged session reads nothing");
+}

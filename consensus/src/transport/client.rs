@@ -126,6 +126,7 @@ impl PeerClient {
         let mut conn = conn;
         let reply =
             conn.call_within(&rpc, ttl, self.target).await.map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        self.shared.heard_from_peer(self.target);
         self.conn = Some(conn);
         Ok(reply)
     }

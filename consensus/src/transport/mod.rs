@@ -94,6 +94,8 @@ pub struct Shared {
     started: Instant,
     /// Milliseconds after `started` when an AppendEntries from a leader last succeeded.
     leader_contact_ms: AtomicU64,
+    /// Milliseconds after `started` when each peer last answered a Raft RPC of this node's.
+    peer_contact_ms: std::sync::Mutex<BTreeMap<NodeId, u64>>,
     /// RPCs and handshakes refused (bad signature, unknown node, replay, isolation).
     pub refused: AtomicU64,
 }
@@ -110,6 +112,7 @@ impl Shared {
             isolated: RwLock::default(),
             started: Instant::now(),
             leader_contact_ms: AtomicU64::new(u64::MAX),
+            peer_contact_ms: std::sync::Mutex::default(),
             refused: AtomicU64::new(0),
         })
     }
@@ -143,6 +146,18 @@ impl Shared {
 
     pub(crate) fn heard_from_leader(&self) {
         self.leader_contact_ms.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    pub(crate) fn heard_from_peer(&self, peer: NodeId) {
+        let now = self.now_ms();
+        self.peer_contact_ms.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(peer, now);
+    }
+
+    /// How long ago each peer last answered a Raft RPC of this node's (a leader's followers).
+    pub fn since_peer_contact(&self) -> BTreeMap<NodeId, std::time::Duration> {
+        let now = self.now_ms();
+        let at = self.peer_contact_ms.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        at.iter().map(|(p, ms)| (*p, std::time::Duration::from_millis(now.saturating_sub(*ms)))).collect()
     }
 
     /// How long ago a leader last replicated to (or heartbeated) this node; None if never.

@@ -104,7 +104,50 @@ impl ResponseError for AdminRefused {
     }
 }
 
+/// The operator console's sign-in cookie: an expiry and an HMAC of it under the admin token's
+/// digest, so it is good for this token only and only until it expires.
+pub const CONSOLE_COOKIE: &str = "fl_console";
+const CONSOLE_TTL_MS: i64 = 8 * 3600 * 1000;
+
+fn console_mac(admin: &AdminConfig, expires_ms: i64) -> hmac::Hmac<Sha256> {
+    use hmac::Mac;
+    let mut mac = <hmac::Hmac<Sha256> as Mac>::new_from_slice(&admin.token_sha256).unwrap_or_else(|_| unreachable!());
+    mac.update(b"fhir-ledger console v1\0");
+    mac.update(&expires_ms.to_be_bytes());
+    mac
+}
+
+/// A console session for whoever just gave the admin token.
+pub fn console_cookie(admin: &AdminConfig, secure: bool) -> actix_web::cookie::Cookie<'static> {
+    use hmac::Mac;
+    let expires = crate::fhir::now_ms() + CONSOLE_TTL_MS;
+    let tag = hex::encode(console_mac(admin, expires).finalize().into_bytes());
+    actix_web::cookie::Cookie::build(CONSOLE_COOKIE, format!("{expires}.{tag}"))
+        .path("/")
+        .http_only(true)
+        // Strict: no other site's page can make the browser send it, so a session never
+        // carries a forged request.
+        .same_site(actix_web::cookie::SameSite::Strict)
+        .secure(secure)
+        .max_age(actix_web::cookie::time::Duration::milliseconds(CONSOLE_TTL_MS))
+        .finish()
+}
+
+/// Whether the request carries a console session that is still good.
+pub fn console_session(req: &HttpRequest, admin: &AdminConfig) -> bool {
+    use hmac::Mac;
+    let Some(cookie) = req.cookie(CONSOLE_COOKIE) else { return false };
+    let Some((expires, tag)) = cookie.value().split_once('.') else { return false };
+    let (Ok(expires), Ok(tag)) = (expires.parse::<i64>(), hex::decode(tag)) else { return false };
+    expires > crate::fhir::now_ms() && console_mac(admin, expires).verify_slice(&tag).is_ok()
+}
+
 fn authorize(req: &HttpRequest, state: &AppState) -> Result<(), FhirError> {
+    // The console's session opens what an operator reads (GET), never what changes the node.
+    let reading = matches!(*req.method(), actix_web::http::Method::GET | actix_web::http::Method::HEAD);
+    if reading && req.headers().get(header::AUTHORIZATION).is_none() && console_session(req, &state.admin) {
+        return Ok(());
+    }
     let given = req
         .headers()
         .get(header::AUTHORIZATION)
