@@ -13,5 +13,8 @@ cargo build --release --locked --workspace --all-targets
 echo "== cargo test: unit, in-process HTTP, real processes =="
 cargo test --release --locked --workspace
 
+echo "== install: cargo install --path ., then README's smoke test from outside the checkout =="
+bash tests/install_smoke.sh
+
 echo "== conformance: fhirclient, fhirpy, FHIR.js, @medplum/core, HAPI, fhir-sdk and the HL7 validator against real servers =="
 FHIR_LEDGER_BIN="$target/release/fhir-ledger" bash conformance/run.sh

@@ -102,7 +102,7 @@ pub fn init_logs(format: LogFormat) {
 /// work (`load`, `verify --data-dir`, `cluster reindex`): done/total, rate and time left, drawn
 /// on stderr only when stderr is a terminal; logs and scripts get the summary line alone.
 pub fn progress_bar(total: u64, unit: &str) -> ProgressBar {
-    bar(total, &format!("{{human_pos}}/{{human_len}} {unit} {{per_sec}}"))
+    bar(total, &format!("{{human_pos}}/{{human_len}} {unit} {{rate}}"))
 }
 
 /// [`progress_bar`] counting bytes (backup, restore); without a total (a stream whose length
@@ -129,6 +129,11 @@ fn target() -> ProgressDrawTarget {
 
 fn bar(total: u64, counts: &str) -> ProgressBar {
     let template = format!("{{elapsed_precise}} [{{bar:30}}] {counts} ETA {{eta}}");
-    let style = ProgressStyle::with_template(&template).unwrap_or_else(|_| ProgressStyle::default_bar());
+    let style = ProgressStyle::with_template(&template)
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        // Whole units per second: indicatif's own `per_sec` prints four decimals.
+        .with_key("rate", |s: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+            let _ = write!(w, "{:.0}/s", s.per_sec());
+        });
     ProgressBar::with_draw_target(Some(total), target()).with_style(style.progress_chars("=> "))
 }

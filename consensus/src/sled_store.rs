@@ -53,6 +53,7 @@ pub struct SledDb {
 
 impl SledDb {
     /// Opens (or creates) the database and checks its on-disk format version.
+    #[cfg(any(test, feature = "bench"))]
     pub fn open(dir: &Path) -> io::Result<Self> {
         Self::open_with_cache(dir, 512 * 1024 * 1024)
     }

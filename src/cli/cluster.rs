@@ -133,6 +133,32 @@ impl Admin {
     }
 }
 
+/// Runs `rebuild` while drawing the node's rebuild progress (`GET /admin/reindex`) on a bar.
+async fn with_progress(
+    admin: &Admin,
+    node: &str,
+    rebuild: impl std::future::Future<Output = anyhow::Result<Value>>,
+) -> anyhow::Result<Value> {
+    let bar = crate::telemetry::progress_bar(0, "leaves");
+    let poll = async {
+        loop {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            if let Ok(p) = admin.call(reqwest::Method::GET, node, "/admin/reindex", None).await {
+                if let (Some(done), Some(total)) = (p["done_leaves"].as_u64(), p["total_leaves"].as_u64()) {
+                    bar.set_length(total);
+                    bar.set_position(done);
+                }
+            }
+        }
+    };
+    let r = tokio::select! {
+        r = rebuild => r,
+        () = poll => unreachable!("the poll never ends"),
+    };
+    bar.finish_and_clear();
+    r
+}
+
 pub async fn run(args: ClusterArgs) -> anyhow::Result<()> {
     let token = args.token.context("the admin token is needed: --token or FHIR_LEDGER_ADMIN_TOKEN")?;
     // Joining waits until the new node caught up, which a large snapshot makes long.
@@ -148,7 +174,8 @@ pub async fn run(args: ClusterArgs) -> anyhow::Result<()> {
             }
         }
         ClusterCmd::Reindex { node } => {
-            let r = admin.call(reqwest::Method::POST, &node, "/admin/reindex", None).await?;
+            let rebuild = admin.call(reqwest::Method::POST, &node, "/admin/reindex", None);
+            let r = with_progress(&admin, &node, rebuild).await?;
             println!("reindexed {} resources in {} ms", r["resources"], r["millis"]);
         }
         ClusterCmd::Init { node, member } => {

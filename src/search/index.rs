@@ -140,6 +140,8 @@ pub struct Engine {
     /// each list of types, so each header is read once.
     clean_until: std::sync::Mutex<BTreeMap<String, u64>>,
     folding: std::sync::Mutex<()>,
+    /// While [`Engine::rebuild`] runs: leaves folded so far and leaves to fold (for progress).
+    rebuilding: std::sync::Mutex<Option<(u64, u64)>>,
 }
 
 /// Leaves folded per write batch: bounds the batch, and lets searches in between.
@@ -193,6 +195,7 @@ impl Engine {
             log_ranges: std::sync::Mutex::default(),
             clean_until: std::sync::Mutex::default(),
             folding: std::sync::Mutex::default(),
+            rebuilding: std::sync::Mutex::default(),
         };
         {
             let mut idx = engine.index.write().unwrap_or_else(PoisonError::into_inner);
@@ -332,6 +335,11 @@ impl Engine {
     }
 
     /// Rebuilds the whole index from the state (the `reindex` admin command).
+    /// While a rebuild runs: (leaves folded, leaves to fold).
+    pub fn rebuild_progress(&self) -> Option<(u64, u64)> {
+        *self.rebuilding.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     pub fn rebuild(&self) -> Result<usize, FhirError> {
         let _folding = self.folding.lock().unwrap_or_else(PoisonError::into_inner);
         let mut idx = self.index.write().unwrap_or_else(PoisonError::into_inner);
@@ -339,12 +347,21 @@ impl Engine {
         idx.next_leaf = 0;
         self.register_custom(&mut idx)?;
         let size = self.repo.view().leaf_count()?;
+        let progress = |done| *self.rebuilding.lock().unwrap_or_else(PoisonError::into_inner) = done;
+        progress(Some((0, size)));
         while idx.next_leaf < size {
-            match self.prepare(&idx, size)? {
-                Some(p) => Self::apply_prepared(&mut idx, p)?,
-                None => self.fold(&mut idx, size)?,
+            let step = match self.prepare(&idx, size) {
+                Ok(Some(p)) => Self::apply_prepared(&mut idx, p),
+                Ok(None) => self.fold(&mut idx, size),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = step {
+                progress(None);
+                return Err(e);
             }
+            progress(Some((idx.next_leaf, size)));
         }
+        progress(None);
         let mut n = 0;
         for t in idx.types.iter().map(String::as_str) {
             n += idx.store.ids(t)?.len();

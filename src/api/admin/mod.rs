@@ -51,6 +51,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .route("/cluster/nodes/{id}", web::delete().to(remove))
             .route("/faults", web::put().to(faults))
             .route("/reindex", web::post().to(reindex))
+            .route("/reindex", web::get().to(reindex_progress))
             .route("/backups", web::post().to(backup::create))
             .route("/backups", web::get().to(backup::list))
             .route("/backups/{id}/snapshot", web::get().to(backup::download))
@@ -211,6 +212,16 @@ async fn reindex(_: Administrator, state: web::Data<AppState>) -> Result<HttpRes
     let started = std::time::Instant::now();
     let n = web::block(move || search.rebuild()).await.map_err(FhirError::internal)??;
     Ok(json(&serde_json::json!({ "resources": n, "millis": started.elapsed().as_millis() as u64 })))
+}
+
+/// `GET /admin/reindex`: how far a running rebuild is (what `cluster reindex` draws).
+async fn reindex_progress(_: Administrator, state: web::Data<AppState>) -> HttpResponse {
+    let progress = state.search.rebuild_progress();
+    json(&serde_json::json!({
+        "running": progress.is_some(),
+        "done_leaves": progress.map(|p| p.0),
+        "total_leaves": progress.map(|p| p.1),
+    }))
 }
 
 async fn status(_: Administrator, state: web::Data<AppState>) -> Result<HttpResponse, FhirError> {
