@@ -69,6 +69,9 @@ pub struct ServeArgs {
     /// Allow `PUT /admin/faults` to cut this node off from peers (partition tests only).
     #[arg(long, env = "FHIR_LEDGER_FAULT_INJECTION")]
     pub fault_injection: bool,
+    /// Record no metrics and serve no `/metrics` (to measure what recording them costs).
+    #[arg(long, env = "FHIR_LEDGER_NO_METRICS")]
+    pub no_metrics: bool,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -95,6 +98,7 @@ struct FileConfig {
     secrets_dir: Option<PathBuf>,
     admin_token: Option<String>,
     fault_injection: Option<bool>,
+    metrics: Option<bool>,
 }
 
 /// Where no Consent of a patient speaks to a request.
@@ -159,6 +163,8 @@ pub struct Config {
     pub secrets_dir: PathBuf,
     pub admin_token: Option<String>,
     pub fault_injection: bool,
+    /// Whether requests, Raft and caches are recorded for `/metrics` (default on).
+    pub metrics: bool,
     /// The servers whose exports `$import` pulls (`[[trusted_peer]]`).
     pub trusted_peers: Vec<TrustedPeer>,
 }
@@ -215,6 +221,7 @@ impl Config {
             raft_listen,
             admin_token: args.admin_token.clone().or(file.admin_token).filter(|t| !t.is_empty()),
             fault_injection: args.fault_injection || file.fault_injection.unwrap_or(false),
+            metrics: !args.no_metrics && file.metrics.unwrap_or(true),
             trusted_peers: file.trusted_peer,
         };
         if cfg.max_body_bytes == 0 || cfg.workers == 0 || cfg.node_id == 0 || cfg.cache_bytes == 0 {

@@ -169,7 +169,9 @@ pub async fn serve(cfg: Config, node: Node, listener: TcpListener) -> anyhow::Re
         trusted_peers: cfg.trusted_peers.clone(),
         supply: std::sync::Arc::new(crate::supply::capture::Supply::new().map_err(anyhow::Error::msg)?),
     });
-    crate::telemetry::prometheus();
+    if cfg.metrics {
+        crate::telemetry::prometheus();
+    }
     let server = HttpServer::new(move || {
         App::new()
             .app_data(state.clone())

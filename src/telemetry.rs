@@ -76,6 +76,12 @@ pub fn prometheus() -> &'static PrometheusHandle {
     })
 }
 
+/// The recorder, if [`prometheus`] installed one (a server run with `--no-metrics` has none:
+/// every `metrics::` call is then a no-op).
+pub fn installed() -> Option<&'static PrometheusHandle> {
+    HANDLE.get()
+}
+
 /// How log lines are written.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {

@@ -52,6 +52,12 @@ pub struct AuthArgs {
     pub rounds: usize,
     #[arg(long)]
     pub json_out: Option<PathBuf>,
+    /// What to call the two servers in the report (the same bench compares `--no-metrics`
+    /// with metrics on).
+    #[arg(long, default_value = "auth off")]
+    pub plain_name: String,
+    #[arg(long, default_value = "SMART+consent")]
+    pub smart_name: String,
 }
 
 fn lines(p: &PathBuf) -> anyhow::Result<Arc<Vec<String>>> {
@@ -176,16 +182,17 @@ pub async fn run(args: AuthArgs) -> anyhow::Result<()> {
         let (tp, ts) = (mean(&tp), mean(&ts));
         let q = |h: &Histogram<u64>, x: f64| h.value_at_quantile(x) as f64;
         println!("{kind}s, open loop at {rate}/s ({} requests x {} rounds each):", args.requests, args.rounds);
-        print_latency(&format!("{kind} auth off "), &hp);
-        print_latency(&format!("{kind} SMART+consent"), &hs);
+        let (off, on) = (&args.plain_name, &args.smart_name);
+        print_latency(&format!("{kind} {off}"), &hp);
+        print_latency(&format!("{kind} {on}"), &hs);
         println!(
-            "  latency ratio SMART/off: p50 {:.2}x  p95 {:.2}x  p99 {:.2}x",
+            "  latency ratio {on}/{off}: p50 {:.2}x  p95 {:.2}x  p99 {:.2}x",
             q(&hs, 0.5) / q(&hp, 0.5),
             q(&hs, 0.95) / q(&hp, 0.95),
             q(&hs, 0.99) / q(&hp, 0.99)
         );
         println!(
-            "{kind}s, closed loop ({} clients, {} s x {} rounds): auth off {tp:.0}/s, SMART+consent {ts:.0}/s: cost per request {:.2}x",
+            "{kind}s, closed loop ({} clients, {} s x {} rounds): {off} {tp:.0}/s, {on} {ts:.0}/s: cost per request {:.2}x",
             args.clients,
             args.seconds,
             args.rounds,

@@ -113,7 +113,7 @@ const RECENT_LEAVES: u64 = 15;
 async fn render(state: &AppState) -> Result<Markup, FhirError> {
     let ledger = state.repo.ledger();
     let status = ledger.status();
-    let metrics = Scrape::parse(&super::monitor::render(state).await);
+    let metrics = Scrape::parse(&super::monitor::render(state).await.unwrap_or_default());
     let head = super::ledger::signed_head(&state.repo).await?;
     let view = ledger.view();
     let size = view.leaf_count()?;

@@ -166,11 +166,14 @@ fn shape(path: &str, is_type: &dyn Fn(&str) -> bool) -> (String, String) {
 /// `GET /metrics`: the process's metrics, with the node's Raft, ledger and queue gauges read
 /// at the moment of the scrape. Operators only: the admin token.
 pub async fn metrics(_: Administrator, state: web::Data<AppState>) -> Result<HttpResponse, FhirError> {
-    Ok(HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(render(&state).await))
+    let text = render(&state).await.ok_or_else(|| FhirError::not_found("/metrics (this node runs with --no-metrics)"))?;
+    Ok(HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(text))
 }
 
-/// Sets the gauges read at scrape time and renders every metric in Prometheus text.
-pub async fn render(state: &AppState) -> String {
+/// Sets the gauges read at scrape time and renders every metric in Prometheus text (None when
+/// the node records none).
+pub async fn render(state: &AppState) -> Option<String> {
+    let handle = telemetry::installed()?;
     let ledger = state.repo.ledger();
     let status = ledger.status();
     metrics::gauge!("fhir_ledger_raft_term").set(status.term as f64);
@@ -196,7 +199,7 @@ pub async fn render(state: &AppState) -> String {
     metrics::gauge!("fhir_ledger_search_index_folded_leaves").set(state.search.folded() as f64);
     state.repo.body_cache_lookups().publish("bodies");
     state.search.doc_cache_lookups().publish("documents");
-    telemetry::prometheus().render()
+    Some(handle.render())
 }
 
 /// Bytes of the files under `dir` (the ledger's stores, snapshots and segments).
