@@ -108,7 +108,6 @@ async fn open_keys_and_repo(
 /// Opens the node: keys, ledger, repository, search index and authorization.
 pub async fn open_node(cfg: &Config, api_addr: &str, raft: Option<TcpListener>) -> anyhow::Result<Node> {
     let (id, repo) = open_keys_and_repo(cfg, api_addr, raft).await?;
-    api::admin::backup::clear_leftovers(repo.ledger());
     let token = cfg.admin_token.clone().unwrap_or_else(|| id.admin_token.clone());
     let admin = AdminConfig::new(&token, cfg.fault_injection, id.secrets_id());
     let kek = id.kek;

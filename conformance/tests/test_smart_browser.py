@@ -212,13 +212,10 @@ def test_operator_console_in_browser(smart_base, smart_admin, patient_user, brow
 
     wait = WebDriverWait(browser, WAIT)
     token = os.environ["SMART_ADMIN_TOKEN"]
-    # A backup to list (started, streamed, then deleted by the client: "saved by the client").
-    started = smart_admin.http.post(smart_base + "/admin/backups")
-    assert started.status_code == 202, started.text
-    backup = started.json()
-    streamed = smart_admin.http.get(smart_base + backup["snapshot"])
+    # A backup to list: streamed whole in the answer to its POST ("sent whole").
+    streamed = smart_admin.http.post(smart_base + "/admin/backups")
     assert streamed.status_code == 200 and streamed.content.startswith(b"FHLSNAP\0"), streamed.status_code
-    assert smart_admin.http.delete(smart_base + f"/admin/backups/{backup['id']}").status_code == 204
+    backup = {"id": streamed.headers["X-Backup-Id"]}
 
     browser.get(smart_base + "/console")
     wait.until(EC.element_to_be_clickable((By.ID, "console-submit")))
@@ -247,7 +244,7 @@ def test_operator_console_in_browser(smart_base, smart_admin, patient_user, brow
     page = browser.find_element(By.TAG_NAME, "body").text
     assert patient_user.id not in page and patient_user.family not in page, "the page names a patient"
     backups = browser.find_elements(By.CSS_SELECTOR, "#backups tr.backup")
-    assert any(backup["id"][:12] in b.text and "saved by the client" in b.text for b in backups), \
+    assert any(backup["id"][:12] in b.text and "sent whole" in b.text for b in backups), \
         [b.text for b in backups]
     # The JSON the page links to opens with the console's session, and only to read.
     browser.get(smart_base + "/admin/backups")

@@ -1,25 +1,23 @@
 //! Online backup and offline restore of a node's ledger.
 //!
-//! A backup is a snapshot file like the ones followers install (format 1, bodies inline,
-//! SHA-256 trailer), built the same way while apply goes on (`StateMachine::build_into`), but
-//! written beside the node's own snapshots and never recorded as one: taking a backup neither
-//! compacts the log nor replaces the snapshot followers are sent. Restoring loads it into an
+//! A backup is a snapshot like the ones followers install (format 1, bodies inline, SHA-256
+//! trailer), built the same way while apply goes on (`StateMachine::build_into`), but streamed
+//! to the client as it is built and never recorded as the node's snapshot: taking a backup
+//! neither compacts the log nor replaces the snapshot followers are sent. Restoring loads it into an
 //! empty ledger directory as an install would; the node then starts at the backup's last
 //! applied entry and, in a cluster, catches up from the leader (by snapshot when the leader
 //! has compacted past it).
 
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use crate::kv::WriteBatch;
 use crate::merkle::{Frontier, Hash};
 use crate::snapshot::{self, Meta};
 
-/// A backup file a running node wrote, and the tree it holds.
+/// A backup a running node streamed, and the tree it holds.
 #[derive(Clone, Debug)]
 pub struct Backup {
-    /// The snapshot file.
-    pub path: PathBuf,
     /// Its last applied entry and membership.
     pub meta: Meta,
     /// Leaves in the backed-up tree.
@@ -29,13 +27,13 @@ pub struct Backup {
 }
 
 impl crate::Ledger {
-    /// A consistent copy of the state at the last applied entry, into the file `path`, while
-    /// the node goes on applying and serving. `point(size, root)` is told the tree the copy
-    /// holds as soon as its point is taken (the file then grows until this returns).
-    pub async fn backup(&self, path: &Path, point: impl FnOnce(u64, Hash)) -> io::Result<Backup> {
-        let (meta, frontier, path) =
-            self.sm.build_into(Some(path.to_path_buf()), |_, f| point(f.size, f.root())).await?;
-        Ok(Backup { path, meta, size: frontier.size, root: frontier.root() })
+    /// A consistent copy of the state at the last applied entry, written onto `out` as it is
+    /// built, while the node goes on applying and serving. `point(size, root)` is told the
+    /// tree the copy holds as soon as its point is taken. A slow `out` slows the build, not
+    /// apply (apply keeps undo for what it changes meanwhile).
+    pub async fn backup(&self, out: Box<dyn io::Write + Send>, point: impl FnOnce(u64, Hash)) -> io::Result<Backup> {
+        let (meta, frontier, _) = self.sm.build_into(Some(out), |_, f| point(f.size, f.root())).await?;
+        Ok(Backup { meta, size: frontier.size, root: frontier.root() })
     }
 }
 

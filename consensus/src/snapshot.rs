@@ -46,37 +46,49 @@ impl<W: Write> Write for Hashing<W> {
     }
 }
 
-pub struct Writer {
-    out: Hashing<BufWriter<File>>,
-    tmp: PathBuf,
-    path: PathBuf,
-    /// fsync at the end: a snapshot the node keeps must survive a crash; a backup a client
-    /// streams off the node and then deletes need not.
-    durable: bool,
+/// Writes a snapshot: into a file ([`Writer::create`], the node's own) or onto a stream
+/// ([`Writer::stream`], a backup on its way to a client).
+pub struct Writer<W: Write = File> {
+    out: Hashing<BufWriter<W>>,
+    /// (temporary name, final name) of a file.
+    names: Option<(PathBuf, PathBuf)>,
 }
 
-impl Writer {
+impl Writer<File> {
     /// Starts `dir/<file_name(meta)>`, written under a temporary name until [`Writer::finish`].
     pub fn create(dir: &Path, meta: &Meta) -> io::Result<Self> {
         fs::create_dir_all(dir)?;
         let path = dir.join(file_name(meta));
         let tmp = path.with_extension("tmp");
-        Self::start(tmp, path, meta, true)
+        Self::begin(File::create(&tmp)?, meta, Some((tmp, path)))
     }
 
-    /// Writes `path` in place, not made durable: a backup, which a client reads as it grows.
-    pub fn create_at(path: &Path, meta: &Meta) -> io::Result<Self> {
-        Self::start(path.to_path_buf(), path.to_path_buf(), meta, false)
+    /// Seals the file, makes it durable and gives it its final name.
+    pub fn finish(mut self) -> io::Result<PathBuf> {
+        let names = self.names.take();
+        let file = self.seal()?;
+        file.sync_all()?;
+        let (tmp, path) = names.ok_or_else(|| invalid_data("a snapshot file without a name"))?;
+        fs::rename(&tmp, &path)?;
+        sync_dir(path.parent().unwrap_or(Path::new(".")))?;
+        Ok(path)
+    }
+}
+
+impl<W: Write> Writer<W> {
+    /// A snapshot written onto `out` as it is built.
+    pub fn stream(out: W, meta: &Meta) -> io::Result<Self> {
+        Self::begin(out, meta, None)
     }
 
-    fn start(tmp: PathBuf, path: PathBuf, meta: &Meta, durable: bool) -> io::Result<Self> {
-        let mut out = Hashing { inner: BufWriter::with_capacity(1 << 20, File::create(&tmp)?), hasher: Sha256::new() };
+    fn begin(inner: W, meta: &Meta, names: Option<(PathBuf, PathBuf)>) -> io::Result<Self> {
+        let mut out = Hashing { inner: BufWriter::with_capacity(1 << 20, inner), hasher: Sha256::new() };
         out.write_all(MAGIC)?;
         out.write_all(&FORMAT.to_be_bytes())?;
         let meta = bincode::serialize(meta).map_err(|e| invalid_data(e.to_string()))?;
         out.write_all(&(meta.len() as u32).to_be_bytes())?;
         out.write_all(&meta)?;
-        Ok(Self { out, tmp, path, durable })
+        Ok(Self { out, names })
     }
 
     pub fn record(&mut self, key: &[u8], value: &[u8]) -> io::Result<()> {
@@ -89,18 +101,14 @@ impl Writer {
         self.out.write_all(value)
     }
 
-    /// Seals the file, makes it durable and gives it its final name.
-    pub fn finish(mut self) -> io::Result<PathBuf> {
+    /// Ends the records and writes the trailer; hands back what it wrote to, flushed.
+    pub fn seal(mut self) -> io::Result<W> {
         self.out.write_all(&END.to_be_bytes())?;
         let digest = self.out.hasher.finalize_reset();
-        let mut file = self.out.inner.into_inner().map_err(std::io::IntoInnerError::into_error)?;
-        file.write_all(&digest)?;
-        if self.durable {
-            file.sync_all()?;
-            fs::rename(&self.tmp, &self.path)?;
-            sync_dir(self.path.parent().unwrap_or(Path::new(".")))?;
-        }
-        Ok(self.path)
+        let mut inner = self.out.inner.into_inner().map_err(std::io::IntoInnerError::into_error)?;
+        inner.write_all(&digest)?;
+        inner.flush()?;
+        Ok(inner)
     }
 }
 

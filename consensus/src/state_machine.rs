@@ -1056,6 +1056,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
         let started = tokio::time::Instant::now(); // timing only: the state never sees it
         let (meta, _, path) = self.build_into(None, |_, _| {}).await.map_err(sio)?;
+        let path = path.ok_or_else(|| sio(io::Error::other("a snapshot build wrote no file")))?;
         let file = tokio::fs::File::open(&path).await.map_err(sio)?;
         metrics::histogram!(crate::SNAPSHOT_DURATION, "kind" => "build").record(started.elapsed());
         Ok(Snapshot { meta, snapshot: Box::new(file) })
@@ -1064,20 +1065,21 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
 
 impl StateMachine {
     /// Builds a snapshot of the last applied state while apply goes on: into the snapshot
-    /// directory as the node's current snapshot (`backup` None), or into the file `backup`,
-    /// leaving the node's snapshots as they are. `point` hears of the point once it is taken.
+    /// directory as the node's current snapshot (`backup` None: the file is returned), or onto
+    /// the stream `backup`, leaving the node's snapshots as they are. `point` hears of the
+    /// point once it is taken.
     pub(crate) async fn build_into(
         &self,
-        backup: Option<PathBuf>,
+        backup: Option<Box<dyn io::Write + Send>>,
         point: impl FnOnce(&SnapshotMeta<NodeId, Node>, &Frontier),
-    ) -> io::Result<(SnapshotMeta<NodeId, Node>, Frontier, PathBuf)> {
+    ) -> io::Result<(SnapshotMeta<NodeId, Node>, Frontier, Option<PathBuf>)> {
         let _one = self.build.clone().lock_owned().await;
         let (meta, frontier) = self.snapshot_point().await?;
         point(&meta, &frontier);
         let (sm, m, f) = (self.clone(), meta.clone(), frontier.clone());
         let built = tokio::task::spawn_blocking(move || match backup {
-            None => sm.write_snapshot(&m, &f),
-            Some(path) => sm.stream_snapshot(crate::snapshot::Writer::create_at(&path, &m)?, &f),
+            None => sm.write_snapshot(&m, &f).map(Some),
+            Some(out) => sm.stream_snapshot(crate::snapshot::Writer::stream(out, &m)?, &f)?.seal().map(|_| None),
         })
         .await;
         *self.undo.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
@@ -1109,7 +1111,8 @@ impl StateMachine {
 
     /// The state at `m`'s point into a snapshot file, recorded as the current snapshot.
     pub(crate) fn write_snapshot(&self, m: &SnapshotMeta<NodeId, Node>, frontier: &Frontier) -> io::Result<PathBuf> {
-        let path = self.stream_snapshot(crate::snapshot::Writer::create(&self.view.snap_dir, m)?, frontier)?;
+        let path =
+            self.stream_snapshot(crate::snapshot::Writer::create(&self.view.snap_dir, m)?, frontier)?.finish()?;
         let mut wb = WriteBatch::default();
         let file = crate::snapshot::file_name(m);
         wb.put(META_SNAPSHOT.to_vec(), encode(&StoredSnapshot { meta: m.clone(), file })?);
@@ -1120,8 +1123,12 @@ impl StateMachine {
         Ok(path)
     }
 
-    /// The state at the point `frontier` belongs to into `w`.
-    fn stream_snapshot(&self, mut w: crate::snapshot::Writer, frontier: &Frontier) -> io::Result<PathBuf> {
+    /// The state at the point `frontier` belongs to into `w` (still to be sealed).
+    fn stream_snapshot<W: io::Write>(
+        &self,
+        mut w: crate::snapshot::Writer<W>,
+        frontier: &Frontier,
+    ) -> io::Result<crate::snapshot::Writer<W>> {
         let kv = self.view.kv.as_ref();
         let undo = || self.undo.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut taken = BTreeSet::new();
@@ -1158,6 +1165,6 @@ impl StateMachine {
         }
         // The frontier is state too (not a snapshot-meta key): keep it.
         w.record(META_FRONTIER, &encode(frontier)?)?;
-        w.finish()
+        Ok(w)
     }
 }

@@ -222,14 +222,15 @@ async fn render(state: &AppState) -> Result<Markup, FhirError> {
 fn backup_row(b: &Record) -> Markup {
     let status = match b.status {
         BackupStatus::Running => "running",
-        BackupStatus::Ready => "ready on this node",
+        BackupStatus::Complete => "sent whole",
         BackupStatus::Failed => "failed",
-        BackupStatus::Deleted => "saved by the client",
     };
     html! {
         tr class="backup" {
             td class="mono" { (b.id.get(..12).unwrap_or(&b.id)) }
-            td class=(if b.status == BackupStatus::Failed { "bad" } else { "" }) { (status) }
+            td class=(if b.status == BackupStatus::Failed { "bad" } else { "" }) {
+                (status) @if let Some(e) = &b.error { ": " (e) }
+            }
             td { (crate::fhir::instant(b.started_ms)) }
             td class="num" { (b.tree_size) }
             td class="num" { (megabytes(Some(b.bytes as f64))) }

@@ -166,7 +166,8 @@ fn shape(path: &str, is_type: &dyn Fn(&str) -> bool) -> (String, String) {
 /// `GET /metrics`: the process's metrics, with the node's Raft, ledger and queue gauges read
 /// at the moment of the scrape. Operators only: the admin token.
 pub async fn metrics(_: Administrator, state: web::Data<AppState>) -> Result<HttpResponse, FhirError> {
-    let text = render(&state).await.ok_or_else(|| FhirError::not_found("/metrics (this node runs with --no-metrics)"))?;
+    let text =
+        render(&state).await.ok_or_else(|| FhirError::not_found("/metrics (this node runs with --no-metrics)"))?;
     Ok(HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(text))
 }
 

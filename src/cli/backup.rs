@@ -68,21 +68,36 @@ pub async fn backup(args: BackupArgs) -> anyhow::Result<()> {
     let (client, auth) = http(&args.token)?;
     let resp = client.post(format!("{base}/admin/backups")).header("Authorization", &auth).send().await?;
     let status = resp.status();
-    let record: Value = resp.json().await.unwrap_or(Value::Null);
     if !status.is_success() {
+        let record: Value = resp.json().await.unwrap_or(Value::Null);
         let why = record.pointer("/issue/0/diagnostics").and_then(Value::as_str).unwrap_or("");
         bail!("{base}: the node refused the backup: {status}: {why}");
     }
-    let id = record["id"].as_str().context("the node's answer names no backup id")?.to_string();
+    let header = |name: &str| resp.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let id = header(crate::api::admin::backup::ID_HEADER).context("the node's answer names no backup")?;
+    let head_json: Value = header(crate::api::admin::backup::HEAD_HEADER)
+        .and_then(|h| crate::codec::unb64url(&h).ok())
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .context("the node's answer carries no tree head")?;
     let part = args.to.join(format!("{SNAPSHOT}.part"));
-    let (summary, bytes) = download(&client, &auth, &format!("{base}/admin/backups/{id}/snapshot"), &part).await?;
-    // The stream ended: the node's record says how long the file is and which head it has.
-    let record: Value =
-        client.get(format!("{base}/admin/backups/{id}")).header("Authorization", &auth).send().await?.json().await?;
-    if record["status"] != "ready" || record["bytes"].as_u64() != Some(bytes) {
-        bail!("{base}: backup {id} is {} with {} bytes; {bytes} were received", record["status"], record["bytes"]);
+    let (summary, bytes) = save(resp, &part).await.with_context(|| format!("{base}: backup {id}"))?;
+    // The stream ended: the node's record says whether it sent all of it.
+    let record = loop {
+        let r: Value = client
+            .get(format!("{base}/admin/backups/{id}"))
+            .header("Authorization", &auth)
+            .send()
+            .await?
+            .json()
+            .await?;
+        if r["status"] != "running" {
+            break r;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    if record["status"] != "complete" || record["bytes"].as_u64() != Some(bytes) {
+        bail!("{base}: backup {id} is {} after {} bytes; {bytes} were received", record["status"], record["bytes"]);
     }
-    let head_json = record.get("head").cloned().context("the node's answer carries no tree head")?;
     let checked = check(summary, &head_json, &[])?;
     std::fs::rename(&part, args.to.join(SNAPSHOT))?;
     let manifest = json!({
@@ -96,8 +111,6 @@ pub async fn backup(args: BackupArgs) -> anyhow::Result<()> {
     });
     write_json(&args.to.join(HEAD), &head_json)?;
     write_json(&args.to.join(MANIFEST), &manifest)?;
-    // Our copy is saved and checked: the node's may go.
-    let _ = client.delete(format!("{base}/admin/backups/{id}")).header("Authorization", &auth).send().await;
     let secs = started.elapsed().as_secs_f64();
     println!(
         "backup {id}: {} leaves, {:.1} MB in {secs:.2} s ({:.0} MB/s), head signed by {} of {} voters",
@@ -116,19 +129,10 @@ fn mb(bytes: u64) -> f64 {
     bytes as f64 / 1e6
 }
 
-/// Saves the file at `url` into `to` as the node writes it, and checks it as it arrives (a
-/// thread reads the same bytes through the snapshot reader), so the check costs no second
-/// pass over the disk. Returns what the file holds and its length.
-async fn download(
-    client: &reqwest::Client,
-    auth: &str,
-    url: &str,
-    to: &Path,
-) -> anyhow::Result<(consensus::backup::Summary, u64)> {
-    let mut resp = client.get(url).header("Authorization", auth).send().await?;
-    if !resp.status().is_success() {
-        bail!("{url}: {}", resp.status());
-    }
+/// Saves the streamed backup into `to` and checks it as it arrives (a thread reads the same
+/// bytes through the snapshot reader), so the check costs no second pass over the disk.
+/// Returns what the file holds and its length.
+async fn save(mut resp: reqwest::Response, to: &Path) -> anyhow::Result<(consensus::backup::Summary, u64)> {
     let bar = crate::telemetry::progress_bytes(None);
     let (tx, rx) = std::sync::mpsc::sync_channel::<bytes::Bytes>(64);
     let checker = std::thread::spawn(move || {
@@ -147,7 +151,7 @@ async fn download(
     bar.finish_and_clear();
     out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
     let summary = checker.join().map_err(|_| anyhow::anyhow!("the snapshot check panicked"))?;
-    Ok((summary.with_context(|| format!("{url}: not an intact snapshot"))?, got))
+    Ok((summary.context("not an intact snapshot")?, got))
 }
 
 /// The downloaded chunks as one stream of bytes.

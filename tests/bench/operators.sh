@@ -8,7 +8,7 @@
 #     cached), `fhir-ledger backup` three times while it serves; MB of the backup file over the
 #     wall time of the command (request, build, stream, check, save).
 # Run from the repository root after `cargo build --release`; extra arguments go to
-# `fhir-ledger-bench auth`.
+# `fhir-ledger-bench auth`. ONLY=metrics or ONLY=backup runs one part.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
 bin="${FHIR_LEDGER_BIN:-${CARGO_TARGET_DIR:-$root/target}/release/fhir-ledger}"
@@ -28,6 +28,7 @@ trap cleanup EXIT
 export FHIR_LEDGER_ADMIN_TOKEN=bench-admin-token
 machine
 
+if [ "${ONLY:-metrics}" = metrics ]; then
 echo "== 1. /metrics on vs off =="
 start_server "$work/off.log" --data-dir "$work/off" --no-metrics; off=$base; pids+=("$server")
 start_server "$work/on.log" --data-dir "$work/on"; on=$base; pids+=("$server")
@@ -60,13 +61,24 @@ scraped=$(curl -s -H "authorization: Bearer $FHIR_LEDGER_ADMIN_TOKEN" "$on/metri
 echo "the metrics-on server counted $scraped requests"
 for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
 pids=()
+fi
+[ "${ONLY:-backup}" = backup ] || exit 0
 
 echo "== 2. online backup of 100 Synthea patients =="
 synthea100 "$cache"
-start_server "$work/b.log" --data-dir "$work/b"; b=$base; pids+=("$server")
+start_server "$work/b.log" --data-dir "$work/b" --max-body-bytes 268435456; b=$base; pids+=("$server")
 "$bin" load --node "$b" "$cache/fhir" | tail -1
 echo "ledger directory: $(du -sm "$work/b/ledger" | cut -f1) MB"
+# A quiet node: the search index folds a load in the background; wait until it has.
+for _ in $(seq 1 600); do
+  m=$(curl -s -H "authorization: Bearer $FHIR_LEDGER_ADMIN_TOKEN" "$b/metrics")
+  leaves=$(printf '%s\n' "$m" | awk '/^fhir_ledger_ledger_leaves / {print $2}')
+  folded=$(printf '%s\n' "$m" | awk '/^fhir_ledger_search_index_folded_leaves / {print $2}')
+  [ -n "$leaves" ] && [ "$leaves" = "$folded" ] && break
+  sleep 0.5
+done
 for i in 1 2 3; do
-  "$bin" backup --node "$b" --to "$work/backup-$i" | head -1
+  "$bin" backup --node "$b" --to "$work/backup-$i" >"$work/backup-$i.out"
+  head -1 "$work/backup-$i.out"
   rm -rf "$work/backup-$i"
 done

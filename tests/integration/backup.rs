@@ -79,7 +79,7 @@ fn writers(
 /// those whose leaf is below the head's size and no other. Restored into an empty
 /// directory, `verify` passes, the head is a prefix of the restored ledger, and a consistency
 /// proof from the live node ties the backup to the node's later history; the restored node
-/// serves it and takes new writes. The node's own copy is gone once the client saved its.
+/// serves it and takes new writes. The backup streams off the node: nothing of it stays there.
 #[tokio::test]
 async fn backup_under_writers_restores_into_an_empty_directory() {
     let dir = tempfile::tempdir().unwrap();
@@ -120,7 +120,14 @@ async fn backup_under_writers_restores_into_an_empty_directory() {
         .json()
         .await
         .unwrap();
-    assert_eq!(list[0]["status"], "deleted", "the node's copy goes once the client saved its: {list}");
+    assert_eq!(list[0]["status"], "complete", "{list}");
+    let sent = list[0]["bytes"].as_u64().unwrap();
+    assert_eq!(
+        sent,
+        std::fs::metadata(saved.join("ledger.snapshot")).unwrap().len(),
+        "what the node sent is what was saved"
+    );
+    assert!(!d1.join("ledger/local/backups").exists(), "nothing of it stays on the node's disk");
 
     // Restoring needs the node's secrets; into a directory that holds a ledger, never.
     let out = run(&["restore", "--from", p(&saved), "--data-dir", p(&d2)]);

@@ -283,3 +283,72 @@ async fn operator_console_behind_the_admin_token() {
         .unwrap();
     assert_eq!(forged.status(), 401, "a forged session reads nothing");
 }
+
+/// The sum of the samples of `name` whose labels contain every one of `labels`.
+fn sample(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) && labels.iter().all(|x| l.contains(x)))
+        .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+        .sum()
+}
+
+/// A node started for a cluster and not yet initialized knows no leader: `/health/ready` is
+/// 503 and says why, then 200 once `cluster init` made it one. Scraped while `fhir-ledger load`
+/// posts Synthea transactions, the transaction counter moves as they are made and ends at
+/// exactly the requests the load made, and the leaf gauge grows with them.
+#[tokio::test]
+async fn metrics_move_under_load_and_ready_waits_for_a_leader() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("node");
+    let p = Proc::start(
+        dir.path(),
+        &["--auth", "off", "--data-dir", data.to_str().unwrap(), "--raft-listen", "127.0.0.1:0"],
+        &[],
+    );
+    let (status, body) = get(&format!("{}/health/ready", p.base), None).await;
+    assert_eq!(status, 503, "no leader yet: {body}");
+    assert!(body.contains("leader"), "{body}");
+    let out = Command::new(crate::support::binary())
+        .args(["cluster", "init", "--node", &p.base])
+        .env("FHIR_LEDGER_ADMIN_TOKEN", ADMIN)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut ready = 0;
+    for _ in 0..100 {
+        ready = get(&format!("{}/health/ready", p.base), None).await.0;
+        if ready == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(ready, 200, "ready once it leads");
+
+    let tx = |text: &str| {
+        sample(text, "fhir_ledger_http_requests_total", &[r#"interaction="batch-transaction""#, r#"status="200""#])
+    };
+    let leaves = |text: &str| {
+        text.lines().find_map(|l| l.strip_prefix("fhir_ledger_ledger_leaves ")).and_then(|v| v.parse::<f64>().ok())
+    };
+    let before = get(&format!("{}/metrics", p.base), Some(ADMIN)).await.1;
+    let synthea = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/synthea");
+    let mut load = tokio::process::Command::new(crate::support::binary())
+        .args(["load", "--node", &p.base, "--clients", "1"])
+        .arg(&synthea)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut seen = vec![tx(&before)];
+    while load.try_wait().unwrap().is_none() {
+        seen.push(tx(&get(&format!("{}/metrics", p.base), Some(ADMIN)).await.1));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(load.wait().await.unwrap().success());
+    let after = get(&format!("{}/metrics", p.base), Some(ADMIN)).await.1;
+    let files = std::fs::read_dir(&synthea).unwrap().count() as f64;
+    assert_eq!(tx(&after) - tx(&before), files, "one counted transaction per bundle");
+    let between: Vec<f64> = seen.iter().copied().filter(|&v| v > tx(&before) && v < tx(&after)).collect();
+    assert!(!between.is_empty(), "a scrape during the load saw the counter part way: {seen:?}");
+    assert!(seen.windows(2).all(|w| w[0] <= w[1]), "a counter never goes back: {seen:?}");
+    assert!(leaves(&after) > leaves(&before), "the leaf gauge grew");
+}

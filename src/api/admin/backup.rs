@@ -1,13 +1,13 @@
 //! Online backups (`/admin/backups`), what `fhir-ledger backup` drives and the operator console
-//! lists. A backup is a snapshot file of the ledger at its last applied entry, built while the
-//! node serves (`consensus::Ledger::backup`), with a tree head signed (and, in a cluster,
-//! cosigned) at exactly the backup's tree size: `restore` checks the file against that head,
-//! and a consistency proof from it ties the restored node to every later head.
-//!
-//! Files stay in `<ledger>/local/backups/` until the client deletes them (the CLI does once it
-//! saved and checked its copy) or the node restarts; the list is the process's own.
+//! lists. A backup is a snapshot of the ledger at its last applied entry, built while the node
+//! serves (`consensus::Ledger::backup`) and streamed in the response as it is built, with a tree
+//! head signed (and, in a cluster, cosigned) at exactly the backup's tree size in the
+//! `X-Backup-Head` header: `restore` checks the file against that head, and a consistency proof
+//! from it ties the restored node to every later head. Nothing is written to the node's disk.
+//! The list is the process's own.
 
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use actix_web::{web, HttpResponse};
 use serde::Serialize;
@@ -15,6 +15,11 @@ use serde::Serialize;
 use super::{json, Administrator};
 use crate::api::AppState;
 use crate::error::FhirError;
+
+/// The response header carrying the backup's signed tree head (base64url of its JSON).
+pub const HEAD_HEADER: &str = "X-Backup-Head";
+/// The response header naming the backup (`GET /admin/backups/{id}` reports how it ended).
+pub const ID_HEADER: &str = "X-Backup-Id";
 
 /// The backups this process took, newest last.
 #[derive(Debug, Default)]
@@ -25,10 +30,12 @@ pub struct Backups {
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum Status {
+    /// Being built and sent.
     Running,
-    Ready,
+    /// Sent whole.
+    Complete,
+    /// Ended early (the client left, or the build failed): `error` says why.
     Failed,
-    Deleted,
 }
 
 /// One backup, as `GET /admin/backups` lists it.
@@ -38,7 +45,7 @@ pub struct Record {
     pub status: Status,
     pub started_ms: i64,
     pub finished_ms: Option<i64>,
-    /// The snapshot file's size.
+    /// Bytes sent so far (the whole file once complete).
     pub bytes: u64,
     /// Leaves in the backed-up tree, its root (hex) and the last Raft entry it holds.
     pub tree_size: u64,
@@ -46,11 +53,7 @@ pub struct Record {
     pub last_log_index: u64,
     /// The signed tree head at `tree_size` (the Parameters `GET /ledger/head` serves).
     pub head: Option<serde_json::Value>,
-    /// Where to download the file.
-    pub snapshot: String,
     pub error: Option<String>,
-    #[serde(skip)]
-    file: Option<std::path::PathBuf>,
 }
 
 impl Backups {
@@ -71,24 +74,31 @@ impl Backups {
     }
 }
 
-fn dir(state: &AppState) -> std::path::PathBuf {
-    state.repo.ledger().local_dir("backups")
+/// The build's output: each buffered chunk handed to the response, waiting while the client
+/// is behind (so a slow client slows the build, never apply).
+struct ToResponse {
+    tx: tokio::sync::mpsc::Sender<Result<web::Bytes, std::io::Error>>,
+    sent: Arc<AtomicU64>,
 }
 
-/// Removes what a previous process left (its list is gone with it).
-pub fn clear_leftovers(ledger: &consensus::Ledger) {
-    let _ = std::fs::remove_dir_all(ledger.local_dir("backups"));
+impl std::io::Write for ToResponse {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.tx
+            .blocking_send(Ok(web::Bytes::copy_from_slice(buf)))
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the client left"))?;
+        self.sent.fetch_add(buf.len() as u64, Ordering::Relaxed);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
-/// `POST /admin/backups`: starts a backup and answers (202) once its point is taken, with the
-/// head signed at that point; the file grows while `GET …/snapshot` streams it.
+/// `POST /admin/backups`: takes a backup and streams it as it is built (200, chunked), once
+/// its point is taken and the head at that point signed (`X-Backup-Head`).
 pub async fn create(_: Administrator, state: web::Data<AppState>) -> Result<HttpResponse, FhirError> {
     let id = uuid::Uuid::new_v4().simple().to_string();
-    let dir = dir(&state).join(&id);
-    std::fs::create_dir_all(&dir).map_err(FhirError::internal)?;
-    let file = dir.join("ledger.snapshot");
-    // There from the start, so that a download may open it before the build writes to it.
-    std::fs::File::create(&file).map_err(FhirError::internal)?;
     let record = Record {
         id: id.clone(),
         status: Status::Running,
@@ -99,31 +109,36 @@ pub async fn create(_: Administrator, state: web::Data<AppState>) -> Result<Http
         root: String::new(),
         last_log_index: 0,
         head: None,
-        snapshot: format!("/admin/backups/{id}/snapshot"),
         error: None,
-        file: Some(file.clone()),
     };
     let backups = state.admin.backups.clone();
     backups.list.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(record);
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let sent = Arc::new(AtomicU64::new(0));
+    let out = ToResponse { tx: tx.clone(), sent: sent.clone() };
     let (point_tx, point_rx) = tokio::sync::oneshot::channel();
     let ledger = state.repo.ledger().clone();
     let (job, job_backups) = (id.clone(), backups.clone());
     actix_web::rt::spawn(async move {
         let built = ledger
-            .backup(&file, |size, root| {
+            .backup(Box::new(out), |size, root| {
                 let _ = point_tx.send((size, root));
             })
             .await;
+        if let Err(e) = &built {
+            tracing::warn!("backup {job} failed: {e}");
+            // Ends the response with an error, so the client cannot take it for whole.
+            let _ = tx.send(Err(std::io::Error::other("the backup failed"))).await;
+        }
         job_backups.update(&job, |r| {
             r.finished_ms = Some(crate::fhir::now_ms());
+            r.bytes = sent.load(Ordering::Relaxed);
             match built {
                 Ok(b) => {
-                    r.status = Status::Ready;
-                    r.bytes = std::fs::metadata(&b.path).map_or(0, |m| m.len());
+                    r.status = Status::Complete;
                     r.last_log_index = consensus::backup::describe(&b.meta).0.map_or(0, |(_, index)| index);
                 }
                 Err(e) => {
-                    tracing::warn!("backup {job} failed: {e}");
                     r.status = Status::Failed;
                     r.error = Some(e.to_string());
                 }
@@ -134,15 +149,20 @@ pub async fn create(_: Administrator, state: web::Data<AppState>) -> Result<Http
         let why = backups.get(&id).and_then(|r| r.error).unwrap_or_default();
         return Err(FhirError::unavailable(format!("the backup could not start: {why}")));
     };
-    let head = crate::api::ledger::signed_head_at(&state.repo, size, root).await;
+    let head =
+        crate::api::ledger::parameters(crate::api::ledger::signed_head_at(&state.repo, size, root).await.to_parts());
+    let head_header = crate::codec::b64url(head.to_compact().as_bytes());
     backups.update(&id, |r| {
         r.tree_size = size;
         r.root = hex::encode(root);
-        r.head = Some(crate::api::ledger::parameters(head.to_parts()).to_serde());
+        r.head = Some(head.to_serde());
     });
-    Ok(HttpResponse::Accepted()
-        .content_type("application/json")
-        .body(serde_json::to_string_pretty(&backups.get(&id)).unwrap_or_default()))
+    let body = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|x| (x, rx)) });
+    Ok(HttpResponse::Ok()
+        .content_type("application/octet-stream")
+        .insert_header((ID_HEADER, id))
+        .insert_header((HEAD_HEADER, head_header))
+        .streaming(body))
 }
 
 /// `GET /admin/backups/{id}`
@@ -158,80 +178,4 @@ pub async fn one(
 /// `GET /admin/backups`
 pub async fn list(_: Administrator, state: web::Data<AppState>) -> HttpResponse {
     json(&state.admin.backups.all())
-}
-
-/// `GET /admin/backups/{id}/snapshot`: the file, streamed as the node writes it (chunked; the
-/// stream ends once the backup is complete and wholly sent, or fails).
-pub async fn download(
-    _: Administrator,
-    state: web::Data<AppState>,
-    id: web::Path<String>,
-) -> Result<HttpResponse, FhirError> {
-    let backups = state.admin.backups.clone();
-    let record = backups.get(&id).ok_or_else(|| FhirError::not_found(&format!("backup {id}")))?;
-    let Some(path) = record.file.filter(|_| record.status != Status::Failed) else {
-        return Err(FhirError::not_found(&format!("backup {id} (it is {:?})", record.status)));
-    };
-    let file = tokio::fs::File::open(&path).await.map_err(FhirError::internal)?;
-    let tail = Tail { file, sent: 0, id: id.into_inner(), backups };
-    let body = futures::stream::unfold(Some(tail), |tail| async move {
-        let mut tail = tail?;
-        match tail.next().await {
-            Ok(Some(chunk)) => Some((Ok(chunk), Some(tail))),
-            Ok(None) => None,
-            Err(e) => Some((Err(e), None)),
-        }
-    });
-    Ok(HttpResponse::Ok().content_type("application/octet-stream").streaming(body))
-}
-
-/// A backup file read as it grows.
-struct Tail {
-    file: tokio::fs::File,
-    sent: u64,
-    id: String,
-    backups: std::sync::Arc<Backups>,
-}
-
-impl Tail {
-    async fn next(&mut self) -> std::io::Result<Option<web::Bytes>> {
-        use tokio::io::AsyncReadExt;
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = self.file.read(&mut buf).await?;
-            if n > 0 {
-                buf.truncate(n);
-                self.sent += n as u64;
-                return Ok(Some(web::Bytes::from(buf)));
-            }
-            // At the end of what is written: done, failed, or wait for more.
-            let record = self.backups.get(&self.id).ok_or_else(|| std::io::Error::other("the backup was removed"))?;
-            match record.status {
-                Status::Ready if self.sent >= record.bytes => return Ok(None),
-                Status::Ready => {}
-                Status::Running => tokio::time::sleep(std::time::Duration::from_millis(2)).await,
-                Status::Failed | Status::Deleted => return Err(std::io::Error::other("the backup failed")),
-            }
-        }
-    }
-}
-
-/// `DELETE /admin/backups/{id}`: removes the node's copy.
-pub async fn delete(
-    _: Administrator,
-    state: web::Data<AppState>,
-    id: web::Path<String>,
-) -> Result<HttpResponse, FhirError> {
-    let record = state.admin.backups.get(&id).ok_or_else(|| FhirError::not_found(&format!("backup {id}")))?;
-    if record.status == Status::Running {
-        return Err(FhirError::new(crate::error::ErrorCode::Conflict, format!("backup {id} is still being written")));
-    }
-    if let Some(dir) = record.file.as_ref().and_then(|f| f.parent()) {
-        let _ = std::fs::remove_dir_all(dir);
-    }
-    state.admin.backups.update(&id, |r| {
-        r.status = Status::Deleted;
-        r.file = None;
-    });
-    Ok(HttpResponse::NoContent().finish())
 }

@@ -54,9 +54,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .route("/reindex", web::get().to(reindex_progress))
             .route("/backups", web::post().to(backup::create))
             .route("/backups", web::get().to(backup::list))
-            .route("/backups/{id}/snapshot", web::get().to(backup::download))
             .route("/backups/{id}", web::get().to(backup::one))
-            .route("/backups/{id}", web::delete().to(backup::delete))
             .default_service(web::to(|| async {
                 FhirError::new(ErrorCode::NotFound, "no such admin endpoint").error_response()
             })),
