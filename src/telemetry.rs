@@ -114,14 +114,12 @@ pub fn progress_bar(total: u64, unit: &str) -> ProgressBar {
 /// [`progress_bar`] counting bytes (backup, restore); without a total (a stream whose length
 /// is known only at its end), bytes and rate alone.
 pub fn progress_bytes(total: Option<u64>) -> ProgressBar {
-    match total {
-        Some(total) => bar(total, "{bytes}/{total_bytes} {binary_bytes_per_sec}"),
-        None => {
-            let style = ProgressStyle::with_template("{elapsed_precise} {spinner} {bytes} {binary_bytes_per_sec}")
-                .unwrap_or_else(|_| ProgressStyle::default_spinner());
-            ProgressBar::with_draw_target(None, target()).with_style(style)
-        }
+    if let Some(total) = total {
+        return bar(total, "{bytes}/{total_bytes} {binary_bytes_per_sec}");
     }
+    let style = ProgressStyle::with_template("{elapsed_precise} {spinner} {bytes} {binary_bytes_per_sec}")
+        .unwrap_or_else(|_| ProgressStyle::default_spinner());
+    ProgressBar::with_draw_target(None, target()).with_style(style)
 }
 
 /// stderr when it is a terminal; nowhere otherwise.

@@ -50,14 +50,27 @@ pub struct Summary {
     pub records: u64,
 }
 
-/// The last applied entry `(term, index)` and the members `(id, node, voter)` a snapshot's
-/// meta names.
-pub fn describe(meta: &Meta) -> (Option<(u64, u64)>, Vec<(crate::NodeId, crate::Node, bool)>) {
-    let last = meta.last_log_id.map(|l| (l.leader_id.term, l.index));
+/// A member a snapshot's membership lists.
+#[derive(Clone, Debug)]
+pub struct Member {
+    /// Its node id.
+    pub id: crate::NodeId,
+    /// Its addresses and key.
+    pub node: crate::Node,
+    /// A voter (else a learner).
+    pub voter: bool,
+}
+
+/// The last applied entry `(term, index)` a snapshot's meta names.
+pub fn last_entry(meta: &Meta) -> Option<(u64, u64)> {
+    meta.last_log_id.map(|l| (l.leader_id.term, l.index))
+}
+
+/// The members a snapshot's meta lists.
+pub fn members(meta: &Meta) -> Vec<Member> {
     let membership = meta.last_membership.membership();
     let voters: std::collections::BTreeSet<_> = membership.voter_ids().collect();
-    let members = membership.nodes().map(|(id, n)| (*id, n.clone(), voters.contains(id))).collect();
-    (last, members)
+    membership.nodes().map(|(id, n)| Member { id: *id, node: n.clone(), voter: voters.contains(id) }).collect()
 }
 
 /// Reads the snapshot at `path` through, checking its trailer, and returns its meta and tree.

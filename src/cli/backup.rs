@@ -149,7 +149,7 @@ async fn save(mut resp: reqwest::Response, to: &Path) -> anyhow::Result<(consens
     }
     drop(tx);
     bar.finish_and_clear();
-    out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+    out.into_inner().map_err(std::io::IntoInnerError::into_error)?.sync_all()?;
     let summary = checker.join().map_err(|_| anyhow::anyhow!("the snapshot check panicked"))?;
     Ok((summary.context("not an intact snapshot")?, got))
 }
@@ -211,14 +211,11 @@ fn check(summary: consensus::backup::Summary, head_json: &Value, trusted: &[Veri
             hex::encode(head.root)
         );
     }
-    let (_, members) = consensus::backup::describe(&summary.meta);
-    let voter_keys: Vec<VerifyingKey> = members
-        .iter()
-        .filter(|(_, _, voter)| *voter)
-        .filter_map(|(_, n, _)| crate::treehead::parse_key(&n.public_key))
-        .collect();
+    let members = consensus::backup::members(&summary.meta);
+    let voter_keys: Vec<VerifyingKey> =
+        members.iter().filter(|m| m.voter).filter_map(|m| crate::treehead::parse_key(&m.node.public_key)).collect();
     let (keys, voters) = if trusted.is_empty() {
-        (voter_keys, members.iter().filter(|m| m.2).count())
+        (voter_keys, members.iter().filter(|m| m.voter).count())
     } else {
         (trusted.to_vec(), trusted.len())
     };
@@ -244,7 +241,8 @@ pub fn restore(args: &RestoreArgs) -> anyhow::Result<()> {
     if ledger.exists() && std::fs::read_dir(&ledger)?.next().is_some() {
         bail!("{} already holds a ledger; restore into an empty data directory", ledger.display());
     }
-    let (last, members) = consensus::backup::describe(&checked.summary.meta);
+    let (last, members) =
+        (consensus::backup::last_entry(&checked.summary.meta), consensus::backup::members(&checked.summary.meta));
     let member = copy_keys(args, &members)?;
     let total = std::fs::metadata(&file)?.len();
     let bar = crate::telemetry::progress_bytes(Some(total));
@@ -280,10 +278,7 @@ pub fn restore(args: &RestoreArgs) -> anyhow::Result<()> {
 
 /// Copies the secrets from `--keys-from` and tells which member the node key is (None: none
 /// given). Everything is checked before anything is written.
-fn copy_keys(
-    args: &RestoreArgs,
-    members: &[(consensus::NodeId, consensus::Node, bool)],
-) -> anyhow::Result<Option<consensus::NodeId>> {
+fn copy_keys(args: &RestoreArgs, members: &[consensus::backup::Member]) -> anyhow::Result<Option<consensus::NodeId>> {
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let single = "the backup is of a single node: --keys-from must hold its node.key, kek.key and index.key \
                   (it can only go on as that node)";
@@ -308,10 +303,10 @@ fn copy_keys(
             .with_context(|| format!("{}: not 32 bytes of hex", src.display()))?;
         if name == "node.key" {
             let public = hex::encode(ed25519_dalek::SigningKey::from_bytes(&bytes).verifying_key().as_bytes());
-            let found = members.iter().find(|(_, n, _)| n.public_key == public);
+            let found = members.iter().find(|m| m.node.public_key == public);
             member = Some(
                 found
-                    .map(|(id, _, _)| *id)
+                    .map(|m| m.id)
                     .with_context(|| format!("{}: no member of the backup's cluster has this key", src.display()))?,
             );
         }

@@ -47,7 +47,7 @@ fn writers(
     let http = reqwest::Client::new();
     (0..32)
         .map(|w| {
-            let (http, base, stop, asked) = (http.clone(), base.to_string(), stop.clone(), backup_asked.clone());
+            let (http, base, stop, requested) = (http.clone(), base.to_string(), stop.clone(), backup_asked.clone());
             tokio::spawn(async move {
                 let mut acked = Vec::new();
                 let mut n = 0;
@@ -65,7 +65,7 @@ fn writers(
                     let leaf = r.headers()["x-ledger-leaf"].to_str().unwrap().parse().unwrap();
                     let id = r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
                     // Read once the acknowledgement is in hand.
-                    let before_backup = !asked.load(Ordering::SeqCst);
+                    let before_backup = !requested.load(Ordering::SeqCst);
                     acked.push(Acked { id, leaf, before_backup });
                 }
                 acked
@@ -89,10 +89,10 @@ async fn backup_under_writers_restores_into_an_empty_directory() {
     let out = run(&["load", "--node", &node.base, p(&synthea)]);
     assert!(out.status.success(), "{}", text(&out));
 
-    let (stop, asked) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
-    let tasks = writers(&node.base, &stop, &asked);
+    let (stop, requested) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+    let tasks = writers(&node.base, &stop, &requested);
     tokio::time::sleep(Duration::from_millis(700)).await;
-    asked.store(true, Ordering::SeqCst);
+    requested.store(true, Ordering::SeqCst);
     let (base, to) = (node.base.clone(), p(&saved).to_string());
     let backup = tokio::task::spawn_blocking(move || run(&["backup", "--node", &base, "--to", &to])).await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;

@@ -345,8 +345,9 @@ async fn metrics_move_under_load_and_ready_waits_for_a_leader() {
     }
     assert!(load.wait().await.unwrap().success());
     let after = get(&format!("{}/metrics", p.base), Some(ADMIN)).await.1;
-    let files = std::fs::read_dir(&synthea).unwrap().count() as f64;
-    assert_eq!(tx(&after) - tx(&before), files, "one counted transaction per bundle");
+    let files = std::fs::read_dir(&synthea).unwrap().count();
+    let counted = format!("{:.0}", tx(&after) - tx(&before));
+    assert_eq!(counted, files.to_string(), "one counted transaction per bundle");
     let between: Vec<f64> = seen.iter().copied().filter(|&v| v > tx(&before) && v < tx(&after)).collect();
     assert!(!between.is_empty(), "a scrape during the load saw the counter part way: {seen:?}");
     assert!(seen.windows(2).all(|w| w[0] <= w[1]), "a counter never goes back: {seen:?}");

@@ -136,7 +136,7 @@ pub async fn create(_: Administrator, state: web::Data<AppState>) -> Result<Http
             match built {
                 Ok(b) => {
                     r.status = Status::Complete;
-                    r.last_log_index = consensus::backup::describe(&b.meta).0.map_or(0, |(_, index)| index);
+                    r.last_log_index = consensus::backup::last_entry(&b.meta).map_or(0, |(_, index)| index);
                 }
                 Err(e) => {
                     r.status = Status::Failed;
