@@ -217,14 +217,18 @@ def test_operator_console_in_browser(smart_base, smart_admin, patient_user, brow
     assert streamed.status_code == 200 and streamed.content.startswith(b"FHLSNAP\0"), streamed.status_code
     backup = {"id": streamed.headers["X-Backup-Id"]}
 
+    def sign_in(value):
+        form = wait.until(EC.element_to_be_clickable((By.ID, "console-submit")))
+        browser.find_element(By.ID, "token").send_keys(value)
+        form.click()
+        # The answer is a new page: wait until the old one is gone before looking at it.
+        wait.until(EC.staleness_of(form))
+
     browser.get(smart_base + "/console")
-    wait.until(EC.element_to_be_clickable((By.ID, "console-submit")))
-    browser.find_element(By.ID, "token").send_keys("not-the-token")
-    browser.find_element(By.ID, "console-submit").click()
+    sign_in("not-the-token")
     wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "p.error")))
     assert not browser.find_elements(By.ID, "members"), "a wrong token opens nothing"
-    browser.find_element(By.ID, "token").send_keys(token)
-    browser.find_element(By.ID, "console-submit").click()
+    sign_in(token)
     wait.until(EC.presence_of_element_located((By.ID, "members")))
 
     summary = browser.find_element(By.ID, "summary").text

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 
 use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
-use maud::{html, Markup, PreEscaped, DOCTYPE};
+use maud::{html, Markup};
 use sha2::{Digest, Sha256};
 
 use super::admin::backup::{Record, Status as BackupStatus};
@@ -31,23 +31,11 @@ table{border-collapse:collapse;width:100%}td,th{border-bottom:1px solid #e5e9ee;
 button{font-size:1rem;padding:.5rem 1.2rem;margin-top:.8rem;border-radius:6px;border:1px solid #1f6feb;background:#1f6feb;color:#fff}";
 
 fn document(title: &str, body: &Markup) -> HttpResponse {
-    let page = html! {
-        (DOCTYPE)
-        html lang="en" {
-            head {
-                meta charset="utf-8";
-                title { (title) " · fhir-ledger" }
-                meta name="viewport" content="width=device-width, initial-scale=1";
-                style { (PreEscaped(STYLE)) }
-            }
-            body { h1 { (title) } (body) }
-        }
-    };
     HttpResponse::Ok()
         .content_type("text/html; charset=utf-8")
         .insert_header((header::CACHE_CONTROL, "no-store"))
         .insert_header(("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'"))
-        .body(page.into_string())
+        .body(super::smart::pages::page_styled(title, STYLE, body))
 }
 
 fn sign_in(error: Option<&str>) -> HttpResponse {

@@ -16,6 +16,11 @@ td,th{border:1px solid #d0d7de;padding:.4rem;text-align:left}.scope{font-family:
 
 /// A whole page: `title` as the heading, `body` under it.
 pub fn page(title: &str, body: &Markup) -> String {
+    page_styled(title, STYLE, body)
+}
+
+/// [`page`] with a style sheet of its own (a constant: it is inserted unescaped).
+pub fn page_styled(title: &str, style: &'static str, body: &Markup) -> String {
     html! {
         (DOCTYPE)
         html lang="en" {
@@ -23,7 +28,7 @@ pub fn page(title: &str, body: &Markup) -> String {
                 meta charset="utf-8";
                 title { (title) " · fhir-ledger" }
                 meta name="viewport" content="width=device-width, initial-scale=1";
-                style { (PreEscaped(STYLE)) }
+                style { (PreEscaped(style)) }
             }
             body {
                 h1 { (title) }
