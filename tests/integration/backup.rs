@@ -129,6 +129,26 @@ async fn backup_under_writers_restores_into_an_empty_directory() {
     );
     assert!(!d1.join("ledger/local/backups").exists(), "nothing of it stays on the node's disk");
 
+    // A damaged copy is refused before anything is written: a flipped byte fails the trailer;
+    // a head of another tree (the live node's now) does not name the snapshot's root.
+    let damaged = dir.path().join("damaged");
+    std::fs::create_dir(&damaged).unwrap();
+    for f in ["ledger.snapshot", "head.json", "backup.json"] {
+        std::fs::copy(saved.join(f), damaged.join(f)).unwrap();
+    }
+    let mut bytes = std::fs::read(damaged.join("ledger.snapshot")).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    std::fs::write(damaged.join("ledger.snapshot"), &bytes).unwrap();
+    let out = run(&["restore", "--from", p(&damaged), "--data-dir", p(&d2), "--keys-from", p(&d1)]);
+    assert!(!out.status.success() && text(&out).contains("not an intact snapshot"), "{}", text(&out));
+    std::fs::copy(saved.join("ledger.snapshot"), damaged.join("ledger.snapshot")).unwrap();
+    let now = reqwest::get(format!("{}/ledger/head", node.base)).await.unwrap().text().await.unwrap();
+    std::fs::write(damaged.join("head.json"), now).unwrap();
+    let out = run(&["restore", "--from", p(&damaged), "--data-dir", p(&d2), "--keys-from", p(&d1)]);
+    assert!(!out.status.success() && text(&out).contains("its head names"), "{}", text(&out));
+    assert!(!d2.exists(), "a refused restore writes nothing");
+
     // Restoring needs the node's secrets; into a directory that holds a ledger, never.
     let out = run(&["restore", "--from", p(&saved), "--data-dir", p(&d2)]);
     assert!(!out.status.success() && text(&out).contains("node.key"), "{}", text(&out));

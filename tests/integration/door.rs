@@ -218,6 +218,29 @@ async fn every_route_refuses_a_caller_without_the_needed_scope() {
         }
     }
 
+    // The operators' routes reach every patient's data at once (a backup is the whole ledger):
+    // no SMART token opens them, a patient's least of all; the console shows its sign-in page.
+    for (token_name, token) in [
+        ("no token", None),
+        ("system/Practitioner.rs", Some(unrelated.as_str())),
+        ("alice patient/Practitioner.rs", Some(alice.as_str())),
+    ] {
+        for (method, path) in [
+            (Method::POST, "/admin/backups"),
+            (Method::GET, "/admin/backups"),
+            (Method::GET, "/metrics"),
+            (Method::POST, "/admin/reindex"),
+            (Method::GET, "/admin/cluster"),
+        ] {
+            let r = fhir(http, method.clone(), &format!("{base}{path}"), token, None).await;
+            assert!(matches!(r.status, 401 | 403), "{token_name}: {method} {path}: {} {}", r.status, r.text);
+            assert!(!r.text.contains("FHLSNAP") && !r.text.contains("original"), "{token_name}: {path} leaked data");
+        }
+        let r = fhir(http, Method::GET, &format!("{base}/console"), token, None).await;
+        assert!(r.status == 200 && r.text.contains("console-login"), "{token_name}: the sign-in page: {}", r.text);
+        assert!(!r.text.contains("recent-leaves"), "{token_name}: the console opened");
+    }
+
     // Nothing changed: pat-b's Observation is still version 1 with its original content.
     let r = get(http, &format!("{base}/Observation/obs-b"), &sys).await;
     assert_eq!(r.status, 200, "{}", r.text);
