@@ -99,7 +99,6 @@ pub async fn backup(args: BackupArgs) -> anyhow::Result<()> {
         bail!("{base}: backup {id} is {} after {} bytes; {bytes} were received", record["status"], record["bytes"]);
     }
     let checked = check(summary, &head_json, &[])?;
-    std::fs::rename(&part, args.to.join(SNAPSHOT))?;
     let manifest = json!({
         "format": 1,
         "node": base,
@@ -111,6 +110,9 @@ pub async fn backup(args: BackupArgs) -> anyhow::Result<()> {
     });
     write_json(&args.to.join(HEAD), &head_json)?;
     write_json(&args.to.join(MANIFEST), &manifest)?;
+    // Last, and durable: a directory with `ledger.snapshot` holds a whole backup.
+    std::fs::rename(&part, args.to.join(SNAPSHOT))?;
+    std::fs::File::open(&args.to)?.sync_all()?;
     let secs = started.elapsed().as_secs_f64();
     println!(
         "backup {id}: {} leaves, {:.1} MB in {secs:.2} s ({:.0} MB/s), head signed by {} of {} voters",
@@ -175,7 +177,9 @@ impl std::io::Read for Chunks {
 }
 
 fn write_json(path: &Path, value: &Value) -> anyhow::Result<()> {
-    std::fs::write(path, serde_json::to_vec_pretty(value)?).with_context(|| path.display().to_string())
+    let mut f = std::fs::File::create(path).with_context(|| path.display().to_string())?;
+    f.write_all(&serde_json::to_vec_pretty(value)?)?;
+    f.sync_all().with_context(|| path.display().to_string())
 }
 
 /// What checking a backup file against its head found.
