@@ -342,7 +342,7 @@ impl Walk<'_> {
                 }
                 continue;
             };
-            let ty = choice.or_else(|| e.types.first().cloned()).unwrap_or_default();
+            let ty = choice.or_else(|| e.types.first().map(String::as_str)).unwrap_or_default();
             let primitive_companion = key.starts_with('_');
             let keep = match &mut value {
                 Json::Array(items) => {

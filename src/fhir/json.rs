@@ -229,6 +229,12 @@ impl Parser<'_> {
         self.i += 1; // opening quote
         let mut out = Vec::new();
         loop {
+            // Copy the run up to the next quote, backslash or control byte in one go: most
+            // strings have no escape at all.
+            let rest = &self.s[self.i..];
+            let run = rest.iter().position(|&b| b == b'"' || b == b'\\' || b < 0x20).unwrap_or(rest.len());
+            out.extend_from_slice(&rest[..run]);
+            self.i += run;
             let Some(b) = self.peek() else {
                 return Err(self.err("unterminated string".into()));
             };
@@ -277,31 +283,33 @@ impl Parser<'_> {
                     let mut buf = [0u8; 4];
                     out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
                 }
-                0x00..=0x1f => return Err(self.err("control character in string (must be escaped)".into())),
-                _ => {
-                    out.push(b);
-                    self.i += 1;
-                }
+                _ => return Err(self.err("control character in string (must be escaped)".into())),
             }
         }
     }
 }
 
 fn write_str(out: &mut String, s: &str) {
+    out.reserve(s.len() + 2);
     out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(out, "\\u{:04x}", c as u32); // cannot fail on a String
+    let mut rest = s;
+    // Whole runs that need no escape are copied at once; escapes are ASCII, so every cut
+    // falls on a character boundary.
+    while let Some(at) = rest.bytes().position(|b| b == b'"' || b == b'\\' || b < 0x20) {
+        out.push_str(&rest[..at]);
+        match rest.as_bytes()[at] {
+            b'"' => out.push_str("\\\""),
+            b'\\' => out.push_str("\\\\"),
+            b'\n' => out.push_str("\\n"),
+            b'\r' => out.push_str("\\r"),
+            b'\t' => out.push_str("\\t"),
+            c => {
+                let _ = write!(out, "\\u{:04x}", c); // cannot fail on a String
             }
-            c => out.push(c),
         }
+        rest = &rest[at + 1..];
     }
+    out.push_str(rest);
     out.push('"');
 }
 
@@ -514,6 +522,21 @@ mod tests {
         let v = parse(text.as_bytes(), 16).unwrap();
         assert_eq!(v.to_compact(), r#"{"b":170.10,"a":[1e2,-0.0,1E-7,0],"s":"é😀\n","t":true,"n":null}"#);
         assert_eq!(parse(v.to_pretty().as_bytes(), 16).unwrap(), v);
+    }
+
+    #[test]
+    fn strings_escape_and_unescape_around_multibyte_text() {
+        // Runs of plain text are copied whole; each escape and control byte is cut out exactly.
+        let original = "a\"b\\c/é\u{1}\u{1f}\t\r\n😀 \u{7f}end";
+        let v = Json::String(original.to_string());
+        let text = v.to_compact();
+        assert_eq!(text, "\"a\\\"b\\\\c/é\\u0001\\u001f\\t\\r\\n😀 \u{7f}end\"");
+        assert_eq!(parse(text.as_bytes(), 4).unwrap(), v);
+        assert_eq!(parse(br#""\/x\b\f""#, 4).unwrap(), Json::String("/x\u{8}\u{c}".into()));
+        assert_eq!(parse(b"\"\"", 4).unwrap(), Json::String(String::new()));
+        let e = parse(b"\"abc\tdef\"", 4).unwrap_err();
+        assert_eq!(e.offset, 4, "the raw tab is named where it is");
+        assert!(parse(b"\"abc", 4).unwrap_err().message.contains("unterminated"));
     }
 
     #[test]

@@ -30,19 +30,38 @@ struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
-    fn err(&mut self, code: &'static str, path: &str, message: String) {
+    fn err(&mut self, code: &'static str, path: &Loc<'_>, message: String) {
         self.issues.push(Issue { severity: Severity::Error, code, path: path.to_string(), message });
+    }
+}
+
+/// Where a value sits (`Patient.name[0].given[1]`), spelled out only when an issue is
+/// found: valid resources, nearly all of them, never format a path.
+#[derive(Clone, Copy)]
+enum Loc<'a> {
+    Root(&'a str),
+    Key(&'a Loc<'a>, &'a str),
+    Index(&'a Loc<'a>, usize),
+}
+
+impl std::fmt::Display for Loc<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Loc::Root(name) => f.write_str(name),
+            Loc::Key(parent, key) => write!(f, "{parent}.{key}"),
+            Loc::Index(parent, i) => write!(f, "{parent}[{i}]"),
+        }
     }
 }
 
 pub fn validate(p: &Profiles, resource: &Json) -> Vec<Issue> {
     let mut cx = Ctx { p, issues: Vec::new() };
     let rtype = resource.get("resourceType").and_then(Json::as_str).unwrap_or("Resource").to_string();
-    resource_at(&mut cx, resource, &rtype, 0);
+    resource_at(&mut cx, resource, &Loc::Root(&rtype), 0);
     cx.issues
 }
 
-fn resource_at(cx: &mut Ctx<'_>, v: &Json, loc: &str, depth: usize) {
+fn resource_at(cx: &mut Ctx<'_>, v: &Json, loc: &Loc<'_>, depth: usize) {
     if depth > MAX_RESOURCE_DEPTH {
         cx.err("structure", loc, "resources nested too deeply".into());
         return;
@@ -59,24 +78,27 @@ fn resource_at(cx: &mut Ctx<'_>, v: &Json, loc: &str, depth: usize) {
 }
 
 /// The element named by JSON key `key` among `children`, and the type a choice key selects.
-pub(crate) fn find<'e>(children: &'e [Element], key: &str) -> Option<(&'e Element, Option<String>)> {
+pub(crate) fn find<'e>(children: &'e [Element], key: &str) -> Option<(&'e Element, Option<&'e str>)> {
     if let Some(e) = children.iter().find(|e| !e.choice && e.name == key) {
         return Some((e, None));
     }
     children.iter().filter(|e| e.choice).find_map(|e| {
         let suffix = key.strip_prefix(e.name.as_str())?;
-        let t = e.types.iter().find(|t| type_suffix(t) == suffix)?;
-        Some((e, Some(t.clone())))
+        let t = e.types.iter().find(|t| is_type_suffix(t, suffix))?;
+        Some((e, Some(t.as_str())))
     })
 }
 
-/// `valueString` ← `string`, `valueQuantity` ← `Quantity`.
-fn type_suffix(t: &str) -> String {
-    let mut c = t.chars();
-    c.next().map(|f| f.to_ascii_uppercase().to_string() + c.as_str()).unwrap_or_default()
+/// `String` names `string`, `Quantity` names `Quantity` (`valueString`, `valueQuantity`).
+fn is_type_suffix(t: &str, suffix: &str) -> bool {
+    let (mut a, mut b) = (t.chars(), suffix.chars());
+    match (a.next(), b.next()) {
+        (Some(x), Some(y)) => x.to_ascii_uppercase() == y && a.as_str() == b.as_str(),
+        _ => false,
+    }
 }
 
-fn object(cx: &mut Ctx<'_>, v: &Json, path: &str, loc: &str, is_resource: bool, depth: usize) {
+fn object(cx: &mut Ctx<'_>, v: &Json, path: &str, loc: &Loc<'_>, is_resource: bool, depth: usize) {
     let Some(members) = v.as_object() else {
         cx.err("structure", loc, "expected a JSON object".into());
         return;
@@ -91,7 +113,7 @@ fn object(cx: &mut Ctx<'_>, v: &Json, path: &str, loc: &str, is_resource: bool, 
     };
     let mut chosen: Vec<&str> = Vec::new();
     for (key, value) in members {
-        let here = format!("{loc}.{key}");
+        let here = Loc::Key(loc, key);
         if key == "resourceType" {
             if !is_resource {
                 cx.err("structure", &here, "resourceType is only allowed at the root of a resource".into());
@@ -129,11 +151,11 @@ fn object(cx: &mut Ctx<'_>, v: &Json, path: &str, loc: &str, is_resource: bool, 
                     cx.err("value", &here, "empty arrays are not allowed in FHIR".into());
                 }
                 for (i, item) in items.iter().enumerate() {
-                    let at = format!("{here}[{i}]");
+                    let at = Loc::Index(&here, i);
                     if matches!(item, Json::Null) && members.iter().any(|(k, _)| k.strip_prefix('_') == Some(key)) {
                         continue; // aligned with a companion `_key` entry
                     }
-                    typed(cx, e, choice_type.as_deref(), item, &at, is_resource && path_is_root(path), depth);
+                    typed(cx, e, choice_type, item, &at, is_resource && path_is_root(path), depth);
                 }
             }
             (true, _) => cx.err("structure", &here, format!("{key} repeats: it must be a JSON array")),
@@ -141,7 +163,7 @@ fn object(cx: &mut Ctx<'_>, v: &Json, path: &str, loc: &str, is_resource: bool, 
                 cx.err("structure", &here, format!("{key} does not repeat: it must not be an array"));
             }
             (false, item) => {
-                typed(cx, e, choice_type.as_deref(), item, &here, is_resource && path_is_root(path), depth);
+                typed(cx, e, choice_type, item, &here, is_resource && path_is_root(path), depth);
             }
         }
     }
@@ -155,7 +177,7 @@ fn object(cx: &mut Ctx<'_>, v: &Json, path: &str, loc: &str, is_resource: bool, 
             }
         });
         if !present {
-            cx.err("required", &format!("{loc}.{}", e.name), format!("{} is required (min {})", e.name, e.min));
+            cx.err("required", &Loc::Key(loc, &e.name), format!("{} is required (min {})", e.name, e.min));
         }
     }
 }
@@ -165,8 +187,8 @@ fn path_is_root(path: &str) -> bool {
 }
 
 /// `_given: [null, {"extension": [...]}]` carries ids and extensions of primitive values.
-fn companion(cx: &mut Ctx<'_>, v: &Json, many: bool, loc: &str, depth: usize) {
-    let check = |cx: &mut Ctx<'_>, item: &Json, at: &str| match item {
+fn companion(cx: &mut Ctx<'_>, v: &Json, many: bool, loc: &Loc<'_>, depth: usize) {
+    let check = |cx: &mut Ctx<'_>, item: &Json, at: &Loc<'_>| match item {
         Json::Null if many => {}
         Json::Object(_) => object(cx, item, "Element", at, false, depth),
         _ => cx.err("structure", at, "a primitive's companion must be an object with id or extension".into()),
@@ -174,7 +196,7 @@ fn companion(cx: &mut Ctx<'_>, v: &Json, many: bool, loc: &str, depth: usize) {
     match (many, v) {
         (true, Json::Array(items)) => {
             for (i, item) in items.iter().enumerate() {
-                check(cx, item, &format!("{loc}[{i}]"));
+                check(cx, item, &Loc::Index(loc, i));
             }
         }
         (true, _) => cx.err("structure", loc, "companion of a repeating element must be an array".into()),
@@ -182,7 +204,7 @@ fn companion(cx: &mut Ctx<'_>, v: &Json, many: bool, loc: &str, depth: usize) {
     }
 }
 
-fn typed(cx: &mut Ctx<'_>, e: &Element, choice: Option<&str>, v: &Json, loc: &str, at_root: bool, depth: usize) {
+fn typed(cx: &mut Ctx<'_>, e: &Element, choice: Option<&str>, v: &Json, loc: &Loc<'_>, at_root: bool, depth: usize) {
     if let Some(target) = &e.content_ref {
         object(cx, v, target, loc, false, depth);
         return;
@@ -218,9 +240,8 @@ fn typed(cx: &mut Ctx<'_>, e: &Element, choice: Option<&str>, v: &Json, loc: &st
     }
 }
 
-fn check_codings(cx: &mut Ctx<'_>, set: usize, t: &str, v: &Json, loc: &str, path: &str) {
-    let mut bad = Vec::new();
-    let mut check = |coding: &Json, at: String| {
+fn check_codings(cx: &mut Ctx<'_>, set: usize, t: &str, v: &Json, loc: &Loc<'_>, path: &str) {
+    let mut check = |coding: &Json, at: &Loc<'_>| {
         let (Some(system), Some(code)) =
             (coding.get("system").and_then(Json::as_str), coding.get("code").and_then(Json::as_str))
         else {
@@ -228,24 +249,23 @@ fn check_codings(cx: &mut Ctx<'_>, set: usize, t: &str, v: &Json, loc: &str, pat
         };
         let s = &cx.p.code_sets[set];
         if s.systems.contains(system) && !s.has(system, code) {
-            bad.push((at, format!("{system}|{code} is not in the required value set of {path}")));
+            let why = format!("{system}|{code} is not in the required value set of {path}");
+            cx.err("code-invalid", at, why);
         }
     };
     match t {
-        "Coding" => check(v, loc.to_string()),
+        "Coding" => check(v, loc),
         "CodeableConcept" => {
+            let codings = Loc::Key(loc, "coding");
             for (i, c) in v.get("coding").and_then(Json::as_array).into_iter().flatten().enumerate() {
-                check(c, format!("{loc}.coding[{i}]"));
+                check(c, &Loc::Index(&codings, i));
             }
         }
         _ => {}
     }
-    for (at, msg) in bad {
-        cx.err("code-invalid", &at, msg);
-    }
 }
 
-fn primitive(cx: &mut Ctx<'_>, t: &str, v: &Json, loc: &str) {
+fn primitive(cx: &mut Ctx<'_>, t: &str, v: &Json, loc: &Loc<'_>) {
     let result: Result<(), String> = match (t, v) {
         ("boolean", Json::Bool(_)) | ("decimal", Json::Number(_)) => Ok(()),
         ("boolean", _) => Err("must be a JSON boolean (true or false)".into()),
