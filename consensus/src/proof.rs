@@ -221,6 +221,58 @@ pub fn multi_proof(nodes: &dyn Nodes, indices: &[u64], size: u64) -> Option<Vec<
     Some(out)
 }
 
+/// The [`multi_proof`] of `leaves` (`(index, inclusion path)`, sorted by index, distinct)
+/// from their separate RFC 9162 audit paths in a tree of `size`, for a holder of the paths
+/// without the tree (an importer turning an export's proofs into one): every subtree a
+/// multiproof needs is the sibling of some leaf's path. `None` when a path has the wrong
+/// length or a needed subtree is missing.
+pub fn multi_proof_from_paths(leaves: &[(u64, &[Hash])], size: u64) -> Option<Vec<Hash>> {
+    use std::collections::HashMap;
+    if leaves.is_empty() || !leaves.windows(2).all(|w| w[0].0 < w[1].0) || leaves.last().is_some_and(|l| l.0 >= size) {
+        return None;
+    }
+    // (offset, width) of each sibling, top down; the path lists them bottom up.
+    let mut known: HashMap<(u64, u64), Hash> = HashMap::new();
+    for &(index, path) in leaves {
+        let (mut offset, mut n) = (0, size);
+        let mut siblings = Vec::with_capacity(path.len());
+        while n > 1 {
+            let k = split(n);
+            if index < offset + k {
+                siblings.push((offset + k, n - k));
+                n = k;
+            } else {
+                siblings.push((offset, k));
+                offset += k;
+                n -= k;
+            }
+        }
+        if siblings.len() != path.len() {
+            return None;
+        }
+        for (range, hash) in siblings.into_iter().zip(path.iter().rev()) {
+            known.insert(range, *hash);
+        }
+    }
+    fn walk(known: &HashMap<(u64, u64), Hash>, idx: &[u64], offset: u64, n: u64, out: &mut Vec<Hash>) -> Option<()> {
+        if idx.is_empty() {
+            out.push(*known.get(&(offset, n))?);
+            return Some(());
+        }
+        if n == 1 {
+            return Some(());
+        }
+        let k = split(n);
+        let cut = idx.partition_point(|&i| i < offset + k);
+        walk(known, &idx[..cut], offset, k, out)?;
+        walk(known, &idx[cut..], offset + k, n - k, out)
+    }
+    let idx: Vec<u64> = leaves.iter().map(|l| l.0).collect();
+    let mut out = Vec::new();
+    walk(&known, &idx, 0, size, &mut out)?;
+    Some(out)
+}
+
 /// The root that `leaves` (`(index, leaf hash)`, sorted by index, distinct) and a
 /// [`multi_proof`] imply for a tree of `size` leaves; `None` when they do not fit together
 /// (so a caller compares the result with a signed root).
@@ -262,6 +314,24 @@ mod tests {
 
     fn leaves(n: u64) -> Vec<Hash> {
         (0..n).map(|i| leaf_hash(&i.to_be_bytes())).collect()
+    }
+
+    #[test]
+    fn multiproofs_from_audit_paths_equal_those_from_the_tree() {
+        for n in 1..=11u64 {
+            let l = leaves(n);
+            let nodes = LeafNodes(&l);
+            let paths: Vec<Vec<Hash>> = (0..n).map(|i| inclusion_proof(&nodes, i, n).unwrap()).collect();
+            for mask in 1u32..(1 << n) {
+                let idx: Vec<u64> = (0..n).filter(|i| mask & (1 << i) != 0).collect();
+                let given: Vec<(u64, &[Hash])> = idx.iter().map(|&i| (i, paths[i as usize].as_slice())).collect();
+                assert_eq!(multi_proof_from_paths(&given, n), multi_proof(&nodes, &idx, n), "{idx:?} of {n}");
+            }
+        }
+        let l = leaves(5);
+        let path = inclusion_proof(&LeafNodes(&l), 2, 5).unwrap();
+        assert_eq!(multi_proof_from_paths(&[(2, &path[1..])], 5), None, "a short path");
+        assert_eq!(multi_proof_from_paths(&[(3, &path), (2, &path)], 5), None, "unsorted");
     }
 
     #[test]

@@ -23,6 +23,8 @@ const PDEX_AGENT_TYPE: &str = "http://hl7.org/fhir/us/davinci-pdex/CodeSystem/Pr
 pub const SOURCE_EXTENSION: &str = "urn:fhir-ledger:transfer:source";
 pub const LEAF_EXTENSION: &str = "urn:fhir-ledger:transfer:source-leaf";
 pub const HEAD_EXTENSION: &str = "urn:fhir-ledger:transfer:source-head";
+/// One RFC 9162 multiproof of every target's source leaf at the source head, on the Provenance.
+pub const MULTIPROOF_EXTENSION: &str = "urn:fhir-ledger:transfer:source-multiproof";
 /// Five years, the history CMS-0057-F asks payers to exchange.
 pub const FIVE_YEARS_MS: i64 = 5 * 365 * 86_400_000 + 86_400_000;
 
@@ -156,31 +158,31 @@ pub fn import_bundle(
     let mut files = Vec::new();
     for (name, kind, _) in &v.files {
         if kind == "output" {
-            let proofs = read(dir, &crate::bulk::render::proofs_name(name))?;
-            files.push((name, String::from_utf8(proofs)?));
+            files.push(name);
         }
     }
+    // Files are read and rewritten on every core; the Bundle keeps the label's file order.
+    let sources = on_every_core(&files, |name| {
+        let proofs = String::from_utf8(read(dir, &crate::bulk::render::proofs_name(name))?)?;
+        proofs.lines().map(SourceLeaf::of).collect::<anyhow::Result<Vec<_>>>()
+    })?;
     // Every imported resource's new id, from the leaf each proof line names.
     let mut new_ids: HashMap<String, String> = HashMap::new();
-    let mut sources = Vec::with_capacity(files.len());
-    for (_, proofs) in &files {
-        let mut of_file = Vec::new();
-        for proof in proofs.lines() {
-            let (rtype, id) = proof_source(proof)?;
-            // The old payer's disclosure log about the member is its own record, not the
-            // member's data: it stays there (and this server would refuse it anyway).
-            if rtype != "AuditEvent" {
-                new_ids.insert(format!("{rtype}/{id}"), format!("urn:uuid:{}", uuid::Uuid::new_v4()));
-            }
-            of_file.push((rtype, id));
+    for source in sources.iter().flatten() {
+        // The old payer's disclosure log about the member is its own record, not the
+        // member's data: it stays there (and this server would refuse it anyway).
+        if source.rtype != "AuditEvent" {
+            new_ids.insert(format!("{}/{}", source.rtype, source.id), format!("urn:uuid:{}", uuid::Uuid::new_v4()));
         }
-        sources.push(of_file);
     }
-    let mut out = String::from(r#"{"resourceType":"Bundle","type":"transaction","entry":["#);
-    let mut targets = Vec::new();
-    for ((name, proofs), of_file) in files.iter().zip(&sources) {
+    let work: Vec<_> = files.iter().zip(&sources).collect();
+    let rendered = on_every_core(&work, |(name, of_file)| {
         let text = String::from_utf8(read(dir, name)?)?;
-        for ((line, proof), (rtype, id)) in text.lines().zip(proofs.lines()).zip(of_file) {
+        let mut entries = String::with_capacity(text.len() + text.len() / 8);
+        // The Provenance's targets of this file, written here as JSON text (`,{..}` each).
+        let (mut targets, mut leaves) = (String::new(), Vec::new());
+        for (line, source) in text.lines().zip(of_file.iter()) {
+            let (rtype, id) = (&source.rtype, &source.id);
             let Some(full_url) = new_ids.get(&format!("{rtype}/{id}")) else { continue };
             let mut r = json::parse(line.as_bytes(), usize::MAX).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
             crate::fhir::refs::for_each_reference_mut(&mut r, &mut |s| rewrite(s, &new_ids, peer_base));
@@ -193,19 +195,18 @@ pub fn import_bundle(
             if meta_left == Some(false) {
                 r.remove("meta");
             }
-            if !out.ends_with('[') {
-                out.push(',');
-            }
-            out.push_str(r#"{"fullUrl":"#);
-            Json::str(full_url.as_str()).write_compact(&mut out);
-            out.push_str(r#","resource":"#);
-            r.write_compact(&mut out);
-            out.push_str(r#","request":{"method":"POST","url":"#);
-            Json::str(rtype.as_str()).write_compact(&mut out);
-            out.push_str("}}");
-            // The proof line as the export served it: leaf, leaf data, salt and path.
-            let leaf = proof.to_string();
-            targets.push(Json::obj(vec![
+            entries.push_str(r#",{"fullUrl":"#);
+            Json::str(full_url.as_str()).write_compact(&mut entries);
+            entries.push_str(r#","resource":"#);
+            r.write_compact(&mut entries);
+            entries.push_str(r#","request":{"method":"POST","url":"#);
+            Json::str(rtype.as_str()).write_compact(&mut entries);
+            entries.push_str("}}");
+            // The proof line as the export served it (leaf, leaf data, salt); the paths of
+            // all targets become one multiproof on the Provenance.
+            leaves.push((source.leaf, source.path.as_slice()));
+            targets.push(',');
+            Json::obj(vec![
                 ("reference", Json::str(full_url.as_str())),
                 (
                     "extension",
@@ -214,12 +215,34 @@ pub fn import_bundle(
                             ("url", Json::str(SOURCE_EXTENSION)),
                             ("valueUri", Json::str(format!("{peer_base}/{rtype}/{id}"))),
                         ]),
-                        Json::obj(vec![("url", Json::str(LEAF_EXTENSION)), ("valueString", Json::str(leaf))]),
+                        Json::obj(vec![
+                            ("url", Json::str(LEAF_EXTENSION)),
+                            ("valueString", Json::str(source.line.as_str())),
+                        ]),
                     ]),
                 ),
-            ]));
+            ])
+            .write_compact(&mut targets);
         }
+        Ok((entries, targets, leaves))
+    })?;
+    const OPENING: &str = r#"{"resourceType":"Bundle","type":"transaction","entry":["#;
+    let size: usize = rendered.iter().map(|r| r.0.len() + r.1.len()).sum();
+    let mut out = String::with_capacity(OPENING.len() + size + 64 * 1024);
+    out.push_str(OPENING);
+    let mut targets = String::with_capacity(rendered.iter().map(|r| r.1.len()).sum::<usize>() + 2);
+    targets.push('[');
+    let mut paths: Vec<(u64, &[consensus::merkle::Hash])> = Vec::new();
+    for (entries, of_file, leaves) in &rendered {
+        // Each entry and target was written after a comma; an array's first takes none.
+        out.push_str(if out.len() == OPENING.len() { entries.strip_prefix(',').unwrap_or(entries) } else { entries });
+        targets.push_str(if targets.len() == 1 { of_file.strip_prefix(',').unwrap_or(of_file) } else { of_file });
+        paths.extend_from_slice(leaves);
     }
+    targets.push(']');
+    paths.sort_unstable_by_key(|p| p.0);
+    let multiproof = consensus::proof::multi_proof_from_paths(&paths, v.head.size)
+        .context("the export's inclusion proofs do not combine into one multiproof")?;
     let source = || {
         Json::obj(vec![
             (
@@ -235,12 +258,18 @@ pub fn import_bundle(
         ("resourceType", Json::str("Provenance")),
         (
             "extension",
-            Json::Array(vec![Json::obj(vec![
-                ("url", Json::str(HEAD_EXTENSION)),
-                ("valueString", Json::str(head_parameters(&v.head).to_string())),
-            ])]),
+            Json::Array(vec![
+                Json::obj(vec![
+                    ("url", Json::str(HEAD_EXTENSION)),
+                    ("valueString", Json::str(head_parameters(&v.head).to_string())),
+                ]),
+                Json::obj(vec![
+                    ("url", Json::str(MULTIPROOF_EXTENSION)),
+                    ("valueBase64Binary", Json::base64(&multiproof.concat())),
+                ]),
+            ]),
         ),
-        ("target", Json::Array(targets)),
+        ("target", Json::Raw(targets)),
         ("recorded", Json::str(crate::fhir::instant(crate::fhir::now_ms()))),
         (
             "agent",
@@ -271,17 +300,75 @@ pub fn import_bundle(
     Ok(out)
 }
 
-/// The `Type` and `id` of the leaf a proof line names.
-fn proof_source(proof: &str) -> anyhow::Result<(String, String)> {
-    #[derive(serde::Deserialize)]
-    struct Leaf<'a> {
-        #[serde(rename = "leafData", borrow)]
-        leaf_data: std::borrow::Cow<'a, str>,
+/// `f` of each item, on every core (items taken in turn), results in the items' order; the
+/// first error in that order is returned.
+fn on_every_core<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> anyhow::Result<R> + Sync) -> anyhow::Result<Vec<R>> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let next = AtomicUsize::new(0);
+    let threads = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get).min(items.len().max(1));
+    let mut results: Vec<Option<anyhow::Result<R>>> = (0..items.len()).map(|_| None).collect();
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut done = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(item) = items.get(i) else { break };
+                        done.push((i, f(item)));
+                    }
+                    done
+                })
+            })
+            .collect();
+        for w in workers {
+            for (i, r) in w.join().unwrap_or_default() {
+                results[i] = Some(r);
+            }
+        }
+    });
+    results.into_iter().map(|r| r.unwrap_or_else(|| Err(anyhow::anyhow!("a worker thread failed")))).collect()
+}
+
+/// A line of an export's proof file: the source version it names, the line as the
+/// Provenance keeps it (leaf, leaf data, salt) and its inclusion path.
+struct SourceLeaf {
+    rtype: String,
+    id: String,
+    leaf: u64,
+    line: String,
+    path: Vec<consensus::merkle::Hash>,
+}
+
+impl SourceLeaf {
+    fn of(proof: &str) -> anyhow::Result<Self> {
+        use crate::fhir::json::Json;
+        #[derive(serde::Deserialize)]
+        struct Line<'a> {
+            leaf: u64,
+            #[serde(rename = "leafData", borrow)]
+            leaf_data: std::borrow::Cow<'a, str>,
+            #[serde(borrow, default)]
+            salt: Option<std::borrow::Cow<'a, str>>,
+            #[serde(borrow, default)]
+            path: Vec<std::borrow::Cow<'a, str>>,
+        }
+        let p: Line<'_> = serde_json::from_str(proof)?;
+        let data =
+            crate::codec::unb64(&p.leaf_data).map_err(|_| anyhow::anyhow!("a proof's leafData is not base64"))?;
+        let h = consensus::LeafHeader::decode(&data).context("a proof's leafData is not a leaf header")?;
+        let path = p
+            .path
+            .iter()
+            .map(|x| crate::codec::unb64(x).ok().and_then(|b| b.try_into().ok()))
+            .collect::<Option<Vec<_>>>()
+            .context("a proof's path hash is not the base64 of 32 bytes")?;
+        let mut members = vec![("leaf", Json::Number(p.leaf.to_string())), ("leafData", Json::str(p.leaf_data))];
+        if let Some(salt) = p.salt {
+            members.push(("salt", Json::str(salt)));
+        }
+        Ok(Self { rtype: h.rtype, id: h.id, leaf: p.leaf, line: Json::obj(members).to_compact(), path })
     }
-    let p: Leaf<'_> = serde_json::from_str(proof)?;
-    let data = crate::codec::unb64(&p.leaf_data).map_err(|_| anyhow::anyhow!("a proof's leafData is not base64"))?;
-    let h = consensus::LeafHeader::decode(&data).context("a proof's leafData is not a leaf header")?;
-    Ok((h.rtype, h.id))
 }
 
 /// A tree head as `GET /ledger/head` serves it (a Parameters resource).
@@ -302,22 +389,28 @@ fn rewrite(s: &mut String, new_ids: &HashMap<String, String>, peer_base: &str) {
 }
 
 /// Checks a transfer Provenance (as imported here) against the peer's node keys: its head
-/// is signed by a quorum, and every target's source leaf is in that head.
+/// is signed by a quorum, and every target's source leaf is in that head (by the
+/// Provenance's one multiproof, or by a target's own inclusion path where it carries one).
 pub fn verify_provenance(
     provenance: &Value,
     keys: &[ed25519_dalek::VerifyingKey],
     quorum: usize,
 ) -> Result<usize, String> {
-    let head = provenance["extension"]
-        .as_array()
-        .and_then(|e| e.iter().find(|x| x["url"] == HEAD_EXTENSION))
-        .and_then(|x| x["valueString"].as_str())
-        .and_then(|s| serde_json::from_str::<Value>(s).ok())
+    let extension = |url: &str, field: &str| {
+        provenance["extension"]
+            .as_array()
+            .and_then(|e| e.iter().find(|x| x["url"] == url))
+            .and_then(|x| x[field].as_str())
+            .map(str::to_string)
+    };
+    let head = extension(HEAD_EXTENSION, "valueString")
+        .and_then(|s| serde_json::from_str::<Value>(&s).ok())
         .ok_or("the Provenance carries no source head")?;
     let parts = head["parameter"].as_array().ok_or("the source head is not a Parameters resource")?;
     let head = crate::treehead::TreeHead::from_parts(parts)?;
     head.check_quorum(keys, quorum)?;
     let mut n = 0;
+    let mut together: Vec<(u64, consensus::merkle::Hash)> = Vec::new();
     for t in provenance["target"].as_array().into_iter().flatten() {
         let ext = t["extension"].as_array().ok_or("a target has no source")?;
         let leaf: Value = ext
@@ -333,23 +426,112 @@ pub fn verify_provenance(
         if !source.ends_with(&format!("/{}/{}", header.rtype, header.id)) {
             return Err(format!("target {source} names leaf {} of {}/{}", leaf["leaf"], header.rtype, header.id));
         }
-        let path: Vec<[u8; 32]> = leaf["path"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|p| p.as_str().and_then(|s| crate::codec::unb64(s).ok()?.try_into().ok()))
-            .collect();
         let index = leaf["leaf"].as_u64().ok_or("bad leaf")?;
-        if !consensus::proof::verify_inclusion(
-            index,
-            head.size,
-            &consensus::merkle::leaf_hash(&data),
-            &path,
-            &head.root,
-        ) {
+        let hash = consensus::merkle::leaf_hash(&data);
+        n += 1;
+        let Some(path) = leaf["path"].as_array() else {
+            together.push((index, hash));
+            continue;
+        };
+        let path: Vec<[u8; 32]> =
+            path.iter().filter_map(|p| p.as_str().and_then(|s| crate::codec::unb64(s).ok()?.try_into().ok())).collect();
+        if !consensus::proof::verify_inclusion(index, head.size, &hash, &path, &head.root) {
             return Err(format!("{source}: leaf {index} is not in the source head"));
         }
-        n += 1;
+    }
+    if !together.is_empty() {
+        let proof = extension(MULTIPROOF_EXTENSION, "valueBase64Binary")
+            .and_then(|s| crate::codec::unb64(&s).ok())
+            .filter(|p| p.len() % 32 == 0)
+            .ok_or("the Provenance carries no multiproof of its targets (base64 of 32-byte hashes)")?;
+        let proof: Vec<consensus::merkle::Hash> = proof.chunks(32).filter_map(|c| c.try_into().ok()).collect();
+        together.sort_unstable_by_key(|t| t.0);
+        if let Some(w) = together.windows(2).find(|w| w[0].0 == w[1].0) {
+            return Err(format!("leaf {} is the source of two targets", w[0].0));
+        }
+        if consensus::proof::multi_root(&together, head.size, &proof) != Some(head.root) {
+            return Err(format!(
+                "the targets' source leaves and the multiproof do not rebuild the source head of size {}",
+                head.size
+            ));
+        }
     }
     Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use consensus::merkle::{leaf_hash, root_of, Hash};
+    use consensus::proof::{inclusion_proof, LeafNodes};
+
+    /// A Provenance as `import_bundle` writes it over a tree of 9 leaves, targets at leaves
+    /// 1, 4 and 7, its head signed by `key`.
+    fn provenance(key: &ed25519_dalek::SigningKey) -> Value {
+        let data: Vec<Vec<u8>> = (0..9u64)
+            .map(|i| {
+                let h = consensus::LeafHeader {
+                    rtype: "Observation".into(),
+                    id: format!("o{i}"),
+                    version: 1,
+                    ..Default::default()
+                };
+                h.encode()
+            })
+            .collect();
+        let hashes: Vec<Hash> = data.iter().map(|d| leaf_hash(d)).collect();
+        let head = crate::treehead::TreeHead::signed(9, root_of(&hashes), 1, "node-1", key);
+        let picked = [1u64, 4, 7];
+        let paths: Vec<Vec<Hash>> =
+            picked.iter().map(|&i| inclusion_proof(&LeafNodes(&hashes), i, 9).unwrap()).collect();
+        let given: Vec<(u64, &[Hash])> = picked.iter().zip(&paths).map(|(&i, p)| (i, p.as_slice())).collect();
+        let multiproof = consensus::proof::multi_proof_from_paths(&given, 9).unwrap();
+        let targets: Vec<Value> = picked
+            .iter()
+            .map(|&i| {
+                let leaf = json!({"leaf": i, "leafData": crate::codec::b64(&data[i as usize])}).to_string();
+                json!({"reference": format!("Observation/new{i}"), "extension": [
+                    {"url": SOURCE_EXTENSION, "valueUri": format!("https://old.example/Observation/o{i}")},
+                    {"url": LEAF_EXTENSION, "valueString": leaf}]})
+            })
+            .collect();
+        json!({"resourceType": "Provenance", "target": targets, "extension": [
+            {"url": HEAD_EXTENSION, "valueString": head_parameters(&head).to_string()},
+            {"url": MULTIPROOF_EXTENSION, "valueBase64Binary": crate::codec::b64(&multiproof.concat())}]})
+    }
+
+    #[test]
+    fn a_provenance_verifies_by_its_multiproof_and_refuses_what_was_changed() {
+        let key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
+        let trusted = [key.verifying_key()];
+        let good = provenance(&key);
+        assert_eq!(verify_provenance(&good, &trusted, 1), Ok(3));
+
+        let other = ed25519_dalek::SigningKey::from_bytes(&[8; 32]).verifying_key();
+        assert!(verify_provenance(&good, &[other], 1).is_err(), "a head signed by another key");
+
+        let mut dropped = good.clone();
+        dropped["target"].as_array_mut().unwrap().remove(1);
+        let e = verify_provenance(&dropped, &trusted, 1).unwrap_err();
+        assert!(e.contains("do not rebuild the source head"), "a target left out: {e}");
+
+        let mut twice = good.clone();
+        let first = twice["target"][0].clone();
+        twice["target"].as_array_mut().unwrap()[1] = first;
+        let e = verify_provenance(&twice, &trusted, 1).unwrap_err();
+        assert!(e.contains("source of two targets"), "{e}");
+
+        let mut short = good.clone();
+        let proof = crate::codec::unb64(short["extension"][1]["valueBase64Binary"].as_str().unwrap()).unwrap();
+        short["extension"][1]["valueBase64Binary"] = json!(crate::codec::b64(&proof[32..]));
+        assert!(verify_provenance(&short, &trusted, 1).is_err(), "a multiproof one hash short");
+        short["extension"][1]["valueBase64Binary"] = json!(crate::codec::b64(&proof[1..]));
+        let e = verify_provenance(&short, &trusted, 1).unwrap_err();
+        assert!(e.contains("32-byte hashes"), "{e}");
+
+        let mut renamed = good.clone();
+        renamed["target"][2]["extension"][0]["valueUri"] = json!("https://old.example/Observation/o5");
+        let e = verify_provenance(&renamed, &trusted, 1).unwrap_err();
+        assert!(e.contains("names leaf"), "a target claiming another source: {e}");
+    }
 }

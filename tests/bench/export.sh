@@ -11,7 +11,7 @@
 #   5. verified import: a Patient-level export of $IMPORT_PATIENTS patients (default 5) checked
 #      and imported into a second fresh server as one transaction (`fhir-ledger transfer
 #      import`), against the plain transaction ingest of the same patients' bundles into a
-#      third, one after another.
+#      third, one after another; three rounds, each on fresh servers.
 # Run from the repository root after `cargo build --release`.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
@@ -42,7 +42,7 @@ total=$(python3 -c 'import json,sys; print(sum(len(json.load(open(f))["entry"]) 
 
 # 1. ingest
 start_server "$work/source.log" --data-dir "$work/source" --profiles-dir "$root/fhir-profiles" --max-body-bytes 268435456
-source_base=$base; servers="$servers $server"
+source_base=$base; source_server=$server; servers="$servers $server"
 t0=$(now)
 printf '%s\n' "${bundles[@]}" | xargs -P4 -I{} sh -c \
   'code=$(curl -s -o /dev/null -w "%{http_code}" -X POST "$0/" -H "Expect:" -H "content-type: application/fhir+json" --data-binary @"$1"); [ "$code" = 200 ] || { echo "$1: HTTP $code" >&2; exit 255; }' "$source_base" {}
@@ -89,19 +89,10 @@ for run in 1 2 3; do
   "$bin" verify export "$work/export" --trusted-key "$work/source/node.pub" --crypto-bound
 done
 
-# 5. verified import against plain transaction ingest of the same patients
+# 5. verified import against plain transaction ingest of the same patients. The member
+# export is made and downloaded first; then the source server stops, so that its index, still
+# folding the 100 patients in, takes no CPU from either measurement.
 pick=("${bundles[@]:0:$import_n}")
-start_server "$work/plain.log" --data-dir "$work/plain" --profiles-dir "$root/fhir-profiles" --max-body-bytes 268435456
-plain_base=$base; servers="$servers $server"
-n_plain=$(python3 -c 'import json,sys; print(sum(len(json.load(open(f))["entry"]) for f in sys.argv[1:]))' "${pick[@]}")
-t0=$(now)
-for f in "${pick[@]}"; do
-  code=$(curl -s -o /dev/null -w "%{http_code}" -X POST "$plain_base/" -H "Expect:" -H "content-type: application/fhir+json" --data-binary @"$f")
-  [ "$code" = 200 ] || { echo "$f: HTTP $code" >&2; exit 1; }
-done
-t1=$(now)
-plain_rate=$(python3 -c "print($n_plain / ($t1 - $t0))")
-echo "plain transaction ingest of $import_n patients, one client: $n_plain resources: $(rate $n_plain $t0 $t1) resources/s"
 ids=$(python3 - "$source_base" "$import_n" <<'PY'
 import json, sys, urllib.request
 base, n = sys.argv[1], int(sys.argv[2])
@@ -113,13 +104,30 @@ PY
 status=$(curl -s -D - -o /dev/null -H 'prefer: respond-async' -H 'content-type: application/fhir+json' -d "$ids" "$source_base/Patient/\$export" | sed -n 's/^content-location: //Ip' | tr -d '\r')
 rm -rf "$work/member-export"
 "$bin" export download "$status" "$work/member-export" 2>/dev/null
+kill -9 "$source_server" 2>/dev/null; wait "$source_server" 2>/dev/null || true
 printf '[[trusted_peer]]\nname = "source"\nbase_url = "%s"\nnode_keys = ["%s"]\nclient_id = "unused"\nclient_key = "unused"\n' \
   "$source_base" "$(cat "$work/source/node.pub")" > "$work/peer.toml"
-start_server "$work/import.log" --data-dir "$work/import" --profiles-dir "$root/fhir-profiles" --max-body-bytes 268435456
-import_base=$base; servers="$servers $server"
-t0=$(now)
-out=$("$bin" transfer import --config "$work/peer.toml" --from source "$work/member-export" --into "$import_base")
-t1=$(now)
-n_import=$(echo "$out" | sed -n 's/.*; \([0-9]*\) imported.*/\1/p')
-echo "$out"
-echo "verified import of $import_n patients (check + one transaction): $n_import resources in $(python3 -c "print(round($t1 - $t0, 2))") s: $(rate $n_import $t0 $t1) resources/s = $(python3 -c "print(round($n_import / ($t1 - $t0) / $plain_rate, 2))")x plain ingest"
+n_plain=$(python3 -c 'import json,sys; print(sum(len(json.load(open(f))["entry"]) for f in sys.argv[1:]))' "${pick[@]}")
+# Three rounds, each into fresh servers stopped after their measurement.
+for run in 1 2 3; do
+  start_server "$work/plain$run.log" --data-dir "$work/plain$run" --profiles-dir "$root/fhir-profiles" --max-body-bytes 268435456
+  plain_base=$base; servers="$servers $server"
+  t0=$(now)
+  for f in "${pick[@]}"; do
+    code=$(curl -s -o /dev/null -w "%{http_code}" -X POST "$plain_base/" -H "Expect:" -H "content-type: application/fhir+json" --data-binary @"$f")
+    [ "$code" = 200 ] || { echo "$f: HTTP $code" >&2; exit 1; }
+  done
+  t1=$(now)
+  kill -9 "$server"; wait "$server" 2>/dev/null || true
+  plain_rate=$(python3 -c "print($n_plain / ($t1 - $t0))")
+  echo "plain transaction ingest of $import_n patients, one client, run $run: $n_plain resources: $(rate $n_plain $t0 $t1) resources/s"
+  start_server "$work/import$run.log" --data-dir "$work/import$run" --profiles-dir "$root/fhir-profiles" --max-body-bytes 268435456
+  import_base=$base; servers="$servers $server"
+  t0=$(now)
+  out=$("$bin" transfer import --config "$work/peer.toml" --from source "$work/member-export" --into "$import_base")
+  t1=$(now)
+  kill -9 "$server"; wait "$server" 2>/dev/null || true
+  n_import=$(echo "$out" | sed -n 's/.*; \([0-9]*\) imported.*/\1/p')
+  echo "$out"
+  echo "verified import of $import_n patients (check + one transaction), run $run: $n_import resources in $(python3 -c "print(round($t1 - $t0, 2))") s: $(rate $n_import $t0 $t1) resources/s = $(python3 -c "print(round($n_import / ($t1 - $t0) / $plain_rate, 2))")x plain ingest"
+done
