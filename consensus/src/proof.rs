@@ -227,12 +227,25 @@ pub fn multi_proof(nodes: &dyn Nodes, indices: &[u64], size: u64) -> Option<Vec<
 /// multiproof needs is the sibling of some leaf's path. `None` when a path has the wrong
 /// length or a needed subtree is missing.
 pub fn multi_proof_from_paths(leaves: &[(u64, &[Hash])], size: u64) -> Option<Vec<Hash>> {
-    use std::collections::HashMap;
+    use std::collections::BTreeMap;
+    fn walk(known: &BTreeMap<(u64, u64), Hash>, idx: &[u64], offset: u64, n: u64, out: &mut Vec<Hash>) -> Option<()> {
+        if idx.is_empty() {
+            out.push(*known.get(&(offset, n))?);
+            return Some(());
+        }
+        if n == 1 {
+            return Some(());
+        }
+        let k = split(n);
+        let cut = idx.partition_point(|&i| i < offset + k);
+        walk(known, &idx[..cut], offset, k, out)?;
+        walk(known, &idx[cut..], offset + k, n - k, out)
+    }
     if leaves.is_empty() || !leaves.windows(2).all(|w| w[0].0 < w[1].0) || leaves.last().is_some_and(|l| l.0 >= size) {
         return None;
     }
     // (offset, width) of each sibling, top down; the path lists them bottom up.
-    let mut known: HashMap<(u64, u64), Hash> = HashMap::new();
+    let mut known: BTreeMap<(u64, u64), Hash> = BTreeMap::new();
     for &(index, path) in leaves {
         let (mut offset, mut n) = (0, size);
         let mut siblings = Vec::with_capacity(path.len());
@@ -253,19 +266,6 @@ pub fn multi_proof_from_paths(leaves: &[(u64, &[Hash])], size: u64) -> Option<Ve
         for (range, hash) in siblings.into_iter().zip(path.iter().rev()) {
             known.insert(range, *hash);
         }
-    }
-    fn walk(known: &HashMap<(u64, u64), Hash>, idx: &[u64], offset: u64, n: u64, out: &mut Vec<Hash>) -> Option<()> {
-        if idx.is_empty() {
-            out.push(*known.get(&(offset, n))?);
-            return Some(());
-        }
-        if n == 1 {
-            return Some(());
-        }
-        let k = split(n);
-        let cut = idx.partition_point(|&i| i < offset + k);
-        walk(known, &idx[..cut], offset, k, out)?;
-        walk(known, &idx[cut..], offset + k, n - k, out)
     }
     let idx: Vec<u64> = leaves.iter().map(|l| l.0).collect();
     let mut out = Vec::new();

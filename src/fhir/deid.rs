@@ -348,7 +348,7 @@ impl Walk<'_> {
                 Json::Array(items) => {
                     let mut out = Vec::with_capacity(items.len());
                     for mut item in std::mem::take(items) {
-                        if self.member(&mut item, e, &ty, base, root, chain, limit, strict, nested, primitive_companion)
+                        if self.member(&mut item, e, ty, base, root, chain, limit, strict, nested, primitive_companion)
                         {
                             out.push(item);
                         }
@@ -356,7 +356,7 @@ impl Walk<'_> {
                     *items = out;
                     !items.is_empty()
                 }
-                item => self.member(item, e, &ty, base, root, chain, limit, strict, nested, primitive_companion),
+                item => self.member(item, e, ty, base, root, chain, limit, strict, nested, primitive_companion),
             };
             if keep {
                 kept.push((key, value));

@@ -304,7 +304,7 @@ fn write_str(out: &mut String, s: &str) {
             b'\r' => out.push_str("\\r"),
             b'\t' => out.push_str("\\t"),
             c => {
-                let _ = write!(out, "\\u{:04x}", c); // cannot fail on a String
+                let _ = write!(out, "\\u{c:04x}"); // cannot fail on a String
             }
         }
         rest = &rest[at + 1..];

@@ -123,8 +123,7 @@ fn object(cx: &mut Ctx<'_>, v: &Json, path: &str, loc: &Loc<'_>, is_resource: bo
         if let Some(base) = key.strip_prefix('_') {
             match find(children, base) {
                 Some((e, t))
-                    if t.as_deref()
-                        .map_or_else(|| e.types.iter().all(|t| cx.p.is_primitive(t)), |t| cx.p.is_primitive(t))
+                    if t.map_or_else(|| e.types.iter().all(|t| cx.p.is_primitive(t)), |t| cx.p.is_primitive(t))
                         && !e.types.is_empty() =>
                 {
                     companion(cx, value, e.many, &here, depth);

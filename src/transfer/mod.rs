@@ -155,6 +155,7 @@ pub fn import_bundle(
     peer_name: &str,
 ) -> anyhow::Result<String> {
     use crate::fhir::json::{self, Json};
+    const OPENING: &str = r#"{"resourceType":"Bundle","type":"transaction","entry":["#;
     let mut files = Vec::new();
     for (name, kind, _) in &v.files {
         if kind == "output" {
@@ -226,7 +227,6 @@ pub fn import_bundle(
         }
         Ok((entries, targets, leaves))
     })?;
-    const OPENING: &str = r#"{"resourceType":"Bundle","type":"transaction","entry":["#;
     let size: usize = rendered.iter().map(|r| r.0.len() + r.1.len()).sum();
     let mut out = String::with_capacity(OPENING.len() + size + 64 * 1024);
     out.push_str(OPENING);
