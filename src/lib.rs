@@ -25,6 +25,7 @@ pub mod error;
 pub mod fhir;
 pub mod identity;
 pub mod jws;
+pub mod parallel;
 pub mod payer;
 pub mod repo;
 pub mod research;

@@ -110,29 +110,7 @@ pub fn check(dir: &dyn Files, trusted: &[VerifyingKey], quorum: usize) -> Result
     let subsetted = content["subsetted"] == true;
     let signatures = (signers + head.signatures.len()) as u64;
     // Files are checked on every core; the first failure in the label's order is reported.
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let threads = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get).min(files.len().max(1));
-    let mut results: Vec<Option<Result<Checked, Failure>>> = (0..files.len()).map(|_| None).collect();
-    std::thread::scope(|scope| {
-        let workers: Vec<_> = (0..threads)
-            .map(|_| {
-                scope.spawn(|| {
-                    let mut done = Vec::new();
-                    loop {
-                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        let Some(f) = files.get(i) else { break };
-                        done.push((i, check_file(dir, f, &head, subsetted)));
-                    }
-                    done
-                })
-            })
-            .collect();
-        for w in workers {
-            for (i, r) in w.join().unwrap_or_default() {
-                results[i] = Some(r);
-            }
-        }
-    });
+    let results = crate::parallel::on_every_core(files, |f| check_file(dir, f, &head, subsetted));
     let mut seen: HashSet<u64> = HashSet::new();
     let mut lines = 0u64;
     let mut bound = Vec::new();

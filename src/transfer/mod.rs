@@ -300,34 +300,12 @@ pub fn import_bundle(
     Ok(out)
 }
 
-/// `f` of each item, on every core (items taken in turn), results in the items' order; the
-/// first error in that order is returned.
+/// [`crate::parallel::on_every_core`] of fallible work: the first error in the items' order.
 fn on_every_core<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> anyhow::Result<R> + Sync) -> anyhow::Result<Vec<R>> {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    let next = AtomicUsize::new(0);
-    let threads = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get).min(items.len().max(1));
-    let mut results: Vec<Option<anyhow::Result<R>>> = (0..items.len()).map(|_| None).collect();
-    std::thread::scope(|scope| {
-        let workers: Vec<_> = (0..threads)
-            .map(|_| {
-                scope.spawn(|| {
-                    let mut done = Vec::new();
-                    loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        let Some(item) = items.get(i) else { break };
-                        done.push((i, f(item)));
-                    }
-                    done
-                })
-            })
-            .collect();
-        for w in workers {
-            for (i, r) in w.join().unwrap_or_default() {
-                results[i] = Some(r);
-            }
-        }
-    });
-    results.into_iter().map(|r| r.unwrap_or_else(|| Err(anyhow::anyhow!("a worker thread failed")))).collect()
+    crate::parallel::on_every_core(items, f)
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|| Err(anyhow::anyhow!("a worker thread failed"))))
+        .collect()
 }
 
 /// A line of an export's proof file: the source version it names, the line as the
