@@ -12,12 +12,29 @@ use crate::fhir::refs::{split_reference, values_at};
 use crate::fhir::searchparams::{ParamType, SearchParams};
 
 pub fn term(key: &[u8; 32], code: &str, value: &str) -> IndexKey {
-    // HMAC accepts keys of any length; a 32-byte key cannot fail.
-    let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(key) else { return [0; 32] };
-    mac.update(code.as_bytes());
-    mac.update(&[0]);
-    mac.update(value.as_bytes());
-    mac.finalize().into_bytes().into()
+    TermKey::new(key).term(code, value)
+}
+
+/// The HMAC keyed once: each [`TermKey::term`] then hashes its message and the outer block,
+/// not the key's inner and outer pads again (two of about four compressions a term).
+#[derive(Clone)]
+pub struct TermKey(Hmac<Sha256>);
+
+impl TermKey {
+    pub fn new(key: &[u8; 32]) -> Self {
+        Self(
+            <Hmac<Sha256> as Mac>::new_from_slice(key)
+                .unwrap_or_else(|e| unreachable!("HMAC takes any key length: {e}")),
+        )
+    }
+
+    pub fn term(&self, code: &str, value: &str) -> IndexKey {
+        let mut mac = self.0.clone();
+        mac.update(code.as_bytes());
+        mac.update(&[0]);
+        mac.update(value.as_bytes());
+        mac.finalize().into_bytes().into()
+    }
 }
 
 /// The index values a token (Identifier) element contributes, in the forms a query can ask:
@@ -68,6 +85,7 @@ pub const CONDITIONAL_PARAMS: &[&str] = &["identifier", "patient", "subject"];
 /// machine stores them as given, so their order must not depend on anything but the resource).
 /// `_id` needs no term: the current record of an id is a direct lookup.
 pub fn resource_terms(key: &[u8; 32], params: &SearchParams, rtype: &str, res: &Json) -> Vec<IndexKey> {
+    let keyed = TermKey::new(key);
     let mut terms = Vec::new();
     for sp in params.for_type(rtype).filter(|sp| CONDITIONAL_PARAMS.contains(&sp.code.as_str())) {
         for path in &sp.paths {
@@ -81,7 +99,7 @@ pub fn resource_terms(key: &[u8; 32], params: &SearchParams, rtype: &str, res: &
                         .unwrap_or_default(),
                     ParamType::Other(_) => Vec::new(),
                 };
-                terms.extend(values.iter().map(|val| term(key, &sp.code, val)));
+                terms.extend(values.iter().map(|val| keyed.term(&sp.code, val)));
             }
         }
     }

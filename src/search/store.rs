@@ -125,7 +125,8 @@ type Buckets = BTreeMap<String, BTreeSet<i64>>;
 pub struct Store {
     tree: Tree,
     repo: Arc<Repo>,
-    mac: [u8; 32],
+    /// Keys postings: HMAC of a parameter's code and value under the index key.
+    terms: crate::repo::index::TermKey,
     dir_key: DataKey,
     docs: DocCache,
     buckets: Mutex<HashMap<(String, String), Arc<Buckets>>>,
@@ -184,7 +185,7 @@ impl Store {
             h.finalize().into()
         };
         let store = Self {
-            mac: derive(b"fhir-ledger search terms v1\0"),
+            terms: crate::repo::index::TermKey::new(&derive(b"fhir-ledger search terms v1\0")),
             dir_key: derive(b"fhir-ledger search buckets v1\0"),
             tree,
             repo,
@@ -237,7 +238,7 @@ impl Store {
     }
 
     fn term(&self, code: &str, value: &str) -> [u8; 16] {
-        let t = crate::repo::index::term(&self.mac, code, value);
+        let t = self.terms.term(code, value);
         let mut out = [0; 16];
         out.copy_from_slice(&t[..16]);
         out
