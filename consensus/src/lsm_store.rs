@@ -90,7 +90,12 @@ impl Tree {
         use std::sync::atomic::Ordering::Relaxed;
         let mut b = self.db.batch();
         let mut bytes = 0;
-        for (k, v) in batch.ops {
+        // Into the memtable in key order (a stable sort: a key written twice keeps its last
+        // value): each skip-list search then walks down near the one before, in cache,
+        // where a batch's postings in document order land at random places.
+        let mut ops = batch.ops;
+        ops.sort_by(|x, y| x.0.cmp(&y.0));
+        for (k, v) in ops {
             bytes += (k.len() + v.as_ref().map_or(0, Vec::len)) as u64;
             match v {
                 Some(v) => b.insert(&self.ks, k, v),
