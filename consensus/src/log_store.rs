@@ -1,8 +1,7 @@
 //! The Raft log: entries in segment files of our own ([`SegmentLog`]: checksummed records,
 //! group fsync, a torn final write cut off and any other damage refused at open), and vote,
-//! committed and last-purged ids in a small [`KvStore`]. `append` returns once its entries
-//! are written, and reports them persisted only after an fsync, which one thread runs for
-//! every append queued meanwhile (group commit).
+//! committed and last-purged ids in a small [`KvStore`]. `append` reports completion only
+//! after an fsync.
 
 use std::fmt::Debug;
 use std::io;
@@ -16,7 +15,7 @@ use openraft::{Entry, LogId, OptionalSend, RaftLogReader, StorageError, StorageI
 use serde::{Deserialize, Serialize};
 
 use crate::kv::{KvStore, WriteBatch};
-use crate::segment_log::{PendingSync, SegmentLog};
+use crate::segment_log::SegmentLog;
 use crate::{NodeId, TypeConfig};
 
 const VOTE: &[u8] = b"m/vote";
@@ -126,35 +125,6 @@ pub struct LogStore {
     readable_from: Arc<AtomicU64>,
     /// Whether a stored leadership may be resumed at start-up (see [`LogStore::no_resumed_leadership`]).
     resume_leadership: bool,
-    /// The sync thread's queue ([`spawn_syncer`]).
-    syncer: std::sync::mpsc::Sender<SyncJob>,
-}
-
-/// Appended entries to make durable, and whom to tell.
-type SyncJob = (PendingSync, LogFlushed<TypeConfig>);
-
-/// The thread that makes appends durable, in append order: it takes every append queued while
-/// the last fsync ran and syncs them with one (group commit), then reports each. openraft asks
-/// `append` not to wait for the disk: while an fsync runs, Raft goes on replicating and
-/// appending what arrives (awaited in `append`, the leader's fsyncs each covered 1.5 writes of
-/// a 16-client load and every other step waited behind them). Ends when the last store clone
-/// is dropped.
-fn spawn_syncer() -> io::Result<std::sync::mpsc::Sender<SyncJob>> {
-    let (tx, rx) = std::sync::mpsc::channel::<SyncJob>();
-    std::thread::Builder::new().name("raft-log-sync".into()).spawn(move || {
-        while let Ok((mut pending, first)) = rx.recv() {
-            let mut told = vec![first];
-            for (more, callback) in rx.try_iter() {
-                pending.merge(more);
-                told.push(callback);
-            }
-            let res = pending.run().map_err(|e| e.to_string());
-            for callback in told {
-                callback.log_io_completed(res.clone().map_err(io::Error::other));
-            }
-        }
-    })?;
-    Ok(tx)
 }
 
 impl Debug for LogStore {
@@ -171,13 +141,8 @@ pub fn open_segments(dir: &Path) -> Result<SegmentLog, crate::segment_log::Error
 impl LogStore {
     /// The store over `segments` (see [`open_segments`]) and the ids in `meta`.
     pub fn open(segments: SegmentLog, meta: Arc<dyn KvStore>) -> anyhow::Result<Self> {
-        let mut store = Self {
-            bodies: Bodies::of(segments),
-            meta,
-            readable_from: Arc::default(),
-            resume_leadership: true,
-            syncer: spawn_syncer()?,
-        };
+        let mut store =
+            Self { bodies: Bodies::of(segments), meta, readable_from: Arc::default(), resume_leadership: true };
         let purged = store.get_meta::<Option<LogId<NodeId>>>(PURGED)?.flatten();
         store.readable_from = Arc::new(AtomicU64::new(purged.map_or(0, |p| p.index + 1)));
         Ok(store)
@@ -327,19 +292,24 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             batch.push((entry.log_id.index, bytes));
         }
         let entries = self.bodies.log.clone();
-        let pending = tokio::task::spawn_blocking(move || {
-            let mut log = entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            for (index, bytes) in &batch {
-                log.append(*index, bytes)?;
-            }
-            Ok::<_, crate::segment_log::Error>(log.pending_sync())
+        // Durability point of the whole system: entries are fsynced before openraft is told
+        // they are persisted, so nothing is acknowledged that a crash could lose.
+        let res = tokio::task::spawn_blocking(move || {
+            let pending = {
+                let mut log = entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                for (index, bytes) in &batch {
+                    log.append(*index, bytes)?;
+                }
+                log.pending_sync()
+            };
+            // Outside the lock: reads of bodies and of entries to replicate go on meanwhile.
+            pending.run()
         })
         .await
-        .map_err(werr)?
-        .map_err(werr)?;
-        // Durability point of the whole system: openraft is told the entries are persisted
-        // only after their fsync, so nothing is acknowledged that a crash could lose.
-        self.syncer.send((pending, callback)).map_err(|_| werr("the raft log's sync thread has stopped"))
+        .map_err(werr)
+        .and_then(|r| r.map_err(werr));
+        callback.log_io_completed(res.as_ref().copied().map_err(|e| io::Error::other(e.to_string())));
+        res
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {

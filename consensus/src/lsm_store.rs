@@ -142,3 +142,27 @@ impl KvStore for Tree {
         self.db.persist(fjall::PersistMode::SyncAll).map_err(|e| err(self.name, &e))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_applies_in_order_though_its_keys_go_in_sorted() {
+        let dir = tempfile::tempdir().unwrap();
+        let tree = Tree::open(dir.path(), "test", 1 << 20).unwrap();
+        let mut b = WriteBatch::default();
+        b.put(b"z".to_vec(), b"1".to_vec());
+        b.put(b"k".to_vec(), b"first".to_vec());
+        b.delete(b"k".to_vec());
+        b.put(b"k".to_vec(), b"last".to_vec());
+        b.put(b"a".to_vec(), b"kept".to_vec());
+        b.put(b"gone".to_vec(), b"x".to_vec());
+        b.delete(b"gone".to_vec());
+        tree.apply(b).unwrap();
+        assert_eq!(tree.get(b"k").unwrap().as_deref(), Some(&b"last"[..]), "the last write of a key wins");
+        assert_eq!(tree.get(b"gone").unwrap(), None, "a put then a delete leaves nothing");
+        let keys: Vec<Vec<u8>> = tree.range(b"", b"\xff").map(|kv| kv.unwrap().0).collect();
+        assert_eq!(keys, vec![b"a".to_vec(), b"k".to_vec(), b"z".to_vec()]);
+    }
+}

@@ -200,9 +200,21 @@ pub fn verify_consistency(first: u64, second: u64, first_root: &Hash, second_roo
 /// left-to-right walk of the RFC 9162 tree meets them. A lock of thousands of versions proves
 /// them all with one list far shorter than their separate audit paths.
 pub fn multi_proof(nodes: &dyn Nodes, indices: &[u64], size: u64) -> Option<Vec<Hash>> {
-    fn walk(nodes: &dyn Nodes, idx: &[u64], offset: u64, n: u64, out: &mut Vec<Hash>) -> Option<()> {
+    multi_proof_by(indices, size, &|offset, n| subtree(nodes, offset, n))
+}
+
+/// The subtrees (`offset`, width) a multiproof of `indices` names, in its order, each asked
+/// of `hash`; `None` for indices that are not sorted, distinct and below `size`.
+fn multi_proof_by(indices: &[u64], size: u64, hash: &dyn Fn(u64, u64) -> Option<Hash>) -> Option<Vec<Hash>> {
+    fn walk(
+        hash: &dyn Fn(u64, u64) -> Option<Hash>,
+        idx: &[u64],
+        offset: u64,
+        n: u64,
+        out: &mut Vec<Hash>,
+    ) -> Option<()> {
         if idx.is_empty() {
-            out.push(subtree(nodes, offset, n)?);
+            out.push(hash(offset, n)?);
             return Some(());
         }
         if n == 1 {
@@ -210,14 +222,14 @@ pub fn multi_proof(nodes: &dyn Nodes, indices: &[u64], size: u64) -> Option<Vec<
         }
         let k = split(n);
         let cut = idx.partition_point(|&i| i < offset + k);
-        walk(nodes, &idx[..cut], offset, k, out)?;
-        walk(nodes, &idx[cut..], offset + k, n - k, out)
+        walk(hash, &idx[..cut], offset, k, out)?;
+        walk(hash, &idx[cut..], offset + k, n - k, out)
     }
     if indices.is_empty() || !indices.windows(2).all(|w| w[0] < w[1]) || indices.last().is_some_and(|&l| l >= size) {
         return None;
     }
     let mut out = Vec::new();
-    walk(nodes, indices, 0, size, &mut out)?;
+    walk(hash, indices, 0, size, &mut out)?;
     Some(out)
 }
 
@@ -228,20 +240,7 @@ pub fn multi_proof(nodes: &dyn Nodes, indices: &[u64], size: u64) -> Option<Vec<
 /// length or a needed subtree is missing.
 pub fn multi_proof_from_paths(leaves: &[(u64, &[Hash])], size: u64) -> Option<Vec<Hash>> {
     use std::collections::BTreeMap;
-    fn walk(known: &BTreeMap<(u64, u64), Hash>, idx: &[u64], offset: u64, n: u64, out: &mut Vec<Hash>) -> Option<()> {
-        if idx.is_empty() {
-            out.push(*known.get(&(offset, n))?);
-            return Some(());
-        }
-        if n == 1 {
-            return Some(());
-        }
-        let k = split(n);
-        let cut = idx.partition_point(|&i| i < offset + k);
-        walk(known, &idx[..cut], offset, k, out)?;
-        walk(known, &idx[cut..], offset + k, n - k, out)
-    }
-    if leaves.is_empty() || !leaves.windows(2).all(|w| w[0].0 < w[1].0) || leaves.last().is_some_and(|l| l.0 >= size) {
+    if leaves.last().is_some_and(|l| l.0 >= size) {
         return None;
     }
     // (offset, width) of each sibling, top down; the path lists them bottom up.
@@ -267,10 +266,8 @@ pub fn multi_proof_from_paths(leaves: &[(u64, &[Hash])], size: u64) -> Option<Ve
             known.insert(range, *hash);
         }
     }
-    let idx: Vec<u64> = leaves.iter().map(|l| l.0).collect();
-    let mut out = Vec::new();
-    walk(&known, &idx, 0, size, &mut out)?;
-    Some(out)
+    let indices: Vec<u64> = leaves.iter().map(|l| l.0).collect();
+    multi_proof_by(&indices, size, &|offset, n| known.get(&(offset, n)).copied())
 }
 
 /// The root that `leaves` (`(index, leaf hash)`, sorted by index, distinct) and a

@@ -268,16 +268,6 @@ pub struct PendingSync {
 }
 
 impl PendingSync {
-    /// Adds what `other` has to sync (group commit of appends queued behind one fsync).
-    pub fn merge(&mut self, other: PendingSync) {
-        for f in other.files {
-            if !self.files.iter().any(|g| Arc::ptr_eq(g, &f)) {
-                self.files.push(f);
-            }
-        }
-        self.dir = self.dir.take().or(other.dir);
-    }
-
     /// One fdatasync per file written (group commit), and the directory's if a segment was
     /// created.
     pub fn run(self) -> Result<(), Error> {
