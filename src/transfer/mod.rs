@@ -240,6 +240,10 @@ pub fn import_bundle(
         paths.extend_from_slice(leaves);
     }
     targets.push(']');
+    if paths.is_empty() {
+        // A Provenance needs a target, and a transaction of nothing is no transfer.
+        bail!("the export holds no resource to import");
+    }
     paths.sort_unstable_by_key(|p| p.0);
     let multiproof = consensus::proof::multi_proof_from_paths(&paths, v.head.size)
         .context("the export's inclusion proofs do not combine into one multiproof")?;
@@ -476,6 +480,25 @@ mod tests {
         json!({"resourceType": "Provenance", "target": targets, "extension": [
             {"url": HEAD_EXTENSION, "valueString": head_parameters(&head).to_string()},
             {"url": MULTIPROOF_EXTENSION, "valueBase64Binary": crate::codec::b64(&multiproof.concat())}]})
+    }
+
+    #[test]
+    fn an_export_with_nothing_to_import_is_refused_by_name() {
+        let key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
+        let head = crate::treehead::TreeHead::signed(1, [0; 32], 1, "node-1", &key);
+        let v = check::Verified {
+            head,
+            cosigners: 1,
+            signers: 1,
+            lines: 0,
+            files: Vec::new(),
+            subsetted: false,
+            bytes_hashed: 0,
+            signatures: 0,
+        };
+        let files: HashMap<String, Vec<u8>> = HashMap::new();
+        let e = import_bundle(&files, &v, "https://old.example", "old").unwrap_err();
+        assert_eq!(e.to_string(), "the export holds no resource to import");
     }
 
     #[test]
