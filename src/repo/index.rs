@@ -107,3 +107,24 @@ pub fn resource_terms(key: &[u8; 32], params: &SearchParams, rtype: &str, res: &
     terms.dedup();
     terms
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Postings already on disk (state lookup tables, search index) were keyed with a fresh
+    /// HMAC per term: the keyed-once form must give the same bytes, or conditional
+    /// interactions and searches would stop finding them.
+    #[test]
+    fn a_term_keyed_once_equals_one_keyed_afresh() {
+        let key = [9u8; 32];
+        let mut fresh = <Hmac<Sha256> as Mac>::new_from_slice(&key).unwrap();
+        fresh.update(b"identifier\0http://x|1");
+        let expected: IndexKey = fresh.finalize().into_bytes().into();
+        let keyed = TermKey::new(&key);
+        assert_eq!(keyed.term("identifier", "http://x|1"), expected);
+        assert_eq!(keyed.term("identifier", "http://x|1"), expected, "the keyed state is not consumed");
+        assert_eq!(term(&key, "identifier", "http://x|1"), expected);
+        assert_ne!(keyed.term("identifier", "http://x|2"), expected);
+    }
+}
