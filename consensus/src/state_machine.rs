@@ -216,7 +216,7 @@ pub(crate) fn data_key_key(compartment: &str) -> Vec<u8> {
     sep_key(b'k', &[compartment.as_bytes()])
 }
 
-fn decode<T: for<'a> Deserialize<'a>>(bytes: &[u8]) -> io::Result<T> {
+pub(crate) fn decode<T: for<'a> Deserialize<'a>>(bytes: &[u8]) -> io::Result<T> {
     bincode::deserialize(bytes).map_err(|e| invalid_data(e.to_string()))
 }
 fn encode<T: Serialize>(v: &T) -> io::Result<Vec<u8>> {

@@ -170,13 +170,15 @@ pub fn write_proofs(
     sink: &mut dyn FnMut(&[u8]) -> Result<(), FhirError>,
 ) -> Result<(), FhirError> {
     let repo = engine.repo();
-    let view = repo.view();
+    let paths = consensus::PathsAt::new(repo.view(), job.size);
     let mut buf = String::new();
     for chunk in decode_leaves(&part.leaves)?.chunks(STEP) {
         buf.clear();
         for &leaf in chunk {
-            let Some(rec) = view.record(leaf)? else { continue };
-            let h = &rec.header;
+            let (h, path) = paths
+                .proof(leaf)?
+                .ok_or_else(|| FhirError::internal(format!("no inclusion proof of leaf {leaf} at {}", job.size)))?;
+            let h = &h;
             let deletion = h.op == consensus::Op::Delete.as_str();
             let salt = if deletion {
                 None
@@ -186,8 +188,6 @@ pub fn write_proofs(
                     None => continue,
                 }
             };
-            let path = consensus::proof::inclusion_proof(view, leaf, job.size)
-                .ok_or_else(|| FhirError::internal(format!("no inclusion proof of leaf {leaf} at {}", job.size)))?;
             let mut members = vec![("leaf", Json::Number(leaf.to_string())), ("leafData", Json::base64(&h.encode()))];
             if let Some(s) = salt {
                 members.push(("salt", Json::base64(&s)));
