@@ -11,6 +11,8 @@ use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use rand::RngCore;
 
 const NONCE: usize = 24;
+/// Poly1305 tag bytes at the end of a sealed body.
+const TAG: usize = 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CryptoError {
@@ -40,6 +42,21 @@ pub fn open(key: &DataKey, sealed: &[u8], aad: &[u8]) -> Result<Vec<u8>, CryptoE
     XChaCha20Poly1305::new(key.into())
         .decrypt(XNonce::from_slice(nonce), Payload { msg: ct, aad })
         .map_err(|_| CryptoError::Authentication)
+}
+
+/// [`open`] in place: `sealed` is decrypted where it lies, and the plaintext is the slice
+/// returned (the nonce and tag around it are left as they were).
+pub fn open_in_place<'a>(key: &DataKey, sealed: &'a mut [u8], aad: &[u8]) -> Result<&'a [u8], CryptoError> {
+    use chacha20poly1305::aead::AeadInPlace;
+    if sealed.len() < NONCE + TAG {
+        return Err(CryptoError::Authentication);
+    }
+    let (nonce, rest) = sealed.split_at_mut(NONCE);
+    let (ct, tag) = rest.split_at_mut(rest.len() - TAG);
+    XChaCha20Poly1305::new(key.into())
+        .decrypt_in_place_detached(XNonce::from_slice(nonce), aad, ct, chacha20poly1305::Tag::from_slice(tag))
+        .map_err(|_| CryptoError::Authentication)?;
+    Ok(ct)
 }
 
 /// The salt of a version's content commitment (`consensus::content_commitment`): an HMAC
@@ -116,6 +133,10 @@ mod tests {
         let sealed = seal(&dek, b"{\"a\":1}", b"Patient/1/1");
         assert_eq!(open(&dek, &sealed, b"Patient/1/1").unwrap(), b"{\"a\":1}");
         assert!(open(&dek, &sealed, b"Patient/1/2").is_err(), "AAD binds the version");
+        let mut in_place = sealed.clone();
+        assert_eq!(open_in_place(&dek, &mut in_place, b"Patient/1/1").unwrap(), b"{\"a\":1}");
+        assert!(open_in_place(&dek, &mut sealed.clone(), b"Patient/1/2").is_err());
+        assert!(open_in_place(&dek, &mut [0u8; NONCE + TAG - 1], b"Patient/1/1").is_err(), "too short");
         let mut bad = sealed.clone();
         let last = bad.len() - 1;
         bad[last] ^= 1;

@@ -62,6 +62,13 @@ impl Bodies {
     /// `len` bytes from `offset` of entry `index`'s encoding. The log's lock is held only to
     /// find the file; the read is outside it.
     pub(crate) fn read(&self, index: u64, offset: u32, len: u32) -> io::Result<Vec<u8>> {
+        let mut buf = Vec::new();
+        self.read_into(index, offset, len, &mut buf)?;
+        Ok(buf)
+    }
+
+    /// [`Bodies::read`] into `buf`, whose capacity is reused.
+    pub(crate) fn read_into(&self, index: u64, offset: u32, len: u32, buf: &mut Vec<u8>) -> io::Result<()> {
         let at = self.log().locate(index);
         let at = at.ok_or_else(|| {
             io::Error::new(
@@ -69,7 +76,7 @@ impl Bodies {
                 format!("raft log entry {index}, which holds a body, is missing"),
             )
         })?;
-        at.read(offset, len)
+        at.read_into(offset, len, buf)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("raft log entry {index}: {e}")))
     }
 

@@ -299,9 +299,19 @@ impl Located {
         if u64::from(from) + u64::from(len) > u64::from(self.len) {
             return Err(Error::Usage(format!("bytes {from}+{len} of a record of {}", self.len)));
         }
-        let mut buf = vec![0u8; len as usize];
-        self.file.read_exact_at(&mut buf, self.offset + u64::from(from))?;
+        let mut buf = Vec::new();
+        self.read_into(from, len, &mut buf)?;
         Ok(buf)
+    }
+
+    /// [`Located::read`] into `buf` (its capacity reused: nothing is zeroed once it is large).
+    pub fn read_into(&self, from: u32, len: u32, buf: &mut Vec<u8>) -> Result<(), Error> {
+        if u64::from(from) + u64::from(len) > u64::from(self.len) {
+            return Err(Error::Usage(format!("bytes {from}+{len} of a record of {}", self.len)));
+        }
+        buf.resize(len as usize, 0);
+        self.file.read_exact_at(buf, self.offset + u64::from(from))?;
+        Ok(())
     }
 }
 

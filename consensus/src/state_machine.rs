@@ -406,6 +406,60 @@ impl StateView {
         let StoredRecord { header, leaf, body, .. } = decode(&bytes)?;
         Ok(Some(VersionRecord { header, leaf, body: self.body(body)? }))
     }
+    /// The version records of `leaves` (ascending) one at a time, each ciphertext read into
+    /// one reused buffer: `f(leaf, header, ciphertext)` for each that exists (a Bulk export's
+    /// files are streamed through this). `f` may change the ciphertext in place (decrypt it).
+    pub fn for_each_record(
+        &self,
+        leaves: &[u64],
+        f: &mut dyn FnMut(u64, &LeafHeader, &mut [u8]) -> io::Result<()>,
+    ) -> io::Result<()> {
+        let mut buf = Vec::new();
+        self.for_each_stored(leaves, &mut |leaf, bytes| {
+            let StoredRecord { header, body, .. } = decode(bytes)?;
+            match body {
+                BodyAt::Inline(mut b) => f(leaf, &header, &mut b),
+                BodyAt::Log { index, offset, len } => {
+                    self.bodies.read_into(index, offset, len, &mut buf)?;
+                    f(leaf, &header, &mut buf)
+                }
+            }
+        })
+    }
+    /// The leaf headers of `leaves` (ascending) that exist, one at a time; no body is read.
+    pub fn for_each_header(
+        &self,
+        leaves: &[u64],
+        f: &mut dyn FnMut(u64, LeafHeader) -> io::Result<()>,
+    ) -> io::Result<()> {
+        self.for_each_stored(leaves, &mut |leaf, bytes| f(leaf, decode(bytes)?))
+    }
+    /// The stored records of `leaves` that exist: dense ascending runs of leaves read with
+    /// one range scan, others a record at a time.
+    fn for_each_stored(&self, leaves: &[u64], one: &mut dyn FnMut(u64, &[u8]) -> io::Result<()>) -> io::Result<()> {
+        const RUN: usize = 256;
+        for run in leaves.chunks(RUN) {
+            let (Some(&first), Some(&last)) = (run.first(), run.last()) else { continue };
+            if run.is_sorted() && last - first < 2 * RUN as u64 {
+                let mut want = run.iter().peekable();
+                for kv in self.kv.range(&record_key(first), &record_key(last + 1), false) {
+                    let (k, v) = kv?;
+                    let Some(leaf) = crate::kv::read_be(&k[1..]) else { continue };
+                    while want.next_if(|&&w| w < leaf).is_some() {}
+                    if want.next_if(|&&w| w == leaf).is_some() {
+                        one(leaf, &v)?;
+                    }
+                }
+            } else {
+                for &leaf in run {
+                    if let Some(v) = self.kv.get(&record_key(leaf))? {
+                        one(leaf, &v)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
     /// A stored body's bytes, read from the log when it is there.
     pub(crate) fn body(&self, at: BodyAt) -> io::Result<Vec<u8>> {
         match at {

@@ -453,14 +453,14 @@ fn produce(
         select::select(engine, guard.as_ref(), &scope, progress, &mut |shown, d| on_shown(caller, shown, d))?;
     let mut files = Vec::new();
     let mut parts = Vec::new();
-    let mut add = |rtype: &str, kind: Kind, n: usize, part: Part| -> Result<(), FhirError> {
+    let mut add = |rtype: &str, kind: Kind, n: usize, part: Part| {
         let name = match kind {
             Kind::Output => format!("{rtype}-{n}.ndjson"),
             Kind::Deleted => format!("deleted-{n}.ndjson"),
             Kind::Error => format!("error-{n}.ndjson"),
         };
         let part_id = format!("{id}-{}", parts.len() + 1);
-        let info = FileInfo {
+        files.push(FileInfo {
             name,
             rtype: rtype.to_string(),
             kind,
@@ -468,22 +468,27 @@ fn produce(
             bytes: 0,
             sha256: String::new(),
             part: part_id.clone(),
-        };
-        let digest = render::digest(engine, job, &info, &part, deid.as_ref())?;
-        files.push(FileInfo { count: digest.count, bytes: digest.bytes, sha256: digest.sha256, ..info });
+        });
         parts.push((part_id, part));
-        Ok(())
     };
     for (rtype, leaves) in &selected.outputs {
         for (n, chunk) in leaves.chunks(LINES_PER_FILE).enumerate() {
-            add(rtype, Kind::Output, n + 1, Part { leaves: render::encode_leaves(chunk), lines: Vec::new() })?;
+            add(rtype, Kind::Output, n + 1, Part { leaves: render::encode_leaves(chunk), lines: Vec::new() });
         }
     }
     for (n, chunk) in selected.deleted.chunks(LINES_PER_FILE).enumerate() {
-        add("Bundle", Kind::Deleted, n + 1, Part { leaves: render::encode_leaves(chunk), lines: Vec::new() })?;
+        add("Bundle", Kind::Deleted, n + 1, Part { leaves: render::encode_leaves(chunk), lines: Vec::new() });
     }
     if !selected.errors.is_empty() {
-        add("OperationOutcome", Kind::Error, 1, Part { leaves: String::new(), lines: selected.errors.clone() })?;
+        add("OperationOutcome", Kind::Error, 1, Part { leaves: String::new(), lines: selected.errors.clone() });
+    }
+    // Every file is made once to digest it, the files spread over the cores.
+    let items: Vec<(&FileInfo, &Part)> = files.iter().zip(parts.iter().map(|(_, p)| p)).collect();
+    let digests =
+        crate::parallel::on_every_core(&items, |(info, part)| render::digest(engine, job, info, part, deid.as_ref()));
+    for (info, digest) in files.iter_mut().zip(digests) {
+        let d = digest.ok_or_else(|| FhirError::internal("a thread digesting an export file died"))??;
+        (info.count, info.bytes, info.sha256) = (d.count, d.bytes, d.sha256);
     }
     Ok((files, parts))
 }

@@ -170,14 +170,8 @@ impl Checker<'_> {
         let engine = self.engine;
         if self.guard.is_none() && matches!(self.scope.level, Level::System) && self.filters.is_empty() {
             // Nothing to decide per resource (no access rules, compartments or filters): no
-            // resource is parsed, only read, so that an erased one is left out.
-            let mut out = Vec::with_capacity(leaves.len());
-            for stored in engine.repo().read_leaves(leaves) {
-                let s = stored?;
-                if let (Some(_), Some(leaf)) = (s.body.as_deref(), s.leaf) {
-                    out.push((leaf, s.rtype, s.id, s.version));
-                }
-            }
+            // resource is read, only its header, so that an erased one is left out.
+            let out = engine.repo().readable(leaves)?;
             let list: Vec<(String, String, u64)> =
                 out.iter().map(|(_, t, id, v)| (t.clone(), id.clone(), *v)).collect();
             if !list.is_empty() {

@@ -230,6 +230,64 @@ impl Repo {
         })
     }
 
+    /// The plaintext of each version among `leaves` (ascending) whose body can still be read
+    /// (not a deletion, its compartment not erased), in leaf order, decrypted in one reused
+    /// buffer and never cached: `f(leaf, header, plaintext)`. A Bulk export's files are
+    /// made through this.
+    pub fn for_each_plaintext(
+        &self,
+        leaves: &[u64],
+        f: &mut dyn FnMut(u64, &consensus::LeafHeader, &[u8]) -> Result<(), FhirError>,
+    ) -> Result<(), FhirError> {
+        let mut keys: BTreeMap<String, Option<DataKey>> = BTreeMap::new();
+        let mut failed = None;
+        let walked = self.view.for_each_record(leaves, &mut |leaf, h, sealed| {
+            if h.op == Op::Delete.as_str() || h.op == Op::Erase.as_str() {
+                return Ok(());
+            }
+            let mut step = || -> Result<(), FhirError> {
+                let Some(dek) = self.compartment_key(&h.compartment, &mut keys)? else { return Ok(()) };
+                let aad = aad(&h.rtype, &h.id, h.version);
+                let plain = crypto::open_in_place(&dek, sealed, aad.as_bytes()).map_err(FhirError::internal)?;
+                f(leaf, h, plain)
+            };
+            step().map_err(|e| {
+                failed = Some(e);
+                std::io::Error::other("stopped by its reader")
+            })
+        });
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(walked?),
+        }
+    }
+
+    /// Of `leaves` (ascending), the versions whose body can still be read (not a deletion,
+    /// the compartment not erased): `(leaf, type, id, version)`, from the headers alone.
+    pub fn readable(&self, leaves: &[u64]) -> Result<Vec<(u64, String, String, u64)>, FhirError> {
+        let mut keys: BTreeMap<String, Option<DataKey>> = BTreeMap::new();
+        let mut out = Vec::with_capacity(leaves.len());
+        let mut failed = None;
+        let walked = self.view.for_each_header(leaves, &mut |leaf, h| {
+            if h.op == Op::Delete.as_str() || h.op == Op::Erase.as_str() {
+                return Ok(());
+            }
+            match self.compartment_key(&h.compartment, &mut keys) {
+                Ok(Some(_)) => out.push((leaf, h.rtype, h.id, h.version)),
+                Ok(None) => {}
+                Err(e) => {
+                    failed = Some(e);
+                    return Err(std::io::Error::other("stopped by its reader"));
+                }
+            }
+            Ok(())
+        });
+        match failed {
+            Some(e) => Err(e),
+            None => walked.map(|()| out).map_err(FhirError::from),
+        }
+    }
+
     fn read_leaf(&self, leaf: u64, keys: &mut BTreeMap<String, Option<DataKey>>) -> Result<Stored, FhirError> {
         if let Some(hit) = self.bodies.get(leaf) {
             let (h, body) = (&hit.0, &hit.1);
