@@ -17,8 +17,26 @@ const BLOCK: u64 = 1 << STORED_NODE_LEVEL;
 /// Blocks remembered at once (a path at the tree's right edge may reach a few others).
 const BLOCKS_KEPT: usize = 8;
 
-/// A block's leaves that exist: their headers and leaf hashes, by position in the block.
-type Block = Vec<Option<(LeafHeader, Hash)>>;
+/// A block's leaves that exist (their headers, by position in the block) and the hashes of
+/// its subtrees: `nodes[level][i]`, levels 0 (leaves) to [`STORED_NODE_LEVEL`]; `None`
+/// where a leaf under it is missing.
+struct Block {
+    headers: Vec<Option<LeafHeader>>,
+    nodes: Vec<Vec<Option<Hash>>>,
+}
+
+impl Block {
+    fn new(headers: Vec<Option<LeafHeader>>) -> Self {
+        let leaves: Vec<Option<Hash>> = headers.iter().map(|h| h.as_ref().map(|h| leaf_hash(&h.encode()))).collect();
+        let mut nodes = vec![leaves];
+        while nodes.last().is_some_and(|l| l.len() > 1) {
+            let below = nodes.last().map(Vec::as_slice).unwrap_or_default();
+            let up = below.chunks(2).map(|p| Some(node_hash(p[0].as_ref()?, p.get(1)?.as_ref()?))).collect();
+            nodes.push(up);
+        }
+        Self { headers, nodes }
+    }
+}
 
 /// Proofs at tree size `size`, read through `view`.
 pub struct PathsAt<'a> {
@@ -40,7 +58,7 @@ impl<'a> PathsAt<'a> {
         if leaf >= self.size {
             return Ok(None);
         }
-        let header = self.with_block(leaf / BLOCK, |b| b[(leaf % BLOCK) as usize].as_ref().map(|(h, _)| h.clone()))?;
+        let header = self.with_block(leaf / BLOCK, |b| b.headers[(leaf % BLOCK) as usize].clone())?;
         let Some(header) = header else { return Ok(None) };
         let path = crate::proof::inclusion_proof(self, leaf, self.size);
         if let Some(e) = self.failed.borrow_mut().take() {
@@ -54,38 +72,28 @@ impl<'a> PathsAt<'a> {
             return Ok(f(b));
         }
         let first = block * BLOCK;
-        let mut leaves: Block = vec![None; BLOCK as usize];
+        let mut headers: Vec<Option<LeafHeader>> = vec![None; BLOCK as usize];
         for kv in self.view.kv.range(&record_key(first), &record_key(first + BLOCK), false) {
             let (k, v) = kv?;
             let Some(leaf) = crate::kv::read_be(&k[1..]) else { continue };
-            let header: LeafHeader = decode(&v)?;
-            let hash = leaf_hash(&header.encode());
-            if let Some(slot) = leaves.get_mut((leaf - first) as usize) {
-                *slot = Some((header, hash));
+            if let Some(slot) = leaf.checked_sub(first).and_then(|i| headers.get_mut(usize::try_from(i).ok()?)) {
+                *slot = Some(decode(&v)?);
             }
         }
-        let out = f(&leaves);
+        let loaded = Block::new(headers);
+        let out = f(&loaded);
         let mut blocks = self.blocks.borrow_mut();
         if blocks.len() >= BLOCKS_KEPT {
             blocks.pop_first();
         }
-        blocks.insert(block, leaves);
+        blocks.insert(block, loaded);
         Ok(out)
     }
 
     fn small(&self, level: u32, index: u64) -> io::Result<Option<Hash>> {
-        let first = index << level;
-        let (block, at) = (first / BLOCK, (first % BLOCK) as usize);
-        self.with_block(block, |b| {
-            let mut level_hashes: Vec<Hash> = Vec::with_capacity(1 << level);
-            for slot in &b[at..at + (1 << level)] {
-                level_hashes.push(slot.as_ref()?.1);
-            }
-            while level_hashes.len() > 1 {
-                level_hashes = level_hashes.chunks(2).map(|p| node_hash(&p[0], &p[1])).collect();
-            }
-            level_hashes.pop()
-        })
+        let per_block = BLOCK >> level;
+        let (block, at) = (index / per_block, (index % per_block) as usize);
+        self.with_block(block, |b| b.nodes[level as usize][at])
     }
 }
 

@@ -426,14 +426,6 @@ impl StateView {
             }
         })
     }
-    /// The leaf headers of `leaves` (ascending) that exist, one at a time; no body is read.
-    pub fn for_each_header(
-        &self,
-        leaves: &[u64],
-        f: &mut dyn FnMut(u64, LeafHeader) -> io::Result<()>,
-    ) -> io::Result<()> {
-        self.for_each_stored(leaves, &mut |leaf, bytes| f(leaf, decode(bytes)?))
-    }
     /// The stored records of `leaves` that exist: dense ascending runs of leaves read with
     /// one range scan, others a record at a time.
     fn for_each_stored(&self, leaves: &[u64], one: &mut dyn FnMut(u64, &[u8]) -> io::Result<()>) -> io::Result<()> {

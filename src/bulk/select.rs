@@ -42,6 +42,9 @@ pub struct Selected {
 /// A resource's state at the pinned size.
 struct Latest {
     leaf: u64,
+    version: u64,
+    /// Whose data key encrypted it (an erased compartment's versions have no plaintext).
+    compartment: String,
     last_updated_ms: i64,
     deleted: bool,
     /// The newest version that was not a deletion (what access is decided on for a delete).
@@ -60,31 +63,49 @@ pub fn select(
 ) -> Result<Selected, FhirError> {
     let params = scope.params;
     let latest = latest_at(engine, scope)?;
-    let mut live: Vec<u64> = Vec::new();
+    let mut live: Vec<(u64, &(String, String), &Latest)> = Vec::new();
     let mut deleted: Vec<(u64, u64)> = Vec::new();
-    for ((rtype, _), l) in &latest {
-        if !params.wants(rtype) || params.since_ms.is_some_and(|s| l.last_updated_ms <= s) {
+    for (key, l) in &latest {
+        if !params.wants(&key.0) || params.since_ms.is_some_and(|s| l.last_updated_ms <= s) {
             continue;
         }
         if !l.deleted {
-            live.push(l.leaf);
+            live.push((l.leaf, key, l));
         } else if let (Some(before), true) = (l.live, params.since_ms.is_some()) {
             // Only an export `_since` something reports deletions (the IG's `deleted`).
             deleted.push((l.leaf, before));
         }
     }
-    live.sort_unstable();
+    live.sort_unstable_by_key(|(leaf, ..)| *leaf);
     deleted.sort_unstable();
     progress.total.store((live.len() + deleted.len()) as u64, Relaxed);
     let filters = type_filters(engine, params)?;
     let mut out = Selected::default();
     let checker = Checker { engine, guard, scope, filters: &filters };
+    let mut keys = std::collections::BTreeMap::new();
     for chunk in live.chunks(BATCH) {
         if progress.cancelled.load(Relaxed) {
             return Err(FhirError::invalid("the export was cancelled"));
         }
-        for (leaf, t, ..) in checker.admitted(chunk, shown)? {
-            out.outputs.entry(t).or_default().push(leaf);
+        if checker.unrestricted() {
+            // Nothing to decide per resource (no access rules, compartments or filters): the
+            // headers read above tell all, and a version whose compartment was erased is left
+            // out.
+            let mut list = Vec::with_capacity(chunk.len());
+            for &(leaf, (t, id), l) in chunk {
+                if engine.repo().compartment_key(&l.compartment, &mut keys)?.is_some() {
+                    out.outputs.entry(t.clone()).or_default().push(leaf);
+                    list.push((t.clone(), id.clone(), l.version));
+                }
+            }
+            if !list.is_empty() {
+                shown(&list, Disclosed::default());
+            }
+        } else {
+            let leaves: Vec<u64> = chunk.iter().map(|(leaf, ..)| *leaf).collect();
+            for (leaf, t, ..) in checker.admitted(&leaves, shown)? {
+                out.outputs.entry(t).or_default().push(leaf);
+            }
         }
         progress.done.fetch_add(chunk.len() as u64, Relaxed);
     }
@@ -131,9 +152,17 @@ fn latest_at(engine: &Engine, scope: &Scope<'_>) -> Result<HashMap<(String, Stri
             continue;
         }
         let gone = h.op == Op::Delete.as_str() || h.op == Op::Erase.as_str();
-        let e =
-            latest.entry((h.rtype, h.id)).or_insert(Latest { leaf, last_updated_ms: 0, deleted: false, live: None });
+        let e = latest.entry((h.rtype, h.id)).or_insert(Latest {
+            leaf,
+            version: 0,
+            compartment: String::new(),
+            last_updated_ms: 0,
+            deleted: false,
+            live: None,
+        });
         e.leaf = leaf;
+        e.version = h.version;
+        e.compartment = h.compartment;
         e.last_updated_ms = h.last_updated_ms;
         e.deleted = gone;
         if !gone {
@@ -164,14 +193,24 @@ struct Checker<'a> {
 }
 
 impl Checker<'_> {
+    /// Whether nothing is decided per resource: no access rules, compartments or filters.
+    fn unrestricted(&self) -> bool {
+        self.guard.is_none() && matches!(self.scope.level, Level::System) && self.filters.is_empty()
+    }
+
     /// Of `leaves` (versions), those the export may hold: `(leaf, type, id, version)`, in the
     /// order given. What was shown is reported to `shown`.
     fn admitted(&self, leaves: &[u64], shown: &mut Shown<'_>) -> Result<Vec<(u64, String, String, u64)>, FhirError> {
         let engine = self.engine;
-        if self.guard.is_none() && matches!(self.scope.level, Level::System) && self.filters.is_empty() {
-            // Nothing to decide per resource (no access rules, compartments or filters): no
-            // resource is read, only its header, so that an erased one is left out.
-            let out = engine.repo().readable(leaves)?;
+        if self.unrestricted() {
+            // Nothing to decide per resource: read, so that an erased one is left out.
+            let mut out = Vec::with_capacity(leaves.len());
+            for stored in engine.repo().read_leaves(leaves) {
+                let s = stored?;
+                if let (Some(_), Some(leaf)) = (s.body.as_deref(), s.leaf) {
+                    out.push((leaf, s.rtype, s.id, s.version));
+                }
+            }
             let list: Vec<(String, String, u64)> =
                 out.iter().map(|(_, t, id, v)| (t.clone(), id.clone(), *v)).collect();
             if !list.is_empty() {

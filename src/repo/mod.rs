@@ -262,32 +262,6 @@ impl Repo {
         }
     }
 
-    /// Of `leaves` (ascending), the versions whose body can still be read (not a deletion,
-    /// the compartment not erased): `(leaf, type, id, version)`, from the headers alone.
-    pub fn readable(&self, leaves: &[u64]) -> Result<Vec<(u64, String, String, u64)>, FhirError> {
-        let mut keys: BTreeMap<String, Option<DataKey>> = BTreeMap::new();
-        let mut out = Vec::with_capacity(leaves.len());
-        let mut failed = None;
-        let walked = self.view.for_each_header(leaves, &mut |leaf, h| {
-            if h.op == Op::Delete.as_str() || h.op == Op::Erase.as_str() {
-                return Ok(());
-            }
-            match self.compartment_key(&h.compartment, &mut keys) {
-                Ok(Some(_)) => out.push((leaf, h.rtype, h.id, h.version)),
-                Ok(None) => {}
-                Err(e) => {
-                    failed = Some(e);
-                    return Err(std::io::Error::other("stopped by its reader"));
-                }
-            }
-            Ok(())
-        });
-        match failed {
-            Some(e) => Err(e),
-            None => walked.map(|()| out).map_err(FhirError::from),
-        }
-    }
-
     fn read_leaf(&self, leaf: u64, keys: &mut BTreeMap<String, Option<DataKey>>) -> Result<Stored, FhirError> {
         if let Some(hit) = self.bodies.get(leaf) {
             let (h, body) = (&hit.0, &hit.1);
@@ -332,8 +306,9 @@ impl Repo {
         })
     }
 
-    /// The data key of a compartment, `None` once it was erased; looked up once per page.
-    fn compartment_key(
+    /// The data key of a compartment, `None` once it was erased; looked up once per page
+    /// (`keys` remembers the answers).
+    pub(crate) fn compartment_key(
         &self,
         compartment: &str,
         keys: &mut BTreeMap<String, Option<DataKey>>,
@@ -389,7 +364,16 @@ impl Repo {
     /// The salt of a version's content commitment (what binds its plaintext to its leaf);
     /// `None` once its compartment was erased.
     pub fn content_salt(&self, h: &consensus::LeafHeader) -> Result<Option<[u8; 32]>, FhirError> {
-        let Some(dek) = self.data_key(&h.compartment)? else { return Ok(None) };
+        self.content_salt_in(h, &mut BTreeMap::new())
+    }
+
+    /// [`Repo::content_salt`], each compartment's key looked up once in `keys`.
+    pub fn content_salt_in(
+        &self,
+        h: &consensus::LeafHeader,
+        keys: &mut BTreeMap<String, Option<DataKey>>,
+    ) -> Result<Option<[u8; 32]>, FhirError> {
+        let Some(dek) = self.compartment_key(&h.compartment, keys)? else { return Ok(None) };
         Ok(Some(crypto::content_salt(&dek, aad(&h.rtype, &h.id, h.version).as_bytes())))
     }
 

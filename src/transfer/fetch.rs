@@ -72,6 +72,24 @@ pub fn linked(manifest: &Value) -> anyhow::Result<Vec<String>> {
             bail!("the manifest links {url}, which has no file name");
         }
     }
+    // Largest first, so that parallel downloads do not end on one large file: a file weighs
+    // its line count, a proof file (longer lines, made from more reads) twice its file's.
+    let mut lines: HashMap<&str, u64> = HashMap::new();
+    for kind in ["output", "deleted", "error"] {
+        for item in manifest[kind].as_array().into_iter().flatten() {
+            if let (Some(url), Some(n)) = (item["url"].as_str(), item["count"].as_u64()) {
+                lines.insert(name_of(url), n);
+            }
+        }
+    }
+    let weight = |url: &String| -> u64 {
+        let name = name_of(url);
+        match name.strip_suffix(".proofs.ndjson") {
+            Some(stem) => 2 * lines.get(format!("{stem}.ndjson").as_str()).copied().unwrap_or(0),
+            None => lines.get(name).copied().unwrap_or(0),
+        }
+    };
+    urls.sort_by_key(|u| std::cmp::Reverse(weight(u)));
     Ok(urls)
 }
 
