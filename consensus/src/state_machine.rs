@@ -377,6 +377,9 @@ pub(crate) fn reconcile_lookup(kv: &dyn KvStore) -> io::Result<u64> {
     Ok(upto.abs_diff(leaves))
 }
 
+/// What [`StateView::for_each_record`] hands each record to: its leaf, header and ciphertext.
+pub type RecordReader<'a> = dyn FnMut(u64, &LeafHeader, &mut [u8]) -> io::Result<()> + 'a;
+
 /// Read-only access to the applied state, shared with the API layer.
 #[derive(Clone, Debug)]
 pub struct StateView {
@@ -409,11 +412,7 @@ impl StateView {
     /// The version records of `leaves` (ascending) one at a time, each ciphertext read into
     /// one reused buffer: `f(leaf, header, ciphertext)` for each that exists (a Bulk export's
     /// files are streamed through this). `f` may change the ciphertext in place (decrypt it).
-    pub fn for_each_record(
-        &self,
-        leaves: &[u64],
-        f: &mut dyn FnMut(u64, &LeafHeader, &mut [u8]) -> io::Result<()>,
-    ) -> io::Result<()> {
+    pub fn for_each_record(&self, leaves: &[u64], f: &mut RecordReader<'_>) -> io::Result<()> {
         let mut buf = Vec::new();
         self.for_each_stored(leaves, &mut |leaf, bytes| {
             let StoredRecord { header, body, .. } = decode(bytes)?;

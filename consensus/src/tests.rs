@@ -382,6 +382,35 @@ mod model {
                     let hash = view.leaf_hash(leaf).unwrap().unwrap();
                     prop_assert!(crate::proof::verify_inclusion(leaf, leaves, &hash, &proof, &root));
                 }
+                // Proofs made many at a time, as an export's proof file makes them, equal those
+                // made one at a time, at every earlier tree size too.
+                for size in 1..=leaves {
+                    let paths = crate::PathsAt::new(&view, size);
+                    for leaf in 0..size {
+                        let (header, path) = paths.proof(leaf).unwrap().unwrap();
+                        prop_assert_eq!(Some(path), crate::proof::inclusion_proof(&view, leaf, size));
+                        prop_assert_eq!(header, view.record(leaf).unwrap().unwrap().header);
+                    }
+                    prop_assert!(paths.proof(size).unwrap().is_none());
+                }
+                // Records streamed equal records read one by one: every leaf (one range scan),
+                // every third, and all in descending order (read one at a time).
+                for want in [(0..leaves).collect::<Vec<_>>(), (0..leaves).step_by(3).collect(), (0..leaves).rev().collect()] {
+                    let mut got = Vec::new();
+                    view.for_each_record(&want, &mut |leaf, h, body| {
+                        got.push((leaf, h.clone(), body.to_vec()));
+                        Ok(())
+                    })
+                    .unwrap();
+                    let expected: Vec<_> = want
+                        .iter()
+                        .map(|&l| {
+                            let r = view.record(l).unwrap().unwrap();
+                            (l, r.header, r.body)
+                        })
+                        .collect();
+                    prop_assert_eq!(got, expected);
+                }
                 for first in 1..leaves {
                     let proof = crate::proof::consistency_proof(&view, first, leaves).unwrap();
                     let first_root = crate::proof::root_at(&view, first).unwrap();

@@ -127,7 +127,7 @@ pub fn write(
             if elements.is_none() && deid.is_none() {
                 // The lines are the stored bytes: streamed, never parsed.
                 let mut out: Vec<u8> = Vec::with_capacity(2 * SINK_BYTES);
-                engine.repo().for_each_plaintext(&decode_leaves(&part.leaves)?, &mut |_, _, plain| {
+                engine.repo().for_each_plaintext(&decode_leaves(&part.leaves)?, |_, plain| {
                     out.extend_from_slice(plain);
                     out.push(b'\n');
                     if out.len() >= SINK_BYTES {

@@ -232,12 +232,12 @@ impl Repo {
 
     /// The plaintext of each version among `leaves` (ascending) whose body can still be read
     /// (not a deletion, its compartment not erased), in leaf order, decrypted in one reused
-    /// buffer and never cached: `f(leaf, header, plaintext)`. A Bulk export's files are
+    /// buffer and never cached: `f(leaf, plaintext)`. A Bulk export's files are
     /// made through this.
     pub fn for_each_plaintext(
         &self,
         leaves: &[u64],
-        f: &mut dyn FnMut(u64, &consensus::LeafHeader, &[u8]) -> Result<(), FhirError>,
+        mut f: impl FnMut(u64, &[u8]) -> Result<(), FhirError>,
     ) -> Result<(), FhirError> {
         let mut keys: BTreeMap<String, Option<DataKey>> = BTreeMap::new();
         let mut failed = None;
@@ -249,7 +249,7 @@ impl Repo {
                 let Some(dek) = self.compartment_key(&h.compartment, &mut keys)? else { return Ok(()) };
                 let aad = aad(&h.rtype, &h.id, h.version);
                 let plain = crypto::open_in_place(&dek, sealed, aad.as_bytes()).map_err(FhirError::internal)?;
-                f(leaf, h, plain)
+                f(leaf, plain)
             };
             step().map_err(|e| {
                 failed = Some(e);

@@ -347,11 +347,38 @@ async fn an_erased_compartment_keeps_valid_proofs() {
     )
     .await;
     let oid = obs["id"].as_str().unwrap();
+    let before_erasure = obs["meta"]["lastUpdated"].as_str().unwrap().to_string();
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
 
     let r = reqwest::Client::new().post(format!("{base}/Patient/{pid}/$erase")).send().await.unwrap();
     assert_eq!(r.status().as_u16(), 200);
     let erased: Value = r.json().await.unwrap();
     assert_eq!(erased["parameter"][0]["valueString"], "2", "the patient and the observation: {erased}");
+
+    // An export of the ledger as it was before the erasure (`_until`) finds those versions
+    // current, yet holds none of them: no key opens them any more. What it holds verifies.
+    let r = reqwest::Client::new()
+        .get(format!("{base}/$export?_until={before_erasure}"))
+        .header("prefer", "respond-async")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 202);
+    let status = r.headers()["content-location"].to_str().unwrap().to_string();
+    let export = dir.path().join("export");
+    let (code, out) = cli([OsStr::new("export"), OsStr::new("download"), OsStr::new(&status), export.as_os_str()]);
+    assert_eq!(code, 0, "{out}");
+    let exported = std::fs::read_to_string(export.join("Patient-1.ndjson")).unwrap();
+    assert!(exported.contains(&other) && !exported.contains(&pid), "{exported}");
+    assert!(!export.join("Observation-1.ndjson").exists(), "the only Observation was erased: {out}");
+    let (code, out) = cli([
+        OsStr::new("verify"),
+        OsStr::new("export"),
+        export.as_os_str(),
+        OsStr::new("--trusted-key"),
+        key.as_os_str(),
+    ]);
+    assert_eq!(code, 0, "{out}");
 
     for path in [format!("Patient/{pid}"), format!("Observation/{oid}"), format!("Observation/{oid}/_history/1")] {
         let (status, body) = get(format!("{base}/{path}")).await;
