@@ -4,8 +4,9 @@
 #   1. the patients into a fresh fhir-ledger process (transactions, 4 clients);
 #   2. the same resources into a throwaway PostgreSQL as JSONB (the ingest benchmark's table),
 #      then `COPY (SELECT content FROM resources) TO STDOUT`: the baseline;
-#   3. a system-level $export with its trust label, from kick-off until every file (data,
-#      proofs, label) is on disk (`fhir-ledger export download`), against that baseline;
+#   3. once the node has folded the load into its search index, a system-level $export with
+#      its trust label, from kick-off until every file (data, proofs, label) is on disk
+#      (`fhir-ledger export download`), against that baseline;
 #   4. `fhir-ledger verify export --crypto-bound` of the download (against this machine's
 #      SHA-256 + ed25519 bound, measured in the same run);
 #   5. verified import: a Patient-level export of $IMPORT_PATIENTS patients (default 5) checked
@@ -41,6 +42,7 @@ bundles=("$cache"/fhir/*.json)
 total=$(python3 -c 'import json,sys; print(sum(len(json.load(open(f))["entry"]) for f in sys.argv[1:]))' "${bundles[@]}")
 
 # 1. ingest
+export FHIR_LEDGER_ADMIN_TOKEN="${FHIR_LEDGER_ADMIN_TOKEN:-bench-admin-token}"
 start_server "$work/source.log" --data-dir "$work/source" --profiles-dir "$root/fhir-profiles" --max-body-bytes 268435456
 source_base=$base; source_server=$server; servers="$servers $server"
 t0=$(now)
@@ -48,6 +50,10 @@ printf '%s\n' "${bundles[@]}" | xargs -P4 -I{} sh -c \
   'code=$(curl -s -o /dev/null -w "%{http_code}" -X POST "$0/" -H "Expect:" -H "content-type: application/fhir+json" --data-binary @"$1"); [ "$code" = 200 ] || { echo "$1: HTTP $code" >&2; exit 255; }' "$source_base" {}
 t1=$(now)
 echo "ingest: $total resources in $(python3 -c "print(round($t1 - $t0, 1))") s: $(rate $total $t0 $t1) resources/s (4 clients)"
+# The exports below measure a quiet node, as COPY measures a vacuumed table: the search index
+# folds the load in the background first.
+wait_folded "$source_base"
+echo "index folded $(python3 -c "print(round($(now) - $t1, 1))") s after the load"
 
 # 2. PostgreSQL: the same resources as JSONB, then COPY out
 start_postgres "$work/pg"

@@ -27,6 +27,22 @@ start_server() {
   return 1
 }
 
+# Waits until the server at $1 has folded every ledger leaf into its search index, which a
+# load keeps it doing in the background for a while: measurements that follow see a quiet
+# node. /metrics needs the server started with FHIR_LEDGER_ADMIN_TOKEN set.
+wait_folded() {
+  local m leaves folded
+  for _ in $(seq 1 1200); do
+    m=$(curl -s -H "authorization: Bearer $FHIR_LEDGER_ADMIN_TOKEN" "$1/metrics")
+    leaves=$(printf '%s\n' "$m" | awk '/^fhir_ledger_ledger_leaves / {print $2}')
+    folded=$(printf '%s\n' "$m" | awk '/^fhir_ledger_search_index_folded_leaves / {print $2}')
+    [ -n "$leaves" ] && [ "$leaves" = "$folded" ] && return 0
+    sleep 0.5
+  done
+  echo "$1 had not folded its index after 10 minutes" >&2
+  return 1
+}
+
 machine() {
   echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(free -g | awk '/Mem/ {print $2}') GiB; $(date -u +%Y-%m-%dT%H:%MZ); $(uname -r)"
 }

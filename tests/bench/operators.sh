@@ -69,14 +69,7 @@ synthea100 "$cache"
 start_server "$work/b.log" --data-dir "$work/b" --max-body-bytes 268435456; b=$base; pids+=("$server")
 "$bin" load --node "$b" "$cache/fhir" | tail -1
 echo "ledger directory: $(du -sm "$work/b/ledger" | cut -f1) MB"
-# A quiet node: the search index folds a load in the background; wait until it has.
-for _ in $(seq 1 600); do
-  m=$(curl -s -H "authorization: Bearer $FHIR_LEDGER_ADMIN_TOKEN" "$b/metrics")
-  leaves=$(printf '%s\n' "$m" | awk '/^fhir_ledger_ledger_leaves / {print $2}')
-  folded=$(printf '%s\n' "$m" | awk '/^fhir_ledger_search_index_folded_leaves / {print $2}')
-  [ -n "$leaves" ] && [ "$leaves" = "$folded" ] && break
-  sleep 0.5
-done
+wait_folded "$b"
 for i in 1 2 3; do
   "$bin" backup --node "$b" --to "$work/backup-$i" >"$work/backup-$i.out"
   head -1 "$work/backup-$i.out"
