@@ -167,11 +167,18 @@ async fn import(
     }
     let r = req.send().await?;
     let status = r.status();
-    let body: Value = r.json().await.unwrap_or(Value::Null);
+    let bytes = r.bytes().await?;
     if !status.is_success() {
+        let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
         bail!("the import was refused by {into}: {status}: {}", diagnostics(&body));
     }
-    Ok(body["entry"].as_array().map_or(0, Vec::len))
+    // Only the entries are counted: the answer (a location per entry) is not built as a tree.
+    #[derive(serde::Deserialize)]
+    struct Answer {
+        #[serde(default)]
+        entry: Vec<serde::de::IgnoredAny>,
+    }
+    Ok(serde_json::from_slice::<Answer>(&bytes).map_or(0, |a| a.entry.len()))
 }
 
 async fn pull(a: &PullArgs) -> anyhow::Result<String> {
