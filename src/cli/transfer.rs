@@ -148,6 +148,14 @@ fn peer_named(config: &Path, name: &str) -> anyhow::Result<TrustedPeer> {
 }
 
 /// Imports a verified export into `into` as one transaction; returns its entry count.
+/// A transaction's answer, of which only the entries are counted (a location per entry,
+/// not built as a tree).
+#[derive(serde::Deserialize)]
+struct Answer {
+    #[serde(default)]
+    entry: Vec<serde::de::IgnoredAny>,
+}
+
 async fn import(
     http: &reqwest::Client,
     dir: &Path,
@@ -171,12 +179,6 @@ async fn import(
     if !status.is_success() {
         let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
         bail!("the import was refused by {into}: {status}: {}", diagnostics(&body));
-    }
-    // Only the entries are counted: the answer (a location per entry) is not built as a tree.
-    #[derive(serde::Deserialize)]
-    struct Answer {
-        #[serde(default)]
-        entry: Vec<serde::de::IgnoredAny>,
     }
     Ok(serde_json::from_slice::<Answer>(&bytes).map_or(0, |a| a.entry.len()))
 }
