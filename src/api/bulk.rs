@@ -249,6 +249,27 @@ fn owned_job(state: &AppState, req: &HttpRequest, id: &str) -> Result<Job, FhirE
     Ok(job)
 }
 
+/// How long a poll of a job running on this node waits for it to end before answering 202:
+/// a client that follows `Retry-After` learns that a short export is done when it is, not
+/// up to `Retry-After` later (long polling; a poll answered by another node does not wait).
+const HOLD: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// `job` as it is once it ended, or after [`HOLD`] if it still runs here.
+async fn held(state: &AppState, req: &HttpRequest, id: &str, job: Job) -> Result<Job, FhirError> {
+    if state.exports.progress(id).is_none() {
+        return Ok(job);
+    }
+    let until = tokio::time::Instant::now() + HOLD;
+    while tokio::time::Instant::now() < until {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        // The runner leaves once the job's outcome is recorded (or it failed to record one).
+        if state.exports.progress(id).is_none() {
+            break;
+        }
+    }
+    owned_job(state, req, id)
+}
+
 /// `GET /bulk/{id}`: 202 with `X-Progress` while it runs, 200 with the manifest when done.
 pub async fn status(
     req: HttpRequest,
@@ -257,17 +278,20 @@ pub async fn status(
 ) -> Result<HttpResponse, FhirError> {
     read_barrier(&req, &state.repo).await?;
     let id = path.into_inner();
-    let job = owned_job(&state, &req, &id)?;
+    let mut job = owned_job(&state, &req, &id)?;
+    if job.state == State::Accepted {
+        if !state.exports.poll_ok(&id, crate::fhir::now_ms(), RETRY_AFTER_S * 250) {
+            use actix_web::ResponseError;
+            let mut r =
+                FhirError::new(ErrorCode::TooManyRequests, format!("poll every {RETRY_AFTER_S} s")).error_response();
+            r.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from(RETRY_AFTER_S));
+            return Ok(r);
+        }
+        job = held(&state, &req, &id, job).await?;
+    }
     let now = crate::fhir::now_ms();
     match job.state {
         State::Accepted => {
-            if !state.exports.poll_ok(&id, now, RETRY_AFTER_S * 250) {
-                use actix_web::ResponseError;
-                let mut r = FhirError::new(ErrorCode::TooManyRequests, format!("poll every {RETRY_AFTER_S} s"))
-                    .error_response();
-                r.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from(RETRY_AFTER_S));
-                return Ok(r);
-            }
             let progress = if let Some(p) = state.exports.progress(&id) {
                 use std::sync::atomic::Ordering::Relaxed;
                 if let Some(op) = &job.operation {
