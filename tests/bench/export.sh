@@ -9,10 +9,10 @@
 #      (`fhir-ledger export download`), against that baseline;
 #   4. `fhir-ledger verify export --crypto-bound` of the download (against this machine's
 #      SHA-256 + ed25519 bound, measured in the same run);
-#   5. verified import: a Patient-level export of $IMPORT_PATIENTS patients (default 5) checked
-#      and imported into a second fresh server as one transaction (`fhir-ledger transfer
-#      import`), against the plain transaction ingest of the same patients' bundles into a
-#      third, one after another; three rounds, each on fresh servers.
+#   5. verified import: a Patient-level export of the patients of the first $IMPORT_PATIENTS
+#      bundles (default 5) checked and imported into a second fresh server as one transaction
+#      (`fhir-ledger transfer import`), against the plain transaction ingest of the same
+#      bundles into a third, one after another; three rounds, each on fresh servers.
 # Run from the repository root after `cargo build --release`.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
@@ -99,12 +99,19 @@ done
 # export is made and downloaded first; then the source server stops, so that its index, still
 # folding the 100 patients in, takes no CPU from either measurement.
 pick=("${bundles[@]:0:$import_n}")
-ids=$(python3 - "$source_base" "$import_n" <<'PY'
-import json, sys, urllib.request
-base, n = sys.argv[1], int(sys.argv[2])
-page = json.load(urllib.request.urlopen(f"{base}/Patient?_count={n}&_elements=id"))
-print(json.dumps({"resourceType": "Parameters", "parameter": [
-    {"name": "patient", "valueReference": {"reference": f"Patient/{e['resource']['id']}"}} for e in page["entry"]]}))
+# The patients of the bundles the plain ingest posts, found at the source by their first
+# identifier (the server assigned their ids).
+ids=$(python3 - "$source_base" "${pick[@]}" <<'PY'
+import json, sys, urllib.parse, urllib.request
+base, refs = sys.argv[1], []
+for f in sys.argv[2:]:
+    patient = next(e["resource"] for e in json.load(open(f))["entry"] if e["resource"]["resourceType"] == "Patient")
+    ident = patient["identifier"][0]
+    q = urllib.parse.quote(f"{ident['system']}|{ident['value']}")
+    page = json.load(urllib.request.urlopen(f"{base}/Patient?identifier={q}&_elements=id"))
+    assert len(page.get("entry", [])) == 1, (f, page.get("total"))
+    refs.append({"name": "patient", "valueReference": {"reference": f"Patient/{page['entry'][0]['resource']['id']}"}})
+print(json.dumps({"resourceType": "Parameters", "parameter": refs}))
 PY
 )
 status=$(curl -s -D - -o /dev/null -H 'prefer: respond-async' -H 'content-type: application/fhir+json' -d "$ids" "$source_base/Patient/\$export" | sed -n 's/^content-location: //Ip' | tr -d '\r')
