@@ -57,7 +57,9 @@ pub use kv::{KvStore, WriteBatch};
 pub use paths::PathsAt;
 pub use proposer::ProposeError;
 use proposer::Proposer;
-pub use state_machine::{content_commitment, CurrentRecord, HistoryRecord, LeafHeader, StateView, VersionRecord};
+pub use state_machine::{
+    content_commitment, CurrentRecord, HeaderFields, HistoryRecord, LeafHeader, StateView, VersionRecord,
+};
 
 /// A node's id in the cluster (openraft's `NodeId`).
 pub type NodeId = u64;

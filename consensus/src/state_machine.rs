@@ -377,6 +377,29 @@ pub(crate) fn reconcile_lookup(kv: &dyn KvStore) -> io::Result<u64> {
     Ok(upto.abs_diff(leaves))
 }
 
+/// The fields of a leaf header a selection over every version reads (a Bulk export's),
+/// borrowed from the stored record: nothing is allocated and the digests after them are not
+/// read. Its fields mirror [`LeafHeader`]'s first eight, in order (a test pins them).
+#[derive(Deserialize, Debug)]
+pub struct HeaderFields<'a> {
+    #[allow(dead_code)] // part of the layout; read to get past it
+    format: u16,
+    /// [`LeafHeader::rtype`].
+    pub rtype: &'a str,
+    /// [`LeafHeader::id`].
+    pub id: &'a str,
+    /// [`LeafHeader::version`].
+    pub version: u64,
+    /// [`LeafHeader::last_updated_ms`].
+    pub last_updated_ms: i64,
+    #[allow(dead_code)] // part of the layout; read to get past it
+    actor: &'a str,
+    /// [`LeafHeader::op`].
+    pub op: &'a str,
+    /// [`LeafHeader::compartment`].
+    pub compartment: &'a str,
+}
+
 /// What [`StateView::for_each_record`] hands each record to: its leaf, header and ciphertext.
 pub type RecordReader<'a> = dyn FnMut(u64, &LeafHeader, &mut [u8]) -> io::Result<()> + 'a;
 
@@ -424,6 +447,16 @@ impl StateView {
                 }
             }
         })
+    }
+    /// [`HeaderFields`] of every leaf below `size`, in leaf order.
+    pub fn for_each_header_below(&self, size: u64, mut f: impl FnMut(u64, &HeaderFields<'_>)) -> io::Result<()> {
+        for kv in self.kv.range(&record_key(0), &record_key(size), false) {
+            let (k, v) = kv?;
+            let Some(leaf) = crate::kv::read_be(&k[1..]) else { continue };
+            let fields: HeaderFields<'_> = bincode::deserialize(&v).map_err(|e| invalid_data(e.to_string()))?;
+            f(leaf, &fields);
+        }
+        Ok(())
     }
     /// The stored records of `leaves` that exist: dense ascending runs of leaves read with
     /// one range scan, others a record at a time.

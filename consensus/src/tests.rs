@@ -393,6 +393,19 @@ mod model {
                     }
                     prop_assert!(paths.proof(size).unwrap().is_none());
                 }
+                // The borrowed header fields a selection reads equal the records' headers.
+                let mut fields = Vec::new();
+                view.for_each_header_below(leaves, |leaf, h| {
+                    fields.push((leaf, h.rtype.to_string(), h.id.to_string(), h.version, h.last_updated_ms, h.op.to_string(), h.compartment.to_string()));
+                })
+                .unwrap();
+                let expected: Vec<_> = (0..leaves)
+                    .map(|l| {
+                        let h = view.record(l).unwrap().unwrap().header;
+                        (l, h.rtype, h.id, h.version, h.last_updated_ms, h.op, h.compartment)
+                    })
+                    .collect();
+                prop_assert_eq!(fields, expected);
                 // Records streamed equal records read one by one: every leaf (one range scan),
                 // every third, and all in descending order (read one at a time).
                 for want in [(0..leaves).collect::<Vec<_>>(), (0..leaves).step_by(3).collect(), (0..leaves).rev().collect()] {

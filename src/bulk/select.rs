@@ -143,32 +143,30 @@ pub fn select(
 /// leaf headers alone.
 fn latest_at(engine: &Engine, scope: &Scope<'_>) -> Result<HashMap<(String, String), Latest>, FhirError> {
     let mut latest: HashMap<(String, String), Latest> = HashMap::new();
-    for item in engine.repo().view().headers_from(0) {
-        let (leaf, h) = item?;
-        if leaf >= scope.size {
-            break;
-        }
-        if crate::auth::store::is_internal(&h.rtype) || scope.params.until_ms.is_some_and(|u| h.last_updated_ms > u) {
-            continue;
+    engine.repo().view().for_each_header_below(scope.size, |leaf, h| {
+        if crate::auth::store::is_internal(h.rtype) || scope.params.until_ms.is_some_and(|u| h.last_updated_ms > u) {
+            return;
         }
         let gone = h.op == Op::Delete.as_str() || h.op == Op::Erase.as_str();
-        let e = latest.entry((h.rtype, h.id)).or_insert(Latest {
+        let e = latest.entry((h.rtype.to_string(), h.id.to_string())).or_insert_with(|| Latest {
             leaf,
             version: 0,
-            compartment: String::new(),
+            compartment: h.compartment.to_string(),
             last_updated_ms: 0,
             deleted: false,
             live: None,
         });
         e.leaf = leaf;
         e.version = h.version;
-        e.compartment = h.compartment;
+        if e.compartment != h.compartment {
+            h.compartment.clone_into(&mut e.compartment);
+        }
         e.last_updated_ms = h.last_updated_ms;
         e.deleted = gone;
         if !gone {
             e.live = Some(leaf);
         }
-    }
+    })?;
     Ok(latest)
 }
 
