@@ -143,30 +143,16 @@ pub fn write(
                 for stored in engine.repo().read_leaves(chunk) {
                     // A version erased since the export ran has no plaintext any more.
                     let Some(body) = stored?.body else { continue };
-                    match (&elements, deid) {
-                        (_, Some(d)) => {
-                            let mut res = json::parse(body.as_bytes(), usize::MAX).map_err(FhirError::internal)?;
-                            if let Some(els) = &elements {
-                                res = crate::search::summary::subset(
-                                    profiles,
-                                    &info.rtype,
-                                    &res,
-                                    Summary::False,
-                                    Some(els),
-                                )
-                                .unwrap_or(res);
-                            }
-                            d.deidentify(profiles, &mut res);
-                            res.write_compact(&mut buf);
-                        }
-                        (Some(els), None) => {
-                            let res = json::parse(body.as_bytes(), usize::MAX).map_err(FhirError::internal)?;
-                            let reduced =
-                                crate::search::summary::subset(profiles, &info.rtype, &res, Summary::False, Some(els));
-                            reduced.as_ref().unwrap_or(&res).write_compact(&mut buf);
-                        }
-                        (None, None) => buf.push_str(&body),
+                    // Lines that are not the stored bytes: reduced by `_elements`, de-identified.
+                    let mut res = json::parse(body.as_bytes(), usize::MAX).map_err(FhirError::internal)?;
+                    if let Some(els) = &elements {
+                        res = crate::search::summary::subset(profiles, &info.rtype, &res, Summary::False, Some(els))
+                            .unwrap_or(res);
                     }
+                    if let Some(d) = deid {
+                        d.deidentify(profiles, &mut res);
+                    }
+                    res.write_compact(&mut buf);
                     buf.push('\n');
                 }
                 sink(buf.as_bytes())?;
