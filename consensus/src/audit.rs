@@ -11,12 +11,11 @@
 
 use std::io;
 use std::path::Path;
-use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
-use crate::command::{Op, SignedBatch, COMMAND_FORMAT};
-use crate::entry_ref::{BatchRef, EntryRef, PayloadRef, WriteRef};
+use crate::command::{Op, SignedBatch};
+use crate::entry_ref::{BatchRef, EntryRef, PayloadRef};
 use crate::kv::read_be;
 use crate::log_store::Bodies;
 use crate::merkle::{leaf_hash, Frontier, Hash};
@@ -61,12 +60,12 @@ impl Report {
 
 /// What the log thread hands the leaf walk for one Raft log entry, in log order.
 enum LogItem {
-    /// An entry whose batch signature verified: its bytes, decoded in place by the leaf walk,
-    /// and the SHA-256 of each write's body in apply order (`None` if the batch does not
-    /// decode, which the leaf walk reports). Hashing the bodies here balances the two threads.
-    Batch { index: u64, entry: crate::kv::SharedValue, digests: Option<Vec<Hash>> },
-    /// A blank or membership entry (no writes), or one the log thread already reported.
-    Other { index: u64 },
+    /// An entry whose batch signature verified: its bytes and its writes in apply order,
+    /// located in them (the leaf walk compares records with them without decoding again).
+    Batch { index: u64, entry: Vec<u8>, writes: Vec<WriteAt> },
+    /// A blank or membership entry (no writes), or one the log thread already reported; its
+    /// bytes only to be handed back for reuse.
+    Other { index: u64, entry: Vec<u8> },
     /// The log could not be read past this point (reported): later leaves have no log to be
     /// compared with, which is not a finding of its own.
     Unreadable,
@@ -75,9 +74,64 @@ enum LogItem {
 impl LogItem {
     fn index(&self) -> u64 {
         match self {
-            LogItem::Batch { index, .. } | LogItem::Other { index } => *index,
+            LogItem::Batch { index, .. } | LogItem::Other { index, .. } => *index,
             LogItem::Unreadable => u64::MAX,
         }
+    }
+
+    /// The entry's buffer, for the log thread to read the next entry into.
+    fn into_buffer(self) -> Option<Vec<u8>> {
+        match self {
+            LogItem::Batch { entry, .. } | LogItem::Other { entry, .. } => Some(entry),
+            LogItem::Unreadable => None,
+        }
+    }
+}
+
+/// Where a byte string lies in an entry: start and length.
+#[derive(Clone, Copy)]
+struct Span(usize, usize);
+
+/// One write of a verified batch, its byte strings located in the entry's bytes.
+struct WriteAt {
+    rtype: Span,
+    id: Span,
+    version: u64,
+    op: Op,
+    last_updated_ms: i64,
+    actor: Span,
+    compartment: Span,
+    terms: Vec<Hash>,
+    body: Span,
+    /// The body's SHA-256, computed once for the batch signature.
+    digest: Hash,
+}
+
+impl WriteAt {
+    /// The writes of `batch`, decoded in place from `entry`, with their bodies' digests.
+    fn locate(entry: &[u8], batch: BatchRef<'_>, digests: &[crate::command::BodyDigest]) -> Option<Vec<Self>> {
+        let base = entry.as_ptr() as usize;
+        let span = |s: &[u8]| Some(Span((s.as_ptr() as usize).checked_sub(base)?, s.len()));
+        let mut digests = digests.iter();
+        let mut out = Vec::with_capacity(digests.len());
+        for c in batch.commands {
+            let actor = span(c.actor.as_bytes())?;
+            for w in c.writes {
+                out.push(WriteAt {
+                    rtype: span(w.rtype.as_bytes())?,
+                    id: span(w.id.as_bytes())?,
+                    version: w.version,
+                    op: w.op,
+                    last_updated_ms: w.last_updated_ms,
+                    actor,
+                    compartment: span(w.compartment.as_bytes())?,
+                    terms: w.index,
+                    body: span(w.body)?,
+                    digest: digests.next()?.sha256,
+                });
+            }
+        }
+        Some(out)
     }
 }
 
@@ -113,12 +167,15 @@ pub fn verify_dir(dir: &Path, progress: &mut dyn FnMut(u64, u64)) -> io::Result<
     let stored = view.frontier()?;
     let membership = sm.stored_membership()?;
     let (tx, rx) = std::sync::mpsc::sync_channel::<LogItem>(4);
-    // Entries go back to the log thread to be freed: memory freed where it was allocated is
-    // reused at once, where a cross-thread free left the reader faulting in fresh pages.
+    // Entries go back to the log thread to be read into again: memory reused at once, where a
+    // cross-thread free left the reader faulting in fresh pages.
     let (back_tx, back_rx) = std::sync::mpsc::channel::<LogItem>();
+    let (records_tx, records_rx) = std::sync::mpsc::sync_channel::<Vec<RawRecord>>(4);
     let (leaves, logged) = std::thread::scope(|scope| {
         let log_thread = scope.spawn(move || walk_log(&log, &membership, &tx, &back_rx));
-        let leaves = walk_leaves(&view, stored.size, rx, &back_tx, progress);
+        let view = &view;
+        scope.spawn(move || scan_ahead(view, &records_tx));
+        let leaves = walk_leaves(view, stored.size, records_rx.into_iter().flatten(), rx, &back_tx, progress);
         (leaves, log_thread.join().unwrap_or_else(|_| Err(io::Error::other("the log walk panicked"))))
     });
     let ((mut report, rebuilt), logged) = (leaves?, logged?);
@@ -142,41 +199,46 @@ fn walk_log(
     back: &std::sync::mpsc::Receiver<LogItem>,
 ) -> io::Result<Report> {
     let mut report = Report::default();
+    let mut spare = Vec::new();
     for index in log.indexes() {
-        let Some(v) = log.entry(index)? else { continue };
-        let v: crate::kv::SharedValue = Arc::new(v);
-        let bytes = (*v).as_ref();
+        spare.extend(back.try_iter().filter_map(LogItem::into_buffer));
+        let mut entry = spare.pop().unwrap_or_default();
+        if !log.entry_into(index, &mut entry)? {
+            continue;
+        }
+        let bytes = entry.as_slice();
         report.log_entries += 1;
         report.bytes += bytes.len() as u64;
         let at = format!("raft log entry {index}");
+        // The signature check decodes the batch and hashes each body once; the leaf walk gets
+        // the writes located in the entry with those digests.
         let verified = match bincode::deserialize::<EntryRef<'_>>(bytes) {
             Err(e) => Err(format!("does not decode ({} bytes): {e}", bytes.len())),
             Ok(EntryRef { payload: PayloadRef::Normal(signed), .. }) => {
                 match StateMachine::proposer_key(membership, signed.node_id) {
                     None => Err(format!("proposed by node {}, which has no key in the membership", signed.node_id)),
-                    Some(key) => SignedBatch::verify_parts(signed.node_id, signed.payload, signed.signature, &key)
-                        .map(|()| true)
-                        .map_err(|e| format!("{e} (payload of {} bytes)", signed.payload.len())),
+                    Some(key) => SignedBatch::verify_ref(signed.node_id, signed.payload, signed.signature, &key)
+                        .map_err(|e| format!("{e} (payload of {} bytes)", signed.payload.len()))
+                        .and_then(|(batch, digests)| {
+                            WriteAt::locate(bytes, batch, &digests)
+                                .map(Some)
+                                .ok_or_else(|| "its writes do not lie within the entry".to_string())
+                        }),
                 }
             }
-            Ok(_) => Ok(false),
+            Ok(_) => Ok(None),
         };
         let item = match verified {
-            Ok(true) => {
+            Ok(Some(writes)) => {
                 report.signatures += 1;
-                let digests = decode_batch(bytes).ok().map(|batch| {
-                    let bodies = batch.commands.iter().flat_map(|c| c.writes.iter().map(|w| w.body));
-                    bodies.map(|b| Sha256::digest(b).into()).collect()
-                });
-                LogItem::Batch { index, entry: v, digests }
+                LogItem::Batch { index, entry, writes }
             }
-            Ok(false) => LogItem::Other { index },
+            Ok(None) => LogItem::Other { index, entry },
             Err(problem) => {
                 report.find(at, problem);
-                LogItem::Other { index }
+                LogItem::Other { index, entry }
             }
         };
-        back.try_iter().for_each(drop);
         if tx.send(item).is_err() {
             return Ok(report); // the leaf walk stopped early (it failed); its error is reported
         }
@@ -229,18 +291,19 @@ impl BodyRef<'_> {
     }
 }
 
-/// [`crate::state_machine::LeafHeader`], borrowed.
+/// [`crate::state_machine::LeafHeader`], borrowed; strings as their bytes (compared with the
+/// log's, never read as text but in a finding).
 #[derive(serde::Deserialize)]
 struct HeaderRef<'a> {
     #[allow(dead_code)] // part of what the leaf hashes; read to get past it
     format: u16,
-    rtype: &'a str,
-    id: &'a str,
+    rtype: &'a [u8],
+    id: &'a [u8],
     version: u64,
     last_updated_ms: i64,
-    actor: &'a str,
-    op: &'a str,
-    compartment: &'a str,
+    actor: &'a [u8],
+    op: &'a [u8],
+    compartment: &'a [u8],
     #[serde(deserialize_with = "crate::entry_ref::hash")]
     body_sha256: Hash,
     log_index: u64,
@@ -262,7 +325,8 @@ impl<'a> RecordRef<'a> {
 
     fn location(&self, leaf: u64) -> String {
         let h = &self.header;
-        format!("leaf {leaf} ({}/{}/_history/{})", h.rtype, h.id, h.version)
+        let text = String::from_utf8_lossy;
+        format!("leaf {leaf} ({}/{}/_history/{})", text(h.rtype), text(h.id), h.version)
     }
 }
 
@@ -280,7 +344,7 @@ struct Leaves<'v, I> {
     log_ends: Option<u64>,
 }
 
-impl<I: Iterator<Item = io::Result<(u64, Vec<u8>)>>> Leaves<'_, I> {
+impl<I: Iterator<Item = RawRecord>> Leaves<'_, I> {
     /// The next decodable record, unless it belongs to a log entry after `upto`.
     fn next_upto(&mut self, upto: u64) -> io::Result<Option<Vec<u8>>> {
         let raw = match self.ahead.take() {
@@ -341,38 +405,27 @@ impl<I: Iterator<Item = io::Result<(u64, Vec<u8>)>>> Leaves<'_, I> {
     }
 }
 
-/// The writes of one signed log entry in the order they were applied (so in leaf order), with
-/// their command's actor. Commands refused at apply left no leaves: their writes are skipped.
+/// The writes of one signed log entry in the order they were applied (so in leaf order).
+/// Commands refused at apply left no leaves: their writes are skipped.
 struct LogWrites<'a> {
-    writes: Vec<(&'a WriteRef<'a>, &'a str)>,
-    /// The entry's encoding, which the bodies lie in.
+    writes: &'a [WriteAt],
+    /// The entry's encoding, which the writes' byte strings lie in.
     entry: &'a [u8],
-    /// The SHA-256 of each write's body, as the log thread computed it.
-    digests: &'a [Hash],
     next: usize,
 }
 
 impl<'a> LogWrites<'a> {
-    fn of(batch: &'a BatchRef<'a>, digests: &'a [Hash], entry: &'a [u8]) -> Option<Self> {
-        let writes: Vec<_> = batch.commands.iter().flat_map(|c| c.writes.iter().map(move |w| (w, c.actor))).collect();
-        (writes.len() == digests.len()).then_some(Self { writes, entry, digests, next: 0 })
+    fn bytes(&self, span: Span) -> &'a [u8] {
+        self.entry.get(span.0..span.0 + span.1).unwrap_or_default()
     }
 
-    /// Where a write's body lies in the entry's encoding.
-    fn place(&self, w: &WriteRef<'_>) -> (u64, u64) {
-        let start = (w.body.as_ptr() as usize).saturating_sub(self.entry.as_ptr() as usize) as u64;
-        (start, start + w.body.len() as u64)
-    }
-
-    /// The write of `(rtype, id, version)` and its body's digest, searched from where the last
-    /// one was found.
-    fn find(&mut self, h: &HeaderRef<'_>) -> Option<(&'a WriteRef<'a>, &'a str, &'a Hash)> {
+    /// The write of `(rtype, id, version)`, searched from where the last one was found.
+    fn find(&mut self, h: &HeaderRef<'_>) -> Option<&'a WriteAt> {
         let at = self.writes[self.next..]
             .iter()
-            .position(|(w, _)| w.version == h.version && w.id == h.id && w.rtype == h.rtype)?;
+            .position(|w| w.version == h.version && self.bytes(w.id) == h.id && self.bytes(w.rtype) == h.rtype)?;
         self.next += at + 1;
-        let (w, actor) = self.writes[self.next - 1];
-        Some((w, actor, &self.digests[self.next - 1]))
+        Some(&self.writes[self.next - 1])
     }
 }
 
@@ -387,17 +440,41 @@ enum BodyDigest<'a> {
     Lost,
 }
 
+/// A version record as the store returned it, with its leaf number.
+type RawRecord = io::Result<(u64, Vec<u8>)>;
+
+/// Reads the version records in leaf order on a thread of its own, a chunk at a time: the
+/// store's iteration is a third of the walk, and overlaps the checks this way.
+fn scan_ahead(view: &StateView, tx: &std::sync::mpsc::SyncSender<Vec<RawRecord>>) {
+    const CHUNK: usize = 4096;
+    let mut chunk = Vec::with_capacity(CHUNK);
+    for record in view.scan_records() {
+        let failed = record.is_err();
+        chunk.push(record);
+        if chunk.len() < CHUNK && !failed {
+            continue;
+        }
+        let full = std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK));
+        // Stop when the walk did, or the store cannot be read past here (the walk reports it).
+        if tx.send(full).is_err() || failed {
+            return;
+        }
+    }
+    let _ = tx.send(chunk);
+}
+
 /// Walks the leaves in order: each record against its digest, the stored subtree hashes and
 /// the write its signed log entry carried.
 fn walk_leaves(
     view: &StateView,
     size: u64,
+    records: impl Iterator<Item = RawRecord>,
     log: std::sync::mpsc::Receiver<LogItem>,
     back: &std::sync::mpsc::Sender<LogItem>,
     progress: &mut dyn FnMut(u64, u64),
 ) -> io::Result<(Report, Frontier)> {
     let mut leaves = Leaves {
-        records: view.scan_records(),
+        records,
         next: 0,
         size,
         ahead: None,
@@ -418,22 +495,10 @@ fn walk_leaves(
         }
         let index = item.index();
         let first = *first_in_log.get_or_insert(index);
-        let (batch, digests) = match &item {
-            LogItem::Batch { entry, digests, .. } => match (decode_batch((**entry).as_ref()), digests) {
-                (Ok(batch), Some(digests)) => (Some(batch), digests.as_slice()),
-                (Err(problem), _) => {
-                    leaves.report.find(format!("raft log entry {index}"), problem);
-                    (None, &[][..])
-                }
-                (Ok(_), None) => (None, &[][..]), // cannot happen: the same bytes decoded there
-            },
-            LogItem::Other { .. } | LogItem::Unreadable => (None, &[][..]),
+        let mut writes = match &item {
+            LogItem::Batch { entry, writes, .. } => Some(LogWrites { writes, entry, next: 0 }),
+            LogItem::Other { .. } | LogItem::Unreadable => None,
         };
-        let entry_bytes: &[u8] = match &item {
-            LogItem::Batch { entry, .. } => (**entry).as_ref(),
-            _ => &[],
-        };
-        let mut writes = batch.as_ref().and_then(|b| LogWrites::of(b, digests, entry_bytes));
         while let Some(raw) = leaves.next_upto(index)? {
             let Ok((rec, header_bytes)) = RecordRef::decode(&raw) else { continue };
             let wanted = rec.header.log_index;
@@ -471,22 +536,6 @@ fn progress_every(done: u64, size: u64, progress: &mut dyn FnMut(u64, u64)) {
     if done.is_multiple_of(4096) {
         progress(done, size);
     }
-}
-
-/// The batch of a log entry whose signature the log thread verified.
-fn decode_batch(entry: &[u8]) -> Result<BatchRef<'_>, String> {
-    let Ok(EntryRef { payload: PayloadRef::Normal(signed), .. }) = bincode::deserialize::<EntryRef<'_>>(entry) else {
-        return Err("no longer decodes".into());
-    };
-    let batch: BatchRef<'_> =
-        bincode::deserialize(signed.payload).map_err(|e| format!("batch does not decode: {e}"))?;
-    if batch.format != COMMAND_FORMAT || batch.node_id != signed.node_id {
-        return Err(format!(
-            "batch format {} from node {} is not one this verifier knows",
-            batch.format, batch.node_id
-        ));
-    }
-    Ok(batch)
 }
 
 /// A record against the digest its leaf committed to, and its leaf hashed into the rebuilt
@@ -547,19 +596,19 @@ fn cross_check<'a>(
     report: &mut Report,
 ) -> Option<&'a Hash> {
     let h = &rec.header;
-    let Some((w, actor, digest)) = writes.find(h) else {
+    let Some(w) = writes.find(h) else {
         report.find(rec.location(leaf), format!("the signed raft log entry {log_index} carries no such write"));
         return None;
     };
     report.cross_checked += 1;
     let mut differs: Vec<&str> = Vec::new();
     for (field, same) in [
-        ("operation", w.op.as_str() == h.op),
+        ("operation", w.op.as_str().as_bytes() == h.op),
         ("lastUpdated", w.last_updated_ms == h.last_updated_ms),
-        ("actor", actor == h.actor),
-        ("compartment", w.compartment == h.compartment),
+        ("actor", writes.bytes(w.actor) == h.actor),
+        ("compartment", writes.bytes(w.compartment) == h.compartment),
         // A delete keeps none: it ends the resource's postings.
-        ("conditional terms", rec.terms == w.index || rec.terms.is_empty() && matches!(w.op, Op::Delete | Op::Erase)),
+        ("conditional terms", rec.terms == w.terms || rec.terms.is_empty() && matches!(w.op, Op::Delete | Op::Erase)),
     ] {
         if !same {
             differs.push(field);
@@ -571,9 +620,9 @@ fn cross_check<'a>(
     }
     let problem = match rec.body {
         BodyRef::Log { index, offset, len } => {
-            let (start, end) = writes.place(w);
+            let (start, end) = (w.body.0 as u64, (w.body.0 + w.body.1) as u64);
             if (index, u64::from(offset), u64::from(offset) + u64::from(len)) == (log_index, start, end) {
-                return Some(digest);
+                return Some(&w.digest);
             }
             format!(
                 "its ciphertext reference (raft log entry {index}, bytes {offset}..{}) is not where the signed raft \
@@ -581,21 +630,19 @@ fn cross_check<'a>(
                 u64::from(offset) + u64::from(len)
             )
         }
-        BodyRef::Inline(body) if body == w.body => return Some(digest),
-        BodyRef::Inline(body) => match body.iter().zip(w.body).position(|(a, b)| a != b) {
+        BodyRef::Inline(body) if body == writes.bytes(w.body) => return Some(&w.digest),
+        BodyRef::Inline(body) => match body.iter().zip(writes.bytes(w.body)).position(|(a, b)| a != b) {
             Some(first) => {
-                let last = body.iter().zip(w.body).rposition(|(a, b)| a != b).unwrap_or(first);
+                let last = body.iter().zip(writes.bytes(w.body)).rposition(|(a, b)| a != b).unwrap_or(first);
                 format!(
                     "ciphertext bytes {first}..{} (of {}) differ from the signed raft log entry {log_index}",
                     last + 1,
                     body.len()
                 )
             }
-            None => format!(
-                "ciphertext is {} bytes, the signed raft log entry {log_index} has {}",
-                body.len(),
-                w.body.len()
-            ),
+            None => {
+                format!("ciphertext is {} bytes, the signed raft log entry {log_index} has {}", body.len(), w.body.1)
+            }
         },
     };
     report.find(rec.location(leaf), problem);
@@ -693,7 +740,7 @@ pub fn root_at(dir: &Path, size: u64) -> io::Result<(u64, Option<Hash>)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::command::{Batch, Op};
+    use crate::command::{Batch, Op, COMMAND_FORMAT};
     use crate::state_machine::{BodyAt, StoredRecord};
     use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId, Membership};
 
@@ -759,8 +806,14 @@ mod tests {
             let (r, header_bytes) = RecordRef::decode(&raw).unwrap();
             assert_eq!(header_bytes, header.encode());
             let h = &r.header;
-            assert_eq!((h.rtype, h.id, h.version, h.last_updated_ms, h.actor), ("Patient", "1", 2, 7, "alice"));
-            assert_eq!((h.op, h.compartment, h.body_sha256, h.log_index), ("update", "Patient/1", [8; 32], 9));
+            assert_eq!(
+                (h.rtype, h.id, h.version, h.last_updated_ms, h.actor),
+                (&b"Patient"[..], &b"1"[..], 2, 7, &b"alice"[..])
+            );
+            assert_eq!(
+                (h.op, h.compartment, h.body_sha256, h.log_index),
+                (&b"update"[..], &b"Patient/1"[..], [8; 32], 9)
+            );
             assert_eq!((r.leaf, r.body, r.terms), (4, borrowed, vec![[3; 32], [4; 32]]));
         }
 

@@ -101,22 +101,12 @@ pub(crate) fn hashes<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<[u8; 
     Ok(all.into_iter().map(|One(h)| h).collect())
 }
 
-/// Where each write's body lies in the encoding of the Raft entry that carries `signed`
-/// (whose encoding is `entry_len` bytes): offsets from the entry's first byte, in apply
-/// order. The batch's bytes end the entry but for the signature (bincode writes fields in
-/// order, a byte string as its u64 length and its bytes); a test pins this to the encoding.
-/// None if the batch does not decode or an offset would not fit a u32.
-pub(crate) fn body_offsets(entry_len: u64, signed: &SignedBatch) -> Option<Vec<u32>> {
-    let tail = 8 + signed.signature.len() as u64 + signed.payload.len() as u64;
-    let payload_at = entry_len.checked_sub(tail)?;
-    let batch: BatchRef<'_> = bincode::deserialize(&signed.payload).ok()?;
-    let base = signed.payload.as_ptr() as usize;
-    let mut out = Vec::new();
-    for w in batch.commands.iter().flat_map(|c| &c.writes) {
-        let within = (w.body.as_ptr() as usize).checked_sub(base)? as u64;
-        out.push(u32::try_from(payload_at + within).ok()?);
-    }
-    Some(out)
+/// Where the payload of `signed` begins in the encoding of the Raft entry that carries it
+/// (whose encoding is `entry_len` bytes): the batch's bytes end the entry but for the
+/// signature (bincode writes fields in order, a byte string as its u64 length and its bytes);
+/// a test pins this to the encoding.
+pub(crate) fn payload_start(entry_len: u64, signed: &SignedBatch) -> Option<u64> {
+    entry_len.checked_sub(8 + signed.signature.len() as u64 + signed.payload.len() as u64)
 }
 
 #[cfg(test)]
@@ -124,6 +114,7 @@ mod tests {
     use super::*;
     use crate::command::{Batch, Command, Write, COMMAND_FORMAT};
     use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId};
+    use sha2::Digest;
 
     fn write(id: &str, body: Vec<u8>) -> Write {
         Write {
@@ -153,7 +144,8 @@ mod tests {
         assert!(bincode::deserialize::<Both>(&bytes[..20]).is_err());
     }
 
-    /// The offsets apply stores must be where the log's bytes hold each body.
+    /// The offsets apply stores must be where the log's bytes hold each body, and the digests
+    /// the signature check hands apply must be the bodies'.
     #[test]
     fn body_offsets_point_into_the_entry_encoding() {
         let key = ed25519_dalek::SigningKey::from_bytes(&[1; 32]);
@@ -171,12 +163,14 @@ mod tests {
             payload: EntryPayload::Normal(signed.clone()),
         };
         let bytes = bincode::serialize(&entry).unwrap();
-        let offsets = body_offsets(bytes.len() as u64, &signed).unwrap();
+        let start = payload_start(bytes.len() as u64, &signed).unwrap() as usize;
+        let (_, digests) = signed.open_digested(&key.verifying_key()).unwrap();
         let bodies: Vec<Vec<u8>> =
             batch.commands.iter().flat_map(|c| c.writes.iter().map(|w| w.body.clone())).collect();
-        assert_eq!(offsets.len(), 3);
-        for (at, body) in offsets.iter().zip(&bodies) {
-            assert_eq!(&bytes[*at as usize..*at as usize + body.len()], &body[..]);
+        assert_eq!(digests.len(), 3);
+        for (d, body) in digests.iter().zip(&bodies) {
+            assert_eq!(&bytes[start + d.at..start + d.at + body.len()], &body[..]);
+            assert_eq!(d.sha256, <[u8; 32]>::from(sha2::Sha256::digest(body)));
         }
     }
 }

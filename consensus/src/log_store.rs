@@ -111,6 +111,13 @@ impl Bodies {
         at.map(|at| at.read(0, at.size())).transpose().map_err(io::Error::other)
     }
 
+    /// [`Bodies::entry`] into `buf` (its capacity reused); false if the log does not hold it.
+    pub(crate) fn entry_into(&self, index: u64, buf: &mut Vec<u8>) -> io::Result<bool> {
+        let Some(at) = self.log().locate(index) else { return Ok(false) };
+        at.read_into(0, at.size(), buf).map_err(io::Error::other)?;
+        Ok(true)
+    }
+
     /// The first entry whose bodies the state references in place.
     pub(crate) fn referenced_from(&self) -> u64 {
         self.from.load(Ordering::Acquire)

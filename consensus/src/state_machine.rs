@@ -794,13 +794,12 @@ impl StateMachine {
         frontier: &mut Frontier,
         batch: Batch,
         log_index: u64,
-        body_offsets: Option<Vec<u32>>,
+        bodies: Vec<BodyIn>,
     ) -> io::Result<BatchOutcome> {
         let mut outcomes = Vec::with_capacity(batch.commands.len());
-        // Without offsets (which cannot happen for a batch that decoded) bodies stay inline.
-        let mut at = body_offsets.unwrap_or_default().into_iter().fuse();
+        let mut at = bodies.into_iter();
         for cmd in batch.commands {
-            let bodies: Vec<Option<u32>> = cmd.writes.iter().map(|_| at.next()).collect();
+            let bodies: Vec<BodyIn> = cmd.writes.iter().map_while(|_| at.next()).collect();
             outcomes.push(Self::apply_command(ov, frontier, cmd, log_index, bodies)?);
         }
         Ok(BatchOutcome { outcomes })
@@ -878,7 +877,7 @@ impl StateMachine {
         frontier: &mut Frontier,
         cmd: Command,
         log_index: u64,
-        bodies: Vec<Option<u32>>,
+        bodies: Vec<BodyIn>,
     ) -> io::Result<Outcome> {
         let mut cache = BTreeMap::new();
         if let Some(index) = Self::check(ov, &cmd, &mut cache)? {
@@ -903,7 +902,7 @@ impl StateMachine {
         actor: &str,
         w: Write,
         old: Option<CurrentRecord>,
-        (log_index, body_at): (u64, Option<u32>),
+        (log_index, body): (u64, BodyIn),
     ) -> io::Result<u64> {
         let deleted = matches!(w.op, crate::command::Op::Delete | crate::command::Op::Erase);
         if w.op == crate::command::Op::Erase {
@@ -921,7 +920,7 @@ impl StateMachine {
             actor: actor.to_string(),
             op: w.op.as_str().to_string(),
             compartment: w.compartment.clone(),
-            body_sha256: Sha256::digest(&w.body).into(),
+            body_sha256: body.sha256,
             log_index,
             content_sha256: w.content_sha256,
         };
@@ -932,7 +931,7 @@ impl StateMachine {
             }
         });
         // The body stays where the log entry holds it; the record says where.
-        let body = match (body_at, u32::try_from(w.body.len())) {
+        let body = match (body.offset, u32::try_from(w.body.len())) {
             (Some(offset), Ok(len)) if len > 0 => BodyAt::Log { index: log_index, offset, len },
             _ => BodyAt::Inline(w.body),
         };
@@ -941,6 +940,15 @@ impl StateMachine {
         fold_record(ov, &record, old)?;
         Ok(leaf)
     }
+}
+
+/// A write's body as apply learns it from the signed entry: where it lies in the entry's
+/// encoding (None if past what a u32 offset reaches: the body is then stored inline) and its
+/// SHA-256, computed once for the signature and the leaf.
+#[derive(Clone, Copy)]
+struct BodyIn {
+    offset: Option<u32>,
+    sha256: Hash,
 }
 
 impl RaftStateMachine<TypeConfig> for StateMachine {
@@ -978,13 +986,20 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 }
                 EntryPayload::Normal(signed) => {
                     let opened = match Self::proposer_key(&membership, signed.node_id) {
-                        Some(key) => signed.open(&key).map_err(|e| e.to_string()),
+                        Some(key) => signed.open_digested(&key).map_err(|e| e.to_string()),
                         None => Err(format!("node {} is not a member with a known key", signed.node_id)),
                     };
                     let outcome = match opened {
-                        Ok(batch) => {
-                            let at = crate::entry_ref::body_offsets(entry_len, &signed);
-                            Self::apply_batch(&mut ov, &mut frontier, batch, entry.log_id.index, at).map_err(sio)?
+                        Ok((batch, digests)) => {
+                            let start = crate::entry_ref::payload_start(entry_len, &signed);
+                            let bodies = digests
+                                .iter()
+                                .map(|d| BodyIn {
+                                    offset: start.and_then(|s| u32::try_from(s + d.at as u64).ok()),
+                                    sha256: d.sha256,
+                                })
+                                .collect();
+                            Self::apply_batch(&mut ov, &mut frontier, batch, entry.log_id.index, bodies).map_err(sio)?
                         }
                         Err(reason) => {
                             tracing::warn!(%reason, "refusing ledger batch");
