@@ -9,7 +9,8 @@ use std::sync::RwLock;
 use rand::RngCore;
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, CHACHA20_POLY1305};
 
-const NONCE: usize = 24;
+/// Nonce bytes at the start of a sealed body.
+pub const NONCE: usize = 24;
 /// Poly1305 tag bytes at the end of a sealed body.
 const TAG: usize = 16;
 

@@ -392,6 +392,7 @@ pub async fn cancel(
     let job = owned_job(&state, &req, &id)?;
     state.exports.cancel(&id);
     bulk::delete(&state.search, &id, &job).await?;
+    state.exports.unspool(&id);
     Ok(HttpResponse::Accepted().finish())
 }
 
@@ -425,6 +426,8 @@ pub async fn file(
     };
     let part = bulk::get_part(&state.search, &info.part)?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<web::Bytes, std::io::Error>>(4);
+    // The file as the job made it, when this process ran the job; otherwise made again.
+    let spooled = if is_proofs { None } else { state.exports.spooled(&id, &name) };
     let engine = state.search.clone();
     let deid = bulk::Deid::of(&job, &state.auth);
     if deid.is_some() && is_proofs {
@@ -435,7 +438,9 @@ pub async fn file(
         let mut sink = |b: &[u8]| {
             tx.blocking_send(Ok(web::Bytes::copy_from_slice(b))).map_err(|_| FhirError::internal("the client left"))
         };
-        let r = if is_proofs {
+        let r = if let Some(file) = spooled {
+            send_spooled(file, &tx)
+        } else if is_proofs {
             render::write_proofs(&engine, &job, &part, &mut sink)
         } else {
             render::write(&engine, &job, &info, &part, deid.as_ref(), &mut sink)
@@ -447,4 +452,17 @@ pub async fn file(
     });
     let body = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|x| (x, rx)) });
     Ok(HttpResponse::Ok().content_type("application/fhir+ndjson").streaming(body))
+}
+
+/// A spooled file's chunks to the response, each handed over without a copy.
+fn send_spooled(
+    mut file: bulk::spool::SpoolReader,
+    tx: &tokio::sync::mpsc::Sender<Result<web::Bytes, std::io::Error>>,
+) -> Result<(), FhirError> {
+    loop {
+        let mut buf = Vec::new();
+        let Some(plain) = file.next_into(&mut buf).map_err(FhirError::internal)? else { return Ok(()) };
+        let chunk = web::Bytes::from(buf).slice(plain);
+        tx.blocking_send(Ok(chunk)).map_err(|_| FhirError::internal("the client left"))?;
+    }
 }

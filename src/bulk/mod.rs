@@ -13,6 +13,7 @@ pub mod label;
 pub mod params;
 pub mod render;
 pub mod select;
+pub mod spool;
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64};
@@ -198,14 +199,33 @@ pub struct Progress {
     pub cancelled: AtomicBool,
 }
 
-/// The exports this node runs, and when each job was last polled (for 429).
+/// The exports this node runs, when each job was last polled (for 429), and the files its
+/// jobs made (none without a spool: downloads then make them again).
 #[derive(Default)]
 pub struct Exports {
     running: Mutex<HashMap<String, Arc<Progress>>>,
     polled: Mutex<HashMap<String, i64>>,
+    spool: Option<spool::Spool>,
 }
 
 impl Exports {
+    /// Exports whose files are spooled under `dir` (emptied now).
+    pub fn with_spool(dir: &std::path::Path) -> std::io::Result<Self> {
+        Ok(Self { spool: Some(spool::Spool::open(dir)?), ..Self::default() })
+    }
+
+    /// File `name` of job `id` as its job made it, if this process did.
+    pub fn spooled(&self, id: &str, name: &str) -> Option<spool::SpoolReader> {
+        self.spool.as_ref()?.reader(id, name)
+    }
+
+    /// Forgets the files of job `id`.
+    pub fn unspool(&self, id: &str) {
+        if let Some(s) = &self.spool {
+            s.remove(id);
+        }
+    }
+
     pub fn progress(&self, id: &str) -> Option<Arc<Progress>> {
         self.running.lock().ok()?.get(id).cloned()
     }
@@ -360,7 +380,7 @@ pub fn spawn(
 ) {
     let Some(progress) = exports.begin(&id) else { return };
     tokio::spawn(async move {
-        if let Err(e) = run(&engine, &auth, &caller, &id, &progress, on_shown).await {
+        if let Err(e) = run(&engine, &auth, &exports, &caller, &id, &progress, on_shown).await {
             tracing::warn!("export {id}: {:?}", e.issues.first().map(|i| &i.diagnostics));
             fail(&engine, &id, &e).await;
         }
@@ -382,6 +402,7 @@ async fn fail(engine: &Engine, id: &str, e: &FhirError) {
 async fn run(
     engine: &Arc<Engine>,
     auth: &Arc<Auth>,
+    exports: &Arc<Exports>,
     caller: &Arc<Caller>,
     id: &str,
     progress: &Arc<Progress>,
@@ -392,10 +413,12 @@ async fn run(
         return Ok(());
     }
     let work = {
-        let (engine, auth, caller, progress, job) =
-            (engine.clone(), auth.clone(), caller.clone(), progress.clone(), job.clone());
+        let (engine, auth, exports, caller, progress, job) =
+            (engine.clone(), auth.clone(), exports.clone(), caller.clone(), progress.clone(), job.clone());
         let id = id.to_string();
-        tokio::task::spawn_blocking(move || produce(&engine, &auth, &caller, &id, &job, &progress, &on_shown))
+        tokio::task::spawn_blocking(move || {
+            produce(&engine, &auth, &caller, &id, &job, &progress, &on_shown, exports.spool.as_ref())
+        })
     };
     tokio::pin!(work);
     let mut beat = tokio::time::interval(std::time::Duration::from_millis(HEARTBEAT_MS as u64));
@@ -411,8 +434,12 @@ async fn run(
             }
         }
     };
-    let Some((mut job, version)) = get_job(engine, id)? else { return Ok(()) };
+    let Some((mut job, version)) = get_job(engine, id)? else {
+        exports.unspool(id); // cancelled while it ran
+        return Ok(());
+    };
     if job.state != State::Accepted {
+        exports.unspool(id);
         return Ok(());
     }
     job.files = files;
@@ -428,7 +455,9 @@ async fn run(
 /// A run's files and the parts they are made from (by part id).
 type Produced = (Vec<FileInfo>, Vec<(String, Part)>);
 
-/// The blocking part of a run: selection and the digest of every file.
+/// The blocking part of a run: selection, and every file made once to digest it (and spooled
+/// for its downloads when there is a spool).
+#[allow(clippy::too_many_arguments)] // one job's context, passed through from `run`
 fn produce(
     engine: &Engine,
     auth: &Auth,
@@ -437,6 +466,7 @@ fn produce(
     job: &Job,
     progress: &Progress,
     on_shown: &OnShown,
+    spool: Option<&spool::Spool>,
 ) -> Result<Produced, FhirError> {
     let access = auth.access(caller);
     let guard = match &access {
@@ -484,8 +514,11 @@ fn produce(
     }
     // Every file is made once to digest it, the files spread over the cores.
     let items: Vec<(&FileInfo, &Part)> = files.iter().zip(parts.iter().map(|(_, p)| p)).collect();
-    let digests =
-        crate::parallel::on_every_core(&items, |(info, part)| render::digest(engine, job, info, part, deid.as_ref()));
+    let digests = crate::parallel::on_every_core(&items, |(info, part)| {
+        // A file the spool cannot take is made again at its download: never an error.
+        let writer = spool.and_then(|s| s.writer(id, &info.name).map_err(|e| tracing::warn!("spool: {e}")).ok());
+        render::digest(engine, job, info, part, deid.as_ref(), writer)
+    });
     for (info, digest) in files.iter_mut().zip(digests) {
         let d = digest.ok_or_else(|| FhirError::internal("a thread digesting an export file died"))??;
         (info.count, info.bytes, info.sha256) = (d.count, d.bytes, d.sha256);

@@ -221,13 +221,15 @@ pub fn proofs_name(name: &str) -> String {
     format!("{}.proofs.ndjson", name.trim_end_matches(".ndjson"))
 }
 
-/// The line count, size and SHA-256 of a file.
+/// The line count, size and SHA-256 of a file, its bytes also written to `spool` if given
+/// (dropped unfinished, and so never read, if anything fails).
 pub fn digest(
     engine: &Engine,
     job: &Job,
     info: &FileInfo,
     part: &Part,
     deid: Option<&super::Deid>,
+    mut spool: Option<super::spool::SpoolWriter>,
 ) -> Result<Digest, FhirError> {
     let mut h = Sha256::new();
     let (mut count, mut bytes) = (0u64, 0u64);
@@ -235,8 +237,17 @@ pub fn digest(
         h.update(b);
         bytes += b.len() as u64;
         count += b.split(|&c| c == b'\n').count() as u64 - 1;
+        if let Some(w) = spool.as_mut() {
+            if let Err(e) = w.write(b) {
+                tracing::warn!("spool: {e}");
+                spool = None;
+            }
+        }
         Ok(())
     })?;
+    if let Some(Err(e)) = spool.map(super::spool::SpoolWriter::finish) {
+        tracing::warn!("spool: {e}");
+    }
     Ok(Digest { count, bytes, sha256: hex::encode(h.finalize()) })
 }
 

@@ -391,6 +391,14 @@ async fn a_downloaded_export_verifies_offline_and_tampering_is_named() {
     let (code, out) = verify(dir.path(), &trust);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("VALID"), "{out}");
+    // The files were downloaded as the job made them, kept between the two encrypted only.
+    let job = url.rsplit('/').next().expect("job id");
+    let spooled: Vec<Vec<u8>> = std::fs::read_dir(s.dir.path().join("export-spool").join(job))
+        .expect("the job's spool")
+        .map(|e| std::fs::read(e.expect("entry").path()).expect("spooled file"))
+        .collect();
+    assert!(spooled.len() >= 2, "the Observation and deletion files are spooled");
+    assert!(spooled.iter().all(|f| !f.windows(9).any(|w| w == b"secret of")), "no plaintext in the spool");
 
     // Another export, for a line to splice in.
     put_resource(&s.http, &s.base, &sys, &observation("obs-new", "pat-a", "9-9")).await;

@@ -1,0 +1,240 @@
+//! Export data files kept from the job that digests them to their downloads, so that each is
+//! made once: decrypting every body and writing its line is most of an export's cost.
+//!
+//! No plaintext reaches the disk: a file is sealed in chunks under a key that lives only in
+//! this process's memory, each chunk's AAD naming the job, the file, the chunk's place and
+//! whether it is the last, so chunks cannot be swapped, dropped or cut off unnoticed. A
+//! restart forgets the key; the spool is emptied at start and a download renders the file
+//! from the ledger again, as a node that did not run the job always does (the bytes are the
+//! same: an export is the ledger at one tree size). A job's files go when it is cancelled,
+//! and any job's once it has expired.
+
+use std::fs::{self, File};
+use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+
+use rand::RngCore;
+
+use crate::crypto::{self, DataKey};
+
+/// Plaintext bytes sealed together: large enough that the tag and nonce cost nothing, small
+/// enough to stream.
+const CHUNK: usize = 1 << 20;
+
+/// The spool directory of one server process.
+pub struct Spool {
+    dir: PathBuf,
+    key: DataKey,
+}
+
+impl Spool {
+    /// The spool under `dir`, emptied: what an earlier process left is sealed under a key
+    /// that is gone.
+    pub fn open(dir: &Path) -> io::Result<Self> {
+        if dir.exists() {
+            fs::remove_dir_all(dir)?;
+        }
+        fs::create_dir_all(dir)?;
+        let mut key = [0u8; 32];
+        rand::thread_rng().fill_bytes(&mut key);
+        Ok(Self { dir: dir.to_path_buf(), key })
+    }
+
+    fn job_dir(&self, job: &str) -> Option<PathBuf> {
+        // Job ids are server-made UUIDs; anything else never names a path.
+        job.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-').then(|| self.dir.join(job))
+    }
+
+    /// A writer for file `name` of `job`; the file is readable once [`SpoolWriter::finish`]ed.
+    pub fn writer(&self, job: &str, name: &str) -> io::Result<SpoolWriter> {
+        let dir = self.job_dir(job).ok_or_else(|| io::Error::other("not a job id"))?;
+        fs::create_dir_all(&dir)?;
+        self.sweep(job);
+        let done = dir.join(file_name(name)?);
+        let partial = dir.join(format!("{}.partial", file_name(name)?));
+        let out = BufWriter::with_capacity(CHUNK + 64, File::create(&partial)?);
+        let aad = format!("{job}/{name}");
+        Ok(SpoolWriter { key: self.key, aad, out, buf: Vec::with_capacity(CHUNK), chunks: 0, partial, done })
+    }
+
+    /// File `name` of `job`, if this process spooled it.
+    pub fn reader(&self, job: &str, name: &str) -> Option<SpoolReader> {
+        let path = self.job_dir(job)?.join(file_name(name).ok()?);
+        let file = File::open(path).ok()?;
+        Some(SpoolReader {
+            key: self.key,
+            aad: format!("{job}/{name}"),
+            input: BufReader::with_capacity(CHUNK + 64, file),
+            chunks: 0,
+            ended: false,
+        })
+    }
+
+    /// Removes the files of `job`.
+    pub fn remove(&self, job: &str) {
+        if let Some(dir) = self.job_dir(job) {
+            let _ = fs::remove_dir_all(dir);
+        }
+    }
+
+    /// Removes the files of jobs that have expired (all but `keep`'s).
+    fn sweep(&self, keep: &str) {
+        let Ok(entries) = fs::read_dir(&self.dir) else { return };
+        let ttl = std::time::Duration::from_millis(super::EXPIRES_MS.unsigned_abs());
+        for e in entries.flatten() {
+            let old = e.metadata().and_then(|m| m.modified()).is_ok_and(|t| t.elapsed().is_ok_and(|age| age > ttl));
+            if old && e.file_name() != keep {
+                let _ = fs::remove_dir_all(e.path());
+            }
+        }
+    }
+}
+
+/// A file name as it may lie in the spool (the job's own names: `Observation-1.ndjson`).
+fn file_name(name: &str) -> io::Result<&str> {
+    let ok = !name.is_empty() && !name.starts_with('.') && !name.contains(['/', '\\']);
+    ok.then_some(name).ok_or_else(|| io::Error::other("not an export file name"))
+}
+
+/// The additional data of chunk `n`: the file, the chunk's place, and whether it ends the file.
+fn chunk_aad(file: &str, n: u64, last: bool) -> Vec<u8> {
+    format!("{file}#{n}{}", if last { "$" } else { "" }).into_bytes()
+}
+
+/// Seals a file's bytes chunk by chunk: `[u32 LE length][1 if last, else 0][nonce, ciphertext,
+/// tag]` each (the flag is authenticated through the chunk's AAD).
+pub struct SpoolWriter {
+    key: DataKey,
+    aad: String,
+    out: BufWriter<File>,
+    buf: Vec<u8>,
+    chunks: u64,
+    partial: PathBuf,
+    done: PathBuf,
+}
+
+impl SpoolWriter {
+    pub fn write(&mut self, mut bytes: &[u8]) -> io::Result<()> {
+        while !bytes.is_empty() {
+            let take = (CHUNK - self.buf.len()).min(bytes.len());
+            self.buf.extend_from_slice(&bytes[..take]);
+            bytes = &bytes[take..];
+            if self.buf.len() == CHUNK {
+                self.seal(false)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn seal(&mut self, last: bool) -> io::Result<()> {
+        let sealed = crypto::seal(&self.key, &self.buf, &chunk_aad(&self.aad, self.chunks, last));
+        let len = u32::try_from(sealed.len()).map_err(io::Error::other)?;
+        self.out.write_all(&len.to_le_bytes())?;
+        self.out.write_all(&[u8::from(last)])?;
+        self.out.write_all(&sealed)?;
+        self.buf.clear();
+        self.chunks += 1;
+        Ok(())
+    }
+
+    /// Seals the last chunk (possibly empty) and makes the file readable.
+    pub fn finish(mut self) -> io::Result<()> {
+        self.seal(true)?;
+        self.out.flush()?;
+        fs::rename(&self.partial, &self.done)
+    }
+}
+
+/// A spooled file's plaintext, a chunk at a time; an error if any chunk fails to open or the
+/// file ends before its last chunk.
+pub struct SpoolReader {
+    key: DataKey,
+    aad: String,
+    input: BufReader<File>,
+    chunks: u64,
+    ended: bool,
+}
+
+impl SpoolReader {
+    /// Reads and opens the next chunk in `buf` (cleared first): where its plaintext lies in
+    /// `buf` (opened in place, not moved), or None at the end of the file.
+    pub fn next_into(&mut self, buf: &mut Vec<u8>) -> io::Result<Option<std::ops::Range<usize>>> {
+        if self.ended {
+            return Ok(None);
+        }
+        let mut frame = [0u8; 5];
+        self.input.read_exact(&mut frame).map_err(|_| io::Error::other("the spooled file is cut short"))?;
+        let [a, b, c, d, last] = frame;
+        buf.clear();
+        buf.resize(u32::from_le_bytes([a, b, c, d]) as usize, 0);
+        self.input.read_exact(buf)?;
+        let n = self.chunks;
+        let plain_len = crypto::open_in_place(&self.key, buf, &chunk_aad(&self.aad, n, last == 1))
+            .map_err(|_| io::Error::other(format!("spooled chunk {n} does not authenticate")))?
+            .len();
+        self.ended = last == 1;
+        self.chunks += 1;
+        // `open_in_place` leaves the plaintext after the nonce.
+        Ok(Some(crypto::NONCE..crypto::NONCE + plain_len))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spooled(spool: &Spool, job: &str, name: &str, bytes: &[u8]) {
+        let mut w = spool.writer(job, name).expect("writer");
+        for piece in bytes.chunks(300_001) {
+            w.write(piece).expect("write");
+        }
+        w.finish().expect("finish");
+    }
+
+    fn read_all(spool: &Spool, job: &str, name: &str) -> io::Result<Vec<u8>> {
+        let mut r = spool.reader(job, name).ok_or_else(|| io::Error::other("absent"))?;
+        let (mut out, mut buf) = (Vec::new(), Vec::new());
+        while let Some(plain) = r.next_into(&mut buf)? {
+            out.extend_from_slice(&buf[plain]);
+        }
+        Ok(out)
+    }
+
+    /// Bytes come back as written, at and around chunk sizes; nothing in clear on disk.
+    #[test]
+    fn a_spooled_file_reads_back_as_written_and_is_not_plaintext_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(&dir.path().join("spool")).unwrap();
+        for len in [0, 1, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK + 17] {
+            let bytes: Vec<u8> = (0..len).map(|i| b"{\"resourceType\":\"Patient\"}\n"[i % 27]).collect();
+            spooled(&spool, "job-1", "Patient-1.ndjson", &bytes);
+            assert_eq!(read_all(&spool, "job-1", "Patient-1.ndjson").unwrap(), bytes, "{len} bytes");
+            let on_disk = fs::read(dir.path().join("spool/job-1/Patient-1.ndjson")).unwrap();
+            assert!(len < 27 || !on_disk.windows(27).any(|w| w == b"{\"resourceType\":\"Patient\"}\n"));
+        }
+        assert!(spool.reader("job-1", "Observation-1.ndjson").is_none());
+        assert!(spool.reader("../etc", "passwd").is_none());
+        spool.remove("job-1");
+        assert!(spool.reader("job-1", "Patient-1.ndjson").is_none());
+    }
+
+    /// A file cut at a chunk boundary, a chunk moved from another file, or a process restart
+    /// (a new key) is an error, never other bytes.
+    #[test]
+    fn a_cut_swapped_or_foreign_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(&dir.path().join("spool")).unwrap();
+        let bytes = vec![7u8; 2 * CHUNK + 5];
+        spooled(&spool, "j", "A-1.ndjson", &bytes);
+        spooled(&spool, "j", "B-1.ndjson", &bytes);
+        let path = |n: &str| dir.path().join("spool/j").join(n);
+        let whole = fs::read(path("A-1.ndjson")).unwrap();
+        let first = 5 + u32::from_le_bytes(whole[..4].try_into().unwrap()) as usize;
+        fs::write(path("A-1.ndjson"), &whole[..first]).unwrap();
+        assert!(read_all(&spool, "j", "A-1.ndjson").is_err(), "cut after its first chunk");
+        fs::copy(path("B-1.ndjson"), path("A-1.ndjson")).unwrap();
+        assert!(read_all(&spool, "j", "A-1.ndjson").is_err(), "another file's chunks");
+        let again = Spool::open(&dir.path().join("spool")).unwrap();
+        assert!(again.reader("j", "B-1.ndjson").is_none(), "a new process starts empty");
+    }
+}
