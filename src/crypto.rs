@@ -9,8 +9,7 @@ use std::sync::RwLock;
 use rand::RngCore;
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, CHACHA20_POLY1305};
 
-/// Nonce bytes at the start of a sealed body.
-pub const NONCE: usize = 24;
+const NONCE: usize = 24;
 /// Poly1305 tag bytes at the end of a sealed body.
 const TAG: usize = 16;
 

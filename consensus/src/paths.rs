@@ -17,17 +17,26 @@ const BLOCK: u64 = 1 << STORED_NODE_LEVEL;
 /// Blocks remembered at once (a path at the tree's right edge may reach a few others).
 const BLOCKS_KEPT: usize = 8;
 
-/// A block's leaves that exist (their headers, by position in the block) and the hashes of
-/// its subtrees: `nodes[level][i]`, levels 0 (leaves) to [`STORED_NODE_LEVEL`]; `None`
-/// where a leaf under it is missing.
+/// A block's leaves that exist (their headers and encodings, by position in the block) and
+/// the hashes of its subtrees: `nodes[level][i]`, levels 0 (leaves) to [`STORED_NODE_LEVEL`];
+/// `None` where a leaf under it is missing.
 struct Block {
-    headers: Vec<Option<LeafHeader>>,
+    headers: Vec<Option<(LeafHeader, Vec<u8>)>>,
     nodes: Vec<Vec<Option<Hash>>>,
 }
 
 impl Block {
     fn new(headers: Vec<Option<LeafHeader>>) -> Self {
-        let leaves: Vec<Option<Hash>> = headers.iter().map(|h| h.as_ref().map(|h| leaf_hash(&h.encode()))).collect();
+        let headers: Vec<_> = headers
+            .into_iter()
+            .map(|h| {
+                h.map(|h| {
+                    let encoded = h.encode();
+                    (h, encoded)
+                })
+            })
+            .collect();
+        let leaves: Vec<Option<Hash>> = headers.iter().map(|h| h.as_ref().map(|(_, e)| leaf_hash(e))).collect();
         let mut nodes = vec![leaves];
         while nodes.last().is_some_and(|l| l.len() > 1) {
             let below = nodes.last().map(Vec::as_slice).unwrap_or_default();
@@ -44,27 +53,41 @@ pub struct PathsAt<'a> {
     size: u64,
     blocks: RefCell<BTreeMap<u64, Block>>,
     stored: RefCell<BTreeMap<(u32, u64), Option<Hash>>>,
+    /// The last stored node asked at each level: proofs asked in leaf order share most of
+    /// their upper path with the one before.
+    last: RefCell<Vec<Option<(u64, Option<Hash>)>>>,
+    /// The hashes of the ranges along the tree's right edge ([`Nodes::edge`]).
+    edges: RefCell<BTreeMap<(u64, u64), Option<Hash>>>,
     failed: RefCell<Option<io::Error>>,
 }
 
 impl<'a> PathsAt<'a> {
     /// Proofs to the tree of the first `size` leaves.
     pub fn new(view: &'a StateView, size: u64) -> Self {
-        Self { view, size, blocks: RefCell::default(), stored: RefCell::default(), failed: RefCell::default() }
+        Self {
+            view,
+            size,
+            blocks: RefCell::default(),
+            stored: RefCell::default(),
+            last: RefCell::new(vec![None; 64]),
+            edges: RefCell::default(),
+            failed: RefCell::default(),
+        }
     }
 
-    /// Leaf `leaf`'s header and its audit path, or `None` when the leaf is not below the size.
-    pub fn proof(&self, leaf: u64) -> io::Result<Option<(LeafHeader, Vec<Hash>)>> {
+    /// Leaf `leaf`'s header, its encoding (the leaf data) and its audit path, or `None` when
+    /// the leaf is not below the size.
+    pub fn proof(&self, leaf: u64) -> io::Result<Option<(LeafHeader, Vec<u8>, Vec<Hash>)>> {
         if leaf >= self.size {
             return Ok(None);
         }
         let header = self.with_block(leaf / BLOCK, |b| b.headers[(leaf % BLOCK) as usize].clone())?;
-        let Some(header) = header else { return Ok(None) };
+        let Some((header, data)) = header else { return Ok(None) };
         let path = crate::proof::inclusion_proof(self, leaf, self.size);
         if let Some(e) = self.failed.borrow_mut().take() {
             return Err(e);
         }
-        Ok(path.map(|p| (header, p)))
+        Ok(path.map(|p| (header, data, p)))
     }
 
     fn with_block<T>(&self, block: u64, f: impl FnOnce(&Block) -> T) -> io::Result<T> {
@@ -102,12 +125,22 @@ impl Nodes for PathsAt<'_> {
         let got = if level < STORED_NODE_LEVEL {
             self.small(level, index)
         } else {
-            if let Some(h) = self.stored.borrow().get(&(level, index)) {
-                return *h;
+            let slot = level as usize;
+            if let Some(Some((at, h))) = self.last.borrow().get(slot) {
+                if *at == index {
+                    return *h;
+                }
             }
-            let h = self.view.node(level, index);
+            let known = self.stored.borrow().get(&(level, index)).copied();
+            let h = match known {
+                Some(h) => Ok(h),
+                None => self.view.node(level, index),
+            };
             if let Ok(h) = &h {
                 self.stored.borrow_mut().insert((level, index), *h);
+                if let Some(last) = self.last.borrow_mut().get_mut(slot) {
+                    *last = Some((index, *h));
+                }
             }
             h
         };
@@ -115,5 +148,30 @@ impl Nodes for PathsAt<'_> {
             *self.failed.borrow_mut() = Some(e);
             None
         })
+    }
+
+    fn edge(&self, offset: u64, size: u64) -> Option<Hash> {
+        if let Some(h) = self.edges.borrow().get(&(offset, size)) {
+            return *h;
+        }
+        let k = 1u64 << (size - 1).ilog2();
+        let h = (|| {
+            let (left, right) = (self.range(offset, k)?, self.range(offset + k, size - k)?);
+            Some(crate::merkle::node_hash(&left, &right))
+        })();
+        self.edges.borrow_mut().insert((offset, size), h);
+        h
+    }
+}
+
+impl PathsAt<'_> {
+    /// MTH of `size` leaves from `offset` (a perfect subtree or an edge range).
+    fn range(&self, offset: u64, size: u64) -> Option<Hash> {
+        if size.is_power_of_two() {
+            let level = size.trailing_zeros();
+            self.node(level, offset >> level)
+        } else {
+            self.edge(offset, size)
+        }
     }
 }

@@ -11,6 +11,14 @@ use crate::merkle::{node_hash, Hash};
 pub trait Nodes {
     /// The hash at `(level, index)`, or None if it is not available (tree too small).
     fn node(&self, level: u32, index: u64) -> Option<Hash>;
+
+    /// MTH of the `size` leaves from `offset` where that is not a perfect subtree (the ranges
+    /// along the tree's right edge). Every path crosses that edge: a source asked for many
+    /// proofs at one size remembers these few hashes instead of rehashing them per proof.
+    fn edge(&self, offset: u64, size: u64) -> Option<Hash> {
+        let k = split(size);
+        Some(node_hash(&subtree(self, offset, k)?, &subtree(self, offset + k, size - k)?))
+    }
 }
 
 /// Remembers the nodes another [`Nodes`] gave: the proofs of many leaves at one tree size
@@ -57,13 +65,12 @@ fn split(n: u64) -> u64 {
 
 /// MTH of the `size` leaves starting at `offset` (offset aligned to the largest power of two
 /// in `size`, as every range the RFC recursion visits is).
-fn subtree(nodes: &dyn Nodes, offset: u64, size: u64) -> Option<Hash> {
+fn subtree<N: Nodes + ?Sized>(nodes: &N, offset: u64, size: u64) -> Option<Hash> {
     if size.is_power_of_two() {
         let level = size.trailing_zeros();
         return nodes.node(level, offset >> level);
     }
-    let k = split(size);
-    Some(node_hash(&subtree(nodes, offset, k)?, &subtree(nodes, offset + k, size - k)?))
+    nodes.edge(offset, size)
 }
 
 fn path(nodes: &dyn Nodes, m: u64, offset: u64, n: u64, out: &mut Vec<Hash>) -> Option<()> {

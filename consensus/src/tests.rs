@@ -387,8 +387,9 @@ mod model {
                 for size in 1..=leaves {
                     let paths = crate::PathsAt::new(&view, size);
                     for leaf in 0..size {
-                        let (header, path) = paths.proof(leaf).unwrap().unwrap();
+                        let (header, data, path) = paths.proof(leaf).unwrap().unwrap();
                         prop_assert_eq!(Some(path), crate::proof::inclusion_proof(&view, leaf, size));
+                        prop_assert_eq!(data, header.encode());
                         prop_assert_eq!(header, view.record(leaf).unwrap().unwrap().header);
                     }
                     prop_assert!(paths.proof(size).unwrap().is_none());

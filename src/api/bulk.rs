@@ -427,7 +427,7 @@ pub async fn file(
     let part = bulk::get_part(&state.search, &info.part)?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<web::Bytes, std::io::Error>>(4);
     // The file as the job made it, when this process ran the job; otherwise made again.
-    let spooled = if is_proofs { None } else { state.exports.spooled(&id, &name) };
+    let spooled = state.exports.spooled(&id, &name);
     let engine = state.search.clone();
     let deid = bulk::Deid::of(&job, &state.auth);
     if deid.is_some() && is_proofs {

@@ -512,18 +512,72 @@ fn produce(
     if !selected.errors.is_empty() {
         add("OperationOutcome", Kind::Error, 1, Part { leaves: String::new(), lines: selected.errors.clone() });
     }
-    // Every file is made once to digest it, the files spread over the cores.
+    // Every file is made once to digest it, the files spread over the cores; with a spool,
+    // the files are kept for the downloads, and the proof files made beside them in one pass.
     let items: Vec<(&FileInfo, &Part)> = files.iter().zip(parts.iter().map(|(_, p)| p)).collect();
-    let digests = crate::parallel::on_every_core(&items, |(info, part)| {
-        // A file the spool cannot take is made again at its download: never an error.
-        let writer = spool.and_then(|s| s.writer(id, &info.name).map_err(|e| tracing::warn!("spool: {e}")).ok());
-        render::digest(engine, job, info, part, deid.as_ref(), writer)
+    let mut tasks: Vec<Option<(&FileInfo, &Part)>> = items.iter().copied().map(Some).collect();
+    if let (Some(spool), None) = (spool, &deid) {
+        tasks.insert(0, None);
+        let proved: Vec<(&FileInfo, &Part)> = items.iter().copied().filter(|(f, _)| f.kind != Kind::Error).collect();
+        let outcomes = crate::parallel::on_every_core(&tasks, |task| match task {
+            Some((info, part)) => render::digest(engine, job, info, part, None, writer(spool, id, &info.name)).map(Some),
+            None => {
+                spool_proofs(engine, job, id, &proved, spool);
+                Ok(None)
+            }
+        });
+        return digested(files, parts, outcomes.into_iter().skip(1));
+    }
+    let outcomes = crate::parallel::on_every_core(&items, |(info, part)| {
+        let writer = spool.and_then(|s| writer(s, id, &info.name));
+        render::digest(engine, job, info, part, deid.as_ref(), writer).map(Some)
     });
-    for (info, digest) in files.iter_mut().zip(digests) {
+    digested(files, parts, outcomes.into_iter())
+}
+
+/// A spool writer for a job's file; a file the spool cannot take is made again at its
+/// download: never an error.
+fn writer(spool: &spool::Spool, id: &str, name: &str) -> Option<spool::SpoolWriter> {
+    spool.writer(id, name).map_err(|e| tracing::warn!("spool: {e}")).ok()
+}
+
+/// The files with their digests filled in.
+fn digested(
+    mut files: Vec<FileInfo>,
+    parts: Vec<(String, Part)>,
+    outcomes: impl Iterator<Item = Option<Result<Option<render::Digest>, FhirError>>>,
+) -> Result<Produced, FhirError> {
+    for (info, digest) in files.iter_mut().zip(outcomes) {
         let d = digest.ok_or_else(|| FhirError::internal("a thread digesting an export file died"))??;
+        let d = d.ok_or_else(|| FhirError::internal("an export file was not digested"))?;
         (info.count, info.bytes, info.sha256) = (d.count, d.bytes, d.sha256);
     }
     Ok((files, parts))
+}
+
+/// Spools the proof files of `files` (made together: [`render::write_proofs_together`]). Any
+/// failure leaves them unfinished, so their downloads make them again.
+fn spool_proofs(engine: &Engine, job: &Job, id: &str, files: &[(&FileInfo, &Part)], spool: &spool::Spool) {
+    let writers: Option<Vec<spool::SpoolWriter>> =
+        files.iter().map(|(f, _)| writer(spool, id, &render::proofs_name(&f.name))).collect();
+    let Some(mut writers) = writers else { return };
+    let parts: Vec<&Part> = files.iter().map(|(_, p)| *p).collect();
+    let mut sinks: Vec<_> = writers
+        .iter_mut()
+        .map(|w| move |b: &[u8]| w.write(b).map_err(FhirError::internal))
+        .collect();
+    let mut sinks: Vec<&mut dyn FnMut(&[u8]) -> Result<(), FhirError>> =
+        sinks.iter_mut().map(|s| s as &mut dyn FnMut(&[u8]) -> Result<(), FhirError>).collect();
+    if let Err(e) = render::write_proofs_together(engine, job, &parts, &mut sinks) {
+        tracing::warn!("export {id}: proof files not spooled: {:?}", e.issues.first().map(|i| &i.diagnostics));
+        return;
+    }
+    drop(sinks);
+    for w in writers {
+        if let Err(e) = w.finish() {
+            tracing::warn!("spool: {e}");
+        }
+    }
 }
 
 impl Deid {

@@ -1,9 +1,11 @@
 //! Export data files kept from the job that digests them to their downloads, so that each is
 //! made once: decrypting every body and writing its line is most of an export's cost.
 //!
-//! No plaintext reaches the disk: a file is sealed in chunks under a key that lives only in
-//! this process's memory, each chunk's AAD naming the job, the file, the chunk's place and
-//! whether it is the last, so chunks cannot be swapped, dropped or cut off unnoticed. A
+//! No plaintext reaches the disk: a file is sealed in chunks (AES-256-GCM, a random nonce
+//! each: this machine's AES instructions make it twice ChaCha20-Poly1305's speed, and the key
+//! seals no more than the process's exports) under a key that lives only in this process's
+//! memory, each chunk's AAD naming the job, the file, the chunk's place and whether it is the
+//! last, so chunks cannot be swapped, dropped or cut off unnoticed. A
 //! restart forgets the key; the spool is emptied at start and a download renders the file
 //! from the ledger again, as a node that did not run the job always does (the bytes are the
 //! same: an export is the ledger at one tree size). A job's files go when it is cancelled,
@@ -14,8 +16,7 @@ use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
 use rand::RngCore;
-
-use crate::crypto::{self, DataKey};
+use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
 
 /// Plaintext bytes sealed together: large enough that the tag and nonce cost nothing, small
 /// enough to stream.
@@ -24,7 +25,7 @@ const CHUNK: usize = 1 << 20;
 /// The spool directory of one server process.
 pub struct Spool {
     dir: PathBuf,
-    key: DataKey,
+    key: std::sync::Arc<LessSafeKey>,
 }
 
 impl Spool {
@@ -37,7 +38,8 @@ impl Spool {
         fs::create_dir_all(dir)?;
         let mut key = [0u8; 32];
         rand::thread_rng().fill_bytes(&mut key);
-        Ok(Self { dir: dir.to_path_buf(), key })
+        let key = UnboundKey::new(&AES_256_GCM, &key).map_err(|_| io::Error::other("no AES-256-GCM key"))?;
+        Ok(Self { dir: dir.to_path_buf(), key: std::sync::Arc::new(LessSafeKey::new(key)) })
     }
 
     fn job_dir(&self, job: &str) -> Option<PathBuf> {
@@ -54,7 +56,8 @@ impl Spool {
         let partial = dir.join(format!("{}.partial", file_name(name)?));
         let out = BufWriter::with_capacity(CHUNK + 64, File::create(&partial)?);
         let aad = format!("{job}/{name}");
-        Ok(SpoolWriter { key: self.key, aad, out, buf: Vec::with_capacity(CHUNK), chunks: 0, partial, done })
+        let buf = Vec::with_capacity(NONCE_LEN + CHUNK + 16);
+        Ok(SpoolWriter { key: self.key.clone(), aad, out, buf, chunks: 0, partial, done })
     }
 
     /// File `name` of `job`, if this process spooled it.
@@ -62,7 +65,7 @@ impl Spool {
         let path = self.job_dir(job)?.join(file_name(name).ok()?);
         let file = File::open(path).ok()?;
         Some(SpoolReader {
-            key: self.key,
+            key: self.key.clone(),
             aad: format!("{job}/{name}"),
             input: BufReader::with_capacity(CHUNK + 64, file),
             chunks: 0,
@@ -104,7 +107,7 @@ fn chunk_aad(file: &str, n: u64, last: bool) -> Vec<u8> {
 /// Seals a file's bytes chunk by chunk: `[u32 LE length][1 if last, else 0][nonce, ciphertext,
 /// tag]` each (the flag is authenticated through the chunk's AAD).
 pub struct SpoolWriter {
-    key: DataKey,
+    key: std::sync::Arc<LessSafeKey>,
     aad: String,
     out: BufWriter<File>,
     buf: Vec<u8>,
@@ -116,22 +119,37 @@ pub struct SpoolWriter {
 impl SpoolWriter {
     pub fn write(&mut self, mut bytes: &[u8]) -> io::Result<()> {
         while !bytes.is_empty() {
-            let take = (CHUNK - self.buf.len()).min(bytes.len());
+            if self.buf.is_empty() {
+                self.buf.resize(NONCE_LEN, 0); // the nonce's place
+            }
+            let take = (NONCE_LEN + CHUNK - self.buf.len()).min(bytes.len());
             self.buf.extend_from_slice(&bytes[..take]);
             bytes = &bytes[take..];
-            if self.buf.len() == CHUNK {
+            if self.buf.len() == NONCE_LEN + CHUNK {
                 self.seal(false)?;
             }
         }
         Ok(())
     }
 
+    /// Seals the buffered plaintext in place: `nonce || ciphertext || tag`.
     fn seal(&mut self, last: bool) -> io::Result<()> {
-        let sealed = crypto::seal(&self.key, &self.buf, &chunk_aad(&self.aad, self.chunks, last));
-        let len = u32::try_from(sealed.len()).map_err(io::Error::other)?;
+        if self.buf.is_empty() {
+            self.buf.resize(NONCE_LEN, 0);
+        }
+        let mut nonce = [0u8; NONCE_LEN];
+        rand::thread_rng().fill_bytes(&mut nonce);
+        self.buf[..NONCE_LEN].copy_from_slice(&nonce);
+        let aad = chunk_aad(&self.aad, self.chunks, last);
+        let tag = self
+            .key
+            .seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::from(aad), &mut self.buf[NONCE_LEN..])
+            .map_err(|_| io::Error::other("a spool chunk could not be sealed"))?;
+        self.buf.extend_from_slice(tag.as_ref());
+        let len = u32::try_from(self.buf.len()).map_err(io::Error::other)?;
         self.out.write_all(&len.to_le_bytes())?;
         self.out.write_all(&[u8::from(last)])?;
-        self.out.write_all(&sealed)?;
+        self.out.write_all(&self.buf)?;
         self.buf.clear();
         self.chunks += 1;
         Ok(())
@@ -148,7 +166,7 @@ impl SpoolWriter {
 /// A spooled file's plaintext, a chunk at a time; an error if any chunk fails to open or the
 /// file ends before its last chunk.
 pub struct SpoolReader {
-    key: DataKey,
+    key: std::sync::Arc<LessSafeKey>,
     aad: String,
     input: BufReader<File>,
     chunks: u64,
@@ -169,13 +187,15 @@ impl SpoolReader {
         buf.resize(u32::from_le_bytes([a, b, c, d]) as usize, 0);
         self.input.read_exact(buf)?;
         let n = self.chunks;
-        let plain_len = crypto::open_in_place(&self.key, buf, &chunk_aad(&self.aad, n, last == 1))
-            .map_err(|_| io::Error::other(format!("spooled chunk {n} does not authenticate")))?
-            .len();
+        let refused = || io::Error::other(format!("spooled chunk {n} does not authenticate"));
+        let (nonce, sealed) = buf.split_at_mut_checked(NONCE_LEN).ok_or_else(refused)?;
+        let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| refused())?;
+        let aad = Aad::from(chunk_aad(&self.aad, n, last == 1));
+        let plain_len = self.key.open_in_place(nonce, aad, sealed).map_err(|_| refused())?.len();
         self.ended = last == 1;
         self.chunks += 1;
-        // `open_in_place` leaves the plaintext after the nonce.
-        Ok(Some(crypto::NONCE..crypto::NONCE + plain_len))
+        // Opened where it lies, after the nonce.
+        Ok(Some(NONCE_LEN..NONCE_LEN + plain_len))
     }
 }
 
