@@ -47,6 +47,12 @@ impl Block {
     }
 }
 
+/// A leaf's header, its encoding (the leaf data) and its audit path.
+pub type Proof = (LeafHeader, Vec<u8>, Vec<Hash>);
+
+/// A stored subtree hash and its index at its level (None: the tree lacks it).
+type Stored = (u64, Option<Hash>);
+
 /// Proofs at tree size `size`, read through `view`.
 pub struct PathsAt<'a> {
     view: &'a StateView,
@@ -55,7 +61,7 @@ pub struct PathsAt<'a> {
     stored: RefCell<BTreeMap<(u32, u64), Option<Hash>>>,
     /// The last stored node asked at each level: proofs asked in leaf order share most of
     /// their upper path with the one before.
-    last: RefCell<Vec<Option<(u64, Option<Hash>)>>>,
+    last: RefCell<Vec<Option<Stored>>>,
     /// The hashes of the ranges along the tree's right edge ([`Nodes::edge`]).
     edges: RefCell<BTreeMap<(u64, u64), Option<Hash>>>,
     failed: RefCell<Option<io::Error>>,
@@ -77,17 +83,21 @@ impl<'a> PathsAt<'a> {
 
     /// Leaf `leaf`'s header, its encoding (the leaf data) and its audit path, or `None` when
     /// the leaf is not below the size.
-    pub fn proof(&self, leaf: u64) -> io::Result<Option<(LeafHeader, Vec<u8>, Vec<Hash>)>> {
-        if leaf >= self.size {
+    pub fn proof(&self, leaf: u64) -> io::Result<Option<Proof>> {
+        self.proof_with(leaf, |h, data, path| (h.clone(), data.to_vec(), path.to_vec()))
+    }
+
+    /// [`PathsAt::proof`] handed to `f`, borrowed.
+    pub fn proof_with<T>(&self, leaf: u64, f: impl FnOnce(&LeafHeader, &[u8], &[Hash]) -> T) -> io::Result<Option<T>> {
+        if leaf >= self.size || !self.with_block(leaf / BLOCK, |b| b.headers[(leaf % BLOCK) as usize].is_some())? {
             return Ok(None);
         }
-        let header = self.with_block(leaf / BLOCK, |b| b.headers[(leaf % BLOCK) as usize].clone())?;
-        let Some((header, data)) = header else { return Ok(None) };
         let path = crate::proof::inclusion_proof(self, leaf, self.size);
         if let Some(e) = self.failed.borrow_mut().take() {
             return Err(e);
         }
-        Ok(path.map(|p| (header, data, p)))
+        let Some(path) = path else { return Ok(None) };
+        self.with_block(leaf / BLOCK, |b| b.headers[(leaf % BLOCK) as usize].as_ref().map(|(h, d)| f(h, d, &path)))
     }
 
     fn with_block<T>(&self, block: u64, f: impl FnOnce(&Block) -> T) -> io::Result<T> {

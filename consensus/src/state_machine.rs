@@ -57,7 +57,9 @@ pub struct LeafHeader {
     pub op: String,
     /// Whose data key encrypted the body.
     pub compartment: String,
-    /// SHA-256 of the stored ciphertext.
+    /// SHA-256 of the stored ciphertext. (Hashes are read as four words: bincode only, like
+    /// every encoding of these records; see [`crate::entry_ref::hash`].)
+    #[serde(deserialize_with = "crate::entry_ref::hash")]
     pub body_sha256: Hash,
     /// The Raft log index of the entry that carried this change.
     pub log_index: u64,
@@ -67,6 +69,7 @@ pub struct LeafHeader {
     /// receiver binds the bytes it got to this leaf, while to anyone without the salt the
     /// commitment reveals nothing (and after an erasure no salt can be made). Zero for
     /// deletes.
+    #[serde(deserialize_with = "crate::entry_ref::hash")]
     pub content_sha256: Hash,
 }
 
@@ -133,6 +136,7 @@ pub struct StoredRecord {
     pub body: BodyAt,
     /// The version's conditional-interaction terms ([`crate::Write::index`]; none for a
     /// delete): what the lookup tables' postings are rebuilt from.
+    #[serde(deserialize_with = "crate::entry_ref::hashes")]
     pub terms: Vec<IndexKey>,
 }
 
@@ -146,6 +150,7 @@ pub struct CurrentRecord {
     /// The newest version's `meta.lastUpdated`, ms since the epoch.
     pub last_updated_ms: i64,
     /// The newest version's index terms (its postings).
+    #[serde(deserialize_with = "crate::entry_ref::hashes")]
     pub index: Vec<[u8; 32]>,
     /// The Merkle leaf of every version, oldest first (`leaves[v - 1]` holds version `v`).
     pub leaves: Vec<u64>,

@@ -519,12 +519,12 @@ fn produce(
     if let (Some(spool), None) = (spool, &deid) {
         tasks.insert(0, None);
         let proved: Vec<(&FileInfo, &Part)> = items.iter().copied().filter(|(f, _)| f.kind != Kind::Error).collect();
-        let outcomes = crate::parallel::on_every_core(&tasks, |task| match task {
-            Some((info, part)) => render::digest(engine, job, info, part, None, writer(spool, id, &info.name)).map(Some),
-            None => {
+        let outcomes = crate::parallel::on_every_core(&tasks, |task| {
+            let Some((info, part)) = task else {
                 spool_proofs(engine, job, id, &proved, spool);
-                Ok(None)
-            }
+                return Ok(None);
+            };
+            render::digest(engine, job, info, part, None, writer(spool, id, &info.name)).map(Some)
         });
         return digested(files, parts, outcomes.into_iter().skip(1));
     }
@@ -562,12 +562,9 @@ fn spool_proofs(engine: &Engine, job: &Job, id: &str, files: &[(&FileInfo, &Part
         files.iter().map(|(f, _)| writer(spool, id, &render::proofs_name(&f.name))).collect();
     let Some(mut writers) = writers else { return };
     let parts: Vec<&Part> = files.iter().map(|(_, p)| *p).collect();
-    let mut sinks: Vec<_> = writers
-        .iter_mut()
-        .map(|w| move |b: &[u8]| w.write(b).map_err(FhirError::internal))
-        .collect();
-    let mut sinks: Vec<&mut dyn FnMut(&[u8]) -> Result<(), FhirError>> =
-        sinks.iter_mut().map(|s| s as &mut dyn FnMut(&[u8]) -> Result<(), FhirError>).collect();
+    let mut sinks: Vec<_> =
+        writers.iter_mut().map(|w| move |b: &[u8]| w.write(b).map_err(FhirError::internal)).collect();
+    let mut sinks: Vec<&mut render::Sink<'_>> = sinks.iter_mut().map(|s| s as &mut render::Sink<'_>).collect();
     if let Err(e) = render::write_proofs_together(engine, job, &parts, &mut sinks) {
         tracing::warn!("export {id}: proof files not spooled: {:?}", e.issues.first().map(|i| &i.diagnostics));
         return;

@@ -3,6 +3,8 @@
 //! lines OperationOutcomes. The same part always gives the same bytes, which is what lets a
 //! file be made again on every download and still match its digest in the trust label.
 
+use std::fmt::Write as _;
+
 use base64::Engine as _;
 use sha2::{Digest as _, Sha256};
 
@@ -184,6 +186,9 @@ pub fn write_proofs(
     Ok(())
 }
 
+/// Where a file's bytes go, a piece at a time.
+pub type Sink<'a> = dyn FnMut(&[u8]) -> Result<(), FhirError> + 'a;
+
 /// Every proof file of a job in one pass over all their leaves in ascending order, `sinks[i]`
 /// taking the lines of `parts[i]`: each 16-leaf block is read and hashed once for all files,
 /// where file by file the blocks a small type's versions lie in were read again for each
@@ -192,7 +197,7 @@ pub fn write_proofs_together(
     engine: &Engine,
     job: &Job,
     parts: &[&Part],
-    sinks: &mut [&mut dyn FnMut(&[u8]) -> Result<(), FhirError>],
+    sinks: &mut [&mut Sink<'_>],
 ) -> Result<(), FhirError> {
     let mut all = Vec::new();
     for (i, part) in parts.iter().enumerate() {
@@ -225,41 +230,45 @@ struct Proofs<'e> {
 impl<'e> Proofs<'e> {
     fn new(engine: &'e Engine, job: &Job) -> Self {
         let repo = engine.repo();
-        Self { repo, paths: consensus::PathsAt::new(repo.view(), job.size), size: job.size, keys: Default::default() }
+        Self {
+            repo,
+            paths: consensus::PathsAt::new(repo.view(), job.size),
+            size: job.size,
+            keys: std::collections::BTreeMap::new(),
+        }
     }
 
     /// Appends the proof line of `leaf` to `buf`, unless its plaintext is gone.
     fn line(&mut self, leaf: u64, buf: &mut String) -> Result<(), FhirError> {
-        let (h, data, path) = self
-            .paths
-            .proof(leaf)?
-            .ok_or_else(|| FhirError::internal(format!("no inclusion proof of leaf {leaf} at {}", self.size)))?;
-        let salt = if h.op == consensus::Op::Delete.as_str() {
-            None
-        } else {
-            match self.repo.content_salt_in(&h, &mut self.keys)? {
-                Some(s) => Some(s),
-                None => return Ok(()),
+        let (repo, keys) = (self.repo, &mut self.keys);
+        let written = self.paths.proof_with(leaf, |h, data, path| -> Result<(), FhirError> {
+            let salt = if h.op == consensus::Op::Delete.as_str() {
+                None
+            } else {
+                match repo.content_salt_in(h, keys)? {
+                    Some(s) => Some(s),
+                    None => return Ok(()),
+                }
+            };
+            // Written by hand (base64 needs no escaping):
+            // `{"leaf":N,"leafData":"…","salt":"…","path":["…",…]}`.
+            let b64 = base64::engine::general_purpose::STANDARD;
+            let _ = write!(buf, "{{\"leaf\":{leaf},\"leafData\":\"");
+            b64.encode_string(data, buf);
+            if let Some(s) = salt {
+                buf.push_str("\",\"salt\":\"");
+                b64.encode_string(s, buf);
             }
-        };
-        // Written by hand (base64 needs no escaping): `{"leaf":N,"leafData":"…","salt":"…","path":["…",…]}`.
-        let b64 = base64::engine::general_purpose::STANDARD;
-        buf.push_str("{\"leaf\":");
-        buf.push_str(&leaf.to_string());
-        buf.push_str(",\"leafData\":\"");
-        b64.encode_string(data, buf);
-        if let Some(s) = salt {
-            buf.push_str("\",\"salt\":\"");
-            b64.encode_string(s, buf);
-        }
-        buf.push_str("\",\"path\":[");
-        for (i, p) in path.iter().enumerate() {
-            buf.push_str(if i == 0 { "\"" } else { ",\"" });
-            b64.encode_string(p, buf);
-            buf.push('"');
-        }
-        buf.push_str("]}\n");
-        Ok(())
+            buf.push_str("\",\"path\":[");
+            for (i, p) in path.iter().enumerate() {
+                buf.push_str(if i == 0 { "\"" } else { ",\"" });
+                b64.encode_string(p, buf);
+                buf.push('"');
+            }
+            buf.push_str("]}\n");
+            Ok(())
+        })?;
+        written.ok_or_else(|| FhirError::internal(format!("no inclusion proof of leaf {leaf} at {}", self.size)))?
     }
 }
 
