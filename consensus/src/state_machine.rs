@@ -454,8 +454,17 @@ impl StateView {
         })
     }
     /// [`HeaderFields`] of every leaf below `size`, in leaf order.
-    pub fn for_each_header_below(&self, size: u64, mut f: impl FnMut(u64, &HeaderFields<'_>)) -> io::Result<()> {
-        for kv in self.kv.range(&record_key(0), &record_key(size), false) {
+    pub fn for_each_header_below(&self, size: u64, f: impl FnMut(u64, &HeaderFields<'_>)) -> io::Result<()> {
+        self.for_each_header_in(0..size, f)
+    }
+
+    /// [`HeaderFields`] of the leaves in `leaves`, in leaf order.
+    pub fn for_each_header_in(
+        &self,
+        leaves: std::ops::Range<u64>,
+        mut f: impl FnMut(u64, &HeaderFields<'_>),
+    ) -> io::Result<()> {
+        for kv in self.kv.range(&record_key(leaves.start), &record_key(leaves.end), false) {
             let (k, v) = kv?;
             let Some(leaf) = crate::kv::read_be(&k[1..]) else { continue };
             let fields: HeaderFields<'_> = bincode::deserialize(&v).map_err(|e| invalid_data(e.to_string()))?;

@@ -140,10 +140,46 @@ pub fn select(
 }
 
 /// Each resource's newest version below the pinned size (and not after `_until`), from the
-/// leaf headers alone.
+/// leaf headers alone: the leaves read in ranges on every core, later ranges' versions
+/// overriding earlier ones.
 fn latest_at(engine: &Engine, scope: &Scope<'_>) -> Result<HashMap<(String, String), Latest>, FhirError> {
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get) as u64;
+    let step = scope.size.div_ceil(cores).max(1);
+    let ranges: Vec<std::ops::Range<u64>> = (0..scope.size)
+        .step_by(usize::try_from(step).unwrap_or(usize::MAX))
+        .map(|s| s..(s + step).min(scope.size))
+        .collect();
+    let parts = crate::parallel::on_every_core(&ranges, |r| latest_in(engine, scope, r.clone()));
     let mut latest: HashMap<(String, String), Latest> = HashMap::new();
-    engine.repo().view().for_each_header_below(scope.size, |leaf, h| {
+    for part in parts {
+        let part = part.ok_or_else(|| FhirError::internal("a thread selecting an export died"))??;
+        if latest.is_empty() {
+            latest = part;
+            continue;
+        }
+        for (key, later) in part {
+            match latest.entry(key) {
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    v.insert(later);
+                }
+                std::collections::hash_map::Entry::Occupied(mut o) => {
+                    let live = later.live.or(o.get().live);
+                    *o.get_mut() = Latest { live, ..later };
+                }
+            }
+        }
+    }
+    Ok(latest)
+}
+
+/// [`latest_at`] over the leaves of one range.
+fn latest_in(
+    engine: &Engine,
+    scope: &Scope<'_>,
+    leaves: std::ops::Range<u64>,
+) -> Result<HashMap<(String, String), Latest>, FhirError> {
+    let mut latest: HashMap<(String, String), Latest> = HashMap::new();
+    engine.repo().view().for_each_header_in(leaves, |leaf, h| {
         if crate::auth::store::is_internal(h.rtype) || scope.params.until_ms.is_some_and(|u| h.last_updated_ms > u) {
             return;
         }
