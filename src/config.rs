@@ -55,6 +55,11 @@ pub struct ServeArgs {
     /// and decrypted bodies share it (default: a sixteenth of RAM, at most 512).
     #[arg(long, env = "FHIR_LEDGER_CACHE_MB")]
     pub cache_mb: Option<u64>,
+    /// Disk in MiB for the files of finished Bulk exports, kept (encrypted) for their
+    /// downloads; the oldest jobs' files go first when it is full, and are then made again
+    /// from the ledger. 0 keeps none (default 4096).
+    #[arg(long, env = "FHIR_LEDGER_EXPORT_SPOOL_MB")]
+    pub export_spool_mb: Option<u64>,
     /// Inter-node (Raft) listener, e.g. 127.0.0.1:9080. Given: this node is a cluster member
     /// that waits for `fhir-ledger cluster init` or to be added; absent: the embedded single node.
     #[arg(long, env = "FHIR_LEDGER_RAFT_LISTEN")]
@@ -94,6 +99,7 @@ struct FileConfig {
     workers: Option<usize>,
     snapshot_every: Option<u64>,
     cache_mb: Option<u64>,
+    export_spool_mb: Option<u64>,
     raft_listen: Option<SocketAddr>,
     secrets_dir: Option<PathBuf>,
     admin_token: Option<String>,
@@ -159,6 +165,8 @@ pub struct Config {
     pub snapshot_every: Option<u64>,
     /// Cache memory in bytes (see [`ServeArgs::cache_mb`]).
     pub cache_bytes: u64,
+    /// Disk for spooled export files in bytes (see [`ServeArgs::export_spool_mb`]).
+    pub export_spool_bytes: u64,
     pub raft_listen: Option<SocketAddr>,
     pub secrets_dir: PathBuf,
     pub admin_token: Option<String>,
@@ -218,6 +226,7 @@ impl Config {
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get)),
             snapshot_every,
             cache_bytes: args.cache_mb.or(file.cache_mb).unwrap_or_else(default_cache_mb) << 20,
+            export_spool_bytes: args.export_spool_mb.or(file.export_spool_mb).unwrap_or(4096) << 20,
             raft_listen,
             admin_token: args.admin_token.clone().or(file.admin_token).filter(|t| !t.is_empty()),
             fault_injection: args.fault_injection || file.fault_injection.unwrap_or(false),

@@ -164,7 +164,10 @@ pub async fn serve(cfg: Config, node: Node, listener: TcpListener) -> anyhow::Re
         max_body_bytes: cfg.max_body_bytes,
         admin: node.admin,
         auth: node.auth,
-        exports: Arc::new(crate::bulk::Exports::with_spool(&cfg.data_dir.join("export-spool"))?),
+        exports: Arc::new(crate::bulk::Exports::with_spool(
+            &cfg.data_dir.join("export-spool"),
+            cfg.export_spool_bytes,
+        )?),
         trusted_peers: cfg.trusted_peers.clone(),
         supply: std::sync::Arc::new(crate::supply::capture::Supply::new().map_err(anyhow::Error::msg)?),
     });

@@ -209,9 +209,11 @@ pub struct Exports {
 }
 
 impl Exports {
-    /// Exports whose files are spooled under `dir` (emptied now).
-    pub fn with_spool(dir: &std::path::Path) -> std::io::Result<Self> {
-        Ok(Self { spool: Some(spool::Spool::open(dir)?), ..Self::default() })
+    /// Exports whose files are spooled under `dir` (emptied now), up to `bytes` of them (none
+    /// if 0).
+    pub fn with_spool(dir: &std::path::Path, bytes: u64) -> std::io::Result<Self> {
+        let spool = if bytes == 0 { None } else { Some(spool::Spool::open(dir, bytes)?) };
+        Ok(Self { spool, ..Self::default() })
     }
 
     /// File `name` of job `id` as its job made it, if this process did.

@@ -1,15 +1,17 @@
-//! Export data files kept from the job that digests them to their downloads, so that each is
-//! made once: decrypting every body and writing its line is most of an export's cost.
+//! Export files (data and proof files) kept from the job that makes them for their digests
+//! to their downloads, so that each is made once: decrypting every body and writing its line,
+//! and every line's inclusion path, are most of an export's cost.
 //!
-//! No plaintext reaches the disk: a file is sealed in chunks (AES-256-GCM, a random nonce
-//! each: this machine's AES instructions make it twice ChaCha20-Poly1305's speed, and the key
-//! seals no more than the process's exports) under a key that lives only in this process's
-//! memory, each chunk's AAD naming the job, the file, the chunk's place and whether it is the
-//! last, so chunks cannot be swapped, dropped or cut off unnoticed. A
-//! restart forgets the key; the spool is emptied at start and a download renders the file
-//! from the ledger again, as a node that did not run the job always does (the bytes are the
-//! same: an export is the ledger at one tree size). A job's files go when it is cancelled,
-//! and any job's once it has expired.
+//! No plaintext reaches the disk: a file is sealed in chunks (AES-256-GCM, a random 96-bit
+//! nonce each, far below the 2^32 messages a key may seal so; AES instructions make it about
+//! twice ChaCha20-Poly1305's speed here) under a key that lives only in this process's memory,
+//! each chunk's AAD naming the job, the file, the chunk's place and whether it is the last, so
+//! chunks cannot be swapped, dropped or cut off unnoticed. A restart forgets the key; the
+//! spool is emptied at start and a download makes the file from the ledger again, as a node
+//! that did not run the job always does (the bytes are the same: an export is the ledger at
+//! one tree size). A job's files go when it is cancelled,
+//! any job's once it has expired, and the oldest jobs' when the spool would outgrow its
+//! share of the disk (`--export-spool-mb`).
 
 use std::fs::{self, File};
 use std::io::{self, BufReader, BufWriter, Read, Write};
@@ -26,12 +28,14 @@ const CHUNK: usize = 1 << 20;
 pub struct Spool {
     dir: PathBuf,
     key: std::sync::Arc<LessSafeKey>,
+    /// The most bytes kept: older jobs' files are removed to stay below it.
+    limit: u64,
 }
 
 impl Spool {
     /// The spool under `dir`, emptied: what an earlier process left is sealed under a key
     /// that is gone.
-    pub fn open(dir: &Path) -> io::Result<Self> {
+    pub fn open(dir: &Path, limit: u64) -> io::Result<Self> {
         if dir.exists() {
             fs::remove_dir_all(dir)?;
         }
@@ -39,7 +43,7 @@ impl Spool {
         let mut key = [0u8; 32];
         rand::thread_rng().fill_bytes(&mut key);
         let key = UnboundKey::new(&AES_256_GCM, &key).map_err(|_| io::Error::other("no AES-256-GCM key"))?;
-        Ok(Self { dir: dir.to_path_buf(), key: std::sync::Arc::new(LessSafeKey::new(key)) })
+        Ok(Self { dir: dir.to_path_buf(), key: std::sync::Arc::new(LessSafeKey::new(key)), limit })
     }
 
     fn job_dir(&self, job: &str) -> Option<PathBuf> {
@@ -50,8 +54,10 @@ impl Spool {
     /// A writer for file `name` of `job`; the file is readable once [`SpoolWriter::finish`]ed.
     pub fn writer(&self, job: &str, name: &str) -> io::Result<SpoolWriter> {
         let dir = self.job_dir(job).ok_or_else(|| io::Error::other("not a job id"))?;
-        fs::create_dir_all(&dir)?;
-        self.sweep(job);
+        if !dir.exists() {
+            fs::create_dir_all(&dir)?;
+            self.sweep(job); // once a job, when it starts to spool
+        }
         let done = dir.join(file_name(name)?);
         let partial = dir.join(format!("{}.partial", file_name(name)?));
         let out = BufWriter::with_capacity(CHUNK + 64, File::create(&partial)?);
@@ -80,14 +86,33 @@ impl Spool {
         }
     }
 
-    /// Removes the files of jobs that have expired (all but `keep`'s).
+    /// Removes the files of jobs other than `keep` that have expired, then the oldest until
+    /// the spool is below its limit (a job starting to spool may take it past for a while).
     fn sweep(&self, keep: &str) {
         let Ok(entries) = fs::read_dir(&self.dir) else { return };
         let ttl = std::time::Duration::from_millis(super::EXPIRES_MS.unsigned_abs());
+        let mut jobs = Vec::new();
+        let mut total = 0u64;
         for e in entries.flatten() {
-            let old = e.metadata().and_then(|m| m.modified()).is_ok_and(|t| t.elapsed().is_ok_and(|age| age > ttl));
-            if old && e.file_name() != keep {
-                let _ = fs::remove_dir_all(e.path());
+            let Ok(modified) = e.metadata().and_then(|m| m.modified()) else { continue };
+            let bytes: u64 = fs::read_dir(e.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter_map(|f| f.metadata().ok())
+                .map(|m| m.len())
+                .sum();
+            total += bytes;
+            if e.file_name() != keep {
+                jobs.push((modified, e.path(), bytes));
+            }
+        }
+        jobs.sort();
+        for (modified, path, bytes) in jobs {
+            let expired = modified.elapsed().is_ok_and(|age| age > ttl);
+            if expired || total > self.limit {
+                let _ = fs::remove_dir_all(path);
+                total = total.saturating_sub(bytes);
             }
         }
     }
@@ -224,7 +249,7 @@ mod tests {
     #[test]
     fn a_spooled_file_reads_back_as_written_and_is_not_plaintext_on_disk() {
         let dir = tempfile::tempdir().unwrap();
-        let spool = Spool::open(&dir.path().join("spool")).unwrap();
+        let spool = Spool::open(&dir.path().join("spool"), 1 << 30).unwrap();
         for len in [0, 1, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK + 17] {
             let bytes: Vec<u8> = (0..len).map(|i| b"{\"resourceType\":\"Patient\"}\n"[i % 27]).collect();
             spooled(&spool, "job-1", "Patient-1.ndjson", &bytes);
@@ -238,12 +263,28 @@ mod tests {
         assert!(spool.reader("job-1", "Patient-1.ndjson").is_none());
     }
 
+    /// A new job pushes the oldest jobs' files out until the spool is below its limit.
+    #[test]
+    fn the_oldest_jobs_files_go_when_the_spool_is_full() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(&dir.path().join("spool"), 2 * CHUNK as u64).unwrap();
+        let bytes = vec![1u8; CHUNK + 9];
+        for job in ["j1", "j2"] {
+            spooled(&spool, job, "A-1.ndjson", &bytes);
+            std::thread::sleep(std::time::Duration::from_millis(20)); // distinct mtimes
+        }
+        spooled(&spool, "j3", "A-1.ndjson", &bytes);
+        assert!(spool.reader("j1", "A-1.ndjson").is_none(), "the oldest job went");
+        assert!(spool.reader("j2", "A-1.ndjson").is_some() && spool.reader("j3", "A-1.ndjson").is_some());
+        assert_eq!(read_all(&spool, "j3", "A-1.ndjson").unwrap(), bytes);
+    }
+
     /// A file cut at a chunk boundary, a chunk moved from another file, or a process restart
     /// (a new key) is an error, never other bytes.
     #[test]
     fn a_cut_swapped_or_foreign_file_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let spool = Spool::open(&dir.path().join("spool")).unwrap();
+        let spool = Spool::open(&dir.path().join("spool"), 1 << 30).unwrap();
         let bytes = vec![7u8; 2 * CHUNK + 5];
         spooled(&spool, "j", "A-1.ndjson", &bytes);
         spooled(&spool, "j", "B-1.ndjson", &bytes);
@@ -254,7 +295,7 @@ mod tests {
         assert!(read_all(&spool, "j", "A-1.ndjson").is_err(), "cut after its first chunk");
         fs::copy(path("B-1.ndjson"), path("A-1.ndjson")).unwrap();
         assert!(read_all(&spool, "j", "A-1.ndjson").is_err(), "another file's chunks");
-        let again = Spool::open(&dir.path().join("spool")).unwrap();
+        let again = Spool::open(&dir.path().join("spool"), 1 << 30).unwrap();
         assert!(again.reader("j", "B-1.ndjson").is_none(), "a new process starts empty");
     }
 }
