@@ -278,22 +278,28 @@ pub struct BatchOutcome {
     pub outcomes: Vec<Outcome>,
 }
 
+/// A create of `Observation/{id}` in `Patient/p`'s compartment with `terms` index terms.
+#[cfg(test)]
+pub(crate) fn test_write(id: &str, body: Vec<u8>, terms: usize) -> Write {
+    Write {
+        rtype: "Observation".into(),
+        id: id.into(),
+        version: 1,
+        op: Op::Create,
+        last_updated_ms: 1,
+        compartment: "Patient/p".into(),
+        body,
+        content_sha256: [0; 32],
+        index: vec![[3; 32]; terms],
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn batch(format: u16) -> Batch {
-        let write = |id: &str, body: Vec<u8>| Write {
-            rtype: "Observation".into(),
-            id: id.into(),
-            version: 1,
-            op: Op::Create,
-            last_updated_ms: 1,
-            compartment: "Patient/p".into(),
-            body,
-            content_sha256: [0; 32],
-            index: vec![[3; 32]],
-        };
+        let write = |id: &str, body: Vec<u8>| test_write(id, body, 1);
         let command = Command {
             actor: "a".into(),
             preconditions: vec![],

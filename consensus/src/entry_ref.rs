@@ -117,17 +117,7 @@ mod tests {
     use sha2::Digest;
 
     fn write(id: &str, body: Vec<u8>) -> Write {
-        Write {
-            rtype: "Observation".into(),
-            id: id.into(),
-            version: 1,
-            op: Op::Create,
-            last_updated_ms: 1,
-            compartment: "Patient/p".into(),
-            body,
-            content_sha256: [0; 32],
-            index: vec![[3; 32]; 5],
-        }
+        crate::command::test_write(id, body, 5)
     }
 
     /// Hashes read as words come back byte for byte as bincode wrote them, alone and in a
