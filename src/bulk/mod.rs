@@ -515,26 +515,25 @@ fn produce(
         add("OperationOutcome", Kind::Error, 1, Part { leaves: String::new(), lines: selected.errors.clone() });
     }
     // Every file is made once to digest it, the files spread over the cores; with a spool,
-    // the files are kept for the downloads, and the proof files made beside them in one pass.
+    // the files are kept for the downloads, and the proof files (none for a de-identified
+    // export) made beside them in one pass: the task `None`.
     let items: Vec<(&FileInfo, &Part)> = files.iter().zip(parts.iter().map(|(_, p)| p)).collect();
-    let mut tasks: Vec<Option<(&FileInfo, &Part)>> = items.iter().copied().map(Some).collect();
-    if let (Some(spool), None) = (spool, &deid) {
-        tasks.insert(0, None);
-        let proved: Vec<(&FileInfo, &Part)> = items.iter().copied().filter(|(f, _)| f.kind != Kind::Error).collect();
-        let outcomes = crate::parallel::on_every_core(&tasks, |task| {
-            let Some((info, part)) = task else {
+    let proofs = spool.filter(|_| deid.is_none());
+    let tasks: Vec<Option<(&FileInfo, &Part)>> =
+        proofs.map(|_| None).into_iter().chain(items.iter().copied().map(Some)).collect();
+    let outcomes = crate::parallel::on_every_core(&tasks, |task| {
+        let Some((info, part)) = task else {
+            let proved: Vec<(&FileInfo, &Part)> =
+                items.iter().copied().filter(|(f, _)| f.kind != Kind::Error).collect();
+            if let Some(spool) = proofs {
                 spool_proofs(engine, job, id, &proved, spool);
-                return Ok(None);
-            };
-            render::digest(engine, job, info, part, None, writer(spool, id, &info.name)).map(Some)
-        });
-        return digested(files, parts, outcomes.into_iter().skip(1));
-    }
-    let outcomes = crate::parallel::on_every_core(&items, |(info, part)| {
+            }
+            return Ok(None);
+        };
         let writer = spool.and_then(|s| writer(s, id, &info.name));
         render::digest(engine, job, info, part, deid.as_ref(), writer).map(Some)
     });
-    digested(files, parts, outcomes.into_iter())
+    digested(files, parts, outcomes.into_iter().skip(usize::from(proofs.is_some())))
 }
 
 /// A spool writer for a job's file; a file the spool cannot take is made again at its
