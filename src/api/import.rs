@@ -116,12 +116,9 @@ async fn pull(
     let files = transfer::fetch::download_to_memory(&http, url, Some(&token), IMPORT_LIMIT)
         .await
         .map_err(|e| refused(format!("downloading the export: {e:#}")))?;
-    let (files, verified) = tokio::task::spawn_blocking(move || {
-        let v = transfer::verify(&files, &keys, quorum);
-        (files, v.map(|v| (v, keys)))
-    })
-    .await
-    .map_err(FhirError::internal)?;
+    let verified = tokio::task::spawn_blocking(move || transfer::verify(&files, &keys, quorum).map(|v| (v, keys)))
+        .await
+        .map_err(FhirError::internal)?;
     let (verified, keys) = verified.map_err(|e| refused(format!("{e:#}")))?;
     let head_id = peer_head_id(peer);
     let known: Option<(serde_json::Value, u64)> = crate::auth::store::get(&state.repo, PEER_HEAD, &head_id)?;
@@ -130,8 +127,7 @@ async fn pull(
             .await
             .map_err(|e| refused(format!("{e:#}")))?;
     }
-    let bundle =
-        transfer::import_bundle(&files, &verified, &base, &peer.name).map_err(|e| refused(format!("{e:#}")))?;
+    let bundle = transfer::import_bundle(&verified, &base, &peer.name).map_err(|e| refused(format!("{e:#}")))?;
     let bundle = crate::fhir::json::parse(bundle.as_bytes(), usize::MAX).map_err(FhirError::internal)?;
     let who = Who { state, caller };
     let written = super::bundle::run_transaction(&who, bundle).await?;

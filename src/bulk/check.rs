@@ -43,6 +43,26 @@ pub struct Verified {
     /// What the check hashed and how many signatures it verified (its cryptographic floor).
     pub bytes_hashed: u64,
     pub signatures: u64,
+    /// The output files as [`check_keeping`] read them, in the label's order (empty after
+    /// [`check`]): an import then reads no file and parses no proof a second time.
+    pub kept: Vec<Kept>,
+}
+
+/// An output file as the check read it: its text, and each line's source, line for line.
+pub struct Kept {
+    pub name: String,
+    pub text: String,
+    pub sources: Vec<Source>,
+}
+
+/// The source version of a verified line: type and id from its leaf header, the leaf, the
+/// proof line as the export served it less its path (leaf, leaf data, salt), and the path.
+pub struct Source {
+    pub rtype: String,
+    pub id: String,
+    pub leaf: u64,
+    pub proof: String,
+    pub path: Vec<Hash>,
 }
 
 /// A downloaded export's files by name. A file the label names but the download lacks is
@@ -85,6 +105,15 @@ pub fn check_dir(dir: &Path, trusted: &[VerifyingKey], quorum: usize) -> Result<
 
 /// [`check_dir`] over any [`Files`].
 pub fn check(dir: &dyn Files, trusted: &[VerifyingKey], quorum: usize) -> Result<Verified, Failure> {
+    check_with(dir, trusted, quorum, false)
+}
+
+/// [`check`], keeping the output files and their lines' sources for an import ([`Verified::kept`]).
+pub fn check_keeping(dir: &dyn Files, trusted: &[VerifyingKey], quorum: usize) -> Result<Verified, Failure> {
+    check_with(dir, trusted, quorum, true)
+}
+
+fn check_with(dir: &dyn Files, trusted: &[VerifyingKey], quorum: usize, keep: bool) -> Result<Verified, Failure> {
     let doc = read_json(dir, label::FILE)?;
     let content = &doc["label"];
     if content["format"] != label::FORMAT {
@@ -109,15 +138,22 @@ pub fn check(dir: &dyn Files, trusted: &[VerifyingKey], quorum: usize) -> Result
     check_manifest(dir, files)?;
     let subsetted = content["subsetted"] == true;
     let signatures = (signers + head.signatures.len()) as u64;
-    // Files are checked on every core; the first failure in the label's order is reported.
-    let results = crate::parallel::on_every_core(files, |f| check_file(dir, f, &head, subsetted));
+    // Files are checked on every core, the longest first; the first failure in the label's
+    // order is reported.
+    let results = crate::parallel::on_every_core_longest_first(
+        files,
+        |f| f["count"].as_u64().unwrap_or(0),
+        |f| check_file(dir, f, &head, subsetted, keep),
+    );
     let mut seen: HashSet<u64> = HashSet::new();
     let mut lines = 0u64;
     let mut bound = Vec::new();
+    let mut kept = Vec::new();
     let mut bytes_hashed = payload.len() as u64;
     for r in results {
         let c = r.ok_or_else(|| Unchecked("a checking thread failed".into()))??;
         bytes_hashed += c.hashed;
+        kept.extend(c.kept);
         let Some((name, kind, leaves)) = c.file else { continue };
         for (i, &leaf) in leaves.iter().enumerate() {
             if !seen.insert(leaf) {
@@ -127,18 +163,20 @@ pub fn check(dir: &dyn Files, trusted: &[VerifyingKey], quorum: usize) -> Result
         lines += leaves.len() as u64;
         bound.push((name, kind, leaves));
     }
-    Ok(Verified { head, cosigners, signers, lines, files: bound, subsetted, bytes_hashed, signatures })
+    Ok(Verified { head, cosigners, signers, lines, files: bound, subsetted, bytes_hashed, signatures, kept })
 }
 
-/// One file checked: the bytes hashed, and for data files their name, kind and leaves.
+/// One file checked: the bytes hashed, for data files their name, kind and leaves, and an
+/// output file kept for an import.
 struct Checked {
     hashed: u64,
     file: Option<(String, String, Vec<u64>)>,
+    kept: Option<Kept>,
 }
 
 /// Checks one file the label names (digest, count) and, for data files, every line against
 /// its proof.
-fn check_file(dir: &dyn Files, f: &Value, head: &TreeHead, subsetted: bool) -> Result<Checked, Failure> {
+fn check_file(dir: &dyn Files, f: &Value, head: &TreeHead, subsetted: bool, keep: bool) -> Result<Checked, Failure> {
     let name = f["name"].as_str().unwrap_or_default();
     if name.is_empty() || name.contains(['/', '\\']) || name.starts_with('.') {
         return Err(Invalid(format!("the trust label names a file {name:?}")));
@@ -148,13 +186,13 @@ fn check_file(dir: &dyn Files, f: &Value, head: &TreeHead, subsetted: bool) -> R
     if hex::encode(Sha256::digest(&bytes)) != f["sha256"].as_str().unwrap_or_default() {
         return Err(Invalid(format!("{name}: its SHA-256 is not the one the trust label signs")));
     }
-    let text = std::str::from_utf8(&bytes).map_err(|_| Invalid(format!("{name}: not UTF-8")))?;
+    let text = String::from_utf8(bytes).map_err(|_| Invalid(format!("{name}: not UTF-8")))?;
     let data: Vec<&str> = text.lines().collect();
     if data.len() as u64 != f["count"].as_u64().unwrap_or(u64::MAX) {
         return Err(Invalid(format!("{name}: {} lines, the trust label says {}", data.len(), f["count"])));
     }
     if f["kind"] == "error" {
-        return Ok(Checked { hashed, file: None });
+        return Ok(Checked { hashed, file: None, kept: None });
     }
     let proofs_file = proofs_name(name);
     let proofs_bytes = dir.read(&proofs_file)?;
@@ -164,15 +202,22 @@ fn check_file(dir: &dyn Files, f: &Value, head: &TreeHead, subsetted: bool) -> R
         return Err(Invalid(format!("{proofs_file}: {} proofs for {} lines of {name}", proofs.len(), data.len())));
     }
     let deletion = f["kind"] == "deleted";
+    let keep = keep && f["kind"] == "output";
     let mut leaves = Vec::with_capacity(data.len());
+    let mut sources = Vec::with_capacity(if keep { data.len() } else { 0 });
     for (i, (line, proof)) in data.iter().zip(&proofs).enumerate() {
-        let (leaf, h) = check_line(line, proof, head, deletion, subsetted)
+        let checked = check_line(line, proof, head, deletion, subsetted)
             .map_err(|e| Invalid(format!("{name} line {}: {e}", i + 1)))?;
-        hashed += h;
-        leaves.push(leaf);
+        hashed += checked.hashed;
+        leaves.push(checked.leaf);
+        if keep {
+            sources.push(checked.source());
+        }
     }
     let kind = f["kind"].as_str().unwrap_or_default().to_string();
-    Ok(Checked { hashed, file: Some((name.to_string(), kind, leaves)) })
+    drop(data);
+    let kept = keep.then(|| Kept { name: name.to_string(), text, sources });
+    Ok(Checked { hashed, file: Some((name.to_string(), kind, leaves)), kept })
 }
 
 /// Every file the manifest lists must be one the label signs, with the same count.
@@ -218,10 +263,42 @@ struct ProofLine<'a> {
     path: Vec<Cow<'a, str>>,
 }
 
+/// A line checked: its leaf, the bytes hashed to check it, and what an import keeps of it.
+struct Line<'a> {
+    leaf: u64,
+    hashed: u64,
+    proof: ProofLine<'a>,
+    header: LeafHeader,
+    path: Vec<Hash>,
+}
+
+impl Line<'_> {
+    fn source(self) -> Source {
+        use crate::fhir::json::Json;
+        let mut members =
+            vec![("leaf", Json::Number(self.leaf.to_string())), ("leafData", Json::str(self.proof.leaf_data))];
+        if let Some(salt) = self.proof.salt {
+            members.push(("salt", Json::str(salt)));
+        }
+        Source {
+            rtype: self.header.rtype,
+            id: self.header.id,
+            leaf: self.leaf,
+            proof: Json::obj(members).to_compact(),
+            path: self.path,
+        }
+    }
+}
+
 /// One line against its proof: the leaf's header names this resource version (or this
 /// deletion), its content commitment matches the line's bytes, and the leaf is in the tree.
-/// Returns the leaf and the bytes hashed to check it.
-fn check_line(line: &str, proof: &str, head: &TreeHead, deletion: bool, subsetted: bool) -> Result<(u64, u64), String> {
+fn check_line<'a>(
+    line: &str,
+    proof: &'a str,
+    head: &TreeHead,
+    deletion: bool,
+    subsetted: bool,
+) -> Result<Line<'a>, String> {
     let p: ProofLine<'_> = serde_json::from_str(proof).map_err(|_| "its proof is not a proof line".to_string())?;
     let leaf = p.leaf;
     let data = b64(Some(&p.leaf_data), "leafData")?;
@@ -257,5 +334,5 @@ fn check_line(line: &str, proof: &str, head: &TreeHead, deletion: bool, subsette
     }
     // The content commitment (prefix, salt, line), the leaf hash, one node hash per step.
     let hashed = if deletion { 0 } else { 55 + line.len() as u64 } + 1 + data.len() as u64 + 65 * path.len() as u64;
-    Ok((leaf, hashed))
+    Ok(Line { leaf, hashed, proof: p, header: h, path })
 }

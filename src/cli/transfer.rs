@@ -9,6 +9,7 @@
 //! its inclusion proof. Any failed check refuses the whole transfer; nothing is half-imported.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -17,7 +18,7 @@ use serde_json::{json, Value};
 
 use crate::bulk::check;
 use crate::config::TrustedPeer;
-use crate::transfer::{consistent, head_parameters, import_bundle, peer_keys, peer_token, verify, FIVE_YEARS_MS};
+use crate::transfer::{consistent, head_parameters, peer_keys, peer_token, verify, write_import, FIVE_YEARS_MS};
 
 /// `verify_provenance` stays reachable where it was first published.
 pub use crate::transfer::verify_provenance;
@@ -104,8 +105,8 @@ pub async fn run(args: TransferArgs) -> anyhow::Result<()> {
             let peer = peer_named(&i.config, &i.from)?;
             let (keys, quorum) = peer_keys(&peer)?;
             let http = reqwest::Client::builder().timeout(Duration::from_hours(1)).build()?;
-            let verified = verify(&check::Dir(&i.dir), &keys, quorum)?;
-            let n = import(&http, &i.dir, &verified, &peer, &i.into, i.token.as_deref()).await?;
+            let verified = Arc::new(verify(&check::Dir(&i.dir), &keys, quorum)?);
+            let n = import(&http, Arc::clone(&verified), &peer, &i.into, i.token.as_deref()).await?;
             println!(
                 "import from {}: {} resources verified against tree head {}; {} imported with a transmitter Provenance",
                 peer.name,
@@ -147,7 +148,6 @@ fn peer_named(config: &Path, name: &str) -> anyhow::Result<TrustedPeer> {
         .with_context(|| format!("no [[trusted_peer]] named {name:?} in {}", config.display()))
 }
 
-/// Imports a verified export into `into` as one transaction; returns its entry count.
 /// A transaction's answer, of which only the entries are counted (a location per entry,
 /// not built as a tree).
 #[derive(serde::Deserialize)]
@@ -156,24 +156,49 @@ struct Answer {
     entry: Vec<serde::de::IgnoredAny>,
 }
 
+/// Imports a verified export into `into` as one transaction; returns its entry count. The
+/// transaction is written on every core while its first parts are already uploading; a
+/// failure while writing ends the upload in an error, so the server reads no whole Bundle
+/// and stores nothing.
 async fn import(
     http: &reqwest::Client,
-    dir: &Path,
-    verified: &check::Verified,
+    verified: Arc<check::Verified>,
     peer: &TrustedPeer,
     into: &str,
     token: Option<&str>,
 ) -> anyhow::Result<usize> {
-    let base = peer.base_url.trim_end_matches('/');
-    let bundle = import_bundle(&check::Dir(dir), verified, base, &peer.name)?;
+    let (base, name) = (peer.base_url.trim_end_matches('/').to_string(), peer.name.clone());
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(4);
+    let writer = tokio::task::spawn_blocking(move || {
+        let written = write_import(&verified, &base, &name, |part| {
+            tx.blocking_send(Ok(part.into())).map_err(|_| std::io::Error::from(std::io::ErrorKind::BrokenPipe).into())
+        });
+        if let Err(e) = &written {
+            let _ = tx.blocking_send(Err(std::io::Error::other(format!("{e:#}"))));
+        }
+        written
+    });
+    let parts = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|part| (part, rx)) });
     let mut req = http
         .post(format!("{}/", into.trim_end_matches('/')))
         .header("content-type", "application/fhir+json")
-        .body(bundle);
+        .body(reqwest::Body::wrap_stream(parts));
     if let Some(t) = token {
         req = req.bearer_auth(t);
     }
-    let r = req.send().await?;
+    let sent = req.send().await;
+    let written = writer.await.map_err(|e| anyhow::anyhow!("writing the transaction: {e}"))?;
+    // What the server answered, or why the upload stopped, says more than the writing it cut short.
+    let cut_short = |e: &anyhow::Error| {
+        e.downcast_ref::<std::io::Error>().is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+    };
+    let r = match (sent, written) {
+        (Ok(r), _) if !r.status().is_success() => r,
+        (Err(e), Err(w)) if cut_short(&w) => return Err(e.into()),
+        (_, Err(e)) => return Err(e),
+        (Err(e), Ok(())) => return Err(e.into()),
+        (Ok(r), Ok(())) => r,
+    };
     let status = r.status();
     let bytes = r.bytes().await?;
     if !status.is_success() {
@@ -247,11 +272,11 @@ async fn pull(a: &PullArgs) -> anyhow::Result<String> {
     crate::transfer::fetch::download(&status_url, &dir, Some(&token)).await?;
 
     // Verified before anything is stored.
-    let verified = verify(&check::Dir(&dir), &keys, quorum)?;
+    let verified = Arc::new(verify(&check::Dir(&dir), &keys, quorum)?);
     if let Some(known) = a.known_head.as_deref().filter(|k| k.exists()) {
         consistent(&http, &base, &read_json(known)?, &verified.head, &keys, quorum).await?;
     }
-    let n = import(&http, &dir, &verified, peer, &a.into, a.token.as_deref()).await?;
+    let n = import(&http, Arc::clone(&verified), peer, &a.into, a.token.as_deref()).await?;
     if let Some(known) = &a.known_head {
         let head = head_parameters(&verified.head);
         std::fs::write(known, head.to_string())?;

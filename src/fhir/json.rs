@@ -38,11 +38,14 @@ impl std::error::Error for JsonError {}
 
 /// Parses `bytes` as one JSON document nested at most `max_depth` deep.
 pub fn parse(bytes: &[u8], max_depth: usize) -> Result<Json, JsonError> {
-    if let Err(e) = std::str::from_utf8(bytes) {
-        let mut p = Parser { s: bytes, i: e.valid_up_to(), max_depth };
-        return Err(p.err(format!("invalid UTF-8 at byte {}", e.valid_up_to())));
-    }
-    let mut p = Parser { s: bytes, i: 0, max_depth };
+    let text = match std::str::from_utf8(bytes) {
+        Ok(text) => text,
+        Err(e) => {
+            let mut p = Parser { text: "", s: bytes, i: e.valid_up_to(), max_depth };
+            return Err(p.err(format!("invalid UTF-8 at byte {}", e.valid_up_to())));
+        }
+    };
+    let mut p = Parser { text, s: bytes, i: 0, max_depth };
     p.ws();
     let v = p.value(0)?;
     p.ws();
@@ -53,6 +56,8 @@ pub fn parse(bytes: &[u8], max_depth: usize) -> Result<Json, JsonError> {
 }
 
 struct Parser<'a> {
+    /// The input, checked to be UTF-8 once: strings are cut from it without a second check.
+    text: &'a str,
     s: &'a [u8],
     i: usize,
     max_depth: usize,
@@ -227,13 +232,19 @@ impl Parser<'_> {
 
     fn string(&mut self) -> Result<String, JsonError> {
         self.i += 1; // opening quote
-        let mut out = Vec::new();
+                     // Most strings have no escape at all: one copy of the run up to the closing quote.
+        let run = first_special(&self.s[self.i..]).unwrap_or(self.s.len() - self.i);
+        if self.s.get(self.i + run) == Some(&b'"') {
+            let out = self.text[self.i..self.i + run].to_string();
+            self.i += run + 1;
+            return Ok(out);
+        }
+        let mut out = String::new();
         loop {
-            // Copy the run up to the next quote, backslash or control byte in one go: most
-            // strings have no escape at all.
-            let rest = &self.s[self.i..];
-            let run = rest.iter().position(|&b| b == b'"' || b == b'\\' || b < 0x20).unwrap_or(rest.len());
-            out.extend_from_slice(&rest[..run]);
+            // Copy the run up to the next quote, backslash or control byte in one go. These
+            // are ASCII, so every cut falls on a character boundary of the checked input.
+            let run = first_special(&self.s[self.i..]).unwrap_or(self.s.len() - self.i);
+            out.push_str(&self.text[self.i..self.i + run]);
             self.i += run;
             let Some(b) = self.peek() else {
                 return Err(self.err("unterminated string".into()));
@@ -241,8 +252,7 @@ impl Parser<'_> {
             match b {
                 b'"' => {
                     self.i += 1;
-                    // Only whole UTF-8 sequences and escapes were copied.
-                    return String::from_utf8(out).map_err(|_| self.err("invalid UTF-8 in string".into()));
+                    return Ok(out);
                 }
                 b'\\' => {
                     self.i += 1;
@@ -280,13 +290,36 @@ impl Parser<'_> {
                         }
                         other => return Err(self.err(format!("invalid escape \\{}", other as char))),
                     };
-                    let mut buf = [0u8; 4];
-                    out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
+                    out.push(c);
                 }
                 _ => return Err(self.err("control character in string (must be escaped)".into())),
             }
         }
     }
+}
+
+/// The first `"`, `\\` or control byte in `s` (what a JSON string cannot hold as it is),
+/// looked for eight bytes at a time: strings are most of a resource's bytes.
+fn first_special(s: &[u8]) -> Option<usize> {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let mut chunks = s.chunks_exact(8);
+    for (n, chunk) in (&mut chunks).enumerate() {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        let x = u64::from_le_bytes(word);
+        let (quote, backslash) = (x ^ (ONES * u64::from(b'"')), x ^ (ONES * u64::from(b'\\')));
+        // A byte's high bit is set where it is zero (or below 0x20); a borrow can only set
+        // more above the first match, so the lowest set bit is exact.
+        let found = (quote.wrapping_sub(ONES) & !quote)
+            | (backslash.wrapping_sub(ONES) & !backslash)
+            | (x.wrapping_sub(ONES * 0x20) & !x);
+        if found & HIGH != 0 {
+            return Some(n * 8 + (found & HIGH).trailing_zeros() as usize / 8);
+        }
+    }
+    let done = s.len() - chunks.remainder().len();
+    chunks.remainder().iter().position(|&b| b == b'"' || b == b'\\' || b < 0x20).map(|i| done + i)
 }
 
 fn write_str(out: &mut String, s: &str) {
@@ -295,7 +328,7 @@ fn write_str(out: &mut String, s: &str) {
     let mut rest = s;
     // Whole runs that need no escape are copied at once; escapes are ASCII, so every cut
     // falls on a character boundary.
-    while let Some(at) = rest.bytes().position(|b| b == b'"' || b == b'\\' || b < 0x20) {
+    while let Some(at) = first_special(rest.as_bytes()) {
         out.push_str(&rest[..at]);
         match rest.as_bytes()[at] {
             b'"' => out.push_str("\\\""),
@@ -522,6 +555,28 @@ mod tests {
         let v = parse(text.as_bytes(), 16).unwrap();
         assert_eq!(v.to_compact(), r#"{"b":170.10,"a":[1e2,-0.0,1E-7,0],"s":"é😀\n","t":true,"n":null}"#);
         assert_eq!(parse(v.to_pretty().as_bytes(), 16).unwrap(), v);
+    }
+
+    #[test]
+    fn special_bytes_are_found_first_at_every_place_of_a_word() {
+        let naive = |s: &[u8]| s.iter().position(|&b| b == b'"' || b == b'\\' || b < 0x20);
+        // Every byte at every place of three words, behind text that is plain, multibyte or
+        // just above the special ranges (0x20, 0x21, 0x23, 0x5b, 0x5d, 0x7f, 0x80, 0xff).
+        for filler in [b'a', 0x20, 0x21, 0x23, 0x5b, 0x5d, 0x7f, 0x80, 0xe9, 0xff] {
+            for at in 0..24 {
+                for b in 0..=255u8 {
+                    let mut s = vec![filler; 24];
+                    s[at] = b;
+                    assert_eq!(first_special(&s), naive(&s), "byte {b:#x} at {at} among {filler:#x}");
+                    // A second special byte after the first must not hide it.
+                    if at + 1 < s.len() {
+                        s[at + 1] = 0;
+                        assert_eq!(first_special(&s), naive(&s), "byte {b:#x} at {at} before a zero");
+                    }
+                }
+            }
+        }
+        assert_eq!(first_special(b""), None);
     }
 
     #[test]

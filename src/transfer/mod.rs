@@ -4,9 +4,10 @@
 //! consistency of its head with one seen before, and the transaction that imports it with a
 //! PDex transmitter Provenance. `fhir-ledger transfer` and `POST /$import` both use it.
 
+mod bundle;
 pub mod fetch;
 
-use std::collections::HashMap;
+pub use bundle::{import_bundle, write_import};
 
 use anyhow::{bail, Context};
 use ed25519_dalek::SigningKey;
@@ -81,13 +82,14 @@ pub async fn peer_token(http: &reqwest::Client, peer: &TrustedPeer) -> anyhow::R
     Ok(token.access_token().secret().clone())
 }
 
-/// The offline check of a downloaded export, as a refusal when anything fails.
+/// The offline check of a downloaded export, as a refusal when anything fails; keeps the
+/// output files and their lines' sources for [`write_import`].
 pub fn verify(
     files: &dyn check::Files,
     keys: &[ed25519_dalek::VerifyingKey],
     quorum: usize,
 ) -> anyhow::Result<check::Verified> {
-    let verified = check::check(files, keys, quorum).map_err(|e| match e {
+    let verified = check::check_keeping(files, keys, quorum).map_err(|e| match e {
         check::Failure::Invalid(why) => anyhow::anyhow!("the transfer is refused: {why}"),
         check::Failure::Unchecked(why) => anyhow::anyhow!("the transfer could not be checked: {why}"),
     })?;
@@ -136,238 +138,10 @@ pub async fn consistent(
     Ok(())
 }
 
-fn read(files: &dyn check::Files, name: &str) -> anyhow::Result<Vec<u8>> {
-    files.read(name).map_err(|(check::Failure::Invalid(e) | check::Failure::Unchecked(e))| anyhow::anyhow!(e))
-}
-
-/// The transaction that imports a verified export, as the text of a Bundle: each resource
-/// POSTed under a fresh `urn:uuid:` (so this server assigns ids and rewrites the references
-/// between them), references to what the export does not hold made absolute at the peer, and
-/// a PDex transmitter Provenance naming every source version, its leaf and inclusion proof.
-///
-/// Written one resource at a time through the lossless `fhir::json` (decimals stay as sent):
-/// the ids come from the proofs' leaf headers first, so no resource is held longer than it
-/// takes to rewrite and write it.
-pub fn import_bundle(
-    dir: &dyn check::Files,
-    v: &check::Verified,
-    peer_base: &str,
-    peer_name: &str,
-) -> anyhow::Result<String> {
-    use crate::fhir::json::{self, Json};
-    const OPENING: &str = r#"{"resourceType":"Bundle","type":"transaction","entry":["#;
-    let mut files = Vec::new();
-    for (name, kind, _) in &v.files {
-        if kind == "output" {
-            files.push(name);
-        }
-    }
-    // Files are read and rewritten on every core; the Bundle keeps the label's file order.
-    let sources = on_every_core(&files, |name| {
-        let proofs = String::from_utf8(read(dir, &crate::bulk::render::proofs_name(name))?)?;
-        proofs.lines().map(SourceLeaf::of).collect::<anyhow::Result<Vec<_>>>()
-    })?;
-    // Every imported resource's new id, from the leaf each proof line names.
-    let mut new_ids: HashMap<String, String> = HashMap::new();
-    for source in sources.iter().flatten() {
-        // The old payer's disclosure log about the member is its own record, not the
-        // member's data: it stays there (and this server would refuse it anyway).
-        if source.rtype != "AuditEvent" {
-            new_ids.insert(format!("{}/{}", source.rtype, source.id), format!("urn:uuid:{}", uuid::Uuid::new_v4()));
-        }
-    }
-    let work: Vec<_> = files.iter().zip(&sources).collect();
-    let rendered = on_every_core(&work, |(name, of_file)| {
-        let text = String::from_utf8(read(dir, name)?)?;
-        let mut entries = String::with_capacity(text.len() + text.len() / 8);
-        // The Provenance's targets of this file, written here as JSON text (`,{..}` each).
-        let (mut targets, mut leaves) = (String::new(), Vec::new());
-        for (line, source) in text.lines().zip(of_file.iter()) {
-            let (rtype, id) = (&source.rtype, &source.id);
-            let Some(full_url) = new_ids.get(&format!("{rtype}/{id}")) else { continue };
-            let mut r = json::parse(line.as_bytes(), usize::MAX).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
-            crate::fhir::refs::for_each_reference_mut(&mut r, &mut |s| rewrite(s, &new_ids, peer_base));
-            r.remove("id");
-            let meta_left = r.get_mut("meta").map(|meta| {
-                meta.remove("versionId");
-                meta.remove("lastUpdated");
-                meta.as_object().is_some_and(|m| !m.is_empty())
-            });
-            if meta_left == Some(false) {
-                r.remove("meta");
-            }
-            entries.push_str(r#",{"fullUrl":"#);
-            Json::str(full_url.as_str()).write_compact(&mut entries);
-            entries.push_str(r#","resource":"#);
-            r.write_compact(&mut entries);
-            entries.push_str(r#","request":{"method":"POST","url":"#);
-            Json::str(rtype.as_str()).write_compact(&mut entries);
-            entries.push_str("}}");
-            // The proof line as the export served it (leaf, leaf data, salt); the paths of
-            // all targets become one multiproof on the Provenance.
-            leaves.push((source.leaf, source.path.as_slice()));
-            targets.push(',');
-            Json::obj(vec![
-                ("reference", Json::str(full_url.as_str())),
-                (
-                    "extension",
-                    Json::Array(vec![
-                        Json::obj(vec![
-                            ("url", Json::str(SOURCE_EXTENSION)),
-                            ("valueUri", Json::str(format!("{peer_base}/{rtype}/{id}"))),
-                        ]),
-                        Json::obj(vec![
-                            ("url", Json::str(LEAF_EXTENSION)),
-                            ("valueString", Json::str(source.line.as_str())),
-                        ]),
-                    ]),
-                ),
-            ])
-            .write_compact(&mut targets);
-        }
-        Ok((entries, targets, leaves))
-    })?;
-    let size: usize = rendered.iter().map(|r| r.0.len() + r.1.len()).sum();
-    let mut out = String::with_capacity(OPENING.len() + size + 64 * 1024);
-    out.push_str(OPENING);
-    let mut targets = String::with_capacity(rendered.iter().map(|r| r.1.len()).sum::<usize>() + 2);
-    targets.push('[');
-    let mut paths: Vec<(u64, &[consensus::merkle::Hash])> = Vec::new();
-    for (entries, of_file, leaves) in &rendered {
-        // Each entry and target was written after a comma; an array's first takes none.
-        out.push_str(if out.len() == OPENING.len() { entries.strip_prefix(',').unwrap_or(entries) } else { entries });
-        targets.push_str(if targets.len() == 1 { of_file.strip_prefix(',').unwrap_or(of_file) } else { of_file });
-        paths.extend_from_slice(leaves);
-    }
-    targets.push(']');
-    if paths.is_empty() {
-        // A Provenance needs a target, and a transaction of nothing is no transfer.
-        bail!("the export holds no resource to import");
-    }
-    paths.sort_unstable_by_key(|p| p.0);
-    let multiproof = consensus::proof::multi_proof_from_paths(&paths, v.head.size)
-        .context("the export's inclusion proofs do not combine into one multiproof")?;
-    let source = || {
-        Json::obj(vec![
-            (
-                "identifier",
-                Json::obj(vec![("system", Json::str("urn:ietf:rfc:3986")), ("value", Json::str(peer_base))]),
-            ),
-            ("display", Json::str(peer_name)),
-        ])
-    };
-    let mut what = source();
-    what.set("display", Json::str(format!("{peer_name}'s ledger at tree size {}", v.head.size)));
-    let provenance = Json::obj(vec![
-        ("resourceType", Json::str("Provenance")),
-        (
-            "extension",
-            Json::Array(vec![
-                Json::obj(vec![
-                    ("url", Json::str(HEAD_EXTENSION)),
-                    ("valueString", Json::str(head_parameters(&v.head).to_string())),
-                ]),
-                Json::obj(vec![
-                    ("url", Json::str(MULTIPROOF_EXTENSION)),
-                    ("valueBase64Binary", Json::base64(&multiproof.concat())),
-                ]),
-            ]),
-        ),
-        ("target", Json::Raw(targets)),
-        ("recorded", Json::str(crate::fhir::instant(crate::fhir::now_ms()))),
-        (
-            "agent",
-            Json::Array(vec![Json::obj(vec![
-                (
-                    "type",
-                    Json::obj(vec![(
-                        "coding",
-                        Json::Array(vec![Json::obj(vec![
-                            ("system", Json::str(PDEX_AGENT_TYPE)),
-                            ("code", Json::str("transmitter")),
-                        ])]),
-                    )]),
-                ),
-                ("who", source()),
-            ])]),
-        ),
-        ("entity", Json::Array(vec![Json::obj(vec![("role", Json::str("source")), ("what", what)])])),
-    ]);
-    if !out.ends_with('[') {
-        out.push(',');
-    }
-    out.push_str(r#"{"fullUrl":"#);
-    Json::str(format!("urn:uuid:{}", uuid::Uuid::new_v4())).write_compact(&mut out);
-    out.push_str(r#","resource":"#);
-    provenance.write_compact(&mut out);
-    out.push_str(r#","request":{"method":"POST","url":"Provenance"}}]}"#);
-    Ok(out)
-}
-
-/// [`crate::parallel::on_every_core`] of fallible work: the first error in the items' order.
-fn on_every_core<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> anyhow::Result<R> + Sync) -> anyhow::Result<Vec<R>> {
-    crate::parallel::on_every_core(items, f)
-        .into_iter()
-        .map(|r| r.unwrap_or_else(|| Err(anyhow::anyhow!("a worker thread failed"))))
-        .collect()
-}
-
-/// A line of an export's proof file: the source version it names, the line as the
-/// Provenance keeps it (leaf, leaf data, salt) and its inclusion path.
-struct SourceLeaf {
-    rtype: String,
-    id: String,
-    leaf: u64,
-    line: String,
-    path: Vec<consensus::merkle::Hash>,
-}
-
-impl SourceLeaf {
-    fn of(proof: &str) -> anyhow::Result<Self> {
-        use crate::fhir::json::Json;
-        #[derive(serde::Deserialize)]
-        struct Line<'a> {
-            leaf: u64,
-            #[serde(rename = "leafData", borrow)]
-            leaf_data: std::borrow::Cow<'a, str>,
-            #[serde(borrow, default)]
-            salt: Option<std::borrow::Cow<'a, str>>,
-            #[serde(borrow, default)]
-            path: Vec<std::borrow::Cow<'a, str>>,
-        }
-        let p: Line<'_> = serde_json::from_str(proof)?;
-        let data =
-            crate::codec::unb64(&p.leaf_data).map_err(|_| anyhow::anyhow!("a proof's leafData is not base64"))?;
-        let h = consensus::LeafHeader::decode(&data).context("a proof's leafData is not a leaf header")?;
-        let path = p
-            .path
-            .iter()
-            .map(|x| crate::codec::unb64(x).ok().and_then(|b| b.try_into().ok()))
-            .collect::<Option<Vec<_>>>()
-            .context("a proof's path hash is not the base64 of 32 bytes")?;
-        let mut members = vec![("leaf", Json::Number(p.leaf.to_string())), ("leafData", Json::str(p.leaf_data))];
-        if let Some(salt) = p.salt {
-            members.push(("salt", Json::str(salt)));
-        }
-        Ok(Self { rtype: h.rtype, id: h.id, leaf: p.leaf, line: Json::obj(members).to_compact(), path })
-    }
-}
-
 /// A tree head as `GET /ledger/head` serves it (a Parameters resource).
 pub fn head_parameters(head: &crate::treehead::TreeHead) -> Value {
     let parts: Vec<Value> = head.to_parts().iter().map(crate::fhir::json::Json::to_serde).collect();
     json!({"resourceType": "Parameters", "parameter": parts})
-}
-
-/// Points a `reference` at the import's own entries, or absolutely at the peer.
-fn rewrite(s: &mut String, new_ids: &HashMap<String, String>, peer_base: &str) {
-    let local = s.strip_prefix(peer_base).map_or(s.as_str(), |r| r.trim_start_matches('/'));
-    let relative = !local.contains(':') && !local.starts_with('#') && local.split('/').count() == 2;
-    if let Some(n) = new_ids.get(local) {
-        *s = n.clone();
-    } else if relative {
-        *s = format!("{peer_base}/{local}");
-    }
 }
 
 /// Checks a transfer Provenance (as imported here) against the peer's node keys: its head
@@ -495,9 +269,9 @@ mod tests {
             subsetted: false,
             bytes_hashed: 0,
             signatures: 0,
+            kept: Vec::new(),
         };
-        let files: HashMap<String, Vec<u8>> = HashMap::new();
-        let e = import_bundle(&files, &v, "https://old.example", "old").unwrap_err();
+        let e = import_bundle(&v, "https://old.example", "old").unwrap_err();
         assert_eq!(e.to_string(), "the export holds no resource to import");
     }
 

@@ -1,0 +1,300 @@
+//! The transaction that imports a verified export, written as text in parts: each resource
+//! POSTed under a fresh `urn:uuid:` (so the receiving server assigns ids and rewrites the
+//! references between them), references to what the export does not hold made absolute at
+//! the peer, and last a PDex transmitter Provenance naming every source version, its leaf,
+//! and one multiproof of them all to the signed head.
+//!
+//! The export's lines are cut into pieces rewritten on every core; the pieces go out in the
+//! export's order as soon as each and all before it are written, so an upload starts while
+//! the rest is still being rewritten, and the multiproof is built meanwhile on a thread of
+//! its own. Resources go through the lossless `fhir::json` (decimals stay as sent).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use anyhow::{bail, Context};
+use consensus::merkle::Hash;
+
+use super::{head_parameters, HEAD_EXTENSION, LEAF_EXTENSION, MULTIPROOF_EXTENSION, PDEX_AGENT_TYPE, SOURCE_EXTENSION};
+use crate::bulk::check::{Kept, Source, Verified};
+use crate::fhir::json::{self, Json};
+
+const OPENING: &str = r#"{"resourceType":"Bundle","type":"transaction","entry":["#;
+/// Lines are rewritten in pieces of about this many bytes of the export.
+const PIECE_BYTES: usize = 256 * 1024;
+
+/// The whole transaction as one text (the server's `$import` parses it in place).
+pub fn import_bundle(v: &Verified, peer_base: &str, peer_name: &str) -> anyhow::Result<String> {
+    let mut out = String::new();
+    write_import(v, peer_base, peer_name, |part| {
+        out.push_str(&part);
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// The transaction's text handed to `sink` part after part, in order. An error (a line
+/// that is not JSON, or the sink's own) stops the writing: what was handed out is then no
+/// whole Bundle, and a server reading it stores nothing.
+pub fn write_import(
+    v: &Verified,
+    peer_base: &str,
+    peer_name: &str,
+    mut sink: impl FnMut(String) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let new_ids = new_ids(&v.kept);
+    if new_ids.is_empty() {
+        // A Provenance needs a target, and a transaction of nothing is no transfer.
+        bail!("the export holds no resource to import");
+    }
+    let pieces = pieces(&v.kept)?;
+    let rewrite = Rewrite { new_ids: &new_ids, peer_base };
+    let next = AtomicUsize::new(0);
+    let stop = AtomicBool::new(false);
+    let workers = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get).min(pieces.len());
+    std::thread::scope(|scope| {
+        let multiproof = scope.spawn(|| multiproof(&v.kept, v.head.size));
+        let (done, rendered) = std::sync::mpsc::channel();
+        for _ in 0..workers {
+            let done = done.clone();
+            let (pieces, next, stop, rewrite) = (&pieces, &next, &stop, &rewrite);
+            scope.spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let k = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(piece) = pieces.get(k) else { break };
+                    if done.send((k, rewrite.piece(piece))).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        drop(done);
+        let written = emit_in_order(pieces.len(), &rendered, &mut sink);
+        stop.store(true, Ordering::Relaxed);
+        let (targets, opened) = written?;
+        let multiproof = multiproof.join().map_err(|_| anyhow::anyhow!("the multiproof's thread failed"))??;
+        let last = provenance_entry(v, peer_base, peer_name, &targets, &multiproof);
+        sink(if opened { format!(",{last}]}}") } else { format!("{OPENING}{last}]}}") })
+    })
+}
+
+/// Every imported resource's new id by its `type/id` at the peer: random UUIDs from one
+/// seeded CSPRNG (not a getrandom call each).
+fn new_ids(kept: &[Kept]) -> HashMap<String, String> {
+    use rand::{Rng as _, SeedableRng as _};
+    let mut rng = rand_chacha::ChaCha20Rng::from_entropy();
+    imported(kept)
+        .map(|s| {
+            let id = uuid::Builder::from_random_bytes(rng.gen()).into_uuid();
+            (format!("{}/{}", s.rtype, s.id), format!("urn:uuid:{id}"))
+        })
+        .collect()
+}
+
+/// The sources imported: the old payer's disclosure log about the member is its own record,
+/// not the member's data; it stays there (and a server would refuse it anyway).
+fn imported(kept: &[Kept]) -> impl Iterator<Item = &Source> {
+    kept.iter().flat_map(|k| &k.sources).filter(|s| s.rtype != "AuditEvent")
+}
+
+/// One RFC 9162 multiproof of every imported source leaf, from the paths the export gave.
+fn multiproof(kept: &[Kept], size: u64) -> anyhow::Result<Vec<Hash>> {
+    let mut paths: Vec<(u64, &[Hash])> = imported(kept).map(|s| (s.leaf, s.path.as_slice())).collect();
+    paths.sort_unstable_by_key(|p| p.0);
+    consensus::proof::multi_proof_from_paths(&paths, size)
+        .context("the export's inclusion proofs do not combine into one multiproof")
+}
+
+/// Lines of one file, with their sources.
+struct Piece<'a> {
+    name: &'a str,
+    text: &'a str,
+    sources: &'a [Source],
+}
+
+/// Every file's lines cut into pieces of about [`PIECE_BYTES`], in the export's order.
+fn pieces(kept: &[Kept]) -> anyhow::Result<Vec<Piece<'_>>> {
+    let mut pieces = Vec::new();
+    for k in kept {
+        let (mut start, mut first_line, mut lines) = (0, 0, 0);
+        let unaligned = || anyhow::anyhow!("{}: more lines than sources", k.name);
+        for (at, _) in k.text.match_indices('\n') {
+            lines += 1;
+            if at + 1 - start >= PIECE_BYTES {
+                let sources = k.sources.get(first_line..lines).ok_or_else(unaligned)?;
+                pieces.push(Piece { name: &k.name, text: &k.text[start..at], sources });
+                (start, first_line) = (at + 1, lines);
+            }
+        }
+        if first_line < k.sources.len() {
+            let sources = k.sources.get(first_line..).ok_or_else(unaligned)?;
+            pieces.push(Piece { name: &k.name, text: &k.text[start..], sources });
+        }
+    }
+    Ok(pieces)
+}
+
+/// A piece rewritten: its Bundle entries and its Provenance targets, each written after a
+/// comma (`,{..}`).
+struct Rendered {
+    entries: String,
+    targets: String,
+}
+
+struct Rewrite<'a> {
+    new_ids: &'a HashMap<String, String>,
+    peer_base: &'a str,
+}
+
+impl Rewrite<'_> {
+    fn piece(&self, piece: &Piece<'_>) -> anyhow::Result<Rendered> {
+        let mut entries = String::with_capacity(piece.text.len() + piece.text.len() / 8);
+        let mut targets = String::new();
+        for (line, source) in piece.text.lines().zip(piece.sources) {
+            let (rtype, id) = (&source.rtype, &source.id);
+            let Some(full_url) = self.new_ids.get(&format!("{rtype}/{id}")) else { continue };
+            let mut r = json::parse(line.as_bytes(), usize::MAX).map_err(|e| anyhow::anyhow!("{}: {e}", piece.name))?;
+            crate::fhir::refs::for_each_reference_mut(&mut r, &mut |s| self.reference(s));
+            r.remove("id");
+            let meta_left = r.get_mut("meta").map(|meta| {
+                meta.remove("versionId");
+                meta.remove("lastUpdated");
+                meta.as_object().is_some_and(|m| !m.is_empty())
+            });
+            if meta_left == Some(false) {
+                r.remove("meta");
+            }
+            entries.push_str(r#",{"fullUrl":"#);
+            Json::str(full_url.as_str()).write_compact(&mut entries);
+            entries.push_str(r#","resource":"#);
+            r.write_compact(&mut entries);
+            entries.push_str(r#","request":{"method":"POST","url":"#);
+            Json::str(rtype.as_str()).write_compact(&mut entries);
+            entries.push_str("}}");
+            // The proof line as the export served it (leaf, leaf data, salt); the paths of
+            // all targets are in the Provenance's one multiproof.
+            targets.push(',');
+            Json::obj(vec![
+                ("reference", Json::str(full_url.as_str())),
+                (
+                    "extension",
+                    Json::Array(vec![
+                        Json::obj(vec![
+                            ("url", Json::str(SOURCE_EXTENSION)),
+                            ("valueUri", Json::str(format!("{}/{rtype}/{id}", self.peer_base))),
+                        ]),
+                        Json::obj(vec![
+                            ("url", Json::str(LEAF_EXTENSION)),
+                            ("valueString", Json::str(source.proof.as_str())),
+                        ]),
+                    ]),
+                ),
+            ])
+            .write_compact(&mut targets);
+        }
+        Ok(Rendered { entries, targets })
+    }
+
+    /// Points a `reference` at the import's own entries, or absolutely at the peer.
+    fn reference(&self, s: &mut String) {
+        let local = s.strip_prefix(self.peer_base).map_or(s.as_str(), |r| r.trim_start_matches('/'));
+        let relative = !local.contains(':') && !local.starts_with('#') && local.split('/').count() == 2;
+        if let Some(n) = self.new_ids.get(local) {
+            *s = n.clone();
+        } else if relative {
+            *s = format!("{}/{local}", self.peer_base);
+        }
+    }
+}
+
+/// Hands the pieces' entries to `sink` in order as they come in (the opening first);
+/// returns every target, as the Provenance's `target` array, and whether anything was handed.
+fn emit_in_order(
+    count: usize,
+    rendered: &std::sync::mpsc::Receiver<(usize, anyhow::Result<Rendered>)>,
+    sink: &mut impl FnMut(String) -> anyhow::Result<()>,
+) -> anyhow::Result<(String, bool)> {
+    let mut early: BTreeMap<usize, Rendered> = BTreeMap::new();
+    let mut targets = String::from("[");
+    let mut opened = false;
+    for k in 0..count {
+        let piece = loop {
+            if let Some(p) = early.remove(&k) {
+                break p;
+            }
+            let (at, r) = rendered.recv().map_err(|_| anyhow::anyhow!("a rewriting thread failed"))?;
+            early.insert(at, r?);
+        };
+        // Each entry and target was written after a comma; an array's first takes none.
+        targets.push_str(if targets.len() == 1 { piece.targets.trim_start_matches(',') } else { &piece.targets });
+        if piece.entries.is_empty() {
+            continue;
+        }
+        let part = if opened {
+            piece.entries
+        } else {
+            opened = true;
+            format!("{OPENING}{}", &piece.entries[1..])
+        };
+        sink(part)?;
+    }
+    targets.push(']');
+    Ok((targets, opened))
+}
+
+/// The Bundle's last entry, the transmitter Provenance.
+fn provenance_entry(v: &Verified, peer_base: &str, peer_name: &str, targets: &str, multiproof: &[Hash]) -> String {
+    let source = || {
+        Json::obj(vec![
+            (
+                "identifier",
+                Json::obj(vec![("system", Json::str("urn:ietf:rfc:3986")), ("value", Json::str(peer_base))]),
+            ),
+            ("display", Json::str(peer_name)),
+        ])
+    };
+    let mut what = source();
+    what.set("display", Json::str(format!("{peer_name}'s ledger at tree size {}", v.head.size)));
+    let provenance = Json::obj(vec![
+        ("resourceType", Json::str("Provenance")),
+        (
+            "extension",
+            Json::Array(vec![
+                Json::obj(vec![
+                    ("url", Json::str(HEAD_EXTENSION)),
+                    ("valueString", Json::str(head_parameters(&v.head).to_string())),
+                ]),
+                Json::obj(vec![
+                    ("url", Json::str(MULTIPROOF_EXTENSION)),
+                    ("valueBase64Binary", Json::base64(&multiproof.concat())),
+                ]),
+            ]),
+        ),
+        ("target", Json::Raw(targets.to_string())),
+        ("recorded", Json::str(crate::fhir::instant(crate::fhir::now_ms()))),
+        (
+            "agent",
+            Json::Array(vec![Json::obj(vec![
+                (
+                    "type",
+                    Json::obj(vec![(
+                        "coding",
+                        Json::Array(vec![Json::obj(vec![
+                            ("system", Json::str(PDEX_AGENT_TYPE)),
+                            ("code", Json::str("transmitter")),
+                        ])]),
+                    )]),
+                ),
+                ("who", source()),
+            ])]),
+        ),
+        ("entity", Json::Array(vec![Json::obj(vec![("role", Json::str("source")), ("what", what)])])),
+    ]);
+    let mut out = String::with_capacity(targets.len() + 4096);
+    out.push_str(r#"{"fullUrl":"#);
+    Json::str(format!("urn:uuid:{}", uuid::Uuid::new_v4())).write_compact(&mut out);
+    out.push_str(r#","resource":"#);
+    provenance.write_compact(&mut out);
+    out.push_str(r#","request":{"method":"POST","url":"Provenance"}}"#);
+    out
+}
