@@ -563,3 +563,51 @@ async fn import_pulls_a_trusted_peers_export_verifies_it_and_imports_it_whole() 
     let provs = smart::search_all(&new.http, &new.base, &new_sys, "Provenance?agent-type=transmitter").await;
     assert_eq!(provs.len(), 2, "nothing more was imported");
 }
+
+/// `transfer import` uploads its transaction while it is still being written, and a failure
+/// while writing ends the upload in an error: the server must then store nothing of what
+/// arrived, and a whole upload in parts is one transaction like any other.
+#[tokio::test]
+async fn a_transaction_whose_upload_breaks_off_stores_nothing() {
+    let s = SmartServer::start(&[]);
+    let sys = s.system_token("system/*.cruds").await;
+    let entry = |system: &str, n: u32| {
+        json!({"fullUrl": format!("urn:uuid:00000000-0000-4000-8000-{n:012}"),
+               "resource": {"resourceType": "Patient", "identifier": [{"system": system, "value": n.to_string()}]},
+               "request": {"method": "POST", "url": "Patient"}})
+        .to_string()
+    };
+    let upload = |parts: Vec<std::io::Result<String>>| {
+        let body =
+            reqwest::Body::wrap_stream(futures::stream::iter(parts.into_iter().map(|p| p.map(bytes::Bytes::from))));
+        s.http
+            .post(format!("{}/", s.base))
+            .bearer_auth(&sys)
+            .header("content-type", "application/fhir+json")
+            .body(body)
+            .send()
+    };
+    let opening = r#"{"resourceType":"Bundle","type":"transaction","entry":["#;
+    let cut = upload(vec![
+        Ok(format!("{opening}{}", entry("urn:cut", 1))),
+        Ok(format!(",{}", entry("urn:cut", 2))),
+        Err(std::io::Error::other("the writer failed")),
+    ])
+    .await;
+    if let Ok(r) = cut {
+        assert!(!r.status().is_success(), "a cut upload was answered {}", r.status());
+    }
+    let whole = upload(vec![
+        Ok(format!("{opening}{}", entry("urn:whole", 1))),
+        Ok(format!(",{}", entry("urn:whole", 2))),
+        Ok("]}".to_string()),
+    ])
+    .await
+    .expect("a whole upload in parts");
+    assert_eq!(whole.status(), 200, "{}", whole.text().await.unwrap_or_default());
+    // Transactions commit in order: the whole one is in, and nothing of the cut one.
+    for (system, expected) in [("urn:whole", 2), ("urn:cut", 0)] {
+        let r = get(&s.http, &s.url(&format!("/Patient?identifier={system}|&_summary=count")), &sys).await;
+        assert_eq!(r.json()["total"], expected, "{system}: {}", r.text);
+    }
+}
