@@ -49,6 +49,20 @@ pub fn on_every_core_longest_first<T: Sync, R: Send>(
     results
 }
 
+/// [`on_every_core`] of items taken by value, with their places.
+pub fn on_every_core_owned<T: Send, R: Send>(items: Vec<T>, f: impl Fn(usize, T) -> R + Sync) -> Vec<Option<R>> {
+    use std::sync::{Mutex, PoisonError};
+    let cells: Vec<Mutex<Option<T>>> = items.into_iter().map(|t| Mutex::new(Some(t))).collect();
+    let places: Vec<usize> = (0..cells.len()).collect();
+    on_every_core(&places, |&i| {
+        let item = cells[i].lock().unwrap_or_else(PoisonError::into_inner).take();
+        item.map(|t| f(i, t))
+    })
+    .into_iter()
+    .map(Option::flatten)
+    .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -61,5 +75,7 @@ mod tests {
         assert!(on_every_core(&[] as &[u8], |&b| b).is_empty());
         let got = on_every_core_longest_first(&items, |&i| i % 7, |&i| i + 1);
         assert_eq!(got, items.iter().map(|&i| Some(i + 1)).collect::<Vec<_>>());
+        let got = on_every_core_owned(items.iter().map(ToString::to_string).collect(), |at, s| format!("{at}:{s}"));
+        assert_eq!(got, items.iter().map(|&i| Some(format!("{i}:{i}"))).collect::<Vec<_>>());
     }
 }

@@ -129,6 +129,22 @@ fn parse_entry(search: &crate::search::Engine, i: usize, mut e: Json) -> Result<
     })
 }
 
+/// A transaction of at least this many entries has them parsed and validated on every core.
+const ENTRIES_ON_EVERY_CORE: usize = 64;
+
+/// Every entry of a transaction parsed and its resource validated, on every core when there
+/// are many (an import's thousands): each entry is checked on its own, and the first failure
+/// in the Bundle's order is the one reported, as when they are checked one by one.
+fn parse_entries(search: &crate::search::Engine, raw: Vec<Json>) -> Result<Vec<Entry>, FhirError> {
+    if raw.len() < ENTRIES_ON_EVERY_CORE {
+        return raw.into_iter().enumerate().map(|(i, e)| parse_entry(search, i, e)).collect();
+    }
+    crate::parallel::on_every_core_owned(raw, |i, e| parse_entry(search, i, e))
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|| Err(FhirError::internal("a thread checking entries failed"))))
+        .collect()
+}
+
 pub async fn batch_or_transaction(
     req: HttpRequest,
     payload: web::Payload,
@@ -158,10 +174,7 @@ async fn process(
     let who = Who { state, caller: &caller };
     match kind.as_str() {
         "transaction" => {
-            let mut entries = Vec::with_capacity(raw_entries.len());
-            for (i, e) in raw_entries.into_iter().enumerate() {
-                entries.push(parse_entry(&state.search, i, e)?);
-            }
+            let entries = parse_entries(&state.search, raw_entries)?;
             // All or nothing: one entry the caller may not make refuses the transaction.
             for e in &entries {
                 check_entry(&who, e).map_err(|err| err.at(at(e.index)))?;
@@ -454,11 +467,9 @@ pub(super) async fn run_transaction(who: &Who<'_>, mut bundle: Json) -> Result<V
         Some(Json::Array(entries)) => entries,
         _ => Vec::new(),
     };
-    let mut entries = Vec::with_capacity(raw.len());
-    for (i, e) in raw.into_iter().enumerate() {
-        let e = parse_entry(&who.state.search, i, e)?;
-        check_entry(who, &e).map_err(|err| err.at(at(e.index)))?;
-        entries.push(e);
+    let mut entries = parse_entries(&who.state.search, raw)?;
+    for e in &entries {
+        check_entry(who, e).map_err(|err| err.at(at(e.index)))?;
     }
     let rewritten = prerewrite(&mut entries);
     let policy = authz::policy(who.state, who.caller);

@@ -60,6 +60,8 @@ pub struct Kept {
 pub struct Source {
     pub rtype: String,
     pub id: String,
+    /// `type/id`, as references name the resource.
+    pub key: String,
     pub leaf: u64,
     pub proof: String,
     pub path: Vec<Hash>,
@@ -281,6 +283,7 @@ impl Line<'_> {
             members.push(("salt", Json::str(salt)));
         }
         Source {
+            key: format!("{}/{}", self.header.rtype, self.header.id),
             rtype: self.header.rtype,
             id: self.header.id,
             leaf: self.leaf,

@@ -86,7 +86,7 @@ fn new_ids(kept: &[Kept]) -> HashMap<String, String> {
     imported(kept)
         .map(|s| {
             let id = uuid::Builder::from_random_bytes(rng.gen()).into_uuid();
-            (format!("{}/{}", s.rtype, s.id), format!("urn:uuid:{id}"))
+            (s.key.clone(), format!("urn:uuid:{id}"))
         })
         .collect()
 }
@@ -152,7 +152,7 @@ impl Rewrite<'_> {
         let mut targets = String::new();
         for (line, source) in piece.text.lines().zip(piece.sources) {
             let (rtype, id) = (&source.rtype, &source.id);
-            let Some(full_url) = self.new_ids.get(&format!("{rtype}/{id}")) else { continue };
+            let Some(full_url) = self.new_ids.get(&source.key) else { continue };
             let mut r = json::parse(line.as_bytes(), usize::MAX).map_err(|e| anyhow::anyhow!("{}: {e}", piece.name))?;
             crate::fhir::refs::for_each_reference_mut(&mut r, &mut |s| self.reference(s));
             r.remove("id");
