@@ -29,7 +29,7 @@ work="$(mktemp -d)"
 chmod 755 "$work"
 servers=""
 cleanup() {
-  for p in $servers; do kill -9 "$p" 2>/dev/null; wait "$p" 2>/dev/null || true; done
+  for p in $servers; do kill -9 "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
   stop_postgres "$work/pg"
   rm -rf "$work"
 }

@@ -25,7 +25,7 @@ synthea100 "$cache"
 work="$(mktemp -d)"
 servers=""
 cleanup() {
-  for p in $servers; do kill -9 "$p" 2>/dev/null; wait "$p" 2>/dev/null || true; done
+  for p in $servers; do kill -9 "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
   rm -rf "$work"
 }
 trap cleanup EXIT
