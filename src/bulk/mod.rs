@@ -218,7 +218,7 @@ impl Exports {
 
     /// File `name` of job `id` as its job made it, if this process did.
     pub fn spooled(&self, id: &str, name: &str) -> Option<spool::SpoolReader> {
-        self.spool.as_ref()?.reader(id, name)
+        self.spool.as_ref()?.take(id, name)
     }
 
     /// Forgets the files of job `id`.

@@ -39,6 +39,10 @@ pub struct Selected {
     pub errors: Vec<String>,
 }
 
+/// Each resource's newest version by type and id: a map of every resource in the ledger,
+/// hashed with foldhash (randomly seeded per process; SipHash was a sixth of the selection).
+type LatestMap = HashMap<(String, String), Latest, foldhash::fast::RandomState>;
+
 /// A resource's state at the pinned size.
 struct Latest {
     leaf: u64,
@@ -94,7 +98,10 @@ pub fn select(
             let mut list = Vec::with_capacity(chunk.len());
             for &(leaf, (t, id), l) in chunk {
                 if engine.repo().compartment_key(&l.compartment, &mut keys)?.is_some() {
-                    out.outputs.entry(t.clone()).or_default().push(leaf);
+                    match out.outputs.get_mut(t.as_str()) {
+                        Some(leaves) => leaves.push(leaf),
+                        None => drop(out.outputs.insert(t.clone(), vec![leaf])),
+                    }
                     list.push((t.clone(), id.clone(), l.version));
                 }
             }
@@ -136,13 +143,15 @@ pub fn select(
         }
     }
     out.errors.extend(params.ignored.iter().cloned());
+    // A map of every resource takes a while to free: not on the export's way.
+    std::thread::spawn(move || drop(latest));
     Ok(out)
 }
 
 /// Each resource's newest version below the pinned size (and not after `_until`), from the
 /// leaf headers alone: the leaves read in ranges on every core, later ranges' versions
 /// overriding earlier ones.
-fn latest_at(engine: &Engine, scope: &Scope<'_>) -> Result<HashMap<(String, String), Latest>, FhirError> {
+fn latest_at(engine: &Engine, scope: &Scope<'_>) -> Result<LatestMap, FhirError> {
     let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get) as u64;
     let step = scope.size.div_ceil(cores).max(1);
     let ranges: Vec<std::ops::Range<u64>> = (0..scope.size)
@@ -150,7 +159,7 @@ fn latest_at(engine: &Engine, scope: &Scope<'_>) -> Result<HashMap<(String, Stri
         .map(|s| s..(s + step).min(scope.size))
         .collect();
     let parts = crate::parallel::on_every_core(&ranges, |r| latest_in(engine, scope, r.clone()));
-    let mut latest: HashMap<(String, String), Latest> = HashMap::new();
+    let mut latest = LatestMap::default();
     for part in parts {
         let part = part.ok_or_else(|| FhirError::internal("a thread selecting an export died"))??;
         if latest.is_empty() {
@@ -173,12 +182,8 @@ fn latest_at(engine: &Engine, scope: &Scope<'_>) -> Result<HashMap<(String, Stri
 }
 
 /// [`latest_at`] over the leaves of one range.
-fn latest_in(
-    engine: &Engine,
-    scope: &Scope<'_>,
-    leaves: std::ops::Range<u64>,
-) -> Result<HashMap<(String, String), Latest>, FhirError> {
-    let mut latest: HashMap<(String, String), Latest> = HashMap::new();
+fn latest_in(engine: &Engine, scope: &Scope<'_>, leaves: std::ops::Range<u64>) -> Result<LatestMap, FhirError> {
+    let mut latest = LatestMap::default();
     engine.repo().view().for_each_header_in(leaves, |leaf, h| {
         if crate::auth::store::is_internal(h.rtype) || scope.params.until_ms.is_some_and(|u| h.last_updated_ms > u) {
             return;
@@ -334,7 +339,7 @@ impl Checker<'_> {
 fn provenance(
     engine: &Engine,
     checker: &Checker<'_>,
-    latest: &HashMap<(String, String), Latest>,
+    latest: &LatestMap,
     out: &mut Selected,
     shown: &mut Shown<'_>,
 ) -> Result<(), FhirError> {

@@ -66,10 +66,14 @@ impl Spool {
         Ok(SpoolWriter { key: self.key.clone(), aad, out, buf, chunks: 0, partial, done })
     }
 
-    /// File `name` of `job`, if this process spooled it.
-    pub fn reader(&self, job: &str, name: &str) -> Option<SpoolReader> {
+    /// File `name` of `job`, if this process spooled it, taken out of the spool: it serves
+    /// one download (the open file stays readable until that ends), and a later one makes
+    /// the file again from the ledger. Most exports are downloaded once, soon after the job:
+    /// their spooled bytes are then dropped before the kernel ever writes them to disk.
+    pub fn take(&self, job: &str, name: &str) -> Option<SpoolReader> {
         let path = self.job_dir(job)?.join(file_name(name).ok()?);
-        let file = File::open(path).ok()?;
+        let file = File::open(&path).ok()?;
+        fs::remove_file(&path).ok()?;
         Some(SpoolReader {
             key: self.key.clone(),
             aad: format!("{job}/{name}"),
@@ -237,7 +241,7 @@ mod tests {
     }
 
     fn read_all(spool: &Spool, job: &str, name: &str) -> io::Result<Vec<u8>> {
-        let mut r = spool.reader(job, name).ok_or_else(|| io::Error::other("absent"))?;
+        let mut r = spool.take(job, name).ok_or_else(|| io::Error::other("absent"))?;
         let (mut out, mut buf) = (Vec::new(), Vec::new());
         while let Some(plain) = r.next_into(&mut buf)? {
             out.extend_from_slice(&buf[plain]);
@@ -253,14 +257,16 @@ mod tests {
         for len in [0, 1, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK + 17] {
             let bytes: Vec<u8> = (0..len).map(|i| b"{\"resourceType\":\"Patient\"}\n"[i % 27]).collect();
             spooled(&spool, "job-1", "Patient-1.ndjson", &bytes);
-            assert_eq!(read_all(&spool, "job-1", "Patient-1.ndjson").unwrap(), bytes, "{len} bytes");
             let on_disk = fs::read(dir.path().join("spool/job-1/Patient-1.ndjson")).unwrap();
             assert!(len < 27 || !on_disk.windows(27).any(|w| w == b"{\"resourceType\":\"Patient\"}\n"));
+            assert_eq!(read_all(&spool, "job-1", "Patient-1.ndjson").unwrap(), bytes, "{len} bytes");
+            assert!(spool.take("job-1", "Patient-1.ndjson").is_none(), "a spooled file serves one download");
         }
-        assert!(spool.reader("job-1", "Observation-1.ndjson").is_none());
-        assert!(spool.reader("../etc", "passwd").is_none());
+        assert!(spool.take("job-1", "Observation-1.ndjson").is_none());
+        assert!(spool.take("../etc", "passwd").is_none());
+        spooled(&spool, "job-1", "Patient-1.ndjson", b"{}");
         spool.remove("job-1");
-        assert!(spool.reader("job-1", "Patient-1.ndjson").is_none());
+        assert!(spool.take("job-1", "Patient-1.ndjson").is_none());
     }
 
     /// A new job pushes the oldest jobs' files out until the spool is below its limit.
@@ -274,8 +280,8 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(20)); // distinct mtimes
         }
         spooled(&spool, "j3", "A-1.ndjson", &bytes);
-        assert!(spool.reader("j1", "A-1.ndjson").is_none(), "the oldest job went");
-        assert!(spool.reader("j2", "A-1.ndjson").is_some() && spool.reader("j3", "A-1.ndjson").is_some());
+        assert!(spool.take("j1", "A-1.ndjson").is_none(), "the oldest job went");
+        assert!(spool.take("j2", "A-1.ndjson").is_some());
         assert_eq!(read_all(&spool, "j3", "A-1.ndjson").unwrap(), bytes);
     }
 
@@ -296,6 +302,6 @@ mod tests {
         fs::copy(path("B-1.ndjson"), path("A-1.ndjson")).unwrap();
         assert!(read_all(&spool, "j", "A-1.ndjson").is_err(), "another file's chunks");
         let again = Spool::open(&dir.path().join("spool"), 1 << 30).unwrap();
-        assert!(again.reader("j", "B-1.ndjson").is_none(), "a new process starts empty");
+        assert!(again.take("j", "B-1.ndjson").is_none(), "a new process starts empty");
     }
 }

@@ -55,8 +55,8 @@ pub async fn kickoff(s: &SmartServer, method: Method, path: &str, token: &str, b
 }
 
 /// Polls `status_url` as the IG's clients do (waiting `Retry-After`) until it answers 200;
-/// downloads every file of the manifest and checks each against its count and digest.
-pub async fn finish(s: &SmartServer, status_url: &str, token: &str) -> Export {
+/// the manifest.
+pub async fn completed(s: &SmartServer, status_url: &str, token: &str) -> Value {
     let mut manifest = Value::Null;
     for _ in 0..120 {
         let r = get(&s.http, status_url, token).await;
@@ -75,6 +75,13 @@ pub async fn finish(s: &SmartServer, status_url: &str, token: &str) -> Export {
         }
     }
     assert!(manifest.is_object(), "the export finished within two minutes");
+    manifest
+}
+
+/// [`completed`], then every file of the manifest downloaded and checked against its count
+/// and digest.
+pub async fn finish(s: &SmartServer, status_url: &str, token: &str) -> Export {
+    let manifest = completed(s, status_url, token).await;
     let mut files = BTreeMap::new();
     for kind in ["output", "deleted", "error"] {
         for item in manifest[kind].as_array().expect("an array per kind") {
@@ -374,10 +381,22 @@ async fn a_downloaded_export_verifies_offline_and_tampering_is_named() {
         }
     };
     let url = kick("/$export?_since=2000-01-01T00:00:00Z").await;
+    // The job keeps the files it made for their downloads, encrypted only.
+    completed(&s, &url, &sys).await;
+    let job = url.rsplit('/').next().expect("job id");
+    let spool_dir = s.dir.path().join("export-spool").join(job);
+    let spooled: Vec<Vec<u8>> = std::fs::read_dir(&spool_dir)
+        .expect("the job's spool")
+        .map(|e| std::fs::read(e.expect("entry").path()).expect("spooled file"))
+        .collect();
+    assert!(spooled.len() >= 2, "the Observation and deletion files are spooled");
+    assert!(spooled.iter().all(|f| !f.windows(9).any(|w| w == b"secret of")), "no plaintext in the spool");
     let dir = tempfile::tempdir().expect("temp dir");
     let d = dir.path().to_str().expect("path").to_string();
     let (code, out) = ledger_cli(&["export", "download", &url, &d, "--token", &sys]);
     assert_eq!(code, 0, "{out}");
+    // Each spooled file served its download and left the spool (a later one is made again).
+    assert_eq!(std::fs::read_dir(&spool_dir).expect("the job's spool").count(), 0);
     for name in
         ["manifest.json", "trust-label.json", "Observation-1.ndjson", "Observation-1.proofs.ndjson", "deleted-1.ndjson"]
     {
@@ -391,14 +410,6 @@ async fn a_downloaded_export_verifies_offline_and_tampering_is_named() {
     let (code, out) = verify(dir.path(), &trust);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("VALID"), "{out}");
-    // The files were downloaded as the job made them, kept between the two encrypted only.
-    let job = url.rsplit('/').next().expect("job id");
-    let spooled: Vec<Vec<u8>> = std::fs::read_dir(s.dir.path().join("export-spool").join(job))
-        .expect("the job's spool")
-        .map(|e| std::fs::read(e.expect("entry").path()).expect("spooled file"))
-        .collect();
-    assert!(spooled.len() >= 2, "the Observation and deletion files are spooled");
-    assert!(spooled.iter().all(|f| !f.windows(9).any(|w| w == b"secret of")), "no plaintext in the spool");
 
     // Another export, for a line to splice in.
     put_resource(&s.http, &s.base, &sys, &observation("obs-new", "pat-a", "9-9")).await;
