@@ -736,6 +736,29 @@ async fn attack_conditional_and_bundle_paths() {
     holes.check(r.status == 403, format!("variant: a transaction writing into bob's compartment answers {}", r.status));
     let written = w.count(&format!("Observation?identifier={ATTACK}|{marker}")).await;
     holes.check(written == 0, format!("variant: a refused transaction wrote {written} resources"));
+    // The same in a transaction large enough to have its entries checked on every core (64
+    // or more), with a deletion of bob's among them: refused, none of it written, bob's
+    // unchanged.
+    let marker = format!("tx-large-{}", smart::random_hex(4));
+    let into_bob = observation(None, BOB, &marker);
+    smart::put_resource(w.http(), &w.node.base, &w.sys, &bob_obs("obs-bob-d1")).await;
+    let before = w.stored("Observation/obs-bob-d1").await;
+    let mut entries: Vec<Value> =
+        (0..70).map(|_| entry("POST", "Observation", Some(observation(None, ALICE, &marker)))).collect();
+    entries.insert(35, entry("DELETE", "Observation/obs-bob-d1", None));
+    entries.push(entry("POST", "Observation", Some(into_bob)));
+    let r = w.bundle(&alice, &bundle("transaction", entries)).await;
+    holes.no_secret(&r, "variant: a 72-entry transaction into bob's compartment");
+    holes.check(
+        !(200..300).contains(&r.status),
+        format!("variant: a 72-entry transaction writing into bob's compartment answers {}", r.status),
+    );
+    let written = w.count(&format!("Observation?identifier={ATTACK}|{marker}")).await;
+    holes.check(written == 0, format!("variant: a refused 72-entry transaction wrote {written} resources"));
+    holes.check(
+        w.stored("Observation/obs-bob-d1").await == before,
+        "variant: a refused 72-entry transaction deleted bob's Observation".to_string(),
+    );
 
     // 3. Transaction and batch DELETE Observation?_id=<bob's>, with patient=<bob> criteria
     //    matching one, and by plain id. (The target is put back before each.)
