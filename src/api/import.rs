@@ -127,7 +127,15 @@ async fn pull(
             .await
             .map_err(|e| refused(format!("{e:#}")))?;
     }
-    let bundle = transfer::import_bundle(&verified, &base, &peer.name).map_err(|e| refused(format!("{e:#}")))?;
+    // Written on every core, off the request's worker.
+    let name = peer.name.clone();
+    let (verified, bundle) = tokio::task::spawn_blocking(move || {
+        let bundle = transfer::import_bundle(&verified, &base, &name);
+        (verified, bundle)
+    })
+    .await
+    .map_err(FhirError::internal)?;
+    let bundle = bundle.map_err(|e| refused(format!("{e:#}")))?;
     let bundle = crate::fhir::json::parse(bundle.as_bytes(), usize::MAX).map_err(FhirError::internal)?;
     let who = Who { state, caller };
     let written = super::bundle::run_transaction(&who, bundle).await?;

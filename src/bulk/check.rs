@@ -55,16 +55,25 @@ pub struct Kept {
     pub sources: Vec<Source>,
 }
 
-/// The source version of a verified line: type and id from its leaf header, the leaf, the
-/// proof line as the export served it less its path (leaf, leaf data, salt), and the path.
+/// The source version of a verified line: `type/id` from its leaf header (as references
+/// name it), the leaf, the proof line as the export served it less its path (leaf, leaf
+/// data, salt), and the path.
 pub struct Source {
-    pub rtype: String,
-    pub id: String,
-    /// `type/id`, as references name the resource.
     pub key: String,
     pub leaf: u64,
     pub proof: String,
     pub path: Vec<Hash>,
+}
+
+impl Source {
+    /// The resource type (a type name holds no `/`).
+    pub fn rtype(&self) -> &str {
+        self.key.split_once('/').map_or(self.key.as_str(), |(t, _)| t)
+    }
+
+    pub fn id(&self) -> &str {
+        self.key.split_once('/').map_or("", |(_, id)| id)
+    }
 }
 
 /// A downloaded export's files by name. A file the label names but the download lacks is
@@ -217,7 +226,7 @@ fn check_file(dir: &dyn Files, f: &Value, head: &TreeHead, subsetted: bool, keep
         }
     }
     let kind = f["kind"].as_str().unwrap_or_default().to_string();
-    drop(data);
+    drop(data); // its lines borrow `text`, which the import keeps
     let kept = keep.then(|| Kept { name: name.to_string(), text, sources });
     Ok(Checked { hashed, file: Some((name.to_string(), kind, leaves)), kept })
 }
@@ -284,8 +293,6 @@ impl Line<'_> {
         }
         Source {
             key: format!("{}/{}", self.header.rtype, self.header.id),
-            rtype: self.header.rtype,
-            id: self.header.id,
             leaf: self.leaf,
             proof: Json::obj(members).to_compact(),
             path: self.path,

@@ -94,7 +94,7 @@ fn new_ids(kept: &[Kept]) -> HashMap<String, String> {
 /// The sources imported: the old payer's disclosure log about the member is its own record,
 /// not the member's data; it stays there (and a server would refuse it anyway).
 fn imported(kept: &[Kept]) -> impl Iterator<Item = &Source> {
-    kept.iter().flat_map(|k| &k.sources).filter(|s| s.rtype != "AuditEvent")
+    kept.iter().flat_map(|k| &k.sources).filter(|s| s.rtype() != "AuditEvent")
 }
 
 /// One RFC 9162 multiproof of every imported source leaf, from the paths the export gave.
@@ -151,7 +151,7 @@ impl Rewrite<'_> {
         let mut entries = String::with_capacity(piece.text.len() + piece.text.len() / 8);
         let mut targets = String::new();
         for (line, source) in piece.text.lines().zip(piece.sources) {
-            let (rtype, id) = (&source.rtype, &source.id);
+            let (rtype, id) = (source.rtype(), source.id());
             let Some(full_url) = self.new_ids.get(&source.key) else { continue };
             let mut r = json::parse(line.as_bytes(), usize::MAX).map_err(|e| anyhow::anyhow!("{}: {e}", piece.name))?;
             crate::fhir::refs::for_each_reference_mut(&mut r, &mut |s| self.reference(s));
@@ -169,7 +169,7 @@ impl Rewrite<'_> {
             entries.push_str(r#","resource":"#);
             r.write_compact(&mut entries);
             entries.push_str(r#","request":{"method":"POST","url":"#);
-            Json::str(rtype.as_str()).write_compact(&mut entries);
+            Json::str(rtype).write_compact(&mut entries);
             entries.push_str("}}");
             // The proof line as the export served it (leaf, leaf data, salt); the paths of
             // all targets are in the Provenance's one multiproof.
