@@ -3,6 +3,10 @@
 //! its small subtrees hashed in memory, and the stored subtree hashes above are remembered.
 //! [`crate::proof::inclusion_proof`] over a [`StateView`] alone reads the record of every leaf
 //! under each sibling below level 4: fifteen record reads a leaf.
+//!
+//! The small subtree hashes of every block read stay in memory (about 1 KB a block), so that
+//! after one ascending pass over many leaves the multiproofs of any subsets of them
+//! ([`PathsAt::multi_proof`]) read nothing again.
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -58,6 +62,8 @@ pub struct PathsAt<'a> {
     view: &'a StateView,
     size: u64,
     blocks: RefCell<BTreeMap<u64, Block>>,
+    /// The subtree hashes of the blocks read and since dropped from `blocks`.
+    small: RefCell<BTreeMap<u64, Vec<Vec<Option<Hash>>>>>,
     stored: RefCell<BTreeMap<(u32, u64), Option<Hash>>>,
     /// The last stored node asked at each level: proofs asked in leaf order share most of
     /// their upper path with the one before.
@@ -74,6 +80,7 @@ impl<'a> PathsAt<'a> {
             view,
             size,
             blocks: RefCell::default(),
+            small: RefCell::default(),
             stored: RefCell::default(),
             last: RefCell::new(vec![None; 64]),
             edges: RefCell::default(),
@@ -100,6 +107,25 @@ impl<'a> PathsAt<'a> {
         self.with_block(leaf / BLOCK, |b| b.headers[(leaf % BLOCK) as usize].as_ref().map(|(h, d)| f(h, d, &path)))
     }
 
+    /// Leaf `leaf`'s header and its encoding (the leaf data) handed to `f`, without a path;
+    /// `None` when the leaf is not below the size.
+    pub fn leaf_with<T>(&self, leaf: u64, f: impl FnOnce(&LeafHeader, &[u8]) -> T) -> io::Result<Option<T>> {
+        if leaf >= self.size {
+            return Ok(None);
+        }
+        self.with_block(leaf / BLOCK, |b| b.headers[(leaf % BLOCK) as usize].as_ref().map(|(h, d)| f(h, d)))
+    }
+
+    /// The [`crate::proof::multi_proof`] of `leaves` (sorted, distinct) at this size; `None`
+    /// when one is not below it.
+    pub fn multi_proof(&self, leaves: &[u64]) -> io::Result<Option<Vec<Hash>>> {
+        let proof = crate::proof::multi_proof(self, leaves, self.size);
+        match self.failed.borrow_mut().take() {
+            Some(e) => Err(e),
+            None => Ok(proof),
+        }
+    }
+
     fn with_block<T>(&self, block: u64, f: impl FnOnce(&Block) -> T) -> io::Result<T> {
         if let Some(b) = self.blocks.borrow().get(&block) {
             return Ok(f(b));
@@ -117,7 +143,9 @@ impl<'a> PathsAt<'a> {
         let out = f(&loaded);
         let mut blocks = self.blocks.borrow_mut();
         if blocks.len() >= BLOCKS_KEPT {
-            blocks.pop_first();
+            if let Some((n, dropped)) = blocks.pop_first() {
+                self.small.borrow_mut().insert(n, dropped.nodes);
+            }
         }
         blocks.insert(block, loaded);
         Ok(out)
@@ -126,6 +154,9 @@ impl<'a> PathsAt<'a> {
     fn small(&self, level: u32, index: u64) -> io::Result<Option<Hash>> {
         let per_block = BLOCK >> level;
         let (block, at) = (index / per_block, (index % per_block) as usize);
+        if let Some(nodes) = self.small.borrow().get(&block) {
+            return Ok(nodes[level as usize][at]);
+        }
         self.with_block(block, |b| b.nodes[level as usize][at])
     }
 }

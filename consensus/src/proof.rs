@@ -211,8 +211,10 @@ pub fn multi_proof(nodes: &dyn Nodes, indices: &[u64], size: u64) -> Option<Vec<
 }
 
 /// The subtrees (`offset`, width) a multiproof of `indices` names, in its order, each asked
-/// of `hash`; `None` for indices that are not sorted, distinct and below `size`.
-fn multi_proof_by(indices: &[u64], size: u64, hash: &dyn Fn(u64, u64) -> Option<Hash>) -> Option<Vec<Hash>> {
+/// of `hash`; `None` for indices that are not sorted, distinct and below `size`. A holder of
+/// some subtree hashes without the tree (an importer combining the multiproofs of several
+/// files, [`multi_root_seeing`]) builds a multiproof of its own from them.
+pub fn multi_proof_by(indices: &[u64], size: u64, hash: &dyn Fn(u64, u64) -> Option<Hash>) -> Option<Vec<Hash>> {
     fn walk(
         hash: &dyn Fn(u64, u64) -> Option<Hash>,
         idx: &[u64],
@@ -240,73 +242,51 @@ fn multi_proof_by(indices: &[u64], size: u64, hash: &dyn Fn(u64, u64) -> Option<
     Some(out)
 }
 
-/// The [`multi_proof`] of `leaves` (`(index, inclusion path)`, sorted by index, distinct)
-/// from their separate RFC 9162 audit paths in a tree of `size`, for a holder of the paths
-/// without the tree (an importer turning an export's proofs into one): every subtree a
-/// multiproof needs is the sibling of some leaf's path. `None` when a path has the wrong
-/// length or a needed subtree is missing.
-pub fn multi_proof_from_paths(leaves: &[(u64, &[Hash])], size: u64) -> Option<Vec<Hash>> {
-    use std::collections::BTreeMap;
-    if leaves.last().is_some_and(|l| l.0 >= size) {
-        return None;
-    }
-    // (offset, width) of each sibling, top down; the path lists them bottom up.
-    let mut known: BTreeMap<(u64, u64), Hash> = BTreeMap::new();
-    for &(index, path) in leaves {
-        let (mut offset, mut n) = (0, size);
-        let mut siblings = Vec::with_capacity(path.len());
-        while n > 1 {
-            let k = split(n);
-            if index < offset + k {
-                siblings.push((offset + k, n - k));
-                n = k;
-            } else {
-                siblings.push((offset, k));
-                offset += k;
-                n -= k;
-            }
-        }
-        if siblings.len() != path.len() {
-            return None;
-        }
-        for (range, hash) in siblings.into_iter().zip(path.iter().rev()) {
-            known.insert(range, *hash);
-        }
-    }
-    let indices: Vec<u64> = leaves.iter().map(|l| l.0).collect();
-    multi_proof_by(&indices, size, &|offset, n| known.get(&(offset, n)).copied())
-}
-
 /// The root that `leaves` (`(index, leaf hash)`, sorted by index, distinct) and a
 /// [`multi_proof`] imply for a tree of `size` leaves; `None` when they do not fit together
 /// (so a caller compares the result with a signed root).
 pub fn multi_root(leaves: &[(u64, Hash)], size: u64, proof: &[Hash]) -> Option<Hash> {
+    multi_root_seeing(leaves, size, proof, &mut |_, _, _| {})
+}
+
+/// [`multi_root`], telling `seen` every subtree hash it met (`offset`, width, hash): the
+/// leaves, the proof's subtrees and every node it computed. A check that keeps them can later
+/// prove any subset of the leaves ([`multi_proof_by`]) without the tree.
+pub fn multi_root_seeing(
+    leaves: &[(u64, Hash)],
+    size: u64,
+    proof: &[Hash],
+    seen: &mut dyn FnMut(u64, u64, &Hash),
+) -> Option<Hash> {
     fn walk<'p>(
         leaves: &[(u64, Hash)],
         offset: u64,
         n: u64,
         proof: &mut impl Iterator<Item = &'p Hash>,
+        seen: &mut dyn FnMut(u64, u64, &Hash),
     ) -> Option<Hash> {
-        if leaves.is_empty() {
-            return proof.next().copied();
-        }
-        if n == 1 {
-            return match leaves {
-                [(i, h)] if *i == offset => Some(*h),
-                _ => None,
-            };
-        }
-        let k = split(n);
-        let cut = leaves.partition_point(|l| l.0 < offset + k);
-        let left = walk(&leaves[..cut], offset, k, proof)?;
-        let right = walk(&leaves[cut..], offset + k, n - k, proof)?;
-        Some(node_hash(&left, &right))
+        let h = if leaves.is_empty() {
+            *proof.next()?
+        } else if n == 1 {
+            match leaves {
+                [(i, h)] if *i == offset => *h,
+                _ => return None,
+            }
+        } else {
+            let k = split(n);
+            let cut = leaves.partition_point(|l| l.0 < offset + k);
+            let left = walk(&leaves[..cut], offset, k, proof, seen)?;
+            let right = walk(&leaves[cut..], offset + k, n - k, proof, seen)?;
+            node_hash(&left, &right)
+        };
+        seen(offset, n, &h);
+        Some(h)
     }
     if leaves.is_empty() || !leaves.windows(2).all(|w| w[0].0 < w[1].0) || leaves.last().is_some_and(|l| l.0 >= size) {
         return None;
     }
     let mut it = proof.iter();
-    let root = walk(leaves, 0, size, &mut it)?;
+    let root = walk(leaves, 0, size, &mut it, seen)?;
     it.next().is_none().then_some(root)
 }
 
@@ -321,21 +301,35 @@ mod tests {
     }
 
     #[test]
-    fn multiproofs_from_audit_paths_equal_those_from_the_tree() {
-        for n in 1..=11u64 {
+    fn the_subtrees_several_multiproofs_show_prove_any_subset_of_their_leaves() {
+        for n in 1..=8u64 {
             let l = leaves(n);
             let nodes = LeafNodes(&l);
-            let paths: Vec<Vec<Hash>> = (0..n).map(|i| inclusion_proof(&nodes, i, n).unwrap()).collect();
             for mask in 1u32..(1 << n) {
+                // Two files: every other leaf of the subset in each.
                 let idx: Vec<u64> = (0..n).filter(|i| mask & (1 << i) != 0).collect();
-                let given: Vec<(u64, &[Hash])> = idx.iter().map(|&i| (i, paths[i as usize].as_slice())).collect();
-                assert_eq!(multi_proof_from_paths(&given, n), multi_proof(&nodes, &idx, n), "{idx:?} of {n}");
+                let mut known = std::collections::BTreeMap::new();
+                for file in [0, 1] {
+                    let mine: Vec<u64> = idx.iter().skip(file).step_by(2).copied().collect();
+                    if mine.is_empty() {
+                        continue;
+                    }
+                    let proof = multi_proof(&nodes, &mine, n).unwrap();
+                    let given: Vec<(u64, Hash)> = mine.iter().map(|&i| (i, l[i as usize])).collect();
+                    let root = multi_root_seeing(&given, n, &proof, &mut |o, w, h| {
+                        known.insert((o, w), *h);
+                    });
+                    assert_eq!(root, Some(root_of(&l)));
+                }
+                let mut sub = mask;
+                while sub != 0 {
+                    let some: Vec<u64> = (0..n).filter(|i| sub & (1 << i) != 0).collect();
+                    let combined = multi_proof_by(&some, n, &|o, w| known.get(&(o, w)).copied());
+                    assert_eq!(combined, multi_proof(&nodes, &some, n), "{some:?} of {idx:?} in {n}");
+                    sub = (sub - 1) & mask;
+                }
             }
         }
-        let l = leaves(5);
-        let path = inclusion_proof(&LeafNodes(&l), 2, 5).unwrap();
-        assert_eq!(multi_proof_from_paths(&[(2, &path[1..])], 5), None, "a short path");
-        assert_eq!(multi_proof_from_paths(&[(3, &path), (2, &path)], 5), None, "unsorted");
     }
 
     #[test]

@@ -1,8 +1,8 @@
 //! A Bulk export as a client saved it (`manifest.json` and every file it links, under the
 //! last segment of its URL) checked against its trust label, trusting only the node keys
 //! given: the label's signature, the tree head's quorum, each file's SHA-256 and line count,
-//! and every line's leaf, content commitment and inclusion proof. Names the file and line of
-//! the first thing that fails. `fhir-ledger verify export`, `transfer pull` and `$import`
+//! every line's leaf and content commitment, and each file's multiproof of its leaves. Names
+//! the file and line of the first thing that fails. `fhir-ledger verify export`, `transfer pull` and `$import`
 //! run it, on a directory or on files held in memory ([`Files`]).
 
 use std::borrow::Cow;
@@ -40,12 +40,26 @@ pub struct Verified {
     pub files: Vec<(String, String, Vec<u64>)>,
     /// The export was reduced by `_elements`: its lines are not bound to their leaves.
     pub subsetted: bool,
-    /// What the check hashed and how many signatures it verified (its cryptographic floor).
+    /// What the check hashed, the Merkle nodes it computed and how many signatures it
+    /// verified (its cryptographic floor).
     pub bytes_hashed: u64,
+    pub nodes_hashed: u64,
     pub signatures: u64,
     /// The output files as [`check_keeping`] read them, in the label's order (empty after
     /// [`check`]): an import then reads no file and parses no proof a second time.
     pub kept: Vec<Kept>,
+    /// Every subtree hash the files' multiproofs gave or implied, by (offset, width), after
+    /// [`check_keeping`]: enough to prove any subset of the export's leaves
+    /// ([`Verified::multi_proof`]).
+    pub known: HashMap<(u64, u64), Hash>,
+}
+
+impl Verified {
+    /// One multiproof of `leaves` (sorted, distinct, all in the export) to the export's head,
+    /// from the subtrees its files' multiproofs gave; `None` if one is missing.
+    pub fn multi_proof(&self, leaves: &[u64]) -> Option<Vec<Hash>> {
+        consensus::proof::multi_proof_by(leaves, self.head.size, &|offset, n| self.known.get(&(offset, n)).copied())
+    }
 }
 
 /// An output file as the check read it: its text, and each line's source, line for line.
@@ -56,13 +70,11 @@ pub struct Kept {
 }
 
 /// The source version of a verified line: `type/id` from its leaf header (as references
-/// name it), the leaf, the proof line as the export served it less its path (leaf, leaf
-/// data, salt), and the path.
+/// name it), the leaf, and the proof line as the export served it (leaf, leaf data, salt).
 pub struct Source {
     pub key: String,
     pub leaf: u64,
     pub proof: String,
-    pub path: Vec<Hash>,
 }
 
 impl Source {
@@ -161,10 +173,14 @@ fn check_with(dir: &dyn Files, trusted: &[VerifyingKey], quorum: usize, keep: bo
     let mut bound = Vec::new();
     let mut kept = Vec::new();
     let mut bytes_hashed = payload.len() as u64;
+    let mut nodes_hashed = 0;
+    let mut known = HashMap::new();
     for r in results {
         let c = r.ok_or_else(|| Unchecked("a checking thread failed".into()))??;
         bytes_hashed += c.hashed;
+        nodes_hashed += c.nodes;
         kept.extend(c.kept);
+        known.extend(c.known);
         let Some((name, kind, leaves)) = c.file else { continue };
         for (i, &leaf) in leaves.iter().enumerate() {
             if !seen.insert(leaf) {
@@ -174,15 +190,30 @@ fn check_with(dir: &dyn Files, trusted: &[VerifyingKey], quorum: usize, keep: bo
         lines += leaves.len() as u64;
         bound.push((name, kind, leaves));
     }
-    Ok(Verified { head, cosigners, signers, lines, files: bound, subsetted, bytes_hashed, signatures, kept })
+    Ok(Verified {
+        head,
+        cosigners,
+        signers,
+        lines,
+        files: bound,
+        subsetted,
+        bytes_hashed,
+        nodes_hashed,
+        signatures,
+        kept,
+        known,
+    })
 }
 
-/// One file checked: the bytes hashed, for data files their name, kind and leaves, and an
-/// output file kept for an import.
+/// One file checked: the bytes and Merkle nodes hashed, for data files their name, kind and
+/// leaves, an output file kept for an import and the subtree hashes its multiproof gave.
+#[derive(Default)]
 struct Checked {
     hashed: u64,
+    nodes: u64,
     file: Option<(String, String, Vec<u64>)>,
     kept: Option<Kept>,
+    known: Vec<((u64, u64), Hash)>,
 }
 
 /// Checks one file the label names (digest, count) and, for data files, every line against
@@ -203,32 +234,75 @@ fn check_file(dir: &dyn Files, f: &Value, head: &TreeHead, subsetted: bool, keep
         return Err(Invalid(format!("{name}: {} lines, the trust label says {}", data.len(), f["count"])));
     }
     if f["kind"] == "error" {
-        return Ok(Checked { hashed, file: None, kept: None });
+        return Ok(Checked { hashed, ..Checked::default() });
     }
     let proofs_file = proofs_name(name);
     let proofs_bytes = dir.read(&proofs_file)?;
     let proofs: Vec<&str> =
         std::str::from_utf8(&proofs_bytes).map_err(|_| Invalid(format!("{proofs_file}: not UTF-8")))?.lines().collect();
-    if proofs.len() != data.len() {
-        return Err(Invalid(format!("{proofs_file}: {} proofs for {} lines of {name}", proofs.len(), data.len())));
-    }
+    let Some((multiproof, proofs)) = proofs.split_last().filter(|(_, p)| p.len() == data.len()) else {
+        return Err(Invalid(format!(
+            "{proofs_file}: {} lines for {} lines of {name} and a multiproof",
+            proofs.len(),
+            data.len()
+        )));
+    };
     let deletion = f["kind"] == "deleted";
     let keep = keep && f["kind"] == "output";
-    let mut leaves = Vec::with_capacity(data.len());
+    let mut leaves: Vec<(u64, Hash)> = Vec::with_capacity(data.len());
     let mut sources = Vec::with_capacity(if keep { data.len() } else { 0 });
-    for (i, (line, proof)) in data.iter().zip(&proofs).enumerate() {
-        let checked = check_line(line, proof, head, deletion, subsetted)
-            .map_err(|e| Invalid(format!("{name} line {}: {e}", i + 1)))?;
+    for (i, (line, proof)) in data.iter().zip(proofs).enumerate() {
+        let checked =
+            check_line(line, proof, deletion, subsetted).map_err(|e| Invalid(format!("{name} line {}: {e}", i + 1)))?;
+        if leaves.last().is_some_and(|&(l, _)| l >= checked.leaf) {
+            return Err(Invalid(format!("{proofs_file} line {}: leaf {} is out of order", i + 1, checked.leaf)));
+        }
         hashed += checked.hashed;
-        leaves.push(checked.leaf);
+        leaves.push((checked.leaf, checked.hash));
         if keep {
-            sources.push(checked.source());
+            sources.push(checked.source(proof));
         }
     }
+    let multiproof =
+        multiproof_of(multiproof).map_err(|e| Invalid(format!("{proofs_file} line {}: {e}", proofs.len() + 1)))?;
+    let mut known = Vec::new();
+    let mut nodes = 0u64;
+    let root = consensus::proof::multi_root_seeing(&leaves, head.size, &multiproof, &mut |offset, n, h| {
+        nodes += 1;
+        if keep {
+            known.push(((offset, n), *h));
+        }
+    });
+    let rebuilt = if leaves.is_empty() { multiproof.is_empty() } else { root == Some(head.root) };
+    if !rebuilt {
+        return Err(Invalid(format!(
+            "{proofs_file} line {}: the leaves of {name} and this multiproof do not rebuild the tree head of size {}",
+            proofs.len() + 1,
+            head.size
+        )));
+    }
+    // Of the subtrees met, the proof's and the leaves were given, the rest hashed.
+    nodes = nodes.saturating_sub((multiproof.len() + leaves.len()) as u64);
     let kind = f["kind"].as_str().unwrap_or_default().to_string();
     drop(data); // its lines borrow `text`, which the import keeps
     let kept = keep.then(|| Kept { name: name.to_string(), text, sources });
-    Ok(Checked { hashed, file: Some((name.to_string(), kind, leaves)), kept })
+    let leaves = leaves.into_iter().map(|(l, _)| l).collect();
+    Ok(Checked { hashed, nodes, file: Some((name.to_string(), kind, leaves)), kept, known })
+}
+
+/// The last line of a proof file: `{"multiproof":"…"}`, base64 of 32-byte hashes.
+fn multiproof_of(line: &str) -> Result<Vec<Hash>, String> {
+    #[derive(serde::Deserialize)]
+    struct Line<'a> {
+        #[serde(borrow)]
+        multiproof: Cow<'a, str>,
+    }
+    let l: Line<'_> = serde_json::from_str(line).map_err(|_| "not the file's multiproof".to_string())?;
+    let bytes = b64(Some(&l.multiproof), "the multiproof")?;
+    if bytes.len() % 32 != 0 {
+        return Err("the multiproof is not a list of 32-byte hashes".into());
+    }
+    Ok(bytes.chunks_exact(32).filter_map(|c| c.try_into().ok()).collect())
 }
 
 /// Every file the manifest lists must be one the label signs, with the same count.
@@ -252,16 +326,6 @@ fn b64(s: Option<&str>, what: &str) -> Result<Vec<u8>, String> {
     s.and_then(|s| unb64(s).ok()).ok_or_else(|| format!("{what} is not base64"))
 }
 
-/// A base64 path hash, decoded on the stack (a proof file holds millions of them).
-fn hash_of(s: &str) -> Result<Hash, String> {
-    use base64::Engine as _;
-    let mut buf = [0u8; 48];
-    match base64::engine::general_purpose::STANDARD.decode_slice(s, &mut buf) {
-        Ok(32) => Ok(buf[..32].try_into().unwrap_or([0; 32])),
-        _ => Err("a path hash is not the base64 of 32 bytes".to_string()),
-    }
-}
-
 /// A line of a proof file (`render::write_proofs`), read without building a JSON tree.
 #[derive(serde::Deserialize)]
 struct ProofLine<'a> {
@@ -270,45 +334,27 @@ struct ProofLine<'a> {
     leaf_data: Cow<'a, str>,
     #[serde(borrow, default)]
     salt: Option<Cow<'a, str>>,
-    #[serde(borrow)]
-    path: Vec<Cow<'a, str>>,
 }
 
-/// A line checked: its leaf, the bytes hashed to check it, and what an import keeps of it.
-struct Line<'a> {
+/// A line checked: its leaf and leaf hash, the bytes hashed to check it, and its header.
+struct Line {
     leaf: u64,
+    hash: Hash,
     hashed: u64,
-    proof: ProofLine<'a>,
     header: LeafHeader,
-    path: Vec<Hash>,
 }
 
-impl Line<'_> {
-    fn source(self) -> Source {
-        use crate::fhir::json::Json;
-        let mut members =
-            vec![("leaf", Json::Number(self.leaf.to_string())), ("leafData", Json::str(self.proof.leaf_data))];
-        if let Some(salt) = self.proof.salt {
-            members.push(("salt", Json::str(salt)));
-        }
-        Source {
-            key: format!("{}/{}", self.header.rtype, self.header.id),
-            leaf: self.leaf,
-            proof: Json::obj(members).to_compact(),
-            path: self.path,
-        }
+impl Line {
+    /// What an import keeps of the line whose proof line is `proof`.
+    fn source(self, proof: &str) -> Source {
+        Source { key: format!("{}/{}", self.header.rtype, self.header.id), leaf: self.leaf, proof: proof.to_string() }
     }
 }
 
-/// One line against its proof: the leaf's header names this resource version (or this
-/// deletion), its content commitment matches the line's bytes, and the leaf is in the tree.
-fn check_line<'a>(
-    line: &str,
-    proof: &'a str,
-    head: &TreeHead,
-    deletion: bool,
-    subsetted: bool,
-) -> Result<Line<'a>, String> {
+/// One line against its proof line: the leaf's header names this resource version (or this
+/// deletion) and its content commitment matches the line's bytes. That the leaf is in the
+/// tree, its file's multiproof shows.
+fn check_line(line: &str, proof: &str, deletion: bool, subsetted: bool) -> Result<Line, String> {
     let p: ProofLine<'_> = serde_json::from_str(proof).map_err(|_| "its proof is not a proof line".to_string())?;
     let leaf = p.leaf;
     let data = b64(Some(&p.leaf_data), "leafData")?;
@@ -338,11 +384,7 @@ fn check_line<'a>(
             return Err(format!("its bytes are not the content leaf {leaf} commits to"));
         }
     }
-    let path: Vec<Hash> = p.path.iter().map(|x| hash_of(x)).collect::<Result<_, _>>()?;
-    if leaf >= head.size || !consensus::proof::verify_inclusion(leaf, head.size, &leaf_hash(&data), &path, &head.root) {
-        return Err(format!("leaf {leaf} is not in the tree head of size {}", head.size));
-    }
-    // The content commitment (prefix, salt, line), the leaf hash, one node hash per step.
-    let hashed = if deletion { 0 } else { 55 + line.len() as u64 } + 1 + data.len() as u64 + 65 * path.len() as u64;
-    Ok(Line { leaf, hashed, proof: p, header: h, path })
+    // The content commitment (prefix, salt, line) and the leaf hash.
+    let hashed = if deletion { 0 } else { 55 + line.len() as u64 } + 1 + data.len() as u64;
+    Ok(Line { leaf, hash: leaf_hash(&data), hashed, header: h })
 }

@@ -10,7 +10,9 @@ use serde_json::{json, Value};
 use super::{Job, Kind};
 use crate::error::FhirError;
 
-pub const FORMAT: &str = "fhir-ledger-trust-label/1";
+/// Format 2: each proof file ends in one multiproof of its leaves (format 1 gave every line
+/// its own path).
+pub const FORMAT: &str = "fhir-ledger-trust-label/2";
 /// The JWS `typ` of a trust label signature.
 pub const TYP: &str = "fhir-ledger-trust-label+jws";
 /// The name of the label file beside the data, and of the manifest extension that carries it.

@@ -53,7 +53,7 @@ pub fn write_import(
     let stop = AtomicBool::new(false);
     let workers = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get).min(pieces.len());
     std::thread::scope(|scope| {
-        let multiproof = scope.spawn(|| multiproof(&v.kept, v.head.size));
+        let multiproof = scope.spawn(|| multiproof(v));
         let (done, rendered) = std::sync::mpsc::channel();
         for _ in 0..workers {
             let done = done.clone();
@@ -97,12 +97,12 @@ fn imported(kept: &[Kept]) -> impl Iterator<Item = &Source> {
     kept.iter().flat_map(|k| &k.sources).filter(|s| s.rtype() != "AuditEvent")
 }
 
-/// One RFC 9162 multiproof of every imported source leaf, from the paths the export gave.
-fn multiproof(kept: &[Kept], size: u64) -> anyhow::Result<Vec<Hash>> {
-    let mut paths: Vec<(u64, &[Hash])> = imported(kept).map(|s| (s.leaf, s.path.as_slice())).collect();
-    paths.sort_unstable_by_key(|p| p.0);
-    consensus::proof::multi_proof_from_paths(&paths, size)
-        .context("the export's inclusion proofs do not combine into one multiproof")
+/// One RFC 9162 multiproof of every imported source leaf, from the subtrees the export's
+/// multiproofs gave.
+fn multiproof(v: &Verified) -> anyhow::Result<Vec<Hash>> {
+    let mut leaves: Vec<u64> = imported(&v.kept).map(|s| s.leaf).collect();
+    leaves.sort_unstable();
+    v.multi_proof(&leaves).context("the export's multiproofs do not combine into one of the imported leaves")
 }
 
 /// Lines of one file, with their sources.

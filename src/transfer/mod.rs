@@ -219,7 +219,7 @@ pub fn verify_provenance(
 mod tests {
     use super::*;
     use consensus::merkle::{leaf_hash, root_of, Hash};
-    use consensus::proof::{inclusion_proof, LeafNodes};
+    use consensus::proof::LeafNodes;
 
     /// A Provenance as `import_bundle` writes it over a tree of 9 leaves, targets at leaves
     /// 1, 4 and 7, its head signed by `key`.
@@ -238,10 +238,7 @@ mod tests {
         let hashes: Vec<Hash> = data.iter().map(|d| leaf_hash(d)).collect();
         let head = crate::treehead::TreeHead::signed(9, root_of(&hashes), 1, "node-1", key);
         let picked = [1u64, 4, 7];
-        let paths: Vec<Vec<Hash>> =
-            picked.iter().map(|&i| inclusion_proof(&LeafNodes(&hashes), i, 9).unwrap()).collect();
-        let given: Vec<(u64, &[Hash])> = picked.iter().zip(&paths).map(|(&i, p)| (i, p.as_slice())).collect();
-        let multiproof = consensus::proof::multi_proof_from_paths(&given, 9).unwrap();
+        let multiproof = consensus::proof::multi_proof(&LeafNodes(&hashes), &picked, 9).unwrap();
         let targets: Vec<Value> = picked
             .iter()
             .map(|&i| {
@@ -268,8 +265,10 @@ mod tests {
             files: Vec::new(),
             subsetted: false,
             bytes_hashed: 0,
+            nodes_hashed: 0,
             signatures: 0,
             kept: Vec::new(),
+            known: std::collections::HashMap::new(),
         };
         let e = import_bundle(&v, "https://old.example", "old").unwrap_err();
         assert_eq!(e.to_string(), "the export holds no resource to import");

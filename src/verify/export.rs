@@ -27,14 +27,15 @@ pub(super) fn export(a: &ExportArgs) -> Result<String, Failure> {
     })?;
     let secs = start.elapsed().as_secs_f64();
     println!(
-        "checked {} lines, {:.1} MB hashed, {} signatures in {secs:.2} s: {:.0} lines/s",
+        "checked {} lines, {:.1} MB hashed, {} Merkle nodes, {} signatures in {secs:.2} s: {:.0} lines/s",
         v.lines,
         v.bytes_hashed as f64 / 1e6,
+        v.nodes_hashed,
         v.signatures,
         v.lines as f64 / secs
     );
     if a.crypto_bound {
-        let bound = super::crypto_bound(v.bytes_hashed, v.signatures);
+        let bound = super::crypto_bound_with_nodes(v.bytes_hashed, v.nodes_hashed, v.signatures);
         println!(
             "crypto bound on this machine: SHA-256 {:.0} MB/s, ed25519 batch verify {:.0} signatures/s: {:.2} s for this export; verify ran at {:.0}% of it",
             bound.sha256_mb_s,

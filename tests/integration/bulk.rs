@@ -423,6 +423,7 @@ async fn a_downloaded_export_verifies_offline_and_tampering_is_named() {
     let key_hex = std::fs::read_to_string(s.dir.path().join("node.key")).expect("node.key");
     let key_bytes: [u8; 32] = hex::decode(key_hex.trim()).expect("hex").try_into().expect("32 bytes");
     let node_key = ed25519_dalek::SigningKey::from_bytes(&key_bytes);
+    let forger = node_key.clone();
     let cases: Vec<(&str, Tamper, &str)> = vec![
         (
             "a flipped byte",
@@ -482,6 +483,30 @@ async fn a_downloaded_export_verifies_offline_and_tampering_is_named() {
                 resign(d, "Observation-1.ndjson", &node_key);
             }),
             "Observation-1.ndjson line 1",
+        ),
+        (
+            "a changed line whose leaf data was forged to commit to it, under a re-signed label",
+            Box::new(move |d| {
+                edit(d, "Observation-1.ndjson", |mut l| {
+                    l[0] = l[0].replacen("secret", "SECRET", 1);
+                    l
+                });
+                let changed = std::fs::read_to_string(d.join("Observation-1.ndjson")).expect("file");
+                let changed = changed.lines().next().expect("a line").to_string();
+                edit(d, "Observation-1.proofs.ndjson", |mut l| {
+                    let mut proof: Value = serde_json::from_str(&l[0]).expect("a proof line");
+                    let b64 = base64::engine::general_purpose::STANDARD;
+                    let salt = base64::Engine::decode(&b64, proof["salt"].as_str().expect("salt")).expect("b64");
+                    let data = base64::Engine::decode(&b64, proof["leafData"].as_str().expect("data")).expect("b64");
+                    let mut header = consensus::LeafHeader::decode(&data).expect("a leaf header");
+                    header.content_sha256 = consensus::content_commitment(&salt, changed.as_bytes());
+                    proof["leafData"] = json!(base64::Engine::encode(&b64, header.encode()));
+                    l[0] = proof.to_string();
+                    l
+                });
+                resign(d, "Observation-1.ndjson", &forger);
+            }),
+            "Observation-1.proofs.ndjson",
         ),
         (
             "a deletion that never happened",
