@@ -4,7 +4,7 @@
 #   1. the patients into a fresh fhir-ledger process (transactions, 4 clients);
 #   2. the same resources into a throwaway PostgreSQL as JSONB (the ingest benchmark's table),
 #      then `COPY (SELECT content FROM resources) TO STDOUT`: the baseline;
-#   3. once the node has folded the load into its search index, a system-level $export with
+#   3. once the node has folded the load into its search index and gone idle, a system-level $export with
 #      its trust label, from kick-off until every file (data, proofs, label) is on disk
 #      (`fhir-ledger export download`), against that baseline;
 #   4. `fhir-ledger verify export --crypto-bound` of the download (against this machine's
@@ -51,9 +51,11 @@ printf '%s\n' "${bundles[@]}" | xargs -P4 -I{} sh -c \
 t1=$(now)
 echo "ingest: $total resources in $(python3 -c "print(round($t1 - $t0, 1))") s: $(rate $total $t0 $t1) resources/s (4 clients)"
 # The exports below measure a quiet node, as COPY measures a vacuumed table: the search index
-# folds the load in the background first.
+# folds the load in the background first, and its stores flush and compact what it wrote.
 wait_folded "$source_base"
 echo "index folded $(python3 -c "print(round($(now) - $t1, 1))") s after the load"
+wait_idle "$source_server"
+echo "node idle $(python3 -c "print(round($(now) - $t1, 1))") s after the load"
 
 # 2. PostgreSQL: the same resources as JSONB, then COPY out
 start_postgres "$work/pg"

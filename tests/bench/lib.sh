@@ -43,6 +43,26 @@ wait_folded() {
   return 1
 }
 
+# Waits until process $1 is idle: under 5% of a core over a second, twice in a row (its
+# store's flushes and compactions after a load done, as VACUUM is for PostgreSQL).
+wait_idle() {
+  local ticks before after quiet=0
+  ticks=$(getconf CLK_TCK)
+  for _ in $(seq 1 600); do
+    before=$(awk '{print $14 + $15}' "/proc/$1/stat")
+    sleep 1
+    after=$(awk '{print $14 + $15}' "/proc/$1/stat")
+    if [ $((after - before)) -le $((ticks / 20)) ]; then
+      quiet=$((quiet + 1))
+      [ "$quiet" -ge 2 ] && return 0
+    else
+      quiet=0
+    fi
+  done
+  echo "process $1 was still busy after 10 minutes" >&2
+  return 1
+}
+
 machine() {
   echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(free -g | awk '/Mem/ {print $2}') GiB; $(date -u +%Y-%m-%dT%H:%MZ); $(uname -r)"
 }
