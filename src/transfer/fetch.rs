@@ -114,7 +114,9 @@ async fn fetch(
     Ok(())
 }
 
-/// Downloads the export at status URL `url` into `dir`; returns the manifest.
+/// Downloads the export at status URL `url` into `dir`; returns the manifest. Each file is
+/// a task of its own, so that the downloads' copies into files spread over the cores (driven
+/// together on one thread, that thread was most of a download's time).
 pub async fn download(url: &str, dir: &Path, token: Option<&str>) -> anyhow::Result<Value> {
     let http = reqwest::Client::builder().timeout(Duration::from_hours(1)).build()?;
     let manifest = manifest(&http, url, token, &|p| eprintln!("export: {p}")).await?;
@@ -122,17 +124,19 @@ pub async fn download(url: &str, dir: &Path, token: Option<&str>) -> anyhow::Res
     std::fs::write(dir.join("manifest.json"), serde_json::to_vec_pretty(&manifest)?)?;
     let urls = linked(&manifest)?;
     let total = urls.len();
-    let http = &http;
-    let mut fetches = futures::stream::iter(urls.iter().map(|u| async move {
-        let mut out = std::fs::File::create(dir.join(name_of(u)))?;
-        fetch(http, u, token, &mut |b| Ok(out.write_all(b)?)).await?;
-        anyhow::Ok(name_of(u).to_string())
+    let mut fetches = futures::stream::iter(urls.into_iter().map(|u| {
+        let (http, path, token) = (http.clone(), dir.join(name_of(&u)), token.map(str::to_string));
+        tokio::spawn(async move {
+            let mut out = std::fs::File::create(&path)?;
+            fetch(&http, &u, token.as_deref(), &mut |b| Ok(out.write_all(b)?)).await?;
+            anyhow::Ok(name_of(&u).to_string())
+        })
     }))
     .buffer_unordered(PARALLEL);
     let mut done = 0;
     while let Some(name) = fetches.next().await {
         done += 1;
-        eprintln!("export: {done}/{total} {}", name?);
+        eprintln!("export: {done}/{total} {}", name.context("a download's task failed")??);
     }
     Ok(manifest)
 }
