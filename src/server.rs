@@ -95,13 +95,15 @@ async fn open_keys_and_repo(
         api_addr: api_addr.to_string(),
         snapshot_every: cfg.snapshot_every,
         raft_listener: raft,
-        // A quarter each: the state's pages, the index's blocks, decoded index documents and
-        // decrypted bodies.
-        cache_bytes: cfg.cache_bytes / 4,
+        // Three eighths to the ledger (two of them the state's pages, one its lookup tables),
+        // a quarter each to the index's blocks and decoded index documents, an eighth to
+        // decrypted bodies: a body missed is one read of a state page, which then is cached.
+        cache_bytes: cfg.cache_bytes / 8 * 3,
     })
     .await?;
     let caches = usize::try_from(cfg.cache_bytes / 4).unwrap_or(usize::MAX);
-    let repo = Repo::new(ledger, id.signing.clone(), id.kek, id.index_key, profiles, params, caches);
+    let bodies = usize::try_from(cfg.cache_bytes / 8).unwrap_or(usize::MAX);
+    let repo = Repo::new(ledger, id.signing.clone(), id.kek, id.index_key, profiles, params, caches, bodies);
     Ok((id, Arc::new(repo)))
 }
 
