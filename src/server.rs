@@ -96,14 +96,13 @@ async fn open_keys_and_repo(
         snapshot_every: cfg.snapshot_every,
         raft_listener: raft,
         // Three eighths to the ledger (two of them the state's pages, one its lookup tables),
-        // a quarter each to the index's blocks and decoded index documents, an eighth to
-        // decrypted bodies: a body missed is one read of a state page, which then is cached.
+        // a quarter each to decrypted bodies and the index's blocks, an eighth to decoded
+        // index documents (the search index's `Store`).
         cache_bytes: cfg.cache_bytes / 8 * 3,
     })
     .await?;
     let caches = usize::try_from(cfg.cache_bytes / 4).unwrap_or(usize::MAX);
-    let bodies = usize::try_from(cfg.cache_bytes / 8).unwrap_or(usize::MAX);
-    let repo = Repo::new(ledger, id.signing.clone(), id.kek, id.index_key, profiles, params, caches, bodies);
+    let repo = Repo::new(ledger, id.signing.clone(), id.kek, id.index_key, profiles, params, caches);
     Ok((id, Arc::new(repo)))
 }
 

@@ -122,8 +122,6 @@ impl Stored {
 }
 
 impl Repo {
-    /// `cache_bytes` for each cache beside the body cache, `body_cache_bytes` for that.
-    #[allow(clippy::too_many_arguments)] // the keys, definitions and cache sizes a node opens with
     pub fn new(
         ledger: Ledger,
         signer: ed25519_dalek::SigningKey,
@@ -132,10 +130,9 @@ impl Repo {
         profiles: Arc<Profiles>,
         params: Arc<SearchParams>,
         cache_bytes: usize,
-        body_cache_bytes: usize,
     ) -> Self {
         let view = ledger.view();
-        let bodies = body_cache::BodyCache::new(body_cache_bytes);
+        let bodies = body_cache::BodyCache::new(cache_bytes);
         Self { ledger, signer, view, keys: Keyring::new(kek), index_key, profiles, params, bodies, cache_bytes }
     }
 

@@ -181,7 +181,8 @@ impl Engine {
         let dir = repo.ledger().local_dir("search");
         let tree =
             consensus::lsm_store::Tree::open(&dir, "index", repo.cache_bytes() as u64).map_err(FhirError::internal)?;
-        let store = Store::open(tree, repo.clone(), repo.cache_bytes())?;
+        // Decoded documents take half a cache: an eighth of `--cache-mb` (`server.rs`).
+        let store = Store::open(tree, repo.clone(), repo.cache_bytes() / 2)?;
         let types =
             profiles.resource_types().iter().cloned().chain(internal.iter().map(|t| (*t).to_string())).collect();
         let index =
