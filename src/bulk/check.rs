@@ -293,11 +293,11 @@ fn check_file(dir: &dyn Files, f: &Value, head: &TreeHead, subsetted: bool, keep
 /// The last line of a proof file: `{"multiproof":"…"}`, base64 of 32-byte hashes.
 fn multiproof_of(line: &str) -> Result<Vec<Hash>, String> {
     #[derive(serde::Deserialize)]
-    struct Line<'a> {
+    struct Last<'a> {
         #[serde(borrow)]
         multiproof: Cow<'a, str>,
     }
-    let l: Line<'_> = serde_json::from_str(line).map_err(|_| "not the file's multiproof".to_string())?;
+    let l: Last<'_> = serde_json::from_str(line).map_err(|_| "not the file's multiproof".to_string())?;
     let bytes = b64(Some(&l.multiproof), "the multiproof")?;
     if bytes.len() % 32 != 0 {
         return Err("the multiproof is not a list of 32-byte hashes".into());
