@@ -424,6 +424,7 @@ async fn a_downloaded_export_verifies_offline_and_tampering_is_named() {
     let key_bytes: [u8; 32] = hex::decode(key_hex.trim()).expect("hex").try_into().expect("32 bytes");
     let node_key = ed25519_dalek::SigningKey::from_bytes(&key_bytes);
     let forger = node_key.clone();
+    let reorderer = node_key.clone();
     let cases: Vec<(&str, Tamper, &str)> = vec![
         (
             "a flipped byte",
@@ -507,6 +508,30 @@ async fn a_downloaded_export_verifies_offline_and_tampering_is_named() {
                 resign(d, "Observation-1.ndjson", &forger);
             }),
             "Observation-1.proofs.ndjson",
+        ),
+        (
+            "the proof file's multiproof cut off",
+            Box::new(|d| {
+                edit(d, "Observation-1.proofs.ndjson", |mut l| {
+                    l.pop();
+                    l
+                });
+            }),
+            "Observation-1.proofs.ndjson",
+        ),
+        (
+            "two lines swapped within a file, their proof lines with them, under a re-signed label",
+            Box::new(move |d| {
+                for name in ["Observation-1.ndjson", "Observation-1.proofs.ndjson"] {
+                    edit(d, name, |mut l| {
+                        assert!(l.len() >= 2, "{name} has two lines to swap");
+                        l.swap(0, 1);
+                        l
+                    });
+                }
+                resign(d, "Observation-1.ndjson", &reorderer);
+            }),
+            "Observation-1.proofs.ndjson line 2",
         ),
         (
             "a deletion that never happened",
