@@ -342,6 +342,13 @@ fn edit(dir: &std::path::Path, name: &str, f: impl FnOnce(Vec<String>) -> Vec<St
     std::fs::write(path, text).expect("write");
 }
 
+fn drop_last_line(dir: &std::path::Path, name: &str) {
+    edit(dir, name, |mut l| {
+        l.pop();
+        l
+    });
+}
+
 /// Re-signs `dir`'s trust label with `key` after `name` changed, as a node whose key leaked
 /// could: its digest and count put right, a valid signature by a trusted key.
 fn resign(dir: &std::path::Path, name: &str, key: &ed25519_dalek::SigningKey) {
@@ -436,16 +443,7 @@ async fn a_downloaded_export_verifies_offline_and_tampering_is_named() {
             }),
             "Observation-1.ndjson",
         ),
-        (
-            "a dropped line",
-            Box::new(|d| {
-                edit(d, "Observation-1.ndjson", |mut l| {
-                    l.pop();
-                    l
-                });
-            }),
-            "Observation-1.ndjson",
-        ),
+        ("a dropped line", Box::new(|d| drop_last_line(d, "Observation-1.ndjson")), "Observation-1.ndjson"),
         (
             "lines swapped between files",
             Box::new(|d| {
@@ -511,12 +509,7 @@ async fn a_downloaded_export_verifies_offline_and_tampering_is_named() {
         ),
         (
             "the proof file's multiproof cut off",
-            Box::new(|d| {
-                edit(d, "Observation-1.proofs.ndjson", |mut l| {
-                    l.pop();
-                    l
-                });
-            }),
+            Box::new(|d| drop_last_line(d, "Observation-1.proofs.ndjson")),
             "Observation-1.proofs.ndjson",
         ),
         (
