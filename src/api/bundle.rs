@@ -18,7 +18,7 @@ use crate::auth::scopes::Perm;
 use crate::codec::parse_query;
 use crate::error::{information, FhirError};
 use crate::fhir::json::Json;
-use crate::fhir::refs::for_each_reference_mut;
+use crate::fhir::refs::{for_each_reference_mut, split_reference};
 use crate::fhir::{instant, is_valid_id};
 use crate::repo::interactions::{self, Planned};
 use crate::repo::{Plan, Stored};
@@ -42,6 +42,9 @@ struct Entry {
     id: Option<String>,
     query: Option<String>,
     full_url: Option<String>,
+    /// The server a RESTful `fullUrl` names, against which the resource's relative
+    /// references resolve.
+    rest_base: Option<String>,
     resource: Option<Json>,
     if_none_exist: Option<String>,
     if_match: Option<u64>,
@@ -93,6 +96,7 @@ fn parse_entry(search: &crate::search::Engine, i: usize, mut e: Json) -> Result<
         None => None,
     };
     let full_url = e.get("fullUrl").and_then(Json::as_str).map(String::from);
+    let rest_base = full_url.as_deref().and_then(restful_base).map(String::from);
     let if_none_exist = req.get("ifNoneExist").and_then(Json::as_str).map(String::from);
     let resource = e.remove("resource");
     if matches!(method, Method::Post | Method::Put) {
@@ -122,6 +126,7 @@ fn parse_entry(search: &crate::search::Engine, i: usize, mut e: Json) -> Result<
         id,
         query,
         full_url,
+        rest_base,
         resource,
         if_none_exist,
         if_match,
@@ -199,10 +204,58 @@ fn resolve_conditional(plan: &mut Plan<'_>, rtype: &str, query: &str, what: &str
     }
 }
 
-/// Rewrites `urn:uuid:`/fullUrl references in place when every target id is known before
+/// The base of an absolute RESTful `fullUrl` (`http(s)://server/path/Type/id`).
+fn restful_base(full_url: &str) -> Option<&str> {
+    let after_scheme = full_url.strip_prefix("https://").or_else(|| full_url.strip_prefix("http://"))?;
+    if after_scheme.matches('/').count() < 2 || full_url.contains(['?', '#']) {
+        return None;
+    }
+    let (path, id) = full_url.rsplit_once('/')?;
+    let (base, rtype) = path.rsplit_once('/')?;
+    let restful = rtype.starts_with(|c: char| c.is_ascii_uppercase())
+        && rtype.chars().all(|c| c.is_ascii_alphanumeric())
+        && is_valid_id(id);
+    restful.then_some(base)
+}
+
+/// How the references of a transaction's resources are resolved (FHIR R4, "Resolving
+/// references in Bundles"): a reference equal to an entry's `fullUrl` becomes that entry's
+/// `Type/id`; a relative `Type/id` in a resource whose `fullUrl` is RESTful is read against
+/// that server's base first, so that it finds an entry sent with an absolute `fullUrl`, and
+/// when no entry is found and that server is not this one, it is stored absolute: it still
+/// names the other server's resource (an import's references to what its export left out).
+struct Resolver<'a> {
+    map: &'a BTreeMap<String, String>,
+    own_base: &'a str,
+}
+
+impl Resolver<'_> {
+    /// Resolves `r` in a resource of RESTful base `base`; true when it is a conditional
+    /// reference (`Type?criteria`), left to be searched.
+    fn resolve(&self, r: &mut String, base: Option<&str>) -> bool {
+        if let Some(target) = self.map.get(r.as_str()) {
+            *r = target.clone();
+            return false;
+        }
+        if r.contains('?') && !r.contains("://") {
+            return true;
+        }
+        if let Some(base) = base.filter(|_| !r.contains(':') && split_reference(r).is_some()) {
+            let absolute = format!("{base}/{r}");
+            match self.map.get(&absolute) {
+                Some(target) => r.clone_from(target),
+                None if base != self.own_base => *r = absolute,
+                None => {}
+            }
+        }
+        false
+    }
+}
+
+/// Rewrites references in place (see [`Resolver`]) when every target id is known before
 /// planning (no conditional interaction or reference), so that re-plans need no copies.
 /// Returns whether that was possible.
-fn prerewrite(entries: &mut [Entry]) -> bool {
+fn prerewrite(entries: &mut [Entry], own_base: &str) -> bool {
     if entries.iter().any(|e| e.if_none_exist.is_some() || e.query.is_some()) {
         return false;
     }
@@ -217,22 +270,23 @@ fn prerewrite(entries: &mut [Entry]) -> bool {
             map.insert(full.clone(), format!("{}/{id}", e.rtype));
         }
     }
+    let resolver = Resolver { map: &map, own_base };
     let mut conditional = false;
     for e in entries.iter_mut() {
         if let Some(res) = e.resource.as_mut() {
-            for_each_reference_mut(res, &mut |r| {
-                if let Some(target) = map.get(r.as_str()) {
-                    *r = target.clone();
-                } else if r.contains('?') && !r.contains("://") {
-                    conditional = true;
-                }
-            });
+            let base = e.rest_base.as_deref();
+            for_each_reference_mut(res, &mut |r| conditional |= resolver.resolve(r, base));
         }
     }
     !conditional
 }
 
-fn plan_transaction(plan: &mut Plan<'_>, entries: &[Entry], rewritten: bool) -> Result<Vec<Planned>, FhirError> {
+fn plan_transaction(
+    plan: &mut Plan<'_>,
+    entries: &[Entry],
+    rewritten: bool,
+    own_base: &str,
+) -> Result<Vec<Planned>, FhirError> {
     // Phase 1: decide the id each entry targets, so references can be rewritten.
     // Keyed by entry index: a batch plans one entry at a time, whose index is its place in
     // the whole Bundle.
@@ -298,7 +352,8 @@ fn plan_transaction(plan: &mut Plan<'_>, entries: &[Entry], rewritten: bool) -> 
                     (Some(r), true) => r,
                     (r, _) => {
                         let mut copy = r.clone().unwrap_or(Json::Null);
-                        rewrite_references(plan, &mut copy, &map)
+                        let resolver = Resolver { map: &map, own_base };
+                        rewrite_references(plan, &mut copy, &resolver, e.rest_base.as_deref())
                             .map_err(|x| x.at(format!("{}.resource", at(e.index))))?;
                         owned = copy;
                         &owned
@@ -320,12 +375,15 @@ fn plan_transaction(plan: &mut Plan<'_>, entries: &[Entry], rewritten: bool) -> 
         .collect())
 }
 
-fn rewrite_references(plan: &mut Plan<'_>, res: &mut Json, map: &BTreeMap<String, String>) -> Result<(), FhirError> {
+fn rewrite_references(
+    plan: &mut Plan<'_>,
+    res: &mut Json,
+    references: &Resolver<'_>,
+    base: Option<&str>,
+) -> Result<(), FhirError> {
     let mut conditional: Vec<String> = Vec::new();
     for_each_reference_mut(res, &mut |r| {
-        if let Some(target) = map.get(r.as_str()) {
-            *r = target.clone();
-        } else if r.contains('?') && !r.contains("://") {
+        if references.resolve(r, base) {
             conditional.push(r.clone());
         }
     });
@@ -444,9 +502,11 @@ async fn transaction(
     f: &Format,
 ) -> Result<HttpResponse, FhirError> {
     let repo = &*who.state.repo;
-    let rewritten = prerewrite(&mut entries);
+    let own_base = base_url(req);
+    let rewritten = prerewrite(&mut entries, &own_base);
     let policy = authz::policy(who.state, who.caller);
-    let (planned, results) = repo.commit(&policy, |plan| plan_transaction(plan, &entries, rewritten)).await?;
+    let (planned, results) =
+        repo.commit(&policy, |plan| plan_transaction(plan, &entries, rewritten, &own_base)).await?;
     let ret = bundle_return(req);
     let mut out = Vec::with_capacity(entries.len());
     for (e, p) in entries.iter().zip(planned) {
@@ -461,8 +521,9 @@ async fn transaction(
 }
 
 /// Runs a transaction Bundle for `who` outside a request (an import): parsed, scope-checked
-/// and planned under the caller's policy exactly as `POST /` does; returns what it wrote.
-pub(super) async fn run_transaction(who: &Who<'_>, mut bundle: Json) -> Result<Vec<Stored>, FhirError> {
+/// and planned under the caller's policy exactly as `POST /` does at `own_base`; returns
+/// what it wrote.
+pub(super) async fn run_transaction(who: &Who<'_>, mut bundle: Json, own_base: &str) -> Result<Vec<Stored>, FhirError> {
     let raw = match bundle.remove("entry") {
         Some(Json::Array(entries)) => entries,
         _ => Vec::new(),
@@ -471,9 +532,10 @@ pub(super) async fn run_transaction(who: &Who<'_>, mut bundle: Json) -> Result<V
     for e in &entries {
         check_entry(who, e).map_err(|err| err.at(at(e.index)))?;
     }
-    let rewritten = prerewrite(&mut entries);
+    let rewritten = prerewrite(&mut entries, own_base);
     let policy = authz::policy(who.state, who.caller);
-    let (_, results) = who.state.repo.commit(&policy, |plan| plan_transaction(plan, &entries, rewritten)).await?;
+    let (_, results) =
+        who.state.repo.commit(&policy, |plan| plan_transaction(plan, &entries, rewritten, own_base)).await?;
     Ok(results)
 }
 
@@ -538,6 +600,7 @@ async fn batch(req: &HttpRequest, who: &Who<'_>, raw: Vec<Json>, f: &Format) -> 
     let repo = &*who.state.repo;
     let policy = authz::policy(who.state, who.caller);
     let policy = &policy;
+    let own_base = &base_url(req);
     let futures = raw.into_iter().enumerate().map(|(i, raw)| async move {
         let e = match parse_entry(&who.state.search, i, raw) {
             Ok(e) => e,
@@ -550,7 +613,7 @@ async fn batch(req: &HttpRequest, who: &Who<'_>, raw: Vec<Json>, f: &Format) -> 
             return error_entry(&err);
         }
         let one = std::slice::from_ref(&e);
-        match repo.commit(policy, |plan| plan_transaction(plan, one, false)).await {
+        match repo.commit(policy, |plan| plan_transaction(plan, one, false, own_base)).await {
             Ok((planned, results)) => {
                 let p = planned.into_iter().next().unwrap_or(Planned { status: 200, write: None, existing: None });
                 let stored = stored_of(who, &p, &results, ret);

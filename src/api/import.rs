@@ -89,7 +89,10 @@ pub async fn kickoff(
     let peer = peer.clone();
     let id = super::bulk::operation_job(&req, &state, &caller, "$import", None).await?;
     let (engine, exports, st) = (state.search.clone(), state.exports.clone(), state.clone());
-    crate::bulk::spawn_operation(engine, exports, id.clone(), async move { pull(&st, &caller, &peer, &url).await });
+    let own_base = super::base_url(&req);
+    crate::bulk::spawn_operation(engine, exports, id.clone(), async move {
+        pull(&st, &caller, &peer, &url, &own_base).await
+    });
     Ok(HttpResponse::Accepted()
         .insert_header((header::CONTENT_LOCATION, format!("{}/bulk/{id}", super::base_url(&req))))
         .finish())
@@ -104,6 +107,7 @@ async fn pull(
     caller: &Caller,
     peer: &TrustedPeer,
     url: &str,
+    own_base: &str,
 ) -> Result<serde_json::Value, FhirError> {
     let (keys, quorum) = transfer::peer_keys(peer).map_err(|e| refused(format!("{e:#}")))?;
     let http = reqwest::Client::builder()
@@ -138,7 +142,7 @@ async fn pull(
     let bundle = bundle.map_err(|e| refused(format!("{e:#}")))?;
     let bundle = crate::fhir::json::parse(bundle.as_bytes(), usize::MAX).map_err(FhirError::internal)?;
     let who = Who { state, caller };
-    let written = super::bundle::run_transaction(&who, bundle).await?;
+    let written = super::bundle::run_transaction(&who, bundle, own_base).await?;
     let head = transfer::head_parameters(&verified.head);
     let head_json = crate::auth::store::to_json(&head)?;
     state

@@ -1,15 +1,17 @@
 //! The transaction that imports a verified export, written as text in parts: each resource
-//! POSTed under a fresh `urn:uuid:` (so the receiving server assigns ids and rewrites the
-//! references between them), references to what the export does not hold made absolute at
-//! the peer, and last a PDex transmitter Provenance naming every source version, its leaf,
-//! and one multiproof of them all to the signed head.
+//! POSTed exactly as exported under its `fullUrl` at the peer, and last a PDex transmitter
+//! Provenance naming every source version, its leaf, and one multiproof of them all to the
+//! signed head. The receiving server resolves the references as FHIR resolves them in a
+//! Bundle: a relative `Type/id` is read against the peer's base, so it finds the entry of
+//! that `fullUrl` (and gets the id the server assigns it), or, when the export does not hold
+//! it, is stored absolute at the peer. The client copies bytes and parses nothing.
 //!
-//! The export's lines are cut into pieces rewritten on every core; the pieces go out in the
+//! The export's lines are cut into pieces written on every core; the pieces go out in the
 //! export's order as soon as each and all before it are written, so an upload starts while
-//! the rest is still being rewritten, and the multiproof is built meanwhile on a thread of
-//! its own. Resources go through the lossless `fhir::json` (decimals stay as sent).
+//! the rest is still being written, and the multiproof is built meanwhile on a thread of
+//! its own.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use anyhow::{bail, Context};
@@ -17,7 +19,7 @@ use consensus::merkle::Hash;
 
 use super::{head_parameters, HEAD_EXTENSION, LEAF_EXTENSION, MULTIPROOF_EXTENSION, PDEX_AGENT_TYPE, SOURCE_EXTENSION};
 use crate::bulk::check::{Kept, Source, Verified};
-use crate::fhir::json::{self, Json};
+use crate::fhir::json::Json;
 
 const OPENING: &str = r#"{"resourceType":"Bundle","type":"transaction","entry":["#;
 /// Lines are rewritten in pieces of about this many bytes of the export.
@@ -42,13 +44,12 @@ pub fn write_import(
     peer_name: &str,
     mut sink: impl FnMut(String) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
-    let new_ids = new_ids(&v.kept);
-    if new_ids.is_empty() {
+    if imported(&v.kept).next().is_none() {
         // A Provenance needs a target, and a transaction of nothing is no transfer.
         bail!("the export holds no resource to import");
     }
     let pieces = pieces(&v.kept)?;
-    let rewrite = Rewrite { new_ids: &new_ids, peer_base };
+    let rewrite = Rewrite { peer_base };
     let next = AtomicUsize::new(0);
     let stop = AtomicBool::new(false);
     let workers = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get).min(pieces.len());
@@ -78,23 +79,14 @@ pub fn write_import(
     })
 }
 
-/// Every imported resource's new id by its `type/id` at the peer: random UUIDs from one
-/// seeded CSPRNG (not a getrandom call each).
-fn new_ids(kept: &[Kept]) -> HashMap<String, String> {
-    use rand::{Rng as _, SeedableRng as _};
-    let mut rng = rand_chacha::ChaCha20Rng::from_entropy();
-    imported(kept)
-        .map(|s| {
-            let id = uuid::Builder::from_random_bytes(rng.gen()).into_uuid();
-            (s.key.clone(), format!("urn:uuid:{id}"))
-        })
-        .collect()
-}
-
 /// The sources imported: the old payer's disclosure log about the member is its own record,
 /// not the member's data; it stays there (and a server would refuse it anyway).
 fn imported(kept: &[Kept]) -> impl Iterator<Item = &Source> {
-    kept.iter().flat_map(|k| &k.sources).filter(|s| s.rtype() != "AuditEvent")
+    kept.iter().flat_map(|k| &k.sources).filter(|s| is_imported(s))
+}
+
+fn is_imported(source: &Source) -> bool {
+    source.rtype() != "AuditEvent"
 }
 
 /// One RFC 9162 multiproof of every imported source leaf, from the subtrees the export's
@@ -142,7 +134,6 @@ struct Rendered {
 }
 
 struct Rewrite<'a> {
-    new_ids: &'a HashMap<String, String>,
     peer_base: &'a str,
 }
 
@@ -151,23 +142,21 @@ impl Rewrite<'_> {
         let mut entries = String::with_capacity(piece.text.len() + piece.text.len() / 8);
         let mut targets = String::new();
         for (line, source) in piece.text.lines().zip(piece.sources) {
-            let (rtype, id) = (source.rtype(), source.id());
-            let Some(full_url) = self.new_ids.get(&source.key) else { continue };
-            let mut r = json::parse(line.as_bytes(), usize::MAX).map_err(|e| anyhow::anyhow!("{}: {e}", piece.name))?;
-            crate::fhir::refs::for_each_reference_mut(&mut r, &mut |s| self.reference(s));
-            r.remove("id");
-            let meta_left = r.get_mut("meta").map(|meta| {
-                meta.remove("versionId");
-                meta.remove("lastUpdated");
-                meta.as_object().is_some_and(|m| !m.is_empty())
-            });
-            if meta_left == Some(false) {
-                r.remove("meta");
+            if !is_imported(source) {
+                continue;
             }
+            let (rtype, id) = (source.rtype(), source.id());
+            // The line goes into the Bundle as it is: it must be one JSON object, so that no
+            // line (even one a trusted peer signed) can close its entry and add others.
+            let object = line.starts_with('{') && serde_json::from_str::<serde::de::IgnoredAny>(line).is_ok();
+            if !object {
+                bail!("{}: a line that is not one JSON object (the resource {rtype}/{id})", piece.name);
+            }
+            let full_url = Json::str(format!("{}/{rtype}/{id}", self.peer_base));
             entries.push_str(r#",{"fullUrl":"#);
-            Json::str(full_url.as_str()).write_compact(&mut entries);
+            full_url.write_compact(&mut entries);
             entries.push_str(r#","resource":"#);
-            r.write_compact(&mut entries);
+            entries.push_str(line);
             entries.push_str(r#","request":{"method":"POST","url":"#);
             Json::str(rtype).write_compact(&mut entries);
             entries.push_str("}}");
@@ -175,14 +164,11 @@ impl Rewrite<'_> {
             // all targets are in the Provenance's one multiproof.
             targets.push(',');
             Json::obj(vec![
-                ("reference", Json::str(full_url.as_str())),
+                ("reference", full_url.clone()),
                 (
                     "extension",
                     Json::Array(vec![
-                        Json::obj(vec![
-                            ("url", Json::str(SOURCE_EXTENSION)),
-                            ("valueUri", Json::str(format!("{}/{rtype}/{id}", self.peer_base))),
-                        ]),
+                        Json::obj(vec![("url", Json::str(SOURCE_EXTENSION)), ("valueUri", full_url)]),
                         Json::obj(vec![
                             ("url", Json::str(LEAF_EXTENSION)),
                             ("valueString", Json::str(source.proof.as_str())),
@@ -193,17 +179,6 @@ impl Rewrite<'_> {
             .write_compact(&mut targets);
         }
         Ok(Rendered { entries, targets })
-    }
-
-    /// Points a `reference` at the import's own entries, or absolutely at the peer.
-    fn reference(&self, s: &mut String) {
-        let local = s.strip_prefix(self.peer_base).map_or(s.as_str(), |r| r.trim_start_matches('/'));
-        let relative = !local.contains(':') && !local.starts_with('#') && local.split('/').count() == 2;
-        if let Some(n) = self.new_ids.get(local) {
-            *s = n.clone();
-        } else if relative {
-            *s = format!("{}/{local}", self.peer_base);
-        }
     }
 }
 

@@ -253,11 +253,11 @@ mod tests {
             {"url": MULTIPROOF_EXTENSION, "valueBase64Binary": crate::codec::b64(&multiproof.concat())}]})
     }
 
-    #[test]
-    fn an_export_with_nothing_to_import_is_refused_by_name() {
+    /// A verified export of `kept` under a head of `size` leaves.
+    fn verified(size: u64, kept: Vec<check::Kept>) -> check::Verified {
         let key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
-        let head = crate::treehead::TreeHead::signed(1, [0; 32], 1, "node-1", &key);
-        let v = check::Verified {
+        let head = crate::treehead::TreeHead::signed(size, [0; 32], 1, "node-1", &key);
+        check::Verified {
             head,
             cosigners: 1,
             signers: 1,
@@ -267,11 +267,39 @@ mod tests {
             bytes_hashed: 0,
             nodes_hashed: 0,
             signatures: 0,
-            kept: Vec::new(),
+            kept,
             known: std::collections::HashMap::new(),
-        };
-        let e = import_bundle(&v, "https://old.example", "old").unwrap_err();
+        }
+    }
+
+    #[test]
+    fn an_export_with_nothing_to_import_is_refused_by_name() {
+        let e = import_bundle(&verified(1, Vec::new()), "https://old.example", "old").unwrap_err();
         assert_eq!(e.to_string(), "the export holds no resource to import");
+    }
+
+    /// Lines go into the import's Bundle as they are: one that would close its entry and add
+    /// entries of its own (here a DELETE) is refused, even under a trusted peer's signature.
+    #[test]
+    fn a_line_that_would_add_entries_to_the_import_is_refused() {
+        let source = |id: &str, leaf| check::Source { key: format!("Observation/{id}"), leaf, proof: "{}".into() };
+        let good = r#"{"resourceType":"Observation","id":"a"}"#;
+        let breaking = r#"{"resourceType":"Observation","id":"b"}},{"request":{"method":"DELETE","url":"Patient/x"}"#;
+        let kept = |second: &str| check::Kept {
+            name: "Observation-1.ndjson".into(),
+            text: format!("{good}\n{second}\n"),
+            sources: vec![source("a", 0), source("b", 1)],
+        };
+        let e = import_bundle(&verified(2, vec![kept(breaking)]), "https://old.example", "old").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "Observation-1.ndjson: a line that is not one JSON object (the resource Observation/b)"
+        );
+        let bundle = import_bundle(&verified(2, vec![kept(good)]), "https://old.example", "old").unwrap();
+        let bundle: Value = serde_json::from_str(&bundle).unwrap();
+        assert_eq!(bundle["entry"][0]["fullUrl"], "https://old.example/Observation/a");
+        assert_eq!(bundle["entry"][0]["resource"], serde_json::from_str::<Value>(good).unwrap(), "sent as exported");
+        assert_eq!(bundle["entry"][2]["resource"]["target"][1]["reference"], "https://old.example/Observation/b");
     }
 
     #[test]

@@ -278,6 +278,59 @@ async fn transactions_are_all_or_nothing_and_rewrite_references() {
     assert_eq!(b["entry"][2]["resource"]["id"], pid.as_str());
 }
 
+/// FHIR's rules for references in a Bundle (R4 bundle.html#references): a relative reference
+/// in a resource whose `fullUrl` is RESTful is read against that server's base, finds the
+/// entry sent under that absolute `fullUrl`, and when no entry matches still names the other
+/// server's resource (stored absolute), unless that server is this one.
+#[actix_web::test]
+async fn relative_references_resolve_against_a_restful_full_url() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = support::app(support::repo(dir.path()).await).await;
+    let org = call!(app, post("/Organization", r#"{"resourceType":"Organization","name":"here"}"#)).json();
+    let org_id = org["id"].as_str().unwrap().to_string();
+    let probe = json!({"resourceType":"Bundle","type":"transaction","entry":[
+        {"resource":{"resourceType":"Basic","code":{"text":"probe"}},"request":{"method":"POST","url":"Basic"}}]});
+    let probe = call!(app, post("/", &probe.to_string())).json();
+    let full = probe["entry"][0]["fullUrl"].as_str().unwrap().to_string();
+    let own_base = &full[..full.find("/Basic/").unwrap()];
+
+    let old = "https://old.example/fhir";
+    let tx = json!({"resourceType":"Bundle","type":"transaction","entry":[
+        {"fullUrl":format!("{old}/Patient/p1"),"resource":{"resourceType":"Patient","id":"p1","meta":{"versionId":"7"},
+            "managingOrganization":{"reference":"Organization/elsewhere"}},"request":{"method":"POST","url":"Patient"}},
+        {"fullUrl":format!("{old}/Observation/o1"),"resource":{"resourceType":"Observation","id":"o1","status":"final","code":{"text":"x"},
+            "subject":{"reference":"Patient/p1"},"performer":[{"reference":"Practitioner/dr1"},{"reference":format!("{old}/Patient/p1")}],
+            "hasMember":[{"reference":"#contained"},{"reference":"urn:uuid:8d4a3a3e-5d7e-4c27-9a0e-6ad3d0c1b1a2"}]},
+            "request":{"method":"POST","url":"Observation"}},
+        {"fullUrl":format!("{own_base}/Observation/o2"),"resource":{"resourceType":"Observation","status":"final","code":{"text":"y"},
+            "subject":{"reference":"Patient/p1"},"performer":[{"reference":format!("Organization/{org_id}")}]},
+            "request":{"method":"POST","url":"Observation"}}
+    ]});
+    let r = call!(app, post("/", &tx.to_string()));
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let b = r.json();
+    let read = |i: usize| {
+        let loc = b["entry"][i]["response"]["location"].as_str().unwrap().to_string();
+        TestRequest::get().uri(&format!("/{}", loc.split("/_history").next().unwrap()))
+    };
+    let patient = call!(app, read(0)).json();
+    let pid = patient["id"].as_str().unwrap().to_string();
+    assert_ne!(pid, "p1", "a POST gets an id of this server");
+    assert_eq!(patient["meta"]["versionId"], "1");
+    assert_eq!(patient["managingOrganization"]["reference"], format!("{old}/Organization/elsewhere"));
+    let o1 = call!(app, read(1)).json();
+    assert_eq!(o1["subject"]["reference"], format!("Patient/{pid}"), "found by the old server's base");
+    assert_eq!(o1["performer"][0]["reference"], format!("{old}/Practitioner/dr1"), "still the old server's");
+    assert_eq!(o1["performer"][1]["reference"], format!("Patient/{pid}"), "an absolute fullUrl");
+    assert_eq!(o1["hasMember"][0]["reference"], "#contained");
+    assert_eq!(o1["hasMember"][1]["reference"], "urn:uuid:8d4a3a3e-5d7e-4c27-9a0e-6ad3d0c1b1a2");
+    let o2 = call!(app, read(2)).json();
+    assert_eq!(o2["subject"]["reference"], "Patient/p1", "this server's base: a reference of its own");
+    assert_eq!(o2["performer"][0]["reference"], format!("Organization/{org_id}"));
+    let by_patient = call!(app, TestRequest::get().uri(&format!("/Observation?subject=Patient/{pid}")));
+    assert_eq!(by_patient.json()["total"], 1);
+}
+
 #[actix_web::test]
 async fn search_filters_pages_and_refuses_unknown_parameters() {
     let dir = tempfile::tempdir().unwrap();
