@@ -70,11 +70,11 @@ pub struct Kept {
 }
 
 /// The source version of a verified line: `type/id` from its leaf header (as references
-/// name it), the leaf, and the proof line as the export served it (leaf, leaf data, salt).
+/// name it), the leaf, and the leaf's data.
 pub struct Source {
     pub key: String,
     pub leaf: u64,
-    pub proof: String,
+    pub leaf_data: Vec<u8>,
 }
 
 impl Source {
@@ -260,7 +260,7 @@ fn check_file(dir: &dyn Files, f: &Value, head: &TreeHead, subsetted: bool, keep
         hashed += checked.hashed;
         leaves.push((checked.leaf, checked.hash));
         if keep {
-            sources.push(checked.source(proof));
+            sources.push(checked.source());
         }
     }
     let multiproof =
@@ -336,18 +336,20 @@ struct ProofLine<'a> {
     salt: Option<Cow<'a, str>>,
 }
 
-/// A line checked: its leaf and leaf hash, the bytes hashed to check it, and its header.
+/// A line checked: its leaf, leaf data and leaf hash, the bytes hashed to check it, and its
+/// header.
 struct Line {
     leaf: u64,
+    data: Vec<u8>,
     hash: Hash,
     hashed: u64,
     header: LeafHeader,
 }
 
 impl Line {
-    /// What an import keeps of the line whose proof line is `proof`.
-    fn source(self, proof: &str) -> Source {
-        Source { key: format!("{}/{}", self.header.rtype, self.header.id), leaf: self.leaf, proof: proof.to_string() }
+    /// What an import keeps of the line.
+    fn source(self) -> Source {
+        Source { key: format!("{}/{}", self.header.rtype, self.header.id), leaf: self.leaf, leaf_data: self.data }
     }
 }
 
@@ -386,5 +388,5 @@ fn check_line(line: &str, proof: &str, deletion: bool, subsetted: bool) -> Resul
     }
     // The content commitment (prefix, salt, line) and the leaf hash.
     let hashed = if deletion { 0 } else { 55 + line.len() as u64 } + 1 + data.len() as u64;
-    Ok(Line { leaf, hash: leaf_hash(&data), hashed, header: h })
+    Ok(Line { leaf, hash: leaf_hash(&data), data, hashed, header: h })
 }

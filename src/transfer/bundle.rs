@@ -17,7 +17,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use anyhow::{bail, Context};
 use consensus::merkle::Hash;
 
-use super::{head_parameters, HEAD_EXTENSION, LEAF_EXTENSION, MULTIPROOF_EXTENSION, PDEX_AGENT_TYPE, SOURCE_EXTENSION};
+use super::{
+    head_parameters, push_source_leaf, HEAD_EXTENSION, LEAVES_EXTENSION, MULTIPROOF_EXTENSION, PDEX_AGENT_TYPE,
+};
 use crate::bulk::check::{Kept, Source, Verified};
 use crate::fhir::json::Json;
 
@@ -72,9 +74,9 @@ pub fn write_import(
         drop(done);
         let written = emit_in_order(pieces.len(), &rendered, &mut sink);
         stop.store(true, Ordering::Relaxed);
-        let (targets, opened) = written?;
+        let (sources, opened) = written?;
         let multiproof = multiproof.join().map_err(|_| anyhow::anyhow!("the multiproof's thread failed"))??;
-        let last = provenance_entry(v, peer_base, peer_name, &targets, &multiproof);
+        let last = provenance_entry(v, peer_base, peer_name, &sources, &multiproof);
         sink(if opened { format!(",{last}]}}") } else { format!("{OPENING}{last}]}}") })
     })
 }
@@ -126,11 +128,12 @@ fn pieces(kept: &[Kept]) -> anyhow::Result<Vec<Piece<'_>>> {
     Ok(pieces)
 }
 
-/// A piece rewritten: its Bundle entries and its Provenance targets, each written after a
-/// comma (`,{..}`).
+/// A piece written: its Bundle entries and its Provenance targets, each written after a
+/// comma (`,{..}`), and the targets' source leaves.
 struct Rendered {
     entries: String,
     targets: String,
+    leaves: Vec<u8>,
 }
 
 struct Rewrite<'a> {
@@ -141,6 +144,7 @@ impl Rewrite<'_> {
     fn piece(&self, piece: &Piece<'_>) -> anyhow::Result<Rendered> {
         let mut entries = String::with_capacity(piece.text.len() + piece.text.len() / 8);
         let mut targets = String::new();
+        let mut leaves = Vec::new();
         for (line, source) in piece.text.lines().zip(piece.sources) {
             if !is_imported(source) {
                 continue;
@@ -160,37 +164,30 @@ impl Rewrite<'_> {
             entries.push_str(r#","request":{"method":"POST","url":"#);
             Json::str(rtype).write_compact(&mut entries);
             entries.push_str("}}");
-            // The proof line as the export served it (leaf, leaf data, salt); the paths of
-            // all targets are in the Provenance's one multiproof.
-            targets.push(',');
-            Json::obj(vec![
-                ("reference", full_url.clone()),
-                (
-                    "extension",
-                    Json::Array(vec![
-                        Json::obj(vec![("url", Json::str(SOURCE_EXTENSION)), ("valueUri", full_url)]),
-                        Json::obj(vec![
-                            ("url", Json::str(LEAF_EXTENSION)),
-                            ("valueString", Json::str(source.proof.as_str())),
-                        ]),
-                    ]),
-                ),
-            ])
-            .write_compact(&mut targets);
+            targets.push_str(r#",{"reference":"#);
+            full_url.write_compact(&mut targets);
+            targets.push('}');
+            push_source_leaf(&mut leaves, source.leaf, &source.leaf_data);
         }
-        Ok(Rendered { entries, targets })
+        Ok(Rendered { entries, targets, leaves })
     }
 }
 
+/// The Provenance's targets (as its `target` array) and their source leaves.
+struct Sources {
+    targets: String,
+    leaves: Vec<u8>,
+}
+
 /// Hands the pieces' entries to `sink` in order as they come in (the opening first);
-/// returns every target, as the Provenance's `target` array, and whether anything was handed.
+/// returns every target with its source leaf, and whether anything was handed.
 fn emit_in_order(
     count: usize,
     rendered: &std::sync::mpsc::Receiver<(usize, anyhow::Result<Rendered>)>,
     sink: &mut impl FnMut(String) -> anyhow::Result<()>,
-) -> anyhow::Result<(String, bool)> {
+) -> anyhow::Result<(Sources, bool)> {
     let mut early: BTreeMap<usize, Rendered> = BTreeMap::new();
-    let mut targets = String::from("[");
+    let mut sources = Sources { targets: String::from("["), leaves: Vec::new() };
     let mut opened = false;
     for k in 0..count {
         let piece = loop {
@@ -201,7 +198,9 @@ fn emit_in_order(
             early.insert(at, r?);
         };
         // Each entry and target was written after a comma; an array's first takes none.
+        let targets = &mut sources.targets;
         targets.push_str(if targets.len() == 1 { piece.targets.trim_start_matches(',') } else { &piece.targets });
+        sources.leaves.extend_from_slice(&piece.leaves);
         if piece.entries.is_empty() {
             continue;
         }
@@ -213,12 +212,12 @@ fn emit_in_order(
         };
         sink(part)?;
     }
-    targets.push(']');
-    Ok((targets, opened))
+    sources.targets.push(']');
+    Ok((sources, opened))
 }
 
 /// The Bundle's last entry, the transmitter Provenance.
-fn provenance_entry(v: &Verified, peer_base: &str, peer_name: &str, targets: &str, multiproof: &[Hash]) -> String {
+fn provenance_entry(v: &Verified, peer_base: &str, peer_name: &str, sources: &Sources, multiproof: &[Hash]) -> String {
     let source = || {
         Json::obj(vec![
             (
@@ -243,9 +242,13 @@ fn provenance_entry(v: &Verified, peer_base: &str, peer_name: &str, targets: &st
                     ("url", Json::str(MULTIPROOF_EXTENSION)),
                     ("valueBase64Binary", Json::base64(&multiproof.concat())),
                 ]),
+                Json::obj(vec![
+                    ("url", Json::str(LEAVES_EXTENSION)),
+                    ("valueBase64Binary", Json::base64(&sources.leaves)),
+                ]),
             ]),
         ),
-        ("target", Json::Raw(targets.to_string())),
+        ("target", Json::Raw(sources.targets.clone())),
         ("recorded", Json::str(crate::fhir::instant(crate::fhir::now_ms()))),
         (
             "agent",
@@ -265,7 +268,7 @@ fn provenance_entry(v: &Verified, peer_base: &str, peer_name: &str, targets: &st
         ),
         ("entity", Json::Array(vec![Json::obj(vec![("role", Json::str("source")), ("what", what)])])),
     ]);
-    let mut out = String::with_capacity(targets.len() + 4096);
+    let mut out = String::with_capacity(sources.targets.len() + sources.leaves.len() * 4 / 3 + 4096);
     out.push_str(r#"{"fullUrl":"#);
     Json::str(format!("urn:uuid:{}", uuid::Uuid::new_v4())).write_compact(&mut out);
     out.push_str(r#","resource":"#);

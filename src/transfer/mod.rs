@@ -20,10 +20,10 @@ use crate::config::TrustedPeer;
 const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 /// PDex's Provenance agent type of the payer that sent the data.
 const PDEX_AGENT_TYPE: &str = "http://hl7.org/fhir/us/davinci-pdex/CodeSystem/ProvenanceAgentType";
-/// Extensions on each Provenance target, and on the Provenance.
-pub const SOURCE_EXTENSION: &str = "urn:fhir-ledger:transfer:source";
-pub const LEAF_EXTENSION: &str = "urn:fhir-ledger:transfer:source-leaf";
+/// Extensions on the transfer Provenance: the signed head its targets' sources are in, and
+/// the targets' source leaves (see [`push_source_leaf`]).
 pub const HEAD_EXTENSION: &str = "urn:fhir-ledger:transfer:source-head";
+pub const LEAVES_EXTENSION: &str = "urn:fhir-ledger:transfer:source-leaves";
 /// One RFC 9162 multiproof of every target's source leaf at the source head, on the Provenance.
 pub const MULTIPROOF_EXTENSION: &str = "urn:fhir-ledger:transfer:source-multiproof";
 /// Five years, the history CMS-0057-F asks payers to exchange.
@@ -144,9 +144,33 @@ pub fn head_parameters(head: &crate::treehead::TreeHead) -> Value {
     json!({"resourceType": "Parameters", "parameter": parts})
 }
 
+/// Appends a target's source leaf to the Provenance's source leaves: the leaf's number
+/// (u64, little-endian), its data's length (u32, little-endian) and the data (the leaf
+/// header, which names the source's type, id, version and time), target after target.
+pub fn push_source_leaf(out: &mut Vec<u8>, leaf: u64, data: &[u8]) {
+    out.extend_from_slice(&leaf.to_le_bytes());
+    out.extend_from_slice(&u32::try_from(data.len()).unwrap_or(u32::MAX).to_le_bytes());
+    out.extend_from_slice(data);
+}
+
+/// The source leaves [`push_source_leaf`] wrote, in order.
+fn source_leaves(mut bytes: &[u8]) -> Result<Vec<(u64, &[u8])>, String> {
+    let bad = || "the source leaves are cut short".to_string();
+    let mut out = Vec::new();
+    while !bytes.is_empty() {
+        let (leaf, rest) = bytes.split_first_chunk::<8>().ok_or_else(bad)?;
+        let (len, rest) = rest.split_first_chunk::<4>().ok_or_else(bad)?;
+        let len = usize::try_from(u32::from_le_bytes(*len)).map_err(|_| bad())?;
+        let (data, rest) = rest.split_at_checked(len).ok_or_else(bad)?;
+        out.push((u64::from_le_bytes(*leaf), data));
+        bytes = rest;
+    }
+    Ok(out)
+}
+
 /// Checks a transfer Provenance (as imported here) against the peer's node keys: its head
-/// is signed by a quorum, and every target's source leaf is in that head (by the
-/// Provenance's one multiproof, or by a target's own inclusion path where it carries one).
+/// is signed by a quorum, each target is of the type its source leaf names, and every
+/// source leaf is in that head, by the Provenance's one multiproof.
 pub fn verify_provenance(
     provenance: &Value,
     keys: &[ed25519_dalek::VerifyingKey],
@@ -165,54 +189,39 @@ pub fn verify_provenance(
     let parts = head["parameter"].as_array().ok_or("the source head is not a Parameters resource")?;
     let head = crate::treehead::TreeHead::from_parts(parts)?;
     head.check_quorum(keys, quorum)?;
-    let mut n = 0;
-    let mut together: Vec<(u64, consensus::merkle::Hash)> = Vec::new();
-    for t in provenance["target"].as_array().into_iter().flatten() {
-        let ext = t["extension"].as_array().ok_or("a target has no source")?;
-        let leaf: Value = ext
-            .iter()
-            .find(|x| x["url"] == LEAF_EXTENSION)
-            .and_then(|x| x["valueString"].as_str())
-            .and_then(|s| serde_json::from_str(s).ok())
-            .ok_or("a target has no source leaf")?;
-        let source =
-            ext.iter().find(|x| x["url"] == SOURCE_EXTENSION).and_then(|x| x["valueUri"].as_str()).unwrap_or_default();
-        let data = leaf["leafData"].as_str().and_then(|s| crate::codec::unb64(s).ok()).ok_or("bad leafData")?;
-        let header = consensus::LeafHeader::decode(&data).ok_or("bad leafData")?;
-        if !source.ends_with(&format!("/{}/{}", header.rtype, header.id)) {
-            return Err(format!("target {source} names leaf {} of {}/{}", leaf["leaf"], header.rtype, header.id));
-        }
-        let index = leaf["leaf"].as_u64().ok_or("bad leaf")?;
-        let hash = consensus::merkle::leaf_hash(&data);
-        n += 1;
-        let Some(path) = leaf["path"].as_array() else {
-            together.push((index, hash));
-            continue;
-        };
-        let path: Vec<[u8; 32]> =
-            path.iter().filter_map(|p| p.as_str().and_then(|s| crate::codec::unb64(s).ok()?.try_into().ok())).collect();
-        if !consensus::proof::verify_inclusion(index, head.size, &hash, &path, &head.root) {
-            return Err(format!("{source}: leaf {index} is not in the source head"));
-        }
+    let leaves = extension(LEAVES_EXTENSION, "valueBase64Binary")
+        .and_then(|s| crate::codec::unb64(&s).ok())
+        .ok_or("the Provenance carries no source leaves (base64)")?;
+    let leaves = source_leaves(&leaves)?;
+    let targets = provenance["target"].as_array().map_or(&[][..], Vec::as_slice);
+    if targets.len() != leaves.len() {
+        return Err(format!("{} targets, {} source leaves", targets.len(), leaves.len()));
     }
-    if !together.is_empty() {
-        let proof = extension(MULTIPROOF_EXTENSION, "valueBase64Binary")
-            .and_then(|s| crate::codec::unb64(&s).ok())
-            .filter(|p| p.len() % 32 == 0)
-            .ok_or("the Provenance carries no multiproof of its targets (base64 of 32-byte hashes)")?;
-        let proof: Vec<consensus::merkle::Hash> = proof.chunks(32).filter_map(|c| c.try_into().ok()).collect();
-        together.sort_unstable_by_key(|t| t.0);
-        if let Some(w) = together.windows(2).find(|w| w[0].0 == w[1].0) {
-            return Err(format!("leaf {} is the source of two targets", w[0].0));
+    let mut together: Vec<(u64, consensus::merkle::Hash)> = Vec::with_capacity(leaves.len());
+    for (t, (leaf, data)) in targets.iter().zip(&leaves) {
+        let header = consensus::LeafHeader::decode(data).ok_or_else(|| format!("leaf {leaf}: bad leaf data"))?;
+        let target = t["reference"].as_str().unwrap_or_default();
+        if !target.starts_with(&format!("{}/", header.rtype)) {
+            return Err(format!("target {target} names leaf {leaf} of {}/{}", header.rtype, header.id));
         }
-        if consensus::proof::multi_root(&together, head.size, &proof) != Some(head.root) {
-            return Err(format!(
-                "the targets' source leaves and the multiproof do not rebuild the source head of size {}",
-                head.size
-            ));
-        }
+        together.push((*leaf, consensus::merkle::leaf_hash(data)));
     }
-    Ok(n)
+    let proof = extension(MULTIPROOF_EXTENSION, "valueBase64Binary")
+        .and_then(|s| crate::codec::unb64(&s).ok())
+        .filter(|p| p.len() % 32 == 0)
+        .ok_or("the Provenance carries no multiproof of its targets (base64 of 32-byte hashes)")?;
+    let proof: Vec<consensus::merkle::Hash> = proof.chunks(32).filter_map(|c| c.try_into().ok()).collect();
+    together.sort_unstable_by_key(|t| t.0);
+    if let Some(w) = together.windows(2).find(|w| w[0].0 == w[1].0) {
+        return Err(format!("leaf {} is the source of two targets", w[0].0));
+    }
+    if consensus::proof::multi_root(&together, head.size, &proof) != Some(head.root) {
+        return Err(format!(
+            "the targets' source leaves and the multiproof do not rebuild the source head of size {}",
+            head.size
+        ));
+    }
+    Ok(together.len())
 }
 
 #[cfg(test)]
@@ -221,9 +230,8 @@ mod tests {
     use consensus::merkle::{leaf_hash, root_of, Hash};
     use consensus::proof::LeafNodes;
 
-    /// A Provenance as `import_bundle` writes it over a tree of 9 leaves, targets at leaves
-    /// 1, 4 and 7, its head signed by `key`.
-    fn provenance(key: &ed25519_dalek::SigningKey) -> Value {
+    /// The leaves of a tree of 9 Observations, o0 to o8, and its head signed by `key`.
+    fn tree(key: &ed25519_dalek::SigningKey) -> (Vec<Vec<u8>>, Vec<Hash>, crate::treehead::TreeHead) {
         let data: Vec<Vec<u8>> = (0..9u64)
             .map(|i| {
                 let h = consensus::LeafHeader {
@@ -237,20 +245,23 @@ mod tests {
             .collect();
         let hashes: Vec<Hash> = data.iter().map(|d| leaf_hash(d)).collect();
         let head = crate::treehead::TreeHead::signed(9, root_of(&hashes), 1, "node-1", key);
-        let picked = [1u64, 4, 7];
-        let multiproof = consensus::proof::multi_proof(&LeafNodes(&hashes), &picked, 9).unwrap();
-        let targets: Vec<Value> = picked
-            .iter()
-            .map(|&i| {
-                let leaf = json!({"leaf": i, "leafData": crate::codec::b64(&data[i as usize])}).to_string();
-                json!({"reference": format!("Observation/new{i}"), "extension": [
-                    {"url": SOURCE_EXTENSION, "valueUri": format!("https://old.example/Observation/o{i}")},
-                    {"url": LEAF_EXTENSION, "valueString": leaf}]})
-            })
-            .collect();
+        (data, hashes, head)
+    }
+
+    /// A Provenance as `import_bundle` writes it (and the importing server stores it) over the
+    /// tree of [`tree`]: a target per leaf of `sources`, the multiproof of `proven`.
+    fn provenance_of(key: &ed25519_dalek::SigningKey, sources: &[u64], proven: &[u64]) -> Value {
+        let (data, hashes, head) = tree(key);
+        let multiproof = consensus::proof::multi_proof(&LeafNodes(&hashes), proven, 9).unwrap();
+        let mut leaves = Vec::new();
+        for &i in sources {
+            push_source_leaf(&mut leaves, i, &data[i as usize]);
+        }
+        let targets: Vec<Value> = sources.iter().map(|i| json!({"reference": format!("Observation/new{i}")})).collect();
         json!({"resourceType": "Provenance", "target": targets, "extension": [
             {"url": HEAD_EXTENSION, "valueString": head_parameters(&head).to_string()},
-            {"url": MULTIPROOF_EXTENSION, "valueBase64Binary": crate::codec::b64(&multiproof.concat())}]})
+            {"url": MULTIPROOF_EXTENSION, "valueBase64Binary": crate::codec::b64(&multiproof.concat())},
+            {"url": LEAVES_EXTENSION, "valueBase64Binary": crate::codec::b64(&leaves)}]})
     }
 
     /// A verified export of `kept` under a head of `size` leaves.
@@ -282,7 +293,7 @@ mod tests {
     /// entries of its own (here a DELETE) is refused, even under a trusted peer's signature.
     #[test]
     fn a_line_that_would_add_entries_to_the_import_is_refused() {
-        let source = |id: &str, leaf| check::Source { key: format!("Observation/{id}"), leaf, proof: "{}".into() };
+        let source = |id: &str, leaf| check::Source { key: format!("Observation/{id}"), leaf, leaf_data: Vec::new() };
         let good = r#"{"resourceType":"Observation","id":"a"}"#;
         let breaking = r#"{"resourceType":"Observation","id":"b"}},{"request":{"method":"DELETE","url":"Patient/x"}"#;
         let kept = |second: &str| check::Kept {
@@ -306,22 +317,30 @@ mod tests {
     fn a_provenance_verifies_by_its_multiproof_and_refuses_what_was_changed() {
         let key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
         let trusted = [key.verifying_key()];
-        let good = provenance(&key);
+        let picked = [1u64, 4, 7];
+        let good = provenance_of(&key, &picked, &picked);
         assert_eq!(verify_provenance(&good, &trusted, 1), Ok(3));
 
         let other = ed25519_dalek::SigningKey::from_bytes(&[8; 32]).verifying_key();
         assert!(verify_provenance(&good, &[other], 1).is_err(), "a head signed by another key");
 
-        let mut dropped = good.clone();
-        dropped["target"].as_array_mut().unwrap().remove(1);
+        let dropped = provenance_of(&key, &[1, 7], &picked);
         let e = verify_provenance(&dropped, &trusted, 1).unwrap_err();
         assert!(e.contains("do not rebuild the source head"), "a target left out: {e}");
 
-        let mut twice = good.clone();
-        let first = twice["target"][0].clone();
-        twice["target"].as_array_mut().unwrap()[1] = first;
-        let e = verify_provenance(&twice, &trusted, 1).unwrap_err();
+        let e = verify_provenance(&provenance_of(&key, &[1, 1, 7], &picked), &trusted, 1).unwrap_err();
         assert!(e.contains("source of two targets"), "{e}");
+
+        let mut unmatched = good.clone();
+        unmatched["target"].as_array_mut().unwrap().pop();
+        let e = verify_provenance(&unmatched, &trusted, 1).unwrap_err();
+        assert_eq!(e, "2 targets, 3 source leaves");
+
+        let mut cut = good.clone();
+        let leaves = crate::codec::unb64(cut["extension"][2]["valueBase64Binary"].as_str().unwrap()).unwrap();
+        cut["extension"][2]["valueBase64Binary"] = json!(crate::codec::b64(&leaves[..leaves.len() - 1]));
+        let e = verify_provenance(&cut, &trusted, 1).unwrap_err();
+        assert_eq!(e, "the source leaves are cut short");
 
         let mut short = good.clone();
         let proof = crate::codec::unb64(short["extension"][1]["valueBase64Binary"].as_str().unwrap()).unwrap();
@@ -331,9 +350,9 @@ mod tests {
         let e = verify_provenance(&short, &trusted, 1).unwrap_err();
         assert!(e.contains("32-byte hashes"), "{e}");
 
-        let mut renamed = good.clone();
-        renamed["target"][2]["extension"][0]["valueUri"] = json!("https://old.example/Observation/o5");
-        let e = verify_provenance(&renamed, &trusted, 1).unwrap_err();
-        assert!(e.contains("names leaf"), "a target claiming another source: {e}");
+        let mut retyped = good.clone();
+        retyped["target"][2]["reference"] = json!("Patient/new7");
+        let e = verify_provenance(&retyped, &trusted, 1).unwrap_err();
+        assert_eq!(e, "target Patient/new7 names leaf 7 of Observation/o7", "a target claiming another source");
     }
 }
