@@ -158,14 +158,15 @@ fn latest_at(engine: &Engine, scope: &Scope<'_>) -> Result<LatestMap, FhirError>
         .step_by(usize::try_from(step).unwrap_or(usize::MAX))
         .map(|s| s..(s + step).min(scope.size))
         .collect();
-    let parts = crate::parallel::on_every_core(&ranges, |r| latest_in(engine, scope, r.clone()));
-    let mut latest = LatestMap::default();
+    let parts = crate::parallel::on_every_core(&ranges, |r| latest_in(engine, scope, r.clone()))
+        .into_iter()
+        .map(|p| p.ok_or_else(|| FhirError::internal("a thread selecting an export died")).and_then(|p| p))
+        .collect::<Result<Vec<LatestMap>, FhirError>>()?;
+    let mut parts = parts.into_iter();
+    let mut latest = parts.next().unwrap_or_default();
+    // Grown once, not rehashed on the way.
+    latest.reserve(parts.as_slice().iter().map(HashMap::len).sum());
     for part in parts {
-        let part = part.ok_or_else(|| FhirError::internal("a thread selecting an export died"))??;
-        if latest.is_empty() {
-            latest = part;
-            continue;
-        }
         for (key, later) in part {
             match latest.entry(key) {
                 std::collections::hash_map::Entry::Vacant(v) => {

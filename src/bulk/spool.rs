@@ -212,9 +212,14 @@ impl SpoolReader {
         let mut frame = [0u8; 5];
         self.input.read_exact(&mut frame).map_err(|_| io::Error::other("the spooled file is cut short"))?;
         let [a, b, c, d, last] = frame;
+        // Read into the buffer's spare capacity: zeroing each chunk before reading over it
+        // was a tenth of a download's CPU.
+        let len = u64::from(u32::from_le_bytes([a, b, c, d]));
         buf.clear();
-        buf.resize(u32::from_le_bytes([a, b, c, d]) as usize, 0);
-        self.input.read_exact(buf)?;
+        (&mut self.input).take(len).read_to_end(buf)?;
+        if buf.len() as u64 != len {
+            return Err(io::Error::other("the spooled file is cut short"));
+        }
         let n = self.chunks;
         let refused = || io::Error::other(format!("spooled chunk {n} does not authenticate"));
         let (nonce, sealed) = buf.split_at_mut_checked(NONCE_LEN).ok_or_else(refused)?;
