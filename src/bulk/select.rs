@@ -67,21 +67,32 @@ pub fn select(
 ) -> Result<Selected, FhirError> {
     let params = scope.params;
     let latest = latest_at(engine, scope)?;
-    let mut live: Vec<(u64, &(String, String), &Latest)> = Vec::new();
-    let mut deleted: Vec<(u64, u64)> = Vec::new();
-    for (key, l) in &latest {
-        if !params.wants(&key.0) || params.since_ms.is_some_and(|s| l.last_updated_ms <= s) {
-            continue;
+    // Each range's resources picked and put in leaf order on every core: the ranges are in
+    // leaf order, so their lists joined are too.
+    let ranges: Vec<usize> = (0..latest.0.len()).collect();
+    let picked = crate::parallel::on_every_core(&ranges, |&k| {
+        let (mut live, mut deleted): (Vec<(u64, &(String, String), &Latest)>, Vec<(u64, u64)>) = Default::default();
+        for (key, l, newest_live) in latest.owned(k) {
+            if !params.wants(&key.0) || params.since_ms.is_some_and(|s| l.last_updated_ms <= s) {
+                continue;
+            }
+            if !l.deleted {
+                live.push((l.leaf, key, l));
+            } else if let (Some(before), true) = (newest_live, params.since_ms.is_some()) {
+                // Only an export `_since` something reports deletions (the IG's `deleted`).
+                deleted.push((l.leaf, before));
+            }
         }
-        if !l.deleted {
-            live.push((l.leaf, key, l));
-        } else if let (Some(before), true) = (l.live, params.since_ms.is_some()) {
-            // Only an export `_since` something reports deletions (the IG's `deleted`).
-            deleted.push((l.leaf, before));
-        }
+        live.sort_unstable_by_key(|(leaf, ..)| *leaf);
+        deleted.sort_unstable();
+        (live, deleted)
+    });
+    let (mut live, mut deleted) = (Vec::new(), Vec::new());
+    for part in picked {
+        let (l, d) = part.ok_or_else(|| FhirError::internal("a thread selecting an export died"))?;
+        live.extend(l);
+        deleted.extend(d);
     }
-    live.sort_unstable_by_key(|(leaf, ..)| *leaf);
-    deleted.sort_unstable();
     progress.total.store((live.len() + deleted.len()) as u64, Relaxed);
     let filters = type_filters(engine, params)?;
     let mut out = Selected::default();
@@ -149,9 +160,8 @@ pub fn select(
 }
 
 /// Each resource's newest version below the pinned size (and not after `_until`), from the
-/// leaf headers alone: the leaves read in ranges on every core, later ranges' versions
-/// overriding earlier ones.
-fn latest_at(engine: &Engine, scope: &Scope<'_>) -> Result<LatestMap, FhirError> {
+/// leaf headers alone: the leaves read in ranges on every core, a map per range.
+fn latest_at(engine: &Engine, scope: &Scope<'_>) -> Result<LatestParts, FhirError> {
     let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get) as u64;
     let step = scope.size.div_ceil(cores).max(1);
     let ranges: Vec<std::ops::Range<u64>> = (0..scope.size)
@@ -162,24 +172,32 @@ fn latest_at(engine: &Engine, scope: &Scope<'_>) -> Result<LatestMap, FhirError>
         .into_iter()
         .map(|p| p.ok_or_else(|| FhirError::internal("a thread selecting an export died")).and_then(|p| p))
         .collect::<Result<Vec<LatestMap>, FhirError>>()?;
-    let mut parts = parts.into_iter();
-    let mut latest = parts.next().unwrap_or_default();
-    // Grown once, not rehashed on the way.
-    latest.reserve(parts.as_slice().iter().map(HashMap::len).sum());
-    for part in parts {
-        for (key, later) in part {
-            match latest.entry(key) {
-                std::collections::hash_map::Entry::Vacant(v) => {
-                    v.insert(later);
-                }
-                std::collections::hash_map::Entry::Occupied(mut o) => {
-                    let live = later.live.or(o.get().live);
-                    *o.get_mut() = Latest { live, ..later };
-                }
-            }
-        }
+    Ok(LatestParts(parts))
+}
+
+/// The maps of [`latest_at`], by range in leaf order. A resource is the last range's that
+/// holds a version of it, and never merged into one map: merging was most of the
+/// selection's time on one core.
+struct LatestParts(Vec<LatestMap>);
+
+impl LatestParts {
+    /// The resources that range `k` holds last, each with its newest version that was not a
+    /// deletion (which may lie in an earlier range).
+    fn owned(&self, k: usize) -> impl Iterator<Item = (&(String, String), &Latest, Option<u64>)> {
+        let (earlier, rest) = self.0.split_at(k.min(self.0.len()));
+        let (mine, later) = rest.split_first().map_or((None, &[][..]), |(m, l)| (Some(m), l));
+        mine.into_iter().flat_map(|m| m.iter()).filter(move |(key, _)| !later.iter().any(|m| m.contains_key(*key))).map(
+            move |(key, l)| {
+                let live = l.live.or_else(|| earlier.iter().rev().find_map(|m| m.get(key).and_then(|e| e.live)));
+                (key, l, live)
+            },
+        )
     }
-    Ok(latest)
+
+    /// Every resource once, with its newest version that was not a deletion.
+    fn all(&self) -> impl Iterator<Item = (&(String, String), &Latest, Option<u64>)> {
+        (0..self.0.len()).flat_map(|k| self.owned(k))
+    }
 }
 
 /// [`latest_at`] over the leaves of one range.
@@ -340,7 +358,7 @@ impl Checker<'_> {
 fn provenance(
     engine: &Engine,
     checker: &Checker<'_>,
-    latest: &LatestMap,
+    latest: &LatestParts,
     out: &mut Selected,
     shown: &mut Shown<'_>,
 ) -> Result<(), FhirError> {
@@ -354,7 +372,7 @@ fn provenance(
         }
     }
     let mut candidates: Vec<u64> =
-        latest.iter().filter(|((t, _), l)| t == "Provenance" && !l.deleted).map(|(_, l)| l.leaf).collect();
+        latest.all().filter(|((t, _), l, _)| t == "Provenance" && !l.deleted).map(|(_, l, _)| l.leaf).collect();
     candidates.sort_unstable();
     let mut chosen: BTreeSet<u64> = BTreeSet::new();
     let mut newest: HashMap<String, u64> = HashMap::new();
