@@ -43,6 +43,9 @@ pub struct Selected {
 /// hashed with foldhash (randomly seeded per process; SipHash was a sixth of the selection).
 type LatestMap = HashMap<(String, String), Latest, foldhash::fast::RandomState>;
 
+/// A live resource picked for an export: its leaf, `(type, id)` and state.
+type Picked<'a> = (u64, &'a (String, String), &'a Latest);
+
 /// A resource's state at the pinned size.
 struct Latest {
     leaf: u64,
@@ -71,7 +74,7 @@ pub fn select(
     // leaf order, so their lists joined are too.
     let ranges: Vec<usize> = (0..latest.0.len()).collect();
     let picked = crate::parallel::on_every_core(&ranges, |&k| {
-        let (mut live, mut deleted): (Vec<(u64, &(String, String), &Latest)>, Vec<(u64, u64)>) = Default::default();
+        let (mut live, mut deleted): (Vec<Picked<'_>>, Vec<(u64, u64)>) = Default::default();
         for (key, l, newest_live) in latest.owned(k) {
             if !params.wants(&key.0) || params.since_ms.is_some_and(|s| l.last_updated_ms <= s) {
                 continue;
