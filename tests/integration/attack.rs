@@ -760,6 +760,28 @@ async fn attack_conditional_and_bundle_paths() {
         "variant: a refused 72-entry transaction deleted bob's Observation".to_string(),
     );
 
+    // Variant, bundle paths with RESTful fullUrls: a relative `Patient/<bob>` read against this server's base stays
+    //    bob's (and the write is refused as any write into his compartment); read against
+    //    another server's base it names that server's patient, never bob here.
+    let bobs = format!("Observation?subject=Patient/{BOB}");
+    for (kind, base) in [
+        ("transaction", w.node.base.clone()),
+        ("batch", w.node.base.clone()),
+        ("transaction", "https://elsewhere.example/fhir".to_string()),
+        ("batch", "https://elsewhere.example/fhir".to_string()),
+    ] {
+        let before = w.count(&bobs).await;
+        let mut e = entry("POST", "Observation", Some(observation(None, BOB, &format!("{kind} full url {base}"))));
+        e["fullUrl"] = json!(format!("{base}/Observation/by-alice"));
+        let r = w.bundle(&alice, &bundle(kind, vec![e])).await;
+        let what = format!("variant: {kind} POST Observation of Patient/<bob> under fullUrl {base}/Observation/..");
+        holes.no_secret(&r, &what);
+        holes.check(
+            w.count(&bobs).await == before,
+            format!("{what} wrote into bob's compartment: {} {}", r.status, clip(&r.text)),
+        );
+    }
+
     // 3. Transaction and batch DELETE Observation?_id=<bob's>, with patient=<bob> criteria
     //    matching one, and by plain id. (The target is put back before each.)
     for (kind, id) in [("transaction", "obs-bob-d1"), ("batch", "obs-bob-d2")] {
