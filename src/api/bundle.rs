@@ -234,7 +234,7 @@ impl Resolver<'_> {
     /// reference (`Type?criteria`), left to be searched.
     fn resolve(&self, r: &mut String, base: Option<&str>) -> bool {
         if let Some(target) = self.map.get(r.as_str()) {
-            *r = target.clone();
+            r.clone_from(target);
             return false;
         }
         if r.contains('?') && !r.contains("://") {

@@ -51,7 +51,7 @@ pub fn write_import(
         bail!("the export holds no resource to import");
     }
     let pieces = pieces(&v.kept)?;
-    let rewrite = Rewrite { peer_base };
+    let entries = Entries { peer_base };
     let next = AtomicUsize::new(0);
     let stop = AtomicBool::new(false);
     let workers = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get).min(pieces.len());
@@ -60,12 +60,12 @@ pub fn write_import(
         let (done, rendered) = std::sync::mpsc::channel();
         for _ in 0..workers {
             let done = done.clone();
-            let (pieces, next, stop, rewrite) = (&pieces, &next, &stop, &rewrite);
+            let (pieces, next, stop, entries) = (&pieces, &next, &stop, &entries);
             scope.spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
                     let k = next.fetch_add(1, Ordering::Relaxed);
                     let Some(piece) = pieces.get(k) else { break };
-                    if done.send((k, rewrite.piece(piece))).is_err() {
+                    if done.send((k, entries.piece(piece))).is_err() {
                         break;
                     }
                 }
@@ -136,11 +136,12 @@ struct Rendered {
     leaves: Vec<u8>,
 }
 
-struct Rewrite<'a> {
+/// Writes pieces as Bundle entries POSTed under their `fullUrl` at the peer.
+struct Entries<'a> {
     peer_base: &'a str,
 }
 
-impl Rewrite<'_> {
+impl Entries<'_> {
     fn piece(&self, piece: &Piece<'_>) -> anyhow::Result<Rendered> {
         let mut entries = String::with_capacity(piece.text.len() + piece.text.len() / 8);
         let mut targets = String::new();
@@ -194,7 +195,7 @@ fn emit_in_order(
             if let Some(p) = early.remove(&k) {
                 break p;
             }
-            let (at, r) = rendered.recv().map_err(|_| anyhow::anyhow!("a rewriting thread failed"))?;
+            let (at, r) = rendered.recv().map_err(|_| anyhow::anyhow!("a writing thread failed"))?;
             early.insert(at, r?);
         };
         // Each entry and target was written after a comma; an array's first takes none.
