@@ -625,3 +625,25 @@ async fn batch(req: &HttpRequest, who: &Who<'_>, raw: Vec<Json>, f: &Format) -> 
     let out = futures::future::join_all(futures).await;
     Ok(json_response(200, &response_bundle("batch-response", out), f))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::restful_base;
+
+    #[test]
+    fn a_restful_full_url_has_a_base_and_others_have_none() {
+        assert_eq!(restful_base("https://old.example/fhir/Patient/p1"), Some("https://old.example/fhir"));
+        assert_eq!(restful_base("http://host/Observation/o-1"), Some("http://host"));
+        for other in [
+            "urn:uuid:8d4a3a3e-5d7e-4c27-9a0e-6ad3d0c1b1a2",
+            "http://host/Patient",
+            "http://host/fhir/Patient/p1/_history/2",
+            "http://host/fhir/patient/p1",
+            "http://host/fhir/Patient/p1?x=1",
+            "http://host/fhir/Patient/p%201",
+            "ftp://host/fhir/Patient/p1",
+        ] {
+            assert_eq!(restful_base(other), None, "{other}");
+        }
+    }
+}

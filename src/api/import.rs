@@ -90,12 +90,9 @@ pub async fn kickoff(
     let id = super::bulk::operation_job(&req, &state, &caller, "$import", None).await?;
     let (engine, exports, st) = (state.search.clone(), state.exports.clone(), state.clone());
     let own_base = super::base_url(&req);
-    crate::bulk::spawn_operation(engine, exports, id.clone(), async move {
-        pull(&st, &caller, &peer, &url, &own_base).await
-    });
-    Ok(HttpResponse::Accepted()
-        .insert_header((header::CONTENT_LOCATION, format!("{}/bulk/{id}", super::base_url(&req))))
-        .finish())
+    let status = format!("{own_base}/bulk/{id}");
+    crate::bulk::spawn_operation(engine, exports, id, async move { pull(&st, &caller, &peer, &url, &own_base).await });
+    Ok(HttpResponse::Accepted().insert_header((header::CONTENT_LOCATION, status)).finish())
 }
 
 fn peer_head_id(peer: &TrustedPeer) -> String {

@@ -304,6 +304,9 @@ mod tests {
         let first = 5 + u32::from_le_bytes(whole[..4].try_into().unwrap()) as usize;
         fs::write(path("A-1.ndjson"), &whole[..first]).unwrap();
         assert!(read_all(&spool, "j", "A-1.ndjson").is_err(), "cut after its first chunk");
+        fs::write(path("A-1.ndjson"), &whole[..first + 5 + 100]).unwrap();
+        let e = read_all(&spool, "j", "A-1.ndjson").unwrap_err();
+        assert_eq!(e.to_string(), "the spooled file is cut short", "cut inside its second chunk");
         fs::copy(path("B-1.ndjson"), path("A-1.ndjson")).unwrap();
         assert!(read_all(&spool, "j", "A-1.ndjson").is_err(), "another file's chunks");
         let again = Spool::open(&dir.path().join("spool"), 1 << 30).unwrap();
