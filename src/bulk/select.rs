@@ -39,19 +39,27 @@ pub struct Selected {
     pub errors: Vec<String>,
 }
 
-/// Each resource's newest version by type and id: a map of every resource in the ledger,
-/// hashed with foldhash (randomly seeded per process; SipHash was a sixth of the selection).
-type LatestMap = HashMap<(String, String), Latest, foldhash::fast::RandomState>;
+/// Each resource's newest version by `Type/id`: a map of every resource in the ledger, hashed
+/// with foldhash (randomly seeded per process; SipHash was a sixth of the selection). One
+/// allocation a resource (its key; compartments are shared), found again without one: the
+/// map is built afresh by every export, and three strings a resource were 32 MB of memory
+/// first touched by each.
+type LatestMap = HashMap<Box<str>, Latest, foldhash::fast::RandomState>;
 
-/// A live resource picked for an export: its leaf, `(type, id)` and state.
-type Picked<'a> = (u64, &'a (String, String), &'a Latest);
+/// A live resource picked for an export: its leaf, `Type/id` and state.
+type Picked<'a> = (u64, &'a str, &'a Latest);
+
+/// The type and id of a `Type/id` key (FHIR ids hold no `/`).
+fn type_and_id(key: &str) -> (&str, &str) {
+    key.split_once('/').unwrap_or((key, ""))
+}
 
 /// A resource's state at the pinned size.
 struct Latest {
     leaf: u64,
     version: u64,
     /// Whose data key encrypted it (an erased compartment's versions have no plaintext).
-    compartment: String,
+    compartment: std::sync::Arc<str>,
     last_updated_ms: i64,
     deleted: bool,
     /// The newest version that was not a deletion (what access is decided on for a delete).
@@ -76,7 +84,7 @@ pub fn select(
     let picked = crate::parallel::on_every_core(&ranges, |&k| {
         let (mut live, mut deleted): (Vec<Picked<'_>>, Vec<(u64, u64)>) = Default::default();
         for (key, l, newest_live) in latest.owned(k) {
-            if !params.wants(&key.0) || params.since_ms.is_some_and(|s| l.last_updated_ms <= s) {
+            if !params.wants(type_and_id(key).0) || params.since_ms.is_some_and(|s| l.last_updated_ms <= s) {
                 continue;
             }
             if !l.deleted {
@@ -110,13 +118,14 @@ pub fn select(
             // headers read above tell all, and a version whose compartment was erased is left
             // out.
             let mut list = Vec::with_capacity(chunk.len());
-            for &(leaf, (t, id), l) in chunk {
+            for &(leaf, key, l) in chunk {
                 if engine.repo().compartment_key(&l.compartment, &mut keys)?.is_some() {
-                    match out.outputs.get_mut(t.as_str()) {
+                    let (t, id) = type_and_id(key);
+                    match out.outputs.get_mut(t) {
                         Some(leaves) => leaves.push(leaf),
-                        None => drop(out.outputs.insert(t.clone(), vec![leaf])),
+                        None => drop(out.outputs.insert(t.to_string(), vec![leaf])),
                     }
-                    list.push((t.clone(), id.clone(), l.version));
+                    list.push((t.to_string(), id.to_string(), l.version));
                 }
             }
             if !list.is_empty() {
@@ -186,19 +195,19 @@ struct LatestParts(Vec<LatestMap>);
 impl LatestParts {
     /// The resources that range `k` holds last, each with its newest version that was not a
     /// deletion (which may lie in an earlier range).
-    fn owned(&self, k: usize) -> impl Iterator<Item = (&(String, String), &Latest, Option<u64>)> {
+    fn owned(&self, k: usize) -> impl Iterator<Item = (&str, &Latest, Option<u64>)> {
         let (earlier, rest) = self.0.split_at(k.min(self.0.len()));
         let (mine, later) = rest.split_first().map_or((None, &[][..]), |(m, l)| (Some(m), l));
         mine.into_iter().flat_map(|m| m.iter()).filter(move |(key, _)| !later.iter().any(|m| m.contains_key(*key))).map(
             move |(key, l)| {
                 let live = l.live.or_else(|| earlier.iter().rev().find_map(|m| m.get(key).and_then(|e| e.live)));
-                (key, l, live)
+                (&**key, l, live)
             },
         )
     }
 
     /// Every resource once, with its newest version that was not a deletion.
-    fn all(&self) -> impl Iterator<Item = (&(String, String), &Latest, Option<u64>)> {
+    fn all(&self) -> impl Iterator<Item = (&str, &Latest, Option<u64>)> {
         (0..self.0.len()).flat_map(|k| self.owned(k))
     }
 }
@@ -206,23 +215,34 @@ impl LatestParts {
 /// [`latest_at`] over the leaves of one range.
 fn latest_in(engine: &Engine, scope: &Scope<'_>, leaves: std::ops::Range<u64>) -> Result<LatestMap, FhirError> {
     let mut latest = LatestMap::default();
+    let mut compartments: HashMap<Box<str>, std::sync::Arc<str>, foldhash::fast::RandomState> = HashMap::default();
+    let mut shared = |c: &str| match compartments.get(c) {
+        Some(a) => a.clone(),
+        None => compartments.entry(c.into()).or_insert_with(|| c.into()).clone(),
+    };
+    let mut key = String::new();
     engine.repo().view().for_each_header_in(leaves, |leaf, h| {
         if crate::auth::store::is_internal(h.rtype) || scope.params.until_ms.is_some_and(|u| h.last_updated_ms > u) {
             return;
         }
         let gone = h.op == Op::Delete.as_str() || h.op == Op::Erase.as_str();
-        let e = latest.entry((h.rtype.to_string(), h.id.to_string())).or_insert_with(|| Latest {
-            leaf,
-            version: 0,
-            compartment: h.compartment.to_string(),
-            last_updated_ms: 0,
-            deleted: false,
-            live: None,
-        });
+        key.clear();
+        key.extend([h.rtype, "/", h.id]);
+        let e = match latest.get_mut(key.as_str()) {
+            Some(e) => e,
+            None => latest.entry(key.as_str().into()).or_insert(Latest {
+                leaf,
+                version: 0,
+                compartment: shared(h.compartment),
+                last_updated_ms: 0,
+                deleted: false,
+                live: None,
+            }),
+        };
         e.leaf = leaf;
         e.version = h.version;
-        if e.compartment != h.compartment {
-            h.compartment.clone_into(&mut e.compartment);
+        if *e.compartment != *h.compartment {
+            e.compartment = shared(h.compartment);
         }
         e.last_updated_ms = h.last_updated_ms;
         e.deleted = gone;
@@ -374,8 +394,11 @@ fn provenance(
             exported.insert(format!("{}/{}", s.rtype, s.id));
         }
     }
-    let mut candidates: Vec<u64> =
-        latest.all().filter(|((t, _), l, _)| t == "Provenance" && !l.deleted).map(|(_, l, _)| l.leaf).collect();
+    let mut candidates: Vec<u64> = latest
+        .all()
+        .filter(|(key, l, _)| type_and_id(key).0 == "Provenance" && !l.deleted)
+        .map(|(_, l, _)| l.leaf)
+        .collect();
     candidates.sort_unstable();
     let mut chosen: BTreeSet<u64> = BTreeSet::new();
     let mut newest: HashMap<String, u64> = HashMap::new();

@@ -241,13 +241,14 @@ impl Repo {
     ) -> Result<(), FhirError> {
         let mut keys: BTreeMap<String, Option<DataKey>> = BTreeMap::new();
         let mut failed = None;
+        let mut aad = String::new();
         let walked = self.view.for_each_record(leaves, &mut |leaf, h, sealed| {
             if h.op == Op::Delete.as_str() || h.op == Op::Erase.as_str() {
                 return Ok(());
             }
             let mut step = || -> Result<(), FhirError> {
                 let Some(dek) = self.compartment_key(&h.compartment, &mut keys)? else { return Ok(()) };
-                let aad = aad(&h.rtype, &h.id, h.version);
+                aad_into(&mut aad, &h.rtype, &h.id, h.version);
                 let plain = crypto::open_in_place(&dek, sealed, aad.as_bytes()).map_err(FhirError::internal)?;
                 f(leaf, plain)
             };
@@ -446,7 +447,17 @@ impl Repo {
 }
 
 fn aad(rtype: &str, id: &str, version: u64) -> String {
-    format!("{rtype}/{id}/{version}")
+    let mut s = String::new();
+    aad_into(&mut s, rtype, id, version);
+    s
+}
+
+/// [`aad`] into a buffer a caller reuses (an export's files open every body).
+fn aad_into(buf: &mut String, rtype: &str, id: &str, version: u64) {
+    use std::fmt::Write as _;
+    buf.clear();
+    buf.extend([rtype, "/", id, "/"]);
+    let _ = write!(buf, "{version}");
 }
 
 /// One command under construction. See the module docs.
