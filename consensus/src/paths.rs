@@ -12,6 +12,7 @@ use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::io;
 
+use crate::invalid_data;
 use crate::merkle::{leaf_hash, node_hash, Hash};
 use crate::proof::Nodes;
 use crate::state_machine::{decode, record_key, LeafHeader, StateView, STORED_NODE_LEVEL};
@@ -30,16 +31,8 @@ struct Block {
 }
 
 impl Block {
-    fn new(headers: Vec<Option<LeafHeader>>) -> Self {
-        let headers: Vec<_> = headers
-            .into_iter()
-            .map(|h| {
-                h.map(|h| {
-                    let encoded = h.encode();
-                    (h, encoded)
-                })
-            })
-            .collect();
+    /// The block of these leaves (each header with its encoding, the leaf data).
+    fn new(headers: Vec<Option<(LeafHeader, Vec<u8>)>>) -> Self {
         let leaves: Vec<Option<Hash>> = headers.iter().map(|h| h.as_ref().map(|(_, e)| leaf_hash(e))).collect();
         let mut nodes = vec![leaves];
         while nodes.last().is_some_and(|l| l.len() > 1) {
@@ -49,6 +42,18 @@ impl Block {
         }
         Self { headers, nodes }
     }
+}
+
+/// A stored record's header and its leaf data: the record's encoding begins with the
+/// header's, so the leaf data is that prefix, taken as stored (neither the rest of the record
+/// decoded nor the header encoded again).
+fn header_and_data(record: &[u8]) -> io::Result<(LeafHeader, Vec<u8>)> {
+    let header: LeafHeader = decode(record)?;
+    let len = bincode::serialized_size(&header).map_err(|e| invalid_data(e.to_string()))?;
+    let data = usize::try_from(len).ok().and_then(|n| record.get(..n));
+    let data =
+        data.ok_or_else(|| invalid_data(format!("a record of {} bytes with a header of {len}", record.len())))?;
+    Ok((header, data.to_vec()))
 }
 
 /// A leaf's header, its encoding (the leaf data) and its audit path.
@@ -131,12 +136,12 @@ impl<'a> PathsAt<'a> {
             return Ok(f(b));
         }
         let first = block * BLOCK;
-        let mut headers: Vec<Option<LeafHeader>> = vec![None; BLOCK as usize];
+        let mut headers: Vec<Option<(LeafHeader, Vec<u8>)>> = vec![None; BLOCK as usize];
         for kv in self.view.kv.range(&record_key(first), &record_key(first + BLOCK), false) {
             let (k, v) = kv?;
             let Some(leaf) = crate::kv::read_be(&k[1..]) else { continue };
             if let Some(slot) = leaf.checked_sub(first).and_then(|i| headers.get_mut(usize::try_from(i).ok()?)) {
-                *slot = Some(decode(&v)?);
+                *slot = Some(header_and_data(&v)?);
             }
         }
         let loaded = Block::new(headers);
