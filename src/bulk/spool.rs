@@ -24,6 +24,15 @@ use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
 /// enough to stream.
 const CHUNK: usize = 1 << 20;
 
+/// A chunk's head: its sealed length and whether it is the last.
+const HEAD: usize = 5;
+
+/// The AES-GCM tag that ends a sealed chunk.
+const TAG: usize = 16;
+
+/// The longest sealed chunk: nonce, a full chunk's ciphertext, tag.
+const SEALED: usize = NONCE_LEN + CHUNK + TAG;
+
 /// The spool directory of one server process.
 pub struct Spool {
     dir: PathBuf,
@@ -62,7 +71,7 @@ impl Spool {
         let partial = dir.join(format!("{}.partial", file_name(name)?));
         let out = File::create(&partial)?;
         let aad = format!("{job}/{name}");
-        let buf = Vec::with_capacity(HEAD + NONCE_LEN + CHUNK + 16);
+        let buf = Vec::with_capacity(HEAD + SEALED);
         Ok(SpoolWriter { key: self.key.clone(), aad, out, buf, chunks: 0, partial, done })
     }
 
@@ -140,9 +149,6 @@ pub struct SpoolWriter {
     done: PathBuf,
 }
 
-/// A chunk's head: its sealed length and whether it is the last.
-const HEAD: usize = 5;
-
 impl SpoolWriter {
     pub fn write(&mut self, mut bytes: &[u8]) -> io::Result<()> {
         while !bytes.is_empty() {
@@ -218,7 +224,7 @@ impl SpoolReader {
         // before reading over it was a tenth of a download's CPU, and a buffered reader
         // copied every chunk once more (and took a fresh megabyte a file).
         let len = u64::from(u32::from_le_bytes([a, b, c, d]));
-        if len > (NONCE_LEN + CHUNK + 16) as u64 {
+        if len > SEALED as u64 {
             return Err(io::Error::other(format!("spooled chunk {} is longer than a chunk", self.chunks)));
         }
         buf.clear();
