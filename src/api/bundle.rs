@@ -271,13 +271,27 @@ fn prerewrite(entries: &mut [Entry], own_base: &str) -> bool {
         }
     }
     let resolver = Resolver { map: &map, own_base };
-    let mut conditional = false;
-    for e in entries.iter_mut() {
-        if let Some(res) = e.resource.as_mut() {
-            let base = e.rest_base.as_deref();
-            for_each_reference_mut(res, &mut |r| conditional |= resolver.resolve(r, base));
+    let rewrite = |entries: &mut [Entry]| {
+        let mut conditional = false;
+        for e in entries {
+            if let Some(res) = e.resource.as_mut() {
+                let base = e.rest_base.as_deref();
+                for_each_reference_mut(res, &mut |r| conditional |= resolver.resolve(r, base));
+            }
         }
+        conditional
+    };
+    // Every resource is rewritten on its own: many are split over the cores.
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    if entries.len() < ENTRIES_ON_EVERY_CORE || cores == 1 {
+        return !rewrite(entries);
     }
+    let conditional = std::thread::scope(|scope| {
+        let parts: Vec<_> =
+            entries.chunks_mut(entries.len().div_ceil(cores)).map(|part| scope.spawn(|| rewrite(part))).collect();
+        // A rewriting that panicked panics here, as it would have on one core.
+        parts.into_iter().map(|p| p.join().unwrap_or_else(|e| std::panic::resume_unwind(e))).fold(false, |a, b| a | b)
+    });
     !conditional
 }
 
@@ -332,7 +346,18 @@ fn plan_transaction(
     let mut order: Vec<&Entry> = entries.iter().filter(|e| e.method != Method::Get).collect();
     order.sort_by_key(|e| (e.method.clone(), e.index));
     let mut planned: BTreeMap<usize, Planned> = BTreeMap::new();
-    for e in order {
+    let mut rest = order.as_slice();
+    while let Some((&e, after)) = rest.split_first() {
+        if rewritten && e.method == Method::Post {
+            // Rewritten up front, so no POST is conditional: they are all plain creates under
+            // new ids, planned together (on every core when many).
+            let n = rest.iter().take_while(|e| e.method == Method::Post).count();
+            let (posts, after) = rest.split_at(n);
+            plan_creates(plan, posts, &targets, &mut planned)?;
+            rest = after;
+            continue;
+        }
+        rest = after;
         let Some(id) = targets.get(&e.index).cloned() else {
             planned.insert(e.index, Planned { status: 204, write: None, existing: None });
             continue;
@@ -373,6 +398,28 @@ fn plan_transaction(
         .iter()
         .map(|e| planned.remove(&e.index).unwrap_or(Planned { status: 200, write: None, existing: None }))
         .collect())
+}
+
+/// The creates of `posts` (rewritten, unconditional), planned as one [`Plan::put_new_all`].
+fn plan_creates(
+    plan: &mut Plan<'_>,
+    posts: &[&Entry],
+    targets: &BTreeMap<usize, String>,
+    planned: &mut BTreeMap<usize, Planned>,
+) -> Result<(), FhirError> {
+    let mut items = Vec::with_capacity(posts.len());
+    for e in posts {
+        let id = targets.get(&e.index).ok_or_else(|| FhirError::internal("a create has no id").at(at(e.index)))?;
+        let res =
+            e.resource.as_ref().ok_or_else(|| FhirError::invalid("a POST entry needs a resource").at(at(e.index)))?;
+        items.push((e.rtype.as_str(), id.as_str(), res));
+    }
+    let first = plan.results_len();
+    plan.put_new_all(&items).map_err(|(k, err)| err.at(at(posts[k].index)))?;
+    for (k, e) in posts.iter().enumerate() {
+        planned.insert(e.index, Planned { status: 201, write: Some(first + k), existing: None });
+    }
+    Ok(())
 }
 
 fn rewrite_references(

@@ -460,6 +460,48 @@ fn aad_into(buf: &mut String, rtype: &str, id: &str, version: u64) {
     let _ = write!(buf, "{version}");
 }
 
+/// Creates of a transaction planned on every core from this many on.
+const CREATES_ON_EVERY_CORE: usize = 64;
+
+/// A resource's new version made ready to write: its stored text, and the write that
+/// carries it sealed, committed to and indexed.
+struct Version {
+    write: Write,
+    text: String,
+}
+
+impl Version {
+    #[allow(clippy::too_many_arguments)]
+    fn seal(
+        repo: &Repo,
+        rtype: &str,
+        id: &str,
+        version: u64,
+        now: i64,
+        res: &Json,
+        dek: &DataKey,
+        compartment: &str,
+    ) -> Self {
+        let text = stored_json(res, id, version, now);
+        let aad = aad(rtype, id, version);
+        let body = crypto::seal(dek, text.as_bytes(), aad.as_bytes());
+        let content_sha256 = consensus::content_commitment(&crypto::content_salt(dek, aad.as_bytes()), text.as_bytes());
+        let index = index::resource_terms(&repo.index_key, &repo.params, rtype, res);
+        let write = Write {
+            rtype: rtype.into(),
+            id: id.into(),
+            version,
+            op: Op::Create,
+            last_updated_ms: now,
+            compartment: compartment.into(),
+            body,
+            content_sha256,
+            index,
+        };
+        Self { write, text }
+    }
+}
+
 /// One command under construction. See the module docs.
 pub struct Plan<'a> {
     repo: &'a Repo,
@@ -581,6 +623,38 @@ impl<'a> Plan<'a> {
         self.put_over(rtype, id, res, None, None)
     }
 
+    /// Creates many resources under ids this server just generated (a transaction's POSTs),
+    /// planned as [`Plan::put_new`] one after another would plan them: what decides whether
+    /// each may be written (its place in the transaction, the policy, its compartment's key)
+    /// in order, then the bodies made, sealed, committed to and indexed on every core (most
+    /// of an import's planning, on one core before). An error names the position in `items`
+    /// of the first resource refused.
+    pub fn put_new_all(&mut self, items: &[(&str, &str, &Json)]) -> Result<(), (usize, FhirError)> {
+        let mut keys = Vec::with_capacity(items.len());
+        for (at, &(rtype, id, res)) in items.iter().enumerate() {
+            keys.push(self.admit(rtype, id, res, None, None).map_err(|e| (at, e))?);
+        }
+        let (repo, now) = (self.repo, self.now);
+        let seal = |at: &usize| {
+            let (rtype, id, res) = items[*at];
+            let (compartment, dek) = &keys[*at];
+            Version::seal(repo, rtype, id, 1, now, res, dek, compartment)
+        };
+        let places: Vec<usize> = (0..items.len()).collect();
+        let sealed: Vec<Version> = if items.len() < CREATES_ON_EVERY_CORE {
+            places.iter().map(seal).collect()
+        } else {
+            crate::parallel::on_every_core(&places, seal)
+                .into_iter()
+                .map(|v| v.ok_or_else(|| (0, FhirError::internal("a thread sealing new versions failed"))))
+                .collect::<Result<_, _>>()?
+        };
+        for version in sealed {
+            self.record(version, false);
+        }
+        Ok(())
+    }
+
     fn put_over(
         &mut self,
         rtype: &str,
@@ -589,6 +663,23 @@ impl<'a> Plan<'a> {
         if_match: Option<u64>,
         cur: Option<&CurrentRecord>,
     ) -> Result<Stored, FhirError> {
+        let (compartment, dek) = self.admit(rtype, id, res, if_match, cur)?;
+        let live = cur.is_some_and(|c| !c.deleted);
+        let version = cur.map_or(0, |c| c.version) + 1;
+        let sealed = Version::seal(self.repo, rtype, id, version, self.now, res, &dek, &compartment);
+        Ok(self.record(sealed, live).clone())
+    }
+
+    /// Whether `rtype/id` may take a new version over `cur`: once in this plan, by the
+    /// policy, and under `if_match`; the compartment it goes in and that compartment's key.
+    fn admit(
+        &mut self,
+        rtype: &str,
+        id: &str,
+        res: &Json,
+        if_match: Option<u64>,
+        cur: Option<&CurrentRecord>,
+    ) -> Result<(String, DataKey), FhirError> {
         self.touch(rtype, id)?;
         let current = cur.map_or(0, |c| c.version);
         let live = cur.is_some_and(|c| !c.deleted);
@@ -601,39 +692,32 @@ impl<'a> Plan<'a> {
                 )));
             }
         }
-        let version = current + 1;
-        let text = stored_json(res, id, version, self.now);
         let compartment = self.repo.compartment_of(rtype, id, res);
         let dek = self.data_key(&compartment)?;
-        let aad = aad(rtype, id, version);
-        let body = crypto::seal(&dek, text.as_bytes(), aad.as_bytes());
-        let content_sha256 =
-            consensus::content_commitment(&crypto::content_salt(&dek, aad.as_bytes()), text.as_bytes());
-        let index = index::resource_terms(&self.repo.index_key, &self.repo.params, rtype, res);
-        self.preconditions.push(Precondition::Version { rtype: rtype.into(), id: id.into(), current });
-        self.writes.push(Write {
-            rtype: rtype.into(),
-            id: id.into(),
-            version,
-            op: if live { Op::Update } else { Op::Create },
-            last_updated_ms: self.now,
-            compartment,
-            body,
-            content_sha256,
-            index,
+        Ok((compartment, dek))
+    }
+
+    /// Adds a sealed version (over a live one: an update) to the plan; its result.
+    fn record(&mut self, v: Version, over_live: bool) -> &Stored {
+        let Version { write, text } = v;
+        self.preconditions.push(Precondition::Version {
+            rtype: write.rtype.clone(),
+            id: write.id.clone(),
+            current: write.version - 1,
         });
-        let stored = Stored {
-            rtype: rtype.into(),
-            id: id.into(),
-            version,
-            last_updated_ms: self.now,
+        self.results.push(Stored {
+            rtype: write.rtype.clone(),
+            id: write.id.clone(),
+            version: write.version,
+            last_updated_ms: write.last_updated_ms,
             deleted: false,
             leaf: None,
             body: Some(text),
-            created: !live,
-        };
-        self.results.push(stored.clone());
-        Ok(stored)
+            created: !over_live,
+        });
+        self.writes.push(Write { op: if over_live { Op::Update } else { Op::Create }, ..write });
+        let last = self.results.len() - 1;
+        &self.results[last]
     }
 
     /// Logically deletes `rtype/id`; `Ok(None)` if there was nothing live to delete.

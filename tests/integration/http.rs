@@ -278,6 +278,49 @@ async fn transactions_are_all_or_nothing_and_rewrite_references() {
     assert_eq!(b["entry"][2]["resource"]["id"], pid.as_str());
 }
 
+/// A transaction large enough to be rewritten and planned on every core (64 entries or more)
+/// answers as one planned entry by entry: every reference resolves to its entry's new id, the
+/// versions' leaves follow the Bundle's order, and the first entry refused (here, one into an
+/// erased compartment, past the middle) is the one named, with nothing written.
+#[actix_web::test]
+async fn a_large_transaction_resolves_and_refuses_as_entry_by_entry() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = support::app(support::repo(dir.path()).await).await;
+    let patient = |i: usize| json!({"fullUrl":format!("urn:uuid:00000000-0000-4000-8000-{i:012}"),"resource":{"resourceType":"Patient","identifier":[{"system":"urn:large","value":format!("p{i}")}]},"request":{"method":"POST","url":"Patient"}});
+    let obs = |i: usize, subject: String| json!({"resource":{"resourceType":"Observation","status":"final","code":{"text":format!("o{i}")},"identifier":[{"system":"urn:large","value":format!("o{i}")}],"subject":{"reference":subject}},"request":{"method":"POST","url":"Observation"}});
+    let entries: Vec<Value> = (0..60)
+        .map(patient)
+        .chain((0..60).map(|i| obs(i, format!("urn:uuid:00000000-0000-4000-8000-{:012}", 59 - i))))
+        .collect();
+    let r = call!(app, post("/", &json!({"resourceType":"Bundle","type":"transaction","entry":entries}).to_string()));
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let b = r.json();
+    let id_at =
+        |i: usize| b["entry"][i]["response"]["location"].as_str().unwrap().split('/').nth(1).unwrap().to_string();
+    let leaves: Vec<u64> = (0..120)
+        .map(|i| b["entry"][i]["response"]["extension"][0]["valueString"].as_str().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(leaves, (0..120).collect::<Vec<u64>>(), "leaves in the Bundle's order");
+    for i in [0, 31, 59] {
+        let o = call!(app, TestRequest::get().uri(&format!("/Observation/{}", id_at(60 + i)))).json();
+        assert_eq!(o["subject"]["reference"], format!("Patient/{}", id_at(59 - i)), "observation {i}");
+        assert_eq!(o["code"]["text"], format!("o{i}"));
+        let found = call!(app, TestRequest::get().uri(&format!("/Observation?patient={}", id_at(59 - i)))).json();
+        assert_eq!(found["total"], 1, "observation {i} by its patient");
+    }
+
+    let erased = id_at(7);
+    assert_eq!(call!(app, TestRequest::post().uri(&format!("/Patient/{erased}/$erase"))).status, StatusCode::OK);
+    let mut entries: Vec<Value> = (100..170).map(|i| obs(i, format!("Patient/{}", id_at(0)))).collect();
+    entries[50] = obs(150, format!("Patient/{erased}"));
+    entries[60] = obs(160, format!("Patient/{erased}"));
+    let r = call!(app, post("/", &json!({"resourceType":"Bundle","type":"transaction","entry":entries}).to_string()));
+    let issue = r.outcome(410);
+    assert_eq!(issue["expression"][0], "Bundle.entry[50]", "{issue}");
+    let count = call!(app, TestRequest::get().uri("/Observation?identifier=urn:large|o100&_summary=count"));
+    assert_eq!(count.json()["total"], 0, "nothing of the refused transaction is written");
+}
+
 /// FHIR's rules for references in a Bundle (R4 bundle.html#references): a relative reference
 /// in a resource whose `fullUrl` is RESTful is read against that server's base, finds the
 /// entry sent under that absolute `fullUrl`, and when no entry matches still names the other
