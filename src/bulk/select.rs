@@ -49,6 +49,38 @@ type LatestMap = HashMap<Box<str>, Latest, foldhash::fast::RandomState>;
 /// A live resource picked for an export: its leaf, `Type/id` and state.
 type Picked<'a> = (u64, &'a str, &'a Latest);
 
+/// What one range of [`latest_at`] contributes: its live resources and deletions in leaf
+/// order, to be checked; or, when nothing is decided per resource, those it exports
+/// (`outputs`, by type) and discloses (`shown`) already picked.
+#[derive(Default)]
+struct Picks<'a> {
+    live: Vec<Picked<'a>>,
+    deleted: Vec<(u64, u64)>,
+    outputs: BTreeMap<String, Vec<u64>>,
+    shown: Vec<(String, String, u64)>,
+}
+
+impl Picks<'_> {
+    /// Every live resource exported, but those whose compartment was erased (no plaintext).
+    fn pick_all(&mut self, engine: &Engine, progress: &Progress) -> Result<(), FhirError> {
+        let mut keys = BTreeMap::new();
+        for (n, &(leaf, key, l)) in std::mem::take(&mut self.live).iter().enumerate() {
+            if n % BATCH == 0 && progress.cancelled.load(Relaxed) {
+                return Err(FhirError::invalid("the export was cancelled"));
+            }
+            if engine.repo().compartment_key(&l.compartment, &mut keys)?.is_some() {
+                let (t, id) = type_and_id(key);
+                match self.outputs.get_mut(t) {
+                    Some(leaves) => leaves.push(leaf),
+                    None => drop(self.outputs.insert(t.to_string(), vec![leaf])),
+                }
+                self.shown.push((t.to_string(), id.to_string(), l.version));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The type and id of a `Type/id` key (FHIR ids hold no `/`).
 fn type_and_id(key: &str) -> (&str, &str) {
     key.split_once('/').unwrap_or((key, ""))
@@ -78,64 +110,65 @@ pub fn select(
 ) -> Result<Selected, FhirError> {
     let params = scope.params;
     let latest = latest_at(engine, scope)?;
+    let filters = type_filters(engine, params)?;
+    let checker = Checker { engine, guard, scope, filters: &filters };
+    // Nothing to decide per resource (no access rules, compartments or filters): the headers
+    // read above tell all, and each range's resources are picked to the end on its core.
+    let unrestricted = checker.unrestricted();
     // Each range's resources picked and put in leaf order on every core: the ranges are in
     // leaf order, so their lists joined are too.
     let ranges: Vec<usize> = (0..latest.0.len()).collect();
     let picked = crate::parallel::on_every_core(&ranges, |&k| {
-        let (mut live, mut deleted): (Vec<Picked<'_>>, Vec<(u64, u64)>) = Default::default();
+        let mut part = Picks::default();
         for (key, l, newest_live) in latest.owned(k) {
             if !params.wants(type_and_id(key).0) || params.since_ms.is_some_and(|s| l.last_updated_ms <= s) {
                 continue;
             }
             if !l.deleted {
-                live.push((l.leaf, key, l));
+                part.live.push((l.leaf, key, l));
             } else if let (Some(before), true) = (newest_live, params.since_ms.is_some()) {
                 // Only an export `_since` something reports deletions (the IG's `deleted`).
-                deleted.push((l.leaf, before));
+                part.deleted.push((l.leaf, before));
             }
         }
-        live.sort_unstable_by_key(|(leaf, ..)| *leaf);
-        deleted.sort_unstable();
-        (live, deleted)
+        part.live.sort_unstable_by_key(|(leaf, ..)| *leaf);
+        part.deleted.sort_unstable();
+        if unrestricted {
+            part.pick_all(engine, progress)?;
+        }
+        Ok::<_, FhirError>(part)
     });
-    let (mut live, mut deleted) = (Vec::new(), Vec::new());
+    let mut parts = Vec::with_capacity(picked.len());
     for part in picked {
-        let (l, d) = part.ok_or_else(|| FhirError::internal("a thread selecting an export died"))?;
-        live.extend(l);
-        deleted.extend(d);
+        parts.push(part.ok_or_else(|| FhirError::internal("a thread selecting an export died"))??);
     }
-    progress.total.store((live.len() + deleted.len()) as u64, Relaxed);
-    let filters = type_filters(engine, params)?;
+    let (mut live, mut deleted) = (Vec::new(), Vec::new());
+    for part in &mut parts {
+        live.append(&mut part.live);
+        deleted.append(&mut part.deleted);
+    }
+    let picked_all: usize = parts.iter().map(|p| p.shown.len()).sum();
+    progress.total.store((picked_all + live.len() + deleted.len()) as u64, Relaxed);
     let mut out = Selected::default();
-    let checker = Checker { engine, guard, scope, filters: &filters };
-    let mut keys = std::collections::BTreeMap::new();
+    for part in parts {
+        for (t, leaves) in part.outputs {
+            out.outputs.entry(t).or_default().extend(leaves);
+        }
+        for chunk in part.shown.chunks(BATCH) {
+            if progress.cancelled.load(Relaxed) {
+                return Err(FhirError::invalid("the export was cancelled"));
+            }
+            shown(chunk, Disclosed::default());
+            progress.done.fetch_add(chunk.len() as u64, Relaxed);
+        }
+    }
     for chunk in live.chunks(BATCH) {
         if progress.cancelled.load(Relaxed) {
             return Err(FhirError::invalid("the export was cancelled"));
         }
-        if checker.unrestricted() {
-            // Nothing to decide per resource (no access rules, compartments or filters): the
-            // headers read above tell all, and a version whose compartment was erased is left
-            // out.
-            let mut list = Vec::with_capacity(chunk.len());
-            for &(leaf, key, l) in chunk {
-                if engine.repo().compartment_key(&l.compartment, &mut keys)?.is_some() {
-                    let (t, id) = type_and_id(key);
-                    match out.outputs.get_mut(t) {
-                        Some(leaves) => leaves.push(leaf),
-                        None => drop(out.outputs.insert(t.to_string(), vec![leaf])),
-                    }
-                    list.push((t.to_string(), id.to_string(), l.version));
-                }
-            }
-            if !list.is_empty() {
-                shown(&list, Disclosed::default());
-            }
-        } else {
-            let leaves: Vec<u64> = chunk.iter().map(|(leaf, ..)| *leaf).collect();
-            for (leaf, t, ..) in checker.admitted(&leaves, shown)? {
-                out.outputs.entry(t).or_default().push(leaf);
-            }
+        let leaves: Vec<u64> = chunk.iter().map(|(leaf, ..)| *leaf).collect();
+        for (leaf, t, ..) in checker.admitted(&leaves, shown)? {
+            out.outputs.entry(t).or_default().push(leaf);
         }
         progress.done.fetch_add(chunk.len() as u64, Relaxed);
     }
