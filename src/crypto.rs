@@ -87,12 +87,30 @@ pub fn open_in_place<'a>(key: &DataKey, sealed: &'a mut [u8], aad: &[u8]) -> Res
 /// of the version's AAD (`Type/id/version`) under its compartment's data key, so that only a
 /// key holder can hand it out, and nobody can once the key is shredded.
 pub fn content_salt(key: &DataKey, aad: &[u8]) -> [u8; 32] {
-    use hmac::Mac;
-    let mut mac = <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(key)
-        .unwrap_or_else(|e| unreachable!("HMAC takes a key of any length: {e}"));
-    mac.update(b"fhir-ledger content salt v1\0");
-    mac.update(aad);
-    mac.finalize().into_bytes().into()
+    Salter::new(key).salt(aad)
+}
+
+/// [`content_salt`] under one key, for many versions: the HMAC keyed and its domain
+/// separation absorbed once (an export's proof files take a salt for every version, and
+/// keying was about half of each).
+#[derive(Clone)]
+pub struct Salter(hmac::Hmac<sha2::Sha256>);
+
+impl Salter {
+    pub fn new(key: &DataKey) -> Self {
+        use hmac::Mac;
+        let mut mac = <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(key)
+            .unwrap_or_else(|e| unreachable!("HMAC takes a key of any length: {e}"));
+        mac.update(b"fhir-ledger content salt v1\0");
+        Self(mac)
+    }
+
+    pub fn salt(&self, aad: &[u8]) -> [u8; 32] {
+        use hmac::Mac;
+        let mut mac = self.0.clone();
+        mac.update(aad);
+        mac.finalize().into_bytes().into()
+    }
 }
 
 /// The node's KEK and a cache of unwrapped compartment keys.

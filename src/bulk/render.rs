@@ -226,7 +226,7 @@ struct Proofs<'e> {
     repo: &'e crate::repo::Repo,
     paths: consensus::PathsAt<'e>,
     size: u64,
-    keys: std::collections::BTreeMap<String, Option<crate::crypto::DataKey>>,
+    salts: crate::repo::Salters,
 }
 
 impl<'e> Proofs<'e> {
@@ -236,18 +236,18 @@ impl<'e> Proofs<'e> {
             repo,
             paths: consensus::PathsAt::new(repo.view(), job.size),
             size: job.size,
-            keys: std::collections::BTreeMap::new(),
+            salts: crate::repo::Salters::default(),
         }
     }
 
     /// Appends the proof line of `leaf` to `buf`; false when its plaintext is gone.
     fn line(&mut self, leaf: u64, buf: &mut String) -> Result<bool, FhirError> {
-        let (repo, keys) = (self.repo, &mut self.keys);
+        let (repo, salts) = (self.repo, &mut self.salts);
         let written = self.paths.leaf_with(leaf, |h, data| -> Result<bool, FhirError> {
             let salt = if h.op == consensus::Op::Delete.as_str() {
                 None
             } else {
-                match repo.content_salt_in(h, keys)? {
+                match repo.content_salt_in(h, salts)? {
                     Some(s) => Some(s),
                     None => return Ok(false),
                 }

@@ -365,17 +365,31 @@ impl Repo {
     /// The salt of a version's content commitment (what binds its plaintext to its leaf);
     /// `None` once its compartment was erased.
     pub fn content_salt(&self, h: &consensus::LeafHeader) -> Result<Option<[u8; 32]>, FhirError> {
-        self.content_salt_in(h, &mut BTreeMap::new())
+        let Some(dek) = self.compartment_key(&h.compartment, &mut BTreeMap::new())? else { return Ok(None) };
+        Ok(Some(crypto::content_salt(&dek, aad(&h.rtype, &h.id, h.version).as_bytes())))
     }
 
-    /// [`Repo::content_salt`], each compartment's key looked up once in `keys`.
+    /// [`Repo::content_salt`], each compartment's key looked up and its salter keyed once in
+    /// `salts`.
     pub fn content_salt_in(
         &self,
         h: &consensus::LeafHeader,
-        keys: &mut BTreeMap<String, Option<DataKey>>,
+        salts: &mut Salters,
     ) -> Result<Option<[u8; 32]>, FhirError> {
-        let Some(dek) = self.compartment_key(&h.compartment, keys)? else { return Ok(None) };
-        Ok(Some(crypto::content_salt(&dek, aad(&h.rtype, &h.id, h.version).as_bytes())))
+        if salts.last.as_ref().is_none_or(|(c, _)| **c != *h.compartment) {
+            let salter = if let Some(s) = salts.by_compartment.get(h.compartment.as_str()) {
+                s.clone()
+            } else {
+                let dek = self.compartment_key(&h.compartment, &mut BTreeMap::new())?;
+                let s = dek.map(|k| crypto::Salter::new(&k));
+                salts.by_compartment.insert(h.compartment.clone(), s.clone());
+                s
+            };
+            salts.last = Some((h.compartment.clone(), salter));
+        }
+        let Some((_, Some(salter))) = &salts.last else { return Ok(None) };
+        aad_into(&mut salts.aad, &h.rtype, &h.id, h.version);
+        Ok(Some(salter.salt(salts.aad.as_bytes())))
     }
 
     /// Lookups of the decrypted-body cache, for `/metrics`.
@@ -458,6 +472,16 @@ fn aad_into(buf: &mut String, rtype: &str, id: &str, version: u64) {
     buf.clear();
     buf.extend([rtype, "/", id, "/"]);
     let _ = write!(buf, "{version}");
+}
+
+/// The content salters of the compartments a caller of [`Repo::content_salt_in`] met (`None`:
+/// erased), the last one apart (versions come in runs of one patient's), and a buffer for
+/// AADs.
+#[derive(Default)]
+pub struct Salters {
+    by_compartment: BTreeMap<String, Option<crypto::Salter>>,
+    last: Option<(String, Option<crypto::Salter>)>,
+    aad: String,
 }
 
 /// Creates of a transaction planned on every core from this many on.
