@@ -82,6 +82,12 @@ pub struct Settings {
 }
 
 impl Auth {
+    /// Whether what `caller` is shown goes to the disclosure log: not for an unrestricted
+    /// caller (the administrator, or a node without authorization), nor with the log off.
+    pub fn logs_disclosures_of(&self, caller: &Caller) -> bool {
+        !caller.unrestricted && self.disclosures.enabled()
+    }
+
     /// Keys derive from the cluster-wide KEK, so every node issues and accepts the same tokens
     /// without another secret to distribute.
     pub fn new(s: Settings, kek: &[u8; 32], disclosures: crate::disclosure::Log) -> Self {

@@ -479,8 +479,13 @@ fn produce(
         None => None,
     };
     let deid = Deid::of(job, auth);
-    let scope =
-        select::Scope { level: &job.level, params: &job.params, patients: job.patients.as_ref(), size: job.size };
+    let scope = select::Scope {
+        level: &job.level,
+        params: &job.params,
+        patients: job.patients.as_ref(),
+        size: job.size,
+        logged: auth.logs_disclosures_of(caller),
+    };
     let selected =
         select::select(engine, guard.as_ref(), &scope, progress, &mut |shown, d| on_shown(caller, shown, d))?;
     let mut files = Vec::new();

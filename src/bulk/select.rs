@@ -28,6 +28,9 @@ pub struct Scope<'a> {
     pub patients: Option<&'a BTreeSet<String>>,
     /// The tree size the export is pinned to: leaves below it.
     pub size: u64,
+    /// Whether what it shows goes to the disclosure log (not an unrestricted caller's, nor
+    /// with the log off): otherwise no list of what was shown is made.
+    pub logged: bool,
 }
 
 /// The selection: leaves per resource type (types in name order, leaves ascending), the
@@ -58,22 +61,42 @@ struct Picks<'a> {
     deleted: Vec<(u64, u64)>,
     outputs: BTreeMap<String, Vec<u64>>,
     shown: Vec<(String, String, u64)>,
+    /// How many live resources were picked from (the export's progress).
+    picked: usize,
 }
 
 impl Picks<'_> {
-    /// Every live resource exported, but those whose compartment was erased (no plaintext).
-    fn pick_all(&mut self, engine: &Engine, progress: &Progress) -> Result<(), FhirError> {
+    /// Every live resource exported, but those whose compartment was erased (no plaintext);
+    /// each listed for the disclosure log when `logged`. A resource's own key is not read
+    /// unless it is logged: picking is a walk over the map's entries in leaf order, a cache
+    /// miss each, and a key's bytes were one more.
+    fn pick_all(&mut self, engine: &Engine, progress: &Progress, logged: bool) -> Result<(), FhirError> {
         let mut keys = BTreeMap::new();
-        for (n, &(leaf, key, l)) in std::mem::take(&mut self.live).iter().enumerate() {
+        // Versions come in runs of one compartment: its key is looked up once a run.
+        let mut run: Option<(&std::sync::Arc<str>, bool)> = None;
+        let live = std::mem::take(&mut self.live);
+        self.picked = live.len();
+        for (n, &(leaf, key, l)) in live.iter().enumerate() {
             if n % BATCH == 0 && progress.cancelled.load(Relaxed) {
                 return Err(FhirError::invalid("the export was cancelled"));
             }
-            if engine.repo().compartment_key(&l.compartment, &mut keys)?.is_some() {
-                let (t, id) = type_and_id(key);
-                match self.outputs.get_mut(t) {
-                    Some(leaves) => leaves.push(leaf),
-                    None => drop(self.outputs.insert(t.to_string(), vec![leaf])),
+            let readable = match run {
+                Some((c, readable)) if std::sync::Arc::ptr_eq(c, &l.compartment) => readable,
+                _ => {
+                    let readable = engine.repo().compartment_key(&l.compartment, &mut keys)?.is_some();
+                    run = Some((&l.compartment, readable));
+                    readable
                 }
+            };
+            if !readable {
+                continue;
+            }
+            match self.outputs.get_mut(&*l.rtype) {
+                Some(leaves) => leaves.push(leaf),
+                None => drop(self.outputs.insert(l.rtype.to_string(), vec![leaf])),
+            }
+            if logged {
+                let (t, id) = type_and_id(key);
                 self.shown.push((t.to_string(), id.to_string(), l.version));
             }
         }
@@ -90,6 +113,8 @@ fn type_and_id(key: &str) -> (&str, &str) {
 struct Latest {
     leaf: u64,
     version: u64,
+    /// Its type (shared, as compartments are: picking by type then reads no key).
+    rtype: std::sync::Arc<str>,
     /// Whose data key encrypted it (an erased compartment's versions have no plaintext).
     compartment: std::sync::Arc<str>,
     last_updated_ms: i64,
@@ -134,7 +159,7 @@ pub fn select(
         part.live.sort_unstable_by_key(|(leaf, ..)| *leaf);
         part.deleted.sort_unstable();
         if unrestricted {
-            part.pick_all(engine, progress)?;
+            part.pick_all(engine, progress, scope.logged)?;
         }
         Ok::<_, FhirError>(part)
     });
@@ -147,19 +172,16 @@ pub fn select(
         live.append(&mut part.live);
         deleted.append(&mut part.deleted);
     }
-    let picked_all: usize = parts.iter().map(|p| p.shown.len()).sum();
-    progress.total.store((picked_all + live.len() + deleted.len()) as u64, Relaxed);
+    let picked: usize = parts.iter().map(|p| p.picked).sum();
+    progress.total.store((picked + live.len() + deleted.len()) as u64, Relaxed);
+    progress.done.fetch_add(picked as u64, Relaxed);
     let mut out = Selected::default();
     for part in parts {
         for (t, leaves) in part.outputs {
             out.outputs.entry(t).or_default().extend(leaves);
         }
         for chunk in part.shown.chunks(BATCH) {
-            if progress.cancelled.load(Relaxed) {
-                return Err(FhirError::invalid("the export was cancelled"));
-            }
             shown(chunk, Disclosed::default());
-            progress.done.fetch_add(chunk.len() as u64, Relaxed);
         }
     }
     for chunk in live.chunks(BATCH) {
@@ -248,10 +270,11 @@ impl LatestParts {
 /// [`latest_at`] over the leaves of one range.
 fn latest_in(engine: &Engine, scope: &Scope<'_>, leaves: std::ops::Range<u64>) -> Result<LatestMap, FhirError> {
     let mut latest = LatestMap::default();
-    let mut compartments: HashMap<Box<str>, std::sync::Arc<str>, foldhash::fast::RandomState> = HashMap::default();
-    let mut shared = |c: &str| match compartments.get(c) {
+    // Compartments and types, one allocation each.
+    let mut interned: HashMap<Box<str>, std::sync::Arc<str>, foldhash::fast::RandomState> = HashMap::default();
+    let mut shared = |c: &str| match interned.get(c) {
         Some(a) => a.clone(),
-        None => compartments.entry(c.into()).or_insert_with(|| c.into()).clone(),
+        None => interned.entry(c.into()).or_insert_with(|| c.into()).clone(),
     };
     let mut key = String::new();
     engine.repo().view().for_each_header_in(leaves, |leaf, h| {
@@ -266,6 +289,7 @@ fn latest_in(engine: &Engine, scope: &Scope<'_>, leaves: std::ops::Range<u64>) -
             None => latest.entry(key.as_str().into()).or_insert(Latest {
                 leaf,
                 version: 0,
+                rtype: shared(h.rtype),
                 compartment: shared(h.compartment),
                 last_updated_ms: 0,
                 deleted: false,
