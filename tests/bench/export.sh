@@ -137,6 +137,11 @@ n_plain=$(python3 -c 'import json,sys; print(sum(len(json.load(open(f))["entry"]
 for run in 1 2 3; do
   start_server "$work/plain$run.log" --data-dir "$work/plain$run" --profiles-dir "$root/fhir-profiles" --max-body-bytes 268435456
   plain_base=$base; servers="$servers $server"
+  # Each measurement starts on a quiet disk, as the exports above do: the earlier rounds'
+  # data directories are otherwise written back, 30 s after they were written, during a later
+  # round (every third round's import was 0.06-0.12 s slower than the first two, its log's
+  # syncs queued behind that writeback).
+  sync
   t0=$(now)
   for f in "${pick[@]}"; do
     code=$(curl -s -o /dev/null -w "%{http_code}" -X POST "$plain_base/" -H "Expect:" -H "content-type: application/fhir+json" --data-binary @"$f")
@@ -148,6 +153,7 @@ for run in 1 2 3; do
   echo "plain transaction ingest of $import_n patients, one client, run $run: $n_plain resources: $(rate $n_plain $t0 $t1) resources/s"
   start_server "$work/import$run.log" --data-dir "$work/import$run" --profiles-dir "$root/fhir-profiles" --max-body-bytes 268435456
   import_base=$base; servers="$servers $server"
+  sync
   t0=$(now)
   out=$("$bin" transfer import --config "$work/peer.toml" --from source "$work/member-export" --into "$import_base")
   t1=$(now)
