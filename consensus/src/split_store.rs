@@ -143,13 +143,18 @@ mod tests {
     use super::*;
     use crate::lsm_store::Tree;
 
+    /// A sled ledger and an LSM lookup store in `dir`, and the split store over both.
+    fn stores(dir: &std::path::Path) -> (Arc<dyn KvStore>, Arc<dyn KvStore>, SplitStore) {
+        let ledger: Arc<dyn KvStore> = crate::sled_store::SledDb::open(dir).unwrap().tree("state").unwrap();
+        let lookup: Arc<dyn KvStore> = Arc::new(Tree::open(&dir.join("lookup"), "lookup", 1 << 20).unwrap());
+        (ledger.clone(), lookup.clone(), SplitStore::new(ledger, lookup))
+    }
+
     /// Keys of both stores come back as one ordered key space, whichever way it is walked.
     #[test]
     fn scans_and_ranges_merge_both_stores_in_key_order() {
         let dir = tempfile::tempdir().unwrap();
-        let ledger = crate::sled_store::SledDb::open(dir.path()).unwrap().tree("state").unwrap();
-        let lookup: Arc<dyn KvStore> = Arc::new(Tree::open(&dir.path().join("lookup"), "lookup", 1 << 20).unwrap());
-        let split = SplitStore::new(ledger.clone(), lookup.clone());
+        let (_, lookup, split) = stores(dir.path());
         let keys: Vec<&[u8]> = vec![b"c1", b"k1", b"m/a", b"n1", b"r1", b"r2", b"t1", b"u", b"x1"];
         let mut wb = WriteBatch::default();
         for k in &keys {
@@ -173,9 +178,7 @@ mod tests {
     #[test]
     fn a_large_batch_lands_in_both_stores() {
         let dir = tempfile::tempdir().unwrap();
-        let ledger = crate::sled_store::SledDb::open(dir.path()).unwrap().tree("state").unwrap();
-        let lookup: Arc<dyn KvStore> = Arc::new(Tree::open(&dir.path().join("lookup"), "lookup", 1 << 20).unwrap());
-        let split = SplitStore::new(ledger.clone(), lookup.clone());
+        let (ledger, lookup, split) = stores(dir.path());
         let mut wb = WriteBatch::default();
         for i in 0..2 * BOTH_AT_ONCE {
             wb.put(format!("r{i:06}").into_bytes(), vec![1]);

@@ -143,7 +143,7 @@ pub fn select(
     // Each range's resources picked and put in leaf order on every core: the ranges are in
     // leaf order, so their lists joined are too.
     let ranges: Vec<usize> = (0..latest.0.len()).collect();
-    let picked = crate::parallel::on_every_core(&ranges, |&k| {
+    let per_range = crate::parallel::on_every_core(&ranges, |&k| {
         let mut part = Picks::default();
         for (key, l, newest_live) in latest.owned(k) {
             if !params.wants(type_and_id(key).0) || params.since_ms.is_some_and(|s| l.last_updated_ms <= s) {
@@ -163,8 +163,8 @@ pub fn select(
         }
         Ok::<_, FhirError>(part)
     });
-    let mut parts = Vec::with_capacity(picked.len());
-    for part in picked {
+    let mut parts = Vec::with_capacity(per_range.len());
+    for part in per_range {
         parts.push(part.ok_or_else(|| FhirError::internal("a thread selecting an export died"))??);
     }
     let (mut live, mut deleted) = (Vec::new(), Vec::new());
@@ -172,9 +172,9 @@ pub fn select(
         live.append(&mut part.live);
         deleted.append(&mut part.deleted);
     }
-    let picked: usize = parts.iter().map(|p| p.picked).sum();
-    progress.total.store((picked + live.len() + deleted.len()) as u64, Relaxed);
-    progress.done.fetch_add(picked as u64, Relaxed);
+    let picked_whole: usize = parts.iter().map(|p| p.picked).sum();
+    progress.total.store((picked_whole + live.len() + deleted.len()) as u64, Relaxed);
+    progress.done.fetch_add(picked_whole as u64, Relaxed);
     let mut out = Selected::default();
     for part in parts {
         for (t, leaves) in part.outputs {
