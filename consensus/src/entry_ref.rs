@@ -44,9 +44,7 @@ pub(crate) struct BatchRef<'a> {
 #[derive(serde::Deserialize)]
 pub(crate) struct CommandRef<'a> {
     pub(crate) actor: &'a str,
-    #[allow(dead_code)]
     pub(crate) preconditions: Vec<crate::command::Precondition>,
-    #[allow(dead_code)]
     #[serde(borrow)]
     pub(crate) new_keys: Vec<(&'a str, &'a [u8])>,
     #[serde(borrow)]
@@ -64,10 +62,43 @@ pub(crate) struct WriteRef<'a> {
     pub(crate) compartment: &'a str,
     pub(crate) body: &'a [u8],
     #[serde(deserialize_with = "hash")]
-    #[allow(dead_code)] // part of the entry's layout; read to get past it
     pub(crate) content_sha256: [u8; 32],
     #[serde(deserialize_with = "hashes")]
     pub(crate) index: Vec<[u8; 32]>,
+}
+
+impl<'a> CommandRef<'a> {
+    /// The owned command apply works on, each write's body left where it lies (empty in the
+    /// write) and handed back beside it: apply references a body in its log entry, and copies
+    /// it only when it must store it inline.
+    pub(crate) fn detach(self) -> (crate::command::Command, Vec<&'a [u8]>) {
+        let mut bodies = Vec::with_capacity(self.writes.len());
+        let writes = self
+            .writes
+            .into_iter()
+            .map(|w| {
+                bodies.push(w.body);
+                crate::command::Write {
+                    rtype: w.rtype.to_string(),
+                    id: w.id.to_string(),
+                    version: w.version,
+                    op: w.op,
+                    last_updated_ms: w.last_updated_ms,
+                    compartment: w.compartment.to_string(),
+                    body: Vec::new(),
+                    content_sha256: w.content_sha256,
+                    index: w.index,
+                }
+            })
+            .collect();
+        let command = crate::command::Command {
+            actor: self.actor.to_string(),
+            preconditions: self.preconditions,
+            new_keys: self.new_keys.into_iter().map(|(c, k)| (c.to_string(), k.to_vec())).collect(),
+            writes,
+        };
+        (command, bodies)
+    }
 }
 
 /// A 32-byte hash read as four little-endian u64s: bincode writes `[u8; 32]` as a tuple of
@@ -109,6 +140,46 @@ pub(crate) fn payload_start(entry_len: u64, signed: &SignedBatch) -> Option<u64>
     entry_len.checked_sub(8 + signed.signature.len() as u64 + signed.payload.len() as u64)
 }
 
+/// A Raft entry's encoding in three parts that lie back to back: what precedes the batch's
+/// payload (with its length), the payload itself (shared with the entry, not copied), and
+/// the signature after it. The log writes them where they lie instead of copying megabytes
+/// into one buffer twice; a test pins their concatenation to `bincode::serialize`.
+pub(crate) struct EntryParts {
+    head: Vec<u8>,
+    payload: bytes::Bytes,
+    tail: Vec<u8>,
+}
+
+impl EntryParts {
+    pub(crate) fn of(entry: &openraft::Entry<crate::TypeConfig>) -> bincode::Result<Self> {
+        let openraft::EntryPayload::Normal(signed) = &entry.payload else {
+            return Ok(Self { head: bincode::serialize(entry)?, payload: bytes::Bytes::new(), tail: Vec::new() });
+        };
+        // The same entry with an empty payload encodes as head-with-length-0, then the
+        // signature (see `payload_start`); the payload's length goes where the 0 was.
+        let hollow = openraft::Entry::<crate::TypeConfig> {
+            log_id: entry.log_id,
+            payload: openraft::EntryPayload::Normal(SignedBatch {
+                node_id: signed.node_id,
+                payload: bytes::Bytes::new(),
+                signature: signed.signature.clone(),
+            }),
+        };
+        let mut head = bincode::serialize(&hollow)?;
+        let split = head.len().checked_sub(8 + 8 + signed.signature.len());
+        let Some(split) = split.filter(|&at| head[at..at + 8] == [0; 8]) else {
+            return Err(Box::new(bincode::ErrorKind::Custom("unexpected Raft entry layout".into())));
+        };
+        let tail = head.split_off(split + 8);
+        head[split..].copy_from_slice(&(signed.payload.len() as u64).to_le_bytes());
+        Ok(Self { head, payload: signed.payload.clone(), tail })
+    }
+
+    pub(crate) fn parts(&self) -> [&[u8]; 3] {
+        [&self.head, &self.payload, &self.tail]
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -132,6 +203,31 @@ mod tests {
         let Both(a, b) = bincode::deserialize(&bytes).unwrap();
         assert_eq!((a, b), (one, many));
         assert!(bincode::deserialize::<Both>(&bytes[..20]).is_err());
+    }
+
+    /// The parts the log writes are, back to back, the entry's encoding, for every payload.
+    #[test]
+    fn entry_parts_are_the_encoding() {
+        let key = ed25519_dalek::SigningKey::from_bytes(&[1; 32]);
+        let batch = |n: usize| Batch {
+            format: COMMAND_FORMAT,
+            node_id: 2,
+            commands: vec![Command {
+                actor: "a".into(),
+                preconditions: vec![],
+                new_keys: vec![],
+                writes: (0..n).map(|i| write(&i.to_string(), vec![u8::try_from(i % 250).unwrap(); 700])).collect(),
+            }],
+        };
+        let log_id = LogId::new(CommittedLeaderId::new(3, 1), 77);
+        let mut entries: Vec<Entry<crate::TypeConfig>> = [0, 1, 300]
+            .into_iter()
+            .map(|n| Entry { log_id, payload: EntryPayload::Normal(SignedBatch::sign(&batch(n), &key).unwrap()) })
+            .collect();
+        entries.push(Entry { log_id, payload: EntryPayload::Blank });
+        for e in &entries {
+            assert_eq!(EntryParts::of(e).unwrap().parts().concat(), bincode::serialize(e).unwrap());
+        }
     }
 
     /// The offsets apply stores must be where the log's bytes hold each body, and the digests

@@ -139,6 +139,68 @@ pub struct LogStore {
     readable_from: Arc<AtomicU64>,
     /// Whether a stored leadership may be resumed at start-up (see [`LogStore::no_resumed_leadership`]).
     resume_leadership: bool,
+    /// The entries appended last, shared with the log reader replication uses.
+    recent: Recent,
+}
+
+/// Payload bytes of the entries [`Recent`] keeps.
+const RECENT_BYTES: usize = 64 << 20;
+
+/// The entries appended last, kept so that apply and replication, which read an entry right
+/// after it is appended, neither read back nor decode again the megabytes just written (a
+/// payload is shared, not copied). Consecutive indexes only; bounded by payload bytes, oldest
+/// dropped first; an entry larger than the bound is not kept. A pure cache: every entry in it
+/// is, byte for byte, the one the log holds at its index (truncation drops it here too).
+#[derive(Clone, Default)]
+struct Recent(Arc<Mutex<RecentEntries>>);
+
+#[derive(Default)]
+struct RecentEntries {
+    entries: std::collections::VecDeque<Entry<TypeConfig>>,
+    bytes: usize,
+}
+
+fn weight(entry: &Entry<TypeConfig>) -> usize {
+    match &entry.payload {
+        openraft::EntryPayload::Normal(signed) => signed.payload.len() + signed.signature.len(),
+        _ => 0,
+    }
+}
+
+impl Recent {
+    fn lock(&self) -> std::sync::MutexGuard<'_, RecentEntries> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn push(&self, entry: Entry<TypeConfig>) {
+        let mut r = self.lock();
+        if r.entries.back().is_some_and(|last| last.log_id.index + 1 != entry.log_id.index) {
+            r.entries.clear();
+            r.bytes = 0;
+        }
+        r.bytes += weight(&entry);
+        r.entries.push_back(entry);
+        while r.bytes > RECENT_BYTES {
+            let Some(first) = r.entries.pop_front() else { break };
+            r.bytes -= weight(&first);
+        }
+    }
+
+    fn get(&self, index: u64) -> Option<Entry<TypeConfig>> {
+        let r = self.lock();
+        let first = r.entries.front()?.log_id.index;
+        r.entries.get(usize::try_from(index.checked_sub(first)?).ok()?).cloned()
+    }
+
+    /// Forgets the entries from `index` on (the log truncated them).
+    fn truncate(&self, index: u64) {
+        let mut r = self.lock();
+        while r.entries.back().is_some_and(|last| last.log_id.index >= index) {
+            if let Some(last) = r.entries.pop_back() {
+                r.bytes -= weight(&last);
+            }
+        }
+    }
 }
 
 impl Debug for LogStore {
@@ -155,8 +217,13 @@ pub fn open_segments(dir: &Path) -> Result<SegmentLog, crate::segment_log::Error
 impl LogStore {
     /// The store over `segments` (see [`open_segments`]) and the ids in `meta`.
     pub fn open(segments: SegmentLog, meta: Arc<dyn KvStore>) -> anyhow::Result<Self> {
-        let mut store =
-            Self { bodies: Bodies::of(segments), meta, readable_from: Arc::default(), resume_leadership: true };
+        let mut store = Self {
+            bodies: Bodies::of(segments),
+            meta,
+            readable_from: Arc::default(),
+            resume_leadership: true,
+            recent: Recent::default(),
+        };
         let purged = store.get_meta::<Option<LogId<NodeId>>>(PURGED)?.flatten();
         store.readable_from = Arc::new(AtomicU64::new(purged.map_or(0, |p| p.index + 1)));
         Ok(store)
@@ -238,7 +305,9 @@ impl RaftLogReader<TypeConfig> for LogStore {
         .min(next);
         let mut out = Vec::new();
         for i in start..end {
-            if let Some(e) = self.entry(i)? {
+            if let Some(e) = self.recent.get(i) {
+                out.push(e);
+            } else if let Some(e) = self.entry(i)? {
                 out.push(e);
             }
         }
@@ -299,11 +368,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I::IntoIter: OptionalSend,
     {
         let mut batch = Vec::new();
+        let mut appended = Vec::new();
         for entry in entries {
-            let size = bincode::serialized_size(&entry).map_err(werr)?;
-            let mut bytes = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
-            bincode::serialize_into(&mut bytes, &entry).map_err(werr)?;
-            batch.push((entry.log_id.index, bytes));
+            batch.push((entry.log_id.index, crate::entry_ref::EntryParts::of(&entry).map_err(werr)?));
+            appended.push(entry);
         }
         let entries = self.bodies.log.clone();
         // Durability point of the whole system: entries are fsynced before openraft is told
@@ -311,8 +379,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let res = tokio::task::spawn_blocking(move || {
             let pending = {
                 let mut log = entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                for (index, bytes) in &batch {
-                    log.append(*index, bytes)?;
+                for (index, parts) in &batch {
+                    log.append_parts(*index, &parts.parts())?;
                 }
                 log.pending_sync()
             };
@@ -322,11 +390,18 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         .await
         .map_err(werr)
         .and_then(|r| r.map_err(werr));
+        if res.is_ok() {
+            // Before openraft learns they are durable, which is when it may apply them.
+            for entry in appended {
+                self.recent.push(entry);
+            }
+        }
         callback.log_io_completed(res.as_ref().copied().map_err(|e| io::Error::other(e.to_string())));
         res
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
+        self.recent.truncate(log_id.index);
         self.log().truncate(log_id.index).map_err(werr)
     }
 

@@ -93,14 +93,27 @@ fn checksum(index: u64, payload: &[u8]) -> u32 {
     h.finalize()
 }
 
-fn encode(index: u64, payload: &[u8], out: &mut Vec<u8>) {
-    out.extend_from_slice(&MAGIC);
-    out.extend_from_slice(&u32::try_from(payload.len()).unwrap_or(u32::MAX).to_le_bytes());
-    out.extend_from_slice(&index.to_le_bytes());
-    out.extend_from_slice(&crc32fast::hash(&out[out.len() - 16..]).to_le_bytes());
-    out.extend_from_slice(&checksum(index, payload).to_le_bytes());
-    out.extend_from_slice(payload);
+/// A record's header for a payload made of `parts` (laid out back to back).
+fn header_of(index: u64, parts: &[&[u8]]) -> [u8; HEADER] {
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    let mut h = [0u8; HEADER];
+    h[0..4].copy_from_slice(&MAGIC);
+    h[4..8].copy_from_slice(&u32::try_from(len).unwrap_or(u32::MAX).to_le_bytes());
+    h[8..16].copy_from_slice(&index.to_le_bytes());
+    let header_crc = crc32fast::hash(&h[0..16]);
+    h[16..20].copy_from_slice(&header_crc.to_le_bytes());
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&index.to_le_bytes());
+    for p in parts {
+        crc.update(p);
+    }
+    h[20..24].copy_from_slice(&crc.finalize().to_le_bytes());
+    h
 }
+
+/// Records up to this size are written with one call from one buffer; larger ones part by
+/// part, so that a megabyte payload is not copied into a buffer first.
+const COPY_BELOW: usize = 64 << 10;
 
 /// A record header: payload length, index, payload CRC.
 struct Header {
@@ -427,8 +440,16 @@ impl SegmentLog {
     /// An index past `next_index` (after a snapshot was installed, the log restarts past it)
     /// drops every record kept so far. Not durable until [`SegmentLog::sync`].
     pub fn append(&mut self, index: u64, payload: &[u8]) -> Result<(), Error> {
-        if payload.len() > MAX_PAYLOAD {
-            return Err(Error::Usage(format!("a record of {} bytes exceeds the limit", payload.len())));
+        self.append_parts(index, &[payload])
+    }
+
+    /// [`SegmentLog::append`] of the payload made of `parts` back to back, written where they
+    /// lie (a large Raft entry's batch is not copied into one buffer with its framing). A crash
+    /// midway leaves a torn final record, as a partial single write would.
+    pub fn append_parts(&mut self, index: u64, parts: &[&[u8]]) -> Result<(), Error> {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        if len > MAX_PAYLOAD {
+            return Err(Error::Usage(format!("a record of {len} bytes exceeds the limit")));
         }
         if index > self.next_index() && !self.places.is_empty() {
             self.restart_at(index)?;
@@ -447,12 +468,24 @@ impl SegmentLog {
             self.dirty.push(usize::MAX);
         }
         let segment = self.segments.len() - 1;
-        let mut buf = Vec::with_capacity(HEADER + payload.len());
-        encode(index, payload, &mut buf);
+        let header = header_of(index, parts);
         let s = &mut self.segments[segment];
-        s.file.write_all_at(&buf, s.size)?;
-        self.places.push(Place { segment, offset: s.size, len: u32::try_from(payload.len()).unwrap_or(u32::MAX) });
-        s.size += buf.len() as u64;
+        if len < COPY_BELOW {
+            let mut buf = Vec::with_capacity(HEADER + len);
+            buf.extend_from_slice(&header);
+            for p in parts {
+                buf.extend_from_slice(p);
+            }
+            s.file.write_all_at(&buf, s.size)?;
+        } else {
+            let mut at = s.size;
+            for p in std::iter::once(&header[..]).chain(parts.iter().copied()) {
+                s.file.write_all_at(p, at)?;
+                at += p.len() as u64;
+            }
+        }
+        self.places.push(Place { segment, offset: s.size, len: u32::try_from(len).unwrap_or(u32::MAX) });
+        s.size += (HEADER + len) as u64;
         if !self.dirty.contains(&segment) {
             self.dirty.push(segment);
         }
@@ -567,8 +600,7 @@ pub(crate) fn rewrite_last(dir: &Path, change: impl FnOnce(&mut Vec<u8>)) -> io:
     let mut payload = log.get(index).map_err(io::Error::other)?.unwrap_or_default();
     drop(log);
     change(&mut payload);
-    let mut record = Vec::new();
-    encode(index, &payload, &mut record);
+    let record = [&header_of(index, &[&payload])[..], &payload].concat();
     let file = OpenOptions::new().write(true).open(&path)?;
     file.set_len(place.offset)?;
     file.write_all_at(&record, place.offset)?;
@@ -691,6 +723,36 @@ mod tests {
             Err(Error::Corrupt(c)) => assert_eq!(c.offset, seventh as u64),
             other => panic!("expected corruption, got {:?}", other.map(|l| l.last_index())),
         }
+    }
+
+    /// A record appended in parts (small ones through one buffer, large ones part by part) is
+    /// the record of the parts back to back: the same file bytes, read back and reopened alike,
+    /// and torn anywhere inside its last part it is cut off as a torn write.
+    #[test]
+    fn a_record_appended_in_parts_is_the_record_of_its_bytes() {
+        let parts = |i: u64| -> Vec<Vec<u8>> {
+            let n = if i.is_multiple_of(2) { 100 << 10 } else { 300 };
+            vec![vec![1; 9], vec![u8::try_from(i).unwrap(); n], Vec::new(), vec![2; 72]]
+        };
+        let (whole, split) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (mut a, mut b) =
+            (SegmentLog::open(whole.path(), 1 << 30).unwrap(), SegmentLog::open(split.path(), 1 << 30).unwrap());
+        for i in 1..=4 {
+            let p = parts(i);
+            a.append(i, &p.concat()).unwrap();
+            b.append_parts(i, &p.iter().map(Vec::as_slice).collect::<Vec<_>>()).unwrap();
+        }
+        b.sync().unwrap();
+        assert_eq!(b.get(4).unwrap(), Some(parts(4).concat()));
+        drop((a, b));
+        let (sa, sb) = (segments(whole.path()).pop().unwrap(), segments(split.path()).pop().unwrap());
+        assert_eq!(fs::read(&sa).unwrap(), fs::read(&sb).unwrap());
+        let len = fs::metadata(&sb).unwrap().len();
+        let f = OpenOptions::new().write(true).open(&sb).unwrap();
+        f.set_len(len - 80).unwrap();
+        let log = SegmentLog::open(split.path(), 1 << 30).unwrap();
+        assert_eq!(log.last_index(), Some(3));
+        assert_eq!(log.get(3).unwrap(), Some(parts(3).concat()));
     }
 
     #[test]

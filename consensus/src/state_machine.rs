@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::sync::Mutex;
 
-use crate::command::{Batch, BatchOutcome, Command, IndexKey, Outcome, Precondition, Write};
+use crate::command::{Batch, BatchOutcome, Command, IndexKey, Outcome, Precondition, SignedBatch, Write};
 use crate::kv::{be, KvStore, WriteBatch};
 use crate::log_store::Bodies;
 use crate::merkle::{leaf_hash, Frontier, Hash};
@@ -855,17 +855,29 @@ impl StateMachine {
         Ok(())
     }
 
+    /// Applies a batch decoded in place: `digests` are its writes' bodies in order, which lie
+    /// in the entry's encoding from `start` on (None: not known, the bodies are stored inline).
     fn apply_batch(
         ov: &mut Overlay<'_>,
         frontier: &mut Frontier,
-        batch: Batch,
+        batch: crate::entry_ref::BatchRef<'_>,
         log_index: u64,
-        bodies: Vec<BodyIn>,
+        start: Option<u64>,
+        digests: &[crate::command::BodyDigest],
     ) -> io::Result<BatchOutcome> {
         let mut outcomes = Vec::with_capacity(batch.commands.len());
-        let mut at = bodies.into_iter();
+        let mut at = digests.iter();
         for cmd in batch.commands {
-            let bodies: Vec<BodyIn> = cmd.writes.iter().map_while(|_| at.next()).collect();
+            let (cmd, bytes) = cmd.detach();
+            let bodies = bytes
+                .into_iter()
+                .zip(at.by_ref())
+                .map(|(bytes, d)| BodyIn {
+                    offset: start.and_then(|s| u32::try_from(s + d.at as u64).ok()),
+                    sha256: d.sha256,
+                    bytes,
+                })
+                .collect();
             outcomes.push(Self::apply_command(ov, frontier, cmd, log_index, bodies)?);
         }
         Ok(BatchOutcome { outcomes })
@@ -943,7 +955,7 @@ impl StateMachine {
         frontier: &mut Frontier,
         cmd: Command,
         log_index: u64,
-        bodies: Vec<BodyIn>,
+        bodies: Vec<BodyIn<'_>>,
     ) -> io::Result<Outcome> {
         let mut cache = BTreeMap::new();
         if let Some(index) = Self::check(ov, &cmd, &mut cache)? {
@@ -968,7 +980,7 @@ impl StateMachine {
         actor: &str,
         w: Write,
         old: Option<CurrentRecord>,
-        (log_index, body): (u64, BodyIn),
+        (log_index, body): (u64, BodyIn<'_>),
     ) -> io::Result<u64> {
         let deleted = matches!(w.op, crate::command::Op::Delete | crate::command::Op::Erase);
         if w.op == crate::command::Op::Erase {
@@ -997,9 +1009,9 @@ impl StateMachine {
             }
         });
         // The body stays where the log entry holds it; the record says where.
-        let body = match (body.offset, u32::try_from(w.body.len())) {
+        let body = match (body.offset, u32::try_from(body.bytes.len())) {
             (Some(offset), Ok(len)) if len > 0 => BodyAt::Log { index: log_index, offset, len },
-            _ => BodyAt::Inline(w.body),
+            _ => BodyAt::Inline(body.bytes.to_vec()),
         };
         let record = StoredRecord { header, leaf, body, terms };
         ov.put(record_key(leaf), encode(&record)?);
@@ -1009,12 +1021,13 @@ impl StateMachine {
 }
 
 /// A write's body as apply learns it from the signed entry: where it lies in the entry's
-/// encoding (None if past what a u32 offset reaches: the body is then stored inline) and its
-/// SHA-256, computed once for the signature and the leaf.
+/// encoding (None if past what a u32 offset reaches: the body is then stored inline), its
+/// SHA-256, computed once for the signature and the leaf, and its bytes there.
 #[derive(Clone, Copy)]
-struct BodyIn {
+struct BodyIn<'a> {
     offset: Option<u32>,
     sha256: Hash,
+    bytes: &'a [u8],
 }
 
 impl RaftStateMachine<TypeConfig> for StateMachine {
@@ -1051,21 +1064,18 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     replies.push(BatchOutcome::default());
                 }
                 EntryPayload::Normal(signed) => {
+                    // Checked and decoded once, in place: the bodies are not copied out of the
+                    // entry, where the state references them.
                     let opened = match Self::proposer_key(&membership, signed.node_id) {
-                        Some(key) => signed.open_digested(&key).map_err(|e| e.to_string()),
+                        Some(key) => SignedBatch::verify_ref(signed.node_id, &signed.payload, &signed.signature, &key)
+                            .map_err(|e| e.to_string()),
                         None => Err(format!("node {} is not a member with a known key", signed.node_id)),
                     };
                     let outcome = match opened {
                         Ok((batch, digests)) => {
                             let start = crate::entry_ref::payload_start(entry_len, &signed);
-                            let bodies = digests
-                                .iter()
-                                .map(|d| BodyIn {
-                                    offset: start.and_then(|s| u32::try_from(s + d.at as u64).ok()),
-                                    sha256: d.sha256,
-                                })
-                                .collect();
-                            Self::apply_batch(&mut ov, &mut frontier, batch, entry.log_id.index, bodies).map_err(sio)?
+                            let index = entry.log_id.index;
+                            Self::apply_batch(&mut ov, &mut frontier, batch, index, start, &digests).map_err(sio)?
                         }
                         Err(reason) => {
                             tracing::warn!(%reason, "refusing ledger batch");

@@ -165,8 +165,8 @@ async fn process(
     state: &AppState,
     f: &Format,
 ) -> Result<HttpResponse, FhirError> {
-    let body = read_body(req, payload, state.max_body_bytes).await?;
-    let mut bundle = parse_resource(&body)?;
+    // The text is freed once parsed: a large transaction's later steps reuse its memory.
+    let mut bundle = parse_resource(&read_body(req, payload, state.max_body_bytes).await?)?;
     if bundle.get("resourceType").and_then(Json::as_str) != Some("Bundle") {
         return Err(FhirError::invalid("POST to the base URL takes a batch or transaction Bundle").at("resourceType"));
     }
