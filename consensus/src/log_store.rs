@@ -41,6 +41,8 @@ fn werr(e: impl std::fmt::Display) -> StorageError<NodeId> {
 pub(crate) struct Bodies {
     log: Arc<Mutex<SegmentLog>>,
     from: Arc<AtomicU64>,
+    /// The entries appended and not yet applied (see [`Recent`]).
+    recent: Recent,
 }
 
 impl Debug for Bodies {
@@ -52,7 +54,7 @@ impl Debug for Bodies {
 impl Bodies {
     /// Over a log opened for reading only (the offline verifier).
     pub(crate) fn of(log: SegmentLog) -> Self {
-        Self { log: Arc::new(Mutex::new(log)), from: Arc::default() }
+        Self { log: Arc::new(Mutex::new(log)), from: Arc::default(), recent: Recent::default() }
     }
 
     fn log(&self) -> std::sync::MutexGuard<'_, SegmentLog> {
@@ -99,6 +101,11 @@ impl Bodies {
         pending.run().map_err(io::Error::other)
     }
 
+    /// Entries up to `index` are applied: the log no longer keeps them in memory.
+    pub(crate) fn applied(&self, index: u64) {
+        self.recent.drop_through(index);
+    }
+
     /// The indexes of the entries the log holds (compacted ones included).
     pub(crate) fn indexes(&self) -> std::ops::Range<u64> {
         let log = self.log();
@@ -139,18 +146,18 @@ pub struct LogStore {
     readable_from: Arc<AtomicU64>,
     /// Whether a stored leadership may be resumed at start-up (see [`LogStore::no_resumed_leadership`]).
     resume_leadership: bool,
-    /// The entries appended last, shared with the log reader replication uses.
-    recent: Recent,
 }
 
 /// Payload bytes of the entries [`Recent`] keeps.
 const RECENT_BYTES: usize = 64 << 20;
 
-/// The entries appended last, kept so that apply and replication, which read an entry right
-/// after it is appended, neither read back nor decode again the megabytes just written (a
-/// payload is shared, not copied). Consecutive indexes only; bounded by payload bytes, oldest
-/// dropped first; an entry larger than the bound is not kept. A pure cache: every entry in it
-/// is, byte for byte, the one the log holds at its index (truncation drops it here too).
+/// The entries appended and not yet applied, kept so that apply and replication, which read
+/// an entry right after it is appended, neither read back nor decode again the megabytes just
+/// written (a payload is shared, not copied). Consecutive indexes only; bounded by payload
+/// bytes, oldest dropped first; an entry larger than the bound is not kept; apply drops what
+/// it applied (a follower lagging behind reads those from the files). A pure cache: every
+/// entry in it is, byte for byte, the one the log holds at its index (truncation drops it
+/// here too).
 #[derive(Clone, Default)]
 struct Recent(Arc<Mutex<RecentEntries>>);
 
@@ -192,6 +199,16 @@ impl Recent {
         r.entries.get(usize::try_from(index.checked_sub(first)?).ok()?).cloned()
     }
 
+    /// Forgets the entries up to `index` (applied).
+    fn drop_through(&self, index: u64) {
+        let mut r = self.lock();
+        while r.entries.front().is_some_and(|first| first.log_id.index <= index) {
+            if let Some(first) = r.entries.pop_front() {
+                r.bytes -= weight(&first);
+            }
+        }
+    }
+
     /// Forgets the entries from `index` on (the log truncated them).
     fn truncate(&self, index: u64) {
         let mut r = self.lock();
@@ -217,13 +234,8 @@ pub fn open_segments(dir: &Path) -> Result<SegmentLog, crate::segment_log::Error
 impl LogStore {
     /// The store over `segments` (see [`open_segments`]) and the ids in `meta`.
     pub fn open(segments: SegmentLog, meta: Arc<dyn KvStore>) -> anyhow::Result<Self> {
-        let mut store = Self {
-            bodies: Bodies::of(segments),
-            meta,
-            readable_from: Arc::default(),
-            resume_leadership: true,
-            recent: Recent::default(),
-        };
+        let mut store =
+            Self { bodies: Bodies::of(segments), meta, readable_from: Arc::default(), resume_leadership: true };
         let purged = store.get_meta::<Option<LogId<NodeId>>>(PURGED)?.flatten();
         store.readable_from = Arc::new(AtomicU64::new(purged.map_or(0, |p| p.index + 1)));
         Ok(store)
@@ -305,7 +317,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
         .min(next);
         let mut out = Vec::new();
         for i in start..end {
-            if let Some(e) = self.recent.get(i) {
+            if let Some(e) = self.bodies.recent.get(i) {
                 out.push(e);
             } else if let Some(e) = self.entry(i)? {
                 out.push(e);
@@ -393,7 +405,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         if res.is_ok() {
             // Before openraft learns they are durable, which is when it may apply them.
             for entry in appended {
-                self.recent.push(entry);
+                self.bodies.recent.push(entry);
             }
         }
         callback.log_io_completed(res.as_ref().copied().map_err(|e| io::Error::other(e.to_string())));
@@ -401,7 +413,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
-        self.recent.truncate(log_id.index);
+        self.bodies.recent.truncate(log_id.index);
         self.log().truncate(log_id.index).map_err(werr)
     }
 

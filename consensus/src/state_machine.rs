@@ -1096,6 +1096,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             // Not flushed here: the Raft log is durable before commit, and a state machine that
             // lags after a crash is brought forward by re-applying the log from `m/applied`.
             kv.apply(wb).map_err(sio)?;
+            self.view.bodies.applied(last.index);
         }
         Ok(replies)
     }
