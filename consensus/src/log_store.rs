@@ -202,20 +202,16 @@ impl Recent {
     /// Forgets the entries up to `index` (applied).
     fn drop_through(&self, index: u64) {
         let mut r = self.lock();
-        while r.entries.front().is_some_and(|first| first.log_id.index <= index) {
-            if let Some(first) = r.entries.pop_front() {
-                r.bytes -= weight(&first);
-            }
+        while let Some(first) = r.entries.pop_front_if(|e| e.log_id.index <= index) {
+            r.bytes -= weight(&first);
         }
     }
 
     /// Forgets the entries from `index` on (the log truncated them).
     fn truncate(&self, index: u64) {
         let mut r = self.lock();
-        while r.entries.back().is_some_and(|last| last.log_id.index >= index) {
-            if let Some(last) = r.entries.pop_back() {
-                r.bytes -= weight(&last);
-            }
+        while let Some(last) = r.entries.pop_back_if(|e| e.log_id.index >= index) {
+            r.bytes -= weight(&last);
         }
     }
 }
@@ -428,5 +424,52 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             Some(before) => self.log().purge(log_id.index.min(before)).map_err(werr),
             None => Ok(()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::{CommittedLeaderId, EntryPayload};
+
+    fn entry(index: u64, term: u64, payload_bytes: usize) -> Entry<TypeConfig> {
+        let signed = crate::command::SignedBatch {
+            node_id: 1,
+            payload: vec![u8::try_from(term).unwrap(); payload_bytes].into(),
+            signature: vec![0; 64],
+        };
+        Entry { log_id: LogId::new(CommittedLeaderId::new(term, 1), index), payload: EntryPayload::Normal(signed) }
+    }
+
+    fn held(r: &Recent) -> Vec<(u64, u64)> {
+        r.lock().entries.iter().map(|e| (e.log_id.index, e.log_id.leader_id.term)).collect()
+    }
+
+    /// The entries kept in memory are always the ones the log holds at their indexes: a
+    /// truncated suffix is forgotten (the entry appended again in its place is the one
+    /// served), a gap starts over, applied entries leave, and the bytes stay bounded.
+    #[test]
+    fn recent_entries_are_what_the_log_holds() {
+        let r = Recent::default();
+        for i in 1..=5 {
+            r.push(entry(i, 1, 100));
+        }
+        r.truncate(3);
+        r.push(entry(3, 2, 100));
+        assert_eq!(held(&r), [(1, 1), (2, 1), (3, 2)]);
+        assert_eq!(r.get(3).map(|e| e.log_id.leader_id.term), Some(2));
+        assert!(r.get(4).is_none() && r.get(0).is_none());
+        r.drop_through(2);
+        assert_eq!(held(&r), [(3, 2)]);
+        assert!(r.get(2).is_none(), "applied entries are read from the files");
+        r.push(entry(9, 2, 100));
+        assert_eq!(held(&r), [(9, 2)], "after a gap only consecutive entries are kept");
+        for i in 10..=14 {
+            r.push(entry(i, 2, RECENT_BYTES / 4 - 64)); // with its signature, a quarter of the bound
+        }
+        assert!(r.lock().bytes <= RECENT_BYTES);
+        assert_eq!(held(&r).first(), Some(&(11, 2)), "the oldest go first");
+        r.push(entry(15, 2, RECENT_BYTES + 1));
+        assert!(held(&r).is_empty(), "an entry larger than the bound is not kept");
     }
 }
