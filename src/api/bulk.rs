@@ -459,10 +459,8 @@ fn send_spooled(
     mut file: bulk::spool::SpoolReader,
     tx: &tokio::sync::mpsc::Sender<Result<web::Bytes, std::io::Error>>,
 ) -> Result<(), FhirError> {
-    loop {
-        let mut buf = Vec::new();
-        let Some(plain) = file.next_into(&mut buf).map_err(FhirError::internal)? else { return Ok(()) };
-        let chunk = web::Bytes::from(buf).slice(plain);
-        tx.blocking_send(Ok(chunk)).map_err(|_| FhirError::internal("the client left"))?;
+    while let Some(plain) = file.next_chunk().map_err(FhirError::internal)? {
+        tx.blocking_send(Ok(web::Bytes::from_owner(plain))).map_err(|_| FhirError::internal("the client left"))?;
     }
+    Ok(())
 }

@@ -12,8 +12,11 @@ use anyhow::{bail, Context};
 use futures::StreamExt;
 use serde_json::Value;
 
-/// Files downloaded at once: the server makes each one on a single core.
-const PARALLEL: usize = 4;
+/// Files downloaded at once. A spooled file's reads wait for the server's disk and its writes
+/// here for this machine's page cache: with four at once both processes were half idle (294 MB
+/// in 0.37-0.44 s, against 0.27-0.34 s with eight). A file made again at its download takes
+/// one of the server's cores.
+const PARALLEL: usize = 8;
 
 fn get(http: &reqwest::Client, url: &str, token: Option<&str>) -> reqwest::RequestBuilder {
     let req = http.get(url);
