@@ -426,6 +426,42 @@ mod tests {
         assert!(spool.take("job-1", "Patient-1.ndjson").is_none());
     }
 
+    /// A chunk handed to a response stays readable after its download stopped (the reader
+    /// dropped, its thread gone): the response may still be writing it. A download that stops
+    /// early leaves the rest unread and the file gone.
+    #[test]
+    fn a_sent_chunk_outlives_its_reader() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(&dir.path().join("spool"), 1 << 30).unwrap();
+        let bytes: Vec<u8> = (0..3 * CHUNK + 5).map(|i| (i % 251) as u8).collect();
+        spooled(&spool, "j", "A-1.ndjson", &bytes);
+        let mut reader = spool.take("j", "A-1.ndjson").expect("spooled");
+        let first = reader.next_chunk().unwrap().expect("a first chunk");
+        drop(reader);
+        assert_eq!(first.as_ref(), &bytes[..CHUNK]);
+        drop(first);
+        assert!(spool.take("j", "A-1.ndjson").is_none(), "taken once, even if not read to its end");
+    }
+
+    /// A write the disk refuses (here: a file open for reading only) fails the writer, and
+    /// the file never becomes readable: its download makes it again.
+    #[test]
+    fn a_refused_write_leaves_no_file_to_take() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(&dir.path().join("spool"), 1 << 30).unwrap();
+        let job = dir.path().join("spool/j");
+        fs::create_dir_all(&job).unwrap();
+        let partial = job.join("A-1.ndjson.partial");
+        fs::write(&partial, b"").unwrap();
+        let read_only = File::open(&partial).unwrap();
+        let mut w =
+            SpoolWriter::new(spool.key.clone(), "j/A-1.ndjson".into(), read_only, partial, job.join("A-1.ndjson"))
+                .unwrap();
+        let failed = w.write(&vec![1u8; 3 * CHUNK]).is_err() || w.finish().is_err();
+        assert!(failed, "the writing thread's error reaches the writer");
+        assert!(spool.take("j", "A-1.ndjson").is_none());
+    }
+
     /// A new job pushes the oldest jobs' files out until the spool is below its limit.
     #[test]
     fn the_oldest_jobs_files_go_when_the_spool_is_full() {
