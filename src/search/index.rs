@@ -47,6 +47,17 @@ impl TypeDocs<'_> {
         self.idx.store.head(self.rtype, key)
     }
 
+    /// [`TypeDocs::head`] of each of `keys` with a document, read together (cheaper than a
+    /// read per key when they lie close, as one patient's do).
+    pub fn heads(&self, keys: &[DocKey]) -> Result<HashMap<DocKey, Head>, FhirError> {
+        self.idx.store.heads(self.rtype, keys)
+    }
+
+    /// [`TypeDocs::get`] of each of `keys` with a live document, read together.
+    pub fn docs(&self, keys: &[DocKey]) -> Result<HashMap<DocKey, Arc<Doc>>, FhirError> {
+        self.idx.store.docs(self.rtype, keys)
+    }
+
     pub fn key_of(&self, id: &str) -> Result<Option<DocKey>, FhirError> {
         self.idx.store.key_of(self.rtype, id)
     }

@@ -19,6 +19,7 @@ pub mod validate;
 pub mod values;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
@@ -269,12 +270,7 @@ pub fn run(
             let previous = (after.is_some() && search.count > 0)
                 .then(|| page.first().map(|p| seal_cursor(&cursor_key, false, p)))
                 .flatten();
-            let mut matches: Vec<Hit> = Vec::with_capacity(page.len());
-            for p in &page {
-                if let Some(h) = idx.of(t).head(p.doc)? {
-                    matches.push(Hit { rtype: t.clone(), id: h.id, leaf: h.leaf, version: h.version });
-                }
-            }
+            let matches = hits(idx, page.iter().map(|p| (t.as_str(), p.doc)))?;
             let included = includes(&ctx, &search.include, &search.revinclude, &matches)?;
             let found = Found { search, matches, included, total: None, next, previous, patients: HashMap::new() };
             return with_patients(found, idx);
@@ -334,13 +330,10 @@ pub fn run(
     let paged = search.count > 0 && search.summary != query::Summary::Count;
     let next = (end < total && paged).then(|| page.last().map(|p| seal_cursor(&cursor_key, true, p))).flatten();
     let previous = (start > 0 && paged).then(|| page.first().map(|p| seal_cursor(&cursor_key, false, p))).flatten();
-    let mut matches: Vec<Hit> = Vec::with_capacity(page.len());
-    for p in page {
-        let t: &str = if p.rtype.is_empty() { &search.types[0].0 } else { &p.rtype };
-        if let Some(h) = idx.of(t).head(p.doc)? {
-            matches.push(Hit { rtype: t.to_string(), id: h.id, leaf: h.leaf, version: h.version });
-        }
-    }
+    let matches = hits(
+        idx,
+        page.iter().map(|p| (if p.rtype.is_empty() { search.types[0].0.as_str() } else { p.rtype.as_ref() }, p.doc)),
+    )?;
     let included = if search.summary == query::Summary::Count {
         Vec::new()
     } else {
@@ -348,6 +341,49 @@ pub fn run(
     };
     let found = Found { search, matches, included, total: Some(total), next, previous, patients: HashMap::new() };
     with_patients(found, idx)
+}
+
+/// The hits of `page` (type and document key each) that still have a document, in page
+/// order; each type's heads read together ([`index::TypeDocs::heads`]).
+fn hits<'p>(idx: &Index, page: impl Iterator<Item = (&'p str, DocKey)> + Clone) -> Result<Vec<Hit>, FhirError> {
+    Ok(keyed_hits(idx, page)?.into_iter().map(|(_, h)| h).collect())
+}
+
+/// [`hits`], each with its type and document key.
+#[allow(clippy::type_complexity)]
+fn keyed_hits<'p>(
+    idx: &Index,
+    page: impl Iterator<Item = (&'p str, DocKey)> + Clone,
+) -> Result<Vec<((&'p str, DocKey), Hit)>, FhirError> {
+    let mut by_type: BTreeMap<&str, Vec<DocKey>> = BTreeMap::new();
+    for (t, key) in page.clone() {
+        by_type.entry(t).or_default().push(key);
+    }
+    let mut heads = HashMap::new();
+    for (t, keys) in by_type {
+        for (key, h) in idx.of(t).heads(&keys)? {
+            heads.insert((t, key), h);
+        }
+    }
+    Ok(page
+        .filter_map(|(t, key)| {
+            let h = heads.remove(&(t, key))?;
+            Some(((t, key), Hit { rtype: t.to_string(), id: h.id, leaf: h.leaf, version: h.version }))
+        })
+        .collect())
+}
+
+/// The live documents of `keys` (type and document key each), each type's read together.
+fn docs_of<'t>(idx: &Index, keys: &[(&'t str, DocKey)]) -> Result<HashMap<(&'t str, DocKey), Arc<Doc>>, FhirError> {
+    let mut by_type: BTreeMap<&str, Vec<DocKey>> = BTreeMap::new();
+    for &(t, key) in keys {
+        by_type.entry(t).or_default().push(key);
+    }
+    let mut out = HashMap::with_capacity(keys.len());
+    for (t, keys) in by_type {
+        out.extend(idx.of(t).docs(&keys)?.into_iter().map(|(key, d)| ((t, key), d)));
+    }
+    Ok(out)
 }
 
 /// Resources the page's matches `_include` and that `_revinclude` them, iterating (up to a
@@ -376,8 +412,9 @@ fn includes(ctx: &Ctx, inc: &[Include], rev: &[Include], matches: &[Hit]) -> Res
             break; // nothing to follow from what round 0 found
         }
         let mut found: Vec<(&str, DocKey)> = Vec::new();
+        let docs = docs_of(idx, &frontier)?;
         for &(t, key) in &frontier {
-            let Some(doc) = idx.of(t).get(key)? else { continue };
+            let Some(doc) = docs.get(&(t, key)).map(|d| &**d) else { continue };
             for i in inc.iter().filter(|i| round == 0 || i.iterate) {
                 if i.source != "*" && i.source != t {
                     continue;
@@ -411,18 +448,20 @@ fn includes(ctx: &Ctx, inc: &[Include], rev: &[Include], matches: &[Hit]) -> Res
             }
         }
         frontier.clear();
-        for (t, k) in found {
-            if seen.insert((t, k)) {
-                // What the caller may not see is neither returned nor followed further.
-                // Without a guard the values need not be opened.
-                let head = if ctx.guard.is_some() {
-                    idx.of(t).get(k)?.filter(|d| ctx.visible(t, k, d)).map(|d| (d.id.clone(), d.leaf, d.version))
-                } else {
-                    idx.of(t).head(k)?.map(|h| (h.id, h.leaf, h.version))
-                };
-                let Some((id, leaf, version)) = head else { continue };
-                out.push(Hit { rtype: t.to_string(), id, leaf, version });
+        found.retain(|&x| seen.insert(x));
+        if ctx.guard.is_some() {
+            // What the caller may not see is neither returned nor followed further.
+            let docs = docs_of(idx, &found)?;
+            for (t, k) in found {
+                let Some(d) = docs.get(&(t, k)).filter(|d| ctx.visible(t, k, d)) else { continue };
+                out.push(Hit { rtype: t.to_string(), id: d.id.clone(), leaf: d.leaf, version: d.version });
                 frontier.push((t, k));
+            }
+        } else {
+            // Without a guard the values need not be opened.
+            for (at, hit) in keyed_hits(idx, found.into_iter())? {
+                frontier.push(at);
+                out.push(hit);
             }
         }
         if frontier.is_empty() || out.len() >= MAX_INCLUDED {

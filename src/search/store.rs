@@ -41,8 +41,10 @@ use consensus::lsm_store::Tree;
 const FORMAT: u64 = 4;
 /// String values are posted under each of their first this many prefixes (in characters).
 pub const STR_PREFIX: usize = 6;
-/// Keys a sort-record walk steps over before it seeks instead.
+/// Records a walk steps over before it seeks instead.
 const WALK: usize = 16;
+/// Document keys (leaves) at most this far apart are read by one walk ([`Store::walk`]).
+const NEAR: DocKey = 32;
 const FORMAT_KEY: &[u8] = b"m/format";
 const NEXT_KEY: &[u8] = b"m/next";
 
@@ -164,6 +166,72 @@ fn typed(tag: u8, rtype: &str) -> Vec<u8> {
 fn with(mut prefix: Vec<u8>, tail: &[u8]) -> Vec<u8> {
     prefix.extend_from_slice(tail);
     prefix
+}
+
+/// The records under `prefix` of each of `keys` (any order, duplicates allowed), in key
+/// order; a key without one is left out. Keys close to the next one wanted (one patient's,
+/// created in one transaction) are read by walking forward through a few adjacent blocks,
+/// the others by a point read: a point read per key probes every level's filter and index
+/// again, and a walk opened for a lone key seeks in every level (issue 17: the reads that
+/// grew with the store).
+fn walk(
+    tree: &Tree,
+    prefix: &[u8],
+    keys: &[DocKey],
+    mut each: impl FnMut(DocKey, Vec<u8>, Vec<u8>) -> Result<(), FhirError>,
+) -> Result<(), FhirError> {
+    type Walk<'w> = std::iter::Peekable<Box<dyn Iterator<Item = io::Result<consensus::lsm_store::Kv>> + 'w>>;
+    let end = with(prefix.to_vec(), &[0xff; 9]);
+    let mut walk: Option<Walk<'_>> = None;
+    let mut keys = keys.to_vec();
+    keys.sort_unstable();
+    keys.dedup();
+    let close = |a: DocKey, b: DocKey| b.saturating_sub(a) <= NEAR;
+    for (i, &key) in keys.iter().enumerate() {
+        let want = with(prefix.to_vec(), &key.to_be_bytes());
+        let near_last = i > 0 && close(keys[i - 1], key);
+        let near_next = keys.get(i + 1).is_some_and(|&next| close(key, next));
+        if !near_last || walk.is_none() {
+            walk = None;
+            if !near_next {
+                if let Some(v) = tree.get(&want).map_err(|e| io_err(&e))? {
+                    each(key, want, v)?;
+                }
+                continue;
+            }
+            let range: Box<dyn Iterator<Item = io::Result<consensus::lsm_store::Kv>>> =
+                Box::new(tree.range(&want, &end));
+            walk = Some(range.peekable());
+        }
+        let mut steps = 0;
+        let raw = loop {
+            let Some(it) = walk.as_mut() else { break None };
+            let ahead = match it.peek() {
+                None => None,
+                Some(Ok((k, _))) => Some(k.as_slice().cmp(&want)),
+                Some(Err(_)) => Some(std::cmp::Ordering::Equal),
+            };
+            match ahead {
+                Some(std::cmp::Ordering::Less) if steps < WALK => {
+                    it.next();
+                    steps += 1;
+                }
+                // Further than it seemed: a point read, and a walk from here on.
+                Some(std::cmp::Ordering::Less) => {
+                    let range: Box<dyn Iterator<Item = io::Result<consensus::lsm_store::Kv>>> =
+                        Box::new(tree.range(&want, &end));
+                    walk = Some(range.peekable());
+                }
+                Some(std::cmp::Ordering::Equal) => break it.next(),
+                // Past it, or the end: this key has no record.
+                _ => break None,
+            }
+        };
+        let Some(raw) = raw else { continue };
+        let (k, v) = raw.map_err(|e| io_err(&e))?;
+        each(key, k, v)?;
+    }
+    Ok(())
 }
 
 fn read_be(b: &[u8]) -> Option<u64> {
@@ -313,52 +381,71 @@ impl Store {
         Ok(Some(doc))
     }
 
+    /// The records under `tag` of each of `keys` ([`walk`]).
+    fn walk(
+        &self,
+        tag: u8,
+        rtype: &str,
+        keys: &[DocKey],
+        each: impl FnMut(DocKey, Vec<u8>, Vec<u8>) -> Result<(), FhirError>,
+    ) -> Result<(), FhirError> {
+        walk(&self.tree, &typed(tag, rtype), keys, each)
+    }
+
     /// The sort records of `keys` (ascending), in that order; a key without one (erased, or
-    /// gone) is left out. Read by walking forward from key to key, seeking past a gap wider
-    /// than [`WALK`] records.
+    /// gone) is left out.
     pub fn sort_heads(&self, rtype: &str, keys: &[DocKey]) -> Result<Vec<(DocKey, SortHead)>, FhirError> {
-        type Walk<'w> = std::iter::Peekable<Box<dyn Iterator<Item = io::Result<consensus::lsm_store::Kv>> + 'w>>;
-        let prefix = typed(b's', rtype);
-        let end = with(prefix.clone(), &[0xff; 9]);
-        let mut walk: Option<Walk<'_>> = None;
         let mut out = Vec::with_capacity(keys.len());
-        let mut keys = keys.to_vec();
-        keys.sort_unstable();
-        keys.dedup();
-        for key in keys {
-            let want = with(prefix.clone(), &key.to_be_bytes());
-            let mut steps = 0;
-            let raw = loop {
-                if walk.is_none() || steps == WALK {
-                    let range: Box<dyn Iterator<Item = io::Result<consensus::lsm_store::Kv>>> =
-                        Box::new(self.tree.range(&want, &end));
-                    walk = Some(range.peekable());
-                    steps = WALK + 1; // opened at `want`: the next record decides
-                }
-                let Some(it) = walk.as_mut() else { break None };
-                let ahead = match it.peek() {
-                    None => None,
-                    Some(Ok((k, _))) => Some(k.as_slice().cmp(&want)),
-                    Some(Err(_)) => Some(std::cmp::Ordering::Equal),
-                };
-                match ahead {
-                    Some(std::cmp::Ordering::Less) => {
-                        it.next();
-                        steps += 1;
-                    }
-                    Some(std::cmp::Ordering::Equal) => break it.next(),
-                    // Past it, or the end: this key has no record.
-                    _ => break None,
-                }
-            };
-            let Some(raw) = raw else { continue };
-            let (k, v) = raw.map_err(|e| io_err(&e))?;
+        self.walk(b's', rtype, keys, |key, k, v| {
             let rec: SortRecord = bincode::deserialize(&v).map_err(FhirError::internal)?;
-            let Some(dek) = self.data_key(&rec.compartment)? else { continue };
+            let Some(dek) = self.data_key(&rec.compartment)? else { return Ok(()) };
             let plain = crypto::open(&dek, &rec.sealed, &k).map_err(FhirError::internal)?;
             let nums: SortNums = bincode::deserialize(&plain).map_err(FhirError::internal)?;
             out.push((key, SortHead { id: rec.id, last_updated_ms: rec.last_updated_ms, nums }));
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// [`Store::head`] of each of `keys` that has a document, read together ([`Store::walk`]).
+    pub fn heads(&self, rtype: &str, keys: &[DocKey]) -> Result<HashMap<DocKey, Head>, FhirError> {
+        let mut out = HashMap::with_capacity(keys.len());
+        let mut missed = Vec::new();
+        for &key in keys {
+            match self.docs.get(&with(typed(b'd', rtype), &key.to_be_bytes())) {
+                Some(d) => {
+                    out.insert(key, Head { id: d.id.clone(), version: d.version, leaf: d.leaf });
+                }
+                None => missed.push(key),
+            }
         }
+        self.walk(b'd', rtype, &missed, |key, _, v| {
+            let rec: Record = bincode::deserialize(&v).map_err(FhirError::internal)?;
+            out.insert(key, Head { id: rec.id, version: rec.version, leaf: rec.leaf });
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// [`Store::doc`] of each of `keys` that has a live document, read together
+    /// ([`Store::walk`]).
+    pub fn docs(&self, rtype: &str, keys: &[DocKey]) -> Result<HashMap<DocKey, Arc<Doc>>, FhirError> {
+        let mut out = HashMap::with_capacity(keys.len());
+        let mut missed = Vec::new();
+        for &key in keys {
+            match self.docs.get(&with(typed(b'd', rtype), &key.to_be_bytes())) {
+                Some(d) => {
+                    out.insert(key, d);
+                }
+                None => missed.push(key),
+            }
+        }
+        self.walk(b'd', rtype, &missed, |key, k, v| {
+            if let Some(d) = self.decode(k, &v)? {
+                out.insert(key, d);
+            }
+            Ok(())
+        })?;
         Ok(out)
     }
 
@@ -742,6 +829,47 @@ impl DocCache {
 mod tests {
     use super::*;
     use crate::search::doc::Values;
+
+    #[test]
+    fn a_walk_finds_what_point_reads_find_near_and_far() {
+        let dir = tempfile::tempdir().unwrap();
+        let tree = Tree::open(dir.path(), "walk", 1 << 20).unwrap();
+        let stored: BTreeSet<DocKey> = (1..60).chain((62..200).step_by(7)).chain([1_000, 1_001, 90_000]).collect();
+        let mut batch = WriteBatch::default();
+        for &k in &stored {
+            batch.put(with(b"dX\0".to_vec(), &k.to_be_bytes()), k.to_string().into_bytes());
+            // Records of another prefix on both sides must never be taken.
+            batch.put(with(b"dW\0".to_vec(), &k.to_be_bytes()), b"other".to_vec());
+            batch.put(with(b"dY\0".to_vec(), &k.to_be_bytes()), b"other".to_vec());
+        }
+        tree.apply(batch).unwrap();
+        // Runs of neighbours, lone keys, keys without a record (inside a run, between runs,
+        // past the end), duplicates, out of order; and a run that outlasts one walk's steps.
+        let wanted: Vec<DocKey> =
+            vec![90_000, 3, 2, 2, 7, 8, 9, 60, 61, 62, 69, 70, 999, 1_000, 1_001, 1_002, 5_000, 0, 100_000, 1]
+                .into_iter()
+                .chain((20..50).step_by(3))
+                .chain(62..200)
+                .collect();
+        let mut got = Vec::new();
+        walk(&tree, b"dX\0", &wanted, |key, k, v| {
+            assert_eq!(k, with(b"dX\0".to_vec(), &key.to_be_bytes()), "each record comes with its own key");
+            got.push((key, String::from_utf8(v).unwrap()));
+            Ok(())
+        })
+        .unwrap();
+        let want: BTreeSet<DocKey> = wanted.iter().copied().filter(|k| stored.contains(k)).collect();
+        let want: Vec<(DocKey, String)> = want.into_iter().map(|k| (k, k.to_string())).collect();
+        assert_eq!(got, want, "every stored key once, in key order; nothing else");
+        // Near in key, but more records between than a walk steps over: it seeks instead.
+        let mut got = Vec::new();
+        walk(&tree, b"dX\0", &[2, 30, 58], |key, _, _| {
+            got.push(key);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(got, [2, 30, 58]);
+    }
 
     #[test]
     fn buckets_follow_the_order_of_values() {
