@@ -44,7 +44,7 @@ pub const STR_PREFIX: usize = 6;
 /// Records a walk steps over before it seeks instead.
 const WALK: usize = 16;
 /// Document keys (leaves) at most this far apart are read by one walk ([`Store::walk`]).
-const NEAR: DocKey = 32;
+const NEAR: DocKey = 4;
 const FORMAT_KEY: &[u8] = b"m/format";
 const NEXT_KEY: &[u8] = b"m/next";
 
