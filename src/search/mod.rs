@@ -343,44 +343,42 @@ pub fn run(
     with_patients(found, idx)
 }
 
-/// The hits of `page` (type and document key each) that still have a document, in page
-/// order; each type's heads read together ([`index::TypeDocs::heads`]).
-fn hits<'p>(idx: &Index, page: impl Iterator<Item = (&'p str, DocKey)> + Clone) -> Result<Vec<Hit>, FhirError> {
+/// A document as includes and pages name it: its type and key.
+type At<'t> = (&'t str, DocKey);
+
+/// `keys` grouped by type, to be read a type at a time.
+fn by_type<'t>(keys: impl Iterator<Item = At<'t>>) -> BTreeMap<&'t str, Vec<DocKey>> {
+    let mut out: BTreeMap<&str, Vec<DocKey>> = BTreeMap::new();
+    for (t, key) in keys {
+        out.entry(t).or_default().push(key);
+    }
+    out
+}
+
+/// The hits of `page` that still have a document, in page order; each type's heads read
+/// together ([`index::TypeDocs::heads`]).
+fn hits<'p>(idx: &Index, page: impl Iterator<Item = At<'p>> + Clone) -> Result<Vec<Hit>, FhirError> {
     Ok(keyed_hits(idx, page)?.into_iter().map(|(_, h)| h).collect())
 }
 
-/// [`hits`], each with its type and document key.
-#[allow(clippy::type_complexity)]
-fn keyed_hits<'p>(
-    idx: &Index,
-    page: impl Iterator<Item = (&'p str, DocKey)> + Clone,
-) -> Result<Vec<((&'p str, DocKey), Hit)>, FhirError> {
-    let mut by_type: BTreeMap<&str, Vec<DocKey>> = BTreeMap::new();
-    for (t, key) in page.clone() {
-        by_type.entry(t).or_default().push(key);
-    }
+/// [`hits`], each with where it is.
+fn keyed_hits<'p>(idx: &Index, page: impl Iterator<Item = At<'p>> + Clone) -> Result<Vec<(At<'p>, Hit)>, FhirError> {
     let mut heads = HashMap::new();
-    for (t, keys) in by_type {
-        for (key, h) in idx.of(t).heads(&keys)? {
-            heads.insert((t, key), h);
-        }
+    for (t, keys) in by_type(page.clone()) {
+        heads.extend(idx.of(t).heads(&keys)?.into_iter().map(|(key, h)| ((t, key), h)));
     }
     Ok(page
-        .filter_map(|(t, key)| {
-            let h = heads.remove(&(t, key))?;
-            Some(((t, key), Hit { rtype: t.to_string(), id: h.id, leaf: h.leaf, version: h.version }))
+        .filter_map(|at| {
+            let h = heads.remove(&at)?;
+            Some((at, Hit { rtype: at.0.to_string(), id: h.id, leaf: h.leaf, version: h.version }))
         })
         .collect())
 }
 
-/// The live documents of `keys` (type and document key each), each type's read together.
-fn docs_of<'t>(idx: &Index, keys: &[(&'t str, DocKey)]) -> Result<HashMap<(&'t str, DocKey), Arc<Doc>>, FhirError> {
-    let mut by_type: BTreeMap<&str, Vec<DocKey>> = BTreeMap::new();
-    for &(t, key) in keys {
-        by_type.entry(t).or_default().push(key);
-    }
+/// The live documents of `keys`, each type's read together.
+fn docs_of<'t>(idx: &Index, keys: &[At<'t>]) -> Result<HashMap<At<'t>, Arc<Doc>>, FhirError> {
     let mut out = HashMap::with_capacity(keys.len());
-    for (t, keys) in by_type {
+    for (t, keys) in by_type(keys.iter().copied()) {
         out.extend(idx.of(t).docs(&keys)?.into_iter().map(|(key, d)| ((t, key), d)));
     }
     Ok(out)

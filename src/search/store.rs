@@ -216,7 +216,7 @@ fn walk(
                     it.next();
                     steps += 1;
                 }
-                // Further than it seemed: a point read, and a walk from here on.
+                // More records between than it seemed: seek to it, and walk on from there.
                 Some(std::cmp::Ordering::Less) => {
                     let range: Box<dyn Iterator<Item = io::Result<consensus::lsm_store::Kv>>> =
                         Box::new(tree.range(&want, &end));
@@ -407,18 +407,25 @@ impl Store {
         Ok(out)
     }
 
-    /// [`Store::head`] of each of `keys` that has a document, read together ([`Store::walk`]).
-    pub fn heads(&self, rtype: &str, keys: &[DocKey]) -> Result<HashMap<DocKey, Head>, FhirError> {
-        let mut out = HashMap::with_capacity(keys.len());
-        let mut missed = Vec::new();
+    /// The decoded documents of `keys` in the cache, and the keys it does not hold.
+    fn cached(&self, rtype: &str, keys: &[DocKey]) -> (Vec<(DocKey, Arc<Doc>)>, Vec<DocKey>) {
+        let (mut hits, mut missed) = (Vec::new(), Vec::new());
         for &key in keys {
             match self.docs.get(&with(typed(b'd', rtype), &key.to_be_bytes())) {
-                Some(d) => {
-                    out.insert(key, Head { id: d.id.clone(), version: d.version, leaf: d.leaf });
-                }
+                Some(d) => hits.push((key, d)),
                 None => missed.push(key),
             }
         }
+        (hits, missed)
+    }
+
+    /// [`Store::head`] of each of `keys` that has a document, read together ([`Store::walk`]).
+    pub fn heads(&self, rtype: &str, keys: &[DocKey]) -> Result<HashMap<DocKey, Head>, FhirError> {
+        let (hits, missed) = self.cached(rtype, keys);
+        let mut out: HashMap<DocKey, Head> = hits
+            .into_iter()
+            .map(|(key, d)| (key, Head { id: d.id.clone(), version: d.version, leaf: d.leaf }))
+            .collect();
         self.walk(b'd', rtype, &missed, |key, _, v| {
             let rec: Record = bincode::deserialize(&v).map_err(FhirError::internal)?;
             out.insert(key, Head { id: rec.id, version: rec.version, leaf: rec.leaf });
@@ -430,16 +437,8 @@ impl Store {
     /// [`Store::doc`] of each of `keys` that has a live document, read together
     /// ([`Store::walk`]).
     pub fn docs(&self, rtype: &str, keys: &[DocKey]) -> Result<HashMap<DocKey, Arc<Doc>>, FhirError> {
-        let mut out = HashMap::with_capacity(keys.len());
-        let mut missed = Vec::new();
-        for &key in keys {
-            match self.docs.get(&with(typed(b'd', rtype), &key.to_be_bytes())) {
-                Some(d) => {
-                    out.insert(key, d);
-                }
-                None => missed.push(key),
-            }
-        }
+        let (hits, missed) = self.cached(rtype, keys);
+        let mut out: HashMap<DocKey, Arc<Doc>> = hits.into_iter().collect();
         self.walk(b'd', rtype, &missed, |key, k, v| {
             if let Some(d) = self.decode(k, &v)? {
                 out.insert(key, d);
