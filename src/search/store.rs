@@ -182,6 +182,10 @@ fn walk(
 ) -> Result<(), FhirError> {
     type Walk<'w> = std::iter::Peekable<Box<dyn Iterator<Item = io::Result<consensus::lsm_store::Kv>> + 'w>>;
     let end = with(prefix.to_vec(), &[0xff; 9]);
+    let seek = |want: &[u8]| -> Walk<'_> {
+        let range: Box<dyn Iterator<Item = io::Result<consensus::lsm_store::Kv>>> = Box::new(tree.range(want, &end));
+        range.peekable()
+    };
     let mut walk: Option<Walk<'_>> = None;
     let mut keys = keys.to_vec();
     keys.sort_unstable();
@@ -199,9 +203,7 @@ fn walk(
                 }
                 continue;
             }
-            let range: Box<dyn Iterator<Item = io::Result<consensus::lsm_store::Kv>>> =
-                Box::new(tree.range(&want, &end));
-            walk = Some(range.peekable());
+            walk = Some(seek(&want));
         }
         let mut steps = 0;
         let raw = loop {
@@ -217,11 +219,7 @@ fn walk(
                     steps += 1;
                 }
                 // More records between than it seemed: seek to it, and walk on from there.
-                Some(std::cmp::Ordering::Less) => {
-                    let range: Box<dyn Iterator<Item = io::Result<consensus::lsm_store::Kv>>> =
-                        Box::new(tree.range(&want, &end));
-                    walk = Some(range.peekable());
-                }
+                Some(std::cmp::Ordering::Less) => walk = Some(seek(&want)),
                 Some(std::cmp::Ordering::Equal) => break it.next(),
                 // Past it, or the end: this key has no record.
                 _ => break None,
