@@ -270,8 +270,9 @@ pub fn run(
             let previous = (after.is_some() && search.count > 0)
                 .then(|| page.first().map(|p| seal_cursor(&cursor_key, false, p)))
                 .flatten();
-            let matches = hits(idx, page.iter().map(|p| (t.as_str(), p.doc)))?;
-            let included = includes(&ctx, &search.include, &search.revinclude, &matches)?;
+            let keyed = keyed_hits(idx, page.iter().map(|p| (t.as_str(), p.doc)))?;
+            let included = includes(&ctx, &search.include, &search.revinclude, &keyed)?;
+            let matches = keyed.into_iter().map(|(_, h)| h).collect();
             let found = Found { search, matches, included, total: None, next, previous, patients: HashMap::new() };
             return with_patients(found, idx);
         }
@@ -330,15 +331,16 @@ pub fn run(
     let paged = search.count > 0 && search.summary != query::Summary::Count;
     let next = (end < total && paged).then(|| page.last().map(|p| seal_cursor(&cursor_key, true, p))).flatten();
     let previous = (start > 0 && paged).then(|| page.first().map(|p| seal_cursor(&cursor_key, false, p))).flatten();
-    let matches = hits(
+    let keyed = keyed_hits(
         idx,
         page.iter().map(|p| (if p.rtype.is_empty() { search.types[0].0.as_str() } else { p.rtype.as_ref() }, p.doc)),
     )?;
     let included = if search.summary == query::Summary::Count {
         Vec::new()
     } else {
-        includes(&ctx, &search.include, &search.revinclude, &matches)?
+        includes(&ctx, &search.include, &search.revinclude, &keyed)?
     };
+    let matches = keyed.into_iter().map(|(_, h)| h).collect();
     let found = Found { search, matches, included, total: Some(total), next, previous, patients: HashMap::new() };
     with_patients(found, idx)
 }
@@ -355,13 +357,8 @@ fn by_type<'t>(keys: impl Iterator<Item = At<'t>>) -> BTreeMap<&'t str, Vec<DocK
     out
 }
 
-/// The hits of `page` that still have a document, in page order; each type's heads read
-/// together ([`index::TypeDocs::heads`]).
-fn hits<'p>(idx: &Index, page: impl Iterator<Item = At<'p>> + Clone) -> Result<Vec<Hit>, FhirError> {
-    Ok(keyed_hits(idx, page)?.into_iter().map(|(_, h)| h).collect())
-}
-
-/// [`hits`], each with where it is.
+/// The hits of `page` that still have a document, in page order, each with where it is;
+/// each type's heads read together ([`index::TypeDocs::heads`]).
 fn keyed_hits<'p>(idx: &Index, page: impl Iterator<Item = At<'p>> + Clone) -> Result<Vec<(At<'p>, Hit)>, FhirError> {
     let mut heads = HashMap::new();
     for (t, keys) in by_type(page.clone()) {
@@ -385,8 +382,9 @@ fn docs_of<'t>(idx: &Index, keys: &[At<'t>]) -> Result<HashMap<At<'t>, Arc<Doc>>
 }
 
 /// Resources the page's matches `_include` and that `_revinclude` them, iterating (up to a
-/// bound) for the `:iterate` ones.
-fn includes(ctx: &Ctx, inc: &[Include], rev: &[Include], matches: &[Hit]) -> Result<Vec<Hit>, FhirError> {
+/// bound) for the `:iterate` ones. The matches come with their document keys, which the page
+/// had: looking each up again by id was a point read per match, slower the larger the store.
+fn includes(ctx: &Ctx, inc: &[Include], rev: &[Include], matches: &[(At<'_>, Hit)]) -> Result<Vec<Hit>, FhirError> {
     const MAX_ROUNDS: usize = 8;
     const MAX_INCLUDED: usize = 10_000;
     let idx = ctx.idx;
@@ -397,12 +395,8 @@ fn includes(ctx: &Ctx, inc: &[Include], rev: &[Include], matches: &[Hit]) -> Res
         idx.registry.for_type(t).filter(|p| p.kind == Kind::Reference).map(|p| p.code.as_str()).collect()
     };
     // Resources are (type, document key) while iterating; documents hold id and leaf.
-    let mut seen: BTreeSet<(&str, DocKey)> = BTreeSet::new();
-    for h in matches {
-        if let Some(k) = idx.of(&h.rtype).key_of(&h.id)? {
-            seen.insert((idx.type_name(&h.rtype), k));
-        }
-    }
+    let mut seen: BTreeSet<(&str, DocKey)> =
+        matches.iter().filter_map(|&((t, k), _)| Some((idx.known_type(t)?, k))).collect();
     let mut frontier: Vec<(&str, DocKey)> = seen.iter().copied().collect();
     let mut out = Vec::new();
     for round in 0..MAX_ROUNDS {
