@@ -18,7 +18,7 @@ pub mod summary;
 pub mod validate;
 pub mod values;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
@@ -405,6 +405,9 @@ fn includes(ctx: &Ctx, inc: &[Include], rev: &[Include], matches: &[(At<'_>, Hit
         }
         let mut found: Vec<(&str, DocKey)> = Vec::new();
         let docs = docs_of(idx, &frontier)?;
+        // Each referenced id looked up once a round: a page of Encounters names a few
+        // practitioners many times, and each lookup is a point read.
+        let mut asked: HashSet<(&str, &str)> = HashSet::new();
         for &(t, key) in &frontier {
             let Some(doc) = docs.get(&(t, key)).map(|d| &**d) else { continue };
             for i in inc.iter().filter(|i| round == 0 || i.iterate) {
@@ -417,6 +420,9 @@ fn includes(ctx: &Ctx, inc: &[Include], rev: &[Include], matches: &[(At<'_>, Hit
                         let Value::Ref { rtype: Some(rt), id: Some(rid), .. } = v else { continue };
                         if i.target.as_ref().is_none_or(|x| x == rt) {
                             let Some(rt) = idx.known_type(rt) else { continue };
+                            if !asked.insert((rt, rid.as_str())) {
+                                continue;
+                            }
                             if let Some(k) = idx.of(rt).key_of(rid)? {
                                 found.push((rt, k));
                             }
