@@ -270,9 +270,7 @@ pub fn run(
             let previous = (after.is_some() && search.count > 0)
                 .then(|| page.first().map(|p| seal_cursor(&cursor_key, false, p)))
                 .flatten();
-            let keyed = keyed_hits(idx, page.iter().map(|p| (t.as_str(), p.doc)))?;
-            let included = includes(&ctx, &search.include, &search.revinclude, &keyed)?;
-            let matches = keyed.into_iter().map(|(_, h)| h).collect();
+            let (matches, included) = page_hits(&ctx, &search, page.iter().map(|p| (t.as_str(), p.doc)))?;
             let found = Found { search, matches, included, total: None, next, previous, patients: HashMap::new() };
             return with_patients(found, idx);
         }
@@ -331,16 +329,11 @@ pub fn run(
     let paged = search.count > 0 && search.summary != query::Summary::Count;
     let next = (end < total && paged).then(|| page.last().map(|p| seal_cursor(&cursor_key, true, p))).flatten();
     let previous = (start > 0 && paged).then(|| page.first().map(|p| seal_cursor(&cursor_key, false, p))).flatten();
-    let keyed = keyed_hits(
-        idx,
+    let (matches, included) = page_hits(
+        &ctx,
+        &search,
         page.iter().map(|p| (if p.rtype.is_empty() { search.types[0].0.as_str() } else { p.rtype.as_ref() }, p.doc)),
     )?;
-    let included = if search.summary == query::Summary::Count {
-        Vec::new()
-    } else {
-        includes(&ctx, &search.include, &search.revinclude, &keyed)?
-    };
-    let matches = keyed.into_iter().map(|(_, h)| h).collect();
     let found = Found { search, matches, included, total: Some(total), next, previous, patients: HashMap::new() };
     with_patients(found, idx)
 }
@@ -355,6 +348,22 @@ fn by_type<'t>(keys: impl Iterator<Item = At<'t>>) -> BTreeMap<&'t str, Vec<DocK
         out.entry(t).or_default().push(key);
     }
     out
+}
+
+/// A page's hits and the resources they include (none when only the total is asked for),
+/// `_include` starting from the keys the page already has.
+fn page_hits<'p>(
+    ctx: &Ctx,
+    search: &query::Search,
+    page: impl Iterator<Item = At<'p>> + Clone,
+) -> Result<(Vec<Hit>, Vec<Hit>), FhirError> {
+    let keyed = keyed_hits(ctx.idx, page)?;
+    let included = if search.summary == query::Summary::Count {
+        Vec::new()
+    } else {
+        includes(ctx, &search.include, &search.revinclude, &keyed)?
+    };
+    Ok((keyed.into_iter().map(|(_, h)| h).collect(), included))
 }
 
 /// The hits of `page` that still have a document, in page order, each with where it is;

@@ -1262,6 +1262,33 @@ async fn include_and_revinclude_with_iterate() {
     assert!(included(&b).is_empty(), "{b}");
 }
 
+/// A match that another match on the page references stays a match, not an include too
+/// (includes start from the page's own document keys), whether the page stops when full or
+/// counts every match first.
+#[actix_web::test]
+async fn a_match_referenced_by_another_is_not_included_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = support::app(support::repo(dir.path()).await).await;
+    seed!(
+        app,
+        patient("p1", "Smith"),
+        obs(
+            "o1",
+            loinc("8867-4", "Heart rate"),
+            json!({"subject": reference("Patient/p1"), "hasMember": [reference("Observation/o2")]}),
+        ),
+        obs("o2", loinc("8867-4", "Heart rate"), json!({"subject": reference("Patient/p1")})),
+    );
+    for total in ["", "&_total=accurate"] {
+        let b =
+            search!(app, &format!("/Observation?_include=Observation:has-member&_include=Observation:subject{total}"));
+        let mut matched = ids(&b);
+        matched.sort();
+        assert_eq!(matched, ["o1", "o2"], "{total}");
+        assert_eq!(included(&b), ["Patient/p1"], "o2 is a match already ({total})");
+    }
+}
+
 /// Chaining: `subject:Patient.name`, `subject.name` over every target type with a `name`,
 /// two levels; a chain through an unknown parameter or a non-reference is a 400.
 #[actix_web::test]
