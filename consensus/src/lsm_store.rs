@@ -21,6 +21,10 @@ use fjall::{Database, Keyspace, KeyspaceCreateOptions};
 const MAX_JOURNAL: u64 = 64 << 20;
 /// The bytes written into one memtable before it is sealed and written out as a sorted table.
 const MEMTABLE: u64 = 16 << 20;
+
+/// Sealed memtables at which fjall 3.1 halts a writer after its commit (hard-coded there).
+const SEALED_HALT: usize = 4;
+
 /// The version of the keyspace options below, part of the keyspace's name: fjall keeps the
 /// options a keyspace was created with, so a keyspace of older options is dropped at open
 /// and its user folds it again from the ledger (both users can).
@@ -132,6 +136,17 @@ impl Tree {
             self.ks.rotate_memtable().map_err(|e| err(self.name, &e))?;
         }
         Ok(())
+    }
+
+    /// Waits while the next commit would be held by fjall's backpressure (its
+    /// `local_backpressure`: [`SEALED_HALT`] sealed memtables waiting for the flush worker,
+    /// which stays behind a compaction of seconds on a large store). fjall holds the writer
+    /// *after* its commit, inside whatever locks the caller holds; a caller that waits here
+    /// first holds none of them meanwhile.
+    pub fn wait_for_room(&self) {
+        while self.ks.sealed_memtable_count() >= SEALED_HALT {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
     }
 
     /// Removes every entry.

@@ -92,6 +92,7 @@ async fn answer(
     params: Vec<(String, String)>,
 ) -> Result<HttpResponse, FhirError> {
     read_barrier(req, &state.repo).await?;
+    crate::search::index::catch_up(&state.search).await?;
     let base = base_url(req);
     let lenient = prefer_lenient(req);
     let caller = authz::caller(req);

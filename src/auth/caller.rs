@@ -284,7 +284,7 @@ impl Auth {
     /// The caller behind `Authorization: Bearer …`: 401 for a missing, bad or revoked token.
     pub async fn caller(
         &self,
-        search: &crate::search::Engine,
+        search: &Arc<crate::search::Engine>,
         authorization: Option<&str>,
         purpose: Option<&str>,
         study: Option<&str>,
@@ -309,6 +309,7 @@ impl Auth {
             // The index is folded up to everything applied (the middleware passed the read
             // barrier), so a revocation anywhere in the cluster is seen here.
             let repo = search.repo();
+            crate::search::index::catch_up(search).await?;
             let idx = search.current()?;
             let client: Arc<Client> = self
                 .records

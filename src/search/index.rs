@@ -8,6 +8,7 @@
 //! so it sees every write acknowledged before it began.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard};
 
 use super::params::{Kind, Registry};
@@ -150,13 +151,23 @@ pub struct Engine {
     /// For [`Engine::current_for`]: up to which leaf the unfolded headers were found clean of
     /// each list of types, so each header is read once.
     clean_until: std::sync::Mutex<BTreeMap<String, u64>>,
+    /// Held while one chunk of leaves is folded, so folders take turns chunk by chunk.
     folding: std::sync::Mutex<()>,
+    /// Requests that want the index caught up. The background thread, at its lower priority,
+    /// stops between chunks while one waits: a request at normal priority folds the rest
+    /// itself instead of waiting behind a thread that the load starves (a search during a
+    /// large load waited seconds for that thread's whole backlog, BENCHMARKS.md).
+    waiting: AtomicUsize,
     /// While [`Engine::rebuild`] runs: leaves folded so far and leaves to fold (for progress).
     rebuilding: std::sync::Mutex<Option<(u64, u64)>>,
 }
 
-/// Leaves folded per write batch: bounds the batch, and lets searches in between.
+/// Leaves folded per write batch by a request: bounds the batch, and lets searches in between.
 const FOLD_CHUNK: u64 = 4096;
+
+/// Leaves per batch of the background thread: small, because a request that arrives while
+/// the thread holds a chunk waits for it, folded at the thread's lower priority.
+const BACKGROUND_CHUNK: u64 = 512;
 
 /// The index writes of a range of leaves, computed outside the write lock.
 struct Prepared {
@@ -207,6 +218,7 @@ impl Engine {
             log_ranges: std::sync::Mutex::default(),
             clean_until: std::sync::Mutex::default(),
             folding: std::sync::Mutex::default(),
+            waiting: AtomicUsize::new(0),
             rebuilding: std::sync::Mutex::default(),
         };
         {
@@ -313,6 +325,13 @@ impl Engine {
         self.caught_up(false)
     }
 
+    /// Whether [`Engine::current`] would fold nothing now.
+    fn is_current(&self) -> Result<bool, FhirError> {
+        let size = self.repo.view().leaf_count()?;
+        let next = self.index.read().unwrap_or_else(PoisonError::into_inner).next_leaf;
+        Ok(next >= size || self.log_only(next, size))
+    }
+
     fn caught_up(&self, all: bool) -> Result<RwLockReadGuard<'_, Index>, FhirError> {
         let size = self.repo.view().leaf_count()?;
         let done = |idx: &Index| idx.next_leaf >= size || (!all && self.log_only(idx.next_leaf, size));
@@ -322,28 +341,45 @@ impl Engine {
                 return Ok(idx);
             }
         }
-        {
-            // One folder at a time; the others wait here, then find little or nothing to do.
-            let _folding = self.folding.lock().unwrap_or_else(PoisonError::into_inner);
-            loop {
-                let prepared = {
-                    let idx = self.index.read().unwrap_or_else(PoisonError::into_inner);
-                    if idx.next_leaf >= size {
-                        break;
-                    }
-                    // Decrypting and extracting is the slow part: do it while searches go on.
-                    self.prepare(&idx, size)?
-                };
-                let mut idx = self.index.write().unwrap_or_else(PoisonError::into_inner);
-                match prepared {
-                    Some(p) => Self::apply_prepared(&mut idx, p)?,
-                    None => self.fold(&mut idx, size)?,
-                }
-            }
-            let folded = self.index.read().unwrap_or_else(PoisonError::into_inner).next_leaf;
-            self.log_ranges.lock().unwrap_or_else(PoisonError::into_inner).retain(|_, end| *end > folded);
-        }
+        let _waiting = Waiting::enter(&self.waiting);
+        self.fold_until(size, FOLD_CHUNK, false)?;
         Ok(self.index.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Folds the leaves before `size`, `chunk` at a time, each under the folding lock;
+    /// `yielding` (the background thread) stops before a chunk while a request waits.
+    fn fold_until(&self, size: u64, chunk: u64, yielding: bool) -> Result<(), FhirError> {
+        loop {
+            if yielding && self.waiting.load(Ordering::Acquire) > 0 {
+                return Ok(());
+            }
+            let _folding = self.folding.lock().unwrap_or_else(PoisonError::into_inner);
+            let prepared = {
+                let idx = self.index.read().unwrap_or_else(PoisonError::into_inner);
+                if idx.next_leaf >= size {
+                    break;
+                }
+                // Decrypting and extracting is the slow part: do it while searches go on.
+                let prepared = self.prepare(&idx, size, chunk)?;
+                idx.store.wait_for_room();
+                prepared
+            };
+            let mut idx = self.index.write().unwrap_or_else(PoisonError::into_inner);
+            match prepared {
+                Some(p) => Self::apply_prepared(&mut idx, p)?,
+                None => self.fold(&mut idx, size, chunk)?,
+            }
+        }
+        let folded = self.index.read().unwrap_or_else(PoisonError::into_inner).next_leaf;
+        self.log_ranges.lock().unwrap_or_else(PoisonError::into_inner).retain(|_, end| *end > folded);
+        Ok(())
+    }
+
+    /// One round of the background thread: folds every leaf written so far (the disclosure
+    /// log's too), in small chunks, giving way to any request that wants to fold.
+    fn fold_in_background(&self) -> Result<(), FhirError> {
+        let size = self.repo.view().leaf_count()?;
+        self.fold_until(size, BACKGROUND_CHUNK, true)
     }
 
     /// Rebuilds the whole index from the state (the `reindex` admin command).
@@ -362,9 +398,9 @@ impl Engine {
         let progress = |done| *self.rebuilding.lock().unwrap_or_else(PoisonError::into_inner) = done;
         progress(Some((0, size)));
         while idx.next_leaf < size {
-            let step = match self.prepare(&idx, size) {
+            let step = match self.prepare(&idx, size, FOLD_CHUNK) {
                 Ok(Some(p)) => Self::apply_prepared(&mut idx, p),
-                Ok(None) => self.fold(&mut idx, size),
+                Ok(None) => self.fold(&mut idx, size, FOLD_CHUNK),
                 Err(e) => Err(e),
             };
             if let Err(e) = step {
@@ -381,14 +417,14 @@ impl Engine {
         Ok(n)
     }
 
-    /// The leaves from the last fold on (at most [`FOLD_CHUNK`]) and the resources they touched;
+    /// The leaves from the last fold on (at most `chunk`) and the resources they touched;
     /// whether a SearchParameter is among them; whether one is an erasure.
-    fn touched(&self, from: u64, size: u64) -> Result<Touched, FhirError> {
+    fn touched(&self, from: u64, size: u64, chunk: u64) -> Result<Touched, FhirError> {
         let mut touched = BTreeSet::new();
         let mut next = from;
         let mut params = false;
         let mut erased = false;
-        let end = size.min(from.saturating_add(FOLD_CHUNK));
+        let end = size.min(from.saturating_add(chunk));
         for item in self.repo.view().headers_from(from) {
             let (leaf, h) = item?;
             if leaf >= end {
@@ -409,8 +445,8 @@ impl Engine {
 
     /// The index writes for the next leaves, computed under a read lock; `None` when a
     /// SearchParameter changed (that needs the registry, under the write lock).
-    fn prepare(&self, idx: &Index, size: u64) -> Result<Option<Prepared>, FhirError> {
-        let Touched { next, resources: touched, params, erased } = self.touched(idx.next_leaf, size)?;
+    fn prepare(&self, idx: &Index, size: u64, chunk: u64) -> Result<Option<Prepared>, FhirError> {
+        let Touched { next, resources: touched, params, erased } = self.touched(idx.next_leaf, size, chunk)?;
         if params {
             return Ok(None);
         }
@@ -443,8 +479,8 @@ impl Engine {
 
     /// Folds the next leaves under the write lock, registering the SearchParameters among
     /// them first and re-indexing the types a changed parameter is defined on.
-    fn fold(&self, idx: &mut Index, size: u64) -> Result<(), FhirError> {
-        let Touched { next, resources: touched, erased, .. } = self.touched(idx.next_leaf, size)?;
+    fn fold(&self, idx: &mut Index, size: u64, chunk: u64) -> Result<(), FhirError> {
+        let Touched { next, resources: touched, erased, .. } = self.touched(idx.next_leaf, size, chunk)?;
         let mut params_changed = BTreeSet::new();
         for (t, id) in touched.iter().filter(|(t, _)| t == "SearchParameter") {
             let res = read_json(&self.repo, t, id)?;
@@ -533,7 +569,7 @@ pub fn keep_current(engine: &Arc<Engine>) {
         super::background::lower_this_thread();
         loop {
             let Some(engine) = weak.upgrade() else { return };
-            if let Err(e) = engine.current_all() {
+            if let Err(e) = engine.fold_in_background() {
                 tracing::warn!("search index: {}", e.issues.first().map_or("", |i| i.diagnostics.as_str()));
             }
             drop(engine);
@@ -542,6 +578,35 @@ pub fn keep_current(engine: &Arc<Engine>) {
     });
     if let Err(e) = spawned {
         tracing::warn!("search index: no background thread ({e}); searches catch up themselves");
+    }
+}
+
+/// Catches the index up on tokio's blocking pool, for a request about to call
+/// [`Engine::current`] on an async worker. A fold of a large backlog (a search during a bulk
+/// load) takes seconds, and on the worker it would hold every other connection of that worker
+/// meanwhile: with a search beside it a 225,000-resource load took 31 s instead of 10.5 s
+/// (BENCHMARKS.md). Afterwards `current` folds at most the leaves written since.
+pub async fn catch_up(engine: &Arc<Engine>) -> Result<(), FhirError> {
+    if engine.is_current()? {
+        return Ok(());
+    }
+    let engine = Arc::clone(engine);
+    tokio::task::spawn_blocking(move || engine.current().map(drop)).await.map_err(FhirError::internal)?
+}
+
+/// Counts a request among those waiting to fold while it lives.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn enter(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::AcqRel);
+        Self(count)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

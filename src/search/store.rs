@@ -654,6 +654,12 @@ impl Store {
         Ok(())
     }
 
+    /// Waits until a commit would not be held by the store's backpressure, so the folder
+    /// waits before taking the index's write lock (searches go on meanwhile), not under it.
+    pub fn wait_for_room(&self) {
+        self.tree.wait_for_room();
+    }
+
     /// Writes `p` with `next` as the first leaf not folded in, atomically.
     pub fn commit(&self, mut p: Pending, next: u64) -> Result<(), FhirError> {
         let buckets = std::mem::take(&mut p.buckets);

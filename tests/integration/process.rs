@@ -226,3 +226,57 @@ async fn the_search_index_survives_kill9_and_answers_as_before() {
     let id = create(server.base.clone(), late).await;
     assert!(ids_of(&client, &server.base, &queries[1]).await.contains(&id), "a write after the restart is indexed");
 }
+
+/// A search answers with every write acknowledged before it began while others fold the
+/// same leaves: the background thread (which gives way to a waiting request between its
+/// chunks) and other searches take turns chunk by chunk. Writers each create Observations
+/// under codes of their own and search for each right after its 201, while a Synthea
+/// patient's transaction (523 resources) posted again and again keeps the index behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_search_during_a_load_sees_every_write_acknowledged_before_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with(dir.path(), &["--max-body-bytes", "16777216"]);
+    let client = reqwest::Client::new();
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/synthea/patient-01.json");
+    let bundle: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut loaders = Vec::new();
+    for _ in 0..2 {
+        let (client, base, bundle, stop) = (client.clone(), server.base.clone(), bundle.clone(), stop.clone());
+        loaders.push(tokio::spawn(async move {
+            let mut posted = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let r = client.post(&base).json(&bundle).send().await.unwrap();
+                assert_eq!(r.status().as_u16(), 200, "{}", r.text().await.unwrap_or_default());
+                posted += 1;
+            }
+            posted
+        }));
+    }
+    let mut writers = Vec::new();
+    for w in 0..3 {
+        let (client, base) = (client.clone(), server.base.clone());
+        writers.push(tokio::spawn(async move {
+            for i in 0..30 {
+                let code = format!("w{w}-{i}");
+                let o = json!({"resourceType": "Observation", "status": "final",
+                    "code": {"coding": [{"system": "urn:test:fold", "code": code}]}});
+                let r = client.post(format!("{base}/Observation")).json(&o).send().await.unwrap();
+                assert_eq!(r.status().as_u16(), 201);
+                let id = r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
+                let found = ids_of(&client, &base, &format!("Observation?code=urn:test:fold|{code}")).await;
+                assert_eq!(found, vec![id], "the search for {code}, begun after its create was acknowledged");
+            }
+        }));
+    }
+    for w in writers {
+        w.await.unwrap();
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut posted = 0;
+    for l in loaders {
+        posted += l.await.unwrap();
+    }
+    assert!(posted > 0, "the load ran beside the searches");
+    drop(server);
+}
