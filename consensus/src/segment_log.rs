@@ -438,7 +438,9 @@ impl SegmentLog {
 
     /// Appends `payload` as record `index`: `next_index`, or any index when the log is empty.
     /// An index past `next_index` (after a snapshot was installed, the log restarts past it)
-    /// drops every record kept so far. Not durable until [`SegmentLog::sync`].
+    /// drops every record kept so far. Not durable until [`SegmentLog::sync`]. Only tests and
+    /// the state machine's benchmark append one piece; openraft's entries come in parts.
+    #[cfg(any(test, feature = "bench"))]
     pub fn append(&mut self, index: u64, payload: &[u8]) -> Result<(), Error> {
         self.append_parts(index, &[payload])
     }
