@@ -27,6 +27,18 @@ start_server() {
   return 1
 }
 
+# on_exit_kill_server_and_remove DIR: on exit, kills $server (a server process, when set) and
+# removes DIR, the script's scratch directory.
+on_exit_kill_server_and_remove() {
+  scratch_dir="$1"
+  trap kill_server_and_remove EXIT
+}
+# shellcheck disable=SC2317  # invoked by the trap
+kill_server_and_remove() {
+  if [ -n "${server:-}" ]; then kill -9 "$server" 2>/dev/null || true; wait "$server" 2>/dev/null || true; fi
+  rm -rf "$scratch_dir"
+}
+
 # Waits until the server at $1 has folded every ledger leaf into its search index, which a
 # load keeps it doing in the background for a while: measurements that follow see a quiet
 # node. /metrics needs the server started with FHIR_LEDGER_ADMIN_TOKEN set.

@@ -112,12 +112,7 @@ else
   data="$work/data"
 fi
 server=""
-# shellcheck disable=SC2317  # invoked by the trap
-cleanup() {
-  if [ -n "$server" ]; then kill -9 "$server" 2>/dev/null || true; wait "$server" 2>/dev/null || true; fi
-  rm -rf "$work"
-}
-trap cleanup EXIT
+on_exit_kill_server_and_remove "$work"
 
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 base="http://127.0.0.1:$port"

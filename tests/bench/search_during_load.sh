@@ -36,11 +36,7 @@ done
 export FHIR_LEDGER_ADMIN_TOKEN="${FHIR_LEDGER_ADMIN_TOKEN:-bench-admin-token}"
 work="$(mktemp -d)"
 server=""
-cleanup() {
-  if [ -n "$server" ]; then kill -9 "$server" 2>/dev/null || true; wait "$server" 2>/dev/null || true; fi
-  rm -rf "$work"
-}
-trap cleanup EXIT
+on_exit_kill_server_and_remove "$work"
 serve_on() { start_server "$work/server.log" --data-dir "$1" --profiles-dir "$root/fhir-profiles" --max-body-bytes 134217728; }
 stop() { kill -TERM "$server"; wait "$server" 2>/dev/null || true; server=""; }
 
