@@ -325,16 +325,22 @@ impl Engine {
         self.caught_up(false)
     }
 
+    /// Whether an index folded up to `next` is caught up with `size` leaves: all folded, or
+    /// (unless `all`) only disclosure-log leaves left.
+    fn folded_enough(&self, next: u64, size: u64, all: bool) -> bool {
+        next >= size || (!all && self.log_only(next, size))
+    }
+
     /// Whether [`Engine::current`] would fold nothing now.
     fn is_current(&self) -> Result<bool, FhirError> {
         let size = self.repo.view().leaf_count()?;
         let next = self.index.read().unwrap_or_else(PoisonError::into_inner).next_leaf;
-        Ok(next >= size || self.log_only(next, size))
+        Ok(self.folded_enough(next, size, false))
     }
 
     fn caught_up(&self, all: bool) -> Result<RwLockReadGuard<'_, Index>, FhirError> {
         let size = self.repo.view().leaf_count()?;
-        let done = |idx: &Index| idx.next_leaf >= size || (!all && self.log_only(idx.next_leaf, size));
+        let done = |idx: &Index| self.folded_enough(idx.next_leaf, size, all);
         {
             let idx = self.index.read().unwrap_or_else(PoisonError::into_inner);
             if done(&idx) {
