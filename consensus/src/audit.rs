@@ -44,6 +44,9 @@ pub struct Report {
     pub log_entries: u64,
     /// Batch signatures verified.
     pub signatures: u64,
+    /// Merkle node hashes computed to rebuild the tree (and the snapshot's): short messages,
+    /// each its own SHA-256, which the bulk rate of `bytes` does not price.
+    pub nodes: u64,
     /// Leaves compared with the write their signed log entry carried.
     pub cross_checked: u64,
     /// Leaves of the stored snapshot rebuilt and compared with the live tree.
@@ -62,10 +65,10 @@ impl Report {
 enum LogItem {
     /// An entry whose batch signature verified: its bytes and its writes in apply order,
     /// located in them (the leaf walk compares records with them without decoding again).
-    Batch { index: u64, entry: Vec<u8>, writes: Vec<WriteAt> },
+    Batch { index: u64, entry: Entry, writes: Vec<WriteAt> },
     /// A blank or membership entry (no writes), or one the log thread already reported; its
     /// bytes only to be handed back for reuse.
-    Other { index: u64, entry: Vec<u8> },
+    Other { index: u64, entry: Entry },
     /// The log could not be read past this point (reported): later leaves have no log to be
     /// compared with, which is not a finding of its own.
     Unreadable,
@@ -82,9 +85,22 @@ impl LogItem {
     /// The entry's buffer, for the log thread to read the next entry into.
     fn into_buffer(self) -> Option<Vec<u8>> {
         match self {
-            LogItem::Batch { entry, .. } | LogItem::Other { entry, .. } => Some(entry),
+            LogItem::Batch { entry, .. } | LogItem::Other { entry, .. } => Some(entry.buf),
             LogItem::Unreadable => None,
         }
+    }
+}
+
+/// An entry's encoding at the front of a reused buffer (which keeps the length of the
+/// longest entry read into it: neither zeroed nor reallocated again).
+struct Entry {
+    buf: Vec<u8>,
+    len: usize,
+}
+
+impl Entry {
+    fn bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
     }
 }
 
@@ -200,13 +216,13 @@ fn walk_log(
 ) -> io::Result<Report> {
     let mut report = Report::default();
     let mut spare = Vec::new();
+    let largest = log.largest_entry();
     for index in log.indexes() {
         spare.extend(back.try_iter().filter_map(LogItem::into_buffer));
-        let mut entry = spare.pop().unwrap_or_default();
-        if !log.entry_into(index, &mut entry)? {
-            continue;
-        }
-        let bytes = entry.as_slice();
+        let mut buf = spare.pop().unwrap_or_else(|| Vec::with_capacity(largest));
+        let Some(len) = log.entry_into(index, &mut buf)? else { continue };
+        let entry = Entry { buf, len };
+        let bytes = entry.bytes();
         report.log_entries += 1;
         report.bytes += bytes.len() as u64;
         let at = format!("raft log entry {index}");
@@ -251,37 +267,25 @@ fn walk_log(
 }
 
 /// A version record decoded in place ([`crate::state_machine::StoredRecord`] borrowed: no
-/// allocation per leaf). The header comes first in the record, so its encoding, which the
-/// leaf hashes, is the record's own prefix (`header_bytes`); a test pins both to the owned
-/// types.
-#[derive(serde::Deserialize)]
+/// allocation per leaf but its terms), read field by field ([`crate::wire`]). The header comes
+/// first in the record, so its encoding, which the leaf hashes, is the record's own prefix
+/// (`header_bytes`); a test pins both to the owned types.
 struct RecordRef<'a> {
-    #[serde(borrow)]
     header: HeaderRef<'a>,
     leaf: u64,
-    #[serde(borrow)]
     body: BodyRef<'a>,
     /// The version's conditional terms, checked against the write's.
-    #[serde(deserialize_with = "crate::entry_ref::hashes")]
     terms: Vec<Hash>,
 }
 
 /// [`crate::state_machine::BodyAt`], borrowed.
-#[derive(serde::Deserialize, Clone, Copy, PartialEq, Eq, Debug)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum BodyRef<'a> {
     Inline(&'a [u8]),
     Log { index: u64, offset: u32, len: u32 },
 }
 
 impl BodyRef<'_> {
-    /// Its encoding's length: the variant (4 bytes) and its fields.
-    fn encoded_len(&self) -> usize {
-        match self {
-            BodyRef::Inline(b) => 4 + 8 + b.len(),
-            BodyRef::Log { .. } => 4 + 8 + 4 + 4,
-        }
-    }
-
     /// The ciphertext's SHA-256, read from the log where the record references it.
     fn digest(&self, view: &StateView) -> io::Result<Hash> {
         Ok(match *self {
@@ -292,11 +296,9 @@ impl BodyRef<'_> {
 }
 
 /// [`crate::state_machine::LeafHeader`], borrowed; strings as their bytes (compared with the
-/// log's, never read as text but in a finding).
-#[derive(serde::Deserialize)]
+/// log's, never read as text but in a finding). Its format and content commitment are part
+/// of what the leaf hashes, but nothing here compares them.
 struct HeaderRef<'a> {
-    #[allow(dead_code)] // part of what the leaf hashes; read to get past it
-    format: u16,
     rtype: &'a [u8],
     id: &'a [u8],
     version: u64,
@@ -304,23 +306,32 @@ struct HeaderRef<'a> {
     actor: &'a [u8],
     op: &'a [u8],
     compartment: &'a [u8],
-    #[serde(deserialize_with = "crate::entry_ref::hash")]
     body_sha256: Hash,
     log_index: u64,
-    #[serde(deserialize_with = "crate::entry_ref::hash")]
-    #[allow(dead_code)] // part of what the leaf hashes; read to get past it
-    content_sha256: Hash,
 }
 
 impl<'a> RecordRef<'a> {
     /// The record and the bytes of its header.
     fn decode(raw: &'a [u8]) -> Result<(Self, &'a [u8]), String> {
-        let rec: Self = bincode::deserialize(raw).map_err(|e| e.to_string())?;
-        // After the header: the leaf number (8 bytes), the body or where it is, and the terms
-        // (their count, 8 bytes, and 32 bytes each).
-        let tail = 8 + rec.body.encoded_len() + 8 + 32 * rec.terms.len();
-        let end = raw.len().checked_sub(tail).ok_or("record shorter than its parts")?;
-        Ok((rec, &raw[..end]))
+        let mut c = crate::wire::Cursor::new(raw);
+        c.u16()?; // the header's format
+        let (rtype, id, version, last_updated_ms) = (c.bytes()?, c.bytes()?, c.u64()?, c.i64()?);
+        let (actor, op, compartment, body_sha256, log_index) =
+            (c.bytes()?, c.bytes()?, c.bytes()?, c.hash()?, c.u64()?);
+        c.hash()?; // the content commitment
+        let header_end = c.position();
+        let leaf = c.u64()?;
+        let body = match c.u32()? {
+            0 => BodyRef::Inline(c.bytes()?),
+            1 => BodyRef::Log { index: c.u64()?, offset: c.u32()?, len: c.u32()? },
+            other => return Err(format!("body variant {other} is neither inline nor in the log")),
+        };
+        let terms = c.hashes()?;
+        if c.remaining() > 0 {
+            return Err(format!("{} bytes after its parts", c.remaining()));
+        }
+        let header = HeaderRef { rtype, id, version, last_updated_ms, actor, op, compartment, body_sha256, log_index };
+        Ok((Self { header, leaf, body, terms }, &raw[..header_end]))
     }
 
     fn location(&self, leaf: u64) -> String {
@@ -496,7 +507,7 @@ fn walk_leaves(
         let index = item.index();
         let first = *first_in_log.get_or_insert(index);
         let mut writes = match &item {
-            LogItem::Batch { entry, writes, .. } => Some(LogWrites { writes, entry, next: 0 }),
+            LogItem::Batch { entry, writes, .. } => Some(LogWrites { writes, entry: entry.bytes(), next: 0 }),
             LogItem::Other { .. } | LogItem::Unreadable => None,
         };
         while let Some(raw) = leaves.next_upto(index)? {
@@ -565,6 +576,7 @@ fn check_leaf(
     }
     let mut node_mismatch = None;
     rebuilt.append_nodes(leaf_hash(header_bytes), |level, index, hash| {
+        report.nodes += u64::from(level > 0);
         if level >= STORED_NODE_LEVEL && node_mismatch.is_none() {
             match view.node(level, index) {
                 Ok(Some(stored)) if stored == hash => {}
@@ -711,7 +723,7 @@ fn verify_snapshot(view: &StateView, report: &mut Report) {
                         report.find(&at, format!("{}: holds no ciphertext, only a log position", rec.location(leaf)));
                     }
                 }
-                rebuilt.append(leaf_hash(header_bytes));
+                rebuilt.append_nodes(leaf_hash(header_bytes), |level, _, _| report.nodes += u64::from(level > 0));
                 report.snapshot_leaves += 1;
             }
             Err(e) => report.find(&at, format!("record of leaf {leaf} does not decode: {e}")),
@@ -815,6 +827,9 @@ mod tests {
                 (&b"update"[..], &b"Patient/1"[..], [8; 32], 9)
             );
             assert_eq!((r.leaf, r.body, r.terms), (4, borrowed, vec![[3; 32], [4; 32]]));
+            // A record cut short or with bytes after its parts is refused, not misread.
+            assert!(RecordRef::decode(&raw[..raw.len() - 1]).is_err());
+            assert!(RecordRef::decode(&[&raw[..], &[0]].concat()).is_err());
         }
 
         let m = Membership::new(vec![std::collections::BTreeSet::from([1u64])], ());

@@ -40,6 +40,7 @@ mod state_machine;
 #[doc(hidden)]
 pub mod test_hooks;
 mod transport;
+mod wire;
 
 #[cfg(test)]
 mod tests;

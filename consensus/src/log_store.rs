@@ -118,11 +118,16 @@ impl Bodies {
         at.map(|at| at.read(0, at.size())).transpose().map_err(io::Error::other)
     }
 
-    /// [`Bodies::entry`] into `buf` (its capacity reused); false if the log does not hold it.
-    pub(crate) fn entry_into(&self, index: u64, buf: &mut Vec<u8>) -> io::Result<bool> {
-        let Some(at) = self.log().locate(index) else { return Ok(false) };
-        at.read_into(0, at.size(), buf).map_err(io::Error::other)?;
-        Ok(true)
+    /// [`Bodies::entry`] into the front of `buf` (see [`crate::segment_log::Located::read_front`]):
+    /// its length, or None if the log does not hold it.
+    pub(crate) fn entry_into(&self, index: u64, buf: &mut Vec<u8>) -> io::Result<Option<usize>> {
+        let Some(at) = self.log().locate(index) else { return Ok(None) };
+        at.read_front(buf).map(Some).map_err(io::Error::other)
+    }
+
+    /// The length of the longest entry's encoding.
+    pub(crate) fn largest_entry(&self) -> usize {
+        self.log().largest() as usize
     }
 
     /// The first entry whose bodies the state references in place.

@@ -317,7 +317,18 @@ impl Located {
         Ok(buf)
     }
 
-    /// [`Located::read`] into `buf` (its capacity reused: nothing is zeroed once it is large).
+    /// The whole payload into the front of `buf`, which grows if it is shorter but never
+    /// shrinks, so a reused buffer is neither zeroed nor reallocated again; the payload's length.
+    pub fn read_front(&self, buf: &mut Vec<u8>) -> Result<usize, Error> {
+        let len = self.len as usize;
+        if buf.len() < len {
+            buf.resize(len, 0);
+        }
+        self.file.read_exact_at(&mut buf[..len], self.offset)?;
+        Ok(len)
+    }
+
+    /// [`Located::read`] into `buf` (its capacity reused: only what it grows by is zeroed).
     pub fn read_into(&self, from: u32, len: u32, buf: &mut Vec<u8>) -> Result<(), Error> {
         if u64::from(from) + u64::from(len) > u64::from(self.len) {
             return Err(Error::Usage(format!("bytes {from}+{len} of a record of {}", self.len)));
@@ -537,6 +548,11 @@ impl SegmentLog {
     }
 
     /// Where record `index`'s payload lies, to be read without holding the log.
+    /// The length of the longest record's payload (for a reader's buffer).
+    pub fn largest(&self) -> u32 {
+        self.places.iter().map(|p| p.len).max().unwrap_or(0)
+    }
+
     pub fn locate(&self, index: u64) -> Option<Located> {
         let p = index.checked_sub(self.first).and_then(|i| self.places.get(usize::try_from(i).ok()?))?;
         let s = &self.segments[p.segment];
