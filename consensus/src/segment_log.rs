@@ -547,12 +547,12 @@ impl SegmentLog {
         }
     }
 
-    /// Where record `index`'s payload lies, to be read without holding the log.
     /// The length of the longest record's payload (for a reader's buffer).
     pub fn largest(&self) -> u32 {
         self.places.iter().map(|p| p.len).max().unwrap_or(0)
     }
 
+    /// Where record `index`'s payload lies, to be read without holding the log.
     pub fn locate(&self, index: u64) -> Option<Located> {
         let p = index.checked_sub(self.first).and_then(|i| self.places.get(usize::try_from(i).ok()?))?;
         let s = &self.segments[p.segment];
