@@ -65,10 +65,10 @@ impl Report {
 enum LogItem {
     /// An entry whose batch signature verified: its bytes and its writes in apply order,
     /// located in them (the leaf walk compares records with them without decoding again).
-    Batch { index: u64, entry: Entry, writes: Vec<WriteAt> },
+    Batch { index: u64, entry: EntryBuf, writes: Vec<WriteAt> },
     /// A blank or membership entry (no writes), or one the log thread already reported; its
     /// bytes only to be handed back for reuse.
-    Other { index: u64, entry: Entry },
+    Other { index: u64, entry: EntryBuf },
     /// The log could not be read past this point (reported): later leaves have no log to be
     /// compared with, which is not a finding of its own.
     Unreadable,
@@ -93,12 +93,12 @@ impl LogItem {
 
 /// An entry's encoding at the front of a reused buffer (which keeps the length of the
 /// longest entry read into it: neither zeroed nor reallocated again).
-struct Entry {
+struct EntryBuf {
     buf: Vec<u8>,
     len: usize,
 }
 
-impl Entry {
+impl EntryBuf {
     fn bytes(&self) -> &[u8] {
         &self.buf[..self.len]
     }
@@ -221,7 +221,7 @@ fn walk_log(
         spare.extend(back.try_iter().filter_map(LogItem::into_buffer));
         let mut buf = spare.pop().unwrap_or_else(|| Vec::with_capacity(largest));
         let Some(len) = log.entry_into(index, &mut buf)? else { continue };
-        let entry = Entry { buf, len };
+        let entry = EntryBuf { buf, len };
         let bytes = entry.bytes();
         report.log_entries += 1;
         report.bytes += bytes.len() as u64;
@@ -830,6 +830,10 @@ mod tests {
             // A record cut short or with bytes after its parts is refused, not misread.
             assert!(RecordRef::decode(&raw[..raw.len() - 1]).is_err());
             assert!(RecordRef::decode(&[&raw[..], &[0]].concat()).is_err());
+            // A body that is neither inline nor in the log (its variant follows the leaf number).
+            let mut unknown = raw.clone();
+            unknown[header_bytes.len() + 8] = 2;
+            assert!(RecordRef::decode(&unknown).err().is_some_and(|e| e.contains("body variant 2")));
         }
 
         let m = Membership::new(vec![std::collections::BTreeSet::from([1u64])], ());
