@@ -26,6 +26,27 @@ CHROMEDRIVER = "/usr/bin/chromedriver"
 WAIT = 20
 
 
+def left_page(element):
+    """A wait condition: `element`'s page was replaced. Selenium's `staleness_of` knows only
+    StaleElementReferenceException; Chrome sometimes answers a call on a node of a page it is
+    replacing with "Node with given id does not belong to the document" instead (one CI run
+    failed on it right after the withdraw form was submitted): the same fact, told differently."""
+    from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
+
+    def gone(_driver):
+        try:
+            element.is_enabled()
+            return False
+        except StaleElementReferenceException:
+            return True
+        except WebDriverException as e:
+            if "does not belong to the document" in str(e):
+                return True
+            raise
+
+    return gone
+
+
 def extension_values(value, url, inside=False):
     """Every value[x] string of the extensions with this url, wherever they sit in a resource."""
     out = []
@@ -194,7 +215,7 @@ def test_consent_in_browser_then_withdraw_in_portal(smart_base, smart_admin, sma
         browser.switch_to.alert.accept()
     except NoAlertPresentException:
         pass
-    wait.until(EC.staleness_of(withdraw))
+    wait.until(left_page(withdraw))
 
     r = wait_for_status(lambda: fhir_get(smart_base, f"Patient/{patient_user.id}", token), 401)
     assert r.status_code == 401, f"after withdrawing, the app's token still gets {r.status_code}"
@@ -222,7 +243,7 @@ def test_operator_console_in_browser(smart_base, smart_admin, patient_user, brow
         browser.find_element(By.ID, "token").send_keys(value)
         form.click()
         # The answer is a new page: wait until the old one is gone before looking at it.
-        wait.until(EC.staleness_of(form))
+        wait.until(left_page(form))
 
     browser.get(smart_base + "/console")
     sign_in("not-the-token")
