@@ -35,7 +35,7 @@ pub struct ClusterArgs {
 }
 
 /// A Patient of about `size` bytes of JSON.
-fn patient_body(size: usize) -> String {
+pub(crate) fn patient_body(size: usize) -> String {
     let base = json!({"resourceType": "Patient", "active": true, "name": [{"family": "Bench", "given": ["Load"]}],
         "text": {"status": "generated", "div": ""}});
     let overhead = base.to_string().len() + "<div xmlns=\"http://www.w3.org/1999/xhtml\"></div>".len();

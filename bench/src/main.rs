@@ -1,11 +1,12 @@
-//! The `fhir-ledger-bench` binary: the benchmarks behind `tests/bench/*.sh`. `load`, `cluster`
-//! and `auth` drive running servers over HTTP (and PostgreSQL or etcd beside them); `proofs`
+//! The `fhir-ledger-bench` binary: the benchmarks behind `tests/bench/*.sh`. `load`, `cluster`,
+//! `snapshot` and `auth` drive running servers over HTTP (and PostgreSQL or etcd beside them); `proofs`
 //! builds a synthetic ledger with the `consensus` crate in process. Results: BENCHMARKS.md.
 
 mod auth;
 mod cluster;
 mod load;
 mod proofs;
+mod snapshot;
 mod supply;
 
 use clap::{Parser, Subcommand};
@@ -31,6 +32,8 @@ enum Cmd {
     Auth(auth::AuthArgs),
     /// Time inclusion and consistency proof generation on a synthetic ledger of N leaves.
     Proofs(proofs::ProofsArgs),
+    /// Write latency while the nodes build Raft snapshots, against the same writes outside builds.
+    Snapshot(snapshot::SnapshotArgs),
     /// EPCIS capture throughput, `$verify-product` and `$trace` latency, beside PostgreSQL JSONB.
     Supply(supply::SupplyArgs),
 }
@@ -49,6 +52,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Cluster(args) => rt.block_on(cluster::run(args)),
         Cmd::Auth(args) => rt.block_on(auth::run(args)),
         Cmd::Proofs(args) => rt.block_on(proofs::run(args)),
+        Cmd::Snapshot(args) => rt.block_on(snapshot::run(args)),
         Cmd::Supply(args) => rt.block_on(supply::run(args)),
     }
 }

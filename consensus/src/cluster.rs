@@ -169,6 +169,25 @@ impl Ledger {
         self.transport.set_isolated(peers);
     }
 
+    /// Builds a snapshot of everything applied so far, as the snapshot policy would (the log
+    /// is compacted after it as after any snapshot), and answers once one covers that point,
+    /// with the last log index it covers. A build already under way that stops short of the
+    /// point is followed by another. Apply and reads go on meanwhile (`build_snapshot`).
+    pub async fn snapshot_now(&self, timeout: std::time::Duration) -> Result<Option<u64>, AdminError> {
+        let started = tokio::time::Instant::now(); // timing only: the state never sees it
+        let point = self.raft.metrics().borrow().last_applied.map(|l| l.index);
+        loop {
+            self.raft.trigger().snapshot().await.map_err(|e| AdminError::Failed(e.to_string()))?;
+            // openraft ignores a trigger while it builds: ask again after a while.
+            let wait = self.raft.wait(Some(std::time::Duration::from_secs(1)));
+            match wait.metrics(|m| m.snapshot.map(|s| s.index) >= point, "a snapshot covers the point").await {
+                Ok(m) => return Ok(m.snapshot.map(|s| s.index)),
+                Err(openraft::metrics::WaitError::Timeout(..)) if started.elapsed() < timeout => {}
+                Err(e) => return Err(AdminError::Failed(e.to_string())),
+            }
+        }
+    }
+
     /// Membership, leader, term, log and snapshot positions, and replication lag as this node
     /// sees them.
     pub fn status(&self) -> Status {

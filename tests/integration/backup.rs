@@ -209,6 +209,73 @@ async fn backup_under_writers_restores_into_an_empty_directory() {
     assert_eq!(created.headers()["x-ledger-leaf"].to_str().unwrap(), size.to_string(), "the next leaf");
 }
 
+/// `POST /admin/snapshot` builds the node's Raft snapshot while 32 clients write (none of
+/// them refused or stalled past the client's timeout), answers with the log index it covers
+/// once it is built, and compacts the log behind it: a restart serves every acknowledged
+/// write, `verify` passes over the compacted directory, and the node takes writes on. Only
+/// the admin token opens it.
+#[tokio::test]
+async fn snapshot_on_demand_under_writers_compacts_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("node");
+    let mut node = Server::launch(&data, &[], &[("FHIR_LEDGER_ADMIN_TOKEN", TOKEN)]);
+    let synthea = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/synthea");
+    let out = run(&["load", "--node", &node.base, p(&synthea)]);
+    assert!(out.status.success(), "{}", text(&out));
+    let http = reqwest::Client::new();
+    let url = format!("{}/admin/snapshot", node.base);
+    for (token, refused) in [(None, 401), (Some("not-the-token"), 403)] {
+        let mut ask = http.post(&url);
+        if let Some(t) = token {
+            ask = ask.bearer_auth(t);
+        }
+        assert_eq!(ask.send().await.unwrap().status(), refused, "without the admin token ({token:?})");
+    }
+    let status = |http: reqwest::Client, base: String| async move {
+        let r = http.get(format!("{base}/admin/cluster")).bearer_auth(TOKEN).send().await.unwrap();
+        r.json::<Value>().await.unwrap()
+    };
+    let before = status(http.clone(), node.base.clone()).await;
+    assert!(before["snapshot"].is_null(), "no snapshot yet: {before}");
+    let applied = before["last_applied"].as_u64().unwrap();
+
+    let (stop, requested) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+    let tasks = writers(&node.base, &stop, &requested);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let built = http.post(&url).bearer_auth(TOKEN).send().await.unwrap();
+    assert_eq!(built.status(), 200);
+    let built: Value = built.json().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::SeqCst);
+    let mut acked = Vec::new();
+    for t in tasks {
+        acked.extend(t.await.unwrap());
+    }
+    let covered = built["lastLogIndex"].as_u64().unwrap();
+    assert!(covered >= applied, "the snapshot covers what was applied when asked: {built}, {before}");
+    let after = status(http.clone(), node.base.clone()).await;
+    assert_eq!(after["snapshot"].as_u64(), Some(covered), "{after}");
+    assert!(after["purged"].as_u64().is_some_and(|p| p > 0), "the log was compacted: {after}");
+    assert!(acked.len() > 32, "writes went on during the build");
+
+    node.kill9();
+    let out = run(&["verify", "--data-dir", p(&data)]);
+    assert!(out.status.success(), "verify over the compacted directory: {}", text(&out));
+    let node = Server::launch(&data, &[], &[("FHIR_LEDGER_ADMIN_TOKEN", TOKEN)]);
+    for a in &acked {
+        let r = http.get(format!("{}/Patient/{}", node.base, a.id)).send().await.unwrap();
+        assert_eq!(r.status(), 200, "Patient/{} (leaf {}) after the restart", a.id, a.leaf);
+    }
+    let created = http
+        .post(format!("{}/Patient", node.base))
+        .header("content-type", "application/fhir+json")
+        .body(json!({"resourceType": "Patient", "name": [{"family": "AfterSnapshot"}]}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201, "the node takes writes after the snapshot and restart");
+}
+
 /// Long commands draw a progress bar (rate, time left) when stderr is a terminal, and leave
 /// piped output alone: `load` under a pseudo-terminal (util-linux `script`), and piped.
 #[tokio::test]

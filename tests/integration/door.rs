@@ -230,6 +230,7 @@ async fn every_route_refuses_a_caller_without_the_needed_scope() {
             (Method::GET, "/admin/backups"),
             (Method::GET, "/metrics"),
             (Method::POST, "/admin/reindex"),
+            (Method::POST, "/admin/snapshot"),
             (Method::GET, "/admin/cluster"),
         ] {
             let r = fhir(http, method.clone(), &format!("{base}{path}"), token, None).await;

@@ -52,6 +52,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .route("/faults", web::put().to(faults))
             .route("/reindex", web::post().to(reindex))
             .route("/reindex", web::get().to(reindex_progress))
+            .route("/snapshot", web::post().to(snapshot))
             .route("/backups", web::post().to(backup::create))
             .route("/backups", web::get().to(backup::list))
             .route("/backups/{id}", web::get().to(backup::one))
@@ -221,6 +222,17 @@ async fn reindex_progress(_: Administrator, state: web::Data<AppState>) -> HttpR
         "total_leaves": progress.map(|p| p.1),
     }))
 }
+
+/// `POST /admin/snapshot`: builds this node's Raft snapshot now and compacts its log, as the
+/// snapshot policy does every `--snapshot-every` entries; answers once it is built.
+async fn snapshot(_: Administrator, state: web::Data<AppState>) -> Result<HttpResponse, FhirError> {
+    let started = std::time::Instant::now();
+    let index = state.repo.ledger().snapshot_now(SNAPSHOT_TIMEOUT).await.map_err(admin_error)?;
+    Ok(json(&serde_json::json!({ "lastLogIndex": index, "millis": started.elapsed().as_millis() as u64 })))
+}
+
+/// How long `POST /admin/snapshot` waits for the build (minutes of state at most).
+const SNAPSHOT_TIMEOUT: std::time::Duration = std::time::Duration::from_mins(10);
 
 async fn status(_: Administrator, state: web::Data<AppState>) -> Result<HttpResponse, FhirError> {
     Ok(json(&state.repo.ledger().status()))
