@@ -819,7 +819,7 @@ impl StateMachine {
         for entry in std::fs::read_dir(self.view.snap_dir.as_path())? {
             let path = entry?.path();
             if Some(&path) != current.as_ref() {
-                let _ = std::fs::remove_file(&path);
+                let _ = crate::snapshot::remove_gradually(&path);
             }
         }
         Ok(())
