@@ -127,9 +127,12 @@ pub async fn run(args: SnapshotArgs) -> anyhow::Result<()> {
         let url = args.fhir[c % args.fhir.len()].trim_end_matches('/').to_string();
         tasks.push(tokio::spawn(writer(http.clone(), url, body.clone(), t0, stop.clone())));
     }
-    let builds = builder(&args, http.clone(), t0, until).await;
-    tokio::time::sleep_until(until.into()).await;
-    stop.store(true, Ordering::Relaxed);
+    // The writers stop at the end whatever the builds are doing (the last one may outlast them).
+    let stopping = async {
+        tokio::time::sleep_until(until.into()).await;
+        stop.store(true, Ordering::Relaxed);
+    };
+    let (builds, ()) = tokio::join!(builder(&args, http.clone(), t0, until), stopping);
     let mut spans = Vec::new();
     for t in tasks {
         spans.extend(t.await?);
@@ -140,7 +143,7 @@ pub async fn run(args: SnapshotArgs) -> anyhow::Result<()> {
         bail!("{failed} writes failed");
     }
     let from = args.warmup * 1_000_000;
-    let end = t0.elapsed().as_micros() as u64;
+    let end = (args.warmup + args.seconds) * 1_000_000;
     let (mut during, mut outside) = (hist(), hist());
     for &w in spans.iter().filter(|w| w.0 >= from) {
         let h = if builds.iter().any(|&b| overlaps(w, b)) { &mut during } else { &mut outside };

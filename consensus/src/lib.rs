@@ -18,6 +18,7 @@
 #![deny(missing_docs)]
 
 pub mod audit;
+pub mod background;
 pub mod backup;
 #[cfg(feature = "bench")]
 pub mod bench;

@@ -1247,13 +1247,23 @@ impl StateMachine {
         let (meta, frontier) = self.snapshot_point().await?;
         point(&meta, &frontier);
         let (sm, m, f) = (self.clone(), meta.clone(), frontier.clone());
-        let built = tokio::task::spawn_blocking(move || match backup {
-            None => sm.write_snapshot(&m, &f).map(Some),
-            Some(out) => sm.stream_snapshot(crate::snapshot::Writer::stream(out, &m)?, &f)?.seal().map(|_| None),
-        })
-        .await;
+        // On a thread of its own, at background priority (`crate::background`): a pooled
+        // blocking thread would keep the lowered priority for whatever it runs next.
+        let (done, built) = tokio::sync::oneshot::channel();
+        let spawned = std::thread::Builder::new().name("snapshot-build".into()).spawn(move || {
+            crate::background::lower_this_thread();
+            let write = || match backup {
+                None => sm.write_snapshot(&m, &f).map(Some),
+                Some(out) => sm.stream_snapshot(crate::snapshot::Writer::stream(out, &m)?, &f)?.seal().map(|_| None),
+            };
+            let _ = done.send(write());
+        });
+        let built = match spawned {
+            Ok(_) => built.await.unwrap_or_else(|_| Err(io::Error::other("the snapshot build thread panicked"))),
+            Err(e) => Err(e),
+        };
         *self.undo.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
-        let path = built.map_err(|e| io::Error::other(e.to_string()))??;
+        let path = built?;
         Ok((meta, frontier, path))
     }
 

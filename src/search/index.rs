@@ -572,7 +572,7 @@ impl Engine {
 pub fn keep_current(engine: &Arc<Engine>) {
     let weak = Arc::downgrade(engine);
     let spawned = std::thread::Builder::new().name("search-index".into()).spawn(move || {
-        super::background::lower_this_thread();
+        consensus::background::lower_this_thread();
         loop {
             let Some(engine) = weak.upgrade() else { return };
             if let Err(e) = engine.fold_in_background() {

@@ -6,7 +6,6 @@
 //! documents; `query` parses a request; `exec` matches, sorts and pages; `summary` shapes
 //! `_summary`/`_elements` output. `run` ties them together for the HTTP layer.
 
-mod background;
 mod doc;
 pub mod exec;
 pub mod index;
