@@ -45,6 +45,17 @@ pub(crate) fn patient_body(size: usize) -> String {
     v.to_string()
 }
 
+/// One `POST {url}/Patient` of `body`, answered without the resource: whether it was created.
+pub(crate) async fn create_patient(http: &reqwest::Client, url: &str, body: &str) -> bool {
+    http.post(format!("{url}/Patient"))
+        .header("content-type", "application/fhir+json")
+        .header("prefer", "return=minimal")
+        .body(body.to_string())
+        .send()
+        .await
+        .is_ok_and(|r| r.status().as_u16() == 201)
+}
+
 #[derive(Clone, Copy)]
 enum System {
     Ledger,
@@ -69,14 +80,7 @@ async fn level(system: System, urls: &[String], clients: usize, args: &ClusterAr
                 seq += 1;
                 let t = Instant::now();
                 let ok = match system {
-                    System::Ledger => http
-                        .post(format!("{url}/Patient"))
-                        .header("content-type", "application/fhir+json")
-                        .header("prefer", "return=minimal")
-                        .body(body.clone())
-                        .send()
-                        .await
-                        .is_ok_and(|r| r.status().as_u16() == 201),
+                    System::Ledger => create_patient(&http, &url, &body).await,
                     System::Etcd => {
                         let key = base64::engine::general_purpose::STANDARD.encode(format!("bench/{c}/{seq}"));
                         http.post(format!("{url}/v3/kv/put"))

@@ -13,7 +13,7 @@ use anyhow::{bail, Context};
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 
-use crate::cluster::patient_body;
+use crate::cluster::{create_patient, patient_body};
 use crate::load::{hist, latency_json, print_latency};
 
 #[derive(clap::Args, Debug)]
@@ -56,14 +56,7 @@ async fn writer(http: reqwest::Client, url: String, body: String, t0: Instant, s
     let mut spans = Vec::new();
     while !stop.load(Ordering::Relaxed) {
         let began = t0.elapsed().as_micros() as u64;
-        let ok = http
-            .post(format!("{url}/Patient"))
-            .header("content-type", "application/fhir+json")
-            .header("prefer", "return=minimal")
-            .body(body.clone())
-            .send()
-            .await
-            .is_ok_and(|r| r.status().as_u16() == 201);
+        let ok = create_patient(&http, &url, &body).await;
         // A failed write ends this writer's record with a zero-length span, counted below.
         spans.push(if ok { (began, t0.elapsed().as_micros() as u64) } else { (began, began) });
     }

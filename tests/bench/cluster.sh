@@ -23,12 +23,11 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 export FHIR_LEDGER_ADMIN_TOKEN="bench-$(date +%s%N)"
 fhir=()
 for i in 1 2 3; do
-  api=$(port); raft=$(port)
+  api=$(free_port); raft=$(free_port)
   "$bin" serve --node-id $i --listen 127.0.0.1:$api --raft-listen 127.0.0.1:$raft --auth off \
     --data-dir "$work/ledger$i" --secrets-dir "$work/secrets" 2>"$work/ledger$i.log" &
   pids+=($!)
@@ -41,7 +40,7 @@ done
 
 cluster=""; etcd=()
 declare -A peer client
-for i in 1 2 3; do peer[$i]=$(port); client[$i]=$(port); cluster+="e$i=http://127.0.0.1:${peer[$i]},"; done
+for i in 1 2 3; do peer[$i]=$(free_port); client[$i]=$(free_port); cluster+="e$i=http://127.0.0.1:${peer[$i]},"; done
 for i in 1 2 3; do
   etcd --name e$i --data-dir "$work/etcd$i" \
     --listen-peer-urls http://127.0.0.1:${peer[$i]} --initial-advertise-peer-urls http://127.0.0.1:${peer[$i]} \

@@ -75,6 +75,9 @@ wait_idle() {
   return 1
 }
 
+# free_port: a TCP port free on 127.0.0.1 at the moment of asking.
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
 machine() {
   echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(free -g | awk '/Mem/ {print $2}') GiB; $(date -u +%Y-%m-%dT%H:%MZ); $(uname -r)"
 }
@@ -104,7 +107,7 @@ postgres_bin() {
 # start_postgres DIR: a throwaway PostgreSQL cluster in DIR (owned by postgres) on a free
 # loopback port, fsync and synchronous commits on; sets $pgport. Needs $pgbin (postgres_bin).
 start_postgres() {
-  pgport=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+  pgport=$(free_port)
   mkdir "$1" && chown postgres "$1"
   runuser -u postgres -- "$pgbin/initdb" -D "$1" -U postgres --auth=trust >/dev/null
   runuser -u postgres -- "$pgbin/pg_ctl" -D "$1" -l "$1/log" -w \

@@ -29,14 +29,13 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 export FHIR_LEDGER_ADMIN_TOKEN="bench-$(date +%s%N)"
 fhir=()
 for i in $(seq 1 "$nodes"); do
-  api=$(port)
+  api=$(free_port)
   cluster_args=()
-  [ "$nodes" = 1 ] || cluster_args=(--node-id "$i" --raft-listen "127.0.0.1:$(port)" --secrets-dir "$work/secrets")
+  [ "$nodes" = 1 ] || cluster_args=(--node-id "$i" --raft-listen "127.0.0.1:$(free_port)" --secrets-dir "$work/secrets")
   "$bin" serve --listen 127.0.0.1:$api --auth off --data-dir "$work/ledger$i" --profiles-dir "$root/fhir-profiles" \
     --max-body-bytes 134217728 "${cluster_args[@]}" 2>"$work/ledger$i.log" &
   pids+=($!)
