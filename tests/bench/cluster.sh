@@ -16,13 +16,7 @@ if ! command -v etcd >/dev/null; then
 fi
 
 work="$(mktemp -d)"
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
+on_exit_kill_pids_and_remove "$work"
 
 export FHIR_LEDGER_ADMIN_TOKEN="bench-$(date +%s%N)"
 fhir=()

@@ -39,6 +39,20 @@ kill_server_and_remove() {
   rm -rf "$scratch_dir"
 }
 
+# on_exit_kill_pids_and_remove DIR: starts the array $pids (the script appends each server
+# it starts); on exit, kills every one of them and removes DIR, the scratch directory.
+on_exit_kill_pids_and_remove() {
+  scratch_dir="$1"
+  pids=()
+  trap kill_pids_and_remove EXIT
+}
+# shellcheck disable=SC2317  # invoked by the trap
+kill_pids_and_remove() {
+  for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$scratch_dir"
+}
+
 # Waits until the server at $1 has folded every ledger leaf into its search index, which a
 # load keeps it doing in the background for a while: measurements that follow see a quiet
 # node. /metrics needs the server started with FHIR_LEDGER_ADMIN_TOKEN set.

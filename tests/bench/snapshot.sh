@@ -22,13 +22,7 @@ if [ "${1:-}" = "--nodes" ]; then nodes="$2"; shift 2; fi
 synthea100 "$cache"
 
 work="$(mktemp -d)"
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
+on_exit_kill_pids_and_remove "$work"
 
 export FHIR_LEDGER_ADMIN_TOKEN="bench-$(date +%s%N)"
 fhir=()
