@@ -11,6 +11,7 @@
 //! | `o` type 0 term key | a date or quantity value in a bucket (HMAC of code, unit and bucket) |
 //! | `w` type 0 term key | a wide date or quantity value (HMAC of code): a candidate of every range |
 //! | `b` type 0 term | the buckets in use per unit of a parameter, sealed with the index key |
+//! | `h` type 0 key | [`Head`]: id, version, leaf in clear (what a page reads of each match) |
 //! | `s` type 0 key | [`SortRecord`]: id, lastUpdated, compartment in clear; the least and greatest value of each date, number and quantity parameter, sealed |
 //! | `m/…` | the first leaf not folded in yet, the format |
 //!
@@ -37,8 +38,8 @@ use consensus::lsm_store::Tree;
 
 /// The layout above; a store of another format is cleared and folded again at open.
 /// 2: values encoded per parameter ([`Doc::encoded`]), sealed values as bytes. 3: sort records.
-/// 4: string prefix postings.
-const FORMAT: u64 = 4;
+/// 4: string prefix postings. 5: head records.
+const FORMAT: u64 = 5;
 /// String values are posted under each of their first this many prefixes (in characters).
 pub const STR_PREFIX: usize = 6;
 /// Records a walk steps over before it seeks instead.
@@ -136,7 +137,11 @@ pub struct Store {
     keys: Mutex<HashMap<String, Option<DataKey>>>,
 }
 
-/// What a search result needs of a document without its values: id, version, leaf.
+/// What a search result needs of a document without its values: id, version, leaf. Stored
+/// apart from the document (`h` keys), a small fraction of its size: a page reads the heads
+/// of its matches, and at millions of resources, reading whole documents for them was a
+/// quarter of a page's time once their blocks had left the cache (issue 17, BENCHMARKS.md).
+#[derive(Serialize, Deserialize)]
 pub struct Head {
     pub id: String,
     pub version: u64,
@@ -362,9 +367,10 @@ impl Store {
         if let Some(d) = self.docs.get(&dkey) {
             return Ok(Some(Head { id: d.id.clone(), version: d.version, leaf: d.leaf }));
         }
-        let Some(raw) = self.tree.get(&dkey).map_err(|e| io_err(&e))? else { return Ok(None) };
-        let rec: Record = bincode::deserialize(&raw).map_err(FhirError::internal)?;
-        Ok(Some(Head { id: rec.id, version: rec.version, leaf: rec.leaf }))
+        let Some(raw) = self.tree.get(&with(typed(b'h', rtype), &key.to_be_bytes())).map_err(|e| io_err(&e))? else {
+            return Ok(None);
+        };
+        Ok(Some(bincode::deserialize(&raw).map_err(FhirError::internal)?))
     }
 
     fn decode(&self, dkey: Vec<u8>, raw: &[u8]) -> Result<Option<Arc<Doc>>, FhirError> {
@@ -424,9 +430,8 @@ impl Store {
             .into_iter()
             .map(|(key, d)| (key, Head { id: d.id.clone(), version: d.version, leaf: d.leaf }))
             .collect();
-        self.walk(b'd', rtype, &missed, |key, _, v| {
-            let rec: Record = bincode::deserialize(&v).map_err(FhirError::internal)?;
-            out.insert(key, Head { id: rec.id, version: rec.version, leaf: rec.leaf });
+        self.walk(b'h', rtype, &missed, |key, _, v| {
+            out.insert(key, bincode::deserialize(&v).map_err(FhirError::internal)?);
             Ok(())
         })?;
         Ok(out)
@@ -549,6 +554,7 @@ impl Store {
         let dkey = with(typed(b'd', rtype), &key.to_be_bytes());
         p.batch.delete(dkey.clone());
         p.evict.push(dkey);
+        p.batch.delete(with(typed(b'h', rtype), &key.to_be_bytes()));
         p.batch.delete(with(typed(b's', rtype), &key.to_be_bytes()));
         for k in self.value_keys(p, rtype, key, old, false)? {
             p.batch.delete(k);
@@ -577,6 +583,9 @@ impl Store {
         };
         p.batch.put(dkey.clone(), bincode::serialize(&rec).map_err(FhirError::internal)?);
         p.evict.push(dkey);
+        let head = Head { id: doc.id.clone(), version: doc.version, leaf: doc.leaf };
+        p.batch
+            .put(with(typed(b'h', rtype), &key.to_be_bytes()), bincode::serialize(&head).map_err(FhirError::internal)?);
         let skey = with(typed(b's', rtype), &key.to_be_bytes());
         let nums = bincode::serialize(&sort_nums(doc)).map_err(FhirError::internal)?;
         let sort = SortRecord {

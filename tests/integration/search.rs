@@ -1669,6 +1669,38 @@ async fn capability_statement_lists_search_parameters() {
     }
 }
 
+/// A page serves each match's current version, read from the index's head records (the
+/// search below is answered by postings alone, so no document is decoded): an update
+/// replaces the head, a deletion removes it, across pages.
+#[actix_web::test]
+async fn pages_serve_the_current_version_of_each_match() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = support::app(support::repo(dir.path()).await).await;
+    seed!(app, patient("p1", "Heads"), patient("p2", "Heads"), patient("p3", "Heads"));
+    seed!(app, with(patient("p1", "Heads"), json!({"birthDate": "1970-01-01"})));
+    seed!(app, with(patient("p1", "Heads"), json!({"birthDate": "1971-02-03"})));
+    seed!(app, with(patient("p3", "Heads"), json!({"gender": "female"})));
+    call!(app, TestRequest::delete().uri("/Patient/p2"));
+    let mut served = Vec::new();
+    let mut uri = "/Patient?family=heads&_count=1".to_string();
+    loop {
+        let b = search!(app, uri);
+        for e in entries(&b, "match") {
+            let r = &e["resource"];
+            served.push((r["id"].as_str().unwrap().to_string(), r["meta"]["versionId"].as_str().unwrap().to_string()));
+            match r["id"].as_str().unwrap() {
+                "p1" => assert_eq!(r["birthDate"], "1971-02-03", "p1's latest body: {r}"),
+                _ => assert_eq!(r["gender"], "female", "p3's latest body: {r}"),
+            }
+        }
+        match link(&b, "next") {
+            Some(next) => uri = next,
+            None => break,
+        }
+    }
+    assert_eq!(served, [("p1".to_string(), "3".to_string()), ("p3".to_string(), "2".to_string())]);
+}
+
 /// `POST /admin/reindex` (and `fhir-ledger cluster reindex`) rebuilds the node's index from
 /// its state: it counts every live resource and every search answers as before.
 #[actix_web::test]
