@@ -148,6 +148,12 @@ pub struct Head {
     pub leaf: u64,
 }
 
+impl Head {
+    fn of(doc: &Doc) -> Self {
+        Self { id: doc.id.clone(), version: doc.version, leaf: doc.leaf }
+    }
+}
+
 /// Writes computed outside the index's write lock, committed under it.
 #[derive(Default)]
 pub struct Pending {
@@ -365,7 +371,7 @@ impl Store {
     pub fn head(&self, rtype: &str, key: DocKey) -> Result<Option<Head>, FhirError> {
         let dkey = with(typed(b'd', rtype), &key.to_be_bytes());
         if let Some(d) = self.docs.get(&dkey) {
-            return Ok(Some(Head { id: d.id.clone(), version: d.version, leaf: d.leaf }));
+            return Ok(Some(Head::of(&d)));
         }
         let Some(raw) = self.tree.get(&with(typed(b'h', rtype), &key.to_be_bytes())).map_err(|e| io_err(&e))? else {
             return Ok(None);
@@ -426,10 +432,7 @@ impl Store {
     /// [`Store::head`] of each of `keys` that has a document, read together ([`Store::walk`]).
     pub fn heads(&self, rtype: &str, keys: &[DocKey]) -> Result<HashMap<DocKey, Head>, FhirError> {
         let (hits, missed) = self.cached(rtype, keys);
-        let mut out: HashMap<DocKey, Head> = hits
-            .into_iter()
-            .map(|(key, d)| (key, Head { id: d.id.clone(), version: d.version, leaf: d.leaf }))
-            .collect();
+        let mut out: HashMap<DocKey, Head> = hits.into_iter().map(|(key, d)| (key, Head::of(&d))).collect();
         self.walk(b'h', rtype, &missed, |key, _, v| {
             out.insert(key, bincode::deserialize(&v).map_err(FhirError::internal)?);
             Ok(())
@@ -583,7 +586,7 @@ impl Store {
         };
         p.batch.put(dkey.clone(), bincode::serialize(&rec).map_err(FhirError::internal)?);
         p.evict.push(dkey);
-        let head = Head { id: doc.id.clone(), version: doc.version, leaf: doc.leaf };
+        let head = Head::of(doc);
         p.batch
             .put(with(typed(b'h', rtype), &key.to_be_bytes()), bincode::serialize(&head).map_err(FhirError::internal)?);
         let skey = with(typed(b's', rtype), &key.to_be_bytes());
