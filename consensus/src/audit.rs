@@ -187,20 +187,14 @@ pub fn verify_dir(dir: &Path, progress: &mut dyn FnMut(u64, u64)) -> io::Result<
     // cross-thread free left the reader faulting in fresh pages.
     let (back_tx, back_rx) = std::sync::mpsc::channel::<LogItem>();
     let (records_tx, records_rx) = std::sync::mpsc::sync_channel::<Vec<RawRecord>>(4);
-    let (leaves, logged, copy_findings) = std::thread::scope(|scope| {
+    let (leaves, logged) = std::thread::scope(|scope| {
         let log_thread = scope.spawn(move || walk_log(&log, &membership, &tx, &back_rx));
         let view = &view;
-        let copy = crate::record_mirror::RecordMirror::inspect(&dir.join(crate::record_mirror::DIR));
-        let scan = scope.spawn(move || scan_ahead(view, copy, &records_tx));
+        scope.spawn(move || scan_ahead(view, &records_tx));
         let leaves = walk_leaves(view, stored.size, records_rx.into_iter().flatten(), rx, &back_tx, progress);
-        let copy_findings = scan.join().unwrap_or_else(|_| vec![("record copy".into(), "the scan panicked".into())]);
-        let logged = log_thread.join().unwrap_or_else(|_| Err(io::Error::other("the log walk panicked")));
-        (leaves, logged, copy_findings)
+        (leaves, log_thread.join().unwrap_or_else(|_| Err(io::Error::other("the log walk panicked"))))
     });
     let ((mut report, rebuilt), logged) = (leaves?, logged?);
-    for (location, problem) in copy_findings {
-        report.find(location, problem);
-    }
     report.findings.extend(logged.findings);
     report.log_entries = logged.log_entries;
     report.signatures = logged.signatures;
@@ -461,23 +455,9 @@ enum BodyDigest<'a> {
 type RawRecord = io::Result<(u64, Vec<u8>)>;
 
 /// Reads the version records in leaf order on a thread of its own, a chunk at a time: the
-/// store's iteration is a third of the walk, and overlaps the checks this way. Compares each
-/// with the node's copy for reading (`record_mirror`), which the server answers from, and
-/// returns where they differ.
-fn scan_ahead(
-    view: &StateView,
-    copy: io::Result<Option<crate::record_mirror::RecordMirror>>,
-    tx: &std::sync::mpsc::SyncSender<Vec<RawRecord>>,
-) -> Vec<(String, String)> {
+/// store's iteration is a third of the walk, and overlaps the checks this way.
+fn scan_ahead(view: &StateView, tx: &std::sync::mpsc::SyncSender<Vec<RawRecord>>) {
     const CHUNK: usize = 4096;
-    let mut differ = Vec::new();
-    let copy = match copy {
-        Ok(copy) => copy,
-        Err(e) => {
-            differ.push(("record copy".into(), format!("cannot be opened: {e}")));
-            None
-        }
-    };
     let mut chunk = Vec::with_capacity(CHUNK);
     for record in view.scan_records() {
         let failed = record.is_err();
@@ -485,47 +465,13 @@ fn scan_ahead(
         if chunk.len() < CHUNK && !failed {
             continue;
         }
-        if let Some(copy) = &copy {
-            compare_copy(copy, &chunk, &mut differ);
-        }
         let full = std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK));
         // Stop when the walk did, or the store cannot be read past here (the walk reports it).
         if tx.send(full).is_err() || failed {
-            return differ;
+            return;
         }
-    }
-    if let Some(copy) = &copy {
-        compare_copy(copy, &chunk, &mut differ);
     }
     let _ = tx.send(chunk);
-    differ
-}
-
-/// Compares a chunk of records (ascending leaves) with the copy's, adding to `differ` each
-/// leaf where the copy holds other bytes (the first few only: one is enough to distrust it).
-fn compare_copy(copy: &crate::record_mirror::RecordMirror, chunk: &[RawRecord], differ: &mut Vec<(String, String)>) {
-    let mut stored = chunk.iter().filter_map(|r| r.as_ref().ok()).peekable();
-    let (Some(&(first, _)), Some((last, _))) =
-        (stored.peek().copied(), chunk.iter().rev().find_map(|r| r.as_ref().ok()))
-    else {
-        return;
-    };
-    let path = copy.data_path();
-    let result = copy.read_run(first, last + 1, &mut |leaf, copied| {
-        while stored.next_if(|(l, _)| *l < leaf).is_some() {}
-        let Some(copied) = copied else { return Ok(()) };
-        let same = stored.next_if(|(l, _)| *l == leaf).is_some_and(|(_, v)| v.as_slice() == copied);
-        if !same && differ.len() < 8 {
-            differ.push((
-                format!("record copy {} at leaf {leaf}", path.display()),
-                "differs from the version record in the ledger: the server would answer reads with it".into(),
-            ));
-        }
-        Ok(())
-    });
-    if let Err(e) = result {
-        differ.push((format!("record copy {}", path.display()), format!("cannot be read: {e}")));
-    }
 }
 
 /// Walks the leaves in order: each record against its digest, the stored subtree hashes and

@@ -32,7 +32,6 @@ pub mod merkle;
 mod paths;
 pub mod proof;
 mod proposer;
-mod record_mirror;
 mod segment_log;
 mod sled_store;
 mod snapshot;
@@ -210,9 +209,7 @@ impl Ledger {
         // The ledger's keys in sled, the lookup tables derived from them in an LSM tree
         // (`split_store`), sharing the cache between them.
         let lookup = lsm_store::Tree::open(&dir.join(LOOKUP_DIR), "lookup", cache_bytes / 3)?;
-        // Version records are read from a copy in flat files (`record_mirror`).
-        let state = split_store::SplitStore::new(db.tree("state")?, Arc::new(lookup))
-            .with_records(record_mirror::RecordMirror::open(&dir.join(record_mirror::DIR))?)?;
+        let state = split_store::SplitStore::new(db.tree("state")?, Arc::new(lookup));
         let sm = state_machine::StateMachine::open(Arc::new(state), dir.join("snapshots"), log.bodies())?;
         let view = sm.view();
         let sm_handle = sm.clone();

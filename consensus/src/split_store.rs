@@ -12,16 +12,11 @@
 //! exclusively across both writes, and every read (each `get`, each step of a scan) holds it
 //! shared. Without it a reader could see a new leaf in the ledger before its current record
 //! exists, and the search fold, which walks leaves once, would skip that resource for good.
-//!
-//! A running node also keeps a copy of the version records in flat files
-//! (`record_mirror`), written after each batch under the same gate: reads of `r` keys the
-//! copy holds are answered from it, everything else from sled.
 
 use std::io;
 use std::sync::{Arc, PoisonError, RwLock};
 
 use crate::kv::{KvIter, KvStore, WriteBatch};
-use crate::record_mirror::{key_of, leaf_of, RecordMirror, RUN};
 
 /// Whether `key` lives in the lookup store (see `state_machine`'s key table).
 pub(crate) fn in_lookup(key: &[u8]) -> bool {
@@ -38,90 +33,11 @@ pub struct SplitStore {
     lookup: Arc<dyn KvStore>,
     /// Exclusive while a batch is between the two stores, shared by each read.
     gate: RwLock<()>,
-    /// The version records' copy for reading, on a running node.
-    pub(crate) records: Option<RecordMirror>,
 }
 
 impl SplitStore {
     pub fn new(ledger: Arc<dyn KvStore>, lookup: Arc<dyn KvStore>) -> Self {
-        Self { ledger, lookup, gate: RwLock::new(()), records: None }
-    }
-
-    /// Reads version records from `records` where it holds them, once it is brought to what
-    /// the ledger holds (see `record_mirror`).
-    pub fn with_records(mut self, records: RecordMirror) -> io::Result<Self> {
-        let copied = records.sync_with(self.ledger.as_ref())?;
-        if copied > 0 {
-            tracing::info!(leaves = copied, "version records copied from the ledger for reading");
-        }
-        self.records = Some(records);
-        Ok(self)
-    }
-
-    /// The records of leaves `[lo, hi)` in leaf order (descending when `rev`): those the
-    /// copy holds from it, a run of leaves at a time, the rest from sled.
-    fn records<'a>(&'a self, copy: &'a RecordMirror, lo: u64, hi: u64, rev: bool) -> KvIter<'a> {
-        let split = copy.count().clamp(lo, hi);
-        let end = if hi == u64::MAX { vec![b'r' + 1] } else { key_of(hi) };
-        let tail = self.ledger.range(&key_of(split), &end, rev);
-        let (mut low, mut high) = (lo, split);
-        let mut run = std::collections::VecDeque::new();
-        // Runs grow from a few leaves: most walks want a handful (a page's records), some
-        // every leaf (a snapshot build, an export).
-        let mut size = 8;
-        let copied = Box::new(std::iter::from_fn(move || loop {
-            if let Some(kv) = run.pop_front() {
-                return Some(Ok(kv));
-            }
-            if low >= high {
-                return None;
-            }
-            let (from, to) = if rev { (high.saturating_sub(size).max(low), high) } else { (low, (low + size).min(high)) };
-            size = (size * 2).min(RUN);
-            (low, high) = if rev { (low, from) } else { (to, high) };
-            if let Err(e) = self.read_run(copy, from, to, rev, &mut run) {
-                return Some(Err(e));
-            }
-        })) as KvIter<'a>;
-        if rev {
-            Box::new(tail.chain(copied))
-        } else {
-            Box::new(copied.chain(tail))
-        }
-    }
-
-    /// Leaves `[from, to)` into `out`: from the copy, and from sled each one it cannot answer
-    /// (it may have been cut back since the walk began).
-    fn read_run(
-        &self,
-        copy: &RecordMirror,
-        from: u64,
-        to: u64,
-        rev: bool,
-        out: &mut std::collections::VecDeque<(Vec<u8>, Vec<u8>)>,
-    ) -> io::Result<()> {
-        let mut got: Vec<Option<Vec<u8>>> = vec![None; (to - from) as usize];
-        copy.read_run(from, to, &mut |leaf, v| {
-            if let (Some(slot), Some(v)) = (got.get_mut((leaf - from) as usize), v) {
-                *slot = Some(v.to_vec());
-            }
-            Ok(())
-        })?;
-        for (leaf, v) in (from..to).zip(got) {
-            let key = key_of(leaf);
-            let v = match v {
-                Some(v) => Some(v),
-                None => self.ledger.get(&key)?,
-            };
-            if let Some(v) = v {
-                if rev {
-                    out.push_front((key, v));
-                } else {
-                    out.push_back((key, v));
-                }
-            }
-        }
-        Ok(())
+        Self { ledger, lookup, gate: RwLock::new(()) }
     }
 
     /// A scan whose every step waits for a batch in flight. The gate is taken per step, not
@@ -165,18 +81,10 @@ fn merge<'a>(a: KvIter<'a>, b: KvIter<'a>, rev: bool) -> KvIter<'a> {
 impl KvStore for SplitStore {
     fn get(&self, key: &[u8]) -> io::Result<Option<Vec<u8>>> {
         let _shared = self.gate.read().unwrap_or_else(PoisonError::into_inner);
-        if let (Some(copy), Some(leaf)) = (&self.records, leaf_of(key)) {
-            if let Some(v) = copy.get(leaf)? {
-                return Ok(Some(v));
-            }
-        }
         self.store(key).get(key)
     }
 
     fn scan_prefix(&self, prefix: &[u8]) -> KvIter<'_> {
-        if prefix == b"r" {
-            return self.range(b"r", &[b'r' + 1], false);
-        }
         if prefix.is_empty() {
             return self.gated(merge(self.ledger.scan_prefix(prefix), self.lookup.scan_prefix(prefix), false));
         }
@@ -184,14 +92,6 @@ impl KvStore for SplitStore {
     }
 
     fn range(&self, from: &[u8], to: &[u8], rev: bool) -> KvIter<'_> {
-        if let Some(copy) = &self.records {
-            // A range of version records and nothing else.
-            let lo = if from == b"r" { Some(0) } else { leaf_of(from) };
-            let hi = if to == [b'r' + 1] { Some(u64::MAX) } else { leaf_of(to) };
-            if let (Some(lo), Some(hi)) = (lo, hi) {
-                return self.gated(self.records(copy, lo, hi.max(lo), rev));
-            }
-        }
         // The first bytes keys in [from, to) can have: one store holds them all, or both are read.
         let lo = from.first().copied().unwrap_or(0);
         let hi = match to {
@@ -211,32 +111,7 @@ impl KvStore for SplitStore {
 
     fn apply(&self, batch: WriteBatch) -> io::Result<()> {
         let (lookup, ledger): (Vec<_>, Vec<_>) = batch.ops.into_iter().partition(|(k, _)| in_lookup(k));
-        // Copied before sled takes them; written to the copy only once sled has them.
-        let records: Vec<(u64, Option<Vec<u8>>)> = match &self.records {
-            Some(_) => ledger.iter().filter_map(|(k, v)| leaf_of(k).map(|leaf| (leaf, v.clone()))).collect(),
-            None => Vec::new(),
-        };
         let _exclusive = self.gate.write().unwrap_or_else(PoisonError::into_inner);
-        self.apply_both(ledger, lookup)?;
-        match &self.records {
-            Some(copy) if !records.is_empty() => copy.write(records),
-            _ => Ok(()),
-        }
-    }
-
-    fn flush(&self) -> io::Result<()> {
-        self.ledger.flush()?;
-        self.lookup.flush()
-    }
-}
-
-impl SplitStore {
-    /// Writes a batch's two halves (the caller holds the gate).
-    fn apply_both(
-        &self,
-        ledger: Vec<(Vec<u8>, Option<Vec<u8>>)>,
-        lookup: Vec<(Vec<u8>, Option<Vec<u8>>)>,
-    ) -> io::Result<()> {
         if ledger.len().min(lookup.len()) >= BOTH_AT_ONCE {
             // Two engines, two cores: neither write waits for the other (a large transaction's
             // batch spent 60 ms in sled, then 40 ms in the LSM tree).
@@ -255,6 +130,11 @@ impl SplitStore {
             self.lookup.apply(WriteBatch { ops: lookup })?;
         }
         Ok(())
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.ledger.flush()?;
+        self.lookup.flush()
     }
 }
 

@@ -19,10 +19,3 @@ pub use openraft;
 pub fn rewrite_last_log_record(ledger: &std::path::Path, change: impl FnOnce(&mut Vec<u8>)) -> std::io::Result<u64> {
     crate::segment_log::rewrite_last(&ledger.join(crate::log_store::DIR), change)
 }
-
-/// Rewrites leaf `leaf`'s record in the node's copy for reading (`records/`) under `ledger`
-/// with `change` (same length), its checksum recomputed: only a comparison with the ledger's
-/// own record can tell.
-pub fn rewrite_copied_record(ledger: &std::path::Path, leaf: u64, change: impl FnOnce(&mut Vec<u8>)) -> std::io::Result<()> {
-    crate::record_mirror::rewrite(ledger, leaf, change)
-}
