@@ -95,13 +95,13 @@ async fn open_keys_and_repo(
         api_addr: api_addr.to_string(),
         snapshot_every: cfg.snapshot_every,
         raft_listener: raft,
-        // Three eighths to the ledger (two of them the state's pages, one its lookup tables),
-        // a quarter each to decrypted bodies and the index's blocks, an eighth to decoded
-        // index documents (the search index's `Store`).
-        cache_bytes: cfg.cache_bytes / 8 * 3,
+        // Five eighths to the ledger (half of all to the state's pages, an eighth to its
+        // lookup tables), an eighth each to decrypted bodies and the index's blocks, a
+        // sixteenth to decoded index documents (the search index's `Store`).
+        cache_bytes: cfg.cache_bytes / 8 * 5,
     })
     .await?;
-    let caches = usize::try_from(cfg.cache_bytes / 4).unwrap_or(usize::MAX);
+    let caches = usize::try_from(cfg.cache_bytes / 8).unwrap_or(usize::MAX);
     let repo = Repo::new(ledger, id.signing.clone(), id.kek, id.index_key, profiles, params, caches);
     Ok((id, Arc::new(repo)))
 }

@@ -192,10 +192,10 @@ impl Ledger {
         let check = std::thread::Builder::new()
             .name("raft-log-check".into())
             .spawn(move || log_store::open_segments(&log_dir))?;
-        // Two thirds for the state's pages: every read, page and export walks them, and a full
-        // scan that misses sled's cache reads and decodes its pages again (an export scans
-        // the state three times).
-        let db = sled_store::SledDb::open_with_cache(dir, cache_bytes / 3 * 2)?;
+        // Four fifths for the state's pages: every read, page and export walks them, and a
+        // full scan that misses sled's cache reads and decodes its pages again (an export
+        // scans the state three times).
+        let db = sled_store::SledDb::open_with_cache(dir, cache_bytes / 5 * 4)?;
         let segments = check.join().map_err(|_| anyhow::anyhow!("the Raft log check panicked"))?;
         // Before the index had a store of its own it lived in this tree.
         db.drop_tree("local/search")?;
@@ -208,7 +208,7 @@ impl Ledger {
         }
         // The ledger's keys in sled, the lookup tables derived from them in an LSM tree
         // (`split_store`), sharing the cache between them.
-        let lookup = lsm_store::Tree::open(&dir.join(LOOKUP_DIR), "lookup", cache_bytes / 3)?;
+        let lookup = lsm_store::Tree::open(&dir.join(LOOKUP_DIR), "lookup", cache_bytes / 5)?;
         let state = split_store::SplitStore::new(db.tree("state")?, Arc::new(lookup));
         let sm = state_machine::StateMachine::open(Arc::new(state), dir.join("snapshots"), log.bodies())?;
         let view = sm.view();
