@@ -240,6 +240,44 @@ impl Config {
     }
 }
 
+/// `--cache-mb` divided by what scans it (ARCHITECTURE.md, "`--cache-mb` is split by what scans
+/// it"): the one place the shares are set; each store is opened with its own byte count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheShares {
+    /// sled's pages of the state (half): every read, page, history and export walks them, and
+    /// an export scans the state three times.
+    pub state_pages: u64,
+    /// The state's lookup tables, current records and conditional postings (an eighth).
+    pub lookups: u64,
+    /// Decrypted bodies (an eighth).
+    pub bodies: usize,
+    /// The search index's blocks (an eighth).
+    pub index_blocks: u64,
+    /// Decoded search index documents (a sixteenth).
+    pub index_documents: usize,
+}
+
+impl CacheShares {
+    pub fn of(total_bytes: u64) -> Self {
+        let eighth = total_bytes / 8;
+        let bytes = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
+        Self {
+            state_pages: total_bytes / 2,
+            lookups: eighth,
+            bodies: bytes(eighth),
+            index_blocks: eighth,
+            index_documents: bytes(total_bytes / 16),
+        }
+    }
+}
+
+impl Config {
+    /// This node's [`CacheShares`].
+    pub fn cache_shares(&self) -> CacheShares {
+        CacheShares::of(self.cache_bytes)
+    }
+}
+
 /// A thirty-second of the machine's memory, between 64 and 256 MiB. The operating system's
 /// page cache holds the stores' files either way; ours saves decoding them again. At 2.25
 /// million resources 256 MiB answered every search class as fast as 512 did, with 300 MB
@@ -283,6 +321,17 @@ fn read_file(path: &Path) -> anyhow::Result<FileConfig> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cache_shares_stay_within_cache_mb() {
+        for mb in [1, 64, 256, 1000] {
+            let total = mb << 20;
+            let s = CacheShares::of(total);
+            let sum = s.state_pages + s.lookups + s.bodies as u64 + s.index_blocks + s.index_documents as u64;
+            assert!(sum <= total, "{mb} MiB split into {sum} bytes");
+            assert_eq!(s.state_pages, total / 2, "sled's pages keep half: the export scans them");
+        }
+    }
 
     #[test]
     fn every_file_in_config_parses() {

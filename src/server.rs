@@ -7,7 +7,7 @@ use actix_web::{web, App, HttpServer};
 
 use crate::api::admin::AdminConfig;
 use crate::api::{self, AppState};
-use crate::config::Config;
+use crate::config::{CacheShares, Config};
 use crate::definitions::Definitions;
 use crate::fhir::profiles::Profiles;
 use crate::fhir::searchparams::SearchParams;
@@ -54,14 +54,15 @@ fn owner_only(dir: &std::path::Path) -> anyhow::Result<()> {
 
 /// The search index over `repo` (R4 and US Core parameters, the Patient compartment),
 /// kept current by a background thread.
-pub fn search_engine(defs: &Definitions, repo: Arc<Repo>) -> anyhow::Result<Arc<Engine>> {
+pub fn search_engine(defs: &Definitions, repo: Arc<Repo>, caches: &CacheShares) -> anyhow::Result<Arc<Engine>> {
     let profiles = repo.profiles.clone();
     let registry =
         crate::search::params::Registry::load(defs, profiles.resource_types()).map_err(anyhow::Error::msg)?;
     let compartments = crate::search::Compartments::load(defs)
         .map_err(anyhow::Error::msg)?
         .with_references(&registry, profiles.resource_types());
-    let search = Engine::new(repo, profiles, registry, compartments, crate::auth::store::INTERNAL_TYPES)
+    let caches = crate::search::index::Caches { blocks: caches.index_blocks, documents: caches.index_documents };
+    let search = Engine::new(repo, profiles, registry, compartments, crate::auth::store::INTERNAL_TYPES, caches)
         .map_err(|e| anyhow::anyhow!("search index: {}", e.issues.first().map_or("", |i| i.diagnostics.as_str())))?;
     let search = Arc::new(search);
     let leaves = repo_leaves(&search);
@@ -88,6 +89,7 @@ async fn open_keys_and_repo(
     let id = Identity::load_or_create(&cfg.data_dir, &cfg.secrets_dir)?;
     let profiles = Arc::new(Profiles::load(&cfg.definitions).map_err(anyhow::Error::msg)?);
     let params = Arc::new(SearchParams::load(&cfg.definitions).map_err(anyhow::Error::msg)?);
+    let shares = cfg.cache_shares();
     let ledger = consensus::Ledger::open(consensus::Options {
         dir: &cfg.data_dir.join("ledger"),
         node_id: cfg.node_id,
@@ -95,14 +97,11 @@ async fn open_keys_and_repo(
         api_addr: api_addr.to_string(),
         snapshot_every: cfg.snapshot_every,
         raft_listener: raft,
-        // Five eighths to the ledger (half of all to the state's pages, an eighth to its
-        // lookup tables), an eighth each to decrypted bodies and the index's blocks, a
-        // sixteenth to decoded index documents (the search index's `Store`).
-        cache_bytes: cfg.cache_bytes / 8 * 5,
+        state_cache_bytes: shares.state_pages,
+        lookup_cache_bytes: shares.lookups,
     })
     .await?;
-    let caches = usize::try_from(cfg.cache_bytes / 8).unwrap_or(usize::MAX);
-    let repo = Repo::new(ledger, id.signing.clone(), id.kek, id.index_key, profiles, params, caches);
+    let repo = Repo::new(ledger, id.signing.clone(), id.kek, id.index_key, profiles, params, shares.bodies);
     Ok((id, Arc::new(repo)))
 }
 
@@ -112,7 +111,7 @@ pub async fn open_node(cfg: &Config, api_addr: &str, raft: Option<TcpListener>) 
     let token = cfg.admin_token.clone().unwrap_or_else(|| id.admin_token.clone());
     let admin = AdminConfig::new(&token, cfg.fault_injection, id.secrets_id());
     let kek = id.kek;
-    let search = search_engine(&cfg.definitions, repo.clone())?;
+    let search = search_engine(&cfg.definitions, repo.clone(), &cfg.cache_shares())?;
     let auth = if cfg.auth {
         let settings = crate::auth::Settings {
             enabled: true,

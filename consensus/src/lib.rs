@@ -157,8 +157,10 @@ pub struct Options<'a> {
     /// The inter-node listener. None: the embedded single node, initialized on first start.
     /// Some: a cluster node, which waits for `cluster init` or to be added by a leader.
     pub raft_listener: Option<std::net::TcpListener>,
-    /// The storage engine's page cache (the state's trees).
-    pub cache_bytes: u64,
+    /// sled's page cache (the state's trees: version records, subtree hashes, data keys).
+    pub state_cache_bytes: u64,
+    /// The lookup tables' block cache (current records, conditional postings).
+    pub lookup_cache_bytes: u64,
 }
 
 /// The state's lookup tables (current records, conditional postings) under the ledger dir.
@@ -177,13 +179,31 @@ impl Ledger {
         snapshot_every: Option<u64>,
     ) -> anyhow::Result<Self> {
         let api_addr = api_addr.into();
-        Self::open(Options { dir, node_id, key, api_addr, snapshot_every, raft_listener: None, cache_bytes: 64 << 20 })
-            .await
+        Self::open(Options {
+            dir,
+            node_id,
+            key,
+            api_addr,
+            snapshot_every,
+            raft_listener: None,
+            state_cache_bytes: 48 << 20,
+            lookup_cache_bytes: 16 << 20,
+        })
+        .await
     }
 
     /// Opens the node's stores under `dir` and starts Raft.
     pub async fn open(opts: Options<'_>) -> anyhow::Result<Self> {
-        let Options { dir, node_id, key, api_addr, snapshot_every, raft_listener, cache_bytes } = opts;
+        let Options {
+            dir,
+            node_id,
+            key,
+            api_addr,
+            snapshot_every,
+            raft_listener,
+            state_cache_bytes,
+            lookup_cache_bytes,
+        } = opts;
         std::fs::create_dir_all(dir)?;
         // Checking the Raft log reads every segment, and sled's recovery its own file: neither
         // needs the other, so they overlap (together, most of a restart at millions of
@@ -192,10 +212,7 @@ impl Ledger {
         let check = std::thread::Builder::new()
             .name("raft-log-check".into())
             .spawn(move || log_store::open_segments(&log_dir))?;
-        // Four fifths for the state's pages: every read, page and export walks them, and a
-        // full scan that misses sled's cache reads and decodes its pages again (an export
-        // scans the state three times).
-        let db = sled_store::SledDb::open_with_cache(dir, cache_bytes / 5 * 4)?;
+        let db = sled_store::SledDb::open_with_cache(dir, state_cache_bytes)?;
         let segments = check.join().map_err(|_| anyhow::anyhow!("the Raft log check panicked"))?;
         // Before the index had a store of its own it lived in this tree.
         db.drop_tree("local/search")?;
@@ -207,8 +224,8 @@ impl Ledger {
             log = log.no_resumed_leadership();
         }
         // The ledger's keys in sled, the lookup tables derived from them in an LSM tree
-        // (`split_store`), sharing the cache between them.
-        let lookup = lsm_store::Tree::open(&dir.join(LOOKUP_DIR), "lookup", cache_bytes / 5)?;
+        // (`split_store`).
+        let lookup = lsm_store::Tree::open(&dir.join(LOOKUP_DIR), "lookup", lookup_cache_bytes)?;
         let state = split_store::SplitStore::new(db.tree("state")?, Arc::new(lookup));
         let sm = state_machine::StateMachine::open(Arc::new(state), dir.join("snapshots"), log.bodies())?;
         let view = sm.view();

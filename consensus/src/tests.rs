@@ -517,7 +517,8 @@ mod failover {
                     api_addr: format!("node{id}"),
                     snapshot_every: None,
                     raft_listener: Some(listener),
-                    cache_bytes: 16 << 20,
+                    state_cache_bytes: 12 << 20,
+                    lookup_cache_bytes: 4 << 20,
                 };
                 match Ledger::open(opts).await {
                     Ok(l) => return l,

@@ -91,8 +91,6 @@ pub struct Repo {
     /// The equality terms the state machine keeps (conditional interactions, compartments).
     pub params: Arc<SearchParams>,
     bodies: body_cache::BodyCache,
-    /// Bytes the decrypted-body cache may hold; the search index's document cache gets as much.
-    cache_bytes: usize,
 }
 
 /// A resource version as read back (or as just written).
@@ -129,16 +127,11 @@ impl Repo {
         index_key: [u8; 32],
         profiles: Arc<Profiles>,
         params: Arc<SearchParams>,
-        cache_bytes: usize,
+        body_cache_bytes: usize,
     ) -> Self {
         let view = ledger.view();
-        let bodies = body_cache::BodyCache::new(cache_bytes);
-        Self { ledger, signer, view, keys: Keyring::new(kek), index_key, profiles, params, bodies, cache_bytes }
-    }
-
-    /// The memory a cache beside the body cache may use (see `--cache-mb`).
-    pub fn cache_bytes(&self) -> usize {
-        self.cache_bytes
+        let bodies = body_cache::BodyCache::new(body_cache_bytes);
+        Self { ledger, signer, view, keys: Keyring::new(kek), index_key, profiles, params, bodies }
     }
 
     /// The data key of `compartment`; `None` once it was erased (or never had one).

@@ -189,6 +189,15 @@ struct Touched {
     erased: bool,
 }
 
+/// The index's shares of `--cache-mb` (`config::CacheShares`), in bytes.
+#[derive(Debug, Clone, Copy)]
+pub struct Caches {
+    /// The index store's blocks (the LSM tree's block cache).
+    pub blocks: u64,
+    /// Decoded documents (`store::DocCache`).
+    pub documents: usize,
+}
+
 impl Engine {
     /// Opens the index of `repo` (in the node-local directory `search`), registering the stored
     /// SearchParameters; the leaves not folded yet are folded by the first search.
@@ -199,12 +208,11 @@ impl Engine {
         compartments: super::Compartments,
         // Record types outside R4 that are indexed too (the authorization server's records).
         internal: &'static [&'static str],
+        caches: Caches,
     ) -> Result<Self, FhirError> {
         let dir = repo.ledger().local_dir("search");
-        let tree =
-            consensus::lsm_store::Tree::open(&dir, "index", repo.cache_bytes() as u64).map_err(FhirError::internal)?;
-        // Decoded documents take half a cache: an eighth of `--cache-mb` (`server.rs`).
-        let store = Store::open(tree, repo.clone(), repo.cache_bytes() / 2)?;
+        let tree = consensus::lsm_store::Tree::open(&dir, "index", caches.blocks).map_err(FhirError::internal)?;
+        let store = Store::open(tree, repo.clone(), caches.documents)?;
         let types =
             profiles.resource_types().iter().cloned().chain(internal.iter().map(|t| (*t).to_string())).collect();
         let index =
