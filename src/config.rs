@@ -251,10 +251,8 @@ pub struct CacheShares {
     pub lookups: u64,
     /// Decrypted bodies (an eighth).
     pub bodies: usize,
-    /// The search index's blocks (an eighth).
-    pub index_blocks: u64,
-    /// Decoded search index documents (a sixteenth).
-    pub index_documents: usize,
+    /// The search index's blocks (an eighth) and decoded documents (a sixteenth).
+    pub index: crate::search::index::Caches,
 }
 
 impl CacheShares {
@@ -265,8 +263,7 @@ impl CacheShares {
             state_pages: total_bytes / 2,
             lookups: eighth,
             bodies: bytes(eighth),
-            index_blocks: eighth,
-            index_documents: bytes(total_bytes / 16),
+            index: crate::search::index::Caches { blocks: eighth, documents: bytes(total_bytes / 16) },
         }
     }
 }
@@ -327,7 +324,7 @@ mod tests {
         for mb in [1, 64, 256, 1000] {
             let total = mb << 20;
             let s = CacheShares::of(total);
-            let sum = s.state_pages + s.lookups + s.bodies as u64 + s.index_blocks + s.index_documents as u64;
+            let sum = s.state_pages + s.lookups + s.bodies as u64 + s.index.blocks + s.index.documents as u64;
             assert!(sum <= total, "{mb} MiB split into {sum} bytes");
             assert_eq!(s.state_pages, total / 2, "sled's pages keep half: the export scans them");
         }

@@ -7,12 +7,13 @@ use actix_web::{web, App, HttpServer};
 
 use crate::api::admin::AdminConfig;
 use crate::api::{self, AppState};
-use crate::config::{CacheShares, Config};
+use crate::config::Config;
 use crate::definitions::Definitions;
 use crate::fhir::profiles::Profiles;
 use crate::fhir::searchparams::SearchParams;
 use crate::identity::Identity;
 use crate::repo::Repo;
+use crate::search::index::Caches;
 use crate::search::Engine;
 
 /// Everything a running node needs, built once.
@@ -54,14 +55,13 @@ fn owner_only(dir: &std::path::Path) -> anyhow::Result<()> {
 
 /// The search index over `repo` (R4 and US Core parameters, the Patient compartment),
 /// kept current by a background thread.
-pub fn search_engine(defs: &Definitions, repo: Arc<Repo>, caches: &CacheShares) -> anyhow::Result<Arc<Engine>> {
+pub fn search_engine(defs: &Definitions, repo: Arc<Repo>, caches: Caches) -> anyhow::Result<Arc<Engine>> {
     let profiles = repo.profiles.clone();
     let registry =
         crate::search::params::Registry::load(defs, profiles.resource_types()).map_err(anyhow::Error::msg)?;
     let compartments = crate::search::Compartments::load(defs)
         .map_err(anyhow::Error::msg)?
         .with_references(&registry, profiles.resource_types());
-    let caches = crate::search::index::Caches { blocks: caches.index_blocks, documents: caches.index_documents };
     let search = Engine::new(repo, profiles, registry, compartments, crate::auth::store::INTERNAL_TYPES, caches)
         .map_err(|e| anyhow::anyhow!("search index: {}", e.issues.first().map_or("", |i| i.diagnostics.as_str())))?;
     let search = Arc::new(search);
@@ -111,7 +111,7 @@ pub async fn open_node(cfg: &Config, api_addr: &str, raft: Option<TcpListener>) 
     let token = cfg.admin_token.clone().unwrap_or_else(|| id.admin_token.clone());
     let admin = AdminConfig::new(&token, cfg.fault_injection, id.secrets_id());
     let kek = id.kek;
-    let search = search_engine(&cfg.definitions, repo.clone(), &cfg.cache_shares())?;
+    let search = search_engine(&cfg.definitions, repo.clone(), cfg.cache_shares().index)?;
     let auth = if cfg.auth {
         let settings = crate::auth::Settings {
             enabled: true,

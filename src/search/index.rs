@@ -189,8 +189,8 @@ struct Touched {
     erased: bool,
 }
 
-/// The index's shares of `--cache-mb` (`config::CacheShares`), in bytes.
-#[derive(Debug, Clone, Copy)]
+/// The index's shares of `--cache-mb`, in bytes (set in `config::CacheShares`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Caches {
     /// The index store's blocks (the LSM tree's block cache).
     pub blocks: u64,

@@ -46,8 +46,8 @@ pub async fn app_with_admin(
 ) -> impl Service<actix_http::Request, Response = ServiceResponse, Error = actix_web::Error> {
     let auth = std::sync::Arc::new(fhir_ledger::auth::Auth::disabled());
     let defs = fhir_ledger::definitions::Definitions::Dir(profiles_dir());
-    let caches = fhir_ledger::config::CacheShares::of(64 << 20);
-    let search = fhir_ledger::server::search_engine(&defs, repo.clone(), &caches).expect("search index");
+    let caches = fhir_ledger::config::CacheShares::of(64 << 20).index;
+    let search = fhir_ledger::server::search_engine(&defs, repo.clone(), caches).expect("search index");
     let state = web::Data::new(AppState {
         repo,
         search,
