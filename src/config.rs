@@ -252,7 +252,16 @@ pub struct CacheShares {
     /// Decrypted bodies (an eighth).
     pub bodies: usize,
     /// The search index's blocks (an eighth) and decoded documents (a sixteenth).
-    pub index: crate::search::index::Caches,
+    pub index: IndexCaches,
+}
+
+/// The search index's shares of `--cache-mb`, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IndexCaches {
+    /// The index store's blocks (the LSM tree's block cache).
+    pub blocks: u64,
+    /// Decoded documents (`search::index`'s document cache).
+    pub documents: usize,
 }
 
 impl CacheShares {
@@ -263,7 +272,7 @@ impl CacheShares {
             state_pages: total_bytes / 2,
             lookups: eighth,
             bodies: bytes(eighth),
-            index: crate::search::index::Caches { blocks: eighth, documents: bytes(total_bytes / 16) },
+            index: IndexCaches { blocks: eighth, documents: bytes(total_bytes / 16) },
         }
     }
 }

@@ -8,12 +8,12 @@ use actix_web::{web, App, HttpServer};
 use crate::api::admin::AdminConfig;
 use crate::api::{self, AppState};
 use crate::config::Config;
+use crate::config::IndexCaches;
 use crate::definitions::Definitions;
 use crate::fhir::profiles::Profiles;
 use crate::fhir::searchparams::SearchParams;
 use crate::identity::Identity;
 use crate::repo::Repo;
-use crate::search::index::Caches;
 use crate::search::Engine;
 
 /// Everything a running node needs, built once.
@@ -55,7 +55,7 @@ fn owner_only(dir: &std::path::Path) -> anyhow::Result<()> {
 
 /// The search index over `repo` (R4 and US Core parameters, the Patient compartment),
 /// kept current by a background thread.
-pub fn search_engine(defs: &Definitions, repo: Arc<Repo>, caches: Caches) -> anyhow::Result<Arc<Engine>> {
+pub fn search_engine(defs: &Definitions, repo: Arc<Repo>, caches: IndexCaches) -> anyhow::Result<Arc<Engine>> {
     let profiles = repo.profiles.clone();
     let registry =
         crate::search::params::Registry::load(defs, profiles.resource_types()).map_err(anyhow::Error::msg)?;

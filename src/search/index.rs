@@ -16,6 +16,7 @@ pub use super::store::{str_prefix_key, Doc, DocKey, Head, SortHead, NARROW_MS, S
 use super::store::{Pending, Store};
 pub use super::stream::Source;
 use super::values::{extract, Value};
+use crate::config::IndexCaches;
 use crate::error::FhirError;
 use crate::fhir::fhirpath::Eval;
 use crate::fhir::json::{self, Json};
@@ -189,15 +190,6 @@ struct Touched {
     erased: bool,
 }
 
-/// The index's shares of `--cache-mb`, in bytes (set in `config::CacheShares`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Caches {
-    /// The index store's blocks (the LSM tree's block cache).
-    pub blocks: u64,
-    /// Decoded documents (`store::DocCache`).
-    pub documents: usize,
-}
-
 impl Engine {
     /// Opens the index of `repo` (in the node-local directory `search`), registering the stored
     /// SearchParameters; the leaves not folded yet are folded by the first search.
@@ -208,7 +200,7 @@ impl Engine {
         compartments: super::Compartments,
         // Record types outside R4 that are indexed too (the authorization server's records).
         internal: &'static [&'static str],
-        caches: Caches,
+        caches: IndexCaches,
     ) -> Result<Self, FhirError> {
         let dir = repo.ledger().local_dir("search");
         let tree = consensus::lsm_store::Tree::open(&dir, "index", caches.blocks).map_err(FhirError::internal)?;
