@@ -197,12 +197,44 @@ pub(crate) fn record_key(leaf: u64) -> Vec<u8> {
     k.extend_from_slice(&be(leaf));
     k
 }
-/// Which resource leaf `leaf` wrote (lookup store): what stepping the lookup tables back to an
-/// earlier leaf must restore.
-pub(crate) fn touched_key(leaf: u64) -> Vec<u8> {
+/// Which ids the leaves from `first` on wrote, one record per applied batch (lookup store):
+/// what stepping the lookup tables back to an earlier leaf must restore. One key per batch
+/// rather than per leaf: a quarter of the lookup store's keys were these, rewritten by every
+/// compaction they passed through (issue 17). The count in the key lets a reader tell the
+/// leaves a record covers without decoding it.
+pub(crate) fn touched_key(first: u64, count: u64) -> Vec<u8> {
+    let mut k = touched_from(first);
+    k.extend_from_slice(&be(count));
+    k
+}
+/// Where the touched records of leaves from `leaf` on start (a range bound). Data directories
+/// written before batch records hold one record of this shape per leaf, its value one id.
+pub(crate) fn touched_from(leaf: u64) -> Vec<u8> {
     let mut k = vec![b't'];
     k.extend_from_slice(&be(leaf));
     k
+}
+/// Appends one leaf's id to a touched record's value.
+fn push_touched(value: &mut Vec<u8>, rtype: &str, id: &str) -> io::Result<()> {
+    bincode::serialize_into(value, &(rtype, id)).map_err(|e| invalid_data(e.to_string()))
+}
+/// The first leaf and the ids, leaf by leaf, of a touched record.
+pub(crate) fn touched_ids(key: &[u8], value: &[u8]) -> io::Result<(u64, Vec<(String, String)>)> {
+    let bad = || invalid_data(format!("touched record {key:02x?} is malformed"));
+    let first = key.get(1..9).and_then(crate::kv::read_be).ok_or_else(bad)?;
+    let count = match key.len() {
+        9 => 1,
+        17 => key.get(9..).and_then(crate::kv::read_be).ok_or_else(bad)?,
+        _ => return Err(bad()),
+    };
+    let mut rest = value;
+    let ids = (0..count)
+        .map(|_| bincode::deserialize_from(&mut rest).map_err(|e| invalid_data(e.to_string())))
+        .collect::<io::Result<Vec<(String, String)>>>()?;
+    if !rest.is_empty() {
+        return Err(bad());
+    }
+    Ok((first, ids))
 }
 /// The number of leaves the lookup tables reflect, written with them (lookup store).
 const LOOKUP_LEAVES: &[u8] = b"u";
@@ -233,9 +265,27 @@ fn encode<T: Serialize>(v: &T) -> io::Result<Vec<u8>> {
 struct Overlay<'a> {
     base: &'a dyn KvStore,
     pending: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    /// The first leaf folded in, how many since, and their ids, each encoded as a
+    /// (type, id) pair, in leaf order ([`Overlay::seal_touched`]).
+    touched: Option<(u64, u64, Vec<u8>)>,
 }
 
-impl Overlay<'_> {
+impl<'a> Overlay<'a> {
+    fn new(base: &'a dyn KvStore) -> Self {
+        Self { base, pending: BTreeMap::new(), touched: None }
+    }
+    /// Notes that `leaf` (the one after the last noted) wrote `rtype`/`id`.
+    fn touch(&mut self, leaf: u64, rtype: &str, id: &str) -> io::Result<()> {
+        let (_, count, ids) = self.touched.get_or_insert_with(|| (leaf, 0, Vec::new()));
+        *count += 1;
+        push_touched(ids, rtype, id)
+    }
+    /// Stages the touched record of the leaves noted since the last one.
+    fn seal_touched(&mut self) {
+        if let Some((first, count, ids)) = self.touched.take() {
+            self.put(touched_key(first, count), ids);
+        }
+    }
     fn get(&self, key: &[u8]) -> io::Result<Option<Vec<u8>>> {
         match self.pending.get(key) {
             Some(v) => Ok(v.clone()),
@@ -283,8 +333,7 @@ fn fold_record(ov: &mut Overlay<'_>, rec: &StoredRecord, old: Option<CurrentReco
         leaves,
     };
     set_current(ov, &h.rtype, &h.id, &old_terms, Some(&new))?;
-    ov.put(touched_key(rec.leaf), encode(&(h.rtype.as_str(), h.id.as_str()))?);
-    Ok(())
+    ov.touch(rec.leaf, &h.rtype, &h.id)
 }
 
 /// Writes `new` as the current record of `rtype`/`id` (None: removes it), touching only the
@@ -331,24 +380,40 @@ pub(crate) fn reconcile_lookup(kv: &dyn KvStore) -> io::Result<u64> {
         let mut from = upto;
         while from < leaves {
             let to = leaves.min(from + RECONCILE_CHUNK);
-            let mut ov = Overlay { base: kv, pending: BTreeMap::new() };
+            let mut ov = Overlay::new(kv);
             for item in kv.range(&record_key(from), &record_key(to), false) {
                 let (_, bytes) = item?;
                 let rec: StoredRecord = decode(&bytes)?;
                 let old = ov.get(&current_key(&rec.header.rtype, &rec.header.id))?.map(|b| decode(&b)).transpose()?;
                 fold_record(&mut ov, &rec, old)?;
             }
+            ov.seal_touched();
             ov.put(LOOKUP_LEAVES.to_vec(), be(to).to_vec());
             kv.apply(WriteBatch { ops: ov.pending.into_iter().collect() })?;
             from = to;
         }
     } else if upto > leaves {
-        let mut ov = Overlay { base: kv, pending: BTreeMap::new() };
+        let mut ov = Overlay::new(kv);
         let mut ids = BTreeSet::new();
-        for item in kv.range(&touched_key(leaves), &touched_key(upto), false) {
+        // Newest record first, back to one that ends at `leaves`. Records follow the batches
+        // both stores were written in, so none should straddle it; one that did would keep
+        // its leaves below.
+        for item in kv.range(&touched_from(0), &touched_from(upto), true) {
             let (k, v) = item?;
-            ids.insert(decode::<(String, String)>(&v)?);
+            let (first, touched) = touched_ids(&k, &v)?;
+            let keep = usize::try_from(leaves.saturating_sub(first)).unwrap_or(usize::MAX).min(touched.len());
+            if keep == touched.len() {
+                break;
+            }
             ov.delete(k);
+            if keep > 0 {
+                let mut kept = Vec::new();
+                for (rtype, id) in &touched[..keep] {
+                    push_touched(&mut kept, rtype, id)?;
+                }
+                ov.put(touched_key(first, keep as u64), kept);
+            }
+            ids.extend(touched.into_iter().skip(keep));
         }
         for (rtype, id) in ids {
             let Some(cur) = ov.get(&current_key(&rtype, &id))?.map(|b| decode::<CurrentRecord>(&b)).transpose()? else {
@@ -1047,7 +1112,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     {
         let _guard = self.lock.lock().await;
         let kv = self.view.kv.clone();
-        let mut ov = Overlay { base: kv.as_ref(), pending: BTreeMap::new() };
+        let mut ov = Overlay::new(kv.as_ref());
         let mut frontier = self.view.frontier().map_err(sio)?;
         let mut membership = self.membership().map_err(sio)?;
         let mut replies = Vec::new();
@@ -1090,6 +1155,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         if let Some(last) = last {
             ov.put(META_APPLIED.to_vec(), encode(&Some(last)).map_err(sio)?);
             ov.put(META_FRONTIER.to_vec(), encode(&frontier).map_err(sio)?);
+            ov.seal_touched();
             ov.put(LOOKUP_LEAVES.to_vec(), be(frontier.size).to_vec());
             let wb = WriteBatch { ops: ov.pending.into_iter().collect() };
             self.keep_undo(kv.as_ref(), &wb).map_err(sio)?;

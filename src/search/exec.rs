@@ -372,7 +372,7 @@ fn pred_candidates(
                 exact &= *mode == StrMode::Starts && cut == norm.len();
             }
             Pred::Ref { rtype: Some(t), id } => source.add(docs.posting_source(code, &format!("{t}/{id}"))),
-            Pred::Ref { rtype: None, id } => source.add(docs.posting_source(code, id)),
+            Pred::Ref { rtype: None, id } => source.add(docs.reference_source(code, id)),
             Pred::Date { prefix, lo, hi } if *prefix != Prefix::Ne => {
                 source.add(docs.date_source(code, date_window(*prefix, *lo, *hi))?);
                 exact = false;

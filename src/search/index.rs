@@ -75,9 +75,20 @@ impl TypeDocs<'_> {
     }
 
     /// Documents holding `value` under `code`, in key order: token `code`, `system|code`,
-    /// `system|` and (for bare codes) `\0|code`; reference `id` and `Type/id`.
+    /// `system|` and (for bare codes) `\0|code`; reference `Type/id` (and `id` where the
+    /// parameter posts bare ids: [`TypeDocs::reference_source`] reads those).
     pub fn posting(&self, code: &str, value: &str) -> Result<Vec<DocKey>, FhirError> {
         self.idx.store.posting(self.rtype, code, value)
+    }
+
+    /// Documents referencing `id` of any type under `code`: its bare-id posting, and the
+    /// `Type/id` postings of each type the parameter allows where it posts those only.
+    pub fn reference_source(&self, code: &str, id: &str) -> Source {
+        let mut source = self.posting_source(code, id);
+        for t in self.idx.registry.get(self.rtype, code).map_or(&[][..], |p| p.typed_targets()) {
+            source.add(self.posting_source(code, &format!("{t}/{id}")));
+        }
+        source
     }
 
     /// [`TypeDocs::posting`] as a stream.

@@ -76,6 +76,31 @@ pub struct Param {
     pub custom: bool,
 }
 
+/// A reference parameter allowing at most this many target types posts each reference under
+/// `Type/id` only, and a query by bare id reads one posting per target type; one allowing any
+/// type, or more, posts the bare id too (issue 17: bare ids were a sixth of the index's
+/// postings, each rewritten by every compaction it passed through).
+pub const BARE_ID_TARGETS: usize = 16;
+
+impl Param {
+    /// Whether a reference to a `rtype` is posted under its bare id besides `Type/id`: when
+    /// this parameter allows any type or many, or not `rtype` (a query by bare id, which
+    /// reads the allowed types' postings, would not find it otherwise).
+    pub fn posts_bare_id(&self, rtype: &str) -> bool {
+        self.typed_targets().is_empty() || !self.targets.iter().any(|t| t == rtype)
+    }
+
+    /// The types whose `Type/id` postings a query by bare id reads besides the bare ones
+    /// (none: every reference of this parameter is posted bare).
+    pub fn typed_targets(&self) -> &[String] {
+        if self.targets.len() <= BARE_ID_TARGETS {
+            &self.targets
+        } else {
+            &[]
+        }
+    }
+}
+
 #[derive(Clone, Debug, Default)]
 pub struct Registry {
     by_type: BTreeMap<String, BTreeMap<String, Arc<Param>>>,

@@ -38,8 +38,9 @@ use consensus::lsm_store::Tree;
 
 /// The layout above; a store of another format is cleared and folded again at open.
 /// 2: values encoded per parameter ([`Doc::encoded`]), sealed values as bytes. 3: sort records.
-/// 4: string prefix postings. 5: head records.
-const FORMAT: u64 = 5;
+/// 4: string prefix postings. 5: head records. 6: bare-id reference postings only where the
+/// parameter allows many types (`Param::posts_bare_id`).
+const FORMAT: u64 = 6;
 /// String values are posted under each of their first this many prefixes (in characters).
 pub const STR_PREFIX: usize = 6;
 /// Records a walk steps over before it seeks instead.
@@ -731,7 +732,7 @@ fn ordered_slots(v: &Value) -> Vec<Slot> {
 }
 
 /// The posting keys of a value: token `code`, `system|code`, `system|` and (for bare codes)
-/// `\0|code`; reference `id` and `Type/id`; string each prefix of its normalized form up to
+/// `\0|code`; reference `Type/id` and (where the parameter posts bare ids) `id`; string each prefix of its normalized form up to
 /// [`STR_PREFIX`] characters ([`str_prefix_key`]).
 fn posting_keys(v: &Value) -> Vec<String> {
     match v {
@@ -761,10 +762,13 @@ fn posting_keys(v: &Value) -> Vec<String> {
             }
             keys
         }
-        Value::Ref { rtype, id: Some(id), .. } => {
-            let mut keys = vec![id.clone()];
+        Value::Ref { rtype, id: Some(id), bare, .. } => {
+            let mut keys = Vec::with_capacity(2);
             if let Some(t) = rtype {
                 keys.push(format!("{t}/{id}"));
+            }
+            if *bare || rtype.is_none() {
+                keys.push(id.clone());
             }
             keys
         }

@@ -46,6 +46,9 @@ pub enum Value {
         id: Option<String>,
         url: Option<String>,
         ident: Option<(Option<String>, String)>,
+        /// Posted under its bare id too ([`super::params::Param::posts_bare_id`], decided
+        /// when extracted and kept, so a removal takes away exactly the postings added).
+        bare: bool,
     },
     Uri(String),
     /// One value list per component, all from the same item.
@@ -97,7 +100,13 @@ pub fn extract(ev: &Eval, p: &Param, rtype: &str, res: &Json) -> Vec<Value> {
             })
             .collect();
     }
-    items.iter().flat_map(|i| of_item(p.kind, i)).collect()
+    let mut values: Vec<Value> = items.iter().flat_map(|i| of_item(p.kind, i)).collect();
+    for v in &mut values {
+        if let Value::Ref { rtype: Some(t), bare, .. } = v {
+            *bare = p.posts_bare_id(t);
+        }
+    }
+    values
 }
 
 fn token(system: Option<String>, code: Option<String>, text: Option<String>) -> Value {
@@ -281,7 +290,7 @@ fn reference_value(j: &Json) -> Option<Value> {
         // canonical / uri references
         Json::String(u) => {
             let (rtype, id) = split_ref(u);
-            Some(Value::Ref { rtype, id, url: Some(u.clone()), ident: None })
+            Some(Value::Ref { rtype, id, url: Some(u.clone()), ident: None, bare: true })
         }
         Json::Object(_) => {
             let reference = j.get("reference").and_then(Json::as_str);
@@ -293,7 +302,7 @@ fn reference_value(j: &Json) -> Option<Value> {
             // query for `Patient/1` means this server's Patient/1).
             let (rtype, id) = reference.filter(|r| !r.contains("://")).map(split_ref).unwrap_or_default();
             let url = reference.filter(|r| r.contains(':')).map(String::from);
-            Some(Value::Ref { rtype, id, url, ident })
+            Some(Value::Ref { rtype, id, url, ident, bare: true })
         }
         _ => None,
     }

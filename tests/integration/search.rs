@@ -644,11 +644,41 @@ async fn reference_search_forms_and_modifiers() {
     assert_ids!(app, "/Observation?performer:Practitioner=pr1", ["r5"]);
     assert_ids!(app, "/Observation?performer=pr1", ["r5"]);
 
+    // A bare id finds a reference of a type the parameter does not allow (the data is not
+    // refused for it), and one of a parameter that allows any type (posted differently:
+    // docs/search.md, "Postings").
+    seed!(
+        app,
+        res("Medication", "m1", json!({})),
+        obs("r6", loinc("8867-4", "Heart rate"), json!({"subject": reference("Medication/m1")})),
+        res(
+            "Provenance",
+            "pv1",
+            json!({"target": [reference("Observation/r1"), reference("Patient/p2")],
+                   "recorded": "2024-01-01T00:00:00Z",
+                   "agent": [{"who": reference("Practitioner/pr1")}]}),
+        ),
+    );
+    assert_ids!(app, "/Observation?subject=m1", ["r6"]);
+    assert_ids!(app, "/Observation?subject=Medication/m1", ["r6"]);
+    assert_ids!(app, "/Provenance?target=r1", ["pv1"]);
+    assert_ids!(app, "/Provenance?target=Observation/r1", ["pv1"]);
+    assert_ids!(app, "/Provenance?target=p2", ["pv1"]);
+    assert_ids!(app, "/Provenance?target=Patient/r1", []);
+    assert_ids!(app, "/Provenance?agent=pr1", ["pv1"]);
+
     // An absolute URL on this server's own base is the local reference.
     let found = search!(app, "/Patient?_id=p1");
     let full = found["entry"][0]["fullUrl"].as_str().expect("fullUrl").to_string();
     let base = full.strip_suffix("/Patient/p1").expect("fullUrl is base/Patient/p1").to_string();
     assert_ids!(app, format!("/Observation?subject={}", enc(&format!("{base}/Patient/p1"))), ["r1"]);
+
+    // A reference changed by an update is found under the new target only.
+    seed!(app, obs("r1", loinc("8867-4", "Heart rate"), json!({"subject": reference("Patient/p2")})));
+    assert_ids!(app, "/Observation?subject=p1", []);
+    assert_ids!(app, "/Observation?subject=Patient/p1", []);
+    assert_ids!(app, "/Observation?subject=p2", ["r1", "r5"]);
+    assert_ids!(app, "/Observation?patient=p2", ["r1", "r5"]);
 }
 
 /// `composite`: both parts must hold for the same value — for `component-code-value-quantity`

@@ -119,6 +119,20 @@ async fn verify_names_each_tampered_place() {
     let dir = tempfile::tempdir().unwrap();
     let mut server = Server::start_with(dir.path(), &["--snapshot-every", "8"]);
     patients(&server.base, "V", 20).await;
+    // The cases below tamper with the one snapshot file: wait for the last build to finish
+    // and for the file it replaced to be removed (gradually, after the build), which a
+    // SIGKILL right after the creates can interrupt (one CI run found two files).
+    let snaps = dir.path().join("ledger/snapshots");
+    let settled = || {
+        std::fs::read_dir(&snaps).map_or(0, Iterator::count) == 1
+            && std::fs::read_dir(&snaps).unwrap().all(|e| e.unwrap().file_name().to_string_lossy().ends_with(".bin"))
+    };
+    let (waited, mut stable) = (std::time::Instant::now(), 0);
+    while stable < 10 {
+        assert!(waited.elapsed() < std::time::Duration::from_mins(1), "snapshot directory never settled");
+        stable = if settled() { stable + 1 } else { 0 };
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     server.kill9();
     let (code, out) = verify_dir(dir.path());
     assert_eq!(code, 0, "{out}");
