@@ -41,6 +41,9 @@ pub const INDEXED: &[&str] = &["identifier", "patient", "subject"];
 #[derive(Debug, Default)]
 pub struct SearchParams {
     by_type: BTreeMap<String, BTreeMap<String, SearchParam>>,
+    /// `(type, code)` of a parameter whose terms another's give: that one's code and the type
+    /// `code` is restricted to ([`SearchParams::alias`]).
+    aliases: BTreeMap<(String, String), (String, String)>,
 }
 
 impl SearchParams {
@@ -73,7 +76,18 @@ impl SearchParams {
                 );
             }
         }
-        Ok(Self { by_type })
+        let aliases = aliases(&by_type);
+        Ok(Self { by_type, aliases })
+    }
+
+    /// The parameter that answers `code` on `rtype`, and the one type `code` takes of it:
+    /// every path of `code` is one of its paths restricted to that type
+    /// (`Observation.subject.where(resolve() is Patient)` against `Observation.subject`) and
+    /// it has no other. A `Type/id` term of `code` then holds exactly the resources holding
+    /// that term of the other, so only the other's terms are kept (one posting per resource
+    /// instead of two in the state's lookup tables, issue 17).
+    pub fn alias(&self, rtype: &str, code: &str) -> Option<(&str, &str)> {
+        self.aliases.get(&(rtype.to_string(), code.to_string())).map(|(by, t)| (by.as_str(), t.as_str()))
     }
 
     pub fn get(&self, rtype: &str, code: &str) -> Option<&SearchParam> {
@@ -83,6 +97,36 @@ impl SearchParams {
     pub fn for_type(&self, rtype: &str) -> impl Iterator<Item = &SearchParam> {
         self.by_type.get(rtype).into_iter().flat_map(|m| m.values())
     }
+}
+
+/// [`SearchParams::alias`] of every parameter that has one.
+fn aliases(by_type: &BTreeMap<String, BTreeMap<String, SearchParam>>) -> BTreeMap<(String, String), (String, String)> {
+    let mut out = BTreeMap::new();
+    let elements = |sp: &SearchParam| -> Vec<Vec<String>> {
+        let mut e: Vec<Vec<String>> = sp.paths.iter().map(|p| p.elements.clone()).collect();
+        e.sort();
+        e.dedup();
+        e
+    };
+    for (rtype, params) in by_type {
+        for sp in params.values().filter(|sp| sp.kind == ParamType::Reference) {
+            let mut targets = sp.paths.iter().map(|p| p.target.as_deref());
+            let Some(Some(target)) = targets.next() else { continue };
+            if !targets.all(|t| t == Some(target)) {
+                continue;
+            }
+            let by = params.values().find(|o| {
+                o.code != sp.code
+                    && o.kind == ParamType::Reference
+                    && o.paths.iter().all(|p| p.target.is_none())
+                    && elements(o) == elements(sp)
+            });
+            if let Some(by) = by {
+                out.insert((rtype.clone(), sp.code.clone()), (by.code.clone(), target.to_string()));
+            }
+        }
+    }
+    out
 }
 
 /// `Type.a.b` or `Type.a.where(resolve() is X)` for `base`; anything else is not indexable yet.
@@ -120,5 +164,18 @@ mod tests {
         assert_eq!(p.paths[0].elements, vec!["subject"]);
         assert!(sp.get("Patient", "identifier").is_some());
         assert!(sp.get("Patient", "subject").is_none());
+    }
+
+    #[test]
+    fn patient_is_answered_by_subject_where_it_is_subject_restricted_to_patients() {
+        let sp = SearchParams::load(&Definitions::Embedded).unwrap();
+        for t in ["Observation", "Encounter", "Condition", "Procedure", "DiagnosticReport", "CarePlan"] {
+            assert_eq!(sp.alias(t, "patient"), Some(("subject", "Patient")), "{t}");
+            assert_eq!(sp.alias(t, "subject"), None, "{t}");
+        }
+        // No unrestricted parameter over the same element: patient keeps its own terms.
+        for t in ["Immunization", "Claim", "ExplanationOfBenefit", "AllergyIntolerance", "Patient"] {
+            assert_eq!(sp.alias(t, "patient"), None, "{t}");
+        }
     }
 }

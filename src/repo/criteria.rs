@@ -73,7 +73,13 @@ pub fn parse(repo: &Repo, rtype: &str, params: &[(String, String)]) -> Result<Qu
                     if forms.is_empty() {
                         return Err(bad(format!("{v:?} is not a reference (Type/id or id)")));
                     }
-                    group.extend(forms.iter().map(|f| term(key, code, f)));
+                    // Where another parameter holds this one's terms, its terms of the one type
+                    // this one takes answer; a form of another type matches nothing, as before.
+                    let alias = repo.params.alias(rtype, code);
+                    group.extend(forms.iter().map(|f| match alias {
+                        Some((by, t)) if f.split('/').next() == Some(t) => term(key, by, f),
+                        _ => term(key, code, f),
+                    }));
                 }
                 (_, Some(m)) => return Err(bad(format!("modifier :{m} is not supported on {code} yet"))),
                 (ParamType::Other(t), None) => return Err(bad(format!("{t} parameter {code} is not indexed yet"))),

@@ -9,7 +9,7 @@ use sha2::Sha256;
 
 use crate::fhir::json::Json;
 use crate::fhir::refs::{split_reference, values_at};
-use crate::fhir::searchparams::{ParamType, SearchParams};
+use crate::fhir::searchparams::{ParamType, SearchParam, SearchParams};
 
 pub fn term(key: &[u8; 32], code: &str, value: &str) -> IndexKey {
     TermKey::new(key).term(code, value)
@@ -83,11 +83,15 @@ pub const CONDITIONAL_PARAMS: &[&str] = &["identifier", "patient", "subject"];
 
 /// The conditional-interaction terms of one resource version (sorted, deduplicated: the state
 /// machine stores them as given, so their order must not depend on anything but the resource).
-/// `_id` needs no term: the current record of an id is a direct lookup.
+/// `_id` needs no term: the current record of an id is a direct lookup; nor does a parameter
+/// another one answers ([`SearchParams::alias`]: `patient` where `subject` holds its terms).
+/// Versions written before that carry both; criteria ask for the other's.
 pub fn resource_terms(key: &[u8; 32], params: &SearchParams, rtype: &str, res: &Json) -> Vec<IndexKey> {
     let keyed = TermKey::new(key);
     let mut terms = Vec::new();
-    for sp in params.for_type(rtype).filter(|sp| CONDITIONAL_PARAMS.contains(&sp.code.as_str())) {
+    let kept =
+        |sp: &&SearchParam| CONDITIONAL_PARAMS.contains(&sp.code.as_str()) && params.alias(rtype, &sp.code).is_none();
+    for sp in params.for_type(rtype).filter(kept) {
         for path in &sp.paths {
             for v in values_at(res, &path.elements) {
                 let values = match sp.kind {

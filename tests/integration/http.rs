@@ -177,6 +177,24 @@ async fn conditional_create_update_delete_and_patch() {
     assert_eq!(o1.status, StatusCode::CREATED, "{}", o1.text);
     let o2 = call!(app, post("/Observation", &obs).insert_header(("if-none-exist", criteria.as_str())));
     assert_eq!((o2.status, o2.json()["id"].clone()), (StatusCode::OK, o1.json()["id"].clone()), "{}", o2.text);
+    // `patient` is `subject` restricted to Patients: its criteria find the same Observation
+    // (the state keeps `subject`'s term for both), by reference or bare id; a non-Patient
+    // reference of the same id matches nothing.
+    for criteria in [format!("patient=Patient/{id}"), format!("patient={id}"), format!("patient:Patient={id}")] {
+        let o = call!(app, post("/Observation", &obs).insert_header(("if-none-exist", criteria.as_str())));
+        assert_eq!((o.status, o.json()["id"].clone()), (StatusCode::OK, o1.json()["id"].clone()), "{criteria}");
+    }
+    let grp = json!({"resourceType":"Observation","status":"final","code":{"text":"x"},
+        "subject":{"reference":format!("Group/{id}")}})
+    .to_string();
+    let criteria = format!("patient=Group/{id}");
+    let g1 = call!(app, post("/Observation", &grp).insert_header(("if-none-exist", criteria.as_str())));
+    assert_eq!(g1.status, StatusCode::CREATED, "{}", g1.text);
+    let g2 = call!(app, post("/Observation", &grp).insert_header(("if-none-exist", criteria.as_str())));
+    assert_eq!(g2.status, StatusCode::CREATED, "patient=Group/.. names no Observation: {}", g2.text);
+    let criteria = format!("subject=Group/{id}");
+    let g3 = call!(app, post("/Observation", &grp).insert_header(("if-none-exist", criteria.as_str())));
+    assert_eq!(g3.status, StatusCode::PRECONDITION_FAILED, "two match subject=Group/..: {}", g3.text);
     // Criteria `apply` cannot re-check are refused, naming the parameter and what is accepted,
     // and nothing is written.
     let count = |text: String| serde_json::from_str::<Value>(&text).unwrap()["total"].clone();
