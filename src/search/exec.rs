@@ -285,10 +285,12 @@ fn candidates<'s>(
     let mut parts = Vec::new();
     let mut exact = vec![false; conds.len()];
     // Range conditions on one date parameter (`date=ge…&date=lt…`) read one window together.
+    // Not on one whose values lie in other parameters' postings: a document with a value in
+    // each of them is a point in each, not wide, and each condition may hold by another one.
     let mut windows: BTreeMap<&str, (i64, i64)> = BTreeMap::new();
     for c in conds {
         if let Cond::Values { code, negate: false, preds: [Pred::Date { prefix, lo, hi }] } = c {
-            if *prefix != Prefix::Ne {
+            if *prefix != Prefix::Ne && docs.derived(code).is_none() {
                 let (f, t) = date_window(*prefix, *lo, *hi);
                 let w = windows.entry(code).or_insert((i64::MIN, i64::MAX));
                 *w = (w.0.max(f), w.1.min(t));
@@ -297,7 +299,9 @@ fn candidates<'s>(
     }
     for (i, c) in conds.iter().enumerate() {
         let found = match c {
-            Cond::Values { code, negate: false, preds: [Pred::Date { prefix, .. }] } if *prefix != Prefix::Ne => {
+            Cond::Values { code, negate: false, preds: [Pred::Date { prefix, .. }] }
+                if *prefix != Prefix::Ne && docs.derived(code).is_none() =>
+            {
                 // The first of them reads the merged window; it decides for the others.
                 windows.remove(code).map(|w| docs.date_source(code, w).map(|k| (k, false))).transpose()?
             }

@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard};
 
-use super::params::{Kind, Registry};
+use super::params::{Derived, Kind, Registry};
 pub use super::store::{str_prefix_key, Doc, DocKey, Head, SortHead, NARROW_MS, STR_PREFIX};
 use super::store::{Pending, Store};
 pub use super::stream::Source;
@@ -22,6 +22,20 @@ use crate::fhir::fhirpath::Eval;
 use crate::fhir::json::{self, Json};
 use crate::fhir::profiles::Profiles;
 use crate::repo::Repo;
+
+/// The documents of each of `codes`' sources.
+fn union(codes: &[String], each: impl Fn(&str) -> Result<Source, FhirError>) -> Result<Source, FhirError> {
+    let mut source = Source::default();
+    for c in codes {
+        source.add(each(c)?);
+    }
+    Ok(source)
+}
+
+/// Whether `reference` (`Type/id`) is of `rtype`.
+fn of_type(reference: &str, rtype: &str) -> bool {
+    reference.split_once('/').is_some_and(|(t, _)| t == rtype)
+}
 
 /// The live resources of one type, read from the store.
 pub struct TypeDocs<'i> {
@@ -78,32 +92,67 @@ impl TypeDocs<'_> {
     /// `system|` and (for bare codes) `\0|code`; reference `Type/id` (and `id` where the
     /// parameter posts bare ids: [`TypeDocs::reference_source`] reads those).
     pub fn posting(&self, code: &str, value: &str) -> Result<Vec<DocKey>, FhirError> {
-        self.idx.store.posting(self.rtype, code, value)
+        match self.derived(code) {
+            None => self.idx.store.posting(self.rtype, code, value),
+            Some(Derived::Union(codes)) => {
+                let mut keys = Vec::new();
+                for c in codes {
+                    keys.extend(self.posting(c, value)?);
+                }
+                keys.sort_unstable();
+                keys.dedup();
+                Ok(keys)
+            }
+            Some(Derived::Restricted { by, target }) if of_type(value, target) => self.posting(by, value),
+            Some(Derived::Restricted { .. }) => Ok(Vec::new()),
+        }
+    }
+
+    /// [`TypeDocs::posting`] as a stream.
+    pub fn posting_source(&self, code: &str, value: &str) -> Source {
+        match self.derived(code) {
+            None => Source::of(vec![self.idx.store.posting_prefix(self.rtype, code, value)]),
+            Some(Derived::Union(codes)) => union(codes, |c| Ok(self.posting_source(c, value))).unwrap_or_default(),
+            Some(Derived::Restricted { by, target }) if of_type(value, target) => self.posting_source(by, value),
+            Some(Derived::Restricted { .. }) => Source::default(),
+        }
     }
 
     /// Documents referencing `id` of any type under `code`: its bare-id posting, and the
     /// `Type/id` postings of each type the parameter allows where it posts those only.
     pub fn reference_source(&self, code: &str, id: &str) -> Source {
-        let mut source = self.posting_source(code, id);
-        for t in self.idx.registry.get(self.rtype, code).map_or(&[][..], |p| p.typed_targets()) {
-            source.add(self.posting_source(code, &format!("{t}/{id}")));
+        match self.derived(code) {
+            None => {
+                let mut source = self.posting_source(code, id);
+                for t in self.idx.registry.get(self.rtype, code).map_or(&[][..], |p| p.typed_targets()) {
+                    source.add(self.posting_source(code, &format!("{t}/{id}")));
+                }
+                source
+            }
+            Some(Derived::Union(codes)) => union(codes, |c| Ok(self.reference_source(c, id))).unwrap_or_default(),
+            Some(Derived::Restricted { by, target }) => self.posting_source(by, &format!("{target}/{id}")),
         }
-        source
-    }
-
-    /// [`TypeDocs::posting`] as a stream.
-    pub fn posting_source(&self, code: &str, value: &str) -> Source {
-        Source::of(vec![self.idx.store.posting_prefix(self.rtype, code, value)])
     }
 
     /// Documents whose date value may start in `[from, to)` (and every wide one).
     pub fn date_source(&self, code: &str, window: (i64, i64)) -> Result<Source, FhirError> {
-        Ok(Source::of(self.idx.store.date_prefixes(self.rtype, code, window)?))
+        match self.derived(code) {
+            Some(Derived::Union(codes)) => union(codes, |c| self.date_source(c, window)),
+            _ => Ok(Source::of(self.idx.store.date_prefixes(self.rtype, code, window)?)),
+        }
     }
 
     /// Documents whose quantity may lie in `[from, to]` in `unit` (any unit: `None`).
     pub fn num_source(&self, code: &str, unit: Option<&str>, window: (f64, f64)) -> Result<Source, FhirError> {
-        Ok(Source::of(self.idx.store.num_prefixes(self.rtype, code, unit, window)?))
+        match self.derived(code) {
+            Some(Derived::Union(codes)) => union(codes, |c| self.num_source(c, unit, window)),
+            _ => Ok(Source::of(self.idx.store.num_prefixes(self.rtype, code, unit, window)?)),
+        }
+    }
+
+    /// Whether `code`'s postings are other parameters' ([`Derived`]).
+    pub fn derived(&self, code: &str) -> Option<&Derived> {
+        self.idx.registry.derived(self.rtype, code)
     }
 
     /// The keys of `source` as a stream in key order.
@@ -547,7 +596,8 @@ impl Engine {
         let values = self.values_of(&idx.registry, rtype, &res);
         let leaf = cur.leaves.last().copied().unwrap_or_default();
         let doc = Doc::new(id.to_string(), cur.version, leaf, cur.last_updated_ms, values);
-        idx.store.insert(p, rtype, key, &doc, &rec.header.compartment)
+        idx.store
+            .insert(p, rtype, key, &doc, &rec.header.compartment, |code| idx.registry.derived(rtype, code).is_none())
     }
 
     fn values_of(&self, registry: &Registry, rtype: &str, res: &Json) -> BTreeMap<String, Vec<Value>> {

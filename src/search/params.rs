@@ -101,9 +101,26 @@ impl Param {
     }
 }
 
+/// How a parameter whose postings other parameters' hold is searched: the index keeps its
+/// values in each document (for checks, `:missing` and `_sort`) but posts none of them
+/// (issue 17: every posting is a key each compaction rewrites; `combo-code` alone repeated
+/// three of an Observation's twenty-odd).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Derived {
+    /// Its expression is the union of these parameters' (`Observation.code |
+    /// Observation.component.code` of `code` and `component-code`): it holds a value exactly
+    /// where one of them does.
+    Union(Vec<String>),
+    /// Its expression is that parameter's restricted to references to one type
+    /// (`Observation.subject.where(resolve() is Patient)` of `Observation.subject`).
+    Restricted { by: String, target: String },
+}
+
 #[derive(Clone, Debug, Default)]
 pub struct Registry {
     by_type: BTreeMap<String, BTreeMap<String, Arc<Param>>>,
+    /// The [`Derived`] parameters of each type, found again whenever a parameter changes.
+    derived: BTreeMap<String, BTreeMap<String, Derived>>,
     /// Custom parameters by the id of the SearchParameter resource that defines them, with
     /// the (type, code) slots they fill.
     custom: BTreeMap<String, Vec<(String, String)>>,
@@ -146,7 +163,51 @@ impl Registry {
                 }
             }
         }
+        reg.derive();
         Ok(reg)
+    }
+
+    /// How `code` is searched on `rtype` if its postings are other parameters'.
+    pub fn derived(&self, rtype: &str, code: &str) -> Option<&Derived> {
+        self.derived.get(rtype)?.get(code)
+    }
+
+    /// Finds the [`Derived`] parameters of every type. Each is defined by parameters that
+    /// keep their own postings; a union only by parameters with fewer branches, so found
+    /// after them.
+    fn derive(&mut self) {
+        self.derived.clear();
+        for (rtype, params) in &self.by_type {
+            let mut branches: Vec<(&Arc<Param>, Vec<String>)> =
+                params.values().map(|p| (p, expression_branches(&p.expression, rtype))).collect();
+            branches.retain(|(p, b)| !b.is_empty() && !matches!(p.kind, Kind::Composite | Kind::Special));
+            branches.sort_by_key(|(_, b)| b.len());
+            let mut found: BTreeMap<String, Derived> = BTreeMap::new();
+            for (p, mine) in &branches {
+                // The other parameters of its kind that keep their own postings.
+                let others = || {
+                    branches
+                        .iter()
+                        .filter(|(o, _)| o.code != p.code && o.kind == p.kind && !found.contains_key(&o.code))
+                };
+                if let Some((mut by, target)) = restricted(mine).filter(|_| p.kind == Kind::Reference) {
+                    by.sort();
+                    by.dedup();
+                    if let Some((o, _)) = others().find(|(_, b)| *b == by) {
+                        found.insert(p.code.clone(), Derived::Restricted { by: o.code.clone(), target });
+                    }
+                    continue;
+                }
+                let parts: Vec<_> =
+                    others().filter(|(_, b)| b.len() < mine.len() && b.iter().all(|x| mine.contains(x))).collect();
+                if mine.len() >= 2 && mine.iter().all(|x| parts.iter().any(|(_, b)| b.contains(x))) {
+                    found.insert(p.code.clone(), Derived::Union(parts.iter().map(|(o, _)| o.code.clone()).collect()));
+                }
+            }
+            if !found.is_empty() {
+                self.derived.insert(rtype.clone(), found);
+            }
+        }
     }
 
     pub fn get(&self, rtype: &str, code: &str) -> Option<&Arc<Param>> {
@@ -188,8 +249,76 @@ impl Registry {
         }
         affected.sort();
         affected.dedup();
+        self.derive();
         affected
     }
+}
+
+/// The branches of a union expression that apply to `rtype` (`A.x | (A.y as Quantity) | B.z`
+/// for `A`: `A.x` and `A.y as Quantity`), each without its enclosing parentheses, sorted.
+fn expression_branches(expression: &str, rtype: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let (mut depth, mut start) = (0i32, 0);
+    let bytes = expression.as_bytes();
+    for (i, &c) in bytes.iter().enumerate() {
+        match c {
+            b'(' => depth += 1,
+            b')' => depth -= 1,
+            b'|' if depth == 0 => {
+                out.push(&expression[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    out.push(&expression[start..]);
+    let prefix = format!("{rtype}.");
+    let mut branches: Vec<String> = out
+        .into_iter()
+        .map(|b| {
+            let b = b.trim();
+            let inner = b.strip_prefix('(').and_then(|x| x.strip_suffix(')')).map(str::trim);
+            // `(a) | (b)` splits into `(a)` and `(b)`; `(a).b` keeps its parentheses.
+            inner.filter(|x| balanced(x)).unwrap_or(b).to_string()
+        })
+        .filter(|b| b.starts_with(&prefix))
+        .collect();
+    branches.sort();
+    branches.dedup();
+    branches
+}
+
+/// Whether every `)` in `s` closes an earlier `(`.
+fn balanced(s: &str) -> bool {
+    let mut depth = 0i32;
+    for c in s.chars() {
+        match c {
+            '(' => depth += 1,
+            ')' => depth -= 1,
+            _ => {}
+        }
+        if depth < 0 {
+            return false;
+        }
+    }
+    depth == 0
+}
+
+/// The unrestricted branches and the one type of a parameter every branch of which is
+/// `X.where(resolve() is T)` for the same `T`.
+fn restricted(branches: &[String]) -> Option<(Vec<String>, String)> {
+    let mut target: Option<&str> = None;
+    let mut by = Vec::new();
+    for b in branches {
+        let (x, rest) = b.split_once(".where(resolve() is ")?;
+        let t = rest.strip_suffix(')')?;
+        if !t.chars().all(|c| c.is_ascii_alphanumeric()) || target.is_some_and(|seen| seen != t) {
+            return None;
+        }
+        target = Some(t);
+        by.push(x.to_string());
+    }
+    Some((by, target?.to_string()))
 }
 
 impl Param {
@@ -306,5 +435,68 @@ mod tests {
         assert_eq!(r.get("Patient", "gender").unwrap().kind, Kind::String);
         r.set_custom("x", None, &types);
         assert_eq!(r.get("Patient", "gender").unwrap().kind, Kind::Token);
+    }
+
+    #[test]
+    fn parameters_whose_postings_others_hold() {
+        let mut r = reg();
+        let union = |codes: &[&str]| Some(Derived::Union(codes.iter().map(|c| (*c).to_string()).collect()));
+        assert_eq!(r.derived("Observation", "combo-code").cloned(), union(&["code", "component-code"]));
+        assert_eq!(
+            r.derived("Observation", "combo-value-quantity").cloned(),
+            union(&["component-value-quantity", "value-quantity"])
+        );
+        assert_eq!(
+            r.derived("Observation", "combo-value-concept").cloned(),
+            union(&["component-value-concept", "value-concept"])
+        );
+        let by_subject = Some(Derived::Restricted { by: "subject".into(), target: "Patient".into() });
+        for t in ["Observation", "Encounter", "Condition", "Procedure", "DiagnosticReport"] {
+            assert_eq!(r.derived(t, "patient").cloned(), by_subject, "{t}");
+        }
+        // Parameters with postings of their own: single branches, composites (their
+        // components pair values within one item), and `patient` where nothing else reads
+        // the same element.
+        for (t, code) in [
+            ("Observation", "code"),
+            ("Observation", "subject"),
+            ("Observation", "value-quantity"),
+            ("Observation", "combo-code-value-quantity"),
+            ("Immunization", "patient"),
+            ("Claim", "patient"),
+        ] {
+            assert_eq!(r.derived(t, code), None, "{t} {code}");
+        }
+        // A custom parameter that changes a part changes the union; removed, it comes back.
+        let types = vec!["Observation".to_string()];
+        let sp = crate::fhir::json::parse(
+            br#"{"resourceType":"SearchParameter","status":"active","code":"component-code","base":["Observation"],"type":"token","expression":"Observation.method"}"#,
+            16,
+        )
+        .unwrap();
+        r.set_custom("y", Some(&sp), &types);
+        assert_eq!(r.derived("Observation", "combo-code"), None);
+        r.set_custom("y", None, &types);
+        assert_eq!(r.derived("Observation", "combo-code").cloned(), union(&["code", "component-code"]));
+    }
+
+    #[test]
+    fn union_branches_are_split_at_the_top_level() {
+        assert_eq!(
+            expression_branches(
+                "(Observation.value as Quantity) | (Observation.value as SampledData) | Foo.x",
+                "Observation"
+            ),
+            vec!["Observation.value as Quantity", "Observation.value as SampledData"]
+        );
+        assert_eq!(
+            expression_branches("(Observation.a | Observation.b).c", "Observation"),
+            Vec::<String>::new(),
+            "one branch, not of the form Type.path"
+        );
+        assert_eq!(
+            expression_branches("Observation.x.where(a | b)", "Observation"),
+            vec!["Observation.x.where(a | b)"]
+        );
     }
 }

@@ -39,8 +39,9 @@ use consensus::lsm_store::Tree;
 /// The layout above; a store of another format is cleared and folded again at open.
 /// 2: values encoded per parameter ([`Doc::encoded`]), sealed values as bytes. 3: sort records.
 /// 4: string prefix postings. 5: head records. 6: bare-id reference postings only where the
-/// parameter allows many types (`Param::posts_bare_id`).
-const FORMAT: u64 = 6;
+/// parameter allows many types (`Param::posts_bare_id`). 7: none for a parameter whose
+/// values other parameters' postings hold (`params::Derived`).
+const FORMAT: u64 = 7;
 /// String values are posted under each of their first this many prefixes (in characters).
 pub const STR_PREFIX: usize = 6;
 /// Records a walk steps over before it seeks instead.
@@ -560,13 +561,15 @@ impl Store {
         p.evict.push(dkey);
         p.batch.delete(with(typed(b'h', rtype), &key.to_be_bytes()));
         p.batch.delete(with(typed(b's', rtype), &key.to_be_bytes()));
-        for k in self.value_keys(p, rtype, key, old, false)? {
+        for k in self.value_keys(p, rtype, key, old, None)? {
             p.batch.delete(k);
         }
         Ok(())
     }
 
-    /// Adds `doc` at `key` (after [`Store::remove`] of what was there).
+    /// Adds `doc` at `key` (after [`Store::remove`] of what was there), posting the values of
+    /// the parameters `posted` says keep postings of their own. A removal takes away every
+    /// parameter's, so no posting outlives a change of which those are.
     pub fn insert(
         &self,
         p: &mut Pending,
@@ -574,6 +577,7 @@ impl Store {
         key: DocKey,
         doc: &Doc,
         compartment: &str,
+        posted: impl Fn(&str) -> bool,
     ) -> Result<(), FhirError> {
         let Some(dek) = self.repo.data_key(compartment)? else { return Ok(()) };
         let dkey = with(typed(b'd', rtype), &key.to_be_bytes());
@@ -600,24 +604,26 @@ impl Store {
         };
         p.batch.put(skey, bincode::serialize(&sort).map_err(FhirError::internal)?);
         p.batch.put(with(typed(b'i', rtype), doc.id.as_bytes()), key.to_be_bytes().to_vec());
-        for k in self.value_keys(p, rtype, key, doc, true)? {
+        for k in self.value_keys(p, rtype, key, doc, Some(&posted))? {
             p.batch.put(k, Vec::new());
         }
         Ok(())
     }
 
-    /// The posting, bucket and wide keys of `values`; when `adding`, new buckets are noted.
+    /// The posting, bucket and wide keys of `values`. When adding (`posted` given), only the
+    /// parameters it accepts, and new buckets are noted.
     fn value_keys(
         &self,
         p: &mut Pending,
         rtype: &str,
         key: DocKey,
         doc: &Doc,
-        adding: bool,
+        posted: Option<&dyn Fn(&str) -> bool>,
     ) -> Result<Vec<Vec<u8>>, FhirError> {
         let doc_key = key.to_be_bytes();
         let mut out = Vec::new();
-        for (code, vals) in doc.params() {
+        let adding = posted.is_some();
+        for (code, vals) in doc.params().filter(|(code, _)| posted.is_none_or(|keep| keep(code))) {
             for v in vals {
                 for pk in posting_keys(v) {
                     out.push(with(with(typed(b'p', rtype), &self.term(code, &pk)), &doc_key));

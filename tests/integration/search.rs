@@ -740,6 +740,29 @@ async fn composite_search_matches_within_one_component() {
     assert_ids!(app, q("component-code", "http://loinc.org|8480-6"), ["bp1", "bp2"]);
     assert_ids!(app, q("combo-code", "http://loinc.org|8480-6"), ["bp1", "bp2", "sys1"]);
     assert_ids!(app, q("component-value-quantity", "gt140"), ["bp2"]);
+    // `combo-value-quantity` is `value-quantity` and `component-value-quantity` together, and
+    // searched through their postings (docs/search.md): each of two conditions may hold by a
+    // value of another branch, so neither reads the other's range.
+    assert_ids!(app, q("combo-value-quantity", "gt140"), ["bp2"]);
+    assert_ids!(app, q("combo-value-quantity", "lt75"), ["hr"]);
+    assert_ids!(app, q("combo-value-quantity", "ge125"), ["bp2", "sys1"]);
+    assert_ids!(app, "/Observation?combo-value-quantity=gt140&combo-value-quantity=lt100", ["bp2"]);
+    assert_ids!(app, "/Observation?combo-value-quantity=gt125&combo-value-quantity=lt125", ["bp2"]);
+    assert_ids!(app, "/Observation?combo-value-quantity=gt200&combo-value-quantity=lt90", []);
+    assert_ids!(app, q("combo-value-concept", "http://snomed.info/sct|260385009"), ["urine"]);
+    assert_ids!(app, "/Observation?combo-code=8480-6&combo-value-quantity=lt125", ["bp1", "bp2"]);
+    seed!(
+        app,
+        obs(
+            "mixed",
+            loinc("2339-0", "Glucose"),
+            json!({"valueQuantity": ucum(200.0, "mg"),
+                   "component": [{"code": loinc("2345-7", "Glucose"), "valueQuantity": ucum(10.0, "mg")}]}),
+        ),
+    );
+    assert_ids!(app, "/Observation?combo-value-quantity=gt150&combo-value-quantity=lt20", ["mixed"]);
+    assert_ids!(app, "/Observation?value-quantity=gt150&value-quantity=lt20", []);
+    assert_ids!(app, "/Observation?combo-code=2345-7", ["mixed"]);
     assert_ids!(app, q("code-value-concept", "http://loinc.org|5792-7$http://snomed.info/sct|260385009"), ["urine"]);
     assert_ids!(app, q("code-value-concept", "http://loinc.org|5792-7$http://snomed.info/sct|0"), []);
     rejects!(app, q("component-code-value-quantity", "http://loinc.org|8480-6"), "component-code-value-quantity");
