@@ -742,6 +742,21 @@ fn lookup_tables(kv: &dyn KvStore) -> (Vec<crate::lsm_store::Kv>, Touched) {
     (tables, touched)
 }
 
+/// A touched record reads back as written, old one-leaf records too, and a malformed one is an
+/// error, not a shorter list (a step back would restore too few ids).
+#[test]
+fn touched_records_read_back_and_malformed_ones_are_refused() {
+    use crate::state_machine::{touched_from, touched_ids, touched_key};
+    let pair = |t: &str, i: &str| bincode::serialize(&(t, i)).unwrap();
+    let two = [pair("Patient", "a"), pair("Observation", "b")].concat();
+    let ids = vec![("Patient".to_string(), "a".to_string()), ("Observation".to_string(), "b".to_string())];
+    assert_eq!(touched_ids(&touched_key(7, 2), &two).unwrap(), (7, ids.clone()));
+    assert_eq!(touched_ids(&touched_from(9), &pair("Patient", "a")).unwrap(), (9, ids[..1].to_vec()));
+    assert!(touched_ids(&touched_key(7, 3), &two).is_err(), "fewer ids than the key counts");
+    assert!(touched_ids(&touched_key(7, 1), &two).is_err(), "bytes after the ids the key counts");
+    assert!(touched_ids(&touched_from(7)[..5], &two).is_err(), "a key of no known length");
+}
+
 /// A crash can leave the lookup tables behind the ledger (their last batches lost) or ahead
 /// of it (the ledger's last batches lost, to be re-applied from the Raft log); or they may be
 /// gone. Opening the state brings them to exactly what applying the ledger's leaves gives.

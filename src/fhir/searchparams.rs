@@ -129,11 +129,20 @@ fn aliases(by_type: &BTreeMap<String, BTreeMap<String, SearchParam>>) -> BTreeMa
     out
 }
 
+/// `path.where(resolve() is T)` as `path` and `T` (a type name); anything else `None`. The
+/// one form of restriction to a reference type both registries read (this one, and
+/// `search::params`' derived parameters).
+pub fn split_restriction(expr: &str) -> Option<(&str, &str)> {
+    let (path, rest) = expr.split_once(".where(resolve() is ")?;
+    let t = rest.strip_suffix(')')?;
+    (!t.is_empty() && t.chars().all(|c| c.is_ascii_alphanumeric())).then_some((path, t))
+}
+
 /// `Type.a.b` or `Type.a.where(resolve() is X)` for `base`; anything else is not indexable yet.
 fn parse_path(expr: &str, base: &str) -> Option<ParamPath> {
     let rest = expr.strip_prefix(base)?.strip_prefix('.')?;
-    let (path, target) = match rest.split_once(".where(resolve() is ") {
-        Some((p, t)) => (p, Some(t.strip_suffix(')')?.to_string())),
+    let (path, target) = match split_restriction(rest) {
+        Some((p, t)) => (p, Some(t.to_string())),
         None => (rest, None),
     };
     let elements: Vec<String> = path.split('.').map(String::from).collect();

@@ -310,9 +310,8 @@ fn restricted(branches: &[String]) -> Option<(Vec<String>, String)> {
     let mut target: Option<&str> = None;
     let mut by = Vec::new();
     for b in branches {
-        let (x, rest) = b.split_once(".where(resolve() is ")?;
-        let t = rest.strip_suffix(')')?;
-        if !t.chars().all(|c| c.is_ascii_alphanumeric()) || target.is_some_and(|seen| seen != t) {
+        let (x, t) = crate::fhir::searchparams::split_restriction(b)?;
+        if target.is_some_and(|seen| seen != t) {
             return None;
         }
         target = Some(t);
