@@ -40,8 +40,9 @@ use consensus::lsm_store::Tree;
 /// 2: values encoded per parameter ([`Doc::encoded`]), sealed values as bytes. 3: sort records.
 /// 4: string prefix postings. 5: head records. 6: bare-id reference postings only where the
 /// parameter allows many types (`Param::posts_bare_id`). 7: none for a parameter whose
-/// values other parameters' postings hold (`params::Derived`).
-const FORMAT: u64 = 7;
+/// values other parameters' postings hold (`params::Derived`). 8: a document's values
+/// compressed before they are sealed ([`seal_values`]).
+const FORMAT: u64 = 8;
 /// String values are posted under each of their first this many prefixes (in characters).
 pub const STR_PREFIX: usize = 6;
 /// Records a walk steps over before it seeks instead.
@@ -80,8 +81,8 @@ struct Record {
     leaf: u64,
     last_updated_ms: i64,
     compartment: String,
-    /// The values ([`Doc::encoded`]) sealed with the compartment's data key, bound to the `d` key.
-    /// As bytes: bincode reads a plain `Vec<u8>` one element at a time.
+    /// The values ([`Doc::encoded`]), compressed, sealed with the compartment's data key and
+    /// bound to the `d` key ([`seal_values`]). As bytes: bincode reads a plain `Vec<u8>` one element at a time.
     #[serde(with = "serde_bytes")]
     sealed: Vec<u8>,
 }
@@ -249,6 +250,22 @@ fn read_be(b: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(b.get(..8)?.try_into().ok()?))
 }
 
+/// A document's encoded values, compressed and sealed under `dkey`. They are most of the
+/// index's bytes (1.9 KB a resource, uncompressed: token systems, displays and codes
+/// repeated across parameters, bincode's fixed-width lengths), and sealed bytes do not
+/// compress, so the LSM tree rewrote them whole at every compaction. Each document is
+/// compressed alone: its length shows no more of another resource's values than before.
+fn seal_values(dek: &DataKey, encoded: &[u8], dkey: &[u8]) -> Vec<u8> {
+    crypto::seal(dek, &lz4_flex::block::compress_prepend_size(encoded), dkey)
+}
+
+/// [`seal_values`] undone.
+fn open_values(dek: &DataKey, sealed: &[u8], dkey: &[u8]) -> Result<Vec<u8>, FhirError> {
+    let packed = crypto::open(dek, sealed, dkey).map_err(FhirError::internal)?;
+    lz4_flex::block::decompress_size_prepended(&packed)
+        .map_err(|e| FhirError::internal(format!("search index: a document's values do not decompress: {e}")))
+}
+
 /// The document key that ends a posting key.
 fn key_at(k: &[u8]) -> Option<DocKey> {
     read_be(k.get(k.len().checked_sub(8)?..)?)
@@ -385,11 +402,13 @@ impl Store {
         let rec: Record = bincode::deserialize(raw).map_err(FhirError::internal)?;
         // An erased compartment's documents leave with the fold of its erasure.
         let Some(dek) = self.data_key(&rec.compartment)? else { return Ok(None) };
-        let plain = crypto::open(&dek, &rec.sealed, &dkey).map_err(FhirError::internal)?;
+        let plain = open_values(&dek, &rec.sealed, &dkey)?;
+        // The cache's budget counts what the decoded document holds, not its compressed form.
+        let held = plain.len() + raw.len().saturating_sub(rec.sealed.len());
         let doc = Doc::decode(rec.id, rec.version, rec.leaf, rec.last_updated_ms, plain)
             .ok_or_else(|| FhirError::internal("search index: a document's values are malformed"))?;
         let doc = Arc::new(doc);
-        self.docs.put(dkey, doc.clone(), raw.len());
+        self.docs.put(dkey, doc.clone(), held);
         Ok(Some(doc))
     }
 
@@ -587,7 +606,7 @@ impl Store {
             leaf: doc.leaf,
             last_updated_ms: doc.last_updated_ms,
             compartment: compartment.to_string(),
-            sealed: crypto::seal(&dek, doc.encoded(), &dkey),
+            sealed: seal_values(&dek, doc.encoded(), &dkey),
         };
         p.batch.put(dkey.clone(), bincode::serialize(&rec).map_err(FhirError::internal)?);
         p.evict.push(dkey);
@@ -854,6 +873,29 @@ impl DocCache {
 mod tests {
     use super::*;
     use crate::search::doc::Values;
+
+    #[test]
+    fn document_values_are_compressed_then_sealed_to_their_key() {
+        let mut values = Values::new();
+        let coding = |code: &str| Value::Token {
+            system: Some("http://loinc.org".into()),
+            code: Some(code.into()),
+            text: Some("body mass index (bmi) [ratio]".into()),
+            types: Vec::new(),
+            bare: false,
+        };
+        for code in ["code", "combo-code", "component-code"] {
+            values.insert(code.into(), vec![coding("39156-5"), coding("8302-2")]);
+        }
+        let doc = Doc::new("x".into(), 1, 7, 9, values);
+        let (dek, dkey) = ([7u8; 32], with(typed(b'd', "Observation"), &7u64.to_be_bytes()));
+        let sealed = seal_values(&dek, doc.encoded(), &dkey);
+        assert!(sealed.len() * 2 < doc.encoded().len(), "{} sealed of {} encoded", sealed.len(), doc.encoded().len());
+        assert_eq!(open_values(&dek, &sealed, &dkey).unwrap(), doc.encoded());
+        let other = with(typed(b'd', "Observation"), &8u64.to_be_bytes());
+        assert!(open_values(&dek, &sealed, &other).is_err(), "bound to its own key");
+        assert!(open_values(&[8u8; 32], &sealed, &dkey).is_err(), "opened only with the compartment's key");
+    }
 
     #[test]
     fn a_walk_finds_what_point_reads_find_near_and_far() {
