@@ -263,7 +263,9 @@ impl Engine {
         caches: IndexCaches,
     ) -> Result<Self, FhirError> {
         let dir = repo.ledger().local_dir("search");
-        let tree = consensus::lsm_store::Tree::open(&dir, "index", caches.blocks).map_err(FhirError::internal)?;
+        let tree =
+            consensus::lsm_store::Tree::open_for(&dir, "index", caches.blocks, consensus::lsm_store::PointReads::Hit)
+                .map_err(FhirError::internal)?;
         let store = Store::open(tree, repo.clone(), caches.documents)?;
         let types =
             profiles.resource_types().iter().cloned().chain(internal.iter().map(|t| (*t).to_string())).collect();
