@@ -895,6 +895,10 @@ mod tests {
         let other = with(typed(b'd', "Observation"), &8u64.to_be_bytes());
         assert!(open_values(&dek, &sealed, &other).is_err(), "bound to its own key");
         assert!(open_values(&[8u8; 32], &sealed, &dkey).is_err(), "opened only with the compartment's key");
+        // Sealed but not compressed values (a size of 1 MiB, then too few bytes) are an error,
+        // not a panic or a short document.
+        let not_lz4 = crypto::seal(&dek, &[0, 0, 16, 0, 0xf0, 1], &dkey);
+        assert!(open_values(&dek, &not_lz4, &dkey).is_err(), "a malformed block is refused");
     }
 
     #[test]
