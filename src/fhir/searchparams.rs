@@ -157,6 +157,20 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_restriction_to_one_reference_type_splits_and_nothing_else_does() {
+        assert_eq!(split_restriction("subject.where(resolve() is Patient)"), Some(("subject", "Patient")));
+        for other in [
+            "subject",
+            "subject.where(resolve() is Patient",
+            "subject.where(resolve() is )",
+            "subject.where(resolve() is Patient or Group)",
+            "subject.where(resolve() is Patient).id",
+        ] {
+            assert_eq!(split_restriction(other), None, "{other}");
+        }
+    }
+
+    #[test]
     fn parses_simple_and_typed_paths() {
         let p = parse_path("Observation.subject.where(resolve() is Patient)", "Observation").unwrap();
         assert_eq!(p.elements, vec!["subject"]);
