@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """Helpers of tests/bench/scale.sh (standard library only).
 
-  load     posts Synthea transaction bundles from a directory, cycling through them in name
-           order from a given bundle, with N concurrent clients (one keep-alive connection
-           each), until at least a given number of resources has been sent; prints
-           "RESOURCES SECONDS NEXT_BUNDLE". Every entry is a POST with urn:uuid references,
-           so each posting of a bundle creates new resources with new ids.
+  count    prints how many resources (entries) the transaction bundles of a directory hold.
+  load     posts Synthea transaction bundles from one or more directories (each in name order,
+           the directories in the order given; cycling only if they run out) from a given
+           bundle, with N concurrent clients (one keep-alive connection each), until at least a
+           given number of resources has been sent; prints "RESOURCES SECONDS NEXT_BUNDLE".
+           Every entry is a POST with urn:uuid references, so every resource is new.
   step     folds one step's measurements and search.py's --json output into one JSON object,
            appends it to a file and prints it as the step's machine-readable line.
   report   prints the table of every step and the targets, PASS or FAIL each, and the
@@ -54,9 +55,9 @@ def bundle_entries(directory):
 
 
 def load(a):
-    bundles = bundle_entries(a.dir)
+    bundles = [b for d in a.dir for b in bundle_entries(d)]
     if not bundles:
-        sys.exit(f"no bundles in {a.dir}")
+        sys.exit(f"no bundles in {', '.join(a.dir)}")
     jobs, n, i = [], 0, a.start
     while n < a.resources:
         jobs.append(bundles[i % len(bundles)])
@@ -215,10 +216,13 @@ def main():
     sub = ap.add_subparsers(dest="cmd", required=True)
     lp = sub.add_parser("load", help="post transaction bundles until N resources are sent")
     lp.add_argument("--base", required=True)
-    lp.add_argument("--dir", required=True, help="directory of transaction bundles (*.json)")
+    lp.add_argument("--dir", required=True, action="append",
+                    help="a directory of transaction bundles (*.json); repeat for more, posted in that order")
     lp.add_argument("--resources", type=int, required=True, help="send bundles until at least this many entries")
     lp.add_argument("--start", type=int, default=0, help="index (in name order) of the first bundle to send")
     lp.add_argument("--clients", type=int, default=4)
+    cp = sub.add_parser("count", help="resources in a directory's transaction bundles")
+    cp.add_argument("--dir", required=True)
     sp = sub.add_parser("step", help="record one step")
     sp.add_argument("--out", required=True, help="JSON-lines file to append to")
     sp.add_argument("--search-json", required=True, help="search.py --json output of the step")
@@ -230,7 +234,9 @@ def main():
     rp = sub.add_parser("report", help="table and targets of every step")
     rp.add_argument("file", help="the JSON-lines file of the steps")
     a = ap.parse_args()
-    if a.cmd == "load":
+    if a.cmd == "count":
+        print(sum(n for _, n in bundle_entries(a.dir)))
+    elif a.cmd == "load":
         load(a)
     elif a.cmd == "step":
         step(a)

