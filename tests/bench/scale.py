@@ -219,7 +219,7 @@ def main():
     lp.add_argument("--dir", required=True, action="append",
                     help="a directory of transaction bundles (*.json); repeat for more, posted in that order")
     lp.add_argument("--resources", type=int, required=True, help="send bundles until at least this many entries")
-    lp.add_argument("--start", type=int, default=0, help="index (in name order) of the first bundle to send")
+    lp.add_argument("--start", type=int, default=0, help="index of the first bundle to send, counting across the directories in order")
     lp.add_argument("--clients", type=int, default=4)
     cp = sub.add_parser("count", help="resources in a directory's transaction bundles")
     cp.add_argument("--dir", required=True)

@@ -123,7 +123,10 @@ while [ "$have" -lt "$need" ]; do
     echo "  generated in $(($(date +%s) - t0)) s"
   fi
   pops+=("$(population "$k")/fhir")
-  have=$((have + $(python3 "$root/tests/bench/scale.py" count --dir "${pops[-1]}")))
+  size=$(python3 "$root/tests/bench/scale.py" count --dir "${pops[-1]}")
+  # A population without entries would have the loop generate populations without end.
+  [ "$size" -gt 0 ] || { echo "${pops[-1]} holds no resources: see $(population "$k").log" >&2; exit 1; }
+  have=$((have + size))
 done
 
 work="$(mktemp -d)"
